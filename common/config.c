@@ -1,0 +1,1 @@
+/* config loading: see config.h */

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs every Debian 12 package speedserve needs to build, test and run.
+# Idempotent: when everything is present it prints one line and changes nothing.
+# Usage: deploy/setup.sh            (as root, or as a user with sudo)
+set -euo pipefail
+
+packages=(
+  build-essential cmake pkg-config git ca-certificates
+  libcyaml-dev libyaml-dev libjansson-dev libpcre2-dev
+  libgrpc-dev libprotobuf-c-dev protobuf-c-compiler
+  libucx-dev ucx-utils libmicrohttpd-dev
+  curl
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "setup: all ${#packages[@]} packages present"
+  exit 0
+fi
+
+if [ "$(id -u)" -eq 0 ]; then
+  as_root=()
+elif command -v sudo >/dev/null 2>&1; then
+  as_root=(sudo)
+else
+  echo "setup: need root (or sudo) to install: ${missing[*]}" >&2
+  exit 1
+fi
+
+echo "setup: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+"${as_root[@]}" apt-get update -qq
+"${as_root[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+echo "setup: done"
