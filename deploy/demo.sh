@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The main job, for a newcomer on a fresh machine: set up, build, make a small random-weight
+# Llama model in the Hugging Face layout, validate and describe it, and round-trip text
+# through its tokenizer and chat template.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+deploy/setup.sh
+cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+cmake --build build -j2 >/dev/null
+speedctl=build/bin/speedctl
+model=build/demo/tiny-llama
+
+step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; }
+
+step $speedctl make-tiny-model $model --layers 8 --hidden 256 --heads 8 --kv-heads 2 --ffn 704 --dtype bf16 --seed 1
+step $speedctl inspect $model --prefill-layers 0.75
+text='SPEED: shallow prefill, deep decode. Ünïcödé and emoji 🚀 too!'
+ids=$($speedctl tokenize --model $model --text "$text")
+echo
+echo "\$ $speedctl tokenize --model $model --text '$text'"
+echo "$ids"
+step $speedctl tokenize --model $model --decode "${ids// /,}"
+step $speedctl tokenize --model $model --chat 'What does SPEED change?' --system 'You are concise.'
+
+llama3=${SPEED_TEST_DATA:-../shared/data}/tokenizers/llama3
+if [ -f "$llama3/tokenizer.json" ]; then
+  step $speedctl make-tiny-model build/demo/tiny-llama3-vocab --layers 2 --hidden 64 --heads 4 --kv-heads 2 --ffn 160 --tokenizer "$llama3"
+  step $speedctl tokenize --model build/demo/tiny-llama3-vocab --text "$text" --json
+fi

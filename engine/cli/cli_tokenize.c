@@ -1,0 +1,216 @@
+/* speedctl tokenize: text → ids, ids → text, chat template rendering, bulk JSONL. */
+#include <errno.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "alloc.h"
+#include "log.h"
+#include "speedctl.h"
+#include "tokenizer.h"
+
+static const char *const template_names[] = {"auto", "llama3", "llama2", "chatml", NULL};
+
+typedef struct {
+    char *model, *text, *file, *jsonl, *decode, *chat, *system;
+    int chat_template;
+    bool add_special, skip_special, json;
+} tok_opts_t;
+
+#define STR_FIELD(n, member, doc) \
+    {n, SPEED_CONFIG_STRING, offsetof(tok_opts_t, member), NULL, SPEED_CONFIG_UNBOUNDED, NULL, doc}
+static const speed_config_field_t tok_fields[] = {
+    STR_FIELD("model", model, "model directory holding tokenizer.json (required)"),
+    STR_FIELD("text", text, "text to encode"),
+    STR_FIELD("file", file, "encode the contents of this file"),
+    STR_FIELD("jsonl", jsonl, "encode each {\"text\": ...} line of this file; prints one {\"ids\": [...]} line each"),
+    STR_FIELD("decode", decode, "comma-separated ids to decode back to text"),
+    STR_FIELD("chat", chat, "render this user message with the chat template, then encode it"),
+    STR_FIELD("system", system, "system message for --chat"),
+    {"chat_template", SPEED_CONFIG_ENUM, offsetof(tok_opts_t, chat_template), "auto", SPEED_CONFIG_UNBOUNDED,
+     template_names, "chat template: auto (recognise tokenizer_config.json's) or a built-in one"},
+    {"add_special", SPEED_CONFIG_BOOL, offsetof(tok_opts_t, add_special), "false", SPEED_CONFIG_UNBOUNDED,
+     NULL, "add the tokenizer's special tokens (BOS) as the model's post-processor says"},
+    {"skip_special", SPEED_CONFIG_BOOL, offsetof(tok_opts_t, skip_special), "false", SPEED_CONFIG_UNBOUNDED,
+     NULL, "--decode: leave special tokens out of the text"},
+    {"json", SPEED_CONFIG_BOOL, offsetof(tok_opts_t, json), "false", SPEED_CONFIG_UNBOUNDED, NULL,
+     "print JSON: {\"ids\": [...]} (or {\"text\": ...} for --decode)"},
+};
+
+static void ids_print(const speed_tok_ids_t *ids, bool json, FILE *f) {
+    fputs(json ? "{\"ids\": [" : "", f);
+    for (size_t i = 0; i < ids->n; i++) fprintf(f, i ? (json ? ", %d" : " %d") : "%d", ids->ids[i]);
+    fputs(json ? "]}\n" : "\n", f);
+}
+
+/* Prints `text` as a JSON string value (valid UTF-8 assumed, NULs kept). */
+static void json_string_print(const char *text, size_t len, FILE *f) {
+    json_t *s = json_stringn_nocheck(text, len);
+    char *out = s ? json_dumps(s, JSON_ENCODE_ANY) : NULL;
+    fputs(out ? out : "null", f);
+    free(out);
+    json_decref(s);
+}
+
+static speed_status_t ids_parse(const char *list, int32_t vocab, speed_tok_ids_t *out) {
+    const char *p = list;
+    while (*p) {
+        char *end;
+        errno = 0;
+        long v = strtol(p, &end, 10);
+        if (end == p || errno || v < 0 || v >= vocab) {
+            SPEED_ERROR(SPEED_SUBSYS_CLI, "--decode: '%.*s' is not a token id in 0..%d",
+                        (int)strcspn(p, ","), p, vocab - 1);
+            return SPEED_ERR_INVALID_ARGUMENT;
+        }
+        if (out->n == out->cap) {
+            size_t cap = out->cap ? out->cap * 2 : 64;
+            int32_t *grown = speed_realloc(out->ids, cap * sizeof *grown);
+            if (!grown) return SPEED_ERR_NO_MEMORY;
+            out->ids = grown;
+            out->cap = cap;
+        }
+        out->ids[out->n++] = (int32_t)v;
+        p = end;
+        while (*p == ' ') p++;
+        if (*p == ',') p++;
+        else if (*p) {
+            SPEED_ERROR(SPEED_SUBSYS_CLI, "--decode: expected ',' at '%s'", p);
+            return SPEED_ERR_INVALID_ARGUMENT;
+        }
+        while (*p == ' ') p++;
+    }
+    return SPEED_OK;
+}
+
+/* One {"ids": [...]} (or {"error": ...}) line per input line; returns the number of bad lines. */
+static long jsonl_run(const speed_tok_t *tok, const char *path, bool add_special, speed_status_t *st_p) {
+    char *data = NULL;
+    size_t len = 0;
+    *st_p = speedctl_read_file(path, &data, &len);
+    if (*st_p != SPEED_OK) return 0;
+    long bad = 0, line_no = 0;
+    speed_tok_ids_t ids = {0};
+    for (size_t at = 0; at < len;) {
+        size_t eol = at;
+        while (eol < len && data[eol] != '\n') eol++;
+        line_no++;
+        size_t line_len = eol - at;
+        if (line_len && data[at + line_len - 1] == '\r') line_len--;
+        if (line_len > 0) {
+            json_error_t jerr;
+            json_t *obj = json_loadb(data + at, line_len, JSON_ALLOW_NUL, &jerr);
+            json_t *text = obj ? json_object_get(obj, "text") : NULL;
+            const char *why = NULL;
+            char msg[512];
+            if (!obj) {
+                snprintf(msg, sizeof msg, "line %ld: invalid JSON: %s", line_no, jerr.text);
+                why = msg;
+            } else if (!json_is_string(text)) {
+                snprintf(msg, sizeof msg, "line %ld: expected an object with a string \"text\"", line_no);
+                why = msg;
+            } else {
+                ids.n = 0;
+                if (speed_tok_encode(tok, json_string_value(text), json_string_length(text), add_special,
+                                     &ids) == SPEED_OK) {
+                    ids_print(&ids, true, stdout);
+                } else {
+                    snprintf(msg, sizeof msg, "line %ld: %s", line_no, speed_log_last_error());
+                    why = msg;
+                }
+            }
+            if (why) {
+                bad++;
+                printf("{\"error\": ");
+                json_string_print(why, strlen(why), stdout);
+                printf("}\n");
+            }
+            json_decref(obj);
+        }
+        at = eol + 1;
+    }
+    speed_tok_ids_free(&ids);
+    speed_free(data);
+    return bad;
+}
+
+int speedctl_tokenize(int argc, char **argv) {
+    tok_opts_t o;
+    speed_config_t *cfg;
+    bool done;
+    int rc = speedctl_options_load(
+        "tokenize",
+        "speedctl tokenize --model DIR (--text T | --file F | --jsonl F | --decode 1,2,3 | --chat MSG) [options]",
+        tok_fields, sizeof tok_fields / sizeof tok_fields[0], &o, argc, argv, &cfg, &done);
+    if (done) return rc;
+
+    char *const *pos;
+    int n_inputs = !!o.text + !!o.file + !!o.jsonl + !!o.decode + !!o.chat;
+    if (speed_config_positional(cfg, &pos) != 0 || !o.model || n_inputs != 1) {
+        speedctl_fail("tokenize needs --model DIR and exactly one of --text, --file, --jsonl, --decode, --chat");
+        speed_config_destroy(cfg);
+        return SPEEDCTL_EXIT_USAGE;
+    }
+
+    speed_tok_t *tok = NULL;
+    speed_tok_ids_t ids = {0};
+    char *buf = NULL;
+    size_t len = 0;
+    speed_status_t st;
+    speed_tok_params_t tp = speed_tok_default_params();
+    tp.chat_template = (speed_chat_template_t)o.chat_template;
+    SPEED_CHECK_GOTO(speed_tok_load(o.model, &tp, &tok), st, out);
+
+    if (o.text || o.file) {
+        if (o.file) SPEED_CHECK_GOTO(speedctl_read_file(o.file, &buf, &len), st, out);
+        const char *text = o.text ? o.text : buf;
+        SPEED_CHECK_GOTO(speed_tok_encode(tok, text, o.text ? strlen(text) : len, o.add_special, &ids), st, out);
+        ids_print(&ids, o.json, stdout);
+    } else if (o.decode) {
+        SPEED_CHECK_GOTO(ids_parse(o.decode, speed_tok_vocab_size(tok), &ids), st, out);
+        SPEED_CHECK_GOTO(speed_tok_decode(tok, ids.ids, ids.n, o.skip_special, &buf, &len), st, out);
+        if (o.json) {
+            printf("{\"text\": ");
+            json_string_print(buf, len, stdout);
+            printf("}\n");
+        } else {
+            fwrite(buf, 1, len, stdout);
+            putchar('\n');
+        }
+    } else if (o.chat) {
+        speed_chat_message_t msgs[2];
+        size_t n = 0;
+        if (o.system) msgs[n++] = (speed_chat_message_t){"system", o.system};
+        msgs[n++] = (speed_chat_message_t){"user", o.chat};
+        SPEED_CHECK_GOTO(speed_tok_chat_render(tok, msgs, n, true, &buf), st, out);
+        len = strlen(buf);
+        /* The rendered template carries its own BOS; never add another. */
+        SPEED_CHECK_GOTO(speed_tok_encode(tok, buf, len, false, &ids), st, out);
+        if (o.json) {
+            printf("{\"text\": ");
+            json_string_print(buf, len, stdout);
+            printf(", \"ids\": [");
+            for (size_t i = 0; i < ids.n; i++) printf(i ? ", %d" : "%d", ids.ids[i]);
+            printf("]}\n");
+        } else {
+            printf("%s\n", buf);
+            ids_print(&ids, false, stdout);
+        }
+    } else {
+        long bad = jsonl_run(tok, o.jsonl, o.add_special, &st);
+        if (st == SPEED_OK && bad) {
+            speedctl_fail("%s: %ld line%s could not be encoded (see the \"error\" lines)", o.jsonl, bad,
+                          bad == 1 ? "" : "s");
+            st = SPEED_ERR_INVALID_ARGUMENT;
+        }
+    }
+out:
+    speed_free(buf);
+    speed_tok_ids_free(&ids);
+    speed_tok_destroy(tok);
+    speed_config_destroy(cfg);
+    return st == SPEED_OK ? SPEEDCTL_EXIT_OK : SPEEDCTL_EXIT_FAIL;
+}

@@ -1,0 +1,50 @@
+/* speedctl: the operator's command-line tool. Each verb lives in its own file and has
+ * the signature of speedctl_verb_fn_t; it returns the process exit code (0 ok,
+ * 1 failure, 2 usage error). Verbs parse their options with common/config.h, so every
+ * option is also settable as SPEED_<NAME> and listed by `speedctl VERB --help`. */
+#ifndef SPEEDCTL_H
+#define SPEEDCTL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "config.h"
+#include "status.h"
+
+typedef int (*speedctl_verb_fn_t)(int argc, char **argv);
+
+int speedctl_make_tiny_model(int argc, char **argv);
+int speedctl_inspect(int argc, char **argv);
+int speedctl_tokenize(int argc, char **argv);
+
+/* Log sinks: the CLI's stderr format, and one that drops everything (used around
+ * optional steps whose failure is reported differently). */
+#include "log.h"
+void speedctl_silent_sink(void *user, speed_log_level_t level, speed_log_subsys_t subsys,
+                          const char *request_id, const char *line);
+void speedctl_log_to_stderr(void);
+
+/* Exit codes. */
+#define SPEEDCTL_EXIT_OK    0
+#define SPEEDCTL_EXIT_FAIL  1
+#define SPEEDCTL_EXIT_USAGE 2
+
+/* Loads a verb's options. Handles --help and --print-config itself: *done_p is set and
+ * the exit code returned when the verb should stop (help shown, config printed, or an
+ * error). `usage` is the one-line synopsis shown in --help. On return with *done_p false
+ * the caller owns *cfg_p and must speed_config_destroy it. */
+int speedctl_options_load(const char *verb, const char *usage,
+                          const speed_config_field_t *fields, size_t n_fields, void *opts,
+                          int argc, char **argv, speed_config_t **cfg_p, bool *done_p);
+
+/* Prints "speedctl: error: <formatted>" on stderr (for errors the CLI itself finds;
+ * library errors are printed by the log sink where they are born). */
+void speedctl_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* Reads a whole file into a speed_malloc'd buffer (NUL-terminated; len excludes the NUL). */
+speed_status_t speedctl_read_file(const char *path, char **data_p, size_t *len_p);
+
+/* Copies a regular file (overwrites dst). */
+speed_status_t speedctl_copy_file(const char *src, const char *dst);
+
+#endif /* SPEEDCTL_H */
