@@ -1,0 +1,182 @@
+/* Chat templates rendered in C. Each function reproduces what the Jinja template of its
+ * family renders (see ../shared/data/tokenizers/{llama2,llama3}/tokenizer_config.json);
+ * the family is recognised from marker strings in tokenizer_config.json's template. */
+#include "tok_internal.h"
+
+#include <string.h>
+
+#include "alloc.h"
+#include "log.h"
+
+static const char *const template_names[] = {"auto", "llama3", "llama2", "chatml"};
+
+speed_status_t speed_chat_template_parse(const char *name, speed_chat_template_t *out_p) {
+    if (!name || !out_p) {
+        SPEED_ERROR(SPEED_SUBSYS_TOK, "speed_chat_template_parse: NULL argument");
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    for (size_t i = 0; i < sizeof template_names / sizeof template_names[0]; i++) {
+        if (strcmp(name, template_names[i]) == 0) {
+            *out_p = (speed_chat_template_t)i;
+            return SPEED_OK;
+        }
+    }
+    SPEED_ERROR(SPEED_SUBSYS_TOK, "unknown chat template \"%s\" (expected auto, llama3, llama2 "
+                "or chatml)", name);
+    return SPEED_ERR_INVALID_ARGUMENT;
+}
+
+const char *speed_chat_template_name(speed_chat_template_t t) {
+    if ((unsigned)t >= sizeof template_names / sizeof template_names[0]) return "unknown";
+    return template_names[t];
+}
+
+/* Python's str.strip() (Jinja |trim and .strip()): Unicode whitespace at both ends. */
+static void py_strip(const char **s_p, size_t *len_p) {
+    const char *s = *s_p;
+    size_t len = *len_p;
+    while (len) {
+        size_t n;
+        uint32_t cp = tok_utf8_decode(s, &n);
+        if (n > len || !tok_py_isspace(cp)) break;
+        s += n;
+        len -= n;
+    }
+    while (len) {
+        size_t start = len - 1;
+        while (start > 0 && ((unsigned char)s[start] & 0xC0) == 0x80) start--;
+        size_t n;
+        uint32_t cp = tok_utf8_decode(s + start, &n);
+        if (start + n != len || !tok_py_isspace(cp)) break;
+        len = start;
+    }
+    *s_p = s;
+    *len_p = len;
+}
+
+static speed_status_t put_stripped(tok_buf_t *b, const char *s) {
+    size_t len = strlen(s);
+    py_strip(&s, &len);
+    return tok_buf_append(b, s, len);
+}
+
+static speed_status_t render_llama3(const speed_tok_t *tok, const speed_chat_message_t *msgs,
+                                    size_t n, bool gen, tok_buf_t *b) {
+    for (size_t i = 0; i < n; i++) {
+        if (i == 0) SPEED_CHECK(tok_buf_append_str(b, tok->bos_text));
+        SPEED_CHECK(tok_buf_append_str(b, "<|start_header_id|>"));
+        SPEED_CHECK(tok_buf_append_str(b, msgs[i].role));
+        SPEED_CHECK(tok_buf_append_str(b, "<|end_header_id|>\n\n"));
+        SPEED_CHECK(put_stripped(b, msgs[i].content));
+        SPEED_CHECK(tok_buf_append_str(b, "<|eot_id|>"));
+    }
+    /* Llama 3.0's base template appends the header unconditionally. */
+    if (gen || !tok->chat_honours_gen_prompt)
+        SPEED_CHECK(tok_buf_append_str(b, "<|start_header_id|>assistant<|end_header_id|>\n\n"));
+    return SPEED_OK;
+}
+
+static speed_status_t render_llama2(const speed_tok_t *tok, const speed_chat_message_t *msgs,
+                                    size_t n, tok_buf_t *b) {
+    const char *system = NULL;
+    if (n > 0 && strcmp(msgs[0].role, "system") == 0) {
+        system = msgs[0].content;
+        msgs++;
+        n--;
+    }
+    for (size_t i = 0; i < n; i++) {
+        bool user = strcmp(msgs[i].role, "user") == 0;
+        if (user != (i % 2 == 0)) {
+            SPEED_ERROR(SPEED_SUBSYS_TOK, "llama2 chat template: after an optional system "
+                        "message, roles must alternate user, assistant, user, ... (message %zu "
+                        "has role \"%s\")", i + (system ? 1 : 0), msgs[i].role);
+            return SPEED_ERR_INVALID_ARGUMENT;
+        }
+        if (user) {
+            SPEED_CHECK(tok_buf_append_str(b, tok->bos_text));
+            SPEED_CHECK(tok_buf_append_str(b, "[INST] "));
+            if (i == 0 && system) {
+                /* strip() applies to the whole text: system block + first user message */
+                tok_buf_t t = {0};
+                speed_status_t st;
+                SPEED_CHECK_GOTO(tok_buf_append_str(&t, "<<SYS>>\n"), st, sys_out);
+                SPEED_CHECK_GOTO(tok_buf_append_str(&t, system), st, sys_out);
+                SPEED_CHECK_GOTO(tok_buf_append_str(&t, "\n<</SYS>>\n\n"), st, sys_out);
+                SPEED_CHECK_GOTO(tok_buf_append_str(&t, msgs[i].content), st, sys_out);
+                SPEED_CHECK_GOTO(put_stripped(b, t.p), st, sys_out);
+            sys_out:
+                tok_buf_free(&t);
+                SPEED_CHECK(st);
+            } else {
+                SPEED_CHECK(put_stripped(b, msgs[i].content));
+            }
+            SPEED_CHECK(tok_buf_append_str(b, " [/INST]"));
+        } else {
+            SPEED_CHECK(tok_buf_putc(b, ' '));
+            SPEED_CHECK(put_stripped(b, msgs[i].content));
+            SPEED_CHECK(tok_buf_putc(b, ' '));
+            SPEED_CHECK(tok_buf_append_str(b, tok->eos_text));
+        }
+    }
+    return SPEED_OK;
+}
+
+static speed_status_t render_chatml(const speed_chat_message_t *msgs, size_t n, bool gen,
+                                    tok_buf_t *b) {
+    for (size_t i = 0; i < n; i++) {
+        SPEED_CHECK(tok_buf_append_str(b, "<|im_start|>"));
+        SPEED_CHECK(tok_buf_append_str(b, msgs[i].role));
+        SPEED_CHECK(tok_buf_putc(b, '\n'));
+        SPEED_CHECK(tok_buf_append_str(b, msgs[i].content));
+        SPEED_CHECK(tok_buf_append_str(b, "<|im_end|>\n"));
+    }
+    if (gen) SPEED_CHECK(tok_buf_append_str(b, "<|im_start|>assistant\n"));
+    return SPEED_OK;
+}
+
+speed_status_t speed_tok_chat_render(const speed_tok_t *tok, const speed_chat_message_t *msgs,
+                                     size_t n_msgs, bool add_generation_prompt, char **text_p) {
+    if (!tok || !text_p || (!msgs && n_msgs)) {
+        SPEED_ERROR(SPEED_SUBSYS_TOK, "speed_tok_chat_render: NULL argument");
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    for (size_t i = 0; i < n_msgs; i++) {
+        if (!msgs[i].role || !msgs[i].content) {
+            SPEED_ERROR(SPEED_SUBSYS_TOK, "chat message %zu has no %s", i,
+                        msgs[i].role ? "content" : "role");
+            return SPEED_ERR_INVALID_ARGUMENT;
+        }
+    }
+    if (tok->chat_template == SPEED_CHAT_TEMPLATE_AUTO) {
+        SPEED_ERROR(SPEED_SUBSYS_TOK, "%s; name a built-in one (llama3, llama2, chatml) in the "
+                    "configuration",
+                    tok->has_chat_template
+                        ? "the chat_template in tokenizer_config.json is not one this server "
+                          "recognises"
+                        : "the tokenizer has no chat_template");
+        return SPEED_ERR_UNSUPPORTED;
+    }
+    tok_buf_t b = {0};
+    speed_status_t st = tok_buf_reserve(&b, 256);
+    if (st == SPEED_OK) {
+        b.p[0] = '\0';
+        switch (tok->chat_template) {
+        case SPEED_CHAT_TEMPLATE_LLAMA3:
+            st = render_llama3(tok, msgs, n_msgs, add_generation_prompt, &b);
+            break;
+        case SPEED_CHAT_TEMPLATE_LLAMA2: st = render_llama2(tok, msgs, n_msgs, &b); break;
+        case SPEED_CHAT_TEMPLATE_CHATML:
+            st = render_chatml(msgs, n_msgs, add_generation_prompt, &b);
+            break;
+        default: st = SPEED_ERR_INTERNAL; break;
+        }
+    }
+    if (st != SPEED_OK) {
+        tok_buf_free(&b);
+        if (st == SPEED_ERR_NO_MEMORY)
+            SPEED_ERROR(SPEED_SUBSYS_TOK, "out of memory rendering a chat of %zu messages", n_msgs);
+        return st;
+    }
+    *text_p = b.p;
+    return SPEED_OK;
+}
