@@ -11,14 +11,20 @@ cmake --build build -j2 >/dev/null
 speedctl=build/bin/speedctl
 model=build/demo/tiny-llama
 
-step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; }
+show() { # prints a command as one would type it
+  local a out='$'
+  for a in "$@"; do
+    if [[ "$a" =~ ^[A-Za-z0-9_./:,=+-]+$ ]]; then out+=" $a"; else out+=" '${a//\'/\'\\\'\'}'"; fi
+  done
+  printf '\n%s\n' "$out"
+}
+step() { show "$@"; "$@"; }
 
 step $speedctl make-tiny-model $model --layers 8 --hidden 256 --heads 8 --kv-heads 2 --ffn 704 --dtype bf16 --seed 1
 step $speedctl inspect $model --prefill-layers 0.75
 text='SPEED: shallow prefill, deep decode. Ünïcödé and emoji 🚀 too!'
 ids=$($speedctl tokenize --model $model --text "$text")
-echo
-echo "\$ $speedctl tokenize --model $model --text '$text'"
+show $speedctl tokenize --model $model --text "$text"
 echo "$ids"
 step $speedctl tokenize --model $model --decode "${ids// /,}"
 step $speedctl tokenize --model $model --chat 'What does SPEED change?' --system 'You are concise.'

@@ -49,24 +49,39 @@ static const speed_config_field_t make_fields[] = {
      "tie the output projection to the embeddings"},
     {"rope_scaling", SPEED_CONFIG_BOOL, offsetof(make_opts_t, rope_scaling), "false",
      SPEED_CONFIG_UNBOUNDED, NULL, "add a Llama 3.1 style rope_scaling block (llama3, factor 8)"},
-    {"rope_theta", SPEED_CONFIG_DOUBLE, offsetof(make_opts_t, rope_theta), "0", 0, 1e9,
+    {"rope_theta", SPEED_CONFIG_DOUBLE, offsetof(make_opts_t, rope_theta), "0", 0, 1e9, NULL,
      "RoPE base (0 = preset)"},
-    {"shards", SPEED_CONFIG_INT, offsetof(make_opts_t, shards), "1", 1, 999,
+    {"shards", SPEED_CONFIG_INT, offsetof(make_opts_t, shards), "1", 1, 999, NULL,
      "number of safetensors files (more than 1 adds model.safetensors.index.json)"},
-    {"seed", SPEED_CONFIG_INT, offsetof(make_opts_t, seed), "1", 0, 9.2e18, "random seed for the weights"},
+    {"seed", SPEED_CONFIG_INT, offsetof(make_opts_t, seed), "1", 0, 9.2e18, NULL, "random seed for the weights"},
     {"tokenizer", SPEED_CONFIG_STRING, offsetof(make_opts_t, tokenizer), NULL, SPEED_CONFIG_UNBOUNDED,
      NULL, "copy tokenizer.json/tokenizer_config.json from this directory (default: generate a small byte-level BPE)"},
 };
 
+/* mkdir -p */
 static speed_status_t make_dir(const char *path) {
-    if (mkdir(path, 0755) == 0 || errno == EEXIST) {
-        struct stat st;
-        if (stat(path, &st) == 0 && S_ISDIR(st.st_mode)) return SPEED_OK;
+    char buf[4096];
+    if (snprintf(buf, sizeof buf, "%s", path) >= (int)sizeof buf) {
+        SPEED_ERROR(SPEED_SUBSYS_CLI, "%.64s...: path too long", path);
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    for (char *p = buf + 1;; p++) {
+        bool end = *p == '\0';
+        if (*p != '/' && !end) continue;
+        *p = '\0';
+        if (mkdir(buf, 0755) != 0 && errno != EEXIST) {
+            SPEED_ERROR(SPEED_SUBSYS_CLI, "%s: cannot create directory: %s", buf, strerror(errno));
+            return SPEED_ERR_IO;
+        }
+        if (end) break;
+        *p = '/';
+    }
+    struct stat st;
+    if (stat(path, &st) != 0 || !S_ISDIR(st.st_mode)) {
         SPEED_ERROR(SPEED_SUBSYS_CLI, "%s: exists and is not a directory", path);
         return SPEED_ERR_INVALID_ARGUMENT;
     }
-    SPEED_ERROR(SPEED_SUBSYS_CLI, "%s: cannot create directory: %s", path, strerror(errno));
-    return SPEED_ERR_IO;
+    return SPEED_OK;
 }
 
 /* Puts the tokenizer files in out_dir: copied from src_dir, or generated. */
@@ -178,11 +193,11 @@ typedef struct {
 static const speed_config_field_t inspect_fields[] = {
     {"prefill_layers", SPEED_CONFIG_STRING, offsetof(inspect_opts_t, prefill_layers), "0.75",
      SPEED_CONFIG_UNBOUNDED, NULL, "SPEED cutoff C to cost: an integer 1..L or a fraction of L"},
-    {"anchors", SPEED_CONFIG_INT, offsetof(inspect_opts_t, anchors), "1", 0, 1 << 20,
+    {"anchors", SPEED_CONFIG_INT, offsetof(inspect_opts_t, anchors), "1", 0, 1 << 20, NULL,
      "prompt tokens kept at full depth at the start (A)"},
-    {"tail", SPEED_CONFIG_INT, offsetof(inspect_opts_t, tail), "1", 1, 1 << 20,
+    {"tail", SPEED_CONFIG_INT, offsetof(inspect_opts_t, tail), "1", 1, 1 << 20, NULL,
      "prompt tokens kept at full depth at the end (T)"},
-    {"prompt_tokens", SPEED_CONFIG_INT, offsetof(inspect_opts_t, prompt_tokens), "4096", 1, 1e9,
+    {"prompt_tokens", SPEED_CONFIG_INT, offsetof(inspect_opts_t, prompt_tokens), "4096", 1, 1e9, NULL,
      "prompt length for the example KV total"},
     {"kv_dtype", SPEED_CONFIG_ENUM, offsetof(inspect_opts_t, kv_dtype), "bf16", SPEED_CONFIG_UNBOUNDED,
      dtype_names, "KV cache element type"},
@@ -242,6 +257,10 @@ int speedctl_inspect(int argc, char **argv) {
     speed_log_set_sink(speedctl_silent_sink, NULL);
     bool have_tok = speed_tok_load(dir, &tp, &tok) == SPEED_OK;
     speedctl_log_to_stderr();
+    if (have_tok && speed_tok_vocab_size(tok) > c->vocab_size)
+        SPEED_WARN(SPEED_SUBSYS_CLI, "%s: the tokenizer has %d tokens but the model's vocab_size is %d; "
+                   "ids above %d cannot be fed to the model", dir, speed_tok_vocab_size(tok), c->vocab_size,
+                   c->vocab_size - 1);
 
     char rope[128];
     if (c->rope_scaling.type == SPEED_ROPE_SCALING_LLAMA3)
@@ -284,11 +303,11 @@ int speedctl_inspect(int argc, char **argv) {
         printf("weights        %s, %s\n", speed_dtype_name(c->torch_dtype), b1);
         human_bytes((double)per_tok_full, b1, sizeof b1);
         human_bytes((double)per_tok_c, b2, sizeof b2);
-        printf("KV per token   full depth %s; shallow at C=%d of %d: %s (%.1f%%), %s cache\n", b1, C,
+        printf("KV per token   full depth %s; shallow (C=%d of %d) %s (%.1f%%), %s cache\n", b1, C,
                c->n_layers, b2, 100.0 * (double)per_tok_c / (double)per_tok_full, speed_dtype_name(kv_dtype));
         human_bytes((double)prompt_full, b1, sizeof b1);
         human_bytes((double)prompt_c, b3, sizeof b3);
-        printf("KV, %" PRId64 "-token prompt  full depth %s; SPEED (C=%d, A=%" PRId64 ", T=%" PRId64 ") %s (%.1f%%)\n",
+        printf("KV per prompt  %" PRId64 " tokens: full depth %s; SPEED (C=%d, A=%" PRId64 ", T=%" PRId64 ") %s (%.1f%%)\n",
                o.prompt_tokens, b1, C, o.anchors, o.tail, b3, 100.0 * (double)prompt_c / (double)prompt_full);
         if (have_tok) {
             const int32_t *eos;

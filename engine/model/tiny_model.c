@@ -133,7 +133,7 @@ void speed_tiny_model_tensor_values(const speed_tiny_model_params_t *p, const ch
 speed_tiny_model_params_t speed_tiny_model_default_params(void) {
     return (speed_tiny_model_params_t){
         .n_layers = 4, .hidden = 64, .n_heads = 4, .n_kv_heads = 2, .ffn = 172,
-        .vocab_size = 512, .max_position = 256, .head_dim = 0, .dtype = SPEED_DTYPE_F32,
+        .vocab_size = 512, .max_position = 4096, .head_dim = 0, .dtype = SPEED_DTYPE_F32,
         .tied = false, .rope_scaling = false, .n_shards = 1, .seed = 42,
         .rope_theta = 10000.0f, .rms_norm_eps = 1e-5f, .init_std = 0.02f,
         .bos_token_id = 1, .eos_token_ids = {2}, .n_eos = 1,

@@ -40,7 +40,7 @@ typedef struct {
     int n_eos;
 } speed_tiny_model_params_t;
 
-/* Small: 4 layers, hidden 64, 4 heads, 2 kv heads, ffn 172, vocab 512, max_position 256, f32,
+/* Small: 4 layers, hidden 64, 4 heads, 2 kv heads, ffn 172, vocab 512, max_position 4096, f32,
  * untied, 1 shard, seed 42, rope_theta 10000, rms_norm_eps 1e-5, init_std 0.02, bos 1, eos 2. */
 speed_tiny_model_params_t speed_tiny_model_default_params(void);
 

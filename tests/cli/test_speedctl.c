@@ -5,6 +5,7 @@
 #include <stdarg.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include "check.h"
 
@@ -30,7 +31,7 @@ static char *slurp(const char *path) {
 
 /* Runs `speedctl ARGS` through the shell; ARGS is printf-formatted. */
 static run_t run(const char *fmt, ...) {
-    char args[8192], cmd[10000], out_path[1024], err_path[1024];
+    char args[8192], cmd[12000], out_path[1100], err_path[1100];
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(args, sizeof args, fmt, ap);

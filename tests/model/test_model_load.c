@@ -110,7 +110,7 @@ static void test_round_trip(void) {
                 CHECK_INT_EQ(m->config.head_dim, 16);
                 CHECK_INT_EQ(m->config.ffn, 172);
                 CHECK_INT_EQ(m->config.vocab_size, 512);
-                CHECK_INT_EQ(m->config.max_position, 256);
+                CHECK_INT_EQ(m->config.max_position, 4096);
                 CHECK_INT_EQ(m->config.torch_dtype, p.dtype);
                 CHECK_INT_EQ(m->config.tie_word_embeddings, tied);
                 CHECK_INT_EQ(m->config.bos_token_id, 1);
