@@ -2,13 +2,18 @@
 #include "speedctl.h"
 
 #include <errno.h>
+#include <stdint.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "alloc.h"
+#include "file.h"
 #include "log.h"
+
+/* Inputs (texts to tokenize, tokenizer files to copy) are held in memory whole. */
+#define SPEEDCTL_FILE_MAX_BYTES ((size_t)4 << 30)
 
 static const struct {
     const char *name;
@@ -74,37 +79,7 @@ int speedctl_options_load(const char *verb, const char *usage,
 }
 
 speed_status_t speedctl_read_file(const char *path, char **data_p, size_t *len_p) {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        SPEED_ERROR(SPEED_SUBSYS_CLI, "%s: %s", path, strerror(errno));
-        return errno == ENOENT ? SPEED_ERR_NOT_FOUND : SPEED_ERR_IO;
-    }
-    size_t cap = 1 << 16, len = 0;
-    char *buf = speed_malloc(cap);
-    speed_status_t st = SPEED_OK;
-    for (;;) {
-        if (!buf) { st = SPEED_ERR_NO_MEMORY; break; }
-        len += fread(buf + len, 1, cap - len - 1, f);
-        if (ferror(f)) {
-            SPEED_ERROR(SPEED_SUBSYS_CLI, "%s: read failed: %s", path, strerror(errno));
-            st = SPEED_ERR_IO;
-            break;
-        }
-        if (feof(f)) break;
-        char *grown = speed_realloc(buf, cap * 2);
-        if (!grown) { st = SPEED_ERR_NO_MEMORY; break; }
-        buf = grown;
-        cap *= 2;
-    }
-    fclose(f);
-    if (st != SPEED_OK) {
-        speed_free(buf);
-        return st;
-    }
-    buf[len] = '\0';
-    *data_p = buf;
-    *len_p = len;
-    return SPEED_OK;
+    return speed_file_read(path, SPEEDCTL_FILE_MAX_BYTES, SPEED_SUBSYS_CLI, SPEED_FILE_READ_DEFAULT, data_p, len_p);
 }
 
 speed_status_t speedctl_copy_file(const char *src, const char *dst) {

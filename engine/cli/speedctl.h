@@ -41,7 +41,7 @@ int speedctl_options_load(const char *verb, const char *usage,
  * library errors are printed by the log sink where they are born). */
 void speedctl_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
-/* Reads a whole file into a speed_malloc'd buffer (NUL-terminated; len excludes the NUL). */
+/* speed_file_read for CLI inputs ("-" is not special; use /dev/stdin). */
 speed_status_t speedctl_read_file(const char *path, char **data_p, size_t *len_p);
 
 /* Copies a regular file (overwrites dst). */

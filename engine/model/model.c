@@ -9,7 +9,7 @@
 
 #include "alloc.h"
 #include "log.h"
-#include "model_util.h"
+#include "file.h"
 #include "safetensors.h"
 
 #define INDEX_MAX_BYTES (64u << 20)
@@ -89,7 +89,7 @@ static speed_status_t weights_open_index(struct speed_model_files *f, const char
     char *shard_path = NULL;
     speed_status_t status;
 
-    SPEED_CHECK(speed_model_file_read(ipath, INDEX_MAX_BYTES, &text, &len));
+    SPEED_CHECK(speed_file_read(ipath, INDEX_MAX_BYTES, SPEED_SUBSYS_MODEL, SPEED_FILE_READ_DEFAULT, &text, &len));
     json_error_t jerr;
     root = json_loadb(text, len, JSON_REJECT_DUPLICATES, &jerr);
     if (!root) {
@@ -139,7 +139,7 @@ static speed_status_t weights_open_index(struct speed_model_files *f, const char
     }
     SPEED_CHECK_GOTO(files_alloc(f, n_shards, (int)n_map), status, out);
     for (int s = 0; s < n_shards; s++) {
-        shard_path = speed_model_path_join(dir, shards[s]);
+        shard_path = speed_path_join(dir, shards[s]);
         if (!shard_path) {
             status = SPEED_ERR_NO_MEMORY;
             goto out;
@@ -321,7 +321,7 @@ speed_status_t speed_model_load(const char *dir, const speed_model_params_t *par
         goto fail;
     }
     struct speed_model_files *f = m->files_;
-    if (!(config_path = speed_model_path_join(dir, "config.json"))) {
+    if (!(config_path = speed_path_join(dir, "config.json"))) {
         status = SPEED_ERR_NO_MEMORY;
         goto fail;
     }
@@ -334,14 +334,14 @@ speed_status_t speed_model_load(const char *dir, const speed_model_params_t *par
         goto fail;
     }
 
-    if (!(f->weights_path = speed_model_path_join(dir, "model.safetensors"))) {
+    if (!(f->weights_path = speed_path_join(dir, "model.safetensors"))) {
         status = SPEED_ERR_NO_MEMORY;
         goto fail;
     }
     if (file_exists(f->weights_path)) {
         SPEED_CHECK_GOTO(weights_open_single(f), status, fail);
     } else {
-        if (!(index_path = speed_model_path_join(dir, "model.safetensors.index.json"))) {
+        if (!(index_path = speed_path_join(dir, "model.safetensors.index.json"))) {
             status = SPEED_ERR_NO_MEMORY;
             goto fail;
         }

@@ -11,7 +11,7 @@
 
 #include "alloc.h"
 #include "log.h"
-#include "model_util.h"
+#include "file.h"
 
 #define CONFIG_MAX_BYTES (16u << 20)
 
@@ -362,7 +362,7 @@ speed_status_t speed_model_config_parse(const char *text, size_t len, const char
 speed_status_t speed_model_config_load(const char *path, speed_model_config_t *cfg_p) {
     char *text = NULL;
     size_t len = 0;
-    SPEED_CHECK(speed_model_file_read(path, CONFIG_MAX_BYTES, &text, &len));
+    SPEED_CHECK(speed_file_read(path, CONFIG_MAX_BYTES, SPEED_SUBSYS_MODEL, SPEED_FILE_READ_DEFAULT, &text, &len));
     speed_status_t status = speed_model_config_parse(text, len, path, cfg_p);
     speed_free(text);
     return status;

@@ -69,6 +69,8 @@ typedef struct {
  *   SPEED_OK
  *   SPEED_ERR_NOT_FOUND       the file does not exist
  *   SPEED_ERR_IO              it cannot be read
+ *   SPEED_ERR_INVALID_ARGUMENT the path is a directory
+ *   SPEED_ERR_TOO_LONG        it is larger than any real config.json (16 MiB)
  *   SPEED_ERR_PARSE           it is not JSON (or a number is not representable)
  *   SPEED_ERR_FORMAT          a field is missing, of the wrong type, or nonsensical
  *                             (zero/negative/absurd sizes, heads that do not divide, ...)

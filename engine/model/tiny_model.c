@@ -13,7 +13,7 @@
 #include "alloc.h"
 #include "log.h"
 #include "model_config.h"
-#include "model_util.h"
+#include "file.h"
 #include "tensor.h"
 
 #define CHUNK_ELEMENTS ((size_t)1 << 20)
@@ -291,7 +291,7 @@ static speed_status_t file_write_all(FILE *fp, const char *path, const void *dat
 /* Writes `text` to dir/name through a temporary file. */
 static speed_status_t text_file_write(const char *dir, const char *name, const tiny_text_t *t) {
     speed_status_t status = SPEED_OK;
-    char *path = speed_model_path_join(dir, name);
+    char *path = speed_path_join(dir, name);
     char *tmp = path ? speed_malloc(strlen(path) + 5) : NULL;
     if (!tmp) {
         speed_free(path);
@@ -332,7 +332,7 @@ static speed_status_t shard_write(const char *dir, const speed_tiny_model_params
     speed_status_t status = SPEED_OK;
     tiny_text_t h = {0};
     FILE *fp = NULL;
-    char *path = speed_model_path_join(dir, name);
+    char *path = speed_path_join(dir, name);
     char *tmp = path ? speed_malloc(strlen(path) + 5) : NULL;
     if (!tmp) {
         status = SPEED_ERR_NO_MEMORY;
@@ -447,7 +447,7 @@ static speed_status_t stale_remove(const char *dir) {
     struct dirent *e;
     while ((e = readdir(d)) != NULL) {
         if (!is_weight_file(e->d_name)) continue;
-        char *path = speed_model_path_join(dir, e->d_name);
+        char *path = speed_path_join(dir, e->d_name);
         if (!path) {
             status = SPEED_ERR_NO_MEMORY;
             break;

@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "alloc.h"
+#include "file.h"
 #include "log.h"
 
 typedef struct {
@@ -35,59 +36,37 @@ static speed_status_t oom(const loader_t *ld) {
 
 /* ---- files --------------------------------------------------------------------------- */
 
+/* tokenizer.json of the largest vocabularies is ~20 MB; anything far beyond is not one. */
+#define TOK_FILE_MAX_BYTES ((size_t)1 << 30)
+
 /* Reads and parses a JSON file. A missing file gives NOT_FOUND without a message when
  * `optional`, so the caller can decide. */
 static speed_status_t json_read(const loader_t *ld, bool optional, size_t flags, json_t **root_p) {
-    FILE *f = fopen(ld->path, "rb");
-    if (!f) {
-        int e = errno;
-        if (e == ENOENT && optional) return SPEED_ERR_NOT_FOUND;
-        return fail(ld, e == ENOENT ? SPEED_ERR_NOT_FOUND : SPEED_ERR_IO, "cannot open: %s",
-                    strerror(e));
-    }
-    speed_status_t st = SPEED_OK;
-    tok_buf_t buf = {0};
-    for (;;) {
-        if (tok_buf_reserve(&buf, 1 << 16) != SPEED_OK) {
-            st = oom(ld);
-            goto out;
-        }
-        size_t n = fread(buf.p + buf.len, 1, buf.cap - buf.len, f);
-        buf.len += n;
-        if (n == 0) break;
-    }
-    if (ferror(f)) {
-        st = fail(ld, SPEED_ERR_IO, "read error: %s", strerror(errno));
-        goto out;
-    }
+    char *text = NULL;
+    size_t len = 0;
+    speed_status_t st = speed_file_read(ld->path, TOK_FILE_MAX_BYTES, SPEED_SUBSYS_TOK,
+                                        optional ? SPEED_FILE_READ_OPTIONAL : SPEED_FILE_READ_DEFAULT,
+                                        &text, &len);
+    if (st != SPEED_OK) return st;
     json_error_t jerr;
-    json_t *root = json_loadb(buf.p, buf.len, flags, &jerr);
+    json_t *root = json_loadb(text, len, flags, &jerr);
+    speed_free(text);
     if (!root) {
-        if (json_error_code(&jerr) == json_error_out_of_memory) st = oom(ld);
-        else
-            st = fail(ld, SPEED_ERR_PARSE, "invalid JSON at line %d column %d: %s", jerr.line,
-                      jerr.column, jerr.text);
-        goto out;
+        if (json_error_code(&jerr) == json_error_out_of_memory) return oom(ld);
+        return fail(ld, SPEED_ERR_PARSE, "invalid JSON at line %d column %d: %s", jerr.line,
+                    jerr.column, jerr.text);
     }
     if (!json_is_object(root)) {
         json_decref(root);
-        st = fail(ld, SPEED_ERR_FORMAT, "top level is not a JSON object");
-        goto out;
+        return fail(ld, SPEED_ERR_FORMAT, "top level is not a JSON object");
     }
     *root_p = root;
-out:
-    tok_buf_free(&buf);
-    fclose(f);
-    return st;
+    return SPEED_OK;
 }
 
 static speed_status_t path_join(const char *dir, const char *name, char **out_p) {
-    size_t n = strlen(dir) + strlen(name) + 2;
-    char *p = speed_malloc(n);
-    if (!p) return SPEED_ERR_NO_MEMORY;
-    snprintf(p, n, "%s/%s", dir, name);
-    *out_p = p;
-    return SPEED_OK;
+    *out_p = speed_path_join(dir, name);
+    return *out_p ? SPEED_OK : SPEED_ERR_NO_MEMORY;
 }
 
 /* ---- JSON helpers ---------------------------------------------------------------------- */

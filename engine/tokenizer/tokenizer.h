@@ -22,6 +22,7 @@
  *                               template this library does not implement
  *   SPEED_ERR_NO_MEMORY         an allocation failed (nothing is leaked)
  *   SPEED_ERR_IO                reading or writing a file failed
+ *   SPEED_ERR_TOO_LONG          a file is larger than 1 GiB (no real tokenizer file is)
  * Output parameters are only written on SPEED_OK, except that an appending encode may
  * have appended nothing (it restores `out->n` on failure).
  */

@@ -310,8 +310,8 @@ static void test_files(void) {
     CHECK_INT_EQ(speed_model_config_load(tu_path("absent.json"), &c), SPEED_ERR_NOT_FOUND);
     CHECK_CONTAINS(speed_log_last_error(), "absent.json: No such file");
 
-    CHECK_INT_EQ(speed_model_config_load(tu_root, &c), SPEED_ERR_FORMAT);
-    CHECK_CONTAINS(speed_log_last_error(), "not a regular file");
+    CHECK_INT_EQ(speed_model_config_load(tu_root, &c), SPEED_ERR_INVALID_ARGUMENT);
+    CHECK_CONTAINS(speed_log_last_error(), "is a directory, expected a file");
 
     tu_write_text(tu_path("bad.json"), "{\"architectures\": [\"LlamaForCausalLM\"], \"num_hidden_layers\": -2}");
     CHECK_INT_EQ(speed_model_config_load(tu_path("bad.json"), &c), SPEED_ERR_FORMAT);
