@@ -200,7 +200,9 @@ static speed_status_t ref_matmul(void *ctx,
 }
 
 /* inv_freq[i] for pair i of a head, as transformers computes it (rope_type "default" or
- * "llama3", _compute_llama3_parameters), rounded to the f32 value its tensor holds. */
+ * "llama3", _compute_llama3_parameters): evaluated in double and rounded once to f32, so it is
+ * within an ulp of transformers' f32 tensor. A fast backend that builds its table the same way
+ * (double, one rounding) gets the same angles bit for bit. */
 static float rope_inv_freq(const speed_rope_t *rope, int head_dim, int i) {
     double inv_freq = (float)(1.0 / pow((double)rope->theta, (double)(2 * i) / (double)head_dim));
     if (!rope->llama3_scaling) return (float)inv_freq;
