@@ -2,6 +2,7 @@
  * every backend implementation may assume well-formed shapes. */
 #include "backend.h"
 
+#include <math.h>
 #include <string.h>
 
 #include "log.h"
@@ -88,6 +89,24 @@ bool speed_backend_supports_op(speed_backend_t *be, speed_op_t op, speed_dtype_t
     return (unsigned)op < SPEED_OP_COUNT && be->ops->supports_op(be->ctx, op, dtype);
 }
 
+/* inv_freq[i] for pair i of a head, as transformers computes it (rope_type "default" or
+ * "llama3", _compute_llama3_parameters): evaluated in double and rounded once to f32, so it is
+ * within an ulp of transformers' f32 tensor. A fast backend that builds its table the same way
+ * (double, one rounding) gets the same angles bit for bit. */
+float speed_rope_inv_freq(const speed_rope_t *rope, int head_dim, int i) {
+    double inv_freq = (float)(1.0 / pow((double)rope->theta, (double)(2 * i) / (double)head_dim));
+    if (!rope->llama3_scaling) return (float)inv_freq;
+
+    double factor = rope->factor, low = rope->low_freq_factor, high = rope->high_freq_factor;
+    double orig = rope->original_max_position;
+    double low_freq_wavelen = orig / low, high_freq_wavelen = orig / high;
+    double wavelen = 2.0 * 3.14159265358979323846 / inv_freq;
+    if (wavelen < high_freq_wavelen) return (float)inv_freq;        /* high frequency: kept */
+    if (wavelen > low_freq_wavelen) return (float)(inv_freq / factor); /* low frequency: scaled */
+    double smooth = (orig / wavelen - low) / (high - low);           /* in between: blended */
+    return (float)((1.0 - smooth) * inv_freq / factor + smooth * inv_freq);
+}
+
 /* ---- validation ------------------------------------------------------------------------ */
 
 static const char *const op_names[SPEED_OP_COUNT] = {
@@ -140,7 +159,7 @@ speed_status_t speed_op_rmsnorm(speed_backend_t *be, speed_mat_t out, speed_mat_
 
 speed_status_t speed_op_matmul(speed_backend_t *be, speed_mat_t out, speed_mat_t x, speed_mat_t w, bool accumulate) {
     if (!f32_ok(out) || !f32_ok(x) || !mat_ok(w) || x.n_cols != w.n_cols || out.n_rows != x.n_rows ||
-        out.n_cols != w.n_rows)
+        out.n_cols != w.n_rows || out.data == x.data)
         return bad(SPEED_OP_MATMUL, "bad shapes");
     SPEED_CHECK(check_supported(be, SPEED_OP_MATMUL, w.dtype));
     return out.n_rows ? be->ops->matmul(be->ctx, out, x, w, accumulate) : SPEED_OK;

@@ -27,7 +27,8 @@
  *
  * Errors: ops return SPEED_OK, SPEED_ERR_INVALID_ARGUMENT (shapes or dtypes that do not fit —
  * a bug in the caller, logged), SPEED_ERR_UNSUPPORTED (speed_backend_supports_op would have
- * said no), SPEED_ERR_DEVICE (device failure). Ops never abort on bad arguments.
+ * said no), SPEED_ERR_NO_MEMORY (a backend that needs scratch could not get it), or
+ * SPEED_ERR_DEVICE (device failure). Ops never abort on bad arguments.
  */
 #ifndef SPEED_BACKEND_H
 #define SPEED_BACKEND_H
@@ -84,6 +85,12 @@ typedef struct {
     float factor, low_freq_factor, high_freq_factor; /* llama3 only */
     int original_max_position;                       /* llama3 only */
 } speed_rope_t;
+
+/* inv_freq of rotation pair i (0 <= i < head_dim/2), as transformers computes it (rope_type
+ * "default" or "llama3"): evaluated in double and rounded once to f32. Every backend builds
+ * its frequency table with this function so all agree bit for bit; the angle of position p is
+ * then the f32 product (float)p * inv_freq, as in transformers. */
+float speed_rope_inv_freq(const speed_rope_t *rope, int head_dim, int i);
 
 /* Attention queries: `n_rows` query rows, each with its own visible KV entries. Row r
  * attends, causally already resolved by the caller, to entries 0 .. n_visible[r]-1 of the
@@ -211,7 +218,8 @@ speed_status_t speed_op_embed(speed_backend_t *be, speed_mat_t out, speed_mat_t 
  * out may alias x. */
 speed_status_t speed_op_rmsnorm(speed_backend_t *be, speed_mat_t out, speed_mat_t x, speed_mat_t weight, float eps);
 
-/* out = (accumulate ? out : 0) + x · wᵀ   out f32 [n][m]; x f32 [n][k]; w [m][k] (HF [out, in]) */
+/* out = (accumulate ? out : 0) + x · wᵀ   out f32 [n][m]; x f32 [n][k]; w [m][k] (HF [out, in]);
+ * out must not alias x */
 speed_status_t speed_op_matmul(speed_backend_t *be, speed_mat_t out, speed_mat_t x, speed_mat_t w, bool accumulate);
 
 /* In place on x f32 [n][n_heads * head_dim]: rotate each head of row i by position positions[i]. */

@@ -199,24 +199,6 @@ static speed_status_t ref_matmul(void *ctx,
     return SPEED_OK;
 }
 
-/* inv_freq[i] for pair i of a head, as transformers computes it (rope_type "default" or
- * "llama3", _compute_llama3_parameters): evaluated in double and rounded once to f32, so it is
- * within an ulp of transformers' f32 tensor. A fast backend that builds its table the same way
- * (double, one rounding) gets the same angles bit for bit. */
-static float rope_inv_freq(const speed_rope_t *rope, int head_dim, int i) {
-    double inv_freq = (float)(1.0 / pow((double)rope->theta, (double)(2 * i) / (double)head_dim));
-    if (!rope->llama3_scaling) return (float)inv_freq;
-
-    double factor = rope->factor, low = rope->low_freq_factor, high = rope->high_freq_factor;
-    double orig = rope->original_max_position;
-    double low_freq_wavelen = orig / low, high_freq_wavelen = orig / high;
-    double wavelen = 2.0 * 3.14159265358979323846 / inv_freq;
-    if (wavelen < high_freq_wavelen) return (float)inv_freq;        /* high frequency: kept */
-    if (wavelen > low_freq_wavelen) return (float)(inv_freq / factor); /* low frequency: scaled */
-    double smooth = (orig / wavelen - low) / (high - low);           /* in between: blended */
-    return (float)((1.0 - smooth) * inv_freq / factor + smooth * inv_freq);
-}
-
 /* Rotate-half RoPE: pair (x[i], x[i + hd/2]) is rotated by angle pos * inv_freq[i]. The
  * angle is an f32 product, as in transformers (inv_freq @ position_ids in f32): at large
  * positions its rounding is part of the model's behaviour. cos/sin of that angle are
@@ -231,7 +213,7 @@ static speed_status_t ref_rope(void *ctx,
     for (int64_t r = 0; r < x.n_rows; r++) {
         float *xr = f32_row(x, r);
         for (int i = 0; i < half; i++) {
-            float angle = (float)positions[r] * rope_inv_freq(rope, head_dim, i);
+            float angle = (float)positions[r] * speed_rope_inv_freq(rope, head_dim, i);
             double c = cos((double)angle), s = sin((double)angle);
             for (int h = 0; h < n_heads; h++) {
                 float *head = xr + (int64_t)h * head_dim;
