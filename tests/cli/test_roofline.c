@@ -1,0 +1,78 @@
+/* The machine probes that speedctl bench prints (kernels/roofline.h): positive, plausible
+ * numbers on 1 and 2 threads and with the ISA capped, bad parameters rejected. Small buffer and
+ * short compute runs: this checks the probes work, not how fast the machine is. */
+#include "alloc.h"
+#include "check.h"
+#include "log.h"
+#include "roofline.h"
+
+static void quiet(void *user, speed_log_level_t level, speed_log_subsys_t subsys, const char *request_id,
+                  const char *line) {
+    (void)user; (void)level; (void)subsys; (void)request_id; (void)line;
+}
+
+static speed_roofline_params_t small(int n_threads, speed_cpu_isa_t cap) {
+    speed_roofline_params_t p = speed_roofline_default_params();
+    p.n_threads = n_threads;
+    p.read_bytes = (size_t)64 << 20;
+    p.repetitions = 3;
+    p.compute_ms = 5.0;
+    p.isa_max = cap;
+    return p;
+}
+
+int main(void) {
+    int64_t live = speed_alloc_live_count();
+    speed_cpu_isa_t best = speed_cpu_isa_detect();
+    const speed_cpu_isa_t caps[] = {SPEED_CPU_ISA_BEST, SPEED_CPU_ISA_AVX2, SPEED_CPU_ISA_SCALAR};
+    for (int t = 1; t <= 2; t++) {
+        for (size_t c = 0; c < sizeof caps / sizeof caps[0]; c++) {
+            if (caps[c] != SPEED_CPU_ISA_BEST && caps[c] > best) continue;
+            speed_roofline_params_t p = small(t, caps[c]);
+            speed_roofline_t r;
+            speed_status_t st = speed_roofline_measure(&p, &r);
+            CHECK_MSG(st == SPEED_OK, "measure: %s", speed_log_last_error());
+            if (st != SPEED_OK) continue;
+            fprintf(stderr, "threads %d isa %-12s read %7.2f GB/s copy %7.2f GB/s fp32 %8.1f GFLOP/s (%s) "
+                    "bf16 %8.1f GFLOP/s (%s)\n", r.n_threads, speed_cpu_isa_name(r.isa), r.read_gbs, r.copy_gbs,
+                    r.fp32_gflops, r.fp32_kernel, r.bf16_gflops, r.bf16_kernel);
+            CHECK_INT_EQ(r.n_threads, t);
+            CHECK_INT_EQ(r.read_bytes, (size_t)64 << 20);
+            CHECK(r.isa <= best && (caps[c] == SPEED_CPU_ISA_BEST || r.isa <= caps[c]));
+            /* plausible: from a slow VM core to a large server socket */
+            CHECK_MSG(r.read_gbs > 0.3 && r.read_gbs < 5000, "read %g GB/s", r.read_gbs);
+            CHECK_MSG(r.copy_gbs > 0.1 && r.copy_gbs < 5000, "copy %g GB/s", r.copy_gbs);
+            CHECK_MSG(r.fp32_gflops > 0.1 && r.fp32_gflops < 1e6, "fp32 %g GFLOP/s", r.fp32_gflops);
+            CHECK_MSG(r.bf16_gflops > 0.1 && r.bf16_gflops < 1e6, "bf16 %g GFLOP/s", r.bf16_gflops);
+            if (r.isa >= SPEED_CPU_ISA_AVX512_BF16) {
+                /* a bf16 dot product does twice the work of an fp32 FMA per lane */
+                CHECK_MSG(r.bf16_gflops > 0.8 * r.fp32_gflops, "bf16 %g vs fp32 %g", r.bf16_gflops, r.fp32_gflops);
+            } else {
+                CHECK(r.bf16_gflops == r.fp32_gflops);
+                CHECK_CONTAINS(r.bf16_kernel, "none");
+            }
+            if (r.isa >= SPEED_CPU_ISA_AVX2) /* at least 8 lanes x 2 FLOPs at a few hundred MHz */
+                CHECK_MSG(r.fp32_gflops > 2.0, "fp32 %g GFLOP/s with %s", r.fp32_gflops, r.fp32_kernel);
+        }
+    }
+    /* the parts alone */
+    speed_roofline_params_t p = small(1, SPEED_CPU_ISA_BEST);
+    double rd = 0, fp = 0;
+    CHECK_INT_EQ(speed_roofline_bandwidth(&p, &rd, NULL), SPEED_OK);
+    CHECK(rd > 0);
+    CHECK_INT_EQ(speed_roofline_compute(&p, &fp, NULL, NULL), SPEED_OK);
+    CHECK(fp > 0);
+
+    speed_log_set_sink(quiet, NULL);
+    speed_roofline_t r;
+    p.read_bytes = 1000;
+    CHECK_INT_EQ(speed_roofline_measure(&p, &r), SPEED_ERR_INVALID_ARGUMENT);
+    p = small(2000, SPEED_CPU_ISA_BEST);
+    CHECK_INT_EQ(speed_roofline_measure(&p, &r), SPEED_ERR_INVALID_ARGUMENT);
+    p = small(1, SPEED_CPU_ISA_BEST);
+    p.repetitions = -1;
+    CHECK_INT_EQ(speed_roofline_measure(&p, &r), SPEED_ERR_INVALID_ARGUMENT);
+    CHECK_CONTAINS(speed_log_last_error(), "roofline");
+    CHECK_INT_EQ(speed_alloc_live_count(), live);
+    return CHECK_DONE();
+}
