@@ -1,0 +1,125 @@
+/* Kernel tables of the fast CPU backend (internal to kernels/cpu).
+ *
+ * backend_cpu.c owns the ops table, threading and work splitting; the kernels here do the
+ * arithmetic on one piece of work (a range of rows, a GEMM block, one attention item). One
+ * source, kern_impl.h, is compiled three times — scalar (no flags), AVX2 (+FMA, F16C) and
+ * AVX-512 (F/BW/VL) — into speed_cpu_kernels_{scalar,avx2,avx512}; gemm_bf16_avx512.c adds the
+ * AVX512_BF16 GEMM. backend_cpu.c picks a table after speed_cpu_isa_detect() and never calls
+ * into a file compiled for an ISA the machine lacks.
+ *
+ * Numerics (compared against cpu-ref by tests/kernels/test_backend_ops.c):
+ *   - everything accumulates in fp32; summation order differs from the reference (vector
+ *     lanes, blocking), so results agree to fp32 rounding, not bit for bit;
+ *   - weights are converted exactly (bf16/f16 -> f32) except in the AVX512_BF16 GEMM, which
+ *     rounds the activations x to bf16 (round to nearest even) so that vdpbf16ps can multiply
+ *     them with the bf16 weights: the result differs from the reference by the bf16 rounding
+ *     of x (relative error ~2^-9 per product, averaging out over k) — within the bf16 weight
+ *     tolerance. Only bf16 weights take that path; f32 and f16 weights keep fp32 x;
+ *   - exp is a vectorised Cody-Waite + degree-7 polynomial (about 1-2 ulp, gradual underflow,
+ *     inf/NaN propagated); the scalar table uses libm expf.
+ */
+#ifndef SPEED_CPU_KERNELS_H
+#define SPEED_CPU_KERNELS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "backend.h"
+
+/* One matmul: out[n][m] (+)= x[n][k] · w[m][k]ᵀ (see speed_op_matmul). */
+typedef struct {
+    int64_t n, m, k;
+    const float *x;      /* [n][k], row stride ldx */
+    int64_t ldx;
+    const float *xp;     /* x repacked by gemv_pack_x (only when gemv_xpack_floats > 0) */
+    const void *w;       /* [m][k] in wtype, row stride ldw (elements) */
+    int64_t ldw;
+    speed_dtype_t wtype;
+    float *out;          /* [n][m], row stride ldo */
+    int64_t ldo;
+    bool accumulate;
+} speed_cpu_mm_t;
+
+/* Blocked GEMM for one weight dtype. The driver walks blocks of nc weight rows x kc columns:
+ * pack_w packs one block into `packed` (pack_bytes(nc, kc) bytes), then compute multiplies
+ * rows [i0, i1) of the (possibly converted) x by it into out. */
+typedef struct {
+    int nc, kc;          /* block sizes: nc a multiple of the micro-tile width, kc even */
+    /* Optional: x is first converted, rows [i0, i1) into xc with row stride ldxc elements of
+     * xc_elem bytes; ldxc = xc_cols(k). NULL: compute reads the f32 x in place. */
+    void (*convert_x)(const speed_cpu_mm_t *mm, int64_t i0, int64_t i1, void *xc, int64_t ldxc);
+    int64_t (*xc_cols)(int64_t k);
+    size_t xc_elem;
+    size_t (*pack_bytes)(int64_t nc, int64_t kc);
+    void (*pack_w)(const speed_cpu_mm_t *mm, int64_t j0, int64_t nc, int64_t p0, int64_t kc, void *packed);
+    /* first: this is the first k block (out is overwritten unless mm->accumulate). */
+    void (*compute)(const speed_cpu_mm_t *mm, const void *xs, int64_t ldxs, const void *packed, int64_t i0,
+                    int64_t i1, int64_t j0, int64_t nc, int64_t p0, int64_t kc, bool first);
+} speed_cpu_gemm_t;
+
+/* Attention work: query rows x kv heads, each item covering a range of visible entries. */
+typedef struct {
+    const float *q;      /* [n_rows][n_heads * head_dim], row stride ldq */
+    int64_t ldq;
+    float *out;          /* same shape, row stride ldo */
+    int64_t ldo;
+    const speed_kv_layer_t *kv;
+    const speed_attn_rows_t *rows;
+    int n_heads;
+    int group;           /* query heads per kv head */
+    float scale;
+} speed_cpu_attn_t;
+
+#define SPEED_CPU_ATTN_TILE 64
+
+/* Floats of per-thread scratch the attention kernel needs. */
+static inline size_t speed_cpu_attn_scratch_floats(int group, int head_dim) {
+    return (size_t)group * ((size_t)2 * head_dim + SPEED_CPU_ATTN_TILE + 2) + 64;
+}
+
+/* Partial result layout for split attention items: per query head of the group,
+ * [0] = running max, [1] = sum of exp, [2 ..] = unnormalised acc[head_dim]. */
+static inline size_t speed_cpu_attn_part_floats(int group, int head_dim) {
+    return (size_t)group * ((size_t)head_dim + 2);
+}
+
+typedef struct {
+    speed_cpu_isa_t isa;
+
+    /* ---- matmul with few rows (n <= gemv_max_n): stream the weights once ---- */
+    int gemv_max_n;
+    /* Floats of repacked x the gemv needs for this matmul (0: none). */
+    size_t (*gemv_xpack_floats)(const speed_cpu_mm_t *mm);
+    void (*gemv_pack_x)(const speed_cpu_mm_t *mm, float *xp);
+    /* Output columns (weight rows) [j0, j1) for all n rows. */
+    void (*gemv)(const speed_cpu_mm_t *mm, int64_t j0, int64_t j1);
+
+    /* ---- matmul with many rows, per weight dtype ---- */
+    speed_cpu_gemm_t gemm[SPEED_DTYPE_COUNT];
+
+    /* ---- attention ---- */
+    /* Entries [e0, e1) of row r against kv head h for the group's query heads. part == NULL:
+     * the normalised result goes to out (the range must be the whole visible range);
+     * otherwise the partial (max, sum, acc) goes to part. scratch: attn_scratch_floats. */
+    void (*attn)(const speed_cpu_attn_t *a, int64_t r, int h, int32_t e0, int32_t e1, float *scratch, float *part);
+
+    /* ---- rows and elementwise ---- */
+    void (*rmsnorm_row)(float *out, const float *x, const void *w, speed_dtype_t wtype, int64_t d, float eps);
+    /* x [n_heads * head_dim] in place; cs = cos[head_dim / 2] then sin[head_dim / 2]. */
+    void (*rope_row)(float *x, int n_heads, int head_dim, const float *cs);
+    void (*swiglu)(float *out, const float *gate, const float *up, int64_t n);
+    void (*add)(float *out, const float *a, const float *b, int64_t n);
+    void (*to_f32)(speed_dtype_t dtype, const void *src, float *dst, int64_t n);
+    void (*from_f32)(speed_dtype_t dtype, const float *src, void *dst, int64_t n);
+} speed_cpu_kernels_t;
+
+extern const speed_cpu_kernels_t speed_cpu_kernels_scalar;
+#if defined(__x86_64__)
+extern const speed_cpu_kernels_t speed_cpu_kernels_avx2;
+extern const speed_cpu_kernels_t speed_cpu_kernels_avx512;
+/* The AVX512_BF16 GEMM for bf16 weights (gemm_bf16_avx512.c). */
+extern const speed_cpu_gemm_t speed_cpu_gemm_bf16_avx512;
+#endif
+
+#endif /* SPEED_CPU_KERNELS_H */

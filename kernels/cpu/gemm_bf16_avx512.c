@@ -1,0 +1,177 @@
+/* GEMM for bf16 weights with AVX512_BF16 (vdpbf16ps): out[n][m] (+)= x[n][k] · w[m][k]ᵀ.
+ *
+ * vdpbf16ps multiplies pairs of bf16 and adds both products to an f32 lane, so the k
+ * dimension is consumed two at a time:
+ *   - x rows are converted once per matmul to bf16 (round to nearest even) with zero padding
+ *     to a multiple of 32 columns; a 32-bit broadcast of x[i][2p .. 2p+1] is one operand;
+ *   - weights are packed per block of nc rows x kc columns into panels of NR = 64 rows laid out
+ *     [kc/2][64] pairs, so one k-pair step is four 64-byte loads; packing is a 16 x 16 transpose
+ *     of 32-bit pairs (masked loads zero the k tail and the rows past m);
+ *   - the micro-kernel keeps MR x 4 = 24 zmm accumulators: per k pair 6 broadcasts, 4 loads and
+ *     24 vdpbf16ps (64 flops each).
+ * Rounding x to bf16 is the only deviation from the fp32 reference (see cpu_kernels.h).
+ * Compiled with -mavx512f -mavx512bw -mavx512vl -mavx512bf16; only called when
+ * speed_cpu_isa_detect() reports SPEED_CPU_ISA_AVX512_BF16.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "cpu_kernels.h"
+
+#define MR 6
+#define NRV 4
+#define NR (NRV * 16)
+#define KC 256
+#define NC 128
+
+#define KINLINE static inline __attribute__((always_inline))
+
+static int64_t bf16_xc_cols(int64_t k) { return (k + 31) / 32 * 32; }
+
+static void bf16_convert_x(const speed_cpu_mm_t *mm, int64_t i0, int64_t i1, void *xc, int64_t ldxc) {
+    const int64_t k = mm->k;
+    for (int64_t i = i0; i < i1; i++) {
+        const float *x = mm->x + i * mm->ldx;
+        uint16_t *d = (uint16_t *)xc + i * ldxc;
+        for (int64_t p = 0; p < ldxc; p += 32) {
+            __m512 lo, hi;
+            if (p + 32 <= k) {
+                lo = _mm512_loadu_ps(x + p);
+                hi = _mm512_loadu_ps(x + p + 16);
+            } else {
+                int64_t rem = k - p; /* may be <= 0 */
+                __mmask16 mlo = rem >= 16 ? 0xffff : rem > 0 ? (__mmask16)((1u << rem) - 1) : 0;
+                __mmask16 mhi = rem >= 32 ? 0xffff : rem > 16 ? (__mmask16)((1u << (rem - 16)) - 1) : 0;
+                lo = _mm512_maskz_loadu_ps(mlo, x + p);
+                hi = _mm512_maskz_loadu_ps(mhi, x + p + 16);
+            }
+            _mm512_storeu_si512((void *)(d + p), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        }
+    }
+}
+
+static size_t bf16_pack_bytes(int64_t nc, int64_t kc) {
+    int64_t ncp = (nc + NR - 1) / NR * NR, kcp = (kc + 1) / 2 * 2;
+    return (size_t)ncp * (size_t)kcp * sizeof(uint16_t);
+}
+
+/* 16 x 16 transpose of 32-bit elements. */
+KINLINE void tr16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int j = 0; j < 4; j++) {
+        __m512i u0 = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x44);
+        __m512i u1 = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xee);
+        __m512i u2 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x44);
+        __m512i u3 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xee);
+        t[0 + j] = _mm512_shuffle_i32x4(u0, u2, 0x88);
+        t[4 + j] = _mm512_shuffle_i32x4(u0, u2, 0xdd);
+        t[8 + j] = _mm512_shuffle_i32x4(u1, u3, 0x88);
+        t[12 + j] = _mm512_shuffle_i32x4(u1, u3, 0xdd);
+    }
+    for (int i = 0; i < 16; i++) r[i] = t[i];
+}
+
+/* Panel layout: packed[(jp / NR) * kcp * NR/2 ... ] as uint32 pairs [kcp / 2][NR]. */
+static void bf16_pack_w(const speed_cpu_mm_t *mm, int64_t j0, int64_t nc, int64_t p0, int64_t kc, void *packed) {
+    const int64_t kcp = (kc + 1) / 2 * 2, npairs = kcp / 2;
+    const uint16_t *w = mm->w;
+    for (int64_t jp = 0; jp < nc; jp += NR) {
+        uint32_t *panel = (uint32_t *)packed + jp * npairs;
+        for (int sub = 0; sub < NRV; sub++) {
+            const int64_t jr = j0 + jp + (int64_t)sub * 16;
+            const int64_t rows = jr >= mm->m ? 0 : (mm->m - jr < 16 ? mm->m - jr : 16);
+            for (int64_t p = 0; p < kcp; p += 32) {
+                const int64_t rem = kc - p;
+                const __mmask32 mk = rem >= 32 ? 0xffffffffu : (__mmask32)((1u << rem) - 1);
+                __m512i r[16];
+                for (int i = 0; i < 16; i++)
+                    r[i] = i < rows ? _mm512_maskz_loadu_epi16(mk, w + (jr + i) * mm->ldw + p0 + p)
+                                    : _mm512_setzero_si512();
+                tr16(r);
+                /* r[c] = pair (p/2 + c) of the 16 rows; pairs past kcp/2 are not stored */
+                const int64_t nstore = npairs - p / 2 < 16 ? npairs - p / 2 : 16;
+                for (int c = 0; c < nstore; c++) _mm512_storeu_si512((void *)(panel + (p / 2 + c) * NR + sub * 16), r[c]);
+            }
+        }
+    }
+}
+
+KINLINE void micro(const int mr, int64_t npairs, const uint16_t *a, int64_t lda, const uint32_t *b, float *c,
+                   int64_t ldc, bool load_c) {
+    __m512 acc[MR][NRV];
+    for (int i = 0; i < mr; i++)
+        for (int v = 0; v < NRV; v++) acc[i][v] = load_c ? _mm512_loadu_ps(c + i * ldc + v * 16) : _mm512_setzero_ps();
+    for (int64_t pp = 0; pp < npairs; pp++) {
+        __m512bh bv[NRV];
+        for (int v = 0; v < NRV; v++) bv[v] = (__m512bh)_mm512_loadu_si512((const void *)(b + pp * NR + v * 16));
+        for (int i = 0; i < mr; i++) {
+            int32_t ai;
+            memcpy(&ai, a + i * lda + 2 * pp, sizeof ai);
+            __m512bh av = (__m512bh)_mm512_set1_epi32(ai);
+            for (int v = 0; v < NRV; v++) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], av, bv[v]);
+        }
+    }
+    for (int i = 0; i < mr; i++)
+        for (int v = 0; v < NRV; v++) _mm512_storeu_ps(c + i * ldc + v * 16, acc[i][v]);
+}
+
+static void micro_any(int mr, int64_t npairs, const uint16_t *a, int64_t lda, const uint32_t *b, float *c,
+                      int64_t ldc, bool load_c) {
+    switch (mr) {
+    case 6: micro(6, npairs, a, lda, b, c, ldc, load_c); break;
+    case 5: micro(5, npairs, a, lda, b, c, ldc, load_c); break;
+    case 4: micro(4, npairs, a, lda, b, c, ldc, load_c); break;
+    case 3: micro(3, npairs, a, lda, b, c, ldc, load_c); break;
+    case 2: micro(2, npairs, a, lda, b, c, ldc, load_c); break;
+    default: micro(1, npairs, a, lda, b, c, ldc, load_c); break;
+    }
+}
+
+static void bf16_compute(const speed_cpu_mm_t *mm, const void *xs, int64_t ldxs, const void *packed, int64_t i0,
+                         int64_t i1, int64_t j0, int64_t nc, int64_t p0, int64_t kc, bool first) {
+    const uint16_t *x = xs;
+    const int64_t npairs = (kc + 1) / 2;
+    const bool load_c = !first || mm->accumulate;
+    for (int64_t jp = 0; jp < nc; jp += NR) {
+        const uint32_t *panel = (const uint32_t *)packed + jp * npairs;
+        const int64_t j = j0 + jp;
+        const int64_t ncols = mm->m - j < NR ? mm->m - j : NR;
+        for (int64_t i = i0; i < i1; i += MR) {
+            const int mr = (int)(i1 - i < MR ? i1 - i : MR);
+            const uint16_t *a = x + i * ldxs + p0;
+            if (ncols == NR) {
+                micro_any(mr, npairs, a, ldxs, panel, mm->out + i * mm->ldo + j, mm->ldo, load_c);
+            } else {
+                float tile[MR * NR] = {0};
+                for (int r = 0; r < mr; r++)
+                    for (int c = 0; c < NR; c++)
+                        tile[r * NR + c] = load_c && c < ncols ? mm->out[(i + r) * mm->ldo + j + c] : 0.0f;
+                micro_any(mr, npairs, a, ldxs, panel, tile, NR, true);
+                for (int r = 0; r < mr; r++)
+                    memcpy(mm->out + (i + r) * mm->ldo + j, tile + r * NR, (size_t)ncols * sizeof(float));
+            }
+        }
+    }
+}
+
+const speed_cpu_gemm_t speed_cpu_gemm_bf16_avx512 = {
+    .nc = NC,
+    .kc = KC,
+    .convert_x = bf16_convert_x,
+    .xc_cols = bf16_xc_cols,
+    .xc_elem = sizeof(uint16_t),
+    .pack_bytes = bf16_pack_bytes,
+    .pack_w = bf16_pack_w,
+    .compute = bf16_compute,
+};
