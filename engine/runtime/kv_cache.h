@@ -1,0 +1,177 @@
+/* speed_kv_cache: paged KV cache with one pool per layer group (ARCHITECTURE.md section 4).
+ *
+ * Pools. Layers < split_layer (the engine's C) live in the LOWER pool, layers >= split_layer
+ * in the UPPER pool; each pool is an array of blocks of B tokens allocated once with
+ * speed_backend_alloc and sized separately, so the upper pool really is smaller. Inside a
+ * block, for each layer of the pool's group in order, K then V, each
+ * [B][n_kv_heads][head_dim] in the cache dtype — exactly the speed_kv_layer_t layout
+ * (backend.h). One layer's slice of one block (K then V, 2 * B * n_kv_heads * head_dim *
+ * dtype size bytes, contiguous) is the canonical unit, the wire format of KV transfer.
+ *
+ * Sequences and entry spaces. A sequence has its own depth C_seq (which may differ from
+ * split_layer) and two entry counts: layers < C_seq hold n_full entries (entry index =
+ * position), layers >= C_seq hold n_compact entries (anchors, tail and generated tokens in
+ * position order: the compact index). Entry e of a layer lives in slot
+ * table[e / B] * B + e % B, where table is the sequence's block table in that layer's pool.
+ * Each pool's table is sized for the most entries any layer of that pool needs: the lower
+ * pool always holds n_full (layer 0 < C_seq); the upper pool holds n_compact when
+ * C_seq <= split_layer, n_full when C_seq > split_layer. A sequence with C_seq < split_layer
+ * leaves the tail of its lower-pool blocks unused in layers C_seq..split_layer-1 (the pool
+ * has one block table per sequence, not one per layer) — the price of a per-request depth.
+ *
+ * Reservation is all or nothing: a sequence gets every block it asked for in both pools or
+ * none (SPEED_ERR_CAPACITY, retryable). Byte accounting is exact: reserved = whole blocks,
+ * used = entries actually stored, per pool, per sequence and for the cache.
+ *
+ * Ownership: the cache owns the pools and the sequence handles; a handle lives until
+ * speed_kv_cache_seq_destroy or speed_kv_cache_destroy. Backend memory addresses stay valid
+ * for the cache's life. Thread-safety: one thread at a time.
+ */
+#ifndef SPEED_KV_CACHE_H
+#define SPEED_KV_CACHE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "backend.h"
+#include "dtype.h"
+#include "status.h"
+
+typedef enum {
+    SPEED_KV_POOL_LOWER = 0, /* layers < split_layer */
+    SPEED_KV_POOL_UPPER = 1, /* layers >= split_layer */
+    SPEED_KV_POOL_COUNT
+} speed_kv_pool_t;
+
+typedef struct {
+    speed_backend_t *backend;   /* borrowed; pools are its memory */
+    int n_layers;               /* L >= 1 */
+    int split_layer;            /* 1..L; L = no upper pool */
+    int n_kv_heads, head_dim;
+    speed_dtype_t dtype;        /* f32, bf16, f16 */
+    int block_tokens;           /* B >= 1, default 16 */
+    int64_t n_blocks[SPEED_KV_POOL_COUNT]; /* blocks per pool (>= 0); upper ignored when
+                                            * split_layer == L */
+} speed_kv_cache_params_t;
+
+/* backend NULL, shapes 0, f32, B 16, no blocks: fill in the model and sizes. */
+speed_kv_cache_params_t speed_kv_cache_default_params(void);
+
+typedef struct speed_kv_cache speed_kv_cache_t;
+typedef struct speed_kv_seq speed_kv_seq_t;
+
+/* Entries a sequence needs per entry space, given its prompt, depth and later tokens:
+ * n_full = n_prompt + n_extra; n_compact = min(anchors + tail, n_prompt) + n_extra
+ * (anchors, tail clamped to >= 0). */
+void speed_kv_entries_for(int64_t n_prompt, int anchors, int tail, int64_t n_extra,
+                          int64_t *n_full_p, int64_t *n_compact_p);
+
+/* Blocks a sequence of depth prefill_layers with these entry counts takes from each pool of a
+ * cache split at split_layer (L = n_layers). Multiply by the number of sequences to size a
+ * cache for a workload (speed_kv_cache_params_t.n_blocks). */
+void speed_kv_cache_blocks_for(int n_layers, int split_layer, int block_tokens, int prefill_layers,
+                               int64_t n_full, int64_t n_compact,
+                               int64_t n_blocks_p[SPEED_KV_POOL_COUNT]);
+
+/* Allocates both pools (zeroed) and the free lists.
+ * Returns SPEED_OK, SPEED_ERR_INVALID_ARGUMENT (a parameter out of range, logged),
+ * SPEED_ERR_NO_MEMORY (host or backend), SPEED_ERR_DEVICE. On error nothing is allocated. */
+speed_status_t speed_kv_cache_create(const speed_kv_cache_params_t *params, speed_kv_cache_t **cache_p);
+
+/* Frees everything; NULL is a no-op. Sequences still alive are a leak of the caller: they are
+ * reported (SPEED_WARN, subsystem "kv": how many sequences and blocks per pool) and freed. */
+void speed_kv_cache_destroy(speed_kv_cache_t *cache);
+
+/* The pool view of layer `layer` (0..L-1), for speed_op_kv_store / kv_load / attention. */
+speed_kv_layer_t speed_kv_cache_layer(const speed_kv_cache_t *cache, int layer);
+speed_kv_pool_t speed_kv_cache_layer_pool(const speed_kv_cache_t *cache, int layer);
+int speed_kv_cache_block_tokens(const speed_kv_cache_t *cache);
+int speed_kv_cache_n_layers(const speed_kv_cache_t *cache);
+int speed_kv_cache_split_layer(const speed_kv_cache_t *cache);
+/* Bytes of one layer's K and V of one token: 2 * n_kv_heads * head_dim * dtype size. */
+size_t speed_kv_cache_token_bytes(const speed_kv_cache_t *cache);
+/* Bytes of the canonical unit (one layer of one block, K then V): B * token_bytes. */
+size_t speed_kv_cache_unit_bytes(const speed_kv_cache_t *cache);
+
+/* ---- sequences ---------------------------------------------------------------------------- */
+
+/* Reserves blocks for a sequence of depth prefill_layers (1..L) with room for n_full_max and
+ * n_compact_max entries (n_compact_max <= n_full_max), entry counts 0.
+ * Returns SPEED_OK; SPEED_ERR_INVALID_ARGUMENT (ranges); SPEED_ERR_CAPACITY (a pool lacks free
+ * blocks: nothing reserved, logged at debug level only since the caller decides what it
+ * means); SPEED_ERR_NO_MEMORY. */
+speed_status_t speed_kv_cache_seq_create(speed_kv_cache_t *cache, int prefill_layers, int64_t n_full_max,
+                                         int64_t n_compact_max, speed_kv_seq_t **seq_p);
+
+/* Grows the room to at least these counts (never shrinks). All or nothing, returns as above. */
+speed_status_t speed_kv_cache_seq_grow(speed_kv_cache_t *cache, speed_kv_seq_t *seq, int64_t n_full_max,
+                                       int64_t n_compact_max);
+
+/* Returns the sequence's blocks to the pools; NULL is a no-op. */
+void speed_kv_cache_seq_destroy(speed_kv_cache_t *cache, speed_kv_seq_t *seq);
+
+/* Records how many entries are stored (for accounting and export); the caller wrote them with
+ * speed_op_kv_store at the slots of speed_kv_cache_seq_slot. Must fit the room.
+ * Returns SPEED_OK or SPEED_ERR_INVALID_ARGUMENT. */
+speed_status_t speed_kv_cache_seq_set_entries(speed_kv_cache_t *cache, speed_kv_seq_t *seq, int64_t n_full,
+                                              int64_t n_compact);
+
+int speed_kv_seq_prefill_layers(const speed_kv_seq_t *seq);
+/* Entries stored in `layer`: n_full for layer < C_seq, else n_compact. */
+int64_t speed_kv_seq_entries(const speed_kv_seq_t *seq, int layer);
+/* Room (entries) of `layer`. */
+int64_t speed_kv_seq_capacity(const speed_kv_seq_t *seq, int layer);
+/* The block table used by `layer` ([capacity / B rounded up] block ids of its pool). */
+const int32_t *speed_kv_seq_block_table(const speed_kv_seq_t *seq, int layer);
+/* Slot of entry `entry` (< capacity) of `layer`: table[entry / B] * B + entry % B. */
+int32_t speed_kv_seq_slot(const speed_kv_seq_t *seq, int layer, int64_t entry);
+
+typedef struct {
+    int64_t n_blocks[SPEED_KV_POOL_COUNT];      /* reserved */
+    size_t bytes_reserved[SPEED_KV_POOL_COUNT]; /* n_blocks * block bytes of the pool */
+    size_t bytes_used[SPEED_KV_POOL_COUNT];     /* Σ over the pool's layers of entries * token bytes */
+} speed_kv_usage_t;
+
+void speed_kv_cache_seq_usage(const speed_kv_cache_t *cache, const speed_kv_seq_t *seq,
+                              speed_kv_usage_t *usage_p);
+
+typedef struct {
+    int n_layers[SPEED_KV_POOL_COUNT];
+    size_t block_bytes[SPEED_KV_POOL_COUNT];    /* n_layers * unit bytes */
+    int64_t n_blocks[SPEED_KV_POOL_COUNT];      /* pool size */
+    int64_t n_blocks_free[SPEED_KV_POOL_COUNT];
+    size_t bytes_total[SPEED_KV_POOL_COUNT];    /* n_blocks * block_bytes: the allocation */
+    speed_kv_usage_t usage;                     /* sum over live sequences */
+    int n_seqs;
+} speed_kv_cache_stats_t;
+
+void speed_kv_cache_stats(const speed_kv_cache_t *cache, speed_kv_cache_stats_t *stats_p);
+
+/* ---- transfer -------------------------------------------------------------------------------
+ * Canonical layout of a sequence: for layer 0..L-1, for block i < ceil(entries(layer) / B),
+ * the unit (K then V of that layer in that block). */
+
+/* Backend-memory address and size (unit bytes) of (sequence, layer, block i), i < the number
+ * of blocks of the layer's table. Returns SPEED_OK or SPEED_ERR_INVALID_ARGUMENT. This is what
+ * a UCX put targets (decode side) or reads (prefill side). */
+speed_status_t speed_kv_cache_block_addr(const speed_kv_cache_t *cache, const speed_kv_seq_t *seq, int layer,
+                                         int64_t block, void **addr_p, size_t *bytes_p);
+
+/* Bytes of the canonical layout for entry counts (n_full, n_compact) at this sequence's depth. */
+size_t speed_kv_cache_seq_wire_bytes(const speed_kv_cache_t *cache, const speed_kv_seq_t *seq,
+                                     int64_t n_full, int64_t n_compact);
+
+/* Downloads the stored entries (current counts) in canonical layout into host `buf` of `size`
+ * bytes (>= speed_kv_cache_seq_wire_bytes of the current counts).
+ * Returns SPEED_OK, SPEED_ERR_INVALID_ARGUMENT (size), or the backend's status. */
+speed_status_t speed_kv_cache_seq_export(speed_kv_cache_t *cache, const speed_kv_seq_t *seq, void *buf,
+                                         size_t size);
+
+/* Uploads n_full / n_compact entries in canonical layout from host `buf` (size must equal
+ * speed_kv_cache_seq_wire_bytes) and sets the counts. Must fit the room.
+ * Returns SPEED_OK, SPEED_ERR_INVALID_ARGUMENT, or the backend's status (counts unchanged). */
+speed_status_t speed_kv_cache_seq_import(speed_kv_cache_t *cache, speed_kv_seq_t *seq, int64_t n_full,
+                                         int64_t n_compact, const void *buf, size_t size);
+
+#endif /* SPEED_KV_CACHE_H */
