@@ -147,10 +147,10 @@ static size_t holdback_start(const speed_stop_t *s) {
 /* Moves pending[0..n) to out and drops pending[0..drop) (drop >= n). */
 static bool release(speed_stop_t *s, size_t n, size_t drop) {
     if (!buf_reserve(&s->out, n + 1)) return false;
-    memcpy(s->out.data, s->pending.data, n);
+    if (n) memcpy(s->out.data, s->pending.data, n); /* pending.data is NULL until text arrives */
     s->out.len = n;
     s->out.data[n] = '\0';
-    memmove(s->pending.data, s->pending.data + drop, s->pending.len - drop);
+    if (s->pending.len > drop) memmove(s->pending.data, s->pending.data + drop, s->pending.len - drop);
     s->pending.len -= drop;
     return true;
 }
