@@ -97,10 +97,10 @@ typedef struct {
     speed_dtype_t kv_dtype;       /* cache dtype: f32 (default), bf16, f16 */
     int block_tokens;             /* B, tokens per KV block; default 16 */
     /* KV pools (kv_cache.h): blocks of the lower pool (layers < depth C) and of the upper pool
-     * (layers >= C). 0 and 0 = sized for max_seqs sequences of max_context tokens at the
-     * default depth with prompts of max_context tokens (speed_kv_cache_blocks_for); the
-     * upper pool then holds max_seqs * (A + T + ...) tokens, so a per-sequence override with
-     * a larger C than the engine's may not fit — size explicitly for mixed depths. */
+     * (layers >= C). 0 and 0 = the worst case, max_seqs sequences of max_context tokens in
+     * BOTH pools (any prompt/generation split and any per-sequence C fit; no saving).
+     * The upper pool is smaller only when sized for a workload: speed_engine_params_fit_kv
+     * or speed_kv_cache_blocks_for. */
     int64_t n_blocks_lower;
     int64_t n_blocks_upper;
     int max_seqs;                 /* sequences alive at once (added, not yet removed); default 8 */
@@ -117,6 +117,12 @@ typedef struct {
 /* backend NULL, model NULL, f32 cache, B 16, auto pools, 8 sequences, 512 rows per step,
  * chunk 512, context = model, speed_depth_default(), no callback. */
 speed_engine_params_t speed_engine_default_params(void);
+
+/* Sets n_blocks_lower / n_blocks_upper to hold exactly n_seqs sequences of n_prompt prompt
+ * tokens and max_new_tokens at params->depth for params->model (both must be set; the depth
+ * C 0 = L); adds nothing for other shapes. Returns SPEED_OK or SPEED_ERR_INVALID_ARGUMENT. */
+speed_status_t speed_engine_params_fit_kv(speed_engine_params_t *params, int64_t n_seqs, int64_t n_prompt,
+                                          int64_t max_new_tokens);
 
 typedef struct speed_engine speed_engine_t;
 

@@ -1,0 +1,267 @@
+/* speed_engine_step: one batched SPEED forward pass (ARCHITECTURE.md section 1).
+ *
+ * Rows. The step's rows are the tokens it computes: each scheduled sequence contributes a
+ * contiguous run in position order (a prefill chunk, or its one queued token). Row r has its
+ * absolute position, its entry index in layers < C_seq (= position) and, when it is full depth
+ * (anchor, tail or generated), its compact entry index in layers >= C_seq.
+ *
+ * Residual stream. x holds the rows still alive. Going up, a sequence's shallow rows die at its
+ * layer C_seq, so the set only shrinks: when it does, the survivors are gathered
+ * (speed_op_get_rows) into the other buffer and every later op computes fewer rows. Upper
+ * layers of a long SPEED prompt therefore cost A + T rows, not n.
+ *
+ * Layer l, for the alive rows: rmsnorm, q/k/v, RoPE at the absolute positions, kv_store at each
+ * row's slot in its entry space, attention over entries 0 .. e (causal: entries are in position
+ * order in both spaces, and a row's own chunk is stored before attention reads it), o-proj
+ * accumulated into x, rmsnorm, gate/up, SwiGLU, down accumulated into x.
+ *
+ * Logits: for each sequence whose step ends its prompt, or decodes, its last row (always full
+ * depth, so alive at the top) goes through the final norm and lm_head.
+ *
+ * State changes (prefill positions, queued tokens, KV entry counts) are made only after every
+ * op succeeded, so a failed step can simply be retried.
+ */
+#include <string.h>
+
+#include "engine_internal.h"
+#include "log.h"
+
+static bool row_full_depth(const engine_seq_t *s, int64_t pos) { return pos < s->a || pos >= s->tail_start; }
+
+static int32_t compact_index(const engine_seq_t *s, int64_t pos) {
+    return (int32_t)(pos < s->a ? pos : s->a + (pos - s->tail_start));
+}
+
+/* Entries of the compact space after the first n_prompt_done prompt tokens (+ generated). */
+static int64_t compact_count(const engine_seq_t *s, int64_t n_done) {
+    if (n_done <= s->a) return n_done;
+    return s->a + (n_done > s->tail_start ? n_done - s->tail_start : 0);
+}
+
+/* Chooses the step's rows: decode rows first, then prefill chunks, in order of addition. */
+static int schedule(speed_engine_t *e, int *n_items_p) {
+    int rows = 0, n_items = 0;
+    const int R = e->p.max_step_tokens;
+    for (int pass = 0; pass < 2; pass++) {
+        for (int i = 0; i < e->n_seqs && rows < R; i++) {
+            engine_seq_t *s = &e->seqs[e->order[i]];
+            engine_batch_item_t *it = &e->items[n_items];
+            if (pass == 0 && s->state == SPEED_SEQ_DECODE) {
+                *it = (engine_batch_item_t){.slot = e->order[i], .row_begin = rows, .n_rows = 1,
+                                            .pos_begin = s->n_prompt + s->n_generated, .prefill = false,
+                                            .output = true};
+            } else if (pass == 1 && s->state == SPEED_SEQ_PREFILL) {
+                int64_t n = s->n_prompt - s->n_prefilled;
+                if (n > e->p.prefill_chunk) n = e->p.prefill_chunk;
+                if (n > R - rows) n = R - rows;
+                *it = (engine_batch_item_t){.slot = e->order[i], .row_begin = rows, .n_rows = (int)n,
+                                            .pos_begin = s->n_prefilled, .prefill = true,
+                                            .output = s->n_prefilled + n == s->n_prompt};
+            } else {
+                continue;
+            }
+            rows += it->n_rows;
+            n_items++;
+        }
+    }
+    *n_items_p = n_items;
+    return rows;
+}
+
+static speed_mat_t rows_of(float *data, int64_t n_rows, int64_t n_cols) {
+    return speed_mat(data, SPEED_DTYPE_F32, n_rows, n_cols);
+}
+
+/* Runs the layers for the e->act rows (n_act of them, x holding their residual). */
+static speed_status_t run_layers(speed_engine_t *e, int n_items, int *n_act_p) {
+    speed_backend_t *be = e->be;
+    const int H = e->hidden, qd = e->n_heads * e->head_dim, kvd = e->n_kv_heads * e->head_dim, F = e->ffn;
+    int n_act = *n_act_p;
+
+    for (int l = 0; l < e->n_layers && n_act > 0; l++) {
+        /* rows that die at this layer: shallow rows of sequences with C_seq == l */
+        int n_keep = 0;
+        for (int i = 0; i < n_act; i++) {
+            int r = e->act[i];
+            const engine_seq_t *s = &e->seqs[e->items[e->row_item[r]].slot];
+            if (l < s->depth.prefill_layers || e->entry_compact[r] >= 0) e->gather[n_keep++] = i;
+        }
+        if (n_keep < n_act) {
+            if (n_keep == 0) {
+                n_act = 0;
+                break;
+            }
+            SPEED_CHECK(speed_op_get_rows(be, rows_of(e->x2, n_keep, H), rows_of(e->x, n_act, H), e->gather));
+            float *t = e->x;
+            e->x = e->x2;
+            e->x2 = t;
+            for (int i = 0; i < n_keep; i++) e->act[i] = e->act[e->gather[i]];
+            n_act = n_keep;
+        }
+
+        const speed_kv_layer_t kv = speed_kv_cache_layer(e->kv, l);
+        for (int i = 0; i < n_act; i++) {
+            int r = e->act[i];
+            const engine_seq_t *s = &e->seqs[e->items[e->row_item[r]].slot];
+            int32_t entry = l < s->depth.prefill_layers ? e->entry_full[r] : e->entry_compact[r];
+            e->act_pos[i] = e->pos[r];
+            e->slots[i] = speed_kv_seq_slot(s->kv, l, entry);
+            e->n_visible[i] = entry + 1;
+            e->tables[i] = speed_kv_seq_block_table(s->kv, l);
+        }
+
+        const engine_layer_t *w = &e->layers[l];
+        speed_mat_t x = rows_of(e->x, n_act, H), h = rows_of(e->h, n_act, H);
+        speed_mat_t q = rows_of(e->q, n_act, qd), k = rows_of(e->k, n_act, kvd), v = rows_of(e->v, n_act, kvd);
+        speed_mat_t att = rows_of(e->att, n_act, qd);
+        speed_mat_t gate = rows_of(e->gate, n_act, F), up = rows_of(e->up, n_act, F);
+        speed_attn_rows_t arows = {.n_rows = n_act, .block_table = e->tables, .n_visible = e->n_visible};
+
+        SPEED_CHECK(speed_op_rmsnorm(be, h, x, w->attn_norm, e->eps));
+        SPEED_CHECK(speed_op_matmul(be, q, h, w->wq, false));
+        SPEED_CHECK(speed_op_matmul(be, k, h, w->wk, false));
+        SPEED_CHECK(speed_op_matmul(be, v, h, w->wv, false));
+        SPEED_CHECK(speed_op_rope(be, q, e->n_heads, e->head_dim, e->act_pos, &e->rope));
+        SPEED_CHECK(speed_op_rope(be, k, e->n_kv_heads, e->head_dim, e->act_pos, &e->rope));
+        SPEED_CHECK(speed_op_kv_store(be, &kv, k, v, e->slots));
+        SPEED_CHECK(speed_op_attention(be, att, q, &kv, e->n_heads, &arows, e->attn_scale));
+        SPEED_CHECK(speed_op_matmul(be, x, att, w->wo, true));
+        SPEED_CHECK(speed_op_rmsnorm(be, h, x, w->ffn_norm, e->eps));
+        SPEED_CHECK(speed_op_matmul(be, gate, h, w->w_gate, false));
+        SPEED_CHECK(speed_op_matmul(be, up, h, w->w_up, false));
+        SPEED_CHECK(speed_op_swiglu(be, gate, gate, up));
+        SPEED_CHECK(speed_op_matmul(be, x, gate, w->w_down, true));
+
+        if (e->p.layer_cb) {
+            bool synced = false;
+            for (int it = 0; it < n_items; it++) {
+                const engine_batch_item_t *item = &e->items[it];
+                if (!item->prefill) continue;
+                const engine_seq_t *s = &e->seqs[item->slot];
+                int64_t end = item->pos_begin + item->n_rows;
+                int64_t done, total, before;
+                if (l < s->depth.prefill_layers) {
+                    done = end, total = s->n_prompt, before = item->pos_begin;
+                } else {
+                    done = compact_count(s, end), total = compact_count(s, s->n_prompt);
+                    before = compact_count(s, item->pos_begin);
+                }
+                if (done == before) continue; /* stored nothing in this layer */
+                if (!synced) {
+                    SPEED_CHECK(speed_backend_synchronize(be));
+                    synced = true;
+                }
+                SPEED_CHECK(e->p.layer_cb(e->p.layer_cb_user, s->id, l, done, total));
+            }
+        }
+    }
+    *n_act_p = n_act;
+    return SPEED_OK;
+}
+
+speed_status_t speed_engine_step(speed_engine_t *e, speed_engine_step_result_t *result_p) {
+    if (!e || !result_p) {
+        SPEED_ERROR(SPEED_SUBSYS_ENGINE, "engine: step without engine or result pointer");
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    uint64_t t0 = speed_engine_now_ns_();
+    memset(result_p, 0, sizeof *result_p);
+    result_p->outputs = e->outputs;
+
+    int n_items;
+    int n_rows = schedule(e, &n_items);
+    if (n_rows == 0) return SPEED_OK;
+
+    /* per-row host arrays */
+    int n_prefill_rows = 0;
+    for (int it = 0; it < n_items; it++) {
+        const engine_batch_item_t *item = &e->items[it];
+        const engine_seq_t *s = &e->seqs[item->slot];
+        for (int i = 0; i < item->n_rows; i++) {
+            int r = item->row_begin + i;
+            int64_t pos = item->pos_begin + i;
+            e->tok[r] = item->prefill ? s->prompt[pos] : s->pending;
+            e->pos[r] = (int32_t)pos;
+            e->row_item[r] = it;
+            e->entry_full[r] = (int32_t)pos;
+            e->entry_compact[r] = row_full_depth(s, pos) ? compact_index(s, pos) : -1;
+            e->act[r] = r;
+        }
+        if (item->prefill) n_prefill_rows += item->n_rows;
+    }
+
+    speed_backend_t *be = e->be;
+    const int H = e->hidden;
+    speed_status_t st = speed_op_embed(be, rows_of(e->x, n_rows, H), e->tok_embeddings, e->tok);
+    int n_act = n_rows;
+    if (st == SPEED_OK) st = run_layers(e, n_items, &n_act);
+
+    /* logits for the last row of each finishing sequence */
+    int n_out = 0;
+    if (st == SPEED_OK) {
+        int i = 0;
+        for (int it = 0; it < n_items; it++) {
+            const engine_batch_item_t *item = &e->items[it];
+            if (!item->output) continue;
+            int last = item->row_begin + item->n_rows - 1;
+            while (i < n_act && e->act[i] != last) i++;
+            SPEED_ASSERT(i < n_act); /* the last row is full depth: alive at the top */
+            e->out_rows[n_out++] = i;
+        }
+    }
+    if (st == SPEED_OK && n_out > 0) {
+        speed_mat_t h = rows_of(e->h, n_out, H);
+        speed_mat_t logits = rows_of(e->logits_dev, n_out, e->vocab);
+        st = speed_op_get_rows(be, h, rows_of(e->x, n_act, H), e->out_rows);
+        if (st == SPEED_OK) st = speed_op_rmsnorm(be, h, h, e->norm, e->eps);
+        if (st == SPEED_OK) st = speed_op_matmul(be, logits, h, e->lm_head, false);
+        if (st == SPEED_OK)
+            st = speed_backend_download(be, e->logits, e->logits_dev, (size_t)n_out * e->vocab * sizeof(float));
+    }
+    if (st == SPEED_OK) st = speed_backend_synchronize(be);
+    if (st != SPEED_OK) {
+        SPEED_ERROR(SPEED_SUBSYS_ENGINE, "engine: step of %d rows failed: %s (no sequence advanced)", n_rows,
+                    speed_status_string(st));
+        return st;
+    }
+
+    /* commit */
+    uint64_t t1 = speed_engine_now_ns_(), dt = t1 - t0;
+    n_out = 0;
+    for (int it = 0; it < n_items; it++) {
+        const engine_batch_item_t *item = &e->items[it];
+        engine_seq_t *s = &e->seqs[item->slot];
+        if (item->prefill) {
+            s->n_prefilled += item->n_rows;
+            s->prefill_ns += dt;
+        } else {
+            s->n_generated++;
+            s->decode_ns += dt;
+        }
+        int64_t n_full = s->n_prefilled + s->n_generated;
+        int64_t n_compact = compact_count(s, s->n_prefilled) + s->n_generated;
+        speed_status_t set = speed_kv_cache_seq_set_entries(e->kv, s->kv, n_full, n_compact);
+        SPEED_ASSERT(set == SPEED_OK); /* within the reservation by construction */
+        if (item->output) {
+            e->outputs[n_out] = (speed_engine_output_t){
+                .seq = s->id,
+                .logits = e->logits + (size_t)n_out * e->vocab,
+                .position = item->pos_begin + item->n_rows - 1,
+                .first = item->prefill,
+            };
+            n_out++;
+            if (item->prefill) s->first_output_ns = t1 - s->t_add_ns;
+            s->state = SPEED_SEQ_AWAIT_TOKEN;
+        }
+    }
+    e->n_steps++;
+    e->n_prefill_tokens += (uint64_t)n_prefill_rows;
+    e->n_decode_tokens += (uint64_t)(n_rows - n_prefill_rows);
+    e->step_ns += dt;
+    result_p->n_outputs = n_out;
+    result_p->n_seqs = n_items;
+    result_p->n_prefill_rows = n_prefill_rows;
+    result_p->n_decode_rows = n_rows - n_prefill_rows;
+    result_p->ns = dt;
+    return SPEED_OK;
+}

@@ -1,0 +1,248 @@
+/* Helpers shared by the engine tests: scratch models, backends, a greedy driver for a batch of
+ * sequences, and the comparison against the naive reference. */
+#ifndef SPEED_ENGINE_TEST_UTIL_H
+#define SPEED_ENGINE_TEST_UTIL_H
+
+#include <errno.h>
+#include <dirent.h>
+#include <math.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "alloc.h"
+#include "backend.h"
+#include "check.h"
+#include "engine.h"
+#include "log.h"
+#include "model.h"
+#include "naive_ref.h"
+#include "tiny_model.h"
+
+/* ---- scratch directory ------------------------------------------------------------------ */
+
+static char et_root[512];
+
+static inline const char *et_tmp_init(const char *test) {
+    const char *base = getenv("SPEED_TEST_TMP");
+    if (!base || !*base) base = "/tmp";
+    mkdir(base, 0755);
+    snprintf(et_root, sizeof et_root, "%s/%s-XXXXXX", base, test);
+    if (!mkdtemp(et_root)) {
+        fprintf(stderr, "mkdtemp %s: %s\n", et_root, strerror(errno));
+        exit(1);
+    }
+    return et_root;
+}
+
+static inline void et_rm_rf(const char *path) {
+    struct stat sb;
+    if (lstat(path, &sb) != 0) return;
+    if (S_ISDIR(sb.st_mode)) {
+        DIR *d = opendir(path);
+        struct dirent *ent;
+        while (d && (ent = readdir(d)) != NULL) {
+            if (strcmp(ent->d_name, ".") == 0 || strcmp(ent->d_name, "..") == 0) continue;
+            size_t n = strlen(path) + strlen(ent->d_name) + 2;
+            char *child = malloc(n);
+            snprintf(child, n, "%s/%s", path, ent->d_name);
+            et_rm_rf(child);
+            free(child);
+        }
+        if (d) closedir(d);
+        rmdir(path);
+    } else {
+        unlink(path);
+    }
+}
+
+/* ---- models and backends ---------------------------------------------------------------- */
+
+typedef struct {
+    const char *name;
+    speed_dtype_t dtype;
+    bool tied;
+    int n_kv_heads;  /* 4 = MHA, 2 = GQA */
+} et_model_spec_t;
+
+/* The small test model: 4 layers, hidden 64, 4 heads, vocab 512, init_std large enough that
+ * greedy choices are not ties. */
+static inline speed_tiny_model_params_t et_tiny_params(const et_model_spec_t *spec) {
+    speed_tiny_model_params_t p = speed_tiny_model_default_params();
+    p.dtype = spec->dtype;
+    p.tied = spec->tied;
+    p.n_kv_heads = spec->n_kv_heads;
+    p.init_std = 0.15f;
+    p.seed = 1234 + (uint64_t)spec->n_kv_heads * 7 + (spec->tied ? 1 : 0);
+    return p;
+}
+
+static inline speed_model_t *et_model_make(const et_model_spec_t *spec) {
+    char dir[1100];
+    snprintf(dir, sizeof dir, "%s/%s", et_root, spec->name);
+    speed_tiny_model_params_t p = et_tiny_params(spec);
+    if (speed_tiny_model_write(dir, &p) != SPEED_OK) return NULL;
+    speed_model_t *m = NULL;
+    if (speed_model_load(dir, NULL, &m) != SPEED_OK) return NULL;
+    return m;
+}
+
+/* "cpu-ref", "cpu" (best ISA), "cpu-avx2" or "cpu-scalar" (ISA capped); NULL (and a message)
+ * when the backend is not available. */
+static inline speed_backend_t *et_backend(const char *name) {
+    speed_backend_params_t bp = speed_backend_default_params();
+    bp.kind = strncmp(name, "cpu", 3) == 0 && strcmp(name, "cpu-ref") != 0 ? SPEED_BACKEND_CPU : SPEED_BACKEND_CPU_REF;
+    if (strcmp(name, "cpu-avx2") == 0) bp.cpu_isa_max = SPEED_CPU_ISA_AVX2;
+    if (strcmp(name, "cpu-scalar") == 0) bp.cpu_isa_max = SPEED_CPU_ISA_SCALAR;
+    if (bp.cpu_isa_max != SPEED_CPU_ISA_BEST && speed_cpu_isa_detect() < bp.cpu_isa_max) {
+        fprintf(stderr, "backend %s: this CPU lacks the instruction set\n", name);
+        return NULL;
+    }
+    bp.n_threads = 2;
+    speed_backend_t *be = NULL;
+    speed_status_t st = speed_backend_create(&bp, &be);
+    if (st != SPEED_OK) {
+        fprintf(stderr, "backend %s: %s\n", name, speed_status_string(st));
+        return NULL;
+    }
+    return be;
+}
+
+/* ---- prompts ---------------------------------------------------------------------------- */
+
+static inline uint64_t et_rand(uint64_t *s) {
+    *s = *s * 6364136223846793005ull + 1442695040888963407ull;
+    return *s >> 33;
+}
+
+/* prompt[0] = 1 (BoS), the rest pseudo-random ids in [3, vocab). */
+static inline void et_prompt(int32_t *ids, int n, uint64_t seed, int vocab) {
+    uint64_t s = seed * 2654435761u + 17;
+    for (int i = 0; i < n; i++) ids[i] = i == 0 ? 1 : (int32_t)(3 + et_rand(&s) % (uint64_t)(vocab - 3));
+}
+
+/* ---- greedy driver ----------------------------------------------------------------------- */
+
+#define ET_MAX_GEN 32
+#define ET_MAX_PROMPT 256
+
+typedef struct {
+    /* in */
+    speed_depth_t depth;          /* passed as the override (C 0 = L) */
+    bool use_default;             /* pass NULL instead */
+    int n_prompt, n_gen;
+    int32_t prompt[ET_MAX_PROMPT];
+    /* out */
+    speed_seq_id_t id;
+    int n_out;
+    int32_t gen[ET_MAX_GEN];
+    float *logits;                /* [n_gen][vocab], malloc */
+    speed_engine_seq_stats_t stats_after_prefill;
+    speed_engine_seq_stats_t stats_last;
+    bool done;
+} et_seq_t;
+
+static inline int32_t et_argmax(const float *x, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++)
+        if (x[i] > x[best]) best = i;
+    return best;
+}
+
+static inline void et_seq_free(et_seq_t *s) {
+    free(s->logits);
+    s->logits = NULL;
+}
+
+/* Adds every sequence, steps until each produced n_gen tokens greedily, removes them.
+ * Returns the first failing status (SPEED_OK when all ran). */
+static inline speed_status_t et_run(speed_engine_t *e, et_seq_t *seqs, int n) {
+    int vocab = speed_engine_n_vocab(e);
+    for (int i = 0; i < n; i++) {
+        et_seq_t *s = &seqs[i];
+        s->n_out = 0;
+        s->done = false;
+        free(s->logits);
+        s->logits = malloc((size_t)s->n_gen * vocab * sizeof(float));
+        speed_status_t st = speed_engine_seq_add(e, s->prompt, s->n_prompt, s->use_default ? NULL : &s->depth,
+                                                 s->n_gen, &s->id);
+        if (st != SPEED_OK) return st;
+    }
+    int n_done = 0;
+    for (int guard = 0; n_done < n && guard < 100000; guard++) {
+        speed_engine_step_result_t r;
+        speed_status_t st = speed_engine_step(e, &r);
+        if (st != SPEED_OK) return st;
+        if (r.n_seqs == 0) return SPEED_ERR_INTERNAL; /* nothing ran but sequences wait */
+        for (int o = 0; o < r.n_outputs; o++) {
+            et_seq_t *s = NULL;
+            for (int i = 0; i < n; i++)
+                if (seqs[i].id == r.outputs[o].seq && !seqs[i].done) s = &seqs[i];
+            if (!s) return SPEED_ERR_INTERNAL;
+            if (r.outputs[o].first != (s->n_out == 0)) return SPEED_ERR_INTERNAL;
+            if (r.outputs[o].position != s->n_prompt - 1 + s->n_out) return SPEED_ERR_INTERNAL;
+            memcpy(s->logits + (size_t)s->n_out * vocab, r.outputs[o].logits, (size_t)vocab * sizeof(float));
+            s->gen[s->n_out] = et_argmax(r.outputs[o].logits, vocab);
+            if (s->n_out == 0) speed_engine_seq_stats(e, s->id, &s->stats_after_prefill);
+            s->n_out++;
+            speed_engine_seq_stats(e, s->id, &s->stats_last);
+            if (s->n_out == s->n_gen) {
+                if (speed_engine_seq_remove(e, s->id) != SPEED_OK) return SPEED_ERR_INTERNAL;
+                s->done = true;
+                n_done++;
+            } else {
+                st = speed_engine_seq_append(e, s->id, s->gen[s->n_out - 1]);
+                if (st != SPEED_OK) return st;
+            }
+        }
+    }
+    return n_done == n ? SPEED_OK : SPEED_ERR_INTERNAL;
+}
+
+/* ---- comparison ---------------------------------------------------------------------------- */
+
+typedef struct {
+    double max_lp_diff;    /* max |logprob_engine - logprob_naive| over steps and vocabulary */
+    double max_chosen_diff;/* the same for the greedy token only */
+    int token_mismatch;    /* greedy choices that differ where the naive top-2 gap > 2 tol */
+    int near_ties;         /* differing choices excused by a near tie */
+} et_cmp_t;
+
+/* Compares a finished sequence's logits with the naive reference (teacher-forced on the
+ * engine's greedy tokens). C is the resolved depth. */
+static inline int et_compare(const naive_model_t *nm, int vocab, const et_seq_t *s, int C, speed_dtype_t kv_dtype,
+                             double tol, et_cmp_t *cmp) {
+    int N = s->n_prompt + s->n_gen - 1;
+    int32_t *toks = malloc((size_t)N * sizeof(int32_t));
+    float *ref = malloc((size_t)s->n_gen * vocab * sizeof(float));
+    float *lpe = malloc((size_t)vocab * sizeof(float));
+    memcpy(toks, s->prompt, (size_t)s->n_prompt * sizeof(int32_t));
+    for (int g = 0; g + 1 < s->n_gen; g++) toks[s->n_prompt + g] = s->gen[g];
+    int rc = naive_ref_logits(nm, toks, N, s->n_prompt, C, s->depth.anchors, s->depth.tail, kv_dtype, s->n_gen, ref);
+    for (int g = 0; rc == 0 && g < s->n_gen; g++) {
+        float *lpr = ref + (size_t)g * vocab;
+        naive_log_softmax(s->logits + (size_t)g * vocab, vocab, lpe);
+        naive_log_softmax(lpr, vocab, lpr);
+        for (int i = 0; i < vocab; i++) {
+            double d = fabs((double)lpe[i] - lpr[i]);
+            if (d > cmp->max_lp_diff) cmp->max_lp_diff = d;
+        }
+        int32_t chosen = s->gen[g], want = et_argmax(lpr, vocab);
+        double dc = fabs((double)lpe[chosen] - lpr[chosen]);
+        if (dc > cmp->max_chosen_diff) cmp->max_chosen_diff = dc;
+        if (chosen != want) {
+            if (lpr[want] - lpr[chosen] <= 2 * tol) cmp->near_ties++;
+            else cmp->token_mismatch++;
+        }
+    }
+    free(toks);
+    free(ref);
+    free(lpe);
+    return rc;
+}
+
+#endif /* SPEED_ENGINE_TEST_UTIL_H */
