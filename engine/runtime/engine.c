@@ -519,9 +519,14 @@ void speed_engine_stats(const speed_engine_t *e, speed_engine_stats_t *st) {
 speed_status_t speed_engine_seq_kv_size(const speed_engine_t *e, speed_seq_id_t id, size_t *bytes_p) {
     const engine_seq_t *s = find_logged(e, id);
     if (!s) return SPEED_ERR_NOT_FOUND;
-    int last = e->n_layers - 1;
-    *bytes_p = speed_kv_cache_seq_wire_bytes(e->kv, s->kv, speed_kv_seq_entries(s->kv, 0),
-                                             last >= s->depth.prefill_layers ? speed_kv_seq_entries(s->kv, last) : 0);
+    int64_t n_full, n_compact;
+    if (s->state == SPEED_SEQ_AWAIT_KV) { /* what import expects */
+        speed_kv_entries_for(s->n_prompt, s->depth.anchors, s->depth.tail, 0, &n_full, &n_compact);
+    } else {
+        n_full = speed_kv_seq_entries(s->kv, 0);
+        n_compact = speed_kv_seq_entries(s->kv, e->n_layers - 1); /* = n_full when C = L: unused */
+    }
+    *bytes_p = speed_kv_cache_seq_wire_bytes(e->kv, s->kv, n_full, n_compact);
     return SPEED_OK;
 }
 

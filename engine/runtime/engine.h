@@ -264,7 +264,8 @@ void speed_engine_stats(const speed_engine_t *engine, speed_engine_stats_t *stat
  * min(A + T, n_prompt) + n_generated for layers >= C. Slots of a last partial block past
  * the entries are carried as they are (zero in a fresh pool). */
 
-/* Bytes speed_engine_seq_kv_export writes now (0 while nothing is stored).
+/* Bytes speed_engine_seq_kv_export writes now (0 while nothing is stored); for a reserved
+ * sequence (AWAIT_KV), the bytes speed_engine_seq_kv_import expects.
  * Returns SPEED_OK or SPEED_ERR_NOT_FOUND. */
 speed_status_t speed_engine_seq_kv_size(const speed_engine_t *engine, speed_seq_id_t seq,
                                         size_t *bytes_p);

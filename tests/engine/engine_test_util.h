@@ -67,6 +67,7 @@ typedef struct {
     speed_dtype_t dtype;
     bool tied;
     int n_kv_heads;  /* 4 = MHA, 2 = GQA */
+    bool rope_scaling; /* llama3 rope_scaling block (factor 8, original 8192) */
 } et_model_spec_t;
 
 /* The small test model: 4 layers, hidden 64, 4 heads, vocab 512, init_std large enough that
@@ -76,6 +77,7 @@ static inline speed_tiny_model_params_t et_tiny_params(const et_model_spec_t *sp
     p.dtype = spec->dtype;
     p.tied = spec->tied;
     p.n_kv_heads = spec->n_kv_heads;
+    p.rope_scaling = spec->rope_scaling;
     p.init_std = 0.15f;
     p.seed = 1234 + (uint64_t)spec->n_kv_heads * 7 + (spec->tied ? 1 : 0);
     return p;

@@ -307,7 +307,7 @@ int main(void) {
     et_tmp_init("engine-errors");
     speed_backend_t *be = et_backend("cpu-ref");
     if (!be) SKIP_TEST("no cpu-ref backend");
-    et_model_spec_t spec = {"f32-gqa", SPEED_DTYPE_F32, false, 2};
+    et_model_spec_t spec = {"f32-gqa", SPEED_DTYPE_F32, false, 2, false};
     speed_model_t *m = et_model_make(&spec);
     CHECK(m != NULL);
     if (!m) return CHECK_DONE();

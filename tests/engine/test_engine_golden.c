@@ -1,8 +1,8 @@
 /* The engine's incremental path (paged KV, chunked prefill, continuous batching) against the
  * naive full-recompute SPEED reference, over the depth matrix
  *   C in {1, L/2, L-1, L}, A in {0, 1, 4}, T in {1, 3}
- * for four models (f32/bf16 weights x tied/untied, with and without GQA), prompts shorter and
- * longer than one block (16) and one prefill chunk (12), three sequences per batch, and
+ * for four models (f32/bf16 weights x tied/untied, with and without GQA), one with Llama 3.1 RoPE
+ * scaling (a subset of the matrix), prompts shorter and longer than one block (16) and one prefill chunk (12), three sequences per batch, and
  * mixed batches where sequences use different C. Also: C = L is the standard model, batch
  * results equal single-sequence results, KV bytes equal the ARCHITECTURE.md section 1 formula.
  *
@@ -258,10 +258,11 @@ int main(int argc, char **argv) {
         SKIP_TEST("backend %s is not available in this build", g_backend_name);
     }
     const et_model_spec_t specs[] = {
-        {"f32-gqa-untied", SPEED_DTYPE_F32, false, 2},
-        {"f32-mha-tied", SPEED_DTYPE_F32, true, 4},
-        {"bf16-gqa-tied", SPEED_DTYPE_BF16, true, 2},
-        {"bf16-mha-untied", SPEED_DTYPE_BF16, false, 4},
+        {"f32-gqa-untied", SPEED_DTYPE_F32, false, 2, false},
+        {"f32-mha-tied", SPEED_DTYPE_F32, true, 4, false},
+        {"bf16-gqa-tied", SPEED_DTYPE_BF16, true, 2, false},
+        {"bf16-mha-untied", SPEED_DTYPE_BF16, false, 4, false},
+        {"f32-gqa-llama3rope", SPEED_DTYPE_F32, false, 2, true},
     };
     for (size_t mi = 0; mi < sizeof specs / sizeof specs[0]; mi++) {
         speed_model_t *m = et_model_make(&specs[mi]);
@@ -270,17 +271,17 @@ int main(int argc, char **argv) {
         naive_model_t *nm = naive_model_create(m);
         CHECK(nm != NULL);
         summary_t s32 = {0}, s16 = {0}, smix = {0};
-        run_matrix(be, m, nm, SPEED_DTYPE_F32, true, &s32, specs[mi].name);
+        run_matrix(be, m, nm, SPEED_DTYPE_F32, !specs[mi].rope_scaling, &s32, specs[mi].name);
         run_matrix(be, m, nm, SPEED_DTYPE_BF16, false, &s16, specs[mi].name);
         if (mi == 0 || mi == 2) run_mixed(be, m, nm, &smix);
         if (mi == 0) run_standard(be, m, nm);
         fprintf(stderr,
-                "%-8s %-16s f32 cache: %3d seqs, max |dlogprob| %.2e (chosen %.2e), %d mismatches, %d near ties\n"
-                "%-8s %-16s bf16 cache: %3d seqs, max |dlogprob| %.2e (chosen %.2e), %d mismatches, %d near ties\n",
+                "%-8s %-18s f32 cache: %3d seqs, max |dlogprob| %.2e (chosen %.2e), %d mismatches, %d near ties\n"
+                "%-8s %-18s bf16 cache: %3d seqs, max |dlogprob| %.2e (chosen %.2e), %d mismatches, %d near ties\n",
                 g_backend_name, specs[mi].name, s32.cases, s32.max_lp, s32.max_chosen, s32.mismatches, s32.near_ties,
                 g_backend_name, specs[mi].name, s16.cases, s16.max_lp, s16.max_chosen, s16.mismatches, s16.near_ties);
         if (smix.cases)
-            fprintf(stderr, "%-8s %-16s mixed-C batch: %d seqs, max |dlogprob| %.2e\n", g_backend_name,
+            fprintf(stderr, "%-8s %-18s mixed-C batch: %d seqs, max |dlogprob| %.2e\n", g_backend_name,
                     specs[mi].name, smix.cases, smix.max_lp);
         naive_model_destroy(nm);
         speed_model_destroy(m);

@@ -53,7 +53,7 @@ int main(int argc, char **argv) {
         et_rm_rf(et_root);
         SKIP_TEST("backend %s is not available", backend);
     }
-    et_model_spec_t spec = {"bf16-gqa", SPEED_DTYPE_BF16, false, 2};
+    et_model_spec_t spec = {"bf16-gqa", SPEED_DTYPE_BF16, false, 2, false};
     speed_model_t *m = et_model_make(&spec);
     CHECK(m != NULL);
     if (!m) return CHECK_DONE();
@@ -139,6 +139,9 @@ int main(int argc, char **argv) {
     CHECK(speed_engine_seq_reserve(ed, N_PROMPT, &depth, N_GEN, &sd) == SPEED_OK);
     CHECK(speed_engine_seq_append(ed, sd, first) == SPEED_ERR_INVALID_ARGUMENT); /* no KV yet */
     CHECK(speed_engine_step(ed, &r) == SPEED_OK && r.n_seqs == 0);              /* waits */
+    size_t expected = 0;
+    CHECK(speed_engine_seq_kv_size(ed, sd, &expected) == SPEED_OK);
+    CHECK_INT_EQ(expected, wire);
     CHECK(speed_engine_seq_kv_import(ed, sd, buf, wire - 8) == SPEED_ERR_INVALID_ARGUMENT);
     CHECK(speed_engine_seq_kv_import(ed, sd, buf, wire) == SPEED_OK);
     CHECK(speed_engine_seq_kv_import(ed, sd, buf, wire) == SPEED_ERR_INVALID_ARGUMENT); /* once */
