@@ -160,7 +160,8 @@ int speed_engine_n_vocab(const speed_engine_t *engine);
  *   SPEED_ERR_CAPACITY          max_seqs sequences alive, or not enough free KV blocks in a
  *                               pool (retryable; nothing was reserved)
  *   SPEED_ERR_NO_MEMORY
- * Errors are logged (naming the value and the limit); on error nothing changes. */
+ * Errors are logged (naming the value and the limit), except SPEED_ERR_CAPACITY (debug level
+ * only: a normal, retryable condition the caller reports); on error nothing changes. */
 speed_status_t speed_engine_seq_add(speed_engine_t *engine, const int32_t *ids, int64_t n_prompt,
                                     const speed_depth_t *depth, int64_t max_new_tokens,
                                     speed_seq_id_t *seq_p);
