@@ -3,9 +3,12 @@
  * speed_cpu_isa_detect(), capped by params->cpu_isa_max.
  *
  * This file decides how each op is split across threads; the kernels do one piece each:
- *   matmul, n <= gemv_max_n   weight rows split into one contiguous range per thread (each
- *                             thread streams its share of the weights once);
- *   matmul, larger n          blocks of nc weight rows (x all rows, or a row range when there
+ *   matmul, few rows          weight rows split into one contiguous range per thread: each
+ *                             thread streams its share of the weights once, in order (n = 1,
+ *                             or n <= gemv_max_n without AVX512_BF16: fp32 x, exact; bf16
+ *                             weights with 2 .. 8 rows on AVX512_BF16: x rounded to bf16 and
+ *                             vdpbf16ps, as the GEMM);
+ *   matmul, more rows         blocks of nc weight rows (x all rows, or a row range when there
  *                             are few blocks) handed out by an atomic counter; each thread packs
  *                             its block k-slice by k-slice into its own buffer and multiplies;
  *   attention                 (row, kv head) items by an atomic counter, longest rows first;
@@ -32,6 +35,8 @@
 #define SMALL_WORK 32768
 /* Attention: split an item's entries only into chunks of at least this many entries. */
 #define ATTN_SPLIT_MIN 128
+/* Matmuls with bf16 weights and 2 .. this many rows use the vdpbf16ps few-row kernel. */
+#define GEMV_BF16_MAX_N 8
 
 typedef struct {
     bool valid;
@@ -51,6 +56,8 @@ typedef struct {
     speed_cpu_isa_t isa;
     const speed_cpu_kernels_t *k;
     speed_cpu_gemm_t gemm[SPEED_DTYPE_COUNT];
+    /* bf16 weights, 2 .. GEMV_BF16_MAX_N rows (AVX512_BF16 only, else NULL) */
+    void (*gemv_bf16)(const speed_cpu_mm_t *mm, const void *xc, int64_t ldxc, int64_t j0, int64_t j1);
     speed_cpu_pool_t *pool;
     int n_threads;
     void *scratch;          /* shared by the threads of one op */
@@ -426,7 +433,11 @@ static void gemv_task(void *p, int t, int nt) {
     mm_arg_t *a = p;
     int64_t lo, hi;
     split_range(a->mm.m, t, nt, 16, &lo, &hi);
-    if (lo < hi) a->c->k->gemv(&a->mm, lo, hi);
+    if (lo >= hi) return;
+    if (a->xs)
+        a->c->gemv_bf16(&a->mm, a->xs, a->ldxs, lo, hi);
+    else
+        a->c->k->gemv(&a->mm, lo, hi);
 }
 
 static void convert_x_rows(void *p, int64_t i0, int64_t i1) {
@@ -466,6 +477,19 @@ static speed_status_t cpu_matmul(void *ctx, speed_mat_t out, speed_mat_t x, spee
     };
     const int T = c->n_threads;
 
+    if (c->gemv_bf16 && w.dtype == SPEED_DTYPE_BF16 && a.mm.n >= 2 && a.mm.n <= GEMV_BF16_MAX_N) {
+        const speed_cpu_gemm_t *g = &c->gemm[SPEED_DTYPE_BF16];
+        a.g = g;
+        a.ldxs = g->xc_cols(a.mm.k);
+        SPEED_CHECK(scratch_reserve(c, (size_t)a.mm.n * (size_t)a.ldxs * g->xc_elem));
+        a.xs = c->scratch;
+        g->convert_x(&a.mm, 0, a.mm.n, c->scratch, a.ldxs);
+        if (T == 1 || a.mm.m * a.mm.k * a.mm.n < 4 * SMALL_WORK || a.mm.m < 32)
+            gemv_task(&a, 0, 1);
+        else
+            speed_cpu_pool_run(c->pool, gemv_task, &a);
+        return SPEED_OK;
+    }
     if (a.mm.n <= c->k->gemv_max_n) {
         size_t xpf = c->k->gemv_xpack_floats(&a.mm);
         if (xpf) {
@@ -668,7 +692,10 @@ speed_status_t speed_backend_cpu_create(const speed_backend_params_t *params, sp
 #endif
     memcpy(c->gemm, c->k->gemm, sizeof c->gemm);
 #if defined(__x86_64__)
-    if (isa >= SPEED_CPU_ISA_AVX512_BF16) c->gemm[SPEED_DTYPE_BF16] = speed_cpu_gemm_bf16_avx512;
+    if (isa >= SPEED_CPU_ISA_AVX512_BF16) {
+        c->gemm[SPEED_DTYPE_BF16] = speed_cpu_gemm_bf16_avx512;
+        c->gemv_bf16 = speed_cpu_gemv_bf16_avx512;
+    }
 #endif
     snprintf(c->name, sizeof c->name, "cpu (%s, %d thread%s)", speed_cpu_isa_name(isa), c->n_threads,
              c->n_threads == 1 ? "" : "s");

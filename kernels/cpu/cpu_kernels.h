@@ -10,11 +10,13 @@
  * Numerics (compared against cpu-ref by tests/kernels/test_backend_ops.c):
  *   - everything accumulates in fp32; summation order differs from the reference (vector
  *     lanes, blocking), so results agree to fp32 rounding, not bit for bit;
- *   - weights are converted exactly (bf16/f16 -> f32) except in the AVX512_BF16 GEMM, which
- *     rounds the activations x to bf16 (round to nearest even) so that vdpbf16ps can multiply
- *     them with the bf16 weights: the result differs from the reference by the bf16 rounding
- *     of x (relative error ~2^-9 per product, averaging out over k) — within the bf16 weight
- *     tolerance. Only bf16 weights take that path; f32 and f16 weights keep fp32 x;
+ *   - weights are converted exactly (bf16/f16 -> f32) except in the AVX512_BF16 paths for
+ *     bf16 weights with more than one x row (GEMM, and the few-row matmul of batched decode),
+ *     which round the activations x to bf16 (round to nearest even) so that vdpbf16ps can
+ *     multiply them with the bf16 weights: the result differs from the reference by the bf16
+ *     rounding of x (relative error ~2^-9 per product, averaging out over k; ~1.5e-3 of the
+ *     largest output measured) — within the bf16 weight tolerance (1e-2). One-row matmuls
+ *     (decode at batch 1) keep fp32 x exactly, and so do f32 and f16 weights;
  *   - exp is a vectorised Cody-Waite + degree-7 polynomial (about 1-2 ulp, gradual underflow,
  *     inf/NaN propagated); the scalar table uses libm expf.
  */
@@ -120,6 +122,9 @@ extern const speed_cpu_kernels_t speed_cpu_kernels_avx2;
 extern const speed_cpu_kernels_t speed_cpu_kernels_avx512;
 /* The AVX512_BF16 GEMM for bf16 weights (gemm_bf16_avx512.c). */
 extern const speed_cpu_gemm_t speed_cpu_gemm_bf16_avx512;
+/* Few-row matmul for bf16 weights with vdpbf16ps: weight rows [j0, j1) against x converted by
+ * speed_cpu_gemm_bf16_avx512.convert_x (xc, row stride ldxc). */
+void speed_cpu_gemv_bf16_avx512(const speed_cpu_mm_t *mm, const void *xc, int64_t ldxc, int64_t j0, int64_t j1);
 #endif
 
 #endif /* SPEED_CPU_KERNELS_H */
