@@ -55,37 +55,6 @@ static void json_string_print(const char *text, size_t len, FILE *f) {
     json_decref(s);
 }
 
-static speed_status_t ids_parse(const char *list, int32_t vocab, speed_tok_ids_t *out) {
-    const char *p = list;
-    while (*p) {
-        char *end;
-        errno = 0;
-        long v = strtol(p, &end, 10);
-        if (end == p || errno || v < 0 || v >= vocab) {
-            SPEED_ERROR(SPEED_SUBSYS_CLI, "--decode: '%.*s' is not a token id in 0..%d",
-                        (int)strcspn(p, ","), p, vocab - 1);
-            return SPEED_ERR_INVALID_ARGUMENT;
-        }
-        if (out->n == out->cap) {
-            size_t cap = out->cap ? out->cap * 2 : 64;
-            int32_t *grown = speed_realloc(out->ids, cap * sizeof *grown);
-            if (!grown) return SPEED_ERR_NO_MEMORY;
-            out->ids = grown;
-            out->cap = cap;
-        }
-        out->ids[out->n++] = (int32_t)v;
-        p = end;
-        while (*p == ' ') p++;
-        if (*p == ',') p++;
-        else if (*p) {
-            SPEED_ERROR(SPEED_SUBSYS_CLI, "--decode: expected ',' at '%s'", p);
-            return SPEED_ERR_INVALID_ARGUMENT;
-        }
-        while (*p == ' ') p++;
-    }
-    return SPEED_OK;
-}
-
 /* One {"ids": [...]} (or {"error": ...}) line per input line; returns the number of bad lines. */
 static long jsonl_run(const speed_tok_t *tok, const char *path, bool add_special, speed_status_t *st_p) {
     char *data = NULL;
@@ -170,7 +139,7 @@ int speedctl_tokenize(int argc, char **argv) {
         SPEED_CHECK_GOTO(speed_tok_encode(tok, text, o.text ? strlen(text) : len, o.add_special, &ids), st, out);
         ids_print(&ids, o.json, stdout);
     } else if (o.decode) {
-        SPEED_CHECK_GOTO(ids_parse(o.decode, speed_tok_vocab_size(tok), &ids), st, out);
+        SPEED_CHECK_GOTO(speedctl_ids_parse("--decode", o.decode, speed_tok_vocab_size(tok), &ids), st, out);
         SPEED_CHECK_GOTO(speed_tok_decode(tok, ids.ids, ids.n, o.skip_special, &buf, &len), st, out);
         if (o.json) {
             printf("{\"text\": ");

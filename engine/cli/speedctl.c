@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "alloc.h"
 #include "file.h"
@@ -24,6 +25,8 @@ static const struct {
      "write a random-weight Llama model in the Hugging Face layout"},
     {"inspect", speedctl_inspect, "validate a model directory and print its shape, size and KV cost"},
     {"tokenize", speedctl_tokenize, "encode text to token ids, decode ids, render chat templates"},
+    {"generate", speedctl_generate, "generate text from a prompt (SPEED depth, sampling, logprobs, timing, KV bytes)"},
+    {"bench", speedctl_bench, "prefill/decode speed, KV bytes and memory against this machine's roofline"},
 };
 #define N_VERBS (sizeof verbs / sizeof verbs[0])
 
@@ -94,6 +97,68 @@ speed_status_t speedctl_copy_file(const char *src, const char *dst) {
     }
     speed_free(data);
     return st;
+}
+
+speed_status_t speedctl_ids_parse(const char *what, const char *list, int32_t vocab, speed_tok_ids_t *out) {
+    const char *p = list;
+    while (*p == ' ') p++;
+    if (!*p) {
+        SPEED_ERROR(SPEED_SUBSYS_CLI, "%s: no token ids given", what);
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    while (*p) {
+        char *end;
+        errno = 0;
+        long v = strtol(p, &end, 10);
+        if (end == p || errno || v < 0 || v >= vocab) {
+            SPEED_ERROR(SPEED_SUBSYS_CLI, "%s: '%.*s' is not a token id in 0..%d", what, (int)strcspn(p, ","), p,
+                        vocab - 1);
+            return SPEED_ERR_INVALID_ARGUMENT;
+        }
+        if (out->n == out->cap) {
+            size_t cap = out->cap ? out->cap * 2 : 64;
+            int32_t *grown = speed_realloc(out->ids, cap * sizeof *grown);
+            if (!grown) return SPEED_ERR_NO_MEMORY;
+            out->ids = grown;
+            out->cap = cap;
+        }
+        out->ids[out->n++] = (int32_t)v;
+        p = end;
+        while (*p == ' ') p++;
+        if (*p == ',') p++;
+        else if (*p) {
+            SPEED_ERROR(SPEED_SUBSYS_CLI, "%s: expected ',' at '%s'", what, p);
+            return SPEED_ERR_INVALID_ARGUMENT;
+        }
+        while (*p == ' ') p++;
+    }
+    return SPEED_OK;
+}
+
+char *speedctl_unescape(const char *s) {
+    char *out = speed_malloc(strlen(s) + 1), *o = out;
+    if (!out) return NULL;
+    for (; *s; s++) {
+        if (*s != '\\' || !s[1]) {
+            *o++ = *s;
+            continue;
+        }
+        switch (*++s) {
+        case 'n': *o++ = '\n'; break;
+        case 't': *o++ = '\t'; break;
+        case 'r': *o++ = '\r'; break;
+        case '\\': *o++ = '\\'; break;
+        default: *o++ = '\\'; *o++ = *s; break;
+        }
+    }
+    *o = '\0';
+    return out;
+}
+
+double speedctl_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
 static void usage(FILE *f) {

@@ -10,12 +10,15 @@
 
 #include "config.h"
 #include "status.h"
+#include "tokenizer.h"
 
 typedef int (*speedctl_verb_fn_t)(int argc, char **argv);
 
 int speedctl_make_tiny_model(int argc, char **argv);
 int speedctl_inspect(int argc, char **argv);
 int speedctl_tokenize(int argc, char **argv);
+int speedctl_generate(int argc, char **argv);
+int speedctl_bench(int argc, char **argv);
 
 /* Log sinks: the CLI's stderr format, and one that drops everything (used around
  * optional steps whose failure is reported differently). */
@@ -43,6 +46,17 @@ void speedctl_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 /* speed_file_read for CLI inputs ("-" is not special; use /dev/stdin). */
 speed_status_t speedctl_read_file(const char *path, char **data_p, size_t *len_p);
+
+/* Parses "1, 2,3" into out (appending); every id must be in 0..vocab-1. Errors name `what`
+ * (the option) and the bad item: SPEED_ERR_INVALID_ARGUMENT, or SPEED_ERR_NO_MEMORY. */
+speed_status_t speedctl_ids_parse(const char *what, const char *list, int32_t vocab, speed_tok_ids_t *out);
+
+/* A copy of s with the escapes \n \t \r \\ replaced (others kept as written), for options
+ * such as --stop that users type in a shell. NULL on allocation failure; speed_free it. */
+char *speedctl_unescape(const char *s);
+
+/* Monotonic clock in seconds. */
+double speedctl_now(void);
 
 /* Copies a regular file (overwrites dst). */
 speed_status_t speedctl_copy_file(const char *src, const char *dst);

@@ -220,9 +220,7 @@ static double weights_sum(const float *x, int64_t n, float max, float inv_t, flo
     double sum = 0.0;
     int64_t i = 0;
 #ifdef HAVE_AVX2_PATH
-    static int have_avx2 = -1; /* benign race: every thread computes the same value */
-    if (have_avx2 < 0) have_avx2 = __builtin_cpu_supports("avx2") ? 1 : 0;
-    if (have_avx2) i = weights_sum_avx2(x, n, max, inv_t, w, &sum);
+    if (__builtin_cpu_supports("avx2")) i = weights_sum_avx2(x, n, max, inv_t, w, &sum); /* a load of libgcc's cpu model */
 #endif
 #ifdef __SSE2__
     const __m128 vmax = _mm_set1_ps(max), vinv = _mm_set1_ps(inv_t), zero = _mm_setzero_ps();

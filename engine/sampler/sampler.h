@@ -25,7 +25,8 @@
  * the vocabulary. top_k: quickselect, then a sort of the k kept. top_p alone: a histogram of
  * log-weights (1/64-nat bins) finds the bin where the cumulative mass reaches top_p; only that
  * bin's tokens are sorted. No truncation: the draw is one linear scan. About 0.1-0.3 ms per
- * token for a 128k vocabulary on one core (tests/sampler prints the numbers).
+ * token for a 128k vocabulary on one core, up to ~1 ms with top_p alone over a nearly flat
+ * distribution whose nucleus is most of the vocabulary (tests/sampler prints the numbers).
  *
  * Ownership and threads: a speed_sampler_t is a workspace (O(n_vocab) scratch) for one
  * thread at a time, reusable across requests and vocabularies up to the size it was made

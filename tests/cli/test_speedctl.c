@@ -1,6 +1,7 @@
 /* speedctl end to end: runs the real binary ($SPEEDCTL) as a user would and checks its
  * output, exit codes and error lines. With $SPEED_TEST_DATA it also checks that
  * `speedctl tokenize --jsonl` reproduces the Llama 3 and Llama 2 reference ids exactly. */
+#include <ctype.h>
 #include <jansson.h>
 #include <stdarg.h>
 #include <sys/stat.h>
@@ -231,6 +232,308 @@ static void test_tokenize(void) {
     run_free(&r);
 }
 
+/* ---- generate and bench ------------------------------------------------------------ */
+
+static char gen_dir[1024];
+
+static int count_errors(const char *s) {
+    int n = 0;
+    for (const char *p = s; (p = strstr(p, "error:")); p++) n++;
+    return n;
+}
+
+/* Runs generate --json and parses the object (NULL, with a failed check, if it is not one). */
+static json_t *gen_json(const char *fmt, ...) {
+    char args[4096];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(args, sizeof args, fmt, ap);
+    va_end(ap);
+    run_t r = run("generate --model '%s' --json %s", gen_dir, args);
+    CHECK_MSG(r.rc == 0, "generate %s: exit %d: %s", args, r.rc, r.err);
+    json_error_t jerr;
+    json_t *j = r.rc == 0 ? json_loads(r.out, 0, &jerr) : NULL;
+    CHECK_MSG(r.rc != 0 || j != NULL, "generate --json is not one JSON object: %s", r.out);
+    run_free(&r);
+    return j;
+}
+
+/* The schema of the issue, and the logprob invariants. */
+static void check_gen_schema(json_t *j, int64_t vocab, int want_top) {
+    CHECK(json_is_array(json_object_get(j, "prompt_ids")));
+    CHECK(json_array_size(json_object_get(j, "prompt_ids")) > 0);
+    json_t *toks = json_object_get(j, "tokens");
+    CHECK(json_is_array(toks));
+    size_t i;
+    json_t *t;
+    json_array_foreach(toks, i, t) {
+        json_t *id = json_object_get(t, "id"), *lp = json_object_get(t, "logprob"), *top = json_object_get(t, "top_logprobs");
+        CHECK(json_is_integer(id) && json_integer_value(id) >= 0 && json_integer_value(id) < vocab);
+        CHECK(json_is_string(json_object_get(t, "text")));
+        CHECK(json_is_real(lp) && json_real_value(lp) <= 0.0);
+        CHECK(json_is_array(top));
+        CHECK_INT_EQ(json_array_size(top), want_top);
+        double prev = 0.0;
+        size_t k;
+        json_t *e;
+        json_array_foreach(top, k, e) {
+            double v = json_real_value(json_object_get(e, "logprob"));
+            CHECK(json_is_integer(json_object_get(e, "id")));
+            CHECK(v <= 0.0 && (k == 0 || v <= prev));
+            prev = v;
+            /* the chosen token's logprob is the same number in both places */
+            if (json_integer_value(json_object_get(e, "id")) == json_integer_value(id))
+                CHECK_NEAR(v, json_real_value(lp), 1e-6);
+        }
+        if (want_top > 0) /* never more likely than the most likely */
+            CHECK(json_real_value(lp) <= json_real_value(json_object_get(json_array_get(top, 0), "logprob")) + 1e-6);
+    }
+    const char *fr = json_string_value(json_object_get(j, "finish_reason"));
+    CHECK(fr && (strcmp(fr, "length") == 0 || strcmp(fr, "stop") == 0));
+    json_t *timing = json_object_get(j, "timing");
+    CHECK(json_is_real(json_object_get(timing, "prefill_ms")) &&
+          json_real_value(json_object_get(timing, "prefill_ms")) > 0.0);
+    CHECK(json_is_real(json_object_get(timing, "decode_ms_per_token")) &&
+          json_real_value(json_object_get(timing, "decode_ms_per_token")) >= 0.0);
+    json_t *kv = json_object_get(j, "kv");
+    CHECK(json_is_integer(json_object_get(kv, "bytes")) && json_integer_value(json_object_get(kv, "bytes")) > 0);
+    CHECK(json_is_integer(json_object_get(kv, "full_depth_bytes")));
+}
+
+/* The ids of the tokens array, for comparisons. */
+static void token_ids(json_t *j, char *out, size_t n) {
+    out[0] = '\0';
+    size_t i;
+    json_t *t;
+    json_array_foreach(json_object_get(j, "tokens"), i, t) {
+        char num[32];
+        snprintf(num, sizeof num, "%lld,", (long long)json_integer_value(json_object_get(t, "id")));
+        if (strlen(out) + strlen(num) < n) strcat(out, num);
+    }
+}
+
+static void test_generate(void) {
+    snprintf(gen_dir, sizeof gen_dir, "%s/cli-gen", tmp);
+    run_t r = run("make-tiny-model '%s' --layers 4 --hidden 64 --heads 4 --kv-heads 2 --ffn 160 --dtype f32 "
+                  "--max-position 96 --seed 3", gen_dir);
+    CHECK_MSG(r.rc == 0, "make-tiny-model: %s", r.err);
+    run_free(&r);
+    r = run("inspect '%s' --json", gen_dir);
+    json_t *info = json_loads(r.out, 0, NULL);
+    run_free(&r);
+    int64_t vocab = json_integer_value(json_object_get(info, "vocab"));
+    int64_t bos = json_integer_value(json_object_get(json_object_get(info, "tokenizer"), "bos"));
+    int64_t L = json_integer_value(json_object_get(info, "layers"));
+    int64_t per_layer_token = 2 * json_integer_value(json_object_get(info, "kv_heads")) *
+                              json_integer_value(json_object_get(info, "head_dim")) * 2; /* bf16 cache */
+    json_decref(info);
+
+    /* schema, token count, logprobs; --prompt starts with the tokenizer's BOS */
+    json_t *a = gen_json("--prompt 'The quick brown fox' --max-tokens 6 --top-logprobs 3 --ignore-eos");
+    if (a) {
+        check_gen_schema(a, vocab, 3);
+        CHECK_INT_EQ(json_array_size(json_object_get(a, "tokens")), 6);
+        CHECK_STR_EQ(json_string_value(json_object_get(a, "finish_reason")), "length");
+        CHECK_INT_EQ(json_integer_value(json_array_get(json_object_get(a, "prompt_ids"), 0)), bos);
+        /* greedy: the chosen token is the most likely one */
+        size_t i;
+        json_t *t;
+        json_array_foreach(json_object_get(a, "tokens"), i, t) {
+            json_t *top0 = json_array_get(json_object_get(t, "top_logprobs"), 0);
+            CHECK_INT_EQ(json_integer_value(json_object_get(t, "id")), json_integer_value(json_object_get(top0, "id")));
+        }
+        /* C = L: the KV is the full-depth KV */
+        json_t *kv = json_object_get(a, "kv");
+        CHECK_INT_EQ(json_integer_value(json_object_get(kv, "bytes")),
+                     json_integer_value(json_object_get(kv, "full_depth_bytes")));
+    }
+    /* greedy is deterministic */
+    json_t *b = gen_json("--prompt 'The quick brown fox' --max-tokens 6 --top-logprobs 3 --ignore-eos");
+    if (a && b) CHECK(json_equal(json_object_get(a, "tokens"), json_object_get(b, "tokens")));
+    json_decref(b);
+
+    /* without --ignore-eos: at most max tokens; fewer only by an end-of-sequence token */
+    b = gen_json("--prompt-ids 1,2,3,4,5 --max-tokens 12");
+    if (b) {
+        check_gen_schema(b, vocab, 0);
+        size_t n = json_array_size(json_object_get(b, "tokens"));
+        CHECK(n >= 1 && n <= 12);
+        CHECK_STR_EQ(json_string_value(json_object_get(b, "finish_reason")), n < 12 ? "stop" : "length");
+        /* --prompt-ids adds nothing */
+        CHECK_INT_EQ(json_array_size(json_object_get(b, "prompt_ids")), 5);
+    }
+    json_decref(b);
+
+    /* seeds: same seed, same tokens; another seed, other tokens */
+    char s1[2048], s2[2048], s3[2048];
+    const char *sample = "--prompt 'Once upon a time' --max-tokens 16 --temperature 1 --top-p 0.95 --ignore-eos";
+    b = gen_json("%s --seed 5", sample);
+    token_ids(b, s1, sizeof s1);
+    json_decref(b);
+    b = gen_json("%s --seed 5", sample);
+    token_ids(b, s2, sizeof s2);
+    json_decref(b);
+    b = gen_json("%s --seed 6", sample);
+    token_ids(b, s3, sizeof s3);
+    json_decref(b);
+    CHECK_STR_EQ(s1, s2);
+    CHECK_MSG(strcmp(s1, s3) != 0, "seeds 5 and 6 gave the same tokens %s", s1);
+
+    /* SPEED: fewer KV bytes below L, exactly the formula; equal at C = L */
+    const char *ids = "7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26";
+    for (int c = 1; c <= L; c++) {
+        b = gen_json("--prompt-ids %s --max-tokens 4 --ignore-eos --prefill-layers %d --anchors 1 --tail 2", ids, c);
+        if (!b) continue;
+        json_t *kv = json_object_get(b, "kv");
+        int64_t bytes = json_integer_value(json_object_get(kv, "bytes"));
+        int64_t full = json_integer_value(json_object_get(kv, "full_depth_bytes"));
+        /* 20 prompt tokens + 3 generated tokens stored (the 4th is never fed back) */
+        int64_t n = 20, g = 3;
+        CHECK_INT_EQ(full, L * (n + g) * per_layer_token);
+        CHECK_INT_EQ(bytes, (c * (n + g) + (L - c) * (1 + 2 + g)) * per_layer_token);
+        if (c < L) CHECK(bytes < full);
+        else CHECK_INT_EQ(bytes, full);
+        CHECK_INT_EQ(json_integer_value(json_object_get(json_object_get(b, "speed"), "prefill_layers")), c);
+        json_decref(b);
+    }
+    b = gen_json("--prompt-ids %s --max-tokens 2 --prefill-layers 0.5", ids);
+    CHECK_INT_EQ(json_integer_value(json_object_get(json_object_get(b, "speed"), "prefill_layers")), L / 2);
+    json_decref(b);
+
+    /* --stop: cut the greedy output before the first occurrence of a piece of it */
+    if (a) {
+        const char *full = json_string_value(json_object_get(a, "text"));
+        char stop[8] = "";
+        for (size_t i = 2; full && full[i] && full[i + 1]; i++)
+            if (isalnum((unsigned char)full[i]) && isalnum((unsigned char)full[i + 1])) {
+                memcpy(stop, full + i, 2);
+                stop[2] = '\0';
+                break;
+            }
+        if (stop[0]) {
+            json_t *c = gen_json("--prompt 'The quick brown fox' --max-tokens 6 --ignore-eos --stop '%s'", stop);
+            const char *cut = strstr(full, stop);
+            CHECK_STR_EQ(json_string_value(json_object_get(c, "finish_reason")), "stop");
+            const char *got = json_string_value(json_object_get(c, "text"));
+            CHECK_MSG(got && strlen(got) == (size_t)(cut - full) && strncmp(got, full, (size_t)(cut - full)) == 0,
+                      "stop '%s' in '%s' gave '%s'", stop, full, got ? got : "(null)");
+            /* the streamed plain output is the same text */
+            run_t p = run("generate --model '%s' --prompt 'The quick brown fox' --max-tokens 6 --ignore-eos "
+                          "--stop '%s'", gen_dir, stop);
+            CHECK_INT_EQ(p.rc, 0);
+            CHECK(got && strncmp(p.out, got, strlen(got)) == 0 && strcmp(p.out + strlen(got), "\n") == 0);
+            CHECK_CONTAINS(p.err, "KV");
+            CHECK_CONTAINS(p.err, "prefill");
+            run_free(&p);
+            json_decref(c);
+        } else {
+            fprintf(stderr, "note: no two-letter piece in '%s'; --stop not exercised\n", full ? full : "");
+        }
+    }
+    json_decref(a);
+
+    /* --chat renders the template, which carries the one BOS */
+    b = gen_json("--chat 'Hi there' --system 'Be brief.' --max-tokens 2");
+    if (b) {
+        json_t *p = json_object_get(b, "prompt_ids");
+        CHECK_INT_EQ(json_integer_value(json_array_get(p, 0)), bos);
+        CHECK(json_integer_value(json_array_get(p, 1)) != bos);
+    }
+    json_decref(b);
+
+    /* bad input: one error line and the right exit code */
+    struct {
+        const char *args;
+        int rc;
+        const char *says;
+    } bad[] = {
+        {"--prompt-ids 1,2,99999 --max-tokens 2", 1, "99999"},
+        {"--prompt-ids 1,2,x", 1, "--prompt-ids"},
+        {"--prompt 'hello' --max-tokens 95", 1, "context"},
+        {"--prefill-layers 9 --prompt hi", 2, "--prefill-layers"},
+        {"--prefill-layers 0 --prompt hi", 2, "--prefill-layers"},
+        {"--prefill-layers 1.5 --prompt hi", 2, "--prefill-layers"},
+        {"--max-tokens 0 --prompt hi", 2, "max_tokens"},
+        {"--top-p 1.5 --prompt hi", 2, "top_p"},
+        {"--temperature -1 --prompt hi", 2, "temperature"},
+        {"--top-logprobs 21 --prompt hi", 2, "top_logprobs"},
+        {"--max-tokens 3", 2, "exactly one of"},
+        {"--prompt a --prompt-ids 1", 2, "exactly one of"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        r = run("generate --model '%s' %s", gen_dir, bad[i].args);
+        CHECK_MSG(r.rc == bad[i].rc, "generate %s: exit %d, want %d (%s)", bad[i].args, r.rc, bad[i].rc, r.err);
+        CHECK_MSG(count_errors(r.err) == 1, "generate %s: %d error lines: %s", bad[i].args, count_errors(r.err), r.err);
+        CHECK_CONTAINS(r.err, bad[i].says);
+        CHECK_STR_EQ(r.out, "");
+        run_free(&r);
+    }
+    /* a prompt longer than the context */
+    char many[1024] = "1";
+    for (int i = 1; i < 100; i++) strcat(many, ",1");
+    r = run("generate --model '%s' --prompt-ids %s --max-tokens 1", gen_dir, many);
+    CHECK_INT_EQ(r.rc, 1);
+    CHECK_INT_EQ(count_errors(r.err), 1);
+    run_free(&r);
+}
+
+static void test_bench(void) {
+    run_t r = run("bench --model '%s' --prompt-tokens 24 --gen-tokens 4 --batch 2 --repeat 1 --prefill-layers 2 "
+                  "--compare --roofline-mib 16 --json", gen_dir);
+    CHECK_MSG(r.rc == 0, "bench: %s", r.err);
+    json_t *j = json_loads(r.out, 0, NULL);
+    CHECK_MSG(j != NULL, "bench --json is not JSON: %s", r.out);
+    run_free(&r);
+    if (j) {
+        json_t *runs = json_object_get(j, "runs");
+        CHECK_INT_EQ(json_array_size(runs), 2);
+        size_t i;
+        json_t *x;
+        json_array_foreach(runs, i, x) {
+            CHECK(json_real_value(json_object_get(x, "prefill_ms")) > 0);
+            CHECK(json_real_value(json_object_get(x, "prefill_tokens_per_s")) > 0);
+            CHECK(json_real_value(json_object_get(x, "ttft_ms")) > 0);
+            CHECK(json_real_value(json_object_get(x, "decode_ms_per_token")) > 0);
+            CHECK(json_real_value(json_object_get(x, "batch_decode_tokens_per_s")) > 0);
+            json_t *kv = json_object_get(x, "kv");
+            CHECK_INT_EQ(json_integer_value(json_object_get(kv, "prompt_bytes")),
+                         json_integer_value(json_object_get(kv, "formula_bytes")));
+            json_t *f = json_object_get(x, "roofline_fraction");
+            CHECK(json_real_value(json_object_get(f, "decode_of_read_bandwidth")) > 0);
+            CHECK(json_real_value(json_object_get(f, "prefill_of_compute_peak")) > 0);
+        }
+        CHECK_INT_EQ(json_integer_value(json_object_get(json_array_get(runs, 0), "prefill_layers")), 4);
+        CHECK_INT_EQ(json_integer_value(json_object_get(json_array_get(runs, 1), "prefill_layers")), 2);
+        CHECK(json_integer_value(json_object_get(json_object_get(json_array_get(runs, 1), "kv"), "prompt_bytes")) <
+              json_integer_value(json_object_get(json_object_get(json_array_get(runs, 0), "kv"), "prompt_bytes")));
+        json_t *c = json_object_get(j, "compare");
+        CHECK(json_real_value(json_object_get(c, "kv_ratio")) > 0 && json_real_value(json_object_get(c, "kv_ratio")) < 1);
+        CHECK(json_real_value(json_object_get(c, "prefill_time_ratio")) > 0);
+        json_t *mem = json_object_get(j, "memory");
+        CHECK(json_integer_value(json_object_get(mem, "peak_rss_bytes")) > 0);
+        CHECK(json_integer_value(json_object_get(mem, "kv_pool_bytes")) > 0);
+        CHECK(json_integer_value(json_object_get(mem, "weight_bytes")) > 0);
+        json_t *rf = json_object_get(j, "roofline");
+        CHECK(json_real_value(json_object_get(rf, "read_gbs")) > 0);
+        CHECK(json_real_value(json_object_get(rf, "bf16_gflops")) > 0);
+        json_decref(j);
+    }
+    r = run("bench --model '%s' --prompt-tokens 16 --gen-tokens 3 --repeat 1 --no-roofline", gen_dir);
+    CHECK_MSG(r.rc == 0, "bench: %s", r.err);
+    CHECK_CONTAINS(r.out, "prefill");
+    CHECK_CONTAINS(r.out, "decode b=1");
+    CHECK_CONTAINS(r.out, "peak RSS");
+    run_free(&r);
+    r = run("bench --model '%s' --compare", gen_dir);
+    CHECK_INT_EQ(r.rc, 2);
+    CHECK_INT_EQ(count_errors(r.err), 1);
+    run_free(&r);
+    r = run("bench --model '%s' --prompt-tokens 90 --gen-tokens 10", gen_dir);
+    CHECK_INT_EQ(r.rc, 1);
+    CHECK_CONTAINS(r.err, "context");
+    run_free(&r);
+}
+
 /* Every vectors file line's ids must come back exactly from `tokenize --jsonl`. */
 static void check_vectors(const char *model_dir, const char *vectors) {
     run_t r = run("tokenize --model '%s' --jsonl '%s'", model_dir, vectors);
@@ -307,5 +610,7 @@ int main(int argc, char **argv) {
     test_make_inspect();
     test_bad_models();
     test_tokenize();
+    test_generate();
+    test_bench();
     return CHECK_DONE();
 }

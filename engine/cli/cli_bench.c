@@ -1,0 +1,532 @@
+/* speedctl bench: prefill and decode speed, KV bytes and memory of the engine on a model,
+ * against this machine's roofline measured in the same run. */
+#include <inttypes.h>
+#include <jansson.h>
+#include <math.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include "alloc.h"
+#include "engine.h"
+#include "log.h"
+#include "model.h"
+#include "rng.h"
+#include "roofline.h"
+#include "sampler.h"
+#include "speedctl.h"
+
+static const char *const backend_names[] = {"cpu", "cpu-ref", NULL};
+static const char *const kv_dtype_names[] = {"f32", "bf16", "f16", NULL}; /* = speed_dtype_t order */
+
+typedef struct {
+    char *model, *prefill_layers;
+    int64_t prompt_tokens, gen_tokens, batch, threads, repeat, anchors, tail, seed, roofline_mib;
+    int backend, kv_dtype;
+    bool json, compare, roofline;
+} bench_opts_t;
+
+static const speed_config_field_t bench_fields[] = {
+    {"model", SPEED_CONFIG_STRING, offsetof(bench_opts_t, model), NULL, SPEED_CONFIG_UNBOUNDED, NULL,
+     "model directory (required)"},
+    {"prompt_tokens", SPEED_CONFIG_INT, offsetof(bench_opts_t, prompt_tokens), "512", 1, 1 << 24, NULL,
+     "prompt length (random token ids)"},
+    {"gen_tokens", SPEED_CONFIG_INT, offsetof(bench_opts_t, gen_tokens), "32", 1, 1 << 20, NULL,
+     "tokens generated per sequence (the first comes from the prefill)"},
+    {"batch", SPEED_CONFIG_INT, offsetof(bench_opts_t, batch), "1", 1, 4096, NULL,
+     "also measure decode with this many sequences at once (1 = batch 1 only)"},
+    {"prefill_layers", SPEED_CONFIG_STRING, offsetof(bench_opts_t, prefill_layers), NULL, SPEED_CONFIG_UNBOUNDED, NULL,
+     "SPEED depth C: an integer 1..L or a fraction of L (0.75); default L (SPEED off)"},
+    {"anchors", SPEED_CONFIG_INT, offsetof(bench_opts_t, anchors), "1", 0, 1 << 20, NULL, "anchor tokens (A)"},
+    {"tail", SPEED_CONFIG_INT, offsetof(bench_opts_t, tail), "1", 1, 1 << 20, NULL, "tail tokens (T)"},
+    {"compare", SPEED_CONFIG_BOOL, offsetof(bench_opts_t, compare), "false", SPEED_CONFIG_UNBOUNDED, NULL,
+     "run C = L and the given C on the same prompt and print their ratios"},
+    {"threads", SPEED_CONFIG_INT, offsetof(bench_opts_t, threads), "0", 0, 1024, NULL,
+     "compute threads, for the engine and the roofline; 0 = all online cores"},
+    {"repeat", SPEED_CONFIG_INT, offsetof(bench_opts_t, repeat), "3", 1, 1000, NULL,
+     "repetitions of every measurement; the median is reported"},
+    {"backend", SPEED_CONFIG_ENUM, offsetof(bench_opts_t, backend), "cpu", SPEED_CONFIG_UNBOUNDED, backend_names,
+     "compute backend"},
+    {"kv_dtype", SPEED_CONFIG_ENUM, offsetof(bench_opts_t, kv_dtype), "bf16", SPEED_CONFIG_UNBOUNDED, kv_dtype_names,
+     "KV cache element type"},
+    {"seed", SPEED_CONFIG_INT, offsetof(bench_opts_t, seed), "1", 0, 9.2e18, NULL, "seed of the random prompt"},
+    {"roofline", SPEED_CONFIG_BOOL, offsetof(bench_opts_t, roofline), "true", SPEED_CONFIG_UNBOUNDED, NULL,
+     "measure the machine's read bandwidth and compute peaks (--no-roofline skips them)"},
+    {"roofline_mib", SPEED_CONFIG_INT, offsetof(bench_opts_t, roofline_mib), "1024", 1, 1 << 20, NULL,
+     "bandwidth probe buffer in MiB (much larger than the last-level cache)"},
+    {"json", SPEED_CONFIG_BOOL, offsetof(bench_opts_t, json), "false", SPEED_CONFIG_UNBOUNDED, NULL,
+     "print one JSON object"},
+};
+
+/* Medians and byte counts of one depth. */
+typedef struct {
+    speed_depth_t depth;          /* resolved */
+    double prefill_s, ttft_s;     /* medians */
+    double tpot_s;                /* decode at batch 1: wall time per generated token (step + sampling) */
+    double batch_tokens_per_s;    /* decode at batch N (0 when N = 1) */
+    double batch_step_s;
+    size_t kv_prompt;             /* engine's exact bytes after the prefill */
+    size_t kv_formula;            /* ARCHITECTURE.md section 1 for the prompt */
+    size_t kv_prompt_full;        /* the same prompt at full depth */
+    size_t kv_end;                /* after the last generated token */
+    size_t kv_reserved;           /* whole blocks of the sequence */
+    double prefill_flops;         /* FLOPs the prefill does at this depth */
+    double decode_bytes;          /* bytes read per decoded token at batch 1 (weights + KV), mean */
+    size_t kv_pool_bytes, scratch_bytes, weight_bytes;
+} bench_result_t;
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static double median(double *v, int n) {
+    qsort(v, (size_t)n, sizeof *v, cmp_double);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+/* FLOPs of a prefill of n tokens at depth {C, A, T}: every layer's projections for the rows it
+ * computes (n below C, the min(A + T, n) full-depth tokens from C up), causal attention over
+ * the pairs each layer sees, and the output projection for the one row that makes logits. */
+static double prefill_flops(const speed_model_config_t *c, speed_depth_t d, int64_t n) {
+    double q = (double)c->n_heads * c->head_dim, kv = (double)c->n_kv_heads * c->head_dim, h = c->hidden;
+    double per_row = 2.0 * (h * q + 2.0 * h * kv + q * h + 3.0 * h * c->ffn);
+    double full = (double)(d.anchors + d.tail < n ? d.anchors + d.tail : n), nn = (double)n;
+    double flops = 0.0;
+    for (int l = 0; l < c->n_layers; l++) {
+        double rows = l < d.prefill_layers ? nn : full;
+        double pairs = rows * (rows + 1.0) / 2.0; /* full-depth tokens see each other causally */
+        flops += rows * per_row + 4.0 * q * pairs;
+    }
+    return flops + 2.0 * h * c->vocab_size;
+}
+
+/* Bytes one decode step at batch 1 reads: every weight (the embedding table only one row,
+ * unless it doubles as the output projection) plus the KV entries attention reads. */
+static double decode_weight_bytes(const speed_model_t *m) {
+    double total = (double)speed_model_n_bytes(m);
+    if (!m->config.tie_word_embeddings) {
+        const speed_tensor_t *e = m->tok_embeddings;
+        double row = (double)m->config.hidden * (double)speed_dtype_size(e->dtype);
+        total -= (double)m->config.vocab_size * row - row;
+    }
+    return total;
+}
+
+static speed_status_t step_checked(speed_engine_t *eng, speed_engine_step_result_t *r) {
+    SPEED_CHECK(speed_engine_step(eng, r));
+    if (r->n_outputs == 0 && !speed_engine_has_work(eng)) {
+        SPEED_ERROR(SPEED_SUBSYS_CLI, "bench: the engine stopped producing output (internal error)");
+        return SPEED_ERR_INTERNAL;
+    }
+    return SPEED_OK;
+}
+
+/* Runs n_seqs copies of the prompt to gen tokens each. With n_seqs 1 it records the prefill,
+ * TTFT, batch-1 decode and KV; with more, the batch decode rate. */
+static speed_status_t bench_once(speed_engine_t *eng, speed_sampler_t *sampler, const int32_t *prompt, int64_t n,
+                                 const speed_depth_t *depth, int64_t gen, int n_seqs, double *prefill_s,
+                                 double *ttft_s, double *decode_s, size_t *kv_prompt_p, size_t *kv_end_p,
+                                 size_t *kv_reserved_p) {
+    speed_status_t st = SPEED_OK;
+    speed_seq_id_t *ids = speed_calloc((size_t)n_seqs, sizeof *ids);
+    int32_t *next = speed_calloc((size_t)n_seqs, sizeof *next);
+    int n_added = 0;
+    if (!ids || !next) {
+        st = SPEED_ERR_NO_MEMORY;
+        goto out;
+    }
+    speed_sampling_params_t greedy = speed_sampling_default_params();
+    greedy.temperature = 0.0f;
+    int32_t n_vocab = speed_engine_n_vocab(eng);
+    double t0 = speedctl_now();
+    for (; n_added < n_seqs; n_added++)
+        SPEED_CHECK_GOTO(speed_engine_seq_add(eng, prompt, n, depth, gen, &ids[n_added]), st, out);
+    /* Prefill every sequence: each gets its first token. */
+    int n_first = 0;
+    while (n_first < n_seqs) {
+        speed_engine_step_result_t r;
+        SPEED_CHECK_GOTO(step_checked(eng, &r), st, out);
+        for (int i = 0; i < r.n_outputs; i++) {
+            speed_sample_t s;
+            SPEED_CHECK_GOTO(speed_sampler_sample(sampler, &greedy, NULL, r.outputs[i].logits, n_vocab, &s), st, out);
+            for (int k = 0; k < n_seqs; k++)
+                if (ids[k] == r.outputs[i].seq) next[k] = s.id;
+            n_first++;
+        }
+    }
+    double t_first = speedctl_now();
+    speed_engine_seq_stats_t stats;
+    SPEED_CHECK_GOTO(speed_engine_seq_stats(eng, ids[0], &stats), st, out);
+    if (prefill_s) *prefill_s = (double)stats.prefill_ns / 1e9;
+    if (ttft_s) *ttft_s = t_first - t0;
+    if (kv_prompt_p) *kv_prompt_p = stats.kv_bytes_used;
+    if (kv_reserved_p) *kv_reserved_p = stats.kv_bytes_reserved;
+    /* Decode: gen - 1 more tokens per sequence, every step feeding all of them. */
+    double td = speedctl_now();
+    for (int64_t produced = 1; produced < gen; produced++) {
+        for (int k = 0; k < n_seqs; k++) SPEED_CHECK_GOTO(speed_engine_seq_append(eng, ids[k], next[k]), st, out);
+        int got = 0;
+        while (got < n_seqs) {
+            speed_engine_step_result_t r;
+            SPEED_CHECK_GOTO(step_checked(eng, &r), st, out);
+            for (int i = 0; i < r.n_outputs; i++) {
+                speed_sample_t s;
+                SPEED_CHECK_GOTO(speed_sampler_sample(sampler, &greedy, NULL, r.outputs[i].logits, n_vocab, &s), st,
+                                 out);
+                for (int k = 0; k < n_seqs; k++)
+                    if (ids[k] == r.outputs[i].seq) next[k] = s.id;
+                got++;
+            }
+        }
+    }
+    if (decode_s) *decode_s = speedctl_now() - td;
+    SPEED_CHECK_GOTO(speed_engine_seq_stats(eng, ids[0], &stats), st, out);
+    if (kv_end_p) *kv_end_p = stats.kv_bytes_used;
+out:
+    for (int k = 0; k < n_added; k++) speed_engine_seq_remove(eng, ids[k]);
+    speed_free(ids);
+    speed_free(next);
+    return st;
+}
+
+/* All measurements of one depth, on an engine of its own (its KV pools split at C). */
+static speed_status_t bench_depth(const bench_opts_t *o, const speed_model_t *model, speed_backend_t *be,
+                                  const int32_t *prompt, speed_depth_t depth, bench_result_t *res) {
+    const speed_model_config_t *mc = &model->config;
+    int n_rep = (int)o->repeat, batch = (int)o->batch;
+    int64_t n = o->prompt_tokens, gen = o->gen_tokens;
+    speed_engine_params_t ep = speed_engine_default_params();
+    ep.backend = be;
+    ep.model = model;
+    ep.kv_dtype = (speed_dtype_t)o->kv_dtype;
+    ep.max_seqs = batch;
+    if (ep.max_step_tokens < batch) ep.max_step_tokens = batch;
+    ep.depth = depth;
+    speed_engine_t *eng = NULL;
+    speed_sampler_t *sampler = NULL;
+    double *v = speed_calloc((size_t)n_rep * 4, sizeof *v);
+    if (!v) return SPEED_ERR_NO_MEMORY;
+    speed_status_t st;
+    SPEED_CHECK_GOTO(speed_engine_params_fit_kv(&ep, batch, n, gen), st, out);
+    SPEED_CHECK_GOTO(speed_engine_create(&ep, &eng), st, out);
+    SPEED_CHECK_GOTO(speed_sampler_create(speed_engine_n_vocab(eng), &sampler), st, out);
+    memset(res, 0, sizeof *res);
+    res->depth = speed_engine_depth(eng);
+    res->depth.anchors = depth.anchors;
+    res->depth.tail = depth.tail;
+
+    /* Warm-up: a short run touches every weight page and the scratch. */
+    SPEED_CHECK_GOTO(bench_once(eng, sampler, prompt, n < 8 ? n : 8, &depth, 2, 1, NULL, NULL, NULL, NULL, NULL,
+                                NULL), st, out);
+    double *pre = v, *ttft = v + n_rep, *dec = v + 2 * n_rep, *bat = v + 3 * n_rep;
+    for (int r = 0; r < n_rep; r++)
+        SPEED_CHECK_GOTO(bench_once(eng, sampler, prompt, n, &depth, gen, 1, &pre[r], &ttft[r], &dec[r],
+                                    &res->kv_prompt, &res->kv_end, &res->kv_reserved), st, out);
+    res->prefill_s = median(pre, n_rep);
+    res->ttft_s = median(ttft, n_rep);
+    res->tpot_s = gen > 1 ? median(dec, n_rep) / (double)(gen - 1) : 0.0;
+    if (batch > 1 && gen > 1) {
+        for (int r = 0; r < n_rep; r++)
+            SPEED_CHECK_GOTO(bench_once(eng, sampler, prompt, n, &depth, gen, batch, NULL, NULL, &bat[r], NULL, NULL,
+                                        NULL), st, out);
+        double t = median(bat, n_rep);
+        res->batch_tokens_per_s = (double)batch * (double)(gen - 1) / t;
+        res->batch_step_s = t / (double)(gen - 1);
+    }
+    res->kv_formula = speed_kv_bytes_for_prompt(mc, res->depth.prefill_layers, depth.anchors, depth.tail, n, ep.kv_dtype);
+    res->kv_prompt_full = speed_kv_bytes_for_prompt(mc, mc->n_layers, depth.anchors, depth.tail, n, ep.kv_dtype);
+    res->prefill_flops = prefill_flops(mc, res->depth, n);
+    res->decode_bytes = decode_weight_bytes(model) + 0.5 * (double)(res->kv_prompt + res->kv_end);
+    speed_engine_stats_t es;
+    speed_engine_stats(eng, &es);
+    res->kv_pool_bytes = es.kv.bytes_total[SPEED_KV_POOL_LOWER] + es.kv.bytes_total[SPEED_KV_POOL_UPPER];
+    res->scratch_bytes = es.scratch_bytes;
+    res->weight_bytes = es.weight_bytes;
+out:
+    speed_sampler_destroy(sampler);
+    speed_engine_destroy(eng);
+    speed_free(v);
+    return st;
+}
+
+static void human(double b, char *out, size_t n) {
+    static const char *const units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+    int u = 0;
+    while (b >= 1024 && u < 4) {
+        b /= 1024;
+        u++;
+    }
+    snprintf(out, n, u ? "%.2f %s" : "%.0f %s", b, units[u]);
+}
+
+/* Resident set size now, from /proc/self/statm (0 if unavailable). */
+static size_t rss_now(void) {
+    FILE *f = fopen("/proc/self/statm", "r");
+    unsigned long size = 0, resident = 0;
+    if (f) {
+        if (fscanf(f, "%lu %lu", &size, &resident) != 2) resident = 0;
+        fclose(f);
+    }
+    return (size_t)resident * (size_t)sysconf(_SC_PAGESIZE);
+}
+
+static void result_print(const bench_result_t *r, const bench_opts_t *o, int n_layers, const speed_roofline_t *rf,
+                         bool have_rf, speed_dtype_t wdtype) {
+    char b1[32], b2[32], b3[32];
+    printf("\nC=%d of %d%s, A=%d, T=%d\n", r->depth.prefill_layers, n_layers,
+           r->depth.prefill_layers == n_layers ? " (SPEED off)" : "", r->depth.anchors, r->depth.tail);
+    double pre_gflops = r->prefill_flops / r->prefill_s / 1e9;
+    double peak = wdtype == SPEED_DTYPE_BF16 ? (have_rf ? rf->bf16_gflops : 0) : (have_rf ? rf->fp32_gflops : 0);
+    printf("  prefill      %" PRId64 " tokens in %.2f ms = %.1f tokens/s; %.3g GFLOP -> %.1f GFLOP/s", o->prompt_tokens,
+           r->prefill_s * 1e3, (double)o->prompt_tokens / r->prefill_s, r->prefill_flops / 1e9, pre_gflops);
+    if (peak > 0) printf(" = %.1f%% of the %s peak", 100.0 * pre_gflops / peak, wdtype == SPEED_DTYPE_BF16 ? "bf16" : "fp32");
+    printf("\n  TTFT         %.2f ms\n", r->ttft_s * 1e3);
+    if (o->gen_tokens > 1) {
+        double gbs = r->decode_bytes / r->tpot_s / 1e9;
+        human(r->decode_bytes, b1, sizeof b1);
+        printf("  decode b=1   %.2f ms/token = %.2f tokens/s; reads %s/token -> %.2f GB/s", r->tpot_s * 1e3,
+               1.0 / r->tpot_s, b1, gbs);
+        if (have_rf) printf(" = %.1f%% of the read bandwidth", 100.0 * gbs / rf->read_gbs);
+        printf("\n");
+        if (r->batch_tokens_per_s > 0)
+            printf("  decode b=%-3" PRId64 " %.2f tokens/s (%.2f ms per step of %" PRId64 " tokens)\n", o->batch,
+                   r->batch_tokens_per_s, r->batch_step_s * 1e3, o->batch);
+    }
+    human((double)r->kv_prompt, b1, sizeof b1);
+    human((double)r->kv_formula, b2, sizeof b2);
+    human((double)r->kv_prompt_full, b3, sizeof b3);
+    printf("  KV           prompt %s (%zu B) vs formula %s (%+.3f%%); full depth %s -> %.1f%%; "
+           "at the end %zu B, %zu B reserved\n", b1, r->kv_prompt, b2,
+           r->kv_formula ? 100.0 * ((double)r->kv_prompt - (double)r->kv_formula) / (double)r->kv_formula : 0.0, b3,
+           r->kv_prompt_full ? 100.0 * (double)r->kv_prompt / (double)r->kv_prompt_full : 0.0, r->kv_end,
+           r->kv_reserved);
+}
+
+static json_t *result_json(const bench_result_t *r, const bench_opts_t *o, const speed_roofline_t *rf, bool have_rf,
+                           speed_dtype_t wdtype) {
+    json_t *j = json_object();
+    json_object_set_new(j, "prefill_layers", json_integer(r->depth.prefill_layers));
+    json_object_set_new(j, "anchors", json_integer(r->depth.anchors));
+    json_object_set_new(j, "tail", json_integer(r->depth.tail));
+    json_object_set_new(j, "prefill_ms", json_real(r->prefill_s * 1e3));
+    json_object_set_new(j, "prefill_tokens_per_s", json_real((double)o->prompt_tokens / r->prefill_s));
+    json_object_set_new(j, "prefill_flops", json_real(r->prefill_flops));
+    json_object_set_new(j, "ttft_ms", json_real(r->ttft_s * 1e3));
+    json_object_set_new(j, "decode_ms_per_token", json_real(r->tpot_s * 1e3));
+    json_object_set_new(j, "decode_tokens_per_s", json_real(r->tpot_s > 0 ? 1.0 / r->tpot_s : 0.0));
+    json_object_set_new(j, "decode_bytes_per_token", json_real(r->decode_bytes));
+    json_object_set_new(j, "batch_decode_tokens_per_s", json_real(r->batch_tokens_per_s));
+    json_t *kv = json_object();
+    json_object_set_new(kv, "prompt_bytes", json_integer((json_int_t)r->kv_prompt));
+    json_object_set_new(kv, "formula_bytes", json_integer((json_int_t)r->kv_formula));
+    json_object_set_new(kv, "full_depth_bytes", json_integer((json_int_t)r->kv_prompt_full));
+    json_object_set_new(kv, "end_bytes", json_integer((json_int_t)r->kv_end));
+    json_object_set_new(kv, "reserved_bytes", json_integer((json_int_t)r->kv_reserved));
+    json_object_set_new(j, "kv", kv);
+    if (have_rf) {
+        json_t *f = json_object();
+        double peak = wdtype == SPEED_DTYPE_BF16 ? rf->bf16_gflops : rf->fp32_gflops;
+        json_object_set_new(f, "prefill_of_compute_peak", json_real(r->prefill_flops / r->prefill_s / 1e9 / peak));
+        json_object_set_new(f, "decode_of_read_bandwidth",
+                            json_real(r->tpot_s > 0 ? r->decode_bytes / r->tpot_s / 1e9 / rf->read_gbs : 0.0));
+        json_object_set_new(j, "roofline_fraction", f);
+    }
+    return j;
+}
+
+int speedctl_bench(int argc, char **argv) {
+    bench_opts_t o;
+    speed_config_t *cfg;
+    bool done;
+    int rc = speedctl_options_load("bench", "speedctl bench --model DIR [options]", bench_fields,
+                                   sizeof bench_fields / sizeof bench_fields[0], &o, argc, argv, &cfg, &done);
+    if (done) return rc;
+    char *const *pos;
+    if (speed_config_positional(cfg, &pos) != 0 || !o.model) {
+        speedctl_fail("bench needs --model DIR (see --help)");
+        speed_config_destroy(cfg);
+        return SPEEDCTL_EXIT_USAGE;
+    }
+    int exit_code = SPEEDCTL_EXIT_FAIL;
+    speed_status_t st = SPEED_OK;
+    speed_model_t *model = NULL;
+    speed_backend_t *be = NULL;
+    int32_t *prompt = NULL;
+    bench_result_t res[2];
+    int n_res = 0;
+
+    speed_model_params_t mp = speed_model_default_params();
+    SPEED_CHECK_GOTO(speed_model_load(o.model, &mp, &model), st, out);
+    const speed_model_config_t *mc = &model->config;
+    speed_depth_t depth = speed_depth_default();
+    depth.anchors = (int)o.anchors;
+    depth.tail = (int)o.tail;
+    depth.prefill_layers = mc->n_layers;
+    speed_log_set_sink(speedctl_silent_sink, NULL);
+    bool depth_ok = !o.prefill_layers ||
+                    speed_prefill_layers_parse(o.prefill_layers, mc->n_layers, &depth.prefill_layers) == SPEED_OK;
+    speedctl_log_to_stderr();
+    if (!depth_ok) {
+        speedctl_fail("--prefill-layers '%s': expected an integer 1..%d or a fraction in (0, 1]", o.prefill_layers,
+                      mc->n_layers);
+        exit_code = SPEEDCTL_EXIT_USAGE;
+        goto out;
+    }
+    if (o.compare && depth.prefill_layers == mc->n_layers) {
+        speedctl_fail("--compare needs --prefill-layers below the model's %d layers", mc->n_layers);
+        exit_code = SPEEDCTL_EXIT_USAGE;
+        goto out;
+    }
+    if (o.prompt_tokens + o.gen_tokens > mc->max_position) {
+        speedctl_fail("--prompt-tokens %" PRId64 " + --gen-tokens %" PRId64 " exceed the model's context of %d",
+                      o.prompt_tokens, o.gen_tokens, mc->max_position);
+        goto out;
+    }
+
+    /* A random prompt: the same ids for every depth (and every run with the same seed). */
+    prompt = speed_malloc((size_t)o.prompt_tokens * sizeof *prompt);
+    if (!prompt) {
+        st = SPEED_ERR_NO_MEMORY;
+        goto out;
+    }
+    speed_rng_t rng;
+    speed_rng_init(&rng, (uint64_t)o.seed);
+    for (int64_t i = 0; i < o.prompt_tokens; i++) prompt[i] = (int32_t)(speed_rng_next(&rng) % (uint64_t)mc->vocab_size);
+    if (mc->bos_token_id >= 0 && mc->bos_token_id < mc->vocab_size) prompt[0] = mc->bos_token_id;
+
+    speed_backend_params_t bp = speed_backend_default_params();
+    bp.kind = o.backend == 1 ? SPEED_BACKEND_CPU_REF : SPEED_BACKEND_CPU;
+    bp.n_threads = (int)o.threads;
+    SPEED_CHECK_GOTO(speed_backend_create(&bp, &be), st, out);
+    int n_threads = (int)o.threads;
+    if (n_threads == 0) {
+        long n = sysconf(_SC_NPROCESSORS_ONLN);
+        n_threads = n > 0 ? (int)n : 1;
+    }
+
+    if (o.compare) {
+        speed_depth_t full = depth;
+        full.prefill_layers = mc->n_layers;
+        SPEED_CHECK_GOTO(bench_depth(&o, model, be, prompt, full, &res[n_res]), st, out);
+        n_res++;
+    }
+    SPEED_CHECK_GOTO(bench_depth(&o, model, be, prompt, depth, &res[n_res]), st, out);
+    n_res++;
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    size_t peak_rss = (size_t)ru.ru_maxrss * 1024, rss = rss_now();
+
+    /* The roofline last, so that its buffer does not count in the engine's peak RSS. */
+    speed_roofline_t rf = {0};
+    if (o.roofline) {
+        speed_roofline_params_t rp = speed_roofline_default_params();
+        rp.n_threads = n_threads;
+        rp.read_bytes = (size_t)o.roofline_mib << 20;
+        rp.repetitions = o.repeat > 3 ? (int)o.repeat : 3;
+        SPEED_CHECK_GOTO(speed_roofline_measure(&rp, &rf), st, out);
+    }
+
+    const bench_result_t *last = &res[n_res - 1];
+    size_t kv_pool = 0, scratch = 0;
+    for (int i = 0; i < n_res; i++) {
+        kv_pool = res[i].kv_pool_bytes > kv_pool ? res[i].kv_pool_bytes : kv_pool;
+        scratch = res[i].scratch_bytes > scratch ? res[i].scratch_bytes : scratch;
+    }
+    size_t weights = last->weight_bytes;
+    speed_dtype_t wdtype = mc->torch_dtype;
+    if (o.json) {
+        json_t *root = json_object();
+        json_t *jm = json_object();
+        json_object_set_new(jm, "path", json_string(o.model));
+        json_object_set_new(jm, "layers", json_integer(mc->n_layers));
+        json_object_set_new(jm, "params", json_integer(speed_model_n_params(model)));
+        json_object_set_new(jm, "weight_bytes", json_integer((json_int_t)weights));
+        json_object_set_new(jm, "dtype", json_string(speed_dtype_name(wdtype)));
+        json_object_set_new(root, "model", jm);
+        json_object_set_new(root, "backend", json_string(speed_backend_name(be)));
+        json_object_set_new(root, "threads", json_integer(n_threads));
+        json_object_set_new(root, "kv_dtype", json_string(kv_dtype_names[o.kv_dtype]));
+        json_object_set_new(root, "prompt_tokens", json_integer(o.prompt_tokens));
+        json_object_set_new(root, "gen_tokens", json_integer(o.gen_tokens));
+        json_object_set_new(root, "batch", json_integer(o.batch));
+        json_object_set_new(root, "repeat", json_integer(o.repeat));
+        json_t *runs = json_array();
+        for (int i = 0; i < n_res; i++) json_array_append_new(runs, result_json(&res[i], &o, &rf, o.roofline, wdtype));
+        json_object_set_new(root, "runs", runs);
+        if (n_res == 2) {
+            json_t *c = json_object();
+            json_object_set_new(c, "prefill_time_ratio", json_real(res[1].prefill_s / res[0].prefill_s));
+            json_object_set_new(c, "tpot_ratio", json_real(res[0].tpot_s > 0 ? res[1].tpot_s / res[0].tpot_s : 0.0));
+            json_object_set_new(c, "kv_ratio", json_real((double)res[1].kv_prompt / (double)res[0].kv_prompt));
+            json_object_set_new(root, "compare", c);
+        }
+        json_t *mem = json_object();
+        json_object_set_new(mem, "peak_rss_bytes", json_integer((json_int_t)peak_rss));
+        json_object_set_new(mem, "rss_bytes", json_integer((json_int_t)rss));
+        json_object_set_new(mem, "weight_bytes", json_integer((json_int_t)weights));
+        json_object_set_new(mem, "kv_pool_bytes", json_integer((json_int_t)kv_pool));
+        json_object_set_new(mem, "scratch_bytes", json_integer((json_int_t)scratch));
+        json_object_set_new(root, "memory", mem);
+        if (o.roofline) {
+            json_t *jr = json_object();
+            json_object_set_new(jr, "threads", json_integer(rf.n_threads));
+            json_object_set_new(jr, "read_gbs", json_real(rf.read_gbs));
+            json_object_set_new(jr, "copy_gbs", json_real(rf.copy_gbs));
+            json_object_set_new(jr, "fp32_gflops", json_real(rf.fp32_gflops));
+            json_object_set_new(jr, "bf16_gflops", json_real(rf.bf16_gflops));
+            json_object_set_new(jr, "isa", json_string(speed_cpu_isa_name(rf.isa)));
+            json_object_set_new(jr, "fp32_kernel", json_string(rf.fp32_kernel));
+            json_object_set_new(jr, "bf16_kernel", json_string(rf.bf16_kernel));
+            json_object_set_new(root, "roofline", jr);
+        }
+        char *s = json_dumps(root, JSON_REAL_PRECISION(6));
+        if (s) puts(s);
+        free(s);
+        json_decref(root);
+    } else {
+        char b1[32], b2[32], b3[32], b4[32], b5[32];
+        human((double)weights, b1, sizeof b1);
+        double np = (double)speed_model_n_params(model);
+        printf("model        %s: %d layers, hidden %d, %.3g%s parameters, %s weights %s\n", o.model, mc->n_layers,
+               mc->hidden, np >= 1e9 ? np / 1e9 : np / 1e6, np >= 1e9 ? " B" : " M", speed_dtype_name(wdtype), b1);
+        printf("setup        %s; KV %s; prompt %" PRId64 " tokens (random ids), %" PRId64 " generated, batch %" PRId64
+               ", medians of %" PRId64 "\n", speed_backend_name(be), kv_dtype_names[o.kv_dtype], o.prompt_tokens,
+               o.gen_tokens, o.batch, o.repeat);
+        if (o.roofline)
+            printf("roofline     %d threads: read %.2f GB/s (memcpy %.2f GB/s, %zu MiB buffer); fp32 %.1f GFLOP/s (%s); "
+                   "bf16 %.1f GFLOP/s (%s)\n", rf.n_threads, rf.read_gbs, rf.copy_gbs, rf.read_bytes >> 20,
+                   rf.fp32_gflops, rf.fp32_kernel, rf.bf16_gflops, rf.bf16_kernel);
+        for (int i = 0; i < n_res; i++) result_print(&res[i], &o, mc->n_layers, &rf, o.roofline, wdtype);
+        human((double)peak_rss, b1, sizeof b1);
+        human((double)weights, b2, sizeof b2);
+        human((double)kv_pool, b3, sizeof b3);
+        human((double)scratch, b4, sizeof b4);
+        double parts = (double)weights + (double)kv_pool + (double)scratch, other = (double)peak_rss - parts;
+        human(fabs(other), b5, sizeof b5);
+        printf("\nmemory       peak RSS %s; mapped weights %s + KV pools %s + scratch %s, RSS %s that by %s (%s)\n",
+               b1, b2, b3, b4, other < 0 ? "below" : "above", b5,
+               other < 0 ? "pool and scratch pages never touched" : "code, heap, tokenizer, page tables");
+        if (n_res == 2) {
+            double pr = res[1].prefill_s / res[0].prefill_s;
+            double tr = res[0].tpot_s > 0 ? res[1].tpot_s / res[0].tpot_s : 0.0;
+            double kr = (double)res[1].kv_prompt / (double)res[0].kv_prompt;
+            double kerr = res[1].kv_formula ? fabs((double)res[1].kv_prompt - (double)res[1].kv_formula) /
+                                                  (double)res[1].kv_formula : 0.0;
+            printf("compare      C=%d vs C=%d: prefill time %.3fx (issue target <= 0.78: %s), TPOT %.3fx "
+                   "(target < 1: %s), KV %.3fx (within 1%% of the formula: %s)\n", res[1].depth.prefill_layers,
+                   res[0].depth.prefill_layers, pr, pr <= 0.78 ? "met" : "not met", tr, tr < 1.0 ? "met" : "not met",
+                   kr, kerr <= 0.01 ? "yes" : "no");
+        }
+    }
+    exit_code = SPEEDCTL_EXIT_OK;
+out:
+    speed_free(prompt);
+    speed_backend_destroy(be);
+    speed_model_destroy(model);
+    speed_config_destroy(cfg);
+    return exit_code;
+}
