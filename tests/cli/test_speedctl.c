@@ -432,6 +432,11 @@ static void test_generate(void) {
     }
     json_decref(a);
 
+    /* the reference backend runs the same request */
+    b = gen_json("--prompt-ids 1,2,3 --max-tokens 3 --backend cpu-ref --threads 1 --kv-dtype f32");
+    if (b) CHECK_INT_EQ(json_array_size(json_object_get(b, "tokens")) >= 1, 1);
+    json_decref(b);
+
     /* --chat renders the template, which carries the one BOS */
     b = gen_json("--chat 'Hi there' --system 'Be brief.' --max-tokens 2");
     if (b) {
