@@ -11,14 +11,16 @@
  *   matmul, more rows         blocks of nc weight rows (x all rows, or a row range when there
  *                             are few blocks) handed out by an atomic counter; each thread packs
  *                             its block k-slice by k-slice into its own buffer and multiplies;
- *   attention                 (row, kv head) items by an atomic counter, longest rows first;
- *                             with fewer items than threads (decode) every item's visible
- *                             entries are also split and the partial softmax states merged;
+ *   attention                 (block of query rows of one sequence, kv head) items by an atomic
+ *                             counter, longest rows first; with fewer items than threads
+ *                             (decode) every row's visible entries are also split across items
+ *                             and the partial softmax states merged;
  *   row ops                   contiguous row ranges, run inline below a size where waking the
  *                             workers costs more than it saves.
  * Scratch (converted x, packed weights, attention partials) is owned by the context and grows
  * on demand; an op that cannot grow it returns SPEED_ERR_NO_MEMORY before touching its output.
  */
+#include <limits.h>
 #include <math.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -534,10 +536,17 @@ static speed_status_t cpu_matmul(void *ctx, speed_mat_t out, speed_mat_t x, spee
 /* ---- attention ---------------------------------------------------------------------------- */
 
 typedef struct {
+    int64_t r0;
+    int nr;
+} attn_block_t;
+
+typedef struct {
     cpu_ctx_t *c;
     speed_cpu_attn_t at;
+    attn_block_t *blocks; /* query rows grouped by sequence, at most rows_per_item each */
+    int64_t n_blocks;
     int64_t n_items;
-    int n_split;          /* chunks per (row, kv head); 1 = no split */
+    int n_split;          /* chunks per (row, kv head); 1 = no split (then blocks may hold rows) */
     float *parts;         /* [n_rows][n_kv][n_split][part_floats] */
     size_t part_floats;
     _Atomic int64_t next;
@@ -552,22 +561,15 @@ static void attn_task(void *p, int t, int nt) {
         int64_t it = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed);
         if (it >= a->n_items) break;
         it = a->n_items - 1 - it; /* later rows see more entries: start with them */
-        int64_t rh = it / S;
-        int s = (int)(it % S);
-        int64_t r = rh / n_kv;
-        int h = (int)(rh % n_kv);
-        int32_t nv = a->at.rows->n_visible[r];
+        const int64_t bh = it / S;
+        const int s = (int)(it % S), h = (int)(bh % n_kv);
+        const attn_block_t *b = &a->blocks[bh / n_kv];
         if (S == 1) {
-            if (nv > 0) {
-                a->c->k->attn(&a->at, r, h, 0, nv, scratch, NULL);
-            } else {
-                float *o = a->at.out + r * a->at.ldo + (int64_t)h * a->at.group * a->at.kv->head_dim;
-                memset(o, 0, (size_t)a->at.group * a->at.kv->head_dim * sizeof(float));
-            }
-        } else {
-            int32_t len = (nv + S - 1) / S;
-            int32_t e0 = s * len < nv ? s * len : nv, e1 = e0 + len < nv ? e0 + len : nv;
-            a->c->k->attn(&a->at, r, h, e0, e1, scratch, a->parts + (size_t)it * a->part_floats);
+            a->c->k->attn(&a->at, b->r0, b->nr, h, 0, INT32_MAX, scratch, NULL);
+        } else { /* one row per block */
+            const int32_t nv = a->at.rows->n_visible[b->r0], len = (nv + S - 1) / S;
+            const int32_t e0 = s * len < nv ? s * len : nv, e1 = e0 + len < nv ? e0 + len : nv;
+            a->c->k->attn(&a->at, b->r0, 1, h, e0, e1, scratch, a->parts + (size_t)it * a->part_floats);
         }
     }
 }
@@ -613,9 +615,9 @@ static speed_status_t cpu_attention(void *ctx, speed_mat_t out, speed_mat_t q, c
                .n_heads = n_heads, .group = G, .scale = scale},
         .n_split = 1,
     };
-    const int64_t base = q.n_rows * n_kv;
+    const int64_t n = q.n_rows, base = n * n_kv;
     int64_t max_vis = 0, total_vis = 0;
-    for (int64_t r = 0; r < q.n_rows; r++) {
+    for (int64_t r = 0; r < n; r++) {
         if (rows->n_visible[r] > max_vis) max_vis = rows->n_visible[r];
         total_vis += rows->n_visible[r];
     }
@@ -623,19 +625,30 @@ static speed_status_t cpu_attention(void *ctx, speed_mat_t out, speed_mat_t q, c
         int64_t s = (4 * T + base - 1) / base, most = max_vis / ATTN_SPLIT_MIN;
         a.n_split = (int)(s < most ? s : most);
     }
-    a.n_items = base * a.n_split;
     a.part_floats = speed_cpu_attn_part_floats(G, hd);
+    const size_t parts_bytes = a.n_split > 1 ? (size_t)base * a.n_split * a.part_floats * sizeof(float) : 0;
     SPEED_CHECK(tscratch_reserve(c, speed_cpu_attn_scratch_floats(G, hd) * sizeof(float)));
-    if (a.n_split > 1) {
-        SPEED_CHECK(scratch_reserve(c, (size_t)a.n_items * a.part_floats * sizeof(float)));
-        a.parts = c->scratch;
+    SPEED_CHECK(scratch_reserve(c, parts_bytes + (size_t)n * sizeof(attn_block_t)));
+    a.parts = c->scratch;
+    a.blocks = (attn_block_t *)((char *)c->scratch + parts_bytes);
+
+    /* Rows of one sequence share a block-table pointer: consecutive ones go into one block. */
+    const int per_item = a.n_split > 1 ? 1 : speed_cpu_attn_rows_per_item(G);
+    for (int64_t r = 0; r < n; r++) {
+        attn_block_t *last = a.n_blocks ? &a.blocks[a.n_blocks - 1] : NULL;
+        if (last && last->nr < per_item && rows->block_table[r] == rows->block_table[last->r0] &&
+            rows->n_visible[r] > 0 && rows->n_visible[last->r0] > 0)
+            last->nr++;
+        else
+            a.blocks[a.n_blocks++] = (attn_block_t){r, 1};
     }
+    a.n_items = a.n_blocks * n_kv * a.n_split;
     atomic_init(&a.next, 0);
-    if (T == 1 || (a.n_items == 1) || total_vis * n_heads * hd < SMALL_WORK)
+    if (T == 1 || a.n_items == 1 || total_vis * n_heads * hd < SMALL_WORK)
         attn_task(&a, 0, 1);
     else
         speed_cpu_pool_run(c->pool, attn_task, &a);
-    if (a.n_split > 1) attn_merge_rows(&a, 0, q.n_rows);
+    if (a.n_split > 1) attn_merge_rows(&a, 0, n);
     return SPEED_OK;
 }
 

@@ -73,11 +73,19 @@ typedef struct {
     float scale;
 } speed_cpu_attn_t;
 
-#define SPEED_CPU_ATTN_TILE 64
+/* Entries per tile, and query vectors (rows x heads of a group) per work item. */
+#define SPEED_CPU_ATTN_TILE 32
+#define SPEED_CPU_ATTN_QV 64
 
-/* Floats of per-thread scratch the attention kernel needs. */
+/* Query rows per item for this group size (rows of one sequence are blocked together). */
+static inline int speed_cpu_attn_rows_per_item(int group) {
+    return group >= SPEED_CPU_ATTN_QV ? 1 : SPEED_CPU_ATTN_QV / group;
+}
+
+/* Floats of per-thread scratch the attention kernel needs (head_dim padded to 16). */
 static inline size_t speed_cpu_attn_scratch_floats(int group, int head_dim) {
-    return (size_t)group * ((size_t)2 * head_dim + SPEED_CPU_ATTN_TILE + 2) + 64;
+    size_t qv = (size_t)group * (size_t)speed_cpu_attn_rows_per_item(group), hdp = ((size_t)head_dim + 15) / 16 * 16;
+    return qv * (2 * hdp + SPEED_CPU_ATTN_TILE + 4) + 2 * hdp * SPEED_CPU_ATTN_TILE + 64;
 }
 
 /* Partial result layout for split attention items: per query head of the group,
@@ -101,10 +109,13 @@ typedef struct {
     speed_cpu_gemm_t gemm[SPEED_DTYPE_COUNT];
 
     /* ---- attention ---- */
-    /* Entries [e0, e1) of row r against kv head h for the group's query heads. part == NULL:
-     * the normalised result goes to out (the range must be the whole visible range);
-     * otherwise the partial (max, sum, acc) goes to part. scratch: attn_scratch_floats. */
-    void (*attn)(const speed_cpu_attn_t *a, int64_t r, int h, int32_t e0, int32_t e1, float *scratch, float *part);
+    /* Query rows r0 .. r0 + nr - 1 (nr <= attn_rows_per_item; they share one block table) with
+     * the group of query heads of kv head h, against entries [e0, min(e1, n_visible[r])) of
+     * each row. part == NULL: the normalised result goes to out (e0 = 0, e1 >= every row's
+     * n_visible); otherwise (nr = 1) the partial (max, sum, acc) goes to part.
+     * scratch: attn_scratch_floats. */
+    void (*attn)(const speed_cpu_attn_t *a, int64_t r0, int nr, int h, int32_t e0, int32_t e1, float *scratch,
+                 float *part);
 
     /* ---- rows and elementwise ---- */
     void (*rmsnorm_row)(float *out, const float *x, const void *w, speed_dtype_t wtype, int64_t d, float eps);

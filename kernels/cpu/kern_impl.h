@@ -369,137 +369,249 @@ static void KFN(gemm_compute)(const speed_cpu_mm_t *mm, const void *xs, int64_t 
 }
 
 /* ==== attention ======================================================================= */
-/* One item = one query row x one kv head (its `group` query heads) x a range of entries,
- * processed in tiles of SPEED_CPU_ATTN_TILE entries: scores for the tile, one online-softmax
- * rescale per tile, then the V accumulation streaming the tile once per head_dim chunk. */
+/* One item = nr query rows of one sequence x one kv head: QV = nr * group query vectors that
+ * all read the same K and V entries, like a small GEMM (flash attention on a CPU). Per tile of
+ * T entries:
+ *   K tile, converted to f32 and transposed to Kt[d][t]   S[qv][t] = Σ_d Qs[qv][d] Kt[d][t]
+ *     (broadcast q, vector over t: no horizontal sums);
+ *   online softmax per query vector (entries past the row's n_visible masked to -inf);
+ *   V tile converted to Vt[t][d]                           O[qv][d] = corr O + Σ_t P[qv][t] Vt[t][d].
+ * Query vector qv = row i * group + g; scale is folded into Qs. head_dim is padded to a multiple
+ * of VN with zeros in Qs, Kt, Vt, O so that the inner loops are whole vectors. */
 
-#define ATTN_GB 8 /* query heads held in registers at once */
+#if KERN_ISA == KERN_ISA_AVX512
+#define ATTN_MR 4
+#elif KERN_ISA == KERN_ISA_AVX2
+#define ATTN_MR 2
+#else
+#define ATTN_MR 2
+#endif
+#define ATTN_T SPEED_CPU_ATTN_TILE
+#define ATTN_TV (ATTN_T / VN) /* vectors per tile row */
+#define ATTN_DV 4             /* head_dim vectors per pass of the P·V kernel */
 
-KERN_INLINE void attn_dt(const speed_cpu_attn_t *a, int64_t r, int h, int32_t e0, int32_t e1, float *scratch,
-                         float *part, const speed_dtype_t dt) {
+/* S[q0 .. q0+mr)[0 .. T) = Qs · Kt over hdp dims. */
+KERN_INLINE void attn_qk(const int mr, const float *qs, int hdp, const float *kt, float *s) {
+    vf acc[ATTN_MR][ATTN_TV];
+    for (int i = 0; i < mr; i++)
+        for (int v = 0; v < ATTN_TV; v++) acc[i][v] = vf_zero();
+    for (int d = 0; d < hdp; d++) {
+        vf kv[ATTN_TV];
+        for (int v = 0; v < ATTN_TV; v++) kv[v] = vf_load(kt + d * ATTN_T + v * VN);
+        for (int i = 0; i < mr; i++) {
+            vf q = vf_set1(qs[i * hdp + d]);
+            for (int v = 0; v < ATTN_TV; v++) acc[i][v] = vf_fma(q, kv[v], acc[i][v]);
+        }
+    }
+    for (int i = 0; i < mr; i++)
+        for (int v = 0; v < ATTN_TV; v++) vf_store(s + i * ATTN_T + v * VN, acc[i][v]);
+}
+
+/* O[q0 .. q0+mr)[d0 .. d0 + dv*VN) = corr * O + P · Vt over nt entries. */
+KERN_INLINE void attn_pv(const int mr, const int dv, const float *p, const float *corr, int nt, const float *vt,
+                         int hdp, float *o) {
+    vf acc[ATTN_MR][ATTN_DV];
+    for (int i = 0; i < mr; i++) {
+        vf c = vf_set1(corr[i]);
+        for (int v = 0; v < dv; v++) acc[i][v] = vf_mul(vf_load(o + i * hdp + v * VN), c);
+    }
+    for (int t = 0; t < nt; t++) {
+        vf vv[ATTN_DV];
+        for (int v = 0; v < dv; v++) vv[v] = vf_load(vt + t * hdp + v * VN);
+        for (int i = 0; i < mr; i++) {
+            vf pv = vf_set1(p[i * ATTN_T + t]);
+            for (int v = 0; v < dv; v++) acc[i][v] = vf_fma(pv, vv[v], acc[i][v]);
+        }
+    }
+    for (int i = 0; i < mr; i++)
+        for (int v = 0; v < dv; v++) vf_store(o + i * hdp + v * VN, acc[i][v]);
+}
+
+static void attn_qk_any(int mr, const float *qs, int hdp, const float *kt, float *s) {
+    switch (mr) {
+#if ATTN_MR >= 4
+    case 4: attn_qk(4, qs, hdp, kt, s); break;
+    case 3: attn_qk(3, qs, hdp, kt, s); break;
+#endif
+    case 2: attn_qk(2, qs, hdp, kt, s); break;
+    default: attn_qk(1, qs, hdp, kt, s); break;
+    }
+}
+
+static void attn_pv_any(int mr, int dv, const float *p, const float *corr, int nt, const float *vt, int hdp, float *o) {
+#define PV_DV(MR)                                                     \
+    switch (dv) {                                                     \
+    case 4: attn_pv(MR, 4, p, corr, nt, vt, hdp, o); break;           \
+    case 3: attn_pv(MR, 3, p, corr, nt, vt, hdp, o); break;           \
+    case 2: attn_pv(MR, 2, p, corr, nt, vt, hdp, o); break;           \
+    default: attn_pv(MR, 1, p, corr, nt, vt, hdp, o); break;          \
+    }
+    switch (mr) {
+#if ATTN_MR >= 4
+    case 4: PV_DV(4); break;
+    case 3: PV_DV(3); break;
+#endif
+    case 2: PV_DV(2); break;
+    default: PV_DV(1); break;
+    }
+#undef PV_DV
+}
+
+KERN_INLINE void attn_dt(const speed_cpu_attn_t *a, int64_t r0, int nr, int h, int32_t e0, int32_t e1,
+                         float *scratch, float *part, const speed_dtype_t dt) {
     const speed_kv_layer_t *kv = a->kv;
     const int hd = kv->head_dim, G = a->group, B = kv->block_tokens;
+    const int hdp = (hd + VN - 1) / VN * VN, hdv = hd / VN * VN, nq = nr * G;
     const size_t es = speed_dtype_size(dt);
-    const int hdv = hd / VN * VN;
-    enum { T = SPEED_CPU_ATTN_TILE };
-    float *qs = scratch;                 /* [G][hd] q * scale */
-    float *acc = qs + (size_t)G * hd;    /* [G][hd] */
-    float *sc = acc + (size_t)G * hd;    /* [G][T] scores, then probabilities */
-    float *mx = sc + (size_t)G * T;      /* [G] */
-    float *lsum = mx + G;                /* [G] */
-    const char *kp[T];
+    float *qs = scratch;                   /* [nq][hdp] q * scale */
+    float *o = qs + (size_t)nq * hdp;      /* [nq][hdp] */
+    float *sc = o + (size_t)nq * hdp;      /* [nq][T] scores, then probabilities */
+    float *mx = sc + (size_t)nq * ATTN_T;  /* [nq] running max */
+    float *lsum = mx + nq;                 /* [nq] running sum */
+    float *corr = lsum + nq;               /* [nq] rescale of this tile */
+    float *kt = corr + nq;                 /* [hdp][T] */
+    float *vt = kt + (size_t)hdp * ATTN_T; /* [T][hdp] */
+    const char *kp[ATTN_T];
+    int32_t nvis[SPEED_CPU_ATTN_QV];       /* per row: end of its entries (<= e1) */
 
-    const float *qrow = a->q + r * a->ldq + (int64_t)h * G * hd;
-    const vf vscale = vf_set1(a->scale);
-    for (int g = 0; g < G; g++) {
-        int d = 0;
-        for (; d < hdv; d += VN) vf_store(qs + g * hd + d, vf_mul(vf_load(qrow + g * hd + d), vscale));
-        for (; d < hd; d++) qs[g * hd + d] = qrow[g * hd + d] * a->scale;
-        mx[g] = -INFINITY;
-        lsum[g] = 0.0f;
+    int32_t emax = e0;
+    for (int i = 0; i < nr; i++) {
+        int32_t nv = a->rows->n_visible[r0 + i];
+        nvis[i] = nv < e1 ? nv : e1;
+        if (nvis[i] > emax) emax = nvis[i];
     }
-    memset(acc, 0, (size_t)G * hd * sizeof(float));
+    const vf vscale = vf_set1(a->scale);
+    for (int i = 0; i < nr; i++) {
+        const float *qrow = a->q + (r0 + i) * a->ldq + (int64_t)h * G * hd;
+        for (int g = 0; g < G; g++) {
+            float *qd = qs + (size_t)(i * G + g) * hdp;
+            int d = 0;
+            for (; d < hdv; d += VN) vf_store(qd + d, vf_mul(vf_load(qrow + g * hd + d), vscale));
+            for (; d < hd; d++) qd[d] = qrow[g * hd + d] * a->scale;
+            for (; d < hdp; d++) qd[d] = 0.0f;
+        }
+    }
+    memset(o, 0, (size_t)nq * hdp * sizeof(float));
+    for (int q = 0; q < nq; q++) {
+        mx[q] = -INFINITY;
+        lsum[q] = 0.0f;
+    }
 
-    const int32_t *bt = a->rows->block_table[r];
+    const int32_t *bt = a->rows->block_table[r0];
     const size_t head_off = (size_t)h * hd * es, tok_bytes = (size_t)kv->n_kv_heads * hd * es;
-    for (int32_t t0 = e0; t0 < e1; t0 += T) {
-        const int nt = e1 - t0 < T ? e1 - t0 : T;
+    const size_t row_bytes = (size_t)hd * es;
+    /* K/V addresses of the next tile are computed (block by block, no division per entry) and
+     * prefetched one tile ahead: the entries of one kv head are scattered (n_kv_heads interleaved
+     * per token, V a block stride away), which the hardware prefetchers do not follow well. */
+    const char *kpn[ATTN_T];
+    int32_t eb = e0 / B, eo = e0 % B; /* block and offset of the next entry to address */
+    int ntn = 0;
+#define ATTN_ADDR_TILE(t0_)                                                                              \
+    do {                                                                                                 \
+        ntn = emax - (t0_) < ATTN_T ? emax - (t0_) : ATTN_T;                                             \
+        for (int t = 0; t < ntn; t++) {                                                                  \
+            kpn[t] = (const char *)kv->k_base + (size_t)bt[eb] * kv->block_stride + (size_t)eo * tok_bytes + \
+                     head_off;                                                                           \
+            for (size_t l = 0; l < row_bytes; l += 64) {                                                 \
+                __builtin_prefetch(kpn[t] + l, 0, 3);                                                    \
+                __builtin_prefetch(kpn[t] + kv->v_offset + l, 0, 3);                                     \
+            }                                                                                            \
+            if (++eo == B) {                                                                             \
+                eo = 0;                                                                                  \
+                eb++;                                                                                    \
+            }                                                                                            \
+        }                                                                                                \
+    } while (0)
+    if (e0 < emax) ATTN_ADDR_TILE(e0);
+    for (int32_t t0 = e0; t0 < emax; t0 += ATTN_T) {
+        const int nt = ntn;
+        memcpy(kp, kpn, (size_t)nt * sizeof kp[0]);
+        if (t0 + ATTN_T < emax) ATTN_ADDR_TILE(t0 + ATTN_T);
+        /* Kt[d][t]: VN x VN blocks transposed in registers; entries past nt are zeros */
+        for (int tb = 0; tb < ATTN_T; tb += VN) {
+            int d = 0;
+            for (; d < hdv; d += VN) {
+                vf blk[VN];
+                for (int t = 0; t < VN; t++) blk[t] = tb + t < nt ? dt_load(dt, kp[tb + t], d) : vf_zero();
+                vf_transpose(blk);
+                for (int c = 0; c < VN; c++) vf_store(kt + (d + c) * ATTN_T + tb, blk[c]);
+            }
+            for (; d < hdp; d++)
+                for (int t = 0; t < VN; t++)
+                    kt[d * ATTN_T + tb + t] = tb + t < nt && d < hd ? dt_get(dt, kp[tb + t], d) : 0.0f;
+        }
         for (int t = 0; t < nt; t++) {
-            const int32_t e = t0 + t;
-            kp[t] = (const char *)kv->k_base + (size_t)bt[e / B] * kv->block_stride + (size_t)(e % B) * tok_bytes +
-                    head_off;
+            float *vr = vt + (size_t)t * hdp;
+            const char *vsrc = kp[t] + kv->v_offset;
+            int d = 0;
+            for (; d < hdv; d += VN) vf_store(vr + d, dt_load(dt, vsrc, d));
+            for (; d < hd; d++) vr[d] = dt_get(dt, vsrc, d);
+            for (; d < hdp; d++) vr[d] = 0.0f;
         }
         /* scores */
-        for (int g0 = 0; g0 < G; g0 += ATTN_GB) {
-            const int gn = G - g0 < ATTN_GB ? G - g0 : ATTN_GB;
-            for (int t = 0; t < nt; t++) {
-                vf s[ATTN_GB];
-                for (int g = 0; g < gn; g++) s[g] = vf_zero();
-                int d = 0;
-                for (; d < hdv; d += VN) {
-                    vf kvec = dt_load(dt, kp[t], d);
-                    for (int g = 0; g < gn; g++) s[g] = vf_fma(vf_load(qs + (g0 + g) * hd + d), kvec, s[g]);
-                }
-                for (int g = 0; g < gn; g++) {
-                    float v = vf_hsum(s[g]);
-                    for (int dd = d; dd < hd; dd++) v += qs[(g0 + g) * hd + dd] * dt_get(dt, kp[t], dd);
-                    sc[(g0 + g) * T + t] = v;
-                }
-            }
-        }
-        /* online softmax, one rescale per tile */
-        const int ntv = (nt + VN - 1) / VN * VN;
-        for (int g = 0; g < G; g++) {
-            float *s = sc + g * T;
-            for (int t = nt; t < ntv; t++) s[t] = -INFINITY;
+        for (int q0 = 0; q0 < nq; q0 += ATTN_MR)
+            attn_qk_any(nq - q0 < ATTN_MR ? nq - q0 : ATTN_MR, qs + (size_t)q0 * hdp, hdp, kt, sc + (size_t)q0 * ATTN_T);
+        /* online softmax, one rescale per tile and query vector */
+        for (int q = 0; q < nq; q++) {
+            float *s = sc + (size_t)q * ATTN_T;
+            const int valid = nvis[q / G] - t0; /* entries of this row in the tile */
+            for (int t = valid < 0 ? 0 : valid; t < ATTN_T; t++) s[t] = -INFINITY;
             vf m = vf_set1(-INFINITY);
-            for (int t = 0; t < ntv; t += VN) m = vf_max(m, vf_load(s + t));
+            for (int t = 0; t < ATTN_T; t += VN) m = vf_max(m, vf_load(s + t));
             float mt = vf_hmax(m);
-            float mnew = mx[g] > mt ? mx[g] : mt;
-            float corr = expf(mx[g] - mnew); /* 0 on the first tile (-inf) */
+            float mnew = mx[q] > mt ? mx[q] : mt;
+            if (mnew == -INFINITY) { /* nothing visible yet for this row */
+                corr[q] = 1.0f;
+                memset(s, 0, ATTN_T * sizeof(float));
+                continue;
+            }
+            corr[q] = expf(mx[q] - mnew); /* 0 on the first visible tile */
             vf vm = vf_set1(mnew), sum = vf_zero();
-            for (int t = 0; t < ntv; t += VN) {
+            for (int t = 0; t < ATTN_T; t += VN) {
                 vf pv = vf_exp(vf_sub(vf_load(s + t), vm));
                 vf_store(s + t, pv);
                 sum = vf_add(sum, pv);
             }
-            lsum[g] = lsum[g] * corr + vf_hsum(sum);
-            mx[g] = mnew;
-            if (corr != 1.0f) {
-                vf vc = vf_set1(corr);
-                float *ag = acc + g * hd;
-                int d = 0;
-                for (; d < hdv; d += VN) vf_store(ag + d, vf_mul(vf_load(ag + d), vc));
-                for (; d < hd; d++) ag[d] *= corr;
-            }
+            lsum[q] = lsum[q] * corr[q] + vf_hsum(sum);
+            mx[q] = mnew;
         }
-        /* acc += P · V */
-        for (int g0 = 0; g0 < G; g0 += ATTN_GB) {
-            const int gn = G - g0 < ATTN_GB ? G - g0 : ATTN_GB;
-            int d = 0;
-            for (; d < hdv; d += VN) {
-                vf av[ATTN_GB];
-                for (int g = 0; g < gn; g++) av[g] = vf_load(acc + (g0 + g) * hd + d);
-                for (int t = 0; t < nt; t++) {
-                    vf vv = dt_load(dt, kp[t] + kv->v_offset, d);
-                    for (int g = 0; g < gn; g++) av[g] = vf_fma(vf_set1(sc[(g0 + g) * T + t]), vv, av[g]);
-                }
-                for (int g = 0; g < gn; g++) vf_store(acc + (g0 + g) * hd + d, av[g]);
-            }
-            for (; d < hd; d++)
-                for (int t = 0; t < nt; t++) {
-                    float vv = dt_get(dt, kp[t] + kv->v_offset, d);
-                    for (int g = 0; g < gn; g++) acc[(g0 + g) * hd + d] += sc[(g0 + g) * T + t] * vv;
-                }
+        /* O = corr O + P V */
+        for (int d0 = 0; d0 < hdp; d0 += ATTN_DV * VN) {
+            const int dv = (hdp - d0) / VN < ATTN_DV ? (hdp - d0) / VN : ATTN_DV;
+            for (int q0 = 0; q0 < nq; q0 += ATTN_MR)
+                attn_pv_any(nq - q0 < ATTN_MR ? nq - q0 : ATTN_MR, dv, sc + (size_t)q0 * ATTN_T, corr + q0, nt,
+                            vt + d0, hdp, o + (size_t)q0 * hdp + d0);
         }
     }
 
-    if (part) {
+#undef ATTN_ADDR_TILE
+    if (part) { /* nr == 1 */
         const size_t stride = (size_t)hd + 2;
         for (int g = 0; g < G; g++) {
             float *pg = part + g * stride;
             pg[0] = mx[g];
             pg[1] = lsum[g];
-            memcpy(pg + 2, acc + g * hd, (size_t)hd * sizeof(float));
+            memcpy(pg + 2, o + (size_t)g * hdp, (size_t)hd * sizeof(float));
         }
         return;
     }
-    float *orow = a->out + r * a->ldo + (int64_t)h * G * hd;
-    for (int g = 0; g < G; g++) {
-        const float inv = lsum[g] > 0.0f ? 1.0f / lsum[g] : 0.0f;
+    for (int q = 0; q < nq; q++) {
+        float *orow = a->out + (r0 + q / G) * a->ldo + ((int64_t)h * G + q % G) * hd;
+        const float inv = lsum[q] > 0.0f ? 1.0f / lsum[q] : 0.0f; /* no visible entry: zeros */
         const vf vi = vf_set1(inv);
+        const float *oq = o + (size_t)q * hdp;
         int d = 0;
-        for (; d < hdv; d += VN) vf_store(orow + g * hd + d, vf_mul(vf_load(acc + g * hd + d), vi));
-        for (; d < hd; d++) orow[g * hd + d] = acc[g * hd + d] * inv;
+        for (; d < hdv; d += VN) vf_store(orow + d, vf_mul(vf_load(oq + d), vi));
+        for (; d < hd; d++) orow[d] = oq[d] * inv;
     }
 }
 
-static void KFN(attn)(const speed_cpu_attn_t *a, int64_t r, int h, int32_t e0, int32_t e1, float *scratch,
+static void KFN(attn)(const speed_cpu_attn_t *a, int64_t r0, int nr, int h, int32_t e0, int32_t e1, float *scratch,
                       float *part) {
     switch (a->kv->dtype) {
-    case SPEED_DTYPE_BF16: attn_dt(a, r, h, e0, e1, scratch, part, SPEED_DTYPE_BF16); break;
-    case SPEED_DTYPE_F16: attn_dt(a, r, h, e0, e1, scratch, part, SPEED_DTYPE_F16); break;
-    default: attn_dt(a, r, h, e0, e1, scratch, part, SPEED_DTYPE_F32); break;
+    case SPEED_DTYPE_BF16: attn_dt(a, r0, nr, h, e0, e1, scratch, part, SPEED_DTYPE_BF16); break;
+    case SPEED_DTYPE_F16: attn_dt(a, r0, nr, h, e0, e1, scratch, part, SPEED_DTYPE_F16); break;
+    default: attn_dt(a, r0, nr, h, e0, e1, scratch, part, SPEED_DTYPE_F32); break;
     }
 }
 
