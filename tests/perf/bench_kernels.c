@@ -18,7 +18,9 @@
  *   prefill (compute bound, GFLOP/s vs the bf16 / fp32 peak)
  *     [512 x 2048]·[5632 x 2048]ᵀ bf16 (target >= 60% of the bf16 peak), f16, f32
  *   attention: decode with a long context (KV bytes / s), causal prefill (GFLOP/s)
- *   small ops at decode size (µs per call: dispatch + barrier cost included).
+ *   small ops at decode size (µs per call: dispatch + barrier cost included), and the thread
+ *   pool's own cost: an empty job dispatched and joined with the workers spinning, and after
+ *   the caller was idle for 1 ms and 20 ms (the workers have gone to sleep: wake-up latency).
  * Decode weights are rotated over enough copies to exceed the last-level cache, so nothing is
  * served from it. The machine may be shared (other processes, other tenants of the memory
  * system): its bandwidth and free cores drift during a run. So every round of a matmul
@@ -34,9 +36,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "alloc.h"
 #include "backend.h"
+#include "cpu_pool.h" /* white box: the fast backend's thread pool, for its dispatch cost */
 #include "log.h"
 #include "roofline.h"
 
@@ -359,6 +363,42 @@ static void bench_small(int64_t n, int reps) {
     speed_aligned_free(s.pos);
 }
 
+/* ---- thread pool ------------------------------------------------------------------------------- */
+
+static void nop_task(void *arg, int i, int n) {
+    (void)arg;
+    (void)i;
+    (void)n;
+}
+
+static void bench_pool(int n_threads, int reps) {
+    speed_cpu_pool_t *pool;
+    must(speed_cpu_pool_create(n_threads ? n_threads : (int)sysconf(_SC_NPROCESSORS_ONLN), &pool), "pool");
+    double t[64];
+    if (reps > 64) reps = 64;
+    for (int r = 0; r < reps; r++) {
+        const int n = 10000;
+        double t0 = now_s();
+        for (int i = 0; i < n; i++) speed_cpu_pool_run(pool, nop_task, NULL);
+        t[r] = (now_s() - t0) / n;
+    }
+    printf("  %-44s %9.3f us\n", "pool dispatch + join, empty job", median(t, reps) * 1e6);
+    const long idle_us[2] = {1000, 20000};
+    for (int k = 0; k < 2; k++) {
+        for (int r = 0; r < reps; r++) {
+            struct timespec ts = {0, idle_us[k] * 1000};
+            nanosleep(&ts, NULL);
+            double t0 = now_s();
+            speed_cpu_pool_run(pool, nop_task, NULL);
+            t[r] = now_s() - t0;
+        }
+        char name[96];
+        snprintf(name, sizeof name, "  the same after %ld ms idle", idle_us[k] / 1000);
+        printf("  %-44s %9.3f us\n", name, median(t, reps) * 1e6);
+    }
+    speed_cpu_pool_destroy(pool);
+}
+
 /* ---- main ---------------------------------------------------------------------------------------- */
 
 int main(int argc, char **argv) {
@@ -470,6 +510,7 @@ int main(int argc, char **argv) {
         printf("small ops (per call):\n");
         bench_small(1, g_reps);
         bench_small(64, g_reps);
+        bench_pool(n_threads, g_reps);
     }
 
     speed_backend_destroy(g_be);
