@@ -1,6 +1,6 @@
 /* Kernel benchmark of the fast CPU backend against this machine's roofline, in one run.
  *
- *   bench_kernels [--quick] [--threads N] [--reps N] [--isa scalar|avx2|avx512|avx512-bf16]
+ *   bench_kernels [--quick] [--thp] [--threads N] [--reps N] [--isa scalar|avx2|avx512|avx512-bf16]
  *                 [--only decode|sweep|prefill|attention|small]
  *
  * First the machine probes of kernels/roofline.h with the same thread count: streaming-read
@@ -35,6 +35,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -89,9 +90,37 @@ static void fill_f32(float *x, size_t n, float scale) {
     for (size_t i = 0; i < n; i++) x[i] = frand() * scale;
 }
 
+/* --thp: weights in 2 MiB transparent huge pages (madvise), as a loader that copies the weights
+ * into anonymous memory could provide. Default: 4 KiB pages, like the engine's mmap of the
+ * safetensors file. */
+static bool g_thp;
+
+static void *weights_alloc(size_t bytes) {
+    if (!g_thp) return xalloc(bytes);
+    const size_t huge = (size_t)2 << 20, size = (bytes + huge - 1) / huge * huge;
+    void *p = mmap(NULL, size + huge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) {
+        fprintf(stderr, "bench_kernels: mmap of %zu bytes failed\n", size + huge);
+        exit(1);
+    }
+    char *a = (char *)(((uintptr_t)p + huge - 1) / huge * huge); /* 2 MiB aligned; the slack stays mapped */
+    (void)madvise(a, size, MADV_HUGEPAGE);
+    return a;
+}
+
+static void weights_free(void *w, size_t bytes) {
+    if (!w) return;
+    if (!g_thp) {
+        speed_aligned_free(w);
+        return;
+    }
+    const size_t huge = (size_t)2 << 20, size = (bytes + huge - 1) / huge * huge;
+    munmap(w, size); /* the unaligned head and tail of the mapping leak: a benchmark, < 4 MiB each */
+}
+
 /* Random weights in dtype (fast: one random f32 per 64 elements, varied by index). */
 static void *make_weights(speed_dtype_t dt, size_t n) {
-    void *w = xalloc(n * speed_dtype_size(dt));
+    void *w = weights_alloc(n * speed_dtype_size(dt));
     float buf[256];
     for (size_t i = 0; i < n; i += 256) {
         size_t m = n - i < 256 ? n - i : 256;
@@ -195,7 +224,7 @@ static void bench_matmul(const char *name, int64_t n, int64_t m, int64_t k, spee
     fill_f32(b.x, (size_t)(n * k), 1.0f);
     run_rounds(name, mm_run, &b, copies, roof == ROOF_READ ? bytes : 2.0 * (double)n * (double)m * (double)k, roof,
                rounds);
-    for (int c = 0; c < copies; c++) speed_aligned_free(b.w[c]);
+    for (int c = 0; c < copies; c++) weights_free(b.w[c], (size_t)(m * k) * speed_dtype_size(dt));
     speed_aligned_free(b.w);
     speed_aligned_free(b.x);
     speed_aligned_free(b.out);
@@ -248,7 +277,7 @@ static void bench_sweep(int n_layers, int reps) {
     snprintf(name, sizeof name, "decode sweep, %d layers x 7 matmuls (%.0f MB)", n_layers, bytes * 1e-6);
     run_rounds(name, sweep_run, &s, 1, bytes, ROOF_READ, reps);
     for (int l = 0; l < n_layers; l++)
-        for (int i = 0; i < 7; i++) speed_aligned_free(s.w[l][i]);
+        for (int i = 0; i < 7; i++) weights_free(s.w[l][i], 2 * (size_t)(sweep_shape[i][0] * sweep_shape[i][1]));
     speed_aligned_free(s.w);
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) speed_aligned_free(*bufs[i]);
 }
@@ -299,7 +328,7 @@ static double bench_attention(int ctx, int64_t n_rows, speed_dtype_t dt, int rep
     double t = time_median(attn_run, &a, reps);
     *flops_p = flops;
     *bytes_p = (double)ctx * 2 * N_KV * HD * es;
-    speed_aligned_free(a.pool);
+    weights_free(a.pool, (size_t)n_blocks * 2 * half);
     speed_aligned_free(a.table);
     speed_aligned_free(a.tables);
     speed_aligned_free(a.n_visible);
@@ -408,6 +437,7 @@ int main(int argc, char **argv) {
     speed_cpu_isa_t isa = SPEED_CPU_ISA_BEST;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--quick")) quick = true;
+        else if (!strcmp(argv[i], "--thp")) g_thp = true;
         else if (!strcmp(argv[i], "--threads") && i + 1 < argc) n_threads = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--reps") && i + 1 < argc) reps = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--only") && i + 1 < argc) only = argv[++i];
@@ -416,7 +446,7 @@ int main(int argc, char **argv) {
             for (int k = 0; k <= SPEED_CPU_ISA_BEST; k++)
                 if (!strcmp(s, speed_cpu_isa_name((speed_cpu_isa_t)k))) isa = (speed_cpu_isa_t)k;
         } else {
-            fprintf(stderr, "usage: %s [--quick] [--threads N] [--reps N] [--isa scalar|avx2|avx512|avx512-bf16] "
+            fprintf(stderr, "usage: %s [--quick] [--thp] [--threads N] [--reps N] [--isa scalar|avx2|avx512|avx512-bf16] "
                     "[--only decode|sweep|prefill|attention|small]\n", argv[0]);
             return 2;
         }
@@ -446,7 +476,8 @@ int main(int argc, char **argv) {
     bp.cpu_isa_max = isa;
     must(speed_backend_create(&bp, &g_be), "backend");
 
-    printf("bench_kernels: %s%s\n", speed_backend_name(g_be), quick ? " (quick)" : "");
+    printf("bench_kernels: %s%s, weights in %s pages\n", speed_backend_name(g_be), quick ? " (quick)" : "",
+           g_thp ? "2 MiB (THP)" : "4 KiB");
     printf("roofline (%d threads, median of %d): read %.2f GB/s, copy %.2f GB/s, fp32 %.1f GFLOP/s (%s), "
            "bf16 %.1f GFLOP/s (%s)\n",
            g_roof.n_threads, g_roof.repetitions, g_roof.read_gbs, g_roof.copy_gbs, g_roof.fp32_gflops,
