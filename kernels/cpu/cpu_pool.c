@@ -11,7 +11,6 @@
  */
 #include "cpu_pool.h"
 
-#include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
