@@ -1,0 +1,154 @@
+/* speed_balance: node pools with balancing policies, and the router's admission limiter.
+ *
+ * A pool (speed_balance_pool_t) is one set of interchangeable nodes: the router keeps one
+ * for prefill nodes and one for decode nodes, each with its own policy.
+ *   - round robin: the next eligible node after the last pick;
+ *   - least loaded: the lowest score, score = running + waiting (from the node's last
+ *     status snapshot) + picks made since that snapshot (so a burst between two
+ *     snapshots does not all land on one node); ties go to the lower KV usage, then
+ *     rotate.
+ * Eligible = state UP and not in the caller's exclude set (the nodes that already failed
+ * this request). A node goes DOWN after a failure (speed_balance_pool_mark_down) and UP
+ * again when a health check succeeds (speed_balance_pool_mark_up); DRAINING nodes take
+ * no new requests.
+ *
+ * The admission limiter (speed_admission_t) bounds the requests in flight and the ones
+ * waiting for a slot: a request beyond the waiting bound is refused at once (→ 429 with
+ * Retry-After), one that waits longer than the timeout gives up (→ 503). Slots are handed
+ * to waiters in arrival order.
+ *
+ * Threading: every function may be called from any number of threads at once (one mutex
+ * per object; picks are O(n_nodes)). speed_admission_acquire blocks the calling thread.
+ * Destroy functions must not race with other calls on the same object.
+ *
+ * Memory: objects come from speed_malloc; node addresses are copied.
+ */
+#ifndef SPEED_ROUTER_BALANCE_H
+#define SPEED_ROUTER_BALANCE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "status.h"
+
+/* ---- pools ------------------------------------------------------------------------- */
+
+typedef enum {
+    SPEED_BALANCE_ROUND_ROBIN = 0,
+    SPEED_BALANCE_LEAST_LOADED,
+} speed_balance_policy_t;
+
+/* "round_robin" / "least_loaded" (static; "unknown" outside the enum). */
+const char *speed_balance_policy_name(speed_balance_policy_t policy);
+/* Parses those names. Returns SPEED_OK or SPEED_ERR_INVALID_ARGUMENT. */
+speed_status_t speed_balance_policy_parse(const char *name, speed_balance_policy_t *policy_p);
+
+typedef enum {
+    SPEED_NODE_UP = 0,     /* takes requests */
+    SPEED_NODE_DOWN,       /* failed; back UP after a successful health check */
+    SPEED_NODE_DRAINING,   /* finishing its requests, takes no new ones */
+} speed_node_state_t;
+
+/* A node's status snapshot (from its Health reply). */
+typedef struct {
+    int32_t n_running;     /* requests being computed */
+    int32_t n_waiting;     /* requests queued on the node */
+    double kv_usage;       /* KV cache usage ratio [0, 1] */
+} speed_node_load_t;
+
+typedef struct {
+    speed_balance_policy_t policy;
+    size_t n_nodes_max;    /* capacity of the pool (nodes are never removed), >= 1 */
+} speed_balance_pool_params_t;
+
+/* ROUND_ROBIN, 64 nodes. */
+speed_balance_pool_params_t speed_balance_pool_default_params(void);
+
+typedef struct speed_balance_pool speed_balance_pool_t;
+
+/* name (e.g. "decode") is copied; used in log lines. params may be NULL (defaults).
+ * Returns SPEED_OK, SPEED_ERR_INVALID_ARGUMENT (NULL pool_p, n_nodes_max 0, unknown
+ * policy) or SPEED_ERR_NO_MEMORY. */
+speed_status_t speed_balance_pool_create(const char *name,
+                                         const speed_balance_pool_params_t *params,
+                                         speed_balance_pool_t **pool_p);
+void speed_balance_pool_destroy(speed_balance_pool_t *pool);   /* NULL ok */
+
+/* Adds a node (state UP, load zero); its index (0, 1, ...) is stable for the pool's life.
+ * index_p may be NULL. Returns SPEED_OK, SPEED_ERR_INVALID_ARGUMENT (NULL or empty
+ * address, or an address already in the pool), SPEED_ERR_CAPACITY (n_nodes_max reached)
+ * or SPEED_ERR_NO_MEMORY. */
+speed_status_t speed_balance_pool_add(speed_balance_pool_t *pool, const char *address,
+                                      size_t *index_p);
+
+size_t speed_balance_pool_size(const speed_balance_pool_t *pool);
+/* The address given to add (owned by the pool, valid until destroy); NULL if out of
+ * range. */
+const char *speed_balance_pool_address(const speed_balance_pool_t *pool, size_t index);
+
+/* The following return SPEED_OK or SPEED_ERR_INVALID_ARGUMENT (index out of range). */
+/* Replaces the node's snapshot and forgets the picks counted since the previous one. */
+speed_status_t speed_balance_pool_set_load(speed_balance_pool_t *pool, size_t index,
+                                           const speed_node_load_t *load);
+/* After a failure (logged at warn on the UP → DOWN transition). */
+speed_status_t speed_balance_pool_mark_down(speed_balance_pool_t *pool, size_t index);
+/* After a successful health check: DOWN → UP (a DRAINING node stays DRAINING). */
+speed_status_t speed_balance_pool_mark_up(speed_balance_pool_t *pool, size_t index);
+/* draining true: → DRAINING; false: DRAINING → UP. */
+speed_status_t speed_balance_pool_set_draining(speed_balance_pool_t *pool, size_t index,
+                                               bool draining);
+speed_status_t speed_balance_pool_state(const speed_balance_pool_t *pool, size_t index,
+                                        speed_node_state_t *state_p);
+/* Picks made on the node since its last snapshot. */
+speed_status_t speed_balance_pool_pending(const speed_balance_pool_t *pool, size_t index,
+                                          int64_t *pending_p);
+
+/* Picks a node by the pool's policy, skipping nodes not UP and the n_exclude indices in
+ * exclude (may be NULL when n_exclude is 0). Returns SPEED_OK with *index_p set,
+ * SPEED_ERR_PEER_UNREACHABLE when no node is eligible (→ 503), or
+ * SPEED_ERR_INVALID_ARGUMENT (NULL arguments). */
+speed_status_t speed_balance_pool_pick(speed_balance_pool_t *pool, const size_t *exclude,
+                                       size_t n_exclude, size_t *index_p);
+/* Number of UP nodes. */
+size_t speed_balance_pool_n_up(const speed_balance_pool_t *pool);
+
+/* ---- admission --------------------------------------------------------------------- */
+
+typedef struct {
+    int32_t max_in_flight;     /* requests holding a slot, >= 1 */
+    int32_t max_waiting;       /* requests queued for a slot, >= 0 (0 = refuse at once) */
+    int64_t wait_timeout_ms;   /* longest wait in the queue, >= 0 */
+    int32_t retry_after_s;     /* Retry-After seconds to send with a 429, >= 1 */
+} speed_admission_params_t;
+
+/* 256 in flight, 1024 waiting, 30 s timeout, Retry-After 1 s. */
+speed_admission_params_t speed_admission_default_params(void);
+
+typedef struct speed_admission speed_admission_t;
+
+/* params may be NULL (defaults). Returns SPEED_OK, SPEED_ERR_INVALID_ARGUMENT (bounds
+ * above violated) or SPEED_ERR_NO_MEMORY. */
+speed_status_t speed_admission_create(const speed_admission_params_t *params,
+                                      speed_admission_t **adm_p);
+/* No thread may be waiting in acquire (call speed_admission_close and let them return
+ * first). NULL ok. */
+void speed_admission_destroy(speed_admission_t *adm);
+
+/* Takes a slot, waiting in FIFO order if all are busy. Blocks up to wait_timeout_ms.
+ * Returns SPEED_OK (the caller holds a slot and must release it), SPEED_ERR_CAPACITY
+ * (the waiting queue is full: refused at once, → 429 with Retry-After),
+ * SPEED_ERR_TIMEOUT (waited wait_timeout_ms, → 503), SPEED_ERR_CANCELLED (the limiter
+ * was closed) or SPEED_ERR_INVALID_ARGUMENT (NULL). */
+speed_status_t speed_admission_acquire(speed_admission_t *adm);
+/* Returns a slot: handed straight to the oldest waiter if there is one. */
+void speed_admission_release(speed_admission_t *adm);
+/* Refuses new requests and wakes every waiter with SPEED_ERR_CANCELLED (shutdown). Held
+ * slots are unaffected and must still be released. */
+void speed_admission_close(speed_admission_t *adm);
+
+int32_t speed_admission_in_flight(speed_admission_t *adm);
+int32_t speed_admission_waiting(speed_admission_t *adm);
+int32_t speed_admission_retry_after(const speed_admission_t *adm);   /* seconds */
+
+#endif /* SPEED_ROUTER_BALANCE_H */
