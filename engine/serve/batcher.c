@@ -1,0 +1,893 @@
+/* speed_batcher: see batcher.h.
+ *
+ * Locking. `mu` protects the command queue, the request list (requests are created and
+ * destroyed by the engine thread, while holding mu, so other threads may look ids up under
+ * mu), the stats snapshot and the flags. The engine, the sampler and each request's
+ * generation state are touched only by the engine thread, without the lock; event callbacks
+ * run with no lock held.
+ */
+#include "batcher.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <string.h>
+#include <time.h>
+
+#include "alloc.h"
+#include "log.h"
+#include "rng.h"
+
+typedef enum { REQ_WAITING, REQ_RESERVED, REQ_RUNNING, REQ_HELD } req_state_t;
+
+typedef struct req {
+    char id[SPEED_BATCH_ID_MAX + 1];
+    req_state_t state;
+    bool in_engine;
+    speed_seq_id_t seq;
+    int32_t *prompt;
+    int64_t n_prompt;
+    speed_depth_t depth;
+    speed_batch_gen_t gen;
+    char **stop_strings;        /* owned copies behind gen.stop */
+    bool hold_kv, kv_ready, first_sent;
+    speed_batch_event_cb_t on_event;
+    speed_batch_layer_cb_t on_layer;
+    void *user;
+    speed_status_t layer_status; /* first failure of on_layer in the current step */
+    speed_rng_t rng;
+    speed_stop_t *stop;
+    speed_tok_stream_t *stream;
+    int64_t deadline_ms;        /* lease of a reservation or of held KV */
+    uint64_t t_arrival_ns, t_engine_ns;
+    char *text;                 /* scratch for one token's text */
+    size_t text_cap;
+    struct req *next;
+} req_t;
+
+typedef enum { CMD_SUBMIT, CMD_RESERVE, CMD_WITH_KV, CMD_KV_READY, CMD_START, CMD_CANCEL, CMD_RELEASE } cmd_kind_t;
+
+typedef struct cmd {
+    cmd_kind_t kind;
+    char id[SPEED_BATCH_ID_MAX + 1];
+    req_t *req;                               /* SUBMIT, START: prepared by the caller */
+    int64_t n_prompt, max_tokens;             /* RESERVE */
+    speed_depth_t depth;
+    speed_batch_reservation_t *reservation_p;
+    speed_batch_kv_fn_t fn;                   /* WITH_KV */
+    void *fn_user;
+    speed_batch_token_t first;                /* START */
+    bool kv_ready;
+    bool heap;                                /* async: freed by the engine thread */
+    bool done;
+    speed_status_t status;
+    struct cmd *next;
+} cmd_t;
+
+struct speed_batcher {
+    speed_batcher_params_t p;
+    speed_engine_t *engine;
+    speed_sampler_t *sampler;
+    int32_t n_vocab, n_tok_vocab;
+    const int32_t *eos_ids;
+    size_t n_eos;
+
+    pthread_mutex_t mu;
+    pthread_cond_t wake;      /* engine thread: commands or stop */
+    pthread_cond_t done_cv;   /* callers: a sync command is done; idle */
+    pthread_t thread;
+    bool thread_started, stopping, draining;
+    cmd_t *q_head, *q_tail;
+    req_t *reqs;              /* every live request */
+    int n_reqs;
+    speed_batcher_stats_t counts; /* engine thread only: the counters, copied by snapshot() */
+    speed_batcher_stats_t snap;
+};
+
+static _Thread_local const speed_batcher_t *tls_engine_thread_of;
+
+const char *speed_batch_finish_name(speed_batch_finish_t finish) {
+    switch (finish) {
+    case SPEED_BATCH_RUNNING: return "running";
+    case SPEED_BATCH_STOP: return "stop";
+    case SPEED_BATCH_LENGTH: return "length";
+    case SPEED_BATCH_CANCELLED: return "cancelled";
+    case SPEED_BATCH_EXPIRED: return "expired";
+    case SPEED_BATCH_ERROR: return "error";
+    }
+    return "unknown";
+}
+
+speed_batcher_params_t speed_batcher_default_params(void) {
+    speed_batcher_params_t p = {0};
+    p.engine = speed_engine_default_params();
+    p.max_waiting = 64;
+    p.lease_ms = 30000;
+    return p;
+}
+
+static uint64_t mono_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static int64_t wall_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static double ms_between(uint64_t a, uint64_t b) { return b > a ? (double)(b - a) / 1e6 : 0.0; }
+
+/* ---- requests ------------------------------------------------------------------------------ */
+
+static req_t *req_find(const speed_batcher_t *b, const char *id) {
+    for (req_t *r = b->reqs; r; r = r->next)
+        if (strcmp(r->id, id) == 0) return r;
+    return NULL;
+}
+
+static req_t *req_by_seq(const speed_batcher_t *b, speed_seq_id_t seq) {
+    for (req_t *r = b->reqs; r; r = r->next)
+        if (r->in_engine && r->seq == seq) return r;
+    return NULL;
+}
+
+static void req_free(req_t *r) {
+    if (!r) return;
+    speed_free(r->prompt);
+    if (r->stop_strings)
+        for (size_t i = 0; i < r->gen.n_stop; i++) speed_free(r->stop_strings[i]);
+    speed_free(r->stop_strings);
+    speed_stop_destroy(r->stop);
+    speed_tok_stream_destroy(r->stream);
+    speed_free(r->text);
+    speed_free(r);
+}
+
+static speed_status_t check_id(const char *id) {
+    if (!id || !id[0] || strlen(id) > SPEED_BATCH_ID_MAX) {
+        SPEED_ERROR(SPEED_SUBSYS_ENGINE, "batcher: request id must be 1..%d bytes", SPEED_BATCH_ID_MAX);
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    return SPEED_OK;
+}
+
+/* Copies the generation parameters and builds the sampler/stop/text state (caller's thread). */
+static speed_status_t req_prepare_gen(speed_batcher_t *b, req_t *r, const speed_batch_gen_t *gen) {
+    r->gen = *gen;
+    r->gen.stop = NULL;
+    if (gen->max_tokens < 1) {
+        SPEED_ERROR(SPEED_SUBSYS_ENGINE, "batcher: %s: max_tokens %lld must be >= 1", r->id,
+                    (long long)gen->max_tokens);
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    SPEED_CHECK(speed_sampling_params_validate(&gen->sampling));
+    if (gen->n_stop && !b->p.tokenizer) {
+        SPEED_ERROR(SPEED_SUBSYS_ENGINE, "batcher: %s: stop strings need a tokenizer", r->id);
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    if (gen->n_stop > SPEED_STOP_MAX_STRINGS || (gen->n_stop && !gen->stop)) {
+        SPEED_ERROR(SPEED_SUBSYS_ENGINE, "batcher: %s: at most %d stop strings", r->id, SPEED_STOP_MAX_STRINGS);
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    if (gen->n_stop) {
+        r->stop_strings = speed_calloc(gen->n_stop, sizeof *r->stop_strings);
+        if (!r->stop_strings) return SPEED_ERR_NO_MEMORY;
+        for (size_t i = 0; i < gen->n_stop; i++) {
+            if (!gen->stop[i]) return SPEED_ERR_INVALID_ARGUMENT;
+            r->stop_strings[i] = speed_strdup(gen->stop[i]);
+            if (!r->stop_strings[i]) return SPEED_ERR_NO_MEMORY;
+        }
+        r->gen.stop = (const char *const *)r->stop_strings;
+    }
+    speed_stop_params_t sp = {.eos_ids = gen->ignore_eos ? NULL : b->eos_ids,
+                              .n_eos_ids = gen->ignore_eos ? 0 : b->n_eos,
+                              .stop = r->gen.stop,
+                              .n_stop = gen->n_stop,
+                              .max_tokens = gen->max_tokens};
+    SPEED_CHECK(speed_stop_create(&sp, &r->stop));
+    if (b->p.tokenizer) SPEED_CHECK(speed_tok_stream_create(b->p.tokenizer, true, &r->stream));
+    speed_rng_init(&r->rng, gen->sampling.seed);
+    return SPEED_OK;
+}
+
+static speed_status_t req_create(speed_batcher_t *b, const char *id, req_t **r_p) {
+    SPEED_CHECK(check_id(id));
+    req_t *r = speed_calloc(1, sizeof *r);
+    if (!r) return SPEED_ERR_NO_MEMORY;
+    strcpy(r->id, id);
+    r->seq = -1;
+    r->t_arrival_ns = mono_ns();
+    (void)b;
+    *r_p = r;
+    return SPEED_OK;
+}
+
+/* ---- commands ------------------------------------------------------------------------------ */
+
+/* Queues cmd and, unless it is async, waits until the engine thread has run it. */
+static speed_status_t cmd_run(speed_batcher_t *b, cmd_t *cmd) {
+    if (tls_engine_thread_of == b && !cmd->heap) {
+        SPEED_ERROR(SPEED_SUBSYS_ENGINE, "batcher: only cancel and release may be called from an event callback");
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    pthread_mutex_lock(&b->mu);
+    if (b->stopping) {
+        pthread_mutex_unlock(&b->mu);
+        return SPEED_ERR_CANCELLED;
+    }
+    cmd->next = NULL;
+    if (b->q_tail)
+        b->q_tail->next = cmd;
+    else
+        b->q_head = cmd;
+    b->q_tail = cmd;
+    pthread_cond_signal(&b->wake);
+    if (cmd->heap) {
+        pthread_mutex_unlock(&b->mu);
+        return SPEED_OK;
+    }
+    while (!cmd->done) pthread_cond_wait(&b->done_cv, &b->mu);
+    pthread_mutex_unlock(&b->mu);
+    return cmd->status;
+}
+
+/* ---- events -------------------------------------------------------------------------------- */
+
+static void fill_usage(speed_batcher_t *b, req_t *r, speed_batch_usage_t *u) {
+    memset(u, 0, sizeof *u);
+    u->n_prompt = r->n_prompt;
+    u->depth = r->depth;
+    u->queue_ms = ms_between(r->t_arrival_ns, r->t_engine_ns ? r->t_engine_ns : r->t_arrival_ns);
+    speed_engine_seq_stats_t st;
+    if (r->in_engine && speed_engine_seq_stats(b->engine, r->seq, &st) == SPEED_OK) {
+        u->n_prompt = st.n_prompt;
+        u->n_generated = r->stop ? speed_stop_n_tokens(r->stop) : st.n_generated;
+        u->depth = st.depth;
+        u->kv_bytes = st.kv_bytes_used;
+        u->kv_bytes_full_depth = st.kv_bytes_full_depth;
+        u->prefill_ms = (double)st.prefill_ns / 1e6;
+        u->decode_ms = (double)st.decode_ns / 1e6;
+        u->first_token_ms = st.first_output_ns ? (double)st.first_output_ns / 1e6 : 0.0;
+    } else if (r->stop) {
+        u->n_generated = speed_stop_n_tokens(r->stop);
+    }
+}
+
+/* Unlinks r (under mu) and frees it. */
+static void req_unlink_free(speed_batcher_t *b, req_t *r) {
+    pthread_mutex_lock(&b->mu);
+    for (req_t **pp = &b->reqs; *pp; pp = &(*pp)->next)
+        if (*pp == r) {
+            *pp = r->next;
+            b->n_reqs--;
+            break;
+        }
+    if (b->n_reqs == 0) pthread_cond_broadcast(&b->done_cv);
+    pthread_mutex_unlock(&b->mu);
+    req_free(r);
+}
+
+static void engine_remove(speed_batcher_t *b, req_t *r) {
+    if (r->in_engine) {
+        speed_engine_seq_remove(b->engine, r->seq);
+        r->in_engine = false;
+    }
+}
+
+/* Ends r: finish event (if it has a callback and has not finished), then frees it, or keeps
+ * its KV when hold_kv and the request completed normally. */
+static void req_finish(speed_batcher_t *b, req_t *r, speed_batch_finish_t finish, speed_status_t status) {
+    speed_batch_usage_t usage;
+    fill_usage(b, r, &usage);
+    bool keep = r->hold_kv && r->in_engine && (finish == SPEED_BATCH_STOP || finish == SPEED_BATCH_LENGTH);
+    if (!keep) engine_remove(b, r);
+    if (finish == SPEED_BATCH_CANCELLED) b->counts.n_cancelled++;
+    else if (finish == SPEED_BATCH_EXPIRED) b->counts.n_expired++;
+    else if (finish == SPEED_BATCH_ERROR) b->counts.n_errors++;
+    else b->counts.n_finished++;
+    b->counts.n_generated_tokens += (uint64_t)usage.n_generated;
+    if (r->on_event) {
+        speed_batch_event_t ev = {.request_id = r->id, .finish = finish, .status = status, .usage = &usage};
+        speed_batch_event_cb_t cb = r->on_event;
+        r->on_event = NULL; /* exactly once */
+        tls_engine_thread_of = b;
+        cb(r->user, &ev);
+        tls_engine_thread_of = NULL;
+    }
+    if (keep) {
+        r->state = REQ_HELD;
+        r->deadline_ms = wall_ms() + b->p.lease_ms;
+        return;
+    }
+    req_unlink_free(b, r);
+}
+
+static bool text_reserve(req_t *r, size_t n) {
+    if (n <= r->text_cap) return true;
+    size_t cap = r->text_cap ? r->text_cap : 64;
+    while (cap < n) cap *= 2;
+    char *t = speed_realloc(r->text, cap);
+    if (!t) return false;
+    r->text = t;
+    r->text_cap = cap;
+    return true;
+}
+
+/* Reports one generated token; on return *finish_p says whether the request is done. */
+static speed_status_t emit_token(speed_batcher_t *b, req_t *r, const speed_sample_t *smp, int n_top,
+                                 speed_batch_finish_t *finish_p) {
+    const char *piece = "";
+    size_t piece_len = 0;
+    if (r->stream && smp->id < b->n_tok_vocab) SPEED_CHECK(speed_tok_stream_push(r->stream, smp->id, &piece, &piece_len));
+    speed_stop_result_t sr;
+    SPEED_CHECK(speed_stop_push(r->stop, smp->id, piece, piece_len, &sr));
+    size_t len = 0;
+    if (!text_reserve(r, sr.len + 1)) return SPEED_ERR_NO_MEMORY;
+    memcpy(r->text, sr.text, sr.len);
+    len = sr.len;
+    speed_batch_finish_t finish = SPEED_BATCH_RUNNING;
+    if (sr.finish != SPEED_FINISH_NONE) {
+        const char *tail = "";
+        size_t tail_len = 0;
+        if (r->stream) SPEED_CHECK(speed_tok_stream_flush(r->stream, &tail, &tail_len));
+        SPEED_CHECK(speed_stop_finish(r->stop, tail, tail_len, &sr));
+        if (!text_reserve(r, len + sr.len + 1)) return SPEED_ERR_NO_MEMORY;
+        memcpy(r->text + len, sr.text, sr.len);
+        len += sr.len;
+        finish = sr.finish == SPEED_FINISH_LENGTH ? SPEED_BATCH_LENGTH : SPEED_BATCH_STOP;
+    }
+    r->text[len] = '\0';
+    speed_batch_token_t tok = {.id = smp->id, .logprob = smp->logprob, .n_top = n_top, .text = r->text, .text_len = len};
+    memcpy(tok.top, smp->top, sizeof tok.top);
+    speed_batch_event_t ev = {.request_id = r->id, .token = &tok, .first = !r->first_sent, .finish = SPEED_BATCH_RUNNING};
+    r->first_sent = true;
+    if (r->on_event) {
+        tls_engine_thread_of = b;
+        r->on_event(r->user, &ev);
+        tls_engine_thread_of = NULL;
+    }
+    *finish_p = finish;
+    return SPEED_OK;
+}
+
+/* After a token: finish or feed it back. */
+static void after_token(speed_batcher_t *b, req_t *r, speed_status_t st, speed_batch_finish_t finish, int32_t id) {
+    if (st != SPEED_OK) {
+        req_finish(b, r, SPEED_BATCH_ERROR, st);
+        return;
+    }
+    if (finish != SPEED_BATCH_RUNNING) {
+        req_finish(b, r, finish, SPEED_OK);
+        return;
+    }
+    st = speed_engine_seq_append(b->engine, r->seq, id);
+    if (st != SPEED_OK) req_finish(b, r, SPEED_BATCH_ERROR, st);
+}
+
+/* ---- engine thread ------------------------------------------------------------------------- */
+
+static speed_status_t layer_hook(void *user, speed_seq_id_t seq, int layer, int64_t n_done, int64_t n_total) {
+    speed_batcher_t *b = user;
+    req_t *r = req_by_seq(b, seq);
+    if (!r || !r->on_layer || r->layer_status != SPEED_OK) return SPEED_OK;
+    speed_kv_seq_t *kvs;
+    speed_status_t st = speed_engine_seq_kv(b->engine, seq, &kvs);
+    if (st == SPEED_OK) st = r->on_layer(r->user, speed_engine_kv_cache(b->engine), kvs, layer, n_done, n_total);
+    if (st != SPEED_OK) r->layer_status = st; /* ends this request only, after the step */
+    return SPEED_OK;
+}
+
+static void link_req(speed_batcher_t *b, req_t *r) {
+    pthread_mutex_lock(&b->mu);
+    r->next = b->reqs;
+    b->reqs = r;
+    b->n_reqs++;
+    pthread_mutex_unlock(&b->mu);
+}
+
+/* A request's depth over the batcher's default: C 0 = default C; T 0 = default A and T. */
+static speed_depth_t depth_resolve(const speed_batcher_t *b, speed_depth_t d) {
+    speed_depth_t def = speed_engine_depth(b->engine);
+    speed_depth_t out = def;
+    if (d.prefill_layers != 0) out.prefill_layers = d.prefill_layers;
+    if (d.tail != 0) out.anchors = d.anchors, out.tail = d.tail;
+    return out;
+}
+
+/* Puts a waiting request into the engine. CAPACITY: leave it waiting. */
+static speed_status_t admit(speed_batcher_t *b, req_t *r) {
+    speed_depth_t d = depth_resolve(b, r->depth);
+    speed_status_t st = speed_engine_seq_add(b->engine, r->prompt, r->n_prompt, &d, r->gen.max_tokens, &r->seq);
+    if (st != SPEED_OK) return st;
+    r->in_engine = true;
+    r->state = REQ_RUNNING;
+    r->t_engine_ns = mono_ns();
+    b->counts.n_prompt_tokens += (uint64_t)r->n_prompt;
+    return SPEED_OK;
+}
+
+static int count_state(const speed_batcher_t *b, req_state_t s) {
+    int n = 0;
+    for (const req_t *r = b->reqs; r; r = r->next) n += r->state == s;
+    return n;
+}
+
+static speed_status_t do_submit(speed_batcher_t *b, cmd_t *c) {
+    req_t *r = c->req;
+    if (b->draining) return SPEED_ERR_CANCELLED;
+    if (req_find(b, r->id)) {
+        SPEED_ERROR(SPEED_SUBSYS_ENGINE, "batcher: request id '%s' is already in use", r->id);
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    bool queue_empty = count_state(b, REQ_WAITING) == 0;
+    speed_status_t st = queue_empty ? admit(b, r) : SPEED_ERR_CAPACITY;
+    if (st == SPEED_ERR_CAPACITY) {
+        if (count_state(b, REQ_WAITING) >= b->p.max_waiting) return SPEED_ERR_CAPACITY;
+        r->state = REQ_WAITING;
+        st = SPEED_OK;
+    }
+    if (st != SPEED_OK) return st;
+    b->counts.n_submitted++;
+    c->req = NULL; /* the batcher owns it now */
+    link_req(b, r);
+    return SPEED_OK;
+}
+
+static speed_status_t do_reserve(speed_batcher_t *b, cmd_t *c) {
+    if (b->draining) return SPEED_ERR_CANCELLED;
+    if (req_find(b, c->id)) {
+        SPEED_ERROR(SPEED_SUBSYS_ENGINE, "batcher: request id '%s' is already in use", c->id);
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    req_t *r;
+    SPEED_CHECK(req_create(b, c->id, &r));
+    speed_depth_t d = depth_resolve(b, c->depth);
+    speed_status_t st = speed_engine_seq_reserve(b->engine, c->n_prompt, &d, c->max_tokens, &r->seq);
+    if (st != SPEED_OK) {
+        req_free(r);
+        return st;
+    }
+    r->in_engine = true;
+    r->state = REQ_RESERVED;
+    r->n_prompt = c->n_prompt;
+    r->deadline_ms = wall_ms() + b->p.lease_ms;
+    speed_engine_seq_stats_t ss;
+    speed_engine_seq_stats(b->engine, r->seq, &ss);
+    r->depth = ss.depth;
+    size_t bytes = 0;
+    speed_engine_seq_kv_size(b->engine, r->seq, &bytes);
+    *c->reservation_p = (speed_batch_reservation_t){.depth = ss.depth, .lease_deadline_ms = r->deadline_ms, .kv_bytes = bytes};
+    b->counts.n_prompt_tokens += (uint64_t)c->n_prompt;
+    link_req(b, r);
+    return SPEED_OK;
+}
+
+static speed_status_t do_start(speed_batcher_t *b, cmd_t *c) {
+    req_t *r = req_find(b, c->req->id);
+    if (!r || r->state != REQ_RESERVED) {
+        if (r) SPEED_ERROR(SPEED_SUBSYS_ENGINE, "batcher: request '%s' was already started", c->req->id);
+        return r ? SPEED_ERR_INVALID_ARGUMENT : SPEED_ERR_NOT_FOUND;
+    }
+    if (c->first.id < 0 || c->first.id >= b->n_vocab) {
+        SPEED_ERROR(SPEED_SUBSYS_ENGINE, "batcher: %s: first token %d is outside the vocabulary [0, %d)", r->id,
+                    c->first.id, b->n_vocab);
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    if (c->kv_ready && !r->kv_ready) {
+        SPEED_CHECK(speed_engine_seq_kv_ready(b->engine, r->seq));
+        r->kv_ready = true;
+    }
+    if (!r->kv_ready) {
+        SPEED_ERROR(SPEED_SUBSYS_ENGINE, "batcher: %s: started before its KV arrived", r->id);
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    /* move the prepared generation state into the reservation */
+    req_t *p = c->req;
+    r->gen = p->gen;
+    r->stop_strings = p->stop_strings, p->stop_strings = NULL;
+    r->stop = p->stop, p->stop = NULL;
+    r->stream = p->stream, p->stream = NULL;
+    r->rng = p->rng;
+    r->on_event = p->on_event;
+    r->on_layer = NULL;
+    r->user = p->user;
+    r->hold_kv = false;
+    r->state = REQ_RUNNING;
+    r->t_arrival_ns = p->t_arrival_ns;
+    r->t_engine_ns = mono_ns();
+    b->counts.n_submitted++;
+
+    speed_sample_t smp = {.id = c->first.id, .logprob = c->first.logprob, .n_top = c->first.n_top};
+    memcpy(smp.top, c->first.top, sizeof smp.top);
+    speed_batch_finish_t finish = SPEED_BATCH_RUNNING;
+    speed_status_t st = emit_token(b, r, &smp, c->first.n_top, &finish);
+    after_token(b, r, st, finish, smp.id);
+    return SPEED_OK;
+}
+
+static void run_cmd(speed_batcher_t *b, cmd_t *c) {
+    speed_status_t st = SPEED_OK;
+    req_t *r;
+    switch (c->kind) {
+    case CMD_SUBMIT: st = do_submit(b, c); break;
+    case CMD_RESERVE: st = do_reserve(b, c); break;
+    case CMD_START: st = do_start(b, c); break;
+    case CMD_WITH_KV:
+        r = req_find(b, c->id);
+        if (!r || !r->in_engine) {
+            st = SPEED_ERR_NOT_FOUND;
+        } else {
+            speed_kv_seq_t *kvs;
+            st = speed_engine_seq_kv(b->engine, r->seq, &kvs);
+            if (st == SPEED_OK) st = c->fn(c->fn_user, speed_engine_kv_cache(b->engine), kvs);
+        }
+        break;
+    case CMD_KV_READY:
+        r = req_find(b, c->id);
+        if (!r) st = SPEED_ERR_NOT_FOUND;
+        else if (r->state != REQ_RESERVED || r->kv_ready) st = SPEED_ERR_INVALID_ARGUMENT;
+        else if ((st = speed_engine_seq_kv_ready(b->engine, r->seq)) == SPEED_OK) r->kv_ready = true;
+        break;
+    case CMD_CANCEL:
+        r = req_find(b, c->id);
+        if (r) req_finish(b, r, SPEED_BATCH_CANCELLED, SPEED_ERR_CANCELLED);
+        break;
+    case CMD_RELEASE:
+        r = req_find(b, c->id);
+        if (r && r->state == REQ_HELD) {
+            engine_remove(b, r);
+            req_unlink_free(b, r);
+        } else if (r) {
+            r->hold_kv = false; /* still running: free at its finish */
+        }
+        break;
+    }
+    if (c->heap) {
+        speed_free(c);
+        return;
+    }
+    pthread_mutex_lock(&b->mu);
+    c->status = st;
+    c->done = true;
+    pthread_cond_broadcast(&b->done_cv);
+    pthread_mutex_unlock(&b->mu);
+}
+
+static void expire_leases(speed_batcher_t *b) {
+    int64_t now = wall_ms();
+    req_t *r = b->reqs;
+    while (r) {
+        req_t *next = r->next;
+        if ((r->state == REQ_RESERVED || r->state == REQ_HELD) && now >= r->deadline_ms) {
+            SPEED_INFO(SPEED_SUBSYS_ENGINE, "batcher: %s: lease ended, blocks freed", r->id);
+            if (r->state == REQ_RESERVED)
+                req_finish(b, r, SPEED_BATCH_EXPIRED, SPEED_ERR_TIMEOUT);
+            else {
+                engine_remove(b, r);
+                req_unlink_free(b, r);
+            }
+        }
+        r = next;
+    }
+}
+
+static void admit_waiting(speed_batcher_t *b) {
+    /* oldest first: the list is newest first, so walk to the last waiting one each time */
+    for (;;) {
+        req_t *oldest = NULL;
+        for (req_t *r = b->reqs; r; r = r->next)
+            if (r->state == REQ_WAITING) oldest = r;
+        if (!oldest) return;
+        speed_status_t st = admit(b, oldest);
+        if (st == SPEED_ERR_CAPACITY) return;
+        if (st != SPEED_OK) req_finish(b, oldest, SPEED_BATCH_ERROR, st);
+    }
+}
+
+static void process_outputs(speed_batcher_t *b, const speed_engine_step_result_t *res) {
+    for (int i = 0; i < res->n_outputs; i++) {
+        req_t *r = req_by_seq(b, res->outputs[i].seq);
+        if (!r || r->state != REQ_RUNNING) continue;
+        if (r->layer_status != SPEED_OK) continue; /* ended below */
+        speed_sample_t smp;
+        speed_status_t st =
+            speed_sampler_sample(b->sampler, &r->gen.sampling, &r->rng, res->outputs[i].logits, b->n_vocab, &smp);
+        speed_batch_finish_t finish = SPEED_BATCH_RUNNING;
+        if (st == SPEED_OK) st = emit_token(b, r, &smp, smp.n_top, &finish);
+        after_token(b, r, st, finish, smp.id);
+    }
+    req_t *r = b->reqs;
+    while (r) {
+        req_t *next = r->next;
+        if (r->layer_status != SPEED_OK) req_finish(b, r, SPEED_BATCH_ERROR, r->layer_status);
+        r = next;
+    }
+}
+
+static void snapshot(speed_batcher_t *b) {
+    pthread_mutex_lock(&b->mu);
+    b->snap.n_submitted = b->counts.n_submitted;
+    b->snap.n_finished = b->counts.n_finished;
+    b->snap.n_expired = b->counts.n_expired;
+    b->snap.n_cancelled = b->counts.n_cancelled;
+    b->snap.n_errors = b->counts.n_errors;
+    b->snap.n_prompt_tokens = b->counts.n_prompt_tokens;
+    b->snap.n_generated_tokens = b->counts.n_generated_tokens;
+    b->snap.running = count_state(b, REQ_RUNNING);
+    b->snap.waiting = count_state(b, REQ_WAITING);
+    b->snap.reserved = count_state(b, REQ_RESERVED);
+    b->snap.held = count_state(b, REQ_HELD);
+    b->snap.draining = b->draining;
+    speed_engine_stats_t es;
+    speed_engine_stats(b->engine, &es);
+    b->snap.kv = es.kv;
+    pthread_mutex_unlock(&b->mu);
+}
+
+static void *engine_main(void *arg) {
+    speed_batcher_t *b = arg;
+    for (;;) {
+        pthread_mutex_lock(&b->mu);
+        while (!b->stopping && !b->q_head && !speed_engine_has_work(b->engine)) {
+            /* wake at least every 100 ms for leases */
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_nsec += 100 * 1000000L;
+            if (ts.tv_nsec >= 1000000000L) ts.tv_sec++, ts.tv_nsec -= 1000000000L;
+            if (pthread_cond_timedwait(&b->wake, &b->mu, &ts) == ETIMEDOUT) break;
+        }
+        cmd_t *q = b->q_head;
+        b->q_head = b->q_tail = NULL;
+        bool stopping = b->stopping;
+        pthread_mutex_unlock(&b->mu);
+
+        while (q) {
+            cmd_t *next = q->next;
+            run_cmd(b, q);
+            q = next;
+        }
+        if (stopping) break;
+        expire_leases(b);
+        admit_waiting(b);
+        if (speed_engine_has_work(b->engine)) {
+            speed_engine_step_result_t res;
+            speed_status_t st = speed_engine_step(b->engine, &res);
+            if (st != SPEED_OK) {
+                SPEED_ERROR(SPEED_SUBSYS_ENGINE, "batcher: engine step failed: %s; ending the running requests",
+                            speed_status_string(st));
+                req_t *r = b->reqs;
+                while (r) {
+                    req_t *next = r->next;
+                    if (r->state == REQ_RUNNING) req_finish(b, r, SPEED_BATCH_ERROR, st);
+                    r = next;
+                }
+            } else {
+                process_outputs(b, &res);
+            }
+        }
+        snapshot(b);
+    }
+    /* shutdown: every live request ends */
+    while (b->reqs) req_finish(b, b->reqs, SPEED_BATCH_CANCELLED, SPEED_ERR_CANCELLED);
+    snapshot(b);
+    return NULL;
+}
+
+/* ---- public -------------------------------------------------------------------------------- */
+
+speed_status_t speed_batcher_create(const speed_batcher_params_t *params, speed_batcher_t **batcher_p) {
+    if (!params || !batcher_p || !params->backend || !params->model || params->lease_ms < 1 ||
+        params->max_waiting < 0) {
+        SPEED_ERROR(SPEED_SUBSYS_ENGINE, "batcher: missing backend/model or a parameter out of range");
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    speed_batcher_t *b = speed_calloc(1, sizeof *b);
+    if (!b) return SPEED_ERR_NO_MEMORY;
+    b->p = *params;
+    b->p.engine.backend = params->backend;
+    b->p.engine.model = params->model;
+    b->p.engine.layer_cb = layer_hook;
+    b->p.engine.layer_cb_user = b;
+    speed_status_t st = speed_engine_create(&b->p.engine, &b->engine);
+    if (st == SPEED_OK) {
+        b->n_vocab = speed_engine_n_vocab(b->engine);
+        st = speed_sampler_create(b->n_vocab, &b->sampler);
+    }
+    if (st != SPEED_OK) {
+        speed_engine_destroy(b->engine);
+        speed_free(b);
+        return st;
+    }
+    if (params->tokenizer) {
+        b->n_tok_vocab = speed_tok_vocab_size(params->tokenizer);
+        b->n_eos = speed_tok_eos_ids(params->tokenizer, &b->eos_ids);
+    }
+    if (b->n_eos == 0) {
+        b->eos_ids = params->model->config.eos_token_ids;
+        b->n_eos = (size_t)params->model->config.n_eos;
+    }
+    pthread_mutex_init(&b->mu, NULL);
+    pthread_cond_init(&b->wake, NULL);
+    pthread_cond_init(&b->done_cv, NULL);
+    b->snap.max_running = b->p.engine.max_seqs;
+    snapshot(b);
+    if (pthread_create(&b->thread, NULL, engine_main, b) != 0) {
+        SPEED_ERROR(SPEED_SUBSYS_ENGINE, "batcher: cannot start the engine thread");
+        pthread_mutex_destroy(&b->mu);
+        pthread_cond_destroy(&b->wake);
+        pthread_cond_destroy(&b->done_cv);
+        speed_sampler_destroy(b->sampler);
+        speed_engine_destroy(b->engine);
+        speed_free(b);
+        return SPEED_ERR_INTERNAL;
+    }
+    b->thread_started = true;
+    *batcher_p = b;
+    return SPEED_OK;
+}
+
+void speed_batcher_destroy(speed_batcher_t *b) {
+    if (!b) return;
+    pthread_mutex_lock(&b->mu);
+    b->stopping = true;
+    pthread_cond_signal(&b->wake);
+    pthread_mutex_unlock(&b->mu);
+    if (b->thread_started) pthread_join(b->thread, NULL);
+    /* commands that raced with the stop: fail them */
+    while (b->q_head) {
+        cmd_t *c = b->q_head;
+        b->q_head = c->next;
+        if (c->heap) speed_free(c);
+    }
+    speed_sampler_destroy(b->sampler);
+    speed_engine_destroy(b->engine);
+    pthread_mutex_destroy(&b->mu);
+    pthread_cond_destroy(&b->wake);
+    pthread_cond_destroy(&b->done_cv);
+    speed_free(b);
+}
+
+speed_depth_t speed_batcher_depth(const speed_batcher_t *b) { return speed_engine_depth(b->engine); }
+int speed_batcher_max_context(const speed_batcher_t *b) { return speed_engine_max_context(b->engine); }
+speed_kv_cache_t *speed_batcher_kv_cache(speed_batcher_t *b) { return speed_engine_kv_cache(b->engine); }
+
+speed_status_t speed_batcher_submit(speed_batcher_t *b, const speed_batch_request_t *q) {
+    if (!b || !q || !q->on_event) return SPEED_ERR_INVALID_ARGUMENT;
+    if (!q->prompt || q->n_prompt < 1) {
+        SPEED_ERROR(SPEED_SUBSYS_ENGINE, "batcher: %s: empty prompt", q->request_id ? q->request_id : "?");
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    for (int64_t i = 0; i < q->n_prompt; i++)
+        if (q->prompt[i] < 0 || q->prompt[i] >= b->n_vocab) {
+            SPEED_ERROR(SPEED_SUBSYS_ENGINE, "batcher: prompt token %lld is %d, outside the vocabulary [0, %d)",
+                        (long long)i, q->prompt[i], b->n_vocab);
+            return SPEED_ERR_INVALID_ARGUMENT;
+        }
+    if (q->n_prompt + q->gen.max_tokens > speed_engine_max_context(b->engine)) {
+        SPEED_ERROR(SPEED_SUBSYS_ENGINE, "batcher: prompt %lld + max_tokens %lld exceeds the context limit %d",
+                    (long long)q->n_prompt, (long long)q->gen.max_tokens, speed_engine_max_context(b->engine));
+        return SPEED_ERR_TOO_LONG;
+    }
+    req_t *r;
+    SPEED_CHECK(req_create(b, q->request_id, &r));
+    speed_status_t st = req_prepare_gen(b, r, &q->gen);
+    if (st == SPEED_OK) {
+        r->prompt = speed_malloc((size_t)q->n_prompt * sizeof *r->prompt);
+        if (!r->prompt) st = SPEED_ERR_NO_MEMORY;
+    }
+    if (st != SPEED_OK) {
+        req_free(r);
+        return st;
+    }
+    memcpy(r->prompt, q->prompt, (size_t)q->n_prompt * sizeof *r->prompt);
+    r->n_prompt = q->n_prompt;
+    r->depth = q->depth;
+    r->hold_kv = q->hold_kv;
+    r->on_event = q->on_event;
+    r->on_layer = q->on_layer;
+    r->user = q->user;
+    cmd_t c = {.kind = CMD_SUBMIT, .req = r};
+    st = cmd_run(b, &c);
+    req_free(c.req); /* NULL when the batcher took it */
+    return st;
+}
+
+speed_status_t speed_batcher_reserve(speed_batcher_t *b, const char *request_id, int64_t n_prompt, int64_t max_tokens,
+                                     speed_depth_t depth, speed_batch_reservation_t *out_p) {
+    if (!b || !out_p) return SPEED_ERR_INVALID_ARGUMENT;
+    SPEED_CHECK(check_id(request_id));
+    cmd_t c = {.kind = CMD_RESERVE, .n_prompt = n_prompt, .max_tokens = max_tokens, .depth = depth,
+               .reservation_p = out_p};
+    strcpy(c.id, request_id);
+    return cmd_run(b, &c);
+}
+
+speed_status_t speed_batcher_with_kv(speed_batcher_t *b, const char *request_id, speed_batch_kv_fn_t fn, void *user) {
+    if (!b || !fn) return SPEED_ERR_INVALID_ARGUMENT;
+    SPEED_CHECK(check_id(request_id));
+    cmd_t c = {.kind = CMD_WITH_KV, .fn = fn, .fn_user = user};
+    strcpy(c.id, request_id);
+    return cmd_run(b, &c);
+}
+
+speed_status_t speed_batcher_kv_ready(speed_batcher_t *b, const char *request_id) {
+    if (!b) return SPEED_ERR_INVALID_ARGUMENT;
+    SPEED_CHECK(check_id(request_id));
+    cmd_t c = {.kind = CMD_KV_READY};
+    strcpy(c.id, request_id);
+    return cmd_run(b, &c);
+}
+
+speed_status_t speed_batcher_start(speed_batcher_t *b, const speed_batch_request_t *q, const speed_batch_token_t *first,
+                                   bool kv_ready) {
+    if (!b || !q || !first || !q->on_event) return SPEED_ERR_INVALID_ARGUMENT;
+    req_t *r;
+    SPEED_CHECK(req_create(b, q->request_id, &r));
+    speed_status_t st = req_prepare_gen(b, r, &q->gen);
+    if (st != SPEED_OK) {
+        req_free(r);
+        return st;
+    }
+    r->on_event = q->on_event;
+    r->user = q->user;
+    cmd_t c = {.kind = CMD_START, .req = r, .first = *first, .kv_ready = kv_ready};
+    st = cmd_run(b, &c);
+    req_free(r); /* its state moved into the reservation (pointers cleared) or was refused */
+    return st;
+}
+
+static speed_status_t async_cmd(speed_batcher_t *b, cmd_kind_t kind, const char *request_id) {
+    if (!b) return SPEED_ERR_INVALID_ARGUMENT;
+    SPEED_CHECK(check_id(request_id));
+    pthread_mutex_lock(&b->mu);
+    bool found = req_find(b, request_id) != NULL;
+    pthread_mutex_unlock(&b->mu);
+    if (!found) return SPEED_ERR_NOT_FOUND;
+    cmd_t *c = speed_calloc(1, sizeof *c);
+    if (!c) return SPEED_ERR_NO_MEMORY;
+    c->kind = kind;
+    c->heap = true;
+    strcpy(c->id, request_id);
+    speed_status_t st = cmd_run(b, c);
+    if (st != SPEED_OK) speed_free(c);
+    return st;
+}
+
+speed_status_t speed_batcher_cancel(speed_batcher_t *b, const char *request_id) {
+    return async_cmd(b, CMD_CANCEL, request_id);
+}
+
+speed_status_t speed_batcher_release(speed_batcher_t *b, const char *request_id) {
+    return async_cmd(b, CMD_RELEASE, request_id);
+}
+
+void speed_batcher_drain(speed_batcher_t *b) {
+    if (!b) return;
+    pthread_mutex_lock(&b->mu);
+    b->draining = true;
+    b->snap.draining = true;
+    pthread_cond_signal(&b->wake);
+    pthread_mutex_unlock(&b->mu);
+}
+
+bool speed_batcher_wait_idle(speed_batcher_t *b, int64_t timeout_ms) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_sec += timeout_ms / 1000;
+    ts.tv_nsec += (timeout_ms % 1000) * 1000000L;
+    if (ts.tv_nsec >= 1000000000L) ts.tv_sec++, ts.tv_nsec -= 1000000000L;
+    pthread_mutex_lock(&b->mu);
+    while (b->n_reqs > 0)
+        if (pthread_cond_timedwait(&b->done_cv, &b->mu, &ts) == ETIMEDOUT) break;
+    bool idle = b->n_reqs == 0;
+    pthread_mutex_unlock(&b->mu);
+    return idle;
+}
+
+void speed_batcher_stats(speed_batcher_t *b, speed_batcher_stats_t *stats_p) {
+    pthread_mutex_lock(&b->mu);
+    *stats_p = b->snap;
+    pthread_mutex_unlock(&b->mu);
+}
