@@ -1,0 +1,149 @@
+/* speed_cluster_config: see cluster_config.h. */
+#include "cluster_config.h"
+
+#include <stddef.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "log.h"
+
+static const char *const policy_names[] = {"round-robin", "least-loaded", NULL};
+static const char *const transport_names[] = {"shm", "tcp", NULL};
+static const char *const kv_dtype_names[] = {"f32", "bf16", "f16", NULL};
+
+#define F(name, type, member, def, lo, hi, doc) \
+    {name, SPEED_CONFIG_##type, offsetof(speed_cluster_config_t, member), def, lo, hi, NULL, doc}
+#define FS(name, member, def, doc) \
+    {name, SPEED_CONFIG_STRING, offsetof(speed_cluster_config_t, member), def, SPEED_CONFIG_UNBOUNDED, NULL, doc}
+#define FE(name, member, def, names, doc) \
+    {name, SPEED_CONFIG_ENUM, offsetof(speed_cluster_config_t, member), def, SPEED_CONFIG_UNBOUNDED, names, doc}
+#define POOL(pool, grpc, http, running, kvtok)                                                                 \
+    F(#pool ".replicas", INT, pool.replicas, "1", 0, 64, "replicas of the " #pool " pool (the node ratio)"),    \
+    F(#pool ".tensor_parallel", INT, pool.tensor_parallel, "1", 1, 64, "ranks per " #pool " replica"),          \
+    F(#pool ".grpc_port", INT, pool.grpc_port, grpc, 1, 65535, "gRPC port of replica 0 (replica i: + i)"),      \
+    F(#pool ".http_port", INT, pool.http_port, http, 1, 65535, "/metrics and /health port of replica 0 (+ i)"), \
+    F(#pool ".threads", INT, pool.threads, "1", 0, 1024, "compute threads per replica; 0 = all cores"),         \
+    F(#pool ".max_running", INT, pool.max_running, running, 1, 4096, "sequences in the engine at once"),        \
+    F(#pool ".max_waiting", INT, pool.max_waiting, "64", 0, 1 << 20, "requests queued beyond max_running"),     \
+    F(#pool ".kv_tokens", INT, pool.kv_tokens, kvtok, 16, 1e9,                                                   \
+      "KV capacity in tokens at full depth (the upper pool gets SPEED's saving)"),                              \
+    F(#pool ".max_step_tokens", INT, pool.max_step_tokens, "512", 16, 65536, "rows one engine step computes"),  \
+    F(#pool ".prefill_chunk", INT, pool.prefill_chunk, "512", 1, 65536, "prompt tokens of one sequence per step")
+
+static const speed_config_field_t fields[] = {
+    FS("model", model, NULL, "model directory (Hugging Face layout)"),
+    FS("served_model_name", served_model_name, NULL, "model id of the API (default: the directory name)"),
+    FS("host", host, "127.0.0.1", "address every process binds and dials"),
+    FS("log", log, "info", "log levels, e.g. info or warn,net=debug"),
+    FS("speed.prefill_layers", prefill_layers, "", "SPEED depth C: integer 1..L or fraction of L; empty = L (off)"),
+    F("speed.anchors", INT, anchors, "1", 0, 1 << 20, "anchor tokens A kept at full depth"),
+    F("speed.tail", INT, tail, "1", 1, 1 << 20, "last prompt tokens T kept at full depth"),
+    {"speed.allow_request_override", SPEED_CONFIG_BOOL, offsetof(speed_cluster_config_t, allow_request_override),
+     "true", SPEED_CONFIG_UNBOUNDED, NULL, "honour the `speed` object of a request"},
+    FE("kv.dtype", kv_dtype, "bf16", kv_dtype_names, "KV cache element type"),
+    F("kv.block_tokens", INT, kv_block_tokens, "16", 1, 1024, "tokens per KV block"),
+    F("kv.lease_ms", INT, lease_ms, "30000", 10, 3600000, "reserved KV not claimed within this is freed"),
+    F("router.port", INT, router_port, "8000", 0, 65535, "HTTP port of the OpenAI API (0 = any free port)"),
+    F("router.threads", INT, router_threads, "4", 1, 256, "HTTP worker threads"),
+    FS("router.api_keys", api_keys, "", "comma-separated API keys (Bearer); empty = no authentication"),
+    F("router.max_in_flight", INT, max_in_flight, "64", 1, 1 << 20, "requests served at once"),
+    F("router.max_queue", INT, max_queue, "256", 0, 1 << 20, "requests waiting beyond max_in_flight (then 429)"),
+    F("router.queue_timeout_ms", INT, queue_timeout_ms, "30000", 1, 3600000, "wait in the queue at most (then 503)"),
+    F("router.request_timeout_ms", INT, request_timeout_ms, "600000", 100, 86400000, "whole request deadline"),
+    F("router.decode_only_below", INT, decode_only_below, "0", 0, 1 << 30,
+      "prompts shorter than this go straight to a decode node; 0 = never"),
+    FE("router.prefill_policy", prefill_policy, "least-loaded", policy_names, "prefill pool balancing"),
+    FE("router.decode_policy", decode_policy, "least-loaded", policy_names, "decode pool balancing"),
+    F("router.default_max_tokens", INT, default_max_tokens, "256", 1, 1 << 20, "max_tokens when a request has none"),
+    F("router.max_context", INT, max_context, "0", 0, 1 << 24, "prompt + max_tokens limit; 0 = the model's"),
+    F("router.status_interval_ms", INT, status_interval_ms, "500", 10, 60000, "node status polling period"),
+    F("router.prefill_retries", INT, prefill_retries, "1", 0, 16, "other prefill nodes tried before the first token"),
+    POOL(prefill, "8100", "8200", "4", "16384"),
+    POOL(decode, "8300", "8400", "16", "65536"),
+    FE("ucx.transport", ucx_transport, "shm", transport_names,
+       "KV transfer: shm (one host, shared memory) or tcp (between hosts, detects dead peers)"),
+    FS("ucx.net_devices", ucx_net_devices, "lo", "UCX_NET_DEVICES for tcp, e.g. eth0"),
+    F("node.index", INT, node_index, "0", 0, 63, "this process's replica index in its pool (set by speedctl up)"),
+};
+
+const speed_config_field_t *speed_cluster_config_fields(size_t *n_fields_p) {
+    *n_fields_p = sizeof fields / sizeof fields[0];
+    return fields;
+}
+
+const speed_pool_config_t *speed_cluster_pool(const speed_cluster_config_t *c, const char *role) {
+    if (!role) return NULL;
+    if (strcmp(role, "prefill") == 0) return &c->prefill;
+    if (strcmp(role, "decode") == 0) return &c->decode;
+    return NULL;
+}
+
+static bool ranges_overlap(int64_t a, int64_t na, int64_t b, int64_t nb) {
+    return na > 0 && nb > 0 && a < b + nb && b < a + na;
+}
+
+static speed_status_t check_cluster(const speed_cluster_config_t *c, const char *role) {
+    struct {
+        const char *name;
+        int64_t base, n;
+    } r[5] = {
+        {"prefill.grpc_port", c->prefill.grpc_port, c->prefill.replicas},
+        {"prefill.http_port", c->prefill.http_port, c->prefill.replicas},
+        {"decode.grpc_port", c->decode.grpc_port, c->decode.replicas},
+        {"decode.http_port", c->decode.http_port, c->decode.replicas},
+        {"router.port", c->router_port, c->router_port ? 1 : 0},
+    };
+    for (int i = 0; i < 5; i++)
+        for (int j = i + 1; j < 5; j++)
+            if (ranges_overlap(r[i].base, r[i].n, r[j].base, r[j].n)) {
+                SPEED_ERROR(SPEED_SUBSYS_CORE, "cluster config: %s %lld..%lld overlaps %s %lld..%lld", r[i].name,
+                            (long long)r[i].base, (long long)(r[i].base + r[i].n - 1), r[j].name,
+                            (long long)r[j].base, (long long)(r[j].base + r[j].n - 1));
+                return SPEED_ERR_INVALID_ARGUMENT;
+            }
+    for (int i = 0; i < 4; i++)
+        if (r[i].base + r[i].n - 1 > 65535) {
+            SPEED_ERROR(SPEED_SUBSYS_CORE, "cluster config: %s + replicas passes port 65535", r[i].name);
+            return SPEED_ERR_INVALID_ARGUMENT;
+        }
+    if (c->decode.replicas < 1) {
+        SPEED_ERROR(SPEED_SUBSYS_CORE, "cluster config: decode.replicas must be >= 1 (decode nodes generate)");
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    const speed_pool_config_t *pool = speed_cluster_pool(c, role);
+    if (pool && c->node_index >= pool->replicas) {
+        SPEED_ERROR(SPEED_SUBSYS_CORE, "cluster config: node.index %lld but %s.replicas is %lld",
+                    (long long)c->node_index, role, (long long)pool->replicas);
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    return SPEED_OK;
+}
+
+speed_status_t speed_cluster_config_load(int argc, char **argv, const char *role, speed_cluster_config_t *cfg_out,
+                                         speed_config_t **cfg_p) {
+    speed_cluster_config_t c;
+    memset(&c, 0, sizeof c);
+    speed_config_t *cfg = NULL;
+    SPEED_CHECK(speed_config_load(fields, sizeof fields / sizeof fields[0], &c, argc, argv, "SPEED_", &cfg));
+    if (!speed_config_help_requested(cfg) && !speed_config_print_requested(cfg)) {
+        speed_status_t st = check_cluster(&c, role);
+        if (st != SPEED_OK) {
+            speed_config_destroy(cfg);
+            *cfg_p = NULL;
+            return st;
+        }
+    }
+    *cfg_out = c;
+    *cfg_p = cfg;
+    return SPEED_OK;
+}
+
+void speed_cluster_grpc_addr(const speed_cluster_config_t *c, const speed_pool_config_t *pool, int64_t i, char *buf,
+                             size_t size) {
+    snprintf(buf, size, "%s:%lld", c->host, (long long)(pool->grpc_port + i));
+}
+
+void speed_cluster_http_addr(const speed_cluster_config_t *c, const speed_pool_config_t *pool, int64_t i, char *buf,
+                             size_t size) {
+    snprintf(buf, size, "%s:%lld", c->host, (long long)(pool->http_port + i));
+}

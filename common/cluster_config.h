@@ -1,0 +1,107 @@
+/* speed_cluster_config: the one YAML file that describes a speedserve cluster.
+ *
+ * Every daemon (speed-router, speed-prefill, speed-decode) and `speedctl up` load the same
+ * file with the same table, so a key means the same thing everywhere and a typo is an error
+ * in every program. Each daemon reads its own section plus the shared ones; `node.index`
+ * says which replica of its pool a process is (speedctl up sets it on the command line).
+ *
+ *   model: /models/llama-3.1-8b        # Hugging Face layout (config.json, safetensors, tokenizer)
+ *   speed:   {prefill_layers: "0.75", anchors: 1, tail: 1, allow_request_override: true}
+ *   router:  {port: 8000, decode_only_below: 32, prefill_policy: least-loaded, ...}
+ *   prefill: {replicas: 2, tensor_parallel: 1, grpc_port: 8100, http_port: 8200, ...}
+ *   decode:  {replicas: 1, tensor_parallel: 1, grpc_port: 8300, http_port: 8400, ...}
+ *   ucx:     {transport: shm, net_devices: lo}
+ *
+ * Replica i of a pool listens on grpc_port + i (gRPC) and http_port + i (/metrics, /health);
+ * a port 0 base is not allowed for pools, because the router finds nodes by these numbers.
+ * Precedence as everywhere: defaults < file < SPEED_* environment < command line
+ * (`--decode.replicas 2`). docs/config.md lists every key (generated from this table by
+ * --help).
+ *
+ * Ownership: strings point into the speed_config_t returned by load; keep it until done.
+ * Thread-safety: load once at startup; the struct is then read-only.
+ */
+#ifndef SPEED_CLUSTER_CONFIG_H
+#define SPEED_CLUSTER_CONFIG_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "config.h"
+#include "status.h"
+
+typedef enum { SPEED_POLICY_ROUND_ROBIN = 0, SPEED_POLICY_LEAST_LOADED } speed_policy_t;
+typedef enum { SPEED_UCX_SHM = 0, SPEED_UCX_TCP } speed_ucx_transport_t;
+typedef enum { SPEED_KV_DTYPE_F32 = 0, SPEED_KV_DTYPE_BF16, SPEED_KV_DTYPE_F16 } speed_kv_dtype_choice_t;
+
+typedef struct {
+    int64_t replicas;          /* >= 0 (prefill 0: every request takes the decode-only route) */
+    int64_t tensor_parallel;   /* ranks per replica (1 on CPU) */
+    int64_t grpc_port, http_port;
+    int64_t threads;           /* compute threads per replica; 0 = all cores */
+    int64_t max_running;       /* sequences in the engine at once */
+    int64_t max_waiting;       /* queued beyond max_running */
+    int64_t kv_tokens;         /* KV capacity: prompt + generated tokens at full depth in the
+                                * lower pool; the upper pool is sized with SPEED's saving */
+    int64_t max_step_tokens;   /* rows one engine step computes */
+    int64_t prefill_chunk;     /* prompt tokens of one sequence per step */
+} speed_pool_config_t;
+
+typedef struct {
+    const char *model;             /* model directory (required by daemons) */
+    const char *served_model_name; /* the "model" the API expects; NULL = directory name */
+    const char *host;              /* address every process binds and dials */
+    const char *log;               /* log spec, e.g. "info" or "warn,net=debug" */
+
+    /* SPEED */
+    const char *prefill_layers;    /* "" or NULL = L (off); "24" or "0.75" */
+    int64_t anchors, tail;
+    bool allow_request_override;   /* honour a request's `speed` object */
+
+    /* KV cache */
+    int kv_dtype;                  /* speed_kv_dtype_choice_t */
+    int64_t kv_block_tokens;
+    int64_t lease_ms;              /* a reservation not claimed in time is freed */
+
+    /* router */
+    int64_t router_port, router_threads;
+    const char *api_keys;          /* comma-separated; "" = no authentication */
+    int64_t max_in_flight, max_queue, queue_timeout_ms, request_timeout_ms;
+    int64_t decode_only_below;     /* prompts shorter than this skip the prefill pool; 0 = never */
+    int prefill_policy, decode_policy;   /* speed_policy_t */
+    int64_t default_max_tokens, max_context;
+    int64_t status_interval_ms;    /* node status polling */
+    int64_t prefill_retries;       /* other prefill nodes tried before the first token */
+
+    speed_pool_config_t prefill, decode;
+
+    /* UCX */
+    int ucx_transport;             /* speed_ucx_transport_t */
+    const char *ucx_net_devices;   /* UCX_NET_DEVICES for tcp ("lo" for one host) */
+
+    /* this process */
+    int64_t node_index;            /* replica index within its pool */
+} speed_cluster_config_t;
+
+/* The field table (for --help and docs). */
+const speed_config_field_t *speed_cluster_config_fields(size_t *n_fields_p);
+
+/* Loads defaults < file (--config / SPEED_CONFIG) < env < argv into *cfg_out.
+ * Then checks the cluster as a whole (ports of different pools and the router must not
+ * overlap, replicas in range, node.index < the pool's replicas for `role` ("prefill" or
+ * "decode"; NULL or "router" skips that check)).
+ * Returns what speed_config_load returns, or SPEED_ERR_INVALID_ARGUMENT for a bad cluster
+ * (logged, one line). *cfg_p as in speed_config_load. */
+speed_status_t speed_cluster_config_load(int argc, char **argv, const char *role, speed_cluster_config_t *cfg_out,
+                                         speed_config_t **cfg_p);
+
+/* The pool of a role ("prefill" / "decode"), NULL otherwise. */
+const speed_pool_config_t *speed_cluster_pool(const speed_cluster_config_t *c, const char *role);
+
+/* "host:port" of replica i's gRPC / HTTP endpoint into buf. */
+void speed_cluster_grpc_addr(const speed_cluster_config_t *c, const speed_pool_config_t *pool, int64_t i, char *buf,
+                             size_t size);
+void speed_cluster_http_addr(const speed_cluster_config_t *c, const speed_pool_config_t *pool, int64_t i, char *buf,
+                             size_t size);
+
+#endif /* SPEED_CLUSTER_CONFIG_H */
