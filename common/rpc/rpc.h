@@ -168,7 +168,8 @@ void speed_rpc_server_destroy(speed_rpc_server_t *server);
 
 /* ---- server calls (every function is thread-safe) ---- */
 
-/* The method path of the call ("/pkg.Service/Method"); valid until the terminal call. */
+/* The method path of the call ("/pkg.Service/Method"); valid until the terminal call, and
+ * only while the server exists. */
 const char *speed_rpc_call_method(const speed_rpc_call_t *call);
 
 /* Attach the handler's own context, returned by speed_rpc_call_user. */
