@@ -1,0 +1,348 @@
+/* speed_kv_xfer: pushing a prompt's KV blocks from a prefill node into the blocks a decode node
+ * reserved, with UCX one-sided puts (ARCHITECTURE.md sections 2 and 4; DEPENDENCIES.md section 1).
+ *
+ *   decode node                                   prefill node
+ *   -----------                                   ------------
+ *   ctx = speed_kv_xfer_ctx_create(notify_cb)     ctx = speed_kv_xfer_ctx_create()
+ *   speed_kv_xfer_ctx_register_cache(ctx, kv)     speed_kv_xfer_ctx_register_cache(ctx, kv)
+ *   speed_engine_seq_reserve(...) -> seq
+ *   speed_kv_desc_build_engine(ctx, eng, seq) --descriptor bytes (control plane)-->
+ *                                                 speed_kv_xfer_create_engine(ctx, desc, eng, seq)
+ *                                                 engine layer_cb -> speed_kv_xfer_push_layer
+ *                                                 speed_kv_xfer_finish: flush, then notify
+ *   notify_cb(request id, cookie, bytes, epoch)  <--AM notify--
+ *   -> speed_engine_seq_kv_ready(seq)            --AM ack (status)-->  speed_kv_xfer_wait -> OK
+ *
+ * Transports, chosen per descriptor (per endpoint):
+ *   SPEED_KV_TRANSPORT_SHM  error-handling mode NONE: UCX may use shared memory / CMA between
+ *                           processes of one host (~8x faster than tcp here). UCX does not detect
+ *                           a dead peer then: liveness comes from the control plane and leases,
+ *                           and every wait is bounded by op_timeout_ms.
+ *   SPEED_KV_TRANSPORT_TCP  error-handling mode PEER: works between hosts and reports a dead peer
+ *                           (PEER mode disables the shared-memory transports, even on one host).
+ *
+ * Memory. Both sides register their KV cache pools once (speed_kv_xfer_ctx_register_cache; the
+ * pools are the backend's host memory). Puts read the prefill side's registered blocks and write
+ * straight into the decode side's blocks; the decode side needs no copy and no call per block.
+ * Every context runs a progress thread (event-driven: it sleeps on the worker's event fd), so a
+ * node receiving puts always progresses its worker.
+ *
+ * Descriptor. speed_kv_desc_t (below) is a plain C struct: what a prefill node needs to write one
+ * reserved sequence. Address of (layer l, block i) on the decode node:
+ *   pools[layers[l].pool].base + table[i] * block_stride + layers[l].offset
+ * The decode node's pool split may differ from the prefill node's: remote addresses always come
+ * from the descriptor, local ones from the local cache. speed_kv_desc_encode / _decode give a
+ * compact, checksummed byte form (the control plane may carry the fields in protobuf instead).
+ *
+ * Bytes. A transfer puts exactly the prompt's entries: layer l's n_entries(l) * token_bytes
+ * (full blocks as one put each, the last partial block as two puts, K rows then V rows), so
+ * the bytes put equal speed_kv_bytes_for_prompt (the section 1 formula); slots past the
+ * entries are not sent.
+ *
+ * Threading. A context is thread-safe: any thread may create, push, finish, wait, cancel and
+ * destroy transfers (one thread per transfer at a time; push_layer is meant to run in the engine's
+ * layer callback, on the engine's step thread). Callbacks (notify_cb) run on the context's
+ * progress thread. The engine and the KV cache are not thread-safe: functions taking them
+ * (register, desc_build*, xfer_create*, push_layer) must run on the thread that owns the engine,
+ * between or inside its steps.
+ *
+ * Errors are logged once where they are detected (subsystem "net"), with the request id.
+ * Statuses of a transfer (peer-group statuses end a transfer; see each function):
+ *   SPEED_ERR_PEER_UNREACHABLE  no endpoint, the peer failed (tcp), or no ack in time
+ *   SPEED_ERR_PEER_PROTOCOL     the descriptor does not fit the local layout, an rkey does not
+ *                               unpack, the peer rejected the epoch, a malformed message
+ *   SPEED_ERR_TRANSFER          a put or the flush failed or did not complete in time
+ *   SPEED_ERR_TIMEOUT           the descriptor's lease deadline has passed (retryable: reserve
+ *                               again)
+ *   SPEED_ERR_CANCELLED         speed_kv_xfer_cancel
+ */
+#ifndef SPEED_KV_TRANSFER_H
+#define SPEED_KV_TRANSFER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "dtype.h"
+#include "engine.h"
+#include "kv_cache.h"
+#include "status.h"
+
+typedef enum {
+    SPEED_KV_TRANSPORT_SHM = 0, /* UCX error mode NONE: shm / cma on one host, tcp otherwise */
+    SPEED_KV_TRANSPORT_TCP = 1, /* UCX error mode PEER: tcp (or RDMA), detects peer failure */
+} speed_kv_transport_t;
+
+/* "shm" / "tcp"; "?" for other values. */
+const char *speed_kv_transport_name(speed_kv_transport_t transport);
+
+/* ---- descriptor ------------------------------------------------------------------------------ */
+
+#define SPEED_KV_DESC_MAX_REGIONS 16
+#define SPEED_KV_DESC_MAX_POOLS 16
+#define SPEED_KV_DESC_MAX_LAYERS 4096
+#define SPEED_KV_DESC_MAX_BLOB 4096      /* worker address and rkey bytes */
+#define SPEED_KV_DESC_MAX_BLOCKS (1 << 24) /* blocks of one pool table */
+
+typedef struct {
+    uint64_t base;          /* remote virtual address of the registered region */
+    uint64_t length;        /* bytes */
+    uint8_t *rkey;          /* [rkey_len] packed UCX rkey (ucp_rkey_pack) */
+    uint32_t rkey_len;
+} speed_kv_desc_region_t;
+
+typedef struct {
+    uint32_t region;        /* index into regions[] */
+    uint64_t base;          /* remote address of block 0 of the pool */
+    uint64_t block_stride;  /* bytes from one block to the next */
+    int32_t *table;         /* [n_blocks] block ids of the sequence, in entry order */
+    uint32_t n_blocks;      /* blocks the prompt entries need: ceil(max entries of the pool's layers / B) */
+} speed_kv_desc_pool_t;
+
+typedef struct {
+    uint32_t pool;          /* index into pools[] */
+    uint64_t offset;        /* bytes from a block's start to this layer's unit (K then V) */
+    int64_t entries;        /* prompt entries this layer receives (n_prompt below C, else min(A+T, n)) */
+} speed_kv_desc_layer_t;
+
+typedef struct {
+    uint8_t *worker_addr;   /* [worker_addr_len] UCX worker address of the decode node */
+    uint32_t worker_addr_len;
+    speed_kv_transport_t transport;
+    speed_kv_desc_region_t *regions; /* [n_regions] */
+    uint32_t n_regions;
+    speed_kv_desc_pool_t *pools;     /* [n_pools] */
+    uint32_t n_pools;
+    speed_kv_desc_layer_t *layers;   /* [n_layers]: every layer of the model, in order */
+    uint32_t n_layers;
+    int32_t block_tokens;   /* B */
+    int32_t n_kv_heads;     /* heads of one token in a unit */
+    int32_t head_dim;
+    int32_t head_begin, head_end; /* heads [head_begin, head_end) of the model's KV heads held */
+    speed_dtype_t dtype;
+    uint64_t unit_bytes;    /* one layer of one block: 2 * B * n_kv_heads * head_dim * dtype size */
+    uint64_t total_bytes;   /* Σ layers entries * unit_bytes / B: what the transfer puts */
+    uint64_t epoch;         /* the decode node's epoch (changes when it restarts) */
+    uint64_t lease_deadline_ms; /* CLOCK_REALTIME ms; 0 = none. A prefill node refuses to start
+                                 * (or continue) a transfer past it. */
+    uint64_t cookie;        /* opaque to the prefill side, echoed in the notify (e.g. the decode
+                             * engine's sequence id) */
+} speed_kv_desc_t;
+
+/* Frees a descriptor from speed_kv_desc_build* / speed_kv_desc_decode; NULL is a no-op. */
+void speed_kv_desc_destroy(speed_kv_desc_t *desc);
+
+/* Compact little-endian encoding with a CRC-32: *buf_p (speed_malloc, caller frees with
+ * speed_free) of *len_p bytes. Returns SPEED_OK, SPEED_ERR_INVALID_ARGUMENT (a field past the
+ * limits above, an index out of range) or SPEED_ERR_NO_MEMORY. */
+speed_status_t speed_kv_desc_encode(const speed_kv_desc_t *desc, uint8_t **buf_p, size_t *len_p);
+
+/* Parses bytes from speed_kv_desc_encode. Returns SPEED_OK, SPEED_ERR_FORMAT (truncated,
+ * corrupt: checksum, magic, version, a count or index out of range, trailing bytes — logged),
+ * SPEED_ERR_INVALID_ARGUMENT (NULL) or SPEED_ERR_NO_MEMORY. On error *desc_p is untouched. */
+speed_status_t speed_kv_desc_decode(const void *buf, size_t len, speed_kv_desc_t **desc_p);
+
+/* Structural self-consistency (indices, address arithmetic inside the regions, totals); what
+ * decode also checks. Returns SPEED_OK or SPEED_ERR_FORMAT (logged). */
+speed_status_t speed_kv_desc_check(const speed_kv_desc_t *desc);
+
+/* ---- context ------------------------------------------------------------------------------- */
+
+typedef struct speed_kv_xfer_ctx speed_kv_xfer_ctx_t;
+typedef struct speed_kv_xfer speed_kv_xfer_t;
+
+/* What a decode node learns when a transfer into its blocks completed (the puts were flushed
+ * before the notify was sent, so the bytes are in memory). */
+typedef struct {
+    const char *request_id; /* NUL-terminated, valid during the callback */
+    uint64_t cookie;        /* the descriptor's cookie */
+    uint64_t bytes;         /* bytes the prefill side put */
+    uint64_t epoch;         /* equals this context's epoch (mismatches never reach the callback) */
+} speed_kv_notify_t;
+
+/* Runs on the progress thread; must not block or call back into this context. Its return
+ * value is sent back as the transfer's result: SPEED_OK, or e.g. SPEED_ERR_NOT_FOUND when the
+ * reservation is gone (the prefill side's wait returns it). The engine is not thread-safe:
+ * hand the sequence over to the engine's thread (a queue) rather than touching it here. */
+typedef speed_status_t (*speed_kv_notify_cb_t)(void *user, const speed_kv_notify_t *note);
+
+typedef struct {
+    uint64_t epoch;            /* 0 = derived from the realtime clock and the pid */
+    int op_timeout_ms;         /* bound on flush and on notify->ack; default 10000 */
+    speed_kv_notify_cb_t notify_cb; /* decode side; NULL = accept every notify (counted only) */
+    void *notify_user;
+} speed_kv_xfer_ctx_params_t;
+
+/* epoch 0 (auto), op_timeout_ms 10000, no callback. */
+speed_kv_xfer_ctx_params_t speed_kv_xfer_ctx_default_params(void);
+
+/* Creates the UCP context (RMA, AM, WAKEUP), one worker (thread mode MULTI) and the progress
+ * thread. UCX reads its UCX_* environment variables here (tests: UCX_NET_DEVICES=lo,
+ * UCX_TCP_CM_REUSEADDR=y; deployments: UCX_NET_DEVICES=<nic>).
+ * Returns SPEED_OK, SPEED_ERR_INVALID_ARGUMENT, SPEED_ERR_NO_MEMORY, SPEED_ERR_IO (UCX or
+ * thread creation failed: logged with UCX's reason). */
+speed_status_t speed_kv_xfer_ctx_create(const speed_kv_xfer_ctx_params_t *params, speed_kv_xfer_ctx_t **ctx_p);
+
+/* Stops the progress thread and frees everything: transfers not yet destroyed are ended
+ * (their handles become invalid), endpoints are closed (flush mode when idle, forced when an
+ * operation is stuck: the peer's error callbacks during teardown are expected and logged at
+ * debug level), registrations are released. Bounded by op_timeout_ms. NULL is a no-op.
+ * No other thread may use the context or its transfers during or after this call. */
+void speed_kv_xfer_ctx_destroy(speed_kv_xfer_ctx_t *ctx);
+
+/* The worker address to send to peers (out of band, through the control plane). Owned by the
+ * context, valid for its life. */
+void speed_kv_xfer_ctx_address(const speed_kv_xfer_ctx_t *ctx, const uint8_t **addr_p, size_t *len_p);
+uint64_t speed_kv_xfer_ctx_epoch(const speed_kv_xfer_ctx_t *ctx);
+
+/* Registers the cache's pools (ucp_mem_map of the backend's host memory; the memory stays the
+ * cache's). Needed on both sides: the decode side to offer rkeys, the prefill side to put from
+ * registered memory. Registering a cache twice is SPEED_OK (no-op). The cache must stay alive
+ * until deregistered or the context is destroyed.
+ * Returns SPEED_OK, SPEED_ERR_INVALID_ARGUMENT, SPEED_ERR_NO_MEMORY, SPEED_ERR_IO (UCX refused). */
+speed_status_t speed_kv_xfer_ctx_register_cache(speed_kv_xfer_ctx_t *ctx, const speed_kv_cache_t *cache);
+
+/* Releases the registrations of the cache; no transfer using it may be in flight. Unknown caches
+ * are ignored. */
+void speed_kv_xfer_ctx_deregister_cache(speed_kv_xfer_ctx_t *ctx, const speed_kv_cache_t *cache);
+
+typedef enum {
+    SPEED_KV_STAGE_CONNECT = 0, /* endpoint, rkeys */
+    SPEED_KV_STAGE_PUT,
+    SPEED_KV_STAGE_FLUSH,
+    SPEED_KV_STAGE_NOTIFY,      /* notify send and the peer's ack */
+    SPEED_KV_STAGE_COUNT
+} speed_kv_stage_t;
+
+const char *speed_kv_stage_name(speed_kv_stage_t stage);
+
+typedef struct {
+    /* prefill side */
+    uint64_t n_started;         /* transfers created */
+    uint64_t n_done;            /* acknowledged OK */
+    uint64_t n_failed[SPEED_KV_STAGE_COUNT]; /* ended with an error, by stage */
+    uint64_t n_refused;         /* refused at creation: layout mismatch, lease past */
+    uint64_t n_cancelled;
+    uint64_t bytes_put;         /* all puts posted */
+    uint64_t done_ns;           /* Σ create -> ack of the transfers done */
+    /* decode side */
+    uint64_t n_notified;        /* notifies accepted (callback returned OK) */
+    uint64_t n_notify_rejected; /* epoch mismatch, malformed, or the callback said no */
+    uint64_t bytes_notified;    /* Σ bytes of accepted notifies */
+    /* endpoints */
+    int n_endpoints;            /* cached now */
+    uint64_t n_peer_failures;   /* endpoint error callbacks (outside teardown) */
+} speed_kv_xfer_ctx_stats_t;
+
+void speed_kv_xfer_ctx_stats(speed_kv_xfer_ctx_t *ctx, speed_kv_xfer_ctx_stats_t *stats_p);
+
+/* ---- decode side: descriptors -------------------------------------------------------------- */
+
+typedef struct {
+    speed_kv_transport_t transport;
+    uint64_t lease_deadline_ms; /* CLOCK_REALTIME ms, 0 = none */
+    uint64_t cookie;
+} speed_kv_desc_params_t;
+
+/* Builds the descriptor of a reserved sequence of a registered cache for n_full / n_compact
+ * prompt entries (speed_kv_entries_for with n_extra 0): every layer, its pool, offset and
+ * entries; per pool the first ceil(entries / B) blocks of the sequence's table; this
+ * context's address, epoch and the pools' rkeys.
+ * Returns SPEED_OK, SPEED_ERR_INVALID_ARGUMENT (cache not registered, entries past the room,
+ * bad transport) or SPEED_ERR_NO_MEMORY. */
+speed_status_t speed_kv_desc_build(speed_kv_xfer_ctx_t *ctx, const speed_kv_cache_t *cache,
+                                   const speed_kv_seq_t *seq, int64_t n_full, int64_t n_compact,
+                                   const speed_kv_desc_params_t *params, speed_kv_desc_t **desc_p);
+
+/* The same for a sequence reserved with speed_engine_seq_reserve (entries from its prompt
+ * length and depth). Returns as above, or SPEED_ERR_NOT_FOUND (no such sequence). */
+speed_status_t speed_kv_desc_build_engine(speed_kv_xfer_ctx_t *ctx, speed_engine_t *engine, speed_seq_id_t seq,
+                                          const speed_kv_desc_params_t *params, speed_kv_desc_t **desc_p);
+
+/* ---- prefill side: transfers ---------------------------------------------------------------- */
+
+typedef enum {
+    SPEED_KV_XFER_PUSHING = 0, /* accepting push_layer */
+    SPEED_KV_XFER_FLUSHING,    /* finish called: waiting for the puts to complete remotely */
+    SPEED_KV_XFER_NOTIFYING,   /* notify sent, waiting for the ack */
+    SPEED_KV_XFER_DONE,        /* acknowledged OK */
+    SPEED_KV_XFER_FAILED,      /* ended with an error (status) */
+} speed_kv_xfer_state_t;
+
+/* Starts a transfer of a local sequence (n_full / n_compact prompt entries) of a registered
+ * cache into the descriptor's blocks. Checks the descriptor against the local layout (dtype, B,
+ * n_kv_heads, head_dim, head range, layer count, per-layer entries, unit and total bytes),
+ * its address arithmetic, and the lease; gets a cached endpoint to the peer (or creates one)
+ * and unpacks the rkeys. request_id (<= 63 bytes, may be NULL) names it in logs and the notify.
+ * The local blocks must stay allocated until the transfer ends (DONE / FAILED) or is destroyed.
+ * Returns SPEED_OK; SPEED_ERR_INVALID_ARGUMENT (NULLs, cache not registered);
+ * SPEED_ERR_PEER_PROTOCOL (layout mismatch, bad descriptor, rkey unpack failed);
+ * SPEED_ERR_TIMEOUT (lease past); SPEED_ERR_PEER_UNREACHABLE (endpoint creation failed);
+ * SPEED_ERR_NO_MEMORY. Every error is logged with the field and both values. */
+speed_status_t speed_kv_xfer_create(speed_kv_xfer_ctx_t *ctx, const speed_kv_desc_t *desc,
+                                    const speed_kv_cache_t *cache, const speed_kv_seq_t *seq, int64_t n_full,
+                                    int64_t n_compact, const char *request_id, speed_kv_xfer_t **xfer_p);
+
+/* The same for an engine sequence added with speed_engine_seq_add (entries from its prompt
+ * and depth). Returns as above, or SPEED_ERR_NOT_FOUND. */
+speed_status_t speed_kv_xfer_create_engine(speed_kv_xfer_ctx_t *ctx, const speed_kv_desc_t *desc,
+                                           speed_engine_t *engine, speed_seq_id_t seq, const char *request_id,
+                                           speed_kv_xfer_t **xfer_p);
+
+/* Layer `layer` now holds n_done of its n_total prompt entries (the engine's layer callback
+ * arguments): posts non-blocking puts of the blocks completed since the last call (full blocks;
+ * everything, including a partial last block, once n_done == n_total). Never waits for the
+ * network. Repeating a call (a redone step) posts nothing new.
+ * Returns SPEED_OK; SPEED_ERR_INVALID_ARGUMENT (layer out of range, n_total not the
+ * descriptor's entries, n_done > n_total, called after finish); or the transfer's status if it
+ * has ended (failed, cancelled, lease past: SPEED_ERR_TIMEOUT). */
+speed_status_t speed_kv_xfer_push_layer(speed_kv_xfer_t *xfer, int layer, int64_t n_done, int64_t n_total);
+
+/* push_layer(l, entries, entries) for every layer: the whole prompt KV at once (a prefill that
+ * already finished). Returns as push_layer. */
+speed_status_t speed_kv_xfer_push_all(speed_kv_xfer_t *xfer);
+
+/* Every layer complete: flushes the endpoint (the puts complete at the target), then sends the
+ * notify {request id, cookie, bytes, epoch}; the decode side answers with an ack. Does not
+ * block; speed_kv_xfer_wait / _poll give the outcome. Both steps are bounded by op_timeout_ms
+ * (flush -> SPEED_ERR_TRANSFER, ack -> SPEED_ERR_PEER_UNREACHABLE), enforced by the progress
+ * thread even if nobody waits.
+ * Returns SPEED_OK (started); SPEED_ERR_INVALID_ARGUMENT (a layer is incomplete, or already
+ * finishing); or the transfer's status if it has ended. */
+speed_status_t speed_kv_xfer_finish(speed_kv_xfer_t *xfer);
+
+/* Waits until the transfer ends or timeout_ms passes (< 0: until it ends, which finish bounds).
+ * Returns the final status (SPEED_OK when acknowledged; the ack's status when the decode side
+ * refused it: SPEED_ERR_PEER_PROTOCOL for a stale epoch; the statuses at the top of this file),
+ * or SPEED_ERR_TIMEOUT if it is still running after timeout_ms (the transfer is unaffected;
+ * see speed_kv_xfer_poll). */
+speed_status_t speed_kv_xfer_wait(speed_kv_xfer_t *xfer, int timeout_ms);
+
+/* Current state; *status_p (may be NULL) = the final status once DONE / FAILED, else SPEED_OK. */
+speed_kv_xfer_state_t speed_kv_xfer_poll(speed_kv_xfer_t *xfer, speed_status_t *status_p);
+
+/* Ends the transfer with SPEED_ERR_CANCELLED unless it already ended: no further puts, no
+ * notify (if the notify was already sent, the decode side may still see it). Puts already posted
+ * may still land in the decode node's blocks: the decode node must not reuse a cancelled
+ * reservation's blocks before the lease deadline (or a Cancel acknowledged by both nodes). */
+void speed_kv_xfer_cancel(speed_kv_xfer_t *xfer);
+
+typedef struct {
+    speed_kv_xfer_state_t state;
+    speed_status_t status;
+    speed_kv_stage_t failed_stage;  /* valid when state == FAILED and status != CANCELLED */
+    uint64_t bytes_put;             /* bytes of the puts posted */
+    uint64_t n_puts;
+    uint64_t total_bytes;           /* the descriptor's total */
+    uint64_t push_ns;               /* create -> last put posted */
+    uint64_t finish_ns;             /* finish -> ack (0 while running) */
+    uint64_t total_ns;              /* create -> end (0 while running) */
+} speed_kv_xfer_info_t;
+
+void speed_kv_xfer_info(speed_kv_xfer_t *xfer, speed_kv_xfer_info_t *info_p);
+
+/* Releases the handle; valid in any state (a running transfer is cancelled first). Memory that
+ * UCX callbacks still reference is freed when they have run. NULL is a no-op. */
+void speed_kv_xfer_destroy(speed_kv_xfer_t *xfer);
+
+#endif /* SPEED_KV_TRANSFER_H */
