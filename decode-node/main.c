@@ -1,0 +1,308 @@
+/* speed-decode: the decode node. Reserve hands out KV blocks (a descriptor the prefill node
+ * writes into with UCX puts); Generate decodes at full depth with continuous batching and
+ * streams tokens; Cancel and lease expiry free blocks. See decode-node/README.md.
+ *
+ *   speed-decode --config CLUSTER.yaml [--node.index I] [--model DIR] [options]
+ */
+#include <stdio.h>
+#include <string.h>
+
+#include "alloc.h"
+#include "log.h"
+#include "node.h"
+
+typedef struct {
+    speed_node_t *node;
+    speed_rpc_call_t *call;
+    char id[SPEED_BATCH_ID_MAX + 1];
+    int n_top;            /* top logprobs to return */
+    bool logprobs;
+    bool decode_only;
+    speed_dtype_t kv_dtype;
+    Speed__V1__GenerateRequest *req; /* owned until the batcher has copied what it needs */
+} gen_t;
+
+static speed_node_t g_node;
+
+static speed_dtype_t node_kv_dtype(const speed_node_t *n) {
+    static const speed_dtype_t kvd[] = {SPEED_DTYPE_F32, SPEED_DTYPE_BF16, SPEED_DTYPE_F16};
+    return kvd[n->cfg.kv_dtype];
+}
+
+/* ---- Reserve -------------------------------------------------------------------------------- */
+
+typedef struct {
+    speed_node_t *node;
+    int64_t n_prompt;
+    speed_depth_t depth;          /* resolved */
+    uint64_t lease_deadline_ms;
+    speed_kv_desc_t *desc;
+} desc_arg_t;
+
+static speed_status_t build_desc(void *user, speed_kv_cache_t *cache, const speed_kv_seq_t *seq) {
+    desc_arg_t *a = user;
+    int64_t n_compact = a->depth.anchors + a->depth.tail;
+    if (n_compact > a->n_prompt) n_compact = a->n_prompt;
+    speed_kv_desc_params_t p = {
+        .transport = a->node->cfg.ucx_transport == SPEED_UCX_TCP ? SPEED_KV_TRANSPORT_TCP : SPEED_KV_TRANSPORT_SHM,
+        .lease_deadline_ms = a->lease_deadline_ms,
+        .cookie = 0,
+    };
+    return speed_kv_desc_build(a->node->xfer, cache, seq, a->n_prompt, n_compact, &p, &a->desc);
+}
+
+typedef struct {
+    speed_node_t *node;
+    speed_rpc_call_t *call;
+    Speed__V1__ReserveRequest *req;
+} reserve_t;
+
+static void reserve_work(void *arg) {
+    reserve_t *r = arg;
+    speed_node_t *n = r->node;
+    char err[256] = "";
+    speed_depth_t depth;
+    speed_status_t st = speed_node_depth_from_proto(n, r->req->speed, &depth, err, sizeof err);
+    speed_batch_reservation_t res;
+    if (st == SPEED_OK && !speed_node_accepting(n)) {
+        st = SPEED_ERR_CANCELLED;
+        snprintf(err, sizeof err, "node is draining");
+    }
+    if (st == SPEED_OK) {
+        st = speed_batcher_reserve(n->batcher, r->req->request_id, r->req->n_prompt, r->req->max_tokens, depth, &res);
+        if (st != SPEED_OK) snprintf(err, sizeof err, "%s", st == SPEED_ERR_CAPACITY ? "no free KV blocks" : speed_log_last_error());
+    }
+    desc_arg_t da = {.node = n, .n_prompt = r->req->n_prompt};
+    if (st == SPEED_OK) {
+        da.depth = res.depth;
+        da.lease_deadline_ms = (uint64_t)res.lease_deadline_ms;
+        st = speed_batcher_with_kv(n->batcher, r->req->request_id, build_desc, &da);
+        if (st != SPEED_OK) {
+            snprintf(err, sizeof err, "cannot describe the KV blocks: %s", speed_log_last_error());
+            speed_batcher_cancel(n->batcher, r->req->request_id);
+        }
+    }
+    if (st == SPEED_OK) {
+        Speed__V1__ReserveReply reply = SPEED__V1__RESERVE_REPLY__INIT;
+        Speed__V1__KvDescriptor kd;
+        st = speed_node_kv_desc_to_proto(da.desc, &res.depth, &kd);
+        if (st == SPEED_OK) {
+            reply.kv = &kd;
+            speed_node_reply(r->call, &reply.base);
+            speed_node_kv_desc_proto_cleanup(&kd);
+        } else {
+            speed_batcher_cancel(n->batcher, r->req->request_id);
+            speed_node_fail(r->call, st, "out of memory");
+        }
+    } else {
+        speed_node_count(n, st == SPEED_ERR_CAPACITY ? "capacity" : "rejected");
+        speed_node_fail(r->call, st, err);
+    }
+    speed_kv_desc_destroy(da.desc);
+    speed_proto_free(&r->req->base);
+    speed_free(r);
+}
+
+static void on_reserve(void *user, speed_rpc_call_t *call, const uint8_t *data, size_t len) {
+    speed_node_t *n = user;
+    Speed__V1__ReserveRequest *req = NULL;
+    if (speed_proto_unpack(&speed__v1__reserve_request__descriptor, data, len, (ProtobufCMessage **)&req) != SPEED_OK) {
+        speed_node_fail(call, SPEED_ERR_INVALID_ARGUMENT, "malformed ReserveRequest");
+        return;
+    }
+    if (!req->request_id || !*req->request_id || req->n_prompt < 1 || req->max_tokens < 1) {
+        speed_node_fail(call, SPEED_ERR_INVALID_ARGUMENT, "Reserve needs request_id, n_prompt >= 1, max_tokens >= 1");
+        speed_proto_free(&req->base);
+        return;
+    }
+    reserve_t *r = speed_calloc(1, sizeof *r);
+    if (r) *r = (reserve_t){.node = n, .call = call, .req = req};
+    if (!r || speed_node_defer(n, reserve_work, r) != SPEED_OK) {
+        speed_free(r);
+        speed_proto_free(&req->base);
+        speed_node_fail(call, SPEED_ERR_NO_MEMORY, "out of memory");
+    }
+}
+
+/* ---- Generate ------------------------------------------------------------------------------- */
+
+static void gen_free(gen_t *g) {
+    if (g->req) speed_proto_free(&g->req->base);
+    speed_free(g);
+}
+
+static void gen_event(void *user, const speed_batch_event_t *ev) {
+    gen_t *g = user;
+    speed_node_t *n = g->node;
+    Speed__V1__GenerateEvent out = SPEED__V1__GENERATE_EVENT__INIT;
+    if (ev->token) {
+        Speed__V1__Token tok, *tp = &tok;
+        Speed__V1__TopLogprob storage[SPEED_SAMPLER_MAX_TOP_LOGPROBS], *ptrs[SPEED_SAMPLER_MAX_TOP_LOGPROBS];
+        speed_node_token_to_proto(ev->token, g->n_top, &tok, storage, ptrs);
+        if (!g->logprobs) tok.logprob = 0;
+        out.n_tokens = 1;
+        out.tokens = &tp;
+        speed_counter_inc(n->m_generated_tokens);
+        if (speed_node_send(g->call, &out.base) == SPEED_ERR_CANCELLED) speed_batcher_cancel(n->batcher, g->id);
+        return;
+    }
+    const speed_batch_usage_t *u = ev->usage;
+    Speed__V1__Usage usage = SPEED__V1__USAGE__INIT;
+    Speed__V1__Timing timing = SPEED__V1__TIMING__INIT;
+    usage.prompt_tokens = (int32_t)u->n_prompt;
+    usage.completion_tokens = (int32_t)u->n_generated;
+    const speed_model_config_t *mc = &n->model->config;
+    usage.kv_bytes = g->decode_only ? 0
+                                    : speed_kv_bytes_for_prompt(mc, u->depth.prefill_layers, u->depth.anchors,
+                                                                u->depth.tail, u->n_prompt, g->kv_dtype);
+    usage.kv_full_depth_bytes = speed_kv_bytes_for_prompt(mc, mc->n_layers, 0, 0, u->n_prompt, g->kv_dtype);
+    usage.kv_cache_bytes = u->kv_bytes;
+    timing.queue_ms = u->queue_ms;
+    timing.prefill_ms = u->prefill_ms;
+    timing.decode_ms = u->decode_ms;
+    out.usage = &usage;
+    out.timing = &timing;
+    const char *reason = ev->finish == SPEED_BATCH_STOP     ? "stop"
+                         : ev->finish == SPEED_BATCH_LENGTH ? "length"
+                         : ev->finish == SPEED_BATCH_CANCELLED ? "cancelled"
+                                                               : "error";
+    out.finish_reason = (char *)reason;
+    char err[256] = "";
+    if (ev->finish == SPEED_BATCH_ERROR || ev->finish == SPEED_BATCH_EXPIRED) {
+        snprintf(err, sizeof err, "%s", speed_status_string(ev->status));
+        out.error = err;
+        out.status = ev->status;
+    }
+    speed_node_count(n, reason);
+    speed_node_send(g->call, &out.base);
+    speed_rpc_call_finish(g->call, SPEED_RPC_OK, NULL);
+    gen_free(g);
+}
+
+static void gen_cancelled(void *user, speed_rpc_call_t *call) {
+    (void)call;
+    gen_t *g = user;
+    speed_batcher_cancel(g->node->batcher, g->id);
+}
+
+static void generate_work(void *arg) {
+    gen_t *g = arg;
+    speed_node_t *n = g->node;
+    const Speed__V1__GenerateRequest *req = g->req;
+    char err[256] = "";
+    speed_batch_request_t q = {.request_id = g->id, .on_event = gen_event, .user = g};
+    speed_status_t st = speed_node_gen_from_proto(n, req->sampling, &q.gen, err, sizeof err);
+    if (st == SPEED_OK && req->sampling) {
+        g->logprobs = req->sampling->logprobs || req->sampling->top_logprobs > 0;
+        g->n_top = req->sampling->top_logprobs;
+    }
+    if (st == SPEED_OK) speed_rpc_call_on_cancel(g->call, gen_cancelled, g);
+    if (st == SPEED_OK && g->decode_only) {
+        if (!speed_node_accepting(n)) {
+            st = SPEED_ERR_CANCELLED;
+            snprintf(err, sizeof err, "node is draining");
+        } else {
+            st = speed_node_depth_from_proto(n, req->speed, &q.depth, err, sizeof err);
+        }
+        if (st == SPEED_OK) {
+            q.prompt = req->prompt_ids;
+            q.n_prompt = (int64_t)req->n_prompt_ids;
+            /* after a successful submit, events own g (and req): touch neither */
+            speed_counter_t *prompt_tokens = n->m_prompt_tokens;
+            double n_prompt = (double)req->n_prompt_ids;
+            st = speed_batcher_submit(n->batcher, &q);
+            if (st == SPEED_OK) speed_counter_add(prompt_tokens, n_prompt);
+            else snprintf(err, sizeof err, "%s", st == SPEED_ERR_CAPACITY ? "decode node is full" : speed_log_last_error());
+        }
+    } else if (st == SPEED_OK) {
+        if (req->epoch != 0 && req->epoch != n->epoch) {
+            st = SPEED_ERR_PEER_PROTOCOL;
+            snprintf(err, sizeof err, "reservation epoch %llu is not this node's (%llu): the node restarted",
+                     (unsigned long long)req->epoch, (unsigned long long)n->epoch);
+        } else {
+            speed_batch_token_t first;
+            speed_node_token_from_proto(req->first, &first);
+            st = speed_batcher_start(n->batcher, &q, &first, true);
+            if (st == SPEED_ERR_NOT_FOUND) snprintf(err, sizeof err, "no reservation '%s' (expired or never made)", g->id);
+            else if (st != SPEED_OK) snprintf(err, sizeof err, "%s", speed_log_last_error());
+        }
+    }
+    if (st != SPEED_OK) {
+        speed_node_count(n, "rejected");
+        speed_node_fail(g->call, st, err);
+        gen_free(g);
+        return;
+    }
+    /* the batcher copied the prompt and stop strings; events own g from here */
+}
+
+static void on_generate(void *user, speed_rpc_call_t *call, const uint8_t *data, size_t len) {
+    speed_node_t *n = user;
+    Speed__V1__GenerateRequest *req = NULL;
+    if (speed_proto_unpack(&speed__v1__generate_request__descriptor, data, len, (ProtobufCMessage **)&req) != SPEED_OK) {
+        speed_node_fail(call, SPEED_ERR_INVALID_ARGUMENT, "malformed GenerateRequest");
+        return;
+    }
+    bool decode_only = req->n_prompt_ids > 0;
+    if (!req->request_id || !*req->request_id || strlen(req->request_id) > SPEED_BATCH_ID_MAX ||
+        (!decode_only && !req->first)) {
+        speed_node_fail(call, SPEED_ERR_INVALID_ARGUMENT,
+                        "Generate needs a request_id and either prompt_ids or the first token");
+        speed_proto_free(&req->base);
+        return;
+    }
+    gen_t *g = speed_calloc(1, sizeof *g);
+    if (!g) {
+        speed_proto_free(&req->base);
+        speed_node_fail(call, SPEED_ERR_NO_MEMORY, "out of memory");
+        return;
+    }
+    g->node = n;
+    g->call = call;
+    g->req = req;
+    g->decode_only = decode_only;
+    g->kv_dtype = node_kv_dtype(n);
+    snprintf(g->id, sizeof g->id, "%s", req->request_id);
+    if (speed_node_defer(n, generate_work, g) != SPEED_OK) {
+        gen_free(g);
+        speed_node_fail(call, SPEED_ERR_NO_MEMORY, "out of memory");
+    }
+}
+
+/* ---- Cancel --------------------------------------------------------------------------------- */
+
+static void on_cancel(void *user, speed_rpc_call_t *call, const uint8_t *data, size_t len) {
+    speed_node_t *n = user;
+    Speed__V1__CancelRequest *req = NULL;
+    if (speed_proto_unpack(&speed__v1__cancel_request__descriptor, data, len, (ProtobufCMessage **)&req) != SPEED_OK ||
+        !req->request_id || !*req->request_id || strlen(req->request_id) > SPEED_BATCH_ID_MAX) {
+        if (req) speed_proto_free(&req->base);
+        speed_node_fail(call, SPEED_ERR_INVALID_ARGUMENT, "malformed CancelRequest");
+        return;
+    }
+    Speed__V1__CancelReply reply = SPEED__V1__CANCEL_REPLY__INIT;
+    reply.found = speed_batcher_cancel(n->batcher, req->request_id) == SPEED_OK;
+    SPEED_INFO(SPEED_SUBSYS_NET, "cancel %s: %s", req->request_id, reply.found ? "freed" : "not found");
+    speed_node_reply(call, &reply.base);
+    speed_proto_free(&req->base);
+}
+
+int main(int argc, char **argv) {
+    speed_node_block_signals();
+    int code;
+    if (speed_node_init(&g_node, "decode", argc, argv, &code) != SPEED_OK) {
+        speed_node_cleanup(&g_node);
+        return code;
+    }
+    speed_node_t *n = &g_node;
+    if (speed_node_add_method(n, SPEED_METHOD_DECODE_RESERVE, SPEED_RPC_UNARY, on_reserve, n) != SPEED_OK ||
+        speed_node_add_method(n, SPEED_METHOD_DECODE_GENERATE, SPEED_RPC_STREAM, on_generate, n) != SPEED_OK ||
+        speed_node_add_method(n, SPEED_METHOD_DECODE_CANCEL, SPEED_RPC_UNARY, on_cancel, n) != SPEED_OK ||
+        speed_node_start(n) != SPEED_OK) {
+        speed_node_cleanup(n);
+        return 1;
+    }
+    speed_node_run(n, 30000);
+    speed_node_cleanup(n);
+    return 0;
+}

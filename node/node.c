@@ -1,0 +1,717 @@
+/* speed_node: see node.h. */
+#define _GNU_SOURCE 1
+#include "node.h"
+
+#include <errno.h>
+#include <jansson.h>
+#include <math.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "alloc.h"
+#include "file.h"
+#include "log.h"
+
+struct speed_node_work {
+    speed_node_work_fn_t fn;
+    void *arg;
+    struct speed_node_work *next;
+};
+
+static uint64_t wall_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+void speed_node_block_signals(void) {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
+    signal(SIGPIPE, SIG_IGN);
+}
+
+bool speed_node_accepting(const speed_node_t *n) {
+    return atomic_load(&n->state) == SPEED_NODE_SERVING;
+}
+
+/* ---- workers --------------------------------------------------------------------------------- */
+
+static void *worker_main(void *arg) {
+    speed_node_t *n = arg;
+    for (;;) {
+        pthread_mutex_lock(&n->work_mu);
+        while (!n->work_head && !n->work_stop) pthread_cond_wait(&n->work_cv, &n->work_mu);
+        speed_node_work_t *w = n->work_head;
+        if (!w) {
+            pthread_mutex_unlock(&n->work_mu);
+            return NULL;
+        }
+        n->work_head = w->next;
+        if (!n->work_head) n->work_tail = NULL;
+        pthread_mutex_unlock(&n->work_mu);
+        w->fn(w->arg);
+        speed_free(w);
+    }
+}
+
+speed_status_t speed_node_defer(speed_node_t *n, speed_node_work_fn_t fn, void *arg) {
+    speed_node_work_t *w = speed_calloc(1, sizeof *w);
+    if (!w) return SPEED_ERR_NO_MEMORY;
+    w->fn = fn;
+    w->arg = arg;
+    pthread_mutex_lock(&n->work_mu);
+    if (n->work_tail)
+        n->work_tail->next = w;
+    else
+        n->work_head = w;
+    n->work_tail = w;
+    pthread_cond_signal(&n->work_cv);
+    pthread_mutex_unlock(&n->work_mu);
+    return SPEED_OK;
+}
+
+/* ---- proto helpers ---------------------------------------------------------------------------- */
+
+void speed_node_fail(speed_rpc_call_t *call, speed_status_t status, const char *message) {
+    SPEED_INFO(SPEED_SUBSYS_NET, "rpc %s: %s: %s", speed_rpc_call_method(call), speed_status_string(status),
+               message ? message : "");
+    speed_rpc_call_fail(call, status, message ? message : speed_status_string(status));
+}
+
+void speed_node_count(speed_node_t *n, const char *status) {
+    speed_counter_t *c;
+    const char *lbl[] = {status};
+    if (speed_counter_labels(n->m_requests, lbl, &c) == SPEED_OK) speed_counter_inc(c);
+}
+
+static speed_status_t pack(const ProtobufCMessage *msg, uint8_t **buf, size_t *len) {
+    return speed_proto_pack(msg, buf, len);
+}
+
+speed_status_t speed_node_reply(speed_rpc_call_t *call, const ProtobufCMessage *msg) {
+    uint8_t *buf = NULL;
+    size_t len = 0;
+    speed_status_t st = pack(msg, &buf, &len);
+    if (st != SPEED_OK) {
+        speed_rpc_call_fail(call, st, "cannot encode the reply");
+        return st;
+    }
+    st = speed_rpc_call_reply(call, buf, len);
+    speed_free(buf);
+    return st;
+}
+
+speed_status_t speed_node_send(speed_rpc_call_t *call, const ProtobufCMessage *msg) {
+    uint8_t *buf = NULL;
+    size_t len = 0;
+    SPEED_CHECK(pack(msg, &buf, &len));
+    speed_status_t st = speed_rpc_call_send(call, buf, len);
+    speed_free(buf);
+    return st;
+}
+
+speed_status_t speed_node_depth_from_proto(const speed_node_t *n, const Speed__V1__SpeedParams *sp,
+                                           speed_depth_t *depth_p, char *err, size_t err_size) {
+    speed_depth_t d = {0, 0, 0};
+    if (sp) {
+        const int L = n->model->config.n_layers;
+        if (sp->prefill_fraction_opt_case == SPEED__V1__SPEED_PARAMS__PREFILL_FRACTION_OPT_PREFILL_FRACTION) {
+            double f = sp->prefill_fraction;
+            if (!(f > 0.0 && f <= 1.0)) {
+                snprintf(err, err_size, "prefill_layers fraction %g is outside (0, 1]", f);
+                return SPEED_ERR_INVALID_ARGUMENT;
+            }
+            int c = (int)floor(f * L + 0.5);
+            d.prefill_layers = c < 1 ? 1 : c;
+        } else if (sp->prefill_layers != 0) {
+            if (sp->prefill_layers < 1 || sp->prefill_layers > L) {
+                snprintf(err, err_size, "prefill_layers %d is outside 1..%d", sp->prefill_layers, L);
+                return SPEED_ERR_INVALID_ARGUMENT;
+            }
+            d.prefill_layers = sp->prefill_layers;
+        }
+        speed_depth_t def = speed_batcher_depth(n->batcher);
+        bool has_a = sp->anchors_opt_case == SPEED__V1__SPEED_PARAMS__ANCHORS_OPT_ANCHORS;
+        bool has_t = sp->tail_opt_case == SPEED__V1__SPEED_PARAMS__TAIL_OPT_TAIL;
+        if (has_a || has_t) {
+            d.anchors = has_a ? sp->anchors : def.anchors;
+            d.tail = has_t ? sp->tail : def.tail;
+            if (d.anchors < 0 || d.tail < 1) {
+                snprintf(err, err_size, "anchors %d / tail %d out of range (anchors >= 0, tail >= 1)", d.anchors, d.tail);
+                return SPEED_ERR_INVALID_ARGUMENT;
+            }
+        }
+    }
+    *depth_p = d;
+    return SPEED_OK;
+}
+
+speed_status_t speed_node_gen_from_proto(const speed_node_t *n, const Speed__V1__SamplingParams *sp,
+                                         speed_batch_gen_t *gen_p, char *err, size_t err_size) {
+    (void)n;
+    speed_batch_gen_t g;
+    memset(&g, 0, sizeof g);
+    g.sampling = speed_sampling_default_params();
+    g.max_tokens = 16;
+    if (sp) {
+        g.max_tokens = sp->max_tokens;
+        g.sampling.temperature = sp->temperature;
+        g.sampling.top_p = sp->top_p == 0.0f ? 1.0f : sp->top_p;
+        g.sampling.top_k = sp->top_k;
+        g.sampling.seed = sp->seed_opt_case == SPEED__V1__SAMPLING_PARAMS__SEED_OPT_SEED ? sp->seed : wall_ms();
+        g.sampling.n_top_logprobs = sp->top_logprobs;
+        g.stop = (const char *const *)sp->stop;
+        g.n_stop = sp->n_stop;
+        g.ignore_eos = sp->ignore_eos;
+    }
+    if (g.max_tokens < 1) {
+        snprintf(err, err_size, "max_tokens %lld must be >= 1", (long long)g.max_tokens);
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    if (speed_sampling_params_validate(&g.sampling) != SPEED_OK) {
+        snprintf(err, err_size, "%s", speed_log_last_error());
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    *gen_p = g;
+    return SPEED_OK;
+}
+
+void speed_node_token_to_proto(const speed_batch_token_t *t, int n_top, Speed__V1__Token *out,
+                               Speed__V1__TopLogprob *storage, Speed__V1__TopLogprob **ptrs) {
+    speed__v1__token__init(out);
+    out->id = t->id;
+    out->logprob = t->logprob;
+    out->text = (char *)(t->text ? t->text : "");
+    if (n_top > t->n_top) n_top = t->n_top;
+    if (n_top < 0) n_top = 0;
+    for (int i = 0; i < n_top; i++) {
+        speed__v1__top_logprob__init(&storage[i]);
+        storage[i].id = t->top[i].id;
+        storage[i].logprob = t->top[i].logprob;
+        ptrs[i] = &storage[i];
+    }
+    out->n_top_logprobs = (size_t)n_top;
+    out->top_logprobs = n_top ? ptrs : NULL;
+}
+
+void speed_node_token_from_proto(const Speed__V1__Token *t, speed_batch_token_t *out) {
+    memset(out, 0, sizeof *out);
+    out->id = t->id;
+    out->logprob = t->logprob;
+    size_t n = t->n_top_logprobs < SPEED_SAMPLER_MAX_TOP_LOGPROBS ? t->n_top_logprobs : SPEED_SAMPLER_MAX_TOP_LOGPROBS;
+    for (size_t i = 0; i < n; i++) {
+        out->top[i].id = t->top_logprobs[i]->id;
+        out->top[i].logprob = t->top_logprobs[i]->logprob;
+    }
+    out->n_top = (int)n;
+}
+
+/* ---- KV descriptor ↔ proto -------------------------------------------------------------------- */
+
+speed_status_t speed_node_kv_desc_to_proto(const speed_kv_desc_t *d, const speed_depth_t *depth,
+                                           Speed__V1__KvDescriptor *out) {
+    speed__v1__kv_descriptor__init(out);
+    out->worker_address.data = d->worker_addr;
+    out->worker_address.len = d->worker_addr_len;
+    out->transport = (char *)speed_kv_transport_name(d->transport);
+    out->regions = speed_calloc(d->n_regions ? d->n_regions : 1, sizeof *out->regions);
+    out->pools = speed_calloc(d->n_pools ? d->n_pools : 1, sizeof *out->pools);
+    out->layers = speed_calloc(d->n_layers ? d->n_layers : 1, sizeof *out->layers);
+    Speed__V1__KvRegion *regions = speed_calloc(d->n_regions ? d->n_regions : 1, sizeof *regions);
+    Speed__V1__KvPool *pools = speed_calloc(d->n_pools ? d->n_pools : 1, sizeof *pools);
+    Speed__V1__KvLayer *layers = speed_calloc(d->n_layers ? d->n_layers : 1, sizeof *layers);
+    if (!out->regions || !out->pools || !out->layers || !regions || !pools || !layers) {
+        speed_free(regions), speed_free(pools), speed_free(layers);
+        speed_node_kv_desc_proto_cleanup(out);
+        return SPEED_ERR_NO_MEMORY;
+    }
+    for (uint32_t i = 0; i < d->n_regions; i++) {
+        speed__v1__kv_region__init(&regions[i]);
+        regions[i].addr = d->regions[i].base;
+        regions[i].length = d->regions[i].length;
+        regions[i].rkey.data = d->regions[i].rkey;
+        regions[i].rkey.len = d->regions[i].rkey_len;
+        out->regions[i] = &regions[i];
+    }
+    for (uint32_t i = 0; i < d->n_pools; i++) {
+        speed__v1__kv_pool__init(&pools[i]);
+        pools[i].region = d->pools[i].region;
+        pools[i].block0_addr = d->pools[i].base;
+        pools[i].block_bytes = d->pools[i].block_stride;
+        pools[i].n_blocks = d->pools[i].n_blocks;
+        pools[i].blocks = d->pools[i].table;
+        out->pools[i] = &pools[i];
+    }
+    for (uint32_t i = 0; i < d->n_layers; i++) {
+        speed__v1__kv_layer__init(&layers[i]);
+        layers[i].pool = d->layers[i].pool;
+        layers[i].offset = d->layers[i].offset;
+        layers[i].entries = (uint64_t)d->layers[i].entries;
+        out->layers[i] = &layers[i];
+    }
+    out->n_regions = d->n_regions;
+    out->n_pools = d->n_pools;
+    out->n_layers = d->n_layers;
+    out->block_tokens = (uint32_t)d->block_tokens;
+    out->n_kv_heads = (uint32_t)d->n_kv_heads;
+    out->head_dim = (uint32_t)d->head_dim;
+    out->head_begin = (uint32_t)d->head_begin;
+    out->head_end = (uint32_t)d->head_end;
+    out->dtype = (char *)speed_dtype_name(d->dtype);
+    out->unit_bytes = d->unit_bytes;
+    out->total_bytes = d->total_bytes;
+    out->epoch = d->epoch;
+    out->lease_deadline_unix_ms = (int64_t)d->lease_deadline_ms;
+    if (depth) {
+        out->prefill_layers = depth->prefill_layers;
+        out->anchors = depth->anchors;
+        out->tail = depth->tail;
+    }
+    return SPEED_OK;
+}
+
+void speed_node_kv_desc_proto_cleanup(Speed__V1__KvDescriptor *out) {
+    if (out->regions) speed_free(out->n_regions ? out->regions[0] : NULL);
+    if (out->pools) speed_free(out->n_pools ? out->pools[0] : NULL);
+    if (out->layers) speed_free(out->n_layers ? out->layers[0] : NULL);
+    speed_free(out->regions);
+    speed_free(out->pools);
+    speed_free(out->layers);
+    out->regions = NULL, out->pools = NULL, out->layers = NULL;
+    out->n_regions = out->n_pools = out->n_layers = 0;
+}
+
+static void *dup_bytes(const void *p, size_t n) {
+    void *q = speed_malloc(n ? n : 1);
+    if (q && n) memcpy(q, p, n);
+    return q;
+}
+
+speed_status_t speed_node_kv_desc_from_proto(const Speed__V1__KvDescriptor *in, speed_kv_desc_t **desc_p) {
+    if (!in) return SPEED_ERR_INVALID_ARGUMENT;
+    if (in->n_regions > SPEED_KV_DESC_MAX_REGIONS || in->n_pools > SPEED_KV_DESC_MAX_POOLS ||
+        in->n_layers > SPEED_KV_DESC_MAX_LAYERS || in->worker_address.len > SPEED_KV_DESC_MAX_BLOB) {
+        SPEED_ERROR(SPEED_SUBSYS_NET, "kv descriptor: too many regions, pools or layers");
+        return SPEED_ERR_PEER_PROTOCOL;
+    }
+    speed_kv_desc_t *d = speed_calloc(1, sizeof *d);
+    if (!d) return SPEED_ERR_NO_MEMORY;
+    speed_status_t st = SPEED_ERR_NO_MEMORY;
+    d->worker_addr = dup_bytes(in->worker_address.data, in->worker_address.len);
+    d->worker_addr_len = (uint32_t)in->worker_address.len;
+    d->regions = speed_calloc(in->n_regions ? in->n_regions : 1, sizeof *d->regions);
+    d->pools = speed_calloc(in->n_pools ? in->n_pools : 1, sizeof *d->pools);
+    d->layers = speed_calloc(in->n_layers ? in->n_layers : 1, sizeof *d->layers);
+    if (!d->worker_addr || !d->regions || !d->pools || !d->layers) goto fail;
+    d->n_regions = (uint32_t)in->n_regions;
+    d->n_pools = (uint32_t)in->n_pools;
+    d->n_layers = (uint32_t)in->n_layers;
+    for (size_t i = 0; i < in->n_regions; i++) {
+        const Speed__V1__KvRegion *r = in->regions[i];
+        if (r->rkey.len > SPEED_KV_DESC_MAX_BLOB) {
+            st = SPEED_ERR_PEER_PROTOCOL;
+            goto fail;
+        }
+        d->regions[i].base = r->addr;
+        d->regions[i].length = r->length;
+        d->regions[i].rkey = dup_bytes(r->rkey.data, r->rkey.len);
+        d->regions[i].rkey_len = (uint32_t)r->rkey.len;
+        if (!d->regions[i].rkey) goto fail;
+    }
+    for (size_t i = 0; i < in->n_pools; i++) {
+        const Speed__V1__KvPool *p = in->pools[i];
+        if (p->n_blocks > SPEED_KV_DESC_MAX_BLOCKS) {
+            st = SPEED_ERR_PEER_PROTOCOL;
+            goto fail;
+        }
+        d->pools[i].region = p->region;
+        d->pools[i].base = p->block0_addr;
+        d->pools[i].block_stride = p->block_bytes;
+        d->pools[i].n_blocks = (uint32_t)p->n_blocks;
+        d->pools[i].table = dup_bytes(p->blocks, p->n_blocks * sizeof(int32_t));
+        if (!d->pools[i].table) goto fail;
+    }
+    for (size_t i = 0; i < in->n_layers; i++) {
+        d->layers[i].pool = in->layers[i]->pool;
+        d->layers[i].offset = in->layers[i]->offset;
+        d->layers[i].entries = (int64_t)in->layers[i]->entries;
+    }
+    if (!in->transport || strcmp(in->transport, "shm") == 0)
+        d->transport = SPEED_KV_TRANSPORT_SHM;
+    else if (strcmp(in->transport, "tcp") == 0)
+        d->transport = SPEED_KV_TRANSPORT_TCP;
+    else {
+        st = SPEED_ERR_PEER_PROTOCOL;
+        goto fail;
+    }
+    if (!in->dtype || speed_dtype_parse(in->dtype, &d->dtype) != SPEED_OK) {
+        st = SPEED_ERR_PEER_PROTOCOL;
+        goto fail;
+    }
+    d->block_tokens = (int32_t)in->block_tokens;
+    d->n_kv_heads = (int32_t)in->n_kv_heads;
+    d->head_dim = (int32_t)in->head_dim;
+    d->head_begin = (int32_t)in->head_begin;
+    d->head_end = (int32_t)in->head_end;
+    d->unit_bytes = in->unit_bytes;
+    d->total_bytes = in->total_bytes;
+    d->epoch = in->epoch;
+    d->lease_deadline_ms = in->lease_deadline_unix_ms > 0 ? (uint64_t)in->lease_deadline_unix_ms : 0;
+    st = speed_kv_desc_check(d);
+    if (st != SPEED_OK) goto fail;
+    *desc_p = d;
+    return SPEED_OK;
+fail:
+    if (st == SPEED_ERR_PEER_PROTOCOL) SPEED_ERROR(SPEED_SUBSYS_NET, "kv descriptor: malformed");
+    speed_kv_desc_destroy(d);
+    return st;
+}
+
+/* ---- Node service ----------------------------------------------------------------------------- */
+
+static Speed__V1__NodeState proto_state(const speed_node_t *n) {
+    switch (atomic_load(&n->state)) {
+    case SPEED_NODE_SERVING: return SPEED__V1__NODE_STATE__NODE_STATE_SERVING;
+    case SPEED_NODE_DRAINING: return SPEED__V1__NODE_STATE__NODE_STATE_DRAINING;
+    default: return SPEED__V1__NODE_STATE__NODE_STATE_STARTING;
+    }
+}
+
+static void on_health(void *user, speed_rpc_call_t *call, const uint8_t *req, size_t len) {
+    (void)req, (void)len;
+    speed_node_t *n = user;
+    Speed__V1__HealthReply r = SPEED__V1__HEALTH_REPLY__INIT;
+    r.state = proto_state(n);
+    r.role = (char *)n->role;
+    r.epoch = n->epoch;
+    r.model_id = n->model_id;
+    speed_node_reply(call, &r.base);
+}
+
+static void on_drain(void *user, speed_rpc_call_t *call, const uint8_t *req, size_t len) {
+    (void)req, (void)len;
+    speed_node_t *n = user;
+    speed_batcher_stats_t s;
+    speed_batcher_stats(n->batcher, &s);
+    atomic_store(&n->drain_requested, true);
+    Speed__V1__DrainReply r = SPEED__V1__DRAIN_REPLY__INIT;
+    r.running = s.running + s.waiting;
+    speed_node_reply(call, &r.base);
+}
+
+static double kv_usage_ratio(const speed_batcher_stats_t *s) {
+    double used = 0, total = 0;
+    for (int p = 0; p < SPEED_KV_POOL_COUNT; p++) {
+        used += (double)s->kv.usage.bytes_reserved[p];
+        total += (double)s->kv.bytes_total[p];
+    }
+    return total > 0 ? used / total : 0.0;
+}
+
+static void on_status(void *user, speed_rpc_call_t *call, const uint8_t *req, size_t len) {
+    (void)req, (void)len;
+    speed_node_t *n = user;
+    speed_batcher_stats_t s;
+    speed_batcher_stats(n->batcher, &s);
+    Speed__V1__NodeStatus r = SPEED__V1__NODE_STATUS__INIT;
+    Speed__V1__KvPoolUsage pu[SPEED_KV_POOL_COUNT], *pp[SPEED_KV_POOL_COUNT];
+    const char *names[SPEED_KV_POOL_COUNT] = {"lower", "upper"};
+    for (int p = 0; p < SPEED_KV_POOL_COUNT; p++) {
+        speed__v1__kv_pool_usage__init(&pu[p]);
+        pu[p].name = (char *)names[p];
+        pu[p].blocks_total = (uint32_t)s.kv.n_blocks[p];
+        pu[p].blocks_free = (uint32_t)s.kv.n_blocks_free[p];
+        pp[p] = &pu[p];
+    }
+    r.running = s.running + s.reserved;
+    r.waiting = s.waiting;
+    r.n_pools = SPEED_KV_POOL_COUNT;
+    r.pools = pp;
+    r.kv_usage_ratio = (float)kv_usage_ratio(&s);
+    r.queue_limit = (int32_t)n->pool->max_waiting;
+    r.state = proto_state(n);
+    speed_node_reply(call, &r.base);
+}
+
+/* ---- HTTP ------------------------------------------------------------------------------------- */
+
+static void on_http_health(void *user, speed_http_request_t *req) {
+    speed_node_t *n = user;
+    int st = atomic_load(&n->state);
+    const char *text = st == SPEED_NODE_SERVING ? "{\"status\":\"ok\"}\n"
+                       : st == SPEED_NODE_DRAINING ? "{\"status\":\"draining\"}\n"
+                                                   : "{\"status\":\"starting\"}\n";
+    speed_http_respond(req, st == SPEED_NODE_SERVING ? 200 : 503, "application/json", text, strlen(text));
+}
+
+/* ---- metrics ---------------------------------------------------------------------------------- */
+
+#define GAUGE_FN(fname, expr)                         \
+    static double fname(void *user) {                 \
+        speed_node_t *n = user;                       \
+        speed_batcher_stats_t s;                      \
+        speed_batcher_stats(n->batcher, &s);          \
+        return (expr);                                \
+    }
+GAUGE_FN(g_running, (double)s.running)
+GAUGE_FN(g_waiting, (double)s.waiting)
+GAUGE_FN(g_reserved, (double)s.reserved)
+GAUGE_FN(g_kv_ratio, kv_usage_ratio(&s))
+GAUGE_FN(g_blocks_reserved, (double)(s.kv.usage.n_blocks[0] + s.kv.usage.n_blocks[1]))
+GAUGE_FN(g_blocks_total, (double)(s.kv.n_blocks[0] + s.kv.n_blocks[1]))
+GAUGE_FN(g_kv_bytes_used, (double)(s.kv.usage.bytes_used[0] + s.kv.usage.bytes_used[1]))
+
+static double g_state(void *user) { return (double)atomic_load(&((speed_node_t *)user)->state); }
+
+static speed_status_t metrics_init(speed_node_t *n) {
+    char name[128];
+    SPEED_CHECK(speed_metrics_create(&n->metrics));
+    speed_metrics_t *m = n->metrics;
+    const char *role = n->role;
+    snprintf(name, sizeof name, "speed_%s_requests_total", role);
+    const char *status_label[] = {"status"};
+    SPEED_CHECK(speed_counter_register(m, name, "Requests by final status", status_label, 1, &n->m_requests));
+    /* ARCHITECTURE.md section 5 names the prefill pool's counter speed_prefill_tokens_total */
+    snprintf(name, sizeof name, strcmp(role, "prefill") == 0 ? "speed_%s_tokens_total" : "speed_%s_prompt_tokens_total",
+             role);
+    SPEED_CHECK(speed_counter_register(m, name, "Prompt tokens computed here", NULL, 0, &n->m_prompt_tokens));
+    snprintf(name, sizeof name, "speed_%s_generated_tokens_total", role);
+    SPEED_CHECK(speed_counter_register(m, name, "Tokens generated", NULL, 0, &n->m_generated_tokens));
+    snprintf(name, sizeof name, "speed_%s_running_requests", role);
+    SPEED_CHECK(speed_gauge_register_callback(m, name, "Requests in the engine", g_running, n, NULL));
+    snprintf(name, sizeof name, "speed_%s_waiting_requests", role);
+    SPEED_CHECK(speed_gauge_register_callback(m, name, "Requests waiting for room in the engine", g_waiting, n, NULL));
+    snprintf(name, sizeof name, "speed_%s_reserved_requests", role);
+    SPEED_CHECK(speed_gauge_register_callback(m, name, "Reservations not claimed yet", g_reserved, n, NULL));
+    snprintf(name, sizeof name, "speed_%s_node_state", role);
+    SPEED_CHECK(speed_gauge_register_callback(m, name, "0 starting, 1 serving, 2 draining", g_state, n, NULL));
+    SPEED_CHECK(speed_gauge_register_callback(m, "speed_kv_cache_usage_ratio", "Reserved / total KV bytes",
+                                              g_kv_ratio, n, NULL));
+    SPEED_CHECK(speed_gauge_register_callback(m, "speed_kv_blocks_reserved", "KV blocks held by requests",
+                                              g_blocks_reserved, n, NULL));
+    SPEED_CHECK(speed_gauge_register_callback(m, "speed_kv_blocks_total", "KV blocks in the pools", g_blocks_total, n, NULL));
+    SPEED_CHECK(speed_gauge_register_callback(m, "speed_kv_cache_used_bytes", "KV bytes holding entries",
+                                              g_kv_bytes_used, n, NULL));
+    SPEED_CHECK(speed_counter_register(m, "speed_kv_transfer_bytes_total", "KV bytes moved over UCX", NULL, 0,
+                                       &n->m_xfer_bytes));
+    size_t nb;
+    const double *b = speed_histogram_latency_buckets(&nb);
+    SPEED_CHECK(speed_histogram_register(m, "speed_kv_transfer_seconds", "KV transfer time per request", NULL, 0, b,
+                                         nb, &n->m_xfer_seconds));
+    const char *stage_label[] = {"stage"};
+    SPEED_CHECK(speed_counter_register(m, "speed_kv_transfer_failures_total", "KV transfers that failed, by stage",
+                                       stage_label, 1, &n->m_xfer_failures));
+    return SPEED_OK;
+}
+
+/* ---- lifecycle -------------------------------------------------------------------------------- */
+
+static speed_status_t load_model(speed_node_t *n) {
+    const speed_cluster_config_t *c = &n->cfg;
+    if (!c->model || !*c->model) {
+        SPEED_ERROR(SPEED_SUBSYS_CORE, "%s: no model: set `model:` in the cluster config or pass --model DIR", n->role);
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    SPEED_CHECK(speed_model_load(c->model, NULL, &n->model));
+    speed_tok_params_t tp = speed_tok_default_params();
+    SPEED_CHECK(speed_tok_load(c->model, &tp, &n->tok));
+    if (c->served_model_name && *c->served_model_name)
+        snprintf(n->model_id, sizeof n->model_id, "%s", c->served_model_name);
+    else
+        snprintf(n->model_id, sizeof n->model_id, "%s", speed_path_base(c->model));
+
+    speed_backend_params_t bp = speed_backend_default_params();
+    bp.kind = SPEED_BACKEND_CPU;
+    bp.n_threads = (int)n->pool->threads;
+    SPEED_CHECK(speed_backend_create(&bp, &n->backend));
+
+    speed_batcher_params_t p = speed_batcher_default_params();
+    p.backend = n->backend;
+    p.model = n->model;
+    p.tokenizer = n->tok;
+    p.lease_ms = c->lease_ms;
+    p.max_waiting = (int)n->pool->max_waiting;
+    static const speed_dtype_t kvd[] = {SPEED_DTYPE_F32, SPEED_DTYPE_BF16, SPEED_DTYPE_F16};
+    p.engine.kv_dtype = kvd[c->kv_dtype];
+    p.engine.block_tokens = (int)c->kv_block_tokens;
+    p.engine.max_seqs = (int)n->pool->max_running;
+    p.engine.max_step_tokens = (int)n->pool->max_step_tokens;
+    p.engine.prefill_chunk = (int)n->pool->prefill_chunk;
+    if (c->max_context > 0) p.engine.max_context = (int)c->max_context;
+    speed_depth_t depth = speed_depth_default();
+    if (c->prefill_layers && *c->prefill_layers)
+        SPEED_CHECK(speed_prefill_layers_parse(c->prefill_layers, n->model->config.n_layers, &depth.prefill_layers));
+    depth.anchors = (int)c->anchors;
+    depth.tail = (int)c->tail;
+    p.engine.depth = depth;
+    p.engine.model = n->model;
+    p.engine.backend = n->backend;
+    /* Pools: kv_tokens at full depth split over max_running sequences, 3/4 prompt and 1/4
+     * generated; the upper pool then holds only anchors, tail and generated tokens. */
+    int64_t per_seq = n->pool->kv_tokens / n->pool->max_running;
+    if (per_seq < 2) per_seq = 2;
+    int64_t n_new = per_seq / 4 > 0 ? per_seq / 4 : 1;
+    SPEED_CHECK(speed_engine_params_fit_kv(&p.engine, n->pool->max_running, per_seq - n_new, n_new));
+    SPEED_CHECK(speed_batcher_create(&p, &n->batcher));
+
+    speed_kv_xfer_ctx_params_t xp = speed_kv_xfer_ctx_default_params();
+    SPEED_CHECK(speed_kv_xfer_ctx_create(&xp, &n->xfer));
+    n->epoch = speed_kv_xfer_ctx_epoch(n->xfer);
+    SPEED_CHECK(speed_kv_xfer_ctx_register_cache(n->xfer, speed_batcher_kv_cache(n->batcher)));
+    return SPEED_OK;
+}
+
+speed_status_t speed_node_init(speed_node_t *n, const char *role, int argc, char **argv, int *exit_code_p) {
+    memset(n, 0, sizeof *n);
+    n->role = role;
+    atomic_init(&n->state, SPEED_NODE_STARTING);
+    atomic_init(&n->drain_requested, false);
+    pthread_mutex_init(&n->work_mu, NULL);
+    pthread_cond_init(&n->work_cv, NULL);
+    json_set_alloc_funcs(speed_malloc, speed_free);
+    *exit_code_p = 1;
+
+    speed_status_t st = speed_cluster_config_load(argc, argv, role, &n->cfg, &n->cfg_handle);
+    if (st != SPEED_OK) {
+        fprintf(stderr, "speed-%s: %s\n", role, speed_log_last_error());
+        *exit_code_p = 2;
+        return st;
+    }
+    if (speed_config_help_requested(n->cfg_handle)) {
+        size_t nf;
+        const speed_config_field_t *f = speed_cluster_config_fields(&nf);
+        printf("usage: speed-%s --config CLUSTER.yaml [--node.index I] [--model DIR] [options]\n\n", role);
+        speed_config_print_help(f, nf, "SPEED_", stdout);
+        *exit_code_p = 0;
+        return SPEED_ERR_CANCELLED;
+    }
+    if (speed_config_print_requested(n->cfg_handle)) {
+        speed_config_print(n->cfg_handle, stdout);
+        *exit_code_p = 0;
+        return SPEED_ERR_CANCELLED;
+    }
+    if (n->cfg.log && speed_log_configure(n->cfg.log) != SPEED_OK) {
+        fprintf(stderr, "speed-%s: bad log spec '%s'\n", role, n->cfg.log);
+        *exit_code_p = 2;
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    n->pool = speed_cluster_pool(&n->cfg, role);
+    if (n->cfg.ucx_transport == SPEED_UCX_TCP && n->cfg.ucx_net_devices && *n->cfg.ucx_net_devices)
+        setenv("UCX_NET_DEVICES", n->cfg.ucx_net_devices, 0);
+    setenv("UCX_TCP_CM_REUSEADDR", "y", 0);
+    setenv("UCX_WARN_UNUSED_ENV_VARS", "n", 0);
+
+    st = load_model(n);
+    if (st == SPEED_OK) st = metrics_init(n);
+    if (st == SPEED_OK) {
+        speed_cluster_grpc_addr(&n->cfg, n->pool, n->cfg.node_index, n->grpc_addr, sizeof n->grpc_addr);
+        speed_cluster_http_addr(&n->cfg, n->pool, n->cfg.node_index, n->http_addr, sizeof n->http_addr);
+        speed_rpc_server_params_t rp = speed_rpc_server_default_params();
+        rp.address = n->grpc_addr;
+        st = speed_rpc_server_create(&rp, &n->rpc);
+    }
+    if (st == SPEED_OK) st = speed_rpc_server_add_method(n->rpc, SPEED_METHOD_NODE_HEALTH, SPEED_RPC_UNARY, on_health, n);
+    if (st == SPEED_OK) st = speed_rpc_server_add_method(n->rpc, SPEED_METHOD_NODE_DRAIN, SPEED_RPC_UNARY, on_drain, n);
+    if (st == SPEED_OK) st = speed_rpc_server_add_method(n->rpc, SPEED_METHOD_NODE_STATUS, SPEED_RPC_UNARY, on_status, n);
+    if (st == SPEED_OK) {
+        speed_http_server_params_t hp = speed_http_server_default_params();
+        hp.host = n->cfg.host;
+        hp.port = (uint16_t)(n->pool->http_port + n->cfg.node_index);
+        hp.n_threads = 1;
+        st = speed_http_server_create(&hp, &n->http);
+    }
+    if (st == SPEED_OK) st = speed_http_server_route(n->http, "GET", "/health", on_http_health, n);
+    if (st == SPEED_OK) st = speed_http_server_route_metrics(n->http, "/metrics", n->metrics);
+    for (int i = 0; st == SPEED_OK && i < 4; i++) {
+        if (pthread_create(&n->workers[i], NULL, worker_main, n) != 0) st = SPEED_ERR_INTERNAL;
+        else n->n_workers++;
+    }
+    if (st != SPEED_OK) {
+        fprintf(stderr, "speed-%s: %s: %s\n", role, speed_status_string(st), speed_log_last_error());
+        return st;
+    }
+    *exit_code_p = 0;
+    return SPEED_OK;
+}
+
+speed_status_t speed_node_add_method(speed_node_t *n, const char *path, speed_rpc_kind_t kind,
+                                     speed_rpc_handler_cb_t handler, void *user) {
+    return speed_rpc_server_add_method(n->rpc, path, kind, handler, user);
+}
+
+speed_status_t speed_node_start(speed_node_t *n) {
+    speed_status_t st = speed_rpc_server_start(n->rpc);
+    if (st == SPEED_OK) st = speed_http_server_start(n->http);
+    if (st != SPEED_OK) {
+        fprintf(stderr, "speed-%s: cannot listen (%s / %s): %s\n", n->role, n->grpc_addr, n->http_addr,
+                speed_log_last_error());
+        return st;
+    }
+    atomic_store(&n->state, SPEED_NODE_SERVING);
+    speed_depth_t d = speed_batcher_depth(n->batcher);
+    SPEED_INFO(SPEED_SUBSYS_CORE, "speed-%s %lld ready: grpc %s, http %s, model %s (%d layers, C=%d A=%d T=%d), epoch %llu",
+               n->role, (long long)n->cfg.node_index, n->grpc_addr, n->http_addr, n->model_id,
+               n->model->config.n_layers, d.prefill_layers, d.anchors, d.tail, (unsigned long long)n->epoch);
+    return SPEED_OK;
+}
+
+void speed_node_run(speed_node_t *n, int64_t grace_ms) {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGTERM);
+    struct timespec ts = {0, 200 * 1000000L};
+    for (;;) {
+        int sig = sigtimedwait(&set, NULL, &ts);
+        if (sig == SIGINT || sig == SIGTERM) {
+            SPEED_INFO(SPEED_SUBSYS_CORE, "speed-%s: %s: draining", n->role, sig == SIGINT ? "SIGINT" : "SIGTERM");
+            break;
+        }
+        if (atomic_load(&n->drain_requested)) {
+            SPEED_INFO(SPEED_SUBSYS_CORE, "speed-%s: drain requested", n->role);
+            break;
+        }
+    }
+    atomic_store(&n->state, SPEED_NODE_DRAINING);
+    speed_batcher_drain(n->batcher);
+    if (!speed_batcher_wait_idle(n->batcher, grace_ms))
+        SPEED_WARN(SPEED_SUBSYS_CORE, "speed-%s: requests still running after %lld ms; cancelling them", n->role,
+                   (long long)grace_ms);
+}
+
+void speed_node_cleanup(speed_node_t *n) {
+    if (n->rpc) speed_rpc_server_shutdown(n->rpc, 2000);
+    if (n->xfer && n->batcher) speed_kv_xfer_ctx_deregister_cache(n->xfer, speed_batcher_kv_cache(n->batcher));
+    /* the batcher's finish events complete the calls the shutdown left */
+    speed_batcher_destroy(n->batcher);
+    n->batcher = NULL;
+    pthread_mutex_lock(&n->work_mu);
+    n->work_stop = true;
+    pthread_cond_broadcast(&n->work_cv);
+    pthread_mutex_unlock(&n->work_mu);
+    for (int i = 0; i < n->n_workers; i++) pthread_join(n->workers[i], NULL);
+    while (n->work_head) { /* never ran: nothing to do but free */
+        speed_node_work_t *w = n->work_head;
+        n->work_head = w->next;
+        speed_free(w);
+    }
+    speed_rpc_server_destroy(n->rpc);
+    speed_http_server_destroy(n->http);
+    if (n->xfer) speed_kv_xfer_ctx_destroy(n->xfer);
+    speed_backend_destroy(n->backend);
+    speed_tok_destroy(n->tok);
+    speed_model_destroy(n->model);
+    speed_metrics_destroy(n->metrics);
+    speed_config_destroy(n->cfg_handle);
+    pthread_mutex_destroy(&n->work_mu);
+    pthread_cond_destroy(&n->work_cv);
+    memset(n, 0, sizeof *n);
+}

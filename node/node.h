@@ -1,0 +1,147 @@
+/* speed_node: what the prefill and decode daemons share.
+ *
+ * A node is: the cluster config (common/cluster_config.h) with this process's role and
+ * replica index, the model and tokenizer, a compute backend, a speed_batcher (the engine
+ * thread), a UCX transfer context with the batcher's KV pools registered, a gRPC server (the
+ * role's methods plus Node.Health / Drain / Status), an HTTP server for /metrics and /health,
+ * a metrics registry, and a few worker threads for RPC work that waits on the engine.
+ *
+ * Lifecycle (main of each daemon):
+ *   speed_node_block_signals();                 // first, before any thread exists
+ *   speed_node_init(&n, "decode", argc, argv, &exit_code)   // config, model, engine, servers
+ *   register the role's methods with speed_node_add_method
+ *   speed_node_start(&n)                        // listen; state SERVING
+ *   speed_node_run(&n)                          // until SIGTERM/SIGINT or Node.Drain: drain
+ *   speed_node_cleanup(&n)                      // shutdown order: gRPC, HTTP, batcher, UCX
+ *
+ * Threading: init/start/run/cleanup on the main thread. Everything else (metrics, defer,
+ * state) is thread-safe. RPC handlers run on the gRPC thread and must not block: work that
+ * waits for the engine goes through speed_node_defer.
+ */
+#ifndef SPEED_NODE_H
+#define SPEED_NODE_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "backend.h"
+#include "batcher.h"
+#include "cluster_config.h"
+#include "http.h"
+#include "kv_transfer.h"
+#include "metrics.h"
+#include "model.h"
+#include "rpc.h"
+#include "speed_proto.h"
+#include "tokenizer.h"
+
+typedef enum { SPEED_NODE_STARTING = 0, SPEED_NODE_SERVING = 1, SPEED_NODE_DRAINING = 2 } speed_node_state_t;
+
+typedef void (*speed_node_work_fn_t)(void *arg);
+
+typedef struct speed_node_work speed_node_work_t;
+
+typedef struct {
+    const char *role;                    /* "prefill" | "decode" */
+    speed_cluster_config_t cfg;
+    speed_config_t *cfg_handle;
+    const speed_pool_config_t *pool;
+    char model_id[256];
+    char grpc_addr[300], http_addr[300];
+
+    speed_model_t *model;
+    speed_tok_t *tok;
+    speed_backend_t *backend;
+    speed_batcher_t *batcher;
+    speed_kv_xfer_ctx_t *xfer;
+    speed_rpc_server_t *rpc;
+    speed_http_server_t *http;
+    speed_metrics_t *metrics;
+
+    _Atomic int state;                   /* speed_node_state_t */
+    _Atomic bool drain_requested;
+    uint64_t epoch;
+
+    /* metrics every node has */
+    speed_counter_t *m_requests;         /* {status} */
+    speed_counter_t *m_prompt_tokens;    /* speed_<role>_prompt_tokens_total */
+    speed_counter_t *m_generated_tokens;
+    speed_counter_t *m_xfer_bytes;       /* speed_kv_transfer_bytes_total */
+    speed_histogram_t *m_xfer_seconds;   /* speed_kv_transfer_seconds */
+    speed_counter_t *m_xfer_failures;    /* speed_kv_transfer_failures_total{stage} */
+
+    /* worker threads for speed_node_defer */
+    pthread_mutex_t work_mu;
+    pthread_cond_t work_cv;
+    speed_node_work_t *work_head, *work_tail;
+    pthread_t workers[4];
+    int n_workers;
+    bool work_stop;
+} speed_node_t;
+
+/* Blocks SIGINT, SIGTERM (taken by speed_node_run with sigtimedwait) and ignores SIGPIPE.
+ * Call first in main, so every thread inherits the mask. */
+void speed_node_block_signals(void);
+
+/* Loads the config (argv: cluster options, e.g. --config FILE --node.index 1 --model DIR) and
+ * brings up everything except listening. --help / --print-config: prints, returns
+ * SPEED_ERR_CANCELLED with *exit_code_p 0. On error: logs one line, cleans up, returns the
+ * status with *exit_code_p 1 (2 for a usage error). */
+speed_status_t speed_node_init(speed_node_t *node, const char *role, int argc, char **argv, int *exit_code_p);
+
+/* Registers a role method (before start). */
+speed_status_t speed_node_add_method(speed_node_t *node, const char *path, speed_rpc_kind_t kind,
+                                     speed_rpc_handler_cb_t handler, void *user);
+
+/* Starts the gRPC and HTTP servers; state SERVING; logs the endpoints. */
+speed_status_t speed_node_start(speed_node_t *node);
+
+/* Waits for SIGTERM/SIGINT or a Drain request, then drains: state DRAINING (health 503,
+ * new work refused), running requests finish (up to grace_ms), then returns. */
+void speed_node_run(speed_node_t *node, int64_t grace_ms);
+
+/* Stops and frees everything, in order; safe after a failed init. */
+void speed_node_cleanup(speed_node_t *node);
+
+/* Runs fn(arg) on a node worker thread. Returns SPEED_OK or SPEED_ERR_NO_MEMORY. */
+speed_status_t speed_node_defer(speed_node_t *node, speed_node_work_fn_t fn, void *arg);
+
+/* True while new requests are taken. */
+bool speed_node_accepting(const speed_node_t *node);
+
+/* The depth a request asks for (NULL = node default) as batcher overrides: fraction → layers
+ * of this model. Returns SPEED_OK or SPEED_ERR_INVALID_ARGUMENT (message in err). */
+speed_status_t speed_node_depth_from_proto(const speed_node_t *node, const Speed__V1__SpeedParams *sp,
+                                           speed_depth_t *depth_p, char *err, size_t err_size);
+
+/* SamplingParams → batcher generation parameters (stop strings point into sp). */
+speed_status_t speed_node_gen_from_proto(const speed_node_t *node, const Speed__V1__SamplingParams *sp,
+                                         speed_batch_gen_t *gen_p, char *err, size_t err_size);
+
+/* Token conversions (the proto token's top array points into storage, which must hold
+ * SPEED_SAMPLER_MAX_TOP_LOGPROBS entries and pointers). */
+void speed_node_token_to_proto(const speed_batch_token_t *t, int n_top, Speed__V1__Token *out,
+                               Speed__V1__TopLogprob *storage, Speed__V1__TopLogprob **ptrs);
+void speed_node_token_from_proto(const Speed__V1__Token *t, speed_batch_token_t *out);
+
+/* KV descriptor: C struct ↔ proto. to_proto fills `out` with pointers into desc (valid while
+ * desc lives) and allocations freed by speed_node_kv_desc_proto_cleanup. from_proto returns a
+ * descriptor to free with speed_kv_desc_destroy. */
+speed_status_t speed_node_kv_desc_to_proto(const speed_kv_desc_t *desc, const speed_depth_t *depth,
+                                           Speed__V1__KvDescriptor *out);
+void speed_node_kv_desc_proto_cleanup(Speed__V1__KvDescriptor *out);
+speed_status_t speed_node_kv_desc_from_proto(const Speed__V1__KvDescriptor *in, speed_kv_desc_t **desc_p);
+
+/* speed_<role>_requests_total{status} += 1. */
+void speed_node_count(speed_node_t *node, const char *status);
+
+/* Replies with an error status from any handler (logs at info). */
+void speed_node_fail(speed_rpc_call_t *call, speed_status_t status, const char *message);
+
+/* Packs and replies / sends; frees nothing of msg. */
+speed_status_t speed_node_reply(speed_rpc_call_t *call, const ProtobufCMessage *msg);
+speed_status_t speed_node_send(speed_rpc_call_t *call, const ProtobufCMessage *msg);
+
+#endif /* SPEED_NODE_H */
