@@ -607,7 +607,6 @@ speed_status_t speed_node_init(speed_node_t *n, const char *role, int argc, char
     if (n->cfg.ucx_transport == SPEED_UCX_TCP && n->cfg.ucx_net_devices && *n->cfg.ucx_net_devices)
         setenv("UCX_NET_DEVICES", n->cfg.ucx_net_devices, 0);
     setenv("UCX_TCP_CM_REUSEADDR", "y", 0);
-    setenv("UCX_WARN_UNUSED_ENV_VARS", "n", 0);
 
     st = load_model(n);
     if (st == SPEED_OK) st = metrics_init(n);

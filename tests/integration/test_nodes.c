@@ -1,0 +1,344 @@
+/* Real speed-prefill and speed-decode daemons on loopback, driven over gRPC the way the router
+ * drives them: Reserve → Prefill (shallow prefill, KV pushed over UCX shared memory) → Generate.
+ * The tokens and logprobs equal `speedctl generate` on the same model and parameters (C = L and
+ * C < L), the bytes shipped equal the SPEED formula, cancel frees the blocks, bad requests get
+ * clear statuses, and SIGTERM exits cleanly. */
+#include <math.h>
+
+#include "alloc.h"
+#include "log.h"
+
+#include "cluster_util.h"
+#include "model.h"
+#include "rpc.h"
+#include "speed_proto.h"
+
+#define N_GEN 8
+#define N_PROMPT 40
+
+static int32_t g_prompt[N_PROMPT];
+static char g_prompt_text[512];
+
+static speed_rpc_channel_t *channel(int port) {
+    char target[64];
+    snprintf(target, sizeof target, "127.0.0.1:%d", port);
+    speed_rpc_channel_t *ch = NULL;
+    speed_rpc_channel_params_t p = speed_rpc_channel_default_params();
+    CHECK_INT_EQ(speed_rpc_channel_create(target, &p, &ch), SPEED_OK);
+    return ch;
+}
+
+/* Packs msg, calls, unpacks the reply with desc. Returns the gRPC code. */
+static int call(speed_rpc_channel_t *ch, const char *method, const ProtobufCMessage *msg,
+                const ProtobufCMessageDescriptor *desc, ProtobufCMessage **reply_p, char *err, size_t err_size) {
+    uint8_t *buf = NULL;
+    size_t len = 0;
+    CHECK_INT_EQ(speed_proto_pack(msg, &buf, &len), SPEED_OK);
+    speed_rpc_reply_t reply = {0};
+    speed_rpc_unary(ch, method, buf, len, 60000, &reply);
+    speed_free(buf);
+    int code = reply.code;
+    if (err) snprintf(err, err_size, "%s", reply.message ? reply.message : "");
+    if (code == SPEED_RPC_OK && reply_p)
+        CHECK_INT_EQ(speed_proto_unpack(desc, reply.data, reply.len, reply_p), SPEED_OK);
+    speed_rpc_reply_cleanup(&reply);
+    return code;
+}
+
+static Speed__V1__SamplingParams sampling(void) {
+    Speed__V1__SamplingParams s = SPEED__V1__SAMPLING_PARAMS__INIT;
+    s.max_tokens = N_GEN;
+    s.temperature = 0;
+    s.top_logprobs = 2;
+    s.logprobs = 1;
+    s.ignore_eos = 1;
+    return s;
+}
+
+typedef struct {
+    int n;
+    int32_t ids[64];
+    float logprobs[64];
+    char finish[32];
+    Speed__V1__Usage usage;
+} gen_out_t;
+
+static int generate(speed_rpc_channel_t *ch, Speed__V1__GenerateRequest *req, gen_out_t *out) {
+    memset(out, 0, sizeof *out);
+    uint8_t *buf = NULL;
+    size_t len = 0;
+    CHECK_INT_EQ(speed_proto_pack(&req->base, &buf, &len), SPEED_OK);
+    speed_rpc_stream_t *s = NULL;
+    CHECK_INT_EQ(speed_rpc_stream_open(ch, SPEED_METHOD_DECODE_GENERATE, buf, len, 60000, &s), SPEED_OK);
+    speed_free(buf);
+    for (;;) {
+        uint8_t *data = NULL;
+        size_t dlen = 0;
+        speed_rpc_next_t r = speed_rpc_stream_next(s, 60000, &data, &dlen);
+        if (r == SPEED_RPC_NEXT_END) break;
+        if (r == SPEED_RPC_NEXT_WAIT) {
+            CHECK(!"Generate stream stalled for 60 s");
+            break;
+        }
+        Speed__V1__GenerateEvent *ev = NULL;
+        CHECK_INT_EQ(speed_proto_unpack(&speed__v1__generate_event__descriptor, data, dlen, (ProtobufCMessage **)&ev),
+                     SPEED_OK);
+        speed_free(data);
+        if (!ev) break;
+        for (size_t i = 0; i < ev->n_tokens && out->n < 64; i++) {
+            out->ids[out->n] = ev->tokens[i]->id;
+            out->logprobs[out->n] = ev->tokens[i]->logprob;
+            out->n++;
+        }
+        if (ev->finish_reason && *ev->finish_reason) snprintf(out->finish, sizeof out->finish, "%s", ev->finish_reason);
+        if (ev->usage) out->usage = *ev->usage;
+        speed_proto_free(&ev->base);
+    }
+    int code = speed_rpc_stream_status(s, NULL);
+    speed_rpc_stream_close(s);
+    return code;
+}
+
+static void check_against_ref(const gen_out_t *g, json_t *ref) {
+    json_t *toks = json_object_get(ref, "tokens");
+    CHECK(toks != NULL);
+    CHECK_INT_EQ(g->n, (int)json_array_size(toks));
+    for (int i = 0; i < g->n && i < (int)json_array_size(toks); i++) {
+        json_t *t = json_array_get(toks, (size_t)i);
+        CHECK_INT_EQ(g->ids[i], (int)json_integer_value(json_object_get(t, "id")));
+        CHECK_NEAR(g->logprobs[i], json_real_value(json_object_get(t, "logprob")), 1e-4);
+    }
+}
+
+/* The whole disaggregated path for one depth. */
+static void run_depth(speed_rpc_channel_t *pre, speed_rpc_channel_t *dec, const speed_model_config_t *mc, int C,
+                      const char *id) {
+    char cs[16];
+    snprintf(cs, sizeof cs, "%d", C);
+    json_t *ref = cu_generate_ref(g_prompt_text, cs, N_GEN);
+    CHECK(ref != NULL);
+    if (!ref) return;
+    size_t want = speed_kv_bytes_for_prompt(mc, C, 1, 1, N_PROMPT, SPEED_DTYPE_BF16);
+
+    Speed__V1__SpeedParams sp = SPEED__V1__SPEED_PARAMS__INIT;
+    sp.prefill_layers = C;
+    Speed__V1__ReserveRequest rr = SPEED__V1__RESERVE_REQUEST__INIT;
+    rr.request_id = (char *)id;
+    rr.n_prompt = N_PROMPT;
+    rr.max_tokens = N_GEN;
+    rr.speed = &sp;
+    Speed__V1__ReserveReply *res = NULL;
+    char err[256];
+    CHECK_INT_EQ(call(dec, SPEED_METHOD_DECODE_RESERVE, &rr.base, &speed__v1__reserve_reply__descriptor,
+                      (ProtobufCMessage **)&res, err, sizeof err),
+                 SPEED_RPC_OK);
+    if (!res) return;
+    CHECK_INT_EQ(res->kv->total_bytes, want);
+    CHECK_INT_EQ(res->kv->prefill_layers, C);
+
+    Speed__V1__SamplingParams smp = sampling();
+    Speed__V1__PrefillRequest pr = SPEED__V1__PREFILL_REQUEST__INIT;
+    pr.request_id = (char *)id;
+    pr.n_prompt_ids = N_PROMPT;
+    pr.prompt_ids = g_prompt;
+    pr.speed = &sp;
+    pr.sampling = &smp;
+    pr.kv = res->kv;
+    Speed__V1__PrefillReply *pre_reply = NULL;
+    int code = call(pre, SPEED_METHOD_PREFILL_PREFILL, &pr.base, &speed__v1__prefill_reply__descriptor,
+                    (ProtobufCMessage **)&pre_reply, err, sizeof err);
+    CHECK_INT_EQ(code, SPEED_RPC_OK);
+    if (code != SPEED_RPC_OK) fprintf(stderr, "Prefill: %s\n", err);
+    if (!pre_reply) {
+        speed_proto_free(&res->base);
+        return;
+    }
+    CHECK_INT_EQ(pre_reply->kv_bytes_sent, want);
+
+    Speed__V1__GenerateRequest gr = SPEED__V1__GENERATE_REQUEST__INIT;
+    gr.request_id = (char *)id;
+    gr.first = pre_reply->first;
+    gr.sampling = &smp;
+    gr.epoch = res->kv->epoch;
+    gen_out_t g;
+    CHECK_INT_EQ(generate(dec, &gr, &g), SPEED_RPC_OK);
+    check_against_ref(&g, ref);
+    CHECK(strcmp(g.finish, "length") == 0);
+    CHECK_INT_EQ(g.usage.kv_bytes, want);
+    CHECK_INT_EQ(g.usage.kv_full_depth_bytes, speed_kv_bytes_for_prompt(mc, mc->n_layers, 1, 1, N_PROMPT,
+                                                                         SPEED_DTYPE_BF16));
+    CHECK_INT_EQ(g.usage.completion_tokens, N_GEN);
+    CHECK_INT_EQ(g.usage.prompt_tokens, N_PROMPT);
+
+    /* the same request id again: the reservation is gone */
+    code = generate(dec, &gr, &g);
+    CHECK_INT_EQ(code, SPEED_RPC_NOT_FOUND);
+    speed_proto_free(&pre_reply->base);
+    speed_proto_free(&res->base);
+    json_decref(ref);
+}
+
+int main(void) {
+    speed_log_configure("error");
+    cu_init("nodes");
+    char model_dir[600];
+    snprintf(model_dir, sizeof model_dir, "%s/model", cu_dir);
+    speed_model_t *model = NULL;
+    CHECK_INT_EQ(speed_model_load(model_dir, NULL, &model), SPEED_OK);
+    const speed_model_config_t *mc = &model->config;
+    const int L = mc->n_layers;
+
+    for (int i = 0; i < N_PROMPT; i++) g_prompt[i] = i == 0 ? 1 : 3 + (i * 37) % (mc->vocab_size - 3);
+    size_t off = 0;
+    for (int i = 0; i < N_PROMPT; i++)
+        off += (size_t)snprintf(g_prompt_text + off, sizeof g_prompt_text - off, "%s%d", i ? "," : "", g_prompt[i]);
+
+    const int B = cu_port_base;
+    char p_grpc[16], p_http[16], d_grpc[16], d_http[16], r_port[16];
+    snprintf(p_grpc, sizeof p_grpc, "%d", B);
+    snprintf(p_http, sizeof p_http, "%d", B + 10);
+    snprintf(d_grpc, sizeof d_grpc, "%d", B + 20);
+    snprintf(d_http, sizeof d_http, "%d", B + 30);
+    snprintf(r_port, sizeof r_port, "%d", B + 40);
+    char lease[] = "3000";
+    const char *args[] = {"--model", model_dir, "--prefill.grpc_port", p_grpc, "--prefill.http_port", p_http,
+                          "--decode.grpc_port", d_grpc, "--decode.http_port", d_http, "--router.port", r_port,
+                          "--speed.prefill_layers", "3", "--decode.kv_tokens", "4096", "--prefill.kv_tokens", "2048",
+                          "--kv.lease_ms", lease, "--log", "info", NULL};
+    cu_proc_t dec = cu_spawn("speed-decode", "decode", args);
+    cu_proc_t pre = cu_spawn("speed-prefill", "prefill", args);
+    bool up = cu_wait_ok(B + 30, "/health", 30) && cu_wait_ok(B + 10, "/health", 30);
+    CHECK(up);
+    if (!up) {
+        cu_stop(&dec, SIGKILL, 5);
+        cu_stop(&pre, SIGKILL, 5);
+        cu_cleanup(true);
+        return CHECK_DONE();
+    }
+    speed_rpc_channel_t *pc = channel(B), *dc = channel(B + 20);
+
+    /* 1. disaggregated, C = L and C < L */
+    run_depth(pc, dc, mc, L, "full-depth");
+    run_depth(pc, dc, mc, 3, "speed-3");
+    CHECK_NEAR(cu_metric(B + 10, "speed_kv_transfer_bytes_total"),
+               (double)(speed_kv_bytes_for_prompt(mc, L, 1, 1, N_PROMPT, SPEED_DTYPE_BF16) +
+                        speed_kv_bytes_for_prompt(mc, 3, 1, 1, N_PROMPT, SPEED_DTYPE_BF16)),
+               0.5);
+    CHECK_NEAR(cu_metric(B + 10, "speed_prefill_tokens_total"), 2.0 * N_PROMPT, 0.5);
+
+    /* 2. decode-only route: the decode node prefills itself at its default depth (3) */
+    {
+        json_t *ref = cu_generate_ref(g_prompt_text, "3", N_GEN);
+        Speed__V1__SamplingParams smp = sampling();
+        Speed__V1__GenerateRequest gr = SPEED__V1__GENERATE_REQUEST__INIT;
+        gr.request_id = "decode-only";
+        gr.n_prompt_ids = N_PROMPT;
+        gr.prompt_ids = g_prompt;
+        gr.sampling = &smp;
+        gen_out_t g;
+        CHECK_INT_EQ(generate(dc, &gr, &g), SPEED_RPC_OK);
+        if (ref) check_against_ref(&g, ref);
+        CHECK_INT_EQ(g.usage.kv_bytes, 0);
+        json_decref(ref);
+    }
+
+    /* 3. cancel frees a reservation at once; an unclaimed one is freed at its lease */
+    {
+        Speed__V1__ReserveRequest rr = SPEED__V1__RESERVE_REQUEST__INIT;
+        rr.request_id = "to-cancel";
+        rr.n_prompt = N_PROMPT;
+        rr.max_tokens = N_GEN;
+        Speed__V1__ReserveReply *res = NULL;
+        CHECK_INT_EQ(call(dc, SPEED_METHOD_DECODE_RESERVE, &rr.base, &speed__v1__reserve_reply__descriptor,
+                          (ProtobufCMessage **)&res, NULL, 0),
+                     SPEED_RPC_OK);
+        if (res) speed_proto_free(&res->base);
+        usleep(300000);
+        CHECK(cu_metric(B + 30, "speed_kv_blocks_reserved") > 0);
+        Speed__V1__CancelRequest cr = SPEED__V1__CANCEL_REQUEST__INIT;
+        cr.request_id = "to-cancel";
+        Speed__V1__CancelReply *cre = NULL;
+        CHECK_INT_EQ(call(dc, SPEED_METHOD_DECODE_CANCEL, &cr.base, &speed__v1__cancel_reply__descriptor,
+                          (ProtobufCMessage **)&cre, NULL, 0),
+                     SPEED_RPC_OK);
+        CHECK(cre && cre->found);
+        if (cre) speed_proto_free(&cre->base);
+        usleep(300000);
+        CHECK_NEAR(cu_metric(B + 30, "speed_kv_blocks_reserved"), 0.0, 0.0);
+
+        rr.request_id = "to-expire";
+        res = NULL;
+        CHECK_INT_EQ(call(dc, SPEED_METHOD_DECODE_RESERVE, &rr.base, &speed__v1__reserve_reply__descriptor,
+                          (ProtobufCMessage **)&res, NULL, 0),
+                     SPEED_RPC_OK);
+        if (res) speed_proto_free(&res->base);
+        usleep(200000);
+        CHECK(cu_metric(B + 30, "speed_kv_blocks_reserved") > 0);
+        double t0 = cu_now();
+        while (cu_metric(B + 30, "speed_kv_blocks_reserved") > 0 && cu_now() - t0 < 10) usleep(100000);
+        CHECK_NEAR(cu_metric(B + 30, "speed_kv_blocks_reserved"), 0.0, 0.0);
+        CHECK(cu_now() - t0 > 1.5); /* not before the 3 s lease */
+    }
+
+    /* 4. bad requests: a clear status, the daemons stay up */
+    {
+        char err[256];
+        Speed__V1__ReserveRequest rr = SPEED__V1__RESERVE_REQUEST__INIT;
+        rr.request_id = "bad";
+        rr.n_prompt = 0;
+        rr.max_tokens = 4;
+        CHECK_INT_EQ(call(dc, SPEED_METHOD_DECODE_RESERVE, &rr.base, NULL, NULL, err, sizeof err),
+                     SPEED_RPC_INVALID_ARGUMENT);
+        rr.n_prompt = 1 << 30;
+        CHECK(call(dc, SPEED_METHOD_DECODE_RESERVE, &rr.base, NULL, NULL, err, sizeof err) != SPEED_RPC_OK);
+        Speed__V1__SpeedParams sp = SPEED__V1__SPEED_PARAMS__INIT;
+        sp.prefill_layers = L + 1;
+        rr.n_prompt = 8;
+        rr.speed = &sp;
+        CHECK_INT_EQ(call(dc, SPEED_METHOD_DECODE_RESERVE, &rr.base, NULL, NULL, err, sizeof err),
+                     SPEED_RPC_INVALID_ARGUMENT);
+        CHECK_CONTAINS(err, "prefill_layers");
+        /* garbage bytes */
+        speed_rpc_reply_t reply = {0};
+        speed_rpc_unary(dc, SPEED_METHOD_DECODE_RESERVE, "\xff\xff\xff", 3, 5000, &reply);
+        CHECK_INT_EQ(reply.code, SPEED_RPC_INVALID_ARGUMENT);
+        speed_rpc_reply_cleanup(&reply);
+        speed_rpc_unary(pc, SPEED_METHOD_PREFILL_PREFILL, "\x0a\x05hello\x12", 8, 5000, &reply);
+        CHECK_INT_EQ(reply.code, SPEED_RPC_INVALID_ARGUMENT);
+        speed_rpc_reply_cleanup(&reply);
+        /* a prefill with a descriptor that does not fit this model */
+        Speed__V1__KvDescriptor kd = SPEED__V1__KV_DESCRIPTOR__INIT;
+        kd.dtype = "bf16";
+        kd.transport = "shm";
+        kd.prefill_layers = 3;
+        kd.anchors = 1;
+        kd.tail = 1;
+        Speed__V1__SamplingParams smp = sampling();
+        Speed__V1__PrefillRequest pr = SPEED__V1__PREFILL_REQUEST__INIT;
+        pr.request_id = "bad-desc";
+        pr.n_prompt_ids = N_PROMPT;
+        pr.prompt_ids = g_prompt;
+        pr.sampling = &smp;
+        pr.kv = &kd;
+        int code = call(pc, SPEED_METHOD_PREFILL_PREFILL, &pr.base, NULL, NULL, err, sizeof err);
+        CHECK(code != SPEED_RPC_OK);
+        /* Generate for a reservation that never existed */
+        Speed__V1__Token first = SPEED__V1__TOKEN__INIT;
+        Speed__V1__GenerateRequest gr = SPEED__V1__GENERATE_REQUEST__INIT;
+        gr.request_id = "never-reserved";
+        gr.first = &first;
+        gr.sampling = &smp;
+        gen_out_t g;
+        CHECK_INT_EQ(generate(dc, &gr, &g), SPEED_RPC_NOT_FOUND);
+        CHECK(cu_wait_ok(B + 30, "/health", 5) && cu_wait_ok(B + 10, "/health", 5));
+    }
+
+    speed_rpc_channel_destroy(pc);
+    speed_rpc_channel_destroy(dc);
+    CHECK_INT_EQ(cu_stop(&pre, SIGTERM, 20), 0);
+    CHECK_INT_EQ(cu_stop(&dec, SIGTERM, 20), 0);
+    speed_model_destroy(model);
+    int failed = CHECK_DONE();
+    cu_cleanup(failed != 0);
+    return failed;
+}
