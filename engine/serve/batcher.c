@@ -102,6 +102,7 @@ speed_batcher_params_t speed_batcher_default_params(void) {
     p.engine = speed_engine_default_params();
     p.max_waiting = 64;
     p.lease_ms = 30000;
+    p.cancel_quarantine_ms = 1000;
     return p;
 }
 
@@ -532,7 +533,16 @@ static void run_cmd(speed_batcher_t *b, cmd_t *c) {
         break;
     case CMD_CANCEL:
         r = req_find(b, c->id);
-        if (r) req_finish(b, r, SPEED_BATCH_CANCELLED, SPEED_ERR_CANCELLED);
+        if (r && r->state == REQ_RESERVED && b->p.cancel_quarantine_ms > 0) {
+            /* A prefill node may still have puts in flight into these blocks: keep them out of
+             * circulation for a moment instead of handing them to the next request. */
+            b->counts.n_cancelled++;
+            r->state = REQ_HELD;
+            int64_t until = wall_ms() + b->p.cancel_quarantine_ms;
+            if (until < r->deadline_ms) r->deadline_ms = until;
+        } else if (r) {
+            req_finish(b, r, SPEED_BATCH_CANCELLED, SPEED_ERR_CANCELLED);
+        }
         break;
     case CMD_RELEASE:
         r = req_find(b, c->id);

@@ -14,7 +14,8 @@
  *             the reservation holds until speed_batcher_start claims it or its lease ends;
  *   kv_ready  the prompt KV was written into the reserved blocks (by a transfer);
  *   start     the first token (sampled by the prefill node) arrives: decoding begins;
- *   cancel    ends a request in any state; its blocks are freed at once;
+ *   cancel    ends a request in any state; its blocks are freed at once, except those of a
+ *             reservation not started yet: they wait cancel_quarantine_ms first;
  *   release   frees the KV a finished request kept (hold_kv: the prefill node's puts read
  *             the blocks after the first token is out, until the transfer is flushed).
  * A request never leaks its blocks: finish, cancel, error, lease expiry and destroy all free
@@ -125,6 +126,9 @@ typedef struct {
     int max_waiting;                  /* submitted requests queued while the engine is full
                                        * (0: submit fails with CAPACITY when full) */
     int64_t lease_ms;                 /* reservations (and held KV) live this long; default 30000 */
+    int64_t cancel_quarantine_ms;     /* a cancelled reservation's blocks are reused only after
+                                       * this long (or its lease), since a prefill node's puts
+                                       * already posted may still land; default 1000, 0 = at once */
 } speed_batcher_params_t;
 
 speed_batcher_params_t speed_batcher_default_params(void);

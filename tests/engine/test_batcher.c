@@ -178,6 +178,7 @@ int main(void) {
     bp.engine.prefill_chunk = 16; /* several steps per prefill: batching interleaves */
     bp.max_waiting = 2;
     bp.lease_ms = 300;
+    bp.cancel_quarantine_ms = 150;
     speed_batcher_t *b = NULL;
     CHECK_INT_EQ(speed_batcher_create(&bp, &b), SPEED_OK);
     CHECK_INT_EQ(speed_batcher_depth(b).prefill_layers, L / 2);
@@ -380,6 +381,11 @@ int main(void) {
         CHECK_INT_EQ(s.waiting, 2);
         CHECK_INT_EQ(s.reserved, 4);
         for (int i = 0; i < 4; i++) CHECK_INT_EQ(speed_batcher_cancel(b, rid[i]), SPEED_OK);
+        /* cancelled reservations sit out the quarantine before their blocks are reused */
+        usleep(50000);
+        speed_batcher_stats(b, &s);
+        CHECK_INT_EQ(s.held, 4);
+        CHECK_INT_EQ(s.waiting, 2);
         for (int i = 0; i < 2; i++) {
             CHECK(rec_wait(&rec[i], 30000));
             CHECK_INT_EQ(rec[i].finish, SPEED_BATCH_LENGTH);

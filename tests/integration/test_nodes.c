@@ -263,8 +263,11 @@ int main(void) {
                      SPEED_RPC_OK);
         CHECK(cre && cre->found);
         if (cre) speed_proto_free(&cre->base);
-        usleep(300000);
+        /* freed after the short quarantine for puts still in flight (1 s), not the 3 s lease */
+        double tc = cu_now();
+        while (cu_metric(B + 30, "speed_kv_blocks_reserved") > 0 && cu_now() - tc < 10) usleep(50000);
         CHECK_NEAR(cu_metric(B + 30, "speed_kv_blocks_reserved"), 0.0, 0.0);
+        CHECK(cu_now() - tc < 2.5);
 
         rr.request_id = "to-expire";
         res = NULL;
