@@ -1,0 +1,92 @@
+/* speed_router_nodes: the router's view of the cluster's nodes.
+ *
+ * Two pools (prefill, decode) of speed_balance_pool_t, one gRPC channel per node, and one
+ * poller thread that asks every node for Node.Health and Node.Status each
+ * status_interval_ms:
+ *   - SERVING  → the node is UP (back up after a failure), its load snapshot is refreshed;
+ *   - DRAINING → DRAINING (finishes its requests, gets no new ones);
+ *   - STARTING or no answer → DOWN.
+ * A request that sees a node-level failure calls speed_router_nodes_fail: the node is DOWN at
+ * once and stays so until a health reply says SERVING again.
+ * The gauge speed_router_node_up{pool,node} is 1 while a node is UP.
+ *
+ * Node addresses: replica i of a pool is host:grpc_port + i (cluster config).
+ *
+ * Threading: every function may be called from any thread after create, except start, stop
+ * and destroy (one owner). Channels are shared by all request threads (speed_rpc channels
+ * are thread-safe).
+ *
+ * Memory: everything from speed_malloc; destroy frees it all.
+ */
+#ifndef SPEED_ROUTER_NODES_H
+#define SPEED_ROUTER_NODES_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "balance.h"
+#include "metrics.h"
+#include "rpc.h"
+#include "status.h"
+
+typedef enum {
+    SPEED_ROUTER_POOL_PREFILL = 0,
+    SPEED_ROUTER_POOL_DECODE,
+    SPEED_ROUTER_POOL_COUNT
+} speed_router_pool_id_t;
+
+/* "prefill" / "decode" (static; "unknown" outside the enum). */
+const char *speed_router_pool_name(speed_router_pool_id_t pool);
+
+typedef struct {
+    const char *host;                    /* address every node listens on (copied) */
+    int64_t n_nodes[SPEED_ROUTER_POOL_COUNT];    /* replicas; prefill may be 0 */
+    int64_t grpc_port[SPEED_ROUTER_POOL_COUNT];  /* replica i listens on grpc_port + i */
+    speed_balance_policy_t policy[SPEED_ROUTER_POOL_COUNT];
+    int64_t status_interval_ms;          /* poll period, >= 10 */
+    speed_metrics_t *metrics;            /* registers speed_router_node_up; borrowed, must
+                                            outlive the nodes object */
+} speed_router_nodes_params_t;
+
+typedef struct speed_router_nodes speed_router_nodes_t;
+
+/* Creates the pools and channels (no connection is made yet). Every node starts UP.
+ * Returns SPEED_OK, SPEED_ERR_INVALID_ARGUMENT (no decode node, NULL arguments, more nodes
+ * than a pool holds) or SPEED_ERR_NO_MEMORY. */
+speed_status_t speed_router_nodes_create(const speed_router_nodes_params_t *params,
+                                         speed_router_nodes_t **nodes_p);
+
+/* Polls every node once, synchronously (nodes that do not answer SERVING are DOWN when it
+ * returns), then starts the poller thread. Returns SPEED_OK or SPEED_ERR_INTERNAL (the
+ * thread cannot start; logged). */
+speed_status_t speed_router_nodes_start(speed_router_nodes_t *nodes);
+
+/* Stops the poller thread (returns within one RPC timeout). Idempotent. */
+void speed_router_nodes_stop(speed_router_nodes_t *nodes);
+
+/* Stops, then frees pools and channels. No RPC may be in flight on the channels. NULL ok. */
+void speed_router_nodes_destroy(speed_router_nodes_t *nodes);
+
+/* The pool (owned by nodes; never NULL for a valid id). */
+speed_balance_pool_t *speed_router_nodes_pool(speed_router_nodes_t *nodes,
+                                              speed_router_pool_id_t pool);
+size_t speed_router_nodes_count(const speed_router_nodes_t *nodes, speed_router_pool_id_t pool);
+/* The node's channel / "host:port" address (owned by nodes), NULL when out of range. */
+speed_rpc_channel_t *speed_router_nodes_channel(speed_router_nodes_t *nodes,
+                                                speed_router_pool_id_t pool, size_t index);
+const char *speed_router_nodes_address(const speed_router_nodes_t *nodes,
+                                       speed_router_pool_id_t pool, size_t index);
+
+/* A request saw a node-level failure (unreachable, deadline, broken stream): DOWN now.
+ * `request_id` (may be NULL) and `why` go to the log line. */
+void speed_router_nodes_fail(speed_router_nodes_t *nodes, speed_router_pool_id_t pool,
+                             size_t index, const char *request_id, const char *why);
+
+/* Nodes UP in the pool (the decode count gates /health). */
+size_t speed_router_nodes_n_up(speed_router_nodes_t *nodes, speed_router_pool_id_t pool);
+
+/* Polls completed since start (tests and logs). */
+uint64_t speed_router_nodes_polls(const speed_router_nodes_t *nodes);
+
+#endif /* SPEED_ROUTER_NODES_H */

@@ -1,0 +1,142 @@
+/* Internals shared by server.c (HTTP front end, lifecycle) and request.c (request workers).
+ * Not an API: nothing outside router/ includes this. */
+#ifndef SPEED_ROUTER_INTERNAL_H
+#define SPEED_ROUTER_INTERNAL_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "balance.h"
+#include "http.h"
+#include "metrics.h"
+#include "nodes.h"
+#include "openai.h"
+#include "route.h"
+#include "router.h"
+#include "rpc.h"
+
+/* Streaming requests that wrote nothing for this long get an SSE comment, so that a client
+ * that went away is noticed (MHD does not poll suspended connections). */
+#define SPEED_ROUTER_SSE_PING_MS 5000
+/* Cancel RPCs are best effort and must not hold a worker long. */
+#define SPEED_ROUTER_CANCEL_TIMEOUT_MS 1000
+/* Reserve is a table lookup on the decode node. */
+#define SPEED_ROUTER_RESERVE_TIMEOUT_MS 10000
+/* Request ids: X-Request-Id up to this many characters; node ids add a suffix. */
+#define SPEED_ROUTER_CLIENT_ID_MAX 64
+#define SPEED_ROUTER_ID_MAX 96
+
+typedef enum { RT_STARTING = 0, RT_READY, RT_DRAINING } rt_state_t;
+
+typedef struct rtr_req rtr_req_t;
+
+/* A Cancel RPC the housekeeping thread sends for a request that was cancelled while a
+ * worker may be blocked in a call to that node. */
+typedef struct cancel_job {
+    struct cancel_job *next;
+    speed_router_pool_id_t pool;
+    size_t node;
+    char id[SPEED_ROUTER_ID_MAX];
+} cancel_job_t;
+
+/* The user pointer of a completions route. */
+typedef struct {
+    speed_router_t *rt;
+    speed_openai_api_t api;
+} api_route_t;
+
+struct speed_router {
+    speed_router_params_t p;
+    const speed_cluster_config_t *cfg;
+
+    speed_metrics_t *metrics;
+    speed_router_nodes_t *nodes;
+    speed_admission_t *adm;
+    speed_http_server_t *http;
+    api_route_t *routes;             /* [2]: chat, completions */
+
+    char *api_keys_buf;              /* router.api_keys split in place */
+    const char **api_keys;
+    size_t n_api_keys;
+    speed_openai_parse_params_t parse;
+    speed_route_params_t route;
+    int64_t created_unix;
+    uint64_t id_seed;
+    _Atomic uint64_t id_seq;
+    int64_t max_workers;             /* max_in_flight + max_queue */
+
+    _Atomic int state;               /* rt_state_t */
+
+    pthread_mutex_t lock;            /* registry, n_workers, state changes */
+    pthread_cond_t idle_cond;        /* CLOCK_MONOTONIC; n_workers reached 0 */
+    rtr_req_t *reqs;                 /* every request that has a worker */
+    int n_workers;
+
+    pthread_mutex_t jobs_lock;       /* leaf lock: jobs, hk_stop */
+    pthread_cond_t hk_cond;          /* CLOCK_MONOTONIC */
+    cancel_job_t *jobs;
+    bool hk_stop;
+    pthread_t hk_thread;
+    bool hk_started;
+
+    /* metrics */
+    speed_histogram_t *m_ttft, *m_itl, *m_e2e;
+    speed_counter_t *m_requests;         /* {route,status} */
+    speed_counter_t *m_route_decisions;  /* {route,reason} */
+    speed_counter_t *m_prefill_retries;
+    speed_counter_t *m_kv_bytes;
+    speed_counter_t *m_prompt_tokens;
+    speed_counter_t *m_generated_tokens;
+};
+
+struct rtr_req {
+    speed_router_t *rt;
+    rtr_req_t *prev, *next;          /* rt->reqs, under rt->lock */
+
+    char id[SPEED_ROUTER_ID_MAX];    /* sent to the nodes and in log lines */
+    char oai_id[SPEED_ROUTER_ID_MAX + 16];  /* "chatcmpl-..." / "cmpl-..." */
+    speed_openai_api_t api;
+    speed_openai_request_t *req;
+    double t_arrival;                /* monotonic seconds */
+    int64_t deadline_ms;             /* monotonic ms */
+    int64_t created_unix;
+
+    /* HTTP side. http_lock is held around every use of `stream` (worker and housekeeping
+     * thread); it is never taken while holding `lock` or jobs_lock. */
+    pthread_mutex_t http_lock;
+    speed_http_stream_t *stream;     /* the writer's reference; NULL once answered */
+    bool committed;                  /* bytes were written: status 200 is final */
+    bool running;                    /* admitted: pings may be sent */
+    int64_t last_write_ms;
+
+    /* Cancellation state, under `lock` (a leaf lock). */
+    pthread_mutex_t lock;
+    bool cancelled;
+    speed_status_t cancel_status;    /* CANCELLED (client gone, shutdown) or TIMEOUT */
+    bool client_gone;
+    bool shutdown;
+    speed_rpc_stream_t *gen;         /* Generate stream in flight */
+    int decode_node;                 /* -1: none */
+    bool decode_held;                /* the decode node holds a reservation / sequence */
+    int prefill_node;                /* -1: none */
+    bool prefill_active;             /* a Prefill call is in flight */
+
+    /* outcome, for metrics (worker only) */
+    const char *route_label;         /* "disaggregated" / "decode_only" / "none" */
+    unsigned http_status;            /* status label; 499 = client went away */
+    bool counted;                    /* speed_router_requests_total has this request */
+};
+
+/* request.c */
+void *speed_router_worker_main(void *arg);
+void speed_router_req_cancel(rtr_req_t *r, speed_status_t why);
+void speed_router_req_free(rtr_req_t *r);
+int64_t speed_router_now_ms(void);
+double speed_router_now_s(void);
+
+/* server.c */
+void speed_router_enqueue_cancel(speed_router_t *rt, const cancel_job_t *jobs, size_t n);
+
+#endif /* SPEED_ROUTER_INTERNAL_H */

@@ -1,0 +1,658 @@
+/* speed_router: HTTP front end, request hand-off, housekeeping and lifecycle (router.h). */
+#include "router_internal.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "alloc.h"
+#include "log.h"
+#include "speed_proto.h"
+
+#define SUBSYS SPEED_SUBSYS_NET
+
+/* Request bodies: a 128K-token prompt as text or as ids is well below this. */
+#define SPEED_ROUTER_MAX_BODY_BYTES ((size_t)32 << 20)
+
+/* ---- small helpers -------------------------------------------------------------------- */
+
+static uint64_t splitmix64(uint64_t x)
+{
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
+/* X-Request-Id: 1..64 characters of [A-Za-z0-9._:-]; anything else is replaced. */
+static bool client_id_ok(const char *s)
+{
+    if (!s) return false;
+    size_t n = 0;
+    for (; s[n]; n++) {
+        unsigned char c = (unsigned char)s[n];
+        if (n >= SPEED_ROUTER_CLIENT_ID_MAX) return false;
+        if (!(isalnum(c) || c == '.' || c == '_' || c == ':' || c == '-')) return false;
+    }
+    return n > 0;
+}
+
+static void respond_json(speed_http_request_t *hr, unsigned status, const char *body, size_t len)
+{
+    speed_http_respond(hr, status, "application/json", body, len);
+}
+
+static void count_request(speed_router_t *rt, const char *route, unsigned status)
+{
+    char s[8];
+    snprintf(s, sizeof s, "%u", status);
+    const char *values[] = {route, s};
+    speed_counter_t *c = NULL;
+    if (speed_counter_labels(rt->m_requests, values, &c) == SPEED_OK) speed_counter_inc(c);
+}
+
+/* Answers an OpenAI error from an HTTP thread (before a worker exists). */
+static void respond_error(speed_router_t *rt, speed_http_request_t *hr,
+                          const speed_openai_error_t *err, int retry_after_s)
+{
+    unsigned status = (unsigned)speed_openai_error_http_status(err->kind);
+    if (retry_after_s > 0) {
+        char v[16];
+        snprintf(v, sizeof v, "%d", retry_after_s);
+        speed_http_request_add_header(hr, "Retry-After", v);
+    }
+    char *body = NULL;
+    size_t len = 0;
+    if (speed_openai_error_json(err, &body, &len) == SPEED_OK) {
+        respond_json(hr, status, body, len);
+        speed_free(body);
+    } else {
+        const char *fb = speed_openai_error_fallback_json();
+        status = 500;
+        respond_json(hr, 500, fb, strlen(fb));
+    }
+    count_request(rt, "none", status);
+}
+
+static bool check_auth(speed_router_t *rt, speed_http_request_t *hr)
+{
+    speed_openai_error_t err;
+    if (speed_openai_auth_check(speed_http_request_header(hr, "Authorization"), rt->api_keys,
+                                rt->n_api_keys, &err))
+        return true;
+    respond_error(rt, hr, &err, 0);
+    return false;
+}
+
+/* ---- handlers ------------------------------------------------------------------------- */
+
+static void on_disconnect(void *user, speed_http_stream_t *stream)
+{
+    rtr_req_t *r = user;
+    (void)stream;
+    pthread_mutex_lock(&r->lock);
+    r->client_gone = true;
+    pthread_mutex_unlock(&r->lock);
+    speed_log(SPEED_LOG_INFO, SUBSYS, r->id, "client went away; cancelling");
+    speed_router_req_cancel(r, SPEED_ERR_CANCELLED);
+}
+
+static void handle_completions(void *user, speed_http_request_t *hr)
+{
+    const api_route_t *ar = user;
+    speed_router_t *rt = ar->rt;
+    double t_arrival = speed_router_now_s();
+
+    /* The request id, echoed on every answer to this request. */
+    char client_id[SPEED_ROUTER_CLIENT_ID_MAX + 1];
+    char node_id[SPEED_ROUTER_ID_MAX];
+    uint64_t seq = atomic_fetch_add(&rt->id_seq, 1);
+    const char *xid = speed_http_request_header(hr, "X-Request-Id");
+    if (client_id_ok(xid)) {
+        snprintf(client_id, sizeof client_id, "%s", xid);
+        /* Clients may reuse ids; the nodes key requests by id, so make it unique. */
+        snprintf(node_id, sizeof node_id, "%s.%llx", client_id, (unsigned long long)seq);
+    } else {
+        snprintf(client_id, sizeof client_id, "%016llx",
+                 (unsigned long long)splitmix64(rt->id_seed ^ seq));
+        snprintf(node_id, sizeof node_id, "%s", client_id);
+    }
+    speed_http_request_add_header(hr, "X-Request-Id", client_id);
+
+    speed_openai_error_t err;
+    if (atomic_load(&rt->state) != RT_READY) {
+        speed_openai_error_set(&err, SPEED_OPENAI_ERR_UNAVAILABLE, NULL, "service_unavailable",
+                               "the server is shutting down");
+        respond_error(rt, hr, &err, 1);
+        return;
+    }
+    if (!check_auth(rt, hr)) return;
+    size_t body_len = 0;
+    const char *body = speed_http_request_body(hr, &body_len);
+    speed_openai_request_t *req = NULL;
+    if (speed_openai_request_parse(ar->api, body, body_len, &rt->parse, &req, &err) != SPEED_OK) {
+        respond_error(rt, hr, &err, 0);
+        return;
+    }
+    const char *models[] = {rt->p.model_id};
+    if (speed_openai_check_model(req, models, 1, &err) != SPEED_OK) {
+        speed_openai_request_destroy(req);
+        respond_error(rt, hr, &err, 0);
+        return;
+    }
+
+    rtr_req_t *r = speed_calloc(1, sizeof(*r));
+    if (!r) {
+        speed_openai_request_destroy(req);
+        speed_openai_error_from_status(SPEED_ERR_NO_MEMORY, NULL, &err);
+        respond_error(rt, hr, &err, 1);
+        return;
+    }
+    r->rt = rt;
+    r->req = req;
+    r->api = ar->api;
+    r->t_arrival = t_arrival;
+    r->deadline_ms = speed_router_now_ms() + rt->cfg->request_timeout_ms;
+    r->created_unix = (int64_t)time(NULL);
+    r->decode_node = r->prefill_node = -1;
+    snprintf(r->id, sizeof r->id, "%s", node_id);
+    snprintf(r->oai_id, sizeof r->oai_id, "%s%s",
+             ar->api == SPEED_OPENAI_CHAT ? "chatcmpl-" : "cmpl-", client_id);
+    pthread_mutex_init(&r->lock, NULL);
+    pthread_mutex_init(&r->http_lock, NULL);
+
+    /* Admission bound on threads: beyond max_in_flight + max_queue workers, refuse at once. */
+    pthread_mutex_lock(&rt->lock);
+    bool draining = atomic_load(&rt->state) != RT_READY;
+    bool full = rt->n_workers >= rt->max_workers;
+    if (!draining && !full) {
+        rt->n_workers++;
+        r->next = rt->reqs;
+        if (rt->reqs) rt->reqs->prev = r;
+        rt->reqs = r;
+    }
+    pthread_mutex_unlock(&rt->lock);
+    if (draining || full) {
+        speed_router_req_free(r);
+        if (draining)
+            speed_openai_error_set(&err, SPEED_OPENAI_ERR_UNAVAILABLE, NULL, "service_unavailable",
+                                   "the server is shutting down");
+        else
+            speed_openai_error_from_status(SPEED_ERR_CAPACITY, "too many requests; retry later",
+                                           &err);
+        respond_error(rt, hr, &err, speed_admission_retry_after(rt->adm));
+        return;
+    }
+
+    speed_status_t st = speed_http_respond_stream(hr, 200,
+                                                  req->stream ? "text/event-stream" : "application/json",
+                                                  on_disconnect, r, &r->stream);
+    pthread_attr_t attr;
+    pthread_t th;
+    bool spawned = false;
+    if (st == SPEED_OK && pthread_attr_init(&attr) == 0) {
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        spawned = pthread_create(&th, &attr, speed_router_worker_main, r) == 0;
+        pthread_attr_destroy(&attr);
+    }
+    if (spawned) return;
+
+    /* No worker: undo the registration and answer here. */
+    speed_log(SPEED_LOG_ERROR, SUBSYS, r->id, "cannot start a request worker: %s",
+              st == SPEED_OK ? strerror(errno) : speed_status_string(st));
+    pthread_mutex_lock(&rt->lock);
+    if (r->prev) r->prev->next = r->next;
+    else rt->reqs = r->next;
+    if (r->next) r->next->prev = r->prev;
+    if (--rt->n_workers == 0) pthread_cond_broadcast(&rt->idle_cond);
+    pthread_mutex_unlock(&rt->lock);
+    speed_openai_error_set(&err, SPEED_OPENAI_ERR_UNAVAILABLE, NULL, "service_unavailable",
+                           "the router cannot take more requests now");
+    char *json = NULL;
+    size_t len = 0;
+    if (r->stream) {
+        if (speed_openai_error_json(&err, &json, &len) == SPEED_OK)
+            speed_http_stream_respond(r->stream, 503, "application/json", json, len);
+        else
+            speed_http_stream_close(r->stream);
+        speed_free(json);
+        count_request(rt, "none", 503);
+    } else {
+        respond_error(rt, hr, &err, 1);
+    }
+    speed_router_req_free(r);
+}
+
+static void handle_models(void *user, speed_http_request_t *hr)
+{
+    speed_router_t *rt = user;
+    if (!check_auth(rt, hr)) return;
+    const char *ids[] = {rt->p.model_id};
+    char *json = NULL;
+    size_t len = 0;
+    if (speed_openai_models_json(ids, 1, rt->created_unix, NULL, &json, &len) != SPEED_OK) {
+        speed_openai_error_t err;
+        speed_openai_error_from_status(SPEED_ERR_NO_MEMORY, NULL, &err);
+        respond_error(rt, hr, &err, 1);
+        return;
+    }
+    respond_json(hr, 200, json, len);
+    speed_free(json);
+}
+
+static void handle_health(void *user, speed_http_request_t *hr)
+{
+    speed_router_t *rt = user;
+    int state = atomic_load(&rt->state);
+    size_t n_decode = speed_router_nodes_n_up(rt->nodes, SPEED_ROUTER_POOL_DECODE);
+    size_t n_prefill = speed_router_nodes_n_up(rt->nodes, SPEED_ROUTER_POOL_PREFILL);
+    const char *what = state == RT_DRAINING  ? "draining"
+                       : state != RT_READY   ? "starting"
+                       : n_decode == 0       ? "no_decode_node"
+                                             : "ok";
+    unsigned status = strcmp(what, "ok") == 0 ? 200 : 503;
+    char body[256];
+    int n = snprintf(body, sizeof body,
+                     "{\"status\":\"%s\",\"decode_nodes_up\":%zu,\"prefill_nodes_up\":%zu,"
+                     "\"requests_running\":%d,\"requests_waiting\":%d}",
+                     what, n_decode, n_prefill, speed_admission_in_flight(rt->adm),
+                     speed_admission_waiting(rt->adm));
+    respond_json(hr, status, body, (size_t)n);
+}
+
+/* ---- housekeeping: Cancel RPCs for cancelled requests, SSE pings ------------------------ */
+
+void speed_router_enqueue_cancel(speed_router_t *rt, const cancel_job_t *jobs, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        cancel_job_t *j = speed_malloc(sizeof(*j));
+        if (!j) return; /* the worker sends its own Cancel when it notices */
+        *j = jobs[i];
+        pthread_mutex_lock(&rt->jobs_lock);
+        j->next = rt->jobs;
+        rt->jobs = j;
+        pthread_cond_signal(&rt->hk_cond);
+        pthread_mutex_unlock(&rt->jobs_lock);
+    }
+}
+
+static void send_cancel_job(speed_router_t *rt, const cancel_job_t *j)
+{
+    Speed__V1__CancelRequest m = SPEED__V1__CANCEL_REQUEST__INIT;
+    m.request_id = (char *)j->id;
+    uint8_t *buf = NULL;
+    size_t len = 0;
+    if (speed_proto_pack(&m.base, &buf, &len) != SPEED_OK) return;
+    speed_rpc_reply_t reply = {0};
+    const char *method = j->pool == SPEED_ROUTER_POOL_DECODE ? SPEED_METHOD_DECODE_CANCEL
+                                                             : SPEED_METHOD_PREFILL_CANCEL;
+    speed_rpc_unary(speed_router_nodes_channel(rt->nodes, j->pool, j->node), method, buf, len,
+                    SPEED_ROUTER_CANCEL_TIMEOUT_MS, &reply);
+    speed_rpc_reply_cleanup(&reply);
+    speed_free(buf);
+}
+
+static void ping_streams(speed_router_t *rt)
+{
+    static const char ping[] = ": ping\n\n";
+    int64_t now = speed_router_now_ms();
+    pthread_mutex_lock(&rt->lock);
+    for (rtr_req_t *r = rt->reqs; r; r = r->next) {
+        if (!r->req->stream) continue;
+        bool gone = false;
+        pthread_mutex_lock(&r->http_lock);
+        if (r->stream && r->running && now - r->last_write_ms >= SPEED_ROUTER_SSE_PING_MS) {
+            speed_status_t st = speed_http_stream_write(r->stream, ping, sizeof ping - 1);
+            if (st == SPEED_OK) {
+                r->committed = true;
+                r->last_write_ms = now;
+            }
+            gone = st == SPEED_ERR_CANCELLED;
+        }
+        pthread_mutex_unlock(&r->http_lock);
+        if (gone) {
+            pthread_mutex_lock(&r->lock);
+            r->client_gone = true;
+            pthread_mutex_unlock(&r->lock);
+            speed_router_req_cancel(r, SPEED_ERR_CANCELLED);
+        }
+    }
+    pthread_mutex_unlock(&rt->lock);
+}
+
+static void *housekeeping_main(void *arg)
+{
+    speed_router_t *rt = arg;
+    for (;;) {
+        struct timespec until;
+        clock_gettime(CLOCK_MONOTONIC, &until);
+        until.tv_sec += 1;
+        pthread_mutex_lock(&rt->jobs_lock);
+        while (!rt->hk_stop && !rt->jobs &&
+               pthread_cond_timedwait(&rt->hk_cond, &rt->jobs_lock, &until) == 0) {
+        }
+        cancel_job_t *jobs = rt->jobs;
+        rt->jobs = NULL;
+        bool stop = rt->hk_stop;
+        pthread_mutex_unlock(&rt->jobs_lock);
+        while (jobs) {
+            cancel_job_t *j = jobs;
+            jobs = j->next;
+            send_cancel_job(rt, j);
+            speed_free(j);
+        }
+        if (stop) break;
+        ping_streams(rt);
+    }
+    return NULL;
+}
+
+/* ---- metrics ------------------------------------------------------------------------------ */
+
+static double gauge_running(void *user)
+{
+    return speed_admission_in_flight(((speed_router_t *)user)->adm);
+}
+
+static double gauge_waiting(void *user)
+{
+    return speed_admission_waiting(((speed_router_t *)user)->adm);
+}
+
+static speed_status_t register_metrics(speed_router_t *rt)
+{
+    speed_metrics_t *m = rt->metrics;
+    static const double itl_buckets[] = {0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04,
+                                         0.05,  0.075,  0.1,   0.15, 0.2,   0.3,  0.5,  1,   2.5};
+    static const double e2e_buckets[] = {0.05, 0.1, 0.25, 0.5, 1,  2.5, 5,   10,
+                                         20,   30,  60,   120, 300, 600, 1800};
+    static const char *const route_status[] = {"route", "status"};
+    static const char *const route_reason[] = {"route", "reason"};
+    SPEED_CHECK(speed_histogram_register(
+        m, "speed_router_time_to_first_token_seconds",
+        "time from the request's arrival at the router to its first token leaving it", NULL, 0,
+        NULL, 0, &rt->m_ttft));
+    SPEED_CHECK(speed_histogram_register(m, "speed_router_inter_token_latency_seconds",
+                                         "time between consecutive tokens of a request, at the router",
+                                         NULL, 0, itl_buckets,
+                                         sizeof itl_buckets / sizeof itl_buckets[0], &rt->m_itl));
+    SPEED_CHECK(speed_histogram_register(m, "speed_router_e2e_request_latency_seconds",
+                                         "time from arrival to the last token of successful requests",
+                                         NULL, 0, e2e_buckets,
+                                         sizeof e2e_buckets / sizeof e2e_buckets[0], &rt->m_e2e));
+    SPEED_CHECK(speed_counter_register(
+        m, "speed_router_requests_total",
+        "completion requests by route and HTTP status (499: the client went away)", route_status,
+        2, &rt->m_requests));
+    SPEED_CHECK(speed_counter_register(m, "speed_router_route_decisions_total",
+                                       "route decisions by route and reason", route_reason, 2,
+                                       &rt->m_route_decisions));
+    SPEED_CHECK(speed_counter_register(m, "speed_router_prefill_retries_total",
+                                       "prefill calls retried on another prefill node", NULL, 0,
+                                       &rt->m_prefill_retries));
+    SPEED_CHECK(speed_gauge_register_callback(m, "speed_router_requests_running",
+                                              "requests holding an admission slot", gauge_running,
+                                              rt, NULL));
+    SPEED_CHECK(speed_gauge_register_callback(m, "speed_router_requests_waiting",
+                                              "requests queued for an admission slot",
+                                              gauge_waiting, rt, NULL));
+    SPEED_CHECK(speed_counter_register(m, "speed_router_kv_bytes_shipped_total",
+                                       "KV bytes shipped from prefill to decode nodes", NULL, 0,
+                                       &rt->m_kv_bytes));
+    SPEED_CHECK(speed_counter_register(m, "speed_router_prompt_tokens_total",
+                                       "prompt tokens of routed requests", NULL, 0,
+                                       &rt->m_prompt_tokens));
+    SPEED_CHECK(speed_counter_register(m, "speed_router_generated_tokens_total",
+                                       "tokens relayed to clients", NULL, 0,
+                                       &rt->m_generated_tokens));
+    return SPEED_OK;
+}
+
+/* ---- lifecycle ---------------------------------------------------------------------------- */
+
+static speed_status_t split_api_keys(speed_router_t *rt, const char *keys)
+{
+    if (!keys || !keys[0]) return SPEED_OK;
+    rt->api_keys_buf = speed_strdup(keys);
+    size_t n = 1;
+    for (const char *c = keys; *c; c++) n += *c == ',';
+    rt->api_keys = speed_calloc(n, sizeof(char *));
+    if (!rt->api_keys_buf || !rt->api_keys) return SPEED_ERR_NO_MEMORY;
+    char *save = NULL;
+    for (char *k = strtok_r(rt->api_keys_buf, ",", &save); k; k = strtok_r(NULL, ",", &save)) {
+        while (isspace((unsigned char)*k)) k++;
+        size_t len = strlen(k);
+        while (len && isspace((unsigned char)k[len - 1])) k[--len] = '\0';
+        if (len) rt->api_keys[rt->n_api_keys++] = k;
+    }
+    return SPEED_OK;
+}
+
+static speed_balance_policy_t policy_of(int cfg_policy)
+{
+    return cfg_policy == SPEED_POLICY_LEAST_LOADED ? SPEED_BALANCE_LEAST_LOADED
+                                                   : SPEED_BALANCE_ROUND_ROBIN;
+}
+
+speed_status_t speed_router_create(const speed_router_params_t *params, speed_router_t **rt_p)
+{
+    if (!params || !rt_p || !params->cfg || !params->tok || !params->model_id ||
+        params->n_layers < 1 || params->n_ctx < 2)
+        return SPEED_ERR_INVALID_ARGUMENT;
+    const speed_cluster_config_t *cfg = params->cfg;
+    speed_router_t *rt = speed_calloc(1, sizeof(*rt));
+    if (!rt) return SPEED_ERR_NO_MEMORY;
+    rt->p = *params;
+    rt->cfg = cfg;
+    pthread_mutex_init(&rt->lock, NULL);
+    pthread_mutex_init(&rt->jobs_lock, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&rt->idle_cond, &ca);
+    pthread_cond_init(&rt->hk_cond, &ca);
+    pthread_condattr_destroy(&ca);
+    atomic_init(&rt->state, RT_STARTING);
+    rt->created_unix = (int64_t)time(NULL);
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    rt->id_seed = splitmix64(((uint64_t)ts.tv_sec << 32) ^ (uint64_t)ts.tv_nsec ^
+                             ((uint64_t)getpid() << 16));
+    rt->max_workers = cfg->max_in_flight + cfg->max_queue;
+
+    rt->parse = speed_openai_default_parse_params();
+    rt->parse.allow_speed = cfg->allow_request_override;
+    rt->parse.n_layers = params->n_layers;
+    rt->parse.max_tokens_limit = params->n_ctx;
+    rt->parse.vocab_size = speed_tok_vocab_size(params->tok);
+    rt->route = speed_route_default_params();
+    rt->route.decode_only_below = cfg->decode_only_below;
+    rt->route.decode_only_fallback = true;
+
+    speed_status_t st = split_api_keys(rt, cfg->api_keys);
+    if (st == SPEED_OK) st = speed_metrics_create(&rt->metrics);
+    if (st == SPEED_OK) st = register_metrics(rt);
+    if (st == SPEED_OK) {
+        speed_router_nodes_params_t np;
+        memset(&np, 0, sizeof np);
+        np.host = cfg->host;
+        np.n_nodes[SPEED_ROUTER_POOL_PREFILL] = cfg->prefill.replicas;
+        np.n_nodes[SPEED_ROUTER_POOL_DECODE] = cfg->decode.replicas;
+        np.grpc_port[SPEED_ROUTER_POOL_PREFILL] = cfg->prefill.grpc_port;
+        np.grpc_port[SPEED_ROUTER_POOL_DECODE] = cfg->decode.grpc_port;
+        np.policy[SPEED_ROUTER_POOL_PREFILL] = policy_of(cfg->prefill_policy);
+        np.policy[SPEED_ROUTER_POOL_DECODE] = policy_of(cfg->decode_policy);
+        np.status_interval_ms = cfg->status_interval_ms;
+        np.metrics = rt->metrics;
+        st = speed_router_nodes_create(&np, &rt->nodes);
+    }
+    if (st == SPEED_OK) {
+        speed_admission_params_t ap = speed_admission_default_params();
+        ap.max_in_flight = (int32_t)cfg->max_in_flight;
+        ap.max_waiting = (int32_t)cfg->max_queue;
+        ap.wait_timeout_ms = cfg->queue_timeout_ms;
+        ap.retry_after_s = 1;
+        st = speed_admission_create(&ap, &rt->adm);
+    }
+    if (st == SPEED_OK) {
+        speed_http_server_params_t hp = speed_http_server_default_params();
+        hp.host = cfg->host;
+        hp.port = (uint16_t)cfg->router_port;
+        hp.n_threads = (unsigned)cfg->router_threads;
+        hp.max_body_bytes = SPEED_ROUTER_MAX_BODY_BYTES;
+        st = speed_http_server_create(&hp, &rt->http);
+    }
+    /* Each router has its own route contexts. */
+    api_route_t *routes = NULL;
+    if (st == SPEED_OK) {
+        routes = speed_calloc(2, sizeof(*routes));
+        if (!routes) st = SPEED_ERR_NO_MEMORY;
+    }
+    if (st == SPEED_OK) {
+        routes[0].rt = rt;
+        routes[0].api = SPEED_OPENAI_CHAT;
+        routes[1].rt = rt;
+        routes[1].api = SPEED_OPENAI_COMPLETIONS;
+        rt->routes = routes;
+        st = speed_http_server_route(rt->http, "POST", "/v1/chat/completions", handle_completions,
+                                     &routes[0]);
+    }
+    if (st == SPEED_OK)
+        st = speed_http_server_route(rt->http, "POST", "/v1/completions", handle_completions,
+                                     &routes[1]);
+    if (st == SPEED_OK) st = speed_http_server_route(rt->http, "GET", "/v1/models", handle_models, rt);
+    if (st == SPEED_OK) st = speed_http_server_route(rt->http, "GET", "/health", handle_health, rt);
+    if (st == SPEED_OK) st = speed_http_server_route_metrics(rt->http, "/metrics", rt->metrics);
+    if (st != SPEED_OK) {
+        SPEED_ERROR(SUBSYS, "router: cannot set up: %s", speed_status_string(st));
+        speed_router_destroy(rt);
+        return st;
+    }
+    *rt_p = rt;
+    return SPEED_OK;
+}
+
+speed_status_t speed_router_start(speed_router_t *rt)
+{
+    if (!rt) return SPEED_ERR_INVALID_ARGUMENT;
+    SPEED_CHECK(speed_router_nodes_start(rt->nodes));
+    if (pthread_create(&rt->hk_thread, NULL, housekeeping_main, rt) != 0) {
+        SPEED_ERROR(SUBSYS, "router: cannot start the housekeeping thread");
+        return SPEED_ERR_INTERNAL;
+    }
+    rt->hk_started = true;
+    SPEED_CHECK(speed_http_server_start(rt->http));
+    atomic_store(&rt->state, RT_READY);
+    SPEED_INFO(SUBSYS, "router: serving %s on %s:%u (%zu prefill, %zu decode nodes; %zu decode up)",
+               rt->p.model_id, rt->cfg->host, (unsigned)speed_http_server_port(rt->http),
+               speed_router_nodes_count(rt->nodes, SPEED_ROUTER_POOL_PREFILL),
+               speed_router_nodes_count(rt->nodes, SPEED_ROUTER_POOL_DECODE),
+               speed_router_nodes_n_up(rt->nodes, SPEED_ROUTER_POOL_DECODE));
+    return SPEED_OK;
+}
+
+uint16_t speed_router_port(const speed_router_t *rt)
+{
+    return rt && rt->http ? speed_http_server_port(rt->http) : 0;
+}
+
+void speed_router_drain(speed_router_t *rt)
+{
+    if (!rt) return;
+    pthread_mutex_lock(&rt->lock);
+    int was = atomic_exchange(&rt->state, RT_DRAINING);
+    int n = rt->n_workers;
+    pthread_mutex_unlock(&rt->lock);
+    if (rt->adm) speed_admission_close(rt->adm);
+    if (was != RT_DRAINING)
+        SPEED_INFO(SUBSYS, "router: draining (%d request(s) in flight)", n);
+}
+
+bool speed_router_wait_idle(speed_router_t *rt, int64_t timeout_ms)
+{
+    struct timespec until;
+    clock_gettime(CLOCK_MONOTONIC, &until);
+    if (timeout_ms > 0) {
+        until.tv_sec += timeout_ms / 1000;
+        until.tv_nsec += (timeout_ms % 1000) * 1000000L;
+        if (until.tv_nsec >= 1000000000L) {
+            until.tv_sec++;
+            until.tv_nsec -= 1000000000L;
+        }
+    }
+    pthread_mutex_lock(&rt->lock);
+    while (rt->n_workers > 0) {
+        if (timeout_ms < 0) pthread_cond_wait(&rt->idle_cond, &rt->lock);
+        else if (timeout_ms == 0 ||
+                 pthread_cond_timedwait(&rt->idle_cond, &rt->lock, &until) == ETIMEDOUT)
+            break;
+    }
+    bool idle = rt->n_workers == 0;
+    pthread_mutex_unlock(&rt->lock);
+    return idle;
+}
+
+int speed_router_n_workers(speed_router_t *rt)
+{
+    pthread_mutex_lock(&rt->lock);
+    int n = rt->n_workers;
+    pthread_mutex_unlock(&rt->lock);
+    return n;
+}
+
+void speed_router_cancel_all(speed_router_t *rt)
+{
+    if (!rt) return;
+    pthread_mutex_lock(&rt->lock);
+    for (rtr_req_t *r = rt->reqs; r; r = r->next) {
+        pthread_mutex_lock(&r->lock);
+        r->shutdown = true;
+        pthread_mutex_unlock(&r->lock);
+        speed_router_req_cancel(r, SPEED_ERR_CANCELLED);
+    }
+    pthread_mutex_unlock(&rt->lock);
+}
+
+bool speed_router_destroy(speed_router_t *rt)
+{
+    if (!rt) return true;
+    speed_router_drain(rt);
+    if (!speed_router_wait_idle(rt, 0)) {
+        speed_router_cancel_all(rt);
+        if (!speed_router_wait_idle(rt, 10000)) {
+            SPEED_ERROR(SUBSYS, "router: %d request worker(s) did not stop; exiting without cleanup",
+                        speed_router_n_workers(rt));
+            return false;
+        }
+    }
+    /* Housekeeping last sends the Cancel RPCs still queued. */
+    if (rt->hk_started) {
+        pthread_mutex_lock(&rt->jobs_lock);
+        rt->hk_stop = true;
+        pthread_cond_signal(&rt->hk_cond);
+        pthread_mutex_unlock(&rt->jobs_lock);
+        pthread_join(rt->hk_thread, NULL);
+    }
+    while (rt->jobs) {
+        cancel_job_t *j = rt->jobs;
+        rt->jobs = j->next;
+        speed_free(j);
+    }
+    /* HTTP first (no handler runs afterwards), then the node side. */
+    speed_http_server_destroy(rt->http);
+    speed_router_nodes_destroy(rt->nodes);
+    speed_admission_destroy(rt->adm);
+    speed_metrics_destroy(rt->metrics);
+    speed_free(rt->routes);
+    speed_free(rt->api_keys);
+    speed_free(rt->api_keys_buf);
+    pthread_cond_destroy(&rt->hk_cond);
+    pthread_cond_destroy(&rt->idle_cond);
+    pthread_mutex_destroy(&rt->jobs_lock);
+    pthread_mutex_destroy(&rt->lock);
+    speed_free(rt);
+    return true;
+}

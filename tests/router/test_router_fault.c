@@ -1,0 +1,350 @@
+/* speed-router daemon under faults, against fake nodes: a failing prefill node (retried on
+ * the other), a decode node that dies mid-stream (SSE error event, no hang, node marked down,
+ * the next requests go to the other node), clients that go away (nodes get Cancel), overload
+ * (429 with Retry-After, queue timeout 503), no KV room anywhere (503 + Retry-After), and
+ * SIGTERM with a request in flight (it completes, exit 0). */
+#include "router_test_util.h"
+
+static char model_dir[512];
+static char parent[400];
+static char cluster[1024];
+static fake_node_t pre[2], dec[2];
+static int pbase, dbase;
+
+static const char *CHAT =
+    "{\"model\":\"tinymodel\",\"messages\":[{\"role\":\"user\",\"content\":\"Hello there\"}],"
+    "\"max_tokens\":5}";
+static const char *CHAT_STREAM =
+    "{\"model\":\"tinymodel\",\"stream\":true,"
+    "\"messages\":[{\"role\":\"user\",\"content\":\"Hello there\"}]}";
+
+static void reset_fakes(void)
+{
+    for (int i = 0; i < 2; i++) {
+        fake_defaults(&pre[i]);
+        fake_defaults(&dec[i]);
+    }
+}
+
+static bool start(router_proc_t *rp, const char *const *extra)
+{
+    if (!router_start(rp, cluster, extra)) return false;
+    if (!wait_health(rp->port, 200, 10)) {
+        fprintf(stderr, "router never became healthy\n");
+        return false;
+    }
+    return true;
+}
+
+static void test_prefill_retry(void)
+{
+    reset_fakes();
+    router_proc_t rp;
+    CHECK(start(&rp, NULL));
+    if (rp.exited || !rp.pid) return;
+    atomic_store(&pre[0].prefill_code, SPEED_RPC_UNAVAILABLE);
+    int ok = 0;
+    int p1 = atomic_load(&pre[1].n_prefill), p0 = atomic_load(&pre[0].n_prefill);
+    for (int i = 0; i < 4; i++) {
+        http_result_t r;
+        CHECK(http_post(rp.port, "/v1/chat/completions", CHAT, &r));
+        ok += r.status == 200;
+        http_result_free(&r);
+    }
+    CHECK_INT_EQ(ok, 4);
+    CHECK(atomic_load(&pre[0].n_prefill) > p0);          /* it was tried ... */
+    CHECK_INT_EQ(atomic_load(&pre[1].n_prefill) - p1, 4); /* ... and node 1 answered all */
+    char *m = get_metrics(rp.port);
+    CHECK(prom_value(m, "speed_router_prefill_retries_total") >= 1);
+    speed_free(m);
+
+    /* Every prefill node fails: 503 after the retries, and the reservation is freed. */
+    atomic_store(&pre[1].prefill_code, SPEED_RPC_INTERNAL);
+    int c0 = atomic_load(&dec[0].n_cancel) + atomic_load(&dec[1].n_cancel);
+    http_result_t r;
+    CHECK(http_post(rp.port, "/v1/chat/completions", CHAT, &r));
+    CHECK_INT_EQ(r.status, 503);
+    json_t *j = json_of(r.body);
+    CHECK_STR_EQ(jstr(j, "error.type"), "server_error");
+    json_decref(j);
+    http_result_free(&r);
+    CHECK(atomic_load(&dec[0].n_cancel) + atomic_load(&dec[1].n_cancel) > c0);
+    CHECK_INT_EQ(router_stop(&rp), 0);
+}
+
+static void test_decode_dies_mid_stream(void)
+{
+    reset_fakes();
+    router_proc_t rp;
+    CHECK(start(&rp, NULL));
+    if (rp.exited || !rp.pid) return;
+    for (int i = 0; i < 2; i++) {
+        atomic_store(&dec[i].gen_tokens, 40);
+        atomic_store(&dec[i].gen_delay_ms, 50);
+    }
+    speed_http_client_t *c = NULL;
+    sse_result_t s;
+    CHECK(sse_begin(rp.port, "/v1/chat/completions", CHAT_STREAM, NULL, &c, &s));
+    CHECK_INT_EQ(s.status, 200);
+    CHECK(sse_read(c, &s, 3));               /* role + 2 content chunks */
+    int victim = atomic_load(&dec[0].n_gen_active) > 0 ? 0 : 1;
+    CHECK(atomic_load(&dec[victim].n_gen_active) == 1);
+    double t0 = t_now();
+    fake_kill(&dec[victim]);
+    CHECK(sse_read(c, &s, -1));
+    CHECK_MSG(t_now() - t0 < 5, "the stream took %.1f s to end", t_now() - t0);
+    CHECK(s.ended);
+    CHECK(s.n >= 5);
+    if (s.n >= 2) {
+        CHECK_STR_EQ(s.data[s.n - 1], "[DONE]");
+        json_t *e = json_of(s.data[s.n - 2]);
+        CHECK_MSG(json_is_object(jget(e, "error")), "no error event: %s", s.data[s.n - 2]);
+        CHECK_STR_EQ(jstr(e, "error.type"), "server_error");
+        json_decref(e);
+    }
+    sse_result_free(&s);
+    speed_http_client_destroy(c);
+
+    /* The node is down: every request now goes to the other one. */
+    int other = 1 - victim;
+    for (int i = 0; i < 2; i++) atomic_store(&dec[i].gen_tokens, 5), atomic_store(&dec[i].gen_delay_ms, 0);
+    int g0 = atomic_load(&dec[other].n_generate);
+    for (int i = 0; i < 4; i++) {
+        http_result_t r;
+        CHECK(http_post(rp.port, "/v1/chat/completions", CHAT, &r));
+        CHECK_INT_EQ(r.status, 200);
+        http_result_free(&r);
+    }
+    CHECK_INT_EQ(atomic_load(&dec[other].n_generate) - g0, 4);
+    char *m = get_metrics(rp.port);
+    char series[128];
+    snprintf(series, sizeof series, "speed_router_node_up{pool=\"decode\",node=\"127.0.0.1:%d\"}", dbase + victim);
+    CHECK(prom_value(m, series) == 0);
+    snprintf(series, sizeof series, "speed_router_node_up{pool=\"decode\",node=\"127.0.0.1:%d\"}", dbase + other);
+    CHECK(prom_value(m, series) == 1);
+    CHECK(prom_value(m, "speed_router_requests_total{route=\"disaggregated\",status=\"503\"}") == 1);
+    speed_free(m);
+    http_result_t h;
+    CHECK(http_do(rp.port, "GET", "/health", NULL, NULL, NULL, &h));
+    json_t *j = json_of(h.body);
+    CHECK_INT_EQ(jint(j, "decode_nodes_up"), 1);
+    json_decref(j);
+    http_result_free(&h);
+
+    /* The node comes back: health SERVING brings it back into rotation. */
+    CHECK(fake_start(&dec[victim], "decode-again", dbase + victim) == SPEED_OK);
+    double until = t_now() + 10;
+    bool back = false;
+    while (!back && t_now() < until) {
+        CHECK(http_do(rp.port, "GET", "/health", NULL, NULL, NULL, &h));
+        j = json_of(h.body);
+        back = jint(j, "decode_nodes_up") == 2;
+        json_decref(j);
+        http_result_free(&h);
+        if (!back) t_sleep_ms(50);
+    }
+    CHECK(back);
+    int gv = atomic_load(&dec[victim].n_generate);
+    for (int i = 0; i < 2; i++) {
+        http_result_t r;
+        CHECK(http_post(rp.port, "/v1/chat/completions", CHAT, &r));
+        CHECK_INT_EQ(r.status, 200);
+        http_result_free(&r);
+    }
+    CHECK_INT_EQ(atomic_load(&dec[victim].n_generate) - gv, 1);
+    CHECK_INT_EQ(router_stop(&rp), 0);
+
+    /* Every decode node dead: /health 503, requests 503. */
+    CHECK(start(&rp, NULL));
+    if (rp.exited || !rp.pid) return;
+    fake_kill(&dec[0]);
+    fake_kill(&dec[1]);
+    CHECK(wait_health(rp.port, 503, 10));
+    http_result_t r;
+    CHECK(http_post(rp.port, "/v1/chat/completions", CHAT, &r));
+    CHECK_INT_EQ(r.status, 503);
+    CHECK(r.retry_after[0] != '\0');
+    http_result_free(&r);
+    CHECK_INT_EQ(router_stop(&rp), 0);
+    CHECK(fake_start(&dec[0], "decode0", dbase) == SPEED_OK);
+    CHECK(fake_start(&dec[1], "decode1", dbase + 1) == SPEED_OK);
+}
+
+static void test_client_disconnect(void)
+{
+    reset_fakes();
+    router_proc_t rp;
+    CHECK(start(&rp, NULL));
+    if (rp.exited || !rp.pid) return;
+    for (int i = 0; i < 2; i++) {
+        atomic_store(&dec[i].gen_tokens, 200);
+        atomic_store(&dec[i].gen_delay_ms, 30);
+    }
+    int c0 = atomic_load(&dec[0].n_cancel) + atomic_load(&dec[1].n_cancel);
+    int x0 = atomic_load(&dec[0].n_gen_cancelled) + atomic_load(&dec[1].n_gen_cancelled);
+    speed_http_client_t *c = NULL;
+    sse_result_t s;
+    CHECK(sse_begin(rp.port, "/v1/chat/completions", CHAT_STREAM, "gone-1", &c, &s));
+    CHECK(sse_read(c, &s, 3));
+    speed_http_client_destroy(c);   /* the client goes away mid-stream */
+    sse_result_free(&s);
+    double until = t_now() + 5;
+    while (t_now() < until &&
+           (atomic_load(&dec[0].n_cancel) + atomic_load(&dec[1].n_cancel) == c0 ||
+            atomic_load(&dec[0].n_gen_cancelled) + atomic_load(&dec[1].n_gen_cancelled) == x0))
+        t_sleep_ms(20);
+    CHECK_MSG(atomic_load(&dec[0].n_cancel) + atomic_load(&dec[1].n_cancel) > c0,
+              "the decode node got no Cancel");
+    CHECK_MSG(atomic_load(&dec[0].n_gen_cancelled) + atomic_load(&dec[1].n_gen_cancelled) > x0,
+              "the Generate stream was not cancelled");
+    /* The router counts it as 499 and keeps serving. */
+    until = t_now() + 5;
+    double gone = 0;
+    while (t_now() < until && gone < 1) {
+        char *m = get_metrics(rp.port);
+        gone = prom_value(m, "speed_router_requests_total{route=\"disaggregated\",status=\"499\"}");
+        speed_free(m);
+        if (gone < 1) t_sleep_ms(20);
+    }
+    CHECK(gone == 1);
+
+    /* Gone while the prefill runs: the prefill node gets Cancel once the router notices. */
+    for (int i = 0; i < 2; i++) {
+        atomic_store(&dec[i].gen_tokens, 5);
+        atomic_store(&dec[i].gen_delay_ms, 0);
+    }
+    CHECK_INT_EQ(router_stop(&rp), 0);
+}
+
+typedef struct {
+    int port;
+    http_result_t r;
+    bool ok;
+} bg_post_t;
+
+static void *bg_post(void *arg)
+{
+    bg_post_t *b = arg;
+    b->ok = http_post(b->port, "/v1/chat/completions", CHAT, &b->r);
+    return NULL;
+}
+
+static void test_overload(void)
+{
+    reset_fakes();
+    router_proc_t rp;
+    const char *args[] = {"--router.max_in_flight", "1", "--router.max_queue", "1",
+                          "--router.queue_timeout_ms", "700", NULL};
+    CHECK(start(&rp, args));
+    if (rp.exited || !rp.pid) return;
+    for (int i = 0; i < 2; i++) {
+        atomic_store(&dec[i].gen_tokens, 20);
+        atomic_store(&dec[i].gen_delay_ms, 100);   /* 2 s per request */
+    }
+    speed_http_client_t *c = NULL;
+    sse_result_t s;
+    CHECK(sse_begin(rp.port, "/v1/chat/completions", CHAT_STREAM, NULL, &c, &s));  /* holds the slot */
+    CHECK_INT_EQ(s.status, 200);
+    bg_post_t b = {rp.port, {0}, false};
+    pthread_t th;
+    double t0 = t_now();
+    pthread_create(&th, NULL, bg_post, &b);                                         /* queued */
+    t_sleep_ms(250);
+    http_result_t r;
+    CHECK(http_post(rp.port, "/v1/chat/completions", CHAT, &r));                    /* refused */
+    CHECK_INT_EQ(r.status, 429);
+    CHECK_STR_EQ(r.retry_after, "1");
+    json_t *j = json_of(r.body);
+    CHECK_STR_EQ(jstr(j, "error.type"), "requests");
+    CHECK_STR_EQ(jstr(j, "error.code"), "rate_limit_exceeded");
+    json_decref(j);
+    http_result_free(&r);
+    char *m = get_metrics(rp.port);
+    CHECK(prom_value(m, "speed_router_requests_running") == 1);
+    CHECK(prom_value(m, "speed_router_requests_waiting") == 1);
+    speed_free(m);
+    pthread_join(th, NULL);
+    CHECK(b.ok);
+    CHECK_INT_EQ(b.r.status, 503);
+    CHECK(b.r.retry_after[0] != '\0');
+    CHECK_MSG(t_now() - t0 >= 0.6 && t_now() - t0 < 1.9, "queue wait %.2f s", t_now() - t0);
+    j = json_of(b.r.body);
+    CHECK_STR_EQ(jstr(j, "error.type"), "server_error");
+    json_decref(j);
+    http_result_free(&b.r);
+    CHECK(sse_read(c, &s, -1));
+    CHECK(s.n >= 2 && strcmp(s.data[s.n - 1], "[DONE]") == 0);
+    sse_result_free(&s);
+    speed_http_client_destroy(c);
+
+    /* No KV room on any decode node: 503 with Retry-After. */
+    for (int i = 0; i < 2; i++) atomic_store(&dec[i].reserve_code, SPEED_RPC_RESOURCE_EXHAUSTED);
+    int r0 = atomic_load(&dec[0].n_reserve) + atomic_load(&dec[1].n_reserve);
+    CHECK(http_post(rp.port, "/v1/chat/completions", CHAT, &r));
+    CHECK_INT_EQ(r.status, 503);
+    CHECK_STR_EQ(r.retry_after, "1");
+    http_result_free(&r);
+    CHECK_INT_EQ(atomic_load(&dec[0].n_reserve) + atomic_load(&dec[1].n_reserve) - r0, 2);
+    /* ... and that is not the nodes' fault: both stay up */
+    CHECK(wait_health(rp.port, 200, 1));
+    CHECK_INT_EQ(router_stop(&rp), 0);
+}
+
+static void test_sigterm_drain(void)
+{
+    reset_fakes();
+    router_proc_t rp;
+    CHECK(start(&rp, NULL));
+    if (rp.exited || !rp.pid) return;
+    for (int i = 0; i < 2; i++) {
+        atomic_store(&dec[i].gen_tokens, 15);
+        atomic_store(&dec[i].gen_delay_ms, 100);
+    }
+    speed_http_client_t *c = NULL;
+    sse_result_t s;
+    CHECK(sse_begin(rp.port, "/v1/chat/completions", CHAT_STREAM, NULL, &c, &s));
+    CHECK(sse_read(c, &s, 2));
+    kill(rp.pid, SIGTERM);
+    CHECK(wait_health(rp.port, 503, 3));      /* draining */
+    http_result_t r;
+    CHECK(http_post(rp.port, "/v1/chat/completions", CHAT, &r));
+    CHECK_INT_EQ(r.status, 503);
+    http_result_free(&r);
+    CHECK(sse_read(c, &s, -1));
+    CHECK(s.ended);
+    CHECK_MSG(s.n == 1 + 15 + 1 + 1, "%d events", s.n);   /* role, 15 tokens, finish, [DONE] */
+    if (s.n >= 1) CHECK_STR_EQ(s.data[s.n - 1], "[DONE]");
+    sse_result_free(&s);
+    speed_http_client_destroy(c);
+    CHECK(router_wait(&rp, 10));
+    CHECK(WIFEXITED(rp.status) && WEXITSTATUS(rp.status) == 0);
+}
+
+int main(void)
+{
+    json_set_alloc_funcs(speed_malloc, speed_free);
+    if (!getenv("SPEED_ROUTER")) SKIP_TEST("SPEED_ROUTER (the speed-router binary) is not set");
+    snprintf(parent, sizeof parent, "%s/router-fault-%d", test_tmp_dir(), (int)getpid());
+    mkdir(parent, 0755);
+    snprintf(model_dir, sizeof model_dir, "%s/tinymodel", parent);
+    CHECK(make_model_dir(model_dir));
+    CHECK(fake_start_pool(pre, 2, "prefill", &pbase));
+    CHECK(fake_start_pool(dec, 2, "decode", &dbase));
+    snprintf(cluster, sizeof cluster, "%s/cluster.yaml", parent);
+    CHECK(write_cluster(cluster, model_dir, 2, pbase, 2, dbase));
+
+    test_prefill_retry();
+    test_decode_dies_mid_stream();
+    test_client_disconnect();
+    test_overload();
+    test_sigterm_drain();
+
+    for (int i = 0; i < 2; i++) {
+        fake_stop(&pre[i]);
+        fake_stop(&dec[i]);
+    }
+    char cmd[600];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", parent);
+    if (system(cmd) != 0) fprintf(stderr, "cannot remove %s\n", parent);
+    return CHECK_DONE();
+}
