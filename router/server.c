@@ -14,6 +14,9 @@
 
 #define SUBSYS SPEED_SUBSYS_NET
 
+/* At shutdown, answers already complete get this long to reach their clients. */
+#define SPEED_ROUTER_FLUSH_WAIT_MS 5000
+
 /* Request bodies: a 128K-token prompt as text or as ids is well below this. */
 #define SPEED_ROUTER_MAX_BODY_BYTES ((size_t)32 << 20)
 
@@ -640,6 +643,17 @@ bool speed_router_destroy(speed_router_t *rt)
         cancel_job_t *j = rt->jobs;
         rt->jobs = j->next;
         speed_free(j);
+    }
+    /* A closed stream may still have bytes on their way to the client (the tail of an
+     * answer, [DONE]): let MHD deliver them before the server goes, bounded. */
+    if (rt->http) {
+        for (int i = 0; i < SPEED_ROUTER_FLUSH_WAIT_MS / 10; i++) {
+            speed_http_server_stats_t hs;
+            speed_http_server_stats(rt->http, &hs);
+            if (hs.streams_attached == 0) break;
+            struct timespec ts = {0, 10 * 1000000L};
+            nanosleep(&ts, NULL);
+        }
     }
     /* HTTP first (no handler runs afterwards), then the node side. */
     speed_http_server_destroy(rt->http);

@@ -130,6 +130,31 @@ static void test_whole_answers(int port)
     CHECK_INT_EQ(atomic_load(&pre[0].last_prefill_n_ids) + atomic_load(&pre[1].last_prefill_n_ids) > 0, 1);
 }
 
+/* Streamed chat with logprobs: each content chunk carries its tokens' logprobs. */
+static void test_streamed_logprobs(int port)
+{
+    sse_result_t s;
+    CHECK(sse_post(port, "/v1/chat/completions",
+                   "{\"model\":\"tinymodel\",\"stream\":true,\"logprobs\":true,\"top_logprobs\":2,"
+                   "\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}],\"max_tokens\":5}",
+                   NULL, &s));
+    CHECK_INT_EQ(s.status, 200);
+    int n_lp = 0;
+    for (int i = 0; i < s.n; i++) {
+        json_t *j = json_of(s.data[i]);
+        json_t *content = jget(j, "choices[0].logprobs.content");
+        if (json_is_array(content) && json_array_size(content) == 1) {
+            n_lp++;
+            CHECK_NEAR(json_real_value(jget(j, "choices[0].logprobs.content[0].logprob")), -0.25, 1e-6);
+            CHECK_INT_EQ(json_array_size(jget(j, "choices[0].logprobs.content[0].top_logprobs")), 2);
+            CHECK_STR_EQ(jstr(j, "choices[0].logprobs.content[0].top_logprobs[1].token"), "b");
+        }
+        json_decref(j);
+    }
+    CHECK_INT_EQ(n_lp, 5);
+    sse_result_free(&s);
+}
+
 static void expect_error(int port, const char *path, const char *body, int status,
                          const char *type, const char *code, const char *param)
 {
@@ -402,11 +427,12 @@ int main(void)
         CHECK(wait_health(rp.port, 200, 10));
         test_models_health(rp.port);
         test_streamed_chat(rp.port);
+        test_streamed_logprobs(rp.port);
         test_whole_answers(rp.port);
         test_errors(rp.port);
         test_round_robin(rp.port);
         test_speed_extension(rp.port);
-        test_metrics(rp.port, 1 + 3 + 6 + 1);
+        test_metrics(rp.port, 1 + 1 + 3 + 6 + 1);
         CHECK_INT_EQ(router_stop(&rp), 0);
     }
     test_decode_only();

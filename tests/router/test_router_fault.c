@@ -320,6 +320,80 @@ static void test_sigterm_drain(void)
     CHECK(WIFEXITED(rp.status) && WEXITSTATUS(rp.status) == 0);
 }
 
+/* router.request_timeout_ms bounds every leg: a slow prefill gives a 503 and frees the
+ * reservation; a slow generation ends with an SSE error event. */
+static void test_request_timeout(void)
+{
+    reset_fakes();
+    router_proc_t rp;
+    const char *args[] = {"--router.request_timeout_ms", "600", NULL};
+    CHECK(start(&rp, args));
+    if (rp.exited || !rp.pid) return;
+    for (int i = 0; i < 2; i++) atomic_store(&pre[i].prefill_delay_ms, 3000);
+    int c0 = atomic_load(&dec[0].n_cancel) + atomic_load(&dec[1].n_cancel);
+    double t0 = t_now();
+    http_result_t r;
+    CHECK(http_post(rp.port, "/v1/chat/completions", CHAT, &r));
+    CHECK_INT_EQ(r.status, 503);
+    CHECK_MSG(t_now() - t0 < 2.5, "took %.2f s", t_now() - t0);
+    CHECK_CONTAINS(r.body, "request_timeout_ms");
+    http_result_free(&r);
+    CHECK(atomic_load(&dec[0].n_cancel) + atomic_load(&dec[1].n_cancel) > c0);
+
+    for (int i = 0; i < 2; i++) {
+        atomic_store(&pre[i].prefill_delay_ms, 0);
+        atomic_store(&dec[i].gen_tokens, 100);
+        atomic_store(&dec[i].gen_delay_ms, 50);
+    }
+    sse_result_t s;
+    t0 = t_now();
+    CHECK(sse_post(rp.port, "/v1/chat/completions", CHAT_STREAM, NULL, &s));
+    CHECK_MSG(t_now() - t0 < 2.5, "took %.2f s", t_now() - t0);
+    CHECK(s.ended && s.n >= 3);
+    if (s.n >= 2) {
+        CHECK_STR_EQ(s.data[s.n - 1], "[DONE]");
+        CHECK_CONTAINS(s.data[s.n - 2], "\"error\"");
+    }
+    sse_result_free(&s);
+    /* A deadline is the request's problem, not the nodes': they stay up. */
+    CHECK(wait_health(rp.port, 200, 1));
+    char *m = get_metrics(rp.port);
+    char series[128];
+    snprintf(series, sizeof series, "speed_router_node_up{pool=\"decode\",node=\"127.0.0.1:%d\"}", dbase);
+    CHECK(prom_value(m, series) == 1);
+    speed_free(m);
+    CHECK_INT_EQ(router_stop(&rp), 0);
+}
+
+/* A second signal during the drain exits at once. */
+static void test_second_signal(void)
+{
+    reset_fakes();
+    router_proc_t rp;
+    CHECK(start(&rp, NULL));
+    if (rp.exited || !rp.pid) return;
+    for (int i = 0; i < 2; i++) {
+        atomic_store(&dec[i].gen_tokens, 1000);
+        atomic_store(&dec[i].gen_delay_ms, 50);
+    }
+    speed_http_client_t *c = NULL;
+    sse_result_t s;
+    CHECK(sse_begin(rp.port, "/v1/chat/completions", CHAT_STREAM, NULL, &c, &s));
+    CHECK(sse_read(c, &s, 2));
+    kill(rp.pid, SIGTERM);
+    CHECK(wait_health(rp.port, 503, 3));
+    double t0 = t_now();
+    kill(rp.pid, SIGINT);
+    CHECK(router_wait(&rp, 5));
+    CHECK_MSG(t_now() - t0 < 3, "took %.2f s", t_now() - t0);
+    CHECK(WIFEXITED(rp.status) && WEXITSTATUS(rp.status) == 1);
+    sse_result_free(&s);
+    speed_http_client_destroy(c);
+    for (int i = 0; i < 2; i++) {   /* let the orphaned generations see the cancel */
+        for (int k = 0; k < 300 && atomic_load(&dec[i].n_gen_active) > 0; k++) t_sleep_ms(10);
+    }
+}
+
 int main(void)
 {
     json_set_alloc_funcs(speed_malloc, speed_free);
@@ -338,6 +412,8 @@ int main(void)
     test_client_disconnect();
     test_overload();
     test_sigterm_drain();
+    test_request_timeout();
+    test_second_signal();
 
     for (int i = 0; i < 2; i++) {
         fake_stop(&pre[i]);
