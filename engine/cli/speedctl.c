@@ -27,6 +27,7 @@ static const struct {
     {"tokenize", speedctl_tokenize, "encode text to token ids, decode ids, render chat templates"},
     {"generate", speedctl_generate, "generate text from a prompt (SPEED depth, sampling, logprobs, timing, KV bytes)"},
     {"bench", speedctl_bench, "prefill/decode speed, KV bytes and memory against this machine's roofline"},
+    {"up", speedctl_up, "start a local cluster (decode, prefill, router) from a cluster file; stop it with Ctrl-C"},
 };
 #define N_VERBS (sizeof verbs / sizeof verbs[0])
 

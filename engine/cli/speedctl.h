@@ -19,6 +19,7 @@ int speedctl_inspect(int argc, char **argv);
 int speedctl_tokenize(int argc, char **argv);
 int speedctl_generate(int argc, char **argv);
 int speedctl_bench(int argc, char **argv);
+int speedctl_up(int argc, char **argv);
 
 /* Log sinks: the CLI's stderr format, and one that drops everything (used around
  * optional steps whose failure is reported differently). */

@@ -1,0 +1,848 @@
+/* speedctl up: a local cluster for development — every decode replica, every prefill replica
+ * and the router as separate child processes, health-checked, with their logs in one
+ * directory; SIGINT/SIGTERM stops them in the order that drains cleanly (router, prefill,
+ * decode). docs/cluster.md describes the behaviour; this file is its implementation.
+ *
+ * Signals: SIGINT, SIGTERM and SIGCHLD are blocked and read from a signalfd in the one poll
+ * loop, which also carries the children's output with --foreground-logs. Children run in
+ * their own process group (a terminal's Ctrl-C reaches only speedctl, which then stops them
+ * in order) with PR_SET_PDEATHSIG, so a speedctl killed outright does not leave daemons
+ * behind. Linux only, like the daemons. */
+#define _GNU_SOURCE 1 /* pipe2, signalfd, prctl */
+#include <errno.h>
+#include <fcntl.h>
+#include <jansson.h>
+#include <limits.h>
+#include <poll.h>
+#include <signal.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/signalfd.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "alloc.h"
+#include "cluster_config.h"
+#include "http.h"
+#include "log.h"
+#include "speedctl.h"
+
+#define UP_USAGE "speedctl up CONFIG [--model DIR] [--log-dir DIR] [--foreground-logs] [cluster options]"
+#define UP_TAIL_BYTES 4096   /* log kept for the tail shown when a process fails */
+#define UP_TAIL_LINES 20
+#define UP_LINE_MAX 2048     /* --foreground-logs: longer lines are cut */
+#define UP_HEALTH_PERIOD_S 0.2
+#define UP_HEALTH_TIMEOUT_MS 1000
+
+/* ---- options ---------------------------------------------------------------------------------
+ * speedctl up has a few options of its own; every other option is a cluster option and is
+ * passed through, unchanged and in order, to every child (so `--decode.replicas 2` means the
+ * same thing to speedctl and to each daemon). */
+
+typedef struct {
+    char *log_dir;
+    bool foreground_logs;
+    double start_timeout_s, stop_timeout_s;
+} up_opts_t;
+
+static const speed_config_field_t up_fields[] = {
+    {"log_dir", SPEED_CONFIG_STRING, offsetof(up_opts_t, log_dir), NULL, SPEED_CONFIG_UNBOUNDED, NULL,
+     "directory for one log file per process (created if missing); default: a new speedctl-up-* dir in $TMPDIR"},
+    {"foreground_logs", SPEED_CONFIG_BOOL, offsetof(up_opts_t, foreground_logs), "false", SPEED_CONFIG_UNBOUNDED, NULL,
+     "write every process's output to stderr, each line prefixed with its name, instead of log files"},
+    {"start_timeout_s", SPEED_CONFIG_DOUBLE, offsetof(up_opts_t, start_timeout_s), "120", 0.1, 86400, NULL,
+     "seconds each process has to answer GET /health with 200 after it is started"},
+    {"stop_timeout_s", SPEED_CONFIG_DOUBLE, offsetof(up_opts_t, stop_timeout_s), "30", 0, 86400, NULL,
+     "seconds each group (router, prefill, decode) has to exit after SIGTERM before SIGKILL"},
+};
+#define N_UP_FIELDS (sizeof up_fields / sizeof up_fields[0])
+
+/* "--log-dir=x" → "log_dir" in buf; false if arg is not a long option. */
+static bool option_name(const char *arg, char *buf, size_t size, const char **value_p) {
+    if (strncmp(arg, "--", 2) != 0 || !arg[2]) return false;
+    const char *name = arg + 2, *eq = strchr(name, '=');
+    size_t n = eq ? (size_t)(eq - name) : strlen(name);
+    if (n >= size) n = size - 1;
+    for (size_t i = 0; i < n; i++) buf[i] = name[i] == '-' ? '_' : name[i];
+    buf[n] = '\0';
+    *value_p = eq ? eq + 1 : NULL;
+    return true;
+}
+
+static const speed_config_field_t *field_find(const speed_config_field_t *fields, size_t n, const char *name) {
+    for (size_t i = 0; i < n; i++)
+        if (strcmp(fields[i].name, name) == 0) return &fields[i];
+    return NULL;
+}
+
+/* Whether "--name" (written without "=value") consumes the next argument. */
+static bool takes_value(const speed_config_field_t *fields, size_t n, const char *name) {
+    if (strcmp(name, "config") == 0) return true;
+    const speed_config_field_t *f = field_find(fields, n, name);
+    if (!f && strncmp(name, "no_", 3) == 0) return false;
+    return f && f->type != SPEED_CONFIG_BOOL;
+}
+
+typedef struct {
+    char **up_argv, **cluster_argv;   /* argv[0] = "up"; NULL-terminated */
+    int up_argc, cluster_argc;
+    const char *config;               /* the positional CONFIG, or NULL */
+    bool config_option;               /* --config was given too */
+    bool node_index;                  /* --node.index was given (speedctl up sets it) */
+    const char *unknown;              /* the first option neither table has */
+    int n_positional;
+} up_args_t;
+
+/* Splits argv into speedctl up's own options and the cluster options, and finds the one
+ * positional (the cluster file). Unknown options stay with the cluster options, whose
+ * loader reports them. */
+static bool args_split(int argc, char **argv, up_args_t *a) {
+    size_t n_cluster_fields;
+    const speed_config_field_t *cluster_fields = speed_cluster_config_fields(&n_cluster_fields);
+    memset(a, 0, sizeof *a);
+    a->up_argv = speed_calloc((size_t)argc + 1, sizeof *a->up_argv);
+    a->cluster_argv = speed_calloc((size_t)argc + 3, sizeof *a->cluster_argv);
+    if (!a->up_argv || !a->cluster_argv) return false;
+    a->up_argv[a->up_argc++] = argv[0];
+    a->cluster_argv[a->cluster_argc++] = argv[0];
+    bool rest_positional = false;
+    for (int i = 1; i < argc; i++) {
+        char name[128];
+        const char *value;
+        if (!rest_positional && strcmp(argv[i], "--") == 0) {
+            rest_positional = true;
+            continue;
+        }
+        if (rest_positional || !option_name(argv[i], name, sizeof name, &value)) {
+            if (argv[i][0] == '-' && argv[i][1] && !rest_positional) { /* -h and the like */
+                a->cluster_argv[a->cluster_argc++] = argv[i];
+                continue;
+            }
+            if (a->n_positional++ == 0) a->config = argv[i];
+            continue;
+        }
+        const char *plain = strncmp(name, "no_", 3) == 0 ? name + 3 : name;
+        bool mine = field_find(up_fields, N_UP_FIELDS, name) ||
+                    (field_find(up_fields, N_UP_FIELDS, plain) &&
+                     field_find(up_fields, N_UP_FIELDS, plain)->type == SPEED_CONFIG_BOOL);
+        const speed_config_field_t *cf = field_find(cluster_fields, n_cluster_fields, plain);
+        bool known = mine || strcmp(name, "config") == 0 || strcmp(name, "print_config") == 0 ||
+                     strcmp(name, "help") == 0 || field_find(cluster_fields, n_cluster_fields, name) ||
+                     (cf && cf->type == SPEED_CONFIG_BOOL);
+        if (!known && !a->unknown) a->unknown = argv[i];
+        if (strcmp(name, "config") == 0) a->config_option = true;
+        if (strcmp(name, "node.index") == 0) a->node_index = true;
+        char **out = mine ? a->up_argv : a->cluster_argv;
+        int *n_out = mine ? &a->up_argc : &a->cluster_argc;
+        out[(*n_out)++] = argv[i];
+        bool has_value = !value && (mine ? takes_value(up_fields, N_UP_FIELDS, name)
+                                         : takes_value(cluster_fields, n_cluster_fields, name));
+        if (has_value && i + 1 < argc) out[(*n_out)++] = argv[++i];
+    }
+    return true;
+}
+
+static void args_cleanup(up_args_t *a) {
+    speed_free(a->up_argv);
+    speed_free(a->cluster_argv);
+}
+
+/* ---- processes ------------------------------------------------------------------------------ */
+
+typedef enum { UP_DECODE = 0, UP_PREFILL, UP_ROUTER } up_kind_t;
+
+typedef struct {
+    char name[32];                /* "decode-0", "prefill-1", "router" */
+    up_kind_t kind;
+    int64_t index;
+    int http_port;                /* /health and /metrics */
+    char grpc_addr[300];          /* nodes only */
+    char log_path[PATH_MAX + 64]; /* file mode */
+
+    pid_t pid;                    /* 0 = not started */
+    bool running;                 /* started and not yet reaped */
+    bool healthy;
+    bool stop_sent, killed;
+    int wait_status;              /* from waitpid once reaped */
+    double t_start, t_healthy, t_stop, t_exit, t_health_next;
+
+    int out_fd;                   /* --foreground-logs: read end of the child's stdout+stderr */
+    char line[UP_LINE_MAX];
+    size_t line_len;
+    char tail[UP_TAIL_BYTES];     /* --foreground-logs: the last bytes of output (a ring) */
+    size_t tail_len, tail_at;
+} up_proc_t;
+
+typedef struct {
+    speed_cluster_config_t c;
+    up_opts_t opts;
+    up_args_t args;
+    char bin_dir[PATH_MAX];
+    char log_dir[PATH_MAX];
+    up_proc_t *procs;
+    int n_procs;
+    int sfd;                      /* signalfd: SIGINT, SIGTERM, SIGCHLD */
+    int n_stop_signals;
+    sigset_t old_mask;
+} up_t;
+
+static const char *const kind_names[] = {"decode", "prefill", "router"};
+static const char *const kind_bins[] = {"speed-decode", "speed-prefill", "speed-router"};
+
+/* "exited with status 1" / "was killed by signal 9 (Killed)". */
+static void status_text(int ws, char *buf, size_t size) {
+    if (WIFEXITED(ws)) snprintf(buf, size, "exited with status %d", WEXITSTATUS(ws));
+    else if (WIFSIGNALED(ws))
+        snprintf(buf, size, "was killed by signal %d (%s)", WTERMSIG(ws), strsignal(WTERMSIG(ws)));
+    else snprintf(buf, size, "ended with wait status %#x", (unsigned)ws);
+}
+
+static void tail_add(up_proc_t *p, const char *data, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        p->tail[p->tail_at] = data[i];
+        p->tail_at = (p->tail_at + 1) % UP_TAIL_BYTES;
+        if (p->tail_len < UP_TAIL_BYTES) p->tail_len++;
+    }
+}
+
+static void line_flush(up_proc_t *p) {
+    if (!p->line_len) return;
+    fprintf(stderr, "[%s] %.*s\n", p->name, (int)p->line_len, p->line);
+    p->line_len = 0;
+}
+
+/* Reads what a child wrote (--foreground-logs); closes the pipe at EOF. */
+static void output_read(up_proc_t *p) {
+    char buf[4096];
+    for (;;) {
+        ssize_t n = read(p->out_fd, buf, sizeof buf);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) {
+            if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK)) {
+                line_flush(p);
+                close(p->out_fd);
+                p->out_fd = -1;
+            }
+            return;
+        }
+        tail_add(p, buf, (size_t)n);
+        for (ssize_t i = 0; i < n; i++) {
+            if (buf[i] == '\n') line_flush(p);
+            else if (p->line_len < UP_LINE_MAX) p->line[p->line_len++] = buf[i];
+        }
+    }
+}
+
+/* Prints the last lines a process wrote, indented, on stderr. */
+static void tail_print(const up_t *u, up_proc_t *p) {
+    char buf[UP_TAIL_BYTES + 1];
+    size_t n = 0;
+    if (u->opts.foreground_logs) {
+        if (p->out_fd >= 0) output_read(p);
+        size_t start = (p->tail_at + UP_TAIL_BYTES - p->tail_len) % UP_TAIL_BYTES;
+        for (; n < p->tail_len; n++) buf[n] = p->tail[(start + n) % UP_TAIL_BYTES];
+    } else {
+        int fd = open(p->log_path, O_RDONLY | O_CLOEXEC);
+        struct stat st;
+        if (fd >= 0 && fstat(fd, &st) == 0) {
+            off_t from = st.st_size > UP_TAIL_BYTES ? st.st_size - UP_TAIL_BYTES : 0;
+            ssize_t r = pread(fd, buf, UP_TAIL_BYTES, from);
+            n = r > 0 ? (size_t)r : 0;
+        }
+        if (fd >= 0) close(fd);
+    }
+    buf[n] = '\0';
+    while (n && buf[n - 1] == '\n') buf[--n] = '\0';
+    const char *start = buf;
+    int lines = 0;
+    for (size_t i = n; i > 0; i--)
+        if (buf[i - 1] == '\n' && ++lines == UP_TAIL_LINES) {
+            start = buf + i;
+            break;
+        }
+    if (!*start) {
+        fprintf(stderr, "speedctl: (%s wrote nothing%s%s)\n", p->name, u->opts.foreground_logs ? "" : " to ",
+                u->opts.foreground_logs ? "" : p->log_path);
+        return;
+    }
+    if (u->opts.foreground_logs) fprintf(stderr, "speedctl: last lines of %s:\n", p->name);
+    else fprintf(stderr, "speedctl: last lines of %s:\n", p->log_path);
+    for (const char *s = start; *s;) {
+        const char *nl = strchr(s, '\n');
+        int len = nl ? (int)(nl - s) : (int)strlen(s);
+        fprintf(stderr, "  | %.*s\n", len, s);
+        s = nl ? nl + 1 : s + len;
+    }
+}
+
+/* Builds the child's argv: BIN, the cluster options, --config FILE, --node.index I. */
+static char **child_argv(const up_t *u, const up_proc_t *p, const char *bin, char *index_buf) {
+    char **argv = speed_calloc((size_t)u->args.cluster_argc + 6, sizeof *argv);
+    if (!argv) return NULL;
+    int n = 0;
+    argv[n++] = (char *)bin;
+    for (int i = 1; i < u->args.cluster_argc; i++) argv[n++] = u->args.cluster_argv[i];
+    if (u->args.config) {
+        argv[n++] = "--config";
+        argv[n++] = (char *)u->args.config;
+    }
+    if (p->kind != UP_ROUTER) {
+        snprintf(index_buf, 24, "%lld", (long long)p->index);
+        argv[n++] = "--node.index";
+        argv[n++] = index_buf;
+    }
+    argv[n] = NULL;
+    return argv;
+}
+
+static bool proc_start(up_t *u, up_proc_t *p) {
+    char bin[PATH_MAX + 32], index_buf[24];
+    snprintf(bin, sizeof bin, "%s/%s", u->bin_dir, kind_bins[p->kind]);
+    char **argv = child_argv(u, p, bin, index_buf);
+    if (!argv) {
+        speedctl_fail("%s: out of memory", p->name);
+        return false;
+    }
+    int out_fd = -1, pipe_fds[2] = {-1, -1};
+    if (u->opts.foreground_logs) {
+        if (pipe2(pipe_fds, O_CLOEXEC) != 0) {
+            speedctl_fail("%s: pipe: %s", p->name, strerror(errno));
+            speed_free(argv);
+            return false;
+        }
+        out_fd = pipe_fds[1];
+    } else {
+        out_fd = open(p->log_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+        if (out_fd < 0) {
+            speedctl_fail("%s: cannot create %s: %s", p->name, p->log_path, strerror(errno));
+            speed_free(argv);
+            return false;
+        }
+    }
+    fflush(stdout);
+    fflush(stderr);
+    pid_t parent = getpid();
+    pid_t pid = fork();
+    if (pid == 0) {
+        /* own process group: a terminal's Ctrl-C goes to speedctl only, which stops the
+         * cluster in order; PDEATHSIG: a speedctl killed outright takes the daemons along */
+        setpgid(0, 0);
+        prctl(PR_SET_PDEATHSIG, SIGTERM);
+        if (getppid() != parent) _exit(127);
+        sigset_t none;
+        sigemptyset(&none);
+        sigprocmask(SIG_SETMASK, &none, NULL);
+        signal(SIGINT, SIG_DFL); /* a shell's background job may have them ignored */
+        signal(SIGTERM, SIG_DFL);
+        signal(SIGPIPE, SIG_DFL);
+        int in = open("/dev/null", O_RDONLY);
+        if (in >= 0 && in != 0) {
+            dup2(in, 0);
+            close(in);
+        }
+        dup2(out_fd, 1);
+        dup2(out_fd, 2);
+        execv(bin, argv);
+        fprintf(stderr, "speedctl: error: cannot run %s: %s\n", bin, strerror(errno));
+        _exit(127);
+    }
+    int fork_errno = errno;
+    speed_free(argv);
+    close(out_fd);
+    if (pid < 0) {
+        if (pipe_fds[0] >= 0) close(pipe_fds[0]);
+        speedctl_fail("%s: fork: %s", p->name, strerror(fork_errno));
+        return false;
+    }
+    setpgid(pid, pid); /* also here: whichever runs first wins, both set the same group */
+    if (pipe_fds[0] >= 0) {
+        fcntl(pipe_fds[0], F_SETFL, fcntl(pipe_fds[0], F_GETFL) | O_NONBLOCK);
+        p->out_fd = pipe_fds[0];
+    }
+    p->pid = pid;
+    p->running = true;
+    p->t_start = speedctl_now();
+    p->t_health_next = p->t_start + UP_HEALTH_PERIOD_S;
+    printf("started %s (pid %d)\n", p->name, (int)pid);
+    fflush(stdout);
+    return true;
+}
+
+/* Waits up to timeout_ms for a signal or child output; handles both. */
+static void up_pump(up_t *u, int timeout_ms) {
+    struct pollfd fds[1 + 256];
+    up_proc_t *owners[1 + 256];
+    int n = 0;
+    fds[n++] = (struct pollfd){.fd = u->sfd, .events = POLLIN};
+    for (int i = 0; i < u->n_procs && n < (int)(sizeof fds / sizeof fds[0]); i++)
+        if (u->procs[i].out_fd >= 0) {
+            owners[n] = &u->procs[i];
+            fds[n++] = (struct pollfd){.fd = u->procs[i].out_fd, .events = POLLIN};
+        }
+    if (poll(fds, (nfds_t)n, timeout_ms) <= 0) return;
+    if (fds[0].revents & POLLIN) {
+        struct signalfd_siginfo si;
+        while (read(u->sfd, &si, sizeof si) == (ssize_t)sizeof si)
+            if (si.ssi_signo == SIGINT || si.ssi_signo == SIGTERM) {
+                u->n_stop_signals++;
+                fprintf(stderr, "speedctl: %s\n", si.ssi_signo == SIGINT ? "SIGINT" : "SIGTERM");
+            }
+    }
+    for (int i = 1; i < n; i++)
+        if (fds[i].revents) output_read(owners[i]);
+}
+
+/* Reaps the children that exited; returns the first one that exited without being asked to
+ * stop (NULL if none). */
+static up_proc_t *up_reap(up_t *u) {
+    up_proc_t *died = NULL;
+    for (int i = 0; i < u->n_procs; i++) {
+        up_proc_t *p = &u->procs[i];
+        if (!p->running) continue;
+        int ws;
+        pid_t r = waitpid(p->pid, &ws, WNOHANG);
+        if (r != p->pid) continue;
+        p->running = false;
+        p->wait_status = ws;
+        p->t_exit = speedctl_now();
+        if (p->out_fd >= 0) output_read(p);
+        if (!p->stop_sent && !died) died = p;
+    }
+    return died;
+}
+
+/* GET /health answers 200. For the router, also every node it was configured with is up in
+ * its view (decode_nodes_up / prefill_nodes_up in the body, when it reports them): its health
+ * turns 200 with one decode node, and `ready` should mean the whole cluster routes. */
+static bool proc_check_health(up_t *u, up_proc_t *p) {
+    int status = 0;
+    char *body = NULL;
+    if (speed_http_get(u->c.host, (uint16_t)p->http_port, "/health", UP_HEALTH_TIMEOUT_MS, &status,
+                       p->kind == UP_ROUTER ? &body : NULL) != SPEED_OK)
+        return false;
+    bool ok = status == 200;
+    if (ok && body) {
+        json_error_t jerr;
+        json_t *j = json_loads(body, 0, &jerr);
+        json_t *dec = json_object_get(j, "decode_nodes_up"), *pre = json_object_get(j, "prefill_nodes_up");
+        if (json_is_integer(dec) && json_integer_value(dec) < u->c.decode.replicas) ok = false;
+        if (json_is_integer(pre) && json_integer_value(pre) < u->c.prefill.replicas) ok = false;
+        json_decref(j);
+    }
+    speed_free(body);
+    return ok;
+}
+
+/* Stops the running processes of one kind: SIGTERM, up to stop_timeout_s, then SIGKILL.
+ * A further SIGINT/SIGTERM to speedctl kills at once. */
+static void group_stop(up_t *u, up_kind_t kind) {
+    int n_live = 0;
+    for (int i = 0; i < u->n_procs; i++) {
+        up_proc_t *p = &u->procs[i];
+        if (p->kind != kind || !p->running) continue;
+        p->stop_sent = true;
+        p->t_stop = speedctl_now();
+        kill(p->pid, SIGTERM);
+        n_live++;
+    }
+    if (!n_live) return;
+    double deadline = speedctl_now() + u->opts.stop_timeout_s;
+    for (;;) {
+        up_reap(u);
+        n_live = 0;
+        for (int i = 0; i < u->n_procs; i++) n_live += u->procs[i].kind == kind && u->procs[i].running;
+        if (!n_live) return;
+        if (u->n_stop_signals >= 2 || speedctl_now() >= deadline) break; /* a second signal: kill now */
+        up_pump(u, 50);
+    }
+    for (int i = 0; i < u->n_procs; i++) {
+        up_proc_t *p = &u->procs[i];
+        if (p->kind != kind || !p->running) continue;
+        fprintf(stderr, "speedctl: %s (pid %d) still running %.1f s after SIGTERM%s: SIGKILL\n", p->name,
+                (int)p->pid, speedctl_now() - p->t_stop, u->n_stop_signals >= 2 ? " and a second signal" : "");
+        kill(p->pid, SIGKILL);
+        p->killed = true;
+        int ws;
+        while (waitpid(p->pid, &ws, 0) < 0 && errno == EINTR) {}
+        p->running = false;
+        p->wait_status = ws;
+        p->t_exit = speedctl_now();
+        if (p->out_fd >= 0) output_read(p);
+    }
+}
+
+/* Router first (it stops taking requests and finishes the streams it has), then the prefill
+ * pool, then decode (which holds the KV of requests still generating). Returns true when
+ * every process exited 0 after its SIGTERM (none died on its own, none needed SIGKILL). */
+static bool up_stop_all(up_t *u, bool summary) {
+    group_stop(u, UP_ROUTER);
+    group_stop(u, UP_PREFILL);
+    group_stop(u, UP_DECODE);
+    bool clean = true;
+    for (int i = u->n_procs - 1; i >= 0; i--) {
+        up_proc_t *p = &u->procs[i];
+        if (!p->pid || p->running) continue;
+        bool ok = p->stop_sent && !p->killed && WIFEXITED(p->wait_status) && WEXITSTATUS(p->wait_status) == 0;
+        clean &= ok;
+        if (!summary) continue;
+        char st[96];
+        status_text(p->wait_status, st, sizeof st);
+        if (p->stop_sent)
+            printf("stopped %s (pid %d): %s%s, %.1f s after SIGTERM\n", p->name, (int)p->pid, st,
+                   p->killed ? " (SIGKILL)" : "", p->t_exit - p->t_stop);
+        else
+            printf("stopped %s (pid %d): %s before it was asked to stop\n", p->name, (int)p->pid, st);
+    }
+    fflush(stdout);
+    return clean;
+}
+
+/* A process that failed: say which, show its log tail, stop the rest. */
+static int up_fail(up_t *u, up_proc_t *p, const char *when) {
+    char st[96];
+    if (p->running) snprintf(st, sizeof st, "is not healthy");
+    else status_text(p->wait_status, st, sizeof st);
+    speedctl_fail("%s (pid %d) %s%s", p->name, (int)p->pid, st, when);
+    tail_print(u, p);
+    if (!u->opts.foreground_logs) fprintf(stderr, "speedctl: logs: %s\n", u->log_dir);
+    fprintf(stderr, "speedctl: stopping the cluster\n");
+    up_stop_all(u, true);
+    return SPEEDCTL_EXIT_FAIL;
+}
+
+/* ---- setup ---------------------------------------------------------------------------------- */
+
+static bool find_binaries(up_t *u) {
+    char exe[PATH_MAX];
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    if (n <= 0) {
+        speedctl_fail("cannot find speedctl's own path (/proc/self/exe): %s", strerror(errno));
+        return false;
+    }
+    exe[n] = '\0';
+    char *slash = strrchr(exe, '/');
+    if (slash) *slash = '\0';
+    snprintf(u->bin_dir, sizeof u->bin_dir, "%s", exe);
+    bool need[3] = {true, u->c.prefill.replicas > 0, true};
+    for (int k = 0; k < 3; k++) {
+        char path[PATH_MAX + 32];
+        snprintf(path, sizeof path, "%s/%s", u->bin_dir, kind_bins[k]);
+        if (need[k] && access(path, X_OK) != 0) {
+            speedctl_fail("%s not found next to speedctl (%s: %s); build it (cmake --build BUILD --target %s)",
+                          kind_bins[k], path, strerror(errno), kind_bins[k]);
+            return false;
+        }
+    }
+    return true;
+}
+
+static bool check_model(const speed_cluster_config_t *c) {
+    struct stat st;
+    if (stat(c->model, &st) != 0) {
+        speedctl_fail("model directory '%s': %s", c->model, errno == ENOENT ? "does not exist" : strerror(errno));
+        return false;
+    }
+    if (!S_ISDIR(st.st_mode)) {
+        speedctl_fail("model directory '%s' is not a directory", c->model);
+        return false;
+    }
+    char path[PATH_MAX + 16];
+    snprintf(path, sizeof path, "%s/config.json", c->model);
+    if (access(path, R_OK) != 0) {
+        speedctl_fail("model directory '%s' has no readable config.json (not a Hugging Face model directory)",
+                      c->model);
+        return false;
+    }
+    return true;
+}
+
+static bool make_log_dir(up_t *u) {
+    if (u->opts.foreground_logs) return true;
+    if (u->opts.log_dir && *u->opts.log_dir) {
+        snprintf(u->log_dir, sizeof u->log_dir, "%s", u->opts.log_dir);
+        if (mkdir(u->log_dir, 0755) != 0 && errno != EEXIST) {
+            speedctl_fail("--log-dir %s: %s", u->log_dir, strerror(errno));
+            return false;
+        }
+        return true;
+    }
+    const char *tmp = getenv("TMPDIR");
+    snprintf(u->log_dir, sizeof u->log_dir, "%s/speedctl-up-XXXXXX", tmp && *tmp ? tmp : "/tmp");
+    if (!mkdtemp(u->log_dir)) {
+        speedctl_fail("cannot create a log directory %s: %s", u->log_dir, strerror(errno));
+        return false;
+    }
+    return true;
+}
+
+static bool procs_init(up_t *u) {
+    const speed_cluster_config_t *c = &u->c;
+    u->n_procs = (int)(c->decode.replicas + c->prefill.replicas + 1);
+    u->procs = speed_calloc((size_t)u->n_procs, sizeof *u->procs);
+    if (!u->procs) {
+        speedctl_fail("out of memory");
+        return false;
+    }
+    int n = 0;
+    for (int k = UP_DECODE; k <= UP_ROUTER; k++) {
+        const speed_pool_config_t *pool = k == UP_DECODE ? &c->decode : k == UP_PREFILL ? &c->prefill : NULL;
+        int64_t replicas = pool ? pool->replicas : 1;
+        for (int64_t i = 0; i < replicas; i++) {
+            up_proc_t *p = &u->procs[n++];
+            p->kind = (up_kind_t)k;
+            p->index = i;
+            p->out_fd = -1;
+            if (pool) {
+                snprintf(p->name, sizeof p->name, "%s-%lld", kind_names[k], (long long)i);
+                p->http_port = (int)(pool->http_port + i);
+                speed_cluster_grpc_addr(c, pool, i, p->grpc_addr, sizeof p->grpc_addr);
+            } else {
+                snprintf(p->name, sizeof p->name, "router");
+                p->http_port = (int)c->router_port;
+            }
+            snprintf(p->log_path, sizeof p->log_path, "%s/%s.log", u->log_dir, p->name);
+        }
+    }
+    return true;
+}
+
+static void print_help(void) {
+    size_t n_cluster;
+    const speed_config_field_t *cluster = speed_cluster_config_fields(&n_cluster);
+    printf("usage: %s\n\n"
+           "Starts a local cluster from the cluster file CONFIG: every decode replica, every prefill\n"
+           "replica, then the router, each a child process, and waits until each answers GET /health.\n"
+           "Prints `router: http://HOST:PORT` and `ready`, then runs until SIGINT/SIGTERM, which stops\n"
+           "the router, then the prefill nodes, then the decode nodes. If any process dies, the whole\n"
+           "cluster is stopped and speedctl exits 1. See docs/cluster.md.\n\n"
+           "speedctl up's own options (command line or environment, not in CONFIG):\n",
+           UP_USAGE);
+    for (size_t i = 0; i < N_UP_FIELDS; i++) {
+        const speed_config_field_t *f = &up_fields[i];
+        char opt[64], env[64];
+        size_t k = 0;
+        for (const char *c = f->name; *c && k + 1 < sizeof opt; c++) opt[k++] = *c == '_' ? '-' : *c;
+        opt[k] = '\0';
+        k = 0;
+        for (const char *c = f->name; *c && k + 1 < sizeof env; c++) env[k++] = (char)(*c >= 'a' && *c <= 'z' ? *c - 32 : *c);
+        env[k] = '\0';
+        const char *arg = f->type == SPEED_CONFIG_STRING ? " DIR" : f->type == SPEED_CONFIG_BOOL ? "" : " SECONDS";
+        printf("  --%s%s\n      %s (%s%s%senv SPEED_UP_%s)\n", opt, arg, f->doc, f->default_value ? "default " : "",
+               f->default_value ? f->default_value : "", f->default_value ? "; " : "", env);
+    }
+    printf("\ncluster options (in CONFIG, as SPEED_<OPTION>, or on the command line; passed on to every\n"
+           "process, which loads CONFIG itself):\n");
+    fflush(stdout);
+    speed_config_print_help(cluster, n_cluster, "SPEED_", stdout);
+}
+
+/* ---- the verb ------------------------------------------------------------------------------- */
+
+static int up_run(up_t *u) {
+    /* nodes first (decode, then prefill, loading their models side by side), the router once
+     * every node is healthy: it finds the pools at start and reports ready only when it can
+     * route */
+    for (int i = 0; i < u->n_procs; i++)
+        if (u->procs[i].kind != UP_ROUTER && !proc_start(u, &u->procs[i])) {
+            up_stop_all(u, true);
+            return SPEEDCTL_EXIT_FAIL;
+        }
+    double t0 = speedctl_now();
+    for (;;) {
+        up_pump(u, 50);
+        up_proc_t *died = up_reap(u);
+        if (died) return up_fail(u, died, " during startup");
+        if (u->n_stop_signals) {
+            fprintf(stderr, "speedctl: interrupted during startup; stopping the cluster\n");
+            up_stop_all(u, true);
+            return SPEEDCTL_EXIT_FAIL;
+        }
+        int n_nodes_healthy = 0, n_nodes = 0, n_healthy = 0;
+        up_proc_t *router = NULL;
+        for (int i = 0; i < u->n_procs; i++) {
+            up_proc_t *p = &u->procs[i];
+            if (p->kind == UP_ROUTER) router = p;
+            else n_nodes++;
+            if (!p->running) continue;
+            double now = speedctl_now();
+            if (!p->healthy && now >= p->t_health_next) {
+                p->t_health_next = now + UP_HEALTH_PERIOD_S;
+                /* the health answer counts only if the child is still alive after it (another
+                 * process might own the port) */
+                if (proc_check_health(u, p) && !up_reap(u) && p->running) {
+                    p->healthy = true;
+                    p->t_healthy = speedctl_now();
+                    printf("%s healthy (pid %d) in %.1f s: http://%s:%d/health\n", p->name, (int)p->pid,
+                           p->t_healthy - p->t_start, u->c.host, p->http_port);
+                    fflush(stdout);
+                } else if (!p->running) {
+                    break; /* reaped above: reported on the next turn */
+                } else if (speedctl_now() - p->t_start > u->opts.start_timeout_s) {
+                    char when[64];
+                    snprintf(when, sizeof when, " after %.0f s (--start-timeout-s)", u->opts.start_timeout_s);
+                    return up_fail(u, p, when);
+                }
+            }
+            if (p->healthy) {
+                n_healthy++;
+                if (p->kind != UP_ROUTER) n_nodes_healthy++;
+            }
+        }
+        for (int i = 0; i < u->n_procs; i++) /* a reaped process is reported on the next turn */
+            if (u->procs[i].pid && !u->procs[i].running && !u->procs[i].stop_sent)
+                return up_fail(u, &u->procs[i], " during startup");
+        if (n_nodes_healthy == n_nodes && router && !router->pid && !proc_start(u, router)) {
+            up_stop_all(u, true);
+            return SPEEDCTL_EXIT_FAIL;
+        }
+        if (n_healthy == u->n_procs) break;
+    }
+
+    printf("cluster up in %.1f s: %lld decode, %lld prefill, 1 router\n", speedctl_now() - t0,
+           (long long)u->c.decode.replicas, (long long)u->c.prefill.replicas);
+    for (int i = 0; i < u->n_procs; i++) {
+        const up_proc_t *p = &u->procs[i];
+        if (p->kind == UP_ROUTER) continue;
+        printf("%s: pid %d, grpc %s, metrics http://%s:%d/metrics\n", p->name, (int)p->pid, p->grpc_addr,
+               u->c.host, p->http_port);
+    }
+    const up_proc_t *router = &u->procs[u->n_procs - 1];
+    printf("router metrics: http://%s:%d/metrics (pid %d)\n", u->c.host, router->http_port, (int)router->pid);
+    if (!u->opts.foreground_logs) printf("logs: %s\n", u->log_dir);
+    printf("router: http://%s:%d\n", u->c.host, router->http_port);
+    printf("ready\n");
+    fflush(stdout);
+
+    for (;;) {
+        up_pump(u, 250);
+        up_proc_t *died = up_reap(u);
+        if (died) return up_fail(u, died, " while the cluster was running");
+        if (u->n_stop_signals) break;
+    }
+    printf("stopping: router, then prefill, then decode\n");
+    fflush(stdout);
+    bool clean = up_stop_all(u, true);
+    if (!clean) {
+        speedctl_fail("not every process exited 0 after SIGTERM (see above%s%s)", u->opts.foreground_logs ? "" : "; logs in ",
+                      u->opts.foreground_logs ? "" : u->log_dir);
+        return SPEEDCTL_EXIT_FAIL;
+    }
+    printf("stopped\n");
+    fflush(stdout);
+    return SPEEDCTL_EXIT_OK;
+}
+
+int speedctl_up(int argc, char **argv) {
+    up_t u;
+    memset(&u, 0, sizeof u);
+    u.sfd = -1;
+    int rc = SPEEDCTL_EXIT_USAGE;
+    speed_config_t *ucfg = NULL, *ccfg = NULL;
+    if (!args_split(argc, argv, &u.args)) {
+        speedctl_fail("out of memory");
+        rc = SPEEDCTL_EXIT_FAIL;
+        goto out;
+    }
+    if (speed_config_load(up_fields, N_UP_FIELDS, &u.opts, u.args.up_argc, u.args.up_argv, "SPEED_UP_", &ucfg) !=
+        SPEED_OK)
+        goto usage;
+    if (u.args.unknown) {
+        speedctl_fail("unknown option '%s'", u.args.unknown);
+        goto usage;
+    }
+    if (u.args.n_positional > 1) {
+        speedctl_fail("up takes one cluster file (got %d arguments that are not options)", u.args.n_positional);
+        goto usage;
+    }
+    if (u.args.config && u.args.config_option) {
+        speedctl_fail("give the cluster file either as CONFIG or with --config, not both");
+        goto usage;
+    }
+    if (u.args.node_index) {
+        speedctl_fail("--node.index is set by speedctl up for each replica; leave it out");
+        goto usage;
+    }
+    /* the loader sees the cluster options with --config CONFIG appended */
+    char **cargv = u.args.cluster_argv;
+    int cargc = u.args.cluster_argc;
+    if (u.args.config) {
+        cargv[cargc++] = "--config";
+        cargv[cargc++] = (char *)u.args.config;
+        cargv[cargc] = NULL;
+    }
+    if (speed_cluster_config_load(cargc, cargv, NULL, &u.c, &ccfg) != SPEED_OK) goto usage;
+    if (speed_config_help_requested(ccfg)) {
+        print_help();
+        rc = SPEEDCTL_EXIT_OK;
+        goto out;
+    }
+    if (speed_config_print_requested(ccfg)) {
+        rc = speed_config_print(ccfg, stdout) == SPEED_OK ? SPEEDCTL_EXIT_OK : SPEEDCTL_EXIT_FAIL;
+        goto out;
+    }
+    if (!speed_config_file(ccfg)) {
+        speedctl_fail("no cluster file: speedctl up CONFIG (e.g. deploy/clusters/1p1d.yaml)");
+        goto usage;
+    }
+    if (u.c.router_port == 0) {
+        speedctl_fail("router.port is 0 (any free port), which speedctl up does not allow: clients need a known "
+                      "port; set router.port or pass e.g. --router.port 8000");
+        goto usage;
+    }
+    if (!u.c.model || !*u.c.model) {
+        speedctl_fail("no model: pass --model DIR or set model: in %s", speed_config_file(ccfg));
+        goto usage;
+    }
+    rc = SPEEDCTL_EXIT_FAIL;
+    if (!check_model(&u.c) || !find_binaries(&u) || !make_log_dir(&u) || !procs_init(&u)) goto out;
+
+    /* UCX settings every process needs on one host; what the user set wins */
+    setenv("UCX_TCP_CM_REUSEADDR", "y", 0);
+    setenv("UCX_WARN_UNUSED_ENV_VARS", "n", 0);
+    if (u.c.ucx_net_devices && *u.c.ucx_net_devices) setenv("UCX_NET_DEVICES", u.c.ucx_net_devices, 0);
+
+    /* a shell starts background jobs with SIGINT ignored; keep it so (Ctrl-C is for the
+     * foreground job), and stop on SIGTERM only */
+    struct sigaction old_int;
+    bool int_ignored = sigaction(SIGINT, NULL, &old_int) == 0 && old_int.sa_handler == SIG_IGN;
+    sigset_t mask;
+    sigemptyset(&mask);
+    if (!int_ignored) sigaddset(&mask, SIGINT);
+    sigaddset(&mask, SIGTERM);
+    sigaddset(&mask, SIGCHLD);
+    if (sigprocmask(SIG_BLOCK, &mask, &u.old_mask) != 0 ||
+        (u.sfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK)) < 0) {
+        speedctl_fail("signalfd: %s", strerror(errno));
+        goto out;
+    }
+    signal(SIGPIPE, SIG_IGN);
+    printf("starting %s: model %s, %lld decode + %lld prefill replicas and the router on %s%s%s\n",
+           speed_config_file(ccfg), u.c.model, (long long)u.c.decode.replicas, (long long)u.c.prefill.replicas,
+           u.c.host, u.opts.foreground_logs ? "" : ", logs in ", u.opts.foreground_logs ? "" : u.log_dir);
+    fflush(stdout);
+    rc = up_run(&u);
+    goto out;
+
+usage:
+    fprintf(stderr, "speedctl: see 'speedctl up --help'\n");
+    rc = SPEEDCTL_EXIT_USAGE;
+out:
+    if (u.procs)
+        for (int i = 0; i < u.n_procs; i++)
+            if (u.procs[i].out_fd >= 0) close(u.procs[i].out_fd);
+    if (u.sfd >= 0) {
+        close(u.sfd);
+        sigprocmask(SIG_SETMASK, &u.old_mask, NULL);
+    }
+    speed_free(u.procs);
+    speed_config_destroy(ccfg);
+    speed_config_destroy(ucfg);
+    args_cleanup(&u.args);
+    return rc;
+}

@@ -1,0 +1,419 @@
+/* speedctl up end to end: a real 1P1D cluster (speed-decode, speed-prefill, speed-router)
+ * started from deploy/clusters/1p1d.yaml on ports taken from this test's pid, used through the
+ * router's OpenAI API, stopped with SIGTERM; then the startup failures (bad model directory,
+ * a port already taken, no speed-router next to speedctl, router.port 0).
+ *
+ * Nothing here may hang: speedctl's stdout is read with a deadline, and every speedctl this
+ * test starts is killed (with its process group's daemons, by pid) when a step fails. */
+#define _GNU_SOURCE 1
+#include <errno.h>
+#include <fcntl.h>
+#include <jansson.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <arpa/inet.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "alloc.h"
+#include "check.h"
+#include "http.h"
+
+#define MAX_PIDS 16
+
+static const char *speedctl;
+static char dir[600], model[700], src_dir[600];
+static int port_base;
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static int sh(const char *fmt, ...) {
+    char cmd[4096];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cmd, sizeof cmd, fmt, ap);
+    va_end(ap);
+    int rc = system(cmd);
+    return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+}
+
+static char *slurp(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return calloc(1, 1);
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *b = calloc(1, (size_t)n + 1);
+    if (fread(b, 1, (size_t)n, f) != (size_t)n) b[0] = '\0';
+    fclose(f);
+    return b;
+}
+
+/* A running `speedctl up`: its stdout through a pipe (read with deadlines), stderr in a file. */
+typedef struct {
+    pid_t pid;
+    int out_fd;
+    char out[65536];
+    size_t out_len;
+    char err_path[800], log_dir[800];
+    int rc;                 /* exit code once waited; -1 before */
+    pid_t pids[MAX_PIDS];   /* daemons, from its "started NAME (pid N)" lines */
+    int n_pids;
+} up_run_t;
+
+/* Starts `BIN up ARGS...` (NULL-terminated) with ports ports..ports+4. */
+static void up_start(up_run_t *r, const char *bin, int ports, const char *const *extra) {
+    memset(r, 0, sizeof *r);
+    r->rc = -1;
+    static int n_runs;
+    snprintf(r->err_path, sizeof r->err_path, "%s/up-%d.err", dir, n_runs);
+    snprintf(r->log_dir, sizeof r->log_dir, "%s/logs-%d", dir, n_runs++);
+    char p[5][16];
+    for (int i = 0; i < 5; i++) snprintf(p[i], sizeof p[i], "%d", ports + i);
+    const char *argv[64] = {bin, "up", "deploy/clusters/1p1d.yaml", "--model", model, "--router.port", p[0],
+                            "--prefill.grpc_port", p[1], "--prefill.http_port", p[2], "--decode.grpc_port", p[3],
+                            "--decode.http_port", p[4], "--stop-timeout-s", "20", "--log-dir", r->log_dir};
+    int n = 19;
+    for (int i = 0; extra && extra[i] && n < 62; i++) argv[n++] = extra[i];
+    argv[n] = NULL;
+    int fds[2];
+    if (pipe2(fds, O_CLOEXEC) != 0) {
+        perror("pipe2");
+        exit(1);
+    }
+    r->pid = fork();
+    if (r->pid == 0) {
+        int err = open(r->err_path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        dup2(fds[1], 1);
+        if (err >= 0) dup2(err, 2);
+        if (chdir(src_dir) != 0) _exit(126);
+        execv(bin, (char *const *)argv);
+        _exit(127);
+    }
+    close(fds[1]);
+    r->out_fd = fds[0];
+}
+
+/* Reads speedctl's stdout until `line` is a whole line of it, EOF, or the deadline. */
+static bool up_read_until(up_run_t *r, const char *line, double timeout_s) {
+    char want[128];
+    snprintf(want, sizeof want, "\n%s\n", line);
+    double deadline = now_s() + timeout_s;
+    for (;;) {
+        r->out[r->out_len] = '\0';
+        if (strstr(r->out, want) || (strncmp(r->out, want + 1, strlen(want + 1)) == 0)) return true;
+        double left = deadline - now_s();
+        if (left <= 0 || r->out_fd < 0) return false;
+        struct pollfd pfd = {.fd = r->out_fd, .events = POLLIN};
+        if (poll(&pfd, 1, (int)(left * 1000) + 1) <= 0) continue;
+        ssize_t n = read(r->out_fd, r->out + r->out_len, sizeof r->out - 1 - r->out_len);
+        if (n <= 0) {
+            close(r->out_fd);
+            r->out_fd = -1;
+            r->out[r->out_len] = '\0';
+            return strstr(r->out, want) != NULL;
+        }
+        r->out_len += (size_t)n;
+    }
+}
+
+static void up_parse_pids(up_run_t *r) {
+    r->n_pids = 0;
+    for (const char *s = r->out; (s = strstr(s, "started ")) && r->n_pids < MAX_PIDS; s++) {
+        const char *pid = strstr(s, "(pid ");
+        const char *nl = strchr(s, '\n');
+        if (pid && (!nl || pid < nl)) r->pids[r->n_pids++] = (pid_t)atoi(pid + 5);
+    }
+}
+
+/* Waits up to timeout_s for speedctl to exit; on timeout kills it and its daemons. */
+static int up_wait(up_run_t *r, double timeout_s) {
+    double deadline = now_s() + timeout_s;
+    for (;;) {
+        if (r->out_fd >= 0) up_read_until(r, "\x01never", 0.05); /* keep the pipe drained */
+        int st;
+        pid_t w = waitpid(r->pid, &st, WNOHANG);
+        if (w == r->pid) {
+            r->rc = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+            break;
+        }
+        if (now_s() > deadline) {
+            fprintf(stderr, "speedctl up (pid %d) did not exit within %.0f s: killing it\n", (int)r->pid, timeout_s);
+            up_parse_pids(r);
+            for (int i = 0; i < r->n_pids; i++) kill(r->pids[i], SIGKILL);
+            kill(r->pid, SIGKILL);
+            waitpid(r->pid, &st, 0);
+            r->rc = -1;
+            break;
+        }
+        if (r->out_fd < 0) usleep(50000);
+    }
+    if (r->out_fd >= 0) up_read_until(r, "\x01never", 0.5);
+    up_parse_pids(r);
+    return r->rc;
+}
+
+static void up_show(up_run_t *r) {
+    char *err = slurp(r->err_path);
+    fprintf(stderr, "---- speedctl up stdout ----\n%s---- stderr (%s) ----\n%s----\n", r->out, r->err_path, err);
+    free(err);
+}
+
+/* Every daemon speedctl started is gone (not even a zombie: speedctl reaped it). */
+static bool pids_gone(up_run_t *r) {
+    bool ok = true;
+    for (int i = 0; i < r->n_pids; i++)
+        if (kill(r->pids[i], 0) == 0 || errno != ESRCH) {
+            fprintf(stderr, "daemon pid %d is still there\n", (int)r->pids[i]);
+            ok = false;
+        }
+    return ok;
+}
+
+static bool port_open(int port) {
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    bool open_ = connect(fd, (struct sockaddr *)&a, sizeof a) == 0;
+    close(fd);
+    return open_;
+}
+
+/* The first block of 5 ports from `start` (in steps of 5) that nothing on this host holds, so
+ * a daemon some other test left behind cannot fail this one. */
+static int free_block(int start) {
+    for (int b = start; b < start + 100; b += 5) {
+        bool ok = true;
+        for (int i = 0; i < 5 && ok; i++) {
+            int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+            int one = 1;
+            setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+            struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)(b + i))};
+            a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+            ok = bind(fd, (struct sockaddr *)&a, sizeof a) == 0;
+            close(fd);
+        }
+        if (ok) return b;
+    }
+    return start;
+}
+
+static bool ports_closed(int base) {
+    bool ok = true;
+    for (int i = 0; i < 5; i++)
+        if (port_open(base + i)) {
+            fprintf(stderr, "port %d still accepts connections\n", base + i);
+            ok = false;
+        }
+    return ok;
+}
+
+/* "router: http://HOST:PORT" → port, or -1. */
+static int router_port(const up_run_t *r) {
+    const char *s = strstr(r->out, "\nrouter: http://");
+    if (!s) return -1;
+    const char *colon = strchr(s + 16, ':');
+    return colon ? atoi(colon + 1) : -1;
+}
+
+static json_t *http_json(int port, const char *method, const char *path, const char *body, int *status_p) {
+    speed_http_client_t *c = NULL;
+    *status_p = 0;
+    if (speed_http_client_connect("127.0.0.1", (uint16_t)port, 60000, &c) != SPEED_OK) return NULL;
+    speed_http_header_t h[] = {{"Content-Type", "application/json"}};
+    const speed_http_response_t *resp = NULL;
+    json_t *j = NULL;
+    if (speed_http_client_request(c, method, path, body ? h : NULL, body ? 1 : 0, body, body ? strlen(body) : 0,
+                                  &resp) == SPEED_OK) {
+        *status_p = resp->status;
+        json_error_t jerr;
+        j = json_loadb(resp->body, resp->body_len, 0, &jerr);
+        if (!j) fprintf(stderr, "%s %s: %d, not JSON: %.*s\n", method, path, resp->status, (int)resp->body_len, resp->body);
+    }
+    speed_http_client_destroy(c);
+    return j;
+}
+
+/* ---- the cluster, used as a client would ---------------------------------------------------- */
+
+static void test_cluster(void) {
+    up_run_t r;
+    int ports = free_block(port_base);
+    up_start(&r, speedctl, ports, (const char *const[]){"--start-timeout-s", "100", NULL});
+    bool ready = up_read_until(&r, "ready", 150);
+    CHECK_MSG(ready, "speedctl up did not print 'ready' (is build/bin/speed-router built?)");
+    int port = router_port(&r);
+    CHECK_INT_EQ(port, ports);
+    char want[64];
+    snprintf(want, sizeof want, "\nrouter: http://127.0.0.1:%d\n", ports);
+    CHECK_CONTAINS(r.out, want);
+    up_parse_pids(&r);
+    CHECK_INT_EQ(r.n_pids, 3);
+    if (ready && port > 0) {
+        int status = 0;
+        char *body = NULL;
+        CHECK(speed_http_get("127.0.0.1", (uint16_t)port, "/health", 5000, &status, &body) == SPEED_OK);
+        CHECK_INT_EQ(status, 200);
+        speed_free(body);
+
+        json_t *models = http_json(port, "GET", "/v1/models", NULL, &status);
+        CHECK_INT_EQ(status, 200);
+        json_t *data = json_object_get(models, "data");
+        CHECK(json_is_array(data) && json_array_size(data) == 1);
+        CHECK_STR_EQ(json_string_value(json_object_get(json_array_get(data, 0), "id")), "model");
+        json_decref(models);
+
+        const char *req = "{\"model\": \"model\", \"max_tokens\": 8, \"temperature\": 0,"
+                          " \"messages\": [{\"role\": \"user\", \"content\": \"Say hello to the cluster.\"}]}";
+        json_t *chat = http_json(port, "POST", "/v1/chat/completions", req, &status);
+        CHECK_INT_EQ(status, 200);
+        json_t *choices = json_object_get(chat, "choices");
+        CHECK(json_is_array(choices) && json_array_size(choices) == 1);
+        json_t *msg = json_object_get(json_array_get(choices, 0), "message");
+        CHECK(json_is_string(json_object_get(msg, "content")));
+        json_t *usage = json_object_get(chat, "usage");
+        CHECK(json_integer_value(json_object_get(usage, "completion_tokens")) >= 1);
+        /* 1p1d.yaml runs SPEED at 0.75 of the layers: fewer bytes shipped than at full depth */
+        json_int_t kv = json_integer_value(json_object_get(usage, "kv_bytes"));
+        json_int_t full = json_integer_value(json_object_get(usage, "kv_full_depth_bytes"));
+        CHECK_MSG(kv > 0 && kv < full, "usage.kv_bytes %lld, kv_full_depth_bytes %lld", (long long)kv,
+                  (long long)full);
+        json_decref(chat);
+    }
+
+    kill(r.pid, SIGTERM);
+    int rc = up_wait(&r, 90);
+    CHECK_INT_EQ(rc, 0);
+    CHECK_CONTAINS(r.out, "\nstopped\n");
+    CHECK_CONTAINS(r.out, "stopped router");
+    CHECK(pids_gone(&r));
+    CHECK(ports_closed(ports));
+    if (check_failures_) up_show(&r);
+}
+
+/* ---- startup failures ------------------------------------------------------------------------ */
+
+static void test_bad_model(void) {
+    up_run_t r;
+    char bad[800];
+    snprintf(bad, sizeof bad, "%s/no-such-model", dir);
+    /* --model given twice: the later one wins, as on any command line */
+    up_start(&r, speedctl, port_base + 200, (const char *const[]){"--model", bad, NULL});
+    int rc = up_wait(&r, 30);
+    CHECK_INT_EQ(rc, 1);
+    char *err = slurp(r.err_path);
+    CHECK_CONTAINS(err, "no-such-model");
+    CHECK_CONTAINS(err, "does not exist");
+    CHECK_INT_EQ(r.n_pids, 0);
+    free(err);
+}
+
+static void test_port_taken(void) {
+    int ports = free_block(port_base + 100);
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)(ports + 2))}; /* prefill-0 http */
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (bind(fd, (struct sockaddr *)&a, sizeof a) != 0 || listen(fd, 4) != 0) {
+        fprintf(stderr, "SKIP port-taken case: cannot take port %d: %s\n", ports + 2, strerror(errno));
+        close(fd);
+        return;
+    }
+    up_run_t r;
+    up_start(&r, speedctl, ports, (const char *const[]){"--start-timeout-s", "60", NULL});
+    int rc = up_wait(&r, 120);
+    close(fd);
+    CHECK_INT_EQ(rc, 1);
+    char *err = slurp(r.err_path);
+    CHECK_CONTAINS(err, "prefill-0");
+    CHECK_CONTAINS(err, "during startup");
+    CHECK_CONTAINS(err, "stopping the cluster");
+    CHECK(r.n_pids >= 2); /* both nodes were started; the router never was */
+    CHECK(strstr(r.out, "started router") == NULL);
+    CHECK(pids_gone(&r));
+    CHECK(ports_closed(ports));
+    if (check_failures_) up_show(&r);
+    free(err);
+}
+
+/* speedctl alone in a directory with the nodes but no router: a clear error, nothing started. */
+static void test_no_router(void) {
+    char bin_dir[800];
+    snprintf(bin_dir, sizeof bin_dir, "%s/bin", dir);
+    char speedctl_dir[600];
+    snprintf(speedctl_dir, sizeof speedctl_dir, "%s", speedctl);
+    char *slash = strrchr(speedctl_dir, '/');
+    if (slash) *slash = '\0';
+    if (sh("mkdir -p '%s' && cp '%s' '%s/speed-decode' '%s/speed-prefill' '%s/'", bin_dir, speedctl, speedctl_dir,
+           speedctl_dir, bin_dir) != 0) {
+        fprintf(stderr, "SKIP no-router case: cannot copy the binaries\n");
+        return;
+    }
+    char bin[900];
+    snprintf(bin, sizeof bin, "%s/speedctl", bin_dir);
+    up_run_t r;
+    up_start(&r, bin, port_base + 205, NULL);
+    CHECK_INT_EQ(up_wait(&r, 30), 1);
+    char *err = slurp(r.err_path);
+    CHECK_CONTAINS(err, "speed-router not found next to speedctl");
+    CHECK_INT_EQ(r.n_pids, 0);
+    free(err);
+}
+
+static void test_router_port_zero(void) {
+    up_run_t r;
+    up_start(&r, speedctl, port_base + 210, (const char *const[]){"--router.port", "0", NULL});
+    CHECK_INT_EQ(up_wait(&r, 30), 2);
+    char *err = slurp(r.err_path);
+    CHECK_CONTAINS(err, "router.port is 0");
+    free(err);
+}
+
+int main(void) {
+    speedctl = getenv("SPEEDCTL");
+    if (!speedctl || !*speedctl) {
+        fprintf(stderr, "SKIP: SPEEDCTL is not set (run through ctest)\n");
+        return SPEED_TEST_SKIP;
+    }
+    /* deploy/clusters/1p1d.yaml is found from the source tree (SPEED_SOURCE_DIR from CMake) */
+    const char *src = getenv("SPEED_SOURCE_DIR");
+    snprintf(src_dir, sizeof src_dir, "%s", src && *src ? src : ".");
+    const char *tmp = getenv("SPEED_TEST_TMP");
+    snprintf(dir, sizeof dir, "%s/up-XXXXXX", tmp && *tmp ? tmp : "/tmp");
+    if (!mkdtemp(dir)) {
+        perror("mkdtemp");
+        return 1;
+    }
+    snprintf(model, sizeof model, "%s/model", dir);
+    if (sh("'%s' make-tiny-model '%s' > '%s/make-model.log' 2>&1", speedctl, model, dir) != 0) {
+        fprintf(stderr, "make-tiny-model failed (see %s/make-model.log)\n", dir);
+        return 1;
+    }
+    /* below the ephemeral range (32768+), so a client socket cannot hold one of ours */
+    port_base = 20000 + (int)(getpid() % 40) * 300;
+    unsetenv("SPEED_CONFIG");
+    unsetenv("SPEED_MODEL");
+
+    test_bad_model();
+    test_router_port_zero();
+    test_no_router();
+    test_port_taken();
+    test_cluster();
+
+    if (check_failures_) fprintf(stderr, "logs kept in %s\n", dir);
+    else sh("rm -rf '%s'", dir);
+    return CHECK_DONE();
+}
