@@ -681,9 +681,20 @@ void speed_node_run(speed_node_t *n, int64_t grace_ms) {
     }
     atomic_store(&n->state, SPEED_NODE_DRAINING);
     speed_batcher_drain(n->batcher);
-    if (!speed_batcher_wait_idle(n->batcher, grace_ms))
-        SPEED_WARN(SPEED_SUBSYS_CORE, "speed-%s: requests still running after %lld ms; cancelling them", n->role,
-                   (long long)grace_ms);
+    /* running requests finish; a second signal (or the grace period) cuts the drain short */
+    for (int64_t waited = 0;; waited += 200) {
+        if (speed_batcher_wait_idle(n->batcher, 0)) return;
+        if (waited >= grace_ms) {
+            SPEED_WARN(SPEED_SUBSYS_CORE, "speed-%s: requests still running after %lld ms; cancelling them", n->role,
+                       (long long)grace_ms);
+            return;
+        }
+        int sig = sigtimedwait(&set, NULL, &ts);
+        if (sig == SIGINT || sig == SIGTERM) {
+            SPEED_WARN(SPEED_SUBSYS_CORE, "speed-%s: second signal: cancelling the running requests", n->role);
+            return;
+        }
+    }
 }
 
 void speed_node_cleanup(speed_node_t *n) {
