@@ -590,6 +590,8 @@ static int router_stop(router_proc_t *rp)
         close(rp->out_fd);
         return -1;
     }
+    if (WIFSIGNALED(rp->status))
+        fprintf(stderr, "speed-router died of signal %d\n", WTERMSIG(rp->status));
     return WIFEXITED(rp->status) ? WEXITSTATUS(rp->status) : -1;
 }
 
@@ -874,6 +876,20 @@ static char *get_metrics(int port)
         return NULL;
     }
     return body;
+}
+
+/* Waits until the sample `series` equals `want` (metrics that settle just after an answer,
+ * e.g. the admission gauges). Returns the last value seen. */
+static double wait_metric(int port, const char *series, double want, double timeout_s)
+{
+    double until = t_now() + timeout_s, v = -1;
+    for (;;) {
+        char *m = get_metrics(port);
+        v = m ? prom_value(m, series) : -1;
+        speed_free(m);
+        if (v == want || t_now() >= until) return v;
+        t_sleep_ms(20);
+    }
 }
 
 /* ---- JSON ------------------------------------------------------------------------------- */

@@ -252,6 +252,49 @@ static void test_round_robin(int port)
     CHECK_INT_EQ(atomic_load(&pre[1].n_prefill) - p1, 3);
 }
 
+typedef struct {
+    int port, ok;
+} conc_t;
+
+static void *conc_main(void *arg)
+{
+    conc_t *c = arg;
+    for (int i = 0; i < 4; i++) {
+        if (i % 2) {
+            http_result_t r;
+            if (http_post(c->port, "/v1/chat/completions", CHAT, &r) && r.status == 200) c->ok++;
+            http_result_free(&r);
+        } else {
+            sse_result_t s;
+            if (sse_post(c->port, "/v1/chat/completions", CHAT_STREAM, NULL, &s) && s.status == 200 &&
+                s.n > 0 && strcmp(s.data[s.n - 1], "[DONE]") == 0)
+                c->ok++;
+            sse_result_free(&s);
+        }
+    }
+    return NULL;
+}
+
+/* 16 clients at once, streamed and whole answers mixed: all answered. */
+static void test_concurrency(int port)
+{
+    for (int i = 0; i < 2; i++) atomic_store(&dec[i].gen_delay_ms, 2);
+    pthread_t th[16];
+    conc_t c[16];
+    for (int i = 0; i < 16; i++) {
+        c[i].port = port;
+        c[i].ok = 0;
+        pthread_create(&th[i], NULL, conc_main, &c[i]);
+    }
+    int ok = 0;
+    for (int i = 0; i < 16; i++) {
+        pthread_join(th[i], NULL);
+        ok += c[i].ok;
+    }
+    CHECK_INT_EQ(ok, 64);
+    for (int i = 0; i < 2; i++) atomic_store(&dec[i].gen_delay_ms, 0);
+}
+
 static void test_speed_extension(int port)
 {
     http_result_t r;
@@ -270,6 +313,8 @@ static void test_speed_extension(int port)
 
 static void test_metrics(int port, int n_ok_min)
 {
+    /* A worker lets go of its admission slot just after the answer's last byte. */
+    CHECK(wait_metric(port, "speed_router_requests_running", 0, 5) == 0);
     char *m = get_metrics(port);
     CHECK(m != NULL);
     if (!m) return;
@@ -433,6 +478,7 @@ int main(void)
         test_round_robin(rp.port);
         test_speed_extension(rp.port);
         test_metrics(rp.port, 1 + 1 + 3 + 6 + 1);
+        test_concurrency(rp.port);
         CHECK_INT_EQ(router_stop(&rp), 0);
     }
     test_decode_only();

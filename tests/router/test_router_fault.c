@@ -317,7 +317,9 @@ static void test_sigterm_drain(void)
     sse_result_free(&s);
     speed_http_client_destroy(c);
     CHECK(router_wait(&rp, 10));
-    CHECK(WIFEXITED(rp.status) && WEXITSTATUS(rp.status) == 0);
+    CHECK_MSG(WIFEXITED(rp.status) && WEXITSTATUS(rp.status) == 0, "exit %d, signal %d",
+              WIFEXITED(rp.status) ? WEXITSTATUS(rp.status) : -1,
+              WIFSIGNALED(rp.status) ? WTERMSIG(rp.status) : 0);
 }
 
 /* router.request_timeout_ms bounds every leg: a slow prefill gives a 503 and frees the
