@@ -7,9 +7,10 @@
  *      streamed, measured at the client: pairs interleaved, median of the per-pair ratios, and
  *      the KV bytes each ships (usage) against full depth.
  *
- *   bench_cluster [--model DIR | --preset NAME] [--prompt-tokens N] [--repeat N] [--pairs N]
+ *   bench_cluster [--model DIR | --shape "make-tiny-model options"] [--prompt-tokens N] [--repeat N] [--pairs N]
  *
- * Default model: the smollm-135m preset (30 layers) written into a scratch dir. ctest runs it
+ * Default model: a random-weight 24-layer, hidden-768 bf16 Llama (~175 M parameters) written
+ * into a scratch dir (--shape changes it; --model uses an existing one). ctest runs it
  * with label perf only when SPEED_TEST_PERF=1 (it takes a few minutes). */
 #include <math.h>
 #include <pthread.h>
@@ -165,16 +166,17 @@ static double direct_request(speed_rpc_channel_t *pc, speed_rpc_channel_t *dc, c
 }
 
 int main(int argc, char **argv) {
-    const char *model_arg = NULL, *preset = "smollm-135m";
+    const char *model_arg = NULL;
+    const char *shape = "--layers 24 --hidden 768 --heads 12 --kv-heads 4 --ffn 2048 --max-position 8192 --dtype bf16";
     int n_prompt = 2048, repeat = 3, pairs = 40;
     for (int i = 1; i + 1 < argc; i += 2) {
         if (strcmp(argv[i], "--model") == 0) model_arg = argv[i + 1];
-        else if (strcmp(argv[i], "--preset") == 0) preset = argv[i + 1];
+        else if (strcmp(argv[i], "--shape") == 0) shape = argv[i + 1];
         else if (strcmp(argv[i], "--prompt-tokens") == 0) n_prompt = atoi(argv[i + 1]);
         else if (strcmp(argv[i], "--repeat") == 0) repeat = atoi(argv[i + 1]);
         else if (strcmp(argv[i], "--pairs") == 0) pairs = atoi(argv[i + 1]);
         else {
-            fprintf(stderr, "usage: %s [--model DIR | --preset NAME] [--prompt-tokens N] [--repeat N] [--pairs N]\n",
+            fprintf(stderr, "usage: %s [--model DIR | --shape 'make-tiny-model options'] [--prompt-tokens N] [--repeat N] [--pairs N]\n",
                     argv[0]);
             return 2;
         }
@@ -189,9 +191,9 @@ int main(int argc, char **argv) {
     if (model_arg) {
         snprintf(model_dir, sizeof model_dir, "%s", model_arg);
     } else {
-        snprintf(model_dir, sizeof model_dir, "%s/%s", cu_dir, preset);
-        if (cu_system("%s/speedctl make-tiny-model %s --preset %s > /dev/null 2>&1", cu_bin, model_dir, preset) != 0) {
-            fprintf(stderr, "make-tiny-model --preset %s failed\n", preset);
+        snprintf(model_dir, sizeof model_dir, "%s/bench-model", cu_dir);
+        if (cu_system("%s/speedctl make-tiny-model %s %s > /dev/null 2>&1", cu_bin, model_dir, shape) != 0) {
+            fprintf(stderr, "make-tiny-model %s failed\n", shape);
             return 1;
         }
     }
@@ -218,16 +220,17 @@ int main(int argc, char **argv) {
     cu_proc_t dec = cu_spawn("speed-decode", "decode", args);
     cu_proc_t pre = cu_spawn("speed-prefill", "prefill", args);
     cu_proc_t rtr = {0};
-    bool up = cu_wait_ok(B + 30, "/health", 120) && cu_wait_ok(B + 10, "/health", 120);
+    bool up = cu_wait_up(&dec, B + 30, 120) && cu_wait_up(&pre, B + 10, 120);
     if (up) {
         rtr = cu_spawn("speed-router", "router", args);
-        up = cu_wait_ok(B + 40, "/health", 60);
+        up = cu_wait_up(&rtr, B + 40, 60);
     }
     if (!up) {
         fprintf(stderr, "cluster did not come up; logs in %s\n", cu_dir);
         cu_stop(&rtr, SIGKILL, 5), cu_stop(&pre, SIGKILL, 5), cu_stop(&dec, SIGKILL, 5);
         return 1;
     }
+    setvbuf(stdout, NULL, _IOLBF, 0);
     printf("bench_cluster: model %s (%d layers), 1P1D on loopback, UCX shm; prefill 2 threads, decode 1\n", name, L);
 
     /* 1. router-added latency */
