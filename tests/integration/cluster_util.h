@@ -13,7 +13,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -45,6 +48,20 @@ static inline int cu_system(const char *fmt, ...) {
     return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
 }
 
+/* True when every TCP port [base, base + n) on 127.0.0.1 can be bound now. */
+static inline bool cu_ports_free(int base, int n) {
+    for (int p = base; p < base + n; p++) {
+        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        if (fd < 0) return false;
+        struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)p)};
+        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        int ok = bind(fd, (struct sockaddr *)&a, sizeof a) == 0;
+        close(fd);
+        if (!ok) return false;
+    }
+    return true;
+}
+
 /* Scratch dir, binaries dir (from $SPEEDCTL), a tiny model at <dir>/model, and a port base
  * unique to this process (so ctest -j runs tests side by side). Exits 77 when $SPEEDCTL is
  * not set (not run by ctest). */
@@ -63,7 +80,12 @@ static inline void cu_init(const char *name) {
         fprintf(stderr, "mkdtemp: %s\n", strerror(errno));
         exit(1);
     }
-    cu_port_base = 20000 + (int)(getpid() % 400) * 100;
+    /* A block of 100 ports below the ephemeral range (32768+), from the pid; blocks with a
+     * port already taken (another test, a leftover) are skipped. */
+    for (int k = 0; k < 220; k++) {
+        cu_port_base = 10000 + (int)((getpid() + k) % 220) * 100;
+        if (cu_ports_free(cu_port_base, 100)) break;
+    }
     if (cu_system("%s/speedctl make-tiny-model %s/model > %s/make-model.log 2>&1", cu_bin, cu_dir, cu_dir) != 0) {
         fprintf(stderr, "make-tiny-model failed (see %s/make-model.log)\n", cu_dir);
         exit(1);
@@ -130,6 +152,41 @@ static inline int cu_stop(cu_proc_t *p, int sig, double timeout_s) {
     }
 }
 
+/* Waits up to timeout_s for the process to exit without signalling it (e.g. after a signal
+ * sent earlier); returns as cu_stop, and kills it on timeout. */
+static inline int cu_wait_exit(cu_proc_t *p, double timeout_s) {
+    if (p->pid <= 0) return -1;
+    double t0 = cu_now();
+    for (;;) {
+        int status;
+        pid_t r = waitpid(p->pid, &status, WNOHANG);
+        if (r == p->pid) {
+            p->pid = 0;
+            return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+        }
+        if (cu_now() - t0 > timeout_s) {
+            kill(p->pid, SIGKILL);
+            waitpid(p->pid, &status, 0);
+            p->pid = 0;
+            return -1;
+        }
+        usleep(20000);
+    }
+}
+
+/* True while the child runs (reaps it when it has exited). */
+static inline bool cu_alive(cu_proc_t *p) {
+    if (p->pid <= 0) return false;
+    int status;
+    if (waitpid(p->pid, &status, WNOHANG) == p->pid) {
+        fprintf(stderr, "%s exited (%s %d); see %s/%s.log\n", p->name, WIFEXITED(status) ? "status" : "signal",
+                WIFEXITED(status) ? WEXITSTATUS(status) : WTERMSIG(status), cu_dir, p->name);
+        p->pid = 0;
+        return false;
+    }
+    return true;
+}
+
 /* GET http://127.0.0.1:port/path until it answers 200 or timeout_s passes. */
 static inline bool cu_wait_ok(int port, const char *path, double timeout_s) {
     double t0 = cu_now();
@@ -141,6 +198,16 @@ static inline bool cu_wait_ok(int port, const char *path, double timeout_s) {
             if (status == 200) return true;
         }
         usleep(100000);
+    }
+    return false;
+}
+
+/* cu_wait_ok that gives up as soon as the process is gone. */
+static inline bool cu_wait_up(cu_proc_t *p, int port, double timeout_s) {
+    double t0 = cu_now();
+    while (cu_now() - t0 < timeout_s) {
+        if (cu_wait_ok(port, "/health", 0.5)) return true;
+        if (!cu_alive(p)) return false;
     }
     return false;
 }
