@@ -35,6 +35,8 @@ static const speed_config_field_t fields[] = {
     FS("served_model_name", served_model_name, NULL, "model id of the API (default: the directory name)"),
     FS("host", host, "127.0.0.1", "address every process binds and dials"),
     FS("log", log, "info", "log levels, e.g. info or warn,net=debug"),
+    {"weights.hugepages", SPEED_CONFIG_BOOL, offsetof(speed_cluster_config_t, weights_hugepages), "false",
+     SPEED_CONFIG_UNBOUNDED, NULL, "nodes read the weights into 2 MiB pages (a load-time copy; faster decode)"},
     FS("speed.prefill_layers", prefill_layers, "", "SPEED depth C: integer 1..L or fraction of L; empty = L (off)"),
     F("speed.anchors", INT, anchors, "1", 0, 1 << 20, "anchor tokens A kept at full depth"),
     F("speed.tail", INT, tail, "1", 1, 1 << 20, "last prompt tokens T kept at full depth"),

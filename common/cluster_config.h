@@ -52,6 +52,7 @@ typedef struct {
     const char *served_model_name; /* the "model" the API expects; NULL = directory name */
     const char *host;              /* address every process binds and dials */
     const char *log;               /* log spec, e.g. "info" or "warn,net=debug" */
+    bool weights_hugepages;        /* read the weights into 2 MiB pages instead of mapping them */
 
     /* SPEED */
     const char *prefill_layers;    /* "" or NULL = L (off); "24" or "0.75" */

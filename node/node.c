@@ -520,7 +520,9 @@ static speed_status_t load_model(speed_node_t *n) {
         SPEED_ERROR(SPEED_SUBSYS_CORE, "%s: no model: set `model:` in the cluster config or pass --model DIR", n->role);
         return SPEED_ERR_INVALID_ARGUMENT;
     }
-    SPEED_CHECK(speed_model_load(c->model, NULL, &n->model));
+    speed_model_params_t mp = speed_model_default_params();
+    mp.hugepages = c->weights_hugepages;
+    SPEED_CHECK(speed_model_load(c->model, &mp, &n->model));
     speed_tok_params_t tp = speed_tok_default_params();
     SPEED_CHECK(speed_tok_load(c->model, &tp, &n->tok));
     if (c->served_model_name && *c->served_model_name)

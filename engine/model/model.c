@@ -28,6 +28,7 @@ struct speed_model_files {
     int n_entries;
     model_entry_t *entries;      /* [n_entries] sorted by name: the tensors the model sees */
     char *weights_path;          /* model.safetensors or model.safetensors.index.json */
+    unsigned open_flags;         /* speed_safetensors_open_flags */
 };
 
 speed_model_params_t speed_model_default_params(void) {
@@ -62,7 +63,7 @@ static speed_status_t files_alloc(struct speed_model_files *f, int n_files, int 
 
 static speed_status_t weights_open_single(struct speed_model_files *f) {
     speed_safetensors_t *st = NULL;
-    SPEED_CHECK(speed_safetensors_open(f->weights_path, &st));
+    SPEED_CHECK(speed_safetensors_open_flags(f->weights_path, f->open_flags, &st));
     int n = speed_safetensors_n_tensors(st);
     speed_status_t status = files_alloc(f, 1, n);
     if (status != SPEED_OK) {
@@ -150,7 +151,7 @@ static speed_status_t weights_open_index(struct speed_model_files *f, const char
             status = SPEED_ERR_NOT_FOUND;
             goto out;
         }
-        SPEED_CHECK_GOTO(speed_safetensors_open(shard_path, &f->files[s]), status, out);
+        SPEED_CHECK_GOTO(speed_safetensors_open_flags(shard_path, f->open_flags, &f->files[s]), status, out);
         f->n_files++;
         speed_free(shard_path);
         shard_path = NULL;
@@ -321,6 +322,7 @@ speed_status_t speed_model_load(const char *dir, const speed_model_params_t *par
         goto fail;
     }
     struct speed_model_files *f = m->files_;
+    f->open_flags = p.hugepages ? SPEED_SAFETENSORS_HUGEPAGES : 0;
     if (!(config_path = speed_path_join(dir, "config.json"))) {
         status = SPEED_ERR_NO_MEMORY;
         goto fail;

@@ -20,6 +20,8 @@ struct speed_safetensors {
     char *path;
     void *map;                /* [file_size] read-only */
     size_t file_size;
+    void *unmap_addr;         /* what to munmap: the file mapping, or the anonymous region */
+    size_t unmap_len;
     int n_tensors;
     speed_tensor_t *tensors;  /* [n_tensors] sorted by name */
     char *names;              /* all names, NUL-separated; tensors[i].name points here */
@@ -215,7 +217,41 @@ out:
     return status;
 }
 
+#define HUGE_PAGE ((size_t)2 << 20)
+
+/* The whole file read into anonymous memory aligned to 2 MiB and advised MADV_HUGEPAGE, then
+ * made read-only. Returns the data address (NULL on failure, errno set). */
+static void *read_into_hugepages(int fd, size_t size, void **unmap_addr_p, size_t *unmap_len_p) {
+    size_t len = (size + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE + HUGE_PAGE;
+    char *raw = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (raw == MAP_FAILED) return NULL;
+    char *mem = (char *)(((uintptr_t)raw + HUGE_PAGE - 1) & ~(uintptr_t)(HUGE_PAGE - 1));
+#ifdef MADV_HUGEPAGE
+    madvise(mem, size, MADV_HUGEPAGE); /* a hint: without THP the copy is still correct */
+#endif
+    size_t done = 0;
+    while (done < size) {
+        ssize_t n = pread(fd, mem + done, size - done, (off_t)done);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) {
+            int e = n < 0 ? errno : EIO;
+            munmap(raw, len);
+            errno = e;
+            return NULL;
+        }
+        done += (size_t)n;
+    }
+    mprotect(raw, len, PROT_READ);
+    *unmap_addr_p = raw;
+    *unmap_len_p = len;
+    return mem;
+}
+
 speed_status_t speed_safetensors_open(const char *path, speed_safetensors_t **st_p) {
+    return speed_safetensors_open_flags(path, 0, st_p);
+}
+
+speed_status_t speed_safetensors_open_flags(const char *path, unsigned flags, speed_safetensors_t **st_p) {
     speed_status_t status = SPEED_OK;
     json_t *root = NULL;
     speed_safetensors_t *st = speed_calloc(1, sizeof *st);
@@ -253,13 +289,28 @@ speed_status_t speed_safetensors_open(const char *path, speed_safetensors_t **st
         goto fail;
     }
     st->file_size = (size_t)sb.st_size;
-    void *map = mmap(NULL, st->file_size, PROT_READ, MAP_PRIVATE, fd, 0);
-    int map_errno = errno;
-    close(fd); /* the mapping keeps the file */
-    if (map == MAP_FAILED) {
-        SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: mmap: %s", path, strerror(map_errno));
-        status = SPEED_ERR_IO;
-        goto fail;
+    void *map;
+    int map_errno;
+    if (flags & SPEED_SAFETENSORS_HUGEPAGES) {
+        map = read_into_hugepages(fd, st->file_size, &st->unmap_addr, &st->unmap_len);
+        map_errno = errno;
+        close(fd);
+        if (!map) {
+            SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: reading into 2 MiB pages: %s", path, strerror(map_errno));
+            status = map_errno == ENOMEM ? SPEED_ERR_NO_MEMORY : SPEED_ERR_IO;
+            goto fail;
+        }
+    } else {
+        map = mmap(NULL, st->file_size, PROT_READ, MAP_PRIVATE, fd, 0);
+        map_errno = errno;
+        close(fd); /* the mapping keeps the file */
+        if (map == MAP_FAILED) {
+            SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: mmap: %s", path, strerror(map_errno));
+            status = SPEED_ERR_IO;
+            goto fail;
+        }
+        st->unmap_addr = map;
+        st->unmap_len = st->file_size;
     }
     st->map = map;
 
@@ -308,7 +359,7 @@ fail:
 
 void speed_safetensors_close(speed_safetensors_t *st) {
     if (!st) return;
-    if (st->map) munmap(st->map, st->file_size);
+    if (st->unmap_addr) munmap(st->unmap_addr, st->unmap_len);
     speed_free(st->tensors);
     speed_free(st->names);
     speed_free(st->path);

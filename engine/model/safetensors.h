@@ -44,6 +44,14 @@ typedef struct speed_safetensors speed_safetensors_t;
  * mapped or allocated and *st_p is untouched. */
 speed_status_t speed_safetensors_open(const char *path, speed_safetensors_t **st_p);
 
+/* Flags of speed_safetensors_open_flags. */
+#define SPEED_SAFETENSORS_HUGEPAGES 1u /* read the file into anonymous memory in 2 MiB pages
+                                        * (MADV_HUGEPAGE) instead of mapping it: a load-time
+                                        * copy, then fewer TLB misses when the weights stream */
+
+/* speed_safetensors_open with flags (0 = map the file). Same returns. */
+speed_status_t speed_safetensors_open_flags(const char *path, unsigned flags, speed_safetensors_t **st_p);
+
 /* Unmaps and frees; NULL is a no-op. Invalidates every tensor obtained from `st`. */
 void speed_safetensors_close(speed_safetensors_t *st);
 

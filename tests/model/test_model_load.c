@@ -490,6 +490,31 @@ static void test_bad_shards(void) {
     load_expect(dir, SPEED_ERR_FORMAT, "model-00003-of-00003.safetensors: header length 4294967295 past end of file");
 }
 
+/* The weights read into 2 MiB pages equal the mapped ones, tensor by tensor, sharded too. */
+static void test_hugepages(void) {
+    for (int shards = 1; shards <= 3; shards += 2) {
+        const char *dir = tu_path(shards == 1 ? "hp1" : "hp3");
+        speed_tiny_model_params_t p = speed_tiny_model_default_params();
+        p.n_shards = shards;
+        CHECK_INT_EQ(speed_tiny_model_write(dir, &p), SPEED_OK);
+        speed_model_params_t mp = speed_model_default_params();
+        speed_model_t *a = NULL, *b = NULL;
+        CHECK_INT_EQ(speed_model_load(dir, &mp, &a), SPEED_OK);
+        mp.hugepages = true;
+        CHECK_INT_EQ(speed_model_load(dir, &mp, &b), SPEED_OK);
+        if (!a || !b) continue;
+        const speed_tensor_t *ta[] = {a->tok_embeddings, a->norm, a->lm_head, a->layers[0].wq, a->layers[3].w_down};
+        const speed_tensor_t *tb[] = {b->tok_embeddings, b->norm, b->lm_head, b->layers[0].wq, b->layers[3].w_down};
+        for (int i = 0; i < 5; i++) {
+            CHECK(ta[i]->data != tb[i]->data); /* a copy, not the mapping */
+            CHECK_INT_EQ(ta[i]->n_bytes, tb[i]->n_bytes);
+            CHECK(memcmp(ta[i]->data, tb[i]->data, ta[i]->n_bytes) == 0);
+        }
+        speed_model_destroy(a);
+        speed_model_destroy(b);
+    }
+}
+
 int main(void) {
     tu_log_capture();
     tu_tmp_init("model_load");
@@ -498,6 +523,7 @@ int main(void) {
     test_writer();
     test_bad_dirs();
     test_bad_shards();
+    test_hugepages();
     CHECK_INT_EQ(speed_alloc_live_count(), g_base);
     tu_rm_rf(tu_root);
     return CHECK_DONE();
