@@ -597,6 +597,8 @@ static inline void cu_log_tail(const char *name, int lines) {
 }
 
 static inline void cu_cleanup(bool keep) {
+    const char *k = getenv("SPEED_KEEP_TEST_LOGS");
+    if (k && *k && strcmp(k, "0") != 0) keep = true;
     if (!keep) cu_system("rm -rf %s", cu_dir);
     else fprintf(stderr, "logs kept in %s\n", cu_dir);
 }

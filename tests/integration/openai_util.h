@@ -210,6 +210,11 @@ static char *ou_tok_str(const speed_tok_t *tok, int32_t id) {
  * (completions collapse alternatives with equal text into one key), the text and the finish
  * reason. `what` labels failures. */
 static double ou_tol = 1e-4;   /* logprob tolerance */
+/* Batched runs are not bit-identical to batch 1: with ou_near_tie set, a different token is
+ * accepted where the reference's best two alternatives are within 2 * ou_tol of each other
+ * (a near tie that rounding may flip); the comparison stops there. */
+static bool ou_near_tie;
+static int ou_n_near_ties;
 static double ou_max_dev;      /* the largest logprob deviation seen */
 
 static void ou_check_ref(const ou_result_t *r, json_t *ref, const speed_tok_t *tok, bool chat, const char *what) {
@@ -224,6 +229,15 @@ static void ou_check_ref(const ou_result_t *r, json_t *ref, const speed_tok_t *t
         int32_t id = (int32_t)json_integer_value(json_object_get(t, "id"));
         char *want = ou_tok_str(tok, id);
         double lp = json_number_value(json_object_get(t, "logprob"));
+        json_t *rt0 = json_object_get(t, "top_logprobs");
+        if (ou_near_tie && strcmp(want, r->tok[i]) != 0 && json_array_size(rt0) >= 2 &&
+            fabs(json_number_value(json_object_get(json_array_get(rt0, 0), "logprob")) -
+                 json_number_value(json_object_get(json_array_get(rt0, 1), "logprob"))) <= 2 * ou_tol) {
+            fprintf(stderr, "%s: token %d differs at a near tie of the reference: not compared further\n", what, i);
+            ou_n_near_ties++;
+            speed_free(want);
+            return;
+        }
         if (fabs(lp - r->lp[i]) > ou_max_dev) ou_max_dev = fabs(lp - r->lp[i]);
         if (strcmp(want, r->tok[i]) != 0 || fabs(lp - r->lp[i]) > ou_tol) {
             if (bad++ < 3)

@@ -6,15 +6,19 @@
  *     SPEED formula, kv_full_depth_bytes the C = L one, and the prefill nodes'
  *     speed_kv_transfer_bytes_total grows by exactly kv_bytes;
  *  2. 8 concurrent requests with round-robin policies reach both prefill and both decode nodes,
- *     and every one of them is still exact;
+ *     and every one of them has the reference's tokens (logprobs within 3e-3: a batch of 8 is
+ *     not bit-identical to batch 1);
  *  3. every bad request class gets its OpenAI error (400/404/405/413) through the real router;
  *  4. a client that closes a stream early: the KV blocks on every node return to 0;
  *  5. overload on a second router (max_in_flight 1, max_queue 1, API keys): 401 for a missing or
  *     wrong key, 429 + Retry-After beyond the queue, 503 after the queue timeout, and the
  *     request that held the slot still answers exactly (a stalled prefill pool, SIGSTOP/SIGCONT,
  *     holds it in flight deterministically);
- *  6. SIGTERM to the router during a stream: the stream completes ([DONE]), new requests get 503,
- *     the router exits 0; then the nodes exit 0 on SIGTERM. */
+ *  6. back-to-back requests from one client on a router with max_in_flight 1, max_queue 0 are
+ *     never refused;
+ *  7. SIGTERM to the second router during a stream (its decode node SIGSTOPped meanwhile, so the
+ *     stream is surely in flight): /health and new requests 503, the stream completes
+ *     ([DONE]), the router exits 0; then the other routers and the nodes exit 0 on SIGTERM. */
 #include <pthread.h>
 
 #include "log.h"
@@ -189,9 +193,11 @@ static void check_spread(void) {
     for (int i = 0; i < g_c.np; i++) pre0[i] = cu_metric_sum(cu_pre_http(&g_c, i), "speed_prefill_requests_total");
     for (int i = 0; i < g_c.nd; i++) dec0[i] = cu_metric_sum(cu_dec_http(&g_c, i), "speed_decode_requests_total");
     char *body = ou_completion_body("model", g_prompt, N_PROMPT, N_GEN, 2, false, NULL, NULL);
-    /* batched in one engine step, the numbers are not bit-identical to batch 1: the tokens
-     * must be, the logprobs within 1e-3 (the largest deviation is printed) */
-    ou_tol = 1e-3;
+    /* batched in one engine step (bf16 GEMM instead of batch-1 GEMV), the numbers are not
+     * bit-identical to batch 1: the tokens must be (but at a near tie of the reference), the
+     * logprobs within 3e-3 (the largest deviation is printed) */
+    ou_tol = 3e-3;
+    ou_near_tie = true;
     ou_max_dev = 0;
     job_t jobs[8];
     for (int k = 0; k < 8; k++) job_start(&jobs[k], g_rport, body, NULL);
@@ -211,6 +217,7 @@ static void check_spread(void) {
     }
     fprintf(stderr, "concurrent: largest logprob deviation from batch 1: %.2g\n", ou_max_dev);
     ou_tol = 1e-4;
+    ou_near_tie = false;
     t0 = cu_now();
     bool all;
     do {
@@ -451,31 +458,42 @@ static void check_back_to_back(int port) {
 
 /* ---- 6. SIGTERM to the router during a stream ------------------------------------------------ */
 
-static void check_drain(cu_proc_t *router) {
+/* On the second router (it polls the nodes once a minute, so a stalled node is not noticed):
+ * the decode node serving the stream is stopped (SIGSTOP) for the length of the drain checks,
+ * so the stream is certainly still in flight while they run; then it goes on and completes. */
+static void check_drain(cu_proc_t *router, int port, const char *auth) {
     char *body = ou_completion_body("model", g_prompt, N_PROMPT, LONG_GEN, 0, true, NULL, NULL);
     cu_sse_t s;
-    CHECK(cu_sse_begin(g_rport, "/v1/completions", body, NULL, 30000, &s));
+    CHECK(cu_sse_begin(port, "/v1/completions", body, auth, 30000, &s));
     CHECK_INT_EQ(s.status, 200);
     CHECK(cu_sse_read(&s, 2, cu_now() + 30) >= 2);
+    int held = -1;
+    for (int i = 0; i < g_c.nd && held < 0; i++)
+        if (cu_metric(cu_dec_http(&g_c, i), "speed_decode_running_requests") > 0) held = i;
+    CHECK_MSG(held >= 0, "no decode node runs the stream");
+    if (held >= 0) kill(g_c.dec[held].pid, SIGSTOP);
     kill(router->pid, SIGTERM);
-    /* during the drain: new requests 503, /health 503 */
+    /* during the drain: /health 503, new requests 503 */
     double t0 = cu_now();
     int hs = 0;
     while (cu_now() - t0 < 5) {
-        if (speed_http_get("127.0.0.1", (uint16_t)g_rport, "/health", 2000, &hs, NULL) == SPEED_OK && hs == 503) break;
+        if (speed_http_get("127.0.0.1", (uint16_t)port, "/health", 2000, &hs, NULL) == SPEED_OK && hs == 503) break;
         usleep(10000);
     }
     CHECK_MSG(hs == 503, "/health during the drain: %d", hs);
     char *small = ou_completion_body("model", g_prompt, N_PROMPT, N_GEN, 0, false, NULL, NULL);
     cu_resp_t r;
-    cu_http(g_rport, "POST", "/v1/completions", small, NULL, NULL, 30000, &r);
+    cu_http(port, "POST", "/v1/completions", small, auth, NULL, 30000, &r);
     ou_check_error(&r, 503, "server_error", "service_unavailable", NULL, "request during the drain");
     cu_resp_free(&r);
-    cu_http(g_rport, "POST", "/v1/chat/completions",
-            "{\"model\":\"model\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"stream\":true}", NULL, NULL,
-            30000, &r);
+    cu_http(port, "POST", "/v1/chat/completions",
+            "{\"model\":\"model\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"stream\":true}", auth,
+            NULL, 30000, &r);
     CHECK_INT_EQ(r.status, 503);
     cu_resp_free(&r);
+    usleep(300000);
+    CHECK_MSG(cu_alive(router), "the router exited with a stream in flight");
+    if (held >= 0) kill(g_c.dec[held].pid, SIGCONT);
     /* the stream in flight completes normally */
     cu_sse_read(&s, -1, cu_now() + 90);
     ou_result_t res;
@@ -488,7 +506,7 @@ static void check_drain(cu_proc_t *router) {
     cu_sse_free(&s);
     int rc = cu_wait_exit(router, 60);
     CHECK_MSG(rc == 0, "router exit %d after SIGTERM", rc);
-    if (rc != 0) cu_log_tail("router0", 30);
+    if (rc != 0) cu_log_tail(router->name, 30);
     speed_free(small);
     speed_free(body);
 }
@@ -553,13 +571,13 @@ int main(void) {
         fprintf(stderr, "back to back: %.1f s\n", cu_now() - t);
         t = cu_now();
         CHECK_NEAR(blocks_reserved_all(), 0, 0);
-        check_drain(&r0);
+        check_drain(&r1, cu_router_port(&g_c, 1), "Bearer k1");
         fprintf(stderr, "drain: %.1f s\n", cu_now() - t);
     }
-    /* the second router, then the nodes: SIGTERM, exit 0 */
-    if (r0.pid) cu_stop(&r0, SIGKILL, 5);
-    int rc = cu_stop(&r1, SIGTERM, 30);
-    CHECK_MSG(rc == 0, "router1 exit %d", rc);
+    /* the other routers, then the nodes: SIGTERM, exit 0 */
+    if (r1.pid) cu_stop(&r1, SIGKILL, 5);
+    int rc = cu_stop(&r0, SIGTERM, 30);
+    CHECK_MSG(rc == 0, "router0 exit %d", rc);
     rc = cu_stop(&r2, SIGTERM, 30);
     CHECK_MSG(rc == 0, "router2 exit %d", rc);
     CHECK(cu_wait_metric(cu_dec_http(&g_c, 0), "speed_kv_blocks_reserved", 0, 5));
