@@ -5,6 +5,8 @@
  *     prefill node (same reservation), the client still gets 200 with the exact tokens,
  *     speed_router_prefill_retries_total grows, the dead node is marked down, nothing stays
  *     reserved;
+ *     (before that: a client that leaves a stream during its long prefill leaves nothing
+ *     reserved and is counted as 499);
  *  2. a decode node SIGKILLed mid-stream: the client gets an SSE error event (an OpenAI error
  *     object) and [DONE], or the stream ends, within a bounded time; the router marks the node
  *     down and the next requests go to the other decode node and are exact;
@@ -131,6 +133,45 @@ static int kill_prefill_mid_prefill(void) {
     return victim;
 }
 
+/* A client that leaves a stream while its long prompt is being prefilled: nothing stays reserved
+ * on any node, and the router counts a 499. */
+static void leave_during_prefill(void) {
+    double gone0 = cu_metric(g_rport, "speed_router_requests_total{route=\"disaggregated\",status=\"499\"}");
+    if (isnan(gone0)) gone0 = 0;
+    char *body = ou_completion_body("model", g_long, N_LONG, 150, 0, true, NULL, NULL);
+    /* a raw socket: the router sends the headers with the first token, after the prefill */
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)g_rport)};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    CHECK(connect(fd, (struct sockaddr *)&a, sizeof a) == 0);
+    char head[256];
+    int hl = snprintf(head, sizeof head,
+                      "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      "Content-Length: %zu\r\n\r\n",
+                      strlen(body));
+    CHECK(write(fd, head, (size_t)hl) == hl);
+    CHECK(write(fd, body, strlen(body)) == (ssize_t)strlen(body));
+    double t0 = cu_now();
+    bool seen = false;
+    while (!seen && cu_now() - t0 < 30) {
+        for (int i = 0; i < g_c.np; i++) seen = seen || node_metric(true, i, "speed_prefill_running_requests") > 0;
+        if (!seen) usleep(5000);
+    }
+    CHECK_MSG(seen, "the long prompt never showed up on a prefill node");
+    close(fd); /* gone mid-prefill */
+    t0 = cu_now();
+    CHECK_MSG(wait_no_blocks(15), "blocks still reserved after a client left during the prefill");
+    fprintf(stderr, "left during the prefill: blocks free after %.2f s\n", cu_now() - t0);
+    double gone = gone0;
+    while ((gone = cu_metric(g_rport, "speed_router_requests_total{route=\"disaggregated\",status=\"499\"}")) <
+               gone0 + 1 &&
+           cu_now() - t0 < 15)
+        usleep(50000);
+    CHECK_NEAR(gone, gone0 + 1, 0.5);
+    CHECK(cu_wait_metric(g_rport, "speed_router_requests_running", 0, 5));
+    speed_free(body);
+}
+
 /* 2. */
 static int kill_decode_mid_stream(void) {
     char *body = ou_completion_body("model", g_short, N_SHORT, LONG_GEN, 0, true, NULL, NULL);
@@ -222,6 +263,9 @@ int main(void) {
     if (ok && ok0 && g_ref_short && g_ref_long) {
         double t = cu_now();
         short_requests(2, "warm-up");
+        leave_during_prefill();
+        fprintf(stderr, "leave during prefill: %.1f s\n", cu_now() - t);
+        t = cu_now();
         int pv = kill_prefill_mid_prefill();
         fprintf(stderr, "prefill kill: %.1f s\n", cu_now() - t);
         t = cu_now();
