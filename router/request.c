@@ -155,9 +155,32 @@ static void req_count(rtr_req_t *r)
     if (speed_counter_labels(r->rt->m_requests, values, &c) == SPEED_OK) speed_counter_inc(c);
 }
 
+/* Gives back the admission slot and the active count, once, just before the answer's last
+ * bytes go out: a client that sends its next request as soon as it has the answer must find
+ * the room this one held (else a strictly sequential client could get 429). */
+static void req_release_slot(rtr_req_t *r)
+{
+    if (atomic_exchange(&r->slot_released, true)) return;
+    speed_router_t *rt = r->rt;
+    if (r->admitted) speed_admission_release(rt->adm);
+    pthread_mutex_lock(&rt->lock);
+    rt->n_active--;
+    pthread_mutex_unlock(&rt->lock);
+}
+
+/* Writes the final SSE bytes (an error event may precede): [DONE], after the slot is free. */
+static void req_write_done(rtr_req_t *r)
+{
+    req_release_slot(r);
+    size_t dlen = 0;
+    const char *done = speed_openai_sse_done(&dlen);
+    req_write(r, done, dlen);
+}
+
 /* Ends a stream normally (after [DONE]). */
 static void req_close(rtr_req_t *r)
 {
+    req_release_slot(r);
     req_count(r);
     pthread_mutex_lock(&r->http_lock);
     speed_http_stream_t *s = r->stream;
@@ -171,6 +194,7 @@ static void req_respond(rtr_req_t *r, unsigned status, const char *body, size_t 
                         int retry_after_s)
 {
     r->http_status = status;
+    req_release_slot(r);
     req_count(r);
     pthread_mutex_lock(&r->http_lock);
     speed_http_stream_t *s = r->stream;
@@ -222,9 +246,7 @@ static void req_fail(rtr_req_t *r, const speed_openai_error_t *err, int retry_af
         req_write(r, sse, len);
         speed_free(sse);
     }
-    size_t dlen = 0;
-    const char *done = speed_openai_sse_done(&dlen);
-    req_write(r, done, dlen);
+    req_write_done(r);
     req_close(r);
 }
 
@@ -744,9 +766,7 @@ static void answer_success(rtr_req_t *r, relay_t *rl)
             u.usage = &rl->usage;
             write_chunk(r, &u);
         }
-        size_t dlen = 0;
-        const char *done = speed_openai_sse_done(&dlen);
-        req_write(r, done, dlen);
+        req_write_done(r);
         req_close(r);
         return;
     }
@@ -1088,6 +1108,7 @@ static void run_request(rtr_req_t *r)
             req_fail_status(r, SPEED_ERR_CANCELLED, "the server is shutting down", 0);
         return;
     }
+    r->admitted = true;
     pthread_mutex_lock(&r->http_lock);
     r->running = true;
     r->last_write_ms = speed_router_now_ms();
@@ -1122,7 +1143,7 @@ static void run_request(rtr_req_t *r)
         }
         run_routed(r, &pl, d.kind);
     }
-    speed_admission_release(rt->adm);
+    req_release_slot(r); /* normally done as the answer completed */
     speed_tok_ids_free(&ids);
 }
 
@@ -1151,6 +1172,7 @@ void *speed_router_worker_main(void *arg)
         speed_log(SPEED_LOG_ERROR, SUBSYS, r->id, "request ended without an answer");
         req_fail_status(r, SPEED_ERR_INTERNAL, NULL, 0);
     }
+    req_release_slot(r);
     req_count(r);
 
     pthread_mutex_lock(&rt->lock);

@@ -72,7 +72,9 @@ struct speed_router {
     pthread_mutex_t lock;            /* registry, n_workers, state changes */
     pthread_cond_t idle_cond;        /* CLOCK_MONOTONIC; n_workers reached 0 */
     rtr_req_t *reqs;                 /* every request that has a worker */
-    int n_workers;
+    int n_workers;                   /* workers alive (shutdown waits for 0) */
+    int n_active;                    /* requests not yet answered: the 429 bound counts these, so
+                                      * a request stops counting before its last bytes go out */
 
     pthread_mutex_t jobs_lock;       /* leaf lock: jobs, hk_stop */
     pthread_cond_t hk_cond;          /* CLOCK_MONOTONIC */
@@ -127,6 +129,8 @@ struct rtr_req {
     const char *route_label;         /* "disaggregated" / "decode_only" / "none" */
     unsigned http_status;            /* status label; 499 = client went away */
     bool counted;                    /* speed_router_requests_total has this request */
+    bool admitted;                   /* holds an admission slot (worker only) */
+    _Atomic bool slot_released;      /* admission slot and n_active given back */
 };
 
 /* request.c */

@@ -170,9 +170,10 @@ static void handle_completions(void *user, speed_http_request_t *hr)
     /* Admission bound on threads: beyond max_in_flight + max_queue workers, refuse at once. */
     pthread_mutex_lock(&rt->lock);
     bool draining = atomic_load(&rt->state) != RT_READY;
-    bool full = rt->n_workers >= rt->max_workers;
+    bool full = rt->n_active >= rt->max_workers;
     if (!draining && !full) {
         rt->n_workers++;
+        rt->n_active++;
         r->next = rt->reqs;
         if (rt->reqs) rt->reqs->prev = r;
         rt->reqs = r;
@@ -210,6 +211,7 @@ static void handle_completions(void *user, speed_http_request_t *hr)
     if (r->prev) r->prev->next = r->next;
     else rt->reqs = r->next;
     if (r->next) r->next->prev = r->prev;
+    rt->n_active--;
     if (--rt->n_workers == 0) pthread_cond_broadcast(&rt->idle_cond);
     pthread_mutex_unlock(&rt->lock);
     speed_openai_error_set(&err, SPEED_OPENAI_ERR_UNAVAILABLE, NULL, "service_unavailable",
