@@ -55,8 +55,9 @@ static const speed_config_field_t bench_fields[] = {
     {"seed", SPEED_CONFIG_INT, offsetof(bench_opts_t, seed), "1", 0, 9.2e18, NULL, "seed of the random prompt"},
     {"roofline", SPEED_CONFIG_BOOL, offsetof(bench_opts_t, roofline), "true", SPEED_CONFIG_UNBOUNDED, NULL,
      "measure the machine's read bandwidth and compute peaks (--no-roofline skips them)"},
-    {"hugepages", SPEED_CONFIG_BOOL, offsetof(bench_opts_t, hugepages), "false", SPEED_CONFIG_UNBOUNDED, NULL,
-     "read the weights into 2 MiB pages instead of mapping the file (a load-time copy; fewer TLB misses)"},
+    {"hugepages", SPEED_CONFIG_BOOL, offsetof(bench_opts_t, hugepages), "true", SPEED_CONFIG_UNBOUNDED, NULL,
+     "read the weights into 2 MiB pages (a load-time copy; decode streams them with fewer TLB misses); "
+     "--no-hugepages maps the file"},
     {"roofline_mib", SPEED_CONFIG_INT, offsetof(bench_opts_t, roofline_mib), "1024", 1, 1 << 20, NULL,
      "bandwidth probe buffer in MiB (much larger than the last-level cache)"},
     {"json", SPEED_CONFIG_BOOL, offsetof(bench_opts_t, json), "false", SPEED_CONFIG_UNBOUNDED, NULL,
@@ -595,8 +596,9 @@ int speedctl_bench(int argc, char **argv) {
         double np = (double)speed_model_n_params(model);
         printf("model        %s: %d layers, hidden %d, %.3g%s parameters, %s weights %s\n", o.model, mc->n_layers,
                mc->hidden, np >= 1e9 ? np / 1e9 : np / 1e6, np >= 1e9 ? " B" : " M", speed_dtype_name(wdtype), b1);
-        printf("setup        %s; KV %s; prompt %" PRId64 " tokens (random ids), %" PRId64 " generated, batch %" PRId64
-               ", medians of %" PRId64 "\n", speed_backend_name(be), kv_dtype_names[o.kv_dtype], o.prompt_tokens,
+        printf("setup        %s; weights %s; KV %s; prompt %" PRId64 " tokens (random ids), %" PRId64
+               " generated, batch %" PRId64 ", medians of %" PRId64 "\n", speed_backend_name(be),
+               o.hugepages ? "read into 2 MiB pages" : "mapped", kv_dtype_names[o.kv_dtype], o.prompt_tokens,
                o.gen_tokens, o.batch, o.repeat);
         if (o.roofline)
             printf("roofline     %d threads: read %.2f GB/s (memcpy %.2f GB/s, %zu MiB buffer); fp32 %.1f GFLOP/s (%s); "
@@ -609,7 +611,7 @@ int speedctl_bench(int argc, char **argv) {
         human((double)scratch, b4, sizeof b4);
         double parts = (double)weights + (double)kv_pool + (double)scratch, other = (double)peak_rss - parts;
         human(fabs(other), b5, sizeof b5);
-        printf("\nmemory       peak RSS %s; mapped weights %s + KV pools %s + scratch %s, RSS %s that by %s (%s)\n",
+        printf("\nmemory       peak RSS %s; weights %s + KV pools %s + scratch %s, RSS %s that by %s (%s)\n",
                b1, b2, b3, b4, other < 0 ? "below" : "above", b5,
                other < 0 ? "pool and scratch pages never touched" : "code, heap, tokenizer, page tables");
         if (n_res == 2) {
