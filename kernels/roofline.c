@@ -426,3 +426,58 @@ speed_status_t speed_roofline_measure(const speed_roofline_params_t *params, spe
     *out = r;
     return SPEED_OK;
 }
+
+/* ---- persistent read probe ---------------------------------------------------------- */
+
+struct speed_roofline_probe {
+    speed_roofline_params_t p;
+    char *buf;
+    size_t bytes;
+    job_t job;
+};
+
+speed_status_t speed_roofline_probe_create(const speed_roofline_params_t *params, speed_roofline_probe_t **probe_p) {
+    if (!probe_p) return SPEED_ERR_INVALID_ARGUMENT;
+    speed_roofline_probe_t *pr = speed_calloc(1, sizeof *pr);
+    if (!pr) return SPEED_ERR_NO_MEMORY;
+    speed_status_t st = params_resolve(params, &pr->p);
+    if (st != SPEED_OK) {
+        speed_free(pr);
+        return st;
+    }
+    pr->bytes = pr->p.read_bytes / 4096 * 4096;
+    pr->buf = speed_aligned_alloc((size_t)2 << 20, pr->bytes);
+    if (!pr->buf) {
+        SPEED_ERROR(SPEED_SUBSYS_ENGINE, "roofline: cannot allocate the %zu-byte probe buffer", pr->bytes);
+        speed_free(pr);
+        return SPEED_ERR_NO_MEMORY;
+    }
+#ifdef MADV_HUGEPAGE
+    (void)madvise(pr->buf, pr->bytes, MADV_HUGEPAGE);
+#endif
+    pr->job = (job_t){.kind = JOB_TOUCH, .n_threads = pr->p.n_threads, .runs = 1, .isa = isa_pick(pr->p.isa_max),
+                      .buf = pr->buf, .bytes = pr->bytes};
+    st = job_run(&pr->job, NULL);
+    if (st != SPEED_OK) {
+        speed_roofline_probe_destroy(pr);
+        return st;
+    }
+    *probe_p = pr;
+    return SPEED_OK;
+}
+
+speed_status_t speed_roofline_probe_read(speed_roofline_probe_t *pr, int repetitions, double *read_gbs_p) {
+    if (!pr || !read_gbs_p || repetitions < 1) return SPEED_ERR_INVALID_ARGUMENT;
+    pr->job.kind = JOB_READ;
+    pr->job.runs = repetitions + 1;
+    double t = 0.0;
+    SPEED_CHECK(job_run(&pr->job, &t));
+    *read_gbs_p = (double)pr->bytes / t / 1e9;
+    return SPEED_OK;
+}
+
+void speed_roofline_probe_destroy(speed_roofline_probe_t *pr) {
+    if (!pr) return;
+    speed_aligned_free(pr->buf);
+    speed_free(pr);
+}

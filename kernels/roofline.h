@@ -72,4 +72,19 @@ speed_status_t speed_roofline_bandwidth(const speed_roofline_params_t *params, d
 speed_status_t speed_roofline_compute(const speed_roofline_params_t *params, double *fp32_gflops_p,
                                       double *bf16_gflops_p, speed_cpu_isa_t *isa_p);
 
+/* A read-bandwidth probe that keeps its buffer (read_bytes, 2 MiB pages, touched once), for
+ * measurements interleaved with the work they judge: on a shared host whose bandwidth drifts
+ * by tens of percent from one second to the next, a probe taken right after each decode step
+ * is the fair roof for that step. */
+typedef struct speed_roofline_probe speed_roofline_probe_t;
+
+/* Returns SPEED_OK, SPEED_ERR_INVALID_ARGUMENT, SPEED_ERR_NO_MEMORY, SPEED_ERR_INTERNAL. */
+speed_status_t speed_roofline_probe_create(const speed_roofline_params_t *params, speed_roofline_probe_t **probe_p);
+
+/* Reads the buffer `repetitions` times (after one warm-up read) on the probe's threads;
+ * *read_gbs_p = bytes / median time. Returns SPEED_OK or SPEED_ERR_INTERNAL / NO_MEMORY. */
+speed_status_t speed_roofline_probe_read(speed_roofline_probe_t *probe, int repetitions, double *read_gbs_p);
+
+void speed_roofline_probe_destroy(speed_roofline_probe_t *probe); /* NULL ok */
+
 #endif /* SPEED_ROOFLINE_H */

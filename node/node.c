@@ -727,3 +727,40 @@ void speed_node_cleanup(speed_node_t *n) {
     pthread_cond_destroy(&n->work_cv);
     memset(n, 0, sizeof *n);
 }
+
+void speed_node_on_cancel(void *user, speed_rpc_call_t *call, const uint8_t *data, size_t len) {
+    speed_node_t *n = user;
+    Speed__V1__CancelRequest *req = NULL;
+    if (speed_proto_unpack(&speed__v1__cancel_request__descriptor, data, len, (ProtobufCMessage **)&req) != SPEED_OK ||
+        !req->request_id || !*req->request_id || strlen(req->request_id) > SPEED_BATCH_ID_MAX) {
+        if (req) speed_proto_free(&req->base);
+        speed_node_fail(call, SPEED_ERR_INVALID_ARGUMENT, "malformed CancelRequest");
+        return;
+    }
+    Speed__V1__CancelReply reply = SPEED__V1__CANCEL_REPLY__INIT;
+    reply.found = speed_batcher_cancel(n->batcher, req->request_id) == SPEED_OK;
+    SPEED_INFO(SPEED_SUBSYS_NET, "cancel %s: %s", req->request_id, reply.found ? "ended" : "not found");
+    speed_node_reply(call, &reply.base);
+    speed_proto_free(&req->base);
+}
+
+int speed_node_main(speed_node_t *n, const char *role, const speed_node_method_t *methods, int n_methods, int argc,
+                    char **argv) {
+    speed_node_block_signals();
+    int code;
+    if (speed_node_init(n, role, argc, argv, &code) != SPEED_OK) {
+        speed_node_cleanup(n);
+        return code;
+    }
+    speed_status_t st = SPEED_OK;
+    for (int i = 0; i < n_methods && st == SPEED_OK; i++)
+        st = speed_node_add_method(n, methods[i].path, methods[i].kind, methods[i].handler, n);
+    if (st == SPEED_OK) st = speed_node_start(n);
+    if (st != SPEED_OK) {
+        speed_node_cleanup(n);
+        return 1;
+    }
+    speed_node_run(n, 30000);
+    speed_node_cleanup(n);
+    return 0;
+}

@@ -137,6 +137,22 @@ speed_status_t speed_node_kv_desc_from_proto(const Speed__V1__KvDescriptor *in, 
 /* speed_<role>_requests_total{status} += 1. */
 void speed_node_count(speed_node_t *node, const char *status);
 
+/* The role's Cancel method (Decode.Cancel / Prefill.Cancel): ends the request in the batcher
+ * (its finish event completes the request's own call) and replies {found}. user = the node. */
+void speed_node_on_cancel(void *user, speed_rpc_call_t *call, const uint8_t *data, size_t len);
+
+/* A role method for speed_node_main. */
+typedef struct {
+    const char *path;
+    speed_rpc_kind_t kind;
+    speed_rpc_handler_cb_t handler;
+} speed_node_method_t;
+
+/* The whole main of a node daemon: block signals, init, register the methods (user = node),
+ * start, run until SIGTERM/SIGINT/Drain (grace 30 s), clean up. Returns the exit code. */
+int speed_node_main(speed_node_t *node, const char *role, const speed_node_method_t *methods, int n_methods,
+                    int argc, char **argv);
+
 /* Replies with an error status from any handler (logs at info). */
 void speed_node_fail(speed_rpc_call_t *call, speed_status_t status, const char *message);
 

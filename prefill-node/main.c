@@ -222,39 +222,10 @@ static void on_prefill(void *user, speed_rpc_call_t *call, const uint8_t *data, 
     }
 }
 
-static void on_cancel(void *user, speed_rpc_call_t *call, const uint8_t *data, size_t len) {
-    speed_node_t *n = user;
-    Speed__V1__CancelRequest *req = NULL;
-    if (speed_proto_unpack(&speed__v1__cancel_request__descriptor, data, len, (ProtobufCMessage **)&req) != SPEED_OK ||
-        !req->request_id || !*req->request_id || strlen(req->request_id) > SPEED_BATCH_ID_MAX) {
-        if (req) speed_proto_free(&req->base);
-        speed_node_fail(call, SPEED_ERR_INVALID_ARGUMENT, "malformed CancelRequest");
-        return;
-    }
-    /* The batcher ends the request (finish event CANCELLED → complete_work fails the call and
-     * frees everything); a request already flushing finishes on its own. */
-    Speed__V1__CancelReply reply = SPEED__V1__CANCEL_REPLY__INIT;
-    reply.found = speed_batcher_cancel(n->batcher, req->request_id) == SPEED_OK;
-    SPEED_INFO(SPEED_SUBSYS_NET, "cancel %s: %s", req->request_id, reply.found ? "cancelled" : "not found");
-    speed_node_reply(call, &reply.base);
-    speed_proto_free(&req->base);
-}
-
 int main(int argc, char **argv) {
-    speed_node_block_signals();
-    int code;
-    if (speed_node_init(&g_node, "prefill", argc, argv, &code) != SPEED_OK) {
-        speed_node_cleanup(&g_node);
-        return code;
-    }
-    speed_node_t *n = &g_node;
-    if (speed_node_add_method(n, SPEED_METHOD_PREFILL_PREFILL, SPEED_RPC_UNARY, on_prefill, n) != SPEED_OK ||
-        speed_node_add_method(n, SPEED_METHOD_PREFILL_CANCEL, SPEED_RPC_UNARY, on_cancel, n) != SPEED_OK ||
-        speed_node_start(n) != SPEED_OK) {
-        speed_node_cleanup(n);
-        return 1;
-    }
-    speed_node_run(n, 30000);
-    speed_node_cleanup(n);
-    return 0;
+    static const speed_node_method_t methods[] = {
+        {SPEED_METHOD_PREFILL_PREFILL, SPEED_RPC_UNARY, on_prefill},
+        {SPEED_METHOD_PREFILL_CANCEL, SPEED_RPC_UNARY, speed_node_on_cancel},
+    };
+    return speed_node_main(&g_node, "prefill", methods, (int)(sizeof methods / sizeof methods[0]), argc, argv);
 }

@@ -147,10 +147,21 @@ static speed_status_t step_checked(speed_engine_t *eng, speed_engine_step_result
 
 /* Runs n_seqs copies of the prompt to gen tokens each. With n_seqs 1 it records the prefill,
  * TTFT, batch-1 decode and KV; with more, the batch decode rate. */
+/* The per-step bandwidth probe's buffer: 8x the largest last-level caches here, ~7 ms a read. */
+#define PROBE_BYTES ((size_t)256 << 20)
+
+/* Per-token pairing of decode steps with a bandwidth probe (batch-1 runs, roofline on). */
+typedef struct {
+    speed_roofline_probe_t *probe;
+    double weight_bytes;         /* + the sequence's KV = bytes one step reads */
+    double *ratios;              /* [cap]: step bandwidth / probe bandwidth */
+    int n, cap;
+} token_pairing_t;
+
 static speed_status_t bench_once(speed_engine_t *eng, speed_sampler_t *sampler, const int32_t *prompt, int64_t n,
                                  const speed_depth_t *depth, int64_t gen, int n_seqs, double *prefill_s,
                                  double *ttft_s, double *decode_s, size_t *kv_prompt_p, size_t *kv_end_p,
-                                 size_t *kv_reserved_p) {
+                                 size_t *kv_reserved_p, token_pairing_t *pair) {
     speed_status_t st = SPEED_OK;
     speed_seq_id_t *ids = speed_calloc((size_t)n_seqs, sizeof *ids);
     int32_t *next = speed_calloc((size_t)n_seqs, sizeof *next);
@@ -185,9 +196,12 @@ static speed_status_t bench_once(speed_engine_t *eng, speed_sampler_t *sampler, 
     if (ttft_s) *ttft_s = t_first - t0;
     if (kv_prompt_p) *kv_prompt_p = stats.kv_bytes_used;
     if (kv_reserved_p) *kv_reserved_p = stats.kv_bytes_reserved;
-    /* Decode: gen - 1 more tokens per sequence, every step feeding all of them. */
-    double td = speedctl_now();
+    /* Decode: gen - 1 more tokens per sequence, every step feeding all of them. With a
+     * pairing, each step is followed by a bandwidth probe (not counted in decode_s). */
+    double decode_total = 0.0;
+    double step_bytes = pair ? pair->weight_bytes + (double)stats.kv_bytes_used : 0.0;
     for (int64_t produced = 1; produced < gen; produced++) {
+        double ts = speedctl_now();
         for (int k = 0; k < n_seqs; k++) SPEED_CHECK_GOTO(speed_engine_seq_append(eng, ids[k], next[k]), st, out);
         int got = 0;
         while (got < n_seqs) {
@@ -202,8 +216,15 @@ static speed_status_t bench_once(speed_engine_t *eng, speed_sampler_t *sampler, 
                 got++;
             }
         }
+        double step = speedctl_now() - ts;
+        decode_total += step;
+        if (pair && n_seqs == 1 && pair->n < pair->cap) {
+            double gbs;
+            SPEED_CHECK_GOTO(speed_roofline_probe_read(pair->probe, 1, &gbs), st, out);
+            pair->ratios[pair->n++] = step_bytes / step / 1e9 / gbs;
+        }
     }
-    if (decode_s) *decode_s = speedctl_now() - td;
+    if (decode_s) *decode_s = decode_total;
     SPEED_CHECK_GOTO(speed_engine_seq_stats(eng, ids[0], &stats), st, out);
     if (kv_end_p) *kv_end_p = stats.kv_bytes_used;
 out:
@@ -219,9 +240,11 @@ typedef struct {
     speed_engine_t *eng;
     speed_sampler_t *sampler;
     double *v;                    /* [6][n_rep]: prefill, ttft, decode, batch, peak, bandwidth */
+    token_pairing_t pair;         /* decode steps paired with bandwidth probes (roofline on) */
 } depth_run_t;
 
 static void depth_run_free(depth_run_t *d) {
+    speed_free(d->pair.ratios); /* the probe belongs to bench_depths */
     speed_sampler_destroy(d->sampler);
     speed_engine_destroy(d->eng);
     speed_free(d->v);
@@ -230,7 +253,8 @@ static void depth_run_free(depth_run_t *d) {
 
 /* Engine of its own (its KV pools split at C), warmed up. */
 static speed_status_t depth_setup(const bench_opts_t *o, const speed_model_t *model, speed_backend_t *be,
-                                  const int32_t *prompt, speed_depth_t depth, depth_run_t *d, bench_result_t *res) {
+                                  const int32_t *prompt, speed_depth_t depth, speed_roofline_probe_t *probe,
+                                  depth_run_t *d, bench_result_t *res) {
     int batch = (int)o->batch;
     speed_engine_params_t ep = speed_engine_default_params();
     ep.backend = be;
@@ -250,9 +274,17 @@ static speed_status_t depth_setup(const bench_opts_t *o, const speed_model_t *mo
     res->depth = speed_engine_depth(d->eng);
     res->depth.anchors = depth.anchors;
     res->depth.tail = depth.tail;
+    if (probe) {
+        d->pair.probe = probe;
+        d->pair.cap = (int)(o->repeat * (o->gen_tokens - 1));
+        d->pair.ratios = speed_calloc((size_t)d->pair.cap, sizeof *d->pair.ratios);
+        if (!d->pair.ratios) return SPEED_ERR_NO_MEMORY;
+        d->pair.weight_bytes = decode_weight_bytes(model);
+    }
     /* Warm-up: a short run touches every weight page and the scratch. */
     int64_t n = o->prompt_tokens;
-    return bench_once(d->eng, d->sampler, prompt, n < 8 ? n : 8, &depth, 2, 1, NULL, NULL, NULL, NULL, NULL, NULL);
+    return bench_once(d->eng, d->sampler, prompt, n < 8 ? n : 8, &depth, 2, 1, NULL, NULL, NULL, NULL, NULL, NULL,
+                      NULL);
 }
 
 /* Repetition r: the batch-1 run, then (roofline on) the paired peak and bandwidth probes. */
@@ -261,8 +293,10 @@ static speed_status_t depth_rep(const bench_opts_t *o, const speed_model_t *mode
     int n_rep = (int)o->repeat;
     double *pre = d->v, *ttft = d->v + n_rep, *dec = d->v + 2 * n_rep, *peak = d->v + 4 * n_rep, *bw = d->v + 5 * n_rep;
     SPEED_CHECK(bench_once(d->eng, d->sampler, prompt, o->prompt_tokens, &d->depth, o->gen_tokens, 1, &pre[r],
-                           &ttft[r], &dec[r], &res->kv_prompt, &res->kv_end, &res->kv_reserved));
+                           &ttft[r], &dec[r], &res->kv_prompt, &res->kv_end, &res->kv_reserved,
+                           d->pair.probe ? &d->pair : NULL));
     size_t rss = rss_now();
+    if (d->pair.probe) rss -= PROBE_BYTES < rss ? PROBE_BYTES : rss; /* the probe's buffer is not the engine's */
     if (rss > res->rss_max) res->rss_max = rss;
     if (o->roofline) {
         speed_roofline_params_t rp = speed_roofline_default_params();
@@ -273,7 +307,7 @@ static speed_status_t depth_rep(const bench_opts_t *o, const speed_model_t *mode
         double fp32, bf;
         SPEED_CHECK(speed_roofline_compute(&rp, &fp32, &bf, NULL));
         peak[r] = model->config.torch_dtype == SPEED_DTYPE_BF16 ? bf : fp32;
-        SPEED_CHECK(speed_roofline_bandwidth(&rp, &bw[r], NULL));
+        if (!d->pair.probe) SPEED_CHECK(speed_roofline_bandwidth(&rp, &bw[r], NULL));
     }
     return SPEED_OK;
 }
@@ -293,7 +327,9 @@ static speed_status_t depth_finish(const bench_opts_t *o, const speed_model_t *m
         if (!fr) return SPEED_ERR_NO_MEMORY;
         for (int r = 0; r < n_rep; r++) fr[r] = res->prefill_flops / pre[r] / 1e9 / peak[r];
         res->prefill_frac = median(fr, n_rep);
-        if (gen > 1) {
+        if (d->pair.n > 0) {
+            res->decode_frac = median(d->pair.ratios, d->pair.n); /* per decode step */
+        } else if (gen > 1) {
             for (int r = 0; r < n_rep; r++) fr[r] = res->decode_bytes / (dec[r] / (double)(gen - 1)) / 1e9 / bw[r];
             res->decode_frac = median(fr, n_rep);
         }
@@ -311,7 +347,7 @@ static speed_status_t depth_finish(const bench_opts_t *o, const speed_model_t *m
     if (batch > 1 && gen > 1) {
         for (int r = 0; r < n_rep; r++)
             SPEED_CHECK(bench_once(d->eng, d->sampler, prompt, n, &d->depth, gen, batch, NULL, NULL, &bat[r], NULL,
-                                   NULL, NULL));
+                                   NULL, NULL, NULL));
         double t = median(bat, n_rep);
         res->batch_tokens_per_s = (double)batch * (double)(gen - 1) / t;
         res->batch_step_s = t / (double)(gen - 1);
@@ -338,7 +374,15 @@ static speed_status_t bench_depths(const bench_opts_t *o, const speed_model_t *m
     memset(d, 0, sizeof d);
     int n_rep = (int)o->repeat;
     speed_status_t st = SPEED_OK;
-    for (int i = 0; i < n_depths && st == SPEED_OK; i++) st = depth_setup(o, model, be, prompt, depths[i], &d[i], &res[i]);
+    speed_roofline_probe_t *probe = NULL;
+    if (o->roofline && o->gen_tokens > 1) {
+        speed_roofline_params_t rp = speed_roofline_default_params();
+        rp.n_threads = o->threads > 0 ? (int)o->threads : 0;
+        rp.read_bytes = PROBE_BYTES;
+        st = speed_roofline_probe_create(&rp, &probe);
+    }
+    for (int i = 0; i < n_depths && st == SPEED_OK; i++)
+        st = depth_setup(o, model, be, prompt, depths[i], probe, &d[i], &res[i]);
     for (int r = 0; r < n_rep && st == SPEED_OK; r++)
         for (int i = 0; i < n_depths && st == SPEED_OK; i++) st = depth_rep(o, model, prompt, r, &d[i], &res[i]);
     if (st == SPEED_OK && n_depths == 2) {
@@ -352,6 +396,7 @@ static speed_status_t bench_depths(const bench_opts_t *o, const speed_model_t *m
     }
     for (int i = 0; i < n_depths && st == SPEED_OK; i++) st = depth_finish(o, model, prompt, &d[i], &res[i]);
     for (int i = 0; i < n_depths; i++) depth_run_free(&d[i]);
+    speed_roofline_probe_destroy(probe);
     return st;
 }
 

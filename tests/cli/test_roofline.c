@@ -73,6 +73,20 @@ int main(void) {
     p.repetitions = -1;
     CHECK_INT_EQ(speed_roofline_measure(&p, &r), SPEED_ERR_INVALID_ARGUMENT);
     CHECK_CONTAINS(speed_log_last_error(), "roofline");
+
+    /* the persistent probe: same answer kind as the one-shot bandwidth probe, reusable */
+    p = small(2, SPEED_CPU_ISA_BEST);
+    speed_roofline_probe_t *probe = NULL;
+    CHECK_INT_EQ(speed_roofline_probe_create(&p, &probe), SPEED_OK);
+    double g1 = 0, g2 = 0;
+    CHECK_INT_EQ(speed_roofline_probe_read(probe, 1, &g1), SPEED_OK);
+    CHECK_INT_EQ(speed_roofline_probe_read(probe, 3, &g2), SPEED_OK);
+    CHECK(g1 > 0 && g2 > 0 && g1 < 1e4 && g2 < 1e4); /* GB/s: positive and finite */
+    CHECK_INT_EQ(speed_roofline_probe_read(probe, 0, &g1), SPEED_ERR_INVALID_ARGUMENT);
+    speed_roofline_probe_destroy(probe);
+    speed_roofline_probe_destroy(NULL);
+    p.read_bytes = 1000;
+    CHECK_INT_EQ(speed_roofline_probe_create(&p, &probe), SPEED_ERR_INVALID_ARGUMENT);
     CHECK_INT_EQ(speed_alloc_live_count(), live);
     return CHECK_DONE();
 }
