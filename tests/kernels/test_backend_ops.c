@@ -735,6 +735,30 @@ static void run_all(void) {
         const seq_t mixed[4] = {{0, 3}, {5, 1}, {40, 2}, {0, -1}};
         case_attention("mixed", 6, 2, 80, 3, dt, mixed, 4, 1.0f, 2 * 2 * 80);
     }
+
+    /* Paths of device backends the shapes above may not reach (cheap on the CPU too): more rows
+     * than one CUDA grid dimension launches (65535), so kernels loop over rows; decode rows so
+     * long and so few that attention splits them across blocks (split-K) and merges the parts;
+     * head_dim above one thread's share of a block (256) up to the CUDA kernel's limit (512). */
+    const int64_t many = 70001;
+    case_embed(17, 3, many, SPEED_DTYPE_BF16);
+    case_rmsnorm(many, 5, SPEED_DTYPE_F16, 1e-5f, true);
+    case_rope(many, 1, 6, 5000, true, 0);
+    case_binary(SPEED_OP_SWIGLU, many, 3, 1, false);
+    case_binary(SPEED_OP_ADD, many, 3, 2, false);
+    case_get_rows(many, 3, many);
+    case_matmul(many, 3, 5, SPEED_DTYPE_F32, true, 0, 0, 64);
+    case_kv(4400, 16, 1, 2, SPEED_DTYPE_F16, many, false);
+    for (int di = 0; di < 3; di++) {
+        speed_dtype_t dt = dtypes[di];
+        const seq_t long_decode[3] = {{5000, 1}, {4099, 1}, {257, 1}};
+        case_attention("long decode", 4, 1, 128, 16, dt, long_decode, 3, 2.0f, 0);
+        case_attention("long decode", 1, 1, 64, 32, dt, long_decode, 1, 4.0f, 0);
+        const seq_t wide[2] = {{300, 2}, {0, 1}};
+        case_attention("wide heads", 4, 2, 256, 16, dt, wide, 2, 1.0f, 0);
+        case_attention("wide heads", 2, 1, 512, 8, dt, wide, 2, 1.0f, 0);
+        case_attention("odd heads", 3, 3, 96 + 6, 5, dt, wide, 2, 1.0f, 0);
+    }
 }
 
 /* ---- main ---------------------------------------------------------------------------- */
