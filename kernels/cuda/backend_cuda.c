@@ -497,8 +497,20 @@ static speed_status_t cu_kv_load(void *ctx, const speed_kv_layer_t *kv, speed_ma
     return SPEED_OK;
 }
 
-/* Rows of one sequence share their block-table pointer and are adjacent (backend.h), so each
- * run of rows with the same pointer stages the table once, as long as its longest row needs. */
+/* Rows of one sequence share their block-table pointer (backend.h) and the engine passes them
+ * adjacent, so each run of rows with one pointer stages (and checks) its table once, as long as
+ * its longest row needs; a pointer that comes back later is simply staged again. */
+static int64_t run_end(const speed_attn_rows_t *rows, int64_t r, int64_t B, int64_t *n_blocks_p) {
+    int64_t r_end = r, nb = 0;
+    while (r_end < rows->n_rows && rows->block_table[r_end] == rows->block_table[r]) {
+        int64_t nbr = (rows->n_visible[r_end] + B - 1) / B;
+        if (nbr > nb) nb = nbr;
+        r_end++;
+    }
+    *n_blocks_p = nb;
+    return r_end;
+}
+
 static speed_status_t cu_attention(void *ctx, speed_mat_t out, speed_mat_t q, const speed_kv_layer_t *kv, int n_heads,
                                    const speed_attn_rows_t *rows, float scale) {
     cuda_ctx_t *c = ctx;
@@ -513,28 +525,21 @@ static speed_status_t cu_attention(void *ctx, speed_mat_t out, speed_mat_t q, co
         SPEED_ERROR(SUBSYS, "cuda: attention: %lld rows x %d heads is too many", (long long)n, n_heads);
         return SPEED_ERR_UNSUPPORTED;
     }
-    /* pass 1: table entries to stage, the longest row, block ids that cannot be right */
+    /* pass 1: table entries to stage, the longest row, block ids that cannot be right (ids past
+     * the pool cannot be seen here: the pool's size is not part of the view) */
     int64_t n_table = 0, max_visible = 0;
-    for (int64_t r = 0; r < n; r++) {
-        const int32_t nv = rows->n_visible[r];
-        if (nv > max_visible) max_visible = nv;
-        for (int64_t b = 0; b * B < nv; b++) {
+    for (int64_t r = 0; r < n; r++)
+        if (rows->n_visible[r] > max_visible) max_visible = rows->n_visible[r];
+    for (int64_t r = 0, nb, r_end; r < n; r = r_end) {
+        r_end = run_end(rows, r, B, &nb);
+        for (int64_t b = 0; b < nb; b++) {
             if (rows->block_table[r][b] < 0) {
                 SPEED_ERROR(SUBSYS, "op attention: row %lld: block %lld of its table is %d", (long long)r,
                             (long long)b, rows->block_table[r][b]);
                 return SPEED_ERR_INVALID_ARGUMENT;
             }
         }
-    }
-    for (int64_t r = 0; r < n;) {
-        int64_t r_end = r, nb = 0;
-        while (r_end < n && rows->block_table[r_end] == rows->block_table[r]) {
-            int64_t nbr = (rows->n_visible[r_end] + B - 1) / B;
-            if (nbr > nb) nb = nbr;
-            r_end++;
-        }
         n_table += nb;
-        r = r_end;
     }
     if (n_table > INT32_MAX) {
         SPEED_ERROR(SUBSYS, "cuda: attention: block tables too large");
@@ -556,13 +561,8 @@ static speed_status_t cu_attention(void *ctx, speed_mat_t out, speed_mat_t q, co
     speed_cuda_attn_row_t *desc = h;
     int32_t *tables = (int32_t *)((char *)h + desc_bytes);
     int32_t off = 0;
-    for (int64_t r = 0; r < n;) {
-        int64_t r_end = r, nb = 0;
-        while (r_end < n && rows->block_table[r_end] == rows->block_table[r]) {
-            int64_t nbr = (rows->n_visible[r_end] + B - 1) / B;
-            if (nbr > nb) nb = nbr;
-            r_end++;
-        }
+    for (int64_t r = 0, nb, r_end; r < n; r = r_end) {
+        r_end = run_end(rows, r, B, &nb);
         if (nb) memcpy(tables + off, rows->block_table[r], (size_t)nb * sizeof(int32_t));
         for (int64_t i = r; i < r_end; i++) {
             const int32_t nv = rows->n_visible[i];
@@ -570,7 +570,6 @@ static speed_status_t cu_attention(void *ctx, speed_mat_t out, speed_mat_t q, co
                                               .n_split = nv ? (int32_t)((nv + chunk - 1) / chunk) : 1};
         }
         off += (int32_t)nb;
-        r = r_end;
     }
     SPEED_CHECK(stage_commit(c));
 

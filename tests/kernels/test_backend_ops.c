@@ -6,7 +6,8 @@
  *   test_backend_ops cpu-ref   a second cpu-ref: checks the harness itself (errors are 0)
  *
  * Exit 0 when every case is within tolerance, 1 otherwise, 77 when the backend cannot be
- * created here (not built, no GPU). One line per (case, backend).
+ * created here (not built, no GPU: for cuda, no NVIDIA driver — with a driver present, a cuda
+ * backend that cannot be created is a failure). One line per (case, backend).
  *
  * Inputs are random from a fixed seed. Each case runs cpu-ref once (cpu-ref's backend memory is
  * host memory, so it runs on the host buffers directly) and then every backend under test
@@ -38,6 +39,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "alloc.h"
 #include "backend.h"
@@ -820,6 +822,14 @@ int main(int argc, char **argv) {
         if (some) {
             fprintf(stderr, "backend '%s' was created with a lower ISA cap but not with cap %s: %s\n", argv[1],
                     speed_cpu_isa_name(p.cpu_isa_max), speed_status_string(st));
+            return 1;
+        }
+        /* Skipped only when the backend is absent: not built (UNSUPPORTED), or no NVIDIA driver
+         * on this machine. A machine with a GPU driver whose backend fails to come up fails. */
+        bool gpu_driver = access("/dev/nvidiactl", F_OK) == 0 || access("/proc/driver/nvidia/version", F_OK) == 0;
+        if (p.kind == SPEED_BACKEND_CUDA && st != SPEED_ERR_UNSUPPORTED && gpu_driver) {
+            fprintf(stderr, "an NVIDIA driver is present but the cuda backend cannot be created: %s (%s)\n",
+                    speed_status_string(st), speed_log_last_error());
             return 1;
         }
         SKIP_TEST("backend '%s' cannot be created here: %s (%s)", argv[1], speed_status_string(st),
