@@ -437,23 +437,32 @@ typedef struct {
  * chunks instead of making the others wait at the join (a static split lost ~5% of the read
  * roof to that wait on the shared 2-core VMs). */
 static void gemv_task(void *p, int t, int nt) {
-    (void)t, (void)nt;
+    (void)t;
     mm_arg_t *a = p;
     const int64_t m = a->mm.m;
+    int64_t lo = atomic_load_explicit(&a->next, memory_order_relaxed);
     for (;;) {
-        int64_t lo = atomic_fetch_add_explicit(&a->next, a->chunk, memory_order_relaxed);
+        /* guided: take half of this thread's share of what is left (at least a->chunk rows,
+         * a multiple of 16), so the chunks shrink toward the end and the threads finish
+         * together instead of one waiting out the other's last big chunk */
         if (lo >= m) break;
-        int64_t hi = m - lo < a->chunk ? m : lo + a->chunk;
+        int64_t take = (m - lo) / (2 * (int64_t)nt);
+        take = take < a->chunk ? a->chunk : (take + 15) / 16 * 16;
+        if (!atomic_compare_exchange_weak_explicit(&a->next, &lo, lo + take, memory_order_relaxed,
+                                                   memory_order_relaxed))
+            continue; /* lo now holds the current value */
+        int64_t hi = m - lo < take ? m : lo + take;
         if (a->xs)
             a->c->gemv_bf16(&a->mm, a->xs, a->ldxs, lo, hi);
         else
             a->c->k->gemv(&a->mm, lo, hi);
+        lo = atomic_load_explicit(&a->next, memory_order_relaxed);
     }
 }
 
-/* Chunk rows for gemv_task: about 8 chunks per thread, a multiple of 16 rows. */
+/* Smallest chunk for gemv_task: a 32nd of a thread's share, a multiple of 16 rows. */
 static int64_t gemv_chunk_rows(int64_t m, int n_threads) {
-    int64_t want = (m + 8 * (int64_t)n_threads - 1) / (8 * (int64_t)n_threads);
+    int64_t want = (m + 32 * (int64_t)n_threads - 1) / (32 * (int64_t)n_threads);
     return (want + 15) / 16 * 16;
 }
 
