@@ -38,8 +38,9 @@
  * the client has not read everything yet, the close (with the client's window updates
  * unread on our side) becomes a TCP reset and the client's kernel drops the unread tail of
  * the stream. Holding the calls lets the client read to the end first (seen in tests:
- * 1300 of 2000 messages delivered without this). */
-#define RPC_LINGER_MS 200
+ * 1300 of 2000 messages delivered without this; 200 ms was still too short once under ASan
+ * on a loaded 2-core machine). */
+#define RPC_LINGER_MS 1000
 
 typedef enum {
     TAG_ACCEPT,     /* request_registered_call completed */
@@ -859,7 +860,7 @@ void speed_rpc_server_shutdown(speed_rpc_server_t *srv, int64_t grace_ms) {
         int n_linger = srv->n_linger;
         pthread_mutex_unlock(&srv->lock);
         if (n_linger > 0) {
-            struct timespec linger = {0, RPC_LINGER_MS * 1000000L};
+            struct timespec linger = {RPC_LINGER_MS / 1000, (RPC_LINGER_MS % 1000) * 1000000L};
             nanosleep(&linger, NULL);
         }
         pthread_mutex_lock(&srv->lock);
