@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "check.h"
+#include "cli_test_util.h"
 
 static const char *speedctl, *tmp;
 
@@ -18,17 +19,6 @@ typedef struct {
     char *err; /* stderr */
 } run_t;
 
-static char *slurp(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return calloc(1, 1);
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *b = calloc(1, (size_t)n + 1);
-    if (fread(b, 1, (size_t)n, f) != (size_t)n) b[0] = '\0';
-    fclose(f);
-    return b;
-}
 
 /* Runs `speedctl ARGS` through the shell; ARGS is printf-formatted. */
 static run_t run(const char *fmt, ...) {

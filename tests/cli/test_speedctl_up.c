@@ -27,6 +27,7 @@
 
 #include "alloc.h"
 #include "check.h"
+#include "cli_test_util.h"
 #include "http.h"
 
 #define MAX_PIDS 16
@@ -51,17 +52,6 @@ static int sh(const char *fmt, ...) {
     return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
 }
 
-static char *slurp(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return calloc(1, 1);
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *b = calloc(1, (size_t)n + 1);
-    if (fread(b, 1, (size_t)n, f) != (size_t)n) b[0] = '\0';
-    fclose(f);
-    return b;
-}
 
 /* A running `speedctl up`: its stdout through a pipe (read with deadlines), stderr in a file. */
 typedef struct {

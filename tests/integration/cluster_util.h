@@ -129,29 +129,6 @@ static inline cu_proc_t cu_spawn(const char *prog, const char *name, const char 
     return p;
 }
 
-/* Sends sig and waits up to timeout_s; returns the exit code, 128+signal, or -1 on timeout
- * (then the process is killed). */
-static inline int cu_stop(cu_proc_t *p, int sig, double timeout_s) {
-    if (p->pid <= 0) return -1;
-    kill(p->pid, sig);
-    double t0 = cu_now();
-    for (;;) {
-        int status;
-        pid_t r = waitpid(p->pid, &status, WNOHANG);
-        if (r == p->pid) {
-            p->pid = 0;
-            return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-        }
-        if (cu_now() - t0 > timeout_s) {
-            kill(p->pid, SIGKILL);
-            waitpid(p->pid, &status, 0);
-            p->pid = 0;
-            return -1;
-        }
-        usleep(20000);
-    }
-}
-
 /* Waits up to timeout_s for the process to exit without signalling it (e.g. after a signal
  * sent earlier); returns as cu_stop, and kills it on timeout. */
 static inline int cu_wait_exit(cu_proc_t *p, double timeout_s) {
@@ -172,6 +149,14 @@ static inline int cu_wait_exit(cu_proc_t *p, double timeout_s) {
         }
         usleep(20000);
     }
+}
+
+/* Sends sig and waits up to timeout_s; returns the exit code, 128+signal, or -1 on timeout
+ * (then the process is killed). */
+static inline int cu_stop(cu_proc_t *p, int sig, double timeout_s) {
+    if (p->pid <= 0) return -1;
+    kill(p->pid, sig);
+    return cu_wait_exit(p, timeout_s);
 }
 
 /* True while the child runs (reaps it when it has exited). */
