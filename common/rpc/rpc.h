@@ -159,7 +159,10 @@ int speed_rpc_server_active_calls(const speed_rpc_server_t *server);
  * still do not finish are cancelled at the transport). Handlers may still hold call
  * references afterwards: every function on those calls then returns SPEED_ERR_CANCELLED,
  * and the terminal function frees them. Idempotent; call from any thread except the
- * completion-queue thread (i.e. not from a handler or cancel callback). */
+ * completion-queue thread (i.e. not from a handler or cancel callback).
+ * If calls completed normally during the shutdown, their connections are held open 1-3 s
+ * more (what is left of grace_ms, at least 1 s) so slow readers get the end of their
+ * streams: gRPC gives no signal of how far a client has read. */
 void speed_rpc_server_shutdown(speed_rpc_server_t *server, int64_t grace_ms);
 
 /* speed_rpc_server_shutdown(server, 0) if not yet done, then release everything.

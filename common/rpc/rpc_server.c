@@ -11,12 +11,15 @@
  * freed when the last goes. Lock order: a call's lock, then the server's lock (only in
  * terminal(); everywhere else they are taken one at a time).
  *
- * Shutdown (the order of DEPENDENCIES.md section 2): grpc_server_shutdown_and_notify; let
- * calls finish for the grace period; end the rest ourselves with UNAVAILABLE; as a backstop
- * grpc_server_cancel_all_calls; wait until no accept is pending and no call is in flight;
- * linger (RPC_LINGER_MS) and drop the calls that ended cleanly; wait for the notify tag;
- * grpc_server_destroy; grpc_completion_queue_shutdown, and the
- * CQ thread exits on GRPC_QUEUE_SHUTDOWN; grpc_completion_queue_destroy; grpc_shutdown.
+ * Shutdown runs in two phases. Draining: calls in flight get up to the grace period to finish
+ * while new calls are answered at once with UNAVAILABLE; the rest are then ended by us with
+ * UNAVAILABLE. If any call finished normally in this phase, the connections stay open a
+ * little longer (RPC_LINGER_MIN_MS..RPC_LINGER_MAX_MS) so that slow readers get the end of
+ * their streams. Closing (the order of DEPENDENCIES.md section 2):
+ * grpc_server_shutdown_and_notify; as a backstop grpc_server_cancel_all_calls; wait until no
+ * accept is pending, no call is in flight and the notify tag arrived; grpc_server_destroy;
+ * grpc_completion_queue_shutdown, and the CQ thread exits on GRPC_QUEUE_SHUTDOWN;
+ * grpc_completion_queue_destroy; grpc_shutdown.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -33,14 +36,15 @@
 #define RPC_ACCEPTS_PER_METHOD 4          /* pending accepts kept armed per method */
 #define RPC_CQ_POLL_MS 200                /* CQ thread wakes this often to re-arm / check */
 #define RPC_BACKSTOP_MS 1000              /* after forced finishes, then cancel_all_calls */
-/* Calls that end normally during shutdown keep their grpc_call this long after the last one
- * ended. Once a server that sent GOAWAY has no streams left, gRPC closes the connection; if
- * the client has not read everything yet, the close (with the client's window updates
- * unread on our side) becomes a TCP reset and the client's kernel drops the unread tail of
- * the stream. Holding the calls lets the client read to the end first (seen in tests:
- * 1300 of 2000 messages delivered without this; 200 ms was still too short once under ASan
- * on a loaded 2-core machine). */
-#define RPC_LINGER_MS 1000
+/* Once a server has sent GOAWAY (grpc_server_shutdown_and_notify) and has no streams left,
+ * gRPC closes the connection. A client still reading the tail of a finished stream keeps
+ * sending window updates; they meet a closed socket, the reply is a TCP reset, and the
+ * client's kernel drops the unread tail (seen in tests: 1300-1900 of 2000 messages). So no
+ * GOAWAY goes out until calls that finished during the drain have had this long to be read:
+ * at least RPC_LINGER_MIN_MS, and as much of the grace period as is left, up to
+ * RPC_LINGER_MAX_MS. gRPC tells a server nothing of how far a client has read, hence a time. */
+#define RPC_LINGER_MIN_MS 1000
+#define RPC_LINGER_MAX_MS 3000
 
 typedef enum {
     TAG_ACCEPT,     /* request_registered_call completed */
@@ -144,12 +148,12 @@ struct speed_rpc_server {
     int n_generic_live;
     bool generic_armed;
     bool started;
-    bool shutting_down;
+    bool shutting_down;          /* draining: new calls are answered with UNAVAILABLE */
+    bool closing;                /* GOAWAY sent: stop arming accepts */
     bool notified;               /* TAG_SHUTDOWN arrived */
     bool shutdown_done;
     rpc_tag_t t_shutdown;
-    grpc_call **linger;          /* calls ended cleanly during shutdown (see RPC_LINGER_MS) */
-    int n_linger, cap_linger;
+    int n_ended_in_drain;        /* calls that finished normally while draining */
 };
 
 /* ------------------------------------------------------------------------------------- */
@@ -203,23 +207,8 @@ static void release_grpc(speed_rpc_call_t *call, grpc_call *g) {
     /* No batch is in flight any more, so these two fields are final. */
     bool clean = call->status_done && !call->peer_gone;
     speed_rpc_server_t *srv = call->server;
-    bool keep = false;
     pthread_mutex_lock(&srv->lock);
-    if (srv->shutting_down && clean) {
-        /* See RPC_LINGER_MS: hold the stream open a moment so the client reads the end. */
-        if (srv->n_linger == srv->cap_linger) {
-            int cap = srv->cap_linger ? 2 * srv->cap_linger : 16;
-            grpc_call **l = speed_realloc(srv->linger, (size_t)cap * sizeof *l);
-            if (l) {
-                srv->linger = l;
-                srv->cap_linger = cap;
-            }
-        }
-        if (srv->n_linger < srv->cap_linger) {
-            srv->linger[srv->n_linger++] = g;
-            keep = true;
-        }
-    }
+    if (srv->shutting_down && !srv->closing && clean && !call->forced) srv->n_ended_in_drain++;
     if (call->prev) call->prev->next = call->next;
     else srv->live = call->next;
     if (call->next) call->next->prev = call->prev;
@@ -231,7 +220,7 @@ static void release_grpc(speed_rpc_call_t *call, grpc_call *g) {
     }
     pthread_cond_broadcast(&srv->changed);
     pthread_mutex_unlock(&srv->lock);
-    if (!keep) grpc_call_unref(g);
+    grpc_call_unref(g);
     call_unref(call);   /* gRPC's reference */
 }
 
@@ -351,7 +340,7 @@ static speed_status_t arm_method(speed_rpc_server_t *srv, rpc_method_t *m) {
     call->t_status = (rpc_tag_t){TAG_STATUS, call};
 
     pthread_mutex_lock(&srv->lock);
-    if (srv->shutting_down) {
+    if (srv->closing) {
         pthread_mutex_unlock(&srv->lock);
         call_unref(call);
         return SPEED_ERR_CANCELLED;
@@ -382,7 +371,7 @@ static speed_status_t arm_generic(speed_rpc_server_t *srv) {
     g->t_done = (rpc_tag_t){TAG_GENERIC_DONE, g};
     pthread_mutex_lock(&srv->lock);
     grpc_call_error err = GRPC_CALL_ERROR;
-    if (!srv->shutting_down) {
+    if (!srv->closing) {
         err = grpc_server_request_call(srv->server, &g->gcall, &g->details, &g->md, srv->cq,
                                        srv->cq, &g->t_new);
         if (err == GRPC_CALL_OK) {
@@ -407,13 +396,13 @@ static void rearm(speed_rpc_server_t *srv) {
         rpc_method_t *m = &srv->methods[i];
         for (;;) {
             pthread_mutex_lock(&srv->lock);
-            bool want = !srv->shutting_down && m->n_pending < RPC_ACCEPTS_PER_METHOD;
+            bool want = !srv->closing && m->n_pending < RPC_ACCEPTS_PER_METHOD;
             pthread_mutex_unlock(&srv->lock);
             if (!want || arm_method(srv, m) != SPEED_OK) break;
         }
     }
     pthread_mutex_lock(&srv->lock);
-    bool want = !srv->shutting_down && !srv->generic_armed;
+    bool want = !srv->closing && !srv->generic_armed;
     pthread_mutex_unlock(&srv->lock);
     if (want) arm_generic(srv);
 }
@@ -423,6 +412,7 @@ static void on_accept(speed_rpc_server_t *srv, speed_rpc_call_t *call, bool ok) 
     pthread_mutex_lock(&srv->lock);
     m->n_pending--;
     srv->n_pending--;
+    bool draining = srv->shutting_down;
     if (ok) {
         call->next = srv->live;
         if (srv->live) srv->live->prev = call;
@@ -467,6 +457,11 @@ static void on_accept(speed_rpc_server_t *srv, speed_rpc_call_t *call, bool ok) 
     }
     if (st != SPEED_OK) {
         speed_rpc_call_fail(call, st, "cannot read the request");
+        return;
+    }
+    if (draining) {   /* a call that arrived during the drain: the client should go elsewhere */
+        speed_free(data);
+        speed_rpc_call_finish(call, SPEED_RPC_UNAVAILABLE, "server shutting down");
         return;
     }
     m->handler(m->user, call, data, len);
@@ -741,6 +736,11 @@ int speed_rpc_server_active_calls(const speed_rpc_server_t *srv) {
     return n;
 }
 
+/* Every call is over (armed accepts may be pending). */
+static bool no_calls_locked(const speed_rpc_server_t *srv) {
+    return srv->n_live == 0 && srv->n_generic_live == 0;
+}
+
 /* Every call is over and no accept is pending. */
 static bool drained_locked(const speed_rpc_server_t *srv) {
     return srv->n_live == 0 && srv->n_pending == 0 && srv->n_generic_live == 0;
@@ -777,6 +777,12 @@ static struct timespec realtime_after(int64_t ms) {
         ts.tv_nsec -= 1000000000L;
     }
     return ts;
+}
+
+static int64_t monotonic_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
 /* End every call the handler still owns: cancel callback, then UNAVAILABLE to the client. */
@@ -830,6 +836,33 @@ void speed_rpc_server_shutdown(speed_rpc_server_t *srv, int64_t grace_ms) {
         return;
     }
 
+    if (srv->thread_started) {
+        int64_t grace_end_ms = monotonic_ms() + (grace_ms > 0 ? grace_ms : 0);
+        if (grace_ms > 0) {
+            /* wait for calls to be over on the wire, not just completed by their handlers:
+             * a finished stream may still be flushing its queue to a slow reader */
+            struct timespec until = realtime_after(grace_ms);
+            wait_until(srv, no_calls_locked, &until);
+        }
+        force_finish_all(srv);
+        struct timespec until = realtime_after(RPC_BACKSTOP_MS);
+        wait_until(srv, no_calls_locked, &until);
+        pthread_mutex_lock(&srv->lock);
+        int n_ended = srv->n_ended_in_drain;
+        pthread_mutex_unlock(&srv->lock);
+        if (n_ended > 0) {
+            int64_t grace_left = grace_end_ms - monotonic_ms();
+            int64_t hold = grace_left < RPC_LINGER_MIN_MS   ? RPC_LINGER_MIN_MS
+                           : grace_left > RPC_LINGER_MAX_MS ? RPC_LINGER_MAX_MS
+                                                            : grace_left;
+            struct timespec linger = {(time_t)(hold / 1000), (long)(hold % 1000) * 1000000L};
+            nanosleep(&linger, NULL);
+        }
+    }
+
+    pthread_mutex_lock(&srv->lock);
+    srv->closing = true;
+    pthread_mutex_unlock(&srv->lock);
     grpc_server_shutdown_and_notify(srv->server, srv->cq, &srv->t_shutdown);
     if (!srv->thread_started) {
         /* Never started (or start failed): drain here until gRPC returns every tag. */
@@ -844,30 +877,9 @@ void speed_rpc_server_shutdown(speed_rpc_server_t *srv, int64_t grace_ms) {
             if (ev.type == GRPC_OP_COMPLETE) dispatch(srv, ev);
         }
     } else {
-        if (grace_ms > 0) {
-            /* wait for calls to be over on the wire, not just completed by their handlers:
-             * a finished stream may still be flushing its queue to a slow reader */
-            struct timespec until = realtime_after(grace_ms);
-            wait_until(srv, drained_locked, &until);
-        }
+        /* calls that slipped in before GOAWAY are ended like the rest */
         force_finish_all(srv);
         struct timespec until = realtime_after(RPC_BACKSTOP_MS);
-        if (!wait_until(srv, drained_locked, &until)) {
-            grpc_server_cancel_all_calls(srv->server);
-            wait_until(srv, drained_locked, NULL);
-        }
-        pthread_mutex_lock(&srv->lock);
-        int n_linger = srv->n_linger;
-        pthread_mutex_unlock(&srv->lock);
-        if (n_linger > 0) {
-            struct timespec linger = {RPC_LINGER_MS / 1000, (RPC_LINGER_MS % 1000) * 1000000L};
-            nanosleep(&linger, NULL);
-        }
-        pthread_mutex_lock(&srv->lock);
-        for (int i = 0; i < srv->n_linger; i++) grpc_call_unref(srv->linger[i]);
-        srv->n_linger = 0;
-        pthread_mutex_unlock(&srv->lock);
-        until = realtime_after(RPC_BACKSTOP_MS);
         if (!wait_until(srv, quiet_locked, &until)) {
             grpc_server_cancel_all_calls(srv->server);
             wait_until(srv, quiet_locked, NULL);
@@ -897,7 +909,6 @@ void speed_rpc_server_destroy(speed_rpc_server_t *srv) {
     if (srv->server) speed_rpc_server_shutdown(srv, 0);
     for (int i = 0; i < srv->n_methods; i++) speed_free(srv->methods[i].path);
     speed_free(srv->methods);
-    speed_free(srv->linger);
     pthread_mutex_destroy(&srv->lock);
     pthread_cond_destroy(&srv->changed);
     speed_free(srv);
