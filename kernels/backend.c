@@ -136,8 +136,9 @@ static speed_status_t check_supported(speed_backend_t *be, speed_op_t op, speed_
 
 static bool kv_ok(const speed_kv_layer_t *kv) {
     return kv && kv->k_base && kv->block_tokens > 0 && kv->n_kv_heads > 0 && kv->head_dim > 0 &&
-           speed_dtype_size(kv->dtype) > 0 &&
-           kv->v_offset >= (size_t)kv->block_tokens * kv->n_kv_heads * kv->head_dim * speed_dtype_size(kv->dtype);
+           speed_dtype_size(kv->dtype) > 0 && (kv->slot_heads == 0 || kv->slot_heads >= kv->n_kv_heads) &&
+           kv->v_offset >= (size_t)kv->block_tokens * speed_kv_layer_slot_heads(kv) * kv->head_dim *
+                               speed_dtype_size(kv->dtype);
 }
 
 speed_status_t speed_op_embed(speed_backend_t *be, speed_mat_t out, speed_mat_t table, const int32_t *ids) {

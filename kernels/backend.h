@@ -60,22 +60,40 @@ static inline speed_mat_t speed_mat(void *data, speed_dtype_t dtype, int64_t n_r
 
 /* One layer of a paged KV pool (ARCHITECTURE.md §4). A pool is an array of blocks of
  * `block_tokens` tokens; inside a block, each layer of the pool's layer group has K then V,
- * each [block_tokens][n_kv_heads][head_dim] in `dtype` — so one layer's slice of one block is
- * the contiguous canonical (wire) unit of 2 * block_bytes_kv bytes.
+ * each [block_tokens][S][head_dim] in `dtype` — so one layer's slice of one block is the
+ * contiguous canonical (wire) unit of 2 * block_bytes_kv bytes. S = slot_heads ? slot_heads :
+ * n_kv_heads is the number of kv heads stored per token slot (speed_kv_layer_slot_heads).
  *
  *   K of token slot s (block b = s / B, offset o = s % B), kv head h, dim d:
- *     k_base + b * block_stride + ((o * n_kv_heads + h) * head_dim + d) * dtype_size
+ *     k_base + b * block_stride + ((o * S + h) * head_dim + d) * dtype_size
  *   V: the same address + v_offset.
+ *
+ * Head views (tensor parallelism). A view of heads [h0, h0 + n_kv_heads) of a pool that stores
+ * slot_heads heads per token slot has k_base advanced by h0 * head_dim * dtype_size and
+ * n_kv_heads the view's head count; ops then read and write only those heads (the view's heads
+ * of one slot are still adjacent, slots are S * head_dim elements apart). slot_heads 0 (what a
+ * zero-initialised view has) means the view covers every head of the slot: S = n_kv_heads.
+ * Ops reject a nonzero slot_heads below n_kv_heads and a v_offset below B * S * head_dim * size
+ * (SPEED_ERR_INVALID_ARGUMENT); that h0 + n_kv_heads <= slot_heads is the caller's to keep.
  */
 typedef struct {
-    void *k_base;          /* backend memory: this layer's K in block 0 */
+    void *k_base;          /* backend memory: this layer's K in block 0 (+ h0 * head_dim * size) */
     size_t block_stride;   /* bytes from one block to the next */
-    size_t v_offset;       /* bytes from a block's K to its V (= B * n_kv_heads * head_dim * size) */
+    size_t v_offset;       /* bytes from a block's K to its V (= B * S * head_dim * size) */
     int block_tokens;      /* B */
-    int n_kv_heads;
+    int n_kv_heads;        /* kv heads in this view */
     int head_dim;
     speed_dtype_t dtype;
+    int slot_heads;        /* kv heads stored per token slot in memory (>= n_kv_heads); 0 means
+                            * n_kv_heads. A view of heads [h0, h0 + n_kv_heads) of a pool holding
+                            * slot_heads heads per slot has k_base advanced by
+                            * h0 * head_dim * dtype_size. */
 } speed_kv_layer_t;
+
+/* S of the address formula: kv heads per token slot in memory. */
+static inline int speed_kv_layer_slot_heads(const speed_kv_layer_t *kv) {
+    return kv->slot_heads ? kv->slot_heads : kv->n_kv_heads;
+}
 
 /* RoPE as Hugging Face Llama applies it: rotate-half layout (dims d and d + head_dim/2 form
  * a pair), inv_freq[i] = theta^(-2i/head_dim), optionally rescaled Llama 3.1 style. */

@@ -379,8 +379,10 @@ typedef struct {
     const int32_t *slots;
 } kv_arg_t;
 
+/* K of the view's first head in `slot`: the view's n_kv_heads * head_dim elements follow
+ * contiguously (a head view's heads are adjacent in the slot); slots are S heads apart. */
 static inline char *kv_slot(const speed_kv_layer_t *kv, int32_t slot) {
-    const size_t row_bytes = (size_t)kv->n_kv_heads * kv->head_dim * dsize(kv->dtype);
+    const size_t row_bytes = (size_t)speed_kv_layer_slot_heads(kv) * kv->head_dim * dsize(kv->dtype);
     return (char *)kv->k_base + (size_t)(slot / kv->block_tokens) * kv->block_stride +
            (size_t)(slot % kv->block_tokens) * row_bytes;
 }

@@ -498,10 +498,10 @@ KERN_INLINE void attn_dt(const speed_cpu_attn_t *a, int64_t r0, int nr, int h, i
     }
 
     const int32_t *bt = a->rows->block_table[r0];
-    const size_t head_off = (size_t)h * hd * es, tok_bytes = (size_t)kv->n_kv_heads * hd * es;
+    const size_t head_off = (size_t)h * hd * es, tok_bytes = (size_t)speed_kv_layer_slot_heads(kv) * hd * es;
     const size_t row_bytes = (size_t)hd * es;
     /* K/V addresses of the next tile are computed (block by block, no division per entry) and
-     * prefetched one tile ahead: the entries of one kv head are scattered (n_kv_heads interleaved
+     * prefetched one tile ahead: the entries of one kv head are scattered (slot_heads interleaved
      * per token, V a block stride away), which the hardware prefetchers do not follow well. */
     const char *kpn[ATTN_T];
     int32_t eb = e0 / B, eo = e0 % B; /* block and offset of the next entry to address */

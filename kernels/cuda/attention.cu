@@ -59,7 +59,7 @@ attn_chunk_kernel(float *out, int64_t out_stride, const float *q, int64_t q_stri
 
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int64_t head_off = (int64_t)kvh * hd * (int64_t)sizeof(S);
-    const int64_t slot_bytes = (int64_t)kv.n_kv_heads * hd * (int64_t)sizeof(S);
+    const int64_t slot_bytes = (int64_t)kv.slot_heads * hd * (int64_t)sizeof(S);
     float m = -INFINITY, l = 0.0f;
     float acc[ATTN_ACC];
 #pragma unroll

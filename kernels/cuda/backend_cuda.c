@@ -472,7 +472,8 @@ static speed_status_t cu_get_rows(void *ctx, speed_mat_t out, speed_mat_t x, con
 static speed_cuda_kv_t kv_view(const speed_kv_layer_t *kv) {
     return (speed_cuda_kv_t){.k_base = kv->k_base, .block_stride = kv->block_stride, .v_offset = kv->v_offset,
                              .block_tokens = kv->block_tokens, .n_kv_heads = kv->n_kv_heads,
-                             .head_dim = kv->head_dim, .dtype = (int)kv->dtype};
+                             .head_dim = kv->head_dim, .dtype = (int)kv->dtype,
+                             .slot_heads = speed_kv_layer_slot_heads(kv)};
 }
 
 static speed_status_t cu_kv_store(void *ctx, const speed_kv_layer_t *kv, speed_mat_t k, speed_mat_t v,

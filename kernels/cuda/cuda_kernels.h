@@ -55,7 +55,8 @@ cudaError_t speed_cuda_add(cudaStream_t stream, float *out, int64_t out_stride, 
 cudaError_t speed_cuda_get_rows(cudaStream_t stream, float *out, int64_t out_stride, const float *x, int64_t x_stride,
                                 const int32_t *rows, int64_t n, int64_t d);
 
-/* One layer of a paged pool, as speed_kv_layer_t (byte strides). */
+/* One layer of a paged pool, as speed_kv_layer_t (byte strides). slot_heads is resolved (never
+ * 0): kv heads per token slot in memory, >= n_kv_heads for a view of some heads of a pool. */
 typedef struct {
     char *k_base;
     size_t block_stride;
@@ -64,10 +65,11 @@ typedef struct {
     int n_kv_heads;
     int head_dim;
     int dtype;
+    int slot_heads;
 } speed_cuda_kv_t;
 
-/* pool slot slots[i] = k[i, :], v[i, :] rounded to the cache dtype (bit-exact with cpu-ref)
- * k, v f32 [n][n_kv_heads * head_dim] */
+/* pool slot slots[i] = k[i, :], v[i, :] rounded to the cache dtype (bit-exact with cpu-ref);
+ * only the view's heads of each slot are written.   k, v f32 [n][n_kv_heads * head_dim] */
 cudaError_t speed_cuda_kv_store(cudaStream_t stream, speed_cuda_kv_t kv, const float *k, int64_t k_stride,
                                 const float *v, int64_t v_stride, const int32_t *slots, int64_t n);
 

@@ -1,4 +1,5 @@
-/* kv_load: the inverse of kv_store, pool slots widened to f32 rows (exact). One block per row. */
+/* kv_load: the inverse of kv_store, pool slots widened to f32 rows (exact). One block per row;
+ * as in kv_store, a slot's view heads are contiguous and slots slot_heads * head_dim apart. */
 #include "cuda_kernels.h"
 #include "cuda_util.cuh"
 
@@ -6,10 +7,10 @@ template <typename DT>
 __global__ void kv_load_kernel(speed_cuda_kv_t kv, float *k, int64_t k_stride, float *v, int64_t v_stride,
                                const int32_t *slots, int64_t n) {
     typedef typename DT::storage S;
-    const int64_t w = (int64_t)kv.n_kv_heads * kv.head_dim;
+    const int64_t w = (int64_t)kv.n_kv_heads * kv.head_dim, slot_w = (int64_t)kv.slot_heads * kv.head_dim;
     for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
         int64_t slot = slots[i], b = slot / kv.block_tokens, o = slot % kv.block_tokens;
-        const S *ks = (const S *)(kv.k_base + (size_t)b * kv.block_stride) + o * w;
+        const S *ks = (const S *)(kv.k_base + (size_t)b * kv.block_stride) + o * slot_w;
         const S *vs = (const S *)((const char *)ks + kv.v_offset);
         float *ki = k + i * k_stride, *vi = v + i * v_stride;
         for (int64_t c = threadIdx.x; c < w; c += blockDim.x) {

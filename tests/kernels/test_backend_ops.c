@@ -454,22 +454,61 @@ static void case_get_rows(int64_t n_x, int64_t d, int64_t n) {
 
 /* ---- KV pool ------------------------------------------------------------------------- */
 
-/* A pool of n_blocks blocks, two layers per block; the ops see layer 1, so a layer's
- * block_stride is twice its own K + V and layer 0 must stay untouched. */
+/* A pool of n_blocks blocks, two layers per block, slot_heads kv heads per token slot; the ops
+ * see heads [h0, h0 + n_kv_heads) of layer 1 (all of them when slot_heads == n_kv_heads, as
+ * the engine's views; fewer for a tensor-parallel rank's head view). A layer's block_stride
+ * is twice its own K + V, and layer 0 and the heads outside the view must stay untouched. */
 typedef struct {
     size_t bytes;
-    size_t layer_offset; /* bytes from a block to layer 1's K */
+    size_t half;         /* bytes of one layer's K (or V) in a block */
+    size_t layer_offset; /* bytes from a block to the view's first head of layer 1's K */
+    int slot_heads, h0;
     speed_kv_layer_t kv; /* k_base relative to NULL: add the pool's base */
 } pool_shape_t;
 
-static pool_shape_t pool_shape(int n_blocks, int B, int n_kv_heads, int head_dim, speed_dtype_t dtype) {
-    size_t half = (size_t)B * n_kv_heads * head_dim * speed_dtype_size(dtype);
+static pool_shape_t pool_shape_heads(int n_blocks, int B, int slot_heads, int h0, int n_kv_heads, int head_dim,
+                                     speed_dtype_t dtype) {
+    SPEED_ASSERT(h0 >= 0 && h0 + n_kv_heads <= slot_heads);
+    const size_t es = speed_dtype_size(dtype), half = (size_t)B * slot_heads * head_dim * es;
     return (pool_shape_t){
         .bytes = (size_t)n_blocks * 4 * half,
-        .layer_offset = 2 * half,
+        .half = half,
+        .layer_offset = 2 * half + (size_t)h0 * head_dim * es,
+        .slot_heads = slot_heads,
+        .h0 = h0,
         .kv = {.block_stride = 4 * half, .v_offset = half, .block_tokens = B, .n_kv_heads = n_kv_heads,
-               .head_dim = head_dim, .dtype = dtype},
+               .head_dim = head_dim, .dtype = dtype, .slot_heads = slot_heads == n_kv_heads ? 0 : slot_heads},
     };
+}
+
+static pool_shape_t pool_shape(int n_blocks, int B, int n_kv_heads, int head_dim, speed_dtype_t dtype) {
+    return pool_shape_heads(n_blocks, B, n_kv_heads, 0, n_kv_heads, head_dim, dtype);
+}
+
+/* The same pool seen whole: every head of layer 1, contiguous slots. */
+static pool_shape_t pool_shape_whole(const pool_shape_t *ps) {
+    pool_shape_t w = *ps;
+    w.layer_offset = 2 * ps->half;
+    w.h0 = 0;
+    w.kv.n_kv_heads = ps->slot_heads;
+    w.kv.slot_heads = 0;
+    return w;
+}
+
+/* " heads [h0, h1) of S" for a head view, "" otherwise. */
+static const char *heads_desc(const pool_shape_t *ps, char *buf, size_t size) {
+    if (ps->slot_heads == ps->kv.n_kv_heads) return "";
+    snprintf(buf, size, " heads[%d,%d)/%d", ps->h0, ps->h0 + ps->kv.n_kv_heads, ps->slot_heads);
+    return buf;
+}
+
+/* Whether byte `off` of the pool belongs to the view (layer 1, heads [h0, h0 + n_kv_heads)). */
+static bool pool_byte_in_view(const pool_shape_t *ps, size_t off) {
+    size_t in_block = off % ps->kv.block_stride;
+    if (in_block < 2 * ps->half) return false; /* layer 0 */
+    const size_t head_bytes = (size_t)ps->kv.head_dim * speed_dtype_size(ps->kv.dtype);
+    const size_t h = (in_block - 2 * ps->half) % ps->half % ((size_t)ps->slot_heads * head_bytes) / head_bytes;
+    return h >= (size_t)ps->h0 && h < (size_t)(ps->h0 + ps->kv.n_kv_heads);
 }
 
 static speed_kv_layer_t pool_layer(const pool_shape_t *ps, void *base) {
@@ -480,11 +519,12 @@ static speed_kv_layer_t pool_layer(const pool_shape_t *ps, void *base) {
 
 /* kv_store of n rows into random distinct slots, then kv_load of those slots and of a few
  * never written. k, v are column slices of one fused [n][q | k | v] buffer when fused. */
-static void case_kv(int n_blocks, int B, int n_kv_heads, int head_dim, speed_dtype_t dtype, int64_t n, bool fused) {
-    char desc[96];
-    snprintf(desc, sizeof desc, "B=%d blocks=%d kvh=%d hd=%d n=%lld %s%s", B, n_blocks, n_kv_heads, head_dim, (long long)n,
-             speed_dtype_name(dtype), fused ? " fused" : "");
-    pool_shape_t ps = pool_shape(n_blocks, B, n_kv_heads, head_dim, dtype);
+static void case_kv_heads(int n_blocks, int B, int slot_heads, int h0, int n_kv_heads, int head_dim,
+                          speed_dtype_t dtype, int64_t n, bool fused) {
+    char desc[96], hdesc[48];
+    pool_shape_t ps = pool_shape_heads(n_blocks, B, slot_heads, h0, n_kv_heads, head_dim, dtype);
+    snprintf(desc, sizeof desc, "B=%d blocks=%d kvh=%d hd=%d n=%lld %s%s%s", B, n_blocks, n_kv_heads, head_dim,
+             (long long)n, speed_dtype_name(dtype), fused ? " fused" : "", heads_desc(&ps, hdesc, sizeof hdesc));
     const int64_t w = (int64_t)n_kv_heads * head_dim, q_cols = fused ? 2 * w : 0, stride = fused ? q_cols + 2 * w : w;
     SPEED_ASSERT(n <= (int64_t)n_blocks * B);
     /* host: kvbuf holds k and v (fused: q | k | v per row; else k rows then v rows) */
@@ -508,6 +548,26 @@ static void case_kv(int n_blocks, int B, int n_kv_heads, int head_dim, speed_dty
           *got_v = host_alloc(l_bytes);
     SPEED_ASSERT(speed_op_kv_load(ref, &rkv, speed_mat(want_k, SPEED_DTYPE_F32, n_load, w),
                                   speed_mat(want_v, SPEED_DTYPE_F32, n_load, w), slots) == SPEED_OK);
+    if (slot_heads != n_kv_heads) {
+        /* The reference itself, against the layout: cpu-ref wrote inside the view only, and
+         * what it loads through the view is the view's columns of a load of whole slots. */
+        size_t n_outside = 0;
+        for (size_t i = 0; i < ps.bytes; i++) n_outside += want_pool[i] != pool0[i] && !pool_byte_in_view(&ps, i);
+        CHECK_MSG(n_outside == 0, "cpu-ref kv_store %s: %zu bytes changed outside the view", desc, n_outside);
+        pool_shape_t whole = pool_shape_whole(&ps);
+        speed_kv_layer_t wkv = pool_layer(&whole, want_pool);
+        const int64_t ww = (int64_t)slot_heads * head_dim;
+        float *all_k = host_alloc((size_t)(n_load * ww) * sizeof(float)),
+              *all_v = host_alloc((size_t)(n_load * ww) * sizeof(float));
+        SPEED_ASSERT(speed_op_kv_load(ref, &wkv, speed_mat(all_k, SPEED_DTYPE_F32, n_load, ww),
+                                      speed_mat(all_v, SPEED_DTYPE_F32, n_load, ww), slots) == SPEED_OK);
+        const int64_t c0 = (int64_t)h0 * head_dim;
+        CHECK_MSG(norm_err(all_k + c0, ww, want_k, w, n_load, w) == 0 &&
+                      norm_err(all_v + c0, ww, want_v, w, n_load, w) == 0,
+                  "cpu-ref kv_load %s: not the view's columns of the whole slots", desc);
+        speed_aligned_free(all_k);
+        speed_aligned_free(all_v);
+    }
 
     for (int ti = 0; ti < n_targets; ti++) {
         const target_t *t = &targets[ti];
@@ -557,6 +617,10 @@ static void case_kv(int n_blocks, int B, int n_kv_heads, int head_dim, speed_dty
     speed_aligned_free(got_v);
 }
 
+static void case_kv(int n_blocks, int B, int n_kv_heads, int head_dim, speed_dtype_t dtype, int64_t n, bool fused) {
+    case_kv_heads(n_blocks, B, n_kv_heads, 0, n_kv_heads, head_dim, dtype, n, fused);
+}
+
 /* ---- attention ----------------------------------------------------------------------- */
 
 /* One sequence of a batch: `n_cached` entries already in the pool, then `n_new` query rows
@@ -565,11 +629,13 @@ typedef struct {
     int n_cached, n_new;
 } seq_t;
 
-static void case_attention(const char *what, int n_heads, int n_kv_heads, int head_dim, int B, speed_dtype_t dtype,
-                           const seq_t *seqs, int n_seqs, float q_scale, int64_t q_pad) {
-    char desc[96];
-    snprintf(desc, sizeof desc, "%s h=%d/%d hd=%d B=%d %s%s", what, n_heads, n_kv_heads, head_dim, B,
-             speed_dtype_name(dtype), q_pad ? " strided" : "");
+/* With slot_heads > n_kv_heads the backends under test attend through a head view (heads
+ * [h0, h0 + n_kv_heads)) of a pool holding slot_heads heads per slot, and cpu-ref computes the
+ * expected output on a separate contiguous pool holding only the view's heads. */
+static void case_attention_heads(const char *what, int n_heads, int slot_heads, int h0, int n_kv_heads, int head_dim,
+                                 int B, speed_dtype_t dtype, const seq_t *seqs, int n_seqs, float q_scale,
+                                 int64_t q_pad) {
+    char desc[96], hdesc[48];
     /* blocks: each sequence's entries in its own random, non-contiguous blocks */
     int64_t n_rows = 0, n_blocks = 1; /* one spare block nobody owns */
     for (int s = 0; s < n_seqs; s++) {
@@ -577,18 +643,25 @@ static void case_attention(const char *what, int n_heads, int n_kv_heads, int he
         n_blocks += (n_e + B - 1) / B;
         n_rows += seqs[s].n_new > 0 ? seqs[s].n_new : 1;
     }
-    pool_shape_t ps = pool_shape((int)n_blocks, B, n_kv_heads, head_dim, dtype);
+    const bool view = slot_heads != n_kv_heads;
+    pool_shape_t ps = pool_shape_heads((int)n_blocks, B, slot_heads, h0, n_kv_heads, head_dim, dtype);
+    pool_shape_t whole = pool_shape_whole(&ps);                                   /* ps, every head */
+    pool_shape_t cs = pool_shape((int)n_blocks, B, n_kv_heads, head_dim, dtype); /* the view's heads alone */
+    snprintf(desc, sizeof desc, "%s h=%d/%d hd=%d B=%d %s%s%s", what, n_heads, n_kv_heads, head_dim, B,
+             speed_dtype_name(dtype), q_pad ? " strided" : "", heads_desc(&ps, hdesc, sizeof hdesc));
     int32_t *perm = host_alloc((size_t)n_blocks * sizeof(int32_t));
     shuffle_ids(perm, n_blocks);
     int32_t **tables = host_alloc((size_t)n_seqs * sizeof(int32_t *));
     const int32_t **row_table = host_alloc((size_t)n_rows * sizeof(int32_t *));
     int32_t *n_visible = host_alloc((size_t)n_rows * sizeof(int32_t));
 
-    /* fill the pool through cpu-ref's kv_store: K, V uniform in [-1, 1) */
-    unsigned char *pool = host_alloc(ps.bytes);
+    /* fill the pool through cpu-ref's kv_store: K, V uniform in [-1, 1); for a head view, the
+     * view's heads also into the contiguous pool cpu-ref attends over */
+    unsigned char *pool = host_alloc(ps.bytes), *cpool = view ? host_alloc(cs.bytes) : pool;
     memset(pool, 0xA5, ps.bytes);
-    speed_kv_layer_t rkv = pool_layer(&ps, pool);
-    const int64_t w = (int64_t)n_kv_heads * head_dim;
+    memset(cpool, 0xA5, cs.bytes);
+    speed_kv_layer_t wkv = pool_layer(&whole, pool), rkv = pool_layer(&cs, cpool);
+    const int64_t w = (int64_t)n_kv_heads * head_dim, ww = (int64_t)slot_heads * head_dim;
     int64_t next_block = 0, r = 0;
     for (int s = 0; s < n_seqs; s++) {
         int n_e = seqs[s].n_cached + (seqs[s].n_new > 0 ? seqs[s].n_new : 0);
@@ -596,13 +669,19 @@ static void case_attention(const char *what, int n_heads, int n_kv_heads, int he
         tables[s] = host_alloc((size_t)(nb ? nb : 1) * sizeof(int32_t));
         for (int b = 0; b < nb; b++) tables[s][b] = perm[next_block++];
         if (n_e) {
-            float *k = host_alloc((size_t)(n_e * w) * sizeof(float)), *v = host_alloc((size_t)(n_e * w) * sizeof(float));
+            float *k = host_alloc((size_t)(n_e * ww) * sizeof(float)),
+                  *v = host_alloc((size_t)(n_e * ww) * sizeof(float));
             int32_t *slots = host_alloc((size_t)n_e * sizeof(int32_t));
-            fill_uniform(k, n_e * w, -1, 1);
-            fill_uniform(v, n_e * w, -1, 1);
+            fill_uniform(k, n_e * ww, -1, 1);
+            fill_uniform(v, n_e * ww, -1, 1);
             for (int e = 0; e < n_e; e++) slots[e] = tables[s][e / B] * B + e % B;
-            SPEED_ASSERT(speed_op_kv_store(ref, &rkv, speed_mat(k, SPEED_DTYPE_F32, n_e, w),
-                                           speed_mat(v, SPEED_DTYPE_F32, n_e, w), slots) == SPEED_OK);
+            SPEED_ASSERT(speed_op_kv_store(ref, &wkv, speed_mat(k, SPEED_DTYPE_F32, n_e, ww),
+                                           speed_mat(v, SPEED_DTYPE_F32, n_e, ww), slots) == SPEED_OK);
+            if (view) {
+                const int64_t c0 = (int64_t)h0 * head_dim;
+                speed_mat_t kc = {k + c0, SPEED_DTYPE_F32, n_e, w, ww}, vc = {v + c0, SPEED_DTYPE_F32, n_e, w, ww};
+                SPEED_ASSERT(speed_op_kv_store(ref, &rkv, kc, vc, slots) == SPEED_OK);
+            }
             speed_aligned_free(k);
             speed_aligned_free(v);
             speed_aligned_free(slots);
@@ -648,9 +727,15 @@ static void case_attention(const char *what, int n_heads, int n_kv_heads, int he
     speed_aligned_free(n_visible);
     speed_aligned_free(perm);
     speed_aligned_free(pool);
+    if (view) speed_aligned_free(cpool);
     speed_aligned_free(q);
     speed_aligned_free(want);
     speed_aligned_free(got);
+}
+
+static void case_attention(const char *what, int n_heads, int n_kv_heads, int head_dim, int B, speed_dtype_t dtype,
+                           const seq_t *seqs, int n_seqs, float q_scale, int64_t q_pad) {
+    case_attention_heads(what, n_heads, n_kv_heads, 0, n_kv_heads, head_dim, B, dtype, seqs, n_seqs, q_scale, q_pad);
 }
 
 /* ---- the cases ----------------------------------------------------------------------- */
@@ -721,6 +806,10 @@ static void run_all(void) {
         case_kv(6, 3, 2, 17 * 2, dt, 17, true);
         case_kv(8, 16, 8, 64, dt, 100, false);
         case_kv(4, 16, 4, 128, dt, 64, true);
+        /* head views (a tensor-parallel rank's heads of a shared pool): only those heads move */
+        case_kv_heads(6, 3, 4, 1, 2, 17 * 2, dt, 17, true);
+        case_kv_heads(8, 16, 4, 2, 2, 64, dt, 100, false);
+        case_kv_heads(4, 16, 8, 3, 1, 128, dt, 40, false);
     }
 
     for (int di = 0; di < 3; di++) {
@@ -736,6 +825,10 @@ static void run_all(void) {
         /* a mixed batch with q as a slice of a fused qkv row */
         const seq_t mixed[4] = {{0, 3}, {5, 1}, {40, 2}, {0, -1}};
         case_attention("mixed", 6, 2, 80, 3, dt, mixed, 4, 1.0f, 2 * 2 * 80);
+        /* head views of a pool with 4 kv heads per slot, against a pool of the view's heads */
+        case_attention_heads("decode", 8, 4, 1, 2, 64, 16, dt, decode, 7, 1.0f, 0);
+        case_attention_heads("prefill", 4, 4, 2, 2, 128, 16, dt, prefill, 2, 1.0f, 0);
+        case_attention_heads("mixed", 6, 4, 1, 2, 80, 3, dt, mixed, 4, 1.0f, 2 * 2 * 80);
     }
 
     /* Paths of device backends the shapes above may not reach (cheap on the CPU too): more rows
@@ -760,6 +853,7 @@ static void run_all(void) {
         case_attention("wide heads", 4, 2, 256, 16, dt, wide, 2, 1.0f, 0);
         case_attention("wide heads", 2, 1, 512, 8, dt, wide, 2, 1.0f, 0);
         case_attention("odd heads", 3, 3, 96 + 6, 5, dt, wide, 2, 1.0f, 0);
+        case_attention_heads("long decode", 4, 4, 3, 1, 128, 16, dt, long_decode, 3, 2.0f, 0); /* split-K */
     }
 }
 

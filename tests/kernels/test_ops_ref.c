@@ -412,8 +412,9 @@ static void pool_init(pool_t *p, int n_blocks, int B, int n_kv_heads, int head_d
 static const unsigned char *pool_k(const pool_t *p, int s, int h, int d) {
     const speed_kv_layer_t *kv = &p->kv;
     int b = s / kv->block_tokens, o = s % kv->block_tokens;
+    int S = kv->slot_heads ? kv->slot_heads : kv->n_kv_heads;
     return (const unsigned char *)kv->k_base + (size_t)b * kv->block_stride +
-           ((size_t)(o * kv->n_kv_heads + h) * kv->head_dim + d) * speed_dtype_size(kv->dtype);
+           ((size_t)(o * S + h) * kv->head_dim + d) * speed_dtype_size(kv->dtype);
 }
 
 static float read_elem(const unsigned char *p, speed_dtype_t dtype) {
@@ -505,6 +506,56 @@ static void test_kv(void) {
                  SPEED_OK);
     CHECK(back[0] == 1.0f && back[1] == 1.0f + 4.0f / 256);
     speed_aligned_free(p.mem);
+}
+
+/* A view of heads [h0, h0 + 2) of a pool storing 4 heads per slot (a tensor-parallel rank's
+ * share): kv_store writes exactly those heads' bytes where backend.h puts them, every other
+ * byte of the pool keeps its value, and kv_load reads the same heads back. */
+static void test_kv_head_view(void) {
+    enum { B = 3, NB = 4, SH = 4, H = 2, D = 5, N = 6 };
+    const int32_t slots[N] = {11, 0, 7, 4, 9, 2};
+    for (int dt = 0; dt < SPEED_DTYPE_COUNT; dt++)
+        for (int h0 = 1; h0 + H <= SH; h0++) {
+            speed_dtype_t dtype = (speed_dtype_t)dt;
+            const size_t esz = speed_dtype_size(dtype);
+            pool_t p; /* the whole pool: SH heads per slot */
+            pool_init(&p, NB, B, SH, D, dtype);
+            speed_kv_layer_t view = p.kv;
+            view.k_base = (char *)p.kv.k_base + (size_t)h0 * D * esz;
+            view.n_kv_heads = H;
+            view.slot_heads = SH;
+            float k[N][H * D], v[N][H * D];
+            for (int i = 0; i < N; i++)
+                for (int c = 0; c < H * D; c++) {
+                    k[i][c] = (float)(sin(i * 13.0 + c * 0.3 + h0) * 2.7);
+                    v[i][c] = (float)(cos(i * 3.0 + c * 0.9 - h0) * 0.05) + 0.2f;
+                }
+            /* the expected pool: 0xA5 everywhere but the view's heads of the stored slots */
+            unsigned char *want = speed_aligned_alloc(64, p.bytes);
+            memcpy(want, p.mem, p.bytes);
+            for (int i = 0; i < N; i++)
+                for (int h = 0; h < H; h++) {
+                    size_t off = (size_t)(pool_k(&p, slots[i], h0 + h, 0) - p.mem);
+                    speed_dtype_from_f32(dtype, &k[i][h * D], want + off, D);
+                    speed_dtype_from_f32(dtype, &v[i][h * D], want + off + p.kv.v_offset, D);
+                }
+            CHECK_INT_EQ(speed_op_kv_store(be, &view, speed_mat(k, SPEED_DTYPE_F32, N, H * D),
+                                           speed_mat(v, SPEED_DTYPE_F32, N, H * D), slots),
+                         SPEED_OK);
+            CHECK_MSG(memcmp(p.mem, want, p.bytes) == 0, "%s heads [%d, %d) of %d: pool bytes",
+                      speed_dtype_name(dtype), h0, h0 + H, SH);
+            float k2[N][H * D], v2[N][H * D];
+            CHECK_INT_EQ(speed_op_kv_load(be, &view, speed_mat(k2, SPEED_DTYPE_F32, N, H * D),
+                                          speed_mat(v2, SPEED_DTYPE_F32, N, H * D), slots),
+                         SPEED_OK);
+            int trip_ok = 1;
+            for (int i = 0; i < N; i++)
+                for (int c = 0; c < H * D; c++)
+                    trip_ok &= k2[i][c] == rounded(k[i][c], dtype) && v2[i][c] == rounded(v[i][c], dtype);
+            CHECK_MSG(trip_ok, "%s heads [%d, %d) of %d: round trip", speed_dtype_name(dtype), h0, h0 + H, SH);
+            speed_aligned_free(want);
+            speed_aligned_free(p.mem);
+        }
 }
 
 /* ---- attention ------------------------------------------------------------------------- */
@@ -708,6 +759,17 @@ static void test_bad_arguments(void) {
     kv_bad = p.kv;
     kv_bad.dtype = (speed_dtype_t)5;
     BAD(speed_op_kv_store(be, &kv_bad, m48, n48, ids_ok));
+    kv_bad = p.kv;
+    kv_bad.slot_heads = 1; /* fewer heads per slot than the view has */
+    BAD(speed_op_kv_store(be, &kv_bad, m48, n48, ids_ok));
+    BAD(speed_op_kv_load(be, &kv_bad, m48, n48, ids_ok));
+    kv_bad.slot_heads = -2;
+    BAD(speed_op_kv_store(be, &kv_bad, m48, n48, ids_ok));
+    kv_bad.slot_heads = 4; /* v_offset (B * 2 heads * head_dim) would overlap K of 4 heads */
+    BAD(speed_op_kv_load(be, &kv_bad, m48, n48, ids_ok));
+    speed_kv_layer_t kv_same = p.kv;
+    kv_same.slot_heads = 2; /* = n_kv_heads: the same as 0 */
+    CHECK_INT_EQ(speed_op_kv_store(be, &kv_same, m48, n48, ids_ok), SPEED_OK);
 
     /* attention: q, out [4][n_heads * 4] */
     const int32_t table[2] = {0, 1};
@@ -721,6 +783,11 @@ static void test_bad_arguments(void) {
     BAD(speed_op_attention(be, m48, m38, &p.kv, 2, &rows, 0.5f));
     BAD(speed_op_attention(be, m48, n48, NULL, 2, &rows, 0.5f));
     BAD(speed_op_attention(be, m48, n48, &p.kv, 2, NULL, 0.5f));
+    kv_bad = p.kv;
+    kv_bad.slot_heads = 1;
+    BAD(speed_op_attention(be, m48, n48, &kv_bad, 2, &rows, 0.5f));
+    kv_bad.slot_heads = 3; /* v_offset too small for 3 heads per slot */
+    BAD(speed_op_attention(be, m48, n48, &kv_bad, 2, &rows, 0.5f));
     speed_attn_rows_t rows_bad = rows;
     rows_bad.n_rows = 3;
     BAD(speed_op_attention(be, m48, n48, &p.kv, 2, &rows_bad, 0.5f));
@@ -766,6 +833,7 @@ int main(void) {
     test_rope_llama3();
     test_swiglu();
     test_kv();
+    test_kv_head_view();
     test_attention();
     test_bad_arguments();
     CHECK_INT_EQ(speed_alloc_live_count(), live); /* ops leave no allocation behind */

@@ -309,7 +309,8 @@ static double bench_attention(int ctx, int64_t n_rows, speed_dtype_t dt, int rep
     attn_bench_t a = {.n_rows = n_rows};
     const int B = 16, n_blocks = (ctx + B - 1) / B;
     const size_t es = speed_dtype_size(dt), half = (size_t)B * N_KV * HD * es;
-    a.kv = (speed_kv_layer_t){NULL, 2 * half, half, B, N_KV, HD, dt};
+    a.kv = (speed_kv_layer_t){.block_stride = 2 * half, .v_offset = half, .block_tokens = B, .n_kv_heads = N_KV,
+                              .head_dim = HD, .dtype = dt};
     a.pool = make_weights(dt, (size_t)n_blocks * 2 * half / es);
     a.kv.k_base = a.pool;
     a.table = xalloc(sizeof(int32_t) * (size_t)n_blocks);

@@ -72,11 +72,13 @@ static const void *mat_row(speed_mat_t m, int64_t r) {
 /* Row r of an f32 matrix. */
 static float *f32_row(speed_mat_t m, int64_t r) { return (float *)m.data + r * m.row_stride; }
 
-/* K of pool slot `slot`, kv head h: head_dim elements of kv->dtype. V is at + v_offset. */
+/* K of pool slot `slot`, kv head h of the view: head_dim elements of kv->dtype. V is at
+ * + v_offset. The address of backend.h, with S heads per slot in memory. */
 static char *kv_k_head(const speed_kv_layer_t *kv, int64_t slot, int h) {
     int64_t b = slot / kv->block_tokens, o = slot % kv->block_tokens;
+    int64_t S = speed_kv_layer_slot_heads(kv);
     return (char *)kv->k_base + (size_t)b * kv->block_stride +
-           (size_t)((o * kv->n_kv_heads + h) * kv->head_dim) * speed_dtype_size(kv->dtype);
+           (size_t)((o * S + h) * kv->head_dim) * speed_dtype_size(kv->dtype);
 }
 
 /* ---- memory ---------------------------------------------------------------------- */
