@@ -23,6 +23,7 @@ speed_engine_params_t speed_engine_default_params(void) {
         .max_step_tokens = 512,
         .prefill_chunk = 512,
         .depth = speed_depth_default(),
+        .tp_size = 1,
     };
 }
 
@@ -74,127 +75,248 @@ speed_status_t speed_engine_params_fit_kv(speed_engine_params_t *p, int64_t n_se
 
 /* ---- create / destroy --------------------------------------------------------------------- */
 
-static speed_status_t map_tensor(speed_engine_t *e, const speed_tensor_t *t, int64_t rows, int64_t cols,
+static speed_status_t map_tensor(engine_rank_t *rk, const speed_tensor_t *t, int64_t rows, int64_t cols,
                                  speed_mat_t *m) {
-    for (int i = 0; i < e->n_mapped; i++) { /* a tied lm_head is the embedding: map it once */
-        if (e->mapped[i] == t->data) {
-            *m = speed_mat((void *)e->mapped_dev[i], t->dtype, rows, cols);
+    for (int i = 0; i < rk->n_mapped; i++) { /* a tied lm_head is the embedding: map it once */
+        if (rk->mapped[i] == t->data) {
+            *m = speed_mat((void *)rk->mapped_dev[i], t->dtype, rows, cols);
             return SPEED_OK;
         }
     }
     const void *dev;
-    SPEED_CHECK(speed_backend_map_weights(e->be, t->data, t->n_bytes, &dev));
-    e->mapped[e->n_mapped] = t->data;
-    e->mapped_dev[e->n_mapped] = dev;
-    e->n_mapped++;
+    SPEED_CHECK(speed_backend_map_weights(rk->be, t->data, t->n_bytes, &dev));
+    rk->mapped[rk->n_mapped] = t->data;
+    rk->mapped_dev[rk->n_mapped] = dev;
+    rk->n_mapped++;
     *m = speed_mat((void *)dev, t->dtype, rows, cols);
     return SPEED_OK;
 }
 
-static speed_status_t check_op(speed_engine_t *e, speed_op_t op, speed_dtype_t dtype, const char *what) {
-    if (speed_backend_supports_op(e->be, op, dtype)) return SPEED_OK;
-    SPEED_ERROR(SPEED_SUBSYS_ENGINE, "backend %s cannot run %s with %s", speed_backend_name(e->be), what,
+/* Zero-copy shards of a row-major [rows][cols] weight: rows [r0, r0 + n) (column-parallel
+ * projections) or columns [c0, c0 + n) (row-parallel ones; the row stride stays the width). */
+static speed_mat_t shard_rows(speed_mat_t m, int64_t r0, int64_t n) {
+    m.data = (char *)m.data + (size_t)(r0 * m.row_stride) * speed_dtype_size(m.dtype);
+    m.n_rows = n;
+    return m;
+}
+
+static speed_mat_t shard_cols(speed_mat_t m, int64_t c0, int64_t n) {
+    m.data = (char *)m.data + (size_t)c0 * speed_dtype_size(m.dtype);
+    m.n_cols = n;
+    return m;
+}
+
+static speed_status_t check_op(engine_rank_t *rk, speed_op_t op, speed_dtype_t dtype, const char *what) {
+    if (speed_backend_supports_op(rk->be, op, dtype)) return SPEED_OK;
+    SPEED_ERROR(SPEED_SUBSYS_ENGINE, "backend %s cannot run %s with %s", speed_backend_name(rk->be), what,
                 speed_dtype_name(dtype));
     return SPEED_ERR_UNSUPPORTED;
 }
 
-static speed_status_t map_weights(speed_engine_t *e) {
+static speed_status_t map_weights(engine_rank_t *rk) {
+    speed_engine_t *e = rk->e;
     const speed_model_t *m = e->model;
     int n_max = 3 + 9 * e->n_layers;
-    e->mapped = speed_calloc((size_t)n_max, sizeof *e->mapped);
-    e->mapped_dev = speed_calloc((size_t)n_max, sizeof *e->mapped_dev);
-    e->layers = speed_calloc((size_t)e->n_layers, sizeof *e->layers);
-    if (!e->mapped || !e->mapped_dev || !e->layers) {
+    rk->mapped = speed_calloc((size_t)n_max, sizeof *rk->mapped);
+    rk->mapped_dev = speed_calloc((size_t)n_max, sizeof *rk->mapped_dev);
+    rk->layers = speed_calloc((size_t)e->n_layers, sizeof *rk->layers);
+    if (!rk->mapped || !rk->mapped_dev || !rk->layers) {
         SPEED_ERROR(SPEED_SUBSYS_ENGINE, "engine: out of memory");
         return SPEED_ERR_NO_MEMORY;
     }
-    int qd = e->n_heads * e->head_dim, kvd = e->n_kv_heads * e->head_dim;
-    SPEED_CHECK(map_tensor(e, m->tok_embeddings, e->vocab, e->hidden, &e->tok_embeddings));
-    SPEED_CHECK(map_tensor(e, m->norm, 1, e->hidden, &e->norm));
-    SPEED_CHECK(map_tensor(e, m->lm_head, e->vocab, e->hidden, &e->lm_head));
-    SPEED_CHECK(check_op(e, SPEED_OP_EMBED, e->tok_embeddings.dtype, "embed"));
-    SPEED_CHECK(check_op(e, SPEED_OP_RMSNORM, e->norm.dtype, "rmsnorm"));
-    SPEED_CHECK(check_op(e, SPEED_OP_MATMUL, e->lm_head.dtype, "matmul"));
+    const int hd = e->head_dim, qd = e->n_heads * hd, kvd = e->n_kv_heads * hd;
+    const int q0 = rk->kv_head0 * (e->n_heads / e->n_kv_heads) * hd, nq = rk->n_heads * hd;
+    const int k0 = rk->kv_head0 * hd, nk = rk->n_kv_heads * hd;
+    const int f0 = (int)((int64_t)e->ffn * rk->rank / e->n_ranks), nf = rk->ffn;
+    SPEED_CHECK(map_tensor(rk, m->tok_embeddings, e->vocab, e->hidden, &rk->tok_embeddings));
+    SPEED_CHECK(map_tensor(rk, m->norm, 1, e->hidden, &rk->norm));
+    SPEED_CHECK(map_tensor(rk, m->lm_head, e->vocab, e->hidden, &rk->lm_head));
+    SPEED_CHECK(check_op(rk, SPEED_OP_EMBED, rk->tok_embeddings.dtype, "embed"));
+    SPEED_CHECK(check_op(rk, SPEED_OP_RMSNORM, rk->norm.dtype, "rmsnorm"));
+    SPEED_CHECK(check_op(rk, SPEED_OP_MATMUL, rk->lm_head.dtype, "matmul"));
     for (int l = 0; l < e->n_layers; l++) {
         const speed_layer_weights_t *w = &m->layers[l];
-        engine_layer_t *L = &e->layers[l];
-        SPEED_CHECK(map_tensor(e, w->attn_norm, 1, e->hidden, &L->attn_norm));
-        SPEED_CHECK(map_tensor(e, w->wq, qd, e->hidden, &L->wq));
-        SPEED_CHECK(map_tensor(e, w->wk, kvd, e->hidden, &L->wk));
-        SPEED_CHECK(map_tensor(e, w->wv, kvd, e->hidden, &L->wv));
-        SPEED_CHECK(map_tensor(e, w->wo, e->hidden, qd, &L->wo));
-        SPEED_CHECK(map_tensor(e, w->ffn_norm, 1, e->hidden, &L->ffn_norm));
-        SPEED_CHECK(map_tensor(e, w->w_gate, e->ffn, e->hidden, &L->w_gate));
-        SPEED_CHECK(map_tensor(e, w->w_up, e->ffn, e->hidden, &L->w_up));
-        SPEED_CHECK(map_tensor(e, w->w_down, e->hidden, e->ffn, &L->w_down));
+        engine_layer_t *L = &rk->layers[l];
+        SPEED_CHECK(map_tensor(rk, w->attn_norm, 1, e->hidden, &L->attn_norm));
+        SPEED_CHECK(map_tensor(rk, w->wq, qd, e->hidden, &L->wq));
+        SPEED_CHECK(map_tensor(rk, w->wk, kvd, e->hidden, &L->wk));
+        SPEED_CHECK(map_tensor(rk, w->wv, kvd, e->hidden, &L->wv));
+        SPEED_CHECK(map_tensor(rk, w->wo, e->hidden, qd, &L->wo));
+        SPEED_CHECK(map_tensor(rk, w->ffn_norm, 1, e->hidden, &L->ffn_norm));
+        SPEED_CHECK(map_tensor(rk, w->w_gate, e->ffn, e->hidden, &L->w_gate));
+        SPEED_CHECK(map_tensor(rk, w->w_up, e->ffn, e->hidden, &L->w_up));
+        SPEED_CHECK(map_tensor(rk, w->w_down, e->hidden, e->ffn, &L->w_down));
+        if (e->n_ranks > 1) {
+            L->wq = shard_rows(L->wq, q0, nq);
+            L->wk = shard_rows(L->wk, k0, nk);
+            L->wv = shard_rows(L->wv, k0, nk);
+            L->wo = shard_cols(L->wo, q0, nq);
+            L->w_gate = shard_rows(L->w_gate, f0, nf);
+            L->w_up = shard_rows(L->w_up, f0, nf);
+            L->w_down = shard_cols(L->w_down, f0, nf);
+        }
         const speed_mat_t *mats[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
         for (size_t i = 0; i < sizeof mats / sizeof mats[0]; i++)
-            SPEED_CHECK(check_op(e, SPEED_OP_MATMUL, mats[i]->dtype, "matmul"));
-        SPEED_CHECK(check_op(e, SPEED_OP_RMSNORM, L->attn_norm.dtype, "rmsnorm"));
-        SPEED_CHECK(check_op(e, SPEED_OP_RMSNORM, L->ffn_norm.dtype, "rmsnorm"));
+            SPEED_CHECK(check_op(rk, SPEED_OP_MATMUL, mats[i]->dtype, "matmul"));
+        SPEED_CHECK(check_op(rk, SPEED_OP_RMSNORM, L->attn_norm.dtype, "rmsnorm"));
+        SPEED_CHECK(check_op(rk, SPEED_OP_RMSNORM, L->ffn_norm.dtype, "rmsnorm"));
     }
-    const speed_op_t f32_ops[] = {SPEED_OP_ROPE, SPEED_OP_SWIGLU, SPEED_OP_GET_ROWS};
+    const speed_op_t f32_ops[] = {SPEED_OP_ROPE, SPEED_OP_SWIGLU, SPEED_OP_GET_ROWS, SPEED_OP_ADD};
     for (size_t i = 0; i < sizeof f32_ops / sizeof f32_ops[0]; i++)
-        SPEED_CHECK(check_op(e, f32_ops[i], SPEED_DTYPE_F32, "f32 activation ops"));
-    SPEED_CHECK(check_op(e, SPEED_OP_KV_STORE, e->p.kv_dtype, "kv_store"));
-    SPEED_CHECK(check_op(e, SPEED_OP_ATTENTION, e->p.kv_dtype, "attention"));
+        SPEED_CHECK(check_op(rk, f32_ops[i], SPEED_DTYPE_F32, "f32 activation ops"));
+    SPEED_CHECK(check_op(rk, SPEED_OP_KV_STORE, e->p.kv_dtype, "kv_store"));
+    SPEED_CHECK(check_op(rk, SPEED_OP_ATTENTION, e->p.kv_dtype, "attention"));
     return SPEED_OK;
 }
 
 static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
 
-static speed_status_t alloc_scratch(speed_engine_t *e) {
-    size_t R = (size_t)e->p.max_step_tokens;
-    size_t qd = (size_t)e->n_heads * e->head_dim, kvd = (size_t)e->n_kv_heads * e->head_dim;
-    size_t sizes[] = {R * e->hidden, R * e->hidden, R * e->hidden, R * qd, R * kvd, R * kvd, R * qd,
-                      R * e->ffn,    R * e->ffn,    (size_t)e->max_out * e->vocab};
-    float **ptrs[] = {&e->x, &e->x2, &e->h, &e->q, &e->k, &e->v, &e->att, &e->gate, &e->up, &e->logits_dev};
-    size_t total = 0;
-    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) total += align64(sizes[i] * sizeof(float));
-    SPEED_CHECK(speed_backend_alloc(e->be, total, &e->scratch));
-    e->scratch_bytes = total;
-    char *p = e->scratch;
-    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
-        *ptrs[i] = (float *)p;
-        p += align64(sizes[i] * sizeof(float));
-    }
-
-    int Ri = e->p.max_step_tokens;
-    size_t host = 0;
-#define HOST_ALLOC(ptr, n)                                                    \
+#define HOST_ALLOC(ptr, n, total)                                             \
     do {                                                                      \
         (ptr) = speed_calloc((size_t)(n), sizeof *(ptr));                     \
         if (!(ptr)) goto oom;                                                 \
-        host += (size_t)(n) * sizeof *(ptr);                                  \
+        (total) += (size_t)(n) * sizeof *(ptr);                               \
     } while (0)
-    HOST_ALLOC(e->logits, (size_t)e->max_out * e->vocab);
-    HOST_ALLOC(e->tok, Ri);
-    HOST_ALLOC(e->pos, Ri);
-    HOST_ALLOC(e->row_item, Ri);
-    HOST_ALLOC(e->entry_full, Ri);
-    HOST_ALLOC(e->entry_compact, Ri);
-    HOST_ALLOC(e->act, Ri);
-    HOST_ALLOC(e->gather, Ri);
-    HOST_ALLOC(e->act_pos, Ri);
-    HOST_ALLOC(e->slots, Ri);
-    HOST_ALLOC(e->n_visible, Ri);
-    HOST_ALLOC(e->tables, Ri);
-    HOST_ALLOC(e->out_rows, e->max_out);
-    HOST_ALLOC(e->items, e->p.max_seqs);
-    HOST_ALLOC(e->outputs, e->max_out);
-    HOST_ALLOC(e->seqs, e->p.max_seqs);
-    HOST_ALLOC(e->order, e->p.max_seqs);
-#undef HOST_ALLOC
-    e->host_scratch_bytes = host;
+
+static speed_status_t alloc_rank_scratch(engine_rank_t *rk) {
+    speed_engine_t *e = rk->e;
+    size_t R = (size_t)e->p.max_step_tokens;
+    size_t qd = (size_t)rk->n_heads * e->head_dim, kvd = (size_t)rk->n_kv_heads * e->head_dim;
+    size_t part = e->n_ranks > 1 ? R * e->hidden : 0;
+    size_t logits = rk->rank == 0 ? (size_t)e->max_out * e->vocab : 0;
+    size_t sizes[] = {R * e->hidden, R * e->hidden, R * e->hidden, R * qd, R * kvd, R * kvd, R * qd,
+                      R * rk->ffn,   R * rk->ffn,   part,          logits};
+    float **ptrs[] = {&rk->x, &rk->x2, &rk->h, &rk->q, &rk->k, &rk->v, &rk->att, &rk->gate, &rk->up, &rk->part,
+                      &rk->logits_dev};
+    size_t total = 0;
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) total += align64(sizes[i] * sizeof(float));
+    SPEED_CHECK(speed_backend_alloc(rk->be, total, &rk->scratch));
+    rk->scratch_bytes = total;
+    char *p = rk->scratch;
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
+        *ptrs[i] = sizes[i] ? (float *)p : NULL;
+        p += align64(sizes[i] * sizeof(float));
+    }
+    int Ri = e->p.max_step_tokens;
+    size_t host = 0;
+    HOST_ALLOC(rk->act, Ri, host);
+    HOST_ALLOC(rk->gather, Ri, host);
+    HOST_ALLOC(rk->act_pos, Ri, host);
+    HOST_ALLOC(rk->slots, Ri, host);
+    HOST_ALLOC(rk->n_visible, Ri, host);
+    HOST_ALLOC(rk->tables, Ri, host);
+    rk->host_scratch_bytes = host;
     return SPEED_OK;
 oom:
     SPEED_ERROR(SPEED_SUBSYS_ENGINE, "engine: out of memory for host scratch");
     return SPEED_ERR_NO_MEMORY;
 }
 
+static speed_status_t alloc_scratch(speed_engine_t *e) {
+    int Ri = e->p.max_step_tokens;
+    size_t host = 0;
+    HOST_ALLOC(e->logits, (size_t)e->max_out * e->vocab, host);
+    HOST_ALLOC(e->tok, Ri, host);
+    HOST_ALLOC(e->pos, Ri, host);
+    HOST_ALLOC(e->row_item, Ri, host);
+    HOST_ALLOC(e->entry_full, Ri, host);
+    HOST_ALLOC(e->entry_compact, Ri, host);
+    HOST_ALLOC(e->out_rows, e->max_out, host);
+    HOST_ALLOC(e->items, e->p.max_seqs, host);
+    HOST_ALLOC(e->outputs, e->max_out, host);
+    HOST_ALLOC(e->seqs, e->p.max_seqs, host);
+    HOST_ALLOC(e->order, e->p.max_seqs, host);
+    e->host_scratch_bytes = host;
+    return SPEED_OK;
+oom:
+    SPEED_ERROR(SPEED_SUBSYS_ENGINE, "engine: out of memory for host scratch");
+    return SPEED_ERR_NO_MEMORY;
+}
+#undef HOST_ALLOC
+
+static void rank_free(engine_rank_t *rk) {
+    speed_backend_free(rk->be, rk->scratch);
+    for (int i = rk->n_mapped - 1; i >= 0; i--) speed_backend_unmap_weights(rk->be, rk->mapped_dev[i]);
+    speed_free(rk->mapped);
+    speed_free(rk->mapped_dev);
+    speed_free(rk->layers);
+    speed_free(rk->act);
+    speed_free(rk->gather);
+    speed_free(rk->act_pos);
+    speed_free(rk->slots);
+    speed_free(rk->n_visible);
+    speed_free((void *)rk->tables);
+}
+
+/* Ranks >= 1: wait for a step, run it, report. */
+static void *rank_main(void *arg) {
+    engine_rank_t *rk = arg;
+    speed_engine_t *e = rk->e;
+    uint64_t seen = 0;
+    for (;;) {
+        pthread_mutex_lock(&e->tp_lock);
+        while (e->tp_gen == seen && !e->tp_stop) pthread_cond_wait(&e->tp_start, &e->tp_lock);
+        if (e->tp_stop) {
+            pthread_mutex_unlock(&e->tp_lock);
+            return NULL;
+        }
+        seen = e->tp_gen;
+        int n_items = e->tp_n_items, n_rows = e->tp_n_rows;
+        pthread_mutex_unlock(&e->tp_lock);
+        rk->st = speed_engine_rank_forward_(rk, n_items, n_rows);
+        if (rk->st != SPEED_OK) speed_comm_abort(rk->comm); /* no rank may wait for us */
+        pthread_mutex_lock(&e->tp_lock);
+        e->tp_done++;
+        pthread_cond_signal(&e->tp_finished);
+        pthread_mutex_unlock(&e->tp_lock);
+    }
+}
+
+/* Ranks, their shares, weights, scratch, the communicator and the rank threads. */
+static speed_status_t create_ranks(speed_engine_t *e) {
+    const int t = e->n_ranks;
+    e->ranks = speed_calloc((size_t)t, sizeof *e->ranks);
+    if (!e->ranks) return SPEED_ERR_NO_MEMORY;
+    if (t > 1) {
+        SPEED_CHECK(speed_comm_group_cpu_create(t, &e->comm_group));
+        pthread_mutex_init(&e->tp_lock, NULL);
+        pthread_cond_init(&e->tp_start, NULL);
+        pthread_cond_init(&e->tp_finished, NULL);
+        e->tp_sync_init = true;
+    }
+    for (int r = 0; r < t; r++) {
+        engine_rank_t *rk = &e->ranks[r];
+        rk->e = e;
+        rk->rank = r;
+        rk->be = t > 1 ? e->p.tp_backends[r] : e->p.backend;
+        rk->comm = t > 1 ? speed_comm_group_rank(e->comm_group, r) : NULL;
+        rk->n_kv_heads = e->n_kv_heads / t;
+        rk->kv_head0 = r * rk->n_kv_heads;
+        rk->n_heads = e->n_heads / t;
+        rk->ffn = (int)((int64_t)e->ffn * (r + 1) / t - (int64_t)e->ffn * r / t);
+        SPEED_CHECK(map_weights(rk));
+        SPEED_CHECK(alloc_rank_scratch(rk));
+    }
+    for (int r = 1; r < t; r++) {
+        if (pthread_create(&e->ranks[r].thread, NULL, rank_main, &e->ranks[r]) != 0) {
+            SPEED_ERROR(SPEED_SUBSYS_ENGINE, "engine: cannot start the thread of tensor-parallel rank %d", r);
+            return SPEED_ERR_NO_MEMORY;
+        }
+        e->ranks[r].thread_started = true;
+    }
+    return SPEED_OK;
+}
+
+/* Backend scratch and per-rank host scratch of every rank. */
+static size_t engine_scratch_bytes(const speed_engine_t *e) {
+    size_t n = 0;
+    for (int r = 0; r < e->n_ranks; r++) n += e->ranks[r].scratch_bytes + e->ranks[r].host_scratch_bytes;
+    return n;
+}
+
 static speed_status_t check_params(const speed_engine_params_t *p) {
     const char *bad = NULL;
-    if (!p->backend) bad = "no backend";
+    if (!p->backend && !(p->tp_size > 1 && p->tp_backends)) bad = "no backend";
     else if (!p->model) bad = "no model";
     else if (speed_dtype_size(p->kv_dtype) == 0) bad = "kv_dtype is not f32, bf16 or f16";
     else if (p->block_tokens < 1 || p->block_tokens > 4096) bad = "block_tokens is out of range [1, 4096]";
@@ -203,6 +325,20 @@ static speed_status_t check_params(const speed_engine_params_t *p) {
     else if (p->max_step_tokens < 1 || p->max_step_tokens > 1 << 20) bad = "max_step_tokens is out of range [1, 2^20]";
     else if (p->prefill_chunk < 1) bad = "prefill_chunk is < 1";
     else if (p->max_context < 0) bad = "max_context is negative";
+    else if (p->tp_size < 1 || p->tp_size > SPEED_ENGINE_TP_MAX) bad = "tp_size is out of range [1, 64]";
+    else if (p->model->config.n_kv_heads % p->tp_size || p->model->config.n_heads % p->tp_size)
+        bad = "tp_size does not divide the model's query and kv heads";
+    else if (p->model->config.ffn < p->tp_size) bad = "tp_size is above the model's FFN width";
+    else if (p->tp_size > 1 && !p->tp_backends) bad = "tp_size > 1 without tp_backends";
+    for (int r = 0; !bad && p->tp_size > 1 && r < p->tp_size; r++) {
+        const speed_backend_t *be = p->tp_backends[r];
+        if (!be) bad = "a tp_backends entry is NULL";
+        else if (be->kind != SPEED_BACKEND_CPU && be->kind != SPEED_BACKEND_CPU_REF)
+            bad = "tensor parallelism inside one process needs CPU backends (ranks share the KV cache in host "
+                  "memory); GPU ranks are one process each (NCCL)";
+        for (int q = 0; !bad && q < r; q++)
+            if (p->tp_backends[q] == be) bad = "two tensor-parallel ranks share one backend";
+    }
     if (bad) {
         SPEED_ERROR(SPEED_SUBSYS_ENGINE, "engine: %s", bad);
         return SPEED_ERR_INVALID_ARGUMENT;
@@ -232,7 +368,9 @@ speed_status_t speed_engine_create(const speed_engine_params_t *params, speed_en
     e->p.max_context = max_context;
     if (e->p.prefill_chunk > e->p.max_step_tokens) e->p.prefill_chunk = e->p.max_step_tokens;
     e->model = params->model;
-    e->be = params->backend;
+    e->n_ranks = params->tp_size;
+    e->be = e->n_ranks > 1 ? params->tp_backends[0] : params->backend;
+    e->p.backend = e->be;
     e->n_layers = cfg->n_layers;
     e->hidden = cfg->hidden;
     e->n_heads = cfg->n_heads;
@@ -258,7 +396,8 @@ speed_status_t speed_engine_create(const speed_engine_params_t *params, speed_en
         int64_t per_seq = (max_context + e->p.block_tokens - 1) / e->p.block_tokens;
         e->p.n_blocks_lower = e->p.n_blocks_upper = per_seq * e->p.max_seqs;
     }
-    SPEED_CHECK_GOTO(map_weights(e), st, fail);
+    SPEED_CHECK_GOTO(alloc_scratch(e), st, fail);
+    SPEED_CHECK_GOTO(create_ranks(e), st, fail);
 
     speed_kv_cache_params_t kp = speed_kv_cache_default_params();
     kp.backend = e->be;
@@ -271,11 +410,12 @@ speed_status_t speed_engine_create(const speed_engine_params_t *params, speed_en
     kp.n_blocks[SPEED_KV_POOL_LOWER] = e->p.n_blocks_lower;
     kp.n_blocks[SPEED_KV_POOL_UPPER] = e->p.n_blocks_upper;
     SPEED_CHECK_GOTO(speed_kv_cache_create(&kp, &e->kv), st, fail);
-    SPEED_CHECK_GOTO(alloc_scratch(e), st, fail);
     SPEED_DEBUG(SPEED_SUBSYS_ENGINE,
-                "engine: %s, depth C=%d A=%d T=%d, %d sequences, %d rows/step, chunk %d, scratch %zu + %zu host bytes",
-                speed_backend_name(e->be), depth.prefill_layers, depth.anchors, depth.tail, e->p.max_seqs,
-                e->p.max_step_tokens, e->p.prefill_chunk, e->scratch_bytes, e->host_scratch_bytes);
+                "engine: %s x %d rank(s), depth C=%d A=%d T=%d, %d sequences, %d rows/step, chunk %d, scratch %zu + "
+                "%zu host bytes",
+                speed_backend_name(e->be), e->n_ranks, depth.prefill_layers, depth.anchors, depth.tail,
+                e->p.max_seqs, e->p.max_step_tokens, e->p.prefill_chunk, engine_scratch_bytes(e),
+                e->host_scratch_bytes);
     *engine_p = e;
     return SPEED_OK;
 fail:
@@ -285,6 +425,14 @@ fail:
 
 void speed_engine_destroy(speed_engine_t *e) {
     if (!e) return;
+    if (e->tp_sync_init) {
+        pthread_mutex_lock(&e->tp_lock);
+        e->tp_stop = true;
+        pthread_cond_broadcast(&e->tp_start);
+        pthread_mutex_unlock(&e->tp_lock);
+    }
+    for (int r = 1; e->ranks && r < e->n_ranks; r++)
+        if (e->ranks[r].thread_started) pthread_join(e->ranks[r].thread, NULL);
     if (e->seqs) {
         for (int i = 0; i < e->p.max_seqs; i++) {
             if (!e->seqs[i].used) continue;
@@ -293,23 +441,20 @@ void speed_engine_destroy(speed_engine_t *e) {
         }
     }
     speed_kv_cache_destroy(e->kv);
-    speed_backend_free(e->be, e->scratch);
-    for (int i = e->n_mapped - 1; i >= 0; i--) speed_backend_unmap_weights(e->be, e->mapped_dev[i]);
-    speed_free(e->mapped);
-    speed_free(e->mapped_dev);
-    speed_free(e->layers);
+    for (int r = 0; e->ranks && r < e->n_ranks; r++) rank_free(&e->ranks[r]);
+    speed_free(e->ranks);
+    speed_comm_group_destroy(e->comm_group);
+    if (e->tp_sync_init) {
+        pthread_mutex_destroy(&e->tp_lock);
+        pthread_cond_destroy(&e->tp_start);
+        pthread_cond_destroy(&e->tp_finished);
+    }
     speed_free(e->logits);
     speed_free(e->tok);
     speed_free(e->pos);
     speed_free(e->row_item);
     speed_free(e->entry_full);
     speed_free(e->entry_compact);
-    speed_free(e->act);
-    speed_free(e->gather);
-    speed_free(e->act_pos);
-    speed_free(e->slots);
-    speed_free(e->n_visible);
-    speed_free((void *)e->tables);
     speed_free(e->out_rows);
     speed_free(e->items);
     speed_free(e->outputs);
@@ -510,7 +655,7 @@ void speed_engine_stats(const speed_engine_t *e, speed_engine_stats_t *st) {
     st->step_ns = e->step_ns;
     st->n_seqs = e->n_seqs;
     speed_kv_cache_stats(e->kv, &st->kv);
-    st->scratch_bytes = e->scratch_bytes + e->host_scratch_bytes;
+    st->scratch_bytes = engine_scratch_bytes(e) + e->host_scratch_bytes;
     st->weight_bytes = speed_model_n_bytes(e->model);
 }
 

@@ -43,7 +43,8 @@
  * speed_engine_seq_add / _reserve allocate the sequence's state (prompt copy, block tables).
  *
  * Thread-safety: an engine is used by one thread at a time (all functions, including the
- * accessors). Different engines are independent, even when they share a model; two engines
+ * accessors). With tp_size > 1 the engine runs threads of its own for ranks 1.., inside
+ * speed_engine_step only. Different engines are independent, even when they share a model; two engines
  * sharing one backend must not step concurrently (a backend is single-threaded, backend.h).
  *
  * Errors are logged once, where they are detected (subsystem "engine", or "kv" for the cache);
@@ -112,10 +113,20 @@ typedef struct {
     speed_depth_t depth;          /* default depth; its C (resolved) splits the KV pools */
     speed_engine_layer_cb_t layer_cb; /* optional, see above */
     void *layer_cb_user;
+    /* Tensor parallelism inside this process (docs/architecture.md, "Tensor parallelism"):
+     * tp_size ranks, rank r computing on tp_backends[r] (borrowed, distinct, CPU or cpu-ref:
+     * the ranks share the KV cache in host memory) with its share of the heads and of the FFN;
+     * ranks 1.. run on threads of their own, the caller's thread runs rank 0, and the
+     * engine's API and outputs are the same as with one rank. tp_size must divide the model's
+     * query and kv heads. 1 (the default): `backend` alone, tp_backends unused. */
+    int tp_size;
+    speed_backend_t *const *tp_backends; /* [tp_size] when tp_size > 1; `backend` is then ignored */
 } speed_engine_params_t;
 
+#define SPEED_ENGINE_TP_MAX 64
+
 /* backend NULL, model NULL, f32 cache, B 16, auto pools, 8 sequences, 512 rows per step,
- * chunk 512, context = model, speed_depth_default(), no callback. */
+ * chunk 512, context = model, speed_depth_default(), no callback, tp_size 1. */
 speed_engine_params_t speed_engine_default_params(void);
 
 /* Sets n_blocks_lower / n_blocks_upper to hold exactly n_seqs sequences of n_prompt prompt

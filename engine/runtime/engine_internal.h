@@ -3,6 +3,9 @@
 #ifndef SPEED_ENGINE_INTERNAL_H
 #define SPEED_ENGINE_INTERNAL_H
 
+#include <pthread.h>
+
+#include "comm.h"
 #include "engine.h"
 
 typedef struct {
@@ -34,21 +37,66 @@ typedef struct {
     bool output;                  /* its last row makes logits */
 } engine_batch_item_t;
 
-struct speed_engine {
-    speed_engine_params_t p;      /* depth resolved, sizes filled */
-    const speed_model_t *model;
+/* One tensor-parallel rank (ARCHITECTURE.md section 5; docs/architecture.md "Tensor
+ * parallelism"). With one rank it holds the whole model. With t ranks, rank r holds query
+ * heads [r*nh/t, ...), kv heads [r*nkv/t, ...) and FFN rows [r*F/t, ...): the column shards of
+ * wq/wk/wv/w_gate/w_up and the row shards of wo/w_down, as zero-copy views of the mapped
+ * weights. Every rank keeps the whole residual stream; the partial sums of the two row-sharded
+ * projections are all-reduced. Ranks share the KV cache (one pool in host memory), each
+ * writing and reading its heads through a head-range view. */
+typedef struct engine_rank {
+    struct speed_engine *e;
+    int rank;
     speed_backend_t *be;
-    int n_layers, hidden, n_heads, n_kv_heads, head_dim, ffn, vocab;
-    int max_context;
-    float eps, attn_scale;
-    speed_rope_t rope;
+    speed_comm_t *comm;           /* NULL with one rank */
+    int n_heads, n_kv_heads, kv_head0, ffn; /* this rank's share */
 
-    /* weights, mapped once */
     speed_mat_t tok_embeddings, norm, lm_head;
     engine_layer_t *layers;       /* [n_layers] */
     const void **mapped;          /* [n_mapped] host pointers handed to map_weights... */
     const void **mapped_dev;      /* ...and what it returned, for unmap */
     int n_mapped;
+
+    /* backend scratch: one allocation, R = max_step_tokens rows */
+    void *scratch;
+    size_t scratch_bytes;
+    float *x, *x2, *h, *q, *k, *v, *att, *gate, *up; /* [R][...] */
+    float *part;                  /* [R][hidden]: a row-sharded projection's partial sum (t > 1) */
+    float *logits_dev;            /* [max_out][vocab], rank 0 only */
+
+    /* host scratch: the rows alive, changed by every layer */
+    int32_t *act;                 /* [R] step rows present in x, in order */
+    int32_t *gather;              /* [R] */
+    int32_t *act_pos, *slots, *n_visible; /* [R] per active row */
+    const int32_t **tables;       /* [R] */
+    size_t host_scratch_bytes;
+
+    int n_act;                    /* rows alive after the last step's layers */
+    speed_status_t st;            /* the last step's outcome on this rank */
+    pthread_t thread;             /* ranks >= 1 run on their own thread */
+    bool thread_started;
+} engine_rank_t;
+
+struct speed_engine {
+    speed_engine_params_t p;      /* depth resolved, sizes filled */
+    const speed_model_t *model;
+    speed_backend_t *be;          /* rank 0's: the KV cache lives there */
+    int n_layers, hidden, n_heads, n_kv_heads, head_dim, ffn, vocab;
+    int max_context;
+    float eps, attn_scale;
+    speed_rope_t rope;
+
+    engine_rank_t *ranks;         /* [n_ranks] */
+    int n_ranks;
+    speed_comm_group_t *comm_group; /* n_ranks > 1 */
+    bool comm_broken;             /* a step failed on some rank: remake the group before the next */
+    /* rank threads: a step is published by bumping tp_gen; each rank >= 1 bumps tp_done */
+    pthread_mutex_t tp_lock;
+    pthread_cond_t tp_start, tp_finished;
+    uint64_t tp_gen;
+    int tp_done;
+    bool tp_stop, tp_sync_init;
+    int tp_n_items, tp_n_rows;
 
     speed_kv_cache_t *kv;
 
@@ -58,22 +106,13 @@ struct speed_engine {
     int n_seqs;
     speed_seq_id_t next_id;
 
-    /* backend scratch: one allocation, R = max_step_tokens rows */
-    void *scratch;
-    size_t scratch_bytes;
-    float *x, *x2, *h, *q, *k, *v, *att, *gate, *up; /* [R][...] */
-    float *logits_dev;            /* [max_out][vocab] */
     int max_out;
 
-    /* host scratch, sized at create */
+    /* host scratch shared by the ranks (written before they start), sized at create */
     float *logits;                /* [max_out][vocab] */
     int32_t *tok, *pos;           /* [R] per step row */
     int32_t *row_item;            /* [R] batch item of the row */
     int32_t *entry_full, *entry_compact; /* [R]; compact -1 for shallow rows */
-    int32_t *act;                 /* [R] step rows present in x, in order */
-    int32_t *gather;              /* [R] */
-    int32_t *act_pos, *slots, *n_visible; /* [R] per active row */
-    const int32_t **tables;       /* [R] */
     int32_t *out_rows;            /* [max_out] */
     engine_batch_item_t *items;   /* [max_seqs] */
     speed_engine_output_t *outputs; /* [max_out] */
@@ -82,6 +121,10 @@ struct speed_engine {
     /* counters */
     uint64_t n_steps, n_prefill_tokens, n_decode_tokens, step_ns;
 };
+
+/* Runs one step's forward pass on a rank (forward.c): embed, layers, and on rank 0 the logits
+ * of the outputs into e->logits. */
+speed_status_t speed_engine_rank_forward_(engine_rank_t *rk, int n_items, int n_rows);
 
 uint64_t speed_engine_now_ns_(void);
 engine_seq_t *speed_engine_find_(const speed_engine_t *e, speed_seq_id_t id);

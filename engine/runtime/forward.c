@@ -72,67 +72,91 @@ static speed_mat_t rows_of(float *data, int64_t n_rows, int64_t n_cols) {
     return speed_mat(data, SPEED_DTYPE_F32, n_rows, n_cols);
 }
 
-/* Runs the layers for the e->act rows (n_act of them, x holding their residual). */
-static speed_status_t run_layers(speed_engine_t *e, int n_items, int *n_act_p) {
-    speed_backend_t *be = e->be;
-    const int H = e->hidden, qd = e->n_heads * e->head_dim, kvd = e->n_kv_heads * e->head_dim, F = e->ffn;
-    int n_act = *n_act_p;
+/* The kv view of layer l this rank reads and writes: its heads of the shared pool. */
+static speed_kv_layer_t rank_kv_layer(const engine_rank_t *rk, int l) {
+    speed_kv_layer_t kv = speed_kv_cache_layer(rk->e->kv, l);
+    if (rk->n_kv_heads == kv.n_kv_heads) return kv;
+    kv.slot_heads = kv.n_kv_heads;
+    kv.k_base = (char *)kv.k_base + (size_t)rk->kv_head0 * kv.head_dim * speed_dtype_size(kv.dtype);
+    kv.n_kv_heads = rk->n_kv_heads;
+    return kv;
+}
+
+/* x += out · wᵀ for a projection whose input is this rank's shard (wo, w_down): one rank
+ * accumulates straight into x; several sum their partial products first. */
+static speed_status_t row_sharded_matmul(engine_rank_t *rk, speed_mat_t x, speed_mat_t in, speed_mat_t w) {
+    if (!rk->comm) return speed_op_matmul(rk->be, x, in, w, true);
+    speed_mat_t part = rows_of(rk->part, x.n_rows, x.n_cols);
+    SPEED_CHECK(speed_op_matmul(rk->be, part, in, w, false));
+    SPEED_CHECK(speed_backend_synchronize(rk->be));
+    SPEED_CHECK(speed_comm_all_reduce_sum(rk->comm, rk->part, x.n_rows * x.n_cols));
+    return speed_op_add(rk->be, x, x, part);
+}
+
+/* Runs the layers for the rk->act rows (rk->n_act of them, x holding their residual). */
+static speed_status_t run_layers(engine_rank_t *rk, int n_items) {
+    speed_engine_t *e = rk->e;
+    speed_backend_t *be = rk->be;
+    const int H = e->hidden, nh = rk->n_heads, qd = nh * e->head_dim, kvd = rk->n_kv_heads * e->head_dim;
+    const int F = rk->ffn;
+    int n_act = rk->n_act;
 
     for (int l = 0; l < e->n_layers && n_act > 0; l++) {
         /* rows that die at this layer: shallow rows of sequences with C_seq == l */
         int n_keep = 0;
         for (int i = 0; i < n_act; i++) {
-            int r = e->act[i];
+            int r = rk->act[i];
             const engine_seq_t *s = &e->seqs[e->items[e->row_item[r]].slot];
-            if (l < s->depth.prefill_layers || e->entry_compact[r] >= 0) e->gather[n_keep++] = i;
+            if (l < s->depth.prefill_layers || e->entry_compact[r] >= 0) rk->gather[n_keep++] = i;
         }
         if (n_keep < n_act) {
             if (n_keep == 0) {
                 n_act = 0;
                 break;
             }
-            SPEED_CHECK(speed_op_get_rows(be, rows_of(e->x2, n_keep, H), rows_of(e->x, n_act, H), e->gather));
-            float *t = e->x;
-            e->x = e->x2;
-            e->x2 = t;
-            for (int i = 0; i < n_keep; i++) e->act[i] = e->act[e->gather[i]];
+            SPEED_CHECK(speed_op_get_rows(be, rows_of(rk->x2, n_keep, H), rows_of(rk->x, n_act, H), rk->gather));
+            float *t = rk->x;
+            rk->x = rk->x2;
+            rk->x2 = t;
+            for (int i = 0; i < n_keep; i++) rk->act[i] = rk->act[rk->gather[i]];
             n_act = n_keep;
         }
 
-        const speed_kv_layer_t kv = speed_kv_cache_layer(e->kv, l);
+        const speed_kv_layer_t kv = rank_kv_layer(rk, l);
         for (int i = 0; i < n_act; i++) {
-            int r = e->act[i];
+            int r = rk->act[i];
             const engine_seq_t *s = &e->seqs[e->items[e->row_item[r]].slot];
             int32_t entry = l < s->depth.prefill_layers ? e->entry_full[r] : e->entry_compact[r];
-            e->act_pos[i] = e->pos[r];
-            e->slots[i] = speed_kv_seq_slot(s->kv, l, entry);
-            e->n_visible[i] = entry + 1;
-            e->tables[i] = speed_kv_seq_block_table(s->kv, l);
+            rk->act_pos[i] = e->pos[r];
+            rk->slots[i] = speed_kv_seq_slot(s->kv, l, entry);
+            rk->n_visible[i] = entry + 1;
+            rk->tables[i] = speed_kv_seq_block_table(s->kv, l);
         }
 
-        const engine_layer_t *w = &e->layers[l];
-        speed_mat_t x = rows_of(e->x, n_act, H), h = rows_of(e->h, n_act, H);
-        speed_mat_t q = rows_of(e->q, n_act, qd), k = rows_of(e->k, n_act, kvd), v = rows_of(e->v, n_act, kvd);
-        speed_mat_t att = rows_of(e->att, n_act, qd);
-        speed_mat_t gate = rows_of(e->gate, n_act, F), up = rows_of(e->up, n_act, F);
-        speed_attn_rows_t arows = {.n_rows = n_act, .block_table = e->tables, .n_visible = e->n_visible};
+        const engine_layer_t *w = &rk->layers[l];
+        speed_mat_t x = rows_of(rk->x, n_act, H), h = rows_of(rk->h, n_act, H);
+        speed_mat_t q = rows_of(rk->q, n_act, qd), k = rows_of(rk->k, n_act, kvd), v = rows_of(rk->v, n_act, kvd);
+        speed_mat_t att = rows_of(rk->att, n_act, qd);
+        speed_mat_t gate = rows_of(rk->gate, n_act, F), up = rows_of(rk->up, n_act, F);
+        speed_attn_rows_t arows = {.n_rows = n_act, .block_table = rk->tables, .n_visible = rk->n_visible};
 
         SPEED_CHECK(speed_op_rmsnorm(be, h, x, w->attn_norm, e->eps));
         SPEED_CHECK(speed_op_matmul(be, q, h, w->wq, false));
         SPEED_CHECK(speed_op_matmul(be, k, h, w->wk, false));
         SPEED_CHECK(speed_op_matmul(be, v, h, w->wv, false));
-        SPEED_CHECK(speed_op_rope(be, q, e->n_heads, e->head_dim, e->act_pos, &e->rope));
-        SPEED_CHECK(speed_op_rope(be, k, e->n_kv_heads, e->head_dim, e->act_pos, &e->rope));
-        SPEED_CHECK(speed_op_kv_store(be, &kv, k, v, e->slots));
-        SPEED_CHECK(speed_op_attention(be, att, q, &kv, e->n_heads, &arows, e->attn_scale));
-        SPEED_CHECK(speed_op_matmul(be, x, att, w->wo, true));
+        SPEED_CHECK(speed_op_rope(be, q, nh, e->head_dim, rk->act_pos, &e->rope));
+        SPEED_CHECK(speed_op_rope(be, k, rk->n_kv_heads, e->head_dim, rk->act_pos, &e->rope));
+        SPEED_CHECK(speed_op_kv_store(be, &kv, k, v, rk->slots));
+        SPEED_CHECK(speed_op_attention(be, att, q, &kv, nh, &arows, e->attn_scale));
+        SPEED_CHECK(row_sharded_matmul(rk, x, att, w->wo));
         SPEED_CHECK(speed_op_rmsnorm(be, h, x, w->ffn_norm, e->eps));
         SPEED_CHECK(speed_op_matmul(be, gate, h, w->w_gate, false));
         SPEED_CHECK(speed_op_matmul(be, up, h, w->w_up, false));
         SPEED_CHECK(speed_op_swiglu(be, gate, gate, up));
-        SPEED_CHECK(speed_op_matmul(be, x, gate, w->w_down, true));
+        SPEED_CHECK(row_sharded_matmul(rk, x, gate, w->w_down));
 
-        if (e->p.layer_cb) {
+        /* every rank stored its heads of layer l before the all-reduce above returned */
+        if (e->p.layer_cb && rk->rank == 0) {
             bool synced = false;
             for (int it = 0; it < n_items; it++) {
                 const engine_batch_item_t *item = &e->items[it];
@@ -155,8 +179,75 @@ static speed_status_t run_layers(speed_engine_t *e, int n_items, int *n_act_p) {
             }
         }
     }
-    *n_act_p = n_act;
+    rk->n_act = n_act;
     return SPEED_OK;
+}
+
+speed_status_t speed_engine_rank_forward_(engine_rank_t *rk, int n_items, int n_rows) {
+    speed_engine_t *e = rk->e;
+    speed_backend_t *be = rk->be;
+    const int H = e->hidden;
+    for (int r = 0; r < n_rows; r++) rk->act[r] = r;
+    rk->n_act = n_rows;
+    SPEED_CHECK(speed_op_embed(be, rows_of(rk->x, n_rows, H), rk->tok_embeddings, e->tok));
+    SPEED_CHECK(run_layers(rk, n_items));
+    if (rk->rank != 0) return speed_backend_synchronize(be);
+
+    /* logits for the last row of each finishing sequence */
+    int n_out = 0, i = 0;
+    for (int it = 0; it < n_items; it++) {
+        const engine_batch_item_t *item = &e->items[it];
+        if (!item->output) continue;
+        int last = item->row_begin + item->n_rows - 1;
+        while (i < rk->n_act && rk->act[i] != last) i++;
+        SPEED_ASSERT(i < rk->n_act); /* the last row is full depth: alive at the top */
+        e->out_rows[n_out++] = i;
+    }
+    if (n_out > 0) {
+        speed_mat_t h = rows_of(rk->h, n_out, H);
+        speed_mat_t logits = rows_of(rk->logits_dev, n_out, e->vocab);
+        SPEED_CHECK(speed_op_get_rows(be, h, rows_of(rk->x, rk->n_act, H), e->out_rows));
+        SPEED_CHECK(speed_op_rmsnorm(be, h, h, rk->norm, e->eps));
+        SPEED_CHECK(speed_op_matmul(be, logits, h, rk->lm_head, false));
+        SPEED_CHECK(speed_backend_download(be, e->logits, rk->logits_dev, (size_t)n_out * e->vocab * sizeof(float)));
+    }
+    return speed_backend_synchronize(be);
+}
+
+/* Runs the forward pass on every rank: ranks >= 1 on their threads, rank 0 here. */
+static speed_status_t forward_all(speed_engine_t *e, int n_items, int n_rows) {
+    if (e->n_ranks == 1) return speed_engine_rank_forward_(&e->ranks[0], n_items, n_rows);
+    if (e->comm_broken) { /* every rank is idle between steps: safe to remake the group */
+        speed_comm_group_t *g;
+        SPEED_CHECK(speed_comm_group_cpu_create(e->n_ranks, &g));
+        speed_comm_group_destroy(e->comm_group);
+        e->comm_group = g;
+        for (int r = 0; r < e->n_ranks; r++) e->ranks[r].comm = speed_comm_group_rank(g, r);
+        e->comm_broken = false;
+    }
+    pthread_mutex_lock(&e->tp_lock);
+    e->tp_n_items = n_items;
+    e->tp_n_rows = n_rows;
+    e->tp_done = 0;
+    e->tp_gen++;
+    pthread_cond_broadcast(&e->tp_start);
+    pthread_mutex_unlock(&e->tp_lock);
+
+    engine_rank_t *rk0 = &e->ranks[0];
+    rk0->st = speed_engine_rank_forward_(rk0, n_items, n_rows);
+    if (rk0->st != SPEED_OK) speed_comm_abort(rk0->comm); /* no rank may wait for us */
+
+    pthread_mutex_lock(&e->tp_lock);
+    while (e->tp_done < e->n_ranks - 1) pthread_cond_wait(&e->tp_finished, &e->tp_lock);
+    pthread_mutex_unlock(&e->tp_lock);
+    /* the first failure is the cause; the others saw SPEED_ERR_CANCELLED from the abort */
+    speed_status_t st = SPEED_OK;
+    for (int r = 0; r < e->n_ranks; r++) {
+        if (e->ranks[r].st == SPEED_OK) continue;
+        e->comm_broken = true;
+        if (st == SPEED_OK || st == SPEED_ERR_CANCELLED) st = e->ranks[r].st;
+    }
+    return st;
 }
 
 speed_status_t speed_engine_step(speed_engine_t *e, speed_engine_step_result_t *result_p) {
@@ -185,40 +276,11 @@ speed_status_t speed_engine_step(speed_engine_t *e, speed_engine_step_result_t *
             e->row_item[r] = it;
             e->entry_full[r] = (int32_t)pos;
             e->entry_compact[r] = row_full_depth(s, pos) ? compact_index(s, pos) : -1;
-            e->act[r] = r;
         }
         if (item->prefill) n_prefill_rows += item->n_rows;
     }
 
-    speed_backend_t *be = e->be;
-    const int H = e->hidden;
-    speed_status_t st = speed_op_embed(be, rows_of(e->x, n_rows, H), e->tok_embeddings, e->tok);
-    int n_act = n_rows;
-    if (st == SPEED_OK) st = run_layers(e, n_items, &n_act);
-
-    /* logits for the last row of each finishing sequence */
-    int n_out = 0;
-    if (st == SPEED_OK) {
-        int i = 0;
-        for (int it = 0; it < n_items; it++) {
-            const engine_batch_item_t *item = &e->items[it];
-            if (!item->output) continue;
-            int last = item->row_begin + item->n_rows - 1;
-            while (i < n_act && e->act[i] != last) i++;
-            SPEED_ASSERT(i < n_act); /* the last row is full depth: alive at the top */
-            e->out_rows[n_out++] = i;
-        }
-    }
-    if (st == SPEED_OK && n_out > 0) {
-        speed_mat_t h = rows_of(e->h, n_out, H);
-        speed_mat_t logits = rows_of(e->logits_dev, n_out, e->vocab);
-        st = speed_op_get_rows(be, h, rows_of(e->x, n_act, H), e->out_rows);
-        if (st == SPEED_OK) st = speed_op_rmsnorm(be, h, h, e->norm, e->eps);
-        if (st == SPEED_OK) st = speed_op_matmul(be, logits, h, e->lm_head, false);
-        if (st == SPEED_OK)
-            st = speed_backend_download(be, e->logits, e->logits_dev, (size_t)n_out * e->vocab * sizeof(float));
-    }
-    if (st == SPEED_OK) st = speed_backend_synchronize(be);
+    speed_status_t st = forward_all(e, n_items, n_rows);
     if (st != SPEED_OK) {
         SPEED_ERROR(SPEED_SUBSYS_ENGINE, "engine: step of %d rows failed: %s (no sequence advanced)", n_rows,
                     speed_status_string(st));
@@ -227,7 +289,7 @@ speed_status_t speed_engine_step(speed_engine_t *e, speed_engine_step_result_t *
 
     /* commit */
     uint64_t t1 = speed_engine_now_ns_(), dt = t1 - t0;
-    n_out = 0;
+    int n_out = 0;
     for (int it = 0; it < n_items; it++) {
         const engine_batch_item_t *item = &e->items[it];
         engine_seq_t *s = &e->seqs[item->slot];

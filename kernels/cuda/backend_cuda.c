@@ -43,6 +43,7 @@
 
 #include "alloc.h"
 #include "backend.h"
+#include "cuda_backend_access.h"
 #include "cuda_check.h"
 #include "cuda_kernels.h"
 #include "log.h"
@@ -665,4 +666,12 @@ speed_status_t speed_backend_cuda_create(const speed_backend_params_t *params, s
     SPEED_INFO(SUBSYS, "backend: %s", c->name);
     *backend_p = &c->backend;
     return SPEED_OK;
+}
+
+bool speed_backend_cuda_device_stream(speed_backend_t *be, int *device_p, void **stream_p) {
+    if (!be || be->kind != SPEED_BACKEND_CUDA) return false;
+    const cuda_ctx_t *c = be->ctx;
+    *device_p = c->device;
+    *stream_p = c->stream;
+    return true;
 }

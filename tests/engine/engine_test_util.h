@@ -247,4 +247,46 @@ static inline int et_compare(const naive_model_t *nm, int vocab, const et_seq_t 
     return rc;
 }
 
+static inline void et_top2(const float *x, int n, int *best_p, double *gap_p) {
+    int b = 0, s = -1;
+    for (int i = 1; i < n; i++) {
+        if (x[i] > x[b]) {
+            s = b;
+            b = i;
+        } else if (s < 0 || x[i] > x[s]) {
+            s = i;
+        }
+    }
+    *best_p = b;
+    *gap_p = s < 0 ? INFINITY : (double)x[b] - x[s];
+}
+
+/* Run `d` of a sequence against run `c` of the same sequence on another backend or layout:
+ * logprobs within 2 tol, greedy tokens equal, up to the first step where either side's top
+ * two are within 2 tol (after a near tie the two continuations are different texts). */
+static inline void et_compare_runs(const et_seq_t *d, const et_seq_t *c, int vocab, double tol, const char *what,
+                         double *max_diff_p) {
+    float *lpd = malloc((size_t)vocab * sizeof(float)), *lpc = malloc((size_t)vocab * sizeof(float));
+    for (int g = 0; g < d->n_gen; g++) {
+        naive_log_softmax(d->logits + (size_t)g * vocab, vocab, lpd);
+        naive_log_softmax(c->logits + (size_t)g * vocab, vocab, lpc);
+        double diff = 0;
+        for (int i = 0; i < vocab; i++)
+            if (fabs((double)lpd[i] - lpc[i]) > diff) diff = fabs((double)lpd[i] - lpc[i]);
+        if (diff > *max_diff_p) *max_diff_p = diff;
+        CHECK_MSG(diff <= 2 * tol, "%s: step %d: logprobs differ from the other run's by %.3g (tol %.3g)", what, g,
+                  diff, 2 * tol);
+        int bd, bc;
+        double gd, gc;
+        et_top2(lpd, vocab, &bd, &gd);
+        et_top2(lpc, vocab, &bc, &gc);
+        if (gd <= 2 * tol || gc <= 2 * tol) break; /* a near tie: the continuations may part here */
+        CHECK_MSG(bd == bc && d->gen[g] == c->gen[g], "%s: step %d: token %d vs the other run's %d", what, g,
+                  d->gen[g], c->gen[g]);
+        if (d->gen[g] != c->gen[g]) break;
+    }
+    free(lpd);
+    free(lpc);
+}
+
 #endif /* SPEED_ENGINE_TEST_UTIL_H */

@@ -50,46 +50,6 @@ static speed_backend_t *backend_under_test(const char *name) {
     return be;
 }
 
-static void top2(const float *x, int n, int *best_p, double *gap_p) {
-    int b = 0, s = -1;
-    for (int i = 1; i < n; i++) {
-        if (x[i] > x[b]) {
-            s = b;
-            b = i;
-        } else if (s < 0 || x[i] > x[s]) {
-            s = i;
-        }
-    }
-    *best_p = b;
-    *gap_p = s < 0 ? INFINITY : (double)x[b] - x[s];
-}
-
-/* Check 2: the device run `d` against the CPU run `c` of the same sequence. */
-static void compare_runs(const et_seq_t *d, const et_seq_t *c, int vocab, double tol, const char *what,
-                         double *max_diff_p) {
-    float *lpd = malloc((size_t)vocab * sizeof(float)), *lpc = malloc((size_t)vocab * sizeof(float));
-    for (int g = 0; g < d->n_gen; g++) {
-        naive_log_softmax(d->logits + (size_t)g * vocab, vocab, lpd);
-        naive_log_softmax(c->logits + (size_t)g * vocab, vocab, lpc);
-        double diff = 0;
-        for (int i = 0; i < vocab; i++)
-            if (fabs((double)lpd[i] - lpc[i]) > diff) diff = fabs((double)lpd[i] - lpc[i]);
-        if (diff > *max_diff_p) *max_diff_p = diff;
-        CHECK_MSG(diff <= 2 * tol, "%s: step %d: logprobs differ from the cpu backend's by %.3g (tol %.3g)", what, g,
-                  diff, 2 * tol);
-        int bd, bc;
-        double gd, gc;
-        top2(lpd, vocab, &bd, &gd);
-        top2(lpc, vocab, &bc, &gc);
-        if (gd <= 2 * tol || gc <= 2 * tol) break; /* a near tie: the continuations may part here */
-        CHECK_MSG(bd == bc && d->gen[g] == c->gen[g], "%s: step %d: token %d vs the cpu backend's %d", what, g,
-                  d->gen[g], c->gen[g]);
-        if (d->gen[g] != c->gen[g]) break;
-    }
-    free(lpd);
-    free(lpc);
-}
-
 static speed_status_t run_batch(speed_backend_t *be, const speed_model_t *m, speed_depth_t depth,
                                 speed_dtype_t kv_dtype, et_seq_t *seqs) {
     speed_engine_params_t p = speed_engine_default_params();
@@ -174,7 +134,7 @@ int main(int argc, char **argv) {
                               "%s: n=%d: vs reference: max logprob diff %.3g (tol %.3g), %d token mismatches", what,
                               lens[i], cmp.max_lp_diff, tol, cmp.token_mismatch);
                     if (cmp.max_lp_diff > max_ref) max_ref = cmp.max_lp_diff;
-                    if (st_cpu == SPEED_OK) compare_runs(&dev[i], &ref[i], vocab, tol, what, &max_cpu);
+                    if (st_cpu == SPEED_OK) et_compare_runs(&dev[i], &ref[i], vocab, tol, what, &max_cpu);
                     n_cases++;
                 }
                 for (int i = 0; i < N_SEQS; i++) {
