@@ -205,6 +205,21 @@ static inline speed_status_t et_run(speed_engine_t *e, et_seq_t *seqs, int n) {
     return n_done == n ? SPEED_OK : SPEED_ERR_INTERNAL;
 }
 
+/* Creates an engine with `p`, runs the batch greedily (et_run), checks that every KV block is
+ * free again, destroys it. Returns the creation's or the run's status. */
+static inline speed_status_t et_run_engine(const speed_engine_params_t *p, et_seq_t *seqs, int n) {
+    speed_engine_t *e = NULL;
+    speed_status_t st = speed_engine_create(p, &e);
+    if (st != SPEED_OK) return st;
+    st = et_run(e, seqs, n);
+    speed_engine_stats_t es;
+    speed_engine_stats(e, &es);
+    CHECK_INT_EQ(es.kv.n_blocks_free[0], es.kv.n_blocks[0]);
+    CHECK_INT_EQ(es.kv.n_blocks_free[1], es.kv.n_blocks[1]);
+    speed_engine_destroy(e);
+    return st;
+}
+
 /* ---- comparison ---------------------------------------------------------------------------- */
 
 typedef struct {

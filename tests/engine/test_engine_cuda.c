@@ -62,16 +62,7 @@ static speed_status_t run_batch(speed_backend_t *be, const speed_model_t *m, spe
     p.max_seqs = N_SEQS;
     p.depth = depth;
     CHECK(speed_engine_params_fit_kv(&p, N_SEQS, ET_MAX_PROMPT, N_GEN) == SPEED_OK);
-    speed_engine_t *e = NULL;
-    speed_status_t st = speed_engine_create(&p, &e);
-    if (st != SPEED_OK) return st;
-    st = et_run(e, seqs, N_SEQS);
-    speed_engine_stats_t es;
-    speed_engine_stats(e, &es);
-    CHECK_INT_EQ(es.kv.n_blocks_free[0], es.kv.n_blocks[0]);
-    CHECK_INT_EQ(es.kv.n_blocks_free[1], es.kv.n_blocks[1]);
-    speed_engine_destroy(e);
-    return st;
+    return et_run_engine(&p, seqs, N_SEQS);
 }
 
 int main(int argc, char **argv) {

@@ -62,16 +62,7 @@ static speed_engine_params_t tp_params(const speed_model_t *m, int tp, speed_bac
 static speed_status_t run_batch(const speed_model_t *m, int tp, speed_backend_t *const *bes, speed_depth_t depth,
                                 speed_dtype_t kv_dtype, et_seq_t *seqs, int n_seqs) {
     speed_engine_params_t p = tp_params(m, tp, bes, depth, kv_dtype);
-    speed_engine_t *e = NULL;
-    speed_status_t st = speed_engine_create(&p, &e);
-    if (st != SPEED_OK) return st;
-    st = et_run(e, seqs, n_seqs);
-    speed_engine_stats_t es;
-    speed_engine_stats(e, &es);
-    CHECK_INT_EQ(es.kv.n_blocks_free[0], es.kv.n_blocks[0]);
-    CHECK_INT_EQ(es.kv.n_blocks_free[1], es.kv.n_blocks[1]);
-    speed_engine_destroy(e);
-    return st;
+    return et_run_engine(&p, seqs, n_seqs);
 }
 
 /* ---- 1. batches at TP = 2, 4 against TP = 1 and the reference ------------------------------ */
