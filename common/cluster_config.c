@@ -10,6 +10,7 @@
 static const char *const policy_names[] = {"round-robin", "least-loaded", NULL};
 static const char *const transport_names[] = {"shm", "tcp", NULL};
 static const char *const kv_dtype_names[] = {"f32", "bf16", "f16", NULL};
+static const char *const backend_names[] = {"cpu", "cpu-ref", "cuda", NULL}; /* = speed_pool_backend_t */
 
 #define F(name, type, member, def, lo, hi, doc) \
     {name, SPEED_CONFIG_##type, offsetof(speed_cluster_config_t, member), def, lo, hi, NULL, doc}
@@ -22,7 +23,11 @@ static const char *const kv_dtype_names[] = {"f32", "bf16", "f16", NULL};
     F(#pool ".tensor_parallel", INT, pool.tensor_parallel, "1", 1, 64, "ranks per " #pool " replica"),          \
     F(#pool ".grpc_port", INT, pool.grpc_port, grpc, 1, 65535, "gRPC port of replica 0 (replica i: + i)"),      \
     F(#pool ".http_port", INT, pool.http_port, http, 1, 65535, "/metrics and /health port of replica 0 (+ i)"), \
-    F(#pool ".threads", INT, pool.threads, "1", 0, 1024, "compute threads per replica; 0 = all cores"),         \
+    FE(#pool ".backend", pool.backend, "cpu", backend_names,                                                    \
+       "compute backend: cpu (fast), cpu-ref (the reference loops) or cuda (one GPU per replica)"),             \
+    F(#pool ".device", INT, pool.device, "0", 0, 1023, "cuda: GPU of replica 0 (replica i: + i)"),              \
+    F(#pool ".threads", INT, pool.threads, "1", 0, 1024,                                                        \
+      "compute threads per replica (cpu backends); 0 = all cores"),                                             \
     F(#pool ".max_running", INT, pool.max_running, running, 1, 4096, "sequences in the engine at once"),        \
     F(#pool ".max_waiting", INT, pool.max_waiting, "64", 0, 1 << 20, "requests queued beyond max_running"),     \
     F(#pool ".kv_tokens", INT, pool.kv_tokens, kvtok, 16, 1e9,                                                   \
@@ -71,6 +76,11 @@ static const speed_config_field_t fields[] = {
 const speed_config_field_t *speed_cluster_config_fields(size_t *n_fields_p) {
     *n_fields_p = sizeof fields / sizeof fields[0];
     return fields;
+}
+
+const char *speed_pool_backend_name(int backend) {
+    int n = (int)(sizeof backend_names / sizeof backend_names[0]) - 1;
+    return backend >= 0 && backend < n ? backend_names[backend] : "?";
 }
 
 const speed_pool_config_t *speed_cluster_pool(const speed_cluster_config_t *c, const char *role) {
@@ -126,6 +136,7 @@ speed_status_t speed_cluster_config_load(int argc, char **argv, const char *role
     speed_cluster_config_t c;
     memset(&c, 0, sizeof c);
     speed_config_t *cfg = NULL;
+    *cfg_p = NULL; /* also when the load itself fails */
     SPEED_CHECK(speed_config_load(fields, sizeof fields / sizeof fields[0], &c, argc, argv, "SPEED_", &cfg));
     if (!speed_config_help_requested(cfg) && !speed_config_print_requested(cfg)) {
         speed_status_t st = check_cluster(&c, role);

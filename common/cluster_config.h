@@ -9,14 +9,15 @@
  *   speed:   {prefill_layers: "0.75", anchors: 1, tail: 1, allow_request_override: true}
  *   router:  {port: 8000, decode_only_below: 32, prefill_policy: least-loaded, ...}
  *   prefill: {replicas: 2, tensor_parallel: 1, grpc_port: 8100, http_port: 8200, ...}
- *   decode:  {replicas: 1, tensor_parallel: 1, grpc_port: 8300, http_port: 8400, ...}
+ *   decode:  {replicas: 1, backend: cuda, device: 0, grpc_port: 8300, http_port: 8400, ...}
  *   ucx:     {transport: shm, net_devices: lo}
  *
  * Replica i of a pool listens on grpc_port + i (gRPC) and http_port + i (/metrics, /health);
  * a port 0 base is not allowed for pools, because the router finds nodes by these numbers.
+ * Likewise replica i of a cuda pool runs on GPU device + i.
  * Precedence as everywhere: defaults < file < SPEED_* environment < command line
- * (`--decode.replicas 2`). docs/config.md lists every key (generated from this table by
- * --help).
+ * (`--decode.replicas 2`). docs/cluster.md lists every key (--help prints them from this table
+ * with defaults and bounds).
  *
  * Ownership: strings point into the speed_config_t returned by load; keep it until done.
  * Thread-safety: load once at startup; the struct is then read-only.
@@ -33,12 +34,16 @@
 typedef enum { SPEED_POLICY_ROUND_ROBIN = 0, SPEED_POLICY_LEAST_LOADED } speed_policy_t;
 typedef enum { SPEED_UCX_SHM = 0, SPEED_UCX_TCP } speed_ucx_transport_t;
 typedef enum { SPEED_KV_DTYPE_F32 = 0, SPEED_KV_DTYPE_BF16, SPEED_KV_DTYPE_F16 } speed_kv_dtype_choice_t;
+/* A pool's compute backend ("cpu", "cpu-ref", "cuda"); the node maps it to a backend kind. */
+typedef enum { SPEED_POOL_BACKEND_CPU = 0, SPEED_POOL_BACKEND_CPU_REF, SPEED_POOL_BACKEND_CUDA } speed_pool_backend_t;
 
 typedef struct {
     int64_t replicas;          /* >= 0 (prefill 0: every request takes the decode-only route) */
     int64_t tensor_parallel;   /* ranks per replica (1 on CPU) */
     int64_t grpc_port, http_port;
-    int64_t threads;           /* compute threads per replica; 0 = all cores */
+    int backend;               /* speed_pool_backend_t */
+    int64_t device;            /* cuda: device of replica 0; replica i uses device + i */
+    int64_t threads;           /* compute threads per replica (CPU backends); 0 = all cores */
     int64_t max_running;       /* sequences in the engine at once */
     int64_t max_waiting;       /* queued beyond max_running */
     int64_t kv_tokens;         /* KV capacity: prompt + generated tokens at full depth in the
@@ -95,6 +100,9 @@ const speed_config_field_t *speed_cluster_config_fields(size_t *n_fields_p);
  * (logged, one line). *cfg_p as in speed_config_load. */
 speed_status_t speed_cluster_config_load(int argc, char **argv, const char *role, speed_cluster_config_t *cfg_out,
                                          speed_config_t **cfg_p);
+
+/* "cpu", "cpu-ref", "cuda" for a speed_pool_backend_t; "?" otherwise. */
+const char *speed_pool_backend_name(int backend);
 
 /* The pool of a role ("prefill" / "decode"), NULL otherwise. */
 const speed_pool_config_t *speed_cluster_pool(const speed_cluster_config_t *c, const char *role);

@@ -514,12 +514,60 @@ static speed_status_t metrics_init(speed_node_t *n) {
 
 /* ---- lifecycle -------------------------------------------------------------------------------- */
 
+static void silent_sink(void *user, speed_log_level_t level, speed_log_subsys_t subsys, const char *request_id,
+                        const char *line) {
+    (void)user, (void)level, (void)subsys, (void)request_id, (void)line;
+}
+
+/* The pool's backend; replica i of a cuda pool takes GPU device + i. A backend that cannot be
+ * created is reported as one line naming the backend, the cause and the way out. */
+static speed_status_t backend_create(speed_node_t *n) {
+    static const speed_backend_kind_t kinds[] = {
+        [SPEED_POOL_BACKEND_CPU] = SPEED_BACKEND_CPU,
+        [SPEED_POOL_BACKEND_CPU_REF] = SPEED_BACKEND_CPU_REF,
+        [SPEED_POOL_BACKEND_CUDA] = SPEED_BACKEND_CUDA,
+    };
+    speed_backend_params_t bp = speed_backend_default_params();
+    bp.kind = kinds[n->pool->backend];
+    bp.n_threads = (int)n->pool->threads;
+    bp.device = (int)(n->pool->device + n->cfg.node_index);
+    char label[32];
+    if (bp.kind == SPEED_BACKEND_CUDA)
+        snprintf(label, sizeof label, "cuda:%d", bp.device);
+    else
+        snprintf(label, sizeof label, "%s", speed_pool_backend_name(n->pool->backend));
+    /* The backend logs its cause; it is folded into our line instead of printed as another.
+     * Nothing else runs yet, so the sink can be swapped. */
+    speed_log_clear_last_error();
+    speed_log_set_sink(silent_sink, NULL);
+    speed_status_t st = speed_backend_create(&bp, &n->backend);
+    speed_log_set_sink(NULL, NULL);
+    if (st == SPEED_OK) {
+        SPEED_INFO(SPEED_SUBSYS_CORE, "%s: backend %s", n->role, speed_backend_name(n->backend));
+        return SPEED_OK;
+    }
+    const char *cause = speed_log_last_error();
+    if (strncmp(cause, "backend: ", 9) == 0) cause += 9;
+    if (strncmp(cause, "cuda: ", 6) == 0) cause += 6;
+    if (!*cause) cause = speed_status_string(st);
+    char hint[96] = "";
+    if (st == SPEED_ERR_DEVICE)
+        snprintf(hint, sizeof hint, " (the cuda backend needs a GPU; use %s.backend: cpu)", n->role);
+    else if (st == SPEED_ERR_UNSUPPORTED)
+        snprintf(hint, sizeof hint, "; use %s.backend: cpu", n->role);
+    char line[1024];
+    snprintf(line, sizeof line, "%s", cause); /* cause lives in the buffer SPEED_ERROR rewrites */
+    SPEED_ERROR(SPEED_SUBSYS_CORE, "%s: backend %s: %s%s", n->role, label, line, hint);
+    return st;
+}
+
 static speed_status_t load_model(speed_node_t *n) {
     const speed_cluster_config_t *c = &n->cfg;
     if (!c->model || !*c->model) {
         SPEED_ERROR(SPEED_SUBSYS_CORE, "%s: no model: set `model:` in the cluster config or pass --model DIR", n->role);
         return SPEED_ERR_INVALID_ARGUMENT;
     }
+    SPEED_CHECK(backend_create(n)); /* first: a missing GPU fails before gigabytes are read */
     speed_model_params_t mp = speed_model_default_params();
     mp.hugepages = c->weights_hugepages;
     SPEED_CHECK(speed_model_load(c->model, &mp, &n->model));
@@ -530,10 +578,6 @@ static speed_status_t load_model(speed_node_t *n) {
     else
         snprintf(n->model_id, sizeof n->model_id, "%s", speed_path_base(c->model));
 
-    speed_backend_params_t bp = speed_backend_default_params();
-    bp.kind = SPEED_BACKEND_CPU;
-    bp.n_threads = (int)n->pool->threads;
-    SPEED_CHECK(speed_backend_create(&bp, &n->backend));
 
     speed_batcher_params_t p = speed_batcher_default_params();
     p.backend = n->backend;

@@ -19,12 +19,11 @@
 #include "sampler.h"
 #include "speedctl.h"
 
-static const char *const backend_names[] = {"cpu", "cpu-ref", NULL};
 static const char *const kv_dtype_names[] = {"f32", "bf16", "f16", NULL}; /* = speed_dtype_t order */
 
 typedef struct {
     char *model, *prefill_layers;
-    int64_t prompt_tokens, gen_tokens, batch, threads, repeat, anchors, tail, seed, roofline_mib;
+    int64_t prompt_tokens, gen_tokens, batch, threads, device, repeat, anchors, tail, seed, roofline_mib;
     int backend, kv_dtype;
     bool json, compare, roofline, hugepages;
 } bench_opts_t;
@@ -48,8 +47,9 @@ static const speed_config_field_t bench_fields[] = {
      "compute threads, for the engine and the roofline; 0 = all online cores"},
     {"repeat", SPEED_CONFIG_INT, offsetof(bench_opts_t, repeat), "3", 1, 1000, NULL,
      "repetitions of every measurement; the median is reported"},
-    {"backend", SPEED_CONFIG_ENUM, offsetof(bench_opts_t, backend), "cpu", SPEED_CONFIG_UNBOUNDED, backend_names,
-     "compute backend"},
+    {"backend", SPEED_CONFIG_ENUM, offsetof(bench_opts_t, backend), "cpu", SPEED_CONFIG_UNBOUNDED,
+     speedctl_backend_names, "compute backend: cpu, cpu-ref or cuda"},
+    {"device", SPEED_CONFIG_INT, offsetof(bench_opts_t, device), "0", 0, 1023, NULL, "--backend cuda: the GPU's index"},
     {"kv_dtype", SPEED_CONFIG_ENUM, offsetof(bench_opts_t, kv_dtype), "bf16", SPEED_CONFIG_UNBOUNDED, kv_dtype_names,
      "KV cache element type"},
     {"seed", SPEED_CONFIG_INT, offsetof(bench_opts_t, seed), "1", 0, 9.2e18, NULL, "seed of the random prompt"},
@@ -603,10 +603,7 @@ int speedctl_bench(int argc, char **argv) {
     for (int64_t i = 0; i < o.prompt_tokens; i++) prompt[i] = (int32_t)(speed_rng_next(&rng) % (uint64_t)mc->vocab_size);
     if (mc->bos_token_id >= 0 && mc->bos_token_id < mc->vocab_size) prompt[0] = mc->bos_token_id;
 
-    speed_backend_params_t bp = speed_backend_default_params();
-    bp.kind = o.backend == 1 ? SPEED_BACKEND_CPU_REF : SPEED_BACKEND_CPU;
-    bp.n_threads = (int)o.threads;
-    SPEED_CHECK_GOTO(speed_backend_create(&bp, &be), st, out);
+    SPEED_CHECK_GOTO(speedctl_backend_create(o.backend, o.device, o.threads, &be), st, out);
     int n_threads = (int)o.threads;
     if (n_threads == 0) {
         long n = sysconf(_SC_NPROCESSORS_ONLN);

@@ -17,14 +17,13 @@
 #include "stop.h"
 #include "tokenizer.h"
 
-static const char *const backend_names[] = {"cpu", "cpu-ref", NULL};
 static const char *const kv_dtype_names[] = {"f32", "bf16", "f16", NULL}; /* = speed_dtype_t order */
 static const char *const template_names[] = {"auto", "llama3", "llama2", "chatml", NULL};
 
 typedef struct {
     char *model, *prompt, *prompt_ids, *chat, *system, *stop, *prefill_layers;
     int chat_template, backend, kv_dtype;
-    int64_t max_tokens, top_k, seed, anchors, tail, top_logprobs, threads;
+    int64_t max_tokens, top_k, seed, anchors, tail, top_logprobs, threads, device;
     double temperature, top_p;
     bool json, ignore_eos;
 } gen_opts_t;
@@ -60,8 +59,9 @@ static const speed_config_field_t gen_fields[] = {
      NULL, "--json: also list this many most likely tokens per position"},
     {"threads", SPEED_CONFIG_INT, offsetof(gen_opts_t, threads), "0", 0, 1024, NULL,
      "compute threads; 0 = all online cores"},
-    {"backend", SPEED_CONFIG_ENUM, offsetof(gen_opts_t, backend), "cpu", SPEED_CONFIG_UNBOUNDED, backend_names,
-     "compute backend: cpu (fast) or cpu-ref (the reference loops)"},
+    {"backend", SPEED_CONFIG_ENUM, offsetof(gen_opts_t, backend), "cpu", SPEED_CONFIG_UNBOUNDED,
+     speedctl_backend_names, "compute backend: cpu (fast), cpu-ref (the reference loops) or cuda (a GPU)"},
+    {"device", SPEED_CONFIG_INT, offsetof(gen_opts_t, device), "0", 0, 1023, NULL, "--backend cuda: the GPU's index"},
     {"kv_dtype", SPEED_CONFIG_ENUM, offsetof(gen_opts_t, kv_dtype), "bf16", SPEED_CONFIG_UNBOUNDED, kv_dtype_names,
      "KV cache element type"},
     GSTR("stop", stop, "stop when the output contains this text (not shown); \\n and \\t are understood"),
@@ -289,10 +289,7 @@ int speedctl_generate(int argc, char **argv) {
     SPEED_CHECK_GOTO(speed_tok_stream_create(tok, true, &stream), st, out);
 
     /* Backend and engine, sized for this one sequence. */
-    speed_backend_params_t bp = speed_backend_default_params();
-    bp.kind = o.backend == 1 ? SPEED_BACKEND_CPU_REF : SPEED_BACKEND_CPU;
-    bp.n_threads = (int)o.threads;
-    SPEED_CHECK_GOTO(speed_backend_create(&bp, &be), st, out);
+    SPEED_CHECK_GOTO(speedctl_backend_create(o.backend, o.device, o.threads, &be), st, out);
     speed_engine_params_t ep = speed_engine_default_params();
     ep.backend = be;
     ep.model = model;

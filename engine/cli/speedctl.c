@@ -82,6 +82,36 @@ int speedctl_options_load(const char *verb, const char *usage,
     return SPEEDCTL_EXIT_OK;
 }
 
+const char *const speedctl_backend_names[] = {"cpu", "cpu-ref", "cuda", NULL};
+
+speed_status_t speedctl_backend_create(int backend, int64_t device, int64_t threads, speed_backend_t **be_p) {
+    static const speed_backend_kind_t kinds[] = {SPEED_BACKEND_CPU, SPEED_BACKEND_CPU_REF, SPEED_BACKEND_CUDA};
+    speed_backend_params_t bp = speed_backend_default_params();
+    bp.kind = kinds[backend];
+    bp.n_threads = (int)threads;
+    bp.device = (int)device;
+    char label[32];
+    if (bp.kind == SPEED_BACKEND_CUDA)
+        snprintf(label, sizeof label, "cuda:%d", bp.device);
+    else
+        snprintf(label, sizeof label, "%s", speedctl_backend_names[backend]);
+    /* one error line: the backend's cause, folded into ours */
+    speed_log_clear_last_error();
+    speed_log_set_sink(speedctl_silent_sink, NULL);
+    speed_status_t st = speed_backend_create(&bp, be_p);
+    speedctl_log_to_stderr();
+    if (st == SPEED_OK) return SPEED_OK;
+    const char *cause = speed_log_last_error();
+    if (strncmp(cause, "backend: ", 9) == 0) cause += 9;
+    if (strncmp(cause, "cuda: ", 6) == 0) cause += 6;
+    if (!*cause) cause = speed_status_string(st);
+    const char *hint = st == SPEED_ERR_DEVICE        ? " (the cuda backend needs a GPU; use --backend cpu)"
+                       : st == SPEED_ERR_UNSUPPORTED ? "; use --backend cpu"
+                                                     : "";
+    speedctl_fail("backend %s: %s%s", label, cause, hint);
+    return st;
+}
+
 speed_status_t speedctl_read_file(const char *path, char **data_p, size_t *len_p) {
     return speed_file_read(path, SPEEDCTL_FILE_MAX_BYTES, SPEED_SUBSYS_CLI, SPEED_FILE_READ_DEFAULT, data_p, len_p);
 }

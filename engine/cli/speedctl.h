@@ -7,7 +7,9 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
+#include "backend.h"
 #include "config.h"
 #include "status.h"
 #include "tokenizer.h"
@@ -44,6 +46,16 @@ int speedctl_options_load(const char *verb, const char *usage,
 /* Prints "speedctl: error: <formatted>" on stderr (for errors the CLI itself finds;
  * library errors are printed by the log sink where they are born). */
 void speedctl_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* The --backend choices of generate and bench, NULL-terminated: "cpu", "cpu-ref", "cuda". */
+extern const char *const speedctl_backend_names[];
+
+/* Creates the backend of --backend (an index into speedctl_backend_names), --device (cuda)
+ * and --threads (cpu). When it cannot be created, prints one error line naming the backend,
+ * the cause and the way out (no GPU: "use --backend cpu") and returns the status:
+ * SPEED_ERR_UNSUPPORTED (no CUDA in this build), SPEED_ERR_DEVICE (no usable GPU),
+ * SPEED_ERR_INVALID_ARGUMENT (no such device), SPEED_ERR_NO_MEMORY. */
+speed_status_t speedctl_backend_create(int backend, int64_t device, int64_t threads, speed_backend_t **be_p);
 
 /* speed_file_read for CLI inputs ("-" is not special; use /dev/stdin). */
 speed_status_t speedctl_read_file(const char *path, char **data_p, size_t *len_p);

@@ -4,6 +4,7 @@
 #include <ctype.h>
 #include <jansson.h>
 #include <stdarg.h>
+#include <stdbool.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -302,6 +303,65 @@ static void token_ids(json_t *j, char *out, size_t n) {
     }
 }
 
+/* No GPU here: the test harnesses of kernels/cuda skip on the same probe. */
+static bool have_gpu(void) { return access("/dev/nvidiactl", F_OK) == 0; }
+
+/* --backend cpu-ref (the plain loops) generates the same greedy tokens as --backend cpu, at full
+ * depth and with SPEED; --backend cuda on a machine without a GPU is one clear error line. */
+static void test_backends(void) {
+    const char *prompts[] = {"1,2,3", "5,9,14,2,7,30,11,4,8,6,3,21", "40,41,42,43"};
+    for (size_t i = 0; i < sizeof prompts / sizeof prompts[0]; i++) {
+        const char *depth = i == 1 ? "--prefill-layers 2" : "";
+        const char *common = "--max-tokens 8 --ignore-eos --kv-dtype f32";
+        json_t *fast = gen_json("--prompt-ids %s %s %s --backend cpu", prompts[i], depth, common);
+        json_t *ref = gen_json("--prompt-ids %s %s %s --backend cpu-ref --threads 1", prompts[i], depth, common);
+        if (fast && ref) {
+            char a[512], b[512];
+            token_ids(fast, a, sizeof a);
+            token_ids(ref, b, sizeof b);
+            CHECK_MSG(strcmp(a, b) == 0, "prompt %s: cpu %s, cpu-ref %s", prompts[i], a, b);
+            json_t *ta = json_object_get(fast, "tokens"), *tb = json_object_get(ref, "tokens");
+            CHECK_INT_EQ(json_array_size(ta), 8);
+            for (size_t k = 0; k < json_array_size(ta) && k < json_array_size(tb); k++)
+                CHECK_NEAR(json_real_value(json_object_get(json_array_get(ta, k), "logprob")),
+                           json_real_value(json_object_get(json_array_get(tb, k), "logprob")), 1e-3);
+        }
+        json_decref(fast);
+        json_decref(ref);
+    }
+
+    run_t r = run("generate --model '%s' --prompt-ids 1,2,3 --max-tokens 2 --backend tpu", gen_dir);
+    CHECK_INT_EQ(r.rc, 2);
+    CHECK_CONTAINS(r.err, "'tpu' is not one of cpu, cpu-ref, cuda");
+    CHECK_STR_EQ(r.out, "");
+    run_free(&r);
+    r = run("generate --model '%s' --prompt-ids 1,2,3 --max-tokens 2 --device -1", gen_dir);
+    CHECK_INT_EQ(r.rc, 2);
+    CHECK_CONTAINS(r.err, "device");
+    run_free(&r);
+    if (have_gpu()) {
+        fprintf(stderr, "note: a GPU is present; the no-GPU errors of --backend cuda are not exercised\n");
+        return;
+    }
+    const char *cuda_runs[] = {
+        "generate --model '%s' --prompt-ids 1,2,3 --max-tokens 2 --backend cuda",
+        "generate --model '%s' --prompt 'hello' --max-tokens 2 --backend cuda --device 1 --json",
+        "bench --model '%s' --prompt-tokens 8 --gen-tokens 2 --repeat 1 --no-roofline --backend cuda",
+    };
+    for (size_t i = 0; i < sizeof cuda_runs / sizeof cuda_runs[0]; i++) {
+        r = run(cuda_runs[i], gen_dir);
+        CHECK_MSG(r.rc == 1, "%s: exit %d, want 1: %s", cuda_runs[i], r.rc, r.err);
+        CHECK_MSG(count_errors(r.err) == 1 && count_lines(r.err) == 1, "%s: not one error line: %s", cuda_runs[i],
+                  r.err);
+        CHECK_CONTAINS(r.err, i == 1 ? "backend cuda:1: " : "backend cuda:0: ");
+        /* a CUDA build without a device, or a build without CUDA */
+        CHECK_MSG(strstr(r.err, "needs a GPU") || strstr(r.err, "no CUDA backend"), "%s", r.err);
+        CHECK_CONTAINS(r.err, "use --backend cpu");
+        CHECK_STR_EQ(r.out, "");
+        run_free(&r);
+    }
+}
+
 static void test_generate(void) {
     snprintf(gen_dir, sizeof gen_dir, "%s/cli-gen", tmp);
     run_t r = run("make-tiny-model '%s' --layers 4 --hidden 64 --heads 4 --kv-heads 2 --ffn 160 --dtype f32 "
@@ -426,6 +486,7 @@ static void test_generate(void) {
     b = gen_json("--prompt-ids 1,2,3 --max-tokens 3 --backend cpu-ref --threads 1 --kv-dtype f32");
     if (b) CHECK_INT_EQ(json_array_size(json_object_get(b, "tokens")) >= 1, 1);
     json_decref(b);
+    test_backends();
 
     /* --chat renders the template, which carries the one BOS */
     b = gen_json("--chat 'Hi there' --system 'Be brief.' --max-tokens 2");

@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "check.h"
 #include "cluster_config.h"
@@ -21,6 +22,82 @@ static speed_status_t load(const char *role, speed_cluster_config_t *c, speed_co
     for (int i = 0; i < n && i < 15; i++) argv[1 + i] = va_arg(ap, char *);
     va_end(ap);
     return speed_cluster_config_load(1 + n, argv, role, c, cfg);
+}
+
+/* The pools' compute backend: cpu by default, cpu-ref / cuda and a device from the file, the
+ * environment or the command line; anything else is refused with the choices listed. */
+static void test_backend(void) {
+    speed_cluster_config_t c;
+    speed_config_t *cfg = NULL;
+    CHECK_INT_EQ(load(NULL, &c, &cfg, 0), SPEED_OK);
+    CHECK_INT_EQ(c.prefill.backend, SPEED_POOL_BACKEND_CPU);
+    CHECK_INT_EQ(c.decode.backend, SPEED_POOL_BACKEND_CPU);
+    CHECK_INT_EQ(c.decode.device, 0);
+    CHECK_STR_EQ(speed_pool_backend_name(c.decode.backend), "cpu");
+    speed_config_destroy(cfg);
+
+    char dir[] = "/tmp/test_cluster_config.XXXXXX", path[64];
+    CHECK(mkdtemp(dir) != NULL);
+    snprintf(path, sizeof path, "%s/cluster.yaml", dir);
+    FILE *f = fopen(path, "w");
+    CHECK(f != NULL);
+    if (!f) return;
+    fputs("prefill:\n  backend: cpu-ref\n  threads: 2\n"
+          "decode:\n  replicas: 2\n  backend: cuda\n  device: 2\n", f);
+    fclose(f);
+    CHECK_INT_EQ(load("decode", &c, &cfg, 4, "--config", path, "--node.index", "1"), SPEED_OK);
+    CHECK_INT_EQ(c.prefill.backend, SPEED_POOL_BACKEND_CPU_REF);
+    CHECK_INT_EQ(c.prefill.threads, 2);
+    CHECK_INT_EQ(c.decode.backend, SPEED_POOL_BACKEND_CUDA);
+    CHECK_INT_EQ(c.decode.device, 2); /* replica 1 runs on device 3: the node adds its index */
+    CHECK_STR_EQ(speed_pool_backend_name(c.decode.backend), "cuda");
+    CHECK_STR_EQ(speed_pool_backend_name(c.prefill.backend), "cpu-ref");
+    const char *origin = NULL;
+    CHECK_INT_EQ(speed_config_origin(cfg, "decode.backend", NULL, &origin), SPEED_OK);
+    CHECK(origin && strncmp(origin, "file:", 5) == 0);
+    /* --print-config writes the choice back by name */
+    char *printed = NULL;
+    size_t printed_len = 0;
+    FILE *mem = open_memstream(&printed, &printed_len);
+    CHECK_INT_EQ(speed_config_print(cfg, mem), SPEED_OK);
+    fclose(mem);
+    CHECK_CONTAINS(printed, "backend: cuda");
+    CHECK_CONTAINS(printed, "backend: cpu-ref");
+    CHECK_CONTAINS(printed, "device: 2");
+    free(printed);
+    speed_config_destroy(cfg);
+
+    /* the environment overrides the file, the command line the environment */
+    setenv("SPEED_DECODE_BACKEND", "CPU", 1);
+    CHECK_INT_EQ(load(NULL, &c, &cfg, 2, "--config", path), SPEED_OK);
+    CHECK_INT_EQ(c.decode.backend, SPEED_POOL_BACKEND_CPU);
+    speed_config_destroy(cfg);
+    CHECK_INT_EQ(load(NULL, &c, &cfg, 4, "--config", path, "--decode.backend", "cpu-ref"), SPEED_OK);
+    CHECK_INT_EQ(c.decode.backend, SPEED_POOL_BACKEND_CPU_REF);
+    speed_config_destroy(cfg);
+    unsetenv("SPEED_DECODE_BACKEND");
+
+    /* a backend that does not exist, from any source, names the choices */
+    f = fopen(path, "w");
+    CHECK(f != NULL);
+    if (!f) return;
+    fputs("decode:\n  backend: tpu\n", f);
+    fclose(f);
+    CHECK_INT_EQ(load(NULL, &c, &cfg, 2, "--config", path), SPEED_ERR_INVALID_ARGUMENT);
+    CHECK(cfg == NULL);
+    CHECK_CONTAINS(speed_log_last_error(), "decode.backend: 'tpu' is not one of cpu, cpu-ref, cuda");
+    CHECK_CONTAINS(speed_log_last_error(), "cluster.yaml");
+    CHECK_INT_EQ(load(NULL, &c, &cfg, 2, "--prefill.backend", "gpu"), SPEED_ERR_INVALID_ARGUMENT);
+    CHECK_CONTAINS(speed_log_last_error(), "prefill.backend: 'gpu' is not one of cpu, cpu-ref, cuda (from cli)");
+    setenv("SPEED_PREFILL_BACKEND", "metal", 1);
+    CHECK_INT_EQ(load(NULL, &c, &cfg, 0), SPEED_ERR_INVALID_ARGUMENT);
+    CHECK_CONTAINS(speed_log_last_error(), "'metal' is not one of cpu, cpu-ref, cuda (from env:SPEED_PREFILL_BACKEND)");
+    unsetenv("SPEED_PREFILL_BACKEND");
+    CHECK_INT_EQ(load(NULL, &c, &cfg, 2, "--decode.device", "-1"), SPEED_ERR_INVALID_ARGUMENT);
+    CHECK_CONTAINS(speed_log_last_error(), "decode.device");
+    CHECK_STR_EQ(speed_pool_backend_name(7), "?");
+    remove(path);
+    rmdir(dir);
 }
 
 int main(void) {
@@ -78,5 +155,6 @@ int main(void) {
     speed_config_destroy(cfg);
     CHECK_INT_EQ(load(NULL, &c, &cfg, 4, "--decode.grpc_port", "65535", "--decode.replicas", "2"),
                  SPEED_ERR_INVALID_ARGUMENT);
+    test_backend();
     return CHECK_DONE();
 }

@@ -178,6 +178,46 @@ static void run_depth(speed_rpc_channel_t *pre, speed_rpc_channel_t *dec, const 
     json_decref(ref);
 }
 
+/* The pool's `backend` key: a cpu-ref node serves; a cuda node on a machine without a GPU exits
+ * 1 at startup with the line that says why and what to do (never a crash, nothing leaked: an
+ * ASan build would exit 23 and print its report). */
+static void test_backend_choice(const char *model_dir, int B) {
+    char grpc[16], http[16];
+    snprintf(grpc, sizeof grpc, "%d", B + 50);
+    snprintf(http, sizeof http, "%d", B + 60);
+    const char *ref_args[] = {"--model", model_dir, "--decode.grpc_port", grpc, "--decode.http_port", http,
+                              "--decode.backend", "cpu-ref", "--decode.threads", "1", NULL};
+    cu_proc_t ref = cu_spawn("speed-decode", "decode-cpu-ref", ref_args);
+    CHECK(cu_wait_up(&ref, B + 60, 30));
+    CHECK_INT_EQ(cu_stop(&ref, SIGTERM, 20), 0);
+    CHECK_INT_EQ(cu_system("grep -q 'decode: backend cpu-ref' %s/decode-cpu-ref.log", cu_dir), 0);
+
+    if (access("/dev/nvidiactl", F_OK) == 0) {
+        fprintf(stderr, "note: a GPU is present; a cuda node's no-GPU exit is not exercised\n");
+        return;
+    }
+    const char *dec_args[] = {"--model", model_dir, "--decode.grpc_port", grpc, "--decode.http_port", http,
+                              "--decode.backend", "cuda", NULL};
+    cu_proc_t dec = cu_spawn("speed-decode", "decode-cuda", dec_args);
+    CHECK_INT_EQ(cu_wait_exit(&dec, 30), 1);
+    /* replica 1 of a pool whose first device is 2 takes device 3 */
+    const char *pre_args[] = {"--model", model_dir, "--prefill.backend", "cuda", "--prefill.device", "2",
+                              "--prefill.replicas", "2", "--node.index", "1", NULL};
+    cu_proc_t pre = cu_spawn("speed-prefill", "prefill-cuda", pre_args);
+    CHECK_INT_EQ(cu_wait_exit(&pre, 30), 1);
+    const char *logs[2][3] = {{"decode-cuda", "decode", "cuda:0"}, {"prefill-cuda", "prefill", "cuda:3"}};
+    for (int i = 0; i < 2; i++) {
+        const char *log = logs[i][0], *role = logs[i][1], *dev = logs[i][2];
+        /* a CUDA build without a device, or a build without CUDA; and the way out */
+        CHECK_MSG(cu_system("grep -q '%s: backend %s: .*\\(needs a GPU\\|no CUDA backend\\)' %s/%s.log", role, dev,
+                            cu_dir, log) == 0, "%s.log lacks 'backend %s'", log, dev);
+        CHECK_MSG(cu_system("grep -q 'use %s.backend: cpu' %s/%s.log", role, cu_dir, log) == 0,
+                  "%s.log does not say how to fix it", log);
+        CHECK_MSG(cu_system("grep -q 'Sanitizer\\|ready: grpc' %s/%s.log", cu_dir, log) != 0,
+                  "%s.log: a sanitizer report or a node that started", log);
+    }
+}
+
 int main(void) {
     speed_log_configure("error");
     cu_init("nodes");
@@ -194,6 +234,7 @@ int main(void) {
         off += (size_t)snprintf(g_prompt_text + off, sizeof g_prompt_text - off, "%s%d", i ? "," : "", g_prompt[i]);
 
     const int B = cu_port_base;
+    test_backend_choice(model_dir, B);
     char p_grpc[16], p_http[16], d_grpc[16], d_http[16], r_port[16];
     snprintf(p_grpc, sizeof p_grpc, "%d", B);
     snprintf(p_http, sizeof p_http, "%d", B + 10);
