@@ -114,6 +114,9 @@ speed_status_t speed_kv_cache_create(const speed_kv_cache_params_t *params, spee
     else if (p->split_layer < 1 || p->split_layer > p->n_layers) bad = "split_layer (1..n_layers)";
     else if (p->n_kv_heads < 1 || p->head_dim < 1 || (int64_t)p->n_kv_heads * p->head_dim > 1 << 20)
         bad = "n_kv_heads / head_dim";
+    else if (p->head_begin < 0 || p->model_kv_heads < 0 || p->model_kv_heads > 1 << 16 ||
+             (int64_t)p->head_begin + p->n_kv_heads > (p->model_kv_heads ? p->model_kv_heads : p->n_kv_heads))
+        bad = "head_begin / model_kv_heads (the head range must lie inside the model's heads)";
     else if (speed_dtype_size(p->dtype) == 0) bad = "dtype";
     else if (p->block_tokens < 1 || p->block_tokens > 1 << 16) bad = "block_tokens";
     else if (p->n_blocks[0] < 0 || p->n_blocks[1] < 0 || p->n_blocks[0] > INT32_MAX ||
@@ -135,6 +138,7 @@ speed_status_t speed_kv_cache_create(const speed_kv_cache_params_t *params, spee
         return SPEED_ERR_NO_MEMORY;
     }
     c->p = *p;
+    if (!c->p.model_kv_heads) c->p.model_kv_heads = p->n_kv_heads;
     c->token_bytes = 2 * (size_t)p->n_kv_heads * (size_t)p->head_dim * speed_dtype_size(p->dtype);
     c->half_unit = (size_t)p->block_tokens * (c->token_bytes / 2);
     speed_status_t st;
@@ -206,6 +210,8 @@ speed_kv_layer_t speed_kv_cache_layer(const speed_kv_cache_t *c, int layer) {
 int speed_kv_cache_block_tokens(const speed_kv_cache_t *c) { return c->p.block_tokens; }
 int speed_kv_cache_n_layers(const speed_kv_cache_t *c) { return c->p.n_layers; }
 int speed_kv_cache_split_layer(const speed_kv_cache_t *c) { return c->p.split_layer; }
+int speed_kv_cache_head_begin(const speed_kv_cache_t *c) { return c->p.head_begin; }
+int speed_kv_cache_model_kv_heads(const speed_kv_cache_t *c) { return c->p.model_kv_heads; }
 size_t speed_kv_cache_token_bytes(const speed_kv_cache_t *c) { return c->token_bytes; }
 size_t speed_kv_cache_unit_bytes(const speed_kv_cache_t *c) { return 2 * c->half_unit; }
 

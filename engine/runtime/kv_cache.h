@@ -48,14 +48,19 @@ typedef struct {
     speed_backend_t *backend;   /* borrowed; pools are its memory */
     int n_layers;               /* L >= 1 */
     int split_layer;            /* 1..L; L = no upper pool */
-    int n_kv_heads, head_dim;
+    int n_kv_heads, head_dim;   /* heads per token slot (this rank's share of the model's) */
+    int head_begin;             /* tensor parallelism: the cache holds the model's KV heads
+                                 * [head_begin, head_begin + n_kv_heads); default 0 */
+    int model_kv_heads;         /* the model's KV heads, >= head_begin + n_kv_heads;
+                                 * 0 (default) = n_kv_heads (no tensor parallelism) */
     speed_dtype_t dtype;        /* f32, bf16, f16 */
     int block_tokens;           /* B >= 1, default 16 */
     int64_t n_blocks[SPEED_KV_POOL_COUNT]; /* blocks per pool (>= 0); upper ignored when
                                             * split_layer == L */
 } speed_kv_cache_params_t;
 
-/* backend NULL, shapes 0, f32, B 16, no blocks: fill in the model and sizes. */
+/* backend NULL, shapes 0, head range 0 of 0 (= all heads), f32, B 16, no blocks: fill in the
+ * model and sizes. */
 speed_kv_cache_params_t speed_kv_cache_default_params(void);
 
 typedef struct speed_kv_cache speed_kv_cache_t;
@@ -89,6 +94,12 @@ speed_kv_pool_t speed_kv_cache_layer_pool(const speed_kv_cache_t *cache, int lay
 int speed_kv_cache_block_tokens(const speed_kv_cache_t *cache);
 int speed_kv_cache_n_layers(const speed_kv_cache_t *cache);
 int speed_kv_cache_split_layer(const speed_kv_cache_t *cache);
+/* The model's KV heads this cache holds: [head_begin, head_begin + n_kv_heads) of
+ * model_kv_heads (params.model_kv_heads 0 reads back as n_kv_heads). Slot s of a block holds, in
+ * K and in V, heads head_begin.. in order, each head_dim values: the slot stride is
+ * n_kv_heads * head_dim * dtype size whatever the model's total. */
+int speed_kv_cache_head_begin(const speed_kv_cache_t *cache);
+int speed_kv_cache_model_kv_heads(const speed_kv_cache_t *cache);
 /* Bytes of one layer's K and V of one token: 2 * n_kv_heads * head_dim * dtype size. */
 size_t speed_kv_cache_token_bytes(const speed_kv_cache_t *cache);
 /* Bytes of the canonical unit (one layer of one block, K then V): B * token_bytes. */

@@ -1,15 +1,19 @@
 /* KV descriptor: destroy, self-check, compact byte encoding (kv_transfer.h).
  *
  * Wire format, little endian, every field fixed width:
- *   u32 magic "SKVD"  u16 version (1)  u16 flags (0)
+ *   u32 magic "SKVD"  u16 version (2)  u16 flags (0)
  *   u8 transport  u8 dtype  u16 reserved (0)
- *   i32 block_tokens n_kv_heads head_dim head_begin head_end
+ *   i32 block_tokens n_kv_heads head_dim head_begin head_end model_kv_heads
  *   u64 unit_bytes total_bytes epoch lease_deadline_ms cookie
  *   u32 worker_addr_len, bytes
  *   u32 n_regions, { u64 base, u64 length, u32 rkey_len, bytes }
  *   u32 n_pools,   { u32 region, u64 base, u64 block_stride, u32 n_blocks, i32 table[n_blocks] }
  *   u32 n_layers,  { u32 pool, u64 offset, i64 entries }
  *   u32 crc32 (IEEE, reflected, of every byte before it)
+ *
+ * Versions: 1 had no model_kv_heads (its writers only knew the full head range); 2 adds it for
+ * tensor-parallel resharding. A reader refuses any version but its own: prefill and decode nodes
+ * of one deployment run one build (the notify message is versioned the same way).
  */
 #include <string.h>
 
@@ -18,7 +22,7 @@
 #include "log.h"
 
 #define DESC_MAGIC 0x44564b53u /* "SKVD" */
-#define DESC_VERSION 1
+#define DESC_VERSION 2
 
 const char *speed_kv_transport_name(speed_kv_transport_t t) {
     switch (t) {
@@ -79,6 +83,8 @@ speed_status_t speed_kv_desc_check(const speed_kv_desc_t *d) {
         BAD("shape B %d, heads %d, head_dim %d out of range", d->block_tokens, d->n_kv_heads, d->head_dim);
     if (d->head_begin < 0 || d->head_end <= d->head_begin || d->head_end - d->head_begin != d->n_kv_heads)
         BAD("head range [%d, %d) does not hold %d heads", d->head_begin, d->head_end, d->n_kv_heads);
+    if (d->model_kv_heads < 0 || (d->model_kv_heads && d->model_kv_heads < d->head_end) || d->model_kv_heads > 1 << 16)
+        BAD("head range [%d, %d) of a model with %d KV heads", d->head_begin, d->head_end, d->model_kv_heads);
     uint64_t token_bytes = 2ull * (uint64_t)d->n_kv_heads * (uint64_t)d->head_dim * speed_dtype_size(d->dtype);
     if (d->unit_bytes != token_bytes * (uint64_t)d->block_tokens)
         BAD("unit of %llu bytes, the shape gives %llu", (unsigned long long)d->unit_bytes,
@@ -163,6 +169,7 @@ static void desc_write(wbuf_t *w, const speed_kv_desc_t *d) {
     put_u32(w, (uint32_t)d->head_dim);
     put_u32(w, (uint32_t)d->head_begin);
     put_u32(w, (uint32_t)d->head_end);
+    put_u32(w, (uint32_t)d->model_kv_heads);
     put_u64(w, d->unit_bytes);
     put_u64(w, d->total_bytes);
     put_u64(w, d->epoch);
@@ -303,6 +310,7 @@ speed_status_t speed_kv_desc_decode(const void *buf, size_t len, speed_kv_desc_t
     d->head_dim = (int32_t)get_u32(&r);
     d->head_begin = (int32_t)get_u32(&r);
     d->head_end = (int32_t)get_u32(&r);
+    d->model_kv_heads = (int32_t)get_u32(&r);
     d->unit_bytes = get_u64(&r);
     d->total_bytes = get_u64(&r);
     d->epoch = get_u64(&r);

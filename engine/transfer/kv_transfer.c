@@ -31,7 +31,7 @@
 #define AM_ID_NOTIFY 0x5301
 #define AM_ID_ACK 0x5302
 #define MSG_MAGIC 0x4b565846u /* "FXVK" */
-#define MSG_VERSION 1
+#define MSG_VERSION 2 /* 2: head range added */
 #define REQ_ID_MAX 64
 
 typedef struct {
@@ -40,6 +40,7 @@ typedef struct {
     uint64_t cookie;
     uint64_t bytes;
     uint64_t epoch;
+    int32_t head_begin, head_end; /* the model's KV heads the transfer covered */
     char request_id[REQ_ID_MAX];
 } notify_msg_t;
 
@@ -111,6 +112,12 @@ struct speed_kv_xfer {
     int n_layers_done;
     int block_tokens;
     size_t token_bytes, half_unit;
+    /* Head ranges differ (tensor-parallel resharding): per token slot, one run of the common
+     * heads for K and one for V, at each side's own slot stride and head offset. */
+    bool strided;
+    size_t run;                  /* n_common * head_dim * dtype size */
+    size_t l_slot, l_head_off;   /* local slot stride, offset of the common heads in a slot */
+    size_t r_slot, r_head_off, r_half; /* the same remote; r_half = B * r_slot (K -> V) */
     uint64_t total_bytes, lease_deadline_ms;
     notify_msg_t msg;      /* the notify payload; must live until its send completes */
     /* under ctx->mu */
@@ -371,7 +378,8 @@ static ucs_status_t notify_handler(void *arg, const void *header, size_t header_
     notify_msg_t m;
     memset(&m, 0, sizeof m);
     if ((param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) || length != sizeof m) {
-        SPEED_WARN(SPEED_SUBSYS_NET, "kv transfer: malformed notify of %zu bytes rejected", length);
+        SPEED_WARN(SPEED_SUBSYS_NET, "kv transfer: malformed notify of %zu bytes rejected (version %d is %zu bytes)",
+                   length, MSG_VERSION, sizeof m);
         st = SPEED_ERR_PEER_PROTOCOL;
     } else {
         memcpy(&m, data, sizeof m);
@@ -386,7 +394,12 @@ static ucs_status_t notify_handler(void *arg, const void *header, size_t header_
                       (unsigned long long)m.epoch, (unsigned long long)c->epoch);
             st = SPEED_ERR_PEER_PROTOCOL;
         } else if (c->p.notify_cb) {
-            speed_kv_notify_t note = {.request_id = m.request_id, .cookie = m.cookie, .bytes = m.bytes, .epoch = m.epoch};
+            speed_kv_notify_t note = {.request_id = m.request_id,
+                                      .cookie = m.cookie,
+                                      .bytes = m.bytes,
+                                      .epoch = m.epoch,
+                                      .head_begin = m.head_begin,
+                                      .head_end = m.head_end};
             st = c->p.notify_cb(c->p.notify_user, &note);
         }
     }
@@ -934,8 +947,9 @@ speed_status_t speed_kv_desc_build(speed_kv_xfer_ctx_t *c, const speed_kv_cache_
     d->block_tokens = B;
     d->n_kv_heads = l0.n_kv_heads;
     d->head_dim = l0.head_dim;
-    d->head_begin = 0;
-    d->head_end = l0.n_kv_heads;
+    d->head_begin = speed_kv_cache_head_begin(cache);
+    d->head_end = d->head_begin + l0.n_kv_heads;
+    d->model_kv_heads = speed_kv_cache_model_kv_heads(cache);
     d->dtype = l0.dtype;
     d->unit_bytes = speed_kv_cache_unit_bytes(cache);
     d->epoch = c->epoch;
@@ -1097,16 +1111,26 @@ speed_status_t speed_kv_xfer_create(speed_kv_xfer_ctx_t *c, const speed_kv_desc_
                speed_dtype_name(l0.dtype));
     if (d->block_tokens != B) REFUSE(SPEED_ERR_PEER_PROTOCOL, "block_tokens %d, local %d", d->block_tokens, B);
     if (d->head_dim != l0.head_dim) REFUSE(SPEED_ERR_PEER_PROTOCOL, "head_dim %d, local %d", d->head_dim, l0.head_dim);
-    if (d->n_kv_heads != l0.n_kv_heads || d->head_begin != 0 || d->head_end != l0.n_kv_heads)
+    /* heads: the model's total must agree; this transfer puts the intersection of the ranges */
+    const int lb = speed_kv_cache_head_begin(cache), le = lb + l0.n_kv_heads;
+    const int lm = speed_kv_cache_model_kv_heads(cache);
+    if (d->model_kv_heads != lm && (d->model_kv_heads != 0 || d->head_end > lm))
+        REFUSE(SPEED_ERR_PEER_PROTOCOL, "heads [%d, %d) of a model with %d KV heads, the local cache's has %d",
+               d->head_begin, d->head_end, d->model_kv_heads, lm);
+    const int hb = d->head_begin > lb ? d->head_begin : lb, he = d->head_end < le ? d->head_end : le;
+    if (hb >= he)
         REFUSE(SPEED_ERR_PEER_PROTOCOL,
-               "heads [%d, %d) of %d, the local cache holds [0, %d): resharding between tensor-parallel sizes "
-               "is not implemented",
-               d->head_begin, d->head_end, d->n_kv_heads, l0.n_kv_heads);
+               "heads [%d, %d) of %d, the local cache holds [%d, %d): the head ranges do not overlap, nothing to send",
+               d->head_begin, d->head_end, lm, lb, le);
+    const bool strided = d->head_begin != lb || d->head_end != le;
     if ((int)d->n_layers != L) REFUSE(SPEED_ERR_PEER_PROTOCOL, "%u layers, local %d", d->n_layers, L);
-    if (d->unit_bytes != speed_kv_cache_unit_bytes(cache))
+    if (!strided && d->unit_bytes != speed_kv_cache_unit_bytes(cache))
         REFUSE(SPEED_ERR_PEER_PROTOCOL, "unit of %llu bytes, local %zu", (unsigned long long)d->unit_bytes,
                speed_kv_cache_unit_bytes(cache));
-    uint64_t total = 0;
+    /* what this sender puts per entry: K and V of the common heads (token_bytes when not strided) */
+    const size_t head_bytes = (size_t)l0.head_dim * speed_dtype_size(l0.dtype);
+    const size_t put_token_bytes = 2 * (size_t)(he - hb) * head_bytes;
+    uint64_t total = 0, desc_total = 0;
     for (int l = 0; l < L; l++) {
         int64_t want = l < C ? n_full : n_compact;
         if (d->layers[l].entries != want)
@@ -1115,11 +1139,12 @@ speed_status_t speed_kv_xfer_create(speed_kv_xfer_ctx_t *c, const speed_kv_desc_
         if (want > speed_kv_seq_capacity(seq, l))
             REFUSE(SPEED_ERR_INVALID_ARGUMENT, "layer %d: %lld entries past the local room %lld", l, (long long)want,
                    (long long)speed_kv_seq_capacity(seq, l));
-        total += (uint64_t)want * token_bytes;
+        total += (uint64_t)want * put_token_bytes;
+        desc_total += (uint64_t)want * (uint64_t)d->n_kv_heads * 2 * head_bytes;
     }
-    if (d->total_bytes != total)
+    if (d->total_bytes != desc_total) /* desc_check verified it against the descriptor's shape */
         REFUSE(SPEED_ERR_PEER_PROTOCOL, "total of %llu bytes, local %llu", (unsigned long long)d->total_bytes,
-               (unsigned long long)total);
+               (unsigned long long)desc_total);
     if (d->lease_deadline_ms && realtime_ms() >= d->lease_deadline_ms)
         REFUSE(SPEED_ERR_TIMEOUT, "the lease deadline passed %llu ms ago",
                (unsigned long long)(realtime_ms() - d->lease_deadline_ms));
@@ -1133,6 +1158,13 @@ speed_status_t speed_kv_xfer_create(speed_kv_xfer_ctx_t *c, const speed_kv_desc_
     x->block_tokens = B;
     x->token_bytes = token_bytes;
     x->half_unit = speed_kv_cache_unit_bytes(cache) / 2;
+    x->strided = strided;
+    x->run = (size_t)(he - hb) * head_bytes;
+    x->l_slot = (size_t)l0.n_kv_heads * head_bytes;
+    x->l_head_off = (size_t)(hb - lb) * head_bytes;
+    x->r_slot = (size_t)d->n_kv_heads * head_bytes;
+    x->r_head_off = (size_t)(hb - d->head_begin) * head_bytes;
+    x->r_half = (size_t)B * x->r_slot;
     x->total_bytes = total;
     x->lease_deadline_ms = d->lease_deadline_ms;
     x->t_create = now_ns();
@@ -1193,8 +1225,13 @@ speed_status_t speed_kv_xfer_create(speed_kv_xfer_ctx_t *c, const speed_kv_desc_
             return SPEED_ERR_PEER_PROTOCOL;
         }
     }
-    x->msg = (notify_msg_t){.magic = MSG_MAGIC, .version = MSG_VERSION, .cookie = d->cookie, .bytes = total,
-                            .epoch = d->epoch};
+    x->msg = (notify_msg_t){.magic = MSG_MAGIC,
+                            .version = MSG_VERSION,
+                            .cookie = d->cookie,
+                            .bytes = total,
+                            .epoch = d->epoch,
+                            .head_begin = hb,
+                            .head_end = he};
     snprintf(x->msg.request_id, sizeof x->msg.request_id, "%s", x->request_id);
     x->state = SPEED_KV_XFER_PUSHING;
     pthread_mutex_lock(&c->mu);
@@ -1204,8 +1241,9 @@ speed_status_t speed_kv_xfer_create(speed_kv_xfer_ctx_t *c, const speed_kv_desc_
     c->xfers = x;
     c->stats.n_started++;
     pthread_mutex_unlock(&c->mu);
-    speed_log(SPEED_LOG_DEBUG, SPEED_SUBSYS_NET, request_id, "kv transfer: %s, %llu bytes in %d layers",
-              speed_kv_transport_name(d->transport), (unsigned long long)total, L);
+    speed_log(SPEED_LOG_DEBUG, SPEED_SUBSYS_NET, request_id, "kv transfer: %s, %llu bytes in %d layers, heads [%d, %d)%s",
+              speed_kv_transport_name(d->transport), (unsigned long long)total, L, hb, he,
+              strided ? " (strided: the head ranges differ)" : "");
     *xfer_p = x;
     return SPEED_OK;
 refuse:
@@ -1301,7 +1339,18 @@ speed_status_t speed_kv_xfer_push_layer(speed_kv_xfer_t *x, int layer, int64_t n
         }
         uint64_t raddr = pl->base + (uint64_t)pl->table[i] * pl->stride + ly->offset;
         int64_t n = n_total - i * B < B ? n_total - i * B : B;
-        if (n == B) {
+        if (x->strided) {
+            /* UCX 1.13 puts are contiguous on both sides: one run per slot for K, one for V */
+            const char *k = (const char *)src + x->l_head_off, *v = k + x->half_unit;
+            uint64_t rk = raddr + x->r_head_off, rv = rk + x->r_half;
+            for (int64_t s = 0; ok && s < n; s++)
+                ok = put_one(x, ep, k + (size_t)s * x->l_slot, x->run, rk + (uint64_t)s * x->r_slot, pl->rkey, memh,
+                             &err) &&
+                     put_one(x, ep, v + (size_t)s * x->l_slot, x->run, rv + (uint64_t)s * x->r_slot, pl->rkey, memh,
+                             &err);
+            bytes += 2 * (uint64_t)n * x->run;
+            n_puts += 2 * (uint64_t)n;
+        } else if (n == B) {
             ok = put_one(x, ep, src, unit, raddr, pl->rkey, memh, &err);
             bytes += unit;
             n_puts++;

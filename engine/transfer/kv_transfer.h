@@ -37,7 +37,9 @@
  * Bytes. A transfer puts exactly the prompt's entries: layer l's n_entries(l) * token_bytes
  * (full blocks as one put each, the last partial block as two puts, K rows then V rows), so
  * the bytes put equal speed_kv_bytes_for_prompt (the section 1 formula); slots past the
- * entries are not sent.
+ * entries are not sent. With tensor parallelism each side holds a range of the model's KV heads
+ * (speed_kv_cache_params_t.head_begin): a transfer puts the heads both hold, per token slot,
+ * and its notify names that range (see speed_kv_notify_t: several senders may feed one node).
  *
  * Threading. A context is thread-safe: any thread may create, push, finish, wait, cancel and
  * destroy transfers (one thread per transfer at a time; push_layer is meant to run in the engine's
@@ -116,12 +118,17 @@ typedef struct {
     speed_kv_desc_layer_t *layers;   /* [n_layers]: every layer of the model, in order */
     uint32_t n_layers;
     int32_t block_tokens;   /* B */
-    int32_t n_kv_heads;     /* heads of one token in a unit */
+    int32_t n_kv_heads;     /* heads of one token slot in a unit: head_end - head_begin */
     int32_t head_dim;
-    int32_t head_begin, head_end; /* heads [head_begin, head_end) of the model's KV heads held */
+    int32_t head_begin, head_end; /* heads [head_begin, head_end) of the model's KV heads held
+                                   * (a tensor-parallel rank's share) */
+    int32_t model_kv_heads; /* the model's KV heads (>= head_end); a sender must agree.
+                             * 0 = not stated (a control plane that does not carry it, e.g. the
+                             * protobuf KvDescriptor today): the sender assumes its own model's */
     speed_dtype_t dtype;
     uint64_t unit_bytes;    /* one layer of one block: 2 * B * n_kv_heads * head_dim * dtype size */
-    uint64_t total_bytes;   /* Σ layers entries * unit_bytes / B: what the transfer puts */
+    uint64_t total_bytes;   /* Σ layers entries * unit_bytes / B: the whole head range; a
+                             * sender holding only part of it puts its share */
     uint64_t epoch;         /* the decode node's epoch (changes when it restarts) */
     uint64_t lease_deadline_ms; /* CLOCK_REALTIME ms; 0 = none. A prefill node refuses to start
                                  * (or continue) a transfer past it. */
@@ -152,12 +159,23 @@ typedef struct speed_kv_xfer_ctx speed_kv_xfer_ctx_t;
 typedef struct speed_kv_xfer speed_kv_xfer_t;
 
 /* What a decode node learns when a transfer into its blocks completed (the puts were flushed
- * before the notify was sent, so the bytes are in memory). */
+ * before the notify was sent, so the bytes are in memory).
+ *
+ * Tensor parallelism. A transfer writes only the heads both sides hold, [head_begin, head_end):
+ * a decode rank may be fed by several prefill ranks (TP 2 -> 1: two senders, each covering half
+ * of the decode rank's heads), each sending its own notify with the same cookie. The decode node
+ * must mark the sequence's KV ready only once the union of the notified ranges covers its own
+ * range [speed_kv_cache_head_begin, + n_kv_heads): count coverage per cookie (the library does
+ * not, node/ does). When one prefill rank feeds several decode ranks (TP 1 -> 2) each decode rank
+ * gets its own notify covering its whole range. */
 typedef struct {
     const char *request_id; /* NUL-terminated, valid during the callback */
     uint64_t cookie;        /* the descriptor's cookie */
-    uint64_t bytes;         /* bytes the prefill side put */
+    uint64_t bytes;         /* bytes the prefill side put: entries * 2 * (head_end - head_begin) *
+                             * head_dim * dtype size, summed over the layers */
     uint64_t epoch;         /* equals this context's epoch (mismatches never reach the callback) */
+    int32_t head_begin, head_end; /* the model's KV heads this transfer wrote (the intersection of
+                                   * the sender's and this node's ranges) */
 } speed_kv_notify_t;
 
 /* Runs on the progress thread; must not block or call back into this context. Its return
@@ -271,12 +289,18 @@ typedef enum {
 
 /* Starts a transfer of a local sequence (n_full / n_compact prompt entries) of a registered
  * cache into the descriptor's blocks. Checks the descriptor against the local layout (dtype, B,
- * n_kv_heads, head_dim, head range, layer count, per-layer entries, unit and total bytes),
- * its address arithmetic, and the lease; gets a cached endpoint to the peer (or creates one)
- * and unpacks the rkeys. request_id (<= 63 bytes, may be NULL) names it in logs and the notify.
+ * head_dim, the model's KV head count, head ranges, layer count, per-layer entries, unit and
+ * total bytes), its address arithmetic, and the lease; gets a cached endpoint to the peer (or
+ * creates one) and unpacks the rkeys.
+ * Head ranges (tensor parallelism): the descriptor's range [head_begin, head_end) and the local
+ * cache's must overlap; the transfer puts their intersection only. Equal ranges: whole units
+ * (one put per full block). Different ranges: per token slot one put of the common heads' K and
+ * one of their V, each at its own side's slot stride (UCX puts are contiguous on both sides), so
+ * 2 * entries puts per layer; bytes = entries * 2 * n_common * head_dim * dtype size. request_id (<= 63 bytes, may be NULL) names it in logs and the notify.
  * The local blocks must stay allocated until the transfer ends (DONE / FAILED) or is destroyed.
  * Returns SPEED_OK; SPEED_ERR_INVALID_ARGUMENT (NULLs, cache not registered);
- * SPEED_ERR_PEER_PROTOCOL (layout mismatch, bad descriptor, rkey unpack failed);
+ * SPEED_ERR_PEER_PROTOCOL (layout mismatch, head ranges that do not overlap, another model head
+ * count, bad descriptor, rkey unpack failed);
  * SPEED_ERR_TIMEOUT (lease past); SPEED_ERR_PEER_UNREACHABLE (endpoint creation failed);
  * SPEED_ERR_NO_MEMORY. Every error is logged with the field and both values. */
 speed_status_t speed_kv_xfer_create(speed_kv_xfer_ctx_t *ctx, const speed_kv_desc_t *desc,
@@ -333,7 +357,8 @@ typedef struct {
     speed_kv_stage_t failed_stage;  /* valid when state == FAILED and status != CANCELLED */
     uint64_t bytes_put;             /* bytes of the puts posted */
     uint64_t n_puts;
-    uint64_t total_bytes;           /* the descriptor's total */
+    uint64_t total_bytes;           /* what this transfer puts: the descriptor's total when the
+                                     * head ranges are equal, this sender's share otherwise */
     uint64_t push_ns;               /* create -> last put posted */
     uint64_t finish_ns;             /* finish -> ack (0 while running) */
     uint64_t total_ns;              /* create -> end (0 while running) */

@@ -6,6 +6,11 @@
  * holds the same number of whole blocks). One transfer = create + push_all + finish + wait for
  * the ack: what a prefill node pays per request once the KV is computed. Median of --reps.
  *
+ * Then the strided path of tensor-parallel resharding (TP 2 -> 1): a sender holding heads [0, 2)
+ * of the 4 pushes into the same receiver descriptor (heads [0, 4)): per token slot one 256-byte
+ * run of K and one of V instead of one put per unit; half the bytes. Printed as GB/s of the
+ * bytes each put, and the ratio strided / whole-unit GB/s.
+ *
  *   bench_kv_transfer [--mib 64] [--reps 7]
  */
 #include <signal.h>
@@ -33,12 +38,15 @@ static int64_t entries_for(int B) {
     return tokens / B * B;
 }
 
-static speed_kv_cache_t *make_cache(speed_backend_t *be, int B, speed_kv_seq_t **seq_p) {
+/* A cache holding heads [head_begin, head_begin + n_heads) of the model's 4. */
+static speed_kv_cache_t *make_cache(speed_backend_t *be, int B, int head_begin, int n_heads, speed_kv_seq_t **seq_p) {
     speed_kv_cache_params_t p = speed_kv_cache_default_params();
     p.backend = be;
     p.n_layers = N_LAYERS;
     p.split_layer = N_LAYERS;
-    p.n_kv_heads = 4;
+    p.n_kv_heads = n_heads;
+    p.head_begin = head_begin;
+    p.model_kv_heads = 4;
     p.head_dim = 64;
     p.dtype = SPEED_DTYPE_BF16;
     p.block_tokens = B;
@@ -92,7 +100,7 @@ static int decode_node(int fd) {
             cache = NULL;
         }
         if (c[0] == 0) break;
-        cache = make_cache(be, c[0], &seq);
+        cache = make_cache(be, c[0], 0, 4, &seq);
         if (!cache || speed_kv_xfer_ctx_register_cache(ctx, cache) != SPEED_OK) return 3;
         speed_kv_desc_params_t dp = {.transport = (speed_kv_transport_t)c[1]};
         speed_kv_desc_t *d = NULL;
@@ -107,6 +115,42 @@ static int decode_node(int fd) {
     speed_kv_xfer_ctx_destroy(ctx);
     speed_backend_destroy(be);
     return 0;
+}
+
+/* Median seconds of g_reps transfers (after one untimed run that connects); 0 on failure. */
+static double time_xfers(speed_kv_xfer_ctx_t *ctx, const speed_kv_desc_t *d, speed_kv_cache_t *cache,
+                         speed_kv_seq_t *seq, int64_t n, uint64_t *n_puts_p) {
+    double tt[MAX_REPS];
+    for (int r = 0; r < g_reps + 1; r++) {
+        double t0 = seconds();
+        speed_kv_xfer_t *x = NULL;
+        speed_status_t st = speed_kv_xfer_create(ctx, d, cache, seq, n, n, NULL, &x);
+        if (st == SPEED_OK) st = speed_kv_xfer_push_all(x);
+        if (st == SPEED_OK) st = speed_kv_xfer_finish(x);
+        if (st == SPEED_OK) st = speed_kv_xfer_wait(x, -1);
+        double dt = seconds() - t0;
+        speed_kv_xfer_info_t info;
+        if (x) speed_kv_xfer_info(x, &info);
+        *n_puts_p = x ? info.n_puts : 0;
+        speed_kv_xfer_destroy(x);
+        if (st != SPEED_OK) {
+            fprintf(stderr, "transfer failed: %s\n", speed_status_string(st));
+            return 0;
+        }
+        if (r > 0) tt[r - 1] = dt;
+    }
+    return median(tt, g_reps);
+}
+
+/* Fills every unit of the sequence with nonzero bytes. */
+static void fill_units(speed_kv_cache_t *cache, speed_kv_seq_t *seq, int B) {
+    for (int l = 0; l < N_LAYERS; l++)
+        for (int64_t b = 0; b < entries_for(B) / B; b++) {
+            void *a;
+            size_t n;
+            speed_kv_cache_block_addr(cache, seq, l, b, &a, &n);
+            memset(a, (int)(l + b) | 1, n);
+        }
 }
 
 int main(int argc, char **argv) {
@@ -143,23 +187,22 @@ int main(int argc, char **argv) {
     printf("%-5s %8s %10s %10s %11s %11s %9s %9s\n", "xport", "unit", "MiB", "ms", "GB/s", "memcpy GB/s", "ratio",
            "puts");
     const int units[] = {4, 16, 64};
+    double whole_gbs[3][2] = {{0}}, strided_gbs[3][2] = {{0}}, strided_ms[3][2] = {{0}};
+    uint64_t strided_puts[3][2] = {{0}};
     int rc = 0;
     for (int u = 0; u < 3 && !rc; u++) {
         int B = units[u];
-        speed_kv_seq_t *seq = NULL;
-        speed_kv_cache_t *cache = make_cache(be, B, &seq);
-        if (!cache || speed_kv_xfer_ctx_register_cache(ctx, cache) != SPEED_OK) {
+        speed_kv_seq_t *seq = NULL, *half_seq = NULL;
+        speed_kv_cache_t *cache = make_cache(be, B, 0, 4, &seq), *half = make_cache(be, B, 0, 2, &half_seq);
+        if (!cache || !half || speed_kv_xfer_ctx_register_cache(ctx, cache) != SPEED_OK ||
+            speed_kv_xfer_ctx_register_cache(ctx, half) != SPEED_OK) {
             rc = 1;
             break;
         }
         speed_kv_cache_seq_set_entries(cache, seq, entries_for(B), entries_for(B));
-        for (int l = 0; l < N_LAYERS; l++) /* nonzero bytes */
-            for (int64_t b = 0; b < entries_for(B) / B; b++) {
-                void *a;
-                size_t n;
-                speed_kv_cache_block_addr(cache, seq, l, b, &a, &n);
-                memset(a, (int)(l + b) | 1, n);
-            }
+        speed_kv_cache_seq_set_entries(half, half_seq, entries_for(B), entries_for(B));
+        fill_units(cache, seq, B);
+        fill_units(half, half_seq, B);
         /* memcpy of the same units into another buffer, unit by unit */
         size_t total = (size_t)N_LAYERS * (size_t)entries_for(B) * 1024;
         char *dst = malloc(total);
@@ -194,36 +237,39 @@ int main(int argc, char **argv) {
                 break;
             }
             free(bytes);
-            double tt[MAX_REPS];
             uint64_t n_puts = 0;
-            for (int r = 0; r < g_reps + 1 && !rc; r++) { /* the first run connects: not timed */
-                double t0 = seconds();
-                speed_kv_xfer_t *x = NULL;
-                speed_status_t st = speed_kv_xfer_create(ctx, d, cache, seq, entries_for(B), entries_for(B), NULL, &x);
-                if (st == SPEED_OK) st = speed_kv_xfer_push_all(x);
-                if (st == SPEED_OK) st = speed_kv_xfer_finish(x);
-                if (st == SPEED_OK) st = speed_kv_xfer_wait(x, -1);
-                double dt = seconds() - t0;
-                if (st != SPEED_OK) {
-                    fprintf(stderr, "transfer failed: %s\n", speed_status_string(st));
-                    rc = 1;
-                }
-                speed_kv_xfer_info_t info;
-                if (x) speed_kv_xfer_info(x, &info);
-                n_puts = x ? info.n_puts : 0;
-                speed_kv_xfer_destroy(x);
-                if (r > 0) tt[r - 1] = dt;
-            }
+            double med = time_xfers(ctx, d, cache, seq, entries_for(B), &n_puts);
+            /* the same receiver fed by a TP 2 rank: heads [0, 2) of [0, 4) */
+            double med2 = med > 0 ? time_xfers(ctx, d, half, half_seq, entries_for(B), &strided_puts[u][t]) : 0;
             speed_kv_desc_destroy(d);
-            if (rc) break;
-            double med = median(tt, g_reps);
+            if (med <= 0 || med2 <= 0) {
+                rc = 1;
+                break;
+            }
+            whole_gbs[u][t] = total / med / 1e9;
+            strided_gbs[u][t] = total / 2 / med2 / 1e9;
+            strided_ms[u][t] = med2 * 1e3;
             printf("%-5s %6d K %10.1f %10.2f %11.2f %11.2f %9.3f %9llu\n", t ? "tcp" : "shm", B, total / 1048576.0,
                    med * 1e3, total / med / 1e9, total / mc_med / 1e9, mc_med / med, (unsigned long long)n_puts);
             fflush(stdout);
         }
         speed_kv_xfer_ctx_deregister_cache(ctx, cache);
+        speed_kv_xfer_ctx_deregister_cache(ctx, half);
         speed_kv_cache_seq_destroy(cache, seq);
+        speed_kv_cache_seq_destroy(half, half_seq);
         speed_kv_cache_destroy(cache);
+        speed_kv_cache_destroy(half);
+    }
+    if (!rc) {
+        printf("\nTP 2 -> 1 (sender heads [0, 2) of [0, 4): per slot one 256-byte K run and one V run), half the "
+               "bytes\n%-5s %8s %10s %11s %11s %9s %9s\n", "xport", "unit", "ms", "GB/s", "whole GB/s", "ratio",
+               "puts");
+        for (int u = 0; u < 3; u++)
+            for (int t = 0; t < 2; t++)
+                printf("%-5s %6d K %10.2f %11.2f %11.2f %9.3f %9llu\n", t ? "tcp" : "shm", units[u], strided_ms[u][t],
+                       strided_gbs[u][t], whole_gbs[u][t], strided_gbs[u][t] / whole_gbs[u][t],
+                       (unsigned long long)strided_puts[u][t]);
+        printf("ratio = strided GB/s / whole-unit GB/s (bytes each put)\n");
     }
     int32_t stop[2] = {0, 0};
     xt_send(fd, stop, sizeof stop);
