@@ -531,6 +531,19 @@ static speed_status_t backend_create(speed_node_t *n) {
     bp.kind = kinds[n->pool->backend];
     bp.n_threads = (int)n->pool->threads;
     bp.device = (int)(n->pool->device + n->cfg.node_index);
+    n->n_ranks = (int)n->pool->tensor_parallel;
+    if (n->n_ranks > 1 && bp.kind == SPEED_BACKEND_CUDA) {
+        SPEED_ERROR(SPEED_SUBSYS_CORE,
+                    "%s: tensor_parallel %d with backend cuda: GPU ranks run one process each over NCCL, which "
+                    "the nodes do not start yet (docs/tensor-parallel.md); use tensor_parallel: 1 per GPU, or a "
+                    "cpu backend",
+                    n->role, n->n_ranks);
+        return SPEED_ERR_UNSUPPORTED;
+    }
+    if (n->n_ranks > 1) { /* the replica's threads are shared out among its ranks */
+        int total = bp.n_threads > 0 ? bp.n_threads : (int)sysconf(_SC_NPROCESSORS_ONLN);
+        bp.n_threads = total / n->n_ranks > 0 ? total / n->n_ranks : 1;
+    }
     char label[32];
     if (bp.kind == SPEED_BACKEND_CUDA)
         snprintf(label, sizeof label, "cuda:%d", bp.device);
@@ -542,8 +555,14 @@ static speed_status_t backend_create(speed_node_t *n) {
     speed_log_set_sink(silent_sink, NULL);
     speed_status_t st = speed_backend_create(&bp, &n->backend);
     speed_log_set_sink(NULL, NULL);
+    n->rank_backends[0] = n->backend;
+    for (int r = 1; st == SPEED_OK && r < n->n_ranks; r++) st = speed_backend_create(&bp, &n->rank_backends[r]);
     if (st == SPEED_OK) {
-        SPEED_INFO(SPEED_SUBSYS_CORE, "%s: backend %s", n->role, speed_backend_name(n->backend));
+        if (n->n_ranks > 1)
+            SPEED_INFO(SPEED_SUBSYS_CORE, "%s: backend %s, tensor parallel: %d ranks", n->role,
+                       speed_backend_name(n->backend), n->n_ranks);
+        else
+            SPEED_INFO(SPEED_SUBSYS_CORE, "%s: backend %s", n->role, speed_backend_name(n->backend));
         return SPEED_OK;
     }
     const char *cause = speed_log_last_error();
@@ -600,6 +619,8 @@ static speed_status_t load_model(speed_node_t *n) {
     p.engine.depth = depth;
     p.engine.model = n->model;
     p.engine.backend = n->backend;
+    p.engine.tp_size = n->n_ranks;
+    p.engine.tp_backends = n->rank_backends;
     /* Pools: kv_tokens at full depth split over max_running sequences, 3/4 prompt and 1/4
      * generated; the upper pool then holds only anchors, tail and generated tokens. */
     int64_t per_seq = n->pool->kv_tokens / n->pool->max_running;
@@ -762,6 +783,7 @@ void speed_node_cleanup(speed_node_t *n) {
     speed_rpc_server_destroy(n->rpc);
     speed_http_server_destroy(n->http);
     if (n->xfer) speed_kv_xfer_ctx_destroy(n->xfer);
+    for (int r = 1; r < n->n_ranks; r++) speed_backend_destroy(n->rank_backends[r]);
     speed_backend_destroy(n->backend);
     speed_tok_destroy(n->tok);
     speed_model_destroy(n->model);

@@ -53,7 +53,9 @@ typedef struct {
 
     speed_model_t *model;
     speed_tok_t *tok;
-    speed_backend_t *backend;
+    speed_backend_t *backend;    /* rank 0's (the only one unless tensor_parallel > 1) */
+    speed_backend_t *rank_backends[64]; /* [tensor_parallel]: [0] == backend */
+    int n_ranks;
     speed_batcher_t *batcher;
     speed_kv_xfer_ctx_t *xfer;
     speed_rpc_server_t *rpc;
