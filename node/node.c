@@ -265,6 +265,7 @@ speed_status_t speed_node_kv_desc_to_proto(const speed_kv_desc_t *d, const speed
     out->head_dim = (uint32_t)d->head_dim;
     out->head_begin = (uint32_t)d->head_begin;
     out->head_end = (uint32_t)d->head_end;
+    out->model_kv_heads = (uint32_t)d->model_kv_heads;
     out->dtype = (char *)speed_dtype_name(d->dtype);
     out->unit_bytes = d->unit_bytes;
     out->total_bytes = d->total_bytes;
@@ -361,6 +362,7 @@ speed_status_t speed_node_kv_desc_from_proto(const Speed__V1__KvDescriptor *in, 
     d->head_dim = (int32_t)in->head_dim;
     d->head_begin = (int32_t)in->head_begin;
     d->head_end = (int32_t)in->head_end;
+    d->model_kv_heads = (int32_t)in->model_kv_heads;
     d->unit_bytes = in->unit_bytes;
     d->total_bytes = in->total_bytes;
     d->epoch = in->epoch;
