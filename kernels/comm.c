@@ -6,6 +6,7 @@
  * barrier ends the call. Slices are disjoint, so no element is read and written by two ranks,
  * and every element is summed once, in the same order, whichever rank runs it. */
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <string.h>
 
@@ -14,6 +15,13 @@
 #include "log.h"
 
 #define COMM_MAX_RANKS 64
+#define COMM_SPIN 4000 /* polls (a few microseconds) before a waiting rank sleeps */
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
 
 typedef struct {
     speed_comm_group_t *group;
@@ -25,30 +33,40 @@ struct speed_comm_group {
     pthread_mutex_t lock;
     pthread_cond_t cond;
     int arrived;               /* ranks waiting at the current barrier */
-    uint64_t generation;       /* barriers passed */
-    bool aborted;
+    _Atomic uint64_t generation; /* barriers passed (written under lock, read by spinners) */
+    atomic_bool aborted;
     float *bufs[COMM_MAX_RANKS];
     int64_t counts[COMM_MAX_RANKS];
     cpu_rank_t ranks[COMM_MAX_RANKS];
     speed_comm_t handles[COMM_MAX_RANKS];
 };
 
-/* Returns false when the group is (or becomes) aborted. */
+/* Returns false when the group is (or becomes) aborted. A rank that arrives early spins for a
+ * few microseconds before sleeping: a step makes two all-reduces per layer, and a futex wake-up
+ * per barrier would cost more than the reduction itself. */
 static bool barrier(speed_comm_group_t *g) {
     pthread_mutex_lock(&g->lock);
-    if (g->aborted) {
+    if (atomic_load(&g->aborted)) {
         pthread_mutex_unlock(&g->lock);
         return false;
     }
-    uint64_t gen = g->generation;
+    uint64_t gen = atomic_load(&g->generation);
     if (++g->arrived == g->size) {
         g->arrived = 0;
-        g->generation++;
+        atomic_store(&g->generation, gen + 1);
         pthread_cond_broadcast(&g->cond);
-    } else {
-        while (g->generation == gen && !g->aborted) pthread_cond_wait(&g->cond, &g->lock);
+        pthread_mutex_unlock(&g->lock);
+        return true;
     }
-    bool ok = g->generation != gen;   /* passed, even if an abort came right after */
+    pthread_mutex_unlock(&g->lock);
+    for (int spin = 0; spin < COMM_SPIN; spin++) {
+        if (atomic_load_explicit(&g->generation, memory_order_acquire) != gen) return true;
+        if (atomic_load_explicit(&g->aborted, memory_order_relaxed)) break;
+        cpu_relax();
+    }
+    pthread_mutex_lock(&g->lock);
+    while (atomic_load(&g->generation) == gen && !atomic_load(&g->aborted)) pthread_cond_wait(&g->cond, &g->lock);
+    bool ok = atomic_load(&g->generation) != gen; /* passed, even if an abort came right after */
     pthread_mutex_unlock(&g->lock);
     return ok;
 }
@@ -56,7 +74,7 @@ static bool barrier(speed_comm_group_t *g) {
 static void cpu_abort(void *ctx) {
     speed_comm_group_t *g = ((cpu_rank_t *)ctx)->group;
     pthread_mutex_lock(&g->lock);
-    g->aborted = true;
+    atomic_store(&g->aborted, true);
     pthread_cond_broadcast(&g->cond);
     pthread_mutex_unlock(&g->lock);
 }
@@ -101,6 +119,8 @@ speed_status_t speed_comm_group_cpu_create(int size, speed_comm_group_t **group_
     speed_comm_group_t *g = speed_calloc(1, sizeof *g);
     if (!g) return SPEED_ERR_NO_MEMORY;
     g->size = size;
+    atomic_init(&g->generation, 0);
+    atomic_init(&g->aborted, false);
     pthread_mutex_init(&g->lock, NULL);
     pthread_cond_init(&g->cond, NULL);
     for (int r = 0; r < size; r++) {

@@ -23,7 +23,7 @@ static const char *const kv_dtype_names[] = {"f32", "bf16", "f16", NULL}; /* = s
 
 typedef struct {
     char *model, *prefill_layers;
-    int64_t prompt_tokens, gen_tokens, batch, threads, device, repeat, anchors, tail, seed, roofline_mib;
+    int64_t prompt_tokens, gen_tokens, batch, threads, device, tensor_parallel, repeat, anchors, tail, seed, roofline_mib;
     int backend, kv_dtype;
     bool json, compare, roofline, hugepages;
 } bench_opts_t;
@@ -50,6 +50,8 @@ static const speed_config_field_t bench_fields[] = {
     {"backend", SPEED_CONFIG_ENUM, offsetof(bench_opts_t, backend), "cpu", SPEED_CONFIG_UNBOUNDED,
      speedctl_backend_names, "compute backend: cpu, cpu-ref or cuda"},
     {"device", SPEED_CONFIG_INT, offsetof(bench_opts_t, device), "0", 0, 1023, NULL, "--backend cuda: the GPU's index"},
+    {"tensor_parallel", SPEED_CONFIG_INT, offsetof(bench_opts_t, tensor_parallel), "1", 1, 64, NULL,
+     "ranks the model is split over (cpu backends: threads of this process, --threads shared out)"},
     {"kv_dtype", SPEED_CONFIG_ENUM, offsetof(bench_opts_t, kv_dtype), "bf16", SPEED_CONFIG_UNBOUNDED, kv_dtype_names,
      "KV cache element type"},
     {"seed", SPEED_CONFIG_INT, offsetof(bench_opts_t, seed), "1", 0, 9.2e18, NULL, "seed of the random prompt"},
@@ -252,12 +254,12 @@ static void depth_run_free(depth_run_t *d) {
 }
 
 /* Engine of its own (its KV pools split at C), warmed up. */
-static speed_status_t depth_setup(const bench_opts_t *o, const speed_model_t *model, speed_backend_t *be,
+static speed_status_t depth_setup(const bench_opts_t *o, const speed_model_t *model, const speedctl_ranks_t *ranks,
                                   const int32_t *prompt, speed_depth_t depth, speed_roofline_probe_t *probe,
                                   depth_run_t *d, bench_result_t *res) {
     int batch = (int)o->batch;
     speed_engine_params_t ep = speed_engine_default_params();
-    ep.backend = be;
+    speedctl_ranks_apply(ranks, &ep);
     ep.model = model;
     ep.kv_dtype = (speed_dtype_t)o->kv_dtype;
     ep.max_seqs = batch;
@@ -413,7 +415,7 @@ static speed_status_t lockstep_once(const bench_opts_t *o, depth_run_t *d, const
     return st;
 }
 
-static speed_status_t bench_depths(const bench_opts_t *o, const speed_model_t *model, speed_backend_t *be,
+static speed_status_t bench_depths(const bench_opts_t *o, const speed_model_t *model, const speedctl_ranks_t *ranks,
                                    const int32_t *prompt, const speed_depth_t *depths, int n_depths,
                                    bench_result_t *res, double *prefill_ratio_p, double *tpot_ratio_p,
                                    double *prefill_min_ratio_p, double *tpot_min_ratio_p) {
@@ -429,7 +431,7 @@ static speed_status_t bench_depths(const bench_opts_t *o, const speed_model_t *m
         st = speed_roofline_probe_create(&rp, &probe);
     }
     for (int i = 0; i < n_depths && st == SPEED_OK; i++)
-        st = depth_setup(o, model, be, prompt, depths[i], probe, &d[i], &res[i]);
+        st = depth_setup(o, model, ranks, prompt, depths[i], probe, &d[i], &res[i]);
     for (int r = 0; r < n_rep && st == SPEED_OK; r++)
         for (int i = 0; i < n_depths && st == SPEED_OK; i++) st = depth_rep(o, model, prompt, r, &d[i], &res[i]);
     if (st == SPEED_OK && n_depths == 2) {
@@ -558,7 +560,8 @@ int speedctl_bench(int argc, char **argv) {
     int exit_code = SPEEDCTL_EXIT_FAIL;
     speed_status_t st = SPEED_OK;
     speed_model_t *model = NULL;
-    speed_backend_t *be = NULL;
+    speed_backend_t *be = NULL; /* rank 0's */
+    speedctl_ranks_t ranks = {0};
     int32_t *prompt = NULL;
     bench_result_t res[2];
     int n_res = 0;
@@ -603,7 +606,8 @@ int speedctl_bench(int argc, char **argv) {
     for (int64_t i = 0; i < o.prompt_tokens; i++) prompt[i] = (int32_t)(speed_rng_next(&rng) % (uint64_t)mc->vocab_size);
     if (mc->bos_token_id >= 0 && mc->bos_token_id < mc->vocab_size) prompt[0] = mc->bos_token_id;
 
-    SPEED_CHECK_GOTO(speedctl_backend_create(o.backend, o.device, o.threads, &be), st, out);
+    SPEED_CHECK_GOTO(speedctl_ranks_create(o.backend, o.device, o.threads, o.tensor_parallel, &ranks), st, out);
+    be = ranks.be[0];
     int n_threads = (int)o.threads;
     if (n_threads == 0) {
         long n = sysconf(_SC_NPROCESSORS_ONLN);
@@ -614,7 +618,7 @@ int speedctl_bench(int argc, char **argv) {
     if (o.compare) depths[0].prefill_layers = mc->n_layers;
     n_res = o.compare ? 2 : 1;
     double prefill_ratio = 0.0, tpot_ratio = 0.0, prefill_min_ratio = 0.0, tpot_min_ratio = 0.0;
-    SPEED_CHECK_GOTO(bench_depths(&o, model, be, prompt, o.compare ? depths : &depths[1], n_res, res, &prefill_ratio,
+    SPEED_CHECK_GOTO(bench_depths(&o, model, &ranks, prompt, o.compare ? depths : &depths[1], n_res, res, &prefill_ratio,
                                   &tpot_ratio, &prefill_min_ratio, &tpot_min_ratio), st, out);
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
@@ -653,6 +657,7 @@ int speedctl_bench(int argc, char **argv) {
         json_object_set_new(root, "model", jm);
         json_object_set_new(root, "backend", json_string(speed_backend_name(be)));
         json_object_set_new(root, "threads", json_integer(n_threads));
+        json_object_set_new(root, "tensor_parallel", json_integer(o.tensor_parallel));
         json_object_set_new(root, "kv_dtype", json_string(kv_dtype_names[o.kv_dtype]));
         json_object_set_new(root, "prompt_tokens", json_integer(o.prompt_tokens));
         json_object_set_new(root, "gen_tokens", json_integer(o.gen_tokens));
@@ -699,8 +704,13 @@ int speedctl_bench(int argc, char **argv) {
         double np = (double)speed_model_n_params(model);
         printf("model        %s: %d layers, hidden %d, %.3g%s parameters, %s weights %s\n", o.model, mc->n_layers,
                mc->hidden, np >= 1e9 ? np / 1e9 : np / 1e6, np >= 1e9 ? " B" : " M", speed_dtype_name(wdtype), b1);
+        char be_label[320];
+        if (o.tensor_parallel > 1)
+            snprintf(be_label, sizeof be_label, "%" PRId64 " ranks x %s", o.tensor_parallel, speed_backend_name(be));
+        else
+            snprintf(be_label, sizeof be_label, "%s", speed_backend_name(be));
         printf("setup        %s; weights %s; KV %s; prompt %" PRId64 " tokens (random ids), %" PRId64
-               " generated, batch %" PRId64 ", medians of %" PRId64 "\n", speed_backend_name(be),
+               " generated, batch %" PRId64 ", medians of %" PRId64 "\n", be_label,
                o.hugepages ? "read into 2 MiB pages" : "mapped", kv_dtype_names[o.kv_dtype], o.prompt_tokens,
                o.gen_tokens, o.batch, o.repeat);
         if (o.roofline)
@@ -733,7 +743,7 @@ int speedctl_bench(int argc, char **argv) {
     exit_code = SPEEDCTL_EXIT_OK;
 out:
     speed_free(prompt);
-    speed_backend_destroy(be);
+    speedctl_ranks_destroy(&ranks);
     speed_model_destroy(model);
     speed_config_destroy(cfg);
     return exit_code;

@@ -23,7 +23,7 @@ static const char *const template_names[] = {"auto", "llama3", "llama2", "chatml
 typedef struct {
     char *model, *prompt, *prompt_ids, *chat, *system, *stop, *prefill_layers;
     int chat_template, backend, kv_dtype;
-    int64_t max_tokens, top_k, seed, anchors, tail, top_logprobs, threads, device;
+    int64_t max_tokens, top_k, seed, anchors, tail, top_logprobs, threads, device, tensor_parallel;
     double temperature, top_p;
     bool json, ignore_eos;
 } gen_opts_t;
@@ -62,6 +62,8 @@ static const speed_config_field_t gen_fields[] = {
     {"backend", SPEED_CONFIG_ENUM, offsetof(gen_opts_t, backend), "cpu", SPEED_CONFIG_UNBOUNDED,
      speedctl_backend_names, "compute backend: cpu (fast), cpu-ref (the reference loops) or cuda (a GPU)"},
     {"device", SPEED_CONFIG_INT, offsetof(gen_opts_t, device), "0", 0, 1023, NULL, "--backend cuda: the GPU's index"},
+    {"tensor_parallel", SPEED_CONFIG_INT, offsetof(gen_opts_t, tensor_parallel), "1", 1, 64, NULL,
+     "ranks the model is split over (cpu backends: threads of this process, --threads shared out)"},
     {"kv_dtype", SPEED_CONFIG_ENUM, offsetof(gen_opts_t, kv_dtype), "bf16", SPEED_CONFIG_UNBOUNDED, kv_dtype_names,
      "KV cache element type"},
     GSTR("stop", stop, "stop when the output contains this text (not shown); \\n and \\t are understood"),
@@ -216,7 +218,8 @@ int speedctl_generate(int argc, char **argv) {
     speed_status_t st = SPEED_OK;
     speed_model_t *model = NULL;
     speed_tok_t *tok = NULL;
-    speed_backend_t *be = NULL;
+    speed_backend_t *be = NULL; /* rank 0's */
+    speedctl_ranks_t ranks = {0};
     speed_engine_t *eng = NULL;
     speed_sampler_t *sampler = NULL;
     speed_stop_t *stop = NULL;
@@ -289,9 +292,10 @@ int speedctl_generate(int argc, char **argv) {
     SPEED_CHECK_GOTO(speed_tok_stream_create(tok, true, &stream), st, out);
 
     /* Backend and engine, sized for this one sequence. */
-    SPEED_CHECK_GOTO(speedctl_backend_create(o.backend, o.device, o.threads, &be), st, out);
+    SPEED_CHECK_GOTO(speedctl_ranks_create(o.backend, o.device, o.threads, o.tensor_parallel, &ranks), st, out);
+    be = ranks.be[0];
     speed_engine_params_t ep = speed_engine_default_params();
-    ep.backend = be;
+    speedctl_ranks_apply(&ranks, &ep);
     ep.model = model;
     ep.kv_dtype = (speed_dtype_t)o.kv_dtype;
     ep.max_seqs = 1;
@@ -414,7 +418,7 @@ out:
     if (st != SPEED_OK && exit_code == SPEEDCTL_EXIT_FAIL && !o.json) fflush(stdout);
     if (seq_alive) speed_engine_seq_remove(eng, seq);
     speed_engine_destroy(eng);
-    speed_backend_destroy(be);
+    speedctl_ranks_destroy(&ranks);
     speed_sampler_destroy(sampler);
     speed_stop_destroy(stop);
     speed_tok_stream_destroy(stream);

@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <time.h>
 
 #include "alloc.h"
@@ -110,6 +111,41 @@ speed_status_t speedctl_backend_create(int backend, int64_t device, int64_t thre
                                                      : "";
     speedctl_fail("backend %s: %s%s", label, cause, hint);
     return st;
+}
+
+speed_status_t speedctl_ranks_create(int backend, int64_t device, int64_t threads, int64_t n, speedctl_ranks_t *r) {
+    memset(r, 0, sizeof *r);
+    if (n > 1 && strcmp(speedctl_backend_names[backend], "cuda") == 0) {
+        speedctl_fail("--tensor-parallel %lld with --backend cuda: GPU ranks run one process each over NCCL, which "
+                      "speedctl does not start; use --tensor-parallel 1 or a cpu backend",
+                      (long long)n);
+        return SPEED_ERR_UNSUPPORTED;
+    }
+    if (n > 1) { /* the threads are shared out among the ranks */
+        long cores = sysconf(_SC_NPROCESSORS_ONLN);
+        int64_t total = threads > 0 ? threads : (cores > 0 ? cores : 1);
+        threads = total / n > 0 ? total / n : 1;
+    }
+    for (int i = 0; i < n; i++) {
+        speed_status_t st = speedctl_backend_create(backend, device, threads, &r->be[i]);
+        if (st != SPEED_OK) {
+            speedctl_ranks_destroy(r);
+            return st;
+        }
+        r->n++;
+    }
+    return SPEED_OK;
+}
+
+void speedctl_ranks_apply(const speedctl_ranks_t *r, speed_engine_params_t *p) {
+    p->backend = r->be[0];
+    p->tp_size = r->n;
+    p->tp_backends = r->n > 1 ? r->be : NULL;
+}
+
+void speedctl_ranks_destroy(speedctl_ranks_t *r) {
+    for (int i = 0; i < r->n; i++) speed_backend_destroy(r->be[i]);
+    memset(r, 0, sizeof *r);
 }
 
 speed_status_t speedctl_read_file(const char *path, char **data_p, size_t *len_p) {

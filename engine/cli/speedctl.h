@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 #include "backend.h"
+#include "engine.h"
 #include "config.h"
 #include "status.h"
 #include "tokenizer.h"
@@ -56,6 +57,20 @@ extern const char *const speedctl_backend_names[];
  * SPEED_ERR_UNSUPPORTED (no CUDA in this build), SPEED_ERR_DEVICE (no usable GPU),
  * SPEED_ERR_INVALID_ARGUMENT (no such device), SPEED_ERR_NO_MEMORY. */
 speed_status_t speedctl_backend_create(int backend, int64_t device, int64_t threads, speed_backend_t **be_p);
+
+/* The backends of --tensor-parallel ranks (docs/tensor-parallel.md): n backends of one kind,
+ * the --threads shared out among them (0 = all cores). be[0] is rank 0's. */
+typedef struct {
+    speed_backend_t *be[64];
+    int n;
+} speedctl_ranks_t;
+
+/* Creates them (n 1..64; n > 1 needs a cpu backend: one line otherwise). On error nothing is
+ * left and the status is returned as speedctl_backend_create's, or SPEED_ERR_UNSUPPORTED. */
+speed_status_t speedctl_ranks_create(int backend, int64_t device, int64_t threads, int64_t n, speedctl_ranks_t *ranks);
+/* Points engine params at the ranks (backend, tp_size, tp_backends). */
+void speedctl_ranks_apply(const speedctl_ranks_t *ranks, speed_engine_params_t *params);
+void speedctl_ranks_destroy(speedctl_ranks_t *ranks);
 
 /* speed_file_read for CLI inputs ("-" is not special; use /dev/stdin). */
 speed_status_t speedctl_read_file(const char *path, char **data_p, size_t *len_p);

@@ -134,6 +134,9 @@ static speed_status_t map_weights(engine_rank_t *rk) {
     SPEED_CHECK(check_op(rk, SPEED_OP_EMBED, rk->tok_embeddings.dtype, "embed"));
     SPEED_CHECK(check_op(rk, SPEED_OP_RMSNORM, rk->norm.dtype, "rmsnorm"));
     SPEED_CHECK(check_op(rk, SPEED_OP_MATMUL, rk->lm_head.dtype, "matmul"));
+    rk->vocab0 = (int)((int64_t)e->vocab * rk->rank / e->n_ranks);
+    if (e->n_ranks > 1) /* the output head by vocabulary rows */
+        rk->lm_head = shard_rows(rk->lm_head, rk->vocab0, (int64_t)e->vocab * (rk->rank + 1) / e->n_ranks - rk->vocab0);
     for (int l = 0; l < e->n_layers; l++) {
         const speed_layer_weights_t *w = &m->layers[l];
         engine_layer_t *L = &rk->layers[l];
@@ -205,6 +208,7 @@ static speed_status_t alloc_rank_scratch(engine_rank_t *rk) {
     HOST_ALLOC(rk->slots, Ri, host);
     HOST_ALLOC(rk->n_visible, Ri, host);
     HOST_ALLOC(rk->tables, Ri, host);
+    HOST_ALLOC(rk->out_rows, e->max_out, host);
     rk->host_scratch_bytes = host;
     return SPEED_OK;
 oom:
@@ -221,7 +225,6 @@ static speed_status_t alloc_scratch(speed_engine_t *e) {
     HOST_ALLOC(e->row_item, Ri, host);
     HOST_ALLOC(e->entry_full, Ri, host);
     HOST_ALLOC(e->entry_compact, Ri, host);
-    HOST_ALLOC(e->out_rows, e->max_out, host);
     HOST_ALLOC(e->items, e->p.max_seqs, host);
     HOST_ALLOC(e->outputs, e->max_out, host);
     HOST_ALLOC(e->seqs, e->p.max_seqs, host);
@@ -246,6 +249,7 @@ static void rank_free(engine_rank_t *rk) {
     speed_free(rk->slots);
     speed_free(rk->n_visible);
     speed_free((void *)rk->tables);
+    speed_free(rk->out_rows);
 }
 
 /* Ranks >= 1: wait for a step, run it, report. */
@@ -455,7 +459,6 @@ void speed_engine_destroy(speed_engine_t *e) {
     speed_free(e->row_item);
     speed_free(e->entry_full);
     speed_free(e->entry_compact);
-    speed_free(e->out_rows);
     speed_free(e->items);
     speed_free(e->outputs);
     speed_free(e->seqs);

@@ -42,7 +42,7 @@ typedef struct {
  * heads [r*nh/t, ...), kv heads [r*nkv/t, ...) and FFN rows [r*F/t, ...): the column shards of
  * wq/wk/wv/w_gate/w_up and the row shards of wo/w_down, as zero-copy views of the mapped
  * weights. Every rank keeps the whole residual stream; the partial sums of the two row-sharded
- * projections are all-reduced. Ranks share the KV cache (one pool in host memory), each
+ * projections are all-reduced. The output head is split by vocabulary rows. Ranks share the KV cache (one pool in host memory), each
  * writing and reading its heads through a head-range view. */
 typedef struct engine_rank {
     struct speed_engine *e;
@@ -62,7 +62,10 @@ typedef struct engine_rank {
     size_t scratch_bytes;
     float *x, *x2, *h, *q, *k, *v, *att, *gate, *up; /* [R][...] */
     float *part;                  /* [R][hidden]: a row-sharded projection's partial sum (t > 1) */
-    float *logits_dev;            /* [max_out][vocab], rank 0 only */
+    float *logits_dev;            /* [max_out][vocab], rank 0 only; every rank writes its
+                                   * vocabulary slice [vocab0, vocab0 + lm_head.n_rows) */
+    int vocab0;                   /* first row of lm_head this rank computes */
+    int32_t *out_rows;            /* [max_out] rows of x that make logits */
 
     /* host scratch: the rows alive, changed by every layer */
     int32_t *act;                 /* [R] step rows present in x, in order */
@@ -113,7 +116,6 @@ struct speed_engine {
     int32_t *tok, *pos;           /* [R] per step row */
     int32_t *row_item;            /* [R] batch item of the row */
     int32_t *entry_full, *entry_compact; /* [R]; compact -1 for shallow rows */
-    int32_t *out_rows;            /* [max_out] */
     engine_batch_item_t *items;   /* [max_seqs] */
     speed_engine_output_t *outputs; /* [max_out] */
     size_t host_scratch_bytes;

@@ -191,9 +191,9 @@ speed_status_t speed_engine_rank_forward_(engine_rank_t *rk, int n_items, int n_
     rk->n_act = n_rows;
     SPEED_CHECK(speed_op_embed(be, rows_of(rk->x, n_rows, H), rk->tok_embeddings, e->tok));
     SPEED_CHECK(run_layers(rk, n_items));
-    if (rk->rank != 0) return speed_backend_synchronize(be);
-
-    /* logits for the last row of each finishing sequence */
+    /* Logits for the last row of each finishing sequence. With several ranks each computes its
+     * slice of the vocabulary straight into rank 0's buffer (host memory: CPU ranks), then they
+     * meet at a barrier (a zero-length all-reduce) before rank 0 reads it. */
     int n_out = 0, i = 0;
     for (int it = 0; it < n_items; it++) {
         const engine_batch_item_t *item = &e->items[it];
@@ -201,16 +201,20 @@ speed_status_t speed_engine_rank_forward_(engine_rank_t *rk, int n_items, int n_
         int last = item->row_begin + item->n_rows - 1;
         while (i < rk->n_act && rk->act[i] != last) i++;
         SPEED_ASSERT(i < rk->n_act); /* the last row is full depth: alive at the top */
-        e->out_rows[n_out++] = i;
+        rk->out_rows[n_out++] = i;
     }
     if (n_out > 0) {
         speed_mat_t h = rows_of(rk->h, n_out, H);
-        speed_mat_t logits = rows_of(rk->logits_dev, n_out, e->vocab);
-        SPEED_CHECK(speed_op_get_rows(be, h, rows_of(rk->x, rk->n_act, H), e->out_rows));
+        speed_mat_t logits = {e->ranks[0].logits_dev + rk->vocab0, SPEED_DTYPE_F32, n_out, rk->lm_head.n_rows,
+                              e->vocab};
+        SPEED_CHECK(speed_op_get_rows(be, h, rows_of(rk->x, rk->n_act, H), rk->out_rows));
         SPEED_CHECK(speed_op_rmsnorm(be, h, h, rk->norm, e->eps));
         SPEED_CHECK(speed_op_matmul(be, logits, h, rk->lm_head, false));
-        SPEED_CHECK(speed_backend_download(be, e->logits, rk->logits_dev, (size_t)n_out * e->vocab * sizeof(float)));
     }
+    SPEED_CHECK(speed_backend_synchronize(be));
+    if (rk->comm) SPEED_CHECK(speed_comm_all_reduce_sum(rk->comm, NULL, 0));
+    if (rk->rank == 0 && n_out > 0)
+        SPEED_CHECK(speed_backend_download(be, e->logits, rk->logits_dev, (size_t)n_out * e->vocab * sizeof(float)));
     return speed_backend_synchronize(be);
 }
 

@@ -306,29 +306,49 @@ static void token_ids(json_t *j, char *out, size_t n) {
 /* No GPU here: the test harnesses of kernels/cuda skip on the same probe. */
 static bool have_gpu(void) { return access("/dev/nvidiactl", F_OK) == 0; }
 
-/* --backend cpu-ref (the plain loops) generates the same greedy tokens as --backend cpu, at full
- * depth and with SPEED; --backend cuda on a machine without a GPU is one clear error line. */
+/* --backend cpu-ref (the plain loops) and --tensor-parallel 2 generate the same greedy tokens as
+ * --backend cpu, at full depth and with SPEED; --backend cuda on a machine without a GPU is one
+ * clear error line. */
 static void test_backends(void) {
     const char *prompts[] = {"1,2,3", "5,9,14,2,7,30,11,4,8,6,3,21", "40,41,42,43"};
     for (size_t i = 0; i < sizeof prompts / sizeof prompts[0]; i++) {
         const char *depth = i == 1 ? "--prefill-layers 2" : "";
         const char *common = "--max-tokens 8 --ignore-eos --kv-dtype f32";
         json_t *fast = gen_json("--prompt-ids %s %s %s --backend cpu", prompts[i], depth, common);
-        json_t *ref = gen_json("--prompt-ids %s %s %s --backend cpu-ref --threads 1", prompts[i], depth, common);
-        if (fast && ref) {
-            char a[512], b[512];
-            token_ids(fast, a, sizeof a);
-            token_ids(ref, b, sizeof b);
-            CHECK_MSG(strcmp(a, b) == 0, "prompt %s: cpu %s, cpu-ref %s", prompts[i], a, b);
-            json_t *ta = json_object_get(fast, "tokens"), *tb = json_object_get(ref, "tokens");
-            CHECK_INT_EQ(json_array_size(ta), 8);
-            for (size_t k = 0; k < json_array_size(ta) && k < json_array_size(tb); k++)
-                CHECK_NEAR(json_real_value(json_object_get(json_array_get(ta, k), "logprob")),
-                           json_real_value(json_object_get(json_array_get(tb, k), "logprob")), 1e-3);
+        json_t *others[] = {
+            gen_json("--prompt-ids %s %s %s --backend cpu-ref --threads 1", prompts[i], depth, common),
+            /* the model split over two ranks (2 kv heads: one each) */
+            gen_json("--prompt-ids %s %s %s --backend cpu --tensor-parallel 2 --threads 2", prompts[i], depth, common),
+        };
+        const char *names[] = {"cpu-ref", "cpu with --tensor-parallel 2"};
+        for (int o = 0; o < 2; o++) {
+            json_t *ref = others[o];
+            CHECK_MSG(ref != NULL, "prompt %s: %s failed", prompts[i], names[o]);
+            if (fast && ref) {
+                char a[512], b[512];
+                token_ids(fast, a, sizeof a);
+                token_ids(ref, b, sizeof b);
+                CHECK_MSG(strcmp(a, b) == 0, "prompt %s: cpu %s, %s %s", prompts[i], a, names[o], b);
+                json_t *ta = json_object_get(fast, "tokens"), *tb = json_object_get(ref, "tokens");
+                CHECK_INT_EQ(json_array_size(ta), 8);
+                for (size_t k = 0; k < json_array_size(ta) && k < json_array_size(tb); k++)
+                    CHECK_NEAR(json_real_value(json_object_get(json_array_get(ta, k), "logprob")),
+                               json_real_value(json_object_get(json_array_get(tb, k), "logprob")), 1e-3);
+            }
+            json_decref(ref);
         }
         json_decref(fast);
-        json_decref(ref);
     }
+    /* a split the model's heads do not allow, and GPU ranks: one line each, exit 1 */
+    run_t t = run("generate --model '%s' --prompt-ids 1,2,3 --max-tokens 2 --tensor-parallel 3", gen_dir);
+    CHECK_INT_EQ(t.rc, 1);
+    CHECK_CONTAINS(t.err, "does not divide");
+    run_free(&t);
+    t = run("generate --model '%s' --prompt-ids 1,2,3 --max-tokens 2 --tensor-parallel 2 --backend cuda", gen_dir);
+    CHECK_INT_EQ(t.rc, 1);
+    CHECK_CONTAINS(t.err, "--tensor-parallel 2 with --backend cuda");
+    CHECK_MSG(count_lines(t.err) == 1, "not one line: %s", t.err);
+    run_free(&t);
 
     run_t r = run("generate --model '%s' --prompt-ids 1,2,3 --max-tokens 2 --backend tpu", gen_dir);
     CHECK_INT_EQ(r.rc, 2);
