@@ -110,7 +110,7 @@ float speed_rope_inv_freq(const speed_rope_t *rope, int head_dim, int i) {
 /* ---- validation ------------------------------------------------------------------------ */
 
 static const char *const op_names[SPEED_OP_COUNT] = {
-    "embed", "rmsnorm", "matmul", "rope", "swiglu", "add", "get_rows", "kv_store", "kv_load", "attention",
+    "embed", "rmsnorm", "matmul", "rope", "swiglu", "add", "get_rows", "kv_store", "kv_load", "attention", "topk",
 };
 
 static speed_status_t bad(speed_op_t op, const char *what) {
@@ -236,6 +236,32 @@ speed_status_t speed_op_attention(speed_backend_t *be, speed_mat_t out, speed_ma
             return bad(SPEED_OP_ATTENTION, "bad row description");
     SPEED_CHECK(check_supported(be, SPEED_OP_ATTENTION, kv->dtype));
     return q.n_rows ? be->ops->attention(be->ctx, out, q, kv, n_heads, rows, scale) : SPEED_OK;
+}
+
+/* True when [a, a + an) and [b, b + bn) bytes overlap. */
+static bool overlaps(const void *a, size_t an, const void *b, size_t bn) {
+    const char *pa = a, *pb = b;
+    return pa < pb + bn && pb < pa + an;
+}
+
+speed_status_t speed_op_topk(speed_backend_t *be, speed_mat_t vals, int32_t *ids, float *lse, speed_mat_t logits,
+                             int k) {
+    if (!f32_ok(vals) || !f32_ok(logits) || vals.n_rows != logits.n_rows || logits.n_cols > INT32_MAX ||
+        (vals.n_rows && (!ids || !lse)))
+        return bad(SPEED_OP_TOPK, "bad shapes");
+    if (k < 1 || k > SPEED_TOPK_MAX || k > logits.n_cols || vals.n_cols != k)
+        return bad(SPEED_OP_TOPK, "k out of range (1 .. min(vocabulary, 256), = vals columns)");
+    const size_t n = (size_t)logits.n_rows;
+    if (n) {
+        const size_t lbytes = ((n - 1) * (size_t)logits.row_stride + (size_t)logits.n_cols) * sizeof(float);
+        const size_t vbytes = ((n - 1) * (size_t)vals.row_stride + (size_t)k) * sizeof(float);
+        if (overlaps(vals.data, vbytes, logits.data, lbytes) ||
+            overlaps(ids, n * (size_t)k * sizeof(int32_t), logits.data, lbytes) ||
+            overlaps(lse, n * sizeof(float), logits.data, lbytes))
+            return bad(SPEED_OP_TOPK, "outputs overlap the logits");
+    }
+    SPEED_CHECK(check_supported(be, SPEED_OP_TOPK, SPEED_DTYPE_F32));
+    return n ? be->ops->topk(be->ctx, vals, ids, lse, logits, k) : SPEED_OK;
 }
 
 #if !defined(SPEED_HAVE_CUDA)

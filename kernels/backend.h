@@ -157,6 +157,7 @@ typedef enum {
     SPEED_OP_KV_STORE,
     SPEED_OP_KV_LOAD,
     SPEED_OP_ATTENTION,
+    SPEED_OP_TOPK,
     SPEED_OP_COUNT
 } speed_op_t;
 
@@ -192,6 +193,7 @@ typedef struct {
                               const int32_t *slots);
     speed_status_t (*attention)(void *ctx, speed_mat_t out, speed_mat_t q, const speed_kv_layer_t *kv,
                                 int n_heads, const speed_attn_rows_t *rows, float scale);
+    speed_status_t (*topk)(void *ctx, speed_mat_t vals, int32_t *ids, float *lse, speed_mat_t logits, int k);
 } speed_backend_ops_t;
 
 struct speed_backend {
@@ -268,6 +270,23 @@ speed_status_t speed_op_kv_load(speed_backend_t *be, const speed_kv_layer_t *kv,
  * out, q f32 [n_rows][n_heads * head_dim]. A row with n_visible 0 gets zeros. */
 speed_status_t speed_op_attention(speed_backend_t *be, speed_mat_t out, speed_mat_t q, const speed_kv_layer_t *kv,
                                   int n_heads, const speed_attn_rows_t *rows, float scale);
+
+/* Largest k of speed_op_topk. */
+#define SPEED_TOPK_MAX 256
+
+/* The k largest logits of each row and the row's log-sum-exp, so that a device backend hands
+ * the sampler k values per row instead of the whole vocabulary:
+ *   vals[i, j] = the j-th largest value of logits[i, :] (descending; equal values: lower
+ *                column first), ids[i * k + j] = its column;
+ *   lse[i]     = log Σ_c exp(logits[i, c]), max-shifted, accumulated in f32 or better
+ *                (-inf for a row of -inf, +inf when the row holds +inf).
+ * logits f32 [n][V] (V <= INT32_MAX); vals f32 [n][k]; ids int32 [n][k], contiguous (row stride
+ * k: there is no int32 speed_dtype_t); lse f32 [n]. vals, ids and lse are backend memory and
+ * must not overlap logits. 1 <= k <= min(V, SPEED_TOPK_MAX). Rows holding NaN give unspecified
+ * (but memory-safe) results. Selection is exact (no approximation): every backend returns the
+ * same ids and the same value bits; lse agrees to f32 rounding. */
+speed_status_t speed_op_topk(speed_backend_t *be, speed_mat_t vals, int32_t *ids, float *lse, speed_mat_t logits,
+                             int k);
 
 /* ---- registration (internal to kernels/) ------------------------------------------- */
 speed_status_t speed_backend_cpu_ref_create(const speed_backend_params_t *params, speed_backend_t **backend_p);

@@ -169,6 +169,7 @@ static speed_status_t map_weights(engine_rank_t *rk) {
         SPEED_CHECK(check_op(rk, f32_ops[i], SPEED_DTYPE_F32, "f32 activation ops"));
     SPEED_CHECK(check_op(rk, SPEED_OP_KV_STORE, e->p.kv_dtype, "kv_store"));
     SPEED_CHECK(check_op(rk, SPEED_OP_ATTENTION, e->p.kv_dtype, "attention"));
+    if (e->p.output_topk > 0 && rk->rank == 0) SPEED_CHECK(check_op(rk, SPEED_OP_TOPK, SPEED_DTYPE_F32, "topk"));
     return SPEED_OK;
 }
 
@@ -187,10 +188,12 @@ static speed_status_t alloc_rank_scratch(engine_rank_t *rk) {
     size_t qd = (size_t)rk->n_heads * e->head_dim, kvd = (size_t)rk->n_kv_heads * e->head_dim;
     size_t part = e->n_ranks > 1 ? R * e->hidden : 0;
     size_t logits = rk->rank == 0 ? (size_t)e->max_out * e->vocab : 0;
+    size_t topk = rk->rank == 0 ? (size_t)e->max_out * e->p.output_topk : 0, lse = topk ? (size_t)e->max_out : 0;
+    /* the top-k ids are int32: float-sized */
     size_t sizes[] = {R * e->hidden, R * e->hidden, R * e->hidden, R * qd, R * kvd, R * kvd, R * qd,
-                      R * rk->ffn,   R * rk->ffn,   part,          logits};
+                      R * rk->ffn,   R * rk->ffn,   part,          logits, topk, topk, lse};
     float **ptrs[] = {&rk->x, &rk->x2, &rk->h, &rk->q, &rk->k, &rk->v, &rk->att, &rk->gate, &rk->up, &rk->part,
-                      &rk->logits_dev};
+                      &rk->logits_dev, &rk->topk_vals_dev, (float **)&rk->topk_ids_dev, &rk->lse_dev};
     size_t total = 0;
     for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) total += align64(sizes[i] * sizeof(float));
     SPEED_CHECK(speed_backend_alloc(rk->be, total, &rk->scratch));
@@ -219,7 +222,13 @@ oom:
 static speed_status_t alloc_scratch(speed_engine_t *e) {
     int Ri = e->p.max_step_tokens;
     size_t host = 0;
-    HOST_ALLOC(e->logits, (size_t)e->max_out * e->vocab, host);
+    if (e->p.output_topk > 0) { /* only the top k come to the host */
+        HOST_ALLOC(e->topk_vals, (size_t)e->max_out * e->p.output_topk, host);
+        HOST_ALLOC(e->topk_ids, (size_t)e->max_out * e->p.output_topk, host);
+        HOST_ALLOC(e->lse, e->max_out, host);
+    } else {
+        HOST_ALLOC(e->logits, (size_t)e->max_out * e->vocab, host);
+    }
     HOST_ALLOC(e->tok, Ri, host);
     HOST_ALLOC(e->pos, Ri, host);
     HOST_ALLOC(e->row_item, Ri, host);
@@ -334,6 +343,8 @@ static speed_status_t check_params(const speed_engine_params_t *p) {
         bad = "tp_size does not divide the model's query and kv heads";
     else if (p->model->config.ffn < p->tp_size) bad = "tp_size is above the model's FFN width";
     else if (p->tp_size > 1 && !p->tp_backends) bad = "tp_size > 1 without tp_backends";
+    else if (p->output_topk < 0 || p->output_topk > SPEED_TOPK_MAX || p->output_topk > p->model->config.vocab_size)
+        bad = "output_topk is out of range [0, min(vocab, 256)]";
     for (int r = 0; !bad && p->tp_size > 1 && r < p->tp_size; r++) {
         const speed_backend_t *be = p->tp_backends[r];
         if (!be) bad = "a tp_backends entry is NULL";
@@ -454,6 +465,9 @@ void speed_engine_destroy(speed_engine_t *e) {
         pthread_cond_destroy(&e->tp_finished);
     }
     speed_free(e->logits);
+    speed_free(e->topk_vals);
+    speed_free(e->topk_ids);
+    speed_free(e->lse);
     speed_free(e->tok);
     speed_free(e->pos);
     speed_free(e->row_item);

@@ -121,12 +121,16 @@ typedef struct {
      * query and kv heads. 1 (the default): `backend` alone, tp_backends unused. */
     int tp_size;
     speed_backend_t *const *tp_backends; /* [tp_size] when tp_size > 1; `backend` is then ignored */
+    /* Outputs as the top k logits instead of all of them (speed_op_topk, on the backend): a
+     * step downloads k values, k ids and one log-sum-exp per output instead of vocab floats
+     * (docs/gpu.md). 0 (the default): full logits. 1 .. min(vocab, SPEED_TOPK_MAX). */
+    int output_topk;
 } speed_engine_params_t;
 
 #define SPEED_ENGINE_TP_MAX 64
 
 /* backend NULL, model NULL, f32 cache, B 16, auto pools, 8 sequences, 512 rows per step,
- * chunk 512, context = model, speed_depth_default(), no callback, tp_size 1. */
+ * chunk 512, context = model, speed_depth_default(), no callback, tp_size 1, full logits. */
 speed_engine_params_t speed_engine_default_params(void);
 
 /* Sets n_blocks_lower / n_blocks_upper to hold exactly n_seqs sequences of n_prompt prompt
@@ -196,10 +200,17 @@ speed_status_t speed_engine_seq_append(speed_engine_t *engine, speed_seq_id_t se
  * stay readable until the next step. Returns SPEED_OK or SPEED_ERR_NOT_FOUND. */
 speed_status_t speed_engine_seq_remove(speed_engine_t *engine, speed_seq_id_t seq);
 
-/* One output of a step: the logits following the sequence's last processed token. */
+/* One output of a step: the logits following the sequence's last processed token — all of
+ * them, or with params.output_topk > 0 the n_topk largest (descending, equal values by lower
+ * id) and the log-sum-exp of all of them, so that log p(topk_ids[j]) = topk_logits[j] - lse.
+ * Host pointers, valid until the next step or destroy. */
 typedef struct {
     speed_seq_id_t seq;
-    const float *logits;   /* f32 [vocab], host memory, valid until the next step or destroy */
+    const float *logits;   /* f32 [vocab]; NULL when output_topk > 0 */
+    const int32_t *topk_ids;   /* [n_topk] token ids; NULL when output_topk is 0 */
+    const float *topk_logits;  /* f32 [n_topk] their logits; NULL when output_topk is 0 */
+    int n_topk;                /* params.output_topk */
+    float lse;                 /* log Σ exp(logits) over the vocabulary (output_topk > 0 only) */
     int64_t position;      /* position of the token these logits follow (n_prompt - 1 for the
                             * first output) */
     bool first;            /* the prefill completed in this step: these are the first logits */

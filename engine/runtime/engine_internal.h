@@ -64,6 +64,9 @@ typedef struct engine_rank {
     float *part;                  /* [R][hidden]: a row-sharded projection's partial sum (t > 1) */
     float *logits_dev;            /* [max_out][vocab], rank 0 only; every rank writes its
                                    * vocabulary slice [vocab0, vocab0 + lm_head.n_rows) */
+    float *topk_vals_dev;         /* [max_out][output_topk], rank 0 with output_topk > 0 */
+    int32_t *topk_ids_dev;        /* [max_out][output_topk] */
+    float *lse_dev;               /* [max_out] */
     int vocab0;                   /* first row of lm_head this rank computes */
     int32_t *out_rows;            /* [max_out] rows of x that make logits */
 
@@ -112,7 +115,10 @@ struct speed_engine {
     int max_out;
 
     /* host scratch shared by the ranks (written before they start), sized at create */
-    float *logits;                /* [max_out][vocab] */
+    float *logits;                /* [max_out][vocab]; NULL with output_topk > 0 */
+    float *topk_vals;             /* [max_out][output_topk] with output_topk > 0, else NULL */
+    int32_t *topk_ids;            /* [max_out][output_topk] */
+    float *lse;                   /* [max_out] */
     int32_t *tok, *pos;           /* [R] per step row */
     int32_t *row_item;            /* [R] batch item of the row */
     int32_t *entry_full, *entry_compact; /* [R]; compact -1 for shallow rows */

@@ -213,8 +213,16 @@ speed_status_t speed_engine_rank_forward_(engine_rank_t *rk, int n_items, int n_
     }
     SPEED_CHECK(speed_backend_synchronize(be));
     if (rk->comm) SPEED_CHECK(speed_comm_all_reduce_sum(rk->comm, NULL, 0));
-    if (rk->rank == 0 && n_out > 0)
+    if (rk->rank == 0 && n_out > 0 && e->p.output_topk > 0) { /* k values per output cross to the host */
+        const int k = e->p.output_topk;
+        SPEED_CHECK(speed_op_topk(be, speed_mat(rk->topk_vals_dev, SPEED_DTYPE_F32, n_out, k), rk->topk_ids_dev,
+                                  rk->lse_dev, speed_mat(rk->logits_dev, SPEED_DTYPE_F32, n_out, e->vocab), k));
+        SPEED_CHECK(speed_backend_download(be, e->topk_vals, rk->topk_vals_dev, (size_t)n_out * k * sizeof(float)));
+        SPEED_CHECK(speed_backend_download(be, e->topk_ids, rk->topk_ids_dev, (size_t)n_out * k * sizeof(int32_t)));
+        SPEED_CHECK(speed_backend_download(be, e->lse, rk->lse_dev, (size_t)n_out * sizeof(float)));
+    } else if (rk->rank == 0 && n_out > 0) {
         SPEED_CHECK(speed_backend_download(be, e->logits, rk->logits_dev, (size_t)n_out * e->vocab * sizeof(float)));
+    }
     return speed_backend_synchronize(be);
 }
 
@@ -309,9 +317,14 @@ speed_status_t speed_engine_step(speed_engine_t *e, speed_engine_step_result_t *
         speed_status_t set = speed_kv_cache_seq_set_entries(e->kv, s->kv, n_full, n_compact);
         SPEED_ASSERT(set == SPEED_OK); /* within the reservation by construction */
         if (item->output) {
+            const int k = e->p.output_topk;
             e->outputs[n_out] = (speed_engine_output_t){
                 .seq = s->id,
-                .logits = e->logits + (size_t)n_out * e->vocab,
+                .logits = k ? NULL : e->logits + (size_t)n_out * e->vocab,
+                .topk_ids = k ? e->topk_ids + (size_t)n_out * k : NULL,
+                .topk_logits = k ? e->topk_vals + (size_t)n_out * k : NULL,
+                .n_topk = k,
+                .lse = k ? e->lse[n_out] : 0.0f,
                 .position = item->pos_begin + item->n_rows - 1,
                 .first = item->prefill,
             };

@@ -684,6 +684,93 @@ static speed_status_t cpu_attention(void *ctx, speed_mat_t out, speed_mat_t q, c
     return SPEED_OK;
 }
 
+/* ---- topk ---------------------------------------------------------------------------------- */
+
+typedef struct {
+    float v;
+    int32_t id;
+} topk_entry_t;
+
+/* a ranks after b: smaller value, or the same value at a higher column. */
+static inline bool topk_worse(topk_entry_t a, topk_entry_t b) { return a.v < b.v || (a.v == b.v && a.id > b.id); }
+
+/* Restores the heap below position i (the worst entry at the root). */
+static void topk_sift_down(topk_entry_t *h, int n, int i) {
+    for (;;) {
+        int w = i, l = 2 * i + 1, r = l + 1;
+        if (l < n && topk_worse(h[l], h[w])) w = l;
+        if (r < n && topk_worse(h[r], h[w])) w = r;
+        if (w == i) return;
+        topk_entry_t t = h[i];
+        h[i] = h[w];
+        h[w] = t;
+        i = w;
+    }
+}
+
+typedef struct {
+    cpu_ctx_t *c;
+    speed_mat_t vals, logits;
+    int32_t *ids;
+    float *lse;
+    int k;
+} topk_arg_t;
+
+/* Rows [i0, i1) with heap h (k entries of scratch). Columns are visited in increasing order, so
+ * a value equal to the heap's worst ranks after it (higher column): only values strictly above
+ * the worst can enter, which is what next_above skips to. */
+static void topk_rows(const topk_arg_t *a, topk_entry_t *h, int64_t i0, int64_t i1) {
+    const speed_cpu_kernels_t *kt = a->c->k;
+    const int k = a->k;
+    const int64_t V = a->logits.n_cols;
+    for (int64_t i = i0; i < i1; i++) {
+        const float *x = row_ptr(a->logits, i);
+        for (int j = 0; j < k; j++) { /* the first k columns, sifted up */
+            int p = j;
+            h[p] = (topk_entry_t){x[j], j};
+            while (p > 0 && topk_worse(h[p], h[(p - 1) / 2])) {
+                topk_entry_t t = h[p];
+                h[p] = h[(p - 1) / 2];
+                h[(p - 1) / 2] = t;
+                p = (p - 1) / 2;
+            }
+        }
+        for (int64_t col = kt->next_above(x, k, V, h[0].v); col < V; col = kt->next_above(x, col + 1, V, h[0].v)) {
+            h[0] = (topk_entry_t){x[col], (int32_t)col};
+            topk_sift_down(h, k, 0);
+        }
+        float *v = row_ptr(a->vals, i);
+        int32_t *id = a->ids + i * k;
+        for (int n = k; n > 0; n--) { /* pop worst first: fills the row from its end */
+            v[n - 1] = h[0].v;
+            id[n - 1] = h[0].id;
+            h[0] = h[n - 1];
+            topk_sift_down(h, n - 1, 0);
+        }
+
+        const float m = kt->max_row(x, V);
+        a->lse[i] = isinf(m) ? m : (float)((double)m + log(kt->sum_exp_row(x, V, m)));
+    }
+}
+
+static void topk_task(void *p, int t, int nt) {
+    topk_arg_t *a = p;
+    int64_t lo, hi;
+    split_range(a->logits.n_rows, t, nt, 1, &lo, &hi);
+    if (lo < hi) topk_rows(a, a->c->tscratch[t], lo, hi);
+}
+
+static speed_status_t cpu_topk(void *ctx, speed_mat_t vals, int32_t *ids, float *lse, speed_mat_t logits, int k) {
+    cpu_ctx_t *c = ctx;
+    SPEED_CHECK(tscratch_reserve(c, (size_t)k * sizeof(topk_entry_t)));
+    topk_arg_t a = {.c = c, .vals = vals, .logits = logits, .ids = ids, .lse = lse, .k = k};
+    if (c->n_threads == 1 || logits.n_rows == 1 || logits.n_rows * logits.n_cols < SMALL_WORK)
+        topk_rows(&a, c->tscratch[0], 0, logits.n_rows);
+    else
+        speed_cpu_pool_run(c->pool, topk_task, &a);
+    return SPEED_OK;
+}
+
 /* ---- creation ------------------------------------------------------------------------------ */
 
 static const speed_backend_ops_t cpu_ops = {
@@ -708,6 +795,7 @@ static const speed_backend_ops_t cpu_ops = {
     .kv_store = cpu_kv_store,
     .kv_load = cpu_kv_load,
     .attention = cpu_attention,
+    .topk = cpu_topk,
 };
 
 static int online_cpus(void) {

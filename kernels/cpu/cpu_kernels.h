@@ -125,6 +125,16 @@ typedef struct {
     void (*add)(float *out, const float *a, const float *b, int64_t n);
     void (*to_f32)(speed_dtype_t dtype, const void *src, float *dst, int64_t n);
     void (*from_f32)(speed_dtype_t dtype, const float *src, void *dst, int64_t n);
+
+    /* ---- top-k (speed_op_topk) ---- */
+    /* max over x[0 .. n) (n >= 1; NaN: unspecified). */
+    float (*max_row)(const float *x, int64_t n);
+    /* Σ exp(x[c] - shift) over [0, n): fp32 vector partial sums of blocks of a few thousand
+     * values, added in double (a 128K-entry row stays within ~1e-7 relative). */
+    double (*sum_exp_row)(const float *x, int64_t n, float shift);
+    /* The first index c in [i, n) with x[c] > thr, or n: the top-k scan skips the (many)
+     * values that cannot enter its heap a vector at a time. */
+    int64_t (*next_above)(const float *x, int64_t i, int64_t n, float thr);
 } speed_cpu_kernels_t;
 
 extern const speed_cpu_kernels_t speed_cpu_kernels_scalar;

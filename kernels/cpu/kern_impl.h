@@ -615,6 +615,58 @@ static void KFN(attn)(const speed_cpu_attn_t *a, int64_t r0, int nr, int h, int3
     }
 }
 
+/* ==== top-k and log-sum-exp ============================================================ */
+
+static float KFN(max_row)(const float *x, int64_t n) {
+    int64_t i = 0;
+    float m = -INFINITY;
+    if (n >= 4 * VN) {
+        vf m0 = vf_load(x), m1 = vf_load(x + VN), m2 = vf_load(x + 2 * VN), m3 = vf_load(x + 3 * VN);
+        for (i = 4 * VN; i + 4 * VN <= n; i += 4 * VN) {
+            m0 = vf_max(m0, vf_load(x + i));
+            m1 = vf_max(m1, vf_load(x + i + VN));
+            m2 = vf_max(m2, vf_load(x + i + 2 * VN));
+            m3 = vf_max(m3, vf_load(x + i + 3 * VN));
+        }
+        m = vf_hmax(vf_max(vf_max(m0, m1), vf_max(m2, m3)));
+    }
+    for (; i < n; i++) m = x[i] > m ? x[i] : m;
+    return m;
+}
+
+/* Block of values summed in fp32 lanes before the block's sum is added in double. */
+#define SUM_EXP_BLOCK 2048
+
+static double KFN(sum_exp_row)(const float *x, int64_t n, float shift) {
+    const vf s = vf_set1(shift);
+    double total = 0.0;
+    for (int64_t b = 0; b < n; b += SUM_EXP_BLOCK) {
+        const int64_t e = b + SUM_EXP_BLOCK < n ? b + SUM_EXP_BLOCK : n;
+        vf a0 = vf_zero(), a1 = vf_zero();
+        int64_t i = b;
+        for (; i + 2 * VN <= e; i += 2 * VN) {
+            a0 = vf_add(a0, vf_exp(vf_sub(vf_load(x + i), s)));
+            a1 = vf_add(a1, vf_exp(vf_sub(vf_load(x + i + VN), s)));
+        }
+        float part = vf_hsum(vf_add(a0, a1));
+        for (; i < e; i++) part += expf(x[i] - shift);
+        total += (double)part;
+    }
+    return total;
+}
+
+static int64_t KFN(next_above)(const float *x, int64_t i, int64_t n, float thr) {
+    for (; i + 4 * VN <= n; i += 4 * VN) {
+        vf m = vf_max(vf_max(vf_load(x + i), vf_load(x + i + VN)), vf_max(vf_load(x + i + 2 * VN), vf_load(x + i + 3 * VN)));
+        if (!(vf_hmax(m) > thr)) continue;
+        for (int64_t j = i; j < i + 4 * VN; j++)
+            if (x[j] > thr) return j;
+    }
+    for (; i < n; i++)
+        if (x[i] > thr) return i;
+    return n;
+}
+
 /* ==== the table ======================================================================= */
 
 const speed_cpu_kernels_t KCAT2(speed_cpu_kernels, KERN_SUFFIX) = {
@@ -635,4 +687,7 @@ const speed_cpu_kernels_t KCAT2(speed_cpu_kernels, KERN_SUFFIX) = {
     .add = KFN(add),
     .to_f32 = KFN(to_f32),
     .from_f32 = KFN(from_f32),
+    .max_row = KFN(max_row),
+    .sum_exp_row = KFN(sum_exp_row),
+    .next_above = KFN(next_above),
 };

@@ -470,6 +470,16 @@ static speed_status_t cu_get_rows(void *ctx, speed_mat_t out, speed_mat_t x, con
     return SPEED_OK;
 }
 
+_Static_assert(SPEED_CUDA_TOPK_MAX == SPEED_TOPK_MAX, "topk limits differ");
+
+static speed_status_t cu_topk(void *ctx, speed_mat_t vals, int32_t *ids, float *lse, speed_mat_t logits, int k) {
+    cuda_ctx_t *c = ctx;
+    SPEED_CHECK(enter(c));
+    SPEED_CUDA_CHECK(speed_cuda_topk(c->stream, vals.data, vals.row_stride, ids, lse, logits.data, logits.row_stride,
+                                     logits.n_rows, logits.n_cols, k));
+    return SPEED_OK;
+}
+
 static speed_cuda_kv_t kv_view(const speed_kv_layer_t *kv) {
     return (speed_cuda_kv_t){.k_base = kv->k_base, .block_stride = kv->block_stride, .v_offset = kv->v_offset,
                              .block_tokens = kv->block_tokens, .n_kv_heads = kv->n_kv_heads,
@@ -611,6 +621,7 @@ static const speed_backend_ops_t cuda_ops = {
     .kv_store = cu_kv_store,
     .kv_load = cu_kv_load,
     .attention = cu_attention,
+    .topk = cu_topk,
 };
 
 static speed_status_t cuda_init(cuda_ctx_t *c) {

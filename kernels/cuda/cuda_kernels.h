@@ -101,6 +101,16 @@ cudaError_t speed_cuda_attention(cudaStream_t stream, float *out, int64_t out_st
                                  const speed_cuda_attn_row_t *rows, const int32_t *tables, int chunk, int max_split,
                                  float scale, float *partials);
 
+/* Largest k of speed_cuda_topk (= SPEED_TOPK_MAX, checked in backend_cuda.c). */
+#define SPEED_CUDA_TOPK_MAX 256
+
+/* Per row i of logits f32 [n][V]: the k largest values, descending, equal values by lower
+ * column, into vals f32 [n][k] (stride vals_stride) and their columns into ids int32 [n][k]
+ * (contiguous); lse[i] = log Σ exp(logits[i, :]) (max-shifted). 1 <= k <= min(V,
+ * SPEED_CUDA_TOPK_MAX), V <= INT32_MAX. */
+cudaError_t speed_cuda_topk(cudaStream_t stream, float *vals, int64_t vals_stride, int32_t *ids, float *lse,
+                            const float *logits, int64_t logits_stride, int64_t n, int64_t V, int k);
+
 #ifdef __cplusplus
 }
 #endif

@@ -740,6 +740,171 @@ static void case_attention(const char *what, int n_heads, int n_kv_heads, int he
 
 /* ---- the cases ----------------------------------------------------------------------- */
 
+/* ---- topk ---------------------------------------------------------------------------- */
+
+typedef enum {
+    TOPK_RANDOM,    /* uniform in [-20, 20): distinct values */
+    TOPK_TIES,      /* five levels: the top k are mostly ties, which go to the lowest columns */
+    TOPK_EXTREMES,  /* per row: -inf and ±3e38 sprinkled; all -inf; a +inf; one finite value */
+    TOPK_ASCENDING, /* every column displaces the current worst (the heap's worst case) */
+} topk_mode_t;
+
+static const char *const topk_mode_names[] = {"random", "ties", "extremes", "ascending"};
+
+static void topk_fill(float *x, int64_t n, int64_t V, int64_t stride, topk_mode_t mode) {
+    for (int64_t r = 0; r < n; r++) {
+        float *row = x + r * stride;
+        for (int64_t c = 0; c < V; c++) {
+            switch (mode) {
+            case TOPK_RANDOM: row[c] = rng_uniform(-20, 20); break;
+            case TOPK_TIES: row[c] = (float)rng_below(5) - 2.0f; break;
+            case TOPK_ASCENDING: row[c] = (float)c * 0.25f - 1000.0f; break;
+            case TOPK_EXTREMES:
+                switch (r % 4) {
+                case 0: {
+                    int64_t u = rng_below(100);
+                    row[c] = u < 5 ? -INFINITY : u < 7 ? 3e38f : u < 9 ? -3e38f : rng_uniform(-5, 5);
+                    break;
+                }
+                case 1: row[c] = -INFINITY; break;
+                case 2: row[c] = c == V / 2 ? INFINITY : c % 3 == 0 ? -INFINITY : rng_uniform(-5, 5); break;
+                default: row[c] = c == V - 1 ? 1.5f : -INFINITY; break;
+                }
+                break;
+            }
+        }
+        for (int64_t c = V; c < stride; c++) row[c] = 1e30f; /* padding: never a candidate */
+    }
+}
+
+/* lse error: |got - want| / max(|want|, 1) (relative, absolute near 0); infinities must match. */
+static double lse_err(float got, float want) {
+    if (isinf(want) || isinf(got) || isnan(want) || isnan(got))
+        return (isinf(want) && got == want) || (isnan(want) && isnan(got)) ? 0 : INFINITY;
+    return fabs((double)got - want) / fmax(fabs((double)want), 1.0);
+}
+
+/* Ids and value bits must equal cpu-ref's exactly (the selection is exact and ties are ordered by
+ * column); err is the largest lse error. logits have row stride V + l_pad, vals k + v_pad. */
+static void case_topk(int64_t n, int64_t V, int k, topk_mode_t mode, int64_t l_pad, int64_t v_pad) {
+    char desc[96];
+    snprintf(desc, sizeof desc, "n=%lld V=%lld k=%d %s%s", (long long)n, (long long)V, k, topk_mode_names[mode],
+             l_pad || v_pad ? " strided" : "");
+    const int64_t ls = V + l_pad, vs = k + v_pad;
+    const size_t l_bytes = (size_t)(n * ls) * sizeof(float), v_bytes = (size_t)(n * vs) * sizeof(float);
+    const size_t i_bytes = (size_t)(n * k) * sizeof(int32_t), e_bytes = (size_t)n * sizeof(float);
+    float *x = host_alloc(l_bytes);
+    topk_fill(x, n, V, ls, mode);
+    float *want_v = host_alloc(v_bytes), *got_v = host_alloc(v_bytes), *want_e = host_alloc(e_bytes),
+          *got_e = host_alloc(e_bytes), *v0 = host_alloc(v_bytes);
+    int32_t *want_i = host_alloc(i_bytes), *got_i = host_alloc(i_bytes);
+    fill_uniform(v0, n * vs, -1, 1); /* the padding of vals must stay */
+    memcpy(want_v, v0, v_bytes);
+    SPEED_ASSERT(speed_op_topk(ref, (speed_mat_t){want_v, SPEED_DTYPE_F32, n, k, vs}, want_i, want_e,
+                               (speed_mat_t){x, SPEED_DTYPE_F32, n, V, ls}, k) == SPEED_OK);
+    for (int ti = 0; ti < n_targets; ti++) {
+        const target_t *t = &targets[ti];
+        if (!target_runs(t, "topk", desc, SPEED_OP_TOPK, SPEED_DTYPE_F32, 0)) continue;
+        void *dx = to_backend(t->be, x, l_bytes), *dv = to_backend(t->be, v0, v_bytes), *di = NULL, *de = NULL;
+        speed_status_t st = dx && dv ? SPEED_OK : SPEED_ERR_NO_MEMORY;
+        if (st == SPEED_OK) st = speed_backend_alloc(t->be, i_bytes, &di);
+        if (st == SPEED_OK) st = speed_backend_alloc(t->be, e_bytes, &de);
+        if (st == SPEED_OK)
+            st = speed_op_topk(t->be, (speed_mat_t){dv, SPEED_DTYPE_F32, n, k, vs}, di, de,
+                               (speed_mat_t){dx, SPEED_DTYPE_F32, n, V, ls}, k);
+        if (st == SPEED_OK) st = from_backend(t->be, got_v, dv, v_bytes);
+        if (st == SPEED_OK) st = from_backend(t->be, got_i, di, i_bytes);
+        if (st == SPEED_OK) st = from_backend(t->be, got_e, de, e_bytes);
+        double err = 0;
+        if (st == SPEED_OK) {
+            for (int64_t r = 0; r < n && err != INFINITY; r++) {
+                double e = lse_err(got_e[r], want_e[r]);
+                if (e > err) err = e;
+                for (int j = 0; j < k; j++) {
+                    const float gv = got_v[r * vs + j], wv = want_v[r * vs + j];
+                    if (got_i[r * k + j] != want_i[r * k + j] || memcmp(&gv, &wv, sizeof gv) != 0) {
+                        printf("  row %lld rank %d: id %d value %g, cpu-ref id %d value %g\n", (long long)r, j,
+                               got_i[r * k + j], (double)gv, want_i[r * k + j], (double)wv);
+                        err = INFINITY;
+                        break;
+                    }
+                }
+            }
+            if (memcmp(got_v, want_v, v_bytes) != 0 && err != INFINITY) err = INFINITY; /* padding written */
+        }
+        report(t, "topk", desc, st, err, TOL_ELEMENTWISE);
+        speed_backend_free(t->be, dx);
+        speed_backend_free(t->be, dv);
+        speed_backend_free(t->be, di);
+        speed_backend_free(t->be, de);
+    }
+    speed_aligned_free(x);
+    speed_aligned_free(want_v);
+    speed_aligned_free(got_v);
+    speed_aligned_free(want_e);
+    speed_aligned_free(got_e);
+    speed_aligned_free(v0);
+    speed_aligned_free(want_i);
+    speed_aligned_free(got_i);
+}
+
+static int n_errors_logged;
+static void count_errors(void *user, speed_log_level_t level, speed_log_subsys_t subsys, const char *request_id,
+                         const char *line) {
+    (void)user;
+    (void)subsys;
+    (void)request_id;
+    (void)line;
+    if (level == SPEED_LOG_ERROR) n_errors_logged++;
+}
+
+/* Shapes the wrapper must refuse (logged once each) on every backend, before any work. */
+static void case_topk_invalid(void) {
+    for (int ti = 0; ti < n_targets; ti++) {
+        const target_t *t = &targets[ti];
+        void *dx = NULL, *dv = NULL, *di = NULL, *de = NULL;
+        speed_status_t st = speed_backend_alloc(t->be, 4 * 300 * sizeof(float), &dx);
+        if (st == SPEED_OK) st = speed_backend_alloc(t->be, 4 * 300 * sizeof(float), &dv);
+        if (st == SPEED_OK) st = speed_backend_alloc(t->be, 4 * 300 * sizeof(int32_t), &di);
+        if (st == SPEED_OK) st = speed_backend_alloc(t->be, 4 * sizeof(float), &de);
+        int n_bad = 0, n_rejected = 0;
+#define TOPK_BAD(vals, ids, lse, logits, k)                                                             \
+    do {                                                                                                \
+        n_bad++;                                                                                        \
+        n_rejected += speed_op_topk(t->be, vals, ids, lse, logits, k) == SPEED_ERR_INVALID_ARGUMENT;    \
+    } while (0)
+        if (st == SPEED_OK) {
+            speed_mat_t x7 = speed_mat(dx, SPEED_DTYPE_F32, 4, 7), x300 = speed_mat(dx, SPEED_DTYPE_F32, 4, 300);
+            speed_log_set_sink(count_errors, NULL); /* the expected errors are counted, not printed */
+            n_errors_logged = 0;
+            TOPK_BAD(speed_mat(dv, SPEED_DTYPE_F32, 4, 0), di, de, x7, 0);     /* k = 0 */
+            TOPK_BAD(speed_mat(dv, SPEED_DTYPE_F32, 4, 8), di, de, x7, 8);     /* k > V */
+            TOPK_BAD(speed_mat(dv, SPEED_DTYPE_F32, 4, 257), di, de, x300, 257); /* k > 256 */
+            TOPK_BAD(speed_mat(dv, SPEED_DTYPE_F32, 4, 3), di, de, x7, -1);
+            TOPK_BAD(speed_mat(dv, SPEED_DTYPE_F32, 4, 4), di, de, x7, 3);     /* vals columns != k */
+            TOPK_BAD(speed_mat(dv, SPEED_DTYPE_F32, 3, 3), di, de, x7, 3);     /* rows differ */
+            TOPK_BAD(speed_mat(dv, SPEED_DTYPE_BF16, 4, 3), di, de, x7, 3);    /* vals not f32 */
+            TOPK_BAD(speed_mat(dv, SPEED_DTYPE_F32, 4, 3), di, de, speed_mat(dx, SPEED_DTYPE_F16, 4, 7), 3);
+            TOPK_BAD(speed_mat(dv, SPEED_DTYPE_F32, 4, 3), NULL, de, x7, 3);
+            TOPK_BAD(speed_mat(dv, SPEED_DTYPE_F32, 4, 3), di, NULL, x7, 3);
+            TOPK_BAD(speed_mat(dv, SPEED_DTYPE_F32, 4, 3), di, de, speed_mat(NULL, SPEED_DTYPE_F32, 4, 7), 3);
+            TOPK_BAD(speed_mat(dx, SPEED_DTYPE_F32, 4, 3), di, de, x7, 3);     /* vals overlap logits */
+            TOPK_BAD(speed_mat(dv, SPEED_DTYPE_F32, 4, 3), dx, de, x7, 3);     /* ids overlap logits */
+            TOPK_BAD(speed_mat(dv, SPEED_DTYPE_F32, 4, 3), di, (float *)dx + 27, x7, 3);
+            speed_log_set_sink(NULL, NULL);
+            if (n_errors_logged != n_bad) n_rejected = -1;
+        }
+#undef TOPK_BAD
+        char desc[64];
+        snprintf(desc, sizeof desc, "%d invalid calls rejected", n_bad);
+        report(t, "topk", desc, st, n_rejected == n_bad ? 0 : INFINITY, TOL_EXACT);
+        speed_backend_free(t->be, dx);
+        speed_backend_free(t->be, dv);
+        speed_backend_free(t->be, di);
+        speed_backend_free(t->be, de);
+    }
+}
+
 static void run_all(void) {
     static const speed_dtype_t dtypes[3] = {SPEED_DTYPE_F32, SPEED_DTYPE_BF16, SPEED_DTYPE_F16};
 
@@ -831,6 +996,29 @@ static void run_all(void) {
         case_attention_heads("mixed", 6, 4, 1, 2, 80, 3, dt, mixed, 4, 1.0f, 2 * 2 * 80);
     }
 
+    /* topk: vocabularies 1 .. Llama 3's 128256, k 1 .. 256, rows 1 .. 9 */
+    {
+        static const int64_t vocab[] = {1, 7, 1000, 32000, 128256};
+        static const int ks[] = {1, 5, 20, 64, 256};
+        int rows = 1;
+        for (int vi = 0; vi < 5; vi++)
+            for (int ki = 0; ki < 5; ki++) {
+                if (ks[ki] > vocab[vi]) continue;
+                case_topk(rows, vocab[vi], ks[ki], TOPK_RANDOM, 0, 0);
+                rows = rows % 9 + 1;
+            }
+        for (int mode = TOPK_TIES; mode <= TOPK_ASCENDING; mode++) {
+            case_topk(4, 7, 5, (topk_mode_t)mode, 0, 0);
+            case_topk(8, 1000, 20, (topk_mode_t)mode, 0, 0);
+            case_topk(4, 32000, 256, (topk_mode_t)mode, 0, 0);
+            case_topk(5, 128256, 64, (topk_mode_t)mode, 0, 0);
+            case_topk(9, 128256, 256, (topk_mode_t)mode, 0, 0);
+        }
+        case_topk(3, 1000, 64, TOPK_RANDOM, 5, 3);
+        case_topk(6, 4099, 256, TOPK_TIES, 1, 2);
+        case_topk_invalid();
+    }
+
     /* Paths of device backends the shapes above may not reach (cheap on the CPU too): more rows
      * than one CUDA grid dimension launches (65535), so kernels loop over rows; decode rows so
      * long and so few that attention splits them across blocks (split-K) and merges the parts;
@@ -844,6 +1032,7 @@ static void run_all(void) {
     case_get_rows(many, 3, many);
     case_matmul(many, 3, 5, SPEED_DTYPE_F32, true, 0, 0, 64);
     case_kv(4400, 16, 1, 2, SPEED_DTYPE_F16, many, false);
+    case_topk(many, 3, 2, TOPK_TIES, 0, 0);
     for (int di = 0; di < 3; di++) {
         speed_dtype_t dt = dtypes[di];
         const seq_t long_decode[3] = {{5000, 1}, {4099, 1}, {257, 1}};

@@ -664,6 +664,59 @@ static void test_attention(void) {
     }
 }
 
+/* ---- topk ------------------------------------------------------------------------------ */
+
+static void test_topk(void) {
+    const float inf = INFINITY;
+    /* logits [6][5], row stride 6 (the last column is padding that must be ignored) */
+    float x[6][6] = {
+        {1, 3, 2, 3, -inf, 99},       /* a tie at the top: column 1 before column 3 */
+        {-inf, -inf, -inf, -inf, -inf, 99}, /* all -inf: lse -inf, columns in order */
+        {0, inf, 5, -inf, 7, 99},     /* +inf: lse +inf */
+        {3e38f, -0.0f, 3e38f, 0.0f, -3e38f, 99}, /* no overflow in the shift; -0 ties +0 */
+        {-1, -1, -1, -1, -1, 99},     /* all equal */
+        {10, 20, 30, 40, 50, 99},     /* ascending */
+    };
+    float vals[6][4]; /* k = 3, row stride 4 */
+    int32_t ids[6][3];
+    float lse[6];
+    for (int r = 0; r < 6; r++) vals[r][3] = 123.0f;
+    speed_mat_t xm = {x, SPEED_DTYPE_F32, 6, 5, 6}, vm = {vals, SPEED_DTYPE_F32, 6, 3, 4};
+    CHECK_INT_EQ(speed_op_topk(be, vm, &ids[0][0], lse, xm, 3), SPEED_OK);
+
+    static const int32_t want_ids[6][3] = {{1, 3, 2}, {0, 1, 2}, {1, 4, 2}, {0, 2, 1}, {0, 1, 2}, {4, 3, 2}};
+    static const float want_vals[6][3] = {{3, 3, 2}, {-INFINITY, -INFINITY, -INFINITY}, {INFINITY, 7, 5},
+                                          {3e38f, 3e38f, -0.0f}, {-1, -1, -1}, {50, 40, 30}};
+    for (int r = 0; r < 6; r++) {
+        for (int j = 0; j < 3; j++) {
+            CHECK_MSG(ids[r][j] == want_ids[r][j], "row %d rank %d: id %d, want %d", r, j, ids[r][j], want_ids[r][j]);
+            CHECK_MSG(memcmp(&vals[r][j], &want_vals[r][j], sizeof(float)) == 0, "row %d rank %d: %g, want %g", r, j,
+                      (double)vals[r][j], (double)want_vals[r][j]);
+        }
+        CHECK(vals[r][3] == 123.0f); /* padding of vals untouched */
+    }
+    /* lse worked out by hand: log(e^1 + 2 e^3 + e^2 + 0) = 3 + log(e^-2 + 2 + e^-1) */
+    CHECK(fabs(lse[0] - (3.0 + log(exp(-2.0) + 2.0 + exp(-1.0)))) < 1e-6);
+    CHECK(isinf(lse[1]) && lse[1] < 0);
+    CHECK(isinf(lse[2]) && lse[2] > 0);
+    CHECK(lse[3] == (float)(3e38 + log(2.0))); /* = 3e38f: the log 2 is far below an ulp */
+    CHECK(fabs(lse[4] - (-1.0 + log(5.0))) < 1e-6);
+    CHECK(fabs(lse[5] - (50.0 + log(1.0 + exp(-10.0) + exp(-20.0) + exp(-30.0) + exp(-40.0)))) < 1e-5);
+
+    /* k = V = 1 and k = V */
+    float one = -7.5f, v1 = 0, e1 = 0;
+    int32_t i1 = -1;
+    CHECK_INT_EQ(speed_op_topk(be, speed_mat(&v1, SPEED_DTYPE_F32, 1, 1), &i1, &e1,
+                               speed_mat(&one, SPEED_DTYPE_F32, 1, 1), 1), SPEED_OK);
+    CHECK(v1 == -7.5f && i1 == 0 && e1 == -7.5f);
+    float row[4] = {2, 4, 1, 3}, v4[4];
+    int32_t i4[4];
+    CHECK_INT_EQ(speed_op_topk(be, speed_mat(v4, SPEED_DTYPE_F32, 1, 4), i4, &e1,
+                               speed_mat(row, SPEED_DTYPE_F32, 1, 4), 4), SPEED_OK);
+    CHECK(i4[0] == 1 && i4[1] == 3 && i4[2] == 0 && i4[3] == 2 && v4[0] == 4 && v4[3] == 1);
+    CHECK(fabs(e1 - log(exp(2.0) + exp(4.0) + exp(1.0) + exp(3.0))) < 1e-5);
+}
+
 /* ---- validation ------------------------------------------------------------------------ */
 
 static void test_bad_arguments(void) {
@@ -738,6 +791,27 @@ static void test_bad_arguments(void) {
     BAD(speed_op_get_rows(be, m48, n48, NULL));
     BAD(speed_op_get_rows(be, m48, m48, ids_ok)); /* out aliases x */
     BAD(speed_op_get_rows(be, m48, m47, ids_ok));
+    /* topk: logits [4][8]; vals [4][k], ids [4][k], lse [4] */
+    int32_t tk_ids[4 * 8];
+    float tk_lse[4];
+    BAD(speed_op_topk(be, speed_mat(c, SPEED_DTYPE_F32, 4, 0), tk_ids, tk_lse, m48, 0));  /* k = 0 */
+    BAD(speed_op_topk(be, speed_mat(c, SPEED_DTYPE_F32, 4, 9), tk_ids, tk_lse, m48, 9));  /* k > V */
+    BAD(speed_op_topk(be, speed_mat(c, SPEED_DTYPE_F32, 4, 3), tk_ids, tk_lse, m48, 4));  /* vals cols != k */
+    BAD(speed_op_topk(be, speed_mat(c, SPEED_DTYPE_F32, 4, 3), tk_ids, tk_lse, m48, -3));
+    BAD(speed_op_topk(be, speed_mat(c, SPEED_DTYPE_F32, 3, 3), tk_ids, tk_lse, m48, 3));  /* rows differ */
+    BAD(speed_op_topk(be, speed_mat(c, SPEED_DTYPE_F32, 4, 3), tk_ids, tk_lse, bf48, 3)); /* logits not f32 */
+    BAD(speed_op_topk(be, speed_mat(c, SPEED_DTYPE_F32, 4, 3), NULL, tk_lse, m48, 3));
+    BAD(speed_op_topk(be, speed_mat(c, SPEED_DTYPE_F32, 4, 3), tk_ids, NULL, m48, 3));
+    BAD(speed_op_topk(be, speed_mat(c, SPEED_DTYPE_F32, 4, 3), tk_ids, tk_lse, null48, 3));
+    BAD(speed_op_topk(be, speed_mat(a, SPEED_DTYPE_F32, 4, 3), tk_ids, tk_lse, m48, 3));  /* vals overlap logits */
+    BAD(speed_op_topk(be, speed_mat(c, SPEED_DTYPE_F32, 4, 3), tk_ids, &a[3][7], m48, 3)); /* lse overlaps */
+    {
+        static float wide[2][300];
+        static float wv[2][257];
+        int32_t wi[2 * 257];
+        BAD(speed_op_topk(be, speed_mat(wv, SPEED_DTYPE_F32, 2, 257), wi, tk_lse, speed_mat(wide, SPEED_DTYPE_F32, 2, 300),
+                          257)); /* k > SPEED_TOPK_MAX */
+    }
 
     /* kv_store / kv_load: n_kv_heads 2, head_dim 4 -> rows of 8 */
     pool_t p;
@@ -835,6 +909,7 @@ int main(void) {
     test_kv();
     test_kv_head_view();
     test_attention();
+    test_topk();
     test_bad_arguments();
     CHECK_INT_EQ(speed_alloc_live_count(), live); /* ops leave no allocation behind */
     speed_backend_destroy(be);

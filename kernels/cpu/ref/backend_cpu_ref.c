@@ -383,6 +383,52 @@ static speed_status_t ref_attention(void *ctx,
     return SPEED_OK;
 }
 
+/* Whether logit value a at column ia ranks before value b at column ib: larger first, and
+ * among equal values the lower column first. */
+static bool ref_ranks_before(float a, int32_t ia, float b, int32_t ib) { return a > b || (a == b && ia < ib); }
+
+/* Top-k by insertion: the row is walked once, each value is slid into a sorted list of the k
+ * best seen so far (a value ranking below the list's last is dropped at once). The log-sum-exp
+ * is max-shifted and summed in double. */
+static speed_status_t ref_topk(void *ctx,
+                               speed_mat_t vals,     /* f32 [n][k], out */
+                               int32_t *ids,         /* [n][k] contiguous, out */
+                               float *lse,           /* [n], out */
+                               speed_mat_t logits,   /* f32 [n][V] */
+                               int k) {              /* 1 .. min(V, SPEED_TOPK_MAX) */
+    (void)ctx;
+    const int64_t V = logits.n_cols;
+    for (int64_t i = 0; i < logits.n_rows; i++) {
+        const float *x = f32_row(logits, i);
+        float *v = f32_row(vals, i);
+        int32_t *id = ids + i * k;
+        int n = 0; /* entries of the list so far */
+        for (int64_t c = 0; c < V; c++) {
+            if (n == k && !ref_ranks_before(x[c], (int32_t)c, v[k - 1], id[k - 1])) continue;
+            int j = n < k ? n++ : k - 1; /* the slot freed at the end */
+            while (j > 0 && ref_ranks_before(x[c], (int32_t)c, v[j - 1], id[j - 1])) {
+                v[j] = v[j - 1];
+                id[j] = id[j - 1];
+                j--;
+            }
+            v[j] = x[c];
+            id[j] = (int32_t)c;
+        }
+
+        double max = -INFINITY;
+        for (int64_t c = 0; c < V; c++)
+            if (x[c] > max) max = x[c];
+        if (isinf(max)) { /* all -inf, or some +inf: the shift would give inf - inf */
+            lse[i] = (float)max;
+            continue;
+        }
+        double sum = 0.0;
+        for (int64_t c = 0; c < V; c++) sum += exp((double)x[c] - max);
+        lse[i] = (float)(max + log(sum));
+    }
+    return SPEED_OK;
+}
+
 /* ---- creation -------------------------------------------------------------------- */
 
 static const speed_backend_ops_t cpu_ref_ops = {
@@ -407,6 +453,7 @@ static const speed_backend_ops_t cpu_ref_ops = {
     .kv_store = ref_kv_store,
     .kv_load = ref_kv_load,
     .attention = ref_attention,
+    .topk = ref_topk,
 };
 
 speed_status_t speed_backend_cpu_ref_create(const speed_backend_params_t *params, speed_backend_t **backend_p) {
