@@ -70,6 +70,10 @@ static const speed_config_field_t fields[] = {
     FE("ucx.transport", ucx_transport, "shm", transport_names,
        "KV transfer: shm (one host, shared memory) or tcp (between hosts, detects dead peers)"),
     FS("ucx.net_devices", ucx_net_devices, "lo", "UCX_NET_DEVICES for tcp, e.g. eth0"),
+    {"ucx.cuda_direct", SPEED_CONFIG_BOOL, offsetof(speed_cluster_config_t, ucx_cuda_direct), "false",
+     SPEED_CONFIG_UNBOUNDED, NULL,
+     "cuda nodes: UCX reads/writes GPU KV memory directly (needs a UCX built with CUDA) instead of staging "
+     "it through pinned host memory"},
     F("node.index", INT, node_index, "0", 0, 63, "this process's replica index in its pool (set by speedctl up)"),
 };
 

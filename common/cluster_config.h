@@ -84,6 +84,9 @@ typedef struct {
     /* UCX */
     int ucx_transport;             /* speed_ucx_transport_t */
     const char *ucx_net_devices;   /* UCX_NET_DEVICES for tcp ("lo" for one host) */
+    bool ucx_cuda_direct;          /* cuda nodes: register GPU KV pools with UCX (CUDA-aware UCX)
+                                    * instead of the pinned host mirror; refused at startup by a
+                                    * UCX without CUDA */
 
     /* this process */
     int64_t node_index;            /* replica index within its pool */

@@ -5,6 +5,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "alloc.h"
 #include "log.h"
 
 speed_backend_params_t speed_backend_default_params(void) {
@@ -68,6 +69,24 @@ speed_status_t speed_backend_alloc(speed_backend_t *be, size_t bytes, void **ptr
 }
 void speed_backend_free(speed_backend_t *be, void *ptr) {
     if (ptr) be->ops->free(be->ctx, ptr);
+}
+bool speed_backend_host_memory(const speed_backend_t *be) {
+    return be->ops->host_memory ? be->ops->host_memory(be->ctx) : true;
+}
+speed_status_t speed_backend_alloc_host(speed_backend_t *be, size_t bytes, void **ptr_p) {
+    if (be->ops->alloc_host) return be->ops->alloc_host(be->ctx, bytes, ptr_p);
+    void *p = speed_aligned_alloc(64, bytes ? bytes : 1);
+    if (!p) {
+        SPEED_ERROR(SPEED_SUBSYS_ENGINE, "backend: cannot allocate %zu bytes of host memory", bytes);
+        return SPEED_ERR_NO_MEMORY;
+    }
+    *ptr_p = p;
+    return SPEED_OK;
+}
+void speed_backend_free_host(speed_backend_t *be, void *ptr) {
+    if (!ptr) return;
+    if (be->ops->free_host) be->ops->free_host(be->ctx, ptr);
+    else speed_aligned_free(ptr);
 }
 speed_status_t speed_backend_upload(speed_backend_t *be, void *dst, const void *src, size_t bytes) {
     return bytes ? be->ops->upload(be->ctx, dst, src, bytes) : SPEED_OK;

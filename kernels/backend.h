@@ -171,6 +171,12 @@ typedef struct {
     void (*destroy)(void *ctx);
     speed_status_t (*alloc)(void *ctx, size_t bytes, void **ptr_p);
     void (*free)(void *ctx, void *ptr);
+    /* Page-locked host memory for staging copies (cudaHostAlloc on CUDA; the CPU backends'
+     * alloc). NULL: speed_aligned_alloc / speed_aligned_free. */
+    speed_status_t (*alloc_host)(void *ctx, size_t bytes, void **ptr_p);
+    void (*free_host)(void *ctx, void *ptr);
+    /* Whether alloc returns host memory (CPU-addressable). NULL: true. */
+    bool (*host_memory)(void *ctx);
     speed_status_t (*upload)(void *ctx, void *dst, const void *src_host, size_t bytes);
     speed_status_t (*download)(void *ctx, void *dst_host, const void *src, size_t bytes);
     speed_status_t (*memset_zero)(void *ctx, void *dst, size_t bytes);
@@ -218,6 +224,18 @@ speed_cpu_isa_t speed_cpu_isa_detect(void); /* what this CPU supports */
 /* Backend memory, at least 64-byte aligned, uninitialised. */
 speed_status_t speed_backend_alloc(speed_backend_t *be, size_t bytes, void **ptr_p);
 void speed_backend_free(speed_backend_t *be, void *ptr); /* NULL ok */
+/* Whether backend memory is host memory: true on the CPU backends, false on CUDA (device
+ * memory: not readable by the CPU, and registrable with UCX only if UCX was built with CUDA).
+ * Callers that hand backend memory to host code or to the network check this (kv_cache.h: the
+ * host mirror). */
+bool speed_backend_host_memory(const speed_backend_t *be);
+/* Page-locked ("pinned") host memory, at least 64-byte aligned, uninitialised: what staging
+ * buffers between backend memory and the network use (cudaHostAlloc on CUDA, so upload /
+ * download run at full PCIe speed; ordinary aligned memory on the CPU backends). Host memory
+ * whatever the backend; free it with speed_backend_free_host (NULL ok). Returns SPEED_OK,
+ * SPEED_ERR_NO_MEMORY (logged) or SPEED_ERR_DEVICE. */
+speed_status_t speed_backend_alloc_host(speed_backend_t *be, size_t bytes, void **ptr_p);
+void speed_backend_free_host(speed_backend_t *be, void *ptr);
 speed_status_t speed_backend_upload(speed_backend_t *be, void *dst, const void *src_host, size_t bytes);
 speed_status_t speed_backend_download(speed_backend_t *be, void *dst_host, const void *src, size_t bytes);
 speed_status_t speed_backend_memset_zero(speed_backend_t *be, void *dst, size_t bytes);

@@ -623,6 +623,9 @@ static speed_status_t load_model(speed_node_t *n) {
     p.engine.backend = n->backend;
     p.engine.tp_size = n->n_ranks;
     p.engine.tp_backends = n->rank_backends;
+    /* KV transfer from/into GPU pools: through the cache's pinned host mirror, on by itself
+     * for a cuda backend (AUTO; cpu nodes have none), unless UCX addresses GPU memory itself. */
+    p.engine.kv_host_mirror = c->ucx_cuda_direct ? SPEED_KV_MIRROR_OFF : SPEED_KV_MIRROR_AUTO;
     /* Pools: kv_tokens at full depth split over max_running sequences, 3/4 prompt and 1/4
      * generated; the upper pool then holds only anchors, tail and generated tokens. */
     int64_t per_seq = n->pool->kv_tokens / n->pool->max_running;
@@ -632,6 +635,7 @@ static speed_status_t load_model(speed_node_t *n) {
     SPEED_CHECK(speed_batcher_create(&p, &n->batcher));
 
     speed_kv_xfer_ctx_params_t xp = speed_kv_xfer_ctx_default_params();
+    xp.cuda_direct = c->ucx_cuda_direct;
     SPEED_CHECK(speed_kv_xfer_ctx_create(&xp, &n->xfer));
     n->epoch = speed_kv_xfer_ctx_epoch(n->xfer);
     SPEED_CHECK(speed_kv_xfer_ctx_register_cache(n->xfer, speed_batcher_kv_cache(n->batcher)));

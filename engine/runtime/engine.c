@@ -424,6 +424,7 @@ speed_status_t speed_engine_create(const speed_engine_params_t *params, speed_en
     kp.block_tokens = e->p.block_tokens;
     kp.n_blocks[SPEED_KV_POOL_LOWER] = e->p.n_blocks_lower;
     kp.n_blocks[SPEED_KV_POOL_UPPER] = e->p.n_blocks_upper;
+    kp.host_mirror = e->p.kv_host_mirror;
     SPEED_CHECK_GOTO(speed_kv_cache_create(&kp, &e->kv), st, fail);
     SPEED_DEBUG(SPEED_SUBSYS_ENGINE,
                 "engine: %s x %d rank(s), depth C=%d A=%d T=%d, %d sequences, %d rows/step, chunk %d, scratch %zu + "
@@ -732,6 +733,8 @@ speed_status_t speed_engine_seq_kv_ready(speed_engine_t *e, speed_seq_id_t id) {
     }
     int64_t n_full, n_compact;
     speed_kv_entries_for(s->n_prompt, s->depth.anchors, s->depth.tail, 0, &n_full, &n_compact);
+    /* the transfer wrote the mirror (pinned host memory), not the pool */
+    if (speed_kv_cache_host_mirror(e->kv)) SPEED_CHECK(speed_kv_cache_stage_in(e->kv, s->kv, n_full, n_compact));
     SPEED_CHECK(speed_kv_cache_seq_set_entries(e->kv, s->kv, n_full, n_compact));
     return kv_arrived(e, s);
 }

@@ -104,6 +104,10 @@ typedef struct {
      * or speed_kv_cache_blocks_for. */
     int64_t n_blocks_lower;
     int64_t n_blocks_upper;
+    /* Pinned host mirror of the KV pools for KV transfer (kv_cache.h): AUTO (default) = on when
+     * the backend's memory is device memory (CUDA), ON forces it (tests on CPU), OFF disables it
+     * (a CUDA-aware UCX registers device memory directly: ucx.cuda_direct). */
+    speed_kv_mirror_t kv_host_mirror;
     int max_seqs;                 /* sequences alive at once (added, not yet removed); default 8 */
     int max_step_tokens;          /* rows one step computes (scratch size); default 512 */
     int prefill_chunk;            /* prompt tokens of one sequence per step; default 512,
@@ -308,9 +312,13 @@ speed_status_t speed_engine_seq_kv_export(speed_engine_t *engine, speed_seq_id_t
 speed_status_t speed_engine_seq_kv_import(speed_engine_t *engine, speed_seq_id_t seq,
                                           const void *buf, size_t size);
 
-/* For a transfer that wrote the prompt KV straight into the sequence's blocks: marks a
- * reserved sequence's prompt entries present (as import does). Returns SPEED_OK,
- * SPEED_ERR_NOT_FOUND or SPEED_ERR_INVALID_ARGUMENT (not AWAIT_KV). */
+/* For a transfer that wrote the prompt KV into the sequence's blocks: marks a reserved
+ * sequence's prompt entries present (as import does). When the cache has a host mirror the
+ * transfer wrote the mirror's blocks (speed_kv_cache_xfer_block_addr): the prompt entries are
+ * first copied mirror -> pool (speed_kv_cache_stage_in, backend copies: call this on the
+ * engine's thread, after the transfer's notify). Returns SPEED_OK, SPEED_ERR_NOT_FOUND,
+ * SPEED_ERR_INVALID_ARGUMENT (not AWAIT_KV) or the backend's status (the sequence then still
+ * awaits its KV). */
 speed_status_t speed_engine_seq_kv_ready(speed_engine_t *engine, speed_seq_id_t seq);
 
 /* The engine's cache and the sequence's handle in it, for block addresses

@@ -11,6 +11,7 @@ typedef struct {
     int64_t n_blocks;
     size_t block_bytes;         /* n_layers * unit */
     void *base;                 /* backend memory [n_blocks][block_bytes]; NULL when empty */
+    void *mirror;               /* pinned host copy of the same layout, or NULL (kv_cache.h) */
     int32_t *free_list;         /* [n_blocks] stack of free block ids; top = n_free - 1 */
     int64_t n_free;
 } kv_pool_t;
@@ -34,6 +35,7 @@ struct speed_kv_cache {
     speed_kv_seq_t *seqs;        /* live sequences (leak report) */
     int n_seqs;
     speed_kv_usage_t usage;      /* sum over live sequences */
+    bool mirrored;               /* the pools have host mirrors */
 };
 
 static int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -71,6 +73,7 @@ void speed_kv_cache_blocks_for(int n_layers, int split_layer, int block_tokens, 
 }
 
 static void pool_cleanup(speed_backend_t *be, kv_pool_t *pool) {
+    speed_backend_free_host(be, pool->mirror);
     speed_backend_free(be, pool->base);
     speed_free(pool->free_list);
     memset(pool, 0, sizeof *pool);
@@ -97,6 +100,10 @@ static speed_status_t pool_init(speed_kv_cache_t *c, kv_pool_t *pool, int layer_
     SPEED_CHECK(speed_backend_alloc(c->p.backend, bytes, &pool->base));
     /* Zeroed so that the unused slots of a last partial block export deterministically. */
     SPEED_CHECK(speed_backend_memset_zero(c->p.backend, pool->base, bytes));
+    if (c->mirrored) {
+        SPEED_CHECK(speed_backend_alloc_host(c->p.backend, bytes, &pool->mirror));
+        memset(pool->mirror, 0, bytes); /* as the pool: deterministic unused slots */
+    }
     /* Block 0 on top: a fresh pool hands out blocks in ascending order. */
     for (int64_t i = 0; i < pool->n_blocks; i++) pool->free_list[i] = (int32_t)(pool->n_blocks - 1 - i);
     pool->n_free = pool->n_blocks;
@@ -119,6 +126,9 @@ speed_status_t speed_kv_cache_create(const speed_kv_cache_params_t *params, spee
         bad = "head_begin / model_kv_heads (the head range must lie inside the model's heads)";
     else if (speed_dtype_size(p->dtype) == 0) bad = "dtype";
     else if (p->block_tokens < 1 || p->block_tokens > 1 << 16) bad = "block_tokens";
+    else if (p->host_mirror != SPEED_KV_MIRROR_AUTO && p->host_mirror != SPEED_KV_MIRROR_ON &&
+             p->host_mirror != SPEED_KV_MIRROR_OFF)
+        bad = "host_mirror";
     else if (p->n_blocks[0] < 0 || p->n_blocks[1] < 0 || p->n_blocks[0] > INT32_MAX ||
              p->n_blocks[1] > INT32_MAX)
         bad = "n_blocks";
@@ -141,15 +151,18 @@ speed_status_t speed_kv_cache_create(const speed_kv_cache_params_t *params, spee
     if (!c->p.model_kv_heads) c->p.model_kv_heads = p->n_kv_heads;
     c->token_bytes = 2 * (size_t)p->n_kv_heads * (size_t)p->head_dim * speed_dtype_size(p->dtype);
     c->half_unit = (size_t)p->block_tokens * (c->token_bytes / 2);
+    c->mirrored = p->host_mirror == SPEED_KV_MIRROR_ON ||
+                  (p->host_mirror == SPEED_KV_MIRROR_AUTO && !speed_backend_host_memory(p->backend));
     speed_status_t st;
     SPEED_CHECK_GOTO(pool_init(c, &c->pool[SPEED_KV_POOL_LOWER], 0, p->split_layer, p->n_blocks[0]), st, fail);
     SPEED_CHECK_GOTO(pool_init(c, &c->pool[SPEED_KV_POOL_UPPER], p->split_layer, p->n_layers - p->split_layer,
                                p->n_blocks[1]),
                      st, fail);
     c->p.n_blocks[1] = c->pool[SPEED_KV_POOL_UPPER].n_blocks;
-    SPEED_DEBUG(SPEED_SUBSYS_KV, "kv cache: lower pool %lld blocks x %zu bytes (layers 0..%d), upper %lld x %zu",
+    SPEED_DEBUG(SPEED_SUBSYS_KV, "kv cache: lower pool %lld blocks x %zu bytes (layers 0..%d), upper %lld x %zu%s",
                 (long long)c->pool[0].n_blocks, c->pool[0].block_bytes, p->split_layer - 1,
-                (long long)c->pool[1].n_blocks, c->pool[1].block_bytes);
+                (long long)c->pool[1].n_blocks, c->pool[1].block_bytes,
+                c->mirrored ? ", with a pinned host mirror" : "");
     *cache_p = c;
     return SPEED_OK;
 fail:
@@ -421,6 +434,97 @@ speed_status_t speed_kv_cache_block_addr(const speed_kv_cache_t *c, const speed_
 static int64_t layer_blocks(const speed_kv_cache_t *c, const speed_kv_seq_t *s, int layer, int64_t n_full,
                             int64_t n_compact) {
     return div_up(layer < s->prefill_layers ? n_full : n_compact, c->p.block_tokens);
+}
+
+/* ---- host mirror and staging ------------------------------------------------------------------ */
+
+bool speed_kv_cache_host_mirror(const speed_kv_cache_t *c) { return c->mirrored; }
+bool speed_kv_cache_host_memory(const speed_kv_cache_t *c) { return speed_backend_host_memory(c->p.backend); }
+
+void speed_kv_cache_xfer_region(const speed_kv_cache_t *c, speed_kv_pool_t p, void **base_p, size_t *len_p) {
+    SPEED_ASSERT(p == SPEED_KV_POOL_LOWER || p == SPEED_KV_POOL_UPPER);
+    const kv_pool_t *pool = &c->pool[p];
+    *base_p = c->mirrored ? pool->mirror : pool->base;
+    *len_p = *base_p ? (size_t)pool->n_blocks * pool->block_bytes : 0;
+}
+
+/* The mirror's address of a pool address. */
+static void *mirror_of(const speed_kv_cache_t *c, speed_kv_pool_t p, const void *pool_addr) {
+    const kv_pool_t *pool = &c->pool[p];
+    return (char *)pool->mirror + ((const char *)pool_addr - (const char *)pool->base);
+}
+
+speed_status_t speed_kv_cache_xfer_block_addr(const speed_kv_cache_t *c, const speed_kv_seq_t *s, int layer,
+                                              int64_t block, void **addr_p, size_t *bytes_p) {
+    void *addr;
+    SPEED_CHECK(speed_kv_cache_block_addr(c, s, layer, block, &addr, bytes_p));
+    *addr_p = c->mirrored ? mirror_of(c, speed_kv_cache_layer_pool(c, layer), addr) : addr;
+    return SPEED_OK;
+}
+
+speed_status_t speed_kv_cache_stage_out(const speed_kv_cache_t *c, const speed_kv_seq_t *s, int layer,
+                                        int64_t block_begin, int64_t block_end) {
+    if (!c->mirrored) {
+        SPEED_ERROR(SPEED_SUBSYS_KV, "kv cache: stage out without a host mirror");
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    if (layer < 0 || layer >= c->p.n_layers) {
+        SPEED_ERROR(SPEED_SUBSYS_KV, "kv cache: stage out of layer %d, out of range [0, %d)", layer, c->p.n_layers);
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    speed_kv_pool_t p = speed_kv_cache_layer_pool(c, layer);
+    if (block_begin < 0 || block_end < block_begin || block_end > s->n_table[p]) {
+        SPEED_ERROR(SPEED_SUBSYS_KV, "kv cache: stage out of blocks [%lld, %lld) of layer %d, the table has %lld",
+                    (long long)block_begin, (long long)block_end, layer, (long long)s->n_table[p]);
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    const kv_pool_t *pool = &c->pool[p];
+    const size_t unit = 2 * c->half_unit;
+    /* Units of consecutive blocks are adjacent only when the pool holds one layer; otherwise
+     * other layers' units lie between them, which puts may be reading: never copy those. */
+    const bool adjacent = pool->block_bytes == unit;
+    const int32_t *t = s->table[p];
+    for (int64_t i = block_begin; i < block_end;) {
+        int64_t j = i + 1;
+        while (adjacent && j < block_end && t[j] == t[j - 1] + 1) j++;
+        void *src;
+        size_t bytes;
+        SPEED_CHECK(speed_kv_cache_block_addr(c, s, layer, i, &src, &bytes));
+        SPEED_CHECK(speed_backend_download(c->p.backend, mirror_of(c, p, src), src, (size_t)(j - i) * unit));
+        i = j;
+    }
+    return SPEED_OK;
+}
+
+speed_status_t speed_kv_cache_stage_in(speed_kv_cache_t *c, const speed_kv_seq_t *s, int64_t n_full,
+                                       int64_t n_compact) {
+    if (!c->mirrored) {
+        SPEED_ERROR(SPEED_SUBSYS_KV, "kv cache: stage in without a host mirror");
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    if (n_full < 0 || n_compact < 0 || n_full > s->cap_full || n_compact > s->cap_compact) {
+        SPEED_ERROR(SPEED_SUBSYS_KV, "kv cache: stage in of %lld / %lld entries does not fit the room %lld / %lld",
+                    (long long)n_full, (long long)n_compact, (long long)s->cap_full, (long long)s->cap_compact);
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    const size_t unit = 2 * c->half_unit;
+    for (int l = 0; l < c->p.n_layers; l++) {
+        speed_kv_pool_t p = speed_kv_cache_layer_pool(c, l);
+        const bool adjacent = c->pool[p].block_bytes == unit;
+        const int32_t *t = s->table[p];
+        int64_t nb = layer_blocks(c, s, l, n_full, n_compact);
+        for (int64_t i = 0; i < nb;) {
+            int64_t j = i + 1;
+            while (adjacent && j < nb && t[j] == t[j - 1] + 1) j++;
+            void *dst;
+            size_t bytes;
+            SPEED_CHECK(speed_kv_cache_block_addr(c, s, l, i, &dst, &bytes));
+            SPEED_CHECK(speed_backend_upload(c->p.backend, dst, mirror_of(c, p, dst), (size_t)(j - i) * unit));
+            i = j;
+        }
+    }
+    /* uploads may be asynchronous (CUDA): the mirror's blocks are reusable only once they ran */
+    return speed_backend_synchronize(c->p.backend);
 }
 
 size_t speed_kv_cache_seq_wire_bytes(const speed_kv_cache_t *c, const speed_kv_seq_t *s, int64_t n_full,

@@ -23,9 +23,25 @@
  * none (SPEED_ERR_CAPACITY, retryable). Byte accounting is exact: reserved = whole blocks,
  * used = entries actually stored, per pool, per sequence and for the cache.
  *
- * Ownership: the cache owns the pools and the sequence handles; a handle lives until
- * speed_kv_cache_seq_destroy or speed_kv_cache_destroy. Backend memory addresses stay valid
- * for the cache's life. Thread-safety: one thread at a time.
+ * Host mirror (KV transfer from and into GPU memory). When the pools are device memory (the
+ * CUDA backend) UCX without CUDA support cannot register or address them, so the cache keeps a
+ * mirror: one pinned host buffer per pool (speed_backend_alloc_host), exactly the pool's layout
+ * and size, zeroed at creation. A transfer registers and addresses the mirror instead of the
+ * pools (speed_kv_cache_xfer_region / _xfer_block_addr); the sender copies a layer's blocks
+ * pool -> mirror before putting them (speed_kv_cache_stage_out), the receiver copies a
+ * sequence's prompt entries mirror -> pool once the notify says they arrived
+ * (speed_kv_cache_stage_in, called by speed_engine_seq_kv_ready). The mirror costs host memory
+ * equal to the pools (bytes_total of both), and nothing else: the forward pass never reads it.
+ * It is on by default exactly when the backend's memory is not host memory
+ * (speed_backend_host_memory); params.host_mirror forces it on (tests run the staging path on
+ * CPU backends this way) or off (a CUDA-aware UCX registering device memory directly).
+ *
+ * Ownership: the cache owns the pools, the mirror and the sequence handles; a handle lives
+ * until speed_kv_cache_seq_destroy or speed_kv_cache_destroy. Backend memory and mirror
+ * addresses stay valid for the cache's life. Thread-safety: one thread at a time — the thread
+ * that owns the backend (the engine's): the staging functions run backend copies. UCX may read
+ * or write mirror bytes from its progress thread meanwhile; the blocks it touches are the ones
+ * a transfer owns, never those being staged (see the staging functions).
  */
 #ifndef SPEED_KV_CACHE_H
 #define SPEED_KV_CACHE_H
@@ -44,6 +60,13 @@ typedef enum {
     SPEED_KV_POOL_COUNT
 } speed_kv_pool_t;
 
+/* Whether a cache keeps a host mirror of its pools (above). */
+typedef enum {
+    SPEED_KV_MIRROR_AUTO = 0,   /* on when the backend's memory is not host memory (CUDA) */
+    SPEED_KV_MIRROR_ON,         /* always (CPU backends too: tests) */
+    SPEED_KV_MIRROR_OFF,        /* never (CUDA-aware UCX registers device memory directly) */
+} speed_kv_mirror_t;
+
 typedef struct {
     speed_backend_t *backend;   /* borrowed; pools are its memory */
     int n_layers;               /* L >= 1 */
@@ -57,10 +80,11 @@ typedef struct {
     int block_tokens;           /* B >= 1, default 16 */
     int64_t n_blocks[SPEED_KV_POOL_COUNT]; /* blocks per pool (>= 0); upper ignored when
                                             * split_layer == L */
+    speed_kv_mirror_t host_mirror; /* default AUTO */
 } speed_kv_cache_params_t;
 
-/* backend NULL, shapes 0, head range 0 of 0 (= all heads), f32, B 16, no blocks: fill in the
- * model and sizes. */
+/* backend NULL, shapes 0, head range 0 of 0 (= all heads), f32, B 16, no blocks, mirror AUTO:
+ * fill in the model and sizes. */
 speed_kv_cache_params_t speed_kv_cache_default_params(void);
 
 typedef struct speed_kv_cache speed_kv_cache_t;
@@ -79,9 +103,11 @@ void speed_kv_cache_blocks_for(int n_layers, int split_layer, int block_tokens, 
                                int64_t n_full, int64_t n_compact,
                                int64_t n_blocks_p[SPEED_KV_POOL_COUNT]);
 
-/* Allocates both pools (zeroed) and the free lists.
+/* Allocates both pools (zeroed), the free lists and, if params.host_mirror says so, the host
+ * mirror (zeroed).
  * Returns SPEED_OK, SPEED_ERR_INVALID_ARGUMENT (a parameter out of range, logged),
- * SPEED_ERR_NO_MEMORY (host or backend), SPEED_ERR_DEVICE. On error nothing is allocated. */
+ * SPEED_ERR_NO_MEMORY (host, pinned host or backend), SPEED_ERR_DEVICE. On error nothing is
+ * allocated. */
 speed_status_t speed_kv_cache_create(const speed_kv_cache_params_t *params, speed_kv_cache_t **cache_p);
 
 /* Frees everything; NULL is a no-op. Sequences still alive are a leak of the caller: they are
@@ -164,10 +190,54 @@ void speed_kv_cache_stats(const speed_kv_cache_t *cache, speed_kv_cache_stats_t 
  * the unit (K then V of that layer in that block). */
 
 /* Backend-memory address and size (unit bytes) of (sequence, layer, block i), i < the number
- * of blocks of the layer's table. Returns SPEED_OK or SPEED_ERR_INVALID_ARGUMENT. This is what
- * a UCX put targets (decode side) or reads (prefill side). */
+ * of blocks of the layer's table. Returns SPEED_OK or SPEED_ERR_INVALID_ARGUMENT. Without a
+ * host mirror this is what a UCX put targets (decode side) or reads (prefill side); with one,
+ * see speed_kv_cache_xfer_block_addr. */
 speed_status_t speed_kv_cache_block_addr(const speed_kv_cache_t *cache, const speed_kv_seq_t *seq, int layer,
                                          int64_t block, void **addr_p, size_t *bytes_p);
+
+/* ---- host mirror and staging (see the top of this file) --------------------------------------
+ * Blocks of layer `layer` are the entries of its block table (speed_kv_seq_block_table), in
+ * entry order; block i holds entries [i * B, (i + 1) * B). */
+
+/* Whether the cache has a host mirror; whether its pools are host memory. */
+bool speed_kv_cache_host_mirror(const speed_kv_cache_t *cache);
+bool speed_kv_cache_host_memory(const speed_kv_cache_t *cache);
+
+/* The memory a transfer registers and addresses for pool p: the mirror of the pool when the
+ * cache has one, else the pool itself. *base_p NULL and *len_p 0 for an empty pool. The layout
+ * is the pool's: a unit at offset o of the pool is at offset o of the region. Owned by the
+ * cache, valid for its life. */
+void speed_kv_cache_xfer_region(const speed_kv_cache_t *cache, speed_kv_pool_t p, void **base_p, size_t *len_p);
+
+/* speed_kv_cache_block_addr in the transfer region: the mirror's copy of the unit when the cache
+ * has a mirror, else the pool's unit (then equal to speed_kv_cache_block_addr). Host memory
+ * unless the cache has no mirror and its pools are device memory. */
+speed_status_t speed_kv_cache_xfer_block_addr(const speed_kv_cache_t *cache, const speed_kv_seq_t *seq, int layer,
+                                              int64_t block, void **addr_p, size_t *bytes_p);
+
+/* Sender side: copies the unit of `layer` in blocks [block_begin, block_end) of the sequence
+ * from the pool to the mirror (speed_backend_download: waits for the copy, and so for the ops
+ * before it), nothing else — the mirror's other bytes are untouched, so puts still reading
+ * other layers' or other blocks' units are not disturbed. One download per unit, one per run
+ * of consecutive blocks when the pool holds a single layer (units adjacent). Whole units: a
+ * partial last block copies its unused slots too. Call on the backend's thread, after the
+ * layer's entries are stored, before the puts of those blocks are posted.
+ * Returns SPEED_OK; SPEED_ERR_INVALID_ARGUMENT (no mirror, layer or blocks out of range;
+ * logged); the backend's status (SPEED_ERR_DEVICE). */
+speed_status_t speed_kv_cache_stage_out(const speed_kv_cache_t *cache, const speed_kv_seq_t *seq, int layer,
+                                        int64_t block_begin, int64_t block_end);
+
+/* Receiver side: copies the sequence's first n_full entries of layers < its depth and n_compact
+ * of the others — the prompt entries a transfer put into the mirror — from the mirror into the
+ * pool (whole units, speed_backend_upload), then synchronizes the backend, so that when it
+ * returns the pool holds them and the mirror's blocks may be written again. Does not change
+ * the entry counts (speed_kv_cache_seq_set_entries does). Call on the backend's thread, after
+ * the transfer's notify (the puts are complete).
+ * Returns SPEED_OK; SPEED_ERR_INVALID_ARGUMENT (no mirror, counts past the room; logged); the
+ * backend's status. */
+speed_status_t speed_kv_cache_stage_in(speed_kv_cache_t *cache, const speed_kv_seq_t *seq, int64_t n_full,
+                                       int64_t n_compact);
 
 /* Bytes of the canonical layout for entry counts (n_full, n_compact) at this sequence's depth. */
 size_t speed_kv_cache_seq_wire_bytes(const speed_kv_cache_t *cache, const speed_kv_seq_t *seq,

@@ -622,6 +622,27 @@ speed_status_t speed_kv_xfer_ctx_create(const speed_kv_xfer_ctx_params_t *params
         st = ucx_fail("ucp_init", s);
         goto fail;
     }
+    if (c->p.cuda_direct) {
+        /* Refuse now, not at the first registration or put: a UCX without CUDA support cannot
+         * register or address device memory at all. */
+        ucp_context_attr_t cattr = {.field_mask = UCP_ATTR_FIELD_MEMORY_TYPES};
+        s = ucp_context_query(c->ucp, &cattr);
+        if (s != UCS_OK) {
+            st = ucx_fail("ucp_context_query", s);
+            goto fail;
+        }
+        if (!(cattr.memory_types & UCS_BIT(UCS_MEMORY_TYPE_CUDA))) {
+            unsigned major, minor, release;
+            ucp_get_version(&major, &minor, &release);
+            SPEED_ERROR(SPEED_SUBSYS_NET,
+                        "kv transfer: ucx.cuda_direct needs a UCX built with CUDA support (cuda_copy / cuda_ipc "
+                        "transports); this UCX %u.%u.%u has none: set ucx.cuda_direct: false to stage the KV through "
+                        "pinned host memory",
+                        major, minor, release);
+            st = SPEED_ERR_UNSUPPORTED;
+            goto fail;
+        }
+    }
     ucp_worker_params_t wp = {.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE, .thread_mode = UCS_THREAD_MODE_MULTI};
     s = ucp_worker_create(c->ucp, &wp, &c->worker);
     if (s != UCS_OK) {
@@ -806,16 +827,17 @@ void speed_kv_xfer_ctx_destroy(speed_kv_xfer_ctx_t *c) {
 
 /* ---- registration ---------------------------------------------------------------------------- */
 
-/* Base and length of a pool of the cache (NULL base when the pool is empty). */
+/* Base and length of the memory registered for a pool of the cache: its host mirror when it has
+ * one, else the pool (NULL base when the pool is empty). */
 static void pool_extent(const speed_kv_cache_t *cache, speed_kv_pool_t p, void **base_p, size_t *len_p) {
-    speed_kv_cache_stats_t st;
-    speed_kv_cache_stats(cache, &st);
+    speed_kv_cache_xfer_region(cache, p, base_p, len_p);
+}
+
+/* Pool address of the pool's block 0 (layer offsets are relative to it, in the pool and in the
+ * mirror alike). */
+static const char *pool_base(const speed_kv_cache_t *cache, speed_kv_pool_t p) {
     int first = p == SPEED_KV_POOL_LOWER ? 0 : speed_kv_cache_split_layer(cache);
-    *base_p = NULL;
-    *len_p = 0;
-    if (first >= speed_kv_cache_n_layers(cache) || st.bytes_total[p] == 0) return;
-    *base_p = speed_kv_cache_layer(cache, first).k_base;
-    *len_p = st.bytes_total[p];
+    return speed_kv_cache_layer(cache, first).k_base;
 }
 
 static kv_region_t *region_find(speed_kv_xfer_ctx_t *c, const speed_kv_cache_t *cache, speed_kv_pool_t p) {
@@ -828,6 +850,15 @@ speed_status_t speed_kv_xfer_ctx_register_cache(speed_kv_xfer_ctx_t *c, const sp
     if (!c || !cache) {
         SPEED_ERROR(SPEED_SUBSYS_NET, "kv transfer: register: NULL argument");
         return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    /* Device pools without a mirror: only a CUDA-aware UCX can register them. */
+    const bool device = !speed_kv_cache_host_mirror(cache) && !speed_kv_cache_host_memory(cache);
+    if (device && !c->p.cuda_direct) {
+        SPEED_ERROR(SPEED_SUBSYS_NET,
+                    "kv transfer: the cache's pools are device memory and it has no host mirror: keep the mirror "
+                    "(speed_engine_params_t.kv_host_mirror AUTO, the default) or set ucx.cuda_direct with a "
+                    "CUDA-aware UCX");
+        return SPEED_ERR_UNSUPPORTED;
     }
     for (int p = 0; p < SPEED_KV_POOL_COUNT; p++) {
         pthread_mutex_lock(&c->mu);
@@ -852,6 +883,10 @@ speed_status_t speed_kv_xfer_ctx_register_cache(speed_kv_xfer_ctx_t *c, const sp
             .address = base,
             .length = len,
         };
+        if (device) { /* cuda_direct: cudaMalloc'd pools, registered as such */
+            mp.field_mask |= UCP_MEM_MAP_PARAM_FIELD_MEMORY_TYPE;
+            mp.memory_type = UCS_MEMORY_TYPE_CUDA;
+        }
         ucs_status_t s = ucp_mem_map(c->ucp, &mp, &r->memh);
         if (s == UCS_OK) s = ucp_rkey_pack(c->ucp, r->memh, &r->rkey, &r->rkey_len);
         else r->memh = NULL;
@@ -867,8 +902,10 @@ speed_status_t speed_kv_xfer_ctx_register_cache(speed_kv_xfer_ctx_t *c, const sp
         r->next = c->regions;
         c->regions = r;
         pthread_mutex_unlock(&c->mu);
-        SPEED_DEBUG(SPEED_SUBSYS_NET, "kv transfer: registered the %s pool, %zu bytes, rkey %zu bytes",
-                    p == 0 ? "lower" : "upper", len, r->rkey_len);
+        SPEED_DEBUG(SPEED_SUBSYS_NET, "kv transfer: registered the %s pool%s, %zu bytes, rkey %zu bytes",
+                    p == 0 ? "lower" : "upper",
+                    speed_kv_cache_host_mirror(cache) ? "'s host mirror" : device ? " (device memory)" : "", len,
+                    r->rkey_len);
     }
     return SPEED_OK;
 }
@@ -980,7 +1017,7 @@ speed_status_t speed_kv_desc_build(speed_kv_xfer_ctx_t *c, const speed_kv_cache_
         speed_kv_pool_t p = speed_kv_cache_layer_pool(cache, l);
         speed_kv_layer_t kl = speed_kv_cache_layer(cache, l);
         d->layers[l].pool = (uint32_t)pool_index[p];
-        d->layers[l].offset = (uint64_t)((const char *)kl.k_base - (const char *)reg[p]->base);
+        d->layers[l].offset = (uint64_t)((const char *)kl.k_base - pool_base(cache, p));
         d->layers[l].entries = l < C ? n_full : n_compact;
         total += (uint64_t)d->layers[l].entries * token_bytes;
     }
@@ -1328,11 +1365,19 @@ speed_status_t speed_kv_xfer_push_layer(speed_kv_xfer_t *x, int layer, int64_t n
     uint64_t bytes = 0, n_puts = 0;
     ucs_status_t err = UCS_OK;
     bool ok = true;
+    /* Host mirror (GPU pools): copy these blocks' units of the layer pool -> mirror first, on
+     * this (the engine's) thread; the puts then read the mirror. Earlier layers' puts keep
+     * running on the progress thread meanwhile: they read other units of the mirror. */
+    speed_status_t stage_st = SPEED_OK;
+    if (speed_kv_cache_host_mirror(x->cache)) {
+        stage_st = speed_kv_cache_stage_out(x->cache, x->seq, layer, from, to);
+        ok = stage_st == SPEED_OK;
+    }
     int64_t i = from;
     for (; ok && i < to; i++) {
         void *src;
         size_t unit;
-        if (speed_kv_cache_block_addr(x->cache, x->seq, layer, i, &src, &unit) != SPEED_OK) {
+        if (speed_kv_cache_xfer_block_addr(x->cache, x->seq, layer, i, &src, &unit) != SPEED_OK) {
             err = UCS_ERR_INVALID_PARAM;
             ok = false;
             break;
@@ -1371,7 +1416,10 @@ speed_status_t speed_kv_xfer_push_layer(speed_kv_xfer_t *x, int layer, int64_t n
     c->stats.bytes_put += bytes;
     x->t_push = now_ns();
     speed_status_t st = SPEED_OK;
-    if (!ok) {
+    if (stage_st != SPEED_OK) {
+        fail_locked(x, stage_st, SPEED_KV_STAGE_PUT, "copying the layer's blocks to the host mirror failed");
+        st = x->status;
+    } else if (!ok) {
         fail_locked(x, err == UCS_ERR_INVALID_PARAM ? SPEED_ERR_INTERNAL : op_status(x->ep, err), SPEED_KV_STAGE_PUT,
                     ucs_status_string(err));
         st = x->status;

@@ -21,9 +21,16 @@
  *   SPEED_KV_TRANSPORT_TCP  error-handling mode PEER: works between hosts and reports a dead peer
  *                           (PEER mode disables the shared-memory transports, even on one host).
  *
- * Memory. Both sides register their KV cache pools once (speed_kv_xfer_ctx_register_cache; the
- * pools are the backend's host memory). Puts read the prefill side's registered blocks and write
- * straight into the decode side's blocks; the decode side needs no copy and no call per block.
+ * Memory. Both sides register their KV cache pools once (speed_kv_xfer_ctx_register_cache). On
+ * CPU backends the pools are host memory: puts read the prefill side's blocks and write straight
+ * into the decode side's blocks; the decode side needs no copy and no call per block. When the
+ * pools are GPU memory the cache has a pinned host mirror of them (kv_cache.h) and everything
+ * here registers and addresses the mirror: push_layer first copies the layer's blocks pool ->
+ * mirror (speed_kv_cache_stage_out, on the engine's thread, while earlier layers' puts are in
+ * flight), and the decode side copies mirror -> pool when it marks the KV ready
+ * (speed_engine_seq_kv_ready -> speed_kv_cache_stage_in). Either side may have a mirror or not:
+ * descriptors carry the mirror's addresses and rkeys when the decode side has one.
+ * cuda_direct (a CUDA-aware UCX) registers device pools without a mirror instead.
  * Every context runs a progress thread (event-driven: it sleeps on the worker's event fd), so a
  * node receiving puts always progresses its worker.
  *
@@ -189,16 +196,22 @@ typedef struct {
     int op_timeout_ms;         /* bound on flush and on notify->ack; default 10000 */
     speed_kv_notify_cb_t notify_cb; /* decode side; NULL = accept every notify (counted only) */
     void *notify_user;
+    bool cuda_direct;          /* register caches whose pools are device memory and have no host
+                                * mirror (speed_engine_params_t.kv_host_mirror OFF) as CUDA memory
+                                * (ucp_mem_map memory_type UCS_MEMORY_TYPE_CUDA): needs a UCX built
+                                * with CUDA; ctx_create refuses otherwise. Default false: device
+                                * pools are moved through the cache's pinned host mirror. */
 } speed_kv_xfer_ctx_params_t;
 
-/* epoch 0 (auto), op_timeout_ms 10000, no callback. */
+/* epoch 0 (auto), op_timeout_ms 10000, no callback, cuda_direct false. */
 speed_kv_xfer_ctx_params_t speed_kv_xfer_ctx_default_params(void);
 
 /* Creates the UCP context (RMA, AM, WAKEUP), one worker (thread mode MULTI) and the progress
  * thread. UCX reads its UCX_* environment variables here (tests: UCX_NET_DEVICES=lo,
  * UCX_TCP_CM_REUSEADDR=y; deployments: UCX_NET_DEVICES=<nic>).
  * Returns SPEED_OK, SPEED_ERR_INVALID_ARGUMENT, SPEED_ERR_NO_MEMORY, SPEED_ERR_IO (UCX or
- * thread creation failed: logged with UCX's reason). */
+ * thread creation failed: logged with UCX's reason), SPEED_ERR_UNSUPPORTED (cuda_direct with a
+ * UCX that has no CUDA memory support, e.g. Debian's: logged with the way out). */
 speed_status_t speed_kv_xfer_ctx_create(const speed_kv_xfer_ctx_params_t *params, speed_kv_xfer_ctx_t **ctx_p);
 
 /* Stops the progress thread and frees everything: transfers not yet destroyed are ended
@@ -213,11 +226,13 @@ void speed_kv_xfer_ctx_destroy(speed_kv_xfer_ctx_t *ctx);
 void speed_kv_xfer_ctx_address(const speed_kv_xfer_ctx_t *ctx, const uint8_t **addr_p, size_t *len_p);
 uint64_t speed_kv_xfer_ctx_epoch(const speed_kv_xfer_ctx_t *ctx);
 
-/* Registers the cache's pools (ucp_mem_map of the backend's host memory; the memory stays the
- * cache's). Needed on both sides: the decode side to offer rkeys, the prefill side to put from
+/* Registers the cache's transfer memory (speed_kv_cache_xfer_region: the pools' pinned host
+ * mirror when the cache has one, else the pools; ucp_mem_map, the memory stays the cache's).
+ * Needed on both sides: the decode side to offer rkeys, the prefill side to put from
  * registered memory. Registering a cache twice is SPEED_OK (no-op). The cache must stay alive
  * until deregistered or the context is destroyed.
- * Returns SPEED_OK, SPEED_ERR_INVALID_ARGUMENT, SPEED_ERR_NO_MEMORY, SPEED_ERR_IO (UCX refused). */
+ * Returns SPEED_OK, SPEED_ERR_INVALID_ARGUMENT, SPEED_ERR_NO_MEMORY, SPEED_ERR_IO (UCX refused),
+ * SPEED_ERR_UNSUPPORTED (pools in device memory, no mirror, and cuda_direct off: logged). */
 speed_status_t speed_kv_xfer_ctx_register_cache(speed_kv_xfer_ctx_t *ctx, const speed_kv_cache_t *cache);
 
 /* Releases the registrations of the cache; no transfer using it may be in flight. Unknown caches
@@ -316,7 +331,9 @@ speed_status_t speed_kv_xfer_create_engine(speed_kv_xfer_ctx_t *ctx, const speed
 /* Layer `layer` now holds n_done of its n_total prompt entries (the engine's layer callback
  * arguments): posts non-blocking puts of the blocks completed since the last call (full blocks;
  * everything, including a partial last block, once n_done == n_total). Never waits for the
- * network. Repeating a call (a redone step) posts nothing new.
+ * network. Repeating a call (a redone step) posts nothing new. With a host mirror it first
+ * copies those blocks' units of the layer to the mirror (a backend copy: engine thread; a
+ * failing copy ends the transfer with the backend's status, stage PUT).
  * Returns SPEED_OK; SPEED_ERR_INVALID_ARGUMENT (layer out of range, n_total not the
  * descriptor's entries, n_done > n_total, called after finish); or the transfer's status if it
  * has ended (failed, cancelled, lease past: SPEED_ERR_TIMEOUT). */

@@ -184,6 +184,11 @@ static void cpu_free(void *ctx, void *ptr) {
     speed_aligned_free(ptr);
 }
 
+static bool cpu_host_memory(void *ctx) {
+    (void)ctx;
+    return true;
+}
+
 static speed_status_t cpu_copy(void *ctx, void *dst, const void *src, size_t bytes) {
     (void)ctx;
     memmove(dst, src, bytes);
@@ -778,6 +783,9 @@ static const speed_backend_ops_t cpu_ops = {
     .destroy = cpu_destroy,
     .alloc = cpu_alloc,
     .free = cpu_free,
+    .alloc_host = cpu_alloc,
+    .free_host = cpu_free,
+    .host_memory = cpu_host_memory,
     .upload = cpu_copy,
     .download = cpu_copy,
     .memset_zero = cpu_memset_zero,

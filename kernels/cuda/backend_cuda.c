@@ -255,6 +255,31 @@ static void cu_free(void *ctx, void *ptr) {
 
 /* From pageable host memory the async copy returns once the bytes are staged by the driver,
  * so the caller may reuse src at once. */
+/* Pinned host memory: the KV mirror (kv_cache.h) that UCX registers and puts from / into;
+ * page-locked, so upload / download of it are DMA at full PCIe speed. */
+static speed_status_t cu_alloc_host(void *ctx, size_t bytes, void **ptr_p) {
+    cuda_ctx_t *c = ctx;
+    SPEED_CHECK(enter(c));
+    void *p = NULL;
+    cudaError_t err = cudaHostAlloc(&p, bytes ? bytes : 1, cudaHostAllocPortable);
+    if (err != cudaSuccess) {
+        SPEED_ERROR(SUBSYS, "cuda: cannot allocate %zu bytes of pinned host memory: %s", bytes,
+                    cudaGetErrorString(err));
+        return err == cudaErrorMemoryAllocation ? SPEED_ERR_NO_MEMORY : SPEED_ERR_DEVICE;
+    }
+    *ptr_p = p;
+    return SPEED_OK;
+}
+static void cu_free_host(void *ctx, void *ptr) {
+    cuda_ctx_t *c = ctx;
+    if (cudaSetDevice(c->device) != cudaSuccess) return;
+    cudaError_t err = cudaFreeHost(ptr); /* synchronizes: no copy still reads it */
+    if (err != cudaSuccess) SPEED_ERROR(SUBSYS, "cuda: cudaFreeHost: %s", cudaGetErrorString(err));
+}
+static bool cu_host_memory(void *ctx) {
+    (void)ctx;
+    return false; /* cudaMalloc: device memory */
+}
 static speed_status_t cu_upload(void *ctx, void *dst, const void *src, size_t bytes) {
     cuda_ctx_t *c = ctx;
     SPEED_CHECK(enter(c));
@@ -604,6 +629,9 @@ static const speed_backend_ops_t cuda_ops = {
     .destroy = cu_destroy,
     .alloc = cu_alloc,
     .free = cu_free,
+    .alloc_host = cu_alloc_host,
+    .free_host = cu_free_host,
+    .host_memory = cu_host_memory,
     .upload = cu_upload,
     .download = cu_download,
     .memset_zero = cu_memset_zero,

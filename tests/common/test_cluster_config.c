@@ -136,6 +136,10 @@ int main(void) {
     CHECK(speed_cluster_pool(&c, "decode") == &c.decode);
     CHECK(speed_cluster_pool(&c, "router") == NULL);
     CHECK_INT_EQ(c.prefill_policy, SPEED_POLICY_LEAST_LOADED);
+    CHECK(!c.ucx_cuda_direct); /* cuda nodes stage KV through pinned host memory by default */
+    speed_config_destroy(cfg);
+    CHECK_INT_EQ(load(NULL, &c, &cfg, 2, "--ucx.cuda_direct", "true"), SPEED_OK);
+    CHECK(c.ucx_cuda_direct);
     speed_config_destroy(cfg);
 
     /* clusters that cannot work */

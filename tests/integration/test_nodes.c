@@ -192,6 +192,22 @@ static void test_backend_choice(const char *model_dir, int B) {
     CHECK_INT_EQ(cu_stop(&ref, SIGTERM, 20), 0);
     CHECK_INT_EQ(cu_system("grep -q 'decode: backend cpu-ref' %s/decode-cpu-ref.log", cu_dir), 0);
 
+    /* ucx.cuda_direct with a UCX that has no CUDA support (Debian's): refused at startup, with
+     * the way out (a cpu node too: the transfer context checks UCX, not the backend) */
+    if (cu_system("ucx_info -d 2>/dev/null | grep -q cuda_copy") == 0) {
+        fprintf(stderr, "note: this UCX has CUDA support; the ucx.cuda_direct refusal is not exercised\n");
+    } else {
+        const char *direct_args[] = {"--model", model_dir, "--decode.grpc_port", grpc, "--decode.http_port", http,
+                                     "--decode.backend", "cpu-ref", "--decode.threads", "1", "--ucx.cuda_direct",
+                                     "true", NULL};
+        cu_proc_t dd = cu_spawn("speed-decode", "decode-cuda-direct", direct_args);
+        CHECK_INT_EQ(cu_wait_exit(&dd, 30), 1);
+        CHECK_MSG(cu_system("grep -q 'ucx.cuda_direct needs a UCX built with CUDA.*set ucx.cuda_direct: false' "
+                            "%s/decode-cuda-direct.log", cu_dir) == 0,
+                  "decode-cuda-direct.log lacks the cuda_direct refusal");
+        CHECK(cu_system("grep -q 'Sanitizer\\|ready: grpc' %s/decode-cuda-direct.log", cu_dir) != 0);
+    }
+
     if (access("/dev/nvidiactl", F_OK) == 0) {
         fprintf(stderr, "note: a GPU is present; a cuda node's no-GPU exit is not exercised\n");
         return;

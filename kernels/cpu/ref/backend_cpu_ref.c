@@ -106,6 +106,11 @@ static void ref_free(void *ctx, void *ptr) {
     speed_aligned_free(ptr);
 }
 
+static bool ref_host_memory(void *ctx) {
+    (void)ctx;
+    return true;
+}
+
 static speed_status_t ref_copy(void *ctx, void *dst, const void *src, size_t bytes) {
     (void)ctx;
     memmove(dst, src, bytes);
@@ -436,6 +441,9 @@ static const speed_backend_ops_t cpu_ref_ops = {
     .destroy = ref_destroy,
     .alloc = ref_alloc,
     .free = ref_free,
+    .alloc_host = ref_alloc,
+    .free_host = ref_free,
+    .host_memory = ref_host_memory,
     .upload = ref_copy,
     .download = ref_copy,
     .memset_zero = ref_memset_zero,
