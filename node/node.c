@@ -671,6 +671,13 @@ speed_status_t speed_node_init(speed_node_t *n, const char *role, int argc, char
         *exit_code_p = 0;
         return SPEED_ERR_CANCELLED;
     }
+    char *const *pos = NULL;
+    if (speed_config_positional(n->cfg_handle, &pos) > 0) { /* e.g. a value after a boolean flag */
+        fprintf(stderr, "speed-%s: unexpected argument '%s' (options are --key value; booleans are --key or --no-key)\n",
+                role, pos[0]);
+        *exit_code_p = 2;
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
     if (n->cfg.log && speed_log_configure(n->cfg.log) != SPEED_OK) {
         fprintf(stderr, "speed-%s: bad log spec '%s'\n", role, n->cfg.log);
         *exit_code_p = 2;

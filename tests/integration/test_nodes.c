@@ -192,6 +192,13 @@ static void test_backend_choice(const char *model_dir, int B) {
     CHECK_INT_EQ(cu_stop(&ref, SIGTERM, 20), 0);
     CHECK_INT_EQ(cu_system("grep -q 'decode: backend cpu-ref' %s/decode-cpu-ref.log", cu_dir), 0);
 
+    /* a value after a boolean flag is a stray argument: a usage error (2), not silently dropped */
+    const char *stray_args[] = {"--model", model_dir, "--ucx.cuda_direct", "maybe", NULL};
+    cu_proc_t stray = cu_spawn("speed-decode", "decode-stray", stray_args);
+    CHECK_INT_EQ(cu_wait_exit(&stray, 30), 2);
+    CHECK_MSG(cu_system("grep -q \"unexpected argument 'maybe'\" %s/decode-stray.log", cu_dir) == 0,
+              "decode-stray.log lacks the stray argument");
+
     /* ucx.cuda_direct with a UCX that has no CUDA support (Debian's): refused at startup, with
      * the way out (a cpu node too: the transfer context checks UCX, not the backend) */
     if (cu_system("ucx_info -d 2>/dev/null | grep -q cuda_copy") == 0) {
@@ -199,7 +206,7 @@ static void test_backend_choice(const char *model_dir, int B) {
     } else {
         const char *direct_args[] = {"--model", model_dir, "--decode.grpc_port", grpc, "--decode.http_port", http,
                                      "--decode.backend", "cpu-ref", "--decode.threads", "1", "--ucx.cuda_direct",
-                                     "true", NULL};
+                                     NULL};
         cu_proc_t dd = cu_spawn("speed-decode", "decode-cuda-direct", direct_args);
         CHECK_INT_EQ(cu_wait_exit(&dd, 30), 1);
         CHECK_MSG(cu_system("grep -q 'ucx.cuda_direct needs a UCX built with CUDA.*set ucx.cuda_direct: false' "
