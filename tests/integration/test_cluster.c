@@ -347,6 +347,8 @@ static void check_disconnect(void) {
               dt, sum_nodes(true, "speed_kv_blocks_reserved"), sum_nodes(false, "speed_kv_blocks_reserved"));
     CHECK_MSG(dt < 5, "blocks freed only after %.1f s", dt);
     CHECK(cu_wait_metric(g_rport, "speed_router_requests_running", 0, 5));
+    double t_run = cu_now();
+    while (sum_nodes(false, "speed_decode_running_requests") != 0 && cu_now() - t_run < 5) usleep(20000);
     CHECK_NEAR(sum_nodes(false, "speed_decode_running_requests"), 0, 0);
     /* counted as a client that went away, not as a finished request */
     t0 = cu_now();
