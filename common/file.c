@@ -31,8 +31,9 @@ speed_status_t speed_file_read(const char *path, size_t max_bytes, speed_log_sub
         status = SPEED_ERR_INVALID_ARGUMENT;
         goto out;
     }
-    /* Regular files are read in one allocation; pipes grow the buffer as they go. */
-    size_t cap = S_ISREG(st.st_mode) ? (size_t)st.st_size + 1 : 1 << 16, len = 0;
+    /* Regular files are read in one allocation (one byte of room to see the end, one for the
+     * NUL); pipes, and files that report size 0 (/proc), grow the buffer as they go. */
+    size_t cap = S_ISREG(st.st_mode) && st.st_size > 0 ? (size_t)st.st_size + 2 : 1 << 16, len = 0;
     if (S_ISREG(st.st_mode) && (uint64_t)st.st_size > max_bytes) goto too_long;
     for (;;) {
         if (!buf || len + 1 >= cap) {

@@ -161,7 +161,7 @@ void speed_comm_destroy(speed_comm_t *c) {
     if (c) c->ops->destroy(c->ctx);
 }
 
-#ifndef SPEED_HAVE_NCCL
+#ifndef SPEED_HAVE_CUDA
 speed_status_t speed_comm_nccl_unique_id(uint8_t id[SPEED_COMM_ID_BYTES]) {
     (void)id;
     SPEED_ERROR(SPEED_SUBSYS_ENGINE, "comm: this build has no NCCL (built without CUDA)");

@@ -46,6 +46,7 @@
 #include "cuda_backend_access.h"
 #include "cuda_check.h"
 #include "cuda_kernels.h"
+#include "cuda_module.h"
 #include "log.h"
 
 _Static_assert(SPEED_DTYPE_F32 == 0 && SPEED_DTYPE_BF16 == 1 && SPEED_DTYPE_F16 == 2,
@@ -670,7 +671,7 @@ static speed_status_t cuda_init(cuda_ctx_t *c) {
     return SPEED_OK;
 }
 
-speed_status_t speed_backend_cuda_create(const speed_backend_params_t *params, speed_backend_t **backend_p) {
+speed_status_t speed_cuda_module_backend_create(const speed_backend_params_t *params, speed_backend_t **backend_p) {
     if (!params || !backend_p) {
         SPEED_ERROR(SUBSYS, "backend: cuda: NULL argument");
         return SPEED_ERR_INVALID_ARGUMENT;
@@ -714,3 +715,18 @@ bool speed_backend_cuda_device_stream(speed_backend_t *be, int *device_p, void *
     *stream_p = c->stream;
     return true;
 }
+
+#ifndef SPEED_HAVE_NCCL
+speed_status_t speed_cuda_module_nccl_unique_id(uint8_t id[SPEED_COMM_ID_BYTES]) {
+    (void)id;
+    SPEED_ERROR(SUBSYS, "comm: this build has no NCCL (nccl.h was not found)");
+    return SPEED_ERR_UNSUPPORTED;
+}
+
+speed_status_t speed_cuda_module_nccl_create(const uint8_t id[SPEED_COMM_ID_BYTES], int size, int rank,
+                                             speed_backend_t *backend, speed_comm_t **comm_p) {
+    (void)id, (void)size, (void)rank, (void)backend, (void)comm_p;
+    SPEED_ERROR(SUBSYS, "comm: this build has no NCCL (nccl.h was not found)");
+    return SPEED_ERR_UNSUPPORTED;
+}
+#endif

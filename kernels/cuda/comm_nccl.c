@@ -16,6 +16,7 @@
 #include "alloc.h"
 #include "comm.h"
 #include "cuda_backend_access.h"
+#include "cuda_module.h"
 #include "log.h"
 
 typedef struct {
@@ -108,7 +109,7 @@ static const speed_comm_ops_t nccl_ops = {
     .destroy = nccl_destroy,
 };
 
-speed_status_t speed_comm_nccl_unique_id(uint8_t id[SPEED_COMM_ID_BYTES]) {
+speed_status_t speed_cuda_module_nccl_unique_id(uint8_t id[SPEED_COMM_ID_BYTES]) {
     _Static_assert(sizeof(ncclUniqueId) == SPEED_COMM_ID_BYTES, "ncclUniqueId size");
     if (!id) return SPEED_ERR_INVALID_ARGUMENT;
     SPEED_CHECK(nccl_ready());
@@ -118,8 +119,8 @@ speed_status_t speed_comm_nccl_unique_id(uint8_t id[SPEED_COMM_ID_BYTES]) {
     return SPEED_OK;
 }
 
-speed_status_t speed_comm_nccl_create(const uint8_t id[SPEED_COMM_ID_BYTES], int size, int rank,
-                                      speed_backend_t *backend, speed_comm_t **comm_p) {
+speed_status_t speed_cuda_module_nccl_create(const uint8_t id[SPEED_COMM_ID_BYTES], int size, int rank,
+                                             speed_backend_t *backend, speed_comm_t **comm_p) {
     if (!id || !comm_p || size < 1 || rank < 0 || rank >= size) {
         SPEED_ERROR(SPEED_SUBSYS_ENGINE, "comm: nccl: rank %d of %d, or a NULL argument", rank, size);
         return SPEED_ERR_INVALID_ARGUMENT;

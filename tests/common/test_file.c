@@ -75,6 +75,15 @@ static void test_read_pipe(void) {
     waitpid(pid, NULL, 0);
 }
 
+/* /proc files say size 0 but have content: they are read like pipes. */
+static void test_read_proc(void) {
+    char *text = NULL;
+    size_t len = 0;
+    CHECK_INT_EQ(speed_file_read("/proc/self/status", 1 << 20, SPEED_SUBSYS_CORE, 0, &text, &len), SPEED_OK);
+    CHECK(len > 0 && text && strstr(text, "Pid:") != NULL);
+    speed_free(text);
+}
+
 static void test_read_errors(void) {
     char *text = (char *)"untouched";
     size_t len = 7;
@@ -128,6 +137,7 @@ int main(void) {
     speed_log_configure("error");
     test_read_regular();
     test_read_pipe();
+    test_read_proc();
     test_read_errors();
     test_read_fault_injection();
     test_paths();
