@@ -416,14 +416,15 @@ static void lp_list_free(lp_list_t *l)
     l->cap = 0;
 }
 
-/* The text of one token on its own (for logprobs). A partial UTF-8 character becomes U+FFFD
- * (the tokenizer's decode); an id the tokenizer does not know gives "". */
+/* The bytes of one token on its own (for logprobs): a token holding part of a multi-byte
+ * character keeps those bytes (openai.c then shows it as "bytes:\xNN..." with its `bytes`, as
+ * OpenAI does); an id the tokenizer does not know gives "". */
 static char *token_string(const speed_tok_t *tok, int32_t id, size_t *len_p)
 {
     char *s = NULL;
     *len_p = 0;
     if (id >= 0 && id < speed_tok_vocab_size(tok) &&
-        speed_tok_decode(tok, &id, 1, false, &s, len_p) == SPEED_OK)
+        speed_tok_decode_raw(tok, &id, 1, false, &s, len_p) == SPEED_OK)
         return s;
     return speed_strdup("");
 }

@@ -25,6 +25,7 @@ typedef struct {
     size_t n;
     dec_chunk_t *arena;
     tok_buf_t tmp;
+    bool raw;  /* keep the bytes as they are: no U+FFFD for invalid UTF-8 (speed_tok_decode_raw) */
 } dec_state_t;
 
 static char *dec_alloc(dec_state_t *d, size_t n) {
@@ -140,7 +141,8 @@ static speed_status_t dec_bytelevel(dec_state_t *d) {
         }
     }
     d->tmp.len = 0;
-    SPEED_CHECK_GOTO(tok_utf8_append_lossy(&d->tmp, raw.p ? raw.p : "", raw.len), st, out);
+    if (d->raw) SPEED_CHECK_GOTO(tok_buf_append(&d->tmp, raw.p ? raw.p : "", raw.len), st, out);
+    else SPEED_CHECK_GOTO(tok_utf8_append_lossy(&d->tmp, raw.p ? raw.p : "", raw.len), st, out);
     SPEED_CHECK_GOTO(dec_keep(d, d->tmp.p ? d->tmp.p : "", d->tmp.len, &d->v[0]), st, out);
     d->n = 1;
 out:
@@ -164,7 +166,8 @@ static speed_status_t dec_bytefallback(dec_state_t *d) {
         char *bytes = dec_alloc(d, j - i);
         if (!bytes) return SPEED_ERR_NO_MEMORY;
         for (size_t k = i; k < j; k++) bytes[k - i] = (char)byte_token(&d->v[k]);
-        SPEED_CHECK(tok_utf8_append_lossy(&d->tmp, bytes, j - i));
+        if (d->raw) SPEED_CHECK(tok_buf_append(&d->tmp, bytes, j - i));
+        else SPEED_CHECK(tok_utf8_append_lossy(&d->tmp, bytes, j - i));
         i = j;
         SPEED_CHECK(dec_keep(d, d->tmp.p ? d->tmp.p : "", d->tmp.len, &d->v[m++]));
     }
@@ -196,8 +199,9 @@ static speed_status_t dec_metaspace(dec_state_t *d, const tok_dec_t *dc) {
 }
 
 speed_status_t tok_decode_buf(const speed_tok_t *tok, const int32_t *ids, size_t n,
-                              bool skip_special, tok_buf_t *out) {
+                              bool skip_special, bool raw, tok_buf_t *out) {
     dec_state_t d = {0};
+    d.raw = raw;
     speed_status_t st = SPEED_OK;
     d.v = speed_malloc((n ? n : 1) * sizeof *d.v);
     if (!d.v) {
@@ -253,15 +257,15 @@ static speed_status_t check_ids(const speed_tok_t *tok, const int32_t *ids, size
     return SPEED_OK;
 }
 
-speed_status_t speed_tok_decode(const speed_tok_t *tok, const int32_t *ids, size_t n,
-                                bool skip_special, char **text_p, size_t *len_p) {
+static speed_status_t decode(const speed_tok_t *tok, const int32_t *ids, size_t n, bool skip_special, bool raw,
+                             char **text_p, size_t *len_p) {
     if (!tok || !text_p || (!ids && n)) {
         SPEED_ERROR(SPEED_SUBSYS_TOK, "speed_tok_decode: NULL argument");
         return SPEED_ERR_INVALID_ARGUMENT;
     }
     SPEED_CHECK(check_ids(tok, ids, n));
     tok_buf_t out = {0};
-    speed_status_t st = tok_decode_buf(tok, ids, n, skip_special, &out);
+    speed_status_t st = tok_decode_buf(tok, ids, n, skip_special, raw, &out);
     if (st != SPEED_OK) {
         tok_buf_free(&out);
         SPEED_ERROR(SPEED_SUBSYS_TOK, "out of memory decoding %zu tokens", n);
@@ -270,6 +274,16 @@ speed_status_t speed_tok_decode(const speed_tok_t *tok, const int32_t *ids, size
     *text_p = out.p;
     if (len_p) *len_p = out.len;
     return SPEED_OK;
+}
+
+speed_status_t speed_tok_decode(const speed_tok_t *tok, const int32_t *ids, size_t n,
+                                bool skip_special, char **text_p, size_t *len_p) {
+    return decode(tok, ids, n, skip_special, false, text_p, len_p);
+}
+
+speed_status_t speed_tok_decode_raw(const speed_tok_t *tok, const int32_t *ids, size_t n,
+                                    bool skip_special, char **bytes_p, size_t *len_p) {
+    return decode(tok, ids, n, skip_special, true, bytes_p, len_p);
 }
 
 /* ---- incremental decoding ----------------------------------------------------------------
@@ -332,7 +346,7 @@ static speed_status_t stream_emit(speed_tok_stream_t *s) {
 
 static speed_status_t stream_decode(speed_tok_stream_t *s, size_t n, tok_buf_t *b) {
     b->len = 0;
-    return tok_decode_buf(s->tok, s->ids.ids, n, s->skip_special, b);
+    return tok_decode_buf(s->tok, s->ids.ids, n, s->skip_special, false, b);
 }
 
 speed_status_t speed_tok_stream_push(speed_tok_stream_t *s, int32_t id, const char **text_p,

@@ -206,9 +206,9 @@ int32_t tok_merge_find(const speed_tok_t *tok, int32_t a, int32_t b, int32_t *ra
 uint32_t tok_gpt2_byte_to_cp(unsigned char b);
 int tok_gpt2_cp_to_byte(uint32_t cp);  /* -1 if not in the map */
 
-/* decode without the stream wrapper */
+/* decode without the stream wrapper; raw keeps invalid UTF-8 as it is (no U+FFFD) */
 speed_status_t tok_decode_buf(const speed_tok_t *tok, const int32_t *ids, size_t n,
-                              bool skip_special, tok_buf_t *out);
+                              bool skip_special, bool raw, tok_buf_t *out);
 
 /* Python str.isspace() on a code point (Jinja |trim and .strip()). */
 bool tok_py_isspace(uint32_t cp);

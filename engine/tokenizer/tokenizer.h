@@ -109,6 +109,13 @@ speed_status_t speed_tok_encode(const speed_tok_t *tok, const char *text, size_t
 speed_status_t speed_tok_decode(const speed_tok_t *tok, const int32_t *ids, size_t n,
                                 bool skip_special, char **text_p, size_t *len_p);
 
+/* The same, but the bytes are kept as the tokens spell them: a token that holds part of a
+ * multi-byte character gives those bytes, not U+FFFD (so *bytes_p may not be valid UTF-8; it
+ * is still NUL-terminated). For logprobs, whose `bytes` are a token's own bytes. Same
+ * returns. */
+speed_status_t speed_tok_decode_raw(const speed_tok_t *tok, const int32_t *ids, size_t n,
+                                    bool skip_special, char **bytes_p, size_t *len_p);
+
 /* ---- incremental decoding ---------------------------------------------------------- */
 
 /* Incremental decoder: push ids one at a time and get the new text. It never emits part

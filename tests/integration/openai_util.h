@@ -197,12 +197,24 @@ static json_t *ou_ref(const char *key, const char *fmt, ...) {
     return j;
 }
 
-/* A token id decoded alone, as the router shows it (speed_free it). */
+/* A token id decoded alone, as the router shows it (speed_free it): its own bytes, and when
+ * they are not valid UTF-8 (part of a character) OpenAI's "bytes:\xNN..." form. */
 static char *ou_tok_str(const speed_tok_t *tok, int32_t id) {
     char *s = NULL;
     size_t n = 0;
-    if (speed_tok_decode(tok, &id, 1, false, &s, &n) != SPEED_OK) return speed_strndup("?", 1);
-    return s;
+    if (speed_tok_decode_raw(tok, &id, 1, false, &s, &n) != SPEED_OK) return speed_strndup("?", 1);
+    char *repaired = NULL;
+    size_t rn = 0;
+    bool valid = speed_tok_decode(tok, &id, 1, false, &repaired, &rn) == SPEED_OK && rn == n &&
+                 memcmp(repaired, s, n) == 0;
+    speed_free(repaired);
+    if (valid) return s;
+    char *b = speed_malloc(6 + 4 * n + 1);
+    if (!b) return s;
+    size_t o = (size_t)snprintf(b, 7, "bytes:");
+    for (size_t i = 0; i < n; i++) o += (size_t)snprintf(b + o, 5, "\\x%02x", (unsigned char)s[i]);
+    speed_free(s);
+    return b;
 }
 
 /* The answer equals the reference: same token count, each token's text (decoded alone),

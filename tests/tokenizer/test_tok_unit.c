@@ -162,7 +162,8 @@ static void test_gpt2_style(const char *tmp) {
               "\"use_regex\": true}, \"decoder\": {\"type\": \"ByteLevel\"}, "
               "\"post_processor\": {\"type\": \"ByteLevel\"}, "
               "\"model\": {\"type\": \"BPE\", \"vocab\": {\"\xC4\xA0\": 0, \"H\": 1, \"i\": 2, "
-              "\"!\": 3, \"\xC4\xA0H\": 4, \"\xC4\xA0Hi\": 5, \"o\": 6, \"\xC4\x8A\": 7}, "
+              "\"!\": 3, \"\xC4\xA0H\": 4, \"\xC4\xA0Hi\": 5, \"o\": 6, \"\xC4\x8A\": 7, "
+              "\"\xC3\xA2\": 8}, "
               "\"merges\": [[\"\xC4\xA0\", \"H\"], [\"\xC4\xA0H\", \"i\"]]}}");
     char path[1300];
     snprintf(path, sizeof path, "%s/tokenizer_config.json", dir);
@@ -184,6 +185,21 @@ static void test_gpt2_style(const char *tmp) {
     CHECK_INT_EQ(speed_tok_decode(tok, ids.ids, ids.n, false, &text, NULL), SPEED_OK);
     CHECK_STR_EQ(text, " Hi<|endoftext|>");
     speed_free(text);
+    /* token 8 is the lone byte 0xE2 (the first byte of a 3-byte character): decode repairs it
+     * to U+FFFD, decode_raw keeps the byte (logprobs show a token's own bytes) */
+    int32_t lone[] = {8, 1};
+    size_t n = 0;
+    CHECK_INT_EQ(speed_tok_decode(tok, lone, 2, false, &text, &n), SPEED_OK);
+    CHECK(n == 4 && memcmp(text, "\xEF\xBF\xBDH", 4) == 0);
+    speed_free(text);
+    CHECK_INT_EQ(speed_tok_decode_raw(tok, lone, 2, false, &text, &n), SPEED_OK);
+    CHECK(n == 2 && memcmp(text, "\xE2H", 3) == 0); /* NUL-terminated */
+    speed_free(text);
+    CHECK_INT_EQ(speed_tok_decode_raw(tok, ids.ids, ids.n, true, &text, &n), SPEED_OK);
+    CHECK_STR_EQ(text, " Hi");
+    speed_free(text);
+    int32_t bad = 99;
+    CHECK_INT_EQ(speed_tok_decode_raw(tok, &bad, 1, false, &text, &n), SPEED_ERR_INVALID_ARGUMENT);
     speed_tok_ids_free(&ids);
     speed_tok_destroy(tok);
 }
