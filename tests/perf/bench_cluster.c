@@ -15,7 +15,7 @@
 #include <math.h>
 #include <pthread.h>
 
-#include "../integration/cluster_util.h"
+#include "cluster_util.h"
 #include "log.h"
 #include "model.h"
 #include "rpc.h"

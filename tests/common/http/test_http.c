@@ -4,7 +4,7 @@
 
 #include "http_test_util.h"
 #include "log.h"
-#include "metrics/prom_check.h"
+#include "prom_check.h"
 
 static sem_t g_go; /* lets a WRITE_HANDSHAKE writer continue */
 

@@ -6,7 +6,7 @@
 #include "check.h"
 #include "log.h"
 #include "metrics.h"
-#include "metrics/prom_check.h"
+#include "prom_check.h"
 
 static void quiet_sink(void *user, speed_log_level_t level, speed_log_subsys_t subsys,
                        const char *request_id, const char *line)
