@@ -69,7 +69,8 @@ static void reserve_work(void *arg) {
         snprintf(err, sizeof err, "node is draining");
     }
     if (st == SPEED_OK) {
-        st = speed_batcher_reserve(n->batcher, r->req->request_id, r->req->n_prompt, r->req->max_tokens, depth, &res);
+        speed_depth_request_t want = speed_depth_request_of(depth);
+        st = speed_batcher_reserve(n->batcher, r->req->request_id, r->req->n_prompt, r->req->max_tokens, &want, &res);
         if (st != SPEED_OK) snprintf(err, sizeof err, "%s", st == SPEED_ERR_CAPACITY ? "no free KV blocks" : speed_log_last_error());
     }
     desc_arg_t da = {.node = n, .n_prompt = r->req->n_prompt};
@@ -202,7 +203,9 @@ static void generate_work(void *arg) {
             st = SPEED_ERR_CANCELLED;
             snprintf(err, sizeof err, "node is draining");
         } else {
-            st = speed_node_depth_from_proto(n, req->speed, &q.depth, err, sizeof err);
+            speed_depth_t depth;
+            st = speed_node_depth_from_proto(n, req->speed, &depth, err, sizeof err);
+            q.depth = speed_depth_request_of(depth);
         }
         if (st == SPEED_OK) {
             q.prompt = req->prompt_ids;

@@ -118,40 +118,25 @@ speed_status_t speed_node_send(speed_rpc_call_t *call, const ProtobufCMessage *m
     return st;
 }
 
+speed_depth_request_t speed_node_depth_request_from_proto(const Speed__V1__SpeedParams *sp) {
+    speed_depth_request_t r = {0};
+    if (!sp) return r;
+    if (sp->prefill_layers_opt_case == SPEED__V1__SPEED_PARAMS__PREFILL_LAYERS_OPT_PREFILL_LAYERS)
+        r.prefill_layers = speed_cutoff_layers(sp->prefill_layers);
+    else if (sp->prefill_layers_opt_case == SPEED__V1__SPEED_PARAMS__PREFILL_LAYERS_OPT_PREFILL_FRACTION)
+        r.prefill_layers = speed_cutoff_fraction(sp->prefill_fraction);
+    r.has_anchors = sp->anchors_opt_case == SPEED__V1__SPEED_PARAMS__ANCHORS_OPT_ANCHORS;
+    r.anchors = sp->anchors;
+    r.has_tail = sp->tail_opt_case == SPEED__V1__SPEED_PARAMS__TAIL_OPT_TAIL;
+    r.tail = sp->tail;
+    return r;
+}
+
 speed_status_t speed_node_depth_from_proto(const speed_node_t *n, const Speed__V1__SpeedParams *sp,
                                            speed_depth_t *depth_p, char *err, size_t err_size) {
-    speed_depth_t d = {0, 0, 0};
-    if (sp) {
-        const int L = n->model->config.n_layers;
-        if (sp->prefill_fraction_opt_case == SPEED__V1__SPEED_PARAMS__PREFILL_FRACTION_OPT_PREFILL_FRACTION) {
-            double f = sp->prefill_fraction;
-            if (!(f > 0.0 && f <= 1.0)) {
-                snprintf(err, err_size, "prefill_layers fraction %g is outside (0, 1]", f);
-                return SPEED_ERR_INVALID_ARGUMENT;
-            }
-            int c = (int)floor(f * L + 0.5);
-            d.prefill_layers = c < 1 ? 1 : c;
-        } else if (sp->prefill_layers != 0) {
-            if (sp->prefill_layers < 1 || sp->prefill_layers > L) {
-                snprintf(err, err_size, "prefill_layers %d is outside 1..%d", sp->prefill_layers, L);
-                return SPEED_ERR_INVALID_ARGUMENT;
-            }
-            d.prefill_layers = sp->prefill_layers;
-        }
-        speed_depth_t def = speed_batcher_depth(n->batcher);
-        bool has_a = sp->anchors_opt_case == SPEED__V1__SPEED_PARAMS__ANCHORS_OPT_ANCHORS;
-        bool has_t = sp->tail_opt_case == SPEED__V1__SPEED_PARAMS__TAIL_OPT_TAIL;
-        if (has_a || has_t) {
-            d.anchors = has_a ? sp->anchors : def.anchors;
-            d.tail = has_t ? sp->tail : def.tail;
-            if (d.anchors < 0 || d.tail < 1) {
-                snprintf(err, err_size, "anchors %d / tail %d out of range (anchors >= 0, tail >= 1)", d.anchors, d.tail);
-                return SPEED_ERR_INVALID_ARGUMENT;
-            }
-        }
-    }
-    *depth_p = d;
-    return SPEED_OK;
+    speed_depth_request_t r = speed_node_depth_request_from_proto(sp);
+    speed_depth_t def = speed_batcher_depth(n->batcher);
+    return speed_depth_resolve(&r, &def, n->model->config.n_layers, depth_p, err, err_size);
 }
 
 speed_status_t speed_node_gen_from_proto(const speed_node_t *n, const Speed__V1__SamplingParams *sp,

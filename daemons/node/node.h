@@ -113,8 +113,12 @@ speed_status_t speed_node_defer(speed_node_t *node, speed_node_work_fn_t fn, voi
 /* True while new requests are taken. */
 bool speed_node_accepting(const speed_node_t *node);
 
-/* The depth a request asks for (NULL = node default) as batcher overrides: fraction → layers
- * of this model. Returns SPEED_OK or SPEED_ERR_INVALID_ARGUMENT (message in err). */
+/* The depth a request states (NULL = nothing stated: the node's default), unresolved. */
+speed_depth_request_t speed_node_depth_request_from_proto(const Speed__V1__SpeedParams *sp);
+
+/* The depth a request asks for, resolved over the node's default for its model with
+ * speed_depth_resolve (depth.h). Returns SPEED_OK, or SPEED_ERR_INVALID_ARGUMENT with the
+ * reason in err. */
 speed_status_t speed_node_depth_from_proto(const speed_node_t *node, const Speed__V1__SpeedParams *sp,
                                            speed_depth_t *depth_p, char *err, size_t err_size);
 

@@ -156,17 +156,20 @@ static void prefill_work(void *arg) {
         if (st != SPEED_OK) snprintf(err, sizeof err, "bad KV descriptor: %s", speed_log_last_error());
     }
     if (st == SPEED_OK) {
-        /* run at the depth the decode node resolved and reserved for */
-        const int L = n->model->config.n_layers;
-        q.depth = (speed_depth_t){req->kv->prefill_layers, req->kv->anchors, req->kv->tail};
-        if (q.depth.prefill_layers < 1 || q.depth.prefill_layers > L || q.depth.anchors < 0 || q.depth.tail < 1) {
+        /* run at the depth the decode node resolved and reserved for: all of C, A and T stated */
+        speed_depth_request_t want = {.prefill_layers = speed_cutoff_layers(req->kv->prefill_layers),
+                                      .has_anchors = true, .anchors = req->kv->anchors,
+                                      .has_tail = true, .tail = req->kv->tail};
+        speed_depth_t depth = {0, 0, 0};
+        char why[200];
+        if (speed_depth_resolve(&want, NULL, n->model->config.n_layers, &depth, why, sizeof why) != SPEED_OK) {
             st = SPEED_ERR_INVALID_ARGUMENT;
-            snprintf(err, sizeof err, "descriptor depth C=%d A=%d T=%d is out of range for %d layers",
-                     q.depth.prefill_layers, q.depth.anchors, q.depth.tail, L);
+            snprintf(err, sizeof err, "descriptor: %s", why);
         }
+        q.depth = speed_depth_request_of(depth);
         int64_t n_prompt = (int64_t)req->n_prompt_ids;
         p->n_full = n_prompt;
-        p->n_compact = q.depth.anchors + q.depth.tail < n_prompt ? q.depth.anchors + q.depth.tail : n_prompt;
+        p->n_compact = depth.anchors + depth.tail < n_prompt ? depth.anchors + depth.tail : n_prompt;
     }
     if (st == SPEED_OK) st = speed_node_gen_from_proto(n, req->sampling, &q.gen, err, sizeof err);
     if (st == SPEED_OK) {

@@ -354,10 +354,13 @@ static bool code_is_request_error(int code)
 
 static void fill_speed(const speed_openai_speed_t *s, Speed__V1__SpeedParams *m)
 {
-    if (s->prefill_layers > 0) m->prefill_layers = s->prefill_layers;
+    if (s->prefill_layers > 0) {
+        m->prefill_layers_opt_case = SPEED__V1__SPEED_PARAMS__PREFILL_LAYERS_OPT_PREFILL_LAYERS;
+        m->prefill_layers = s->prefill_layers;
+    }
     if (s->prefill_fraction > 0) {
-        m->prefill_fraction_opt_case = SPEED__V1__SPEED_PARAMS__PREFILL_FRACTION_OPT_PREFILL_FRACTION;
-        m->prefill_fraction = (float)s->prefill_fraction;
+        m->prefill_layers_opt_case = SPEED__V1__SPEED_PARAMS__PREFILL_LAYERS_OPT_PREFILL_FRACTION;
+        m->prefill_fraction = s->prefill_fraction;
     }
     if (s->anchors >= 0) {
         m->anchors_opt_case = SPEED__V1__SPEED_PARAMS__ANCHORS_OPT_ANCHORS;

@@ -13,7 +13,6 @@ uint64_t speed_engine_now_ns_(void) {
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-speed_depth_t speed_depth_default(void) { return (speed_depth_t){.prefill_layers = 0, .anchors = 1, .tail = 1}; }
 
 speed_engine_params_t speed_engine_default_params(void) {
     return (speed_engine_params_t){
@@ -27,26 +26,22 @@ speed_engine_params_t speed_engine_default_params(void) {
     };
 }
 
-/* Checks a depth against a model of n_layers and a context limit; resolves C 0 -> L. */
+/* Resolves a depth (C 0 -> L) for a model of n_layers through the one resolution (depth.h),
+ * then checks A and T against the context limit, which only the engine knows. */
 static speed_status_t depth_resolve(const speed_depth_t *in, int n_layers, int max_context, speed_depth_t *out) {
-    if (in->prefill_layers < 0 || in->prefill_layers > n_layers) {
-        SPEED_ERROR(SPEED_SUBSYS_ENGINE, "prefill_layers %d is out of range [1, %d] (0 = all layers)",
-                    in->prefill_layers, n_layers);
+    char err[200];
+    speed_depth_request_t req = speed_depth_request_of(*in);
+    speed_depth_t d;
+    if (speed_depth_resolve(&req, NULL, n_layers, &d, err, sizeof err) != SPEED_OK) {
+        SPEED_ERROR(SPEED_SUBSYS_ENGINE, "%s", err);
         return SPEED_ERR_INVALID_ARGUMENT;
     }
-    if (in->anchors < 0 || in->anchors > max_context) {
-        SPEED_ERROR(SPEED_SUBSYS_ENGINE, "anchors %d is out of range [0, %d]", in->anchors, max_context);
+    if (d.anchors > max_context || d.tail > max_context) {
+        SPEED_ERROR(SPEED_SUBSYS_ENGINE, "anchors %d / tail %d exceed the context of %d tokens", d.anchors, d.tail,
+                    max_context);
         return SPEED_ERR_INVALID_ARGUMENT;
     }
-    if (in->tail < 1 || in->tail > max_context) {
-        SPEED_ERROR(SPEED_SUBSYS_ENGINE,
-                    "tail %d is out of range [1, %d] (the last prompt token makes the first output, so it "
-                    "runs at full depth)",
-                    in->tail, max_context);
-        return SPEED_ERR_INVALID_ARGUMENT;
-    }
-    *out = *in;
-    if (out->prefill_layers == 0) out->prefill_layers = n_layers;
+    *out = d;
     return SPEED_OK;
 }
 

@@ -58,6 +58,7 @@
 #include <stdint.h>
 
 #include "backend.h"
+#include "depth.h"
 #include "dtype.h"
 #include "kv_cache.h"
 #include "model.h"
@@ -66,17 +67,6 @@
 /* Identifies a sequence of one engine; ids are never reused by that engine. */
 typedef int64_t speed_seq_id_t;
 
-/* SPEED depth of a sequence (ARCHITECTURE.md section 1). */
-typedef struct {
-    int prefill_layers; /* C: layers that see every prompt token, 1..L; 0 = L (SPEED off).
-                         * Parse "24" / "0.75" with speed_prefill_layers_parse (model.h). */
-    int anchors;        /* A >= 0: first prompt tokens kept at full depth */
-    int tail;           /* T >= 1: last prompt tokens kept at full depth (the last one makes
-                         * the first output token, so it must be full depth) */
-} speed_depth_t;
-
-/* {0 (= L), 1, 1}: SPEED off, the paper's defaults for A and T. */
-speed_depth_t speed_depth_default(void);
 
 /* Called during a prefill step, on the step's thread, after layer `layer` has stored this
  * step's entries of sequence `seq`: the layer now holds n_done of the n_total entries it will

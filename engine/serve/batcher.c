@@ -388,19 +388,21 @@ static void link_req(speed_batcher_t *b, req_t *r) {
     pthread_mutex_unlock(&b->mu);
 }
 
-/* A request's depth over the batcher's default: C 0 = default C; T 0 = default A and T. */
-static speed_depth_t depth_resolve(const speed_batcher_t *b, speed_depth_t d) {
+/* A request's depth over the batcher's default, through the one resolution (depth.h). Any
+ * thread: the engine's default depth and layer count do not change after create. */
+static speed_status_t depth_resolve(const speed_batcher_t *b, const speed_depth_request_t *q, speed_depth_t *d_p) {
+    char err[200];
     speed_depth_t def = speed_engine_depth(b->engine);
-    speed_depth_t out = def;
-    if (d.prefill_layers != 0) out.prefill_layers = d.prefill_layers;
-    if (d.tail != 0) out.anchors = d.anchors, out.tail = d.tail;
-    return out;
+    if (speed_depth_resolve(q, &def, b->p.engine.model->config.n_layers, d_p, err, sizeof err) != SPEED_OK) {
+        SPEED_ERROR(SPEED_SUBSYS_ENGINE, "batcher: %s", err);
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    return SPEED_OK;
 }
 
 /* Puts a waiting request into the engine. CAPACITY: leave it waiting. */
 static speed_status_t admit(speed_batcher_t *b, req_t *r) {
-    speed_depth_t d = depth_resolve(b, r->depth);
-    speed_status_t st = speed_engine_seq_add(b->engine, r->prompt, r->n_prompt, &d, r->gen.max_tokens, &r->seq);
+    speed_status_t st = speed_engine_seq_add(b->engine, r->prompt, r->n_prompt, &r->depth, r->gen.max_tokens, &r->seq);
     if (st != SPEED_OK) return st;
     r->in_engine = true;
     r->state = REQ_RUNNING;
@@ -444,8 +446,7 @@ static speed_status_t do_reserve(speed_batcher_t *b, cmd_t *c) {
     }
     req_t *r;
     SPEED_CHECK(req_create(b, c->id, &r));
-    speed_depth_t d = depth_resolve(b, c->depth);
-    speed_status_t st = speed_engine_seq_reserve(b->engine, c->n_prompt, &d, c->max_tokens, &r->seq);
+    speed_status_t st = speed_engine_seq_reserve(b->engine, c->n_prompt, &c->depth, c->max_tokens, &r->seq);
     if (st != SPEED_OK) {
         req_free(r);
         return st;
@@ -781,7 +782,10 @@ speed_status_t speed_batcher_submit(speed_batcher_t *b, const speed_batch_reques
         return SPEED_ERR_TOO_LONG;
     }
     req_t *r;
+    speed_depth_t depth;
+    SPEED_CHECK(depth_resolve(b, &q->depth, &depth));
     SPEED_CHECK(req_create(b, q->request_id, &r));
+    r->depth = depth;
     speed_status_t st = req_prepare_gen(b, r, &q->gen);
     if (st == SPEED_OK) {
         r->prompt = speed_malloc((size_t)q->n_prompt * sizeof *r->prompt);
@@ -793,7 +797,6 @@ speed_status_t speed_batcher_submit(speed_batcher_t *b, const speed_batch_reques
     }
     memcpy(r->prompt, q->prompt, (size_t)q->n_prompt * sizeof *r->prompt);
     r->n_prompt = q->n_prompt;
-    r->depth = q->depth;
     r->hold_kv = q->hold_kv;
     r->on_event = q->on_event;
     r->on_layer = q->on_layer;
@@ -805,11 +808,11 @@ speed_status_t speed_batcher_submit(speed_batcher_t *b, const speed_batch_reques
 }
 
 speed_status_t speed_batcher_reserve(speed_batcher_t *b, const char *request_id, int64_t n_prompt, int64_t max_tokens,
-                                     speed_depth_t depth, speed_batch_reservation_t *out_p) {
+                                     const speed_depth_request_t *depth, speed_batch_reservation_t *out_p) {
     if (!b || !out_p) return SPEED_ERR_INVALID_ARGUMENT;
     SPEED_CHECK(check_id(request_id));
-    cmd_t c = {.kind = CMD_RESERVE, .n_prompt = n_prompt, .max_tokens = max_tokens, .depth = depth,
-               .reservation_p = out_p};
+    cmd_t c = {.kind = CMD_RESERVE, .n_prompt = n_prompt, .max_tokens = max_tokens, .reservation_p = out_p};
+    SPEED_CHECK(depth_resolve(b, depth, &c.depth));
     strcpy(c.id, request_id);
     return cmd_run(b, &c);
 }
@@ -834,7 +837,10 @@ speed_status_t speed_batcher_start(speed_batcher_t *b, const speed_batch_request
                                    bool kv_ready) {
     if (!b || !q || !first || !q->on_event) return SPEED_ERR_INVALID_ARGUMENT;
     req_t *r;
+    speed_depth_t depth;
+    SPEED_CHECK(depth_resolve(b, &q->depth, &depth));
     SPEED_CHECK(req_create(b, q->request_id, &r));
+    r->depth = depth;
     speed_status_t st = req_prepare_gen(b, r, &q->gen);
     if (st != SPEED_OK) {
         req_free(r);

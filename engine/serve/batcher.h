@@ -109,8 +109,8 @@ typedef struct {
     const char *request_id;           /* copied */
     const int32_t *prompt;            /* [n_prompt], copied */
     int64_t n_prompt;
-    speed_depth_t depth;              /* over the batcher's default: prefill_layers 0 = default C;
-                                       * tail 0 = default anchors and tail */
+    speed_depth_request_t depth;      /* over the batcher's default (speed_depth_resolve); all
+                                       * unset (zeros) = the default */
     speed_batch_gen_t gen;
     bool hold_kv;                     /* keep the KV after the finish event until release */
     speed_batch_event_cb_t on_event;  /* required */
@@ -166,11 +166,12 @@ typedef struct {
 } speed_batch_reservation_t;
 
 /* Reserves KV for a request whose prompt KV arrives from elsewhere (n_prompt tokens, up to
- * max_tokens generated, at depth (zeros = defaults, as in speed_batch_request_t)). Returns SPEED_OK, SPEED_ERR_INVALID_ARGUMENT,
+ * max_tokens generated, at depth over the batcher's default; NULL = the default). Returns SPEED_OK, SPEED_ERR_INVALID_ARGUMENT,
  * SPEED_ERR_TOO_LONG, SPEED_ERR_CAPACITY (no blocks: try another node), SPEED_ERR_CANCELLED
  * (draining), SPEED_ERR_NO_MEMORY. */
 speed_status_t speed_batcher_reserve(speed_batcher_t *batcher, const char *request_id, int64_t n_prompt,
-                                     int64_t max_tokens, speed_depth_t depth, speed_batch_reservation_t *out_p);
+                                     int64_t max_tokens, const speed_depth_request_t *depth,
+                                     speed_batch_reservation_t *out_p);
 
 /* Runs fn(user, cache, seq) on the engine thread with the request's KV handle (reserved or
  * running requests, and held KV). Returns fn's status, or SPEED_ERR_NOT_FOUND. */

@@ -121,6 +121,7 @@ static void run_depth(speed_rpc_channel_t *pre, speed_rpc_channel_t *dec, const 
     size_t want = speed_kv_bytes_for_prompt(mc, C, 1, 1, N_PROMPT, SPEED_DTYPE_BF16);
 
     Speed__V1__SpeedParams sp = SPEED__V1__SPEED_PARAMS__INIT;
+    sp.prefill_layers_opt_case = SPEED__V1__SPEED_PARAMS__PREFILL_LAYERS_OPT_PREFILL_LAYERS;
     sp.prefill_layers = C;
     Speed__V1__ReserveRequest rr = SPEED__V1__RESERVE_REQUEST__INIT;
     rr.request_id = (char *)id;
@@ -359,6 +360,7 @@ int main(void) {
         rr.n_prompt = 1 << 30;
         CHECK(call(dc, SPEED_METHOD_DECODE_RESERVE, &rr.base, NULL, NULL, err, sizeof err) != SPEED_RPC_OK);
         Speed__V1__SpeedParams sp = SPEED__V1__SPEED_PARAMS__INIT;
+        sp.prefill_layers_opt_case = SPEED__V1__SPEED_PARAMS__PREFILL_LAYERS_OPT_PREFILL_LAYERS;
         sp.prefill_layers = L + 1;
         rr.n_prompt = 8;
         rr.speed = &sp;

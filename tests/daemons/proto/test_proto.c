@@ -27,13 +27,12 @@ static ProtobufCMessage *round_trip(const ProtobufCMessage *msg) {
 
 static Speed__V1__SpeedParams speed_params(void) {
     Speed__V1__SpeedParams p = SPEED__V1__SPEED_PARAMS__INIT;
-    p.prefill_layers = 24;
+    p.prefill_layers_opt_case = SPEED__V1__SPEED_PARAMS__PREFILL_LAYERS_OPT_PREFILL_FRACTION;
+    p.prefill_fraction = 0.7; /* a double: the decimal a client gave, to the last bit */
     p.anchors_opt_case = SPEED__V1__SPEED_PARAMS__ANCHORS_OPT_ANCHORS;
     p.anchors = 0;   /* present and zero: the point of the oneof */
     p.tail_opt_case = SPEED__V1__SPEED_PARAMS__TAIL_OPT_TAIL;
     p.tail = 3;
-    p.prefill_fraction_opt_case = SPEED__V1__SPEED_PARAMS__PREFILL_FRACTION_OPT_PREFILL_FRACTION;
-    p.prefill_fraction = 0.75f;
     return p;
 }
 
@@ -58,12 +57,12 @@ static Speed__V1__SamplingParams sampling_params(void) {
 static void check_speed_params(const Speed__V1__SpeedParams *p) {
     CHECK(p != NULL);
     if (!p) return;
-    CHECK_INT_EQ(p->prefill_layers, 24);
+    CHECK_INT_EQ(p->prefill_layers_opt_case, SPEED__V1__SPEED_PARAMS__PREFILL_LAYERS_OPT_PREFILL_FRACTION);
+    CHECK(p->prefill_fraction == 0.7);
     CHECK_INT_EQ(p->anchors_opt_case, SPEED__V1__SPEED_PARAMS__ANCHORS_OPT_ANCHORS);
     CHECK_INT_EQ(p->anchors, 0);
     CHECK_INT_EQ(p->tail_opt_case, SPEED__V1__SPEED_PARAMS__TAIL_OPT_TAIL);
     CHECK_INT_EQ(p->tail, 3);
-    CHECK_NEAR(p->prefill_fraction, 0.75, 0);
 }
 
 static void check_sampling(const Speed__V1__SamplingParams *s) {

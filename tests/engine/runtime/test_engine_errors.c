@@ -51,11 +51,11 @@ static void test_create(speed_backend_t *be, const speed_model_t *m) {
     p = base_params(be, m), p.kv_dtype = (speed_dtype_t)7;
     expect(speed_engine_create(&p, &e), SPEED_ERR_INVALID_ARGUMENT, "kv_dtype", "dtype 7");
     p = base_params(be, m), p.depth.prefill_layers = 5;
-    expect(speed_engine_create(&p, &e), SPEED_ERR_INVALID_ARGUMENT, "prefill_layers 5 is out of range [1, 4]", "C 5");
+    expect(speed_engine_create(&p, &e), SPEED_ERR_INVALID_ARGUMENT, "prefill_layers 5 is outside 1..4", "C 5");
     p = base_params(be, m), p.depth.prefill_layers = -1;
     expect(speed_engine_create(&p, &e), SPEED_ERR_INVALID_ARGUMENT, "prefill_layers -1", "C -1");
     p = base_params(be, m), p.depth.tail = 0;
-    expect(speed_engine_create(&p, &e), SPEED_ERR_INVALID_ARGUMENT, "tail 0 is out of range", "T 0");
+    expect(speed_engine_create(&p, &e), SPEED_ERR_INVALID_ARGUMENT, "tail 0 is outside 1..", "T 0");
     p = base_params(be, m), p.depth.anchors = -1;
     expect(speed_engine_create(&p, &e), SPEED_ERR_INVALID_ARGUMENT, "anchors -1", "A -1");
     p = base_params(be, m), p.n_blocks_lower = -1;

@@ -246,12 +246,12 @@ int main(void) {
         CHECK_INT_EQ(speed_engine_seq_kv_export(pe, ps, buf, bytes), SPEED_OK);
 
         speed_batch_reservation_t res;
-        CHECK_INT_EQ(speed_batcher_reserve(b, "r1", NP, NG, (speed_depth_t){0}, &res), SPEED_OK);
+        CHECK_INT_EQ(speed_batcher_reserve(b, "r1", NP, NG, NULL, &res), SPEED_OK);
         CHECK_INT_EQ(res.kv_bytes, bytes);
         CHECK_INT_EQ(res.depth.prefill_layers, L / 2);
         CHECK(blocks_reserved(b) > 0 || true); /* snapshot may lag; checked below */
         /* a second reservation with the same id is refused */
-        CHECK_INT_EQ(speed_batcher_reserve(b, "r1", NP, NG, (speed_depth_t){0}, &res), SPEED_ERR_INVALID_ARGUMENT);
+        CHECK_INT_EQ(speed_batcher_reserve(b, "r1", NP, NG, NULL, &res), SPEED_ERR_INVALID_ARGUMENT);
         import_arg_t ia = {buf, bytes, NP, 2};
         CHECK_INT_EQ(speed_batcher_with_kv(b, "r1", import_fn, &ia), SPEED_OK);
         CHECK_INT_EQ(speed_batcher_with_kv(b, "nope", import_fn, &ia), SPEED_ERR_NOT_FOUND);
@@ -275,7 +275,7 @@ int main(void) {
     /* 3. a reservation nobody claims is freed when its lease ends */
     {
         speed_batch_reservation_t res;
-        CHECK_INT_EQ(speed_batcher_reserve(b, "lease", NP, NG, (speed_depth_t){0}, &res), SPEED_OK);
+        CHECK_INT_EQ(speed_batcher_reserve(b, "lease", NP, NG, NULL, &res), SPEED_OK);
         usleep(50000);
         CHECK(blocks_reserved(b) > 0); /* well inside the 1 s lease */
         for (int i = 0; i < 300 && blocks_reserved(b) > 0; i++) usleep(10000);
@@ -342,13 +342,13 @@ int main(void) {
         q = greedy_request(longid, prompts[0], NP, 4, &rec);
         CHECK_INT_EQ(speed_batcher_submit(b, &q), SPEED_ERR_INVALID_ARGUMENT);
         q = greedy_request("bad", prompts[0], NP, 4, &rec);
-        q.depth = (speed_depth_t){L + 1, 1, 1};
+        q.depth = speed_depth_request_of((speed_depth_t){L + 1, 1, 1});
         CHECK_INT_EQ(speed_batcher_submit(b, &q), SPEED_ERR_INVALID_ARGUMENT);
         CHECK_INT_EQ(rec.n_finish, 0);
         CHECK_INT_EQ(rec.n_tokens, 0);
         speed_batch_reservation_t res;
-        CHECK_INT_EQ(speed_batcher_reserve(b, "bad2", 0, 4, (speed_depth_t){0}, &res), SPEED_ERR_INVALID_ARGUMENT);
-        CHECK_INT_EQ(speed_batcher_reserve(b, "bad2", 1 << 20, 4, (speed_depth_t){0}, &res), SPEED_ERR_TOO_LONG);
+        CHECK_INT_EQ(speed_batcher_reserve(b, "bad2", 0, 4, NULL, &res), SPEED_ERR_INVALID_ARGUMENT);
+        CHECK_INT_EQ(speed_batcher_reserve(b, "bad2", 1 << 20, 4, NULL, &res), SPEED_ERR_TOO_LONG);
         CHECK_INT_EQ(speed_batcher_kv_ready(b, "none"), SPEED_ERR_NOT_FOUND);
         rec_cleanup(&rec);
     }
@@ -360,9 +360,9 @@ int main(void) {
         char rid[4][8];
         for (int i = 0; i < 4; i++) {
             snprintf(rid[i], sizeof rid[i], "fill%d", i);
-            CHECK_INT_EQ(speed_batcher_reserve(b, rid[i], NP, 4, (speed_depth_t){0}, &res), SPEED_OK);
+            CHECK_INT_EQ(speed_batcher_reserve(b, rid[i], NP, 4, NULL, &res), SPEED_OK);
         }
-        CHECK_INT_EQ(speed_batcher_reserve(b, "fill4", NP, 4, (speed_depth_t){0}, &res), SPEED_ERR_CAPACITY);
+        CHECK_INT_EQ(speed_batcher_reserve(b, "fill4", NP, 4, NULL, &res), SPEED_ERR_CAPACITY);
         rec_t rec[3];
         speed_status_t st[3];
         for (int i = 0; i < 3; i++) {
@@ -447,7 +447,7 @@ int main(void) {
         speed_batch_request_t q = greedy_request("d0", prompts[0], NP, 300, &rec[0]);
         CHECK_INT_EQ(speed_batcher_submit(b, &q), SPEED_OK);
         speed_batch_reservation_t res;
-        CHECK_INT_EQ(speed_batcher_reserve(b, "d1", NP, 4, (speed_depth_t){0}, &res), SPEED_OK);
+        CHECK_INT_EQ(speed_batcher_reserve(b, "d1", NP, 4, NULL, &res), SPEED_OK);
         speed_batcher_drain(b);
         q = greedy_request("d2", prompts[0], NP, 3, &rec[1]);
         CHECK_INT_EQ(speed_batcher_submit(b, &q), SPEED_ERR_CANCELLED);
