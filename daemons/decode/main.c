@@ -62,7 +62,8 @@ static void reserve_work(void *arg) {
     speed_node_t *n = r->node;
     char err[256] = "";
     speed_depth_t depth;
-    speed_status_t st = speed_node_depth_from_proto(n, r->req->speed, &depth, err, sizeof err);
+    speed_status_t st = speed_node_depth_from_proto(r->req->speed, n->model->config.n_layers,
+                                                    speed_batcher_depth(n->batcher), &depth, err, sizeof err);
     speed_batch_reservation_t res;
     if (st == SPEED_OK && !speed_node_accepting(n)) {
         st = SPEED_ERR_CANCELLED;
@@ -192,7 +193,7 @@ static void generate_work(void *arg) {
     const Speed__V1__GenerateRequest *req = g->req;
     char err[256] = "";
     speed_batch_request_t q = {.request_id = g->id, .on_event = gen_event, .user = g};
-    speed_status_t st = speed_node_gen_from_proto(n, req->sampling, &q.gen, err, sizeof err);
+    speed_status_t st = speed_node_gen_from_proto(req->sampling, &q.gen, err, sizeof err);
     if (st == SPEED_OK && req->sampling) {
         g->logprobs = req->sampling->logprobs || req->sampling->top_logprobs > 0;
         g->n_top = req->sampling->top_logprobs;
@@ -204,7 +205,8 @@ static void generate_work(void *arg) {
             snprintf(err, sizeof err, "node is draining");
         } else {
             speed_depth_t depth;
-            st = speed_node_depth_from_proto(n, req->speed, &depth, err, sizeof err);
+            st = speed_node_depth_from_proto(req->speed, n->model->config.n_layers, speed_batcher_depth(n->batcher),
+                                             &depth, err, sizeof err);
             q.depth = speed_depth_request_of(depth);
         }
         if (st == SPEED_OK) {

@@ -14,6 +14,9 @@
  *   speed_node_run(&n)                          // until SIGTERM/SIGINT or Node.Drain: drain
  *   speed_node_cleanup(&n)                      // shutdown order: gRPC, HTTP, batcher, UCX
  *
+ * The conversions between protobuf messages and the engine's types are in node_proto.h
+ * (included here): they need no running node.
+ *
  * Threading: init/start/run/cleanup on the main thread. Everything else (metrics, defer,
  * state) is thread-safe. RPC handlers run on the gRPC thread and must not block: work that
  * waits for the engine goes through speed_node_defer.
@@ -33,6 +36,7 @@
 #include "kv_transfer.h"
 #include "metrics.h"
 #include "model.h"
+#include "node_proto.h"
 #include "rpc.h"
 #include "speed_proto.h"
 #include "tokenizer.h"
@@ -112,33 +116,6 @@ speed_status_t speed_node_defer(speed_node_t *node, speed_node_work_fn_t fn, voi
 
 /* True while new requests are taken. */
 bool speed_node_accepting(const speed_node_t *node);
-
-/* The depth a request states (NULL = nothing stated: the node's default), unresolved. */
-speed_depth_request_t speed_node_depth_request_from_proto(const Speed__V1__SpeedParams *sp);
-
-/* The depth a request asks for, resolved over the node's default for its model with
- * speed_depth_resolve (depth.h). Returns SPEED_OK, or SPEED_ERR_INVALID_ARGUMENT with the
- * reason in err. */
-speed_status_t speed_node_depth_from_proto(const speed_node_t *node, const Speed__V1__SpeedParams *sp,
-                                           speed_depth_t *depth_p, char *err, size_t err_size);
-
-/* SamplingParams → batcher generation parameters (stop strings point into sp). */
-speed_status_t speed_node_gen_from_proto(const speed_node_t *node, const Speed__V1__SamplingParams *sp,
-                                         speed_batch_gen_t *gen_p, char *err, size_t err_size);
-
-/* Token conversions (the proto token's top array points into storage, which must hold
- * SPEED_SAMPLER_MAX_TOP_LOGPROBS entries and pointers). */
-void speed_node_token_to_proto(const speed_batch_token_t *t, int n_top, Speed__V1__Token *out,
-                               Speed__V1__TopLogprob *storage, Speed__V1__TopLogprob **ptrs);
-void speed_node_token_from_proto(const Speed__V1__Token *t, speed_batch_token_t *out);
-
-/* KV descriptor: C struct ↔ proto. to_proto fills `out` with pointers into desc (valid while
- * desc lives) and allocations freed by speed_node_kv_desc_proto_cleanup. from_proto returns a
- * descriptor to free with speed_kv_desc_destroy. */
-speed_status_t speed_node_kv_desc_to_proto(const speed_kv_desc_t *desc, const speed_depth_t *depth,
-                                           Speed__V1__KvDescriptor *out);
-void speed_node_kv_desc_proto_cleanup(Speed__V1__KvDescriptor *out);
-speed_status_t speed_node_kv_desc_from_proto(const Speed__V1__KvDescriptor *in, speed_kv_desc_t **desc_p);
 
 /* speed_<role>_requests_total{status} += 1. */
 void speed_node_count(speed_node_t *node, const char *status);

@@ -171,7 +171,7 @@ static void prefill_work(void *arg) {
         p->n_full = n_prompt;
         p->n_compact = depth.anchors + depth.tail < n_prompt ? depth.anchors + depth.tail : n_prompt;
     }
-    if (st == SPEED_OK) st = speed_node_gen_from_proto(n, req->sampling, &q.gen, err, sizeof err);
+    if (st == SPEED_OK) st = speed_node_gen_from_proto(req->sampling, &q.gen, err, sizeof err);
     if (st == SPEED_OK) {
         q.gen.max_tokens = 1; /* the first token only; the decode node goes on */
         q.gen.n_stop = 0;     /* stop strings are the decode node's job (it sees the whole text) */
