@@ -164,3 +164,13 @@ void speed_cluster_http_addr(const speed_cluster_config_t *c, const speed_pool_c
                              size_t size) {
     snprintf(buf, size, "%s:%lld", c->host, (long long)(pool->http_port + i));
 }
+
+speed_status_t speed_cluster_config_depth(const speed_cluster_config_t *cfg, int n_layers, speed_depth_t *depth_p,
+                                          char *err, size_t err_size) {
+    char why[200] = "";
+    speed_depth_request_t req = {.has_anchors = true, .anchors = cfg->anchors, .has_tail = true, .tail = cfg->tail};
+    speed_status_t st = speed_cutoff_parse(cfg->prefill_layers, &req.prefill_layers, why, sizeof why);
+    if (st == SPEED_OK) st = speed_depth_resolve(&req, NULL, n_layers, depth_p, why, sizeof why);
+    if (st != SPEED_OK && err && err_size > 0) snprintf(err, err_size, "speed: %s", why);
+    return st;
+}

@@ -29,6 +29,7 @@
 #include <stdint.h>
 
 #include "config.h"
+#include "depth.h"
 #include "status.h"
 
 typedef enum { SPEED_POLICY_ROUND_ROBIN = 0, SPEED_POLICY_LEAST_LOADED } speed_policy_t;
@@ -115,5 +116,12 @@ void speed_cluster_grpc_addr(const speed_cluster_config_t *c, const speed_pool_c
                              size_t size);
 void speed_cluster_http_addr(const speed_cluster_config_t *c, const speed_pool_config_t *pool, int64_t i, char *buf,
                              size_t size);
+
+/* The deployment's depth: the `speed:` section (prefill_layers as text, anchors, tail) resolved
+ * by speed_depth_resolve for a model of n_layers. Every daemon calls this, so the router and the
+ * nodes start from the same default. Returns SPEED_OK, or SPEED_ERR_INVALID_ARGUMENT with the
+ * reason (naming speed.prefill_layers) in err. */
+speed_status_t speed_cluster_config_depth(const speed_cluster_config_t *cfg, int n_layers, speed_depth_t *depth_p,
+                                          char *err, size_t err_size);
 
 #endif /* SPEED_CLUSTER_CONFIG_H */

@@ -347,12 +347,11 @@ static speed_status_t load_model(speed_node_t *n) {
     p.engine.max_step_tokens = (int)n->pool->max_step_tokens;
     p.engine.prefill_chunk = (int)n->pool->prefill_chunk;
     if (c->max_context > 0) p.engine.max_context = (int)c->max_context;
-    speed_depth_t depth = speed_depth_default();
-    if (c->prefill_layers && *c->prefill_layers)
-        SPEED_CHECK(speed_prefill_layers_parse(c->prefill_layers, n->model->config.n_layers, &depth.prefill_layers));
-    depth.anchors = (int)c->anchors;
-    depth.tail = (int)c->tail;
-    p.engine.depth = depth;
+    char why[256];
+    if (speed_cluster_config_depth(c, n->model->config.n_layers, &p.engine.depth, why, sizeof why) != SPEED_OK) {
+        SPEED_ERROR(SPEED_SUBSYS_CORE, "%s: %s", n->role, why);
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
     p.engine.model = n->model;
     p.engine.backend = n->backend;
     p.engine.tp_size = n->n_ranks;
