@@ -10,6 +10,12 @@
  * - API key check (Authorization: Bearer KEY; constant-time compare).
  * - Prompt tokenization of a parsed request (chat template or prompt text or ids).
  *
+ * One header, four files, one per section below: openai_error.c (error kinds and the
+ * status table), openai_request.c (parsing, the checks after parsing, tokenization),
+ * openai_response.c (every JSON body and SSE event, errors included), openai_auth.c (the
+ * key check). Parsing also uses json_strict.h, a JSON syntax check with nothing
+ * OpenAI-specific in it.
+ *
  * JSON is jansson's. jansson allocates with malloc unless the process calls
  * json_set_alloc_funcs(speed_malloc, speed_free) at startup, before any JSON exists;
  * the daemon should, so that JSON memory is counted and fault injection reaches it.
@@ -28,6 +34,7 @@
 #ifndef SPEED_ROUTER_OPENAI_H
 #define SPEED_ROUTER_OPENAI_H
 
+#include <stdarg.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -40,7 +47,7 @@ typedef enum {
     SPEED_OPENAI_COMPLETIONS,   /* POST /v1/completions */
 } speed_openai_api_t;
 
-/* ---- errors ------------------------------------------------------------------------ */
+/* ---- errors (openai_error.c; their JSON bodies: openai_response.c) ----------------- */
 
 typedef enum {
     SPEED_OPENAI_ERR_INVALID_REQUEST = 0, /* 400 invalid_request_error */
@@ -77,6 +84,10 @@ const char *speed_openai_error_type(speed_openai_error_kind_t kind);
 void speed_openai_error_set(speed_openai_error_t *err, speed_openai_error_kind_t kind,
                             const char *param, const char *code, const char *fmt, ...)
     __attribute__((format(printf, 5, 6)));
+/* The same with a va_list (for callers that wrap it in their own printf-like helper). */
+void speed_openai_error_setv(speed_openai_error_t *err, speed_openai_error_kind_t kind,
+                             const char *param, const char *code, const char *fmt, va_list ap)
+    __attribute__((format(printf, 5, 0)));
 
 /* The table from a project status to an OpenAI error: INVALID_ARGUMENT, PARSE, FORMAT,
  * UNSUPPORTED → 400; NOT_FOUND → 404 (model_not_found); TOO_LONG → 413; CAPACITY →
@@ -94,7 +105,7 @@ speed_status_t speed_openai_error_json(const speed_openai_error_t *err, char **j
 /* A static body for when even building an error failed (500, no allocation). */
 const char *speed_openai_error_fallback_json(void);
 
-/* ---- requests ---------------------------------------------------------------------- */
+/* ---- requests (openai_request.c) --------------------------------------------------- */
 
 #define SPEED_OPENAI_MAX_STOP          4
 #define SPEED_OPENAI_MAX_TOP_LOGPROBS  20
@@ -212,7 +223,7 @@ speed_status_t speed_openai_request_tokenize(const speed_openai_request_t *req,
                                              const speed_tok_t *tok, speed_tok_ids_t *ids,
                                              speed_openai_error_t *err);
 
-/* ---- responses --------------------------------------------------------------------- */
+/* ---- responses (openai_response.c) ------------------------------------------------- */
 
 typedef enum {
     SPEED_OPENAI_FINISH_NONE = 0,  /* null (still generating) */
@@ -315,7 +326,7 @@ speed_status_t speed_openai_models_json(const char *const *ids, size_t n_ids,
                                         int64_t created, const char *owned_by,
                                         char **json_p, size_t *len_p);
 
-/* ---- authentication ---------------------------------------------------------------- */
+/* ---- authentication (openai_auth.c) ------------------------------------------------ */
 
 /* Checks an Authorization header value ("Bearer KEY", scheme case-insensitive) against
  * keys[0..n_keys). n_keys == 0 means authentication is off: always true. The comparison
