@@ -10,6 +10,12 @@
  * - API key check (Authorization: Bearer KEY; constant-time compare).
  * - Prompt tokenization of a parsed request (chat template or prompt text or ids).
  *
+ * One header, four files, one per section below: openai_error.c (error kinds and the
+ * status table), openai_request.c (parsing, the checks after parsing, tokenization),
+ * openai_response.c (every JSON body and SSE event, errors included), openai_auth.c (the
+ * key check). Parsing also uses json_strict.h, a JSON syntax check with nothing
+ * OpenAI-specific in it.
+ *
  * JSON is jansson's. jansson allocates with malloc unless the process calls
  * json_set_alloc_funcs(speed_malloc, speed_free) at startup, before any JSON exists;
  * the daemon should, so that JSON memory is counted and fault injection reaches it.
@@ -28,10 +34,12 @@
 #ifndef SPEED_ROUTER_OPENAI_H
 #define SPEED_ROUTER_OPENAI_H
 
+#include <stdarg.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
+#include "depth.h"
 #include "status.h"
 #include "tokenizer.h"
 
@@ -40,7 +48,7 @@ typedef enum {
     SPEED_OPENAI_COMPLETIONS,   /* POST /v1/completions */
 } speed_openai_api_t;
 
-/* ---- errors ------------------------------------------------------------------------ */
+/* ---- errors (openai_error.c; their JSON bodies: openai_response.c) ----------------- */
 
 typedef enum {
     SPEED_OPENAI_ERR_INVALID_REQUEST = 0, /* 400 invalid_request_error */
@@ -77,6 +85,10 @@ const char *speed_openai_error_type(speed_openai_error_kind_t kind);
 void speed_openai_error_set(speed_openai_error_t *err, speed_openai_error_kind_t kind,
                             const char *param, const char *code, const char *fmt, ...)
     __attribute__((format(printf, 5, 6)));
+/* The same with a va_list (for callers that wrap it in their own printf-like helper). */
+void speed_openai_error_setv(speed_openai_error_t *err, speed_openai_error_kind_t kind,
+                             const char *param, const char *code, const char *fmt, va_list ap)
+    __attribute__((format(printf, 5, 0)));
 
 /* The table from a project status to an OpenAI error: INVALID_ARGUMENT, PARSE, FORMAT,
  * UNSUPPORTED → 400; NOT_FOUND → 404 (model_not_found); TOO_LONG → 413; CAPACITY →
@@ -94,7 +106,7 @@ speed_status_t speed_openai_error_json(const speed_openai_error_t *err, char **j
 /* A static body for when even building an error failed (500, no allocation). */
 const char *speed_openai_error_fallback_json(void);
 
-/* ---- requests ---------------------------------------------------------------------- */
+/* ---- requests (openai_request.c) --------------------------------------------------- */
 
 #define SPEED_OPENAI_MAX_STOP          4
 #define SPEED_OPENAI_MAX_TOP_LOGPROBS  20
@@ -120,17 +132,11 @@ typedef struct {
 
 /* The per-request SPEED extension object {"speed": {...}}. */
 typedef struct {
-    bool present;              /* the request carried a "speed" object */
-    int32_t prefill_layers;    /* C as a layer count (1..L), 0 = not given or a fraction */
-    double prefill_fraction;   /* C as a fraction of L in (0, 1], 0 = not given or a count */
-    int32_t anchors;           /* A >= 0, -1 = not given (deployment default) */
-    int32_t tail;              /* T >= 1, -1 = not given (deployment default) */
+    bool present;                  /* the request carried a "speed" object */
+    speed_depth_request_t depth;   /* what it states; unset parts take the deployment's */
+    speed_depth_t resolved;        /* present: depth over the deployment's for the model, by
+                                    * speed_depth_resolve (C in 1..L) — what the router sends */
 } speed_openai_speed_t;
-
-/* C for a model of n_layers layers: the count, or round(fraction * L) clamped to
- * [1, L], or `deflt` when neither was given. */
-int32_t speed_openai_speed_prefill_layers(const speed_openai_speed_t *s, int32_t n_layers,
-                                          int32_t deflt);
 
 typedef struct {
     speed_openai_api_t api;
@@ -166,7 +172,10 @@ typedef struct {
 
 typedef struct {
     bool allow_speed;          /* deployment lets requests carry the "speed" object */
-    int32_t n_layers;          /* model depth to check speed.prefill_layers; 0 = unchecked */
+    int32_t n_layers;          /* model depth L: a "speed" object is resolved against it (a
+                                * deployment that allows the object must set it) */
+    speed_depth_t depth;       /* the deployment's depth (speed_cluster_config_depth);
+                                * default speed_depth_default() */
     int64_t max_tokens_limit;  /* max_tokens above this → 400; 0 = no limit */
     int32_t vocab_size;        /* prompt token ids must be below this; 0 = unchecked */
 } speed_openai_parse_params_t;
@@ -212,7 +221,7 @@ speed_status_t speed_openai_request_tokenize(const speed_openai_request_t *req,
                                              const speed_tok_t *tok, speed_tok_ids_t *ids,
                                              speed_openai_error_t *err);
 
-/* ---- responses --------------------------------------------------------------------- */
+/* ---- responses (openai_response.c) ------------------------------------------------- */
 
 typedef enum {
     SPEED_OPENAI_FINISH_NONE = 0,  /* null (still generating) */
@@ -315,7 +324,7 @@ speed_status_t speed_openai_models_json(const char *const *ids, size_t n_ids,
                                         int64_t created, const char *owned_by,
                                         char **json_p, size_t *len_p);
 
-/* ---- authentication ---------------------------------------------------------------- */
+/* ---- authentication (openai_auth.c) ------------------------------------------------ */
 
 /* Checks an Authorization header value ("Bearer KEY", scheme case-insensitive) against
  * keys[0..n_keys). n_keys == 0 means authentication is off: always true. The comparison

@@ -1,4 +1,5 @@
-/* Internals shared by server.c (HTTP front end, lifecycle) and request.c (request workers).
+/* Internals shared by server.c (HTTP front end, lifecycle) and the request worker's files
+ * (request*.c; what only they share is in request_internal.h).
  * Not an API: nothing outside router/ includes this. */
 #ifndef SPEED_ROUTER_INTERNAL_H
 #define SPEED_ROUTER_INTERNAL_H
@@ -135,10 +136,20 @@ struct rtr_req {
 
 /* request.c */
 void *speed_router_worker_main(void *arg);
-void speed_router_req_cancel(rtr_req_t *r, speed_status_t why);
 void speed_router_req_free(rtr_req_t *r);
 int64_t speed_router_now_ms(void);
 double speed_router_now_s(void);
+
+/* request_cancel.c */
+/* Cancels a request from any thread (client gone, shutdown); `why` becomes its
+ * cancel_status (CANCELLED, or TIMEOUT). Only the first call counts. Cancels the Generate stream at once and queues
+ * Cancel RPCs for the legs in flight (speed_router_enqueue_cancel); takes only leaf locks
+ * and never waits for I/O. */
+void speed_router_req_cancel(rtr_req_t *r, speed_status_t why);
+/* Sends Cancel for request `id` to one node (best effort, bounded by
+ * SPEED_ROUTER_CANCEL_TIMEOUT_MS; a failure is logged at debug level). Blocks. */
+void speed_router_cancel_send(speed_router_t *rt, speed_router_pool_id_t pool, size_t node,
+                              const char *id);
 
 /* server.c */
 void speed_router_enqueue_cancel(speed_router_t *rt, const cancel_job_t *jobs, size_t n);

@@ -10,7 +10,6 @@
 
 #include "alloc.h"
 #include "log.h"
-#include "speed_proto.h"
 
 #define SUBSYS SPEED_SUBSYS_NET
 
@@ -284,22 +283,6 @@ void speed_router_enqueue_cancel(speed_router_t *rt, const cancel_job_t *jobs, s
     }
 }
 
-static void send_cancel_job(speed_router_t *rt, const cancel_job_t *j)
-{
-    Speed__V1__CancelRequest m = SPEED__V1__CANCEL_REQUEST__INIT;
-    m.request_id = (char *)j->id;
-    uint8_t *buf = NULL;
-    size_t len = 0;
-    if (speed_proto_pack(&m.base, &buf, &len) != SPEED_OK) return;
-    speed_rpc_reply_t reply = {0};
-    const char *method = j->pool == SPEED_ROUTER_POOL_DECODE ? SPEED_METHOD_DECODE_CANCEL
-                                                             : SPEED_METHOD_PREFILL_CANCEL;
-    speed_rpc_unary(speed_router_nodes_channel(rt->nodes, j->pool, j->node), method, buf, len,
-                    SPEED_ROUTER_CANCEL_TIMEOUT_MS, &reply);
-    speed_rpc_reply_cleanup(&reply);
-    speed_free(buf);
-}
-
 static void ping_streams(speed_router_t *rt)
 {
     static const char ping[] = ": ping\n\n";
@@ -346,7 +329,7 @@ static void *housekeeping_main(void *arg)
         while (jobs) {
             cancel_job_t *j = jobs;
             jobs = j->next;
-            send_cancel_job(rt, j);
+            speed_router_cancel_send(rt, j->pool, j->node, j->id);
             speed_free(j);
         }
         if (stop) break;
@@ -477,7 +460,10 @@ speed_status_t speed_router_create(const speed_router_params_t *params, speed_ro
     rt->route.decode_only_below = cfg->decode_only_below;
     rt->route.decode_only_fallback = true;
 
-    speed_status_t st = split_api_keys(rt, cfg->api_keys);
+    char why[256];
+    speed_status_t st = speed_cluster_config_depth(cfg, params->n_layers, &rt->parse.depth, why, sizeof why);
+    if (st != SPEED_OK) SPEED_ERROR(SPEED_SUBSYS_CORE, "router: %s", why);
+    if (st == SPEED_OK) st = split_api_keys(rt, cfg->api_keys);
     if (st == SPEED_OK) st = speed_metrics_create(&rt->metrics);
     if (st == SPEED_OK) st = register_metrics(rt);
     if (st == SPEED_OK) {

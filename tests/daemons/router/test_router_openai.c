@@ -165,17 +165,21 @@ static const bad_case_t bad_cases[] = {
     /* speed extension */
     {C, 0, CHAT(",\"speed\":{\"prefill_layers\":24}"), 400, "speed", "unsupported_parameter"},
     {C, P_SPEED, CHAT(",\"speed\":5"), 400, "speed", IT},
-    {C, P_SPEED, CHAT(",\"speed\":{\"prefill_layers\":0}"), 400, "speed.prefill_layers", IMIN},
+    /* ranges are speed_depth_resolve's, as on the nodes and in speedctl: one code for all */
+    {C, P_SPEED, CHAT(",\"speed\":{\"prefill_layers\":0}"), 400, "speed.prefill_layers", "invalid_value"},
+    {C, P_SPEED, CHAT(",\"speed\":{\"prefill_layers\":-3}"), 400, "speed.prefill_layers", "invalid_value"},
+    {C, P_SPEED, CHAT(",\"speed\":{\"prefill_layers\":-0.5}"), 400, "speed.prefill_layers", "invalid_value"},
     {C, P_SPEED, CHAT(",\"speed\":{\"prefill_layers\":1.5}"), 400, "speed.prefill_layers",
      "invalid_value"},
     {C, P_SPEED, CHAT(",\"speed\":{\"prefill_layers\":0.0}"), 400, "speed.prefill_layers",
      "invalid_value"},
     {C, P_SPEED, CHAT(",\"speed\":{\"prefill_layers\":\"half\"}"), 400, "speed.prefill_layers", IT},
     {C, P_SPEED | P_LIMITS, CHAT(",\"speed\":{\"prefill_layers\":40}"), 400,
-     "speed.prefill_layers", IMAX},
-    {C, P_SPEED, CHAT(",\"speed\":{\"anchors\":-1}"), 400, "speed.anchors", IMIN},
+     "speed.prefill_layers", "invalid_value"},
+    {C, P_SPEED, CHAT(",\"speed\":{\"anchors\":-1}"), 400, "speed.anchors", "invalid_value"},
     {C, P_SPEED, CHAT(",\"speed\":{\"anchors\":1.0}"), 400, "speed.anchors", IT},
-    {C, P_SPEED, CHAT(",\"speed\":{\"tail\":0}"), 400, "speed.tail", IMIN},
+    {C, P_SPEED, CHAT(",\"speed\":{\"tail\":0}"), 400, "speed.tail", "invalid_value"},
+    {C, P_SPEED, CHAT(",\"speed\":{\"prefill_layers\":8,\"tail\":-2}"), 400, "speed.tail", "invalid_value"},
     {C, P_SPEED, CHAT(",\"speed\":{\"bogus\":1}"), 400, "speed.bogus", "unknown_parameter"},
     /* completions */
     {T, 0, "{\"model\":\"m\"}", 400, "prompt", MISSING},
@@ -213,6 +217,7 @@ static speed_openai_parse_params_t params_of(int flags)
 {
     speed_openai_parse_params_t p = speed_openai_default_parse_params();
     p.allow_speed = (flags & P_SPEED) != 0;
+    if (flags & P_SPEED) p.n_layers = 32; /* a speed object is resolved against the model */
     if (flags & P_LIMITS) {
         p.n_layers = 32;
         p.max_tokens_limit = 4096;
@@ -377,12 +382,14 @@ static void test_valid_chat(void)
     CHECK_INT_EQ(r->n, 1);
     CHECK_STR_EQ(r->user, "u-1");
     CHECK(r->speed.present);
-    CHECK_INT_EQ(r->speed.prefill_layers, 0);
-    CHECK_NEAR(r->speed.prefill_fraction, 0.75, 0);
-    CHECK_INT_EQ(r->speed.anchors, 2);
-    CHECK_INT_EQ(r->speed.tail, 3);
-    CHECK_INT_EQ(speed_openai_speed_prefill_layers(&r->speed, 32, 32), 24);
-    CHECK_INT_EQ(speed_openai_speed_prefill_layers(&r->speed, 3, 3), 2);   /* 2.25 → 2 */
+    CHECK_INT_EQ(r->speed.depth.prefill_layers.kind, SPEED_CUTOFF_FRACTION);
+    CHECK_NEAR(r->speed.depth.prefill_layers.fraction, 0.75, 0);
+    CHECK(r->speed.depth.has_anchors && r->speed.depth.anchors == 2);
+    CHECK(r->speed.depth.has_tail && r->speed.depth.tail == 3);
+    /* resolved against the model (32 layers) as every node would: 0.75 of 32 = 24 */
+    CHECK_INT_EQ(r->speed.resolved.prefill_layers, 24);
+    CHECK_INT_EQ(r->speed.resolved.anchors, 2);
+    CHECK_INT_EQ(r->speed.resolved.tail, 3);
     CHECK(r->prompt == NULL && r->prompt_ids == NULL);
     speed_openai_request_destroy(r);
 
@@ -401,9 +408,8 @@ static void test_valid_chat(void)
         CHECK(!r->logprobs);
         CHECK_INT_EQ(r->top_logprobs, 0);
         CHECK(!r->speed.present);
-        CHECK_INT_EQ(r->speed.anchors, -1);
-        CHECK_INT_EQ(r->speed.tail, -1);
-        CHECK_INT_EQ(speed_openai_speed_prefill_layers(&r->speed, 32, 28), 28);
+        CHECK_INT_EQ(r->speed.depth.prefill_layers.kind, SPEED_CUTOFF_UNSET);
+        CHECK(!r->speed.depth.has_anchors && !r->speed.depth.has_tail);
         CHECK(r->user == NULL);
         CHECK_INT_EQ(r->messages[0].content_len, 2);
     }
@@ -425,10 +431,34 @@ static void test_valid_chat(void)
                  P_SPEED | P_LIMITS);
     if (r) {
         CHECK_NEAR(r->temperature, 0.0, 0);
-        CHECK_INT_EQ(r->speed.prefill_layers, 32);
-        CHECK_INT_EQ(speed_openai_speed_prefill_layers(&r->speed, 32, 8), 32);
+        CHECK_INT_EQ(r->speed.resolved.prefill_layers, 32);
     }
     speed_openai_request_destroy(r);
+    /* over the deployment's depth: what the request leaves unset comes from there */
+    {
+        speed_openai_parse_params_t p = params_of(P_SPEED);
+        p.depth = (speed_depth_t){8, 2, 3};
+        const char *b = CHAT(",\"speed\":{\"anchors\":0}");
+        speed_openai_error_t err = {0};
+        r = NULL;
+        CHECK_INT_EQ(speed_openai_request_parse(SPEED_OPENAI_CHAT, b, strlen(b), &p, &r, &err), SPEED_OK);
+        if (r) CHECK(r->speed.resolved.prefill_layers == 8 && r->speed.resolved.anchors == 0 &&
+                     r->speed.resolved.tail == 3);
+        speed_openai_request_destroy(r);
+        /* the message is the resolver's reason, word for word as a node or speedctl gives it */
+        b = CHAT(",\"speed\":{\"prefill_layers\":40}");
+        r = NULL;
+        CHECK_INT_EQ(speed_openai_request_parse(SPEED_OPENAI_CHAT, b, strlen(b), &p, &r, &err),
+                     SPEED_ERR_INVALID_ARGUMENT);
+        CHECK_CONTAINS(err.message, "prefill_layers 40 is outside 1..32");
+        speed_openai_request_destroy(r);
+        b = CHAT(",\"speed\":{\"prefill_layers\":1.5}");
+        r = NULL;
+        CHECK_INT_EQ(speed_openai_request_parse(SPEED_OPENAI_CHAT, b, strlen(b), &p, &r, &err),
+                     SPEED_ERR_INVALID_ARGUMENT);
+        CHECK_CONTAINS(err.message, "prefill_layers 1.5 is not a fraction in (0, 1]");
+        speed_openai_request_destroy(r);
+    }
     /* duplicate keys: the last one wins, as Python's json does */
     r = parse_ok(SPEED_OPENAI_CHAT, CHAT(",\"max_tokens\":5,\"max_tokens\":7"), 0);
     if (r) CHECK_INT_EQ(r->max_tokens, 7);

@@ -1,487 +1,18 @@
-/* OpenAI-compatible request parsing, error objects and response builders. */
+/* OpenAI requests: parsing and validating a /v1/chat/completions or /v1/completions body into
+ * a speed_openai_request_t, then the checks that need the deployment (model name, context
+ * length) and the prompt's tokenization. Bad input gives a 400 naming the field (openai.h). */
 #include "openai.h"
 
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
-#include <strings.h>
 
 #include <jansson.h>
 
 #include "alloc.h"
+#include "json_strict.h"
 #include "log.h"
-
-/* ---- errors ------------------------------------------------------------------------ */
-
-static const struct {
-    int http;
-    const char *type;
-    const char *code;   /* default code, NULL = null */
-} error_table[SPEED_OPENAI_ERR_KIND_COUNT] = {
-    [SPEED_OPENAI_ERR_INVALID_REQUEST] = {400, "invalid_request_error", NULL},
-    [SPEED_OPENAI_ERR_INVALID_API_KEY] = {401, "invalid_request_error", "invalid_api_key"},
-    [SPEED_OPENAI_ERR_MODEL_NOT_FOUND] = {404, "invalid_request_error", "model_not_found"},
-    [SPEED_OPENAI_ERR_CONTEXT_LENGTH]  = {413, "invalid_request_error",
-                                          "context_length_exceeded"},
-    [SPEED_OPENAI_ERR_OVERLOADED]      = {429, "requests", "rate_limit_exceeded"},
-    [SPEED_OPENAI_ERR_UNAVAILABLE]     = {503, "server_error", "service_unavailable"},
-    [SPEED_OPENAI_ERR_INTERNAL]        = {500, "server_error", NULL},
-};
-
-static bool kind_valid(speed_openai_error_kind_t kind)
-{
-    return (int)kind >= 0 && kind < SPEED_OPENAI_ERR_KIND_COUNT;
-}
-
-int speed_openai_error_http_status(speed_openai_error_kind_t kind)
-{
-    return kind_valid(kind) ? error_table[kind].http : 500;
-}
-
-const char *speed_openai_error_type(speed_openai_error_kind_t kind)
-{
-    return kind_valid(kind) ? error_table[kind].type : "server_error";
-}
-
-static void copy_trunc(char *dst, size_t cap, const char *src)
-{
-    if (!src) src = "";
-    size_t n = strlen(src);
-    if (n >= cap) n = cap - 1;
-    memcpy(dst, src, n);
-    dst[n] = '\0';
-}
-
-static void error_setv(speed_openai_error_t *err, speed_openai_error_kind_t kind,
-                       const char *param, const char *code, const char *fmt, va_list ap)
-{
-    if (!err) return;
-    err->kind = kind_valid(kind) ? kind : SPEED_OPENAI_ERR_INTERNAL;
-    copy_trunc(err->param, sizeof err->param, param);
-    copy_trunc(err->code, sizeof err->code, code ? code : error_table[err->kind].code);
-    vsnprintf(err->message, sizeof err->message, fmt, ap);
-}
-
-void speed_openai_error_set(speed_openai_error_t *err, speed_openai_error_kind_t kind,
-                            const char *param, const char *code, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    error_setv(err, kind, param, code, fmt, ap);
-    va_end(ap);
-}
-
-void speed_openai_error_from_status(speed_status_t status, const char *message,
-                                    speed_openai_error_t *err)
-{
-    speed_openai_error_kind_t kind;
-    switch (status) {
-    case SPEED_ERR_INVALID_ARGUMENT:
-    case SPEED_ERR_PARSE:
-    case SPEED_ERR_FORMAT:
-    case SPEED_ERR_UNSUPPORTED:     kind = SPEED_OPENAI_ERR_INVALID_REQUEST; break;
-    case SPEED_ERR_NOT_FOUND:       kind = SPEED_OPENAI_ERR_MODEL_NOT_FOUND; break;
-    case SPEED_ERR_TOO_LONG:        kind = SPEED_OPENAI_ERR_CONTEXT_LENGTH; break;
-    case SPEED_ERR_CAPACITY:        kind = SPEED_OPENAI_ERR_OVERLOADED; break;
-    case SPEED_ERR_TIMEOUT:
-    case SPEED_ERR_CANCELLED:
-    case SPEED_ERR_NO_MEMORY:
-    case SPEED_ERR_PEER_UNREACHABLE:
-    case SPEED_ERR_PEER_PROTOCOL:
-    case SPEED_ERR_TRANSFER:        kind = SPEED_OPENAI_ERR_UNAVAILABLE; break;
-    default:                        kind = SPEED_OPENAI_ERR_INTERNAL; break;
-    }
-    if (status == SPEED_OK) message = "internal error: no error to report";
-    speed_openai_error_set(err, kind, NULL, NULL, "%s",
-                           message && message[0] ? message : speed_status_string(status));
-}
-
-const char *speed_openai_error_fallback_json(void)
-{
-    return "{\"error\":{\"message\":\"internal error\",\"type\":\"server_error\","
-           "\"param\":null,\"code\":null}}";
-}
-
-/* ---- JSON output helpers ----------------------------------------------------------- */
-
-#define DUMP_FLAGS (JSON_COMPACT | JSON_REAL_PRECISION(9))
-
-/* Serializes root between prefix and suffix into one speed_malloc'd buffer (so the
- * caller frees with speed_free whatever allocator jansson was given). Steals root. */
-static speed_status_t dump_owned(json_t *root, const char *prefix, const char *suffix,
-                                 char **out_p, size_t *len_p)
-{
-    if (!root) return SPEED_ERR_NO_MEMORY;
-    size_t np = strlen(prefix), ns = strlen(suffix);
-    size_t nj = json_dumpb(root, NULL, 0, DUMP_FLAGS);
-    if (nj == 0) {
-        json_decref(root);
-        return SPEED_ERR_NO_MEMORY;
-    }
-    char *buf = speed_malloc(np + nj + ns + 1);
-    if (!buf) {
-        json_decref(root);
-        return SPEED_ERR_NO_MEMORY;
-    }
-    memcpy(buf, prefix, np);
-    size_t got = json_dumpb(root, buf + np, nj, DUMP_FLAGS);
-    json_decref(root);
-    if (got != nj) {   /* the size query and the write disagree: only on OOM inside */
-        speed_free(buf);
-        return SPEED_ERR_NO_MEMORY;
-    }
-    memcpy(buf + np + nj, suffix, ns);
-    buf[np + nj + ns] = '\0';
-    *out_p = buf;
-    if (len_p) *len_p = np + nj + ns;
-    return SPEED_OK;
-}
-
-/* Length of the valid UTF-8 sequence at s[0..n), or 0 if invalid. */
-static size_t utf8_seq(const unsigned char *s, size_t n)
-{
-    unsigned char c = s[0];
-    if (c < 0x80) return 1;
-    size_t len;
-    unsigned cp;
-    if (c >= 0xC2 && c <= 0xDF) { len = 2; cp = c & 0x1F; }
-    else if (c >= 0xE0 && c <= 0xEF) { len = 3; cp = c & 0x0F; }
-    else if (c >= 0xF0 && c <= 0xF4) { len = 4; cp = c & 0x07; }
-    else return 0;
-    if (n < len) return 0;
-    for (size_t i = 1; i < len; i++) {
-        if ((s[i] & 0xC0) != 0x80) return 0;
-        cp = (cp << 6) | (s[i] & 0x3F);
-    }
-    if ((len == 3 && cp < 0x800) || (len == 4 && (cp < 0x10000 || cp > 0x10FFFF))) return 0;
-    if (cp >= 0xD800 && cp <= 0xDFFF) return 0;
-    return len;
-}
-
-static bool utf8_valid(const char *s, size_t n)
-{
-    const unsigned char *u = (const unsigned char *)s;
-    for (size_t i = 0; i < n;) {
-        size_t k = utf8_seq(u + i, n - i);
-        if (!k) return false;
-        i += k;
-    }
-    return true;
-}
-
-/* A JSON string of arbitrary bytes: invalid UTF-8 sequences become U+FFFD.
- * NULL only on allocation failure. */
-static json_t *json_text(const char *s, size_t n)
-{
-    if (!s || n == 0) return json_string("");
-    if (utf8_valid(s, n)) return json_stringn(s, n);
-    char *buf = speed_malloc(n * 3 + 1);
-    if (!buf) return NULL;
-    const unsigned char *u = (const unsigned char *)s;
-    size_t o = 0;
-    for (size_t i = 0; i < n;) {
-        size_t k = utf8_seq(u + i, n - i);
-        if (k) {
-            memcpy(buf + o, s + i, k);
-            o += k;
-            i += k;
-        } else {
-            memcpy(buf + o, "\xEF\xBF\xBD", 3);
-            o += 3;
-            i += 1;
-        }
-    }
-    json_t *j = json_stringn(buf, o);
-    speed_free(buf);
-    return j;
-}
-
-/* A token's text: as is when valid UTF-8, else "bytes:\xNN..." like OpenAI. */
-static json_t *json_token(const char *s, size_t n)
-{
-    if (!s || n == 0) return json_string("");
-    if (utf8_valid(s, n)) return json_stringn(s, n);
-    char *buf = speed_malloc(6 + n * 4 + 1);
-    if (!buf) return NULL;
-    size_t o = 0;
-    memcpy(buf, "bytes:", 6);
-    o = 6;
-    for (size_t i = 0; i < n; i++) {
-        snprintf(buf + o, 5, "\\x%02x", (unsigned char)s[i]);
-        o += 4;
-    }
-    json_t *j = json_stringn(buf, o);
-    speed_free(buf);
-    return j;
-}
-
-static json_t *json_bytes(const char *s, size_t n)
-{
-    json_t *a = json_array();
-    if (!a) return NULL;
-    for (size_t i = 0; i < n; i++) {
-        if (json_array_append_new(a, json_integer((unsigned char)s[i])) != 0) {
-            json_decref(a);
-            return NULL;
-        }
-    }
-    return a;
-}
-
-/* jansson refuses non-finite reals; a -inf logprob is sent as -9999 (as vLLM does). */
-static json_t *json_logprob(double lp)
-{
-    if (!isfinite(lp)) lp = lp > 0 ? 0.0 : -9999.0;
-    return json_real(lp);
-}
-
-static const char *finish_name(speed_openai_finish_t f)
-{
-    switch (f) {
-    case SPEED_OPENAI_FINISH_STOP:   return "stop";
-    case SPEED_OPENAI_FINISH_LENGTH: return "length";
-    default:                         return NULL;
-    }
-}
-
-static json_t *json_finish(speed_openai_finish_t f)
-{
-    const char *name = finish_name(f);
-    return name ? json_string(name) : json_null();
-}
-
-static json_t *usage_json(const speed_openai_usage_t *u)
-{
-    json_t *o = json_pack("{s:I, s:I, s:I}", "prompt_tokens", (json_int_t)u->prompt_tokens,
-                          "completion_tokens", (json_int_t)u->completion_tokens,
-                          "total_tokens",
-                          (json_int_t)(u->prompt_tokens + u->completion_tokens));
-    if (!o) return NULL;
-    if (u->kv_bytes >= 0 &&
-        json_object_set_new(o, "kv_bytes", json_integer(u->kv_bytes)) != 0) goto fail;
-    if (u->kv_full_depth_bytes >= 0 &&
-        json_object_set_new(o, "kv_full_depth_bytes", json_integer(u->kv_full_depth_bytes)) != 0)
-        goto fail;
-    return o;
-fail:
-    json_decref(o);
-    return NULL;
-}
-
-/* Chat format: {"content": [{token, logprob, bytes, top_logprobs: [...]}]}. */
-static json_t *chat_logprobs_json(const speed_openai_token_logprob_t *lp, size_t n)
-{
-    json_t *content = json_array();
-    if (!content) return NULL;
-    for (size_t i = 0; i < n; i++) {
-        json_t *top = json_array();
-        if (!top) goto fail;
-        for (size_t k = 0; k < lp[i].n_top; k++) {
-            const speed_openai_top_logprob_t *t = &lp[i].top[k];
-            json_t *e = json_pack("{s:o, s:o, s:o}", "token", json_token(t->token, t->token_len),
-                                  "logprob", json_logprob(t->logprob), "bytes",
-                                  json_bytes(t->token, t->token_len));
-            if (json_array_append_new(top, e) != 0) {
-                json_decref(top);
-                goto fail;
-            }
-        }
-        json_t *e = json_pack("{s:o, s:o, s:o, s:o}", "token",
-                              json_token(lp[i].token, lp[i].token_len), "logprob",
-                              json_logprob(lp[i].logprob), "bytes",
-                              json_bytes(lp[i].token, lp[i].token_len), "top_logprobs", top);
-        if (json_array_append_new(content, e) != 0) goto fail;
-    }
-    return json_pack("{s:o}", "content", content);
-fail:
-    json_decref(content);
-    return NULL;
-}
-
-/* Completions format: {tokens, token_logprobs, top_logprobs: [{tok: lp}], text_offset}. */
-static json_t *completion_logprobs_json(const speed_openai_token_logprob_t *lp, size_t n,
-                                        size_t offset)
-{
-    json_t *tokens = json_array(), *lps = json_array(), *tops = json_array(),
-           *offs = json_array();
-    if (!tokens || !lps || !tops || !offs) goto fail;
-    for (size_t i = 0; i < n; i++) {
-        if (json_array_append_new(tokens, json_token(lp[i].token, lp[i].token_len)) != 0 ||
-            json_array_append_new(lps, json_logprob(lp[i].logprob)) != 0 ||
-            json_array_append_new(offs, json_integer((json_int_t)offset)) != 0)
-            goto fail;
-        offset += lp[i].token_len;
-        json_t *d = json_object();
-        if (json_array_append_new(tops, d) != 0) goto fail;
-        for (size_t k = 0; k < lp[i].n_top; k++) {
-            const speed_openai_top_logprob_t *t = &lp[i].top[k];
-            json_t *key = json_token(t->token, t->token_len);
-            if (!key) goto fail;
-            int rc = json_object_setn_new(d, json_string_value(key), json_string_length(key),
-                                          json_logprob(t->logprob));
-            json_decref(key);
-            if (rc != 0) goto fail;
-        }
-    }
-    return json_pack("{s:o, s:o, s:o, s:o}", "tokens", tokens, "token_logprobs", lps,
-                     "top_logprobs", tops, "text_offset", offs);
-fail:
-    json_decref(tokens);
-    json_decref(lps);
-    json_decref(tops);
-    json_decref(offs);
-    return NULL;
-}
-
-static json_t *logprobs_json(speed_openai_api_t api, bool has,
-                             const speed_openai_token_logprob_t *lp, size_t n, size_t offset)
-{
-    if (!has) return json_null();
-    if (n > 0 && !lp) return NULL;
-    return api == SPEED_OPENAI_CHAT ? chat_logprobs_json(lp, n)
-                                    : completion_logprobs_json(lp, n, offset);
-}
-
-speed_status_t speed_openai_response_json(speed_openai_api_t api,
-                                          const speed_openai_response_t *r, char **json_p,
-                                          size_t *len_p)
-{
-    if (!r || !json_p || !r->id || !r->model) return SPEED_ERR_INTERNAL;
-    json_t *choice;
-    json_t *lp = logprobs_json(api, r->has_logprobs, r->logprobs, r->n_logprobs, 0);
-    if (api == SPEED_OPENAI_CHAT) {
-        choice = json_pack("{s:i, s:{s:s, s:o}, s:o, s:o}", "index", 0, "message", "role",
-                           "assistant", "content", json_text(r->text, r->text_len), "logprobs",
-                           lp, "finish_reason", json_finish(r->finish));
-    } else {
-        choice = json_pack("{s:i, s:o, s:o, s:o}", "index", 0, "text",
-                           json_text(r->text, r->text_len), "logprobs", lp, "finish_reason",
-                           json_finish(r->finish));
-    }
-    json_t *root = json_pack("{s:s, s:s, s:I, s:s, s:[o]}", "id", r->id, "object",
-                             api == SPEED_OPENAI_CHAT ? "chat.completion" : "text_completion",
-                             "created", (json_int_t)r->created, "model", r->model, "choices",
-                             choice);
-    if (root && r->usage && json_object_set_new(root, "usage", usage_json(r->usage)) != 0) {
-        json_decref(root);
-        root = NULL;
-    }
-    speed_status_t st = dump_owned(root, "", "", json_p, len_p);
-    if (st != SPEED_OK) speed_log(SPEED_LOG_ERROR, SPEED_SUBSYS_NET, r->id,
-                                  "openai: out of memory building a response");
-    return st;
-}
-
-speed_status_t speed_openai_chunk_sse(speed_openai_api_t api, const speed_openai_chunk_t *c,
-                                      char **sse_p, size_t *len_p)
-{
-    if (!c || !sse_p || !c->id || !c->model) return SPEED_ERR_INTERNAL;
-    if (c->kind == SPEED_OPENAI_CHUNK_USAGE && !c->usage) return SPEED_ERR_INTERNAL;
-    if (c->kind == SPEED_OPENAI_CHUNK_ROLE && api != SPEED_OPENAI_CHAT) return SPEED_ERR_INTERNAL;
-    if ((int)c->kind < 0 || c->kind > SPEED_OPENAI_CHUNK_USAGE) return SPEED_ERR_INTERNAL;
-    bool chat = api == SPEED_OPENAI_CHAT;
-
-    json_t *choices;
-    if (c->kind == SPEED_OPENAI_CHUNK_USAGE) {
-        choices = json_array();
-    } else {
-        bool content = c->kind == SPEED_OPENAI_CHUNK_CONTENT;
-        json_t *lp = content ? logprobs_json(api, c->has_logprobs, c->logprobs, c->n_logprobs,
-                                             c->text_offset)
-                             : json_null();
-        json_t *fin = c->kind == SPEED_OPENAI_CHUNK_FINISH ? json_finish(c->finish) : json_null();
-        json_t *choice;
-        if (chat) {
-            json_t *delta;
-            if (c->kind == SPEED_OPENAI_CHUNK_ROLE)
-                delta = json_pack("{s:s, s:s}", "role", "assistant", "content", "");
-            else if (content)
-                delta = json_pack("{s:o}", "content", json_text(c->text, c->text_len));
-            else
-                delta = json_object();
-            choice = json_pack("{s:i, s:o, s:o, s:o}", "index", 0, "delta", delta, "logprobs",
-                               lp, "finish_reason", fin);
-        } else {
-            choice = json_pack("{s:i, s:o, s:o, s:o}", "index", 0, "text",
-                               content ? json_text(c->text, c->text_len) : json_string(""),
-                               "logprobs", lp, "finish_reason", fin);
-        }
-        choices = json_pack("[o]", choice);
-    }
-    json_t *root = json_pack("{s:s, s:s, s:I, s:s, s:o}", "id", c->id, "object",
-                             chat ? "chat.completion.chunk" : "text_completion", "created",
-                             (json_int_t)c->created, "model", c->model, "choices", choices);
-    if (root) {
-        json_t *usage = NULL;
-        if (c->kind == SPEED_OPENAI_CHUNK_USAGE) usage = usage_json(c->usage);
-        else if (c->include_usage) usage = json_null();
-        if ((c->kind == SPEED_OPENAI_CHUNK_USAGE || c->include_usage) &&
-            json_object_set_new(root, "usage", usage) != 0) {
-            json_decref(root);
-            root = NULL;
-        }
-    }
-    speed_status_t st = dump_owned(root, "data: ", "\n\n", sse_p, len_p);
-    if (st != SPEED_OK) speed_log(SPEED_LOG_ERROR, SPEED_SUBSYS_NET, c->id,
-                                  "openai: out of memory building a stream chunk");
-    return st;
-}
-
-const char *speed_openai_sse_done(size_t *len_p)
-{
-    static const char done[] = "data: [DONE]\n\n";
-    if (len_p) *len_p = sizeof done - 1;
-    return done;
-}
-
-static json_t *error_object(const speed_openai_error_t *err)
-{
-    return json_pack("{s:{s:o, s:s, s:o, s:o}}", "error", "message",
-                     json_text(err->message, strlen(err->message)), "type",
-                     speed_openai_error_type(err->kind), "param",
-                     err->param[0] ? json_text(err->param, strlen(err->param)) : json_null(),
-                     "code",
-                     err->code[0] ? json_text(err->code, strlen(err->code)) : json_null());
-}
-
-speed_status_t speed_openai_error_json(const speed_openai_error_t *err, char **json_p,
-                                       size_t *len_p)
-{
-    if (!err || !json_p) return SPEED_ERR_INTERNAL;
-    return dump_owned(error_object(err), "", "", json_p, len_p);
-}
-
-speed_status_t speed_openai_error_sse(const speed_openai_error_t *err, char **sse_p,
-                                      size_t *len_p)
-{
-    if (!err || !sse_p) return SPEED_ERR_INTERNAL;
-    return dump_owned(error_object(err), "data: ", "\n\n", sse_p, len_p);
-}
-
-speed_status_t speed_openai_models_json(const char *const *ids, size_t n_ids,
-                                        int64_t created, const char *owned_by,
-                                        char **json_p, size_t *len_p)
-{
-    if (!json_p || (n_ids > 0 && !ids)) return SPEED_ERR_INTERNAL;
-    json_t *data = json_array();
-    if (!data) return SPEED_ERR_NO_MEMORY;
-    for (size_t i = 0; i < n_ids; i++) {
-        if (!ids[i]) {
-            json_decref(data);
-            return SPEED_ERR_INTERNAL;
-        }
-        json_t *m = json_pack("{s:o, s:s, s:I, s:s}", "id", json_text(ids[i], strlen(ids[i])),
-                              "object", "model", "created", (json_int_t)created, "owned_by",
-                              owned_by ? owned_by : "speedserve");
-        if (json_array_append_new(data, m) != 0) {
-            json_decref(data);
-            return SPEED_ERR_NO_MEMORY;
-        }
-    }
-    return dump_owned(json_pack("{s:s, s:o}", "object", "list", "data", data), "", "", json_p,
-                      len_p);
-}
 
 /* ---- request parsing --------------------------------------------------------------- */
 
@@ -499,7 +30,7 @@ static speed_status_t bad(parse_ctx_t *c, const char *param, const char *code,
 {
     va_list ap;
     va_start(ap, fmt);
-    error_setv(c->err, SPEED_OPENAI_ERR_INVALID_REQUEST, param, code, fmt, ap);
+    speed_openai_error_setv(c->err, SPEED_OPENAI_ERR_INVALID_REQUEST, param, code, fmt, ap);
     va_end(ap);
     return SPEED_ERR_INVALID_ARGUMENT;
 }
@@ -842,6 +373,7 @@ static speed_status_t parse_speed(parse_ctx_t *c, const json_t *root)
                    "Unsupported parameter: 'speed'. This deployment does not allow per-request "
                    "SPEED settings (prefill_layers, anchors, tail); remove the object.");
     speed_openai_speed_t *s = &c->req->speed;
+    speed_depth_request_t *q = &s->depth;
     s->present = true;
     const char *key;
     json_t *val;
@@ -850,178 +382,37 @@ static speed_status_t parse_speed(parse_ctx_t *c, const json_t *root)
         snprintf(p, sizeof p, "speed.%s", key);
         if (json_is_null(val)) continue;
         if (strcmp(key, "prefill_layers") == 0) {
-            if (json_is_integer(val)) {
-                int64_t max = c->params->n_layers > 0 ? c->params->n_layers : INT32_MAX;
-                SPEED_CHECK(int_range(c, p, json_integer_value(val), 1, max));
-                s->prefill_layers = (int32_t)json_integer_value(val);
-            } else if (json_is_real(val)) {
-                double f = json_real_value(val);
-                if (!(f > 0.0 && f <= 1.0))
-                    return bad(c, p, "invalid_value",
-                               "Invalid '%s': a fraction must be in (0, 1], got %g; give a "
-                               "layer count as an integer.", p, f);
-                s->prefill_fraction = f;
-            } else {
+            if (json_is_integer(val))
+                q->prefill_layers = speed_cutoff_layers(json_integer_value(val));
+            else if (json_is_real(val))
+                q->prefill_layers = speed_cutoff_fraction(json_real_value(val));
+            else
                 return bad_type(c, p, "an integer layer count or a fraction", val);
-            }
         } else if (strcmp(key, "anchors") == 0 || strcmp(key, "tail") == 0) {
-            bool tail = key[0] == 't';
             if (!json_is_integer(val)) return bad_type(c, p, "an integer", val);
-            SPEED_CHECK(int_range(c, p, json_integer_value(val), tail ? 1 : 0, INT32_MAX));
-            *(tail ? &s->tail : &s->anchors) = (int32_t)json_integer_value(val);
+            if (key[0] == 't') {
+                q->has_tail = true;
+                q->tail = json_integer_value(val);
+            } else {
+                q->has_anchors = true;
+                q->anchors = json_integer_value(val);
+            }
         } else {
             return bad(c, p, "unknown_parameter",
                        "Unknown parameter: '%s'. The speed object takes prefill_layers, "
                        "anchors and tail.", p);
         }
     }
+    /* The one resolution (depth.h), as the nodes and speedctl do it: same value, same answer.
+     * Its reason starts with the part it refuses. */
+    char why[200];
+    if (speed_depth_resolve(q, &c->params->depth, c->params->n_layers, &s->resolved, why, sizeof why) != SPEED_OK) {
+        const char *part = strncmp(why, "anchors", 7) == 0 ? "speed.anchors"
+                           : strncmp(why, "tail", 4) == 0 ? "speed.tail"
+                                                          : "speed.prefill_layers";
+        return bad(c, part, "invalid_value", "Invalid '%s': %s.", part, why);
+    }
     return SPEED_OK;
-}
-
-/* A strict JSON syntax check that allocates nothing, with jansson's rules (UTF-8, no
- * raw control characters, no \u0000, paired surrogates, depth limit, one value then
- * only whitespace). jansson does not always report an allocation failure as such (a
- * failed key copy reads as "string expected"): when jansson fails on a body this check
- * accepts, the failure was memory, not the client. */
-#define SYNTAX_MAX_DEPTH 2000   /* below jansson's JSON_PARSER_MAX_DEPTH (2048) */
-
-typedef struct {
-    const unsigned char *p, *end;
-} syn_t;
-
-static void syn_ws(syn_t *s)
-{
-    while (s->p < s->end && (*s->p == ' ' || *s->p == '\t' || *s->p == '\n' || *s->p == '\r'))
-        s->p++;
-}
-
-static int syn_hex4(syn_t *s)
-{
-    if (s->end - s->p < 4) return -1;
-    int v = 0;
-    for (int i = 0; i < 4; i++) {
-        unsigned char c = s->p[i];
-        int d = c >= '0' && c <= '9' ? c - '0'
-              : c >= 'a' && c <= 'f' ? c - 'a' + 10
-              : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
-        if (d < 0) return -1;
-        v = v * 16 + d;
-    }
-    s->p += 4;
-    return v;
-}
-
-static bool syn_string(syn_t *s)
-{
-    s->p++;   /* opening quote */
-    while (s->p < s->end) {
-        unsigned char c = *s->p;
-        if (c == '"') {
-            s->p++;
-            return true;
-        }
-        if (c < 0x20) return false;
-        if (c == '\\') {
-            if (++s->p >= s->end) return false;
-            c = *s->p++;
-            if (c == 'u') {
-                int u = syn_hex4(s);
-                if (u <= 0 || (u >= 0xDC00 && u <= 0xDFFF)) return false;   /* NUL, lone low */
-                if (u >= 0xD800 && u <= 0xDBFF) {
-                    if (s->end - s->p < 2 || s->p[0] != '\\' || s->p[1] != 'u') return false;
-                    s->p += 2;
-                    int lo = syn_hex4(s);
-                    if (lo < 0xDC00 || lo > 0xDFFF) return false;
-                }
-            } else if (!strchr("\"\\/bfnrt", c) || c == '\0') {
-                return false;
-            }
-            continue;
-        }
-        size_t k = utf8_seq(s->p, (size_t)(s->end - s->p));
-        if (!k) return false;
-        s->p += k;
-    }
-    return false;
-}
-
-static bool syn_digits(syn_t *s)
-{
-    const unsigned char *start = s->p;
-    while (s->p < s->end && *s->p >= '0' && *s->p <= '9') s->p++;
-    return s->p > start;
-}
-
-static bool syn_number(syn_t *s)
-{
-    if (*s->p == '-') s->p++;
-    if (s->p < s->end && *s->p == '0') s->p++;
-    else if (!syn_digits(s)) return false;
-    if (s->p < s->end && *s->p == '.') {
-        s->p++;
-        if (!syn_digits(s)) return false;
-    }
-    if (s->p < s->end && (*s->p == 'e' || *s->p == 'E')) {
-        s->p++;
-        if (s->p < s->end && (*s->p == '+' || *s->p == '-')) s->p++;
-        if (!syn_digits(s)) return false;
-    }
-    return true;
-}
-
-static bool syn_word(syn_t *s, const char *w)
-{
-    size_t n = strlen(w);
-    if ((size_t)(s->end - s->p) < n || memcmp(s->p, w, n) != 0) return false;
-    s->p += n;
-    return true;
-}
-
-static bool syn_value(syn_t *s, int depth)
-{
-    syn_ws(s);
-    if (s->p >= s->end) return false;
-    unsigned char c = *s->p;
-    if (c == '"') return syn_string(s);
-    if (c == '-' || (c >= '0' && c <= '9')) return syn_number(s);
-    if (c == 't') return syn_word(s, "true");
-    if (c == 'f') return syn_word(s, "false");
-    if (c == 'n') return syn_word(s, "null");
-    if (c != '[' && c != '{') return false;
-    if (depth >= SYNTAX_MAX_DEPTH) return false;
-    unsigned char close = c == '[' ? ']' : '}';
-    s->p++;
-    syn_ws(s);
-    if (s->p < s->end && *s->p == close) {
-        s->p++;
-        return true;
-    }
-    for (;;) {
-        if (close == '}') {
-            syn_ws(s);
-            if (s->p >= s->end || *s->p != '"' || !syn_string(s)) return false;
-            syn_ws(s);
-            if (s->p >= s->end || *s->p != ':') return false;
-            s->p++;
-        }
-        if (!syn_value(s, depth + 1)) return false;
-        syn_ws(s);
-        if (s->p >= s->end) return false;
-        if (*s->p == close) {
-            s->p++;
-            return true;
-        }
-        if (*s->p != ',') return false;
-        s->p++;
-    }
-}
-
-static bool json_syntax_ok(const char *body, size_t len)
-{
-    syn_t s = {(const unsigned char *)body, (const unsigned char *)body + len};
-    if (!syn_value(&s, 0)) return false;
-    syn_ws(&s);
-    return s.p == s.end;
 }
 
 /* Which known numeric field holds a number jansson could not store as an integer.
@@ -1163,6 +554,7 @@ static speed_status_t parse_root(parse_ctx_t *c, const json_t *root)
 speed_openai_parse_params_t speed_openai_default_parse_params(void)
 {
     speed_openai_parse_params_t p = {0};
+    p.depth = speed_depth_default();
     return p;
 }
 
@@ -1189,7 +581,9 @@ speed_status_t speed_openai_request_parse(speed_openai_api_t api, const char *bo
     if (!root) {
         enum json_error_code code = json_error_code(&jerr);
         if (code == json_error_numeric_overflow) return diagnose_overflow(&c, body, len, &jerr);
-        if (code == json_error_out_of_memory || json_syntax_ok(body, len)) return oom(err);
+        /* jansson does not always say that a failure was memory: a body the strict
+         * check accepts failed for want of memory, not for its syntax (json_strict.h). */
+        if (code == json_error_out_of_memory || speed_json_strict_check(body, len)) return oom(err);
         return bad(&c, NULL, NULL,
                    "We could not parse the JSON body of your request: %s (line %d, column %d).",
                    jerr.text, jerr.line, jerr.column);
@@ -1211,8 +605,6 @@ speed_status_t speed_openai_request_parse(speed_openai_api_t api, const char *bo
     r->temperature = 1.0;
     r->top_p = 1.0;
     r->n = 1;
-    r->speed.anchors = -1;
-    r->speed.tail = -1;
     c.req = r;
     speed_status_t st = parse_root(&c, root);
     json_decref(root);
@@ -1250,19 +642,6 @@ const char *speed_openai_role_name(speed_openai_role_t role)
     case SPEED_OPENAI_ROLE_TOOL:      return "tool";
     default:                          return "unknown";
     }
-}
-
-int32_t speed_openai_speed_prefill_layers(const speed_openai_speed_t *s, int32_t n_layers,
-                                          int32_t deflt)
-{
-    if (!s || !s->present) return deflt;
-    if (s->prefill_layers > 0) return s->prefill_layers < n_layers ? s->prefill_layers : n_layers;
-    if (s->prefill_fraction > 0) {
-        int32_t c = (int32_t)lround(s->prefill_fraction * n_layers);
-        if (c < 1) c = 1;
-        return c < n_layers ? c : n_layers;
-    }
-    return deflt;
 }
 
 /* ---- checks after parsing ---------------------------------------------------------- */
@@ -1379,51 +758,4 @@ speed_status_t speed_openai_request_tokenize(const speed_openai_request_t *req,
                                speed_log_last_error());
         return st;
     }
-}
-
-/* ---- authentication ---------------------------------------------------------------- */
-
-/* Compares without branching on content: the loop runs over the presented key's length
- * whatever the configured key holds. */
-static unsigned key_differs(const unsigned char *a, size_t na, const char *key)
-{
-    size_t nk = strlen(key);
-    volatile unsigned diff = na != nk;
-    for (size_t i = 0; i < na; i++) {
-        unsigned char kc = i < nk ? (unsigned char)key[i] : 0;
-        diff |= (unsigned)(a[i] ^ kc);
-    }
-    return diff;
-}
-
-bool speed_openai_auth_check(const char *header, const char *const *keys, size_t n_keys,
-                             speed_openai_error_t *err)
-{
-    if (n_keys == 0) return true;
-    const char *p = header;
-    if (p) {
-        while (*p == ' ' || *p == '\t') p++;
-        if (strncasecmp(p, "Bearer", 6) == 0 && (p[6] == ' ' || p[6] == '\t')) {
-            p += 6;
-            while (*p == ' ' || *p == '\t') p++;
-        } else {
-            p = NULL;
-        }
-    }
-    size_t n = p ? strlen(p) : 0;
-    while (n > 0 && (p[n - 1] == ' ' || p[n - 1] == '\t')) n--;
-    if (!p || n == 0) {
-        speed_openai_error_set(err, SPEED_OPENAI_ERR_INVALID_API_KEY, NULL, "",
-                               "You didn't provide an API key. You need to provide your API "
-                               "key in an Authorization header using Bearer auth (i.e. "
-                               "Authorization: Bearer YOUR_KEY).");
-        return false;
-    }
-    unsigned match = 0;
-    for (size_t i = 0; i < n_keys; i++)
-        if (keys && keys[i]) match |= key_differs((const unsigned char *)p, n, keys[i]) == 0;
-    if (match) return true;
-    speed_openai_error_set(err, SPEED_OPENAI_ERR_INVALID_API_KEY, NULL, "invalid_api_key",
-                           "Incorrect API key provided.");
-    return false;
 }
