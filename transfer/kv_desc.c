@@ -1,28 +1,19 @@
-/* KV descriptor: destroy, self-check, compact byte encoding (kv_transfer.h).
+/* KV descriptor (kv_transfer.h): what a prefill node needs to write a decode node's reserved
+ * blocks. Building one for a reserved sequence of a registered cache (decode side), checking one
+ * that came from a peer (prefill side, and the control plane's conversion from its message),
+ * freeing one.
  *
- * Wire format, little endian, every field fixed width:
- *   u32 magic "SKVD"  u16 version (2)  u16 flags (0)
- *   u8 transport  u8 dtype  u16 reserved (0)
- *   i32 block_tokens n_kv_heads head_dim head_begin head_end model_kv_heads
- *   u64 unit_bytes total_bytes epoch lease_deadline_ms cookie
- *   u32 worker_addr_len, bytes
- *   u32 n_regions, { u64 base, u64 length, u32 rkey_len, bytes }
- *   u32 n_pools,   { u32 region, u64 base, u64 block_stride, u32 n_blocks, i32 table[n_blocks] }
- *   u32 n_layers,  { u32 pool, u64 offset, i64 entries }
- *   u32 crc32 (IEEE, reflected, of every byte before it)
- *
- * Versions: 1 had no model_kv_heads (its writers only knew the full head range); 2 adds it for
- * tensor-parallel resharding. A reader refuses any version but its own: prefill and decode nodes
- * of one deployment run one build (the notify message is versioned the same way).
+ * The descriptor has one wire form: the control plane's protobuf KvDescriptor (speed.proto,
+ * converted by node/). Whatever carries it, a descriptor from a peer is untrusted until
+ * speed_kv_desc_check accepts it: every remote address a transfer computes from it must lie
+ * inside a region the peer registered, with no arithmetic overflow on the way.
  */
 #include <string.h>
 
 #include "alloc.h"
 #include "kv_transfer.h"
+#include "kv_transfer_internal.h"
 #include "log.h"
-
-#define DESC_MAGIC 0x44564b53u /* "SKVD" */
-#define DESC_VERSION 2
 
 const char *speed_kv_transport_name(speed_kv_transport_t t) {
     switch (t) {
@@ -43,15 +34,6 @@ void speed_kv_desc_destroy(speed_kv_desc_t *d) {
     speed_free(d);
 }
 
-static uint32_t crc32_ieee(const uint8_t *p, size_t n) {
-    uint32_t c = 0xffffffffu;
-    for (size_t i = 0; i < n; i++) {
-        c ^= p[i];
-        for (int k = 0; k < 8; k++) c = (c >> 1) ^ (0xedb88320u & (0u - (c & 1u)));
-    }
-    return ~c;
-}
-
 /* a + b, or false on overflow */
 static bool add_u64(uint64_t a, uint64_t b, uint64_t *r) {
     if (a > UINT64_MAX - b) return false;
@@ -64,6 +46,8 @@ static bool mul_u64(uint64_t a, uint64_t b, uint64_t *r) {
     *r = a * b;
     return true;
 }
+
+/* ---- check ------------------------------------------------------------------------------- */
 
 #define BAD(...)                                                   \
     do {                                                           \
@@ -129,249 +113,135 @@ speed_status_t speed_kv_desc_check(const speed_kv_desc_t *d) {
     return SPEED_OK;
 }
 
-/* ---- encoding ------------------------------------------------------------------------------ */
+/* ---- building (decode side) --------------------------------------------------------------- */
 
-typedef struct {
-    uint8_t *p;
-    size_t n, cap;
-} wbuf_t;
-
-static void put_bytes(wbuf_t *w, const void *src, size_t n) {
-    if (w->p) memcpy(w->p + w->n, src, n);
-    w->n += n;
-}
-static void put_u8(wbuf_t *w, uint8_t v) { put_bytes(w, &v, 1); }
-static void put_u16(wbuf_t *w, uint16_t v) {
-    uint8_t b[2] = {(uint8_t)v, (uint8_t)(v >> 8)};
-    put_bytes(w, b, 2);
-}
-static void put_u32(wbuf_t *w, uint32_t v) {
-    uint8_t b[4];
-    for (int i = 0; i < 4; i++) b[i] = (uint8_t)(v >> (8 * i));
-    put_bytes(w, b, 4);
-}
-static void put_u64(wbuf_t *w, uint64_t v) {
-    uint8_t b[8];
-    for (int i = 0; i < 8; i++) b[i] = (uint8_t)(v >> (8 * i));
-    put_bytes(w, b, 8);
+/* Pool address of the pool's block 0 (layer offsets are relative to it, in the pool and in the
+ * mirror alike). */
+static const char *pool_base(const speed_kv_cache_t *cache, speed_kv_pool_t p) {
+    int first = p == SPEED_KV_POOL_LOWER ? 0 : speed_kv_cache_split_layer(cache);
+    return speed_kv_cache_layer(cache, first).k_base;
 }
 
-/* Writes everything but the CRC; with w->p NULL only counts. */
-static void desc_write(wbuf_t *w, const speed_kv_desc_t *d) {
-    put_u32(w, DESC_MAGIC);
-    put_u16(w, DESC_VERSION);
-    put_u16(w, 0);
-    put_u8(w, (uint8_t)d->transport);
-    put_u8(w, (uint8_t)d->dtype);
-    put_u16(w, 0);
-    put_u32(w, (uint32_t)d->block_tokens);
-    put_u32(w, (uint32_t)d->n_kv_heads);
-    put_u32(w, (uint32_t)d->head_dim);
-    put_u32(w, (uint32_t)d->head_begin);
-    put_u32(w, (uint32_t)d->head_end);
-    put_u32(w, (uint32_t)d->model_kv_heads);
-    put_u64(w, d->unit_bytes);
-    put_u64(w, d->total_bytes);
-    put_u64(w, d->epoch);
-    put_u64(w, d->lease_deadline_ms);
-    put_u64(w, d->cookie);
-    put_u32(w, d->worker_addr_len);
-    put_bytes(w, d->worker_addr, d->worker_addr_len);
-    put_u32(w, d->n_regions);
-    for (uint32_t r = 0; r < d->n_regions; r++) {
-        put_u64(w, d->regions[r].base);
-        put_u64(w, d->regions[r].length);
-        put_u32(w, d->regions[r].rkey_len);
-        put_bytes(w, d->regions[r].rkey, d->regions[r].rkey_len);
-    }
-    put_u32(w, d->n_pools);
-    for (uint32_t p = 0; p < d->n_pools; p++) {
-        put_u32(w, d->pools[p].region);
-        put_u64(w, d->pools[p].base);
-        put_u64(w, d->pools[p].block_stride);
-        put_u32(w, d->pools[p].n_blocks);
-        for (uint32_t i = 0; i < d->pools[p].n_blocks; i++) put_u32(w, (uint32_t)d->pools[p].table[i]);
-    }
-    put_u32(w, d->n_layers);
-    for (uint32_t l = 0; l < d->n_layers; l++) {
-        put_u32(w, d->layers[l].pool);
-        put_u64(w, d->layers[l].offset);
-        put_u64(w, (uint64_t)d->layers[l].entries);
-    }
-}
-
-speed_status_t speed_kv_desc_encode(const speed_kv_desc_t *d, uint8_t **buf_p, size_t *len_p) {
-    if (!d || !buf_p || !len_p) {
-        SPEED_ERROR(SPEED_SUBSYS_NET, "kv descriptor encode: NULL argument");
+speed_status_t speed_kv_desc_build(speed_kv_xfer_ctx_t *c, const speed_kv_cache_t *cache, const speed_kv_seq_t *seq,
+                                   int64_t n_full, int64_t n_compact, const speed_kv_desc_params_t *params,
+                                   speed_kv_desc_t **desc_p) {
+    if (!c || !cache || !seq || !params || !desc_p) {
+        SPEED_ERROR(SPEED_SUBSYS_NET, "kv descriptor: NULL argument");
         return SPEED_ERR_INVALID_ARGUMENT;
     }
-    if (speed_kv_desc_check(d) != SPEED_OK) return SPEED_ERR_INVALID_ARGUMENT;
-    wbuf_t w = {0};
-    desc_write(&w, d);
-    size_t n = w.n + 4;
-    w.p = speed_malloc(n);
-    if (!w.p) {
-        SPEED_ERROR(SPEED_SUBSYS_NET, "kv descriptor encode: out of memory (%zu bytes)", n);
-        return SPEED_ERR_NO_MEMORY;
-    }
-    w.n = 0;
-    desc_write(&w, d);
-    put_u32(&w, crc32_ieee(w.p, w.n));
-    *buf_p = w.p;
-    *len_p = w.n;
-    return SPEED_OK;
-}
-
-/* ---- decoding ------------------------------------------------------------------------------ */
-
-typedef struct {
-    const uint8_t *p;
-    size_t n, off;
-    bool short_read;
-} rbuf_t;
-
-static const uint8_t *take(rbuf_t *r, size_t n) {
-    if (r->short_read || n > r->n - r->off) {
-        r->short_read = true;
-        return NULL;
-    }
-    const uint8_t *s = r->p + r->off;
-    r->off += n;
-    return s;
-}
-static uint64_t get_le(rbuf_t *r, int n) {
-    const uint8_t *s = take(r, (size_t)n);
-    uint64_t v = 0;
-    for (int i = 0; s && i < n; i++) v |= (uint64_t)s[i] << (8 * i);
-    return v;
-}
-static uint8_t get_u8(rbuf_t *r) { return (uint8_t)get_le(r, 1); }
-static uint16_t get_u16(rbuf_t *r) { return (uint16_t)get_le(r, 2); }
-static uint32_t get_u32(rbuf_t *r) { return (uint32_t)get_le(r, 4); }
-static uint64_t get_u64(rbuf_t *r) { return get_le(r, 8); }
-
-/* A copy of n bytes, or NULL (short read / no memory: *nomem set). */
-static uint8_t *get_blob(rbuf_t *r, uint32_t n, bool *nomem) {
-    const uint8_t *s = take(r, n);
-    if (!s) return NULL;
-    uint8_t *b = speed_malloc(n ? n : 1);
-    if (!b) {
-        *nomem = true;
-        return NULL;
-    }
-    memcpy(b, s, n);
-    return b;
-}
-
-#define FAIL(st_, ...)                                                \
-    do {                                                              \
-        if ((st_) == SPEED_ERR_FORMAT) SPEED_ERROR(SPEED_SUBSYS_NET, "kv descriptor: " __VA_ARGS__); \
-        st = (st_);                                                   \
-        goto fail;                                                    \
-    } while (0)
-
-speed_status_t speed_kv_desc_decode(const void *buf, size_t len, speed_kv_desc_t **desc_p) {
-    if ((!buf && len) || !desc_p) {
-        SPEED_ERROR(SPEED_SUBSYS_NET, "kv descriptor decode: NULL argument");
+    if (params->transport != SPEED_KV_TRANSPORT_SHM && params->transport != SPEED_KV_TRANSPORT_TCP) {
+        SPEED_ERROR(SPEED_SUBSYS_NET, "kv descriptor: unknown transport %d", (int)params->transport);
         return SPEED_ERR_INVALID_ARGUMENT;
     }
-    speed_status_t st = SPEED_OK;
-    if (len < 8) {
-        SPEED_ERROR(SPEED_SUBSYS_NET, "kv descriptor: %zu bytes is too short", len);
-        return SPEED_ERR_FORMAT;
+    const int L = speed_kv_cache_n_layers(cache), B = speed_kv_cache_block_tokens(cache);
+    const int C = speed_kv_seq_prefill_layers(seq);
+    const speed_kv_layer_t l0 = speed_kv_cache_layer(cache, 0);
+    const size_t token_bytes = speed_kv_cache_token_bytes(cache);
+    kv_region_t *reg[SPEED_KV_POOL_COUNT];
+    int pool_index[SPEED_KV_POOL_COUNT] = {-1, -1};
+    int64_t pool_entries[SPEED_KV_POOL_COUNT] = {0, 0};
+    uint32_t n_pools = 0;
+    pthread_mutex_lock(&c->mu);
+    for (int p = 0; p < SPEED_KV_POOL_COUNT; p++) reg[p] = speed_kv_xfer_ctx_region_find(c, cache, (speed_kv_pool_t)p);
+    pthread_mutex_unlock(&c->mu);
+    for (int l = 0; l < L; l++) {
+        int64_t e = l < C ? n_full : n_compact;
+        speed_kv_pool_t p = speed_kv_cache_layer_pool(cache, l);
+        if (e < 0 || e > speed_kv_seq_capacity(seq, l)) {
+            SPEED_ERROR(SPEED_SUBSYS_NET, "kv descriptor: layer %d needs %lld entries, the sequence has room for %lld", l,
+                        (long long)e, (long long)speed_kv_seq_capacity(seq, l));
+            return SPEED_ERR_INVALID_ARGUMENT;
+        }
+        if (!reg[p]) {
+            SPEED_ERROR(SPEED_SUBSYS_NET, "kv descriptor: the cache's %s pool is not registered "
+                        "(speed_kv_xfer_ctx_register_cache)", p == 0 ? "lower" : "upper");
+            return SPEED_ERR_INVALID_ARGUMENT;
+        }
+        if (pool_index[p] < 0) pool_index[p] = (int)n_pools++;
+        if (e > pool_entries[p]) pool_entries[p] = e;
     }
-    rbuf_t r = {buf, len - 4, 0, false};
-    const uint8_t *b = buf;
-    uint32_t crc = (uint32_t)b[len - 4] | (uint32_t)b[len - 3] << 8 | (uint32_t)b[len - 2] << 16 |
-                   (uint32_t)b[len - 1] << 24;
-    uint32_t magic = get_u32(&r);
-    if (magic != DESC_MAGIC) {
-        SPEED_ERROR(SPEED_SUBSYS_NET, "kv descriptor: bad magic 0x%08x", magic);
-        return SPEED_ERR_FORMAT;
-    }
-    if (crc32_ieee(b, len - 4) != crc) {
-        SPEED_ERROR(SPEED_SUBSYS_NET, "kv descriptor: checksum mismatch (%zu bytes: corrupt or truncated)", len);
-        return SPEED_ERR_FORMAT;
-    }
-    uint16_t version = get_u16(&r);
-    if (version != DESC_VERSION) {
-        SPEED_ERROR(SPEED_SUBSYS_NET, "kv descriptor: version %u, this build reads %d", version, DESC_VERSION);
-        return SPEED_ERR_FORMAT;
-    }
-    (void)get_u16(&r);
-    bool nomem = false;
     speed_kv_desc_t *d = speed_calloc(1, sizeof *d);
-    if (!d) return SPEED_ERR_NO_MEMORY;
-    d->transport = (speed_kv_transport_t)get_u8(&r);
-    d->dtype = (speed_dtype_t)get_u8(&r);
-    (void)get_u16(&r);
-    d->block_tokens = (int32_t)get_u32(&r);
-    d->n_kv_heads = (int32_t)get_u32(&r);
-    d->head_dim = (int32_t)get_u32(&r);
-    d->head_begin = (int32_t)get_u32(&r);
-    d->head_end = (int32_t)get_u32(&r);
-    d->model_kv_heads = (int32_t)get_u32(&r);
-    d->unit_bytes = get_u64(&r);
-    d->total_bytes = get_u64(&r);
-    d->epoch = get_u64(&r);
-    d->lease_deadline_ms = get_u64(&r);
-    d->cookie = get_u64(&r);
-    d->worker_addr_len = get_u32(&r);
-    if (d->worker_addr_len == 0 || d->worker_addr_len > SPEED_KV_DESC_MAX_BLOB)
-        FAIL(SPEED_ERR_FORMAT, "worker address of %u bytes", d->worker_addr_len);
-    d->worker_addr = get_blob(&r, d->worker_addr_len, &nomem);
-    if (nomem) FAIL(SPEED_ERR_NO_MEMORY, "");
-    uint32_t n = get_u32(&r);
-    if (n < 1 || n > SPEED_KV_DESC_MAX_REGIONS) FAIL(SPEED_ERR_FORMAT, "%u regions", n);
-    if (!(d->regions = speed_calloc(n, sizeof *d->regions))) FAIL(SPEED_ERR_NO_MEMORY, "");
-    d->n_regions = n;
-    for (uint32_t i = 0; i < n && !r.short_read; i++) {
-        d->regions[i].base = get_u64(&r);
-        d->regions[i].length = get_u64(&r);
-        d->regions[i].rkey_len = get_u32(&r);
-        if (d->regions[i].rkey_len == 0 || d->regions[i].rkey_len > SPEED_KV_DESC_MAX_BLOB)
-            FAIL(SPEED_ERR_FORMAT, "region %u: rkey of %u bytes", i, d->regions[i].rkey_len);
-        d->regions[i].rkey = get_blob(&r, d->regions[i].rkey_len, &nomem);
-        if (nomem) FAIL(SPEED_ERR_NO_MEMORY, "");
+    if (!d) goto nomem;
+    d->worker_addr = speed_malloc(c->addr_len);
+    d->regions = speed_calloc(n_pools, sizeof *d->regions);
+    d->pools = speed_calloc(n_pools, sizeof *d->pools);
+    d->layers = speed_calloc((size_t)L, sizeof *d->layers);
+    if (!d->worker_addr || !d->regions || !d->pools || !d->layers) goto nomem;
+    d->n_regions = d->n_pools = n_pools;
+    d->n_layers = (uint32_t)L;
+    memcpy(d->worker_addr, c->addr, c->addr_len);
+    d->worker_addr_len = (uint32_t)c->addr_len;
+    d->transport = params->transport;
+    d->block_tokens = B;
+    d->n_kv_heads = l0.n_kv_heads;
+    d->head_dim = l0.head_dim;
+    d->head_begin = speed_kv_cache_head_begin(cache);
+    d->head_end = d->head_begin + l0.n_kv_heads;
+    d->model_kv_heads = speed_kv_cache_model_kv_heads(cache);
+    d->dtype = l0.dtype;
+    d->unit_bytes = speed_kv_cache_unit_bytes(cache);
+    d->epoch = c->epoch;
+    d->lease_deadline_ms = params->lease_deadline_ms;
+    d->cookie = params->cookie;
+    for (int p = 0; p < SPEED_KV_POOL_COUNT; p++) {
+        if (pool_index[p] < 0) continue;
+        int i = pool_index[p];
+        kv_region_t *r = reg[p];
+        d->regions[i].base = (uint64_t)(uintptr_t)r->base;
+        d->regions[i].length = r->length;
+        d->regions[i].rkey_len = (uint32_t)r->rkey_len;
+        if (!(d->regions[i].rkey = speed_malloc(r->rkey_len))) goto nomem;
+        memcpy(d->regions[i].rkey, r->rkey, r->rkey_len);
+        int first = p == SPEED_KV_POOL_LOWER ? 0 : speed_kv_cache_split_layer(cache);
+        speed_kv_layer_t kl = speed_kv_cache_layer(cache, first);
+        d->pools[i].region = (uint32_t)i;
+        d->pools[i].base = (uint64_t)(uintptr_t)r->base;
+        d->pools[i].block_stride = kl.block_stride;
+        d->pools[i].n_blocks = (uint32_t)div_up(pool_entries[p], B);
+        if (!(d->pools[i].table = speed_malloc((size_t)(d->pools[i].n_blocks ? d->pools[i].n_blocks : 1) * sizeof(int32_t))))
+            goto nomem;
+        if (d->pools[i].n_blocks)
+            memcpy(d->pools[i].table, speed_kv_seq_block_table(seq, first), d->pools[i].n_blocks * sizeof(int32_t));
     }
-    n = get_u32(&r);
-    if (!r.short_read && (n < 1 || n > SPEED_KV_DESC_MAX_POOLS)) FAIL(SPEED_ERR_FORMAT, "%u pools", n);
-    if (!r.short_read) {
-        if (!(d->pools = speed_calloc(n, sizeof *d->pools))) FAIL(SPEED_ERR_NO_MEMORY, "");
-        d->n_pools = n;
+    uint64_t total = 0;
+    for (int l = 0; l < L; l++) {
+        speed_kv_pool_t p = speed_kv_cache_layer_pool(cache, l);
+        speed_kv_layer_t kl = speed_kv_cache_layer(cache, l);
+        d->layers[l].pool = (uint32_t)pool_index[p];
+        d->layers[l].offset = (uint64_t)((const char *)kl.k_base - pool_base(cache, p));
+        d->layers[l].entries = l < C ? n_full : n_compact;
+        total += (uint64_t)d->layers[l].entries * token_bytes;
     }
-    for (uint32_t i = 0; i < d->n_pools && !r.short_read; i++) {
-        speed_kv_desc_pool_t *pl = &d->pools[i];
-        pl->region = get_u32(&r);
-        pl->base = get_u64(&r);
-        pl->block_stride = get_u64(&r);
-        uint32_t nb = get_u32(&r);
-        if (nb > SPEED_KV_DESC_MAX_BLOCKS || (size_t)nb * 4 > r.n - r.off) FAIL(SPEED_ERR_FORMAT, "pool %u: %u blocks", i, nb);
-        if (!(pl->table = speed_malloc((size_t)(nb ? nb : 1) * sizeof(int32_t)))) FAIL(SPEED_ERR_NO_MEMORY, "");
-        pl->n_blocks = nb;
-        for (uint32_t k = 0; k < nb; k++) pl->table[k] = (int32_t)get_u32(&r);
-    }
-    n = get_u32(&r);
-    if (!r.short_read && (n < 1 || n > SPEED_KV_DESC_MAX_LAYERS)) FAIL(SPEED_ERR_FORMAT, "%u layers", n);
-    if (!r.short_read) {
-        if (!(d->layers = speed_calloc(n, sizeof *d->layers))) FAIL(SPEED_ERR_NO_MEMORY, "");
-        d->n_layers = n;
-    }
-    for (uint32_t i = 0; i < d->n_layers && !r.short_read; i++) {
-        d->layers[i].pool = get_u32(&r);
-        d->layers[i].offset = get_u64(&r);
-        d->layers[i].entries = (int64_t)get_u64(&r);
-    }
-    if (r.short_read) FAIL(SPEED_ERR_FORMAT, "truncated (%zu bytes)", len);
-    if (r.off != r.n) FAIL(SPEED_ERR_FORMAT, "%zu trailing bytes", r.n - r.off);
-    if (speed_kv_desc_check(d) != SPEED_OK) { /* logged there */
-        st = SPEED_ERR_FORMAT;
-        goto fail;
+    d->total_bytes = total;
+    if (speed_kv_desc_check(d) != SPEED_OK) { /* a bug: logged there */
+        speed_kv_desc_destroy(d);
+        return SPEED_ERR_INTERNAL;
     }
     *desc_p = d;
     return SPEED_OK;
-fail:
-    if (st == SPEED_ERR_NO_MEMORY) SPEED_ERROR(SPEED_SUBSYS_NET, "kv descriptor: out of memory");
+nomem:
+    SPEED_ERROR(SPEED_SUBSYS_NET, "kv descriptor: out of memory");
     speed_kv_desc_destroy(d);
-    return st;
+    return SPEED_ERR_NO_MEMORY;
+}
+
+speed_status_t speed_kv_engine_seq_entries(speed_engine_t *engine, speed_seq_id_t seq, speed_kv_seq_t **kv_p,
+                                           int64_t *n_full_p, int64_t *n_compact_p) {
+    speed_engine_seq_stats_t ss;
+    SPEED_CHECK(speed_engine_seq_stats(engine, seq, &ss));
+    SPEED_CHECK(speed_engine_seq_kv(engine, seq, kv_p));
+    speed_kv_entries_for(ss.n_prompt, ss.depth.anchors, ss.depth.tail, 0, n_full_p, n_compact_p);
+    return SPEED_OK;
+}
+
+speed_status_t speed_kv_desc_build_engine(speed_kv_xfer_ctx_t *c, speed_engine_t *engine, speed_seq_id_t seq,
+                                          const speed_kv_desc_params_t *params, speed_kv_desc_t **desc_p) {
+    if (!engine) {
+        SPEED_ERROR(SPEED_SUBSYS_NET, "kv descriptor: NULL engine");
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    speed_kv_seq_t *kv;
+    int64_t n_full, n_compact;
+    SPEED_CHECK(speed_kv_engine_seq_entries(engine, seq, &kv, &n_full, &n_compact));
+    return speed_kv_desc_build(c, speed_engine_kv_cache(engine), kv, n_full, n_compact, params, desc_p);
 }

@@ -38,8 +38,9 @@
  * reserved sequence. Address of (layer l, block i) on the decode node:
  *   pools[layers[l].pool].base + table[i] * block_stride + layers[l].offset
  * The decode node's pool split may differ from the prefill node's: remote addresses always come
- * from the descriptor, local ones from the local cache. speed_kv_desc_encode / _decode give a
- * compact, checksummed byte form (the control plane may carry the fields in protobuf instead).
+ * from the descriptor, local ones from the local cache. This library does not serialize it: the
+ * control plane carries its fields in its own message (the protobuf KvDescriptor) and the
+ * receiving side runs speed_kv_desc_check on what it rebuilt before trusting any address in it.
  *
  * Bytes. A transfer puts exactly the prompt's entries: layer l's n_entries(l) * token_bytes
  * (full blocks as one put each, the last partial block as two puts, K rows then V rows), so
@@ -130,8 +131,8 @@ typedef struct {
     int32_t head_begin, head_end; /* heads [head_begin, head_end) of the model's KV heads held
                                    * (a tensor-parallel rank's share) */
     int32_t model_kv_heads; /* the model's KV heads (>= head_end); a sender must agree.
-                             * 0 = not stated (a control plane that does not carry it, e.g. the
-                             * protobuf KvDescriptor today): the sender assumes its own model's */
+                             * 0 = not stated (a control plane that does not carry it): the
+                             * sender assumes its own model's */
     speed_dtype_t dtype;
     uint64_t unit_bytes;    /* one layer of one block: 2 * B * n_kv_heads * head_dim * dtype size */
     uint64_t total_bytes;   /* Σ layers entries * unit_bytes / B: the whole head range; a
@@ -140,24 +141,25 @@ typedef struct {
     uint64_t lease_deadline_ms; /* CLOCK_REALTIME ms; 0 = none. A prefill node refuses to start
                                  * (or continue) a transfer past it. */
     uint64_t cookie;        /* opaque to the prefill side, echoed in the notify (e.g. the decode
-                             * engine's sequence id) */
+                             * engine's sequence id). The protobuf KvDescriptor does not carry it:
+                             * the node daemons build with 0 and match notifies by request id */
 } speed_kv_desc_t;
 
-/* Frees a descriptor from speed_kv_desc_build* / speed_kv_desc_decode; NULL is a no-op. */
+/* Frees a descriptor from speed_kv_desc_build* (or one a control-plane conversion assembled from
+ * speed_malloc'd arrays); NULL is a no-op. */
 void speed_kv_desc_destroy(speed_kv_desc_t *desc);
 
-/* Compact little-endian encoding with a CRC-32: *buf_p (speed_malloc, caller frees with
- * speed_free) of *len_p bytes. Returns SPEED_OK, SPEED_ERR_INVALID_ARGUMENT (a field past the
- * limits above, an index out of range) or SPEED_ERR_NO_MEMORY. */
-speed_status_t speed_kv_desc_encode(const speed_kv_desc_t *desc, uint8_t **buf_p, size_t *len_p);
-
-/* Parses bytes from speed_kv_desc_encode. Returns SPEED_OK, SPEED_ERR_FORMAT (truncated,
- * corrupt: checksum, magic, version, a count or index out of range, trailing bytes — logged),
- * SPEED_ERR_INVALID_ARGUMENT (NULL) or SPEED_ERR_NO_MEMORY. On error *desc_p is untouched. */
-speed_status_t speed_kv_desc_decode(const void *buf, size_t len, speed_kv_desc_t **desc_p);
-
-/* Structural self-consistency (indices, address arithmetic inside the regions, totals); what
- * decode also checks. Returns SPEED_OK or SPEED_ERR_FORMAT (logged). */
+/* Validates a descriptor that came from a peer, before anything uses it (speed_kv_xfer_create
+ * calls it too): known transport and dtype; worker address and rkeys of 1..SPEED_KV_DESC_MAX_BLOB
+ * bytes; counts of regions, pools, layers and blocks within the limits above and every index
+ * (pool -> region, layer -> pool) in range; B, n_kv_heads, head_dim in 1..65536; the head range
+ * holding n_kv_heads heads inside model_kv_heads; unit_bytes equal to the shape's; block stride
+ * >= unit and each layer's unit inside a block; a region's extent without overflow; the pool
+ * table holding every block the layer's entries need; every such block a non-negative id whose
+ * unit (base + id * stride + offset, unit_bytes long, computed without overflow) lies inside
+ * the pool's registered region; total_bytes equal to the layers' entries times the token bytes,
+ * without overflow. Every remote address a transfer computes lies inside a registered region.
+ * Returns SPEED_OK or SPEED_ERR_FORMAT (logged with the first fault). */
 speed_status_t speed_kv_desc_check(const speed_kv_desc_t *desc);
 
 /* ---- context ------------------------------------------------------------------------------- */

@@ -26,6 +26,7 @@
 #include "kv_cache.h"
 #include "kv_transfer.h"
 #include "log.h"
+#include "xfer_desc_wire.h"
 #include "xfer_test_util.h"
 
 #define N_LAYERS 22
@@ -107,7 +108,7 @@ static int decode_node(int fd) {
         uint8_t *bytes = NULL;
         size_t len = 0;
         if (speed_kv_desc_build(ctx, cache, seq, entries_for(c[0]), entries_for(c[0]), &dp, &d) != SPEED_OK ||
-            speed_kv_desc_encode(d, &bytes, &len) != SPEED_OK || xt_send(fd, bytes, len) != 0)
+            xt_desc_pack(d, &bytes, &len) != SPEED_OK || xt_send(fd, bytes, len) != 0)
             return 4;
         speed_kv_desc_destroy(d);
         speed_free(bytes);
@@ -231,7 +232,7 @@ int main(int argc, char **argv) {
             size_t len = 0;
             speed_kv_desc_t *d = NULL;
             if (xt_send(fd, cmd, sizeof cmd) != 0 || xt_recv(fd, &bytes, &len, 60000) != 0 ||
-                speed_kv_desc_decode(bytes, len, &d) != SPEED_OK) {
+                xt_desc_unpack(bytes, len, &d) != SPEED_OK) {
                 rc = 1;
                 free(bytes);
                 break;

@@ -1,9 +1,11 @@
 /* Disaggregated prefill -> decode over UCX, end to end, with SPEED (C = L/2, A = 1, T = 1):
  *
  *   decode node: reserves the sequence (its pools split at L/2 + 1, not at C: the layouts
- *                differ), builds the descriptor, sends its bytes over a socket;
- *   prefill node: decodes the descriptor, prefills the prompt, pushing each layer's blocks from
- *                the engine's layer callback, finishes (flush + notify), sends the first token;
+ *                differ), builds the descriptor, sends it over a socket as the control plane
+ *                does (the protobuf KvDescriptor, xfer_desc_wire.h);
+ *   prefill node: unpacks and checks the descriptor, prefills the prompt, pushing each layer's
+ *                blocks from the engine's layer callback, finishes (flush + notify), sends the
+ *                first token;
  *   decode node: the notify arrives (bytes = the section 1 formula), marks the KV ready, decodes.
  *
  * The greedy tokens and logits must equal those of one engine that did prefill and decode itself
@@ -14,6 +16,7 @@
 
 #include "engine_test_util.h"
 #include "kv_transfer.h"
+#include "xfer_desc_wire.h"
 #include "xfer_test_util.h"
 
 #define N_PROMPT 45
@@ -65,7 +68,9 @@ typedef struct {
     float *logits; /* [N_GEN - 1][V]: the logits after the first token */
 } run_t;
 
-/* Decode node, part 1: reserve and describe. Returns the descriptor bytes (speed_malloc). */
+/* Decode node, part 1: reserve and describe. Returns the descriptor bytes (speed_malloc). The
+ * message carries no cookie (the node daemons build with 0 and match notifies by request id);
+ * the cookie's echo is test_kv_transfer_fault's. */
 static int decode_setup(run_t *r, uint8_t **desc_p, size_t *len_p) {
     int L = r->model->config.n_layers;
     speed_engine_params_t p = eng_params(r->backend, r->model, L / 2 + 1);
@@ -79,15 +84,14 @@ static int decode_setup(run_t *r, uint8_t **desc_p, size_t *len_p) {
     CHECK(speed_kv_xfer_ctx_register_cache(r->dctx, speed_engine_kv_cache(r->deng)) == SPEED_OK);
     CHECK(speed_engine_seq_reserve(r->deng, N_PROMPT, &r->depth, N_GEN, &r->dseq) == SPEED_OK);
     speed_kv_desc_params_t dp = {.transport = xt_transport(r->transport),
-                                 .lease_deadline_ms = xt_realtime_ms() + 60000,
-                                 .cookie = (uint64_t)r->dseq + 1000};
+                                 .lease_deadline_ms = xt_realtime_ms() + 60000};
     speed_kv_desc_t *d = NULL;
     CHECK(speed_kv_desc_build_engine(r->dctx, r->deng, r->dseq, &dp, &d) == SPEED_OK);
     if (!d) return -1;
     CHECK_INT_EQ(d->n_layers, L);
     CHECK_INT_EQ(d->n_pools, 2);
     CHECK_INT_EQ(d->epoch, speed_kv_xfer_ctx_epoch(r->dctx));
-    CHECK(speed_kv_desc_encode(d, desc_p, len_p) == SPEED_OK);
+    CHECK(xt_desc_pack(d, desc_p, len_p) == SPEED_OK);
     speed_kv_desc_destroy(d);
     return 0;
 }
@@ -99,7 +103,6 @@ static void decode_run(run_t *r, int32_t first) {
     size_t want = speed_kv_bytes_for_prompt(&r->model->config, r->depth.prefill_layers, r->depth.anchors,
                                             r->depth.tail, N_PROMPT, SPEED_DTYPE_F32);
     CHECK_INT_EQ(r->inbox.bytes, want);
-    CHECK_INT_EQ(r->inbox.cookie, (uint64_t)r->dseq + 1000);
     CHECK_STR_EQ(r->inbox.request_id, "req-e2e");
     CHECK(speed_engine_seq_kv_ready(r->deng, r->dseq) == SPEED_OK);
     r->gen[0] = first;
@@ -147,7 +150,7 @@ static int32_t prefill_run(run_t *r, const void *desc_bytes, size_t desc_len, sp
     if (!e) return -1;
     CHECK(speed_kv_xfer_ctx_register_cache(pctx, speed_engine_kv_cache(e)) == SPEED_OK);
     speed_kv_desc_t *d = NULL;
-    CHECK(speed_kv_desc_decode(desc_bytes, desc_len, &d) == SPEED_OK);
+    CHECK(xt_desc_unpack(desc_bytes, desc_len, &d) == SPEED_OK);
     CHECK(speed_engine_seq_add(e, r->prompt, N_PROMPT, &r->depth, 1, &pc.seq) == SPEED_OK);
     if (d) CHECK(speed_kv_xfer_create_engine(pctx, d, e, pc.seq, "req-e2e", &pc.xfer) == SPEED_OK);
     int32_t first = -1;

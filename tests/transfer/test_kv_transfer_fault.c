@@ -1,18 +1,19 @@
-/* KV transfer: descriptor encoding and its failure modes, layout checks, byte-exact placement
- * with different pool splits, epoch, lease, refusal, cancel, a decode peer killed mid-transfer
- * (tcp and shm) and teardown with transfers in flight (ASan checks the leaks).
+/* KV transfer: layout checks, byte-exact placement with different pool splits, epoch, lease,
+ * refusal, cancel, a decode peer killed mid-transfer (tcp and shm; its descriptor shipped from
+ * the child in the production wire format) and teardown with transfers in flight (ASan checks the
+ * leaks). Malformed descriptors are test_kv_transfer_desc's.
  *
  * KV caches are used directly (cpu-ref backend, no model): L = 4 layers, 2 heads of 8, B = 4.
  * The prefill cache is split at C = 2, the decode cache at 3, the sequence depth is C = 2. */
 #include <signal.h>
 #include <sys/wait.h>
 
-#include "alloc.h"
 #include "backend.h"
 #include "check.h"
 #include "kv_cache.h"
 #include "kv_transfer.h"
 #include "log.h"
+#include "xfer_desc_wire.h"
 #include "xfer_test_util.h"
 
 #define L 4
@@ -114,69 +115,6 @@ static speed_status_t run_xfer(speed_kv_xfer_ctx_t *pctx, const speed_kv_desc_t 
     return st;
 }
 
-/* ---- descriptor bytes ------------------------------------------------------------------------- */
-
-static void test_desc_bytes(const speed_kv_desc_t *desc) {
-    uint8_t *buf = NULL, *buf2 = NULL;
-    size_t len = 0, len2 = 0;
-    CHECK(speed_kv_desc_encode(desc, &buf, &len) == SPEED_OK);
-    if (!buf) return;
-    speed_kv_desc_t *back = NULL;
-    CHECK(speed_kv_desc_decode(buf, len, &back) == SPEED_OK);
-    if (back) {
-        CHECK(speed_kv_desc_encode(back, &buf2, &len2) == SPEED_OK);
-        CHECK(len2 == len && buf2 && memcmp(buf, buf2, len) == 0);
-        CHECK_INT_EQ(back->n_layers, L);
-        CHECK_INT_EQ(back->layers[L - 1].entries, N_COMPACT);
-        CHECK_INT_EQ(back->pools[0].n_blocks, 4);
-        CHECK_INT_EQ(back->total_bytes, desc->total_bytes);
-        CHECK_INT_EQ(back->worker_addr_len, desc->worker_addr_len);
-        CHECK(memcmp(back->worker_addr, desc->worker_addr, desc->worker_addr_len) == 0);
-        CHECK(memcmp(back->regions[0].rkey, desc->regions[0].rkey, desc->regions[0].rkey_len) == 0);
-        speed_free(buf2);
-    }
-    speed_kv_desc_destroy(back);
-
-    /* every truncation, every single-byte corruption, trailing garbage: a clean FORMAT error */
-    speed_log_set_sink(quiet_sink, NULL); /* hundreds of expected errors */
-    int n_bad = 0;
-    for (size_t n = 0; n < len; n++) {
-        speed_kv_desc_t *d = NULL;
-        if (speed_kv_desc_decode(buf, n, &d) != SPEED_ERR_FORMAT || d) n_bad++;
-    }
-    CHECK_INT_EQ(n_bad, 0);
-    uint8_t *m = malloc(len + 1);
-    for (size_t i = 0; i < len; i++) {
-        memcpy(m, buf, len);
-        m[i] ^= (uint8_t)(1u << (i % 8));
-        speed_kv_desc_t *d = NULL;
-        if (speed_kv_desc_decode(m, len, &d) != SPEED_ERR_FORMAT || d) n_bad++;
-    }
-    CHECK_INT_EQ(n_bad, 0);
-    memcpy(m, buf, len);
-    m[len] = 0;
-    speed_kv_desc_t *d = NULL;
-    CHECK(speed_kv_desc_decode(m, len + 1, &d) == SPEED_ERR_FORMAT && !d);
-    free(m);
-    speed_log_set_sink(NULL, NULL);
-
-    /* fields that are consistent in bytes but not in meaning */
-    speed_kv_desc_t t = *desc;
-    speed_kv_desc_layer_t layers[L];
-    memcpy(layers, desc->layers, sizeof layers);
-    t.layers = layers;
-    layers[1].pool = 7;
-    CHECK(speed_kv_desc_check(&t) == SPEED_ERR_FORMAT);
-    CHECK(speed_kv_desc_encode(&t, &buf2, &len2) == SPEED_ERR_INVALID_ARGUMENT);
-    layers[1] = desc->layers[1];
-    layers[0].entries += 1;
-    CHECK(speed_kv_desc_check(&t) == SPEED_ERR_FORMAT); /* total no longer adds up */
-    layers[0] = desc->layers[0];
-    layers[2].offset = desc->pools[layers[2].pool].block_stride; /* past the block */
-    CHECK(speed_kv_desc_check(&t) == SPEED_ERR_FORMAT);
-    speed_free(buf);
-}
-
 /* ---- layout mismatches --------------------------------------------------------------------- */
 
 static void test_mismatch(speed_kv_xfer_ctx_t *pctx, const speed_kv_desc_t *desc) {
@@ -223,7 +161,7 @@ static kid_t spawn_decode_node(speed_kv_transport_t tr) {
         speed_kv_desc_t *cdesc = describe(cctx, &cd, tr, 0);
         uint8_t *bytes = NULL;
         size_t len = 0;
-        if (!cdesc || speed_kv_desc_encode(cdesc, &bytes, &len) != SPEED_OK || xt_send(sv[1], bytes, len) != 0)
+        if (!cdesc || xt_desc_pack(cdesc, &bytes, &len) != SPEED_OK || xt_send(sv[1], bytes, len) != 0)
             _exit(3);
         char c;
         (void)!read(sv[1], &c, 1); /* until killed (or the parent closes the socket) */
@@ -269,7 +207,6 @@ int main(void) {
     speed_kv_desc_t *desc = describe(dctx, &d, SPEED_KV_TRANSPORT_SHM, 0);
     if (!desc) return CHECK_DONE();
     CHECK_INT_EQ(desc->total_bytes, want_bytes);
-    test_desc_bytes(desc);
     test_mismatch(pctx, desc);
 
     /* a descriptor whose per-layer entries differ from the local sequence */
@@ -375,7 +312,7 @@ int main(void) {
         size_t len = 0;
         speed_kv_desc_t *kd = NULL;
         CHECK(xt_recv(sv[0], &bytes, &len, 30000) == 0);
-        CHECK(bytes && speed_kv_desc_decode(bytes, len, &kd) == SPEED_OK);
+        CHECK(bytes && xt_desc_unpack(bytes, len, &kd) == SPEED_OK);
         free(bytes);
         x = NULL;
         /* a first transfer connects and completes; the peer dies during the second */

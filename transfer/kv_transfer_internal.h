@@ -1,0 +1,223 @@
+/* Private to transfer/: not an API. The structures that kv_xfer_ctx.c (context, progress thread,
+ * callbacks, registration, endpoints), kv_xfer.c (transfers) and kv_desc.c (building
+ * descriptors) share, and the few functions one of them defines for the others. Only the files
+ * of transfer/ include it (it sits in the library's one include directory, next to
+ * kv_transfer.h, but it is no contract: fields and functions change with the implementation);
+ * callers use kv_transfer.h.
+ *
+ * Locking. ctx->mu guards every field that callbacks touch (transfer states, endpoint flags,
+ * counters). UCX calls are never made while holding ctx->mu: UCX runs callbacks with its worker
+ * lock held, and callbacks take ctx->mu, so the only lock order is "worker, then mu". ctx->ep_mu
+ * serialises endpoint creation among API threads (never taken by callbacks).
+ *
+ * Lifetimes. A transfer holds a reference on its endpoint; an endpoint that failed (error
+ * callback, or a flush / ack timeout) is not handed out again, and the progress thread closes it
+ * (forced) once no live transfer uses it, and frees it once no transfer points at it. A destroyed
+ * transfer whose UCX requests are still pending (puts, flush, notify) becomes an orphan that the
+ * progress thread frees when the last callback has run. Only the progress thread (and
+ * ctx_destroy after joining it) closes endpoints and frees orphans, so nothing an API thread
+ * is using can disappear under it.
+ */
+#ifndef SPEED_KV_TRANSFER_INTERNAL_H
+#define SPEED_KV_TRANSFER_INTERNAL_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <time.h>
+
+#include <ucp/api/ucp.h>
+
+#include "kv_transfer.h"
+
+/* ---- messages between the two contexts (UCX active messages) ------------------------------- */
+
+#define AM_ID_NOTIFY 0x5301
+#define AM_ID_ACK 0x5302
+#define MSG_MAGIC 0x4b565846u /* "FXVK" */
+#define MSG_VERSION 2 /* 2: head range added */
+#define REQ_ID_MAX 64
+
+typedef struct {
+    uint32_t magic, version;
+    uint64_t token;   /* the prefill context's id of the transfer, echoed in the ack */
+    uint64_t cookie;
+    uint64_t bytes;
+    uint64_t epoch;
+    int32_t head_begin, head_end; /* the model's KV heads the transfer covered */
+    char request_id[REQ_ID_MAX];
+} notify_msg_t;
+
+typedef struct {
+    uint32_t magic;
+    int32_t status;
+    uint64_t token;
+} ack_msg_t;
+
+typedef struct ack_buf {
+    struct ack_buf *prev, *next;
+    struct speed_kv_xfer_ctx *ctx;
+    ack_msg_t msg;
+} ack_buf_t;
+
+/* ---- context state ------------------------------------------------------------------------- */
+
+typedef struct kv_region {
+    struct kv_region *next;
+    const speed_kv_cache_t *cache;
+    speed_kv_pool_t pool;
+    void *base;
+    size_t length;
+    ucp_mem_h memh;
+    void *rkey;          /* packed */
+    size_t rkey_len;
+} kv_region_t;
+
+typedef struct kv_ep {
+    struct kv_ep *next;
+    struct speed_kv_xfer_ctx *ctx;
+    uint8_t *addr;
+    size_t addr_len;
+    speed_kv_transport_t transport;
+    ucp_ep_h ep;
+    bool failed;   /* not handed out again */
+    bool closed;   /* ucp_ep_close_nbx issued; ep is gone */
+    int refs;      /* transfers pointing at it */
+    int live;      /* of which not ended */
+    int in_use;    /* API threads inside a UCX call on it */
+} kv_ep_t;
+
+struct speed_kv_xfer_ctx {
+    speed_kv_xfer_ctx_params_t p;
+    uint64_t epoch;
+    ucp_context_h ucp;
+    ucp_worker_h worker;
+    uint8_t *addr;
+    size_t addr_len;
+    int efd;
+    pthread_t thread;
+    bool thread_started;
+    atomic_bool stop;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    pthread_mutex_t ep_mu;
+    bool closing;          /* teardown: error callbacks are expected */
+    kv_region_t *regions;
+    kv_ep_t *eps;
+    speed_kv_xfer_t *xfers;
+    ack_buf_t *acks;       /* acks being sent */
+    void **close_reqs;     /* ucp_ep_close_nbx requests not completed */
+    int n_close_reqs, cap_close_reqs;
+    uint64_t next_token;
+    speed_kv_xfer_ctx_stats_t stats;
+};
+
+/* ---- transfer state ------------------------------------------------------------------------ */
+
+typedef struct {
+    uint32_t pool;
+    uint64_t offset;
+    int64_t entries;
+    int64_t sent_blocks; /* whole blocks put so far */
+    bool done;
+} xfer_layer_t;
+
+typedef struct {
+    uint64_t base, stride;
+    int32_t *table;
+    uint32_t n_blocks;
+    ucp_rkey_h rkey;
+} xfer_pool_t;
+
+struct speed_kv_xfer {
+    struct speed_kv_xfer *prev, *next; /* ctx->xfers */
+    struct speed_kv_xfer_ctx *ctx;
+    kv_ep_t *ep;
+    uint64_t token;
+    char request_id[REQ_ID_MAX];
+    const speed_kv_cache_t *cache;
+    const speed_kv_seq_t *seq;
+    ucp_mem_h lmemh[SPEED_KV_POOL_COUNT];
+    int n_layers;
+    xfer_layer_t *layers;
+    xfer_pool_t *pools;
+    uint32_t n_pools;
+    int n_layers_done;
+    int block_tokens;
+    size_t token_bytes, half_unit;
+    /* Head ranges differ (tensor-parallel resharding): per token slot, one run of the common
+     * heads for K and one for V, at each side's own slot stride and head offset. */
+    bool strided;
+    size_t run;                  /* n_common * head_dim * dtype size */
+    size_t l_slot, l_head_off;   /* local slot stride, offset of the common heads in a slot */
+    size_t r_slot, r_head_off, r_half; /* the same remote; r_half = B * r_slot (K -> V) */
+    uint64_t total_bytes, lease_deadline_ms;
+    notify_msg_t msg;      /* the notify payload; must live until its send completes */
+    /* under ctx->mu */
+    speed_kv_xfer_state_t state;
+    speed_status_t status;
+    speed_kv_stage_t failed_stage;
+    uint64_t deadline_ns;  /* of the current flush / ack wait */
+    int pending;           /* flush and notify requests whose callbacks reference this */
+    bool orphan;           /* destroyed by the user, freed when pending and puts are 0 */
+    uint64_t bytes_put, n_puts;
+    uint64_t t_create, t_push, t_finish, t_end;
+    atomic_int puts_pending; /* put requests not completed */
+};
+
+/* ---- small helpers ------------------------------------------------------------------------- */
+
+static inline uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static inline uint64_t realtime_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000ull + (uint64_t)ts.tv_nsec / 1000000ull;
+}
+
+/* The transfer's request id for logs, NULL when it has none. */
+static inline const char *rid(const speed_kv_xfer_t *x) { return x->request_id[0] ? x->request_id : NULL; }
+
+static inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+static inline bool ended(const speed_kv_xfer_t *x) {
+    return x->state == SPEED_KV_XFER_DONE || x->state == SPEED_KV_XFER_FAILED;
+}
+
+/* ---- defined in kv_xfer_ctx.c -------------------------------------------------------------- */
+
+/* The registration of a pool of the cache, or NULL. ctx->mu held. */
+kv_region_t *speed_kv_xfer_ctx_region_find(speed_kv_xfer_ctx_t *ctx, const speed_kv_cache_t *cache,
+                                           speed_kv_pool_t pool);
+
+/* A healthy cached endpoint to addr in this mode, or a new one; with a reference taken (refs and
+ * live). Returns SPEED_OK, SPEED_ERR_PEER_UNREACHABLE or SPEED_ERR_NO_MEMORY (logged with
+ * request_id). ctx->mu not held. */
+speed_status_t speed_kv_xfer_ctx_ep_get(speed_kv_xfer_ctx_t *ctx, const uint8_t *addr, size_t addr_len,
+                                        speed_kv_transport_t transport, const char *request_id, kv_ep_t **ep_p);
+
+/* ---- defined in kv_xfer.c ------------------------------------------------------------------ */
+
+/* Ends a running transfer with an error, once (no-op if it has ended); logs it. ctx->mu held. */
+void speed_kv_xfer_fail_locked(speed_kv_xfer_t *xfer, speed_status_t status, speed_kv_stage_t stage, const char *why);
+
+/* Ends a running transfer with SPEED_OK (the ack said so). ctx->mu held. */
+void speed_kv_xfer_done_locked(speed_kv_xfer_t *xfer);
+
+/* Frees a transfer that is unlinked from ctx->xfers (or the context is going away) and that no
+ * UCX request references any more. */
+void speed_kv_xfer_free(speed_kv_xfer_t *xfer);
+
+/* ---- defined in kv_desc.c ------------------------------------------------------------------ */
+
+/* Prompt entries of an engine sequence (its prompt length and depth) and its KV sequence.
+ * Returns SPEED_OK or the engine's status (SPEED_ERR_NOT_FOUND). */
+speed_status_t speed_kv_engine_seq_entries(speed_engine_t *engine, speed_seq_id_t seq, speed_kv_seq_t **kv_p,
+                                           int64_t *n_full_p, int64_t *n_compact_p);
+
+#endif /* SPEED_KV_TRANSFER_INTERNAL_H */
