@@ -117,6 +117,8 @@ speed_status_t speed_node_kv_desc_to_proto(const speed_kv_desc_t *d, const speed
         speed_node_kv_desc_proto_cleanup(out);
         return SPEED_ERR_NO_MEMORY;
     }
+    /* slot 0 owns each element array, even when its count is 0 (cleanup frees it from there) */
+    out->regions[0] = regions, out->pools[0] = pools, out->layers[0] = layers;
     for (uint32_t i = 0; i < d->n_regions; i++) {
         speed__v1__kv_region__init(&regions[i]);
         regions[i].addr = d->regions[i].base;
@@ -164,9 +166,9 @@ speed_status_t speed_node_kv_desc_to_proto(const speed_kv_desc_t *d, const speed
 }
 
 void speed_node_kv_desc_proto_cleanup(Speed__V1__KvDescriptor *out) {
-    if (out->regions) speed_free(out->n_regions ? out->regions[0] : NULL);
-    if (out->pools) speed_free(out->n_pools ? out->pools[0] : NULL);
-    if (out->layers) speed_free(out->n_layers ? out->layers[0] : NULL);
+    if (out->regions) speed_free(out->regions[0]);
+    if (out->pools) speed_free(out->pools[0]);
+    if (out->layers) speed_free(out->layers[0]);
     speed_free(out->regions);
     speed_free(out->pools);
     speed_free(out->layers);

@@ -886,6 +886,21 @@ static void test_desc_alloc_failures(void) {
     CHECK(to_done && from_done);
 }
 
+/* Empty arrays: to_proto + cleanup give back every allocation (the element storage of a count
+ * of 0 used to leak: it was freed only through element 0 when the count was not 0). */
+static void test_desc_empty_counts(void) {
+    int64_t live = speed_alloc_live_count();
+    c_fixture_t f;
+    c_fixture_init(&f);
+    speed_kv_desc_t d = f.d;
+    d.n_regions = 0, d.n_pools = 0, d.n_layers = 0;
+    Speed__V1__KvDescriptor m;
+    CHECK_INT_EQ(speed_node_kv_desc_to_proto(&d, NULL, &m), SPEED_OK);
+    CHECK(m.n_regions == 0 && m.n_pools == 0 && m.n_layers == 0);
+    speed_node_kv_desc_proto_cleanup(&m);
+    CHECK_MSG(speed_alloc_live_count() == live, "%lld allocations left", (long long)(speed_alloc_live_count() - live));
+}
+
 int main(void) {
     speed_log_set_sink(counting_sink, NULL); /* the refusals below are expected */
     test_depth();
@@ -894,6 +909,7 @@ int main(void) {
     test_desc_round_trip();
     test_desc_refusals();
     test_desc_alloc_failures();
+    test_desc_empty_counts();
     speed_log_set_sink(NULL, NULL);
     return CHECK_DONE();
 }
