@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "alloc.h"
+#include "clock.h"
 #include "engine.h"
 #include "log.h"
 #include "model.h"
@@ -175,7 +176,7 @@ static speed_status_t bench_once(speed_engine_t *eng, speed_sampler_t *sampler, 
     speed_sampling_params_t greedy = speed_sampling_default_params();
     greedy.temperature = 0.0f;
     int32_t n_vocab = speed_engine_n_vocab(eng);
-    double t0 = speedctl_now();
+    double t0 = speed_clock_mono_s();
     for (; n_added < n_seqs; n_added++)
         SPEED_CHECK_GOTO(speed_engine_seq_add(eng, prompt, n, depth, gen, &ids[n_added]), st, out);
     /* Prefill every sequence: each gets its first token. */
@@ -191,7 +192,7 @@ static speed_status_t bench_once(speed_engine_t *eng, speed_sampler_t *sampler, 
             n_first++;
         }
     }
-    double t_first = speedctl_now();
+    double t_first = speed_clock_mono_s();
     speed_engine_seq_stats_t stats;
     SPEED_CHECK_GOTO(speed_engine_seq_stats(eng, ids[0], &stats), st, out);
     if (prefill_s) *prefill_s = (double)stats.prefill_ns / 1e9;
@@ -203,7 +204,7 @@ static speed_status_t bench_once(speed_engine_t *eng, speed_sampler_t *sampler, 
     double decode_total = 0.0;
     double step_bytes = pair ? pair->weight_bytes + (double)stats.kv_bytes_used : 0.0;
     for (int64_t produced = 1; produced < gen; produced++) {
-        double ts = speedctl_now();
+        double ts = speed_clock_mono_s();
         for (int k = 0; k < n_seqs; k++) SPEED_CHECK_GOTO(speed_engine_seq_append(eng, ids[k], next[k]), st, out);
         int got = 0;
         while (got < n_seqs) {
@@ -218,7 +219,7 @@ static speed_status_t bench_once(speed_engine_t *eng, speed_sampler_t *sampler, 
                 got++;
             }
         }
-        double step = speedctl_now() - ts;
+        double step = speed_clock_mono_s() - ts;
         decode_total += step;
         if (pair && n_seqs == 1 && pair->n < pair->cap) {
             double gbs;
@@ -391,7 +392,7 @@ static speed_status_t lockstep_once(const bench_opts_t *o, depth_run_t *d, const
                 st = speed_engine_seq_append(d[i].eng, id[i], next[i]);
                 if (st != SPEED_OK) break;
             }
-            double t0 = speedctl_now();
+            double t0 = speed_clock_mono_s();
             speed_engine_step_result_t r;
             st = step_checked(d[i].eng, &r);
             for (int k = 0; st == SPEED_OK && k < r.n_outputs; k++) {
@@ -400,7 +401,7 @@ static speed_status_t lockstep_once(const bench_opts_t *o, depth_run_t *d, const
                                           speed_engine_n_vocab(d[i].eng), &smp);
                 next[i] = smp.id;
             }
-            double t = speedctl_now() - t0;
+            double t = speed_clock_mono_s() - t0;
             if (produced[i] == 0) t_pre[i] += t; /* the prefill chunks, up to the first token */
             else t_dec[i] += t;
             if (st == SPEED_OK && r.n_outputs > 0) produced[i]++;

@@ -9,6 +9,7 @@
 #include <sys/random.h>
 
 #include "alloc.h"
+#include "clock.h"
 #include "engine.h"
 #include "log.h"
 #include "model.h"
@@ -267,7 +268,7 @@ int speedctl_generate(int argc, char **argv) {
     if (o.seed >= 0) {
         sp.seed = (uint64_t)o.seed;
     } else if (getrandom(&sp.seed, sizeof sp.seed, 0) != (ssize_t)sizeof sp.seed) {
-        sp.seed = (uint64_t)(speedctl_now() * 1e9);
+        sp.seed = speed_clock_mono_ns();
     }
     SPEED_CHECK_GOTO(speed_sampling_params_validate(&sp), st, out);
     int32_t eos[2 * SPEED_MODEL_MAX_EOS + 16];
@@ -313,7 +314,7 @@ int speedctl_generate(int argc, char **argv) {
 
     speed_rng_t rng;
     speed_rng_init(&rng, sp.seed);
-    double t_start = speedctl_now(), t_first = 0.0;
+    double t_start = speed_clock_mono_s(), t_first = 0.0;
     SPEED_CHECK_GOTO(speed_engine_seq_add(eng, prompt.ids, (int64_t)prompt.n, &depth, o.max_tokens, &seq), st, out);
     seq_alive = true;
 
@@ -331,7 +332,7 @@ int speedctl_generate(int argc, char **argv) {
             if (r.outputs[i].seq != seq) continue;
             speed_sample_t smp;
             SPEED_CHECK_GOTO(speed_sampler_sample(sampler, &sp, &rng, r.outputs[i].logits, n_vocab, &smp), st, out);
-            if (r.outputs[i].first) t_first = speedctl_now();
+            if (r.outputs[i].first) t_first = speed_clock_mono_s();
             /* Text: ids past the tokenizer's vocabulary (a padded embedding) have none. */
             const char *piece = "";
             size_t piece_len = 0;
@@ -386,7 +387,7 @@ int speedctl_generate(int argc, char **argv) {
             if (finish == SPEED_FINISH_NONE) SPEED_CHECK_GOTO(speed_engine_seq_append(eng, seq, smp.id), st, out);
         }
     }
-    double t_end = speedctl_now();
+    double t_end = speed_clock_mono_s();
     SPEED_CHECK_GOTO(speed_engine_seq_stats(eng, seq, &stats), st, out);
     double prefill_ms = (double)stats.prefill_ns / 1e6;
     double decode_ms = stats.n_generated ? (double)stats.decode_ns / 1e6 / (double)stats.n_generated : 0.0;

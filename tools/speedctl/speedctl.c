@@ -8,7 +8,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
-#include <time.h>
 
 #include "alloc.h"
 #include "file.h"
@@ -220,12 +219,6 @@ char *speedctl_unescape(const char *s) {
     }
     *o = '\0';
     return out;
-}
-
-double speedctl_now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
 static void usage(FILE *f) {

@@ -83,9 +83,6 @@ speed_status_t speedctl_ids_parse(const char *what, const char *list, int32_t vo
  * such as --stop that users type in a shell. NULL on allocation failure; speed_free it. */
 char *speedctl_unescape(const char *s);
 
-/* Monotonic clock in seconds. */
-double speedctl_now(void);
-
 /* Copies a regular file (overwrites dst). */
 speed_status_t speedctl_copy_file(const char *src, const char *dst);
 
