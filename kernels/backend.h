@@ -124,10 +124,24 @@ typedef struct {
 /* ---- backend ---------------------------------------------------------------------- */
 
 typedef enum {
-    SPEED_BACKEND_CPU_REF = 0,
-    SPEED_BACKEND_CPU,
+    SPEED_BACKEND_CPU = 0,    /* the default */
+    SPEED_BACKEND_CPU_REF,
     SPEED_BACKEND_CUDA,
 } speed_backend_kind_t;
+
+#define SPEED_BACKEND_KIND_COUNT 3
+
+/* The kinds' names in enum order, NULL-terminated: "cpu", "cpu-ref", "cuda" — what --backend
+ * and a cluster file's backend key accept. A config ENUM field (config.h) takes them as its
+ * enum_names, and its stored index is then the speed_backend_kind_t. These three live in
+ * backend_kind.c, a library of their own (speed_backend_kind), so that a config schema can
+ * list them without linking the backends. */
+extern const char *const speed_backend_kind_names[SPEED_BACKEND_KIND_COUNT + 1];
+/* "cpu", "cpu-ref", "cuda"; "?" for a value outside the enum. Never NULL. */
+const char *speed_backend_kind_name(speed_backend_kind_t kind);
+/* One of speed_backend_kind_names (case-sensitive). Returns SPEED_OK, or
+ * SPEED_ERR_INVALID_ARGUMENT for NULL or any other name (nothing logged, *kind_p untouched). */
+speed_status_t speed_backend_kind_parse(const char *name, speed_backend_kind_t *kind_p);
 
 /* CPU instruction sets, from least to most capable; the fast CPU backend uses the best one
  * the machine has unless capped by speed_backend_params_t.cpu_isa_max (tests run each). */

@@ -27,24 +27,6 @@ struct speed_balance_pool {
     size_t next;         /* where the next scan starts (round robin, tie rotation) */
 };
 
-const char *speed_balance_policy_name(speed_balance_policy_t policy)
-{
-    switch (policy) {
-    case SPEED_BALANCE_ROUND_ROBIN:  return "round_robin";
-    case SPEED_BALANCE_LEAST_LOADED: return "least_loaded";
-    default:                         return "unknown";
-    }
-}
-
-speed_status_t speed_balance_policy_parse(const char *name, speed_balance_policy_t *policy_p)
-{
-    if (!name || !policy_p) return SPEED_ERR_INVALID_ARGUMENT;
-    if (strcmp(name, "round_robin") == 0) *policy_p = SPEED_BALANCE_ROUND_ROBIN;
-    else if (strcmp(name, "least_loaded") == 0) *policy_p = SPEED_BALANCE_LEAST_LOADED;
-    else return SPEED_ERR_INVALID_ARGUMENT;
-    return SPEED_OK;
-}
-
 speed_balance_pool_params_t speed_balance_pool_default_params(void)
 {
     speed_balance_pool_params_t p = {SPEED_BALANCE_ROUND_ROBIN, 64};

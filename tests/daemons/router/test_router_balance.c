@@ -57,12 +57,6 @@ static void test_pool_basics(void)
     p.policy = (speed_balance_policy_t)9;
     CHECK_INT_EQ(speed_balance_pool_create("x", &p, &pool), SPEED_ERR_INVALID_ARGUMENT);
 
-    speed_balance_policy_t pol;
-    CHECK_INT_EQ(speed_balance_policy_parse("least_loaded", &pol), SPEED_OK);
-    CHECK_INT_EQ(pol, SPEED_BALANCE_LEAST_LOADED);
-    CHECK_INT_EQ(speed_balance_policy_parse("random", &pol), SPEED_ERR_INVALID_ARGUMENT);
-    CHECK_STR_EQ(speed_balance_policy_name(SPEED_BALANCE_ROUND_ROBIN), "round_robin");
-
     /* allocation failures in create/add: a status, nothing leaked */
     for (int n = 0; n < 10; n++) {
         int64_t live = speed_alloc_live_count();
