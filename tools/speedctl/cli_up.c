@@ -810,9 +810,9 @@ int speedctl_up(int argc, char **argv) {
     speed_signals_stop_set(&mask);
     if (speed_signals_ignored(SIGINT)) sigdelset(&mask, SIGINT);
     sigaddset(&mask, SIGCHLD);
-    if (speed_signals_block(&mask, &u.old_mask) != 0 ||
-        (u.sfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK)) < 0) {
-        speedctl_fail("signalfd: %s", strerror(errno));
+    int block_err = speed_signals_block(&mask, &u.old_mask);
+    if (block_err != 0 || (u.sfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK)) < 0) {
+        speedctl_fail("signalfd: %s", strerror(block_err ? block_err : errno));
         goto out;
     }
     speed_signals_ignore_pipe();
