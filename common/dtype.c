@@ -1,44 +1,65 @@
 #include "dtype.h"
 
+#include <stdbool.h>
 #include <string.h>
 #include <strings.h>
 
-size_t speed_dtype_size(speed_dtype_t dtype) {
-    switch (dtype) {
-    case SPEED_DTYPE_F32:  return 4;
-    case SPEED_DTYPE_BF16: return 2;
-    case SPEED_DTYPE_F16:  return 2;
-    }
-    return 0;
+/* ---- names and sizes ------------------------------------------------------------------ */
+
+const char *const speed_dtype_names[SPEED_DTYPE_COUNT + 1] = {
+    [SPEED_DTYPE_F32] = "f32",
+    [SPEED_DTYPE_BF16] = "bf16",
+    [SPEED_DTYPE_F16] = "f16",
+    [SPEED_DTYPE_COUNT] = NULL,
+};
+
+static const struct {
+    size_t size;             /* bytes per element */
+    const char *torch;       /* config.json torch_dtype */
+    const char *safetensors; /* a safetensors header's "dtype" */
+} dtype_info[SPEED_DTYPE_COUNT] = {
+    [SPEED_DTYPE_F32] = {4, "float32", "F32"},
+    [SPEED_DTYPE_BF16] = {2, "bfloat16", "BF16"},
+    [SPEED_DTYPE_F16] = {2, "float16", "F16"},
+};
+
+static bool dtype_valid(speed_dtype_t dtype) { return (unsigned)dtype < SPEED_DTYPE_COUNT; }
+
+size_t speed_dtype_size(speed_dtype_t dtype) { return dtype_valid(dtype) ? dtype_info[dtype].size : 0; }
+
+const char *speed_dtype_name(speed_dtype_t dtype) { return dtype_valid(dtype) ? speed_dtype_names[dtype] : "?"; }
+
+const char *speed_dtype_torch_name(speed_dtype_t dtype) {
+    return dtype_valid(dtype) ? dtype_info[dtype].torch : "?";
 }
 
-const char *speed_dtype_name(speed_dtype_t dtype) {
-    switch (dtype) {
-    case SPEED_DTYPE_F32:  return "f32";
-    case SPEED_DTYPE_BF16: return "bf16";
-    case SPEED_DTYPE_F16:  return "f16";
-    }
-    return "?";
+const char *speed_dtype_safetensors_name(speed_dtype_t dtype) {
+    return dtype_valid(dtype) ? dtype_info[dtype].safetensors : "?";
 }
 
 speed_status_t speed_dtype_parse(const char *name, speed_dtype_t *out_p) {
-    static const struct {
-        const char *name;
-        speed_dtype_t dtype;
-    } names[] = {
-        {"f32", SPEED_DTYPE_F32},   {"float32", SPEED_DTYPE_F32},
-        {"bf16", SPEED_DTYPE_BF16}, {"bfloat16", SPEED_DTYPE_BF16},
-        {"f16", SPEED_DTYPE_F16},   {"float16", SPEED_DTYPE_F16},
-    };
     if (!name) return SPEED_ERR_INVALID_ARGUMENT;
-    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
-        if (strcasecmp(name, names[i].name) == 0) {
-            *out_p = names[i].dtype;
+    for (int d = 0; d < SPEED_DTYPE_COUNT; d++) {
+        if (strcasecmp(name, speed_dtype_names[d]) == 0 || strcasecmp(name, dtype_info[d].torch) == 0) {
+            *out_p = (speed_dtype_t)d;
             return SPEED_OK;
         }
     }
     return SPEED_ERR_INVALID_ARGUMENT;
 }
+
+speed_status_t speed_dtype_safetensors_parse(const char *name, speed_dtype_t *out_p) {
+    if (!name) return SPEED_ERR_INVALID_ARGUMENT;
+    for (int d = 0; d < SPEED_DTYPE_COUNT; d++) {
+        if (strcmp(name, dtype_info[d].safetensors) == 0) {
+            *out_p = (speed_dtype_t)d;
+            return SPEED_OK;
+        }
+    }
+    return SPEED_ERR_INVALID_ARGUMENT;
+}
+
+/* ---- conversions ------------------------------------------------------------------------ */
 
 static uint32_t f32_bits(float f) {
     uint32_t x;

@@ -1,4 +1,8 @@
-/* Element types of model weights and KV caches, and scalar conversions.
+/* Element types of model weights and KV caches: their names, sizes and scalar conversions.
+ *
+ * Names. This file owns every spelling of a dtype: ours ("bf16": options, config files, logs,
+ * JSON output), torch's ("bfloat16": config.json's torch_dtype) and the safetensors format's
+ * ("BF16"). Adding a dtype is an edit here (and its conversions); no other file lists them.
  *
  * bf16 and f16 values are carried as their raw 16-bit patterns (uint16_t).
  * Conversions from f32 round to nearest, ties to even; NaN stays NaN (quiet),
@@ -25,13 +29,25 @@ typedef enum {
 /* Bytes per element: 4, 2, 2. 0 for a value outside the enum. */
 size_t speed_dtype_size(speed_dtype_t dtype);
 
+/* Our names in enum order, NULL-terminated: "f32", "bf16", "f16". A config ENUM field
+ * (config.h) takes them as its enum_names, and its stored index is then the speed_dtype_t. */
+extern const char *const speed_dtype_names[SPEED_DTYPE_COUNT + 1];
+
 /* "f32", "bf16", "f16"; "?" for a value outside the enum. Never NULL. */
 const char *speed_dtype_name(speed_dtype_t dtype);
+/* torch's names, as config.json's torch_dtype has them: "float32", "bfloat16", "float16";
+ * "?" outside the enum. */
+const char *speed_dtype_torch_name(speed_dtype_t dtype);
+/* The safetensors format's names: "F32", "BF16", "F16"; "?" outside the enum. */
+const char *speed_dtype_safetensors_name(speed_dtype_t dtype);
 
-/* Accepts f32/bf16/f16 and the torch spellings float32/bfloat16/float16 (case-insensitive).
+/* Accepts our names and torch's (f32/bf16/f16, float32/bfloat16/float16), case-insensitive.
  * Returns SPEED_OK, or SPEED_ERR_INVALID_ARGUMENT (nothing logged, *out_p untouched)
  * for NULL or any other name. */
 speed_status_t speed_dtype_parse(const char *name, speed_dtype_t *out_p);
+/* Accepts the safetensors names only, case-sensitive as the format is ("F32", not "f32").
+ * Returns as speed_dtype_parse. */
+speed_status_t speed_dtype_safetensors_parse(const char *name, speed_dtype_t *out_p);
 
 /* Scalar conversions. */
 uint16_t speed_dtype_f32_to_bf16(float value);

@@ -6,6 +6,8 @@
 #include <strings.h>
 #include <time.h>
 
+#include "clock.h"
+
 static const char *const level_names[] = {"error", "warn", "info", "debug", "trace"};
 static const char level_letters[] = "EWIDT";
 static const char *const subsys_names[SPEED_SUBSYS_COUNT] = {
@@ -112,10 +114,9 @@ void speed_logv(speed_log_level_t level, speed_log_subsys_t subsys, const char *
     if (g_log.sink) {
         g_log.sink(g_log.sink_user, level, subsys, request_id, msg);
     } else {
-        struct timespec ts;
+        struct timespec ts = speed_clock_now(CLOCK_REALTIME);
         struct tm tm;
         char when[32];
-        clock_gettime(CLOCK_REALTIME, &ts);
         gmtime_r(&ts.tv_sec, &tm);
         strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%S", &tm);
         if (request_id && request_id[0])

@@ -37,6 +37,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "backend_kind.h"
 #include "dtype.h"
 #include "status.h"
 
@@ -123,11 +124,7 @@ typedef struct {
 
 /* ---- backend ---------------------------------------------------------------------- */
 
-typedef enum {
-    SPEED_BACKEND_CPU_REF = 0,
-    SPEED_BACKEND_CPU,
-    SPEED_BACKEND_CUDA,
-} speed_backend_kind_t;
+/* speed_backend_kind_t and its names: backend_kind.h. */
 
 /* CPU instruction sets, from least to most capable; the fast CPU backend uses the best one
  * the machine has unless capped by speed_backend_params_t.cpu_isa_max (tests run each). */

@@ -7,10 +7,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "alloc.h"
+#include "clock.h"
 #include "log.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -26,12 +26,6 @@ speed_roofline_params_t speed_roofline_default_params(void) {
     speed_roofline_params_t p = {
         .n_threads = 0, .read_bytes = 0, .repetitions = 0, .compute_ms = 0, .isa_max = SPEED_CPU_ISA_BEST};
     return p;
-}
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
 /* ---- kernels ------------------------------------------------------------------------
@@ -210,10 +204,10 @@ static void job_thread_run(job_t *j, int tid) {
     float sink = 0.0f;
     for (int r = 0; r < j->runs; r++) {
         pthread_barrier_wait(&j->barrier);
-        double t0 = tid == 0 ? now_s() : 0.0;
+        double t0 = tid == 0 ? speed_clock_mono_s() : 0.0;
         sink += job_work(j, tid);
         pthread_barrier_wait(&j->barrier);
-        if (tid == 0) j->times[r] = now_s() - t0;
+        if (tid == 0) j->times[r] = speed_clock_mono_s() - t0;
     }
     j->sink[tid % 1024] = sink;
 }

@@ -30,6 +30,7 @@
 #include <grpc/grpc_security.h>
 
 #include "alloc.h"
+#include "clock.h"
 #include "log.h"
 #include "rpc_internal.h"
 
@@ -767,24 +768,6 @@ static bool wait_until(speed_rpc_server_t *srv, bool (*pred)(const speed_rpc_ser
     return ok;
 }
 
-static struct timespec realtime_after(int64_t ms) {
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    ts.tv_sec += (time_t)(ms / 1000);
-    ts.tv_nsec += (long)(ms % 1000) * 1000000L;
-    if (ts.tv_nsec >= 1000000000L) {
-        ts.tv_sec++;
-        ts.tv_nsec -= 1000000000L;
-    }
-    return ts;
-}
-
-static int64_t monotonic_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 /* End every call the handler still owns: cancel callback, then UNAVAILABLE to the client. */
 static void force_finish_all(speed_rpc_server_t *srv) {
     for (;;) {
@@ -837,26 +820,25 @@ void speed_rpc_server_shutdown(speed_rpc_server_t *srv, int64_t grace_ms) {
     }
 
     if (srv->thread_started) {
-        int64_t grace_end_ms = monotonic_ms() + (grace_ms > 0 ? grace_ms : 0);
+        int64_t grace_end_ms = speed_clock_mono_ms() + (grace_ms > 0 ? grace_ms : 0);
         if (grace_ms > 0) {
             /* wait for calls to be over on the wire, not just completed by their handlers:
              * a finished stream may still be flushing its queue to a slow reader */
-            struct timespec until = realtime_after(grace_ms);
+            struct timespec until = speed_clock_deadline(CLOCK_REALTIME, grace_ms);
             wait_until(srv, no_calls_locked, &until);
         }
         force_finish_all(srv);
-        struct timespec until = realtime_after(RPC_BACKSTOP_MS);
+        struct timespec until = speed_clock_deadline(CLOCK_REALTIME, RPC_BACKSTOP_MS);
         wait_until(srv, no_calls_locked, &until);
         pthread_mutex_lock(&srv->lock);
         int n_ended = srv->n_ended_in_drain;
         pthread_mutex_unlock(&srv->lock);
         if (n_ended > 0) {
-            int64_t grace_left = grace_end_ms - monotonic_ms();
+            int64_t grace_left = grace_end_ms - speed_clock_mono_ms();
             int64_t hold = grace_left < RPC_LINGER_MIN_MS   ? RPC_LINGER_MIN_MS
                            : grace_left > RPC_LINGER_MAX_MS ? RPC_LINGER_MAX_MS
                                                             : grace_left;
-            struct timespec linger = {(time_t)(hold / 1000), (long)(hold % 1000) * 1000000L};
-            nanosleep(&linger, NULL);
+            speed_clock_sleep_ms(hold);
         }
     }
 
@@ -879,7 +861,7 @@ void speed_rpc_server_shutdown(speed_rpc_server_t *srv, int64_t grace_ms) {
     } else {
         /* calls that slipped in before GOAWAY are ended like the rest */
         force_finish_all(srv);
-        struct timespec until = realtime_after(RPC_BACKSTOP_MS);
+        struct timespec until = speed_clock_deadline(CLOCK_REALTIME, RPC_BACKSTOP_MS);
         if (!wait_until(srv, quiet_locked, &until)) {
             grpc_server_cancel_all_calls(srv->server);
             wait_until(srv, quiet_locked, NULL);

@@ -5,12 +5,13 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "backend_kind.h"
+#include "dtype.h"
 #include "log.h"
 
+/* = speed_policy_t, speed_ucx_transport_t; dtypes and backends are named by their owners */
 static const char *const policy_names[] = {"round-robin", "least-loaded", NULL};
 static const char *const transport_names[] = {"shm", "tcp", NULL};
-static const char *const kv_dtype_names[] = {"f32", "bf16", "f16", NULL};
-static const char *const backend_names[] = {"cpu", "cpu-ref", "cuda", NULL}; /* = speed_pool_backend_t */
 
 #define F(name, type, member, def, lo, hi, doc) \
     {name, SPEED_CONFIG_##type, offsetof(speed_cluster_config_t, member), def, lo, hi, NULL, doc}
@@ -23,7 +24,7 @@ static const char *const backend_names[] = {"cpu", "cpu-ref", "cuda", NULL}; /* 
     F(#pool ".tensor_parallel", INT, pool.tensor_parallel, "1", 1, 64, "ranks per " #pool " replica"),          \
     F(#pool ".grpc_port", INT, pool.grpc_port, grpc, 1, 65535, "gRPC port of replica 0 (replica i: + i)"),      \
     F(#pool ".http_port", INT, pool.http_port, http, 1, 65535, "/metrics and /health port of replica 0 (+ i)"), \
-    FE(#pool ".backend", pool.backend, "cpu", backend_names,                                                    \
+    FE(#pool ".backend", pool.backend, "cpu", speed_backend_kind_names,                                         \
        "compute backend: cpu (fast), cpu-ref (the reference loops) or cuda (one GPU per replica)"),             \
     F(#pool ".device", INT, pool.device, "0", 0, 1023, "cuda: GPU of replica 0 (replica i: + i)"),              \
     F(#pool ".threads", INT, pool.threads, "1", 0, 1024,                                                        \
@@ -47,7 +48,7 @@ static const speed_config_field_t fields[] = {
     F("speed.tail", INT, tail, "1", 1, 1 << 20, "last prompt tokens T kept at full depth"),
     {"speed.allow_request_override", SPEED_CONFIG_BOOL, offsetof(speed_cluster_config_t, allow_request_override),
      "true", SPEED_CONFIG_UNBOUNDED, NULL, "honour the `speed` object of a request"},
-    FE("kv.dtype", kv_dtype, "bf16", kv_dtype_names, "KV cache element type"),
+    FE("kv.dtype", kv_dtype, "bf16", speed_dtype_names, "KV cache element type"),
     F("kv.block_tokens", INT, kv_block_tokens, "16", 1, 1024, "tokens per KV block"),
     F("kv.lease_ms", INT, lease_ms, "30000", 10, 3600000, "reserved KV not claimed within this is freed"),
     F("router.port", INT, router_port, "8000", 0, 65535, "HTTP port of the OpenAI API (0 = any free port)"),
@@ -82,10 +83,7 @@ const speed_config_field_t *speed_cluster_config_fields(size_t *n_fields_p) {
     return fields;
 }
 
-const char *speed_pool_backend_name(int backend) {
-    int n = (int)(sizeof backend_names / sizeof backend_names[0]) - 1;
-    return backend >= 0 && backend < n ? backend_names[backend] : "?";
-}
+const char *speed_pool_backend_name(int backend) { return speed_backend_kind_name((speed_backend_kind_t)backend); }
 
 const speed_pool_config_t *speed_cluster_pool(const speed_cluster_config_t *c, const char *role) {
     if (!role) return NULL;

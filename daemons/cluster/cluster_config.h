@@ -34,15 +34,18 @@
 
 typedef enum { SPEED_POLICY_ROUND_ROBIN = 0, SPEED_POLICY_LEAST_LOADED } speed_policy_t;
 typedef enum { SPEED_UCX_SHM = 0, SPEED_UCX_TCP } speed_ucx_transport_t;
-typedef enum { SPEED_KV_DTYPE_F32 = 0, SPEED_KV_DTYPE_BF16, SPEED_KV_DTYPE_F16 } speed_kv_dtype_choice_t;
-/* A pool's compute backend ("cpu", "cpu-ref", "cuda"); the node maps it to a backend kind. */
-typedef enum { SPEED_POOL_BACKEND_CPU = 0, SPEED_POOL_BACKEND_CPU_REF, SPEED_POOL_BACKEND_CUDA } speed_pool_backend_t;
+
+/* Transitional names of a pool's backend, kept until daemons/node reads pool->backend as the
+ * speed_backend_kind_t it is (kernels/backend_kind.h owns the kinds and their names). */
+#define SPEED_POOL_BACKEND_CPU SPEED_BACKEND_CPU
+#define SPEED_POOL_BACKEND_CPU_REF SPEED_BACKEND_CPU_REF
+#define SPEED_POOL_BACKEND_CUDA SPEED_BACKEND_CUDA
 
 typedef struct {
     int64_t replicas;          /* >= 0 (prefill 0: every request takes the decode-only route) */
     int64_t tensor_parallel;   /* ranks per replica (1 on CPU) */
     int64_t grpc_port, http_port;
-    int backend;               /* speed_pool_backend_t */
+    int backend;               /* speed_backend_kind_t (backend_kind.h) */
     int64_t device;            /* cuda: device of replica 0; replica i uses device + i */
     int64_t threads;           /* compute threads per replica (CPU backends); 0 = all cores */
     int64_t max_running;       /* sequences in the engine at once */
@@ -66,7 +69,7 @@ typedef struct {
     bool allow_request_override;   /* honour a request's `speed` object */
 
     /* KV cache */
-    int kv_dtype;                  /* speed_kv_dtype_choice_t */
+    int kv_dtype;                  /* speed_dtype_t (dtype.h) */
     int64_t kv_block_tokens;
     int64_t lease_ms;              /* a reservation not claimed in time is freed */
 
@@ -105,7 +108,7 @@ const speed_config_field_t *speed_cluster_config_fields(size_t *n_fields_p);
 speed_status_t speed_cluster_config_load(int argc, char **argv, const char *role, speed_cluster_config_t *cfg_out,
                                          speed_config_t **cfg_p);
 
-/* "cpu", "cpu-ref", "cuda" for a speed_pool_backend_t; "?" otherwise. */
+/* Transitional (see SPEED_POOL_BACKEND_CPU): speed_backend_kind_name of a pool's backend. */
 const char *speed_pool_backend_name(int backend);
 
 /* The pool of a role ("prefill" / "decode"), NULL otherwise. */

@@ -4,9 +4,9 @@
 #include <errno.h>
 #include <pthread.h>
 #include <string.h>
-#include <time.h>
 
 #include "alloc.h"
+#include "clock.h"
 #include "log.h"
 
 /* ---- pools ------------------------------------------------------------------------- */
@@ -26,24 +26,6 @@ struct speed_balance_pool {
     size_t n_nodes, n_nodes_max;
     size_t next;         /* where the next scan starts (round robin, tie rotation) */
 };
-
-const char *speed_balance_policy_name(speed_balance_policy_t policy)
-{
-    switch (policy) {
-    case SPEED_BALANCE_ROUND_ROBIN:  return "round_robin";
-    case SPEED_BALANCE_LEAST_LOADED: return "least_loaded";
-    default:                         return "unknown";
-    }
-}
-
-speed_status_t speed_balance_policy_parse(const char *name, speed_balance_policy_t *policy_p)
-{
-    if (!name || !policy_p) return SPEED_ERR_INVALID_ARGUMENT;
-    if (strcmp(name, "round_robin") == 0) *policy_p = SPEED_BALANCE_ROUND_ROBIN;
-    else if (strcmp(name, "least_loaded") == 0) *policy_p = SPEED_BALANCE_LEAST_LOADED;
-    else return SPEED_ERR_INVALID_ARGUMENT;
-    return SPEED_OK;
-}
 
 speed_balance_pool_params_t speed_balance_pool_default_params(void)
 {
@@ -359,25 +341,13 @@ speed_status_t speed_admission_acquire(speed_admission_t *adm)
     }
 
     waiter_t w = {.granted = false, .cancelled = false, .next = NULL};
-    pthread_condattr_t attr;
-    pthread_condattr_init(&attr);
-    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
-    pthread_cond_init(&w.cv, &attr);
-    pthread_condattr_destroy(&attr);
+    speed_clock_cond_init(&w.cv);
     if (adm->tail) adm->tail->next = &w;
     else adm->head = &w;
     adm->tail = &w;
     adm->n_waiting++;
 
-    struct timespec deadline;
-    clock_gettime(CLOCK_MONOTONIC, &deadline);
-    int64_t ms = adm->params.wait_timeout_ms;
-    deadline.tv_sec += (time_t)(ms / 1000);
-    deadline.tv_nsec += (long)(ms % 1000) * 1000000L;
-    if (deadline.tv_nsec >= 1000000000L) {
-        deadline.tv_sec++;
-        deadline.tv_nsec -= 1000000000L;
-    }
+    struct timespec deadline = speed_clock_deadline(CLOCK_MONOTONIC, adm->params.wait_timeout_ms);
     int rc = 0;
     while (!w.granted && !w.cancelled && rc != ETIMEDOUT)
         rc = pthread_cond_timedwait(&w.cv, &adm->mu, &deadline);

@@ -34,15 +34,13 @@
 
 /* ---- pools ------------------------------------------------------------------------- */
 
+/* Users name a policy in the cluster file (router.prefill_policy: round-robin |
+ * least-loaded), whose schema (cluster_config.h) holds the names; the router maps its choice
+ * to these. */
 typedef enum {
     SPEED_BALANCE_ROUND_ROBIN = 0,
     SPEED_BALANCE_LEAST_LOADED,
 } speed_balance_policy_t;
-
-/* "round_robin" / "least_loaded" (static; "unknown" outside the enum). */
-const char *speed_balance_policy_name(speed_balance_policy_t policy);
-/* Parses those names. Returns SPEED_OK or SPEED_ERR_INVALID_ARGUMENT. */
-speed_status_t speed_balance_policy_parse(const char *name, speed_balance_policy_t *policy_p);
 
 typedef enum {
     SPEED_NODE_UP = 0,     /* takes requests */

@@ -7,20 +7,20 @@
  * finish within the grace period) → cancel what is left → stop HTTP, then gRPC → exit 0.
  * A second signal exits at once. Signals are blocked in every thread and taken by sigwait in
  * the main thread, so no handler runs in a library's thread. */
-#include <errno.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include <jansson.h>
 
 #include "alloc.h"
+#include "clock.h"
 #include "cluster_config.h"
 #include "log.h"
 #include "router.h"
+#include "signals.h"
 #include "tokenizer.h"
 
 /* Requests in flight at SIGTERM get this long to finish (or request_timeout_ms if shorter). */
@@ -72,24 +72,11 @@ static void model_name(const speed_cluster_config_t *cfg, char *out, size_t cap)
     snprintf(out, cap, "%.*s", (int)(n - b), cfg->model + b);
 }
 
-static int wait_signal(const sigset_t *set, int64_t timeout_ms)
-{
-    struct timespec ts = {timeout_ms / 1000, (long)(timeout_ms % 1000) * 1000000L};
-    for (;;) {
-        int sig = timeout_ms < 0 ? sigwaitinfo(set, NULL) : sigtimedwait(set, NULL, &ts);
-        if (sig >= 0 || errno != EINTR) return sig;
-    }
-}
-
 int main(int argc, char **argv)
 {
-    /* Before any thread exists: every thread inherits the mask. */
+    /* Before any thread exists: every thread inherits the mask (signals.h). */
     sigset_t sigs;
-    sigemptyset(&sigs);
-    sigaddset(&sigs, SIGTERM);
-    sigaddset(&sigs, SIGINT);
-    pthread_sigmask(SIG_BLOCK, &sigs, NULL);
-    signal(SIGPIPE, SIG_IGN);
+    speed_signals_block_stop(&sigs);
     json_set_alloc_funcs(speed_malloc, speed_free);
 
     speed_cluster_config_t cfg;
@@ -157,23 +144,20 @@ int main(int argc, char **argv)
     printf("speed-router: listening on %s:%u\n", cfg.host, (unsigned)speed_router_port(rt));
     fflush(stdout);
 
-    int sig = wait_signal(&sigs, -1);
+    int sig = speed_signals_wait(&sigs, -1);
     SPEED_INFO(SPEED_SUBSYS_NET, "router: %s, draining", sig == SIGINT ? "SIGINT" : "SIGTERM");
     speed_router_drain(rt);
     int64_t grace = cfg.request_timeout_ms < SPEED_ROUTER_DRAIN_GRACE_MS ? cfg.request_timeout_ms
                                                                           : SPEED_ROUTER_DRAIN_GRACE_MS;
-    struct timespec t0, t;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
+    int64_t t0 = speed_clock_mono_ms();
     for (;;) {
         if (speed_router_wait_idle(rt, 100)) break;
-        if (wait_signal(&sigs, 0) >= 0) {
+        if (speed_signals_wait(&sigs, 0) >= 0) {
             SPEED_WARN(SPEED_SUBSYS_NET, "router: second signal, exiting now");
             fflush(NULL);
             _exit(1);
         }
-        clock_gettime(CLOCK_MONOTONIC, &t);
-        int64_t ms = (int64_t)(t.tv_sec - t0.tv_sec) * 1000 + (t.tv_nsec - t0.tv_nsec) / 1000000;
-        if (ms >= grace) {
+        if (speed_clock_mono_ms() - t0 >= grace) {
             SPEED_WARN(SPEED_SUBSYS_NET, "router: %d request(s) still running after %lld ms; cancelling",
                        speed_router_n_workers(rt), (long long)grace);
             speed_router_cancel_all(rt);

@@ -5,9 +5,9 @@
 #include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
-#include <time.h>
 
 #include "alloc.h"
+#include "clock.h"
 #include "log.h"
 #include "speed_proto.h"
 
@@ -58,11 +58,7 @@ speed_status_t speed_router_nodes_create(const speed_router_nodes_params_t *para
     speed_router_nodes_t *n = speed_calloc(1, sizeof(*n));
     if (!n) return SPEED_ERR_NO_MEMORY;
     pthread_mutex_init(&n->lock, NULL);
-    pthread_condattr_t ca;
-    pthread_condattr_init(&ca);
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    pthread_cond_init(&n->cond, &ca);
-    pthread_condattr_destroy(&ca);
+    speed_clock_cond_init(&n->cond);
     n->interval_ms = params->status_interval_ms;
     /* A poll must not outlast its period by much, and a node on a loaded host still gets
      * a fair chance to answer. */
@@ -207,14 +203,7 @@ static void *poller_main(void *arg)
 {
     speed_router_nodes_t *n = arg;
     for (;;) {
-        struct timespec until;
-        clock_gettime(CLOCK_MONOTONIC, &until);
-        until.tv_sec += n->interval_ms / 1000;
-        until.tv_nsec += (n->interval_ms % 1000) * 1000000L;
-        if (until.tv_nsec >= 1000000000L) {
-            until.tv_sec++;
-            until.tv_nsec -= 1000000000L;
-        }
+        struct timespec until = speed_clock_deadline(CLOCK_MONOTONIC, n->interval_ms);
         pthread_mutex_lock(&n->lock);
         while (!n->stop && pthread_cond_timedwait(&n->cond, &n->lock, &until) == 0) {
         }

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "alloc.h"
+#include "clock.h"
 #include "log.h"
 
 #define SUBSYS SPEED_SUBSYS_NET
@@ -106,7 +107,7 @@ static void handle_completions(void *user, speed_http_request_t *hr)
 {
     const api_route_t *ar = user;
     speed_router_t *rt = ar->rt;
-    double t_arrival = speed_router_now_s();
+    double t_arrival = speed_clock_mono_s();
 
     /* The request id, echoed on every answer to this request. */
     char client_id[SPEED_ROUTER_CLIENT_ID_MAX + 1];
@@ -157,7 +158,7 @@ static void handle_completions(void *user, speed_http_request_t *hr)
     r->req = req;
     r->api = ar->api;
     r->t_arrival = t_arrival;
-    r->deadline_ms = speed_router_now_ms() + rt->cfg->request_timeout_ms;
+    r->deadline_ms = speed_clock_mono_ms() + rt->cfg->request_timeout_ms;
     r->created_unix = (int64_t)time(NULL);
     r->decode_node = r->prefill_node = -1;
     snprintf(r->id, sizeof r->id, "%s", node_id);
@@ -286,7 +287,7 @@ void speed_router_enqueue_cancel(speed_router_t *rt, const cancel_job_t *jobs, s
 static void ping_streams(speed_router_t *rt)
 {
     static const char ping[] = ": ping\n\n";
-    int64_t now = speed_router_now_ms();
+    int64_t now = speed_clock_mono_ms();
     pthread_mutex_lock(&rt->lock);
     for (rtr_req_t *r = rt->reqs; r; r = r->next) {
         if (!r->req->stream) continue;
@@ -315,9 +316,7 @@ static void *housekeeping_main(void *arg)
 {
     speed_router_t *rt = arg;
     for (;;) {
-        struct timespec until;
-        clock_gettime(CLOCK_MONOTONIC, &until);
-        until.tv_sec += 1;
+        struct timespec until = speed_clock_deadline(CLOCK_MONOTONIC, 1000);
         pthread_mutex_lock(&rt->jobs_lock);
         while (!rt->hk_stop && !rt->jobs &&
                pthread_cond_timedwait(&rt->hk_cond, &rt->jobs_lock, &until) == 0) {
@@ -437,16 +436,11 @@ speed_status_t speed_router_create(const speed_router_params_t *params, speed_ro
     rt->cfg = cfg;
     pthread_mutex_init(&rt->lock, NULL);
     pthread_mutex_init(&rt->jobs_lock, NULL);
-    pthread_condattr_t ca;
-    pthread_condattr_init(&ca);
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    pthread_cond_init(&rt->idle_cond, &ca);
-    pthread_cond_init(&rt->hk_cond, &ca);
-    pthread_condattr_destroy(&ca);
+    speed_clock_cond_init(&rt->idle_cond);
+    speed_clock_cond_init(&rt->hk_cond);
     atomic_init(&rt->state, RT_STARTING);
     rt->created_unix = (int64_t)time(NULL);
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
+    struct timespec ts = speed_clock_now(CLOCK_REALTIME);
     rt->id_seed = splitmix64(((uint64_t)ts.tv_sec << 32) ^ (uint64_t)ts.tv_nsec ^
                              ((uint64_t)getpid() << 16));
     rt->max_workers = cfg->max_in_flight + cfg->max_queue;
@@ -564,16 +558,7 @@ void speed_router_drain(speed_router_t *rt)
 
 bool speed_router_wait_idle(speed_router_t *rt, int64_t timeout_ms)
 {
-    struct timespec until;
-    clock_gettime(CLOCK_MONOTONIC, &until);
-    if (timeout_ms > 0) {
-        until.tv_sec += timeout_ms / 1000;
-        until.tv_nsec += (timeout_ms % 1000) * 1000000L;
-        if (until.tv_nsec >= 1000000000L) {
-            until.tv_sec++;
-            until.tv_nsec -= 1000000000L;
-        }
-    }
+    struct timespec until = speed_clock_deadline(CLOCK_MONOTONIC, timeout_ms);
     pthread_mutex_lock(&rt->lock);
     while (rt->n_workers > 0) {
         if (timeout_ms < 0) pthread_cond_wait(&rt->idle_cond, &rt->lock);
@@ -639,8 +624,7 @@ bool speed_router_destroy(speed_router_t *rt)
             speed_http_server_stats_t hs;
             speed_http_server_stats(rt->http, &hs);
             if (hs.streams_attached == 0) break;
-            struct timespec ts = {0, 10 * 1000000L};
-            nanosleep(&ts, NULL);
+            speed_clock_sleep_ms(10);
         }
     }
     /* HTTP first (no handler runs afterwards), then the node side. */

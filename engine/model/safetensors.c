@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <jansson.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -31,15 +32,6 @@ typedef struct {
     uint64_t start, end;
     int index;
 } st_range_t;
-
-static const struct {
-    const char *name;
-    speed_dtype_t dtype;
-} st_dtypes[] = {
-    {"F32", SPEED_DTYPE_F32},
-    {"BF16", SPEED_DTYPE_BF16},
-    {"F16", SPEED_DTYPE_F16},
-};
 
 static int st_tensor_cmp(const void *a, const void *b) {
     return strcmp(((const speed_tensor_t *)a)->name, ((const speed_tensor_t *)b)->name);
@@ -70,15 +62,15 @@ static speed_status_t st_entry_parse(const char *path, const char *name, json_t 
                                                                                    : "data_offsets");
         return SPEED_ERR_FORMAT;
     }
-    size_t k;
-    for (k = 0; k < sizeof st_dtypes / sizeof st_dtypes[0]; k++)
-        if (strcmp(json_string_value(dtype), st_dtypes[k].name) == 0) break;
-    if (k == sizeof st_dtypes / sizeof st_dtypes[0]) {
-        SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: tensor %s: unsupported dtype \"%s\" (F32, BF16, F16 only)",
-                    path, name, json_string_value(dtype));
+    if (speed_dtype_safetensors_parse(json_string_value(dtype), &t->dtype) != SPEED_OK) {
+        char known[64] = "";
+        for (int d = 0; d < SPEED_DTYPE_COUNT; d++)
+            snprintf(known + strlen(known), sizeof known - strlen(known), "%s%s", d ? ", " : "",
+                     speed_dtype_safetensors_name((speed_dtype_t)d));
+        SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: tensor %s: unsupported dtype \"%s\" (%s only)", path, name,
+                    json_string_value(dtype), known);
         return SPEED_ERR_UNSUPPORTED;
     }
-    t->dtype = st_dtypes[k].dtype;
     uint64_t dsize = speed_dtype_size(t->dtype);
 
     if (json_array_size(shape) > SPEED_TENSOR_MAX_DIMS) {

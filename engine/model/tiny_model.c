@@ -161,24 +161,6 @@ speed_status_t speed_tiny_model_preset(const char *name, speed_tiny_model_params
     return SPEED_OK;
 }
 
-static const char *torch_dtype_name(speed_dtype_t d) {
-    switch (d) {
-    case SPEED_DTYPE_F32:  return "float32";
-    case SPEED_DTYPE_BF16: return "bfloat16";
-    case SPEED_DTYPE_F16:  return "float16";
-    }
-    return "?";
-}
-
-static const char *st_dtype_name(speed_dtype_t d) {
-    switch (d) {
-    case SPEED_DTYPE_F32:  return "F32";
-    case SPEED_DTYPE_BF16: return "BF16";
-    case SPEED_DTYPE_F16:  return "F16";
-    }
-    return "?";
-}
-
 /* config.json text, HF field names in HF's (sorted) order. */
 static void config_text(const speed_tiny_model_params_t *p, tiny_text_t *t) {
     char f[32];
@@ -218,7 +200,7 @@ static void config_text(const speed_tiny_model_params_t *p, tiny_text_t *t) {
     float_format(p->rope_theta, f, sizeof f);
     text_printf(t, "  \"rope_theta\": %s,\n", f);
     text_printf(t, "  \"tie_word_embeddings\": %s,\n", p->tied ? "true" : "false");
-    text_printf(t, "  \"torch_dtype\": \"%s\",\n", torch_dtype_name(p->dtype));
+    text_printf(t, "  \"torch_dtype\": \"%s\",\n", speed_dtype_torch_name(p->dtype));
     text_printf(t, "  \"use_cache\": true,\n  \"vocab_size\": %d\n}\n", p->vocab_size);
 }
 
@@ -345,7 +327,7 @@ static speed_status_t shard_write(const char *dir, const speed_tiny_model_params
     for (int i = 0; i < n; i++) {
         if (ts[i].shard != s) continue;
         text_printf(&h, ",\"%s\":{\"dtype\":\"%s\",\"shape\":[%lld", ts[i].name,
-                    st_dtype_name(p->dtype), (long long)ts[i].shape[0]);
+                    speed_dtype_safetensors_name(p->dtype), (long long)ts[i].shape[0]);
         if (ts[i].n_dims == 2) text_printf(&h, ",%lld", (long long)ts[i].shape[1]);
         text_printf(&h, "],\"data_offsets\":[%llu,%llu]}", (unsigned long long)offset,
                     (unsigned long long)(offset + ts[i].n_bytes));

@@ -1,18 +1,11 @@
 /* speed_engine lifecycle, sequences, accessors and KV transfer. The step is in forward.c. */
 #include <math.h>
 #include <string.h>
-#include <time.h>
 
 #include "alloc.h"
+#include "clock.h"
 #include "engine_internal.h"
 #include "log.h"
-
-uint64_t speed_engine_now_ns_(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 
 speed_engine_params_t speed_engine_default_params(void) {
     return (speed_engine_params_t){
@@ -537,7 +530,7 @@ static speed_status_t seq_new(speed_engine_t *e, int64_t n_prompt, const speed_d
     s->max_new = max_new_tokens;
     s->a = depth.anchors < n_prompt ? depth.anchors : n_prompt;
     s->tail_start = n_prompt - depth.tail > s->a ? n_prompt - depth.tail : s->a;
-    s->t_add_ns = speed_engine_now_ns_();
+    s->t_add_ns = speed_clock_mono_ns();
     *seq_p = s;
     return SPEED_OK;
 }

@@ -134,7 +134,6 @@ struct speed_engine {
  * of the outputs into e->logits. */
 speed_status_t speed_engine_rank_forward_(engine_rank_t *rk, int n_items, int n_rows);
 
-uint64_t speed_engine_now_ns_(void);
 engine_seq_t *speed_engine_find_(const speed_engine_t *e, speed_seq_id_t id);
 
 #endif /* SPEED_ENGINE_INTERNAL_H */

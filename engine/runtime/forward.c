@@ -23,6 +23,7 @@
  */
 #include <string.h>
 
+#include "clock.h"
 #include "engine_internal.h"
 #include "log.h"
 
@@ -267,7 +268,7 @@ speed_status_t speed_engine_step(speed_engine_t *e, speed_engine_step_result_t *
         SPEED_ERROR(SPEED_SUBSYS_ENGINE, "engine: step without engine or result pointer");
         return SPEED_ERR_INVALID_ARGUMENT;
     }
-    uint64_t t0 = speed_engine_now_ns_();
+    uint64_t t0 = speed_clock_mono_ns();
     memset(result_p, 0, sizeof *result_p);
     result_p->outputs = e->outputs;
 
@@ -300,7 +301,7 @@ speed_status_t speed_engine_step(speed_engine_t *e, speed_engine_step_result_t *
     }
 
     /* commit */
-    uint64_t t1 = speed_engine_now_ns_(), dt = t1 - t0;
+    uint64_t t1 = speed_clock_mono_ns(), dt = t1 - t0;
     int n_out = 0;
     for (int it = 0; it < n_items; it++) {
         const engine_batch_item_t *item = &e->items[it];

@@ -11,9 +11,9 @@
 #include <errno.h>
 #include <pthread.h>
 #include <string.h>
-#include <time.h>
 
 #include "alloc.h"
+#include "clock.h"
 #include "log.h"
 #include "rng.h"
 
@@ -106,18 +106,6 @@ speed_batcher_params_t speed_batcher_default_params(void) {
     return p;
 }
 
-static uint64_t mono_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-static int64_t wall_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 static double ms_between(uint64_t a, uint64_t b) { return b > a ? (double)(b - a) / 1e6 : 0.0; }
 
 /* ---- requests ------------------------------------------------------------------------------ */
@@ -199,7 +187,7 @@ static speed_status_t req_create(speed_batcher_t *b, const char *id, req_t **r_p
     if (!r) return SPEED_ERR_NO_MEMORY;
     strcpy(r->id, id);
     r->seq = -1;
-    r->t_arrival_ns = mono_ns();
+    r->t_arrival_ns = speed_clock_mono_ns();
     (void)b;
     *r_p = r;
     return SPEED_OK;
@@ -299,7 +287,7 @@ static void req_finish(speed_batcher_t *b, req_t *r, speed_batch_finish_t finish
     }
     if (keep) {
         r->state = REQ_HELD;
-        r->deadline_ms = wall_ms() + b->p.lease_ms;
+        r->deadline_ms = speed_clock_wall_ms() + b->p.lease_ms;
         return;
     }
     req_unlink_free(b, r);
@@ -406,7 +394,7 @@ static speed_status_t admit(speed_batcher_t *b, req_t *r) {
     if (st != SPEED_OK) return st;
     r->in_engine = true;
     r->state = REQ_RUNNING;
-    r->t_engine_ns = mono_ns();
+    r->t_engine_ns = speed_clock_mono_ns();
     b->counts.n_prompt_tokens += (uint64_t)r->n_prompt;
     return SPEED_OK;
 }
@@ -454,7 +442,7 @@ static speed_status_t do_reserve(speed_batcher_t *b, cmd_t *c) {
     r->in_engine = true;
     r->state = REQ_RESERVED;
     r->n_prompt = c->n_prompt;
-    r->deadline_ms = wall_ms() + b->p.lease_ms;
+    r->deadline_ms = speed_clock_wall_ms() + b->p.lease_ms;
     speed_engine_seq_stats_t ss;
     speed_engine_seq_stats(b->engine, r->seq, &ss);
     r->depth = ss.depth;
@@ -498,7 +486,7 @@ static speed_status_t do_start(speed_batcher_t *b, cmd_t *c) {
     r->hold_kv = false;
     r->state = REQ_RUNNING;
     r->t_arrival_ns = p->t_arrival_ns;
-    r->t_engine_ns = mono_ns();
+    r->t_engine_ns = speed_clock_mono_ns();
     b->counts.n_submitted++;
 
     speed_sample_t smp = {.id = c->first.id, .logprob = c->first.logprob, .n_top = c->first.n_top};
@@ -539,7 +527,7 @@ static void run_cmd(speed_batcher_t *b, cmd_t *c) {
              * circulation for a moment instead of handing them to the next request. */
             b->counts.n_cancelled++;
             r->state = REQ_HELD;
-            int64_t until = wall_ms() + b->p.cancel_quarantine_ms;
+            int64_t until = speed_clock_wall_ms() + b->p.cancel_quarantine_ms;
             if (until < r->deadline_ms) r->deadline_ms = until;
         } else if (r) {
             req_finish(b, r, SPEED_BATCH_CANCELLED, SPEED_ERR_CANCELLED);
@@ -567,7 +555,7 @@ static void run_cmd(speed_batcher_t *b, cmd_t *c) {
 }
 
 static void expire_leases(speed_batcher_t *b) {
-    int64_t now = wall_ms();
+    int64_t now = speed_clock_wall_ms();
     req_t *r = b->reqs;
     while (r) {
         req_t *next = r->next;
@@ -643,10 +631,7 @@ static void *engine_main(void *arg) {
         pthread_mutex_lock(&b->mu);
         while (!b->stopping && !b->q_head && !speed_engine_has_work(b->engine)) {
             /* wake at least every 100 ms for leases */
-            struct timespec ts;
-            clock_gettime(CLOCK_REALTIME, &ts);
-            ts.tv_nsec += 100 * 1000000L;
-            if (ts.tv_nsec >= 1000000000L) ts.tv_sec++, ts.tv_nsec -= 1000000000L;
+            struct timespec ts = speed_clock_deadline(CLOCK_REALTIME, 100);
             if (pthread_cond_timedwait(&b->wake, &b->mu, &ts) == ETIMEDOUT) break;
         }
         cmd_t *q = b->q_head;
@@ -889,11 +874,7 @@ void speed_batcher_drain(speed_batcher_t *b) {
 }
 
 bool speed_batcher_wait_idle(speed_batcher_t *b, int64_t timeout_ms) {
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    ts.tv_sec += timeout_ms / 1000;
-    ts.tv_nsec += (timeout_ms % 1000) * 1000000L;
-    if (ts.tv_nsec >= 1000000000L) ts.tv_sec++, ts.tv_nsec -= 1000000000L;
+    struct timespec ts = speed_clock_deadline(CLOCK_REALTIME, timeout_ms);
     pthread_mutex_lock(&b->mu);
     while (b->n_reqs > 0)
         if (pthread_cond_timedwait(&b->done_cv, &b->mu, &ts) == ETIMEDOUT) break;

@@ -3,32 +3,44 @@
  * the family is recognised from marker strings in tokenizer_config.json's template. */
 #include "tok_internal.h"
 
+#include <stdio.h>
 #include <string.h>
 
 #include "alloc.h"
 #include "log.h"
 
-static const char *const template_names[] = {"auto", "llama3", "llama2", "chatml"};
+const char *const speed_chat_template_names[SPEED_CHAT_TEMPLATE_COUNT + 1] = {
+    [SPEED_CHAT_TEMPLATE_AUTO] = "auto",
+    [SPEED_CHAT_TEMPLATE_LLAMA3] = "llama3",
+    [SPEED_CHAT_TEMPLATE_LLAMA2] = "llama2",
+    [SPEED_CHAT_TEMPLATE_CHATML] = "chatml",
+    [SPEED_CHAT_TEMPLATE_COUNT] = NULL,
+};
 
 speed_status_t speed_chat_template_parse(const char *name, speed_chat_template_t *out_p) {
     if (!name || !out_p) {
         SPEED_ERROR(SPEED_SUBSYS_TOK, "speed_chat_template_parse: NULL argument");
         return SPEED_ERR_INVALID_ARGUMENT;
     }
-    for (size_t i = 0; i < sizeof template_names / sizeof template_names[0]; i++) {
-        if (strcmp(name, template_names[i]) == 0) {
+    for (int i = 0; i < SPEED_CHAT_TEMPLATE_COUNT; i++) {
+        if (strcmp(name, speed_chat_template_names[i]) == 0) {
             *out_p = (speed_chat_template_t)i;
             return SPEED_OK;
         }
     }
-    SPEED_ERROR(SPEED_SUBSYS_TOK, "unknown chat template \"%s\" (expected auto, llama3, llama2 "
-                "or chatml)", name);
+    char expected[128] = ""; /* "a, b, c or d" */
+    for (int i = 0; i < SPEED_CHAT_TEMPLATE_COUNT; i++) {
+        size_t at = strlen(expected);
+        const char *sep = i == 0 ? "" : i == SPEED_CHAT_TEMPLATE_COUNT - 1 ? " or " : ", ";
+        snprintf(expected + at, sizeof expected - at, "%s%s", sep, speed_chat_template_names[i]);
+    }
+    SPEED_ERROR(SPEED_SUBSYS_TOK, "unknown chat template \"%s\" (expected %s)", name, expected);
     return SPEED_ERR_INVALID_ARGUMENT;
 }
 
 const char *speed_chat_template_name(speed_chat_template_t t) {
-    if ((unsigned)t >= sizeof template_names / sizeof template_names[0]) return "unknown";
-    return template_names[t];
+    if ((unsigned)t >= SPEED_CHAT_TEMPLATE_COUNT) return "unknown";
+    return speed_chat_template_names[t];
 }
 
 /* Python's str.strip() (Jinja |trim and .strip()): Unicode whitespace at both ends. */

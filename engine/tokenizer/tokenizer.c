@@ -957,7 +957,7 @@ speed_status_t speed_tok_load(const char *model_dir, const speed_tok_params_t *p
     }
     speed_tok_params_t dflt = speed_tok_default_params();
     if (!params) params = &dflt;
-    if ((unsigned)params->chat_template > SPEED_CHAT_TEMPLATE_CHATML) {
+    if ((unsigned)params->chat_template >= SPEED_CHAT_TEMPLATE_COUNT) {
         SPEED_ERROR(SPEED_SUBSYS_TOK, "speed_tok_load: invalid chat_template value %d",
                     (int)params->chat_template);
         return SPEED_ERR_INVALID_ARGUMENT;

@@ -44,6 +44,7 @@ typedef enum {
     SPEED_CHAT_TEMPLATE_LLAMA3,    /* <|start_header_id|>role<|end_header_id|>\n\n...<|eot_id|> */
     SPEED_CHAT_TEMPLATE_LLAMA2,    /* <s>[INST] <<SYS>>...<</SYS>> ... [/INST] ... </s> */
     SPEED_CHAT_TEMPLATE_CHATML,    /* <|im_start|>role\n...<|im_end|>\n */
+    SPEED_CHAT_TEMPLATE_COUNT
 } speed_chat_template_t;
 
 typedef struct {
@@ -52,7 +53,12 @@ typedef struct {
 
 speed_tok_params_t speed_tok_default_params(void);
 
-/* "auto", "llama3", "llama2", "chatml" (case-sensitive). Unknown name →
+/* The templates' names in enum order, NULL-terminated: "auto", "llama3", "llama2", "chatml".
+ * A config ENUM field (config.h) takes them as its enum_names, and its stored index is then
+ * the speed_chat_template_t. Adding a template adds its name here (chat_template.c) only. */
+extern const char *const speed_chat_template_names[SPEED_CHAT_TEMPLATE_COUNT + 1];
+
+/* One of speed_chat_template_names (case-sensitive). Unknown name →
  * SPEED_ERR_INVALID_ARGUMENT (logged, listing the valid names). */
 speed_status_t speed_chat_template_parse(const char *name, speed_chat_template_t *out_p);
 /* Static string; "unknown" for values outside the enum. */

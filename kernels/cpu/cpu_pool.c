@@ -27,6 +27,7 @@
 #endif
 
 #include "alloc.h"
+#include "clock.h"
 #include "log.h"
 
 /* How long a worker keeps spinning for the next job, and how long the caller spins for the
@@ -66,12 +67,6 @@ static inline void cpu_relax(void) {
 #endif
 }
 
-static uint64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 static void futex_wait(_Atomic uint32_t *word, uint32_t expected) {
 #if defined(__linux__)
     /* EAGAIN (value already changed) and EINTR both just mean "look again". */
@@ -100,7 +95,7 @@ static uint32_t spin_while_equal(_Atomic uint32_t *word, uint32_t value, uint64_
         if (v != value) return v;
         cpu_relax();
         if ((i & 255) == 0) {
-            uint64_t t = now_ns();
+            uint64_t t = speed_clock_mono_ns();
             if (!start) start = t;
             else if (t - start > budget_ns) return v;
         }
@@ -142,7 +137,7 @@ static void join(speed_cpu_pool_t *pool) {
     for (unsigned i = 1; atomic_load_explicit(&pool->pending, memory_order_acquire) != 0; i++) {
         cpu_relax();
         if ((i & 255) == 0) {
-            uint64_t t = now_ns();
+            uint64_t t = speed_clock_mono_ns();
             if (!start) start = t;
             else if (t - start > SPEED_CPU_POOL_JOIN_SPIN_NS) break;
         }

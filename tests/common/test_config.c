@@ -10,6 +10,7 @@
 #include "alloc.h"
 #include "check.h"
 #include "config.h"
+#include "dtype.h"
 #include "log.h"
 
 #define PREFIX "SPEEDTEST_"
@@ -27,7 +28,6 @@ typedef struct {
     char *model;
 } test_cfg_t;
 
-static const char *const dtype_names[] = {"f32", "bf16", "f16", NULL};
 
 static const speed_config_field_t fields[] = {
     {"threads", SPEED_CONFIG_INT, offsetof(test_cfg_t, threads), "4", 1, 256, NULL,
@@ -39,7 +39,7 @@ static const speed_config_field_t fields[] = {
     {"name", SPEED_CONFIG_STRING, offsetof(test_cfg_t, name), "dev",
      SPEED_CONFIG_UNBOUNDED, NULL, "cluster name"},
     {"dtype", SPEED_CONFIG_ENUM, offsetof(test_cfg_t, dtype), "bf16",
-     SPEED_CONFIG_UNBOUNDED, dtype_names, "weight type"},
+     SPEED_CONFIG_UNBOUNDED, speed_dtype_names, "weight type"},
     {"kv.block_tokens", SPEED_CONFIG_INT, offsetof(test_cfg_t, kv_block_tokens), "16", 1, 1024,
      NULL, "tokens per KV block"},
     {"max-batch", SPEED_CONFIG_INT, offsetof(test_cfg_t, max_batch), "8",
@@ -644,9 +644,9 @@ static void test_parsers(void) {
     CHECK(!b);
     CHECK_INT_EQ(speed_config_parse_bool("y", &b), SPEED_ERR_PARSE);
     CHECK_INT_EQ(speed_config_parse_bool("", &b), SPEED_ERR_PARSE);
-    CHECK_INT_EQ(speed_config_parse_enum("BF16", dtype_names, &e), SPEED_OK);
+    CHECK_INT_EQ(speed_config_parse_enum("BF16", speed_dtype_names, &e), SPEED_OK);
     CHECK_INT_EQ(e, 1);
-    CHECK_INT_EQ(speed_config_parse_enum("bf", dtype_names, &e), SPEED_ERR_PARSE);
+    CHECK_INT_EQ(speed_config_parse_enum("bf", speed_dtype_names, &e), SPEED_ERR_PARSE);
     CHECK_INT_EQ(e, 1);
 }
 

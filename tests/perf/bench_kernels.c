@@ -41,6 +41,7 @@
 
 #include "alloc.h"
 #include "backend.h"
+#include "clock.h"
 #include "cpu_pool.h" /* white box: the fast backend's thread pool, for its dispatch cost */
 #include "log.h"
 #include "roofline.h"
@@ -52,12 +53,6 @@ static int g_reps = 7;
 static speed_backend_t *g_be;
 static speed_roofline_t g_roof;
 static speed_roofline_params_t g_probe; /* the short per-round probes */
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
@@ -145,9 +140,9 @@ static double time_median(bench_cb_t fn, void *arg, int reps) {
     if (reps > 64) reps = 64;
     fn(arg, 0);
     for (int r = 0; r < reps; r++) {
-        double t0 = now_s();
+        double t0 = speed_clock_mono_s();
         fn(arg, r + 1);
-        t[r] = now_s() - t0;
+        t[r] = speed_clock_mono_s() - t0;
     }
     return median(t, reps);
 }
@@ -175,9 +170,9 @@ static void run_rounds(const char *name, bench_cb_t fn, void *arg, double per_ca
     fn(arg, 0);
     for (int r = 0; r < rounds; r++) {
         double top = probe(roof);
-        double t0 = now_s();
+        double t0 = speed_clock_mono_s();
         fn(arg, r + 1);
-        t[r] = (now_s() - t0) / per_call;
+        t[r] = (speed_clock_mono_s() - t0) / per_call;
         rate[r] = amount / t[r] * 1e-9;
         frac[r] = rate[r] / top;
     }
@@ -408,9 +403,9 @@ static void bench_pool(int n_threads, int reps) {
     if (reps > 64) reps = 64;
     for (int r = 0; r < reps; r++) {
         const int n = 10000;
-        double t0 = now_s();
+        double t0 = speed_clock_mono_s();
         for (int i = 0; i < n; i++) speed_cpu_pool_run(pool, nop_task, NULL);
-        t[r] = (now_s() - t0) / n;
+        t[r] = (speed_clock_mono_s() - t0) / n;
     }
     printf("  %-44s %9.3f us\n", "pool dispatch + join, empty job", median(t, reps) * 1e6);
     const long idle_us[2] = {1000, 20000};
@@ -418,9 +413,9 @@ static void bench_pool(int n_threads, int reps) {
         for (int r = 0; r < reps; r++) {
             struct timespec ts = {0, idle_us[k] * 1000};
             nanosleep(&ts, NULL);
-            double t0 = now_s();
+            double t0 = speed_clock_mono_s();
             speed_cpu_pool_run(pool, nop_task, NULL);
-            t[r] = now_s() - t0;
+            t[r] = speed_clock_mono_s() - t0;
         }
         char name[96];
         snprintf(name, sizeof name, "  the same after %ld ms idle", idle_us[k] / 1000);

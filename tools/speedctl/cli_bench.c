@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "alloc.h"
+#include "clock.h"
 #include "engine.h"
 #include "log.h"
 #include "model.h"
@@ -19,44 +20,27 @@
 #include "sampler.h"
 #include "speedctl.h"
 
-static const char *const kv_dtype_names[] = {"f32", "bf16", "f16", NULL}; /* = speed_dtype_t order */
-
 typedef struct {
-    char *model, *prefill_layers;
-    int64_t prompt_tokens, gen_tokens, batch, threads, device, tensor_parallel, repeat, anchors, tail, seed, roofline_mib;
-    int backend, kv_dtype;
+    speedctl_engine_opts_t engine; /* --model, --backend, --prefill-layers, ... (speedctl.h) */
+    int64_t prompt_tokens, gen_tokens, batch, repeat, seed, roofline_mib;
     bool json, compare, roofline, hugepages;
 } bench_opts_t;
 
+/* bench's own options; bench_parts puts the table together (the engine's first) */
 static const speed_config_field_t bench_fields[] = {
-    {"model", SPEED_CONFIG_STRING, offsetof(bench_opts_t, model), NULL, SPEED_CONFIG_UNBOUNDED, NULL,
-     "model directory (required)"},
     {"prompt_tokens", SPEED_CONFIG_INT, offsetof(bench_opts_t, prompt_tokens), "512", 1, 1 << 24, NULL,
      "prompt length (random token ids)"},
     {"gen_tokens", SPEED_CONFIG_INT, offsetof(bench_opts_t, gen_tokens), "32", 1, 1 << 20, NULL,
      "tokens generated per sequence (the first comes from the prefill)"},
     {"batch", SPEED_CONFIG_INT, offsetof(bench_opts_t, batch), "1", 1, 4096, NULL,
      "also measure decode with this many sequences at once (1 = batch 1 only)"},
-    {"prefill_layers", SPEED_CONFIG_STRING, offsetof(bench_opts_t, prefill_layers), NULL, SPEED_CONFIG_UNBOUNDED, NULL,
-     "SPEED depth C: an integer 1..L or a fraction of L (0.75); default L (SPEED off)"},
-    {"anchors", SPEED_CONFIG_INT, offsetof(bench_opts_t, anchors), "1", 0, 1 << 20, NULL, "anchor tokens (A)"},
-    {"tail", SPEED_CONFIG_INT, offsetof(bench_opts_t, tail), "1", 1, 1 << 20, NULL, "tail tokens (T)"},
     {"compare", SPEED_CONFIG_BOOL, offsetof(bench_opts_t, compare), "false", SPEED_CONFIG_UNBOUNDED, NULL,
      "run C = L and the given C on the same prompt and print their ratios"},
-    {"threads", SPEED_CONFIG_INT, offsetof(bench_opts_t, threads), "0", 0, 1024, NULL,
-     "compute threads, for the engine and the roofline; 0 = all online cores"},
     {"repeat", SPEED_CONFIG_INT, offsetof(bench_opts_t, repeat), "3", 1, 1000, NULL,
      "repetitions of every measurement; the median is reported"},
-    {"backend", SPEED_CONFIG_ENUM, offsetof(bench_opts_t, backend), "cpu", SPEED_CONFIG_UNBOUNDED,
-     speedctl_backend_names, "compute backend: cpu, cpu-ref or cuda"},
-    {"device", SPEED_CONFIG_INT, offsetof(bench_opts_t, device), "0", 0, 1023, NULL, "--backend cuda: the GPU's index"},
-    {"tensor_parallel", SPEED_CONFIG_INT, offsetof(bench_opts_t, tensor_parallel), "1", 1, 64, NULL,
-     "ranks the model is split over (cpu backends: threads of this process, --threads shared out)"},
-    {"kv_dtype", SPEED_CONFIG_ENUM, offsetof(bench_opts_t, kv_dtype), "bf16", SPEED_CONFIG_UNBOUNDED, kv_dtype_names,
-     "KV cache element type"},
     {"seed", SPEED_CONFIG_INT, offsetof(bench_opts_t, seed), "1", 0, 9.2e18, NULL, "seed of the random prompt"},
     {"roofline", SPEED_CONFIG_BOOL, offsetof(bench_opts_t, roofline), "true", SPEED_CONFIG_UNBOUNDED, NULL,
-     "measure the machine's read bandwidth and compute peaks (--no-roofline skips them)"},
+     "measure the machine's read bandwidth and compute peaks, on --threads threads (--no-roofline skips them)"},
     {"hugepages", SPEED_CONFIG_BOOL, offsetof(bench_opts_t, hugepages), "true", SPEED_CONFIG_UNBOUNDED, NULL,
      "read the weights into 2 MiB pages (a load-time copy; decode streams them with fewer TLB misses); "
      "--no-hugepages maps the file"},
@@ -64,6 +48,10 @@ static const speed_config_field_t bench_fields[] = {
      "bandwidth probe buffer in MiB (much larger than the last-level cache)"},
     {"json", SPEED_CONFIG_BOOL, offsetof(bench_opts_t, json), "false", SPEED_CONFIG_UNBOUNDED, NULL,
      "print one JSON object"},
+};
+static const speedctl_options_part_t bench_parts[] = {
+    SPEEDCTL_ENGINE_PART(bench_opts_t, engine),
+    SPEEDCTL_OWN_PART(bench_fields),
 };
 
 /* Medians and byte counts of one depth. */
@@ -175,7 +163,7 @@ static speed_status_t bench_once(speed_engine_t *eng, speed_sampler_t *sampler, 
     speed_sampling_params_t greedy = speed_sampling_default_params();
     greedy.temperature = 0.0f;
     int32_t n_vocab = speed_engine_n_vocab(eng);
-    double t0 = speedctl_now();
+    double t0 = speed_clock_mono_s();
     for (; n_added < n_seqs; n_added++)
         SPEED_CHECK_GOTO(speed_engine_seq_add(eng, prompt, n, depth, gen, &ids[n_added]), st, out);
     /* Prefill every sequence: each gets its first token. */
@@ -191,7 +179,7 @@ static speed_status_t bench_once(speed_engine_t *eng, speed_sampler_t *sampler, 
             n_first++;
         }
     }
-    double t_first = speedctl_now();
+    double t_first = speed_clock_mono_s();
     speed_engine_seq_stats_t stats;
     SPEED_CHECK_GOTO(speed_engine_seq_stats(eng, ids[0], &stats), st, out);
     if (prefill_s) *prefill_s = (double)stats.prefill_ns / 1e9;
@@ -203,7 +191,7 @@ static speed_status_t bench_once(speed_engine_t *eng, speed_sampler_t *sampler, 
     double decode_total = 0.0;
     double step_bytes = pair ? pair->weight_bytes + (double)stats.kv_bytes_used : 0.0;
     for (int64_t produced = 1; produced < gen; produced++) {
-        double ts = speedctl_now();
+        double ts = speed_clock_mono_s();
         for (int k = 0; k < n_seqs; k++) SPEED_CHECK_GOTO(speed_engine_seq_append(eng, ids[k], next[k]), st, out);
         int got = 0;
         while (got < n_seqs) {
@@ -218,7 +206,7 @@ static speed_status_t bench_once(speed_engine_t *eng, speed_sampler_t *sampler, 
                 got++;
             }
         }
-        double step = speedctl_now() - ts;
+        double step = speed_clock_mono_s() - ts;
         decode_total += step;
         if (pair && n_seqs == 1 && pair->n < pair->cap) {
             double gbs;
@@ -258,13 +246,9 @@ static speed_status_t depth_setup(const bench_opts_t *o, const speed_model_t *mo
                                   const int32_t *prompt, speed_depth_t depth, speed_roofline_probe_t *probe,
                                   depth_run_t *d, bench_result_t *res) {
     int batch = (int)o->batch;
-    speed_engine_params_t ep = speed_engine_default_params();
-    speedctl_ranks_apply(ranks, &ep);
-    ep.model = model;
-    ep.kv_dtype = (speed_dtype_t)o->kv_dtype;
+    speed_engine_params_t ep = speedctl_engine_params(&o->engine, ranks, model, depth);
     ep.max_seqs = batch;
     if (ep.max_step_tokens < batch) ep.max_step_tokens = batch;
-    ep.depth = depth;
     memset(d, 0, sizeof *d);
     memset(res, 0, sizeof *res);
     d->depth = depth;
@@ -302,7 +286,7 @@ static speed_status_t depth_rep(const bench_opts_t *o, const speed_model_t *mode
     if (rss > res->rss_max) res->rss_max = rss;
     if (o->roofline) {
         speed_roofline_params_t rp = speed_roofline_default_params();
-        rp.n_threads = o->threads > 0 ? (int)o->threads : 0;
+        rp.n_threads = o->engine.threads > 0 ? (int)o->engine.threads : 0;
         rp.read_bytes = (size_t)o->roofline_mib << 20;
         rp.repetitions = 3;
         rp.compute_ms = 30;
@@ -354,7 +338,7 @@ static speed_status_t depth_finish(const bench_opts_t *o, const speed_model_t *m
         res->batch_tokens_per_s = (double)batch * (double)(gen - 1) / t;
         res->batch_step_s = t / (double)(gen - 1);
     }
-    speed_dtype_t kvd = (speed_dtype_t)o->kv_dtype;
+    speed_dtype_t kvd = (speed_dtype_t)o->engine.kv_dtype;
     res->kv_formula = speed_kv_bytes_for_prompt(mc, res->depth.prefill_layers, d->depth.anchors, d->depth.tail, n, kvd);
     res->kv_prompt_full = speed_kv_bytes_for_prompt(mc, mc->n_layers, d->depth.anchors, d->depth.tail, n, kvd);
     speed_engine_stats_t es;
@@ -391,7 +375,7 @@ static speed_status_t lockstep_once(const bench_opts_t *o, depth_run_t *d, const
                 st = speed_engine_seq_append(d[i].eng, id[i], next[i]);
                 if (st != SPEED_OK) break;
             }
-            double t0 = speedctl_now();
+            double t0 = speed_clock_mono_s();
             speed_engine_step_result_t r;
             st = step_checked(d[i].eng, &r);
             for (int k = 0; st == SPEED_OK && k < r.n_outputs; k++) {
@@ -400,7 +384,7 @@ static speed_status_t lockstep_once(const bench_opts_t *o, depth_run_t *d, const
                                           speed_engine_n_vocab(d[i].eng), &smp);
                 next[i] = smp.id;
             }
-            double t = speedctl_now() - t0;
+            double t = speed_clock_mono_s() - t0;
             if (produced[i] == 0) t_pre[i] += t; /* the prefill chunks, up to the first token */
             else t_dec[i] += t;
             if (st == SPEED_OK && r.n_outputs > 0) produced[i]++;
@@ -426,7 +410,7 @@ static speed_status_t bench_depths(const bench_opts_t *o, const speed_model_t *m
     speed_roofline_probe_t *probe = NULL;
     if (o->roofline && o->gen_tokens > 1) {
         speed_roofline_params_t rp = speed_roofline_default_params();
-        rp.n_threads = o->threads > 0 ? (int)o->threads : 0;
+        rp.n_threads = o->engine.threads > 0 ? (int)o->engine.threads : 0;
         rp.read_bytes = PROBE_BYTES;
         st = speed_roofline_probe_create(&rp, &probe);
     }
@@ -461,16 +445,6 @@ static speed_status_t bench_depths(const bench_opts_t *o, const speed_model_t *m
     return st;
 }
 
-static void human(double b, char *out, size_t n) {
-    static const char *const units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-    int u = 0;
-    while (b >= 1024 && u < 4) {
-        b /= 1024;
-        u++;
-    }
-    snprintf(out, n, u ? "%.2f %s" : "%.0f %s", b, units[u]);
-}
-
 
 static void result_print(const bench_result_t *r, const bench_opts_t *o, int n_layers, const speed_roofline_t *rf,
                          bool have_rf, speed_dtype_t wdtype) {
@@ -488,7 +462,7 @@ static void result_print(const bench_result_t *r, const bench_opts_t *o, int n_l
     printf("\n  TTFT         %.2f ms\n", r->ttft_s * 1e3);
     if (o->gen_tokens > 1) {
         double gbs = r->decode_bytes / r->tpot_s / 1e9;
-        human(r->decode_bytes, b1, sizeof b1);
+        speedctl_bytes_human(r->decode_bytes, 2, b1, sizeof b1);
         printf("  decode b=1   %.2f ms/token = %.2f tokens/s; reads %s/token -> %.2f GB/s", r->tpot_s * 1e3,
                1.0 / r->tpot_s, b1, gbs);
         if (r->decode_frac > 0)
@@ -500,9 +474,9 @@ static void result_print(const bench_result_t *r, const bench_opts_t *o, int n_l
             printf("  decode b=%-3" PRId64 " %.2f tokens/s (%.2f ms per step of %" PRId64 " tokens)\n", o->batch,
                    r->batch_tokens_per_s, r->batch_step_s * 1e3, o->batch);
     }
-    human((double)r->kv_prompt, b1, sizeof b1);
-    human((double)r->kv_formula, b2, sizeof b2);
-    human((double)r->kv_prompt_full, b3, sizeof b3);
+    speedctl_bytes_human((double)r->kv_prompt, 2, b1, sizeof b1);
+    speedctl_bytes_human((double)r->kv_formula, 2, b2, sizeof b2);
+    speedctl_bytes_human((double)r->kv_prompt_full, 2, b3, sizeof b3);
     printf("  KV           prompt %s (%zu B) vs formula %s (%+.3f%%); full depth %s -> %.1f%%; "
            "at the end %zu B, %zu B reserved\n", b1, r->kv_prompt, b2,
            r->kv_formula ? 100.0 * ((double)r->kv_prompt - (double)r->kv_formula) / (double)r->kv_formula : 0.0, b3,
@@ -548,11 +522,14 @@ int speedctl_bench(int argc, char **argv) {
     bench_opts_t o;
     speed_config_t *cfg;
     bool done;
-    int rc = speedctl_options_load("bench", "speedctl bench --model DIR [options]", bench_fields,
-                                   sizeof bench_fields / sizeof bench_fields[0], &o, argc, argv, &cfg, &done);
+    speed_config_field_t fields[SPEEDCTL_MAX_FIELDS];
+    int rc = speedctl_options_load_parts("bench", "speedctl bench --model DIR [options]", bench_parts,
+                                         sizeof bench_parts / sizeof bench_parts[0], fields, &o, argc, argv, &cfg,
+                                         &done);
     if (done) return rc;
+    const speedctl_engine_opts_t *eo = &o.engine;
     char *const *pos;
-    if (speed_config_positional(cfg, &pos) != 0 || !o.model) {
+    if (speed_config_positional(cfg, &pos) != 0 || !eo->model) {
         speedctl_fail("bench needs --model DIR (see --help)");
         speed_config_destroy(cfg);
         return SPEEDCTL_EXIT_USAGE;
@@ -568,19 +545,10 @@ int speedctl_bench(int argc, char **argv) {
 
     speed_model_params_t mp = speed_model_default_params();
     mp.hugepages = o.hugepages;
-    SPEED_CHECK_GOTO(speed_model_load(o.model, &mp, &model), st, out);
+    SPEED_CHECK_GOTO(speed_model_load(eo->model, &mp, &model), st, out);
     const speed_model_config_t *mc = &model->config;
-    speed_depth_t depth = speed_depth_default();
-    depth.anchors = (int)o.anchors;
-    depth.tail = (int)o.tail;
-    depth.prefill_layers = mc->n_layers;
-    speed_log_set_sink(speedctl_silent_sink, NULL);
-    bool depth_ok = !o.prefill_layers ||
-                    speed_prefill_layers_parse(o.prefill_layers, mc->n_layers, &depth.prefill_layers) == SPEED_OK;
-    speedctl_log_to_stderr();
-    if (!depth_ok) {
-        speedctl_fail("--prefill-layers '%s': expected an integer 1..%d or a fraction in (0, 1]", o.prefill_layers,
-                      mc->n_layers);
+    speed_depth_t depth;
+    if (speedctl_engine_depth(eo, mc->n_layers, &depth) != SPEED_OK) {
         exit_code = SPEEDCTL_EXIT_USAGE;
         goto out;
     }
@@ -606,9 +574,9 @@ int speedctl_bench(int argc, char **argv) {
     for (int64_t i = 0; i < o.prompt_tokens; i++) prompt[i] = (int32_t)(speed_rng_next(&rng) % (uint64_t)mc->vocab_size);
     if (mc->bos_token_id >= 0 && mc->bos_token_id < mc->vocab_size) prompt[0] = mc->bos_token_id;
 
-    SPEED_CHECK_GOTO(speedctl_ranks_create(o.backend, o.device, o.threads, o.tensor_parallel, &ranks), st, out);
+    SPEED_CHECK_GOTO(speedctl_ranks_create(eo, &ranks), st, out);
     be = ranks.be[0];
-    int n_threads = (int)o.threads;
+    int n_threads = (int)eo->threads;
     if (n_threads == 0) {
         long n = sysconf(_SC_NPROCESSORS_ONLN);
         n_threads = n > 0 ? (int)n : 1;
@@ -649,7 +617,7 @@ int speedctl_bench(int argc, char **argv) {
     if (o.json) {
         json_t *root = json_object();
         json_t *jm = json_object();
-        json_object_set_new(jm, "path", json_string(o.model));
+        json_object_set_new(jm, "path", json_string(eo->model));
         json_object_set_new(jm, "layers", json_integer(mc->n_layers));
         json_object_set_new(jm, "params", json_integer(speed_model_n_params(model)));
         json_object_set_new(jm, "weight_bytes", json_integer((json_int_t)weights));
@@ -657,8 +625,8 @@ int speedctl_bench(int argc, char **argv) {
         json_object_set_new(root, "model", jm);
         json_object_set_new(root, "backend", json_string(speed_backend_name(be)));
         json_object_set_new(root, "threads", json_integer(n_threads));
-        json_object_set_new(root, "tensor_parallel", json_integer(o.tensor_parallel));
-        json_object_set_new(root, "kv_dtype", json_string(kv_dtype_names[o.kv_dtype]));
+        json_object_set_new(root, "tensor_parallel", json_integer(eo->tensor_parallel));
+        json_object_set_new(root, "kv_dtype", json_string(speed_dtype_name((speed_dtype_t)eo->kv_dtype)));
         json_object_set_new(root, "prompt_tokens", json_integer(o.prompt_tokens));
         json_object_set_new(root, "gen_tokens", json_integer(o.gen_tokens));
         json_object_set_new(root, "batch", json_integer(o.batch));
@@ -700,30 +668,30 @@ int speedctl_bench(int argc, char **argv) {
         json_decref(root);
     } else {
         char b1[32], b2[32], b3[32], b4[32], b5[32];
-        human((double)weights, b1, sizeof b1);
+        speedctl_bytes_human((double)weights, 2, b1, sizeof b1);
         double np = (double)speed_model_n_params(model);
-        printf("model        %s: %d layers, hidden %d, %.3g%s parameters, %s weights %s\n", o.model, mc->n_layers,
+        printf("model        %s: %d layers, hidden %d, %.3g%s parameters, %s weights %s\n", eo->model, mc->n_layers,
                mc->hidden, np >= 1e9 ? np / 1e9 : np / 1e6, np >= 1e9 ? " B" : " M", speed_dtype_name(wdtype), b1);
         char be_label[320];
-        if (o.tensor_parallel > 1)
-            snprintf(be_label, sizeof be_label, "%" PRId64 " ranks x %s", o.tensor_parallel, speed_backend_name(be));
+        if (eo->tensor_parallel > 1)
+            snprintf(be_label, sizeof be_label, "%" PRId64 " ranks x %s", eo->tensor_parallel, speed_backend_name(be));
         else
             snprintf(be_label, sizeof be_label, "%s", speed_backend_name(be));
         printf("setup        %s; weights %s; KV %s; prompt %" PRId64 " tokens (random ids), %" PRId64
                " generated, batch %" PRId64 ", medians of %" PRId64 "\n", be_label,
-               o.hugepages ? "read into 2 MiB pages" : "mapped", kv_dtype_names[o.kv_dtype], o.prompt_tokens,
-               o.gen_tokens, o.batch, o.repeat);
+               o.hugepages ? "read into 2 MiB pages" : "mapped", speed_dtype_name((speed_dtype_t)eo->kv_dtype),
+               o.prompt_tokens, o.gen_tokens, o.batch, o.repeat);
         if (o.roofline)
             printf("roofline     %d threads: read %.2f GB/s (memcpy %.2f GB/s, %zu MiB buffer); fp32 %.1f GFLOP/s (%s); "
                    "bf16 %.1f GFLOP/s (%s)\n", rf.n_threads, rf.read_gbs, rf.copy_gbs, rf.read_bytes >> 20,
                    rf.fp32_gflops, rf.fp32_kernel, rf.bf16_gflops, rf.bf16_kernel);
         for (int i = 0; i < n_res; i++) result_print(&res[i], &o, mc->n_layers, &rf, o.roofline, wdtype);
-        human((double)peak_rss, b1, sizeof b1);
-        human((double)weights, b2, sizeof b2);
-        human((double)kv_pool, b3, sizeof b3);
-        human((double)scratch, b4, sizeof b4);
+        speedctl_bytes_human((double)peak_rss, 2, b1, sizeof b1);
+        speedctl_bytes_human((double)weights, 2, b2, sizeof b2);
+        speedctl_bytes_human((double)kv_pool, 2, b3, sizeof b3);
+        speedctl_bytes_human((double)scratch, 2, b4, sizeof b4);
         double parts = (double)weights + (double)kv_pool + (double)scratch, other = (double)peak_rss - parts;
-        human(fabs(other), b5, sizeof b5);
+        speedctl_bytes_human(fabs(other), 2, b5, sizeof b5);
         printf("\nmemory       peak RSS %s; weights %s + KV pools %s + scratch %s, RSS %s that by %s (%s)\n",
                b1, b2, b3, b4, other < 0 ? "below" : "above", b5,
                other < 0 ? "pool and scratch pages never touched" : "code, heap, tokenizer, page tables");

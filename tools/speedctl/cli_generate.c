@@ -9,6 +9,7 @@
 #include <sys/random.h>
 
 #include "alloc.h"
+#include "clock.h"
 #include "engine.h"
 #include "log.h"
 #include "model.h"
@@ -17,27 +18,21 @@
 #include "stop.h"
 #include "tokenizer.h"
 
-static const char *const kv_dtype_names[] = {"f32", "bf16", "f16", NULL}; /* = speed_dtype_t order */
-static const char *const template_names[] = {"auto", "llama3", "llama2", "chatml", NULL};
-
 typedef struct {
-    char *model, *prompt, *prompt_ids, *chat, *system, *stop, *prefill_layers;
-    int chat_template, backend, kv_dtype;
-    int64_t max_tokens, top_k, seed, anchors, tail, top_logprobs, threads, device, tensor_parallel;
+    speedctl_engine_opts_t engine; /* --model, --backend, --prefill-layers, ... (speedctl.h) */
+    speedctl_chat_opts_t chat;     /* --chat, --system, --chat-template */
+    char *prompt, *prompt_ids, *stop;
+    int64_t max_tokens, top_k, seed, top_logprobs;
     double temperature, top_p;
     bool json, ignore_eos;
 } gen_opts_t;
 
-#define GSTR(n, member, doc) \
-    {n, SPEED_CONFIG_STRING, offsetof(gen_opts_t, member), NULL, SPEED_CONFIG_UNBOUNDED, NULL, doc}
+/* generate's own options; gen_parts puts the table together. */
+static const speed_config_field_t gen_prompt_fields[] = {
+    SPEEDCTL_TEXT_OPT(gen_opts_t, "prompt", prompt, "prompt text; the tokenizer adds its BOS as the model expects"),
+    SPEEDCTL_TEXT_OPT(gen_opts_t, "prompt_ids", prompt_ids, "prompt as comma-separated token ids (nothing added)"),
+};
 static const speed_config_field_t gen_fields[] = {
-    GSTR("model", model, "model directory (config.json, safetensors, tokenizer.json); required"),
-    GSTR("prompt", prompt, "prompt text; the tokenizer adds its BOS as the model expects"),
-    GSTR("prompt_ids", prompt_ids, "prompt as comma-separated token ids (nothing added)"),
-    GSTR("chat", chat, "a user message, rendered with the model's chat template (which carries the BOS)"),
-    GSTR("system", system, "system message for --chat"),
-    {"chat_template", SPEED_CONFIG_ENUM, offsetof(gen_opts_t, chat_template), "auto", SPEED_CONFIG_UNBOUNDED,
-     template_names, "chat template for --chat: auto (tokenizer_config.json's) or a built-in one"},
     {"max_tokens", SPEED_CONFIG_INT, offsetof(gen_opts_t, max_tokens), "64", 1, 1e9, NULL,
      "tokens to generate at most"},
     {"temperature", SPEED_CONFIG_DOUBLE, offsetof(gen_opts_t, temperature), "0", 0, 100, NULL,
@@ -48,29 +43,20 @@ static const speed_config_field_t gen_fields[] = {
      "keep only the k most likely tokens; 0 = off"},
     {"seed", SPEED_CONFIG_INT, offsetof(gen_opts_t, seed), "-1", -1, 9.2e18, NULL,
      "random seed for sampling (same seed, same tokens); -1 = a random one, printed"},
-    {"prefill_layers", SPEED_CONFIG_STRING, offsetof(gen_opts_t, prefill_layers), NULL, SPEED_CONFIG_UNBOUNDED,
-     NULL, "SPEED depth C: layers that see every prompt token, an integer 1..L or a fraction of L "
-           "(0.75); default L (SPEED off)"},
-    {"anchors", SPEED_CONFIG_INT, offsetof(gen_opts_t, anchors), "1", 0, 1 << 20, NULL,
-     "first prompt tokens kept at full depth (A)"},
-    {"tail", SPEED_CONFIG_INT, offsetof(gen_opts_t, tail), "1", 1, 1 << 20, NULL,
-     "last prompt tokens kept at full depth (T)"},
     {"top_logprobs", SPEED_CONFIG_INT, offsetof(gen_opts_t, top_logprobs), "0", 0, SPEED_SAMPLER_MAX_TOP_LOGPROBS,
      NULL, "--json: also list this many most likely tokens per position"},
-    {"threads", SPEED_CONFIG_INT, offsetof(gen_opts_t, threads), "0", 0, 1024, NULL,
-     "compute threads; 0 = all online cores"},
-    {"backend", SPEED_CONFIG_ENUM, offsetof(gen_opts_t, backend), "cpu", SPEED_CONFIG_UNBOUNDED,
-     speedctl_backend_names, "compute backend: cpu (fast), cpu-ref (the reference loops) or cuda (a GPU)"},
-    {"device", SPEED_CONFIG_INT, offsetof(gen_opts_t, device), "0", 0, 1023, NULL, "--backend cuda: the GPU's index"},
-    {"tensor_parallel", SPEED_CONFIG_INT, offsetof(gen_opts_t, tensor_parallel), "1", 1, 64, NULL,
-     "ranks the model is split over (cpu backends: threads of this process, --threads shared out)"},
-    {"kv_dtype", SPEED_CONFIG_ENUM, offsetof(gen_opts_t, kv_dtype), "bf16", SPEED_CONFIG_UNBOUNDED, kv_dtype_names,
-     "KV cache element type"},
-    GSTR("stop", stop, "stop when the output contains this text (not shown); \\n and \\t are understood"),
+    SPEEDCTL_TEXT_OPT(gen_opts_t, "stop", stop,
+                      "stop when the output contains this text (not shown); \\n and \\t are understood"),
     {"ignore_eos", SPEED_CONFIG_BOOL, offsetof(gen_opts_t, ignore_eos), "false", SPEED_CONFIG_UNBOUNDED, NULL,
      "keep generating past end-of-sequence tokens"},
     {"json", SPEED_CONFIG_BOOL, offsetof(gen_opts_t, json), "false", SPEED_CONFIG_UNBOUNDED, NULL,
      "print one JSON object (ids, text, logprobs, timing, KV bytes) instead of streaming text"},
+};
+static const speedctl_options_part_t gen_parts[] = {
+    SPEEDCTL_ENGINE_PART(gen_opts_t, engine),
+    SPEEDCTL_OWN_PART(gen_prompt_fields),
+    SPEEDCTL_CHAT_PART(gen_opts_t, chat),
+    SPEEDCTL_OWN_PART(gen_fields),
 };
 
 /* One generated token, kept for --json. */
@@ -117,13 +103,8 @@ static speed_status_t prompt_build(const gen_opts_t *o, const speed_tok_t *tok, 
                                    speed_tok_ids_t *ids) {
     if (o->prompt_ids) return speedctl_ids_parse("--prompt-ids", o->prompt_ids, n_vocab, ids);
     if (o->prompt) return speed_tok_encode(tok, o->prompt, strlen(o->prompt), true, ids);
-    speed_chat_message_t msgs[2];
-    size_t n = 0;
-    if (o->system) msgs[n++] = (speed_chat_message_t){"system", o->system};
-    msgs[n++] = (speed_chat_message_t){"user", o->chat};
     char *text = NULL;
-    SPEED_CHECK(speed_tok_chat_render(tok, msgs, n, true, &text));
-    speed_status_t st = speed_tok_encode(tok, text, strlen(text), false, ids); /* the template has the BOS */
+    speed_status_t st = speedctl_chat_encode(&o->chat, tok, &text, ids);
     speed_free(text);
     return st;
 }
@@ -166,7 +147,7 @@ static void json_print(const gen_opts_t *o, const speed_tok_ids_t *prompt, const
     json_t *kv = json_object();
     json_object_set_new(kv, "bytes", json_integer((json_int_t)stats->kv_bytes_used));
     json_object_set_new(kv, "full_depth_bytes", json_integer((json_int_t)stats->kv_bytes_full_depth));
-    json_object_set_new(kv, "dtype", json_string(kv_dtype_names[o->kv_dtype]));
+    json_object_set_new(kv, "dtype", json_string(speed_dtype_name((speed_dtype_t)o->engine.kv_dtype)));
     json_object_set_new(root, "kv", kv);
     json_t *depth = json_object();
     json_object_set_new(depth, "layers", json_integer(n_layers));
@@ -184,28 +165,20 @@ static void json_print(const gen_opts_t *o, const speed_tok_ids_t *prompt, const
     json_decref(root);
 }
 
-static void bytes_human(double b, char *out, size_t n) {
-    static const char *const units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-    int u = 0;
-    while (b >= 1024 && u < 4) {
-        b /= 1024;
-        u++;
-    }
-    snprintf(out, n, u ? "%.1f %s" : "%.0f %s", b, units[u]);
-}
-
 int speedctl_generate(int argc, char **argv) {
     gen_opts_t o;
     speed_config_t *cfg;
     bool done;
-    int rc = speedctl_options_load(
+    speed_config_field_t fields[SPEEDCTL_MAX_FIELDS];
+    int rc = speedctl_options_load_parts(
         "generate",
         "speedctl generate --model DIR (--prompt TEXT | --prompt-ids 1,2,3 | --chat MSG [--system S]) [options]",
-        gen_fields, sizeof gen_fields / sizeof gen_fields[0], &o, argc, argv, &cfg, &done);
+        gen_parts, sizeof gen_parts / sizeof gen_parts[0], fields, &o, argc, argv, &cfg, &done);
     if (done) return rc;
+    const speedctl_engine_opts_t *eo = &o.engine;
     char *const *pos;
-    int n_inputs = !!o.prompt + !!o.prompt_ids + !!o.chat;
-    if (speed_config_positional(cfg, &pos) != 0 || !o.model || n_inputs != 1 || (o.system && !o.chat)) {
+    int n_inputs = !!o.prompt + !!o.prompt_ids + !!o.chat.chat;
+    if (speed_config_positional(cfg, &pos) != 0 || !eo->model || n_inputs != 1 || (o.chat.system && !o.chat.chat)) {
         speedctl_fail("generate needs --model DIR and exactly one of --prompt, --prompt-ids, --chat "
                       "(--system only with --chat)");
         speed_config_destroy(cfg);
@@ -231,23 +204,14 @@ int speedctl_generate(int argc, char **argv) {
     speed_seq_id_t seq = -1;
 
     speed_model_params_t mp = speed_model_default_params();
-    SPEED_CHECK_GOTO(speed_model_load(o.model, &mp, &model), st, out);
+    SPEED_CHECK_GOTO(speed_model_load(eo->model, &mp, &model), st, out);
     const speed_model_config_t *mc = &model->config;
     speed_tok_params_t tp = speed_tok_default_params();
-    tp.chat_template = (speed_chat_template_t)o.chat_template;
-    SPEED_CHECK_GOTO(speed_tok_load(o.model, &tp, &tok), st, out);
+    tp.chat_template = (speed_chat_template_t)o.chat.chat_template;
+    SPEED_CHECK_GOTO(speed_tok_load(eo->model, &tp, &tok), st, out);
 
-    speed_depth_t depth = speed_depth_default();
-    depth.anchors = (int)o.anchors;
-    depth.tail = (int)o.tail;
-    depth.prefill_layers = mc->n_layers;
-    speed_log_set_sink(speedctl_silent_sink, NULL); /* one error line: ours, below */
-    bool depth_ok = !o.prefill_layers ||
-                    speed_prefill_layers_parse(o.prefill_layers, mc->n_layers, &depth.prefill_layers) == SPEED_OK;
-    speedctl_log_to_stderr();
-    if (!depth_ok) {
-        speedctl_fail("--prefill-layers '%s': expected an integer 1..%d or a fraction in (0, 1]", o.prefill_layers,
-                      mc->n_layers);
+    speed_depth_t depth;
+    if (speedctl_engine_depth(eo, mc->n_layers, &depth) != SPEED_OK) {
         exit_code = SPEEDCTL_EXIT_USAGE;
         goto out;
     }
@@ -267,7 +231,7 @@ int speedctl_generate(int argc, char **argv) {
     if (o.seed >= 0) {
         sp.seed = (uint64_t)o.seed;
     } else if (getrandom(&sp.seed, sizeof sp.seed, 0) != (ssize_t)sizeof sp.seed) {
-        sp.seed = (uint64_t)(speedctl_now() * 1e9);
+        sp.seed = speed_clock_mono_ns();
     }
     SPEED_CHECK_GOTO(speed_sampling_params_validate(&sp), st, out);
     int32_t eos[2 * SPEED_MODEL_MAX_EOS + 16];
@@ -292,14 +256,10 @@ int speedctl_generate(int argc, char **argv) {
     SPEED_CHECK_GOTO(speed_tok_stream_create(tok, true, &stream), st, out);
 
     /* Backend and engine, sized for this one sequence. */
-    SPEED_CHECK_GOTO(speedctl_ranks_create(o.backend, o.device, o.threads, o.tensor_parallel, &ranks), st, out);
+    SPEED_CHECK_GOTO(speedctl_ranks_create(eo, &ranks), st, out);
     be = ranks.be[0];
-    speed_engine_params_t ep = speed_engine_default_params();
-    speedctl_ranks_apply(&ranks, &ep);
-    ep.model = model;
-    ep.kv_dtype = (speed_dtype_t)o.kv_dtype;
+    speed_engine_params_t ep = speedctl_engine_params(eo, &ranks, model, depth);
     ep.max_seqs = 1;
-    ep.depth = depth;
     /* Size the pools for this request, clamped to the context so that a too-long request is
      * refused by seq_add with a clear message rather than by a huge allocation. */
     int64_t ctx = mc->max_position;
@@ -313,7 +273,7 @@ int speedctl_generate(int argc, char **argv) {
 
     speed_rng_t rng;
     speed_rng_init(&rng, sp.seed);
-    double t_start = speedctl_now(), t_first = 0.0;
+    double t_start = speed_clock_mono_s(), t_first = 0.0;
     SPEED_CHECK_GOTO(speed_engine_seq_add(eng, prompt.ids, (int64_t)prompt.n, &depth, o.max_tokens, &seq), st, out);
     seq_alive = true;
 
@@ -331,7 +291,7 @@ int speedctl_generate(int argc, char **argv) {
             if (r.outputs[i].seq != seq) continue;
             speed_sample_t smp;
             SPEED_CHECK_GOTO(speed_sampler_sample(sampler, &sp, &rng, r.outputs[i].logits, n_vocab, &smp), st, out);
-            if (r.outputs[i].first) t_first = speedctl_now();
+            if (r.outputs[i].first) t_first = speed_clock_mono_s();
             /* Text: ids past the tokenizer's vocabulary (a padded embedding) have none. */
             const char *piece = "";
             size_t piece_len = 0;
@@ -386,7 +346,7 @@ int speedctl_generate(int argc, char **argv) {
             if (finish == SPEED_FINISH_NONE) SPEED_CHECK_GOTO(speed_engine_seq_append(eng, seq, smp.id), st, out);
         }
     }
-    double t_end = speedctl_now();
+    double t_end = speed_clock_mono_s();
     SPEED_CHECK_GOTO(speed_engine_seq_stats(eng, seq, &stats), st, out);
     double prefill_ms = (double)stats.prefill_ns / 1e6;
     double decode_ms = stats.n_generated ? (double)stats.decode_ns / 1e6 / (double)stats.n_generated : 0.0;
@@ -397,8 +357,8 @@ int speedctl_generate(int argc, char **argv) {
         if (!rec.out_len || rec.out_text[rec.out_len - 1] != '\n') putchar('\n');
         fflush(stdout);
         char b1[32], b2[32];
-        bytes_human((double)stats.kv_bytes_used, b1, sizeof b1);
-        bytes_human((double)stats.kv_bytes_full_depth, b2, sizeof b2);
+        speedctl_bytes_human((double)stats.kv_bytes_used, 1, b1, sizeof b1);
+        speedctl_bytes_human((double)stats.kv_bytes_full_depth, 1, b2, sizeof b2);
         char how[64] = "greedy";
         if (sp.temperature > 0.0f) snprintf(how, sizeof how, "seed %" PRIu64, sp.seed);
         fprintf(stderr, "-- %zu prompt tokens, %zu generated (%s), %s, %s\n", prompt.n, rec.n_tokens,
@@ -408,8 +368,8 @@ int speedctl_generate(int argc, char **argv) {
                 prefill_ms > 0 ? (double)prompt.n / prefill_ms * 1e3 : 0.0, (t_first - t_start) * 1e3, decode_ms,
                 decode_ms > 0 ? 1e3 / decode_ms : 0.0, (t_end - t_start) * 1e3);
         fprintf(stderr, "-- KV %s (%zu bytes, %s) at C=%d of %d layers, A=%d, T=%d; full depth %s (%zu bytes): %.1f%%\n",
-                b1, stats.kv_bytes_used, kv_dtype_names[o.kv_dtype], stats.depth.prefill_layers, mc->n_layers,
-                stats.depth.anchors, stats.depth.tail, b2, stats.kv_bytes_full_depth,
+                b1, stats.kv_bytes_used, speed_dtype_name((speed_dtype_t)eo->kv_dtype), stats.depth.prefill_layers,
+                mc->n_layers, stats.depth.anchors, stats.depth.tail, b2, stats.kv_bytes_full_depth,
                 stats.kv_bytes_full_depth ? 100.0 * (double)stats.kv_bytes_used / (double)stats.kv_bytes_full_depth
                                           : 100.0);
     }

@@ -16,7 +16,6 @@
 
 /* ---- make-tiny-model --------------------------------------------------------------- */
 
-static const char *const dtype_names[] = {"f32", "bf16", "f16", NULL}; /* = speed_dtype_t order */
 static const char *const preset_names[] = {"tiny", "tinyllama-1.1b", NULL};
 
 typedef struct {
@@ -44,7 +43,7 @@ static const speed_config_field_t make_fields[] = {
     SIZE_FIELD("vocab", vocab, 1 << 24, "vocabulary size (0 = the tokenizer's size, or the preset's if larger)"),
     SIZE_FIELD("max_position", max_position, 1 << 26, "max_position_embeddings (0 = preset)"),
     {"dtype", SPEED_CONFIG_ENUM, offsetof(make_opts_t, dtype), "bf16", SPEED_CONFIG_UNBOUNDED,
-     dtype_names, "weight dtype"},
+     speed_dtype_names, "weight dtype"},
     {"tied", SPEED_CONFIG_BOOL, offsetof(make_opts_t, tied), "false", SPEED_CONFIG_UNBOUNDED, NULL,
      "tie the output projection to the embeddings"},
     {"rope_scaling", SPEED_CONFIG_BOOL, offsetof(make_opts_t, rope_scaling), "false",
@@ -200,17 +199,10 @@ static const speed_config_field_t inspect_fields[] = {
     {"prompt_tokens", SPEED_CONFIG_INT, offsetof(inspect_opts_t, prompt_tokens), "4096", 1, 1e9, NULL,
      "prompt length for the example KV total"},
     {"kv_dtype", SPEED_CONFIG_ENUM, offsetof(inspect_opts_t, kv_dtype), "bf16", SPEED_CONFIG_UNBOUNDED,
-     dtype_names, "KV cache element type"},
+     speed_dtype_names, "KV cache element type"},
     {"json", SPEED_CONFIG_BOOL, offsetof(inspect_opts_t, json), "false", SPEED_CONFIG_UNBOUNDED, NULL,
      "print one JSON object"},
 };
-
-static void human_bytes(double b, char *out, size_t n) {
-    static const char *const units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-    int u = 0;
-    while (b >= 1024 && u < 4) { b /= 1024; u++; }
-    snprintf(out, n, u ? "%.2f %s" : "%.0f %s", b, units[u]);
-}
 
 int speedctl_inspect(int argc, char **argv) {
     inspect_opts_t o;
@@ -290,7 +282,7 @@ int speedctl_inspect(int argc, char **argv) {
         printf("}\n");
     } else {
         char b1[32], b2[32], b3[32];
-        human_bytes((double)n_bytes, b1, sizeof b1);
+        speedctl_bytes_human((double)n_bytes, 2, b1, sizeof b1);
         printf("model          %s\n", dir);
         printf("architecture   %s\n", c->architecture);
         printf("layers         %d\n", c->n_layers);
@@ -301,12 +293,12 @@ int speedctl_inspect(int argc, char **argv) {
         printf("context        %d positions, rope %s\n", c->max_position, rope);
         printf("parameters     %" PRId64 " (%.3f B)\n", n_params, (double)n_params / 1e9);
         printf("weights        %s, %s\n", speed_dtype_name(c->torch_dtype), b1);
-        human_bytes((double)per_tok_full, b1, sizeof b1);
-        human_bytes((double)per_tok_c, b2, sizeof b2);
+        speedctl_bytes_human((double)per_tok_full, 2, b1, sizeof b1);
+        speedctl_bytes_human((double)per_tok_c, 2, b2, sizeof b2);
         printf("KV per token   full depth %s; shallow (C=%d of %d) %s (%.1f%%), %s cache\n", b1, C,
                c->n_layers, b2, 100.0 * (double)per_tok_c / (double)per_tok_full, speed_dtype_name(kv_dtype));
-        human_bytes((double)prompt_full, b1, sizeof b1);
-        human_bytes((double)prompt_c, b3, sizeof b3);
+        speedctl_bytes_human((double)prompt_full, 2, b1, sizeof b1);
+        speedctl_bytes_human((double)prompt_c, 2, b3, sizeof b3);
         printf("KV per prompt  %" PRId64 " tokens: full depth %s; SPEED (C=%d, A=%" PRId64 ", T=%" PRId64 ") %s (%.1f%%)\n",
                o.prompt_tokens, b1, C, o.anchors, o.tail, b3, 100.0 * (double)prompt_c / (double)prompt_full);
         if (have_tok) {

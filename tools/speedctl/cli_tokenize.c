@@ -12,32 +12,33 @@
 #include "speedctl.h"
 #include "tokenizer.h"
 
-static const char *const template_names[] = {"auto", "llama3", "llama2", "chatml", NULL};
-
 typedef struct {
-    char *model, *text, *file, *jsonl, *decode, *chat, *system;
-    int chat_template;
+    char *model, *text, *file, *jsonl, *decode;
+    speedctl_chat_opts_t chat; /* --chat, --system, --chat-template (speedctl.h) */
     bool add_special, skip_special, json;
 } tok_opts_t;
 
-#define STR_FIELD(n, member, doc) \
-    {n, SPEED_CONFIG_STRING, offsetof(tok_opts_t, member), NULL, SPEED_CONFIG_UNBOUNDED, NULL, doc}
+/* tokenize's own options; tok_parts puts the table together. */
+static const speed_config_field_t tok_input_fields[] = {
+    SPEEDCTL_TEXT_OPT(tok_opts_t, "model", model, "model directory holding tokenizer.json (required)"),
+    SPEEDCTL_TEXT_OPT(tok_opts_t, "text", text, "text to encode"),
+    SPEEDCTL_TEXT_OPT(tok_opts_t, "file", file, "encode the contents of this file"),
+    SPEEDCTL_TEXT_OPT(tok_opts_t, "jsonl", jsonl,
+                      "encode each {\"text\": ...} line of this file; prints one {\"ids\": [...]} line each"),
+    SPEEDCTL_TEXT_OPT(tok_opts_t, "decode", decode, "comma-separated ids to decode back to text"),
+};
 static const speed_config_field_t tok_fields[] = {
-    STR_FIELD("model", model, "model directory holding tokenizer.json (required)"),
-    STR_FIELD("text", text, "text to encode"),
-    STR_FIELD("file", file, "encode the contents of this file"),
-    STR_FIELD("jsonl", jsonl, "encode each {\"text\": ...} line of this file; prints one {\"ids\": [...]} line each"),
-    STR_FIELD("decode", decode, "comma-separated ids to decode back to text"),
-    STR_FIELD("chat", chat, "render this user message with the chat template, then encode it"),
-    STR_FIELD("system", system, "system message for --chat"),
-    {"chat_template", SPEED_CONFIG_ENUM, offsetof(tok_opts_t, chat_template), "auto", SPEED_CONFIG_UNBOUNDED,
-     template_names, "chat template: auto (recognise tokenizer_config.json's) or a built-in one"},
     {"add_special", SPEED_CONFIG_BOOL, offsetof(tok_opts_t, add_special), "false", SPEED_CONFIG_UNBOUNDED,
      NULL, "add the tokenizer's special tokens (BOS) as the model's post-processor says"},
     {"skip_special", SPEED_CONFIG_BOOL, offsetof(tok_opts_t, skip_special), "false", SPEED_CONFIG_UNBOUNDED,
      NULL, "--decode: leave special tokens out of the text"},
     {"json", SPEED_CONFIG_BOOL, offsetof(tok_opts_t, json), "false", SPEED_CONFIG_UNBOUNDED, NULL,
      "print JSON: {\"ids\": [...]} (or {\"text\": ...} for --decode)"},
+};
+static const speedctl_options_part_t tok_parts[] = {
+    SPEEDCTL_OWN_PART(tok_input_fields),
+    SPEEDCTL_CHAT_PART(tok_opts_t, chat),
+    SPEEDCTL_OWN_PART(tok_fields),
 };
 
 static void ids_print(const speed_tok_ids_t *ids, bool json, FILE *f) {
@@ -110,14 +111,15 @@ int speedctl_tokenize(int argc, char **argv) {
     tok_opts_t o;
     speed_config_t *cfg;
     bool done;
-    int rc = speedctl_options_load(
+    speed_config_field_t fields[SPEEDCTL_MAX_FIELDS];
+    int rc = speedctl_options_load_parts(
         "tokenize",
         "speedctl tokenize --model DIR (--text T | --file F | --jsonl F | --decode 1,2,3 | --chat MSG) [options]",
-        tok_fields, sizeof tok_fields / sizeof tok_fields[0], &o, argc, argv, &cfg, &done);
+        tok_parts, sizeof tok_parts / sizeof tok_parts[0], fields, &o, argc, argv, &cfg, &done);
     if (done) return rc;
 
     char *const *pos;
-    int n_inputs = !!o.text + !!o.file + !!o.jsonl + !!o.decode + !!o.chat;
+    int n_inputs = !!o.text + !!o.file + !!o.jsonl + !!o.decode + !!o.chat.chat;
     if (speed_config_positional(cfg, &pos) != 0 || !o.model || n_inputs != 1) {
         speedctl_fail("tokenize needs --model DIR and exactly one of --text, --file, --jsonl, --decode, --chat");
         speed_config_destroy(cfg);
@@ -130,7 +132,7 @@ int speedctl_tokenize(int argc, char **argv) {
     size_t len = 0;
     speed_status_t st;
     speed_tok_params_t tp = speed_tok_default_params();
-    tp.chat_template = (speed_chat_template_t)o.chat_template;
+    tp.chat_template = (speed_chat_template_t)o.chat.chat_template;
     SPEED_CHECK_GOTO(speed_tok_load(o.model, &tp, &tok), st, out);
 
     if (o.text || o.file) {
@@ -149,15 +151,9 @@ int speedctl_tokenize(int argc, char **argv) {
             fwrite(buf, 1, len, stdout);
             putchar('\n');
         }
-    } else if (o.chat) {
-        speed_chat_message_t msgs[2];
-        size_t n = 0;
-        if (o.system) msgs[n++] = (speed_chat_message_t){"system", o.system};
-        msgs[n++] = (speed_chat_message_t){"user", o.chat};
-        SPEED_CHECK_GOTO(speed_tok_chat_render(tok, msgs, n, true, &buf), st, out);
+    } else if (o.chat.chat) {
+        SPEED_CHECK_GOTO(speedctl_chat_encode(&o.chat, tok, &buf, &ids), st, out);
         len = strlen(buf);
-        /* The rendered template carries its own BOS; never add another. */
-        SPEED_CHECK_GOTO(speed_tok_encode(tok, buf, len, false, &ids), st, out);
         if (o.json) {
             printf("{\"text\": ");
             json_string_print(buf, len, stdout);

@@ -28,9 +28,11 @@
 #include <unistd.h>
 
 #include "alloc.h"
+#include "clock.h"
 #include "cluster_config.h"
 #include "http.h"
 #include "log.h"
+#include "signals.h"
 #include "speedctl.h"
 
 #define UP_USAGE "speedctl up CONFIG [--model DIR] [--log-dir DIR] [--foreground-logs] [cluster options]"
@@ -335,12 +337,7 @@ static bool proc_start(up_t *u, up_proc_t *p) {
         setpgid(0, 0);
         prctl(PR_SET_PDEATHSIG, SIGTERM);
         if (getppid() != parent) _exit(127);
-        sigset_t none;
-        sigemptyset(&none);
-        sigprocmask(SIG_SETMASK, &none, NULL);
-        signal(SIGINT, SIG_DFL); /* a shell's background job may have them ignored */
-        signal(SIGTERM, SIG_DFL);
-        signal(SIGPIPE, SIG_DFL);
+        speed_signals_reset(); /* our mask, and a shell's background job's ignored SIGINT */
         int in = open("/dev/null", O_RDONLY);
         if (in >= 0 && in != 0) {
             dup2(in, 0);
@@ -367,7 +364,7 @@ static bool proc_start(up_t *u, up_proc_t *p) {
     }
     p->pid = pid;
     p->running = true;
-    p->t_start = speedctl_now();
+    p->t_start = speed_clock_mono_s();
     p->t_health_next = p->t_start + UP_HEALTH_PERIOD_S;
     printf("started %s (pid %d)\n", p->name, (int)pid);
     fflush(stdout);
@@ -410,7 +407,7 @@ static up_proc_t *up_reap(up_t *u) {
         if (r != p->pid) continue;
         p->running = false;
         p->wait_status = ws;
-        p->t_exit = speedctl_now();
+        p->t_exit = speed_clock_mono_s();
         if (p->out_fd >= 0) output_read(p);
         if (!p->stop_sent && !died) died = p;
     }
@@ -447,32 +444,32 @@ static void group_stop(up_t *u, up_kind_t kind) {
         up_proc_t *p = &u->procs[i];
         if (p->kind != kind || !p->running) continue;
         p->stop_sent = true;
-        p->t_stop = speedctl_now();
+        p->t_stop = speed_clock_mono_s();
         kill(p->pid, SIGTERM);
         n_live++;
     }
     if (!n_live) return;
-    double deadline = speedctl_now() + u->opts.stop_timeout_s;
+    double deadline = speed_clock_mono_s() + u->opts.stop_timeout_s;
     for (;;) {
         up_reap(u);
         n_live = 0;
         for (int i = 0; i < u->n_procs; i++) n_live += u->procs[i].kind == kind && u->procs[i].running;
         if (!n_live) return;
-        if (u->n_stop_signals >= 2 || speedctl_now() >= deadline) break; /* a second signal: kill now */
+        if (u->n_stop_signals >= 2 || speed_clock_mono_s() >= deadline) break; /* a second signal: kill now */
         up_pump(u, 50);
     }
     for (int i = 0; i < u->n_procs; i++) {
         up_proc_t *p = &u->procs[i];
         if (p->kind != kind || !p->running) continue;
         fprintf(stderr, "speedctl: %s (pid %d) still running %.1f s after SIGTERM%s: SIGKILL\n", p->name,
-                (int)p->pid, speedctl_now() - p->t_stop, u->n_stop_signals >= 2 ? " and a second signal" : "");
+                (int)p->pid, speed_clock_mono_s() - p->t_stop, u->n_stop_signals >= 2 ? " and a second signal" : "");
         kill(p->pid, SIGKILL);
         p->killed = true;
         int ws;
         while (waitpid(p->pid, &ws, 0) < 0 && errno == EINTR) {}
         p->running = false;
         p->wait_status = ws;
-        p->t_exit = speedctl_now();
+        p->t_exit = speed_clock_mono_s();
         if (p->out_fd >= 0) output_read(p);
     }
 }
@@ -653,7 +650,7 @@ static int up_run(up_t *u) {
             up_stop_all(u, true);
             return SPEEDCTL_EXIT_FAIL;
         }
-    double t0 = speedctl_now();
+    double t0 = speed_clock_mono_s();
     for (;;) {
         up_pump(u, 50);
         up_proc_t *died = up_reap(u);
@@ -670,20 +667,20 @@ static int up_run(up_t *u) {
             if (p->kind == UP_ROUTER) router = p;
             else n_nodes++;
             if (!p->running) continue;
-            double now = speedctl_now();
+            double now = speed_clock_mono_s();
             if (!p->healthy && now >= p->t_health_next) {
                 p->t_health_next = now + UP_HEALTH_PERIOD_S;
                 /* the health answer counts only if the child is still alive after it (another
                  * process might own the port) */
                 if (proc_check_health(u, p) && !up_reap(u) && p->running) {
                     p->healthy = true;
-                    p->t_healthy = speedctl_now();
+                    p->t_healthy = speed_clock_mono_s();
                     printf("%s healthy (pid %d) in %.1f s: http://%s:%d/health\n", p->name, (int)p->pid,
                            p->t_healthy - p->t_start, u->c.host, p->http_port);
                     fflush(stdout);
                 } else if (!p->running) {
                     break; /* reaped above: reported on the next turn */
-                } else if (speedctl_now() - p->t_start > u->opts.start_timeout_s) {
+                } else if (speed_clock_mono_s() - p->t_start > u->opts.start_timeout_s) {
                     char when[64];
                     snprintf(when, sizeof when, " after %.0f s (--start-timeout-s)", u->opts.start_timeout_s);
                     return up_fail(u, p, when);
@@ -704,7 +701,7 @@ static int up_run(up_t *u) {
         if (n_healthy == u->n_procs) break;
     }
 
-    printf("cluster up in %.1f s: %lld decode, %lld prefill, 1 router\n", speedctl_now() - t0,
+    printf("cluster up in %.1f s: %lld decode, %lld prefill, 1 router\n", speed_clock_mono_s() - t0,
            (long long)u->c.decode.replicas, (long long)u->c.prefill.replicas);
     for (int i = 0; i < u->n_procs; i++) {
         const up_proc_t *p = &u->procs[i];
@@ -809,19 +806,16 @@ int speedctl_up(int argc, char **argv) {
 
     /* a shell starts background jobs with SIGINT ignored; keep it so (Ctrl-C is for the
      * foreground job), and stop on SIGTERM only */
-    struct sigaction old_int;
-    bool int_ignored = sigaction(SIGINT, NULL, &old_int) == 0 && old_int.sa_handler == SIG_IGN;
     sigset_t mask;
-    sigemptyset(&mask);
-    if (!int_ignored) sigaddset(&mask, SIGINT);
-    sigaddset(&mask, SIGTERM);
+    speed_signals_stop_set(&mask);
+    if (speed_signals_ignored(SIGINT)) sigdelset(&mask, SIGINT);
     sigaddset(&mask, SIGCHLD);
-    if (sigprocmask(SIG_BLOCK, &mask, &u.old_mask) != 0 ||
-        (u.sfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK)) < 0) {
-        speedctl_fail("signalfd: %s", strerror(errno));
+    int block_err = speed_signals_block(&mask, &u.old_mask);
+    if (block_err != 0 || (u.sfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK)) < 0) {
+        speedctl_fail("signalfd: %s", strerror(block_err ? block_err : errno));
         goto out;
     }
-    signal(SIGPIPE, SIG_IGN);
+    speed_signals_ignore_pipe();
     printf("starting %s: model %s, %lld decode + %lld prefill replicas and the router on %s%s%s\n",
            speed_config_file(ccfg), u.c.model, (long long)u.c.decode.replicas, (long long)u.c.prefill.replicas,
            u.c.host, u.opts.foreground_logs ? "" : ", logs in ", u.opts.foreground_logs ? "" : u.log_dir);
@@ -838,7 +832,7 @@ out:
             if (u.procs[i].out_fd >= 0) close(u.procs[i].out_fd);
     if (u.sfd >= 0) {
         close(u.sfd);
-        sigprocmask(SIG_SETMASK, &u.old_mask, NULL);
+        speed_signals_restore(&u.old_mask);
     }
     speed_free(u.procs);
     speed_config_destroy(ccfg);

@@ -7,8 +7,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
-#include <time.h>
 
 #include "alloc.h"
 #include "file.h"
@@ -54,98 +52,6 @@ void speedctl_fail(const char *fmt, ...) {
     vfprintf(stderr, fmt, ap);
     fputc('\n', stderr);
     va_end(ap);
-}
-
-int speedctl_options_load(const char *verb, const char *usage,
-                          const speed_config_field_t *fields, size_t n_fields, void *opts,
-                          int argc, char **argv, speed_config_t **cfg_p, bool *done_p) {
-    *done_p = true;
-    *cfg_p = NULL;
-    speed_config_t *cfg = NULL;
-    if (speed_config_load(fields, n_fields, opts, argc, argv, "SPEED_", &cfg) != SPEED_OK) {
-        fprintf(stderr, "speedctl: see 'speedctl %s --help'\n", verb);
-        return SPEEDCTL_EXIT_USAGE;
-    }
-    if (speed_config_help_requested(cfg)) {
-        printf("usage: %s\n\noptions:\n", usage);
-        fflush(stdout);
-        speed_config_print_help(fields, n_fields, "SPEED_", stdout);
-        speed_config_destroy(cfg);
-        return SPEEDCTL_EXIT_OK;
-    }
-    if (speed_config_print_requested(cfg)) {
-        speed_status_t st = speed_config_print(cfg, stdout);
-        speed_config_destroy(cfg);
-        return st == SPEED_OK ? SPEEDCTL_EXIT_OK : SPEEDCTL_EXIT_FAIL;
-    }
-    *done_p = false;
-    *cfg_p = cfg;
-    return SPEEDCTL_EXIT_OK;
-}
-
-const char *const speedctl_backend_names[] = {"cpu", "cpu-ref", "cuda", NULL};
-
-speed_status_t speedctl_backend_create(int backend, int64_t device, int64_t threads, speed_backend_t **be_p) {
-    static const speed_backend_kind_t kinds[] = {SPEED_BACKEND_CPU, SPEED_BACKEND_CPU_REF, SPEED_BACKEND_CUDA};
-    speed_backend_params_t bp = speed_backend_default_params();
-    bp.kind = kinds[backend];
-    bp.n_threads = (int)threads;
-    bp.device = (int)device;
-    char label[32];
-    if (bp.kind == SPEED_BACKEND_CUDA)
-        snprintf(label, sizeof label, "cuda:%d", bp.device);
-    else
-        snprintf(label, sizeof label, "%s", speedctl_backend_names[backend]);
-    /* one error line: the backend's cause, folded into ours */
-    speed_log_clear_last_error();
-    speed_log_set_sink(speedctl_silent_sink, NULL);
-    speed_status_t st = speed_backend_create(&bp, be_p);
-    speedctl_log_to_stderr();
-    if (st == SPEED_OK) return SPEED_OK;
-    const char *cause = speed_log_last_error();
-    if (strncmp(cause, "backend: ", 9) == 0) cause += 9;
-    if (strncmp(cause, "cuda: ", 6) == 0) cause += 6;
-    if (!*cause) cause = speed_status_string(st);
-    const char *hint = st == SPEED_ERR_DEVICE        ? " (the cuda backend needs a GPU; use --backend cpu)"
-                       : st == SPEED_ERR_UNSUPPORTED ? "; use --backend cpu"
-                                                     : "";
-    speedctl_fail("backend %s: %s%s", label, cause, hint);
-    return st;
-}
-
-speed_status_t speedctl_ranks_create(int backend, int64_t device, int64_t threads, int64_t n, speedctl_ranks_t *r) {
-    memset(r, 0, sizeof *r);
-    if (n > 1 && strcmp(speedctl_backend_names[backend], "cuda") == 0) {
-        speedctl_fail("--tensor-parallel %lld with --backend cuda: GPU ranks run one process each over NCCL, which "
-                      "speedctl does not start; use --tensor-parallel 1 or a cpu backend",
-                      (long long)n);
-        return SPEED_ERR_UNSUPPORTED;
-    }
-    if (n > 1) { /* the threads are shared out among the ranks */
-        long cores = sysconf(_SC_NPROCESSORS_ONLN);
-        int64_t total = threads > 0 ? threads : (cores > 0 ? cores : 1);
-        threads = total / n > 0 ? total / n : 1;
-    }
-    for (int i = 0; i < n; i++) {
-        speed_status_t st = speedctl_backend_create(backend, device, threads, &r->be[i]);
-        if (st != SPEED_OK) {
-            speedctl_ranks_destroy(r);
-            return st;
-        }
-        r->n++;
-    }
-    return SPEED_OK;
-}
-
-void speedctl_ranks_apply(const speedctl_ranks_t *r, speed_engine_params_t *p) {
-    p->backend = r->be[0];
-    p->tp_size = r->n;
-    p->tp_backends = r->n > 1 ? r->be : NULL;
-}
-
-void speedctl_ranks_destroy(speedctl_ranks_t *r) {
-    for (int i = 0; i < r->n; i++) speed_backend_destroy(r->be[i]);
-    memset(r, 0, sizeof *r);
 }
 
 speed_status_t speedctl_read_file(const char *path, char **data_p, size_t *len_p) {
@@ -202,6 +108,16 @@ speed_status_t speedctl_ids_parse(const char *what, const char *list, int32_t vo
     return SPEED_OK;
 }
 
+void speedctl_bytes_human(double b, int decimals, char *out, size_t size) {
+    static const char *const units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+    int u = 0;
+    while (b >= 1024 && u < 4) {
+        b /= 1024;
+        u++;
+    }
+    snprintf(out, size, "%.*f %s", u ? decimals : 0, b, units[u]);
+}
+
 char *speedctl_unescape(const char *s) {
     char *out = speed_malloc(strlen(s) + 1), *o = out;
     if (!out) return NULL;
@@ -220,12 +136,6 @@ char *speedctl_unescape(const char *s) {
     }
     *o = '\0';
     return out;
-}
-
-double speedctl_now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
 static void usage(FILE *f) {

@@ -36,6 +36,32 @@ void speedctl_log_to_stderr(void);
 #define SPEEDCTL_EXIT_FAIL  1
 #define SPEEDCTL_EXIT_USAGE 2
 
+/* Prints "speedctl: error: <formatted>" on stderr (for errors the CLI itself finds;
+ * library errors are printed by the log sink where they are born). */
+void speedctl_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* ---- options (options.c) --------------------------------------------------------------
+ * A verb describes its options in a speed_config_field_t table (config.h) whose offsets point
+ * into its own options struct. Options that several verbs take are declared once, as a group:
+ * a table whose offsets point into the group's struct, which the verb's struct embeds. A verb
+ * that takes groups lists its table's parts, in the order --help shows them:
+ *
+ *   typedef struct { speedctl_engine_opts_t engine; int64_t max_tokens; } gen_opts_t;
+ *   static const speedctl_options_part_t gen_parts[] = {
+ *       SPEEDCTL_ENGINE_PART(gen_opts_t, engine),
+ *       SPEEDCTL_OWN_PART(gen_fields),              // offsets into gen_opts_t
+ *   };
+ *   speed_config_field_t fields[SPEEDCTL_MAX_FIELDS];
+ *   speedctl_options_load_parts("generate", usage, gen_parts, 2, fields, &o, argc, argv, &cfg, &done);
+ */
+
+/* Table entries: SPEEDCTL_OPT(struct, "name", TYPE, member, default, min, max, enum_names, doc)
+ * with TYPE one of INT, DOUBLE, BOOL, STRING, ENUM; SPEEDCTL_TEXT_OPT for a STRING option
+ * without default or bounds. */
+#define SPEEDCTL_OPT(st, name, type, member, ...) {name, SPEED_CONFIG_##type, offsetof(st, member), __VA_ARGS__}
+#define SPEEDCTL_TEXT_OPT(st, name, member, doc) \
+    SPEEDCTL_OPT(st, name, STRING, member, NULL, SPEED_CONFIG_UNBOUNDED, NULL, doc)
+
 /* Loads a verb's options. Handles --help and --print-config itself: *done_p is set and
  * the exit code returned when the verb should stop (help shown, config printed, or an
  * error). `usage` is the one-line synopsis shown in --help. On return with *done_p false
@@ -44,19 +70,49 @@ int speedctl_options_load(const char *verb, const char *usage,
                           const speed_config_field_t *fields, size_t n_fields, void *opts,
                           int argc, char **argv, speed_config_t **cfg_p, bool *done_p);
 
-/* Prints "speedctl: error: <formatted>" on stderr (for errors the CLI itself finds;
- * library errors are printed by the log sink where they are born). */
-void speedctl_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* One part of a verb's table: n_fields fields whose offsets are relative to a struct at
+ * `offset` in the verb's options struct (0 for the verb's own fields). */
+typedef struct {
+    const speed_config_field_t *fields;
+    size_t n_fields;
+    size_t offset;
+} speedctl_options_part_t;
 
-/* The --backend choices of generate and bench, NULL-terminated: "cpu", "cpu-ref", "cuda". */
-extern const char *const speedctl_backend_names[];
+#define SPEEDCTL_OWN_PART(array) {array, sizeof array / sizeof array[0], 0}
+#define SPEEDCTL_ENGINE_PART(st, member) {speedctl_engine_fields, SPEEDCTL_ENGINE_N_FIELDS, offsetof(st, member)}
+#define SPEEDCTL_CHAT_PART(st, member) {speedctl_chat_fields, SPEEDCTL_CHAT_N_FIELDS, offsetof(st, member)}
 
-/* Creates the backend of --backend (an index into speedctl_backend_names), --device (cuda)
- * and --threads (cpu). When it cannot be created, prints one error line naming the backend,
- * the cause and the way out (no GPU: "use --backend cpu") and returns the status:
- * SPEED_ERR_UNSUPPORTED (no CUDA in this build), SPEED_ERR_DEVICE (no usable GPU),
- * SPEED_ERR_INVALID_ARGUMENT (no such device), SPEED_ERR_NO_MEMORY. */
-speed_status_t speedctl_backend_create(int backend, int64_t device, int64_t threads, speed_backend_t **be_p);
+/* Room for any verb's table. */
+#define SPEEDCTL_MAX_FIELDS 64
+
+/* speedctl_options_load of the table put together from the parts in `fields` (room for
+ * SPEEDCTL_MAX_FIELDS; it must outlive *cfg_p, so a local of the verb function). */
+int speedctl_options_load_parts(const char *verb, const char *usage, const speedctl_options_part_t *parts,
+                                size_t n_parts, speed_config_field_t *fields, void *opts, int argc, char **argv,
+                                speed_config_t **cfg_p, bool *done_p);
+
+/* The engine options: every verb that runs the engine (generate, bench) takes them.
+ * speedctl_engine_depth, speedctl_ranks_create and speedctl_engine_params turn them into what
+ * the engine takes. */
+typedef struct {
+    char *model;              /* --model DIR (NULL: not given) */
+    char *prefill_layers;     /* --prefill-layers: "24" or "0.75"; NULL = L (SPEED off) */
+    int64_t anchors, tail;    /* --anchors A, --tail T */
+    int64_t threads;          /* --threads: 0 = all online cores */
+    int backend;              /* --backend: speed_backend_kind_t */
+    int64_t device;           /* --device: the GPU of --backend cuda */
+    int64_t tensor_parallel;  /* --tensor-parallel: ranks */
+    int kv_dtype;             /* --kv-dtype: speed_dtype_t */
+} speedctl_engine_opts_t;
+
+#define SPEEDCTL_ENGINE_N_FIELDS 9
+extern const speed_config_field_t speedctl_engine_fields[SPEEDCTL_ENGINE_N_FIELDS];
+
+/* The SPEED depth of --prefill-layers (C = n_layers when not given), --anchors and --tail for
+ * a model of n_layers layers. A --prefill-layers that does not parse is reported as one line
+ * naming the option and the accepted values; returns SPEED_ERR_INVALID_ARGUMENT then (a usage
+ * error), else SPEED_OK. */
+speed_status_t speedctl_engine_depth(const speedctl_engine_opts_t *opts, int n_layers, speed_depth_t *depth_p);
 
 /* The backends of --tensor-parallel ranks (docs/tensor-parallel.md): n backends of one kind,
  * the --threads shared out among them (0 = all cores). be[0] is rank 0's. */
@@ -65,12 +121,38 @@ typedef struct {
     int n;
 } speedctl_ranks_t;
 
-/* Creates them (n 1..64; n > 1 needs a cpu backend: one line otherwise). On error nothing is
- * left and the status is returned as speedctl_backend_create's, or SPEED_ERR_UNSUPPORTED. */
-speed_status_t speedctl_ranks_create(int backend, int64_t device, int64_t threads, int64_t n, speedctl_ranks_t *ranks);
-/* Points engine params at the ranks (backend, tp_size, tp_backends). */
-void speedctl_ranks_apply(const speedctl_ranks_t *ranks, speed_engine_params_t *params);
+/* Creates the ranks' backends of --backend, --device (cuda) and --threads (cpu). A backend
+ * that cannot be created, or --tensor-parallel > 1 with cuda, is reported as one error line
+ * naming the backend, the cause and the way out (no GPU: "use --backend cpu"). On error
+ * nothing is left and the status is returned: SPEED_ERR_UNSUPPORTED (no CUDA in this build;
+ * GPU ranks), SPEED_ERR_DEVICE (no usable GPU), SPEED_ERR_INVALID_ARGUMENT (no such device),
+ * SPEED_ERR_NO_MEMORY. */
+speed_status_t speedctl_ranks_create(const speedctl_engine_opts_t *opts, speedctl_ranks_t *ranks);
 void speedctl_ranks_destroy(speedctl_ranks_t *ranks);
+
+/* speed_engine_default_params with the ranks' backends (backend, tp_size, tp_backends), the
+ * model, --kv-dtype and the depth. What follows from the verb's workload (max_seqs, KV pool
+ * sizes) is the verb's to set. */
+speed_engine_params_t speedctl_engine_params(const speedctl_engine_opts_t *opts, const speedctl_ranks_t *ranks,
+                                             const speed_model_t *model, speed_depth_t depth);
+
+/* The chat options: a user message rendered with the chat template (generate, tokenize). */
+typedef struct {
+    char *chat;               /* --chat MSG (NULL: not given) */
+    char *system;             /* --system MSG (NULL: none) */
+    int chat_template;        /* --chat-template: speed_chat_template_t */
+} speedctl_chat_opts_t;
+
+#define SPEEDCTL_CHAT_N_FIELDS 3
+extern const speed_config_field_t speedctl_chat_fields[SPEEDCTL_CHAT_N_FIELDS];
+
+/* Renders --system (if any) and --chat with tok's chat template (the tokenizer's, or the one
+ * --chat-template named when it was loaded) into *text_p (speed_free it) and encodes the text
+ * into ids (appending) without adding special tokens: the template carries its own BOS.
+ * Returns the status of speed_tok_chat_render or speed_tok_encode (each logs its error);
+ * *text_p is NULL on error. */
+speed_status_t speedctl_chat_encode(const speedctl_chat_opts_t *opts, const speed_tok_t *tok, char **text_p,
+                                    speed_tok_ids_t *ids);
 
 /* speed_file_read for CLI inputs ("-" is not special; use /dev/stdin). */
 speed_status_t speedctl_read_file(const char *path, char **data_p, size_t *len_p);
@@ -79,12 +161,13 @@ speed_status_t speedctl_read_file(const char *path, char **data_p, size_t *len_p
  * (the option) and the bad item: SPEED_ERR_INVALID_ARGUMENT, or SPEED_ERR_NO_MEMORY. */
 speed_status_t speedctl_ids_parse(const char *what, const char *list, int32_t vocab, speed_tok_ids_t *out);
 
+/* "512 B", "1.5 KiB", "3.25 GiB": bytes in the largest binary unit (up to TiB) that keeps the
+ * number at least 1, with `decimals` digits after the point (none for plain bytes). */
+void speedctl_bytes_human(double bytes, int decimals, char *out, size_t size);
+
 /* A copy of s with the escapes \n \t \r \\ replaced (others kept as written), for options
  * such as --stop that users type in a shell. NULL on allocation failure; speed_free it. */
 char *speedctl_unescape(const char *s);
-
-/* Monotonic clock in seconds. */
-double speedctl_now(void);
 
 /* Copies a regular file (overwrites dst). */
 speed_status_t speedctl_copy_file(const char *src, const char *dst);

@@ -7,8 +7,10 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "backend.h"
 #include "check.h"
 #include "cluster_config.h"
+#include "dtype.h"
 #include "log.h"
 
 #ifndef SPEED_SOURCE_DIR
@@ -30,10 +32,10 @@ static void test_backend(void) {
     speed_cluster_config_t c;
     speed_config_t *cfg = NULL;
     CHECK_INT_EQ(load(NULL, &c, &cfg, 0), SPEED_OK);
-    CHECK_INT_EQ(c.prefill.backend, SPEED_POOL_BACKEND_CPU);
-    CHECK_INT_EQ(c.decode.backend, SPEED_POOL_BACKEND_CPU);
+    CHECK_INT_EQ(c.prefill.backend, SPEED_BACKEND_CPU);
+    CHECK_INT_EQ(c.decode.backend, SPEED_BACKEND_CPU);
     CHECK_INT_EQ(c.decode.device, 0);
-    CHECK_STR_EQ(speed_pool_backend_name(c.decode.backend), "cpu");
+    CHECK_STR_EQ(speed_backend_kind_name(c.decode.backend), "cpu");
     speed_config_destroy(cfg);
 
     char dir[] = "/tmp/test_cluster_config.XXXXXX", path[64];
@@ -46,12 +48,12 @@ static void test_backend(void) {
           "decode:\n  replicas: 2\n  backend: cuda\n  device: 2\n", f);
     fclose(f);
     CHECK_INT_EQ(load("decode", &c, &cfg, 4, "--config", path, "--node.index", "1"), SPEED_OK);
-    CHECK_INT_EQ(c.prefill.backend, SPEED_POOL_BACKEND_CPU_REF);
+    CHECK_INT_EQ(c.prefill.backend, SPEED_BACKEND_CPU_REF);
     CHECK_INT_EQ(c.prefill.threads, 2);
-    CHECK_INT_EQ(c.decode.backend, SPEED_POOL_BACKEND_CUDA);
+    CHECK_INT_EQ(c.decode.backend, SPEED_BACKEND_CUDA);
     CHECK_INT_EQ(c.decode.device, 2); /* replica 1 runs on device 3: the node adds its index */
-    CHECK_STR_EQ(speed_pool_backend_name(c.decode.backend), "cuda");
-    CHECK_STR_EQ(speed_pool_backend_name(c.prefill.backend), "cpu-ref");
+    CHECK_STR_EQ(speed_backend_kind_name(c.decode.backend), "cuda");
+    CHECK_STR_EQ(speed_backend_kind_name(c.prefill.backend), "cpu-ref");
     const char *origin = NULL;
     CHECK_INT_EQ(speed_config_origin(cfg, "decode.backend", NULL, &origin), SPEED_OK);
     CHECK(origin && strncmp(origin, "file:", 5) == 0);
@@ -70,10 +72,10 @@ static void test_backend(void) {
     /* the environment overrides the file, the command line the environment */
     setenv("SPEED_DECODE_BACKEND", "CPU", 1);
     CHECK_INT_EQ(load(NULL, &c, &cfg, 2, "--config", path), SPEED_OK);
-    CHECK_INT_EQ(c.decode.backend, SPEED_POOL_BACKEND_CPU);
+    CHECK_INT_EQ(c.decode.backend, SPEED_BACKEND_CPU);
     speed_config_destroy(cfg);
     CHECK_INT_EQ(load(NULL, &c, &cfg, 4, "--config", path, "--decode.backend", "cpu-ref"), SPEED_OK);
-    CHECK_INT_EQ(c.decode.backend, SPEED_POOL_BACKEND_CPU_REF);
+    CHECK_INT_EQ(c.decode.backend, SPEED_BACKEND_CPU_REF);
     speed_config_destroy(cfg);
     unsetenv("SPEED_DECODE_BACKEND");
 
@@ -95,7 +97,7 @@ static void test_backend(void) {
     unsetenv("SPEED_PREFILL_BACKEND");
     CHECK_INT_EQ(load(NULL, &c, &cfg, 2, "--decode.device", "-1"), SPEED_ERR_INVALID_ARGUMENT);
     CHECK_CONTAINS(speed_log_last_error(), "decode.device");
-    CHECK_STR_EQ(speed_pool_backend_name(7), "?");
+    CHECK_STR_EQ(speed_backend_kind_name((speed_backend_kind_t)7), "?");
     remove(path);
     rmdir(dir);
 }
@@ -118,7 +120,7 @@ int main(void) {
         CHECK_INT_EQ(c.decode.replicas, nd[i]);
         CHECK(strcmp(c.prefill_layers, "0.75") == 0);
         CHECK_INT_EQ(c.ucx_transport, SPEED_UCX_SHM);
-        CHECK_INT_EQ(c.kv_dtype, SPEED_KV_DTYPE_BF16);
+        CHECK_INT_EQ(c.kv_dtype, SPEED_DTYPE_BF16);
         char a[64];
         speed_cluster_grpc_addr(&c, &c.decode, nd[i] - 1, a, sizeof a);
         char want[64];

@@ -2,9 +2,9 @@
  * several threads batch together, reservations receive KV and decode, and every path (finish,
  * cancel, lease expiry, hold/release, errors, destroy) frees its blocks. */
 #include <pthread.h>
-#include <time.h>
 
 #include "batcher.h"
+#include "clock.h"
 #include "engine_test_util.h"
 
 typedef struct {
@@ -67,11 +67,7 @@ static speed_status_t on_layer(void *user, speed_kv_cache_t *cache, const speed_
 }
 
 static bool rec_wait(rec_t *r, int ms) {
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    ts.tv_sec += ms / 1000;
-    ts.tv_nsec += (long)(ms % 1000) * 1000000L;
-    if (ts.tv_nsec >= 1000000000L) ts.tv_sec++, ts.tv_nsec -= 1000000000L;
+    struct timespec ts = speed_clock_deadline(CLOCK_REALTIME, ms);
     pthread_mutex_lock(&r->mu);
     while (r->n_finish == 0)
         if (pthread_cond_timedwait(&r->cv, &r->mu, &ts) != 0) break;

@@ -1,11 +1,11 @@
 /* Tokenizer throughput: encodes ~1 MB of English-like text (generated here, or the file
  * given as argv[1]) with the Llama 3 and Llama 2 tokenizers and prints MB/s and tokens/s
  * (median of 5 runs, one thread). */
-#include <time.h>
 
 #include "tok_test_util.h"
 
 #include "alloc.h"
+#include "clock.h"
 
 static const char *const words[] = {
     "the", "of", "and", "to", "a", "in", "is", "it", "that", "was", "for", "on", "are", "with",
@@ -54,12 +54,6 @@ static char *make_text(size_t target, size_t *len_p) {
     return buf;
 }
 
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
 static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
     return x < y ? -1 : x > y;
@@ -69,16 +63,16 @@ static int bench(const char *name, const char *text, size_t len) {
     char dir[1024];
     tok_test_dir(name, dir, sizeof dir);
     speed_tok_t *tok = NULL;
-    double t0 = now();
+    double t0 = speed_clock_mono_s();
     if (speed_tok_load(dir, NULL, &tok) != SPEED_OK) return 1;
-    double t_load = now() - t0;
+    double t_load = speed_clock_mono_s() - t0;
     double times[5];
     size_t n_tokens = 0;
     for (int r = 0; r < 5; r++) {
         speed_tok_ids_t ids = {0};
-        t0 = now();
+        t0 = speed_clock_mono_s();
         if (speed_tok_encode(tok, text, len, false, &ids) != SPEED_OK) return 1;
-        times[r] = now() - t0;
+        times[r] = speed_clock_mono_s() - t0;
         n_tokens = ids.n;
         speed_tok_ids_free(&ids);
     }

@@ -1,10 +1,12 @@
 /* Self-contained checks of the pieces: the patched pre-tokenizer regex against the HF
- * splits measured in DEPENDENCIES.md, Split behaviours, Metaspace + unk + fuse_unk. */
+ * splits measured in DEPENDENCIES.md, Split behaviours, Metaspace + unk + fuse_unk, the chat
+ * templates' names. */
 #include <sys/stat.h>
 
 #include "tok_test_util.h"
 
 #include "alloc.h"
+#include "log.h"
 #include "tok_internal.h"
 
 #define LLAMA3_REGEX "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?" \
@@ -204,10 +206,34 @@ static void test_gpt2_style(const char *tmp) {
     speed_tok_destroy(tok);
 }
 
+/* Every template's name parses back to it; the names array is the config's choices; unknown
+ * names are refused with the list of valid ones. */
+static void test_chat_template_names(void) {
+    for (int i = 0; i < SPEED_CHAT_TEMPLATE_COUNT; i++) {
+        speed_chat_template_t t = (speed_chat_template_t)99;
+        CHECK_STR_EQ(speed_chat_template_name((speed_chat_template_t)i), speed_chat_template_names[i]);
+        CHECK_INT_EQ(speed_chat_template_parse(speed_chat_template_names[i], &t), SPEED_OK);
+        CHECK_INT_EQ(t, i);
+        for (int j = 0; j < i; j++) CHECK(strcmp(speed_chat_template_names[i], speed_chat_template_names[j]) != 0);
+    }
+    CHECK(speed_chat_template_names[SPEED_CHAT_TEMPLATE_COUNT] == NULL);
+    CHECK_STR_EQ(speed_chat_template_name(SPEED_CHAT_TEMPLATE_CHATML), "chatml");
+    CHECK_STR_EQ(speed_chat_template_name(SPEED_CHAT_TEMPLATE_COUNT), "unknown");
+    const char *bad[] = {"", "Llama3", "llama", "chatml ", "mistral"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        speed_chat_template_t t = SPEED_CHAT_TEMPLATE_LLAMA2;
+        speed_log_clear_last_error();
+        CHECK_INT_EQ(speed_chat_template_parse(bad[i], &t), SPEED_ERR_INVALID_ARGUMENT);
+        CHECK_INT_EQ(t, SPEED_CHAT_TEMPLATE_LLAMA2);
+        CHECK_CONTAINS(speed_log_last_error(), "(expected auto, llama3, llama2 or chatml)");
+    }
+}
+
 int main(void) {
     const char *tmp = getenv("SPEED_TEST_TMP");
     int64_t live = speed_alloc_live_count();
     test_regex();
+    test_chat_template_names();
     if (tmp && *tmp) {
         test_split_behaviors(tmp);
         test_metaspace(tmp);

@@ -22,11 +22,11 @@
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <arpa/inet.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "alloc.h"
 #include "check.h"
+#include "clock.h"
 #include "cli_test_util.h"
 #include "http.h"
 
@@ -35,12 +35,6 @@
 static const char *speedctl;
 static char dir[600], model[700], src_dir[600];
 static int port_base;
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
 
 static int sh(const char *fmt, ...) {
     char cmd[4096];
@@ -102,11 +96,11 @@ static void up_start(up_run_t *r, const char *bin, int ports, const char *const 
 static bool up_read_until(up_run_t *r, const char *line, double timeout_s) {
     char want[128];
     snprintf(want, sizeof want, "\n%s\n", line);
-    double deadline = now_s() + timeout_s;
+    double deadline = speed_clock_mono_s() + timeout_s;
     for (;;) {
         r->out[r->out_len] = '\0';
         if (strstr(r->out, want) || (strncmp(r->out, want + 1, strlen(want + 1)) == 0)) return true;
-        double left = deadline - now_s();
+        double left = deadline - speed_clock_mono_s();
         if (left <= 0 || r->out_fd < 0) return false;
         struct pollfd pfd = {.fd = r->out_fd, .events = POLLIN};
         if (poll(&pfd, 1, (int)(left * 1000) + 1) <= 0) continue;
@@ -132,7 +126,7 @@ static void up_parse_pids(up_run_t *r) {
 
 /* Waits up to timeout_s for speedctl to exit; on timeout kills it and its daemons. */
 static int up_wait(up_run_t *r, double timeout_s) {
-    double deadline = now_s() + timeout_s;
+    double deadline = speed_clock_mono_s() + timeout_s;
     for (;;) {
         if (r->out_fd >= 0) up_read_until(r, "\x01never", 0.05); /* keep the pipe drained */
         int st;
@@ -141,7 +135,7 @@ static int up_wait(up_run_t *r, double timeout_s) {
             r->rc = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
             break;
         }
-        if (now_s() > deadline) {
+        if (speed_clock_mono_s() > deadline) {
             fprintf(stderr, "speedctl up (pid %d) did not exit within %.0f s: killing it\n", (int)r->pid, timeout_s);
             up_parse_pids(r);
             for (int i = 0; i < r->n_pids; i++) kill(r->pids[i], SIGKILL);

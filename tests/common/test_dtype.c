@@ -1,4 +1,5 @@
-/* dtype names, sizes, parsing and the bf16/f16 conversions (exhaustive where cheap). */
+/* common/dtype: names (ours, torch's, safetensors'), sizes, parsing and the bf16/f16
+ * conversions (exhaustive where cheap). */
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
@@ -46,6 +47,40 @@ static void test_names(void) {
         speed_dtype_t d = SPEED_DTYPE_F16;
         CHECK_INT_EQ(speed_dtype_parse(bad[i], &d), SPEED_ERR_INVALID_ARGUMENT);
         CHECK_INT_EQ(d, SPEED_DTYPE_F16);
+    }
+}
+
+/* Every spelling of every dtype parses back to it; the names array is the config's choices. */
+static void test_round_trip(void) {
+    for (int i = 0; i < SPEED_DTYPE_COUNT; i++) {
+        speed_dtype_t want = (speed_dtype_t)i, d = (speed_dtype_t)99;
+        CHECK_STR_EQ(speed_dtype_names[i], speed_dtype_name(want));
+        CHECK_INT_EQ(speed_dtype_parse(speed_dtype_name(want), &d), SPEED_OK);
+        CHECK_INT_EQ(d, want);
+        d = (speed_dtype_t)99;
+        CHECK_INT_EQ(speed_dtype_parse(speed_dtype_torch_name(want), &d), SPEED_OK);
+        CHECK_INT_EQ(d, want);
+        d = (speed_dtype_t)99;
+        CHECK_INT_EQ(speed_dtype_safetensors_parse(speed_dtype_safetensors_name(want), &d), SPEED_OK);
+        CHECK_INT_EQ(d, want);
+        for (int j = 0; j < i; j++) {
+            CHECK(strcmp(speed_dtype_names[i], speed_dtype_names[j]) != 0);
+            CHECK(strcmp(speed_dtype_torch_name(want), speed_dtype_torch_name((speed_dtype_t)j)) != 0);
+        }
+    }
+    CHECK(speed_dtype_names[SPEED_DTYPE_COUNT] == NULL);
+    CHECK_STR_EQ(speed_dtype_torch_name(SPEED_DTYPE_BF16), "bfloat16");
+    CHECK_STR_EQ(speed_dtype_safetensors_name(SPEED_DTYPE_F16), "F16");
+    CHECK_STR_EQ(speed_dtype_torch_name((speed_dtype_t)99), "?");
+    CHECK_STR_EQ(speed_dtype_safetensors_name((speed_dtype_t)-1), "?");
+    CHECK_STR_EQ(speed_dtype_name((speed_dtype_t)-1), "?");
+
+    /* safetensors names are case-sensitive and are not ours or torch's */
+    const char *bad[] = {"f32", "bf16", "Bf16", "bfloat16", "F64", "I32", "", NULL};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        speed_dtype_t d = SPEED_DTYPE_BF16;
+        CHECK_INT_EQ(speed_dtype_safetensors_parse(bad[i], &d), SPEED_ERR_INVALID_ARGUMENT);
+        CHECK_INT_EQ(d, SPEED_DTYPE_BF16);
     }
 }
 
@@ -171,6 +206,7 @@ static void test_bulk(void) {
 
 int main(void) {
     test_names();
+    test_round_trip();
     test_bf16();
     test_f16();
     test_bulk();
