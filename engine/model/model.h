@@ -94,21 +94,13 @@ int64_t speed_model_n_params(const speed_model_t *m);
 /* Bytes of the weights used (as stored); a tied lm_head counts once. */
 size_t speed_model_n_bytes(const speed_model_t *m);
 
-/* Parses the SPEED depth C for a model of n_layers layers:
- *   "24"   -> 24, an integer in 1..n_layers;
- *   "0.75" -> round(0.75 * n_layers) (half away from zero), a fraction in (0, 1] written with a
- *             decimal point ("1.0" = n_layers); the result is clamped to >= 1.
- * Exponents, signs, whitespace, 0 and values past n_layers are rejected.
- * Returns SPEED_OK, or SPEED_ERR_INVALID_ARGUMENT (logged; *c_p untouched). */
-speed_status_t speed_prefill_layers_parse(const char *text, int n_layers, int *c_p);
-
 /* Bytes of K and V that one *shallow* prompt token occupies in the cache:
  * 2 * C * n_kv_heads * head_dim * dtype size. With C = n_layers this is the size of a
  * full-depth token. prefill_layers is clamped to [0, n_layers]. */
 size_t speed_kv_bytes_per_token(const speed_model_config_t *cfg, int prefill_layers,
                                 speed_dtype_t cache_dtype);
 
-/* Bytes of K and V for a prompt of n_prompt tokens (ARCHITECTURE.md section 1): layers < C
+/* Bytes of K and V for a prompt of n_prompt tokens (docs/design.md §1): layers < C
  * hold every prompt token; layers >= C hold only the min(A + T, n) anchor and tail tokens:
  *   per_layer_token * (C * n + (L - C) * min(A + T, n)),  per_layer_token = 2*n_kv_heads*head_dim*size.
  * C is clamped to [1, L]; negative anchors/tail count as 0; n_prompt <= 0 gives 0.

@@ -228,14 +228,13 @@ int speedctl_inspect(int argc, char **argv) {
         return SPEEDCTL_EXIT_FAIL;
     }
     const speed_model_config_t *c = &m->config;
-    int C = 0;
-    if (speed_prefill_layers_parse(o.prefill_layers, c->n_layers, &C) != SPEED_OK) {
-        speedctl_fail("--prefill-layers '%s': expected an integer 1..%d or a fraction in (0, 1]",
-                      o.prefill_layers, c->n_layers);
+    speed_depth_t depth;
+    if (speedctl_depth_resolve(o.prefill_layers, o.anchors, o.tail, c->n_layers, &depth) != SPEED_OK) {
         speed_model_destroy(m);
         speed_config_destroy(cfg);
         return SPEEDCTL_EXIT_USAGE;
     }
+    const int C = depth.prefill_layers;
     speed_dtype_t kv_dtype = (speed_dtype_t)o.kv_dtype;
     size_t per_tok_full = speed_kv_bytes_per_token(c, c->n_layers, kv_dtype);
     size_t per_tok_c = speed_kv_bytes_per_token(c, C, kv_dtype);

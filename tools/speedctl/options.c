@@ -76,22 +76,22 @@ const speed_config_field_t speedctl_engine_fields[SPEEDCTL_ENGINE_N_FIELDS] = {
     ENGINE_OPT("kv_dtype", ENUM, kv_dtype, "bf16", SPEED_CONFIG_UNBOUNDED, speed_dtype_names, "KV cache element type"),
 };
 
+speed_status_t speedctl_depth_resolve(const char *prefill_layers, int64_t anchors, int64_t tail, int n_layers,
+                                      speed_depth_t *depth_p) {
+    /* the one resolution (engine/depth), as the router and the nodes do it */
+    char why[256];
+    speed_depth_request_t q = {.has_anchors = true, .anchors = anchors, .has_tail = true, .tail = tail};
+    if (speed_cutoff_parse(prefill_layers, &q.prefill_layers, why, sizeof why) == SPEED_OK &&
+        speed_depth_resolve(&q, NULL, n_layers, depth_p, why, sizeof why) == SPEED_OK)
+        return SPEED_OK;
+    const char *option = strncmp(why, "anchors", 7) == 0 ? "--anchors" : strncmp(why, "tail", 4) == 0 ? "--tail"
+                                                                                                    : "--prefill-layers";
+    speedctl_fail("%s: %s", option, why);
+    return SPEED_ERR_INVALID_ARGUMENT;
+}
+
 speed_status_t speedctl_engine_depth(const speedctl_engine_opts_t *o, int n_layers, speed_depth_t *depth_p) {
-    speed_depth_t depth = speed_depth_default();
-    depth.anchors = (int)o->anchors;
-    depth.tail = (int)o->tail;
-    depth.prefill_layers = n_layers;
-    speed_log_set_sink(speedctl_silent_sink, NULL); /* one error line: ours, below */
-    bool ok = !o->prefill_layers ||
-              speed_prefill_layers_parse(o->prefill_layers, n_layers, &depth.prefill_layers) == SPEED_OK;
-    speedctl_log_to_stderr();
-    if (!ok) {
-        speedctl_fail("--prefill-layers '%s': expected an integer 1..%d or a fraction in (0, 1]", o->prefill_layers,
-                      n_layers);
-        return SPEED_ERR_INVALID_ARGUMENT;
-    }
-    *depth_p = depth;
-    return SPEED_OK;
+    return speedctl_depth_resolve(o->prefill_layers, o->anchors, o->tail, n_layers, depth_p);
 }
 
 /* One backend of the options' kind and device, with n_threads. */

@@ -108,10 +108,14 @@ typedef struct {
 #define SPEEDCTL_ENGINE_N_FIELDS 9
 extern const speed_config_field_t speedctl_engine_fields[SPEEDCTL_ENGINE_N_FIELDS];
 
-/* The SPEED depth of --prefill-layers (C = n_layers when not given), --anchors and --tail for
- * a model of n_layers layers. A --prefill-layers that does not parse is reported as one line
- * naming the option and the accepted values; returns SPEED_ERR_INVALID_ARGUMENT then (a usage
- * error), else SPEED_OK. */
+/* The SPEED depth of --prefill-layers (NULL or "": C = n_layers), --anchors and --tail for a
+ * model of n_layers layers, resolved by speed_depth_resolve (engine/depth) exactly as the router
+ * and the nodes resolve a request's. A value it refuses is reported as one line naming the
+ * option and the resolver's reason; returns SPEED_ERR_INVALID_ARGUMENT then (a usage error),
+ * else SPEED_OK. */
+speed_status_t speedctl_depth_resolve(const char *prefill_layers, int64_t anchors, int64_t tail, int n_layers,
+                                      speed_depth_t *depth_p);
+/* speedctl_depth_resolve of the engine options. */
 speed_status_t speedctl_engine_depth(const speedctl_engine_opts_t *opts, int n_layers, speed_depth_t *depth_p);
 
 /* The backends of --tensor-parallel ranks (docs/tensor-parallel.md): n backends of one kind,
