@@ -10,19 +10,7 @@
 #include "check.h"
 #include "log.h"
 #include "route.h"
-
-static void sleep_ms(long ms)
-{
-    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
-}
-
-static double now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
-}
+#include "test_clock.h"
 
 static speed_balance_pool_t *make_pool(speed_balance_policy_t policy, size_t n)
 {
