@@ -12,6 +12,7 @@
 #include "config.h"
 #include "dtype.h"
 #include "log.h"
+#include "test_fs.h"
 
 #define PREFIX "SPEEDTEST_"
 
@@ -246,16 +247,6 @@ static void check_same(const test_cfg_t *a, const test_cfg_t *b) {
     if (a->model && b->model) CHECK_STR_EQ(a->model, b->model);
 }
 
-static char *slurp(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    static char buf[8192];
-    size_t n = fread(buf, 1, sizeof buf - 1, f);
-    buf[n] = '\0';
-    fclose(f);
-    return buf;
-}
-
 static void roundtrip(const char *label, test_cfg_t *c1, speed_config_t *cfg1) {
     char path[1024];
     snprintf(path, sizeof path, "%s/cfg_print_%s.yaml", tmpdir, label);
@@ -264,7 +255,9 @@ static void roundtrip(const char *label, test_cfg_t *c1, speed_config_t *cfg1) {
     if (!f) return;
     CHECK_INT_EQ(speed_config_print(cfg1, f), SPEED_OK);
     fclose(f);
-    fprintf(stderr, "--- %s ---\n%s", label, slurp(path));
+    char *text = tu_read(path, NULL);
+    fprintf(stderr, "--- %s ---\n%s", label, text ? text : "");
+    free(text);
     test_cfg_t c2;
     speed_config_t *cfg2 = NULL;
     CHECK_INT_EQ(load(&c2, &cfg2, "--config", path, NULL), SPEED_OK);

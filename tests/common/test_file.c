@@ -7,43 +7,30 @@
 #include "check.h"
 #include "file.h"
 #include "log.h"
-
-static char root[1024];
-
-static const char *path_in(const char *name) {
-    static char p[1200];
-    snprintf(p, sizeof p, "%s/%s", root, name);
-    return p;
-}
-
-static void write_bytes(const char *path, const void *data, size_t n) {
-    FILE *f = fopen(path, "wb");
-    CHECK(f && fwrite(data, 1, n, f) == n);
-    if (f) fclose(f);
-}
+#include "test_fs.h"
 
 static void test_read_regular(void) {
     static const char data[] = "a\0b\nc";
-    write_bytes(path_in("nul.bin"), data, sizeof data - 1);
+    tu_write(tu_path("nul.bin"), data, sizeof data - 1);
     char *text = NULL;
     size_t len = 0;
-    CHECK_INT_EQ(speed_file_read(path_in("nul.bin"), 100, SPEED_SUBSYS_CORE, 0, &text, &len), SPEED_OK);
+    CHECK_INT_EQ(speed_file_read(tu_path("nul.bin"), 100, SPEED_SUBSYS_CORE, 0, &text, &len), SPEED_OK);
     CHECK_INT_EQ(len, 5);
     CHECK(text && memcmp(text, data, 5) == 0 && text[5] == '\0');
     speed_free(text);
 
-    write_bytes(path_in("empty"), "", 0);
+    tu_write(tu_path("empty"), "", 0);
     text = NULL;
-    CHECK_INT_EQ(speed_file_read(path_in("empty"), 100, SPEED_SUBSYS_CORE, 0, &text, &len), SPEED_OK);
+    CHECK_INT_EQ(speed_file_read(tu_path("empty"), 100, SPEED_SUBSYS_CORE, 0, &text, &len), SPEED_OK);
     CHECK_INT_EQ(len, 0);
     CHECK(text && text[0] == '\0');
     speed_free(text);
 
     /* exactly at the limit passes, one byte over fails */
-    CHECK_INT_EQ(speed_file_read(path_in("nul.bin"), 5, SPEED_SUBSYS_CORE, 0, &text, &len), SPEED_OK);
+    CHECK_INT_EQ(speed_file_read(tu_path("nul.bin"), 5, SPEED_SUBSYS_CORE, 0, &text, &len), SPEED_OK);
     speed_free(text);
     text = NULL;
-    CHECK_INT_EQ(speed_file_read(path_in("nul.bin"), 4, SPEED_SUBSYS_CORE, 0, &text, &len), SPEED_ERR_TOO_LONG);
+    CHECK_INT_EQ(speed_file_read(tu_path("nul.bin"), 4, SPEED_SUBSYS_CORE, 0, &text, &len), SPEED_ERR_TOO_LONG);
     CHECK(text == NULL);
     CHECK_CONTAINS(speed_log_last_error(), "larger than the 4 bytes allowed");
 }
@@ -88,29 +75,29 @@ static void test_read_errors(void) {
     char *text = (char *)"untouched";
     size_t len = 7;
     speed_log_clear_last_error();
-    CHECK_INT_EQ(speed_file_read(path_in("absent"), 10, SPEED_SUBSYS_CORE, SPEED_FILE_READ_OPTIONAL, &text, &len),
+    CHECK_INT_EQ(speed_file_read(tu_path("absent"), 10, SPEED_SUBSYS_CORE, SPEED_FILE_READ_OPTIONAL, &text, &len),
                  SPEED_ERR_NOT_FOUND);
     CHECK_STR_EQ(speed_log_last_error(), ""); /* optional: the caller decides what to say */
-    CHECK_INT_EQ(speed_file_read(path_in("absent"), 10, SPEED_SUBSYS_CORE, 0, &text, &len), SPEED_ERR_NOT_FOUND);
+    CHECK_INT_EQ(speed_file_read(tu_path("absent"), 10, SPEED_SUBSYS_CORE, 0, &text, &len), SPEED_ERR_NOT_FOUND);
     CHECK_CONTAINS(speed_log_last_error(), "absent: No such file");
-    CHECK_INT_EQ(speed_file_read(root, 10, SPEED_SUBSYS_CORE, 0, &text, &len), SPEED_ERR_INVALID_ARGUMENT);
+    CHECK_INT_EQ(speed_file_read(tu_root, 10, SPEED_SUBSYS_CORE, 0, &text, &len), SPEED_ERR_INVALID_ARGUMENT);
     CHECK_CONTAINS(speed_log_last_error(), "is a directory");
     CHECK_STR_EQ(text, "untouched");
     CHECK_INT_EQ(len, 7);
     if (geteuid() != 0) { /* root reads anything */
-        write_bytes(path_in("secret"), "x", 1);
-        chmod(path_in("secret"), 0);
-        CHECK_INT_EQ(speed_file_read(path_in("secret"), 10, SPEED_SUBSYS_CORE, 0, &text, &len), SPEED_ERR_IO);
+        tu_write(tu_path("secret"), "x", 1);
+        chmod(tu_path("secret"), 0);
+        CHECK_INT_EQ(speed_file_read(tu_path("secret"), 10, SPEED_SUBSYS_CORE, 0, &text, &len), SPEED_ERR_IO);
     }
 }
 
 static void test_read_fault_injection(void) {
-    write_bytes(path_in("small"), "hello", 5);
+    tu_write(tu_path("small"), "hello", 5);
     int64_t base = speed_alloc_live_count();
     speed_alloc_fail_after(0, 0);
     char *text = NULL;
     size_t len = 0;
-    CHECK_INT_EQ(speed_file_read(path_in("small"), 10, SPEED_SUBSYS_CORE, 0, &text, &len), SPEED_ERR_NO_MEMORY);
+    CHECK_INT_EQ(speed_file_read(tu_path("small"), 10, SPEED_SUBSYS_CORE, 0, &text, &len), SPEED_ERR_NO_MEMORY);
     speed_alloc_fail_after(-1, 0);
     CHECK(text == NULL);
     CHECK_INT_EQ(speed_alloc_live_count(), base);
@@ -131,9 +118,7 @@ static void test_paths(void) {
 }
 
 int main(void) {
-    const char *tmp = getenv("SPEED_TEST_TMP");
-    snprintf(root, sizeof root, "%s/file-XXXXXX", tmp && *tmp ? tmp : "/tmp");
-    if (!mkdtemp(root)) SKIP_TEST("cannot create a scratch directory under %s", root);
+    tu_tmp_init("file");
     speed_log_configure("error");
     test_read_regular();
     test_read_pipe();

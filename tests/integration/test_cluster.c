@@ -50,8 +50,8 @@ static double sum_nodes(bool prefill, const char *metric) {
 
 /* Polls the sum over the prefill nodes of speed_kv_transfer_bytes_total until it equals want. */
 static double wait_transfer_total(double want) {
-    double t0 = cu_now(), v;
-    while ((v = sum_nodes(true, "speed_kv_transfer_bytes_total")) != want && cu_now() - t0 < 3) usleep(20000);
+    double t0 = now_s(), v;
+    while ((v = sum_nodes(true, "speed_kv_transfer_bytes_total")) != want && now_s() - t0 < 3) usleep(20000);
     return v;
 }
 
@@ -75,7 +75,7 @@ static int complete(int port, const char *body, bool stream, const char *auth, o
     int st = s.status;
     if (st == 200) {
         CHECK_CONTAINS(s.content_type, "text/event-stream");
-        cu_sse_read(&s, -1, cu_now() + 60);
+        cu_sse_read(&s, -1, now_s() + 60);
         CHECK(s.ended);
     }
     ou_from_sse(r, &s);
@@ -140,7 +140,7 @@ static void check_chat(void) {
     cu_sse_t s;
     CHECK(cu_sse_begin(g_rport, "/v1/chat/completions", sbody, NULL, 30000, &s));
     CHECK_INT_EQ(s.status, 200);
-    cu_sse_read(&s, -1, cu_now() + 60);
+    cu_sse_read(&s, -1, now_s() + 60);
     ou_result_t r;
     ou_from_sse(&r, &s);
     CHECK(s.n > 0 && strstr(s.data[0], "\"role\":\"assistant\"") != NULL);
@@ -180,12 +180,12 @@ static void check_spread(void) {
     json_t *ref = ou_ref("c3", "--prompt-ids %s --prefill-layers 3 --max-tokens %d --top-logprobs 2", g_csv, N_GEN);
     /* the nodes count a request just after they answer it: let the counts of the requests so
      * far settle (every one was disaggregated and answered 200) */
-    double t0 = cu_now();
+    double t0 = now_s();
     for (;;) {
         double done = cu_metric(g_rport, "speed_router_requests_total{route=\"disaggregated\",status=\"200\"}");
         if ((sum_nodes(true, "speed_prefill_requests_total") == done &&
              sum_nodes(false, "speed_decode_requests_total") == done) ||
-            cu_now() - t0 > 3)
+            now_s() - t0 > 3)
             break;
         usleep(20000);
     }
@@ -218,7 +218,7 @@ static void check_spread(void) {
     fprintf(stderr, "concurrent: largest logprob deviation from batch 1: %.2g\n", ou_max_dev);
     ou_tol = 1e-4;
     ou_near_tie = false;
-    t0 = cu_now();
+    t0 = now_s();
     bool all;
     do {
         all = true;
@@ -227,7 +227,7 @@ static void check_spread(void) {
         for (int i = 0; i < g_c.nd; i++)
             all = all && cu_metric_sum(cu_dec_http(&g_c, i), "speed_decode_requests_total") > dec0[i];
         if (!all) usleep(50000);
-    } while (!all && cu_now() - t0 < 3);
+    } while (!all && now_s() - t0 < 3);
     for (int i = 0; i < g_c.np; i++)
         CHECK_MSG(cu_metric_sum(cu_pre_http(&g_c, i), "speed_prefill_requests_total") > pre0[i],
                   "prefill node %d got none of the 8 requests", i);
@@ -319,7 +319,7 @@ static void check_bad_requests(void) {
     bad(C, "{\"model\":\"model\",\"prompt\":[1,2,3],\"stop\":[\"a\",\"b\",\"c\",\"d\",\"e\"]}", 400, ire, NULL, "stop",
         "5 stop strings");
     /* the router and the nodes are still fine */
-    CHECK(cu_wait_ok(g_rport, "/health", 5));
+    CHECK(cu_wait_health(g_rport, 200, 5));
     CHECK_NEAR(cu_metric(g_rport, "speed_router_requests_running"), 0, 0);
 }
 
@@ -336,26 +336,26 @@ static void check_disconnect(void) {
     cu_sse_t s;
     CHECK(cu_sse_begin(g_rport, "/v1/completions", body, NULL, 30000, &s));
     CHECK_INT_EQ(s.status, 200);
-    CHECK(cu_sse_read(&s, 3, cu_now() + 30) >= 3);
+    CHECK(cu_sse_read(&s, 3, now_s() + 30) >= 3);
     double held = sum_nodes(false, "speed_kv_blocks_reserved");
     CHECK_MSG(held > 0, "no decode blocks held during the stream");
     cu_sse_free(&s); /* the client goes away */
-    double t0 = cu_now();
-    while (blocks_reserved_all() > 0 && cu_now() - t0 < 15) usleep(50000);
-    double dt = cu_now() - t0;
+    double t0 = now_s();
+    while (blocks_reserved_all() > 0 && now_s() - t0 < 15) usleep(50000);
+    double dt = now_s() - t0;
     CHECK_MSG(blocks_reserved_all() == 0, "blocks still reserved %.1f s after the disconnect: prefill %.0f decode %.0f",
               dt, sum_nodes(true, "speed_kv_blocks_reserved"), sum_nodes(false, "speed_kv_blocks_reserved"));
     CHECK_MSG(dt < 5, "blocks freed only after %.1f s", dt);
     CHECK(cu_wait_metric(g_rport, "speed_router_requests_running", 0, 5));
-    double t_run = cu_now();
-    while (sum_nodes(false, "speed_decode_running_requests") != 0 && cu_now() - t_run < 5) usleep(20000);
+    double t_run = now_s();
+    while (sum_nodes(false, "speed_decode_running_requests") != 0 && now_s() - t_run < 5) usleep(20000);
     CHECK_NEAR(sum_nodes(false, "speed_decode_running_requests"), 0, 0);
     /* counted as a client that went away, not as a finished request */
-    t0 = cu_now();
+    t0 = now_s();
     double gone;
     while ((gone = cu_metric(g_rport, "speed_router_requests_total{route=\"disaggregated\",status=\"499\"}")) <
                gone0 + 1 &&
-           cu_now() - t0 < 5)
+           now_s() - t0 < 5)
         usleep(50000);
     CHECK_NEAR(gone, gone0 + 1, 0.5);
     speed_free(body);
@@ -365,7 +365,7 @@ static void check_disconnect(void) {
 
 static void check_overload(int port) {
     /* keys: /health and /metrics are open, /v1 needs one */
-    CHECK(cu_wait_ok(port, "/health", 5));
+    CHECK(cu_wait_health(port, 200, 5));
     char *body = ou_completion_body("model", g_prompt, N_PROMPT, N_GEN, 2, false, NULL, NULL);
     cu_resp_t r;
     cu_http(port, "POST", "/v1/completions", body, NULL, NULL, 30000, &r);
@@ -434,7 +434,7 @@ static void check_overload(int port) {
     CHECK(cu_wait_metric(port, "speed_router_requests_running", 0, 5));
     double n429 = cu_metric(port, "speed_router_requests_total{route=\"none\",status=\"429\"}");
     CHECK_NEAR(n429, 2, 0.5);
-    if (n429 != 2) cu_system("curl -s http://127.0.0.1:%d/metrics | grep requests_total >&2", port);
+    if (n429 != 2) tu_system("curl -s http://127.0.0.1:%d/metrics | grep requests_total >&2", port);
     /* the main router sees the prefill nodes again */
     CHECK(cu_router_wait_nodes(&g_c, g_rport, g_c.np, g_c.nd, 10));
     speed_free(body);
@@ -468,7 +468,7 @@ static void check_drain(cu_proc_t *router, int port, const char *auth) {
     cu_sse_t s;
     CHECK(cu_sse_begin(port, "/v1/completions", body, auth, 30000, &s));
     CHECK_INT_EQ(s.status, 200);
-    CHECK(cu_sse_read(&s, 2, cu_now() + 30) >= 2);
+    CHECK(cu_sse_read(&s, 2, now_s() + 30) >= 2);
     int held = -1;
     for (int i = 0; i < g_c.nd && held < 0; i++)
         if (cu_metric(cu_dec_http(&g_c, i), "speed_decode_running_requests") > 0) held = i;
@@ -476,9 +476,9 @@ static void check_drain(cu_proc_t *router, int port, const char *auth) {
     if (held >= 0) kill(g_c.dec[held].pid, SIGSTOP);
     kill(router->pid, SIGTERM);
     /* during the drain: /health 503, new requests 503 */
-    double t0 = cu_now();
+    double t0 = now_s();
     int hs = 0;
-    while (cu_now() - t0 < 5) {
+    while (now_s() - t0 < 5) {
         if (speed_http_get("127.0.0.1", (uint16_t)port, "/health", 2000, &hs, NULL) == SPEED_OK && hs == 503) break;
         usleep(10000);
     }
@@ -497,7 +497,7 @@ static void check_drain(cu_proc_t *router, int port, const char *auth) {
     CHECK_MSG(cu_alive(router), "the router exited with a stream in flight");
     if (held >= 0) kill(g_c.dec[held].pid, SIGCONT);
     /* the stream in flight completes normally */
-    cu_sse_read(&s, -1, cu_now() + 90);
+    cu_sse_read(&s, -1, now_s() + 90);
     ou_result_t res;
     ou_from_sse(&res, &s);
     CHECK_MSG(s.ended && res.done && !res.error && res.n_after_done == 0, "drained stream: ended %d done %d error %s",
@@ -515,7 +515,7 @@ static void check_drain(cu_proc_t *router, int port, const char *auth) {
 
 int main(void) {
     speed_log_configure("error");
-    double t_start = cu_now();
+    double t_start = now_s();
     cu_init("cluster");
     char model_dir[600];
     snprintf(model_dir, sizeof model_dir, "%s/model", cu_dir);
@@ -545,9 +545,9 @@ int main(void) {
     cu_proc_t r2 = cu_cluster_router(&g_c, 2, r2_args, 30, &ok2);
     CHECK_MSG(ok0 && ok1 && ok2, "routers did not come up");
     g_rport = cu_router_port(&g_c, 0);
-    fprintf(stderr, "cluster up after %.1f s\n", cu_now() - t_start);
+    fprintf(stderr, "cluster up after %.1f s\n", now_s() - t_start);
     if (ok && ok0 && ok1 && ok2) {
-        double t = cu_now();
+        double t = now_s();
         check_depth("4", 4, false);
         check_depth("4", 4, true);
         check_depth("3", 3, false);
@@ -555,31 +555,31 @@ int main(void) {
         check_depth("0.5", 2, true);
         check_depth(NULL, 3, false); /* the deployment's default C */
         check_chat();
-        fprintf(stderr, "exactness: %.1f s\n", cu_now() - t);
-        t = cu_now();
+        fprintf(stderr, "exactness: %.1f s\n", now_s() - t);
+        t = now_s();
         check_spread();
-        fprintf(stderr, "spread: %.1f s\n", cu_now() - t);
-        t = cu_now();
+        fprintf(stderr, "spread: %.1f s\n", now_s() - t);
+        t = now_s();
         check_bad_requests();
-        fprintf(stderr, "bad requests: %.1f s\n", cu_now() - t);
-        t = cu_now();
+        fprintf(stderr, "bad requests: %.1f s\n", now_s() - t);
+        t = now_s();
         check_disconnect();
-        fprintf(stderr, "disconnect: %.1f s\n", cu_now() - t);
-        t = cu_now();
+        fprintf(stderr, "disconnect: %.1f s\n", now_s() - t);
+        t = now_s();
         check_overload(cu_router_port(&g_c, 1));
-        fprintf(stderr, "overload: %.1f s\n", cu_now() - t);
-        t = cu_now();
+        fprintf(stderr, "overload: %.1f s\n", now_s() - t);
+        t = now_s();
         check_back_to_back(cu_router_port(&g_c, 2));
-        fprintf(stderr, "back to back: %.1f s\n", cu_now() - t);
-        t = cu_now();
+        fprintf(stderr, "back to back: %.1f s\n", now_s() - t);
+        t = now_s();
         /* a node releases a request's blocks just after its last reply, so the count may lag
          * the last response by a moment */
-        double t_free = cu_now();
-        while (blocks_reserved_all() > 0 && cu_now() - t_free < 5) usleep(20000);
+        double t_free = now_s();
+        while (blocks_reserved_all() > 0 && now_s() - t_free < 5) usleep(20000);
         CHECK_MSG(blocks_reserved_all() == 0, "blocks still reserved %.1f s after the last request",
-                  cu_now() - t_free);
+                  now_s() - t_free);
         check_drain(&r1, cu_router_port(&g_c, 1), "Bearer k1");
-        fprintf(stderr, "drain: %.1f s\n", cu_now() - t);
+        fprintf(stderr, "drain: %.1f s\n", now_s() - t);
     }
     /* the other routers, then the nodes: SIGTERM, exit 0 */
     if (r1.pid) cu_stop(&r1, SIGKILL, 5);
@@ -599,7 +599,7 @@ int main(void) {
     speed_free(g_csv);
     speed_tok_destroy(g_tok);
     speed_model_destroy(model);
-    fprintf(stderr, "total %.1f s\n", cu_now() - t_start);
+    fprintf(stderr, "total %.1f s\n", now_s() - t_start);
     int failed = CHECK_DONE();
     cu_cleanup(failed != 0);
     return failed;

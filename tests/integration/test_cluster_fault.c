@@ -54,7 +54,7 @@ static char *node_up_name(bool prefill, int i, char *buf, size_t n) {
 
 /* Blocks reserved on every live node reach 0. */
 static bool wait_no_blocks(double timeout_s) {
-    double t0 = cu_now();
+    double t0 = now_s();
     for (;;) {
         double s = 0;
         for (int i = 0; i < g_c.np; i++)
@@ -62,7 +62,7 @@ static bool wait_no_blocks(double timeout_s) {
         for (int i = 0; i < g_c.nd; i++)
             if (g_c.dec[i].pid) s += node_metric(false, i, "speed_kv_blocks_reserved");
         if (s == 0) return true;
-        if (cu_now() - t0 > timeout_s) {
+        if (now_s() - t0 > timeout_s) {
             fprintf(stderr, "blocks still reserved: %.0f\n", s);
             return false;
         }
@@ -95,8 +95,8 @@ static int kill_prefill_mid_prefill(void) {
     job_t a = {.body = body};
     pthread_create(&a.th, NULL, job_run, &a);
     int victim = -1;
-    double t0 = cu_now();
-    while (victim < 0 && cu_now() - t0 < 30) {
+    double t0 = now_s();
+    while (victim < 0 && now_s() - t0 < 30) {
         for (int i = 0; i < g_c.np && victim < 0; i++)
             if (node_metric(true, i, "speed_prefill_running_requests") > 0) victim = i;
         if (victim < 0) usleep(5000);
@@ -107,7 +107,7 @@ static int kill_prefill_mid_prefill(void) {
         CHECK_MSG(node_metric(true, victim, "speed_prefill_running_requests") > 0,
                   "the prefill finished before the kill: the check proves nothing");
         CHECK_INT_EQ(cu_stop(&g_c.pre[victim], SIGKILL, 10), 128 + SIGKILL);
-        fprintf(stderr, "killed prefill%d mid-prefill after %.2f s\n", victim, cu_now() - t0);
+        fprintf(stderr, "killed prefill%d mid-prefill after %.2f s\n", victim, now_s() - t0);
     }
     pthread_join(a.th, NULL);
     CHECK_MSG(a.resp.status == 200, "the request on the killed prefill node: HTTP %d %s", a.resp.status,
@@ -128,7 +128,7 @@ static int kill_prefill_mid_prefill(void) {
                   "the killed prefill node is not marked down");
     }
     CHECK(wait_no_blocks(10));
-    CHECK(cu_wait_ok(g_rport, "/health", 5));
+    CHECK(cu_wait_health(g_rport, 200, 5));
     speed_free(body);
     return victim;
 }
@@ -151,21 +151,21 @@ static void leave_during_prefill(void) {
                       strlen(body));
     CHECK(write(fd, head, (size_t)hl) == hl);
     CHECK(write(fd, body, strlen(body)) == (ssize_t)strlen(body));
-    double t0 = cu_now();
+    double t0 = now_s();
     bool seen = false;
-    while (!seen && cu_now() - t0 < 30) {
+    while (!seen && now_s() - t0 < 30) {
         for (int i = 0; i < g_c.np; i++) seen = seen || node_metric(true, i, "speed_prefill_running_requests") > 0;
         if (!seen) usleep(5000);
     }
     CHECK_MSG(seen, "the long prompt never showed up on a prefill node");
     close(fd); /* gone mid-prefill */
-    t0 = cu_now();
+    t0 = now_s();
     CHECK_MSG(wait_no_blocks(15), "blocks still reserved after a client left during the prefill");
-    fprintf(stderr, "left during the prefill: blocks free after %.2f s\n", cu_now() - t0);
+    fprintf(stderr, "left during the prefill: blocks free after %.2f s\n", now_s() - t0);
     double gone = gone0;
     while ((gone = cu_metric(g_rport, "speed_router_requests_total{route=\"disaggregated\",status=\"499\"}")) <
                gone0 + 1 &&
-           cu_now() - t0 < 15)
+           now_s() - t0 < 15)
         usleep(50000);
     CHECK_NEAR(gone, gone0 + 1, 0.5);
     CHECK(cu_wait_metric(g_rport, "speed_router_requests_running", 0, 5));
@@ -178,16 +178,16 @@ static int kill_decode_mid_stream(void) {
     cu_sse_t s;
     CHECK(cu_sse_begin(g_rport, "/v1/completions", body, NULL, 15000, &s));
     CHECK_INT_EQ(s.status, 200);
-    CHECK(cu_sse_read(&s, 3, cu_now() + 30) >= 3);
+    CHECK(cu_sse_read(&s, 3, now_s() + 30) >= 3);
     int victim = -1;
     for (int i = 0; i < g_c.nd && victim < 0; i++)
         if (node_metric(false, i, "speed_decode_running_requests") > 0) victim = i;
     CHECK_MSG(victim >= 0, "no decode node is running the stream");
-    double t_kill = cu_now();
+    double t_kill = now_s();
     if (victim >= 0) CHECK_INT_EQ(cu_stop(&g_c.dec[victim], SIGKILL, 10), 128 + SIGKILL);
     /* the rest of the stream: bounded, whatever happens */
-    cu_sse_read(&s, -1, cu_now() + 30);
-    double dt = cu_now() - t_kill;
+    cu_sse_read(&s, -1, now_s() + 30);
+    double dt = now_s() - t_kill;
     ou_result_t res;
     ou_from_sse(&res, &s);
     fprintf(stderr, "after the decode kill: %d events, ended %d, [DONE] %d, error %s, finish \"%s\", %.2f s\n", s.n,
@@ -214,10 +214,10 @@ static int kill_decode_mid_stream(void) {
                   "the killed decode node is not marked down");
         int other = 1 - victim;
         double before = node_metric(false, other, "speed_decode_requests_total");
-        CHECK(cu_wait_ok(g_rport, "/health", 5));
+        CHECK(cu_wait_health(g_rport, 200, 5));
         short_requests(4, "after the decode kill");
-        double t0 = cu_now();
-        while (node_metric(false, other, "speed_decode_requests_total") < before + 4 && cu_now() - t0 < 3)
+        double t0 = now_s();
+        while (node_metric(false, other, "speed_decode_requests_total") < before + 4 && now_s() - t0 < 3)
             usleep(20000);
         CHECK_NEAR(node_metric(false, other, "speed_decode_requests_total") - before, 4, 0.5);
     }
@@ -228,7 +228,7 @@ static int kill_decode_mid_stream(void) {
 
 int main(void) {
     speed_log_configure("error");
-    double t_start = cu_now();
+    double t_start = now_s();
     cu_init_model("cluster-fault", "--hidden 256 --heads 8 --kv_heads 2 --ffn 688");
     char model_dir[600];
     snprintf(model_dir, sizeof model_dir, "%s/model", cu_dir);
@@ -258,20 +258,20 @@ int main(void) {
     csv = ou_ids_csv(g_long, N_LONG);
     g_ref_long = ou_ref("long", "--prompt-ids %s --prefill-layers 3 --max-tokens %d --top-logprobs 2", csv, N_GEN);
     speed_free(csv);
-    fprintf(stderr, "cluster and references ready after %.1f s\n", cu_now() - t_start);
+    fprintf(stderr, "cluster and references ready after %.1f s\n", now_s() - t_start);
 
     if (ok && ok0 && g_ref_short && g_ref_long) {
-        double t = cu_now();
+        double t = now_s();
         short_requests(2, "warm-up");
         leave_during_prefill();
-        fprintf(stderr, "leave during prefill: %.1f s\n", cu_now() - t);
-        t = cu_now();
+        fprintf(stderr, "leave during prefill: %.1f s\n", now_s() - t);
+        t = now_s();
         int pv = kill_prefill_mid_prefill();
-        fprintf(stderr, "prefill kill: %.1f s\n", cu_now() - t);
-        t = cu_now();
+        fprintf(stderr, "prefill kill: %.1f s\n", now_s() - t);
+        t = now_s();
         int dv = kill_decode_mid_stream();
-        fprintf(stderr, "decode kill: %.1f s\n", cu_now() - t);
-        t = cu_now();
+        fprintf(stderr, "decode kill: %.1f s\n", now_s() - t);
+        t = now_s();
         /* 3. restart both: the router takes them back */
         char idx[16];
         if (pv >= 0) {
@@ -291,7 +291,7 @@ int main(void) {
             d0[i] = node_metric(false, i, "speed_decode_requests_total");
         }
         short_requests(4, "after the restarts");
-        double t0 = cu_now();
+        double t0 = now_s();
         bool all;
         do {
             all = true;
@@ -299,10 +299,10 @@ int main(void) {
                 all = all && node_metric(true, i, "speed_prefill_requests_total") > p0[i] &&
                       node_metric(false, i, "speed_decode_requests_total") > d0[i];
             if (!all) usleep(20000);
-        } while (!all && cu_now() - t0 < 3);
+        } while (!all && now_s() - t0 < 3);
         CHECK_MSG(all, "after the restarts the requests did not reach all four nodes");
         CHECK(wait_no_blocks(10));
-        fprintf(stderr, "restarts: %.1f s\n", cu_now() - t);
+        fprintf(stderr, "restarts: %.1f s\n", now_s() - t);
     }
     /* 4. */
     int rc = cu_stop(&router, SIGTERM, 60);
@@ -319,7 +319,7 @@ int main(void) {
     json_decref(g_ref_long);
     speed_tok_destroy(g_tok);
     speed_model_destroy(model);
-    fprintf(stderr, "total %.1f s\n", cu_now() - t_start);
+    fprintf(stderr, "total %.1f s\n", now_s() - t_start);
     int failed = CHECK_DONE();
     cu_cleanup(failed != 0);
     return failed;

@@ -38,7 +38,7 @@ static void check_completion(int rport, int pre_http, int C, const char *c_json,
         cu_sse_t s;
         CHECK_MSG(cu_sse_begin(rport, "/v1/completions", body, NULL, 30000, &s), "%s: no stream", label);
         CHECK_INT_EQ(s.status, 200);
-        cu_sse_read(&s, -1, cu_now() + 60);
+        cu_sse_read(&s, -1, now_s() + 60);
         CHECK_MSG(s.ended, "%s: stream did not end", label);
         ou_from_sse(&r, &s);
         cu_sse_free(&s);
@@ -51,9 +51,9 @@ static void check_completion(int rport, int pre_http, int C, const char *c_json,
     }
     ou_check_ref(&r, ref, g_tok, false, label);
     CHECK_INT_EQ(ou_usage(&r, "kv_bytes"), kv_want(C));
-    double t0 = cu_now(), after = before;
+    double t0 = now_s(), after = before;
     while ((after = cu_metric_sum(pre_http, "speed_kv_transfer_bytes_total")) < before + (double)kv_want(C) &&
-           cu_now() - t0 < 3)
+           now_s() - t0 < 3)
         usleep(20000);
     CHECK_MSG(after - before == (double)kv_want(C), "%s: the prefill node shipped %.0f bytes, want %zu", label,
               after - before, kv_want(C));
@@ -98,8 +98,8 @@ static void run_cluster(int tp_prefill, int tp_decode) {
         check_completion(rport, pre_http, 2, "0.5", false, what);
         check_completion(rport, pre_http, 3, NULL, true, what); /* the deployment's C */
         /* a node releases a request's blocks just after its last reply: give it a moment */
-        double t0 = cu_now(), held;
-        while ((held = cu_metric_sum(cu_dec_http(&c, 0), "speed_kv_blocks_reserved")) != 0 && cu_now() - t0 < 5)
+        double t0 = now_s(), held;
+        while ((held = cu_metric_sum(cu_dec_http(&c, 0), "speed_kv_blocks_reserved")) != 0 && now_s() - t0 < 5)
             usleep(20000);
         CHECK_MSG(held == 0, "%s: %.0f decode blocks still reserved 5 s after the last request", what, held);
     } else {
@@ -142,13 +142,13 @@ int main(void) {
     ou_tol = 3e-3;
     ou_near_tie = true;
 
-    double t = cu_now();
+    double t = now_s();
     run_cluster(2, 1);
-    fprintf(stderr, "prefill TP 2 -> decode TP 1: %.1f s\n", cu_now() - t);
-    t = cu_now();
+    fprintf(stderr, "prefill TP 2 -> decode TP 1: %.1f s\n", now_s() - t);
+    t = now_s();
     run_cluster(1, 2);
     fprintf(stderr, "prefill TP 1 -> decode TP 2: %.1f s, largest logprob deviation %.2g, %d near ties\n",
-            cu_now() - t, ou_max_dev, ou_n_near_ties);
+            now_s() - t, ou_max_dev, ou_n_near_ties);
 
     char odd[16];
     snprintf(odd, sizeof odd, "%d", g_mc->n_kv_heads + 1);

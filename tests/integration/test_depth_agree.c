@@ -117,7 +117,7 @@ static answer_t via_speedctl(const char *v) {
     snprintf(out, sizeof out, "%s/speedctl-%s.json", cu_dir, v);
     snprintf(err, sizeof err, "%s/speedctl-%s.err", cu_dir, v);
     /* --prefill-layers=V: a value may start with '-' */
-    int rc = cu_system("%s/speedctl generate --model %s/model --prompt-ids %s --prefill-layers=%s --max-tokens 1 "
+    int rc = tu_system("%s/speedctl generate --model %s/model --prompt-ids %s --prefill-layers=%s --max-tokens 1 "
                        "--threads 1 --json > %s 2> %s",
                        cu_bin, cu_dir, g_prompt_csv, v, out, err);
     if (rc == 0) {
@@ -201,8 +201,8 @@ int main(void) {
     /* both kinds of answer were exercised */
     CHECK(n_accepted >= 8 && n_refused >= 6);
     /* every reservation was given back */
-    double t0 = cu_now(), held;
-    while ((held = cu_metric_sum(cu_dec_http(&c, 0), "speed_kv_blocks_reserved")) != 0 && cu_now() - t0 < 5)
+    double t0 = now_s(), held;
+    while ((held = cu_metric_sum(cu_dec_http(&c, 0), "speed_kv_blocks_reserved")) != 0 && now_s() - t0 < 5)
         usleep(20000);
     CHECK_MSG(held == 0, "%.0f decode blocks still reserved", held);
 

@@ -3,13 +3,9 @@
  * short compute runs: this checks the probes work, not how fast the machine is. */
 #include "alloc.h"
 #include "check.h"
+#include "test_log.h"
 #include "log.h"
 #include "roofline.h"
-
-static void quiet(void *user, speed_log_level_t level, speed_log_subsys_t subsys, const char *request_id,
-                  const char *line) {
-    (void)user; (void)level; (void)subsys; (void)request_id; (void)line;
-}
 
 static speed_roofline_params_t small(int n_threads, speed_cpu_isa_t cap) {
     speed_roofline_params_t p = speed_roofline_default_params();
@@ -64,7 +60,7 @@ int main(void) {
     CHECK_INT_EQ(speed_roofline_compute(&p, &fp, NULL, NULL), SPEED_OK);
     CHECK(fp > 0);
 
-    speed_log_set_sink(quiet, NULL);
+    speed_log_set_sink(tu_log_discard, NULL);
     speed_roofline_t r;
     p.read_bytes = 1000;
     CHECK_INT_EQ(speed_roofline_measure(&p, &r), SPEED_ERR_INVALID_ARGUMENT);

@@ -20,15 +20,7 @@
 #include "model.h"
 #include "rpc.h"
 #include "speed_proto.h"
-
-static int cmp_d(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-static double median(double *v, int n) {
-    qsort(v, (size_t)n, sizeof *v, cmp_d);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
+#include "test_stats.h"
 
 static char *ids_json(const int32_t *ids, int n) {
     size_t cap = (size_t)n * 8 + 16, off = 0;
@@ -53,14 +45,14 @@ static double router_request(int port, const char *model, const char *prompt_jso
         if (p) memmove(p, strstr(p, "}") + 1, strlen(strstr(p, "}") + 1) + 1);
     }
     speed_http_client_t *c = NULL;
-    double t0 = cu_now(), t = -1;
+    double t0 = now_s(), t = -1;
     if (speed_http_client_connect("127.0.0.1", (uint16_t)port, 120000, &c) != SPEED_OK) goto out;
     speed_http_header_t h[] = {{"Content-Type", "application/json"}};
     const speed_http_response_t *resp = NULL;
     if (!stream) {
         if (speed_http_client_request(c, "POST", "/v1/completions", h, 1, body, strlen(body), &resp) == SPEED_OK &&
             resp->status == 200)
-            t = cu_now() - t0;
+            t = now_s() - t0;
         if (resp && resp->body && kv_bytes) {
             json_error_t e;
             json_t *j = json_loads(resp->body, 0, &e);
@@ -86,8 +78,8 @@ static double router_request(int port, const char *model, const char *prompt_jso
         json_t *ch = json_object_get(j, "choices");
         if (t < 0 && json_array_size(ch) > 0) {
             json_t *text = json_object_get(json_array_get(ch, 0), "text");
-            if (text && json_string_length(text) > 0) t = cu_now() - t0;
-            else if (text && t < 0) t = cu_now() - t0; /* a token whose text is held back still counts */
+            if (text && json_string_length(text) > 0) t = now_s() - t0;
+            else if (text && t < 0) t = now_s() - t0; /* a token whose text is held back still counts */
         }
         json_t *u = json_object_get(j, "usage");
         if (u && json_is_object(u) && kv_bytes) {
@@ -106,7 +98,7 @@ out:
 static double direct_request(speed_rpc_channel_t *pc, speed_rpc_channel_t *dc, const int32_t *ids, int n, int k) {
     char id[64];
     snprintf(id, sizeof id, "direct-%d", k);
-    double t0 = cu_now();
+    double t0 = now_s();
     Speed__V1__ReserveRequest rr = SPEED__V1__RESERVE_REQUEST__INIT;
     rr.request_id = id;
     rr.n_prompt = n;
@@ -154,7 +146,7 @@ static double direct_request(speed_rpc_channel_t *pc, speed_rpc_channel_t *dc, c
                 speed_free(d);
                 if (r != SPEED_RPC_NEXT_MESSAGE) break;
             }
-            if (speed_rpc_stream_status(s, NULL) == SPEED_RPC_OK) t = cu_now() - t0;
+            if (speed_rpc_stream_status(s, NULL) == SPEED_RPC_OK) t = now_s() - t0;
             speed_rpc_stream_close(s);
         }
         speed_free(buf);
@@ -192,7 +184,7 @@ int main(int argc, char **argv) {
         snprintf(model_dir, sizeof model_dir, "%s", model_arg);
     } else {
         snprintf(model_dir, sizeof model_dir, "%s/bench-model", cu_dir);
-        if (cu_system("%s/speedctl make-tiny-model %s %s > /dev/null 2>&1", cu_bin, model_dir, shape) != 0) {
+        if (tu_system("%s/speedctl make-tiny-model %s %s > /dev/null 2>&1", cu_bin, model_dir, shape) != 0) {
             fprintf(stderr, "make-tiny-model %s failed\n", shape);
             return 1;
         }
@@ -255,7 +247,7 @@ int main(int argc, char **argv) {
         ok++;
     }
     if (ok > 0) {
-        double mv = median(via, ok), md = median(dir, ok), mdiff = median(diff, ok);
+        double mv = tu_median(via, ok), md = tu_median(dir, ok), mdiff = tu_median(diff, ok);
         printf("router latency   1-token request, 16-token prompt, %d pairs: via router %.2f ms, direct gRPC %.2f ms "
                "(median); router adds %.2f ms per request (median of pair differences) = %.2fx\n",
                ok, mv * 1e3, md * 1e3, mdiff * 1e3, mv / md);
@@ -288,7 +280,7 @@ int main(int argc, char **argv) {
     }
     if (n_ok > 0) {
         int C = (int)floor(0.75 * L + 0.5);
-        double mf = median(tf, n_ok), ms = median(ts, n_ok), mr = median(ratio, n_ok);
+        double mf = tu_median(tf, n_ok), ms = tu_median(ts, n_ok), mr = tu_median(ratio, n_ok);
         printf("TTFT             %d-token prompt, streamed through the router, %d interleaved pairs: C=%d (full) "
                "%.1f ms, C=%d %.1f ms (medians); ratio %.3fx (median of pair ratios)\n",
                n_prompt, n_ok, L, mf * 1e3, C, ms * 1e3, mr);

@@ -45,6 +45,8 @@
 #include "cpu_pool.h" /* white box: the fast backend's thread pool, for its dispatch cost */
 #include "log.h"
 #include "roofline.h"
+#include "test_clock.h"
+#include "test_stats.h"
 
 /* TinyLlama-1.1B */
 enum { D = 2048, F = 5632, VOCAB = 32000, N_HEADS = 32, N_KV = 4, HD = 64 };
@@ -53,16 +55,6 @@ static int g_reps = 7;
 static speed_backend_t *g_be;
 static speed_roofline_t g_roof;
 static speed_roofline_params_t g_probe; /* the short per-round probes */
-
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-static double median(double *v, int n) {
-    qsort(v, (size_t)n, sizeof *v, cmp_double);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
 
 static void *xalloc(size_t bytes) {
     void *p = speed_aligned_alloc(64, bytes ? bytes : 1);
@@ -144,7 +136,7 @@ static double time_median(bench_cb_t fn, void *arg, int reps) {
         fn(arg, r + 1);
         t[r] = speed_clock_mono_s() - t0;
     }
-    return median(t, reps);
+    return tu_median(t, reps);
 }
 
 typedef enum { ROOF_READ, ROOF_FP32, ROOF_BF16 } roof_t;
@@ -176,7 +168,7 @@ static void run_rounds(const char *name, bench_cb_t fn, void *arg, double per_ca
         rate[r] = amount / t[r] * 1e-9;
         frac[r] = rate[r] / top;
     }
-    double tm = median(t, rounds), rm = median(rate, rounds), fm = median(frac, rounds);
+    double tm = tu_median(t, rounds), rm = tu_median(rate, rounds), fm = tu_median(frac, rounds);
     if (roof == ROOF_READ)
         printf("  %-44s %9.3f ms %9.2f GB/s     %5.1f%% of read bw\n", name, tm * 1e3, rm, 100.0 * fm);
     else
@@ -407,7 +399,7 @@ static void bench_pool(int n_threads, int reps) {
         for (int i = 0; i < n; i++) speed_cpu_pool_run(pool, nop_task, NULL);
         t[r] = (speed_clock_mono_s() - t0) / n;
     }
-    printf("  %-44s %9.3f us\n", "pool dispatch + join, empty job", median(t, reps) * 1e6);
+    printf("  %-44s %9.3f us\n", "pool dispatch + join, empty job", tu_median(t, reps) * 1e6);
     const long idle_us[2] = {1000, 20000};
     for (int k = 0; k < 2; k++) {
         for (int r = 0; r < reps; r++) {
@@ -419,7 +411,7 @@ static void bench_pool(int n_threads, int reps) {
         }
         char name[96];
         snprintf(name, sizeof name, "  the same after %ld ms idle", idle_us[k] / 1000);
-        printf("  %-44s %9.3f us\n", name, median(t, reps) * 1e6);
+        printf("  %-44s %9.3f us\n", name, tu_median(t, reps) * 1e6);
     }
     speed_cpu_pool_destroy(pool);
 }

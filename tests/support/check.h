@@ -1,8 +1,16 @@
-/* Minimal assertions for speedserve's test executables.
+/* Minimal assertions for speedserve's test executables (library speed_test_common).
  *
  * A test is a plain program: it returns 0 when every CHECK held, 1 otherwise, and
  * 77 (SPEED_TEST_SKIP) when something it needs is absent, saying why. Checks keep
  * going after a failure so one run shows every broken case.
+ *
+ * The checks are macros because they report the caller's __FILE__ and __LINE__. They count
+ * into the two process-wide counters below, defined once in check.c: a CHECK that fails
+ * inside a helper library (engine_test_util.c, openai_util.c, ...) fails the test that
+ * called it, and CHECK_DONE() at the end of main turns the count into the exit code.
+ *
+ * Thread-safety: the counters are atomic, so any thread may CHECK; the message lines of
+ * two threads failing at once may interleave.
  */
 #ifndef SPEED_TESTS_CHECK_H
 #define SPEED_TESTS_CHECK_H
@@ -15,8 +23,10 @@
 
 #define SPEED_TEST_SKIP 77
 
-static int check_failures_;
-static int check_count_;
+/* Checks that failed / that ran in this process. Tests may read them (e.g. to print more
+ * context once something failed); only the macros below write them. */
+extern _Atomic int check_failures_;
+extern _Atomic int check_count_;
 
 #define CHECK(cond)                                                                  \
     do {                                                                             \
@@ -69,8 +79,8 @@ static int check_count_;
 
 /* End of main: print a one-line summary and return the exit code. */
 #define CHECK_DONE()                                                                 \
-    (fprintf(stderr, "%s: %d checks, %d failed\n", __FILE__, check_count_,           \
-             check_failures_),                                                       \
+    (fprintf(stderr, "%s: %d checks, %d failed\n", __FILE__, (int)check_count_,      \
+             (int)check_failures_),                                                  \
      check_failures_ ? 1 : 0)
 
 #define SKIP_TEST(...)                                                               \

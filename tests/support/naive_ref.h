@@ -1,4 +1,4 @@
-/* A naive full-recompute SPEED reference for the engine tests.
+/* A naive full-recompute SPEED reference for the engine tests (library speed_test_engine).
  *
  * Plain C, independent of the engine and of the compute backends: the weights of a loaded
  * speed_model_t are converted once to f32 (common/dtype.h), and each call recomputes the

@@ -1,8 +1,16 @@
-/* Helpers shared by the tokenizer tests (static; include from one .c each). */
+/* Helpers shared by the tokenizer tests (library speed_test_tok): where the reference data
+ * lives, reading .jsonl vectors, comparing ids with a diff, printing texts.
+ *
+ * Thread-safety: tok_test_show returns a static buffer (one caller at a time); the rest is
+ * reentrant.
+ */
 #ifndef SPEED_TOK_TEST_UTIL_H
 #define SPEED_TOK_TEST_UTIL_H
 
 #include <jansson.h>
+#include <stddef.h>
+/* Not needed by the declarations: kept because the tests were written against a header that
+ * brought them in. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -10,73 +18,21 @@
 #include "check.h"
 #include "tokenizer.h"
 
-/* $SPEED_TEST_DATA/tokenizers/<name> into buf; returns 0 if the data folder is unset. */
-static inline int tok_test_dir(const char *name, char *buf, size_t size) {
-    const char *data = getenv("SPEED_TEST_DATA");
-    if (!data || !*data) return 0;
-    snprintf(buf, size, "%s/tokenizers/%s", data, name);
-    return 1;
-}
+/* "$SPEED_TEST_DATA/tokenizers/<name>" into buf; returns 1, or 0 (buf untouched) when
+ * $SPEED_TEST_DATA is unset or empty (the caller skips). */
+int tok_test_dir(const char *name, char *buf, size_t size);
 
-/* Reads a .jsonl file (JSON_ALLOW_NUL: some texts contain U+0000) into an array. */
-static inline json_t *tok_test_read_jsonl(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        fprintf(stderr, "cannot open %s\n", path);
-        return NULL;
-    }
-    json_t *arr = json_array();
-    char *line = NULL;
-    size_t cap = 0;
-    ssize_t n;
-    int lineno = 0;
-    while ((n = getline(&line, &cap, f)) > 0) {
-        lineno++;
-        if (n == 1 && line[0] == '\n') continue;
-        json_error_t err;
-        json_t *v = json_loadb(line, (size_t)n, JSON_ALLOW_NUL, &err);
-        if (!v) {
-            fprintf(stderr, "%s:%d: %s\n", path, lineno, err.text);
-            json_decref(arr);
-            arr = NULL;
-            break;
-        }
-        json_array_append_new(arr, v);
-    }
-    free(line);
-    fclose(f);
-    return arr;
-}
+/* The lines of a .jsonl file as one JSON array (caller json_decref()s), read with
+ * JSON_ALLOW_NUL since some texts contain U+0000; blank lines are skipped. NULL (printed)
+ * when the file cannot be opened or a line is not JSON. */
+json_t *tok_test_read_jsonl(const char *path);
 
-/* Compares ids with a JSON array; prints a diff on mismatch. */
-static inline int tok_test_ids_equal(const speed_tok_ids_t *ids, size_t from, const json_t *expect,
-                              const char *what) {
-    size_t n = json_array_size(expect);
-    int ok = ids->n - from == n;
-    for (size_t i = 0; ok && i < n; i++)
-        ok = ids->ids[from + i] == (int32_t)json_integer_value(json_array_get(expect, i));
-    if (!ok) {
-        fprintf(stderr, "mismatch for %s\n  got:     ", what);
-        for (size_t i = from; i < ids->n; i++) fprintf(stderr, " %d", (int)ids->ids[i]);
-        fprintf(stderr, "\n  expected:");
-        for (size_t i = 0; i < n; i++)
-            fprintf(stderr, " %d", (int)json_integer_value(json_array_get(expect, i)));
-        fprintf(stderr, "\n");
-    }
-    return ok;
-}
+/* True when ids->ids[from..] equal the integers of the JSON array `expect`; on a mismatch
+ * prints both sequences, labelled `what`. */
+int tok_test_ids_equal(const speed_tok_ids_t *ids, size_t from, const json_t *expect, const char *what);
 
-/* Printable form of a text for messages (escapes control bytes). */
-static inline const char *tok_test_show(const char *s, size_t len) {
-    static char buf[256];
-    size_t o = 0;
-    for (size_t i = 0; i < len && o + 8 < sizeof buf; i++) {
-        unsigned char c = (unsigned char)s[i];
-        if (c < 0x20 || c == 0x7f) o += (size_t)snprintf(buf + o, sizeof buf - o, "\\x%02x", c);
-        else buf[o++] = (char)c;
-    }
-    buf[o] = '\0';
-    return buf;
-}
+/* A printable form of text[0..len) for messages: control bytes as \xNN, cut at ~250 bytes.
+ * Points to a static buffer overwritten by the next call. */
+const char *tok_test_show(const char *s, size_t len);
 
-#endif
+#endif /* SPEED_TOK_TEST_UTIL_H */

@@ -28,6 +28,8 @@
 #include "log.h"
 #include "xfer_desc_wire.h"
 #include "xfer_test_util.h"
+#include "test_clock.h"
+#include "test_stats.h"
 
 #define N_LAYERS 22
 #define MAX_REPS 64
@@ -59,22 +61,6 @@ static speed_kv_cache_t *make_cache(speed_backend_t *be, int B, int head_begin, 
         return NULL;
     }
     return c;
-}
-
-static double seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-static double median(double *v, int n) {
-    qsort(v, (size_t)n, sizeof *v, cmp_double);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
 /* The decode node: per command {B, transport} a fresh cache and its descriptor; B 0 ends. */
@@ -123,13 +109,13 @@ static double time_xfers(speed_kv_xfer_ctx_t *ctx, const speed_kv_desc_t *d, spe
                          speed_kv_seq_t *seq, int64_t n, uint64_t *n_puts_p) {
     double tt[MAX_REPS];
     for (int r = 0; r < g_reps + 1; r++) {
-        double t0 = seconds();
+        double t0 = now_s();
         speed_kv_xfer_t *x = NULL;
         speed_status_t st = speed_kv_xfer_create(ctx, d, cache, seq, n, n, NULL, &x);
         if (st == SPEED_OK) st = speed_kv_xfer_push_all(x);
         if (st == SPEED_OK) st = speed_kv_xfer_finish(x);
         if (st == SPEED_OK) st = speed_kv_xfer_wait(x, -1);
-        double dt = seconds() - t0;
+        double dt = now_s() - t0;
         speed_kv_xfer_info_t info;
         if (x) speed_kv_xfer_info(x, &info);
         *n_puts_p = x ? info.n_puts : 0;
@@ -140,7 +126,7 @@ static double time_xfers(speed_kv_xfer_ctx_t *ctx, const speed_kv_desc_t *d, spe
         }
         if (r > 0) tt[r - 1] = dt;
     }
-    return median(tt, g_reps);
+    return tu_median(tt, g_reps);
 }
 
 /* Fills every unit of the sequence with nonzero bytes. */
@@ -210,7 +196,7 @@ int main(int argc, char **argv) {
         memset(dst, 0, total);
         double mc[MAX_REPS];
         for (int r = 0; r < g_reps; r++) {
-            double t0 = seconds();
+            double t0 = now_s();
             char *o = dst;
             for (int l = 0; l < N_LAYERS; l++)
                 for (int64_t b = 0; b < entries_for(B) / B; b++) {
@@ -220,12 +206,12 @@ int main(int argc, char **argv) {
                     memcpy(o, a, n);
                     o += n;
                 }
-            mc[r] = seconds() - t0;
+            mc[r] = now_s() - t0;
         }
         volatile char sink = dst[total / 2];
         (void)sink;
         free(dst);
-        double mc_med = median(mc, g_reps);
+        double mc_med = tu_median(mc, g_reps);
         for (int t = 0; t < 2 && !rc; t++) {
             int32_t cmd[2] = {B, t};
             void *bytes = NULL;

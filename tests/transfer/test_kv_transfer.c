@@ -196,7 +196,7 @@ int main(int argc, char **argv) {
     const char *transport = argc > 1 ? argv[1] : "shm";
     const char *mode = argc > 2 ? argv[2] : "inproc";
     xt_ucx_env();
-    et_tmp_init("kv-transfer");
+    tu_tmp_init("kv-transfer");
     run_t r;
     memset(&r, 0, sizeof r);
     r.transport = transport;
@@ -314,6 +314,6 @@ int main(int argc, char **argv) {
     et_seq_free(&ref);
     speed_model_destroy(r.model);
     speed_backend_destroy(r.backend);
-    et_rm_rf(et_root);
+    tu_rm_rf(tu_root);
     return CHECK_DONE();
 }

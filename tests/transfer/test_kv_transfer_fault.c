@@ -10,6 +10,7 @@
 
 #include "backend.h"
 #include "check.h"
+#include "test_log.h"
 #include "kv_cache.h"
 #include "kv_transfer.h"
 #include "log.h"
@@ -28,11 +29,6 @@ typedef struct {
 } node_t;
 
 static speed_backend_t *g_be;
-
-static void quiet_sink(void *user, speed_log_level_t level, speed_log_subsys_t subsys, const char *request_id,
-                       const char *line) {
-    (void)user, (void)level, (void)subsys, (void)request_id, (void)line;
-}
 
 static int node_init(node_t *n, int split, speed_dtype_t dtype, int block_tokens, int64_t extra) {
     speed_kv_cache_params_t p = speed_kv_cache_default_params();
@@ -323,7 +319,7 @@ int main(void) {
             kill(pid, SIGKILL);
             waitpid(pid, NULL, 0);
             uint64_t t0 = xt_now_ms();
-            speed_log_set_sink(quiet_sink, NULL); /* the expected failure */
+            speed_log_set_sink(tu_log_discard, NULL); /* the expected failure */
             for (int l = 1; l < L; l++) speed_kv_xfer_push_layer(x, l, entries(l), entries(l));
             speed_kv_xfer_finish(x);
             speed_status_t st = speed_kv_xfer_wait(x, -1);

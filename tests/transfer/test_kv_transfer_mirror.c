@@ -649,7 +649,7 @@ int main(int argc, char **argv) {
     xt_ucx_env();
     speed_backend_t *be = cuda ? cuda_backend() : et_backend(backend);
     if (!be) SKIP_TEST("backend %s is not available here", backend);
-    et_tmp_init("kv-mirror");
+    tu_tmp_init("kv-mirror");
     const speed_kv_transport_t tr = xt_transport(transport);
 
     speed_backend_t *ref_be = et_backend("cpu-ref");
@@ -694,6 +694,6 @@ int main(int argc, char **argv) {
     }
     speed_backend_destroy(ref_be);
     if (be != ref_be) speed_backend_destroy(be);
-    et_rm_rf(et_root);
+    tu_rm_rf(tu_root);
     return CHECK_DONE();
 }

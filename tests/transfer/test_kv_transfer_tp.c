@@ -18,6 +18,7 @@
  * sequence depth C = 2; senders split their pools at 2, receivers at 3. */
 #include "backend.h"
 #include "check.h"
+#include "test_log.h"
 #include "kv_cache.h"
 #include "kv_transfer.h"
 #include "log.h"
@@ -40,11 +41,6 @@ typedef struct {
 
 static speed_backend_t *g_be;
 static speed_kv_transport_t g_tr;
-
-static void quiet_sink(void *user, speed_log_level_t level, speed_log_subsys_t subsys, const char *request_id,
-                       const char *line) {
-    (void)user, (void)level, (void)subsys, (void)request_id, (void)line;
-}
 
 static int64_t entries(int layer) { return layer < C ? N_FULL : N_COMPACT; }
 
@@ -256,7 +252,7 @@ static void test_cache_params(void) {
     CHECK_INT_EQ(speed_kv_cache_head_begin(n.cache), 0);
     CHECK_INT_EQ(speed_kv_cache_model_kv_heads(n.cache), 3);
     node_cleanup(&n);
-    speed_log_set_sink(quiet_sink, NULL);
+    speed_log_set_sink(tu_log_discard, NULL);
     CHECK(node_init(&n, 3, 2, MODEL_HEADS, SPEED_DTYPE_F32, 2) != 0); /* [3, 5) of 4 */
     CHECK(!n.cache);
     CHECK(node_init(&n, -1, 2, MODEL_HEADS, SPEED_DTYPE_F32, 2) != 0);
@@ -277,7 +273,7 @@ static void test_desc_heads(rank_t *dec) {
     CHECK_INT_EQ(d->total_bytes, bytes_for(&r, 2));
     /* the head range must lie inside the model's heads */
     speed_kv_desc_t t = *d;
-    speed_log_set_sink(quiet_sink, NULL);
+    speed_log_set_sink(tu_log_discard, NULL);
     t.model_kv_heads = 2;
     CHECK(speed_kv_desc_check(&t) == SPEED_ERR_FORMAT);
     t.model_kv_heads = -1;
@@ -455,13 +451,13 @@ static void test_refused(rank_t *pre, rank_t *dec) {
     speed_kv_xfer_ctx_stats_t before, after;
     speed_kv_xfer_ctx_stats(pre->ctx, &before);
     speed_kv_xfer_t *x = NULL;
-    speed_log_set_sink(quiet_sink, NULL);
+    speed_log_set_sink(tu_log_discard, NULL);
     CHECK(d && speed_kv_xfer_create(pre->ctx, d, s.cache, s.seq, N_FULL, N_COMPACT, "req-disjoint", &x) ==
                    SPEED_ERR_PEER_PROTOCOL);
     speed_log_set_sink(NULL, NULL);
     CHECK_CONTAINS(speed_log_last_error(), "do not overlap");
     CHECK_CONTAINS(speed_log_last_error(), "[2, 4)");
-    speed_log_set_sink(quiet_sink, NULL);
+    speed_log_set_sink(tu_log_discard, NULL);
     CHECK(d8 && speed_kv_xfer_create(pre->ctx, d8, s.cache, s.seq, N_FULL, N_COMPACT, "req-model", &x) ==
                     SPEED_ERR_PEER_PROTOCOL);
     speed_log_set_sink(NULL, NULL);
@@ -470,7 +466,7 @@ static void test_refused(rank_t *pre, rank_t *dec) {
         d->head_begin = 4;
         d->head_end = 6;
         d->model_kv_heads = 0;
-        speed_log_set_sink(quiet_sink, NULL);
+        speed_log_set_sink(tu_log_discard, NULL);
         CHECK(speed_kv_xfer_create(pre->ctx, d, s.cache, s.seq, N_FULL, N_COMPACT, "req-past", &x) ==
               SPEED_ERR_PEER_PROTOCOL);
         speed_log_set_sink(NULL, NULL);

@@ -5,6 +5,7 @@
 #include "http_test_util.h"
 #include "log.h"
 #include "prom_check.h"
+#include "test_log.h"
 
 static sem_t g_go; /* lets a WRITE_HANDSHAKE writer continue */
 
@@ -403,18 +404,12 @@ static void test_metrics_route(void)
     speed_metrics_destroy(m);
 }
 
-static void quiet_sink(void *user, speed_log_level_t level, speed_log_subsys_t subsys,
-                       const char *request_id, const char *line)
-{
-    (void)user, (void)level, (void)subsys, (void)request_id, (void)line;
-}
-
 static void test_server_misc(speed_http_server_t *srv)
 {
     speed_http_server_params_t p = speed_http_server_default_params();
     speed_http_server_t *other = NULL;
     p.host = "localhost"; /* not numeric */
-    speed_log_set_sink(quiet_sink, NULL);
+    speed_log_set_sink(tu_log_discard, NULL);
     CHECK_INT_EQ(speed_http_server_create(&p, &other), SPEED_ERR_INVALID_ARGUMENT);
     p = speed_http_server_default_params();
     p.port = speed_http_server_port(srv);

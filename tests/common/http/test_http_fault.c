@@ -4,6 +4,7 @@
 
 #include "http_test_util.h"
 #include "log.h"
+#include "test_log.h"
 
 static sem_t g_disc_sem;        /* posted by every disconnect callback */
 static sem_t g_release;         /* lets WRITE_HOLD writers finish */
@@ -324,17 +325,10 @@ static void test_malformed(void)
     speed_http_server_destroy(srv);
 }
 
-static void quiet_sink(void *user, speed_log_level_t level, speed_log_subsys_t subsys,
-                       const char *request_id, const char *line)
-{
-    (void)user, (void)level, (void)subsys, (void)request_id, (void)line;
-}
-
 int main(void)
 {
     sem_init(&g_disc_sem, 0, 0);
     sem_init(&g_release, 0, 0);
-    (void)quiet_sink;
     int64_t live = speed_alloc_live_count();
     test_disconnect();
     test_disconnect_races();

@@ -4,15 +4,10 @@
 
 #include "alloc.h"
 #include "check.h"
+#include "test_log.h"
 #include "log.h"
 #include "metrics.h"
 #include "prom_check.h"
-
-static void quiet_sink(void *user, speed_log_level_t level, speed_log_subsys_t subsys,
-                       const char *request_id, const char *line)
-{
-    (void)user, (void)level, (void)subsys, (void)request_id, (void)line;
-}
 
 static double callback_value(void *user)
 {
@@ -203,7 +198,7 @@ static void test_bad_names(void)
 {
     speed_metrics_t *m = NULL;
     CHECK_INT_EQ(speed_metrics_create(&m), SPEED_OK);
-    speed_log_set_sink(quiet_sink, NULL); /* the rejections below log, as they should */
+    speed_log_set_sink(tu_log_discard, NULL); /* the rejections below log, as they should */
     speed_counter_t *c;
     speed_gauge_t *g;
     speed_histogram_t *h;

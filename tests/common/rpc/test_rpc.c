@@ -3,6 +3,7 @@
  * and a latency benchmark line. */
 #include "check.h"
 #include "rpc_test_server.h"
+#include "test_stats.h"
 
 static void fill(uint8_t *p, size_t n, uint32_t seed) {
     uint32_t x = seed * 2654435761u + 1;
@@ -98,9 +99,9 @@ static void test_fail_mapping(speed_rpc_channel_t *ch) {
 
 static void test_unknown_method(speed_rpc_channel_t *ch) {
     speed_rpc_reply_t r;
-    double t0 = t_now_ms();
+    double t0 = now_ms();
     speed_status_t st = speed_rpc_unary(ch, "/t.Echo/Nope", "x", 1, 5000, &r);
-    double ms = t_now_ms() - t0;
+    double ms = now_ms() - t0;
     CHECK_INT_EQ(st, SPEED_ERR_UNSUPPORTED);
     CHECK_INT_EQ(r.code, SPEED_RPC_UNIMPLEMENTED);
     CHECK_MSG(ms < 1000, "unknown method took %.0f ms", ms);
@@ -131,10 +132,10 @@ static void *worker_main(void *arg) {
         char req[64];
         int k = snprintf(req, sizeof req, "thread %d call %d", w->id, i);
         speed_rpc_reply_t r;
-        double t0 = t_now_ms();
+        double t0 = now_ms();
         speed_status_t st = speed_rpc_unary(w->ch, (i & 7) == 7 ? T_LATER : T_UNARY, req,
                                             (size_t)k, 20000, &r);
-        if (w->lat_us) w->lat_us[i] = (t_now_ms() - t0) * 1e3;
+        if (w->lat_us) w->lat_us[i] = (now_ms() - t0) * 1e3;
         if (st != SPEED_OK || r.len != (size_t)k || memcmp(r.data, req, (size_t)k) != 0) {
             if (w->failures++ < 3)
                 fprintf(stderr, "thread %d call %d: %s %s\n", w->id, i,
@@ -148,7 +149,7 @@ static void *worker_main(void *arg) {
 static void test_threads(speed_rpc_channel_t *ch, int n_threads, int n_calls) {
     pthread_t t[64];
     worker_t w[64];
-    double t0 = t_now_ms();
+    double t0 = now_ms();
     for (int i = 0; i < n_threads; i++) {
         w[i] = (worker_t){.ch = ch, .n_calls = n_calls, .id = i};
         pthread_create(&t[i], NULL, worker_main, &w[i]);
@@ -158,28 +159,23 @@ static void test_threads(speed_rpc_channel_t *ch, int n_threads, int n_calls) {
         pthread_join(t[i], NULL);
         failures += w[i].failures;
     }
-    double ms = t_now_ms() - t0;
+    double ms = now_ms() - t0;
     CHECK_INT_EQ(failures, 0);
     printf("rpc: %d threads x %d unary calls: %.0f ms, %.0f calls/s\n", n_threads, n_calls, ms,
            n_threads * n_calls / (ms / 1e3));
-}
-
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
 }
 
 static void bench_unary(speed_rpc_channel_t *ch, int n) {
     double *lat = speed_malloc((size_t)n * sizeof *lat);
     for (int i = 0; i < n; i++) {
         speed_rpc_reply_t r;
-        double t0 = t_now_ms();
+        double t0 = now_ms();
         speed_status_t st = speed_rpc_unary(ch, T_UNARY, "ping", 4, 5000, &r);
-        lat[i] = (t_now_ms() - t0) * 1e3;
+        lat[i] = (now_ms() - t0) * 1e3;
         if (st != SPEED_OK) CHECK_MSG(0, "bench call %d: %s", i, speed_status_string(st));
         speed_rpc_reply_cleanup(&r);
     }
-    qsort(lat, (size_t)n, sizeof *lat, cmp_double);
+    tu_sort_doubles(lat, (size_t)n);
     printf("rpc: unary round trip (4 bytes, sequential, %d calls): median %.1f us, "
            "p90 %.1f us, p99 %.1f us\n",
            n, lat[n / 2], lat[n * 9 / 10], lat[n * 99 / 100]);
@@ -190,12 +186,12 @@ static void bench_unary(speed_rpc_channel_t *ch, int n) {
     int m = 20;
     for (int i = 0; i < m; i++) {
         speed_rpc_reply_t r;
-        double t0 = t_now_ms();
+        double t0 = now_ms();
         speed_rpc_unary(ch, T_UNARY, req, big, 5000, &r);
-        lat[i] = (t_now_ms() - t0) * 1e3;
+        lat[i] = (now_ms() - t0) * 1e3;
         speed_rpc_reply_cleanup(&r);
     }
-    qsort(lat, (size_t)m, sizeof *lat, cmp_double);
+    tu_sort_doubles(lat, (size_t)m);
     printf("rpc: unary echo of 1 MiB: median %.0f us (%.2f GB/s each way)\n", lat[m / 2],
            2.0 * (double)big / (lat[m / 2] * 1e3));
     speed_free(req);

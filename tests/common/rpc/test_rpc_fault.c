@@ -7,9 +7,9 @@
 static void test_deadline(tserver_t *ts, speed_rpc_channel_t *ch) {
     int fired0 = atomic_load(&ts->cancel_fired);
     speed_rpc_reply_t r;
-    double t0 = t_now_ms();
+    double t0 = now_ms();
     speed_status_t st = speed_rpc_unary(ch, T_HANG, "x", 1, 200, &r);
-    double ms = t_now_ms() - t0;
+    double ms = now_ms() - t0;
     CHECK_INT_EQ(st, SPEED_ERR_TIMEOUT);
     CHECK_INT_EQ(r.code, SPEED_RPC_DEADLINE_EXCEEDED);
     CHECK_MSG(ms >= 150 && ms < 2000, "deadline of 200 ms took %.0f ms", ms);
@@ -55,9 +55,9 @@ static void test_no_server(void) {
     CHECK_INT_EQ(speed_rpc_channel_create(target, NULL, &ch), SPEED_OK);
     for (int i = 0; i < 3; i++) {
         speed_rpc_reply_t r;
-        double t0 = t_now_ms();
+        double t0 = now_ms();
         speed_status_t st = speed_rpc_unary(ch, T_UNARY, "x", 1, 10000, &r);
-        double ms = t_now_ms() - t0;
+        double ms = now_ms() - t0;
         CHECK_INT_EQ(st, SPEED_ERR_PEER_UNREACHABLE);
         CHECK_INT_EQ(r.code, SPEED_RPC_UNAVAILABLE);
         CHECK_MSG(ms < 1000, "call to a dead server took %.0f ms", ms);
@@ -77,9 +77,9 @@ static void test_no_server(void) {
     cp.wait_for_ready = true;
     CHECK_INT_EQ(speed_rpc_channel_create(target, &cp, &ch), SPEED_OK);
     speed_rpc_reply_t r;
-    double t0 = t_now_ms();
+    double t0 = now_ms();
     CHECK_INT_EQ(speed_rpc_unary(ch, T_UNARY, "x", 1, 300, &r), SPEED_ERR_TIMEOUT);
-    CHECK(t_now_ms() - t0 >= 250);
+    CHECK(now_ms() - t0 >= 250);
     speed_rpc_reply_cleanup(&r);
     speed_rpc_channel_destroy(ch);
 
@@ -96,7 +96,7 @@ typedef struct {
 
 static void *canceller_main(void *arg) {
     canceller_t *c = arg;
-    t_sleep_ms(c->delay_ms);
+    sleep_ms(c->delay_ms);
     speed_rpc_stream_cancel(c->s);
     return NULL;
 }
@@ -120,13 +120,13 @@ static void test_client_cancel(tserver_t *ts, speed_rpc_channel_t *ch) {
     pthread_t t;
     pthread_create(&t, NULL, canceller_main, &c);
     speed_rpc_next_t n;
-    double t0 = t_now_ms();
+    double t0 = now_ms();
     while ((n = speed_rpc_stream_next(s, 5000, &data, &len)) == SPEED_RPC_NEXT_MESSAGE)
         speed_free(data);
     pthread_join(t, NULL);
     CHECK_INT_EQ(n, SPEED_RPC_NEXT_END);
     CHECK_INT_EQ(speed_rpc_stream_status(s, NULL), SPEED_RPC_CANCELLED);
-    CHECK_MSG(t_now_ms() - t0 < 2000, "cancel took %.0f ms", t_now_ms() - t0);
+    CHECK_MSG(now_ms() - t0 < 2000, "cancel took %.0f ms", now_ms() - t0);
     speed_rpc_stream_close(s);
 
     /* the server was told, its producer stopped and freed its context */
@@ -170,7 +170,7 @@ static void test_client_cancel(tserver_t *ts, speed_rpc_channel_t *ch) {
     /* a client that never reads: the server's queue is bounded by the producer, and closing
      * the stream still releases everything */
     CHECK_INT_EQ(speed_rpc_stream_open(ch, T_ENDLESS, NULL, 0, 30000, &s), SPEED_OK);
-    t_sleep_ms(300);
+    sleep_ms(300);
     speed_rpc_stream_close(s);
     WAIT_FOR(atomic_load(&ts->live_contexts) == 0, 3000);
     CHECK_INT_EQ(atomic_load(&ts->live_contexts), 0);
@@ -191,7 +191,7 @@ static void *inflight_main(void *arg) {
     inflight_t *f = arg;
     speed_rpc_channel_t *ch = NULL;
     if (speed_rpc_channel_create(f->target, NULL, &ch) != SPEED_OK) return NULL;
-    double t0 = t_now_ms();
+    double t0 = now_ms();
     if (!f->stream) {
         speed_rpc_reply_t r;
         speed_rpc_unary(ch, f->method, "x", 1, 60000, &r);
@@ -210,7 +210,7 @@ static void *inflight_main(void *arg) {
             speed_rpc_stream_close(s);
         }
     }
-    f->ms = t_now_ms() - t0;
+    f->ms = now_ms() - t0;
     speed_rpc_channel_destroy(ch);
     return NULL;
 }
@@ -233,11 +233,11 @@ static void test_shutdown_in_flight(void) {
     }
     WAIT_FOR(speed_rpc_server_active_calls(ts.server) == N, 5000);
     CHECK_INT_EQ(speed_rpc_server_active_calls(ts.server), N);
-    t_sleep_ms(50);   /* let the streams deliver a few messages */
+    sleep_ms(50);   /* let the streams deliver a few messages */
 
-    double t0 = t_now_ms();
+    double t0 = now_ms();
     speed_rpc_server_shutdown(ts.server, 0);
-    double ms = t_now_ms() - t0;
+    double ms = now_ms() - t0;
     CHECK_MSG(ms < 2000, "shutdown took %.0f ms", ms);
     for (int i = 0; i < N; i++) pthread_join(t[i], NULL);
     for (int i = 0; i < N; i++) {
@@ -280,17 +280,17 @@ static void test_shutdown_in_flight(void) {
     /* the server is still draining (it holds connections open a while after the last call
      * ended): a new call is turned away at once, it does not wait for the shutdown */
     speed_rpc_reply_t r;
-    double t0a = t_now_ms();
+    double t0a = now_ms();
     CHECK_INT_EQ(speed_rpc_unary(ch, T_UNARY, "x", 1, 5000, &r), SPEED_ERR_PEER_UNREACHABLE);
-    CHECK(t_now_ms() - t0a < 500);
+    CHECK(now_ms() - t0a < 500);
     CHECK_MSG(r.code == SPEED_RPC_UNAVAILABLE && strstr(r.message, "shutting down"),
               "%s: %s", speed_rpc_code_name(r.code), r.message);
     speed_rpc_reply_cleanup(&r);
     pthread_join(shutter, NULL);
     /* new calls after shutdown fail fast */
-    double t0b = t_now_ms();
+    double t0b = now_ms();
     CHECK_INT_EQ(speed_rpc_unary(ch, T_UNARY, "x", 1, 5000, &r), SPEED_ERR_PEER_UNREACHABLE);
-    CHECK(t_now_ms() - t0b < 1000);
+    CHECK(now_ms() - t0b < 1000);
     speed_rpc_reply_cleanup(&r);
     speed_rpc_channel_destroy(ch);
     tserver_stop(&ts);

@@ -12,6 +12,7 @@
 #include "cluster_config.h"
 #include "dtype.h"
 #include "log.h"
+#include "test_fs.h"
 
 #ifndef SPEED_SOURCE_DIR
 #error "SPEED_SOURCE_DIR must be defined"
@@ -38,9 +39,7 @@ static void test_backend(void) {
     CHECK_STR_EQ(speed_backend_kind_name(c.decode.backend), "cpu");
     speed_config_destroy(cfg);
 
-    char dir[] = "/tmp/test_cluster_config.XXXXXX", path[64];
-    CHECK(mkdtemp(dir) != NULL);
-    snprintf(path, sizeof path, "%s/cluster.yaml", dir);
+    const char *path = tu_path("cluster.yaml");
     FILE *f = fopen(path, "w");
     CHECK(f != NULL);
     if (!f) return;
@@ -98,11 +97,10 @@ static void test_backend(void) {
     CHECK_INT_EQ(load(NULL, &c, &cfg, 2, "--decode.device", "-1"), SPEED_ERR_INVALID_ARGUMENT);
     CHECK_CONTAINS(speed_log_last_error(), "decode.device");
     CHECK_STR_EQ(speed_backend_kind_name((speed_backend_kind_t)7), "?");
-    remove(path);
-    rmdir(dir);
 }
 
 int main(void) {
+    tu_tmp_init("cluster_config");
     speed_log_configure("error");
     /* the environment of the test runner must not leak into the configs */
     unsetenv("SPEED_CONFIG");
@@ -162,5 +160,6 @@ int main(void) {
     CHECK_INT_EQ(load(NULL, &c, &cfg, 4, "--decode.grpc_port", "65535", "--decode.replicas", "2"),
                  SPEED_ERR_INVALID_ARGUMENT);
     test_backend();
+    tu_rm_rf(tu_root);
     return CHECK_DONE();
 }

@@ -191,18 +191,18 @@ static void test_backend_choice(const char *model_dir, int B) {
     cu_proc_t ref = cu_spawn("speed-decode", "decode-cpu-ref", ref_args);
     CHECK(cu_wait_up(&ref, B + 60, 30));
     CHECK_INT_EQ(cu_stop(&ref, SIGTERM, 20), 0);
-    CHECK_INT_EQ(cu_system("grep -q 'decode: backend cpu-ref' %s/decode-cpu-ref.log", cu_dir), 0);
+    CHECK_INT_EQ(tu_system("grep -q 'decode: backend cpu-ref' %s/decode-cpu-ref.log", cu_dir), 0);
 
     /* a value after a boolean flag is a stray argument: a usage error (2), not silently dropped */
     const char *stray_args[] = {"--model", model_dir, "--ucx.cuda_direct", "maybe", NULL};
     cu_proc_t stray = cu_spawn("speed-decode", "decode-stray", stray_args);
     CHECK_INT_EQ(cu_wait_exit(&stray, 30), 2);
-    CHECK_MSG(cu_system("grep -q \"unexpected argument 'maybe'\" %s/decode-stray.log", cu_dir) == 0,
+    CHECK_MSG(tu_system("grep -q \"unexpected argument 'maybe'\" %s/decode-stray.log", cu_dir) == 0,
               "decode-stray.log lacks the stray argument");
 
     /* ucx.cuda_direct with a UCX that has no CUDA support (Debian's): refused at startup, with
      * the way out (a cpu node too: the transfer context checks UCX, not the backend) */
-    if (cu_system("ucx_info -d 2>/dev/null | grep -q cuda_copy") == 0) {
+    if (tu_system("ucx_info -d 2>/dev/null | grep -q cuda_copy") == 0) {
         fprintf(stderr, "note: this UCX has CUDA support; the ucx.cuda_direct refusal is not exercised\n");
     } else {
         const char *direct_args[] = {"--model", model_dir, "--decode.grpc_port", grpc, "--decode.http_port", http,
@@ -210,10 +210,10 @@ static void test_backend_choice(const char *model_dir, int B) {
                                      NULL};
         cu_proc_t dd = cu_spawn("speed-decode", "decode-cuda-direct", direct_args);
         CHECK_INT_EQ(cu_wait_exit(&dd, 30), 1);
-        CHECK_MSG(cu_system("grep -q 'ucx.cuda_direct needs a UCX built with CUDA.*set ucx.cuda_direct: false' "
+        CHECK_MSG(tu_system("grep -q 'ucx.cuda_direct needs a UCX built with CUDA.*set ucx.cuda_direct: false' "
                             "%s/decode-cuda-direct.log", cu_dir) == 0,
                   "decode-cuda-direct.log lacks the cuda_direct refusal");
-        CHECK(cu_system("grep -q 'Sanitizer\\|ready: grpc' %s/decode-cuda-direct.log", cu_dir) != 0);
+        CHECK(tu_system("grep -q 'Sanitizer\\|ready: grpc' %s/decode-cuda-direct.log", cu_dir) != 0);
     }
 
     if (access("/dev/nvidiactl", F_OK) == 0) {
@@ -233,11 +233,11 @@ static void test_backend_choice(const char *model_dir, int B) {
     for (int i = 0; i < 2; i++) {
         const char *log = logs[i][0], *role = logs[i][1], *dev = logs[i][2];
         /* a CUDA build without a device, or a build without CUDA; and the way out */
-        CHECK_MSG(cu_system("grep -q '%s: backend %s: .*\\(needs a GPU\\|no CUDA backend\\)' %s/%s.log", role, dev,
+        CHECK_MSG(tu_system("grep -q '%s: backend %s: .*\\(needs a GPU\\|no CUDA backend\\)' %s/%s.log", role, dev,
                             cu_dir, log) == 0, "%s.log lacks 'backend %s'", log, dev);
-        CHECK_MSG(cu_system("grep -q 'use %s.backend: cpu' %s/%s.log", role, cu_dir, log) == 0,
+        CHECK_MSG(tu_system("grep -q 'use %s.backend: cpu' %s/%s.log", role, cu_dir, log) == 0,
                   "%s.log does not say how to fix it", log);
-        CHECK_MSG(cu_system("grep -q 'Sanitizer\\|ready: grpc' %s/%s.log", cu_dir, log) != 0,
+        CHECK_MSG(tu_system("grep -q 'Sanitizer\\|ready: grpc' %s/%s.log", cu_dir, log) != 0,
                   "%s.log: a sanitizer report or a node that started", log);
     }
 }
@@ -272,7 +272,7 @@ int main(void) {
                           "--kv.lease_ms", lease, "--log", "info", NULL};
     cu_proc_t dec = cu_spawn("speed-decode", "decode", args);
     cu_proc_t pre = cu_spawn("speed-prefill", "prefill", args);
-    bool up = cu_wait_ok(B + 30, "/health", 30) && cu_wait_ok(B + 10, "/health", 30);
+    bool up = cu_wait_health(B + 30, 200, 30) && cu_wait_health(B + 10, 200, 30);
     CHECK(up);
     if (!up) {
         cu_stop(&dec, SIGKILL, 5);
@@ -329,10 +329,10 @@ int main(void) {
         CHECK(cre && cre->found);
         if (cre) speed_proto_free(&cre->base);
         /* freed after the short quarantine for puts still in flight (1 s), not the 5 s lease */
-        double tc = cu_now();
-        while (cu_metric(B + 30, "speed_kv_blocks_reserved") > 0 && cu_now() - tc < 10) usleep(50000);
+        double tc = now_s();
+        while (cu_metric(B + 30, "speed_kv_blocks_reserved") > 0 && now_s() - tc < 10) usleep(50000);
         CHECK_NEAR(cu_metric(B + 30, "speed_kv_blocks_reserved"), 0.0, 0.0);
-        CHECK(cu_now() - tc < 4.0);
+        CHECK(now_s() - tc < 4.0);
 
         rr.request_id = "to-expire";
         res = NULL;
@@ -342,10 +342,10 @@ int main(void) {
         if (res) speed_proto_free(&res->base);
         usleep(200000);
         CHECK(cu_metric(B + 30, "speed_kv_blocks_reserved") > 0);
-        double t0 = cu_now();
-        while (cu_metric(B + 30, "speed_kv_blocks_reserved") > 0 && cu_now() - t0 < 10) usleep(100000);
+        double t0 = now_s();
+        while (cu_metric(B + 30, "speed_kv_blocks_reserved") > 0 && now_s() - t0 < 10) usleep(100000);
         CHECK_NEAR(cu_metric(B + 30, "speed_kv_blocks_reserved"), 0.0, 0.0);
-        CHECK(cu_now() - t0 > 3.5); /* not before the 5 s lease */
+        CHECK(now_s() - t0 > 3.5); /* not before the 5 s lease */
     }
 
     /* 4. bad requests: a clear status, the daemons stay up */
@@ -399,7 +399,7 @@ int main(void) {
         gr.sampling = &smp;
         gen_out_t g;
         CHECK_INT_EQ(generate(dc, &gr, &g), SPEED_RPC_NOT_FOUND);
-        CHECK(cu_wait_ok(B + 30, "/health", 5) && cu_wait_ok(B + 10, "/health", 5));
+        CHECK(cu_wait_health(B + 30, 200, 5) && cu_wait_health(B + 10, 200, 5));
     }
 
     speed_rpc_channel_destroy(pc);

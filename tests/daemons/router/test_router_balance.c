@@ -10,6 +10,7 @@
 #include "clock.h"
 #include "log.h"
 #include "route.h"
+#include "test_clock.h"
 
 static speed_balance_pool_t *make_pool(speed_balance_policy_t policy, size_t n)
 {

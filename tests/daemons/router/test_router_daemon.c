@@ -79,8 +79,8 @@ static void test_streamed_chat(int port)
 
 static void test_whole_answers(int port)
 {
-    http_result_t r;
-    CHECK(http_post(port, "/v1/chat/completions", CHAT, &r));
+    cu_resp_t r;
+    CHECK(cu_post(port, "/v1/chat/completions", CHAT, &r));
     CHECK_INT_EQ(r.status, 200);
     CHECK_CONTAINS(r.content_type, "application/json");
     CHECK(strlen(r.request_id) == 16);   /* generated */
@@ -95,10 +95,10 @@ static void test_whole_answers(int port)
     snprintf(want_id, sizeof want_id, "chatcmpl-%s", r.request_id);
     CHECK_STR_EQ(jstr(j, "id"), want_id);
     json_decref(j);
-    http_result_free(&r);
+    cu_resp_free(&r);
 
     /* completions with logprobs (2 alternatives per position) */
-    CHECK(http_post(port, "/v1/completions",
+    CHECK(cu_post(port, "/v1/completions",
                     "{\"model\":\"tinymodel\",\"prompt\":\"Once upon a time\",\"max_tokens\":5,"
                     "\"logprobs\":2}",
                     &r));
@@ -111,7 +111,7 @@ static void test_whole_answers(int port)
     CHECK_INT_EQ(json_object_size(jget(j, "choices[0].logprobs.top_logprobs[1]")), 2);
     CHECK_NEAR(json_real_value(jget(j, "choices[0].logprobs.token_logprobs[0]")), -0.25, 1e-6);
     json_decref(j);
-    http_result_free(&r);
+    cu_resp_free(&r);
 
     /* streamed completions, prompt as token ids */
     sse_result_t s;
@@ -158,8 +158,8 @@ static void test_streamed_logprobs(int port)
 static void expect_error(int port, const char *path, const char *body, int status,
                          const char *type, const char *code, const char *param)
 {
-    http_result_t r;
-    CHECK(http_post(port, path, body, &r));
+    cu_resp_t r;
+    CHECK(cu_post(port, path, body, &r));
     CHECK_MSG(r.status == status, "%s -> %d, want %d (%s)", body, r.status, status,
               r.body ? r.body : "");
     json_t *j = json_of(r.body);
@@ -170,7 +170,7 @@ static void expect_error(int port, const char *path, const char *body, int statu
     if (param) CHECK_STR_EQ(jstr(j, "error.param"), param);
     CHECK(r.request_id[0] != '\0');
     json_decref(j);
-    http_result_free(&r);
+    cu_resp_free(&r);
 }
 
 static void test_errors(int port)
@@ -202,38 +202,38 @@ static void test_errors(int port)
     expect_error(port, "/v1/completions", "{\"model\":\"tinymodel\",\"prompt\":[1,99999]}", 400,
                  "invalid_request_error", NULL, NULL);
 
-    http_result_t r;
-    CHECK(http_do(port, "GET", "/v1/nothing", NULL, NULL, NULL, &r));
+    cu_resp_t r;
+    CHECK(cu_http(port, "GET", "/v1/nothing", NULL, NULL, NULL, 30000, &r));
     CHECK_INT_EQ(r.status, 404);
-    http_result_free(&r);
-    CHECK(http_do(port, "GET", "/v1/chat/completions", NULL, NULL, NULL, &r));
+    cu_resp_free(&r);
+    CHECK(cu_http(port, "GET", "/v1/chat/completions", NULL, NULL, NULL, 30000, &r));
     CHECK_INT_EQ(r.status, 405);
-    http_result_free(&r);
+    cu_resp_free(&r);
     /* an X-Request-Id that is not an id is replaced, never echoed */
-    CHECK(http_do(port, "POST", "/v1/chat/completions", "{bad", NULL, "bad id with spaces", &r));
+    CHECK(cu_http(port, "POST", "/v1/chat/completions", "{bad", NULL, "bad id with spaces", 30000, &r));
     CHECK_INT_EQ(r.status, 400);
     CHECK(strcmp(r.request_id, "bad id with spaces") != 0 && strlen(r.request_id) == 16);
-    http_result_free(&r);
+    cu_resp_free(&r);
 }
 
 static void test_models_health(int port)
 {
-    http_result_t r;
-    CHECK(http_do(port, "GET", "/v1/models", NULL, NULL, NULL, &r));
+    cu_resp_t r;
+    CHECK(cu_http(port, "GET", "/v1/models", NULL, NULL, NULL, 30000, &r));
     CHECK_INT_EQ(r.status, 200);
     json_t *j = json_of(r.body);
     CHECK_STR_EQ(jstr(j, "object"), "list");
     CHECK_STR_EQ(jstr(j, "data[0].id"), "tinymodel");
     json_decref(j);
-    http_result_free(&r);
-    CHECK(http_do(port, "GET", "/health", NULL, NULL, NULL, &r));
+    cu_resp_free(&r);
+    CHECK(cu_http(port, "GET", "/health", NULL, NULL, NULL, 30000, &r));
     CHECK_INT_EQ(r.status, 200);
     j = json_of(r.body);
     CHECK_STR_EQ(jstr(j, "status"), "ok");
     CHECK_INT_EQ(jint(j, "decode_nodes_up"), 2);
     CHECK_INT_EQ(jint(j, "prefill_nodes_up"), 2);
     json_decref(j);
-    http_result_free(&r);
+    cu_resp_free(&r);
 }
 
 static void test_round_robin(int port)
@@ -241,10 +241,10 @@ static void test_round_robin(int port)
     int d0 = atomic_load(&dec[0].n_generate), d1 = atomic_load(&dec[1].n_generate);
     int p0 = atomic_load(&pre[0].n_prefill), p1 = atomic_load(&pre[1].n_prefill);
     for (int i = 0; i < 6; i++) {
-        http_result_t r;
-        CHECK(http_post(port, "/v1/chat/completions", CHAT, &r));
+        cu_resp_t r;
+        CHECK(cu_post(port, "/v1/chat/completions", CHAT, &r));
         CHECK_INT_EQ(r.status, 200);
-        http_result_free(&r);
+        cu_resp_free(&r);
     }
     CHECK_INT_EQ(atomic_load(&dec[0].n_generate) - d0, 3);
     CHECK_INT_EQ(atomic_load(&dec[1].n_generate) - d1, 3);
@@ -261,9 +261,9 @@ static void *conc_main(void *arg)
     conc_t *c = arg;
     for (int i = 0; i < 4; i++) {
         if (i % 2) {
-            http_result_t r;
-            if (http_post(c->port, "/v1/chat/completions", CHAT, &r) && r.status == 200) c->ok++;
-            http_result_free(&r);
+            cu_resp_t r;
+            if (cu_post(c->port, "/v1/chat/completions", CHAT, &r) && r.status == 200) c->ok++;
+            cu_resp_free(&r);
         } else {
             sse_result_t s;
             if (sse_post(c->port, "/v1/chat/completions", CHAT_STREAM, NULL, &s) && s.status == 200 &&
@@ -297,13 +297,13 @@ static void test_concurrency(int port)
 
 static void test_speed_extension(int port)
 {
-    http_result_t r;
-    CHECK(http_post(port, "/v1/completions",
+    cu_resp_t r;
+    CHECK(cu_post(port, "/v1/completions",
                     "{\"model\":\"tinymodel\",\"prompt\":\"Once upon a time\",\"max_tokens\":3,"
                     "\"speed\":{\"prefill_layers\":2}}",
                     &r));
     CHECK_INT_EQ(r.status, 200);
-    http_result_free(&r);
+    cu_resp_free(&r);
     CHECK(atomic_load(&dec[0].last_reserve_prefill_layers) == 2 ||
           atomic_load(&dec[1].last_reserve_prefill_layers) == 2);
     expect_error(port, "/v1/completions",
@@ -314,11 +314,12 @@ static void test_speed_extension(int port)
 static void test_metrics(int port, int n_ok_min)
 {
     /* A worker lets go of its admission slot just after the answer's last byte. */
-    CHECK(wait_metric(port, "speed_router_requests_running", 0, 5) == 0);
-    char *m = get_metrics(port);
+    CHECK(cu_wait_metric(port, "speed_router_requests_running", 0, 5));
+    char *m = cu_metrics(port);
     CHECK(m != NULL);
     if (!m) return;
-    CHECK_INT_EQ(prom_check(m), 0);
+    char err[256];
+    CHECK_MSG(prom_check(m, err, sizeof err) == 0, "/metrics: %s", err);
     double ok = prom_value(m, "speed_router_requests_total{route=\"disaggregated\",status=\"200\"}");
     CHECK_MSG(ok >= n_ok_min, "requests_total 200 = %g, want >= %d", ok, n_ok_min);
     CHECK(prom_value(m, "speed_router_requests_total{route=\"none\",status=\"400\"}") >= 1);
@@ -349,22 +350,22 @@ static void test_decode_only(void)
     const char *args[] = {"--router.decode_only_below", "1000", "--served_model_name", "tinymodel", NULL};
     CHECK(router_start(&rp, cluster, args));
     if (!rp.pid || rp.exited) return;
-    CHECK(wait_health(rp.port, 200, 10));
+    CHECK(cu_wait_health(rp.port, 200, 10));
     int res0 = total(&dec[0].n_reserve, &dec[1].n_reserve);
     int pre0 = total(&pre[0].n_prefill, &pre[1].n_prefill);
     int gp0 = total(&dec[0].n_generate_prompt, &dec[1].n_generate_prompt);
-    http_result_t r;
-    CHECK(http_post(rp.port, "/v1/chat/completions", CHAT, &r));
+    cu_resp_t r;
+    CHECK(cu_post(rp.port, "/v1/chat/completions", CHAT, &r));
     CHECK_INT_EQ(r.status, 200);
     json_t *j = json_of(r.body);
     CHECK_STR_EQ(jstr(j, "choices[0].message.content"), "t0 t1 t2 t3 t4 ");
     CHECK_INT_EQ(jint(j, "usage.kv_bytes"), 0);
     json_decref(j);
-    http_result_free(&r);
+    cu_resp_free(&r);
     CHECK_INT_EQ(total(&dec[0].n_reserve, &dec[1].n_reserve), res0);
     CHECK_INT_EQ(total(&pre[0].n_prefill, &pre[1].n_prefill), pre0);
     CHECK_INT_EQ(total(&dec[0].n_generate_prompt, &dec[1].n_generate_prompt), gp0 + 1);
-    char *m = get_metrics(rp.port);
+    char *m = cu_metrics(rp.port);
     CHECK(prom_value(m, "speed_router_route_decisions_total{route=\"decode_only\",reason=\"short_prompt\"}") == 1);
     CHECK(prom_value(m, "speed_router_requests_total{route=\"decode_only\",status=\"200\"}") == 1);
     speed_free(m);
@@ -377,13 +378,13 @@ static void test_decode_only(void)
     const char *args2[] = {"--served_model_name", "tinymodel", NULL};
     CHECK(router_start(&rp, cl, args2));
     if (!rp.pid || rp.exited) return;
-    CHECK(wait_health(rp.port, 200, 10));
-    CHECK(http_post(rp.port, "/v1/completions",
+    CHECK(cu_wait_health(rp.port, 200, 10));
+    CHECK(cu_post(rp.port, "/v1/completions",
                     "{\"model\":\"tinymodel\",\"prompt\":\"Once upon a time\",\"max_tokens\":5}", &r));
     CHECK_INT_EQ(r.status, 200);
-    http_result_free(&r);
+    cu_resp_free(&r);
     CHECK_INT_EQ(total(&dec[0].n_generate_prompt, &dec[1].n_generate_prompt), gp0 + 2);
-    m = get_metrics(rp.port);
+    m = cu_metrics(rp.port);
     CHECK(prom_value(m, "speed_router_route_decisions_total{route=\"decode_only\",reason=\"no_prefill_node\"}") == 1);
     speed_free(m);
     CHECK_INT_EQ(router_stop(&rp), 0);
@@ -396,43 +397,43 @@ static void test_api_keys(void)
                           "--speed.allow_request_override=false", NULL};
     CHECK(router_start(&rp, cluster, args));
     if (!rp.pid || rp.exited) return;
-    CHECK(wait_health(rp.port, 200, 10));
-    http_result_t r;
-    CHECK(http_do(rp.port, "POST", "/v1/chat/completions", CHAT, NULL, NULL, &r));
+    CHECK(cu_wait_health(rp.port, 200, 10));
+    cu_resp_t r;
+    CHECK(cu_http(rp.port, "POST", "/v1/chat/completions", CHAT, NULL, NULL, 30000, &r));
     CHECK_INT_EQ(r.status, 401);
     json_t *j = json_of(r.body);
     CHECK_STR_EQ(jstr(j, "error.type"), "invalid_request_error");
     json_decref(j);
-    http_result_free(&r);
-    CHECK(http_do(rp.port, "POST", "/v1/chat/completions", CHAT, "Bearer key-three", NULL, &r));
+    cu_resp_free(&r);
+    CHECK(cu_http(rp.port, "POST", "/v1/chat/completions", CHAT, "Bearer key-three", NULL, 30000, &r));
     CHECK_INT_EQ(r.status, 401);
     j = json_of(r.body);
     CHECK_STR_EQ(jstr(j, "error.code"), "invalid_api_key");
     CHECK(strstr(r.body, "key-three") == NULL);
     json_decref(j);
-    http_result_free(&r);
-    CHECK(http_do(rp.port, "POST", "/v1/chat/completions", CHAT, "Bearer key-two", NULL, &r));
+    cu_resp_free(&r);
+    CHECK(cu_http(rp.port, "POST", "/v1/chat/completions", CHAT, "Bearer key-two", NULL, 30000, &r));
     CHECK_INT_EQ(r.status, 200);
-    http_result_free(&r);
-    CHECK(http_do(rp.port, "GET", "/v1/models", NULL, NULL, NULL, &r));
+    cu_resp_free(&r);
+    CHECK(cu_http(rp.port, "GET", "/v1/models", NULL, NULL, NULL, 30000, &r));
     CHECK_INT_EQ(r.status, 401);
-    http_result_free(&r);
-    CHECK(http_do(rp.port, "GET", "/v1/models", NULL, "bearer key-one", NULL, &r));
+    cu_resp_free(&r);
+    CHECK(cu_http(rp.port, "GET", "/v1/models", NULL, "bearer key-one", NULL, 30000, &r));
     CHECK_INT_EQ(r.status, 200);
-    http_result_free(&r);
+    cu_resp_free(&r);
     /* health and metrics stay open */
-    CHECK(http_do(rp.port, "GET", "/health", NULL, NULL, NULL, &r));
+    CHECK(cu_http(rp.port, "GET", "/health", NULL, NULL, NULL, 30000, &r));
     CHECK_INT_EQ(r.status, 200);
-    http_result_free(&r);
+    cu_resp_free(&r);
     /* the deployment does not allow the speed object */
-    CHECK(http_do(rp.port, "POST", "/v1/completions",
+    CHECK(cu_http(rp.port, "POST", "/v1/completions",
                   "{\"model\":\"tinymodel\",\"prompt\":\"x\",\"speed\":{\"prefill_layers\":2}}",
-                  "Bearer key-one", NULL, &r));
+                  "Bearer key-one", NULL, 30000, &r));
     CHECK_INT_EQ(r.status, 400);
     j = json_of(r.body);
     CHECK_STR_EQ(jstr(j, "error.param"), "speed");
     json_decref(j);
-    http_result_free(&r);
+    cu_resp_free(&r);
     CHECK_INT_EQ(router_stop(&rp), 0);
 }
 
@@ -455,10 +456,8 @@ int main(void)
 {
     json_set_alloc_funcs(speed_malloc, speed_free);
     if (!getenv("SPEED_ROUTER")) SKIP_TEST("SPEED_ROUTER (the speed-router binary) is not set");
-    snprintf(model_dir, sizeof model_dir, "%s/router-daemon-%d/tinymodel", test_tmp_dir(), (int)getpid());
-    char parent[400];
-    snprintf(parent, sizeof parent, "%s/router-daemon-%d", test_tmp_dir(), (int)getpid());
-    mkdir(parent, 0755);
+    const char *parent = tu_tmp_init("router-daemon");
+    snprintf(model_dir, sizeof model_dir, "%s/tinymodel", parent);
     CHECK(make_model_dir(model_dir));
     CHECK(fake_start_pool(pre, 2, "prefill", &pbase));
     CHECK(fake_start_pool(dec, 2, "decode", &dbase));
@@ -469,7 +468,7 @@ int main(void)
     /* The served name defaults to the model directory's base name: "tinymodel". */
     CHECK(router_start(&rp, cluster, NULL));
     if (rp.pid && !rp.exited) {
-        CHECK(wait_health(rp.port, 200, 10));
+        CHECK(cu_wait_health(rp.port, 200, 10));
         test_models_health(rp.port);
         test_streamed_chat(rp.port);
         test_streamed_logprobs(rp.port);
@@ -489,8 +488,6 @@ int main(void)
         fake_stop(&pre[i]);
         fake_stop(&dec[i]);
     }
-    char cmd[1200];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", parent);
-    if (system(cmd) != 0) fprintf(stderr, "cannot remove %s\n", parent);
+    tu_rm_rf(parent);
     return CHECK_DONE();
 }

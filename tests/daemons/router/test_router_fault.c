@@ -6,7 +6,6 @@
 #include "router_test_util.h"
 
 static char model_dir[512];
-static char parent[400];
 static char cluster[1024];
 static fake_node_t pre[2], dec[2];
 static int pbase, dbase;
@@ -29,7 +28,7 @@ static void reset_fakes(void)
 static bool start(router_proc_t *rp, const char *const *extra)
 {
     if (!router_start(rp, cluster, extra)) return false;
-    if (!wait_health(rp->port, 200, 10)) {
+    if (!cu_wait_health(rp->port, 200, 10)) {
         fprintf(stderr, "router never became healthy\n");
         return false;
     }
@@ -46,28 +45,28 @@ static void test_prefill_retry(void)
     int ok = 0;
     int p1 = atomic_load(&pre[1].n_prefill), p0 = atomic_load(&pre[0].n_prefill);
     for (int i = 0; i < 4; i++) {
-        http_result_t r;
-        CHECK(http_post(rp.port, "/v1/chat/completions", CHAT, &r));
+        cu_resp_t r;
+        CHECK(cu_post(rp.port, "/v1/chat/completions", CHAT, &r));
         ok += r.status == 200;
-        http_result_free(&r);
+        cu_resp_free(&r);
     }
     CHECK_INT_EQ(ok, 4);
     CHECK(atomic_load(&pre[0].n_prefill) > p0);          /* it was tried ... */
     CHECK_INT_EQ(atomic_load(&pre[1].n_prefill) - p1, 4); /* ... and node 1 answered all */
-    char *m = get_metrics(rp.port);
+    char *m = cu_metrics(rp.port);
     CHECK(prom_value(m, "speed_router_prefill_retries_total") >= 1);
     speed_free(m);
 
     /* Every prefill node fails: 503 after the retries, and the reservation is freed. */
     atomic_store(&pre[1].prefill_code, SPEED_RPC_INTERNAL);
     int c0 = atomic_load(&dec[0].n_cancel) + atomic_load(&dec[1].n_cancel);
-    http_result_t r;
-    CHECK(http_post(rp.port, "/v1/chat/completions", CHAT, &r));
+    cu_resp_t r;
+    CHECK(cu_post(rp.port, "/v1/chat/completions", CHAT, &r));
     CHECK_INT_EQ(r.status, 503);
     json_t *j = json_of(r.body);
     CHECK_STR_EQ(jstr(j, "error.type"), "server_error");
     json_decref(j);
-    http_result_free(&r);
+    cu_resp_free(&r);
     CHECK(atomic_load(&dec[0].n_cancel) + atomic_load(&dec[1].n_cancel) > c0);
     CHECK_INT_EQ(router_stop(&rp), 0);
 }
@@ -89,10 +88,10 @@ static void test_decode_dies_mid_stream(void)
     CHECK(sse_read(c, &s, 3));               /* role + 2 content chunks */
     int victim = atomic_load(&dec[0].n_gen_active) > 0 ? 0 : 1;
     CHECK(atomic_load(&dec[victim].n_gen_active) == 1);
-    double t0 = t_now();
+    double t0 = now_s();
     fake_kill(&dec[victim]);
     CHECK(sse_read(c, &s, -1));
-    CHECK_MSG(t_now() - t0 < 5, "the stream took %.1f s to end", t_now() - t0);
+    CHECK_MSG(now_s() - t0 < 5, "the stream took %.1f s to end", now_s() - t0);
     CHECK(s.ended);
     CHECK(s.n >= 5);
     if (s.n >= 2) {
@@ -110,13 +109,13 @@ static void test_decode_dies_mid_stream(void)
     for (int i = 0; i < 2; i++) atomic_store(&dec[i].gen_tokens, 5), atomic_store(&dec[i].gen_delay_ms, 0);
     int g0 = atomic_load(&dec[other].n_generate);
     for (int i = 0; i < 4; i++) {
-        http_result_t r;
-        CHECK(http_post(rp.port, "/v1/chat/completions", CHAT, &r));
+        cu_resp_t r;
+        CHECK(cu_post(rp.port, "/v1/chat/completions", CHAT, &r));
         CHECK_INT_EQ(r.status, 200);
-        http_result_free(&r);
+        cu_resp_free(&r);
     }
     CHECK_INT_EQ(atomic_load(&dec[other].n_generate) - g0, 4);
-    char *m = get_metrics(rp.port);
+    char *m = cu_metrics(rp.port);
     char series[128];
     snprintf(series, sizeof series, "speed_router_node_up{pool=\"decode\",node=\"127.0.0.1:%d\"}", dbase + victim);
     CHECK(prom_value(m, series) == 0);
@@ -124,32 +123,32 @@ static void test_decode_dies_mid_stream(void)
     CHECK(prom_value(m, series) == 1);
     CHECK(prom_value(m, "speed_router_requests_total{route=\"disaggregated\",status=\"503\"}") == 1);
     speed_free(m);
-    http_result_t h;
-    CHECK(http_do(rp.port, "GET", "/health", NULL, NULL, NULL, &h));
+    cu_resp_t h;
+    CHECK(cu_http(rp.port, "GET", "/health", NULL, NULL, NULL, 30000, &h));
     json_t *j = json_of(h.body);
     CHECK_INT_EQ(jint(j, "decode_nodes_up"), 1);
     json_decref(j);
-    http_result_free(&h);
+    cu_resp_free(&h);
 
     /* The node comes back: health SERVING brings it back into rotation. */
     CHECK(fake_start(&dec[victim], "decode-again", dbase + victim) == SPEED_OK);
-    double until = t_now() + 10;
+    double until = now_s() + 10;
     bool back = false;
-    while (!back && t_now() < until) {
-        CHECK(http_do(rp.port, "GET", "/health", NULL, NULL, NULL, &h));
+    while (!back && now_s() < until) {
+        CHECK(cu_http(rp.port, "GET", "/health", NULL, NULL, NULL, 30000, &h));
         j = json_of(h.body);
         back = jint(j, "decode_nodes_up") == 2;
         json_decref(j);
-        http_result_free(&h);
-        if (!back) t_sleep_ms(50);
+        cu_resp_free(&h);
+        if (!back) sleep_ms(50);
     }
     CHECK(back);
     int gv = atomic_load(&dec[victim].n_generate);
     for (int i = 0; i < 2; i++) {
-        http_result_t r;
-        CHECK(http_post(rp.port, "/v1/chat/completions", CHAT, &r));
+        cu_resp_t r;
+        CHECK(cu_post(rp.port, "/v1/chat/completions", CHAT, &r));
         CHECK_INT_EQ(r.status, 200);
-        http_result_free(&r);
+        cu_resp_free(&r);
     }
     CHECK_INT_EQ(atomic_load(&dec[victim].n_generate) - gv, 1);
     CHECK_INT_EQ(router_stop(&rp), 0);
@@ -159,12 +158,12 @@ static void test_decode_dies_mid_stream(void)
     if (rp.exited || !rp.pid) return;
     fake_kill(&dec[0]);
     fake_kill(&dec[1]);
-    CHECK(wait_health(rp.port, 503, 10));
-    http_result_t r;
-    CHECK(http_post(rp.port, "/v1/chat/completions", CHAT, &r));
+    CHECK(cu_wait_health(rp.port, 503, 10));
+    cu_resp_t r;
+    CHECK(cu_post(rp.port, "/v1/chat/completions", CHAT, &r));
     CHECK_INT_EQ(r.status, 503);
     CHECK(r.retry_after[0] != '\0');
-    http_result_free(&r);
+    cu_resp_free(&r);
     CHECK_INT_EQ(router_stop(&rp), 0);
     CHECK(fake_start(&dec[0], "decode0", dbase) == SPEED_OK);
     CHECK(fake_start(&dec[1], "decode1", dbase + 1) == SPEED_OK);
@@ -188,23 +187,23 @@ static void test_client_disconnect(void)
     CHECK(sse_read(c, &s, 3));
     speed_http_client_destroy(c);   /* the client goes away mid-stream */
     sse_result_free(&s);
-    double until = t_now() + 5;
-    while (t_now() < until &&
+    double until = now_s() + 5;
+    while (now_s() < until &&
            (atomic_load(&dec[0].n_cancel) + atomic_load(&dec[1].n_cancel) == c0 ||
             atomic_load(&dec[0].n_gen_cancelled) + atomic_load(&dec[1].n_gen_cancelled) == x0))
-        t_sleep_ms(20);
+        sleep_ms(20);
     CHECK_MSG(atomic_load(&dec[0].n_cancel) + atomic_load(&dec[1].n_cancel) > c0,
               "the decode node got no Cancel");
     CHECK_MSG(atomic_load(&dec[0].n_gen_cancelled) + atomic_load(&dec[1].n_gen_cancelled) > x0,
               "the Generate stream was not cancelled");
     /* The router counts it as 499 and keeps serving. */
-    until = t_now() + 5;
+    until = now_s() + 5;
     double gone = 0;
-    while (t_now() < until && gone < 1) {
-        char *m = get_metrics(rp.port);
+    while (now_s() < until && gone < 1) {
+        char *m = cu_metrics(rp.port);
         gone = prom_value(m, "speed_router_requests_total{route=\"disaggregated\",status=\"499\"}");
         speed_free(m);
-        if (gone < 1) t_sleep_ms(20);
+        if (gone < 1) sleep_ms(20);
     }
     CHECK(gone == 1);
 
@@ -218,14 +217,14 @@ static void test_client_disconnect(void)
 
 typedef struct {
     int port;
-    http_result_t r;
+    cu_resp_t r;
     bool ok;
 } bg_post_t;
 
 static void *bg_post(void *arg)
 {
     bg_post_t *b = arg;
-    b->ok = http_post(b->port, "/v1/chat/completions", CHAT, &b->r);
+    b->ok = cu_post(b->port, "/v1/chat/completions", CHAT, &b->r);
     return NULL;
 }
 
@@ -247,19 +246,19 @@ static void test_overload(void)
     CHECK_INT_EQ(s.status, 200);
     bg_post_t b = {rp.port, {0}, false};
     pthread_t th;
-    double t0 = t_now();
+    double t0 = now_s();
     pthread_create(&th, NULL, bg_post, &b);                                         /* queued */
-    t_sleep_ms(250);
-    http_result_t r;
-    CHECK(http_post(rp.port, "/v1/chat/completions", CHAT, &r));                    /* refused */
+    sleep_ms(250);
+    cu_resp_t r;
+    CHECK(cu_post(rp.port, "/v1/chat/completions", CHAT, &r));                    /* refused */
     CHECK_INT_EQ(r.status, 429);
     CHECK_STR_EQ(r.retry_after, "1");
     json_t *j = json_of(r.body);
     CHECK_STR_EQ(jstr(j, "error.type"), "requests");
     CHECK_STR_EQ(jstr(j, "error.code"), "rate_limit_exceeded");
     json_decref(j);
-    http_result_free(&r);
-    char *m = get_metrics(rp.port);
+    cu_resp_free(&r);
+    char *m = cu_metrics(rp.port);
     CHECK(prom_value(m, "speed_router_requests_running") == 1);
     CHECK(prom_value(m, "speed_router_requests_waiting") == 1);
     speed_free(m);
@@ -267,11 +266,11 @@ static void test_overload(void)
     CHECK(b.ok);
     CHECK_INT_EQ(b.r.status, 503);
     CHECK(b.r.retry_after[0] != '\0');
-    CHECK_MSG(t_now() - t0 >= 0.6 && t_now() - t0 < 1.9, "queue wait %.2f s", t_now() - t0);
+    CHECK_MSG(now_s() - t0 >= 0.6 && now_s() - t0 < 1.9, "queue wait %.2f s", now_s() - t0);
     j = json_of(b.r.body);
     CHECK_STR_EQ(jstr(j, "error.type"), "server_error");
     json_decref(j);
-    http_result_free(&b.r);
+    cu_resp_free(&b.r);
     CHECK(sse_read(c, &s, -1));
     CHECK(s.n >= 2 && strcmp(s.data[s.n - 1], "[DONE]") == 0);
     sse_result_free(&s);
@@ -280,13 +279,13 @@ static void test_overload(void)
     /* No KV room on any decode node: 503 with Retry-After. */
     for (int i = 0; i < 2; i++) atomic_store(&dec[i].reserve_code, SPEED_RPC_RESOURCE_EXHAUSTED);
     int r0 = atomic_load(&dec[0].n_reserve) + atomic_load(&dec[1].n_reserve);
-    CHECK(http_post(rp.port, "/v1/chat/completions", CHAT, &r));
+    CHECK(cu_post(rp.port, "/v1/chat/completions", CHAT, &r));
     CHECK_INT_EQ(r.status, 503);
     CHECK_STR_EQ(r.retry_after, "1");
-    http_result_free(&r);
+    cu_resp_free(&r);
     CHECK_INT_EQ(atomic_load(&dec[0].n_reserve) + atomic_load(&dec[1].n_reserve) - r0, 2);
     /* ... and that is not the nodes' fault: both stay up */
-    CHECK(wait_health(rp.port, 200, 1));
+    CHECK(cu_wait_health(rp.port, 200, 1));
     CHECK_INT_EQ(router_stop(&rp), 0);
 }
 
@@ -305,11 +304,11 @@ static void test_sigterm_drain(void)
     CHECK(sse_begin(rp.port, "/v1/chat/completions", CHAT_STREAM, NULL, &c, &s));
     CHECK(sse_read(c, &s, 2));
     kill(rp.pid, SIGTERM);
-    CHECK(wait_health(rp.port, 503, 3));      /* draining */
-    http_result_t r;
-    CHECK(http_post(rp.port, "/v1/chat/completions", CHAT, &r));
+    CHECK(cu_wait_health(rp.port, 503, 3));      /* draining */
+    cu_resp_t r;
+    CHECK(cu_post(rp.port, "/v1/chat/completions", CHAT, &r));
     CHECK_INT_EQ(r.status, 503);
-    http_result_free(&r);
+    cu_resp_free(&r);
     CHECK(sse_read(c, &s, -1));
     CHECK(s.ended);
     CHECK_MSG(s.n == 1 + 15 + 1 + 1, "%d events", s.n);   /* role, 15 tokens, finish, [DONE] */
@@ -333,13 +332,13 @@ static void test_request_timeout(void)
     if (rp.exited || !rp.pid) return;
     for (int i = 0; i < 2; i++) atomic_store(&pre[i].prefill_delay_ms, 3000);
     int c0 = atomic_load(&dec[0].n_cancel) + atomic_load(&dec[1].n_cancel);
-    double t0 = t_now();
-    http_result_t r;
-    CHECK(http_post(rp.port, "/v1/chat/completions", CHAT, &r));
+    double t0 = now_s();
+    cu_resp_t r;
+    CHECK(cu_post(rp.port, "/v1/chat/completions", CHAT, &r));
     CHECK_INT_EQ(r.status, 503);
-    CHECK_MSG(t_now() - t0 < 2.5, "took %.2f s", t_now() - t0);
+    CHECK_MSG(now_s() - t0 < 2.5, "took %.2f s", now_s() - t0);
     CHECK_CONTAINS(r.body, "request_timeout_ms");
-    http_result_free(&r);
+    cu_resp_free(&r);
     CHECK(atomic_load(&dec[0].n_cancel) + atomic_load(&dec[1].n_cancel) > c0);
 
     for (int i = 0; i < 2; i++) {
@@ -348,9 +347,9 @@ static void test_request_timeout(void)
         atomic_store(&dec[i].gen_delay_ms, 50);
     }
     sse_result_t s;
-    t0 = t_now();
+    t0 = now_s();
     CHECK(sse_post(rp.port, "/v1/chat/completions", CHAT_STREAM, NULL, &s));
-    CHECK_MSG(t_now() - t0 < 2.5, "took %.2f s", t_now() - t0);
+    CHECK_MSG(now_s() - t0 < 2.5, "took %.2f s", now_s() - t0);
     CHECK(s.ended && s.n >= 3);
     if (s.n >= 2) {
         CHECK_STR_EQ(s.data[s.n - 1], "[DONE]");
@@ -358,8 +357,8 @@ static void test_request_timeout(void)
     }
     sse_result_free(&s);
     /* A deadline is the request's problem, not the nodes': they stay up. */
-    CHECK(wait_health(rp.port, 200, 1));
-    char *m = get_metrics(rp.port);
+    CHECK(cu_wait_health(rp.port, 200, 1));
+    char *m = cu_metrics(rp.port);
     char series[128];
     snprintf(series, sizeof series, "speed_router_node_up{pool=\"decode\",node=\"127.0.0.1:%d\"}", dbase);
     CHECK(prom_value(m, series) == 1);
@@ -383,16 +382,16 @@ static void test_second_signal(void)
     CHECK(sse_begin(rp.port, "/v1/chat/completions", CHAT_STREAM, NULL, &c, &s));
     CHECK(sse_read(c, &s, 2));
     kill(rp.pid, SIGTERM);
-    CHECK(wait_health(rp.port, 503, 3));
-    double t0 = t_now();
+    CHECK(cu_wait_health(rp.port, 503, 3));
+    double t0 = now_s();
     kill(rp.pid, SIGINT);
     CHECK(router_wait(&rp, 5));
-    CHECK_MSG(t_now() - t0 < 3, "took %.2f s", t_now() - t0);
+    CHECK_MSG(now_s() - t0 < 3, "took %.2f s", now_s() - t0);
     CHECK(WIFEXITED(rp.status) && WEXITSTATUS(rp.status) == 1);
     sse_result_free(&s);
     speed_http_client_destroy(c);
     for (int i = 0; i < 2; i++) {   /* let the orphaned generations see the cancel */
-        for (int k = 0; k < 300 && atomic_load(&dec[i].n_gen_active) > 0; k++) t_sleep_ms(10);
+        for (int k = 0; k < 300 && atomic_load(&dec[i].n_gen_active) > 0; k++) sleep_ms(10);
     }
 }
 
@@ -400,8 +399,7 @@ int main(void)
 {
     json_set_alloc_funcs(speed_malloc, speed_free);
     if (!getenv("SPEED_ROUTER")) SKIP_TEST("SPEED_ROUTER (the speed-router binary) is not set");
-    snprintf(parent, sizeof parent, "%s/router-fault-%d", test_tmp_dir(), (int)getpid());
-    mkdir(parent, 0755);
+    const char *parent = tu_tmp_init("router-fault");
     snprintf(model_dir, sizeof model_dir, "%s/tinymodel", parent);
     CHECK(make_model_dir(model_dir));
     CHECK(fake_start_pool(pre, 2, "prefill", &pbase));
@@ -421,8 +419,6 @@ int main(void)
         fake_stop(&pre[i]);
         fake_stop(&dec[i]);
     }
-    char cmd[600];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", parent);
-    if (system(cmd) != 0) fprintf(stderr, "cannot remove %s\n", parent);
+    tu_rm_rf(parent);
     return CHECK_DONE();
 }

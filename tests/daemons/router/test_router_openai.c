@@ -13,9 +13,11 @@
 
 #include "alloc.h"
 #include "check.h"
+#include "test_log.h"
 #include "log.h"
 #include "openai.h"
 #include "tokenizer.h"
+#include "test_fs.h"
 
 #define CHAT(extra) "{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]" extra "}"
 #define COMP(extra) "{\"model\":\"m\",\"prompt\":\"hi\"" extra "}"
@@ -1025,23 +1027,11 @@ static void test_models(void)
 
 static speed_tok_t *load_tokenizer(char *dir, size_t cap)
 {
-    const char *tmp = getenv("SPEED_TEST_TMP");
-    snprintf(dir, cap, "%s/router_openai_XXXXXX", tmp && tmp[0] ? tmp : "/tmp");
-    if (!mkdtemp(dir)) return NULL;
+    snprintf(dir, cap, "%s", tu_tmp_init("router_openai"));
     if (speed_tok_write_default(dir, SPEED_TOK_DEFAULT_N_VOCAB) != SPEED_OK) return NULL;
     speed_tok_t *tok = NULL;
     if (speed_tok_load(dir, NULL, &tok) != SPEED_OK) return NULL;
     return tok;
-}
-
-static void remove_tokenizer_dir(const char *dir)
-{
-    char p[600];
-    snprintf(p, sizeof p, "%s/tokenizer.json", dir);
-    unlink(p);
-    snprintf(p, sizeof p, "%s/tokenizer_config.json", dir);
-    unlink(p);
-    rmdir(dir);
 }
 
 static void test_tokenize(speed_tok_t *tok)
@@ -1333,11 +1323,6 @@ static void test_fault_injection(speed_tok_t *tok)
     fprintf(stderr, "fault injection: %d injected allocation failures\n", total);
 }
 
-static void quiet_sink(void *user, speed_log_level_t level, speed_log_subsys_t subsys,
-                       const char *request_id, const char *line)
-{
-}
-
 int main(void)
 {
     /* JSON memory through the counted allocator: leaks and injected failures reach it. */
@@ -1361,10 +1346,10 @@ int main(void)
     speed_tok_t *tok = load_tokenizer(dir, sizeof dir);
     CHECK_MSG(tok != NULL, "cannot make the default tokenizer in %s", dir);
     if (tok) test_tokenize(tok);
-    speed_log_set_sink(quiet_sink, NULL);   /* the expected out-of-memory lines */
+    speed_log_set_sink(tu_log_discard, NULL);   /* the expected out-of-memory lines */
     test_fault_injection(tok);
     speed_log_set_sink(NULL, NULL);
     speed_tok_destroy(tok);
-    remove_tokenizer_dir(dir);
+    tu_rm_rf(dir);
     return CHECK_DONE();
 }

@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "check.h"
+#include "test_log.h"
 #include "model.h"
 #include "model_test_util.h"
 #include "safetensors.h"
@@ -63,11 +64,6 @@ static int inject(const char *what, op_cb_t op, undo_cb_t undo, const char *arg,
 }
 
 /* Quiet sink: fault runs log hundreds of "out of memory" lines. */
-static void quiet(void *user, speed_log_level_t level, speed_log_subsys_t subsys,
-                  const char *request_id, const char *line) {
-    (void)user, (void)level, (void)subsys, (void)request_id, (void)line;
-}
-
 int main(void) {
     tu_tmp_init("model_fault");
     speed_tiny_model_params_t p = speed_tiny_model_default_params();
@@ -76,7 +72,7 @@ int main(void) {
     p.n_shards = 3;
     p.tied = true;
     CHECK_INT_EQ(speed_tiny_model_write(tu_path("three"), &p), SPEED_OK);
-    speed_log_set_sink(quiet, NULL);
+    speed_log_set_sink(tu_log_discard, NULL);
 
     for (int sticky = 0; sticky < 2; sticky++) {
         CHECK(inject("load 1 shard", op_load, undo_load, tu_path("one"), sticky) > 5);

@@ -10,6 +10,7 @@
 #include "model.h"
 #include "model_test_util.h"
 #include "tiny_model.h"
+#include "test_clock.h"
 
 int main(int argc, char **argv) {
     bool as_test = argc == 2 && strcmp(argv[1], "--perf-test") == 0;
@@ -37,13 +38,13 @@ int main(int argc, char **argv) {
     }
     if (!as_test && argc > 4) p.n_shards = atoi(argv[4]);
 
-    double t0 = speed_clock_mono_s();
+    double t0 = now_s();
     speed_status_t s = speed_tiny_model_write(dir, &p);
-    double t1 = speed_clock_mono_s();
+    double t1 = now_s();
     if (s != SPEED_OK) return 1;
     speed_model_t *m = NULL;
     s = speed_model_load(dir, NULL, &m);
-    double t2 = speed_clock_mono_s();
+    double t2 = now_s();
     if (s != SPEED_OK) return 1;
     printf("%s: %lld params, %.2f GB written in %.1f s (%.0f MB/s), loaded in %.3f s\n", preset,
            (long long)speed_model_n_params(m), (double)speed_model_n_bytes(m) / 1e9, t1 - t0,

@@ -67,10 +67,10 @@ static speed_status_t run_batch(speed_backend_t *be, const speed_model_t *m, spe
 
 int main(int argc, char **argv) {
     if (argc > 1) g_backend = argv[1];
-    et_tmp_init("engine-cuda");
+    tu_tmp_init("engine-cuda");
     speed_backend_t *be = backend_under_test(g_backend);
     if (!be) {
-        et_rm_rf(et_root);
+        tu_rm_rf(tu_root);
         SKIP_TEST("backend %s is not available here", g_backend);
     }
     speed_backend_t *cpu = et_backend("cpu");
@@ -141,6 +141,6 @@ int main(int argc, char **argv) {
     }
     speed_backend_destroy(cpu);
     speed_backend_destroy(be);
-    et_rm_rf(et_root);
+    tu_rm_rf(tu_root);
     return CHECK_DONE();
 }

@@ -304,7 +304,7 @@ static void test_faults(speed_backend_t *be, const speed_model_t *m) {
 }
 
 int main(void) {
-    et_tmp_init("engine-errors");
+    tu_tmp_init("engine-errors");
     speed_backend_t *be = et_backend("cpu-ref");
     if (!be) SKIP_TEST("no cpu-ref backend");
     et_model_spec_t spec = {"f32-gqa", SPEED_DTYPE_F32, false, 2, false};
@@ -321,6 +321,6 @@ int main(void) {
     speed_log_set_sink(NULL, NULL);
     speed_model_destroy(m);
     speed_backend_destroy(be);
-    et_rm_rf(et_root);
+    tu_rm_rf(tu_root);
     return CHECK_DONE();
 }

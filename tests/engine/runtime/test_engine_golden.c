@@ -251,10 +251,10 @@ int main(int argc, char **argv) {
     if (argc > 1) g_backend_name = argv[1];
     g_fast = strncmp(g_backend_name, "cpu", 3) == 0 && strcmp(g_backend_name, "cpu-ref") != 0;
     g_bf16_dot = strcmp(g_backend_name, "cpu") == 0 && speed_cpu_isa_detect() == SPEED_CPU_ISA_AVX512_BF16;
-    et_tmp_init("engine-golden");
+    tu_tmp_init("engine-golden");
     speed_backend_t *be = et_backend(g_backend_name);
     if (!be) {
-        et_rm_rf(et_root);
+        tu_rm_rf(tu_root);
         SKIP_TEST("backend %s is not available in this build", g_backend_name);
     }
     const et_model_spec_t specs[] = {
@@ -287,6 +287,6 @@ int main(int argc, char **argv) {
         speed_model_destroy(m);
     }
     speed_backend_destroy(be);
-    et_rm_rf(et_root);
+    tu_rm_rf(tu_root);
     return CHECK_DONE();
 }

@@ -101,11 +101,11 @@ static speed_backend_t *make_backend(const char *name, bool *skip_p) {
 
 int main(int argc, char **argv) {
     const char *name = argc > 1 ? argv[1] : "cpu-ref";
-    et_tmp_init("engine-topk");
+    tu_tmp_init("engine-topk");
     bool skip;
     speed_backend_t *be = make_backend(name, &skip);
     if (!be) {
-        et_rm_rf(et_root);
+        tu_rm_rf(tu_root);
         if (skip) SKIP_TEST("backend %s is not available here", name);
         fprintf(stderr, "backend %s cannot be created\n", name);
         return 1;
@@ -171,6 +171,6 @@ int main(int argc, char **argv) {
         speed_model_destroy(m);
     }
     speed_backend_destroy(be);
-    et_rm_rf(et_root);
+    tu_rm_rf(tu_root);
     return CHECK_DONE();
 }

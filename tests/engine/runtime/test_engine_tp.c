@@ -304,7 +304,7 @@ static void test_rank_failure(speed_backend_t **bes) {
 }
 
 int main(void) {
-    et_tmp_init("engine-tp");
+    tu_tmp_init("engine-tp");
     speed_backend_t *bes[6] = {0};
     CHECK(make_backends(6, bes));
     if (bes[5]) {
@@ -314,6 +314,6 @@ int main(void) {
         test_rank_failure(bes);
     }
     free_backends(6, bes);
-    et_rm_rf(et_root);
+    tu_rm_rf(tu_root);
     return CHECK_DONE();
 }

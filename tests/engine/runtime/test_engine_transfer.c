@@ -47,10 +47,10 @@ static speed_engine_params_t params(speed_backend_t *be, const speed_model_t *m,
 
 int main(int argc, char **argv) {
     const char *backend = argc > 1 ? argv[1] : "cpu-ref";
-    et_tmp_init("engine-transfer");
+    tu_tmp_init("engine-transfer");
     speed_backend_t *be = et_backend(backend);
     if (!be) {
-        et_rm_rf(et_root);
+        tu_rm_rf(tu_root);
         SKIP_TEST("backend %s is not available", backend);
     }
     et_model_spec_t spec = {"bf16-gqa", SPEED_DTYPE_BF16, false, 2, false};
@@ -218,6 +218,6 @@ int main(int argc, char **argv) {
     et_seq_free(&ref);
     speed_model_destroy(m);
     speed_backend_destroy(be);
-    et_rm_rf(et_root);
+    tu_rm_rf(tu_root);
     return CHECK_DONE();
 }

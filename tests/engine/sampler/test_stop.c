@@ -2,6 +2,7 @@
  * streamed text, and a randomised comparison with a direct reference. */
 #include "alloc.h"
 #include "check.h"
+#include "test_log.h"
 #include "log.h"
 #include "rng.h"
 #include "stop.h"
@@ -236,13 +237,8 @@ static void test_bad_params(void) {
     CHECK_INT_EQ(speed_alloc_live_count(), live);
 }
 
-static void quiet(void *user, speed_log_level_t level, speed_log_subsys_t subsys, const char *request_id,
-                  const char *line) {
-    (void)user; (void)level; (void)subsys; (void)request_id; (void)line;
-}
-
 int main(void) {
-    speed_log_set_sink(quiet, NULL);
+    speed_log_set_sink(tu_log_discard, NULL);
     int64_t live = speed_alloc_live_count();
     test_eos_and_length();
     test_stop_strings();

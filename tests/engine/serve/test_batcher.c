@@ -6,6 +6,7 @@
 #include "batcher.h"
 #include "clock.h"
 #include "engine_test_util.h"
+#include "test_clock.h"
 
 typedef struct {
     pthread_mutex_t mu;
@@ -67,7 +68,7 @@ static speed_status_t on_layer(void *user, speed_kv_cache_t *cache, const speed_
 }
 
 static bool rec_wait(rec_t *r, int ms) {
-    struct timespec ts = speed_clock_deadline(CLOCK_REALTIME, ms);
+    struct timespec ts = realtime_after_ms(ms);
     pthread_mutex_lock(&r->mu);
     while (r->n_finish == 0)
         if (pthread_cond_timedwait(&r->cv, &r->mu, &ts) != 0) break;
@@ -133,7 +134,7 @@ static speed_status_t import_fn(void *user, speed_kv_cache_t *cache, const speed
 
 int main(void) {
     speed_log_configure("error");
-    et_tmp_init("batcher");
+    tu_tmp_init("batcher");
     et_model_spec_t spec = {"gqa", SPEED_DTYPE_F32, false, 2, false};
     speed_model_t *model = et_model_make(&spec);
     CHECK(model != NULL);
@@ -459,6 +460,6 @@ int main(void) {
     for (int i = 0; i < 3; i++) et_seq_free(&ref[i]);
     speed_backend_destroy(be);
     speed_model_destroy(model);
-    et_rm_rf(et_root);
+    tu_rm_rf(tu_root);
     return CHECK_DONE();
 }

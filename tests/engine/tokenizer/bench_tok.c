@@ -5,7 +5,9 @@
 #include "tok_test_util.h"
 
 #include "alloc.h"
-#include "clock.h"
+#include "test_clock.h"
+#include "test_fs.h"
+#include "test_stats.h"
 
 static const char *const words[] = {
     "the", "of", "and", "to", "a", "in", "is", "it", "that", "was", "for", "on", "are", "with",
@@ -54,29 +56,24 @@ static char *make_text(size_t target, size_t *len_p) {
     return buf;
 }
 
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
 static int bench(const char *name, const char *text, size_t len) {
     char dir[1024];
     tok_test_dir(name, dir, sizeof dir);
     speed_tok_t *tok = NULL;
-    double t0 = speed_clock_mono_s();
+    double t0 = now_s();
     if (speed_tok_load(dir, NULL, &tok) != SPEED_OK) return 1;
-    double t_load = speed_clock_mono_s() - t0;
+    double t_load = now_s() - t0;
     double times[5];
     size_t n_tokens = 0;
     for (int r = 0; r < 5; r++) {
         speed_tok_ids_t ids = {0};
-        t0 = speed_clock_mono_s();
+        t0 = now_s();
         if (speed_tok_encode(tok, text, len, false, &ids) != SPEED_OK) return 1;
-        times[r] = speed_clock_mono_s() - t0;
+        times[r] = now_s() - t0;
         n_tokens = ids.n;
         speed_tok_ids_free(&ids);
     }
-    qsort(times, 5, sizeof times[0], cmp_double);
+    tu_sort_doubles(times, 5);
     double t = times[2];
     printf("%-7s load %.3f s | encode %.2f MB in %.4f s: %.1f MB/s, %.2f M tokens/s "
            "(%zu tokens, %.2f bytes/token)\n", name, t_load, len / 1e6, t, len / 1e6 / t,
@@ -93,14 +90,8 @@ int main(int argc, char **argv) {
     size_t len;
     char *text;
     if (argc > 1) {
-        FILE *f = fopen(argv[1], "rb");
-        if (!f) SKIP_TEST("cannot open %s", argv[1]);
-        fseek(f, 0, SEEK_END);
-        len = (size_t)ftell(f);
-        fseek(f, 0, SEEK_SET);
-        text = malloc(len + 1);
-        len = fread(text, 1, len, f);
-        fclose(f);
+        text = tu_read(argv[1], &len);
+        if (!text) SKIP_TEST("cannot open %s", argv[1]);
     } else {
         text = make_text(1 << 20, &len);
     }

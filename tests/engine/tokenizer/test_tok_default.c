@@ -7,6 +7,7 @@
 
 #include "alloc.h"
 #include "log.h"
+#include "test_fs.h"
 
 static const char *const texts[] = {
     "",
@@ -18,18 +19,6 @@ static const char *const texts[] = {
     "It's, we'll, they're; DON'T",
     "12345678901234567890 3.14159",
 };
-
-static char *read_all(const char *path, size_t *len_p) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *p = malloc((size_t)n + 1);
-    *len_p = fread(p, 1, (size_t)n, f);
-    fclose(f);
-    return p;
-}
 
 static void round_trip(const speed_tok_t *tok, const char *text, size_t len) {
     speed_tok_ids_t ids = {0};
@@ -124,14 +113,14 @@ static void test_sizes(const char *tmp) {
     snprintf(a, sizeof a, "%s/tokenizer.json", dir);
     CHECK_INT_EQ(speed_tok_write_default(dir, 700), SPEED_OK);
     size_t la = 0, lb = 0;
-    char *x = read_all(a, &la);
+    char *x = tu_read(a, &la);
     CHECK_INT_EQ(speed_tok_write_default(dir, 700), SPEED_OK);
-    char *y = read_all(a, &lb);
+    char *y = tu_read(a, &lb);
     CHECK(x && y && la == lb && memcmp(x, y, la) == 0);
     free(x);
     free(y);
     snprintf(b, sizeof b, "%s/tokenizer_config.json", dir);
-    x = read_all(b, &la);
+    x = tu_read(b, &la);
     CHECK(x && strstr(x, "chat_template"));
     free(x);
 }

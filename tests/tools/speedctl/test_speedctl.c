@@ -6,11 +6,11 @@
 #include <stdarg.h>
 #include <stdbool.h>
 #include <sys/stat.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include "check.h"
-#include "cli_test_util.h"
+#include "test_fs.h"
+#include "test_proc.h"
 
 static const char *speedctl, *tmp;
 
@@ -23,16 +23,20 @@ typedef struct {
 
 /* Runs `speedctl ARGS` through the shell; ARGS is printf-formatted. */
 static run_t run(const char *fmt, ...) {
-    char args[8192], cmd[12000], out_path[1100], err_path[1100];
+    char args[8192], out_path[1100], err_path[1100];
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(args, sizeof args, fmt, ap);
     va_end(ap);
     snprintf(out_path, sizeof out_path, "%s/cli.out", tmp);
     snprintf(err_path, sizeof err_path, "%s/cli.err", tmp);
-    snprintf(cmd, sizeof cmd, "'%s' %s >'%s' 2>'%s'", speedctl, args, out_path, err_path);
-    int status = system(cmd);
-    run_t r = {WIFEXITED(status) ? WEXITSTATUS(status) : 128, slurp(out_path), slurp(err_path)};
+    run_t r = {0};
+    r.rc = tu_system("'%s' %s >'%s' 2>'%s'", speedctl, args, out_path, err_path);
+    r.out = tu_read(out_path, NULL);
+    r.err = tu_read(err_path, NULL);
+    /* The shell creates both files; "" keeps the checks below simple if it could not. */
+    if (!r.out) r.out = calloc(1, 1);
+    if (!r.err) r.err = calloc(1, 1);
     return r;
 }
 

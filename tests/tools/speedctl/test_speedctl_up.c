@@ -5,14 +5,10 @@
  *
  * Nothing here may hang: speedctl's stdout is read with a deadline, and every speedctl this
  * test starts is killed (with its process group's daemons, by pid) when a step fails. */
-#define _GNU_SOURCE 1
 #include <errno.h>
-#include <fcntl.h>
 #include <jansson.h>
 #include <netinet/in.h>
-#include <poll.h>
 #include <signal.h>
-#include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,9 +22,11 @@
 
 #include "alloc.h"
 #include "check.h"
-#include "clock.h"
-#include "cli_test_util.h"
+#include "daemon_client.h"
 #include "http.h"
+#include "test_clock.h"
+#include "test_fs.h"
+#include "test_proc.h"
 
 #define MAX_PIDS 16
 
@@ -36,18 +34,8 @@ static const char *speedctl;
 static char dir[600], model[700], src_dir[600];
 static int port_base;
 
-static int sh(const char *fmt, ...) {
-    char cmd[4096];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(cmd, sizeof cmd, fmt, ap);
-    va_end(ap);
-    int rc = system(cmd);
-    return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
-}
-
-
-/* A running `speedctl up`: its stdout through a pipe (read with deadlines), stderr in a file. */
+/* A running `speedctl up`: its stdout through a pipe (read with deadlines), stderr in a file.
+ * out starts with a '\n', so that every whole line of it, the first too, reads "\nLINE\n". */
 typedef struct {
     pid_t pid;
     int out_fd;
@@ -74,45 +62,26 @@ static void up_start(up_run_t *r, const char *bin, int ports, const char *const 
     int n = 19;
     for (int i = 0; extra && extra[i] && n < 62; i++) argv[n++] = extra[i];
     argv[n] = NULL;
-    int fds[2];
-    if (pipe2(fds, O_CLOEXEC) != 0) {
-        perror("pipe2");
-        exit(1);
-    }
-    r->pid = fork();
-    if (r->pid == 0) {
-        int err = open(r->err_path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-        dup2(fds[1], 1);
-        if (err >= 0) dup2(err, 2);
-        if (chdir(src_dir) != 0) _exit(126);
-        execv(bin, (char *const *)argv);
-        _exit(127);
-    }
-    close(fds[1]);
-    r->out_fd = fds[0];
+    r->out[0] = '\n';
+    r->out_len = 1;
+    tu_spawn_params_t sp = {.cwd = src_dir, .err_path = r->err_path, .stdout_fd_p = &r->out_fd};
+    r->pid = tu_spawn(argv, &sp);
+    if (r->pid < 0) exit(1);
 }
 
 /* Reads speedctl's stdout until `line` is a whole line of it, EOF, or the deadline. */
 static bool up_read_until(up_run_t *r, const char *line, double timeout_s) {
     char want[128];
     snprintf(want, sizeof want, "\n%s\n", line);
-    double deadline = speed_clock_mono_s() + timeout_s;
-    for (;;) {
-        r->out[r->out_len] = '\0';
-        if (strstr(r->out, want) || (strncmp(r->out, want + 1, strlen(want + 1)) == 0)) return true;
-        double left = deadline - speed_clock_mono_s();
-        if (left <= 0 || r->out_fd < 0) return false;
-        struct pollfd pfd = {.fd = r->out_fd, .events = POLLIN};
-        if (poll(&pfd, 1, (int)(left * 1000) + 1) <= 0) continue;
-        ssize_t n = read(r->out_fd, r->out + r->out_len, sizeof r->out - 1 - r->out_len);
-        if (n <= 0) {
-            close(r->out_fd);
-            r->out_fd = -1;
-            r->out[r->out_len] = '\0';
-            return strstr(r->out, want) != NULL;
-        }
-        r->out_len += (size_t)n;
+    /* Stop reading at EOF, and when the buffer is full: with the pipe closed speedctl's next
+     * write fails instead of blocking forever. */
+    if (r->out_fd >= 0 &&
+        (tu_read_until(r->out_fd, r->out, sizeof r->out, &r->out_len, want, now_s() + timeout_s) < 0 ||
+         r->out_len + 1 >= sizeof r->out)) {
+        close(r->out_fd);
+        r->out_fd = -1;
     }
+    return strstr(r->out, want) != NULL;
 }
 
 static void up_parse_pids(up_run_t *r) {
@@ -126,16 +95,15 @@ static void up_parse_pids(up_run_t *r) {
 
 /* Waits up to timeout_s for speedctl to exit; on timeout kills it and its daemons. */
 static int up_wait(up_run_t *r, double timeout_s) {
-    double deadline = speed_clock_mono_s() + timeout_s;
+    double deadline = now_s() + timeout_s;
     for (;;) {
         if (r->out_fd >= 0) up_read_until(r, "\x01never", 0.05); /* keep the pipe drained */
         int st;
-        pid_t w = waitpid(r->pid, &st, WNOHANG);
-        if (w == r->pid) {
-            r->rc = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+        if (tu_wait_pid(r->pid, 0, &st)) {
+            r->rc = tu_exit_code(st);
             break;
         }
-        if (speed_clock_mono_s() > deadline) {
+        if (now_s() > deadline) {
             fprintf(stderr, "speedctl up (pid %d) did not exit within %.0f s: killing it\n", (int)r->pid, timeout_s);
             up_parse_pids(r);
             for (int i = 0; i < r->n_pids; i++) kill(r->pids[i], SIGKILL);
@@ -152,8 +120,9 @@ static int up_wait(up_run_t *r, double timeout_s) {
 }
 
 static void up_show(up_run_t *r) {
-    char *err = slurp(r->err_path);
-    fprintf(stderr, "---- speedctl up stdout ----\n%s---- stderr (%s) ----\n%s----\n", r->out, r->err_path, err);
+    char *err = tu_read(r->err_path, NULL);
+    fprintf(stderr, "---- speedctl up stdout ----%s---- stderr (%s) ----\n%s----\n", r->out, r->err_path,
+            err ? err : "");
     free(err);
 }
 
@@ -168,38 +137,18 @@ static bool pids_gone(up_run_t *r) {
     return ok;
 }
 
-static bool port_open(int port) {
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    bool open_ = connect(fd, (struct sockaddr *)&a, sizeof a) == 0;
-    close(fd);
-    return open_;
-}
-
 /* The first block of 5 ports from `start` (in steps of 5) that nothing on this host holds, so
  * a daemon some other test left behind cannot fail this one. */
 static int free_block(int start) {
-    for (int b = start; b < start + 100; b += 5) {
-        bool ok = true;
-        for (int i = 0; i < 5 && ok; i++) {
-            int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-            int one = 1;
-            setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-            struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)(b + i))};
-            a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-            ok = bind(fd, (struct sockaddr *)&a, sizeof a) == 0;
-            close(fd);
-        }
-        if (ok) return b;
-    }
+    for (int b = start; b < start + 100; b += 5)
+        if (tu_ports_free(b, 5)) return b;
     return start;
 }
 
 static bool ports_closed(int base) {
     bool ok = true;
     for (int i = 0; i < 5; i++)
-        if (port_open(base + i)) {
+        if (tu_port_open(base + i)) {
             fprintf(stderr, "port %d still accepts connections\n", base + i);
             ok = false;
         }
@@ -215,20 +164,13 @@ static int router_port(const up_run_t *r) {
 }
 
 static json_t *http_json(int port, const char *method, const char *path, const char *body, int *status_p) {
-    speed_http_client_t *c = NULL;
-    *status_p = 0;
-    if (speed_http_client_connect("127.0.0.1", (uint16_t)port, 60000, &c) != SPEED_OK) return NULL;
-    speed_http_header_t h[] = {{"Content-Type", "application/json"}};
-    const speed_http_response_t *resp = NULL;
-    json_t *j = NULL;
-    if (speed_http_client_request(c, method, path, body ? h : NULL, body ? 1 : 0, body, body ? strlen(body) : 0,
-                                  &resp) == SPEED_OK) {
-        *status_p = resp->status;
-        json_error_t jerr;
-        j = json_loadb(resp->body, resp->body_len, 0, &jerr);
-        if (!j) fprintf(stderr, "%s %s: %d, not JSON: %.*s\n", method, path, resp->status, (int)resp->body_len, resp->body);
-    }
-    speed_http_client_destroy(c);
+    cu_resp_t r;
+    cu_http(port, method, path, body, NULL, NULL, 60000, &r);
+    *status_p = r.status;
+    json_t *j = r.json;
+    if (r.status && !j) fprintf(stderr, "%s %s: %d, not JSON: %s\n", method, path, r.status, r.body);
+    r.json = NULL;
+    cu_resp_free(&r);
     return j;
 }
 
@@ -299,7 +241,7 @@ static void test_bad_model(void) {
     up_start(&r, speedctl, port_base + 200, (const char *const[]){"--model", bad, NULL});
     int rc = up_wait(&r, 30);
     CHECK_INT_EQ(rc, 1);
-    char *err = slurp(r.err_path);
+    char *err = tu_read(r.err_path, NULL);
     CHECK_CONTAINS(err, "no-such-model");
     CHECK_CONTAINS(err, "does not exist");
     CHECK_INT_EQ(r.n_pids, 0);
@@ -321,7 +263,7 @@ static void test_port_taken(void) {
     int rc = up_wait(&r, 120);
     close(fd);
     CHECK_INT_EQ(rc, 1);
-    char *err = slurp(r.err_path);
+    char *err = tu_read(r.err_path, NULL);
     CHECK_CONTAINS(err, "prefill-0");
     CHECK_CONTAINS(err, "during startup");
     CHECK_CONTAINS(err, "stopping the cluster");
@@ -341,8 +283,8 @@ static void test_no_router(void) {
     snprintf(speedctl_dir, sizeof speedctl_dir, "%s", speedctl);
     char *slash = strrchr(speedctl_dir, '/');
     if (slash) *slash = '\0';
-    if (sh("mkdir -p '%s' && cp '%s' '%s/speed-decode' '%s/speed-prefill' '%s/'", bin_dir, speedctl, speedctl_dir,
-           speedctl_dir, bin_dir) != 0) {
+    if (tu_system("mkdir -p '%s' && cp '%s' '%s/speed-decode' '%s/speed-prefill' '%s/'", bin_dir, speedctl, speedctl_dir,
+                  speedctl_dir, bin_dir) != 0) {
         fprintf(stderr, "SKIP no-router case: cannot copy the binaries\n");
         return;
     }
@@ -351,7 +293,7 @@ static void test_no_router(void) {
     up_run_t r;
     up_start(&r, bin, port_base + 205, NULL);
     CHECK_INT_EQ(up_wait(&r, 30), 1);
-    char *err = slurp(r.err_path);
+    char *err = tu_read(r.err_path, NULL);
     CHECK_CONTAINS(err, "speed-router not found next to speedctl");
     CHECK_INT_EQ(r.n_pids, 0);
     free(err);
@@ -361,7 +303,7 @@ static void test_router_port_zero(void) {
     up_run_t r;
     up_start(&r, speedctl, port_base + 210, (const char *const[]){"--router.port", "0", NULL});
     CHECK_INT_EQ(up_wait(&r, 30), 2);
-    char *err = slurp(r.err_path);
+    char *err = tu_read(r.err_path, NULL);
     CHECK_CONTAINS(err, "router.port is 0");
     free(err);
 }
@@ -375,14 +317,9 @@ int main(void) {
     /* deploy/clusters/1p1d.yaml is found from the source tree (SPEED_SOURCE_DIR from CMake) */
     const char *src = getenv("SPEED_SOURCE_DIR");
     snprintf(src_dir, sizeof src_dir, "%s", src && *src ? src : ".");
-    const char *tmp = getenv("SPEED_TEST_TMP");
-    snprintf(dir, sizeof dir, "%s/up-XXXXXX", tmp && *tmp ? tmp : "/tmp");
-    if (!mkdtemp(dir)) {
-        perror("mkdtemp");
-        return 1;
-    }
+    snprintf(dir, sizeof dir, "%s", tu_tmp_init("up"));
     snprintf(model, sizeof model, "%s/model", dir);
-    if (sh("'%s' make-tiny-model '%s' > '%s/make-model.log' 2>&1", speedctl, model, dir) != 0) {
+    if (tu_system("'%s' make-tiny-model '%s' > '%s/make-model.log' 2>&1", speedctl, model, dir) != 0) {
         fprintf(stderr, "make-tiny-model failed (see %s/make-model.log)\n", dir);
         return 1;
     }
@@ -398,6 +335,6 @@ int main(void) {
     test_cluster();
 
     if (check_failures_) fprintf(stderr, "logs kept in %s\n", dir);
-    else sh("rm -rf '%s'", dir);
+    else tu_rm_rf(dir);
     return CHECK_DONE();
 }

@@ -1,0 +1,234 @@
+/* Helpers for the tests that run real daemons: see cluster_util.h. */
+#include "cluster_util.h"
+
+#include <sys/wait.h>
+
+#include "test_fs.h"
+
+char cu_dir[512];
+char cu_bin[512];
+int cu_port_base;
+
+void cu_init(const char *name) {
+    const char *speedctl = getenv("SPEEDCTL");
+    if (!speedctl || !*speedctl) {
+        fprintf(stderr, "SKIP: SPEEDCTL is not set (run through ctest)\n");
+        exit(77);
+    }
+    snprintf(cu_bin, sizeof cu_bin, "%s", speedctl);
+    char *slash = strrchr(cu_bin, '/');
+    if (slash) *slash = '\0';
+    snprintf(cu_dir, sizeof cu_dir, "%s", tu_tmp_init(name));
+    /* A block of 100 ports below the ephemeral range (32768+), from the pid; blocks with a
+     * port already taken (another test, a leftover) are skipped. */
+    for (int k = 0; k < 220; k++) {
+        cu_port_base = 10000 + (int)((getpid() + k) % 220) * 100;
+        if (tu_ports_free(cu_port_base, 100)) break;
+    }
+    if (tu_system("%s/speedctl make-tiny-model %s/model > %s/make-model.log 2>&1", cu_bin, cu_dir, cu_dir) != 0) {
+        fprintf(stderr, "make-tiny-model failed (see %s/make-model.log)\n", cu_dir);
+        exit(1);
+    }
+    setenv("UCX_TCP_CM_REUSEADDR", "y", 1);
+    setenv("UCX_NET_DEVICES", "lo", 1);
+    setenv("UCX_WARN_UNUSED_ENV_VARS", "n", 1);
+    unsetenv("SPEED_CONFIG");
+    unsetenv("SPEED_MODEL");
+}
+
+void cu_init_model(const char *name, const char *model_opts) {
+    cu_init(name);
+    if (model_opts && *model_opts) {
+        tu_rm_rf(tu_path("model"));
+        if (tu_system("%s/speedctl make-tiny-model %s/model %s > %s/make-model.log 2>&1", cu_bin, cu_dir, model_opts,
+                      cu_dir) != 0) {
+            fprintf(stderr, "make-tiny-model %s failed (see %s/make-model.log)\n", model_opts, cu_dir);
+            exit(1);
+        }
+    }
+}
+
+void cu_cleanup(bool keep) {
+    const char *k = getenv("SPEED_KEEP_TEST_LOGS");
+    if (k && *k && strcmp(k, "0") != 0) keep = true;
+    if (!keep) tu_rm_rf(cu_dir);
+    else fprintf(stderr, "logs kept in %s\n", cu_dir);
+}
+
+void cu_log_tail(const char *name, int lines) {
+    tu_system("echo '--- %s.log (tail) ---' >&2; tail -n %d %s/%s.log >&2", name, lines, cu_dir, name);
+}
+
+/* ---- daemons ------------------------------------------------------------------------------ */
+
+cu_proc_t cu_spawn(const char *prog, const char *name, const char *const *args) {
+    cu_proc_t p = {0};
+    snprintf(p.name, sizeof p.name, "%s", name);
+    char path[1024], log[1024];
+    snprintf(path, sizeof path, "%s/%s", cu_bin, prog);
+    snprintf(log, sizeof log, "%s/%s.log", cu_dir, name);
+    const char *argv[64];
+    int n = 0;
+    argv[n++] = path;
+    for (int i = 0; args[i] && n < 63; i++) argv[n++] = args[i];
+    argv[n] = NULL;
+    tu_spawn_params_t sp = {.log_path = log, .die_with_parent = true};
+    p.pid = tu_spawn(argv, &sp);
+    return p;
+}
+
+int cu_wait_exit(cu_proc_t *p, double timeout_s) {
+    if (p->pid <= 0) return -1;
+    int status;
+    if (!tu_wait_pid(p->pid, timeout_s, &status)) {
+        kill(p->pid, SIGKILL);
+        waitpid(p->pid, &status, 0);
+        p->pid = 0;
+        return -1;
+    }
+    p->pid = 0;
+    return tu_exit_code(status);
+}
+
+int cu_stop(cu_proc_t *p, int sig, double timeout_s) {
+    if (p->pid <= 0) return -1;
+    kill(p->pid, sig);
+    return cu_wait_exit(p, timeout_s);
+}
+
+bool cu_alive(cu_proc_t *p) {
+    if (p->pid <= 0) return false;
+    int status;
+    if (tu_wait_pid(p->pid, 0, &status)) {
+        fprintf(stderr, "%s exited (%s %d); see %s/%s.log\n", p->name, WIFEXITED(status) ? "status" : "signal",
+                WIFEXITED(status) ? WEXITSTATUS(status) : WTERMSIG(status), cu_dir, p->name);
+        p->pid = 0;
+        return false;
+    }
+    return true;
+}
+
+bool cu_wait_up(cu_proc_t *p, int port, double timeout_s) {
+    double t0 = now_s();
+    while (now_s() - t0 < timeout_s) {
+        if (cu_wait_health(port, 200, 0.5)) return true;
+        if (!cu_alive(p)) return false;
+    }
+    return false;
+}
+
+json_t *cu_generate_ref(const char *prompt_ids, const char *prefill_layers, int max_tokens) {
+    char out[1024];
+    snprintf(out, sizeof out, "%s/ref-%s-%d.json", cu_dir, prefill_layers, max_tokens);
+    if (tu_system("%s/speedctl generate --model %s/model --prompt-ids %s --prefill-layers %s --max-tokens %d "
+                  "--top-logprobs 2 --threads 1 --json > %s 2>&1",
+                  cu_bin, cu_dir, prompt_ids, prefill_layers, max_tokens, out) != 0) {
+        fprintf(stderr, "speedctl generate failed, see %s\n", out);
+        return NULL;
+    }
+    json_error_t err;
+    return json_load_file(out, 0, &err);
+}
+
+/* ---- a cluster of real daemons ---------------------------------------------------------- */
+
+int cu_pre_grpc(const cu_cluster_t *c, int i) { return c->B + i; }
+int cu_pre_http(const cu_cluster_t *c, int i) { return c->B + 10 + i; }
+int cu_dec_grpc(const cu_cluster_t *c, int i) { return c->B + 20 + i; }
+int cu_dec_http(const cu_cluster_t *c, int i) { return c->B + 30 + i; }
+int cu_router_port(const cu_cluster_t *c, int k) { return c->B + 40 + k; }
+
+static void cu_cluster_arg(cu_cluster_t *c, const char *a) {
+    if (c->n_common < 32) snprintf(c->common[c->n_common++], sizeof c->common[0], "%s", a);
+}
+
+void cu_cluster_init(cu_cluster_t *c, int np, int nd, const char *const *extra) {
+    memset(c, 0, sizeof *c);
+    c->B = cu_port_base;
+    c->np = np;
+    c->nd = nd;
+    snprintf(c->model_dir, sizeof c->model_dir, "%s/model", cu_dir);
+    char v[32];
+    cu_cluster_arg(c, "--model");
+    cu_cluster_arg(c, c->model_dir);
+#define CU_ARG_INT(key, val)          \
+    do {                              \
+        cu_cluster_arg(c, key);       \
+        snprintf(v, sizeof v, "%d", (int)(val)); \
+        cu_cluster_arg(c, v);         \
+    } while (0)
+    CU_ARG_INT("--prefill.replicas", np);
+    CU_ARG_INT("--decode.replicas", nd);
+    CU_ARG_INT("--prefill.grpc_port", c->B);
+    CU_ARG_INT("--prefill.http_port", c->B + 10);
+    CU_ARG_INT("--decode.grpc_port", c->B + 20);
+    CU_ARG_INT("--decode.http_port", c->B + 30);
+#undef CU_ARG_INT
+    for (int i = 0; extra && extra[i]; i++) cu_cluster_arg(c, extra[i]);
+}
+
+cu_proc_t cu_cluster_spawn(cu_cluster_t *c, const char *prog, const char *name, const char *const *more) {
+    const char *args[64];
+    int n = 0;
+    for (int i = 0; i < c->n_common && n < 62; i++) args[n++] = c->common[i];
+    for (int i = 0; more && more[i] && n < 62; i++) args[n++] = more[i];
+    args[n] = NULL;
+    return cu_spawn(prog, name, args);
+}
+
+bool cu_cluster_start_nodes(cu_cluster_t *c, double timeout_s) {
+    char idx[16], name[32];
+    for (int i = 0; i < c->nd; i++) {
+        snprintf(idx, sizeof idx, "%d", i);
+        snprintf(name, sizeof name, "decode%d", i);
+        const char *more[] = {"--node.index", idx, NULL};
+        c->dec[i] = cu_cluster_spawn(c, "speed-decode", name, more);
+    }
+    for (int i = 0; i < c->np; i++) {
+        snprintf(idx, sizeof idx, "%d", i);
+        snprintf(name, sizeof name, "prefill%d", i);
+        const char *more[] = {"--node.index", idx, NULL};
+        c->pre[i] = cu_cluster_spawn(c, "speed-prefill", name, more);
+    }
+    bool ok = true;
+    for (int i = 0; i < c->nd; i++) ok = ok && cu_wait_health(cu_dec_http(c, i), 200, timeout_s);
+    for (int i = 0; i < c->np; i++) ok = ok && cu_wait_health(cu_pre_http(c, i), 200, timeout_s);
+    return ok;
+}
+
+bool cu_router_wait_nodes(const cu_cluster_t *c, int port, int want_pre, int want_dec, double timeout_s) {
+    double t0 = now_s();
+    char name[160];
+    for (;;) {
+        int up_p = 0, up_d = 0;
+        for (int i = 0; i < c->np; i++) {
+            snprintf(name, sizeof name, "speed_router_node_up{pool=\"prefill\",node=\"127.0.0.1:%d\"}",
+                     cu_pre_grpc(c, i));
+            if (cu_metric(port, name) == 1.0) up_p++;
+        }
+        for (int i = 0; i < c->nd; i++) {
+            snprintf(name, sizeof name, "speed_router_node_up{pool=\"decode\",node=\"127.0.0.1:%d\"}",
+                     cu_dec_grpc(c, i));
+            if (cu_metric(port, name) == 1.0) up_d++;
+        }
+        if (up_p >= want_pre && up_d >= want_dec) return true;
+        if (now_s() - t0 > timeout_s) return false;
+        sleep_ms(50);
+    }
+}
+
+cu_proc_t cu_cluster_router(cu_cluster_t *c, int k, const char *const *more, double timeout_s, bool *ok) {
+    char port[16], name[32];
+    snprintf(port, sizeof port, "%d", cu_router_port(c, k));
+    snprintf(name, sizeof name, "router%d", k);
+    const char *args[32];
+    int n = 0;
+    args[n++] = "--router.port";
+    args[n++] = port;
+    for (int i = 0; more && more[i] && n < 30; i++) args[n++] = more[i];
+    args[n] = NULL;
+    cu_proc_t p = cu_cluster_spawn(c, "speed-router", name, args);
+    *ok = cu_wait_health(cu_router_port(c, k), 200, timeout_s) &&
+          cu_router_wait_nodes(c, cu_router_port(c, k), c->np, c->nd, timeout_s);
+    return p;
+}
