@@ -18,11 +18,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "alloc.h"
 #include "backend.h"
+#include "clock.h"
 #include "kv_cache.h"
 #include "kv_transfer.h"
 #include "log.h"
@@ -59,12 +59,6 @@ static speed_kv_cache_t *make_cache(speed_backend_t *be, int B, int head_begin, 
         return NULL;
     }
     return c;
-}
-
-static double seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
 static int cmp_double(const void *a, const void *b) {
@@ -123,13 +117,13 @@ static double time_xfers(speed_kv_xfer_ctx_t *ctx, const speed_kv_desc_t *d, spe
                          speed_kv_seq_t *seq, int64_t n, uint64_t *n_puts_p) {
     double tt[MAX_REPS];
     for (int r = 0; r < g_reps + 1; r++) {
-        double t0 = seconds();
+        double t0 = speed_clock_mono_s();
         speed_kv_xfer_t *x = NULL;
         speed_status_t st = speed_kv_xfer_create(ctx, d, cache, seq, n, n, NULL, &x);
         if (st == SPEED_OK) st = speed_kv_xfer_push_all(x);
         if (st == SPEED_OK) st = speed_kv_xfer_finish(x);
         if (st == SPEED_OK) st = speed_kv_xfer_wait(x, -1);
-        double dt = seconds() - t0;
+        double dt = speed_clock_mono_s() - t0;
         speed_kv_xfer_info_t info;
         if (x) speed_kv_xfer_info(x, &info);
         *n_puts_p = x ? info.n_puts : 0;
@@ -210,7 +204,7 @@ int main(int argc, char **argv) {
         memset(dst, 0, total);
         double mc[MAX_REPS];
         for (int r = 0; r < g_reps; r++) {
-            double t0 = seconds();
+            double t0 = speed_clock_mono_s();
             char *o = dst;
             for (int l = 0; l < N_LAYERS; l++)
                 for (int64_t b = 0; b < entries_for(B) / B; b++) {
@@ -220,7 +214,7 @@ int main(int argc, char **argv) {
                     memcpy(o, a, n);
                     o += n;
                 }
-            mc[r] = seconds() - t0;
+            mc[r] = speed_clock_mono_s() - t0;
         }
         volatile char sink = dst[total / 2];
         (void)sink;
