@@ -15,14 +15,6 @@
 #include "kv_transfer_internal.h"
 #include "log.h"
 
-const char *speed_kv_transport_name(speed_kv_transport_t t) {
-    switch (t) {
-    case SPEED_KV_TRANSPORT_SHM: return "shm";
-    case SPEED_KV_TRANSPORT_TCP: return "tcp";
-    }
-    return "?";
-}
-
 void speed_kv_desc_destroy(speed_kv_desc_t *d) {
     if (!d) return;
     speed_free(d->worker_addr);
@@ -57,7 +49,7 @@ static bool mul_u64(uint64_t a, uint64_t b, uint64_t *r) {
 
 speed_status_t speed_kv_desc_check(const speed_kv_desc_t *d) {
     if (!d) BAD("NULL");
-    if (d->transport != SPEED_KV_TRANSPORT_SHM && d->transport != SPEED_KV_TRANSPORT_TCP)
+    if ((unsigned)d->transport >= SPEED_KV_TRANSPORT_COUNT)
         BAD("unknown transport %d", (int)d->transport);
     if ((unsigned)d->dtype >= SPEED_DTYPE_COUNT) BAD("unknown dtype %d", (int)d->dtype);
     if (!d->worker_addr || d->worker_addr_len == 0 || d->worker_addr_len > SPEED_KV_DESC_MAX_BLOB)
@@ -129,7 +121,7 @@ speed_status_t speed_kv_desc_build(speed_kv_xfer_ctx_t *c, const speed_kv_cache_
         SPEED_ERROR(SPEED_SUBSYS_NET, "kv descriptor: NULL argument");
         return SPEED_ERR_INVALID_ARGUMENT;
     }
-    if (params->transport != SPEED_KV_TRANSPORT_SHM && params->transport != SPEED_KV_TRANSPORT_TCP) {
+    if ((unsigned)params->transport >= SPEED_KV_TRANSPORT_COUNT) {
         SPEED_ERROR(SPEED_SUBSYS_NET, "kv descriptor: unknown transport %d", (int)params->transport);
         return SPEED_ERR_INVALID_ARGUMENT;
     }

@@ -76,15 +76,8 @@
 #include "dtype.h"
 #include "engine.h"
 #include "kv_cache.h"
+#include "kv_transport.h" /* speed_kv_transport_t and its names */
 #include "status.h"
-
-typedef enum {
-    SPEED_KV_TRANSPORT_SHM = 0, /* UCX error mode NONE: shm / cma on one host, tcp otherwise */
-    SPEED_KV_TRANSPORT_TCP = 1, /* UCX error mode PEER: tcp (or RDMA), detects peer failure */
-} speed_kv_transport_t;
-
-/* "shm" / "tcp"; "?" for other values. */
-const char *speed_kv_transport_name(speed_kv_transport_t transport);
 
 /* ---- descriptor ------------------------------------------------------------------------------ */
 

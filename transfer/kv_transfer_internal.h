@@ -25,10 +25,10 @@
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
-#include <time.h>
 
 #include <ucp/api/ucp.h>
 
+#include "clock.h"
 #include "kv_transfer.h"
 
 /* ---- messages between the two contexts (UCX active messages) ------------------------------- */
@@ -168,16 +168,10 @@ struct speed_kv_xfer {
 
 /* ---- small helpers ------------------------------------------------------------------------- */
 
-static inline uint64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-static inline uint64_t realtime_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (uint64_t)ts.tv_sec * 1000ull + (uint64_t)ts.tv_nsec / 1000000ull;
+/* Whether a lease deadline (wall-clock ms since the epoch, as the decode node set it; 0 = none)
+ * has come. */
+static inline bool lease_passed(uint64_t lease_deadline_ms) {
+    return lease_deadline_ms && (uint64_t)speed_clock_wall_ms() >= lease_deadline_ms;
 }
 
 /* The transfer's request id for logs, NULL when it has none. */

@@ -9,7 +9,6 @@
 #include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
-#include <time.h>
 
 #include <ucp/api/ucp.h>
 
@@ -53,7 +52,7 @@ void speed_kv_xfer_fail_locked(speed_kv_xfer_t *x, speed_status_t st, speed_kv_s
     x->state = SPEED_KV_XFER_FAILED;
     x->status = st;
     x->failed_stage = stage;
-    x->t_end = now_ns();
+    x->t_end = speed_clock_mono_ns();
     x->ep->live--;
     if (st == SPEED_ERR_CANCELLED) {
         c->stats.n_cancelled++;
@@ -71,7 +70,7 @@ void speed_kv_xfer_done_locked(speed_kv_xfer_t *x) {
     speed_kv_xfer_ctx_t *c = x->ctx;
     x->state = SPEED_KV_XFER_DONE;
     x->status = SPEED_OK;
-    x->t_end = now_ns();
+    x->t_end = speed_clock_mono_ns();
     x->ep->live--;
     c->stats.n_done++;
     c->stats.done_ns += x->t_end - x->t_create;
@@ -134,14 +133,14 @@ static void flush_done(speed_kv_xfer_t *x, ucs_status_t status) {
         pthread_mutex_unlock(&c->mu);
         return;
     }
-    if (x->lease_deadline_ms && realtime_ms() >= x->lease_deadline_ms) {
+    if (lease_passed(x->lease_deadline_ms)) {
         speed_kv_xfer_fail_locked(x, SPEED_ERR_TIMEOUT, SPEED_KV_STAGE_NOTIFY,
                                   "the lease deadline passed before the notify");
         pthread_mutex_unlock(&c->mu);
         return;
     }
     x->state = SPEED_KV_XFER_NOTIFYING;
-    x->deadline_ns = now_ns() + (uint64_t)c->p.op_timeout_ms * 1000000ull;
+    x->deadline_ns = speed_clock_mono_ns() + (uint64_t)c->p.op_timeout_ms * 1000000ull;
     x->pending++;
     pthread_mutex_unlock(&c->mu);
     send_notify(x);
@@ -226,9 +225,9 @@ speed_status_t speed_kv_xfer_create(speed_kv_xfer_ctx_t *c, const speed_kv_desc_
     if (d->total_bytes != desc_total) /* desc_check verified it against the descriptor's shape */
         REFUSE(SPEED_ERR_PEER_PROTOCOL, "total of %llu bytes, local %llu", (unsigned long long)d->total_bytes,
                (unsigned long long)desc_total);
-    if (d->lease_deadline_ms && realtime_ms() >= d->lease_deadline_ms)
+    if (lease_passed(d->lease_deadline_ms))
         REFUSE(SPEED_ERR_TIMEOUT, "the lease deadline passed %llu ms ago",
-               (unsigned long long)(realtime_ms() - d->lease_deadline_ms));
+               (unsigned long long)((uint64_t)speed_clock_wall_ms() - d->lease_deadline_ms));
 
     x = speed_calloc(1, sizeof *x);
     if (!x) REFUSE(SPEED_ERR_NO_MEMORY, "out of memory");
@@ -248,7 +247,7 @@ speed_status_t speed_kv_xfer_create(speed_kv_xfer_ctx_t *c, const speed_kv_desc_
     x->r_half = (size_t)B * x->r_slot;
     x->total_bytes = total;
     x->lease_deadline_ms = d->lease_deadline_ms;
-    x->t_create = now_ns();
+    x->t_create = speed_clock_mono_ns();
     if (request_id) snprintf(x->request_id, sizeof x->request_id, "%s", request_id);
     x->layers = speed_calloc((size_t)L, sizeof *x->layers);
     x->pools = speed_calloc(d->n_pools, sizeof *x->pools);
@@ -387,7 +386,7 @@ speed_status_t speed_kv_xfer_push_layer(speed_kv_xfer_t *x, int layer, int64_t n
                   (long long)n_done, (long long)n_total);
         return SPEED_ERR_INVALID_ARGUMENT;
     }
-    if (x->lease_deadline_ms && realtime_ms() >= x->lease_deadline_ms) {
+    if (lease_passed(x->lease_deadline_ms)) {
         speed_kv_xfer_fail_locked(x, SPEED_ERR_TIMEOUT, SPEED_KV_STAGE_PUT,
                                   "the lease deadline passed during the transfer");
         pthread_mutex_unlock(&c->mu);
@@ -459,7 +458,7 @@ speed_status_t speed_kv_xfer_push_layer(speed_kv_xfer_t *x, int layer, int64_t n
     x->bytes_put += bytes;
     x->n_puts += n_puts;
     c->stats.bytes_put += bytes;
-    x->t_push = now_ns();
+    x->t_push = speed_clock_mono_ns();
     speed_status_t st = SPEED_OK;
     if (stage_st != SPEED_OK) {
         speed_kv_xfer_fail_locked(x, stage_st, SPEED_KV_STAGE_PUT,
@@ -510,7 +509,7 @@ speed_status_t speed_kv_xfer_finish(speed_kv_xfer_t *x) {
         return SPEED_ERR_INVALID_ARGUMENT;
     }
     x->state = SPEED_KV_XFER_FLUSHING;
-    x->t_finish = now_ns();
+    x->t_finish = speed_clock_mono_ns();
     x->deadline_ns = x->t_finish + (uint64_t)c->p.op_timeout_ms * 1000000ull;
     x->pending++;
     x->ep->in_use++;
@@ -535,16 +534,8 @@ speed_status_t speed_kv_xfer_finish(speed_kv_xfer_t *x) {
 speed_status_t speed_kv_xfer_wait(speed_kv_xfer_t *x, int timeout_ms) {
     if (!x) return SPEED_ERR_INVALID_ARGUMENT;
     speed_kv_xfer_ctx_t *c = x->ctx;
-    struct timespec until;
-    clock_gettime(CLOCK_MONOTONIC, &until);
-    if (timeout_ms >= 0) {
-        until.tv_sec += timeout_ms / 1000;
-        until.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-        if (until.tv_nsec >= 1000000000L) {
-            until.tv_sec++;
-            until.tv_nsec -= 1000000000L;
-        }
-    }
+    /* c->cv measures CLOCK_MONOTONIC (speed_clock_cond_init); unused when timeout_ms < 0 */
+    struct timespec until = speed_clock_deadline(CLOCK_MONOTONIC, timeout_ms);
     pthread_mutex_lock(&c->mu);
     while (!ended(x)) {
         if (timeout_ms < 0) {

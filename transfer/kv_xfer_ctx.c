@@ -10,7 +10,6 @@
 #include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include <ucp/api/ucp.h>
@@ -194,7 +193,7 @@ static int maintenance(speed_kv_xfer_ctx_t *c) {
     kv_ep_t *to_free_ep[MAX_BATCH];
     speed_kv_xfer_t *to_free[MAX_BATCH];
     int n_close = 0, n_free_ep = 0, n_free = 0;
-    uint64_t now = now_ns(), next = now + 100000000ull;
+    uint64_t now = speed_clock_mono_ns(), next = now + 100000000ull;
     pthread_mutex_lock(&c->mu);
     for (speed_kv_xfer_t *x = c->xfers, *nx; x; x = nx) {
         nx = x->next;
@@ -262,7 +261,7 @@ static void *progress_main(void *arg) {
         struct pollfd pfd = {.fd = c->efd, .events = POLLIN};
         if (poll(&pfd, 1, timeout_ms) < 0 && errno != EINTR) {
             SPEED_ERROR(SPEED_SUBSYS_NET, "kv transfer: poll on the worker fd: %m");
-            usleep(1000);
+            speed_clock_sleep_ms(1);
         }
     }
     return NULL;
@@ -296,18 +295,14 @@ speed_status_t speed_kv_xfer_ctx_create(const speed_kv_xfer_ctx_params_t *params
     c->next_token = 1;
     c->epoch = params->epoch;
     if (!c->epoch) {
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
+        /* wall-clock ns and the pid: a restarted node announces a new epoch */
+        struct timespec ts = speed_clock_now(CLOCK_REALTIME);
         c->epoch = ((uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec) ^ ((uint64_t)getpid() << 40);
         if (!c->epoch) c->epoch = 1;
     }
     pthread_mutex_init(&c->mu, NULL);
     pthread_mutex_init(&c->ep_mu, NULL);
-    pthread_condattr_t ca;
-    pthread_condattr_init(&ca);
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    pthread_cond_init(&c->cv, &ca);
-    pthread_condattr_destroy(&ca);
+    speed_clock_cond_init(&c->cv); /* speed_kv_xfer_wait's deadlines survive a wall-clock step */
 
     speed_status_t st = SPEED_ERR_IO;
     ucp_config_t *cfg = NULL;
@@ -500,7 +495,7 @@ void speed_kv_xfer_ctx_destroy(speed_kv_xfer_ctx_t *c) {
         close_ep(c, e->ep, e->failed || busy);
         e->closed = true;
     }
-    uint64_t deadline = now_ns() + (uint64_t)c->p.op_timeout_ms * 1000000ull;
+    uint64_t deadline = speed_clock_mono_ns() + (uint64_t)c->p.op_timeout_ms * 1000000ull;
     for (;;) {
         ucp_worker_progress(c->worker);
         reap_close_reqs(c);
@@ -510,7 +505,7 @@ void speed_kv_xfer_ctx_destroy(speed_kv_xfer_ctx_t *c) {
         for (speed_kv_xfer_t *x = c->xfers; x && !busy; x = x->next)
             if ((x->pending || atomic_load(&x->puts_pending)) && !x->ep->failed) busy = true;
         if (!busy) break;
-        if (now_ns() > deadline) {
+        if (speed_clock_mono_ns() > deadline) {
             int n_x = 0;
             for (speed_kv_xfer_t *x = c->xfers; x; x = x->next) {
                 n_x += x->pending || atomic_load(&x->puts_pending);

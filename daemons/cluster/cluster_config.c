@@ -7,11 +7,11 @@
 
 #include "backend_kind.h"
 #include "dtype.h"
+#include "kv_transport.h"
 #include "log.h"
 
-/* = speed_policy_t, speed_ucx_transport_t; dtypes and backends are named by their owners */
+/* = speed_policy_t; dtypes, backends and KV transports are named by their owners */
 static const char *const policy_names[] = {"round-robin", "least-loaded", NULL};
-static const char *const transport_names[] = {"shm", "tcp", NULL};
 
 #define F(name, type, member, def, lo, hi, doc) \
     {name, SPEED_CONFIG_##type, offsetof(speed_cluster_config_t, member), def, lo, hi, NULL, doc}
@@ -68,7 +68,7 @@ static const speed_config_field_t fields[] = {
     F("router.prefill_retries", INT, prefill_retries, "1", 0, 16, "other prefill nodes tried before the first token"),
     POOL(prefill, "8100", "8200", "4", "16384"),
     POOL(decode, "8300", "8400", "16", "65536"),
-    FE("ucx.transport", ucx_transport, "shm", transport_names,
+    FE("ucx.transport", ucx_transport, "shm", speed_kv_transport_names,
        "KV transfer: shm (one host, shared memory) or tcp (between hosts, detects dead peers)"),
     FS("ucx.net_devices", ucx_net_devices, "lo", "UCX_NET_DEVICES for tcp, e.g. eth0"),
     {"ucx.cuda_direct", SPEED_CONFIG_BOOL, offsetof(speed_cluster_config_t, ucx_cuda_direct), "false",
@@ -82,8 +82,6 @@ const speed_config_field_t *speed_cluster_config_fields(size_t *n_fields_p) {
     *n_fields_p = sizeof fields / sizeof fields[0];
     return fields;
 }
-
-const char *speed_pool_backend_name(int backend) { return speed_backend_kind_name((speed_backend_kind_t)backend); }
 
 const speed_pool_config_t *speed_cluster_pool(const speed_cluster_config_t *c, const char *role) {
     if (!role) return NULL;

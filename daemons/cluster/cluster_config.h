@@ -33,13 +33,6 @@
 #include "status.h"
 
 typedef enum { SPEED_POLICY_ROUND_ROBIN = 0, SPEED_POLICY_LEAST_LOADED } speed_policy_t;
-typedef enum { SPEED_UCX_SHM = 0, SPEED_UCX_TCP } speed_ucx_transport_t;
-
-/* Transitional names of a pool's backend, kept until daemons/node reads pool->backend as the
- * speed_backend_kind_t it is (kernels/backend_kind.h owns the kinds and their names). */
-#define SPEED_POOL_BACKEND_CPU SPEED_BACKEND_CPU
-#define SPEED_POOL_BACKEND_CPU_REF SPEED_BACKEND_CPU_REF
-#define SPEED_POOL_BACKEND_CUDA SPEED_BACKEND_CUDA
 
 typedef struct {
     int64_t replicas;          /* >= 0 (prefill 0: every request takes the decode-only route) */
@@ -86,7 +79,7 @@ typedef struct {
     speed_pool_config_t prefill, decode;
 
     /* UCX */
-    int ucx_transport;             /* speed_ucx_transport_t */
+    int ucx_transport;             /* speed_kv_transport_t (kv_transport.h) */
     const char *ucx_net_devices;   /* UCX_NET_DEVICES for tcp ("lo" for one host) */
     bool ucx_cuda_direct;          /* cuda nodes: register GPU KV pools with UCX (CUDA-aware UCX)
                                     * instead of the pinned host mirror; refused at startup by a
@@ -107,9 +100,6 @@ const speed_config_field_t *speed_cluster_config_fields(size_t *n_fields_p);
  * (logged, one line). *cfg_p as in speed_config_load. */
 speed_status_t speed_cluster_config_load(int argc, char **argv, const char *role, speed_cluster_config_t *cfg_out,
                                          speed_config_t **cfg_p);
-
-/* Transitional (see SPEED_POOL_BACKEND_CPU): speed_backend_kind_name of a pool's backend. */
-const char *speed_pool_backend_name(int backend);
 
 /* The pool of a role ("prefill" / "decode"), NULL otherwise. */
 const speed_pool_config_t *speed_cluster_pool(const speed_cluster_config_t *c, const char *role);

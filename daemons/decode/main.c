@@ -24,11 +24,6 @@ typedef struct {
 
 static speed_node_t g_node;
 
-static speed_dtype_t node_kv_dtype(const speed_node_t *n) {
-    static const speed_dtype_t kvd[] = {SPEED_DTYPE_F32, SPEED_DTYPE_BF16, SPEED_DTYPE_F16};
-    return kvd[n->cfg.kv_dtype];
-}
-
 /* ---- Reserve -------------------------------------------------------------------------------- */
 
 typedef struct {
@@ -44,7 +39,7 @@ static speed_status_t build_desc(void *user, speed_kv_cache_t *cache, const spee
     int64_t n_compact = a->depth.anchors + a->depth.tail;
     if (n_compact > a->n_prompt) n_compact = a->n_prompt;
     speed_kv_desc_params_t p = {
-        .transport = a->node->cfg.ucx_transport == SPEED_UCX_TCP ? SPEED_KV_TRANSPORT_TCP : SPEED_KV_TRANSPORT_SHM,
+        .transport = (speed_kv_transport_t)a->node->cfg.ucx_transport,
         .lease_deadline_ms = a->lease_deadline_ms,
         .cookie = 0,
     };
@@ -266,7 +261,7 @@ static void on_generate(void *user, speed_rpc_call_t *call, const uint8_t *data,
     g->call = call;
     g->req = req;
     g->decode_only = decode_only;
-    g->kv_dtype = node_kv_dtype(n);
+    g->kv_dtype = (speed_dtype_t)n->cfg.kv_dtype; /* the schema stores the speed_dtype_t */
     snprintf(g->id, sizeof g->id, "%s", req->request_id);
     if (speed_node_defer(n, generate_work, g) != SPEED_OK) {
         gen_free(g);

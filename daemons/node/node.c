@@ -9,27 +9,18 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "alloc.h"
 #include "file.h"
 #include "log.h"
+#include "signals.h"
 
 struct speed_node_work {
     speed_node_work_fn_t fn;
     void *arg;
     struct speed_node_work *next;
 };
-
-void speed_node_block_signals(void) {
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGINT);
-    sigaddset(&set, SIGTERM);
-    pthread_sigmask(SIG_BLOCK, &set, NULL);
-    signal(SIGPIPE, SIG_IGN);
-}
 
 bool speed_node_accepting(const speed_node_t *n) {
     return atomic_load(&n->state) == SPEED_NODE_SERVING;
@@ -258,13 +249,8 @@ static void silent_sink(void *user, speed_log_level_t level, speed_log_subsys_t 
 /* The pool's backend; replica i of a cuda pool takes GPU device + i. A backend that cannot be
  * created is reported as one line naming the backend, the cause and the way out. */
 static speed_status_t backend_create(speed_node_t *n) {
-    static const speed_backend_kind_t kinds[] = {
-        [SPEED_POOL_BACKEND_CPU] = SPEED_BACKEND_CPU,
-        [SPEED_POOL_BACKEND_CPU_REF] = SPEED_BACKEND_CPU_REF,
-        [SPEED_POOL_BACKEND_CUDA] = SPEED_BACKEND_CUDA,
-    };
     speed_backend_params_t bp = speed_backend_default_params();
-    bp.kind = kinds[n->pool->backend];
+    bp.kind = (speed_backend_kind_t)n->pool->backend;
     bp.n_threads = (int)n->pool->threads;
     bp.device = (int)(n->pool->device + n->cfg.node_index);
     n->n_ranks = (int)n->pool->tensor_parallel;
@@ -284,7 +270,7 @@ static speed_status_t backend_create(speed_node_t *n) {
     if (bp.kind == SPEED_BACKEND_CUDA)
         snprintf(label, sizeof label, "cuda:%d", bp.device);
     else
-        snprintf(label, sizeof label, "%s", speed_pool_backend_name(n->pool->backend));
+        snprintf(label, sizeof label, "%s", speed_backend_kind_name(bp.kind));
     /* The backend logs its cause; it is folded into our line instead of printed as another.
      * Nothing else runs yet, so the sink can be swapped. */
     speed_log_clear_last_error();
@@ -340,8 +326,7 @@ static speed_status_t load_model(speed_node_t *n) {
     p.tokenizer = n->tok;
     p.lease_ms = c->lease_ms;
     p.max_waiting = (int)n->pool->max_waiting;
-    static const speed_dtype_t kvd[] = {SPEED_DTYPE_F32, SPEED_DTYPE_BF16, SPEED_DTYPE_F16};
-    p.engine.kv_dtype = kvd[c->kv_dtype];
+    p.engine.kv_dtype = (speed_dtype_t)c->kv_dtype;
     p.engine.block_tokens = (int)c->kv_block_tokens;
     p.engine.max_seqs = (int)n->pool->max_running;
     p.engine.max_step_tokens = (int)n->pool->max_step_tokens;
@@ -417,7 +402,7 @@ speed_status_t speed_node_init(speed_node_t *n, const char *role, int argc, char
         return SPEED_ERR_INVALID_ARGUMENT;
     }
     n->pool = speed_cluster_pool(&n->cfg, role);
-    if (n->cfg.ucx_transport == SPEED_UCX_TCP && n->cfg.ucx_net_devices && *n->cfg.ucx_net_devices)
+    if (n->cfg.ucx_transport == SPEED_KV_TRANSPORT_TCP && n->cfg.ucx_net_devices && *n->cfg.ucx_net_devices)
         setenv("UCX_NET_DEVICES", n->cfg.ucx_net_devices, 0);
     setenv("UCX_TCP_CM_REUSEADDR", "y", 0);
 
@@ -476,13 +461,10 @@ speed_status_t speed_node_start(speed_node_t *n) {
 }
 
 void speed_node_run(speed_node_t *n, int64_t grace_ms) {
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGINT);
-    sigaddset(&set, SIGTERM);
-    struct timespec ts = {0, 200 * 1000000L};
+    sigset_t set; /* blocked by speed_node_main (or the daemon's own main) before any thread */
+    speed_signals_stop_set(&set);
     for (;;) {
-        int sig = sigtimedwait(&set, NULL, &ts);
+        int sig = speed_signals_wait(&set, 200);
         if (sig == SIGINT || sig == SIGTERM) {
             SPEED_INFO(SPEED_SUBSYS_CORE, "speed-%s: %s: draining", n->role, sig == SIGINT ? "SIGINT" : "SIGTERM");
             break;
@@ -502,7 +484,7 @@ void speed_node_run(speed_node_t *n, int64_t grace_ms) {
                        (long long)grace_ms);
             return;
         }
-        int sig = sigtimedwait(&set, NULL, &ts);
+        int sig = speed_signals_wait(&set, 200);
         if (sig == SIGINT || sig == SIGTERM) {
             SPEED_WARN(SPEED_SUBSYS_CORE, "speed-%s: second signal: cancelling the running requests", n->role);
             return;
@@ -558,7 +540,8 @@ void speed_node_on_cancel(void *user, speed_rpc_call_t *call, const uint8_t *dat
 
 int speed_node_main(speed_node_t *n, const char *role, const speed_node_method_t *methods, int n_methods, int argc,
                     char **argv) {
-    speed_node_block_signals();
+    sigset_t stop;
+    speed_signals_block_stop(&stop); /* before any thread exists: every thread inherits the mask */
     int code;
     if (speed_node_init(n, role, argc, argv, &code) != SPEED_OK) {
         speed_node_cleanup(n);

@@ -6,8 +6,8 @@
  * role's methods plus Node.Health / Drain / Status), an HTTP server for /metrics and /health,
  * a metrics registry, and a few worker threads for RPC work that waits on the engine.
  *
- * Lifecycle (main of each daemon):
- *   speed_node_block_signals();                 // first, before any thread exists
+ * Lifecycle (speed_node_main does all of it for a daemon):
+ *   speed_signals_block_stop(&stop);            // first, before any thread exists (signals.h)
  *   speed_node_init(&n, "decode", argc, argv, &exit_code)   // config, model, engine, servers
  *   register the role's methods with speed_node_add_method
  *   speed_node_start(&n)                        // listen; state SERVING
@@ -87,10 +87,6 @@ typedef struct {
     bool work_stop;
 } speed_node_t;
 
-/* Blocks SIGINT, SIGTERM (taken by speed_node_run with sigtimedwait) and ignores SIGPIPE.
- * Call first in main, so every thread inherits the mask. */
-void speed_node_block_signals(void);
-
 /* Loads the config (argv: cluster options, e.g. --config FILE --node.index 1 --model DIR) and
  * brings up everything except listening. --help / --print-config: prints, returns
  * SPEED_ERR_CANCELLED with *exit_code_p 0. On error: logs one line, cleans up, returns the
@@ -104,7 +100,8 @@ speed_status_t speed_node_add_method(speed_node_t *node, const char *path, speed
 /* Starts the gRPC and HTTP servers; state SERVING; logs the endpoints. */
 speed_status_t speed_node_start(speed_node_t *node);
 
-/* Waits for SIGTERM/SIGINT or a Drain request, then drains: state DRAINING (health 503,
+/* Waits for SIGTERM/SIGINT (blocked by speed_signals_block_stop before any thread was started,
+ * taken here with speed_signals_wait) or a Drain request, then drains: state DRAINING (health 503,
  * new work refused), running requests finish (up to grace_ms), then returns. */
 void speed_node_run(speed_node_t *node, int64_t grace_ms);
 

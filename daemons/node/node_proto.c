@@ -4,16 +4,10 @@
 
 #include <stdio.h>
 #include <string.h>
-#include <time.h>
 
 #include "alloc.h"
+#include "clock.h"
 #include "log.h"
-
-static uint64_t wall_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
 
 /* ---- request parameters ----------------------------------------------------------------------- */
 
@@ -48,7 +42,7 @@ speed_status_t speed_node_gen_from_proto(const Speed__V1__SamplingParams *sp, sp
         g.sampling.temperature = sp->temperature;
         g.sampling.top_p = sp->top_p == 0.0f ? 1.0f : sp->top_p;
         g.sampling.top_k = sp->top_k;
-        g.sampling.seed = sp->seed_opt_case == SPEED__V1__SAMPLING_PARAMS__SEED_OPT_SEED ? sp->seed : wall_ms();
+        g.sampling.seed = sp->seed_opt_case == SPEED__V1__SAMPLING_PARAMS__SEED_OPT_SEED ? sp->seed : (uint64_t)speed_clock_wall_ms();
         g.sampling.n_top_logprobs = sp->top_logprobs;
         g.stop = (const char *const *)sp->stop;
         g.n_stop = sp->n_stop;
@@ -231,11 +225,8 @@ speed_status_t speed_node_kv_desc_from_proto(const Speed__V1__KvDescriptor *in, 
         d->layers[i].offset = in->layers[i]->offset;
         d->layers[i].entries = (int64_t)in->layers[i]->entries;
     }
-    if (!in->transport || strcmp(in->transport, "shm") == 0)
-        d->transport = SPEED_KV_TRANSPORT_SHM;
-    else if (strcmp(in->transport, "tcp") == 0)
-        d->transport = SPEED_KV_TRANSPORT_TCP;
-    else {
+    d->transport = SPEED_KV_TRANSPORT_SHM; /* NULL (none given): shm, the default */
+    if (in->transport && speed_kv_transport_parse(in->transport, &d->transport) != SPEED_OK) {
         st = SPEED_ERR_PEER_PROTOCOL;
         goto fail;
     }

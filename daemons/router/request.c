@@ -10,28 +10,12 @@
 
 #include <stdio.h>
 #include <string.h>
-#include <time.h>
 
 #include "alloc.h"
+#include "clock.h"
 #include "log.h"
 
 #define SUBSYS SPEED_SUBSYS_NET
-
-/* ---- clocks ----------------------------------------------------------------------------- */
-
-int64_t speed_router_now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-double speed_router_now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 /* ---- the request flow ------------------------------------------------------------------- */
 
@@ -282,7 +266,7 @@ static void run_routed(rtr_req_t *r, plan_t *pl, speed_route_kind_t kind)
         }
         if (rl.success) {
             speed_counter_add(rt->m_kv_bytes, (double)(rl.usage.kv_bytes > 0 ? rl.usage.kv_bytes : 0));
-            speed_histogram_observe(rt->m_e2e, speed_router_now_s() - r->t_arrival);
+            speed_histogram_observe(rt->m_e2e, speed_clock_mono_s() - r->t_arrival);
             speed_router_relay_answer(r, &rl);
         } else {
             /* The decode node may still hold the sequence (error, cancel, client gone). */
@@ -336,7 +320,7 @@ static void run_request(rtr_req_t *r)
     r->admitted = true;
     pthread_mutex_lock(&r->http_lock);
     r->running = true;
-    r->last_write_ms = speed_router_now_ms();
+    r->last_write_ms = speed_clock_mono_ms();
     pthread_mutex_unlock(&r->http_lock);
 
     speed_route_decision_t d =

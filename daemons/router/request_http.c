@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "alloc.h"
+#include "clock.h"
 
 /* Writes bytes to the stream (streaming responses). SPEED_ERR_CANCELLED when the client is
  * gone (the request is then cancelled). */
@@ -18,7 +19,7 @@ speed_status_t speed_router_req_write(rtr_req_t *r, const char *data, size_t len
         st = speed_http_stream_write(r->stream, data, len);
         if (st == SPEED_OK) {
             r->committed = true;
-            r->last_write_ms = speed_router_now_ms();
+            r->last_write_ms = speed_clock_mono_ms();
         }
     }
     pthread_mutex_unlock(&r->http_lock);

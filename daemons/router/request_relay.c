@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "alloc.h"
+#include "clock.h"
 #include "log.h"
 
 #define SUBSYS SPEED_SUBSYS_NET
@@ -100,7 +101,7 @@ static bool lp_list_add(relay_lps_t *l, const speed_tok_t *tok, const Speed__V1_
 static void observe_tokens(rtr_req_t *r, relay_t *rl, size_t k)
 {
     speed_router_t *rt = r->rt;
-    double t = speed_router_now_s();
+    double t = speed_clock_mono_s();
     size_t n_itl = k;
     if (rl->n_generated == 0 && k > 0) {
         speed_histogram_observe(rt->m_ttft, t - r->t_arrival);

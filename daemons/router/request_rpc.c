@@ -8,11 +8,12 @@
 #include <string.h>
 
 #include "alloc.h"
+#include "clock.h"
 
 /* Milliseconds left before the request's deadline (>= 1 while it has not passed, 0 after). */
 int64_t speed_router_req_remaining_ms(const rtr_req_t *r)
 {
-    int64_t left = r->deadline_ms - speed_router_now_ms();
+    int64_t left = r->deadline_ms - speed_clock_mono_ms();
     return left > 0 ? left : 0;
 }
 

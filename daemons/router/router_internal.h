@@ -137,8 +137,6 @@ struct rtr_req {
 /* request.c */
 void *speed_router_worker_main(void *arg);
 void speed_router_req_free(rtr_req_t *r);
-int64_t speed_router_now_ms(void);
-double speed_router_now_s(void);
 
 /* request_cancel.c */
 /* Cancels a request from any thread (client gone, shutdown); `why` becomes its

@@ -159,7 +159,7 @@ static void handle_completions(void *user, speed_http_request_t *hr)
     r->api = ar->api;
     r->t_arrival = t_arrival;
     r->deadline_ms = speed_clock_mono_ms() + rt->cfg->request_timeout_ms;
-    r->created_unix = (int64_t)time(NULL);
+    r->created_unix = speed_clock_wall_ms() / 1000;
     r->decode_node = r->prefill_node = -1;
     snprintf(r->id, sizeof r->id, "%s", node_id);
     snprintf(r->oai_id, sizeof r->oai_id, "%s%s",
@@ -439,7 +439,7 @@ speed_status_t speed_router_create(const speed_router_params_t *params, speed_ro
     speed_clock_cond_init(&rt->idle_cond);
     speed_clock_cond_init(&rt->hk_cond);
     atomic_init(&rt->state, RT_STARTING);
-    rt->created_unix = (int64_t)time(NULL);
+    rt->created_unix = speed_clock_wall_ms() / 1000;
     struct timespec ts = speed_clock_now(CLOCK_REALTIME);
     rt->id_seed = splitmix64(((uint64_t)ts.tv_sec << 32) ^ (uint64_t)ts.tv_nsec ^
                              ((uint64_t)getpid() << 16));

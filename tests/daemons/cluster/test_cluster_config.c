@@ -11,6 +11,7 @@
 #include "check.h"
 #include "cluster_config.h"
 #include "dtype.h"
+#include "kv_transport.h"
 #include "log.h"
 #include "test_fs.h"
 
@@ -117,7 +118,7 @@ int main(void) {
         CHECK_INT_EQ(c.prefill.replicas, np[i]);
         CHECK_INT_EQ(c.decode.replicas, nd[i]);
         CHECK(strcmp(c.prefill_layers, "0.75") == 0);
-        CHECK_INT_EQ(c.ucx_transport, SPEED_UCX_SHM);
+        CHECK_INT_EQ(c.ucx_transport, SPEED_KV_TRANSPORT_SHM);
         CHECK_INT_EQ(c.kv_dtype, SPEED_DTYPE_BF16);
         char a[64];
         speed_cluster_grpc_addr(&c, &c.decode, nd[i] - 1, a, sizeof a);
@@ -152,6 +153,10 @@ int main(void) {
                  SPEED_ERR_INVALID_ARGUMENT); /* 8198..8200 runs into prefill.http_port 8200 */
     CHECK_INT_EQ(load(NULL, &c, &cfg, 2, "--router.port", "8400"), SPEED_ERR_INVALID_ARGUMENT);
     CHECK_INT_EQ(load(NULL, &c, &cfg, 2, "--decode.replicas", "0"), SPEED_ERR_INVALID_ARGUMENT);
+    /* ucx.transport takes transfer/'s names and stores its speed_kv_transport_t */
+    CHECK_INT_EQ(load(NULL, &c, &cfg, 2, "--ucx.transport", "tcp"), SPEED_OK);
+    CHECK_INT_EQ(c.ucx_transport, SPEED_KV_TRANSPORT_TCP);
+    speed_config_destroy(cfg);
     CHECK_INT_EQ(load(NULL, &c, &cfg, 2, "--ucx.transport", "rdma"), SPEED_ERR_INVALID_ARGUMENT);
     CHECK_INT_EQ(load(NULL, &c, &cfg, 2, "--decode.replica", "2"), SPEED_ERR_INVALID_ARGUMENT);
     CHECK_CONTAINS(speed_log_last_error(), "decode.replicas");
