@@ -108,7 +108,7 @@ if [ "$n_chunks" -gt 1 ]; then
   awk -v t0="$t0" -v a="$t_first" -v b="$t_last" -v n="$n_chunks" 'BEGIN {
     printf "client side: TTFT %.1f ms, TPOT %.2f ms (between the %d chunks that carried text)\n", (a - t0) * 1e3, (b - a) * 1e3 / (n - 1), n }'
 fi
-# the router's own histograms (ARCHITECTURE.md §5: TTFT is true only where the router sees it)
+# the router's own histograms (docs/design.md §6: TTFT is true only where the router sees it)
 curl -s "$router/metrics" | awk '
   /^speed_router_time_to_first_token_seconds_sum / { ts = $2 } /^speed_router_time_to_first_token_seconds_count / { tc = $2 }
   /^speed_router_inter_token_latency_seconds_sum / { is = $2 } /^speed_router_inter_token_latency_seconds_count / { ic = $2 }

@@ -59,7 +59,7 @@ static inline speed_mat_t speed_mat(void *data, speed_dtype_t dtype, int64_t n_r
     return m;
 }
 
-/* One layer of a paged KV pool (ARCHITECTURE.md §4). A pool is an array of blocks of
+/* One layer of a paged KV pool (docs/design.md §4). A pool is an array of blocks of
  * `block_tokens` tokens; inside a block, each layer of the pool's layer group has K then V,
  * each [block_tokens][S][head_dim] in `dtype` — so one layer's slice of one block is the
  * contiguous canonical (wire) unit of 2 * block_bytes_kv bytes. S = slot_heads ? slot_heads :

@@ -1,5 +1,5 @@
 /* speed_kv_xfer: pushing a prompt's KV blocks from a prefill node into the blocks a decode node
- * reserved, with UCX one-sided puts (ARCHITECTURE.md sections 2 and 4; DEPENDENCIES.md section 1).
+ * reserved, with UCX one-sided puts (docs/design.md §3, §4; docs/dependencies.md §1).
  *
  *   decode node                                   prefill node
  *   -----------                                   ------------

@@ -206,7 +206,7 @@ static speed_status_t metrics_init(speed_node_t *n) {
     snprintf(name, sizeof name, "speed_%s_requests_total", role);
     const char *status_label[] = {"status"};
     SPEED_CHECK(speed_counter_register(m, name, "Requests by final status", status_label, 1, &n->m_requests));
-    /* ARCHITECTURE.md section 5 names the prefill pool's counter speed_prefill_tokens_total */
+    /* docs/design.md §6 names the prefill pool's counter speed_prefill_tokens_total */
     snprintf(name, sizeof name, strcmp(role, "prefill") == 0 ? "speed_%s_tokens_total" : "speed_%s_prompt_tokens_total",
              role);
     SPEED_CHECK(speed_counter_register(m, name, "Prompt tokens computed here", NULL, 0, &n->m_prompt_tokens));

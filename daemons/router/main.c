@@ -2,7 +2,7 @@
  *
  *   speed-router --config cluster.yaml [--model DIR] [--router.port N] ...
  *
- * Lifecycle (STYLE.md "Daemons"): load config, tokenizer and model shape → start (node poll,
+ * Lifecycle (docs/design.md §7): load config, tokenizer and model shape → start (node poll,
  * HTTP) → wait for SIGTERM/SIGINT → drain (health 503, no new requests, in-flight requests
  * finish within the grace period) → cancel what is left → stop HTTP, then gRPC → exit 0.
  * A second signal exits at once. Signals are blocked in every thread and taken by sigwait in

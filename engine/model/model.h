@@ -11,8 +11,8 @@
  * Thread-safety: a loaded model is immutable and may be shared by any number of threads.
  * Loading and destroying are reentrant (no global state).
  *
- * Also here: the SPEED depth parameter (prefill_layers) and the KV-cache size formulas of
- * ARCHITECTURE.md section 1.
+ * Also here: the KV-cache size formulas of docs/design.md §1 (kv_bytes.c); the SPEED depth
+ * itself is engine/depth.
  */
 #ifndef SPEED_MODEL_H
 #define SPEED_MODEL_H

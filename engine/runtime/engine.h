@@ -10,7 +10,7 @@
  *   - a decoding sequence contributes the one token appended since its last logits;
  *   - sequences may be added and removed between steps; one step mixes both kinds.
  *
- * SPEED (ARCHITECTURE.md section 1): a sequence has depth {C, A, T}. Prompt positions [0, A)
+ * SPEED (docs/design.md §1): a sequence has depth {C, A, T}. Prompt positions [0, A)
  * are anchors, [A, n-T) shallow, [n-T, n) tail; tail and generated tokens are full depth
  * (A + T >= n: everything is full depth). Layers < C compute and cache every token; layers
  * >= C compute and cache only anchors and full-depth tokens, which attend causally to each
@@ -274,7 +274,7 @@ typedef struct {
 
 void speed_engine_stats(const speed_engine_t *engine, speed_engine_stats_t *stats_p);
 
-/* ---- KV transfer (canonical layout, ARCHITECTURE.md section 4) -------------------------
+/* ---- KV transfer (canonical layout, docs/design.md §4) -------------------------
  * The sequence's KV as a host buffer: for each layer 0..L-1, for each block i of the layer's
  * entries (ceil(n_entries(layer) / B) blocks), K then V, each [B][n_kv_heads][head_dim] in
  * the cache dtype. n_entries(layer) = n_prompt + n_generated for layers < C, and

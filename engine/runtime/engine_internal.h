@@ -37,8 +37,8 @@ typedef struct {
     bool output;                  /* its last row makes logits */
 } engine_batch_item_t;
 
-/* One tensor-parallel rank (ARCHITECTURE.md section 5; docs/architecture.md "Tensor
- * parallelism"). With one rank it holds the whole model. With t ranks, rank r holds query
+/* One tensor-parallel rank (docs/tensor-parallel.md;
+ * docs/design.md §8). With one rank it holds the whole model. With t ranks, rank r holds query
  * heads [r*nh/t, ...), kv heads [r*nkv/t, ...) and FFN rows [r*F/t, ...): the column shards of
  * wq/wk/wv/w_gate/w_up and the row shards of wo/w_down, as zero-copy views of the mapped
  * weights. Every rank keeps the whole residual stream; the partial sums of the two row-sharded

@@ -1,4 +1,4 @@
-/* speed_engine_step: one batched SPEED forward pass (ARCHITECTURE.md section 1).
+/* speed_engine_step: one batched SPEED forward pass (docs/design.md §1).
  *
  * Rows. The step's rows are the tokens it computes: each scheduled sequence contributes a
  * contiguous run in position order (a prefill chunk, or its one queued token). Row r has its

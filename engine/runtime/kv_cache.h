@@ -1,4 +1,4 @@
-/* speed_kv_cache: paged KV cache with one pool per layer group (ARCHITECTURE.md section 4).
+/* speed_kv_cache: paged KV cache with one pool per layer group (docs/design.md §4).
  *
  * Pools. Layers < split_layer (the engine's C) live in the LOWER pool, layers >= split_layer
  * in the UPPER pool; each pool is an array of blocks of B tokens allocated once with

@@ -1,6 +1,6 @@
 /* Pre-tokenizer regexes through PCRE2, patched to split exactly as Hugging Face
- * tokenizers (Oniguruma, Unicode 16) does. See ../shared/DEPENDENCIES.md, "PCRE2 for the
- * Llama 3 pre-tokenizer":
+ * tokenizers (Oniguruma, Unicode 16) does. See docs/dependencies.md §8
+ * (measured against Hugging Face tokenizers on 2.3 million strings):
  *   1. \s becomes the White_Space property as an explicit class (PCRE2's UCP \s also
  *      matches U+180E; without UCP it is ASCII only);
  *   2. \p{L} and \p{N} gain the letters and digits new in Unicode 15.0-16.0, which

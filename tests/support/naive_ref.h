@@ -2,7 +2,7 @@
  *
  * Plain C, independent of the engine and of the compute backends: the weights of a loaded
  * speed_model_t are converted once to f32 (common/dtype.h), and each call recomputes the
- * whole sequence from the token ids, applying ARCHITECTURE.md section 1 directly as a mask:
+ * whole sequence from the token ids, applying docs/design.md §1 directly as a mask:
  *
  *   full(i)  = i < min(A, n) or i >= n - T or i >= n (generated);
  *   layer l  : the tokens that exist are all of them when l < C, else the full(i) ones;

@@ -25,7 +25,7 @@
 #include "kv_transfer.h"
 #include "test_clock.h"
 
-/* Loopback only, reusable ports (DEPENDENCIES.md section 1). Does not override what the caller
+/* Loopback only, reusable ports (docs/dependencies.md §1). Does not override what the caller
  * set. UCX_WARN_UNUSED_ENV_VARS=n must be in the environment before the process starts (ctest
  * sets it): UCX reads it at load. */
 void xt_ucx_env(void);

@@ -62,7 +62,7 @@ typedef struct {
     double batch_tokens_per_s;    /* decode at batch N (0 when N = 1) */
     double batch_step_s;
     size_t kv_prompt;             /* engine's exact bytes after the prefill */
-    size_t kv_formula;            /* ARCHITECTURE.md section 1 for the prompt */
+    size_t kv_formula;            /* docs/design.md §1 for the prompt */
     size_t kv_prompt_full;        /* the same prompt at full depth */
     size_t kv_end;                /* after the last generated token */
     size_t kv_reserved;           /* whole blocks of the sequence */

@@ -4,7 +4,7 @@
  * for four models (f32/bf16 weights x tied/untied, with and without GQA), one with Llama 3.1 RoPE
  * scaling (a subset of the matrix), prompts shorter and longer than one block (16) and one prefill chunk (12), three sequences per batch, and
  * mixed batches where sequences use different C. Also: C = L is the standard model, batch
- * results equal single-sequence results, KV bytes equal the ARCHITECTURE.md section 1 formula.
+ * results equal single-sequence results, KV bytes equal the docs/design.md §1 formula.
  *
  * Usage: test_engine_golden [cpu-ref|cpu]  (exit 77 when the backend is not built).
  *

@@ -1,5 +1,5 @@
 /* Self-contained checks of the pieces: the patched pre-tokenizer regex against the HF
- * splits measured in DEPENDENCIES.md, Split behaviours, Metaspace + unk + fuse_unk, the chat
+ * splits measured for docs/dependencies.md §8, Split behaviours, Metaspace + unk + fuse_unk, the chat
  * templates' names. */
 #include <sys/stat.h>
 

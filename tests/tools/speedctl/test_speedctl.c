@@ -103,7 +103,7 @@ static void test_make_inspect(void) {
         CHECK_INT_EQ(json_integer_value(json_object_get(kv, "prefill_layers")), 3);
         CHECK_INT_EQ(json_integer_value(json_object_get(kv, "bytes_per_token_full_depth")), 2 * L * kvh * hd * 2);
         CHECK_INT_EQ(json_integer_value(json_object_get(kv, "bytes_per_shallow_token")), 2 * 3 * kvh * hd * 2);
-        /* ARCHITECTURE §1: layers < C hold all n tokens, layers >= C hold A + T of them */
+        /* docs/design.md §1: layers < C hold all n tokens, layers >= C hold A + T of them */
         int64_t n = json_integer_value(json_object_get(kv, "prompt_tokens"));
         CHECK_INT_EQ(json_integer_value(json_object_get(kv, "prompt_bytes")),
                      (3 * n + 1 * 2) * 2 * kvh * hd * 2);
