@@ -4,6 +4,8 @@
 #include <string.h>
 #include <strings.h>
 
+#include "names.h"
+
 /* ---- names and sizes ------------------------------------------------------------------ */
 
 const char *const speed_dtype_names[SPEED_DTYPE_COUNT + 1] = {
@@ -27,7 +29,9 @@ static bool dtype_valid(speed_dtype_t dtype) { return (unsigned)dtype < SPEED_DT
 
 size_t speed_dtype_size(speed_dtype_t dtype) { return dtype_valid(dtype) ? dtype_info[dtype].size : 0; }
 
-const char *speed_dtype_name(speed_dtype_t dtype) { return dtype_valid(dtype) ? speed_dtype_names[dtype] : "?"; }
+const char *speed_dtype_name(speed_dtype_t dtype) {
+    return speed_names_get(speed_dtype_names, SPEED_DTYPE_COUNT, (int)dtype, "?");
+}
 
 const char *speed_dtype_torch_name(speed_dtype_t dtype) {
     return dtype_valid(dtype) ? dtype_info[dtype].torch : "?";

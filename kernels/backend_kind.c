@@ -1,7 +1,7 @@
 /* The names of the backend kinds (backend_kind.h). */
 #include "backend_kind.h"
 
-#include <string.h>
+#include "names.h"
 
 const char *const speed_backend_kind_names[SPEED_BACKEND_KIND_COUNT + 1] = {
     [SPEED_BACKEND_CPU] = "cpu",
@@ -11,16 +11,12 @@ const char *const speed_backend_kind_names[SPEED_BACKEND_KIND_COUNT + 1] = {
 };
 
 const char *speed_backend_kind_name(speed_backend_kind_t kind) {
-    return (unsigned)kind < SPEED_BACKEND_KIND_COUNT ? speed_backend_kind_names[kind] : "?";
+    return speed_names_get(speed_backend_kind_names, SPEED_BACKEND_KIND_COUNT, (int)kind, "?");
 }
 
 speed_status_t speed_backend_kind_parse(const char *name, speed_backend_kind_t *kind_p) {
-    if (!name) return SPEED_ERR_INVALID_ARGUMENT;
-    for (int k = 0; k < SPEED_BACKEND_KIND_COUNT; k++) {
-        if (strcmp(name, speed_backend_kind_names[k]) == 0) {
-            *kind_p = (speed_backend_kind_t)k;
-            return SPEED_OK;
-        }
-    }
-    return SPEED_ERR_INVALID_ARGUMENT;
+    int i = speed_names_find(speed_backend_kind_names, name);
+    if (i < 0) return SPEED_ERR_INVALID_ARGUMENT;
+    *kind_p = (speed_backend_kind_t)i;
+    return SPEED_OK;
 }

@@ -1,7 +1,7 @@
 /* The names of the KV transports (kv_transport.h). */
 #include "kv_transport.h"
 
-#include <string.h>
+#include "names.h"
 
 const char *const speed_kv_transport_names[SPEED_KV_TRANSPORT_COUNT + 1] = {
     [SPEED_KV_TRANSPORT_SHM] = "shm",
@@ -10,16 +10,12 @@ const char *const speed_kv_transport_names[SPEED_KV_TRANSPORT_COUNT + 1] = {
 };
 
 const char *speed_kv_transport_name(speed_kv_transport_t transport) {
-    return (unsigned)transport < SPEED_KV_TRANSPORT_COUNT ? speed_kv_transport_names[transport] : "?";
+    return speed_names_get(speed_kv_transport_names, SPEED_KV_TRANSPORT_COUNT, (int)transport, "?");
 }
 
 speed_status_t speed_kv_transport_parse(const char *name, speed_kv_transport_t *transport_p) {
-    if (!name) return SPEED_ERR_INVALID_ARGUMENT;
-    for (int t = 0; t < SPEED_KV_TRANSPORT_COUNT; t++) {
-        if (strcmp(name, speed_kv_transport_names[t]) == 0) {
-            *transport_p = (speed_kv_transport_t)t;
-            return SPEED_OK;
-        }
-    }
-    return SPEED_ERR_INVALID_ARGUMENT;
+    int i = speed_names_find(speed_kv_transport_names, name);
+    if (i < 0) return SPEED_ERR_INVALID_ARGUMENT;
+    *transport_p = (speed_kv_transport_t)i;
+    return SPEED_OK;
 }

@@ -8,6 +8,7 @@
 
 #include "alloc.h"
 #include "log.h"
+#include "names.h"
 
 const char *const speed_chat_template_names[SPEED_CHAT_TEMPLATE_COUNT + 1] = {
     [SPEED_CHAT_TEMPLATE_AUTO] = "auto",
@@ -22,25 +23,19 @@ speed_status_t speed_chat_template_parse(const char *name, speed_chat_template_t
         SPEED_ERROR(SPEED_SUBSYS_TOK, "speed_chat_template_parse: NULL argument");
         return SPEED_ERR_INVALID_ARGUMENT;
     }
-    for (int i = 0; i < SPEED_CHAT_TEMPLATE_COUNT; i++) {
-        if (strcmp(name, speed_chat_template_names[i]) == 0) {
-            *out_p = (speed_chat_template_t)i;
-            return SPEED_OK;
-        }
+    int i = speed_names_find(speed_chat_template_names, name);
+    if (i >= 0) {
+        *out_p = (speed_chat_template_t)i;
+        return SPEED_OK;
     }
-    char expected[128] = ""; /* "a, b, c or d" */
-    for (int i = 0; i < SPEED_CHAT_TEMPLATE_COUNT; i++) {
-        size_t at = strlen(expected);
-        const char *sep = i == 0 ? "" : i == SPEED_CHAT_TEMPLATE_COUNT - 1 ? " or " : ", ";
-        snprintf(expected + at, sizeof expected - at, "%s%s", sep, speed_chat_template_names[i]);
-    }
-    SPEED_ERROR(SPEED_SUBSYS_TOK, "unknown chat template \"%s\" (expected %s)", name, expected);
+    char expected[128];
+    SPEED_ERROR(SPEED_SUBSYS_TOK, "unknown chat template \"%s\" (expected %s)", name,
+                speed_names_list(speed_chat_template_names, expected, sizeof expected));
     return SPEED_ERR_INVALID_ARGUMENT;
 }
 
 const char *speed_chat_template_name(speed_chat_template_t t) {
-    if ((unsigned)t >= SPEED_CHAT_TEMPLATE_COUNT) return "unknown";
-    return speed_chat_template_names[t];
+    return speed_names_get(speed_chat_template_names, SPEED_CHAT_TEMPLATE_COUNT, (int)t, "unknown");
 }
 
 /* Python's str.strip() (Jinja |trim and .strip()): Unicode whitespace at both ends. */

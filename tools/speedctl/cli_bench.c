@@ -338,7 +338,7 @@ static speed_status_t depth_finish(const bench_opts_t *o, const speed_model_t *m
         res->batch_tokens_per_s = (double)batch * (double)(gen - 1) / t;
         res->batch_step_s = t / (double)(gen - 1);
     }
-    speed_dtype_t kvd = (speed_dtype_t)o->engine.kv_dtype;
+    speed_dtype_t kvd = (speed_dtype_t)o->engine.kv.kv_dtype;
     res->kv_formula = speed_kv_bytes_for_prompt(mc, res->depth.prefill_layers, d->depth.anchors, d->depth.tail, n, kvd);
     res->kv_prompt_full = speed_kv_bytes_for_prompt(mc, mc->n_layers, d->depth.anchors, d->depth.tail, n, kvd);
     speed_engine_stats_t es;
@@ -626,7 +626,7 @@ int speedctl_bench(int argc, char **argv) {
         json_object_set_new(root, "backend", json_string(speed_backend_name(be)));
         json_object_set_new(root, "threads", json_integer(n_threads));
         json_object_set_new(root, "tensor_parallel", json_integer(eo->tensor_parallel));
-        json_object_set_new(root, "kv_dtype", json_string(speed_dtype_name((speed_dtype_t)eo->kv_dtype)));
+        json_object_set_new(root, "kv_dtype", json_string(speed_dtype_name((speed_dtype_t)eo->kv.kv_dtype)));
         json_object_set_new(root, "prompt_tokens", json_integer(o.prompt_tokens));
         json_object_set_new(root, "gen_tokens", json_integer(o.gen_tokens));
         json_object_set_new(root, "batch", json_integer(o.batch));
@@ -679,7 +679,7 @@ int speedctl_bench(int argc, char **argv) {
             snprintf(be_label, sizeof be_label, "%s", speed_backend_name(be));
         printf("setup        %s; weights %s; KV %s; prompt %" PRId64 " tokens (random ids), %" PRId64
                " generated, batch %" PRId64 ", medians of %" PRId64 "\n", be_label,
-               o.hugepages ? "read into 2 MiB pages" : "mapped", speed_dtype_name((speed_dtype_t)eo->kv_dtype),
+               o.hugepages ? "read into 2 MiB pages" : "mapped", speed_dtype_name((speed_dtype_t)eo->kv.kv_dtype),
                o.prompt_tokens, o.gen_tokens, o.batch, o.repeat);
         if (o.roofline)
             printf("roofline     %d threads: read %.2f GB/s (memcpy %.2f GB/s, %zu MiB buffer); fp32 %.1f GFLOP/s (%s); "

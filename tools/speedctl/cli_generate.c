@@ -147,7 +147,7 @@ static void json_print(const gen_opts_t *o, const speed_tok_ids_t *prompt, const
     json_t *kv = json_object();
     json_object_set_new(kv, "bytes", json_integer((json_int_t)stats->kv_bytes_used));
     json_object_set_new(kv, "full_depth_bytes", json_integer((json_int_t)stats->kv_bytes_full_depth));
-    json_object_set_new(kv, "dtype", json_string(speed_dtype_name((speed_dtype_t)o->engine.kv_dtype)));
+    json_object_set_new(kv, "dtype", json_string(speed_dtype_name((speed_dtype_t)o->engine.kv.kv_dtype)));
     json_object_set_new(root, "kv", kv);
     json_t *depth = json_object();
     json_object_set_new(depth, "layers", json_integer(n_layers));
@@ -368,7 +368,7 @@ int speedctl_generate(int argc, char **argv) {
                 prefill_ms > 0 ? (double)prompt.n / prefill_ms * 1e3 : 0.0, (t_first - t_start) * 1e3, decode_ms,
                 decode_ms > 0 ? 1e3 / decode_ms : 0.0, (t_end - t_start) * 1e3);
         fprintf(stderr, "-- KV %s (%zu bytes, %s) at C=%d of %d layers, A=%d, T=%d; full depth %s (%zu bytes): %.1f%%\n",
-                b1, stats.kv_bytes_used, speed_dtype_name((speed_dtype_t)eo->kv_dtype), stats.depth.prefill_layers,
+                b1, stats.kv_bytes_used, speed_dtype_name((speed_dtype_t)eo->kv.kv_dtype), stats.depth.prefill_layers,
                 mc->n_layers, stats.depth.anchors, stats.depth.tail, b2, stats.kv_bytes_full_depth,
                 stats.kv_bytes_full_depth ? 100.0 * (double)stats.kv_bytes_used / (double)stats.kv_bytes_full_depth
                                           : 100.0);

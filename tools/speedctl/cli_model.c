@@ -183,23 +183,14 @@ fail:
 /* ---- inspect ---------------------------------------------------------------------- */
 
 typedef struct {
-    char *prefill_layers;
-    int64_t anchors, tail, prompt_tokens;
-    int kv_dtype;
+    speedctl_kv_opts_t kv; /* the shared KV options; --prefill-layers defaults to 0.75 here */
+    int64_t prompt_tokens;
     bool json;
 } inspect_opts_t;
 
 static const speed_config_field_t inspect_fields[] = {
-    {"prefill_layers", SPEED_CONFIG_STRING, offsetof(inspect_opts_t, prefill_layers), "0.75",
-     SPEED_CONFIG_UNBOUNDED, NULL, "SPEED cutoff C to cost: an integer 1..L or a fraction of L"},
-    {"anchors", SPEED_CONFIG_INT, offsetof(inspect_opts_t, anchors), "1", 0, 1 << 20, NULL,
-     "prompt tokens kept at full depth at the start (A)"},
-    {"tail", SPEED_CONFIG_INT, offsetof(inspect_opts_t, tail), "1", 1, 1 << 20, NULL,
-     "prompt tokens kept at full depth at the end (T)"},
     {"prompt_tokens", SPEED_CONFIG_INT, offsetof(inspect_opts_t, prompt_tokens), "4096", 1, 1e9, NULL,
      "prompt length for the example KV total"},
-    {"kv_dtype", SPEED_CONFIG_ENUM, offsetof(inspect_opts_t, kv_dtype), "bf16", SPEED_CONFIG_UNBOUNDED,
-     speed_dtype_names, "KV cache element type"},
     {"json", SPEED_CONFIG_BOOL, offsetof(inspect_opts_t, json), "false", SPEED_CONFIG_UNBOUNDED, NULL,
      "print one JSON object"},
 };
@@ -208,9 +199,17 @@ int speedctl_inspect(int argc, char **argv) {
     inspect_opts_t o;
     speed_config_t *cfg;
     bool done;
-    int rc = speedctl_options_load("inspect", "speedctl inspect MODEL_DIR [options]", inspect_fields,
-                                   sizeof inspect_fields / sizeof inspect_fields[0], &o, argc, argv,
-                                   &cfg, &done);
+    /* the KV group as every verb declares it, but costing SPEED at C = 0.75 L unless told */
+    speed_config_field_t kv[SPEEDCTL_KV_N_FIELDS];
+    memcpy(kv, speedctl_kv_fields, sizeof kv);
+    kv[0].default_value = "0.75";
+    const speedctl_options_part_t parts[] = {
+        {kv, SPEEDCTL_KV_N_FIELDS, offsetof(inspect_opts_t, kv)},
+        SPEEDCTL_OWN_PART(inspect_fields),
+    };
+    speed_config_field_t fields[SPEEDCTL_MAX_FIELDS];
+    int rc = speedctl_options_load_parts("inspect", "speedctl inspect MODEL_DIR [options]", parts,
+                                         sizeof parts / sizeof parts[0], fields, &o, argc, argv, &cfg, &done);
     if (done) return rc;
     char *const *pos;
     if (speed_config_positional(cfg, &pos) != 1) {
@@ -229,17 +228,17 @@ int speedctl_inspect(int argc, char **argv) {
     }
     const speed_model_config_t *c = &m->config;
     speed_depth_t depth;
-    if (speedctl_depth_resolve(o.prefill_layers, o.anchors, o.tail, c->n_layers, &depth) != SPEED_OK) {
+    if (speedctl_depth_resolve(o.kv.prefill_layers, o.kv.anchors, o.kv.tail, c->n_layers, &depth) != SPEED_OK) {
         speed_model_destroy(m);
         speed_config_destroy(cfg);
         return SPEEDCTL_EXIT_USAGE;
     }
     const int C = depth.prefill_layers;
-    speed_dtype_t kv_dtype = (speed_dtype_t)o.kv_dtype;
+    speed_dtype_t kv_dtype = (speed_dtype_t)o.kv.kv_dtype;
     size_t per_tok_full = speed_kv_bytes_per_token(c, c->n_layers, kv_dtype);
     size_t per_tok_c = speed_kv_bytes_per_token(c, C, kv_dtype);
-    size_t prompt_full = speed_kv_bytes_for_prompt(c, c->n_layers, (int)o.anchors, (int)o.tail, o.prompt_tokens, kv_dtype);
-    size_t prompt_c = speed_kv_bytes_for_prompt(c, C, (int)o.anchors, (int)o.tail, o.prompt_tokens, kv_dtype);
+    size_t prompt_full = speed_kv_bytes_for_prompt(c, c->n_layers, (int)o.kv.anchors, (int)o.kv.tail, o.prompt_tokens, kv_dtype);
+    size_t prompt_c = speed_kv_bytes_for_prompt(c, C, (int)o.kv.anchors, (int)o.kv.tail, o.prompt_tokens, kv_dtype);
     int64_t n_params = speed_model_n_params(m);
     size_t n_bytes = speed_model_n_bytes(m);
 
@@ -272,7 +271,7 @@ int speedctl_inspect(int argc, char **argv) {
                c->vocab_size, c->max_position, c->rope_theta,
                c->rope_scaling.type == SPEED_ROPE_SCALING_LLAMA3 ? "\"llama3\"" : "null",
                c->tie_word_embeddings ? "true" : "false", speed_dtype_name(c->torch_dtype), n_params, n_bytes,
-               speed_dtype_name(kv_dtype), C, o.anchors, o.tail, per_tok_full, per_tok_c, o.prompt_tokens,
+               speed_dtype_name(kv_dtype), C, o.kv.anchors, o.kv.tail, per_tok_full, per_tok_c, o.prompt_tokens,
                prompt_full, prompt_c);
         if (have_tok)
             printf(", \"tokenizer\": {\"vocab\": %d, \"bos\": %d, \"chat_template\": \"%s\"}",
@@ -299,7 +298,7 @@ int speedctl_inspect(int argc, char **argv) {
         speedctl_bytes_human((double)prompt_full, 2, b1, sizeof b1);
         speedctl_bytes_human((double)prompt_c, 2, b3, sizeof b3);
         printf("KV per prompt  %" PRId64 " tokens: full depth %s; SPEED (C=%d, A=%" PRId64 ", T=%" PRId64 ") %s (%.1f%%)\n",
-               o.prompt_tokens, b1, C, o.anchors, o.tail, b3, 100.0 * (double)prompt_c / (double)prompt_full);
+               o.prompt_tokens, b1, C, o.kv.anchors, o.kv.tail, b3, 100.0 * (double)prompt_c / (double)prompt_full);
         if (have_tok) {
             const int32_t *eos;
             size_t n_eos = speed_tok_eos_ids(tok, &eos);

@@ -58,22 +58,26 @@ int speedctl_options_load_parts(const char *verb, const char *usage, const speed
 
 /* ---- the engine options ------------------------------------------------------------------- */
 
+#define KV_OPT(...) SPEEDCTL_OPT(speedctl_kv_opts_t, __VA_ARGS__)
+const speed_config_field_t speedctl_kv_fields[SPEEDCTL_KV_N_FIELDS] = {
+    SPEEDCTL_TEXT_OPT(speedctl_kv_opts_t, "prefill_layers", prefill_layers,
+                      "SPEED depth C: layers that see every prompt token, an integer 1..L or a fraction of L "
+                      "(0.75); empty = L (SPEED off)"),
+    KV_OPT("anchors", INT, anchors, "1", 0, 1 << 20, NULL, "first prompt tokens kept at full depth (A)"),
+    KV_OPT("tail", INT, tail, "1", 1, 1 << 20, NULL, "last prompt tokens kept at full depth (T)"),
+    KV_OPT("kv_dtype", ENUM, kv_dtype, "bf16", SPEED_CONFIG_UNBOUNDED, speed_dtype_names, "KV cache element type"),
+};
+
 #define ENGINE_OPT(...) SPEEDCTL_OPT(speedctl_engine_opts_t, __VA_ARGS__)
 const speed_config_field_t speedctl_engine_fields[SPEEDCTL_ENGINE_N_FIELDS] = {
     SPEEDCTL_TEXT_OPT(speedctl_engine_opts_t, "model", model,
                       "model directory (config.json, safetensors, tokenizer.json); required"),
-    SPEEDCTL_TEXT_OPT(speedctl_engine_opts_t, "prefill_layers", prefill_layers,
-                      "SPEED depth C: layers that see every prompt token, an integer 1..L or a fraction of L "
-                      "(0.75); default L (SPEED off)"),
-    ENGINE_OPT("anchors", INT, anchors, "1", 0, 1 << 20, NULL, "first prompt tokens kept at full depth (A)"),
-    ENGINE_OPT("tail", INT, tail, "1", 1, 1 << 20, NULL, "last prompt tokens kept at full depth (T)"),
     ENGINE_OPT("threads", INT, threads, "0", 0, 1024, NULL, "compute threads; 0 = all online cores"),
     ENGINE_OPT("backend", ENUM, backend, "cpu", SPEED_CONFIG_UNBOUNDED, speed_backend_kind_names,
                "compute backend: cpu (fast), cpu-ref (the reference loops) or cuda (a GPU)"),
     ENGINE_OPT("device", INT, device, "0", 0, 1023, NULL, "--backend cuda: the GPU's index"),
     ENGINE_OPT("tensor_parallel", INT, tensor_parallel, "1", 1, 64, NULL,
                "ranks the model is split over (cpu backends: threads of this process, --threads shared out)"),
-    ENGINE_OPT("kv_dtype", ENUM, kv_dtype, "bf16", SPEED_CONFIG_UNBOUNDED, speed_dtype_names, "KV cache element type"),
 };
 
 speed_status_t speedctl_depth_resolve(const char *prefill_layers, int64_t anchors, int64_t tail, int n_layers,
@@ -91,7 +95,7 @@ speed_status_t speedctl_depth_resolve(const char *prefill_layers, int64_t anchor
 }
 
 speed_status_t speedctl_engine_depth(const speedctl_engine_opts_t *o, int n_layers, speed_depth_t *depth_p) {
-    return speedctl_depth_resolve(o->prefill_layers, o->anchors, o->tail, n_layers, depth_p);
+    return speedctl_depth_resolve(o->kv.prefill_layers, o->kv.anchors, o->kv.tail, n_layers, depth_p);
 }
 
 /* One backend of the options' kind and device, with n_threads. */
@@ -159,7 +163,7 @@ speed_engine_params_t speedctl_engine_params(const speedctl_engine_opts_t *o, co
     p.tp_size = r->n;
     p.tp_backends = r->n > 1 ? r->be : NULL;
     p.model = model;
-    p.kv_dtype = (speed_dtype_t)o->kv_dtype;
+    p.kv_dtype = (speed_dtype_t)o->kv.kv_dtype;
     p.depth = depth;
     return p;
 }

@@ -79,7 +79,10 @@ typedef struct {
 } speedctl_options_part_t;
 
 #define SPEEDCTL_OWN_PART(array) {array, sizeof array / sizeof array[0], 0}
-#define SPEEDCTL_ENGINE_PART(st, member) {speedctl_engine_fields, SPEEDCTL_ENGINE_N_FIELDS, offsetof(st, member)}
+#define SPEEDCTL_ENGINE_PART(st, member)                                                   \
+    {speedctl_engine_fields, SPEEDCTL_ENGINE_N_FIELDS, offsetof(st, member)},              \
+    {speedctl_kv_fields, SPEEDCTL_KV_N_FIELDS, offsetof(st, member) + offsetof(speedctl_engine_opts_t, kv)}
+#define SPEEDCTL_KV_PART(st, member) {speedctl_kv_fields, SPEEDCTL_KV_N_FIELDS, offsetof(st, member)}
 #define SPEEDCTL_CHAT_PART(st, member) {speedctl_chat_fields, SPEEDCTL_CHAT_N_FIELDS, offsetof(st, member)}
 
 /* Room for any verb's table. */
@@ -91,21 +94,31 @@ int speedctl_options_load_parts(const char *verb, const char *usage, const speed
                                 size_t n_parts, speed_config_field_t *fields, void *opts, int argc, char **argv,
                                 speed_config_t **cfg_p, bool *done_p);
 
-/* The engine options: every verb that runs the engine (generate, bench) takes them.
- * speedctl_engine_depth, speedctl_ranks_create and speedctl_engine_params turn them into what
- * the engine takes. */
+/* The KV options: the SPEED depth and the cache's element type, for every verb that costs or
+ * runs a KV cache (generate, bench: as part of the engine options; inspect on its own, with its
+ * own default C). speedctl_depth_resolve turns the depth into the engine's. */
 typedef struct {
-    char *model;              /* --model DIR (NULL: not given) */
     char *prefill_layers;     /* --prefill-layers: "24" or "0.75"; NULL = L (SPEED off) */
     int64_t anchors, tail;    /* --anchors A, --tail T */
+    int kv_dtype;             /* --kv-dtype: speed_dtype_t */
+} speedctl_kv_opts_t;
+
+#define SPEEDCTL_KV_N_FIELDS 4
+extern const speed_config_field_t speedctl_kv_fields[SPEEDCTL_KV_N_FIELDS];
+
+/* The engine options: every verb that runs the engine (generate, bench) takes them, and the KV
+ * options with them (SPEEDCTL_ENGINE_PART adds both groups). speedctl_engine_depth,
+ * speedctl_ranks_create and speedctl_engine_params turn them into what the engine takes. */
+typedef struct {
+    char *model;              /* --model DIR (NULL: not given) */
+    speedctl_kv_opts_t kv;    /* --prefill-layers, --anchors, --tail, --kv-dtype */
     int64_t threads;          /* --threads: 0 = all online cores */
     int backend;              /* --backend: speed_backend_kind_t */
     int64_t device;           /* --device: the GPU of --backend cuda */
     int64_t tensor_parallel;  /* --tensor-parallel: ranks */
-    int kv_dtype;             /* --kv-dtype: speed_dtype_t */
 } speedctl_engine_opts_t;
 
-#define SPEEDCTL_ENGINE_N_FIELDS 9
+#define SPEEDCTL_ENGINE_N_FIELDS 5
 extern const speed_config_field_t speedctl_engine_fields[SPEEDCTL_ENGINE_N_FIELDS];
 
 /* The SPEED depth of --prefill-layers (NULL or "": C = n_layers), --anchors and --tail for a
