@@ -3,6 +3,7 @@
 #include "backend.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "alloc.h"
@@ -291,3 +292,18 @@ speed_status_t speed_backend_cuda_create(const speed_backend_params_t *params, s
     return SPEED_ERR_UNSUPPORTED;
 }
 #endif
+
+const char *speed_backend_label(const speed_backend_params_t *params, char *buf, size_t size) {
+    if (params->kind == SPEED_BACKEND_CUDA)
+        snprintf(buf, size, "cuda:%d", params->device);
+    else
+        snprintf(buf, size, "%s", speed_backend_kind_name(params->kind));
+    return buf;
+}
+
+const char *speed_backend_failure(speed_status_t status) {
+    const char *cause = speed_log_last_error();
+    if (strncmp(cause, "backend: ", 9) == 0) cause += 9;
+    if (strncmp(cause, "cuda: ", 6) == 0) cause += 6;
+    return *cause ? cause : speed_status_string(status);
+}

@@ -211,6 +211,15 @@ speed_backend_params_t speed_backend_default_params(void); /* CPU, all cores, be
  * nvcc), SPEED_ERR_DEVICE when the device is absent or fails (no GPU: cudaErrorInsufficientDriver),
  * SPEED_ERR_INVALID_ARGUMENT, SPEED_ERR_NO_MEMORY. */
 speed_status_t speed_backend_create(const speed_backend_params_t *params, speed_backend_t **backend_p);
+
+/* How messages name the backend `params` asks for: "cuda:N" for a GPU, else the kind's name
+ * ("cpu", "cpu-ref"). Writes into buf and returns it. */
+const char *speed_backend_label(const speed_backend_params_t *params, char *buf, size_t size);
+
+/* Why speed_backend_create just failed with `status`, in a few words for one error line: the
+ * cause it logged, without its "backend: " / "cuda: " prefixes, or the status's own text when
+ * it logged nothing. Read it right after the call, on the same thread (speed_log_last_error). */
+const char *speed_backend_failure(speed_status_t status);
 void speed_backend_destroy(speed_backend_t *backend); /* NULL ok; waits for outstanding work */
 
 /* "cpu-ref", "cpu (avx512-bf16, 2 threads)", "cuda:0 (NVIDIA H100 ...)". Owned by the backend. */

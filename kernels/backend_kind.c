@@ -10,13 +10,4 @@ const char *const speed_backend_kind_names[SPEED_BACKEND_KIND_COUNT + 1] = {
     [SPEED_BACKEND_KIND_COUNT] = NULL,
 };
 
-const char *speed_backend_kind_name(speed_backend_kind_t kind) {
-    return speed_names_get(speed_backend_kind_names, SPEED_BACKEND_KIND_COUNT, (int)kind, "?");
-}
-
-speed_status_t speed_backend_kind_parse(const char *name, speed_backend_kind_t *kind_p) {
-    int i = speed_names_find(speed_backend_kind_names, name);
-    if (i < 0) return SPEED_ERR_INVALID_ARGUMENT;
-    *kind_p = (speed_backend_kind_t)i;
-    return SPEED_OK;
-}
+SPEED_NAMES_DEFINE(speed_backend_kind, speed_backend_kind_t, SPEED_BACKEND_KIND_COUNT)

@@ -5,6 +5,7 @@
 #ifndef SPEED_BACKEND_KIND_H
 #define SPEED_BACKEND_KIND_H
 
+#include "names.h"
 #include "status.h"
 
 typedef enum {
@@ -15,14 +16,8 @@ typedef enum {
 
 #define SPEED_BACKEND_KIND_COUNT 3
 
-/* The kinds' names in enum order, NULL-terminated: "cpu", "cpu-ref", "cuda" — what --backend
- * and a cluster file's backend key accept. A config ENUM field (config.h) takes them as its
- * enum_names, and its stored index is then the speed_backend_kind_t. */
-extern const char *const speed_backend_kind_names[SPEED_BACKEND_KIND_COUNT + 1];
-/* "cpu", "cpu-ref", "cuda"; "?" for a value outside the enum. Never NULL. */
-const char *speed_backend_kind_name(speed_backend_kind_t kind);
-/* One of speed_backend_kind_names (case-sensitive). Returns SPEED_OK, or
- * SPEED_ERR_INVALID_ARGUMENT for NULL or any other name (nothing logged, *kind_p untouched). */
-speed_status_t speed_backend_kind_parse(const char *name, speed_backend_kind_t *kind_p);
+/* speed_backend_kind_names ("cpu", "cpu-ref", "cuda": what --backend and a cluster file's
+ * backend key accept), speed_backend_kind_name and speed_backend_kind_parse, as names.h says. */
+SPEED_NAMES_DECLARE(speed_backend_kind, speed_backend_kind_t, SPEED_BACKEND_KIND_COUNT);
 
 #endif /* SPEED_BACKEND_KIND_H */

@@ -8,6 +8,7 @@
 #ifndef SPEED_KV_TRANSPORT_H
 #define SPEED_KV_TRANSPORT_H
 
+#include "names.h"
 #include "status.h"
 
 /* What a descriptor asks of the endpoint that writes into it (kv_transfer.h, "Transports"). */
@@ -18,15 +19,8 @@ typedef enum {
 
 #define SPEED_KV_TRANSPORT_COUNT 2
 
-/* The transports' names in enum order, NULL-terminated: "shm", "tcp" — what a cluster file's
- * ucx.transport and a KvDescriptor's transport field hold. A config ENUM field (config.h) takes
- * them as its enum_names, and its stored index is then the speed_kv_transport_t. */
-extern const char *const speed_kv_transport_names[SPEED_KV_TRANSPORT_COUNT + 1];
-/* "shm", "tcp"; "?" for a value outside the enum. Never NULL. */
-const char *speed_kv_transport_name(speed_kv_transport_t transport);
-/* One of speed_kv_transport_names (case-sensitive). Returns SPEED_OK, or
- * SPEED_ERR_INVALID_ARGUMENT for NULL or any other name (nothing logged, *transport_p
- * untouched). */
-speed_status_t speed_kv_transport_parse(const char *name, speed_kv_transport_t *transport_p);
+/* speed_kv_transport_names ("shm", "tcp": a cluster file's ucx.transport, a KvDescriptor's
+ * transport field), speed_kv_transport_name and speed_kv_transport_parse, as names.h says. */
+SPEED_NAMES_DECLARE(speed_kv_transport, speed_kv_transport_t, SPEED_KV_TRANSPORT_COUNT);
 
 #endif /* SPEED_KV_TRANSPORT_H */

@@ -267,10 +267,7 @@ static speed_status_t backend_create(speed_node_t *n) {
         bp.n_threads = total / n->n_ranks > 0 ? total / n->n_ranks : 1;
     }
     char label[32];
-    if (bp.kind == SPEED_BACKEND_CUDA)
-        snprintf(label, sizeof label, "cuda:%d", bp.device);
-    else
-        snprintf(label, sizeof label, "%s", speed_backend_kind_name(bp.kind));
+    speed_backend_label(&bp, label, sizeof label);
     /* The backend logs its cause; it is folded into our line instead of printed as another.
      * Nothing else runs yet, so the sink can be swapped. */
     speed_log_clear_last_error();
@@ -287,10 +284,7 @@ static speed_status_t backend_create(speed_node_t *n) {
             SPEED_INFO(SPEED_SUBSYS_CORE, "%s: backend %s", n->role, speed_backend_name(n->backend));
         return SPEED_OK;
     }
-    const char *cause = speed_log_last_error();
-    if (strncmp(cause, "backend: ", 9) == 0) cause += 9;
-    if (strncmp(cause, "cuda: ", 6) == 0) cause += 6;
-    if (!*cause) cause = speed_status_string(st);
+    const char *cause = speed_backend_failure(st);
     char hint[96] = "";
     if (st == SPEED_ERR_DEVICE)
         snprintf(hint, sizeof hint, " (the cuda backend needs a GPU; use %s.backend: cpu)", n->role);

@@ -520,13 +520,11 @@ static json_t *result_json(const bench_result_t *r, const bench_opts_t *o, const
 
 int speedctl_bench(int argc, char **argv) {
     bench_opts_t o;
-    speed_config_t *cfg;
-    bool done;
-    speed_config_field_t fields[SPEEDCTL_MAX_FIELDS];
-    int rc = speedctl_options_load_parts("bench", "speedctl bench --model DIR [options]", bench_parts,
-                                         sizeof bench_parts / sizeof bench_parts[0], fields, &o, argc, argv, &cfg,
-                                         &done);
-    if (done) return rc;
+    speedctl_options_t opts;
+    if (!speedctl_options_begin(&opts, "bench", "speedctl bench --model DIR [options]", bench_parts,
+                                SPEEDCTL_N_PARTS(bench_parts), &o, argc, argv))
+        return opts.exit_code;
+    speed_config_t *cfg = opts.cfg;
     const speedctl_engine_opts_t *eo = &o.engine;
     char *const *pos;
     if (speed_config_positional(cfg, &pos) != 0 || !eo->model) {

@@ -165,16 +165,15 @@ static void json_print(const gen_opts_t *o, const speed_tok_ids_t *prompt, const
     json_decref(root);
 }
 
+static const char gen_usage[] =
+    "speedctl generate --model DIR (--prompt TEXT | --prompt-ids 1,2,3 | --chat MSG [--system S]) [options]";
+
 int speedctl_generate(int argc, char **argv) {
     gen_opts_t o;
-    speed_config_t *cfg;
-    bool done;
-    speed_config_field_t fields[SPEEDCTL_MAX_FIELDS];
-    int rc = speedctl_options_load_parts(
-        "generate",
-        "speedctl generate --model DIR (--prompt TEXT | --prompt-ids 1,2,3 | --chat MSG [--system S]) [options]",
-        gen_parts, sizeof gen_parts / sizeof gen_parts[0], fields, &o, argc, argv, &cfg, &done);
-    if (done) return rc;
+    speedctl_options_t opts;
+    if (!speedctl_options_begin(&opts, "generate", gen_usage, gen_parts, SPEEDCTL_N_PARTS(gen_parts), &o, argc, argv))
+        return opts.exit_code;
+    speed_config_t *cfg = opts.cfg;
     const speedctl_engine_opts_t *eo = &o.engine;
     char *const *pos;
     int n_inputs = !!o.prompt + !!o.prompt_ids + !!o.chat.chat;

@@ -197,8 +197,6 @@ static const speed_config_field_t inspect_fields[] = {
 
 int speedctl_inspect(int argc, char **argv) {
     inspect_opts_t o;
-    speed_config_t *cfg;
-    bool done;
     /* the KV group as every verb declares it, but costing SPEED at C = 0.75 L unless told */
     speed_config_field_t kv[SPEEDCTL_KV_N_FIELDS];
     memcpy(kv, speedctl_kv_fields, sizeof kv);
@@ -207,10 +205,11 @@ int speedctl_inspect(int argc, char **argv) {
         {kv, SPEEDCTL_KV_N_FIELDS, offsetof(inspect_opts_t, kv)},
         SPEEDCTL_OWN_PART(inspect_fields),
     };
-    speed_config_field_t fields[SPEEDCTL_MAX_FIELDS];
-    int rc = speedctl_options_load_parts("inspect", "speedctl inspect MODEL_DIR [options]", parts,
-                                         sizeof parts / sizeof parts[0], fields, &o, argc, argv, &cfg, &done);
-    if (done) return rc;
+    speedctl_options_t opts;
+    if (!speedctl_options_begin(&opts, "inspect", "speedctl inspect MODEL_DIR [options]", parts,
+                                SPEEDCTL_N_PARTS(parts), &o, argc, argv))
+        return opts.exit_code;
+    speed_config_t *cfg = opts.cfg;
     char *const *pos;
     if (speed_config_positional(cfg, &pos) != 1) {
         speedctl_fail("inspect takes exactly one MODEL_DIR (see --help)");

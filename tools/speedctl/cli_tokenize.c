@@ -107,17 +107,15 @@ static long jsonl_run(const speed_tok_t *tok, const char *path, bool add_special
     return bad;
 }
 
+static const char tok_usage[] =
+    "speedctl tokenize --model DIR (--text T | --file F | --jsonl F | --decode 1,2,3 | --chat MSG) [options]";
+
 int speedctl_tokenize(int argc, char **argv) {
     tok_opts_t o;
-    speed_config_t *cfg;
-    bool done;
-    speed_config_field_t fields[SPEEDCTL_MAX_FIELDS];
-    int rc = speedctl_options_load_parts(
-        "tokenize",
-        "speedctl tokenize --model DIR (--text T | --file F | --jsonl F | --decode 1,2,3 | --chat MSG) [options]",
-        tok_parts, sizeof tok_parts / sizeof tok_parts[0], fields, &o, argc, argv, &cfg, &done);
-    if (done) return rc;
-
+    speedctl_options_t opts;
+    if (!speedctl_options_begin(&opts, "tokenize", tok_usage, tok_parts, SPEEDCTL_N_PARTS(tok_parts), &o, argc, argv))
+        return opts.exit_code;
+    speed_config_t *cfg = opts.cfg;
     char *const *pos;
     int n_inputs = !!o.text + !!o.file + !!o.jsonl + !!o.decode + !!o.chat.chat;
     if (speed_config_positional(cfg, &pos) != 0 || !o.model || n_inputs != 1) {

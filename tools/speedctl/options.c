@@ -56,6 +56,15 @@ int speedctl_options_load_parts(const char *verb, const char *usage, const speed
     return speedctl_options_load(verb, usage, fields, n, opts, argc, argv, cfg_p, done_p);
 }
 
+bool speedctl_options_begin(speedctl_options_t *opts, const char *verb, const char *usage,
+                            const speedctl_options_part_t *parts, size_t n_parts, void *values, int argc,
+                            char **argv) {
+    bool done;
+    opts->exit_code = speedctl_options_load_parts(verb, usage, parts, n_parts, opts->fields, values, argc, argv,
+                                                  &opts->cfg, &done);
+    return !done;
+}
+
 /* ---- the engine options ------------------------------------------------------------------- */
 
 #define KV_OPT(...) SPEEDCTL_OPT(speedctl_kv_opts_t, __VA_ARGS__)
@@ -105,20 +114,14 @@ static speed_status_t backend_create(const speedctl_engine_opts_t *o, int64_t n_
     bp.n_threads = (int)n_threads;
     bp.device = (int)o->device;
     char label[32];
-    if (bp.kind == SPEED_BACKEND_CUDA)
-        snprintf(label, sizeof label, "cuda:%d", bp.device);
-    else
-        snprintf(label, sizeof label, "%s", speed_backend_kind_name(bp.kind));
+    speed_backend_label(&bp, label, sizeof label);
     /* one error line: the backend's cause, folded into ours */
     speed_log_clear_last_error();
     speed_log_set_sink(speedctl_silent_sink, NULL);
     speed_status_t st = speed_backend_create(&bp, be_p);
     speedctl_log_to_stderr();
     if (st == SPEED_OK) return SPEED_OK;
-    const char *cause = speed_log_last_error();
-    if (strncmp(cause, "backend: ", 9) == 0) cause += 9;
-    if (strncmp(cause, "cuda: ", 6) == 0) cause += 6;
-    if (!*cause) cause = speed_status_string(st);
+    const char *cause = speed_backend_failure(st);
     const char *hint = st == SPEED_ERR_DEVICE        ? " (the cuda backend needs a GPU; use --backend cpu)"
                        : st == SPEED_ERR_UNSUPPORTED ? "; use --backend cpu"
                                                      : "";

@@ -88,6 +88,22 @@ typedef struct {
 /* Room for any verb's table. */
 #define SPEEDCTL_MAX_FIELDS 64
 
+/* A verb's options while it runs: the table put together from its parts (it must outlive cfg)
+ * and the loaded values. */
+typedef struct {
+    speed_config_field_t fields[SPEEDCTL_MAX_FIELDS];
+    speed_config_t *cfg;      /* the verb destroys it */
+    int exit_code;            /* what the verb returns when speedctl_options_begin says done */
+} speedctl_options_t;
+
+/* Loads the options of the table made of `parts` into `values` (speedctl_options_load): returns
+ * true when the verb should go on with opts->cfg, false when it must return opts->exit_code now
+ * (--help or --print-config answered, or a usage error reported). */
+bool speedctl_options_begin(speedctl_options_t *opts, const char *verb, const char *usage,
+                            const speedctl_options_part_t *parts, size_t n_parts, void *values, int argc,
+                            char **argv);
+#define SPEEDCTL_N_PARTS(parts) (sizeof(parts) / sizeof((parts)[0]))
+
 /* speedctl_options_load of the table put together from the parts in `fields` (room for
  * SPEEDCTL_MAX_FIELDS; it must outlive *cfg_p, so a local of the verb function). */
 int speedctl_options_load_parts(const char *verb, const char *usage, const speedctl_options_part_t *parts,
