@@ -2,11 +2,11 @@
  *
  * Rows. The step's rows are the tokens it computes: each scheduled sequence contributes a
  * contiguous run in position order (a prefill chunk, or its one queued token). Row r has its
- * absolute position, its entry index in layers < C_seq (= position) and, when it is full depth
- * (anchor, tail or generated), its compact entry index in layers >= C_seq.
+ * absolute position, its entry index in layers < C (= position) and, when it is full depth
+ * (anchor, tail or generated), its compact entry index in layers >= C.
  *
  * Residual stream. x holds the rows still alive. Going up, a sequence's shallow rows die at its
- * layer C_seq, so the set only shrinks: when it does, the survivors are gathered
+ * layer C, so the set only shrinks: when it does, the survivors are gathered
  * (speed_op_get_rows) into the other buffer and every later op computes fewer rows. Upper
  * layers of a long SPEED prompt therefore cost A + T rows, not n.
  *
@@ -103,7 +103,7 @@ static speed_status_t run_layers(engine_rank_t *rk, int n_items) {
     int n_act = rk->n_act;
 
     for (int l = 0; l < e->n_layers && n_act > 0; l++) {
-        /* rows that die at this layer: shallow rows of sequences with C_seq == l */
+        /* rows that die at this layer: shallow rows of sequences with C == l */
         int n_keep = 0;
         for (int i = 0; i < n_act; i++) {
             int r = rk->act[i];

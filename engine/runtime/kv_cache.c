@@ -17,7 +17,7 @@ typedef struct {
 } kv_pool_t;
 
 struct speed_kv_seq {
-    int prefill_layers;                      /* C_seq */
+    int prefill_layers;                      /* C */
     int64_t n_full, n_compact;               /* entries stored */
     int64_t cap_full, cap_compact;           /* room */
     int32_t *table[SPEED_KV_POOL_COUNT];     /* [n_table[p]] block ids */
@@ -57,7 +57,7 @@ void speed_kv_entries_for(int64_t n_prompt, int anchors, int tail, int64_t n_ext
 /* Entries the pool's table must hold for a sequence: the most any of its layers needs. */
 static int64_t pool_entries(int n_layers, int split_layer, speed_kv_pool_t pool, int prefill_layers,
                             int64_t n_full, int64_t n_compact) {
-    if (pool == SPEED_KV_POOL_LOWER) return n_full; /* layer 0 < C_seq always */
+    if (pool == SPEED_KV_POOL_LOWER) return n_full; /* layer 0 < C always */
     if (split_layer >= n_layers) return 0;
     return prefill_layers > split_layer ? n_full : n_compact;
 }
@@ -236,7 +236,7 @@ static void seq_usage(const speed_kv_cache_t *c, const speed_kv_seq_t *s, speed_
         const kv_pool_t *pool = &c->pool[p];
         u->n_blocks[p] = s->n_table[p];
         u->bytes_reserved[p] = (size_t)s->n_table[p] * pool->block_bytes;
-        /* layers of this pool below C_seq hold n_full entries, the others n_compact */
+        /* layers of this pool below C hold n_full entries, the others n_compact */
         int lo = pool->layer_begin, hi = pool->layer_begin + pool->n_layers;
         int n_below = s->prefill_layers <= lo ? 0 : s->prefill_layers >= hi ? pool->n_layers : s->prefill_layers - lo;
         int n_above = pool->n_layers - n_below;
@@ -363,7 +363,7 @@ speed_status_t speed_kv_cache_seq_set_entries(speed_kv_cache_t *c, speed_kv_seq_
                     (long long)n_full, (long long)n_compact, (long long)s->cap_full, (long long)s->cap_compact);
         return SPEED_ERR_INVALID_ARGUMENT;
     }
-    /* Layers >= C_seq in the upper pool use the full-size table when C_seq > split. */
+    /* Layers >= C in the upper pool use the full-size table when C > split. */
     speed_kv_usage_t before, after;
     seq_usage(c, s, &before);
     s->n_full = n_full;

@@ -8,15 +8,15 @@
  * (backend.h). One layer's slice of one block (K then V, 2 * B * n_kv_heads * head_dim *
  * dtype size bytes, contiguous) is the canonical unit, the wire format of KV transfer.
  *
- * Sequences and entry spaces. A sequence has its own depth C_seq (which may differ from
- * split_layer) and two entry counts: layers < C_seq hold n_full entries (entry index =
- * position), layers >= C_seq hold n_compact entries (anchors, tail and generated tokens in
+ * Sequences and entry spaces. A sequence has its own cutoff C (which may differ from
+ * split_layer) and two entry counts: layers < C hold n_full entries (entry index =
+ * position), layers >= C hold n_compact entries (anchors, tail and generated tokens in
  * position order: the compact index). Entry e of a layer lives in slot
  * table[e / B] * B + e % B, where table is the sequence's block table in that layer's pool.
  * Each pool's table is sized for the most entries any layer of that pool needs: the lower
- * pool always holds n_full (layer 0 < C_seq); the upper pool holds n_compact when
- * C_seq <= split_layer, n_full when C_seq > split_layer. A sequence with C_seq < split_layer
- * leaves the tail of its lower-pool blocks unused in layers C_seq..split_layer-1 (the pool
+ * pool always holds n_full (layer 0 < C); the upper pool holds n_compact when
+ * C <= split_layer, n_full when C > split_layer. A sequence with C < split_layer
+ * leaves the tail of its lower-pool blocks unused in layers C..split_layer-1 (the pool
  * has one block table per sequence, not one per layer) — the price of a per-request depth.
  *
  * Reservation is all or nothing: a sequence gets every block it asked for in both pools or
@@ -155,7 +155,7 @@ speed_status_t speed_kv_cache_seq_set_entries(speed_kv_cache_t *cache, speed_kv_
                                               int64_t n_compact);
 
 int speed_kv_seq_prefill_layers(const speed_kv_seq_t *seq);
-/* Entries stored in `layer`: n_full for layer < C_seq, else n_compact. */
+/* Entries stored in `layer`: n_full for layer < C, else n_compact. */
 int64_t speed_kv_seq_entries(const speed_kv_seq_t *seq, int layer);
 /* Room (entries) of `layer`. */
 int64_t speed_kv_seq_capacity(const speed_kv_seq_t *seq, int layer);
