@@ -298,8 +298,8 @@ static void enum_list(char *buf, size_t size, const char *const *names) {
 /* Parse `text` for field i and store it, with its origin (origin_owned, if not NULL, is
  * consumed, also on failure). Errors are logged with the origin. */
 speed_status_t speed_config_value_set(speed_config_t *cfg, size_t i, const char *text,
-                                speed_config_source_t source, const char *origin,
-                                char *origin_owned) {
+                                      speed_config_source_t source, const char *origin,
+                                      char *origin_owned) {
     const speed_config_field_t *f = &cfg->fields[i];
     slot_t *slot = &cfg->slots[i];
     const char *from = origin_owned ? origin_owned : origin;
