@@ -1,15 +1,7 @@
-/* gRPC server: one completion queue, one thread draining it, asynchronous handlers.
- *
- * Every call is a small state machine guarded by its own mutex. gRPC allows one batch of each
- * op type in flight per call, so a call has at most: one RECV_CLOSE_ON_SERVER (started when
- * the call is accepted; it reports cancellation), one SEND_MESSAGE batch (streams; further
- * messages wait in a queue) and one SEND_STATUS_FROM_SERVER batch (after the queue drains).
- *
- * References to a call: the handler's (until its terminal function), gRPC's (until no batch
- * is in flight and the call is over: status sent or peer gone; then grpc_call_unref and the
- * call leaves the server's list), and short-lived ones taken around callbacks. The call is
- * freed when the last goes. Lock order: a call's lock, then the server's lock (only in
- * terminal(); everywhere else they are taken one at a time).
+/* gRPC server: one completion queue, one thread draining it, accepting calls and handing them
+ * to the registered handlers; shutdown. A call's own state machine (its batches, their
+ * completions, the functions a handler calls) is in rpc_call.c; rpc_internal.h has the
+ * structures both use.
  *
  * Shutdown runs in two phases. Draining: calls in flight get up to the grace period to finish
  * while new calls are answered at once with UNAVAILABLE; the rest are then ended by us with
@@ -47,79 +39,6 @@
 #define RPC_LINGER_MIN_MS 1000
 #define RPC_LINGER_MAX_MS 3000
 
-typedef enum {
-    TAG_ACCEPT,     /* request_registered_call completed */
-    TAG_CLOSE,      /* RECV_CLOSE_ON_SERVER */
-    TAG_SEND,       /* SEND_MESSAGE (+ initial metadata) */
-    TAG_STATUS,     /* SEND_STATUS_FROM_SERVER (+ initial metadata, + unary reply) */
-    TAG_GENERIC,    /* grpc_server_request_call for an unregistered method completed */
-    TAG_GENERIC_DONE,
-    TAG_SHUTDOWN,   /* grpc_server_shutdown_and_notify */
-} tag_kind_t;
-
-typedef struct {
-    tag_kind_t kind;
-    void *obj;
-} rpc_tag_t;
-
-typedef struct rpc_method {
-    char *path;
-    speed_rpc_kind_t kind;
-    speed_rpc_handler_cb_t handler;
-    void *user;
-    void *registered;            /* grpc_server_register_method handle */
-    int n_pending;               /* accepts armed (server lock) */
-} rpc_method_t;
-
-typedef struct rpc_msg {
-    struct rpc_msg *next;
-    grpc_byte_buffer *bb;
-} rpc_msg_t;
-
-struct speed_rpc_call {
-    pthread_mutex_t lock;
-    pthread_cond_t cb_done;
-    atomic_int refs;
-    speed_rpc_server_t *server;  /* valid while the call is in the server's list */
-    rpc_method_t *method;
-    speed_rpc_kind_t kind;
-    struct speed_rpc_call *prev, *next;   /* server list (server lock) */
-    bool active;                 /* counted in n_active (server lock) */
-    bool forced;                 /* picked by force_finish_all (server lock) */
-
-    /* filled by grpc_server_request_registered_call */
-    grpc_call *gcall;            /* NULL once released */
-    gpr_timespec deadline;
-    grpc_metadata_array req_md;
-    grpc_byte_buffer *payload;
-    int recv_cancelled;          /* RECV_CLOSE_ON_SERVER output */
-
-    rpc_tag_t t_accept, t_close, t_send, t_status;
-
-    /* state (call lock) */
-    bool close_in_flight, send_in_flight, status_in_flight;
-    bool md_sent;                /* initial metadata went out with an earlier batch */
-    bool status_started;         /* a status batch was started (or is due after the queue) */
-    bool status_due;             /* finish requested; status goes when the send completes */
-    bool status_done;
-    bool peer_gone;              /* RECV_CLOSE said cancelled: no more batches */
-    bool cancelled;              /* visible to the handler: peer gone or ended by shutdown */
-    bool handler_done;           /* the handler called its terminal function */
-    bool cb_fired, cb_running;
-    pthread_t cb_thread;
-    speed_rpc_code_t fin_code;
-    grpc_slice fin_details;
-    bool fin_details_set;
-    grpc_byte_buffer *send_bb;   /* in flight on TAG_SEND */
-    grpc_byte_buffer *reply_bb;  /* in flight on TAG_STATUS (unary reply) */
-    rpc_msg_t *q_head, *q_tail;
-    size_t n_queued;             /* queue + the one in flight */
-
-    speed_rpc_cancel_cb_t cancel_cb;
-    void *cancel_user;
-    void *user;
-};
-
 /* A call to a method nobody registered: answered UNIMPLEMENTED. */
 typedef struct {
     grpc_call *gcall;
@@ -128,200 +47,6 @@ typedef struct {
     int recv_cancelled;
     rpc_tag_t t_new, t_done;
 } rpc_generic_t;
-
-struct speed_rpc_server {
-    grpc_server *server;
-    grpc_completion_queue *cq;
-    pthread_t thread;
-    bool thread_started;
-    int port;
-    size_t max_message_bytes;
-
-    rpc_method_t *methods;
-    int n_methods;
-
-    pthread_mutex_t lock;
-    pthread_cond_t changed;      /* any of the counters below changed */
-    speed_rpc_call_t *live;      /* calls holding a grpc_call */
-    int n_live;
-    int n_active;                /* calls the handler has not completed */
-    int n_pending;               /* accepts armed (registered + generic) */
-    int n_generic_live;
-    bool generic_armed;
-    bool started;
-    bool shutting_down;          /* draining: new calls are answered with UNAVAILABLE */
-    bool closing;                /* GOAWAY sent: stop arming accepts */
-    bool notified;               /* TAG_SHUTDOWN arrived */
-    bool shutdown_done;
-    rpc_tag_t t_shutdown;
-    int n_ended_in_drain;        /* calls that finished normally while draining */
-};
-
-/* ------------------------------------------------------------------------------------- */
-
-static void call_ref(speed_rpc_call_t *call) { atomic_fetch_add(&call->refs, 1); }
-
-static void call_free(speed_rpc_call_t *call) {
-    rpc_msg_t *m = call->q_head;
-    while (m) {
-        rpc_msg_t *next = m->next;
-        grpc_byte_buffer_destroy(m->bb);
-        speed_free(m);
-        m = next;
-    }
-    if (call->payload) grpc_byte_buffer_destroy(call->payload);
-    if (call->fin_details_set) grpc_slice_unref(call->fin_details);
-    grpc_metadata_array_destroy(&call->req_md);
-    pthread_mutex_destroy(&call->lock);
-    pthread_cond_destroy(&call->cb_done);
-    speed_free(call);
-}
-
-static void call_unref(speed_rpc_call_t *call) {
-    if (atomic_fetch_sub(&call->refs, 1) == 1) call_free(call);
-}
-
-static void drop_queue_locked(speed_rpc_call_t *call) {
-    rpc_msg_t *m = call->q_head;
-    while (m) {
-        rpc_msg_t *next = m->next;
-        grpc_byte_buffer_destroy(m->bb);
-        speed_free(m);
-        call->n_queued--;
-        m = next;
-    }
-    call->q_head = call->q_tail = NULL;
-}
-
-/* True when gRPC's part of the call is over; the caller then runs release_grpc after
- * unlocking. Sets gcall to NULL so that it happens once. */
-static grpc_call *take_grpc_if_done_locked(speed_rpc_call_t *call) {
-    if (!call->gcall || call->close_in_flight || call->send_in_flight || call->status_in_flight)
-        return NULL;
-    if (!(call->status_done || call->peer_gone)) return NULL;
-    grpc_call *g = call->gcall;
-    call->gcall = NULL;
-    return g;
-}
-
-static void release_grpc(speed_rpc_call_t *call, grpc_call *g) {
-    /* No batch is in flight any more, so these two fields are final. */
-    bool clean = call->status_done && !call->peer_gone;
-    speed_rpc_server_t *srv = call->server;
-    pthread_mutex_lock(&srv->lock);
-    if (srv->shutting_down && !srv->closing && clean && !call->forced) srv->n_ended_in_drain++;
-    if (call->prev) call->prev->next = call->next;
-    else srv->live = call->next;
-    if (call->next) call->next->prev = call->prev;
-    call->prev = call->next = NULL;
-    srv->n_live--;
-    if (call->active) {   /* the handler is late: the call stops counting as active now */
-        call->active = false;
-        srv->n_active--;
-    }
-    pthread_cond_broadcast(&srv->changed);
-    pthread_mutex_unlock(&srv->lock);
-    grpc_call_unref(g);
-    call_unref(call);   /* gRPC's reference */
-}
-
-static speed_status_t start_status_locked(speed_rpc_call_t *call) {
-    grpc_op ops[3];
-    memset(ops, 0, sizeof ops);
-    size_t n = 0;
-    if (!call->md_sent) {
-        ops[n].op = GRPC_OP_SEND_INITIAL_METADATA;
-        n++;
-    }
-    if (call->reply_bb) {
-        ops[n].op = GRPC_OP_SEND_MESSAGE;
-        ops[n].data.send_message.send_message = call->reply_bb;
-        n++;
-    }
-    ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
-    ops[n].data.send_status_from_server.trailing_metadata_count = 0;
-    ops[n].data.send_status_from_server.status = (grpc_status_code)call->fin_code;
-    ops[n].data.send_status_from_server.status_details =
-        call->fin_details_set ? &call->fin_details : NULL;
-    n++;
-    call->status_started = true;
-    call->status_due = false;
-    grpc_call_error err = grpc_call_start_batch(call->gcall, ops, n, &call->t_status, NULL);
-    if (err != GRPC_CALL_OK) {
-        SPEED_ERROR(SPEED_SUBSYS_NET, "rpc %s: cannot send status: %s", call->method->path,
-                    grpc_call_error_to_string(err));
-        grpc_call_cancel(call->gcall, NULL);
-        call->status_done = true;
-        return SPEED_ERR_INTERNAL;
-    }
-    call->md_sent = true;
-    call->status_in_flight = true;
-    return SPEED_OK;
-}
-
-static speed_status_t start_send_locked(speed_rpc_call_t *call, grpc_byte_buffer *bb) {
-    grpc_op ops[2];
-    memset(ops, 0, sizeof ops);
-    size_t n = 0;
-    if (!call->md_sent) {
-        ops[n].op = GRPC_OP_SEND_INITIAL_METADATA;
-        n++;
-    }
-    ops[n].op = GRPC_OP_SEND_MESSAGE;
-    ops[n].data.send_message.send_message = bb;
-    n++;
-    grpc_call_error err = grpc_call_start_batch(call->gcall, ops, n, &call->t_send, NULL);
-    if (err != GRPC_CALL_OK) {
-        SPEED_ERROR(SPEED_SUBSYS_NET, "rpc %s: cannot send a message: %s", call->method->path,
-                    grpc_call_error_to_string(err));
-        grpc_byte_buffer_destroy(bb);
-        call->n_queued--;
-        return SPEED_ERR_INTERNAL;
-    }
-    call->md_sent = true;
-    call->send_in_flight = true;
-    call->send_bb = bb;
-    return SPEED_OK;
-}
-
-/* Record the final status; start it now, or after the message in flight. */
-static speed_status_t set_status_locked(speed_rpc_call_t *call, speed_rpc_code_t code,
-                                        const char *message) {
-    call->fin_code = code;
-    if (call->fin_details_set) grpc_slice_unref(call->fin_details);
-    call->fin_details = grpc_slice_from_copied_string(message ? message : "");
-    call->fin_details_set = true;
-    if (call->send_in_flight) {
-        call->status_due = true;
-        call->status_started = true;
-        return SPEED_OK;
-    }
-    return start_status_locked(call);
-}
-
-/* Run the cancel callback once, if the handler has not completed the call. The caller holds
- * a reference. */
-static void fire_cancel(speed_rpc_call_t *call) {
-    pthread_mutex_lock(&call->lock);
-    if (call->handler_done || call->cb_fired || !call->cancel_cb) {
-        call->cb_fired = true;
-        pthread_mutex_unlock(&call->lock);
-        return;
-    }
-    call->cb_fired = true;
-    call->cb_running = true;
-    call->cb_thread = pthread_self();
-    speed_rpc_cancel_cb_t cb = call->cancel_cb;
-    void *user = call->cancel_user;
-    pthread_mutex_unlock(&call->lock);
-
-    cb(user, call);
-
-    pthread_mutex_lock(&call->lock);
-    call->cb_running = false;
-    pthread_cond_broadcast(&call->cb_done);
-    pthread_mutex_unlock(&call->lock);
-}
 
 /* ---- accepting ------------------------------------------------------------------------ */
 
@@ -343,7 +68,7 @@ static speed_status_t arm_method(speed_rpc_server_t *srv, rpc_method_t *m) {
     pthread_mutex_lock(&srv->lock);
     if (srv->closing) {
         pthread_mutex_unlock(&srv->lock);
-        call_unref(call);
+        speed_rpc_call_unref(call);
         return SPEED_ERR_CANCELLED;
     }
     grpc_call_error err = grpc_server_request_registered_call(
@@ -357,7 +82,7 @@ static speed_status_t arm_method(speed_rpc_server_t *srv, rpc_method_t *m) {
     if (err != GRPC_CALL_OK) {
         SPEED_ERROR(SPEED_SUBSYS_NET, "rpc %s: cannot request calls: %s", m->path,
                     grpc_call_error_to_string(err));
-        call_unref(call);
+        speed_rpc_call_unref(call);
         return SPEED_ERR_INTERNAL;
     }
     return SPEED_OK;
@@ -425,13 +150,13 @@ static void on_accept(speed_rpc_server_t *srv, speed_rpc_call_t *call, bool ok) 
     pthread_cond_broadcast(&srv->changed);
     pthread_mutex_unlock(&srv->lock);
     if (!ok) {   /* server shutting down: the accept was never matched */
-        call_unref(call);
+        speed_rpc_call_unref(call);
         return;
     }
     rearm(srv);
 
     /* refs: 1 (from arming) becomes gRPC's; one more for the handler */
-    call_ref(call);
+    speed_rpc_call_ref(call);
     grpc_op op;
     memset(&op, 0, sizeof op);
     op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
@@ -467,65 +192,6 @@ static void on_accept(speed_rpc_server_t *srv, speed_rpc_call_t *call, bool ok) 
     }
     m->handler(m->user, call, data, len);
     speed_free(data);
-}
-
-static void on_close(speed_rpc_call_t *call) {
-    call_ref(call);
-    pthread_mutex_lock(&call->lock);
-    call->close_in_flight = false;
-    bool fire = false;
-    if (call->recv_cancelled) {
-        call->peer_gone = true;
-        if (!call->handler_done && !call->cancelled) fire = true;
-        call->cancelled = true;
-        drop_queue_locked(call);
-        call->status_due = false;
-    }
-    pthread_mutex_unlock(&call->lock);
-    if (fire) fire_cancel(call);
-    pthread_mutex_lock(&call->lock);
-    grpc_call *g = take_grpc_if_done_locked(call);
-    pthread_mutex_unlock(&call->lock);
-    if (g) release_grpc(call, g);
-    call_unref(call);
-}
-
-static void on_send(speed_rpc_call_t *call, bool ok) {
-    pthread_mutex_lock(&call->lock);
-    call->send_in_flight = false;
-    grpc_byte_buffer_destroy(call->send_bb);
-    call->send_bb = NULL;
-    call->n_queued--;
-    if (!ok || call->peer_gone) {
-        /* The stream is broken; RECV_CLOSE reports the cancellation. */
-        drop_queue_locked(call);
-        call->status_due = false;
-    } else if (call->q_head) {
-        rpc_msg_t *m = call->q_head;
-        call->q_head = m->next;
-        if (!call->q_head) call->q_tail = NULL;
-        grpc_byte_buffer *bb = m->bb;
-        speed_free(m);
-        start_send_locked(call, bb);
-    } else if (call->status_due) {
-        start_status_locked(call);
-    }
-    grpc_call *g = take_grpc_if_done_locked(call);
-    pthread_mutex_unlock(&call->lock);
-    if (g) release_grpc(call, g);
-}
-
-static void on_status(speed_rpc_call_t *call) {
-    pthread_mutex_lock(&call->lock);
-    call->status_in_flight = false;
-    call->status_done = true;
-    if (call->reply_bb) {
-        grpc_byte_buffer_destroy(call->reply_bb);
-        call->reply_bb = NULL;
-    }
-    grpc_call *g = take_grpc_if_done_locked(call);
-    pthread_mutex_unlock(&call->lock);
-    if (g) release_grpc(call, g);
 }
 
 static void generic_free(rpc_generic_t *g) {
@@ -587,9 +253,9 @@ static void dispatch(speed_rpc_server_t *srv, grpc_event ev) {
     bool ok = ev.success != 0;
     switch (tag->kind) {
     case TAG_ACCEPT:       on_accept(srv, tag->obj, ok); break;
-    case TAG_CLOSE:        on_close(tag->obj); break;
-    case TAG_SEND:         on_send(tag->obj, ok); break;
-    case TAG_STATUS:       on_status(tag->obj); break;
+    case TAG_CLOSE:        speed_rpc_call_close_done(tag->obj); break;
+    case TAG_SEND:         speed_rpc_call_send_done(tag->obj, ok); break;
+    case TAG_STATUS:       speed_rpc_call_status_done(tag->obj); break;
     case TAG_GENERIC:      on_generic(srv, tag->obj, ok); break;
     case TAG_GENERIC_DONE: on_generic_done(srv, tag->obj); break;
     case TAG_SHUTDOWN:
@@ -777,7 +443,7 @@ static void force_finish_all(speed_rpc_server_t *srv) {
             if (c->active && !c->forced) {
                 c->forced = true;
                 victim = c;
-                call_ref(c);
+                speed_rpc_call_ref(c);
                 break;
             }
         }
@@ -788,20 +454,20 @@ static void force_finish_all(speed_rpc_server_t *srv) {
         bool end = !victim->handler_done && !victim->cancelled;
         if (end) {
             victim->cancelled = true;
-            drop_queue_locked(victim);
+            speed_rpc_call_drop_queue_locked(victim);
         }
         if (end && !victim->peer_gone && victim->gcall && !victim->status_started) {
             if (victim->reply_bb) {
                 grpc_byte_buffer_destroy(victim->reply_bb);
                 victim->reply_bb = NULL;
             }
-            set_status_locked(victim, SPEED_RPC_UNAVAILABLE, "server shutting down");
+            speed_rpc_call_set_status_locked(victim, SPEED_RPC_UNAVAILABLE, "server shutting down");
         }
-        grpc_call *g = take_grpc_if_done_locked(victim);
+        grpc_call *g = speed_rpc_call_take_grpc_if_done_locked(victim);
         pthread_mutex_unlock(&victim->lock);
-        if (g) release_grpc(victim, g);
-        fire_cancel(victim);
-        call_unref(victim);
+        if (g) speed_rpc_call_release_grpc(victim, g);
+        speed_rpc_call_fire_cancel(victim);
+        speed_rpc_call_unref(victim);
     }
 }
 
@@ -895,160 +561,4 @@ void speed_rpc_server_destroy(speed_rpc_server_t *srv) {
     pthread_cond_destroy(&srv->changed);
     speed_free(srv);
     grpc_shutdown();
-}
-
-/* ---- public: calls -------------------------------------------------------------------- */
-
-const char *speed_rpc_call_method(const speed_rpc_call_t *call) {
-    return call ? call->method->path : "";
-}
-
-void speed_rpc_call_set_user(speed_rpc_call_t *call, void *user) {
-    pthread_mutex_lock(&call->lock);
-    call->user = user;
-    pthread_mutex_unlock(&call->lock);
-}
-
-void *speed_rpc_call_user(const speed_rpc_call_t *call) {
-    speed_rpc_call_t *c = (speed_rpc_call_t *)call;
-    pthread_mutex_lock(&c->lock);
-    void *user = c->user;
-    pthread_mutex_unlock(&c->lock);
-    return user;
-}
-
-speed_status_t speed_rpc_call_on_cancel(speed_rpc_call_t *call, speed_rpc_cancel_cb_t cb,
-                                        void *user) {
-    if (!call) return SPEED_ERR_INVALID_ARGUMENT;
-    pthread_mutex_lock(&call->lock);
-    speed_status_t st = SPEED_OK;
-    if (call->cancelled) {
-        st = SPEED_ERR_CANCELLED;
-    } else {
-        call->cancel_cb = cb;
-        call->cancel_user = user;
-    }
-    pthread_mutex_unlock(&call->lock);
-    return st;
-}
-
-bool speed_rpc_call_is_cancelled(const speed_rpc_call_t *call) {
-    speed_rpc_call_t *c = (speed_rpc_call_t *)call;
-    pthread_mutex_lock(&c->lock);
-    bool cancelled = c->cancelled;
-    pthread_mutex_unlock(&c->lock);
-    return cancelled;
-}
-
-size_t speed_rpc_call_queued(const speed_rpc_call_t *call) {
-    speed_rpc_call_t *c = (speed_rpc_call_t *)call;
-    pthread_mutex_lock(&c->lock);
-    size_t n = c->n_queued;
-    pthread_mutex_unlock(&c->lock);
-    return n;
-}
-
-speed_status_t speed_rpc_call_send(speed_rpc_call_t *call, const void *data, size_t len) {
-    if (!call || (!data && len)) return SPEED_ERR_INVALID_ARGUMENT;
-    pthread_mutex_lock(&call->lock);
-    speed_status_t st = SPEED_OK;
-    if (call->kind != SPEED_RPC_STREAM || call->handler_done || call->status_started) {
-        st = call->cancelled ? SPEED_ERR_CANCELLED : SPEED_ERR_INVALID_ARGUMENT;
-    } else if (call->cancelled || !call->gcall) {
-        st = SPEED_ERR_CANCELLED;
-    }
-    pthread_mutex_unlock(&call->lock);
-    if (st != SPEED_OK) return st;
-
-    rpc_msg_t *m = speed_malloc(sizeof *m);
-    if (!m) return SPEED_ERR_NO_MEMORY;
-    m->next = NULL;
-    m->bb = speed_rpc_bb_from(data, len);
-
-    pthread_mutex_lock(&call->lock);
-    if (call->cancelled || !call->gcall || call->status_started || call->handler_done) {
-        /* cancelled while we copied */
-        pthread_mutex_unlock(&call->lock);
-        grpc_byte_buffer_destroy(m->bb);
-        speed_free(m);
-        return SPEED_ERR_CANCELLED;
-    }
-    call->n_queued++;
-    if (!call->send_in_flight) {
-        grpc_byte_buffer *bb = m->bb;
-        speed_free(m);
-        st = start_send_locked(call, bb);
-    } else {
-        if (call->q_tail) call->q_tail->next = m;
-        else call->q_head = m;
-        call->q_tail = m;
-    }
-    pthread_mutex_unlock(&call->lock);
-    return st;
-}
-
-/* Mark the handler done; wait for a cancel callback running on another thread. Locked. */
-static void handler_done_locked(speed_rpc_call_t *call) {
-    SPEED_ASSERT(!call->handler_done);   /* one terminal function per call */
-    call->handler_done = true;
-    while (call->cb_running && !pthread_equal(call->cb_thread, pthread_self()))
-        pthread_cond_wait(&call->cb_done, &call->lock);
-    call->cancel_cb = NULL;
-}
-
-static speed_status_t terminal(speed_rpc_call_t *call, const void *reply, size_t reply_len,
-                               bool has_reply, speed_rpc_code_t code, const char *message) {
-    grpc_byte_buffer *bb = has_reply ? speed_rpc_bb_from(reply, reply_len) : NULL;
-    pthread_mutex_lock(&call->lock);
-    handler_done_locked(call);
-    if (call->gcall) {
-        /* Still in the server's list (release needs this lock), so the server is alive. */
-        speed_rpc_server_t *srv = call->server;
-        pthread_mutex_lock(&srv->lock);
-        if (call->active) {
-            call->active = false;
-            srv->n_active--;
-            pthread_cond_broadcast(&srv->changed);
-        }
-        pthread_mutex_unlock(&srv->lock);
-    }
-    speed_status_t st = SPEED_OK;
-    if (call->cancelled || !call->gcall || call->peer_gone) {
-        st = SPEED_ERR_CANCELLED;
-        if (bb) grpc_byte_buffer_destroy(bb);
-        drop_queue_locked(call);
-    } else if (has_reply && call->kind != SPEED_RPC_UNARY) {
-        grpc_byte_buffer_destroy(bb);
-        st = SPEED_ERR_INVALID_ARGUMENT;
-        set_status_locked(call, SPEED_RPC_INTERNAL, "reply on a streaming method");
-    } else if (call->status_started) {
-        if (bb) grpc_byte_buffer_destroy(bb);
-        st = SPEED_ERR_INVALID_ARGUMENT;
-    } else {
-        call->reply_bb = bb;
-        st = set_status_locked(call, code, message);
-    }
-    grpc_call *g = take_grpc_if_done_locked(call);
-    pthread_mutex_unlock(&call->lock);
-    if (g) release_grpc(call, g);
-    call_unref(call);   /* the handler's reference */
-    return st;
-}
-
-speed_status_t speed_rpc_call_reply(speed_rpc_call_t *call, const void *data, size_t len) {
-    if (!call) return SPEED_ERR_INVALID_ARGUMENT;
-    if (!data && len) return terminal(call, NULL, 0, false, SPEED_RPC_INTERNAL, "bad reply");
-    return terminal(call, data, len, true, SPEED_RPC_OK, NULL);
-}
-
-speed_status_t speed_rpc_call_finish(speed_rpc_call_t *call, speed_rpc_code_t code,
-                                     const char *message) {
-    if (!call) return SPEED_ERR_INVALID_ARGUMENT;
-    return terminal(call, NULL, 0, false, code, message);
-}
-
-speed_status_t speed_rpc_call_fail(speed_rpc_call_t *call, speed_status_t status,
-                                   const char *message) {
-    return speed_rpc_call_finish(call, speed_rpc_code_from_status(status),
-                                 message ? message : speed_status_string(status));
 }

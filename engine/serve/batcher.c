@@ -6,7 +6,7 @@
  * generation state are touched only by the engine thread, without the lock; event callbacks
  * run with no lock held.
  */
-#include "batcher.h"
+#include "batcher_internal.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -17,73 +17,7 @@
 #include "log.h"
 #include "rng.h"
 
-typedef enum { REQ_WAITING, REQ_RESERVED, REQ_RUNNING, REQ_HELD } req_state_t;
-
-typedef struct req {
-    char id[SPEED_BATCH_ID_MAX + 1];
-    req_state_t state;
-    bool in_engine;
-    speed_seq_id_t seq;
-    int32_t *prompt;
-    int64_t n_prompt;
-    speed_depth_t depth;
-    speed_batch_gen_t gen;
-    char **stop_strings;        /* owned copies behind gen.stop */
-    bool hold_kv, kv_ready, first_sent;
-    speed_batch_event_cb_t on_event;
-    speed_batch_layer_cb_t on_layer;
-    void *user;
-    speed_status_t layer_status; /* first failure of on_layer in the current step */
-    speed_rng_t rng;
-    speed_stop_t *stop;
-    speed_tok_stream_t *stream;
-    int64_t deadline_ms;        /* lease of a reservation or of held KV */
-    uint64_t t_arrival_ns, t_engine_ns;
-    char *text;                 /* scratch for one token's text */
-    size_t text_cap;
-    struct req *next;
-} req_t;
-
-typedef enum { CMD_SUBMIT, CMD_RESERVE, CMD_WITH_KV, CMD_KV_READY, CMD_START, CMD_CANCEL, CMD_RELEASE } cmd_kind_t;
-
-typedef struct cmd {
-    cmd_kind_t kind;
-    char id[SPEED_BATCH_ID_MAX + 1];
-    req_t *req;                               /* SUBMIT, START: prepared by the caller */
-    int64_t n_prompt, max_tokens;             /* RESERVE */
-    speed_depth_t depth;
-    speed_batch_reservation_t *reservation_p;
-    speed_batch_kv_fn_t fn;                   /* WITH_KV */
-    void *fn_user;
-    speed_batch_token_t first;                /* START */
-    bool kv_ready;
-    bool heap;                                /* async: freed by the engine thread */
-    bool done;
-    speed_status_t status;
-    struct cmd *next;
-} cmd_t;
-
-struct speed_batcher {
-    speed_batcher_params_t p;
-    speed_engine_t *engine;
-    speed_sampler_t *sampler;
-    int32_t n_vocab, n_tok_vocab;
-    const int32_t *eos_ids;
-    size_t n_eos;
-
-    pthread_mutex_t mu;
-    pthread_cond_t wake;      /* engine thread: commands or stop */
-    pthread_cond_t done_cv;   /* callers: a sync command is done; idle */
-    pthread_t thread;
-    bool thread_started, stopping, draining;
-    cmd_t *q_head, *q_tail;
-    req_t *reqs;              /* every live request */
-    int n_reqs;
-    speed_batcher_stats_t counts; /* engine thread only: the counters, copied by snapshot() */
-    speed_batcher_stats_t snap;
-};
-
-static _Thread_local const speed_batcher_t *tls_engine_thread_of;
+_Thread_local const speed_batcher_t *speed_batcher_tls_engine_thread_of;
 
 const char *speed_batch_finish_name(speed_batch_finish_t finish) {
     switch (finish) {
@@ -106,8 +40,6 @@ speed_batcher_params_t speed_batcher_default_params(void) {
     return p;
 }
 
-static double ms_between(uint64_t a, uint64_t b) { return b > a ? (double)(b - a) / 1e6 : 0.0; }
-
 /* ---- requests ------------------------------------------------------------------------------ */
 
 static req_t *req_find(const speed_batcher_t *b, const char *id) {
@@ -122,7 +54,7 @@ static req_t *req_by_seq(const speed_batcher_t *b, speed_seq_id_t seq) {
     return NULL;
 }
 
-static void req_free(req_t *r) {
+void speed_batcher_req_free(req_t *r) {
     if (!r) return;
     speed_free(r->prompt);
     if (r->stop_strings)
@@ -197,7 +129,7 @@ static speed_status_t req_create(speed_batcher_t *b, const char *id, req_t **r_p
 
 /* Queues cmd and, unless it is async, waits until the engine thread has run it. */
 static speed_status_t cmd_run(speed_batcher_t *b, cmd_t *cmd) {
-    if (tls_engine_thread_of == b && !cmd->heap) {
+    if (speed_batcher_tls_engine_thread_of == b && !cmd->heap) {
         SPEED_ERROR(SPEED_SUBSYS_ENGINE, "batcher: only cancel and release may be called from an event callback");
         return SPEED_ERR_INVALID_ARGUMENT;
     }
@@ -220,139 +152,6 @@ static speed_status_t cmd_run(speed_batcher_t *b, cmd_t *cmd) {
     while (!cmd->done) pthread_cond_wait(&b->done_cv, &b->mu);
     pthread_mutex_unlock(&b->mu);
     return cmd->status;
-}
-
-/* ---- events -------------------------------------------------------------------------------- */
-
-static void fill_usage(speed_batcher_t *b, req_t *r, speed_batch_usage_t *u) {
-    memset(u, 0, sizeof *u);
-    u->n_prompt = r->n_prompt;
-    u->depth = r->depth;
-    u->queue_ms = ms_between(r->t_arrival_ns, r->t_engine_ns ? r->t_engine_ns : r->t_arrival_ns);
-    speed_engine_seq_stats_t st;
-    if (r->in_engine && speed_engine_seq_stats(b->engine, r->seq, &st) == SPEED_OK) {
-        u->n_prompt = st.n_prompt;
-        u->n_generated = r->stop ? speed_stop_n_tokens(r->stop) : st.n_generated;
-        u->depth = st.depth;
-        u->kv_bytes = st.kv_bytes_used;
-        u->kv_bytes_full_depth = st.kv_bytes_full_depth;
-        u->prefill_ms = (double)st.prefill_ns / 1e6;
-        u->decode_ms = (double)st.decode_ns / 1e6;
-        u->first_token_ms = st.first_output_ns ? (double)st.first_output_ns / 1e6 : 0.0;
-    } else if (r->stop) {
-        u->n_generated = speed_stop_n_tokens(r->stop);
-    }
-}
-
-/* Unlinks r (under mu) and frees it. */
-static void req_unlink_free(speed_batcher_t *b, req_t *r) {
-    pthread_mutex_lock(&b->mu);
-    for (req_t **pp = &b->reqs; *pp; pp = &(*pp)->next)
-        if (*pp == r) {
-            *pp = r->next;
-            b->n_reqs--;
-            break;
-        }
-    if (b->n_reqs == 0) pthread_cond_broadcast(&b->done_cv);
-    pthread_mutex_unlock(&b->mu);
-    req_free(r);
-}
-
-static void engine_remove(speed_batcher_t *b, req_t *r) {
-    if (r->in_engine) {
-        speed_engine_seq_remove(b->engine, r->seq);
-        r->in_engine = false;
-    }
-}
-
-/* Ends r: finish event (if it has a callback and has not finished), then frees it, or keeps
- * its KV when hold_kv and the request completed normally. */
-static void req_finish(speed_batcher_t *b, req_t *r, speed_batch_finish_t finish, speed_status_t status) {
-    speed_batch_usage_t usage;
-    fill_usage(b, r, &usage);
-    bool keep = r->hold_kv && r->in_engine && (finish == SPEED_BATCH_STOP || finish == SPEED_BATCH_LENGTH);
-    if (!keep) engine_remove(b, r);
-    if (finish == SPEED_BATCH_CANCELLED) b->counts.n_cancelled++;
-    else if (finish == SPEED_BATCH_EXPIRED) b->counts.n_expired++;
-    else if (finish == SPEED_BATCH_ERROR) b->counts.n_errors++;
-    else b->counts.n_finished++;
-    b->counts.n_generated_tokens += (uint64_t)usage.n_generated;
-    if (r->on_event) {
-        speed_batch_event_t ev = {.request_id = r->id, .finish = finish, .status = status, .usage = &usage};
-        speed_batch_event_cb_t cb = r->on_event;
-        r->on_event = NULL; /* exactly once */
-        tls_engine_thread_of = b;
-        cb(r->user, &ev);
-        tls_engine_thread_of = NULL;
-    }
-    if (keep) {
-        r->state = REQ_HELD;
-        r->deadline_ms = speed_clock_wall_ms() + b->p.lease_ms;
-        return;
-    }
-    req_unlink_free(b, r);
-}
-
-static bool text_reserve(req_t *r, size_t n) {
-    if (n <= r->text_cap) return true;
-    size_t cap = r->text_cap ? r->text_cap : 64;
-    while (cap < n) cap *= 2;
-    char *t = speed_realloc(r->text, cap);
-    if (!t) return false;
-    r->text = t;
-    r->text_cap = cap;
-    return true;
-}
-
-/* Reports one generated token; on return *finish_p says whether the request is done. */
-static speed_status_t emit_token(speed_batcher_t *b, req_t *r, const speed_sample_t *smp, int n_top,
-                                 speed_batch_finish_t *finish_p) {
-    const char *piece = "";
-    size_t piece_len = 0;
-    if (r->stream && smp->id < b->n_tok_vocab) SPEED_CHECK(speed_tok_stream_push(r->stream, smp->id, &piece, &piece_len));
-    speed_stop_result_t sr;
-    SPEED_CHECK(speed_stop_push(r->stop, smp->id, piece, piece_len, &sr));
-    size_t len = 0;
-    if (!text_reserve(r, sr.len + 1)) return SPEED_ERR_NO_MEMORY;
-    memcpy(r->text, sr.text, sr.len);
-    len = sr.len;
-    speed_batch_finish_t finish = SPEED_BATCH_RUNNING;
-    if (sr.finish != SPEED_FINISH_NONE) {
-        const char *tail = "";
-        size_t tail_len = 0;
-        if (r->stream) SPEED_CHECK(speed_tok_stream_flush(r->stream, &tail, &tail_len));
-        SPEED_CHECK(speed_stop_finish(r->stop, tail, tail_len, &sr));
-        if (!text_reserve(r, len + sr.len + 1)) return SPEED_ERR_NO_MEMORY;
-        memcpy(r->text + len, sr.text, sr.len);
-        len += sr.len;
-        finish = sr.finish == SPEED_FINISH_LENGTH ? SPEED_BATCH_LENGTH : SPEED_BATCH_STOP;
-    }
-    r->text[len] = '\0';
-    speed_batch_token_t tok = {.id = smp->id, .logprob = smp->logprob, .n_top = n_top, .text = r->text, .text_len = len};
-    memcpy(tok.top, smp->top, sizeof tok.top);
-    speed_batch_event_t ev = {.request_id = r->id, .token = &tok, .first = !r->first_sent, .finish = SPEED_BATCH_RUNNING};
-    r->first_sent = true;
-    if (r->on_event) {
-        tls_engine_thread_of = b;
-        r->on_event(r->user, &ev);
-        tls_engine_thread_of = NULL;
-    }
-    *finish_p = finish;
-    return SPEED_OK;
-}
-
-/* After a token: finish or feed it back. */
-static void after_token(speed_batcher_t *b, req_t *r, speed_status_t st, speed_batch_finish_t finish, int32_t id) {
-    if (st != SPEED_OK) {
-        req_finish(b, r, SPEED_BATCH_ERROR, st);
-        return;
-    }
-    if (finish != SPEED_BATCH_RUNNING) {
-        req_finish(b, r, finish, SPEED_OK);
-        return;
-    }
-    st = speed_engine_seq_append(b->engine, r->seq, id);
-    if (st != SPEED_OK) req_finish(b, r, SPEED_BATCH_ERROR, st);
 }
 
 /* ---- engine thread ------------------------------------------------------------------------- */
@@ -436,7 +235,7 @@ static speed_status_t do_reserve(speed_batcher_t *b, cmd_t *c) {
     SPEED_CHECK(req_create(b, c->id, &r));
     speed_status_t st = speed_engine_seq_reserve(b->engine, c->n_prompt, &c->depth, c->max_tokens, &r->seq);
     if (st != SPEED_OK) {
-        req_free(r);
+        speed_batcher_req_free(r);
         return st;
     }
     r->in_engine = true;
@@ -492,8 +291,8 @@ static speed_status_t do_start(speed_batcher_t *b, cmd_t *c) {
     speed_sample_t smp = {.id = c->first.id, .logprob = c->first.logprob, .n_top = c->first.n_top};
     memcpy(smp.top, c->first.top, sizeof smp.top);
     speed_batch_finish_t finish = SPEED_BATCH_RUNNING;
-    speed_status_t st = emit_token(b, r, &smp, c->first.n_top, &finish);
-    after_token(b, r, st, finish, smp.id);
+    speed_status_t st = speed_batcher_emit_token(b, r, &smp, c->first.n_top, &finish);
+    speed_batcher_after_token(b, r, st, finish, smp.id);
     return SPEED_OK;
 }
 
@@ -530,14 +329,14 @@ static void run_cmd(speed_batcher_t *b, cmd_t *c) {
             int64_t until = speed_clock_wall_ms() + b->p.cancel_quarantine_ms;
             if (until < r->deadline_ms) r->deadline_ms = until;
         } else if (r) {
-            req_finish(b, r, SPEED_BATCH_CANCELLED, SPEED_ERR_CANCELLED);
+            speed_batcher_req_finish(b, r, SPEED_BATCH_CANCELLED, SPEED_ERR_CANCELLED);
         }
         break;
     case CMD_RELEASE:
         r = req_find(b, c->id);
         if (r && r->state == REQ_HELD) {
-            engine_remove(b, r);
-            req_unlink_free(b, r);
+            speed_batcher_engine_remove(b, r);
+            speed_batcher_req_unlink_free(b, r);
         } else if (r) {
             r->hold_kv = false; /* still running: free at its finish */
         }
@@ -562,10 +361,10 @@ static void expire_leases(speed_batcher_t *b) {
         if ((r->state == REQ_RESERVED || r->state == REQ_HELD) && now >= r->deadline_ms) {
             SPEED_INFO(SPEED_SUBSYS_ENGINE, "batcher: %s: lease ended, blocks freed", r->id);
             if (r->state == REQ_RESERVED)
-                req_finish(b, r, SPEED_BATCH_EXPIRED, SPEED_ERR_TIMEOUT);
+                speed_batcher_req_finish(b, r, SPEED_BATCH_EXPIRED, SPEED_ERR_TIMEOUT);
             else {
-                engine_remove(b, r);
-                req_unlink_free(b, r);
+                speed_batcher_engine_remove(b, r);
+                speed_batcher_req_unlink_free(b, r);
             }
         }
         r = next;
@@ -581,7 +380,7 @@ static void admit_waiting(speed_batcher_t *b) {
         if (!oldest) return;
         speed_status_t st = admit(b, oldest);
         if (st == SPEED_ERR_CAPACITY) return;
-        if (st != SPEED_OK) req_finish(b, oldest, SPEED_BATCH_ERROR, st);
+        if (st != SPEED_OK) speed_batcher_req_finish(b, oldest, SPEED_BATCH_ERROR, st);
     }
 }
 
@@ -594,13 +393,13 @@ static void process_outputs(speed_batcher_t *b, const speed_engine_step_result_t
         speed_status_t st =
             speed_sampler_sample(b->sampler, &r->gen.sampling, &r->rng, res->outputs[i].logits, b->n_vocab, &smp);
         speed_batch_finish_t finish = SPEED_BATCH_RUNNING;
-        if (st == SPEED_OK) st = emit_token(b, r, &smp, smp.n_top, &finish);
-        after_token(b, r, st, finish, smp.id);
+        if (st == SPEED_OK) st = speed_batcher_emit_token(b, r, &smp, smp.n_top, &finish);
+        speed_batcher_after_token(b, r, st, finish, smp.id);
     }
     req_t *r = b->reqs;
     while (r) {
         req_t *next = r->next;
-        if (r->layer_status != SPEED_OK) req_finish(b, r, SPEED_BATCH_ERROR, r->layer_status);
+        if (r->layer_status != SPEED_OK) speed_batcher_req_finish(b, r, SPEED_BATCH_ERROR, r->layer_status);
         r = next;
     }
 }
@@ -656,7 +455,7 @@ static void *engine_main(void *arg) {
                 req_t *r = b->reqs;
                 while (r) {
                     req_t *next = r->next;
-                    if (r->state == REQ_RUNNING) req_finish(b, r, SPEED_BATCH_ERROR, st);
+                    if (r->state == REQ_RUNNING) speed_batcher_req_finish(b, r, SPEED_BATCH_ERROR, st);
                     r = next;
                 }
             } else {
@@ -666,7 +465,7 @@ static void *engine_main(void *arg) {
         snapshot(b);
     }
     /* shutdown: every live request ends */
-    while (b->reqs) req_finish(b, b->reqs, SPEED_BATCH_CANCELLED, SPEED_ERR_CANCELLED);
+    while (b->reqs) speed_batcher_req_finish(b, b->reqs, SPEED_BATCH_CANCELLED, SPEED_ERR_CANCELLED);
     snapshot(b);
     return NULL;
 }
@@ -777,7 +576,7 @@ speed_status_t speed_batcher_submit(speed_batcher_t *b, const speed_batch_reques
         if (!r->prompt) st = SPEED_ERR_NO_MEMORY;
     }
     if (st != SPEED_OK) {
-        req_free(r);
+        speed_batcher_req_free(r);
         return st;
     }
     memcpy(r->prompt, q->prompt, (size_t)q->n_prompt * sizeof *r->prompt);
@@ -788,7 +587,7 @@ speed_status_t speed_batcher_submit(speed_batcher_t *b, const speed_batch_reques
     r->user = q->user;
     cmd_t c = {.kind = CMD_SUBMIT, .req = r};
     st = cmd_run(b, &c);
-    req_free(c.req); /* NULL when the batcher took it */
+    speed_batcher_req_free(c.req); /* NULL when the batcher took it */
     return st;
 }
 
@@ -828,14 +627,14 @@ speed_status_t speed_batcher_start(speed_batcher_t *b, const speed_batch_request
     r->depth = depth;
     speed_status_t st = req_prepare_gen(b, r, &q->gen);
     if (st != SPEED_OK) {
-        req_free(r);
+        speed_batcher_req_free(r);
         return st;
     }
     r->on_event = q->on_event;
     r->user = q->user;
     cmd_t c = {.kind = CMD_START, .req = r, .first = *first, .kv_ready = kv_ready};
     st = cmd_run(b, &c);
-    req_free(r); /* its state moved into the reservation (pointers cleared) or was refused */
+    speed_batcher_req_free(r); /* its state moved into the reservation (pointers cleared) or was refused */
     return st;
 }
 

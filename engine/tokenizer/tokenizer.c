@@ -1,6 +1,8 @@
 /* speed_tok_load / destroy and the vocabulary accessors: reading tokenizer.json and
- * tokenizer_config.json into the immutable speed_tok_t. */
-#include "tok_internal.h"
+ * tokenizer_config.json into the immutable speed_tok_t. The BPE model and the added tokens
+ * are read here; the normalizer, pre-tokenizer, decoder and post-processor in tok_pipeline.c;
+ * tokenizer_config.json in tok_config.c. tok_loader.h is what they share. */
+#include "tok_loader.h"
 
 #include <errno.h>
 #include <jansson.h>
@@ -13,14 +15,8 @@
 #include "file.h"
 #include "log.h"
 
-typedef struct {
-    speed_tok_t *tok;
-    const char *path;  /* file being read, for messages */
-} loader_t;
-
 /* Logs "<file>: <message>" once and returns status. */
-__attribute__((format(printf, 3, 4)))
-static speed_status_t fail(const loader_t *ld, speed_status_t status, const char *fmt, ...) {
+speed_status_t speed_tok_loader_fail(const tok_loader_t *ld, speed_status_t status, const char *fmt, ...) {
     char msg[512];
     va_list ap;
     va_start(ap, fmt);
@@ -30,8 +26,8 @@ static speed_status_t fail(const loader_t *ld, speed_status_t status, const char
     return status;
 }
 
-static speed_status_t oom(const loader_t *ld) {
-    return fail(ld, SPEED_ERR_NO_MEMORY, "out of memory while loading");
+speed_status_t speed_tok_loader_oom(const tok_loader_t *ld) {
+    return speed_tok_loader_fail(ld, SPEED_ERR_NO_MEMORY, "out of memory while loading");
 }
 
 /* ---- files --------------------------------------------------------------------------- */
@@ -41,7 +37,7 @@ static speed_status_t oom(const loader_t *ld) {
 
 /* Reads and parses a JSON file. A missing file gives NOT_FOUND without a message when
  * `optional`, so the caller can decide. */
-static speed_status_t json_read(const loader_t *ld, bool optional, size_t flags, json_t **root_p) {
+static speed_status_t json_read(const tok_loader_t *ld, bool optional, size_t flags, json_t **root_p) {
     char *text = NULL;
     size_t len = 0;
     speed_status_t st = speed_file_read(ld->path, TOK_FILE_MAX_BYTES, SPEED_SUBSYS_TOK,
@@ -52,13 +48,13 @@ static speed_status_t json_read(const loader_t *ld, bool optional, size_t flags,
     json_t *root = json_loadb(text, len, flags, &jerr);
     speed_free(text);
     if (!root) {
-        if (json_error_code(&jerr) == json_error_out_of_memory) return oom(ld);
-        return fail(ld, SPEED_ERR_PARSE, "invalid JSON at line %d column %d: %s", jerr.line,
-                    jerr.column, jerr.text);
+        if (json_error_code(&jerr) == json_error_out_of_memory) return speed_tok_loader_oom(ld);
+        return speed_tok_loader_fail(ld, SPEED_ERR_PARSE, "invalid JSON at line %d column %d: %s", jerr.line,
+                                     jerr.column, jerr.text);
     }
     if (!json_is_object(root)) {
         json_decref(root);
-        return fail(ld, SPEED_ERR_FORMAT, "top level is not a JSON object");
+        return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "top level is not a JSON object");
     }
     *root_p = root;
     return SPEED_OK;
@@ -72,40 +68,40 @@ static speed_status_t path_join(const char *dir, const char *name, char **out_p)
 /* ---- JSON helpers ---------------------------------------------------------------------- */
 
 /* Optional string member: absent or null → *s_p = NULL. Other types → FORMAT. */
-static speed_status_t get_str(const loader_t *ld, const json_t *obj, const char *ctx,
-                              const char *key, const char **s_p, size_t *len_p) {
+speed_status_t speed_tok_json_str(const tok_loader_t *ld, const json_t *obj, const char *ctx,
+                                  const char *key, const char **s_p, size_t *len_p) {
     json_t *v = json_object_get(obj, key);
     *s_p = NULL;
     if (len_p) *len_p = 0;
     if (!v || json_is_null(v)) return SPEED_OK;
     if (!json_is_string(v))
-        return fail(ld, SPEED_ERR_FORMAT, "%s: \"%s\" must be a string", ctx, key);
+        return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "%s: \"%s\" must be a string", ctx, key);
     *s_p = json_string_value(v);
     if (len_p) *len_p = json_string_length(v);
     return SPEED_OK;
 }
 
-static speed_status_t get_bool(const loader_t *ld, const json_t *obj, const char *ctx,
-                               const char *key, bool dflt, bool *out_p) {
+speed_status_t speed_tok_json_bool(const tok_loader_t *ld, const json_t *obj, const char *ctx,
+                                   const char *key, bool dflt, bool *out_p) {
     json_t *v = json_object_get(obj, key);
     if (!v || json_is_null(v)) {
         *out_p = dflt;
         return SPEED_OK;
     }
     if (!json_is_boolean(v))
-        return fail(ld, SPEED_ERR_FORMAT, "%s: \"%s\" must be true or false", ctx, key);
+        return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "%s: \"%s\" must be true or false", ctx, key);
     *out_p = json_is_true(v);
     return SPEED_OK;
 }
 
-static const char *type_of(const json_t *obj) {
+const char *speed_tok_json_type(const json_t *obj) {
     json_t *t = json_object_get(obj, "type");
     return json_is_string(t) ? json_string_value(t) : NULL;
 }
 
 /* Pattern objects: {"String": "..."} or {"Regex": "..."}. */
-static speed_status_t get_pattern(const loader_t *ld, const json_t *obj, const char *ctx,
-                                  const char **s_p, size_t *len_p, bool *regex_p) {
+speed_status_t speed_tok_json_pattern(const tok_loader_t *ld, const json_t *obj, const char *ctx,
+                                      const char **s_p, size_t *len_p, bool *regex_p) {
     json_t *p = json_object_get(obj, "pattern");
     json_t *v;
     if (json_is_object(p) && json_is_string(v = json_object_get(p, "String"))) {
@@ -113,11 +109,20 @@ static speed_status_t get_pattern(const loader_t *ld, const json_t *obj, const c
     } else if (json_is_object(p) && json_is_string(v = json_object_get(p, "Regex"))) {
         *regex_p = true;
     } else {
-        return fail(ld, SPEED_ERR_FORMAT, "%s: \"pattern\" must be {\"String\": ...} or "
-                    "{\"Regex\": ...}", ctx);
+        return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "%s: \"pattern\" must be {\"String\": ...} or "
+                                     "{\"Regex\": ...}", ctx);
     }
     *s_p = json_string_value(v);
     *len_p = json_string_length(v);
+    return SPEED_OK;
+}
+
+speed_status_t speed_tok_bytes_dup(const char *s, size_t len, char **out_p) {
+    char *p = speed_malloc(len + 1);
+    if (!p) return SPEED_ERR_NO_MEMORY;
+    memcpy(p, s, len);
+    p[len] = '\0';
+    *out_p = p;
     return SPEED_OK;
 }
 
@@ -214,7 +219,7 @@ static uint32_t pow2_at_least(size_t n) {
 /* ---- model ----------------------------------------------------------------------------- */
 
 /* Largest id in the model vocabulary and the added tokens, to size the entry table. */
-static speed_status_t scan_ids(const loader_t *ld, const json_t *vocab, const json_t *added,
+static speed_status_t scan_ids(const tok_loader_t *ld, const json_t *vocab, const json_t *added,
                                int64_t *max_p) {
     int64_t max = -1;
     const char *key;
@@ -223,8 +228,8 @@ static speed_status_t scan_ids(const loader_t *ld, const json_t *vocab, const js
     json_object_keylen_foreach((json_t *)vocab, key, klen, v) {
         (void)klen;
         if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) >= INT32_MAX)
-            return fail(ld, SPEED_ERR_FORMAT, "model.vocab: id of \"%s\" is not an integer in "
-                        "0..2^31-2", key);
+            return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "model.vocab: id of \"%s\" is not an integer in "
+                                         "0..2^31-2", key);
         if (json_integer_value(v) > max) max = json_integer_value(v);
     }
     size_t i;
@@ -232,13 +237,13 @@ static speed_status_t scan_ids(const loader_t *ld, const json_t *vocab, const js
         json_t *id = json_is_object(v) ? json_object_get(v, "id") : NULL;
         if (!json_is_integer(id) || json_integer_value(id) < 0 ||
             json_integer_value(id) >= INT32_MAX)
-            return fail(ld, SPEED_ERR_FORMAT, "added_tokens[%zu]: \"id\" must be an integer in "
-                        "0..2^31-2", i);
+            return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "added_tokens[%zu]: \"id\" must be an integer in "
+                                         "0..2^31-2", i);
         if (json_integer_value(id) > max) max = json_integer_value(id);
     }
     if (max > (int64_t)16 << 20)
-        return fail(ld, SPEED_ERR_FORMAT, "token id %lld is implausibly large",
-                    (long long)max);
+        return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "token id %lld is implausibly large",
+                                     (long long)max);
     *max_p = max;
     return SPEED_OK;
 }
@@ -268,15 +273,15 @@ static speed_status_t set_entry(speed_tok_t *tok, int32_t id, const char *s, siz
     return SPEED_OK;
 }
 
-static speed_status_t merge_parts(const loader_t *ld, json_t *m, size_t i, const char **a_p,
+static speed_status_t merge_parts(const tok_loader_t *ld, json_t *m, size_t i, const char **a_p,
                                   size_t *alen_p, const char **b_p, size_t *blen_p) {
     if (json_is_string(m)) {
         const char *s = json_string_value(m);
         size_t len = json_string_length(m);
         const char *sp = memchr(s, ' ', len);
         if (!sp || sp == s || sp == s + len - 1)
-            return fail(ld, SPEED_ERR_FORMAT, "model.merges[%zu]: \"%s\" is not \"left right\"",
-                        i, s);
+            return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "model.merges[%zu]: \"%s\" is not \"left right\"",
+                                         i, s);
         *a_p = s;
         *alen_p = (size_t)(sp - s);
         *b_p = sp + 1;
@@ -291,51 +296,51 @@ static speed_status_t merge_parts(const loader_t *ld, json_t *m, size_t i, const
         *blen_p = json_string_length(json_array_get(m, 1));
         return SPEED_OK;
     }
-    return fail(ld, SPEED_ERR_FORMAT, "model.merges[%zu] is neither \"a b\" nor [\"a\", \"b\"]", i);
+    return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "model.merges[%zu] is neither \"a b\" nor [\"a\", \"b\"]", i);
 }
 
-static speed_status_t load_model(const loader_t *ld, const json_t *root) {
+static speed_status_t load_model(const tok_loader_t *ld, const json_t *root) {
     speed_tok_t *tok = ld->tok;
     json_t *model = json_object_get(root, "model");
-    if (!json_is_object(model)) return fail(ld, SPEED_ERR_FORMAT, "no \"model\" object");
-    const char *type = type_of(model);
+    if (!json_is_object(model)) return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "no \"model\" object");
+    const char *type = speed_tok_json_type(model);
     json_t *vocab = json_object_get(model, "vocab");
     json_t *merges = json_object_get(model, "merges");
     if (!type && json_is_object(vocab) && json_is_array(merges)) type = "BPE";
-    if (!type) return fail(ld, SPEED_ERR_FORMAT, "model has no \"type\"");
+    if (!type) return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "model has no \"type\"");
     if (strcmp(type, "BPE") != 0)
-        return fail(ld, SPEED_ERR_UNSUPPORTED, "model type \"%s\" is not supported (only BPE)",
-                    type);
-    if (!json_is_object(vocab)) return fail(ld, SPEED_ERR_FORMAT, "model.vocab is not an object");
-    if (!json_is_array(merges)) return fail(ld, SPEED_ERR_FORMAT, "model.merges is not an array");
+        return speed_tok_loader_fail(ld, SPEED_ERR_UNSUPPORTED, "model type \"%s\" is not supported (only BPE)",
+                                     type);
+    if (!json_is_object(vocab)) return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "model.vocab is not an object");
+    if (!json_is_array(merges)) return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "model.merges is not an array");
     json_t *added = json_object_get(root, "added_tokens");
     if (added && !json_is_null(added) && !json_is_array(added))
-        return fail(ld, SPEED_ERR_FORMAT, "\"added_tokens\" is not an array");
+        return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "\"added_tokens\" is not an array");
     json_t *dropout = json_object_get(model, "dropout");
     if (json_is_number(dropout) && json_number_value(dropout) > 0.0)
-        return fail(ld, SPEED_ERR_UNSUPPORTED, "BPE dropout is not supported");
+        return speed_tok_loader_fail(ld, SPEED_ERR_UNSUPPORTED, "BPE dropout is not supported");
     const char *s;
     size_t slen;
-    SPEED_CHECK(get_str(ld, model, "model", "continuing_subword_prefix", &s, &slen));
+    SPEED_CHECK(speed_tok_json_str(ld, model, "model", "continuing_subword_prefix", &s, &slen));
     if (s && slen)
-        return fail(ld, SPEED_ERR_UNSUPPORTED, "model.continuing_subword_prefix is not supported");
-    SPEED_CHECK(get_str(ld, model, "model", "end_of_word_suffix", &s, &slen));
+        return speed_tok_loader_fail(ld, SPEED_ERR_UNSUPPORTED, "model.continuing_subword_prefix is not supported");
+    SPEED_CHECK(speed_tok_json_str(ld, model, "model", "end_of_word_suffix", &s, &slen));
     if (s && slen)
-        return fail(ld, SPEED_ERR_UNSUPPORTED, "model.end_of_word_suffix is not supported");
-    SPEED_CHECK(get_bool(ld, model, "model", "fuse_unk", false, &tok->fuse_unk));
-    SPEED_CHECK(get_bool(ld, model, "model", "byte_fallback", false, &tok->byte_fallback));
-    SPEED_CHECK(get_bool(ld, model, "model", "ignore_merges", false, &tok->ignore_merges));
+        return speed_tok_loader_fail(ld, SPEED_ERR_UNSUPPORTED, "model.end_of_word_suffix is not supported");
+    SPEED_CHECK(speed_tok_json_bool(ld, model, "model", "fuse_unk", false, &tok->fuse_unk));
+    SPEED_CHECK(speed_tok_json_bool(ld, model, "model", "byte_fallback", false, &tok->byte_fallback));
+    SPEED_CHECK(speed_tok_json_bool(ld, model, "model", "ignore_merges", false, &tok->ignore_merges));
 
     int64_t max_id = -1;
     SPEED_CHECK(scan_ids(ld, vocab, added, &max_id));
     tok->n_vocab = (int32_t)(max_id + 1);
     tok->entries = speed_calloc((size_t)tok->n_vocab + 1, sizeof *tok->entries);
-    if (!tok->entries) return oom(ld);
+    if (!tok->entries) return speed_tok_loader_oom(ld);
 
     size_t n_keys = json_object_size(vocab);
     tok->vocab_mask = pow2_at_least(n_keys * 2 + 1) - 1;
     tok->vocab_slots = speed_malloc(((size_t)tok->vocab_mask + 1) * sizeof *tok->vocab_slots);
-    if (!tok->vocab_slots) return oom(ld);
+    if (!tok->vocab_slots) return speed_tok_loader_oom(ld);
     memset(tok->vocab_slots, 0xff, ((size_t)tok->vocab_mask + 1) * sizeof *tok->vocab_slots);
 
     const char *key;
@@ -344,17 +349,17 @@ static speed_status_t load_model(const loader_t *ld, const json_t *root) {
     json_object_keylen_foreach(vocab, key, klen, v) {
         int32_t id = (int32_t)json_integer_value(v);
         if (tok->entries[id].flags & TOK_ENTRY_USED)
-            return fail(ld, SPEED_ERR_FORMAT, "model.vocab: id %d is used twice", (int)id);
-        if (set_entry(tok, id, key, klen, 0) != SPEED_OK) return oom(ld);
+            return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "model.vocab: id %d is used twice", (int)id);
+        if (set_entry(tok, id, key, klen, 0) != SPEED_OK) return speed_tok_loader_oom(ld);
         vocab_insert(tok, id);
     }
 
     /* merges */
     size_t n_merges = json_array_size(merges);
-    if (n_merges > INT32_MAX / 2) return fail(ld, SPEED_ERR_FORMAT, "too many merges");
+    if (n_merges > INT32_MAX / 2) return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "too many merges");
     tok->merge_mask = pow2_at_least(n_merges * 2 + 1) - 1;
     tok->merge_slots = speed_malloc(((size_t)tok->merge_mask + 1) * sizeof *tok->merge_slots);
-    if (!tok->merge_slots) return oom(ld);
+    if (!tok->merge_slots) return speed_tok_loader_oom(ld);
     for (size_t i = 0; i <= tok->merge_mask; i++) tok->merge_slots[i].key = UINT64_MAX;
     tok_buf_t cat = {0};
     speed_status_t st = SPEED_OK;
@@ -366,14 +371,14 @@ static speed_status_t load_model(const loader_t *ld, const json_t *root) {
         int32_t ia = tok_vocab_find(tok, a, alen), ib = tok_vocab_find(tok, b, blen);
         cat.len = 0;
         if (tok_buf_append(&cat, a, alen) != SPEED_OK || tok_buf_append(&cat, b, blen) != SPEED_OK) {
-            st = oom(ld);
+            st = speed_tok_loader_oom(ld);
             goto merges_out;
         }
         int32_t ic = tok_vocab_find(tok, cat.p, cat.len);
         if (ia < 0 || ib < 0 || ic < 0) {
-            st = fail(ld, SPEED_ERR_FORMAT, "model.merges[%zu]: \"%.*s\" + \"%.*s\": %s is not "
-                      "in the vocabulary", i, (int)alen, a, (int)blen, b,
-                      ia < 0 ? "the left part" : ib < 0 ? "the right part" : "the result");
+            st = speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "model.merges[%zu]: \"%.*s\" + \"%.*s\": %s is not "
+                                       "in the vocabulary", i, (int)alen, a, (int)blen, b,
+                                       ia < 0 ? "the left part" : ib < 0 ? "the right part" : "the result");
             goto merges_out;
         }
         merge_insert(tok, ia, ib, (int32_t)i, ic);
@@ -383,12 +388,12 @@ merges_out:
     SPEED_CHECK(st);
 
     /* unk */
-    SPEED_CHECK(get_str(ld, model, "model", "unk_token", &s, &slen));
+    SPEED_CHECK(speed_tok_json_str(ld, model, "model", "unk_token", &s, &slen));
     tok->unk_id = -1;
     if (s) {
         tok->unk_id = tok_vocab_find(tok, s, slen);
         if (tok->unk_id < 0)
-            return fail(ld, SPEED_ERR_FORMAT, "model.unk_token \"%s\" is not in the vocabulary", s);
+            return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "model.unk_token \"%s\" is not in the vocabulary", s);
     }
     return SPEED_OK;
 }
@@ -413,12 +418,12 @@ static void added_sort(speed_tok_t *tok) {
     }
 }
 
-static speed_status_t load_added(const loader_t *ld, const json_t *root) {
+static speed_status_t load_added(const tok_loader_t *ld, const json_t *root) {
     speed_tok_t *tok = ld->tok;
     json_t *added = json_object_get(root, "added_tokens");
     size_t n = json_is_array(added) ? json_array_size(added) : 0;
     tok->added = speed_calloc(n ? n : 1, sizeof *tok->added);
-    if (!tok->added) return oom(ld);
+    if (!tok->added) return speed_tok_loader_oom(ld);
     size_t i;
     json_t *v;
     json_array_foreach(added, i, v) {
@@ -426,18 +431,18 @@ static speed_status_t load_added(const loader_t *ld, const json_t *root) {
         snprintf(ctx, sizeof ctx, "added_tokens[%zu]", i);
         const char *content;
         size_t clen;
-        SPEED_CHECK(get_str(ld, v, ctx, "content", &content, &clen));
-        if (!content) return fail(ld, SPEED_ERR_FORMAT, "%s has no \"content\"", ctx);
+        SPEED_CHECK(speed_tok_json_str(ld, v, ctx, "content", &content, &clen));
+        if (!content) return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "%s has no \"content\"", ctx);
         tok_added_t a = {0};
         a.id = (int32_t)json_integer_value(json_object_get(v, "id"));
-        SPEED_CHECK(get_bool(ld, v, ctx, "special", false, &a.special));
-        SPEED_CHECK(get_bool(ld, v, ctx, "lstrip", false, &a.lstrip));
-        SPEED_CHECK(get_bool(ld, v, ctx, "rstrip", false, &a.rstrip));
-        SPEED_CHECK(get_bool(ld, v, ctx, "single_word", false, &a.single_word));
-        SPEED_CHECK(get_bool(ld, v, ctx, "normalized", !a.special, &a.normalized));
+        SPEED_CHECK(speed_tok_json_bool(ld, v, ctx, "special", false, &a.special));
+        SPEED_CHECK(speed_tok_json_bool(ld, v, ctx, "lstrip", false, &a.lstrip));
+        SPEED_CHECK(speed_tok_json_bool(ld, v, ctx, "rstrip", false, &a.rstrip));
+        SPEED_CHECK(speed_tok_json_bool(ld, v, ctx, "single_word", false, &a.single_word));
+        SPEED_CHECK(speed_tok_json_bool(ld, v, ctx, "normalized", !a.special, &a.normalized));
         if (set_entry(tok, a.id, content, clen,
                       TOK_ENTRY_ADDED | (a.special ? TOK_ENTRY_SPECIAL : 0)) != SPEED_OK)
-            return oom(ld);
+            return speed_tok_loader_oom(ld);
         if (clen == 0) continue;  /* an empty token can never be matched */
         a.off = tok->entries[a.id].off;
         a.len = (uint32_t)clen;
@@ -450,462 +455,6 @@ static speed_status_t load_added(const loader_t *ld, const json_t *root) {
         while (k < tok->n_added && (unsigned char)tok->strs[tok->added[k].off] == c) k++;
     }
     tok->added_first[256] = (uint32_t)k;
-    return SPEED_OK;
-}
-
-/* ---- normalizer / pre-tokenizer / decoder -------------------------------------------------- */
-
-static speed_status_t dup_bytes(const char *s, size_t len, char **out_p) {
-    char *p = speed_malloc(len + 1);
-    if (!p) return SPEED_ERR_NO_MEMORY;
-    memcpy(p, s, len);
-    p[len] = '\0';
-    *out_p = p;
-    return SPEED_OK;
-}
-
-static speed_status_t grow_array(void **arr, size_t n, size_t elem) {
-    void *p = speed_realloc(*arr, (n + 1) * elem);
-    if (!p) return SPEED_ERR_NO_MEMORY;
-    *arr = p;
-    return SPEED_OK;
-}
-
-static speed_status_t load_normalizer(const loader_t *ld, const json_t *n, int depth) {
-    speed_tok_t *tok = ld->tok;
-    if (!n || json_is_null(n)) return SPEED_OK;
-    if (!json_is_object(n) || depth > 8)
-        return fail(ld, SPEED_ERR_FORMAT, "normalizer is not an object");
-    const char *type = type_of(n);
-    if (!type) return fail(ld, SPEED_ERR_FORMAT, "normalizer has no \"type\"");
-    if (strcmp(type, "Sequence") == 0) {
-        json_t *list = json_object_get(n, "normalizers");
-        if (!json_is_array(list))
-            return fail(ld, SPEED_ERR_FORMAT, "Sequence normalizer has no \"normalizers\" array");
-        size_t i;
-        json_t *v;
-        json_array_foreach(list, i, v) SPEED_CHECK(load_normalizer(ld, v, depth + 1));
-        return SPEED_OK;
-    }
-    if (strcmp(type, "NFC") == 0) {
-        /* NFC is the identity on text that is already composed, which is nearly all text
-         * a server sees; decomposed input is not recomposed (see README). */
-        SPEED_WARN(SPEED_SUBSYS_TOK, "%s: NFC normalizer treated as identity", ld->path);
-        return SPEED_OK;
-    }
-    tok_norm_t nm = {0};
-    const char *s, *c;
-    size_t slen, clen;
-    if (strcmp(type, "Prepend") == 0) {
-        nm.type = TOK_NORM_PREPEND;
-        SPEED_CHECK(get_str(ld, n, "Prepend normalizer", "prepend", &s, &slen));
-        if (!s) return fail(ld, SPEED_ERR_FORMAT, "Prepend normalizer has no \"prepend\"");
-        if (dup_bytes(s, slen, &nm.a) != SPEED_OK) return oom(ld);
-        nm.a_len = slen;
-    } else if (strcmp(type, "Replace") == 0) {
-        bool regex = false;
-        nm.type = TOK_NORM_REPLACE;
-        SPEED_CHECK(get_pattern(ld, n, "Replace normalizer", &s, &slen, &regex));
-        if (regex)
-            return fail(ld, SPEED_ERR_UNSUPPORTED, "Replace normalizer with a Regex pattern is "
-                        "not supported");
-        if (slen == 0) return fail(ld, SPEED_ERR_FORMAT, "Replace normalizer has an empty pattern");
-        SPEED_CHECK(get_str(ld, n, "Replace normalizer", "content", &c, &clen));
-        if (!c) return fail(ld, SPEED_ERR_FORMAT, "Replace normalizer has no \"content\"");
-        if (dup_bytes(s, slen, &nm.a) != SPEED_OK) return oom(ld);
-        if (dup_bytes(c, clen, &nm.b) != SPEED_OK) {
-            speed_free(nm.a);
-            return oom(ld);
-        }
-        nm.a_len = slen;
-        nm.b_len = clen;
-    } else {
-        return fail(ld, SPEED_ERR_UNSUPPORTED, "normalizer type \"%s\" is not supported "
-                    "(supported: Sequence, Prepend, Replace, NFC)", type);
-    }
-    if (grow_array((void **)&tok->norms, tok->n_norms, sizeof *tok->norms) != SPEED_OK) {
-        speed_free(nm.a);
-        speed_free(nm.b);
-        return oom(ld);
-    }
-    tok->norms[tok->n_norms++] = nm;
-    return SPEED_OK;
-}
-
-#define GPT2_REGEX "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+"
-
-static speed_status_t metaspace_common(const loader_t *ld, const json_t *p, const char *ctx,
-                                       char *repl, size_t *repl_len, tok_prepend_t *prepend) {
-    const char *s;
-    size_t slen;
-    SPEED_CHECK(get_str(ld, p, ctx, "replacement", &s, &slen));
-    if (!s) {
-        s = "\xE2\x96\x81";
-        slen = 3;
-    }
-    if (slen == 0 || slen > 4 || tok_utf8_char_len((unsigned char)s[0]) != slen)
-        return fail(ld, SPEED_ERR_FORMAT, "%s: \"replacement\" must be one character", ctx);
-    memcpy(repl, s, slen);
-    repl[slen] = '\0';
-    *repl_len = slen;
-    const char *scheme;
-    SPEED_CHECK(get_str(ld, p, ctx, "prepend_scheme", &scheme, NULL));
-    if (scheme) {
-        if (strcmp(scheme, "always") == 0) *prepend = TOK_PREPEND_ALWAYS;
-        else if (strcmp(scheme, "first") == 0) *prepend = TOK_PREPEND_FIRST;
-        else if (strcmp(scheme, "never") == 0) *prepend = TOK_PREPEND_NEVER;
-        else return fail(ld, SPEED_ERR_FORMAT, "%s: unknown prepend_scheme \"%s\"", ctx, scheme);
-    } else {
-        bool aps = true;
-        SPEED_CHECK(get_bool(ld, p, ctx, "add_prefix_space", true, &aps));
-        *prepend = aps ? TOK_PREPEND_ALWAYS : TOK_PREPEND_NEVER;
-    }
-    return SPEED_OK;
-}
-
-static speed_status_t load_pre(const loader_t *ld, const json_t *p, int depth) {
-    speed_tok_t *tok = ld->tok;
-    if (!p || json_is_null(p)) return SPEED_OK;
-    if (!json_is_object(p) || depth > 8)
-        return fail(ld, SPEED_ERR_FORMAT, "pre_tokenizer is not an object");
-    const char *type = type_of(p);
-    if (!type) return fail(ld, SPEED_ERR_FORMAT, "pre_tokenizer has no \"type\"");
-    if (strcmp(type, "Sequence") == 0) {
-        json_t *list = json_object_get(p, "pretokenizers");
-        if (!json_is_array(list))
-            return fail(ld, SPEED_ERR_FORMAT, "Sequence pre_tokenizer has no \"pretokenizers\" array");
-        size_t i;
-        json_t *v;
-        json_array_foreach(list, i, v) SPEED_CHECK(load_pre(ld, v, depth + 1));
-        return SPEED_OK;
-    }
-    if (tok->byte_level)
-        return fail(ld, SPEED_ERR_UNSUPPORTED, "pre_tokenizer \"%s\" after ByteLevel is not "
-                    "supported", type);
-    tok_pre_t pre = {0};
-    speed_status_t st;
-    if (strcmp(type, "Split") == 0) {
-        const char *s;
-        size_t slen;
-        bool regex = false, invert = false;
-        pre.type = TOK_PRE_SPLIT;
-        SPEED_CHECK(get_pattern(ld, p, "Split pre_tokenizer", &s, &slen, &regex));
-        SPEED_CHECK(get_bool(ld, p, "Split pre_tokenizer", "invert", false, &invert));
-        if (invert)
-            return fail(ld, SPEED_ERR_UNSUPPORTED, "Split pre_tokenizer with invert is not supported");
-        const char *beh;
-        SPEED_CHECK(get_str(ld, p, "Split pre_tokenizer", "behavior", &beh, NULL));
-        if (!beh) beh = "Isolated";
-        if (strcmp(beh, "Isolated") == 0) pre.behavior = TOK_SPLIT_ISOLATED;
-        else if (strcmp(beh, "Removed") == 0) pre.behavior = TOK_SPLIT_REMOVED;
-        else if (strcmp(beh, "MergedWithPrevious") == 0) pre.behavior = TOK_SPLIT_MERGED_PREV;
-        else if (strcmp(beh, "MergedWithNext") == 0) pre.behavior = TOK_SPLIT_MERGED_NEXT;
-        else if (strcmp(beh, "Contiguous") == 0) pre.behavior = TOK_SPLIT_CONTIGUOUS;
-        else return fail(ld, SPEED_ERR_FORMAT, "Split pre_tokenizer: unknown behavior \"%s\"", beh);
-        if (slen == 0) return fail(ld, SPEED_ERR_FORMAT, "Split pre_tokenizer has an empty pattern");
-        st = tok_regex_compile(tok->gctx, s, slen, !regex, ld->path, &pre.re);
-        if (st == SPEED_ERR_NO_MEMORY) return oom(ld);
-        SPEED_CHECK(st);
-    } else if (strcmp(type, "ByteLevel") == 0) {
-        pre.type = TOK_PRE_BYTELEVEL;
-        SPEED_CHECK(get_bool(ld, p, "ByteLevel pre_tokenizer", "add_prefix_space", true,
-                             &pre.add_prefix_space));
-        SPEED_CHECK(get_bool(ld, p, "ByteLevel pre_tokenizer", "use_regex", true, &pre.use_regex));
-        if (pre.use_regex) {
-            st = tok_regex_compile(tok->gctx, GPT2_REGEX, strlen(GPT2_REGEX), false, ld->path,
-                                   &pre.re);
-            if (st == SPEED_ERR_NO_MEMORY) return oom(ld);
-            SPEED_CHECK(st);
-        }
-        tok->byte_level = true;
-    } else if (strcmp(type, "Metaspace") == 0) {
-        pre.type = TOK_PRE_METASPACE;
-        SPEED_CHECK(metaspace_common(ld, p, "Metaspace pre_tokenizer", pre.repl, &pre.repl_len,
-                                     &pre.prepend));
-        SPEED_CHECK(get_bool(ld, p, "Metaspace pre_tokenizer", "split", true, &pre.split));
-    } else {
-        return fail(ld, SPEED_ERR_UNSUPPORTED, "pre_tokenizer type \"%s\" is not supported "
-                    "(supported: Sequence, Split, ByteLevel, Metaspace)", type);
-    }
-    if (grow_array((void **)&tok->pres, tok->n_pres, sizeof *tok->pres) != SPEED_OK) {
-        tok_regex_free(&pre.re);
-        return oom(ld);
-    }
-    tok->pres[tok->n_pres++] = pre;
-    return SPEED_OK;
-}
-
-static speed_status_t load_decoder(const loader_t *ld, const json_t *d, int depth) {
-    speed_tok_t *tok = ld->tok;
-    if (!d || json_is_null(d)) return SPEED_OK;
-    if (!json_is_object(d) || depth > 8)
-        return fail(ld, SPEED_ERR_FORMAT, "decoder is not an object");
-    const char *type = type_of(d);
-    if (!type) return fail(ld, SPEED_ERR_FORMAT, "decoder has no \"type\"");
-    tok->has_decoder = true;
-    if (strcmp(type, "Sequence") == 0) {
-        json_t *list = json_object_get(d, "decoders");
-        if (!json_is_array(list))
-            return fail(ld, SPEED_ERR_FORMAT, "Sequence decoder has no \"decoders\" array");
-        size_t i;
-        json_t *v;
-        json_array_foreach(list, i, v) SPEED_CHECK(load_decoder(ld, v, depth + 1));
-        return SPEED_OK;
-    }
-    tok_dec_t dec = {0};
-    const char *s, *c;
-    size_t slen, clen;
-    if (strcmp(type, "ByteLevel") == 0) {
-        dec.type = TOK_DEC_BYTELEVEL;
-    } else if (strcmp(type, "ByteFallback") == 0) {
-        dec.type = TOK_DEC_BYTEFALLBACK;
-    } else if (strcmp(type, "Fuse") == 0) {
-        dec.type = TOK_DEC_FUSE;
-    } else if (strcmp(type, "Replace") == 0) {
-        bool regex = false;
-        dec.type = TOK_DEC_REPLACE;
-        SPEED_CHECK(get_pattern(ld, d, "Replace decoder", &s, &slen, &regex));
-        if (regex)
-            return fail(ld, SPEED_ERR_UNSUPPORTED, "Replace decoder with a Regex pattern is not "
-                        "supported");
-        if (slen == 0) return fail(ld, SPEED_ERR_FORMAT, "Replace decoder has an empty pattern");
-        SPEED_CHECK(get_str(ld, d, "Replace decoder", "content", &c, &clen));
-        if (!c) return fail(ld, SPEED_ERR_FORMAT, "Replace decoder has no \"content\"");
-        if (dup_bytes(s, slen, &dec.a) != SPEED_OK) return oom(ld);
-        if (dup_bytes(c, clen, &dec.b) != SPEED_OK) {
-            speed_free(dec.a);
-            return oom(ld);
-        }
-        dec.a_len = slen;
-        dec.b_len = clen;
-    } else if (strcmp(type, "Strip") == 0) {
-        dec.type = TOK_DEC_STRIP;
-        SPEED_CHECK(get_str(ld, d, "Strip decoder", "content", &s, &slen));
-        json_t *start = json_object_get(d, "start"), *stop = json_object_get(d, "stop");
-        if (!s || slen == 0 || tok_utf8_char_len((unsigned char)s[0]) != slen ||
-            !json_is_integer(start) || !json_is_integer(stop) || json_integer_value(start) < 0 ||
-            json_integer_value(stop) < 0 || json_integer_value(start) > 1000 ||
-            json_integer_value(stop) > 1000)
-            return fail(ld, SPEED_ERR_FORMAT, "Strip decoder needs a one-character \"content\" "
-                        "and integer \"start\"/\"stop\"");
-        if (dup_bytes(s, slen, &dec.a) != SPEED_OK) return oom(ld);
-        dec.a_len = slen;
-        dec.start = (int)json_integer_value(start);
-        dec.stop = (int)json_integer_value(stop);
-    } else if (strcmp(type, "Metaspace") == 0) {
-        char repl[8];
-        size_t rlen;
-        tok_prepend_t prepend;
-        dec.type = TOK_DEC_METASPACE;
-        SPEED_CHECK(metaspace_common(ld, d, "Metaspace decoder", repl, &rlen, &prepend));
-        if (dup_bytes(repl, rlen, &dec.a) != SPEED_OK) return oom(ld);
-        dec.a_len = rlen;
-        dec.prepend = prepend != TOK_PREPEND_NEVER;
-    } else {
-        return fail(ld, SPEED_ERR_UNSUPPORTED, "decoder type \"%s\" is not supported (supported: "
-                    "Sequence, ByteLevel, Replace, ByteFallback, Fuse, Strip, Metaspace)", type);
-    }
-    if (grow_array((void **)&tok->decs, tok->n_decs, sizeof *tok->decs) != SPEED_OK) {
-        speed_free(dec.a);
-        speed_free(dec.b);
-        return oom(ld);
-    }
-    tok->decs[tok->n_decs++] = dec;
-    return SPEED_OK;
-}
-
-/* TemplateProcessing "single": special tokens before $A go in front, after it behind. */
-static speed_status_t load_template(const loader_t *ld, const json_t *pp) {
-    speed_tok_t *tok = ld->tok;
-    json_t *single = json_object_get(pp, "single");
-    json_t *specials = json_object_get(pp, "special_tokens");
-    if (!json_is_array(single))
-        return fail(ld, SPEED_ERR_FORMAT, "TemplateProcessing has no \"single\" array");
-    bool seen_a = false;
-    size_t i;
-    json_t *v;
-    json_array_foreach(single, i, v) {
-        json_t *sp = json_object_get(v, "SpecialToken");
-        if (json_object_get(v, "Sequence")) {
-            seen_a = true;
-            continue;
-        }
-        json_t *name = json_object_get(sp, "id");
-        if (!json_is_string(name))
-            return fail(ld, SPEED_ERR_FORMAT, "TemplateProcessing.single[%zu] is neither "
-                        "SpecialToken nor Sequence", i);
-        json_t *ids = json_object_get(json_object_get(specials, json_string_value(name)), "ids");
-        if (!json_is_array(ids))
-            return fail(ld, SPEED_ERR_FORMAT, "TemplateProcessing: special token \"%s\" has no "
-                        "ids", json_string_value(name));
-        size_t k;
-        json_t *idv;
-        json_array_foreach(ids, k, idv) {
-            json_int_t id = json_integer_value(idv);
-            if (!json_is_integer(idv) || id < 0 || id >= tok->n_vocab)
-                return fail(ld, SPEED_ERR_FORMAT, "TemplateProcessing: special token \"%s\" has "
-                            "an id outside the vocabulary", json_string_value(name));
-            int32_t *arr = seen_a ? tok->suffix_ids : tok->prefix_ids;
-            size_t *n = seen_a ? &tok->n_suffix : &tok->n_prefix;
-            if (*n == 4)
-                return fail(ld, SPEED_ERR_UNSUPPORTED, "TemplateProcessing adds more than 4 "
-                            "tokens on one side");
-            arr[(*n)++] = (int32_t)id;
-        }
-    }
-    return SPEED_OK;
-}
-
-static speed_status_t load_post(const loader_t *ld, const json_t *pp, int depth) {
-    if (!pp || json_is_null(pp)) return SPEED_OK;
-    const char *type = json_is_object(pp) ? type_of(pp) : NULL;
-    if (!type || depth > 8) return fail(ld, SPEED_ERR_FORMAT, "post_processor has no \"type\"");
-    if (strcmp(type, "ByteLevel") == 0) return SPEED_OK;  /* offsets only */
-    if (strcmp(type, "TemplateProcessing") == 0) return load_template(ld, pp);
-    if (strcmp(type, "Sequence") == 0) {
-        json_t *list = json_object_get(pp, "processors");
-        if (!json_is_array(list))
-            return fail(ld, SPEED_ERR_FORMAT, "Sequence post_processor has no \"processors\" array");
-        size_t i;
-        json_t *v;
-        json_array_foreach(list, i, v) SPEED_CHECK(load_post(ld, v, depth + 1));
-        return SPEED_OK;
-    }
-    return fail(ld, SPEED_ERR_UNSUPPORTED, "post_processor type \"%s\" is not supported "
-                "(supported: TemplateProcessing, ByteLevel, Sequence)", type);
-}
-
-/* ---- tokenizer_config.json ------------------------------------------------------------- */
-
-int32_t speed_tok_token_id(const speed_tok_t *tok, const char *text, size_t len) {
-    if (!tok || !text) return -1;
-    for (size_t i = 0; i < tok->n_added; i++) {
-        const tok_added_t *a = &tok->added[i];
-        if (a->len == len && memcmp(tok->strs + a->off, text, len) == 0) return a->id;
-    }
-    return tok_vocab_find(tok, text, len);
-}
-
-/* "bos_token": "<s>" or {"content": "<s>", ...} or null. */
-static speed_status_t config_token(const loader_t *ld, const json_t *cfg, const char *key,
-                                   const char **s_p) {
-    json_t *v = json_object_get(cfg, key);
-    *s_p = NULL;
-    if (!v || json_is_null(v)) return SPEED_OK;
-    if (json_is_object(v)) v = json_object_get(v, "content");
-    if (!json_is_string(v))
-        return fail(ld, SPEED_ERR_FORMAT, "\"%s\" must be a string or {\"content\": string}", key);
-    *s_p = json_string_value(v);
-    return SPEED_OK;
-}
-
-static void eos_add(speed_tok_t *tok, int32_t id) {
-    if (id < 0 || tok->n_eos == sizeof tok->eos_ids / sizeof tok->eos_ids[0]) return;
-    for (size_t i = 0; i < tok->n_eos; i++)
-        if (tok->eos_ids[i] == id) return;
-    tok->eos_ids[tok->n_eos++] = id;
-}
-
-static speed_chat_template_t recognise_template(const char *t, bool *gen_p) {
-    *gen_p = strstr(t, "add_generation_prompt") != NULL;
-    if (strstr(t, "<|start_header_id|>") && strstr(t, "<|end_header_id|>") && strstr(t, "<|eot_id|>"))
-        return SPEED_CHAT_TEMPLATE_LLAMA3;
-    if (strstr(t, "<|im_start|>") && strstr(t, "<|im_end|>")) return SPEED_CHAT_TEMPLATE_CHATML;
-    if (strstr(t, "[INST]") && strstr(t, "[/INST]") && strstr(t, "<<SYS>>"))
-        return SPEED_CHAT_TEMPLATE_LLAMA2;
-    return SPEED_CHAT_TEMPLATE_AUTO;
-}
-
-static speed_status_t load_config(const loader_t *ld, const json_t *cfg,
-                                  const speed_tok_params_t *params) {
-    speed_tok_t *tok = ld->tok;
-    const char *bos = NULL, *eos = NULL;
-    bool has_add_bos = false, has_add_eos = false, add_bos = false, add_eos = false;
-    const char *tmpl = NULL;
-    if (cfg) {
-        SPEED_CHECK(config_token(ld, cfg, "bos_token", &bos));
-        SPEED_CHECK(config_token(ld, cfg, "eos_token", &eos));
-        json_t *v;
-        if ((v = json_object_get(cfg, "add_bos_token")) && !json_is_null(v)) {
-            SPEED_CHECK(get_bool(ld, cfg, "tokenizer_config", "add_bos_token", false, &add_bos));
-            has_add_bos = true;
-        }
-        if ((v = json_object_get(cfg, "add_eos_token")) && !json_is_null(v)) {
-            SPEED_CHECK(get_bool(ld, cfg, "tokenizer_config", "add_eos_token", false, &add_eos));
-            has_add_eos = true;
-        }
-        v = json_object_get(cfg, "chat_template");
-        if (json_is_string(v)) {
-            tmpl = json_string_value(v);
-        } else if (json_is_array(v)) {  /* [{"name": "default", "template": "..."}, ...] */
-            size_t i;
-            json_t *e;
-            json_array_foreach(v, i, e) {
-                json_t *name = json_object_get(e, "name"), *t = json_object_get(e, "template");
-                if (json_is_string(name) && json_is_string(t) &&
-                    strcmp(json_string_value(name), "default") == 0)
-                    tmpl = json_string_value(t);
-            }
-        } else if (v && !json_is_null(v)) {
-            return fail(ld, SPEED_ERR_FORMAT, "\"chat_template\" must be a string");
-        }
-    }
-    tok->bos_id = bos ? speed_tok_token_id(tok, bos, strlen(bos)) : -1;
-    if (bos && tok->bos_id < 0)
-        return fail(ld, SPEED_ERR_FORMAT, "bos_token \"%s\" is not in the vocabulary", bos);
-    if (!bos && tok->n_prefix == 1) {
-        tok->bos_id = tok->prefix_ids[0];
-        bos = speed_tok_token_text(tok, tok->bos_id);
-    }
-    int32_t eos_id = eos ? speed_tok_token_id(tok, eos, strlen(eos)) : -1;
-    if (eos && eos_id < 0)
-        return fail(ld, SPEED_ERR_FORMAT, "eos_token \"%s\" is not in the vocabulary", eos);
-    if (!eos) {
-        static const char *const fallback[] = {"</s>", "<|endoftext|>", "<|end_of_text|>"};
-        for (size_t i = 0; i < 3 && eos_id < 0; i++) {
-            eos_id = speed_tok_token_id(tok, fallback[i], strlen(fallback[i]));
-            if (eos_id >= 0) eos = fallback[i];
-        }
-    }
-    eos_add(tok, eos_id);
-    static const char *const turn_ends[] = {"<|eot_id|>", "<|eom_id|>", "<|im_end|>",
-                                            "<|end_of_text|>", "<|endoftext|>"};
-    for (size_t i = 0; i < sizeof turn_ends / sizeof turn_ends[0]; i++) {
-        int32_t id = speed_tok_token_id(tok, turn_ends[i], strlen(turn_ends[i]));
-        if (id >= 0 && (tok->entries[id].flags & TOK_ENTRY_ADDED)) eos_add(tok, id);
-    }
-    if (has_add_bos) {
-        if (add_bos && tok->bos_id < 0)
-            return fail(ld, SPEED_ERR_FORMAT, "add_bos_token is true but there is no bos_token");
-        /* The config overrides the post-processor, as LlamaTokenizerFast does. */
-        if (add_bos && !(tok->n_prefix == 1 && tok->prefix_ids[0] == tok->bos_id)) {
-            tok->prefix_ids[0] = tok->bos_id;
-            tok->n_prefix = 1;
-        } else if (!add_bos) {
-            tok->n_prefix = 0;
-        }
-    }
-    if (has_add_eos) {
-        if (add_eos && eos_id < 0)
-            return fail(ld, SPEED_ERR_FORMAT, "add_eos_token is true but there is no eos_token");
-        tok->n_suffix = 0;
-        if (add_eos) tok->suffix_ids[tok->n_suffix++] = eos_id;
-    }
-    if (dup_bytes(bos ? bos : "", bos ? strlen(bos) : 0, &tok->bos_text) != SPEED_OK ||
-        dup_bytes(eos ? eos : "", eos ? strlen(eos) : 0, &tok->eos_text) != SPEED_OK)
-        return oom(ld);
-
-    bool gen = false;
-    tok->has_chat_template = tmpl != NULL;
-    speed_chat_template_t found = tmpl ? recognise_template(tmpl, &gen) : SPEED_CHAT_TEMPLATE_AUTO;
-    if (params->chat_template != SPEED_CHAT_TEMPLATE_AUTO) {
-        tok->chat_template = params->chat_template;
-        /* A named template behaves like the template family's instruct version. */
-        tok->chat_honours_gen_prompt = found == params->chat_template ? gen : true;
-    } else {
-        tok->chat_template = found;
-        tok->chat_honours_gen_prompt = gen;
-    }
     return SPEED_OK;
 }
 
@@ -965,11 +514,11 @@ speed_status_t speed_tok_load(const char *model_dir, const speed_tok_params_t *p
     speed_status_t st = SPEED_OK;
     char *path = NULL, *cfg_path = NULL;
     json_t *root = NULL, *cfg = NULL;
-    loader_t ld = {.path = model_dir};
+    tok_loader_t ld = {.path = model_dir};
     speed_tok_t *tok = speed_calloc(1, sizeof *tok);
     if (!tok || path_join(model_dir, "tokenizer.json", &path) != SPEED_OK ||
         path_join(model_dir, "tokenizer_config.json", &cfg_path) != SPEED_OK) {
-        st = oom(&ld);
+        st = speed_tok_loader_oom(&ld);
         goto fail;
     }
     ld.tok = tok;
@@ -977,16 +526,16 @@ speed_status_t speed_tok_load(const char *model_dir, const speed_tok_params_t *p
     tok->unk_id = tok->bos_id = -1;
     tok->gctx = tok_pcre2_context_create();
     if (!tok->gctx) {
-        st = oom(&ld);
+        st = speed_tok_loader_oom(&ld);
         goto fail;
     }
     SPEED_CHECK_GOTO(json_read(&ld, false, JSON_ALLOW_NUL, &root), st, fail);
     SPEED_CHECK_GOTO(load_model(&ld, root), st, fail);
     SPEED_CHECK_GOTO(load_added(&ld, root), st, fail);
-    SPEED_CHECK_GOTO(load_normalizer(&ld, json_object_get(root, "normalizer"), 0), st, fail);
-    SPEED_CHECK_GOTO(load_pre(&ld, json_object_get(root, "pre_tokenizer"), 0), st, fail);
-    SPEED_CHECK_GOTO(load_decoder(&ld, json_object_get(root, "decoder"), 0), st, fail);
-    SPEED_CHECK_GOTO(load_post(&ld, json_object_get(root, "post_processor"), 0), st, fail);
+    SPEED_CHECK_GOTO(speed_tok_normalizer_load(&ld, json_object_get(root, "normalizer"), 0), st, fail);
+    SPEED_CHECK_GOTO(speed_tok_pre_tokenizer_load(&ld, json_object_get(root, "pre_tokenizer"), 0), st, fail);
+    SPEED_CHECK_GOTO(speed_tok_decoder_load(&ld, json_object_get(root, "decoder"), 0), st, fail);
+    SPEED_CHECK_GOTO(speed_tok_post_processor_load(&ld, json_object_get(root, "post_processor"), 0), st, fail);
     build_tables(tok);
     tok->sp_split = vocab_allows_sp_split(tok);
 
@@ -995,7 +544,7 @@ speed_status_t speed_tok_load(const char *model_dir, const speed_tok_params_t *p
     st = json_read(&ld, true, JSON_DECODE_INT_AS_REAL | JSON_ALLOW_NUL, &cfg);
     if (st == SPEED_ERR_NOT_FOUND) st = SPEED_OK;
     SPEED_CHECK_GOTO(st, st, fail);
-    SPEED_CHECK_GOTO(load_config(&ld, cfg, params), st, fail);
+    SPEED_CHECK_GOTO(speed_tok_config_load(&ld, cfg, params), st, fail);
 
     json_decref(root);
     json_decref(cfg);
