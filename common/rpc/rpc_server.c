@@ -7,7 +7,7 @@
  * while new calls are answered at once with UNAVAILABLE; the rest are then ended by us with
  * UNAVAILABLE. If any call finished normally in this phase, the connections stay open a
  * little longer (RPC_LINGER_MIN_MS..RPC_LINGER_MAX_MS) so that slow readers get the end of
- * their streams. Closing (the order of DEPENDENCIES.md section 2):
+ * their streams. Closing (the order of docs/dependencies.md §2):
  * grpc_server_shutdown_and_notify; as a backstop grpc_server_cancel_all_calls; wait until no
  * accept is pending, no call is in flight and the notify tag arrived; grpc_server_destroy;
  * grpc_completion_queue_shutdown, and the CQ thread exits on GRPC_QUEUE_SHUTDOWN;
