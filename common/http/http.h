@@ -108,7 +108,9 @@ typedef struct {
 typedef void (*speed_http_handler_cb_t)(void *user, speed_http_request_t *request);
 
 /* The client went away (or the server is stopping) before the writer closed `stream`. Runs
- * once, on an MHD thread; the stream stays valid (the writer still holds it). May call
+ * once, on an MHD thread; the stream stays valid (the writer still holds it). While it runs,
+ * a speed_http_stream_close on another thread waits, so the callback sees the stream
+ * cancelled and not closed (writes say SPEED_ERR_CANCELLED). May call
  * speed_http_stream_close. Must not call speed_http_server_destroy. */
 typedef void (*speed_http_disconnect_cb_t)(void *user, speed_http_stream_t *stream);
 

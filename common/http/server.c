@@ -314,18 +314,26 @@ static speed_status_t stream_append(speed_http_stream_t *s, const void *data, si
     return st;
 }
 
-/* Marks the stream closed, wakes the connection, waits out a running disconnect callback
- * (unless we are inside it), then drops the writer's reference. Caller holds s->lock,
- * which this releases. */
+/* Waits out a disconnect callback running on another thread, marks the stream closed, wakes
+ * the connection, then drops the writer's reference. Caller holds s->lock, which this
+ * releases.
+ *
+ * The wait comes first. The callback runs outside s->lock, because it may write or close.
+ * If close set `closed` and then waited, a writer thread that saw CANCELLED and closed
+ * while the callback was running would close the stream under the callback. The callback
+ * was told the writer still holds the stream, but its writes would get INVALID_ARGUMENT
+ * ("after close") instead of CANCELLED. test_disconnect_races hit this when writers wrote
+ * flat out. A callback runs only after the request is over (no connection to wake, nothing
+ * left to read), so closing a little later changes nothing on the wire. */
 static speed_status_t stream_close_locked(speed_http_stream_t *s, speed_status_t st)
 {
+    while (s->cb_running && !pthread_equal(s->cb_thread, pthread_self()))
+        pthread_cond_wait(&s->cond, &s->lock);
     SPEED_ASSERT(!s->closed); /* closing twice: the reference is already gone */
     s->closed = true;
     s->committed = true;
     if (s->cancelled && st == SPEED_OK) st = SPEED_ERR_CANCELLED;
     stream_wake_locked(s);
-    while (s->cb_running && !pthread_equal(s->cb_thread, pthread_self()))
-        pthread_cond_wait(&s->cond, &s->lock);
     pthread_mutex_unlock(&s->lock);
     stream_unref(s);
     return st;

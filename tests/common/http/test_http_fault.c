@@ -73,6 +73,42 @@ static void h_quick(void *user, speed_http_request_t *req)
         writer_start(s, WRITE_EVENTS, n ? atoi(n) : 3, 0, NULL);
 }
 
+/* /closing: the writer of test_close_during_callback. Its callback watches the stream while
+ * the writer closes it from another thread. */
+static _Atomic(writer_t *) g_closing_writer;
+static _Atomic int g_closing_bad;       /* callback writes that did not say CANCELLED */
+static _Atomic int g_closing_seen_done; /* the callback saw the writer go to close */
+
+static void on_disconnect_closing(void *user, speed_http_stream_t *stream)
+{
+    (void)user;
+    writer_t *w = atomic_load(&g_closing_writer);
+    /* The writer's next write fails, it sets `done` and calls close. Wait for that, then look
+     * at the stream for 200 ms: the writer is inside close, which must wait for this callback,
+     * so the stream stays cancelled and not closed, and every write says CANCELLED. */
+    double end = now_s() + 5;
+    while (w && !atomic_load(&w->done) && now_s() < end) sleep_ms(1);
+    if (w && atomic_load(&w->done)) atomic_store(&g_closing_seen_done, 1);
+    end = now_s() + 0.2;
+    while (now_s() < end) {
+        if (!speed_http_stream_is_cancelled(stream) ||
+            speed_http_stream_write(stream, "x", 1) != SPEED_ERR_CANCELLED)
+            atomic_fetch_add(&g_closing_bad, 1);
+        sleep_ms(1);
+    }
+    atomic_fetch_add(&g_disconnects, 1);
+    sem_post(&g_disc_sem);
+}
+
+static void h_closing(void *user, speed_http_request_t *req)
+{
+    (void)user;
+    speed_http_stream_t *s;
+    if (speed_http_respond_stream(req, 200, "text/event-stream", on_disconnect_closing, NULL,
+                                  &s) == SPEED_OK)
+        atomic_store(&g_closing_writer, writer_start(s, WRITE_UNTIL_CANCEL, 0, 10, NULL));
+}
+
 static speed_http_server_t *start_server(void)
 {
     speed_http_server_params_t p = speed_http_server_default_params();
@@ -85,6 +121,7 @@ static speed_http_server_t *start_server(void)
     speed_http_server_route(srv, "GET", "/hold", h_hold, NULL);
     speed_http_server_route(srv, "GET", "/orphan", h_orphan, NULL);
     speed_http_server_route(srv, "GET", "/quick", h_quick, NULL);
+    speed_http_server_route(srv, "GET", "/closing", h_closing, NULL);
     CHECK_INT_EQ(speed_http_server_start(srv), SPEED_OK);
     return srv;
 }
@@ -171,6 +208,40 @@ static void test_disconnect_races(void)
     CHECK_MSG(fired >= rounds / 2 && fired <= rounds, "%d disconnect callbacks", fired);
     for (int i = 0; i < fired; i++) sem_wait_ms(&g_disc_sem, 100);
     CHECK_INT_EQ(atomic_load(&g_bad_callbacks), 0);
+    CHECK_INT_EQ(wait_live_count(idle, 2000), idle);
+    check_health(srv);
+    speed_http_server_destroy(srv);
+}
+
+/* A writer closes while the disconnect callback of its stream runs on an MHD thread: close
+ * waits for the callback, and the callback sees a cancelled stream that is not closed yet (a
+ * write says CANCELLED, not INVALID_ARGUMENT). test_disconnect_races met this interleaving now
+ * and then; here the callback holds it open for 200 ms. */
+static void test_close_during_callback(void)
+{
+    speed_http_server_t *srv = start_server();
+    check_health(srv);
+    int64_t idle = settled_live_count();
+    int before = atomic_load(&g_disconnects);
+
+    speed_http_client_t *c;
+    CHECK_INT_EQ(speed_http_client_connect("127.0.0.1", speed_http_server_port(srv), 5000, &c),
+                 SPEED_OK);
+    const speed_http_response_t *r;
+    CHECK_INT_EQ(speed_http_client_request_begin(c, "GET", "/closing", NULL, 0, NULL, 0, &r),
+                 SPEED_OK);
+    for (int i = 0; i < 2; i++) {
+        const speed_http_sse_event_t *ev;
+        CHECK_INT_EQ(speed_http_client_next_event(c, &ev), SPEED_OK);
+        CHECK(ev != NULL);
+    }
+    speed_http_client_destroy(c);
+    CHECK_MSG(sem_wait_ms(&g_disc_sem, 5000) == 0, "disconnect callback did not fire");
+    writers_join(expect_cancelled);
+    atomic_store(&g_closing_writer, NULL);
+    CHECK_INT_EQ(atomic_load(&g_disconnects) - before, 1);
+    CHECK_MSG(atomic_load(&g_closing_seen_done), "the writer did not reach close in time");
+    CHECK_INT_EQ(atomic_load(&g_closing_bad), 0);
     CHECK_INT_EQ(wait_live_count(idle, 2000), idle);
     check_health(srv);
     speed_http_server_destroy(srv);
@@ -332,6 +403,7 @@ int main(void)
     int64_t live = speed_alloc_live_count();
     test_disconnect();
     test_disconnect_races();
+    test_close_during_callback();
     test_shutdown_with_streams();
     test_malformed();
     writers_join(NULL);
