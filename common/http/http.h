@@ -17,7 +17,7 @@
  * chunked body is read, discarded and answered, keeping the connection). Error responses
  * made by the library are OpenAI-style JSON: {"error":{"message":...,"type":...}}.
  * Responses are queued only after the request has been read completely, never on MHD's
- * first handler call, so keep-alive works (DEPENDENCIES.md section 5).
+ * first handler call, so keep-alive works (docs/dependencies.md §5).
  *
  * Handlers run on the MHD pool threads, several at once: they must be thread-safe and must
  * not block for long (a pool of 2 threads serves every connection). Inside a handler the

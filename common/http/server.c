@@ -29,108 +29,19 @@
 #include <microhttpd.h>
 
 #include "alloc.h"
-#include "http.h"
+#include "http_internal.h"
 #include "log.h"
-
-#define SUBSYS SPEED_SUBSYS_NET
-
-typedef struct header {
-    char *name;
-    char *value;
-    struct header *next;
-} header_t;
-
-typedef struct {
-    char *method;
-    char *path;
-    speed_http_handler_cb_t handler;
-    void *user;
-} route_t;
-
-struct speed_http_server {
-    speed_http_server_params_t params;
-    char *host;
-    struct MHD_Daemon *daemon;
-    uint16_t port;
-    route_t *routes;
-    size_t n_routes;
-    size_t cap_routes;
-
-    pthread_mutex_t lock;             /* guards streams, stopping */
-    speed_http_stream_t *streams;     /* attached to live connections */
-    bool stopping;
-
-    _Atomic bool started;             /* MHD is running (the logger runs on its threads) */
-    _Atomic uint64_t n_connections;
-    _Atomic uint64_t n_requests;
-    _Atomic uint64_t n_streams;
-    _Atomic uint64_t n_disconnects;
-    _Atomic uint64_t n_streams_attached;
-};
-
-struct speed_http_stream {
-    pthread_mutex_t lock;
-    pthread_cond_t cond;              /* signalled when a disconnect callback returns */
-    _Atomic int refs;
-    speed_http_server_t *server;      /* valid while attached */
-    struct MHD_Connection *conn;      /* NULL once the request is over */
-
-    unsigned status;
-    char *content_type;
-    header_t *headers;
-
-    char *buf;                        /* pending bytes are buf[head, len) */
-    size_t head;
-    size_t len;
-    size_t cap;
-
-    bool committed;                   /* status and headers are final */
-    bool closed;                      /* the writer is done */
-    bool suspended;                   /* we suspended the connection; resume before clearing */
-    bool finished;                    /* the request is over */
-    bool cancelled;                   /* ... and ended before the writer closed */
-    bool stopping;                    /* the server is stopping: never suspend again */
-
-    speed_http_disconnect_cb_t on_disconnect;
-    void *user;
-    bool cb_running;
-    pthread_t cb_thread;
-
-    speed_http_stream_t *prev, *next; /* in server->streams while attached */
-    bool attached;
-};
-
-typedef enum { PHASE_BODY, PHASE_HANDLED, PHASE_QUEUED } phase_t;
-
-/* One per request (MHD's con_cls). */
-struct speed_http_request {
-    speed_http_server_t *server;
-    struct MHD_Connection *conn;
-    const char *method;               /* MHD's, valid for the request */
-    const char *path;
-    phase_t phase;
-
-    char *body;
-    size_t body_len;
-    size_t body_cap;
-    bool body_too_large;
-
-    header_t *headers;                /* extra response headers */
-    struct MHD_Response *response;    /* a complete response made by the handler */
-    unsigned status;
-    speed_http_stream_t *stream;      /* the connection's reference */
-};
 
 /* ---- small helpers -------------------------------------------------------------------- */
 
-static bool header_text_ok(const char *s)
+bool speed_http_header_text_ok(const char *s)
 {
     return s && !strpbrk(s, "\r\n");
 }
 
-static speed_status_t header_push(header_t **list, const char *name, const char *value)
+speed_status_t speed_http_header_push(header_t **list, const char *name, const char *value)
 {
-    if (!header_text_ok(name) || !*name || !header_text_ok(value)) return SPEED_ERR_INVALID_ARGUMENT;
+    if (!speed_http_header_text_ok(name) || !*name || !speed_http_header_text_ok(value)) return SPEED_ERR_INVALID_ARGUMENT;
     header_t *h = speed_calloc(1, sizeof(*h));
     if (!h) return SPEED_ERR_NO_MEMORY;
     h->name = speed_strdup(name);
@@ -147,7 +58,7 @@ static speed_status_t header_push(header_t **list, const char *name, const char 
     return SPEED_OK;
 }
 
-static void headers_free(header_t *h)
+void speed_http_headers_free(header_t *h)
 {
     while (h) {
         header_t *next = h->next;
@@ -158,7 +69,7 @@ static void headers_free(header_t *h)
     }
 }
 
-static bool headers_apply(struct MHD_Response *r, const header_t *h)
+bool speed_http_headers_apply(struct MHD_Response *r, const header_t *h)
 {
     for (; h; h = h->next)
         if (MHD_add_response_header(r, h->name, h->value) != MHD_YES) return false;
@@ -190,243 +101,6 @@ static size_t json_escape(char *out, size_t cap, const char *s)
     }
     if (cap) out[n < cap ? n : cap - 1] = '\0';
     return n;
-}
-
-/* ---- streams -------------------------------------------------------------------------- */
-
-static void stream_unref(speed_http_stream_t *s)
-{
-    if (atomic_fetch_sub_explicit(&s->refs, 1, memory_order_acq_rel) != 1) return;
-    SPEED_ASSERT(!s->attached && !s->suspended);
-    speed_free(s->buf);
-    speed_free(s->content_type);
-    headers_free(s->headers);
-    pthread_cond_destroy(&s->cond);
-    pthread_mutex_destroy(&s->lock);
-    speed_free(s);
-}
-
-static void stream_ref(speed_http_stream_t *s)
-{
-    atomic_fetch_add_explicit(&s->refs, 1, memory_order_relaxed);
-}
-
-/* Resumes the connection if we suspended it. Caller holds s->lock. */
-static void stream_wake_locked(speed_http_stream_t *s)
-{
-    if (!s->suspended) return;
-    s->suspended = false;
-    MHD_resume_connection(s->conn);
-}
-
-/* MHD's content reader: hands out pending bytes, or suspends until there are some. */
-static ssize_t stream_reader(void *cls, uint64_t pos, char *out, size_t max)
-{
-    speed_http_stream_t *s = cls;
-    (void)pos;
-    ssize_t n;
-    pthread_mutex_lock(&s->lock);
-    if (s->len > s->head) {
-        size_t k = s->len - s->head;
-        if (k > max) k = max;
-        memcpy(out, s->buf + s->head, k);
-        s->head += k;
-        if (s->head == s->len) s->head = s->len = 0;
-        n = (ssize_t)k;
-    } else if (s->closed) {
-        n = MHD_CONTENT_READER_END_OF_STREAM;
-    } else if (s->stopping || !s->conn) {
-        n = MHD_CONTENT_READER_END_WITH_ERROR;
-    } else {
-        /* Returning 0 without suspending would make MHD call again at once: a busy loop. */
-        s->suspended = true;
-        MHD_suspend_connection(s->conn);
-        n = 0;
-    }
-    pthread_mutex_unlock(&s->lock);
-    return n;
-}
-
-static void stream_response_free(void *cls)
-{
-    stream_unref(cls);
-}
-
-speed_status_t speed_http_stream_set_status(speed_http_stream_t *stream, unsigned status)
-{
-    if (!stream || status < 100 || status > 599) return SPEED_ERR_INVALID_ARGUMENT;
-    speed_status_t st = SPEED_OK;
-    pthread_mutex_lock(&stream->lock);
-    if (stream->committed) st = SPEED_ERR_INVALID_ARGUMENT;
-    else stream->status = status;
-    pthread_mutex_unlock(&stream->lock);
-    return st;
-}
-
-speed_status_t speed_http_stream_add_header(speed_http_stream_t *stream, const char *name,
-                                            const char *value)
-{
-    if (!stream) return SPEED_ERR_INVALID_ARGUMENT;
-    speed_status_t st;
-    pthread_mutex_lock(&stream->lock);
-    if (stream->committed) st = SPEED_ERR_INVALID_ARGUMENT;
-    else st = header_push(&stream->headers, name, value);
-    pthread_mutex_unlock(&stream->lock);
-    return st;
-}
-
-/* Appends bytes to the pending buffer. Caller holds s->lock. */
-static speed_status_t stream_append_locked(speed_http_stream_t *s, const void *data, size_t len)
-{
-    if (s->closed) return SPEED_ERR_INVALID_ARGUMENT;
-    if (s->finished || s->stopping) return SPEED_ERR_CANCELLED;
-    if (s->len + len > s->cap) {
-        if (s->head) { /* compact before growing */
-            memmove(s->buf, s->buf + s->head, s->len - s->head);
-            s->len -= s->head;
-            s->head = 0;
-        }
-        if (s->len + len > s->cap) {
-            size_t cap = s->cap ? s->cap : 4096;
-            while (cap < s->len + len) cap *= 2;
-            char *grown = speed_realloc(s->buf, cap);
-            if (!grown) return SPEED_ERR_NO_MEMORY;
-            s->buf = grown;
-            s->cap = cap;
-        }
-    }
-    if (len) memcpy(s->buf + s->len, data, len);
-    s->len += len;
-    return SPEED_OK;
-}
-
-/* Appends in one step (an SSE event is never split between two wake-ups of the reader, and
- * never half-written on allocation failure), commits and wakes the connection. */
-static speed_status_t stream_append(speed_http_stream_t *s, const void *data, size_t len)
-{
-    pthread_mutex_lock(&s->lock);
-    speed_status_t st = stream_append_locked(s, data, len);
-    if (st == SPEED_OK) {
-        s->committed = true;
-        stream_wake_locked(s);
-    }
-    pthread_mutex_unlock(&s->lock);
-    return st;
-}
-
-/* Waits out a disconnect callback running on another thread, marks the stream closed, wakes
- * the connection, then drops the writer's reference. Caller holds s->lock, which this
- * releases.
- *
- * The wait comes first. The callback runs outside s->lock, because it may write or close.
- * If close set `closed` and then waited, a writer thread that saw CANCELLED and closed
- * while the callback was running would close the stream under the callback. The callback
- * was told the writer still holds the stream, but its writes would get INVALID_ARGUMENT
- * ("after close") instead of CANCELLED. test_disconnect_races hit this when writers wrote
- * flat out. A callback runs only after the request is over (no connection to wake, nothing
- * left to read), so closing a little later changes nothing on the wire. */
-static speed_status_t stream_close_locked(speed_http_stream_t *s, speed_status_t st)
-{
-    while (s->cb_running && !pthread_equal(s->cb_thread, pthread_self()))
-        pthread_cond_wait(&s->cond, &s->lock);
-    SPEED_ASSERT(!s->closed); /* closing twice: the reference is already gone */
-    s->closed = true;
-    s->committed = true;
-    if (s->cancelled && st == SPEED_OK) st = SPEED_ERR_CANCELLED;
-    stream_wake_locked(s);
-    pthread_mutex_unlock(&s->lock);
-    stream_unref(s);
-    return st;
-}
-
-speed_status_t speed_http_stream_write(speed_http_stream_t *stream, const void *data,
-                                       size_t len)
-{
-    if (!stream || (!data && len)) return SPEED_ERR_INVALID_ARGUMENT;
-    return stream_append(stream, data, len);
-}
-
-speed_status_t speed_http_stream_write_sse(speed_http_stream_t *stream, const char *event,
-                                           const char *data)
-{
-    if (!stream || !data || (event && !header_text_ok(event))) return SPEED_ERR_INVALID_ARGUMENT;
-    /* event line + per data line "data: " + line + "\n", + final "\n" */
-    size_t n_lines = 1;
-    for (const char *c = data; *c; c++) n_lines += *c == '\n';
-    size_t size = strlen(data) + n_lines * 7 + 1 + (event ? strlen(event) + 8 : 0);
-    char *text = speed_malloc(size + 1);
-    if (!text) return SPEED_ERR_NO_MEMORY;
-    size_t n = 0;
-    if (event) n += (size_t)sprintf(text, "event: %s\n", event);
-    const char *line = data;
-    for (;;) {
-        const char *nl = strchr(line, '\n');
-        size_t k = nl ? (size_t)(nl - line) : strlen(line);
-        if (k && line[k - 1] == '\r') k--; /* CR would end the line on the client side too */
-        memcpy(text + n, "data: ", 6);
-        n += 6;
-        memcpy(text + n, line, k);
-        n += k;
-        text[n++] = '\n';
-        if (!nl) break;
-        line = nl + 1;
-    }
-    text[n++] = '\n';
-    speed_status_t st = stream_append(stream, text, n);
-    speed_free(text);
-    return st;
-}
-
-size_t speed_http_stream_pending(speed_http_stream_t *stream)
-{
-    if (!stream) return 0;
-    pthread_mutex_lock(&stream->lock);
-    size_t n = stream->len - stream->head;
-    pthread_mutex_unlock(&stream->lock);
-    return n;
-}
-
-bool speed_http_stream_is_cancelled(speed_http_stream_t *stream)
-{
-    if (!stream) return false;
-    pthread_mutex_lock(&stream->lock);
-    bool c = stream->cancelled || stream->stopping;
-    pthread_mutex_unlock(&stream->lock);
-    return c;
-}
-
-speed_status_t speed_http_stream_close(speed_http_stream_t *stream)
-{
-    if (!stream) return SPEED_OK;
-    pthread_mutex_lock(&stream->lock);
-    return stream_close_locked(stream, SPEED_OK);
-}
-
-speed_status_t speed_http_stream_respond(speed_http_stream_t *stream, unsigned status,
-                                         const char *content_type, const void *body,
-                                         size_t body_len)
-{
-    if (!stream) return SPEED_ERR_INVALID_ARGUMENT;
-    speed_status_t st = SPEED_OK;
-    char *ct = NULL;
-    if (status < 100 || status > 599 || (!body && body_len) ||
-        (content_type && !header_text_ok(content_type)))
-        st = SPEED_ERR_INVALID_ARGUMENT;
-    if (st == SPEED_OK && content_type && !(ct = speed_strdup(content_type)))
-        st = SPEED_ERR_NO_MEMORY;
-    pthread_mutex_lock(&stream->lock);
-    if (st == SPEED_OK && stream->committed) st = SPEED_ERR_INVALID_ARGUMENT;
-    if (st == SPEED_OK) st = stream_append_locked(stream, body, body_len);
-    if (st == SPEED_OK) {
-        stream->status = status;
-        if (ct) {
-            speed_free(stream->content_type);
-            stream->content_type = ct;
-            ct = NULL;
-        }
-    }
-    speed_free(ct);
-    return stream_close_locked(stream, st);
 }
 
 /* ---- requests ------------------------------------------------------------------------- */
@@ -463,7 +137,7 @@ speed_status_t speed_http_request_add_header(speed_http_request_t *request, cons
                                              const char *value)
 {
     if (!request) return SPEED_ERR_INVALID_ARGUMENT;
-    return header_push(&request->headers, name, value);
+    return speed_http_header_push(&request->headers, name, value);
 }
 
 static bool request_answered(const speed_http_request_t *r)
@@ -475,7 +149,7 @@ speed_status_t speed_http_respond(speed_http_request_t *request, unsigned status
                                   const char *content_type, const void *body, size_t body_len)
 {
     if (!request || status < 100 || status > 599 || (!body && body_len) ||
-        request_answered(request) || (content_type && !header_text_ok(content_type)))
+        request_answered(request) || (content_type && !speed_http_header_text_ok(content_type)))
         return SPEED_ERR_INVALID_ARGUMENT;
     struct MHD_Response *r = MHD_create_response_from_buffer(body_len, (void *)body,
                                                              MHD_RESPMEM_MUST_COPY);
@@ -509,7 +183,7 @@ speed_status_t speed_http_respond_stream(speed_http_request_t *request, unsigned
                                          speed_http_stream_t **stream_p)
 {
     if (!request || !stream_p || status < 100 || status > 599 || request_answered(request) ||
-        (content_type && !header_text_ok(content_type)))
+        (content_type && !speed_http_header_text_ok(content_type)))
         return SPEED_ERR_INVALID_ARGUMENT;
     speed_http_stream_t *s = speed_calloc(1, sizeof(*s));
     if (!s) return SPEED_ERR_NO_MEMORY;
@@ -527,12 +201,12 @@ speed_status_t speed_http_respond_stream(speed_http_request_t *request, unsigned
         if (!s->content_type) st = SPEED_ERR_NO_MEMORY;
     }
     for (header_t *h = request->headers; h && st == SPEED_OK; h = h->next)
-        st = header_push(&s->headers, h->name, h->value);
+        st = speed_http_header_push(&s->headers, h->name, h->value);
     if (st == SPEED_OK && content_type && strncasecmp(content_type, "text/event-stream", 17) == 0)
-        st = header_push(&s->headers, "Cache-Control", "no-cache");
+        st = speed_http_header_push(&s->headers, "Cache-Control", "no-cache");
     if (st != SPEED_OK) {
         atomic_store(&s->refs, 1);
-        stream_unref(s);
+        speed_http_stream_unref(s);
         return st;
     }
     speed_http_server_t *srv = request->server;
@@ -556,7 +230,7 @@ static enum MHD_Result queue_and_release(speed_http_request_t *r, unsigned statu
                                          struct MHD_Response *resp)
 {
     enum MHD_Result ret = MHD_NO;
-    if (headers_apply(resp, r->headers)) ret = MHD_queue_response(r->conn, status, resp);
+    if (speed_http_headers_apply(resp, r->headers)) ret = MHD_queue_response(r->conn, status, resp);
     MHD_destroy_response(resp);
     r->phase = PHASE_QUEUED;
     return ret;
@@ -598,14 +272,14 @@ static enum MHD_Result queue_stream(speed_http_request_t *r)
                                                MHD_RESPMEM_MUST_COPY);
         s->head = s->len = 0;
     } else {
-        resp = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16 * 1024, stream_reader, s,
-                                                 stream_response_free);
-        if (resp) stream_ref(s);
+        resp = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16 * 1024, speed_http_stream_reader, s,
+                                                 speed_http_stream_response_free);
+        if (resp) speed_http_stream_ref(s);
     }
     bool ok = resp != NULL;
     if (ok && s->content_type)
         ok = MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, s->content_type) == MHD_YES;
-    if (ok) ok = headers_apply(resp, s->headers);
+    if (ok) ok = speed_http_headers_apply(resp, s->headers);
     unsigned status = s->status;
     pthread_mutex_unlock(&s->lock);
     if (!ok) {
@@ -769,10 +443,10 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
             pthread_cond_broadcast(&s->cond);
             pthread_mutex_unlock(&s->lock);
         }
-        stream_unref(s);
+        speed_http_stream_unref(s);
     }
     if (r->response) MHD_destroy_response(r->response);
-    headers_free(r->headers);
+    speed_http_headers_free(r->headers);
     speed_free(r->body);
     speed_free(r);
 }
@@ -971,14 +645,14 @@ static void server_stop_streams(speed_http_server_t *srv)
     size_t k = 0;
     for (speed_http_stream_t *s = srv->streams; s; s = s->next) {
         if (held) {
-            stream_ref(s);
+            speed_http_stream_ref(s);
             held[k++] = s;
         } else {
             /* No memory for the list: do it under the server lock (MHD_resume_connection
              * takes only MHD's own locks, never ours). */
             pthread_mutex_lock(&s->lock);
             s->stopping = true;
-            stream_wake_locked(s);
+            speed_http_stream_wake_locked(s);
             pthread_mutex_unlock(&s->lock);
         }
     }
@@ -987,9 +661,9 @@ static void server_stop_streams(speed_http_server_t *srv)
         speed_http_stream_t *s = held[i];
         pthread_mutex_lock(&s->lock);
         s->stopping = true;
-        stream_wake_locked(s);
+        speed_http_stream_wake_locked(s);
         pthread_mutex_unlock(&s->lock);
-        stream_unref(s);
+        speed_http_stream_unref(s);
     }
     speed_free(held);
 }
