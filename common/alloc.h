@@ -24,15 +24,15 @@
 #include <stdint.h>
 
 void *speed_malloc(size_t size);
-void *speed_calloc(size_t n, size_t size);          /* NULL also on n*size overflow */
-void *speed_realloc(void *ptr, size_t size);        /* on NULL return, ptr is untouched */
+void *speed_calloc(size_t n, size_t size);   /* NULL also on n*size overflow */
+void *speed_realloc(void *ptr, size_t size); /* on NULL return, ptr is untouched */
 char *speed_strdup(const char *s);
 char *speed_strndup(const char *s, size_t n);
-void  speed_free(void *ptr);
+void speed_free(void *ptr);
 
 /* `alignment` is a power of two >= sizeof(void *); size may be 0. */
 void *speed_aligned_alloc(size_t alignment, size_t size);
-void  speed_aligned_free(void *ptr);
+void speed_aligned_free(void *ptr);
 
 /* Live allocations and bytes (requested sizes) held right now, process-wide. */
 int64_t speed_alloc_live_count(void);
@@ -48,6 +48,6 @@ int64_t speed_alloc_injected_failures(void);
 
 /* Called when the system allocator fails. Return to let speed_malloc return NULL. */
 typedef void (*speed_alloc_oom_cb_t)(size_t size);
-void speed_alloc_set_oom_hook(speed_alloc_oom_cb_t hook);   /* NULL restores the default */
+void speed_alloc_set_oom_hook(speed_alloc_oom_cb_t hook); /* NULL restores the default */
 
 #endif /* SPEED_ALLOC_H */

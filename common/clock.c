@@ -3,7 +3,7 @@
 
 #include <errno.h>
 
-#define NS_PER_S 1000000000L
+#define NS_PER_S  1000000000L
 #define NS_PER_MS 1000000L
 
 struct timespec speed_clock_now(clockid_t clock) {
@@ -63,6 +63,5 @@ int speed_clock_cond_init(pthread_cond_t *cond) {
 void speed_clock_sleep_ms(int64_t ms) {
     if (ms <= 0) return;
     struct timespec left = {(time_t)(ms / 1000), (long)(ms % 1000) * NS_PER_MS};
-    while (nanosleep(&left, &left) != 0 && errno == EINTR) {
-    }
+    while (nanosleep(&left, &left) != 0 && errno == EINTR) {}
 }

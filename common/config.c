@@ -45,8 +45,14 @@ speed_status_t speed_config_parse_bool(const char *text, bool *value_p) {
     static const char *const no[] = {"false", "no", "off", "0"};
     if (!text) return SPEED_ERR_PARSE;
     for (size_t i = 0; i < sizeof yes / sizeof yes[0]; i++) {
-        if (strcasecmp(text, yes[i]) == 0) { *value_p = true; return SPEED_OK; }
-        if (strcasecmp(text, no[i]) == 0) { *value_p = false; return SPEED_OK; }
+        if (strcasecmp(text, yes[i]) == 0) {
+            *value_p = true;
+            return SPEED_OK;
+        }
+        if (strcasecmp(text, no[i]) == 0) {
+            *value_p = false;
+            return SPEED_OK;
+        }
     }
     return SPEED_ERR_PARSE;
 }
@@ -100,8 +106,7 @@ static size_t edit_distance(const char *a, size_t la, const char *b) {
 }
 
 /* Is `cand` close enough to `typed` to suggest? */
-bool speed_config_name_is_near(const char *typed, size_t typed_len, const char *cand,
-                               size_t *best_p) {
+bool speed_config_name_is_near(const char *typed, size_t typed_len, const char *cand, size_t *best_p) {
     size_t d = edit_distance(typed, typed_len, cand);
     size_t limit = typed_len < 4 ? 1 : typed_len < 9 ? 2 : 3;
     if (d <= limit && d < *best_p) {
@@ -183,7 +188,8 @@ static speed_status_t build_tree(speed_config_t *cfg) {
         for (const char *p = name; *p; p++) {
             if (!isalnum((unsigned char)*p) && *p != '_' && *p != '-' && *p != '.') {
                 CONFIG_ERROR("config table: field name '%s' has a character other than "
-                             "letters, digits, '_', '-' and '.'", name);
+                             "letters, digits, '_', '-' and '.'",
+                             name);
                 return SPEED_ERR_INVALID_ARGUMENT;
             }
         }
@@ -217,7 +223,8 @@ static speed_status_t build_tree(speed_config_t *cfg) {
             bool last = comp[len] == '\0';
             if (len == 0 || ++depth > DEPTH_MAX) {
                 CONFIG_ERROR("config table: field name '%s' has an empty component or "
-                             "is nested too deep", name);
+                             "is nested too deep",
+                             name);
                 return SPEED_ERR_INVALID_ARGUMENT;
             }
             int c = node_find_child(nodes, parent, comp, len);
@@ -225,14 +232,17 @@ static speed_status_t build_tree(speed_config_t *cfg) {
                 /* "kv" as a value and "kv.x" as a key inside it cannot both exist */
                 int leaf = c;
                 while (nodes[leaf].field < 0) leaf = nodes[leaf].first_child;
-                CONFIG_ERROR("config table: field '%s' clashes with field '%s'", name,
-                             fields[nodes[leaf].field].name);
+                CONFIG_ERROR("config table: field '%s' clashes with field '%s'", name, fields[nodes[leaf].field].name);
                 return SPEED_ERR_INVALID_ARGUMENT;
             }
             if (c < 0) {
                 c = cfg->n_nodes++;
-                nodes[c] = (node_t){.comp = comp, .len = len, .field = last ? (int)i : -1,
-                                    .first_child = -1, .last_child = -1, .next = -1};
+                nodes[c] = (node_t){.comp = comp,
+                                    .len = len,
+                                    .field = last ? (int)i : -1,
+                                    .first_child = -1,
+                                    .last_child = -1,
+                                    .next = -1};
                 if (nodes[parent].last_child >= 0)
                     nodes[nodes[parent].last_child].next = c;
                 else
@@ -280,8 +290,7 @@ void speed_config_double_format(char *buf, size_t size, double v) {
     if (!strpbrk(buf, ".eE") && strlen(buf) + 3 <= size) strcat(buf, ".0");
 }
 
-static void slot_set_origin(slot_t *slot, speed_config_source_t source, const char *origin,
-                            char *origin_owned) {
+static void slot_set_origin(slot_t *slot, speed_config_source_t source, const char *origin, char *origin_owned) {
     speed_free(slot->origin_owned);
     slot->source = source;
     slot->origin = origin_owned ? origin_owned : origin;
@@ -297,9 +306,8 @@ static void enum_list(char *buf, size_t size, const char *const *names) {
 
 /* Parse `text` for field i and store it, with its origin (origin_owned, if not NULL, is
  * consumed, also on failure). Errors are logged with the origin. */
-speed_status_t speed_config_value_set(speed_config_t *cfg, size_t i, const char *text,
-                                      speed_config_source_t source, const char *origin,
-                                      char *origin_owned) {
+speed_status_t speed_config_value_set(speed_config_t *cfg, size_t i, const char *text, speed_config_source_t source,
+                                      const char *origin, char *origin_owned) {
     const speed_config_field_t *f = &cfg->fields[i];
     slot_t *slot = &cfg->slots[i];
     const char *from = origin_owned ? origin_owned : origin;
@@ -330,15 +338,16 @@ speed_status_t speed_config_value_set(speed_config_t *cfg, size_t i, const char 
             bool below = v.d < f->min;
             speed_config_bound_format(lo, sizeof lo, f->type, below ? f->min : f->max);
             speed_config_double_format(hi, sizeof hi, v.d);
-            CONFIG_ERROR("%s: %s is %s %s (from %s)", f->name, hi,
-                         below ? "below the minimum" : "above the maximum", lo, from);
+            CONFIG_ERROR("%s: %s is %s %s (from %s)", f->name, hi, below ? "below the minimum" : "above the maximum",
+                         lo, from);
             goto invalid;
         }
         break;
     case SPEED_CONFIG_BOOL:
         if (speed_config_parse_bool(text, &v.b) != SPEED_OK) {
             CONFIG_ERROR("%s: '%s' is not a boolean (true/false, yes/no, on/off, 1/0) "
-                         "(from %s)", f->name, text, from);
+                         "(from %s)",
+                         f->name, text, from);
             goto invalid;
         }
         break;
@@ -387,8 +396,7 @@ static void report_unknown_option(const speed_config_t *cfg, const char *arg, si
     const char *body = arg + 2;
     size_t blen = len - 2;
     for (size_t i = 0; i < cfg->n_fields; i++)
-        if (speed_config_name_is_near(body, blen, cfg->fields[i].name, &best))
-            near = cfg->fields[i].name;
+        if (speed_config_name_is_near(body, blen, cfg->fields[i].name, &best)) near = cfg->fields[i].name;
     if (near)
         CONFIG_ERROR("unknown option %.*s (did you mean --%s?)", (int)len, arg, near);
     else
@@ -396,8 +404,8 @@ static void report_unknown_option(const speed_config_t *cfg, const char *arg, si
 }
 
 /* First pass over argv: classify, resolve names, find --config. Applies nothing. */
-static speed_status_t parse_cli(speed_config_t *cfg, int argc, char **argv, cli_value_t *vals,
-                                size_t *n_vals_p, const char **config_p) {
+static speed_status_t parse_cli(speed_config_t *cfg, int argc, char **argv, cli_value_t *vals, size_t *n_vals_p,
+                                const char **config_p) {
     size_t n_vals = 0;
     bool options_done = false;
     for (int a = 1; a < argc; a++) {
@@ -429,13 +437,15 @@ static speed_status_t parse_cli(speed_config_t *cfg, int argc, char **argv, cli_
                 CONFIG_ERROR("option %.*s takes no value", (int)alen, arg);
                 return SPEED_ERR_INVALID_ARGUMENT;
             }
-            if (body[0] == 'h') cfg->help = true; else cfg->print = true;
+            if (body[0] == 'h')
+                cfg->help = true;
+            else
+                cfg->print = true;
             continue;
         }
         bool is_config = option_matches(body, blen, "config");
         int fi = is_config ? -1 : find_option(cfg, body, blen);
-        if (!is_config && fi < 0 && blen > 3 && strncmp(body, "no", 2) == 0 &&
-            (body[2] == '-' || body[2] == '_')) {
+        if (!is_config && fi < 0 && blen > 3 && strncmp(body, "no", 2) == 0 && (body[2] == '-' || body[2] == '_')) {
             int nf = find_option(cfg, body + 3, blen - 3);
             if (nf >= 0 && cfg->fields[nf].type == SPEED_CONFIG_BOOL) {
                 if (value) {
@@ -476,18 +486,17 @@ static void write_struct(const speed_config_t *cfg, void *out) {
         char *dst = (char *)out + cfg->fields[i].offset;
         const value_t *v = &cfg->slots[i].v;
         switch (cfg->fields[i].type) {
-        case SPEED_CONFIG_INT:    memcpy(dst, &v->i, sizeof v->i); break;
+        case SPEED_CONFIG_INT: memcpy(dst, &v->i, sizeof v->i); break;
         case SPEED_CONFIG_DOUBLE: memcpy(dst, &v->d, sizeof v->d); break;
-        case SPEED_CONFIG_BOOL:   memcpy(dst, &v->b, sizeof v->b); break;
+        case SPEED_CONFIG_BOOL: memcpy(dst, &v->b, sizeof v->b); break;
         case SPEED_CONFIG_STRING: memcpy(dst, &v->s, sizeof v->s); break;
-        case SPEED_CONFIG_ENUM:   memcpy(dst, &v->e, sizeof v->e); break;
+        case SPEED_CONFIG_ENUM: memcpy(dst, &v->e, sizeof v->e); break;
         }
     }
 }
 
-speed_status_t speed_config_load(const speed_config_field_t *fields, size_t n_fields,
-                                 void *out_struct, int argc, char **argv,
-                                 const char *env_prefix, speed_config_t **cfg_p) {
+speed_status_t speed_config_load(const speed_config_field_t *fields, size_t n_fields, void *out_struct, int argc,
+                                 char **argv, const char *env_prefix, speed_config_t **cfg_p) {
     speed_status_t st;
     cli_value_t *vals = NULL;
     size_t n_vals = 0;
@@ -516,13 +525,11 @@ speed_status_t speed_config_load(const speed_config_field_t *fields, size_t n_fi
 
     for (size_t i = 0; i < n_fields; i++) {
         if (!fields[i].default_value) continue; /* unset STRING */
-        st = speed_config_value_set(cfg, i, fields[i].default_value,
-                                    SPEED_CONFIG_SOURCE_DEFAULT, "default", NULL);
+        st = speed_config_value_set(cfg, i, fields[i].default_value, SPEED_CONFIG_SOURCE_DEFAULT, "default", NULL);
         if (st != SPEED_OK) goto fail; /* logged "... (from default)" */
     }
     for (size_t i = 0; i < n_fields; i++)
-        if (!fields[i].default_value)
-            slot_set_origin(&cfg->slots[i], SPEED_CONFIG_SOURCE_DEFAULT, "default", NULL);
+        if (!fields[i].default_value) slot_set_origin(&cfg->slots[i], SPEED_CONFIG_SOURCE_DEFAULT, "default", NULL);
 
     if (!config_path && env_prefix) {
         char *name = speed_config_env_name(env_prefix, "config");
@@ -560,14 +567,13 @@ speed_status_t speed_config_load(const speed_config_field_t *fields, size_t n_fi
                 st = SPEED_ERR_NO_MEMORY;
                 goto fail;
             }
-            SPEED_CHECK_GOTO(speed_config_value_set(cfg, i, text, SPEED_CONFIG_SOURCE_ENV, NULL,
-                                                    origin), st, fail);
+            SPEED_CHECK_GOTO(speed_config_value_set(cfg, i, text, SPEED_CONFIG_SOURCE_ENV, NULL, origin), st, fail);
         }
     }
 
     for (size_t k = 0; k < n_vals; k++)
-        SPEED_CHECK_GOTO(speed_config_value_set(cfg, vals[k].field, vals[k].text,
-                                                SPEED_CONFIG_SOURCE_CLI, "cli", NULL), st, fail);
+        SPEED_CHECK_GOTO(speed_config_value_set(cfg, vals[k].field, vals[k].text, SPEED_CONFIG_SOURCE_CLI, "cli", NULL),
+                         st, fail);
 
     speed_free(vals);
     write_struct(cfg, out_struct);
@@ -605,8 +611,8 @@ bool speed_config_help_requested(const speed_config_t *cfg) { return cfg->help; 
 bool speed_config_print_requested(const speed_config_t *cfg) { return cfg->print; }
 const char *speed_config_file(const speed_config_t *cfg) { return cfg->file; }
 
-speed_status_t speed_config_origin(const speed_config_t *cfg, const char *name,
-                                   speed_config_source_t *source_p, const char **origin_p) {
+speed_status_t speed_config_origin(const speed_config_t *cfg, const char *name, speed_config_source_t *source_p,
+                                   const char **origin_p) {
     for (size_t i = 0; i < cfg->n_fields; i++) {
         if (strcmp(cfg->fields[i].name, name) == 0) {
             if (source_p) *source_p = cfg->slots[i].source;
@@ -616,4 +622,3 @@ speed_status_t speed_config_origin(const speed_config_t *cfg, const char *name,
     }
     return SPEED_ERR_NOT_FOUND;
 }
-

@@ -78,14 +78,14 @@ typedef enum {
 } speed_config_source_t;
 
 typedef struct {
-    const char *name;          /* "threads", or dotted "kv.block_tokens" */
+    const char *name; /* "threads", or dotted "kv.block_tokens" */
     speed_config_type_t type;
-    size_t offset;             /* offsetof(the program's struct, member) */
-    const char *default_value; /* as text, parsed like any source; NULL = unset. NULL is
+    size_t offset;                 /* offsetof(the program's struct, member) */
+    const char *default_value;     /* as text, parsed like any source; NULL = unset. NULL is
                                   allowed only for STRING (the member stays NULL) */
-    double min, max;           /* inclusive bounds for INT and DOUBLE; min > max = unbounded */
+    double min, max;               /* inclusive bounds for INT and DOUBLE; min > max = unbounded */
     const char *const *enum_names; /* ENUM only: NULL-terminated list of names */
-    const char *doc;           /* one line for --help */
+    const char *doc;               /* one line for --help */
 } speed_config_field_t;
 
 /* Bounds helper for fields without bounds: .min = 1, .max = 0 (min > max). */
@@ -117,9 +117,8 @@ typedef struct speed_config speed_config_t;
  *   SPEED_ERR_IO                the config file could not be read
  *   SPEED_ERR_NO_MEMORY         an allocation failed
  * On failure nothing is leaked and out_struct is untouched. */
-speed_status_t speed_config_load(const speed_config_field_t *fields, size_t n_fields,
-                                 void *out_struct, int argc, char **argv,
-                                 const char *env_prefix, speed_config_t **cfg_p);
+speed_status_t speed_config_load(const speed_config_field_t *fields, size_t n_fields, void *out_struct, int argc,
+                                 char **argv, const char *env_prefix, speed_config_t **cfg_p);
 
 /* Free the config and every string it owns (the STRING members of the filled struct
  * dangle afterwards). NULL is a no-op. */
@@ -139,8 +138,8 @@ const char *speed_config_file(const speed_config_t *cfg);
 /* Where the field `name` got its value. Returns SPEED_ERR_NOT_FOUND for an unknown name.
  * origin text: "default", "file:PATH:LINE", "env:SPEED_NAME" or "cli"; owned by cfg. Either
  * output pointer may be NULL. */
-speed_status_t speed_config_origin(const speed_config_t *cfg, const char *name,
-                                   speed_config_source_t *source_p, const char **origin_p);
+speed_status_t speed_config_origin(const speed_config_t *cfg, const char *name, speed_config_source_t *source_p,
+                                   const char **origin_p);
 
 /* Write the effective configuration as YAML, one "key: value  # origin" line per field,
  * nested mappings for dotted names. The output is itself a valid config file that loads
@@ -151,8 +150,8 @@ speed_status_t speed_config_print(const speed_config_t *cfg, FILE *f);
 /* Write --help text generated from the table: one entry per field with its type, default,
  * bounds or choices, environment variable and doc. env_prefix as for load (may be NULL).
  * Returns SPEED_ERR_IO if writing to `f` failed. */
-speed_status_t speed_config_print_help(const speed_config_field_t *fields, size_t n_fields,
-                                       const char *env_prefix, FILE *f);
+speed_status_t speed_config_print_help(const speed_config_field_t *fields, size_t n_fields, const char *env_prefix,
+                                       FILE *f);
 
 /* Text → value parsers used for every source, reusable elsewhere. They do not log.
  * Return SPEED_OK, or SPEED_ERR_PARSE if the whole text is not a valid value (overflow of

@@ -116,8 +116,7 @@ static int key_line(const key_lines_t *kl, const char *path) {
 
 /* libyaml event pass: syntax errors with position, one document only, key lines. Keys are
  * recorded only along chains of mappings (what the schema can accept). */
-static speed_status_t scan_yaml(const char *path, const char *buf, size_t len,
-                                key_lines_t *kl) {
+static speed_status_t scan_yaml(const char *path, const char *buf, size_t len, key_lines_t *kl) {
     typedef struct {
         bool is_map, want_key;
         size_t path_len; /* length of the key path up to and including this mapping's key */
@@ -141,12 +140,11 @@ static speed_status_t scan_yaml(const char *path, const char *buf, size_t len,
             if (parser.error == YAML_MEMORY_ERROR) {
                 st = SPEED_ERR_NO_MEMORY;
             } else {
-                const yaml_mark_t *m = parser.problem_mark.line || parser.problem_mark.column
-                                           ? &parser.problem_mark : &parser.context_mark;
-                CONFIG_ERROR("config file %s:%zu:%zu: malformed YAML: %s%s%s", path,
-                             m->line + 1, m->column + 1,
-                             parser.problem ? parser.problem : "syntax error",
-                             parser.context ? " " : "", parser.context ? parser.context : "");
+                const yaml_mark_t *m = parser.problem_mark.line || parser.problem_mark.column ? &parser.problem_mark
+                                                                                              : &parser.context_mark;
+                CONFIG_ERROR("config file %s:%zu:%zu: malformed YAML: %s%s%s", path, m->line + 1, m->column + 1,
+                             parser.problem ? parser.problem : "syntax error", parser.context ? " " : "",
+                             parser.context ? parser.context : "");
                 st = SPEED_ERR_PARSE;
             }
             break;
@@ -156,9 +154,7 @@ static speed_status_t scan_yaml(const char *path, const char *buf, size_t len,
         frame_t *top = depth > 0 && !overflow ? &stack[depth - 1] : NULL;
         bool is_key = top && top->is_map && top->want_key;
         switch (ev.type) {
-        case YAML_STREAM_END_EVENT:
-            done = true;
-            break;
+        case YAML_STREAM_END_EVENT: done = true; break;
         case YAML_DOCUMENT_START_EVENT:
             if (++n_docs > 1) {
                 CONFIG_ERROR("config file %s:%d: more than one YAML document", path, line);
@@ -191,8 +187,7 @@ static speed_status_t scan_yaml(const char *path, const char *buf, size_t len,
             break;
         case YAML_MAPPING_START_EVENT:
         case YAML_SEQUENCE_START_EVENT: {
-            bool recordable = (!top) || (top->is_map && !top->want_key && top->recordable &&
-                                         have_pending_key);
+            bool recordable = (!top) || (top->is_map && !top->want_key && top->recordable && have_pending_key);
             if (top && top->is_map) {
                 if (top->want_key) recordable = false; /* complex key */
                 top->want_key = !top->want_key;
@@ -219,8 +214,7 @@ static speed_status_t scan_yaml(const char *path, const char *buf, size_t len,
             depth--;
             have_pending_key = false;
             break;
-        default:
-            break;
+        default: break;
         }
         yaml_event_delete(&ev);
     }
@@ -230,7 +224,7 @@ static speed_status_t scan_yaml(const char *path, const char *buf, size_t len,
 
 /* cyaml's log lines, kept to compose one message of our own. */
 typedef struct {
-    char first[256];   /* first error line, without the "Load: " prefix */
+    char first[256];             /* first error line, without the "Load: " prefix */
     char path[NAME_MAX_LEN + 1]; /* key path from the backtrace, outermost first */
     bool overflow;
 } cyaml_capture_t;
@@ -282,9 +276,8 @@ static const char *event_noun(const char *cyaml_event) {
 }
 
 /* Turn a cyaml failure into one log line and a status. */
-static speed_status_t report_cyaml_error(const speed_config_t *cfg, const char *path,
-                                         cyaml_err_t err, const cyaml_capture_t *cap,
-                                         const key_lines_t *kl) {
+static speed_status_t report_cyaml_error(const speed_config_t *cfg, const char *path, cyaml_err_t err,
+                                         const cyaml_capture_t *cap, const key_lines_t *kl) {
     if (err == CYAML_ERR_OOM) return SPEED_ERR_NO_MEMORY;
     char where[NAME_MAX_LEN + 64];
     char key[NAME_MAX_LEN + 1];
@@ -307,8 +300,7 @@ static speed_status_t report_cyaml_error(const speed_config_t *cfg, const char *
             for (int c = cfg->nodes[parent].first_child; c >= 0; c = cfg->nodes[c].next) {
                 char comp[NAME_MAX_LEN + 1];
                 snprintf(comp, sizeof comp, "%.*s", (int)cfg->nodes[c].len, cfg->nodes[c].comp);
-                if (speed_config_name_is_near(bad, strlen(bad), comp, &best))
-                    near = cfg->nodes[c].comp;
+                if (speed_config_name_is_near(bad, strlen(bad), comp, &best)) near = cfg->nodes[c].comp;
             }
         }
         int dotted = strchr(bad, '.') ? speed_config_node_for_path(cfg, key) : -1;
@@ -318,8 +310,8 @@ static speed_status_t report_cyaml_error(const speed_config_t *cfg, const char *
                          where, key, (int)strcspn(bad, "."), bad, strrchr(bad, '.') + 1);
         } else if (near) {
             int nlen = (int)strcspn(near, ".");
-            CONFIG_ERROR("config file %s: unknown key '%s' (did you mean '%s%s%.*s'?)", where,
-                         key, cap->path, plen ? "." : "", nlen, near);
+            CONFIG_ERROR("config file %s: unknown key '%s' (did you mean '%s%s%.*s'?)", where, key, cap->path,
+                         plen ? "." : "", nlen, near);
         } else {
             CONFIG_ERROR("config file %s: unknown key '%s'", where, key);
         }
@@ -335,8 +327,7 @@ static speed_status_t report_cyaml_error(const speed_config_t *cfg, const char *
     if (strncmp(cap->first, "Expecting ", 10) == 0 && got) {
         got += 11;
         if (!key[0]) {
-            CONFIG_ERROR("config file %s: the document must be a mapping of keys, not %s",
-                         where, event_noun(got));
+            CONFIG_ERROR("config file %s: the document must be a mapping of keys, not %s", where, event_noun(got));
         } else {
             int n = speed_config_node_for_path(cfg, key);
             bool want_map = n >= 0 && cfg->nodes[n].field < 0;
@@ -353,14 +344,14 @@ static speed_status_t report_cyaml_error(const speed_config_t *cfg, const char *
     snprintf(msg, sizeof msg, "%s", cap->first[0] ? cap->first : cyaml_strerror(err));
     msg[0] = (char)tolower((unsigned char)msg[0]);
     CONFIG_ERROR("config file %s: %s%s%s", where, key[0] ? key : "", key[0] ? ": " : "", msg);
-    return err == CYAML_ERR_LIBYAML_PARSER || err == CYAML_ERR_INVALID_ALIAS
-               ? SPEED_ERR_PARSE : SPEED_ERR_INVALID_ARGUMENT;
+    return err == CYAML_ERR_LIBYAML_PARSER || err == CYAML_ERR_INVALID_ALIAS ? SPEED_ERR_PARSE
+                                                                             : SPEED_ERR_INVALID_ARGUMENT;
 }
 
 /* Fill the cyaml mapping schema of tree node `n`: n_children + 1 entries taken from *pool
  * (nested mappings follow, depth first), keys copied NUL-terminated into *keys. */
-static void build_schema(const speed_config_t *cfg, int n, cyaml_schema_field_t **pool,
-                         char **keys, uint32_t data_size) {
+static void build_schema(const speed_config_t *cfg, int n, cyaml_schema_field_t **pool, char **keys,
+                         uint32_t data_size) {
     cyaml_schema_field_t *out = *pool;
     *pool += cfg->nodes[n].n_children + 1;
     int k = 0;
@@ -430,8 +421,7 @@ speed_status_t speed_config_file_load(speed_config_t *cfg, const char *path) {
         .log_level = CYAML_LOG_ERROR,
         .flags = CYAML_CFG_DEFAULT,
     };
-    cyaml_err_t err = cyaml_load_data((const uint8_t *)buf, len, &ccfg, &root,
-                                      (cyaml_data_t **)&data, NULL);
+    cyaml_err_t err = cyaml_load_data((const uint8_t *)buf, len, &ccfg, &root, (cyaml_data_t **)&data, NULL);
     if (err != CYAML_OK) {
         data = NULL;
         st = report_cyaml_error(cfg, path, err, &cap, &kl);
@@ -441,8 +431,8 @@ speed_status_t speed_config_file_load(speed_config_t *cfg, const char *path) {
     for (size_t i = 0; data && i < cfg->n_fields; i++) {
         if (!data[i]) continue;
         int line = key_line(&kl, cfg->fields[i].name);
-        char *origin = line ? speed_config_str_printf("file:%s:%d", path, line)
-                            : speed_config_str_printf("file:%s", path);
+        char *origin =
+            line ? speed_config_str_printf("file:%s:%d", path, line) : speed_config_str_printf("file:%s", path);
         if (!origin) {
             st = SPEED_ERR_NO_MEMORY;
             break;

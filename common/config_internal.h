@@ -32,15 +32,15 @@ typedef union {
 typedef struct {
     value_t v;
     speed_config_source_t source;
-    const char *origin;  /* static text or origin_owned */
+    const char *origin; /* static text or origin_owned */
     char *origin_owned;
 } slot_t;
 
 /* Tree of names: node 0 is the root mapping; a node is a leaf (field >= 0) or a mapping. */
 typedef struct {
-    const char *comp;  /* name component, points into the field table */
+    const char *comp; /* name component, points into the field table */
     size_t len;
-    int field;         /* leaf: field index; mapping: -1 */
+    int field;                         /* leaf: field index; mapping: -1 */
     int first_child, last_child, next; /* -1 = none */
     int n_children;
 } node_t;
@@ -48,8 +48,8 @@ typedef struct {
 struct speed_config {
     const speed_config_field_t *fields;
     size_t n_fields;
-    slot_t *slots;   /* [n_fields] */
-    node_t *nodes;   /* [n_nodes] */
+    slot_t *slots; /* [n_fields] */
+    node_t *nodes; /* [n_nodes] */
     int n_nodes;
     char **positional; /* [n_positional + 1], NULL-terminated */
     int n_positional;
@@ -61,8 +61,7 @@ struct speed_config {
 
 /* Is `cand` close enough to `typed` to suggest ("did you mean")? Keeps the closest in
  * *best_p: true when cand is closer than every earlier candidate. */
-bool speed_config_name_is_near(const char *typed, size_t typed_len, const char *cand,
-                               size_t *best_p);
+bool speed_config_name_is_near(const char *typed, size_t typed_len, const char *cand, size_t *best_p);
 
 /* Environment name: prefix + NAME with '.' and '-' as '_'. speed_malloc'd; NULL on failure. */
 char *speed_config_env_name(const char *prefix, const char *name);
@@ -83,9 +82,8 @@ void speed_config_double_format(char *buf, size_t size, double v);
  * consumed, also on failure). Errors are logged with the origin. Returns SPEED_OK,
  * SPEED_ERR_INVALID_ARGUMENT (does not parse, out of bounds, not an enum name) or
  * SPEED_ERR_NO_MEMORY. */
-speed_status_t speed_config_value_set(speed_config_t *cfg, size_t i, const char *text,
-                                      speed_config_source_t source, const char *origin,
-                                      char *origin_owned);
+speed_status_t speed_config_value_set(speed_config_t *cfg, size_t i, const char *text, speed_config_source_t source,
+                                      const char *origin, char *origin_owned);
 
 /* ---- config_file.c ----------------------------------------------------------------- */
 

@@ -17,7 +17,7 @@ static void print_quoted(FILE *f, const char *s, int *col) {
     (*col)++;
     for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
         switch (*p) {
-        case '"':  *col += fprintf(f, "\\\""); break;
+        case '"': *col += fprintf(f, "\\\""); break;
         case '\\': *col += fprintf(f, "\\\\"); break;
         case '\n': *col += fprintf(f, "\\n"); break;
         case '\t': *col += fprintf(f, "\\t"); break;
@@ -40,12 +40,10 @@ static int format_value(const speed_config_t *cfg, size_t i, FILE *f) {
     char buf[64];
     int col = 0;
     switch (cfg->fields[i].type) {
-    case SPEED_CONFIG_INT:    return fprintf(f, "%lld", (long long)v->i);
-    case SPEED_CONFIG_DOUBLE:
-        speed_config_double_format(buf, sizeof buf, v->d);
-        return fprintf(f, "%s", buf);
-    case SPEED_CONFIG_BOOL:   return fprintf(f, "%s", v->b ? "true" : "false");
-    case SPEED_CONFIG_ENUM:   return fprintf(f, "%s", cfg->fields[i].enum_names[v->e]);
+    case SPEED_CONFIG_INT: return fprintf(f, "%lld", (long long)v->i);
+    case SPEED_CONFIG_DOUBLE: speed_config_double_format(buf, sizeof buf, v->d); return fprintf(f, "%s", buf);
+    case SPEED_CONFIG_BOOL: return fprintf(f, "%s", v->b ? "true" : "false");
+    case SPEED_CONFIG_ENUM: return fprintf(f, "%s", cfg->fields[i].enum_names[v->e]);
     case SPEED_CONFIG_STRING: print_quoted(f, v->s, &col); return col;
     }
     return 0;
@@ -53,7 +51,7 @@ static int format_value(const speed_config_t *cfg, size_t i, FILE *f) {
 
 static bool node_has_value(const speed_config_t *cfg, int n) {
     int fi = cfg->nodes[n].field;
-    if (fi >= 0)  /* only a STRING without a default can be unset */
+    if (fi >= 0) /* only a STRING without a default can be unset */
         return cfg->fields[fi].type != SPEED_CONFIG_STRING || cfg->slots[fi].v.s != NULL;
     for (int c = cfg->nodes[n].first_child; c >= 0; c = cfg->nodes[c].next)
         if (node_has_value(cfg, c)) return true;
@@ -61,15 +59,15 @@ static bool node_has_value(const speed_config_t *cfg, int n) {
 }
 
 static void pad(FILE *f, int col, int to) {
-    do fputc(' ', f); while (++col < to);
+    do fputc(' ', f);
+    while (++col < to);
 }
 
 static void print_node(const speed_config_t *cfg, int n, int indent, FILE *f) {
     for (int c = cfg->nodes[n].first_child; c >= 0; c = cfg->nodes[c].next) {
         const node_t *child = &cfg->nodes[c];
         bool has = node_has_value(cfg, c);
-        int col = fprintf(f, "%*s%s%.*s:", indent, "", has ? "" : "# ", (int)child->len,
-                          child->comp);
+        int col = fprintf(f, "%*s%s%.*s:", indent, "", has ? "" : "# ", (int)child->len, child->comp);
         if (child->field < 0) {
             fputc('\n', f);
             print_node(cfg, c, indent + 2, f);
@@ -94,8 +92,8 @@ speed_status_t speed_config_print(const speed_config_t *cfg, FILE *f) {
     return SPEED_OK;
 }
 
-speed_status_t speed_config_print_help(const speed_config_field_t *fields, size_t n_fields,
-                                       const char *env_prefix, FILE *f) {
+speed_status_t speed_config_print_help(const speed_config_field_t *fields, size_t n_fields, const char *env_prefix,
+                                       FILE *f) {
     static const char *const type_names[] = {"INT", "NUM", "BOOL", "TEXT", "NAME"};
     fprintf(f, "Options (each is also a key in the --config YAML file%s):\n",
             env_prefix ? " and an environment variable" : "");
@@ -120,10 +118,8 @@ speed_status_t speed_config_print_help(const speed_config_field_t *fields, size_
         bool open = false;
 #define HELP_ITEM(...) (fputs(open ? "; " : " (", f), open = true, fprintf(f, __VA_ARGS__))
         if (fd->default_value)
-            HELP_ITEM(fd->type == SPEED_CONFIG_STRING ? "default \"%s\"" : "default %s",
-                      fd->default_value);
-        if ((fd->type == SPEED_CONFIG_INT || fd->type == SPEED_CONFIG_DOUBLE) &&
-            fd->min <= fd->max) {
+            HELP_ITEM(fd->type == SPEED_CONFIG_STRING ? "default \"%s\"" : "default %s", fd->default_value);
+        if ((fd->type == SPEED_CONFIG_INT || fd->type == SPEED_CONFIG_DOUBLE) && fd->min <= fd->max) {
             char lo[32], hi[32];
             speed_config_bound_format(lo, sizeof lo, fd->type, fd->min);
             speed_config_bound_format(hi, sizeof hi, fd->type, fd->max);
@@ -139,8 +135,8 @@ speed_status_t speed_config_print_help(const speed_config_field_t *fields, size_
     }
     fprintf(f, "  --config FILE");
     pad(f, 15, HELP_VALUE_COL);
-    fprintf(f, "read settings from a YAML file%s%s%s\n", env_prefix ? " (env " : "",
-            env_prefix ? env_prefix : "", env_prefix ? "CONFIG)" : "");
+    fprintf(f, "read settings from a YAML file%s%s%s\n", env_prefix ? " (env " : "", env_prefix ? env_prefix : "",
+            env_prefix ? "CONFIG)" : "");
     fprintf(f, "  --print-config");
     pad(f, 16, HELP_VALUE_COL);
     fprintf(f, "print the effective configuration as YAML and exit\n");

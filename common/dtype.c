@@ -33,9 +33,7 @@ const char *speed_dtype_name(speed_dtype_t dtype) {
     return speed_names_get(speed_dtype_names, SPEED_DTYPE_COUNT, (int)dtype, "?");
 }
 
-const char *speed_dtype_torch_name(speed_dtype_t dtype) {
-    return dtype_valid(dtype) ? dtype_info[dtype].torch : "?";
-}
+const char *speed_dtype_torch_name(speed_dtype_t dtype) { return dtype_valid(dtype) ? dtype_info[dtype].torch : "?"; }
 
 const char *speed_dtype_safetensors_name(speed_dtype_t dtype) {
     return dtype_valid(dtype) ? dtype_info[dtype].safetensors : "?";
@@ -134,9 +132,7 @@ void speed_dtype_to_f32(speed_dtype_t dtype, const void *src, float *dst, size_t
     const unsigned char *s = src;
     uint16_t h;
     switch (dtype) {
-    case SPEED_DTYPE_F32:
-        memcpy(dst, src, n * sizeof(float));
-        return;
+    case SPEED_DTYPE_F32: memcpy(dst, src, n * sizeof(float)); return;
     case SPEED_DTYPE_BF16:
         for (size_t i = 0; i < n; i++) {
             memcpy(&h, s + 2 * i, 2);
@@ -156,9 +152,7 @@ void speed_dtype_from_f32(speed_dtype_t dtype, const float *src, void *dst, size
     unsigned char *d = dst;
     uint16_t h;
     switch (dtype) {
-    case SPEED_DTYPE_F32:
-        memcpy(dst, src, n * sizeof(float));
-        return;
+    case SPEED_DTYPE_F32: memcpy(dst, src, n * sizeof(float)); return;
     case SPEED_DTYPE_BF16:
         for (size_t i = 0; i < n; i++) {
             h = speed_dtype_f32_to_bf16(src[i]);

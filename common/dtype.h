@@ -51,9 +51,9 @@ speed_status_t speed_dtype_safetensors_parse(const char *name, speed_dtype_t *ou
 
 /* Scalar conversions. */
 uint16_t speed_dtype_f32_to_bf16(float value);
-float    speed_dtype_bf16_to_f32(uint16_t bits);
+float speed_dtype_bf16_to_f32(uint16_t bits);
 uint16_t speed_dtype_f32_to_f16(float value);
-float    speed_dtype_f16_to_f32(uint16_t bits);
+float speed_dtype_f16_to_f32(uint16_t bits);
 
 /* Converts n elements of `dtype` at src (any alignment) to f32 at dst. */
 void speed_dtype_to_f32(speed_dtype_t dtype, const void *src, float *dst, size_t n);

@@ -9,8 +9,8 @@
 
 #include "alloc.h"
 
-speed_status_t speed_file_read(const char *path, size_t max_bytes, speed_log_subsys_t subsys,
-                               unsigned flags, char **data_p, size_t *len_p) {
+speed_status_t speed_file_read(const char *path, size_t max_bytes, speed_log_subsys_t subsys, unsigned flags,
+                               char **data_p, size_t *len_p) {
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
         int e = errno;

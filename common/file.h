@@ -13,7 +13,7 @@
 #include "status.h"
 
 typedef enum {
-    SPEED_FILE_READ_DEFAULT  = 0,
+    SPEED_FILE_READ_DEFAULT = 0,
     SPEED_FILE_READ_OPTIONAL = 1 << 0, /* a missing file returns SPEED_ERR_NOT_FOUND unlogged */
 } speed_file_read_flags_t;
 
@@ -28,8 +28,8 @@ typedef enum {
  *   SPEED_ERR_TOO_LONG    it holds more than max_bytes
  *   SPEED_ERR_NO_MEMORY
  * Outputs are written only on success. */
-speed_status_t speed_file_read(const char *path, size_t max_bytes, speed_log_subsys_t subsys,
-                               unsigned flags, char **data_p, size_t *len_p);
+speed_status_t speed_file_read(const char *path, size_t max_bytes, speed_log_subsys_t subsys, unsigned flags,
+                               char **data_p, size_t *len_p);
 
 /* "dir/name" (one '/' between them) in a speed_malloc'd string; NULL when out of memory. */
 char *speed_path_join(const char *dir, const char *name);

@@ -21,8 +21,8 @@ static struct {
     void *sink_user;
 } g_log = {
     .lock = PTHREAD_MUTEX_INITIALIZER,
-    .level = {SPEED_LOG_INFO, SPEED_LOG_INFO, SPEED_LOG_INFO, SPEED_LOG_INFO,
-              SPEED_LOG_INFO, SPEED_LOG_INFO, SPEED_LOG_INFO},
+    .level = {SPEED_LOG_INFO, SPEED_LOG_INFO, SPEED_LOG_INFO, SPEED_LOG_INFO, SPEED_LOG_INFO, SPEED_LOG_INFO,
+              SPEED_LOG_INFO},
 };
 
 static _Thread_local char t_last_error[1024];
@@ -43,8 +43,7 @@ speed_status_t speed_log_level_parse(const char *name, speed_log_level_t *level_
 
 static int subsys_parse(const char *name, size_t len) {
     for (int i = 0; i < SPEED_SUBSYS_COUNT; i++)
-        if (strlen(subsys_names[i]) == len && strncasecmp(name, subsys_names[i], len) == 0)
-            return i;
+        if (strlen(subsys_names[i]) == len && strncasecmp(name, subsys_names[i], len) == 0) return i;
     return -1;
 }
 
@@ -66,8 +65,7 @@ speed_status_t speed_log_configure(const char *spec) {
         if (eq) {
             *eq = '\0';
             int s = subsys_parse(item, strlen(item));
-            if (s < 0 || speed_log_level_parse(eq + 1, &lvl) != SPEED_OK)
-                return SPEED_ERR_INVALID_ARGUMENT;
+            if (s < 0 || speed_log_level_parse(eq + 1, &lvl) != SPEED_OK) return SPEED_ERR_INVALID_ARGUMENT;
             levels[s] = (int)lvl;
         } else {
             if (speed_log_level_parse(item, &lvl) != SPEED_OK) return SPEED_ERR_INVALID_ARGUMENT;
@@ -98,8 +96,8 @@ int speed_log_enabled(speed_log_level_t level, speed_log_subsys_t subsys) {
 const char *speed_log_last_error(void) { return t_last_error; }
 void speed_log_clear_last_error(void) { t_last_error[0] = '\0'; }
 
-void speed_logv(speed_log_level_t level, speed_log_subsys_t subsys, const char *request_id,
-                const char *fmt, va_list ap) {
+void speed_logv(speed_log_level_t level, speed_log_subsys_t subsys, const char *request_id, const char *fmt,
+                va_list ap) {
     if ((unsigned)subsys >= SPEED_SUBSYS_COUNT) subsys = SPEED_SUBSYS_CORE;
     if ((unsigned)level > SPEED_LOG_TRACE) level = SPEED_LOG_TRACE;
     char msg[1024];
@@ -120,17 +118,16 @@ void speed_logv(speed_log_level_t level, speed_log_subsys_t subsys, const char *
         gmtime_r(&ts.tv_sec, &tm);
         strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%S", &tm);
         if (request_id && request_id[0])
-            fprintf(stderr, "%s.%03ldZ %c %s [%s] %s\n", when, ts.tv_nsec / 1000000,
-                    level_letters[level], subsys_names[subsys], request_id, msg);
+            fprintf(stderr, "%s.%03ldZ %c %s [%s] %s\n", when, ts.tv_nsec / 1000000, level_letters[level],
+                    subsys_names[subsys], request_id, msg);
         else
-            fprintf(stderr, "%s.%03ldZ %c %s %s\n", when, ts.tv_nsec / 1000000,
-                    level_letters[level], subsys_names[subsys], msg);
+            fprintf(stderr, "%s.%03ldZ %c %s %s\n", when, ts.tv_nsec / 1000000, level_letters[level],
+                    subsys_names[subsys], msg);
     }
     pthread_mutex_unlock(&g_log.lock);
 }
 
-void speed_log(speed_log_level_t level, speed_log_subsys_t subsys, const char *request_id,
-               const char *fmt, ...) {
+void speed_log(speed_log_level_t level, speed_log_subsys_t subsys, const char *request_id, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
     speed_logv(level, subsys, request_id, fmt, ap);

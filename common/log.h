@@ -21,29 +21,28 @@
 
 typedef enum {
     SPEED_LOG_ERROR = 0,
-    SPEED_LOG_WARN  = 1,
-    SPEED_LOG_INFO  = 2,
+    SPEED_LOG_WARN = 1,
+    SPEED_LOG_INFO = 2,
     SPEED_LOG_DEBUG = 3,
     SPEED_LOG_TRACE = 4,
 } speed_log_level_t;
 
 /* Subsystems: where a message comes from. Keep speed_log_subsys_names in sync. */
 typedef enum {
-    SPEED_SUBSYS_CORE = 0,   /* process services: config, alloc */
-    SPEED_SUBSYS_MODEL,      /* model loading, safetensors */
-    SPEED_SUBSYS_TOK,        /* tokenizer, chat templates */
-    SPEED_SUBSYS_ENGINE,     /* forward pass, batching */
-    SPEED_SUBSYS_KV,         /* KV cache and transfer */
-    SPEED_SUBSYS_NET,        /* gRPC, HTTP, UCX */
-    SPEED_SUBSYS_CLI,        /* speedctl */
+    SPEED_SUBSYS_CORE = 0, /* process services: config, alloc */
+    SPEED_SUBSYS_MODEL,    /* model loading, safetensors */
+    SPEED_SUBSYS_TOK,      /* tokenizer, chat templates */
+    SPEED_SUBSYS_ENGINE,   /* forward pass, batching */
+    SPEED_SUBSYS_KV,       /* KV cache and transfer */
+    SPEED_SUBSYS_NET,      /* gRPC, HTTP, UCX */
+    SPEED_SUBSYS_CLI,      /* speedctl */
     SPEED_SUBSYS_COUNT
 } speed_log_subsys_t;
 
 /* Receives every formatted message that passes the filters. `line` is the message
  * without timestamp or newline. Called with an internal lock held: do not log from it. */
-typedef void (*speed_log_sink_cb_t)(void *user, speed_log_level_t level,
-                                    speed_log_subsys_t subsys, const char *request_id,
-                                    const char *line);
+typedef void (*speed_log_sink_cb_t)(void *user, speed_log_level_t level, speed_log_subsys_t subsys,
+                                    const char *request_id, const char *line);
 
 /* "error" | "warn" | "info" | "debug" | "trace", optionally followed by
  * ",subsys=level" pairs, e.g. "warn,tok=debug". Returns SPEED_ERR_INVALID_ARGUMENT
@@ -67,18 +66,18 @@ const char *speed_log_last_error(void);
 void speed_log_clear_last_error(void);
 
 /* request_id may be NULL. */
-void speed_log(speed_log_level_t level, speed_log_subsys_t subsys, const char *request_id,
-               const char *fmt, ...) __attribute__((format(printf, 4, 5)));
-void speed_logv(speed_log_level_t level, speed_log_subsys_t subsys, const char *request_id,
-                const char *fmt, va_list ap);
+void speed_log(speed_log_level_t level, speed_log_subsys_t subsys, const char *request_id, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+void speed_logv(speed_log_level_t level, speed_log_subsys_t subsys, const char *request_id, const char *fmt,
+                va_list ap);
 
-#define SPEED_LOG_(lvl, subsys, ...)                                        \
-    do {                                                                    \
+#define SPEED_LOG_(lvl, subsys, ...)                                                   \
+    do {                                                                               \
         if (speed_log_enabled(lvl, subsys)) speed_log(lvl, subsys, NULL, __VA_ARGS__); \
     } while (0)
 #define SPEED_ERROR(subsys, ...) SPEED_LOG_(SPEED_LOG_ERROR, subsys, __VA_ARGS__)
-#define SPEED_WARN(subsys, ...)  SPEED_LOG_(SPEED_LOG_WARN,  subsys, __VA_ARGS__)
-#define SPEED_INFO(subsys, ...)  SPEED_LOG_(SPEED_LOG_INFO,  subsys, __VA_ARGS__)
+#define SPEED_WARN(subsys, ...)  SPEED_LOG_(SPEED_LOG_WARN, subsys, __VA_ARGS__)
+#define SPEED_INFO(subsys, ...)  SPEED_LOG_(SPEED_LOG_INFO, subsys, __VA_ARGS__)
 #define SPEED_DEBUG(subsys, ...) SPEED_LOG_(SPEED_LOG_DEBUG, subsys, __VA_ARGS__)
 
 #endif /* SPEED_LOG_H */

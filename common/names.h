@@ -34,13 +34,13 @@ const char *speed_names_list(const char *const *names, char *buf, size_t size);
     const char *P##_name(T value);                   \
     speed_status_t P##_parse(const char *name, T *value_p)
 
-#define SPEED_NAMES_DEFINE(P, T, COUNT)                                              \
+#define SPEED_NAMES_DEFINE(P, T, COUNT)                                                            \
     const char *P##_name(T value) { return speed_names_get(P##_names, (COUNT), (int)value, "?"); } \
-    speed_status_t P##_parse(const char *name, T *value_p) {                         \
-        int index_ = speed_names_find(P##_names, name);                              \
-        if (index_ < 0) return SPEED_ERR_INVALID_ARGUMENT;                           \
-        *value_p = (T)index_;                                                        \
-        return SPEED_OK;                                                             \
+    speed_status_t P##_parse(const char *name, T *value_p) {                                       \
+        int index_ = speed_names_find(P##_names, name);                                            \
+        if (index_ < 0) return SPEED_ERR_INVALID_ARGUMENT;                                         \
+        *value_p = (T)index_;                                                                      \
+        return SPEED_OK;                                                                           \
     }
 
 #endif /* SPEED_NAMES_H */

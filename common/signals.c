@@ -12,9 +12,7 @@ void speed_signals_stop_set(sigset_t *set_p) {
     sigaddset(set_p, SIGTERM);
 }
 
-int speed_signals_block(const sigset_t *set, sigset_t *old_p) {
-    return pthread_sigmask(SIG_BLOCK, set, old_p);
-}
+int speed_signals_block(const sigset_t *set, sigset_t *old_p) { return pthread_sigmask(SIG_BLOCK, set, old_p); }
 
 void speed_signals_restore(const sigset_t *old) { pthread_sigmask(SIG_SETMASK, old, NULL); }
 

@@ -15,29 +15,29 @@
 #include <stdbool.h>
 
 typedef enum {
-    SPEED_OK                    = 0,
+    SPEED_OK = 0,
 
     /* one request */
-    SPEED_ERR_INVALID_ARGUMENT  = -1,  /* a parameter is malformed or out of range */
-    SPEED_ERR_NOT_FOUND         = -2,  /* a named thing (file, tensor, token, key) does not exist */
-    SPEED_ERR_PARSE             = -3,  /* text (JSON, YAML, numbers) could not be parsed */
-    SPEED_ERR_FORMAT            = -4,  /* well-formed input that breaks a format's rules */
-    SPEED_ERR_UNSUPPORTED       = -5,  /* valid, but not something speedserve implements */
-    SPEED_ERR_TOO_LONG          = -6,  /* exceeds a length limit (prompt, context) */
-    SPEED_ERR_CAPACITY          = -7,  /* no room right now (KV blocks, queue); retry later */
-    SPEED_ERR_CANCELLED         = -8,  /* the request was cancelled */
-    SPEED_ERR_TIMEOUT           = -9,  /* a deadline passed */
-    SPEED_ERR_NO_MEMORY         = -10, /* a host allocation failed */
+    SPEED_ERR_INVALID_ARGUMENT = -1, /* a parameter is malformed or out of range */
+    SPEED_ERR_NOT_FOUND = -2,        /* a named thing (file, tensor, token, key) does not exist */
+    SPEED_ERR_PARSE = -3,            /* text (JSON, YAML, numbers) could not be parsed */
+    SPEED_ERR_FORMAT = -4,           /* well-formed input that breaks a format's rules */
+    SPEED_ERR_UNSUPPORTED = -5,      /* valid, but not something speedserve implements */
+    SPEED_ERR_TOO_LONG = -6,         /* exceeds a length limit (prompt, context) */
+    SPEED_ERR_CAPACITY = -7,         /* no room right now (KV blocks, queue); retry later */
+    SPEED_ERR_CANCELLED = -8,        /* the request was cancelled */
+    SPEED_ERR_TIMEOUT = -9,          /* a deadline passed */
+    SPEED_ERR_NO_MEMORY = -10,       /* a host allocation failed */
 
     /* one peer */
-    SPEED_ERR_PEER_UNREACHABLE  = -100,
-    SPEED_ERR_PEER_PROTOCOL     = -101,
-    SPEED_ERR_TRANSFER          = -102,
+    SPEED_ERR_PEER_UNREACHABLE = -100,
+    SPEED_ERR_PEER_PROTOCOL = -101,
+    SPEED_ERR_TRANSFER = -102,
 
     /* whole node */
-    SPEED_ERR_IO                = -200, /* an OS call on a file or socket failed */
-    SPEED_ERR_DEVICE            = -201, /* the compute device failed */
-    SPEED_ERR_INTERNAL          = -202, /* a bug: a state that should be impossible */
+    SPEED_ERR_IO = -200,       /* an OS call on a file or socket failed */
+    SPEED_ERR_DEVICE = -201,   /* the compute device failed */
+    SPEED_ERR_INTERNAL = -202, /* a bug: a state that should be impossible */
 } speed_status_t;
 
 /* Short lowercase name of a status, e.g. "invalid argument". Never NULL;
@@ -48,23 +48,23 @@ const char *speed_status_string(speed_status_t status);
 bool speed_status_is_retryable(speed_status_t status);
 
 /* Propagate a failing status to the caller. */
-#define SPEED_CHECK(call)                                                  \
-    do {                                                                   \
-        speed_status_t speed_check_status_ = (call);                       \
-        if (speed_check_status_ != SPEED_OK) return speed_check_status_;   \
+#define SPEED_CHECK(call)                                                \
+    do {                                                                 \
+        speed_status_t speed_check_status_ = (call);                     \
+        if (speed_check_status_ != SPEED_OK) return speed_check_status_; \
     } while (0)
 
 /* Store a failing status in `status` and jump to a cleanup label. */
-#define SPEED_CHECK_GOTO(call, status, label)                              \
-    do {                                                                   \
-        (status) = (call);                                                 \
-        if ((status) != SPEED_OK) goto label;                              \
+#define SPEED_CHECK_GOTO(call, status, label) \
+    do {                                      \
+        (status) = (call);                    \
+        if ((status) != SPEED_OK) goto label; \
     } while (0)
 
 /* Broken invariant: always on, aborts with file:line. Never for input errors. */
-#define SPEED_ASSERT(cond)                                                 \
-    do {                                                                   \
-        if (!(cond)) speed_assert_fail(#cond, __FILE__, __LINE__);         \
+#define SPEED_ASSERT(cond)                                         \
+    do {                                                           \
+        if (!(cond)) speed_assert_fail(#cond, __FILE__, __LINE__); \
     } while (0)
 
 _Noreturn void speed_assert_fail(const char *expr, const char *file, int line);

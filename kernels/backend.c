@@ -20,11 +20,11 @@ speed_backend_params_t speed_backend_default_params(void) {
 
 const char *speed_cpu_isa_name(speed_cpu_isa_t isa) {
     switch (isa) {
-    case SPEED_CPU_ISA_SCALAR:      return "scalar";
-    case SPEED_CPU_ISA_AVX2:        return "avx2";
-    case SPEED_CPU_ISA_AVX512:      return "avx512";
+    case SPEED_CPU_ISA_SCALAR: return "scalar";
+    case SPEED_CPU_ISA_AVX2: return "avx2";
+    case SPEED_CPU_ISA_AVX512: return "avx512";
     case SPEED_CPU_ISA_AVX512_BF16: return "avx512-bf16";
-    case SPEED_CPU_ISA_BEST:        return "best";
+    case SPEED_CPU_ISA_BEST: return "best";
     }
     return "?";
 }
@@ -32,8 +32,7 @@ const char *speed_cpu_isa_name(speed_cpu_isa_t isa) {
 speed_cpu_isa_t speed_cpu_isa_detect(void) {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl")) {
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")) {
         if (__builtin_cpu_supports("avx512bf16")) return SPEED_CPU_ISA_AVX512_BF16;
         return SPEED_CPU_ISA_AVX512;
     }
@@ -51,8 +50,8 @@ speed_status_t speed_backend_create(const speed_backend_params_t *params, speed_
     }
     switch (p.kind) {
     case SPEED_BACKEND_CPU_REF: return speed_backend_cpu_ref_create(&p, backend_p);
-    case SPEED_BACKEND_CPU:     return speed_backend_cpu_create(&p, backend_p);
-    case SPEED_BACKEND_CUDA:    return speed_backend_cuda_create(&p, backend_p);
+    case SPEED_BACKEND_CPU: return speed_backend_cpu_create(&p, backend_p);
+    case SPEED_BACKEND_CUDA: return speed_backend_cuda_create(&p, backend_p);
     }
     SPEED_ERROR(SPEED_SUBSYS_ENGINE, "backend: unknown kind %d", (int)p.kind);
     return SPEED_ERR_INVALID_ARGUMENT;
@@ -86,8 +85,10 @@ speed_status_t speed_backend_alloc_host(speed_backend_t *be, size_t bytes, void 
 }
 void speed_backend_free_host(speed_backend_t *be, void *ptr) {
     if (!ptr) return;
-    if (be->ops->free_host) be->ops->free_host(be->ctx, ptr);
-    else speed_aligned_free(ptr);
+    if (be->ops->free_host)
+        be->ops->free_host(be->ctx, ptr);
+    else
+        speed_aligned_free(ptr);
 }
 speed_status_t speed_backend_upload(speed_backend_t *be, void *dst, const void *src, size_t bytes) {
     return bytes ? be->ops->upload(be->ctx, dst, src, bytes) : SPEED_OK;
@@ -121,9 +122,9 @@ float speed_rope_inv_freq(const speed_rope_t *rope, int head_dim, int i) {
     double orig = rope->original_max_position;
     double low_freq_wavelen = orig / low, high_freq_wavelen = orig / high;
     double wavelen = 2.0 * 3.14159265358979323846 / inv_freq;
-    if (wavelen < high_freq_wavelen) return (float)inv_freq;        /* high frequency: kept */
+    if (wavelen < high_freq_wavelen) return (float)inv_freq;           /* high frequency: kept */
     if (wavelen > low_freq_wavelen) return (float)(inv_freq / factor); /* low frequency: scaled */
-    double smooth = (orig / wavelen - low) / (high - low);           /* in between: blended */
+    double smooth = (orig / wavelen - low) / (high - low);             /* in between: blended */
     return (float)((1.0 - smooth) * inv_freq / factor + smooth * inv_freq);
 }
 
@@ -139,8 +140,7 @@ static speed_status_t bad(speed_op_t op, const char *what) {
 }
 
 static bool mat_ok(speed_mat_t m) {
-    return m.data && m.n_rows >= 0 && m.n_cols > 0 && m.row_stride >= m.n_cols &&
-           speed_dtype_size(m.dtype) > 0;
+    return m.data && m.n_rows >= 0 && m.n_cols > 0 && m.row_stride >= m.n_cols && speed_dtype_size(m.dtype) > 0;
 }
 
 static bool f32_ok(speed_mat_t m) { return mat_ok(m) && m.dtype == SPEED_DTYPE_F32; }
@@ -157,8 +157,8 @@ static speed_status_t check_supported(speed_backend_t *be, speed_op_t op, speed_
 static bool kv_ok(const speed_kv_layer_t *kv) {
     return kv && kv->k_base && kv->block_tokens > 0 && kv->n_kv_heads > 0 && kv->head_dim > 0 &&
            speed_dtype_size(kv->dtype) > 0 && (kv->slot_heads == 0 || kv->slot_heads >= kv->n_kv_heads) &&
-           kv->v_offset >= (size_t)kv->block_tokens * speed_kv_layer_slot_heads(kv) * kv->head_dim *
-                               speed_dtype_size(kv->dtype);
+           kv->v_offset >=
+               (size_t)kv->block_tokens * speed_kv_layer_slot_heads(kv) * kv->head_dim * speed_dtype_size(kv->dtype);
 }
 
 speed_status_t speed_op_embed(speed_backend_t *be, speed_mat_t out, speed_mat_t table, const int32_t *ids) {
@@ -191,8 +191,8 @@ speed_status_t speed_op_rope(speed_backend_t *be, speed_mat_t x, int n_heads, in
     if (!f32_ok(x) || n_heads <= 0 || head_dim <= 0 || head_dim % 2 || x.n_cols != (int64_t)n_heads * head_dim ||
         !rope || !(rope->theta > 0) || (x.n_rows && !positions))
         return bad(SPEED_OP_ROPE, "bad shapes");
-    if (rope->llama3_scaling && !(rope->factor > 0 && rope->original_max_position > 0 &&
-                                  rope->high_freq_factor > rope->low_freq_factor))
+    if (rope->llama3_scaling &&
+        !(rope->factor > 0 && rope->original_max_position > 0 && rope->high_freq_factor > rope->low_freq_factor))
         return bad(SPEED_OP_ROPE, "bad llama3 scaling parameters");
     SPEED_CHECK(check_supported(be, SPEED_OP_ROPE, SPEED_DTYPE_F32));
     return x.n_rows ? be->ops->rope(be->ctx, x, n_heads, head_dim, positions, rope) : SPEED_OK;
@@ -247,9 +247,9 @@ speed_status_t speed_op_kv_load(speed_backend_t *be, const speed_kv_layer_t *kv,
 
 speed_status_t speed_op_attention(speed_backend_t *be, speed_mat_t out, speed_mat_t q, const speed_kv_layer_t *kv,
                                   int n_heads, const speed_attn_rows_t *rows, float scale) {
-    if (!f32_ok(out) || !f32_ok(q) || !same_shape(out, q) || !kv_ok(kv) || n_heads <= 0 ||
-        n_heads % kv->n_kv_heads || q.n_cols != (int64_t)n_heads * kv->head_dim || !rows ||
-        rows->n_rows != q.n_rows || (q.n_rows && (!rows->block_table || !rows->n_visible)) || out.data == q.data)
+    if (!f32_ok(out) || !f32_ok(q) || !same_shape(out, q) || !kv_ok(kv) || n_heads <= 0 || n_heads % kv->n_kv_heads ||
+        q.n_cols != (int64_t)n_heads * kv->head_dim || !rows || rows->n_rows != q.n_rows ||
+        (q.n_rows && (!rows->block_table || !rows->n_visible)) || out.data == q.data)
         return bad(SPEED_OP_ATTENTION, "bad shapes");
     for (int64_t r = 0; r < rows->n_rows; r++)
         if (rows->n_visible[r] < 0 || (rows->n_visible[r] > 0 && !rows->block_table[r]))

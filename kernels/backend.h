@@ -78,14 +78,14 @@ static inline speed_mat_t speed_mat(void *data, speed_dtype_t dtype, int64_t n_r
  * (SPEED_ERR_INVALID_ARGUMENT); that h0 + n_kv_heads <= slot_heads is the caller's to keep.
  */
 typedef struct {
-    void *k_base;          /* backend memory: this layer's K in block 0 (+ h0 * head_dim * size) */
-    size_t block_stride;   /* bytes from one block to the next */
-    size_t v_offset;       /* bytes from a block's K to its V (= B * S * head_dim * size) */
-    int block_tokens;      /* B */
-    int n_kv_heads;        /* kv heads in this view */
+    void *k_base;        /* backend memory: this layer's K in block 0 (+ h0 * head_dim * size) */
+    size_t block_stride; /* bytes from one block to the next */
+    size_t v_offset;     /* bytes from a block's K to its V (= B * S * head_dim * size) */
+    int block_tokens;    /* B */
+    int n_kv_heads;      /* kv heads in this view */
     int head_dim;
     speed_dtype_t dtype;
-    int slot_heads;        /* kv heads stored per token slot in memory (>= n_kv_heads); 0 means
+    int slot_heads; /* kv heads stored per token slot in memory (>= n_kv_heads); 0 means
                             * n_kv_heads. A view of heads [h0, h0 + n_kv_heads) of a pool holding
                             * slot_heads heads per slot has k_base advanced by
                             * h0 * head_dim * dtype_size. */
@@ -130,17 +130,17 @@ typedef struct {
  * the machine has unless capped by speed_backend_params_t.cpu_isa_max (tests run each). */
 typedef enum {
     SPEED_CPU_ISA_SCALAR = 0,
-    SPEED_CPU_ISA_AVX2,       /* AVX2 + FMA + F16C */
-    SPEED_CPU_ISA_AVX512,     /* AVX-512 F/BW/VL */
-    SPEED_CPU_ISA_AVX512_BF16,/* + AVX512_BF16 (vdpbf16ps) */
-    SPEED_CPU_ISA_BEST,       /* as a cap: no cap */
+    SPEED_CPU_ISA_AVX2,        /* AVX2 + FMA + F16C */
+    SPEED_CPU_ISA_AVX512,      /* AVX-512 F/BW/VL */
+    SPEED_CPU_ISA_AVX512_BF16, /* + AVX512_BF16 (vdpbf16ps) */
+    SPEED_CPU_ISA_BEST,        /* as a cap: no cap */
 } speed_cpu_isa_t;
 
 typedef struct {
     speed_backend_kind_t kind;
-    int n_threads;            /* CPU: worker threads incl. the caller; 0 = online cores */
+    int n_threads; /* CPU: worker threads incl. the caller; 0 = online cores */
     speed_cpu_isa_t cpu_isa_max;
-    int device;               /* CUDA device index */
+    int device; /* CUDA device index */
 } speed_backend_params_t;
 
 typedef enum {
@@ -194,8 +194,8 @@ typedef struct {
                                const int32_t *slots);
     speed_status_t (*kv_load)(void *ctx, const speed_kv_layer_t *kv, speed_mat_t k, speed_mat_t v,
                               const int32_t *slots);
-    speed_status_t (*attention)(void *ctx, speed_mat_t out, speed_mat_t q, const speed_kv_layer_t *kv,
-                                int n_heads, const speed_attn_rows_t *rows, float scale);
+    speed_status_t (*attention)(void *ctx, speed_mat_t out, speed_mat_t q, const speed_kv_layer_t *kv, int n_heads,
+                                const speed_attn_rows_t *rows, float scale);
     speed_status_t (*topk)(void *ctx, speed_mat_t vals, int32_t *ids, float *lse, speed_mat_t logits, int k);
 } speed_backend_ops_t;
 
@@ -267,8 +267,8 @@ speed_status_t speed_op_rmsnorm(speed_backend_t *be, speed_mat_t out, speed_mat_
 speed_status_t speed_op_matmul(speed_backend_t *be, speed_mat_t out, speed_mat_t x, speed_mat_t w, bool accumulate);
 
 /* In place on x f32 [n][n_heads * head_dim]: rotate each head of row i by position positions[i]. */
-speed_status_t speed_op_rope(speed_backend_t *be, speed_mat_t x, int n_heads, int head_dim,
-                             const int32_t *positions, const speed_rope_t *rope);
+speed_status_t speed_op_rope(speed_backend_t *be, speed_mat_t x, int n_heads, int head_dim, const int32_t *positions,
+                             const speed_rope_t *rope);
 
 /* out = silu(gate) * up                  all f32 [n][f]; out may alias gate or up */
 speed_status_t speed_op_swiglu(speed_backend_t *be, speed_mat_t out, speed_mat_t gate, speed_mat_t up);

@@ -9,7 +9,7 @@
 #include "status.h"
 
 typedef enum {
-    SPEED_BACKEND_CPU = 0,    /* the default */
+    SPEED_BACKEND_CPU = 0, /* the default */
     SPEED_BACKEND_CPU_REF,
     SPEED_BACKEND_CUDA,
 } speed_backend_kind_t;

@@ -15,7 +15,7 @@
 #include "log.h"
 
 #define COMM_MAX_RANKS 64
-#define COMM_SPIN 4000 /* polls (a few microseconds) before a waiting rank sleeps */
+#define COMM_SPIN      4000 /* polls (a few microseconds) before a waiting rank sleeps */
 
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -32,7 +32,7 @@ struct speed_comm_group {
     int size;
     pthread_mutex_t lock;
     pthread_cond_t cond;
-    int arrived;               /* ranks waiting at the current barrier */
+    int arrived;                 /* ranks waiting at the current barrier */
     _Atomic uint64_t generation; /* barriers passed (written under lock, read by spinners) */
     atomic_bool aborted;
     float *bufs[COMM_MAX_RANKS];

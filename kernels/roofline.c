@@ -19,8 +19,8 @@
 #endif
 
 #define ROOFLINE_DEFAULT_BYTES ((size_t)1 << 30)
-#define ROOFLINE_MIN_BYTES ((size_t)1 << 20)
-#define ROOFLINE_ACCS 12 /* independent accumulators: > FMA latency x issue width on current cores */
+#define ROOFLINE_MIN_BYTES     ((size_t)1 << 20)
+#define ROOFLINE_ACCS          12 /* independent accumulators: > FMA latency x issue width on current cores */
 
 speed_roofline_params_t speed_roofline_default_params(void) {
     speed_roofline_params_t p = {
@@ -137,17 +137,17 @@ typedef enum { JOB_TOUCH, JOB_READ, JOB_COPY, JOB_FP32, JOB_BF16 } job_kind_t;
 typedef struct {
     job_kind_t kind;
     int n_threads;
-    int runs;                  /* 1 warm-up + repetitions */
+    int runs; /* 1 warm-up + repetitions */
     speed_cpu_isa_t isa;
-    char *buf;                 /* bandwidth jobs */
+    char *buf; /* bandwidth jobs */
     size_t bytes;
-    int64_t iters;             /* compute jobs, per thread per run */
+    int64_t iters; /* compute jobs, per thread per run */
     pthread_barrier_t barrier;
-    pthread_mutex_t gate_lock;  /* workers wait at the gate until every thread exists */
+    pthread_mutex_t gate_lock; /* workers wait at the gate until every thread exists */
     pthread_cond_t gate_cond;
-    int gate;                   /* 0 closed, 1 go, -1 abandon (a thread failed to start) */
-    double *times;             /* [runs], written by thread 0 */
-    float sink[1024];          /* per-thread results, so no work is optimised away */
+    int gate;         /* 0 closed, 1 go, -1 abandon (a thread failed to start) */
+    double *times;    /* [runs], written by thread 0 */
+    float sink[1024]; /* per-thread results, so no work is optimised away */
 } job_t;
 
 typedef struct {
@@ -299,9 +299,10 @@ static speed_status_t params_resolve(const speed_roofline_params_t *in, speed_ro
     if (p->n_threads < 1 || p->n_threads > 1024 || p->read_bytes < ROOFLINE_MIN_BYTES || p->repetitions < 1 ||
         p->repetitions > 1000 || p->compute_ms > 60000.0 || p->isa_max < SPEED_CPU_ISA_SCALAR ||
         p->isa_max > SPEED_CPU_ISA_BEST) {
-        SPEED_ERROR(SPEED_SUBSYS_ENGINE, "roofline: parameters out of range (threads %d in 1..1024, buffer %zu >= "
-                    "%zu bytes, repetitions %d in 1..1000, compute %g ms <= 60000)", p->n_threads, p->read_bytes,
-                    ROOFLINE_MIN_BYTES, p->repetitions, p->compute_ms);
+        SPEED_ERROR(SPEED_SUBSYS_ENGINE,
+                    "roofline: parameters out of range (threads %d in 1..1024, buffer %zu >= "
+                    "%zu bytes, repetitions %d in 1..1000, compute %g ms <= 60000)",
+                    p->n_threads, p->read_bytes, ROOFLINE_MIN_BYTES, p->repetitions, p->compute_ms);
         return SPEED_ERR_INVALID_ARGUMENT;
     }
     return SPEED_OK;
@@ -312,8 +313,7 @@ static speed_cpu_isa_t isa_pick(speed_cpu_isa_t cap) {
     return cap < isa ? cap : isa;
 }
 
-speed_status_t speed_roofline_bandwidth(const speed_roofline_params_t *params, double *read_gbs_p,
-                                        double *copy_gbs_p) {
+speed_status_t speed_roofline_bandwidth(const speed_roofline_params_t *params, double *read_gbs_p, double *copy_gbs_p) {
     speed_roofline_params_t p;
     SPEED_CHECK(params_resolve(params, &p));
     size_t bytes = p.read_bytes / 4096 * 4096;
@@ -330,8 +330,12 @@ speed_status_t speed_roofline_bandwidth(const speed_roofline_params_t *params, d
     speed_status_t st = j ? SPEED_OK : SPEED_ERR_NO_MEMORY;
     double t_read = 0.0, t_copy = 0.0;
     if (st == SPEED_OK) {
-        *j = (job_t){.kind = JOB_TOUCH, .n_threads = p.n_threads, .runs = 1, .isa = isa_pick(p.isa_max),
-                     .buf = buf, .bytes = bytes};
+        *j = (job_t){.kind = JOB_TOUCH,
+                     .n_threads = p.n_threads,
+                     .runs = 1,
+                     .isa = isa_pick(p.isa_max),
+                     .buf = buf,
+                     .bytes = bytes};
         st = job_run(j, NULL);
     }
     if (st == SPEED_OK) {
@@ -385,8 +389,7 @@ static speed_status_t compute_probe(const speed_roofline_params_t *p, job_kind_t
         j->runs = p->repetitions + 1;
         st = job_run(j, &t);
     }
-    if (st == SPEED_OK)
-        *gflops_p = flops_per_iter(kind, isa) * (double)j->iters * (double)p->n_threads / t / 1e9;
+    if (st == SPEED_OK) *gflops_p = flops_per_iter(kind, isa) * (double)j->iters * (double)p->n_threads / t / 1e9;
     speed_free(j);
     return st;
 }
@@ -398,8 +401,10 @@ speed_status_t speed_roofline_compute(const speed_roofline_params_t *params, dou
     speed_cpu_isa_t isa = isa_pick(p.isa_max);
     double fp32 = 0.0, bf16 = 0.0;
     SPEED_CHECK(compute_probe(&p, JOB_FP32, isa, &fp32));
-    if (isa >= SPEED_CPU_ISA_AVX512_BF16 && bf16_gflops_p) SPEED_CHECK(compute_probe(&p, JOB_BF16, isa, &bf16));
-    else bf16 = fp32;
+    if (isa >= SPEED_CPU_ISA_AVX512_BF16 && bf16_gflops_p)
+        SPEED_CHECK(compute_probe(&p, JOB_BF16, isa, &bf16));
+    else
+        bf16 = fp32;
     if (fp32_gflops_p) *fp32_gflops_p = fp32;
     if (bf16_gflops_p) *bf16_gflops_p = bf16;
     if (isa_p) *isa_p = isa;
@@ -409,8 +414,8 @@ speed_status_t speed_roofline_compute(const speed_roofline_params_t *params, dou
 speed_status_t speed_roofline_measure(const speed_roofline_params_t *params, speed_roofline_t *out) {
     speed_roofline_params_t p;
     SPEED_CHECK(params_resolve(params, &p));
-    speed_roofline_t r = {.n_threads = p.n_threads, .read_bytes = p.read_bytes / 4096 * 4096,
-                          .repetitions = p.repetitions};
+    speed_roofline_t r = {
+        .n_threads = p.n_threads, .read_bytes = p.read_bytes / 4096 * 4096, .repetitions = p.repetitions};
     SPEED_CHECK(speed_roofline_bandwidth(&p, &r.read_gbs, &r.copy_gbs));
     SPEED_CHECK(speed_roofline_compute(&p, &r.fp32_gflops, &r.bf16_gflops, &r.isa));
     r.fp32_kernel = r.isa >= SPEED_CPU_ISA_AVX512 ? "avx512 vfmadd231ps zmm"
@@ -449,8 +454,12 @@ speed_status_t speed_roofline_probe_create(const speed_roofline_params_t *params
 #ifdef MADV_HUGEPAGE
     (void)madvise(pr->buf, pr->bytes, MADV_HUGEPAGE);
 #endif
-    pr->job = (job_t){.kind = JOB_TOUCH, .n_threads = pr->p.n_threads, .runs = 1, .isa = isa_pick(pr->p.isa_max),
-                      .buf = pr->buf, .bytes = pr->bytes};
+    pr->job = (job_t){.kind = JOB_TOUCH,
+                      .n_threads = pr->p.n_threads,
+                      .runs = 1,
+                      .isa = isa_pick(pr->p.isa_max),
+                      .buf = pr->buf,
+                      .bytes = pr->bytes};
     st = job_run(&pr->job, NULL);
     if (st != SPEED_OK) {
         speed_roofline_probe_destroy(pr);

@@ -65,8 +65,7 @@ typedef struct {
 speed_status_t speed_roofline_measure(const speed_roofline_params_t *params, speed_roofline_t *out);
 
 /* The memory probes alone (read_gbs, copy_gbs; either output may be NULL). */
-speed_status_t speed_roofline_bandwidth(const speed_roofline_params_t *params, double *read_gbs_p,
-                                        double *copy_gbs_p);
+speed_status_t speed_roofline_bandwidth(const speed_roofline_params_t *params, double *read_gbs_p, double *copy_gbs_p);
 
 /* The compute probes alone (either output may be NULL; *isa_p may be NULL). */
 speed_status_t speed_roofline_compute(const speed_roofline_params_t *params, double *fp32_gflops_p,

@@ -41,16 +41,15 @@ static bool mul_u64(uint64_t a, uint64_t b, uint64_t *r) {
 
 /* ---- check ------------------------------------------------------------------------------- */
 
-#define BAD(...)                                                   \
-    do {                                                           \
+#define BAD(...)                                                      \
+    do {                                                              \
         SPEED_ERROR(SPEED_SUBSYS_NET, "kv descriptor: " __VA_ARGS__); \
-        return SPEED_ERR_FORMAT;                                   \
+        return SPEED_ERR_FORMAT;                                      \
     } while (0)
 
 speed_status_t speed_kv_desc_check(const speed_kv_desc_t *d) {
     if (!d) BAD("NULL");
-    if ((unsigned)d->transport >= SPEED_KV_TRANSPORT_COUNT)
-        BAD("unknown transport %d", (int)d->transport);
+    if ((unsigned)d->transport >= SPEED_KV_TRANSPORT_COUNT) BAD("unknown transport %d", (int)d->transport);
     if ((unsigned)d->dtype >= SPEED_DTYPE_COUNT) BAD("unknown dtype %d", (int)d->dtype);
     if (!d->worker_addr || d->worker_addr_len == 0 || d->worker_addr_len > SPEED_KV_DESC_MAX_BLOB)
         BAD("worker address of %u bytes", d->worker_addr_len);
@@ -71,14 +70,17 @@ speed_status_t speed_kv_desc_check(const speed_kv_desc_t *d) {
     for (uint32_t r = 0; r < d->n_regions; r++) {
         const speed_kv_desc_region_t *g = &d->regions[r];
         uint64_t end;
-        if (!g->rkey || g->rkey_len == 0 || g->rkey_len > SPEED_KV_DESC_MAX_BLOB) BAD("region %u: rkey of %u bytes", r, g->rkey_len);
+        if (!g->rkey || g->rkey_len == 0 || g->rkey_len > SPEED_KV_DESC_MAX_BLOB)
+            BAD("region %u: rkey of %u bytes", r, g->rkey_len);
         if (g->length == 0 || !add_u64(g->base, g->length, &end)) BAD("region %u: bad extent", r);
     }
     for (uint32_t p = 0; p < d->n_pools; p++) {
         const speed_kv_desc_pool_t *pl = &d->pools[p];
         if (pl->region >= d->n_regions) BAD("pool %u: region %u of %u", p, pl->region, d->n_regions);
-        if (pl->n_blocks > SPEED_KV_DESC_MAX_BLOCKS || (pl->n_blocks && !pl->table)) BAD("pool %u: %u blocks", p, pl->n_blocks);
-        if (pl->block_stride < d->unit_bytes) BAD("pool %u: block stride %llu < unit", p, (unsigned long long)pl->block_stride);
+        if (pl->n_blocks > SPEED_KV_DESC_MAX_BLOCKS || (pl->n_blocks && !pl->table))
+            BAD("pool %u: %u blocks", p, pl->n_blocks);
+        if (pl->block_stride < d->unit_bytes)
+            BAD("pool %u: block stride %llu < unit", p, (unsigned long long)pl->block_stride);
     }
     uint64_t total = 0;
     for (uint32_t l = 0; l < d->n_layers; l++) {
@@ -87,18 +89,22 @@ speed_status_t speed_kv_desc_check(const speed_kv_desc_t *d) {
         const speed_kv_desc_pool_t *pl = &d->pools[ly->pool];
         const speed_kv_desc_region_t *g = &d->regions[pl->region];
         if (ly->entries < 0) BAD("layer %u: %lld entries", l, (long long)ly->entries);
-        if (ly->offset > pl->block_stride - d->unit_bytes) BAD("layer %u: offset %llu past the block", l, (unsigned long long)ly->offset);
+        if (ly->offset > pl->block_stride - d->unit_bytes)
+            BAD("layer %u: offset %llu past the block", l, (unsigned long long)ly->offset);
         uint64_t nb = ((uint64_t)ly->entries + (uint64_t)d->block_tokens - 1) / (uint64_t)d->block_tokens;
-        if (nb > pl->n_blocks) BAD("layer %u: %llu blocks, the pool table has %u", l, (unsigned long long)nb, pl->n_blocks);
+        if (nb > pl->n_blocks)
+            BAD("layer %u: %llu blocks, the pool table has %u", l, (unsigned long long)nb, pl->n_blocks);
         for (uint64_t i = 0; i < nb; i++) {
             uint64_t a, end;
-            if (pl->table[i] < 0 || !mul_u64((uint64_t)pl->table[i], pl->block_stride, &a) || !add_u64(a, pl->base, &a) ||
-                !add_u64(a, ly->offset, &a) || !add_u64(a, d->unit_bytes, &end) || a < g->base ||
-                end > g->base + g->length)
-                BAD("layer %u block %llu (id %d) lies outside region %u", l, (unsigned long long)i, pl->table[i], pl->region);
+            if (pl->table[i] < 0 || !mul_u64((uint64_t)pl->table[i], pl->block_stride, &a) ||
+                !add_u64(a, pl->base, &a) || !add_u64(a, ly->offset, &a) || !add_u64(a, d->unit_bytes, &end) ||
+                a < g->base || end > g->base + g->length)
+                BAD("layer %u block %llu (id %d) lies outside region %u", l, (unsigned long long)i, pl->table[i],
+                    pl->region);
         }
         uint64_t bytes;
-        if (!mul_u64((uint64_t)ly->entries, token_bytes, &bytes) || !add_u64(total, bytes, &total)) BAD("byte total overflows");
+        if (!mul_u64((uint64_t)ly->entries, token_bytes, &bytes) || !add_u64(total, bytes, &total))
+            BAD("byte total overflows");
     }
     if (total != d->total_bytes)
         BAD("total of %llu bytes, the layers give %llu", (unsigned long long)d->total_bytes, (unsigned long long)total);
@@ -140,13 +146,15 @@ speed_status_t speed_kv_desc_build(speed_kv_xfer_ctx_t *c, const speed_kv_cache_
         int64_t e = l < C ? n_full : n_compact;
         speed_kv_pool_t p = speed_kv_cache_layer_pool(cache, l);
         if (e < 0 || e > speed_kv_seq_capacity(seq, l)) {
-            SPEED_ERROR(SPEED_SUBSYS_NET, "kv descriptor: layer %d needs %lld entries, the sequence has room for %lld", l,
-                        (long long)e, (long long)speed_kv_seq_capacity(seq, l));
+            SPEED_ERROR(SPEED_SUBSYS_NET, "kv descriptor: layer %d needs %lld entries, the sequence has room for %lld",
+                        l, (long long)e, (long long)speed_kv_seq_capacity(seq, l));
             return SPEED_ERR_INVALID_ARGUMENT;
         }
         if (!reg[p]) {
-            SPEED_ERROR(SPEED_SUBSYS_NET, "kv descriptor: the cache's %s pool is not registered "
-                        "(speed_kv_xfer_ctx_register_cache)", p == 0 ? "lower" : "upper");
+            SPEED_ERROR(SPEED_SUBSYS_NET,
+                        "kv descriptor: the cache's %s pool is not registered "
+                        "(speed_kv_xfer_ctx_register_cache)",
+                        p == 0 ? "lower" : "upper");
             return SPEED_ERR_INVALID_ARGUMENT;
         }
         if (pool_index[p] < 0) pool_index[p] = (int)n_pools++;
@@ -190,7 +198,8 @@ speed_status_t speed_kv_desc_build(speed_kv_xfer_ctx_t *c, const speed_kv_cache_
         d->pools[i].base = (uint64_t)(uintptr_t)r->base;
         d->pools[i].block_stride = kl.block_stride;
         d->pools[i].n_blocks = (uint32_t)div_up(pool_entries[p], B);
-        if (!(d->pools[i].table = speed_malloc((size_t)(d->pools[i].n_blocks ? d->pools[i].n_blocks : 1) * sizeof(int32_t))))
+        if (!(d->pools[i].table =
+                  speed_malloc((size_t)(d->pools[i].n_blocks ? d->pools[i].n_blocks : 1) * sizeof(int32_t))))
             goto nomem;
         if (d->pools[i].n_blocks)
             memcpy(d->pools[i].table, speed_kv_seq_block_table(seq, first), d->pools[i].n_blocks * sizeof(int32_t));

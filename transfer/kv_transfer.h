@@ -82,58 +82,58 @@
 /* ---- descriptor ------------------------------------------------------------------------------ */
 
 #define SPEED_KV_DESC_MAX_REGIONS 16
-#define SPEED_KV_DESC_MAX_POOLS 16
-#define SPEED_KV_DESC_MAX_LAYERS 4096
-#define SPEED_KV_DESC_MAX_BLOB 4096      /* worker address and rkey bytes */
-#define SPEED_KV_DESC_MAX_BLOCKS (1 << 24) /* blocks of one pool table */
+#define SPEED_KV_DESC_MAX_POOLS   16
+#define SPEED_KV_DESC_MAX_LAYERS  4096
+#define SPEED_KV_DESC_MAX_BLOB    4096      /* worker address and rkey bytes */
+#define SPEED_KV_DESC_MAX_BLOCKS  (1 << 24) /* blocks of one pool table */
 
 typedef struct {
-    uint64_t base;          /* remote virtual address of the registered region */
-    uint64_t length;        /* bytes */
-    uint8_t *rkey;          /* [rkey_len] packed UCX rkey (ucp_rkey_pack) */
+    uint64_t base;   /* remote virtual address of the registered region */
+    uint64_t length; /* bytes */
+    uint8_t *rkey;   /* [rkey_len] packed UCX rkey (ucp_rkey_pack) */
     uint32_t rkey_len;
 } speed_kv_desc_region_t;
 
 typedef struct {
-    uint32_t region;        /* index into regions[] */
-    uint64_t base;          /* remote address of block 0 of the pool */
-    uint64_t block_stride;  /* bytes from one block to the next */
-    int32_t *table;         /* [n_blocks] block ids of the sequence, in entry order */
-    uint32_t n_blocks;      /* blocks the prompt entries need: ceil(max entries of the pool's layers / B) */
+    uint32_t region;       /* index into regions[] */
+    uint64_t base;         /* remote address of block 0 of the pool */
+    uint64_t block_stride; /* bytes from one block to the next */
+    int32_t *table;        /* [n_blocks] block ids of the sequence, in entry order */
+    uint32_t n_blocks;     /* blocks the prompt entries need: ceil(max entries of the pool's layers / B) */
 } speed_kv_desc_pool_t;
 
 typedef struct {
-    uint32_t pool;          /* index into pools[] */
-    uint64_t offset;        /* bytes from a block's start to this layer's unit (K then V) */
-    int64_t entries;        /* prompt entries this layer receives (n_prompt below C, else min(A+T, n)) */
+    uint32_t pool;   /* index into pools[] */
+    uint64_t offset; /* bytes from a block's start to this layer's unit (K then V) */
+    int64_t entries; /* prompt entries this layer receives (n_prompt below C, else min(A+T, n)) */
 } speed_kv_desc_layer_t;
 
 typedef struct {
-    uint8_t *worker_addr;   /* [worker_addr_len] UCX worker address of the decode node */
+    uint8_t *worker_addr; /* [worker_addr_len] UCX worker address of the decode node */
     uint32_t worker_addr_len;
     speed_kv_transport_t transport;
     speed_kv_desc_region_t *regions; /* [n_regions] */
     uint32_t n_regions;
-    speed_kv_desc_pool_t *pools;     /* [n_pools] */
+    speed_kv_desc_pool_t *pools; /* [n_pools] */
     uint32_t n_pools;
-    speed_kv_desc_layer_t *layers;   /* [n_layers]: every layer of the model, in order */
+    speed_kv_desc_layer_t *layers; /* [n_layers]: every layer of the model, in order */
     uint32_t n_layers;
-    int32_t block_tokens;   /* B */
-    int32_t n_kv_heads;     /* heads of one token slot in a unit: head_end - head_begin */
+    int32_t block_tokens; /* B */
+    int32_t n_kv_heads;   /* heads of one token slot in a unit: head_end - head_begin */
     int32_t head_dim;
     int32_t head_begin, head_end; /* heads [head_begin, head_end) of the model's KV heads held
                                    * (a tensor-parallel rank's share) */
-    int32_t model_kv_heads; /* the model's KV heads (>= head_end); a sender must agree.
+    int32_t model_kv_heads;       /* the model's KV heads (>= head_end); a sender must agree.
                              * 0 = not stated (a control plane that does not carry it): the
                              * sender assumes its own model's */
     speed_dtype_t dtype;
-    uint64_t unit_bytes;    /* one layer of one block: 2 * B * n_kv_heads * head_dim * dtype size */
-    uint64_t total_bytes;   /* Σ layers entries * unit_bytes / B: the whole head range; a
+    uint64_t unit_bytes;        /* one layer of one block: 2 * B * n_kv_heads * head_dim * dtype size */
+    uint64_t total_bytes;       /* Σ layers entries * unit_bytes / B: the whole head range; a
                              * sender holding only part of it puts its share */
-    uint64_t epoch;         /* the decode node's epoch (changes when it restarts) */
+    uint64_t epoch;             /* the decode node's epoch (changes when it restarts) */
     uint64_t lease_deadline_ms; /* CLOCK_REALTIME ms; 0 = none. A prefill node refuses to start
                                  * (or continue) a transfer past it. */
-    uint64_t cookie;        /* opaque to the prefill side, echoed in the notify (e.g. the decode
+    uint64_t cookie;            /* opaque to the prefill side, echoed in the notify (e.g. the decode
                              * engine's sequence id). The protobuf KvDescriptor does not carry it:
                              * the node daemons build with 0 and match notifies by request id */
 } speed_kv_desc_t;
@@ -171,11 +171,11 @@ typedef struct speed_kv_xfer speed_kv_xfer_t;
  * not, node/ does). When one prefill rank feeds several decode ranks (TP 1 -> 2) each decode rank
  * gets its own notify covering its whole range. */
 typedef struct {
-    const char *request_id; /* NUL-terminated, valid during the callback */
-    uint64_t cookie;        /* the descriptor's cookie */
-    uint64_t bytes;         /* bytes the prefill side put: entries * 2 * (head_end - head_begin) *
+    const char *request_id;       /* NUL-terminated, valid during the callback */
+    uint64_t cookie;              /* the descriptor's cookie */
+    uint64_t bytes;               /* bytes the prefill side put: entries * 2 * (head_end - head_begin) *
                              * head_dim * dtype size, summed over the layers */
-    uint64_t epoch;         /* equals this context's epoch (mismatches never reach the callback) */
+    uint64_t epoch;               /* equals this context's epoch (mismatches never reach the callback) */
     int32_t head_begin, head_end; /* the model's KV heads this transfer wrote (the intersection of
                                    * the sender's and this node's ranges) */
 } speed_kv_notify_t;
@@ -187,11 +187,11 @@ typedef struct {
 typedef speed_status_t (*speed_kv_notify_cb_t)(void *user, const speed_kv_notify_t *note);
 
 typedef struct {
-    uint64_t epoch;            /* 0 = derived from the realtime clock and the pid */
-    int op_timeout_ms;         /* bound on flush and on notify->ack; default 10000 */
+    uint64_t epoch;                 /* 0 = derived from the realtime clock and the pid */
+    int op_timeout_ms;              /* bound on flush and on notify->ack; default 10000 */
     speed_kv_notify_cb_t notify_cb; /* decode side; NULL = accept every notify (counted only) */
     void *notify_user;
-    bool cuda_direct;          /* register caches whose pools are device memory and have no host
+    bool cuda_direct; /* register caches whose pools are device memory and have no host
                                 * mirror (speed_engine_params_t.kv_host_mirror OFF) as CUDA memory
                                 * (ucp_mem_map memory_type UCS_MEMORY_TYPE_CUDA): needs a UCX built
                                 * with CUDA; ctx_create refuses otherwise. Default false: device
@@ -238,7 +238,7 @@ typedef enum {
     SPEED_KV_STAGE_CONNECT = 0, /* endpoint, rkeys */
     SPEED_KV_STAGE_PUT,
     SPEED_KV_STAGE_FLUSH,
-    SPEED_KV_STAGE_NOTIFY,      /* notify send and the peer's ack */
+    SPEED_KV_STAGE_NOTIFY, /* notify send and the peer's ack */
     SPEED_KV_STAGE_COUNT
 } speed_kv_stage_t;
 
@@ -246,20 +246,20 @@ const char *speed_kv_stage_name(speed_kv_stage_t stage);
 
 typedef struct {
     /* prefill side */
-    uint64_t n_started;         /* transfers created */
-    uint64_t n_done;            /* acknowledged OK */
+    uint64_t n_started;                      /* transfers created */
+    uint64_t n_done;                         /* acknowledged OK */
     uint64_t n_failed[SPEED_KV_STAGE_COUNT]; /* ended with an error, by stage */
-    uint64_t n_refused;         /* refused at creation: layout mismatch, lease past */
+    uint64_t n_refused;                      /* refused at creation: layout mismatch, lease past */
     uint64_t n_cancelled;
-    uint64_t bytes_put;         /* all puts posted */
-    uint64_t done_ns;           /* Σ create -> ack of the transfers done */
+    uint64_t bytes_put; /* all puts posted */
+    uint64_t done_ns;   /* Σ create -> ack of the transfers done */
     /* decode side */
     uint64_t n_notified;        /* notifies accepted (callback returned OK) */
     uint64_t n_notify_rejected; /* epoch mismatch, malformed, or the callback said no */
     uint64_t bytes_notified;    /* Σ bytes of accepted notifies */
     /* endpoints */
-    int n_endpoints;            /* cached now */
-    uint64_t n_peer_failures;   /* endpoint error callbacks (outside teardown) */
+    int n_endpoints;          /* cached now */
+    uint64_t n_peer_failures; /* endpoint error callbacks (outside teardown) */
 } speed_kv_xfer_ctx_stats_t;
 
 void speed_kv_xfer_ctx_stats(speed_kv_xfer_ctx_t *ctx, speed_kv_xfer_ctx_stats_t *stats_p);
@@ -278,9 +278,9 @@ typedef struct {
  * context's address, epoch and the pools' rkeys.
  * Returns SPEED_OK, SPEED_ERR_INVALID_ARGUMENT (cache not registered, entries past the room,
  * bad transport) or SPEED_ERR_NO_MEMORY. */
-speed_status_t speed_kv_desc_build(speed_kv_xfer_ctx_t *ctx, const speed_kv_cache_t *cache,
-                                   const speed_kv_seq_t *seq, int64_t n_full, int64_t n_compact,
-                                   const speed_kv_desc_params_t *params, speed_kv_desc_t **desc_p);
+speed_status_t speed_kv_desc_build(speed_kv_xfer_ctx_t *ctx, const speed_kv_cache_t *cache, const speed_kv_seq_t *seq,
+                                   int64_t n_full, int64_t n_compact, const speed_kv_desc_params_t *params,
+                                   speed_kv_desc_t **desc_p);
 
 /* The same for a sequence reserved with speed_engine_seq_reserve (entries from its prompt
  * length and depth). Returns as above, or SPEED_ERR_NOT_FOUND (no such sequence). */
@@ -366,14 +366,14 @@ void speed_kv_xfer_cancel(speed_kv_xfer_t *xfer);
 typedef struct {
     speed_kv_xfer_state_t state;
     speed_status_t status;
-    speed_kv_stage_t failed_stage;  /* valid when state == FAILED and status != CANCELLED */
-    uint64_t bytes_put;             /* bytes of the puts posted */
+    speed_kv_stage_t failed_stage; /* valid when state == FAILED and status != CANCELLED */
+    uint64_t bytes_put;            /* bytes of the puts posted */
     uint64_t n_puts;
-    uint64_t total_bytes;           /* what this transfer puts: the descriptor's total when the
+    uint64_t total_bytes; /* what this transfer puts: the descriptor's total when the
                                      * head ranges are equal, this sender's share otherwise */
-    uint64_t push_ns;               /* create -> last put posted */
-    uint64_t finish_ns;             /* finish -> ack (0 while running) */
-    uint64_t total_ns;              /* create -> end (0 while running) */
+    uint64_t push_ns;     /* create -> last put posted */
+    uint64_t finish_ns;   /* finish -> ack (0 while running) */
+    uint64_t total_ns;    /* create -> end (0 while running) */
 } speed_kv_xfer_info_t;
 
 void speed_kv_xfer_info(speed_kv_xfer_t *xfer, speed_kv_xfer_info_t *info_p);

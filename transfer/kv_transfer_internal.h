@@ -34,14 +34,14 @@
 /* ---- messages between the two contexts (UCX active messages) ------------------------------- */
 
 #define AM_ID_NOTIFY 0x5301
-#define AM_ID_ACK 0x5302
-#define MSG_MAGIC 0x4b565846u /* "FXVK" */
-#define MSG_VERSION 2 /* 2: head range added */
-#define REQ_ID_MAX 64
+#define AM_ID_ACK    0x5302
+#define MSG_MAGIC    0x4b565846u /* "FXVK" */
+#define MSG_VERSION  2           /* 2: head range added */
+#define REQ_ID_MAX   64
 
 typedef struct {
     uint32_t magic, version;
-    uint64_t token;   /* the prefill context's id of the transfer, echoed in the ack */
+    uint64_t token; /* the prefill context's id of the transfer, echoed in the ack */
     uint64_t cookie;
     uint64_t bytes;
     uint64_t epoch;
@@ -70,7 +70,7 @@ typedef struct kv_region {
     void *base;
     size_t length;
     ucp_mem_h memh;
-    void *rkey;          /* packed */
+    void *rkey; /* packed */
     size_t rkey_len;
 } kv_region_t;
 
@@ -81,11 +81,11 @@ typedef struct kv_ep {
     size_t addr_len;
     speed_kv_transport_t transport;
     ucp_ep_h ep;
-    bool failed;   /* not handed out again */
-    bool closed;   /* ucp_ep_close_nbx issued; ep is gone */
-    int refs;      /* transfers pointing at it */
-    int live;      /* of which not ended */
-    int in_use;    /* API threads inside a UCX call on it */
+    bool failed; /* not handed out again */
+    bool closed; /* ucp_ep_close_nbx issued; ep is gone */
+    int refs;    /* transfers pointing at it */
+    int live;    /* of which not ended */
+    int in_use;  /* API threads inside a UCX call on it */
 } kv_ep_t;
 
 struct speed_kv_xfer_ctx {
@@ -102,12 +102,12 @@ struct speed_kv_xfer_ctx {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     pthread_mutex_t ep_mu;
-    bool closing;          /* teardown: error callbacks are expected */
+    bool closing; /* teardown: error callbacks are expected */
     kv_region_t *regions;
     kv_ep_t *eps;
     speed_kv_xfer_t *xfers;
-    ack_buf_t *acks;       /* acks being sent */
-    void **close_reqs;     /* ucp_ep_close_nbx requests not completed */
+    ack_buf_t *acks;   /* acks being sent */
+    void **close_reqs; /* ucp_ep_close_nbx requests not completed */
     int n_close_reqs, cap_close_reqs;
     uint64_t next_token;
     speed_kv_xfer_ctx_stats_t stats;
@@ -149,18 +149,18 @@ struct speed_kv_xfer {
     /* Head ranges differ (tensor-parallel resharding): per token slot, one run of the common
      * heads for K and one for V, at each side's own slot stride and head offset. */
     bool strided;
-    size_t run;                  /* n_common * head_dim * dtype size */
-    size_t l_slot, l_head_off;   /* local slot stride, offset of the common heads in a slot */
+    size_t run;                        /* n_common * head_dim * dtype size */
+    size_t l_slot, l_head_off;         /* local slot stride, offset of the common heads in a slot */
     size_t r_slot, r_head_off, r_half; /* the same remote; r_half = B * r_slot (K -> V) */
     uint64_t total_bytes, lease_deadline_ms;
-    notify_msg_t msg;      /* the notify payload; must live until its send completes */
+    notify_msg_t msg; /* the notify payload; must live until its send completes */
     /* under ctx->mu */
     speed_kv_xfer_state_t state;
     speed_status_t status;
     speed_kv_stage_t failed_stage;
-    uint64_t deadline_ns;  /* of the current flush / ack wait */
-    int pending;           /* flush and notify requests whose callbacks reference this */
-    bool orphan;           /* destroyed by the user, freed when pending and puts are 0 */
+    uint64_t deadline_ns; /* of the current flush / ack wait */
+    int pending;          /* flush and notify requests whose callbacks reference this */
+    bool orphan;          /* destroyed by the user, freed when pending and puts are 0 */
     uint64_t bytes_put, n_puts;
     uint64_t t_create, t_push, t_finish, t_end;
     atomic_int puts_pending; /* put requests not completed */

@@ -38,10 +38,8 @@ static speed_status_t op_status(const kv_ep_t *e, ucs_status_t s) {
     case UCS_ERR_CONNECTION_RESET:
     case UCS_ERR_UNREACHABLE:
     case UCS_ERR_REJECTED:
-    case UCS_ERR_NOT_CONNECTED:
-        return SPEED_ERR_PEER_UNREACHABLE;
-    default:
-        return SPEED_ERR_TRANSFER;
+    case UCS_ERR_NOT_CONNECTED: return SPEED_ERR_PEER_UNREACHABLE;
+    default: return SPEED_ERR_TRANSFER;
     }
 }
 
@@ -163,11 +161,11 @@ void speed_kv_xfer_free(speed_kv_xfer_t *x) {
 
 /* ---- transfers -------------------------------------------------------------------------------- */
 
-#define REFUSE(st_, ...)                                                               \
-    do {                                                                               \
+#define REFUSE(st_, ...)                                                                               \
+    do {                                                                                               \
         speed_log(SPEED_LOG_ERROR, SPEED_SUBSYS_NET, request_id, "kv transfer refused: " __VA_ARGS__); \
-        st = (st_);                                                                    \
-        goto refuse;                                                                   \
+        st = (st_);                                                                                    \
+        goto refuse;                                                                                   \
     } while (0)
 
 speed_status_t speed_kv_xfer_create(speed_kv_xfer_ctx_t *c, const speed_kv_desc_t *d, const speed_kv_cache_t *cache,
@@ -294,8 +292,8 @@ speed_status_t speed_kv_xfer_create(speed_kv_xfer_ctx_t *c, const speed_kv_desc_
         ucs_status_t s = ucp_ep_rkey_unpack(x->ep->ep, g->rkey, &x->pools[p].rkey);
         if (s != UCS_OK) {
             x->pools[p].rkey = NULL;
-            speed_log(SPEED_LOG_ERROR, SPEED_SUBSYS_NET, request_id, "kv transfer: rkey of region %u does not unpack: %s",
-                      d->pools[p].region, ucs_status_string(s));
+            speed_log(SPEED_LOG_ERROR, SPEED_SUBSYS_NET, request_id,
+                      "kv transfer: rkey of region %u does not unpack: %s", d->pools[p].region, ucs_status_string(s));
             pthread_mutex_lock(&c->mu);
             c->stats.n_failed[SPEED_KV_STAGE_CONNECT]++;
             x->ep->refs--;
@@ -321,9 +319,9 @@ speed_status_t speed_kv_xfer_create(speed_kv_xfer_ctx_t *c, const speed_kv_desc_
     c->xfers = x;
     c->stats.n_started++;
     pthread_mutex_unlock(&c->mu);
-    speed_log(SPEED_LOG_DEBUG, SPEED_SUBSYS_NET, request_id, "kv transfer: %s, %llu bytes in %d layers, heads [%d, %d)%s",
-              speed_kv_transport_name(d->transport), (unsigned long long)total, L, hb, he,
-              strided ? " (strided: the head ranges differ)" : "");
+    speed_log(SPEED_LOG_DEBUG, SPEED_SUBSYS_NET, request_id,
+              "kv transfer: %s, %llu bytes in %d layers, heads [%d, %d)%s", speed_kv_transport_name(d->transport),
+              (unsigned long long)total, L, hb, he, strided ? " (strided: the head ranges differ)" : "");
     *xfer_p = x;
     return SPEED_OK;
 refuse:
@@ -376,10 +374,14 @@ speed_status_t speed_kv_xfer_push_layer(speed_kv_xfer_t *x, int layer, int64_t n
         return st;
     }
     const char *bad = NULL;
-    if (x->state != SPEED_KV_XFER_PUSHING) bad = "push after finish";
-    else if (layer < 0 || layer >= x->n_layers) bad = "layer out of range";
-    else if (n_total != x->layers[layer].entries) bad = "n_total differs from the descriptor's entries";
-    else if (n_done < 0 || n_done > n_total) bad = "n_done out of [0, n_total]";
+    if (x->state != SPEED_KV_XFER_PUSHING)
+        bad = "push after finish";
+    else if (layer < 0 || layer >= x->n_layers)
+        bad = "layer out of range";
+    else if (n_total != x->layers[layer].entries)
+        bad = "n_total differs from the descriptor's entries";
+    else if (n_done < 0 || n_done > n_total)
+        bad = "n_done out of [0, n_total]";
     if (bad) {
         pthread_mutex_unlock(&c->mu);
         speed_log(SPEED_LOG_ERROR, SPEED_SUBSYS_NET, rid(x), "kv transfer: %s (layer %d, %lld of %lld)", bad, layer,

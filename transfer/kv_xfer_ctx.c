@@ -29,8 +29,8 @@ static void ep_err_cb(void *arg, ucp_ep_h ep, ucs_status_t status) {
     e->failed = true;
     if (!c->closing) {
         c->stats.n_peer_failures++;
-        SPEED_WARN(SPEED_SUBSYS_NET, "kv transfer: %s endpoint to a peer failed: %s", speed_kv_transport_name(e->transport),
-                   ucs_status_string(status));
+        SPEED_WARN(SPEED_SUBSYS_NET, "kv transfer: %s endpoint to a peer failed: %s",
+                   speed_kv_transport_name(e->transport), ucs_status_string(status));
     }
     for (speed_kv_xfer_t *x = c->xfers; x; x = x->next) {
         if (x->ep != e || ended(x)) continue;
@@ -44,8 +44,10 @@ static void ep_err_cb(void *arg, ucp_ep_h ep, ucs_status_t status) {
 
 static void ack_unlink(speed_kv_xfer_ctx_t *c, ack_buf_t *a) {
     pthread_mutex_lock(&c->mu);
-    if (a->prev) a->prev->next = a->next;
-    else c->acks = a->next;
+    if (a->prev)
+        a->prev->next = a->next;
+    else
+        c->acks = a->next;
     if (a->next) a->next->prev = a->prev;
     pthread_mutex_unlock(&c->mu);
     speed_free(a);
@@ -161,8 +163,10 @@ static void reap_close_reqs(speed_kv_xfer_ctx_t *c) {
     int k = 0;
     for (int i = 0; i < c->n_close_reqs; i++) {
         void *r = c->close_reqs[i];
-        if (ucp_request_check_status(r) == UCS_INPROGRESS) c->close_reqs[k++] = r;
-        else ucp_request_free(r);
+        if (ucp_request_check_status(r) == UCS_INPROGRESS)
+            c->close_reqs[k++] = r;
+        else
+            ucp_request_free(r);
     }
     c->n_close_reqs = k;
 }
@@ -203,15 +207,17 @@ static int maintenance(speed_kv_xfer_ctx_t *c) {
                 /* the peer does not answer: do not hand its endpoint out again */
                 x->ep->failed = true;
                 speed_kv_xfer_fail_locked(x, flushing ? SPEED_ERR_TRANSFER : SPEED_ERR_PEER_UNREACHABLE,
-                            flushing ? SPEED_KV_STAGE_FLUSH : SPEED_KV_STAGE_NOTIFY,
-                            flushing ? "the flush did not complete in time" : "no ack in time");
+                                          flushing ? SPEED_KV_STAGE_FLUSH : SPEED_KV_STAGE_NOTIFY,
+                                          flushing ? "the flush did not complete in time" : "no ack in time");
             } else if (x->deadline_ns < next) {
                 next = x->deadline_ns;
             }
         }
         if (x->orphan && x->pending == 0 && atomic_load(&x->puts_pending) == 0 && n_free < MAX_BATCH) {
-            if (x->prev) x->prev->next = x->next;
-            else c->xfers = x->next;
+            if (x->prev)
+                x->prev->next = x->next;
+            else
+                c->xfers = x->next;
             if (x->next) x->next->prev = x->prev;
             x->ep->refs--;
             to_free[n_free++] = x;
@@ -352,7 +358,8 @@ speed_status_t speed_kv_xfer_ctx_create(const speed_kv_xfer_ctx_params_t *params
     }
     ucp_worker_attr_t wa = {.field_mask = UCP_WORKER_ATTR_FIELD_THREAD_MODE};
     if (ucp_worker_query(c->worker, &wa) != UCS_OK || wa.thread_mode != UCS_THREAD_MODE_MULTI) {
-        SPEED_ERROR(SPEED_SUBSYS_NET, "kv transfer: this UCX has no multi-threaded workers (built without --enable-mt)");
+        SPEED_ERROR(SPEED_SUBSYS_NET,
+                    "kv transfer: this UCX has no multi-threaded workers (built without --enable-mt)");
         goto fail;
     }
     ucp_address_t *addr = NULL;
@@ -510,8 +517,9 @@ void speed_kv_xfer_ctx_destroy(speed_kv_xfer_ctx_t *c) {
             for (speed_kv_xfer_t *x = c->xfers; x; x = x->next) {
                 n_x += x->pending || atomic_load(&x->puts_pending);
                 if (x->pending || atomic_load(&x->puts_pending))
-                    speed_log(SPEED_LOG_DEBUG, SPEED_SUBSYS_NET, rid(x), "kv transfer: %d requests, %d puts pending at teardown",
-                              x->pending, atomic_load(&x->puts_pending));
+                    speed_log(SPEED_LOG_DEBUG, SPEED_SUBSYS_NET, rid(x),
+                              "kv transfer: %d requests, %d puts pending at teardown", x->pending,
+                              atomic_load(&x->puts_pending));
             }
             SPEED_WARN(SPEED_SUBSYS_NET,
                        "kv transfer: teardown did not complete in %d ms (%d endpoint closes, %d transfers, %s acks "
@@ -533,8 +541,7 @@ static void pool_extent(const speed_kv_cache_t *cache, speed_kv_pool_t p, void *
     speed_kv_cache_xfer_region(cache, p, base_p, len_p);
 }
 
-kv_region_t *speed_kv_xfer_ctx_region_find(speed_kv_xfer_ctx_t *c, const speed_kv_cache_t *cache,
-                                           speed_kv_pool_t p) {
+kv_region_t *speed_kv_xfer_ctx_region_find(speed_kv_xfer_ctx_t *c, const speed_kv_cache_t *cache, speed_kv_pool_t p) {
     for (kv_region_t *r = c->regions; r; r = r->next)
         if (r->cache == cache && r->pool == p) return r;
     return NULL;
@@ -582,8 +589,10 @@ speed_status_t speed_kv_xfer_ctx_register_cache(speed_kv_xfer_ctx_t *c, const sp
             mp.memory_type = UCS_MEMORY_TYPE_CUDA;
         }
         ucs_status_t s = ucp_mem_map(c->ucp, &mp, &r->memh);
-        if (s == UCS_OK) s = ucp_rkey_pack(c->ucp, r->memh, &r->rkey, &r->rkey_len);
-        else r->memh = NULL;
+        if (s == UCS_OK)
+            s = ucp_rkey_pack(c->ucp, r->memh, &r->rkey, &r->rkey_len);
+        else
+            r->memh = NULL;
         if (s != UCS_OK) {
             SPEED_ERROR(SPEED_SUBSYS_NET, "kv transfer: cannot register the %s pool (%zu bytes): %s",
                         p == 0 ? "lower" : "upper", len, ucs_status_string(s));
@@ -598,8 +607,10 @@ speed_status_t speed_kv_xfer_ctx_register_cache(speed_kv_xfer_ctx_t *c, const sp
         pthread_mutex_unlock(&c->mu);
         SPEED_DEBUG(SPEED_SUBSYS_NET, "kv transfer: registered the %s pool%s, %zu bytes, rkey %zu bytes",
                     p == 0 ? "lower" : "upper",
-                    speed_kv_cache_host_mirror(cache) ? "'s host mirror" : device ? " (device memory)" : "", len,
-                    r->rkey_len);
+                    speed_kv_cache_host_mirror(cache) ? "'s host mirror"
+                    : device                          ? " (device memory)"
+                                                      : "",
+                    len, r->rkey_len);
     }
     return SPEED_OK;
 }
@@ -654,8 +665,8 @@ speed_status_t speed_kv_xfer_ctx_ep_get(speed_kv_xfer_ctx_t *c, const uint8_t *a
     e->addr_len = addr_len;
     e->transport = transport;
     ucp_ep_params_t ep = {
-        .field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
-                      UCP_EP_PARAM_FIELD_ERR_HANDLER,
+        .field_mask =
+            UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER,
         .address = (const ucp_address_t *)copy,
         .err_mode = transport == SPEED_KV_TRANSPORT_TCP ? UCP_ERR_HANDLING_MODE_PEER : UCP_ERR_HANDLING_MODE_NONE,
         .err_handler = {.cb = ep_err_cb, .arg = e},

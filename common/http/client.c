@@ -16,9 +16,9 @@
 #include "http.h"
 #include "log.h"
 
-#define SUBSYS SPEED_SUBSYS_NET
-#define MAX_HEAD_BYTES (64 * 1024)   /* status line + headers */
-#define MAX_BODY_BYTES (256u << 20)  /* whole bodies read by speed_http_client_request */
+#define SUBSYS          SPEED_SUBSYS_NET
+#define MAX_HEAD_BYTES  (64 * 1024)  /* status line + headers */
+#define MAX_BODY_BYTES  (256u << 20) /* whole bodies read by speed_http_client_request */
 #define MAX_EVENT_BYTES (16u << 20)  /* one SSE event */
 
 typedef enum { BODY_NONE, BODY_LENGTH, BODY_CHUNKED, BODY_CLOSE } body_mode_t;
@@ -27,28 +27,28 @@ struct speed_http_client {
     int fd;
     int timeout_ms;
     char *host_header;
-    bool broken;               /* no further requests possible */
+    bool broken; /* no further requests possible */
 
-    char *rbuf;                /* received, not consumed: rbuf[rpos, rlen) */
+    char *rbuf; /* received, not consumed: rbuf[rpos, rlen) */
     size_t rpos, rlen, rcap;
 
     speed_http_response_t resp;
     speed_http_header_t *hdrs;
     size_t cap_hdrs;
-    char *head;                /* the response head; hdrs point into it */
+    char *head; /* the response head; hdrs point into it */
 
     body_mode_t mode;
-    uint64_t remaining;        /* LENGTH: bytes left; CHUNKED: left in this chunk */
-    bool chunk_started;        /* CHUNKED: a chunk has been read (CRLF due before the next) */
+    uint64_t remaining; /* LENGTH: bytes left; CHUNKED: left in this chunk */
+    bool chunk_started; /* CHUNKED: a chunk has been read (CRLF due before the next) */
     bool body_done;
-    bool in_body;              /* a response whose body is not fully consumed */
+    bool in_body; /* a response whose body is not fully consumed */
 
-    char *body;                /* whole body for speed_http_client_request */
+    char *body; /* whole body for speed_http_client_request */
     size_t body_len, body_cap;
 
-    char *ev_raw;              /* decoded body bytes not yet parsed as SSE lines */
+    char *ev_raw; /* decoded body bytes not yet parsed as SSE lines */
     size_t ev_pos, ev_len, ev_cap;
-    char *ev_data;             /* the event being assembled */
+    char *ev_data; /* the event being assembled */
     size_t ev_data_len, ev_data_cap;
     char ev_name[128];
     speed_http_sse_event_t event;
@@ -56,8 +56,7 @@ struct speed_http_client {
 
 /* ---- socket I/O ----------------------------------------------------------------------- */
 
-static speed_status_t wait_fd(speed_http_client_t *c, short events)
-{
+static speed_status_t wait_fd(speed_http_client_t *c, short events) {
     struct pollfd p = {.fd = c->fd, .events = events};
     for (;;) {
         int n = poll(&p, 1, c->timeout_ms);
@@ -67,8 +66,7 @@ static speed_status_t wait_fd(speed_http_client_t *c, short events)
     }
 }
 
-static speed_status_t send_all(speed_http_client_t *c, const char *data, size_t len)
-{
+static speed_status_t send_all(speed_http_client_t *c, const char *data, size_t len) {
     while (len) {
         ssize_t n = send(c->fd, data, len, MSG_NOSIGNAL);
         if (n > 0) {
@@ -87,8 +85,7 @@ static speed_status_t send_all(speed_http_client_t *c, const char *data, size_t 
 }
 
 /* Receives more bytes into rbuf. *eof_p is set when the peer closed cleanly. */
-static speed_status_t fill(speed_http_client_t *c, bool *eof_p)
-{
+static speed_status_t fill(speed_http_client_t *c, bool *eof_p) {
     *eof_p = false;
     if (c->rpos == c->rlen) c->rpos = c->rlen = 0;
     if (c->rpos > 0 && c->rlen == c->rcap) {
@@ -123,8 +120,7 @@ static speed_status_t fill(speed_http_client_t *c, bool *eof_p)
 }
 
 /* Returns the next line (without CR LF) in a NUL-terminated copy in `out`. */
-static speed_status_t read_line(speed_http_client_t *c, char *out, size_t cap)
-{
+static speed_status_t read_line(speed_http_client_t *c, char *out, size_t cap) {
     for (;;) {
         char *nl = memchr(c->rbuf + c->rpos, '\n', c->rlen - c->rpos);
         if (nl) {
@@ -146,8 +142,7 @@ static speed_status_t read_line(speed_http_client_t *c, char *out, size_t cap)
 /* ---- connect / destroy ---------------------------------------------------------------- */
 
 speed_status_t speed_http_client_connect(const char *host, uint16_t port, int timeout_ms,
-                                         speed_http_client_t **client_p)
-{
+                                         speed_http_client_t **client_p) {
     if (!host || !*host || !client_p || port == 0) return SPEED_ERR_INVALID_ARGUMENT;
     speed_http_client_t *c = speed_calloc(1, sizeof(*c));
     if (!c) return SPEED_ERR_NO_MEMORY;
@@ -159,13 +154,14 @@ speed_status_t speed_http_client_connect(const char *host, uint16_t port, int ti
         speed_free(c);
         return SPEED_ERR_NO_MEMORY;
     }
-    if (strchr(host, ':')) snprintf(c->host_header, hl, "[%s]:%u", host, (unsigned)port);
-    else snprintf(c->host_header, hl, "%s:%u", host, (unsigned)port);
+    if (strchr(host, ':'))
+        snprintf(c->host_header, hl, "[%s]:%u", host, (unsigned)port);
+    else
+        snprintf(c->host_header, hl, "%s:%u", host, (unsigned)port);
 
     char service[8];
     snprintf(service, sizeof(service), "%u", (unsigned)port);
-    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
-                             .ai_flags = AI_NUMERICSERV};
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICSERV};
     struct addrinfo *list = NULL;
     speed_status_t st = SPEED_ERR_PEER_UNREACHABLE;
     if (getaddrinfo(host, service, &hints, &list) != 0) {
@@ -174,8 +170,7 @@ speed_status_t speed_http_client_connect(const char *host, uint16_t port, int ti
         return SPEED_ERR_PEER_UNREACHABLE;
     }
     for (struct addrinfo *ai = list; ai; ai = ai->ai_next) {
-        int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC,
-                        ai->ai_protocol);
+        int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, ai->ai_protocol);
         if (fd < 0) continue;
         c->fd = fd;
         if (connect(fd, ai->ai_addr, ai->ai_addrlen) == 0) {
@@ -205,8 +200,7 @@ speed_status_t speed_http_client_connect(const char *host, uint16_t port, int ti
     return SPEED_OK;
 }
 
-void speed_http_client_destroy(speed_http_client_t *client)
-{
+void speed_http_client_destroy(speed_http_client_t *client) {
     if (!client) return;
     if (client->fd >= 0) close(client->fd);
     speed_free(client->host_header);
@@ -219,8 +213,7 @@ void speed_http_client_destroy(speed_http_client_t *client)
     speed_free(client);
 }
 
-static void client_break(speed_http_client_t *c)
-{
+static void client_break(speed_http_client_t *c) {
     c->broken = true;
     c->in_body = false;
     if (c->fd >= 0) close(c->fd);
@@ -229,29 +222,25 @@ static void client_break(speed_http_client_t *c)
 
 /* ---- response head -------------------------------------------------------------------- */
 
-const char *speed_http_response_header(const speed_http_response_t *response, const char *name)
-{
+const char *speed_http_response_header(const speed_http_response_t *response, const char *name) {
     if (!response || !name) return NULL;
     for (size_t i = 0; i < response->n_headers; i++)
         if (strcasecmp(response->headers[i].name, name) == 0) return response->headers[i].value;
     return NULL;
 }
 
-static bool header_has_token(const char *value, const char *token)
-{
+static bool header_has_token(const char *value, const char *token) {
     size_t n = strlen(token);
     for (const char *p = value; p && *p;) {
         while (*p == ' ' || *p == '\t' || *p == ',') p++;
-        if (strncasecmp(p, token, n) == 0 && (p[n] == '\0' || p[n] == ',' || p[n] == ' '))
-            return true;
+        if (strncasecmp(p, token, n) == 0 && (p[n] == '\0' || p[n] == ',' || p[n] == ' ')) return true;
         p = strchr(p, ',');
     }
     return false;
 }
 
 /* Reads the status line and headers (skipping 1xx responses) and sets up the body. */
-static speed_status_t read_head(speed_http_client_t *c, bool head_request)
-{
+static speed_status_t read_head(speed_http_client_t *c, bool head_request) {
     for (;;) {
         /* find the blank line that ends the head */
         size_t end = 0;
@@ -259,8 +248,8 @@ static speed_status_t read_head(speed_http_client_t *c, bool head_request)
             const char *base = c->rbuf + c->rpos;
             size_t avail = c->rlen - c->rpos;
             for (size_t i = 0; i + 1 < avail; i++) {
-                if (base[i] == '\n' && (base[i + 1] == '\n' ||
-                                        (i + 2 < avail && base[i + 1] == '\r' && base[i + 2] == '\n'))) {
+                if (base[i] == '\n' &&
+                    (base[i + 1] == '\n' || (i + 2 < avail && base[i + 1] == '\r' && base[i + 2] == '\n'))) {
                     end = i + (base[i + 1] == '\n' ? 2 : 3);
                     break;
                 }
@@ -282,8 +271,8 @@ static speed_status_t read_head(speed_http_client_t *c, bool head_request)
         char *line = c->head, *next = strchr(line, '\n');
         *next = '\0';
         int major = 0, minor = 0, status = 0, used = 0;
-        if (sscanf(line, "HTTP/%d.%d %3d%n", &major, &minor, &status, &used) != 3 ||
-            major != 1 || status < 100 || status > 599)
+        if (sscanf(line, "HTTP/%d.%d %3d%n", &major, &minor, &status, &used) != 3 || major != 1 || status < 100 ||
+            status > 599)
             return SPEED_ERR_PEER_PROTOCOL;
         /* headers */
         size_t n = 0;
@@ -314,8 +303,8 @@ static speed_status_t read_head(speed_http_client_t *c, bool head_request)
 
         c->resp = (speed_http_response_t){.status = status, .headers = c->hdrs, .n_headers = n};
         const char *conn = speed_http_response_header(&c->resp, "Connection");
-        c->resp.keep_alive = minor >= 1 ? !(conn && header_has_token(conn, "close"))
-                                        : (conn && header_has_token(conn, "keep-alive"));
+        c->resp.keep_alive =
+            minor >= 1 ? !(conn && header_has_token(conn, "close")) : (conn && header_has_token(conn, "keep-alive"));
         const char *te = speed_http_response_header(&c->resp, "Transfer-Encoding");
         const char *cl = speed_http_response_header(&c->resp, "Content-Length");
         c->remaining = 0;
@@ -336,8 +325,7 @@ static speed_status_t read_head(speed_http_client_t *c, bool head_request)
             c->mode = BODY_CLOSE;
             c->resp.keep_alive = false;
         }
-        if (c->mode == BODY_NONE || (c->mode == BODY_LENGTH && c->remaining == 0))
-            c->body_done = true;
+        if (c->mode == BODY_NONE || (c->mode == BODY_LENGTH && c->remaining == 0)) c->body_done = true;
         c->in_body = true;
         c->ev_pos = c->ev_len = 0;
         c->ev_data_len = 0;
@@ -349,16 +337,14 @@ static speed_status_t read_head(speed_http_client_t *c, bool head_request)
 
 /* ---- body ----------------------------------------------------------------------------- */
 
-static void body_finished(speed_http_client_t *c)
-{
+static void body_finished(speed_http_client_t *c) {
     c->body_done = true;
     c->in_body = false;
     if (!c->resp.keep_alive) client_break(c);
 }
 
 /* Up to cap decoded body bytes; *n_p = 0 only at the end of the body. */
-static speed_status_t body_read(speed_http_client_t *c, char *out, size_t cap, size_t *n_p)
-{
+static speed_status_t body_read(speed_http_client_t *c, char *out, size_t cap, size_t *n_p) {
     *n_p = 0;
     while (!c->body_done) {
         if (c->mode == BODY_CHUNKED && c->remaining == 0) {
@@ -405,9 +391,7 @@ static speed_status_t body_read(speed_http_client_t *c, char *out, size_t cap, s
     return SPEED_OK;
 }
 
-speed_status_t speed_http_client_read(speed_http_client_t *client, void *buf, size_t cap,
-                                      size_t *n_p)
-{
+speed_status_t speed_http_client_read(speed_http_client_t *client, void *buf, size_t cap, size_t *n_p) {
     if (!client || !buf || !cap || !n_p) return SPEED_ERR_INVALID_ARGUMENT;
     *n_p = 0;
     if (!client->in_body) return SPEED_OK;
@@ -419,16 +403,13 @@ speed_status_t speed_http_client_read(speed_http_client_t *client, void *buf, si
 /* ---- requests ------------------------------------------------------------------------- */
 
 static speed_status_t send_request(speed_http_client_t *c, const char *method, const char *path,
-                                   const speed_http_header_t *headers, size_t n_headers,
-                                   const void *body, size_t body_len)
-{
+                                   const speed_http_header_t *headers, size_t n_headers, const void *body,
+                                   size_t body_len) {
     size_t size = strlen(method) + strlen(path) + strlen(c->host_header) + 64;
-    for (size_t i = 0; i < n_headers; i++)
-        size += strlen(headers[i].name) + strlen(headers[i].value) + 4;
+    for (size_t i = 0; i < n_headers; i++) size += strlen(headers[i].name) + strlen(headers[i].value) + 4;
     char *head = speed_malloc(size);
     if (!head) return SPEED_ERR_NO_MEMORY;
-    size_t n = (size_t)snprintf(head, size, "%s %s HTTP/1.1\r\nHost: %s\r\n", method, path,
-                                c->host_header);
+    size_t n = (size_t)snprintf(head, size, "%s %s HTTP/1.1\r\nHost: %s\r\n", method, path, c->host_header);
     for (size_t i = 0; i < n_headers; i++)
         n += (size_t)snprintf(head + n, size - n, "%s: %s\r\n", headers[i].name, headers[i].value);
     if (body) n += (size_t)snprintf(head + n, size - n, "Content-Length: %zu\r\n", body_len);
@@ -439,15 +420,10 @@ static speed_status_t send_request(speed_http_client_t *c, const char *method, c
     return st;
 }
 
-speed_status_t speed_http_client_request_begin(speed_http_client_t *client, const char *method,
-                                               const char *path,
-                                               const speed_http_header_t *headers,
-                                               size_t n_headers, const void *body,
-                                               size_t body_len,
-                                               const speed_http_response_t **response_p)
-{
-    if (!client || !method || !path || !response_p || (n_headers && !headers) ||
-        (!body && body_len))
+speed_status_t speed_http_client_request_begin(speed_http_client_t *client, const char *method, const char *path,
+                                               const speed_http_header_t *headers, size_t n_headers, const void *body,
+                                               size_t body_len, const speed_http_response_t **response_p) {
+    if (!client || !method || !path || !response_p || (n_headers && !headers) || (!body && body_len))
         return SPEED_ERR_INVALID_ARGUMENT;
     for (size_t i = 0; i < n_headers; i++)
         if (!headers[i].name || !headers[i].value || strpbrk(headers[i].name, "\r\n") ||
@@ -474,14 +450,11 @@ speed_status_t speed_http_client_request_begin(speed_http_client_t *client, cons
     return SPEED_OK;
 }
 
-speed_status_t speed_http_client_request(speed_http_client_t *client, const char *method,
-                                         const char *path, const speed_http_header_t *headers,
-                                         size_t n_headers, const void *body, size_t body_len,
-                                         const speed_http_response_t **response_p)
-{
+speed_status_t speed_http_client_request(speed_http_client_t *client, const char *method, const char *path,
+                                         const speed_http_header_t *headers, size_t n_headers, const void *body,
+                                         size_t body_len, const speed_http_response_t **response_p) {
     const speed_http_response_t *r;
-    SPEED_CHECK(speed_http_client_request_begin(client, method, path, headers, n_headers, body,
-                                                body_len, &r));
+    SPEED_CHECK(speed_http_client_request_begin(client, method, path, headers, n_headers, body, body_len, &r));
     client->body_len = 0;
     speed_status_t st = SPEED_OK;
     for (;;) {
@@ -501,8 +474,7 @@ speed_status_t speed_http_client_request(speed_http_client_t *client, const char
         }
         size_t n;
         if (!client->in_body) break;
-        st = body_read(client, client->body + client->body_len,
-                       client->body_cap - client->body_len - 1, &n);
+        st = body_read(client, client->body + client->body_len, client->body_cap - client->body_len - 1, &n);
         if (st != SPEED_OK || n == 0) break;
         client->body_len += n;
     }
@@ -519,8 +491,7 @@ speed_status_t speed_http_client_request(speed_http_client_t *client, const char
 
 /* ---- server-sent events --------------------------------------------------------------- */
 
-static speed_status_t ev_data_append(speed_http_client_t *c, const char *s, size_t n)
-{
+static speed_status_t ev_data_append(speed_http_client_t *c, const char *s, size_t n) {
     if (c->ev_data_len + n + 2 > c->ev_data_cap) {
         size_t cap = c->ev_data_cap ? c->ev_data_cap : 1024;
         while (cap < c->ev_data_len + n + 2) cap *= 2;
@@ -537,8 +508,7 @@ static speed_status_t ev_data_append(speed_http_client_t *c, const char *s, size
 }
 
 /* Handles one line; sets *dispatch when it completes an event. */
-static speed_status_t ev_line(speed_http_client_t *c, char *line, size_t n, bool *dispatch)
-{
+static speed_status_t ev_line(speed_http_client_t *c, char *line, size_t n, bool *dispatch) {
     if (n && line[n - 1] == '\r') line[--n] = '\0';
     if (n == 0) {
         if (c->ev_data_len == 0) { /* nothing to dispatch: reset */
@@ -568,9 +538,7 @@ static speed_status_t ev_line(speed_http_client_t *c, char *line, size_t n, bool
     return SPEED_OK;
 }
 
-speed_status_t speed_http_client_next_event(speed_http_client_t *client,
-                                            const speed_http_sse_event_t **event_p)
-{
+speed_status_t speed_http_client_next_event(speed_http_client_t *client, const speed_http_sse_event_t **event_p) {
     if (!client || !event_p) return SPEED_ERR_INVALID_ARGUMENT;
     *event_p = NULL;
     speed_http_client_t *c = client;
@@ -631,9 +599,8 @@ speed_status_t speed_http_client_next_event(speed_http_client_t *client,
 
 /* ---- one-shot ------------------------------------------------------------------------- */
 
-speed_status_t speed_http_get(const char *host, uint16_t port, const char *path, int timeout_ms,
-                              int *status_p, char **body_p)
-{
+speed_status_t speed_http_get(const char *host, uint16_t port, const char *path, int timeout_ms, int *status_p,
+                              char **body_p) {
     if (!status_p || !path) return SPEED_ERR_INVALID_ARGUMENT;
     speed_http_client_t *c;
     SPEED_CHECK(speed_http_client_connect(host, port, timeout_ms, &c));

@@ -87,21 +87,21 @@ typedef struct speed_http_client speed_http_client_t;
  * ====================================================================================== */
 
 typedef struct {
-    const char *host;           /* numeric IPv4 or IPv6 address to bind; default "127.0.0.1";
+    const char *host;         /* numeric IPv4 or IPv6 address to bind; default "127.0.0.1";
                                  * "0.0.0.0" / "::" for all interfaces. Copied. */
-    uint16_t port;              /* 0 = any free port; default 0 */
-    unsigned n_threads;         /* MHD pool threads; default 2; 1 = a single epoll thread */
-    unsigned max_connections;   /* concurrent connections; default 1024 */
-    unsigned idle_timeout_s;    /* close connections idle this long, 0 = never; default 60 */
-    size_t max_body_bytes;      /* larger request bodies get 413; default 1 MiB */
+    uint16_t port;            /* 0 = any free port; default 0 */
+    unsigned n_threads;       /* MHD pool threads; default 2; 1 = a single epoll thread */
+    unsigned max_connections; /* concurrent connections; default 1024 */
+    unsigned idle_timeout_s;  /* close connections idle this long, 0 = never; default 60 */
+    size_t max_body_bytes;    /* larger request bodies get 413; default 1 MiB */
 } speed_http_server_params_t;
 
 typedef struct {
-    uint64_t connections_opened;  /* TCP connections accepted so far */
-    uint64_t requests;            /* requests that reached routing (any outcome) */
-    uint64_t streams_opened;      /* speed_http_respond_stream calls */
-    uint64_t disconnects;         /* streams whose request ended before the writer closed */
-    uint64_t streams_attached;    /* streams whose request is still in progress */
+    uint64_t connections_opened; /* TCP connections accepted so far */
+    uint64_t requests;           /* requests that reached routing (any outcome) */
+    uint64_t streams_opened;     /* speed_http_respond_stream calls */
+    uint64_t disconnects;        /* streams whose request ended before the writer closed */
+    uint64_t streams_attached;   /* streams whose request is still in progress */
 } speed_http_server_stats_t;
 
 /* Handles one request on an MHD pool thread; see "Requests" above. */
@@ -120,20 +120,17 @@ speed_http_server_params_t speed_http_server_default_params(void);
  * SPEED_OK; SPEED_ERR_INVALID_ARGUMENT (NULL, host not a numeric address, n_threads,
  * max_connections or max_body_bytes 0);
  * SPEED_ERR_NO_MEMORY. */
-speed_status_t speed_http_server_create(const speed_http_server_params_t *params,
-                                        speed_http_server_t **server_p);
+speed_status_t speed_http_server_create(const speed_http_server_params_t *params, speed_http_server_t **server_p);
 
 /* Adds a route: `method` ("GET", "POST", ...) and exact `path` ("/v1/completions"), both
  * copied. Only before start. SPEED_OK; SPEED_ERR_INVALID_ARGUMENT (NULL, path not starting
  * with '/', the pair already routed, or the server started); SPEED_ERR_NO_MEMORY. */
-speed_status_t speed_http_server_route(speed_http_server_t *server, const char *method,
-                                       const char *path, speed_http_handler_cb_t handler,
-                                       void *user);
+speed_status_t speed_http_server_route(speed_http_server_t *server, const char *method, const char *path,
+                                       speed_http_handler_cb_t handler, void *user);
 
 /* Routes GET `path` to a handler rendering `metrics` (borrowed: it must outlive the server)
  * with Content-Type "text/plain; version=0.0.4". Same returns as speed_http_server_route. */
-speed_status_t speed_http_server_route_metrics(speed_http_server_t *server, const char *path,
-                                               speed_metrics_t *metrics);
+speed_status_t speed_http_server_route_metrics(speed_http_server_t *server, const char *path, speed_metrics_t *metrics);
 
 /* Binds and starts the MHD threads. SPEED_OK; SPEED_ERR_INVALID_ARGUMENT (already started);
  * SPEED_ERR_IO (bind/listen failed, e.g. the port is taken; logged). */
@@ -143,8 +140,7 @@ speed_status_t speed_http_server_start(speed_http_server_t *server);
 uint16_t speed_http_server_port(const speed_http_server_t *server);
 
 /* Counters since start; any thread. */
-void speed_http_server_stats(const speed_http_server_t *server,
-                             speed_http_server_stats_t *stats_p);
+void speed_http_server_stats(const speed_http_server_t *server, speed_http_server_stats_t *stats_p);
 
 /* Stops (see "Shutdown"), waits for the MHD threads and frees the server. NULL is a no-op.
  * Must not be called from a handler or a callback of this server. Blocks until MHD's
@@ -168,26 +164,24 @@ const char *speed_http_request_body(const speed_http_request_t *request, size_t 
 /* Adds a response header (copied) to whatever response this request gets (also copied into
  * a stream it starts). Before or after speed_http_respond, inside the handler.
  * SPEED_OK; SPEED_ERR_INVALID_ARGUMENT (NULL, CR/LF in name or value); SPEED_ERR_NO_MEMORY. */
-speed_status_t speed_http_request_add_header(speed_http_request_t *request, const char *name,
-                                             const char *value);
+speed_status_t speed_http_request_add_header(speed_http_request_t *request, const char *name, const char *value);
 
 /* A complete response: `status` (100..599), `content_type` (NULL: none), `body` copied.
  * Once per request. SPEED_OK; SPEED_ERR_INVALID_ARGUMENT (already answered, bad status);
  * SPEED_ERR_NO_MEMORY. */
-speed_status_t speed_http_respond(speed_http_request_t *request, unsigned status,
-                                  const char *content_type, const void *body, size_t body_len);
+speed_status_t speed_http_respond(speed_http_request_t *request, unsigned status, const char *content_type,
+                                  const void *body, size_t body_len);
 
 /* A JSON error: {"error":{"message":"<message>","type":"<type>","code":<status>}} with
  * message and type JSON-escaped. Same returns as speed_http_respond. */
-speed_status_t speed_http_respond_error(speed_http_request_t *request, unsigned status,
-                                        const char *type, const char *message);
+speed_status_t speed_http_respond_error(speed_http_request_t *request, unsigned status, const char *type,
+                                        const char *message);
 
 /* Answers with a stream (see "Streams"). `content_type` e.g. "text/event-stream" (which
  * also adds Cache-Control: no-cache). `on_disconnect` may be NULL. *stream_p is the
  * writer's reference: pass it to any thread, end it with speed_http_stream_close.
  * Once per request. SPEED_OK; SPEED_ERR_INVALID_ARGUMENT; SPEED_ERR_NO_MEMORY. */
-speed_status_t speed_http_respond_stream(speed_http_request_t *request, unsigned status,
-                                         const char *content_type,
+speed_status_t speed_http_respond_stream(speed_http_request_t *request, unsigned status, const char *content_type,
                                          speed_http_disconnect_cb_t on_disconnect, void *user,
                                          speed_http_stream_t **stream_p);
 
@@ -196,20 +190,17 @@ speed_status_t speed_http_respond_stream(speed_http_request_t *request, unsigned
 /* Before commit only: change the status or add a header. SPEED_OK;
  * SPEED_ERR_INVALID_ARGUMENT (already committed, bad input); SPEED_ERR_NO_MEMORY. */
 speed_status_t speed_http_stream_set_status(speed_http_stream_t *stream, unsigned status);
-speed_status_t speed_http_stream_add_header(speed_http_stream_t *stream, const char *name,
-                                            const char *value);
+speed_status_t speed_http_stream_add_header(speed_http_stream_t *stream, const char *name, const char *value);
 
 /* Queues `len` bytes (copied; never blocks on the network) and commits the stream.
  * SPEED_OK; SPEED_ERR_CANCELLED (request over: stop producing); SPEED_ERR_INVALID_ARGUMENT
  * (NULL, or after close); SPEED_ERR_NO_MEMORY. Pending bytes are not bounded: a producer
  * much faster than its client should watch speed_http_stream_pending. */
-speed_status_t speed_http_stream_write(speed_http_stream_t *stream, const void *data,
-                                       size_t len);
+speed_status_t speed_http_stream_write(speed_http_stream_t *stream, const void *data, size_t len);
 
 /* Writes one SSE event: "event: <event>\n" (if event is non-NULL) then one "data: " line
  * per line of `data`, then a blank line. Same returns as speed_http_stream_write. */
-speed_status_t speed_http_stream_write_sse(speed_http_stream_t *stream, const char *event,
-                                           const char *data);
+speed_status_t speed_http_stream_write_sse(speed_http_stream_t *stream, const char *event, const char *data);
 
 /* Bytes written but not yet handed to the socket. */
 size_t speed_http_stream_pending(speed_http_stream_t *stream);
@@ -226,9 +217,8 @@ bool speed_http_stream_is_cancelled(speed_http_stream_t *stream);
  * writer's reference, like speed_http_stream_close. SPEED_OK; SPEED_ERR_INVALID_ARGUMENT
  * (already committed: the stream is closed as it was; or bad arguments: closed unchanged);
  * SPEED_ERR_CANCELLED (the client is gone); SPEED_ERR_NO_MEMORY (closed without the body). */
-speed_status_t speed_http_stream_respond(speed_http_stream_t *stream, unsigned status,
-                                         const char *content_type, const void *body,
-                                         size_t body_len);
+speed_status_t speed_http_stream_respond(speed_http_stream_t *stream, unsigned status, const char *content_type,
+                                         const void *body, size_t body_len);
 
 /* Ends the body after the pending bytes, and releases the writer's reference: the caller
  * must not touch `stream` afterwards. Once it returns, the disconnect callback will not run
@@ -247,17 +237,17 @@ typedef struct {
 } speed_http_header_t;
 
 typedef struct {
-    int status;                      /* e.g. 200 */
+    int status; /* e.g. 200 */
     const speed_http_header_t *headers;
     size_t n_headers;
-    const char *body;                /* NUL-terminated; NULL after request_begin */
+    const char *body; /* NUL-terminated; NULL after request_begin */
     size_t body_len;
-    bool keep_alive;                 /* false: the server will close after this response */
+    bool keep_alive; /* false: the server will close after this response */
 } speed_http_response_t;
 
 typedef struct {
-    const char *event;               /* "" when the event had no "event:" field */
-    const char *data;                /* "data:" lines joined with '\n' */
+    const char *event; /* "" when the event had no "event:" field */
+    const char *data;  /* "data:" lines joined with '\n' */
     size_t data_len;
 } speed_http_sse_event_t;
 
@@ -275,38 +265,31 @@ void speed_http_client_destroy(speed_http_client_t *client);
  * client and valid until its next call. After a response with keep_alive false, or any
  * error, the connection is unusable (further calls return SPEED_ERR_PEER_UNREACHABLE).
  * Returns as listed at the top of this file; an HTTP error status is still SPEED_OK. */
-speed_status_t speed_http_client_request(speed_http_client_t *client, const char *method,
-                                         const char *path, const speed_http_header_t *headers,
-                                         size_t n_headers, const void *body, size_t body_len,
-                                         const speed_http_response_t **response_p);
+speed_status_t speed_http_client_request(speed_http_client_t *client, const char *method, const char *path,
+                                         const speed_http_header_t *headers, size_t n_headers, const void *body,
+                                         size_t body_len, const speed_http_response_t **response_p);
 
 /* Like speed_http_client_request but returns after the status line and headers; read the
  * body with speed_http_client_read or speed_http_client_next_event. A new request on the
  * same client first discards the rest of the body. */
-speed_status_t speed_http_client_request_begin(speed_http_client_t *client, const char *method,
-                                               const char *path,
-                                               const speed_http_header_t *headers,
-                                               size_t n_headers, const void *body,
-                                               size_t body_len,
-                                               const speed_http_response_t **response_p);
+speed_status_t speed_http_client_request_begin(speed_http_client_t *client, const char *method, const char *path,
+                                               const speed_http_header_t *headers, size_t n_headers, const void *body,
+                                               size_t body_len, const speed_http_response_t **response_p);
 
 /* Reads up to `cap` decoded body bytes as soon as any are available; *n_p = 0 at the end
  * of the body. */
-speed_status_t speed_http_client_read(speed_http_client_t *client, void *buf, size_t cap,
-                                      size_t *n_p);
+speed_status_t speed_http_client_read(speed_http_client_t *client, void *buf, size_t cap, size_t *n_p);
 
 /* Reads the next server-sent event of the body. *event_p is NULL at the end of the body,
  * else points into the client (valid until its next call). Comments are skipped. */
-speed_status_t speed_http_client_next_event(speed_http_client_t *client,
-                                            const speed_http_sse_event_t **event_p);
+speed_status_t speed_http_client_next_event(speed_http_client_t *client, const speed_http_sse_event_t **event_p);
 
 /* A response header by case-insensitive name, or NULL. */
-const char *speed_http_response_header(const speed_http_response_t *response,
-                                       const char *name);
+const char *speed_http_response_header(const speed_http_response_t *response, const char *name);
 
 /* One-shot GET on a fresh connection: *status_p gets the status, *body_p (may be NULL)
  * a copy of the body (speed_free it). Returns as speed_http_client_request. */
-speed_status_t speed_http_get(const char *host, uint16_t port, const char *path,
-                              int timeout_ms, int *status_p, char **body_p);
+speed_status_t speed_http_get(const char *host, uint16_t port, const char *path, int timeout_ms, int *status_p,
+                              char **body_p);
 
 #endif /* SPEED_HTTP_H */

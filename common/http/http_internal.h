@@ -38,11 +38,11 @@ struct speed_http_server {
     size_t n_routes;
     size_t cap_routes;
 
-    pthread_mutex_t lock;             /* guards streams, stopping */
-    speed_http_stream_t *streams;     /* attached to live connections */
+    pthread_mutex_t lock;         /* guards streams, stopping */
+    speed_http_stream_t *streams; /* attached to live connections */
     bool stopping;
 
-    _Atomic bool started;             /* MHD is running (the logger runs on its threads) */
+    _Atomic bool started; /* MHD is running (the logger runs on its threads) */
     _Atomic uint64_t n_connections;
     _Atomic uint64_t n_requests;
     _Atomic uint64_t n_streams;
@@ -52,26 +52,26 @@ struct speed_http_server {
 
 struct speed_http_stream {
     pthread_mutex_t lock;
-    pthread_cond_t cond;              /* signalled when a disconnect callback returns */
+    pthread_cond_t cond; /* signalled when a disconnect callback returns */
     _Atomic int refs;
-    speed_http_server_t *server;      /* valid while attached */
-    struct MHD_Connection *conn;      /* NULL once the request is over */
+    speed_http_server_t *server; /* valid while attached */
+    struct MHD_Connection *conn; /* NULL once the request is over */
 
     unsigned status;
     char *content_type;
     header_t *headers;
 
-    char *buf;                        /* pending bytes are buf[head, len) */
+    char *buf; /* pending bytes are buf[head, len) */
     size_t head;
     size_t len;
     size_t cap;
 
-    bool committed;                   /* status and headers are final */
-    bool closed;                      /* the writer is done */
-    bool suspended;                   /* we suspended the connection; resume before clearing */
-    bool finished;                    /* the request is over */
-    bool cancelled;                   /* ... and ended before the writer closed */
-    bool stopping;                    /* the server is stopping: never suspend again */
+    bool committed; /* status and headers are final */
+    bool closed;    /* the writer is done */
+    bool suspended; /* we suspended the connection; resume before clearing */
+    bool finished;  /* the request is over */
+    bool cancelled; /* ... and ended before the writer closed */
+    bool stopping;  /* the server is stopping: never suspend again */
 
     speed_http_disconnect_cb_t on_disconnect;
     void *user;
@@ -88,7 +88,7 @@ typedef enum { PHASE_BODY, PHASE_HANDLED, PHASE_QUEUED } phase_t;
 struct speed_http_request {
     speed_http_server_t *server;
     struct MHD_Connection *conn;
-    const char *method;               /* MHD's, valid for the request */
+    const char *method; /* MHD's, valid for the request */
     const char *path;
     phase_t phase;
 
@@ -97,10 +97,10 @@ struct speed_http_request {
     size_t body_cap;
     bool body_too_large;
 
-    header_t *headers;                /* extra response headers */
-    struct MHD_Response *response;    /* a complete response made by the handler */
+    header_t *headers;             /* extra response headers */
+    struct MHD_Response *response; /* a complete response made by the handler */
     unsigned status;
-    speed_http_stream_t *stream;      /* the connection's reference */
+    speed_http_stream_t *stream; /* the connection's reference */
 };
 
 /* Header lists (server.c): text without CR/LF; push appends a copy (SPEED_ERR_INVALID_ARGUMENT,

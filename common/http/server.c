@@ -34,14 +34,11 @@
 
 /* ---- small helpers -------------------------------------------------------------------- */
 
-bool speed_http_header_text_ok(const char *s)
-{
-    return s && !strpbrk(s, "\r\n");
-}
+bool speed_http_header_text_ok(const char *s) { return s && !strpbrk(s, "\r\n"); }
 
-speed_status_t speed_http_header_push(header_t **list, const char *name, const char *value)
-{
-    if (!speed_http_header_text_ok(name) || !*name || !speed_http_header_text_ok(value)) return SPEED_ERR_INVALID_ARGUMENT;
+speed_status_t speed_http_header_push(header_t **list, const char *name, const char *value) {
+    if (!speed_http_header_text_ok(name) || !*name || !speed_http_header_text_ok(value))
+        return SPEED_ERR_INVALID_ARGUMENT;
     header_t *h = speed_calloc(1, sizeof(*h));
     if (!h) return SPEED_ERR_NO_MEMORY;
     h->name = speed_strdup(name);
@@ -58,8 +55,7 @@ speed_status_t speed_http_header_push(header_t **list, const char *name, const c
     return SPEED_OK;
 }
 
-void speed_http_headers_free(header_t *h)
-{
+void speed_http_headers_free(header_t *h) {
     while (h) {
         header_t *next = h->next;
         speed_free(h->name);
@@ -69,27 +65,31 @@ void speed_http_headers_free(header_t *h)
     }
 }
 
-bool speed_http_headers_apply(struct MHD_Response *r, const header_t *h)
-{
+bool speed_http_headers_apply(struct MHD_Response *r, const header_t *h) {
     for (; h; h = h->next)
         if (MHD_add_response_header(r, h->name, h->value) != MHD_YES) return false;
     return true;
 }
 
 /* Appends s to a JSON string body, escaped. */
-static size_t json_escape(char *out, size_t cap, const char *s)
-{
+static size_t json_escape(char *out, size_t cap, const char *s) {
     size_t n = 0;
     for (; *s; s++) {
         char tmp[8];
         const char *rep = tmp;
         unsigned char c = (unsigned char)*s;
-        if (c == '"') rep = "\\\"";
-        else if (c == '\\') rep = "\\\\";
-        else if (c == '\n') rep = "\\n";
-        else if (c == '\r') rep = "\\r";
-        else if (c == '\t') rep = "\\t";
-        else if (c < 0x20) snprintf(tmp, sizeof(tmp), "\\u%04x", c);
+        if (c == '"')
+            rep = "\\\"";
+        else if (c == '\\')
+            rep = "\\\\";
+        else if (c == '\n')
+            rep = "\\n";
+        else if (c == '\r')
+            rep = "\\r";
+        else if (c == '\t')
+            rep = "\\t";
+        else if (c < 0x20)
+            snprintf(tmp, sizeof(tmp), "\\u%04x", c);
         else {
             tmp[0] = (char)c;
             tmp[1] = '\0';
@@ -105,54 +105,38 @@ static size_t json_escape(char *out, size_t cap, const char *s)
 
 /* ---- requests ------------------------------------------------------------------------- */
 
-const char *speed_http_request_method(const speed_http_request_t *request)
-{
-    return request ? request->method : NULL;
-}
+const char *speed_http_request_method(const speed_http_request_t *request) { return request ? request->method : NULL; }
 
-const char *speed_http_request_path(const speed_http_request_t *request)
-{
-    return request ? request->path : NULL;
-}
+const char *speed_http_request_path(const speed_http_request_t *request) { return request ? request->path : NULL; }
 
-const char *speed_http_request_header(const speed_http_request_t *request, const char *name)
-{
+const char *speed_http_request_header(const speed_http_request_t *request, const char *name) {
     if (!request || !name) return NULL;
     return MHD_lookup_connection_value(request->conn, MHD_HEADER_KIND, name);
 }
 
-const char *speed_http_request_query(const speed_http_request_t *request, const char *key)
-{
+const char *speed_http_request_query(const speed_http_request_t *request, const char *key) {
     if (!request || !key) return NULL;
     return MHD_lookup_connection_value(request->conn, MHD_GET_ARGUMENT_KIND, key);
 }
 
-const char *speed_http_request_body(const speed_http_request_t *request, size_t *len_p)
-{
+const char *speed_http_request_body(const speed_http_request_t *request, size_t *len_p) {
     if (len_p) *len_p = request && request->body ? request->body_len : 0;
     return request && request->body ? request->body : "";
 }
 
-speed_status_t speed_http_request_add_header(speed_http_request_t *request, const char *name,
-                                             const char *value)
-{
+speed_status_t speed_http_request_add_header(speed_http_request_t *request, const char *name, const char *value) {
     if (!request) return SPEED_ERR_INVALID_ARGUMENT;
     return speed_http_header_push(&request->headers, name, value);
 }
 
-static bool request_answered(const speed_http_request_t *r)
-{
-    return r->response || r->stream;
-}
+static bool request_answered(const speed_http_request_t *r) { return r->response || r->stream; }
 
-speed_status_t speed_http_respond(speed_http_request_t *request, unsigned status,
-                                  const char *content_type, const void *body, size_t body_len)
-{
-    if (!request || status < 100 || status > 599 || (!body && body_len) ||
-        request_answered(request) || (content_type && !speed_http_header_text_ok(content_type)))
+speed_status_t speed_http_respond(speed_http_request_t *request, unsigned status, const char *content_type,
+                                  const void *body, size_t body_len) {
+    if (!request || status < 100 || status > 599 || (!body && body_len) || request_answered(request) ||
+        (content_type && !speed_http_header_text_ok(content_type)))
         return SPEED_ERR_INVALID_ARGUMENT;
-    struct MHD_Response *r = MHD_create_response_from_buffer(body_len, (void *)body,
-                                                             MHD_RESPMEM_MUST_COPY);
+    struct MHD_Response *r = MHD_create_response_from_buffer(body_len, (void *)body, MHD_RESPMEM_MUST_COPY);
     if (!r) return SPEED_ERR_NO_MEMORY;
     if (content_type && MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, content_type) != MHD_YES) {
         MHD_destroy_response(r);
@@ -163,25 +147,21 @@ speed_status_t speed_http_respond(speed_http_request_t *request, unsigned status
     return SPEED_OK;
 }
 
-speed_status_t speed_http_respond_error(speed_http_request_t *request, unsigned status,
-                                        const char *type, const char *message)
-{
+speed_status_t speed_http_respond_error(speed_http_request_t *request, unsigned status, const char *type,
+                                        const char *message) {
     if (!type || !message) return SPEED_ERR_INVALID_ARGUMENT;
     char msg[1024], typ[128], body[1400];
     json_escape(msg, sizeof(msg), message);
     json_escape(typ, sizeof(typ), type);
-    int n = snprintf(body, sizeof(body),
-                     "{\"error\":{\"message\":\"%s\",\"type\":\"%s\",\"code\":%u}}", msg, typ,
-                     status);
+    int n =
+        snprintf(body, sizeof(body), "{\"error\":{\"message\":\"%s\",\"type\":\"%s\",\"code\":%u}}", msg, typ, status);
     if (n < 0 || (size_t)n >= sizeof(body)) return SPEED_ERR_INVALID_ARGUMENT;
     return speed_http_respond(request, status, "application/json", body, (size_t)n);
 }
 
-speed_status_t speed_http_respond_stream(speed_http_request_t *request, unsigned status,
-                                         const char *content_type,
+speed_status_t speed_http_respond_stream(speed_http_request_t *request, unsigned status, const char *content_type,
                                          speed_http_disconnect_cb_t on_disconnect, void *user,
-                                         speed_http_stream_t **stream_p)
-{
+                                         speed_http_stream_t **stream_p) {
     if (!request || !stream_p || status < 100 || status > 599 || request_answered(request) ||
         (content_type && !speed_http_header_text_ok(content_type)))
         return SPEED_ERR_INVALID_ARGUMENT;
@@ -226,9 +206,7 @@ speed_status_t speed_http_respond_stream(speed_http_request_t *request, unsigned
 
 /* ---- MHD callbacks -------------------------------------------------------------------- */
 
-static enum MHD_Result queue_and_release(speed_http_request_t *r, unsigned status,
-                                         struct MHD_Response *resp)
-{
+static enum MHD_Result queue_and_release(speed_http_request_t *r, unsigned status, struct MHD_Response *resp) {
     enum MHD_Result ret = MHD_NO;
     if (speed_http_headers_apply(resp, r->headers)) ret = MHD_queue_response(r->conn, status, resp);
     MHD_destroy_response(resp);
@@ -236,9 +214,7 @@ static enum MHD_Result queue_and_release(speed_http_request_t *r, unsigned statu
     return ret;
 }
 
-static enum MHD_Result queue_error(speed_http_request_t *r, unsigned status, const char *type,
-                                   const char *message)
-{
+static enum MHD_Result queue_error(speed_http_request_t *r, unsigned status, const char *type, const char *message) {
     if (r->response) {
         MHD_destroy_response(r->response);
         r->response = NULL;
@@ -251,8 +227,7 @@ static enum MHD_Result queue_error(speed_http_request_t *r, unsigned status, con
 
 /* Queues the stream's response once it is committed; until then keeps the connection
  * suspended. Called on the final handler call and again after each resume. */
-static enum MHD_Result queue_stream(speed_http_request_t *r)
-{
+static enum MHD_Result queue_stream(speed_http_request_t *r) {
     speed_http_stream_t *s = r->stream;
     pthread_mutex_lock(&s->lock);
     if (!s->committed && !s->stopping) {
@@ -268,8 +243,7 @@ static enum MHD_Result queue_stream(speed_http_request_t *r)
     struct MHD_Response *resp;
     if (s->closed) {
         /* All of it is here: one buffer with a Content-Length (no chunking). */
-        resp = MHD_create_response_from_buffer(s->len - s->head, s->buf + s->head,
-                                               MHD_RESPMEM_MUST_COPY);
+        resp = MHD_create_response_from_buffer(s->len - s->head, s->buf + s->head, MHD_RESPMEM_MUST_COPY);
         s->head = s->len = 0;
     } else {
         resp = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16 * 1024, speed_http_stream_reader, s,
@@ -292,8 +266,7 @@ static enum MHD_Result queue_stream(speed_http_request_t *r)
     return ret;
 }
 
-static void route_request(speed_http_request_t *r)
-{
+static void route_request(speed_http_request_t *r) {
     speed_http_server_t *srv = r->server;
     const route_t *match = NULL, *get = NULL;
     char allow[256] = "";
@@ -322,11 +295,9 @@ static void route_request(speed_http_request_t *r)
     }
 }
 
-static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn, const char *url,
-                                 const char *method, const char *version,
-                                 const char *upload_data, size_t *upload_data_size,
-                                 void **con_cls)
-{
+static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn, const char *url, const char *method,
+                                 const char *version, const char *upload_data, size_t *upload_data_size,
+                                 void **con_cls) {
     speed_http_server_t *srv = cls;
     speed_http_request_t *r = *con_cls;
     (void)version;
@@ -339,8 +310,7 @@ static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn, const c
         r->method = method;
         r->path = url;
         *con_cls = r;
-        const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
-                                                     MHD_HTTP_HEADER_CONTENT_LENGTH);
+        const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
         if (cl) {
             char *end;
             errno = 0;
@@ -384,8 +354,7 @@ static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn, const c
     if (r->phase == PHASE_BODY) {
         r->phase = PHASE_HANDLED;
         atomic_fetch_add(&srv->n_requests, 1);
-        if (r->body_too_large)
-            return queue_error(r, 413, "invalid_request_error", "request body too large");
+        if (r->body_too_large) return queue_error(r, 413, "invalid_request_error", "request body too large");
         route_request(r);
         if (r->response) {
             struct MHD_Response *resp = r->response;
@@ -397,9 +366,7 @@ static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn, const c
     return queue_stream(r);
 }
 
-static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
-                         enum MHD_RequestTerminationCode toe)
-{
+static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls, enum MHD_RequestTerminationCode toe) {
     speed_http_server_t *srv = cls;
     speed_http_request_t *r = *con_cls;
     (void)conn;
@@ -408,8 +375,10 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     speed_http_stream_t *s = r->stream;
     if (s) {
         pthread_mutex_lock(&srv->lock);
-        if (s->prev) s->prev->next = s->next;
-        else srv->streams = s->next;
+        if (s->prev)
+            s->prev->next = s->next;
+        else
+            srv->streams = s->next;
         if (s->next) s->next->prev = s->prev;
         s->prev = s->next = NULL;
         s->attached = false;
@@ -452,15 +421,13 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
 }
 
 static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_context,
-                          enum MHD_ConnectionNotificationCode toe)
-{
+                          enum MHD_ConnectionNotificationCode toe) {
     speed_http_server_t *srv = cls;
     (void)conn, (void)socket_context;
     if (toe == MHD_CONNECTION_NOTIFY_STARTED) atomic_fetch_add(&srv->n_connections, 1);
 }
 
-static void on_mhd_log(void *cls, const char *fmt, va_list ap)
-{
+static void on_mhd_log(void *cls, const char *fmt, va_list ap) {
     speed_http_server_t *srv = cls;
     char line[512];
     vsnprintf(line, sizeof(line), fmt, ap);
@@ -468,14 +435,12 @@ static void on_mhd_log(void *cls, const char *fmt, va_list ap)
     while (n && (line[n - 1] == '\n' || line[n - 1] == '\r')) line[--n] = '\0';
     /* Before start, MHD reports why it cannot listen: that matters. Afterwards it mostly
      * reports clients that went away. */
-    speed_log(atomic_load(&srv->started) ? SPEED_LOG_DEBUG : SPEED_LOG_WARN, SUBSYS, NULL,
-              "mhd: %s", line);
+    speed_log(atomic_load(&srv->started) ? SPEED_LOG_DEBUG : SPEED_LOG_WARN, SUBSYS, NULL, "mhd: %s", line);
 }
 
 /* ---- the /metrics helper -------------------------------------------------------------- */
 
-static void metrics_handler(void *user, speed_http_request_t *request)
-{
+static void metrics_handler(void *user, speed_http_request_t *request) {
     char *text = NULL;
     size_t len = 0;
     if (speed_metrics_render(user, &text, &len) != SPEED_OK) {
@@ -488,8 +453,7 @@ static void metrics_handler(void *user, speed_http_request_t *request)
 
 /* ---- server lifecycle ----------------------------------------------------------------- */
 
-speed_http_server_params_t speed_http_server_default_params(void)
-{
+speed_http_server_params_t speed_http_server_default_params(void) {
     return (speed_http_server_params_t){
         .host = "127.0.0.1",
         .port = 0,
@@ -500,11 +464,8 @@ speed_http_server_params_t speed_http_server_default_params(void)
     };
 }
 
-speed_status_t speed_http_server_create(const speed_http_server_params_t *params,
-                                        speed_http_server_t **server_p)
-{
-    if (!params || !server_p || params->n_threads == 0 || params->max_body_bytes == 0 ||
-        params->max_connections == 0)
+speed_status_t speed_http_server_create(const speed_http_server_params_t *params, speed_http_server_t **server_p) {
+    if (!params || !server_p || params->n_threads == 0 || params->max_body_bytes == 0 || params->max_connections == 0)
         return SPEED_ERR_INVALID_ARGUMENT;
     const char *host = params->host ? params->host : "127.0.0.1";
     unsigned char probe[sizeof(struct in6_addr)];
@@ -526,15 +487,12 @@ speed_status_t speed_http_server_create(const speed_http_server_params_t *params
     return SPEED_OK;
 }
 
-speed_status_t speed_http_server_route(speed_http_server_t *server, const char *method,
-                                       const char *path, speed_http_handler_cb_t handler,
-                                       void *user)
-{
+speed_status_t speed_http_server_route(speed_http_server_t *server, const char *method, const char *path,
+                                       speed_http_handler_cb_t handler, void *user) {
     if (!server || !method || !*method || !path || path[0] != '/' || !handler || server->daemon)
         return SPEED_ERR_INVALID_ARGUMENT;
     for (size_t i = 0; i < server->n_routes; i++) {
-        if (strcmp(server->routes[i].method, method) == 0 &&
-            strcmp(server->routes[i].path, path) == 0)
+        if (strcmp(server->routes[i].method, method) == 0 && strcmp(server->routes[i].path, path) == 0)
             return SPEED_ERR_INVALID_ARGUMENT;
     }
     if (server->n_routes == server->cap_routes) {
@@ -559,14 +517,12 @@ speed_status_t speed_http_server_route(speed_http_server_t *server, const char *
 }
 
 speed_status_t speed_http_server_route_metrics(speed_http_server_t *server, const char *path,
-                                               speed_metrics_t *metrics)
-{
+                                               speed_metrics_t *metrics) {
     if (!metrics) return SPEED_ERR_INVALID_ARGUMENT;
     return speed_http_server_route(server, "GET", path, metrics_handler, metrics);
 }
 
-speed_status_t speed_http_server_start(speed_http_server_t *server)
-{
+speed_status_t speed_http_server_start(speed_http_server_t *server) {
     if (!server || server->daemon) return SPEED_ERR_INVALID_ARGUMENT;
     struct sockaddr_in v4;
     struct sockaddr_in6 v6;
@@ -591,38 +547,31 @@ speed_status_t speed_http_server_start(speed_http_server_t *server)
     opts[n++] = (struct MHD_OptionItem){MHD_OPTION_EXTERNAL_LOGGER, (intptr_t)on_mhd_log, server};
     opts[n++] = (struct MHD_OptionItem){MHD_OPTION_SOCK_ADDR, 0, addr};
     if (server->params.n_threads > 1)
-        opts[n++] = (struct MHD_OptionItem){MHD_OPTION_THREAD_POOL_SIZE,
-                                            (intptr_t)server->params.n_threads, NULL};
-    opts[n++] = (struct MHD_OptionItem){MHD_OPTION_CONNECTION_LIMIT,
-                                        (intptr_t)server->params.max_connections, NULL};
-    opts[n++] = (struct MHD_OptionItem){MHD_OPTION_CONNECTION_TIMEOUT,
-                                        (intptr_t)server->params.idle_timeout_s, NULL};
+        opts[n++] = (struct MHD_OptionItem){MHD_OPTION_THREAD_POOL_SIZE, (intptr_t)server->params.n_threads, NULL};
+    opts[n++] = (struct MHD_OptionItem){MHD_OPTION_CONNECTION_LIMIT, (intptr_t)server->params.max_connections, NULL};
+    opts[n++] = (struct MHD_OptionItem){MHD_OPTION_CONNECTION_TIMEOUT, (intptr_t)server->params.idle_timeout_s, NULL};
     opts[n++] = (struct MHD_OptionItem){MHD_OPTION_NOTIFY_COMPLETED, (intptr_t)on_completed, server};
     opts[n++] = (struct MHD_OptionItem){MHD_OPTION_NOTIFY_CONNECTION, (intptr_t)on_connection, server};
     opts[n++] = (struct MHD_OptionItem){MHD_OPTION_END, 0, NULL};
-    server->daemon = MHD_start_daemon(flags, server->params.port, NULL, NULL, on_access, server,
-                                      MHD_OPTION_ARRAY, opts, MHD_OPTION_END);
+    server->daemon = MHD_start_daemon(flags, server->params.port, NULL, NULL, on_access, server, MHD_OPTION_ARRAY, opts,
+                                      MHD_OPTION_END);
     if (!server->daemon) {
-        SPEED_ERROR(SUBSYS, "http: cannot listen on %s:%u", server->host,
-                    (unsigned)server->params.port);
+        SPEED_ERROR(SUBSYS, "http: cannot listen on %s:%u", server->host, (unsigned)server->params.port);
         return SPEED_ERR_IO;
     }
     const union MHD_DaemonInfo *info = MHD_get_daemon_info(server->daemon, MHD_DAEMON_INFO_BIND_PORT);
     server->port = info ? info->port : server->params.port;
     atomic_store(&server->started, true);
-    SPEED_DEBUG(SUBSYS, "http: listening on %s:%u (%u threads)", server->host,
-                (unsigned)server->port, server->params.n_threads);
+    SPEED_DEBUG(SUBSYS, "http: listening on %s:%u (%u threads)", server->host, (unsigned)server->port,
+                server->params.n_threads);
     return SPEED_OK;
 }
 
-uint16_t speed_http_server_port(const speed_http_server_t *server)
-{
+uint16_t speed_http_server_port(const speed_http_server_t *server) {
     return server && server->daemon ? server->port : 0;
 }
 
-void speed_http_server_stats(const speed_http_server_t *server,
-                             speed_http_server_stats_t *stats_p)
-{
+void speed_http_server_stats(const speed_http_server_t *server, speed_http_server_stats_t *stats_p) {
     if (!server || !stats_p) return;
     speed_http_server_t *s = (speed_http_server_t *)server;
     stats_p->connections_opened = atomic_load(&s->n_connections);
@@ -634,8 +583,7 @@ void speed_http_server_stats(const speed_http_server_t *server,
 
 /* MHD must not be stopped with suspended connections: flag every attached stream so that
  * nothing suspends again, and resume those that are suspended. */
-static void server_stop_streams(speed_http_server_t *srv)
-{
+static void server_stop_streams(speed_http_server_t *srv) {
     speed_http_stream_t **held = NULL;
     size_t n = 0;
     pthread_mutex_lock(&srv->lock);
@@ -668,8 +616,7 @@ static void server_stop_streams(speed_http_server_t *srv)
     speed_free(held);
 }
 
-void speed_http_server_destroy(speed_http_server_t *server)
-{
+void speed_http_server_destroy(speed_http_server_t *server) {
     if (!server) return;
     if (server->daemon) {
         server_stop_streams(server);

@@ -11,8 +11,7 @@
 
 /* ---- streams -------------------------------------------------------------------------- */
 
-void speed_http_stream_unref(speed_http_stream_t *s)
-{
+void speed_http_stream_unref(speed_http_stream_t *s) {
     if (atomic_fetch_sub_explicit(&s->refs, 1, memory_order_acq_rel) != 1) return;
     SPEED_ASSERT(!s->attached && !s->suspended);
     speed_free(s->buf);
@@ -23,22 +22,17 @@ void speed_http_stream_unref(speed_http_stream_t *s)
     speed_free(s);
 }
 
-void speed_http_stream_ref(speed_http_stream_t *s)
-{
-    atomic_fetch_add_explicit(&s->refs, 1, memory_order_relaxed);
-}
+void speed_http_stream_ref(speed_http_stream_t *s) { atomic_fetch_add_explicit(&s->refs, 1, memory_order_relaxed); }
 
 /* Resumes the connection if we suspended it. Caller holds s->lock. */
-void speed_http_stream_wake_locked(speed_http_stream_t *s)
-{
+void speed_http_stream_wake_locked(speed_http_stream_t *s) {
     if (!s->suspended) return;
     s->suspended = false;
     MHD_resume_connection(s->conn);
 }
 
 /* MHD's content reader: hands out pending bytes, or suspends until there are some. */
-ssize_t speed_http_stream_reader(void *cls, uint64_t pos, char *out, size_t max)
-{
+ssize_t speed_http_stream_reader(void *cls, uint64_t pos, char *out, size_t max) {
     speed_http_stream_t *s = cls;
     (void)pos;
     ssize_t n;
@@ -64,37 +58,34 @@ ssize_t speed_http_stream_reader(void *cls, uint64_t pos, char *out, size_t max)
     return n;
 }
 
-void speed_http_stream_response_free(void *cls)
-{
-    speed_http_stream_unref(cls);
-}
+void speed_http_stream_response_free(void *cls) { speed_http_stream_unref(cls); }
 
-speed_status_t speed_http_stream_set_status(speed_http_stream_t *stream, unsigned status)
-{
+speed_status_t speed_http_stream_set_status(speed_http_stream_t *stream, unsigned status) {
     if (!stream || status < 100 || status > 599) return SPEED_ERR_INVALID_ARGUMENT;
     speed_status_t st = SPEED_OK;
     pthread_mutex_lock(&stream->lock);
-    if (stream->committed) st = SPEED_ERR_INVALID_ARGUMENT;
-    else stream->status = status;
+    if (stream->committed)
+        st = SPEED_ERR_INVALID_ARGUMENT;
+    else
+        stream->status = status;
     pthread_mutex_unlock(&stream->lock);
     return st;
 }
 
-speed_status_t speed_http_stream_add_header(speed_http_stream_t *stream, const char *name,
-                                            const char *value)
-{
+speed_status_t speed_http_stream_add_header(speed_http_stream_t *stream, const char *name, const char *value) {
     if (!stream) return SPEED_ERR_INVALID_ARGUMENT;
     speed_status_t st;
     pthread_mutex_lock(&stream->lock);
-    if (stream->committed) st = SPEED_ERR_INVALID_ARGUMENT;
-    else st = speed_http_header_push(&stream->headers, name, value);
+    if (stream->committed)
+        st = SPEED_ERR_INVALID_ARGUMENT;
+    else
+        st = speed_http_header_push(&stream->headers, name, value);
     pthread_mutex_unlock(&stream->lock);
     return st;
 }
 
 /* Appends bytes to the pending buffer. Caller holds s->lock. */
-static speed_status_t stream_append_locked(speed_http_stream_t *s, const void *data, size_t len)
-{
+static speed_status_t stream_append_locked(speed_http_stream_t *s, const void *data, size_t len) {
     if (s->closed) return SPEED_ERR_INVALID_ARGUMENT;
     if (s->finished || s->stopping) return SPEED_ERR_CANCELLED;
     if (s->len + len > s->cap) {
@@ -119,8 +110,7 @@ static speed_status_t stream_append_locked(speed_http_stream_t *s, const void *d
 
 /* Appends in one step (an SSE event is never split between two wake-ups of the reader, and
  * never half-written on allocation failure), commits and wakes the connection. */
-static speed_status_t stream_append(speed_http_stream_t *s, const void *data, size_t len)
-{
+static speed_status_t stream_append(speed_http_stream_t *s, const void *data, size_t len) {
     pthread_mutex_lock(&s->lock);
     speed_status_t st = stream_append_locked(s, data, len);
     if (st == SPEED_OK) {
@@ -142,10 +132,8 @@ static speed_status_t stream_append(speed_http_stream_t *s, const void *data, si
  * ("after close") instead of CANCELLED. test_disconnect_races hit this when writers wrote
  * flat out. A callback runs only after the request is over (no connection to wake, nothing
  * left to read), so closing a little later changes nothing on the wire. */
-static speed_status_t stream_close_locked(speed_http_stream_t *s, speed_status_t st)
-{
-    while (s->cb_running && !pthread_equal(s->cb_thread, pthread_self()))
-        pthread_cond_wait(&s->cond, &s->lock);
+static speed_status_t stream_close_locked(speed_http_stream_t *s, speed_status_t st) {
+    while (s->cb_running && !pthread_equal(s->cb_thread, pthread_self())) pthread_cond_wait(&s->cond, &s->lock);
     SPEED_ASSERT(!s->closed); /* closing twice: the reference is already gone */
     s->closed = true;
     s->committed = true;
@@ -156,16 +144,12 @@ static speed_status_t stream_close_locked(speed_http_stream_t *s, speed_status_t
     return st;
 }
 
-speed_status_t speed_http_stream_write(speed_http_stream_t *stream, const void *data,
-                                       size_t len)
-{
+speed_status_t speed_http_stream_write(speed_http_stream_t *stream, const void *data, size_t len) {
     if (!stream || (!data && len)) return SPEED_ERR_INVALID_ARGUMENT;
     return stream_append(stream, data, len);
 }
 
-speed_status_t speed_http_stream_write_sse(speed_http_stream_t *stream, const char *event,
-                                           const char *data)
-{
+speed_status_t speed_http_stream_write_sse(speed_http_stream_t *stream, const char *event, const char *data) {
     if (!stream || !data || (event && !speed_http_header_text_ok(event))) return SPEED_ERR_INVALID_ARGUMENT;
     /* event line + per data line "data: " + line + "\n", + final "\n" */
     size_t n_lines = 1;
@@ -194,8 +178,7 @@ speed_status_t speed_http_stream_write_sse(speed_http_stream_t *stream, const ch
     return st;
 }
 
-size_t speed_http_stream_pending(speed_http_stream_t *stream)
-{
+size_t speed_http_stream_pending(speed_http_stream_t *stream) {
     if (!stream) return 0;
     pthread_mutex_lock(&stream->lock);
     size_t n = stream->len - stream->head;
@@ -203,8 +186,7 @@ size_t speed_http_stream_pending(speed_http_stream_t *stream)
     return n;
 }
 
-bool speed_http_stream_is_cancelled(speed_http_stream_t *stream)
-{
+bool speed_http_stream_is_cancelled(speed_http_stream_t *stream) {
     if (!stream) return false;
     pthread_mutex_lock(&stream->lock);
     bool c = stream->cancelled || stream->stopping;
@@ -212,25 +194,21 @@ bool speed_http_stream_is_cancelled(speed_http_stream_t *stream)
     return c;
 }
 
-speed_status_t speed_http_stream_close(speed_http_stream_t *stream)
-{
+speed_status_t speed_http_stream_close(speed_http_stream_t *stream) {
     if (!stream) return SPEED_OK;
     pthread_mutex_lock(&stream->lock);
     return stream_close_locked(stream, SPEED_OK);
 }
 
-speed_status_t speed_http_stream_respond(speed_http_stream_t *stream, unsigned status,
-                                         const char *content_type, const void *body,
-                                         size_t body_len)
-{
+speed_status_t speed_http_stream_respond(speed_http_stream_t *stream, unsigned status, const char *content_type,
+                                         const void *body, size_t body_len) {
     if (!stream) return SPEED_ERR_INVALID_ARGUMENT;
     speed_status_t st = SPEED_OK;
     char *ct = NULL;
     if (status < 100 || status > 599 || (!body && body_len) ||
         (content_type && !speed_http_header_text_ok(content_type)))
         st = SPEED_ERR_INVALID_ARGUMENT;
-    if (st == SPEED_OK && content_type && !(ct = speed_strdup(content_type)))
-        st = SPEED_ERR_NO_MEMORY;
+    if (st == SPEED_OK && content_type && !(ct = speed_strdup(content_type))) st = SPEED_ERR_NO_MEMORY;
     pthread_mutex_lock(&stream->lock);
     if (st == SPEED_OK && stream->committed) st = SPEED_ERR_INVALID_ARGUMENT;
     if (st == SPEED_OK) st = stream_append_locked(stream, body, body_len);

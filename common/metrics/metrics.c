@@ -20,9 +20,9 @@ typedef struct family family_t;
 /* Every child type starts with this header, so families can keep one list of children. */
 typedef struct {
     family_t *family;
-    bool is_family;     /* the registration handle of a labelled family: not a series */
-    uint64_t hash;      /* of the label values, to skip most string compares */
-    char **values;      /* [n_labels], owned */
+    bool is_family; /* the registration handle of a labelled family: not a series */
+    uint64_t hash;  /* of the label values, to skip most string compares */
+    char **values;  /* [n_labels], owned */
 } child_hdr_t;
 
 /* Doubles are kept as their bit patterns in 64-bit atomics (C11 has no atomic double
@@ -46,23 +46,23 @@ struct speed_histogram {
 struct family {
     kind_t kind;
     char *name;
-    char *help;                 /* NULL: no HELP line */
-    char **label_names;         /* [n_labels] */
+    char *help;         /* NULL: no HELP line */
+    char **label_names; /* [n_labels] */
     size_t n_labels;
-    double *buckets;            /* [n_buckets], histograms only */
+    double *buckets; /* [n_buckets], histograms only */
     size_t n_buckets;
-    speed_gauge_cb_t cb;        /* callback gauges only */
+    speed_gauge_cb_t cb; /* callback gauges only */
     void *cb_user;
 
-    pthread_mutex_t lock;       /* guards children / n_children / cap_children */
+    pthread_mutex_t lock; /* guards children / n_children / cap_children */
     child_hdr_t **children;
     size_t n_children;
     size_t cap_children;
-    child_hdr_t *handle;        /* what registration returned */
+    child_hdr_t *handle; /* what registration returned */
 };
 
 struct speed_metrics {
-    pthread_mutex_t lock;       /* guards families; held while rendering */
+    pthread_mutex_t lock; /* guards families; held while rendering */
     family_t **families;
     size_t n_families;
     size_t cap_families;
@@ -71,52 +71,44 @@ struct speed_metrics {
 static const double latency_buckets[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                                          0.5,   1.0,    2.5,   5.0,  10.0,  30.0, 60.0};
 
-const double *speed_histogram_latency_buckets(size_t *n_p)
-{
+const double *speed_histogram_latency_buckets(size_t *n_p) {
     if (n_p) *n_p = sizeof(latency_buckets) / sizeof(latency_buckets[0]);
     return latency_buckets;
 }
 
 /* ---- atomic doubles ------------------------------------------------------------------- */
 
-static uint64_t dbl_bits(double v)
-{
+static uint64_t dbl_bits(double v) {
     uint64_t b;
     memcpy(&b, &v, sizeof(b));
     return b;
 }
 
-static double bits_dbl(uint64_t b)
-{
+static double bits_dbl(uint64_t b) {
     double v;
     memcpy(&v, &b, sizeof(v));
     return v;
 }
 
-static void atomic_dbl_add(_Atomic uint64_t *p, double v)
-{
+static void atomic_dbl_add(_Atomic uint64_t *p, double v) {
     uint64_t old = atomic_load_explicit(p, memory_order_relaxed);
-    while (!atomic_compare_exchange_weak_explicit(p, &old, dbl_bits(bits_dbl(old) + v),
-                                                  memory_order_relaxed, memory_order_relaxed)) {
-    }
+    while (!atomic_compare_exchange_weak_explicit(p, &old, dbl_bits(bits_dbl(old) + v), memory_order_relaxed,
+                                                  memory_order_relaxed)) {}
 }
 
 /* ---- names ---------------------------------------------------------------------------- */
 
-int speed_metrics_name_is_valid(const char *name)
-{
+int speed_metrics_name_is_valid(const char *name) {
     if (!name || !*name) return 0;
     for (const char *c = name; *c; c++) {
-        bool alpha = (*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') || *c == '_' ||
-                     *c == ':';
+        bool alpha = (*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') || *c == '_' || *c == ':';
         bool digit = *c >= '0' && *c <= '9';
         if (!alpha && !(digit && c != name)) return 0;
     }
     return 1;
 }
 
-int speed_metrics_label_name_is_valid(const char *name)
-{
+int speed_metrics_label_name_is_valid(const char *name) {
     if (!name || !*name || strncmp(name, "__", 2) == 0) return 0;
     for (const char *c = name; *c; c++) {
         bool alpha = (*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') || *c == '_';
@@ -126,31 +118,38 @@ int speed_metrics_label_name_is_valid(const char *name)
     return 1;
 }
 
-static bool ends_with(const char *s, const char *suffix)
-{
+static bool ends_with(const char *s, const char *suffix) {
     size_t n = strlen(s), m = strlen(suffix);
     return n >= m && strcmp(s + n - m, suffix) == 0;
 }
 
 /* Strict UTF-8: no overlongs, no surrogates, nothing above U+10FFFF. */
-static bool utf8_is_valid(const char *str)
-{
+static bool utf8_is_valid(const char *str) {
     const unsigned char *s = (const unsigned char *)str;
     while (*s) {
         unsigned c = *s;
         size_t n;
         unsigned cp;
-        if (c < 0x80) { s++; continue; }
-        if (c >= 0xC2 && c <= 0xDF) { n = 1; cp = c & 0x1F; }
-        else if (c >= 0xE0 && c <= 0xEF) { n = 2; cp = c & 0x0F; }
-        else if (c >= 0xF0 && c <= 0xF4) { n = 3; cp = c & 0x07; }
-        else return false;
+        if (c < 0x80) {
+            s++;
+            continue;
+        }
+        if (c >= 0xC2 && c <= 0xDF) {
+            n = 1;
+            cp = c & 0x1F;
+        } else if (c >= 0xE0 && c <= 0xEF) {
+            n = 2;
+            cp = c & 0x0F;
+        } else if (c >= 0xF0 && c <= 0xF4) {
+            n = 3;
+            cp = c & 0x07;
+        } else
+            return false;
         for (size_t i = 1; i <= n; i++) {
             if ((s[i] & 0xC0) != 0x80) return false;
             cp = (cp << 6) | (s[i] & 0x3F);
         }
-        if ((n == 2 && cp < 0x800) || (n == 3 && (cp < 0x10000 || cp > 0x10FFFF)) ||
-            (cp >= 0xD800 && cp <= 0xDFFF))
+        if ((n == 2 && cp < 0x800) || (n == 3 && (cp < 0x10000 || cp > 0x10FFFF)) || (cp >= 0xD800 && cp <= 0xDFFF))
             return false;
         s += n + 1;
     }
@@ -159,12 +158,14 @@ static bool utf8_is_valid(const char *str)
 
 /* ---- value formatting ----------------------------------------------------------------- */
 
-size_t speed_metrics_format_value(double v, char *buf, size_t cap)
-{
+size_t speed_metrics_format_value(double v, char *buf, size_t cap) {
     int n;
-    if (isnan(v)) n = snprintf(buf, cap, "NaN");
-    else if (isinf(v)) n = snprintf(buf, cap, v > 0 ? "+Inf" : "-Inf");
-    else if (v == trunc(v) && fabs(v) < 1e15) n = snprintf(buf, cap, "%.0f", v);
+    if (isnan(v))
+        n = snprintf(buf, cap, "NaN");
+    else if (isinf(v))
+        n = snprintf(buf, cap, v > 0 ? "+Inf" : "-Inf");
+    else if (v == trunc(v) && fabs(v) < 1e15)
+        n = snprintf(buf, cap, "%.0f", v);
     else {
         /* Shortest decimal that reads back as the same double. */
         n = 0;
@@ -179,8 +180,7 @@ size_t speed_metrics_format_value(double v, char *buf, size_t cap)
 
 /* ---- families ------------------------------------------------------------------------- */
 
-static void child_free(child_hdr_t *c, size_t n_labels)
-{
+static void child_free(child_hdr_t *c, size_t n_labels) {
     if (!c) return;
     if (c->values) {
         for (size_t i = 0; i < n_labels; i++) speed_free(c->values[i]);
@@ -189,8 +189,7 @@ static void child_free(child_hdr_t *c, size_t n_labels)
     speed_free(c);
 }
 
-static void family_free(family_t *f)
-{
+static void family_free(family_t *f) {
     if (!f) return;
     /* An unlabelled family's handle is also children[0]: free it once. */
     if (f->handle && f->handle->is_family) child_free(f->handle, f->n_labels);
@@ -207,8 +206,7 @@ static void family_free(family_t *f)
     speed_free(f);
 }
 
-static size_t child_size(const family_t *f)
-{
+static size_t child_size(const family_t *f) {
     switch (f->kind) {
     case KIND_COUNTER: return sizeof(speed_counter_t);
     case KIND_GAUGE: return sizeof(speed_gauge_t);
@@ -217,8 +215,7 @@ static size_t child_size(const family_t *f)
     return 0;
 }
 
-static uint64_t values_hash(const char *const *values, size_t n)
-{
+static uint64_t values_hash(const char *const *values, size_t n) {
     uint64_t h = 1469598103934665603ull;
     for (size_t i = 0; i < n; i++) {
         for (const unsigned char *c = (const unsigned char *)values[i]; *c; c++) {
@@ -232,8 +229,7 @@ static uint64_t values_hash(const char *const *values, size_t n)
 }
 
 /* Allocates a zeroed child with copied values (values may be NULL for n_labels == 0). */
-static child_hdr_t *child_new(family_t *f, const char *const *values, bool is_family)
-{
+static child_hdr_t *child_new(family_t *f, const char *const *values, bool is_family) {
     child_hdr_t *c = speed_calloc(1, child_size(f));
     if (!c) return NULL;
     c->family = f;
@@ -265,8 +261,7 @@ fail:
 }
 
 /* Appends a child; caller holds f->lock (or owns f exclusively). */
-static speed_status_t family_push_child(family_t *f, child_hdr_t *c)
-{
+static speed_status_t family_push_child(family_t *f, child_hdr_t *c) {
     if (f->n_children == f->cap_children) {
         size_t cap = f->cap_children ? 2 * f->cap_children : 4;
         child_hdr_t **grown = speed_realloc(f->children, cap * sizeof(*grown));
@@ -279,8 +274,7 @@ static speed_status_t family_push_child(family_t *f, child_hdr_t *c)
 }
 
 /* The sample names a family writes; returns how many (at most 4). */
-static size_t sample_names(kind_t kind, const char *name, char out[4][256])
-{
+static size_t sample_names(kind_t kind, const char *name, char out[4][256]) {
     snprintf(out[0], 256, "%s", name);
     if (kind != KIND_HISTOGRAM) return 1;
     snprintf(out[1], 256, "%s_bucket", name);
@@ -289,12 +283,9 @@ static size_t sample_names(kind_t kind, const char *name, char out[4][256])
     return 4;
 }
 
-static speed_status_t register_family(speed_metrics_t *m, kind_t kind, const char *name,
-                                      const char *help, const char *const *label_names,
-                                      size_t n_labels, const double *buckets,
-                                      size_t n_buckets, speed_gauge_cb_t cb, void *cb_user,
-                                      child_hdr_t **handle_p)
-{
+static speed_status_t register_family(speed_metrics_t *m, kind_t kind, const char *name, const char *help,
+                                      const char *const *label_names, size_t n_labels, const double *buckets,
+                                      size_t n_buckets, speed_gauge_cb_t cb, void *cb_user, child_hdr_t **handle_p) {
     if (!m || !name) return SPEED_ERR_INVALID_ARGUMENT;
     if (!speed_metrics_name_is_valid(name) || strlen(name) > 200) {
         SPEED_ERROR(SPEED_SUBSYS_CORE, "metrics: invalid metric name \"%s\"", name);
@@ -317,8 +308,7 @@ static speed_status_t register_family(speed_metrics_t *m, kind_t kind, const cha
         }
         for (size_t j = 0; j < i; j++) {
             if (strcmp(label_names[i], label_names[j]) == 0) {
-                SPEED_ERROR(SPEED_SUBSYS_CORE, "metrics: %s: label \"%s\" given twice", name,
-                            label_names[i]);
+                SPEED_ERROR(SPEED_SUBSYS_CORE, "metrics: %s: label \"%s\" given twice", name, label_names[i]);
                 return SPEED_ERR_INVALID_ARGUMENT;
             }
         }
@@ -326,14 +316,12 @@ static speed_status_t register_family(speed_metrics_t *m, kind_t kind, const cha
     if (kind == KIND_HISTOGRAM) {
         if (!buckets && n_buckets == 0) buckets = speed_histogram_latency_buckets(&n_buckets);
         if (!buckets || n_buckets == 0 || n_buckets > SPEED_METRICS_MAX_BUCKETS) {
-            SPEED_ERROR(SPEED_SUBSYS_CORE, "metrics: %s: need 1..%d buckets", name,
-                        SPEED_METRICS_MAX_BUCKETS);
+            SPEED_ERROR(SPEED_SUBSYS_CORE, "metrics: %s: need 1..%d buckets", name, SPEED_METRICS_MAX_BUCKETS);
             return SPEED_ERR_INVALID_ARGUMENT;
         }
         for (size_t i = 0; i < n_buckets; i++) {
             if (!isfinite(buckets[i]) || (i && !(buckets[i] > buckets[i - 1]))) {
-                SPEED_ERROR(SPEED_SUBSYS_CORE,
-                            "metrics: %s: buckets must be finite and strictly increasing", name);
+                SPEED_ERROR(SPEED_SUBSYS_CORE, "metrics: %s: buckets must be finite and strictly increasing", name);
                 return SPEED_ERR_INVALID_ARGUMENT;
             }
         }
@@ -397,8 +385,7 @@ static speed_status_t register_family(speed_metrics_t *m, kind_t kind, const cha
     }
     if (status == SPEED_OK) m->families[m->n_families++] = f;
     pthread_mutex_unlock(&m->lock);
-    if (status == SPEED_ERR_FORMAT)
-        SPEED_ERROR(SPEED_SUBSYS_CORE, "metrics: %s: name already registered", name);
+    if (status == SPEED_ERR_FORMAT) SPEED_ERROR(SPEED_SUBSYS_CORE, "metrics: %s: name already registered", name);
     if (status != SPEED_OK) goto fail;
     *handle_p = f->handle;
     return SPEED_OK;
@@ -414,34 +401,26 @@ fail:
     return status;
 }
 
-speed_status_t speed_counter_register(speed_metrics_t *metrics, const char *name,
-                                      const char *help, const char *const *label_names,
-                                      size_t n_labels, speed_counter_t **counter_p)
-{
+speed_status_t speed_counter_register(speed_metrics_t *metrics, const char *name, const char *help,
+                                      const char *const *label_names, size_t n_labels, speed_counter_t **counter_p) {
     if (!counter_p) return SPEED_ERR_INVALID_ARGUMENT;
     child_hdr_t *h;
-    SPEED_CHECK(register_family(metrics, KIND_COUNTER, name, help, label_names, n_labels, NULL,
-                                0, NULL, NULL, &h));
+    SPEED_CHECK(register_family(metrics, KIND_COUNTER, name, help, label_names, n_labels, NULL, 0, NULL, NULL, &h));
     *counter_p = (speed_counter_t *)h;
     return SPEED_OK;
 }
 
-speed_status_t speed_gauge_register(speed_metrics_t *metrics, const char *name,
-                                    const char *help, const char *const *label_names,
-                                    size_t n_labels, speed_gauge_t **gauge_p)
-{
+speed_status_t speed_gauge_register(speed_metrics_t *metrics, const char *name, const char *help,
+                                    const char *const *label_names, size_t n_labels, speed_gauge_t **gauge_p) {
     if (!gauge_p) return SPEED_ERR_INVALID_ARGUMENT;
     child_hdr_t *h;
-    SPEED_CHECK(register_family(metrics, KIND_GAUGE, name, help, label_names, n_labels, NULL, 0,
-                                NULL, NULL, &h));
+    SPEED_CHECK(register_family(metrics, KIND_GAUGE, name, help, label_names, n_labels, NULL, 0, NULL, NULL, &h));
     *gauge_p = (speed_gauge_t *)h;
     return SPEED_OK;
 }
 
-speed_status_t speed_gauge_register_callback(speed_metrics_t *metrics, const char *name,
-                                             const char *help, speed_gauge_cb_t cb,
-                                             void *user, speed_gauge_t **gauge_p)
-{
+speed_status_t speed_gauge_register_callback(speed_metrics_t *metrics, const char *name, const char *help,
+                                             speed_gauge_cb_t cb, void *user, speed_gauge_t **gauge_p) {
     if (!cb) return SPEED_ERR_INVALID_ARGUMENT;
     child_hdr_t *h;
     SPEED_CHECK(register_family(metrics, KIND_GAUGE, name, help, NULL, 0, NULL, 0, cb, user, &h));
@@ -449,24 +428,20 @@ speed_status_t speed_gauge_register_callback(speed_metrics_t *metrics, const cha
     return SPEED_OK;
 }
 
-speed_status_t speed_histogram_register(speed_metrics_t *metrics, const char *name,
-                                        const char *help, const char *const *label_names,
-                                        size_t n_labels, const double *buckets,
-                                        size_t n_buckets, speed_histogram_t **histogram_p)
-{
+speed_status_t speed_histogram_register(speed_metrics_t *metrics, const char *name, const char *help,
+                                        const char *const *label_names, size_t n_labels, const double *buckets,
+                                        size_t n_buckets, speed_histogram_t **histogram_p) {
     if (!histogram_p) return SPEED_ERR_INVALID_ARGUMENT;
     child_hdr_t *h;
-    SPEED_CHECK(register_family(metrics, KIND_HISTOGRAM, name, help, label_names, n_labels,
-                                buckets, n_buckets, NULL, NULL, &h));
+    SPEED_CHECK(register_family(metrics, KIND_HISTOGRAM, name, help, label_names, n_labels, buckets, n_buckets, NULL,
+                                NULL, &h));
     *histogram_p = (speed_histogram_t *)h;
     return SPEED_OK;
 }
 
 /* ---- children ------------------------------------------------------------------------- */
 
-static speed_status_t family_child(child_hdr_t *handle, kind_t kind, const char *const *values,
-                                   child_hdr_t **child_p)
-{
+static speed_status_t family_child(child_hdr_t *handle, kind_t kind, const char *const *values, child_hdr_t **child_p) {
     if (!handle || !child_p) return SPEED_ERR_INVALID_ARGUMENT;
     family_t *f = handle->family;
     SPEED_ASSERT(f->kind == kind);
@@ -491,64 +466,52 @@ static speed_status_t family_child(child_hdr_t *handle, kind_t kind, const char 
     child_hdr_t *c = child_new(f, values, false);
     if (!c) status = SPEED_ERR_NO_MEMORY;
     if (status == SPEED_OK) status = family_push_child(f, c);
-    if (status == SPEED_OK) *child_p = c;
-    else child_free(c, f->n_labels);
+    if (status == SPEED_OK)
+        *child_p = c;
+    else
+        child_free(c, f->n_labels);
     pthread_mutex_unlock(&f->lock);
     return status;
 }
 
-speed_status_t speed_counter_labels(speed_counter_t *counter, const char *const *values,
-                                    speed_counter_t **child_p)
-{
-    return family_child(counter ? &counter->h : NULL, KIND_COUNTER, values,
-                        (child_hdr_t **)child_p);
+speed_status_t speed_counter_labels(speed_counter_t *counter, const char *const *values, speed_counter_t **child_p) {
+    return family_child(counter ? &counter->h : NULL, KIND_COUNTER, values, (child_hdr_t **)child_p);
 }
 
-speed_status_t speed_gauge_labels(speed_gauge_t *gauge, const char *const *values,
-                                  speed_gauge_t **child_p)
-{
+speed_status_t speed_gauge_labels(speed_gauge_t *gauge, const char *const *values, speed_gauge_t **child_p) {
     if (gauge && gauge->h.family->cb) return SPEED_ERR_INVALID_ARGUMENT;
     return family_child(gauge ? &gauge->h : NULL, KIND_GAUGE, values, (child_hdr_t **)child_p);
 }
 
 speed_status_t speed_histogram_labels(speed_histogram_t *histogram, const char *const *values,
-                                      speed_histogram_t **child_p)
-{
-    return family_child(histogram ? &histogram->h : NULL, KIND_HISTOGRAM, values,
-                        (child_hdr_t **)child_p);
+                                      speed_histogram_t **child_p) {
+    return family_child(histogram ? &histogram->h : NULL, KIND_HISTOGRAM, values, (child_hdr_t **)child_p);
 }
 
 /* ---- updates -------------------------------------------------------------------------- */
 
 #define ASSERT_SERIES(hdr, k) SPEED_ASSERT(!(hdr).is_family && (hdr).family->kind == (k))
 
-void speed_counter_inc(speed_counter_t *counter)
-{
-    speed_counter_add(counter, 1.0);
-}
+void speed_counter_inc(speed_counter_t *counter) { speed_counter_add(counter, 1.0); }
 
-void speed_counter_add(speed_counter_t *counter, double v)
-{
+void speed_counter_add(speed_counter_t *counter, double v) {
     ASSERT_SERIES(counter->h, KIND_COUNTER);
     if (!(v >= 0)) return; /* counters never go down; also drops NaN */
     atomic_dbl_add(&counter->bits, v);
 }
 
-double speed_counter_get(const speed_counter_t *counter)
-{
+double speed_counter_get(const speed_counter_t *counter) {
     ASSERT_SERIES(counter->h, KIND_COUNTER);
     return bits_dbl(atomic_load_explicit(&((speed_counter_t *)counter)->bits, memory_order_relaxed));
 }
 
-void speed_gauge_set(speed_gauge_t *gauge, double v)
-{
+void speed_gauge_set(speed_gauge_t *gauge, double v) {
     ASSERT_SERIES(gauge->h, KIND_GAUGE);
     SPEED_ASSERT(!gauge->h.family->cb);
     atomic_store_explicit(&gauge->bits, dbl_bits(v), memory_order_relaxed);
 }
 
-void speed_gauge_add(speed_gauge_t *gauge, double v)
-{
+void speed_gauge_add(speed_gauge_t *gauge, double v) {
     ASSERT_SERIES(gauge->h, KIND_GAUGE);
     SPEED_ASSERT(!gauge->h.family->cb);
     atomic_dbl_add(&gauge->bits, v);
@@ -557,15 +520,13 @@ void speed_gauge_add(speed_gauge_t *gauge, double v)
 void speed_gauge_inc(speed_gauge_t *gauge) { speed_gauge_add(gauge, 1.0); }
 void speed_gauge_dec(speed_gauge_t *gauge) { speed_gauge_add(gauge, -1.0); }
 
-double speed_gauge_get(const speed_gauge_t *gauge)
-{
+double speed_gauge_get(const speed_gauge_t *gauge) {
     ASSERT_SERIES(gauge->h, KIND_GAUGE);
     if (gauge->h.family->cb) return gauge->h.family->cb(gauge->h.family->cb_user);
     return bits_dbl(atomic_load_explicit(&((speed_gauge_t *)gauge)->bits, memory_order_relaxed));
 }
 
-void speed_histogram_observe(speed_histogram_t *histogram, double v)
-{
+void speed_histogram_observe(speed_histogram_t *histogram, double v) {
     ASSERT_SERIES(histogram->h, KIND_HISTOGRAM);
     if (isnan(v)) return;
     const family_t *f = histogram->h.family;
@@ -573,15 +534,16 @@ void speed_histogram_observe(speed_histogram_t *histogram, double v)
     size_t lo = 0, hi = f->n_buckets;
     while (lo < hi) {
         size_t mid = (lo + hi) / 2;
-        if (v <= f->buckets[mid]) hi = mid;
-        else lo = mid + 1;
+        if (v <= f->buckets[mid])
+            hi = mid;
+        else
+            lo = mid + 1;
     }
     atomic_fetch_add_explicit(&histogram->counts[lo], 1, memory_order_relaxed);
     atomic_dbl_add(&histogram->sum_bits, v);
 }
 
-void speed_histogram_get(const speed_histogram_t *histogram, uint64_t *count_p, double *sum_p)
-{
+void speed_histogram_get(const speed_histogram_t *histogram, uint64_t *count_p, double *sum_p) {
     ASSERT_SERIES(histogram->h, KIND_HISTOGRAM);
     speed_histogram_t *h = (speed_histogram_t *)histogram;
     if (count_p) {
@@ -602,8 +564,7 @@ typedef struct {
     bool oom;
 } sbuf_t;
 
-static void sb_put(sbuf_t *sb, const char *s, size_t n)
-{
+static void sb_put(sbuf_t *sb, const char *s, size_t n) {
     if (sb->oom) return;
     if (sb->len + n + 1 > sb->cap) {
         size_t cap = sb->cap ? sb->cap : 4096;
@@ -623,29 +584,29 @@ static void sb_put(sbuf_t *sb, const char *s, size_t n)
 
 static void sb_str(sbuf_t *sb, const char *s) { sb_put(sb, s, strlen(s)); }
 
-static void sb_value(sbuf_t *sb, double v)
-{
+static void sb_value(sbuf_t *sb, double v) {
     char tmp[64];
     size_t n = speed_metrics_format_value(v, tmp, sizeof(tmp));
     sb_put(sb, tmp, n);
 }
 
-static void sb_u64(sbuf_t *sb, uint64_t v)
-{
+static void sb_u64(sbuf_t *sb, uint64_t v) {
     char tmp[32];
     int n = snprintf(tmp, sizeof(tmp), "%llu", (unsigned long long)v);
     sb_put(sb, tmp, (size_t)n);
 }
 
 /* HELP text escapes \ and newline; label values also escape ". */
-static void sb_escaped(sbuf_t *sb, const char *s, bool quote)
-{
+static void sb_escaped(sbuf_t *sb, const char *s, bool quote) {
     const char *run = s;
     for (; *s; s++) {
         const char *rep = NULL;
-        if (*s == '\\') rep = "\\\\";
-        else if (*s == '\n') rep = "\\n";
-        else if (quote && *s == '"') rep = "\\\"";
+        if (*s == '\\')
+            rep = "\\\\";
+        else if (*s == '\n')
+            rep = "\\n";
+        else if (quote && *s == '"')
+            rep = "\\\"";
         if (!rep) continue;
         sb_put(sb, run, (size_t)(s - run));
         sb_str(sb, rep);
@@ -655,9 +616,7 @@ static void sb_escaped(sbuf_t *sb, const char *s, bool quote)
 }
 
 /* name{l1="v1",...[,le="x"]} */
-static void sb_series(sbuf_t *sb, const family_t *f, const char *suffix, const child_hdr_t *c,
-                      const char *le)
-{
+static void sb_series(sbuf_t *sb, const family_t *f, const char *suffix, const child_hdr_t *c, const char *le) {
     sb_str(sb, f->name);
     sb_str(sb, suffix);
     if (f->n_labels == 0 && !le) return;
@@ -678,8 +637,7 @@ static void sb_series(sbuf_t *sb, const family_t *f, const char *suffix, const c
     sb_str(sb, "}");
 }
 
-static void render_family(sbuf_t *sb, family_t *f)
-{
+static void render_family(sbuf_t *sb, family_t *f) {
     static const char *const type_names[] = {"counter", "gauge", "histogram"};
     if (f->help) {
         sb_str(sb, "# HELP ");
@@ -699,13 +657,12 @@ static void render_family(sbuf_t *sb, family_t *f)
         child_hdr_t *c = f->children[i];
         if (f->kind == KIND_COUNTER || f->kind == KIND_GAUGE) {
             double v;
-            if (f->cb) v = f->cb(f->cb_user);
+            if (f->cb)
+                v = f->cb(f->cb_user);
             else if (f->kind == KIND_COUNTER)
-                v = bits_dbl(atomic_load_explicit(&((speed_counter_t *)c)->bits,
-                                                  memory_order_relaxed));
+                v = bits_dbl(atomic_load_explicit(&((speed_counter_t *)c)->bits, memory_order_relaxed));
             else
-                v = bits_dbl(atomic_load_explicit(&((speed_gauge_t *)c)->bits,
-                                                  memory_order_relaxed));
+                v = bits_dbl(atomic_load_explicit(&((speed_gauge_t *)c)->bits, memory_order_relaxed));
             sb_series(sb, f, "", c, NULL);
             sb_str(sb, " ");
             sb_value(sb, v);
@@ -717,8 +674,10 @@ static void render_family(sbuf_t *sb, family_t *f)
         char le[64];
         for (size_t b = 0; b <= f->n_buckets; b++) {
             cumulative += atomic_load_explicit(&h->counts[b], memory_order_relaxed);
-            if (b < f->n_buckets) speed_metrics_format_value(f->buckets[b], le, sizeof(le));
-            else snprintf(le, sizeof(le), "+Inf");
+            if (b < f->n_buckets)
+                speed_metrics_format_value(f->buckets[b], le, sizeof(le));
+            else
+                snprintf(le, sizeof(le), "+Inf");
             sb_series(sb, f, "_bucket", c, le);
             sb_str(sb, " ");
             sb_u64(sb, cumulative);
@@ -736,8 +695,7 @@ static void render_family(sbuf_t *sb, family_t *f)
     pthread_mutex_unlock(&f->lock);
 }
 
-speed_status_t speed_metrics_render(speed_metrics_t *metrics, char **text_p, size_t *len_p)
-{
+speed_status_t speed_metrics_render(speed_metrics_t *metrics, char **text_p, size_t *len_p) {
     if (!metrics || !text_p) return SPEED_ERR_INVALID_ARGUMENT;
     sbuf_t sb = {0};
     sb_put(&sb, "", 0); /* an empty registry still yields "" */
@@ -755,8 +713,7 @@ speed_status_t speed_metrics_render(speed_metrics_t *metrics, char **text_p, siz
 
 /* ---- registry lifecycle --------------------------------------------------------------- */
 
-speed_status_t speed_metrics_create(speed_metrics_t **metrics_p)
-{
+speed_status_t speed_metrics_create(speed_metrics_t **metrics_p) {
     if (!metrics_p) return SPEED_ERR_INVALID_ARGUMENT;
     speed_metrics_t *m = speed_calloc(1, sizeof(*m));
     if (!m) return SPEED_ERR_NO_MEMORY;
@@ -765,8 +722,7 @@ speed_status_t speed_metrics_create(speed_metrics_t **metrics_p)
     return SPEED_OK;
 }
 
-void speed_metrics_destroy(speed_metrics_t *metrics)
-{
+void speed_metrics_destroy(speed_metrics_t *metrics) {
     if (!metrics) return;
     for (size_t i = 0; i < metrics->n_families; i++) family_free(metrics->families[i]);
     speed_free(metrics->families);

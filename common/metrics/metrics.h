@@ -55,7 +55,7 @@ typedef struct speed_histogram speed_histogram_t;
 typedef double (*speed_gauge_cb_t)(void *user);
 
 /* Most label names a family may have. */
-#define SPEED_METRICS_MAX_LABELS 8
+#define SPEED_METRICS_MAX_LABELS  8
 /* Most buckets (not counting +Inf) a histogram may have. */
 #define SPEED_METRICS_MAX_BUCKETS 64
 
@@ -85,26 +85,22 @@ speed_status_t speed_metrics_render(speed_metrics_t *metrics, char **text_p, siz
  *   SPEED_ERR_NO_MEMORY
  * On error nothing is registered and *x_p is untouched. Errors are logged (SPEED_SUBSYS_CORE).
  */
-speed_status_t speed_counter_register(speed_metrics_t *metrics, const char *name,
-                                      const char *help, const char *const *label_names,
-                                      size_t n_labels, speed_counter_t **counter_p);
+speed_status_t speed_counter_register(speed_metrics_t *metrics, const char *name, const char *help,
+                                      const char *const *label_names, size_t n_labels, speed_counter_t **counter_p);
 
-speed_status_t speed_gauge_register(speed_metrics_t *metrics, const char *name,
-                                    const char *help, const char *const *label_names,
-                                    size_t n_labels, speed_gauge_t **gauge_p);
+speed_status_t speed_gauge_register(speed_metrics_t *metrics, const char *name, const char *help,
+                                    const char *const *label_names, size_t n_labels, speed_gauge_t **gauge_p);
 
 /* A gauge without labels whose value is cb(user) at every render. The handle (gauge_p may
  * be NULL if not needed) can only be read with speed_gauge_get (which calls cb). */
-speed_status_t speed_gauge_register_callback(speed_metrics_t *metrics, const char *name,
-                                             const char *help, speed_gauge_cb_t cb,
-                                             void *user, speed_gauge_t **gauge_p);
+speed_status_t speed_gauge_register_callback(speed_metrics_t *metrics, const char *name, const char *help,
+                                             speed_gauge_cb_t cb, void *user, speed_gauge_t **gauge_p);
 
 /* `buckets`: n_buckets finite upper bounds, strictly increasing (the +Inf bucket is
  * implicit and must not be listed). buckets == NULL with n_buckets == 0 selects
  * speed_histogram_latency_buckets(). */
-speed_status_t speed_histogram_register(speed_metrics_t *metrics, const char *name,
-                                        const char *help, const char *const *label_names,
-                                        size_t n_labels, const double *buckets,
+speed_status_t speed_histogram_register(speed_metrics_t *metrics, const char *name, const char *help,
+                                        const char *const *label_names, size_t n_labels, const double *buckets,
                                         size_t n_buckets, speed_histogram_t **histogram_p);
 
 /* Default latency buckets, in seconds, for request-scale latencies from 1 ms to 60 s:
@@ -118,24 +114,22 @@ const double *speed_histogram_latency_buckets(size_t *n_p);
  *   SPEED_OK; SPEED_ERR_INVALID_ARGUMENT (NULL pointer, a value not valid UTF-8, or a
  *   family without labels); SPEED_ERR_NO_MEMORY (only when the child is new).
  */
-speed_status_t speed_counter_labels(speed_counter_t *counter, const char *const *values,
-                                    speed_counter_t **child_p);
-speed_status_t speed_gauge_labels(speed_gauge_t *gauge, const char *const *values,
-                                  speed_gauge_t **child_p);
+speed_status_t speed_counter_labels(speed_counter_t *counter, const char *const *values, speed_counter_t **child_p);
+speed_status_t speed_gauge_labels(speed_gauge_t *gauge, const char *const *values, speed_gauge_t **child_p);
 speed_status_t speed_histogram_labels(speed_histogram_t *histogram, const char *const *values,
                                       speed_histogram_t **child_p);
 
 /* ---- updates (hot path: atomics, no locks, no allocation) -------------------------------
  * The handle must be a child (or an unlabelled family). Callback gauges cannot be updated.
  */
-void speed_counter_inc(speed_counter_t *counter);                   /* += 1 */
-void speed_counter_add(speed_counter_t *counter, double v);         /* v >= 0, else ignored */
+void speed_counter_inc(speed_counter_t *counter);           /* += 1 */
+void speed_counter_add(speed_counter_t *counter, double v); /* v >= 0, else ignored */
 double speed_counter_get(const speed_counter_t *counter);
 
 void speed_gauge_set(speed_gauge_t *gauge, double v);
-void speed_gauge_inc(speed_gauge_t *gauge);                         /* += 1 */
-void speed_gauge_dec(speed_gauge_t *gauge);                         /* -= 1 */
-void speed_gauge_add(speed_gauge_t *gauge, double v);               /* v may be negative */
+void speed_gauge_inc(speed_gauge_t *gauge);           /* += 1 */
+void speed_gauge_dec(speed_gauge_t *gauge);           /* -= 1 */
+void speed_gauge_add(speed_gauge_t *gauge, double v); /* v may be negative */
 double speed_gauge_get(const speed_gauge_t *gauge);
 
 void speed_histogram_observe(speed_histogram_t *histogram, double v); /* NaN is ignored */

@@ -49,23 +49,23 @@
 
 /* gRPC status codes (numerically equal to grpc_status_code). */
 typedef enum {
-    SPEED_RPC_OK                  = 0,
-    SPEED_RPC_CANCELLED           = 1,
-    SPEED_RPC_UNKNOWN             = 2,
-    SPEED_RPC_INVALID_ARGUMENT    = 3,
-    SPEED_RPC_DEADLINE_EXCEEDED   = 4,
-    SPEED_RPC_NOT_FOUND           = 5,
-    SPEED_RPC_ALREADY_EXISTS      = 6,
-    SPEED_RPC_PERMISSION_DENIED   = 7,
-    SPEED_RPC_RESOURCE_EXHAUSTED  = 8,
+    SPEED_RPC_OK = 0,
+    SPEED_RPC_CANCELLED = 1,
+    SPEED_RPC_UNKNOWN = 2,
+    SPEED_RPC_INVALID_ARGUMENT = 3,
+    SPEED_RPC_DEADLINE_EXCEEDED = 4,
+    SPEED_RPC_NOT_FOUND = 5,
+    SPEED_RPC_ALREADY_EXISTS = 6,
+    SPEED_RPC_PERMISSION_DENIED = 7,
+    SPEED_RPC_RESOURCE_EXHAUSTED = 8,
     SPEED_RPC_FAILED_PRECONDITION = 9,
-    SPEED_RPC_ABORTED             = 10,
-    SPEED_RPC_OUT_OF_RANGE        = 11,
-    SPEED_RPC_UNIMPLEMENTED       = 12,
-    SPEED_RPC_INTERNAL            = 13,
-    SPEED_RPC_UNAVAILABLE         = 14,
-    SPEED_RPC_DATA_LOSS           = 15,
-    SPEED_RPC_UNAUTHENTICATED     = 16,
+    SPEED_RPC_ABORTED = 10,
+    SPEED_RPC_OUT_OF_RANGE = 11,
+    SPEED_RPC_UNIMPLEMENTED = 12,
+    SPEED_RPC_INTERNAL = 13,
+    SPEED_RPC_UNAVAILABLE = 14,
+    SPEED_RPC_DATA_LOSS = 15,
+    SPEED_RPC_UNAUTHENTICATED = 16,
 } speed_rpc_code_t;
 
 /* speed_status_t → gRPC code, for servers:
@@ -95,16 +95,16 @@ const char *speed_rpc_code_name(int code);
  * Server */
 
 typedef struct speed_rpc_server speed_rpc_server_t;
-typedef struct speed_rpc_call speed_rpc_call_t;   /* one incoming call, server side */
+typedef struct speed_rpc_call speed_rpc_call_t; /* one incoming call, server side */
 
 typedef enum {
-    SPEED_RPC_UNARY  = 0,   /* one request → one reply */
-    SPEED_RPC_STREAM = 1,   /* one request → zero or more messages → status */
+    SPEED_RPC_UNARY = 0,  /* one request → one reply */
+    SPEED_RPC_STREAM = 1, /* one request → zero or more messages → status */
 } speed_rpc_kind_t;
 
 typedef struct {
-    const char *address;        /* "host:port"; port 0 = any free port. Default "127.0.0.1:0" */
-    size_t max_message_bytes;   /* limit for received and sent messages; 0 = default (64 MiB) */
+    const char *address;      /* "host:port"; port 0 = any free port. Default "127.0.0.1:0" */
+    size_t max_message_bytes; /* limit for received and sent messages; 0 = default (64 MiB) */
 } speed_rpc_server_params_t;
 
 speed_rpc_server_params_t speed_rpc_server_default_params(void);
@@ -114,8 +114,7 @@ speed_rpc_server_params_t speed_rpc_server_default_params(void);
  * valid only during the callback: copy or unpack it. The handler owns a reference to `call`
  * until it calls a terminal function (possibly from another thread, possibly inside this
  * callback). */
-typedef void (*speed_rpc_handler_cb_t)(void *user, speed_rpc_call_t *call,
-                                       const uint8_t *request, size_t len);
+typedef void (*speed_rpc_handler_cb_t)(void *user, speed_rpc_call_t *call, const uint8_t *request, size_t len);
 
 /* The call was cancelled before the handler completed it: the client cancelled or went
  * away, its deadline passed, or the server is shutting down. Runs once, on the server's
@@ -128,15 +127,13 @@ typedef void (*speed_rpc_cancel_cb_t)(void *user, speed_rpc_call_t *call);
  * Returns SPEED_OK and *server_p; SPEED_ERR_INVALID_ARGUMENT (NULL arguments, no address);
  * SPEED_ERR_IO when the address cannot be bound (in use, bad host); SPEED_ERR_NO_MEMORY.
  * Not thread-safe with respect to the same server until start. */
-speed_status_t speed_rpc_server_create(const speed_rpc_server_params_t *params,
-                                       speed_rpc_server_t **server_p);
+speed_status_t speed_rpc_server_create(const speed_rpc_server_params_t *params, speed_rpc_server_t **server_p);
 
 /* Register `path` (exactly as on the wire, e.g. "/speed.v1.Decode/Reserve"; copied). Only
  * before speed_rpc_server_start. Calls to paths not registered end with UNIMPLEMENTED.
  * Returns SPEED_OK; SPEED_ERR_INVALID_ARGUMENT (NULL, path not starting with '/', path
  * already registered, server already started); SPEED_ERR_NO_MEMORY. */
-speed_status_t speed_rpc_server_add_method(speed_rpc_server_t *server, const char *path,
-                                           speed_rpc_kind_t kind,
+speed_status_t speed_rpc_server_add_method(speed_rpc_server_t *server, const char *path, speed_rpc_kind_t kind,
                                            speed_rpc_handler_cb_t handler, void *user);
 
 /* Start accepting calls: starts the completion-queue thread.
@@ -183,8 +180,7 @@ void *speed_rpc_call_user(const speed_rpc_call_t *call);
  * SPEED_ERR_CANCELLED when the call is already cancelled, in which case the callback is not
  * installed and will never run (act on it directly). Guarantee: once a terminal function has
  * returned, the callback is not running and will not start. */
-speed_status_t speed_rpc_call_on_cancel(speed_rpc_call_t *call, speed_rpc_cancel_cb_t cb,
-                                        void *user);
+speed_status_t speed_rpc_call_on_cancel(speed_rpc_call_t *call, speed_rpc_cancel_cb_t cb, void *user);
 
 /* True once the call is cancelled (see speed_rpc_cancel_cb_t). Polling alternative to the
  * callback. */
@@ -213,12 +209,10 @@ size_t speed_rpc_call_queued(const speed_rpc_call_t *call);
  * (the client sees an empty reply). Terminal.
  * Returns SPEED_OK; SPEED_ERR_CANCELLED if the call was already cancelled (the call is
  * released anyway); SPEED_ERR_NO_MEMORY (the call is cancelled and released). */
-speed_status_t speed_rpc_call_finish(speed_rpc_call_t *call, speed_rpc_code_t code,
-                                     const char *message);
+speed_status_t speed_rpc_call_finish(speed_rpc_call_t *call, speed_rpc_code_t code, const char *message);
 
 /* speed_rpc_call_finish(call, speed_rpc_code_from_status(status), message). Terminal. */
-speed_status_t speed_rpc_call_fail(speed_rpc_call_t *call, speed_status_t status,
-                                   const char *message);
+speed_status_t speed_rpc_call_fail(speed_rpc_call_t *call, speed_status_t status, const char *message);
 
 /* ---------------------------------------------------------------------------------------
  * Client */
@@ -227,7 +221,7 @@ typedef struct speed_rpc_channel speed_rpc_channel_t;
 typedef struct speed_rpc_stream speed_rpc_stream_t;
 
 typedef struct {
-    size_t max_message_bytes;   /* 0 = default (64 MiB) */
+    size_t max_message_bytes; /* 0 = default (64 MiB) */
     /* false (default): a call to a server that cannot be reached fails at once with
      * UNAVAILABLE. true: calls wait (up to their deadline) for the server to come up. */
     bool wait_for_ready;
@@ -246,8 +240,7 @@ speed_rpc_channel_params_t speed_rpc_channel_default_params(void);
 /* A channel to `target` ("host:port"; connects lazily, reconnects on its own).
  * params may be NULL (defaults). Thread-safe: any number of threads may make calls on it.
  * Returns SPEED_OK; SPEED_ERR_INVALID_ARGUMENT; SPEED_ERR_NO_MEMORY. */
-speed_status_t speed_rpc_channel_create(const char *target,
-                                        const speed_rpc_channel_params_t *params,
+speed_status_t speed_rpc_channel_create(const char *target, const speed_rpc_channel_params_t *params,
                                         speed_rpc_channel_t **channel_p);
 
 /* Every call and stream made on the channel must be finished/closed first. NULL is a no-op. */
@@ -255,9 +248,9 @@ void speed_rpc_channel_destroy(speed_rpc_channel_t *channel);
 
 /* Outcome of a unary call. Release with speed_rpc_reply_cleanup. */
 typedef struct {
-    speed_rpc_code_t code;   /* gRPC status */
-    char *message;           /* status message, never NULL after a call ("" if none) */
-    uint8_t *data;           /* reply bytes (speed_malloc'd), NULL when len is 0 or on error */
+    speed_rpc_code_t code; /* gRPC status */
+    char *message;         /* status message, never NULL after a call ("" if none) */
+    uint8_t *data;         /* reply bytes (speed_malloc'd), NULL when len is 0 or on error */
     size_t len;
 } speed_rpc_reply_t;
 
@@ -271,37 +264,33 @@ void speed_rpc_reply_cleanup(speed_rpc_reply_t *reply);
  * (DEADLINE_EXCEEDED), SPEED_ERR_PEER_UNREACHABLE (UNAVAILABLE: no server), ... for a
  * status from the server or the transport; SPEED_ERR_INVALID_ARGUMENT for NULL arguments;
  * SPEED_ERR_NO_MEMORY. */
-speed_status_t speed_rpc_unary(speed_rpc_channel_t *channel, const char *method,
-                               const void *request, size_t len, int64_t timeout_ms,
-                               speed_rpc_reply_t *reply_p);
+speed_status_t speed_rpc_unary(speed_rpc_channel_t *channel, const char *method, const void *request, size_t len,
+                               int64_t timeout_ms, speed_rpc_reply_t *reply_p);
 
 /* Start a server-streaming call: sends the request and returns at once.
  * timeout_ms bounds the whole stream (<= 0: no deadline).
  * Returns SPEED_OK and *stream_p; SPEED_ERR_INVALID_ARGUMENT; SPEED_ERR_NO_MEMORY;
  * SPEED_ERR_INTERNAL if gRPC refuses the call. Errors from the server arrive through
  * speed_rpc_stream_next. */
-speed_status_t speed_rpc_stream_open(speed_rpc_channel_t *channel, const char *method,
-                                     const void *request, size_t len, int64_t timeout_ms,
-                                     speed_rpc_stream_t **stream_p);
+speed_status_t speed_rpc_stream_open(speed_rpc_channel_t *channel, const char *method, const void *request, size_t len,
+                                     int64_t timeout_ms, speed_rpc_stream_t **stream_p);
 
 typedef enum {
-    SPEED_RPC_NEXT_MESSAGE = 0,  /* *data_p and *len_p hold one message (caller frees with speed_free) */
-    SPEED_RPC_NEXT_END     = 1,  /* the stream is over; speed_rpc_stream_status tells how */
-    SPEED_RPC_NEXT_WAIT    = 2,  /* wait_ms passed without a message; call again */
+    SPEED_RPC_NEXT_MESSAGE = 0, /* *data_p and *len_p hold one message (caller frees with speed_free) */
+    SPEED_RPC_NEXT_END = 1,     /* the stream is over; speed_rpc_stream_status tells how */
+    SPEED_RPC_NEXT_WAIT = 2,    /* wait_ms passed without a message; call again */
 } speed_rpc_next_t;
 
 /* Wait up to wait_ms (< 0: until something happens) for the next message. One thread at a
  * time per stream. After END every further call returns END.
  * A message that cannot be copied (out of memory) cancels the stream: END, status
  * RESOURCE_EXHAUSTED. *data_p is NULL and *len_p 0 unless the result is MESSAGE. */
-speed_rpc_next_t speed_rpc_stream_next(speed_rpc_stream_t *stream, int64_t wait_ms,
-                                       uint8_t **data_p, size_t *len_p);
+speed_rpc_next_t speed_rpc_stream_next(speed_rpc_stream_t *stream, int64_t wait_ms, uint8_t **data_p, size_t *len_p);
 
 /* After END: the final status code (and, when message_p is non-NULL, its message, valid
  * until close). Before END: SPEED_RPC_UNKNOWN and "". Same thread as speed_rpc_stream_next.
  * speed_rpc_code_to_status maps it to a speed_status_t. */
-speed_rpc_code_t speed_rpc_stream_status(const speed_rpc_stream_t *stream,
-                                         const char **message_p);
+speed_rpc_code_t speed_rpc_stream_status(const speed_rpc_stream_t *stream, const char **message_p);
 
 /* Cancel the stream: the server's cancel callback runs and next() soon returns END with
  * CANCELLED (unless the stream had already ended). Callable from any thread, any number of

@@ -59,8 +59,7 @@ void speed_rpc_call_drop_queue_locked(speed_rpc_call_t *call) {
 /* True when gRPC's part of the call is over; the caller then runs speed_rpc_call_release_grpc after
  * unlocking. Sets gcall to NULL so that it happens once. */
 grpc_call *speed_rpc_call_take_grpc_if_done_locked(speed_rpc_call_t *call) {
-    if (!call->gcall || call->close_in_flight || call->send_in_flight || call->status_in_flight)
-        return NULL;
+    if (!call->gcall || call->close_in_flight || call->send_in_flight || call->status_in_flight) return NULL;
     if (!(call->status_done || call->peer_gone)) return NULL;
     grpc_call *g = call->gcall;
     call->gcall = NULL;
@@ -73,19 +72,21 @@ void speed_rpc_call_release_grpc(speed_rpc_call_t *call, grpc_call *g) {
     speed_rpc_server_t *srv = call->server;
     pthread_mutex_lock(&srv->lock);
     if (srv->shutting_down && !srv->closing && clean && !call->forced) srv->n_ended_in_drain++;
-    if (call->prev) call->prev->next = call->next;
-    else srv->live = call->next;
+    if (call->prev)
+        call->prev->next = call->next;
+    else
+        srv->live = call->next;
     if (call->next) call->next->prev = call->prev;
     call->prev = call->next = NULL;
     srv->n_live--;
-    if (call->active) {   /* the handler is late: the call stops counting as active now */
+    if (call->active) { /* the handler is late: the call stops counting as active now */
         call->active = false;
         srv->n_active--;
     }
     pthread_cond_broadcast(&srv->changed);
     pthread_mutex_unlock(&srv->lock);
     grpc_call_unref(g);
-    speed_rpc_call_unref(call);   /* gRPC's reference */
+    speed_rpc_call_unref(call); /* gRPC's reference */
 }
 
 static speed_status_t start_status_locked(speed_rpc_call_t *call) {
@@ -104,8 +105,7 @@ static speed_status_t start_status_locked(speed_rpc_call_t *call) {
     ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
     ops[n].data.send_status_from_server.trailing_metadata_count = 0;
     ops[n].data.send_status_from_server.status = (grpc_status_code)call->fin_code;
-    ops[n].data.send_status_from_server.status_details =
-        call->fin_details_set ? &call->fin_details : NULL;
+    ops[n].data.send_status_from_server.status_details = call->fin_details_set ? &call->fin_details : NULL;
     n++;
     call->status_started = true;
     call->status_due = false;
@@ -148,8 +148,7 @@ static speed_status_t start_send_locked(speed_rpc_call_t *call, grpc_byte_buffer
 }
 
 /* Record the final status; start it now, or after the message in flight. */
-speed_status_t speed_rpc_call_set_status_locked(speed_rpc_call_t *call, speed_rpc_code_t code,
-                                                const char *message) {
+speed_status_t speed_rpc_call_set_status_locked(speed_rpc_call_t *call, speed_rpc_code_t code, const char *message) {
     call->fin_code = code;
     if (call->fin_details_set) grpc_slice_unref(call->fin_details);
     call->fin_details = grpc_slice_from_copied_string(message ? message : "");
@@ -249,9 +248,7 @@ void speed_rpc_call_status_done(speed_rpc_call_t *call) {
 
 /* ---- public: calls -------------------------------------------------------------------- */
 
-const char *speed_rpc_call_method(const speed_rpc_call_t *call) {
-    return call ? call->method->path : "";
-}
+const char *speed_rpc_call_method(const speed_rpc_call_t *call) { return call ? call->method->path : ""; }
 
 void speed_rpc_call_set_user(speed_rpc_call_t *call, void *user) {
     pthread_mutex_lock(&call->lock);
@@ -267,8 +264,7 @@ void *speed_rpc_call_user(const speed_rpc_call_t *call) {
     return user;
 }
 
-speed_status_t speed_rpc_call_on_cancel(speed_rpc_call_t *call, speed_rpc_cancel_cb_t cb,
-                                        void *user) {
+speed_status_t speed_rpc_call_on_cancel(speed_rpc_call_t *call, speed_rpc_cancel_cb_t cb, void *user) {
     if (!call) return SPEED_ERR_INVALID_ARGUMENT;
     pthread_mutex_lock(&call->lock);
     speed_status_t st = SPEED_OK;
@@ -329,8 +325,10 @@ speed_status_t speed_rpc_call_send(speed_rpc_call_t *call, const void *data, siz
         speed_free(m);
         st = start_send_locked(call, bb);
     } else {
-        if (call->q_tail) call->q_tail->next = m;
-        else call->q_head = m;
+        if (call->q_tail)
+            call->q_tail->next = m;
+        else
+            call->q_head = m;
         call->q_tail = m;
     }
     pthread_mutex_unlock(&call->lock);
@@ -339,15 +337,15 @@ speed_status_t speed_rpc_call_send(speed_rpc_call_t *call, const void *data, siz
 
 /* Mark the handler done; wait for a cancel callback running on another thread. Locked. */
 static void handler_done_locked(speed_rpc_call_t *call) {
-    SPEED_ASSERT(!call->handler_done);   /* one terminal function per call */
+    SPEED_ASSERT(!call->handler_done); /* one terminal function per call */
     call->handler_done = true;
     while (call->cb_running && !pthread_equal(call->cb_thread, pthread_self()))
         pthread_cond_wait(&call->cb_done, &call->lock);
     call->cancel_cb = NULL;
 }
 
-static speed_status_t terminal(speed_rpc_call_t *call, const void *reply, size_t reply_len,
-                               bool has_reply, speed_rpc_code_t code, const char *message) {
+static speed_status_t terminal(speed_rpc_call_t *call, const void *reply, size_t reply_len, bool has_reply,
+                               speed_rpc_code_t code, const char *message) {
     grpc_byte_buffer *bb = has_reply ? speed_rpc_bb_from(reply, reply_len) : NULL;
     pthread_mutex_lock(&call->lock);
     handler_done_locked(call);
@@ -381,7 +379,7 @@ static speed_status_t terminal(speed_rpc_call_t *call, const void *reply, size_t
     grpc_call *g = speed_rpc_call_take_grpc_if_done_locked(call);
     pthread_mutex_unlock(&call->lock);
     if (g) speed_rpc_call_release_grpc(call, g);
-    speed_rpc_call_unref(call);   /* the handler's reference */
+    speed_rpc_call_unref(call); /* the handler's reference */
     return st;
 }
 
@@ -391,14 +389,12 @@ speed_status_t speed_rpc_call_reply(speed_rpc_call_t *call, const void *data, si
     return terminal(call, data, len, true, SPEED_RPC_OK, NULL);
 }
 
-speed_status_t speed_rpc_call_finish(speed_rpc_call_t *call, speed_rpc_code_t code,
-                                     const char *message) {
+speed_status_t speed_rpc_call_finish(speed_rpc_call_t *call, speed_rpc_code_t code, const char *message) {
     if (!call) return SPEED_ERR_INVALID_ARGUMENT;
     return terminal(call, NULL, 0, false, code, message);
 }
 
-speed_status_t speed_rpc_call_fail(speed_rpc_call_t *call, speed_status_t status,
-                                   const char *message) {
+speed_status_t speed_rpc_call_fail(speed_rpc_call_t *call, speed_status_t status, const char *message) {
     return speed_rpc_call_finish(call, speed_rpc_code_from_status(status),
                                  message ? message : speed_status_string(status));
 }

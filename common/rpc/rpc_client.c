@@ -16,7 +16,7 @@
 #include "log.h"
 #include "rpc_internal.h"
 
-#define RPC_CQ_CACHE 64   /* idle unary completion queues kept per channel */
+#define RPC_CQ_CACHE 64 /* idle unary completion queues kept per channel */
 
 struct speed_rpc_channel {
     grpc_channel *channel;
@@ -35,7 +35,7 @@ struct speed_rpc_stream {
     grpc_status_code status;
     grpc_slice details;
     const char *error_string;
-    int n_outstanding;            /* batches whose tag has not come back */
+    int n_outstanding; /* batches whose tag has not come back */
     bool recv_in_flight, messages_done, status_done, ended;
     speed_rpc_code_t code;
     char *message;
@@ -44,9 +44,7 @@ struct speed_rpc_stream {
 
 static void cq_drain_destroy(grpc_completion_queue *cq) {
     grpc_completion_queue_shutdown(cq);
-    while (grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL).type !=
-           GRPC_QUEUE_SHUTDOWN) {
-    }
+    while (grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL).type != GRPC_QUEUE_SHUTDOWN) {}
     grpc_completion_queue_destroy(cq);
 }
 
@@ -59,15 +57,13 @@ speed_rpc_channel_params_t speed_rpc_channel_default_params(void) {
     };
 }
 
-speed_status_t speed_rpc_channel_create(const char *target,
-                                        const speed_rpc_channel_params_t *params,
+speed_status_t speed_rpc_channel_create(const char *target, const speed_rpc_channel_params_t *params,
                                         speed_rpc_channel_t **channel_p) {
     if (!target || !target[0] || !channel_p) return SPEED_ERR_INVALID_ARGUMENT;
     *channel_p = NULL;
     speed_rpc_channel_params_t p = params ? *params : speed_rpc_channel_default_params();
     if (p.keepalive_ms < 0 || p.max_reconnect_backoff_ms < 0) return SPEED_ERR_INVALID_ARGUMENT;
-    size_t max_bytes = p.max_message_bytes ? p.max_message_bytes
-                                           : SPEED_RPC_DEFAULT_MAX_MESSAGE_BYTES;
+    size_t max_bytes = p.max_message_bytes ? p.max_message_bytes : SPEED_RPC_DEFAULT_MAX_MESSAGE_BYTES;
     int max_int = max_bytes > (size_t)INT32_MAX ? INT32_MAX : (int)max_bytes;
 
     speed_rpc_channel_t *ch = speed_calloc(1, sizeof *ch);
@@ -78,12 +74,12 @@ speed_status_t speed_rpc_channel_create(const char *target,
     grpc_arg args[9];
     memset(args, 0, sizeof args);
     size_t n = 0;
-#define ADD_INT(k, v)                      \
-    do {                                   \
-        args[n].type = GRPC_ARG_INTEGER;   \
-        args[n].key = (char *)(k);         \
-        args[n].value.integer = (v);       \
-        n++;                               \
+#define ADD_INT(k, v)                    \
+    do {                                 \
+        args[n].type = GRPC_ARG_INTEGER; \
+        args[n].key = (char *)(k);       \
+        args[n].value.integer = (v);     \
+        n++;                             \
     } while (0)
     ADD_INT(GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, max_int);
     ADD_INT(GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, max_int);
@@ -142,21 +138,19 @@ static void cq_release(speed_rpc_channel_t *ch, grpc_completion_queue *cq) {
     if (!kept) cq_drain_destroy(cq);
 }
 
-static gpr_timespec call_deadline(int64_t timeout_ms) {
-    return speed_rpc_deadline(timeout_ms > 0 ? timeout_ms : -1);
-}
+static gpr_timespec call_deadline(int64_t timeout_ms) { return speed_rpc_deadline(timeout_ms > 0 ? timeout_ms : -1); }
 
 static uint32_t initial_md_flags(const speed_rpc_channel_t *ch) {
-    return ch->wait_for_ready ? GRPC_INITIAL_METADATA_WAIT_FOR_READY |
-                                    GRPC_INITIAL_METADATA_WAIT_FOR_READY_EXPLICITLY_SET
-                              : 0;
+    return ch->wait_for_ready
+               ? GRPC_INITIAL_METADATA_WAIT_FOR_READY | GRPC_INITIAL_METADATA_WAIT_FOR_READY_EXPLICITLY_SET
+               : 0;
 }
 
-static grpc_call *create_call(speed_rpc_channel_t *ch, grpc_completion_queue *cq,
-                              const char *method, int64_t timeout_ms) {
+static grpc_call *create_call(speed_rpc_channel_t *ch, grpc_completion_queue *cq, const char *method,
+                              int64_t timeout_ms) {
     grpc_slice path = grpc_slice_from_copied_string(method);
-    grpc_call *call = grpc_channel_create_call(ch->channel, NULL, GRPC_PROPAGATE_DEFAULTS, cq,
-                                               path, NULL, call_deadline(timeout_ms), NULL);
+    grpc_call *call = grpc_channel_create_call(ch->channel, NULL, GRPC_PROPAGATE_DEFAULTS, cq, path, NULL,
+                                               call_deadline(timeout_ms), NULL);
     grpc_slice_unref(path);
     return call;
 }
@@ -175,20 +169,19 @@ void speed_rpc_reply_cleanup(speed_rpc_reply_t *reply) {
 }
 
 /* Fill a reply for a failure that happened before gRPC ran the call. */
-static speed_status_t local_failure(speed_rpc_reply_t *reply, speed_rpc_code_t code,
-                                    const char *message, speed_status_t status) {
+static speed_status_t local_failure(speed_rpc_reply_t *reply, speed_rpc_code_t code, const char *message,
+                                    speed_status_t status) {
     reply->code = code;
     reply->message = speed_strdup(message);
     return reply->message ? status : SPEED_ERR_NO_MEMORY;
 }
 
-speed_status_t speed_rpc_unary(speed_rpc_channel_t *ch, const char *method, const void *request,
-                               size_t len, int64_t timeout_ms, speed_rpc_reply_t *reply) {
+speed_status_t speed_rpc_unary(speed_rpc_channel_t *ch, const char *method, const void *request, size_t len,
+                               int64_t timeout_ms, speed_rpc_reply_t *reply) {
     if (!reply) return SPEED_ERR_INVALID_ARGUMENT;
     memset(reply, 0, sizeof *reply);
     if (!ch || !method || (!request && len))
-        return local_failure(reply, SPEED_RPC_INVALID_ARGUMENT, "bad arguments",
-                             SPEED_ERR_INVALID_ARGUMENT);
+        return local_failure(reply, SPEED_RPC_INVALID_ARGUMENT, "bad arguments", SPEED_ERR_INVALID_ARGUMENT);
 
     grpc_completion_queue *cq = cq_acquire(ch);
     grpc_call *call = create_call(ch, cq, method, timeout_ms);
@@ -222,14 +215,11 @@ speed_status_t speed_rpc_unary(speed_rpc_channel_t *ch, const char *method, cons
     char tag;
     grpc_call_error err = grpc_call_start_batch(call, ops, 6, &tag, NULL);
     if (err != GRPC_CALL_OK) {
-        SPEED_ERROR(SPEED_SUBSYS_NET, "rpc %s: cannot start the call: %s", method,
-                    grpc_call_error_to_string(err));
-        st = local_failure(reply, SPEED_RPC_INTERNAL, grpc_call_error_to_string(err),
-                           SPEED_ERR_INTERNAL);
+        SPEED_ERROR(SPEED_SUBSYS_NET, "rpc %s: cannot start the call: %s", method, grpc_call_error_to_string(err));
+        st = local_failure(reply, SPEED_RPC_INTERNAL, grpc_call_error_to_string(err), SPEED_ERR_INTERNAL);
     } else {
         /* The queue is this call's alone, so its only event is our tag. */
-        grpc_event ev = grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_MONOTONIC),
-                                                   NULL);
+        grpc_event ev = grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
         SPEED_ASSERT(ev.type == GRPC_OP_COMPLETE && ev.tag == &tag);
         reply->code = (speed_rpc_code_t)status;
         reply->message = status_message(details, error_string);
@@ -257,9 +247,8 @@ speed_status_t speed_rpc_unary(speed_rpc_channel_t *ch, const char *method, cons
 
 /* ---- streams -------------------------------------------------------------------------- */
 
-speed_status_t speed_rpc_stream_open(speed_rpc_channel_t *ch, const char *method,
-                                     const void *request, size_t len, int64_t timeout_ms,
-                                     speed_rpc_stream_t **stream_p) {
+speed_status_t speed_rpc_stream_open(speed_rpc_channel_t *ch, const char *method, const void *request, size_t len,
+                                     int64_t timeout_ms, speed_rpc_stream_t **stream_p) {
     if (!stream_p) return SPEED_ERR_INVALID_ARGUMENT;
     *stream_p = NULL;
     if (!ch || !method || (!request && len)) return SPEED_ERR_INVALID_ARGUMENT;
@@ -296,8 +285,7 @@ speed_status_t speed_rpc_stream_open(speed_rpc_channel_t *ch, const char *method
         if (err == GRPC_CALL_OK) s->n_outstanding++;
     }
     if (err != GRPC_CALL_OK) {
-        SPEED_ERROR(SPEED_SUBSYS_NET, "rpc %s: cannot start the stream: %s", method,
-                    grpc_call_error_to_string(err));
+        SPEED_ERROR(SPEED_SUBSYS_NET, "rpc %s: cannot start the stream: %s", method, grpc_call_error_to_string(err));
         s->ended = true;
         speed_rpc_stream_close(s);
         return SPEED_ERR_INTERNAL;
@@ -314,8 +302,7 @@ static void stream_end(speed_rpc_stream_t *s, speed_rpc_code_t code, const char 
 }
 
 /* Handle one event of the stream's queue. Returns true when it delivered a message. */
-static bool stream_event(speed_rpc_stream_t *s, grpc_event ev, uint8_t **data_p,
-                         size_t *len_p) {
+static bool stream_event(speed_rpc_stream_t *s, grpc_event ev, uint8_t **data_p, size_t *len_p) {
     s->n_outstanding--;
     if (ev.tag == &s->t_start) {
         grpc_byte_buffer_destroy(s->send_bb);
@@ -340,8 +327,7 @@ static bool stream_event(speed_rpc_stream_t *s, grpc_event ev, uint8_t **data_p,
     return false;
 }
 
-speed_rpc_next_t speed_rpc_stream_next(speed_rpc_stream_t *s, int64_t wait_ms,
-                                       uint8_t **data_p, size_t *len_p) {
+speed_rpc_next_t speed_rpc_stream_next(speed_rpc_stream_t *s, int64_t wait_ms, uint8_t **data_p, size_t *len_p) {
     *data_p = NULL;
     *len_p = 0;
     gpr_timespec until = speed_rpc_deadline(wait_ms);
@@ -360,7 +346,7 @@ speed_rpc_next_t speed_rpc_stream_next(speed_rpc_stream_t *s, int64_t wait_ms,
             op.data.recv_message.recv_message = &s->recv_bb;
             grpc_call_error err = grpc_call_start_batch(s->call, &op, 1, &s->t_recv, NULL);
             if (err != GRPC_CALL_OK) {
-                s->messages_done = true;   /* the status batch still reports how it ended */
+                s->messages_done = true; /* the status batch still reports how it ended */
                 continue;
             }
             s->recv_in_flight = true;
@@ -387,8 +373,7 @@ void speed_rpc_stream_close(speed_rpc_stream_t *s) {
     if (s->call) {
         if (!(s->messages_done && s->status_done)) grpc_call_cancel(s->call, NULL);
         while (s->n_outstanding > 0) {
-            grpc_event ev = grpc_completion_queue_next(s->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC),
-                                                       NULL);
+            grpc_event ev = grpc_completion_queue_next(s->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
             SPEED_ASSERT(ev.type == GRPC_OP_COMPLETE);
             uint8_t *data = NULL;
             size_t len = 0;

@@ -33,13 +33,13 @@ char *speed_rpc_slice_strdup(grpc_slice slice);
 /* ---- server structures (rpc_server.c, rpc_call.c) ----------------------------------- */
 
 typedef enum {
-    TAG_ACCEPT,     /* request_registered_call completed */
-    TAG_CLOSE,      /* RECV_CLOSE_ON_SERVER */
-    TAG_SEND,       /* SEND_MESSAGE (+ initial metadata) */
-    TAG_STATUS,     /* SEND_STATUS_FROM_SERVER (+ initial metadata, + unary reply) */
-    TAG_GENERIC,    /* grpc_server_request_call for an unregistered method completed */
+    TAG_ACCEPT,  /* request_registered_call completed */
+    TAG_CLOSE,   /* RECV_CLOSE_ON_SERVER */
+    TAG_SEND,    /* SEND_MESSAGE (+ initial metadata) */
+    TAG_STATUS,  /* SEND_STATUS_FROM_SERVER (+ initial metadata, + unary reply) */
+    TAG_GENERIC, /* grpc_server_request_call for an unregistered method completed */
     TAG_GENERIC_DONE,
-    TAG_SHUTDOWN,   /* grpc_server_shutdown_and_notify */
+    TAG_SHUTDOWN, /* grpc_server_shutdown_and_notify */
 } tag_kind_t;
 
 typedef struct {
@@ -52,8 +52,8 @@ typedef struct rpc_method {
     speed_rpc_kind_t kind;
     speed_rpc_handler_cb_t handler;
     void *user;
-    void *registered;            /* grpc_server_register_method handle */
-    int n_pending;               /* accepts armed (server lock) */
+    void *registered; /* grpc_server_register_method handle */
+    int n_pending;    /* accepts armed (server lock) */
 } rpc_method_t;
 
 typedef struct rpc_msg {
@@ -65,40 +65,40 @@ struct speed_rpc_call {
     pthread_mutex_t lock;
     pthread_cond_t cb_done;
     atomic_int refs;
-    speed_rpc_server_t *server;  /* valid while the call is in the server's list */
+    speed_rpc_server_t *server; /* valid while the call is in the server's list */
     rpc_method_t *method;
     speed_rpc_kind_t kind;
-    struct speed_rpc_call *prev, *next;   /* server list (server lock) */
-    bool active;                 /* counted in n_active (server lock) */
-    bool forced;                 /* picked by force_finish_all (server lock) */
+    struct speed_rpc_call *prev, *next; /* server list (server lock) */
+    bool active;                        /* counted in n_active (server lock) */
+    bool forced;                        /* picked by force_finish_all (server lock) */
 
     /* filled by grpc_server_request_registered_call */
-    grpc_call *gcall;            /* NULL once released */
+    grpc_call *gcall; /* NULL once released */
     gpr_timespec deadline;
     grpc_metadata_array req_md;
     grpc_byte_buffer *payload;
-    int recv_cancelled;          /* RECV_CLOSE_ON_SERVER output */
+    int recv_cancelled; /* RECV_CLOSE_ON_SERVER output */
 
     rpc_tag_t t_accept, t_close, t_send, t_status;
 
     /* state (call lock) */
     bool close_in_flight, send_in_flight, status_in_flight;
-    bool md_sent;                /* initial metadata went out with an earlier batch */
-    bool status_started;         /* a status batch was started (or is due after the queue) */
-    bool status_due;             /* finish requested; status goes when the send completes */
+    bool md_sent;        /* initial metadata went out with an earlier batch */
+    bool status_started; /* a status batch was started (or is due after the queue) */
+    bool status_due;     /* finish requested; status goes when the send completes */
     bool status_done;
-    bool peer_gone;              /* RECV_CLOSE said cancelled: no more batches */
-    bool cancelled;              /* visible to the handler: peer gone or ended by shutdown */
-    bool handler_done;           /* the handler called its terminal function */
+    bool peer_gone;    /* RECV_CLOSE said cancelled: no more batches */
+    bool cancelled;    /* visible to the handler: peer gone or ended by shutdown */
+    bool handler_done; /* the handler called its terminal function */
     bool cb_fired, cb_running;
     pthread_t cb_thread;
     speed_rpc_code_t fin_code;
     grpc_slice fin_details;
     bool fin_details_set;
-    grpc_byte_buffer *send_bb;   /* in flight on TAG_SEND */
-    grpc_byte_buffer *reply_bb;  /* in flight on TAG_STATUS (unary reply) */
+    grpc_byte_buffer *send_bb;  /* in flight on TAG_SEND */
+    grpc_byte_buffer *reply_bb; /* in flight on TAG_STATUS (unary reply) */
     rpc_msg_t *q_head, *q_tail;
-    size_t n_queued;             /* queue + the one in flight */
+    size_t n_queued; /* queue + the one in flight */
 
     speed_rpc_cancel_cb_t cancel_cb;
     void *cancel_user;
@@ -117,20 +117,20 @@ struct speed_rpc_server {
     int n_methods;
 
     pthread_mutex_t lock;
-    pthread_cond_t changed;      /* any of the counters below changed */
-    speed_rpc_call_t *live;      /* calls holding a grpc_call */
+    pthread_cond_t changed; /* any of the counters below changed */
+    speed_rpc_call_t *live; /* calls holding a grpc_call */
     int n_live;
-    int n_active;                /* calls the handler has not completed */
-    int n_pending;               /* accepts armed (registered + generic) */
+    int n_active;  /* calls the handler has not completed */
+    int n_pending; /* accepts armed (registered + generic) */
     int n_generic_live;
     bool generic_armed;
     bool started;
-    bool shutting_down;          /* draining: new calls are answered with UNAVAILABLE */
-    bool closing;                /* GOAWAY sent: stop arming accepts */
-    bool notified;               /* TAG_SHUTDOWN arrived */
+    bool shutting_down; /* draining: new calls are answered with UNAVAILABLE */
+    bool closing;       /* GOAWAY sent: stop arming accepts */
+    bool notified;      /* TAG_SHUTDOWN arrived */
     bool shutdown_done;
     rpc_tag_t t_shutdown;
-    int n_ended_in_drain;        /* calls that finished normally while draining */
+    int n_ended_in_drain; /* calls that finished normally while draining */
 };
 
 /* ---- rpc_call.c: a call's state, for the server ----------------------------------- */
@@ -153,8 +153,7 @@ void speed_rpc_call_release_grpc(speed_rpc_call_t *call, grpc_call *g);
 
 /* Record the final status; start it now, or after the message in flight. Call lock held.
  * Returns SPEED_OK or SPEED_ERR_INTERNAL (the batch could not start; logged). */
-speed_status_t speed_rpc_call_set_status_locked(speed_rpc_call_t *call, speed_rpc_code_t code,
-                                                const char *message);
+speed_status_t speed_rpc_call_set_status_locked(speed_rpc_call_t *call, speed_rpc_code_t code, const char *message);
 
 /* Run the cancel callback once, if the handler has not completed the call. The caller holds
  * a reference and no lock. */

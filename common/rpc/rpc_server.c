@@ -26,9 +26,9 @@
 #include "log.h"
 #include "rpc_internal.h"
 
-#define RPC_ACCEPTS_PER_METHOD 4          /* pending accepts kept armed per method */
-#define RPC_CQ_POLL_MS 200                /* CQ thread wakes this often to re-arm / check */
-#define RPC_BACKSTOP_MS 1000              /* after forced finishes, then cancel_all_calls */
+#define RPC_ACCEPTS_PER_METHOD 4    /* pending accepts kept armed per method */
+#define RPC_CQ_POLL_MS         200  /* CQ thread wakes this often to re-arm / check */
+#define RPC_BACKSTOP_MS        1000 /* after forced finishes, then cancel_all_calls */
 /* Once a server has sent GOAWAY (grpc_server_shutdown_and_notify) and has no streams left,
  * gRPC closes the connection. A client still reading the tail of a finished stream keeps
  * sending window updates; they meet a closed socket, the reply is a TCP reset, and the
@@ -36,8 +36,8 @@
  * GOAWAY goes out until calls that finished during the drain have had this long to be read:
  * at least RPC_LINGER_MIN_MS, and as much of the grace period as is left, up to
  * RPC_LINGER_MAX_MS. gRPC tells a server nothing of how far a client has read, hence a time. */
-#define RPC_LINGER_MIN_MS 1000
-#define RPC_LINGER_MAX_MS 3000
+#define RPC_LINGER_MIN_MS      1000
+#define RPC_LINGER_MAX_MS      3000
 
 /* A call to a method nobody registered: answered UNIMPLEMENTED. */
 typedef struct {
@@ -71,17 +71,16 @@ static speed_status_t arm_method(speed_rpc_server_t *srv, rpc_method_t *m) {
         speed_rpc_call_unref(call);
         return SPEED_ERR_CANCELLED;
     }
-    grpc_call_error err = grpc_server_request_registered_call(
-        srv->server, m->registered, &call->gcall, &call->deadline, &call->req_md,
-        &call->payload, srv->cq, srv->cq, &call->t_accept);
+    grpc_call_error err =
+        grpc_server_request_registered_call(srv->server, m->registered, &call->gcall, &call->deadline, &call->req_md,
+                                            &call->payload, srv->cq, srv->cq, &call->t_accept);
     if (err == GRPC_CALL_OK) {
         m->n_pending++;
         srv->n_pending++;
     }
     pthread_mutex_unlock(&srv->lock);
     if (err != GRPC_CALL_OK) {
-        SPEED_ERROR(SPEED_SUBSYS_NET, "rpc %s: cannot request calls: %s", m->path,
-                    grpc_call_error_to_string(err));
+        SPEED_ERROR(SPEED_SUBSYS_NET, "rpc %s: cannot request calls: %s", m->path, grpc_call_error_to_string(err));
         speed_rpc_call_unref(call);
         return SPEED_ERR_INTERNAL;
     }
@@ -98,8 +97,7 @@ static speed_status_t arm_generic(speed_rpc_server_t *srv) {
     pthread_mutex_lock(&srv->lock);
     grpc_call_error err = GRPC_CALL_ERROR;
     if (!srv->closing) {
-        err = grpc_server_request_call(srv->server, &g->gcall, &g->details, &g->md, srv->cq,
-                                       srv->cq, &g->t_new);
+        err = grpc_server_request_call(srv->server, &g->gcall, &g->details, &g->md, srv->cq, srv->cq, &g->t_new);
         if (err == GRPC_CALL_OK) {
             srv->n_pending++;
             srv->generic_armed = true;
@@ -149,7 +147,7 @@ static void on_accept(speed_rpc_server_t *srv, speed_rpc_call_t *call, bool ok) 
     }
     pthread_cond_broadcast(&srv->changed);
     pthread_mutex_unlock(&srv->lock);
-    if (!ok) {   /* server shutting down: the accept was never matched */
+    if (!ok) { /* server shutting down: the accept was never matched */
         speed_rpc_call_unref(call);
         return;
     }
@@ -166,8 +164,7 @@ static void on_accept(speed_rpc_server_t *srv, speed_rpc_call_t *call, bool ok) 
     if (err == GRPC_CALL_OK) {
         call->close_in_flight = true;
     } else {
-        SPEED_ERROR(SPEED_SUBSYS_NET, "rpc %s: cannot watch for close: %s", m->path,
-                    grpc_call_error_to_string(err));
+        SPEED_ERROR(SPEED_SUBSYS_NET, "rpc %s: cannot watch for close: %s", m->path, grpc_call_error_to_string(err));
         grpc_call_cancel(call->gcall, NULL);
         call->peer_gone = call->cancelled = true;
     }
@@ -185,7 +182,7 @@ static void on_accept(speed_rpc_server_t *srv, speed_rpc_call_t *call, bool ok) 
         speed_rpc_call_fail(call, st, "cannot read the request");
         return;
     }
-    if (draining) {   /* a call that arrived during the drain: the client should go elsewhere */
+    if (draining) { /* a call that arrived during the drain: the client should go elsewhere */
         speed_free(data);
         speed_rpc_call_finish(call, SPEED_RPC_UNAVAILABLE, "server shutting down");
         return;
@@ -227,8 +224,7 @@ static void on_generic(speed_rpc_server_t *srv, rpc_generic_t *g, bool ok) {
     ops[2].data.recv_close_on_server.cancelled = &g->recv_cancelled;
     grpc_call_error err = grpc_call_start_batch(g->gcall, ops, 3, &g->t_done, NULL);
     if (err != GRPC_CALL_OK) {
-        SPEED_ERROR(SPEED_SUBSYS_NET, "rpc: cannot answer an unknown method: %s",
-                    grpc_call_error_to_string(err));
+        SPEED_ERROR(SPEED_SUBSYS_NET, "rpc: cannot answer an unknown method: %s", grpc_call_error_to_string(err));
         grpc_call_cancel(g->gcall, NULL);
         grpc_call_unref(g->gcall);
         generic_free(g);
@@ -252,11 +248,11 @@ static void dispatch(speed_rpc_server_t *srv, grpc_event ev) {
     rpc_tag_t *tag = ev.tag;
     bool ok = ev.success != 0;
     switch (tag->kind) {
-    case TAG_ACCEPT:       on_accept(srv, tag->obj, ok); break;
-    case TAG_CLOSE:        speed_rpc_call_close_done(tag->obj); break;
-    case TAG_SEND:         speed_rpc_call_send_done(tag->obj, ok); break;
-    case TAG_STATUS:       speed_rpc_call_status_done(tag->obj); break;
-    case TAG_GENERIC:      on_generic(srv, tag->obj, ok); break;
+    case TAG_ACCEPT: on_accept(srv, tag->obj, ok); break;
+    case TAG_CLOSE: speed_rpc_call_close_done(tag->obj); break;
+    case TAG_SEND: speed_rpc_call_send_done(tag->obj, ok); break;
+    case TAG_STATUS: speed_rpc_call_status_done(tag->obj); break;
+    case TAG_GENERIC: on_generic(srv, tag->obj, ok); break;
     case TAG_GENERIC_DONE: on_generic_done(srv, tag->obj); break;
     case TAG_SHUTDOWN:
         pthread_mutex_lock(&srv->lock);
@@ -270,11 +266,10 @@ static void dispatch(speed_rpc_server_t *srv, grpc_event ev) {
 static void *cq_thread_main(void *arg) {
     speed_rpc_server_t *srv = arg;
     for (;;) {
-        grpc_event ev = grpc_completion_queue_next(srv->cq, speed_rpc_deadline(RPC_CQ_POLL_MS),
-                                                   NULL);
+        grpc_event ev = grpc_completion_queue_next(srv->cq, speed_rpc_deadline(RPC_CQ_POLL_MS), NULL);
         if (ev.type == GRPC_QUEUE_SHUTDOWN) break;
         if (ev.type == GRPC_QUEUE_TIMEOUT) {
-            rearm(srv);   /* recovers from allocation failures while re-arming */
+            rearm(srv); /* recovers from allocation failures while re-arming */
             continue;
         }
         dispatch(srv, ev);
@@ -293,10 +288,8 @@ speed_rpc_server_params_t speed_rpc_server_default_params(void) {
 
 static int clamp_int(size_t v) { return v > (size_t)INT32_MAX ? INT32_MAX : (int)v; }
 
-speed_status_t speed_rpc_server_create(const speed_rpc_server_params_t *params,
-                                       speed_rpc_server_t **server_p) {
-    if (!params || !server_p || !params->address || !params->address[0])
-        return SPEED_ERR_INVALID_ARGUMENT;
+speed_status_t speed_rpc_server_create(const speed_rpc_server_params_t *params, speed_rpc_server_t **server_p) {
+    if (!params || !server_p || !params->address || !params->address[0]) return SPEED_ERR_INVALID_ARGUMENT;
     *server_p = NULL;
     speed_rpc_server_t *srv = speed_calloc(1, sizeof *srv);
     if (!srv) return SPEED_ERR_NO_MEMORY;
@@ -331,8 +324,7 @@ speed_status_t speed_rpc_server_create(const speed_rpc_server_params_t *params,
     srv->port = grpc_server_add_http2_port(srv->server, params->address, creds);
     grpc_server_credentials_release(creds);
     if (srv->port <= 0) {
-        SPEED_ERROR(SPEED_SUBSYS_NET, "rpc: cannot listen on %s (address in use or invalid)",
-                    params->address);
+        SPEED_ERROR(SPEED_SUBSYS_NET, "rpc: cannot listen on %s (address in use or invalid)", params->address);
         speed_rpc_server_destroy(srv);
         return SPEED_ERR_IO;
     }
@@ -340,16 +332,14 @@ speed_status_t speed_rpc_server_create(const speed_rpc_server_params_t *params,
     return SPEED_OK;
 }
 
-speed_status_t speed_rpc_server_add_method(speed_rpc_server_t *srv, const char *path,
-                                           speed_rpc_kind_t kind,
+speed_status_t speed_rpc_server_add_method(speed_rpc_server_t *srv, const char *path, speed_rpc_kind_t kind,
                                            speed_rpc_handler_cb_t handler, void *user) {
     if (!srv || !path || path[0] != '/' || !handler || srv->started ||
         (kind != SPEED_RPC_UNARY && kind != SPEED_RPC_STREAM))
         return SPEED_ERR_INVALID_ARGUMENT;
     for (int i = 0; i < srv->n_methods; i++)
         if (strcmp(srv->methods[i].path, path) == 0) return SPEED_ERR_INVALID_ARGUMENT;
-    rpc_method_t *methods =
-        speed_realloc(srv->methods, (size_t)(srv->n_methods + 1) * sizeof *methods);
+    rpc_method_t *methods = speed_realloc(srv->methods, (size_t)(srv->n_methods + 1) * sizeof *methods);
     if (!methods) return SPEED_ERR_NO_MEMORY;
     srv->methods = methods;
     rpc_method_t *m = &methods[srv->n_methods];
@@ -360,8 +350,8 @@ speed_status_t speed_rpc_server_add_method(speed_rpc_server_t *srv, const char *
     m->handler = handler;
     m->user = user;
     /* gRPC keeps the method string: it lives as long as the server. */
-    m->registered = grpc_server_register_method(srv->server, m->path, NULL,
-                                                GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, 0);
+    m->registered =
+        grpc_server_register_method(srv->server, m->path, NULL, GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, 0);
     if (!m->registered) {
         speed_free(m->path);
         return SPEED_ERR_INVALID_ARGUMENT;
@@ -377,7 +367,7 @@ speed_status_t speed_rpc_server_start(speed_rpc_server_t *srv) {
     for (int i = 0; i < srv->n_methods; i++) {
         for (int k = 0; k < RPC_ACCEPTS_PER_METHOD; k++) {
             speed_status_t st = arm_method(srv, &srv->methods[i]);
-            if (st != SPEED_OK) return st;   /* destroy cleans up what was armed */
+            if (st != SPEED_OK) return st; /* destroy cleans up what was armed */
         }
     }
     SPEED_CHECK(arm_generic(srv));
@@ -387,8 +377,7 @@ speed_status_t speed_rpc_server_start(speed_rpc_server_t *srv) {
         return SPEED_ERR_INTERNAL;
     }
     srv->thread_started = true;
-    SPEED_INFO(SPEED_SUBSYS_NET, "rpc: serving %d method(s) on port %d", srv->n_methods,
-               srv->port);
+    SPEED_INFO(SPEED_SUBSYS_NET, "rpc: serving %d method(s) on port %d", srv->n_methods, srv->port);
     return SPEED_OK;
 }
 
@@ -404,18 +393,14 @@ int speed_rpc_server_active_calls(const speed_rpc_server_t *srv) {
 }
 
 /* Every call is over (armed accepts may be pending). */
-static bool no_calls_locked(const speed_rpc_server_t *srv) {
-    return srv->n_live == 0 && srv->n_generic_live == 0;
-}
+static bool no_calls_locked(const speed_rpc_server_t *srv) { return srv->n_live == 0 && srv->n_generic_live == 0; }
 
 /* Every call is over and no accept is pending. */
 static bool drained_locked(const speed_rpc_server_t *srv) {
     return srv->n_live == 0 && srv->n_pending == 0 && srv->n_generic_live == 0;
 }
 
-static bool quiet_locked(const speed_rpc_server_t *srv) {
-    return drained_locked(srv) && srv->notified;
-}
+static bool quiet_locked(const speed_rpc_server_t *srv) { return drained_locked(srv) && srv->notified; }
 
 /* Wait on srv->changed until pred holds or the absolute CLOCK_REALTIME deadline passes
  * (NULL = no deadline). Returns whether pred holds. */
@@ -520,8 +505,7 @@ void speed_rpc_server_shutdown(speed_rpc_server_t *srv, int64_t grace_ms) {
             bool quiet = quiet_locked(srv);
             pthread_mutex_unlock(&srv->lock);
             if (quiet) break;
-            grpc_event ev = grpc_completion_queue_next(srv->cq,
-                                                       gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
+            grpc_event ev = grpc_completion_queue_next(srv->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
             if (ev.type == GRPC_OP_COMPLETE) dispatch(srv, ev);
         }
     } else {
@@ -537,12 +521,11 @@ void speed_rpc_server_shutdown(speed_rpc_server_t *srv, int64_t grace_ms) {
     srv->server = NULL;
     grpc_completion_queue_shutdown(srv->cq);
     if (srv->thread_started) {
-        pthread_join(srv->thread, NULL);   /* it exits on GRPC_QUEUE_SHUTDOWN */
+        pthread_join(srv->thread, NULL); /* it exits on GRPC_QUEUE_SHUTDOWN */
         srv->thread_started = false;
     } else {
-        while (grpc_completion_queue_next(srv->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL)
-                   .type != GRPC_QUEUE_SHUTDOWN) {
-        }
+        while (grpc_completion_queue_next(srv->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL).type !=
+               GRPC_QUEUE_SHUTDOWN) {}
     }
     grpc_completion_queue_destroy(srv->cq);
     srv->cq = NULL;

@@ -7,53 +7,53 @@
 
 speed_rpc_code_t speed_rpc_code_from_status(speed_status_t status) {
     switch (status) {
-    case SPEED_OK:                   return SPEED_RPC_OK;
+    case SPEED_OK: return SPEED_RPC_OK;
     case SPEED_ERR_INVALID_ARGUMENT:
     case SPEED_ERR_PARSE:
-    case SPEED_ERR_FORMAT:           return SPEED_RPC_INVALID_ARGUMENT;
-    case SPEED_ERR_NOT_FOUND:        return SPEED_RPC_NOT_FOUND;
-    case SPEED_ERR_UNSUPPORTED:      return SPEED_RPC_UNIMPLEMENTED;
-    case SPEED_ERR_TOO_LONG:         return SPEED_RPC_OUT_OF_RANGE;
+    case SPEED_ERR_FORMAT: return SPEED_RPC_INVALID_ARGUMENT;
+    case SPEED_ERR_NOT_FOUND: return SPEED_RPC_NOT_FOUND;
+    case SPEED_ERR_UNSUPPORTED: return SPEED_RPC_UNIMPLEMENTED;
+    case SPEED_ERR_TOO_LONG: return SPEED_RPC_OUT_OF_RANGE;
     case SPEED_ERR_CAPACITY:
-    case SPEED_ERR_NO_MEMORY:        return SPEED_RPC_RESOURCE_EXHAUSTED;
-    case SPEED_ERR_CANCELLED:        return SPEED_RPC_CANCELLED;
-    case SPEED_ERR_TIMEOUT:          return SPEED_RPC_DEADLINE_EXCEEDED;
+    case SPEED_ERR_NO_MEMORY: return SPEED_RPC_RESOURCE_EXHAUSTED;
+    case SPEED_ERR_CANCELLED: return SPEED_RPC_CANCELLED;
+    case SPEED_ERR_TIMEOUT: return SPEED_RPC_DEADLINE_EXCEEDED;
     case SPEED_ERR_PEER_UNREACHABLE: return SPEED_RPC_UNAVAILABLE;
-    case SPEED_ERR_TRANSFER:         return SPEED_RPC_ABORTED;
+    case SPEED_ERR_TRANSFER: return SPEED_RPC_ABORTED;
     case SPEED_ERR_PEER_PROTOCOL:
     case SPEED_ERR_IO:
     case SPEED_ERR_DEVICE:
-    case SPEED_ERR_INTERNAL:         return SPEED_RPC_INTERNAL;
+    case SPEED_ERR_INTERNAL: return SPEED_RPC_INTERNAL;
     }
     return SPEED_RPC_INTERNAL;
 }
 
 speed_status_t speed_rpc_code_to_status(int code) {
     switch (code) {
-    case SPEED_RPC_OK:                  return SPEED_OK;
-    case SPEED_RPC_CANCELLED:           return SPEED_ERR_CANCELLED;
+    case SPEED_RPC_OK: return SPEED_OK;
+    case SPEED_RPC_CANCELLED: return SPEED_ERR_CANCELLED;
     case SPEED_RPC_INVALID_ARGUMENT:
     case SPEED_RPC_FAILED_PRECONDITION:
     case SPEED_RPC_ALREADY_EXISTS:
     case SPEED_RPC_PERMISSION_DENIED:
-    case SPEED_RPC_UNAUTHENTICATED:     return SPEED_ERR_INVALID_ARGUMENT;
-    case SPEED_RPC_DEADLINE_EXCEEDED:   return SPEED_ERR_TIMEOUT;
-    case SPEED_RPC_NOT_FOUND:           return SPEED_ERR_NOT_FOUND;
-    case SPEED_RPC_RESOURCE_EXHAUSTED:  return SPEED_ERR_CAPACITY;
-    case SPEED_RPC_ABORTED:             return SPEED_ERR_TRANSFER;
-    case SPEED_RPC_OUT_OF_RANGE:        return SPEED_ERR_TOO_LONG;
-    case SPEED_RPC_UNIMPLEMENTED:       return SPEED_ERR_UNSUPPORTED;
-    case SPEED_RPC_UNAVAILABLE:         return SPEED_ERR_PEER_UNREACHABLE;
-    default:                            return SPEED_ERR_PEER_PROTOCOL;
+    case SPEED_RPC_UNAUTHENTICATED: return SPEED_ERR_INVALID_ARGUMENT;
+    case SPEED_RPC_DEADLINE_EXCEEDED: return SPEED_ERR_TIMEOUT;
+    case SPEED_RPC_NOT_FOUND: return SPEED_ERR_NOT_FOUND;
+    case SPEED_RPC_RESOURCE_EXHAUSTED: return SPEED_ERR_CAPACITY;
+    case SPEED_RPC_ABORTED: return SPEED_ERR_TRANSFER;
+    case SPEED_RPC_OUT_OF_RANGE: return SPEED_ERR_TOO_LONG;
+    case SPEED_RPC_UNIMPLEMENTED: return SPEED_ERR_UNSUPPORTED;
+    case SPEED_RPC_UNAVAILABLE: return SPEED_ERR_PEER_UNREACHABLE;
+    default: return SPEED_ERR_PEER_PROTOCOL;
     }
 }
 
 const char *speed_rpc_code_name(int code) {
     static const char *const names[] = {
-        "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
-        "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
-        "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
-        "UNAUTHENTICATED",
+        "OK",        "CANCELLED",       "UNKNOWN",           "INVALID_ARGUMENT",   "DEADLINE_EXCEEDED",
+        "NOT_FOUND", "ALREADY_EXISTS",  "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+        "ABORTED",   "OUT_OF_RANGE",    "UNIMPLEMENTED",     "INTERNAL",           "UNAVAILABLE",
+        "DATA_LOSS", "UNAUTHENTICATED",
     };
     if (code < 0 || code >= (int)(sizeof names / sizeof names[0])) return "UNKNOWN_CODE";
     return names[code];
@@ -77,7 +77,7 @@ speed_status_t speed_rpc_bb_copy(grpc_byte_buffer *bb, uint8_t **data_p, size_t 
     grpc_byte_buffer_reader reader;
     if (!grpc_byte_buffer_reader_init(&reader, bb)) {
         speed_free(data);
-        return SPEED_ERR_PEER_PROTOCOL;   /* compressed with an unknown algorithm */
+        return SPEED_ERR_PEER_PROTOCOL; /* compressed with an unknown algorithm */
     }
     size_t off = 0;
     grpc_slice slice;

@@ -14,27 +14,27 @@
 static const char *const policy_names[] = {"round-robin", "least-loaded", NULL};
 
 #define F(name, type, member, def, lo, hi, doc) \
-    {name, SPEED_CONFIG_##type, offsetof(speed_cluster_config_t, member), def, lo, hi, NULL, doc}
+    { name, SPEED_CONFIG_##type, offsetof(speed_cluster_config_t, member), def, lo, hi, NULL, doc }
 #define FS(name, member, def, doc) \
-    {name, SPEED_CONFIG_STRING, offsetof(speed_cluster_config_t, member), def, SPEED_CONFIG_UNBOUNDED, NULL, doc}
+    { name, SPEED_CONFIG_STRING, offsetof(speed_cluster_config_t, member), def, SPEED_CONFIG_UNBOUNDED, NULL, doc }
 #define FE(name, member, def, names, doc) \
-    {name, SPEED_CONFIG_ENUM, offsetof(speed_cluster_config_t, member), def, SPEED_CONFIG_UNBOUNDED, names, doc}
-#define POOL(pool, grpc, http, running, kvtok)                                                                 \
-    F(#pool ".replicas", INT, pool.replicas, "1", 0, 64, "replicas of the " #pool " pool (the node ratio)"),    \
-    F(#pool ".tensor_parallel", INT, pool.tensor_parallel, "1", 1, 64, "ranks per " #pool " replica"),          \
-    F(#pool ".grpc_port", INT, pool.grpc_port, grpc, 1, 65535, "gRPC port of replica 0 (replica i: + i)"),      \
-    F(#pool ".http_port", INT, pool.http_port, http, 1, 65535, "/metrics and /health port of replica 0 (+ i)"), \
-    FE(#pool ".backend", pool.backend, "cpu", speed_backend_kind_names,                                         \
-       "compute backend: cpu (fast), cpu-ref (the reference loops) or cuda (one GPU per replica)"),             \
-    F(#pool ".device", INT, pool.device, "0", 0, 1023, "cuda: GPU of replica 0 (replica i: + i)"),              \
-    F(#pool ".threads", INT, pool.threads, "1", 0, 1024,                                                        \
-      "compute threads per replica (cpu backends); 0 = all cores"),                                             \
-    F(#pool ".max_running", INT, pool.max_running, running, 1, 4096, "sequences in the engine at once"),        \
-    F(#pool ".max_waiting", INT, pool.max_waiting, "64", 0, 1 << 20, "requests queued beyond max_running"),     \
-    F(#pool ".kv_tokens", INT, pool.kv_tokens, kvtok, 16, 1e9,                                                   \
-      "KV capacity in tokens at full depth (the upper pool gets SPEED's saving)"),                              \
-    F(#pool ".max_step_tokens", INT, pool.max_step_tokens, "512", 16, 65536, "rows one engine step computes"),  \
-    F(#pool ".prefill_chunk", INT, pool.prefill_chunk, "512", 1, 65536, "prompt tokens of one sequence per step")
+    { name, SPEED_CONFIG_ENUM, offsetof(speed_cluster_config_t, member), def, SPEED_CONFIG_UNBOUNDED, names, doc }
+#define POOL(pool, grpc, http, running, kvtok)                                                                      \
+    F(#pool ".replicas", INT, pool.replicas, "1", 0, 64, "replicas of the " #pool " pool (the node ratio)"),        \
+        F(#pool ".tensor_parallel", INT, pool.tensor_parallel, "1", 1, 64, "ranks per " #pool " replica"),          \
+        F(#pool ".grpc_port", INT, pool.grpc_port, grpc, 1, 65535, "gRPC port of replica 0 (replica i: + i)"),      \
+        F(#pool ".http_port", INT, pool.http_port, http, 1, 65535, "/metrics and /health port of replica 0 (+ i)"), \
+        FE(#pool ".backend", pool.backend, "cpu", speed_backend_kind_names,                                         \
+           "compute backend: cpu (fast), cpu-ref (the reference loops) or cuda (one GPU per replica)"),             \
+        F(#pool ".device", INT, pool.device, "0", 0, 1023, "cuda: GPU of replica 0 (replica i: + i)"),              \
+        F(#pool ".threads", INT, pool.threads, "1", 0, 1024,                                                        \
+          "compute threads per replica (cpu backends); 0 = all cores"),                                             \
+        F(#pool ".max_running", INT, pool.max_running, running, 1, 4096, "sequences in the engine at once"),        \
+        F(#pool ".max_waiting", INT, pool.max_waiting, "64", 0, 1 << 20, "requests queued beyond max_running"),     \
+        F(#pool ".kv_tokens", INT, pool.kv_tokens, kvtok, 16, 1e9,                                                  \
+          "KV capacity in tokens at full depth (the upper pool gets SPEED's saving)"),                              \
+        F(#pool ".max_step_tokens", INT, pool.max_step_tokens, "512", 16, 65536, "rows one engine step computes"),  \
+        F(#pool ".prefill_chunk", INT, pool.prefill_chunk, "512", 1, 65536, "prompt tokens of one sequence per step")
 
 static const speed_config_field_t fields[] = {
     FS("model", model, NULL, "model directory (Hugging Face layout)"),
@@ -109,8 +109,8 @@ static speed_status_t check_cluster(const speed_cluster_config_t *c, const char 
         for (int j = i + 1; j < 5; j++)
             if (ranges_overlap(r[i].base, r[i].n, r[j].base, r[j].n)) {
                 SPEED_ERROR(SPEED_SUBSYS_CORE, "cluster config: %s %lld..%lld overlaps %s %lld..%lld", r[i].name,
-                            (long long)r[i].base, (long long)(r[i].base + r[i].n - 1), r[j].name,
-                            (long long)r[j].base, (long long)(r[j].base + r[j].n - 1));
+                            (long long)r[i].base, (long long)(r[i].base + r[i].n - 1), r[j].name, (long long)r[j].base,
+                            (long long)(r[j].base + r[j].n - 1));
                 return SPEED_ERR_INVALID_ARGUMENT;
             }
     for (int i = 0; i < 4; i++)

@@ -35,18 +35,18 @@
 typedef enum { SPEED_POLICY_ROUND_ROBIN = 0, SPEED_POLICY_LEAST_LOADED } speed_policy_t;
 
 typedef struct {
-    int64_t replicas;          /* >= 0 (prefill 0: every request takes the decode-only route) */
-    int64_t tensor_parallel;   /* ranks per replica (1 on CPU) */
+    int64_t replicas;        /* >= 0 (prefill 0: every request takes the decode-only route) */
+    int64_t tensor_parallel; /* ranks per replica (1 on CPU) */
     int64_t grpc_port, http_port;
-    int backend;               /* speed_backend_kind_t (backend_kind.h) */
-    int64_t device;            /* cuda: device of replica 0; replica i uses device + i */
-    int64_t threads;           /* compute threads per replica (CPU backends); 0 = all cores */
-    int64_t max_running;       /* sequences in the engine at once */
-    int64_t max_waiting;       /* queued beyond max_running */
-    int64_t kv_tokens;         /* KV capacity: prompt + generated tokens at full depth in the
+    int backend;             /* speed_backend_kind_t (backend_kind.h) */
+    int64_t device;          /* cuda: device of replica 0; replica i uses device + i */
+    int64_t threads;         /* compute threads per replica (CPU backends); 0 = all cores */
+    int64_t max_running;     /* sequences in the engine at once */
+    int64_t max_waiting;     /* queued beyond max_running */
+    int64_t kv_tokens;       /* KV capacity: prompt + generated tokens at full depth in the
                                 * lower pool; the upper pool is sized with SPEED's saving */
-    int64_t max_step_tokens;   /* rows one engine step computes */
-    int64_t prefill_chunk;     /* prompt tokens of one sequence per step */
+    int64_t max_step_tokens; /* rows one engine step computes */
+    int64_t prefill_chunk;   /* prompt tokens of one sequence per step */
 } speed_pool_config_t;
 
 typedef struct {
@@ -57,36 +57,36 @@ typedef struct {
     bool weights_hugepages;        /* read the weights into 2 MiB pages instead of mapping them */
 
     /* SPEED */
-    const char *prefill_layers;    /* "" or NULL = L (off); "24" or "0.75" */
+    const char *prefill_layers; /* "" or NULL = L (off); "24" or "0.75" */
     int64_t anchors, tail;
-    bool allow_request_override;   /* honour a request's `speed` object */
+    bool allow_request_override; /* honour a request's `speed` object */
 
     /* KV cache */
-    int kv_dtype;                  /* speed_dtype_t (dtype.h) */
+    int kv_dtype; /* speed_dtype_t (dtype.h) */
     int64_t kv_block_tokens;
-    int64_t lease_ms;              /* a reservation not claimed in time is freed */
+    int64_t lease_ms; /* a reservation not claimed in time is freed */
 
     /* router */
     int64_t router_port, router_threads;
-    const char *api_keys;          /* comma-separated; "" = no authentication */
+    const char *api_keys; /* comma-separated; "" = no authentication */
     int64_t max_in_flight, max_queue, queue_timeout_ms, request_timeout_ms;
-    int64_t decode_only_below;     /* prompts shorter than this skip the prefill pool; 0 = never */
-    int prefill_policy, decode_policy;   /* speed_policy_t */
+    int64_t decode_only_below;         /* prompts shorter than this skip the prefill pool; 0 = never */
+    int prefill_policy, decode_policy; /* speed_policy_t */
     int64_t default_max_tokens, max_context;
-    int64_t status_interval_ms;    /* node status polling */
-    int64_t prefill_retries;       /* other prefill nodes tried before the first token */
+    int64_t status_interval_ms; /* node status polling */
+    int64_t prefill_retries;    /* other prefill nodes tried before the first token */
 
     speed_pool_config_t prefill, decode;
 
     /* UCX */
-    int ucx_transport;             /* speed_kv_transport_t (kv_transport.h) */
-    const char *ucx_net_devices;   /* UCX_NET_DEVICES for tcp ("lo" for one host) */
-    bool ucx_cuda_direct;          /* cuda nodes: register GPU KV pools with UCX (CUDA-aware UCX)
+    int ucx_transport;           /* speed_kv_transport_t (kv_transport.h) */
+    const char *ucx_net_devices; /* UCX_NET_DEVICES for tcp ("lo" for one host) */
+    bool ucx_cuda_direct;        /* cuda nodes: register GPU KV pools with UCX (CUDA-aware UCX)
                                     * instead of the pinned host mirror; refused at startup by a
                                     * UCX without CUDA */
 
     /* this process */
-    int64_t node_index;            /* replica index within its pool */
+    int64_t node_index; /* replica index within its pool */
 } speed_cluster_config_t;
 
 /* The field table (for --help and docs). */

@@ -15,7 +15,7 @@ typedef struct {
     speed_node_t *node;
     speed_rpc_call_t *call;
     char id[SPEED_BATCH_ID_MAX + 1];
-    int n_top;            /* top logprobs to return */
+    int n_top; /* top logprobs to return */
     bool logprobs;
     bool decode_only;
     speed_dtype_t kv_dtype;
@@ -29,7 +29,7 @@ static speed_node_t g_node;
 typedef struct {
     speed_node_t *node;
     int64_t n_prompt;
-    speed_depth_t depth;          /* resolved */
+    speed_depth_t depth; /* resolved */
     uint64_t lease_deadline_ms;
     speed_kv_desc_t *desc;
 } desc_arg_t;
@@ -67,7 +67,8 @@ static void reserve_work(void *arg) {
     if (st == SPEED_OK) {
         speed_depth_request_t want = speed_depth_request_of(depth);
         st = speed_batcher_reserve(n->batcher, r->req->request_id, r->req->n_prompt, r->req->max_tokens, &want, &res);
-        if (st != SPEED_OK) snprintf(err, sizeof err, "%s", st == SPEED_ERR_CAPACITY ? "no free KV blocks" : speed_log_last_error());
+        if (st != SPEED_OK)
+            snprintf(err, sizeof err, "%s", st == SPEED_ERR_CAPACITY ? "no free KV blocks" : speed_log_last_error());
     }
     desc_arg_t da = {.node = n, .n_prompt = r->req->n_prompt};
     if (st == SPEED_OK) {
@@ -159,8 +160,8 @@ static void gen_event(void *user, const speed_batch_event_t *ev) {
     timing.decode_ms = u->decode_ms;
     out.usage = &usage;
     out.timing = &timing;
-    const char *reason = ev->finish == SPEED_BATCH_STOP     ? "stop"
-                         : ev->finish == SPEED_BATCH_LENGTH ? "length"
+    const char *reason = ev->finish == SPEED_BATCH_STOP        ? "stop"
+                         : ev->finish == SPEED_BATCH_LENGTH    ? "length"
                          : ev->finish == SPEED_BATCH_CANCELLED ? "cancelled"
                                                                : "error";
     out.finish_reason = (char *)reason;
@@ -211,8 +212,11 @@ static void generate_work(void *arg) {
             speed_counter_t *prompt_tokens = n->m_prompt_tokens;
             double n_prompt = (double)req->n_prompt_ids;
             st = speed_batcher_submit(n->batcher, &q);
-            if (st == SPEED_OK) speed_counter_add(prompt_tokens, n_prompt);
-            else snprintf(err, sizeof err, "%s", st == SPEED_ERR_CAPACITY ? "decode node is full" : speed_log_last_error());
+            if (st == SPEED_OK)
+                speed_counter_add(prompt_tokens, n_prompt);
+            else
+                snprintf(err, sizeof err, "%s",
+                         st == SPEED_ERR_CAPACITY ? "decode node is full" : speed_log_last_error());
         }
     } else if (st == SPEED_OK) {
         if (req->epoch != 0 && req->epoch != n->epoch) {
@@ -223,8 +227,10 @@ static void generate_work(void *arg) {
             speed_batch_token_t first;
             speed_node_token_from_proto(req->first, &first);
             st = speed_batcher_start(n->batcher, &q, &first, true);
-            if (st == SPEED_ERR_NOT_FOUND) snprintf(err, sizeof err, "no reservation '%s' (expired or never made)", g->id);
-            else if (st != SPEED_OK) snprintf(err, sizeof err, "%s", speed_log_last_error());
+            if (st == SPEED_ERR_NOT_FOUND)
+                snprintf(err, sizeof err, "no reservation '%s' (expired or never made)", g->id);
+            else if (st != SPEED_OK)
+                snprintf(err, sizeof err, "%s", speed_log_last_error());
         }
     }
     if (st != SPEED_OK) {
@@ -239,7 +245,8 @@ static void generate_work(void *arg) {
 static void on_generate(void *user, speed_rpc_call_t *call, const uint8_t *data, size_t len) {
     speed_node_t *n = user;
     Speed__V1__GenerateRequest *req = NULL;
-    if (speed_proto_unpack(&speed__v1__generate_request__descriptor, data, len, (ProtobufCMessage **)&req) != SPEED_OK) {
+    if (speed_proto_unpack(&speed__v1__generate_request__descriptor, data, len, (ProtobufCMessage **)&req) !=
+        SPEED_OK) {
         speed_node_fail(call, SPEED_ERR_INVALID_ARGUMENT, "malformed GenerateRequest");
         return;
     }

@@ -22,9 +22,7 @@ struct speed_node_work {
     struct speed_node_work *next;
 };
 
-bool speed_node_accepting(const speed_node_t *n) {
-    return atomic_load(&n->state) == SPEED_NODE_SERVING;
-}
+bool speed_node_accepting(const speed_node_t *n) { return atomic_load(&n->state) == SPEED_NODE_SERVING; }
 
 /* ---- workers --------------------------------------------------------------------------------- */
 
@@ -173,7 +171,7 @@ static void on_status(void *user, speed_rpc_call_t *call, const uint8_t *req, si
 static void on_http_health(void *user, speed_http_request_t *req) {
     speed_node_t *n = user;
     int st = atomic_load(&n->state);
-    const char *text = st == SPEED_NODE_SERVING ? "{\"status\":\"ok\"}\n"
+    const char *text = st == SPEED_NODE_SERVING    ? "{\"status\":\"ok\"}\n"
                        : st == SPEED_NODE_DRAINING ? "{\"status\":\"draining\"}\n"
                                                    : "{\"status\":\"starting\"}\n";
     speed_http_respond(req, st == SPEED_NODE_SERVING ? 200 : 503, "application/json", text, strlen(text));
@@ -181,12 +179,12 @@ static void on_http_health(void *user, speed_http_request_t *req) {
 
 /* ---- metrics ---------------------------------------------------------------------------------- */
 
-#define GAUGE_FN(fname, expr)                         \
-    static double fname(void *user) {                 \
-        speed_node_t *n = user;                       \
-        speed_batcher_stats_t s;                      \
-        speed_batcher_stats(n->batcher, &s);          \
-        return (expr);                                \
+#define GAUGE_FN(fname, expr)                \
+    static double fname(void *user) {        \
+        speed_node_t *n = user;              \
+        speed_batcher_stats_t s;             \
+        speed_batcher_stats(n->batcher, &s); \
+        return (expr);                       \
     }
 GAUGE_FN(g_running, (double)s.running)
 GAUGE_FN(g_waiting, (double)s.waiting)
@@ -220,19 +218,20 @@ static speed_status_t metrics_init(speed_node_t *n) {
     SPEED_CHECK(speed_gauge_register_callback(m, name, "Reservations not claimed yet", g_reserved, n, NULL));
     snprintf(name, sizeof name, "speed_%s_node_state", role);
     SPEED_CHECK(speed_gauge_register_callback(m, name, "0 starting, 1 serving, 2 draining", g_state, n, NULL));
-    SPEED_CHECK(speed_gauge_register_callback(m, "speed_kv_cache_usage_ratio", "Reserved / total KV bytes",
-                                              g_kv_ratio, n, NULL));
+    SPEED_CHECK(speed_gauge_register_callback(m, "speed_kv_cache_usage_ratio", "Reserved / total KV bytes", g_kv_ratio,
+                                              n, NULL));
     SPEED_CHECK(speed_gauge_register_callback(m, "speed_kv_blocks_reserved", "KV blocks held by requests",
                                               g_blocks_reserved, n, NULL));
-    SPEED_CHECK(speed_gauge_register_callback(m, "speed_kv_blocks_total", "KV blocks in the pools", g_blocks_total, n, NULL));
+    SPEED_CHECK(
+        speed_gauge_register_callback(m, "speed_kv_blocks_total", "KV blocks in the pools", g_blocks_total, n, NULL));
     SPEED_CHECK(speed_gauge_register_callback(m, "speed_kv_cache_used_bytes", "KV bytes holding entries",
                                               g_kv_bytes_used, n, NULL));
     SPEED_CHECK(speed_counter_register(m, "speed_kv_transfer_bytes_total", "KV bytes moved over UCX", NULL, 0,
                                        &n->m_xfer_bytes));
     size_t nb;
     const double *b = speed_histogram_latency_buckets(&nb);
-    SPEED_CHECK(speed_histogram_register(m, "speed_kv_transfer_seconds", "KV transfer time per request", NULL, 0, b,
-                                         nb, &n->m_xfer_seconds));
+    SPEED_CHECK(speed_histogram_register(m, "speed_kv_transfer_seconds", "KV transfer time per request", NULL, 0, b, nb,
+                                         &n->m_xfer_seconds));
     const char *stage_label[] = {"stage"};
     SPEED_CHECK(speed_counter_register(m, "speed_kv_transfer_failures_total", "KV transfers that failed, by stage",
                                        stage_label, 1, &n->m_xfer_failures));
@@ -385,8 +384,9 @@ speed_status_t speed_node_init(speed_node_t *n, const char *role, int argc, char
     }
     char *const *pos = NULL;
     if (speed_config_positional(n->cfg_handle, &pos) > 0) { /* e.g. a value after a boolean flag */
-        fprintf(stderr, "speed-%s: unexpected argument '%s' (options are --key value; booleans are --key or --no-key)\n",
-                role, pos[0]);
+        fprintf(stderr,
+                "speed-%s: unexpected argument '%s' (options are --key value; booleans are --key or --no-key)\n", role,
+                pos[0]);
         *exit_code_p = 2;
         return SPEED_ERR_INVALID_ARGUMENT;
     }
@@ -409,9 +409,11 @@ speed_status_t speed_node_init(speed_node_t *n, const char *role, int argc, char
         rp.address = n->grpc_addr;
         st = speed_rpc_server_create(&rp, &n->rpc);
     }
-    if (st == SPEED_OK) st = speed_rpc_server_add_method(n->rpc, SPEED_METHOD_NODE_HEALTH, SPEED_RPC_UNARY, on_health, n);
+    if (st == SPEED_OK)
+        st = speed_rpc_server_add_method(n->rpc, SPEED_METHOD_NODE_HEALTH, SPEED_RPC_UNARY, on_health, n);
     if (st == SPEED_OK) st = speed_rpc_server_add_method(n->rpc, SPEED_METHOD_NODE_DRAIN, SPEED_RPC_UNARY, on_drain, n);
-    if (st == SPEED_OK) st = speed_rpc_server_add_method(n->rpc, SPEED_METHOD_NODE_STATUS, SPEED_RPC_UNARY, on_status, n);
+    if (st == SPEED_OK)
+        st = speed_rpc_server_add_method(n->rpc, SPEED_METHOD_NODE_STATUS, SPEED_RPC_UNARY, on_status, n);
     if (st == SPEED_OK) {
         speed_http_server_params_t hp = speed_http_server_default_params();
         hp.host = n->cfg.host;
@@ -422,8 +424,10 @@ speed_status_t speed_node_init(speed_node_t *n, const char *role, int argc, char
     if (st == SPEED_OK) st = speed_http_server_route(n->http, "GET", "/health", on_http_health, n);
     if (st == SPEED_OK) st = speed_http_server_route_metrics(n->http, "/metrics", n->metrics);
     for (int i = 0; st == SPEED_OK && i < 4; i++) {
-        if (pthread_create(&n->workers[i], NULL, worker_main, n) != 0) st = SPEED_ERR_INTERNAL;
-        else n->n_workers++;
+        if (pthread_create(&n->workers[i], NULL, worker_main, n) != 0)
+            st = SPEED_ERR_INTERNAL;
+        else
+            n->n_workers++;
     }
     if (st != SPEED_OK) {
         fprintf(stderr, "speed-%s: %s: %s\n", role, speed_status_string(st), speed_log_last_error());
@@ -448,9 +452,10 @@ speed_status_t speed_node_start(speed_node_t *n) {
     }
     atomic_store(&n->state, SPEED_NODE_SERVING);
     speed_depth_t d = speed_batcher_depth(n->batcher);
-    SPEED_INFO(SPEED_SUBSYS_CORE, "speed-%s %lld ready: grpc %s, http %s, model %s (%d layers, C=%d A=%d T=%d), epoch %llu",
-               n->role, (long long)n->cfg.node_index, n->grpc_addr, n->http_addr, n->model_id,
-               n->model->config.n_layers, d.prefill_layers, d.anchors, d.tail, (unsigned long long)n->epoch);
+    SPEED_INFO(SPEED_SUBSYS_CORE,
+               "speed-%s %lld ready: grpc %s, http %s, model %s (%d layers, C=%d A=%d T=%d), epoch %llu", n->role,
+               (long long)n->cfg.node_index, n->grpc_addr, n->http_addr, n->model_id, n->model->config.n_layers,
+               d.prefill_layers, d.anchors, d.tail, (unsigned long long)n->epoch);
     return SPEED_OK;
 }
 

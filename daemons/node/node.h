@@ -48,7 +48,7 @@ typedef void (*speed_node_work_fn_t)(void *arg);
 typedef struct speed_node_work speed_node_work_t;
 
 typedef struct {
-    const char *role;                    /* "prefill" | "decode" */
+    const char *role; /* "prefill" | "decode" */
     speed_cluster_config_t cfg;
     speed_config_t *cfg_handle;
     const speed_pool_config_t *pool;
@@ -57,7 +57,7 @@ typedef struct {
 
     speed_model_t *model;
     speed_tok_t *tok;
-    speed_backend_t *backend;    /* rank 0's (the only one unless tensor_parallel > 1) */
+    speed_backend_t *backend;           /* rank 0's (the only one unless tensor_parallel > 1) */
     speed_backend_t *rank_backends[64]; /* [tensor_parallel]: [0] == backend */
     int n_ranks;
     speed_batcher_t *batcher;
@@ -66,17 +66,17 @@ typedef struct {
     speed_http_server_t *http;
     speed_metrics_t *metrics;
 
-    _Atomic int state;                   /* speed_node_state_t */
+    _Atomic int state; /* speed_node_state_t */
     _Atomic bool drain_requested;
     uint64_t epoch;
 
     /* metrics every node has */
-    speed_counter_t *m_requests;         /* {status} */
-    speed_counter_t *m_prompt_tokens;    /* speed_<role>_prompt_tokens_total */
+    speed_counter_t *m_requests;      /* {status} */
+    speed_counter_t *m_prompt_tokens; /* speed_<role>_prompt_tokens_total */
     speed_counter_t *m_generated_tokens;
-    speed_counter_t *m_xfer_bytes;       /* speed_kv_transfer_bytes_total */
-    speed_histogram_t *m_xfer_seconds;   /* speed_kv_transfer_seconds */
-    speed_counter_t *m_xfer_failures;    /* speed_kv_transfer_failures_total{stage} */
+    speed_counter_t *m_xfer_bytes;     /* speed_kv_transfer_bytes_total */
+    speed_histogram_t *m_xfer_seconds; /* speed_kv_transfer_seconds */
+    speed_counter_t *m_xfer_failures;  /* speed_kv_transfer_failures_total{stage} */
 
     /* worker threads for speed_node_defer */
     pthread_mutex_t work_mu;
@@ -130,8 +130,8 @@ typedef struct {
 
 /* The whole main of a node daemon: block signals, init, register the methods (user = node),
  * start, run until SIGTERM/SIGINT/Drain (grace 30 s), clean up. Returns the exit code. */
-int speed_node_main(speed_node_t *node, const char *role, const speed_node_method_t *methods, int n_methods,
-                    int argc, char **argv);
+int speed_node_main(speed_node_t *node, const char *role, const speed_node_method_t *methods, int n_methods, int argc,
+                    char **argv);
 
 /* Replies with an error status from any handler (logs at info). */
 void speed_node_fail(speed_rpc_call_t *call, speed_status_t status, const char *message);

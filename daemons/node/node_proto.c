@@ -42,7 +42,8 @@ speed_status_t speed_node_gen_from_proto(const Speed__V1__SamplingParams *sp, sp
         g.sampling.temperature = sp->temperature;
         g.sampling.top_p = sp->top_p == 0.0f ? 1.0f : sp->top_p;
         g.sampling.top_k = sp->top_k;
-        g.sampling.seed = sp->seed_opt_case == SPEED__V1__SAMPLING_PARAMS__SEED_OPT_SEED ? sp->seed : (uint64_t)speed_clock_wall_ms();
+        g.sampling.seed =
+            sp->seed_opt_case == SPEED__V1__SAMPLING_PARAMS__SEED_OPT_SEED ? sp->seed : (uint64_t)speed_clock_wall_ms();
         g.sampling.n_top_logprobs = sp->top_logprobs;
         g.stop = (const char *const *)sp->stop;
         g.n_stop = sp->n_stop;

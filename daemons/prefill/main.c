@@ -19,7 +19,7 @@ typedef struct pf {
     char id[SPEED_BATCH_ID_MAX + 1];
     Speed__V1__PrefillRequest *req;
     speed_kv_desc_t *desc;
-    speed_kv_xfer_t *xfer;          /* created at the first layer callback (engine thread) */
+    speed_kv_xfer_t *xfer; /* created at the first layer callback (engine thread) */
     int64_t n_full, n_compact;
     speed_batch_token_t first;
     char first_text[256];
@@ -30,7 +30,7 @@ typedef struct pf {
     speed_status_t status;
     double prefill_ms;
     bool submitted;
-    struct pf *next;               /* in the live list */
+    struct pf *next; /* in the live list */
 } pf_t;
 
 static speed_node_t g_node;
@@ -145,8 +145,8 @@ static void prefill_work(void *arg) {
     const Speed__V1__PrefillRequest *req = p->req;
     char err[300] = "";
     speed_status_t st = SPEED_OK;
-    speed_batch_request_t q = {.request_id = p->id, .on_event = pf_event, .on_layer = pf_layer, .user = p,
-                               .hold_kv = true};
+    speed_batch_request_t q = {
+        .request_id = p->id, .on_event = pf_event, .on_layer = pf_layer, .user = p, .hold_kv = true};
     if (!speed_node_accepting(n)) {
         st = SPEED_ERR_CANCELLED;
         snprintf(err, sizeof err, "node is draining");
@@ -158,8 +158,10 @@ static void prefill_work(void *arg) {
     if (st == SPEED_OK) {
         /* run at the depth the decode node resolved and reserved for: all of C, A and T stated */
         speed_depth_request_t want = {.prefill_layers = speed_cutoff_layers(req->kv->prefill_layers),
-                                      .has_anchors = true, .anchors = req->kv->anchors,
-                                      .has_tail = true, .tail = req->kv->tail};
+                                      .has_anchors = true,
+                                      .anchors = req->kv->anchors,
+                                      .has_tail = true,
+                                      .tail = req->kv->tail};
         speed_depth_t depth = {0, 0, 0};
         char why[200];
         if (speed_depth_resolve(&want, NULL, n->model->config.n_layers, &depth, why, sizeof why) != SPEED_OK) {

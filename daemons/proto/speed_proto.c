@@ -34,19 +34,18 @@ speed_status_t speed_proto_pack(const ProtobufCMessage *msg, uint8_t **data_p, s
     return SPEED_OK;
 }
 
-speed_status_t speed_proto_unpack(const ProtobufCMessageDescriptor *desc, const void *data,
-                                  size_t len, ProtobufCMessage **msg_p) {
+speed_status_t speed_proto_unpack(const ProtobufCMessageDescriptor *desc, const void *data, size_t len,
+                                  ProtobufCMessage **msg_p) {
     if (msg_p) *msg_p = NULL;
     if (!desc || !msg_p || (!data && len)) return SPEED_ERR_INVALID_ARGUMENT;
     static const uint8_t empty[1];
     /* Count allocations to tell an out-of-memory failure from a parse failure: protobuf-c
      * returns NULL for both. */
     int64_t injected = speed_alloc_injected_failures();
-    ProtobufCMessage *msg = protobuf_c_message_unpack(desc, &g_proto_allocator, len,
-                                                      data ? (const uint8_t *)data : empty);
+    ProtobufCMessage *msg =
+        protobuf_c_message_unpack(desc, &g_proto_allocator, len, data ? (const uint8_t *)data : empty);
     if (!msg) {
-        return speed_alloc_injected_failures() != injected ? SPEED_ERR_NO_MEMORY
-                                                           : SPEED_ERR_PARSE;
+        return speed_alloc_injected_failures() != injected ? SPEED_ERR_NO_MEMORY : SPEED_ERR_PARSE;
     }
     *msg_p = msg;
     return SPEED_OK;

@@ -33,8 +33,8 @@ speed_status_t speed_proto_pack(const ProtobufCMessage *msg, uint8_t **data_p, s
  * bytes are not a valid encoding of that type (garbage, truncation, wrong wire types);
  * SPEED_ERR_NO_MEMORY. On error *msg_p is set to NULL. Nothing is logged: the caller knows
  * which request and peer sent the bytes. */
-speed_status_t speed_proto_unpack(const ProtobufCMessageDescriptor *desc, const void *data,
-                                  size_t len, ProtobufCMessage **msg_p);
+speed_status_t speed_proto_unpack(const ProtobufCMessageDescriptor *desc, const void *data, size_t len,
+                                  ProtobufCMessage **msg_p);
 
 /* Free a message returned by speed_proto_unpack. NULL is a no-op. */
 void speed_proto_free(ProtobufCMessage *msg);

@@ -15,28 +15,25 @@ typedef struct {
     char *address;
     speed_node_state_t state;
     speed_node_load_t load;
-    int64_t pending;     /* picks since the last snapshot */
+    int64_t pending; /* picks since the last snapshot */
 } node_t;
 
 struct speed_balance_pool {
     pthread_mutex_t mu;
     char *name;
     speed_balance_policy_t policy;
-    node_t *nodes;       /* [n_nodes_max], allocated once so addresses stay put */
+    node_t *nodes; /* [n_nodes_max], allocated once so addresses stay put */
     size_t n_nodes, n_nodes_max;
-    size_t next;         /* where the next scan starts (round robin, tie rotation) */
+    size_t next; /* where the next scan starts (round robin, tie rotation) */
 };
 
-speed_balance_pool_params_t speed_balance_pool_default_params(void)
-{
+speed_balance_pool_params_t speed_balance_pool_default_params(void) {
     speed_balance_pool_params_t p = {SPEED_BALANCE_ROUND_ROBIN, 64};
     return p;
 }
 
-speed_status_t speed_balance_pool_create(const char *name,
-                                         const speed_balance_pool_params_t *params,
-                                         speed_balance_pool_t **pool_p)
-{
+speed_status_t speed_balance_pool_create(const char *name, const speed_balance_pool_params_t *params,
+                                         speed_balance_pool_t **pool_p) {
     speed_balance_pool_params_t p = params ? *params : speed_balance_pool_default_params();
     if (!pool_p || p.n_nodes_max == 0 ||
         (p.policy != SPEED_BALANCE_ROUND_ROBIN && p.policy != SPEED_BALANCE_LEAST_LOADED))
@@ -58,8 +55,7 @@ speed_status_t speed_balance_pool_create(const char *name,
     return SPEED_OK;
 }
 
-void speed_balance_pool_destroy(speed_balance_pool_t *pool)
-{
+void speed_balance_pool_destroy(speed_balance_pool_t *pool) {
     if (!pool) return;
     for (size_t i = 0; i < pool->n_nodes; i++) speed_free(pool->nodes[i].address);
     speed_free(pool->nodes);
@@ -69,19 +65,11 @@ void speed_balance_pool_destroy(speed_balance_pool_t *pool)
 }
 
 /* The mutex is logically mutable state even behind a const pool. */
-static void pool_lock(const speed_balance_pool_t *pool)
-{
-    pthread_mutex_lock((pthread_mutex_t *)&pool->mu);
-}
+static void pool_lock(const speed_balance_pool_t *pool) { pthread_mutex_lock((pthread_mutex_t *)&pool->mu); }
 
-static void pool_unlock(const speed_balance_pool_t *pool)
-{
-    pthread_mutex_unlock((pthread_mutex_t *)&pool->mu);
-}
+static void pool_unlock(const speed_balance_pool_t *pool) { pthread_mutex_unlock((pthread_mutex_t *)&pool->mu); }
 
-speed_status_t speed_balance_pool_add(speed_balance_pool_t *pool, const char *address,
-                                      size_t *index_p)
-{
+speed_status_t speed_balance_pool_add(speed_balance_pool_t *pool, const char *address, size_t *index_p) {
     if (!pool || !address || !address[0]) return SPEED_ERR_INVALID_ARGUMENT;
     char *copy = speed_strdup(address);
     if (!copy) return SPEED_ERR_NO_MEMORY;
@@ -102,8 +90,7 @@ speed_status_t speed_balance_pool_add(speed_balance_pool_t *pool, const char *ad
     return st;
 }
 
-size_t speed_balance_pool_size(const speed_balance_pool_t *pool)
-{
+size_t speed_balance_pool_size(const speed_balance_pool_t *pool) {
     if (!pool) return 0;
     pool_lock(pool);
     size_t n = pool->n_nodes;
@@ -111,8 +98,7 @@ size_t speed_balance_pool_size(const speed_balance_pool_t *pool)
     return n;
 }
 
-const char *speed_balance_pool_address(const speed_balance_pool_t *pool, size_t index)
-{
+const char *speed_balance_pool_address(const speed_balance_pool_t *pool, size_t index) {
     if (!pool) return NULL;
     pool_lock(pool);
     const char *a = index < pool->n_nodes ? pool->nodes[index].address : NULL;
@@ -120,9 +106,7 @@ const char *speed_balance_pool_address(const speed_balance_pool_t *pool, size_t 
     return a;
 }
 
-speed_status_t speed_balance_pool_set_load(speed_balance_pool_t *pool, size_t index,
-                                           const speed_node_load_t *load)
-{
+speed_status_t speed_balance_pool_set_load(speed_balance_pool_t *pool, size_t index, const speed_node_load_t *load) {
     if (!pool || !load) return SPEED_ERR_INVALID_ARGUMENT;
     speed_status_t st = SPEED_OK;
     pool_lock(pool);
@@ -137,9 +121,7 @@ speed_status_t speed_balance_pool_set_load(speed_balance_pool_t *pool, size_t in
 }
 
 /* Applies a state change; `from_mask` says which states it applies to. */
-static speed_status_t set_state(speed_balance_pool_t *pool, size_t index, unsigned from_mask,
-                                speed_node_state_t to)
-{
+static speed_status_t set_state(speed_balance_pool_t *pool, size_t index, unsigned from_mask, speed_node_state_t to) {
     if (!pool) return SPEED_ERR_INVALID_ARGUMENT;
     speed_node_state_t was = SPEED_NODE_UP;
     bool changed = false;
@@ -156,63 +138,56 @@ static speed_status_t set_state(speed_balance_pool_t *pool, size_t index, unsign
     }
     pool_unlock(pool);
     if (changed && to == SPEED_NODE_DOWN)
-        speed_log(SPEED_LOG_WARN, SPEED_SUBSYS_NET, NULL, "%s pool: node %s marked down",
-                  pool->name, pool->nodes[index].address);
+        speed_log(SPEED_LOG_WARN, SPEED_SUBSYS_NET, NULL, "%s pool: node %s marked down", pool->name,
+                  pool->nodes[index].address);
     else if (changed && was == SPEED_NODE_DOWN)
-        speed_log(SPEED_LOG_INFO, SPEED_SUBSYS_NET, NULL, "%s pool: node %s back up",
-                  pool->name, pool->nodes[index].address);
+        speed_log(SPEED_LOG_INFO, SPEED_SUBSYS_NET, NULL, "%s pool: node %s back up", pool->name,
+                  pool->nodes[index].address);
     return SPEED_OK;
 }
 
 #define STATE_BIT(s) (1u << (s))
 
-speed_status_t speed_balance_pool_mark_down(speed_balance_pool_t *pool, size_t index)
-{
+speed_status_t speed_balance_pool_mark_down(speed_balance_pool_t *pool, size_t index) {
     /* A draining node that fails is gone as well; health brings it back as UP. */
-    return set_state(pool, index, STATE_BIT(SPEED_NODE_UP) | STATE_BIT(SPEED_NODE_DRAINING),
-                     SPEED_NODE_DOWN);
+    return set_state(pool, index, STATE_BIT(SPEED_NODE_UP) | STATE_BIT(SPEED_NODE_DRAINING), SPEED_NODE_DOWN);
 }
 
-speed_status_t speed_balance_pool_mark_up(speed_balance_pool_t *pool, size_t index)
-{
+speed_status_t speed_balance_pool_mark_up(speed_balance_pool_t *pool, size_t index) {
     return set_state(pool, index, STATE_BIT(SPEED_NODE_DOWN), SPEED_NODE_UP);
 }
 
-speed_status_t speed_balance_pool_set_draining(speed_balance_pool_t *pool, size_t index,
-                                               bool draining)
-{
+speed_status_t speed_balance_pool_set_draining(speed_balance_pool_t *pool, size_t index, bool draining) {
     if (draining)
-        return set_state(pool, index, STATE_BIT(SPEED_NODE_UP) | STATE_BIT(SPEED_NODE_DOWN),
-                         SPEED_NODE_DRAINING);
+        return set_state(pool, index, STATE_BIT(SPEED_NODE_UP) | STATE_BIT(SPEED_NODE_DOWN), SPEED_NODE_DRAINING);
     return set_state(pool, index, STATE_BIT(SPEED_NODE_DRAINING), SPEED_NODE_UP);
 }
 
-speed_status_t speed_balance_pool_state(const speed_balance_pool_t *pool, size_t index,
-                                        speed_node_state_t *state_p)
-{
+speed_status_t speed_balance_pool_state(const speed_balance_pool_t *pool, size_t index, speed_node_state_t *state_p) {
     if (!pool || !state_p) return SPEED_ERR_INVALID_ARGUMENT;
     speed_status_t st = SPEED_OK;
     pool_lock(pool);
-    if (index < pool->n_nodes) *state_p = pool->nodes[index].state;
-    else st = SPEED_ERR_INVALID_ARGUMENT;
+    if (index < pool->n_nodes)
+        *state_p = pool->nodes[index].state;
+    else
+        st = SPEED_ERR_INVALID_ARGUMENT;
     pool_unlock(pool);
     return st;
 }
 
-speed_status_t speed_balance_pool_pending(const speed_balance_pool_t *pool, size_t index,
-                                          int64_t *pending_p)
-{
+speed_status_t speed_balance_pool_pending(const speed_balance_pool_t *pool, size_t index, int64_t *pending_p) {
     if (!pool || !pending_p) return SPEED_ERR_INVALID_ARGUMENT;
     speed_status_t st = SPEED_OK;
     pool_lock(pool);
-    if (index < pool->n_nodes) *pending_p = pool->nodes[index].pending;
-    else st = SPEED_ERR_INVALID_ARGUMENT;
+    if (index < pool->n_nodes)
+        *pending_p = pool->nodes[index].pending;
+    else
+        st = SPEED_ERR_INVALID_ARGUMENT;
     pool_unlock(pool);
     return st;
 }
 
-size_t speed_balance_pool_n_up(const speed_balance_pool_t *pool)
-{
+size_t speed_balance_pool_n_up(const speed_balance_pool_t *pool) {
     if (!pool) return 0;
     size_t n = 0;
     pool_lock(pool);
@@ -221,16 +196,14 @@ size_t speed_balance_pool_n_up(const speed_balance_pool_t *pool)
     return n;
 }
 
-static bool excluded(const size_t *exclude, size_t n_exclude, size_t index)
-{
+static bool excluded(const size_t *exclude, size_t n_exclude, size_t index) {
     for (size_t i = 0; i < n_exclude; i++)
         if (exclude[i] == index) return true;
     return false;
 }
 
-speed_status_t speed_balance_pool_pick(speed_balance_pool_t *pool, const size_t *exclude,
-                                       size_t n_exclude, size_t *index_p)
-{
+speed_status_t speed_balance_pool_pick(speed_balance_pool_t *pool, const size_t *exclude, size_t n_exclude,
+                                       size_t *index_p) {
     if (!pool || !index_p || (n_exclude > 0 && !exclude)) return SPEED_ERR_INVALID_ARGUMENT;
     pool_lock(pool);
     size_t n = pool->n_nodes, best = SIZE_MAX;
@@ -245,8 +218,7 @@ speed_status_t speed_balance_pool_pick(speed_balance_pool_t *pool, const size_t 
             break;
         }
         int64_t score = (int64_t)node->load.n_running + node->load.n_waiting + node->pending;
-        if (best == SIZE_MAX || score < best_score ||
-            (score == best_score && node->load.kv_usage < best_kv)) {
+        if (best == SIZE_MAX || score < best_score || (score == best_score && node->load.kv_usage < best_kv)) {
             best = i;
             best_score = score;
             best_kv = node->load.kv_usage;
@@ -266,8 +238,8 @@ speed_status_t speed_balance_pool_pick(speed_balance_pool_t *pool, const size_t 
 
 typedef struct waiter {
     pthread_cond_t cv;
-    bool granted;        /* a released slot was handed to this waiter */
-    bool cancelled;      /* the limiter was closed */
+    bool granted;   /* a released slot was handed to this waiter */
+    bool cancelled; /* the limiter was closed */
     struct waiter *next;
 } waiter_t;
 
@@ -276,22 +248,18 @@ struct speed_admission {
     speed_admission_params_t params;
     int32_t in_flight;
     int32_t n_waiting;
-    waiter_t *head, *tail;   /* FIFO of waiters (their structs live on their stacks) */
+    waiter_t *head, *tail; /* FIFO of waiters (their structs live on their stacks) */
     bool closed;
 };
 
-speed_admission_params_t speed_admission_default_params(void)
-{
+speed_admission_params_t speed_admission_default_params(void) {
     speed_admission_params_t p = {256, 1024, 30000, 1};
     return p;
 }
 
-speed_status_t speed_admission_create(const speed_admission_params_t *params,
-                                      speed_admission_t **adm_p)
-{
+speed_status_t speed_admission_create(const speed_admission_params_t *params, speed_admission_t **adm_p) {
     speed_admission_params_t p = params ? *params : speed_admission_default_params();
-    if (!adm_p || p.max_in_flight < 1 || p.max_waiting < 0 || p.wait_timeout_ms < 0 ||
-        p.retry_after_s < 1)
+    if (!adm_p || p.max_in_flight < 1 || p.max_waiting < 0 || p.wait_timeout_ms < 0 || p.retry_after_s < 1)
         return SPEED_ERR_INVALID_ARGUMENT;
     speed_admission_t *a = speed_calloc(1, sizeof *a);
     if (!a) return SPEED_ERR_NO_MEMORY;
@@ -301,29 +269,28 @@ speed_status_t speed_admission_create(const speed_admission_params_t *params,
     return SPEED_OK;
 }
 
-void speed_admission_destroy(speed_admission_t *adm)
-{
+void speed_admission_destroy(speed_admission_t *adm) {
     if (!adm) return;
     SPEED_ASSERT(adm->head == NULL);
     pthread_mutex_destroy(&adm->mu);
     speed_free(adm);
 }
 
-static void unlink_waiter(speed_admission_t *a, waiter_t *w)
-{
+static void unlink_waiter(speed_admission_t *a, waiter_t *w) {
     waiter_t *prev = NULL;
     for (waiter_t *it = a->head; it; prev = it, it = it->next) {
         if (it != w) continue;
-        if (prev) prev->next = it->next;
-        else a->head = it->next;
+        if (prev)
+            prev->next = it->next;
+        else
+            a->head = it->next;
         if (a->tail == it) a->tail = prev;
         a->n_waiting--;
         return;
     }
 }
 
-speed_status_t speed_admission_acquire(speed_admission_t *adm)
-{
+speed_status_t speed_admission_acquire(speed_admission_t *adm) {
     if (!adm) return SPEED_ERR_INVALID_ARGUMENT;
     pthread_mutex_lock(&adm->mu);
     if (adm->closed) {
@@ -342,19 +309,22 @@ speed_status_t speed_admission_acquire(speed_admission_t *adm)
 
     waiter_t w = {.granted = false, .cancelled = false, .next = NULL};
     speed_clock_cond_init(&w.cv);
-    if (adm->tail) adm->tail->next = &w;
-    else adm->head = &w;
+    if (adm->tail)
+        adm->tail->next = &w;
+    else
+        adm->head = &w;
     adm->tail = &w;
     adm->n_waiting++;
 
     struct timespec deadline = speed_clock_deadline(CLOCK_MONOTONIC, adm->params.wait_timeout_ms);
     int rc = 0;
-    while (!w.granted && !w.cancelled && rc != ETIMEDOUT)
-        rc = pthread_cond_timedwait(&w.cv, &adm->mu, &deadline);
+    while (!w.granted && !w.cancelled && rc != ETIMEDOUT) rc = pthread_cond_timedwait(&w.cv, &adm->mu, &deadline);
 
     speed_status_t st;
-    if (w.granted) st = SPEED_OK;             /* a slot arrived, even if at the deadline */
-    else if (w.cancelled) st = SPEED_ERR_CANCELLED;
+    if (w.granted)
+        st = SPEED_OK; /* a slot arrived, even if at the deadline */
+    else if (w.cancelled)
+        st = SPEED_ERR_CANCELLED;
     else {
         unlink_waiter(adm, &w);
         st = SPEED_ERR_TIMEOUT;
@@ -364,12 +334,11 @@ speed_status_t speed_admission_acquire(speed_admission_t *adm)
     return st;
 }
 
-void speed_admission_release(speed_admission_t *adm)
-{
+void speed_admission_release(speed_admission_t *adm) {
     if (!adm) return;
     pthread_mutex_lock(&adm->mu);
     waiter_t *w = adm->head;
-    if (w) {   /* hand the slot over: in_flight stays the same */
+    if (w) { /* hand the slot over: in_flight stays the same */
         adm->head = w->next;
         if (!adm->head) adm->tail = NULL;
         adm->n_waiting--;
@@ -382,8 +351,7 @@ void speed_admission_release(speed_admission_t *adm)
     pthread_mutex_unlock(&adm->mu);
 }
 
-void speed_admission_close(speed_admission_t *adm)
-{
+void speed_admission_close(speed_admission_t *adm) {
     if (!adm) return;
     pthread_mutex_lock(&adm->mu);
     adm->closed = true;
@@ -398,8 +366,7 @@ void speed_admission_close(speed_admission_t *adm)
     pthread_mutex_unlock(&adm->mu);
 }
 
-int32_t speed_admission_in_flight(speed_admission_t *adm)
-{
+int32_t speed_admission_in_flight(speed_admission_t *adm) {
     if (!adm) return 0;
     pthread_mutex_lock(&adm->mu);
     int32_t n = adm->in_flight;
@@ -407,8 +374,7 @@ int32_t speed_admission_in_flight(speed_admission_t *adm)
     return n;
 }
 
-int32_t speed_admission_waiting(speed_admission_t *adm)
-{
+int32_t speed_admission_waiting(speed_admission_t *adm) {
     if (!adm) return 0;
     pthread_mutex_lock(&adm->mu);
     int32_t n = adm->n_waiting;
@@ -416,7 +382,4 @@ int32_t speed_admission_waiting(speed_admission_t *adm)
     return n;
 }
 
-int32_t speed_admission_retry_after(const speed_admission_t *adm)
-{
-    return adm ? adm->params.retry_after_s : 1;
-}
+int32_t speed_admission_retry_after(const speed_admission_t *adm) { return adm ? adm->params.retry_after_s : 1; }

@@ -43,21 +43,21 @@ typedef enum {
 } speed_balance_policy_t;
 
 typedef enum {
-    SPEED_NODE_UP = 0,     /* takes requests */
-    SPEED_NODE_DOWN,       /* failed; back UP after a successful health check */
-    SPEED_NODE_DRAINING,   /* finishing its requests, takes no new ones */
+    SPEED_NODE_UP = 0,   /* takes requests */
+    SPEED_NODE_DOWN,     /* failed; back UP after a successful health check */
+    SPEED_NODE_DRAINING, /* finishing its requests, takes no new ones */
 } speed_node_state_t;
 
 /* A node's status snapshot (from its Health reply). */
 typedef struct {
-    int32_t n_running;     /* requests being computed */
-    int32_t n_waiting;     /* requests queued on the node */
-    double kv_usage;       /* KV cache usage ratio [0, 1] */
+    int32_t n_running; /* requests being computed */
+    int32_t n_waiting; /* requests queued on the node */
+    double kv_usage;   /* KV cache usage ratio [0, 1] */
 } speed_node_load_t;
 
 typedef struct {
     speed_balance_policy_t policy;
-    size_t n_nodes_max;    /* capacity of the pool (nodes are never removed), >= 1 */
+    size_t n_nodes_max; /* capacity of the pool (nodes are never removed), >= 1 */
 } speed_balance_pool_params_t;
 
 /* ROUND_ROBIN, 64 nodes. */
@@ -68,17 +68,15 @@ typedef struct speed_balance_pool speed_balance_pool_t;
 /* name (e.g. "decode") is copied; used in log lines. params may be NULL (defaults).
  * Returns SPEED_OK, SPEED_ERR_INVALID_ARGUMENT (NULL pool_p, n_nodes_max 0, unknown
  * policy) or SPEED_ERR_NO_MEMORY. */
-speed_status_t speed_balance_pool_create(const char *name,
-                                         const speed_balance_pool_params_t *params,
+speed_status_t speed_balance_pool_create(const char *name, const speed_balance_pool_params_t *params,
                                          speed_balance_pool_t **pool_p);
-void speed_balance_pool_destroy(speed_balance_pool_t *pool);   /* NULL ok */
+void speed_balance_pool_destroy(speed_balance_pool_t *pool); /* NULL ok */
 
 /* Adds a node (state UP, load zero); its index (0, 1, ...) is stable for the pool's life.
  * index_p may be NULL. Returns SPEED_OK, SPEED_ERR_INVALID_ARGUMENT (NULL or empty
  * address, or an address already in the pool), SPEED_ERR_CAPACITY (n_nodes_max reached)
  * or SPEED_ERR_NO_MEMORY. */
-speed_status_t speed_balance_pool_add(speed_balance_pool_t *pool, const char *address,
-                                      size_t *index_p);
+speed_status_t speed_balance_pool_add(speed_balance_pool_t *pool, const char *address, size_t *index_p);
 
 size_t speed_balance_pool_size(const speed_balance_pool_t *pool);
 /* The address given to add (owned by the pool, valid until destroy); NULL if out of
@@ -87,37 +85,33 @@ const char *speed_balance_pool_address(const speed_balance_pool_t *pool, size_t 
 
 /* The following return SPEED_OK or SPEED_ERR_INVALID_ARGUMENT (index out of range). */
 /* Replaces the node's snapshot and forgets the picks counted since the previous one. */
-speed_status_t speed_balance_pool_set_load(speed_balance_pool_t *pool, size_t index,
-                                           const speed_node_load_t *load);
+speed_status_t speed_balance_pool_set_load(speed_balance_pool_t *pool, size_t index, const speed_node_load_t *load);
 /* After a failure (logged at warn on the UP → DOWN transition). */
 speed_status_t speed_balance_pool_mark_down(speed_balance_pool_t *pool, size_t index);
 /* After a successful health check: DOWN → UP (a DRAINING node stays DRAINING). */
 speed_status_t speed_balance_pool_mark_up(speed_balance_pool_t *pool, size_t index);
 /* draining true: → DRAINING; false: DRAINING → UP. */
-speed_status_t speed_balance_pool_set_draining(speed_balance_pool_t *pool, size_t index,
-                                               bool draining);
-speed_status_t speed_balance_pool_state(const speed_balance_pool_t *pool, size_t index,
-                                        speed_node_state_t *state_p);
+speed_status_t speed_balance_pool_set_draining(speed_balance_pool_t *pool, size_t index, bool draining);
+speed_status_t speed_balance_pool_state(const speed_balance_pool_t *pool, size_t index, speed_node_state_t *state_p);
 /* Picks made on the node since its last snapshot. */
-speed_status_t speed_balance_pool_pending(const speed_balance_pool_t *pool, size_t index,
-                                          int64_t *pending_p);
+speed_status_t speed_balance_pool_pending(const speed_balance_pool_t *pool, size_t index, int64_t *pending_p);
 
 /* Picks a node by the pool's policy, skipping nodes not UP and the n_exclude indices in
  * exclude (may be NULL when n_exclude is 0). Returns SPEED_OK with *index_p set,
  * SPEED_ERR_PEER_UNREACHABLE when no node is eligible (→ 503), or
  * SPEED_ERR_INVALID_ARGUMENT (NULL arguments). */
-speed_status_t speed_balance_pool_pick(speed_balance_pool_t *pool, const size_t *exclude,
-                                       size_t n_exclude, size_t *index_p);
+speed_status_t speed_balance_pool_pick(speed_balance_pool_t *pool, const size_t *exclude, size_t n_exclude,
+                                       size_t *index_p);
 /* Number of UP nodes. */
 size_t speed_balance_pool_n_up(const speed_balance_pool_t *pool);
 
 /* ---- admission --------------------------------------------------------------------- */
 
 typedef struct {
-    int32_t max_in_flight;     /* requests holding a slot, >= 1 */
-    int32_t max_waiting;       /* requests queued for a slot, >= 0 (0 = refuse at once) */
-    int64_t wait_timeout_ms;   /* longest wait in the queue, >= 0 */
-    int32_t retry_after_s;     /* Retry-After seconds to send with a 429, >= 1 */
+    int32_t max_in_flight;   /* requests holding a slot, >= 1 */
+    int32_t max_waiting;     /* requests queued for a slot, >= 0 (0 = refuse at once) */
+    int64_t wait_timeout_ms; /* longest wait in the queue, >= 0 */
+    int32_t retry_after_s;   /* Retry-After seconds to send with a 429, >= 1 */
 } speed_admission_params_t;
 
 /* 256 in flight, 1024 waiting, 30 s timeout, Retry-After 1 s. */
@@ -127,8 +121,7 @@ typedef struct speed_admission speed_admission_t;
 
 /* params may be NULL (defaults). Returns SPEED_OK, SPEED_ERR_INVALID_ARGUMENT (bounds
  * above violated) or SPEED_ERR_NO_MEMORY. */
-speed_status_t speed_admission_create(const speed_admission_params_t *params,
-                                      speed_admission_t **adm_p);
+speed_status_t speed_admission_create(const speed_admission_params_t *params, speed_admission_t **adm_p);
 /* No thread may be waiting in acquire (call speed_admission_close and let them return
  * first). NULL ok. */
 void speed_admission_destroy(speed_admission_t *adm);
@@ -147,6 +140,6 @@ void speed_admission_close(speed_admission_t *adm);
 
 int32_t speed_admission_in_flight(speed_admission_t *adm);
 int32_t speed_admission_waiting(speed_admission_t *adm);
-int32_t speed_admission_retry_after(const speed_admission_t *adm);   /* seconds */
+int32_t speed_admission_retry_after(const speed_admission_t *adm); /* seconds */
 
 #endif /* SPEED_ROUTER_BALANCE_H */

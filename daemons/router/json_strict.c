@@ -5,17 +5,23 @@
 
 #include <string.h>
 
-size_t speed_json_strict_utf8_len(const unsigned char *s, size_t n)
-{
+size_t speed_json_strict_utf8_len(const unsigned char *s, size_t n) {
     if (n == 0) return 0;
     unsigned char c = s[0];
     if (c < 0x80) return 1;
     size_t len;
     unsigned cp;
-    if (c >= 0xC2 && c <= 0xDF) { len = 2; cp = c & 0x1F; }
-    else if (c >= 0xE0 && c <= 0xEF) { len = 3; cp = c & 0x0F; }
-    else if (c >= 0xF0 && c <= 0xF4) { len = 4; cp = c & 0x07; }
-    else return 0;
+    if (c >= 0xC2 && c <= 0xDF) {
+        len = 2;
+        cp = c & 0x1F;
+    } else if (c >= 0xE0 && c <= 0xEF) {
+        len = 3;
+        cp = c & 0x0F;
+    } else if (c >= 0xF0 && c <= 0xF4) {
+        len = 4;
+        cp = c & 0x07;
+    } else
+        return 0;
     if (n < len) return 0;
     for (size_t i = 1; i < len; i++) {
         if ((s[i] & 0xC0) != 0x80) return 0;
@@ -30,21 +36,19 @@ typedef struct {
     const unsigned char *p, *end;
 } syn_t;
 
-static void syn_ws(syn_t *s)
-{
-    while (s->p < s->end && (*s->p == ' ' || *s->p == '\t' || *s->p == '\n' || *s->p == '\r'))
-        s->p++;
+static void syn_ws(syn_t *s) {
+    while (s->p < s->end && (*s->p == ' ' || *s->p == '\t' || *s->p == '\n' || *s->p == '\r')) s->p++;
 }
 
-static int syn_hex4(syn_t *s)
-{
+static int syn_hex4(syn_t *s) {
     if (s->end - s->p < 4) return -1;
     int v = 0;
     for (int i = 0; i < 4; i++) {
         unsigned char c = s->p[i];
-        int d = c >= '0' && c <= '9' ? c - '0'
-              : c >= 'a' && c <= 'f' ? c - 'a' + 10
-              : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+        int d = c >= '0' && c <= '9'   ? c - '0'
+                : c >= 'a' && c <= 'f' ? c - 'a' + 10
+                : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                       : -1;
         if (d < 0) return -1;
         v = v * 16 + d;
     }
@@ -52,9 +56,8 @@ static int syn_hex4(syn_t *s)
     return v;
 }
 
-static bool syn_string(syn_t *s)
-{
-    s->p++;   /* opening quote */
+static bool syn_string(syn_t *s) {
+    s->p++; /* opening quote */
     while (s->p < s->end) {
         unsigned char c = *s->p;
         if (c == '"') {
@@ -67,14 +70,14 @@ static bool syn_string(syn_t *s)
             c = *s->p++;
             if (c == 'u') {
                 int u = syn_hex4(s);
-                if (u <= 0 || (u >= 0xDC00 && u <= 0xDFFF)) return false;   /* NUL, lone low */
+                if (u <= 0 || (u >= 0xDC00 && u <= 0xDFFF)) return false; /* NUL, lone low */
                 if (u >= 0xD800 && u <= 0xDBFF) {
                     if (s->end - s->p < 2 || s->p[0] != '\\' || s->p[1] != 'u') return false;
                     s->p += 2;
                     int lo = syn_hex4(s);
                     if (lo < 0xDC00 || lo > 0xDFFF) return false;
                 }
-            } else if (!strchr("\"\\/bfnrt", c) || c == '\0') {   /* strchr finds '\0' */
+            } else if (!strchr("\"\\/bfnrt", c) || c == '\0') { /* strchr finds '\0' */
                 return false;
             }
             continue;
@@ -86,18 +89,18 @@ static bool syn_string(syn_t *s)
     return false;
 }
 
-static bool syn_digits(syn_t *s)
-{
+static bool syn_digits(syn_t *s) {
     const unsigned char *start = s->p;
     while (s->p < s->end && *s->p >= '0' && *s->p <= '9') s->p++;
     return s->p > start;
 }
 
-static bool syn_number(syn_t *s)
-{
+static bool syn_number(syn_t *s) {
     if (*s->p == '-') s->p++;
-    if (s->p < s->end && *s->p == '0') s->p++;
-    else if (!syn_digits(s)) return false;
+    if (s->p < s->end && *s->p == '0')
+        s->p++;
+    else if (!syn_digits(s))
+        return false;
     if (s->p < s->end && *s->p == '.') {
         s->p++;
         if (!syn_digits(s)) return false;
@@ -110,8 +113,7 @@ static bool syn_number(syn_t *s)
     return true;
 }
 
-static bool syn_word(syn_t *s, const char *w)
-{
+static bool syn_word(syn_t *s, const char *w) {
     size_t n = strlen(w);
     if ((size_t)(s->end - s->p) < n || memcmp(s->p, w, n) != 0) return false;
     s->p += n;
@@ -119,8 +121,7 @@ static bool syn_word(syn_t *s, const char *w)
 }
 
 /* depth: the arrays and objects already open around this value. */
-static bool syn_value(syn_t *s, int depth)
-{
+static bool syn_value(syn_t *s, int depth) {
     syn_ws(s);
     if (s->p >= s->end) return false;
     unsigned char c = *s->p;
@@ -158,8 +159,7 @@ static bool syn_value(syn_t *s, int depth)
     }
 }
 
-bool speed_json_strict_check(const char *text, size_t len)
-{
+bool speed_json_strict_check(const char *text, size_t len) {
     if (!text) return false;
     syn_t s = {(const unsigned char *)text, (const unsigned char *)text + len};
     if (!syn_value(&s, 0)) return false;

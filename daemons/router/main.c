@@ -29,8 +29,7 @@
 #define EXIT_USAGE 2
 
 /* The model's depth and context from config.json (the router never loads weights). */
-static speed_status_t read_model_shape(const char *dir, int32_t *n_layers_p, int64_t *n_ctx_p)
-{
+static speed_status_t read_model_shape(const char *dir, int32_t *n_layers_p, int64_t *n_ctx_p) {
     char path[4096];
     snprintf(path, sizeof path, "%s/config.json", dir);
     json_error_t jerr;
@@ -43,8 +42,7 @@ static speed_status_t read_model_shape(const char *dir, int32_t *n_layers_p, int
     json_t *layers = json_object_get(root, "num_hidden_layers");
     json_t *ctx = json_object_get(root, "max_position_embeddings");
     speed_status_t st = SPEED_OK;
-    if (!json_is_integer(layers) || json_integer_value(layers) < 1 ||
-        json_integer_value(layers) > 4096) {
+    if (!json_is_integer(layers) || json_integer_value(layers) < 1 || json_integer_value(layers) > 4096) {
         SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: num_hidden_layers missing or out of range", path);
         st = SPEED_ERR_FORMAT;
     } else if (!json_is_integer(ctx) || json_integer_value(ctx) < 2) {
@@ -59,8 +57,7 @@ static speed_status_t read_model_shape(const char *dir, int32_t *n_layers_p, int
 }
 
 /* The served model name: the configured one, else the model directory's base name. */
-static void model_name(const speed_cluster_config_t *cfg, char *out, size_t cap)
-{
+static void model_name(const speed_cluster_config_t *cfg, char *out, size_t cap) {
     if (cfg->served_model_name && cfg->served_model_name[0]) {
         snprintf(out, cap, "%s", cfg->served_model_name);
         return;
@@ -72,8 +69,7 @@ static void model_name(const speed_cluster_config_t *cfg, char *out, size_t cap)
     snprintf(out, cap, "%.*s", (int)(n - b), cfg->model + b);
 }
 
-int main(int argc, char **argv)
-{
+int main(int argc, char **argv) {
     /* Before any thread exists: every thread inherits the mask (signals.h). */
     sigset_t sigs;
     speed_signals_block_stop(&sigs);
@@ -147,8 +143,8 @@ int main(int argc, char **argv)
     int sig = speed_signals_wait(&sigs, -1);
     SPEED_INFO(SPEED_SUBSYS_NET, "router: %s, draining", sig == SIGINT ? "SIGINT" : "SIGTERM");
     speed_router_drain(rt);
-    int64_t grace = cfg.request_timeout_ms < SPEED_ROUTER_DRAIN_GRACE_MS ? cfg.request_timeout_ms
-                                                                          : SPEED_ROUTER_DRAIN_GRACE_MS;
+    int64_t grace =
+        cfg.request_timeout_ms < SPEED_ROUTER_DRAIN_GRACE_MS ? cfg.request_timeout_ms : SPEED_ROUTER_DRAIN_GRACE_MS;
     int64_t t0 = speed_clock_mono_ms();
     for (;;) {
         if (speed_router_wait_idle(rt, 100)) break;

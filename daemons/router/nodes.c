@@ -14,7 +14,7 @@
 typedef struct {
     char address[96];
     speed_rpc_channel_t *channel;
-    speed_gauge_t *up_gauge;          /* speed_router_node_up{pool,node} */
+    speed_gauge_t *up_gauge; /* speed_router_node_up{pool,node} */
 } node_t;
 
 struct speed_router_nodes {
@@ -27,33 +27,28 @@ struct speed_router_nodes {
     pthread_t thread;
     bool thread_started;
     pthread_mutex_t lock;
-    pthread_cond_t cond;              /* CLOCK_MONOTONIC: wakes the poller to stop */
+    pthread_cond_t cond; /* CLOCK_MONOTONIC: wakes the poller to stop */
     bool stop;
     _Atomic uint64_t polls;
 };
 
-const char *speed_router_pool_name(speed_router_pool_id_t pool)
-{
+const char *speed_router_pool_name(speed_router_pool_id_t pool) {
     switch (pool) {
     case SPEED_ROUTER_POOL_PREFILL: return "prefill";
-    case SPEED_ROUTER_POOL_DECODE:  return "decode";
-    default:                        return "unknown";
+    case SPEED_ROUTER_POOL_DECODE: return "decode";
+    default: return "unknown";
     }
 }
 
-static void update_gauge(speed_router_nodes_t *n, speed_router_pool_id_t p, size_t i)
-{
+static void update_gauge(speed_router_nodes_t *n, speed_router_pool_id_t p, size_t i) {
     speed_node_state_t state = SPEED_NODE_DOWN;
     speed_balance_pool_state(n->pools[p], i, &state);
     if (n->nodes[p][i].up_gauge) speed_gauge_set(n->nodes[p][i].up_gauge, state == SPEED_NODE_UP);
 }
 
-speed_status_t speed_router_nodes_create(const speed_router_nodes_params_t *params,
-                                         speed_router_nodes_t **nodes_p)
-{
+speed_status_t speed_router_nodes_create(const speed_router_nodes_params_t *params, speed_router_nodes_t **nodes_p) {
     if (!params || !nodes_p || !params->host || params->status_interval_ms < 10 ||
-        params->n_nodes[SPEED_ROUTER_POOL_DECODE] < 1 ||
-        params->n_nodes[SPEED_ROUTER_POOL_PREFILL] < 0)
+        params->n_nodes[SPEED_ROUTER_POOL_DECODE] < 1 || params->n_nodes[SPEED_ROUTER_POOL_PREFILL] < 0)
         return SPEED_ERR_INVALID_ARGUMENT;
     speed_router_nodes_t *n = speed_calloc(1, sizeof(*n));
     if (!n) return SPEED_ERR_NO_MEMORY;
@@ -69,8 +64,7 @@ speed_status_t speed_router_nodes_create(const speed_router_nodes_params_t *para
     if (params->metrics) {
         static const char *const labels[] = {"pool", "node"};
         st = speed_gauge_register(params->metrics, "speed_router_node_up",
-                                  "1 while the router sends requests to the node", labels, 2,
-                                  &up_family);
+                                  "1 while the router sends requests to the node", labels, 2, &up_family);
     }
     for (int p = 0; p < SPEED_ROUTER_POOL_COUNT && st == SPEED_OK; p++) {
         size_t count = (size_t)params->n_nodes[p];
@@ -114,8 +108,7 @@ speed_status_t speed_router_nodes_create(const speed_router_nodes_params_t *para
 }
 
 /* One Health (+ Status) round trip to one node; updates the pool and the gauge. */
-static void poll_node(speed_router_nodes_t *n, speed_router_pool_id_t p, size_t i)
-{
+static void poll_node(speed_router_nodes_t *n, speed_router_pool_id_t p, size_t i) {
     node_t *node = &n->nodes[p][i];
     speed_balance_pool_t *pool = n->pools[p];
     Speed__V1__HealthRequest hreq = SPEED__V1__HEALTH_REQUEST__INIT;
@@ -123,14 +116,13 @@ static void poll_node(speed_router_nodes_t *n, speed_router_pool_id_t p, size_t 
     size_t len = 0;
     if (speed_proto_pack(&hreq.base, &buf, &len) != SPEED_OK) return; /* next round */
     speed_rpc_reply_t reply = {0};
-    speed_status_t st = speed_rpc_unary(node->channel, SPEED_METHOD_NODE_HEALTH, buf, len,
-                                        n->rpc_timeout_ms, &reply);
+    speed_status_t st = speed_rpc_unary(node->channel, SPEED_METHOD_NODE_HEALTH, buf, len, n->rpc_timeout_ms, &reply);
     speed_free(buf);
     int state = -1;
     if (st == SPEED_OK) {
         Speed__V1__HealthReply *h = NULL;
-        if (speed_proto_unpack(&speed__v1__health_reply__descriptor, reply.data, reply.len,
-                               (ProtobufCMessage **)&h) == SPEED_OK) {
+        if (speed_proto_unpack(&speed__v1__health_reply__descriptor, reply.data, reply.len, (ProtobufCMessage **)&h) ==
+            SPEED_OK) {
             state = h->state;
             speed_proto_free(&h->base);
         }
@@ -143,37 +135,36 @@ static void poll_node(speed_router_nodes_t *n, speed_router_pool_id_t p, size_t 
     speed_node_state_t was = SPEED_NODE_DOWN;
     speed_balance_pool_state(pool, i, &was);
     if (state == SPEED__V1__NODE_STATE__NODE_STATE_SERVING) {
-        if (was == SPEED_NODE_DRAINING) speed_balance_pool_set_draining(pool, i, false);
-        else speed_balance_pool_mark_up(pool, i);
+        if (was == SPEED_NODE_DRAINING)
+            speed_balance_pool_set_draining(pool, i, false);
+        else
+            speed_balance_pool_mark_up(pool, i);
     } else if (state == SPEED__V1__NODE_STATE__NODE_STATE_DRAINING) {
         if (was != SPEED_NODE_DRAINING)
-            speed_log(SPEED_LOG_INFO, SPEED_SUBSYS_NET, NULL, "%s pool: node %s is draining",
-                      speed_router_pool_name(p), node->address);
+            speed_log(SPEED_LOG_INFO, SPEED_SUBSYS_NET, NULL, "%s pool: node %s is draining", speed_router_pool_name(p),
+                      node->address);
         speed_balance_pool_set_draining(pool, i, true);
     } else {
         if (was != SPEED_NODE_DOWN) {
             if (state < 0)
-                speed_log(SPEED_LOG_WARN, SPEED_SUBSYS_NET, NULL,
-                          "%s pool: node %s health check failed: %s",
+                speed_log(SPEED_LOG_WARN, SPEED_SUBSYS_NET, NULL, "%s pool: node %s health check failed: %s",
                           speed_router_pool_name(p), node->address, speed_status_string(st));
             else
-                speed_log(SPEED_LOG_INFO, SPEED_SUBSYS_NET, NULL,
-                          "%s pool: node %s is starting", speed_router_pool_name(p),
-                          node->address);
+                speed_log(SPEED_LOG_INFO, SPEED_SUBSYS_NET, NULL, "%s pool: node %s is starting",
+                          speed_router_pool_name(p), node->address);
         }
         speed_balance_pool_mark_down(pool, i);
     }
 
-    if (state == SPEED__V1__NODE_STATE__NODE_STATE_SERVING ||
-        state == SPEED__V1__NODE_STATE__NODE_STATE_DRAINING) {
+    if (state == SPEED__V1__NODE_STATE__NODE_STATE_SERVING || state == SPEED__V1__NODE_STATE__NODE_STATE_DRAINING) {
         Speed__V1__NodeStatusRequest sreq = SPEED__V1__NODE_STATUS_REQUEST__INIT;
         if (speed_proto_pack(&sreq.base, &buf, &len) == SPEED_OK) {
             speed_rpc_reply_t sr = {0};
-            if (speed_rpc_unary(node->channel, SPEED_METHOD_NODE_STATUS, buf, len,
-                                n->rpc_timeout_ms, &sr) == SPEED_OK) {
+            if (speed_rpc_unary(node->channel, SPEED_METHOD_NODE_STATUS, buf, len, n->rpc_timeout_ms, &sr) ==
+                SPEED_OK) {
                 Speed__V1__NodeStatus *s = NULL;
-                if (speed_proto_unpack(&speed__v1__node_status__descriptor, sr.data, sr.len,
-                                       (ProtobufCMessage **)&s) == SPEED_OK) {
+                if (speed_proto_unpack(&speed__v1__node_status__descriptor, sr.data, sr.len, (ProtobufCMessage **)&s) ==
+                    SPEED_OK) {
                     speed_node_load_t load = {s->running, s->waiting, s->kv_usage_ratio};
                     speed_balance_pool_set_load(pool, i, &load);
                     speed_proto_free(&s->base);
@@ -186,8 +177,7 @@ static void poll_node(speed_router_nodes_t *n, speed_router_pool_id_t p, size_t 
     update_gauge(n, p, i);
 }
 
-static void poll_all(speed_router_nodes_t *n)
-{
+static void poll_all(speed_router_nodes_t *n) {
     for (int p = 0; p < SPEED_ROUTER_POOL_COUNT; p++)
         for (size_t i = 0; i < n->n_nodes[p]; i++) {
             pthread_mutex_lock(&n->lock);
@@ -199,14 +189,12 @@ static void poll_all(speed_router_nodes_t *n)
     atomic_fetch_add(&n->polls, 1);
 }
 
-static void *poller_main(void *arg)
-{
+static void *poller_main(void *arg) {
     speed_router_nodes_t *n = arg;
     for (;;) {
         struct timespec until = speed_clock_deadline(CLOCK_MONOTONIC, n->interval_ms);
         pthread_mutex_lock(&n->lock);
-        while (!n->stop && pthread_cond_timedwait(&n->cond, &n->lock, &until) == 0) {
-        }
+        while (!n->stop && pthread_cond_timedwait(&n->cond, &n->lock, &until) == 0) {}
         bool stop = n->stop;
         pthread_mutex_unlock(&n->lock);
         if (stop) break;
@@ -215,8 +203,7 @@ static void *poller_main(void *arg)
     return NULL;
 }
 
-speed_status_t speed_router_nodes_start(speed_router_nodes_t *n)
-{
+speed_status_t speed_router_nodes_start(speed_router_nodes_t *n) {
     if (!n || n->thread_started) return SPEED_ERR_INVALID_ARGUMENT;
     poll_all(n);
     if (pthread_create(&n->thread, NULL, poller_main, n) != 0) {
@@ -227,8 +214,7 @@ speed_status_t speed_router_nodes_start(speed_router_nodes_t *n)
     return SPEED_OK;
 }
 
-void speed_router_nodes_stop(speed_router_nodes_t *n)
-{
+void speed_router_nodes_stop(speed_router_nodes_t *n) {
     if (!n) return;
     pthread_mutex_lock(&n->lock);
     n->stop = true;
@@ -240,8 +226,7 @@ void speed_router_nodes_stop(speed_router_nodes_t *n)
     }
 }
 
-void speed_router_nodes_destroy(speed_router_nodes_t *n)
-{
+void speed_router_nodes_destroy(speed_router_nodes_t *n) {
     if (!n) return;
     speed_router_nodes_stop(n);
     for (int p = 0; p < SPEED_ROUTER_POOL_COUNT; p++) {
@@ -254,47 +239,38 @@ void speed_router_nodes_destroy(speed_router_nodes_t *n)
     speed_free(n);
 }
 
-speed_balance_pool_t *speed_router_nodes_pool(speed_router_nodes_t *n, speed_router_pool_id_t p)
-{
+speed_balance_pool_t *speed_router_nodes_pool(speed_router_nodes_t *n, speed_router_pool_id_t p) {
     return (p >= 0 && p < SPEED_ROUTER_POOL_COUNT) ? n->pools[p] : NULL;
 }
 
-size_t speed_router_nodes_count(const speed_router_nodes_t *n, speed_router_pool_id_t p)
-{
+size_t speed_router_nodes_count(const speed_router_nodes_t *n, speed_router_pool_id_t p) {
     return (p >= 0 && p < SPEED_ROUTER_POOL_COUNT) ? n->n_nodes[p] : 0;
 }
 
-speed_rpc_channel_t *speed_router_nodes_channel(speed_router_nodes_t *n,
-                                                speed_router_pool_id_t p, size_t i)
-{
+speed_rpc_channel_t *speed_router_nodes_channel(speed_router_nodes_t *n, speed_router_pool_id_t p, size_t i) {
     if (p < 0 || p >= SPEED_ROUTER_POOL_COUNT || i >= n->n_nodes[p]) return NULL;
     return n->nodes[p][i].channel;
 }
 
-const char *speed_router_nodes_address(const speed_router_nodes_t *n, speed_router_pool_id_t p,
-                                       size_t i)
-{
+const char *speed_router_nodes_address(const speed_router_nodes_t *n, speed_router_pool_id_t p, size_t i) {
     if (p < 0 || p >= SPEED_ROUTER_POOL_COUNT || i >= n->n_nodes[p]) return NULL;
     return n->nodes[p][i].address;
 }
 
-void speed_router_nodes_fail(speed_router_nodes_t *n, speed_router_pool_id_t p, size_t i,
-                             const char *request_id, const char *why)
-{
+void speed_router_nodes_fail(speed_router_nodes_t *n, speed_router_pool_id_t p, size_t i, const char *request_id,
+                             const char *why) {
     if (p < 0 || p >= SPEED_ROUTER_POOL_COUNT || i >= n->n_nodes[p]) return;
-    speed_log(SPEED_LOG_WARN, SPEED_SUBSYS_NET, request_id, "%s node %s failed: %s",
-              speed_router_pool_name(p), n->nodes[p][i].address, why ? why : "");
+    speed_log(SPEED_LOG_WARN, SPEED_SUBSYS_NET, request_id, "%s node %s failed: %s", speed_router_pool_name(p),
+              n->nodes[p][i].address, why ? why : "");
     speed_balance_pool_mark_down(n->pools[p], i);
     update_gauge(n, p, i);
 }
 
-size_t speed_router_nodes_n_up(speed_router_nodes_t *n, speed_router_pool_id_t p)
-{
+size_t speed_router_nodes_n_up(speed_router_nodes_t *n, speed_router_pool_id_t p) {
     if (p < 0 || p >= SPEED_ROUTER_POOL_COUNT) return 0;
     return speed_balance_pool_n_up(n->pools[p]);
 }
 
-uint64_t speed_router_nodes_polls(const speed_router_nodes_t *n)
-{
+uint64_t speed_router_nodes_polls(const speed_router_nodes_t *n) {
     return atomic_load(&((speed_router_nodes_t *)n)->polls);
 }

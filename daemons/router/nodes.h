@@ -40,12 +40,12 @@ typedef enum {
 const char *speed_router_pool_name(speed_router_pool_id_t pool);
 
 typedef struct {
-    const char *host;                    /* address every node listens on (copied) */
-    int64_t n_nodes[SPEED_ROUTER_POOL_COUNT];    /* replicas; prefill may be 0 */
-    int64_t grpc_port[SPEED_ROUTER_POOL_COUNT];  /* replica i listens on grpc_port + i */
+    const char *host;                           /* address every node listens on (copied) */
+    int64_t n_nodes[SPEED_ROUTER_POOL_COUNT];   /* replicas; prefill may be 0 */
+    int64_t grpc_port[SPEED_ROUTER_POOL_COUNT]; /* replica i listens on grpc_port + i */
     speed_balance_policy_t policy[SPEED_ROUTER_POOL_COUNT];
-    int64_t status_interval_ms;          /* poll period, >= 10 */
-    speed_metrics_t *metrics;            /* registers speed_router_node_up; borrowed, must
+    int64_t status_interval_ms; /* poll period, >= 10 */
+    speed_metrics_t *metrics;   /* registers speed_router_node_up; borrowed, must
                                             outlive the nodes object */
 } speed_router_nodes_params_t;
 
@@ -54,8 +54,7 @@ typedef struct speed_router_nodes speed_router_nodes_t;
 /* Creates the pools and channels (no connection is made yet). Every node starts UP.
  * Returns SPEED_OK, SPEED_ERR_INVALID_ARGUMENT (no decode node, NULL arguments, more nodes
  * than a pool holds) or SPEED_ERR_NO_MEMORY. */
-speed_status_t speed_router_nodes_create(const speed_router_nodes_params_t *params,
-                                         speed_router_nodes_t **nodes_p);
+speed_status_t speed_router_nodes_create(const speed_router_nodes_params_t *params, speed_router_nodes_t **nodes_p);
 
 /* Polls every node once, synchronously (nodes that do not answer SERVING are DOWN when it
  * returns), then starts the poller thread. Returns SPEED_OK or SPEED_ERR_INTERNAL (the
@@ -69,19 +68,16 @@ void speed_router_nodes_stop(speed_router_nodes_t *nodes);
 void speed_router_nodes_destroy(speed_router_nodes_t *nodes);
 
 /* The pool (owned by nodes; never NULL for a valid id). */
-speed_balance_pool_t *speed_router_nodes_pool(speed_router_nodes_t *nodes,
-                                              speed_router_pool_id_t pool);
+speed_balance_pool_t *speed_router_nodes_pool(speed_router_nodes_t *nodes, speed_router_pool_id_t pool);
 size_t speed_router_nodes_count(const speed_router_nodes_t *nodes, speed_router_pool_id_t pool);
 /* The node's channel / "host:port" address (owned by nodes), NULL when out of range. */
-speed_rpc_channel_t *speed_router_nodes_channel(speed_router_nodes_t *nodes,
-                                                speed_router_pool_id_t pool, size_t index);
-const char *speed_router_nodes_address(const speed_router_nodes_t *nodes,
-                                       speed_router_pool_id_t pool, size_t index);
+speed_rpc_channel_t *speed_router_nodes_channel(speed_router_nodes_t *nodes, speed_router_pool_id_t pool, size_t index);
+const char *speed_router_nodes_address(const speed_router_nodes_t *nodes, speed_router_pool_id_t pool, size_t index);
 
 /* A request saw a node-level failure (unreachable, deadline, broken stream): DOWN now.
  * `request_id` (may be NULL) and `why` go to the log line. */
-void speed_router_nodes_fail(speed_router_nodes_t *nodes, speed_router_pool_id_t pool,
-                             size_t index, const char *request_id, const char *why);
+void speed_router_nodes_fail(speed_router_nodes_t *nodes, speed_router_pool_id_t pool, size_t index,
+                             const char *request_id, const char *why);
 
 /* Nodes UP in the pool (the decode count gates /health). */
 size_t speed_router_nodes_n_up(speed_router_nodes_t *nodes, speed_router_pool_id_t pool);

@@ -44,8 +44,8 @@
 #include "tokenizer.h"
 
 typedef enum {
-    SPEED_OPENAI_CHAT = 0,      /* POST /v1/chat/completions */
-    SPEED_OPENAI_COMPLETIONS,   /* POST /v1/completions */
+    SPEED_OPENAI_CHAT = 0,    /* POST /v1/chat/completions */
+    SPEED_OPENAI_COMPLETIONS, /* POST /v1/completions */
 } speed_openai_api_t;
 
 /* ---- errors (openai_error.c; their JSON bodies: openai_response.c) ----------------- */
@@ -72,8 +72,8 @@ typedef enum {
 typedef struct {
     speed_openai_error_kind_t kind;
     char message[SPEED_OPENAI_ERROR_MESSAGE_MAX];
-    char param[SPEED_OPENAI_ERROR_PARAM_MAX];    /* e.g. "messages[2].content" */
-    char code[SPEED_OPENAI_ERROR_CODE_MAX];      /* e.g. "invalid_type" */
+    char param[SPEED_OPENAI_ERROR_PARAM_MAX]; /* e.g. "messages[2].content" */
+    char code[SPEED_OPENAI_ERROR_CODE_MAX];   /* e.g. "invalid_type" */
 } speed_openai_error_t;
 
 /* HTTP status of a kind: 400 401 404 413 429 503 500 (500 for values outside the enum). */
@@ -82,37 +82,33 @@ int speed_openai_error_http_status(speed_openai_error_kind_t kind);
 const char *speed_openai_error_type(speed_openai_error_kind_t kind);
 
 /* Fills *err (no-op if err is NULL). param and code may be NULL (JSON null). */
-void speed_openai_error_set(speed_openai_error_t *err, speed_openai_error_kind_t kind,
-                            const char *param, const char *code, const char *fmt, ...)
-    __attribute__((format(printf, 5, 6)));
+void speed_openai_error_set(speed_openai_error_t *err, speed_openai_error_kind_t kind, const char *param,
+                            const char *code, const char *fmt, ...) __attribute__((format(printf, 5, 6)));
 /* The same with a va_list (for callers that wrap it in their own printf-like helper). */
-void speed_openai_error_setv(speed_openai_error_t *err, speed_openai_error_kind_t kind,
-                             const char *param, const char *code, const char *fmt, va_list ap)
-    __attribute__((format(printf, 5, 0)));
+void speed_openai_error_setv(speed_openai_error_t *err, speed_openai_error_kind_t kind, const char *param,
+                             const char *code, const char *fmt, va_list ap) __attribute__((format(printf, 5, 0)));
 
 /* The table from a project status to an OpenAI error: INVALID_ARGUMENT, PARSE, FORMAT,
  * UNSUPPORTED → 400; NOT_FOUND → 404 (model_not_found); TOO_LONG → 413; CAPACITY →
  * 429; TIMEOUT, CANCELLED, NO_MEMORY and peer errors → 503; IO, DEVICE, INTERNAL and
  * unknown values → 500. `message` may be NULL (then the status's own text is used).
  * SPEED_OK gives a 500 "internal error" (a caller bug, reported not crashed). */
-void speed_openai_error_from_status(speed_status_t status, const char *message,
-                                    speed_openai_error_t *err);
+void speed_openai_error_from_status(speed_status_t status, const char *message, speed_openai_error_t *err);
 
 /* Compact JSON body of an error. Returns SPEED_OK or NO_MEMORY; *json_p is speed_free'd
  * by the caller, *len_p (may be NULL) excludes the NUL. */
-speed_status_t speed_openai_error_json(const speed_openai_error_t *err, char **json_p,
-                                       size_t *len_p);
+speed_status_t speed_openai_error_json(const speed_openai_error_t *err, char **json_p, size_t *len_p);
 
 /* A static body for when even building an error failed (500, no allocation). */
 const char *speed_openai_error_fallback_json(void);
 
 /* ---- requests (openai_request.c) --------------------------------------------------- */
 
-#define SPEED_OPENAI_MAX_STOP          4
-#define SPEED_OPENAI_MAX_TOP_LOGPROBS  20
+#define SPEED_OPENAI_MAX_STOP         4
+#define SPEED_OPENAI_MAX_TOP_LOGPROBS 20
 
 typedef enum {
-    SPEED_OPENAI_ROLE_SYSTEM = 0,   /* "system" (and "developer", its newer OpenAI name) */
+    SPEED_OPENAI_ROLE_SYSTEM = 0, /* "system" (and "developer", its newer OpenAI name) */
     SPEED_OPENAI_ROLE_USER,
     SPEED_OPENAI_ROLE_ASSISTANT,
     SPEED_OPENAI_ROLE_TOOL,
@@ -123,61 +119,61 @@ const char *speed_openai_role_name(speed_openai_role_t role);
 
 typedef struct {
     speed_openai_role_t role;
-    char *content;        /* UTF-8 without NUL; text parts joined with "\n"; "" when an
+    char *content; /* UTF-8 without NUL; text parts joined with "\n"; "" when an
                              assistant message has null content */
     size_t content_len;
-    char *name;           /* optional "name", else NULL */
-    char *tool_call_id;   /* optional (tool messages), else NULL */
+    char *name;         /* optional "name", else NULL */
+    char *tool_call_id; /* optional (tool messages), else NULL */
 } speed_openai_message_t;
 
 /* The per-request SPEED extension object {"speed": {...}}. */
 typedef struct {
-    bool present;                  /* the request carried a "speed" object */
-    speed_depth_request_t depth;   /* what it states; unset parts take the deployment's */
-    speed_depth_t resolved;        /* present: depth over the deployment's for the model, by
+    bool present;                /* the request carried a "speed" object */
+    speed_depth_request_t depth; /* what it states; unset parts take the deployment's */
+    speed_depth_t resolved;      /* present: depth over the deployment's for the model, by
                                     * speed_depth_resolve (C in 1..L) — what the router sends */
 } speed_openai_speed_t;
 
 typedef struct {
     speed_openai_api_t api;
-    char *model;                       /* required, non-empty */
+    char *model; /* required, non-empty */
 
     /* chat: n_messages >= 1 */
     speed_openai_message_t *messages;
     size_t n_messages;
 
     /* completions: exactly one of prompt (text) and prompt_ids is set */
-    char *prompt;                      /* UTF-8 without NUL, may be ""; NULL if ids */
+    char *prompt; /* UTF-8 without NUL, may be ""; NULL if ids */
     size_t prompt_len;
-    int32_t *prompt_ids;               /* token ids >= 0 (< vocab_size when checked) */
+    int32_t *prompt_ids; /* token ids >= 0 (< vocab_size when checked) */
     size_t n_prompt_ids;
 
     bool stream;
-    bool include_usage;                /* stream_options.include_usage */
-    int64_t max_tokens;                /* >= 1; -1 = not given (fill the context) */
-    double temperature;                /* [0, 2], default 1 */
-    double top_p;                      /* (0, 1], default 1 */
-    int32_t top_k;                     /* >= 0, 0 = off (extension) */
+    bool include_usage; /* stream_options.include_usage */
+    int64_t max_tokens; /* >= 1; -1 = not given (fill the context) */
+    double temperature; /* [0, 2], default 1 */
+    double top_p;       /* (0, 1], default 1 */
+    int32_t top_k;      /* >= 0, 0 = off (extension) */
     bool has_seed;
     int64_t seed;
     char *stop[SPEED_OPENAI_MAX_STOP]; /* non-empty UTF-8 strings without NUL */
     size_t n_stop;
-    bool logprobs;                     /* return logprobs of the sampled tokens */
-    int32_t top_logprobs;              /* 0..20 alternatives per position (chat:
+    bool logprobs;        /* return logprobs of the sampled tokens */
+    int32_t top_logprobs; /* 0..20 alternatives per position (chat:
                                           top_logprobs; completions: the logprobs int) */
-    int32_t n;                         /* always 1 */
-    char *user;                        /* optional, else NULL */
+    int32_t n;            /* always 1 */
+    char *user;           /* optional, else NULL */
     speed_openai_speed_t speed;
 } speed_openai_request_t;
 
 typedef struct {
-    bool allow_speed;          /* deployment lets requests carry the "speed" object */
-    int32_t n_layers;          /* model depth L: a "speed" object is resolved against it (a
+    bool allow_speed;         /* deployment lets requests carry the "speed" object */
+    int32_t n_layers;         /* model depth L: a "speed" object is resolved against it (a
                                 * deployment that allows the object must set it) */
-    speed_depth_t depth;       /* the deployment's depth (speed_cluster_config_depth);
+    speed_depth_t depth;      /* the deployment's depth (speed_cluster_config_depth);
                                 * default speed_depth_default() */
-    int64_t max_tokens_limit;  /* max_tokens above this → 400; 0 = no limit */
-    int32_t vocab_size;        /* prompt token ids must be below this; 0 = unchecked */
+    int64_t max_tokens_limit; /* max_tokens above this → 400; 0 = no limit */
+    int32_t vocab_size;       /* prompt token ids must be below this; 0 = unchecked */
 } speed_openai_parse_params_t;
 
 /* allow_speed false, everything else 0 (unchecked). */
@@ -189,26 +185,22 @@ speed_openai_parse_params_t speed_openai_default_parse_params(void);
  * bad JSON, not an object, a missing/wrong-typed/out-of-range field, or a field whose
  * value speedserve does not support, e.g. n = 2 — *err says which, with `param`),
  * SPEED_ERR_NO_MEMORY (*err is a 503), or SPEED_ERR_INTERNAL for NULL arguments. */
-speed_status_t speed_openai_request_parse(speed_openai_api_t api, const char *body,
-                                          size_t len,
-                                          const speed_openai_parse_params_t *params,
-                                          speed_openai_request_t **req_p,
+speed_status_t speed_openai_request_parse(speed_openai_api_t api, const char *body, size_t len,
+                                          const speed_openai_parse_params_t *params, speed_openai_request_t **req_p,
                                           speed_openai_error_t *err);
-void speed_openai_request_destroy(speed_openai_request_t *req);   /* NULL ok */
+void speed_openai_request_destroy(speed_openai_request_t *req); /* NULL ok */
 
 /* 404 model_not_found unless req->model is one of models[0..n_models). Returns SPEED_OK
  * or SPEED_ERR_NOT_FOUND. */
-speed_status_t speed_openai_check_model(const speed_openai_request_t *req,
-                                        const char *const *models, size_t n_models,
+speed_status_t speed_openai_check_model(const speed_openai_request_t *req, const char *const *models, size_t n_models,
                                         speed_openai_error_t *err);
 
 /* Context limit: n_prompt must leave room for at least one token, and with max_tokens
  * given, n_prompt + max_tokens <= n_ctx. *max_tokens_p (may be NULL) receives the
  * effective generation budget (max_tokens, or n_ctx - n_prompt when not given).
  * Returns SPEED_OK or SPEED_ERR_TOO_LONG (*err: 413 context_length_exceeded). */
-speed_status_t speed_openai_check_length(const speed_openai_request_t *req, int64_t n_prompt,
-                                         int64_t n_ctx, int64_t *max_tokens_p,
-                                         speed_openai_error_t *err);
+speed_status_t speed_openai_check_length(const speed_openai_request_t *req, int64_t n_prompt, int64_t n_ctx,
+                                         int64_t *max_tokens_p, speed_openai_error_t *err);
 
 /* The prompt's token ids appended to *ids: chat → the tokenizer's chat template with the
  * generation prompt, encoded without added specials; completions text → encoded with
@@ -217,16 +209,15 @@ speed_status_t speed_openai_check_length(const speed_openai_request_t *req, int6
  * the template rejects, e.g. Llama 2 alternation); SPEED_ERR_UNSUPPORTED (500: the
  * tokenizer has no chat template); SPEED_ERR_NO_MEMORY (503). On error *ids keeps its
  * previous content. */
-speed_status_t speed_openai_request_tokenize(const speed_openai_request_t *req,
-                                             const speed_tok_t *tok, speed_tok_ids_t *ids,
-                                             speed_openai_error_t *err);
+speed_status_t speed_openai_request_tokenize(const speed_openai_request_t *req, const speed_tok_t *tok,
+                                             speed_tok_ids_t *ids, speed_openai_error_t *err);
 
 /* ---- responses (openai_response.c) ------------------------------------------------- */
 
 typedef enum {
-    SPEED_OPENAI_FINISH_NONE = 0,  /* null (still generating) */
-    SPEED_OPENAI_FINISH_STOP,      /* "stop": EOS or a stop string */
-    SPEED_OPENAI_FINISH_LENGTH,    /* "length": max_tokens or the context */
+    SPEED_OPENAI_FINISH_NONE = 0, /* null (still generating) */
+    SPEED_OPENAI_FINISH_STOP,     /* "stop": EOS or a stop string */
+    SPEED_OPENAI_FINISH_LENGTH,   /* "length": max_tokens or the context */
 } speed_openai_finish_t;
 
 /* Token text is raw bytes: a byte-level token may be part of a UTF-8 character. Valid
@@ -242,29 +233,29 @@ typedef struct {
     const char *token;
     size_t token_len;
     double logprob;
-    const speed_openai_top_logprob_t *top;  /* n_top alternatives, best first */
+    const speed_openai_top_logprob_t *top; /* n_top alternatives, best first */
     size_t n_top;
 } speed_openai_token_logprob_t;
 
 typedef struct {
     int64_t prompt_tokens;
     int64_t completion_tokens;
-    int64_t kv_bytes;              /* KV bytes shipped prefill → decode; < 0 = omitted */
-    int64_t kv_full_depth_bytes;   /* what C = L would have shipped; < 0 = omitted */
+    int64_t kv_bytes;            /* KV bytes shipped prefill → decode; < 0 = omitted */
+    int64_t kv_full_depth_bytes; /* what C = L would have shipped; < 0 = omitted */
 } speed_openai_usage_t;
 
 /* A finished non-streaming response (one choice). Strings are borrowed. */
 typedef struct {
-    const char *id;            /* "chatcmpl-..." / "cmpl-..." made by the caller */
+    const char *id; /* "chatcmpl-..." / "cmpl-..." made by the caller */
     const char *model;
-    int64_t created;           /* unix seconds */
-    const char *text;          /* generated text (invalid UTF-8 becomes U+FFFD) */
+    int64_t created;  /* unix seconds */
+    const char *text; /* generated text (invalid UTF-8 becomes U+FFFD) */
     size_t text_len;
     speed_openai_finish_t finish;
-    bool has_logprobs;         /* false → "logprobs": null */
+    bool has_logprobs; /* false → "logprobs": null */
     const speed_openai_token_logprob_t *logprobs;
     size_t n_logprobs;
-    const speed_openai_usage_t *usage;   /* NULL → no usage member */
+    const speed_openai_usage_t *usage; /* NULL → no usage member */
 } speed_openai_response_t;
 
 /* chat.completion (choices[0].message {role, content}) or text_completion
@@ -274,16 +265,15 @@ typedef struct {
  * (byte offsets into the generated text, from 0)}. usage: prompt_tokens,
  * completion_tokens, total_tokens, kv_bytes, kv_full_depth_bytes.
  * Returns SPEED_OK, SPEED_ERR_INTERNAL (NULL arguments) or SPEED_ERR_NO_MEMORY. */
-speed_status_t speed_openai_response_json(speed_openai_api_t api,
-                                          const speed_openai_response_t *r, char **json_p,
+speed_status_t speed_openai_response_json(speed_openai_api_t api, const speed_openai_response_t *r, char **json_p,
                                           size_t *len_p);
 
 typedef enum {
-    SPEED_OPENAI_CHUNK_ROLE = 0,   /* chat only: first chunk, delta {role: assistant,
+    SPEED_OPENAI_CHUNK_ROLE = 0, /* chat only: first chunk, delta {role: assistant,
                                       content: ""} */
-    SPEED_OPENAI_CHUNK_CONTENT,    /* a text piece (chat delta.content / completions text) */
-    SPEED_OPENAI_CHUNK_FINISH,     /* empty delta / text "" with finish_reason */
-    SPEED_OPENAI_CHUNK_USAGE,      /* choices [] with usage (stream_options.include_usage) */
+    SPEED_OPENAI_CHUNK_CONTENT,  /* a text piece (chat delta.content / completions text) */
+    SPEED_OPENAI_CHUNK_FINISH,   /* empty delta / text "" with finish_reason */
+    SPEED_OPENAI_CHUNK_USAGE,    /* choices [] with usage (stream_options.include_usage) */
 } speed_openai_chunk_kind_t;
 
 typedef struct {
@@ -291,37 +281,35 @@ typedef struct {
     const char *id;
     const char *model;
     int64_t created;
-    const char *text;          /* CONTENT: the piece; may be NULL with text_len 0 */
+    const char *text; /* CONTENT: the piece; may be NULL with text_len 0 */
     size_t text_len;
-    const speed_openai_token_logprob_t *logprobs;  /* CONTENT: logprobs of its tokens */
+    const speed_openai_token_logprob_t *logprobs; /* CONTENT: logprobs of its tokens */
     size_t n_logprobs;
-    bool has_logprobs;         /* CONTENT: false → "logprobs": null */
-    size_t text_offset;        /* CONTENT, completions: byte offset of this piece in the
+    bool has_logprobs;                 /* CONTENT: false → "logprobs": null */
+    size_t text_offset;                /* CONTENT, completions: byte offset of this piece in the
                                   whole generated text (starts the text_offset list) */
-    speed_openai_finish_t finish;   /* FINISH */
-    const speed_openai_usage_t *usage;  /* USAGE: required */
-    bool include_usage;        /* non-USAGE chunks carry "usage": null (as OpenAI does when
+    speed_openai_finish_t finish;      /* FINISH */
+    const speed_openai_usage_t *usage; /* USAGE: required */
+    bool include_usage;                /* non-USAGE chunks carry "usage": null (as OpenAI does when
                                   stream_options.include_usage is set) */
 } speed_openai_chunk_t;
 
 /* One SSE event "data: {...}\n\n" (chat.completion.chunk or text_completion).
  * Returns SPEED_OK, SPEED_ERR_INTERNAL (NULL arguments, a USAGE chunk without usage, a
  * ROLE chunk for completions) or SPEED_ERR_NO_MEMORY. */
-speed_status_t speed_openai_chunk_sse(speed_openai_api_t api, const speed_openai_chunk_t *c,
-                                      char **sse_p, size_t *len_p);
+speed_status_t speed_openai_chunk_sse(speed_openai_api_t api, const speed_openai_chunk_t *c, char **sse_p,
+                                      size_t *len_p);
 
 /* "data: [DONE]\n\n" (static). len_p may be NULL. */
 const char *speed_openai_sse_done(size_t *len_p);
 
 /* An SSE event carrying an error object (a failure after the stream started). */
-speed_status_t speed_openai_error_sse(const speed_openai_error_t *err, char **sse_p,
-                                      size_t *len_p);
+speed_status_t speed_openai_error_sse(const speed_openai_error_t *err, char **sse_p, size_t *len_p);
 
 /* GET /v1/models: {"object":"list","data":[{"id","object":"model","created","owned_by"}]}.
  * owned_by NULL → "speedserve". Returns SPEED_OK, INTERNAL (NULL ids with n > 0) or
  * NO_MEMORY. */
-speed_status_t speed_openai_models_json(const char *const *ids, size_t n_ids,
-                                        int64_t created, const char *owned_by,
+speed_status_t speed_openai_models_json(const char *const *ids, size_t n_ids, int64_t created, const char *owned_by,
                                         char **json_p, size_t *len_p);
 
 /* ---- authentication (openai_auth.c) ------------------------------------------------ */
@@ -331,7 +319,6 @@ speed_status_t speed_openai_models_json(const char *const *ids, size_t n_ids,
  * takes time that depends on the presented key's length and n_keys only, not on how
  * much of a configured key matches. header may be NULL (missing). On false, *err (may be
  * NULL) is the 401. */
-bool speed_openai_auth_check(const char *header, const char *const *keys, size_t n_keys,
-                             speed_openai_error_t *err);
+bool speed_openai_auth_check(const char *header, const char *const *keys, size_t n_keys, speed_openai_error_t *err);
 
 #endif /* SPEED_ROUTER_OPENAI_H */

@@ -7,8 +7,7 @@
 
 /* Compares without branching on content: the loop runs over the presented key's length
  * whatever the configured key holds. */
-static unsigned key_differs(const unsigned char *a, size_t na, const char *key)
-{
+static unsigned key_differs(const unsigned char *a, size_t na, const char *key) {
     size_t nk = strlen(key);
     volatile unsigned diff = na != nk;
     for (size_t i = 0; i < na; i++) {
@@ -18,9 +17,7 @@ static unsigned key_differs(const unsigned char *a, size_t na, const char *key)
     return diff;
 }
 
-bool speed_openai_auth_check(const char *header, const char *const *keys, size_t n_keys,
-                             speed_openai_error_t *err)
-{
+bool speed_openai_auth_check(const char *header, const char *const *keys, size_t n_keys, speed_openai_error_t *err) {
     if (n_keys == 0) return true;
     const char *p = header;
     if (p) {

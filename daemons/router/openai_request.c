@@ -23,11 +23,9 @@ typedef struct {
     speed_openai_error_t *err;
 } parse_ctx_t;
 
-static speed_status_t bad(parse_ctx_t *c, const char *param, const char *code,
-                          const char *fmt, ...) __attribute__((format(printf, 4, 5)));
-static speed_status_t bad(parse_ctx_t *c, const char *param, const char *code,
-                          const char *fmt, ...)
-{
+static speed_status_t bad(parse_ctx_t *c, const char *param, const char *code, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static speed_status_t bad(parse_ctx_t *c, const char *param, const char *code, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
     speed_openai_error_setv(c->err, SPEED_OPENAI_ERR_INVALID_REQUEST, param, code, fmt, ap);
@@ -35,47 +33,39 @@ static speed_status_t bad(parse_ctx_t *c, const char *param, const char *code,
     return SPEED_ERR_INVALID_ARGUMENT;
 }
 
-static speed_status_t oom(speed_openai_error_t *err)
-{
+static speed_status_t oom(speed_openai_error_t *err) {
     speed_log(SPEED_LOG_ERROR, SPEED_SUBSYS_NET, NULL, "openai: out of memory parsing a request");
-    speed_openai_error_set(err, SPEED_OPENAI_ERR_UNAVAILABLE, NULL, NULL,
-                           "The server ran out of memory; retry later.");
+    speed_openai_error_set(err, SPEED_OPENAI_ERR_UNAVAILABLE, NULL, NULL, "The server ran out of memory; retry later.");
     return SPEED_ERR_NO_MEMORY;
 }
 
-static const char *type_name(const json_t *v)
-{
+static const char *type_name(const json_t *v) {
     switch (json_typeof(v)) {
-    case JSON_OBJECT:  return "an object";
-    case JSON_ARRAY:   return "an array";
-    case JSON_STRING:  return "a string";
+    case JSON_OBJECT: return "an object";
+    case JSON_ARRAY: return "an array";
+    case JSON_STRING: return "a string";
     case JSON_INTEGER: return "an integer";
-    case JSON_REAL:    return "a decimal";
+    case JSON_REAL: return "a decimal";
     case JSON_TRUE:
-    case JSON_FALSE:   return "a boolean";
-    default:           return "null";
+    case JSON_FALSE: return "a boolean";
+    default: return "null";
     }
 }
 
-static speed_status_t bad_type(parse_ctx_t *c, const char *param, const char *expected,
-                               const json_t *got)
-{
-    return bad(c, param, "invalid_type",
-               "Invalid type for '%s': expected %s, but got %s instead.", param, expected,
+static speed_status_t bad_type(parse_ctx_t *c, const char *param, const char *expected, const json_t *got) {
+    return bad(c, param, "invalid_type", "Invalid type for '%s': expected %s, but got %s instead.", param, expected,
                type_name(got));
 }
 
 /* Optional-field getters: a missing key or JSON null leaves *present false. */
 
-static const json_t *field(const json_t *obj, const char *name)
-{
+static const json_t *field(const json_t *obj, const char *name) {
     const json_t *v = json_object_get(obj, name);
     return v && !json_is_null(v) ? v : NULL;
 }
 
-static speed_status_t get_bool(parse_ctx_t *c, const json_t *obj, const char *name,
-                               const char *param, bool *out, bool *present)
-{
+static speed_status_t get_bool(parse_ctx_t *c, const json_t *obj, const char *name, const char *param, bool *out,
+                               bool *present) {
     const json_t *v = field(obj, name);
     if (present) *present = v != NULL;
     if (!v) return SPEED_OK;
@@ -84,23 +74,22 @@ static speed_status_t get_bool(parse_ctx_t *c, const json_t *obj, const char *na
     return SPEED_OK;
 }
 
-static speed_status_t int_range(parse_ctx_t *c, const char *param, json_int_t x,
-                                int64_t min, int64_t max)
-{
+static speed_status_t int_range(parse_ctx_t *c, const char *param, json_int_t x, int64_t min, int64_t max) {
     if (x < min)
         return bad(c, param, "integer_below_min_value",
                    "Invalid '%s': integer below minimum value. Expected a value >= %lld, but "
-                   "got %lld instead.", param, (long long)min, (long long)x);
+                   "got %lld instead.",
+                   param, (long long)min, (long long)x);
     if (x > max)
         return bad(c, param, "integer_above_max_value",
                    "Invalid '%s': integer above maximum value. Expected a value <= %lld, but "
-                   "got %lld instead.", param, (long long)max, (long long)x);
+                   "got %lld instead.",
+                   param, (long long)max, (long long)x);
     return SPEED_OK;
 }
 
-static speed_status_t get_int(parse_ctx_t *c, const json_t *obj, const char *name,
-                              int64_t min, int64_t max, int64_t *out, bool *present)
-{
+static speed_status_t get_int(parse_ctx_t *c, const json_t *obj, const char *name, int64_t min, int64_t max,
+                              int64_t *out, bool *present) {
     const json_t *v = field(obj, name);
     if (present) *present = v != NULL;
     if (!v) return SPEED_OK;
@@ -111,10 +100,8 @@ static speed_status_t get_int(parse_ctx_t *c, const json_t *obj, const char *nam
     return SPEED_OK;
 }
 
-static speed_status_t get_number(parse_ctx_t *c, const json_t *obj, const char *name,
-                                 double min, bool min_exclusive, double max, double *out,
-                                 bool *present)
-{
+static speed_status_t get_number(parse_ctx_t *c, const json_t *obj, const char *name, double min, bool min_exclusive,
+                                 double max, double *out, bool *present) {
     const json_t *v = field(obj, name);
     if (present) *present = v != NULL;
     if (!v) return SPEED_OK;
@@ -123,18 +110,19 @@ static speed_status_t get_number(parse_ctx_t *c, const json_t *obj, const char *
     if (x < min || (min_exclusive && x == min))
         return bad(c, name, "decimal_below_min_value",
                    "Invalid '%s': decimal below minimum value. Expected a value %s %g, but got "
-                   "%g instead.", name, min_exclusive ? ">" : ">=", min, x);
+                   "%g instead.",
+                   name, min_exclusive ? ">" : ">=", min, x);
     if (x > max)
         return bad(c, name, "decimal_above_max_value",
                    "Invalid '%s': decimal above maximum value. Expected a value <= %g, but got "
-                   "%g instead.", name, max, x);
+                   "%g instead.",
+                   name, max, x);
     *out = x;
     return SPEED_OK;
 }
 
 /* Strings cannot hold NUL here (the body is parsed without JSON_ALLOW_NUL). */
-static speed_status_t dup_string(parse_ctx_t *c, const json_t *v, char **out, size_t *len_p)
-{
+static speed_status_t dup_string(parse_ctx_t *c, const json_t *v, char **out, size_t *len_p) {
     size_t n = json_string_length(v);
     char *s = speed_strndup(json_string_value(v), n);
     if (!s) return oom(c->err);
@@ -143,9 +131,8 @@ static speed_status_t dup_string(parse_ctx_t *c, const json_t *v, char **out, si
     return SPEED_OK;
 }
 
-static speed_status_t get_string(parse_ctx_t *c, const json_t *obj, const char *name,
-                                 const char *param, char **out, bool *present)
-{
+static speed_status_t get_string(parse_ctx_t *c, const json_t *obj, const char *name, const char *param, char **out,
+                                 bool *present) {
     const json_t *v = field(obj, name);
     if (present) *present = v != NULL;
     if (!v) return SPEED_OK;
@@ -154,23 +141,19 @@ static speed_status_t get_string(parse_ctx_t *c, const json_t *obj, const char *
 }
 
 /* A field accepted only at its neutral value. */
-static speed_status_t unsupported(parse_ctx_t *c, const char *param, const char *what)
-{
+static speed_status_t unsupported(parse_ctx_t *c, const char *param, const char *what) {
     return bad(c, param, "unsupported_value", "Unsupported value for '%s': %s.", param, what);
 }
 
-static speed_status_t parse_role(parse_ctx_t *c, const json_t *v, const char *param,
-                                 speed_openai_role_t *role)
-{
-    if (!v) return bad(c, param, "missing_required_parameter",
-                       "Missing required parameter: '%s'.", param);
+static speed_status_t parse_role(parse_ctx_t *c, const json_t *v, const char *param, speed_openai_role_t *role) {
+    if (!v) return bad(c, param, "missing_required_parameter", "Missing required parameter: '%s'.", param);
     if (!json_is_string(v)) return bad_type(c, param, "a string", v);
     static const struct {
         const char *name;
         speed_openai_role_t role;
     } roles[] = {
-        {"system", SPEED_OPENAI_ROLE_SYSTEM},     {"developer", SPEED_OPENAI_ROLE_SYSTEM},
-        {"user", SPEED_OPENAI_ROLE_USER},         {"assistant", SPEED_OPENAI_ROLE_ASSISTANT},
+        {"system", SPEED_OPENAI_ROLE_SYSTEM}, {"developer", SPEED_OPENAI_ROLE_SYSTEM},
+        {"user", SPEED_OPENAI_ROLE_USER},     {"assistant", SPEED_OPENAI_ROLE_ASSISTANT},
         {"tool", SPEED_OPENAI_ROLE_TOOL},
     };
     const char *s = json_string_value(v);
@@ -181,22 +164,18 @@ static speed_status_t parse_role(parse_ctx_t *c, const json_t *v, const char *pa
         }
     }
     return bad(c, param, "invalid_value",
-               "Invalid value for '%s': expected one of 'system', 'user', 'assistant', 'tool'.",
-               param);
+               "Invalid value for '%s': expected one of 'system', 'user', 'assistant', 'tool'.", param);
 }
 
-static speed_status_t parse_content(parse_ctx_t *c, size_t i, const json_t *v,
-                                    speed_openai_message_t *m)
-{
+static speed_status_t parse_content(parse_ctx_t *c, size_t i, const json_t *v, speed_openai_message_t *m) {
     char param[SPEED_OPENAI_ERROR_PARAM_MAX];
     snprintf(param, sizeof param, "messages[%zu].content", i);
     if (!v) {
-        if (m->role == SPEED_OPENAI_ROLE_ASSISTANT) {   /* e.g. a tool_calls message */
+        if (m->role == SPEED_OPENAI_ROLE_ASSISTANT) { /* e.g. a tool_calls message */
             m->content = speed_strdup("");
             return m->content ? SPEED_OK : oom(c->err);
         }
-        return bad(c, param, "missing_required_parameter",
-                   "Missing required parameter: '%s'.", param);
+        return bad(c, param, "missing_required_parameter", "Missing required parameter: '%s'.", param);
     }
     if (json_is_string(v)) return dup_string(c, v, &m->content, &m->content_len);
     if (!json_is_array(v)) return bad_type(c, param, "a string or an array of parts", v);
@@ -209,15 +188,13 @@ static speed_status_t parse_content(parse_ctx_t *c, size_t i, const json_t *v,
         if (!json_is_object(part)) return bad_type(c, pp, "an object", part);
         const json_t *type = json_object_get(part, "type");
         snprintf(tp, sizeof tp, "messages[%zu].content[%zu].type", i, k);
-        if (!type) return bad(c, tp, "missing_required_parameter",
-                              "Missing required parameter: '%s'.", tp);
+        if (!type) return bad(c, tp, "missing_required_parameter", "Missing required parameter: '%s'.", tp);
         if (!json_is_string(type)) return bad_type(c, tp, "a string", type);
         if (strcmp(json_string_value(type), "text") != 0)
             return unsupported(c, tp, "only 'text' content parts are supported");
         const json_t *text = json_object_get(part, "text");
         snprintf(tp, sizeof tp, "messages[%zu].content[%zu].text", i, k);
-        if (!text) return bad(c, tp, "missing_required_parameter",
-                              "Missing required parameter: '%s'.", tp);
+        if (!text) return bad(c, tp, "missing_required_parameter", "Missing required parameter: '%s'.", tp);
         if (!json_is_string(text)) return bad_type(c, tp, "a string", text);
         total += json_string_length(text) + (k > 0);
     }
@@ -236,12 +213,10 @@ static speed_status_t parse_content(parse_ctx_t *c, size_t i, const json_t *v,
     return SPEED_OK;
 }
 
-static speed_status_t parse_messages(parse_ctx_t *c, const json_t *root)
-{
+static speed_status_t parse_messages(parse_ctx_t *c, const json_t *root) {
     const json_t *v = json_object_get(root, "messages");
     if (!v || json_is_null(v))
-        return bad(c, "messages", "missing_required_parameter",
-                   "Missing required parameter: 'messages'.");
+        return bad(c, "messages", "missing_required_parameter", "Missing required parameter: 'messages'.");
     if (!json_is_array(v)) return bad_type(c, "messages", "an array", v);
     size_t n = json_array_size(v);
     if (n == 0)
@@ -257,7 +232,7 @@ static speed_status_t parse_messages(parse_ctx_t *c, const json_t *root)
         snprintf(param, sizeof param, "messages[%zu]", i);
         if (!json_is_object(mj)) return bad_type(c, param, "an object", mj);
         speed_openai_message_t *m = &r->messages[i];
-        r->n_messages = i + 1;   /* destroy frees what this message got so far */
+        r->n_messages = i + 1; /* destroy frees what this message got so far */
         snprintf(param, sizeof param, "messages[%zu].role", i);
         SPEED_CHECK(parse_role(c, json_object_get(mj, "role"), param, &m->role));
         SPEED_CHECK(parse_content(c, i, field(mj, "content"), m));
@@ -269,9 +244,7 @@ static speed_status_t parse_messages(parse_ctx_t *c, const json_t *root)
     return SPEED_OK;
 }
 
-static speed_status_t token_id(parse_ctx_t *c, const json_t *v, const char *param,
-                               int32_t *out)
-{
+static speed_status_t token_id(parse_ctx_t *c, const json_t *v, const char *param, int32_t *out) {
     if (!json_is_integer(v)) return bad_type(c, param, "an integer token id", v);
     int64_t max = c->params->vocab_size > 0 ? c->params->vocab_size - 1 : INT32_MAX;
     SPEED_CHECK(int_range(c, param, json_integer_value(v), 0, max));
@@ -279,14 +252,12 @@ static speed_status_t token_id(parse_ctx_t *c, const json_t *v, const char *para
     return SPEED_OK;
 }
 
-static speed_status_t parse_prompt_ids(parse_ctx_t *c, const json_t *arr, const char *param)
-{
+static speed_status_t parse_prompt_ids(parse_ctx_t *c, const json_t *arr, const char *param) {
     speed_openai_request_t *r = c->req;
     size_t n = json_array_size(arr);
     if (n == 0)
-        return bad(c, param, "empty_array",
-                   "Invalid '%s': empty array. Expected at least one token id.", param);
-    for (size_t i = 0; i < n; i++) {   /* validate before allocating */
+        return bad(c, param, "empty_array", "Invalid '%s': empty array. Expected at least one token id.", param);
+    for (size_t i = 0; i < n; i++) { /* validate before allocating */
         char p[SPEED_OPENAI_ERROR_PARAM_MAX];
         snprintf(p, sizeof p, "%s[%zu]", param, i);
         int32_t id;
@@ -299,23 +270,19 @@ static speed_status_t parse_prompt_ids(parse_ctx_t *c, const json_t *arr, const 
     return SPEED_OK;
 }
 
-static speed_status_t parse_prompt(parse_ctx_t *c, const json_t *root)
-{
+static speed_status_t parse_prompt(parse_ctx_t *c, const json_t *root) {
     const json_t *v = json_object_get(root, "prompt");
     if (!v || json_is_null(v))
-        return bad(c, "prompt", "missing_required_parameter",
-                   "Missing required parameter: 'prompt'.");
+        return bad(c, "prompt", "missing_required_parameter", "Missing required parameter: 'prompt'.");
     if (json_is_string(v)) return dup_string(c, v, &c->req->prompt, &c->req->prompt_len);
-    if (!json_is_array(v))
-        return bad_type(c, "prompt", "a string, an array of strings or an array of token ids",
-                        v);
+    if (!json_is_array(v)) return bad_type(c, "prompt", "a string, an array of strings or an array of token ids", v);
     size_t n = json_array_size(v);
     if (n == 0)
         return bad(c, "prompt", "empty_array",
                    "Invalid 'prompt': empty array. Expected an array with minimum length 1, but "
                    "got an empty array instead.");
     const json_t *first = json_array_get(v, 0);
-    if (json_is_string(first) || json_is_array(first)) {   /* a batch of prompts */
+    if (json_is_string(first) || json_is_array(first)) { /* a batch of prompts */
         for (size_t i = 0; i < n; i++) {
             const json_t *e = json_array_get(v, i);
             char p[SPEED_OPENAI_ERROR_PARAM_MAX];
@@ -323,23 +290,19 @@ static speed_status_t parse_prompt(parse_ctx_t *c, const json_t *root)
             if (json_typeof(e) != json_typeof(first))
                 return bad_type(c, p, json_is_string(first) ? "a string" : "an array", e);
         }
-        if (n != 1)
-            return unsupported(c, "prompt", "only one prompt per request is supported (n = 1)");
-        if (json_is_string(first))
-            return dup_string(c, first, &c->req->prompt, &c->req->prompt_len);
+        if (n != 1) return unsupported(c, "prompt", "only one prompt per request is supported (n = 1)");
+        if (json_is_string(first)) return dup_string(c, first, &c->req->prompt, &c->req->prompt_len);
         return parse_prompt_ids(c, first, "prompt[0]");
     }
     return parse_prompt_ids(c, v, "prompt");
 }
 
-static speed_status_t parse_stop(parse_ctx_t *c, const json_t *root)
-{
+static speed_status_t parse_stop(parse_ctx_t *c, const json_t *root) {
     const json_t *v = field(root, "stop");
     if (!v) return SPEED_OK;
     speed_openai_request_t *r = c->req;
     if (json_is_string(v)) {
-        if (json_string_length(v) == 0)
-            return bad(c, "stop", "invalid_value", "Invalid 'stop': empty string.");
+        if (json_string_length(v) == 0) return bad(c, "stop", "invalid_value", "Invalid 'stop': empty string.");
         SPEED_CHECK(dup_string(c, v, &r->stop[0], NULL));
         r->n_stop = 1;
         return SPEED_OK;
@@ -349,22 +312,21 @@ static speed_status_t parse_stop(parse_ctx_t *c, const json_t *root)
     if (n > SPEED_OPENAI_MAX_STOP)
         return bad(c, "stop", "array_above_max_length",
                    "Invalid 'stop': array too long. Expected an array with maximum length %d, "
-                   "but got an array with length %zu instead.", SPEED_OPENAI_MAX_STOP, n);
+                   "but got an array with length %zu instead.",
+                   SPEED_OPENAI_MAX_STOP, n);
     for (size_t i = 0; i < n; i++) {
         const json_t *e = json_array_get(v, i);
         char p[SPEED_OPENAI_ERROR_PARAM_MAX];
         snprintf(p, sizeof p, "stop[%zu]", i);
         if (!json_is_string(e)) return bad_type(c, p, "a string", e);
-        if (json_string_length(e) == 0)
-            return bad(c, p, "invalid_value", "Invalid '%s': empty string.", p);
+        if (json_string_length(e) == 0) return bad(c, p, "invalid_value", "Invalid '%s': empty string.", p);
         SPEED_CHECK(dup_string(c, e, &r->stop[i], NULL));
         r->n_stop = i + 1;
     }
     return SPEED_OK;
 }
 
-static speed_status_t parse_speed(parse_ctx_t *c, const json_t *root)
-{
+static speed_status_t parse_speed(parse_ctx_t *c, const json_t *root) {
     const json_t *v = field(root, "speed");
     if (!v) return SPEED_OK;
     if (!json_is_object(v)) return bad_type(c, "speed", "an object", v);
@@ -400,7 +362,8 @@ static speed_status_t parse_speed(parse_ctx_t *c, const json_t *root)
         } else {
             return bad(c, p, "unknown_parameter",
                        "Unknown parameter: '%s'. The speed object takes prefill_layers, "
-                       "anchors and tail.", p);
+                       "anchors and tail.",
+                       p);
         }
     }
     /* The one resolution (depth.h), as the nodes and speedctl do it: same value, same answer.
@@ -408,8 +371,8 @@ static speed_status_t parse_speed(parse_ctx_t *c, const json_t *root)
     char why[200];
     if (speed_depth_resolve(q, &c->params->depth, c->params->n_layers, &s->resolved, why, sizeof why) != SPEED_OK) {
         const char *part = strncmp(why, "anchors", 7) == 0 ? "speed.anchors"
-                           : strncmp(why, "tail", 4) == 0 ? "speed.tail"
-                                                          : "speed.prefill_layers";
+                           : strncmp(why, "tail", 4) == 0  ? "speed.tail"
+                                                           : "speed.prefill_layers";
         return bad(c, part, "invalid_value", "Invalid '%s': %s.", part, why);
     }
     return SPEED_OK;
@@ -417,13 +380,11 @@ static speed_status_t parse_speed(parse_ctx_t *c, const json_t *root)
 
 /* Which known numeric field holds a number jansson could not store as an integer.
  * Only on the error path: re-reads the body with integers as reals. */
-static speed_status_t diagnose_overflow(parse_ctx_t *c, const char *body, size_t len,
-                                        const json_error_t *jerr)
-{
+static speed_status_t diagnose_overflow(parse_ctx_t *c, const char *body, size_t len, const json_error_t *jerr) {
     static const char *const fields[] = {
-        "max_tokens", "max_completion_tokens", "seed", "top_k", "n", "logprobs",
-        "top_logprobs", "best_of", "temperature", "top_p", "presence_penalty",
-        "frequency_penalty",
+        "max_tokens",       "max_completion_tokens", "seed",    "top_k",       "n",
+        "logprobs",         "top_logprobs",          "best_of", "temperature", "top_p",
+        "presence_penalty", "frequency_penalty",
     };
     json_error_t e2;
     memset(&e2, 0, sizeof e2);
@@ -455,30 +416,27 @@ static speed_status_t diagnose_overflow(parse_ctx_t *c, const char *body, size_t
     json_decref(root);
     if (param)
         return bad(c, param, x > 0 ? "integer_above_max_value" : "integer_below_min_value",
-                   "Invalid '%s': number out of range (%g); integers must fit in 64 bits.",
-                   param, x);
-    return bad(c, NULL, NULL,
-               "We could not parse the JSON body of your request: %s (line %d, column %d).",
-               jerr->text, jerr->line, jerr->column);
+                   "Invalid '%s': number out of range (%g); integers must fit in 64 bits.", param, x);
+    return bad(c, NULL, NULL, "We could not parse the JSON body of your request: %s (line %d, column %d).", jerr->text,
+               jerr->line, jerr->column);
 }
 
-static speed_status_t parse_root(parse_ctx_t *c, const json_t *root)
-{
+static speed_status_t parse_root(parse_ctx_t *c, const json_t *root) {
     speed_openai_request_t *r = c->req;
     bool chat = c->api == SPEED_OPENAI_CHAT;
     bool present;
 
     const json_t *model = json_object_get(root, "model");
     if (!model || json_is_null(model))
-        return bad(c, "model", "missing_required_parameter",
-                   "Missing required parameter: 'model'.");
+        return bad(c, "model", "missing_required_parameter", "Missing required parameter: 'model'.");
     if (!json_is_string(model)) return bad_type(c, "model", "a string", model);
-    if (json_string_length(model) == 0)
-        return bad(c, "model", "invalid_value", "Invalid 'model': empty string.");
+    if (json_string_length(model) == 0) return bad(c, "model", "invalid_value", "Invalid 'model': empty string.");
     SPEED_CHECK(dup_string(c, model, &r->model, NULL));
 
-    if (chat) SPEED_CHECK(parse_messages(c, root));
-    else SPEED_CHECK(parse_prompt(c, root));
+    if (chat)
+        SPEED_CHECK(parse_messages(c, root));
+    else
+        SPEED_CHECK(parse_prompt(c, root));
 
     SPEED_CHECK(get_bool(c, root, "stream", "stream", &r->stream, NULL));
     const json_t *so = field(root, "stream_options");
@@ -488,8 +446,7 @@ static speed_status_t parse_root(parse_ctx_t *c, const json_t *root)
             return bad(c, "stream_options", "invalid_value",
                        "Invalid value for 'stream_options': only allowed when 'stream' is "
                        "true.");
-        SPEED_CHECK(get_bool(c, so, "include_usage", "stream_options.include_usage",
-                             &r->include_usage, NULL));
+        SPEED_CHECK(get_bool(c, so, "include_usage", "stream_options.include_usage", &r->include_usage, NULL));
     }
 
     int64_t max = c->params->max_tokens_limit > 0 ? c->params->max_tokens_limit : INT32_MAX;
@@ -506,8 +463,7 @@ static speed_status_t parse_root(parse_ctx_t *c, const json_t *root)
 
     if (chat) {
         SPEED_CHECK(get_bool(c, root, "logprobs", "logprobs", &r->logprobs, NULL));
-        SPEED_CHECK(get_int(c, root, "top_logprobs", 0, SPEED_OPENAI_MAX_TOP_LOGPROBS, &x,
-                            &present));
+        SPEED_CHECK(get_int(c, root, "top_logprobs", 0, SPEED_OPENAI_MAX_TOP_LOGPROBS, &x, &present));
         if (present) {
             if (!r->logprobs)
                 return bad(c, "top_logprobs", "invalid_value",
@@ -516,8 +472,7 @@ static speed_status_t parse_root(parse_ctx_t *c, const json_t *root)
             r->top_logprobs = (int32_t)x;
         }
     } else {
-        SPEED_CHECK(get_int(c, root, "logprobs", 0, SPEED_OPENAI_MAX_TOP_LOGPROBS, &x,
-                            &present));
+        SPEED_CHECK(get_int(c, root, "logprobs", 0, SPEED_OPENAI_MAX_TOP_LOGPROBS, &x, &present));
         if (present) {
             r->logprobs = true;
             r->top_logprobs = (int32_t)x;
@@ -544,28 +499,22 @@ static speed_status_t parse_root(parse_ctx_t *c, const json_t *root)
     }
     const json_t *bias = field(root, "logit_bias");
     if (bias && !json_is_object(bias)) return bad_type(c, "logit_bias", "an object", bias);
-    if (bias && json_object_size(bias) > 0)
-        return unsupported(c, "logit_bias", "logit biases are not supported");
+    if (bias && json_object_size(bias) > 0) return unsupported(c, "logit_bias", "logit biases are not supported");
 
     SPEED_CHECK(get_string(c, root, "user", "user", &r->user, NULL));
     return parse_speed(c, root);
 }
 
-speed_openai_parse_params_t speed_openai_default_parse_params(void)
-{
+speed_openai_parse_params_t speed_openai_default_parse_params(void) {
     speed_openai_parse_params_t p = {0};
     p.depth = speed_depth_default();
     return p;
 }
 
-speed_status_t speed_openai_request_parse(speed_openai_api_t api, const char *body,
-                                          size_t len,
-                                          const speed_openai_parse_params_t *params,
-                                          speed_openai_request_t **req_p,
-                                          speed_openai_error_t *err)
-{
-    if ((!body && len > 0) || !req_p ||
-        (api != SPEED_OPENAI_CHAT && api != SPEED_OPENAI_COMPLETIONS)) {
+speed_status_t speed_openai_request_parse(speed_openai_api_t api, const char *body, size_t len,
+                                          const speed_openai_parse_params_t *params, speed_openai_request_t **req_p,
+                                          speed_openai_error_t *err) {
+    if ((!body && len > 0) || !req_p || (api != SPEED_OPENAI_CHAT && api != SPEED_OPENAI_COMPLETIONS)) {
         speed_openai_error_set(err, SPEED_OPENAI_ERR_INTERNAL, NULL, NULL,
                                "internal error: bad arguments to the request parser");
         return SPEED_ERR_INTERNAL;
@@ -584,14 +533,11 @@ speed_status_t speed_openai_request_parse(speed_openai_api_t api, const char *bo
         /* jansson does not always say that a failure was memory: a body the strict
          * check accepts failed for want of memory, not for its syntax (json_strict.h). */
         if (code == json_error_out_of_memory || speed_json_strict_check(body, len)) return oom(err);
-        return bad(&c, NULL, NULL,
-                   "We could not parse the JSON body of your request: %s (line %d, column %d).",
+        return bad(&c, NULL, NULL, "We could not parse the JSON body of your request: %s (line %d, column %d).",
                    jerr.text, jerr.line, jerr.column);
     }
     if (!json_is_object(root)) {
-        speed_status_t st = bad(&c, NULL, NULL,
-                                "The request body must be a JSON object, got %s.",
-                                type_name(root));
+        speed_status_t st = bad(&c, NULL, NULL, "The request body must be a JSON object, got %s.", type_name(root));
         json_decref(root);
         return st;
     }
@@ -616,8 +562,7 @@ speed_status_t speed_openai_request_parse(speed_openai_api_t api, const char *bo
     return SPEED_OK;
 }
 
-void speed_openai_request_destroy(speed_openai_request_t *req)
-{
+void speed_openai_request_destroy(speed_openai_request_t *req) {
     if (!req) return;
     speed_free(req->model);
     for (size_t i = 0; i < req->n_messages; i++) {
@@ -633,23 +578,20 @@ void speed_openai_request_destroy(speed_openai_request_t *req)
     speed_free(req);
 }
 
-const char *speed_openai_role_name(speed_openai_role_t role)
-{
+const char *speed_openai_role_name(speed_openai_role_t role) {
     switch (role) {
-    case SPEED_OPENAI_ROLE_SYSTEM:    return "system";
-    case SPEED_OPENAI_ROLE_USER:      return "user";
+    case SPEED_OPENAI_ROLE_SYSTEM: return "system";
+    case SPEED_OPENAI_ROLE_USER: return "user";
     case SPEED_OPENAI_ROLE_ASSISTANT: return "assistant";
-    case SPEED_OPENAI_ROLE_TOOL:      return "tool";
-    default:                          return "unknown";
+    case SPEED_OPENAI_ROLE_TOOL: return "tool";
+    default: return "unknown";
     }
 }
 
 /* ---- checks after parsing ---------------------------------------------------------- */
 
-speed_status_t speed_openai_check_model(const speed_openai_request_t *req,
-                                        const char *const *models, size_t n_models,
-                                        speed_openai_error_t *err)
-{
+speed_status_t speed_openai_check_model(const speed_openai_request_t *req, const char *const *models, size_t n_models,
+                                        speed_openai_error_t *err) {
     if (req && req->model) {
         for (size_t i = 0; i < n_models; i++)
             if (models && models[i] && strcmp(models[i], req->model) == 0) return SPEED_OK;
@@ -660,53 +602,46 @@ speed_status_t speed_openai_check_model(const speed_openai_request_t *req,
     return SPEED_ERR_NOT_FOUND;
 }
 
-speed_status_t speed_openai_check_length(const speed_openai_request_t *req, int64_t n_prompt,
-                                         int64_t n_ctx, int64_t *max_tokens_p,
-                                         speed_openai_error_t *err)
-{
+speed_status_t speed_openai_check_length(const speed_openai_request_t *req, int64_t n_prompt, int64_t n_ctx,
+                                         int64_t *max_tokens_p, speed_openai_error_t *err) {
     const char *param = req && req->api == SPEED_OPENAI_CHAT ? "messages" : "prompt";
     const char *what = req && req->api == SPEED_OPENAI_CHAT ? "messages" : "prompt";
     if (!req || n_prompt >= n_ctx) {
-        speed_openai_error_set(err, SPEED_OPENAI_ERR_CONTEXT_LENGTH, param,
-                               "context_length_exceeded",
+        speed_openai_error_set(err, SPEED_OPENAI_ERR_CONTEXT_LENGTH, param, "context_length_exceeded",
                                "This model's maximum context length is %lld tokens. However, "
                                "your %s resulted in %lld tokens, leaving no room for the "
-                               "completion.", (long long)n_ctx, what, (long long)n_prompt);
+                               "completion.",
+                               (long long)n_ctx, what, (long long)n_prompt);
         return SPEED_ERR_TOO_LONG;
     }
     if (req->max_tokens > 0 && n_prompt + req->max_tokens > n_ctx) {
-        speed_openai_error_set(err, SPEED_OPENAI_ERR_CONTEXT_LENGTH, param,
-                               "context_length_exceeded",
+        speed_openai_error_set(err, SPEED_OPENAI_ERR_CONTEXT_LENGTH, param, "context_length_exceeded",
                                "This model's maximum context length is %lld tokens. However, "
                                "you requested %lld tokens (%lld in the %s, %lld in the "
                                "completion). Please reduce the length of the %s or the "
-                               "completion.", (long long)n_ctx,
-                               (long long)(n_prompt + req->max_tokens), (long long)n_prompt,
-                               what, (long long)req->max_tokens, what);
+                               "completion.",
+                               (long long)n_ctx, (long long)(n_prompt + req->max_tokens), (long long)n_prompt, what,
+                               (long long)req->max_tokens, what);
         return SPEED_ERR_TOO_LONG;
     }
     if (max_tokens_p) *max_tokens_p = req->max_tokens > 0 ? req->max_tokens : n_ctx - n_prompt;
     return SPEED_OK;
 }
 
-speed_status_t speed_openai_request_tokenize(const speed_openai_request_t *req,
-                                             const speed_tok_t *tok, speed_tok_ids_t *ids,
-                                             speed_openai_error_t *err)
-{
+speed_status_t speed_openai_request_tokenize(const speed_openai_request_t *req, const speed_tok_t *tok,
+                                             speed_tok_ids_t *ids, speed_openai_error_t *err) {
     if (!req || !tok || !ids) {
-        speed_openai_error_set(err, SPEED_OPENAI_ERR_INTERNAL, NULL, NULL,
-                               "internal error: bad arguments to tokenize");
+        speed_openai_error_set(err, SPEED_OPENAI_ERR_INTERNAL, NULL, NULL, "internal error: bad arguments to tokenize");
         return SPEED_ERR_INTERNAL;
     }
     if (req->api == SPEED_OPENAI_COMPLETIONS && req->prompt_ids) {
         int32_t vocab = speed_tok_vocab_size(tok);
         for (size_t i = 0; i < req->n_prompt_ids; i++) {
             if (req->prompt_ids[i] >= vocab) {
-                speed_openai_error_set(err, SPEED_OPENAI_ERR_INVALID_REQUEST, "prompt",
-                                       "invalid_value",
+                speed_openai_error_set(err, SPEED_OPENAI_ERR_INVALID_REQUEST, "prompt", "invalid_value",
                                        "Invalid 'prompt': token id %d at index %zu is outside "
-                                       "the vocabulary (size %d).", req->prompt_ids[i], i,
-                                       vocab);
+                                       "the vocabulary (size %d).",
+                                       req->prompt_ids[i], i, vocab);
                 return SPEED_ERR_INVALID_ARGUMENT;
             }
         }
@@ -744,18 +679,15 @@ speed_status_t speed_openai_request_tokenize(const speed_openai_request_t *req,
         }
     }
     switch (st) {
-    case SPEED_OK:
-        return SPEED_OK;
-    case SPEED_ERR_NO_MEMORY:
-        return oom(err);
+    case SPEED_OK: return SPEED_OK;
+    case SPEED_ERR_NO_MEMORY: return oom(err);
     case SPEED_ERR_INVALID_ARGUMENT:
-        speed_openai_error_set(err, SPEED_OPENAI_ERR_INVALID_REQUEST, param, "invalid_value",
-                               "Invalid '%s': %s", param, speed_log_last_error());
+        speed_openai_error_set(err, SPEED_OPENAI_ERR_INVALID_REQUEST, param, "invalid_value", "Invalid '%s': %s", param,
+                               speed_log_last_error());
         return st;
     default:
         speed_openai_error_set(err, SPEED_OPENAI_ERR_INTERNAL, NULL, NULL,
-                               "The server cannot tokenize this request: %s",
-                               speed_log_last_error());
+                               "The server cannot tokenize this request: %s", speed_log_last_error());
         return st;
     }
 }

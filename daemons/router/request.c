@@ -24,7 +24,7 @@ typedef struct {
     size_t n_ids;
     int64_t max_tokens;
     Speed__V1__SamplingParams sampling;
-    Speed__V1__SpeedParams speed;       /* the request's `speed` object */
+    Speed__V1__SpeedParams speed; /* the request's `speed` object */
     bool has_speed;
 } plan_t;
 
@@ -34,8 +34,7 @@ typedef struct {
  * means the decode node failed and another may be tried; SPEED_ERR_CAPACITY with *try_next
  * means it had no room). */
 static speed_status_t run_prefill(rtr_req_t *r, plan_t *pl, size_t dnode, bool *try_next,
-                                  Speed__V1__PrefillReply **prefill_p, uint64_t *epoch_p)
-{
+                                  Speed__V1__PrefillReply **prefill_p, uint64_t *epoch_p) {
     speed_router_t *rt = r->rt;
     *try_next = false;
     *prefill_p = NULL;
@@ -50,9 +49,8 @@ static speed_status_t run_prefill(rtr_req_t *r, plan_t *pl, size_t dnode, bool *
         return SPEED_ERR_CANCELLED;
     }
     call_result_t res;
-    speed_router_req_call_unary(r, SPEED_ROUTER_POOL_DECODE, dnode, SPEED_METHOD_DECODE_RESERVE,
-                                &rq.base, SPEED_ROUTER_RESERVE_TIMEOUT_MS,
-                                &speed__v1__reserve_reply__descriptor, &res);
+    speed_router_req_call_unary(r, SPEED_ROUTER_POOL_DECODE, dnode, SPEED_METHOD_DECODE_RESERVE, &rq.base,
+                                SPEED_ROUTER_RESERVE_TIMEOUT_MS, &speed__v1__reserve_reply__descriptor, &res);
     if (res.st != SPEED_OK) {
         speed_router_req_leg_end(r, SPEED_ROUTER_POOL_DECODE);
         if (speed_router_req_cancelled(r, NULL)) {
@@ -65,7 +63,8 @@ static speed_status_t run_prefill(rtr_req_t *r, plan_t *pl, size_t dnode, bool *
         }
         if (res.code == -1 || res.st == SPEED_ERR_TIMEOUT) {
             if (speed_router_req_remaining_ms(r) <= 0) {
-                speed_router_req_fail_status(r, SPEED_ERR_TIMEOUT, "the request took longer than router.request_timeout_ms", 0);
+                speed_router_req_fail_status(r, SPEED_ERR_TIMEOUT,
+                                             "the request took longer than router.request_timeout_ms", 0);
                 return SPEED_ERR_TIMEOUT;
             }
         }
@@ -125,8 +124,7 @@ static speed_status_t run_prefill(rtr_req_t *r, plan_t *pl, size_t dnode, bool *
         tried[n_tried++] = pnode;
         if (a > 0) speed_counter_inc(rt->m_prefill_retries);
         if (!speed_router_req_leg_begin(r, SPEED_ROUTER_POOL_PREFILL, pnode)) break;
-        speed_router_req_call_unary(r, SPEED_ROUTER_POOL_PREFILL, pnode,
-                                    SPEED_METHOD_PREFILL_PREFILL, &pq.base, 0,
+        speed_router_req_call_unary(r, SPEED_ROUTER_POOL_PREFILL, pnode, SPEED_METHOD_PREFILL_PREFILL, &pq.base, 0,
                                     &speed__v1__prefill_reply__descriptor, &res);
         speed_router_req_leg_end(r, SPEED_ROUTER_POOL_PREFILL);
         if (res.st == SPEED_OK) {
@@ -145,8 +143,7 @@ static speed_status_t run_prefill(rtr_req_t *r, plan_t *pl, size_t dnode, bool *
         last_st = res.st;
         snprintf(last_error, sizeof last_error, "prefill node %s: %s %s",
                  speed_router_nodes_address(rt->nodes, SPEED_ROUTER_POOL_PREFILL, pnode),
-                 res.code >= 0 ? speed_rpc_code_name(res.code) : speed_status_string(res.st),
-                 res.message);
+                 res.code >= 0 ? speed_rpc_code_name(res.code) : speed_status_string(res.st), res.message);
         if (res.code == -1) {
             if (res.st == SPEED_ERR_TIMEOUT) break; /* the request's own deadline */
             break;                                  /* our own failure (memory) */
@@ -162,8 +159,7 @@ static speed_status_t run_prefill(rtr_req_t *r, plan_t *pl, size_t dnode, bool *
         else
             speed_log(SPEED_LOG_WARN, SUBSYS, r->id, "%s; trying another prefill node", last_error);
         /* The node may hold half a prefill of this request. */
-        if (res.code != SPEED_RPC_UNAVAILABLE)
-            speed_router_cancel_send(rt, SPEED_ROUTER_POOL_PREFILL, pnode, r->id);
+        if (res.code != SPEED_RPC_UNAVAILABLE) speed_router_cancel_send(rt, SPEED_ROUTER_POOL_PREFILL, pnode, r->id);
     }
     if (*prefill_p) {
         speed_proto_free(&rr->base);
@@ -174,8 +170,7 @@ static speed_status_t run_prefill(rtr_req_t *r, plan_t *pl, size_t dnode, bool *
     speed_router_cancel_send(rt, SPEED_ROUTER_POOL_DECODE, dnode, r->id);
     speed_router_req_leg_end(r, SPEED_ROUTER_POOL_DECODE);
     if (speed_router_req_cancelled(r, NULL)) {
-        if (n_tried)
-            speed_router_cancel_send(rt, SPEED_ROUTER_POOL_PREFILL, tried[n_tried - 1], r->id);
+        if (n_tried) speed_router_cancel_send(rt, SPEED_ROUTER_POOL_PREFILL, tried[n_tried - 1], r->id);
         speed_router_req_fail_cancelled(r);
         return SPEED_ERR_CANCELLED;
     }
@@ -189,18 +184,16 @@ static speed_status_t run_prefill(rtr_req_t *r, plan_t *pl, size_t dnode, bool *
         speed_router_req_fail(r, &err, 0);
         return res.st;
     }
-    speed_log(SPEED_LOG_WARN, SUBSYS, r->id, "prefill failed after %zu attempt(s): %s", n_tried,
-              last_error);
+    speed_log(SPEED_LOG_WARN, SUBSYS, r->id, "prefill failed after %zu attempt(s): %s", n_tried, last_error);
     char msg[400];
     snprintf(msg, sizeof msg, "prefill failed: %s", last_error);
-    speed_router_req_fail_status(r, capacity ? SPEED_ERR_CAPACITY : SPEED_ERR_PEER_UNREACHABLE,
-                                 msg, capacity ? speed_admission_retry_after(rt->adm) : 0);
+    speed_router_req_fail_status(r, capacity ? SPEED_ERR_CAPACITY : SPEED_ERR_PEER_UNREACHABLE, msg,
+                                 capacity ? speed_admission_retry_after(rt->adm) : 0);
     return SPEED_ERR_PEER_UNREACHABLE;
 }
 
 /* Picks decode nodes until one serves the request or none is left. */
-static void run_routed(rtr_req_t *r, plan_t *pl, speed_route_kind_t kind)
-{
+static void run_routed(rtr_req_t *r, plan_t *pl, speed_route_kind_t kind) {
     speed_router_t *rt = r->rt;
     speed_balance_pool_t *dpool = speed_router_nodes_pool(rt->nodes, SPEED_ROUTER_POOL_DECODE);
     size_t tried[64];
@@ -223,9 +216,9 @@ static void run_routed(rtr_req_t *r, plan_t *pl, speed_route_kind_t kind)
             /* No KV room anywhere is the cluster's state, not the client's rate: 503 with
              * Retry-After (the status table would say 429). */
             speed_openai_error_t err;
-            speed_openai_error_set(&err, SPEED_OPENAI_ERR_UNAVAILABLE, NULL, "service_unavailable",
-                                   "%s", capacity ? "no decode node has room for this request now"
-                                                  : "no decode node is available");
+            speed_openai_error_set(&err, SPEED_OPENAI_ERR_UNAVAILABLE, NULL, "service_unavailable", "%s",
+                                   capacity ? "no decode node has room for this request now"
+                                            : "no decode node is available");
             speed_router_req_fail(r, &err, speed_admission_retry_after(rt->adm));
             break;
         }
@@ -281,8 +274,7 @@ static void run_routed(rtr_req_t *r, plan_t *pl, speed_route_kind_t kind)
     speed_router_relay_cleanup(&rl);
 }
 
-static void run_request(rtr_req_t *r)
-{
+static void run_request(rtr_req_t *r) {
     speed_router_t *rt = r->rt;
     const speed_openai_request_t *q = r->req;
     speed_openai_error_t err;
@@ -300,18 +292,15 @@ static void run_request(rtr_req_t *r)
         speed_router_req_fail(r, &err, 0);
         return;
     }
-    if (q->max_tokens < 0 && max_tokens > rt->cfg->default_max_tokens)
-        max_tokens = rt->cfg->default_max_tokens;
+    if (q->max_tokens < 0 && max_tokens > rt->cfg->default_max_tokens) max_tokens = rt->cfg->default_max_tokens;
 
     st = speed_admission_acquire(rt->adm);
     if (st != SPEED_OK) {
         speed_tok_ids_free(&ids);
         if (st == SPEED_ERR_CAPACITY)
-            speed_router_req_fail_status(r, st, "too many requests; retry later",
-                                         speed_admission_retry_after(rt->adm));
+            speed_router_req_fail_status(r, st, "too many requests; retry later", speed_admission_retry_after(rt->adm));
         else if (st == SPEED_ERR_TIMEOUT)
-            speed_router_req_fail_status(r, st,
-                                         "the request waited too long in the router's queue",
+            speed_router_req_fail_status(r, st, "the request waited too long in the router's queue",
                                          speed_admission_retry_after(rt->adm));
         else
             speed_router_req_fail_status(r, SPEED_ERR_CANCELLED, "the server is shutting down", 0);
@@ -324,8 +313,7 @@ static void run_request(rtr_req_t *r)
     pthread_mutex_unlock(&r->http_lock);
 
     speed_route_decision_t d =
-        speed_route_decide(&rt->route, (int64_t)ids.n,
-                           speed_router_nodes_n_up(rt->nodes, SPEED_ROUTER_POOL_PREFILL));
+        speed_route_decide(&rt->route, (int64_t)ids.n, speed_router_nodes_n_up(rt->nodes, SPEED_ROUTER_POOL_PREFILL));
     r->route_label = speed_route_kind_name(d.kind);
     {
         const char *values[] = {r->route_label, d.reason};
@@ -333,8 +321,8 @@ static void run_request(rtr_req_t *r)
         if (speed_counter_labels(rt->m_route_decisions, values, &c) == SPEED_OK) speed_counter_inc(c);
     }
     speed_counter_add(rt->m_prompt_tokens, (double)ids.n);
-    speed_log(SPEED_LOG_DEBUG, SUBSYS, r->id, "%zu prompt tokens, max_tokens %lld, route %s (%s)",
-              ids.n, (long long)max_tokens, r->route_label, d.reason);
+    speed_log(SPEED_LOG_DEBUG, SUBSYS, r->id, "%zu prompt tokens, max_tokens %lld, route %s (%s)", ids.n,
+              (long long)max_tokens, r->route_label, d.reason);
     if (!d.ok) {
         speed_router_req_fail_status(r, SPEED_ERR_PEER_UNREACHABLE, "no prefill node is available", 1);
     } else {
@@ -356,8 +344,7 @@ static void run_request(rtr_req_t *r)
     speed_tok_ids_free(&ids);
 }
 
-void speed_router_req_free(rtr_req_t *r)
-{
+void speed_router_req_free(rtr_req_t *r) {
     if (!r) return;
     speed_openai_request_destroy(r->req);
     pthread_mutex_destroy(&r->lock);
@@ -365,8 +352,7 @@ void speed_router_req_free(rtr_req_t *r)
     speed_free(r);
 }
 
-void *speed_router_worker_main(void *arg)
-{
+void *speed_router_worker_main(void *arg) {
     rtr_req_t *r = arg;
     speed_router_t *rt = r->rt;
     r->route_label = "none";
@@ -385,8 +371,10 @@ void *speed_router_worker_main(void *arg)
     speed_router_req_count(r);
 
     pthread_mutex_lock(&rt->lock);
-    if (r->prev) r->prev->next = r->next;
-    else rt->reqs = r->next;
+    if (r->prev)
+        r->prev->next = r->next;
+    else
+        rt->reqs = r->next;
     if (r->next) r->next->prev = r->prev;
     pthread_mutex_unlock(&rt->lock);
     speed_router_req_free(r);

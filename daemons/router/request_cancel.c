@@ -12,8 +12,7 @@
 
 #define SUBSYS SPEED_SUBSYS_NET
 
-void speed_router_req_cancel(rtr_req_t *r, speed_status_t why)
-{
+void speed_router_req_cancel(rtr_req_t *r, speed_status_t why) {
     cancel_job_t jobs[2];
     size_t n = 0;
     pthread_mutex_lock(&r->lock);
@@ -37,8 +36,7 @@ void speed_router_req_cancel(rtr_req_t *r, speed_status_t why)
     if (n) speed_router_enqueue_cancel(r->rt, jobs, n);
 }
 
-bool speed_router_req_cancelled(rtr_req_t *r, speed_status_t *why_p)
-{
+bool speed_router_req_cancelled(rtr_req_t *r, speed_status_t *why_p) {
     pthread_mutex_lock(&r->lock);
     bool c = r->cancelled;
     if (why_p) *why_p = r->cancel_status;
@@ -48,8 +46,7 @@ bool speed_router_req_cancelled(rtr_req_t *r, speed_status_t *why_p)
 
 /* Records a leg the request is about to start; false if the request was cancelled (then
  * the leg must not start). */
-bool speed_router_req_leg_begin(rtr_req_t *r, speed_router_pool_id_t pool, size_t node)
-{
+bool speed_router_req_leg_begin(rtr_req_t *r, speed_router_pool_id_t pool, size_t node) {
     pthread_mutex_lock(&r->lock);
     bool ok = !r->cancelled;
     if (ok && pool == SPEED_ROUTER_POOL_DECODE) {
@@ -63,31 +60,28 @@ bool speed_router_req_leg_begin(rtr_req_t *r, speed_router_pool_id_t pool, size_
     return ok;
 }
 
-void speed_router_req_leg_end(rtr_req_t *r, speed_router_pool_id_t pool)
-{
+void speed_router_req_leg_end(rtr_req_t *r, speed_router_pool_id_t pool) {
     pthread_mutex_lock(&r->lock);
-    if (pool == SPEED_ROUTER_POOL_DECODE) r->decode_held = false;
-    else r->prefill_active = false;
+    if (pool == SPEED_ROUTER_POOL_DECODE)
+        r->decode_held = false;
+    else
+        r->prefill_active = false;
     pthread_mutex_unlock(&r->lock);
 }
 
-void speed_router_cancel_send(speed_router_t *rt, speed_router_pool_id_t pool, size_t node,
-                              const char *id)
-{
+void speed_router_cancel_send(speed_router_t *rt, speed_router_pool_id_t pool, size_t node, const char *id) {
     Speed__V1__CancelRequest m = SPEED__V1__CANCEL_REQUEST__INIT;
     m.request_id = (char *)id;
     uint8_t *buf = NULL;
     size_t len = 0;
     if (speed_proto_pack(&m.base, &buf, &len) != SPEED_OK) return;
     speed_rpc_reply_t reply = {0};
-    const char *method = pool == SPEED_ROUTER_POOL_DECODE ? SPEED_METHOD_DECODE_CANCEL
-                                                          : SPEED_METHOD_PREFILL_CANCEL;
-    speed_status_t st = speed_rpc_unary(speed_router_nodes_channel(rt->nodes, pool, node), method,
-                                        buf, len, SPEED_ROUTER_CANCEL_TIMEOUT_MS, &reply);
+    const char *method = pool == SPEED_ROUTER_POOL_DECODE ? SPEED_METHOD_DECODE_CANCEL : SPEED_METHOD_PREFILL_CANCEL;
+    speed_status_t st = speed_rpc_unary(speed_router_nodes_channel(rt->nodes, pool, node), method, buf, len,
+                                        SPEED_ROUTER_CANCEL_TIMEOUT_MS, &reply);
     if (st != SPEED_OK)
-        speed_log(SPEED_LOG_DEBUG, SUBSYS, id, "cancel on %s node %s: %s",
-                  speed_router_pool_name(pool), speed_router_nodes_address(rt->nodes, pool, node),
-                  speed_status_string(st));
+        speed_log(SPEED_LOG_DEBUG, SUBSYS, id, "cancel on %s node %s: %s", speed_router_pool_name(pool),
+                  speed_router_nodes_address(rt->nodes, pool, node), speed_status_string(st));
     speed_rpc_reply_cleanup(&reply);
     speed_free(buf);
 }

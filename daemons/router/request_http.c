@@ -11,8 +11,7 @@
 
 /* Writes bytes to the stream (streaming responses). SPEED_ERR_CANCELLED when the client is
  * gone (the request is then cancelled). */
-speed_status_t speed_router_req_write(rtr_req_t *r, const char *data, size_t len)
-{
+speed_status_t speed_router_req_write(rtr_req_t *r, const char *data, size_t len) {
     speed_status_t st = SPEED_ERR_CANCELLED;
     pthread_mutex_lock(&r->http_lock);
     if (r->stream) {
@@ -34,8 +33,7 @@ speed_status_t speed_router_req_write(rtr_req_t *r, const char *data, size_t len
 
 /* Counts the request in speed_router_requests_total, once, just before its answer is
  * complete: a client that has its answer finds it counted in /metrics. */
-void speed_router_req_count(rtr_req_t *r)
-{
+void speed_router_req_count(rtr_req_t *r) {
     if (r->counted) return;
     r->counted = true;
     pthread_mutex_lock(&r->lock);
@@ -51,8 +49,7 @@ void speed_router_req_count(rtr_req_t *r)
 /* Gives back the admission slot and the active count, once, just before the answer's last
  * bytes go out: a client that sends its next request as soon as it has the answer must find
  * the room this one held (else a strictly sequential client could get 429). */
-void speed_router_req_release_slot(rtr_req_t *r)
-{
+void speed_router_req_release_slot(rtr_req_t *r) {
     if (atomic_exchange(&r->slot_released, true)) return;
     speed_router_t *rt = r->rt;
     if (r->admitted) speed_admission_release(rt->adm);
@@ -62,8 +59,7 @@ void speed_router_req_release_slot(rtr_req_t *r)
 }
 
 /* Writes the final SSE bytes (an error event may precede): [DONE], after the slot is free. */
-void speed_router_req_write_done(rtr_req_t *r)
-{
+void speed_router_req_write_done(rtr_req_t *r) {
     speed_router_req_release_slot(r);
     size_t dlen = 0;
     const char *done = speed_openai_sse_done(&dlen);
@@ -71,8 +67,7 @@ void speed_router_req_write_done(rtr_req_t *r)
 }
 
 /* Ends a stream normally (after [DONE]). */
-void speed_router_req_close(rtr_req_t *r)
-{
+void speed_router_req_close(rtr_req_t *r) {
     speed_router_req_release_slot(r);
     speed_router_req_count(r);
     pthread_mutex_lock(&r->http_lock);
@@ -83,9 +78,7 @@ void speed_router_req_close(rtr_req_t *r)
 }
 
 /* A complete answer (non-streaming success, or an error before anything was written). */
-void speed_router_req_respond(rtr_req_t *r, unsigned status, const char *body, size_t len,
-                              int retry_after_s)
-{
+void speed_router_req_respond(rtr_req_t *r, unsigned status, const char *body, size_t len, int retry_after_s) {
     r->http_status = status;
     speed_router_req_release_slot(r);
     speed_router_req_count(r);
@@ -105,8 +98,7 @@ void speed_router_req_respond(rtr_req_t *r, unsigned status, const char *body, s
 
 /* Reports an error the way the response allows: an HTTP error with an OpenAI error object
  * while nothing was sent, else an SSE error event then [DONE]. */
-void speed_router_req_fail(rtr_req_t *r, const speed_openai_error_t *err, int retry_after_s)
-{
+void speed_router_req_fail(rtr_req_t *r, const speed_openai_error_t *err, int retry_after_s) {
     unsigned status = (unsigned)speed_openai_error_http_status(err->kind);
     bool gone;
     pthread_mutex_lock(&r->lock);
@@ -143,17 +135,14 @@ void speed_router_req_fail(rtr_req_t *r, const speed_openai_error_t *err, int re
     speed_router_req_close(r);
 }
 
-void speed_router_req_fail_status(rtr_req_t *r, speed_status_t st, const char *message,
-                                  int retry_after_s)
-{
+void speed_router_req_fail_status(rtr_req_t *r, speed_status_t st, const char *message, int retry_after_s) {
     speed_openai_error_t err;
     speed_openai_error_from_status(st, message, &err);
     speed_router_req_fail(r, &err, retry_after_s);
 }
 
 /* The error for a request that was cancelled by someone other than its client. */
-void speed_router_req_fail_cancelled(rtr_req_t *r)
-{
+void speed_router_req_fail_cancelled(rtr_req_t *r) {
     speed_status_t why = SPEED_ERR_CANCELLED;
     pthread_mutex_lock(&r->lock);
     why = r->cancel_status;
@@ -163,7 +152,5 @@ void speed_router_req_fail_cancelled(rtr_req_t *r)
         speed_router_req_fail_status(r, SPEED_ERR_TIMEOUT, "the request took longer than router.request_timeout_ms", 0);
     else
         speed_router_req_fail_status(r, SPEED_ERR_CANCELLED,
-                                     shutdown ? "the server is shutting down"
-                                              : "the request was cancelled",
-                                     0);
+                                     shutdown ? "the server is shutting down" : "the request was cancelled", 0);
 }

@@ -44,14 +44,12 @@ void speed_router_req_write_done(rtr_req_t *r);
 void speed_router_req_close(rtr_req_t *r);
 /* A complete answer (non-streaming success, or an error before anything was written);
  * retry_after_s > 0 adds Retry-After. */
-void speed_router_req_respond(rtr_req_t *r, unsigned status, const char *body, size_t len,
-                              int retry_after_s);
+void speed_router_req_respond(rtr_req_t *r, unsigned status, const char *body, size_t len, int retry_after_s);
 /* Reports an error the way the response allows: an HTTP error with an OpenAI error object
  * while nothing was sent, else an SSE error event then [DONE]. */
 void speed_router_req_fail(rtr_req_t *r, const speed_openai_error_t *err, int retry_after_s);
 /* The same from a status (speed_openai_error_from_status); message may be NULL. */
-void speed_router_req_fail_status(rtr_req_t *r, speed_status_t st, const char *message,
-                                  int retry_after_s);
+void speed_router_req_fail_status(rtr_req_t *r, speed_status_t st, const char *message, int retry_after_s);
 /* The error for a request that was cancelled by someone other than its client (timeout,
  * shutdown). */
 void speed_router_req_fail_cancelled(rtr_req_t *r);
@@ -59,10 +57,10 @@ void speed_router_req_fail_cancelled(rtr_req_t *r);
 /* ---- request_rpc.c ----------------------------------------------------------------- */
 
 typedef struct {
-    speed_status_t st;          /* speed_rpc_code_to_status(code), or a local error */
-    int code;                   /* gRPC code; -1 for a local failure */
+    speed_status_t st; /* speed_rpc_code_to_status(code), or a local error */
+    int code;          /* gRPC code; -1 for a local failure */
     char message[256];
-    ProtobufCMessage *reply;    /* on success */
+    ProtobufCMessage *reply; /* on success */
 } call_result_t;
 
 /* Milliseconds left before the request's deadline (>= 1 while it has not passed, 0 after). */
@@ -70,10 +68,9 @@ int64_t speed_router_req_remaining_ms(const rtr_req_t *r);
 /* One unary call to a node, its timeout the time left before the deadline (at most cap_ms
  * when > 0). Blocks. On success (res->st SPEED_OK) res->reply is the unpacked reply, which
  * the caller frees with speed_proto_free; otherwise st, code and message say what failed. */
-void speed_router_req_call_unary(rtr_req_t *r, speed_router_pool_id_t pool, size_t node,
-                                 const char *method, const ProtobufCMessage *msg,
-                                 int64_t cap_ms, const ProtobufCMessageDescriptor *reply_desc,
-                                 call_result_t *res);
+void speed_router_req_call_unary(rtr_req_t *r, speed_router_pool_id_t pool, size_t node, const char *method,
+                                 const ProtobufCMessage *msg, int64_t cap_ms,
+                                 const ProtobufCMessageDescriptor *reply_desc, call_result_t *res);
 /* A failure that says the node itself is in trouble (not the request, not capacity). */
 bool speed_router_code_is_node_failure(int code);
 /* A failure the request itself caused: answered as such, never retried. */
@@ -98,27 +95,27 @@ typedef struct {
 } relay_lps_t;
 
 typedef enum {
-    RELAY_DONE = 0,     /* the request is answered (success or an error sent) */
-    RELAY_RETRY,        /* the decode node failed before anything came: try another */
+    RELAY_DONE = 0, /* the request is answered (success or an error sent) */
+    RELAY_RETRY,    /* the decode node failed before anything came: try another */
 } relay_result_t;
 
 typedef struct {
     /* inputs */
-    speed_router_pool_id_t pool;      /* always decode */
+    speed_router_pool_id_t pool; /* always decode */
     size_t node;
     bool decode_only;
     int64_t n_prompt;
-    uint64_t kv_bytes_sent;           /* from PrefillReply (disaggregated) */
+    uint64_t kv_bytes_sent; /* from PrefillReply (disaggregated) */
     /* state */
     bool role_sent;
     int64_t n_generated;
     double t_last_token;
-    relay_buf_t text;                 /* non-streaming: the whole text */
-    size_t text_total;                /* bytes of text relayed so far (text_offset) */
-    relay_lps_t lps;                  /* non-streaming: all; streaming: this event's */
+    relay_buf_t text;  /* non-streaming: the whole text */
+    size_t text_total; /* bytes of text relayed so far (text_offset) */
+    relay_lps_t lps;   /* non-streaming: all; streaming: this event's */
     /* outcome */
     bool success;
-    bool capacity;                    /* RELAY_RETRY because the node had no room */
+    bool capacity; /* RELAY_RETRY because the node had no room */
     speed_openai_finish_t finish;
     speed_openai_usage_t usage;
 } relay_t;
@@ -127,8 +124,7 @@ typedef struct {
  * RELAY_RETRY: nothing was sent, the caller may try another decode node. RELAY_DONE with
  * rl->success: the caller ends the answer with speed_router_relay_answer. RELAY_DONE
  * without it: the client was answered with an error. */
-relay_result_t speed_router_relay_generate(rtr_req_t *r, relay_t *rl,
-                                           const Speed__V1__GenerateRequest *gm);
+relay_result_t speed_router_relay_generate(rtr_req_t *r, relay_t *rl, const Speed__V1__GenerateRequest *gm);
 /* Sends the last chunks (streaming) or the whole object (non-streaming). */
 void speed_router_relay_answer(rtr_req_t *r, relay_t *rl);
 /* Frees what the relay accumulated (text, logprobs); rl may be used again after. */

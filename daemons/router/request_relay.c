@@ -13,8 +13,7 @@
 
 #define SUBSYS SPEED_SUBSYS_NET
 
-static bool buf_append(relay_buf_t *b, const char *s, size_t n)
-{
+static bool buf_append(relay_buf_t *b, const char *s, size_t n) {
     if (b->len + n + 1 > b->cap) {
         size_t cap = b->cap ? b->cap : 256;
         while (cap < b->len + n + 1) cap *= 2;
@@ -28,8 +27,7 @@ static bool buf_append(relay_buf_t *b, const char *s, size_t n)
     b->p[b->len] = '\0';
     return true;
 }
-static void lp_list_clear(relay_lps_t *l)
-{
+static void lp_list_clear(relay_lps_t *l) {
     for (size_t i = 0; i < l->n; i++) {
         speed_free((char *)l->v[i].token);
         for (size_t k = 0; k < l->v[i].n_top; k++) speed_free((char *)l->v[i].top[k].token);
@@ -38,8 +36,7 @@ static void lp_list_clear(relay_lps_t *l)
     l->n = 0;
 }
 
-static void lp_list_free(relay_lps_t *l)
-{
+static void lp_list_free(relay_lps_t *l) {
     lp_list_clear(l);
     speed_free(l->v);
     l->v = NULL;
@@ -49,19 +46,15 @@ static void lp_list_free(relay_lps_t *l)
 /* The bytes of one token on its own (for logprobs): a token holding part of a multi-byte
  * character keeps those bytes (openai_response.c shows it as "bytes:\xNN..." with its
  * `bytes`, as OpenAI does); an id the tokenizer does not know gives "". */
-static char *token_string(const speed_tok_t *tok, int32_t id, size_t *len_p)
-{
+static char *token_string(const speed_tok_t *tok, int32_t id, size_t *len_p) {
     char *s = NULL;
     *len_p = 0;
-    if (id >= 0 && id < speed_tok_vocab_size(tok) &&
-        speed_tok_decode_raw(tok, &id, 1, false, &s, len_p) == SPEED_OK)
+    if (id >= 0 && id < speed_tok_vocab_size(tok) && speed_tok_decode_raw(tok, &id, 1, false, &s, len_p) == SPEED_OK)
         return s;
     return speed_strdup("");
 }
 
-static bool lp_list_add(relay_lps_t *l, const speed_tok_t *tok, const Speed__V1__Token *t,
-                        size_t n_top_max)
-{
+static bool lp_list_add(relay_lps_t *l, const speed_tok_t *tok, const Speed__V1__Token *t, size_t n_top_max) {
     if (l->n == l->cap) {
         size_t cap = l->cap ? l->cap * 2 : 16;
         speed_openai_token_logprob_t *g = speed_realloc(l->v, cap * sizeof(*g));
@@ -98,8 +91,7 @@ static bool lp_list_add(relay_lps_t *l, const speed_tok_t *tok, const Speed__V1_
     return true;
 }
 
-static void observe_tokens(rtr_req_t *r, relay_t *rl, size_t k)
-{
+static void observe_tokens(rtr_req_t *r, relay_t *rl, size_t k) {
     speed_router_t *rt = r->rt;
     double t = speed_clock_mono_s();
     size_t n_itl = k;
@@ -116,8 +108,7 @@ static void observe_tokens(rtr_req_t *r, relay_t *rl, size_t k)
     speed_counter_add(rt->m_generated_tokens, (double)k);
 }
 
-static speed_status_t write_chunk(rtr_req_t *r, const speed_openai_chunk_t *c)
-{
+static speed_status_t write_chunk(rtr_req_t *r, const speed_openai_chunk_t *c) {
     char *sse = NULL;
     size_t len = 0;
     speed_status_t st = speed_openai_chunk_sse(r->api, c, &sse, &len);
@@ -127,8 +118,7 @@ static speed_status_t write_chunk(rtr_req_t *r, const speed_openai_chunk_t *c)
     return st;
 }
 
-static speed_openai_chunk_t chunk_base(rtr_req_t *r, speed_openai_chunk_kind_t kind)
-{
+static speed_openai_chunk_t chunk_base(rtr_req_t *r, speed_openai_chunk_kind_t kind) {
     speed_openai_chunk_t c;
     memset(&c, 0, sizeof c);
     c.kind = kind;
@@ -141,8 +131,7 @@ static speed_openai_chunk_t chunk_base(rtr_req_t *r, speed_openai_chunk_kind_t k
 
 /* Handles the tokens of one Generate event. Returns SPEED_OK, SPEED_ERR_CANCELLED (client
  * gone) or SPEED_ERR_NO_MEMORY. */
-static speed_status_t relay_tokens(rtr_req_t *r, relay_t *rl, const Speed__V1__GenerateEvent *ev)
-{
+static speed_status_t relay_tokens(rtr_req_t *r, relay_t *rl, const Speed__V1__GenerateEvent *ev) {
     const speed_openai_request_t *q = r->req;
     const speed_tok_t *tok = r->rt->p.tok;
     bool want_lp = q->logprobs || q->top_logprobs > 0;
@@ -152,10 +141,8 @@ static speed_status_t relay_tokens(rtr_req_t *r, relay_t *rl, const Speed__V1__G
     if (!q->stream) {
         for (size_t i = 0; i < k; i++) {
             const Speed__V1__Token *t = ev->tokens[i];
-            if (t->text && !buf_append(&rl->text, t->text, strlen(t->text)))
-                return SPEED_ERR_NO_MEMORY;
-            if (want_lp && !lp_list_add(&rl->lps, tok, t, (size_t)q->top_logprobs))
-                return SPEED_ERR_NO_MEMORY;
+            if (t->text && !buf_append(&rl->text, t->text, strlen(t->text))) return SPEED_ERR_NO_MEMORY;
+            if (want_lp && !lp_list_add(&rl->lps, tok, t, (size_t)q->top_logprobs)) return SPEED_ERR_NO_MEMORY;
         }
         return SPEED_OK;
     }
@@ -189,16 +176,13 @@ static speed_status_t relay_tokens(rtr_req_t *r, relay_t *rl, const Speed__V1__G
     return st;
 }
 
-static speed_openai_finish_t finish_kind(const char *reason)
-{
+static speed_openai_finish_t finish_kind(const char *reason) {
     return strcmp(reason, "length") == 0 ? SPEED_OPENAI_FINISH_LENGTH : SPEED_OPENAI_FINISH_STOP;
 }
 
 /* Runs the Generate stream on decode node rl->node and answers the client (unless the result
  * is RELAY_RETRY, in which case nothing was sent). */
-relay_result_t speed_router_relay_generate(rtr_req_t *r, relay_t *rl,
-                                           const Speed__V1__GenerateRequest *gm)
-{
+relay_result_t speed_router_relay_generate(rtr_req_t *r, relay_t *rl, const Speed__V1__GenerateRequest *gm) {
     speed_router_t *rt = r->rt;
     const char *addr = speed_router_nodes_address(rt->nodes, rl->pool, rl->node);
     uint8_t *buf = NULL;
@@ -217,9 +201,9 @@ relay_result_t speed_router_relay_generate(rtr_req_t *r, relay_t *rl,
         return RELAY_DONE;
     }
     speed_rpc_stream_t *gen = NULL;
-    speed_status_t st = speed_rpc_stream_open(speed_router_nodes_channel(rt->nodes, rl->pool, rl->node),
-                                              SPEED_METHOD_DECODE_GENERATE, buf, len,
-                                              speed_router_req_remaining_ms(r), &gen);
+    speed_status_t st =
+        speed_rpc_stream_open(speed_router_nodes_channel(rt->nodes, rl->pool, rl->node), SPEED_METHOD_DECODE_GENERATE,
+                              buf, len, speed_router_req_remaining_ms(r), &gen);
     speed_free(buf);
     if (st != SPEED_OK) {
         speed_router_req_fail_status(r, st, "cannot start the generation", 0);
@@ -236,7 +220,7 @@ relay_result_t speed_router_relay_generate(rtr_req_t *r, relay_t *rl,
     int32_t node_status = 0;
     bool have_usage = false;
     Speed__V1__Usage usage = SPEED__V1__USAGE__INIT;
-    speed_status_t local = SPEED_OK;   /* our own failure while relaying */
+    speed_status_t local = SPEED_OK; /* our own failure while relaying */
 
     for (;;) {
         uint8_t *data = NULL;
@@ -244,7 +228,7 @@ relay_result_t speed_router_relay_generate(rtr_req_t *r, relay_t *rl,
         speed_rpc_next_t nx = speed_rpc_stream_next(gen, finished ? 2000 : 500, &data, &n);
         if (nx == SPEED_RPC_NEXT_END) break;
         if (nx == SPEED_RPC_NEXT_WAIT) {
-            if (finished) break;     /* the node sent its last event; do not wait for more */
+            if (finished) break; /* the node sent its last event; do not wait for more */
             continue;
         }
         if (finished || local != SPEED_OK) {
@@ -252,8 +236,8 @@ relay_result_t speed_router_relay_generate(rtr_req_t *r, relay_t *rl,
             continue;
         }
         Speed__V1__GenerateEvent *ev = NULL;
-        speed_status_t ust = speed_proto_unpack(&speed__v1__generate_event__descriptor, data, n,
-                                                (ProtobufCMessage **)&ev);
+        speed_status_t ust =
+            speed_proto_unpack(&speed__v1__generate_event__descriptor, data, n, (ProtobufCMessage **)&ev);
         speed_free(data);
         if (ust != SPEED_OK) {
             local = ust == SPEED_ERR_NO_MEMORY ? ust : SPEED_ERR_PEER_PROTOCOL;
@@ -290,17 +274,18 @@ relay_result_t speed_router_relay_generate(rtr_req_t *r, relay_t *rl,
 
     speed_status_t why = SPEED_OK;
     bool cancelled = speed_router_req_cancelled(r, &why);
-    bool ok_finish = finished && (strcmp(finish_reason, "stop") == 0 ||
-                                  strcmp(finish_reason, "length") == 0);
+    bool ok_finish = finished && (strcmp(finish_reason, "stop") == 0 || strcmp(finish_reason, "length") == 0);
     if (ok_finish && local == SPEED_OK && !cancelled) {
         speed_router_req_leg_end(r, SPEED_ROUTER_POOL_DECODE);
         rl->success = true;
         rl->finish = finish_kind(finish_reason);
         rl->usage.prompt_tokens = have_usage && usage.prompt_tokens > 0 ? usage.prompt_tokens : rl->n_prompt;
-        rl->usage.completion_tokens = have_usage && usage.completion_tokens > 0 ? usage.completion_tokens
-                                                                             : rl->n_generated;
-        if (rl->decode_only) rl->usage.kv_bytes = 0;
-        else rl->usage.kv_bytes = (int64_t)(have_usage && usage.kv_bytes ? usage.kv_bytes : rl->kv_bytes_sent);
+        rl->usage.completion_tokens =
+            have_usage && usage.completion_tokens > 0 ? usage.completion_tokens : rl->n_generated;
+        if (rl->decode_only)
+            rl->usage.kv_bytes = 0;
+        else
+            rl->usage.kv_bytes = (int64_t)(have_usage && usage.kv_bytes ? usage.kv_bytes : rl->kv_bytes_sent);
         rl->usage.kv_full_depth_bytes =
             have_usage && usage.kv_full_depth_bytes ? (int64_t)usage.kv_full_depth_bytes : -1;
         return RELAY_DONE;
@@ -313,22 +298,22 @@ relay_result_t speed_router_relay_generate(rtr_req_t *r, relay_t *rl,
     if (local != SPEED_OK) {
         speed_log(SPEED_LOG_WARN, SUBSYS, r->id, "relay from decode node %s failed: %s", addr,
                   speed_status_string(local));
-        speed_router_req_fail_status(r, local,
-                                     local == SPEED_ERR_PEER_PROTOCOL
-                                         ? "the decode node sent a malformed event" : NULL,
-                                     0);
+        speed_router_req_fail_status(
+            r, local, local == SPEED_ERR_PEER_PROTOCOL ? "the decode node sent a malformed event" : NULL, 0);
         return RELAY_DONE;
     }
     if (finished) {
         /* The node ended the request itself: an error of this request, not of the node. */
         speed_status_t est = SPEED_ERR_PEER_PROTOCOL;
-        if (strcmp(finish_reason, "error") == 0 && node_status < 0) est = (speed_status_t)node_status;
-        else if (strcmp(finish_reason, "cancelled") == 0) est = SPEED_ERR_CANCELLED;
+        if (strcmp(finish_reason, "error") == 0 && node_status < 0)
+            est = (speed_status_t)node_status;
+        else if (strcmp(finish_reason, "cancelled") == 0)
+            est = SPEED_ERR_CANCELLED;
         char msg[320];
         snprintf(msg, sizeof msg, "generation failed on the decode node: %s",
                  node_error[0] ? node_error : finish_reason);
-        speed_log(SPEED_LOG_WARN, SUBSYS, r->id, "decode node %s ended the request: %s (%s)",
-                  addr, finish_reason, node_error);
+        speed_log(SPEED_LOG_WARN, SUBSYS, r->id, "decode node %s ended the request: %s (%s)", addr, finish_reason,
+                  node_error);
         speed_router_req_fail_status(r, est, msg, 0);
         return RELAY_DONE;
     }
@@ -338,12 +323,12 @@ relay_result_t speed_router_relay_generate(rtr_req_t *r, relay_t *rl,
         return RELAY_DONE;
     }
     char why_text[320];
-    snprintf(why_text, sizeof why_text, "generate stream ended with %s%s%s",
-             speed_rpc_code_name(code), status_text[0] ? ": " : "", status_text);
+    snprintf(why_text, sizeof why_text, "generate stream ended with %s%s%s", speed_rpc_code_name(code),
+             status_text[0] ? ": " : "", status_text);
     if (code == SPEED_RPC_RESOURCE_EXHAUSTED && !got_event) {
         speed_router_req_leg_end(r, SPEED_ROUTER_POOL_DECODE);
         rl->capacity = true;
-        return RELAY_RETRY;  /* no room on that node: another may have some */
+        return RELAY_RETRY; /* no room on that node: another may have some */
     }
     if (speed_router_code_is_request_error(code)) {
         speed_openai_error_t err;
@@ -358,8 +343,7 @@ relay_result_t speed_router_relay_generate(rtr_req_t *r, relay_t *rl,
 }
 
 /* Sends the last chunks (streaming) or the whole object (non-streaming). */
-void speed_router_relay_answer(rtr_req_t *r, relay_t *rl)
-{
+void speed_router_relay_answer(rtr_req_t *r, relay_t *rl) {
     r->http_status = 200;
     if (r->req->stream) {
         if (r->api == SPEED_OPENAI_CHAT && !rl->role_sent) {
@@ -401,8 +385,7 @@ void speed_router_relay_answer(rtr_req_t *r, relay_t *rl)
     speed_free(json);
 }
 
-void speed_router_relay_cleanup(relay_t *rl)
-{
+void speed_router_relay_cleanup(relay_t *rl) {
     speed_free(rl->text.p);
     rl->text.p = NULL;
     rl->text.len = rl->text.cap = 0;

@@ -11,17 +11,14 @@
 #include "clock.h"
 
 /* Milliseconds left before the request's deadline (>= 1 while it has not passed, 0 after). */
-int64_t speed_router_req_remaining_ms(const rtr_req_t *r)
-{
+int64_t speed_router_req_remaining_ms(const rtr_req_t *r) {
     int64_t left = r->deadline_ms - speed_clock_mono_ms();
     return left > 0 ? left : 0;
 }
 
-void speed_router_req_call_unary(rtr_req_t *r, speed_router_pool_id_t pool, size_t node,
-                                 const char *method, const ProtobufCMessage *msg,
-                                 int64_t cap_ms, const ProtobufCMessageDescriptor *reply_desc,
-                                 call_result_t *res)
-{
+void speed_router_req_call_unary(rtr_req_t *r, speed_router_pool_id_t pool, size_t node, const char *method,
+                                 const ProtobufCMessage *msg, int64_t cap_ms,
+                                 const ProtobufCMessageDescriptor *reply_desc, call_result_t *res) {
     memset(res, 0, sizeof(*res));
     res->code = -1;
     int64_t timeout = speed_router_req_remaining_ms(r);
@@ -39,8 +36,7 @@ void speed_router_req_call_unary(rtr_req_t *r, speed_router_pool_id_t pool, size
         return;
     }
     speed_rpc_reply_t reply = {0};
-    res->st = speed_rpc_unary(speed_router_nodes_channel(r->rt->nodes, pool, node), method, buf,
-                              len, timeout, &reply);
+    res->st = speed_rpc_unary(speed_router_nodes_channel(r->rt->nodes, pool, node), method, buf, len, timeout, &reply);
     speed_free(buf);
     res->code = reply.code;
     snprintf(res->message, sizeof res->message, "%s", reply.message ? reply.message : "");
@@ -58,30 +54,25 @@ void speed_router_req_call_unary(rtr_req_t *r, speed_router_pool_id_t pool, size
 }
 
 /* A failure that says the node itself is in trouble (not the request, not capacity). */
-bool speed_router_code_is_node_failure(int code)
-{
+bool speed_router_code_is_node_failure(int code) {
     switch (code) {
     case SPEED_RPC_UNAVAILABLE:
     case SPEED_RPC_DEADLINE_EXCEEDED:
     case SPEED_RPC_INTERNAL:
     case SPEED_RPC_UNKNOWN:
     case SPEED_RPC_DATA_LOSS:
-    case SPEED_RPC_UNIMPLEMENTED:
-        return true;
-    default:
-        return false;
+    case SPEED_RPC_UNIMPLEMENTED: return true;
+    default: return false;
     }
 }
 
 /* A failure the request itself caused: answered as such, never retried. */
-bool speed_router_code_is_request_error(int code)
-{
+bool speed_router_code_is_request_error(int code) {
     return code == SPEED_RPC_INVALID_ARGUMENT || code == SPEED_RPC_FAILED_PRECONDITION ||
            code == SPEED_RPC_OUT_OF_RANGE || code == SPEED_RPC_ALREADY_EXISTS;
 }
 
-void speed_router_speed_params_fill(const speed_openai_speed_t *s, Speed__V1__SpeedParams *m)
-{
+void speed_router_speed_params_fill(const speed_openai_speed_t *s, Speed__V1__SpeedParams *m) {
     /* The depth the router resolved, stated whole: a count, never a fraction, so no node has
      * to round anything and every leg runs at the C the client was told about. */
     if (!s->present) return;
@@ -94,8 +85,7 @@ void speed_router_speed_params_fill(const speed_openai_speed_t *s, Speed__V1__Sp
 }
 
 void speed_router_sampling_params_fill(const speed_openai_request_t *q, int64_t max_tokens,
-                                       Speed__V1__SamplingParams *s)
-{
+                                       Speed__V1__SamplingParams *s) {
     Speed__V1__SamplingParams init = SPEED__V1__SAMPLING_PARAMS__INIT;
     *s = init;
     s->max_tokens = max_tokens > INT32_MAX ? INT32_MAX : (int32_t)max_tokens;

@@ -23,8 +23,8 @@ typedef enum {
 } speed_route_kind_t;
 
 typedef struct {
-    int64_t decode_only_below;   /* prompts with fewer tokens go decode-only; 0 = never */
-    bool decode_only_fallback;   /* no prefill node UP → decode-only instead of failing */
+    int64_t decode_only_below; /* prompts with fewer tokens go decode-only; 0 = never */
+    bool decode_only_fallback; /* no prefill node UP → decode-only instead of failing */
 } speed_route_params_t;
 
 /* decode_only_below 0 (always disaggregated), fallback on. */
@@ -38,8 +38,8 @@ speed_route_params_t speed_route_default_params(void);
 
 typedef struct {
     speed_route_kind_t kind;
-    const char *reason;   /* one of SPEED_ROUTE_REASON_*, static */
-    bool ok;              /* false: no route (no prefill node and no fallback) → 503 */
+    const char *reason; /* one of SPEED_ROUTE_REASON_*, static */
+    bool ok;            /* false: no route (no prefill node and no fallback) → 503 */
 } speed_route_decision_t;
 
 /* params NULL = defaults. n_prefill_up is the number of prefill nodes UP (the caller
@@ -48,8 +48,7 @@ typedef struct {
  *   n_prefill_up == 0 and fallback          → decode_only, "no_prefill_node"
  *   n_prefill_up == 0 and no fallback       → disaggregated, "prefill_unavailable", ok false
  *   otherwise                               → disaggregated, "long_prompt" */
-speed_route_decision_t speed_route_decide(const speed_route_params_t *params, int64_t n_prompt,
-                                          size_t n_prefill_up);
+speed_route_decision_t speed_route_decide(const speed_route_params_t *params, int64_t n_prompt, size_t n_prefill_up);
 
 /* "disaggregated" / "decode_only" (static; "unknown" outside the enum): the `route`
  * label of speed_router_requests_total. */

@@ -29,11 +29,11 @@
 #include "tokenizer.h"
 
 typedef struct {
-    const speed_cluster_config_t *cfg;   /* router.*, speed.*, pools, host */
+    const speed_cluster_config_t *cfg; /* router.*, speed.*, pools, host */
     const speed_tok_t *tok;
-    const char *model_id;                /* the served model name (the API's "model") */
-    int32_t n_layers;                    /* model depth L (checks speed.prefill_layers) */
-    int64_t n_ctx;                       /* prompt + generated tokens limit */
+    const char *model_id; /* the served model name (the API's "model") */
+    int32_t n_layers;     /* model depth L (checks speed.prefill_layers) */
+    int64_t n_ctx;        /* prompt + generated tokens limit */
 } speed_router_params_t;
 
 typedef struct speed_router speed_router_t;

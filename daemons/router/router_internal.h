@@ -20,14 +20,14 @@
 
 /* Streaming requests that wrote nothing for this long get an SSE comment, so that a client
  * that went away is noticed (MHD does not poll suspended connections). */
-#define SPEED_ROUTER_SSE_PING_MS 5000
+#define SPEED_ROUTER_SSE_PING_MS        5000
 /* Cancel RPCs are best effort and must not hold a worker long. */
-#define SPEED_ROUTER_CANCEL_TIMEOUT_MS 1000
+#define SPEED_ROUTER_CANCEL_TIMEOUT_MS  1000
 /* Reserve is a table lookup on the decode node. */
 #define SPEED_ROUTER_RESERVE_TIMEOUT_MS 10000
 /* Request ids: X-Request-Id up to this many characters; node ids add a suffix. */
-#define SPEED_ROUTER_CLIENT_ID_MAX 64
-#define SPEED_ROUTER_ID_MAX 96
+#define SPEED_ROUTER_CLIENT_ID_MAX      64
+#define SPEED_ROUTER_ID_MAX             96
 
 typedef enum { RT_STARTING = 0, RT_READY, RT_DRAINING } rt_state_t;
 
@@ -56,9 +56,9 @@ struct speed_router {
     speed_router_nodes_t *nodes;
     speed_admission_t *adm;
     speed_http_server_t *http;
-    api_route_t *routes;             /* [2]: chat, completions */
+    api_route_t *routes; /* [2]: chat, completions */
 
-    char *api_keys_buf;              /* router.api_keys split in place */
+    char *api_keys_buf; /* router.api_keys split in place */
     const char **api_keys;
     size_t n_api_keys;
     speed_openai_parse_params_t parse;
@@ -66,19 +66,19 @@ struct speed_router {
     int64_t created_unix;
     uint64_t id_seed;
     _Atomic uint64_t id_seq;
-    int64_t max_workers;             /* max_in_flight + max_queue */
+    int64_t max_workers; /* max_in_flight + max_queue */
 
-    _Atomic int state;               /* rt_state_t */
+    _Atomic int state; /* rt_state_t */
 
-    pthread_mutex_t lock;            /* registry, n_workers, state changes */
-    pthread_cond_t idle_cond;        /* CLOCK_MONOTONIC; n_workers reached 0 */
-    rtr_req_t *reqs;                 /* every request that has a worker */
-    int n_workers;                   /* workers alive (shutdown waits for 0) */
-    int n_active;                    /* requests not yet answered: the 429 bound counts these, so
+    pthread_mutex_t lock;     /* registry, n_workers, state changes */
+    pthread_cond_t idle_cond; /* CLOCK_MONOTONIC; n_workers reached 0 */
+    rtr_req_t *reqs;          /* every request that has a worker */
+    int n_workers;            /* workers alive (shutdown waits for 0) */
+    int n_active;             /* requests not yet answered: the 429 bound counts these, so
                                       * a request stops counting before its last bytes go out */
 
-    pthread_mutex_t jobs_lock;       /* leaf lock: jobs, hk_stop */
-    pthread_cond_t hk_cond;          /* CLOCK_MONOTONIC */
+    pthread_mutex_t jobs_lock; /* leaf lock: jobs, hk_stop */
+    pthread_cond_t hk_cond;    /* CLOCK_MONOTONIC */
     cancel_job_t *jobs;
     bool hk_stop;
     pthread_t hk_thread;
@@ -86,8 +86,8 @@ struct speed_router {
 
     /* metrics */
     speed_histogram_t *m_ttft, *m_itl, *m_e2e;
-    speed_counter_t *m_requests;         /* {route,status} */
-    speed_counter_t *m_route_decisions;  /* {route,reason} */
+    speed_counter_t *m_requests;        /* {route,status} */
+    speed_counter_t *m_route_decisions; /* {route,reason} */
     speed_counter_t *m_prefill_retries;
     speed_counter_t *m_kv_bytes;
     speed_counter_t *m_prompt_tokens;
@@ -96,42 +96,42 @@ struct speed_router {
 
 struct rtr_req {
     speed_router_t *rt;
-    rtr_req_t *prev, *next;          /* rt->reqs, under rt->lock */
+    rtr_req_t *prev, *next; /* rt->reqs, under rt->lock */
 
-    char id[SPEED_ROUTER_ID_MAX];    /* sent to the nodes and in log lines */
-    char oai_id[SPEED_ROUTER_ID_MAX + 16];  /* "chatcmpl-..." / "cmpl-..." */
+    char id[SPEED_ROUTER_ID_MAX];          /* sent to the nodes and in log lines */
+    char oai_id[SPEED_ROUTER_ID_MAX + 16]; /* "chatcmpl-..." / "cmpl-..." */
     speed_openai_api_t api;
     speed_openai_request_t *req;
-    double t_arrival;                /* monotonic seconds */
-    int64_t deadline_ms;             /* monotonic ms */
+    double t_arrival;    /* monotonic seconds */
+    int64_t deadline_ms; /* monotonic ms */
     int64_t created_unix;
 
     /* HTTP side. http_lock is held around every use of `stream` (worker and housekeeping
      * thread); it is never taken while holding `lock` or jobs_lock. */
     pthread_mutex_t http_lock;
-    speed_http_stream_t *stream;     /* the writer's reference; NULL once answered */
-    bool committed;                  /* bytes were written: status 200 is final */
-    bool running;                    /* admitted: pings may be sent */
+    speed_http_stream_t *stream; /* the writer's reference; NULL once answered */
+    bool committed;              /* bytes were written: status 200 is final */
+    bool running;                /* admitted: pings may be sent */
     int64_t last_write_ms;
 
     /* Cancellation state, under `lock` (a leaf lock). */
     pthread_mutex_t lock;
     bool cancelled;
-    speed_status_t cancel_status;    /* CANCELLED (client gone, shutdown) or TIMEOUT */
+    speed_status_t cancel_status; /* CANCELLED (client gone, shutdown) or TIMEOUT */
     bool client_gone;
     bool shutdown;
-    speed_rpc_stream_t *gen;         /* Generate stream in flight */
-    int decode_node;                 /* -1: none */
-    bool decode_held;                /* the decode node holds a reservation / sequence */
-    int prefill_node;                /* -1: none */
-    bool prefill_active;             /* a Prefill call is in flight */
+    speed_rpc_stream_t *gen; /* Generate stream in flight */
+    int decode_node;         /* -1: none */
+    bool decode_held;        /* the decode node holds a reservation / sequence */
+    int prefill_node;        /* -1: none */
+    bool prefill_active;     /* a Prefill call is in flight */
 
     /* outcome, for metrics (worker only) */
-    const char *route_label;         /* "disaggregated" / "decode_only" / "none" */
-    unsigned http_status;            /* status label; 499 = client went away */
-    bool counted;                    /* speed_router_requests_total has this request */
-    bool admitted;                   /* holds an admission slot (worker only) */
-    _Atomic bool slot_released;      /* admission slot and n_active given back */
+    const char *route_label;    /* "disaggregated" / "decode_only" / "none" */
+    unsigned http_status;       /* status label; 499 = client went away */
+    bool counted;               /* speed_router_requests_total has this request */
+    bool admitted;              /* holds an admission slot (worker only) */
+    _Atomic bool slot_released; /* admission slot and n_active given back */
 };
 
 /* request.c */
@@ -146,8 +146,7 @@ void speed_router_req_free(rtr_req_t *r);
 void speed_router_req_cancel(rtr_req_t *r, speed_status_t why);
 /* Sends Cancel for request `id` to one node (best effort, bounded by
  * SPEED_ROUTER_CANCEL_TIMEOUT_MS; a failure is logged at debug level). Blocks. */
-void speed_router_cancel_send(speed_router_t *rt, speed_router_pool_id_t pool, size_t node,
-                              const char *id);
+void speed_router_cancel_send(speed_router_t *rt, speed_router_pool_id_t pool, size_t node, const char *id);
 
 /* server.c */
 void speed_router_enqueue_cancel(speed_router_t *rt, const cancel_job_t *jobs, size_t n);

@@ -22,8 +22,7 @@
 
 /* ---- small helpers -------------------------------------------------------------------- */
 
-static uint64_t splitmix64(uint64_t x)
-{
+static uint64_t splitmix64(uint64_t x) {
     x += 0x9e3779b97f4a7c15ull;
     x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
     x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
@@ -31,8 +30,7 @@ static uint64_t splitmix64(uint64_t x)
 }
 
 /* X-Request-Id: 1..64 characters of [A-Za-z0-9._:-]; anything else is replaced. */
-static bool client_id_ok(const char *s)
-{
+static bool client_id_ok(const char *s) {
     if (!s) return false;
     size_t n = 0;
     for (; s[n]; n++) {
@@ -43,13 +41,11 @@ static bool client_id_ok(const char *s)
     return n > 0;
 }
 
-static void respond_json(speed_http_request_t *hr, unsigned status, const char *body, size_t len)
-{
+static void respond_json(speed_http_request_t *hr, unsigned status, const char *body, size_t len) {
     speed_http_respond(hr, status, "application/json", body, len);
 }
 
-static void count_request(speed_router_t *rt, const char *route, unsigned status)
-{
+static void count_request(speed_router_t *rt, const char *route, unsigned status) {
     char s[8];
     snprintf(s, sizeof s, "%u", status);
     const char *values[] = {route, s};
@@ -58,9 +54,8 @@ static void count_request(speed_router_t *rt, const char *route, unsigned status
 }
 
 /* Answers an OpenAI error from an HTTP thread (before a worker exists). */
-static void respond_error(speed_router_t *rt, speed_http_request_t *hr,
-                          const speed_openai_error_t *err, int retry_after_s)
-{
+static void respond_error(speed_router_t *rt, speed_http_request_t *hr, const speed_openai_error_t *err,
+                          int retry_after_s) {
     unsigned status = (unsigned)speed_openai_error_http_status(err->kind);
     if (retry_after_s > 0) {
         char v[16];
@@ -80,11 +75,9 @@ static void respond_error(speed_router_t *rt, speed_http_request_t *hr,
     count_request(rt, "none", status);
 }
 
-static bool check_auth(speed_router_t *rt, speed_http_request_t *hr)
-{
+static bool check_auth(speed_router_t *rt, speed_http_request_t *hr) {
     speed_openai_error_t err;
-    if (speed_openai_auth_check(speed_http_request_header(hr, "Authorization"), rt->api_keys,
-                                rt->n_api_keys, &err))
+    if (speed_openai_auth_check(speed_http_request_header(hr, "Authorization"), rt->api_keys, rt->n_api_keys, &err))
         return true;
     respond_error(rt, hr, &err, 0);
     return false;
@@ -92,8 +85,7 @@ static bool check_auth(speed_router_t *rt, speed_http_request_t *hr)
 
 /* ---- handlers ------------------------------------------------------------------------- */
 
-static void on_disconnect(void *user, speed_http_stream_t *stream)
-{
+static void on_disconnect(void *user, speed_http_stream_t *stream) {
     rtr_req_t *r = user;
     (void)stream;
     pthread_mutex_lock(&r->lock);
@@ -103,8 +95,7 @@ static void on_disconnect(void *user, speed_http_stream_t *stream)
     speed_router_req_cancel(r, SPEED_ERR_CANCELLED);
 }
 
-static void handle_completions(void *user, speed_http_request_t *hr)
-{
+static void handle_completions(void *user, speed_http_request_t *hr) {
     const api_route_t *ar = user;
     speed_router_t *rt = ar->rt;
     double t_arrival = speed_clock_mono_s();
@@ -119,8 +110,7 @@ static void handle_completions(void *user, speed_http_request_t *hr)
         /* Clients may reuse ids; the nodes key requests by id, so make it unique. */
         snprintf(node_id, sizeof node_id, "%s.%llx", client_id, (unsigned long long)seq);
     } else {
-        snprintf(client_id, sizeof client_id, "%016llx",
-                 (unsigned long long)splitmix64(rt->id_seed ^ seq));
+        snprintf(client_id, sizeof client_id, "%016llx", (unsigned long long)splitmix64(rt->id_seed ^ seq));
         snprintf(node_id, sizeof node_id, "%s", client_id);
     }
     speed_http_request_add_header(hr, "X-Request-Id", client_id);
@@ -162,8 +152,7 @@ static void handle_completions(void *user, speed_http_request_t *hr)
     r->created_unix = speed_clock_wall_ms() / 1000;
     r->decode_node = r->prefill_node = -1;
     snprintf(r->id, sizeof r->id, "%s", node_id);
-    snprintf(r->oai_id, sizeof r->oai_id, "%s%s",
-             ar->api == SPEED_OPENAI_CHAT ? "chatcmpl-" : "cmpl-", client_id);
+    snprintf(r->oai_id, sizeof r->oai_id, "%s%s", ar->api == SPEED_OPENAI_CHAT ? "chatcmpl-" : "cmpl-", client_id);
     pthread_mutex_init(&r->lock, NULL);
     pthread_mutex_init(&r->http_lock, NULL);
 
@@ -185,14 +174,12 @@ static void handle_completions(void *user, speed_http_request_t *hr)
             speed_openai_error_set(&err, SPEED_OPENAI_ERR_UNAVAILABLE, NULL, "service_unavailable",
                                    "the server is shutting down");
         else
-            speed_openai_error_from_status(SPEED_ERR_CAPACITY, "too many requests; retry later",
-                                           &err);
+            speed_openai_error_from_status(SPEED_ERR_CAPACITY, "too many requests; retry later", &err);
         respond_error(rt, hr, &err, speed_admission_retry_after(rt->adm));
         return;
     }
 
-    speed_status_t st = speed_http_respond_stream(hr, 200,
-                                                  req->stream ? "text/event-stream" : "application/json",
+    speed_status_t st = speed_http_respond_stream(hr, 200, req->stream ? "text/event-stream" : "application/json",
                                                   on_disconnect, r, &r->stream);
     pthread_attr_t attr;
     pthread_t th;
@@ -208,8 +195,10 @@ static void handle_completions(void *user, speed_http_request_t *hr)
     speed_log(SPEED_LOG_ERROR, SUBSYS, r->id, "cannot start a request worker: %s",
               st == SPEED_OK ? strerror(errno) : speed_status_string(st));
     pthread_mutex_lock(&rt->lock);
-    if (r->prev) r->prev->next = r->next;
-    else rt->reqs = r->next;
+    if (r->prev)
+        r->prev->next = r->next;
+    else
+        rt->reqs = r->next;
     if (r->next) r->next->prev = r->prev;
     rt->n_active--;
     if (--rt->n_workers == 0) pthread_cond_broadcast(&rt->idle_cond);
@@ -231,8 +220,7 @@ static void handle_completions(void *user, speed_http_request_t *hr)
     speed_router_req_free(r);
 }
 
-static void handle_models(void *user, speed_http_request_t *hr)
-{
+static void handle_models(void *user, speed_http_request_t *hr) {
     speed_router_t *rt = user;
     if (!check_auth(rt, hr)) return;
     const char *ids[] = {rt->p.model_id};
@@ -248,30 +236,27 @@ static void handle_models(void *user, speed_http_request_t *hr)
     speed_free(json);
 }
 
-static void handle_health(void *user, speed_http_request_t *hr)
-{
+static void handle_health(void *user, speed_http_request_t *hr) {
     speed_router_t *rt = user;
     int state = atomic_load(&rt->state);
     size_t n_decode = speed_router_nodes_n_up(rt->nodes, SPEED_ROUTER_POOL_DECODE);
     size_t n_prefill = speed_router_nodes_n_up(rt->nodes, SPEED_ROUTER_POOL_PREFILL);
-    const char *what = state == RT_DRAINING  ? "draining"
-                       : state != RT_READY   ? "starting"
-                       : n_decode == 0       ? "no_decode_node"
-                                             : "ok";
+    const char *what = state == RT_DRAINING ? "draining"
+                       : state != RT_READY  ? "starting"
+                       : n_decode == 0      ? "no_decode_node"
+                                            : "ok";
     unsigned status = strcmp(what, "ok") == 0 ? 200 : 503;
     char body[256];
     int n = snprintf(body, sizeof body,
                      "{\"status\":\"%s\",\"decode_nodes_up\":%zu,\"prefill_nodes_up\":%zu,"
                      "\"requests_running\":%d,\"requests_waiting\":%d}",
-                     what, n_decode, n_prefill, speed_admission_in_flight(rt->adm),
-                     speed_admission_waiting(rt->adm));
+                     what, n_decode, n_prefill, speed_admission_in_flight(rt->adm), speed_admission_waiting(rt->adm));
     respond_json(hr, status, body, (size_t)n);
 }
 
 /* ---- housekeeping: Cancel RPCs for cancelled requests, SSE pings ------------------------ */
 
-void speed_router_enqueue_cancel(speed_router_t *rt, const cancel_job_t *jobs, size_t n)
-{
+void speed_router_enqueue_cancel(speed_router_t *rt, const cancel_job_t *jobs, size_t n) {
     for (size_t i = 0; i < n; i++) {
         cancel_job_t *j = speed_malloc(sizeof(*j));
         if (!j) return; /* the worker sends its own Cancel when it notices */
@@ -284,8 +269,7 @@ void speed_router_enqueue_cancel(speed_router_t *rt, const cancel_job_t *jobs, s
     }
 }
 
-static void ping_streams(speed_router_t *rt)
-{
+static void ping_streams(speed_router_t *rt) {
     static const char ping[] = ": ping\n\n";
     int64_t now = speed_clock_mono_ms();
     pthread_mutex_lock(&rt->lock);
@@ -312,15 +296,12 @@ static void ping_streams(speed_router_t *rt)
     pthread_mutex_unlock(&rt->lock);
 }
 
-static void *housekeeping_main(void *arg)
-{
+static void *housekeeping_main(void *arg) {
     speed_router_t *rt = arg;
     for (;;) {
         struct timespec until = speed_clock_deadline(CLOCK_MONOTONIC, 1000);
         pthread_mutex_lock(&rt->jobs_lock);
-        while (!rt->hk_stop && !rt->jobs &&
-               pthread_cond_timedwait(&rt->hk_cond, &rt->jobs_lock, &until) == 0) {
-        }
+        while (!rt->hk_stop && !rt->jobs && pthread_cond_timedwait(&rt->hk_cond, &rt->jobs_lock, &until) == 0) {}
         cancel_job_t *jobs = rt->jobs;
         rt->jobs = NULL;
         bool stop = rt->hk_stop;
@@ -339,69 +320,50 @@ static void *housekeeping_main(void *arg)
 
 /* ---- metrics ------------------------------------------------------------------------------ */
 
-static double gauge_running(void *user)
-{
-    return speed_admission_in_flight(((speed_router_t *)user)->adm);
-}
+static double gauge_running(void *user) { return speed_admission_in_flight(((speed_router_t *)user)->adm); }
 
-static double gauge_waiting(void *user)
-{
-    return speed_admission_waiting(((speed_router_t *)user)->adm);
-}
+static double gauge_waiting(void *user) { return speed_admission_waiting(((speed_router_t *)user)->adm); }
 
-static speed_status_t register_metrics(speed_router_t *rt)
-{
+static speed_status_t register_metrics(speed_router_t *rt) {
     speed_metrics_t *m = rt->metrics;
-    static const double itl_buckets[] = {0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04,
-                                         0.05,  0.075,  0.1,   0.15, 0.2,   0.3,  0.5,  1,   2.5};
-    static const double e2e_buckets[] = {0.05, 0.1, 0.25, 0.5, 1,  2.5, 5,   10,
-                                         20,   30,  60,   120, 300, 600, 1800};
+    static const double itl_buckets[] = {0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05,
+                                         0.075, 0.1,    0.15,  0.2,  0.3,   0.5,  1,    2.5};
+    static const double e2e_buckets[] = {0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800};
     static const char *const route_status[] = {"route", "status"};
     static const char *const route_reason[] = {"route", "reason"};
-    SPEED_CHECK(speed_histogram_register(
-        m, "speed_router_time_to_first_token_seconds",
-        "time from the request's arrival at the router to its first token leaving it", NULL, 0,
-        NULL, 0, &rt->m_ttft));
+    SPEED_CHECK(speed_histogram_register(m, "speed_router_time_to_first_token_seconds",
+                                         "time from the request's arrival at the router to its first token leaving it",
+                                         NULL, 0, NULL, 0, &rt->m_ttft));
     SPEED_CHECK(speed_histogram_register(m, "speed_router_inter_token_latency_seconds",
-                                         "time between consecutive tokens of a request, at the router",
-                                         NULL, 0, itl_buckets,
-                                         sizeof itl_buckets / sizeof itl_buckets[0], &rt->m_itl));
+                                         "time between consecutive tokens of a request, at the router", NULL, 0,
+                                         itl_buckets, sizeof itl_buckets / sizeof itl_buckets[0], &rt->m_itl));
     SPEED_CHECK(speed_histogram_register(m, "speed_router_e2e_request_latency_seconds",
-                                         "time from arrival to the last token of successful requests",
-                                         NULL, 0, e2e_buckets,
-                                         sizeof e2e_buckets / sizeof e2e_buckets[0], &rt->m_e2e));
-    SPEED_CHECK(speed_counter_register(
-        m, "speed_router_requests_total",
-        "completion requests by route and HTTP status (499: the client went away)", route_status,
-        2, &rt->m_requests));
-    SPEED_CHECK(speed_counter_register(m, "speed_router_route_decisions_total",
-                                       "route decisions by route and reason", route_reason, 2,
-                                       &rt->m_route_decisions));
+                                         "time from arrival to the last token of successful requests", NULL, 0,
+                                         e2e_buckets, sizeof e2e_buckets / sizeof e2e_buckets[0], &rt->m_e2e));
+    SPEED_CHECK(speed_counter_register(m, "speed_router_requests_total",
+                                       "completion requests by route and HTTP status (499: the client went away)",
+                                       route_status, 2, &rt->m_requests));
+    SPEED_CHECK(speed_counter_register(m, "speed_router_route_decisions_total", "route decisions by route and reason",
+                                       route_reason, 2, &rt->m_route_decisions));
     SPEED_CHECK(speed_counter_register(m, "speed_router_prefill_retries_total",
                                        "prefill calls retried on another prefill node", NULL, 0,
                                        &rt->m_prefill_retries));
-    SPEED_CHECK(speed_gauge_register_callback(m, "speed_router_requests_running",
-                                              "requests holding an admission slot", gauge_running,
-                                              rt, NULL));
+    SPEED_CHECK(speed_gauge_register_callback(m, "speed_router_requests_running", "requests holding an admission slot",
+                                              gauge_running, rt, NULL));
     SPEED_CHECK(speed_gauge_register_callback(m, "speed_router_requests_waiting",
-                                              "requests queued for an admission slot",
-                                              gauge_waiting, rt, NULL));
+                                              "requests queued for an admission slot", gauge_waiting, rt, NULL));
     SPEED_CHECK(speed_counter_register(m, "speed_router_kv_bytes_shipped_total",
-                                       "KV bytes shipped from prefill to decode nodes", NULL, 0,
-                                       &rt->m_kv_bytes));
-    SPEED_CHECK(speed_counter_register(m, "speed_router_prompt_tokens_total",
-                                       "prompt tokens of routed requests", NULL, 0,
-                                       &rt->m_prompt_tokens));
-    SPEED_CHECK(speed_counter_register(m, "speed_router_generated_tokens_total",
-                                       "tokens relayed to clients", NULL, 0,
+                                       "KV bytes shipped from prefill to decode nodes", NULL, 0, &rt->m_kv_bytes));
+    SPEED_CHECK(speed_counter_register(m, "speed_router_prompt_tokens_total", "prompt tokens of routed requests", NULL,
+                                       0, &rt->m_prompt_tokens));
+    SPEED_CHECK(speed_counter_register(m, "speed_router_generated_tokens_total", "tokens relayed to clients", NULL, 0,
                                        &rt->m_generated_tokens));
     return SPEED_OK;
 }
 
 /* ---- lifecycle ---------------------------------------------------------------------------- */
 
-static speed_status_t split_api_keys(speed_router_t *rt, const char *keys)
-{
+static speed_status_t split_api_keys(speed_router_t *rt, const char *keys) {
     if (!keys || !keys[0]) return SPEED_OK;
     rt->api_keys_buf = speed_strdup(keys);
     size_t n = 1;
@@ -418,16 +380,13 @@ static speed_status_t split_api_keys(speed_router_t *rt, const char *keys)
     return SPEED_OK;
 }
 
-static speed_balance_policy_t policy_of(int cfg_policy)
-{
-    return cfg_policy == SPEED_POLICY_LEAST_LOADED ? SPEED_BALANCE_LEAST_LOADED
-                                                   : SPEED_BALANCE_ROUND_ROBIN;
+static speed_balance_policy_t policy_of(int cfg_policy) {
+    return cfg_policy == SPEED_POLICY_LEAST_LOADED ? SPEED_BALANCE_LEAST_LOADED : SPEED_BALANCE_ROUND_ROBIN;
 }
 
-speed_status_t speed_router_create(const speed_router_params_t *params, speed_router_t **rt_p)
-{
-    if (!params || !rt_p || !params->cfg || !params->tok || !params->model_id ||
-        params->n_layers < 1 || params->n_ctx < 2)
+speed_status_t speed_router_create(const speed_router_params_t *params, speed_router_t **rt_p) {
+    if (!params || !rt_p || !params->cfg || !params->tok || !params->model_id || params->n_layers < 1 ||
+        params->n_ctx < 2)
         return SPEED_ERR_INVALID_ARGUMENT;
     const speed_cluster_config_t *cfg = params->cfg;
     speed_router_t *rt = speed_calloc(1, sizeof(*rt));
@@ -441,8 +400,7 @@ speed_status_t speed_router_create(const speed_router_params_t *params, speed_ro
     atomic_init(&rt->state, RT_STARTING);
     rt->created_unix = speed_clock_wall_ms() / 1000;
     struct timespec ts = speed_clock_now(CLOCK_REALTIME);
-    rt->id_seed = splitmix64(((uint64_t)ts.tv_sec << 32) ^ (uint64_t)ts.tv_nsec ^
-                             ((uint64_t)getpid() << 16));
+    rt->id_seed = splitmix64(((uint64_t)ts.tv_sec << 32) ^ (uint64_t)ts.tv_nsec ^ ((uint64_t)getpid() << 16));
     rt->max_workers = cfg->max_in_flight + cfg->max_queue;
 
     rt->parse = speed_openai_default_parse_params();
@@ -502,12 +460,10 @@ speed_status_t speed_router_create(const speed_router_params_t *params, speed_ro
         routes[1].rt = rt;
         routes[1].api = SPEED_OPENAI_COMPLETIONS;
         rt->routes = routes;
-        st = speed_http_server_route(rt->http, "POST", "/v1/chat/completions", handle_completions,
-                                     &routes[0]);
+        st = speed_http_server_route(rt->http, "POST", "/v1/chat/completions", handle_completions, &routes[0]);
     }
     if (st == SPEED_OK)
-        st = speed_http_server_route(rt->http, "POST", "/v1/completions", handle_completions,
-                                     &routes[1]);
+        st = speed_http_server_route(rt->http, "POST", "/v1/completions", handle_completions, &routes[1]);
     if (st == SPEED_OK) st = speed_http_server_route(rt->http, "GET", "/v1/models", handle_models, rt);
     if (st == SPEED_OK) st = speed_http_server_route(rt->http, "GET", "/health", handle_health, rt);
     if (st == SPEED_OK) st = speed_http_server_route_metrics(rt->http, "/metrics", rt->metrics);
@@ -520,8 +476,7 @@ speed_status_t speed_router_create(const speed_router_params_t *params, speed_ro
     return SPEED_OK;
 }
 
-speed_status_t speed_router_start(speed_router_t *rt)
-{
+speed_status_t speed_router_start(speed_router_t *rt) {
     if (!rt) return SPEED_ERR_INVALID_ARGUMENT;
     SPEED_CHECK(speed_router_nodes_start(rt->nodes));
     if (pthread_create(&rt->hk_thread, NULL, housekeeping_main, rt) != 0) {
@@ -531,39 +486,33 @@ speed_status_t speed_router_start(speed_router_t *rt)
     rt->hk_started = true;
     SPEED_CHECK(speed_http_server_start(rt->http));
     atomic_store(&rt->state, RT_READY);
-    SPEED_INFO(SUBSYS, "router: serving %s on %s:%u (%zu prefill, %zu decode nodes; %zu decode up)",
-               rt->p.model_id, rt->cfg->host, (unsigned)speed_http_server_port(rt->http),
+    SPEED_INFO(SUBSYS, "router: serving %s on %s:%u (%zu prefill, %zu decode nodes; %zu decode up)", rt->p.model_id,
+               rt->cfg->host, (unsigned)speed_http_server_port(rt->http),
                speed_router_nodes_count(rt->nodes, SPEED_ROUTER_POOL_PREFILL),
                speed_router_nodes_count(rt->nodes, SPEED_ROUTER_POOL_DECODE),
                speed_router_nodes_n_up(rt->nodes, SPEED_ROUTER_POOL_DECODE));
     return SPEED_OK;
 }
 
-uint16_t speed_router_port(const speed_router_t *rt)
-{
-    return rt && rt->http ? speed_http_server_port(rt->http) : 0;
-}
+uint16_t speed_router_port(const speed_router_t *rt) { return rt && rt->http ? speed_http_server_port(rt->http) : 0; }
 
-void speed_router_drain(speed_router_t *rt)
-{
+void speed_router_drain(speed_router_t *rt) {
     if (!rt) return;
     pthread_mutex_lock(&rt->lock);
     int was = atomic_exchange(&rt->state, RT_DRAINING);
     int n = rt->n_workers;
     pthread_mutex_unlock(&rt->lock);
     if (rt->adm) speed_admission_close(rt->adm);
-    if (was != RT_DRAINING)
-        SPEED_INFO(SUBSYS, "router: draining (%d request(s) in flight)", n);
+    if (was != RT_DRAINING) SPEED_INFO(SUBSYS, "router: draining (%d request(s) in flight)", n);
 }
 
-bool speed_router_wait_idle(speed_router_t *rt, int64_t timeout_ms)
-{
+bool speed_router_wait_idle(speed_router_t *rt, int64_t timeout_ms) {
     struct timespec until = speed_clock_deadline(CLOCK_MONOTONIC, timeout_ms);
     pthread_mutex_lock(&rt->lock);
     while (rt->n_workers > 0) {
-        if (timeout_ms < 0) pthread_cond_wait(&rt->idle_cond, &rt->lock);
-        else if (timeout_ms == 0 ||
-                 pthread_cond_timedwait(&rt->idle_cond, &rt->lock, &until) == ETIMEDOUT)
+        if (timeout_ms < 0)
+            pthread_cond_wait(&rt->idle_cond, &rt->lock);
+        else if (timeout_ms == 0 || pthread_cond_timedwait(&rt->idle_cond, &rt->lock, &until) == ETIMEDOUT)
             break;
     }
     bool idle = rt->n_workers == 0;
@@ -571,16 +520,14 @@ bool speed_router_wait_idle(speed_router_t *rt, int64_t timeout_ms)
     return idle;
 }
 
-int speed_router_n_workers(speed_router_t *rt)
-{
+int speed_router_n_workers(speed_router_t *rt) {
     pthread_mutex_lock(&rt->lock);
     int n = rt->n_workers;
     pthread_mutex_unlock(&rt->lock);
     return n;
 }
 
-void speed_router_cancel_all(speed_router_t *rt)
-{
+void speed_router_cancel_all(speed_router_t *rt) {
     if (!rt) return;
     pthread_mutex_lock(&rt->lock);
     for (rtr_req_t *r = rt->reqs; r; r = r->next) {
@@ -592,8 +539,7 @@ void speed_router_cancel_all(speed_router_t *rt)
     pthread_mutex_unlock(&rt->lock);
 }
 
-bool speed_router_destroy(speed_router_t *rt)
-{
+bool speed_router_destroy(speed_router_t *rt) {
     if (!rt) return true;
     speed_router_drain(rt);
     if (!speed_router_wait_idle(rt, 0)) {

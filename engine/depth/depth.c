@@ -12,9 +12,7 @@ speed_depth_t speed_depth_default(void) { return (speed_depth_t){0, 1, 1}; }
 
 speed_cutoff_t speed_cutoff_layers(int64_t layers) { return (speed_cutoff_t){SPEED_CUTOFF_LAYERS, layers, 0.0}; }
 
-speed_cutoff_t speed_cutoff_fraction(double fraction) {
-    return (speed_cutoff_t){SPEED_CUTOFF_FRACTION, 0, fraction};
-}
+speed_cutoff_t speed_cutoff_fraction(double fraction) { return (speed_cutoff_t){SPEED_CUTOFF_FRACTION, 0, fraction}; }
 
 static speed_status_t fail(char *err, size_t err_size, const char *fmt, ...) {
     if (err && err_size > 0) {
@@ -83,8 +81,8 @@ static speed_status_t cutoff_resolve(speed_cutoff_t c, int n_layers, int *c_p, c
     }
     if (c.kind == SPEED_CUTOFF_FRACTION) {
         if (!(c.fraction > 0.0 && c.fraction <= 1.0))
-            return fail(err, err_size, "prefill_layers %g is not a fraction in (0, 1] (give a layer count as an integer)",
-                        c.fraction);
+            return fail(err, err_size,
+                        "prefill_layers %g is not a fraction in (0, 1] (give a layer count as an integer)", c.fraction);
         int v = (int)floor(c.fraction * n_layers + 0.5);
         *c_p = v < 1 ? 1 : v;
         return SPEED_OK;

@@ -46,8 +46,8 @@ typedef enum {
 /* A cutoff as stated, before it meets a model. Zero-initialised = unset. */
 typedef struct {
     speed_cutoff_kind_t kind;
-    int64_t layers;   /* SPEED_CUTOFF_LAYERS: the count as given (range checked at resolve) */
-    double fraction;  /* SPEED_CUTOFF_FRACTION: the fraction as given (range checked at resolve) */
+    int64_t layers;  /* SPEED_CUTOFF_LAYERS: the count as given (range checked at resolve) */
+    double fraction; /* SPEED_CUTOFF_FRACTION: the fraction as given (range checked at resolve) */
 } speed_cutoff_t;
 
 /* A cutoff stated as a layer count / as a fraction of L (not range checked here). */
@@ -70,7 +70,7 @@ typedef struct {
     speed_cutoff_t prefill_layers; /* unset: the default's C */
     bool has_anchors;              /* false: the default's A */
     int64_t anchors;
-    bool has_tail;                 /* false: the default's T */
+    bool has_tail; /* false: the default's T */
     int64_t tail;
 } speed_depth_request_t;
 
@@ -85,7 +85,7 @@ speed_depth_request_t speed_depth_request_of(speed_depth_t depth);
  * with a one-line reason in err (naming prefill_layers, anchors or tail and the valid range;
  * the same text for the same value wherever it is resolved) and *depth_p untouched; n_layers < 1
  * or a default out of range is SPEED_ERR_INVALID_ARGUMENT too. */
-speed_status_t speed_depth_resolve(const speed_depth_request_t *request, const speed_depth_t *deflt,
-                                   int n_layers, speed_depth_t *depth_p, char *err, size_t err_size);
+speed_status_t speed_depth_resolve(const speed_depth_request_t *request, const speed_depth_t *deflt, int n_layers,
+                                   speed_depth_t *depth_p, char *err, size_t err_size);
 
 #endif /* SPEED_DEPTH_H */

@@ -12,13 +12,13 @@
 #include "file.h"
 #include "safetensors.h"
 
-#define INDEX_MAX_BYTES (64u << 20)
-#define MAX_NAME 160
+#define INDEX_MAX_BYTES    (64u << 20)
+#define MAX_NAME           160
 #define MAX_EXTRA_WARNINGS 8
 
 typedef struct {
     const speed_tensor_t *t;
-    int file;   /* index into files[] */
+    int file; /* index into files[] */
     bool used;
 } model_entry_t;
 
@@ -26,14 +26,12 @@ struct speed_model_files {
     int n_files;
     speed_safetensors_t **files; /* [n_files] */
     int n_entries;
-    model_entry_t *entries;      /* [n_entries] sorted by name: the tensors the model sees */
-    char *weights_path;          /* model.safetensors or model.safetensors.index.json */
-    unsigned open_flags;         /* speed_safetensors_open_flags */
+    model_entry_t *entries; /* [n_entries] sorted by name: the tensors the model sees */
+    char *weights_path;     /* model.safetensors or model.safetensors.index.json */
+    unsigned open_flags;    /* speed_safetensors_open_flags */
 };
 
-speed_model_params_t speed_model_default_params(void) {
-    return (speed_model_params_t){.allow_extra_tensors = true};
-}
+speed_model_params_t speed_model_default_params(void) { return (speed_model_params_t){.allow_extra_tensors = true}; }
 
 static int entry_cmp(const void *a, const void *b) {
     return strcmp(((const model_entry_t *)a)->t->name, ((const model_entry_t *)b)->t->name);
@@ -45,8 +43,10 @@ static model_entry_t *entry_find(const struct speed_model_files *f, const char *
         int mid = lo + (hi - lo) / 2;
         int c = strcmp(name, f->entries[mid].t->name);
         if (c == 0) return &f->entries[mid];
-        if (c < 0) hi = mid;
-        else lo = mid + 1;
+        if (c < 0)
+            hi = mid;
+        else
+            lo = mid + 1;
     }
     return NULL;
 }
@@ -98,8 +98,8 @@ static speed_status_t weights_open_index(struct speed_model_files *f, const char
             SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: out of memory parsing JSON", ipath);
             status = SPEED_ERR_NO_MEMORY;
         } else {
-            SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: not valid JSON: %s at line %d column %d", ipath,
-                        jerr.text, jerr.line, jerr.column);
+            SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: not valid JSON: %s at line %d column %d", ipath, jerr.text, jerr.line,
+                        jerr.column);
             status = SPEED_ERR_PARSE;
         }
         goto out;
@@ -127,8 +127,7 @@ static speed_status_t weights_open_index(struct speed_model_files *f, const char
     json_t *value;
     json_object_foreach(map, key, value) {
         if (!json_is_string(value) || !shard_name_ok(json_string_value(value))) {
-            SPEED_ERROR(SPEED_SUBSYS_MODEL,
-                        "%s: weight_map: %s: expected a file name in the model directory", ipath,
+            SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: weight_map: %s: expected a file name in the model directory", ipath,
                         key);
             status = SPEED_ERR_FORMAT;
             goto out;
@@ -163,8 +162,8 @@ static speed_status_t weights_open_index(struct speed_model_files *f, const char
             if (strcmp(shards[s], json_string_value(value)) == 0) break;
         const speed_tensor_t *t = speed_safetensors_find(f->files[s], key);
         if (!t) {
-            SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: tensor %s is listed in shard %s but not found there",
-                        ipath, key, shards[s]);
+            SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: tensor %s is listed in shard %s but not found there", ipath, key,
+                        shards[s]);
             status = SPEED_ERR_FORMAT;
             goto out;
         }
@@ -196,8 +195,8 @@ out:
 }
 
 /* Finds `name`, checks its shape, marks it used. */
-static speed_status_t tensor_bind(struct speed_model_files *f, const char *name, int n_dims,
-                                  int64_t d0, int64_t d1, const speed_tensor_t **out_p) {
+static speed_status_t tensor_bind(struct speed_model_files *f, const char *name, int n_dims, int64_t d0, int64_t d1,
+                                  const speed_tensor_t **out_p) {
     model_entry_t *e = entry_find(f, name);
     if (!e) {
         SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: missing tensor %s", f->weights_path, name);
@@ -211,8 +210,8 @@ static speed_status_t tensor_bind(struct speed_model_files *f, const char *name,
         char want_text[64], got_text[96];
         speed_tensor_shape_format(want, n_dims, want_text, sizeof want_text);
         speed_tensor_shape_format(t->shape, t->n_dims, got_text, sizeof got_text);
-        SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: %s: expected %s, got %s",
-                    speed_safetensors_path(f->files[e->file]), name, want_text, got_text);
+        SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: %s: expected %s, got %s", speed_safetensors_path(f->files[e->file]), name,
+                    want_text, got_text);
         return SPEED_ERR_FORMAT;
     }
     /* dtype: the reader admits only F32/BF16/F16, all of which the engine handles. */
@@ -227,8 +226,7 @@ static speed_status_t model_bind(speed_model_t *m) {
     int64_t q = (int64_t)c->n_heads * c->head_dim, kv = (int64_t)c->n_kv_heads * c->head_dim;
     char name[MAX_NAME];
 
-    SPEED_CHECK(tensor_bind(f, "model.embed_tokens.weight", 2, c->vocab_size, c->hidden,
-                            &m->tok_embeddings));
+    SPEED_CHECK(tensor_bind(f, "model.embed_tokens.weight", 2, c->vocab_size, c->hidden, &m->tok_embeddings));
     SPEED_CHECK(tensor_bind(f, "model.norm.weight", 1, c->hidden, 0, &m->norm));
     for (int l = 0; l < c->n_layers; l++) {
         speed_layer_weights_t *w = &m->layers[l];
@@ -250,8 +248,7 @@ static speed_status_t model_bind(speed_model_t *m) {
         };
         for (size_t i = 0; i < sizeof specs / sizeof specs[0]; i++) {
             snprintf(name, sizeof name, "model.layers.%d.%s.weight", l, specs[i].suffix);
-            SPEED_CHECK(tensor_bind(f, name, specs[i].n_dims, specs[i].d0, specs[i].d1,
-                                    specs[i].slot));
+            SPEED_CHECK(tensor_bind(f, name, specs[i].n_dims, specs[i].d0, specs[i].d1, specs[i].slot));
         }
     }
     if (c->tie_word_embeddings) {
@@ -297,8 +294,7 @@ static bool file_exists(const char *path) {
     return stat(path, &sb) == 0;
 }
 
-speed_status_t speed_model_load(const char *dir, const speed_model_params_t *params,
-                                speed_model_t **model_p) {
+speed_status_t speed_model_load(const char *dir, const speed_model_params_t *params, speed_model_t **model_p) {
     speed_model_params_t p = params ? *params : speed_model_default_params();
     speed_status_t status = SPEED_OK;
     speed_model_t *m = NULL;
@@ -330,8 +326,7 @@ speed_status_t speed_model_load(const char *dir, const speed_model_params_t *par
     SPEED_CHECK_GOTO(speed_model_config_load(config_path, &m->config), status, fail);
     m->layers = speed_calloc((size_t)m->config.n_layers, sizeof *m->layers);
     if (!m->layers) {
-        SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: out of memory for %d layers", dir,
-                    m->config.n_layers);
+        SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: out of memory for %d layers", dir, m->config.n_layers);
         status = SPEED_ERR_NO_MEMORY;
         goto fail;
     }
@@ -348,8 +343,7 @@ speed_status_t speed_model_load(const char *dir, const speed_model_params_t *par
             goto fail;
         }
         if (!file_exists(index_path)) {
-            SPEED_ERROR(SPEED_SUBSYS_MODEL,
-                        "model dir %s: no model.safetensors or model.safetensors.index.json", dir);
+            SPEED_ERROR(SPEED_SUBSYS_MODEL, "model dir %s: no model.safetensors or model.safetensors.index.json", dir);
             status = SPEED_ERR_NOT_FOUND;
             goto fail;
         }
@@ -392,8 +386,7 @@ const speed_tensor_t *speed_model_tensor_find(const speed_model_t *m, const char
 }
 
 /* Calls fn on every distinct weight the model uses. */
-static void model_foreach_weight(const speed_model_t *m, void (*fn)(const speed_tensor_t *, void *),
-                                 void *user) {
+static void model_foreach_weight(const speed_model_t *m, void (*fn)(const speed_tensor_t *, void *), void *user) {
     fn(m->tok_embeddings, user);
     fn(m->norm, user);
     if (m->lm_head != m->tok_embeddings) fn(m->lm_head, user);
@@ -405,9 +398,7 @@ static void model_foreach_weight(const speed_model_t *m, void (*fn)(const speed_
     }
 }
 
-static void add_params(const speed_tensor_t *t, void *user) {
-    *(int64_t *)user += speed_tensor_n_elements(t);
-}
+static void add_params(const speed_tensor_t *t, void *user) { *(int64_t *)user += speed_tensor_n_elements(t); }
 
 static void add_bytes(const speed_tensor_t *t, void *user) { *(size_t *)user += t->n_bytes; }
 

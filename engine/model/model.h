@@ -79,8 +79,7 @@ speed_model_params_t speed_model_default_params(void);
  * Every error is logged once (SPEED_SUBSYS_MODEL) naming the file and the field or tensor,
  * e.g. "model.safetensors: model.layers.3.self_attn.k_proj.weight: expected [256, 2048], got
  * [2048, 2048]". On error nothing stays mapped or allocated and *model_p is untouched. */
-speed_status_t speed_model_load(const char *dir, const speed_model_params_t *params,
-                                speed_model_t **model_p);
+speed_status_t speed_model_load(const char *dir, const speed_model_params_t *params, speed_model_t **model_p);
 
 /* Unmaps and frees everything; NULL is a no-op. No other thread may still use the model. */
 void speed_model_destroy(speed_model_t *model);
@@ -97,15 +96,14 @@ size_t speed_model_n_bytes(const speed_model_t *m);
 /* Bytes of K and V that one *shallow* prompt token occupies in the cache:
  * 2 * C * n_kv_heads * head_dim * dtype size. With C = n_layers this is the size of a
  * full-depth token. prefill_layers is clamped to [0, n_layers]. */
-size_t speed_kv_bytes_per_token(const speed_model_config_t *cfg, int prefill_layers,
-                                speed_dtype_t cache_dtype);
+size_t speed_kv_bytes_per_token(const speed_model_config_t *cfg, int prefill_layers, speed_dtype_t cache_dtype);
 
 /* Bytes of K and V for a prompt of n_prompt tokens (docs/design.md §1): layers < C
  * hold every prompt token; layers >= C hold only the min(A + T, n) anchor and tail tokens:
  *   per_layer_token * (C * n + (L - C) * min(A + T, n)),  per_layer_token = 2*n_kv_heads*head_dim*size.
  * C is clamped to [1, L]; negative anchors/tail count as 0; n_prompt <= 0 gives 0.
  * Generated tokens (always full depth) are not included. */
-size_t speed_kv_bytes_for_prompt(const speed_model_config_t *cfg, int C, int anchors, int tail,
-                                 int64_t n_prompt, speed_dtype_t cache_dtype);
+size_t speed_kv_bytes_for_prompt(const speed_model_config_t *cfg, int C, int anchors, int tail, int64_t n_prompt,
+                                 speed_dtype_t cache_dtype);
 
 #endif /* SPEED_MODEL_H */

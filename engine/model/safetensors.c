@@ -19,13 +19,13 @@
 
 struct speed_safetensors {
     char *path;
-    void *map;                /* [file_size] read-only */
+    void *map; /* [file_size] read-only */
     size_t file_size;
-    void *unmap_addr;         /* what to munmap: the file mapping, or the anonymous region */
+    void *unmap_addr; /* what to munmap: the file mapping, or the anonymous region */
     size_t unmap_len;
     int n_tensors;
-    speed_tensor_t *tensors;  /* [n_tensors] sorted by name */
-    char *names;              /* all names, NUL-separated; tensors[i].name points here */
+    speed_tensor_t *tensors; /* [n_tensors] sorted by name */
+    char *names;             /* all names, NUL-separated; tensors[i].name points here */
 };
 
 typedef struct {
@@ -45,9 +45,8 @@ static int st_range_cmp(const void *a, const void *b) {
 }
 
 /* Reads one header entry into *t (name already set). */
-static speed_status_t st_entry_parse(const char *path, const char *name, json_t *entry,
-                                     const unsigned char *data, uint64_t data_size,
-                                     uint64_t data_file_offset, speed_tensor_t *t,
+static speed_status_t st_entry_parse(const char *path, const char *name, json_t *entry, const unsigned char *data,
+                                     uint64_t data_size, uint64_t data_file_offset, speed_tensor_t *t,
                                      st_range_t *range) {
     if (!json_is_object(entry)) {
         SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: tensor %s: header entry is not an object", path, name);
@@ -57,9 +56,10 @@ static speed_status_t st_entry_parse(const char *path, const char *name, json_t 
     json_t *shape = json_object_get(entry, "shape");
     json_t *offsets = json_object_get(entry, "data_offsets");
     if (!json_is_string(dtype) || !json_is_array(shape) || !json_is_array(offsets)) {
-        SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: tensor %s: %s missing or of the wrong type", path,
-                    name, !json_is_string(dtype) ? "dtype" : !json_is_array(shape) ? "shape"
-                                                                                   : "data_offsets");
+        SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: tensor %s: %s missing or of the wrong type", path, name,
+                    !json_is_string(dtype)  ? "dtype"
+                    : !json_is_array(shape) ? "shape"
+                                            : "data_offsets");
         return SPEED_ERR_FORMAT;
     }
     if (speed_dtype_safetensors_parse(json_string_value(dtype), &t->dtype) != SPEED_OK) {
@@ -84,52 +84,48 @@ static speed_status_t st_entry_parse(const char *path, const char *name, json_t 
     for (int i = 0; i < t->n_dims; i++) {
         json_t *d = json_array_get(shape, (size_t)i);
         if (!json_is_integer(d) || json_integer_value(d) < 0) {
-            SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: tensor %s: shape must hold non-negative integers",
-                        path, name);
+            SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: tensor %s: shape must hold non-negative integers", path, name);
             return SPEED_ERR_FORMAT;
         }
         uint64_t dim = (uint64_t)json_integer_value(d);
         t->shape[i] = (int64_t)dim;
-        if (dim && n_elements > (UINT64_MAX / dsize) / dim) overflow = true;
-        else n_elements *= dim;
+        if (dim && n_elements > (UINT64_MAX / dsize) / dim)
+            overflow = true;
+        else
+            n_elements *= dim;
     }
     if (json_array_size(offsets) != 2 || !json_is_integer(json_array_get(offsets, 0)) ||
-        !json_is_integer(json_array_get(offsets, 1)) ||
-        json_integer_value(json_array_get(offsets, 0)) < 0 ||
+        !json_is_integer(json_array_get(offsets, 1)) || json_integer_value(json_array_get(offsets, 0)) < 0 ||
         json_integer_value(json_array_get(offsets, 1)) < 0) {
-        SPEED_ERROR(SPEED_SUBSYS_MODEL,
-                    "%s: tensor %s: data_offsets must be two non-negative integers", path, name);
+        SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: tensor %s: data_offsets must be two non-negative integers", path, name);
         return SPEED_ERR_FORMAT;
     }
     uint64_t start = (uint64_t)json_integer_value(json_array_get(offsets, 0));
     uint64_t end = (uint64_t)json_integer_value(json_array_get(offsets, 1));
     if (end < start) {
-        SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: tensor %s: data_offsets [%llu, %llu] end before start",
-                    path, name, (unsigned long long)start, (unsigned long long)end);
+        SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: tensor %s: data_offsets [%llu, %llu] end before start", path, name,
+                    (unsigned long long)start, (unsigned long long)end);
         return SPEED_ERR_FORMAT;
     }
     if (end > data_size) {
         SPEED_ERROR(SPEED_SUBSYS_MODEL,
-                    "%s: tensor %s: data_offsets [%llu, %llu] out of range (data area is %llu bytes)",
-                    path, name, (unsigned long long)start, (unsigned long long)end,
-                    (unsigned long long)data_size);
+                    "%s: tensor %s: data_offsets [%llu, %llu] out of range (data area is %llu bytes)", path, name,
+                    (unsigned long long)start, (unsigned long long)end, (unsigned long long)data_size);
         return SPEED_ERR_FORMAT;
     }
     if (overflow || end - start != n_elements * dsize) {
         char shape_text[96];
         speed_tensor_shape_format(t->shape, t->n_dims, shape_text, sizeof shape_text);
-        SPEED_ERROR(SPEED_SUBSYS_MODEL,
-                    "%s: tensor %s: data_offsets span %llu bytes but shape %s of %s needs %s%llu",
-                    path, name, (unsigned long long)(end - start), shape_text,
-                    json_string_value(dtype), overflow ? "more than " : "",
+        SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: tensor %s: data_offsets span %llu bytes but shape %s of %s needs %s%llu",
+                    path, name, (unsigned long long)(end - start), shape_text, json_string_value(dtype),
+                    overflow ? "more than " : "",
                     overflow ? (unsigned long long)UINT64_MAX : (unsigned long long)(n_elements * dsize));
         return SPEED_ERR_FORMAT;
     }
     if (end > start && (data_file_offset + start) % dsize != 0) {
         SPEED_ERROR(SPEED_SUBSYS_MODEL,
-                    "%s: tensor %s: data at file offset %llu is not aligned to its %llu-byte elements",
-                    path, name, (unsigned long long)(data_file_offset + start),
-                    (unsigned long long)dsize);
+                    "%s: tensor %s: data at file offset %llu is not aligned to its %llu-byte elements", path, name,
+                    (unsigned long long)(data_file_offset + start), (unsigned long long)dsize);
         return SPEED_ERR_FORMAT;
     }
     t->data = data + start;
@@ -176,9 +172,7 @@ static speed_status_t st_header_parse(speed_safetensors_t *st, json_t *root, uin
         memcpy(name_at, key, len);
         t->name = name_at;
         name_at += len;
-        SPEED_CHECK_GOTO(st_entry_parse(path, key, value, data, data_size, 8 + header_len, t,
-                                        &ranges[i]),
-                         status, out);
+        SPEED_CHECK_GOTO(st_entry_parse(path, key, value, data, data_size, 8 + header_len, t, &ranges[i]), status, out);
         ranges[i].index = (int)i;
         i++;
     }
@@ -190,11 +184,10 @@ static speed_status_t st_header_parse(speed_safetensors_t *st, json_t *root, uin
     for (i = 0; i < n; i++) {
         if (ranges[i].end == ranges[i].start) continue;
         if (prev && ranges[i].start < prev->end) {
-            SPEED_ERROR(SPEED_SUBSYS_MODEL,
-                        "%s: tensors %s [%llu, %llu] and %s [%llu, %llu] overlap", path,
-                        st->tensors[prev->index].name, (unsigned long long)prev->start,
-                        (unsigned long long)prev->end, st->tensors[ranges[i].index].name,
-                        (unsigned long long)ranges[i].start, (unsigned long long)ranges[i].end);
+            SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: tensors %s [%llu, %llu] and %s [%llu, %llu] overlap", path,
+                        st->tensors[prev->index].name, (unsigned long long)prev->start, (unsigned long long)prev->end,
+                        st->tensors[ranges[i].index].name, (unsigned long long)ranges[i].start,
+                        (unsigned long long)ranges[i].end);
             status = SPEED_ERR_FORMAT;
             goto out;
         }
@@ -327,8 +320,7 @@ speed_status_t speed_safetensors_open_flags(const char *path, unsigned flags, sp
             SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: out of memory parsing the header", path);
             status = SPEED_ERR_NO_MEMORY;
         } else {
-            SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: header is not JSON: %s at byte %d", path,
-                        jerr.text, jerr.position);
+            SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: header is not JSON: %s at byte %d", path, jerr.text, jerr.position);
             status = SPEED_ERR_PARSE;
         }
         goto fail;
@@ -373,8 +365,10 @@ const speed_tensor_t *speed_safetensors_find(const speed_safetensors_t *st, cons
         int mid = lo + (hi - lo) / 2;
         int c = strcmp(name, st->tensors[mid].name);
         if (c == 0) return &st->tensors[mid];
-        if (c < 0) hi = mid;
-        else lo = mid + 1;
+        if (c < 0)
+            hi = mid;
+        else
+            lo = mid + 1;
     }
     return NULL;
 }

@@ -45,7 +45,8 @@ typedef struct speed_safetensors speed_safetensors_t;
 speed_status_t speed_safetensors_open(const char *path, speed_safetensors_t **st_p);
 
 /* Flags of speed_safetensors_open_flags. */
-#define SPEED_SAFETENSORS_HUGEPAGES 1u /* read the file into anonymous memory in 2 MiB pages
+#define SPEED_SAFETENSORS_HUGEPAGES \
+    1u /* read the file into anonymous memory in 2 MiB pages
                                         * (MADV_HUGEPAGE) instead of mapping it: a load-time
                                         * copy, then fewer TLB misses when the weights stream */
 

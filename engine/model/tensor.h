@@ -15,13 +15,13 @@
 #define SPEED_TENSOR_MAX_DIMS 4
 
 typedef struct {
-    const char *name;       /* e.g. "model.layers.3.self_attn.k_proj.weight" */
+    const char *name; /* e.g. "model.layers.3.self_attn.k_proj.weight" */
     speed_dtype_t dtype;
-    int n_dims;             /* 0..SPEED_TENSOR_MAX_DIMS (0 = scalar) */
+    int n_dims;                           /* 0..SPEED_TENSOR_MAX_DIMS (0 = scalar) */
     int64_t shape[SPEED_TENSOR_MAX_DIMS]; /* HF (row-major) order, e.g. [out, in]; unused dims 0 */
-    const void *data;       /* points into the read-only mmap, never copied; aligned to the
+    const void *data;                     /* points into the read-only mmap, never copied; aligned to the
                              * element size (not dereferenceable when n_bytes == 0) */
-    size_t n_bytes;         /* product(shape) * speed_dtype_size(dtype) */
+    size_t n_bytes;                       /* product(shape) * speed_dtype_size(dtype) */
 } speed_tensor_t;
 
 /* Product of the shape (1 for a scalar). */

@@ -17,7 +17,7 @@
 #include "tensor.h"
 
 #define CHUNK_ELEMENTS ((size_t)1 << 20)
-#define TINY_NAME_MAX 96
+#define TINY_NAME_MAX  96
 
 typedef struct {
     char name[TINY_NAME_MAX];
@@ -35,8 +35,7 @@ typedef struct {
     bool oom;
 } tiny_text_t;
 
-__attribute__((format(printf, 2, 3)))
-static void text_printf(tiny_text_t *t, const char *fmt, ...) {
+__attribute__((format(printf, 2, 3))) static void text_printf(tiny_text_t *t, const char *fmt, ...) {
     if (t->oom) return;
     for (;;) {
         va_list ap;
@@ -89,8 +88,7 @@ static uint64_t splitmix64(uint64_t *s) {
 
 static void rng_init(tiny_rng_t *r, uint64_t seed, const char *name) {
     uint64_t h = 0xcbf29ce484222325ull; /* FNV-1a */
-    for (const unsigned char *c = (const unsigned char *)name; *c; c++)
-        h = (h ^ *c) * 0x100000001b3ull;
+    for (const unsigned char *c = (const unsigned char *)name; *c; c++) h = (h ^ *c) * 0x100000001b3ull;
     r->state = seed;
     r->state = splitmix64(&r->state) ^ h;
     r->has_spare = false;
@@ -121,8 +119,8 @@ static void rng_fill(tiny_rng_t *r, bool norm, float std, float *out, size_t n) 
     for (size_t i = 0; i < n; i++) out[i] = (float)(base + std * rng_normal(r));
 }
 
-void speed_tiny_model_tensor_values(const speed_tiny_model_params_t *p, const char *name,
-                                    float *out, size_t n_elements) {
+void speed_tiny_model_tensor_values(const speed_tiny_model_params_t *p, const char *name, float *out,
+                                    size_t n_elements) {
     tiny_rng_t r;
     rng_init(&r, p->seed, name);
     rng_fill(&r, is_norm_name(name), p->init_std, out, n_elements);
@@ -132,11 +130,25 @@ void speed_tiny_model_tensor_values(const speed_tiny_model_params_t *p, const ch
 
 speed_tiny_model_params_t speed_tiny_model_default_params(void) {
     return (speed_tiny_model_params_t){
-        .n_layers = 4, .hidden = 64, .n_heads = 4, .n_kv_heads = 2, .ffn = 172,
-        .vocab_size = 512, .max_position = 4096, .head_dim = 0, .dtype = SPEED_DTYPE_F32,
-        .tied = false, .rope_scaling = false, .n_shards = 1, .seed = 42,
-        .rope_theta = 10000.0f, .rms_norm_eps = 1e-5f, .init_std = 0.02f,
-        .bos_token_id = 1, .eos_token_ids = {2}, .n_eos = 1,
+        .n_layers = 4,
+        .hidden = 64,
+        .n_heads = 4,
+        .n_kv_heads = 2,
+        .ffn = 172,
+        .vocab_size = 512,
+        .max_position = 4096,
+        .head_dim = 0,
+        .dtype = SPEED_DTYPE_F32,
+        .tied = false,
+        .rope_scaling = false,
+        .n_shards = 1,
+        .seed = 42,
+        .rope_theta = 10000.0f,
+        .rms_norm_eps = 1e-5f,
+        .init_std = 0.02f,
+        .bos_token_id = 1,
+        .eos_token_ids = {2},
+        .n_eos = 1,
     };
 }
 
@@ -152,8 +164,7 @@ speed_status_t speed_tiny_model_preset(const char *name, speed_tiny_model_params
         q.vocab_size = 49152, q.max_position = 2048, q.dtype = SPEED_DTYPE_BF16, q.tied = true;
         q.bos_token_id = 0, q.eos_token_ids[0] = 0;
     } else {
-        SPEED_ERROR(SPEED_SUBSYS_MODEL,
-                    "tiny model preset \"%s\" unknown (tiny, tinyllama-1.1b, smollm-135m)",
+        SPEED_ERROR(SPEED_SUBSYS_MODEL, "tiny model preset \"%s\" unknown (tiny, tinyllama-1.1b, smollm-135m)",
                     name ? name : "(null)");
         return SPEED_ERR_NOT_FOUND;
     }
@@ -166,8 +177,10 @@ static void config_text(const speed_tiny_model_params_t *p, tiny_text_t *t) {
     char f[32];
     text_printf(t, "{\n  \"architectures\": [\n    \"LlamaForCausalLM\"\n  ],\n");
     text_printf(t, "  \"attention_bias\": false,\n  \"attention_dropout\": 0.0,\n");
-    if (p->bos_token_id >= 0) text_printf(t, "  \"bos_token_id\": %d,\n", (int)p->bos_token_id);
-    else text_printf(t, "  \"bos_token_id\": null,\n");
+    if (p->bos_token_id >= 0)
+        text_printf(t, "  \"bos_token_id\": %d,\n", (int)p->bos_token_id);
+    else
+        text_printf(t, "  \"bos_token_id\": null,\n");
     if (p->n_eos == 1) {
         text_printf(t, "  \"eos_token_id\": %d,\n", (int)p->eos_token_ids[0]);
     } else if (p->n_eos == 0) {
@@ -196,7 +209,8 @@ static void config_text(const speed_tiny_model_params_t *p, tiny_text_t *t) {
                        "    \"low_freq_factor\": 1.0,\n"
                        "    \"original_max_position_embeddings\": 8192,\n"
                        "    \"rope_type\": \"llama3\"\n  },\n");
-    else text_printf(t, "  \"rope_scaling\": null,\n");
+    else
+        text_printf(t, "  \"rope_scaling\": null,\n");
     float_format(p->rope_theta, f, sizeof f);
     text_printf(t, "  \"rope_theta\": %s,\n", f);
     text_printf(t, "  \"tie_word_embeddings\": %s,\n", p->tied ? "true" : "false");
@@ -205,22 +219,20 @@ static void config_text(const speed_tiny_model_params_t *p, tiny_text_t *t) {
 }
 
 /* The tensors of a model with config c, in file order. Returns a speed_malloc'd array. */
-static tiny_tensor_t *tensor_list(const speed_model_config_t *c, const speed_tiny_model_params_t *p,
-                                  int *n_p) {
+static tiny_tensor_t *tensor_list(const speed_model_config_t *c, const speed_tiny_model_params_t *p, int *n_p) {
     int n = 2 + (c->tie_word_embeddings ? 0 : 1) + 9 * c->n_layers;
     tiny_tensor_t *ts = speed_calloc((size_t)n, sizeof *ts);
     if (!ts) return NULL;
     int64_t q = (int64_t)c->n_heads * c->head_dim, kv = (int64_t)c->n_kv_heads * c->head_dim;
     int i = 0;
-#define TINY_ADD(nd, d0, d1, ...)                                                  \
-    do {                                                                           \
-        snprintf(ts[i].name, TINY_NAME_MAX, __VA_ARGS__);                          \
-        ts[i].n_dims = (nd);                                                       \
-        ts[i].shape[0] = (d0);                                                     \
-        ts[i].shape[1] = (d1);                                                     \
-        ts[i].n_bytes = (uint64_t)(d0) * (uint64_t)((nd) == 2 ? (d1) : 1) *        \
-                        speed_dtype_size(p->dtype);                                \
-        i++;                                                                       \
+#define TINY_ADD(nd, d0, d1, ...)                                                                       \
+    do {                                                                                                \
+        snprintf(ts[i].name, TINY_NAME_MAX, __VA_ARGS__);                                               \
+        ts[i].n_dims = (nd);                                                                            \
+        ts[i].shape[0] = (d0);                                                                          \
+        ts[i].shape[1] = (d1);                                                                          \
+        ts[i].n_bytes = (uint64_t)(d0) * (uint64_t)((nd) == 2 ? (d1) : 1) * speed_dtype_size(p->dtype); \
+        i++;                                                                                            \
     } while (0)
     TINY_ADD(2, c->vocab_size, c->hidden, "model.embed_tokens.weight");
     for (int l = 0; l < c->n_layers; l++) {
@@ -258,8 +270,10 @@ static void shards_assign(tiny_tensor_t *ts, int n, int n_shards) {
 /* ---- files ----------------------------------------------------------------- */
 
 static void shard_name(int s, int n_shards, char *buf, size_t size) {
-    if (n_shards == 1) snprintf(buf, size, "model.safetensors");
-    else snprintf(buf, size, "model-%05d-of-%05d.safetensors", s + 1, n_shards);
+    if (n_shards == 1)
+        snprintf(buf, size, "model.safetensors");
+    else
+        snprintf(buf, size, "model-%05d-of-%05d.safetensors", s + 1, n_shards);
 }
 
 static speed_status_t file_write_all(FILE *fp, const char *path, const void *data, size_t n) {
@@ -307,8 +321,8 @@ typedef struct {
     unsigned char *out; /* [CHUNK_ELEMENTS * 4] */
 } tiny_buffers_t;
 
-static speed_status_t shard_write(const char *dir, const speed_tiny_model_params_t *p,
-                                  const tiny_tensor_t *ts, int n, int s, tiny_buffers_t *b) {
+static speed_status_t shard_write(const char *dir, const speed_tiny_model_params_t *p, const tiny_tensor_t *ts, int n,
+                                  int s, tiny_buffers_t *b) {
     char name[64];
     shard_name(s, p->n_shards, name, sizeof name);
     speed_status_t status = SPEED_OK;
@@ -326,8 +340,8 @@ static speed_status_t shard_write(const char *dir, const speed_tiny_model_params
     text_printf(&h, "{\"__metadata__\":{\"format\":\"pt\"}");
     for (int i = 0; i < n; i++) {
         if (ts[i].shard != s) continue;
-        text_printf(&h, ",\"%s\":{\"dtype\":\"%s\",\"shape\":[%lld", ts[i].name,
-                    speed_dtype_safetensors_name(p->dtype), (long long)ts[i].shape[0]);
+        text_printf(&h, ",\"%s\":{\"dtype\":\"%s\",\"shape\":[%lld", ts[i].name, speed_dtype_safetensors_name(p->dtype),
+                    (long long)ts[i].shape[0]);
         if (ts[i].n_dims == 2) text_printf(&h, ",%lld", (long long)ts[i].shape[1]);
         text_printf(&h, "],\"data_offsets\":[%llu,%llu]}", (unsigned long long)offset,
                     (unsigned long long)(offset + ts[i].n_bytes));
@@ -385,8 +399,7 @@ out:
     return status;
 }
 
-static speed_status_t index_write(const char *dir, const speed_tiny_model_params_t *p,
-                                  const tiny_tensor_t *ts, int n) {
+static speed_status_t index_write(const char *dir, const speed_tiny_model_params_t *p, const tiny_tensor_t *ts, int n) {
     tiny_text_t t = {0};
     uint64_t total = 0;
     for (int i = 0; i < n; i++) total += ts[i].n_bytes;
@@ -412,9 +425,7 @@ static speed_status_t index_write(const char *dir, const speed_tiny_model_params
 static bool is_weight_file(const char *name) {
     unsigned a, b;
     char rest[32];
-    if (strcmp(name, "model.safetensors") == 0 ||
-        strcmp(name, "model.safetensors.index.json") == 0)
-        return true;
+    if (strcmp(name, "model.safetensors") == 0 || strcmp(name, "model.safetensors.index.json") == 0) return true;
     return sscanf(name, "model-%5u-of-%5u.safetensor%31s", &a, &b, rest) == 3 &&
            (strcmp(rest, "s") == 0 || strcmp(rest, "s.tmp") == 0);
 }
@@ -469,8 +480,8 @@ speed_status_t speed_tiny_model_write(const char *out_dir, const speed_tiny_mode
     if (p->n_eos < 0 || p->n_eos > 4 || !(p->init_std > 0.0f && p->init_std < 1e3f) ||
         speed_dtype_size(p->dtype) == 0 || p->n_shards < 1 || p->head_dim < 0) {
         SPEED_ERROR(SPEED_SUBSYS_MODEL,
-                    "tiny model: bad params (n_eos %d, init_std %g, dtype %d, n_shards %d, head_dim %d)",
-                    p->n_eos, (double)p->init_std, (int)p->dtype, p->n_shards, p->head_dim);
+                    "tiny model: bad params (n_eos %d, init_std %g, dtype %d, n_shards %d, head_dim %d)", p->n_eos,
+                    (double)p->init_std, (int)p->dtype, p->n_shards, p->head_dim);
         return SPEED_ERR_INVALID_ARGUMENT;
     }
     /* Validate by the same rules the loader applies to the config.json we will write. */
@@ -502,8 +513,7 @@ speed_status_t speed_tiny_model_write(const char *out_dir, const speed_tiny_mode
 
     SPEED_CHECK_GOTO(dir_make(out_dir), status, out);
     SPEED_CHECK_GOTO(stale_remove(out_dir), status, out);
-    for (int s = 0; s < p->n_shards; s++)
-        SPEED_CHECK_GOTO(shard_write(out_dir, p, ts, n, s, &b), status, out);
+    for (int s = 0; s < p->n_shards; s++) SPEED_CHECK_GOTO(shard_write(out_dir, p, ts, n, s, &b), status, out);
     if (p->n_shards > 1) SPEED_CHECK_GOTO(index_write(out_dir, p, ts, n), status, out);
     SPEED_CHECK_GOTO(text_file_write(out_dir, "config.json", &cfg_text), status, out);
 out:

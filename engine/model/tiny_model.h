@@ -28,15 +28,15 @@
 
 typedef struct {
     int n_layers, hidden, n_heads, n_kv_heads, ffn, vocab_size, max_position;
-    int head_dim;            /* 0 = hidden / n_heads (and no head_dim in config.json) */
-    speed_dtype_t dtype;     /* of every tensor, and torch_dtype */
-    bool tied;               /* tie_word_embeddings: no lm_head.weight written */
-    bool rope_scaling;       /* a llama3 rope_scaling block: factor 8, low 1, high 4, original 8192 */
-    int n_shards;            /* 1 = model.safetensors; N > 1 = N shards + index */
+    int head_dim;        /* 0 = hidden / n_heads (and no head_dim in config.json) */
+    speed_dtype_t dtype; /* of every tensor, and torch_dtype */
+    bool tied;           /* tie_word_embeddings: no lm_head.weight written */
+    bool rope_scaling;   /* a llama3 rope_scaling block: factor 8, low 1, high 4, original 8192 */
+    int n_shards;        /* 1 = model.safetensors; N > 1 = N shards + index */
     uint64_t seed;
     float rope_theta, rms_norm_eps, init_std;
-    int32_t bos_token_id;    /* -1 = none (null) */
-    int32_t eos_token_ids[4];/* [n_eos]; one id is written as an int, several as a list */
+    int32_t bos_token_id;     /* -1 = none (null) */
+    int32_t eos_token_ids[4]; /* [n_eos]; one id is written as an int, several as a list */
     int n_eos;
 } speed_tiny_model_params_t;
 
@@ -71,7 +71,7 @@ speed_status_t speed_tiny_model_write(const char *out_dir, const speed_tiny_mode
  * tensor called `name` (an HF name such as "model.layers.0.mlp.up_proj.weight"): the first
  * n_elements of its stream, in row-major order. Any name works: names ending in "norm.weight"
  * get norm values, others normal(0, init_std). For tests. */
-void speed_tiny_model_tensor_values(const speed_tiny_model_params_t *p, const char *name,
-                                    float *out, size_t n_elements);
+void speed_tiny_model_tensor_values(const speed_tiny_model_params_t *p, const char *name, float *out,
+                                    size_t n_elements);
 
 #endif /* SPEED_TINY_MODEL_H */

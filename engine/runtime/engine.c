@@ -163,11 +163,11 @@ static speed_status_t map_weights(engine_rank_t *rk) {
 
 static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
 
-#define HOST_ALLOC(ptr, n, total)                                             \
-    do {                                                                      \
-        (ptr) = speed_calloc((size_t)(n), sizeof *(ptr));                     \
-        if (!(ptr)) goto oom;                                                 \
-        (total) += (size_t)(n) * sizeof *(ptr);                               \
+#define HOST_ALLOC(ptr, n, total)                         \
+    do {                                                  \
+        (ptr) = speed_calloc((size_t)(n), sizeof *(ptr)); \
+        if (!(ptr)) goto oom;                             \
+        (total) += (size_t)(n) * sizeof *(ptr);           \
     } while (0)
 
 static speed_status_t alloc_rank_scratch(engine_rank_t *rk) {
@@ -179,9 +179,21 @@ static speed_status_t alloc_rank_scratch(engine_rank_t *rk) {
     size_t topk = rk->rank == 0 ? (size_t)e->max_out * e->p.output_topk : 0, lse = topk ? (size_t)e->max_out : 0;
     /* the top-k ids are int32: float-sized */
     size_t sizes[] = {R * e->hidden, R * e->hidden, R * e->hidden, R * qd, R * kvd, R * kvd, R * qd,
-                      R * rk->ffn,   R * rk->ffn,   part,          logits, topk, topk, lse};
-    float **ptrs[] = {&rk->x, &rk->x2, &rk->h, &rk->q, &rk->k, &rk->v, &rk->att, &rk->gate, &rk->up, &rk->part,
-                      &rk->logits_dev, &rk->topk_vals_dev, (float **)&rk->topk_ids_dev, &rk->lse_dev};
+                      R * rk->ffn,   R * rk->ffn,   part,          logits, topk,    topk,    lse};
+    float **ptrs[] = {&rk->x,
+                      &rk->x2,
+                      &rk->h,
+                      &rk->q,
+                      &rk->k,
+                      &rk->v,
+                      &rk->att,
+                      &rk->gate,
+                      &rk->up,
+                      &rk->part,
+                      &rk->logits_dev,
+                      &rk->topk_vals_dev,
+                      (float **)&rk->topk_ids_dev,
+                      &rk->lse_dev};
     size_t total = 0;
     for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) total += align64(sizes[i] * sizeof(float));
     SPEED_CHECK(speed_backend_alloc(rk->be, total, &rk->scratch));
@@ -317,25 +329,38 @@ static size_t engine_scratch_bytes(const speed_engine_t *e) {
 
 static speed_status_t check_params(const speed_engine_params_t *p) {
     const char *bad = NULL;
-    if (!p->backend && !(p->tp_size > 1 && p->tp_backends)) bad = "no backend";
-    else if (!p->model) bad = "no model";
-    else if (speed_dtype_size(p->kv_dtype) == 0) bad = "kv_dtype is not f32, bf16 or f16";
-    else if (p->block_tokens < 1 || p->block_tokens > 4096) bad = "block_tokens is out of range [1, 4096]";
-    else if (p->n_blocks_lower < 0 || p->n_blocks_upper < 0) bad = "negative n_blocks";
-    else if (p->max_seqs < 1 || p->max_seqs > 65536) bad = "max_seqs is out of range [1, 65536]";
-    else if (p->max_step_tokens < 1 || p->max_step_tokens > 1 << 20) bad = "max_step_tokens is out of range [1, 2^20]";
-    else if (p->prefill_chunk < 1) bad = "prefill_chunk is < 1";
-    else if (p->max_context < 0) bad = "max_context is negative";
-    else if (p->tp_size < 1 || p->tp_size > SPEED_ENGINE_TP_MAX) bad = "tp_size is out of range [1, 64]";
+    if (!p->backend && !(p->tp_size > 1 && p->tp_backends))
+        bad = "no backend";
+    else if (!p->model)
+        bad = "no model";
+    else if (speed_dtype_size(p->kv_dtype) == 0)
+        bad = "kv_dtype is not f32, bf16 or f16";
+    else if (p->block_tokens < 1 || p->block_tokens > 4096)
+        bad = "block_tokens is out of range [1, 4096]";
+    else if (p->n_blocks_lower < 0 || p->n_blocks_upper < 0)
+        bad = "negative n_blocks";
+    else if (p->max_seqs < 1 || p->max_seqs > 65536)
+        bad = "max_seqs is out of range [1, 65536]";
+    else if (p->max_step_tokens < 1 || p->max_step_tokens > 1 << 20)
+        bad = "max_step_tokens is out of range [1, 2^20]";
+    else if (p->prefill_chunk < 1)
+        bad = "prefill_chunk is < 1";
+    else if (p->max_context < 0)
+        bad = "max_context is negative";
+    else if (p->tp_size < 1 || p->tp_size > SPEED_ENGINE_TP_MAX)
+        bad = "tp_size is out of range [1, 64]";
     else if (p->model->config.n_kv_heads % p->tp_size || p->model->config.n_heads % p->tp_size)
         bad = "tp_size does not divide the model's query and kv heads";
-    else if (p->model->config.ffn < p->tp_size) bad = "tp_size is above the model's FFN width";
-    else if (p->tp_size > 1 && !p->tp_backends) bad = "tp_size > 1 without tp_backends";
+    else if (p->model->config.ffn < p->tp_size)
+        bad = "tp_size is above the model's FFN width";
+    else if (p->tp_size > 1 && !p->tp_backends)
+        bad = "tp_size > 1 without tp_backends";
     else if (p->output_topk < 0 || p->output_topk > SPEED_TOPK_MAX || p->output_topk > p->model->config.vocab_size)
         bad = "output_topk is out of range [0, min(vocab, 256)]";
     for (int r = 0; !bad && p->tp_size > 1 && r < p->tp_size; r++) {
         const speed_backend_t *be = p->tp_backends[r];
-        if (!be) bad = "a tp_backends entry is NULL";
+        if (!be)
+            bad = "a tp_backends entry is NULL";
         else if (be->kind != SPEED_BACKEND_CPU && be->kind != SPEED_BACKEND_CPU_REF)
             bad = "tensor parallelism inside one process needs CPU backends (ranks share the KV cache in host "
                   "memory); GPU ranks are one process each (NCCL)";
@@ -417,9 +442,8 @@ speed_status_t speed_engine_create(const speed_engine_params_t *params, speed_en
     SPEED_DEBUG(SPEED_SUBSYS_ENGINE,
                 "engine: %s x %d rank(s), depth C=%d A=%d T=%d, %d sequences, %d rows/step, chunk %d, scratch %zu + "
                 "%zu host bytes",
-                speed_backend_name(e->be), e->n_ranks, depth.prefill_layers, depth.anchors, depth.tail,
-                e->p.max_seqs, e->p.max_step_tokens, e->p.prefill_chunk, engine_scratch_bytes(e),
-                e->host_scratch_bytes);
+                speed_backend_name(e->be), e->n_ranks, depth.prefill_layers, depth.anchors, depth.tail, e->p.max_seqs,
+                e->p.max_step_tokens, e->p.prefill_chunk, engine_scratch_bytes(e), e->host_scratch_bytes);
     *engine_p = e;
     return SPEED_OK;
 fail:
@@ -542,8 +566,8 @@ static void seq_commit(speed_engine_t *e, engine_seq_t *s, speed_seq_id_t *seq_p
     *seq_p = s->id;
 }
 
-speed_status_t speed_engine_seq_add(speed_engine_t *e, const int32_t *ids, int64_t n_prompt,
-                                    const speed_depth_t *depth, int64_t max_new_tokens, speed_seq_id_t *seq_p) {
+speed_status_t speed_engine_seq_add(speed_engine_t *e, const int32_t *ids, int64_t n_prompt, const speed_depth_t *depth,
+                                    int64_t max_new_tokens, speed_seq_id_t *seq_p) {
     if (!e || !seq_p || (!ids && n_prompt > 0)) {
         SPEED_ERROR(SPEED_SUBSYS_ENGINE, "engine: seq_add without engine, ids or output pointer");
         return SPEED_ERR_INVALID_ARGUMENT;
@@ -645,8 +669,8 @@ speed_status_t speed_engine_seq_stats(const speed_engine_t *e, speed_seq_id_t id
     speed_kv_cache_seq_usage(e->kv, s->kv, &u);
     st->kv_bytes_used = u.bytes_used[0] + u.bytes_used[1];
     st->kv_bytes_reserved = u.bytes_reserved[0] + u.bytes_reserved[1];
-    st->kv_bytes_full_depth = (size_t)speed_kv_seq_entries(s->kv, 0) * (size_t)e->n_layers *
-                              speed_kv_cache_token_bytes(e->kv);
+    st->kv_bytes_full_depth =
+        (size_t)speed_kv_seq_entries(s->kv, 0) * (size_t)e->n_layers * speed_kv_cache_token_bytes(e->kv);
     st->prefill_ns = s->prefill_ns;
     st->first_output_ns = s->first_output_ns;
     st->decode_ns = s->decode_ns;

@@ -79,14 +79,14 @@ typedef int64_t speed_seq_id_t;
  * The callback must not call any speed_engine_* function that changes state (add, remove,
  * append, step, import); accessors are fine. A non-OK return aborts the step with that
  * status (the sequences of the step do not advance; stepping again redoes the chunk). */
-typedef speed_status_t (*speed_engine_layer_cb_t)(void *user, speed_seq_id_t seq, int layer,
-                                                  int64_t n_done, int64_t n_total);
+typedef speed_status_t (*speed_engine_layer_cb_t)(void *user, speed_seq_id_t seq, int layer, int64_t n_done,
+                                                  int64_t n_total);
 
 typedef struct {
-    speed_backend_t *backend;     /* borrowed, must outlive the engine */
-    const speed_model_t *model;   /* borrowed, must outlive the engine */
-    speed_dtype_t kv_dtype;       /* cache dtype: f32 (default), bf16, f16 */
-    int block_tokens;             /* B, tokens per KV block; default 16 */
+    speed_backend_t *backend;   /* borrowed, must outlive the engine */
+    const speed_model_t *model; /* borrowed, must outlive the engine */
+    speed_dtype_t kv_dtype;     /* cache dtype: f32 (default), bf16, f16 */
+    int block_tokens;           /* B, tokens per KV block; default 16 */
     /* KV pools (kv_cache.h): blocks of the lower pool (layers < depth C) and of the upper pool
      * (layers >= C). 0 and 0 = the worst case, max_seqs sequences of max_context tokens in
      * BOTH pools (any prompt/generation split and any per-sequence C fit; no saving).
@@ -98,13 +98,13 @@ typedef struct {
      * the backend's memory is device memory (CUDA), ON forces it (tests on CPU), OFF disables it
      * (a CUDA-aware UCX registers device memory directly: ucx.cuda_direct). */
     speed_kv_mirror_t kv_host_mirror;
-    int max_seqs;                 /* sequences alive at once (added, not yet removed); default 8 */
-    int max_step_tokens;          /* rows one step computes (scratch size); default 512 */
-    int prefill_chunk;            /* prompt tokens of one sequence per step; default 512,
+    int max_seqs;                     /* sequences alive at once (added, not yet removed); default 8 */
+    int max_step_tokens;              /* rows one step computes (scratch size); default 512 */
+    int prefill_chunk;                /* prompt tokens of one sequence per step; default 512,
                                    * clamped to max_step_tokens */
-    int max_context;              /* prompt + max_new_tokens limit; 0 = the model's
+    int max_context;                  /* prompt + max_new_tokens limit; 0 = the model's
                                    * max_position (also the upper bound) */
-    speed_depth_t depth;          /* default depth; its C (resolved) splits the KV pools */
+    speed_depth_t depth;              /* default depth; its C (resolved) splits the KV pools */
     speed_engine_layer_cb_t layer_cb; /* optional, see above */
     void *layer_cb_user;
     /* Tensor parallelism inside this process (docs/architecture.md, "Tensor parallelism"):
@@ -172,16 +172,14 @@ int speed_engine_n_vocab(const speed_engine_t *engine);
  * Errors are logged (naming the value and the limit), except SPEED_ERR_CAPACITY (debug level
  * only: a normal, retryable condition the caller reports); on error nothing changes. */
 speed_status_t speed_engine_seq_add(speed_engine_t *engine, const int32_t *ids, int64_t n_prompt,
-                                    const speed_depth_t *depth, int64_t max_new_tokens,
-                                    speed_seq_id_t *seq_p);
+                                    const speed_depth_t *depth, int64_t max_new_tokens, speed_seq_id_t *seq_p);
 
 /* Decode side of a disaggregated prefill: reserves a sequence whose prompt KV will arrive from
  * elsewhere (same checks and returns as seq_add, without token ids). It takes no part in
  * steps until speed_engine_seq_kv_import or speed_engine_seq_kv_ready, then waits for its
  * first token (speed_engine_seq_append). */
-speed_status_t speed_engine_seq_reserve(speed_engine_t *engine, int64_t n_prompt,
-                                        const speed_depth_t *depth, int64_t max_new_tokens,
-                                        speed_seq_id_t *seq_p);
+speed_status_t speed_engine_seq_reserve(speed_engine_t *engine, int64_t n_prompt, const speed_depth_t *depth,
+                                        int64_t max_new_tokens, speed_seq_id_t *seq_p);
 
 /* Queues the token sampled from the sequence's last logits; the next step processes it.
  * Returns SPEED_OK; SPEED_ERR_NOT_FOUND (no such sequence); SPEED_ERR_INVALID_ARGUMENT (id
@@ -200,23 +198,23 @@ speed_status_t speed_engine_seq_remove(speed_engine_t *engine, speed_seq_id_t se
  * Host pointers, valid until the next step or destroy. */
 typedef struct {
     speed_seq_id_t seq;
-    const float *logits;   /* f32 [vocab]; NULL when output_topk > 0 */
-    const int32_t *topk_ids;   /* [n_topk] token ids; NULL when output_topk is 0 */
-    const float *topk_logits;  /* f32 [n_topk] their logits; NULL when output_topk is 0 */
-    int n_topk;                /* params.output_topk */
-    float lse;                 /* log Σ exp(logits) over the vocabulary (output_topk > 0 only) */
-    int64_t position;      /* position of the token these logits follow (n_prompt - 1 for the
+    const float *logits;      /* f32 [vocab]; NULL when output_topk > 0 */
+    const int32_t *topk_ids;  /* [n_topk] token ids; NULL when output_topk is 0 */
+    const float *topk_logits; /* f32 [n_topk] their logits; NULL when output_topk is 0 */
+    int n_topk;               /* params.output_topk */
+    float lse;                /* log Σ exp(logits) over the vocabulary (output_topk > 0 only) */
+    int64_t position;         /* position of the token these logits follow (n_prompt - 1 for the
                             * first output) */
-    bool first;            /* the prefill completed in this step: these are the first logits */
+    bool first;               /* the prefill completed in this step: these are the first logits */
 } speed_engine_output_t;
 
 typedef struct {
     const speed_engine_output_t *outputs; /* [n_outputs], valid until the next step */
     int n_outputs;
-    int n_seqs;            /* sequences that had rows in this step */
-    int n_prefill_rows;    /* prompt tokens processed (all layers they run) */
-    int n_decode_rows;     /* generated tokens processed */
-    uint64_t ns;           /* wall time of the step */
+    int n_seqs;         /* sequences that had rows in this step */
+    int n_prefill_rows; /* prompt tokens processed (all layers they run) */
+    int n_decode_rows;  /* generated tokens processed */
+    uint64_t ns;        /* wall time of the step */
 } speed_engine_step_result_t;
 
 /* Runs one step (see the top of this file). With nothing to do it returns SPEED_OK with no
@@ -232,29 +230,29 @@ speed_status_t speed_engine_step(speed_engine_t *engine, speed_engine_step_resul
 bool speed_engine_has_work(const speed_engine_t *engine);
 
 typedef enum {
-    SPEED_SEQ_PREFILL = 0,   /* prompt tokens left to process */
-    SPEED_SEQ_AWAIT_KV,      /* reserved, prompt KV not imported yet */
-    SPEED_SEQ_AWAIT_TOKEN,   /* has logits, waits for speed_engine_seq_append */
-    SPEED_SEQ_DECODE,        /* a token is queued for the next step */
+    SPEED_SEQ_PREFILL = 0, /* prompt tokens left to process */
+    SPEED_SEQ_AWAIT_KV,    /* reserved, prompt KV not imported yet */
+    SPEED_SEQ_AWAIT_TOKEN, /* has logits, waits for speed_engine_seq_append */
+    SPEED_SEQ_DECODE,      /* a token is queued for the next step */
 } speed_seq_state_t;
 
 typedef struct {
     speed_seq_state_t state;
-    speed_depth_t depth;          /* resolved: C in 1..L */
+    speed_depth_t depth; /* resolved: C in 1..L */
     int64_t n_prompt;
-    int64_t n_prefilled;          /* prompt tokens processed so far */
-    int64_t n_generated;          /* appended tokens processed (stored in the KV) */
+    int64_t n_prefilled; /* prompt tokens processed so far */
+    int64_t n_generated; /* appended tokens processed (stored in the KV) */
     int64_t max_new_tokens;
     /* KV bytes (cache dtype), exact: */
-    size_t kv_bytes_used;         /* entries stored, both pools: for a finished prefill this is
+    size_t kv_bytes_used;       /* entries stored, both pools: for a finished prefill this is
                                    * speed_kv_bytes_for_prompt(C, A, T, n_prompt) + the
                                    * generated tokens at full depth */
-    size_t kv_bytes_full_depth;   /* the same tokens at full depth (C = L) */
-    size_t kv_bytes_reserved;     /* whole blocks reserved, both pools */
+    size_t kv_bytes_full_depth; /* the same tokens at full depth (C = L) */
+    size_t kv_bytes_reserved;   /* whole blocks reserved, both pools */
     /* Timing (wall time of the steps the sequence took part in; batch-mates share it): */
-    uint64_t prefill_ns;          /* steps with its prompt rows */
-    uint64_t first_output_ns;     /* from seq_add to the end of the step with its first logits */
-    uint64_t decode_ns;           /* steps with its generated rows */
+    uint64_t prefill_ns;      /* steps with its prompt rows */
+    uint64_t first_output_ns; /* from seq_add to the end of the step with its first logits */
+    uint64_t decode_ns;       /* steps with its generated rows */
 } speed_engine_seq_stats_t;
 
 /* Returns SPEED_OK or SPEED_ERR_NOT_FOUND. */
@@ -263,13 +261,13 @@ speed_status_t speed_engine_seq_stats(const speed_engine_t *engine, speed_seq_id
 
 typedef struct {
     uint64_t n_steps;
-    uint64_t n_prefill_tokens;    /* prompt rows processed since creation */
-    uint64_t n_decode_tokens;     /* generated rows processed */
-    uint64_t step_ns;             /* total wall time in steps */
-    int n_seqs;                   /* alive now */
-    speed_kv_cache_stats_t kv;    /* pools: blocks and bytes (kv_cache.h) */
-    size_t scratch_bytes;         /* backend activation scratch + host logits and indices */
-    size_t weight_bytes;          /* mapped model weights (speed_model_n_bytes) */
+    uint64_t n_prefill_tokens; /* prompt rows processed since creation */
+    uint64_t n_decode_tokens;  /* generated rows processed */
+    uint64_t step_ns;          /* total wall time in steps */
+    int n_seqs;                /* alive now */
+    speed_kv_cache_stats_t kv; /* pools: blocks and bytes (kv_cache.h) */
+    size_t scratch_bytes;      /* backend activation scratch + host logits and indices */
+    size_t weight_bytes;       /* mapped model weights (speed_model_n_bytes) */
 } speed_engine_stats_t;
 
 void speed_engine_stats(const speed_engine_t *engine, speed_engine_stats_t *stats_p);
@@ -284,23 +282,20 @@ void speed_engine_stats(const speed_engine_t *engine, speed_engine_stats_t *stat
 /* Bytes speed_engine_seq_kv_export writes now (0 while nothing is stored); for a reserved
  * sequence (AWAIT_KV), the bytes speed_engine_seq_kv_import expects.
  * Returns SPEED_OK or SPEED_ERR_NOT_FOUND. */
-speed_status_t speed_engine_seq_kv_size(const speed_engine_t *engine, speed_seq_id_t seq,
-                                        size_t *bytes_p);
+speed_status_t speed_engine_seq_kv_size(const speed_engine_t *engine, speed_seq_id_t seq, size_t *bytes_p);
 
 /* Copies the sequence's KV into buf (host memory of `size` >= speed_engine_seq_kv_size bytes).
  * Valid between steps, for a sequence that finished its prefill (AWAIT_TOKEN or DECODE).
  * Returns SPEED_OK, SPEED_ERR_NOT_FOUND, SPEED_ERR_INVALID_ARGUMENT (state, size), or a
  * backend status. */
-speed_status_t speed_engine_seq_kv_export(speed_engine_t *engine, speed_seq_id_t seq, void *buf,
-                                          size_t size);
+speed_status_t speed_engine_seq_kv_export(speed_engine_t *engine, speed_seq_id_t seq, void *buf, size_t size);
 
 /* Fills a reserved sequence (state AWAIT_KV) with the prompt KV exported by an engine with the
  * same model, cache dtype, B and sequence depth (n_generated 0: size must be exactly what
  * export of the n_prompt prompt tokens writes). The sequence then waits for its first token.
  * Returns SPEED_OK, SPEED_ERR_NOT_FOUND, SPEED_ERR_INVALID_ARGUMENT (state or size mismatch),
  * or a backend status. */
-speed_status_t speed_engine_seq_kv_import(speed_engine_t *engine, speed_seq_id_t seq,
-                                          const void *buf, size_t size);
+speed_status_t speed_engine_seq_kv_import(speed_engine_t *engine, speed_seq_id_t seq, const void *buf, size_t size);
 
 /* For a transfer that wrote the prompt KV into the sequence's blocks: marks a reserved
  * sequence's prompt entries present (as import does). When the cache has a host mirror the
@@ -314,7 +309,6 @@ speed_status_t speed_engine_seq_kv_ready(speed_engine_t *engine, speed_seq_id_t 
 /* The engine's cache and the sequence's handle in it, for block addresses
  * (speed_kv_cache_block_addr). The handle is valid until the sequence is removed. */
 speed_kv_cache_t *speed_engine_kv_cache(speed_engine_t *engine);
-speed_status_t speed_engine_seq_kv(const speed_engine_t *engine, speed_seq_id_t seq,
-                                   speed_kv_seq_t **kv_seq_p);
+speed_status_t speed_engine_seq_kv(const speed_engine_t *engine, speed_seq_id_t seq, speed_kv_seq_t **kv_seq_p);
 
 #endif /* SPEED_ENGINE_H */

@@ -18,11 +18,11 @@ typedef struct {
     bool used;
     speed_seq_id_t id;
     speed_seq_state_t state;
-    speed_depth_t depth;          /* resolved */
+    speed_depth_t depth; /* resolved */
     int64_t n_prompt, n_prefilled, n_generated, max_new;
     int64_t a, tail_start;
-    int32_t *prompt;              /* [n_prompt]; NULL for a reserved sequence */
-    int32_t pending;              /* queued token (state DECODE) */
+    int32_t *prompt; /* [n_prompt]; NULL for a reserved sequence */
+    int32_t pending; /* queued token (state DECODE) */
     speed_kv_seq_t *kv;
     uint64_t t_add_ns, prefill_ns, first_output_ns, decode_ns;
 } engine_seq_t;
@@ -30,11 +30,11 @@ typedef struct {
 /* What a step computes for one sequence: rows [row_begin, row_begin + n_rows) at positions
  * pos_begin.. */
 typedef struct {
-    int slot;                     /* index in engine->seqs */
+    int slot; /* index in engine->seqs */
     int row_begin, n_rows;
     int64_t pos_begin;
     bool prefill;
-    bool output;                  /* its last row makes logits */
+    bool output; /* its last row makes logits */
 } engine_batch_item_t;
 
 /* One tensor-parallel rank (docs/tensor-parallel.md;
@@ -48,54 +48,54 @@ typedef struct engine_rank {
     struct speed_engine *e;
     int rank;
     speed_backend_t *be;
-    speed_comm_t *comm;           /* NULL with one rank */
+    speed_comm_t *comm;                     /* NULL with one rank */
     int n_heads, n_kv_heads, kv_head0, ffn; /* this rank's share */
 
     speed_mat_t tok_embeddings, norm, lm_head;
-    engine_layer_t *layers;       /* [n_layers] */
-    const void **mapped;          /* [n_mapped] host pointers handed to map_weights... */
-    const void **mapped_dev;      /* ...and what it returned, for unmap */
+    engine_layer_t *layers;  /* [n_layers] */
+    const void **mapped;     /* [n_mapped] host pointers handed to map_weights... */
+    const void **mapped_dev; /* ...and what it returned, for unmap */
     int n_mapped;
 
     /* backend scratch: one allocation, R = max_step_tokens rows */
     void *scratch;
     size_t scratch_bytes;
     float *x, *x2, *h, *q, *k, *v, *att, *gate, *up; /* [R][...] */
-    float *part;                  /* [R][hidden]: a row-sharded projection's partial sum (t > 1) */
-    float *logits_dev;            /* [max_out][vocab], rank 0 only; every rank writes its
+    float *part;                                     /* [R][hidden]: a row-sharded projection's partial sum (t > 1) */
+    float *logits_dev;                               /* [max_out][vocab], rank 0 only; every rank writes its
                                    * vocabulary slice [vocab0, vocab0 + lm_head.n_rows) */
-    float *topk_vals_dev;         /* [max_out][output_topk], rank 0 with output_topk > 0 */
-    int32_t *topk_ids_dev;        /* [max_out][output_topk] */
-    float *lse_dev;               /* [max_out] */
-    int vocab0;                   /* first row of lm_head this rank computes */
-    int32_t *out_rows;            /* [max_out] rows of x that make logits */
+    float *topk_vals_dev;                            /* [max_out][output_topk], rank 0 with output_topk > 0 */
+    int32_t *topk_ids_dev;                           /* [max_out][output_topk] */
+    float *lse_dev;                                  /* [max_out] */
+    int vocab0;                                      /* first row of lm_head this rank computes */
+    int32_t *out_rows;                               /* [max_out] rows of x that make logits */
 
     /* host scratch: the rows alive, changed by every layer */
-    int32_t *act;                 /* [R] step rows present in x, in order */
-    int32_t *gather;              /* [R] */
+    int32_t *act;                         /* [R] step rows present in x, in order */
+    int32_t *gather;                      /* [R] */
     int32_t *act_pos, *slots, *n_visible; /* [R] per active row */
-    const int32_t **tables;       /* [R] */
+    const int32_t **tables;               /* [R] */
     size_t host_scratch_bytes;
 
-    int n_act;                    /* rows alive after the last step's layers */
-    speed_status_t st;            /* the last step's outcome on this rank */
-    pthread_t thread;             /* ranks >= 1 run on their own thread */
+    int n_act;         /* rows alive after the last step's layers */
+    speed_status_t st; /* the last step's outcome on this rank */
+    pthread_t thread;  /* ranks >= 1 run on their own thread */
     bool thread_started;
 } engine_rank_t;
 
 struct speed_engine {
-    speed_engine_params_t p;      /* depth resolved, sizes filled */
+    speed_engine_params_t p; /* depth resolved, sizes filled */
     const speed_model_t *model;
-    speed_backend_t *be;          /* rank 0's: the KV cache lives there */
+    speed_backend_t *be; /* rank 0's: the KV cache lives there */
     int n_layers, hidden, n_heads, n_kv_heads, head_dim, ffn, vocab;
     int max_context;
     float eps, attn_scale;
     speed_rope_t rope;
 
-    engine_rank_t *ranks;         /* [n_ranks] */
+    engine_rank_t *ranks; /* [n_ranks] */
     int n_ranks;
     speed_comm_group_t *comm_group; /* n_ranks > 1 */
-    bool comm_broken;             /* a step failed on some rank: remake the group before the next */
+    bool comm_broken;               /* a step failed on some rank: remake the group before the next */
     /* rank threads: a step is published by bumping tp_gen; each rank >= 1 bumps tp_done */
     pthread_mutex_t tp_lock;
     pthread_cond_t tp_start, tp_finished;
@@ -107,23 +107,23 @@ struct speed_engine {
     speed_kv_cache_t *kv;
 
     /* sequences */
-    engine_seq_t *seqs;           /* [max_seqs] */
-    int *order;                   /* [n_seqs] slots in the order they were added */
+    engine_seq_t *seqs; /* [max_seqs] */
+    int *order;         /* [n_seqs] slots in the order they were added */
     int n_seqs;
     speed_seq_id_t next_id;
 
     int max_out;
 
     /* host scratch shared by the ranks (written before they start), sized at create */
-    float *logits;                /* [max_out][vocab]; NULL with output_topk > 0 */
-    float *topk_vals;             /* [max_out][output_topk] with output_topk > 0, else NULL */
-    int32_t *topk_ids;            /* [max_out][output_topk] */
-    float *lse;                   /* [max_out] */
-    int32_t *tok, *pos;           /* [R] per step row */
-    int32_t *row_item;            /* [R] batch item of the row */
+    float *logits;                       /* [max_out][vocab]; NULL with output_topk > 0 */
+    float *topk_vals;                    /* [max_out][output_topk] with output_topk > 0, else NULL */
+    int32_t *topk_ids;                   /* [max_out][output_topk] */
+    float *lse;                          /* [max_out] */
+    int32_t *tok, *pos;                  /* [R] per step row */
+    int32_t *row_item;                   /* [R] batch item of the row */
     int32_t *entry_full, *entry_compact; /* [R]; compact -1 for shallow rows */
-    engine_batch_item_t *items;   /* [max_seqs] */
-    speed_engine_output_t *outputs; /* [max_out] */
+    engine_batch_item_t *items;          /* [max_seqs] */
+    speed_engine_output_t *outputs;      /* [max_out] */
     size_t host_scratch_bytes;
 
     /* counters */

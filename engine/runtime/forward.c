@@ -48,15 +48,21 @@ static int schedule(speed_engine_t *e, int *n_items_p) {
             engine_seq_t *s = &e->seqs[e->order[i]];
             engine_batch_item_t *it = &e->items[n_items];
             if (pass == 0 && s->state == SPEED_SEQ_DECODE) {
-                *it = (engine_batch_item_t){.slot = e->order[i], .row_begin = rows, .n_rows = 1,
-                                            .pos_begin = s->n_prompt + s->n_generated, .prefill = false,
+                *it = (engine_batch_item_t){.slot = e->order[i],
+                                            .row_begin = rows,
+                                            .n_rows = 1,
+                                            .pos_begin = s->n_prompt + s->n_generated,
+                                            .prefill = false,
                                             .output = true};
             } else if (pass == 1 && s->state == SPEED_SEQ_PREFILL) {
                 int64_t n = s->n_prompt - s->n_prefilled;
                 if (n > e->p.prefill_chunk) n = e->p.prefill_chunk;
                 if (n > R - rows) n = R - rows;
-                *it = (engine_batch_item_t){.slot = e->order[i], .row_begin = rows, .n_rows = (int)n,
-                                            .pos_begin = s->n_prefilled, .prefill = true,
+                *it = (engine_batch_item_t){.slot = e->order[i],
+                                            .row_begin = rows,
+                                            .n_rows = (int)n,
+                                            .pos_begin = s->n_prefilled,
+                                            .prefill = true,
                                             .output = s->n_prefilled + n == s->n_prompt};
             } else {
                 continue;

@@ -7,35 +7,35 @@
 #include "log.h"
 
 typedef struct {
-    int layer_begin, n_layers;  /* layers [layer_begin, layer_begin + n_layers) */
+    int layer_begin, n_layers; /* layers [layer_begin, layer_begin + n_layers) */
     int64_t n_blocks;
-    size_t block_bytes;         /* n_layers * unit */
-    void *base;                 /* backend memory [n_blocks][block_bytes]; NULL when empty */
-    void *mirror;               /* pinned host copy of the same layout, or NULL (kv_cache.h) */
-    int32_t *free_list;         /* [n_blocks] stack of free block ids; top = n_free - 1 */
+    size_t block_bytes; /* n_layers * unit */
+    void *base;         /* backend memory [n_blocks][block_bytes]; NULL when empty */
+    void *mirror;       /* pinned host copy of the same layout, or NULL (kv_cache.h) */
+    int32_t *free_list; /* [n_blocks] stack of free block ids; top = n_free - 1 */
     int64_t n_free;
 } kv_pool_t;
 
 struct speed_kv_seq {
-    int prefill_layers;                      /* C */
-    int64_t n_full, n_compact;               /* entries stored */
-    int64_t cap_full, cap_compact;           /* room */
-    int32_t *table[SPEED_KV_POOL_COUNT];     /* [n_table[p]] block ids */
+    int prefill_layers;                  /* C */
+    int64_t n_full, n_compact;           /* entries stored */
+    int64_t cap_full, cap_compact;       /* room */
+    int32_t *table[SPEED_KV_POOL_COUNT]; /* [n_table[p]] block ids */
     int64_t n_table[SPEED_KV_POOL_COUNT];
     int block_tokens;
     int split_layer;
-    struct speed_kv_seq *prev, *next;        /* the cache's list of live sequences */
+    struct speed_kv_seq *prev, *next; /* the cache's list of live sequences */
 };
 
 struct speed_kv_cache {
     speed_kv_cache_params_t p;
-    size_t token_bytes;          /* one layer, one token, K + V */
-    size_t half_unit;            /* one layer, one block, K (or V) */
+    size_t token_bytes; /* one layer, one token, K + V */
+    size_t half_unit;   /* one layer, one block, K (or V) */
     kv_pool_t pool[SPEED_KV_POOL_COUNT];
-    speed_kv_seq_t *seqs;        /* live sequences (leak report) */
+    speed_kv_seq_t *seqs; /* live sequences (leak report) */
     int n_seqs;
-    speed_kv_usage_t usage;      /* sum over live sequences */
-    bool mirrored;               /* the pools have host mirrors */
+    speed_kv_usage_t usage; /* sum over live sequences */
+    bool mirrored;          /* the pools have host mirrors */
 };
 
 static int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -55,15 +55,15 @@ void speed_kv_entries_for(int64_t n_prompt, int anchors, int tail, int64_t n_ext
 }
 
 /* Entries the pool's table must hold for a sequence: the most any of its layers needs. */
-static int64_t pool_entries(int n_layers, int split_layer, speed_kv_pool_t pool, int prefill_layers,
-                            int64_t n_full, int64_t n_compact) {
+static int64_t pool_entries(int n_layers, int split_layer, speed_kv_pool_t pool, int prefill_layers, int64_t n_full,
+                            int64_t n_compact) {
     if (pool == SPEED_KV_POOL_LOWER) return n_full; /* layer 0 < C always */
     if (split_layer >= n_layers) return 0;
     return prefill_layers > split_layer ? n_full : n_compact;
 }
 
-void speed_kv_cache_blocks_for(int n_layers, int split_layer, int block_tokens, int prefill_layers,
-                               int64_t n_full, int64_t n_compact, int64_t n_blocks_p[SPEED_KV_POOL_COUNT]) {
+void speed_kv_cache_blocks_for(int n_layers, int split_layer, int block_tokens, int prefill_layers, int64_t n_full,
+                               int64_t n_compact, int64_t n_blocks_p[SPEED_KV_POOL_COUNT]) {
     for (int p = 0; p < SPEED_KV_POOL_COUNT; p++)
         n_blocks_p[p] =
             block_tokens > 0
@@ -79,8 +79,7 @@ static void pool_cleanup(speed_backend_t *be, kv_pool_t *pool) {
     memset(pool, 0, sizeof *pool);
 }
 
-static speed_status_t pool_init(speed_kv_cache_t *c, kv_pool_t *pool, int layer_begin, int n_layers,
-                                int64_t n_blocks) {
+static speed_status_t pool_init(speed_kv_cache_t *c, kv_pool_t *pool, int layer_begin, int n_layers, int64_t n_blocks) {
     pool->layer_begin = layer_begin;
     pool->n_layers = n_layers;
     pool->n_blocks = n_layers > 0 ? n_blocks : 0;
@@ -117,20 +116,23 @@ speed_status_t speed_kv_cache_create(const speed_kv_cache_params_t *params, spee
     }
     const speed_kv_cache_params_t *p = params;
     const char *bad = NULL;
-    if (p->n_layers < 1 || p->n_layers > 1 << 16) bad = "n_layers";
-    else if (p->split_layer < 1 || p->split_layer > p->n_layers) bad = "split_layer (1..n_layers)";
+    if (p->n_layers < 1 || p->n_layers > 1 << 16)
+        bad = "n_layers";
+    else if (p->split_layer < 1 || p->split_layer > p->n_layers)
+        bad = "split_layer (1..n_layers)";
     else if (p->n_kv_heads < 1 || p->head_dim < 1 || (int64_t)p->n_kv_heads * p->head_dim > 1 << 20)
         bad = "n_kv_heads / head_dim";
     else if (p->head_begin < 0 || p->model_kv_heads < 0 || p->model_kv_heads > 1 << 16 ||
              (int64_t)p->head_begin + p->n_kv_heads > (p->model_kv_heads ? p->model_kv_heads : p->n_kv_heads))
         bad = "head_begin / model_kv_heads (the head range must lie inside the model's heads)";
-    else if (speed_dtype_size(p->dtype) == 0) bad = "dtype";
-    else if (p->block_tokens < 1 || p->block_tokens > 1 << 16) bad = "block_tokens";
+    else if (speed_dtype_size(p->dtype) == 0)
+        bad = "dtype";
+    else if (p->block_tokens < 1 || p->block_tokens > 1 << 16)
+        bad = "block_tokens";
     else if (p->host_mirror != SPEED_KV_MIRROR_AUTO && p->host_mirror != SPEED_KV_MIRROR_ON &&
              p->host_mirror != SPEED_KV_MIRROR_OFF)
         bad = "host_mirror";
-    else if (p->n_blocks[0] < 0 || p->n_blocks[1] < 0 || p->n_blocks[0] > INT32_MAX ||
-             p->n_blocks[1] > INT32_MAX)
+    else if (p->n_blocks[0] < 0 || p->n_blocks[1] < 0 || p->n_blocks[0] > INT32_MAX || p->n_blocks[1] > INT32_MAX)
         bad = "n_blocks";
     if (bad) {
         SPEED_ERROR(SPEED_SUBSYS_KV, "kv cache: %s is out of range", bad);
@@ -155,9 +157,9 @@ speed_status_t speed_kv_cache_create(const speed_kv_cache_params_t *params, spee
                   (p->host_mirror == SPEED_KV_MIRROR_AUTO && !speed_backend_host_memory(p->backend));
     speed_status_t st;
     SPEED_CHECK_GOTO(pool_init(c, &c->pool[SPEED_KV_POOL_LOWER], 0, p->split_layer, p->n_blocks[0]), st, fail);
-    SPEED_CHECK_GOTO(pool_init(c, &c->pool[SPEED_KV_POOL_UPPER], p->split_layer, p->n_layers - p->split_layer,
-                               p->n_blocks[1]),
-                     st, fail);
+    SPEED_CHECK_GOTO(
+        pool_init(c, &c->pool[SPEED_KV_POOL_UPPER], p->split_layer, p->n_layers - p->split_layer, p->n_blocks[1]), st,
+        fail);
     c->p.n_blocks[1] = c->pool[SPEED_KV_POOL_UPPER].n_blocks;
     SPEED_DEBUG(SPEED_SUBSYS_KV, "kv cache: lower pool %lld blocks x %zu bytes (layers 0..%d), upper %lld x %zu%s",
                 (long long)c->pool[0].n_blocks, c->pool[0].block_bytes, p->split_layer - 1,
@@ -240,15 +242,14 @@ static void seq_usage(const speed_kv_cache_t *c, const speed_kv_seq_t *s, speed_
         int lo = pool->layer_begin, hi = pool->layer_begin + pool->n_layers;
         int n_below = s->prefill_layers <= lo ? 0 : s->prefill_layers >= hi ? pool->n_layers : s->prefill_layers - lo;
         int n_above = pool->n_layers - n_below;
-        u->bytes_used[p] = ((size_t)n_below * (size_t)s->n_full + (size_t)n_above * (size_t)s->n_compact) *
-                           c->token_bytes;
+        u->bytes_used[p] =
+            ((size_t)n_below * (size_t)s->n_full + (size_t)n_above * (size_t)s->n_compact) * c->token_bytes;
     }
 }
 
 /* Takes blocks so that the sequence's tables cover (n_full_max, n_compact_max). Host memory
  * first, blocks last, so that a failure leaves everything as it was. */
-static speed_status_t seq_reserve(speed_kv_cache_t *c, speed_kv_seq_t *s, int64_t n_full_max,
-                                  int64_t n_compact_max) {
+static speed_status_t seq_reserve(speed_kv_cache_t *c, speed_kv_seq_t *s, int64_t n_full_max, int64_t n_compact_max) {
     int64_t want[SPEED_KV_POOL_COUNT];
     speed_kv_cache_blocks_for(c->p.n_layers, c->p.split_layer, c->p.block_tokens, s->prefill_layers, n_full_max,
                               n_compact_max, want);
@@ -323,8 +324,7 @@ speed_status_t speed_kv_cache_seq_create(speed_kv_cache_t *c, int prefill_layers
 speed_status_t speed_kv_cache_seq_grow(speed_kv_cache_t *c, speed_kv_seq_t *s, int64_t n_full_max,
                                        int64_t n_compact_max) {
     if (n_full_max < 0 || n_compact_max < 0 || n_full_max > INT32_MAX) {
-        SPEED_ERROR(SPEED_SUBSYS_KV, "kv cache: bad room %lld / %lld", (long long)n_full_max,
-                    (long long)n_compact_max);
+        SPEED_ERROR(SPEED_SUBSYS_KV, "kv cache: bad room %lld / %lld", (long long)n_full_max, (long long)n_compact_max);
         return SPEED_ERR_INVALID_ARGUMENT;
     }
     if (n_full_max < s->cap_full) n_full_max = s->cap_full;
@@ -349,8 +349,10 @@ void speed_kv_cache_seq_destroy(speed_kv_cache_t *c, speed_kv_seq_t *s) {
         SPEED_ASSERT(pool->n_free <= pool->n_blocks);
         speed_free(s->table[p]);
     }
-    if (s->prev) s->prev->next = s->next;
-    else c->seqs = s->next;
+    if (s->prev)
+        s->prev->next = s->next;
+    else
+        c->seqs = s->next;
     if (s->next) s->next->prev = s->prev;
     c->n_seqs--;
     speed_free(s);
@@ -359,8 +361,8 @@ void speed_kv_cache_seq_destroy(speed_kv_cache_t *c, speed_kv_seq_t *s) {
 speed_status_t speed_kv_cache_seq_set_entries(speed_kv_cache_t *c, speed_kv_seq_t *s, int64_t n_full,
                                               int64_t n_compact) {
     if (n_full < 0 || n_compact < 0 || n_full > s->cap_full || n_compact > s->cap_compact) {
-        SPEED_ERROR(SPEED_SUBSYS_KV, "kv cache: %lld / %lld entries do not fit the room %lld / %lld",
-                    (long long)n_full, (long long)n_compact, (long long)s->cap_full, (long long)s->cap_compact);
+        SPEED_ERROR(SPEED_SUBSYS_KV, "kv cache: %lld / %lld entries do not fit the room %lld / %lld", (long long)n_full,
+                    (long long)n_compact, (long long)s->cap_full, (long long)s->cap_compact);
         return SPEED_ERR_INVALID_ARGUMENT;
     }
     /* Layers >= C in the upper pool use the full-size table when C > split. */
@@ -413,8 +415,8 @@ void speed_kv_cache_stats(const speed_kv_cache_t *c, speed_kv_cache_stats_t *st)
 
 /* ---- transfer ------------------------------------------------------------------------------ */
 
-speed_status_t speed_kv_cache_block_addr(const speed_kv_cache_t *c, const speed_kv_seq_t *s, int layer,
-                                         int64_t block, void **addr_p, size_t *bytes_p) {
+speed_status_t speed_kv_cache_block_addr(const speed_kv_cache_t *c, const speed_kv_seq_t *s, int layer, int64_t block,
+                                         void **addr_p, size_t *bytes_p) {
     if (layer < 0 || layer >= c->p.n_layers) {
         SPEED_ERROR(SPEED_SUBSYS_KV, "kv cache: layer %d is out of range [0, %d)", layer, c->p.n_layers);
         return SPEED_ERR_INVALID_ARGUMENT;

@@ -62,25 +62,25 @@ typedef enum {
 
 /* Whether a cache keeps a host mirror of its pools (above). */
 typedef enum {
-    SPEED_KV_MIRROR_AUTO = 0,   /* on when the backend's memory is not host memory (CUDA) */
-    SPEED_KV_MIRROR_ON,         /* always (CPU backends too: tests) */
-    SPEED_KV_MIRROR_OFF,        /* never (CUDA-aware UCX registers device memory directly) */
+    SPEED_KV_MIRROR_AUTO = 0, /* on when the backend's memory is not host memory (CUDA) */
+    SPEED_KV_MIRROR_ON,       /* always (CPU backends too: tests) */
+    SPEED_KV_MIRROR_OFF,      /* never (CUDA-aware UCX registers device memory directly) */
 } speed_kv_mirror_t;
 
 typedef struct {
-    speed_backend_t *backend;   /* borrowed; pools are its memory */
-    int n_layers;               /* L >= 1 */
-    int split_layer;            /* 1..L; L = no upper pool */
-    int n_kv_heads, head_dim;   /* heads per token slot (this rank's share of the model's) */
-    int head_begin;             /* tensor parallelism: the cache holds the model's KV heads
+    speed_backend_t *backend;              /* borrowed; pools are its memory */
+    int n_layers;                          /* L >= 1 */
+    int split_layer;                       /* 1..L; L = no upper pool */
+    int n_kv_heads, head_dim;              /* heads per token slot (this rank's share of the model's) */
+    int head_begin;                        /* tensor parallelism: the cache holds the model's KV heads
                                  * [head_begin, head_begin + n_kv_heads); default 0 */
-    int model_kv_heads;         /* the model's KV heads, >= head_begin + n_kv_heads;
+    int model_kv_heads;                    /* the model's KV heads, >= head_begin + n_kv_heads;
                                  * 0 (default) = n_kv_heads (no tensor parallelism) */
-    speed_dtype_t dtype;        /* f32, bf16, f16 */
-    int block_tokens;           /* B >= 1, default 16 */
+    speed_dtype_t dtype;                   /* f32, bf16, f16 */
+    int block_tokens;                      /* B >= 1, default 16 */
     int64_t n_blocks[SPEED_KV_POOL_COUNT]; /* blocks per pool (>= 0); upper ignored when
                                             * split_layer == L */
-    speed_kv_mirror_t host_mirror; /* default AUTO */
+    speed_kv_mirror_t host_mirror;         /* default AUTO */
 } speed_kv_cache_params_t;
 
 /* backend NULL, shapes 0, head range 0 of 0 (= all heads), f32, B 16, no blocks, mirror AUTO:
@@ -93,15 +93,14 @@ typedef struct speed_kv_seq speed_kv_seq_t;
 /* Entries a sequence needs per entry space, given its prompt, depth and later tokens:
  * n_full = n_prompt + n_extra; n_compact = min(anchors + tail, n_prompt) + n_extra
  * (anchors, tail clamped to >= 0). */
-void speed_kv_entries_for(int64_t n_prompt, int anchors, int tail, int64_t n_extra,
-                          int64_t *n_full_p, int64_t *n_compact_p);
+void speed_kv_entries_for(int64_t n_prompt, int anchors, int tail, int64_t n_extra, int64_t *n_full_p,
+                          int64_t *n_compact_p);
 
 /* Blocks a sequence of depth prefill_layers with these entry counts takes from each pool of a
  * cache split at split_layer (L = n_layers). Multiply by the number of sequences to size a
  * cache for a workload (speed_kv_cache_params_t.n_blocks). */
-void speed_kv_cache_blocks_for(int n_layers, int split_layer, int block_tokens, int prefill_layers,
-                               int64_t n_full, int64_t n_compact,
-                               int64_t n_blocks_p[SPEED_KV_POOL_COUNT]);
+void speed_kv_cache_blocks_for(int n_layers, int split_layer, int block_tokens, int prefill_layers, int64_t n_full,
+                               int64_t n_compact, int64_t n_blocks_p[SPEED_KV_POOL_COUNT]);
 
 /* Allocates both pools (zeroed), the free lists and, if params.host_mirror says so, the host
  * mirror (zeroed).
@@ -170,16 +169,15 @@ typedef struct {
     size_t bytes_used[SPEED_KV_POOL_COUNT];     /* Σ over the pool's layers of entries * token bytes */
 } speed_kv_usage_t;
 
-void speed_kv_cache_seq_usage(const speed_kv_cache_t *cache, const speed_kv_seq_t *seq,
-                              speed_kv_usage_t *usage_p);
+void speed_kv_cache_seq_usage(const speed_kv_cache_t *cache, const speed_kv_seq_t *seq, speed_kv_usage_t *usage_p);
 
 typedef struct {
     int n_layers[SPEED_KV_POOL_COUNT];
-    size_t block_bytes[SPEED_KV_POOL_COUNT];    /* n_layers * unit bytes */
-    int64_t n_blocks[SPEED_KV_POOL_COUNT];      /* pool size */
+    size_t block_bytes[SPEED_KV_POOL_COUNT]; /* n_layers * unit bytes */
+    int64_t n_blocks[SPEED_KV_POOL_COUNT];   /* pool size */
     int64_t n_blocks_free[SPEED_KV_POOL_COUNT];
-    size_t bytes_total[SPEED_KV_POOL_COUNT];    /* n_blocks * block_bytes: the allocation */
-    speed_kv_usage_t usage;                     /* sum over live sequences */
+    size_t bytes_total[SPEED_KV_POOL_COUNT]; /* n_blocks * block_bytes: the allocation */
+    speed_kv_usage_t usage;                  /* sum over live sequences */
     int n_seqs;
 } speed_kv_cache_stats_t;
 
@@ -240,14 +238,13 @@ speed_status_t speed_kv_cache_stage_in(speed_kv_cache_t *cache, const speed_kv_s
                                        int64_t n_compact);
 
 /* Bytes of the canonical layout for entry counts (n_full, n_compact) at this sequence's depth. */
-size_t speed_kv_cache_seq_wire_bytes(const speed_kv_cache_t *cache, const speed_kv_seq_t *seq,
-                                     int64_t n_full, int64_t n_compact);
+size_t speed_kv_cache_seq_wire_bytes(const speed_kv_cache_t *cache, const speed_kv_seq_t *seq, int64_t n_full,
+                                     int64_t n_compact);
 
 /* Downloads the stored entries (current counts) in canonical layout into host `buf` of `size`
  * bytes (>= speed_kv_cache_seq_wire_bytes of the current counts).
  * Returns SPEED_OK, SPEED_ERR_INVALID_ARGUMENT (size), or the backend's status. */
-speed_status_t speed_kv_cache_seq_export(speed_kv_cache_t *cache, const speed_kv_seq_t *seq, void *buf,
-                                         size_t size);
+speed_status_t speed_kv_cache_seq_export(speed_kv_cache_t *cache, const speed_kv_seq_t *seq, void *buf, size_t size);
 
 /* Uploads n_full / n_compact entries in canonical layout from host `buf` (size must equal
  * speed_kv_cache_seq_wire_bytes) and sets the counts. Must fit the room.

@@ -28,6 +28,4 @@ uint64_t speed_rng_next(speed_rng_t *rng) {
     return result;
 }
 
-double speed_rng_uniform(speed_rng_t *rng) {
-    return (double)(speed_rng_next(rng) >> 11) * 0x1.0p-53;
-}
+double speed_rng_uniform(speed_rng_t *rng) { return (double)(speed_rng_next(rng) >> 11) * 0x1.0p-53; }

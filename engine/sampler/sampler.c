@@ -19,13 +19,13 @@ typedef struct {
 } cand_t;
 
 /* top-p without top-k: a histogram of log-weights finds the nucleus without a sort. */
-#define TOP_P_BINS 4096
+#define TOP_P_BINS         4096
 #define TOP_P_BINS_PER_NAT 64.0f /* bins cover log-weights 0 .. -64; the rest share the last */
 
 struct speed_sampler {
     int32_t n_vocab_max;
-    cand_t *cand; /* [n_vocab_max] */
-    float *w;     /* [n_vocab_max] temperature weights exp((x - max) / T) */
+    cand_t *cand;     /* [n_vocab_max] */
+    float *w;         /* [n_vocab_max] temperature weights exp((x - max) / T) */
     double *bin_mass; /* [TOP_P_BINS] */
 };
 
@@ -88,9 +88,7 @@ void speed_sampler_destroy(speed_sampler_t *s) {
     speed_free(s);
 }
 
-static inline bool cand_better(cand_t a, cand_t b) {
-    return a.logit > b.logit || (a.logit == b.logit && a.id < b.id);
-}
+static inline bool cand_better(cand_t a, cand_t b) { return a.logit > b.logit || (a.logit == b.logit && a.id < b.id); }
 
 static int cand_cmp(const void *pa, const void *pb) {
     cand_t a = *(const cand_t *)pa, b = *(const cand_t *)pb;
@@ -120,8 +118,10 @@ static void cand_select(cand_t *c, int64_t n, int64_t m) {
             if (cand_better(c[i], pivot)) cand_swap(&c[i], &c[store++]);
         cand_swap(&c[store], &c[hi]);
         if (store == target) return;
-        if (store < target) lo = store + 1;
-        else hi = store - 1;
+        if (store < target)
+            lo = store + 1;
+        else
+            hi = store - 1;
     }
 }
 
@@ -131,11 +131,11 @@ static void cand_select(cand_t *c, int64_t n, int64_t m) {
  * bits. s < -87 gives 0 (below the smallest normal float: nothing a softmax can see next to
  * the maximum's weight of 1). The SSE2 path (baseline on x86-64) computes the same
  * operations four at a time, so both paths give the same bits. Relative error ~2e-7. */
-#define EXP_MIN (-87.0f)
-#define LOG2E 1.44269504088896341f
-#define LN2_HI 0.693145751953125f       /* ln 2 split so n * LN2_HI is exact */
-#define LN2_LO 1.42860682030941723e-6f
-#define ROUND_MAGIC 12582912.0f         /* 1.5 * 2^23: adding it rounds to nearest even */
+#define EXP_MIN     (-87.0f)
+#define LOG2E       1.44269504088896341f
+#define LN2_HI      0.693145751953125f /* ln 2 split so n * LN2_HI is exact */
+#define LN2_LO      1.42860682030941723e-6f
+#define ROUND_MAGIC 12582912.0f /* 1.5 * 2^23: adding it rounds to nearest even */
 
 static inline float exp_neg(float s) {
     if (!(s >= EXP_MIN)) return 0.0f; /* also -inf */
@@ -174,7 +174,7 @@ static inline float weight(float x, float max, float inv_t) { return exp_neg(sca
 #include <immintrin.h>
 #define HAVE_AVX2_PATH 1
 __attribute__((target("avx2"))) static int64_t weights_sum_avx2(const float *x, int64_t n, float max, float inv_t,
-                                                                  float *w, double *sum_p) {
+                                                                float *w, double *sum_p) {
     const __m256 vmax = _mm256_set1_ps(max), vinv = _mm256_set1_ps(inv_t), zero = _mm256_setzero_ps();
     const __m256 vmin = _mm256_set1_ps(EXP_MIN), vlog2e = _mm256_set1_ps(LOG2E), vmagic = _mm256_set1_ps(ROUND_MAGIC);
     const __m256 vhi = _mm256_set1_ps(LN2_HI), vlo = _mm256_set1_ps(LN2_LO);
@@ -220,7 +220,8 @@ static double weights_sum(const float *x, int64_t n, float max, float inv_t, flo
     double sum = 0.0;
     int64_t i = 0;
 #ifdef HAVE_AVX2_PATH
-    if (__builtin_cpu_supports("avx2")) i = weights_sum_avx2(x, n, max, inv_t, w, &sum); /* a load of libgcc's cpu model */
+    if (__builtin_cpu_supports("avx2"))
+        i = weights_sum_avx2(x, n, max, inv_t, w, &sum); /* a load of libgcc's cpu model */
 #endif
 #ifdef __SSE2__
     const __m128 vmax = _mm_set1_ps(max), vinv = _mm_set1_ps(inv_t), zero = _mm_setzero_ps();
@@ -271,18 +272,18 @@ static int64_t top_collect(const float *x, int32_t n, int64_t m, cand_t *top) {
     int64_t count = 0;
     float thr = -INFINITY; /* an element must beat this to enter */
     int32_t i = 0;
-#define TOP_INSERT(idx)                                                                     \
-    do {                                                                                    \
-        float v_ = x[idx];                                                                  \
-        if (!(v_ > thr)) break;                                                             \
-        int64_t at_ = count < m ? count : m - 1;                                            \
-        while (at_ > 0 && top[at_ - 1].logit < v_) {                                        \
-            top[at_] = top[at_ - 1];                                                        \
-            at_--;                                                                          \
-        }                                                                                   \
-        top[at_] = (cand_t){v_, (idx)};                                                     \
-        if (count < m) count++;                                                             \
-        if (count == m) thr = top[m - 1].logit;                                             \
+#define TOP_INSERT(idx)                              \
+    do {                                             \
+        float v_ = x[idx];                           \
+        if (!(v_ > thr)) break;                      \
+        int64_t at_ = count < m ? count : m - 1;     \
+        while (at_ > 0 && top[at_ - 1].logit < v_) { \
+            top[at_] = top[at_ - 1];                 \
+            at_--;                                   \
+        }                                            \
+        top[at_] = (cand_t){v_, (idx)};              \
+        if (count < m) count++;                      \
+        if (count == m) thr = top[m - 1].logit;      \
     } while (0)
 #ifdef __SSE2__
     for (; i + 4 <= n; i += 4) {
@@ -404,8 +405,10 @@ speed_status_t speed_sampler_sample(speed_sampler_t *s, const speed_sampling_par
     if (nan || max == INFINITY) {
         int32_t bad = 0;
         while (!(isnan(logits[bad]) || logits[bad] == INFINITY)) bad++;
-        SPEED_ERROR(SPEED_SUBSYS_ENGINE, "sampler: logit of token %d is %s (the forward pass produced a "
-                    "non-finite value)", (int)bad, isnan(logits[bad]) ? "NaN" : "+inf");
+        SPEED_ERROR(SPEED_SUBSYS_ENGINE,
+                    "sampler: logit of token %d is %s (the forward pass produced a "
+                    "non-finite value)",
+                    (int)bad, isnan(logits[bad]) ? "NaN" : "+inf");
         return SPEED_ERR_INVALID_ARGUMENT;
     }
     if (max == -INFINITY) {

@@ -66,9 +66,9 @@ typedef struct {
 } speed_token_logprob_t;
 
 typedef struct {
-    int32_t id;       /* the chosen token */
-    float logprob;    /* its logprob under the raw logits */
-    int n_top;        /* entries of top[] filled: min(n_top_logprobs, finite logits) */
+    int32_t id;    /* the chosen token */
+    float logprob; /* its logprob under the raw logits */
+    int n_top;     /* entries of top[] filled: min(n_top_logprobs, finite logits) */
     speed_token_logprob_t top[SPEED_SAMPLER_MAX_TOP_LOGPROBS]; /* logprob descending */
 } speed_sample_t;
 
@@ -86,8 +86,7 @@ void speed_sampler_destroy(speed_sampler_t *sampler); /* NULL ok */
  * Returns SPEED_OK (*out filled), or SPEED_ERR_INVALID_ARGUMENT: bad params, n_vocab outside
  * 1..n_vocab_max, a NaN/+inf logit, every logit -inf, or a NULL rng when sampling. *out is
  * written only on success. */
-speed_status_t speed_sampler_sample(speed_sampler_t *sampler, const speed_sampling_params_t *params,
-                                    speed_rng_t *rng, const float *logits, int32_t n_vocab,
-                                    speed_sample_t *out);
+speed_status_t speed_sampler_sample(speed_sampler_t *sampler, const speed_sampling_params_t *params, speed_rng_t *rng,
+                                    const float *logits, int32_t n_vocab, speed_sample_t *out);
 
 #endif /* SPEED_SAMPLER_H */

@@ -13,19 +13,19 @@ typedef struct {
 } buf_t;
 
 struct speed_stop {
-    int32_t *eos;      /* [n_eos] */
+    int32_t *eos; /* [n_eos] */
     size_t n_eos;
-    char **stop;       /* [n_stop] */
-    size_t *stop_len;  /* [n_stop] */
+    char **stop;      /* [n_stop] */
+    size_t *stop_len; /* [n_stop] */
     size_t n_stop;
     int64_t max_tokens;
 
     int64_t n_tokens;
     speed_finish_reason_t finish;
     int stop_index;
-    bool ended;        /* speed_stop_finish was called */
-    buf_t pending;     /* text not yet released: at most a stop-string prefix between pushes */
-    buf_t out;         /* what the last call released */
+    bool ended;    /* speed_stop_finish was called */
+    buf_t pending; /* text not yet released: at most a stop-string prefix between pushes */
+    buf_t out;     /* what the last call released */
 };
 
 const char *speed_finish_reason_name(speed_finish_reason_t r) {
@@ -181,8 +181,7 @@ static speed_status_t append_scan(speed_stop_t *s, const char *text, size_t len,
     return SPEED_OK;
 }
 
-speed_status_t speed_stop_push(speed_stop_t *s, int32_t id, const char *text, size_t len,
-                               speed_stop_result_t *r) {
+speed_status_t speed_stop_push(speed_stop_t *s, int32_t id, const char *text, size_t len, speed_stop_result_t *r) {
     if (s->finish != SPEED_FINISH_NONE || s->ended) {
         SPEED_ERROR(SPEED_SUBSYS_ENGINE, "stop: token pushed after the sequence finished");
         return SPEED_ERR_INVALID_ARGUMENT;

@@ -42,15 +42,15 @@ typedef enum {
 /* "stop", "length", or NULL for SPEED_FINISH_NONE (OpenAI's finish_reason values). */
 const char *speed_finish_reason_name(speed_finish_reason_t reason);
 
-#define SPEED_STOP_MAX_STRINGS 64
+#define SPEED_STOP_MAX_STRINGS      64
 #define SPEED_STOP_MAX_STRING_BYTES 4096
 
 typedef struct {
-    const int32_t *eos_ids;   /* [n_eos_ids]; may be NULL when n_eos_ids is 0 */
+    const int32_t *eos_ids; /* [n_eos_ids]; may be NULL when n_eos_ids is 0 */
     size_t n_eos_ids;
-    const char *const *stop;  /* [n_stop] NUL-terminated UTF-8, each 1..SPEED_STOP_MAX_STRING_BYTES */
-    size_t n_stop;            /* 0..SPEED_STOP_MAX_STRINGS */
-    int64_t max_tokens;       /* >= 1 */
+    const char *const *stop; /* [n_stop] NUL-terminated UTF-8, each 1..SPEED_STOP_MAX_STRING_BYTES */
+    size_t n_stop;           /* 0..SPEED_STOP_MAX_STRINGS */
+    int64_t max_tokens;      /* >= 1 */
 } speed_stop_params_t;
 
 typedef struct speed_stop speed_stop_t;
@@ -64,10 +64,10 @@ void speed_stop_destroy(speed_stop_t *stop); /* NULL ok */
 void speed_stop_reset(speed_stop_t *stop);
 
 typedef struct {
-    const char *text;              /* text released now (never NULL; may be empty) */
+    const char *text; /* text released now (never NULL; may be empty) */
     size_t len;
-    speed_finish_reason_t finish;  /* NONE while the sequence goes on */
-    int stop_index;                /* which stop string matched, or -1 */
+    speed_finish_reason_t finish; /* NONE while the sequence goes on */
+    int stop_index;               /* which stop string matched, or -1 */
 } speed_stop_result_t;
 
 /* Adds one generated token `id` whose decoded text is text[0..len) (may be empty).

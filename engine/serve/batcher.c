@@ -247,7 +247,8 @@ static speed_status_t do_reserve(speed_batcher_t *b, cmd_t *c) {
     r->depth = ss.depth;
     size_t bytes = 0;
     speed_engine_seq_kv_size(b->engine, r->seq, &bytes);
-    *c->reservation_p = (speed_batch_reservation_t){.depth = ss.depth, .lease_deadline_ms = r->deadline_ms, .kv_bytes = bytes};
+    *c->reservation_p =
+        (speed_batch_reservation_t){.depth = ss.depth, .lease_deadline_ms = r->deadline_ms, .kv_bytes = bytes};
     b->counts.n_prompt_tokens += (uint64_t)c->n_prompt;
     link_req(b, r);
     return SPEED_OK;
@@ -315,9 +316,12 @@ static void run_cmd(speed_batcher_t *b, cmd_t *c) {
         break;
     case CMD_KV_READY:
         r = req_find(b, c->id);
-        if (!r) st = SPEED_ERR_NOT_FOUND;
-        else if (r->state != REQ_RESERVED || r->kv_ready) st = SPEED_ERR_INVALID_ARGUMENT;
-        else if ((st = speed_engine_seq_kv_ready(b->engine, r->seq)) == SPEED_OK) r->kv_ready = true;
+        if (!r)
+            st = SPEED_ERR_NOT_FOUND;
+        else if (r->state != REQ_RESERVED || r->kv_ready)
+            st = SPEED_ERR_INVALID_ARGUMENT;
+        else if ((st = speed_engine_seq_kv_ready(b->engine, r->seq)) == SPEED_OK)
+            r->kv_ready = true;
         break;
     case CMD_CANCEL:
         r = req_find(b, c->id);

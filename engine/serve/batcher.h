@@ -47,12 +47,12 @@
 #define SPEED_BATCH_ID_MAX 128 /* bytes of a request id, NUL excluded */
 
 typedef enum {
-    SPEED_BATCH_RUNNING = 0,   /* not finished */
-    SPEED_BATCH_STOP,          /* EOS or a stop string */
-    SPEED_BATCH_LENGTH,        /* max_tokens reached */
-    SPEED_BATCH_CANCELLED,     /* speed_batcher_cancel, or destroy */
-    SPEED_BATCH_EXPIRED,       /* a reservation's lease ended before start */
-    SPEED_BATCH_ERROR,         /* the engine failed; status says how */
+    SPEED_BATCH_RUNNING = 0, /* not finished */
+    SPEED_BATCH_STOP,        /* EOS or a stop string */
+    SPEED_BATCH_LENGTH,      /* max_tokens reached */
+    SPEED_BATCH_CANCELLED,   /* speed_batcher_cancel, or destroy */
+    SPEED_BATCH_EXPIRED,     /* a reservation's lease ended before start */
+    SPEED_BATCH_ERROR,       /* the engine failed; status says how */
 } speed_batch_finish_t;
 
 /* "running", "stop", "length", "cancelled", "expired", "error". */
@@ -60,32 +60,32 @@ const char *speed_batch_finish_name(speed_batch_finish_t finish);
 
 typedef struct {
     int32_t id;
-    float logprob;                                   /* natural log, of the raw logits */
+    float logprob; /* natural log, of the raw logits */
     int n_top;
     speed_token_logprob_t top[SPEED_SAMPLER_MAX_TOP_LOGPROBS];
-    const char *text;   /* text released with this token (stop strings hold text back and
+    const char *text; /* text released with this token (stop strings hold text back and
                          * cut it); valid during the callback; "" without a tokenizer */
     size_t text_len;
 } speed_batch_token_t;
 
 typedef struct {
     int64_t n_prompt, n_generated;
-    speed_depth_t depth;          /* resolved */
-    size_t kv_bytes;              /* KV entries stored (exact, cache dtype) */
-    size_t kv_bytes_full_depth;   /* the same tokens at full depth */
-    double queue_ms;              /* submit/start until the engine took it */
-    double prefill_ms;            /* engine steps with its prompt rows */
-    double first_token_ms;        /* submit (or start) until the first token */
-    double decode_ms;             /* engine steps with its generated rows */
+    speed_depth_t depth;        /* resolved */
+    size_t kv_bytes;            /* KV entries stored (exact, cache dtype) */
+    size_t kv_bytes_full_depth; /* the same tokens at full depth */
+    double queue_ms;            /* submit/start until the engine took it */
+    double prefill_ms;          /* engine steps with its prompt rows */
+    double first_token_ms;      /* submit (or start) until the first token */
+    double decode_ms;           /* engine steps with its generated rows */
 } speed_batch_usage_t;
 
 typedef struct {
     const char *request_id;
-    const speed_batch_token_t *token;  /* NULL on the finish event */
-    bool first;                        /* token is the request's first output */
-    speed_batch_finish_t finish;       /* RUNNING for a token event */
-    speed_status_t status;             /* SPEED_OK unless finish is ERROR / EXPIRED / CANCELLED */
-    const speed_batch_usage_t *usage;  /* on the finish event */
+    const speed_batch_token_t *token; /* NULL on the finish event */
+    bool first;                       /* token is the request's first output */
+    speed_batch_finish_t finish;      /* RUNNING for a token event */
+    speed_status_t status;            /* SPEED_OK unless finish is ERROR / EXPIRED / CANCELLED */
+    const speed_batch_usage_t *usage; /* on the finish event */
 } speed_batch_event_t;
 
 typedef void (*speed_batch_event_cb_t)(void *user, const speed_batch_event_t *event);
@@ -99,34 +99,34 @@ typedef speed_status_t (*speed_batch_layer_cb_t)(void *user, speed_kv_cache_t *c
 /* How a request generates (submit and start). */
 typedef struct {
     speed_sampling_params_t sampling;
-    int64_t max_tokens;               /* >= 1, counting the first token */
-    const char *const *stop;          /* [n_stop] stop strings (copied); need a tokenizer */
+    int64_t max_tokens;      /* >= 1, counting the first token */
+    const char *const *stop; /* [n_stop] stop strings (copied); need a tokenizer */
     size_t n_stop;
     bool ignore_eos;
 } speed_batch_gen_t;
 
 typedef struct {
-    const char *request_id;           /* copied */
-    const int32_t *prompt;            /* [n_prompt], copied */
+    const char *request_id; /* copied */
+    const int32_t *prompt;  /* [n_prompt], copied */
     int64_t n_prompt;
-    speed_depth_request_t depth;      /* over the batcher's default (speed_depth_resolve); all
+    speed_depth_request_t depth; /* over the batcher's default (speed_depth_resolve); all
                                        * unset (zeros) = the default */
     speed_batch_gen_t gen;
-    bool hold_kv;                     /* keep the KV after the finish event until release */
-    speed_batch_event_cb_t on_event;  /* required */
-    speed_batch_layer_cb_t on_layer;  /* optional */
+    bool hold_kv;                    /* keep the KV after the finish event until release */
+    speed_batch_event_cb_t on_event; /* required */
+    speed_batch_layer_cb_t on_layer; /* optional */
     void *user;
 } speed_batch_request_t;
 
 typedef struct {
-    speed_backend_t *backend;         /* borrowed */
-    const speed_model_t *model;       /* borrowed */
-    const speed_tok_t *tokenizer;     /* borrowed, optional: token text, EOS ids, stop strings */
-    speed_engine_params_t engine;     /* backend/model/layer_cb are set by the batcher */
-    int max_waiting;                  /* submitted requests queued while the engine is full
+    speed_backend_t *backend;     /* borrowed */
+    const speed_model_t *model;   /* borrowed */
+    const speed_tok_t *tokenizer; /* borrowed, optional: token text, EOS ids, stop strings */
+    speed_engine_params_t engine; /* backend/model/layer_cb are set by the batcher */
+    int max_waiting;              /* submitted requests queued while the engine is full
                                        * (0: submit fails with CAPACITY when full) */
-    int64_t lease_ms;                 /* reservations (and held KV) live this long; default 30000 */
-    int64_t cancel_quarantine_ms;     /* a cancelled reservation's blocks are reused only after
+    int64_t lease_ms;             /* reservations (and held KV) live this long; default 30000 */
+    int64_t cancel_quarantine_ms; /* a cancelled reservation's blocks are reused only after
                                        * this long (or its lease), since a prefill node's puts
                                        * already posted may still land; default 1000, 0 = at once */
 } speed_batcher_params_t;
@@ -160,9 +160,9 @@ speed_kv_cache_t *speed_batcher_kv_cache(speed_batcher_t *batcher);
 speed_status_t speed_batcher_submit(speed_batcher_t *batcher, const speed_batch_request_t *request);
 
 typedef struct {
-    speed_depth_t depth;              /* resolved */
-    int64_t lease_deadline_ms;        /* CLOCK_REALTIME, milliseconds since the epoch */
-    size_t kv_bytes;                  /* bytes the prompt KV takes (the transfer's total) */
+    speed_depth_t depth;       /* resolved */
+    int64_t lease_deadline_ms; /* CLOCK_REALTIME, milliseconds since the epoch */
+    size_t kv_bytes;           /* bytes the prompt KV takes (the transfer's total) */
 } speed_batch_reservation_t;
 
 /* Reserves KV for a request whose prompt KV arrives from elsewhere (n_prompt tokens, up to
@@ -205,11 +205,11 @@ void speed_batcher_drain(speed_batcher_t *batcher);
 bool speed_batcher_wait_idle(speed_batcher_t *batcher, int64_t timeout_ms);
 
 typedef struct {
-    int running;          /* requests in the engine (prefilling or decoding) */
-    int waiting;          /* submitted, waiting for room in the engine */
-    int reserved;         /* reservations not started yet */
-    int held;             /* finished requests holding KV */
-    int max_running;      /* engine max_seqs */
+    int running;     /* requests in the engine (prefilling or decoding) */
+    int waiting;     /* submitted, waiting for room in the engine */
+    int reserved;    /* reservations not started yet */
+    int held;        /* finished requests holding KV */
+    int max_running; /* engine max_seqs */
     bool draining;
     uint64_t n_submitted, n_finished, n_expired, n_cancelled, n_errors;
     uint64_t n_prompt_tokens, n_generated_tokens;

@@ -60,10 +60,14 @@ void speed_batcher_req_finish(speed_batcher_t *b, req_t *r, speed_batch_finish_t
     fill_usage(b, r, &usage);
     bool keep = r->hold_kv && r->in_engine && (finish == SPEED_BATCH_STOP || finish == SPEED_BATCH_LENGTH);
     if (!keep) speed_batcher_engine_remove(b, r);
-    if (finish == SPEED_BATCH_CANCELLED) b->counts.n_cancelled++;
-    else if (finish == SPEED_BATCH_EXPIRED) b->counts.n_expired++;
-    else if (finish == SPEED_BATCH_ERROR) b->counts.n_errors++;
-    else b->counts.n_finished++;
+    if (finish == SPEED_BATCH_CANCELLED)
+        b->counts.n_cancelled++;
+    else if (finish == SPEED_BATCH_EXPIRED)
+        b->counts.n_expired++;
+    else if (finish == SPEED_BATCH_ERROR)
+        b->counts.n_errors++;
+    else
+        b->counts.n_finished++;
     b->counts.n_generated_tokens += (uint64_t)usage.n_generated;
     if (r->on_event) {
         speed_batch_event_t ev = {.request_id = r->id, .finish = finish, .status = status, .usage = &usage};
@@ -97,7 +101,8 @@ speed_status_t speed_batcher_emit_token(speed_batcher_t *b, req_t *r, const spee
                                         speed_batch_finish_t *finish_p) {
     const char *piece = "";
     size_t piece_len = 0;
-    if (r->stream && smp->id < b->n_tok_vocab) SPEED_CHECK(speed_tok_stream_push(r->stream, smp->id, &piece, &piece_len));
+    if (r->stream && smp->id < b->n_tok_vocab)
+        SPEED_CHECK(speed_tok_stream_push(r->stream, smp->id, &piece, &piece_len));
     speed_stop_result_t sr;
     SPEED_CHECK(speed_stop_push(r->stop, smp->id, piece, piece_len, &sr));
     size_t len = 0;
@@ -116,9 +121,11 @@ speed_status_t speed_batcher_emit_token(speed_batcher_t *b, req_t *r, const spee
         finish = sr.finish == SPEED_FINISH_LENGTH ? SPEED_BATCH_LENGTH : SPEED_BATCH_STOP;
     }
     r->text[len] = '\0';
-    speed_batch_token_t tok = {.id = smp->id, .logprob = smp->logprob, .n_top = n_top, .text = r->text, .text_len = len};
+    speed_batch_token_t tok = {
+        .id = smp->id, .logprob = smp->logprob, .n_top = n_top, .text = r->text, .text_len = len};
     memcpy(tok.top, smp->top, sizeof tok.top);
-    speed_batch_event_t ev = {.request_id = r->id, .token = &tok, .first = !r->first_sent, .finish = SPEED_BATCH_RUNNING};
+    speed_batch_event_t ev = {
+        .request_id = r->id, .token = &tok, .first = !r->first_sent, .finish = SPEED_BATCH_RUNNING};
     r->first_sent = true;
     if (r->on_event) {
         speed_batcher_tls_engine_thread_of = b;

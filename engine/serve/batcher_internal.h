@@ -24,7 +24,7 @@ typedef struct req {
     int64_t n_prompt;
     speed_depth_t depth;
     speed_batch_gen_t gen;
-    char **stop_strings;        /* owned copies behind gen.stop */
+    char **stop_strings; /* owned copies behind gen.stop */
     bool hold_kv, kv_ready, first_sent;
     speed_batch_event_cb_t on_event;
     speed_batch_layer_cb_t on_layer;
@@ -33,9 +33,9 @@ typedef struct req {
     speed_rng_t rng;
     speed_stop_t *stop;
     speed_tok_stream_t *stream;
-    int64_t deadline_ms;        /* lease of a reservation or of held KV */
+    int64_t deadline_ms; /* lease of a reservation or of held KV */
     uint64_t t_arrival_ns, t_engine_ns;
-    char *text;                 /* scratch for one token's text */
+    char *text; /* scratch for one token's text */
     size_t text_cap;
     struct req *next;
 } req_t;
@@ -45,15 +45,15 @@ typedef enum { CMD_SUBMIT, CMD_RESERVE, CMD_WITH_KV, CMD_KV_READY, CMD_START, CM
 typedef struct cmd {
     cmd_kind_t kind;
     char id[SPEED_BATCH_ID_MAX + 1];
-    req_t *req;                               /* SUBMIT, START: prepared by the caller */
-    int64_t n_prompt, max_tokens;             /* RESERVE */
+    req_t *req;                   /* SUBMIT, START: prepared by the caller */
+    int64_t n_prompt, max_tokens; /* RESERVE */
     speed_depth_t depth;
     speed_batch_reservation_t *reservation_p;
-    speed_batch_kv_fn_t fn;                   /* WITH_KV */
+    speed_batch_kv_fn_t fn; /* WITH_KV */
     void *fn_user;
-    speed_batch_token_t first;                /* START */
+    speed_batch_token_t first; /* START */
     bool kv_ready;
-    bool heap;                                /* async: freed by the engine thread */
+    bool heap; /* async: freed by the engine thread */
     bool done;
     speed_status_t status;
     struct cmd *next;
@@ -68,12 +68,12 @@ struct speed_batcher {
     size_t n_eos;
 
     pthread_mutex_t mu;
-    pthread_cond_t wake;      /* engine thread: commands or stop */
-    pthread_cond_t done_cv;   /* callers: a sync command is done; idle */
+    pthread_cond_t wake;    /* engine thread: commands or stop */
+    pthread_cond_t done_cv; /* callers: a sync command is done; idle */
     pthread_t thread;
     bool thread_started, stopping, draining;
     cmd_t *q_head, *q_tail;
-    req_t *reqs;              /* every live request */
+    req_t *reqs; /* every live request */
     int n_reqs;
     speed_batcher_stats_t counts; /* engine thread only: the counters, copied by snapshot() */
     speed_batcher_stats_t snap;

@@ -11,10 +11,8 @@
 #include "names.h"
 
 const char *const speed_chat_template_names[SPEED_CHAT_TEMPLATE_COUNT + 1] = {
-    [SPEED_CHAT_TEMPLATE_AUTO] = "auto",
-    [SPEED_CHAT_TEMPLATE_LLAMA3] = "llama3",
-    [SPEED_CHAT_TEMPLATE_LLAMA2] = "llama2",
-    [SPEED_CHAT_TEMPLATE_CHATML] = "chatml",
+    [SPEED_CHAT_TEMPLATE_AUTO] = "auto",     [SPEED_CHAT_TEMPLATE_LLAMA3] = "llama3",
+    [SPEED_CHAT_TEMPLATE_LLAMA2] = "llama2", [SPEED_CHAT_TEMPLATE_CHATML] = "chatml",
     [SPEED_CHAT_TEMPLATE_COUNT] = NULL,
 };
 
@@ -67,8 +65,8 @@ static speed_status_t put_stripped(tok_buf_t *b, const char *s) {
     return tok_buf_append(b, s, len);
 }
 
-static speed_status_t render_llama3(const speed_tok_t *tok, const speed_chat_message_t *msgs,
-                                    size_t n, bool gen, tok_buf_t *b) {
+static speed_status_t render_llama3(const speed_tok_t *tok, const speed_chat_message_t *msgs, size_t n, bool gen,
+                                    tok_buf_t *b) {
     for (size_t i = 0; i < n; i++) {
         if (i == 0) SPEED_CHECK(tok_buf_append_str(b, tok->bos_text));
         SPEED_CHECK(tok_buf_append_str(b, "<|start_header_id|>"));
@@ -83,8 +81,7 @@ static speed_status_t render_llama3(const speed_tok_t *tok, const speed_chat_mes
     return SPEED_OK;
 }
 
-static speed_status_t render_llama2(const speed_tok_t *tok, const speed_chat_message_t *msgs,
-                                    size_t n, tok_buf_t *b) {
+static speed_status_t render_llama2(const speed_tok_t *tok, const speed_chat_message_t *msgs, size_t n, tok_buf_t *b) {
     const char *system = NULL;
     if (n > 0 && strcmp(msgs[0].role, "system") == 0) {
         system = msgs[0].content;
@@ -94,9 +91,11 @@ static speed_status_t render_llama2(const speed_tok_t *tok, const speed_chat_mes
     for (size_t i = 0; i < n; i++) {
         bool user = strcmp(msgs[i].role, "user") == 0;
         if (user != (i % 2 == 0)) {
-            SPEED_ERROR(SPEED_SUBSYS_TOK, "llama2 chat template: after an optional system "
+            SPEED_ERROR(SPEED_SUBSYS_TOK,
+                        "llama2 chat template: after an optional system "
                         "message, roles must alternate user, assistant, user, ... (message %zu "
-                        "has role \"%s\")", i + (system ? 1 : 0), msgs[i].role);
+                        "has role \"%s\")",
+                        i + (system ? 1 : 0), msgs[i].role);
             return SPEED_ERR_INVALID_ARGUMENT;
         }
         if (user) {
@@ -128,8 +127,7 @@ static speed_status_t render_llama2(const speed_tok_t *tok, const speed_chat_mes
     return SPEED_OK;
 }
 
-static speed_status_t render_chatml(const speed_chat_message_t *msgs, size_t n, bool gen,
-                                    tok_buf_t *b) {
+static speed_status_t render_chatml(const speed_chat_message_t *msgs, size_t n, bool gen, tok_buf_t *b) {
     for (size_t i = 0; i < n; i++) {
         SPEED_CHECK(tok_buf_append_str(b, "<|im_start|>"));
         SPEED_CHECK(tok_buf_append_str(b, msgs[i].role));
@@ -141,26 +139,25 @@ static speed_status_t render_chatml(const speed_chat_message_t *msgs, size_t n, 
     return SPEED_OK;
 }
 
-speed_status_t speed_tok_chat_render(const speed_tok_t *tok, const speed_chat_message_t *msgs,
-                                     size_t n_msgs, bool add_generation_prompt, char **text_p) {
+speed_status_t speed_tok_chat_render(const speed_tok_t *tok, const speed_chat_message_t *msgs, size_t n_msgs,
+                                     bool add_generation_prompt, char **text_p) {
     if (!tok || !text_p || (!msgs && n_msgs)) {
         SPEED_ERROR(SPEED_SUBSYS_TOK, "speed_tok_chat_render: NULL argument");
         return SPEED_ERR_INVALID_ARGUMENT;
     }
     for (size_t i = 0; i < n_msgs; i++) {
         if (!msgs[i].role || !msgs[i].content) {
-            SPEED_ERROR(SPEED_SUBSYS_TOK, "chat message %zu has no %s", i,
-                        msgs[i].role ? "content" : "role");
+            SPEED_ERROR(SPEED_SUBSYS_TOK, "chat message %zu has no %s", i, msgs[i].role ? "content" : "role");
             return SPEED_ERR_INVALID_ARGUMENT;
         }
     }
     if (tok->chat_template == SPEED_CHAT_TEMPLATE_AUTO) {
-        SPEED_ERROR(SPEED_SUBSYS_TOK, "%s; name a built-in one (llama3, llama2, chatml) in the "
+        SPEED_ERROR(SPEED_SUBSYS_TOK,
+                    "%s; name a built-in one (llama3, llama2, chatml) in the "
                     "configuration",
-                    tok->has_chat_template
-                        ? "the chat_template in tokenizer_config.json is not one this server "
-                          "recognises"
-                        : "the tokenizer has no chat_template");
+                    tok->has_chat_template ? "the chat_template in tokenizer_config.json is not one this server "
+                                             "recognises"
+                                           : "the tokenizer has no chat_template");
         return SPEED_ERR_UNSUPPORTED;
     }
     tok_buf_t b = {0};
@@ -168,13 +165,9 @@ speed_status_t speed_tok_chat_render(const speed_tok_t *tok, const speed_chat_me
     if (st == SPEED_OK) {
         b.p[0] = '\0';
         switch (tok->chat_template) {
-        case SPEED_CHAT_TEMPLATE_LLAMA3:
-            st = render_llama3(tok, msgs, n_msgs, add_generation_prompt, &b);
-            break;
+        case SPEED_CHAT_TEMPLATE_LLAMA3: st = render_llama3(tok, msgs, n_msgs, add_generation_prompt, &b); break;
         case SPEED_CHAT_TEMPLATE_LLAMA2: st = render_llama2(tok, msgs, n_msgs, &b); break;
-        case SPEED_CHAT_TEMPLATE_CHATML:
-            st = render_chatml(msgs, n_msgs, add_generation_prompt, &b);
-            break;
+        case SPEED_CHAT_TEMPLATE_CHATML: st = render_chatml(msgs, n_msgs, add_generation_prompt, &b); break;
         default: st = SPEED_ERR_INTERNAL; break;
         }
     }

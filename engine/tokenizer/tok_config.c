@@ -17,8 +17,7 @@ int32_t speed_tok_token_id(const speed_tok_t *tok, const char *text, size_t len)
 }
 
 /* "bos_token": "<s>" or {"content": "<s>", ...} or null. */
-static speed_status_t config_token(const tok_loader_t *ld, const json_t *cfg, const char *key,
-                                   const char **s_p) {
+static speed_status_t config_token(const tok_loader_t *ld, const json_t *cfg, const char *key, const char **s_p) {
     json_t *v = json_object_get(cfg, key);
     *s_p = NULL;
     if (!v || json_is_null(v)) return SPEED_OK;
@@ -41,13 +40,11 @@ static speed_chat_template_t recognise_template(const char *t, bool *gen_p) {
     if (strstr(t, "<|start_header_id|>") && strstr(t, "<|end_header_id|>") && strstr(t, "<|eot_id|>"))
         return SPEED_CHAT_TEMPLATE_LLAMA3;
     if (strstr(t, "<|im_start|>") && strstr(t, "<|im_end|>")) return SPEED_CHAT_TEMPLATE_CHATML;
-    if (strstr(t, "[INST]") && strstr(t, "[/INST]") && strstr(t, "<<SYS>>"))
-        return SPEED_CHAT_TEMPLATE_LLAMA2;
+    if (strstr(t, "[INST]") && strstr(t, "[/INST]") && strstr(t, "<<SYS>>")) return SPEED_CHAT_TEMPLATE_LLAMA2;
     return SPEED_CHAT_TEMPLATE_AUTO;
 }
 
-speed_status_t speed_tok_config_load(const tok_loader_t *ld, const json_t *cfg,
-                                     const speed_tok_params_t *params) {
+speed_status_t speed_tok_config_load(const tok_loader_t *ld, const json_t *cfg, const speed_tok_params_t *params) {
     speed_tok_t *tok = ld->tok;
     const char *bos = NULL, *eos = NULL;
     bool has_add_bos = false, has_add_eos = false, add_bos = false, add_eos = false;
@@ -67,13 +64,12 @@ speed_status_t speed_tok_config_load(const tok_loader_t *ld, const json_t *cfg,
         v = json_object_get(cfg, "chat_template");
         if (json_is_string(v)) {
             tmpl = json_string_value(v);
-        } else if (json_is_array(v)) {  /* [{"name": "default", "template": "..."}, ...] */
+        } else if (json_is_array(v)) { /* [{"name": "default", "template": "..."}, ...] */
             size_t i;
             json_t *e;
             json_array_foreach(v, i, e) {
                 json_t *name = json_object_get(e, "name"), *t = json_object_get(e, "template");
-                if (json_is_string(name) && json_is_string(t) &&
-                    strcmp(json_string_value(name), "default") == 0)
+                if (json_is_string(name) && json_is_string(t) && strcmp(json_string_value(name), "default") == 0)
                     tmpl = json_string_value(t);
             }
         } else if (v && !json_is_null(v)) {
@@ -98,8 +94,8 @@ speed_status_t speed_tok_config_load(const tok_loader_t *ld, const json_t *cfg,
         }
     }
     eos_add(tok, eos_id);
-    static const char *const turn_ends[] = {"<|eot_id|>", "<|eom_id|>", "<|im_end|>",
-                                            "<|end_of_text|>", "<|endoftext|>"};
+    static const char *const turn_ends[] = {"<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end_of_text|>",
+                                            "<|endoftext|>"};
     for (size_t i = 0; i < sizeof turn_ends / sizeof turn_ends[0]; i++) {
         int32_t id = speed_tok_token_id(tok, turn_ends[i], strlen(turn_ends[i]));
         if (id >= 0 && (tok->entries[id].flags & TOK_ENTRY_ADDED)) eos_add(tok, id);

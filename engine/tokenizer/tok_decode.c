@@ -21,11 +21,11 @@ typedef struct dec_chunk {
 } dec_chunk_t;
 
 typedef struct {
-    str_t *v;  /* current list of strings */
+    str_t *v; /* current list of strings */
     size_t n;
     dec_chunk_t *arena;
     tok_buf_t tmp;
-    bool raw;  /* keep the bytes as they are: no U+FFFD for invalid UTF-8 (speed_tok_decode_raw) */
+    bool raw; /* keep the bytes as they are: no U+FFFD for invalid UTF-8 (speed_tok_decode_raw) */
 } dec_state_t;
 
 static char *dec_alloc(dec_state_t *d, size_t n) {
@@ -84,8 +84,7 @@ static bool contains(const char *s, size_t len, const char *a, size_t alen) {
 }
 
 /* Replaces every occurrence of a by b in each string. */
-static speed_status_t dec_replace(dec_state_t *d, const char *a, size_t alen, const char *b,
-                                  size_t blen) {
+static speed_status_t dec_replace(dec_state_t *d, const char *a, size_t alen, const char *b, size_t blen) {
     for (size_t i = 0; i < d->n; i++) {
         str_t *s = &d->v[i];
         if (!contains(s->p, s->len, a, alen)) continue;
@@ -141,8 +140,10 @@ static speed_status_t dec_bytelevel(dec_state_t *d) {
         }
     }
     d->tmp.len = 0;
-    if (d->raw) SPEED_CHECK_GOTO(tok_buf_append(&d->tmp, raw.p ? raw.p : "", raw.len), st, out);
-    else SPEED_CHECK_GOTO(tok_utf8_append_lossy(&d->tmp, raw.p ? raw.p : "", raw.len), st, out);
+    if (d->raw)
+        SPEED_CHECK_GOTO(tok_buf_append(&d->tmp, raw.p ? raw.p : "", raw.len), st, out);
+    else
+        SPEED_CHECK_GOTO(tok_utf8_append_lossy(&d->tmp, raw.p ? raw.p : "", raw.len), st, out);
     SPEED_CHECK_GOTO(dec_keep(d, d->tmp.p ? d->tmp.p : "", d->tmp.len, &d->v[0]), st, out);
     d->n = 1;
 out:
@@ -166,8 +167,10 @@ static speed_status_t dec_bytefallback(dec_state_t *d) {
         char *bytes = dec_alloc(d, j - i);
         if (!bytes) return SPEED_ERR_NO_MEMORY;
         for (size_t k = i; k < j; k++) bytes[k - i] = (char)byte_token(&d->v[k]);
-        if (d->raw) SPEED_CHECK(tok_buf_append(&d->tmp, bytes, j - i));
-        else SPEED_CHECK(tok_utf8_append_lossy(&d->tmp, bytes, j - i));
+        if (d->raw)
+            SPEED_CHECK(tok_buf_append(&d->tmp, bytes, j - i));
+        else
+            SPEED_CHECK(tok_utf8_append_lossy(&d->tmp, bytes, j - i));
         i = j;
         SPEED_CHECK(dec_keep(d, d->tmp.p ? d->tmp.p : "", d->tmp.len, &d->v[m++]));
     }
@@ -178,13 +181,12 @@ static speed_status_t dec_bytefallback(dec_state_t *d) {
 static void dec_strip(dec_state_t *d, const tok_dec_t *dc) {
     for (size_t i = 0; i < d->n; i++) {
         str_t *s = &d->v[i];
-        for (int k = 0; k < dc->start && s->len >= dc->a_len &&
-                        memcmp(s->p, dc->a, dc->a_len) == 0; k++) {
+        for (int k = 0; k < dc->start && s->len >= dc->a_len && memcmp(s->p, dc->a, dc->a_len) == 0; k++) {
             s->p += dc->a_len;
             s->len -= dc->a_len;
         }
-        for (int k = 0; k < dc->stop && s->len >= dc->a_len &&
-                        memcmp(s->p + s->len - dc->a_len, dc->a, dc->a_len) == 0; k++)
+        for (int k = 0; k < dc->stop && s->len >= dc->a_len && memcmp(s->p + s->len - dc->a_len, dc->a, dc->a_len) == 0;
+             k++)
             s->len -= dc->a_len;
     }
 }
@@ -198,8 +200,8 @@ static speed_status_t dec_metaspace(dec_state_t *d, const tok_dec_t *dc) {
     return SPEED_OK;
 }
 
-speed_status_t tok_decode_buf(const speed_tok_t *tok, const int32_t *ids, size_t n,
-                              bool skip_special, bool raw, tok_buf_t *out) {
+speed_status_t tok_decode_buf(const speed_tok_t *tok, const int32_t *ids, size_t n, bool skip_special, bool raw,
+                              tok_buf_t *out) {
     dec_state_t d = {0};
     d.raw = raw;
     speed_status_t st = SPEED_OK;
@@ -229,9 +231,7 @@ speed_status_t tok_decode_buf(const speed_tok_t *tok, const int32_t *ids, size_t
         const tok_dec_t *dc = &tok->decs[k];
         switch (dc->type) {
         case TOK_DEC_BYTELEVEL: SPEED_CHECK_GOTO(dec_bytelevel(&d), st, out); break;
-        case TOK_DEC_REPLACE:
-            SPEED_CHECK_GOTO(dec_replace(&d, dc->a, dc->a_len, dc->b, dc->b_len), st, out);
-            break;
+        case TOK_DEC_REPLACE: SPEED_CHECK_GOTO(dec_replace(&d, dc->a, dc->a_len, dc->b, dc->b_len), st, out); break;
         case TOK_DEC_BYTEFALLBACK: SPEED_CHECK_GOTO(dec_bytefallback(&d), st, out); break;
         case TOK_DEC_FUSE: SPEED_CHECK_GOTO(dec_fuse(&d), st, out); break;
         case TOK_DEC_STRIP: dec_strip(&d, dc); break;
@@ -249,8 +249,10 @@ out:
 static speed_status_t check_ids(const speed_tok_t *tok, const int32_t *ids, size_t n) {
     for (size_t i = 0; i < n; i++) {
         if (ids[i] < 0 || ids[i] >= tok->n_vocab) {
-            SPEED_ERROR(SPEED_SUBSYS_TOK, "cannot decode: token id %d at position %zu is outside "
-                        "the vocabulary (0..%d)", (int)ids[i], i, (int)tok->n_vocab - 1);
+            SPEED_ERROR(SPEED_SUBSYS_TOK,
+                        "cannot decode: token id %d at position %zu is outside "
+                        "the vocabulary (0..%d)",
+                        (int)ids[i], i, (int)tok->n_vocab - 1);
             return SPEED_ERR_INVALID_ARGUMENT;
         }
     }
@@ -276,13 +278,13 @@ static speed_status_t decode(const speed_tok_t *tok, const int32_t *ids, size_t 
     return SPEED_OK;
 }
 
-speed_status_t speed_tok_decode(const speed_tok_t *tok, const int32_t *ids, size_t n,
-                                bool skip_special, char **text_p, size_t *len_p) {
+speed_status_t speed_tok_decode(const speed_tok_t *tok, const int32_t *ids, size_t n, bool skip_special, char **text_p,
+                                size_t *len_p) {
     return decode(tok, ids, n, skip_special, false, text_p, len_p);
 }
 
-speed_status_t speed_tok_decode_raw(const speed_tok_t *tok, const int32_t *ids, size_t n,
-                                    bool skip_special, char **bytes_p, size_t *len_p) {
+speed_status_t speed_tok_decode_raw(const speed_tok_t *tok, const int32_t *ids, size_t n, bool skip_special,
+                                    char **bytes_p, size_t *len_p) {
     return decode(tok, ids, n, skip_special, true, bytes_p, len_p);
 }
 
@@ -300,8 +302,7 @@ struct speed_tok_stream {
     tok_buf_t prev, cur, out;
 };
 
-speed_status_t speed_tok_stream_create(const speed_tok_t *tok, bool skip_special,
-                                       speed_tok_stream_t **s_p) {
+speed_status_t speed_tok_stream_create(const speed_tok_t *tok, bool skip_special, speed_tok_stream_t **s_p) {
     if (!tok || !s_p) {
         SPEED_ERROR(SPEED_SUBSYS_TOK, "speed_tok_stream_create: NULL argument");
         return SPEED_ERR_INVALID_ARGUMENT;
@@ -349,8 +350,7 @@ static speed_status_t stream_decode(speed_tok_stream_t *s, size_t n, tok_buf_t *
     return tok_decode_buf(s->tok, s->ids.ids, n, s->skip_special, false, b);
 }
 
-speed_status_t speed_tok_stream_push(speed_tok_stream_t *s, int32_t id, const char **text_p,
-                                     size_t *len_p) {
+speed_status_t speed_tok_stream_push(speed_tok_stream_t *s, int32_t id, const char **text_p, size_t *len_p) {
     if (!s || !text_p || !len_p) {
         SPEED_ERROR(SPEED_SUBSYS_TOK, "speed_tok_stream_push: NULL argument");
         return SPEED_ERR_INVALID_ARGUMENT;

@@ -12,19 +12,19 @@
 #include "alloc.h"
 #include "log.h"
 
-#define LLAMA3_REGEX "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?" \
-                     "[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+#define LLAMA3_REGEX                                                            \
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?" \
+    "[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
 
 /* Same text as the Llama 3 tokenizer_config.json, so AUTO recognises it. */
-#define LLAMA3_CHAT_TEMPLATE                                                                     \
-    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "      \
-    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | "   \
-    "trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}"    \
+#define LLAMA3_CHAT_TEMPLATE                                                                   \
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "    \
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | " \
+    "trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}"   \
     "{% endif %}{{ content }}{% endfor %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
 
 static const char *const special_tokens[] = {
-    "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-    "<|eot_id|>",
+    "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
 };
 #define N_SPECIAL 5
 
@@ -80,13 +80,13 @@ static const char sample_text[] =
 /* ---- training ------------------------------------------------------------------------- */
 
 typedef struct {
-    int32_t *sym;   /* symbol ids */
+    int32_t *sym; /* symbol ids */
     size_t n;
-    int64_t count;  /* occurrences in the sample */
+    int64_t count; /* occurrences in the sample */
 } word_t;
 
 typedef struct {
-    tok_buf_t *str;        /* [n_tok] mapped strings */
+    tok_buf_t *str; /* [n_tok] mapped strings */
     size_t n_tok, cap_tok;
     int32_t (*merges)[2];
     size_t n_merges, cap_merges;
@@ -160,16 +160,15 @@ static speed_status_t collect_words(trainer_t *t) {
     span_t *spans = NULL, *tmp = NULL;
     size_t n = 0, cap = 0, len = sizeof sample_text - 1;
     if (!g) return SPEED_ERR_NO_MEMORY;
-    SPEED_CHECK_GOTO(tok_regex_compile(g, LLAMA3_REGEX, strlen(LLAMA3_REGEX), false,
-                                       "default tokenizer", &re), st, out);
+    SPEED_CHECK_GOTO(tok_regex_compile(g, LLAMA3_REGEX, strlen(LLAMA3_REGEX), false, "default tokenizer", &re), st,
+                     out);
     md = pcre2_match_data_create(1, g);
     if (!md) {
         st = SPEED_ERR_NO_MEMORY;
         goto out;
     }
     for (size_t start = 0; start < len;) {
-        int rc = pcre2_match(re.fast, (PCRE2_SPTR)sample_text, len, start, PCRE2_NO_UTF_CHECK,
-                             md, NULL);
+        int rc = pcre2_match(re.fast, (PCRE2_SPTR)sample_text, len, start, PCRE2_NO_UTF_CHECK, md, NULL);
         if (rc < 0) break;
         PCRE2_SIZE *ov = pcre2_get_ovector_pointer(md);
         if (ov[1] == ov[0]) {
@@ -208,7 +207,7 @@ static speed_status_t collect_words(trainer_t *t) {
             goto out;
         }
         for (size_t k = 0; k < spans[i].len; k++)
-            w->sym[w->n++] = (unsigned char)sample_text[spans[i].off + k];  /* id = byte */
+            w->sym[w->n++] = (unsigned char)sample_text[spans[i].off + k]; /* id = byte */
     }
 out:
     pcre2_match_data_free(md);
@@ -220,8 +219,7 @@ out:
 }
 
 /* Most frequent adjacent pair (ties: smallest left id, then right id); 0 if none. */
-static int64_t best_pair(trainer_t *t, pair_slot_t *slots, uint32_t mask, int32_t *a_p,
-                         int32_t *b_p) {
+static int64_t best_pair(trainer_t *t, pair_slot_t *slots, uint32_t mask, int32_t *a_p, int32_t *b_p) {
     memset(slots, 0xff, ((size_t)mask + 1) * sizeof *slots);
     int64_t best = 0;
     uint64_t best_key = UINT64_MAX;
@@ -266,7 +264,7 @@ static speed_status_t train(trainer_t *t, size_t n_tokens_max) {
     tok_buf_t cat = {0};
     while (t->n_tok < n_tokens_max) {
         int32_t a, b, c;
-        if (best_pair(t, slots, mask, &a, &b) < 2) break;  /* a pair seen once is noise */
+        if (best_pair(t, slots, mask, &a, &b) < 2) break; /* a pair seen once is noise */
         cat.len = 0;
         SPEED_CHECK_GOTO(tok_buf_append(&cat, t->str[a].p, t->str[a].len), st, out);
         SPEED_CHECK_GOTO(tok_buf_append(&cat, t->str[b].p, t->str[b].len), st, out);
@@ -307,8 +305,8 @@ out:
 /* ---- writing ----------------------------------------------------------------------------- */
 
 static json_t *added_token_json(int32_t id, const char *content) {
-    return json_pack("{s:i, s:s, s:b, s:b, s:b, s:b, s:b}", "id", (int)id, "content", content,
-                     "single_word", 0, "lstrip", 0, "rstrip", 0, "normalized", 0, "special", 1);
+    return json_pack("{s:i, s:s, s:b, s:b, s:b, s:b, s:b}", "id", (int)id, "content", content, "single_word", 0,
+                     "lstrip", 0, "rstrip", 0, "normalized", 0, "special", 1);
 }
 
 static json_t *build_tokenizer_json(const trainer_t *t, int32_t n_vocab) {
@@ -316,14 +314,12 @@ static json_t *build_tokenizer_json(const trainer_t *t, int32_t n_vocab) {
     json_t *root = NULL;
     if (!vocab || !merges || !added) goto fail;
     for (size_t i = 0; i < t->n_tok; i++)
-        if (json_object_setn_new(vocab, t->str[i].p, t->str[i].len, json_integer((json_int_t)i)))
-            goto fail;
+        if (json_object_setn_new(vocab, t->str[i].p, t->str[i].len, json_integer((json_int_t)i))) goto fail;
     tok_buf_t line = {0};
     for (size_t i = 0; i < t->n_merges; i++) {
         const tok_buf_t *a = &t->str[t->merges[i][0]], *b = &t->str[t->merges[i][1]];
         line.len = 0;
-        if (tok_buf_append(&line, a->p, a->len) || tok_buf_putc(&line, ' ') ||
-            tok_buf_append(&line, b->p, b->len) ||
+        if (tok_buf_append(&line, a->p, a->len) || tok_buf_putc(&line, ' ') || tok_buf_append(&line, b->p, b->len) ||
             json_array_append_new(merges, json_stringn(line.p, line.len))) {
             tok_buf_free(&line);
             goto fail;
@@ -339,30 +335,23 @@ static json_t *build_tokenizer_json(const trainer_t *t, int32_t n_vocab) {
         if (json_array_append_new(added, added_token_json(id, name))) goto fail;
     }
     int bos = (int)t->n_tok;
-    root = json_pack(
-        "{s:s, s:n, s:n, s:O, s:n,"
-        " s:{s:s, s:[{s:s, s:{s:s}, s:s, s:b}, {s:s, s:b, s:b, s:b}]},"
-        " s:{s:s, s:[{s:{s:s, s:i}}, {s:{s:s, s:i}}], s:[{s:{s:s, s:i}}, {s:{s:s, s:i}},"
-        "    {s:{s:s, s:i}}, {s:{s:s, s:i}}], s:{s:{s:s, s:[i], s:[s]}}},"
-        " s:{s:s, s:b, s:b, s:b},"
-        " s:{s:s, s:n, s:n, s:n, s:n, s:b, s:b, s:b, s:O, s:O}}",
-        "version", "1.0", "truncation", "padding", "added_tokens", added, "normalizer",
-        "pre_tokenizer", "type", "Sequence", "pretokenizers",
-        "type", "Split", "pattern", "Regex", LLAMA3_REGEX, "behavior", "Isolated", "invert", 0,
-        "type", "ByteLevel", "add_prefix_space", 0, "trim_offsets", 1, "use_regex", 0,
-        "post_processor", "type", "TemplateProcessing",
-        "single", "SpecialToken", "id", special_tokens[0], "type_id", 0,
-        "Sequence", "id", "A", "type_id", 0,
-        "pair", "SpecialToken", "id", special_tokens[0], "type_id", 0,
-        "Sequence", "id", "A", "type_id", 0,
-        "SpecialToken", "id", special_tokens[0], "type_id", 1,
-        "Sequence", "id", "B", "type_id", 1,
-        "special_tokens", special_tokens[0], "id", special_tokens[0], "ids", bos, "tokens",
-        special_tokens[0],
-        "decoder", "type", "ByteLevel", "add_prefix_space", 1, "trim_offsets", 1, "use_regex", 1,
-        "model", "type", "BPE", "dropout", "unk_token", "continuing_subword_prefix",
-        "end_of_word_suffix", "fuse_unk", 0, "byte_fallback", 0, "ignore_merges", 0,
-        "vocab", vocab, "merges", merges);
+    root = json_pack("{s:s, s:n, s:n, s:O, s:n,"
+                     " s:{s:s, s:[{s:s, s:{s:s}, s:s, s:b}, {s:s, s:b, s:b, s:b}]},"
+                     " s:{s:s, s:[{s:{s:s, s:i}}, {s:{s:s, s:i}}], s:[{s:{s:s, s:i}}, {s:{s:s, s:i}},"
+                     "    {s:{s:s, s:i}}, {s:{s:s, s:i}}], s:{s:{s:s, s:[i], s:[s]}}},"
+                     " s:{s:s, s:b, s:b, s:b},"
+                     " s:{s:s, s:n, s:n, s:n, s:n, s:b, s:b, s:b, s:O, s:O}}",
+                     "version", "1.0", "truncation", "padding", "added_tokens", added, "normalizer", "pre_tokenizer",
+                     "type", "Sequence", "pretokenizers", "type", "Split", "pattern", "Regex", LLAMA3_REGEX, "behavior",
+                     "Isolated", "invert", 0, "type", "ByteLevel", "add_prefix_space", 0, "trim_offsets", 1,
+                     "use_regex", 0, "post_processor", "type", "TemplateProcessing", "single", "SpecialToken", "id",
+                     special_tokens[0], "type_id", 0, "Sequence", "id", "A", "type_id", 0, "pair", "SpecialToken", "id",
+                     special_tokens[0], "type_id", 0, "Sequence", "id", "A", "type_id", 0, "SpecialToken", "id",
+                     special_tokens[0], "type_id", 1, "Sequence", "id", "B", "type_id", 1, "special_tokens",
+                     special_tokens[0], "id", special_tokens[0], "ids", bos, "tokens", special_tokens[0], "decoder",
+                     "type", "ByteLevel", "add_prefix_space", 1, "trim_offsets", 1, "use_regex", 1, "model", "type",
+                     "BPE", "dropout", "unk_token", "continuing_subword_prefix", "end_of_word_suffix", "fuse_unk", 0,
+                     "byte_fallback", 0, "ignore_merges", 0, "vocab", vocab, "merges", merges);
 fail:
     json_decref(vocab);
     json_decref(merges);
@@ -371,10 +360,9 @@ fail:
 }
 
 static json_t *build_config_json(int32_t n_vocab) {
-    return json_pack("{s:s, s:s, s:b, s:s, s:i, s:s, s:s, s:i}", "bos_token", special_tokens[0],
-                     "eos_token", special_tokens[1], "clean_up_tokenization_spaces", 0,
-                     "chat_template", LLAMA3_CHAT_TEMPLATE, "model_max_length", 8192,
-                     "tokenizer_class", "PreTrainedTokenizerFast", "generated_by",
+    return json_pack("{s:s, s:s, s:b, s:s, s:i, s:s, s:s, s:i}", "bos_token", special_tokens[0], "eos_token",
+                     special_tokens[1], "clean_up_tokenization_spaces", 0, "chat_template", LLAMA3_CHAT_TEMPLATE,
+                     "model_max_length", 8192, "tokenizer_class", "PreTrainedTokenizerFast", "generated_by",
                      "speed_tok_write_default", "n_vocab", (int)n_vocab);
 }
 
@@ -407,10 +395,10 @@ speed_status_t speed_tok_write_default(const char *out_dir, int32_t n_vocab) {
         return SPEED_ERR_INVALID_ARGUMENT;
     }
     if (n_vocab < SPEED_TOK_DEFAULT_MIN_VOCAB || n_vocab > SPEED_TOK_DEFAULT_MAX_VOCAB) {
-        SPEED_ERROR(SPEED_SUBSYS_TOK, "default tokenizer: n_vocab %d is out of range: it needs "
+        SPEED_ERROR(SPEED_SUBSYS_TOK,
+                    "default tokenizer: n_vocab %d is out of range: it needs "
                     "at least %d (256 byte tokens + %d special tokens) and at most %d",
-                    (int)n_vocab, SPEED_TOK_DEFAULT_MIN_VOCAB, N_SPECIAL,
-                    SPEED_TOK_DEFAULT_MAX_VOCAB);
+                    (int)n_vocab, SPEED_TOK_DEFAULT_MIN_VOCAB, N_SPECIAL, SPEED_TOK_DEFAULT_MAX_VOCAB);
         return SPEED_ERR_INVALID_ARGUMENT;
     }
     trainer_t t = {0};
@@ -421,8 +409,7 @@ speed_status_t speed_tok_write_default(const char *out_dir, int32_t n_vocab) {
         cj = build_config_json(n_vocab);
         if (!tj || !cj) st = SPEED_ERR_NO_MEMORY;
     }
-    if (st == SPEED_ERR_NO_MEMORY)
-        SPEED_ERROR(SPEED_SUBSYS_TOK, "out of memory generating the default tokenizer");
+    if (st == SPEED_ERR_NO_MEMORY) SPEED_ERROR(SPEED_SUBSYS_TOK, "out of memory generating the default tokenizer");
     if (st == SPEED_OK) st = write_json(out_dir, "tokenizer.json", tj);
     if (st == SPEED_OK) st = write_json(out_dir, "tokenizer_config.json", cj);
     json_decref(tj);

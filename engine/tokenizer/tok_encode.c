@@ -20,7 +20,7 @@ typedef struct arena_chunk {
 typedef struct {
     const char *p;
     size_t len;
-    bool first;  /* starts at offset 0 of the input (Metaspace prepend_scheme "first") */
+    bool first; /* starts at offset 0 of the input (Metaspace prepend_scheme "first") */
 } piece_t;
 
 typedef struct {
@@ -29,7 +29,7 @@ typedef struct {
 } pieces_t;
 
 typedef struct {
-    int32_t rank, pos, left, right;  /* right = id of the right symbol when pushed */
+    int32_t rank, pos, left, right; /* right = id of the right symbol when pushed */
 } heap_ent_t;
 
 typedef struct {
@@ -41,8 +41,8 @@ typedef struct {
     const speed_tok_t *tok;
     speed_tok_ids_t *out;
     arena_chunk_t *arena;
-    pieces_t a, b;               /* pre-tokenizer ping-pong */
-    split_item_t *items;         /* regex split scratch */
+    pieces_t a, b;       /* pre-tokenizer ping-pong */
+    split_item_t *items; /* regex split scratch */
     size_t n_items, cap_items;
     pcre2_match_data *md;
     /* BPE scratch */
@@ -50,7 +50,7 @@ typedef struct {
     size_t cap_sym;
     heap_ent_t *heap;
     size_t n_heap, cap_heap;
-    tok_buf_t mapped;            /* byte-level mapped piece */
+    tok_buf_t mapped; /* byte-level mapped piece */
 } encoder_t;
 
 static void *arena_alloc(encoder_t *e, size_t n) {
@@ -189,7 +189,7 @@ static speed_status_t bpe_merge(encoder_t *e, int32_t n) {
     while (e->n_heap) {
         heap_ent_t top = heap_pop(e);
         int32_t pos = top.pos, r = next[pos];
-        if (id[pos] != top.left || r < 0 || id[r] != top.right) continue;  /* stale */
+        if (id[pos] != top.left || r < 0 || id[r] != top.right) continue; /* stale */
         int32_t rank;
         id[pos] = tok_merge_find(tok, top.left, top.right, &rank);
         id[r] = -1;
@@ -203,21 +203,19 @@ static speed_status_t bpe_merge(encoder_t *e, int32_t n) {
 }
 
 /* Adds the initial symbol(s) for one character that is not in the vocabulary. */
-static speed_status_t add_unknown(encoder_t *e, const char *c, size_t clen, int32_t *n,
-                                  bool *last_unk) {
+static speed_status_t add_unknown(encoder_t *e, const char *c, size_t clen, int32_t *n, bool *last_unk) {
     const speed_tok_t *tok = e->tok;
     if (tok->byte_fallback) {
         bool all = true;
         for (size_t k = 0; k < clen; k++)
             if (tok->byte_piece_id[(unsigned char)c[k]] < 0) all = false;
         if (all) {
-            for (size_t k = 0; k < clen; k++)
-                e->sym_id[(*n)++] = tok->byte_piece_id[(unsigned char)c[k]];
+            for (size_t k = 0; k < clen; k++) e->sym_id[(*n)++] = tok->byte_piece_id[(unsigned char)c[k]];
             *last_unk = false;
             return SPEED_OK;
         }
     }
-    if (tok->unk_id < 0) return SPEED_OK;  /* HF drops the character */
+    if (tok->unk_id < 0) return SPEED_OK; /* HF drops the character */
     if (tok->fuse_unk && *last_unk) return SPEED_OK;
     e->sym_id[(*n)++] = tok->unk_id;
     *last_unk = true;
@@ -268,7 +266,7 @@ static speed_status_t bpe_piece(encoder_t *e, const char *p, size_t len) {
             if (id >= 0) return tok_ids_push(e->out, id);
         }
         if (len > INT32_MAX / 4) return SPEED_ERR_NO_MEMORY;
-        SPEED_CHECK(sym_reserve(e, len * 4));  /* byte fallback: up to 4 symbols a char */
+        SPEED_CHECK(sym_reserve(e, len * 4)); /* byte fallback: up to 4 symbols a char */
         for (size_t i = 0; i < len;) {
             unsigned char c = (unsigned char)p[i];
             size_t clen = tok_utf8_char_len(c);
@@ -296,7 +294,7 @@ static speed_status_t normalize(encoder_t *e, const char **s_p, size_t *len_p) {
     for (size_t k = 0; k < tok->n_norms; k++) {
         const tok_norm_t *nm = &tok->norms[k];
         if (nm->type == TOK_NORM_PREPEND) {
-            if (len == 0) continue;  /* HF prepends nothing to an empty string */
+            if (len == 0) continue; /* HF prepends nothing to an empty string */
             char *d = arena_alloc(e, nm->a_len + len);
             if (!d) return SPEED_ERR_NO_MEMORY;
             memcpy(d, nm->a, nm->a_len);
@@ -351,12 +349,11 @@ static speed_status_t regex_items(encoder_t *e, const tok_regex_t *re, const cha
         if (rc < 0) {
             PCRE2_UCHAR msg[120];
             pcre2_get_error_message(rc, msg, sizeof msg);
-            SPEED_ERROR(SPEED_SUBSYS_TOK, "pre-tokenizer regex failed on a %zu-byte piece: %s",
-                        len, (const char *)msg);
+            SPEED_ERROR(SPEED_SUBSYS_TOK, "pre-tokenizer regex failed on a %zu-byte piece: %s", len, (const char *)msg);
             return SPEED_ERR_INTERNAL;
         }
         size_t ms = ov[0], me = ov[1];
-        if (me == ms) {  /* empty match: no piece, move on by one character */
+        if (me == ms) { /* empty match: no piece, move on by one character */
             start = ms + tok_utf8_char_len((unsigned char)s[ms]);
             continue;
         }
@@ -369,31 +366,32 @@ static speed_status_t regex_items(encoder_t *e, const tok_regex_t *re, const cha
 }
 
 /* Applies HF's SplitDelimiterBehavior to e->items and appends the pieces. */
-static speed_status_t split_emit(encoder_t *e, tok_split_behavior_t beh, const piece_t *pc,
-                                 pieces_t *out) {
+static speed_status_t split_emit(encoder_t *e, tok_split_behavior_t beh, const piece_t *pc, pieces_t *out) {
     split_item_t *it = e->items;
     size_t n = e->n_items, m = 0;
     bool prev_match = false;
     switch (beh) {
-    case TOK_SPLIT_ISOLATED:
-        m = n;
-        break;
+    case TOK_SPLIT_ISOLATED: m = n; break;
     case TOK_SPLIT_REMOVED:
         for (size_t i = 0; i < n; i++)
             if (!it[i].match) it[m++] = it[i];
         break;
     case TOK_SPLIT_MERGED_PREV:
         for (size_t i = 0; i < n; i++) {
-            if (it[i].match && !prev_match && m > 0) it[m - 1].end = it[i].end;
-            else it[m++] = it[i];
+            if (it[i].match && !prev_match && m > 0)
+                it[m - 1].end = it[i].end;
+            else
+                it[m++] = it[i];
             prev_match = it[i].match;
         }
         break;
     case TOK_SPLIT_CONTIGUOUS:
         for (size_t i = 0; i < n; i++) {
             bool mt = it[i].match;
-            if (mt == prev_match && m > 0) it[m - 1].end = it[i].end;
-            else it[m++] = it[i];
+            if (mt == prev_match && m > 0)
+                it[m - 1].end = it[i].end;
+            else
+                it[m++] = it[i];
             prev_match = mt;
         }
         break;
@@ -402,8 +400,10 @@ static speed_status_t split_emit(encoder_t *e, tok_split_behavior_t beh, const p
         size_t w = n;
         for (size_t i = n; i-- > 0;) {
             bool mt = it[i].match;
-            if (mt && !prev_match && w < n) it[w].start = it[i].start;
-            else it[--w] = it[i];
+            if (mt && !prev_match && w < n)
+                it[w].start = it[i].start;
+            else
+                it[--w] = it[i];
             prev_match = mt;
         }
         memmove(it, it + w, (n - w) * sizeof *it);
@@ -412,19 +412,15 @@ static speed_status_t split_emit(encoder_t *e, tok_split_behavior_t beh, const p
     }
     }
     for (size_t i = 0; i < m; i++)
-        SPEED_CHECK(pieces_push(out, pc->p + it[i].start, it[i].end - it[i].start,
-                                pc->first && it[i].start == 0));
+        SPEED_CHECK(pieces_push(out, pc->p + it[i].start, it[i].end - it[i].start, pc->first && it[i].start == 0));
     return SPEED_OK;
 }
 
-static speed_status_t pre_one(encoder_t *e, const tok_pre_t *pre, const piece_t *pc,
-                              pieces_t *out) {
+static speed_status_t pre_one(encoder_t *e, const tok_pre_t *pre, const piece_t *pc, pieces_t *out) {
     const char *s = pc->p;
     size_t len = pc->len;
     switch (pre->type) {
-    case TOK_PRE_SPLIT:
-        SPEED_CHECK(regex_items(e, &pre->re, s, len));
-        return split_emit(e, pre->behavior, pc, out);
+    case TOK_PRE_SPLIT: SPEED_CHECK(regex_items(e, &pre->re, s, len)); return split_emit(e, pre->behavior, pc, out);
     case TOK_PRE_BYTELEVEL: {
         piece_t np = *pc;
         if (pre->add_prefix_space && len > 0 && s[0] != ' ') {
@@ -444,9 +440,9 @@ static speed_status_t pre_one(encoder_t *e, const tok_pre_t *pre, const piece_t 
         size_t spaces = 0;
         for (size_t i = 0; i < len; i++) spaces += s[i] == ' ';
         bool starts = len >= pre->repl_len && memcmp(s, pre->repl, pre->repl_len) == 0;
-        if (s[0] == ' ') starts = true;  /* becomes the replacement below */
-        bool prepend = !starts && (pre->prepend == TOK_PREPEND_ALWAYS ||
-                                   (pre->prepend == TOK_PREPEND_FIRST && pc->first));
+        if (s[0] == ' ') starts = true; /* becomes the replacement below */
+        bool prepend =
+            !starts && (pre->prepend == TOK_PREPEND_ALWAYS || (pre->prepend == TOK_PREPEND_FIRST && pc->first));
         size_t nlen = len + spaces * (pre->repl_len - 1) + (prepend ? pre->repl_len : 0);
         char *d = arena_alloc(e, nlen);
         if (!d) return SPEED_ERR_NO_MEMORY;
@@ -493,8 +489,7 @@ static speed_status_t encode_segment(encoder_t *e, const char *s, size_t len, bo
     if (tok->n_pres == 0 && tok->sp_split) {
         size_t start = 0;
         for (size_t i = 1; i + 3 <= len; i++) {
-            if (memcmp(s + i, "\xE2\x96\x81", 3) == 0 &&
-                !(i >= 3 && memcmp(s + i - 3, "\xE2\x96\x81", 3) == 0)) {
+            if (memcmp(s + i, "\xE2\x96\x81", 3) == 0 && !(i >= 3 && memcmp(s + i - 3, "\xE2\x96\x81", 3) == 0)) {
                 SPEED_CHECK(bpe_piece(e, s + start, i - start));
                 start = i;
             }
@@ -524,20 +519,16 @@ static bool is_word_byte(unsigned char c) {
     return c >= 0x80 || c == '_' || (c >= '0' && c <= '9') || ((c | 0x20) >= 'a' && (c | 0x20) <= 'z');
 }
 
-static bool is_space_byte(unsigned char c) {
-    return c == ' ' || (c >= '\t' && c <= '\r');
-}
+static bool is_space_byte(unsigned char c) { return c == ' ' || (c >= '\t' && c <= '\r'); }
 
 /* Longest added token at text[i], or NULL. */
-static const tok_added_t *match_added(const speed_tok_t *tok, const char *text, size_t len,
-                                      size_t i) {
+static const tok_added_t *match_added(const speed_tok_t *tok, const char *text, size_t len, size_t i) {
     unsigned char c = (unsigned char)text[i];
     for (uint32_t k = tok->added_first[c]; k < tok->added_first[c + 1]; k++) {
         const tok_added_t *a = &tok->added[k];
         if (a->len > len - i || memcmp(tok->strs + a->off, text + i, a->len) != 0) continue;
-        if (a->single_word &&
-            ((i > 0 && is_word_byte((unsigned char)text[i - 1])) ||
-             (i + a->len < len && is_word_byte((unsigned char)text[i + a->len]))))
+        if (a->single_word && ((i > 0 && is_word_byte((unsigned char)text[i - 1])) ||
+                               (i + a->len < len && is_word_byte((unsigned char)text[i + a->len]))))
             continue;
         return a;
     }
@@ -572,16 +563,18 @@ static speed_status_t encode_text(encoder_t *e, const char *text, size_t len) {
     return encode_segment(e, text + seg, len - seg, seg == 0);
 }
 
-speed_status_t speed_tok_encode(const speed_tok_t *tok, const char *text, size_t len,
-                                bool add_special, speed_tok_ids_t *out) {
+speed_status_t speed_tok_encode(const speed_tok_t *tok, const char *text, size_t len, bool add_special,
+                                speed_tok_ids_t *out) {
     if (!tok || !out || (!text && len)) {
         SPEED_ERROR(SPEED_SUBSYS_TOK, "speed_tok_encode: NULL argument");
         return SPEED_ERR_INVALID_ARGUMENT;
     }
     size_t valid = tok_utf8_valid_prefix(text, len);
     if (valid != len) {
-        SPEED_ERROR(SPEED_SUBSYS_TOK, "cannot tokenize: text is not valid UTF-8 (byte 0x%02x at "
-                    "offset %zu)", (unsigned char)text[valid], valid);
+        SPEED_ERROR(SPEED_SUBSYS_TOK,
+                    "cannot tokenize: text is not valid UTF-8 (byte 0x%02x at "
+                    "offset %zu)",
+                    (unsigned char)text[valid], valid);
         return SPEED_ERR_INVALID_ARGUMENT;
     }
     size_t n0 = out->n;
@@ -603,8 +596,7 @@ out:
     encoder_cleanup(&e);
     if (st != SPEED_OK) {
         out->n = n0;
-        if (st == SPEED_ERR_NO_MEMORY)
-            SPEED_ERROR(SPEED_SUBSYS_TOK, "out of memory tokenizing %zu bytes", len);
+        if (st == SPEED_ERR_NO_MEMORY) SPEED_ERROR(SPEED_SUBSYS_TOK, "out of memory tokenizing %zu bytes", len);
     }
     return st;
 }

@@ -31,9 +31,7 @@ speed_status_t tok_ids_push(speed_tok_ids_t *ids, int32_t id);
 /* Length of the valid UTF-8 prefix: returns len if all valid. */
 size_t tok_utf8_valid_prefix(const char *s, size_t len);
 /* Length of the character starting at s[0] (1..4); assumes valid UTF-8. */
-static inline size_t tok_utf8_char_len(unsigned char c) {
-    return c < 0x80 ? 1 : c < 0xE0 ? 2 : c < 0xF0 ? 3 : 4;
-}
+static inline size_t tok_utf8_char_len(unsigned char c) { return c < 0x80 ? 1 : c < 0xE0 ? 2 : c < 0xF0 ? 3 : 4; }
 /* Decodes one character of valid UTF-8. */
 uint32_t tok_utf8_decode(const char *s, size_t *n_p);
 size_t tok_utf8_encode(uint32_t cp, char out[4]);
@@ -48,16 +46,16 @@ uint64_t tok_hash_bytes(const void *p, size_t n);
 /* ---- regex (PCRE2) ----------------------------------------------------------------- */
 
 typedef struct {
-    pcre2_code *fast;  /* pattern with \s patched (exact unless the text has new letters) */
-    pcre2_code *full;  /* \s patched and \p{L}/\p{N} extended with Unicode 15-16 ranges */
+    pcre2_code *fast; /* pattern with \s patched (exact unless the text has new letters) */
+    pcre2_code *full; /* \s patched and \p{L}/\p{N} extended with Unicode 15-16 ranges */
 } tok_regex_t;
 
 /* A PCRE2 context whose memory comes from speed_malloc (NULL on failure). */
 pcre2_general_context *tok_pcre2_context_create(void);
 
 /* `path` only for messages. Returns OK, FORMAT (pattern does not compile), NO_MEMORY. */
-speed_status_t tok_regex_compile(pcre2_general_context *gctx, const char *pattern,
-                                 size_t len, bool literal, const char *path, tok_regex_t *re);
+speed_status_t tok_regex_compile(pcre2_general_context *gctx, const char *pattern, size_t len, bool literal,
+                                 const char *path, tok_regex_t *re);
 void tok_regex_free(tok_regex_t *re);
 /* True if text contains a code point in the Unicode 15-16 L/N ranges. */
 bool tok_text_needs_full_regex(const char *s, size_t len);
@@ -65,15 +63,15 @@ bool tok_text_needs_full_regex(const char *s, size_t len);
 /* ---- tokenizer --------------------------------------------------------------------- */
 
 enum {
-    TOK_ENTRY_USED    = 1,
-    TOK_ENTRY_ADDED   = 2,
+    TOK_ENTRY_USED = 1,
+    TOK_ENTRY_ADDED = 2,
     TOK_ENTRY_SPECIAL = 4,
 };
 
 typedef struct {
-    uint32_t off, len;  /* into tok->strs (NUL-terminated there) */
+    uint32_t off, len; /* into tok->strs (NUL-terminated there) */
     uint8_t flags;
-    int16_t byte;       /* 0..255 for SentencePiece byte pieces <0xNN>, else -1 */
+    int16_t byte; /* 0..255 for SentencePiece byte pieces <0xNN>, else -1 */
 } tok_entry_t;
 
 typedef struct {
@@ -86,7 +84,7 @@ typedef enum { TOK_NORM_PREPEND, TOK_NORM_REPLACE } tok_norm_type_t;
 
 typedef struct {
     tok_norm_type_t type;
-    char *a, *b;          /* PREPEND: a = text. REPLACE: a = pattern, b = content */
+    char *a, *b; /* PREPEND: a = text. REPLACE: a = pattern, b = content */
     size_t a_len, b_len;
 } tok_norm_t;
 
@@ -104,14 +102,14 @@ typedef enum { TOK_PREPEND_ALWAYS, TOK_PREPEND_FIRST, TOK_PREPEND_NEVER } tok_pr
 
 typedef struct {
     tok_pre_type_t type;
-    tok_regex_t re;                 /* SPLIT, and BYTELEVEL with use_regex */
-    tok_split_behavior_t behavior;  /* SPLIT */
-    bool add_prefix_space;          /* BYTELEVEL */
-    bool use_regex;                 /* BYTELEVEL */
-    char repl[8];                   /* METASPACE replacement character (UTF-8) */
+    tok_regex_t re;                /* SPLIT, and BYTELEVEL with use_regex */
+    tok_split_behavior_t behavior; /* SPLIT */
+    bool add_prefix_space;         /* BYTELEVEL */
+    bool use_regex;                /* BYTELEVEL */
+    char repl[8];                  /* METASPACE replacement character (UTF-8) */
     size_t repl_len;
-    tok_prepend_t prepend;          /* METASPACE */
-    bool split;                     /* METASPACE */
+    tok_prepend_t prepend; /* METASPACE */
+    bool split;            /* METASPACE */
 } tok_pre_t;
 
 typedef enum {
@@ -125,15 +123,15 @@ typedef enum {
 
 typedef struct {
     tok_dec_type_t type;
-    char *a, *b;        /* REPLACE pattern/content; STRIP/METASPACE: a = character */
+    char *a, *b; /* REPLACE pattern/content; STRIP/METASPACE: a = character */
     size_t a_len, b_len;
-    int start, stop;    /* STRIP */
-    bool prepend;       /* METASPACE: strip the leading replacement of the first token */
+    int start, stop; /* STRIP */
+    bool prepend;    /* METASPACE: strip the leading replacement of the first token */
 } tok_dec_t;
 
 /* Merge pair (left id, right id) → rank and result id; open addressing. */
 typedef struct {
-    uint64_t key;       /* (uint64)left << 32 | right; UINT64_MAX = empty */
+    uint64_t key; /* (uint64)left << 32 | right; UINT64_MAX = empty */
     int32_t rank, id;
 } tok_merge_slot_t;
 
@@ -142,7 +140,7 @@ struct speed_tok {
     char *strs;
     size_t strs_len, strs_cap;
 
-    tok_entry_t *entries;       /* [n_vocab] */
+    tok_entry_t *entries; /* [n_vocab] */
     int32_t n_vocab;
 
     /* model vocabulary: string → id (entries index); -1 = empty slot */
@@ -154,7 +152,7 @@ struct speed_tok {
     size_t n_merges;
 
     /* BPE options */
-    int32_t unk_id;             /* -1 if none */
+    int32_t unk_id; /* -1 if none */
     bool fuse_unk, byte_fallback, ignore_merges;
     int32_t byte_piece_id[256]; /* <0xNN> ids for byte_fallback, -1 if absent */
 
@@ -164,13 +162,13 @@ struct speed_tok {
     bool sp_split;
 
     /* byte level */
-    bool byte_level;            /* a ByteLevel pre-tokenizer maps bytes to GPT-2 chars */
-    int32_t byte_char_id[256];  /* id of the one-character token for each byte, or -1 */
-    int32_t ascii_id[128];      /* non-byte-level: id of each one-byte character, or -1 */
+    bool byte_level;           /* a ByteLevel pre-tokenizer maps bytes to GPT-2 chars */
+    int32_t byte_char_id[256]; /* id of the one-character token for each byte, or -1 */
+    int32_t ascii_id[128];     /* non-byte-level: id of each one-byte character, or -1 */
 
-    tok_added_t *added;         /* sorted by first byte, then length descending */
+    tok_added_t *added; /* sorted by first byte, then length descending */
     size_t n_added;
-    uint32_t added_first[257];  /* added[added_first[c] .. added_first[c+1]) start with c */
+    uint32_t added_first[257]; /* added[added_first[c] .. added_first[c+1]) start with c */
 
     tok_norm_t *norms;
     size_t n_norms;
@@ -186,29 +184,27 @@ struct speed_tok {
     int32_t bos_id;
     int32_t eos_ids[8];
     size_t n_eos;
-    char *bos_text, *eos_text;  /* for chat templates ("" if none) */
+    char *bos_text, *eos_text; /* for chat templates ("" if none) */
 
-    speed_chat_template_t chat_template;  /* effective template, AUTO = none */
-    bool chat_honours_gen_prompt;         /* Llama 3: template tests add_generation_prompt */
-    bool has_chat_template;               /* tokenizer_config.json had one (recognised or not) */
+    speed_chat_template_t chat_template; /* effective template, AUTO = none */
+    bool chat_honours_gen_prompt;        /* Llama 3: template tests add_generation_prompt */
+    bool has_chat_template;              /* tokenizer_config.json had one (recognised or not) */
 
     pcre2_general_context *gctx;
 };
 
 /* strings / vocabulary */
-static inline const char *tok_entry_str(const speed_tok_t *tok, int32_t id) {
-    return tok->strs + tok->entries[id].off;
-}
+static inline const char *tok_entry_str(const speed_tok_t *tok, int32_t id) { return tok->strs + tok->entries[id].off; }
 int32_t tok_vocab_find(const speed_tok_t *tok, const char *s, size_t len);
 int32_t tok_merge_find(const speed_tok_t *tok, int32_t a, int32_t b, int32_t *rank_p);
 
 /* GPT-2 byte ↔ unicode map */
 uint32_t tok_gpt2_byte_to_cp(unsigned char b);
-int tok_gpt2_cp_to_byte(uint32_t cp);  /* -1 if not in the map */
+int tok_gpt2_cp_to_byte(uint32_t cp); /* -1 if not in the map */
 
 /* decode without the stream wrapper; raw keeps invalid UTF-8 as it is (no U+FFFD) */
-speed_status_t tok_decode_buf(const speed_tok_t *tok, const int32_t *ids, size_t n,
-                              bool skip_special, bool raw, tok_buf_t *out);
+speed_status_t tok_decode_buf(const speed_tok_t *tok, const int32_t *ids, size_t n, bool skip_special, bool raw,
+                              tok_buf_t *out);
 
 /* Python str.isspace() on a code point (Jinja |trim and .strip()). */
 bool tok_py_isspace(uint32_t cp);

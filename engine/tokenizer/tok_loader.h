@@ -14,29 +14,28 @@
 
 typedef struct {
     speed_tok_t *tok;
-    const char *path;  /* file being read, for messages */
+    const char *path; /* file being read, for messages */
 } tok_loader_t;
 
 /* ---- tokenizer.c: messages and JSON helpers ---------------------------------------- */
 
 /* Logs "<file>: <message>" once and returns status. */
-__attribute__((format(printf, 3, 4)))
-speed_status_t speed_tok_loader_fail(const tok_loader_t *ld, speed_status_t status,
-                                     const char *fmt, ...);
+__attribute__((format(printf, 3, 4))) speed_status_t speed_tok_loader_fail(const tok_loader_t *ld,
+                                                                           speed_status_t status, const char *fmt, ...);
 /* speed_tok_loader_fail with NO_MEMORY and "out of memory while loading". */
 speed_status_t speed_tok_loader_oom(const tok_loader_t *ld);
 
 /* Optional string member: absent or null → *s_p = NULL. Other types → FORMAT. */
-speed_status_t speed_tok_json_str(const tok_loader_t *ld, const json_t *obj, const char *ctx,
-                                  const char *key, const char **s_p, size_t *len_p);
+speed_status_t speed_tok_json_str(const tok_loader_t *ld, const json_t *obj, const char *ctx, const char *key,
+                                  const char **s_p, size_t *len_p);
 /* Optional boolean member: absent or null → dflt. Other types → FORMAT. */
-speed_status_t speed_tok_json_bool(const tok_loader_t *ld, const json_t *obj, const char *ctx,
-                                   const char *key, bool dflt, bool *out_p);
+speed_status_t speed_tok_json_bool(const tok_loader_t *ld, const json_t *obj, const char *ctx, const char *key,
+                                   bool dflt, bool *out_p);
 /* The "type" member if it is a string, else NULL. */
 const char *speed_tok_json_type(const json_t *obj);
 /* Pattern objects: {"String": "..."} or {"Regex": "..."}; otherwise FORMAT. */
-speed_status_t speed_tok_json_pattern(const tok_loader_t *ld, const json_t *obj, const char *ctx,
-                                      const char **s_p, size_t *len_p, bool *regex_p);
+speed_status_t speed_tok_json_pattern(const tok_loader_t *ld, const json_t *obj, const char *ctx, const char **s_p,
+                                      size_t *len_p, bool *regex_p);
 /* A speed_malloc'd NUL-terminated copy of s[0, len). OK or NO_MEMORY (not logged). */
 speed_status_t speed_tok_bytes_dup(const char *s, size_t len, char **out_p);
 
@@ -54,7 +53,6 @@ speed_status_t speed_tok_post_processor_load(const tok_loader_t *ld, const json_
 /* Applies tokenizer_config.json (cfg; NULL when the file is absent) after tokenizer.json:
  * bos/eos ids and texts, add_bos_token/add_eos_token, the chat template (params may force
  * one). Needs the vocabulary, added tokens and post-processor loaded. */
-speed_status_t speed_tok_config_load(const tok_loader_t *ld, const json_t *cfg,
-                                     const speed_tok_params_t *params);
+speed_status_t speed_tok_config_load(const tok_loader_t *ld, const json_t *cfg, const speed_tok_params_t *params);
 
 #endif /* SPEED_TOK_LOADER_H */

@@ -53,7 +53,8 @@ speed_status_t speed_tok_normalizer_load(const tok_loader_t *ld, const json_t *n
         nm.type = TOK_NORM_REPLACE;
         SPEED_CHECK(speed_tok_json_pattern(ld, n, "Replace normalizer", &s, &slen, &regex));
         if (regex)
-            return speed_tok_loader_fail(ld, SPEED_ERR_UNSUPPORTED, "Replace normalizer with a Regex pattern is "
+            return speed_tok_loader_fail(ld, SPEED_ERR_UNSUPPORTED,
+                                         "Replace normalizer with a Regex pattern is "
                                          "not supported");
         if (slen == 0) return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "Replace normalizer has an empty pattern");
         SPEED_CHECK(speed_tok_json_str(ld, n, "Replace normalizer", "content", &c, &clen));
@@ -66,8 +67,10 @@ speed_status_t speed_tok_normalizer_load(const tok_loader_t *ld, const json_t *n
         nm.a_len = slen;
         nm.b_len = clen;
     } else {
-        return speed_tok_loader_fail(ld, SPEED_ERR_UNSUPPORTED, "normalizer type \"%s\" is not supported "
-                                     "(supported: Sequence, Prepend, Replace, NFC)", type);
+        return speed_tok_loader_fail(ld, SPEED_ERR_UNSUPPORTED,
+                                     "normalizer type \"%s\" is not supported "
+                                     "(supported: Sequence, Prepend, Replace, NFC)",
+                                     type);
     }
     if (grow_array((void **)&tok->norms, tok->n_norms, sizeof *tok->norms) != SPEED_OK) {
         speed_free(nm.a);
@@ -80,8 +83,8 @@ speed_status_t speed_tok_normalizer_load(const tok_loader_t *ld, const json_t *n
 
 #define GPT2_REGEX "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+"
 
-static speed_status_t metaspace_common(const tok_loader_t *ld, const json_t *p, const char *ctx,
-                                       char *repl, size_t *repl_len, tok_prepend_t *prepend) {
+static speed_status_t metaspace_common(const tok_loader_t *ld, const json_t *p, const char *ctx, char *repl,
+                                       size_t *repl_len, tok_prepend_t *prepend) {
     const char *s;
     size_t slen;
     SPEED_CHECK(speed_tok_json_str(ld, p, ctx, "replacement", &s, &slen));
@@ -97,10 +100,14 @@ static speed_status_t metaspace_common(const tok_loader_t *ld, const json_t *p, 
     const char *scheme;
     SPEED_CHECK(speed_tok_json_str(ld, p, ctx, "prepend_scheme", &scheme, NULL));
     if (scheme) {
-        if (strcmp(scheme, "always") == 0) *prepend = TOK_PREPEND_ALWAYS;
-        else if (strcmp(scheme, "first") == 0) *prepend = TOK_PREPEND_FIRST;
-        else if (strcmp(scheme, "never") == 0) *prepend = TOK_PREPEND_NEVER;
-        else return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "%s: unknown prepend_scheme \"%s\"", ctx, scheme);
+        if (strcmp(scheme, "always") == 0)
+            *prepend = TOK_PREPEND_ALWAYS;
+        else if (strcmp(scheme, "first") == 0)
+            *prepend = TOK_PREPEND_FIRST;
+        else if (strcmp(scheme, "never") == 0)
+            *prepend = TOK_PREPEND_NEVER;
+        else
+            return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "%s: unknown prepend_scheme \"%s\"", ctx, scheme);
     } else {
         bool aps = true;
         SPEED_CHECK(speed_tok_json_bool(ld, p, ctx, "add_prefix_space", true, &aps));
@@ -126,8 +133,10 @@ speed_status_t speed_tok_pre_tokenizer_load(const tok_loader_t *ld, const json_t
         return SPEED_OK;
     }
     if (tok->byte_level)
-        return speed_tok_loader_fail(ld, SPEED_ERR_UNSUPPORTED, "pre_tokenizer \"%s\" after ByteLevel is not "
-                                     "supported", type);
+        return speed_tok_loader_fail(ld, SPEED_ERR_UNSUPPORTED,
+                                     "pre_tokenizer \"%s\" after ByteLevel is not "
+                                     "supported",
+                                     type);
     tok_pre_t pre = {0};
     speed_status_t st;
     if (strcmp(type, "Split") == 0) {
@@ -142,36 +151,42 @@ speed_status_t speed_tok_pre_tokenizer_load(const tok_loader_t *ld, const json_t
         const char *beh;
         SPEED_CHECK(speed_tok_json_str(ld, p, "Split pre_tokenizer", "behavior", &beh, NULL));
         if (!beh) beh = "Isolated";
-        if (strcmp(beh, "Isolated") == 0) pre.behavior = TOK_SPLIT_ISOLATED;
-        else if (strcmp(beh, "Removed") == 0) pre.behavior = TOK_SPLIT_REMOVED;
-        else if (strcmp(beh, "MergedWithPrevious") == 0) pre.behavior = TOK_SPLIT_MERGED_PREV;
-        else if (strcmp(beh, "MergedWithNext") == 0) pre.behavior = TOK_SPLIT_MERGED_NEXT;
-        else if (strcmp(beh, "Contiguous") == 0) pre.behavior = TOK_SPLIT_CONTIGUOUS;
-        else return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "Split pre_tokenizer: unknown behavior \"%s\"", beh);
+        if (strcmp(beh, "Isolated") == 0)
+            pre.behavior = TOK_SPLIT_ISOLATED;
+        else if (strcmp(beh, "Removed") == 0)
+            pre.behavior = TOK_SPLIT_REMOVED;
+        else if (strcmp(beh, "MergedWithPrevious") == 0)
+            pre.behavior = TOK_SPLIT_MERGED_PREV;
+        else if (strcmp(beh, "MergedWithNext") == 0)
+            pre.behavior = TOK_SPLIT_MERGED_NEXT;
+        else if (strcmp(beh, "Contiguous") == 0)
+            pre.behavior = TOK_SPLIT_CONTIGUOUS;
+        else
+            return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "Split pre_tokenizer: unknown behavior \"%s\"", beh);
         if (slen == 0) return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "Split pre_tokenizer has an empty pattern");
         st = tok_regex_compile(tok->gctx, s, slen, !regex, ld->path, &pre.re);
         if (st == SPEED_ERR_NO_MEMORY) return speed_tok_loader_oom(ld);
         SPEED_CHECK(st);
     } else if (strcmp(type, "ByteLevel") == 0) {
         pre.type = TOK_PRE_BYTELEVEL;
-        SPEED_CHECK(speed_tok_json_bool(ld, p, "ByteLevel pre_tokenizer", "add_prefix_space", true,
-                                        &pre.add_prefix_space));
+        SPEED_CHECK(
+            speed_tok_json_bool(ld, p, "ByteLevel pre_tokenizer", "add_prefix_space", true, &pre.add_prefix_space));
         SPEED_CHECK(speed_tok_json_bool(ld, p, "ByteLevel pre_tokenizer", "use_regex", true, &pre.use_regex));
         if (pre.use_regex) {
-            st = tok_regex_compile(tok->gctx, GPT2_REGEX, strlen(GPT2_REGEX), false, ld->path,
-                                   &pre.re);
+            st = tok_regex_compile(tok->gctx, GPT2_REGEX, strlen(GPT2_REGEX), false, ld->path, &pre.re);
             if (st == SPEED_ERR_NO_MEMORY) return speed_tok_loader_oom(ld);
             SPEED_CHECK(st);
         }
         tok->byte_level = true;
     } else if (strcmp(type, "Metaspace") == 0) {
         pre.type = TOK_PRE_METASPACE;
-        SPEED_CHECK(metaspace_common(ld, p, "Metaspace pre_tokenizer", pre.repl, &pre.repl_len,
-                                     &pre.prepend));
+        SPEED_CHECK(metaspace_common(ld, p, "Metaspace pre_tokenizer", pre.repl, &pre.repl_len, &pre.prepend));
         SPEED_CHECK(speed_tok_json_bool(ld, p, "Metaspace pre_tokenizer", "split", true, &pre.split));
     } else {
-        return speed_tok_loader_fail(ld, SPEED_ERR_UNSUPPORTED, "pre_tokenizer type \"%s\" is not supported "
-                                     "(supported: Sequence, Split, ByteLevel, Metaspace)", type);
+        return speed_tok_loader_fail(ld, SPEED_ERR_UNSUPPORTED,
+                                     "pre_tokenizer type \"%s\" is not supported "
+                                     "(supported: Sequence, Split, ByteLevel, Metaspace)",
+                                     type);
     }
     if (grow_array((void **)&tok->pres, tok->n_pres, sizeof *tok->pres) != SPEED_OK) {
         tok_regex_free(&pre.re);
@@ -184,8 +199,7 @@ speed_status_t speed_tok_pre_tokenizer_load(const tok_loader_t *ld, const json_t
 speed_status_t speed_tok_decoder_load(const tok_loader_t *ld, const json_t *d, int depth) {
     speed_tok_t *tok = ld->tok;
     if (!d || json_is_null(d)) return SPEED_OK;
-    if (!json_is_object(d) || depth > 8)
-        return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "decoder is not an object");
+    if (!json_is_object(d) || depth > 8) return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "decoder is not an object");
     const char *type = speed_tok_json_type(d);
     if (!type) return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "decoder has no \"type\"");
     tok->has_decoder = true;
@@ -212,7 +226,8 @@ speed_status_t speed_tok_decoder_load(const tok_loader_t *ld, const json_t *d, i
         dec.type = TOK_DEC_REPLACE;
         SPEED_CHECK(speed_tok_json_pattern(ld, d, "Replace decoder", &s, &slen, &regex));
         if (regex)
-            return speed_tok_loader_fail(ld, SPEED_ERR_UNSUPPORTED, "Replace decoder with a Regex pattern is not "
+            return speed_tok_loader_fail(ld, SPEED_ERR_UNSUPPORTED,
+                                         "Replace decoder with a Regex pattern is not "
                                          "supported");
         if (slen == 0) return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "Replace decoder has an empty pattern");
         SPEED_CHECK(speed_tok_json_str(ld, d, "Replace decoder", "content", &c, &clen));
@@ -228,11 +243,11 @@ speed_status_t speed_tok_decoder_load(const tok_loader_t *ld, const json_t *d, i
         dec.type = TOK_DEC_STRIP;
         SPEED_CHECK(speed_tok_json_str(ld, d, "Strip decoder", "content", &s, &slen));
         json_t *start = json_object_get(d, "start"), *stop = json_object_get(d, "stop");
-        if (!s || slen == 0 || tok_utf8_char_len((unsigned char)s[0]) != slen ||
-            !json_is_integer(start) || !json_is_integer(stop) || json_integer_value(start) < 0 ||
-            json_integer_value(stop) < 0 || json_integer_value(start) > 1000 ||
-            json_integer_value(stop) > 1000)
-            return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "Strip decoder needs a one-character \"content\" "
+        if (!s || slen == 0 || tok_utf8_char_len((unsigned char)s[0]) != slen || !json_is_integer(start) ||
+            !json_is_integer(stop) || json_integer_value(start) < 0 || json_integer_value(stop) < 0 ||
+            json_integer_value(start) > 1000 || json_integer_value(stop) > 1000)
+            return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT,
+                                         "Strip decoder needs a one-character \"content\" "
                                          "and integer \"start\"/\"stop\"");
         if (speed_tok_bytes_dup(s, slen, &dec.a) != SPEED_OK) return speed_tok_loader_oom(ld);
         dec.a_len = slen;
@@ -248,8 +263,10 @@ speed_status_t speed_tok_decoder_load(const tok_loader_t *ld, const json_t *d, i
         dec.a_len = rlen;
         dec.prepend = prepend != TOK_PREPEND_NEVER;
     } else {
-        return speed_tok_loader_fail(ld, SPEED_ERR_UNSUPPORTED, "decoder type \"%s\" is not supported (supported: "
-                                     "Sequence, ByteLevel, Replace, ByteFallback, Fuse, Strip, Metaspace)", type);
+        return speed_tok_loader_fail(ld, SPEED_ERR_UNSUPPORTED,
+                                     "decoder type \"%s\" is not supported (supported: "
+                                     "Sequence, ByteLevel, Replace, ByteFallback, Fuse, Strip, Metaspace)",
+                                     type);
     }
     if (grow_array((void **)&tok->decs, tok->n_decs, sizeof *tok->decs) != SPEED_OK) {
         speed_free(dec.a);
@@ -278,23 +295,30 @@ static speed_status_t load_template(const tok_loader_t *ld, const json_t *pp) {
         }
         json_t *name = json_object_get(sp, "id");
         if (!json_is_string(name))
-            return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "TemplateProcessing.single[%zu] is neither "
-                                         "SpecialToken nor Sequence", i);
+            return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT,
+                                         "TemplateProcessing.single[%zu] is neither "
+                                         "SpecialToken nor Sequence",
+                                         i);
         json_t *ids = json_object_get(json_object_get(specials, json_string_value(name)), "ids");
         if (!json_is_array(ids))
-            return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "TemplateProcessing: special token \"%s\" has no "
-                                         "ids", json_string_value(name));
+            return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT,
+                                         "TemplateProcessing: special token \"%s\" has no "
+                                         "ids",
+                                         json_string_value(name));
         size_t k;
         json_t *idv;
         json_array_foreach(ids, k, idv) {
             json_int_t id = json_integer_value(idv);
             if (!json_is_integer(idv) || id < 0 || id >= tok->n_vocab)
-                return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "TemplateProcessing: special token \"%s\" has "
-                                             "an id outside the vocabulary", json_string_value(name));
+                return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT,
+                                             "TemplateProcessing: special token \"%s\" has "
+                                             "an id outside the vocabulary",
+                                             json_string_value(name));
             int32_t *arr = seen_a ? tok->suffix_ids : tok->prefix_ids;
             size_t *n = seen_a ? &tok->n_suffix : &tok->n_prefix;
             if (*n == 4)
-                return speed_tok_loader_fail(ld, SPEED_ERR_UNSUPPORTED, "TemplateProcessing adds more than 4 "
+                return speed_tok_loader_fail(ld, SPEED_ERR_UNSUPPORTED,
+                                             "TemplateProcessing adds more than 4 "
                                              "tokens on one side");
             arr[(*n)++] = (int32_t)id;
         }
@@ -306,7 +330,7 @@ speed_status_t speed_tok_post_processor_load(const tok_loader_t *ld, const json_
     if (!pp || json_is_null(pp)) return SPEED_OK;
     const char *type = json_is_object(pp) ? speed_tok_json_type(pp) : NULL;
     if (!type || depth > 8) return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "post_processor has no \"type\"");
-    if (strcmp(type, "ByteLevel") == 0) return SPEED_OK;  /* offsets only */
+    if (strcmp(type, "ByteLevel") == 0) return SPEED_OK; /* offsets only */
     if (strcmp(type, "TemplateProcessing") == 0) return load_template(ld, pp);
     if (strcmp(type, "Sequence") == 0) {
         json_t *list = json_object_get(pp, "processors");
@@ -317,6 +341,8 @@ speed_status_t speed_tok_post_processor_load(const tok_loader_t *ld, const json_
         json_array_foreach(list, i, v) SPEED_CHECK(speed_tok_post_processor_load(ld, v, depth + 1));
         return SPEED_OK;
     }
-    return speed_tok_loader_fail(ld, SPEED_ERR_UNSUPPORTED, "post_processor type \"%s\" is not supported "
-                                 "(supported: TemplateProcessing, ByteLevel, Sequence)", type);
+    return speed_tok_loader_fail(ld, SPEED_ERR_UNSUPPORTED,
+                                 "post_processor type \"%s\" is not supported "
+                                 "(supported: TemplateProcessing, ByteLevel, Sequence)",
+                                 type);
 }

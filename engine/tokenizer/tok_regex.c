@@ -13,10 +13,12 @@
 
 #include "log.h"
 
-#define WS_CLASS "\\t-\\r\\x{20}\\x{85}\\x{A0}\\x{1680}\\x{2000}-\\x{200A}\\x{2028}\\x{2029}" \
-                 "\\x{202F}\\x{205F}\\x{3000}"
+#define WS_CLASS                                                                 \
+    "\\t-\\r\\x{20}\\x{85}\\x{A0}\\x{1680}\\x{2000}-\\x{200A}\\x{2028}\\x{2029}" \
+    "\\x{202F}\\x{205F}\\x{3000}"
 
-#define L_EXTRA "\\x{1C89}-\\x{1C8A}\\x{A7CB}-\\x{A7CD}\\x{A7DA}-\\x{A7DC}\\x{105C0}-\\x{105F3}"   \
+#define L_EXTRA                                                                                     \
+    "\\x{1C89}-\\x{1C8A}\\x{A7CB}-\\x{A7CD}\\x{A7DA}-\\x{A7DC}\\x{105C0}-\\x{105F3}"                \
     "\\x{10D4A}-\\x{10D65}\\x{10D6F}-\\x{10D85}\\x{10EC2}-\\x{10EC4}\\x{1123F}-\\x{11240}"          \
     "\\x{11380}-\\x{11389}\\x{1138B}\\x{1138E}\\x{11390}-\\x{113B5}\\x{113B7}\\x{113D1}\\x{113D3}"  \
     "\\x{11BC0}-\\x{11BE0}\\x{11F02}\\x{11F04}-\\x{11F10}\\x{11F12}-\\x{11F33}\\x{1342F}"           \
@@ -24,33 +26,34 @@
     "\\x{18CFF}\\x{1B132}\\x{1B155}\\x{1DF25}-\\x{1DF2A}\\x{1E030}-\\x{1E06D}\\x{1E4D0}-\\x{1E4EB}" \
     "\\x{1E5D0}-\\x{1E5ED}\\x{1E5F0}\\x{2B739}\\x{2EBF0}-\\x{2EE5D}\\x{31350}-\\x{323AF}"
 
-#define N_EXTRA "\\x{10D40}-\\x{10D49}\\x{116D0}-\\x{116E3}\\x{11BF0}-\\x{11BF9}\\x{11F50}-\\x{11F59}" \
-    "\\x{16130}-\\x{16139}\\x{16D70}-\\x{16D79}\\x{1CCF0}-\\x{1CCF9}\\x{1D2C0}-\\x{1D2D3}"           \
+#define N_EXTRA                                                                            \
+    "\\x{10D40}-\\x{10D49}\\x{116D0}-\\x{116E3}\\x{11BF0}-\\x{11BF9}\\x{11F50}-\\x{11F59}" \
+    "\\x{16130}-\\x{16139}\\x{16D70}-\\x{16D79}\\x{1CCF0}-\\x{1CCF9}\\x{1D2C0}-\\x{1D2D3}" \
     "\\x{1E4F0}-\\x{1E4F9}\\x{1E5F1}-\\x{1E5FA}"
 
 /* The same ranges as numbers, sorted, for tok_text_needs_full_regex. */
 static const uint32_t new_ranges[][2] = {
-    {0x1C89, 0x1C8A},   {0xA7CB, 0xA7CD},   {0xA7DA, 0xA7DC},   {0x105C0, 0x105F3},
-    {0x10D40, 0x10D49}, {0x10D4A, 0x10D65}, {0x10D6F, 0x10D85}, {0x10EC2, 0x10EC4},
-    {0x1123F, 0x11240}, {0x11380, 0x11389}, {0x1138B, 0x1138B}, {0x1138E, 0x1138E},
-    {0x11390, 0x113B5}, {0x113B7, 0x113B7}, {0x113D1, 0x113D1}, {0x113D3, 0x113D3},
-    {0x116D0, 0x116E3}, {0x11BC0, 0x11BE0}, {0x11BF0, 0x11BF9}, {0x11F02, 0x11F02},
-    {0x11F04, 0x11F10}, {0x11F12, 0x11F33}, {0x11F50, 0x11F59}, {0x1342F, 0x1342F},
-    {0x13441, 0x13446}, {0x13460, 0x143FA}, {0x16100, 0x1611D}, {0x16130, 0x16139},
-    {0x16D40, 0x16D6C}, {0x16D70, 0x16D79}, {0x18CFF, 0x18CFF}, {0x1B132, 0x1B132},
-    {0x1B155, 0x1B155}, {0x1CCF0, 0x1CCF9}, {0x1D2C0, 0x1D2D3}, {0x1DF25, 0x1DF2A},
-    {0x1E030, 0x1E06D}, {0x1E4D0, 0x1E4EB}, {0x1E4F0, 0x1E4F9}, {0x1E5D0, 0x1E5ED},
-    {0x1E5F0, 0x1E5F0}, {0x1E5F1, 0x1E5FA}, {0x2B739, 0x2B739}, {0x2EBF0, 0x2EE5D},
-    {0x31350, 0x323AF},
+    {0x1C89, 0x1C8A},   {0xA7CB, 0xA7CD},   {0xA7DA, 0xA7DC},   {0x105C0, 0x105F3}, {0x10D40, 0x10D49},
+    {0x10D4A, 0x10D65}, {0x10D6F, 0x10D85}, {0x10EC2, 0x10EC4}, {0x1123F, 0x11240}, {0x11380, 0x11389},
+    {0x1138B, 0x1138B}, {0x1138E, 0x1138E}, {0x11390, 0x113B5}, {0x113B7, 0x113B7}, {0x113D1, 0x113D1},
+    {0x113D3, 0x113D3}, {0x116D0, 0x116E3}, {0x11BC0, 0x11BE0}, {0x11BF0, 0x11BF9}, {0x11F02, 0x11F02},
+    {0x11F04, 0x11F10}, {0x11F12, 0x11F33}, {0x11F50, 0x11F59}, {0x1342F, 0x1342F}, {0x13441, 0x13446},
+    {0x13460, 0x143FA}, {0x16100, 0x1611D}, {0x16130, 0x16139}, {0x16D40, 0x16D6C}, {0x16D70, 0x16D79},
+    {0x18CFF, 0x18CFF}, {0x1B132, 0x1B132}, {0x1B155, 0x1B155}, {0x1CCF0, 0x1CCF9}, {0x1D2C0, 0x1D2D3},
+    {0x1DF25, 0x1DF2A}, {0x1E030, 0x1E06D}, {0x1E4D0, 0x1E4EB}, {0x1E4F0, 0x1E4F9}, {0x1E5D0, 0x1E5ED},
+    {0x1E5F0, 0x1E5F0}, {0x1E5F1, 0x1E5FA}, {0x2B739, 0x2B739}, {0x2EBF0, 0x2EE5D}, {0x31350, 0x323AF},
 };
 
 static bool cp_is_new(uint32_t cp) {
     size_t lo = 0, hi = sizeof new_ranges / sizeof new_ranges[0];
     while (lo < hi) {
         size_t mid = (lo + hi) / 2;
-        if (cp < new_ranges[mid][0]) hi = mid;
-        else if (cp > new_ranges[mid][1]) lo = mid + 1;
-        else return true;
+        if (cp < new_ranges[mid][0])
+            hi = mid;
+        else if (cp > new_ranges[mid][1])
+            lo = mid + 1;
+        else
+            return true;
     }
     return false;
 }
@@ -72,10 +75,9 @@ bool tok_text_needs_full_regex(const char *str, size_t len) {
 
 /* Rewrites a pattern (see the top of the file). `full` adds the L/N ranges.
  * *changed_ln_p tells whether the pattern mentions \p{L} or \p{N} at all. */
-static speed_status_t patch_pattern(const char *pat, size_t len, bool full, tok_buf_t *out,
-                                    bool *changed_ln_p) {
+static speed_status_t patch_pattern(const char *pat, size_t len, bool full, tok_buf_t *out, bool *changed_ln_p) {
     bool in_class = false;
-    size_t class_start = 0;  /* position right after '[' or '[^' */
+    size_t class_start = 0; /* position right after '[' or '[^' */
     for (size_t i = 0; i < len; i++) {
         char c = pat[i];
         if (c == '[' && !in_class) {
@@ -86,7 +88,7 @@ static speed_status_t patch_pattern(const char *pat, size_t len, bool full, tok_
             continue;
         }
         if (c == '[' && in_class && i + 1 < len && pat[i + 1] == ':') {
-            const char *end = memchr(pat + i + 2, ']', len - i - 2);  /* [:alpha:] */
+            const char *end = memchr(pat + i + 2, ']', len - i - 2); /* [:alpha:] */
             size_t n = end ? (size_t)(end - (pat + i)) + 1 : len - i;
             SPEED_CHECK(tok_buf_append(out, pat + i, n));
             i += n - 1;
@@ -150,9 +152,8 @@ static speed_status_t patch_pattern(const char *pat, size_t len, bool full, tok_
     return SPEED_OK;
 }
 
-static speed_status_t compile_one(pcre2_general_context *gctx, const char *pat, size_t len,
-                                  bool literal, const char *path, const char *orig,
-                                  pcre2_code **code_p) {
+static speed_status_t compile_one(pcre2_general_context *gctx, const char *pat, size_t len, bool literal,
+                                  const char *path, const char *orig, pcre2_code **code_p) {
     pcre2_compile_context *cctx = pcre2_compile_context_create(gctx);
     if (!cctx) return SPEED_ERR_NO_MEMORY;
     int err;
@@ -164,8 +165,8 @@ static speed_status_t compile_one(pcre2_general_context *gctx, const char *pat, 
         if (err == PCRE2_ERROR_HEAP_FAILED) return SPEED_ERR_NO_MEMORY;
         PCRE2_UCHAR msg[160];
         pcre2_get_error_message(err, msg, sizeof msg);
-        SPEED_ERROR(SPEED_SUBSYS_TOK, "%s: pre-tokenizer regex \"%s\" does not compile: %s",
-                    path, orig, (const char *)msg);
+        SPEED_ERROR(SPEED_SUBSYS_TOK, "%s: pre-tokenizer regex \"%s\" does not compile: %s", path, orig,
+                    (const char *)msg);
         return SPEED_ERR_FORMAT;
     }
     int rc = pcre2_jit_compile(code, PCRE2_JIT_COMPLETE);
@@ -179,8 +180,8 @@ static speed_status_t compile_one(pcre2_general_context *gctx, const char *pat, 
     return SPEED_OK;
 }
 
-speed_status_t tok_regex_compile(pcre2_general_context *gctx, const char *pattern, size_t len,
-                                 bool literal, const char *path, tok_regex_t *re) {
+speed_status_t tok_regex_compile(pcre2_general_context *gctx, const char *pattern, size_t len, bool literal,
+                                 const char *path, tok_regex_t *re) {
     speed_status_t st = SPEED_OK;
     tok_buf_t fast = {0}, full = {0};
     char orig[200];
@@ -198,8 +199,7 @@ speed_status_t tok_regex_compile(pcre2_general_context *gctx, const char *patter
     SPEED_CHECK_GOTO(compile_one(gctx, fast.p, fast.len, false, path, orig, &re->fast), st, out);
     if (has_ln) {
         SPEED_CHECK_GOTO(patch_pattern(pattern, len, true, &full, &has_ln), st, out);
-        SPEED_CHECK_GOTO(compile_one(gctx, full.p, full.len, false, path, orig, &re->full), st,
-                         out);
+        SPEED_CHECK_GOTO(compile_one(gctx, full.p, full.len, false, path, orig, &re->full), st, out);
     }
 out:
     if (st != SPEED_OK) tok_regex_free(re);

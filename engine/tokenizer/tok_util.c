@@ -9,14 +9,14 @@
 
 speed_status_t tok_buf_reserve(tok_buf_t *b, size_t extra) {
     if (extra <= b->cap - b->len && b->p) return SPEED_OK;
-    size_t need = b->len + extra + 1;  /* room for a NUL */
+    size_t need = b->len + extra + 1; /* room for a NUL */
     if (need < b->len) return SPEED_ERR_NO_MEMORY;
     size_t cap = b->cap ? b->cap : 64;
     while (cap < need) cap *= 2;
     char *p = speed_realloc(b->p, cap);
     if (!p) return SPEED_ERR_NO_MEMORY;
     b->p = p;
-    b->cap = cap - 1;  /* cap never counts the NUL byte */
+    b->cap = cap - 1; /* cap never counts the NUL byte */
     return SPEED_OK;
 }
 
@@ -28,13 +28,9 @@ speed_status_t tok_buf_append(tok_buf_t *b, const void *data, size_t n) {
     return SPEED_OK;
 }
 
-speed_status_t tok_buf_append_str(tok_buf_t *b, const char *s) {
-    return tok_buf_append(b, s, strlen(s));
-}
+speed_status_t tok_buf_append_str(tok_buf_t *b, const char *s) { return tok_buf_append(b, s, strlen(s)); }
 
-speed_status_t tok_buf_putc(tok_buf_t *b, char c) {
-    return tok_buf_append(b, &c, 1);
-}
+speed_status_t tok_buf_putc(tok_buf_t *b, char c) { return tok_buf_append(b, &c, 1); }
 
 void tok_buf_free(tok_buf_t *b) {
     speed_free(b->p);
@@ -70,8 +66,12 @@ static size_t utf8_subpart(const unsigned char *s, size_t len, bool *complete) {
     size_t need;
     unsigned char lo = 0x80, hi = 0xBF;
     *complete = false;
-    if (c < 0x80) { *complete = true; return 1; }
-    if (c >= 0xC2 && c <= 0xDF) need = 2;
+    if (c < 0x80) {
+        *complete = true;
+        return 1;
+    }
+    if (c >= 0xC2 && c <= 0xDF)
+        need = 2;
     else if (c >= 0xE0 && c <= 0xEF) {
         need = 3;
         if (c == 0xE0) lo = 0xA0;
@@ -117,8 +117,8 @@ uint32_t tok_utf8_decode(const char *str, size_t *n_p) {
     case 2: cp = ((uint32_t)(s[0] & 0x1F) << 6) | (s[1] & 0x3F); break;
     case 3: cp = ((uint32_t)(s[0] & 0x0F) << 12) | ((uint32_t)(s[1] & 0x3F) << 6) | (s[2] & 0x3F); break;
     default:
-        cp = ((uint32_t)(s[0] & 0x07) << 18) | ((uint32_t)(s[1] & 0x3F) << 12) |
-             ((uint32_t)(s[2] & 0x3F) << 6) | (s[3] & 0x3F);
+        cp = ((uint32_t)(s[0] & 0x07) << 18) | ((uint32_t)(s[1] & 0x3F) << 12) | ((uint32_t)(s[2] & 0x3F) << 6) |
+             (s[3] & 0x3F);
         break;
     }
     if (n_p) *n_p = n;
@@ -150,7 +150,7 @@ size_t tok_utf8_encode(uint32_t cp, char out[4]) {
 
 speed_status_t tok_utf8_append_lossy(tok_buf_t *b, const char *str, size_t len) {
     const unsigned char *s = (const unsigned char *)str;
-    size_t i = 0, run = 0;  /* valid bytes s[run..i) not yet appended */
+    size_t i = 0, run = 0; /* valid bytes s[run..i) not yet appended */
     SPEED_CHECK(tok_buf_reserve(b, len));
     while (i < len) {
         if (s[i] < 0x80) {
@@ -206,8 +206,8 @@ uint64_t tok_hash_bytes(const void *data, size_t n) {
  * in byte order, to U+0100.. (so ' ' is U+0120 'Ġ' and '\n' is U+010A 'Ċ'). */
 
 uint32_t tok_gpt2_byte_to_cp(unsigned char b) {
-    if (b <= 0x20) return 256u + b;                    /* 33 bytes 0x00..0x20 */
-    if (b >= 0x7F && b <= 0xA0) return 256u + 33u + (b - 0x7Fu);  /* 34 bytes */
+    if (b <= 0x20) return 256u + b;                              /* 33 bytes 0x00..0x20 */
+    if (b >= 0x7F && b <= 0xA0) return 256u + 33u + (b - 0x7Fu); /* 34 bytes */
     if (b == 0xAD) return 256u + 33u + 34u;
     return b;
 }
@@ -228,11 +228,15 @@ int tok_gpt2_cp_to_byte(uint32_t cp) {
 bool tok_py_isspace(uint32_t cp) {
     if (cp <= 0x20) return (cp >= 0x09 && cp <= 0x0D) || (cp >= 0x1C && cp <= 0x20);
     switch (cp) {
-    case 0x85: case 0xA0: case 0x1680: case 0x2028: case 0x2029: case 0x202F: case 0x205F:
-    case 0x3000:
-        return true;
-    default:
-        return cp >= 0x2000 && cp <= 0x200A;
+    case 0x85:
+    case 0xA0:
+    case 0x1680:
+    case 0x2028:
+    case 0x2029:
+    case 0x202F:
+    case 0x205F:
+    case 0x3000: return true;
+    default: return cp >= 0x2000 && cp <= 0x200A;
     }
 }
 

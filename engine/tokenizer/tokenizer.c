@@ -41,8 +41,7 @@ static speed_status_t json_read(const tok_loader_t *ld, bool optional, size_t fl
     char *text = NULL;
     size_t len = 0;
     speed_status_t st = speed_file_read(ld->path, TOK_FILE_MAX_BYTES, SPEED_SUBSYS_TOK,
-                                        optional ? SPEED_FILE_READ_OPTIONAL : SPEED_FILE_READ_DEFAULT,
-                                        &text, &len);
+                                        optional ? SPEED_FILE_READ_OPTIONAL : SPEED_FILE_READ_DEFAULT, &text, &len);
     if (st != SPEED_OK) return st;
     json_error_t jerr;
     json_t *root = json_loadb(text, len, flags, &jerr);
@@ -68,21 +67,20 @@ static speed_status_t path_join(const char *dir, const char *name, char **out_p)
 /* ---- JSON helpers ---------------------------------------------------------------------- */
 
 /* Optional string member: absent or null → *s_p = NULL. Other types → FORMAT. */
-speed_status_t speed_tok_json_str(const tok_loader_t *ld, const json_t *obj, const char *ctx,
-                                  const char *key, const char **s_p, size_t *len_p) {
+speed_status_t speed_tok_json_str(const tok_loader_t *ld, const json_t *obj, const char *ctx, const char *key,
+                                  const char **s_p, size_t *len_p) {
     json_t *v = json_object_get(obj, key);
     *s_p = NULL;
     if (len_p) *len_p = 0;
     if (!v || json_is_null(v)) return SPEED_OK;
-    if (!json_is_string(v))
-        return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "%s: \"%s\" must be a string", ctx, key);
+    if (!json_is_string(v)) return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "%s: \"%s\" must be a string", ctx, key);
     *s_p = json_string_value(v);
     if (len_p) *len_p = json_string_length(v);
     return SPEED_OK;
 }
 
-speed_status_t speed_tok_json_bool(const tok_loader_t *ld, const json_t *obj, const char *ctx,
-                                   const char *key, bool dflt, bool *out_p) {
+speed_status_t speed_tok_json_bool(const tok_loader_t *ld, const json_t *obj, const char *ctx, const char *key,
+                                   bool dflt, bool *out_p) {
     json_t *v = json_object_get(obj, key);
     if (!v || json_is_null(v)) {
         *out_p = dflt;
@@ -100,8 +98,8 @@ const char *speed_tok_json_type(const json_t *obj) {
 }
 
 /* Pattern objects: {"String": "..."} or {"Regex": "..."}. */
-speed_status_t speed_tok_json_pattern(const tok_loader_t *ld, const json_t *obj, const char *ctx,
-                                      const char **s_p, size_t *len_p, bool *regex_p) {
+speed_status_t speed_tok_json_pattern(const tok_loader_t *ld, const json_t *obj, const char *ctx, const char **s_p,
+                                      size_t *len_p, bool *regex_p) {
     json_t *p = json_object_get(obj, "pattern");
     json_t *v;
     if (json_is_object(p) && json_is_string(v = json_object_get(p, "String"))) {
@@ -109,8 +107,10 @@ speed_status_t speed_tok_json_pattern(const tok_loader_t *ld, const json_t *obj,
     } else if (json_is_object(p) && json_is_string(v = json_object_get(p, "Regex"))) {
         *regex_p = true;
     } else {
-        return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "%s: \"pattern\" must be {\"String\": ...} or "
-                                     "{\"Regex\": ...}", ctx);
+        return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT,
+                                     "%s: \"pattern\" must be {\"String\": ...} or "
+                                     "{\"Regex\": ...}",
+                                     ctx);
     }
     *s_p = json_string_value(v);
     *len_p = json_string_length(v);
@@ -175,9 +175,7 @@ static void vocab_insert(speed_tok_t *tok, int32_t id) {
     }
 }
 
-static inline uint32_t merge_hash(uint64_t key) {
-    return (uint32_t)((key * 0x9E3779B97F4A7C15ULL) >> 32);
-}
+static inline uint32_t merge_hash(uint64_t key) { return (uint32_t)((key * 0x9E3779B97F4A7C15ULL) >> 32); }
 
 int32_t tok_merge_find(const speed_tok_t *tok, int32_t a, int32_t b, int32_t *rank_p) {
     uint64_t key = (uint64_t)(uint32_t)a << 32 | (uint32_t)b;
@@ -219,8 +217,7 @@ static uint32_t pow2_at_least(size_t n) {
 /* ---- model ----------------------------------------------------------------------------- */
 
 /* Largest id in the model vocabulary and the added tokens, to size the entry table. */
-static speed_status_t scan_ids(const tok_loader_t *ld, const json_t *vocab, const json_t *added,
-                               int64_t *max_p) {
+static speed_status_t scan_ids(const tok_loader_t *ld, const json_t *vocab, const json_t *added, int64_t *max_p) {
     int64_t max = -1;
     const char *key;
     size_t klen;
@@ -228,22 +225,24 @@ static speed_status_t scan_ids(const tok_loader_t *ld, const json_t *vocab, cons
     json_object_keylen_foreach((json_t *)vocab, key, klen, v) {
         (void)klen;
         if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) >= INT32_MAX)
-            return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "model.vocab: id of \"%s\" is not an integer in "
-                                         "0..2^31-2", key);
+            return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT,
+                                         "model.vocab: id of \"%s\" is not an integer in "
+                                         "0..2^31-2",
+                                         key);
         if (json_integer_value(v) > max) max = json_integer_value(v);
     }
     size_t i;
     json_array_foreach(added, i, v) {
         json_t *id = json_is_object(v) ? json_object_get(v, "id") : NULL;
-        if (!json_is_integer(id) || json_integer_value(id) < 0 ||
-            json_integer_value(id) >= INT32_MAX)
-            return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "added_tokens[%zu]: \"id\" must be an integer in "
-                                         "0..2^31-2", i);
+        if (!json_is_integer(id) || json_integer_value(id) < 0 || json_integer_value(id) >= INT32_MAX)
+            return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT,
+                                         "added_tokens[%zu]: \"id\" must be an integer in "
+                                         "0..2^31-2",
+                                         i);
         if (json_integer_value(id) > max) max = json_integer_value(id);
     }
     if (max > (int64_t)16 << 20)
-        return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "token id %lld is implausibly large",
-                                     (long long)max);
+        return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "token id %lld is implausibly large", (long long)max);
     *max_p = max;
     return SPEED_OK;
 }
@@ -255,8 +254,7 @@ static int hexval(char c) {
     return -1;
 }
 
-static speed_status_t set_entry(speed_tok_t *tok, int32_t id, const char *s, size_t len,
-                                uint8_t flags) {
+static speed_status_t set_entry(speed_tok_t *tok, int32_t id, const char *s, size_t len, uint8_t flags) {
     tok_entry_t *e = &tok->entries[id];
     if (!(e->flags & TOK_ENTRY_USED) || e->len != len || memcmp(tok->strs + e->off, s, len)) {
         if (len > UINT32_MAX) return SPEED_ERR_NO_MEMORY;
@@ -267,21 +265,19 @@ static speed_status_t set_entry(speed_tok_t *tok, int32_t id, const char *s, siz
     }
     e->flags |= flags | TOK_ENTRY_USED;
     e->byte = -1;
-    if (len == 6 && s[0] == '<' && s[1] == '0' && s[2] == 'x' && s[5] == '>' &&
-        hexval(s[3]) >= 0 && hexval(s[4]) >= 0)
+    if (len == 6 && s[0] == '<' && s[1] == '0' && s[2] == 'x' && s[5] == '>' && hexval(s[3]) >= 0 && hexval(s[4]) >= 0)
         e->byte = (int16_t)(hexval(s[3]) * 16 + hexval(s[4]));
     return SPEED_OK;
 }
 
-static speed_status_t merge_parts(const tok_loader_t *ld, json_t *m, size_t i, const char **a_p,
-                                  size_t *alen_p, const char **b_p, size_t *blen_p) {
+static speed_status_t merge_parts(const tok_loader_t *ld, json_t *m, size_t i, const char **a_p, size_t *alen_p,
+                                  const char **b_p, size_t *blen_p) {
     if (json_is_string(m)) {
         const char *s = json_string_value(m);
         size_t len = json_string_length(m);
         const char *sp = memchr(s, ' ', len);
         if (!sp || sp == s || sp == s + len - 1)
-            return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "model.merges[%zu]: \"%s\" is not \"left right\"",
-                                         i, s);
+            return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "model.merges[%zu]: \"%s\" is not \"left right\"", i, s);
         *a_p = s;
         *alen_p = (size_t)(sp - s);
         *b_p = sp + 1;
@@ -309,8 +305,7 @@ static speed_status_t load_model(const tok_loader_t *ld, const json_t *root) {
     if (!type && json_is_object(vocab) && json_is_array(merges)) type = "BPE";
     if (!type) return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "model has no \"type\"");
     if (strcmp(type, "BPE") != 0)
-        return speed_tok_loader_fail(ld, SPEED_ERR_UNSUPPORTED, "model type \"%s\" is not supported (only BPE)",
-                                     type);
+        return speed_tok_loader_fail(ld, SPEED_ERR_UNSUPPORTED, "model type \"%s\" is not supported (only BPE)", type);
     if (!json_is_object(vocab)) return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "model.vocab is not an object");
     if (!json_is_array(merges)) return speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "model.merges is not an array");
     json_t *added = json_object_get(root, "added_tokens");
@@ -325,8 +320,7 @@ static speed_status_t load_model(const tok_loader_t *ld, const json_t *root) {
     if (s && slen)
         return speed_tok_loader_fail(ld, SPEED_ERR_UNSUPPORTED, "model.continuing_subword_prefix is not supported");
     SPEED_CHECK(speed_tok_json_str(ld, model, "model", "end_of_word_suffix", &s, &slen));
-    if (s && slen)
-        return speed_tok_loader_fail(ld, SPEED_ERR_UNSUPPORTED, "model.end_of_word_suffix is not supported");
+    if (s && slen) return speed_tok_loader_fail(ld, SPEED_ERR_UNSUPPORTED, "model.end_of_word_suffix is not supported");
     SPEED_CHECK(speed_tok_json_bool(ld, model, "model", "fuse_unk", false, &tok->fuse_unk));
     SPEED_CHECK(speed_tok_json_bool(ld, model, "model", "byte_fallback", false, &tok->byte_fallback));
     SPEED_CHECK(speed_tok_json_bool(ld, model, "model", "ignore_merges", false, &tok->ignore_merges));
@@ -376,9 +370,13 @@ static speed_status_t load_model(const tok_loader_t *ld, const json_t *root) {
         }
         int32_t ic = tok_vocab_find(tok, cat.p, cat.len);
         if (ia < 0 || ib < 0 || ic < 0) {
-            st = speed_tok_loader_fail(ld, SPEED_ERR_FORMAT, "model.merges[%zu]: \"%.*s\" + \"%.*s\": %s is not "
-                                       "in the vocabulary", i, (int)alen, a, (int)blen, b,
-                                       ia < 0 ? "the left part" : ib < 0 ? "the right part" : "the result");
+            st = speed_tok_loader_fail(ld, SPEED_ERR_FORMAT,
+                                       "model.merges[%zu]: \"%.*s\" + \"%.*s\": %s is not "
+                                       "in the vocabulary",
+                                       i, (int)alen, a, (int)blen, b,
+                                       ia < 0   ? "the left part"
+                                       : ib < 0 ? "the right part"
+                                                : "the result");
             goto merges_out;
         }
         merge_insert(tok, ia, ib, (int32_t)i, ic);
@@ -440,10 +438,9 @@ static speed_status_t load_added(const tok_loader_t *ld, const json_t *root) {
         SPEED_CHECK(speed_tok_json_bool(ld, v, ctx, "rstrip", false, &a.rstrip));
         SPEED_CHECK(speed_tok_json_bool(ld, v, ctx, "single_word", false, &a.single_word));
         SPEED_CHECK(speed_tok_json_bool(ld, v, ctx, "normalized", !a.special, &a.normalized));
-        if (set_entry(tok, a.id, content, clen,
-                      TOK_ENTRY_ADDED | (a.special ? TOK_ENTRY_SPECIAL : 0)) != SPEED_OK)
+        if (set_entry(tok, a.id, content, clen, TOK_ENTRY_ADDED | (a.special ? TOK_ENTRY_SPECIAL : 0)) != SPEED_OK)
             return speed_tok_loader_oom(ld);
-        if (clen == 0) continue;  /* an empty token can never be matched */
+        if (clen == 0) continue; /* an empty token can never be matched */
         a.off = tok->entries[a.id].off;
         a.len = (uint32_t)clen;
         tok->added[tok->n_added++] = a;
@@ -484,8 +481,7 @@ static bool vocab_allows_sp_split(const speed_tok_t *tok) {
         if (!(e->flags & TOK_ENTRY_USED)) continue;
         const char *s = tok->strs + e->off;
         for (uint32_t i = 1; i + 3 <= e->len; i++)
-            if (memcmp(s + i, "\xE2\x96\x81", 3) == 0 &&
-                !(i >= 3 && memcmp(s + i - 3, "\xE2\x96\x81", 3) == 0))
+            if (memcmp(s + i, "\xE2\x96\x81", 3) == 0 && !(i >= 3 && memcmp(s + i - 3, "\xE2\x96\x81", 3) == 0))
                 return false;
     }
     return true;
@@ -498,8 +494,7 @@ speed_tok_params_t speed_tok_default_params(void) {
     return p;
 }
 
-speed_status_t speed_tok_load(const char *model_dir, const speed_tok_params_t *params,
-                              speed_tok_t **tok_p) {
+speed_status_t speed_tok_load(const char *model_dir, const speed_tok_params_t *params, speed_tok_t **tok_p) {
     if (!model_dir || !tok_p) {
         SPEED_ERROR(SPEED_SUBSYS_TOK, "speed_tok_load: model_dir and tok_p must not be NULL");
         return SPEED_ERR_INVALID_ARGUMENT;
@@ -507,8 +502,7 @@ speed_status_t speed_tok_load(const char *model_dir, const speed_tok_params_t *p
     speed_tok_params_t dflt = speed_tok_default_params();
     if (!params) params = &dflt;
     if ((unsigned)params->chat_template >= SPEED_CHAT_TEMPLATE_COUNT) {
-        SPEED_ERROR(SPEED_SUBSYS_TOK, "speed_tok_load: invalid chat_template value %d",
-                    (int)params->chat_template);
+        SPEED_ERROR(SPEED_SUBSYS_TOK, "speed_tok_load: invalid chat_template value %d", (int)params->chat_template);
         return SPEED_ERR_INVALID_ARGUMENT;
     }
     speed_status_t st = SPEED_OK;
@@ -602,8 +596,7 @@ size_t speed_tok_eos_ids(const speed_tok_t *tok, const int32_t **ids_p) {
 }
 
 const char *speed_tok_token_text(const speed_tok_t *tok, int32_t id) {
-    if (!tok || id < 0 || id >= tok->n_vocab || !(tok->entries[id].flags & TOK_ENTRY_USED))
-        return NULL;
+    if (!tok || id < 0 || id >= tok->n_vocab || !(tok->entries[id].flags & TOK_ENTRY_USED)) return NULL;
     return tok_entry_str(tok, id);
 }
 

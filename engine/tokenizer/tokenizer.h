@@ -35,15 +35,15 @@
 
 #include "status.h"
 
-typedef struct speed_tok speed_tok_t;  /* immutable after load; encode/decode thread-safe */
+typedef struct speed_tok speed_tok_t; /* immutable after load; encode/decode thread-safe */
 
 /* ---- parameters -------------------------------------------------------------------- */
 
 typedef enum {
-    SPEED_CHAT_TEMPLATE_AUTO = 0,  /* recognise tokenizer_config.json's chat_template */
-    SPEED_CHAT_TEMPLATE_LLAMA3,    /* <|start_header_id|>role<|end_header_id|>\n\n...<|eot_id|> */
-    SPEED_CHAT_TEMPLATE_LLAMA2,    /* <s>[INST] <<SYS>>...<</SYS>> ... [/INST] ... </s> */
-    SPEED_CHAT_TEMPLATE_CHATML,    /* <|im_start|>role\n...<|im_end|>\n */
+    SPEED_CHAT_TEMPLATE_AUTO = 0, /* recognise tokenizer_config.json's chat_template */
+    SPEED_CHAT_TEMPLATE_LLAMA3,   /* <|start_header_id|>role<|end_header_id|>\n\n...<|eot_id|> */
+    SPEED_CHAT_TEMPLATE_LLAMA2,   /* <s>[INST] <<SYS>>...<</SYS>> ... [/INST] ... </s> */
+    SPEED_CHAT_TEMPLATE_CHATML,   /* <|im_start|>role\n...<|im_end|>\n */
     SPEED_CHAT_TEMPLATE_COUNT
 } speed_chat_template_t;
 
@@ -71,14 +71,13 @@ const char *speed_chat_template_name(speed_chat_template_t t);
  * params may be NULL (defaults). On success *tok_p owns a new tokenizer.
  * Returns SPEED_OK, INVALID_ARGUMENT, NOT_FOUND (no tokenizer.json), IO, PARSE,
  * FORMAT, UNSUPPORTED or NO_MEMORY; every error message names the file. */
-speed_status_t speed_tok_load(const char *model_dir, const speed_tok_params_t *params,
-                              speed_tok_t **tok_p);
-void speed_tok_destroy(speed_tok_t *tok);                  /* NULL ok */
+speed_status_t speed_tok_load(const char *model_dir, const speed_tok_params_t *params, speed_tok_t **tok_p);
+void speed_tok_destroy(speed_tok_t *tok); /* NULL ok */
 
 /* ---- vocabulary -------------------------------------------------------------------- */
 
-int32_t speed_tok_vocab_size(const speed_tok_t *tok);      /* max id + 1 incl. added tokens */
-int32_t speed_tok_bos_id(const speed_tok_t *tok);          /* -1 if none */
+int32_t speed_tok_vocab_size(const speed_tok_t *tok); /* max id + 1 incl. added tokens */
+int32_t speed_tok_bos_id(const speed_tok_t *tok);     /* -1 if none */
 /* End-of-sequence ids: eos_token plus the end-of-turn tokens the vocabulary has
  * (<|eot_id|>, <|eom_id|>, <|im_end|>, <|end_of_text|>, <|endoftext|>), no duplicates.
  * *ids_p points into the tokenizer (valid until destroy). Returns the count (may be 0). */
@@ -97,30 +96,30 @@ bool speed_tok_is_special(const speed_tok_t *tok, int32_t id);
 typedef struct {
     int32_t *ids;
     size_t n, cap;
-} speed_tok_ids_t;   /* zero-init; free with speed_tok_ids_free */
-void speed_tok_ids_free(speed_tok_ids_t *ids);  /* frees the array and zeroes the struct */
+} speed_tok_ids_t;                             /* zero-init; free with speed_tok_ids_free */
+void speed_tok_ids_free(speed_tok_ids_t *ids); /* frees the array and zeroes the struct */
 
 /* Tokenises text[0..len) (UTF-8; may contain NUL) and appends the ids to *out.
  * Added/special tokens written literally in the text become their ids. add_special adds
  * what the post-processor / tokenizer_config asks for (Llama 2: BOS; Llama 3: nothing).
  * Returns SPEED_OK, INVALID_ARGUMENT (NULL arguments, invalid UTF-8: the message gives
  * the byte offset) or NO_MEMORY; on error *out keeps its previous ids. */
-speed_status_t speed_tok_encode(const speed_tok_t *tok, const char *text, size_t len,
-                                bool add_special, speed_tok_ids_t *out);
+speed_status_t speed_tok_encode(const speed_tok_t *tok, const char *text, size_t len, bool add_special,
+                                speed_tok_ids_t *out);
 
 /* Decodes ids into a new NUL-terminated UTF-8 string (*len_p excludes the NUL; len_p
  * may be NULL). skip_special drops added tokens marked special. Invalid byte sequences
  * (e.g. half of a multi-byte character) become U+FFFD. The caller speed_free()s *text_p.
  * Returns SPEED_OK, INVALID_ARGUMENT (an id < 0 or >= vocab size) or NO_MEMORY. */
-speed_status_t speed_tok_decode(const speed_tok_t *tok, const int32_t *ids, size_t n,
-                                bool skip_special, char **text_p, size_t *len_p);
+speed_status_t speed_tok_decode(const speed_tok_t *tok, const int32_t *ids, size_t n, bool skip_special, char **text_p,
+                                size_t *len_p);
 
 /* The same, but the bytes are kept as the tokens spell them: a token that holds part of a
  * multi-byte character gives those bytes, not U+FFFD (so *bytes_p may not be valid UTF-8; it
  * is still NUL-terminated). For logprobs, whose `bytes` are a token's own bytes. Same
  * returns. */
-speed_status_t speed_tok_decode_raw(const speed_tok_t *tok, const int32_t *ids, size_t n,
-                                    bool skip_special, char **bytes_p, size_t *len_p);
+speed_status_t speed_tok_decode_raw(const speed_tok_t *tok, const int32_t *ids, size_t n, bool skip_special,
+                                    char **bytes_p, size_t *len_p);
 
 /* ---- incremental decoding ---------------------------------------------------------- */
 
@@ -131,25 +130,22 @@ typedef struct speed_tok_stream speed_tok_stream_t;
 
 /* Returns SPEED_OK, INVALID_ARGUMENT or NO_MEMORY. The stream keeps a pointer to tok,
  * which must outlive it. */
-speed_status_t speed_tok_stream_create(const speed_tok_t *tok, bool skip_special,
-                                       speed_tok_stream_t **s_p);
-void speed_tok_stream_destroy(speed_tok_stream_t *s);      /* NULL ok */
+speed_status_t speed_tok_stream_create(const speed_tok_t *tok, bool skip_special, speed_tok_stream_t **s_p);
+void speed_tok_stream_destroy(speed_tok_stream_t *s); /* NULL ok */
 /* Adds one id; *text_p and *len_p receive the text that became final (possibly empty, never
  * NULL), owned by the stream and valid until the next call on it.
  * Returns SPEED_OK, INVALID_ARGUMENT (id out of range; the stream is unchanged) or
  * NO_MEMORY. */
-speed_status_t speed_tok_stream_push(speed_tok_stream_t *s, int32_t id, const char **text_p,
-                                     size_t *len_p);
+speed_status_t speed_tok_stream_push(speed_tok_stream_t *s, int32_t id, const char **text_p, size_t *len_p);
 /* Returns the text still held back (an incomplete character at the end becomes U+FFFD)
  * and resets the stream for a new sequence. Same ownership and returns as push. */
-speed_status_t speed_tok_stream_flush(speed_tok_stream_t *s, const char **text_p,
-                                      size_t *len_p);
+speed_status_t speed_tok_stream_flush(speed_tok_stream_t *s, const char **text_p, size_t *len_p);
 
 /* ---- chat templates ---------------------------------------------------------------- */
 
 typedef struct {
-    const char *role;     /* "system", "user", "assistant", ... */
-    const char *content;  /* UTF-8, NUL-terminated */
+    const char *role;    /* "system", "user", "assistant", ... */
+    const char *content; /* UTF-8, NUL-terminated */
 } speed_chat_message_t;
 
 /* Renders messages as the tokenizer's chat template would (the built-in equivalent of
@@ -161,9 +157,8 @@ typedef struct {
  * params.chat_template named none; INVALID_ARGUMENT for NULL roles/contents or a
  * conversation the template rejects (Llama 2: roles must alternate user/assistant after
  * an optional system message); NO_MEMORY. */
-speed_status_t speed_tok_chat_render(const speed_tok_t *tok, const speed_chat_message_t *msgs,
-                                     size_t n_msgs, bool add_generation_prompt,
-                                     char **text_p);
+speed_status_t speed_tok_chat_render(const speed_tok_t *tok, const speed_chat_message_t *msgs, size_t n_msgs,
+                                     bool add_generation_prompt, char **text_p);
 /* The template in effect: params.chat_template if not AUTO, else the family recognised
  * in tokenizer_config.json, else SPEED_CHAT_TEMPLATE_AUTO (= none usable). */
 speed_chat_template_t speed_tok_chat_template(const speed_tok_t *tok);
@@ -181,7 +176,7 @@ speed_chat_template_t speed_tok_chat_template(const speed_tok_t *tok);
  * Returns SPEED_OK, INVALID_ARGUMENT (n_vocab < SPEED_TOK_DEFAULT_MIN_VOCAB or
  * > SPEED_TOK_DEFAULT_MAX_VOCAB), IO or NO_MEMORY. */
 #define SPEED_TOK_DEFAULT_N_VOCAB   512
-#define SPEED_TOK_DEFAULT_MIN_VOCAB 261      /* 256 bytes + 5 special tokens */
+#define SPEED_TOK_DEFAULT_MIN_VOCAB 261 /* 256 bytes + 5 special tokens */
 #define SPEED_TOK_DEFAULT_MAX_VOCAB 1048576
 speed_status_t speed_tok_write_default(const char *out_dir, int32_t n_vocab);
 

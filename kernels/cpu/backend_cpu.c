@@ -34,9 +34,9 @@
 #include "log.h"
 
 /* Below this many element-operations an op runs on the calling thread alone. */
-#define SMALL_WORK 32768
+#define SMALL_WORK      32768
 /* Attention: split an item's entries only into chunks of at least this many entries. */
-#define ATTN_SPLIT_MIN 128
+#define ATTN_SPLIT_MIN  128
 /* Matmuls with bf16 weights and 2 .. this many rows use the vdpbf16ps few-row kernel. */
 #define GEMV_BF16_MAX_N 8
 
@@ -44,12 +44,12 @@ typedef struct {
     bool valid;
     speed_rope_t params;
     int head_dim;
-    float *inv_freq;   /* [head_dim / 2] */
-    int64_t n_pos;     /* rows of cs that are valid for pos; -1 = none */
+    float *inv_freq; /* [head_dim / 2] */
+    int64_t n_pos;   /* rows of cs that are valid for pos; -1 = none */
     int64_t cap_pos;
-    size_t cap_cs;     /* floats */
-    int32_t *pos;      /* [n_pos] positions the table below was built for */
-    float *cs;         /* [n_pos][head_dim]: cos[head_dim / 2] then sin[head_dim / 2] */
+    size_t cap_cs; /* floats */
+    int32_t *pos;  /* [n_pos] positions the table below was built for */
+    float *cs;     /* [n_pos][head_dim]: cos[head_dim / 2] then sin[head_dim / 2] */
 } rope_cache_t;
 
 typedef struct {
@@ -62,9 +62,9 @@ typedef struct {
     void (*gemv_bf16)(const speed_cpu_mm_t *mm, const void *xc, int64_t ldxc, int64_t j0, int64_t j1);
     speed_cpu_pool_t *pool;
     int n_threads;
-    void *scratch;          /* shared by the threads of one op */
+    void *scratch; /* shared by the threads of one op */
     size_t scratch_bytes;
-    void **tscratch;        /* [n_threads] private buffers */
+    void **tscratch; /* [n_threads] private buffers */
     size_t tscratch_bytes;
     rope_cache_t rope;
 } cpu_ctx_t;
@@ -258,7 +258,8 @@ static speed_status_t cpu_rmsnorm(void *ctx, speed_mat_t out, speed_mat_t x, spe
 
 static void swiglu_rows(void *p, int64_t i0, int64_t i1) {
     rows_arg_t *a = p;
-    for (int64_t i = i0; i < i1; i++) a->c->k->swiglu(row_ptr(a->out, i), row_ptr(a->a, i), row_ptr(a->b, i), a->out.n_cols);
+    for (int64_t i = i0; i < i1; i++)
+        a->c->k->swiglu(row_ptr(a->out, i), row_ptr(a->a, i), row_ptr(a->b, i), a->out.n_cols);
 }
 
 static speed_status_t cpu_swiglu(void *ctx, speed_mat_t out, speed_mat_t gate, speed_mat_t up) {
@@ -269,7 +270,8 @@ static speed_status_t cpu_swiglu(void *ctx, speed_mat_t out, speed_mat_t gate, s
 
 static void add_rows(void *p, int64_t i0, int64_t i1) {
     rows_arg_t *a = p;
-    for (int64_t i = i0; i < i1; i++) a->c->k->add(row_ptr(a->out, i), row_ptr(a->a, i), row_ptr(a->b, i), a->out.n_cols);
+    for (int64_t i = i0; i < i1; i++)
+        a->c->k->add(row_ptr(a->out, i), row_ptr(a->a, i), row_ptr(a->b, i), a->out.n_cols);
 }
 
 static speed_status_t cpu_add(void *ctx, speed_mat_t out, speed_mat_t a_, speed_mat_t b) {
@@ -320,9 +322,9 @@ static void rope_rows(void *p, int64_t i0, int64_t i1) {
 
 static bool rope_same(const speed_rope_t *a, const speed_rope_t *b) {
     return a->theta == b->theta && a->llama3_scaling == b->llama3_scaling &&
-           (!a->llama3_scaling || (a->factor == b->factor && a->low_freq_factor == b->low_freq_factor &&
-                                   a->high_freq_factor == b->high_freq_factor &&
-                                   a->original_max_position == b->original_max_position));
+           (!a->llama3_scaling ||
+            (a->factor == b->factor && a->low_freq_factor == b->low_freq_factor &&
+             a->high_freq_factor == b->high_freq_factor && a->original_max_position == b->original_max_position));
 }
 
 /* The cos/sin table depends only on (rope params, head_dim, positions): q and k of every
@@ -432,10 +434,10 @@ typedef struct {
     cpu_ctx_t *c;
     speed_cpu_mm_t mm;
     const speed_cpu_gemm_t *g;
-    const void *xs;       /* x as the gemm compute reads it */
+    const void *xs; /* x as the gemm compute reads it */
     int64_t ldxs;
-    int64_t nj, ni;       /* blocks of weight rows, row ranges of x */
-    int64_t chunk;        /* gemv: weight rows per work item */
+    int64_t nj, ni; /* blocks of weight rows, row ranges of x */
+    int64_t chunk;  /* gemv: weight rows per work item */
     _Atomic int64_t next;
 } mm_arg_t;
 
@@ -504,8 +506,16 @@ static speed_status_t cpu_matmul(void *ctx, speed_mat_t out, speed_mat_t x, spee
     cpu_ctx_t *c = ctx;
     mm_arg_t a = {
         .c = c,
-        .mm = {.n = x.n_rows, .m = w.n_rows, .k = x.n_cols, .x = x.data, .ldx = x.row_stride, .w = w.data,
-               .ldw = w.row_stride, .wtype = w.dtype, .out = out.data, .ldo = out.row_stride,
+        .mm = {.n = x.n_rows,
+               .m = w.n_rows,
+               .k = x.n_cols,
+               .x = x.data,
+               .ldx = x.row_stride,
+               .w = w.data,
+               .ldw = w.row_stride,
+               .wtype = w.dtype,
+               .out = out.data,
+               .ldo = out.row_stride,
                .accumulate = accumulate},
     };
     const int T = c->n_threads;
@@ -583,8 +593,8 @@ typedef struct {
     attn_block_t *blocks; /* query rows grouped by sequence, at most rows_per_item each */
     int64_t n_blocks;
     int64_t n_items;
-    int n_split;          /* chunks per (row, kv head); 1 = no split (then blocks may hold rows) */
-    float *parts;         /* [n_rows][n_kv][n_split][part_floats] */
+    int n_split;  /* chunks per (row, kv head); 1 = no split (then blocks may hold rows) */
+    float *parts; /* [n_rows][n_kv][n_split][part_floats] */
     size_t part_floats;
     _Atomic int64_t next;
 } attn_arg_t;
@@ -642,14 +652,21 @@ static void attn_merge_rows(void *p, int64_t r0, int64_t r1) {
         }
 }
 
-static speed_status_t cpu_attention(void *ctx, speed_mat_t out, speed_mat_t q, const speed_kv_layer_t *kv,
-                                    int n_heads, const speed_attn_rows_t *rows, float scale) {
+static speed_status_t cpu_attention(void *ctx, speed_mat_t out, speed_mat_t q, const speed_kv_layer_t *kv, int n_heads,
+                                    const speed_attn_rows_t *rows, float scale) {
     cpu_ctx_t *c = ctx;
     const int T = c->n_threads, n_kv = kv->n_kv_heads, G = n_heads / n_kv, hd = kv->head_dim;
     attn_arg_t a = {
         .c = c,
-        .at = {.q = q.data, .ldq = q.row_stride, .out = out.data, .ldo = out.row_stride, .kv = kv, .rows = rows,
-               .n_heads = n_heads, .group = G, .scale = scale},
+        .at = {.q = q.data,
+               .ldq = q.row_stride,
+               .out = out.data,
+               .ldo = out.row_stride,
+               .kv = kv,
+               .rows = rows,
+               .n_heads = n_heads,
+               .group = G,
+               .scale = scale},
         .n_split = 1,
     };
     const int64_t n = q.n_rows, base = n * n_kv;
@@ -828,8 +845,10 @@ speed_status_t speed_backend_cpu_create(const speed_backend_params_t *params, sp
     c->isa = isa;
     c->k = &speed_cpu_kernels_scalar;
 #if defined(__x86_64__)
-    if (isa >= SPEED_CPU_ISA_AVX512) c->k = &speed_cpu_kernels_avx512;
-    else if (isa >= SPEED_CPU_ISA_AVX2) c->k = &speed_cpu_kernels_avx2;
+    if (isa >= SPEED_CPU_ISA_AVX512)
+        c->k = &speed_cpu_kernels_avx512;
+    else if (isa >= SPEED_CPU_ISA_AVX2)
+        c->k = &speed_cpu_kernels_avx2;
 #endif
     memcpy(c->gemm, c->k->gemm, sizeof c->gemm);
 #if defined(__x86_64__)

@@ -32,13 +32,13 @@
 /* One matmul: out[n][m] (+)= x[n][k] · w[m][k]ᵀ (see speed_op_matmul). */
 typedef struct {
     int64_t n, m, k;
-    const float *x;      /* [n][k], row stride ldx */
+    const float *x; /* [n][k], row stride ldx */
     int64_t ldx;
-    const float *xp;     /* x repacked by gemv_pack_x (only when gemv_xpack_floats > 0) */
-    const void *w;       /* [m][k] in wtype, row stride ldw (elements) */
+    const float *xp; /* x repacked by gemv_pack_x (only when gemv_xpack_floats > 0) */
+    const void *w;   /* [m][k] in wtype, row stride ldw (elements) */
     int64_t ldw;
     speed_dtype_t wtype;
-    float *out;          /* [n][m], row stride ldo */
+    float *out; /* [n][m], row stride ldo */
     int64_t ldo;
     bool accumulate;
 } speed_cpu_mm_t;
@@ -47,7 +47,7 @@ typedef struct {
  * pack_w packs one block into `packed` (pack_bytes(nc, kc) bytes), then compute multiplies
  * rows [i0, i1) of the (possibly converted) x by it into out. */
 typedef struct {
-    int nc, kc;          /* block sizes: nc a multiple of the micro-tile width, kc even */
+    int nc, kc; /* block sizes: nc a multiple of the micro-tile width, kc even */
     /* Optional: x is first converted, rows [i0, i1) into xc with row stride ldxc elements of
      * xc_elem bytes; ldxc = xc_cols(k). NULL: compute reads the f32 x in place. */
     void (*convert_x)(const speed_cpu_mm_t *mm, int64_t i0, int64_t i1, void *xc, int64_t ldxc);
@@ -56,26 +56,26 @@ typedef struct {
     size_t (*pack_bytes)(int64_t nc, int64_t kc);
     void (*pack_w)(const speed_cpu_mm_t *mm, int64_t j0, int64_t nc, int64_t p0, int64_t kc, void *packed);
     /* first: this is the first k block (out is overwritten unless mm->accumulate). */
-    void (*compute)(const speed_cpu_mm_t *mm, const void *xs, int64_t ldxs, const void *packed, int64_t i0,
-                    int64_t i1, int64_t j0, int64_t nc, int64_t p0, int64_t kc, bool first);
+    void (*compute)(const speed_cpu_mm_t *mm, const void *xs, int64_t ldxs, const void *packed, int64_t i0, int64_t i1,
+                    int64_t j0, int64_t nc, int64_t p0, int64_t kc, bool first);
 } speed_cpu_gemm_t;
 
 /* Attention work: query rows x kv heads, each item covering a range of visible entries. */
 typedef struct {
-    const float *q;      /* [n_rows][n_heads * head_dim], row stride ldq */
+    const float *q; /* [n_rows][n_heads * head_dim], row stride ldq */
     int64_t ldq;
-    float *out;          /* same shape, row stride ldo */
+    float *out; /* same shape, row stride ldo */
     int64_t ldo;
     const speed_kv_layer_t *kv;
     const speed_attn_rows_t *rows;
     int n_heads;
-    int group;           /* query heads per kv head */
+    int group; /* query heads per kv head */
     float scale;
 } speed_cpu_attn_t;
 
 /* Entries per tile, and query vectors (rows x heads of a group) per work item. */
 #define SPEED_CPU_ATTN_TILE 32
-#define SPEED_CPU_ATTN_QV 64
+#define SPEED_CPU_ATTN_QV   64
 
 /* Query rows per item for this group size (rows of one sequence are blocked together). */
 static inline int speed_cpu_attn_rows_per_item(int group) {

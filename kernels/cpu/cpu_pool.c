@@ -96,8 +96,10 @@ static uint32_t spin_while_equal(_Atomic uint32_t *word, uint32_t value, uint64_
         cpu_relax();
         if ((i & 255) == 0) {
             uint64_t t = speed_clock_mono_ns();
-            if (!start) start = t;
-            else if (t - start > budget_ns) return v;
+            if (!start)
+                start = t;
+            else if (t - start > budget_ns)
+                return v;
         }
     }
 }
@@ -118,8 +120,7 @@ static void *worker_main(void *p) {
         seen = g;
         if (atomic_load_explicit(&pool->stop, memory_order_acquire)) break;
         pool->fn(pool->arg, w->index, pool->n_threads);
-        if (atomic_fetch_sub(&pool->pending, 1) == 1 &&
-            atomic_load(&pool->caller_sleeping))
+        if (atomic_fetch_sub(&pool->pending, 1) == 1 && atomic_load(&pool->caller_sleeping))
             futex_wake_all(&pool->pending);
     }
     return NULL;
@@ -138,8 +139,10 @@ static void join(speed_cpu_pool_t *pool) {
         cpu_relax();
         if ((i & 255) == 0) {
             uint64_t t = speed_clock_mono_ns();
-            if (!start) start = t;
-            else if (t - start > SPEED_CPU_POOL_JOIN_SPIN_NS) break;
+            if (!start)
+                start = t;
+            else if (t - start > SPEED_CPU_POOL_JOIN_SPIN_NS)
+                break;
         }
     }
     uint32_t v = atomic_load_explicit(&pool->pending, memory_order_acquire);

@@ -21,11 +21,11 @@
 
 #include "cpu_kernels.h"
 
-#define MR 6
+#define MR  6
 #define NRV 4
-#define NR (NRV * 16)
-#define KC 256
-#define NC 128
+#define NR  (NRV * 16)
+#define KC  256
+#define NC  128
 
 #define KINLINE static inline __attribute__((always_inline))
 
@@ -103,7 +103,8 @@ static void bf16_pack_w(const speed_cpu_mm_t *mm, int64_t j0, int64_t nc, int64_
                 tr16(r);
                 /* r[c] = pair (p/2 + c) of the 16 rows; pairs past kcp/2 are not stored */
                 const int64_t nstore = npairs - p / 2 < 16 ? npairs - p / 2 : 16;
-                for (int c = 0; c < nstore; c++) _mm512_storeu_si512((void *)(panel + (p / 2 + c) * NR + sub * 16), r[c]);
+                for (int c = 0; c < nstore; c++)
+                    _mm512_storeu_si512((void *)(panel + (p / 2 + c) * NR + sub * 16), r[c]);
             }
         }
     }
@@ -128,8 +129,8 @@ KINLINE void micro(const int mr, int64_t npairs, const uint16_t *a, int64_t lda,
         for (int v = 0; v < NRV; v++) _mm512_storeu_ps(c + i * ldc + v * 16, acc[i][v]);
 }
 
-static void micro_any(int mr, int64_t npairs, const uint16_t *a, int64_t lda, const uint32_t *b, float *c,
-                      int64_t ldc, bool load_c) {
+static void micro_any(int mr, int64_t npairs, const uint16_t *a, int64_t lda, const uint32_t *b, float *c, int64_t ldc,
+                      bool load_c) {
     switch (mr) {
     case 6: micro(6, npairs, a, lda, b, c, ldc, load_c); break;
     case 5: micro(5, npairs, a, lda, b, c, ldc, load_c); break;
@@ -180,7 +181,7 @@ KINLINE void gemv_tile(const speed_cpu_mm_t *mm, const uint16_t *xc, int64_t ldx
     const uint16_t *w[4];
     for (int r = 0; r < rb; r++) w[r] = (const uint16_t *)mm->w + (j + r * jstep) * mm->ldw;
     __m512 acc[16]; /* [rb][nx][u] */
-#define ACC(r, i, uu) acc[((r) * nx + (i)) * u + (uu)]
+#define ACC(r, i, uu) acc[((r)*nx + (i)) * u + (uu)]
     for (int a = 0; a < rb * nx * u; a++) acc[a] = _mm512_setzero_ps();
     int64_t p = 0;
     for (; p + 32 * u <= k32; p += 32 * u)
@@ -217,10 +218,10 @@ KINLINE void gemv_tile(const speed_cpu_mm_t *mm, const uint16_t *xc, int64_t ldx
  * walked side by side (rows j, j + h, ...): RB long sequential streams, which the prefetchers
  * follow far better than RB adjacent rows (short streams exactly a row apart; measured 0.81 vs
  * 0.61 of the read roof at batch 4 on 2 threads). */
-#define GEMV_ROWS(RB, NX, U)                                                                          \
-    do {                                                                                              \
-        const int64_t h = (j1 - j0) / (RB);                                                           \
-        for (int64_t j = j0; j < j0 + h; j++) gemv_tile(mm, xc, ldxc, j, (RB), h, i0, (NX), (U));     \
+#define GEMV_ROWS(RB, NX, U)                                                                                 \
+    do {                                                                                                     \
+        const int64_t h = (j1 - j0) / (RB);                                                                  \
+        for (int64_t j = j0; j < j0 + h; j++) gemv_tile(mm, xc, ldxc, j, (RB), h, i0, (NX), (U));            \
         for (int64_t j = j0 + h * (RB); j < j1; j++) gemv_tile(mm, xc, ldxc, j, 1, 1, i0, (NX), (U) * (RB)); \
     } while (0)
 

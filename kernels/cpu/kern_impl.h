@@ -10,36 +10,36 @@
 #include "kern_vec.h"
 
 #define KCAT2_(a, b) a##_##b
-#define KCAT2(a, b) KCAT2_(a, b)
-#define KFN(name) KCAT2(name, KERN_SUFFIX)
+#define KCAT2(a, b)  KCAT2_(a, b)
+#define KFN(name)    KCAT2(name, KERN_SUFFIX)
 
 /* Register blocking per ISA.
  *   GEMV: one weight row x up to GEMV_NX x rows, GEMV_ACC vector accumulators.
  *   GEMM: MR x rows by NR = NRV * VN weight rows (packed panel width). */
 #if KERN_ISA == KERN_ISA_AVX512
-#define GEMV_NX 4
+#define GEMV_NX  4
 #define GEMV_ACC 8
-#define GEMM_MR 6
+#define GEMM_MR  6
 #define GEMM_NRV 4
-#define GEMM_KC 256
-#define GEMM_NC 128
+#define GEMM_KC  256
+#define GEMM_NC  128
 #elif KERN_ISA == KERN_ISA_AVX2
-#define GEMV_NX 2
+#define GEMV_NX  2
 #define GEMV_ACC 4
-#define GEMM_MR 6
+#define GEMM_MR  6
 #define GEMM_NRV 2
-#define GEMM_KC 256
-#define GEMM_NC 128
+#define GEMM_KC  256
+#define GEMM_NC  128
 #else
-#define GEMV_NX 4
+#define GEMV_NX  4
 #define GEMV_ACC 8
-#define GEMM_MR 4
+#define GEMM_MR  4
 #define GEMM_NRV 4
-#define GEMM_KC 256
-#define GEMM_NC 64
+#define GEMM_KC  256
+#define GEMM_NC  64
 #endif
 #define GEMV_MAX_N 8
-#define GEMM_NR (GEMM_NRV * VN)
+#define GEMM_NR    (GEMM_NRV * VN)
 
 /* ==== conversions ===================================================================== */
 
@@ -189,7 +189,7 @@ KERN_INLINE void gemv_row(const speed_cpu_mm_t *mm, int64_t j, int64_t i0, const
     for (int i = 0; i < nx; i++) xr[i] = mm->x + (i0 + i) * mm->ldx;
 
     vf acc[GEMV_ACC]; /* [nx][2u]: small enough to stay in registers */
-#define ACC(i, a) acc[(i) * 2 * u + (a)]
+#define ACC(i, a) acc[(i)*2 * u + (a)]
     for (int a = 0; a < 2 * u * nx; a++) acc[a] = vf_zero();
 
     int64_t p = 0;
@@ -275,8 +275,8 @@ static size_t KFN(gemm_pack_bytes)(int64_t nc, int64_t kc) {
     return (size_t)ncp * (size_t)kc * sizeof(float);
 }
 
-KERN_INLINE void gemm_pack_dt(const speed_cpu_mm_t *mm, int64_t j0, int64_t nc, int64_t p0, int64_t kc,
-                              float *packed, const speed_dtype_t wt) {
+KERN_INLINE void gemm_pack_dt(const speed_cpu_mm_t *mm, int64_t j0, int64_t nc, int64_t p0, int64_t kc, float *packed,
+                              const speed_dtype_t wt) {
     const size_t es = wt == SPEED_DTYPE_F32 ? 4 : 2;
     for (int64_t jp = 0; jp < nc; jp += GEMM_NR) {
         float *panel = packed + jp * kc;
@@ -301,8 +301,7 @@ KERN_INLINE void gemm_pack_dt(const speed_cpu_mm_t *mm, int64_t j0, int64_t nc, 
     }
 }
 
-static void KFN(gemm_pack_w)(const speed_cpu_mm_t *mm, int64_t j0, int64_t nc, int64_t p0, int64_t kc,
-                             void *packed) {
+static void KFN(gemm_pack_w)(const speed_cpu_mm_t *mm, int64_t j0, int64_t nc, int64_t p0, int64_t kc, void *packed) {
     switch (mm->wtype) {
     case SPEED_DTYPE_BF16: gemm_pack_dt(mm, j0, nc, p0, kc, packed, SPEED_DTYPE_BF16); break;
     case SPEED_DTYPE_F16: gemm_pack_dt(mm, j0, nc, p0, kc, packed, SPEED_DTYPE_F16); break;
@@ -342,8 +341,8 @@ static void gemm_micro_any(int mr, int64_t kc, const float *a, int64_t lda, cons
     }
 }
 
-static void KFN(gemm_compute)(const speed_cpu_mm_t *mm, const void *xs, int64_t ldxs, const void *packed,
-                              int64_t i0, int64_t i1, int64_t j0, int64_t nc, int64_t p0, int64_t kc, bool first) {
+static void KFN(gemm_compute)(const speed_cpu_mm_t *mm, const void *xs, int64_t ldxs, const void *packed, int64_t i0,
+                              int64_t i1, int64_t j0, int64_t nc, int64_t p0, int64_t kc, bool first) {
     const float *x = xs;
     const bool load_c = !first || mm->accumulate;
     for (int64_t jp = 0; jp < nc; jp += GEMM_NR) {
@@ -386,7 +385,7 @@ static void KFN(gemm_compute)(const speed_cpu_mm_t *mm, const void *xs, int64_t 
 #else
 #define ATTN_MR 2
 #endif
-#define ATTN_T SPEED_CPU_ATTN_TILE
+#define ATTN_T  SPEED_CPU_ATTN_TILE
 #define ATTN_TV (ATTN_T / VN) /* vectors per tile row */
 #define ATTN_DV 4             /* head_dim vectors per pass of the P·V kernel */
 
@@ -439,12 +438,12 @@ static void attn_qk_any(int mr, const float *qs, int hdp, const float *kt, float
 }
 
 static void attn_pv_any(int mr, int dv, const float *p, const float *corr, int nt, const float *vt, int hdp, float *o) {
-#define PV_DV(MR)                                                     \
-    switch (dv) {                                                     \
-    case 4: attn_pv(MR, 4, p, corr, nt, vt, hdp, o); break;           \
-    case 3: attn_pv(MR, 3, p, corr, nt, vt, hdp, o); break;           \
-    case 2: attn_pv(MR, 2, p, corr, nt, vt, hdp, o); break;           \
-    default: attn_pv(MR, 1, p, corr, nt, vt, hdp, o); break;          \
+#define PV_DV(MR)                                            \
+    switch (dv) {                                            \
+    case 4: attn_pv(MR, 4, p, corr, nt, vt, hdp, o); break;  \
+    case 3: attn_pv(MR, 3, p, corr, nt, vt, hdp, o); break;  \
+    case 2: attn_pv(MR, 2, p, corr, nt, vt, hdp, o); break;  \
+    default: attn_pv(MR, 1, p, corr, nt, vt, hdp, o); break; \
     }
     switch (mr) {
 #if ATTN_MR >= 4
@@ -457,8 +456,8 @@ static void attn_pv_any(int mr, int dv, const float *p, const float *corr, int n
 #undef PV_DV
 }
 
-KERN_INLINE void attn_dt(const speed_cpu_attn_t *a, int64_t r0, int nr, int h, int32_t e0, int32_t e1,
-                         float *scratch, float *part, const speed_dtype_t dt) {
+KERN_INLINE void attn_dt(const speed_cpu_attn_t *a, int64_t r0, int nr, int h, int32_t e0, int32_t e1, float *scratch,
+                         float *part, const speed_dtype_t dt) {
     const speed_kv_layer_t *kv = a->kv;
     const int hd = kv->head_dim, G = a->group, B = kv->block_tokens;
     const int hdp = (hd + VN - 1) / VN * VN, hdv = hd / VN * VN, nq = nr * G;
@@ -472,7 +471,7 @@ KERN_INLINE void attn_dt(const speed_cpu_attn_t *a, int64_t r0, int nr, int h, i
     float *kt = corr + nq;                 /* [hdp][T] */
     float *vt = kt + (size_t)hdp * ATTN_T; /* [T][hdp] */
     const char *kp[ATTN_T];
-    int32_t nvis[SPEED_CPU_ATTN_QV];       /* per row: end of its entries (<= e1) */
+    int32_t nvis[SPEED_CPU_ATTN_QV]; /* per row: end of its entries (<= e1) */
 
     int32_t emax = e0;
     for (int i = 0; i < nr; i++) {
@@ -506,21 +505,20 @@ KERN_INLINE void attn_dt(const speed_cpu_attn_t *a, int64_t r0, int nr, int h, i
     const char *kpn[ATTN_T];
     int32_t eb = e0 / B, eo = e0 % B; /* block and offset of the next entry to address */
     int ntn = 0;
-#define ATTN_ADDR_TILE(t0_)                                                                              \
-    do {                                                                                                 \
-        ntn = emax - (t0_) < ATTN_T ? emax - (t0_) : ATTN_T;                                             \
-        for (int t = 0; t < ntn; t++) {                                                                  \
-            kpn[t] = (const char *)kv->k_base + (size_t)bt[eb] * kv->block_stride + (size_t)eo * tok_bytes + \
-                     head_off;                                                                           \
-            for (size_t l = 0; l < row_bytes; l += 64) {                                                 \
-                __builtin_prefetch(kpn[t] + l, 0, 3);                                                    \
-                __builtin_prefetch(kpn[t] + kv->v_offset + l, 0, 3);                                     \
-            }                                                                                            \
-            if (++eo == B) {                                                                             \
-                eo = 0;                                                                                  \
-                eb++;                                                                                    \
-            }                                                                                            \
-        }                                                                                                \
+#define ATTN_ADDR_TILE(t0_)                                                                                            \
+    do {                                                                                                               \
+        ntn = emax - (t0_) < ATTN_T ? emax - (t0_) : ATTN_T;                                                           \
+        for (int t = 0; t < ntn; t++) {                                                                                \
+            kpn[t] = (const char *)kv->k_base + (size_t)bt[eb] * kv->block_stride + (size_t)eo * tok_bytes + head_off; \
+            for (size_t l = 0; l < row_bytes; l += 64) {                                                               \
+                __builtin_prefetch(kpn[t] + l, 0, 3);                                                                  \
+                __builtin_prefetch(kpn[t] + kv->v_offset + l, 0, 3);                                                   \
+            }                                                                                                          \
+            if (++eo == B) {                                                                                           \
+                eo = 0;                                                                                                \
+                eb++;                                                                                                  \
+            }                                                                                                          \
+        }                                                                                                              \
     } while (0)
     if (e0 < emax) ATTN_ADDR_TILE(e0);
     for (int32_t t0 = e0; t0 < emax; t0 += ATTN_T) {
@@ -550,7 +548,8 @@ KERN_INLINE void attn_dt(const speed_cpu_attn_t *a, int64_t r0, int nr, int h, i
         }
         /* scores */
         for (int q0 = 0; q0 < nq; q0 += ATTN_MR)
-            attn_qk_any(nq - q0 < ATTN_MR ? nq - q0 : ATTN_MR, qs + (size_t)q0 * hdp, hdp, kt, sc + (size_t)q0 * ATTN_T);
+            attn_qk_any(nq - q0 < ATTN_MR ? nq - q0 : ATTN_MR, qs + (size_t)q0 * hdp, hdp, kt,
+                        sc + (size_t)q0 * ATTN_T);
         /* online softmax, one rescale per tile and query vector */
         for (int q = 0; q < nq; q++) {
             float *s = sc + (size_t)q * ATTN_T;
@@ -579,8 +578,8 @@ KERN_INLINE void attn_dt(const speed_cpu_attn_t *a, int64_t r0, int nr, int h, i
         for (int d0 = 0; d0 < hdp; d0 += ATTN_DV * VN) {
             const int dv = (hdp - d0) / VN < ATTN_DV ? (hdp - d0) / VN : ATTN_DV;
             for (int q0 = 0; q0 < nq; q0 += ATTN_MR)
-                attn_pv_any(nq - q0 < ATTN_MR ? nq - q0 : ATTN_MR, dv, sc + (size_t)q0 * ATTN_T, corr + q0, nt,
-                            vt + d0, hdp, o + (size_t)q0 * hdp + d0);
+                attn_pv_any(nq - q0 < ATTN_MR ? nq - q0 : ATTN_MR, dv, sc + (size_t)q0 * ATTN_T, corr + q0, nt, vt + d0,
+                            hdp, o + (size_t)q0 * hdp + d0);
         }
     }
 
@@ -657,7 +656,8 @@ static double KFN(sum_exp_row)(const float *x, int64_t n, float shift) {
 
 static int64_t KFN(next_above)(const float *x, int64_t i, int64_t n, float thr) {
     for (; i + 4 * VN <= n; i += 4 * VN) {
-        vf m = vf_max(vf_max(vf_load(x + i), vf_load(x + i + VN)), vf_max(vf_load(x + i + 2 * VN), vf_load(x + i + 3 * VN)));
+        vf m = vf_max(vf_max(vf_load(x + i), vf_load(x + i + VN)),
+                      vf_max(vf_load(x + i + 2 * VN), vf_load(x + i + 3 * VN)));
         if (!(vf_hmax(m) > thr)) continue;
         for (int64_t j = i; j < i + 4 * VN; j++)
             if (x[j] > thr) return j;
@@ -669,25 +669,30 @@ static int64_t KFN(next_above)(const float *x, int64_t i, int64_t n, float thr) 
 
 /* ==== the table ======================================================================= */
 
-const speed_cpu_kernels_t KCAT2(speed_cpu_kernels, KERN_SUFFIX) = {
-    .isa = KERN_ISA_ENUM,
-    .gemv_max_n = GEMV_MAX_N,
-    .gemv_xpack_floats = KFN(gemv_xpack_floats),
-    .gemv_pack_x = KFN(gemv_pack_x),
-    .gemv = KFN(gemv),
-    .gemm = {
-        [SPEED_DTYPE_F32] = {GEMM_NC, GEMM_KC, NULL, NULL, 0, KFN(gemm_pack_bytes), KFN(gemm_pack_w), KFN(gemm_compute)},
-        [SPEED_DTYPE_BF16] = {GEMM_NC, GEMM_KC, NULL, NULL, 0, KFN(gemm_pack_bytes), KFN(gemm_pack_w), KFN(gemm_compute)},
-        [SPEED_DTYPE_F16] = {GEMM_NC, GEMM_KC, NULL, NULL, 0, KFN(gemm_pack_bytes), KFN(gemm_pack_w), KFN(gemm_compute)},
-    },
-    .attn = KFN(attn),
-    .rmsnorm_row = KFN(rmsnorm_row),
-    .rope_row = KFN(rope_row),
-    .swiglu = KFN(swiglu),
-    .add = KFN(add),
-    .to_f32 = KFN(to_f32),
-    .from_f32 = KFN(from_f32),
-    .max_row = KFN(max_row),
-    .sum_exp_row = KFN(sum_exp_row),
-    .next_above = KFN(next_above),
+const speed_cpu_kernels_t KCAT2(speed_cpu_kernels, KERN_SUFFIX) =
+    {
+        .isa = KERN_ISA_ENUM,
+        .gemv_max_n = GEMV_MAX_N,
+        .gemv_xpack_floats = KFN(gemv_xpack_floats),
+        .gemv_pack_x = KFN(gemv_pack_x),
+        .gemv = KFN(gemv),
+        .gemm =
+            {
+                [SPEED_DTYPE_F32] = {GEMM_NC, GEMM_KC, NULL, NULL, 0, KFN(gemm_pack_bytes), KFN(gemm_pack_w),
+                                     KFN(gemm_compute)},
+                [SPEED_DTYPE_BF16] = {GEMM_NC, GEMM_KC, NULL, NULL, 0, KFN(gemm_pack_bytes), KFN(gemm_pack_w),
+                                      KFN(gemm_compute)},
+                [SPEED_DTYPE_F16] = {GEMM_NC, GEMM_KC, NULL, NULL, 0, KFN(gemm_pack_bytes), KFN(gemm_pack_w),
+                                     KFN(gemm_compute)},
+            },
+        .attn = KFN(attn),
+        .rmsnorm_row = KFN(rmsnorm_row),
+        .rope_row = KFN(rope_row),
+        .swiglu = KFN(swiglu),
+        .add = KFN(add),
+        .to_f32 = KFN(to_f32),
+        .from_f32 = KFN(from_f32),
+        .max_row = KFN(max_row),
+        .sum_exp_row = KFN(sum_exp_row),
+        .next_above = KFN(next_above),
 };

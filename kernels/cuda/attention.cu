@@ -24,14 +24,13 @@
 #include "cuda_util.cuh"
 
 #define ATTN_THREADS 128
-#define ATTN_WARPS (ATTN_THREADS / 32)
-#define ATTN_ACC (SPEED_CUDA_ATTN_MAX_HEAD_DIM / ATTN_THREADS) /* head_dim elements per thread */
+#define ATTN_WARPS   (ATTN_THREADS / 32)
+#define ATTN_ACC     (SPEED_CUDA_ATTN_MAX_HEAD_DIM / ATTN_THREADS) /* head_dim elements per thread */
 
-template <typename DT>
-__global__ void __launch_bounds__(ATTN_THREADS)
-attn_chunk_kernel(float *out, int64_t out_stride, const float *q, int64_t q_stride, speed_cuda_kv_t kv, int n_heads,
-                  const speed_cuda_attn_row_t *rows, const int32_t *tables, int chunk, int max_split, float scale,
-                  float *partials) {
+template <typename DT> __global__ void __launch_bounds__(ATTN_THREADS)
+    attn_chunk_kernel(float *out, int64_t out_stride, const float *q, int64_t q_stride, speed_cuda_kv_t kv, int n_heads,
+                      const speed_cuda_attn_row_t *rows, const int32_t *tables, int chunk, int max_split, float scale,
+                      float *partials) {
     typedef typename DT::storage S;
     const int TILE = SPEED_CUDA_ATTN_TILE;
     extern __shared__ float q_sh[]; /* [head_dim] */
@@ -133,8 +132,8 @@ attn_chunk_kernel(float *out, int64_t out_stride, const float *q, int64_t q_stri
 }
 
 __global__ void __launch_bounds__(ATTN_THREADS)
-attn_merge_kernel(float *out, int64_t out_stride, int n_heads, int hd, const speed_cuda_attn_row_t *rows,
-                  int max_split, const float *partials) {
+    attn_merge_kernel(float *out, int64_t out_stride, int n_heads, int hd, const speed_cuda_attn_row_t *rows,
+                      int max_split, const float *partials) {
     const int64_t rh = blockIdx.x;
     const int64_t r = rh / n_heads;
     const int h = (int)(rh % n_heads);
@@ -182,8 +181,7 @@ extern "C" cudaError_t speed_cuda_attention(cudaStream_t stream, float *out, int
     }
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess || max_split <= 1) return err;
-    attn_merge_kernel<<<(unsigned)(n_rows * n_heads), ATTN_THREADS, 0, stream>>>(out, out_stride, n_heads,
-                                                                                 kv.head_dim, rows, max_split,
-                                                                                 partials);
+    attn_merge_kernel<<<(unsigned)(n_rows * n_heads), ATTN_THREADS, 0, stream>>>(out, out_stride, n_heads, kv.head_dim,
+                                                                                 rows, max_split, partials);
     return cudaGetLastError();
 }

@@ -55,13 +55,13 @@ _Static_assert(sizeof(speed_cuda_attn_row_t) == 16, "attention row descriptors a
 
 #define SUBSYS SPEED_SUBSYS_ENGINE
 
-#define STAGE_MIN_BYTES ((size_t)1 << 20)       /* initial staging ring (pinned + device) */
+#define STAGE_MIN_BYTES        ((size_t)1 << 20)  /* initial staging ring (pinned + device) */
 #define CUBLAS_WORKSPACE_BYTES ((size_t)32 << 20) /* NVIDIA's recommendation for Hopper */
-#define WEIGHT_OWN_MIN ((size_t)16 << 20)
-#define WEIGHT_SLAB_MIN ((size_t)4 << 20)
-#define WEIGHT_SLAB_MAX ((size_t)64 << 20)
-#define WEIGHT_ALIGN 256
-#define ATTN_CHUNK_MIN 256 /* entries: below this a split costs more than it gains */
+#define WEIGHT_OWN_MIN         ((size_t)16 << 20)
+#define WEIGHT_SLAB_MIN        ((size_t)4 << 20)
+#define WEIGHT_SLAB_MAX        ((size_t)64 << 20)
+#define WEIGHT_ALIGN           256
+#define ATTN_CHUNK_MIN         256 /* entries: below this a split costs more than it gains */
 
 typedef struct weight_slab {
     struct weight_slab *next;
@@ -94,7 +94,7 @@ typedef struct {
     void *scratch;
     size_t scratch_size;
     /* weights */
-    weight_slab_t *slabs;    /* newest first; slabs->... the open small-tensor slab */
+    weight_slab_t *slabs; /* newest first; slabs->... the open small-tensor slab */
     weight_slab_t *open_slab;
     size_t next_slab_size;
     weight_map_t *maps;
@@ -107,9 +107,9 @@ speed_status_t speed_cuda_status(cudaError_t err, const char *call, const char *
     SPEED_ERROR(SUBSYS, "cuda: %s failed at %s:%d: %s (%s)", call, file, line, cudaGetErrorName(err),
                 cudaGetErrorString(err));
     switch (err) {
-    case cudaErrorMemoryAllocation:       return SPEED_ERR_NO_MEMORY;
+    case cudaErrorMemoryAllocation: return SPEED_ERR_NO_MEMORY;
     case cudaErrorNoKernelImageForDevice: return SPEED_ERR_UNSUPPORTED;
-    default:                              return SPEED_ERR_DEVICE;
+    default: return SPEED_ERR_DEVICE;
     }
 }
 
@@ -120,7 +120,7 @@ speed_status_t speed_cublas_status(cublasStatus_t st, const char *call, const ch
     case CUBLAS_STATUS_ALLOC_FAILED: return SPEED_ERR_NO_MEMORY;
     case CUBLAS_STATUS_NOT_SUPPORTED:
     case CUBLAS_STATUS_ARCH_MISMATCH: return SPEED_ERR_UNSUPPORTED;
-    default:                          return SPEED_ERR_DEVICE;
+    default: return SPEED_ERR_DEVICE;
     }
 }
 
@@ -177,7 +177,8 @@ static speed_status_t stage_reserve(cuda_ctx_t *c, size_t bytes, void **host_p, 
 static speed_status_t stage_commit(cuda_ctx_t *c) {
     size_t off = c->stage_head, bytes = c->stage_reserved;
     c->stage_head += bytes;
-    SPEED_CUDA_CHECK(cudaMemcpyAsync(c->stage_dev + off, c->stage_host + off, bytes, cudaMemcpyHostToDevice, c->stream));
+    SPEED_CUDA_CHECK(
+        cudaMemcpyAsync(c->stage_dev + off, c->stage_host + off, bytes, cudaMemcpyHostToDevice, c->stream));
     SPEED_CUDA_CHECK(cudaEventRecord(c->stage_event, c->stream));
     c->stage_pending = true;
     return SPEED_OK;
@@ -216,8 +217,7 @@ static const char *cu_name(void *ctx) { return ((cuda_ctx_t *)ctx)->name; }
 static void cu_destroy(void *ctx) {
     cuda_ctx_t *c = ctx;
     if (cudaSetDevice(c->device) == cudaSuccess && c->stream) cudaStreamSynchronize(c->stream);
-    if (c->n_maps)
-        SPEED_WARN(SUBSYS, "cuda: destroyed with %d weight tensors still mapped (freed now)", c->n_maps);
+    if (c->n_maps) SPEED_WARN(SUBSYS, "cuda: destroyed with %d weight tensors still mapped (freed now)", c->n_maps);
     while (c->slabs) {
         weight_slab_t *s = c->slabs;
         c->slabs = s->next;
@@ -448,8 +448,8 @@ static speed_status_t cu_matmul(void *ctx, speed_mat_t out, speed_mat_t x, speed
      * row-major W [m][k] is column-major Wᵀ (hence OP_T) and row-major x [n][k] column-major xᵀ. */
     const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
     SPEED_CUBLAS_CHECK(cublasGemmEx(c->cublas, CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, &alpha, w.data, type,
-                                    (int)w.row_stride, b, type, ldb, &beta, out.data, CUDA_R_32F,
-                                    (int)out.row_stride, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+                                    (int)w.row_stride, b, type, ldb, &beta, out.data, CUDA_R_32F, (int)out.row_stride,
+                                    CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     return SPEED_OK;
 }
 
@@ -491,8 +491,8 @@ static speed_status_t cu_get_rows(void *ctx, speed_mat_t out, speed_mat_t x, con
     const int32_t *d_rows;
     SPEED_CHECK(enter(c));
     SPEED_CHECK(stage_i32(c, rows, out.n_rows, &d_rows));
-    SPEED_CUDA_CHECK(speed_cuda_get_rows(c->stream, out.data, out.row_stride, x.data, x.row_stride, d_rows,
-                                         out.n_rows, out.n_cols));
+    SPEED_CUDA_CHECK(
+        speed_cuda_get_rows(c->stream, out.data, out.row_stride, x.data, x.row_stride, d_rows, out.n_rows, out.n_cols));
     return SPEED_OK;
 }
 
@@ -507,9 +507,13 @@ static speed_status_t cu_topk(void *ctx, speed_mat_t vals, int32_t *ids, float *
 }
 
 static speed_cuda_kv_t kv_view(const speed_kv_layer_t *kv) {
-    return (speed_cuda_kv_t){.k_base = kv->k_base, .block_stride = kv->block_stride, .v_offset = kv->v_offset,
-                             .block_tokens = kv->block_tokens, .n_kv_heads = kv->n_kv_heads,
-                             .head_dim = kv->head_dim, .dtype = (int)kv->dtype,
+    return (speed_cuda_kv_t){.k_base = kv->k_base,
+                             .block_stride = kv->block_stride,
+                             .v_offset = kv->v_offset,
+                             .block_tokens = kv->block_tokens,
+                             .n_kv_heads = kv->n_kv_heads,
+                             .head_dim = kv->head_dim,
+                             .dtype = (int)kv->dtype,
                              .slot_heads = speed_kv_layer_slot_heads(kv)};
 }
 
@@ -519,8 +523,8 @@ static speed_status_t cu_kv_store(void *ctx, const speed_kv_layer_t *kv, speed_m
     const int32_t *d_slots;
     SPEED_CHECK(enter(c));
     SPEED_CHECK(stage_i32(c, slots, k.n_rows, &d_slots));
-    SPEED_CUDA_CHECK(speed_cuda_kv_store(c->stream, kv_view(kv), k.data, k.row_stride, v.data, v.row_stride, d_slots,
-                                         k.n_rows));
+    SPEED_CUDA_CHECK(
+        speed_cuda_kv_store(c->stream, kv_view(kv), k.data, k.row_stride, v.data, v.row_stride, d_slots, k.n_rows));
     return SPEED_OK;
 }
 
@@ -530,8 +534,8 @@ static speed_status_t cu_kv_load(void *ctx, const speed_kv_layer_t *kv, speed_ma
     const int32_t *d_slots;
     SPEED_CHECK(enter(c));
     SPEED_CHECK(stage_i32(c, slots, k.n_rows, &d_slots));
-    SPEED_CUDA_CHECK(speed_cuda_kv_load(c->stream, kv_view(kv), k.data, k.row_stride, v.data, v.row_stride, d_slots,
-                                        k.n_rows));
+    SPEED_CUDA_CHECK(
+        speed_cuda_kv_load(c->stream, kv_view(kv), k.data, k.row_stride, v.data, v.row_stride, d_slots, k.n_rows));
     return SPEED_OK;
 }
 
@@ -572,8 +576,8 @@ static speed_status_t cu_attention(void *ctx, speed_mat_t out, speed_mat_t q, co
         r_end = run_end(rows, r, B, &nb);
         for (int64_t b = 0; b < nb; b++) {
             if (rows->block_table[r][b] < 0) {
-                SPEED_ERROR(SUBSYS, "op attention: row %lld: block %lld of its table is %d", (long long)r,
-                            (long long)b, rows->block_table[r][b]);
+                SPEED_ERROR(SUBSYS, "op attention: row %lld: block %lld of its table is %d", (long long)r, (long long)b,
+                            rows->block_table[r][b]);
                 return SPEED_ERR_INVALID_ARGUMENT;
             }
         }
@@ -604,8 +608,8 @@ static speed_status_t cu_attention(void *ctx, speed_mat_t out, speed_mat_t q, co
         if (nb) memcpy(tables + off, rows->block_table[r], (size_t)nb * sizeof(int32_t));
         for (int64_t i = r; i < r_end; i++) {
             const int32_t nv = rows->n_visible[i];
-            desc[i] = (speed_cuda_attn_row_t){.n_visible = nv, .table_off = off,
-                                              .n_split = nv ? (int32_t)((nv + chunk - 1) / chunk) : 1};
+            desc[i] = (speed_cuda_attn_row_t){
+                .n_visible = nv, .table_off = off, .n_split = nv ? (int32_t)((nv + chunk - 1) / chunk) : 1};
         }
         off += (int32_t)nb;
     }

@@ -42,9 +42,9 @@ static void nccl_load(void) {
         const char *name;
         void **fn;
     } syms[] = {
-        {"ncclGetUniqueId", (void **)&g_nccl.get_unique_id},   {"ncclCommInitRank", (void **)&g_nccl.comm_init_rank},
-        {"ncclAllReduce", (void **)&g_nccl.all_reduce},        {"ncclCommAbort", (void **)&g_nccl.comm_abort},
-        {"ncclCommDestroy", (void **)&g_nccl.comm_destroy},    {"ncclGetErrorString", (void **)&g_nccl.error_string},
+        {"ncclGetUniqueId", (void **)&g_nccl.get_unique_id}, {"ncclCommInitRank", (void **)&g_nccl.comm_init_rank},
+        {"ncclAllReduce", (void **)&g_nccl.all_reduce},      {"ncclCommAbort", (void **)&g_nccl.comm_abort},
+        {"ncclCommDestroy", (void **)&g_nccl.comm_destroy},  {"ncclGetErrorString", (void **)&g_nccl.error_string},
     };
     for (size_t i = 0; i < sizeof syms / sizeof syms[0]; i++) {
         *syms[i].fn = dlsym(h, syms[i].name);
@@ -74,7 +74,7 @@ static speed_status_t nccl_status(ncclResult_t r, const char *call) {
 typedef struct {
     speed_comm_t comm;
     ncclComm_t nccl;
-    atomic_bool aborted;         /* ncclCommAbort was called: the handle is gone */
+    atomic_bool aborted; /* ncclCommAbort was called: the handle is gone */
     int device;
     cudaStream_t stream;
 } nccl_ctx_t;
@@ -153,4 +153,3 @@ speed_status_t speed_cuda_module_nccl_create(const uint8_t id[SPEED_COMM_ID_BYTE
     *comm_p = &c->comm;
     return SPEED_OK;
 }
-

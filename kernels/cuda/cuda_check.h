@@ -22,18 +22,17 @@
 speed_status_t speed_cuda_status(cudaError_t err, const char *call, const char *file, int line);
 speed_status_t speed_cublas_status(cublasStatus_t st, const char *call, const char *file, int line);
 
-#define SPEED_CUDA_CHECK(call)                                                             \
-    do {                                                                                   \
-        cudaError_t speed_cuda_err_ = (call);                                              \
-        if (speed_cuda_err_ != cudaSuccess)                                                \
-            return speed_cuda_status(speed_cuda_err_, #call, __FILE__, __LINE__);          \
+#define SPEED_CUDA_CHECK(call)                                                                                    \
+    do {                                                                                                          \
+        cudaError_t speed_cuda_err_ = (call);                                                                     \
+        if (speed_cuda_err_ != cudaSuccess) return speed_cuda_status(speed_cuda_err_, #call, __FILE__, __LINE__); \
     } while (0)
 
-#define SPEED_CUBLAS_CHECK(call)                                                           \
-    do {                                                                                   \
-        cublasStatus_t speed_cublas_st_ = (call);                                          \
-        if (speed_cublas_st_ != CUBLAS_STATUS_SUCCESS)                                     \
-            return speed_cublas_status(speed_cublas_st_, #call, __FILE__, __LINE__);       \
+#define SPEED_CUBLAS_CHECK(call)                                                     \
+    do {                                                                             \
+        cublasStatus_t speed_cublas_st_ = (call);                                    \
+        if (speed_cublas_st_ != CUBLAS_STATUS_SUCCESS)                               \
+            return speed_cublas_status(speed_cublas_st_, #call, __FILE__, __LINE__); \
     } while (0)
 
 #endif /* SPEED_CUDA_CHECK_H */

@@ -79,16 +79,16 @@ cudaError_t speed_cuda_kv_load(cudaStream_t stream, speed_cuda_kv_t kv, float *k
 
 /* Per query row of attention (16 bytes, staged with the block tables). */
 typedef struct {
-    int32_t n_visible;  /* entries 0 .. n_visible-1 are visible */
-    int32_t table_off;  /* the row's block table: tables[table_off ...] */
-    int32_t n_split;    /* ceil(n_visible / chunk), 1 for an empty row */
+    int32_t n_visible; /* entries 0 .. n_visible-1 are visible */
+    int32_t table_off; /* the row's block table: tables[table_off ...] */
+    int32_t n_split;   /* ceil(n_visible / chunk), 1 for an empty row */
     int32_t pad;
 } speed_cuda_attn_row_t;
 
 /* Largest head_dim the attention kernel handles. */
 #define SPEED_CUDA_ATTN_MAX_HEAD_DIM 512
 /* Entries per tile of the online softmax; chunks are multiples of it. */
-#define SPEED_CUDA_ATTN_TILE 32
+#define SPEED_CUDA_ATTN_TILE         32
 
 /* out[r, h] = softmax(scale * q[r, h] . K[e, h / group]) V over e < rows[r].n_visible,
  * entry e in slot tables[rows[r].table_off + e / B] * B + e % B. The entries of a row are cut
@@ -96,10 +96,9 @@ typedef struct {
  * has its chunks computed by separate blocks, which leave (acc[head_dim], max, sum) in
  * `partials` (f32 [n_rows * n_heads][max_split][head_dim + 2]; NULL when max_split is 1) for a
  * second kernel that merges them (split-K, flash-decoding). out must not alias q. */
-cudaError_t speed_cuda_attention(cudaStream_t stream, float *out, int64_t out_stride, const float *q,
-                                 int64_t q_stride, speed_cuda_kv_t kv, int n_heads, int64_t n_rows,
-                                 const speed_cuda_attn_row_t *rows, const int32_t *tables, int chunk, int max_split,
-                                 float scale, float *partials);
+cudaError_t speed_cuda_attention(cudaStream_t stream, float *out, int64_t out_stride, const float *q, int64_t q_stride,
+                                 speed_cuda_kv_t kv, int n_heads, int64_t n_rows, const speed_cuda_attn_row_t *rows,
+                                 const int32_t *tables, int chunk, int max_split, float scale, float *partials);
 
 /* Largest k of speed_cuda_topk (= SPEED_TOPK_MAX, checked in backend_cuda.c). */
 #define SPEED_CUDA_TOPK_MAX 256

@@ -14,6 +14,6 @@ __global__ void get_rows_kernel(float *out, int64_t out_stride, const float *x, 
 extern "C" cudaError_t speed_cuda_get_rows(cudaStream_t stream, float *out, int64_t out_stride, const float *x,
                                            int64_t x_stride, const int32_t *rows, int64_t n, int64_t d) {
     get_rows_kernel<<<speed_cuda_grid_rows(n), SPEED_CUDA_ROW_THREADS, 0, stream>>>(out, out_stride, x, x_stride, rows,
-                                                                                   n, d);
+                                                                                    n, d);
     return cudaGetLastError();
 }

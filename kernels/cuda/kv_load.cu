@@ -3,9 +3,8 @@
 #include "cuda_kernels.h"
 #include "cuda_util.cuh"
 
-template <typename DT>
-__global__ void kv_load_kernel(speed_cuda_kv_t kv, float *k, int64_t k_stride, float *v, int64_t v_stride,
-                               const int32_t *slots, int64_t n) {
+template <typename DT> __global__ void kv_load_kernel(speed_cuda_kv_t kv, float *k, int64_t k_stride, float *v,
+                                                      int64_t v_stride, const int32_t *slots, int64_t n) {
     typedef typename DT::storage S;
     const int64_t w = (int64_t)kv.n_kv_heads * kv.head_dim, slot_w = (int64_t)kv.slot_heads * kv.head_dim;
     for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
@@ -20,8 +19,8 @@ __global__ void kv_load_kernel(speed_cuda_kv_t kv, float *k, int64_t k_stride, f
     }
 }
 
-extern "C" cudaError_t speed_cuda_kv_load(cudaStream_t stream, speed_cuda_kv_t kv, float *k, int64_t k_stride,
-                                          float *v, int64_t v_stride, const int32_t *slots, int64_t n) {
+extern "C" cudaError_t speed_cuda_kv_load(cudaStream_t stream, speed_cuda_kv_t kv, float *k, int64_t k_stride, float *v,
+                                          int64_t v_stride, const int32_t *slots, int64_t n) {
     dim3 grid(speed_cuda_grid_rows(n)), block(SPEED_CUDA_ROW_THREADS);
     switch (kv.dtype) {
     case SPEED_CUDA_DT_F32:
@@ -30,9 +29,7 @@ extern "C" cudaError_t speed_cuda_kv_load(cudaStream_t stream, speed_cuda_kv_t k
     case SPEED_CUDA_DT_BF16:
         kv_load_kernel<speed_dt_bf16><<<grid, block, 0, stream>>>(kv, k, k_stride, v, v_stride, slots, n);
         break;
-    default:
-        kv_load_kernel<speed_dt_f16><<<grid, block, 0, stream>>>(kv, k, k_stride, v, v_stride, slots, n);
-        break;
+    default: kv_load_kernel<speed_dt_f16><<<grid, block, 0, stream>>>(kv, k, k_stride, v, v_stride, slots, n); break;
     }
     return cudaGetLastError();
 }

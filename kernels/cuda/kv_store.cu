@@ -5,9 +5,9 @@
 #include "cuda_kernels.h"
 #include "cuda_util.cuh"
 
-template <typename DT>
-__global__ void kv_store_kernel(speed_cuda_kv_t kv, const float *k, int64_t k_stride, const float *v,
-                                int64_t v_stride, const int32_t *slots, int64_t n) {
+template <typename DT> __global__ void kv_store_kernel(speed_cuda_kv_t kv, const float *k, int64_t k_stride,
+                                                       const float *v, int64_t v_stride, const int32_t *slots,
+                                                       int64_t n) {
     typedef typename DT::storage S;
     const int64_t w = (int64_t)kv.n_kv_heads * kv.head_dim, slot_w = (int64_t)kv.slot_heads * kv.head_dim;
     for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
@@ -32,9 +32,7 @@ extern "C" cudaError_t speed_cuda_kv_store(cudaStream_t stream, speed_cuda_kv_t 
     case SPEED_CUDA_DT_BF16:
         kv_store_kernel<speed_dt_bf16><<<grid, block, 0, stream>>>(kv, k, k_stride, v, v_stride, slots, n);
         break;
-    default:
-        kv_store_kernel<speed_dt_f16><<<grid, block, 0, stream>>>(kv, k, k_stride, v, v_stride, slots, n);
-        break;
+    default: kv_store_kernel<speed_dt_f16><<<grid, block, 0, stream>>>(kv, k, k_stride, v, v_stride, slots, n); break;
     }
     return cudaGetLastError();
 }

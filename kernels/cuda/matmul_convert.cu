@@ -16,10 +16,10 @@ extern "C" cudaError_t speed_cuda_matmul_convert(cudaStream_t stream, void *dst,
     int64_t col_blocks = (k + SPEED_CUDA_ROW_THREADS - 1) / SPEED_CUDA_ROW_THREADS;
     dim3 grid((unsigned)(col_blocks < 1024 ? col_blocks : 1024), speed_cuda_grid_rows(n));
     if (dtype == SPEED_CUDA_DT_BF16)
-        convert_kernel<speed_dt_bf16><<<grid, SPEED_CUDA_ROW_THREADS, 0, stream>>>((uint16_t *)dst, src, src_stride,
-                                                                                   n, k);
+        convert_kernel<speed_dt_bf16>
+            <<<grid, SPEED_CUDA_ROW_THREADS, 0, stream>>>((uint16_t *)dst, src, src_stride, n, k);
     else
-        convert_kernel<speed_dt_f16><<<grid, SPEED_CUDA_ROW_THREADS, 0, stream>>>((uint16_t *)dst, src, src_stride,
-                                                                                  n, k);
+        convert_kernel<speed_dt_f16>
+            <<<grid, SPEED_CUDA_ROW_THREADS, 0, stream>>>((uint16_t *)dst, src, src_stride, n, k);
     return cudaGetLastError();
 }

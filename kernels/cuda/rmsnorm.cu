@@ -5,9 +5,9 @@
 #include "cuda_kernels.h"
 #include "cuda_util.cuh"
 
-template <typename DT>
-__global__ void rmsnorm_kernel(float *out, int64_t out_stride, const float *x, int64_t x_stride,
-                               const typename DT::storage *weight, float eps, int64_t n, int64_t d) {
+template <typename DT> __global__ void rmsnorm_kernel(float *out, int64_t out_stride, const float *x, int64_t x_stride,
+                                                      const typename DT::storage *weight, float eps, int64_t n,
+                                                      int64_t d) {
     __shared__ double partial[SPEED_CUDA_ROW_THREADS / 32];
     __shared__ float inv_shared;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -41,16 +41,16 @@ extern "C" cudaError_t speed_cuda_rmsnorm(cudaStream_t stream, float *out, int64
     dim3 grid(speed_cuda_grid_rows(n)), block(SPEED_CUDA_ROW_THREADS);
     switch (dtype) {
     case SPEED_CUDA_DT_F32:
-        rmsnorm_kernel<speed_dt_f32><<<grid, block, 0, stream>>>(out, out_stride, x, x_stride, (const float *)weight,
-                                                                 eps, n, d);
+        rmsnorm_kernel<speed_dt_f32>
+            <<<grid, block, 0, stream>>>(out, out_stride, x, x_stride, (const float *)weight, eps, n, d);
         break;
     case SPEED_CUDA_DT_BF16:
-        rmsnorm_kernel<speed_dt_bf16><<<grid, block, 0, stream>>>(out, out_stride, x, x_stride,
-                                                                  (const uint16_t *)weight, eps, n, d);
+        rmsnorm_kernel<speed_dt_bf16>
+            <<<grid, block, 0, stream>>>(out, out_stride, x, x_stride, (const uint16_t *)weight, eps, n, d);
         break;
     default:
-        rmsnorm_kernel<speed_dt_f16><<<grid, block, 0, stream>>>(out, out_stride, x, x_stride,
-                                                                 (const uint16_t *)weight, eps, n, d);
+        rmsnorm_kernel<speed_dt_f16>
+            <<<grid, block, 0, stream>>>(out, out_stride, x, x_stride, (const uint16_t *)weight, eps, n, d);
         break;
     }
     return cudaGetLastError();

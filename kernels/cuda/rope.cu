@@ -6,8 +6,8 @@
 #include "cuda_kernels.h"
 #include "cuda_util.cuh"
 
-__global__ void rope_kernel(float *x, int64_t x_stride, int64_t n, int n_heads, int head_dim,
-                            const int32_t *positions, const float *inv_freq) {
+__global__ void rope_kernel(float *x, int64_t x_stride, int64_t n, int n_heads, int head_dim, const int32_t *positions,
+                            const float *inv_freq) {
     const int half = head_dim / 2;
     for (int64_t r = blockIdx.x; r < n; r += gridDim.x) {
         float *xr = x + r * x_stride;

@@ -19,7 +19,6 @@ extern "C" cudaError_t speed_cuda_swiglu(cudaStream_t stream, float *out, int64_
                                          int64_t f) {
     int64_t col_blocks = (f + SPEED_CUDA_ROW_THREADS - 1) / SPEED_CUDA_ROW_THREADS;
     dim3 grid((unsigned)(col_blocks < 1024 ? col_blocks : 1024), speed_cuda_grid_rows(n));
-    swiglu_kernel<<<grid, SPEED_CUDA_ROW_THREADS, 0, stream>>>(out, out_stride, gate, gate_stride, up, up_stride, n,
-                                                                f);
+    swiglu_kernel<<<grid, SPEED_CUDA_ROW_THREADS, 0, stream>>>(out, out_stride, gate, gate_stride, up, up_stride, n, f);
     return cudaGetLastError();
 }

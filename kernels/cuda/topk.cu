@@ -20,7 +20,7 @@
 #include "cuda_util.cuh"
 
 #define TOPK_THREADS 256
-#define TOPK_WARPS (TOPK_THREADS / 32)
+#define TOPK_WARPS   (TOPK_THREADS / 32)
 
 static __device__ __forceinline__ uint32_t topk_key(float x) {
     uint32_t u = __float_as_uint(x == 0.0f ? 0.0f : x); /* -0 == +0 as floats: one key */
@@ -33,8 +33,8 @@ static __device__ __forceinline__ bool topk_before(uint32_t ka, int32_t ia, uint
 }
 
 __global__ void __launch_bounds__(TOPK_THREADS)
-topk_kernel(float *vals, int64_t vals_stride, int32_t *ids, float *lse, const float *logits, int64_t logits_stride,
-            int64_t n, int64_t V, int k) {
+    topk_kernel(float *vals, int64_t vals_stride, int32_t *ids, float *lse, const float *logits, int64_t logits_stride,
+                int64_t n, int64_t V, int k) {
     __shared__ uint32_t hist[TOPK_WARPS][256];
     __shared__ uint32_t cand_key[SPEED_CUDA_TOPK_MAX];
     __shared__ int32_t cand_id[SPEED_CUDA_TOPK_MAX];

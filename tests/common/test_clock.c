@@ -107,8 +107,7 @@ static void test_cond(void) {
     pthread_mutex_unlock(&mu);
     uint64_t dt = speed_clock_mono_ns() - t0;
     CHECK_INT_EQ(rc, ETIMEDOUT);
-    CHECK_MSG(dt >= 29000000u && dt < 5000000000u, "a 30 ms monotonic deadline took %llu ns",
-              (unsigned long long)dt);
+    CHECK_MSG(dt >= 29000000u && dt < 5000000000u, "a 30 ms monotonic deadline took %llu ns", (unsigned long long)dt);
     pthread_cond_destroy(&cond);
 }
 

@@ -12,10 +12,22 @@
 
 static void test_status(void) {
     static const speed_status_t all[] = {
-        SPEED_OK, SPEED_ERR_INVALID_ARGUMENT, SPEED_ERR_NOT_FOUND, SPEED_ERR_PARSE,
-        SPEED_ERR_FORMAT, SPEED_ERR_UNSUPPORTED, SPEED_ERR_TOO_LONG, SPEED_ERR_CAPACITY,
-        SPEED_ERR_CANCELLED, SPEED_ERR_TIMEOUT, SPEED_ERR_NO_MEMORY, SPEED_ERR_PEER_UNREACHABLE,
-        SPEED_ERR_PEER_PROTOCOL, SPEED_ERR_TRANSFER, SPEED_ERR_IO, SPEED_ERR_DEVICE,
+        SPEED_OK,
+        SPEED_ERR_INVALID_ARGUMENT,
+        SPEED_ERR_NOT_FOUND,
+        SPEED_ERR_PARSE,
+        SPEED_ERR_FORMAT,
+        SPEED_ERR_UNSUPPORTED,
+        SPEED_ERR_TOO_LONG,
+        SPEED_ERR_CAPACITY,
+        SPEED_ERR_CANCELLED,
+        SPEED_ERR_TIMEOUT,
+        SPEED_ERR_NO_MEMORY,
+        SPEED_ERR_PEER_UNREACHABLE,
+        SPEED_ERR_PEER_PROTOCOL,
+        SPEED_ERR_TRANSFER,
+        SPEED_ERR_IO,
+        SPEED_ERR_DEVICE,
         SPEED_ERR_INTERNAL,
     };
     size_t n = sizeof all / sizeof all[0];
@@ -24,8 +36,7 @@ static void test_status(void) {
         CHECK(s != NULL && s[0] != '\0');
         CHECK_MSG(strcmp(s, "unknown status") != 0, "status %d has no name", all[i]);
         for (const char *c = s; *c; c++) CHECK_MSG(*c < 'A' || *c > 'Z', "'%s' not lowercase", s);
-        for (size_t j = 0; j < i; j++)
-            CHECK_MSG(strcmp(s, speed_status_string(all[j])) != 0, "'%s' used twice", s);
+        for (size_t j = 0; j < i; j++) CHECK_MSG(strcmp(s, speed_status_string(all[j])) != 0, "'%s' used twice", s);
     }
     CHECK_STR_EQ(speed_status_string(SPEED_OK), "ok");
     CHECK_STR_EQ(speed_status_string(SPEED_ERR_NO_MEMORY), "out of memory");
@@ -86,8 +97,8 @@ typedef struct {
     char line[1100];
 } captured_t;
 
-static void capture_sink(void *user, speed_log_level_t level, speed_log_subsys_t subsys,
-                         const char *request_id, const char *line) {
+static void capture_sink(void *user, speed_log_level_t level, speed_log_subsys_t subsys, const char *request_id,
+                         const char *line) {
     captured_t *c = user;
     c->n++;
     c->level = level;
@@ -111,8 +122,7 @@ static void test_log_configure(void) {
     CHECK_STR_EQ(speed_log_subsys_name(SPEED_SUBSYS_TOK), "tok");
     CHECK_STR_EQ(speed_log_subsys_name(SPEED_SUBSYS_CLI), "cli");
     CHECK_STR_EQ(speed_log_subsys_name(SPEED_SUBSYS_COUNT), "?");
-    for (int s = 0; s < SPEED_SUBSYS_COUNT; s++)
-        CHECK(strcmp(speed_log_subsys_name((speed_log_subsys_t)s), "?") != 0);
+    for (int s = 0; s < SPEED_SUBSYS_COUNT; s++) CHECK(strcmp(speed_log_subsys_name((speed_log_subsys_t)s), "?") != 0);
 
     CHECK_INT_EQ(speed_log_configure("warn,tok=debug"), SPEED_OK);
     CHECK(speed_log_enabled(SPEED_LOG_ERROR, SPEED_SUBSYS_MODEL));
@@ -123,7 +133,12 @@ static void test_log_configure(void) {
 
     /* invalid specs change nothing */
     static const char *const bad[] = {
-        "loud", "warn,bogus=debug", "warn,tok=loud", ",info", "info,,debug", "tok=",
+        "loud",
+        "warn,bogus=debug",
+        "warn,tok=loud",
+        ",info",
+        "info,,debug",
+        "tok=",
         "info,tok=debug,engine=xx",
         "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
     };
@@ -320,7 +335,7 @@ static void test_alloc_aligned(void) {
         }
     }
     speed_aligned_free(NULL);
-    CHECK(speed_aligned_alloc(3, 64) == NULL);              /* not a power of two */
+    CHECK(speed_aligned_alloc(3, 64) == NULL); /* not a power of two */
     CHECK(speed_aligned_alloc(48, 64) == NULL);
     CHECK(speed_aligned_alloc(sizeof(void *) / 2, 64) == NULL); /* below sizeof(void *) */
     CHECK(speed_aligned_alloc(64, SIZE_MAX - 8) == NULL);

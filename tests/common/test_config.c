@@ -31,33 +31,28 @@ typedef struct {
 
 
 static const speed_config_field_t fields[] = {
-    {"threads", SPEED_CONFIG_INT, offsetof(test_cfg_t, threads), "4", 1, 256, NULL,
-     "worker threads"},
-    {"ratio", SPEED_CONFIG_DOUBLE, offsetof(test_cfg_t, ratio), "0.5", 0, 1, NULL,
-     "prefill share"},
-    {"verbose", SPEED_CONFIG_BOOL, offsetof(test_cfg_t, verbose), "false",
-     SPEED_CONFIG_UNBOUNDED, NULL, "chatty logs"},
-    {"name", SPEED_CONFIG_STRING, offsetof(test_cfg_t, name), "dev",
-     SPEED_CONFIG_UNBOUNDED, NULL, "cluster name"},
-    {"dtype", SPEED_CONFIG_ENUM, offsetof(test_cfg_t, dtype), "bf16",
-     SPEED_CONFIG_UNBOUNDED, speed_dtype_names, "weight type"},
-    {"kv.block_tokens", SPEED_CONFIG_INT, offsetof(test_cfg_t, kv_block_tokens), "16", 1, 1024,
-     NULL, "tokens per KV block"},
-    {"max-batch", SPEED_CONFIG_INT, offsetof(test_cfg_t, max_batch), "8",
-     SPEED_CONFIG_UNBOUNDED, NULL, "largest batch"},
-    {"kv.x.deep", SPEED_CONFIG_DOUBLE, offsetof(test_cfg_t, kv_x_deep), "1.5",
-     SPEED_CONFIG_UNBOUNDED, NULL, "three levels down"},
-    {"kv.offload", SPEED_CONFIG_BOOL, offsetof(test_cfg_t, kv_offload), "no",
-     SPEED_CONFIG_UNBOUNDED, NULL, "offload KV to host"},
-    {"model", SPEED_CONFIG_STRING, offsetof(test_cfg_t, model), NULL,
-     SPEED_CONFIG_UNBOUNDED, NULL, "model directory"},
+    {"threads", SPEED_CONFIG_INT, offsetof(test_cfg_t, threads), "4", 1, 256, NULL, "worker threads"},
+    {"ratio", SPEED_CONFIG_DOUBLE, offsetof(test_cfg_t, ratio), "0.5", 0, 1, NULL, "prefill share"},
+    {"verbose", SPEED_CONFIG_BOOL, offsetof(test_cfg_t, verbose), "false", SPEED_CONFIG_UNBOUNDED, NULL, "chatty logs"},
+    {"name", SPEED_CONFIG_STRING, offsetof(test_cfg_t, name), "dev", SPEED_CONFIG_UNBOUNDED, NULL, "cluster name"},
+    {"dtype", SPEED_CONFIG_ENUM, offsetof(test_cfg_t, dtype), "bf16", SPEED_CONFIG_UNBOUNDED, speed_dtype_names,
+     "weight type"},
+    {"kv.block_tokens", SPEED_CONFIG_INT, offsetof(test_cfg_t, kv_block_tokens), "16", 1, 1024, NULL,
+     "tokens per KV block"},
+    {"max-batch", SPEED_CONFIG_INT, offsetof(test_cfg_t, max_batch), "8", SPEED_CONFIG_UNBOUNDED, NULL,
+     "largest batch"},
+    {"kv.x.deep", SPEED_CONFIG_DOUBLE, offsetof(test_cfg_t, kv_x_deep), "1.5", SPEED_CONFIG_UNBOUNDED, NULL,
+     "three levels down"},
+    {"kv.offload", SPEED_CONFIG_BOOL, offsetof(test_cfg_t, kv_offload), "no", SPEED_CONFIG_UNBOUNDED, NULL,
+     "offload KV to host"},
+    {"model", SPEED_CONFIG_STRING, offsetof(test_cfg_t, model), NULL, SPEED_CONFIG_UNBOUNDED, NULL, "model directory"},
 };
 #define N_FIELDS (sizeof fields / sizeof fields[0])
 
 static const char *const env_vars[] = {
-    PREFIX "THREADS", PREFIX "RATIO", PREFIX "VERBOSE", PREFIX "NAME", PREFIX "DTYPE",
-    PREFIX "KV_BLOCK_TOKENS", PREFIX "MAX_BATCH", PREFIX "KV_X_DEEP", PREFIX "KV_OFFLOAD",
-    PREFIX "MODEL", PREFIX "CONFIG",
+    PREFIX "THREADS",    PREFIX "RATIO",           PREFIX "VERBOSE",   PREFIX "NAME",
+    PREFIX "DTYPE",      PREFIX "KV_BLOCK_TOKENS", PREFIX "MAX_BATCH", PREFIX "KV_X_DEEP",
+    PREFIX "KV_OFFLOAD", PREFIX "MODEL",           PREFIX "CONFIG",
 };
 
 static void clear_env(void) {
@@ -67,8 +62,8 @@ static void clear_env(void) {
 /* Log sink: count error lines and keep the last one. */
 static int n_errors;
 static char last_error[1024];
-static void sink(void *user, speed_log_level_t level, speed_log_subsys_t subsys,
-                 const char *request_id, const char *line) {
+static void sink(void *user, speed_log_level_t level, speed_log_subsys_t subsys, const char *request_id,
+                 const char *line) {
     if (level != SPEED_LOG_ERROR) return;
     n_errors++;
     snprintf(last_error, sizeof last_error, "%s", line);
@@ -158,16 +153,15 @@ static void test_defaults(void) {
 
 static void test_precedence(void) {
     int64_t live = speed_alloc_live_count();
-    const char *path = write_file("cfg_prec.yaml",
-                                  "# a comment\n"
-                                  "threads: 8\n"
-                                  "ratio: 0.25\n"
-                                  "name: from-file\n"
-                                  "kv:\n"
-                                  "  block_tokens: 32\n"
-                                  "  x:\n"
-                                  "    deep: -2.5\n"
-                                  "max-batch: 64\n");
+    const char *path = write_file("cfg_prec.yaml", "# a comment\n"
+                                                   "threads: 8\n"
+                                                   "ratio: 0.25\n"
+                                                   "name: from-file\n"
+                                                   "kv:\n"
+                                                   "  block_tokens: 32\n"
+                                                   "  x:\n"
+                                                   "    deep: -2.5\n"
+                                                   "max-batch: 64\n");
     char ppath[1024];
     snprintf(ppath, sizeof ppath, "%s", path);
     char line_origin[1100];
@@ -211,8 +205,8 @@ static void test_precedence(void) {
 
     /* cli over env; all option forms; config file named by the environment */
     setenv(PREFIX "CONFIG", ppath, 1);
-    CHECK_INT_EQ(load(&c, &cfg, "--threads", "16", "--kv.block-tokens=128", "--name", "from-cli",
-                      "--max_batch=3", "--kv.x.deep", "-7.25", NULL),
+    CHECK_INT_EQ(load(&c, &cfg, "--threads", "16", "--kv.block-tokens=128", "--name", "from-cli", "--max_batch=3",
+                      "--kv.x.deep", "-7.25", NULL),
                  SPEED_OK);
     CHECK_INT_EQ(c.threads, 16);
     CHECK_INT_EQ(c.kv_block_tokens, 128);
@@ -280,15 +274,13 @@ static void test_print_roundtrip(void) {
     char ppath[1024];
     snprintf(ppath, sizeof ppath, "%s", path);
     setenv(PREFIX "DTYPE", "F16", 1);
-    CHECK_INT_EQ(load(&c, &cfg, "--config", ppath, "--name",
-                      "we\"ird\\ \t'name'\n# not a comment: x", "--model", "  /m/llama: 3  ",
-                      "--verbose", "--kv.x.deep=1e-300", "--threads=-0", "--max-batch",
+    CHECK_INT_EQ(load(&c, &cfg, "--config", ppath, "--name", "we\"ird\\ \t'name'\n# not a comment: x", "--model",
+                      "  /m/llama: 3  ", "--verbose", "--kv.x.deep=1e-300", "--threads=-0", "--max-batch",
                       "-9223372036854775808", "--print-config", NULL),
                  SPEED_ERR_INVALID_ARGUMENT); /* threads -0 = 0 is below the minimum */
     CHECK_CONTAINS(last_error, "threads: 0 is below the minimum 1 (from cli)");
-    CHECK_INT_EQ(load(&c, &cfg, "--config", ppath, "--name",
-                      "we\"ird\\ \t'name'\n# not a comment: x", "--model", "  /m/llama: 3  ",
-                      "--verbose", "--kv.x.deep=1e-300", "--max-batch", "-9223372036854775808",
+    CHECK_INT_EQ(load(&c, &cfg, "--config", ppath, "--name", "we\"ird\\ \t'name'\n# not a comment: x", "--model",
+                      "  /m/llama: 3  ", "--verbose", "--kv.x.deep=1e-300", "--max-batch", "-9223372036854775808",
                       "--print-config", NULL),
                  SPEED_OK);
     CHECK(speed_config_print_requested(cfg));
@@ -331,8 +323,7 @@ static void test_yaml_errors(void) {
         speed_status_t st;
         const char *msg;
     } cases[] = {
-        {"threads: 4\nthreadz: 5\n", SPEED_ERR_INVALID_ARGUMENT,
-         ":2: unknown key 'threadz' (did you mean 'threads'?)"},
+        {"threads: 4\nthreadz: 5\n", SPEED_ERR_INVALID_ARGUMENT, ":2: unknown key 'threadz' (did you mean 'threads'?)"},
         {"kv:\n  block_tokens: 4\n  blok_tokens: 5\n", SPEED_ERR_INVALID_ARGUMENT,
          ":3: unknown key 'kv.blok_tokens' (did you mean 'kv.block_tokens'?)"},
         {"kv:\n  x:\n    deeper: 1\n", SPEED_ERR_INVALID_ARGUMENT,
@@ -340,10 +331,8 @@ static void test_yaml_errors(void) {
         {"kv.block_tokens: 3\n", SPEED_ERR_INVALID_ARGUMENT,
          "unknown key 'kv.block_tokens' (a dotted name is a nested mapping in YAML"},
         {"zzz: 1\n", SPEED_ERR_INVALID_ARGUMENT, ":1: unknown key 'zzz'"},
-        {"threads: [1, 2]\n", SPEED_ERR_INVALID_ARGUMENT,
-         ":1: threads: expected a single value, got a list"},
-        {"threads: {a: 1}\n", SPEED_ERR_INVALID_ARGUMENT,
-         "threads: expected a single value, got a mapping"},
+        {"threads: [1, 2]\n", SPEED_ERR_INVALID_ARGUMENT, ":1: threads: expected a single value, got a list"},
+        {"threads: {a: 1}\n", SPEED_ERR_INVALID_ARGUMENT, "threads: expected a single value, got a mapping"},
         {"kv: 5\n", SPEED_ERR_INVALID_ARGUMENT, "kv: expected a mapping of keys, got a single value"},
         {"- threads\n", SPEED_ERR_INVALID_ARGUMENT, "the document must be a mapping of keys"},
         {"threads: abc\n", SPEED_ERR_INVALID_ARGUMENT, "threads: 'abc' is not an integer (from file:"},
@@ -371,10 +360,8 @@ static void test_yaml_errors(void) {
         cfg = (speed_config_t *)&c;
         speed_status_t st = load(&c, &cfg, "--config", ppath, NULL);
         CHECK_MSG(st == cases[i].st, "case %zu: status %d, want %d", i, st, cases[i].st);
-        CHECK_MSG(strstr(last_error, cases[i].msg) != NULL, "case %zu: '%s' lacks '%s'", i,
-                  last_error, cases[i].msg);
-        CHECK_MSG(strstr(last_error, ppath) != NULL, "case %zu: '%s' lacks the path", i,
-                  last_error);
+        CHECK_MSG(strstr(last_error, cases[i].msg) != NULL, "case %zu: '%s' lacks '%s'", i, last_error, cases[i].msg);
+        CHECK_MSG(strstr(last_error, ppath) != NULL, "case %zu: '%s' lacks the path", i, last_error);
         CHECK(cfg == NULL);
         CHECK(memcmp(&c, &before, sizeof c) == 0);
         CHECK_INT_EQ(speed_alloc_live_count(), live);
@@ -434,8 +421,7 @@ static void test_cli_errors(void) {
     CHECK_STR_EQ(last_error, "option --config needs a value");
     CHECK_INT_EQ(load(&c, &cfg, "--threads", "x12", NULL), SPEED_ERR_INVALID_ARGUMENT);
     CHECK_STR_EQ(last_error, "threads: 'x12' is not an integer (from cli)");
-    CHECK_INT_EQ(load(&c, &cfg, "--threads", "99999999999999999999", NULL),
-                 SPEED_ERR_INVALID_ARGUMENT);
+    CHECK_INT_EQ(load(&c, &cfg, "--threads", "99999999999999999999", NULL), SPEED_ERR_INVALID_ARGUMENT);
     CHECK_INT_EQ(load(&c, &cfg, "--threads=257", NULL), SPEED_ERR_INVALID_ARGUMENT);
     CHECK_STR_EQ(last_error, "threads: 257 is above the maximum 256 (from cli)");
     CHECK_INT_EQ(load(&c, &cfg, "--ratio", "-0.5", NULL), SPEED_ERR_INVALID_ARGUMENT);
@@ -455,13 +441,11 @@ static void test_cli_errors(void) {
      * command line would override it */
     setenv(PREFIX "KV_BLOCK_TOKENS", "0", 1);
     CHECK_INT_EQ(load(&c, &cfg, "--kv.block_tokens", "8", NULL), SPEED_ERR_INVALID_ARGUMENT);
-    CHECK_STR_EQ(last_error, "kv.block_tokens: 0 is below the minimum 1 (from env:" PREFIX
-                             "KV_BLOCK_TOKENS)");
+    CHECK_STR_EQ(last_error, "kv.block_tokens: 0 is below the minimum 1 (from env:" PREFIX "KV_BLOCK_TOKENS)");
     clear_env();
     setenv(PREFIX "DTYPE", "int4", 1);
     CHECK_INT_EQ(load(&c, &cfg, NULL), SPEED_ERR_INVALID_ARGUMENT);
-    CHECK_STR_EQ(last_error, "dtype: 'int4' is not one of f32, bf16, f16 (from env:" PREFIX
-                             "DTYPE)");
+    CHECK_STR_EQ(last_error, "dtype: 'int4' is not one of f32, bf16, f16 (from env:" PREFIX "DTYPE)");
     clear_env();
     /* unrelated variables with the prefix are ignored */
     setenv(PREFIX "NOT_A_FIELD", "1", 1);
@@ -515,9 +499,7 @@ static void test_positional_and_flags(void) {
     int64_t live = speed_alloc_live_count();
     test_cfg_t c;
     speed_config_t *cfg = NULL;
-    CHECK_INT_EQ(load(&c, &cfg, "DIR", "--ratio", "0.75", "-", "second", "--", "--threads",
-                      "-x", NULL),
-                 SPEED_OK);
+    CHECK_INT_EQ(load(&c, &cfg, "DIR", "--ratio", "0.75", "-", "second", "--", "--threads", "-x", NULL), SPEED_OK);
     char *const *pos;
     CHECK_INT_EQ(speed_config_positional(cfg, &pos), 5);
     CHECK_STR_EQ(pos[0], "DIR");
@@ -567,39 +549,37 @@ static void test_table_errors(void) {
         speed_config_field_t f[2];
         const char *msg;
     } cases[] = {
-        {{{"threads", SPEED_CONFIG_INT, 0, "1", 1, 0, NULL, ""},
-          {"threads", SPEED_CONFIG_INT, 8, "1", 1, 0, NULL, ""}}, "defined twice"},
-        {{{"a_b", SPEED_CONFIG_INT, 0, "1", 1, 0, NULL, ""},
-          {"a-b", SPEED_CONFIG_INT, 8, "1", 1, 0, NULL, ""}}, "defined twice"},
-        {{{"config", SPEED_CONFIG_STRING, 0, NULL, 1, 0, NULL, ""},
-          {"x", SPEED_CONFIG_INT, 8, "1", 1, 0, NULL, ""}}, "reserved"},
-        {{{"kv", SPEED_CONFIG_INT, 0, "1", 1, 0, NULL, ""},
-          {"kv.x", SPEED_CONFIG_INT, 8, "1", 1, 0, NULL, ""}}, "field 'kv.x' clashes with field 'kv'"},
-        {{{"kv.x", SPEED_CONFIG_INT, 0, "1", 1, 0, NULL, ""},
-          {"kv", SPEED_CONFIG_INT, 8, "1", 1, 0, NULL, ""}}, "field 'kv' clashes with field 'kv.x'"},
-        {{{"kv..x", SPEED_CONFIG_INT, 0, "1", 1, 0, NULL, ""},
-          {"y", SPEED_CONFIG_INT, 8, "1", 1, 0, NULL, ""}}, "empty component"},
-        {{{"a b", SPEED_CONFIG_INT, 0, "1", 1, 0, NULL, ""},
-          {"y", SPEED_CONFIG_INT, 8, "1", 1, 0, NULL, ""}}, "character"},
-        {{{"e", SPEED_CONFIG_ENUM, 0, "a", 1, 0, NULL, ""},
-          {"y", SPEED_CONFIG_INT, 8, "1", 1, 0, NULL, ""}}, "has no names"},
-        {{{"n", SPEED_CONFIG_INT, 0, NULL, 1, 0, NULL, ""},
-          {"y", SPEED_CONFIG_INT, 8, "1", 1, 0, NULL, ""}}, "needs a default"},
-        {{{"n", SPEED_CONFIG_INT, 0, "0", 1, 10, NULL, ""},
-          {"y", SPEED_CONFIG_INT, 8, "1", 1, 0, NULL, ""}}, "n: 0 is below the minimum 1 (from default)"},
+        {{{"threads", SPEED_CONFIG_INT, 0, "1", 1, 0, NULL, ""}, {"threads", SPEED_CONFIG_INT, 8, "1", 1, 0, NULL, ""}},
+         "defined twice"},
+        {{{"a_b", SPEED_CONFIG_INT, 0, "1", 1, 0, NULL, ""}, {"a-b", SPEED_CONFIG_INT, 8, "1", 1, 0, NULL, ""}},
+         "defined twice"},
+        {{{"config", SPEED_CONFIG_STRING, 0, NULL, 1, 0, NULL, ""}, {"x", SPEED_CONFIG_INT, 8, "1", 1, 0, NULL, ""}},
+         "reserved"},
+        {{{"kv", SPEED_CONFIG_INT, 0, "1", 1, 0, NULL, ""}, {"kv.x", SPEED_CONFIG_INT, 8, "1", 1, 0, NULL, ""}},
+         "field 'kv.x' clashes with field 'kv'"},
+        {{{"kv.x", SPEED_CONFIG_INT, 0, "1", 1, 0, NULL, ""}, {"kv", SPEED_CONFIG_INT, 8, "1", 1, 0, NULL, ""}},
+         "field 'kv' clashes with field 'kv.x'"},
+        {{{"kv..x", SPEED_CONFIG_INT, 0, "1", 1, 0, NULL, ""}, {"y", SPEED_CONFIG_INT, 8, "1", 1, 0, NULL, ""}},
+         "empty component"},
+        {{{"a b", SPEED_CONFIG_INT, 0, "1", 1, 0, NULL, ""}, {"y", SPEED_CONFIG_INT, 8, "1", 1, 0, NULL, ""}},
+         "character"},
+        {{{"e", SPEED_CONFIG_ENUM, 0, "a", 1, 0, NULL, ""}, {"y", SPEED_CONFIG_INT, 8, "1", 1, 0, NULL, ""}},
+         "has no names"},
+        {{{"n", SPEED_CONFIG_INT, 0, NULL, 1, 0, NULL, ""}, {"y", SPEED_CONFIG_INT, 8, "1", 1, 0, NULL, ""}},
+         "needs a default"},
+        {{{"n", SPEED_CONFIG_INT, 0, "0", 1, 10, NULL, ""}, {"y", SPEED_CONFIG_INT, 8, "1", 1, 0, NULL, ""}},
+         "n: 0 is below the minimum 1 (from default)"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         char *argv[] = {"prog", NULL};
         last_error[0] = '\0';
-        CHECK_INT_EQ(speed_config_load(cases[i].f, 2, &c, 1, argv, NULL, &cfg),
-                     SPEED_ERR_INVALID_ARGUMENT);
-        CHECK_MSG(strstr(last_error, cases[i].msg) != NULL, "table case %zu: '%s' lacks '%s'", i,
-                  last_error, cases[i].msg);
+        CHECK_INT_EQ(speed_config_load(cases[i].f, 2, &c, 1, argv, NULL, &cfg), SPEED_ERR_INVALID_ARGUMENT);
+        CHECK_MSG(strstr(last_error, cases[i].msg) != NULL, "table case %zu: '%s' lacks '%s'", i, last_error,
+                  cases[i].msg);
         CHECK(cfg == NULL);
     }
     char *argv[] = {"prog", NULL};
-    CHECK_INT_EQ(speed_config_load(fields, N_FIELDS, NULL, 1, argv, NULL, &cfg),
-                 SPEED_ERR_INVALID_ARGUMENT);
+    CHECK_INT_EQ(speed_config_load(fields, N_FIELDS, NULL, 1, argv, NULL, &cfg), SPEED_ERR_INVALID_ARGUMENT);
     CHECK_INT_EQ(speed_alloc_live_count(), live);
 }
 
@@ -659,8 +639,7 @@ static void test_alloc_faults(void) {
         test_cfg_t c;
         speed_config_t *cfg = NULL;
         speed_alloc_fail_after(n, 0);
-        speed_status_t st = load(&c, &cfg, "--config", path, "POS", "--name", "cliname",
-                                 "--verbose", NULL);
+        speed_status_t st = load(&c, &cfg, "--config", path, "POS", "--name", "cliname", "--verbose", NULL);
         int64_t injected = speed_alloc_injected_failures();
         speed_alloc_fail_after(-1, 0);
         if (st == SPEED_OK) {
@@ -677,8 +656,8 @@ static void test_alloc_faults(void) {
         failures++;
         CHECK_MSG(st == SPEED_ERR_NO_MEMORY, "fail_after(%lld): status %d", (long long)n, st);
         CHECK(cfg == NULL);
-        CHECK_MSG(speed_alloc_live_count() == live, "fail_after(%lld): %lld allocations leaked",
-                  (long long)n, (long long)(speed_alloc_live_count() - live));
+        CHECK_MSG(speed_alloc_live_count() == live, "fail_after(%lld): %lld allocations leaked", (long long)n,
+                  (long long)(speed_alloc_live_count() - live));
         if (n > 10000) {
             CHECK_MSG(0, "load never succeeded");
             break;

@@ -33,9 +33,8 @@ static void test_names(void) {
     const struct {
         const char *s;
         speed_dtype_t d;
-    } ok[] = {{"f32", SPEED_DTYPE_F32},   {"float32", SPEED_DTYPE_F32},
-              {"bf16", SPEED_DTYPE_BF16}, {"bfloat16", SPEED_DTYPE_BF16},
-              {"f16", SPEED_DTYPE_F16},   {"float16", SPEED_DTYPE_F16},
+    } ok[] = {{"f32", SPEED_DTYPE_F32},       {"float32", SPEED_DTYPE_F32}, {"bf16", SPEED_DTYPE_BF16},
+              {"bfloat16", SPEED_DTYPE_BF16}, {"f16", SPEED_DTYPE_F16},     {"float16", SPEED_DTYPE_F16},
               {"BF16", SPEED_DTYPE_BF16}};
     for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++) {
         speed_dtype_t d = (speed_dtype_t)99;
@@ -91,8 +90,10 @@ static void test_bf16(void) {
         float f = speed_dtype_bf16_to_f32((uint16_t)h);
         CHECK(bits_of(f) == h << 16);
         uint16_t back = speed_dtype_f32_to_bf16(f);
-        if (isnan(f)) bad += !isnan(speed_dtype_bf16_to_f32(back));
-        else bad += back != h;
+        if (isnan(f))
+            bad += !isnan(speed_dtype_bf16_to_f32(back));
+        else
+            bad += back != h;
     }
     CHECK_INT_EQ(bad, 0);
     CHECK_INT_EQ(speed_dtype_f32_to_bf16(1.0f), 0x3f80);
@@ -134,8 +135,10 @@ static void test_f16(void) {
     for (uint32_t h = 0; h < 65536; h++) {
         float f = speed_dtype_f16_to_f32((uint16_t)h);
         uint16_t back = speed_dtype_f32_to_f16(f);
-        if (isnan(f)) bad += !isnan(speed_dtype_f16_to_f32(back));
-        else bad += back != h;
+        if (isnan(f))
+            bad += !isnan(speed_dtype_f16_to_f32(back));
+        else
+            bad += back != h;
     }
     CHECK_INT_EQ(bad, 0);
 
@@ -174,11 +177,11 @@ static void test_f16(void) {
     CHECK(isnan(speed_dtype_f16_to_f32(speed_dtype_f32_to_f16(float_of(0x7f800001)))));
     /* subnormals */
     CHECK_INT_EQ(speed_dtype_f32_to_f16(0x1p-24f), 0x0001);
-    CHECK_INT_EQ(speed_dtype_f32_to_f16(0x1p-25f), 0x0000);          /* tie to even: zero */
+    CHECK_INT_EQ(speed_dtype_f32_to_f16(0x1p-25f), 0x0000); /* tie to even: zero */
     CHECK_INT_EQ(speed_dtype_f32_to_f16(0x1.0002p-25f), 0x0001);
-    CHECK_INT_EQ(speed_dtype_f32_to_f16(3 * 0x1p-25f), 0x0002);      /* tie 1|2 -> 2 */
+    CHECK_INT_EQ(speed_dtype_f32_to_f16(3 * 0x1p-25f), 0x0002); /* tie 1|2 -> 2 */
     CHECK_INT_EQ(speed_dtype_f32_to_f16(1023 * 0x1p-24f), 0x03ff);
-    CHECK_INT_EQ(speed_dtype_f32_to_f16(0x1p-14f), 0x0400);          /* smallest normal */
+    CHECK_INT_EQ(speed_dtype_f32_to_f16(0x1p-14f), 0x0400); /* smallest normal */
     CHECK_INT_EQ(speed_dtype_f32_to_f16(0x1p-30f), 0x0000);
     CHECK_INT_EQ(speed_dtype_f32_to_f16(-0x1p-30f), 0x8000);
     CHECK(speed_dtype_f16_to_f32(0x0001) == 0x1p-24f);

@@ -26,7 +26,7 @@
 #include "openai_util.h"
 
 #define N_PROMPT 40
-#define N_GEN 8
+#define N_GEN    8
 #define LONG_GEN 4000
 
 static speed_tok_t *g_tok;
@@ -34,7 +34,7 @@ static const speed_model_config_t *g_mc;
 static int32_t g_prompt[N_PROMPT];
 static char *g_csv;
 static cu_cluster_t g_c;
-static int g_rport;   /* the main router */
+static int g_rport; /* the main router */
 
 static size_t kv_want(int C, int n) { return speed_kv_bytes_for_prompt(g_mc, C, 1, 1, n, SPEED_DTYPE_BF16); }
 
@@ -61,8 +61,10 @@ static int complete(int port, const char *body, bool stream, const char *auth, o
         cu_resp_t resp;
         cu_http(port, "POST", "/v1/completions", body, auth, NULL, 60000, &resp);
         int st = resp.status;
-        if (st == 200 && resp.json) ou_from_json(r, resp.json);
-        else memset(r, 0, sizeof *r);
+        if (st == 200 && resp.json)
+            ou_from_json(r, resp.json);
+        else
+            memset(r, 0, sizeof *r);
         if (st != 200) fprintf(stderr, "HTTP %d: %s\n", st, resp.body ? resp.body : "(none)");
         cu_resp_free(&resp);
         return st;
@@ -242,8 +244,8 @@ static void check_spread(void) {
 
 /* ---- 3. bad requests ------------------------------------------------------------------------ */
 
-static void bad(const char *path, const char *body, int status, const char *type, const char *code,
-                const char *param, const char *what) {
+static void bad(const char *path, const char *body, int status, const char *type, const char *code, const char *param,
+                const char *what) {
     cu_resp_t r;
     CHECK_MSG(cu_http(g_rport, "POST", path, body, NULL, "bad-req", 30000, &r), "%s: no answer", what);
     ou_check_error(&r, status, type, code, param, what);
@@ -304,7 +306,8 @@ static void check_bad_requests(void) {
         speed_free(ids);
     }
     /* bad parameters */
-    bad(C, "{\"model\":\"model\",\"prompt\":[1,2,3],\"temperature\":5}", 400, ire, NULL, "temperature", "temperature 5");
+    bad(C, "{\"model\":\"model\",\"prompt\":[1,2,3],\"temperature\":5}", 400, ire, NULL, "temperature",
+        "temperature 5");
     bad(C, "{\"model\":\"model\",\"prompt\":[1,2,3],\"n\":2}", 400, ire, NULL, "n", "n 2");
     bad(CH, "{\"model\":\"model\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"top_logprobs\":2}", 400, ire,
         NULL, "top_logprobs", "top_logprobs without logprobs");
@@ -407,8 +410,8 @@ static void check_overload(int port) {
     CHECK_MSG(r.seconds < 2, "the 429 took %.2f s", r.seconds);
     cu_resp_free(&r);
     cu_sse_t s;
-    CHECK(cu_sse_begin(port, "/v1/completions", "{\"model\":\"model\",\"prompt\":[1,2,3],\"stream\":true}",
-                       "Bearer k1", 30000, &s));
+    CHECK(cu_sse_begin(port, "/v1/completions", "{\"model\":\"model\",\"prompt\":[1,2,3],\"stream\":true}", "Bearer k1",
+                       30000, &s));
     CHECK_INT_EQ(s.status, 429);
     cu_sse_free(&s);
     /* a bad key is still a 401 when full */
@@ -449,11 +452,14 @@ static void check_back_to_back(int port) {
     for (int k = 0; k < 200; k++) {
         cu_resp_t r;
         cu_http(port, "POST", "/v1/completions", body, NULL, NULL, 30000, &r);
-        if (r.status == 429) n429++;
-        else if (r.status != 200) n_other++;
+        if (r.status == 429)
+            n429++;
+        else if (r.status != 200)
+            n_other++;
         cu_resp_free(&r);
     }
-    CHECK_MSG(n429 == 0, "%d of 200 back-to-back requests from one client got 429 (max_in_flight 1, max_queue 0)", n429);
+    CHECK_MSG(n429 == 0, "%d of 200 back-to-back requests from one client got 429 (max_in_flight 1, max_queue 0)",
+              n429);
     CHECK_INT_EQ(n_other, 0);
     speed_free(body);
 }
@@ -489,8 +495,8 @@ static void check_drain(cu_proc_t *router, int port, const char *auth) {
     ou_check_error(&r, 503, "server_error", "service_unavailable", NULL, "request during the drain");
     cu_resp_free(&r);
     cu_http(port, "POST", "/v1/chat/completions",
-            "{\"model\":\"model\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"stream\":true}", auth,
-            NULL, 30000, &r);
+            "{\"model\":\"model\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"stream\":true}", auth, NULL,
+            30000, &r);
     CHECK_INT_EQ(r.status, 503);
     cu_resp_free(&r);
     usleep(300000);
@@ -528,17 +534,39 @@ int main(void) {
     ou_prompt(g_prompt, N_PROMPT, g_mc->vocab_size, 37);
     g_csv = ou_ids_csv(g_prompt, N_PROMPT);
 
-    const char *extra[] = {"--speed.prefill_layers", "3", "--decode.kv_tokens", "16384", "--prefill.kv_tokens", "8192",
-                           "--router.prefill_policy", "round-robin", "--router.decode_policy", "round-robin",
-                           "--router.status_interval_ms", "200", "--log", "info", NULL};
+    const char *extra[] = {"--speed.prefill_layers",
+                           "3",
+                           "--decode.kv_tokens",
+                           "16384",
+                           "--prefill.kv_tokens",
+                           "8192",
+                           "--router.prefill_policy",
+                           "round-robin",
+                           "--router.decode_policy",
+                           "round-robin",
+                           "--router.status_interval_ms",
+                           "200",
+                           "--log",
+                           "info",
+                           NULL};
     cu_cluster_init(&g_c, 2, 2, extra);
     bool ok = cu_cluster_start_nodes(&g_c, 60);
     CHECK_MSG(ok, "nodes did not come up");
     bool ok0 = false, ok1 = false;
     cu_proc_t r0 = cu_cluster_router(&g_c, 0, NULL, 30, &ok0);
-    const char *r1_args[] = {"--router.max_in_flight", "1", "--router.max_queue", "1", "--router.queue_timeout_ms",
-                             "1500", "--router.api_keys", " k1 , k2", "--router.status_interval_ms", "60000",
-                             "--router.request_timeout_ms", "60000", NULL};
+    const char *r1_args[] = {"--router.max_in_flight",
+                             "1",
+                             "--router.max_queue",
+                             "1",
+                             "--router.queue_timeout_ms",
+                             "1500",
+                             "--router.api_keys",
+                             " k1 , k2",
+                             "--router.status_interval_ms",
+                             "60000",
+                             "--router.request_timeout_ms",
+                             "60000",
+                             NULL};
     cu_proc_t r1 = cu_cluster_router(&g_c, 1, r1_args, 30, &ok1);
     const char *r2_args[] = {"--router.max_in_flight", "1", "--router.max_queue", "0", NULL};
     bool ok2 = false;
@@ -576,8 +604,7 @@ int main(void) {
          * the last response by a moment */
         double t_free = now_s();
         while (blocks_reserved_all() > 0 && now_s() - t_free < 5) usleep(20000);
-        CHECK_MSG(blocks_reserved_all() == 0, "blocks still reserved %.1f s after the last request",
-                  now_s() - t_free);
+        CHECK_MSG(blocks_reserved_all() == 0, "blocks still reserved %.1f s after the last request", now_s() - t_free);
         check_drain(&r1, cu_router_port(&g_c, 1), "Bearer k1");
         fprintf(stderr, "drain: %.1f s\n", now_s() - t);
     }

@@ -18,9 +18,9 @@
 #include "model.h"
 #include "openai_util.h"
 
-#define N_SHORT 40
-#define N_LONG 3900
-#define N_GEN 8
+#define N_SHORT  40
+#define N_LONG   3900
+#define N_GEN    8
 #define LONG_GEN 3000
 
 static speed_tok_t *g_tok;
@@ -217,8 +217,7 @@ static int kill_decode_mid_stream(void) {
         CHECK(cu_wait_health(g_rport, 200, 5));
         short_requests(4, "after the decode kill");
         double t0 = now_s();
-        while (node_metric(false, other, "speed_decode_requests_total") < before + 4 && now_s() - t0 < 3)
-            usleep(20000);
+        while (node_metric(false, other, "speed_decode_requests_total") < before + 4 && now_s() - t0 < 3) usleep(20000);
         CHECK_NEAR(node_metric(false, other, "speed_decode_requests_total") - before, 4, 0.5);
     }
     CHECK(wait_no_blocks(10));
@@ -240,9 +239,22 @@ int main(void) {
     ou_prompt(g_short, N_SHORT, mc->vocab_size, 37);
     ou_prompt(g_long, N_LONG, mc->vocab_size, 53);
 
-    const char *extra[] = {"--speed.prefill_layers", "3", "--decode.kv_tokens", "16384", "--prefill.kv_tokens", "8192",
-                           "--router.prefill_policy", "round-robin", "--router.decode_policy", "round-robin",
-                           "--router.status_interval_ms", "200", "--router.prefill_retries", "1", "--log", "info",
+    const char *extra[] = {"--speed.prefill_layers",
+                           "3",
+                           "--decode.kv_tokens",
+                           "16384",
+                           "--prefill.kv_tokens",
+                           "8192",
+                           "--router.prefill_policy",
+                           "round-robin",
+                           "--router.decode_policy",
+                           "round-robin",
+                           "--router.status_interval_ms",
+                           "200",
+                           "--router.prefill_retries",
+                           "1",
+                           "--log",
+                           "info",
                            NULL};
     cu_cluster_init(&g_c, 2, 2, extra);
     bool ok = cu_cluster_start_nodes(&g_c, 60);

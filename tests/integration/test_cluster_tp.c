@@ -14,7 +14,7 @@
 #include "openai_util.h"
 
 #define N_PROMPT 40
-#define N_GEN 8
+#define N_GEN    8
 
 static speed_tok_t *g_tok;
 static const speed_model_config_t *g_mc;
@@ -79,8 +79,19 @@ static void run_cluster(int tp_prefill, int tp_decode) {
     snprintf(what, sizeof what, "prefill TP %d -> decode TP %d", tp_prefill, tp_decode);
     snprintf(tpp, sizeof tpp, "%d", tp_prefill);
     snprintf(tpd, sizeof tpd, "%d", tp_decode);
-    const char *extra[] = {"--speed.prefill_layers", "3", "--prefill.tensor_parallel", tpp, "--decode.tensor_parallel",
-                           tpd, "--prefill.threads", "2", "--decode.threads", "2", "--log", "info", NULL};
+    const char *extra[] = {"--speed.prefill_layers",
+                           "3",
+                           "--prefill.tensor_parallel",
+                           tpp,
+                           "--decode.tensor_parallel",
+                           tpd,
+                           "--prefill.threads",
+                           "2",
+                           "--decode.threads",
+                           "2",
+                           "--log",
+                           "info",
+                           NULL};
     cu_cluster_t c;
     cu_cluster_init(&c, 1, 1, extra);
     bool ok = cu_cluster_start_nodes(&c, 60);
@@ -147,8 +158,8 @@ int main(void) {
     fprintf(stderr, "prefill TP 2 -> decode TP 1: %.1f s\n", now_s() - t);
     t = now_s();
     run_cluster(1, 2);
-    fprintf(stderr, "prefill TP 1 -> decode TP 2: %.1f s, largest logprob deviation %.2g, %d near ties\n",
-            now_s() - t, ou_max_dev, ou_n_near_ties);
+    fprintf(stderr, "prefill TP 1 -> decode TP 2: %.1f s, largest logprob deviation %.2g, %d near ties\n", now_s() - t,
+            ou_max_dev, ou_n_near_ties);
 
     char odd[16];
     snprintf(odd, sizeof odd, "%d", g_mc->n_kv_heads + 1);

@@ -20,7 +20,7 @@
 
 /* Counts, fractions, in and out of range; fractions whose f * L sits on a half (0.3, 0.5, 0.7,
  * 0.9 of 5) are where float and double rounding used to part. */
-static const char *const g_values[] = {"1",   "3",   "5",   "0",   "-1",  "6",    "2147483647", "0.5", "0.3",
+static const char *const g_values[] = {"1",   "3",   "5",   "0",   "-1",  "6",   "2147483647", "0.5", "0.3",
                                        "0.7", "0.9", "1.0", "0.1", "0.0", "1.5", "-0.5",       NULL};
 
 static int32_t g_prompt[N_PROMPT];
@@ -154,8 +154,7 @@ int main(void) {
         off += (size_t)snprintf(g_prompt_csv + off, sizeof g_prompt_csv - off, "%s%d", i ? "," : "", g_prompt[i]);
     }
 
-    const char *extra[] = {"--speed.allow_request_override", "--router.decode_only_below", "0",
-                           "--log", "info", NULL};
+    const char *extra[] = {"--speed.allow_request_override", "--router.decode_only_below", "0", "--log", "info", NULL};
     cu_cluster_t c;
     cu_cluster_init(&c, 1, 1, extra);
     bool ok = cu_cluster_start_nodes(&c, 60);
@@ -184,8 +183,8 @@ int main(void) {
         if (want_ok) {
             n_accepted++;
             CHECK_MSG(ar.c == d.prefill_layers && an.c == d.prefill_layers && as.c == d.prefill_layers,
-                      "%s: C = %d; router %d (%s), node %d (%s), speedctl %d (%s)", v, d.prefill_layers, ar.c,
-                      ar.text, an.c, an.text, as.c, as.text);
+                      "%s: C = %d; router %d (%s), node %d (%s), speedctl %d (%s)", v, d.prefill_layers, ar.c, ar.text,
+                      an.c, an.text, as.c, as.text);
         } else {
             n_refused++;
             CHECK_MSG(ar.c < 0 && strstr(ar.text, "400 ") == ar.text && strstr(ar.text, why),

@@ -155,8 +155,8 @@ static double norm_err(const float *got, int64_t got_stride, const float *want, 
  * differ between a and b (an op wrote outside its view). */
 static bool padding_changed(const float *a, const float *b, int64_t n_rows, int64_t n_cols, int64_t stride) {
     for (int64_t r = 0; r < n_rows; r++)
-        if (stride > n_cols && memcmp(a + r * stride + n_cols, b + r * stride + n_cols,
-                                      (size_t)(stride - n_cols) * sizeof(float)) != 0)
+        if (stride > n_cols &&
+            memcmp(a + r * stride + n_cols, b + r * stride + n_cols, (size_t)(stride - n_cols) * sizeof(float)) != 0)
             return true;
     return false;
 }
@@ -194,15 +194,15 @@ static bool target_runs(const target_t *t, const char *op, const char *desc, spe
 
 static double tol_reduce(speed_dtype_t dtype) {
     switch (dtype) {
-    case SPEED_DTYPE_F32:  return 2e-5;
-    case SPEED_DTYPE_F16:  return 2e-3;
+    case SPEED_DTYPE_F32: return 2e-5;
+    case SPEED_DTYPE_F16: return 2e-3;
     case SPEED_DTYPE_BF16: return 1e-2;
     }
     return 0;
 }
 
 #define TOL_ELEMENTWISE 1e-5
-#define TOL_EXACT 0.0
+#define TOL_EXACT       0.0
 
 /* ---- embed --------------------------------------------------------------------------- */
 
@@ -225,7 +225,8 @@ static void case_embed(int64_t vocab, int64_t d, int64_t n, speed_dtype_t dtype)
         speed_status_t st = speed_backend_map_weights(t->be, table, (size_t)(vocab * d) * speed_dtype_size(dtype), &tw);
         if (st == SPEED_OK) st = speed_backend_alloc(t->be, out_bytes, &out);
         if (st == SPEED_OK)
-            st = speed_op_embed(t->be, speed_mat(out, SPEED_DTYPE_F32, n, d), speed_mat((void *)tw, dtype, vocab, d), ids);
+            st = speed_op_embed(t->be, speed_mat(out, SPEED_DTYPE_F32, n, d), speed_mat((void *)tw, dtype, vocab, d),
+                                ids);
         if (st == SPEED_OK) st = from_backend(t->be, got, out, out_bytes);
         report(t, "embed", desc, st, st == SPEED_OK ? norm_err(got, d, want, d, n, d) : 0, TOL_EXACT);
         speed_backend_free(t->be, out);
@@ -318,7 +319,8 @@ static void case_matmul(int64_t n, int64_t k, int64_t m, speed_dtype_t dtype, bo
         if (st == SPEED_OK) st = from_backend(t->be, got, dout, o_bytes);
         double err = 0;
         if (st == SPEED_OK) {
-            for (int64_t i = 0; i < n_ref_rows; i++) memcpy(got_rows + i * m, got + rows[i] * os, (size_t)m * sizeof(float));
+            for (int64_t i = 0; i < n_ref_rows; i++)
+                memcpy(got_rows + i * m, got + rows[i] * os, (size_t)m * sizeof(float));
             err = norm_err(got_rows, m, want, m, n_ref_rows, m);
             if (padding_changed(got, out0, n, m, os)) err = INFINITY;
         }
@@ -345,8 +347,12 @@ static void case_rope(int64_t n, int n_heads, int head_dim, int32_t max_pos, boo
              llama3 ? " llama3" : "", x_pad ? " strided" : "");
     speed_rope_t rope = {.theta = 10000.0f};
     if (llama3)
-        rope = (speed_rope_t){.theta = 500000.0f, .llama3_scaling = true, .factor = 8.0f, .low_freq_factor = 1.0f,
-                              .high_freq_factor = 4.0f, .original_max_position = 8192};
+        rope = (speed_rope_t){.theta = 500000.0f,
+                              .llama3_scaling = true,
+                              .factor = 8.0f,
+                              .low_freq_factor = 1.0f,
+                              .high_freq_factor = 4.0f,
+                              .original_max_position = 8192};
     const int64_t d = (int64_t)n_heads * head_dim, xs = d + x_pad;
     size_t bytes = (size_t)(n * xs) * sizeof(float);
     float *x = host_alloc(bytes), *want = host_alloc(bytes), *got = host_alloc(bytes);
@@ -386,7 +392,10 @@ static void case_binary(speed_op_t op, int64_t n, int64_t f, int alias, bool ext
     const char *name = op == SPEED_OP_SWIGLU ? "swiglu" : "add";
     char desc[96];
     snprintf(desc, sizeof desc, "n=%lld f=%lld%s%s", (long long)n, (long long)f,
-             alias == 1 ? " out=a" : alias == 2 ? " out=b" : "", extremes ? " extremes" : "");
+             alias == 1   ? " out=a"
+             : alias == 2 ? " out=b"
+                          : "",
+             extremes ? " extremes" : "");
     size_t bytes = (size_t)(n * f) * sizeof(float);
     float *a = host_alloc(bytes), *b = host_alloc(bytes), *want = host_alloc(bytes), *got = host_alloc(bytes);
     fill_uniform(a, n * f, -8, 8);
@@ -408,7 +417,8 @@ static void case_binary(speed_op_t op, int64_t n, int64_t f, int alias, bool ext
         void *o = alias == 1 ? da : alias == 2 ? db : dout;
         speed_mat_t ma = speed_mat(da, SPEED_DTYPE_F32, n, f), mb = speed_mat(db, SPEED_DTYPE_F32, n, f),
                     mo = speed_mat(o, SPEED_DTYPE_F32, n, f);
-        if (st == SPEED_OK) st = op == SPEED_OP_SWIGLU ? speed_op_swiglu(t->be, mo, ma, mb) : speed_op_add(t->be, mo, ma, mb);
+        if (st == SPEED_OK)
+            st = op == SPEED_OP_SWIGLU ? speed_op_swiglu(t->be, mo, ma, mb) : speed_op_add(t->be, mo, ma, mb);
         if (st == SPEED_OK) st = from_backend(t->be, got, o, bytes);
         report(t, name, desc, st, st == SPEED_OK ? norm_err(got, f, want, f, n, f) : 0,
                op == SPEED_OP_ADD ? TOL_EXACT : TOL_ELEMENTWISE);
@@ -440,8 +450,8 @@ static void case_get_rows(int64_t n_x, int64_t d, int64_t n) {
         void *dx = to_backend(t->be, x, x_bytes), *dout = NULL;
         speed_status_t st = dx ? speed_backend_alloc(t->be, o_bytes, &dout) : SPEED_ERR_NO_MEMORY;
         if (st == SPEED_OK)
-            st = speed_op_get_rows(t->be, speed_mat(dout, SPEED_DTYPE_F32, n, d), speed_mat(dx, SPEED_DTYPE_F32, n_x, d),
-                                   rows);
+            st = speed_op_get_rows(t->be, speed_mat(dout, SPEED_DTYPE_F32, n, d),
+                                   speed_mat(dx, SPEED_DTYPE_F32, n_x, d), rows);
         if (st == SPEED_OK) st = from_backend(t->be, got, dout, o_bytes);
         report(t, "get_rows", desc, st, st == SPEED_OK ? norm_err(got, d, want, d, n, d) : 0, TOL_EXACT);
         speed_backend_free(t->be, dx);
@@ -477,8 +487,13 @@ static pool_shape_t pool_shape_heads(int n_blocks, int B, int slot_heads, int h0
         .layer_offset = 2 * half + (size_t)h0 * head_dim * es,
         .slot_heads = slot_heads,
         .h0 = h0,
-        .kv = {.block_stride = 4 * half, .v_offset = half, .block_tokens = B, .n_kv_heads = n_kv_heads,
-               .head_dim = head_dim, .dtype = dtype, .slot_heads = slot_heads == n_kv_heads ? 0 : slot_heads},
+        .kv = {.block_stride = 4 * half,
+               .v_offset = half,
+               .block_tokens = B,
+               .n_kv_heads = n_kv_heads,
+               .head_dim = head_dim,
+               .dtype = dtype,
+               .slot_heads = slot_heads == n_kv_heads ? 0 : slot_heads},
     };
 }
 
@@ -536,13 +551,14 @@ static void case_kv_heads(int n_blocks, int B, int slot_heads, int h0, int n_kv_
     int32_t *perm = host_alloc((size_t)n_blocks * B * sizeof(int32_t));
     shuffle_ids(perm, (int64_t)n_blocks * B);
     int64_t n_load = n + 3 <= (int64_t)n_blocks * B ? n + 3 : n; /* + slots never stored */
-    int32_t *slots = perm;                                     /* the first n_load of the permutation */
+    int32_t *slots = perm;                                       /* the first n_load of the permutation */
 
     unsigned char *pool0 = host_alloc(ps.bytes), *want_pool = host_alloc(ps.bytes), *got_pool = host_alloc(ps.bytes);
     memset(pool0, 0xA5, ps.bytes);
     memcpy(want_pool, pool0, ps.bytes);
     speed_kv_layer_t rkv = pool_layer(&ps, want_pool);
-    speed_mat_t hk = {kvbuf + k_off, SPEED_DTYPE_F32, n, w, stride}, hv = {kvbuf + v_off, SPEED_DTYPE_F32, n, w, stride};
+    speed_mat_t hk = {kvbuf + k_off, SPEED_DTYPE_F32, n, w, stride},
+                hv = {kvbuf + v_off, SPEED_DTYPE_F32, n, w, stride};
     SPEED_ASSERT(speed_op_kv_store(ref, &rkv, hk, hv, slots) == SPEED_OK);
     size_t l_bytes = (size_t)(n_load * w) * sizeof(float);
     float *want_k = host_alloc(l_bytes), *want_v = host_alloc(l_bytes), *got_k = host_alloc(l_bytes),
@@ -598,8 +614,7 @@ static void case_kv_heads(int n_blocks, int B, int slot_heads, int h0, int n_kv_
             if (st == SPEED_OK) st = from_backend(t->be, got_k, dk, l_bytes);
             if (st == SPEED_OK) st = from_backend(t->be, got_v, dv, l_bytes);
             err = 0;
-            if (st == SPEED_OK)
-                err = memcmp(got_k, want_k, l_bytes) || memcmp(got_v, want_v, l_bytes) ? INFINITY : 0;
+            if (st == SPEED_OK) err = memcmp(got_k, want_k, l_bytes) || memcmp(got_v, want_v, l_bytes) ? INFINITY : 0;
             report(t, "kv_load", desc, st, err, TOL_EXACT);
         }
         speed_backend_free(t->be, dpool);
@@ -646,7 +661,7 @@ static void case_attention_heads(const char *what, int n_heads, int slot_heads, 
     }
     const bool view = slot_heads != n_kv_heads;
     pool_shape_t ps = pool_shape_heads((int)n_blocks, B, slot_heads, h0, n_kv_heads, head_dim, dtype);
-    pool_shape_t whole = pool_shape_whole(&ps);                                   /* ps, every head */
+    pool_shape_t whole = pool_shape_whole(&ps);                                  /* ps, every head */
     pool_shape_t cs = pool_shape((int)n_blocks, B, n_kv_heads, head_dim, dtype); /* the view's heads alone */
     snprintf(desc, sizeof desc, "%s h=%d/%d hd=%d B=%d %s%s%s", what, n_heads, n_kv_heads, head_dim, B,
              speed_dtype_name(dtype), q_pad ? " strided" : "", heads_desc(&ps, hdesc, sizeof hdesc));
@@ -704,8 +719,8 @@ static void case_attention_heads(const char *what, int n_heads, int slot_heads, 
     fill_uniform(q, n_rows * qs, -q_scale, q_scale);
     float scale = (float)(1.0 / sqrt((double)head_dim));
     speed_mat_t qv = {q, SPEED_DTYPE_F32, n_rows, d, qs};
-    SPEED_ASSERT(speed_op_attention(ref, speed_mat(want, SPEED_DTYPE_F32, n_rows, d), qv, &rkv, n_heads, &rows, scale) ==
-                 SPEED_OK);
+    SPEED_ASSERT(speed_op_attention(ref, speed_mat(want, SPEED_DTYPE_F32, n_rows, d), qv, &rkv, n_heads, &rows,
+                                    scale) == SPEED_OK);
 
     for (int ti = 0; ti < n_targets; ti++) {
         const target_t *t = &targets[ti];
@@ -715,7 +730,8 @@ static void case_attention_heads(const char *what, int n_heads, int slot_heads, 
         speed_kv_layer_t tkv = pool_layer(&ps, dpool);
         speed_mat_t tq = {dq, SPEED_DTYPE_F32, n_rows, d, qs};
         if (st == SPEED_OK)
-            st = speed_op_attention(t->be, speed_mat(dout, SPEED_DTYPE_F32, n_rows, d), tq, &tkv, n_heads, &rows, scale);
+            st =
+                speed_op_attention(t->be, speed_mat(dout, SPEED_DTYPE_F32, n_rows, d), tq, &tkv, n_heads, &rows, scale);
         if (st == SPEED_OK) st = from_backend(t->be, got, dout, o_bytes);
         report(t, "attention", desc, st, st == SPEED_OK ? norm_err(got, d, want, d, n_rows, d) : 0, tol_reduce(dtype));
         speed_backend_free(t->be, dpool);
@@ -869,28 +885,28 @@ static void case_topk_invalid(void) {
         if (st == SPEED_OK) st = speed_backend_alloc(t->be, 4 * 300 * sizeof(int32_t), &di);
         if (st == SPEED_OK) st = speed_backend_alloc(t->be, 4 * sizeof(float), &de);
         int n_bad = 0, n_rejected = 0;
-#define TOPK_BAD(vals, ids, lse, logits, k)                                                             \
-    do {                                                                                                \
-        n_bad++;                                                                                        \
-        n_rejected += speed_op_topk(t->be, vals, ids, lse, logits, k) == SPEED_ERR_INVALID_ARGUMENT;    \
+#define TOPK_BAD(vals, ids, lse, logits, k)                                                          \
+    do {                                                                                             \
+        n_bad++;                                                                                     \
+        n_rejected += speed_op_topk(t->be, vals, ids, lse, logits, k) == SPEED_ERR_INVALID_ARGUMENT; \
     } while (0)
         if (st == SPEED_OK) {
             speed_mat_t x7 = speed_mat(dx, SPEED_DTYPE_F32, 4, 7), x300 = speed_mat(dx, SPEED_DTYPE_F32, 4, 300);
             speed_log_set_sink(count_errors, NULL); /* the expected errors are counted, not printed */
             n_errors_logged = 0;
-            TOPK_BAD(speed_mat(dv, SPEED_DTYPE_F32, 4, 0), di, de, x7, 0);     /* k = 0 */
-            TOPK_BAD(speed_mat(dv, SPEED_DTYPE_F32, 4, 8), di, de, x7, 8);     /* k > V */
+            TOPK_BAD(speed_mat(dv, SPEED_DTYPE_F32, 4, 0), di, de, x7, 0);       /* k = 0 */
+            TOPK_BAD(speed_mat(dv, SPEED_DTYPE_F32, 4, 8), di, de, x7, 8);       /* k > V */
             TOPK_BAD(speed_mat(dv, SPEED_DTYPE_F32, 4, 257), di, de, x300, 257); /* k > 256 */
             TOPK_BAD(speed_mat(dv, SPEED_DTYPE_F32, 4, 3), di, de, x7, -1);
-            TOPK_BAD(speed_mat(dv, SPEED_DTYPE_F32, 4, 4), di, de, x7, 3);     /* vals columns != k */
-            TOPK_BAD(speed_mat(dv, SPEED_DTYPE_F32, 3, 3), di, de, x7, 3);     /* rows differ */
-            TOPK_BAD(speed_mat(dv, SPEED_DTYPE_BF16, 4, 3), di, de, x7, 3);    /* vals not f32 */
+            TOPK_BAD(speed_mat(dv, SPEED_DTYPE_F32, 4, 4), di, de, x7, 3);  /* vals columns != k */
+            TOPK_BAD(speed_mat(dv, SPEED_DTYPE_F32, 3, 3), di, de, x7, 3);  /* rows differ */
+            TOPK_BAD(speed_mat(dv, SPEED_DTYPE_BF16, 4, 3), di, de, x7, 3); /* vals not f32 */
             TOPK_BAD(speed_mat(dv, SPEED_DTYPE_F32, 4, 3), di, de, speed_mat(dx, SPEED_DTYPE_F16, 4, 7), 3);
             TOPK_BAD(speed_mat(dv, SPEED_DTYPE_F32, 4, 3), NULL, de, x7, 3);
             TOPK_BAD(speed_mat(dv, SPEED_DTYPE_F32, 4, 3), di, NULL, x7, 3);
             TOPK_BAD(speed_mat(dv, SPEED_DTYPE_F32, 4, 3), di, de, speed_mat(NULL, SPEED_DTYPE_F32, 4, 7), 3);
-            TOPK_BAD(speed_mat(dx, SPEED_DTYPE_F32, 4, 3), di, de, x7, 3);     /* vals overlap logits */
-            TOPK_BAD(speed_mat(dv, SPEED_DTYPE_F32, 4, 3), dx, de, x7, 3);     /* ids overlap logits */
+            TOPK_BAD(speed_mat(dx, SPEED_DTYPE_F32, 4, 3), di, de, x7, 3); /* vals overlap logits */
+            TOPK_BAD(speed_mat(dv, SPEED_DTYPE_F32, 4, 3), dx, de, x7, 3); /* ids overlap logits */
             TOPK_BAD(speed_mat(dv, SPEED_DTYPE_F32, 4, 3), di, (float *)dx + 27, x7, 3);
             speed_log_set_sink(NULL, NULL);
             if (n_errors_logged != n_bad) n_rejected = -1;
@@ -933,7 +949,7 @@ static void run_all(void) {
         case_matmul(1, 64, 127, dt, true, 0, 0, 1);
         case_matmul(17, 127, 3, dt, false, 0, 0, 17);
         case_matmul(5, 1000, 33, dt, true, 0, 0, 5);
-        case_matmul(7, 96, 40, dt, true, 4, 8, 7);        /* views: x, out inside wider rows */
+        case_matmul(7, 96, 40, dt, true, 4, 8, 7); /* views: x, out inside wider rows */
         case_matmul(3, 1003, 129, dt, false, 0, 0, 3);
         case_matmul(64, 256, 704, dt, false, 0, 0, 64);
         case_matmul(1, 2048, 2048, dt, false, 0, 0, 1);   /* decode: one token, a 2048² weight */
@@ -947,7 +963,7 @@ static void run_all(void) {
         case_rope(17, 32, 64, 4096, l3, 0);
         case_rope(5, 8, 128, 131072, l3, 0);
         case_rope(64, 4, 128, 1000, l3, 0);
-        case_rope(7, 5, 34, 300, l3, 24);  /* q heads inside a fused qkv row */
+        case_rope(7, 5, 34, 300, l3, 24); /* q heads inside a fused qkv row */
         case_rope(2, 3, 18, 64, l3, 0);
     }
 

@@ -70,8 +70,11 @@ static void test_cpu_sums(void) {
             rank_job_t jobs[8];
             pthread_t t[8];
             for (int r = 0; r < n; r++) {
-                jobs[r] = (rank_job_t){.comm = speed_comm_group_rank(g, r), .count = counts[ci], .rounds = 5,
-                                       .buf = malloc((size_t)(counts[ci] + 1) * sizeof(float)), .st = SPEED_OK};
+                jobs[r] = (rank_job_t){.comm = speed_comm_group_rank(g, r),
+                                       .count = counts[ci],
+                                       .rounds = 5,
+                                       .buf = malloc((size_t)(counts[ci] + 1) * sizeof(float)),
+                                       .st = SPEED_OK};
                 CHECK_INT_EQ(speed_comm_rank(jobs[r].comm), r);
                 CHECK_INT_EQ(speed_comm_size(jobs[r].comm), n);
                 pthread_create(&t[r], NULL, rank_main, &jobs[r]);
@@ -97,8 +100,8 @@ static void test_cpu_sums(void) {
 typedef struct {
     speed_comm_t *comm;
     int64_t count;
-    int delay_ms;      /* before the call */
-    bool do_abort;     /* abort instead of calling */
+    int delay_ms;  /* before the call */
+    bool do_abort; /* abort instead of calling */
     speed_status_t st;
     atomic_bool done;
 } abort_job_t;
@@ -130,8 +133,10 @@ static void test_cpu_failures(void) {
             atomic_init(&jobs[r].done, false);
         }
         jobs[2].delay_ms = 100;
-        if (mode == 0) jobs[2].do_abort = true; /* rank 2 gives up while 0 and 1 wait */
-        else jobs[2].count = 8;                 /* rank 2 disagrees on the size */
+        if (mode == 0)
+            jobs[2].do_abort = true; /* rank 2 gives up while 0 and 1 wait */
+        else
+            jobs[2].count = 8; /* rank 2 disagrees on the size */
         for (int r = 0; r < 3; r++) pthread_create(&t[r], NULL, abort_main, &jobs[r]);
         for (int w = 0; w < 200 && !(jobs[0].done && jobs[1].done && jobs[2].done); w++) usleep(10000);
         bool all_done = jobs[0].done && jobs[1].done && jobs[2].done;
@@ -143,8 +148,8 @@ static void test_cpu_failures(void) {
             CHECK_INT_EQ(jobs[1].st, SPEED_ERR_CANCELLED);
         } else {
             for (int r = 0; r < 3; r++)
-                CHECK_MSG(jobs[r].st == SPEED_ERR_INVALID_ARGUMENT || jobs[r].st == SPEED_ERR_CANCELLED,
-                          "rank %d: %s", r, speed_status_string(jobs[r].st));
+                CHECK_MSG(jobs[r].st == SPEED_ERR_INVALID_ARGUMENT || jobs[r].st == SPEED_ERR_CANCELLED, "rank %d: %s",
+                          r, speed_status_string(jobs[r].st));
             int n_invalid = 0;
             for (int r = 0; r < 3; r++) n_invalid += jobs[r].st == SPEED_ERR_INVALID_ARGUMENT;
             CHECK(n_invalid >= 1);
@@ -228,8 +233,8 @@ static int test_nccl(void) {
     }
     for (int r = 0; r < n; r++) pthread_join(t[r], NULL);
     for (int r = 0; r < n; r++) {
-        CHECK_MSG(jobs[r].st == SPEED_OK && jobs[r].mismatches == 0, "%d GPUs: rank %d: %s (%s), %d mismatches", n,
-                  r, speed_status_string(jobs[r].st), speed_log_last_error(), jobs[r].mismatches);
+        CHECK_MSG(jobs[r].st == SPEED_OK && jobs[r].mismatches == 0, "%d GPUs: rank %d: %s (%s), %d mismatches", n, r,
+                  speed_status_string(jobs[r].st), speed_log_last_error(), jobs[r].mismatches);
         fprintf(stderr, "nccl %d GPU(s): rank %d max relative error %.2e\n", n, r, jobs[r].max_rel);
     }
     for (int r = 0; r < n; r++) speed_backend_destroy(bes[r]);

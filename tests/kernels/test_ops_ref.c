@@ -104,8 +104,8 @@ static void test_embed(void) {
     for (int d = 0; d < SPEED_DTYPE_COUNT; d++) {
         float out[4][2];
         memset(out, 0xff, sizeof out);
-        CHECK_INT_EQ(speed_op_embed(be, speed_mat(out, SPEED_DTYPE_F32, 4, 2), speed_mat(tables[d], (speed_dtype_t)d, 3, 2),
-                                    ids),
+        CHECK_INT_EQ(speed_op_embed(be, speed_mat(out, SPEED_DTYPE_F32, 4, 2),
+                                    speed_mat(tables[d], (speed_dtype_t)d, 3, 2), ids),
                      SPEED_OK);
         for (int i = 0; i < 4; i++)
             for (int c = 0; c < 2; c++) {
@@ -137,8 +137,7 @@ static void test_add_get_rows(void) {
     const int32_t rows[4] = {2, 2, 0, 1};
     float g[4][2];
     CHECK_INT_EQ(speed_op_get_rows(be, speed_mat(g, SPEED_DTYPE_F32, 4, 2), xv, rows), SPEED_OK);
-    CHECK(g[0][0] == 5 && g[0][1] == 6 && g[1][0] == 5 && g[2][0] == 1 && g[2][1] == 2 && g[3][0] == 3 &&
-          g[3][1] == 4);
+    CHECK(g[0][0] == 5 && g[0][1] == 6 && g[1][0] == 5 && g[2][0] == 1 && g[2][1] == 2 && g[3][0] == 3 && g[3][1] == 4);
 }
 
 /* ---- rmsnorm --------------------------------------------------------------------------- */
@@ -300,8 +299,7 @@ static void test_rope_basic(void) {
  * the reference's shape: a frequency is "high" when its wavelength is shorter than
  * orig / high_freq_factor, "low" when longer than orig / low_freq_factor, and in between its
  * scale goes linearly (in orig / wavelen) from 1/factor to 1. */
-static double llama3_expected(double inv_freq, double factor, double low, double high, double orig,
-                              int *regime_p) {
+static double llama3_expected(double inv_freq, double factor, double low, double high, double orig, int *regime_p) {
     double wavelen = 2.0 * acos(-1.0) / inv_freq;
     if (wavelen < orig / high) {
         *regime_p = 0;
@@ -318,8 +316,12 @@ static double llama3_expected(double inv_freq, double factor, double low, double
 
 static void test_rope_llama3(void) {
     const int hd = 128, half = hd / 2;
-    speed_rope_t rope = {.theta = 500000.0f, .llama3_scaling = true, .factor = 8.0f, .low_freq_factor = 1.0f,
-                         .high_freq_factor = 4.0f, .original_max_position = 8192};
+    speed_rope_t rope = {.theta = 500000.0f,
+                         .llama3_scaling = true,
+                         .factor = 8.0f,
+                         .low_freq_factor = 1.0f,
+                         .high_freq_factor = 4.0f,
+                         .original_max_position = 8192};
     const int32_t positions[3] = {1, 37, 1000};
     int seen[3] = {0, 0, 0};
     for (int pi = 0; pi < 3; pi++) {
@@ -369,8 +371,8 @@ static void test_swiglu(void) {
                                  speed_mat(u, SPEED_DTYPE_F32, 2, 3)),
                  SPEED_OK);
     CHECK(out[0] == 0);
-    CHECK_NEAR(out[1], 2 * 0.7310585786300049, 1e-7);  /* silu(1) = sigmoid(1) */
-    CHECK_NEAR(out[2], -0.2689414213699951, 1e-7);     /* silu(-1) = -sigmoid(-1) */
+    CHECK_NEAR(out[1], 2 * 0.7310585786300049, 1e-7); /* silu(1) = sigmoid(1) */
+    CHECK_NEAR(out[2], -0.2689414213699951, 1e-7);    /* silu(-1) = -sigmoid(-1) */
     CHECK_NEAR(out[3], 300, 1e-4);
     CHECK_NEAR(out[4], 0, 1e-30);
     CHECK_NEAR(out[5], -0.5 * 2 / (1 + exp(-2.0)), 1e-7);
@@ -498,12 +500,12 @@ static void test_kv(void) {
     pool_init(&p, 1, 1, 1, 2, SPEED_DTYPE_BF16);
     float kk[2] = {1.0f + 1.0f / 256, 1.0f + 3.0f / 256}, vv[2] = {0, 0}, back[2], vb[2];
     const int32_t s0 = 0;
-    CHECK_INT_EQ(speed_op_kv_store(be, &p.kv, speed_mat(kk, SPEED_DTYPE_F32, 1, 2), speed_mat(vv, SPEED_DTYPE_F32, 1, 2),
-                                   &s0),
-                 SPEED_OK);
-    CHECK_INT_EQ(speed_op_kv_load(be, &p.kv, speed_mat(back, SPEED_DTYPE_F32, 1, 2), speed_mat(vb, SPEED_DTYPE_F32, 1, 2),
-                                  &s0),
-                 SPEED_OK);
+    CHECK_INT_EQ(
+        speed_op_kv_store(be, &p.kv, speed_mat(kk, SPEED_DTYPE_F32, 1, 2), speed_mat(vv, SPEED_DTYPE_F32, 1, 2), &s0),
+        SPEED_OK);
+    CHECK_INT_EQ(
+        speed_op_kv_load(be, &p.kv, speed_mat(back, SPEED_DTYPE_F32, 1, 2), speed_mat(vb, SPEED_DTYPE_F32, 1, 2), &s0),
+        SPEED_OK);
     CHECK(back[0] == 1.0f && back[1] == 1.0f + 4.0f / 256);
     speed_aligned_free(p.mem);
 }
@@ -542,8 +544,8 @@ static void test_kv_head_view(void) {
             CHECK_INT_EQ(speed_op_kv_store(be, &view, speed_mat(k, SPEED_DTYPE_F32, N, H * D),
                                            speed_mat(v, SPEED_DTYPE_F32, N, H * D), slots),
                          SPEED_OK);
-            CHECK_MSG(memcmp(p.mem, want, p.bytes) == 0, "%s heads [%d, %d) of %d: pool bytes",
-                      speed_dtype_name(dtype), h0, h0 + H, SH);
+            CHECK_MSG(memcmp(p.mem, want, p.bytes) == 0, "%s heads [%d, %d) of %d: pool bytes", speed_dtype_name(dtype),
+                      h0, h0 + H, SH);
             float k2[N][H * D], v2[N][H * D];
             CHECK_INT_EQ(speed_op_kv_load(be, &view, speed_mat(k2, SPEED_DTYPE_F32, N, H * D),
                                           speed_mat(v2, SPEED_DTYPE_F32, N, H * D), slots),
@@ -610,8 +612,8 @@ static void test_attention(void) {
         float q[5][NH * D], out[5][NH * D];
         memset(q, 0, sizeof q); /* q = 0: all scores equal, output = mean of visible V */
         memset(out, 0x7f, sizeof out);
-        CHECK_INT_EQ(speed_op_attention(be, speed_mat(out, SPEED_DTYPE_F32, 5, NH * D), speed_mat(q, SPEED_DTYPE_F32, 5, NH * D),
-                                        &p.kv, NH, &rows, 0.5f),
+        CHECK_INT_EQ(speed_op_attention(be, speed_mat(out, SPEED_DTYPE_F32, 5, NH * D),
+                                        speed_mat(q, SPEED_DTYPE_F32, 5, NH * D), &p.kv, NH, &rows, 0.5f),
                      SPEED_OK);
         int mean_ok = 1;
         for (int r = 0; r < 5; r++)
@@ -634,8 +636,8 @@ static void test_attention(void) {
         memset(q, 0, sizeof q);
         const float t[NH] = {0, 1, 2, -3};
         for (int h = 0; h < NH; h++) q[1][h * D + 0] = t[h];
-        CHECK_INT_EQ(speed_op_attention(be, speed_mat(out, SPEED_DTYPE_F32, 5, NH * D), speed_mat(q, SPEED_DTYPE_F32, 5, NH * D),
-                                        &p.kv, NH, &rows, 0.5f),
+        CHECK_INT_EQ(speed_op_attention(be, speed_mat(out, SPEED_DTYPE_F32, 5, NH * D),
+                                        speed_mat(q, SPEED_DTYPE_F32, 5, NH * D), &p.kv, NH, &rows, 0.5f),
                      SPEED_OK);
         for (int h = 0; h < NH; h++) {
             double w0 = 1.0 / (1.0 + exp(-0.5 * t[h]));
@@ -647,8 +649,8 @@ static void test_attention(void) {
         /* A large score dominates without overflow (max subtraction): q = 1000 e_2 on row 2. */
         memset(q, 0, sizeof q);
         for (int h = 0; h < NH; h++) q[2][h * D + 2] = 1000.0f;
-        CHECK_INT_EQ(speed_op_attention(be, speed_mat(out, SPEED_DTYPE_F32, 5, NH * D), speed_mat(q, SPEED_DTYPE_F32, 5, NH * D),
-                                        &p.kv, NH, &rows, 1.0f),
+        CHECK_INT_EQ(speed_op_attention(be, speed_mat(out, SPEED_DTYPE_F32, 5, NH * D),
+                                        speed_mat(q, SPEED_DTYPE_F32, 5, NH * D), &p.kv, NH, &rows, 1.0f),
                      SPEED_OK);
         for (int h = 0; h < NH; h++)
             for (int d = 0; d < D; d++) CHECK_NEAR(out[2][h * D + d], 20 + 100 * (h / 2) + d, 1e-3);
@@ -657,8 +659,8 @@ static void test_attention(void) {
         const int32_t bad_table[3] = {4, -1, 3};
         const int32_t *bad_tables[5] = {table, table, bad_table, NULL, table};
         speed_attn_rows_t bad_rows = {.n_rows = 5, .block_table = bad_tables, .n_visible = nv};
-        CHECK_INT_EQ(speed_op_attention(be, speed_mat(out, SPEED_DTYPE_F32, 5, NH * D), speed_mat(q, SPEED_DTYPE_F32, 5, NH * D),
-                                        &p.kv, NH, &bad_rows, 1.0f),
+        CHECK_INT_EQ(speed_op_attention(be, speed_mat(out, SPEED_DTYPE_F32, 5, NH * D),
+                                        speed_mat(q, SPEED_DTYPE_F32, 5, NH * D), &p.kv, NH, &bad_rows, 1.0f),
                      SPEED_ERR_INVALID_ARGUMENT);
         speed_aligned_free(p.mem);
     }
@@ -670,12 +672,12 @@ static void test_topk(void) {
     const float inf = INFINITY;
     /* logits [6][5], row stride 6 (the last column is padding that must be ignored) */
     float x[6][6] = {
-        {1, 3, 2, 3, -inf, 99},       /* a tie at the top: column 1 before column 3 */
-        {-inf, -inf, -inf, -inf, -inf, 99}, /* all -inf: lse -inf, columns in order */
-        {0, inf, 5, -inf, 7, 99},     /* +inf: lse +inf */
+        {1, 3, 2, 3, -inf, 99},                  /* a tie at the top: column 1 before column 3 */
+        {-inf, -inf, -inf, -inf, -inf, 99},      /* all -inf: lse -inf, columns in order */
+        {0, inf, 5, -inf, 7, 99},                /* +inf: lse +inf */
         {3e38f, -0.0f, 3e38f, 0.0f, -3e38f, 99}, /* no overflow in the shift; -0 ties +0 */
-        {-1, -1, -1, -1, -1, 99},     /* all equal */
-        {10, 20, 30, 40, 50, 99},     /* ascending */
+        {-1, -1, -1, -1, -1, 99},                /* all equal */
+        {10, 20, 30, 40, 50, 99},                /* ascending */
     };
     float vals[6][4]; /* k = 3, row stride 4 */
     int32_t ids[6][3];
@@ -685,8 +687,9 @@ static void test_topk(void) {
     CHECK_INT_EQ(speed_op_topk(be, vm, &ids[0][0], lse, xm, 3), SPEED_OK);
 
     static const int32_t want_ids[6][3] = {{1, 3, 2}, {0, 1, 2}, {1, 4, 2}, {0, 2, 1}, {0, 1, 2}, {4, 3, 2}};
-    static const float want_vals[6][3] = {{3, 3, 2}, {-INFINITY, -INFINITY, -INFINITY}, {INFINITY, 7, 5},
-                                          {3e38f, 3e38f, -0.0f}, {-1, -1, -1}, {50, 40, 30}};
+    static const float want_vals[6][3] = {{3, 3, 2},        {-INFINITY, -INFINITY, -INFINITY},
+                                          {INFINITY, 7, 5}, {3e38f, 3e38f, -0.0f},
+                                          {-1, -1, -1},     {50, 40, 30}};
     for (int r = 0; r < 6; r++) {
         for (int j = 0; j < 3; j++) {
             CHECK_MSG(ids[r][j] == want_ids[r][j], "row %d rank %d: id %d, want %d", r, j, ids[r][j], want_ids[r][j]);
@@ -706,13 +709,15 @@ static void test_topk(void) {
     /* k = V = 1 and k = V */
     float one = -7.5f, v1 = 0, e1 = 0;
     int32_t i1 = -1;
-    CHECK_INT_EQ(speed_op_topk(be, speed_mat(&v1, SPEED_DTYPE_F32, 1, 1), &i1, &e1,
-                               speed_mat(&one, SPEED_DTYPE_F32, 1, 1), 1), SPEED_OK);
+    CHECK_INT_EQ(
+        speed_op_topk(be, speed_mat(&v1, SPEED_DTYPE_F32, 1, 1), &i1, &e1, speed_mat(&one, SPEED_DTYPE_F32, 1, 1), 1),
+        SPEED_OK);
     CHECK(v1 == -7.5f && i1 == 0 && e1 == -7.5f);
     float row[4] = {2, 4, 1, 3}, v4[4];
     int32_t i4[4];
-    CHECK_INT_EQ(speed_op_topk(be, speed_mat(v4, SPEED_DTYPE_F32, 1, 4), i4, &e1,
-                               speed_mat(row, SPEED_DTYPE_F32, 1, 4), 4), SPEED_OK);
+    CHECK_INT_EQ(
+        speed_op_topk(be, speed_mat(v4, SPEED_DTYPE_F32, 1, 4), i4, &e1, speed_mat(row, SPEED_DTYPE_F32, 1, 4), 4),
+        SPEED_OK);
     CHECK(i4[0] == 1 && i4[1] == 3 && i4[2] == 0 && i4[3] == 2 && v4[0] == 4 && v4[3] == 1);
     CHECK(fabs(e1 - log(exp(2.0) + exp(4.0) + exp(1.0) + exp(3.0))) < 1e-5);
 }
@@ -733,10 +738,10 @@ static void test_bad_arguments(void) {
     const int32_t ids_ok[4] = {0, 1, 2, 3}, ids_big[4] = {0, 1, 2, 4}, ids_neg[4] = {0, -1, 2, 3};
     int before = n_errors_logged;
     int n_bad = 0;
-#define BAD(call)                                                                     \
-    do {                                                                              \
-        n_bad++;                                                                      \
-        CHECK_INT_EQ((call), SPEED_ERR_INVALID_ARGUMENT);                             \
+#define BAD(call)                                         \
+    do {                                                  \
+        n_bad++;                                          \
+        CHECK_INT_EQ((call), SPEED_ERR_INVALID_ARGUMENT); \
     } while (0)
 
     /* embed: table [4][8] */
@@ -757,26 +762,34 @@ static void test_bad_arguments(void) {
     BAD(speed_op_rmsnorm(be, m48, null48, w18, 1e-5f));
     BAD(speed_op_rmsnorm(be, m48, badstride, w18, 1e-5f));
     /* matmul: x [4][8], w [m][8] -> out [4][m] */
-    BAD(speed_op_matmul(be, m48, n48, m47, false));                               /* k mismatch */
+    BAD(speed_op_matmul(be, m48, n48, m47, false));                                 /* k mismatch */
     BAD(speed_op_matmul(be, m48, n48, speed_mat(c, SPEED_DTYPE_F32, 2, 8), false)); /* out cols != m */
-    BAD(speed_op_matmul(be, m48, m38, o48, false));                               /* out rows != x rows */
-    BAD(speed_op_matmul(be, m48, bf48, o48, false));                              /* x must be f32 */
+    BAD(speed_op_matmul(be, m48, m38, o48, false));                                 /* out rows != x rows */
+    BAD(speed_op_matmul(be, m48, bf48, o48, false));                                /* x must be f32 */
     BAD(speed_op_matmul(be, m48, n48, null48, false));
     BAD(speed_op_matmul(be, m48, negrows, o48, false));
     /* rope */
     speed_rope_t rope = {.theta = 10000.0f};
-    BAD(speed_op_rope(be, m48, 2, 3, ids_ok, &rope));  /* odd head_dim */
-    BAD(speed_op_rope(be, m48, 3, 2, ids_ok, &rope));  /* n_cols != n_heads * head_dim */
+    BAD(speed_op_rope(be, m48, 2, 3, ids_ok, &rope)); /* odd head_dim */
+    BAD(speed_op_rope(be, m48, 3, 2, ids_ok, &rope)); /* n_cols != n_heads * head_dim */
     BAD(speed_op_rope(be, m48, 0, 8, ids_ok, &rope));
     BAD(speed_op_rope(be, m48, 2, 4, NULL, &rope));
     BAD(speed_op_rope(be, m48, 2, 4, ids_ok, NULL));
     speed_rope_t bad_theta = {.theta = 0};
     BAD(speed_op_rope(be, m48, 2, 4, ids_ok, &bad_theta));
-    speed_rope_t bad_l3 = {.theta = 500000.0f, .llama3_scaling = true, .factor = 8, .low_freq_factor = 4,
-                           .high_freq_factor = 1, .original_max_position = 8192};
+    speed_rope_t bad_l3 = {.theta = 500000.0f,
+                           .llama3_scaling = true,
+                           .factor = 8,
+                           .low_freq_factor = 4,
+                           .high_freq_factor = 1,
+                           .original_max_position = 8192};
     BAD(speed_op_rope(be, m48, 2, 4, ids_ok, &bad_l3));
-    bad_l3 = (speed_rope_t){.theta = 500000.0f, .llama3_scaling = true, .factor = 8, .low_freq_factor = 1,
-                            .high_freq_factor = 4, .original_max_position = 0};
+    bad_l3 = (speed_rope_t){.theta = 500000.0f,
+                            .llama3_scaling = true,
+                            .factor = 8,
+                            .low_freq_factor = 1,
+                            .high_freq_factor = 4,
+                            .original_max_position = 0};
     BAD(speed_op_rope(be, m48, 2, 4, ids_ok, &bad_l3));
     /* swiglu, add */
     BAD(speed_op_swiglu(be, m48, n48, m38));
@@ -794,23 +807,23 @@ static void test_bad_arguments(void) {
     /* topk: logits [4][8]; vals [4][k], ids [4][k], lse [4] */
     int32_t tk_ids[4 * 8];
     float tk_lse[4];
-    BAD(speed_op_topk(be, speed_mat(c, SPEED_DTYPE_F32, 4, 0), tk_ids, tk_lse, m48, 0));  /* k = 0 */
-    BAD(speed_op_topk(be, speed_mat(c, SPEED_DTYPE_F32, 4, 9), tk_ids, tk_lse, m48, 9));  /* k > V */
-    BAD(speed_op_topk(be, speed_mat(c, SPEED_DTYPE_F32, 4, 3), tk_ids, tk_lse, m48, 4));  /* vals cols != k */
+    BAD(speed_op_topk(be, speed_mat(c, SPEED_DTYPE_F32, 4, 0), tk_ids, tk_lse, m48, 0)); /* k = 0 */
+    BAD(speed_op_topk(be, speed_mat(c, SPEED_DTYPE_F32, 4, 9), tk_ids, tk_lse, m48, 9)); /* k > V */
+    BAD(speed_op_topk(be, speed_mat(c, SPEED_DTYPE_F32, 4, 3), tk_ids, tk_lse, m48, 4)); /* vals cols != k */
     BAD(speed_op_topk(be, speed_mat(c, SPEED_DTYPE_F32, 4, 3), tk_ids, tk_lse, m48, -3));
     BAD(speed_op_topk(be, speed_mat(c, SPEED_DTYPE_F32, 3, 3), tk_ids, tk_lse, m48, 3));  /* rows differ */
     BAD(speed_op_topk(be, speed_mat(c, SPEED_DTYPE_F32, 4, 3), tk_ids, tk_lse, bf48, 3)); /* logits not f32 */
     BAD(speed_op_topk(be, speed_mat(c, SPEED_DTYPE_F32, 4, 3), NULL, tk_lse, m48, 3));
     BAD(speed_op_topk(be, speed_mat(c, SPEED_DTYPE_F32, 4, 3), tk_ids, NULL, m48, 3));
     BAD(speed_op_topk(be, speed_mat(c, SPEED_DTYPE_F32, 4, 3), tk_ids, tk_lse, null48, 3));
-    BAD(speed_op_topk(be, speed_mat(a, SPEED_DTYPE_F32, 4, 3), tk_ids, tk_lse, m48, 3));  /* vals overlap logits */
+    BAD(speed_op_topk(be, speed_mat(a, SPEED_DTYPE_F32, 4, 3), tk_ids, tk_lse, m48, 3));   /* vals overlap logits */
     BAD(speed_op_topk(be, speed_mat(c, SPEED_DTYPE_F32, 4, 3), tk_ids, &a[3][7], m48, 3)); /* lse overlaps */
     {
         static float wide[2][300];
         static float wv[2][257];
         int32_t wi[2 * 257];
-        BAD(speed_op_topk(be, speed_mat(wv, SPEED_DTYPE_F32, 2, 257), wi, tk_lse, speed_mat(wide, SPEED_DTYPE_F32, 2, 300),
-                          257)); /* k > SPEED_TOPK_MAX */
+        BAD(speed_op_topk(be, speed_mat(wv, SPEED_DTYPE_F32, 2, 257), wi, tk_lse,
+                          speed_mat(wide, SPEED_DTYPE_F32, 2, 300), 257)); /* k > SPEED_TOPK_MAX */
     }
 
     /* kv_store / kv_load: n_kv_heads 2, head_dim 4 -> rows of 8 */
@@ -851,9 +864,9 @@ static void test_bad_arguments(void) {
     const int32_t nv_ok[4] = {1, 2, 3, 4}, nv_neg[4] = {1, -2, 3, 4};
     speed_attn_rows_t rows = {.n_rows = 4, .block_table = tables, .n_visible = nv_ok};
     CHECK_INT_EQ(speed_op_attention(be, m48, n48, &p.kv, 2, &rows, 0.5f), SPEED_OK); /* the good call */
-    BAD(speed_op_attention(be, m48, n48, &p.kv, 3, &rows, 0.5f));  /* 3 heads % 2 kv heads */
-    BAD(speed_op_attention(be, m48, n48, &p.kv, 4, &rows, 0.5f));  /* cols != 4 heads * 4 */
-    BAD(speed_op_attention(be, m48, m48, &p.kv, 2, &rows, 0.5f));  /* out aliases q */
+    BAD(speed_op_attention(be, m48, n48, &p.kv, 3, &rows, 0.5f));                    /* 3 heads % 2 kv heads */
+    BAD(speed_op_attention(be, m48, n48, &p.kv, 4, &rows, 0.5f));                    /* cols != 4 heads * 4 */
+    BAD(speed_op_attention(be, m48, m48, &p.kv, 2, &rows, 0.5f));                    /* out aliases q */
     BAD(speed_op_attention(be, m48, m38, &p.kv, 2, &rows, 0.5f));
     BAD(speed_op_attention(be, m48, n48, NULL, 2, &rows, 0.5f));
     BAD(speed_op_attention(be, m48, n48, &p.kv, 2, NULL, 0.5f));

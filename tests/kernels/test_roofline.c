@@ -29,9 +29,11 @@ int main(void) {
             speed_status_t st = speed_roofline_measure(&p, &r);
             CHECK_MSG(st == SPEED_OK, "measure: %s", speed_log_last_error());
             if (st != SPEED_OK) continue;
-            fprintf(stderr, "threads %d isa %-12s read %7.2f GB/s copy %7.2f GB/s fp32 %8.1f GFLOP/s (%s) "
-                    "bf16 %8.1f GFLOP/s (%s)\n", r.n_threads, speed_cpu_isa_name(r.isa), r.read_gbs, r.copy_gbs,
-                    r.fp32_gflops, r.fp32_kernel, r.bf16_gflops, r.bf16_kernel);
+            fprintf(stderr,
+                    "threads %d isa %-12s read %7.2f GB/s copy %7.2f GB/s fp32 %8.1f GFLOP/s (%s) "
+                    "bf16 %8.1f GFLOP/s (%s)\n",
+                    r.n_threads, speed_cpu_isa_name(r.isa), r.read_gbs, r.copy_gbs, r.fp32_gflops, r.fp32_kernel,
+                    r.bf16_gflops, r.bf16_kernel);
             CHECK_INT_EQ(r.n_threads, t);
             CHECK_INT_EQ(r.read_bytes, (size_t)64 << 20);
             CHECK(r.isa <= best && (caps[c] == SPEED_CPU_ISA_BEST || r.isa <= caps[c]));

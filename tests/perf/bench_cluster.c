@@ -78,8 +78,10 @@ static double router_request(int port, const char *model, const char *prompt_jso
         json_t *ch = json_object_get(j, "choices");
         if (t < 0 && json_array_size(ch) > 0) {
             json_t *text = json_object_get(json_array_get(ch, 0), "text");
-            if (text && json_string_length(text) > 0) t = now_s() - t0;
-            else if (text && t < 0) t = now_s() - t0; /* a token whose text is held back still counts */
+            if (text && json_string_length(text) > 0)
+                t = now_s() - t0;
+            else if (text && t < 0)
+                t = now_s() - t0; /* a token whose text is held back still counts */
         }
         json_t *u = json_object_get(j, "usage");
         if (u && json_is_object(u) && kv_bytes) {
@@ -110,8 +112,8 @@ static double direct_request(speed_rpc_channel_t *pc, speed_rpc_channel_t *dc, c
     speed_rpc_unary(dc, SPEED_METHOD_DECODE_RESERVE, buf, len, 60000, &rep);
     speed_free(buf);
     Speed__V1__ReserveReply *res = NULL;
-    if (rep.code != SPEED_RPC_OK ||
-        speed_proto_unpack(&speed__v1__reserve_reply__descriptor, rep.data, rep.len, (ProtobufCMessage **)&res) != SPEED_OK) {
+    if (rep.code != SPEED_RPC_OK || speed_proto_unpack(&speed__v1__reserve_reply__descriptor, rep.data, rep.len,
+                                                       (ProtobufCMessage **)&res) != SPEED_OK) {
         speed_rpc_reply_cleanup(&rep);
         return -1;
     }
@@ -129,8 +131,8 @@ static double direct_request(speed_rpc_channel_t *pc, speed_rpc_channel_t *dc, c
     speed_free(buf);
     Speed__V1__PrefillReply *pre = NULL;
     double t = -1;
-    if (rep.code == SPEED_RPC_OK &&
-        speed_proto_unpack(&speed__v1__prefill_reply__descriptor, rep.data, rep.len, (ProtobufCMessage **)&pre) == SPEED_OK) {
+    if (rep.code == SPEED_RPC_OK && speed_proto_unpack(&speed__v1__prefill_reply__descriptor, rep.data, rep.len,
+                                                       (ProtobufCMessage **)&pre) == SPEED_OK) {
         Speed__V1__GenerateRequest gr = SPEED__V1__GENERATE_REQUEST__INIT;
         gr.request_id = id;
         gr.first = pre->first;
@@ -162,13 +164,20 @@ int main(int argc, char **argv) {
     const char *shape = "--layers 24 --hidden 768 --heads 12 --kv-heads 4 --ffn 2048 --max-position 8192 --dtype bf16";
     int n_prompt = 2048, repeat = 3, pairs = 40;
     for (int i = 1; i + 1 < argc; i += 2) {
-        if (strcmp(argv[i], "--model") == 0) model_arg = argv[i + 1];
-        else if (strcmp(argv[i], "--shape") == 0) shape = argv[i + 1];
-        else if (strcmp(argv[i], "--prompt-tokens") == 0) n_prompt = atoi(argv[i + 1]);
-        else if (strcmp(argv[i], "--repeat") == 0) repeat = atoi(argv[i + 1]);
-        else if (strcmp(argv[i], "--pairs") == 0) pairs = atoi(argv[i + 1]);
+        if (strcmp(argv[i], "--model") == 0)
+            model_arg = argv[i + 1];
+        else if (strcmp(argv[i], "--shape") == 0)
+            shape = argv[i + 1];
+        else if (strcmp(argv[i], "--prompt-tokens") == 0)
+            n_prompt = atoi(argv[i + 1]);
+        else if (strcmp(argv[i], "--repeat") == 0)
+            repeat = atoi(argv[i + 1]);
+        else if (strcmp(argv[i], "--pairs") == 0)
+            pairs = atoi(argv[i + 1]);
         else {
-            fprintf(stderr, "usage: %s [--model DIR | --shape 'make-tiny-model options'] [--prompt-tokens N] [--repeat N] [--pairs N]\n",
+            fprintf(stderr,
+                    "usage: %s [--model DIR | --shape 'make-tiny-model options'] [--prompt-tokens N] [--repeat N] "
+                    "[--pairs N]\n",
                     argv[0]);
             return 2;
         }
@@ -205,10 +214,29 @@ int main(int argc, char **argv) {
     snprintf(dh, sizeof dh, "%d", B + 30);
     snprintf(rp, sizeof rp, "%d", B + 40);
     snprintf(ctx, sizeof ctx, "%d", n_prompt + 64 > 4096 ? n_prompt + 64 : 4096);
-    const char *args[] = {"--model", model_dir, "--prefill.grpc_port", pg, "--prefill.http_port", ph,
-                          "--decode.grpc_port", dg, "--decode.http_port", dh, "--router.port", rp,
-                          "--prefill.threads", "2", "--decode.threads", "1", "--prefill.kv_tokens", "8192",
-                          "--decode.kv_tokens", "16384", "--log", "warn", NULL};
+    const char *args[] = {"--model",
+                          model_dir,
+                          "--prefill.grpc_port",
+                          pg,
+                          "--prefill.http_port",
+                          ph,
+                          "--decode.grpc_port",
+                          dg,
+                          "--decode.http_port",
+                          dh,
+                          "--router.port",
+                          rp,
+                          "--prefill.threads",
+                          "2",
+                          "--decode.threads",
+                          "1",
+                          "--prefill.kv_tokens",
+                          "8192",
+                          "--decode.kv_tokens",
+                          "16384",
+                          "--log",
+                          "warn",
+                          NULL};
     cu_proc_t dec = cu_spawn("speed-decode", "decode", args);
     cu_proc_t pre = cu_spawn("speed-prefill", "prefill", args);
     cu_proc_t rtr = {0};
@@ -284,8 +312,8 @@ int main(int argc, char **argv) {
         printf("TTFT             %d-token prompt, streamed through the router, %d interleaved pairs: C=%d (full) "
                "%.1f ms, C=%d %.1f ms (medians); ratio %.3fx (median of pair ratios)\n",
                n_prompt, n_ok, L, mf * 1e3, C, ms * 1e3, mr);
-        printf("KV shipped       C=%d: %llu B; C=%d: %llu B = %.3fx (formula %.3fx)\n", L, (unsigned long long)kv_full, C,
-               (unsigned long long)kv_speed, kv_full ? (double)kv_speed / (double)kv_full : 0.0,
+        printf("KV shipped       C=%d: %llu B; C=%d: %llu B = %.3fx (formula %.3fx)\n", L, (unsigned long long)kv_full,
+               C, (unsigned long long)kv_speed, kv_full ? (double)kv_speed / (double)kv_full : 0.0,
                (double)speed_kv_bytes_for_prompt(&model->config, C, 1, 1, n_prompt, SPEED_DTYPE_BF16) /
                    (double)speed_kv_bytes_for_prompt(&model->config, L, 1, 1, n_prompt, SPEED_DTYPE_BF16));
     } else {

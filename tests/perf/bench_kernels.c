@@ -151,7 +151,9 @@ static double probe(roof_t roof) {
     return roof == ROOF_FP32 ? f32 : bf16;
 }
 
-static const char *roof_name(roof_t roof) { return roof == ROOF_READ ? "read bw" : roof == ROOF_FP32 ? "fp32" : "bf16"; }
+static const char *roof_name(roof_t roof) {
+    return roof == ROOF_READ ? "read bw" : roof == ROOF_FP32 ? "fp32" : "bf16";
+}
 
 /* Rounds of (probe the roof, time fn once); prints median time, median achieved rate and the
  * median per-round fraction. `amount` is bytes (ROOF_READ) or FLOPs per fn call. */
@@ -172,8 +174,7 @@ static void run_rounds(const char *name, bench_cb_t fn, void *arg, double per_ca
     if (roof == ROOF_READ)
         printf("  %-44s %9.3f ms %9.2f GB/s     %5.1f%% of read bw\n", name, tm * 1e3, rm, 100.0 * fm);
     else
-        printf("  %-44s %9.3f ms %9.1f GFLOP/s  %5.1f%% of %s peak\n", name, tm * 1e3, rm, 100.0 * fm,
-               roof_name(roof));
+        printf("  %-44s %9.3f ms %9.1f GFLOP/s  %5.1f%% of %s peak\n", name, tm * 1e3, rm, 100.0 * fm, roof_name(roof));
     fflush(stdout);
 }
 
@@ -181,7 +182,7 @@ static void run_rounds(const char *name, bench_cb_t fn, void *arg, double per_ca
 
 typedef struct {
     int n_copies;
-    void **w;        /* [n_copies] weights [m][k] */
+    void **w; /* [n_copies] weights [m][k] */
     speed_dtype_t dt;
     int64_t n, m, k;
     float *x, *out;
@@ -233,16 +234,28 @@ static void sweep_run(void *p, int rep) {
     const speed_dtype_t bf = SPEED_DTYPE_BF16, f = SPEED_DTYPE_F32;
     for (int l = 0; l < s->n_layers; l++) {
         void **w = s->w[l];
-        must(speed_op_matmul(g_be, speed_mat(s->q, f, 1, D), speed_mat(s->hn, f, 1, D), speed_mat(w[0], bf, D, D), false), "q");
+        must(speed_op_matmul(g_be, speed_mat(s->q, f, 1, D), speed_mat(s->hn, f, 1, D), speed_mat(w[0], bf, D, D),
+                             false),
+             "q");
         must(speed_op_matmul(g_be, speed_mat(s->k, f, 1, N_KV * HD), speed_mat(s->hn, f, 1, D),
-                             speed_mat(w[1], bf, N_KV * HD, D), false), "k");
+                             speed_mat(w[1], bf, N_KV * HD, D), false),
+             "k");
         must(speed_op_matmul(g_be, speed_mat(s->v, f, 1, N_KV * HD), speed_mat(s->hn, f, 1, D),
-                             speed_mat(w[2], bf, N_KV * HD, D), false), "v");
-        must(speed_op_matmul(g_be, speed_mat(s->h, f, 1, D), speed_mat(s->att, f, 1, D), speed_mat(w[3], bf, D, D), true), "o");
-        must(speed_op_matmul(g_be, speed_mat(s->g, f, 1, F), speed_mat(s->hn, f, 1, D), speed_mat(w[4], bf, F, D), false), "gate");
-        must(speed_op_matmul(g_be, speed_mat(s->u, f, 1, F), speed_mat(s->hn, f, 1, D), speed_mat(w[5], bf, F, D), false), "up");
-        must(speed_op_swiglu(g_be, speed_mat(s->g, f, 1, F), speed_mat(s->g, f, 1, F), speed_mat(s->u, f, 1, F)), "swiglu");
-        must(speed_op_matmul(g_be, speed_mat(s->h, f, 1, D), speed_mat(s->g, f, 1, F), speed_mat(w[6], bf, D, F), true), "down");
+                             speed_mat(w[2], bf, N_KV * HD, D), false),
+             "v");
+        must(speed_op_matmul(g_be, speed_mat(s->h, f, 1, D), speed_mat(s->att, f, 1, D), speed_mat(w[3], bf, D, D),
+                             true),
+             "o");
+        must(speed_op_matmul(g_be, speed_mat(s->g, f, 1, F), speed_mat(s->hn, f, 1, D), speed_mat(w[4], bf, F, D),
+                             false),
+             "gate");
+        must(speed_op_matmul(g_be, speed_mat(s->u, f, 1, F), speed_mat(s->hn, f, 1, D), speed_mat(w[5], bf, F, D),
+                             false),
+             "up");
+        must(speed_op_swiglu(g_be, speed_mat(s->g, f, 1, F), speed_mat(s->g, f, 1, F), speed_mat(s->u, f, 1, F)),
+             "swiglu");
+        must(speed_op_matmul(g_be, speed_mat(s->h, f, 1, D), speed_mat(s->g, f, 1, F), speed_mat(w[6], bf, D, F), true),
+             "down");
     }
 }
 
@@ -296,8 +309,8 @@ static double bench_attention(int ctx, int64_t n_rows, speed_dtype_t dt, int rep
     attn_bench_t a = {.n_rows = n_rows};
     const int B = 16, n_blocks = (ctx + B - 1) / B;
     const size_t es = speed_dtype_size(dt), half = (size_t)B * N_KV * HD * es;
-    a.kv = (speed_kv_layer_t){.block_stride = 2 * half, .v_offset = half, .block_tokens = B, .n_kv_heads = N_KV,
-                              .head_dim = HD, .dtype = dt};
+    a.kv = (speed_kv_layer_t){
+        .block_stride = 2 * half, .v_offset = half, .block_tokens = B, .n_kv_heads = N_KV, .head_dim = HD, .dtype = dt};
     a.pool = make_weights(dt, (size_t)n_blocks * 2 * half / es);
     a.kv.k_base = a.pool;
     a.table = xalloc(sizeof(int32_t) * (size_t)n_blocks);
@@ -340,13 +353,25 @@ static void small_run(void *p, int rep) {
     const speed_dtype_t f = SPEED_DTYPE_F32;
     for (int i = 0; i < 100; i++) {
         switch (s->op) {
-        case 0: must(speed_op_rmsnorm(g_be, speed_mat(s->o, f, s->n, D), speed_mat(s->a, f, s->n, D), speed_mat(s->w, f, 1, D), 1e-5f), "rmsnorm"); break;
+        case 0:
+            must(speed_op_rmsnorm(g_be, speed_mat(s->o, f, s->n, D), speed_mat(s->a, f, s->n, D),
+                                  speed_mat(s->w, f, 1, D), 1e-5f),
+                 "rmsnorm");
+            break;
         case 1:
             s->pos[0] = rep * 100 + i; /* a new position each call: the table is rebuilt */
             must(speed_op_rope(g_be, speed_mat(s->o, f, s->n, D), N_HEADS, HD, s->pos, &s->rope), "rope");
             break;
-        case 2: must(speed_op_swiglu(g_be, speed_mat(s->o, f, s->n, F), speed_mat(s->a, f, s->n, F), speed_mat(s->b, f, s->n, F)), "swiglu"); break;
-        case 3: must(speed_op_add(g_be, speed_mat(s->o, f, s->n, D), speed_mat(s->a, f, s->n, D), speed_mat(s->b, f, s->n, D)), "add"); break;
+        case 2:
+            must(speed_op_swiglu(g_be, speed_mat(s->o, f, s->n, F), speed_mat(s->a, f, s->n, F),
+                                 speed_mat(s->b, f, s->n, F)),
+                 "swiglu");
+            break;
+        case 3:
+            must(speed_op_add(g_be, speed_mat(s->o, f, s->n, D), speed_mat(s->a, f, s->n, D),
+                              speed_mat(s->b, f, s->n, D)),
+                 "add");
+            break;
         }
     }
 }
@@ -424,18 +449,25 @@ int main(int argc, char **argv) {
     const char *only = NULL;
     speed_cpu_isa_t isa = SPEED_CPU_ISA_BEST;
     for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--quick")) quick = true;
-        else if (!strcmp(argv[i], "--thp")) g_thp = true;
-        else if (!strcmp(argv[i], "--threads") && i + 1 < argc) n_threads = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--reps") && i + 1 < argc) reps = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--only") && i + 1 < argc) only = argv[++i];
+        if (!strcmp(argv[i], "--quick"))
+            quick = true;
+        else if (!strcmp(argv[i], "--thp"))
+            g_thp = true;
+        else if (!strcmp(argv[i], "--threads") && i + 1 < argc)
+            n_threads = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--reps") && i + 1 < argc)
+            reps = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--only") && i + 1 < argc)
+            only = argv[++i];
         else if (!strcmp(argv[i], "--isa") && i + 1 < argc) {
             const char *s = argv[++i];
             for (int k = 0; k <= SPEED_CPU_ISA_BEST; k++)
                 if (!strcmp(s, speed_cpu_isa_name((speed_cpu_isa_t)k))) isa = (speed_cpu_isa_t)k;
         } else {
-            fprintf(stderr, "usage: %s [--quick] [--thp] [--threads N] [--reps N] [--isa scalar|avx2|avx512|avx512-bf16] "
-                    "[--only decode|sweep|prefill|attention|small]\n", argv[0]);
+            fprintf(stderr,
+                    "usage: %s [--quick] [--thp] [--threads N] [--reps N] [--isa scalar|avx2|avx512|avx512-bf16] "
+                    "[--only decode|sweep|prefill|attention|small]\n",
+                    argv[0]);
             return 2;
         }
     }
@@ -516,13 +548,14 @@ int main(int argc, char **argv) {
         for (int dt = SPEED_DTYPE_BF16; dt >= SPEED_DTYPE_F32; dt -= 1) {
             t = bench_attention(ctx, 1, (speed_dtype_t)dt, g_reps, &flops, &bytes);
             snprintf(name, sizeof name, "decode, 1 row x %d entries, %s KV", ctx, speed_dtype_name((speed_dtype_t)dt));
-            printf("  %-44s %9.3f ms %9.2f GB/s KV   %6.1f GFLOP/s\n", name, t * 1e3, bytes / t * 1e-9, flops / t * 1e-9);
+            printf("  %-44s %9.3f ms %9.2f GB/s KV   %6.1f GFLOP/s\n", name, t * 1e3, bytes / t * 1e-9,
+                   flops / t * 1e-9);
         }
         int n = quick ? 256 : 512;
         t = bench_attention(n, n, SPEED_DTYPE_BF16, quick ? 3 : g_reps, &flops, &bytes);
         snprintf(name, sizeof name, "prefill, %d rows causal, bf16 KV", n);
-        printf("  %-44s %9.3f ms %9.1f GFLOP/s  %5.1f%% of fp32 peak (start of run)\n", name, t * 1e3,
-               flops / t * 1e-9, 100.0 * flops / t * 1e-9 / g_roof.fp32_gflops);
+        printf("  %-44s %9.3f ms %9.1f GFLOP/s  %5.1f%% of fp32 peak (start of run)\n", name, t * 1e3, flops / t * 1e-9,
+               100.0 * flops / t * 1e-9 / g_roof.fp32_gflops);
     }
 
     if (RUN("small")) {

@@ -48,47 +48,44 @@ extern _Atomic int check_count_;
         }                                                                            \
     } while (0)
 
-#define CHECK_INT_EQ(a, b)                                                           \
-    do {                                                                             \
-        long long check_a_ = (long long)(a), check_b_ = (long long)(b);              \
-        CHECK_MSG(check_a_ == check_b_, "%lld != %lld", check_a_, check_b_);         \
+#define CHECK_INT_EQ(a, b)                                                   \
+    do {                                                                     \
+        long long check_a_ = (long long)(a), check_b_ = (long long)(b);      \
+        CHECK_MSG(check_a_ == check_b_, "%lld != %lld", check_a_, check_b_); \
     } while (0)
 
-#define CHECK_STR_EQ(a, b)                                                           \
-    do {                                                                             \
-        const char *check_a_ = (a), *check_b_ = (b);                                 \
-        CHECK_MSG(check_a_ && check_b_ && strcmp(check_a_, check_b_) == 0,           \
-                  "\"%s\" != \"%s\"", check_a_ ? check_a_ : "(null)",                \
-                  check_b_ ? check_b_ : "(null)");                                   \
+#define CHECK_STR_EQ(a, b)                                                                   \
+    do {                                                                                     \
+        const char *check_a_ = (a), *check_b_ = (b);                                         \
+        CHECK_MSG(check_a_ &&check_b_ &&strcmp(check_a_, check_b_) == 0, "\"%s\" != \"%s\"", \
+                  check_a_ ? check_a_ : "(null)", check_b_ ? check_b_ : "(null)");           \
     } while (0)
 
 /* `hay` contains `needle` (for error messages). */
-#define CHECK_CONTAINS(hay, needle)                                                  \
-    do {                                                                             \
-        const char *check_h_ = (hay), *check_n_ = (needle);                          \
-        CHECK_MSG(check_h_ && strstr(check_h_, check_n_), "\"%s\" does not contain \"%s\"", \
-                  check_h_ ? check_h_ : "(null)", check_n_);                         \
+#define CHECK_CONTAINS(hay, needle)                                                        \
+    do {                                                                                   \
+        const char *check_h_ = (hay), *check_n_ = (needle);                                \
+        CHECK_MSG(check_h_ &&strstr(check_h_, check_n_), "\"%s\" does not contain \"%s\"", \
+                  check_h_ ? check_h_ : "(null)", check_n_);                               \
     } while (0)
 
-#define CHECK_NEAR(a, b, tol)                                                        \
-    do {                                                                             \
-        double check_a_ = (a), check_b_ = (b);                                       \
-        CHECK_MSG(fabs(check_a_ - check_b_) <= (tol), "%.9g vs %.9g (tol %g)",        \
-                  check_a_, check_b_, (double)(tol));                                \
+#define CHECK_NEAR(a, b, tol)                                                                                      \
+    do {                                                                                                           \
+        double check_a_ = (a), check_b_ = (b);                                                                     \
+        CHECK_MSG(fabs(check_a_ - check_b_) <= (tol), "%.9g vs %.9g (tol %g)", check_a_, check_b_, (double)(tol)); \
     } while (0)
 
 /* End of main: print a one-line summary and return the exit code. */
-#define CHECK_DONE()                                                                 \
-    (fprintf(stderr, "%s: %d checks, %d failed\n", __FILE__, (int)check_count_,      \
-             (int)check_failures_),                                                  \
+#define CHECK_DONE()                                                                                   \
+    (fprintf(stderr, "%s: %d checks, %d failed\n", __FILE__, (int)check_count_, (int)check_failures_), \
      check_failures_ ? 1 : 0)
 
-#define SKIP_TEST(...)                                                               \
-    do {                                                                             \
-        fprintf(stderr, "SKIP: ");                                                   \
-        fprintf(stderr, __VA_ARGS__);                                                \
-        fputc('\n', stderr);                                                         \
-        return SPEED_TEST_SKIP;                                                      \
+#define SKIP_TEST(...)                \
+    do {                              \
+        fprintf(stderr, "SKIP: ");    \
+        fprintf(stderr, __VA_ARGS__); \
+        fputc('\n', stderr);          \
+        return SPEED_TEST_SKIP;       \
     } while (0)
 
 #endif /* SPEED_TESTS_CHECK_H */

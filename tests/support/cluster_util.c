@@ -51,8 +51,10 @@ void cu_init_model(const char *name, const char *model_opts) {
 void cu_cleanup(bool keep) {
     const char *k = getenv("SPEED_KEEP_TEST_LOGS");
     if (k && *k && strcmp(k, "0") != 0) keep = true;
-    if (!keep) tu_rm_rf(cu_dir);
-    else fprintf(stderr, "logs kept in %s\n", cu_dir);
+    if (!keep)
+        tu_rm_rf(cu_dir);
+    else
+        fprintf(stderr, "logs kept in %s\n", cu_dir);
 }
 
 void cu_log_tail(const char *name, int lines) {
@@ -151,11 +153,11 @@ void cu_cluster_init(cu_cluster_t *c, int np, int nd, const char *const *extra) 
     char v[32];
     cu_cluster_arg(c, "--model");
     cu_cluster_arg(c, c->model_dir);
-#define CU_ARG_INT(key, val)          \
-    do {                              \
-        cu_cluster_arg(c, key);       \
+#define CU_ARG_INT(key, val)                     \
+    do {                                         \
+        cu_cluster_arg(c, key);                  \
         snprintf(v, sizeof v, "%d", (int)(val)); \
-        cu_cluster_arg(c, v);         \
+        cu_cluster_arg(c, v);                    \
     } while (0)
     CU_ARG_INT("--prefill.replicas", np);
     CU_ARG_INT("--decode.replicas", nd);

@@ -70,7 +70,7 @@ void cu_log_tail(const char *name, int lines);
 /* ---- daemons ------------------------------------------------------------------------------ */
 
 typedef struct {
-    pid_t pid;             /* 0 once reaped */
+    pid_t pid; /* 0 once reaped */
     char name[64];
 } cu_proc_t;
 
@@ -106,7 +106,7 @@ typedef struct {
     int B, np, nd;
     cu_proc_t pre[CU_MAX_REPLICAS], dec[CU_MAX_REPLICAS];
     char model_dir[600];
-    char common[32][640];   /* the cluster arguments every process gets */
+    char common[32][640]; /* the cluster arguments every process gets */
     int n_common;
 } cu_cluster_t;
 

@@ -36,8 +36,7 @@ bool cu_http(int port, const char *method, const char *path, const char *body, c
     if (auth) h[nh++] = (speed_http_header_t){"Authorization", auth};
     if (xid) h[nh++] = (speed_http_header_t){"X-Request-Id", xid};
     const speed_http_response_t *resp = NULL;
-    speed_status_t st =
-        speed_http_client_request(c, method, path, h, nh, body, body ? strlen(body) : 0, &resp);
+    speed_status_t st = speed_http_client_request(c, method, path, h, nh, body, body ? strlen(body) : 0, &resp);
     if (st == SPEED_OK) {
         out->status = resp->status;
         out->body = speed_strndup(resp->body ? resp->body : "", resp->body_len);
@@ -64,8 +63,7 @@ bool cu_sse_begin(int port, const char *path, const char *body, const char *auth
     if (speed_http_client_connect("127.0.0.1", (uint16_t)port, timeout_ms, &s->c) != SPEED_OK) return false;
     speed_http_header_t h[2] = {{"Content-Type", "application/json"}, {"Authorization", auth}};
     const speed_http_response_t *resp = NULL;
-    if (speed_http_client_request_begin(s->c, "POST", path, h, auth ? 2 : 1, body, strlen(body), &resp) !=
-        SPEED_OK) {
+    if (speed_http_client_request_begin(s->c, "POST", path, h, auth ? 2 : 1, body, strlen(body), &resp) != SPEED_OK) {
         speed_http_client_destroy(s->c);
         s->c = NULL;
         return false;
@@ -176,8 +174,7 @@ bool cu_wait_health(int port, int status, double timeout_s) {
 char *cu_metrics(int port) {
     int status = 0;
     char *body = NULL;
-    if (speed_http_get("127.0.0.1", (uint16_t)port, "/metrics", 5000, &status, &body) != SPEED_OK ||
-        status != 200) {
+    if (speed_http_get("127.0.0.1", (uint16_t)port, "/metrics", 5000, &status, &body) != SPEED_OK || status != 200) {
         speed_free(body);
         return NULL;
     }

@@ -19,14 +19,14 @@
 /* ---- one exchange ------------------------------------------------------------------------- */
 
 typedef struct {
-    int status;            /* 0: no answer (connect/read error) */
-    char *body;            /* speed_malloc'd, NUL-terminated, or NULL */
-    json_t *json;          /* parsed body (NULL if not JSON) */
-    char retry_after[32];  /* these headers, "" when absent */
+    int status;           /* 0: no answer (connect/read error) */
+    char *body;           /* speed_malloc'd, NUL-terminated, or NULL */
+    json_t *json;         /* parsed body (NULL if not JSON) */
+    char retry_after[32]; /* these headers, "" when absent */
     char request_id[96];
     char allow[64];
     char content_type[96];
-    double seconds;        /* time taken */
+    double seconds; /* time taken */
 } cu_resp_t;
 
 /* Frees body and json and zeroes *r. */
@@ -53,13 +53,13 @@ typedef struct {
     int status;
     char request_id[96];
     char content_type[96];
-    char *buf;             /* unparsed bytes */
+    char *buf; /* unparsed bytes */
     size_t len, cap;
-    char *data[CU_SSE_MAX];   /* "data:" of each event, in order (speed_malloc'd) */
+    char *data[CU_SSE_MAX]; /* "data:" of each event, in order (speed_malloc'd) */
     int n;
-    bool ended;            /* the body ended (server closed the stream) */
-    bool done;             /* "[DONE]" seen */
-    bool io_error;         /* a socket error or timeout ended reading */
+    bool ended;    /* the body ended (server closed the stream) */
+    bool done;     /* "[DONE]" seen */
+    bool io_error; /* a socket error or timeout ended reading */
 } cu_sse_t;
 
 /* Starts a streaming POST of a JSON body (`auth` may be NULL); timeout_ms bounds every socket

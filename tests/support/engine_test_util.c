@@ -79,8 +79,8 @@ speed_status_t et_run(speed_engine_t *e, et_seq_t *seqs, int n) {
         s->done = false;
         free(s->logits);
         s->logits = malloc((size_t)s->n_gen * vocab * sizeof(float));
-        speed_status_t st = speed_engine_seq_add(e, s->prompt, s->n_prompt, s->use_default ? NULL : &s->depth,
-                                                 s->n_gen, &s->id);
+        speed_status_t st =
+            speed_engine_seq_add(e, s->prompt, s->n_prompt, s->use_default ? NULL : &s->depth, s->n_gen, &s->id);
         if (st != SPEED_OK) return st;
     }
     int n_done = 0;
@@ -150,8 +150,10 @@ int et_compare(const naive_model_t *nm, int vocab, const et_seq_t *s, int C, spe
         double dc = fabs((double)lpe[chosen] - lpr[chosen]);
         if (dc > cmp->max_chosen_diff) cmp->max_chosen_diff = dc;
         if (chosen != want) {
-            if (lpr[want] - lpr[chosen] <= 2 * tol) cmp->near_ties++;
-            else cmp->token_mismatch++;
+            if (lpr[want] - lpr[chosen] <= 2 * tol)
+                cmp->near_ties++;
+            else
+                cmp->token_mismatch++;
         }
     }
     free(toks);
@@ -191,8 +193,8 @@ void et_compare_runs(const et_seq_t *d, const et_seq_t *c, int vocab, double tol
         et_top2(lpd, vocab, &bd, &gd);
         et_top2(lpc, vocab, &bc, &gc);
         if (gd <= 2 * tol || gc <= 2 * tol) break; /* a near tie: the continuations may part here */
-        CHECK_MSG(bd == bc && d->gen[g] == c->gen[g], "%s: step %d: token %d vs the other run's %d", what, g,
-                  d->gen[g], c->gen[g]);
+        CHECK_MSG(bd == bc && d->gen[g] == c->gen[g], "%s: step %d: token %d vs the other run's %d", what, g, d->gen[g],
+                  c->gen[g]);
         if (d->gen[g] != c->gen[g]) break;
     }
     free(lpd);

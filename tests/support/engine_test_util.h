@@ -40,7 +40,7 @@ typedef struct {
     const char *name;
     speed_dtype_t dtype;
     bool tied;
-    int n_kv_heads;  /* 4 = MHA, 2 = GQA */
+    int n_kv_heads;    /* 4 = MHA, 2 = GQA */
     bool rope_scaling; /* llama3 rope_scaling block (factor 8, original 8192) */
 } et_model_spec_t;
 
@@ -60,20 +60,20 @@ void et_prompt(int32_t *ids, int n, uint64_t seed, int vocab);
 
 /* ---- greedy driver ----------------------------------------------------------------------- */
 
-#define ET_MAX_GEN 32
+#define ET_MAX_GEN    32
 #define ET_MAX_PROMPT 256
 
 typedef struct {
     /* in */
-    speed_depth_t depth;          /* passed as the override (C 0 = L) */
-    bool use_default;             /* pass NULL instead */
+    speed_depth_t depth; /* passed as the override (C 0 = L) */
+    bool use_default;    /* pass NULL instead */
     int n_prompt, n_gen;
     int32_t prompt[ET_MAX_PROMPT];
     /* out */
     speed_seq_id_t id;
     int n_out;
     int32_t gen[ET_MAX_GEN];
-    float *logits;                /* [n_gen][vocab], malloc; et_seq_free */
+    float *logits; /* [n_gen][vocab], malloc; et_seq_free */
     speed_engine_seq_stats_t stats_after_prefill;
     speed_engine_seq_stats_t stats_last;
     bool done;
@@ -97,10 +97,10 @@ speed_status_t et_run_engine(const speed_engine_params_t *p, et_seq_t *seqs, int
 /* ---- comparison ---------------------------------------------------------------------------- */
 
 typedef struct {
-    double max_lp_diff;    /* max |logprob_engine - logprob_naive| over steps and vocabulary */
-    double max_chosen_diff;/* the same for the greedy token only */
-    int token_mismatch;    /* greedy choices that differ where the naive top-2 gap > 2 tol */
-    int near_ties;         /* differing choices excused by a near tie */
+    double max_lp_diff;     /* max |logprob_engine - logprob_naive| over steps and vocabulary */
+    double max_chosen_diff; /* the same for the greedy token only */
+    int token_mismatch;     /* greedy choices that differ where the naive top-2 gap > 2 tol */
+    int near_ties;          /* differing choices excused by a near tie */
 } et_cmp_t;
 
 /* Compares a finished sequence's logits with the naive reference (teacher-forced on the
@@ -113,7 +113,6 @@ int et_compare(const naive_model_t *nm, int vocab, const et_seq_t *s, int C, spe
  * layout: logprobs within 2 tol, greedy tokens equal, up to the first step where either side's
  * top two are within 2 tol (after a near tie the two continuations are different texts).
  * `what` labels failures; *max_diff_p is raised to the largest logprob difference seen. */
-void et_compare_runs(const et_seq_t *d, const et_seq_t *c, int vocab, double tol, const char *what,
-                     double *max_diff_p);
+void et_compare_runs(const et_seq_t *d, const et_seq_t *c, int vocab, double tol, const char *what, double *max_diff_p);
 
 #endif /* SPEED_ENGINE_TEST_UTIL_H */

@@ -13,8 +13,7 @@
 #include "alloc.h"
 #include "test_proc.h"
 
-int sem_wait_ms(sem_t *sem, int ms)
-{
+int sem_wait_ms(sem_t *sem, int ms) {
     struct timespec ts = realtime_after_ms(ms);
     while (sem_timedwait(sem, &ts) != 0) {
         if (errno != EINTR) return -1;
@@ -22,16 +21,14 @@ int sem_wait_ms(sem_t *sem, int ms)
     return 0;
 }
 
-int64_t wait_live_count(int64_t target, int ms)
-{
+int64_t wait_live_count(int64_t target, int ms) {
     double end = now_s() + ms / 1000.0;
     int64_t n;
     while ((n = speed_alloc_live_count()) != target && now_s() < end) sleep_ms(5);
     return n;
 }
 
-int64_t settled_live_count(void)
-{
+int64_t settled_live_count(void) {
     int64_t last = speed_alloc_live_count();
     for (int stable = 0; stable < 5;) {
         sleep_ms(20);
@@ -44,8 +41,7 @@ int64_t settled_live_count(void)
 
 /* ---- raw sockets --------------------------------------------------------------------- */
 
-int raw_connect(uint16_t port)
-{
+int raw_connect(uint16_t port) {
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port)};
     inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
@@ -56,8 +52,7 @@ int raw_connect(uint16_t port)
     return fd;
 }
 
-void raw_send(int fd, const void *data, size_t len)
-{
+void raw_send(int fd, const void *data, size_t len) {
     const char *p = data;
     while (len) {
         ssize_t n = send(fd, p, len, MSG_NOSIGNAL);
@@ -67,8 +62,7 @@ void raw_send(int fd, const void *data, size_t len)
     }
 }
 
-size_t raw_read(int fd, char *buf, size_t cap, const char *stop, int ms)
-{
+size_t raw_read(int fd, char *buf, size_t cap, const char *stop, int ms) {
     size_t n = 0;
     tu_read_until(fd, buf, cap, &n, stop, now_s() + ms / 1000.0);
     return n;
@@ -80,8 +74,7 @@ size_t raw_read(int fd, char *buf, size_t cap, const char *stop, int ms)
 static pthread_mutex_t writers_lock = PTHREAD_MUTEX_INITIALIZER;
 static writer_t *writers;
 
-static void *writer_main(void *p)
-{
+static void *writer_main(void *p) {
     writer_t *w = p;
     char data[128];
     speed_status_t st = SPEED_OK;
@@ -122,8 +115,7 @@ static void *writer_main(void *p)
         sleep_ms(w->delay_ms);
         speed_http_stream_add_header(w->stream, "Retry-After", "7");
         atomic_store(&w->done, 1);
-        w->close_status = speed_http_stream_respond(
-            w->stream, 429, "application/json", "{\"error\":\"busy\"}", 17);
+        w->close_status = speed_http_stream_respond(w->stream, 429, "application/json", "{\"error\":\"busy\"}", 17);
         w->last_write = SPEED_OK;
         return NULL;
     }
@@ -133,9 +125,7 @@ static void *writer_main(void *p)
     return NULL;
 }
 
-writer_t *writer_start(speed_http_stream_t *stream, writer_mode_t mode, int n_events,
-                       int delay_ms, sem_t *go)
-{
+writer_t *writer_start(speed_http_stream_t *stream, writer_mode_t mode, int n_events, int delay_ms, sem_t *go) {
     writer_t *w = calloc(1, sizeof(*w));
     w->stream = stream;
     w->mode = mode;
@@ -150,8 +140,7 @@ writer_t *writer_start(speed_http_stream_t *stream, writer_mode_t mode, int n_ev
     return w;
 }
 
-void writers_join(void (*each)(writer_t *w))
-{
+void writers_join(void (*each)(writer_t *w)) {
     pthread_mutex_lock(&writers_lock);
     writer_t *list = writers;
     writers = NULL;

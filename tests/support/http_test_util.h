@@ -57,11 +57,11 @@ size_t raw_read(int fd, char *buf, size_t cap, const char *stop, int ms);
 /* ---- stream writers ------------------------------------------------------------------ */
 
 typedef enum {
-    WRITE_EVENTS,        /* write n_events events delay_ms apart, then close */
-    WRITE_HANDSHAKE,     /* write one event, wait for `go`, then the rest, then close */
-    WRITE_UNTIL_CANCEL,  /* write an event every delay_ms until a write fails, then close */
-    WRITE_HOLD,          /* write n_events (maybe 0: uncommitted), wait for `go`, write, close */
-    WRITE_DEFERRED,      /* after delay_ms: status 429 + Retry-After, a body, close */
+    WRITE_EVENTS,       /* write n_events events delay_ms apart, then close */
+    WRITE_HANDSHAKE,    /* write one event, wait for `go`, then the rest, then close */
+    WRITE_UNTIL_CANCEL, /* write an event every delay_ms until a write fails, then close */
+    WRITE_HOLD,         /* write n_events (maybe 0: uncommitted), wait for `go`, write, close */
+    WRITE_DEFERRED,     /* after delay_ms: status 429 + Retry-After, a body, close */
 } writer_mode_t;
 
 typedef struct writer {
@@ -70,8 +70,8 @@ typedef struct writer {
     int n_events;
     int delay_ms;
     sem_t *go;
-    _Atomic int done;               /* set just before close */
-    speed_status_t last_write;      /* the status of the last write */
+    _Atomic int done;          /* set just before close */
+    speed_status_t last_write; /* the status of the last write */
     speed_status_t close_status;
     int n_written;
     pthread_t thread;

@@ -21,8 +21,7 @@ void tu_st_write(const char *path, const tu_st_entry_t *e, int n) {
     size_t len = 0, off = 0;
     len += (size_t)sprintf(h + len, "{\"__metadata__\":{\"format\":\"pt\"}");
     for (int i = 0; i < n; i++) {
-        len += (size_t)sprintf(h + len, ",\"%s\":{\"dtype\":\"%s\",\"shape\":[", e[i].name,
-                               e[i].dtype);
+        len += (size_t)sprintf(h + len, ",\"%s\":{\"dtype\":\"%s\",\"shape\":[", e[i].name, e[i].dtype);
         for (int d = 0; d < e[i].n_dims; d++)
             len += (size_t)sprintf(h + len, "%s%lld", d ? "," : "", (long long)e[i].shape[d]);
         len += (size_t)sprintf(h + len, "],\"data_offsets\":[%zu,%zu]}", off, off + e[i].n_bytes);

@@ -33,11 +33,11 @@ void tu_st_write_raw(const char *path, const char *header, size_t n_data);
 
 typedef struct {
     const char *name;
-    const char *dtype;     /* "F32", "BF16", "F16", or anything for broken files */
+    const char *dtype; /* "F32", "BF16", "F16", or anything for broken files */
     int n_dims;
     int64_t shape[4];
-    const void *data;      /* NULL = zeros */
-    size_t n_bytes;        /* of data */
+    const void *data; /* NULL = zeros */
+    size_t n_bytes;   /* of data */
 } tu_st_entry_t;
 
 /* A well-formed file (8-aligned data area) with the n tensors of e back to back. */

@@ -15,7 +15,7 @@ struct naive_model {
     speed_model_config_t cfg;
     float *embed, *norm, *lm_head; /* lm_head may equal embed (tied) */
     naive_layer_t *layers;
-    float *inv_freq;               /* [head_dim / 2] */
+    float *inv_freq; /* [head_dim / 2] */
 };
 
 static float *to_f32(const speed_tensor_t *t) {
@@ -29,8 +29,8 @@ static float *to_f32(const speed_tensor_t *t) {
 static float inv_freq_of(const speed_model_config_t *c, int i) {
     double f = (float)(1.0 / pow((double)c->rope_theta, (double)(2 * i) / (double)c->head_dim));
     if (c->rope_scaling.type != SPEED_ROPE_SCALING_LLAMA3) return (float)f;
-    double factor = c->rope_scaling.factor, lo = c->rope_scaling.low_freq_factor,
-           hi = c->rope_scaling.high_freq_factor, orig = c->rope_scaling.original_max_position;
+    double factor = c->rope_scaling.factor, lo = c->rope_scaling.low_freq_factor, hi = c->rope_scaling.high_freq_factor,
+           orig = c->rope_scaling.original_max_position;
     double wavelen = 2.0 * M_PI / f;
     if (wavelen < orig / hi) return (float)f;
     if (wavelen > orig / lo) return (float)(f / factor);
@@ -129,8 +129,8 @@ static float round_to(speed_dtype_t dtype, float v) {
 int naive_ref_logits(const naive_model_t *nm, const int32_t *tokens, int N, int n_prompt, int C, int A, int T,
                      speed_dtype_t kv_dtype, int n_out, float *logits) {
     const speed_model_config_t *c = &nm->cfg;
-    const int L = c->n_layers, H = c->hidden, nh = c->n_heads, nkv = c->n_kv_heads, hd = c->head_dim,
-              F = c->ffn, V = c->vocab_size;
+    const int L = c->n_layers, H = c->hidden, nh = c->n_heads, nkv = c->n_kv_heads, hd = c->head_dim, F = c->ffn,
+              V = c->vocab_size;
     const int qd = nh * hd, kvd = nkv * hd, group = nh / nkv;
     if (N < 1 || n_prompt < 1 || n_prompt > N || C < 1 || C > L || A < 0 || T < 1 || n_out < 1 ||
         N - n_out < n_prompt - 1) {

@@ -35,8 +35,8 @@ void naive_model_destroy(naive_model_t *nm);
  * tokens[0..n_tokens) whose first n_prompt tokens are the prompt, at depth C (1..L), anchors
  * A >= 0, tail T >= 1. Those positions must be full depth (>= n_prompt - 1).
  * Returns 0, or -1 on bad arguments / out of memory (printed). */
-int naive_ref_logits(const naive_model_t *nm, const int32_t *tokens, int n_tokens, int n_prompt, int C, int A,
-                     int T, speed_dtype_t kv_dtype, int n_out, float *logits);
+int naive_ref_logits(const naive_model_t *nm, const int32_t *tokens, int n_tokens, int n_prompt, int C, int A, int T,
+                     speed_dtype_t kv_dtype, int n_out, float *logits);
 
 /* log-softmax of logits[0..n) into out (may alias), computed in double. */
 void naive_log_softmax(const float *logits, int n, float *out);

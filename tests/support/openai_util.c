@@ -127,8 +127,10 @@ void ou_from_sse(ou_result_t *r, const cu_sse_t *s) {
                 ou_append_text(r, json_string_value(text), json_string_length(text));
             }
             json_t *lp = json_object_get(ch, "logprobs");
-            if (json_is_object(lp)) r->n_chunks++;
-            else if (json_is_string(text) && json_string_length(text) > 0) r->n_chunks++;
+            if (json_is_object(lp))
+                r->n_chunks++;
+            else if (json_is_string(text) && json_string_length(text) > 0)
+                r->n_chunks++;
             ou_add_logprobs(r, lp);
             json_t *fin = json_object_get(ch, "finish_reason");
             if (json_is_string(fin)) {
@@ -173,8 +175,8 @@ static char *ou_tok_str(const speed_tok_t *tok, int32_t id) {
     if (speed_tok_decode_raw(tok, &id, 1, false, &s, &n) != SPEED_OK) return speed_strndup("?", 1);
     char *repaired = NULL;
     size_t rn = 0;
-    bool valid = speed_tok_decode(tok, &id, 1, false, &repaired, &rn) == SPEED_OK && rn == n &&
-                 memcmp(repaired, s, n) == 0;
+    bool valid =
+        speed_tok_decode(tok, &id, 1, false, &repaired, &rn) == SPEED_OK && rn == n && memcmp(repaired, s, n) == 0;
     speed_free(repaired);
     if (valid) return s;
     char *b = speed_malloc(6 + 4 * n + 1);
@@ -299,12 +301,13 @@ char *ou_completion_body(const char *model, const int32_t *ids, int n, int max_t
     char *csv = ou_ids_csv(ids, n);
     size_t cap = strlen(csv) + 1024 + (more ? strlen(more) : 0);
     char *b = speed_malloc(cap);
-    size_t off = (size_t)snprintf(b, cap, "{\"model\":\"%s\",\"prompt\":[%s],\"max_tokens\":%d,\"temperature\":0", model,
-                                  csv, max_tokens);
+    size_t off = (size_t)snprintf(b, cap, "{\"model\":\"%s\",\"prompt\":[%s],\"max_tokens\":%d,\"temperature\":0",
+                                  model, csv, max_tokens);
     if (logprobs > 0) off += (size_t)snprintf(b + off, cap - off, ",\"logprobs\":%d", logprobs);
     if (stream)
         off += (size_t)snprintf(b + off, cap - off, ",\"stream\":true,\"stream_options\":{\"include_usage\":true}");
-    if (prefill_layers) off += (size_t)snprintf(b + off, cap - off, ",\"speed\":{\"prefill_layers\":%s}", prefill_layers);
+    if (prefill_layers)
+        off += (size_t)snprintf(b + off, cap - off, ",\"speed\":{\"prefill_layers\":%s}", prefill_layers);
     if (more) off += (size_t)snprintf(b + off, cap - off, ",%s", more);
     snprintf(b + off, cap - off, "}");
     speed_free(csv);

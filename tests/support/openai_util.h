@@ -31,20 +31,20 @@ typedef struct {
 
 /* One answer, streamed or not. */
 typedef struct {
-    int n;                         /* tokens (content positions with logprobs) */
+    int n; /* tokens (content positions with logprobs) */
     char *tok[OU_MAX_TOK];
     double lp[OU_MAX_TOK];
     ou_top_t top[OU_MAX_TOK];
-    char *text;                    /* speed_malloc'd, the concatenated text */
+    char *text; /* speed_malloc'd, the concatenated text */
     size_t text_len;
-    char finish[32];               /* "" if none seen */
-    int n_finish;                  /* finish chunks seen (stream) */
-    json_t *usage;                 /* the usage object, or NULL */
-    json_t *error;                 /* an error object seen in the stream, or NULL */
-    int n_chunks;                  /* content chunks (stream) */
-    int n_after_done;              /* events after [DONE] (must be 0) */
-    bool done;                     /* [DONE] seen */
-    bool bad_json;                 /* an event that is not JSON */
+    char finish[32];  /* "" if none seen */
+    int n_finish;     /* finish chunks seen (stream) */
+    json_t *usage;    /* the usage object, or NULL */
+    json_t *error;    /* an error object seen in the stream, or NULL */
+    int n_chunks;     /* content chunks (stream) */
+    int n_after_done; /* events after [DONE] (must be 0) */
+    bool done;        /* [DONE] seen */
+    bool bad_json;    /* an event that is not JSON */
 } ou_result_t;
 
 /* Frees what *r holds and zeroes it. */

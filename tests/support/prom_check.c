@@ -9,8 +9,8 @@
 #include <string.h>
 
 #define PC_MAX_FAMILIES 256
-#define PC_MAX_SERIES 4096
-#define PC_MAX_LABELS 16
+#define PC_MAX_SERIES   4096
+#define PC_MAX_LABELS   16
 
 typedef struct {
     char name[256];
@@ -19,7 +19,7 @@ typedef struct {
 } pc_family_t;
 
 typedef struct {
-    char key[1024];         /* sample name + canonical labels (without le for histograms) */
+    char key[1024]; /* sample name + canonical labels (without le for histograms) */
     int family;
     /* histogram state */
     double last_le;
@@ -35,14 +35,13 @@ typedef struct {
     int n_series;
     char seen[PC_MAX_SERIES][1024]; /* full sample identities, for duplicate detection */
     int n_seen;
-    int cur;             /* family the current samples belong to, -1 none */
+    int cur; /* family the current samples belong to, -1 none */
     char *err;
     size_t cap;
     int line;
 } pc_state_t;
 
-static int pc_fail(pc_state_t *s, const char *fmt, ...)
-{
+static int pc_fail(pc_state_t *s, const char *fmt, ...) {
     int n = snprintf(s->err, s->cap, "line %d: ", s->line);
     va_list ap;
     va_start(ap, fmt);
@@ -51,30 +50,36 @@ static int pc_fail(pc_state_t *s, const char *fmt, ...)
     return -1;
 }
 
-static bool pc_name_char(char c, bool first, bool colon)
-{
+static bool pc_name_char(char c, bool first, bool colon) {
     if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_') return true;
     if (colon && c == ':') return true;
     return !first && c >= '0' && c <= '9';
 }
 
 /* Reads a metric (colon=true) or label name at *p; returns its length (0 if none). */
-static size_t pc_name(const char *p, bool colon)
-{
+static size_t pc_name(const char *p, bool colon) {
     size_t n = 0;
     while (p[n] && pc_name_char(p[n], n == 0, colon)) n++;
     return n;
 }
 
-static bool pc_float(const char *s, size_t n, double *v)
-{
+static bool pc_float(const char *s, size_t n, double *v) {
     char buf[64];
     if (n == 0 || n >= sizeof(buf)) return false;
     memcpy(buf, s, n);
     buf[n] = '\0';
-    if (strcmp(buf, "NaN") == 0) { *v = NAN; return true; }
-    if (strcmp(buf, "+Inf") == 0) { *v = INFINITY; return true; }
-    if (strcmp(buf, "-Inf") == 0) { *v = -INFINITY; return true; }
+    if (strcmp(buf, "NaN") == 0) {
+        *v = NAN;
+        return true;
+    }
+    if (strcmp(buf, "+Inf") == 0) {
+        *v = INFINITY;
+        return true;
+    }
+    if (strcmp(buf, "-Inf") == 0) {
+        *v = -INFINITY;
+        return true;
+    }
     /* Digits, sign, '.', exponent only: strtod would also take "inf", "0x1p3", "nan". */
     for (size_t i = 0; i < n; i++) {
         if (!strchr("0123456789+-.eE", buf[i])) return false;
@@ -84,15 +89,13 @@ static bool pc_float(const char *s, size_t n, double *v)
     return *end == '\0';
 }
 
-static int pc_find_family(pc_state_t *s, const char *name)
-{
+static int pc_find_family(pc_state_t *s, const char *name) {
     for (int i = 0; i < s->n_fam; i++)
         if (strcmp(s->fam[i].name, name) == 0) return i;
     return -1;
 }
 
-static int pc_family_for(pc_state_t *s, const char *name)
-{
+static int pc_family_for(pc_state_t *s, const char *name) {
     if (strlen(name) >= sizeof(s->fam[0].name)) return -1;
     int i = pc_find_family(s, name);
     if (i >= 0) return i;
@@ -103,14 +106,12 @@ static int pc_family_for(pc_state_t *s, const char *name)
     return i;
 }
 
-static bool pc_suffix(const char *name, const char *base, const char *suffix)
-{
+static bool pc_suffix(const char *name, const char *base, const char *suffix) {
     size_t nb = strlen(base);
     return strncmp(name, base, nb) == 0 && strcmp(name + nb, suffix) == 0;
 }
 
-static int pc_comment(pc_state_t *s, const char *p)
-{
+static int pc_comment(pc_state_t *s, const char *p) {
     bool help = strncmp(p, "# HELP ", 7) == 0, type = strncmp(p, "# TYPE ", 7) == 0;
     if (!help && !type) return 0; /* free comment */
     p += 7;
@@ -125,8 +126,7 @@ static int pc_comment(pc_state_t *s, const char *p)
     int f = pc_family_for(s, name);
     if (f < 0) return pc_fail(s, "too many families");
     pc_family_t *fam = &s->fam[f];
-    if (fam->closed || fam->has_samples)
-        return pc_fail(s, "HELP/TYPE for %s after its samples", name);
+    if (fam->closed || fam->has_samples) return pc_fail(s, "HELP/TYPE for %s after its samples", name);
     if (s->cur >= 0 && s->cur != f) s->fam[s->cur].closed = true;
     s->cur = f;
     if (help) {
@@ -142,18 +142,16 @@ static int pc_comment(pc_state_t *s, const char *p)
     }
     if (fam->has_type) return pc_fail(s, "second TYPE for %s", name);
     fam->has_type = true;
-    if (strcmp(p, "counter") && strcmp(p, "gauge") && strcmp(p, "histogram") &&
-        strcmp(p, "summary") && strcmp(p, "untyped"))
+    if (strcmp(p, "counter") && strcmp(p, "gauge") && strcmp(p, "histogram") && strcmp(p, "summary") &&
+        strcmp(p, "untyped"))
         return pc_fail(s, "unknown type \"%s\"", p);
     snprintf(fam->type, sizeof(fam->type), "%s", p);
-    if (strcmp(p, "counter") == 0 &&
-        !(strlen(name) > 6 && strcmp(name + strlen(name) - 6, "_total") == 0))
+    if (strcmp(p, "counter") == 0 && !(strlen(name) > 6 && strcmp(name + strlen(name) - 6, "_total") == 0))
         return pc_fail(s, "counter %s does not end in _total", name);
     return 0;
 }
 
-static int pc_sample(pc_state_t *s, const char *p)
-{
+static int pc_sample(pc_state_t *s, const char *p) {
     size_t n = pc_name(p, true);
     if (n == 0 || n >= 256) return pc_fail(s, "bad sample name");
     char name[256];
@@ -176,8 +174,7 @@ static int pc_sample(pc_state_t *s, const char *p)
             memcpy(labels[n_labels], p, ln);
             labels[n_labels][ln] = '\0';
             for (int i = 0; i < n_labels; i++)
-                if (strcmp(labels[i], labels[n_labels]) == 0)
-                    return pc_fail(s, "label %s twice", labels[i]);
+                if (strcmp(labels[i], labels[n_labels]) == 0) return pc_fail(s, "label %s twice", labels[i]);
             p += ln;
             if (p[0] != '=' || p[1] != '"') return pc_fail(s, "expected =\" after label name");
             p += 2;
@@ -188,8 +185,10 @@ static int pc_sample(pc_state_t *s, const char *p)
                 char c = *p++;
                 if (c == '\\') {
                     c = *p++;
-                    if (c == 'n') c = '\n';
-                    else if (c != '\\' && c != '"') return pc_fail(s, "bad escape in label value");
+                    if (c == 'n')
+                        c = '\n';
+                    else if (c != '\\' && c != '"')
+                        return pc_fail(s, "bad escape in label value");
                 }
                 if (vn + 1 >= sizeof(value)) return pc_fail(s, "label value too long");
                 value[vn++] = c;
@@ -201,8 +200,7 @@ static int pc_sample(pc_state_t *s, const char *p)
                 if (!pc_float(value, vn, &le)) return pc_fail(s, "bad le \"%s\"", value);
             } else {
                 size_t cl = strlen(canon);
-                int w = snprintf(canon + cl, sizeof(canon) - cl, "%s%s=%s", cl ? "," : "",
-                                 labels[n_labels], value);
+                int w = snprintf(canon + cl, sizeof(canon) - cl, "%s%s=%s", cl ? "," : "", labels[n_labels], value);
                 if (w < 0 || (size_t)w >= sizeof(canon) - cl) return pc_fail(s, "labels too long");
             }
             n_labels++;
@@ -234,14 +232,17 @@ static int pc_sample(pc_state_t *s, const char *p)
     pc_family_t *fam = &s->fam[s->cur];
     bool hist = strcmp(fam->type, "histogram") == 0;
     const char *suffix = NULL;
-    if (strcmp(name, fam->name) == 0 && !hist) suffix = "";
-    else if (hist && pc_suffix(name, fam->name, "_bucket")) suffix = "_bucket";
-    else if (hist && pc_suffix(name, fam->name, "_sum")) suffix = "_sum";
-    else if (hist && pc_suffix(name, fam->name, "_count")) suffix = "_count";
+    if (strcmp(name, fam->name) == 0 && !hist)
+        suffix = "";
+    else if (hist && pc_suffix(name, fam->name, "_bucket"))
+        suffix = "_bucket";
+    else if (hist && pc_suffix(name, fam->name, "_sum"))
+        suffix = "_sum";
+    else if (hist && pc_suffix(name, fam->name, "_count"))
+        suffix = "_count";
     if (!suffix) return pc_fail(s, "sample %s does not belong to family %s", name, fam->name);
     fam->has_samples = true;
-    if (strcmp(fam->type, "counter") == 0 && !(value >= 0))
-        return pc_fail(s, "counter %s is negative or NaN", name);
+    if (strcmp(fam->type, "counter") == 0 && !(value >= 0)) return pc_fail(s, "counter %s is negative or NaN", name);
     if (has_le && strcmp(suffix, "_bucket") != 0) return pc_fail(s, "le outside a bucket");
 
     char ident[1200];
@@ -256,8 +257,7 @@ static int pc_sample(pc_state_t *s, const char *p)
     if (!hist) return 0;
     pc_series_t *se = NULL;
     for (int i = 0; i < s->n_series; i++)
-        if (s->series[i].family == s->cur && strcmp(s->series[i].key, canon) == 0)
-            se = &s->series[i];
+        if (s->series[i].family == s->cur && strcmp(s->series[i].key, canon) == 0) se = &s->series[i];
     if (!se) {
         if (s->n_series == PC_MAX_SERIES) return pc_fail(s, "too many series");
         se = &s->series[s->n_series++];
@@ -290,8 +290,7 @@ static int pc_sample(pc_state_t *s, const char *p)
     return 0;
 }
 
-int prom_check(const char *text, char *err, size_t cap)
-{
+int prom_check(const char *text, char *err, size_t cap) {
     static pc_series_t series[PC_MAX_SERIES];
     static pc_state_t st;
     pc_state_t *s = &st;
@@ -321,17 +320,15 @@ int prom_check(const char *text, char *err, size_t cap)
         pc_series_t *se = &s->series[i];
         const char *fname = s->fam[se->family].name;
         if (!se->inf_seen) return pc_fail(s, "histogram %s{%s} has no +Inf bucket", fname, se->key);
-        if (!se->has_sum || !se->has_count)
-            return pc_fail(s, "histogram %s{%s} lacks _sum or _count", fname, se->key);
+        if (!se->has_sum || !se->has_count) return pc_fail(s, "histogram %s{%s} lacks _sum or _count", fname, se->key);
         if (se->count != se->inf_count)
-            return pc_fail(s, "histogram %s{%s}: _count %g != +Inf bucket %g", fname, se->key,
-                           se->count, se->inf_count);
+            return pc_fail(s, "histogram %s{%s}: _count %g != +Inf bucket %g", fname, se->key, se->count,
+                           se->inf_count);
     }
     return 0;
 }
 
-double prom_value(const char *text, const char *series)
-{
+double prom_value(const char *text, const char *series) {
     size_t n = strlen(series);
     const char *p = text;
     while (p && (p = strstr(p, series)) != NULL) {

@@ -21,18 +21,15 @@ typedef struct {
     bool logprobs;
 } fake_call_t;
 
-static bool fake_id_cancelled(fake_node_t *n, const char *id)
-{
+static bool fake_id_cancelled(fake_node_t *n, const char *id) {
     bool found = false;
     pthread_mutex_lock(&n->lock);
-    for (int i = 0; i < n->n_cancelled_ids && !found; i++)
-        found = strcmp(n->cancelled_ids[i], id) == 0;
+    for (int i = 0; i < n->n_cancelled_ids && !found; i++) found = strcmp(n->cancelled_ids[i], id) == 0;
     pthread_mutex_unlock(&n->lock);
     return found;
 }
 
-static void fake_reply(speed_rpc_call_t *call, const ProtobufCMessage *m)
-{
+static void fake_reply(speed_rpc_call_t *call, const ProtobufCMessage *m) {
     uint8_t *buf = NULL;
     size_t len = 0;
     if (speed_proto_pack(m, &buf, &len) != SPEED_OK) {
@@ -43,8 +40,7 @@ static void fake_reply(speed_rpc_call_t *call, const ProtobufCMessage *m)
     speed_free(buf);
 }
 
-static void fake_on_health(void *user, speed_rpc_call_t *call, const uint8_t *req, size_t len)
-{
+static void fake_on_health(void *user, speed_rpc_call_t *call, const uint8_t *req, size_t len) {
     fake_node_t *n = user;
     (void)req, (void)len;
     atomic_fetch_add(&n->n_health, 1);
@@ -60,8 +56,7 @@ static void fake_on_health(void *user, speed_rpc_call_t *call, const uint8_t *re
     fake_reply(call, &r.base);
 }
 
-static void fake_on_status(void *user, speed_rpc_call_t *call, const uint8_t *req, size_t len)
-{
+static void fake_on_status(void *user, speed_rpc_call_t *call, const uint8_t *req, size_t len) {
     fake_node_t *n = user;
     (void)req, (void)len;
     atomic_fetch_add(&n->n_status, 1);
@@ -71,13 +66,11 @@ static void fake_on_status(void *user, speed_rpc_call_t *call, const uint8_t *re
     fake_reply(call, &r.base);
 }
 
-static void fake_on_reserve(void *user, speed_rpc_call_t *call, const uint8_t *data, size_t len)
-{
+static void fake_on_reserve(void *user, speed_rpc_call_t *call, const uint8_t *data, size_t len) {
     fake_node_t *n = user;
     atomic_fetch_add(&n->n_reserve, 1);
     Speed__V1__ReserveRequest *q = NULL;
-    if (speed_proto_unpack(&speed__v1__reserve_request__descriptor, data, len,
-                           (ProtobufCMessage **)&q) != SPEED_OK) {
+    if (speed_proto_unpack(&speed__v1__reserve_request__descriptor, data, len, (ProtobufCMessage **)&q) != SPEED_OK) {
         speed_rpc_call_finish(call, SPEED_RPC_INVALID_ARGUMENT, "bad request");
         return;
     }
@@ -102,13 +95,11 @@ static void fake_on_reserve(void *user, speed_rpc_call_t *call, const uint8_t *d
     speed_proto_free(&q->base);
 }
 
-static void fake_on_cancel(void *user, speed_rpc_call_t *call, const uint8_t *data, size_t len)
-{
+static void fake_on_cancel(void *user, speed_rpc_call_t *call, const uint8_t *data, size_t len) {
     fake_node_t *n = user;
     atomic_fetch_add(&n->n_cancel, 1);
     Speed__V1__CancelRequest *q = NULL;
-    if (speed_proto_unpack(&speed__v1__cancel_request__descriptor, data, len,
-                           (ProtobufCMessage **)&q) == SPEED_OK) {
+    if (speed_proto_unpack(&speed__v1__cancel_request__descriptor, data, len, (ProtobufCMessage **)&q) == SPEED_OK) {
         pthread_mutex_lock(&n->lock);
         if (n->n_cancelled_ids < FAKE_MAX_IDS)
             snprintf(n->cancelled_ids[n->n_cancelled_ids++], 128, "%s", q->request_id);
@@ -120,8 +111,7 @@ static void fake_on_cancel(void *user, speed_rpc_call_t *call, const uint8_t *da
     fake_reply(call, &r.base);
 }
 
-static void *fake_prefill_thread(void *arg)
-{
+static void *fake_prefill_thread(void *arg) {
     fake_call_t *c = arg;
     fake_node_t *n = c->node;
     int delay = atomic_load(&n->prefill_delay_ms);
@@ -149,8 +139,7 @@ static void *fake_prefill_thread(void *arg)
     return NULL;
 }
 
-static void fake_spawn(fake_node_t *n, void *(*fn)(void *), fake_call_t *c)
-{
+static void fake_spawn(fake_node_t *n, void *(*fn)(void *), fake_call_t *c) {
     pthread_t th;
     atomic_fetch_add(&n->live_threads, 1);
     if (pthread_create(&th, NULL, fn, c) != 0) {
@@ -162,13 +151,12 @@ static void fake_spawn(fake_node_t *n, void *(*fn)(void *), fake_call_t *c)
     pthread_detach(th);
 }
 
-static void fake_on_prefill(void *user, speed_rpc_call_t *call, const uint8_t *data, size_t len)
-{
+static void fake_on_prefill(void *user, speed_rpc_call_t *call, const uint8_t *data, size_t len) {
     fake_node_t *n = user;
     atomic_fetch_add(&n->n_prefill, 1);
     Speed__V1__PrefillRequest *q = NULL;
-    if (speed_proto_unpack(&speed__v1__prefill_request__descriptor, data, len,
-                           (ProtobufCMessage **)&q) != SPEED_OK || !q->kv) {
+    if (speed_proto_unpack(&speed__v1__prefill_request__descriptor, data, len, (ProtobufCMessage **)&q) != SPEED_OK ||
+        !q->kv) {
         if (q) speed_proto_free(&q->base);
         speed_rpc_call_finish(call, SPEED_RPC_INVALID_ARGUMENT, "bad request");
         return;
@@ -183,8 +171,7 @@ static void fake_on_prefill(void *user, speed_rpc_call_t *call, const uint8_t *d
 }
 
 /* Token i of a generation: id 'a' + i % 26, text "t<i> ". */
-static void *fake_generate_thread(void *arg)
-{
+static void *fake_generate_thread(void *arg) {
     fake_call_t *c = arg;
     fake_node_t *n = c->node;
     int n_tokens = atomic_load(&n->gen_tokens);
@@ -253,13 +240,11 @@ static void *fake_generate_thread(void *arg)
     return NULL;
 }
 
-static void fake_on_generate(void *user, speed_rpc_call_t *call, const uint8_t *data, size_t len)
-{
+static void fake_on_generate(void *user, speed_rpc_call_t *call, const uint8_t *data, size_t len) {
     fake_node_t *n = user;
     atomic_fetch_add(&n->n_generate, 1);
     Speed__V1__GenerateRequest *q = NULL;
-    if (speed_proto_unpack(&speed__v1__generate_request__descriptor, data, len,
-                           (ProtobufCMessage **)&q) != SPEED_OK) {
+    if (speed_proto_unpack(&speed__v1__generate_request__descriptor, data, len, (ProtobufCMessage **)&q) != SPEED_OK) {
         speed_rpc_call_finish(call, SPEED_RPC_INVALID_ARGUMENT, "bad request");
         return;
     }
@@ -285,8 +270,7 @@ static void fake_on_generate(void *user, speed_rpc_call_t *call, const uint8_t *
     fake_spawn(n, fake_generate_thread, c);
 }
 
-void fake_defaults(fake_node_t *n)
-{
+void fake_defaults(fake_node_t *n) {
     atomic_store(&n->health_state, SPEED__V1__NODE_STATE__NODE_STATE_SERVING);
     atomic_store(&n->gen_tokens, 5);
     atomic_store(&n->gen_delay_ms, 0);
@@ -296,8 +280,7 @@ void fake_defaults(fake_node_t *n)
     atomic_store(&n->prefill_delay_ms, 0);
 }
 
-speed_status_t fake_start(fake_node_t *n, const char *name, int port)
-{
+speed_status_t fake_start(fake_node_t *n, const char *name, int port) {
     memset(n, 0, sizeof(*n));
     pthread_mutex_init(&n->lock, NULL);
     snprintf(n->name, sizeof n->name, "%s", name);
@@ -332,22 +315,19 @@ speed_status_t fake_start(fake_node_t *n, const char *name, int port)
     return st;
 }
 
-void fake_kill(fake_node_t *n)
-{
+void fake_kill(fake_node_t *n) {
     if (!n->server) return;
     speed_rpc_server_destroy(n->server);
     n->server = NULL;
     for (int i = 0; i < 500 && atomic_load(&n->live_threads) > 0; i++) sleep_ms(10);
 }
 
-void fake_stop(fake_node_t *n)
-{
+void fake_stop(fake_node_t *n) {
     fake_kill(n);
     pthread_mutex_destroy(&n->lock);
 }
 
-bool fake_start_pool(fake_node_t *nodes, int n, const char *role, int *base_p)
-{
+bool fake_start_pool(fake_node_t *nodes, int n, const char *role, int *base_p) {
     static unsigned seed;
     if (!seed) seed = (unsigned)getpid() ^ (unsigned)time(NULL);
     for (int attempt = 0; attempt < 50; attempt++) {
@@ -369,8 +349,7 @@ bool fake_start_pool(fake_node_t *nodes, int n, const char *role, int *base_p)
 
 /* ---- model directory ---------------------------------------------------------------------- */
 
-bool make_model_dir(const char *dir)
-{
+bool make_model_dir(const char *dir) {
     mkdir(dir, 0755);
     char path[1024];
     snprintf(path, sizeof path, "%s/config.json", dir);
@@ -386,8 +365,7 @@ bool make_model_dir(const char *dir)
 
 /* ---- the router process --------------------------------------------------------------- */
 
-bool write_cluster(const char *path, const char *model, int np, int pbase, int nd, int dbase)
-{
+bool write_cluster(const char *path, const char *model, int np, int pbase, int nd, int dbase) {
     FILE *f = fopen(path, "w");
     if (!f) return false;
     /* http ports are not used by the router; keep them clear of everything else. */
@@ -404,8 +382,7 @@ bool write_cluster(const char *path, const char *model, int np, int pbase, int n
     return true;
 }
 
-bool router_start(router_proc_t *rp, const char *cluster, const char *const *extra)
-{
+bool router_start(router_proc_t *rp, const char *cluster, const char *const *extra) {
     memset(rp, 0, sizeof(*rp));
     rp->out_fd = -1;
     const char *bin = getenv("SPEED_ROUTER");
@@ -445,8 +422,7 @@ bool router_start(router_proc_t *rp, const char *cluster, const char *const *ext
     return true;
 }
 
-bool router_wait(router_proc_t *rp, double timeout_s)
-{
+bool router_wait(router_proc_t *rp, double timeout_s) {
     if (rp->exited) return true;
     if (!tu_wait_pid(rp->pid, timeout_s, &rp->status)) return false;
     rp->exited = true;
@@ -454,8 +430,7 @@ bool router_wait(router_proc_t *rp, double timeout_s)
     return true;
 }
 
-int router_stop(router_proc_t *rp)
-{
+int router_stop(router_proc_t *rp) {
     if (!rp->pid) return -1;
     if (!rp->exited) kill(rp->pid, SIGTERM);
     if (!router_wait(rp, 60)) {
@@ -465,36 +440,31 @@ int router_stop(router_proc_t *rp)
         close(rp->out_fd);
         return -1;
     }
-    if (WIFSIGNALED(rp->status))
-        fprintf(stderr, "speed-router died of signal %d\n", WTERMSIG(rp->status));
+    if (WIFSIGNALED(rp->status)) fprintf(stderr, "speed-router died of signal %d\n", WTERMSIG(rp->status));
     return WIFEXITED(rp->status) ? WEXITSTATUS(rp->status) : -1;
 }
 
 /* ---- SSE through speed_http's event parser ---------------------------------------------- */
 
-static void sse_header(const speed_http_response_t *resp, const char *name, char *out, size_t cap)
-{
+static void sse_header(const speed_http_response_t *resp, const char *name, char *out, size_t cap) {
     const char *v = speed_http_response_header(resp, name);
     snprintf(out, cap, "%s", v ? v : "");
 }
 
-void sse_result_free(sse_result_t *s)
-{
+void sse_result_free(sse_result_t *s) {
     for (int i = 0; i < s->n; i++) speed_free(s->data[i]);
     memset(s, 0, sizeof(*s));
 }
 
 bool sse_begin(int port, const char *path, const char *body, const char *xid, speed_http_client_t **c_p,
-               sse_result_t *out)
-{
+               sse_result_t *out) {
     memset(out, 0, sizeof(*out));
     *c_p = NULL;
     speed_http_client_t *c = NULL;
     if (speed_http_client_connect("127.0.0.1", (uint16_t)port, 30000, &c) != SPEED_OK) return false;
     speed_http_header_t h[2] = {{"Content-Type", "application/json"}, {"X-Request-Id", xid}};
     const speed_http_response_t *resp = NULL;
-    if (speed_http_client_request_begin(c, "POST", path, h, xid ? 2 : 1, body, strlen(body),
-                                        &resp) != SPEED_OK) {
+    if (speed_http_client_request_begin(c, "POST", path, h, xid ? 2 : 1, body, strlen(body), &resp) != SPEED_OK) {
         speed_http_client_destroy(c);
         return false;
     }
@@ -505,8 +475,7 @@ bool sse_begin(int port, const char *path, const char *body, const char *xid, sp
     return true;
 }
 
-bool sse_read(speed_http_client_t *c, sse_result_t *out, int max_events)
-{
+bool sse_read(speed_http_client_t *c, sse_result_t *out, int max_events) {
     for (int k = 0; max_events < 0 || k < max_events; k++) {
         const speed_http_sse_event_t *ev = NULL;
         if (speed_http_client_next_event(c, &ev) != SPEED_OK) return false;
@@ -519,8 +488,7 @@ bool sse_read(speed_http_client_t *c, sse_result_t *out, int max_events)
     return true;
 }
 
-bool sse_post(int port, const char *path, const char *body, const char *xid, sse_result_t *out)
-{
+bool sse_post(int port, const char *path, const char *body, const char *xid, sse_result_t *out) {
     speed_http_client_t *c = NULL;
     if (!sse_begin(port, path, body, xid, &c, out)) return false;
     bool ok = out->status != 200 || sse_read(c, out, -1);
@@ -530,14 +498,12 @@ bool sse_post(int port, const char *path, const char *body, const char *xid, sse
 
 /* ---- JSON ------------------------------------------------------------------------------- */
 
-json_t *json_of(const char *s)
-{
+json_t *json_of(const char *s) {
     json_error_t e;
     return s ? json_loads(s, 0, &e) : NULL;
 }
 
-json_t *jget(json_t *root, const char *path)
-{
+json_t *jget(json_t *root, const char *path) {
     json_t *cur = root;
     char key[128];
     const char *p = path;
@@ -559,14 +525,12 @@ json_t *jget(json_t *root, const char *path)
     return cur;
 }
 
-const char *jstr(json_t *root, const char *path)
-{
+const char *jstr(json_t *root, const char *path) {
     json_t *v = jget(root, path);
     return json_is_string(v) ? json_string_value(v) : NULL;
 }
 
-long long jint(json_t *root, const char *path)
-{
+long long jint(json_t *root, const char *path) {
     json_t *v = jget(root, path);
     return json_is_integer(v) ? json_integer_value(v) : -12345;
 }

@@ -57,22 +57,22 @@
 typedef struct fake_node {
     char name[32];
     int port;
-    speed_rpc_server_t *server;        /* NULL once killed */
+    speed_rpc_server_t *server; /* NULL once killed */
 
     /* behaviour (change any time) */
-    atomic_int health_state;           /* Speed__V1__NodeState; -1 = fail Health UNAVAILABLE */
-    atomic_int reserve_code;           /* 0 = reply; else fail with this gRPC code */
-    atomic_int prefill_code;           /* 0 = reply; else fail with this gRPC code */
+    atomic_int health_state; /* Speed__V1__NodeState; -1 = fail Health UNAVAILABLE */
+    atomic_int reserve_code; /* 0 = reply; else fail with this gRPC code */
+    atomic_int prefill_code; /* 0 = reply; else fail with this gRPC code */
     atomic_int prefill_delay_ms;
-    atomic_int gen_tokens;             /* tokens per generation, the first included */
-    atomic_int gen_delay_ms;           /* before each event */
-    atomic_int gen_break_after;        /* < 0: never; k: after k tokens end with UNAVAILABLE */
+    atomic_int gen_tokens;      /* tokens per generation, the first included */
+    atomic_int gen_delay_ms;    /* before each event */
+    atomic_int gen_break_after; /* < 0: never; k: after k tokens end with UNAVAILABLE */
 
     /* what it saw */
     atomic_int n_health, n_status, n_reserve, n_prefill, n_generate, n_generate_prompt;
-    atomic_int n_generate_first;       /* Generate with a first token (disaggregated) */
-    atomic_int n_cancel;               /* Cancel RPCs */
-    atomic_int n_gen_cancelled;        /* Generate streams ended by cancellation */
+    atomic_int n_generate_first; /* Generate with a first token (disaggregated) */
+    atomic_int n_cancel;         /* Cancel RPCs */
+    atomic_int n_gen_cancelled;  /* Generate streams ended by cancellation */
     atomic_int n_gen_active;
     atomic_int last_reserve_prefill_layers;
     atomic_int last_prefill_n_ids;
@@ -113,9 +113,9 @@ bool make_model_dir(const char *dir);
 typedef struct {
     pid_t pid;
     int port;
-    int out_fd;        /* its stdout */
+    int out_fd; /* its stdout */
     bool exited;
-    int status;        /* waitpid status once exited */
+    int status; /* waitpid status once exited */
 } router_proc_t;
 
 /* Writes a cluster file for the fakes: prefill pool at pbase (np replicas), decode pool at
@@ -144,7 +144,7 @@ typedef struct {
     char content_type[96];
     char *data[SSE_MAX_EVENTS];
     int n;
-    bool ended;            /* the body ended cleanly */
+    bool ended; /* the body ended cleanly */
 } sse_result_t;
 
 /* Frees the events and zeroes *s. */

@@ -122,8 +122,7 @@ static void *endless_main(void *arg) {
     memset(msg, 'x', sizeof msg);
     for (int i = 0; !atomic_load(&c->cancelled); i++) {
         /* keep the queue short, as a real producer would */
-        if (speed_rpc_call_queued(c->call) < 8 &&
-            speed_rpc_call_send(c->call, msg, sizeof msg) == SPEED_ERR_CANCELLED)
+        if (speed_rpc_call_queued(c->call) < 8 && speed_rpc_call_send(c->call, msg, sizeof msg) == SPEED_ERR_CANCELLED)
             break;
         sleep_ms(1);
     }
@@ -137,8 +136,7 @@ static void *endless_main(void *arg) {
 static void h_endless(void *user, speed_rpc_call_t *call, const uint8_t *req, size_t len) {
     tserver_t *ts = user;
     tctx_t *c = tctx_new(ts, call, req, len);
-    if (speed_rpc_call_on_cancel(call, endless_cancelled, c) != SPEED_OK)
-        atomic_store(&c->cancelled, 1);
+    if (speed_rpc_call_on_cancel(call, endless_cancelled, c) != SPEED_OK) atomic_store(&c->cancelled, 1);
     tserver_spawn(ts, endless_main, c);
 }
 
@@ -163,8 +161,7 @@ speed_status_t tserver_start(tserver_t *ts, size_t max_message_bytes) {
     SPEED_CHECK(speed_rpc_server_add_method(ts->server, T_FAIL, SPEED_RPC_UNARY, h_fail, ts));
     SPEED_CHECK(speed_rpc_server_add_method(ts->server, T_HANG, SPEED_RPC_UNARY, h_hang, ts));
     SPEED_CHECK(speed_rpc_server_add_method(ts->server, T_COUNT, SPEED_RPC_STREAM, h_count, ts));
-    SPEED_CHECK(speed_rpc_server_add_method(ts->server, T_ENDLESS, SPEED_RPC_STREAM, h_endless,
-                                            ts));
+    SPEED_CHECK(speed_rpc_server_add_method(ts->server, T_ENDLESS, SPEED_RPC_STREAM, h_endless, ts));
     SPEED_CHECK(speed_rpc_server_add_method(ts->server, T_IDLE, SPEED_RPC_STREAM, h_idle, ts));
     SPEED_CHECK(speed_rpc_server_start(ts->server));
     ts->port = speed_rpc_server_port(ts->server);

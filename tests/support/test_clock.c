@@ -17,4 +17,6 @@ double cpu_s(void) {
 
 void sleep_ms(int ms) { speed_clock_sleep_ms(ms); }
 
-struct timespec realtime_after_ms(int ms) { return speed_clock_deadline(CLOCK_REALTIME, ms); }
+struct timespec realtime_after_ms(int ms) {
+    return speed_clock_deadline(CLOCK_REALTIME, ms);
+}

@@ -30,10 +30,10 @@ struct timespec realtime_after_ms(int ms);
 
 /* Polls `cond` every 2 ms until it holds or ms milliseconds pass; the caller checks `cond`
  * again afterwards. A macro because `cond` is re-evaluated on every round. */
-#define WAIT_FOR(cond, ms)                                                        \
-    do {                                                                          \
-        double wait_until_ = now_ms() + (ms);                                     \
-        while (!(cond) && now_ms() < wait_until_) sleep_ms(2);                    \
+#define WAIT_FOR(cond, ms)                                     \
+    do {                                                       \
+        double wait_until_ = now_ms() + (ms);                  \
+        while (!(cond) && now_ms() < wait_until_) sleep_ms(2); \
     } while (0)
 
 #endif /* SPEED_TESTS_TEST_CLOCK_H */

@@ -67,9 +67,7 @@ void tu_write(const char *path, const void *data, size_t n) {
     }
 }
 
-void tu_write_text(const char *path, const char *text) {
-    tu_write(path, text, strlen(text));
-}
+void tu_write_text(const char *path, const char *text) { tu_write(path, text, strlen(text)); }
 
 char *tu_read(const char *path, size_t *n_p) {
     FILE *fp = fopen(path, "rb");

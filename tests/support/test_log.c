@@ -21,9 +21,7 @@ static void tu_log_count(void *user, speed_log_level_t level, speed_log_subsys_t
     fprintf(stderr, "  [log %c] %s\n", "EWIDT"[level], line);
 }
 
-void tu_log_capture(void) {
-    speed_log_set_sink(tu_log_count, NULL);
-}
+void tu_log_capture(void) { speed_log_set_sink(tu_log_count, NULL); }
 
 void tu_warnings_reset(void) {
     tu_n_warnings = 0;

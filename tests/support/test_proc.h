@@ -28,12 +28,12 @@ int tu_exit_code(int status);
 /* Where a child's output goes; zero fields leave stdout and stderr inherited. err_path and
  * stdout_fd_p take precedence over log_path for their stream. */
 typedef struct {
-    const char *cwd;         /* the child changes to this directory first; NULL: stays */
-    const char *log_path;    /* stdout and stderr appended to this file */
-    const char *err_path;    /* stderr written to this file, truncated first */
-    int *stdout_fd_p;        /* non-NULL: stdout goes into a pipe; its read end (close-on-exec)
+    const char *cwd;      /* the child changes to this directory first; NULL: stays */
+    const char *log_path; /* stdout and stderr appended to this file */
+    const char *err_path; /* stderr written to this file, truncated first */
+    int *stdout_fd_p;     /* non-NULL: stdout goes into a pipe; its read end (close-on-exec)
                                 is returned here, the caller closes it */
-    bool die_with_parent;    /* the child gets SIGKILL when the test process dies */
+    bool die_with_parent; /* the child gets SIGKILL when the test process dies */
 } tu_spawn_params_t;
 
 /* Starts argv[0] (a path; argv NULL-terminated) with the redirections of `p` (NULL: none).

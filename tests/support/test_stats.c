@@ -8,9 +8,7 @@ static int cmp_double(const void *a, const void *b) {
     return x < y ? -1 : x > y;
 }
 
-void tu_sort_doubles(double *v, size_t n) {
-    qsort(v, n, sizeof *v, cmp_double);
-}
+void tu_sort_doubles(double *v, size_t n) { qsort(v, n, sizeof *v, cmp_double); }
 
 double tu_median(double *v, int n) {
     tu_sort_doubles(v, (size_t)n);

@@ -41,8 +41,7 @@ json_t *tok_test_read_jsonl(const char *path) {
     return arr;
 }
 
-int tok_test_ids_equal(const speed_tok_ids_t *ids, size_t from, const json_t *expect,
-                              const char *what) {
+int tok_test_ids_equal(const speed_tok_ids_t *ids, size_t from, const json_t *expect, const char *what) {
     size_t n = json_array_size(expect);
     int ok = ids->n - from == n;
     for (size_t i = 0; ok && i < n; i++)
@@ -51,8 +50,7 @@ int tok_test_ids_equal(const speed_tok_ids_t *ids, size_t from, const json_t *ex
         fprintf(stderr, "mismatch for %s\n  got:     ", what);
         for (size_t i = from; i < ids->n; i++) fprintf(stderr, " %d", (int)ids->ids[i]);
         fprintf(stderr, "\n  expected:");
-        for (size_t i = 0; i < n; i++)
-            fprintf(stderr, " %d", (int)json_integer_value(json_array_get(expect, i)));
+        for (size_t i = 0; i < n; i++) fprintf(stderr, " %d", (int)json_integer_value(json_array_get(expect, i)));
         fprintf(stderr, "\n");
     }
     return ok;
@@ -63,8 +61,10 @@ const char *tok_test_show(const char *s, size_t len) {
     size_t o = 0;
     for (size_t i = 0; i < len && o + 8 < sizeof buf; i++) {
         unsigned char c = (unsigned char)s[i];
-        if (c < 0x20 || c == 0x7f) o += (size_t)snprintf(buf + o, sizeof buf - o, "\\x%02x", c);
-        else buf[o++] = (char)c;
+        if (c < 0x20 || c == 0x7f)
+            o += (size_t)snprintf(buf + o, sizeof buf - o, "\\x%02x", c);
+        else
+            buf[o++] = (char)c;
     }
     buf[o] = '\0';
     return buf;

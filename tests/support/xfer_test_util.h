@@ -31,7 +31,7 @@
 void xt_ucx_env(void);
 
 /* The transfer tests' names for the clocks of test_clock.h. */
-#define xt_now_ms() ((uint64_t)now_ms())
+#define xt_now_ms()      ((uint64_t)now_ms())
 #define xt_realtime_ms() realtime_ms()
 
 /* "tcp" -> SPEED_KV_TRANSPORT_TCP; anything else -> SPEED_KV_TRANSPORT_SHM. */
@@ -51,10 +51,10 @@ int xt_recv(int fd, void **buf_p, size_t *n_p, int timeout_ms);
 typedef struct {
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    int n;                   /* notifies received */
+    int n; /* notifies received */
     uint64_t cookie, bytes, epoch;
     char request_id[64];
-    speed_status_t answer;   /* what the callback returns */
+    speed_status_t answer; /* what the callback returns */
 } xt_inbox_t;
 
 void xt_inbox_init(xt_inbox_t *b);

@@ -141,8 +141,10 @@ static void fill_units(speed_kv_cache_t *cache, speed_kv_seq_t *seq, int B) {
 
 int main(int argc, char **argv) {
     for (int i = 1; i + 1 < argc; i++) {
-        if (strcmp(argv[i], "--mib") == 0) g_mib = atoi(argv[++i]);
-        else if (strcmp(argv[i], "--reps") == 0) g_reps = atoi(argv[++i]);
+        if (strcmp(argv[i], "--mib") == 0)
+            g_mib = atoi(argv[++i]);
+        else if (strcmp(argv[i], "--reps") == 0)
+            g_reps = atoi(argv[++i]);
     }
     if (g_mib < 1 || g_reps < 1 || g_reps > MAX_REPS) {
         fprintf(stderr, "usage: %s [--mib N >= 1] [--reps 1..%d]\n", argv[0], MAX_REPS);
@@ -169,7 +171,8 @@ int main(int argc, char **argv) {
     if (speed_backend_create(&bp, &be) != SPEED_OK || speed_kv_xfer_ctx_create(&cp, &ctx) != SPEED_OK) return 1;
 
     printf("KV transfer, 2 processes, %d layers x 1 KiB/token (4 kv heads x 64, bf16), ~%d MiB per transfer, "
-           "median of %d\n", N_LAYERS, g_mib, g_reps);
+           "median of %d\n",
+           N_LAYERS, g_mib, g_reps);
     printf("%-5s %8s %10s %10s %11s %11s %9s %9s\n", "xport", "unit", "MiB", "ms", "GB/s", "memcpy GB/s", "ratio",
            "puts");
     const int units[] = {4, 16, 64};
@@ -248,8 +251,8 @@ int main(int argc, char **argv) {
     }
     if (!rc) {
         printf("\nTP 2 -> 1 (sender heads [0, 2) of [0, 4): per slot one 256-byte K run and one V run), half the "
-               "bytes\n%-5s %8s %10s %11s %11s %9s %9s\n", "xport", "unit", "ms", "GB/s", "whole GB/s", "ratio",
-               "puts");
+               "bytes\n%-5s %8s %10s %11s %11s %9s %9s\n",
+               "xport", "unit", "ms", "GB/s", "whole GB/s", "ratio", "puts");
         for (int u = 0; u < 3; u++)
             for (int t = 0; t < 2; t++)
                 printf("%-5s %6d K %10.2f %11.2f %11.2f %9.3f %9llu\n", t ? "tcp" : "shm", units[u], strided_ms[u][t],

@@ -20,8 +20,8 @@
 #include "xfer_test_util.h"
 
 #define N_PROMPT 45
-#define N_GEN 8
-#define BLOCK 8
+#define N_GEN    8
+#define BLOCK    8
 
 typedef struct {
     speed_kv_xfer_t *xfer;
@@ -100,8 +100,8 @@ static int decode_setup(run_t *r, uint8_t **desc_p, size_t *len_p) {
 static void decode_run(run_t *r, int32_t first) {
     const int V = r->model->config.vocab_size;
     CHECK_INT_EQ(xt_inbox_wait(&r->inbox, 1, 30000), 1);
-    size_t want = speed_kv_bytes_for_prompt(&r->model->config, r->depth.prefill_layers, r->depth.anchors,
-                                            r->depth.tail, N_PROMPT, SPEED_DTYPE_F32);
+    size_t want = speed_kv_bytes_for_prompt(&r->model->config, r->depth.prefill_layers, r->depth.anchors, r->depth.tail,
+                                            N_PROMPT, SPEED_DTYPE_F32);
     CHECK_INT_EQ(r->inbox.bytes, want);
     CHECK_STR_EQ(r->inbox.request_id, "req-e2e");
     CHECK(speed_engine_seq_kv_ready(r->deng, r->dseq) == SPEED_OK);
@@ -176,7 +176,8 @@ static int32_t prefill_run(run_t *r, const void *desc_bytes, size_t desc_len, sp
         CHECK_INT_EQ(info.bytes_put, want);
         CHECK_INT_EQ(info.total_bytes, want);
         CHECK(info.bytes_put <= wire); /* whole units would be seq_kv_size */
-        fprintf(stderr, "%s: %llu bytes put in %llu puts (formula %zu, whole units %zu); push %.3f ms, finish %.3f ms\n",
+        fprintf(stderr,
+                "%s: %llu bytes put in %llu puts (formula %zu, whole units %zu); push %.3f ms, finish %.3f ms\n",
                 r->transport, (unsigned long long)info.bytes_put, (unsigned long long)info.n_puts, want, wire,
                 info.push_ns / 1e6, info.finish_ns / 1e6);
         speed_kv_xfer_destroy(pc.xfer);

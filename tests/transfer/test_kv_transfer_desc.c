@@ -24,12 +24,12 @@
 #include "xfer_desc_wire.h"
 #include "xfer_test_util.h"
 
-#define L 4
-#define C 2
-#define B 4
-#define N_BLOCKS 24
-#define N_FULL 13   /* 4 blocks, the last partial */
-#define N_COMPACT 2 /* anchor + tail */
+#define L         4
+#define C         2
+#define B         4
+#define N_BLOCKS  24
+#define N_FULL    13 /* 4 blocks, the last partial */
+#define N_COMPACT 2  /* anchor + tail */
 
 typedef struct {
     speed_kv_cache_t *cache;
@@ -237,18 +237,19 @@ static uint64_t units_end(const speed_kv_desc_t *d, uint32_t p) {
 
 typedef struct {
     const char *what;
-    speed_status_t check;  /* speed_kv_desc_check's verdict */
-    speed_status_t wire;   /* the production conversion's; NOT_SENT: arrays shorter than the
+    speed_status_t check; /* speed_kv_desc_check's verdict */
+    speed_status_t wire;  /* the production conversion's; NOT_SENT: arrays shorter than the
                             * tampered counts (to_proto would read past them), or empty ones
                             * (to_proto does not free its element storage for a count of 0) */
-    const char *reason;    /* in the logged error */
+    const char *reason;   /* in the logged error */
 } tamper_t;
 
 #define NOT_SENT ((speed_status_t)(SPEED_OK + 1))
-#define FMT SPEED_ERR_FORMAT
-#define PROTO SPEED_ERR_PEER_PROTOCOL
+#define FMT      SPEED_ERR_FORMAT
+#define PROTO    SPEED_ERR_PEER_PROTOCOL
 
-#define T(...) return (tamper_t){__VA_ARGS__}
+#define T(...) \
+    return (tamper_t) { __VA_ARGS__ }
 
 /* Applies tampering k to t; returns its description, or what == NULL past the last one. */
 static tamper_t tamper(speed_kv_desc_t *t, int k) {
@@ -258,21 +259,11 @@ static tamper_t tamper(speed_kv_desc_t *t, int k) {
     const uint64_t room = (r0->base + r0->length - p0->base) / p0->block_stride; /* blocks the region holds */
     switch (k) {
     /* block ids and the region bound */
-    case 0:
-        p0->table[last] = (int32_t)room;
-        T("block id one past the region's last block", FMT, FMT, "outside region");
-    case 1:
-        p0->table[last] = (int32_t)room - 1;
-        T("block id of the region's last block", SPEED_OK, SPEED_OK, NULL);
-    case 2:
-        p0->table[0] = -1;
-        T("negative block id", FMT, FMT, "outside region");
-    case 3:
-        p0->table[0] = INT32_MIN;
-        T("most negative block id", FMT, FMT, "outside region");
-    case 4:
-        p0->table[0] = INT32_MAX;
-        T("largest block id", FMT, FMT, "outside region");
+    case 0: p0->table[last] = (int32_t)room; T("block id one past the region's last block", FMT, FMT, "outside region");
+    case 1: p0->table[last] = (int32_t)room - 1; T("block id of the region's last block", SPEED_OK, SPEED_OK, NULL);
+    case 2: p0->table[0] = -1; T("negative block id", FMT, FMT, "outside region");
+    case 3: p0->table[0] = INT32_MIN; T("most negative block id", FMT, FMT, "outside region");
+    case 4: p0->table[0] = INT32_MAX; T("largest block id", FMT, FMT, "outside region");
     case 5:
         r0->length = units_end(t, t->layers[0].pool) - 1;
         T("region one byte shorter than its blocks", FMT, FMT, "outside region");
@@ -289,126 +280,64 @@ static tamper_t tamper(speed_kv_desc_t *t, int k) {
         r0->length -= 1;
         T("region starting one byte after the pool", FMT, FMT, "outside region");
     /* overflows */
-    case 9:
-        p0->base = UINT64_MAX - 16;
-        T("pool base + block overflows", FMT, FMT, "outside region");
+    case 9: p0->base = UINT64_MAX - 16; T("pool base + block overflows", FMT, FMT, "outside region");
     case 10:
         p0->block_stride = UINT64_MAX / 2 + 1;
         T("block stride 2^63: ids past 1 overflow", FMT, FMT, "outside region");
-    case 11:
-        t->layers[0].offset = UINT64_MAX - 8;
-        T("layer offset overflows", FMT, FMT, "past the block");
+    case 11: t->layers[0].offset = UINT64_MAX - 8; T("layer offset overflows", FMT, FMT, "past the block");
     case 12:
         t->layers[0].offset = p0->block_stride - t->unit_bytes + 1;
         T("unit sticking out of its block", FMT, FMT, "past the block");
-    case 13:
-        r0->length = UINT64_MAX - r0->base + 1;
-        T("region extent overflows", FMT, FMT, "bad extent");
-    case 14:
-        r0->length = 0;
-        T("empty region", FMT, FMT, "bad extent");
+    case 13: r0->length = UINT64_MAX - r0->base + 1; T("region extent overflows", FMT, FMT, "bad extent");
+    case 14: r0->length = 0; T("empty region", FMT, FMT, "bad extent");
     /* counts and indices */
-    case 15:
-        p0->n_blocks = last;
-        T("pool table one block short of the entries", FMT, FMT, "the pool table has");
-    case 16:
-        p0->n_blocks = SPEED_KV_DESC_MAX_BLOCKS + 1;
-        T("pool table past the limit", FMT, NOT_SENT, "blocks");
-    case 17:
-        t->layers[2].pool = t->n_pools;
-        T("layer's pool index out of range", FMT, FMT, "layer 2: pool");
-    case 18:
-        p0->region = t->n_regions;
-        T("pool's region index out of range", FMT, FMT, ": region");
-    case 19:
-        t->n_layers = SPEED_KV_DESC_MAX_LAYERS + 1;
-        T("layers past the limit", FMT, NOT_SENT, "layers");
-    case 20:
-        t->n_pools = SPEED_KV_DESC_MAX_POOLS + 1;
-        T("pools past the limit", FMT, NOT_SENT, "pools");
-    case 21:
-        t->n_regions = SPEED_KV_DESC_MAX_REGIONS + 1;
-        T("regions past the limit", FMT, NOT_SENT, "regions");
-    case 22:
-        t->n_layers = 0;
-        T("no layers", FMT, NOT_SENT, "layers");
-    case 23:
-        t->n_pools = 0;
-        T("no pools", FMT, NOT_SENT, "pools");
-    case 24:
-        t->n_regions = 0;
-        T("no regions", FMT, NOT_SENT, "regions");
-    case 25:
-        t->worker_addr_len = 0;
-        T("empty worker address", FMT, FMT, "worker address");
+    case 15: p0->n_blocks = last; T("pool table one block short of the entries", FMT, FMT, "the pool table has");
+    case 16: p0->n_blocks = SPEED_KV_DESC_MAX_BLOCKS + 1; T("pool table past the limit", FMT, NOT_SENT, "blocks");
+    case 17: t->layers[2].pool = t->n_pools; T("layer's pool index out of range", FMT, FMT, "layer 2: pool");
+    case 18: p0->region = t->n_regions; T("pool's region index out of range", FMT, FMT, ": region");
+    case 19: t->n_layers = SPEED_KV_DESC_MAX_LAYERS + 1; T("layers past the limit", FMT, NOT_SENT, "layers");
+    case 20: t->n_pools = SPEED_KV_DESC_MAX_POOLS + 1; T("pools past the limit", FMT, NOT_SENT, "pools");
+    case 21: t->n_regions = SPEED_KV_DESC_MAX_REGIONS + 1; T("regions past the limit", FMT, NOT_SENT, "regions");
+    case 22: t->n_layers = 0; T("no layers", FMT, NOT_SENT, "layers");
+    case 23: t->n_pools = 0; T("no pools", FMT, NOT_SENT, "pools");
+    case 24: t->n_regions = 0; T("no regions", FMT, NOT_SENT, "regions");
+    case 25: t->worker_addr_len = 0; T("empty worker address", FMT, FMT, "worker address");
     case 26:
         t->worker_addr_len = SPEED_KV_DESC_MAX_BLOB + 1;
         T("worker address past the limit", FMT, NOT_SENT, "worker address");
-    case 27:
-        r0->rkey_len = 0;
-        T("empty rkey", FMT, FMT, "rkey");
+    case 27: r0->rkey_len = 0; T("empty rkey", FMT, FMT, "rkey");
     /* entries and totals */
-    case 28:
-        t->layers[0].entries = -1;
-        T("negative entries", FMT, FMT, "entries");
-    case 29:
-        t->layers[0].entries = INT64_MAX;
-        T("entries past any table", FMT, FMT, "the pool table has");
-    case 30:
-        t->layers[3].entries += 1;
-        T("entries that the total does not count", FMT, FMT, "total");
-    case 31:
-        t->total_bytes += 1;
-        T("total bytes", FMT, FMT, "total");
+    case 28: t->layers[0].entries = -1; T("negative entries", FMT, FMT, "entries");
+    case 29: t->layers[0].entries = INT64_MAX; T("entries past any table", FMT, FMT, "the pool table has");
+    case 30: t->layers[3].entries += 1; T("entries that the total does not count", FMT, FMT, "total");
+    case 31: t->total_bytes += 1; T("total bytes", FMT, FMT, "total");
     /* head ranges */
     case 32:
         t->head_begin = -1;
         t->head_end = 1;
         T("negative head_begin", FMT, FMT, "head range");
-    case 33:
-        t->head_end = t->head_begin;
-        T("empty head range", FMT, FMT, "head range");
-    case 34:
-        t->head_end += 1;
-        T("head range wider than n_kv_heads", FMT, FMT, "head range");
+    case 33: t->head_end = t->head_begin; T("empty head range", FMT, FMT, "head range");
+    case 34: t->head_end += 1; T("head range wider than n_kv_heads", FMT, FMT, "head range");
     case 35:
         t->head_begin = INT32_MAX - 2;
         t->head_end = INT32_MAX;
         T("head range past the model's heads", FMT, FMT, "of a model with");
-    case 36:
-        t->model_kv_heads = t->head_end - 1;
-        T("model with fewer heads than the range", FMT, FMT, "head range");
-    case 37:
-        t->model_kv_heads = -1;
-        T("negative model head count", FMT, FMT, "head range");
-    case 38:
-        t->model_kv_heads = 0;
-        T("model head count not stated", SPEED_OK, SPEED_OK, NULL);
+    case 36: t->model_kv_heads = t->head_end - 1; T("model with fewer heads than the range", FMT, FMT, "head range");
+    case 37: t->model_kv_heads = -1; T("negative model head count", FMT, FMT, "head range");
+    case 38: t->model_kv_heads = 0; T("model head count not stated", SPEED_OK, SPEED_OK, NULL);
     /* shape */
-    case 39:
-        t->block_tokens = 0;
-        T("B = 0", FMT, FMT, "shape");
+    case 39: t->block_tokens = 0; T("B = 0", FMT, FMT, "shape");
     case 40:
         t->n_kv_heads = 1 << 17;
         t->head_begin = 0;
         t->head_end = 1 << 17;
         t->model_kv_heads = 0;
         T("n_kv_heads past the limit", FMT, FMT, "shape");
-    case 41:
-        t->head_dim = -8;
-        T("negative head_dim", FMT, FMT, "shape");
-    case 42:
-        t->unit_bytes /= 2;
-        T("unit bytes not the shape's", FMT, FMT, "unit of");
-    case 43:
-        p0->block_stride = t->unit_bytes - 1;
-        T("block stride below a unit", FMT, FMT, "stride");
-    case 44:
-        t->transport = (speed_kv_transport_t)7;
-        T("unknown transport", FMT, PROTO, "transport");
-    case 45:
-        t->dtype = (speed_dtype_t)SPEED_DTYPE_COUNT;
-        T("unknown dtype", FMT, PROTO, "dtype");
+    case 41: t->head_dim = -8; T("negative head_dim", FMT, FMT, "shape");
+    case 42: t->unit_bytes /= 2; T("unit bytes not the shape's", FMT, FMT, "unit of");
+    case 43: p0->block_stride = t->unit_bytes - 1; T("block stride below a unit", FMT, FMT, "stride");
+    case 44: t->transport = (speed_kv_transport_t)7; T("unknown transport", FMT, PROTO, "transport");
+    case 45: t->dtype = (speed_dtype_t)SPEED_DTYPE_COUNT; T("unknown dtype", FMT, PROTO, "dtype");
     }
     return (tamper_t){NULL, SPEED_OK, SPEED_OK, NULL};
 }
@@ -433,13 +362,16 @@ static void test_tampering(speed_kv_xfer_ctx_t *pctx, node_t *pre, const speed_k
         speed_status_t st = speed_kv_desc_check(t);
         const char *err = speed_log_last_error();
         CHECK_MSG(st == tp.check, "%s: check says %s", tp.what, speed_status_string(st));
-        if (tp.reason) CHECK_MSG(err && strstr(err, tp.reason), "%s: logged \"%s\", want \"%s\"", tp.what, err, tp.reason);
+        if (tp.reason)
+            CHECK_MSG(err && strstr(err, tp.reason), "%s: logged \"%s\", want \"%s\"", tp.what, err, tp.reason);
         if (tp.wire != NOT_SENT) {
             speed_kv_desc_t *back = NULL;
             speed_status_t ws = through_wire(t, &back);
             CHECK_MSG(ws == tp.wire, "%s: the wire path says %s", tp.what, speed_status_string(ws));
-            if (ws == SPEED_OK) speed_kv_desc_destroy(back);
-            else CHECK_MSG(back == NULL, "%s: a refused conversion set a descriptor", tp.what);
+            if (ws == SPEED_OK)
+                speed_kv_desc_destroy(back);
+            else
+                CHECK_MSG(back == NULL, "%s: a refused conversion set a descriptor", tp.what);
         }
         if (tp.check != SPEED_OK) { /* the sender refuses it too, before any UCX call */
             speed_kv_xfer_t *x = NULL;
@@ -489,8 +421,7 @@ int main(void) {
     CHECK(through_wire(desc, &back) == SPEED_OK);
     fill(&pre);
     speed_kv_xfer_t *x = NULL;
-    CHECK(back &&
-          speed_kv_xfer_create(pctx, back, pre.cache, pre.seq, N_FULL, N_COMPACT, "req-wire", &x) == SPEED_OK);
+    CHECK(back && speed_kv_xfer_create(pctx, back, pre.cache, pre.seq, N_FULL, N_COMPACT, "req-wire", &x) == SPEED_OK);
     if (x) {
         CHECK(speed_kv_xfer_push_all(x) == SPEED_OK);
         CHECK(speed_kv_xfer_finish(x) == SPEED_OK);

@@ -17,11 +17,11 @@
 #include "xfer_desc_wire.h"
 #include "xfer_test_util.h"
 
-#define L 4
-#define C 2
-#define B 4
-#define N_FULL 13   /* 4 blocks, the last partial */
-#define N_COMPACT 2 /* anchor + tail */
+#define L         4
+#define C         2
+#define B         4
+#define N_FULL    13 /* 4 blocks, the last partial */
+#define N_COMPACT 2  /* anchor + tail */
 
 typedef struct {
     speed_kv_cache_t *cache;
@@ -123,7 +123,8 @@ static void test_mismatch(speed_kv_xfer_ctx_t *pctx, const speed_kv_desc_t *desc
     CHECK(speed_kv_xfer_create(pctx, desc, p16.cache, p16.seq, N_FULL, N_COMPACT, "req-dtype", &x) ==
           SPEED_ERR_PEER_PROTOCOL);
     CHECK_CONTAINS(speed_log_last_error(), "dtype");
-    CHECK(speed_kv_xfer_create(pctx, desc, p8.cache, p8.seq, N_FULL, N_COMPACT, "req-b", &x) == SPEED_ERR_PEER_PROTOCOL);
+    CHECK(speed_kv_xfer_create(pctx, desc, p8.cache, p8.seq, N_FULL, N_COMPACT, "req-b", &x) ==
+          SPEED_ERR_PEER_PROTOCOL);
     CHECK_CONTAINS(speed_log_last_error(), "block_tokens");
     speed_kv_xfer_ctx_deregister_cache(pctx, p16.cache);
     speed_kv_xfer_ctx_deregister_cache(pctx, p8.cache);
@@ -157,8 +158,7 @@ static kid_t spawn_decode_node(speed_kv_transport_t tr) {
         speed_kv_desc_t *cdesc = describe(cctx, &cd, tr, 0);
         uint8_t *bytes = NULL;
         size_t len = 0;
-        if (!cdesc || xt_desc_pack(cdesc, &bytes, &len) != SPEED_OK || xt_send(sv[1], bytes, len) != 0)
-            _exit(3);
+        if (!cdesc || xt_desc_pack(cdesc, &bytes, &len) != SPEED_OK || xt_send(sv[1], bytes, len) != 0) _exit(3);
         char c;
         (void)!read(sv[1], &c, 1); /* until killed (or the parent closes the socket) */
         _exit(0);
@@ -261,8 +261,8 @@ int main(void) {
     /* lease: past at creation; passing during the pushes */
     {
         speed_kv_desc_t *dd = describe(dctx, &d, SPEED_KV_TRANSPORT_SHM, xt_realtime_ms() - 1);
-        CHECK(dd && speed_kv_xfer_create(pctx, dd, p.cache, p.seq, N_FULL, N_COMPACT, "req-lease", &x) ==
-                        SPEED_ERR_TIMEOUT);
+        CHECK(dd &&
+              speed_kv_xfer_create(pctx, dd, p.cache, p.seq, N_FULL, N_COMPACT, "req-lease", &x) == SPEED_ERR_TIMEOUT);
         speed_kv_desc_destroy(dd);
         dd = describe(dctx, &d, SPEED_KV_TRANSPORT_SHM, xt_realtime_ms() + 300);
         x = NULL;
@@ -280,8 +280,8 @@ int main(void) {
     x = NULL;
     CHECK(speed_kv_xfer_create(pctx, desc, p.cache, p.seq, N_FULL, N_COMPACT, "req-cancel", &x) == SPEED_OK);
     if (x) {
-        CHECK(speed_kv_xfer_push_layer(x, 0, 9, N_FULL) == SPEED_OK);  /* 2 whole blocks */
-        CHECK(speed_kv_xfer_push_layer(x, 0, 9, N_FULL) == SPEED_OK);  /* a redone step: nothing new */
+        CHECK(speed_kv_xfer_push_layer(x, 0, 9, N_FULL) == SPEED_OK); /* 2 whole blocks */
+        CHECK(speed_kv_xfer_push_layer(x, 0, 9, N_FULL) == SPEED_OK); /* a redone step: nothing new */
         CHECK(speed_kv_xfer_push_layer(x, 0, 9, N_FULL + 1) == SPEED_ERR_INVALID_ARGUMENT);
         CHECK(speed_kv_xfer_push_layer(x, L, 1, 1) == SPEED_ERR_INVALID_ARGUMENT);
         CHECK(speed_kv_xfer_finish(x) == SPEED_ERR_INVALID_ARGUMENT); /* layers incomplete */
@@ -347,14 +347,17 @@ int main(void) {
             /* UCX 1.13, mode NONE: a dead shm peer can leave the worker's shared-memory path stuck
              * (3 of 10 runs here); then this ends by the flush timeout, still bounded. */
             CHECK(after == SPEED_OK || after == SPEED_ERR_TRANSFER);
-            if (after == SPEED_OK) CHECK_INT_EQ(verify(&d, 77), 0);
-            else extra_failures++;
+            if (after == SPEED_OK)
+                CHECK_INT_EQ(verify(&d, 77), 0);
+            else
+                extra_failures++;
             fprintf(stderr, "shm transfer to a live peer after a dead one: %s\n", speed_status_string(after));
         }
         speed_kv_desc_destroy(dd);
     }
     speed_kv_xfer_ctx_stats(pctx, &ps);
-    CHECK_INT_EQ(ps.n_failed[SPEED_KV_STAGE_PUT] + ps.n_failed[SPEED_KV_STAGE_FLUSH] + ps.n_failed[SPEED_KV_STAGE_NOTIFY],
+    CHECK_INT_EQ(ps.n_failed[SPEED_KV_STAGE_PUT] + ps.n_failed[SPEED_KV_STAGE_FLUSH] +
+                     ps.n_failed[SPEED_KV_STAGE_NOTIFY],
                  5 + extra_failures); /* epoch, not found, lease passed, 2 killed */
 
     /* teardown with transfers in flight: pushing, finishing, and a destroyed (orphaned) one */

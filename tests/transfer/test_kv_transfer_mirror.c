@@ -21,8 +21,8 @@
 #include "xfer_test_util.h"
 
 #define N_PROMPT 45
-#define N_GEN 6
-#define BLOCK 8
+#define N_GEN    6
+#define BLOCK    8
 
 /* ---- a backend whose memory is "device memory" (cpu-ref underneath), with failing copies ---- */
 
@@ -82,7 +82,8 @@ static speed_kv_cache_params_t cache_params(speed_backend_t *be, int n_layers, i
 static bool in_units(const speed_kv_cache_t *c, speed_kv_pool_t p, int layer, const int32_t *blocks, int64_t n,
                      size_t off) {
     if (speed_kv_cache_layer_pool(c, layer) != p) return false;
-    speed_kv_layer_t kl = speed_kv_cache_layer(c, layer), k0 = speed_kv_cache_layer(c, p == 0 ? 0 : speed_kv_cache_split_layer(c));
+    speed_kv_layer_t kl = speed_kv_cache_layer(c, layer),
+                     k0 = speed_kv_cache_layer(c, p == 0 ? 0 : speed_kv_cache_split_layer(c));
     size_t loff = (size_t)((char *)kl.k_base - (char *)k0.k_base), unit = speed_kv_cache_unit_bytes(c);
     for (int64_t i = 0; i < n; i++) {
         size_t b = (size_t)blocks[i] * kl.block_stride + loff;
@@ -128,8 +129,8 @@ static void check_stage_out(speed_kv_cache_t *c, speed_backend_t *be, const spee
     CHECK_INT_EQ(n_copied, (b1 - b0) * (int64_t)speed_kv_cache_unit_bytes(c));
     CHECK_MSG(bad_copied == 0, "layer %d blocks [%lld, %lld): %d staged bytes differ from the pool", layer,
               (long long)b0, (long long)b1, bad_copied);
-    CHECK_MSG(bad_kept == 0, "layer %d blocks [%lld, %lld): %d mirror bytes outside them changed", layer,
-              (long long)b0, (long long)b1, bad_kept);
+    CHECK_MSG(bad_kept == 0, "layer %d blocks [%lld, %lld): %d mirror bytes outside them changed", layer, (long long)b0,
+              (long long)b1, bad_kept);
 }
 
 static void test_cache_staging(speed_backend_t *be) {
@@ -176,7 +177,7 @@ static void test_cache_staging(speed_backend_t *be) {
     CHECK_INT_EQ(len, st.bytes_total[0]);
     speed_kv_seq_t *s0 = NULL;
     CHECK(speed_kv_cache_seq_create(c, 3, 5, 1, &s0) == SPEED_OK); /* fragment the free lists */
-    CHECK(speed_kv_cache_seq_create(c, 3, 18, 3, &s) == SPEED_OK);  /* 5 lower, 5 upper blocks (C 3 > split) */
+    CHECK(speed_kv_cache_seq_create(c, 3, 18, 3, &s) == SPEED_OK); /* 5 lower, 5 upper blocks (C 3 > split) */
     speed_kv_cache_seq_destroy(c, s0);
     check_stage_out(c, be, s, 1, 1, 3);
     check_stage_out(c, be, s, 0, 0, 5);
@@ -349,9 +350,8 @@ static int pair_up(pair_t *r, speed_kv_mirror_t pre_m, speed_kv_mirror_t dec_m, 
     CHECK(speed_kv_xfer_ctx_register_cache(r->dctx, speed_engine_kv_cache(r->deng)) == SPEED_OK);
     CHECK(speed_kv_xfer_ctx_register_cache(r->pctx, speed_engine_kv_cache(r->peng)) == SPEED_OK);
     CHECK(speed_engine_seq_reserve(r->deng, N_PROMPT, &r->depth, N_GEN, &r->dseq) == SPEED_OK);
-    speed_kv_desc_params_t dsp = {.transport = r->transport,
-                                  .lease_deadline_ms = xt_realtime_ms() + 60000,
-                                  .cookie = 77};
+    speed_kv_desc_params_t dsp = {
+        .transport = r->transport, .lease_deadline_ms = xt_realtime_ms() + 60000, .cookie = 77};
     CHECK(speed_kv_desc_build_engine(r->dctx, r->deng, r->dseq, &dsp, &r->desc) == SPEED_OK);
     if (!r->desc) return -1;
     /* the descriptor names the decode side's transfer memory: its mirror when it has one */
@@ -483,14 +483,16 @@ static void test_pair(speed_backend_t *pre_be, speed_backend_t *dec_be, const sp
     /* before kv_ready: the bytes are in the decode side's transfer memory */
     cmp_t before = pair_compare(&r);
     CHECK(before.rows > 0);
-    if (pm) CHECK_MSG(before.src_mirror_differ == 0, "%s: %d rows of the prefill mirror differ from its pool", what,
-                      before.src_mirror_differ);
+    if (pm)
+        CHECK_MSG(before.src_mirror_differ == 0, "%s: %d rows of the prefill mirror differ from its pool", what,
+                  before.src_mirror_differ);
     if (dm) {
         CHECK_MSG(before.mirror_rows_differ == 0, "%s: %d rows of the decode mirror differ", what,
                   before.mirror_rows_differ);
         /* not staged in yet: the pool does not hold the prompt (the test of the stage-in) */
-        CHECK_MSG(before.pool_rows_differ == before.rows, "%s: %d of %d pool rows already hold the data before kv_ready",
-                  what, before.rows - before.pool_rows_differ, before.rows);
+        CHECK_MSG(before.pool_rows_differ == before.rows,
+                  "%s: %d of %d pool rows already hold the data before kv_ready", what,
+                  before.rows - before.pool_rows_differ, before.rows);
     } else {
         CHECK_MSG(before.pool_rows_differ == 0, "%s: %d rows differ", what, before.pool_rows_differ);
     }
@@ -524,8 +526,9 @@ static void test_pair(speed_backend_t *pre_be, speed_backend_t *dec_be, const sp
     for (int g = 0; g < n; g++) diff += gen[g] != ref->gen[g];
     CHECK_MSG(diff == 0, "%s: %d tokens differ from the colocated run", what, diff);
     CHECK_MSG(maxd == 0.0, "%s: logits differ from the colocated run by %g", what, maxd);
-    fprintf(stderr, "%s: mirror prefill %s, decode %s; %d rows equal, decode pool before kv_ready %d/%d rows differ; "
-                    "%d tokens equal, max |dlogit| %g\n",
+    fprintf(stderr,
+            "%s: mirror prefill %s, decode %s; %d rows equal, decode pool before kv_ready %d/%d rows differ; "
+            "%d tokens equal, max |dlogit| %g\n",
             what, pm ? "on" : "off", dm ? "on" : "off", after.rows, before.pool_rows_differ, before.rows, N_GEN, maxd);
     pair_down(&r);
 }

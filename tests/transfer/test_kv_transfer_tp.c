@@ -24,14 +24,14 @@
 #include "log.h"
 #include "xfer_test_util.h"
 
-#define L 4
-#define C 2
-#define B 4
-#define HEAD_DIM 8
+#define L           4
+#define C           2
+#define B           4
+#define HEAD_DIM    8
 #define MODEL_HEADS 4
-#define N_FULL 13   /* 4 blocks, the last partial */
-#define N_COMPACT 2 /* anchor + tail */
-#define SENTINEL 0xab
+#define N_FULL      13 /* 4 blocks, the last partial */
+#define N_COMPACT   2  /* anchor + tail */
+#define SENTINEL    0xab
 
 typedef struct {
     speed_kv_cache_t *cache;
@@ -256,7 +256,7 @@ static void test_cache_params(void) {
     CHECK(node_init(&n, 3, 2, MODEL_HEADS, SPEED_DTYPE_F32, 2) != 0); /* [3, 5) of 4 */
     CHECK(!n.cache);
     CHECK(node_init(&n, -1, 2, MODEL_HEADS, SPEED_DTYPE_F32, 2) != 0);
-    CHECK(node_init(&n, 1, 2, 0, SPEED_DTYPE_F32, 2) != 0);           /* [1, 3) of 2 */
+    CHECK(node_init(&n, 1, 2, 0, SPEED_DTYPE_F32, 2) != 0); /* [1, 3) of 2 */
     CHECK(node_init(&n, 0, 2, -4, SPEED_DTYPE_F32, 2) != 0);
     speed_log_set_sink(NULL, NULL);
 }

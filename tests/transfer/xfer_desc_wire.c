@@ -15,8 +15,7 @@ speed_status_t xt_desc_pack(const speed_kv_desc_t *desc, uint8_t **buf_p, size_t
 
 speed_status_t xt_desc_unpack(const void *buf, size_t len, speed_kv_desc_t **desc_p) {
     Speed__V1__KvDescriptor *kd = NULL;
-    speed_status_t st =
-        speed_proto_unpack(&speed__v1__kv_descriptor__descriptor, buf, len, (ProtobufCMessage **)&kd);
+    speed_status_t st = speed_proto_unpack(&speed__v1__kv_descriptor__descriptor, buf, len, (ProtobufCMessage **)&kd);
     if (st != SPEED_OK) return st;
     speed_kv_desc_t *d = NULL;
     st = speed_node_kv_desc_from_proto(kd, &d);

@@ -56,25 +56,25 @@ static const speedctl_options_part_t bench_parts[] = {
 
 /* Medians and byte counts of one depth. */
 typedef struct {
-    speed_depth_t depth;          /* resolved */
-    double prefill_s, ttft_s;     /* medians */
-    double tpot_s;                /* decode at batch 1: wall time per generated token (step + sampling) */
-    double batch_tokens_per_s;    /* decode at batch N (0 when N = 1) */
+    speed_depth_t depth;       /* resolved */
+    double prefill_s, ttft_s;  /* medians */
+    double tpot_s;             /* decode at batch 1: wall time per generated token (step + sampling) */
+    double batch_tokens_per_s; /* decode at batch N (0 when N = 1) */
     double batch_step_s;
-    size_t kv_prompt;             /* engine's exact bytes after the prefill */
-    size_t kv_formula;            /* docs/design.md §1 for the prompt */
-    size_t kv_prompt_full;        /* the same prompt at full depth */
-    size_t kv_end;                /* after the last generated token */
-    size_t kv_reserved;           /* whole blocks of the sequence */
-    double prefill_flops;         /* FLOPs the prefill does at this depth */
-    double decode_bytes;          /* bytes read per decoded token at batch 1 (weights + KV), mean */
+    size_t kv_prompt;      /* engine's exact bytes after the prefill */
+    size_t kv_formula;     /* docs/design.md §1 for the prompt */
+    size_t kv_prompt_full; /* the same prompt at full depth */
+    size_t kv_end;         /* after the last generated token */
+    size_t kv_reserved;    /* whole blocks of the sequence */
+    double prefill_flops;  /* FLOPs the prefill does at this depth */
+    double decode_bytes;   /* bytes read per decoded token at batch 1 (weights + KV), mean */
     size_t kv_pool_bytes, scratch_bytes, weight_bytes;
     /* With the roofline on, each repetition is followed at once by short compute and
      * bandwidth probes, and the fractions below are medians of per-repetition ratios: on a
      * shared machine whose speed drifts, a ratio of two measurements taken seconds apart is
      * far steadier than one of measurements taken a minute apart. 0 = not measured. */
     double prefill_frac, decode_frac;
-    size_t rss_max;               /* resident set sampled after each run (engine + weights) */
+    size_t rss_max; /* resident set sampled after each run (engine + weights) */
 } bench_result_t;
 
 static int cmp_double(const void *a, const void *b) {
@@ -143,15 +143,15 @@ static speed_status_t step_checked(speed_engine_t *eng, speed_engine_step_result
 /* Per-token pairing of decode steps with a bandwidth probe (batch-1 runs, roofline on). */
 typedef struct {
     speed_roofline_probe_t *probe;
-    double weight_bytes;         /* + the sequence's KV = bytes one step reads */
-    double *ratios;              /* [cap]: step bandwidth / probe bandwidth */
+    double weight_bytes; /* + the sequence's KV = bytes one step reads */
+    double *ratios;      /* [cap]: step bandwidth / probe bandwidth */
     int n, cap;
 } token_pairing_t;
 
 static speed_status_t bench_once(speed_engine_t *eng, speed_sampler_t *sampler, const int32_t *prompt, int64_t n,
-                                 const speed_depth_t *depth, int64_t gen, int n_seqs, double *prefill_s,
-                                 double *ttft_s, double *decode_s, size_t *kv_prompt_p, size_t *kv_end_p,
-                                 size_t *kv_reserved_p, token_pairing_t *pair) {
+                                 const speed_depth_t *depth, int64_t gen, int n_seqs, double *prefill_s, double *ttft_s,
+                                 double *decode_s, size_t *kv_prompt_p, size_t *kv_end_p, size_t *kv_reserved_p,
+                                 token_pairing_t *pair) {
     speed_status_t st = SPEED_OK;
     speed_seq_id_t *ids = speed_calloc((size_t)n_seqs, sizeof *ids);
     int32_t *next = speed_calloc((size_t)n_seqs, sizeof *next);
@@ -229,8 +229,8 @@ typedef struct {
     speed_depth_t depth;
     speed_engine_t *eng;
     speed_sampler_t *sampler;
-    double *v;                    /* [6][n_rep]: prefill, ttft, decode, batch, peak, bandwidth */
-    token_pairing_t pair;         /* decode steps paired with bandwidth probes (roofline on) */
+    double *v;            /* [6][n_rep]: prefill, ttft, decode, batch, peak, bandwidth */
+    token_pairing_t pair; /* decode steps paired with bandwidth probes (roofline on) */
 } depth_run_t;
 
 static void depth_run_free(depth_run_t *d) {
@@ -278,9 +278,8 @@ static speed_status_t depth_rep(const bench_opts_t *o, const speed_model_t *mode
                                 depth_run_t *d, bench_result_t *res) {
     int n_rep = (int)o->repeat;
     double *pre = d->v, *ttft = d->v + n_rep, *dec = d->v + 2 * n_rep, *peak = d->v + 4 * n_rep, *bw = d->v + 5 * n_rep;
-    SPEED_CHECK(bench_once(d->eng, d->sampler, prompt, o->prompt_tokens, &d->depth, o->gen_tokens, 1, &pre[r],
-                           &ttft[r], &dec[r], &res->kv_prompt, &res->kv_end, &res->kv_reserved,
-                           d->pair.probe ? &d->pair : NULL));
+    SPEED_CHECK(bench_once(d->eng, d->sampler, prompt, o->prompt_tokens, &d->depth, o->gen_tokens, 1, &pre[r], &ttft[r],
+                           &dec[r], &res->kv_prompt, &res->kv_end, &res->kv_reserved, d->pair.probe ? &d->pair : NULL));
     size_t rss = rss_now();
     if (d->pair.probe) rss -= PROBE_BYTES < rss ? PROBE_BYTES : rss; /* the probe's buffer is not the engine's */
     if (rss > res->rss_max) res->rss_max = rss;
@@ -385,8 +384,10 @@ static speed_status_t lockstep_once(const bench_opts_t *o, depth_run_t *d, const
                 next[i] = smp.id;
             }
             double t = speed_clock_mono_s() - t0;
-            if (produced[i] == 0) t_pre[i] += t; /* the prefill chunks, up to the first token */
-            else t_dec[i] += t;
+            if (produced[i] == 0)
+                t_pre[i] += t; /* the prefill chunks, up to the first token */
+            else
+                t_dec[i] += t;
             if (st == SPEED_OK && r.n_outputs > 0) produced[i]++;
         }
     }
@@ -478,7 +479,8 @@ static void result_print(const bench_result_t *r, const bench_opts_t *o, int n_l
     speedctl_bytes_human((double)r->kv_formula, 2, b2, sizeof b2);
     speedctl_bytes_human((double)r->kv_prompt_full, 2, b3, sizeof b3);
     printf("  KV           prompt %s (%zu B) vs formula %s (%+.3f%%); full depth %s -> %.1f%%; "
-           "at the end %zu B, %zu B reserved\n", b1, r->kv_prompt, b2,
+           "at the end %zu B, %zu B reserved\n",
+           b1, r->kv_prompt, b2,
            r->kv_formula ? 100.0 * ((double)r->kv_prompt - (double)r->kv_formula) / (double)r->kv_formula : 0.0, b3,
            r->kv_prompt_full ? 100.0 * (double)r->kv_prompt / (double)r->kv_prompt_full : 0.0, r->kv_end,
            r->kv_reserved);
@@ -508,11 +510,13 @@ static json_t *result_json(const bench_result_t *r, const bench_opts_t *o, const
     if (have_rf) {
         json_t *f = json_object();
         double peak = wdtype == SPEED_DTYPE_BF16 ? rf->bf16_gflops : rf->fp32_gflops;
-        json_object_set_new(f, "prefill_of_compute_peak",
-                            json_real(r->prefill_frac > 0 ? r->prefill_frac : r->prefill_flops / r->prefill_s / 1e9 / peak));
+        json_object_set_new(
+            f, "prefill_of_compute_peak",
+            json_real(r->prefill_frac > 0 ? r->prefill_frac : r->prefill_flops / r->prefill_s / 1e9 / peak));
         json_object_set_new(f, "decode_of_read_bandwidth",
                             json_real(r->decode_frac > 0 ? r->decode_frac
-                                      : r->tpot_s > 0 ? r->decode_bytes / r->tpot_s / 1e9 / rf->read_gbs : 0.0));
+                                      : r->tpot_s > 0    ? r->decode_bytes / r->tpot_s / 1e9 / rf->read_gbs
+                                                         : 0.0));
         json_object_set_new(j, "roofline_fraction", f);
     }
     return j;
@@ -569,7 +573,8 @@ int speedctl_bench(int argc, char **argv) {
     }
     speed_rng_t rng;
     speed_rng_init(&rng, (uint64_t)o.seed);
-    for (int64_t i = 0; i < o.prompt_tokens; i++) prompt[i] = (int32_t)(speed_rng_next(&rng) % (uint64_t)mc->vocab_size);
+    for (int64_t i = 0; i < o.prompt_tokens; i++)
+        prompt[i] = (int32_t)(speed_rng_next(&rng) % (uint64_t)mc->vocab_size);
     if (mc->bos_token_id >= 0 && mc->bos_token_id < mc->vocab_size) prompt[0] = mc->bos_token_id;
 
     SPEED_CHECK_GOTO(speedctl_ranks_create(eo, &ranks), st, out);
@@ -584,8 +589,9 @@ int speedctl_bench(int argc, char **argv) {
     if (o.compare) depths[0].prefill_layers = mc->n_layers;
     n_res = o.compare ? 2 : 1;
     double prefill_ratio = 0.0, tpot_ratio = 0.0, prefill_min_ratio = 0.0, tpot_min_ratio = 0.0;
-    SPEED_CHECK_GOTO(bench_depths(&o, model, &ranks, prompt, o.compare ? depths : &depths[1], n_res, res, &prefill_ratio,
-                                  &tpot_ratio, &prefill_min_ratio, &tpot_min_ratio), st, out);
+    SPEED_CHECK_GOTO(bench_depths(&o, model, &ranks, prompt, o.compare ? depths : &depths[1], n_res, res,
+                                  &prefill_ratio, &tpot_ratio, &prefill_min_ratio, &tpot_min_ratio),
+                     st, out);
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
     size_t peak_rss = (size_t)ru.ru_maxrss * 1024, rss = rss_now();
@@ -676,13 +682,15 @@ int speedctl_bench(int argc, char **argv) {
         else
             snprintf(be_label, sizeof be_label, "%s", speed_backend_name(be));
         printf("setup        %s; weights %s; KV %s; prompt %" PRId64 " tokens (random ids), %" PRId64
-               " generated, batch %" PRId64 ", medians of %" PRId64 "\n", be_label,
-               o.hugepages ? "read into 2 MiB pages" : "mapped", speed_dtype_name((speed_dtype_t)eo->kv.kv_dtype),
-               o.prompt_tokens, o.gen_tokens, o.batch, o.repeat);
+               " generated, batch %" PRId64 ", medians of %" PRId64 "\n",
+               be_label, o.hugepages ? "read into 2 MiB pages" : "mapped",
+               speed_dtype_name((speed_dtype_t)eo->kv.kv_dtype), o.prompt_tokens, o.gen_tokens, o.batch, o.repeat);
         if (o.roofline)
-            printf("roofline     %d threads: read %.2f GB/s (memcpy %.2f GB/s, %zu MiB buffer); fp32 %.1f GFLOP/s (%s); "
-                   "bf16 %.1f GFLOP/s (%s)\n", rf.n_threads, rf.read_gbs, rf.copy_gbs, rf.read_bytes >> 20,
-                   rf.fp32_gflops, rf.fp32_kernel, rf.bf16_gflops, rf.bf16_kernel);
+            printf(
+                "roofline     %d threads: read %.2f GB/s (memcpy %.2f GB/s, %zu MiB buffer); fp32 %.1f GFLOP/s (%s); "
+                "bf16 %.1f GFLOP/s (%s)\n",
+                rf.n_threads, rf.read_gbs, rf.copy_gbs, rf.read_bytes >> 20, rf.fp32_gflops, rf.fp32_kernel,
+                rf.bf16_gflops, rf.bf16_kernel);
         for (int i = 0; i < n_res; i++) result_print(&res[i], &o, mc->n_layers, &rf, o.roofline, wdtype);
         speedctl_bytes_human((double)peak_rss, 2, b1, sizeof b1);
         speedctl_bytes_human((double)weights, 2, b2, sizeof b2);
@@ -690,17 +698,19 @@ int speedctl_bench(int argc, char **argv) {
         speedctl_bytes_human((double)scratch, 2, b4, sizeof b4);
         double parts = (double)weights + (double)kv_pool + (double)scratch, other = (double)peak_rss - parts;
         speedctl_bytes_human(fabs(other), 2, b5, sizeof b5);
-        printf("\nmemory       peak RSS %s; weights %s + KV pools %s + scratch %s, RSS %s that by %s (%s)\n",
-               b1, b2, b3, b4, other < 0 ? "below" : "above", b5,
+        printf("\nmemory       peak RSS %s; weights %s + KV pools %s + scratch %s, RSS %s that by %s (%s)\n", b1, b2,
+               b3, b4, other < 0 ? "below" : "above", b5,
                other < 0 ? "pool and scratch pages never touched" : "code, heap, tokenizer, page tables");
         if (n_res == 2) {
             double pr = prefill_ratio, tr = tpot_ratio; /* medians of lockstep ratios */
             double kr = (double)res[1].kv_prompt / (double)res[0].kv_prompt;
-            double kerr = res[1].kv_formula ? fabs((double)res[1].kv_prompt - (double)res[1].kv_formula) /
-                                                  (double)res[1].kv_formula : 0.0;
+            double kerr = res[1].kv_formula
+                              ? fabs((double)res[1].kv_prompt - (double)res[1].kv_formula) / (double)res[1].kv_formula
+                              : 0.0;
             printf("compare      C=%d vs C=%d: prefill time %.3fx (engines in lockstep, step by step; median of "
-                   "%" PRId64 "), %.3fx fastest vs fastest run; TPOT %.3fx (lockstep), %.3fx fastest; KV %.3fx\n", res[1].depth.prefill_layers,
-                   res[0].depth.prefill_layers, pr, o.repeat, prefill_min_ratio, tr, tpot_min_ratio, kr);
+                   "%" PRId64 "), %.3fx fastest vs fastest run; TPOT %.3fx (lockstep), %.3fx fastest; KV %.3fx\n",
+                   res[1].depth.prefill_layers, res[0].depth.prefill_layers, pr, o.repeat, prefill_min_ratio, tr,
+                   tpot_min_ratio, kr);
             bool pre_met = pr <= 0.78 || prefill_min_ratio <= 0.78, tpot_met = tr < 1.0 || tpot_min_ratio < 1.0;
             printf("targets      prefill <= 0.78x: %s; TPOT < 1x: %s; KV within 1%% of the formula: %s\n",
                    pre_met ? "met" : "not met", tpot_met ? "met" : "not met", kerr <= 0.01 ? "yes" : "no");

@@ -43,8 +43,8 @@ static const speed_config_field_t gen_fields[] = {
      "keep only the k most likely tokens; 0 = off"},
     {"seed", SPEED_CONFIG_INT, offsetof(gen_opts_t, seed), "-1", -1, 9.2e18, NULL,
      "random seed for sampling (same seed, same tokens); -1 = a random one, printed"},
-    {"top_logprobs", SPEED_CONFIG_INT, offsetof(gen_opts_t, top_logprobs), "0", 0, SPEED_SAMPLER_MAX_TOP_LOGPROBS,
-     NULL, "--json: also list this many most likely tokens per position"},
+    {"top_logprobs", SPEED_CONFIG_INT, offsetof(gen_opts_t, top_logprobs), "0", 0, SPEED_SAMPLER_MAX_TOP_LOGPROBS, NULL,
+     "--json: also list this many most likely tokens per position"},
     SPEEDCTL_TEXT_OPT(gen_opts_t, "stop", stop,
                       "stop when the output contains this text (not shown); \\n and \\t are understood"),
     {"ignore_eos", SPEED_CONFIG_BOOL, offsetof(gen_opts_t, ignore_eos), "false", SPEED_CONFIG_UNBOUNDED, NULL,
@@ -73,7 +73,7 @@ typedef struct {
     size_t n_tokens, cap_tokens;
     char *stream_text; /* all streamed text (before stop truncation), for per-token "text" */
     size_t stream_len, stream_cap;
-    char *out_text;    /* the released output (after stop handling) */
+    char *out_text; /* the released output (after stop handling) */
     size_t out_len, out_cap;
 } gen_record_t;
 
@@ -99,8 +99,7 @@ static void record_free(gen_record_t *r) {
 }
 
 /* Builds the prompt ids from whichever of --prompt, --prompt-ids, --chat was given. */
-static speed_status_t prompt_build(const gen_opts_t *o, const speed_tok_t *tok, int32_t n_vocab,
-                                   speed_tok_ids_t *ids) {
+static speed_status_t prompt_build(const gen_opts_t *o, const speed_tok_t *tok, int32_t n_vocab, speed_tok_ids_t *ids) {
     if (o->prompt_ids) return speedctl_ids_parse("--prompt-ids", o->prompt_ids, n_vocab, ids);
     if (o->prompt) return speed_tok_encode(tok, o->prompt, strlen(o->prompt), true, ids);
     char *text = NULL;
@@ -123,8 +122,8 @@ static void json_print(const gen_opts_t *o, const speed_tok_ids_t *prompt, const
         const gen_token_t *t = &rec->tokens[i];
         json_t *jt = json_object();
         json_object_set_new(jt, "id", json_integer(t->id));
-        json_object_set_new(jt, "text", json_stringn_nocheck(rec->stream_text ? rec->stream_text + t->text_at : "",
-                                                             t->text_len));
+        json_object_set_new(jt, "text",
+                            json_stringn_nocheck(rec->stream_text ? rec->stream_text + t->text_at : "", t->text_len));
         json_object_set_new(jt, "logprob", json_logprob(t->logprob));
         json_t *top = json_array();
         for (int k = 0; k < t->n_top; k++) {
@@ -183,8 +182,7 @@ int speedctl_generate(int argc, char **argv) {
         speed_config_destroy(cfg);
         return SPEEDCTL_EXIT_USAGE;
     }
-    if (o.top_logprobs && !o.json)
-        SPEED_WARN(SPEED_SUBSYS_CLI, "--top-logprobs is shown only with --json");
+    if (o.top_logprobs && !o.json) SPEED_WARN(SPEED_SUBSYS_CLI, "--top-logprobs is shown only with --json");
 
     int exit_code = SPEEDCTL_EXIT_FAIL;
     speed_status_t st = SPEED_OK;
@@ -249,8 +247,8 @@ int speedctl_generate(int argc, char **argv) {
         }
         stops[0] = stop_text;
     }
-    speed_stop_params_t stp = {.eos_ids = eos, .n_eos_ids = n_eos, .stop = stops, .n_stop = o.stop ? 1 : 0,
-                               .max_tokens = o.max_tokens};
+    speed_stop_params_t stp = {
+        .eos_ids = eos, .n_eos_ids = n_eos, .stop = stops, .n_stop = o.stop ? 1 : 0, .max_tokens = o.max_tokens};
     SPEED_CHECK_GOTO(speed_stop_create(&stp, &stop), st, out);
     SPEED_CHECK_GOTO(speed_tok_stream_create(tok, true, &stream), st, out);
 
@@ -294,7 +292,8 @@ int speedctl_generate(int argc, char **argv) {
             /* Text: ids past the tokenizer's vocabulary (a padded embedding) have none. */
             const char *piece = "";
             size_t piece_len = 0;
-            if (smp.id < n_tok_vocab) SPEED_CHECK_GOTO(speed_tok_stream_push(stream, smp.id, &piece, &piece_len), st, out);
+            if (smp.id < n_tok_vocab)
+                SPEED_CHECK_GOTO(speed_tok_stream_push(stream, smp.id, &piece, &piece_len), st, out);
             if (rec.n_tokens == rec.cap_tokens) {
                 size_t cap = rec.cap_tokens ? rec.cap_tokens * 2 : 64;
                 gen_token_t *grown = speed_realloc(rec.tokens, cap * sizeof *grown);
@@ -362,12 +361,14 @@ int speedctl_generate(int argc, char **argv) {
         if (sp.temperature > 0.0f) snprintf(how, sizeof how, "seed %" PRIu64, sp.seed);
         fprintf(stderr, "-- %zu prompt tokens, %zu generated (%s), %s, %s\n", prompt.n, rec.n_tokens,
                 speed_finish_reason_name(finish) ? speed_finish_reason_name(finish) : "?", how, speed_backend_name(be));
-        fprintf(stderr, "-- prefill %.2f ms (%.0f tokens/s), first token after %.2f ms; decode %.2f ms/token "
-                "(%.1f tokens/s); total %.2f ms\n", prefill_ms,
-                prefill_ms > 0 ? (double)prompt.n / prefill_ms * 1e3 : 0.0, (t_first - t_start) * 1e3, decode_ms,
-                decode_ms > 0 ? 1e3 / decode_ms : 0.0, (t_end - t_start) * 1e3);
-        fprintf(stderr, "-- KV %s (%zu bytes, %s) at C=%d of %d layers, A=%d, T=%d; full depth %s (%zu bytes): %.1f%%\n",
-                b1, stats.kv_bytes_used, speed_dtype_name((speed_dtype_t)eo->kv.kv_dtype), stats.depth.prefill_layers,
+        fprintf(stderr,
+                "-- prefill %.2f ms (%.0f tokens/s), first token after %.2f ms; decode %.2f ms/token "
+                "(%.1f tokens/s); total %.2f ms\n",
+                prefill_ms, prefill_ms > 0 ? (double)prompt.n / prefill_ms * 1e3 : 0.0, (t_first - t_start) * 1e3,
+                decode_ms, decode_ms > 0 ? 1e3 / decode_ms : 0.0, (t_end - t_start) * 1e3);
+        fprintf(stderr,
+                "-- KV %s (%zu bytes, %s) at C=%d of %d layers, A=%d, T=%d; full depth %s (%zu bytes): %.1f%%\n", b1,
+                stats.kv_bytes_used, speed_dtype_name((speed_dtype_t)eo->kv.kv_dtype), stats.depth.prefill_layers,
                 mc->n_layers, stats.depth.anchors, stats.depth.tail, b2, stats.kv_bytes_full_depth,
                 stats.kv_bytes_full_depth ? 100.0 * (double)stats.kv_bytes_used / (double)stats.kv_bytes_full_depth
                                           : 100.0);

@@ -30,10 +30,10 @@ typedef struct {
 
 /* 0 means "the preset's value" for every size. */
 #define SIZE_FIELD(n, member, max, doc) \
-    {n, SPEED_CONFIG_INT, offsetof(make_opts_t, member), "0", 0, max, NULL, doc}
+    { n, SPEED_CONFIG_INT, offsetof(make_opts_t, member), "0", 0, max, NULL, doc }
 static const speed_config_field_t make_fields[] = {
-    {"preset", SPEED_CONFIG_ENUM, offsetof(make_opts_t, preset), "tiny", SPEED_CONFIG_UNBOUNDED,
-     preset_names, "shape to start from: tiny (4 layers, hidden 64) or tinyllama-1.1b (benchmarks)"},
+    {"preset", SPEED_CONFIG_ENUM, offsetof(make_opts_t, preset), "tiny", SPEED_CONFIG_UNBOUNDED, preset_names,
+     "shape to start from: tiny (4 layers, hidden 64) or tinyllama-1.1b (benchmarks)"},
     SIZE_FIELD("layers", layers, 1024, "number of layers (0 = preset)"),
     SIZE_FIELD("hidden", hidden, 65536, "hidden size (0 = preset)"),
     SIZE_FIELD("heads", heads, 1024, "attention heads (0 = preset)"),
@@ -42,19 +42,18 @@ static const speed_config_field_t make_fields[] = {
     SIZE_FIELD("ffn", ffn, 1 << 20, "MLP intermediate size (0 = preset)"),
     SIZE_FIELD("vocab", vocab, 1 << 24, "vocabulary size (0 = the tokenizer's size, or the preset's if larger)"),
     SIZE_FIELD("max_position", max_position, 1 << 26, "max_position_embeddings (0 = preset)"),
-    {"dtype", SPEED_CONFIG_ENUM, offsetof(make_opts_t, dtype), "bf16", SPEED_CONFIG_UNBOUNDED,
-     speed_dtype_names, "weight dtype"},
+    {"dtype", SPEED_CONFIG_ENUM, offsetof(make_opts_t, dtype), "bf16", SPEED_CONFIG_UNBOUNDED, speed_dtype_names,
+     "weight dtype"},
     {"tied", SPEED_CONFIG_BOOL, offsetof(make_opts_t, tied), "false", SPEED_CONFIG_UNBOUNDED, NULL,
      "tie the output projection to the embeddings"},
-    {"rope_scaling", SPEED_CONFIG_BOOL, offsetof(make_opts_t, rope_scaling), "false",
-     SPEED_CONFIG_UNBOUNDED, NULL, "add a Llama 3.1 style rope_scaling block (llama3, factor 8)"},
-    {"rope_theta", SPEED_CONFIG_DOUBLE, offsetof(make_opts_t, rope_theta), "0", 0, 1e9, NULL,
-     "RoPE base (0 = preset)"},
+    {"rope_scaling", SPEED_CONFIG_BOOL, offsetof(make_opts_t, rope_scaling), "false", SPEED_CONFIG_UNBOUNDED, NULL,
+     "add a Llama 3.1 style rope_scaling block (llama3, factor 8)"},
+    {"rope_theta", SPEED_CONFIG_DOUBLE, offsetof(make_opts_t, rope_theta), "0", 0, 1e9, NULL, "RoPE base (0 = preset)"},
     {"shards", SPEED_CONFIG_INT, offsetof(make_opts_t, shards), "1", 1, 999, NULL,
      "number of safetensors files (more than 1 adds model.safetensors.index.json)"},
     {"seed", SPEED_CONFIG_INT, offsetof(make_opts_t, seed), "1", 0, 9.2e18, NULL, "random seed for the weights"},
-    {"tokenizer", SPEED_CONFIG_STRING, offsetof(make_opts_t, tokenizer), NULL, SPEED_CONFIG_UNBOUNDED,
-     NULL, "copy tokenizer.json/tokenizer_config.json from this directory (default: generate a small byte-level BPE)"},
+    {"tokenizer", SPEED_CONFIG_STRING, offsetof(make_opts_t, tokenizer), NULL, SPEED_CONFIG_UNBOUNDED, NULL,
+     "copy tokenizer.json/tokenizer_config.json from this directory (default: generate a small byte-level BPE)"},
 };
 
 /* mkdir -p */
@@ -86,8 +85,8 @@ static speed_status_t make_dir(const char *path) {
 /* Puts the tokenizer files in out_dir: copied from src_dir, or generated. */
 static speed_status_t tokenizer_files_write(const char *out_dir, const char *src_dir, int32_t n_vocab_hint) {
     if (!src_dir) return speed_tok_write_default(out_dir, n_vocab_hint);
-    static const char *const files[] = {"tokenizer.json", "tokenizer_config.json",
-                                        "special_tokens_map.json", "generation_config.json"};
+    static const char *const files[] = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                                        "generation_config.json"};
     char src[4096], dst[4096];
     for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
         snprintf(src, sizeof src, "%s/%s", src_dir, files[i]);
@@ -109,9 +108,8 @@ int speedctl_make_tiny_model(int argc, char **argv) {
     make_opts_t o;
     speed_config_t *cfg;
     bool done;
-    int rc = speedctl_options_load("make-tiny-model", "speedctl make-tiny-model OUTDIR [options]",
-                                   make_fields, sizeof make_fields / sizeof make_fields[0], &o,
-                                   argc, argv, &cfg, &done);
+    int rc = speedctl_options_load("make-tiny-model", "speedctl make-tiny-model OUTDIR [options]", make_fields,
+                                   sizeof make_fields / sizeof make_fields[0], &o, argc, argv, &cfg, &done);
     if (done) return rc;
     char *const *pos;
     if (speed_config_positional(cfg, &pos) != 1) {
@@ -128,8 +126,10 @@ int speedctl_make_tiny_model(int argc, char **argv) {
     if (o.layers) p.n_layers = (int)o.layers;
     if (o.hidden) p.hidden = (int)o.hidden;
     if (o.heads) p.n_heads = (int)o.heads;
-    if (o.kv_heads) p.n_kv_heads = (int)o.kv_heads;
-    else if (o.heads && p.n_kv_heads > p.n_heads) p.n_kv_heads = p.n_heads;
+    if (o.kv_heads)
+        p.n_kv_heads = (int)o.kv_heads;
+    else if (o.heads && p.n_kv_heads > p.n_heads)
+        p.n_kv_heads = p.n_heads;
     if (o.head_dim) p.head_dim = (int)o.head_dim;
     if (o.ffn) p.ffn = (int)o.ffn;
     if (o.max_position) p.max_position = (int)o.max_position;
@@ -168,9 +168,9 @@ int speedctl_make_tiny_model(int argc, char **argv) {
     SPEED_CHECK_GOTO(speed_tiny_model_write(out_dir, &p), st, fail);
     int hd = p.head_dim ? p.head_dim : p.hidden / p.n_heads;
     printf("wrote %s: %d layers, hidden %d, %d heads (%d kv, head_dim %d), ffn %d, vocab %d, %s%s%s, %d shard%s\n",
-           out_dir, p.n_layers, p.hidden, p.n_heads, p.n_kv_heads, hd, p.ffn, p.vocab_size,
-           speed_dtype_name(p.dtype), p.tied ? ", tied" : "", p.rope_scaling ? ", rope_scaling llama3" : "",
-           p.n_shards, p.n_shards == 1 ? "" : "s");
+           out_dir, p.n_layers, p.hidden, p.n_heads, p.n_kv_heads, hd, p.ffn, p.vocab_size, speed_dtype_name(p.dtype),
+           p.tied ? ", tied" : "", p.rope_scaling ? ", rope_scaling llama3" : "", p.n_shards,
+           p.n_shards == 1 ? "" : "s");
     speed_tok_destroy(tok);
     speed_config_destroy(cfg);
     return SPEEDCTL_EXIT_OK;
@@ -236,7 +236,8 @@ int speedctl_inspect(int argc, char **argv) {
     speed_dtype_t kv_dtype = (speed_dtype_t)o.kv.kv_dtype;
     size_t per_tok_full = speed_kv_bytes_per_token(c, c->n_layers, kv_dtype);
     size_t per_tok_c = speed_kv_bytes_per_token(c, C, kv_dtype);
-    size_t prompt_full = speed_kv_bytes_for_prompt(c, c->n_layers, (int)o.kv.anchors, (int)o.kv.tail, o.prompt_tokens, kv_dtype);
+    size_t prompt_full =
+        speed_kv_bytes_for_prompt(c, c->n_layers, (int)o.kv.anchors, (int)o.kv.tail, o.prompt_tokens, kv_dtype);
     size_t prompt_c = speed_kv_bytes_for_prompt(c, C, (int)o.kv.anchors, (int)o.kv.tail, o.prompt_tokens, kv_dtype);
     int64_t n_params = speed_model_n_params(m);
     size_t n_bytes = speed_model_n_bytes(m);
@@ -247,15 +248,16 @@ int speedctl_inspect(int argc, char **argv) {
     bool have_tok = speed_tok_load(dir, &tp, &tok) == SPEED_OK;
     speedctl_log_to_stderr();
     if (have_tok && speed_tok_vocab_size(tok) > c->vocab_size)
-        SPEED_WARN(SPEED_SUBSYS_CLI, "%s: the tokenizer has %d tokens but the model's vocab_size is %d; "
-                   "ids above %d cannot be fed to the model", dir, speed_tok_vocab_size(tok), c->vocab_size,
-                   c->vocab_size - 1);
+        SPEED_WARN(SPEED_SUBSYS_CLI,
+                   "%s: the tokenizer has %d tokens but the model's vocab_size is %d; "
+                   "ids above %d cannot be fed to the model",
+                   dir, speed_tok_vocab_size(tok), c->vocab_size, c->vocab_size - 1);
 
     char rope[128];
     if (c->rope_scaling.type == SPEED_ROPE_SCALING_LLAMA3)
-        snprintf(rope, sizeof rope, "theta %g, llama3 scaling x%g (low %g, high %g, original %d)",
-                 c->rope_theta, c->rope_scaling.factor, c->rope_scaling.low_freq_factor,
-                 c->rope_scaling.high_freq_factor, c->rope_scaling.original_max_position);
+        snprintf(rope, sizeof rope, "theta %g, llama3 scaling x%g (low %g, high %g, original %d)", c->rope_theta,
+                 c->rope_scaling.factor, c->rope_scaling.low_freq_factor, c->rope_scaling.high_freq_factor,
+                 c->rope_scaling.original_max_position);
     else
         snprintf(rope, sizeof rope, "theta %g", c->rope_theta);
 
@@ -266,8 +268,8 @@ int speedctl_inspect(int argc, char **argv) {
                "\"kv\": {\"dtype\": \"%s\", \"prefill_layers\": %d, \"anchors\": %" PRId64 ", \"tail\": %" PRId64
                ", \"bytes_per_token_full_depth\": %zu, \"bytes_per_shallow_token\": %zu, \"prompt_tokens\": %" PRId64
                ", \"prompt_bytes_full_depth\": %zu, \"prompt_bytes\": %zu}",
-               c->architecture, c->n_layers, c->hidden, c->n_heads, c->n_kv_heads, c->head_dim, c->ffn,
-               c->vocab_size, c->max_position, c->rope_theta,
+               c->architecture, c->n_layers, c->hidden, c->n_heads, c->n_kv_heads, c->head_dim, c->ffn, c->vocab_size,
+               c->max_position, c->rope_theta,
                c->rope_scaling.type == SPEED_ROPE_SCALING_LLAMA3 ? "\"llama3\"" : "null",
                c->tie_word_embeddings ? "true" : "false", speed_dtype_name(c->torch_dtype), n_params, n_bytes,
                speed_dtype_name(kv_dtype), C, o.kv.anchors, o.kv.tail, per_tok_full, per_tok_c, o.prompt_tokens,
@@ -292,11 +294,12 @@ int speedctl_inspect(int argc, char **argv) {
         printf("weights        %s, %s\n", speed_dtype_name(c->torch_dtype), b1);
         speedctl_bytes_human((double)per_tok_full, 2, b1, sizeof b1);
         speedctl_bytes_human((double)per_tok_c, 2, b2, sizeof b2);
-        printf("KV per token   full depth %s; shallow (C=%d of %d) %s (%.1f%%), %s cache\n", b1, C,
-               c->n_layers, b2, 100.0 * (double)per_tok_c / (double)per_tok_full, speed_dtype_name(kv_dtype));
+        printf("KV per token   full depth %s; shallow (C=%d of %d) %s (%.1f%%), %s cache\n", b1, C, c->n_layers, b2,
+               100.0 * (double)per_tok_c / (double)per_tok_full, speed_dtype_name(kv_dtype));
         speedctl_bytes_human((double)prompt_full, 2, b1, sizeof b1);
         speedctl_bytes_human((double)prompt_c, 2, b3, sizeof b3);
-        printf("KV per prompt  %" PRId64 " tokens: full depth %s; SPEED (C=%d, A=%" PRId64 ", T=%" PRId64 ") %s (%.1f%%)\n",
+        printf("KV per prompt  %" PRId64 " tokens: full depth %s; SPEED (C=%d, A=%" PRId64 ", T=%" PRId64
+               ") %s (%.1f%%)\n",
                o.prompt_tokens, b1, C, o.kv.anchors, o.kv.tail, b3, 100.0 * (double)prompt_c / (double)prompt_full);
         if (have_tok) {
             const int32_t *eos;

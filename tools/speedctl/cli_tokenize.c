@@ -28,10 +28,10 @@ static const speed_config_field_t tok_input_fields[] = {
     SPEEDCTL_TEXT_OPT(tok_opts_t, "decode", decode, "comma-separated ids to decode back to text"),
 };
 static const speed_config_field_t tok_fields[] = {
-    {"add_special", SPEED_CONFIG_BOOL, offsetof(tok_opts_t, add_special), "false", SPEED_CONFIG_UNBOUNDED,
-     NULL, "add the tokenizer's special tokens (BOS) as the model's post-processor says"},
-    {"skip_special", SPEED_CONFIG_BOOL, offsetof(tok_opts_t, skip_special), "false", SPEED_CONFIG_UNBOUNDED,
-     NULL, "--decode: leave special tokens out of the text"},
+    {"add_special", SPEED_CONFIG_BOOL, offsetof(tok_opts_t, add_special), "false", SPEED_CONFIG_UNBOUNDED, NULL,
+     "add the tokenizer's special tokens (BOS) as the model's post-processor says"},
+    {"skip_special", SPEED_CONFIG_BOOL, offsetof(tok_opts_t, skip_special), "false", SPEED_CONFIG_UNBOUNDED, NULL,
+     "--decode: leave special tokens out of the text"},
     {"json", SPEED_CONFIG_BOOL, offsetof(tok_opts_t, json), "false", SPEED_CONFIG_UNBOUNDED, NULL,
      "print JSON: {\"ids\": [...]} (or {\"text\": ...} for --decode)"},
 };
@@ -84,8 +84,8 @@ static long jsonl_run(const speed_tok_t *tok, const char *path, bool add_special
                 why = msg;
             } else {
                 ids.n = 0;
-                if (speed_tok_encode(tok, json_string_value(text), json_string_length(text), add_special,
-                                     &ids) == SPEED_OK) {
+                if (speed_tok_encode(tok, json_string_value(text), json_string_length(text), add_special, &ids) ==
+                    SPEED_OK) {
                     ids_print(&ids, true, stdout);
                 } else {
                     snprintf(msg, sizeof msg, "line %ld: %s", line_no, speed_log_last_error());

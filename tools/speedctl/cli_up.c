@@ -35,11 +35,11 @@
 #include "signals.h"
 #include "speedctl.h"
 
-#define UP_USAGE "speedctl up CONFIG [--model DIR] [--log-dir DIR] [--foreground-logs] [cluster options]"
-#define UP_TAIL_BYTES 4096   /* log kept for the tail shown when a process fails */
-#define UP_TAIL_LINES 20
-#define UP_LINE_MAX 2048     /* --foreground-logs: longer lines are cut */
-#define UP_HEALTH_PERIOD_S 0.2
+#define UP_USAGE             "speedctl up CONFIG [--model DIR] [--log-dir DIR] [--foreground-logs] [cluster options]"
+#define UP_TAIL_BYTES        4096 /* log kept for the tail shown when a process fails */
+#define UP_TAIL_LINES        20
+#define UP_LINE_MAX          2048 /* --foreground-logs: longer lines are cut */
+#define UP_HEALTH_PERIOD_S   0.2
 #define UP_HEALTH_TIMEOUT_MS 1000
 
 /* ---- options ---------------------------------------------------------------------------------
@@ -92,12 +92,12 @@ static bool takes_value(const speed_config_field_t *fields, size_t n, const char
 }
 
 typedef struct {
-    char **up_argv, **cluster_argv;   /* argv[0] = "up"; NULL-terminated */
+    char **up_argv, **cluster_argv; /* argv[0] = "up"; NULL-terminated */
     int up_argc, cluster_argc;
-    const char *config;               /* the positional CONFIG, or NULL */
-    bool config_option;               /* --config was given too */
-    bool node_index;                  /* --node.index was given (speedctl up sets it) */
-    const char *unknown;              /* the first option neither table has */
+    const char *config;  /* the positional CONFIG, or NULL */
+    bool config_option;  /* --config was given too */
+    bool node_index;     /* --node.index was given (speedctl up sets it) */
+    const char *unknown; /* the first option neither table has */
     int n_positional;
 } up_args_t;
 
@@ -160,24 +160,24 @@ static void args_cleanup(up_args_t *a) {
 typedef enum { UP_DECODE = 0, UP_PREFILL, UP_ROUTER } up_kind_t;
 
 typedef struct {
-    char name[32];                /* "decode-0", "prefill-1", "router" */
+    char name[32]; /* "decode-0", "prefill-1", "router" */
     up_kind_t kind;
     int64_t index;
     int http_port;                /* /health and /metrics */
     char grpc_addr[300];          /* nodes only */
     char log_path[PATH_MAX + 64]; /* file mode */
 
-    pid_t pid;                    /* 0 = not started */
-    bool running;                 /* started and not yet reaped */
+    pid_t pid;    /* 0 = not started */
+    bool running; /* started and not yet reaped */
     bool healthy;
     bool stop_sent, killed;
-    int wait_status;              /* from waitpid once reaped */
+    int wait_status; /* from waitpid once reaped */
     double t_start, t_healthy, t_stop, t_exit, t_health_next;
 
-    int out_fd;                   /* --foreground-logs: read end of the child's stdout+stderr */
+    int out_fd; /* --foreground-logs: read end of the child's stdout+stderr */
     char line[UP_LINE_MAX];
     size_t line_len;
-    char tail[UP_TAIL_BYTES];     /* --foreground-logs: the last bytes of output (a ring) */
+    char tail[UP_TAIL_BYTES]; /* --foreground-logs: the last bytes of output (a ring) */
     size_t tail_len, tail_at;
 } up_proc_t;
 
@@ -189,7 +189,7 @@ typedef struct {
     char log_dir[PATH_MAX];
     up_proc_t *procs;
     int n_procs;
-    int sfd;                      /* signalfd: SIGINT, SIGTERM, SIGCHLD */
+    int sfd; /* signalfd: SIGINT, SIGTERM, SIGCHLD */
     int n_stop_signals;
     sigset_t old_mask;
 } up_t;
@@ -199,10 +199,12 @@ static const char *const kind_bins[] = {"speed-decode", "speed-prefill", "speed-
 
 /* "exited with status 1" / "was killed by signal 9 (Killed)". */
 static void status_text(int ws, char *buf, size_t size) {
-    if (WIFEXITED(ws)) snprintf(buf, size, "exited with status %d", WEXITSTATUS(ws));
+    if (WIFEXITED(ws))
+        snprintf(buf, size, "exited with status %d", WEXITSTATUS(ws));
     else if (WIFSIGNALED(ws))
         snprintf(buf, size, "was killed by signal %d (%s)", WTERMSIG(ws), strsignal(WTERMSIG(ws)));
-    else snprintf(buf, size, "ended with wait status %#x", (unsigned)ws);
+    else
+        snprintf(buf, size, "ended with wait status %#x", (unsigned)ws);
 }
 
 static void tail_add(up_proc_t *p, const char *data, size_t n) {
@@ -235,8 +237,10 @@ static void output_read(up_proc_t *p) {
         }
         tail_add(p, buf, (size_t)n);
         for (ssize_t i = 0; i < n; i++) {
-            if (buf[i] == '\n') line_flush(p);
-            else if (p->line_len < UP_LINE_MAX) p->line[p->line_len++] = buf[i];
+            if (buf[i] == '\n')
+                line_flush(p);
+            else if (p->line_len < UP_LINE_MAX)
+                p->line[p->line_len++] = buf[i];
         }
     }
 }
@@ -273,8 +277,10 @@ static void tail_print(const up_t *u, up_proc_t *p) {
                 u->opts.foreground_logs ? "" : p->log_path);
         return;
     }
-    if (u->opts.foreground_logs) fprintf(stderr, "speedctl: last lines of %s:\n", p->name);
-    else fprintf(stderr, "speedctl: last lines of %s:\n", p->log_path);
+    if (u->opts.foreground_logs)
+        fprintf(stderr, "speedctl: last lines of %s:\n", p->name);
+    else
+        fprintf(stderr, "speedctl: last lines of %s:\n", p->log_path);
     for (const char *s = start; *s;) {
         const char *nl = strchr(s, '\n');
         int len = nl ? (int)(nl - s) : (int)strlen(s);
@@ -461,8 +467,8 @@ static void group_stop(up_t *u, up_kind_t kind) {
     for (int i = 0; i < u->n_procs; i++) {
         up_proc_t *p = &u->procs[i];
         if (p->kind != kind || !p->running) continue;
-        fprintf(stderr, "speedctl: %s (pid %d) still running %.1f s after SIGTERM%s: SIGKILL\n", p->name,
-                (int)p->pid, speed_clock_mono_s() - p->t_stop, u->n_stop_signals >= 2 ? " and a second signal" : "");
+        fprintf(stderr, "speedctl: %s (pid %d) still running %.1f s after SIGTERM%s: SIGKILL\n", p->name, (int)p->pid,
+                speed_clock_mono_s() - p->t_stop, u->n_stop_signals >= 2 ? " and a second signal" : "");
         kill(p->pid, SIGKILL);
         p->killed = true;
         int ws;
@@ -503,8 +509,10 @@ static bool up_stop_all(up_t *u, bool summary) {
 /* A process that failed: say which, show its log tail, stop the rest. */
 static int up_fail(up_t *u, up_proc_t *p, const char *when) {
     char st[96];
-    if (p->running) snprintf(st, sizeof st, "is not healthy");
-    else status_text(p->wait_status, st, sizeof st);
+    if (p->running)
+        snprintf(st, sizeof st, "is not healthy");
+    else
+        status_text(p->wait_status, st, sizeof st);
     speedctl_fail("%s (pid %d) %s%s", p->name, (int)p->pid, st, when);
     tail_print(u, p);
     if (!u->opts.foreground_logs) fprintf(stderr, "speedctl: logs: %s\n", u->log_dir);
@@ -627,7 +635,8 @@ static void print_help(void) {
         for (const char *c = f->name; *c && k + 1 < sizeof opt; c++) opt[k++] = *c == '_' ? '-' : *c;
         opt[k] = '\0';
         k = 0;
-        for (const char *c = f->name; *c && k + 1 < sizeof env; c++) env[k++] = (char)(*c >= 'a' && *c <= 'z' ? *c - 32 : *c);
+        for (const char *c = f->name; *c && k + 1 < sizeof env; c++)
+            env[k++] = (char)(*c >= 'a' && *c <= 'z' ? *c - 32 : *c);
         env[k] = '\0';
         const char *arg = f->type == SPEED_CONFIG_STRING ? " DIR" : f->type == SPEED_CONFIG_BOOL ? "" : " SECONDS";
         printf("  --%s%s\n      %s (%s%s%senv SPEED_UP_%s)\n", opt, arg, f->doc, f->default_value ? "default " : "",
@@ -664,8 +673,10 @@ static int up_run(up_t *u) {
         up_proc_t *router = NULL;
         for (int i = 0; i < u->n_procs; i++) {
             up_proc_t *p = &u->procs[i];
-            if (p->kind == UP_ROUTER) router = p;
-            else n_nodes++;
+            if (p->kind == UP_ROUTER)
+                router = p;
+            else
+                n_nodes++;
             if (!p->running) continue;
             double now = speed_clock_mono_s();
             if (!p->healthy && now >= p->t_health_next) {
@@ -706,8 +717,8 @@ static int up_run(up_t *u) {
     for (int i = 0; i < u->n_procs; i++) {
         const up_proc_t *p = &u->procs[i];
         if (p->kind == UP_ROUTER) continue;
-        printf("%s: pid %d, grpc %s, metrics http://%s:%d/metrics\n", p->name, (int)p->pid, p->grpc_addr,
-               u->c.host, p->http_port);
+        printf("%s: pid %d, grpc %s, metrics http://%s:%d/metrics\n", p->name, (int)p->pid, p->grpc_addr, u->c.host,
+               p->http_port);
     }
     const up_proc_t *router = &u->procs[u->n_procs - 1];
     printf("router metrics: http://%s:%d/metrics (pid %d)\n", u->c.host, router->http_port, (int)router->pid);
@@ -726,8 +737,8 @@ static int up_run(up_t *u) {
     fflush(stdout);
     bool clean = up_stop_all(u, true);
     if (!clean) {
-        speedctl_fail("not every process exited 0 after SIGTERM (see above%s%s)", u->opts.foreground_logs ? "" : "; logs in ",
-                      u->opts.foreground_logs ? "" : u->log_dir);
+        speedctl_fail("not every process exited 0 after SIGTERM (see above%s%s)",
+                      u->opts.foreground_logs ? "" : "; logs in ", u->opts.foreground_logs ? "" : u->log_dir);
         return SPEEDCTL_EXIT_FAIL;
     }
     printf("stopped\n");

@@ -15,9 +15,8 @@
 
 /* ---- loading ------------------------------------------------------------------------------ */
 
-int speedctl_options_load(const char *verb, const char *usage,
-                          const speed_config_field_t *fields, size_t n_fields, void *opts,
-                          int argc, char **argv, speed_config_t **cfg_p, bool *done_p) {
+int speedctl_options_load(const char *verb, const char *usage, const speed_config_field_t *fields, size_t n_fields,
+                          void *opts, int argc, char **argv, speed_config_t **cfg_p, bool *done_p) {
     *done_p = true;
     *cfg_p = NULL;
     speed_config_t *cfg = NULL;
@@ -57,11 +56,10 @@ int speedctl_options_load_parts(const char *verb, const char *usage, const speed
 }
 
 bool speedctl_options_begin(speedctl_options_t *opts, const char *verb, const char *usage,
-                            const speedctl_options_part_t *parts, size_t n_parts, void *values, int argc,
-                            char **argv) {
+                            const speedctl_options_part_t *parts, size_t n_parts, void *values, int argc, char **argv) {
     bool done;
-    opts->exit_code = speedctl_options_load_parts(verb, usage, parts, n_parts, opts->fields, values, argc, argv,
-                                                  &opts->cfg, &done);
+    opts->exit_code =
+        speedctl_options_load_parts(verb, usage, parts, n_parts, opts->fields, values, argc, argv, &opts->cfg, &done);
     return !done;
 }
 
@@ -97,8 +95,9 @@ speed_status_t speedctl_depth_resolve(const char *prefill_layers, int64_t anchor
     if (speed_cutoff_parse(prefill_layers, &q.prefill_layers, why, sizeof why) == SPEED_OK &&
         speed_depth_resolve(&q, NULL, n_layers, depth_p, why, sizeof why) == SPEED_OK)
         return SPEED_OK;
-    const char *option = strncmp(why, "anchors", 7) == 0 ? "--anchors" : strncmp(why, "tail", 4) == 0 ? "--tail"
-                                                                                                    : "--prefill-layers";
+    const char *option = strncmp(why, "anchors", 7) == 0 ? "--anchors"
+                         : strncmp(why, "tail", 4) == 0  ? "--tail"
+                                                         : "--prefill-layers";
     speedctl_fail("%s: %s", option, why);
     return SPEED_ERR_INVALID_ARGUMENT;
 }
@@ -178,7 +177,8 @@ const speed_config_field_t speedctl_chat_fields[SPEEDCTL_CHAT_N_FIELDS] = {
                       "a user message, rendered with the model's chat template (which carries the BOS)"),
     SPEEDCTL_TEXT_OPT(speedctl_chat_opts_t, "system", system, "system message for --chat"),
     SPEEDCTL_OPT(speedctl_chat_opts_t, "chat_template", ENUM, chat_template, "auto", SPEED_CONFIG_UNBOUNDED,
-                 speed_chat_template_names, "chat template for --chat: auto (tokenizer_config.json's) or a built-in one"),
+                 speed_chat_template_names,
+                 "chat template for --chat: auto (tokenizer_config.json's) or a built-in one"),
 };
 
 speed_status_t speedctl_chat_encode(const speedctl_chat_opts_t *o, const speed_tok_t *tok, char **text_p,

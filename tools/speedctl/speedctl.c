@@ -20,8 +20,7 @@ static const struct {
     speedctl_verb_fn_t fn;
     const char *summary;
 } verbs[] = {
-    {"make-tiny-model", speedctl_make_tiny_model,
-     "write a random-weight Llama model in the Hugging Face layout"},
+    {"make-tiny-model", speedctl_make_tiny_model, "write a random-weight Llama model in the Hugging Face layout"},
     {"inspect", speedctl_inspect, "validate a model directory and print its shape, size and KV cost"},
     {"tokenize", speedctl_tokenize, "encode text to token ids, decode ids, render chat templates"},
     {"generate", speedctl_generate, "generate text from a prompt (SPEED depth, sampling, logprobs, timing, KV bytes)"},
@@ -31,16 +30,22 @@ static const struct {
 #define N_VERBS (sizeof verbs / sizeof verbs[0])
 
 /* CLI log format: errors and warnings as "speedctl: error: ...", the rest as is. */
-static void cli_sink(void *user, speed_log_level_t level, speed_log_subsys_t subsys,
-                     const char *request_id, const char *line) {
-    (void)user; (void)subsys; (void)request_id;
+static void cli_sink(void *user, speed_log_level_t level, speed_log_subsys_t subsys, const char *request_id,
+                     const char *line) {
+    (void)user;
+    (void)subsys;
+    (void)request_id;
     const char *tag = level == SPEED_LOG_ERROR ? "error: " : level == SPEED_LOG_WARN ? "warning: " : "";
     fprintf(stderr, "speedctl: %s%s\n", tag, line);
 }
 
-void speedctl_silent_sink(void *user, speed_log_level_t level, speed_log_subsys_t subsys,
-                          const char *request_id, const char *line) {
-    (void)user; (void)level; (void)subsys; (void)request_id; (void)line;
+void speedctl_silent_sink(void *user, speed_log_level_t level, speed_log_subsys_t subsys, const char *request_id,
+                          const char *line) {
+    (void)user;
+    (void)level;
+    (void)subsys;
+    (void)request_id;
+    (void)line;
 }
 
 void speedctl_log_to_stderr(void) { speed_log_set_sink(cli_sink, NULL); }
@@ -98,7 +103,8 @@ speed_status_t speedctl_ids_parse(const char *what, const char *list, int32_t vo
         out->ids[out->n++] = (int32_t)v;
         p = end;
         while (*p == ' ') p++;
-        if (*p == ',') p++;
+        if (*p == ',')
+            p++;
         else if (*p) {
             SPEED_ERROR(SPEED_SUBSYS_CLI, "%s: expected ',' at '%s'", what, p);
             return SPEED_ERR_INVALID_ARGUMENT;
@@ -131,7 +137,10 @@ char *speedctl_unescape(const char *s) {
         case 't': *o++ = '\t'; break;
         case 'r': *o++ = '\r'; break;
         case '\\': *o++ = '\\'; break;
-        default: *o++ = '\\'; *o++ = *s; break;
+        default:
+            *o++ = '\\';
+            *o++ = *s;
+            break;
         }
     }
     *o = '\0';

@@ -27,8 +27,8 @@ int speedctl_up(int argc, char **argv);
 /* Log sinks: the CLI's stderr format, and one that drops everything (used around
  * optional steps whose failure is reported differently). */
 #include "log.h"
-void speedctl_silent_sink(void *user, speed_log_level_t level, speed_log_subsys_t subsys,
-                          const char *request_id, const char *line);
+void speedctl_silent_sink(void *user, speed_log_level_t level, speed_log_subsys_t subsys, const char *request_id,
+                          const char *line);
 void speedctl_log_to_stderr(void);
 
 /* Exit codes. */
@@ -58,7 +58,8 @@ void speedctl_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* Table entries: SPEEDCTL_OPT(struct, "name", TYPE, member, default, min, max, enum_names, doc)
  * with TYPE one of INT, DOUBLE, BOOL, STRING, ENUM; SPEEDCTL_TEXT_OPT for a STRING option
  * without default or bounds. */
-#define SPEEDCTL_OPT(st, name, type, member, ...) {name, SPEED_CONFIG_##type, offsetof(st, member), __VA_ARGS__}
+#define SPEEDCTL_OPT(st, name, type, member, ...) \
+    { name, SPEED_CONFIG_##type, offsetof(st, member), __VA_ARGS__ }
 #define SPEEDCTL_TEXT_OPT(st, name, member, doc) \
     SPEEDCTL_OPT(st, name, STRING, member, NULL, SPEED_CONFIG_UNBOUNDED, NULL, doc)
 
@@ -66,9 +67,8 @@ void speedctl_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
  * the exit code returned when the verb should stop (help shown, config printed, or an
  * error). `usage` is the one-line synopsis shown in --help. On return with *done_p false
  * the caller owns *cfg_p and must speed_config_destroy it. */
-int speedctl_options_load(const char *verb, const char *usage,
-                          const speed_config_field_t *fields, size_t n_fields, void *opts,
-                          int argc, char **argv, speed_config_t **cfg_p, bool *done_p);
+int speedctl_options_load(const char *verb, const char *usage, const speed_config_field_t *fields, size_t n_fields,
+                          void *opts, int argc, char **argv, speed_config_t **cfg_p, bool *done_p);
 
 /* One part of a verb's table: n_fields fields whose offsets are relative to a struct at
  * `offset` in the verb's options struct (0 for the verb's own fields). */
@@ -78,12 +78,16 @@ typedef struct {
     size_t offset;
 } speedctl_options_part_t;
 
-#define SPEEDCTL_OWN_PART(array) {array, sizeof array / sizeof array[0], 0}
-#define SPEEDCTL_ENGINE_PART(st, member)                                                   \
-    {speedctl_engine_fields, SPEEDCTL_ENGINE_N_FIELDS, offsetof(st, member)},              \
-    {speedctl_kv_fields, SPEEDCTL_KV_N_FIELDS, offsetof(st, member) + offsetof(speedctl_engine_opts_t, kv)}
-#define SPEEDCTL_KV_PART(st, member) {speedctl_kv_fields, SPEEDCTL_KV_N_FIELDS, offsetof(st, member)}
-#define SPEEDCTL_CHAT_PART(st, member) {speedctl_chat_fields, SPEEDCTL_CHAT_N_FIELDS, offsetof(st, member)}
+#define SPEEDCTL_OWN_PART(array) \
+    { array, sizeof array / sizeof array[0], 0 }
+#define SPEEDCTL_ENGINE_PART(st, member)                                                                      \
+    {speedctl_engine_fields, SPEEDCTL_ENGINE_N_FIELDS, offsetof(st, member)}, {                               \
+        speedctl_kv_fields, SPEEDCTL_KV_N_FIELDS, offsetof(st, member) + offsetof(speedctl_engine_opts_t, kv) \
+    }
+#define SPEEDCTL_KV_PART(st, member) \
+    { speedctl_kv_fields, SPEEDCTL_KV_N_FIELDS, offsetof(st, member) }
+#define SPEEDCTL_CHAT_PART(st, member) \
+    { speedctl_chat_fields, SPEEDCTL_CHAT_N_FIELDS, offsetof(st, member) }
 
 /* Room for any verb's table. */
 #define SPEEDCTL_MAX_FIELDS 64
@@ -92,16 +96,15 @@ typedef struct {
  * and the loaded values. */
 typedef struct {
     speed_config_field_t fields[SPEEDCTL_MAX_FIELDS];
-    speed_config_t *cfg;      /* the verb destroys it */
-    int exit_code;            /* what the verb returns when speedctl_options_begin says done */
+    speed_config_t *cfg; /* the verb destroys it */
+    int exit_code;       /* what the verb returns when speedctl_options_begin says done */
 } speedctl_options_t;
 
 /* Loads the options of the table made of `parts` into `values` (speedctl_options_load): returns
  * true when the verb should go on with opts->cfg, false when it must return opts->exit_code now
  * (--help or --print-config answered, or a usage error reported). */
 bool speedctl_options_begin(speedctl_options_t *opts, const char *verb, const char *usage,
-                            const speedctl_options_part_t *parts, size_t n_parts, void *values, int argc,
-                            char **argv);
+                            const speedctl_options_part_t *parts, size_t n_parts, void *values, int argc, char **argv);
 #define SPEEDCTL_N_PARTS(parts) (sizeof(parts) / sizeof((parts)[0]))
 
 /* speedctl_options_load of the table put together from the parts in `fields` (room for
@@ -114,9 +117,9 @@ int speedctl_options_load_parts(const char *verb, const char *usage, const speed
  * runs a KV cache (generate, bench: as part of the engine options; inspect on its own, with its
  * own default C). speedctl_depth_resolve turns the depth into the engine's. */
 typedef struct {
-    char *prefill_layers;     /* --prefill-layers: "24" or "0.75"; NULL = L (SPEED off) */
-    int64_t anchors, tail;    /* --anchors A, --tail T */
-    int kv_dtype;             /* --kv-dtype: speed_dtype_t */
+    char *prefill_layers;  /* --prefill-layers: "24" or "0.75"; NULL = L (SPEED off) */
+    int64_t anchors, tail; /* --anchors A, --tail T */
+    int kv_dtype;          /* --kv-dtype: speed_dtype_t */
 } speedctl_kv_opts_t;
 
 #define SPEEDCTL_KV_N_FIELDS 4
@@ -126,12 +129,12 @@ extern const speed_config_field_t speedctl_kv_fields[SPEEDCTL_KV_N_FIELDS];
  * options with them (SPEEDCTL_ENGINE_PART adds both groups). speedctl_engine_depth,
  * speedctl_ranks_create and speedctl_engine_params turn them into what the engine takes. */
 typedef struct {
-    char *model;              /* --model DIR (NULL: not given) */
-    speedctl_kv_opts_t kv;    /* --prefill-layers, --anchors, --tail, --kv-dtype */
-    int64_t threads;          /* --threads: 0 = all online cores */
-    int backend;              /* --backend: speed_backend_kind_t */
-    int64_t device;           /* --device: the GPU of --backend cuda */
-    int64_t tensor_parallel;  /* --tensor-parallel: ranks */
+    char *model;             /* --model DIR (NULL: not given) */
+    speedctl_kv_opts_t kv;   /* --prefill-layers, --anchors, --tail, --kv-dtype */
+    int64_t threads;         /* --threads: 0 = all online cores */
+    int backend;             /* --backend: speed_backend_kind_t */
+    int64_t device;          /* --device: the GPU of --backend cuda */
+    int64_t tensor_parallel; /* --tensor-parallel: ranks */
 } speedctl_engine_opts_t;
 
 #define SPEEDCTL_ENGINE_N_FIELDS 5
@@ -171,9 +174,9 @@ speed_engine_params_t speedctl_engine_params(const speedctl_engine_opts_t *opts,
 
 /* The chat options: a user message rendered with the chat template (generate, tokenize). */
 typedef struct {
-    char *chat;               /* --chat MSG (NULL: not given) */
-    char *system;             /* --system MSG (NULL: none) */
-    int chat_template;        /* --chat-template: speed_chat_template_t */
+    char *chat;        /* --chat MSG (NULL: not given) */
+    char *system;      /* --system MSG (NULL: none) */
+    int chat_template; /* --chat-template: speed_chat_template_t */
 } speedctl_chat_opts_t;
 
 #define SPEEDCTL_CHAT_N_FIELDS 3

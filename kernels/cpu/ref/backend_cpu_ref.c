@@ -32,15 +32,9 @@ static float load_elem(const void *row, speed_dtype_t dtype, int64_t i) {
     uint16_t h;
     float f;
     switch (dtype) {
-    case SPEED_DTYPE_F32:
-        memcpy(&f, p + 4 * i, 4);
-        return f;
-    case SPEED_DTYPE_BF16:
-        memcpy(&h, p + 2 * i, 2);
-        return speed_dtype_bf16_to_f32(h);
-    case SPEED_DTYPE_F16:
-        memcpy(&h, p + 2 * i, 2);
-        return speed_dtype_f16_to_f32(h);
+    case SPEED_DTYPE_F32: memcpy(&f, p + 4 * i, 4); return f;
+    case SPEED_DTYPE_BF16: memcpy(&h, p + 2 * i, 2); return speed_dtype_bf16_to_f32(h);
+    case SPEED_DTYPE_F16: memcpy(&h, p + 2 * i, 2); return speed_dtype_f16_to_f32(h);
     }
     return NAN;
 }
@@ -50,9 +44,7 @@ static void store_elem(void *row, speed_dtype_t dtype, int64_t i, float v) {
     unsigned char *p = row;
     uint16_t h;
     switch (dtype) {
-    case SPEED_DTYPE_F32:
-        memcpy(p + 4 * i, &v, 4);
-        return;
+    case SPEED_DTYPE_F32: memcpy(p + 4 * i, &v, 4); return;
     case SPEED_DTYPE_BF16:
         h = speed_dtype_f32_to_bf16(v);
         memcpy(p + 2 * i, &h, 2);
@@ -149,10 +141,9 @@ static bool ref_supports_op(void *ctx, speed_op_t op, speed_dtype_t dtype) {
 
 /* ---- ops ------------------------------------------------------------------------- */
 
-static speed_status_t ref_embed(void *ctx,
-                                speed_mat_t out,       /* f32 [n][d] */
-                                speed_mat_t table,     /* any dtype [vocab][d] */
-                                const int32_t *ids) {  /* [n] host, 0 <= id < vocab */
+static speed_status_t ref_embed(void *ctx, speed_mat_t out, /* f32 [n][d] */
+                                speed_mat_t table,          /* any dtype [vocab][d] */
+                                const int32_t *ids) {       /* [n] host, 0 <= id < vocab */
     (void)ctx;
     for (int64_t i = 0; i < out.n_rows; i++) {
         const void *src = mat_row(table, ids[i]);
@@ -164,10 +155,9 @@ static speed_status_t ref_embed(void *ctx,
 
 /* Hugging Face LlamaRMSNorm with f32 input: variance and the normalised value are f32
  * tensors there, so both are rounded to f32 here before the weight multiplies. */
-static speed_status_t ref_rmsnorm(void *ctx,
-                                  speed_mat_t out,     /* f32 [n][d], may alias x */
-                                  speed_mat_t x,       /* f32 [n][d] */
-                                  speed_mat_t weight,  /* any dtype [1][d] */
+static speed_status_t ref_rmsnorm(void *ctx, speed_mat_t out, /* f32 [n][d], may alias x */
+                                  speed_mat_t x,              /* f32 [n][d] */
+                                  speed_mat_t weight,         /* any dtype [1][d] */
                                   float eps) {
     (void)ctx;
     const void *w = mat_row(weight, 0);
@@ -187,11 +177,10 @@ static speed_status_t ref_rmsnorm(void *ctx,
 }
 
 /* The product is rounded to f32 before it is added to out, like a separate residual add. */
-static speed_status_t ref_matmul(void *ctx,
-                                 speed_mat_t out,    /* f32 [n][m], must not overlap x */
-                                 speed_mat_t x,      /* f32 [n][k] */
-                                 speed_mat_t w,      /* any dtype [m][k] (HF [out, in]) */
-                                 bool accumulate) {  /* out += x·wᵀ instead of out = x·wᵀ */
+static speed_status_t ref_matmul(void *ctx, speed_mat_t out, /* f32 [n][m], must not overlap x */
+                                 speed_mat_t x,              /* f32 [n][k] */
+                                 speed_mat_t w,              /* any dtype [m][k] (HF [out, in]) */
+                                 bool accumulate) {          /* out += x·wᵀ instead of out = x·wᵀ */
     (void)ctx;
     for (int64_t i = 0; i < x.n_rows; i++) {
         const float *xi = f32_row(x, i);
@@ -210,10 +199,9 @@ static speed_status_t ref_matmul(void *ctx,
  * angle is an f32 product, as in transformers (inv_freq @ position_ids in f32): at large
  * positions its rounding is part of the model's behaviour. cos/sin of that angle are
  * evaluated exactly (double) and the rotation is rounded once. */
-static speed_status_t ref_rope(void *ctx,
-                               speed_mat_t x,               /* f32 [n][n_heads * head_dim], in place */
-                               int n_heads, int head_dim,   /* head_dim even */
-                               const int32_t *positions,    /* [n] host */
+static speed_status_t ref_rope(void *ctx, speed_mat_t x,  /* f32 [n][n_heads * head_dim], in place */
+                               int n_heads, int head_dim, /* head_dim even */
+                               const int32_t *positions,  /* [n] host */
                                const speed_rope_t *rope) {
     (void)ctx;
     int half = head_dim / 2;
@@ -233,10 +221,9 @@ static speed_status_t ref_rope(void *ctx,
     return SPEED_OK;
 }
 
-static speed_status_t ref_swiglu(void *ctx,
-                                 speed_mat_t out,   /* f32 [n][f], may alias gate or up */
-                                 speed_mat_t gate,  /* f32 [n][f] */
-                                 speed_mat_t up) {  /* f32 [n][f] */
+static speed_status_t ref_swiglu(void *ctx, speed_mat_t out, /* f32 [n][f], may alias gate or up */
+                                 speed_mat_t gate,           /* f32 [n][f] */
+                                 speed_mat_t up) {           /* f32 [n][f] */
     (void)ctx;
     for (int64_t i = 0; i < out.n_rows; i++) {
         const float *g = f32_row(gate, i), *u = f32_row(up, i);
@@ -250,10 +237,9 @@ static speed_status_t ref_swiglu(void *ctx,
     return SPEED_OK;
 }
 
-static speed_status_t ref_add(void *ctx,
-                              speed_mat_t out,  /* f32 [n][d], may alias a or b */
-                              speed_mat_t a,    /* f32 [n][d] */
-                              speed_mat_t b) {  /* f32 [n][d] */
+static speed_status_t ref_add(void *ctx, speed_mat_t out, /* f32 [n][d], may alias a or b */
+                              speed_mat_t a,              /* f32 [n][d] */
+                              speed_mat_t b) {            /* f32 [n][d] */
     (void)ctx;
     for (int64_t i = 0; i < out.n_rows; i++) {
         const float *ai = f32_row(a, i), *bi = f32_row(b, i);
@@ -263,10 +249,9 @@ static speed_status_t ref_add(void *ctx,
     return SPEED_OK;
 }
 
-static speed_status_t ref_get_rows(void *ctx,
-                                   speed_mat_t out,      /* f32 [n][d], not overlapping x */
-                                   speed_mat_t x,        /* f32 [rows_x][d] */
-                                   const int32_t *rows) {/* [n] host, 0 <= row < rows_x */
+static speed_status_t ref_get_rows(void *ctx, speed_mat_t out, /* f32 [n][d], not overlapping x */
+                                   speed_mat_t x,              /* f32 [rows_x][d] */
+                                   const int32_t *rows) {      /* [n] host, 0 <= row < rows_x */
     (void)ctx;
     for (int64_t i = 0; i < out.n_rows; i++) {
         const float *src = f32_row(x, rows[i]);
@@ -276,11 +261,10 @@ static speed_status_t ref_get_rows(void *ctx,
     return SPEED_OK;
 }
 
-static speed_status_t ref_kv_store(void *ctx,
-                                   const speed_kv_layer_t *kv, /* pool layer, kv->dtype */
-                                   speed_mat_t k,              /* f32 [n][n_kv_heads * head_dim] */
-                                   speed_mat_t v,              /* f32 [n][n_kv_heads * head_dim] */
-                                   const int32_t *slots) {     /* [n] host, slot = block * B + offset */
+static speed_status_t ref_kv_store(void *ctx, const speed_kv_layer_t *kv, /* pool layer, kv->dtype */
+                                   speed_mat_t k,                         /* f32 [n][n_kv_heads * head_dim] */
+                                   speed_mat_t v,                         /* f32 [n][n_kv_heads * head_dim] */
+                                   const int32_t *slots) {                /* [n] host, slot = block * B + offset */
     (void)ctx;
     for (int64_t i = 0; i < k.n_rows; i++) {
         const float *ki = f32_row(k, i), *vi = f32_row(v, i);
@@ -295,11 +279,10 @@ static speed_status_t ref_kv_store(void *ctx,
     return SPEED_OK;
 }
 
-static speed_status_t ref_kv_load(void *ctx,
-                                  const speed_kv_layer_t *kv, /* pool layer, kv->dtype */
-                                  speed_mat_t k,              /* f32 [n][n_kv_heads * head_dim], out */
-                                  speed_mat_t v,              /* f32 [n][n_kv_heads * head_dim], out */
-                                  const int32_t *slots) {     /* [n] host */
+static speed_status_t ref_kv_load(void *ctx, const speed_kv_layer_t *kv, /* pool layer, kv->dtype */
+                                  speed_mat_t k,                         /* f32 [n][n_kv_heads * head_dim], out */
+                                  speed_mat_t v,                         /* f32 [n][n_kv_heads * head_dim], out */
+                                  const int32_t *slots) {                /* [n] host */
     (void)ctx;
     for (int64_t i = 0; i < k.n_rows; i++) {
         float *ki = f32_row(k, i), *vi = f32_row(v, i);
@@ -316,12 +299,11 @@ static speed_status_t ref_kv_load(void *ctx,
 
 /* Softmax attention in the plainest form: all scores of a (row, head), their max, the
  * exponentials relative to it, their sum, then the weighted sum of V. */
-static speed_status_t ref_attention(void *ctx,
-                                    speed_mat_t out,              /* f32 [n_rows][n_heads * head_dim] */
-                                    speed_mat_t q,                /* f32 [n_rows][n_heads * head_dim] */
-                                    const speed_kv_layer_t *kv,   /* pool layer holding K, V */
-                                    int n_heads,                  /* multiple of kv->n_kv_heads */
-                                    const speed_attn_rows_t *rows,/* per row: block table, n_visible */
+static speed_status_t ref_attention(void *ctx, speed_mat_t out,    /* f32 [n_rows][n_heads * head_dim] */
+                                    speed_mat_t q,                 /* f32 [n_rows][n_heads * head_dim] */
+                                    const speed_kv_layer_t *kv,    /* pool layer holding K, V */
+                                    int n_heads,                   /* multiple of kv->n_kv_heads */
+                                    const speed_attn_rows_t *rows, /* per row: block table, n_visible */
                                     float scale) {
     (void)ctx;
     const int hd = kv->head_dim, B = kv->block_tokens;
@@ -332,14 +314,14 @@ static speed_status_t ref_attention(void *ctx,
         if (rows->n_visible[r] > max_visible) max_visible = rows->n_visible[r];
         for (int64_t b = 0; b * B < rows->n_visible[r]; b++) {
             if (rows->block_table[r][b] < 0) {
-                SPEED_ERROR(SPEED_SUBSYS_ENGINE, "op attention: row %lld: block %lld of its table is %d",
-                            (long long)r, (long long)b, rows->block_table[r][b]);
+                SPEED_ERROR(SPEED_SUBSYS_ENGINE, "op attention: row %lld: block %lld of its table is %d", (long long)r,
+                            (long long)b, rows->block_table[r][b]);
                 return SPEED_ERR_INVALID_ARGUMENT;
             }
         }
     }
     double *scores = speed_malloc((size_t)(max_visible + 1) * sizeof(double)); /* [max_visible] */
-    double *acc = speed_malloc((size_t)hd * sizeof(double));                  /* [head_dim] */
+    double *acc = speed_malloc((size_t)hd * sizeof(double));                   /* [head_dim] */
     if (!scores || !acc) {
         speed_free(scores);
         speed_free(acc);
@@ -395,12 +377,11 @@ static bool ref_ranks_before(float a, int32_t ia, float b, int32_t ib) { return 
 /* Top-k by insertion: the row is walked once, each value is slid into a sorted list of the k
  * best seen so far (a value ranking below the list's last is dropped at once). The log-sum-exp
  * is max-shifted and summed in double. */
-static speed_status_t ref_topk(void *ctx,
-                               speed_mat_t vals,     /* f32 [n][k], out */
-                               int32_t *ids,         /* [n][k] contiguous, out */
-                               float *lse,           /* [n], out */
-                               speed_mat_t logits,   /* f32 [n][V] */
-                               int k) {              /* 1 .. min(V, SPEED_TOPK_MAX) */
+static speed_status_t ref_topk(void *ctx, speed_mat_t vals, /* f32 [n][k], out */
+                               int32_t *ids,                /* [n][k] contiguous, out */
+                               float *lse,                  /* [n], out */
+                               speed_mat_t logits,          /* f32 [n][V] */
+                               int k) {                     /* 1 .. min(V, SPEED_TOPK_MAX) */
     (void)ctx;
     const int64_t V = logits.n_cols;
     for (int64_t i = 0; i < logits.n_rows; i++) {

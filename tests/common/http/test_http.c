@@ -11,16 +11,14 @@ static sem_t g_go; /* lets a WRITE_HANDSHAKE writer continue */
 
 /* ---- handlers ------------------------------------------------------------------------- */
 
-static void h_health(void *user, speed_http_request_t *req)
-{
+static void h_health(void *user, speed_http_request_t *req) {
     (void)user;
     const char *id = speed_http_request_header(req, "X-Request-Id");
     if (id) speed_http_request_add_header(req, "X-Request-Id", id);
     speed_http_respond(req, 200, "text/plain", "ok", 2);
 }
 
-static void h_echo(void *user, speed_http_request_t *req)
-{
+static void h_echo(void *user, speed_http_request_t *req) {
     (void)user;
     size_t len;
     const char *body = speed_http_request_body(req, &len);
@@ -28,28 +26,25 @@ static void h_echo(void *user, speed_http_request_t *req)
     const char *id = speed_http_request_header(req, "X-Request-Id");
     const char *ct = speed_http_request_header(req, "Content-Type");
     char *out = malloc(len + 512);
-    int n = snprintf(out, len + 512, "%s|%s|%s|%s|%zu|%s", speed_http_request_method(req),
-                     auth ? auth : "-", id ? id : "-", ct ? ct : "-", len, body);
+    int n = snprintf(out, len + 512, "%s|%s|%s|%s|%zu|%s", speed_http_request_method(req), auth ? auth : "-",
+                     id ? id : "-", ct ? ct : "-", len, body);
     speed_http_request_add_header(req, "Retry-After", "1");
     if (id) speed_http_request_add_header(req, "X-Request-Id", id);
     speed_http_respond(req, 201, "text/plain", out, (size_t)n);
     free(out);
 }
 
-static void h_query(void *user, speed_http_request_t *req)
-{
+static void h_query(void *user, speed_http_request_t *req) {
     (void)user;
     const char *a = speed_http_request_query(req, "a");
     speed_http_respond(req, 200, "text/plain", a ? a : "(none)", strlen(a ? a : "(none)"));
 }
 
-static void h_silent(void *user, speed_http_request_t *req)
-{
+static void h_silent(void *user, speed_http_request_t *req) {
     (void)user, (void)req; /* answers nothing: the library must send 500 */
 }
 
-static void h_sse(void *user, speed_http_request_t *req)
-{
+static void h_sse(void *user, speed_http_request_t *req) {
     (void)user;
     const char *mode = speed_http_request_query(req, "mode");
     const char *n = speed_http_request_query(req, "n");
@@ -64,8 +59,7 @@ static void h_sse(void *user, speed_http_request_t *req)
 }
 
 /* Answers synchronously with a stream it closes at once: one Content-Length response. */
-static void h_sse_multi(void *user, speed_http_request_t *req)
-{
+static void h_sse_multi(void *user, speed_http_request_t *req) {
     (void)user;
     speed_http_stream_t *s;
     if (speed_http_respond_stream(req, 200, "text/event-stream", NULL, NULL, &s) != SPEED_OK) return;
@@ -75,16 +69,14 @@ static void h_sse_multi(void *user, speed_http_request_t *req)
     speed_http_stream_close(s);
 }
 
-static void h_deferred(void *user, speed_http_request_t *req)
-{
+static void h_deferred(void *user, speed_http_request_t *req) {
     (void)user;
     speed_http_stream_t *s;
     if (speed_http_respond_stream(req, 200, NULL, NULL, NULL, &s) == SPEED_OK)
         writer_start(s, WRITE_DEFERRED, 0, 50, NULL);
 }
 
-static speed_http_server_t *start_server(size_t max_body, speed_metrics_t *metrics)
-{
+static speed_http_server_t *start_server(size_t max_body, speed_metrics_t *metrics) {
     speed_http_server_params_t p = speed_http_server_default_params();
     p.max_body_bytes = max_body;
     speed_http_server_t *srv = NULL;
@@ -108,18 +100,15 @@ static speed_http_server_t *start_server(size_t max_body, speed_metrics_t *metri
     return srv;
 }
 
-static speed_http_client_t *connect_to(speed_http_server_t *srv)
-{
+static speed_http_client_t *connect_to(speed_http_server_t *srv) {
     speed_http_client_t *c = NULL;
-    CHECK_INT_EQ(speed_http_client_connect("127.0.0.1", speed_http_server_port(srv), 10000, &c),
-                 SPEED_OK);
+    CHECK_INT_EQ(speed_http_client_connect("127.0.0.1", speed_http_server_port(srv), 10000, &c), SPEED_OK);
     return c;
 }
 
 /* ---- tests ---------------------------------------------------------------------------- */
 
-static void test_routing(speed_http_server_t *srv)
-{
+static void test_routing(speed_http_server_t *srv) {
     speed_http_client_t *c = connect_to(srv);
     const speed_http_response_t *r;
     speed_http_header_t id[] = {{"X-Request-Id", "req-42"}};
@@ -129,12 +118,10 @@ static void test_routing(speed_http_server_t *srv)
     CHECK_STR_EQ(speed_http_response_header(r, "content-type"), "text/plain");
     CHECK_STR_EQ(speed_http_response_header(r, "X-Request-Id"), "req-42");
 
-    speed_http_header_t hs[] = {{"Authorization", "Bearer sk-test"},
-                                {"X-Request-Id", "abc"},
-                                {"Content-Type", "application/json"}};
+    speed_http_header_t hs[] = {
+        {"Authorization", "Bearer sk-test"}, {"X-Request-Id", "abc"}, {"Content-Type", "application/json"}};
     const char *body = "{\"prompt\":\"hi\"}";
-    CHECK_INT_EQ(speed_http_client_request(c, "POST", "/echo", hs, 3, body, strlen(body), &r),
-                 SPEED_OK);
+    CHECK_INT_EQ(speed_http_client_request(c, "POST", "/echo", hs, 3, body, strlen(body), &r), SPEED_OK);
     CHECK_INT_EQ(r->status, 201);
     CHECK_STR_EQ(r->body, "POST|Bearer sk-test|abc|application/json|15|{\"prompt\":\"hi\"}");
     CHECK_STR_EQ(speed_http_response_header(r, "Retry-After"), "1");
@@ -144,8 +131,7 @@ static void test_routing(speed_http_server_t *srv)
     CHECK_INT_EQ(speed_http_client_request(c, "PUT", "/echo", NULL, 0, "", 0, &r), SPEED_OK);
     CHECK_STR_EQ(r->body, "PUT|-|-|-|0|");
 
-    CHECK_INT_EQ(speed_http_client_request(c, "GET", "/query?a=hello%20world&b=2", NULL, 0, NULL,
-                                           0, &r), SPEED_OK);
+    CHECK_INT_EQ(speed_http_client_request(c, "GET", "/query?a=hello%20world&b=2", NULL, 0, NULL, 0, &r), SPEED_OK);
     CHECK_STR_EQ(r->body, "hello world");
 
     CHECK_INT_EQ(speed_http_client_request(c, "HEAD", "/health", NULL, 0, NULL, 0, &r), SPEED_OK);
@@ -172,22 +158,22 @@ static void test_routing(speed_http_server_t *srv)
 
     int status = 0;
     char *text = NULL;
-    CHECK_INT_EQ(speed_http_get("127.0.0.1", speed_http_server_port(srv), "/health", 5000, &status,
-                                &text), SPEED_OK);
+    CHECK_INT_EQ(speed_http_get("127.0.0.1", speed_http_server_port(srv), "/health", 5000, &status, &text), SPEED_OK);
     CHECK_INT_EQ(status, 200);
     CHECK_STR_EQ(text, "ok");
     speed_free(text);
 }
 
-static void test_keepalive(speed_http_server_t *srv)
-{
+static void test_keepalive(speed_http_server_t *srv) {
     speed_http_server_stats_t before, after;
     speed_http_server_stats(srv, &before);
     speed_http_client_t *c = connect_to(srv);
     const speed_http_response_t *r;
     for (int i = 0; i < 3; i++) {
-        if (i == 1) CHECK_INT_EQ(speed_http_client_request(c, "POST", "/echo", NULL, 0, "a", 1, &r), SPEED_OK);
-        else CHECK_INT_EQ(speed_http_client_request(c, "GET", "/health", NULL, 0, NULL, 0, &r), SPEED_OK);
+        if (i == 1)
+            CHECK_INT_EQ(speed_http_client_request(c, "POST", "/echo", NULL, 0, "a", 1, &r), SPEED_OK);
+        else
+            CHECK_INT_EQ(speed_http_client_request(c, "GET", "/health", NULL, 0, NULL, 0, &r), SPEED_OK);
         CHECK(r->keep_alive);
         const char *conn = speed_http_response_header(r, "Connection");
         CHECK_MSG(!conn || strcasecmp(conn, "close") != 0, "Connection: %s", conn);
@@ -198,8 +184,7 @@ static void test_keepalive(speed_http_server_t *srv)
     speed_http_client_destroy(c);
 }
 
-static void test_body_limit(void)
-{
+static void test_body_limit(void) {
     speed_http_server_t *srv = start_server(1024, NULL);
     uint16_t port = speed_http_server_port(srv);
     speed_http_client_t *c = connect_to(srv);
@@ -238,8 +223,7 @@ static void test_body_limit(void)
     speed_http_server_destroy(srv);
 }
 
-static void test_sse(speed_http_server_t *srv)
-{
+static void test_sse(speed_http_server_t *srv) {
     speed_http_client_t *c = connect_to(srv);
     const speed_http_response_t *r;
     const int n = 10;
@@ -281,8 +265,7 @@ static void test_sse(speed_http_server_t *srv)
     CHECK_INT_EQ(r->status, 200);
 
     /* Multi-line data, named events and comments round-trip. */
-    CHECK_INT_EQ(speed_http_client_request_begin(c, "GET", "/sse-multi", NULL, 0, NULL, 0, &r),
-                 SPEED_OK);
+    CHECK_INT_EQ(speed_http_client_request_begin(c, "GET", "/sse-multi", NULL, 0, NULL, 0, &r), SPEED_OK);
     CHECK(speed_http_response_header(r, "Content-Length") != NULL); /* closed before commit */
     CHECK_INT_EQ(speed_http_client_next_event(c, &ev), SPEED_OK);
     CHECK(ev != NULL);
@@ -299,8 +282,7 @@ static void test_sse(speed_http_server_t *srv)
     writers_join(NULL);
 }
 
-static void test_deferred(speed_http_server_t *srv)
-{
+static void test_deferred(speed_http_server_t *srv) {
     speed_http_client_t *c = connect_to(srv);
     const speed_http_response_t *r;
     CHECK_INT_EQ(speed_http_client_request(c, "GET", "/deferred", NULL, 0, NULL, 0, &r), SPEED_OK);
@@ -318,7 +300,7 @@ static void test_deferred(speed_http_server_t *srv)
 }
 
 #define N_STREAMS 50
-#define N_EVENTS 20
+#define N_EVENTS  20
 
 typedef struct {
     uint16_t port;
@@ -327,8 +309,7 @@ typedef struct {
     speed_status_t status;
 } stream_client_t;
 
-static void *stream_client_main(void *p)
-{
+static void *stream_client_main(void *p) {
     stream_client_t *sc = p;
     speed_http_client_t *c;
     sc->status = speed_http_client_connect("127.0.0.1", sc->port, 20000, &c);
@@ -341,15 +322,16 @@ static void *stream_client_main(void *p)
         const speed_http_sse_event_t *ev;
         sc->status = speed_http_client_next_event(c, &ev);
         if (sc->status != SPEED_OK || !ev) break;
-        if (strcmp(ev->data, "[DONE]") == 0) sc->done = true;
-        else sc->events++;
+        if (strcmp(ev->data, "[DONE]") == 0)
+            sc->done = true;
+        else
+            sc->events++;
     }
     speed_http_client_destroy(c);
     return NULL;
 }
 
-static void test_many_streams(speed_http_server_t *srv)
-{
+static void test_many_streams(speed_http_server_t *srv) {
     pthread_t th[N_STREAMS];
     stream_client_t sc[N_STREAMS];
     double t0 = now_s();
@@ -365,8 +347,7 @@ static void test_many_streams(speed_http_server_t *srv)
     }
     CHECK_INT_EQ(complete, N_STREAMS);
     writers_join(NULL);
-    fprintf(stderr, "%d concurrent streams x %d events: %.2f s\n", N_STREAMS, N_EVENTS,
-            now_s() - t0);
+    fprintf(stderr, "%d concurrent streams x %d events: %.2f s\n", N_STREAMS, N_EVENTS, now_s() - t0);
     /* MHD reports completion a little after the client has read the last chunk */
     speed_http_server_stats_t st;
     double end = now_s() + 2;
@@ -377,16 +358,15 @@ static void test_many_streams(speed_http_server_t *srv)
     CHECK_INT_EQ(st.streams_attached, 0);
 }
 
-static void test_metrics_route(void)
-{
+static void test_metrics_route(void) {
     speed_metrics_t *m;
     CHECK_INT_EQ(speed_metrics_create(&m), SPEED_OK);
     speed_counter_t *req;
     speed_histogram_t *lat;
-    CHECK_INT_EQ(speed_counter_register(m, "speed_router_requests_total", "Requests.", NULL, 0, &req),
-                 SPEED_OK);
-    CHECK_INT_EQ(speed_histogram_register(m, "speed_router_e2e_request_latency_seconds",
-                                          "End to end.", NULL, 0, NULL, 0, &lat), SPEED_OK);
+    CHECK_INT_EQ(speed_counter_register(m, "speed_router_requests_total", "Requests.", NULL, 0, &req), SPEED_OK);
+    CHECK_INT_EQ(
+        speed_histogram_register(m, "speed_router_e2e_request_latency_seconds", "End to end.", NULL, 0, NULL, 0, &lat),
+        SPEED_OK);
     speed_counter_add(req, 3);
     speed_histogram_observe(lat, 0.2);
     speed_http_server_t *srv = start_server(1 << 20, m);
@@ -404,8 +384,7 @@ static void test_metrics_route(void)
     speed_metrics_destroy(m);
 }
 
-static void test_server_misc(speed_http_server_t *srv)
-{
+static void test_server_misc(speed_http_server_t *srv) {
     speed_http_server_params_t p = speed_http_server_default_params();
     speed_http_server_t *other = NULL;
     p.host = "localhost"; /* not numeric */
@@ -428,8 +407,7 @@ static void test_server_misc(speed_http_server_t *srv)
     CHECK_INT_EQ(speed_http_server_route(other, "GET", "/health", h_health, NULL), SPEED_OK);
     if (speed_http_server_start(other) == SPEED_OK) {
         int status = 0;
-        CHECK_INT_EQ(speed_http_get("::1", speed_http_server_port(other), "/health", 5000, &status,
-                                    NULL), SPEED_OK);
+        CHECK_INT_EQ(speed_http_get("::1", speed_http_server_port(other), "/health", 5000, &status, NULL), SPEED_OK);
         CHECK_INT_EQ(status, 200);
     } else {
         fprintf(stderr, "note: no IPv6 loopback here, skipped that part\n");
@@ -443,8 +421,7 @@ static void test_server_misc(speed_http_server_t *srv)
     CHECK_INT_EQ(speed_http_client_connect("127.0.0.1", 1, 2000, &c), SPEED_ERR_PEER_UNREACHABLE);
 }
 
-int main(void)
-{
+int main(void) {
     sem_init(&g_go, 0, 0);
     int64_t live = speed_alloc_live_count();
     speed_http_server_t *srv = start_server(1 << 20, NULL);

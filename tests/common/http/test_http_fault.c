@@ -6,70 +6,59 @@
 #include "log.h"
 #include "test_log.h"
 
-static sem_t g_disc_sem;        /* posted by every disconnect callback */
-static sem_t g_release;         /* lets WRITE_HOLD writers finish */
+static sem_t g_disc_sem; /* posted by every disconnect callback */
+static sem_t g_release;  /* lets WRITE_HOLD writers finish */
 static _Atomic int g_disconnects;
 static _Atomic int g_bad_callbacks;
 
 static int cb_count_only = 0, cb_close_stream = 1;
 
-static void on_disconnect(void *user, speed_http_stream_t *stream)
-{
+static void on_disconnect(void *user, speed_http_stream_t *stream) {
     if (!stream || !speed_http_stream_is_cancelled(stream)) atomic_fetch_add(&g_bad_callbacks, 1);
     /* The stream is still usable for the writer: a write now must say CANCELLED. */
-    if (speed_http_stream_write(stream, "x", 1) != SPEED_ERR_CANCELLED)
-        atomic_fetch_add(&g_bad_callbacks, 1);
+    if (speed_http_stream_write(stream, "x", 1) != SPEED_ERR_CANCELLED) atomic_fetch_add(&g_bad_callbacks, 1);
     if (user == &cb_close_stream) speed_http_stream_close(stream); /* the writer's ref */
     atomic_fetch_add(&g_disconnects, 1);
     sem_post(&g_disc_sem);
 }
 
-static void h_health(void *user, speed_http_request_t *req)
-{
+static void h_health(void *user, speed_http_request_t *req) {
     (void)user;
     speed_http_respond(req, 200, "text/plain", "ok", 2);
 }
 
 /* /cancel?delay=MS: writes until the client is gone. */
-static void h_cancel(void *user, speed_http_request_t *req)
-{
+static void h_cancel(void *user, speed_http_request_t *req) {
     (void)user;
     const char *delay = speed_http_request_query(req, "delay");
     speed_http_stream_t *s;
-    if (speed_http_respond_stream(req, 200, "text/event-stream", on_disconnect, &cb_count_only,
-                                  &s) == SPEED_OK)
+    if (speed_http_respond_stream(req, 200, "text/event-stream", on_disconnect, &cb_count_only, &s) == SPEED_OK)
         writer_start(s, WRITE_UNTIL_CANCEL, 0, delay ? atoi(delay) : 10, NULL);
 }
 
 /* /hold?n=K: writes K events, then holds the stream open until g_release. */
-static void h_hold(void *user, speed_http_request_t *req)
-{
+static void h_hold(void *user, speed_http_request_t *req) {
     (void)user;
     const char *n = speed_http_request_query(req, "n");
     speed_http_stream_t *s;
-    if (speed_http_respond_stream(req, 200, "text/event-stream", on_disconnect, &cb_count_only,
-                                  &s) == SPEED_OK)
+    if (speed_http_respond_stream(req, 200, "text/event-stream", on_disconnect, &cb_count_only, &s) == SPEED_OK)
         writer_start(s, WRITE_HOLD, n ? atoi(n) : 0, 0, &g_release);
 }
 
 /* /orphan: one event, no writer thread; the disconnect callback closes the stream. */
-static void h_orphan(void *user, speed_http_request_t *req)
-{
+static void h_orphan(void *user, speed_http_request_t *req) {
     (void)user;
     speed_http_stream_t *s;
-    if (speed_http_respond_stream(req, 200, "text/event-stream", on_disconnect, &cb_close_stream,
-                                  &s) == SPEED_OK)
+    if (speed_http_respond_stream(req, 200, "text/event-stream", on_disconnect, &cb_close_stream, &s) == SPEED_OK)
         speed_http_stream_write_sse(s, NULL, "{\"orphan\":true}");
 }
 
 /* /quick?n=K: K events as fast as possible, then close (races with clients leaving). */
-static void h_quick(void *user, speed_http_request_t *req)
-{
+static void h_quick(void *user, speed_http_request_t *req) {
     (void)user;
     const char *n = speed_http_request_query(req, "n");
     speed_http_stream_t *s;
-    if (speed_http_respond_stream(req, 200, "text/event-stream", on_disconnect, &cb_count_only,
-                                  &s) == SPEED_OK)
+    if (speed_http_respond_stream(req, 200, "text/event-stream", on_disconnect, &cb_count_only, &s) == SPEED_OK)
         writer_start(s, WRITE_EVENTS, n ? atoi(n) : 3, 0, NULL);
 }
 
@@ -79,8 +68,7 @@ static _Atomic(writer_t *) g_closing_writer;
 static _Atomic int g_closing_bad;       /* callback writes that did not say CANCELLED */
 static _Atomic int g_closing_seen_done; /* the callback saw the writer go to close */
 
-static void on_disconnect_closing(void *user, speed_http_stream_t *stream)
-{
+static void on_disconnect_closing(void *user, speed_http_stream_t *stream) {
     (void)user;
     writer_t *w = atomic_load(&g_closing_writer);
     /* The writer's next write fails, it sets `done` and calls close. Wait for that, then look
@@ -91,8 +79,7 @@ static void on_disconnect_closing(void *user, speed_http_stream_t *stream)
     if (w && atomic_load(&w->done)) atomic_store(&g_closing_seen_done, 1);
     end = now_s() + 0.2;
     while (now_s() < end) {
-        if (!speed_http_stream_is_cancelled(stream) ||
-            speed_http_stream_write(stream, "x", 1) != SPEED_ERR_CANCELLED)
+        if (!speed_http_stream_is_cancelled(stream) || speed_http_stream_write(stream, "x", 1) != SPEED_ERR_CANCELLED)
             atomic_fetch_add(&g_closing_bad, 1);
         sleep_ms(1);
     }
@@ -100,17 +87,14 @@ static void on_disconnect_closing(void *user, speed_http_stream_t *stream)
     sem_post(&g_disc_sem);
 }
 
-static void h_closing(void *user, speed_http_request_t *req)
-{
+static void h_closing(void *user, speed_http_request_t *req) {
     (void)user;
     speed_http_stream_t *s;
-    if (speed_http_respond_stream(req, 200, "text/event-stream", on_disconnect_closing, NULL,
-                                  &s) == SPEED_OK)
+    if (speed_http_respond_stream(req, 200, "text/event-stream", on_disconnect_closing, NULL, &s) == SPEED_OK)
         atomic_store(&g_closing_writer, writer_start(s, WRITE_UNTIL_CANCEL, 0, 10, NULL));
 }
 
-static speed_http_server_t *start_server(void)
-{
+static speed_http_server_t *start_server(void) {
     speed_http_server_params_t p = speed_http_server_default_params();
     p.idle_timeout_s = 5;
     speed_http_server_t *srv = NULL;
@@ -126,38 +110,29 @@ static speed_http_server_t *start_server(void)
     return srv;
 }
 
-static void check_health(speed_http_server_t *srv)
-{
+static void check_health(speed_http_server_t *srv) {
     int status = 0;
-    CHECK_INT_EQ(speed_http_get("127.0.0.1", speed_http_server_port(srv), "/health", 5000, &status,
-                                NULL), SPEED_OK);
+    CHECK_INT_EQ(speed_http_get("127.0.0.1", speed_http_server_port(srv), "/health", 5000, &status, NULL), SPEED_OK);
     CHECK_INT_EQ(status, 200);
 }
 
-static void expect_cancelled(writer_t *w)
-{
+static void expect_cancelled(writer_t *w) {
     CHECK_INT_EQ(w->last_write, SPEED_ERR_CANCELLED);
     CHECK_INT_EQ(w->close_status, SPEED_ERR_CANCELLED);
 }
 
-static void expect_any(writer_t *w)
-{
-    CHECK(w->close_status == SPEED_OK || w->close_status == SPEED_ERR_CANCELLED);
-}
+static void expect_any(writer_t *w) { CHECK(w->close_status == SPEED_OK || w->close_status == SPEED_ERR_CANCELLED); }
 
-static void test_disconnect(void)
-{
+static void test_disconnect(void) {
     speed_http_server_t *srv = start_server();
     check_health(srv);
     int64_t idle = settled_live_count();
     int before = atomic_load(&g_disconnects);
 
     speed_http_client_t *c;
-    CHECK_INT_EQ(speed_http_client_connect("127.0.0.1", speed_http_server_port(srv), 5000, &c),
-                 SPEED_OK);
+    CHECK_INT_EQ(speed_http_client_connect("127.0.0.1", speed_http_server_port(srv), 5000, &c), SPEED_OK);
     const speed_http_response_t *r;
-    CHECK_INT_EQ(speed_http_client_request_begin(c, "GET", "/cancel?delay=10", NULL, 0, NULL, 0,
-                                                 &r), SPEED_OK);
+    CHECK_INT_EQ(speed_http_client_request_begin(c, "GET", "/cancel?delay=10", NULL, 0, NULL, 0, &r), SPEED_OK);
     for (int i = 0; i < 3; i++) {
         const speed_http_sse_event_t *ev;
         CHECK_INT_EQ(speed_http_client_next_event(c, &ev), SPEED_OK);
@@ -179,8 +154,7 @@ static void test_disconnect(void)
 }
 
 /* Clients leave at random moments while writers write as fast as they can or close. */
-static void test_disconnect_races(void)
-{
+static void test_disconnect_races(void) {
     speed_http_server_t *srv = start_server();
     int64_t idle = settled_live_count();
     unsigned seed = 12345;
@@ -217,19 +191,16 @@ static void test_disconnect_races(void)
  * waits for the callback, and the callback sees a cancelled stream that is not closed yet (a
  * write says CANCELLED, not INVALID_ARGUMENT). test_disconnect_races met this interleaving now
  * and then; here the callback holds it open for 200 ms. */
-static void test_close_during_callback(void)
-{
+static void test_close_during_callback(void) {
     speed_http_server_t *srv = start_server();
     check_health(srv);
     int64_t idle = settled_live_count();
     int before = atomic_load(&g_disconnects);
 
     speed_http_client_t *c;
-    CHECK_INT_EQ(speed_http_client_connect("127.0.0.1", speed_http_server_port(srv), 5000, &c),
-                 SPEED_OK);
+    CHECK_INT_EQ(speed_http_client_connect("127.0.0.1", speed_http_server_port(srv), 5000, &c), SPEED_OK);
     const speed_http_response_t *r;
-    CHECK_INT_EQ(speed_http_client_request_begin(c, "GET", "/closing", NULL, 0, NULL, 0, &r),
-                 SPEED_OK);
+    CHECK_INT_EQ(speed_http_client_request_begin(c, "GET", "/closing", NULL, 0, NULL, 0, &r), SPEED_OK);
     for (int i = 0; i < 2; i++) {
         const speed_http_sse_event_t *ev;
         CHECK_INT_EQ(speed_http_client_next_event(c, &ev), SPEED_OK);
@@ -252,16 +223,14 @@ typedef struct {
     sem_t done;
 } destroyer_t;
 
-static void *destroy_main(void *p)
-{
+static void *destroy_main(void *p) {
     destroyer_t *d = p;
     speed_http_server_destroy(d->srv);
     sem_post(&d->done);
     return NULL;
 }
 
-static void test_shutdown_with_streams(void)
-{
+static void test_shutdown_with_streams(void) {
     int64_t live0 = speed_alloc_live_count();
     speed_http_server_t *srv = start_server();
     uint16_t port = speed_http_server_port(srv);
@@ -279,25 +248,21 @@ static void test_shutdown_with_streams(void)
 
     /* committed, everything delivered, reader suspended */
     CHECK_INT_EQ(speed_http_client_connect("127.0.0.1", port, 5000, &idle), SPEED_OK);
-    CHECK_INT_EQ(speed_http_client_request_begin(idle, "GET", "/hold?n=2", NULL, 0, NULL, 0, &r),
-                 SPEED_OK);
+    CHECK_INT_EQ(speed_http_client_request_begin(idle, "GET", "/hold?n=2", NULL, 0, NULL, 0, &r), SPEED_OK);
     for (int i = 0; i < 2; i++) {
         CHECK_INT_EQ(speed_http_client_next_event(idle, &ev), SPEED_OK);
         CHECK(ev != NULL);
     }
     /* committed, client not reading */
     CHECK_INT_EQ(speed_http_client_connect("127.0.0.1", port, 5000, &unread), SPEED_OK);
-    CHECK_INT_EQ(speed_http_client_request_begin(unread, "GET", "/hold?n=5", NULL, 0, NULL, 0, &r),
-                 SPEED_OK);
+    CHECK_INT_EQ(speed_http_client_request_begin(unread, "GET", "/hold?n=5", NULL, 0, NULL, 0, &r), SPEED_OK);
     /* no writer: the disconnect callback closes it */
     CHECK_INT_EQ(speed_http_client_connect("127.0.0.1", port, 5000, &orphan), SPEED_OK);
-    CHECK_INT_EQ(speed_http_client_request_begin(orphan, "GET", "/orphan", NULL, 0, NULL, 0, &r),
-                 SPEED_OK);
+    CHECK_INT_EQ(speed_http_client_request_begin(orphan, "GET", "/orphan", NULL, 0, NULL, 0, &r), SPEED_OK);
     CHECK_INT_EQ(speed_http_client_next_event(orphan, &ev), SPEED_OK);
     /* an idle keep-alive connection and a half-sent request */
     CHECK_INT_EQ(speed_http_client_connect("127.0.0.1", port, 5000, &keepalive), SPEED_OK);
-    CHECK_INT_EQ(speed_http_client_request(keepalive, "GET", "/health", NULL, 0, NULL, 0, &r),
-                 SPEED_OK);
+    CHECK_INT_EQ(speed_http_client_request(keepalive, "GET", "/health", NULL, 0, NULL, 0, &r), SPEED_OK);
     int fd_half = raw_connect(port);
     raw_send(fd_half, "GET /health HTTP/1.1\r\nHo", 24);
 
@@ -347,8 +312,7 @@ static void test_shutdown_with_streams(void)
     CHECK_INT_EQ(wait_live_count(live0, 2000), live0);
 }
 
-static void test_malformed(void)
-{
+static void test_malformed(void) {
     speed_http_server_t *srv = start_server();
     uint16_t port = speed_http_server_port(srv);
     char *long_url = malloc(200000);
@@ -361,7 +325,10 @@ static void test_malformed(void)
     memset(long_header + lh, 'b', 100000);
     strcpy(long_header + lh + 100000, "\r\n\r\n");
     const char binary[] = {0, 1, 2, (char)0xff, (char)0xfe, '\r', '\n', '\r', '\n', 0};
-    struct { const char *data; size_t len; } cases[] = {
+    struct {
+        const char *data;
+        size_t len;
+    } cases[] = {
         {"GARBAGE\r\n\r\n", 0},
         {"GET\r\n\r\n", 0},
         {"GET /health\r\n\r\n", 0},
@@ -396,8 +363,7 @@ static void test_malformed(void)
     speed_http_server_destroy(srv);
 }
 
-int main(void)
-{
+int main(void) {
     sem_init(&g_disc_sem, 0, 0);
     sem_init(&g_release, 0, 0);
     int64_t live = speed_alloc_live_count();

@@ -9,31 +9,24 @@
 #include "metrics.h"
 #include "prom_check.h"
 
-static double callback_value(void *user)
-{
-    return *(double *)user;
-}
+static double callback_value(void *user) { return *(double *)user; }
 
-static void test_exact_text(void)
-{
+static void test_exact_text(void) {
     speed_metrics_t *m = NULL;
     CHECK_INT_EQ(speed_metrics_create(&m), SPEED_OK);
 
     speed_counter_t *tokens, *requests, *req_ok, *req_err, *req_again;
-    CHECK_INT_EQ(speed_counter_register(m, "speed_prefill_tokens_total", "Prompt tokens prefilled.",
-                                        NULL, 0, &tokens), SPEED_OK);
+    CHECK_INT_EQ(speed_counter_register(m, "speed_prefill_tokens_total", "Prompt tokens prefilled.", NULL, 0, &tokens),
+                 SPEED_OK);
     const char *route_status[] = {"route", "status"};
-    CHECK_INT_EQ(speed_counter_register(m, "speed_router_requests_total",
-                                        "Requests by route and status.", route_status, 2,
-                                        &requests), SPEED_OK);
+    CHECK_INT_EQ(speed_counter_register(m, "speed_router_requests_total", "Requests by route and status.", route_status,
+                                        2, &requests),
+                 SPEED_OK);
     speed_counter_add(tokens, 1234);
     speed_counter_inc(tokens);
-    CHECK_INT_EQ(speed_counter_labels(requests, (const char *[]){"disaggregated", "200"}, &req_ok),
-                 SPEED_OK);
-    CHECK_INT_EQ(speed_counter_labels(requests, (const char *[]){"odd \"x\"\\y\nz", "503"}, &req_err),
-                 SPEED_OK);
-    CHECK_INT_EQ(speed_counter_labels(req_ok, (const char *[]){"disaggregated", "200"}, &req_again),
-                 SPEED_OK);
+    CHECK_INT_EQ(speed_counter_labels(requests, (const char *[]){"disaggregated", "200"}, &req_ok), SPEED_OK);
+    CHECK_INT_EQ(speed_counter_labels(requests, (const char *[]){"odd \"x\"\\y\nz", "503"}, &req_err), SPEED_OK);
+    CHECK_INT_EQ(speed_counter_labels(req_ok, (const char *[]){"disaggregated", "200"}, &req_again), SPEED_OK);
     CHECK(req_again == req_ok);
     speed_counter_inc(req_ok);
     speed_counter_inc(req_ok);
@@ -42,27 +35,27 @@ static void test_exact_text(void)
     CHECK_NEAR(speed_counter_get(req_ok), 2, 0);
 
     speed_gauge_t *running, *usage;
-    CHECK_INT_EQ(speed_gauge_register(m, "speed_decode_running_requests", "Requests decoding.\nNow.",
-                                      NULL, 0, &running), SPEED_OK);
+    CHECK_INT_EQ(
+        speed_gauge_register(m, "speed_decode_running_requests", "Requests decoding.\nNow.", NULL, 0, &running),
+        SPEED_OK);
     speed_gauge_set(running, 5);
     speed_gauge_inc(running);
     speed_gauge_dec(running);
     speed_gauge_dec(running);
     speed_gauge_add(running, 0.5);
     double ratio = 0.25;
-    CHECK_INT_EQ(speed_gauge_register_callback(m, "speed_kv_cache_usage_ratio",
-                                               "KV blocks in use / total.", callback_value, &ratio,
-                                               &usage), SPEED_OK);
+    CHECK_INT_EQ(speed_gauge_register_callback(m, "speed_kv_cache_usage_ratio", "KV blocks in use / total.",
+                                               callback_value, &ratio, &usage),
+                 SPEED_OK);
     CHECK_NEAR(speed_gauge_get(usage), 0.25, 0);
 
     speed_histogram_t *ttft, *ttft_child;
     const char *route[] = {"route"};
     const double buckets[] = {0.1, 0.5, 1};
-    CHECK_INT_EQ(speed_histogram_register(m, "speed_router_time_to_first_token_seconds",
-                                          "Time to first token.", route, 1, buckets, 3, &ttft),
+    CHECK_INT_EQ(speed_histogram_register(m, "speed_router_time_to_first_token_seconds", "Time to first token.", route,
+                                          1, buckets, 3, &ttft),
                  SPEED_OK);
-    CHECK_INT_EQ(speed_histogram_labels(ttft, (const char *[]){"disaggregated"}, &ttft_child),
-                 SPEED_OK);
+    CHECK_INT_EQ(speed_histogram_labels(ttft, (const char *[]){"disaggregated"}, &ttft_child), SPEED_OK);
     speed_histogram_observe(ttft_child, 0.05);
     speed_histogram_observe(ttft_child, 0.1); /* le is inclusive */
     speed_histogram_observe(ttft_child, 0.7);
@@ -70,60 +63,57 @@ static void test_exact_text(void)
     speed_histogram_observe(ttft_child, NAN); /* ignored */
 
     speed_histogram_t *xfer;
-    CHECK_INT_EQ(speed_histogram_register(m, "speed_kv_transfer_seconds", NULL, NULL, 0, NULL, 0,
-                                          &xfer), SPEED_OK);
+    CHECK_INT_EQ(speed_histogram_register(m, "speed_kv_transfer_seconds", NULL, NULL, 0, NULL, 0, &xfer), SPEED_OK);
     speed_histogram_observe(xfer, 0.003);
 
     speed_gauge_t *empty;
-    CHECK_INT_EQ(speed_gauge_register(m, "speed_empty_family", "No children yet.", route, 1, &empty),
-                 SPEED_OK);
+    CHECK_INT_EQ(speed_gauge_register(m, "speed_empty_family", "No children yet.", route, 1, &empty), SPEED_OK);
 
     char *text = NULL;
     size_t len = 0;
     CHECK_INT_EQ(speed_metrics_render(m, &text, &len), SPEED_OK);
-    const char *expected =
-        "# HELP speed_prefill_tokens_total Prompt tokens prefilled.\n"
-        "# TYPE speed_prefill_tokens_total counter\n"
-        "speed_prefill_tokens_total 1235\n"
-        "# HELP speed_router_requests_total Requests by route and status.\n"
-        "# TYPE speed_router_requests_total counter\n"
-        "speed_router_requests_total{route=\"disaggregated\",status=\"200\"} 2\n"
-        "speed_router_requests_total{route=\"odd \\\"x\\\"\\\\y\\nz\",status=\"503\"} 1\n"
-        "# HELP speed_decode_running_requests Requests decoding.\\nNow.\n"
-        "# TYPE speed_decode_running_requests gauge\n"
-        "speed_decode_running_requests 4.5\n"
-        "# HELP speed_kv_cache_usage_ratio KV blocks in use / total.\n"
-        "# TYPE speed_kv_cache_usage_ratio gauge\n"
-        "speed_kv_cache_usage_ratio 0.25\n"
-        "# HELP speed_router_time_to_first_token_seconds Time to first token.\n"
-        "# TYPE speed_router_time_to_first_token_seconds histogram\n"
-        "speed_router_time_to_first_token_seconds_bucket{route=\"disaggregated\",le=\"0.1\"} 2\n"
-        "speed_router_time_to_first_token_seconds_bucket{route=\"disaggregated\",le=\"0.5\"} 2\n"
-        "speed_router_time_to_first_token_seconds_bucket{route=\"disaggregated\",le=\"1\"} 3\n"
-        "speed_router_time_to_first_token_seconds_bucket{route=\"disaggregated\",le=\"+Inf\"} 4\n"
-        "speed_router_time_to_first_token_seconds_sum{route=\"disaggregated\"} 3.85\n"
-        "speed_router_time_to_first_token_seconds_count{route=\"disaggregated\"} 4\n"
-        "# TYPE speed_kv_transfer_seconds histogram\n"
-        "speed_kv_transfer_seconds_bucket{le=\"0.001\"} 0\n"
-        "speed_kv_transfer_seconds_bucket{le=\"0.0025\"} 0\n"
-        "speed_kv_transfer_seconds_bucket{le=\"0.005\"} 1\n"
-        "speed_kv_transfer_seconds_bucket{le=\"0.01\"} 1\n"
-        "speed_kv_transfer_seconds_bucket{le=\"0.025\"} 1\n"
-        "speed_kv_transfer_seconds_bucket{le=\"0.05\"} 1\n"
-        "speed_kv_transfer_seconds_bucket{le=\"0.1\"} 1\n"
-        "speed_kv_transfer_seconds_bucket{le=\"0.25\"} 1\n"
-        "speed_kv_transfer_seconds_bucket{le=\"0.5\"} 1\n"
-        "speed_kv_transfer_seconds_bucket{le=\"1\"} 1\n"
-        "speed_kv_transfer_seconds_bucket{le=\"2.5\"} 1\n"
-        "speed_kv_transfer_seconds_bucket{le=\"5\"} 1\n"
-        "speed_kv_transfer_seconds_bucket{le=\"10\"} 1\n"
-        "speed_kv_transfer_seconds_bucket{le=\"30\"} 1\n"
-        "speed_kv_transfer_seconds_bucket{le=\"60\"} 1\n"
-        "speed_kv_transfer_seconds_bucket{le=\"+Inf\"} 1\n"
-        "speed_kv_transfer_seconds_sum 0.003\n"
-        "speed_kv_transfer_seconds_count 1\n"
-        "# HELP speed_empty_family No children yet.\n"
-        "# TYPE speed_empty_family gauge\n";
+    const char *expected = "# HELP speed_prefill_tokens_total Prompt tokens prefilled.\n"
+                           "# TYPE speed_prefill_tokens_total counter\n"
+                           "speed_prefill_tokens_total 1235\n"
+                           "# HELP speed_router_requests_total Requests by route and status.\n"
+                           "# TYPE speed_router_requests_total counter\n"
+                           "speed_router_requests_total{route=\"disaggregated\",status=\"200\"} 2\n"
+                           "speed_router_requests_total{route=\"odd \\\"x\\\"\\\\y\\nz\",status=\"503\"} 1\n"
+                           "# HELP speed_decode_running_requests Requests decoding.\\nNow.\n"
+                           "# TYPE speed_decode_running_requests gauge\n"
+                           "speed_decode_running_requests 4.5\n"
+                           "# HELP speed_kv_cache_usage_ratio KV blocks in use / total.\n"
+                           "# TYPE speed_kv_cache_usage_ratio gauge\n"
+                           "speed_kv_cache_usage_ratio 0.25\n"
+                           "# HELP speed_router_time_to_first_token_seconds Time to first token.\n"
+                           "# TYPE speed_router_time_to_first_token_seconds histogram\n"
+                           "speed_router_time_to_first_token_seconds_bucket{route=\"disaggregated\",le=\"0.1\"} 2\n"
+                           "speed_router_time_to_first_token_seconds_bucket{route=\"disaggregated\",le=\"0.5\"} 2\n"
+                           "speed_router_time_to_first_token_seconds_bucket{route=\"disaggregated\",le=\"1\"} 3\n"
+                           "speed_router_time_to_first_token_seconds_bucket{route=\"disaggregated\",le=\"+Inf\"} 4\n"
+                           "speed_router_time_to_first_token_seconds_sum{route=\"disaggregated\"} 3.85\n"
+                           "speed_router_time_to_first_token_seconds_count{route=\"disaggregated\"} 4\n"
+                           "# TYPE speed_kv_transfer_seconds histogram\n"
+                           "speed_kv_transfer_seconds_bucket{le=\"0.001\"} 0\n"
+                           "speed_kv_transfer_seconds_bucket{le=\"0.0025\"} 0\n"
+                           "speed_kv_transfer_seconds_bucket{le=\"0.005\"} 1\n"
+                           "speed_kv_transfer_seconds_bucket{le=\"0.01\"} 1\n"
+                           "speed_kv_transfer_seconds_bucket{le=\"0.025\"} 1\n"
+                           "speed_kv_transfer_seconds_bucket{le=\"0.05\"} 1\n"
+                           "speed_kv_transfer_seconds_bucket{le=\"0.1\"} 1\n"
+                           "speed_kv_transfer_seconds_bucket{le=\"0.25\"} 1\n"
+                           "speed_kv_transfer_seconds_bucket{le=\"0.5\"} 1\n"
+                           "speed_kv_transfer_seconds_bucket{le=\"1\"} 1\n"
+                           "speed_kv_transfer_seconds_bucket{le=\"2.5\"} 1\n"
+                           "speed_kv_transfer_seconds_bucket{le=\"5\"} 1\n"
+                           "speed_kv_transfer_seconds_bucket{le=\"10\"} 1\n"
+                           "speed_kv_transfer_seconds_bucket{le=\"30\"} 1\n"
+                           "speed_kv_transfer_seconds_bucket{le=\"60\"} 1\n"
+                           "speed_kv_transfer_seconds_bucket{le=\"+Inf\"} 1\n"
+                           "speed_kv_transfer_seconds_sum 0.003\n"
+                           "speed_kv_transfer_seconds_count 1\n"
+                           "# HELP speed_empty_family No children yet.\n"
+                           "# TYPE speed_empty_family gauge\n";
     CHECK_STR_EQ(text, expected);
     CHECK_INT_EQ(len, strlen(expected));
     char err[256];
@@ -138,13 +128,24 @@ static void test_exact_text(void)
     speed_metrics_destroy(m);
 }
 
-static void test_format_value(void)
-{
+static void test_format_value(void) {
     char buf[64];
-    struct { double v; const char *s; } cases[] = {
-        {0, "0"}, {1, "1"}, {-3, "-3"}, {0.1, "0.1"}, {2.5, "2.5"}, {1e-6, "1e-06"},
-        {1.0 / 3, "0.3333333333333333"}, {1e20, "1e+20"}, {INFINITY, "+Inf"},
-        {-INFINITY, "-Inf"}, {NAN, "NaN"}, {123456789012.0, "123456789012"},
+    struct {
+        double v;
+        const char *s;
+    } cases[] = {
+        {0, "0"},
+        {1, "1"},
+        {-3, "-3"},
+        {0.1, "0.1"},
+        {2.5, "2.5"},
+        {1e-6, "1e-06"},
+        {1.0 / 3, "0.3333333333333333"},
+        {1e20, "1e+20"},
+        {INFINITY, "+Inf"},
+        {-INFINITY, "-Inf"},
+        {NAN, "NaN"},
+        {123456789012.0, "123456789012"},
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         speed_metrics_format_value(cases[i].v, buf, sizeof(buf));
@@ -153,49 +154,46 @@ static void test_format_value(void)
 }
 
 /* The checker must reject what promtool rejects, or passing it means nothing. */
-static void test_checker_rejects(void)
-{
+static void test_checker_rejects(void) {
     const char *bad[] = {
-        "x 1",                                                      /* no newline */
-        "# TYPE x gauge\n\nx 1\n",                                  /* blank line */
-        "x 1\n",                                                    /* no TYPE */
-        "# TYPE 1x gauge\n",                                        /* bad name */
-        "# TYPE x gaug\n",                                          /* bad type */
-        "# TYPE x gauge\n# TYPE x gauge\n",                         /* second TYPE */
-        "# TYPE x gauge\nx{a=\"1\",} 1\n",                          /* trailing comma */
-        "# TYPE x gauge\nx{a=\"1\",a=\"2\"} 1\n",                   /* label twice */
-        "# TYPE x gauge\nx{a=\"\\t\"} 1\n",                         /* bad escape */
-        "# TYPE x gauge\nx{__a=\"1\" 1\n",                          /* unterminated */
-        "# TYPE x gauge\nx one\n",                                  /* bad value */
-        "# TYPE x gauge\nx inf\n",                                  /* Go spelling only */
-        "# TYPE x gauge\nx 1\nx 2\n",                               /* duplicate series */
-        "# TYPE x_total counter\nx_total -1\n",                     /* negative counter */
-        "# TYPE x counter\nx 1\n",                                  /* no _total */
-        "# TYPE x gauge\ny 1\n",                                    /* wrong family */
-        "# TYPE x gauge\nx 1\n# TYPE y gauge\ny 1\nx{a=\"b\"} 1\n", /* interleaved */
-        "# TYPE h histogram\nh_bucket{le=\"1\"} 1\nh_sum 1\nh_count 1\n",       /* no +Inf */
+        "x 1",                                                            /* no newline */
+        "# TYPE x gauge\n\nx 1\n",                                        /* blank line */
+        "x 1\n",                                                          /* no TYPE */
+        "# TYPE 1x gauge\n",                                              /* bad name */
+        "# TYPE x gaug\n",                                                /* bad type */
+        "# TYPE x gauge\n# TYPE x gauge\n",                               /* second TYPE */
+        "# TYPE x gauge\nx{a=\"1\",} 1\n",                                /* trailing comma */
+        "# TYPE x gauge\nx{a=\"1\",a=\"2\"} 1\n",                         /* label twice */
+        "# TYPE x gauge\nx{a=\"\\t\"} 1\n",                               /* bad escape */
+        "# TYPE x gauge\nx{__a=\"1\" 1\n",                                /* unterminated */
+        "# TYPE x gauge\nx one\n",                                        /* bad value */
+        "# TYPE x gauge\nx inf\n",                                        /* Go spelling only */
+        "# TYPE x gauge\nx 1\nx 2\n",                                     /* duplicate series */
+        "# TYPE x_total counter\nx_total -1\n",                           /* negative counter */
+        "# TYPE x counter\nx 1\n",                                        /* no _total */
+        "# TYPE x gauge\ny 1\n",                                          /* wrong family */
+        "# TYPE x gauge\nx 1\n# TYPE y gauge\ny 1\nx{a=\"b\"} 1\n",       /* interleaved */
+        "# TYPE h histogram\nh_bucket{le=\"1\"} 1\nh_sum 1\nh_count 1\n", /* no +Inf */
         "# TYPE h histogram\nh_bucket{le=\"2\"} 1\nh_bucket{le=\"1\"} 1\n"
-        "h_bucket{le=\"+Inf\"} 1\nh_sum 1\nh_count 1\n",                        /* le order */
+        "h_bucket{le=\"+Inf\"} 1\nh_sum 1\nh_count 1\n", /* le order */
         "# TYPE h histogram\nh_bucket{le=\"1\"} 2\nh_bucket{le=\"+Inf\"} 1\n"
-        "h_sum 1\nh_count 1\n",                                                 /* decreasing */
-        "# TYPE h histogram\nh_bucket{le=\"+Inf\"} 2\nh_sum 1\nh_count 1\n",     /* count */
-        "# TYPE h histogram\nh_bucket{le=\"+Inf\"} 1\nh_count 1\n",              /* no sum */
-        "# TYPE h histogram\nh_bucket 1\n",                                     /* no le */
+        "h_sum 1\nh_count 1\n",                                              /* decreasing */
+        "# TYPE h histogram\nh_bucket{le=\"+Inf\"} 2\nh_sum 1\nh_count 1\n", /* count */
+        "# TYPE h histogram\nh_bucket{le=\"+Inf\"} 1\nh_count 1\n",          /* no sum */
+        "# TYPE h histogram\nh_bucket 1\n",                                  /* no le */
     };
     char err[256];
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
         CHECK_MSG(prom_check(bad[i], err, sizeof(err)) != 0, "accepted bad text #%zu", i);
-    const char *good =
-        "# a free comment\n"
-        "# HELP h Latency \\\\ in s.\n# TYPE h histogram\n"
-        "h_bucket{a=\"x\",le=\"0.5\"} 1\nh_bucket{a=\"x\",le=\"+Inf\"} 3\n"
-        "h_sum{a=\"x\"} 2.5 1700000000000\nh_count{a=\"x\"} 3\n"
-        "# TYPE g gauge\ng NaN\ng{b=\"\\\"\\n\\\\\"} -Inf\n";
+    const char *good = "# a free comment\n"
+                       "# HELP h Latency \\\\ in s.\n# TYPE h histogram\n"
+                       "h_bucket{a=\"x\",le=\"0.5\"} 1\nh_bucket{a=\"x\",le=\"+Inf\"} 3\n"
+                       "h_sum{a=\"x\"} 2.5 1700000000000\nh_count{a=\"x\"} 3\n"
+                       "# TYPE g gauge\ng NaN\ng{b=\"\\\"\\n\\\\\"} -Inf\n";
     CHECK_MSG(prom_check(good, err, sizeof(err)) == 0, "%s", err);
 }
 
-static void test_bad_names(void)
-{
+static void test_bad_names(void) {
     speed_metrics_t *m = NULL;
     CHECK_INT_EQ(speed_metrics_create(&m), SPEED_OK);
     speed_log_set_sink(tu_log_discard, NULL); /* the rejections below log, as they should */
@@ -204,8 +202,7 @@ static void test_bad_names(void)
     speed_histogram_t *h;
     const char *bad_names[] = {"", "1abc", "a-b", "a b", "é_total", "a.b"};
     for (size_t i = 0; i < sizeof(bad_names) / sizeof(bad_names[0]); i++) {
-        CHECK_INT_EQ(speed_gauge_register(m, bad_names[i], NULL, NULL, 0, &g),
-                     SPEED_ERR_INVALID_ARGUMENT);
+        CHECK_INT_EQ(speed_gauge_register(m, bad_names[i], NULL, NULL, 0, &g), SPEED_ERR_INVALID_ARGUMENT);
     }
     CHECK(speed_metrics_name_is_valid("a:b_c9"));
     CHECK(speed_metrics_name_is_valid("_x"));
@@ -220,15 +217,11 @@ static void test_bad_names(void)
     const char *twice[] = {"a", "a"};
     CHECK_INT_EQ(speed_gauge_register(m, "g1", NULL, twice, 2, &g), SPEED_ERR_INVALID_ARGUMENT);
     const char *le[] = {"le"};
-    CHECK_INT_EQ(speed_histogram_register(m, "h1", NULL, le, 1, NULL, 0, &h),
-                 SPEED_ERR_INVALID_ARGUMENT);
+    CHECK_INT_EQ(speed_histogram_register(m, "h1", NULL, le, 1, NULL, 0, &h), SPEED_ERR_INVALID_ARGUMENT);
     const double unsorted[] = {1, 0.5}, inf[] = {1, INFINITY}, dup[] = {1, 1};
-    CHECK_INT_EQ(speed_histogram_register(m, "h1", NULL, NULL, 0, unsorted, 2, &h),
-                 SPEED_ERR_INVALID_ARGUMENT);
-    CHECK_INT_EQ(speed_histogram_register(m, "h1", NULL, NULL, 0, inf, 2, &h),
-                 SPEED_ERR_INVALID_ARGUMENT);
-    CHECK_INT_EQ(speed_histogram_register(m, "h1", NULL, NULL, 0, dup, 2, &h),
-                 SPEED_ERR_INVALID_ARGUMENT);
+    CHECK_INT_EQ(speed_histogram_register(m, "h1", NULL, NULL, 0, unsorted, 2, &h), SPEED_ERR_INVALID_ARGUMENT);
+    CHECK_INT_EQ(speed_histogram_register(m, "h1", NULL, NULL, 0, inf, 2, &h), SPEED_ERR_INVALID_ARGUMENT);
+    CHECK_INT_EQ(speed_histogram_register(m, "h1", NULL, NULL, 0, dup, 2, &h), SPEED_ERR_INVALID_ARGUMENT);
 
     /* duplicates, including sample names a histogram produces */
     CHECK_INT_EQ(speed_gauge_register(m, "dup", NULL, NULL, 0, &g), SPEED_OK);
@@ -243,11 +236,9 @@ static void test_bad_names(void)
     const char *one[] = {"route"};
     speed_counter_t *fam, *child;
     CHECK_INT_EQ(speed_counter_register(m, "y_total", NULL, one, 1, &fam), SPEED_OK);
-    CHECK_INT_EQ(speed_counter_labels(fam, (const char *[]){"\xff"}, &child),
-                 SPEED_ERR_INVALID_ARGUMENT);
+    CHECK_INT_EQ(speed_counter_labels(fam, (const char *[]){"\xff"}, &child), SPEED_ERR_INVALID_ARGUMENT);
     CHECK_INT_EQ(speed_counter_labels(fam, (const char *[]){"\xc3\xa9t\xc3\xa9"}, &child), SPEED_OK);
-    CHECK_INT_EQ(speed_counter_labels(fam, (const char *[]){NULL}, &child),
-                 SPEED_ERR_INVALID_ARGUMENT);
+    CHECK_INT_EQ(speed_counter_labels(fam, (const char *[]){NULL}, &child), SPEED_ERR_INVALID_ARGUMENT);
     CHECK_INT_EQ(speed_counter_labels(c, (const char *[]){"a"}, &child), SPEED_ERR_INVALID_ARGUMENT);
 
     char *text;
@@ -260,7 +251,7 @@ static void test_bad_names(void)
 }
 
 #define N_THREADS 8
-#define N_ITERS 100000
+#define N_ITERS   100000
 
 typedef struct {
     speed_counter_t *family;
@@ -269,8 +260,7 @@ typedef struct {
     int id;
 } worker_arg_t;
 
-static void *worker(void *p)
-{
+static void *worker(void *p) {
     worker_arg_t *a = p;
     speed_counter_t *mine, *shared;
     char id[16];
@@ -288,8 +278,7 @@ static void *worker(void *p)
     return NULL;
 }
 
-static void *scraper(void *p)
-{
+static void *scraper(void *p) {
     speed_metrics_t *m = p;
     char err[256];
     for (int i = 0; i < 50; i++) {
@@ -304,8 +293,7 @@ static void *scraper(void *p)
     return NULL;
 }
 
-static void test_concurrent(void)
-{
+static void test_concurrent(void) {
     speed_metrics_t *m = NULL;
     CHECK_INT_EQ(speed_metrics_create(&m), SPEED_OK);
     worker_arg_t args[N_THREADS];
@@ -316,8 +304,7 @@ static void test_concurrent(void)
     const double buckets[] = {0.25, 0.5};
     CHECK_INT_EQ(speed_counter_register(m, "speed_test_ops_total", "ops", who, 1, &fam), SPEED_OK);
     CHECK_INT_EQ(speed_gauge_register(m, "speed_test_level", "level", NULL, 0, &gauge), SPEED_OK);
-    CHECK_INT_EQ(speed_histogram_register(m, "speed_test_seconds", "lat", NULL, 0, buckets, 2, &hist),
-                 SPEED_OK);
+    CHECK_INT_EQ(speed_histogram_register(m, "speed_test_seconds", "lat", NULL, 0, buckets, 2, &hist), SPEED_OK);
     pthread_t th[N_THREADS], scr;
     pthread_create(&scr, NULL, scraper, m);
     for (int i = 0; i < N_THREADS; i++) {
@@ -346,8 +333,7 @@ static void test_concurrent(void)
     char *text;
     CHECK_INT_EQ(speed_metrics_render(m, &text, NULL), SPEED_OK);
     char line[256];
-    snprintf(line, sizeof(line), "speed_test_seconds_bucket{le=\"0.25\"} %d\n",
-             N_THREADS * N_ITERS / 2);
+    snprintf(line, sizeof(line), "speed_test_seconds_bucket{le=\"0.25\"} %d\n", N_THREADS * N_ITERS / 2);
     CHECK_CONTAINS(text, line);
     snprintf(line, sizeof(line), "speed_test_ops_total{who=\"all\"} %d\n", N_THREADS * N_ITERS);
     CHECK_CONTAINS(text, line);
@@ -359,8 +345,7 @@ static void test_concurrent(void)
 
 /* Every allocation failure during registration and child creation returns NO_MEMORY and
  * leaves nothing behind. */
-static void test_alloc_failures(void)
-{
+static void test_alloc_failures(void) {
     speed_log_configure("error,core=error");
     int64_t before = speed_alloc_live_count();
     for (int64_t n = 0; n < 40; n++) {
@@ -387,8 +372,7 @@ static void test_alloc_failures(void)
     speed_log_configure("info");
 }
 
-int main(void)
-{
+int main(void) {
     int64_t live = speed_alloc_live_count();
     test_exact_text();
     test_format_value();

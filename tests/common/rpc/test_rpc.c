@@ -18,8 +18,7 @@ static void test_echo(speed_rpc_channel_t *ch, const char *method, size_t n) {
     fill(req, n, (uint32_t)n);
     speed_rpc_reply_t r;
     speed_status_t st = speed_rpc_unary(ch, method, req, n, 10000, &r);
-    CHECK_MSG(st == SPEED_OK, "%s %zu bytes: %s (%s)", method, n, speed_status_string(st),
-              r.message);
+    CHECK_MSG(st == SPEED_OK, "%s %zu bytes: %s (%s)", method, n, speed_status_string(st), r.message);
     CHECK_INT_EQ(r.code, SPEED_RPC_OK);
     CHECK_INT_EQ(r.len, n);
     CHECK(r.len == n && (n == 0 || memcmp(r.data, req, n) == 0));
@@ -79,10 +78,8 @@ static void test_fail_mapping(speed_rpc_channel_t *ch) {
         uint8_t b = (uint8_t)(-(int)cases[i].sent);
         speed_rpc_reply_t r;
         speed_status_t st = speed_rpc_unary(ch, T_FAIL, &b, 1, 5000, &r);
-        CHECK_MSG(st == cases[i].got, "%s -> %s", speed_status_string(cases[i].sent),
-                  speed_status_string(st));
-        CHECK_MSG(r.code == cases[i].code, "%s -> %s", speed_status_string(cases[i].sent),
-                  speed_rpc_code_name(r.code));
+        CHECK_MSG(st == cases[i].got, "%s -> %s", speed_status_string(cases[i].sent), speed_status_string(st));
+        CHECK_MSG(r.code == cases[i].code, "%s -> %s", speed_status_string(cases[i].sent), speed_rpc_code_name(r.code));
         CHECK_STR_EQ(r.message, "test failure");
         CHECK(r.data == NULL && r.len == 0);
         speed_rpc_reply_cleanup(&r);
@@ -133,13 +130,12 @@ static void *worker_main(void *arg) {
         int k = snprintf(req, sizeof req, "thread %d call %d", w->id, i);
         speed_rpc_reply_t r;
         double t0 = now_ms();
-        speed_status_t st = speed_rpc_unary(w->ch, (i & 7) == 7 ? T_LATER : T_UNARY, req,
-                                            (size_t)k, 20000, &r);
+        speed_status_t st = speed_rpc_unary(w->ch, (i & 7) == 7 ? T_LATER : T_UNARY, req, (size_t)k, 20000, &r);
         if (w->lat_us) w->lat_us[i] = (now_ms() - t0) * 1e3;
         if (st != SPEED_OK || r.len != (size_t)k || memcmp(r.data, req, (size_t)k) != 0) {
             if (w->failures++ < 3)
-                fprintf(stderr, "thread %d call %d: %s %s\n", w->id, i,
-                        speed_status_string(st), r.message ? r.message : "");
+                fprintf(stderr, "thread %d call %d: %s %s\n", w->id, i, speed_status_string(st),
+                        r.message ? r.message : "");
         }
         speed_rpc_reply_cleanup(&r);
     }
@@ -212,8 +208,8 @@ int main(void) {
     test_echo(ch, T_UNARY, 0);
     test_echo(ch, T_UNARY, 5);
     test_echo(ch, T_UNARY, 1u << 20);
-    test_echo(ch, T_UNARY, 8u << 20);   /* above gRPC's 4 MiB default */
-    test_echo(ch, T_LATER, 100);        /* reply from another thread, after the handler */
+    test_echo(ch, T_UNARY, 8u << 20); /* above gRPC's 4 MiB default */
+    test_echo(ch, T_LATER, 100);      /* reply from another thread, after the handler */
     test_echo(ch, T_LATER, 8u << 20);
 
     test_stream(ch, 0);

@@ -17,8 +17,7 @@ static void test_deadline(tserver_t *ts, speed_rpc_channel_t *ch) {
     /* the server side sees the deadline as a cancellation and frees the call */
     WAIT_FOR(atomic_load(&ts->cancel_fired) == fired0 + 1, 3000);
     CHECK_INT_EQ(atomic_load(&ts->cancel_fired), fired0 + 1);
-    WAIT_FOR(atomic_load(&ts->live_contexts) == 0 && speed_rpc_server_active_calls(ts->server) == 0,
-             3000);
+    WAIT_FOR(atomic_load(&ts->live_contexts) == 0 && speed_rpc_server_active_calls(ts->server) == 0, 3000);
     CHECK_INT_EQ(atomic_load(&ts->live_contexts), 0);
     CHECK_INT_EQ(speed_rpc_server_active_calls(ts->server), 0);
 
@@ -47,7 +46,7 @@ static void test_no_server(void) {
     speed_rpc_server_t *srv = NULL;
     CHECK_INT_EQ(speed_rpc_server_create(&p, &srv), SPEED_OK);
     int port = speed_rpc_server_port(srv);
-    speed_rpc_server_destroy(srv);   /* never started: destroy must still be clean */
+    speed_rpc_server_destroy(srv); /* never started: destroy must still be clean */
 
     char target[64];
     snprintf(target, sizeof target, "127.0.0.1:%d", port);
@@ -121,8 +120,7 @@ static void test_client_cancel(tserver_t *ts, speed_rpc_channel_t *ch) {
     pthread_create(&t, NULL, canceller_main, &c);
     speed_rpc_next_t n;
     double t0 = now_ms();
-    while ((n = speed_rpc_stream_next(s, 5000, &data, &len)) == SPEED_RPC_NEXT_MESSAGE)
-        speed_free(data);
+    while ((n = speed_rpc_stream_next(s, 5000, &data, &len)) == SPEED_RPC_NEXT_MESSAGE) speed_free(data);
     pthread_join(t, NULL);
     CHECK_INT_EQ(n, SPEED_RPC_NEXT_END);
     CHECK_INT_EQ(speed_rpc_stream_status(s, NULL), SPEED_RPC_CANCELLED);
@@ -131,11 +129,10 @@ static void test_client_cancel(tserver_t *ts, speed_rpc_channel_t *ch) {
 
     /* the server was told, its producer stopped and freed its context */
     WAIT_FOR(atomic_load(&ts->streams_ended) == ended0 + 1, 3000);
-    CHECK(atomic_load(&ts->cancel_fired) <= fired0 + 1);   /* or send() said CANCELLED first */
+    CHECK(atomic_load(&ts->cancel_fired) <= fired0 + 1); /* or send() said CANCELLED first */
     CHECK_INT_EQ(atomic_load(&ts->streams_ended), ended0 + 1);
     CHECK_INT_EQ(atomic_load(&ts->finish_cancelled), cancelled0 + 1);
-    WAIT_FOR(atomic_load(&ts->live_contexts) == 0 && speed_rpc_server_active_calls(ts->server) == 0,
-             3000);
+    WAIT_FOR(atomic_load(&ts->live_contexts) == 0 && speed_rpc_server_active_calls(ts->server) == 0, 3000);
     CHECK_INT_EQ(atomic_load(&ts->live_contexts), 0);
     CHECK_INT_EQ(speed_rpc_server_active_calls(ts->server), 0);
 
@@ -151,8 +148,7 @@ static void test_client_cancel(tserver_t *ts, speed_rpc_channel_t *ch) {
     speed_rpc_stream_close(s);
     WAIT_FOR(atomic_load(&ts->cancel_fired) == fired0 + 1, 3000);
     CHECK_INT_EQ(atomic_load(&ts->cancel_fired), fired0 + 1);
-    WAIT_FOR(atomic_load(&ts->live_contexts) == 0 && speed_rpc_server_active_calls(ts->server) == 0,
-             3000);
+    WAIT_FOR(atomic_load(&ts->live_contexts) == 0 && speed_rpc_server_active_calls(ts->server) == 0, 3000);
     CHECK_INT_EQ(atomic_load(&ts->live_contexts), 0);
     CHECK_INT_EQ(speed_rpc_server_active_calls(ts->server), 0);
 
@@ -227,13 +223,13 @@ static void test_shutdown_in_flight(void) {
     inflight_t f[N];
     pthread_t t[N];
     for (int i = 0; i < N; i++) {
-        f[i] = (inflight_t){.target = ts.target, .method = (i & 1) ? T_ENDLESS : T_HANG,
-                            .stream = (i & 1) != 0, .code = SPEED_RPC_OK};
+        f[i] = (inflight_t){
+            .target = ts.target, .method = (i & 1) ? T_ENDLESS : T_HANG, .stream = (i & 1) != 0, .code = SPEED_RPC_OK};
         pthread_create(&t[i], NULL, inflight_main, &f[i]);
     }
     WAIT_FOR(speed_rpc_server_active_calls(ts.server) == N, 5000);
     CHECK_INT_EQ(speed_rpc_server_active_calls(ts.server), N);
-    sleep_ms(50);   /* let the streams deliver a few messages */
+    sleep_ms(50); /* let the streams deliver a few messages */
 
     double t0 = now_ms();
     speed_rpc_server_shutdown(ts.server, 0);
@@ -241,8 +237,8 @@ static void test_shutdown_in_flight(void) {
     CHECK_MSG(ms < 2000, "shutdown took %.0f ms", ms);
     for (int i = 0; i < N; i++) pthread_join(t[i], NULL);
     for (int i = 0; i < N; i++) {
-        CHECK_MSG(f[i].code == SPEED_RPC_UNAVAILABLE, "call %d (%s) ended with %s", i,
-                  f[i].method, speed_rpc_code_name(f[i].code));
+        CHECK_MSG(f[i].code == SPEED_RPC_UNAVAILABLE, "call %d (%s) ended with %s", i, f[i].method,
+                  speed_rpc_code_name(f[i].code));
         CHECK_MSG(f[i].ms < 3000, "call %d took %.0f ms", i, f[i].ms);
         if (f[i].stream) CHECK(f[i].messages > 0);
     }
@@ -250,7 +246,7 @@ static void test_shutdown_in_flight(void) {
      * producer learns it from the callback or from send() returning CANCELLED, whichever
      * comes first (the callback does not run once the handler has completed the call). */
     CHECK(atomic_load(&ts.cancel_fired) >= N / 2);
-    tserver_stop(&ts);   /* joins the stream producers: they saw the cancel and finished */
+    tserver_stop(&ts); /* joins the stream producers: they saw the cancel and finished */
     CHECK_INT_EQ(atomic_load(&ts.streams_ended), N / 2);
     CHECK_INT_EQ(atomic_load(&ts.finish_cancelled), N);
     CHECK_INT_EQ(atomic_load(&ts.live_contexts), 0);
@@ -283,8 +279,8 @@ static void test_shutdown_in_flight(void) {
     double t0a = now_ms();
     CHECK_INT_EQ(speed_rpc_unary(ch, T_UNARY, "x", 1, 5000, &r), SPEED_ERR_PEER_UNREACHABLE);
     CHECK(now_ms() - t0a < 500);
-    CHECK_MSG(r.code == SPEED_RPC_UNAVAILABLE && strstr(r.message, "shutting down"),
-              "%s: %s", speed_rpc_code_name(r.code), r.message);
+    CHECK_MSG(r.code == SPEED_RPC_UNAVAILABLE && strstr(r.message, "shutting down"), "%s: %s",
+              speed_rpc_code_name(r.code), r.message);
     speed_rpc_reply_cleanup(&r);
     pthread_join(shutter, NULL);
     /* new calls after shutdown fail fast */

@@ -45,7 +45,8 @@ static void test_backend(void) {
     CHECK(f != NULL);
     if (!f) return;
     fputs("prefill:\n  backend: cpu-ref\n  threads: 2\n"
-          "decode:\n  replicas: 2\n  backend: cuda\n  device: 2\n", f);
+          "decode:\n  replicas: 2\n  backend: cuda\n  device: 2\n",
+          f);
     fclose(f);
     CHECK_INT_EQ(load("decode", &c, &cfg, 4, "--config", path, "--node.index", "1"), SPEED_OK);
     CHECK_INT_EQ(c.prefill.backend, SPEED_BACKEND_CPU_REF);

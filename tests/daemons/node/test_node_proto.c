@@ -386,21 +386,21 @@ static void test_tokens(void) {
 /* Two pools in two regions, four layers: layers 0-1 (pool 0) hold 40 prompt entries = 3 blocks,
  * layers 2-3 (pool 1) the 5 anchor + tail entries = 1 block. A block holds two layers' units.
  * bf16, 2 heads ([2, 4) of the model's 4) of 8: 64 bytes a token, 1024 a unit. */
-#define D_B 16
-#define D_HEADS 2
-#define D_HEAD_DIM 8
-#define D_TOKEN_BYTES (2 * D_HEADS * D_HEAD_DIM * 2)
-#define D_UNIT ((uint64_t)D_B * D_TOKEN_BYTES)
-#define D_STRIDE (2 * D_UNIT)
-#define D_REGION0 0x10000ull
+#define D_B              16
+#define D_HEADS          2
+#define D_HEAD_DIM       8
+#define D_TOKEN_BYTES    (2 * D_HEADS * D_HEAD_DIM * 2)
+#define D_UNIT           ((uint64_t)D_B * D_TOKEN_BYTES)
+#define D_STRIDE         (2 * D_UNIT)
+#define D_REGION0        0x10000ull
 #define D_REGION0_BLOCKS 8 /* region 0 holds blocks 0..7 */
-#define D_REGION1 0x200000ull
+#define D_REGION1        0x200000ull
 #define D_REGION1_BLOCKS 4
-#define D_LOWER_ENTRIES 40
-#define D_UPPER_ENTRIES 5
-#define D_TOTAL ((uint64_t)(2 * D_LOWER_ENTRIES + 2 * D_UPPER_ENTRIES) * D_TOKEN_BYTES)
-#define D_EPOCH 0x0123456789abcdefull
-#define D_LEASE 1700000000123ull
+#define D_LOWER_ENTRIES  40
+#define D_UPPER_ENTRIES  5
+#define D_TOTAL          ((uint64_t)(2 * D_LOWER_ENTRIES + 2 * D_UPPER_ENTRIES) * D_TOKEN_BYTES)
+#define D_EPOCH          0x0123456789abcdefull
+#define D_LEASE          1700000000123ull
 
 static uint8_t g_worker[] = {0xde, 0xad, 0xbe, 0xef, 0x01};
 static uint8_t g_rkey0[] = {1, 2, 3};
@@ -418,14 +418,14 @@ typedef struct {
 
 static void c_fixture_init(c_fixture_t *f) {
     memset(f, 0, sizeof *f);
-    f->regions[0] = (speed_kv_desc_region_t){.base = D_REGION0, .length = D_REGION0_BLOCKS * D_STRIDE,
-                                             .rkey = g_rkey0, .rkey_len = sizeof g_rkey0};
-    f->regions[1] = (speed_kv_desc_region_t){.base = D_REGION1, .length = D_REGION1_BLOCKS * D_STRIDE,
-                                             .rkey = g_rkey1, .rkey_len = sizeof g_rkey1};
-    f->pools[0] = (speed_kv_desc_pool_t){.region = 0, .base = D_REGION0, .block_stride = D_STRIDE, .table = g_table0,
-                                         .n_blocks = 3};
-    f->pools[1] = (speed_kv_desc_pool_t){.region = 1, .base = D_REGION1, .block_stride = D_STRIDE, .table = g_table1,
-                                         .n_blocks = 1};
+    f->regions[0] = (speed_kv_desc_region_t){
+        .base = D_REGION0, .length = D_REGION0_BLOCKS * D_STRIDE, .rkey = g_rkey0, .rkey_len = sizeof g_rkey0};
+    f->regions[1] = (speed_kv_desc_region_t){
+        .base = D_REGION1, .length = D_REGION1_BLOCKS * D_STRIDE, .rkey = g_rkey1, .rkey_len = sizeof g_rkey1};
+    f->pools[0] = (speed_kv_desc_pool_t){
+        .region = 0, .base = D_REGION0, .block_stride = D_STRIDE, .table = g_table0, .n_blocks = 3};
+    f->pools[1] = (speed_kv_desc_pool_t){
+        .region = 1, .base = D_REGION1, .block_stride = D_STRIDE, .table = g_table1, .n_blocks = 1};
     f->layers[0] = (speed_kv_desc_layer_t){.pool = 0, .offset = 0, .entries = D_LOWER_ENTRIES};
     f->layers[1] = (speed_kv_desc_layer_t){.pool = 0, .offset = D_UNIT, .entries = D_LOWER_ENTRIES};
     f->layers[2] = (speed_kv_desc_layer_t){.pool = 1, .offset = 0, .entries = D_UPPER_ENTRIES};
@@ -536,7 +536,8 @@ static void p_fixture_init(p_fixture_t *f) {
 
 /* Every field of a equals b's (the cookie too). */
 static void desc_equal(const char *what, const speed_kv_desc_t *a, const speed_kv_desc_t *b) {
-    CHECK_MSG(a->worker_addr_len == b->worker_addr_len && memcmp(a->worker_addr, b->worker_addr, a->worker_addr_len) == 0,
+    CHECK_MSG(a->worker_addr_len == b->worker_addr_len &&
+                  memcmp(a->worker_addr, b->worker_addr, a->worker_addr_len) == 0,
               "%s: worker address", what);
     CHECK_MSG(a->transport == b->transport, "%s: transport %d vs %d", what, (int)a->transport, (int)b->transport);
     CHECK_MSG(a->dtype == b->dtype, "%s: dtype %d vs %d", what, (int)a->dtype, (int)b->dtype);
@@ -608,8 +609,8 @@ static void desc_matches_proto(const char *what, const speed_kv_desc_t *d, const
     for (uint32_t i = 0; i < d->n_layers && i < m->n_layers; i++) {
         const Speed__V1__KvLayer *x = m->layers[i];
         const speed_kv_desc_layer_t *y = &d->layers[i];
-        CHECK_MSG(x->pool == y->pool && x->offset == y->offset && x->entries == (uint64_t)y->entries,
-                  "%s: layer %u", what, i);
+        CHECK_MSG(x->pool == y->pool && x->offset == y->offset && x->entries == (uint64_t)y->entries, "%s: layer %u",
+                  what, i);
     }
     speed_depth_t z = {0, 0, 0};
     if (!depth) depth = &z;
@@ -759,7 +760,8 @@ static void test_desc_refusals(void) {
     CASE("17 pools", PEER, add_pools(SPEED_KV_DESC_MAX_POOLS + 1));
     CASE("4096 layers", OK, m->n_layers = SPEED_KV_DESC_MAX_LAYERS); /* the others: pool 0, no entries */
     CASE("4097 layers", PEER, m->n_layers = SPEED_KV_DESC_MAX_LAYERS + 1);
-    CASE("worker address at the limit", OK, m->worker_address = (ProtobufCBinaryData){SPEED_KV_DESC_MAX_BLOB, g_big_blob});
+    CASE("worker address at the limit", OK,
+         m->worker_address = (ProtobufCBinaryData){SPEED_KV_DESC_MAX_BLOB, g_big_blob});
     CASE("worker address past the limit", PEER,
          m->worker_address = (ProtobufCBinaryData){SPEED_KV_DESC_MAX_BLOB + 1, g_big_blob});
     CASE("rkey at the limit", OK, g_pf.regions[1].rkey = (ProtobufCBinaryData){SPEED_KV_DESC_MAX_BLOB, g_big_blob});

@@ -13,7 +13,7 @@
 #include "rpc.h"
 #include "speed_proto.h"
 
-#define N_GEN 8
+#define N_GEN    8
 #define N_PROMPT 40
 
 static int32_t g_prompt[N_PROMPT];
@@ -166,8 +166,8 @@ static void run_depth(speed_rpc_channel_t *pre, speed_rpc_channel_t *dec, const 
     check_against_ref(&g, ref);
     CHECK(strcmp(g.finish, "length") == 0);
     CHECK_INT_EQ(g.usage.kv_bytes, want);
-    CHECK_INT_EQ(g.usage.kv_full_depth_bytes, speed_kv_bytes_for_prompt(mc, mc->n_layers, 1, 1, N_PROMPT,
-                                                                         SPEED_DTYPE_BF16));
+    CHECK_INT_EQ(g.usage.kv_full_depth_bytes,
+                 speed_kv_bytes_for_prompt(mc, mc->n_layers, 1, 1, N_PROMPT, SPEED_DTYPE_BF16));
     CHECK_INT_EQ(g.usage.completion_tokens, N_GEN);
     CHECK_INT_EQ(g.usage.prompt_tokens, N_PROMPT);
 
@@ -186,8 +186,17 @@ static void test_backend_choice(const char *model_dir, int B) {
     char grpc[16], http[16];
     snprintf(grpc, sizeof grpc, "%d", B + 50);
     snprintf(http, sizeof http, "%d", B + 60);
-    const char *ref_args[] = {"--model", model_dir, "--decode.grpc_port", grpc, "--decode.http_port", http,
-                              "--decode.backend", "cpu-ref", "--decode.threads", "1", NULL};
+    const char *ref_args[] = {"--model",
+                              model_dir,
+                              "--decode.grpc_port",
+                              grpc,
+                              "--decode.http_port",
+                              http,
+                              "--decode.backend",
+                              "cpu-ref",
+                              "--decode.threads",
+                              "1",
+                              NULL};
     cu_proc_t ref = cu_spawn("speed-decode", "decode-cpu-ref", ref_args);
     CHECK(cu_wait_up(&ref, B + 60, 30));
     CHECK_INT_EQ(cu_stop(&ref, SIGTERM, 20), 0);
@@ -205,13 +214,14 @@ static void test_backend_choice(const char *model_dir, int B) {
     if (tu_system("ucx_info -d 2>/dev/null | grep -q cuda_copy") == 0) {
         fprintf(stderr, "note: this UCX has CUDA support; the ucx.cuda_direct refusal is not exercised\n");
     } else {
-        const char *direct_args[] = {"--model", model_dir, "--decode.grpc_port", grpc, "--decode.http_port", http,
-                                     "--decode.backend", "cpu-ref", "--decode.threads", "1", "--ucx.cuda_direct",
-                                     NULL};
+        const char *direct_args[] = {
+            "--model",          model_dir, "--decode.grpc_port", grpc, "--decode.http_port", http,
+            "--decode.backend", "cpu-ref", "--decode.threads",   "1",  "--ucx.cuda_direct",  NULL};
         cu_proc_t dd = cu_spawn("speed-decode", "decode-cuda-direct", direct_args);
         CHECK_INT_EQ(cu_wait_exit(&dd, 30), 1);
         CHECK_MSG(tu_system("grep -q 'ucx.cuda_direct needs a UCX built with CUDA.*set ucx.cuda_direct: false' "
-                            "%s/decode-cuda-direct.log", cu_dir) == 0,
+                            "%s/decode-cuda-direct.log",
+                            cu_dir) == 0,
                   "decode-cuda-direct.log lacks the cuda_direct refusal");
         CHECK(tu_system("grep -q 'Sanitizer\\|ready: grpc' %s/decode-cuda-direct.log", cu_dir) != 0);
     }
@@ -220,13 +230,22 @@ static void test_backend_choice(const char *model_dir, int B) {
         fprintf(stderr, "note: a GPU is present; a cuda node's no-GPU exit is not exercised\n");
         return;
     }
-    const char *dec_args[] = {"--model", model_dir, "--decode.grpc_port", grpc, "--decode.http_port", http,
-                              "--decode.backend", "cuda", NULL};
+    const char *dec_args[] = {
+        "--model", model_dir, "--decode.grpc_port", grpc, "--decode.http_port", http, "--decode.backend", "cuda", NULL};
     cu_proc_t dec = cu_spawn("speed-decode", "decode-cuda", dec_args);
     CHECK_INT_EQ(cu_wait_exit(&dec, 30), 1);
     /* replica 1 of a pool whose first device is 2 takes device 3 */
-    const char *pre_args[] = {"--model", model_dir, "--prefill.backend", "cuda", "--prefill.device", "2",
-                              "--prefill.replicas", "2", "--node.index", "1", NULL};
+    const char *pre_args[] = {"--model",
+                              model_dir,
+                              "--prefill.backend",
+                              "cuda",
+                              "--prefill.device",
+                              "2",
+                              "--prefill.replicas",
+                              "2",
+                              "--node.index",
+                              "1",
+                              NULL};
     cu_proc_t pre = cu_spawn("speed-prefill", "prefill-cuda", pre_args);
     CHECK_INT_EQ(cu_wait_exit(&pre, 30), 1);
     const char *logs[2][3] = {{"decode-cuda", "decode", "cuda:0"}, {"prefill-cuda", "prefill", "cuda:3"}};
@@ -234,7 +253,8 @@ static void test_backend_choice(const char *model_dir, int B) {
         const char *log = logs[i][0], *role = logs[i][1], *dev = logs[i][2];
         /* a CUDA build without a device, or a build without CUDA; and the way out */
         CHECK_MSG(tu_system("grep -q '%s: backend %s: .*\\(needs a GPU\\|no CUDA backend\\)' %s/%s.log", role, dev,
-                            cu_dir, log) == 0, "%s.log lacks 'backend %s'", log, dev);
+                            cu_dir, log) == 0,
+                  "%s.log lacks 'backend %s'", log, dev);
         CHECK_MSG(tu_system("grep -q 'use %s.backend: cpu' %s/%s.log", role, cu_dir, log) == 0,
                   "%s.log does not say how to fix it", log);
         CHECK_MSG(tu_system("grep -q 'Sanitizer\\|ready: grpc' %s/%s.log", cu_dir, log) != 0,
@@ -266,10 +286,29 @@ int main(void) {
     snprintf(d_http, sizeof d_http, "%d", B + 30);
     snprintf(r_port, sizeof r_port, "%d", B + 40);
     char lease[] = "5000";
-    const char *args[] = {"--model", model_dir, "--prefill.grpc_port", p_grpc, "--prefill.http_port", p_http,
-                          "--decode.grpc_port", d_grpc, "--decode.http_port", d_http, "--router.port", r_port,
-                          "--speed.prefill_layers", "3", "--decode.kv_tokens", "4096", "--prefill.kv_tokens", "2048",
-                          "--kv.lease_ms", lease, "--log", "info", NULL};
+    const char *args[] = {"--model",
+                          model_dir,
+                          "--prefill.grpc_port",
+                          p_grpc,
+                          "--prefill.http_port",
+                          p_http,
+                          "--decode.grpc_port",
+                          d_grpc,
+                          "--decode.http_port",
+                          d_http,
+                          "--router.port",
+                          r_port,
+                          "--speed.prefill_layers",
+                          "3",
+                          "--decode.kv_tokens",
+                          "4096",
+                          "--prefill.kv_tokens",
+                          "2048",
+                          "--kv.lease_ms",
+                          lease,
+                          "--log",
+                          "info",
+                          NULL};
     cu_proc_t dec = cu_spawn("speed-decode", "decode", args);
     cu_proc_t pre = cu_spawn("speed-prefill", "prefill", args);
     bool up = cu_wait_health(B + 30, 200, 30) && cu_wait_health(B + 10, 200, 30);

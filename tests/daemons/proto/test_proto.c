@@ -14,12 +14,10 @@ static ProtobufCMessage *round_trip(const ProtobufCMessage *msg) {
     CHECK_INT_EQ(speed_proto_unpack(msg->descriptor, a, na, &out), SPEED_OK);
     if (out) {
         CHECK_INT_EQ(speed_proto_pack(out, &b, &nb), SPEED_OK);
-        CHECK_MSG(na == nb && memcmp(a, b, na) == 0, "%s: repacked bytes differ",
-                  msg->descriptor->name);
+        CHECK_MSG(na == nb && memcmp(a, b, na) == 0, "%s: repacked bytes differ", msg->descriptor->name);
     }
     /* every field set means the encoding is not empty */
-    CHECK_MSG(na > 0 || msg->descriptor->n_fields == 0, "%s packed to 0 bytes",
-              msg->descriptor->name);
+    CHECK_MSG(na > 0 || msg->descriptor->n_fields == 0, "%s packed to 0 bytes", msg->descriptor->name);
     speed_free(a);
     speed_free(b);
     return out;
@@ -30,7 +28,7 @@ static Speed__V1__SpeedParams speed_params(void) {
     p.prefill_layers_opt_case = SPEED__V1__SPEED_PARAMS__PREFILL_LAYERS_OPT_PREFILL_FRACTION;
     p.prefill_fraction = 0.7; /* a double: the decimal a client gave, to the last bit */
     p.anchors_opt_case = SPEED__V1__SPEED_PARAMS__ANCHORS_OPT_ANCHORS;
-    p.anchors = 0;   /* present and zero: the point of the oneof */
+    p.anchors = 0; /* present and zero: the point of the oneof */
     p.tail_opt_case = SPEED__V1__SPEED_PARAMS__TAIL_OPT_TAIL;
     p.tail = 3;
     return p;
@@ -248,10 +246,8 @@ static void test_all_messages(void) {
     CHECK_INT_EQ(speed_proto_pack(&empty_sp.base, &bytes, &n), SPEED_OK);
     CHECK_INT_EQ(n, 0);
     CHECK_INT_EQ(speed_proto_unpack(&speed__v1__speed_params__descriptor, bytes, n, &m), SPEED_OK);
-    CHECK_INT_EQ(((Speed__V1__SpeedParams *)m)->anchors_opt_case,
-                 SPEED__V1__SPEED_PARAMS__ANCHORS_OPT__NOT_SET);
-    CHECK_INT_EQ(((Speed__V1__SpeedParams *)m)->tail_opt_case,
-                 SPEED__V1__SPEED_PARAMS__TAIL_OPT__NOT_SET);
+    CHECK_INT_EQ(((Speed__V1__SpeedParams *)m)->anchors_opt_case, SPEED__V1__SPEED_PARAMS__ANCHORS_OPT__NOT_SET);
+    CHECK_INT_EQ(((Speed__V1__SpeedParams *)m)->tail_opt_case, SPEED__V1__SPEED_PARAMS__TAIL_OPT__NOT_SET);
     speed_proto_free(m);
     speed_free(bytes);
     CHECK_INT_EQ(speed_proto_unpack(&speed__v1__health_request__descriptor, NULL, 0, &m), SPEED_OK);
@@ -458,8 +454,8 @@ static void test_all_messages(void) {
         Speed__V1__NodeStatus *o = (Speed__V1__NodeStatus *)m;
         CHECK_INT_EQ(o->running, 12);
         CHECK_INT_EQ(o->waiting, 3);
-        CHECK(o->n_pools == 2 && strcmp(o->pools[1]->name, "upper") == 0 &&
-              o->pools[1]->blocks_free == 99 && o->pools[0]->blocks_total == 1000);
+        CHECK(o->n_pools == 2 && strcmp(o->pools[1]->name, "upper") == 0 && o->pools[1]->blocks_free == 99 &&
+              o->pools[0]->blocks_total == 1000);
         CHECK_NEAR(o->kv_usage_ratio, 0.7f, 0);
         CHECK_INT_EQ(o->queue_limit, 64);
         CHECK_INT_EQ(o->state, SPEED__V1__NODE_STATE__NODE_STATE_SERVING);
@@ -472,17 +468,17 @@ static void test_garbage(void) {
     /* 16 bytes that are not a message: field 0 / wire type 7 / truncated varints */
     static const uint8_t garbage[16] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
                                         0xff, 0xff, 0xff, 0x07, 0x00, 0x00, 0x00, 0x00};
-    CHECK_INT_EQ(speed_proto_unpack(&speed__v1__generate_event__descriptor, garbage,
-                                    sizeof garbage, &m), SPEED_ERR_PARSE);
+    CHECK_INT_EQ(speed_proto_unpack(&speed__v1__generate_event__descriptor, garbage, sizeof garbage, &m),
+                 SPEED_ERR_PARSE);
     CHECK(m == NULL);
     /* a length-delimited field claiming more bytes than there are */
     static const uint8_t truncated[] = {0x0a, 0x40, 'a', 'b'};
-    CHECK_INT_EQ(speed_proto_unpack(&speed__v1__cancel_request__descriptor, truncated,
-                                    sizeof truncated, &m), SPEED_ERR_PARSE);
+    CHECK_INT_EQ(speed_proto_unpack(&speed__v1__cancel_request__descriptor, truncated, sizeof truncated, &m),
+                 SPEED_ERR_PARSE);
     /* a wrong wire type for a known field (request_id as varint) */
     static const uint8_t wrong_type[] = {0x08, 0x01};
-    CHECK_INT_EQ(speed_proto_unpack(&speed__v1__cancel_request__descriptor, wrong_type,
-                                    sizeof wrong_type, &m), SPEED_ERR_PARSE);
+    CHECK_INT_EQ(speed_proto_unpack(&speed__v1__cancel_request__descriptor, wrong_type, sizeof wrong_type, &m),
+                 SPEED_ERR_PARSE);
     /* random bytes of many lengths never crash; they either parse or fail cleanly */
     uint32_t x = 12345;
     uint8_t buf[512];
@@ -493,8 +489,7 @@ static void test_garbage(void) {
             x = x * 1664525u + 1013904223u;
             buf[i] = (uint8_t)(x >> 24);
         }
-        speed_status_t st = speed_proto_unpack(&speed__v1__prefill_request__descriptor, buf, len,
-                                               &m);
+        speed_status_t st = speed_proto_unpack(&speed__v1__prefill_request__descriptor, buf, len, &m);
         if (st == SPEED_OK) {
             parsed++;
             speed_proto_free(m);
@@ -506,8 +501,7 @@ static void test_garbage(void) {
     CHECK(failed > 0);
     printf("proto: random bytes as PrefillRequest: %d parsed, %d rejected\n", parsed, failed);
     CHECK_INT_EQ(speed_proto_unpack(NULL, buf, 1, &m), SPEED_ERR_INVALID_ARGUMENT);
-    CHECK_INT_EQ(speed_proto_unpack(&speed__v1__cancel_request__descriptor, NULL, 3, &m),
-                 SPEED_ERR_INVALID_ARGUMENT);
+    CHECK_INT_EQ(speed_proto_unpack(&speed__v1__cancel_request__descriptor, NULL, 3, &m), SPEED_ERR_INVALID_ARGUMENT);
     speed_proto_free(NULL);
 }
 
@@ -557,8 +551,7 @@ static void test_method_paths(void) {
         {&speed__v1__decode__descriptor,
          {SPEED_METHOD_DECODE_RESERVE, SPEED_METHOD_DECODE_GENERATE, SPEED_METHOD_DECODE_CANCEL}},
         {&speed__v1__prefill__descriptor, {SPEED_METHOD_PREFILL_PREFILL, SPEED_METHOD_PREFILL_CANCEL}},
-        {&speed__v1__node__descriptor,
-         {SPEED_METHOD_NODE_HEALTH, SPEED_METHOD_NODE_DRAIN, SPEED_METHOD_NODE_STATUS}},
+        {&speed__v1__node__descriptor, {SPEED_METHOD_NODE_HEALTH, SPEED_METHOD_NODE_DRAIN, SPEED_METHOD_NODE_STATUS}},
     };
     for (size_t i = 0; i < sizeof svcs / sizeof svcs[0]; i++) {
         const ProtobufCServiceDescriptor *d = svcs[i].svc;

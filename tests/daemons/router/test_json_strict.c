@@ -15,20 +15,21 @@
 
 /* How jansson answers a case. */
 enum {
-    J_SAME = 0,   /* as the check does */
-    J_OVERFLOW,   /* rejects with json_error_numeric_overflow (the check is syntax only) */
+    J_SAME = 0, /* as the check does */
+    J_OVERFLOW, /* rejects with json_error_numeric_overflow (the check is syntax only) */
 };
 
 typedef struct {
     const char *what;
     const char *text;
-    size_t len;    /* 0: strlen(text) */
+    size_t len; /* 0: strlen(text) */
     bool ok;
     int jansson;
 } strict_case_t;
 
 /* Texts with a NUL byte inside give their length. */
-#define NUL_CASE(what, lit, ok) {what, lit, sizeof(lit) - 1, ok, J_SAME}
+#define NUL_CASE(what, lit, ok) \
+    { what, lit, sizeof(lit) - 1, ok, J_SAME }
 
 static const strict_case_t cases[] = {
     /* values of every type, with whitespace around */
@@ -129,8 +130,7 @@ static const strict_case_t cases[] = {
     {"invalid UTF-8 in a key", "{\"\xFF\":1}", 0, false, J_SAME},
 };
 
-static bool jansson_accepts(const char *text, size_t len, enum json_error_code *code_p)
-{
+static bool jansson_accepts(const char *text, size_t len, enum json_error_code *code_p) {
     json_error_t e;
     memset(&e, 0, sizeof e);
     json_t *v = json_loadb(text, len, JSON_DECODE_ANY, &e);
@@ -139,8 +139,7 @@ static bool jansson_accepts(const char *text, size_t len, enum json_error_code *
     return v != NULL;
 }
 
-static void test_cases(void)
-{
+static void test_cases(void) {
     size_t n = sizeof cases / sizeof cases[0];
     for (size_t i = 0; i < n; i++) {
         const strict_case_t *c = &cases[i];
@@ -154,8 +153,8 @@ static void test_cases(void)
         enum json_error_code code;
         bool jok = jansson_accepts(copy, len, &code);
         if (c->jansson == J_OVERFLOW)
-            CHECK_MSG(!jok && code == json_error_numeric_overflow,
-                      "%s: jansson accepted it or failed otherwise (%d)", c->what, (int)code);
+            CHECK_MSG(!jok && code == json_error_numeric_overflow, "%s: jansson accepted it or failed otherwise (%d)",
+                      c->what, (int)code);
         else
             CHECK_MSG(jok == c->ok, "%s: jansson says %s", c->what, jok ? "valid" : "invalid");
         free(copy);
@@ -164,8 +163,7 @@ static void test_cases(void)
 }
 
 /* The length bounds the read: a valid prefix is judged alone, a cut value is invalid. */
-static void test_length(void)
-{
+static void test_length(void) {
     CHECK(speed_json_strict_check("[1,2]xyz", 5));
     CHECK(!speed_json_strict_check("[1,2]", 4));
     CHECK(!speed_json_strict_check("\"abc\"", 3));
@@ -175,8 +173,7 @@ static void test_length(void)
 }
 
 /* `depth` nested arrays, or objects {"k": ...} when `objects`, around 0. */
-static char *nest(int depth, bool objects, size_t *len_p)
-{
+static char *nest(int depth, bool objects, size_t *len_p) {
     size_t cap = (size_t)depth * 6 + 2;
     char *b = malloc(cap);
     size_t o = 0;
@@ -196,29 +193,24 @@ static char *nest(int depth, bool objects, size_t *len_p)
 
 /* SPEED_JSON_STRICT_MAX_DEPTH levels pass, one more fails, and jansson accepts everything
  * the check accepts there. */
-static void test_depth(void)
-{
+static void test_depth(void) {
     for (int objects = 0; objects <= 1; objects++) {
-        const int depths[] = {1, SPEED_JSON_STRICT_MAX_DEPTH, SPEED_JSON_STRICT_MAX_DEPTH + 1,
-                              2049, 100000};
+        const int depths[] = {1, SPEED_JSON_STRICT_MAX_DEPTH, SPEED_JSON_STRICT_MAX_DEPTH + 1, 2049, 100000};
         for (size_t i = 0; i < sizeof depths / sizeof depths[0]; i++) {
             size_t len = 0;
             char *b = nest(depths[i], objects, &len);
             bool want = depths[i] <= SPEED_JSON_STRICT_MAX_DEPTH;
             bool got = speed_json_strict_check(b, len);
-            CHECK_MSG(got == want, "%s nested %d deep: check says %s",
-                      objects ? "objects" : "arrays", depths[i], got ? "valid" : "invalid");
+            CHECK_MSG(got == want, "%s nested %d deep: check says %s", objects ? "objects" : "arrays", depths[i],
+                      got ? "valid" : "invalid");
             enum json_error_code code;
-            if (got)
-                CHECK_MSG(jansson_accepts(b, len, &code), "jansson refuses depth %d",
-                          depths[i]);
+            if (got) CHECK_MSG(jansson_accepts(b, len, &code), "jansson refuses depth %d", depths[i]);
             free(b);
         }
     }
 }
 
-static void test_utf8_len(void)
-{
+static void test_utf8_len(void) {
     static const struct {
         const char *s;
         size_t n;
@@ -226,30 +218,30 @@ static void test_utf8_len(void)
     } u[] = {
         {"A", 1, 1},
         {"\x7F", 1, 1},
-        {"\xC2\x80", 2, 2},                 /* U+0080, the smallest two-byte */
+        {"\xC2\x80", 2, 2}, /* U+0080, the smallest two-byte */
         {"\xC3\xA9", 2, 2},
-        {"\xC3\xA9", 1, 0},                 /* cut by n */
-        {"\xE0\xA0\x80", 3, 3},             /* U+0800, the smallest three-byte */
-        {"\xE0\x9F\xBF", 3, 0},             /* overlong U+07FF */
+        {"\xC3\xA9", 1, 0},     /* cut by n */
+        {"\xE0\xA0\x80", 3, 3}, /* U+0800, the smallest three-byte */
+        {"\xE0\x9F\xBF", 3, 0}, /* overlong U+07FF */
         {"\xE2\x82\xAC", 3, 3},
-        {"\xED\x9F\xBF", 3, 3},             /* U+D7FF, just below the surrogates */
-        {"\xED\xA0\x80", 3, 0},             /* U+D800 */
-        {"\xED\xBF\xBF", 3, 0},             /* U+DFFF */
-        {"\xEE\x80\x80", 3, 3},             /* U+E000, just above */
-        {"\xF0\x90\x80\x80", 4, 4},         /* U+10000, the smallest four-byte */
-        {"\xF0\x8F\xBF\xBF", 4, 0},         /* overlong U+FFFF */
-        {"\xF4\x8F\xBF\xBF", 4, 4},         /* U+10FFFF */
-        {"\xF4\x90\x80\x80", 4, 0},         /* U+110000 */
-        {"\xF0\x9F\x98\x80", 3, 0},         /* cut by n */
+        {"\xED\x9F\xBF", 3, 3},     /* U+D7FF, just below the surrogates */
+        {"\xED\xA0\x80", 3, 0},     /* U+D800 */
+        {"\xED\xBF\xBF", 3, 0},     /* U+DFFF */
+        {"\xEE\x80\x80", 3, 3},     /* U+E000, just above */
+        {"\xF0\x90\x80\x80", 4, 4}, /* U+10000, the smallest four-byte */
+        {"\xF0\x8F\xBF\xBF", 4, 0}, /* overlong U+FFFF */
+        {"\xF4\x8F\xBF\xBF", 4, 4}, /* U+10FFFF */
+        {"\xF4\x90\x80\x80", 4, 0}, /* U+110000 */
+        {"\xF0\x9F\x98\x80", 3, 0}, /* cut by n */
         {"\xC0\x80", 2, 0},
         {"\xC1\xBF", 2, 0},
         {"\x80", 1, 0},
         {"\xBF", 1, 0},
         {"\xF8\x88\x80\x80\x80", 5, 0},
         {"\xFF", 1, 0},
-        {"\xC3\x41", 2, 0},                 /* continuation byte missing */
+        {"\xC3\x41", 2, 0}, /* continuation byte missing */
         {"\xE2\x28\xA1", 3, 0},
-        {"A", 0, 0},                        /* nothing to read */
+        {"A", 0, 0}, /* nothing to read */
     };
     for (size_t i = 0; i < sizeof u / sizeof u[0]; i++) {
         size_t got = speed_json_strict_utf8_len((const unsigned char *)u[i].s, u[i].n);
@@ -257,8 +249,7 @@ static void test_utf8_len(void)
     }
 }
 
-int main(void)
-{
+int main(void) {
     test_cases();
     test_length();
     test_depth();

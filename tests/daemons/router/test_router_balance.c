@@ -12,8 +12,7 @@
 #include "route.h"
 #include "test_clock.h"
 
-static speed_balance_pool_t *make_pool(speed_balance_policy_t policy, size_t n)
-{
+static speed_balance_pool_t *make_pool(speed_balance_policy_t policy, size_t n) {
     speed_balance_pool_params_t p = speed_balance_pool_default_params();
     p.policy = policy;
     speed_balance_pool_t *pool = NULL;
@@ -28,8 +27,7 @@ static speed_balance_pool_t *make_pool(speed_balance_policy_t policy, size_t n)
     return pool;
 }
 
-static void test_pool_basics(void)
-{
+static void test_pool_basics(void) {
     speed_balance_pool_t *pool = NULL;
     speed_balance_pool_params_t p = {SPEED_BALANCE_ROUND_ROBIN, 2};
     CHECK_INT_EQ(speed_balance_pool_create("decode", &p, &pool), SPEED_OK);
@@ -74,8 +72,7 @@ static void test_pool_basics(void)
     }
 }
 
-static void test_round_robin(void)
-{
+static void test_round_robin(void) {
     speed_balance_pool_t *pool = make_pool(SPEED_BALANCE_ROUND_ROBIN, 4);
     int counts[4] = {0};
     size_t last = 99;
@@ -133,8 +130,7 @@ static void test_round_robin(void)
     speed_balance_pool_destroy(pool);
 }
 
-static void test_least_loaded(void)
-{
+static void test_least_loaded(void) {
     speed_balance_pool_t *pool = make_pool(SPEED_BALANCE_LEAST_LOADED, 4);
     speed_node_load_t loads[4] = {{5, 1, 0.5}, {2, 0, 0.9}, {1, 3, 0.1}, {7, 0, 0.0}};
     for (size_t i = 0; i < 4; i++) CHECK_INT_EQ(speed_balance_pool_set_load(pool, i, &loads[i]), SPEED_OK);
@@ -160,7 +156,7 @@ static void test_least_loaded(void)
     /* excluded and down nodes are skipped even when least loaded */
     size_t ex[] = {1};
     CHECK_INT_EQ(speed_balance_pool_pick(pool, ex, 1, &idx), SPEED_OK);
-    CHECK_INT_EQ(idx, 2);   /* 2 scores 5 (4 + 1 pending) vs 6 and 7 */
+    CHECK_INT_EQ(idx, 2); /* 2 scores 5 (4 + 1 pending) vs 6 and 7 */
     CHECK_INT_EQ(speed_balance_pool_mark_down(pool, 1), SPEED_OK);
     CHECK_INT_EQ(speed_balance_pool_mark_down(pool, 2), SPEED_OK);
     CHECK_INT_EQ(speed_balance_pool_pick(pool, NULL, 0, &idx), SPEED_OK);
@@ -181,7 +177,7 @@ static void test_least_loaded(void)
     speed_balance_pool_destroy(pool);
 }
 
-#define N_THREADS 8
+#define N_THREADS        8
 #define PICKS_PER_THREAD 20000
 
 typedef struct {
@@ -190,12 +186,11 @@ typedef struct {
     int errors;
 } picker_t;
 
-static void *picker(void *arg)
-{
+static void *picker(void *arg) {
     picker_t *p = arg;
     for (int i = 0; i < PICKS_PER_THREAD; i++) {
         size_t idx;
-        size_t ex = 5;   /* node 5 is always excluded */
+        size_t ex = 5; /* node 5 is always excluded */
         if (speed_balance_pool_pick(p->pool, &ex, 1, &idx) != SPEED_OK || idx >= 6 || idx == 5)
             p->errors++;
         else
@@ -204,8 +199,7 @@ static void *picker(void *arg)
     return NULL;
 }
 
-static void *flapper(void *arg)
-{
+static void *flapper(void *arg) {
     speed_balance_pool_t *pool = arg;
     for (int i = 0; i < 2000; i++) {
         speed_balance_pool_mark_down(pool, 4);
@@ -217,8 +211,7 @@ static void *flapper(void *arg)
     return NULL;
 }
 
-static void test_concurrent(speed_balance_policy_t policy)
-{
+static void test_concurrent(speed_balance_policy_t policy) {
     speed_balance_pool_t *pool = make_pool(policy, 6);
     picker_t pk[N_THREADS];
     pthread_t th[N_THREADS], fl;
@@ -266,8 +259,7 @@ typedef struct {
 static atomic_int grant_order[8];
 static atomic_int n_granted;
 
-static void *waiter(void *arg)
-{
+static void *waiter(void *arg) {
     waiter_arg_t *w = arg;
     double t0 = 1e3 * speed_clock_mono_s();
     w->st = speed_admission_acquire(w->adm);
@@ -276,14 +268,12 @@ static void *waiter(void *arg)
     return NULL;
 }
 
-static void wait_for_waiting(speed_admission_t *adm, int n)
-{
+static void wait_for_waiting(speed_admission_t *adm, int n) {
     for (int i = 0; i < 5000 && speed_admission_waiting(adm) != n; i++) speed_clock_sleep_ms(1);
     CHECK_INT_EQ(speed_admission_waiting(adm), n);
 }
 
-static void test_admission(void)
-{
+static void test_admission(void) {
     speed_admission_params_t p = {2, 3, 10000, 2};
     speed_admission_t *adm = NULL;
     CHECK_INT_EQ(speed_admission_create(&p, &adm), SPEED_OK);
@@ -397,8 +387,7 @@ static void test_admission(void)
 #define STRESS_THREADS 8
 static atomic_int inside, max_inside, stress_ok, stress_refused;
 
-static void *stress(void *arg)
-{
+static void *stress(void *arg) {
     speed_admission_t *adm = arg;
     for (int i = 0; i < 300; i++) {
         speed_status_t st = speed_admission_acquire(adm);
@@ -416,8 +405,7 @@ static void *stress(void *arg)
     return NULL;
 }
 
-static void test_admission_stress(void)
-{
+static void test_admission_stress(void) {
     speed_admission_params_t p = {3, 2, 5000, 1};
     speed_admission_t *adm = NULL;
     CHECK_INT_EQ(speed_admission_create(&p, &adm), SPEED_OK);
@@ -434,11 +422,10 @@ static void test_admission_stress(void)
 
 /* ---- route ------------------------------------------------------------------------- */
 
-static void test_route(void)
-{
+static void test_route(void) {
     speed_route_params_t p = speed_route_default_params();
     speed_route_decision_t d = speed_route_decide(&p, 5, 2);
-    CHECK_INT_EQ(d.kind, SPEED_ROUTE_DISAGGREGATED);   /* threshold 0: never decode-only */
+    CHECK_INT_EQ(d.kind, SPEED_ROUTE_DISAGGREGATED); /* threshold 0: never decode-only */
     CHECK_STR_EQ(d.reason, SPEED_ROUTE_REASON_LONG_PROMPT);
     CHECK(d.ok);
 
@@ -452,7 +439,7 @@ static void test_route(void)
     CHECK_STR_EQ(d.reason, "long_prompt");
     CHECK_STR_EQ(speed_route_kind_name(d.kind), "disaggregated");
     d = speed_route_decide(&p, 0, 0);
-    CHECK_STR_EQ(d.reason, "short_prompt");   /* short wins over "no prefill node" */
+    CHECK_STR_EQ(d.reason, "short_prompt"); /* short wins over "no prefill node" */
 
     d = speed_route_decide(&p, 4096, 0);
     CHECK_INT_EQ(d.kind, SPEED_ROUTE_DECODE_ONLY);
@@ -469,8 +456,7 @@ static void test_route(void)
     CHECK_STR_EQ(speed_route_kind_name((speed_route_kind_t)7), "unknown");
 }
 
-int main(void)
-{
+int main(void) {
     speed_log_configure("error");
     int64_t live = speed_alloc_live_count();
     test_pool_basics();

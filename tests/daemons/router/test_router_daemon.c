@@ -8,18 +8,15 @@ static char cluster[1024];
 static fake_node_t pre[2], dec[2];
 static int pbase, dbase;
 
-static const char *CHAT_STREAM =
-    "{\"model\":\"tinymodel\",\"stream\":true,\"stream_options\":{\"include_usage\":true},"
-    "\"messages\":[{\"role\":\"user\",\"content\":\"Hello there, how are you today?\"}],"
-    "\"max_tokens\":5}";
-static const char *CHAT =
-    "{\"model\":\"tinymodel\",\"messages\":[{\"role\":\"system\",\"content\":\"Be brief.\"},"
-    "{\"role\":\"user\",\"content\":\"Hello there\"}],\"max_tokens\":5,\"temperature\":0}";
+static const char *CHAT_STREAM = "{\"model\":\"tinymodel\",\"stream\":true,\"stream_options\":{\"include_usage\":true},"
+                                 "\"messages\":[{\"role\":\"user\",\"content\":\"Hello there, how are you today?\"}],"
+                                 "\"max_tokens\":5}";
+static const char *CHAT = "{\"model\":\"tinymodel\",\"messages\":[{\"role\":\"system\",\"content\":\"Be brief.\"},"
+                          "{\"role\":\"user\",\"content\":\"Hello there\"}],\"max_tokens\":5,\"temperature\":0}";
 
 static int total(atomic_int *a, atomic_int *b) { return atomic_load(a) + atomic_load(b); }
 
-static void test_streamed_chat(int port)
-{
+static void test_streamed_chat(int port) {
     int gen0 = total(&dec[0].n_generate_first, &dec[1].n_generate_first);
     int res0 = total(&dec[0].n_reserve, &dec[1].n_reserve);
     int pre0 = total(&pre[0].n_prefill, &pre[1].n_prefill);
@@ -64,8 +61,7 @@ static void test_streamed_chat(int port)
             CHECK_INT_EQ(json_array_size(json_object_get(usage_chunk, "choices")), 0);
             CHECK(jint(usage_chunk, "usage.prompt_tokens") > 5);
             CHECK_INT_EQ(jint(usage_chunk, "usage.completion_tokens"), 5);
-            CHECK_INT_EQ(jint(usage_chunk, "usage.total_tokens"),
-                         jint(usage_chunk, "usage.prompt_tokens") + 5);
+            CHECK_INT_EQ(jint(usage_chunk, "usage.total_tokens"), jint(usage_chunk, "usage.prompt_tokens") + 5);
             CHECK_INT_EQ(jint(usage_chunk, "usage.kv_bytes"), 4096);
             CHECK_INT_EQ(jint(usage_chunk, "usage.kv_full_depth_bytes"), 8192);
             json_decref(usage_chunk);
@@ -77,13 +73,12 @@ static void test_streamed_chat(int port)
     CHECK_INT_EQ(total(&dec[0].n_generate_first, &dec[1].n_generate_first), gen0 + 1);
 }
 
-static void test_whole_answers(int port)
-{
+static void test_whole_answers(int port) {
     cu_resp_t r;
     CHECK(cu_post(port, "/v1/chat/completions", CHAT, &r));
     CHECK_INT_EQ(r.status, 200);
     CHECK_CONTAINS(r.content_type, "application/json");
-    CHECK(strlen(r.request_id) == 16);   /* generated */
+    CHECK(strlen(r.request_id) == 16); /* generated */
     json_t *j = json_of(r.body);
     CHECK_STR_EQ(jstr(j, "object"), "chat.completion");
     CHECK_STR_EQ(jstr(j, "choices[0].message.role"), "assistant");
@@ -99,9 +94,9 @@ static void test_whole_answers(int port)
 
     /* completions with logprobs (2 alternatives per position) */
     CHECK(cu_post(port, "/v1/completions",
-                    "{\"model\":\"tinymodel\",\"prompt\":\"Once upon a time\",\"max_tokens\":5,"
-                    "\"logprobs\":2}",
-                    &r));
+                  "{\"model\":\"tinymodel\",\"prompt\":\"Once upon a time\",\"max_tokens\":5,"
+                  "\"logprobs\":2}",
+                  &r));
     CHECK_INT_EQ(r.status, 200);
     j = json_of(r.body);
     CHECK_STR_EQ(jstr(j, "object"), "text_completion");
@@ -116,8 +111,7 @@ static void test_whole_answers(int port)
     /* streamed completions, prompt as token ids */
     sse_result_t s;
     CHECK(sse_post(port, "/v1/completions",
-                   "{\"model\":\"tinymodel\",\"prompt\":[1,70,71,72,73,74,75,76],\"stream\":true}",
-                   NULL, &s));
+                   "{\"model\":\"tinymodel\",\"prompt\":[1,70,71,72,73,74,75,76],\"stream\":true}", NULL, &s));
     CHECK_INT_EQ(s.status, 200);
     CHECK(s.n >= 3 && strcmp(s.data[s.n - 1], "[DONE]") == 0);
     if (s.n >= 1) {
@@ -131,8 +125,7 @@ static void test_whole_answers(int port)
 }
 
 /* Streamed chat with logprobs: each content chunk carries its tokens' logprobs. */
-static void test_streamed_logprobs(int port)
-{
+static void test_streamed_logprobs(int port) {
     sse_result_t s;
     CHECK(sse_post(port, "/v1/chat/completions",
                    "{\"model\":\"tinymodel\",\"stream\":true,\"logprobs\":true,\"top_logprobs\":2,"
@@ -155,13 +148,11 @@ static void test_streamed_logprobs(int port)
     sse_result_free(&s);
 }
 
-static void expect_error(int port, const char *path, const char *body, int status,
-                         const char *type, const char *code, const char *param)
-{
+static void expect_error(int port, const char *path, const char *body, int status, const char *type, const char *code,
+                         const char *param) {
     cu_resp_t r;
     CHECK(cu_post(port, path, body, &r));
-    CHECK_MSG(r.status == status, "%s -> %d, want %d (%s)", body, r.status, status,
-              r.body ? r.body : "");
+    CHECK_MSG(r.status == status, "%s -> %d, want %d (%s)", body, r.status, status, r.body ? r.body : "");
     json_t *j = json_of(r.body);
     CHECK_MSG(json_is_object(jget(j, "error")), "not an error object: %s", r.body ? r.body : "");
     CHECK(jstr(j, "error.message") != NULL);
@@ -173,17 +164,15 @@ static void expect_error(int port, const char *path, const char *body, int statu
     cu_resp_free(&r);
 }
 
-static void test_errors(int port)
-{
+static void test_errors(int port) {
     expect_error(port, "/v1/chat/completions", "{not json", 400, "invalid_request_error", NULL, NULL);
     expect_error(port, "/v1/chat/completions", "", 400, "invalid_request_error", NULL, NULL);
     expect_error(port, "/v1/chat/completions",
-                 "{\"model\":\"tinymodel\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"n\":2}",
-                 400, "invalid_request_error", NULL, "n");
-    expect_error(port, "/v1/chat/completions", "{\"model\":\"tinymodel\"}", 400,
-                 "invalid_request_error", "missing_required_parameter", "messages");
-    expect_error(port, "/v1/completions",
-                 "{\"model\":\"tinymodel\",\"prompt\":\"x\",\"temperature\":\"hot\"}", 400,
+                 "{\"model\":\"tinymodel\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"n\":2}", 400,
+                 "invalid_request_error", NULL, "n");
+    expect_error(port, "/v1/chat/completions", "{\"model\":\"tinymodel\"}", 400, "invalid_request_error",
+                 "missing_required_parameter", "messages");
+    expect_error(port, "/v1/completions", "{\"model\":\"tinymodel\",\"prompt\":\"x\",\"temperature\":\"hot\"}", 400,
                  "invalid_request_error", "invalid_type", "temperature");
     expect_error(port, "/v1/chat/completions",
                  "{\"model\":\"gpt-4\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]}", 404,
@@ -193,11 +182,9 @@ static void test_errors(int port)
     int n = snprintf(body, sizeof body, "{\"model\":\"tinymodel\",\"prompt\":[");
     for (int i = 0; i < 200; i++) n += snprintf(body + n, sizeof body - (size_t)n, "%s%d", i ? "," : "", 70 + i % 20);
     snprintf(body + n, sizeof body - (size_t)n, "]}");
-    expect_error(port, "/v1/completions", body, 413, "invalid_request_error",
-                 "context_length_exceeded", NULL);
-    expect_error(port, "/v1/completions",
-                 "{\"model\":\"tinymodel\",\"prompt\":\"hello world\",\"max_tokens\":127}", 413,
-                 "invalid_request_error", NULL, NULL);
+    expect_error(port, "/v1/completions", body, 413, "invalid_request_error", "context_length_exceeded", NULL);
+    expect_error(port, "/v1/completions", "{\"model\":\"tinymodel\",\"prompt\":\"hello world\",\"max_tokens\":127}",
+                 413, "invalid_request_error", NULL, NULL);
     /* a token id outside the vocabulary */
     expect_error(port, "/v1/completions", "{\"model\":\"tinymodel\",\"prompt\":[1,99999]}", 400,
                  "invalid_request_error", NULL, NULL);
@@ -216,8 +203,7 @@ static void test_errors(int port)
     cu_resp_free(&r);
 }
 
-static void test_models_health(int port)
-{
+static void test_models_health(int port) {
     cu_resp_t r;
     CHECK(cu_http(port, "GET", "/v1/models", NULL, NULL, NULL, 30000, &r));
     CHECK_INT_EQ(r.status, 200);
@@ -236,8 +222,7 @@ static void test_models_health(int port)
     cu_resp_free(&r);
 }
 
-static void test_round_robin(int port)
-{
+static void test_round_robin(int port) {
     int d0 = atomic_load(&dec[0].n_generate), d1 = atomic_load(&dec[1].n_generate);
     int p0 = atomic_load(&pre[0].n_prefill), p1 = atomic_load(&pre[1].n_prefill);
     for (int i = 0; i < 6; i++) {
@@ -256,8 +241,7 @@ typedef struct {
     int port, ok;
 } conc_t;
 
-static void *conc_main(void *arg)
-{
+static void *conc_main(void *arg) {
     conc_t *c = arg;
     for (int i = 0; i < 4; i++) {
         if (i % 2) {
@@ -266,8 +250,8 @@ static void *conc_main(void *arg)
             cu_resp_free(&r);
         } else {
             sse_result_t s;
-            if (sse_post(c->port, "/v1/chat/completions", CHAT_STREAM, NULL, &s) && s.status == 200 &&
-                s.n > 0 && strcmp(s.data[s.n - 1], "[DONE]") == 0)
+            if (sse_post(c->port, "/v1/chat/completions", CHAT_STREAM, NULL, &s) && s.status == 200 && s.n > 0 &&
+                strcmp(s.data[s.n - 1], "[DONE]") == 0)
                 c->ok++;
             sse_result_free(&s);
         }
@@ -276,8 +260,7 @@ static void *conc_main(void *arg)
 }
 
 /* 16 clients at once, streamed and whole answers mixed: all answered. */
-static void test_concurrency(int port)
-{
+static void test_concurrency(int port) {
     for (int i = 0; i < 2; i++) atomic_store(&dec[i].gen_delay_ms, 2);
     pthread_t th[16];
     conc_t c[16];
@@ -295,24 +278,21 @@ static void test_concurrency(int port)
     for (int i = 0; i < 2; i++) atomic_store(&dec[i].gen_delay_ms, 0);
 }
 
-static void test_speed_extension(int port)
-{
+static void test_speed_extension(int port) {
     cu_resp_t r;
     CHECK(cu_post(port, "/v1/completions",
-                    "{\"model\":\"tinymodel\",\"prompt\":\"Once upon a time\",\"max_tokens\":3,"
-                    "\"speed\":{\"prefill_layers\":2}}",
-                    &r));
+                  "{\"model\":\"tinymodel\",\"prompt\":\"Once upon a time\",\"max_tokens\":3,"
+                  "\"speed\":{\"prefill_layers\":2}}",
+                  &r));
     CHECK_INT_EQ(r.status, 200);
     cu_resp_free(&r);
     CHECK(atomic_load(&dec[0].last_reserve_prefill_layers) == 2 ||
           atomic_load(&dec[1].last_reserve_prefill_layers) == 2);
-    expect_error(port, "/v1/completions",
-                 "{\"model\":\"tinymodel\",\"prompt\":\"x\",\"speed\":{\"prefill_layers\":9}}", 400,
-                 "invalid_request_error", NULL, NULL);
+    expect_error(port, "/v1/completions", "{\"model\":\"tinymodel\",\"prompt\":\"x\",\"speed\":{\"prefill_layers\":9}}",
+                 400, "invalid_request_error", NULL, NULL);
 }
 
-static void test_metrics(int port, int n_ok_min)
-{
+static void test_metrics(int port, int n_ok_min) {
     /* A worker lets go of its admission slot just after the answer's last byte. */
     CHECK(cu_wait_metric(port, "speed_router_requests_running", 0, 5));
     char *m = cu_metrics(port);
@@ -325,7 +305,8 @@ static void test_metrics(int port, int n_ok_min)
     CHECK(prom_value(m, "speed_router_requests_total{route=\"none\",status=\"400\"}") >= 1);
     CHECK(prom_value(m, "speed_router_requests_total{route=\"none\",status=\"404\"}") >= 1);
     CHECK(prom_value(m, "speed_router_requests_total{route=\"none\",status=\"413\"}") >= 1);
-    CHECK(prom_value(m, "speed_router_route_decisions_total{route=\"disaggregated\",reason=\"long_prompt\"}") >= n_ok_min);
+    CHECK(prom_value(m, "speed_router_route_decisions_total{route=\"disaggregated\",reason=\"long_prompt\"}") >=
+          n_ok_min);
     CHECK(prom_value(m, "speed_router_time_to_first_token_seconds_count") >= n_ok_min);
     CHECK(prom_value(m, "speed_router_inter_token_latency_seconds_count") >= 4.0 * n_ok_min);
     CHECK(prom_value(m, "speed_router_e2e_request_latency_seconds_count") >= n_ok_min);
@@ -344,8 +325,7 @@ static void test_metrics(int port, int n_ok_min)
 }
 
 /* Decode-only: below the threshold, Generate carries the prompt and nothing is reserved. */
-static void test_decode_only(void)
-{
+static void test_decode_only(void) {
     router_proc_t rp;
     const char *args[] = {"--router.decode_only_below", "1000", "--served_model_name", "tinymodel", NULL};
     CHECK(router_start(&rp, cluster, args));
@@ -380,7 +360,7 @@ static void test_decode_only(void)
     if (!rp.pid || rp.exited) return;
     CHECK(cu_wait_health(rp.port, 200, 10));
     CHECK(cu_post(rp.port, "/v1/completions",
-                    "{\"model\":\"tinymodel\",\"prompt\":\"Once upon a time\",\"max_tokens\":5}", &r));
+                  "{\"model\":\"tinymodel\",\"prompt\":\"Once upon a time\",\"max_tokens\":5}", &r));
     CHECK_INT_EQ(r.status, 200);
     cu_resp_free(&r);
     CHECK_INT_EQ(total(&dec[0].n_generate_prompt, &dec[1].n_generate_prompt), gp0 + 2);
@@ -390,11 +370,14 @@ static void test_decode_only(void)
     CHECK_INT_EQ(router_stop(&rp), 0);
 }
 
-static void test_api_keys(void)
-{
+static void test_api_keys(void) {
     router_proc_t rp;
-    const char *args[] = {"--router.api_keys", "key-one, key-two", "--served_model_name", "tinymodel",
-                          "--speed.allow_request_override=false", NULL};
+    const char *args[] = {"--router.api_keys",
+                          "key-one, key-two",
+                          "--served_model_name",
+                          "tinymodel",
+                          "--speed.allow_request_override=false",
+                          NULL};
     CHECK(router_start(&rp, cluster, args));
     if (!rp.pid || rp.exited) return;
     CHECK(cu_wait_health(rp.port, 200, 10));
@@ -427,8 +410,8 @@ static void test_api_keys(void)
     cu_resp_free(&r);
     /* the deployment does not allow the speed object */
     CHECK(cu_http(rp.port, "POST", "/v1/completions",
-                  "{\"model\":\"tinymodel\",\"prompt\":\"x\",\"speed\":{\"prefill_layers\":2}}",
-                  "Bearer key-one", NULL, 30000, &r));
+                  "{\"model\":\"tinymodel\",\"prompt\":\"x\",\"speed\":{\"prefill_layers\":2}}", "Bearer key-one", NULL,
+                  30000, &r));
     CHECK_INT_EQ(r.status, 400);
     j = json_of(r.body);
     CHECK_STR_EQ(jstr(j, "error.param"), "speed");
@@ -437,8 +420,7 @@ static void test_api_keys(void)
     CHECK_INT_EQ(router_stop(&rp), 0);
 }
 
-static void test_cli(void)
-{
+static void test_cli(void) {
     /* --print-config and a bad option, without starting anything */
     const char *bin = getenv("SPEED_ROUTER");
     char cmd[2048];
@@ -452,8 +434,7 @@ static void test_cli(void)
     CHECK_INT_EQ(WEXITSTATUS(system(cmd)), 1);
 }
 
-int main(void)
-{
+int main(void) {
     json_set_alloc_funcs(speed_malloc, speed_free);
     if (!getenv("SPEED_ROUTER")) SKIP_TEST("SPEED_ROUTER (the speed-router binary) is not set");
     const char *parent = tu_tmp_init("router-daemon");

@@ -10,23 +10,19 @@ static char cluster[1024];
 static fake_node_t pre[2], dec[2];
 static int pbase, dbase;
 
-static const char *CHAT =
-    "{\"model\":\"tinymodel\",\"messages\":[{\"role\":\"user\",\"content\":\"Hello there\"}],"
-    "\"max_tokens\":5}";
-static const char *CHAT_STREAM =
-    "{\"model\":\"tinymodel\",\"stream\":true,"
-    "\"messages\":[{\"role\":\"user\",\"content\":\"Hello there\"}]}";
+static const char *CHAT = "{\"model\":\"tinymodel\",\"messages\":[{\"role\":\"user\",\"content\":\"Hello there\"}],"
+                          "\"max_tokens\":5}";
+static const char *CHAT_STREAM = "{\"model\":\"tinymodel\",\"stream\":true,"
+                                 "\"messages\":[{\"role\":\"user\",\"content\":\"Hello there\"}]}";
 
-static void reset_fakes(void)
-{
+static void reset_fakes(void) {
     for (int i = 0; i < 2; i++) {
         fake_defaults(&pre[i]);
         fake_defaults(&dec[i]);
     }
 }
 
-static bool start(router_proc_t *rp, const char *const *extra)
-{
+static bool start(router_proc_t *rp, const char *const *extra) {
     if (!router_start(rp, cluster, extra)) return false;
     if (!cu_wait_health(rp->port, 200, 10)) {
         fprintf(stderr, "router never became healthy\n");
@@ -35,8 +31,7 @@ static bool start(router_proc_t *rp, const char *const *extra)
     return true;
 }
 
-static void test_prefill_retry(void)
-{
+static void test_prefill_retry(void) {
     reset_fakes();
     router_proc_t rp;
     CHECK(start(&rp, NULL));
@@ -51,7 +46,7 @@ static void test_prefill_retry(void)
         cu_resp_free(&r);
     }
     CHECK_INT_EQ(ok, 4);
-    CHECK(atomic_load(&pre[0].n_prefill) > p0);          /* it was tried ... */
+    CHECK(atomic_load(&pre[0].n_prefill) > p0);           /* it was tried ... */
     CHECK_INT_EQ(atomic_load(&pre[1].n_prefill) - p1, 4); /* ... and node 1 answered all */
     char *m = cu_metrics(rp.port);
     CHECK(prom_value(m, "speed_router_prefill_retries_total") >= 1);
@@ -71,8 +66,7 @@ static void test_prefill_retry(void)
     CHECK_INT_EQ(router_stop(&rp), 0);
 }
 
-static void test_decode_dies_mid_stream(void)
-{
+static void test_decode_dies_mid_stream(void) {
     reset_fakes();
     router_proc_t rp;
     CHECK(start(&rp, NULL));
@@ -85,7 +79,7 @@ static void test_decode_dies_mid_stream(void)
     sse_result_t s;
     CHECK(sse_begin(rp.port, "/v1/chat/completions", CHAT_STREAM, NULL, &c, &s));
     CHECK_INT_EQ(s.status, 200);
-    CHECK(sse_read(c, &s, 3));               /* role + 2 content chunks */
+    CHECK(sse_read(c, &s, 3)); /* role + 2 content chunks */
     int victim = atomic_load(&dec[0].n_gen_active) > 0 ? 0 : 1;
     CHECK(atomic_load(&dec[victim].n_gen_active) == 1);
     double t0 = now_s();
@@ -169,8 +163,7 @@ static void test_decode_dies_mid_stream(void)
     CHECK(fake_start(&dec[1], "decode1", dbase + 1) == SPEED_OK);
 }
 
-static void test_client_disconnect(void)
-{
+static void test_client_disconnect(void) {
     reset_fakes();
     router_proc_t rp;
     CHECK(start(&rp, NULL));
@@ -185,15 +178,13 @@ static void test_client_disconnect(void)
     sse_result_t s;
     CHECK(sse_begin(rp.port, "/v1/chat/completions", CHAT_STREAM, "gone-1", &c, &s));
     CHECK(sse_read(c, &s, 3));
-    speed_http_client_destroy(c);   /* the client goes away mid-stream */
+    speed_http_client_destroy(c); /* the client goes away mid-stream */
     sse_result_free(&s);
     double until = now_s() + 5;
-    while (now_s() < until &&
-           (atomic_load(&dec[0].n_cancel) + atomic_load(&dec[1].n_cancel) == c0 ||
-            atomic_load(&dec[0].n_gen_cancelled) + atomic_load(&dec[1].n_gen_cancelled) == x0))
+    while (now_s() < until && (atomic_load(&dec[0].n_cancel) + atomic_load(&dec[1].n_cancel) == c0 ||
+                               atomic_load(&dec[0].n_gen_cancelled) + atomic_load(&dec[1].n_gen_cancelled) == x0))
         sleep_ms(20);
-    CHECK_MSG(atomic_load(&dec[0].n_cancel) + atomic_load(&dec[1].n_cancel) > c0,
-              "the decode node got no Cancel");
+    CHECK_MSG(atomic_load(&dec[0].n_cancel) + atomic_load(&dec[1].n_cancel) > c0, "the decode node got no Cancel");
     CHECK_MSG(atomic_load(&dec[0].n_gen_cancelled) + atomic_load(&dec[1].n_gen_cancelled) > x0,
               "the Generate stream was not cancelled");
     /* The router counts it as 499 and keeps serving. */
@@ -221,36 +212,34 @@ typedef struct {
     bool ok;
 } bg_post_t;
 
-static void *bg_post(void *arg)
-{
+static void *bg_post(void *arg) {
     bg_post_t *b = arg;
     b->ok = cu_post(b->port, "/v1/chat/completions", CHAT, &b->r);
     return NULL;
 }
 
-static void test_overload(void)
-{
+static void test_overload(void) {
     reset_fakes();
     router_proc_t rp;
-    const char *args[] = {"--router.max_in_flight", "1", "--router.max_queue", "1",
-                          "--router.queue_timeout_ms", "700", NULL};
+    const char *args[] = {
+        "--router.max_in_flight", "1", "--router.max_queue", "1", "--router.queue_timeout_ms", "700", NULL};
     CHECK(start(&rp, args));
     if (rp.exited || !rp.pid) return;
     for (int i = 0; i < 2; i++) {
         atomic_store(&dec[i].gen_tokens, 20);
-        atomic_store(&dec[i].gen_delay_ms, 100);   /* 2 s per request */
+        atomic_store(&dec[i].gen_delay_ms, 100); /* 2 s per request */
     }
     speed_http_client_t *c = NULL;
     sse_result_t s;
-    CHECK(sse_begin(rp.port, "/v1/chat/completions", CHAT_STREAM, NULL, &c, &s));  /* holds the slot */
+    CHECK(sse_begin(rp.port, "/v1/chat/completions", CHAT_STREAM, NULL, &c, &s)); /* holds the slot */
     CHECK_INT_EQ(s.status, 200);
     bg_post_t b = {rp.port, {0}, false};
     pthread_t th;
     double t0 = now_s();
-    pthread_create(&th, NULL, bg_post, &b);                                         /* queued */
+    pthread_create(&th, NULL, bg_post, &b); /* queued */
     sleep_ms(250);
     cu_resp_t r;
-    CHECK(cu_post(rp.port, "/v1/chat/completions", CHAT, &r));                    /* refused */
+    CHECK(cu_post(rp.port, "/v1/chat/completions", CHAT, &r)); /* refused */
     CHECK_INT_EQ(r.status, 429);
     CHECK_STR_EQ(r.retry_after, "1");
     json_t *j = json_of(r.body);
@@ -289,8 +278,7 @@ static void test_overload(void)
     CHECK_INT_EQ(router_stop(&rp), 0);
 }
 
-static void test_sigterm_drain(void)
-{
+static void test_sigterm_drain(void) {
     reset_fakes();
     router_proc_t rp;
     CHECK(start(&rp, NULL));
@@ -304,27 +292,25 @@ static void test_sigterm_drain(void)
     CHECK(sse_begin(rp.port, "/v1/chat/completions", CHAT_STREAM, NULL, &c, &s));
     CHECK(sse_read(c, &s, 2));
     kill(rp.pid, SIGTERM);
-    CHECK(cu_wait_health(rp.port, 503, 3));      /* draining */
+    CHECK(cu_wait_health(rp.port, 503, 3)); /* draining */
     cu_resp_t r;
     CHECK(cu_post(rp.port, "/v1/chat/completions", CHAT, &r));
     CHECK_INT_EQ(r.status, 503);
     cu_resp_free(&r);
     CHECK(sse_read(c, &s, -1));
     CHECK(s.ended);
-    CHECK_MSG(s.n == 1 + 15 + 1 + 1, "%d events", s.n);   /* role, 15 tokens, finish, [DONE] */
+    CHECK_MSG(s.n == 1 + 15 + 1 + 1, "%d events", s.n); /* role, 15 tokens, finish, [DONE] */
     if (s.n >= 1) CHECK_STR_EQ(s.data[s.n - 1], "[DONE]");
     sse_result_free(&s);
     speed_http_client_destroy(c);
     CHECK(router_wait(&rp, 10));
     CHECK_MSG(WIFEXITED(rp.status) && WEXITSTATUS(rp.status) == 0, "exit %d, signal %d",
-              WIFEXITED(rp.status) ? WEXITSTATUS(rp.status) : -1,
-              WIFSIGNALED(rp.status) ? WTERMSIG(rp.status) : 0);
+              WIFEXITED(rp.status) ? WEXITSTATUS(rp.status) : -1, WIFSIGNALED(rp.status) ? WTERMSIG(rp.status) : 0);
 }
 
 /* router.request_timeout_ms bounds every leg: a slow prefill gives a 503 and frees the
  * reservation; a slow generation ends with an SSE error event. */
-static void test_request_timeout(void)
-{
+static void test_request_timeout(void) {
     reset_fakes();
     router_proc_t rp;
     const char *args[] = {"--router.request_timeout_ms", "600", NULL};
@@ -367,8 +353,7 @@ static void test_request_timeout(void)
 }
 
 /* A second signal during the drain exits at once. */
-static void test_second_signal(void)
-{
+static void test_second_signal(void) {
     reset_fakes();
     router_proc_t rp;
     CHECK(start(&rp, NULL));
@@ -390,13 +375,12 @@ static void test_second_signal(void)
     CHECK(WIFEXITED(rp.status) && WEXITSTATUS(rp.status) == 1);
     sse_result_free(&s);
     speed_http_client_destroy(c);
-    for (int i = 0; i < 2; i++) {   /* let the orphaned generations see the cancel */
+    for (int i = 0; i < 2; i++) { /* let the orphaned generations see the cancel */
         for (int k = 0; k < 300 && atomic_load(&dec[i].n_gen_active) > 0; k++) sleep_ms(10);
     }
 }
 
-int main(void)
-{
+int main(void) {
     json_set_alloc_funcs(speed_malloc, speed_free);
     if (!getenv("SPEED_ROUTER")) SKIP_TEST("SPEED_ROUTER (the speed-router binary) is not set");
     const char *parent = tu_tmp_init("router-fault");

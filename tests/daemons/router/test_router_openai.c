@@ -21,29 +21,29 @@
 
 #define CHAT(extra) "{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]" extra "}"
 #define COMP(extra) "{\"model\":\"m\",\"prompt\":\"hi\"" extra "}"
-#define MSG(m) "{\"model\":\"m\",\"messages\":[" m "]}"
-#define PROMPT(p) "{\"model\":\"m\",\"prompt\":" p "}"
+#define MSG(m)      "{\"model\":\"m\",\"messages\":[" m "]}"
+#define PROMPT(p)   "{\"model\":\"m\",\"prompt\":" p "}"
 
 enum { P_DEFAULT = 0, P_SPEED = 1, P_LIMITS = 2 };
 
 typedef struct {
     speed_openai_api_t api;
-    int params;          /* P_* flags */
-    const char *body;    /* NULL: use the generated body below */
+    int params;       /* P_* flags */
+    const char *body; /* NULL: use the generated body below */
     int http;
-    const char *param;   /* NULL = JSON null */
-    const char *code;    /* NULL = JSON null */
+    const char *param; /* NULL = JSON null */
+    const char *code;  /* NULL = JSON null */
 } bad_case_t;
 
-#define C SPEED_OPENAI_CHAT
-#define T SPEED_OPENAI_COMPLETIONS
-#define IT "invalid_type"
+#define C       SPEED_OPENAI_CHAT
+#define T       SPEED_OPENAI_COMPLETIONS
+#define IT      "invalid_type"
 #define MISSING "missing_required_parameter"
-#define UNSUP "unsupported_value"
-#define IMIN "integer_below_min_value"
-#define IMAX "integer_above_max_value"
-#define DMIN "decimal_below_min_value"
-#define DMAX "decimal_above_max_value"
+#define UNSUP   "unsupported_value"
+#define IMIN    "integer_below_min_value"
+#define IMAX    "integer_above_max_value"
+#define DMIN    "decimal_below_min_value"
+#define DMAX    "decimal_above_max_value"
 
 static const bad_case_t bad_cases[] = {
     /* not JSON / not an object */
@@ -71,8 +71,7 @@ static const bad_case_t bad_cases[] = {
     /* model */
     {C, 0, "{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}", 400, "model", MISSING},
     {C, 0, "{\"model\":5,\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}", 400, "model", IT},
-    {C, 0, "{\"model\":\"\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}", 400, "model",
-     "invalid_value"},
+    {C, 0, "{\"model\":\"\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}", 400, "model", "invalid_value"},
     /* messages */
     {C, 0, "{\"model\":\"m\"}", 400, "messages", MISSING},
     {C, 0, "{\"model\":\"m\",\"messages\":null}", 400, "messages", MISSING},
@@ -83,36 +82,32 @@ static const bad_case_t bad_cases[] = {
     {C, 0, MSG("{\"role\":\"user\",\"content\":\"a\"},[]"), 400, "messages[1]", IT},
     {C, 0, MSG("{\"content\":\"a\"}"), 400, "messages[0].role", MISSING},
     {C, 0, MSG("{\"role\":3,\"content\":\"a\"}"), 400, "messages[0].role", IT},
-    {C, 0, MSG("{\"role\":\"wizard\",\"content\":\"a\"}"), 400, "messages[0].role",
-     "invalid_value"},
+    {C, 0, MSG("{\"role\":\"wizard\",\"content\":\"a\"}"), 400, "messages[0].role", "invalid_value"},
     {C, 0, MSG("{\"role\":\"User\",\"content\":\"a\"}"), 400, "messages[0].role", "invalid_value"},
     {C, 0, MSG("{\"role\":\"user\",\"content\":5}"), 400, "messages[0].content", IT},
     {C, 0, MSG("{\"role\":\"user\",\"content\":{}}"), 400, "messages[0].content", IT},
     {C, 0, MSG("{\"role\":\"user\"}"), 400, "messages[0].content", MISSING},
     {C, 0, MSG("{\"role\":\"system\",\"content\":null}"), 400, "messages[0].content", MISSING},
     {C, 0, MSG("{\"role\":\"user\",\"content\":[\"hi\"]}"), 400, "messages[0].content[0]", IT},
-    {C, 0, MSG("{\"role\":\"user\",\"content\":[{\"text\":\"a\"}]}"), 400,
-     "messages[0].content[0].type", MISSING},
-    {C, 0, MSG("{\"role\":\"user\",\"content\":[{\"type\":1,\"text\":\"a\"}]}"), 400,
-     "messages[0].content[0].type", IT},
-    {C, 0, MSG("{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"a\"},"
-               "{\"type\":\"image_url\",\"image_url\":{\"url\":\"x\"}}]}"), 400,
-     "messages[0].content[1].type", UNSUP},
-    {C, 0, MSG("{\"role\":\"user\",\"content\":[{\"type\":\"text\"}]}"), 400,
-     "messages[0].content[0].text", MISSING},
-    {C, 0, MSG("{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":5}]}"), 400,
-     "messages[0].content[0].text", IT},
+    {C, 0, MSG("{\"role\":\"user\",\"content\":[{\"text\":\"a\"}]}"), 400, "messages[0].content[0].type", MISSING},
+    {C, 0, MSG("{\"role\":\"user\",\"content\":[{\"type\":1,\"text\":\"a\"}]}"), 400, "messages[0].content[0].type",
+     IT},
+    {C, 0,
+     MSG("{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"a\"},"
+         "{\"type\":\"image_url\",\"image_url\":{\"url\":\"x\"}}]}"),
+     400, "messages[0].content[1].type", UNSUP},
+    {C, 0, MSG("{\"role\":\"user\",\"content\":[{\"type\":\"text\"}]}"), 400, "messages[0].content[0].text", MISSING},
+    {C, 0, MSG("{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":5}]}"), 400, "messages[0].content[0].text",
+     IT},
     {C, 0, MSG("{\"role\":\"user\",\"content\":\"a\",\"name\":7}"), 400, "messages[0].name", IT},
-    {C, 0, MSG("{\"role\":\"tool\",\"content\":\"a\",\"tool_call_id\":[]}"), 400,
-     "messages[0].tool_call_id", IT},
+    {C, 0, MSG("{\"role\":\"tool\",\"content\":\"a\",\"tool_call_id\":[]}"), 400, "messages[0].tool_call_id", IT},
     /* stream */
     {C, 0, CHAT(",\"stream\":\"yes\""), 400, "stream", IT},
     {C, 0, CHAT(",\"stream\":1"), 400, "stream", IT},
     {C, 0, CHAT(",\"stream\":true,\"stream_options\":1"), 400, "stream_options", IT},
-    {C, 0, CHAT(",\"stream_options\":{\"include_usage\":true}"), 400, "stream_options",
-     "invalid_value"},
-    {C, 0, CHAT(",\"stream\":true,\"stream_options\":{\"include_usage\":\"y\"}"), 400,
-     "stream_options.include_usage", IT},
+    {C, 0, CHAT(",\"stream_options\":{\"include_usage\":true}"), 400, "stream_options", "invalid_value"},
+    {C, 0, CHAT(",\"stream\":true,\"stream_options\":{\"include_usage\":\"y\"}"), 400, "stream_options.include_usage",
+     IT},
     /* max_tokens */
     {C, 0, CHAT(",\"max_tokens\":\"10\""), 400, "max_tokens", IT},
     {C, 0, CHAT(",\"max_tokens\":1.5"), 400, "max_tokens", IT},
@@ -171,13 +166,10 @@ static const bad_case_t bad_cases[] = {
     {C, P_SPEED, CHAT(",\"speed\":{\"prefill_layers\":0}"), 400, "speed.prefill_layers", "invalid_value"},
     {C, P_SPEED, CHAT(",\"speed\":{\"prefill_layers\":-3}"), 400, "speed.prefill_layers", "invalid_value"},
     {C, P_SPEED, CHAT(",\"speed\":{\"prefill_layers\":-0.5}"), 400, "speed.prefill_layers", "invalid_value"},
-    {C, P_SPEED, CHAT(",\"speed\":{\"prefill_layers\":1.5}"), 400, "speed.prefill_layers",
-     "invalid_value"},
-    {C, P_SPEED, CHAT(",\"speed\":{\"prefill_layers\":0.0}"), 400, "speed.prefill_layers",
-     "invalid_value"},
+    {C, P_SPEED, CHAT(",\"speed\":{\"prefill_layers\":1.5}"), 400, "speed.prefill_layers", "invalid_value"},
+    {C, P_SPEED, CHAT(",\"speed\":{\"prefill_layers\":0.0}"), 400, "speed.prefill_layers", "invalid_value"},
     {C, P_SPEED, CHAT(",\"speed\":{\"prefill_layers\":\"half\"}"), 400, "speed.prefill_layers", IT},
-    {C, P_SPEED | P_LIMITS, CHAT(",\"speed\":{\"prefill_layers\":40}"), 400,
-     "speed.prefill_layers", "invalid_value"},
+    {C, P_SPEED | P_LIMITS, CHAT(",\"speed\":{\"prefill_layers\":40}"), 400, "speed.prefill_layers", "invalid_value"},
     {C, P_SPEED, CHAT(",\"speed\":{\"anchors\":-1}"), 400, "speed.anchors", "invalid_value"},
     {C, P_SPEED, CHAT(",\"speed\":{\"anchors\":1.0}"), 400, "speed.anchors", IT},
     {C, P_SPEED, CHAT(",\"speed\":{\"tail\":0}"), 400, "speed.tail", "invalid_value"},
@@ -215,8 +207,7 @@ static const bad_case_t bad_cases[] = {
     {T, 0, "[]", 400, NULL, NULL},
 };
 
-static speed_openai_parse_params_t params_of(int flags)
-{
+static speed_openai_parse_params_t params_of(int flags) {
     speed_openai_parse_params_t p = speed_openai_default_parse_params();
     p.allow_speed = (flags & P_SPEED) != 0;
     if (flags & P_SPEED) p.n_layers = 32; /* a speed object is resolved against the model */
@@ -229,9 +220,8 @@ static speed_openai_parse_params_t params_of(int flags)
 }
 
 /* The error object as JSON, parsed back: the fields must match err. */
-static void check_error_json(const speed_openai_error_t *err, int http, const char *param,
-                             const char *code, const char *label)
-{
+static void check_error_json(const speed_openai_error_t *err, int http, const char *param, const char *code,
+                             const char *label) {
     char *body = NULL;
     size_t len = 0;
     CHECK_INT_EQ(speed_openai_error_json(err, &body, &len), SPEED_OK);
@@ -246,22 +236,21 @@ static void check_error_json(const speed_openai_error_t *err, int http, const ch
     CHECK(json_is_string(json_object_get(e, "message")));
     CHECK_MSG(json_string_length(json_object_get(e, "message")) > 0, "%s", label);
     const char *type = json_string_value(json_object_get(e, "type"));
-    CHECK_STR_EQ(type, http == 400 || http == 404 || http == 413 || http == 401
-                           ? "invalid_request_error"
-                           : type);
+    CHECK_STR_EQ(type, http == 400 || http == 404 || http == 413 || http == 401 ? "invalid_request_error" : type);
     json_t *p = json_object_get(e, "param"), *c = json_object_get(e, "code");
-    if (param) CHECK_MSG(json_is_string(p) && strcmp(json_string_value(p), param) == 0,
-                         "%s: param %s", label, body);
-    else CHECK_MSG(json_is_null(p), "%s: param not null: %s", label, body);
-    if (code) CHECK_MSG(json_is_string(c) && strcmp(json_string_value(c), code) == 0,
-                        "%s: code %s", label, body);
-    else CHECK_MSG(json_is_null(c), "%s: code not null: %s", label, body);
+    if (param)
+        CHECK_MSG(json_is_string(p) && strcmp(json_string_value(p), param) == 0, "%s: param %s", label, body);
+    else
+        CHECK_MSG(json_is_null(p), "%s: param not null: %s", label, body);
+    if (code)
+        CHECK_MSG(json_is_string(c) && strcmp(json_string_value(c), code) == 0, "%s: code %s", label, body);
+    else
+        CHECK_MSG(json_is_null(c), "%s: code not null: %s", label, body);
     json_decref(root);
     speed_free(body);
 }
 
-static void test_bad_requests(void)
-{
+static void test_bad_requests(void) {
     size_t n = sizeof bad_cases / sizeof bad_cases[0];
     int64_t live0 = speed_alloc_live_count();
     for (size_t i = 0; i < n; i++) {
@@ -270,8 +259,7 @@ static void test_bad_requests(void)
         speed_openai_request_t *req = NULL;
         speed_openai_error_t err;
         memset(&err, 0x5a, sizeof err);
-        speed_status_t st = speed_openai_request_parse(bc->api, bc->body, strlen(bc->body), &p,
-                                                       &req, &err);
+        speed_status_t st = speed_openai_request_parse(bc->api, bc->body, strlen(bc->body), &p, &req, &err);
         char label[64];
         snprintf(label, sizeof label, "bad case %zu", i);
         CHECK_MSG(st == SPEED_ERR_INVALID_ARGUMENT, "%s (%s): status %d", label, bc->body, st);
@@ -282,12 +270,10 @@ static void test_bad_requests(void)
         }
         CHECK_INT_EQ(speed_openai_error_http_status(err.kind), bc->http);
         CHECK_STR_EQ(speed_openai_error_type(err.kind), "invalid_request_error");
-        CHECK_MSG(strcmp(err.param, bc->param ? bc->param : "") == 0,
-                  "%s (%s): param \"%s\", want \"%s\" (%s)", label, bc->body, err.param,
-                  bc->param ? bc->param : "", err.message);
-        CHECK_MSG(strcmp(err.code, bc->code ? bc->code : "") == 0,
-                  "%s (%s): code \"%s\", want \"%s\" (%s)", label, bc->body, err.code,
-                  bc->code ? bc->code : "", err.message);
+        CHECK_MSG(strcmp(err.param, bc->param ? bc->param : "") == 0, "%s (%s): param \"%s\", want \"%s\" (%s)", label,
+                  bc->body, err.param, bc->param ? bc->param : "", err.message);
+        CHECK_MSG(strcmp(err.code, bc->code ? bc->code : "") == 0, "%s (%s): code \"%s\", want \"%s\" (%s)", label,
+                  bc->body, err.code, bc->code ? bc->code : "", err.message);
         CHECK_MSG(err.message[0] != '\0', "%s", label);
         check_error_json(&err, bc->http, bc->param, bc->code, label);
     }
@@ -297,8 +283,7 @@ static void test_bad_requests(void)
 
 /* Deep nesting (past jansson's depth limit) and a large valid nesting in an unknown
  * field. */
-static void test_nesting(void)
-{
+static void test_nesting(void) {
     for (int depth = 100; depth <= 100000; depth *= 1000) {
         size_t n = (size_t)depth * 2 + 64;
         char *b = malloc(n);
@@ -308,10 +293,9 @@ static void test_nesting(void)
         b[o++] = '}';
         speed_openai_request_t *req = NULL;
         speed_openai_error_t err;
-        speed_status_t st = speed_openai_request_parse(SPEED_OPENAI_COMPLETIONS, b, o, NULL,
-                                                       &req, &err);
+        speed_status_t st = speed_openai_request_parse(SPEED_OPENAI_COMPLETIONS, b, o, NULL, &req, &err);
         if (depth == 100) {
-            CHECK_INT_EQ(st, SPEED_OK);   /* unknown fields are ignored, whatever they hold */
+            CHECK_INT_EQ(st, SPEED_OK); /* unknown fields are ignored, whatever they hold */
         } else {
             CHECK_INT_EQ(st, SPEED_ERR_INVALID_ARGUMENT);
             CHECK_INT_EQ(speed_openai_error_http_status(err.kind), 400);
@@ -322,34 +306,30 @@ static void test_nesting(void)
     }
 }
 
-static speed_openai_request_t *parse_ok(speed_openai_api_t api, const char *body, int flags)
-{
+static speed_openai_request_t *parse_ok(speed_openai_api_t api, const char *body, int flags) {
     speed_openai_parse_params_t p = params_of(flags);
     speed_openai_request_t *req = NULL;
     speed_openai_error_t err = {0};
     speed_status_t st = speed_openai_request_parse(api, body, strlen(body), &p, &req, &err);
-    CHECK_MSG(st == SPEED_OK, "parse failed (%d): %s [param %s] for %s", st, err.message,
-              err.param, body);
+    CHECK_MSG(st == SPEED_OK, "parse failed (%d): %s [param %s] for %s", st, err.message, err.param, body);
     return req;
 }
 
-static void test_valid_chat(void)
-{
-    const char *body =
-        "{\"model\":\"llama\",\"messages\":["
-        "{\"role\":\"system\",\"content\":\"be brief\"},"
-        "{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"caf\\u00e9\"},"
-        "{\"type\":\"text\",\"text\":\"\xf0\x9f\x98\x80 two\"}],\"name\":\"bob\"},"
-        "{\"role\":\"assistant\",\"content\":null,\"tool_calls\":[{\"id\":\"c1\"}]},"
-        "{\"role\":\"tool\",\"content\":\"42\",\"tool_call_id\":\"c1\"},"
-        "{\"role\":\"developer\",\"content\":\"\"}],"
-        "\"stream\":true,\"stream_options\":{\"include_usage\":true},"
-        "\"max_tokens\":100,\"max_completion_tokens\":64,\"temperature\":0.7,\"top_p\":0.9,"
-        "\"top_k\":40,\"seed\":-7,\"stop\":[\"\\n\\n\",\"END\"],\"logprobs\":true,"
-        "\"top_logprobs\":5,\"n\":1,\"presence_penalty\":0,\"frequency_penalty\":0.0,"
-        "\"user\":\"u-1\",\"speed\":{\"prefill_layers\":0.75,\"anchors\":2,\"tail\":3},"
-        "\"tools\":[{\"type\":\"function\"}],\"response_format\":{\"type\":\"text\"},"
-        "\"parallel_tool_calls\":false,\"logit_bias\":{},\"whatever\":[1,{\"a\":null}]}";
+static void test_valid_chat(void) {
+    const char *body = "{\"model\":\"llama\",\"messages\":["
+                       "{\"role\":\"system\",\"content\":\"be brief\"},"
+                       "{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"caf\\u00e9\"},"
+                       "{\"type\":\"text\",\"text\":\"\xf0\x9f\x98\x80 two\"}],\"name\":\"bob\"},"
+                       "{\"role\":\"assistant\",\"content\":null,\"tool_calls\":[{\"id\":\"c1\"}]},"
+                       "{\"role\":\"tool\",\"content\":\"42\",\"tool_call_id\":\"c1\"},"
+                       "{\"role\":\"developer\",\"content\":\"\"}],"
+                       "\"stream\":true,\"stream_options\":{\"include_usage\":true},"
+                       "\"max_tokens\":100,\"max_completion_tokens\":64,\"temperature\":0.7,\"top_p\":0.9,"
+                       "\"top_k\":40,\"seed\":-7,\"stop\":[\"\\n\\n\",\"END\"],\"logprobs\":true,"
+                       "\"top_logprobs\":5,\"n\":1,\"presence_penalty\":0,\"frequency_penalty\":0.0,"
+                       "\"user\":\"u-1\",\"speed\":{\"prefill_layers\":0.75,\"anchors\":2,\"tail\":3},"
+                       "\"tools\":[{\"type\":\"function\"}],\"response_format\":{\"type\":\"text\"},"
+                       "\"parallel_tool_calls\":false,\"logit_bias\":{},\"whatever\":[1,{\"a\":null}]}";
     speed_openai_request_t *r = parse_ok(SPEED_OPENAI_CHAT, body, P_SPEED | P_LIMITS);
     if (!r) return;
     CHECK_INT_EQ(r->api, SPEED_OPENAI_CHAT);
@@ -370,7 +350,7 @@ static void test_valid_chat(void)
     CHECK(r->messages[0].name == NULL);
     CHECK(r->stream);
     CHECK(r->include_usage);
-    CHECK_INT_EQ(r->max_tokens, 64);   /* max_completion_tokens wins */
+    CHECK_INT_EQ(r->max_tokens, 64); /* max_completion_tokens wins */
     CHECK_NEAR(r->temperature, 0.7, 0);
     CHECK_NEAR(r->top_p, 0.9, 0);
     CHECK_INT_EQ(r->top_k, 40);
@@ -398,7 +378,8 @@ static void test_valid_chat(void)
     /* defaults, and nulls meaning "not given" */
     r = parse_ok(SPEED_OPENAI_CHAT,
                  CHAT(",\"stop\":null,\"seed\":null,\"temperature\":null,\"speed\":null,"
-                      "\"stream_options\":null,\"top_logprobs\":null,\"n\":1"), 0);
+                      "\"stream_options\":null,\"top_logprobs\":null,\"n\":1"),
+                 0);
     if (r) {
         CHECK(!r->stream && !r->include_usage);
         CHECK_INT_EQ(r->max_tokens, -1);
@@ -420,7 +401,8 @@ static void test_valid_chat(void)
     /* integer temperature, temperature 0 and 2, top_p 1, stop as a string, seed limits */
     r = parse_ok(SPEED_OPENAI_CHAT,
                  CHAT(",\"temperature\":2,\"top_p\":1,\"stop\":\"x\","
-                      "\"seed\":9223372036854775807,\"logprobs\":false,\"max_tokens\":1"), 0);
+                      "\"seed\":9223372036854775807,\"logprobs\":false,\"max_tokens\":1"),
+                 0);
     if (r) {
         CHECK_NEAR(r->temperature, 2.0, 0);
         CHECK_INT_EQ(r->n_stop, 1);
@@ -429,8 +411,7 @@ static void test_valid_chat(void)
         CHECK_INT_EQ(r->max_tokens, 1);
     }
     speed_openai_request_destroy(r);
-    r = parse_ok(SPEED_OPENAI_CHAT, CHAT(",\"temperature\":0,\"speed\":{\"prefill_layers\":32}"),
-                 P_SPEED | P_LIMITS);
+    r = parse_ok(SPEED_OPENAI_CHAT, CHAT(",\"temperature\":0,\"speed\":{\"prefill_layers\":32}"), P_SPEED | P_LIMITS);
     if (r) {
         CHECK_NEAR(r->temperature, 0.0, 0);
         CHECK_INT_EQ(r->speed.resolved.prefill_layers, 32);
@@ -444,8 +425,9 @@ static void test_valid_chat(void)
         speed_openai_error_t err = {0};
         r = NULL;
         CHECK_INT_EQ(speed_openai_request_parse(SPEED_OPENAI_CHAT, b, strlen(b), &p, &r, &err), SPEED_OK);
-        if (r) CHECK(r->speed.resolved.prefill_layers == 8 && r->speed.resolved.anchors == 0 &&
-                     r->speed.resolved.tail == 3);
+        if (r)
+            CHECK(r->speed.resolved.prefill_layers == 8 && r->speed.resolved.anchors == 0 &&
+                  r->speed.resolved.tail == 3);
         speed_openai_request_destroy(r);
         /* the message is the resolver's reason, word for word as a node or speedctl gives it */
         b = CHAT(",\"speed\":{\"prefill_layers\":40}");
@@ -467,12 +449,11 @@ static void test_valid_chat(void)
     speed_openai_request_destroy(r);
 }
 
-static void test_valid_completions(void)
-{
-    speed_openai_request_t *r =
-        parse_ok(SPEED_OPENAI_COMPLETIONS,
-                 COMP(",\"max_tokens\":16,\"logprobs\":3,\"echo\":false,\"best_of\":1,"
-                      "\"suffix\":null,\"stream\":false"), 0);
+static void test_valid_completions(void) {
+    speed_openai_request_t *r = parse_ok(SPEED_OPENAI_COMPLETIONS,
+                                         COMP(",\"max_tokens\":16,\"logprobs\":3,\"echo\":false,\"best_of\":1,"
+                                              "\"suffix\":null,\"stream\":false"),
+                                         0);
     if (r) {
         CHECK_STR_EQ(r->prompt, "hi");
         CHECK_INT_EQ(r->prompt_len, 2);
@@ -495,8 +476,7 @@ static void test_valid_completions(void)
     if (r) {
         CHECK(r->prompt == NULL);
         CHECK_INT_EQ(r->n_prompt_ids, 4);
-        CHECK(r->prompt_ids && r->prompt_ids[0] == 1 && r->prompt_ids[2] == 511 &&
-              r->prompt_ids[3] == 0);
+        CHECK(r->prompt_ids && r->prompt_ids[0] == 1 && r->prompt_ids[2] == 511 && r->prompt_ids[3] == 0);
     }
     speed_openai_request_destroy(r);
 
@@ -520,8 +500,7 @@ static void test_valid_completions(void)
     speed_openai_request_destroy(r);
 }
 
-static void test_errors(void)
-{
+static void test_errors(void) {
     static const struct {
         speed_openai_error_kind_t kind;
         int http;
@@ -531,8 +510,7 @@ static void test_errors(void)
         {SPEED_OPENAI_ERR_INVALID_REQUEST, 400, "invalid_request_error", ""},
         {SPEED_OPENAI_ERR_INVALID_API_KEY, 401, "invalid_request_error", "invalid_api_key"},
         {SPEED_OPENAI_ERR_MODEL_NOT_FOUND, 404, "invalid_request_error", "model_not_found"},
-        {SPEED_OPENAI_ERR_CONTEXT_LENGTH, 413, "invalid_request_error",
-         "context_length_exceeded"},
+        {SPEED_OPENAI_ERR_CONTEXT_LENGTH, 413, "invalid_request_error", "context_length_exceeded"},
         {SPEED_OPENAI_ERR_OVERLOADED, 429, "requests", "rate_limit_exceeded"},
         {SPEED_OPENAI_ERR_UNAVAILABLE, 503, "server_error", "service_unavailable"},
         {SPEED_OPENAI_ERR_INTERNAL, 500, "server_error", ""},
@@ -551,21 +529,30 @@ static void test_errors(void)
         speed_status_t st;
         int http;
     } table[] = {
-        {SPEED_ERR_INVALID_ARGUMENT, 400}, {SPEED_ERR_PARSE, 400}, {SPEED_ERR_FORMAT, 400},
-        {SPEED_ERR_UNSUPPORTED, 400},      {SPEED_ERR_NOT_FOUND, 404},
-        {SPEED_ERR_TOO_LONG, 413},         {SPEED_ERR_CAPACITY, 429},
-        {SPEED_ERR_TIMEOUT, 503},          {SPEED_ERR_CANCELLED, 503},
-        {SPEED_ERR_NO_MEMORY, 503},        {SPEED_ERR_PEER_UNREACHABLE, 503},
-        {SPEED_ERR_PEER_PROTOCOL, 503},    {SPEED_ERR_TRANSFER, 503},
-        {SPEED_ERR_IO, 500},               {SPEED_ERR_DEVICE, 500},
-        {SPEED_ERR_INTERNAL, 500},         {SPEED_OK, 500},
+        {SPEED_ERR_INVALID_ARGUMENT, 400},
+        {SPEED_ERR_PARSE, 400},
+        {SPEED_ERR_FORMAT, 400},
+        {SPEED_ERR_UNSUPPORTED, 400},
+        {SPEED_ERR_NOT_FOUND, 404},
+        {SPEED_ERR_TOO_LONG, 413},
+        {SPEED_ERR_CAPACITY, 429},
+        {SPEED_ERR_TIMEOUT, 503},
+        {SPEED_ERR_CANCELLED, 503},
+        {SPEED_ERR_NO_MEMORY, 503},
+        {SPEED_ERR_PEER_UNREACHABLE, 503},
+        {SPEED_ERR_PEER_PROTOCOL, 503},
+        {SPEED_ERR_TRANSFER, 503},
+        {SPEED_ERR_IO, 500},
+        {SPEED_ERR_DEVICE, 500},
+        {SPEED_ERR_INTERNAL, 500},
+        {SPEED_OK, 500},
         {(speed_status_t)-77, 500},
     };
     for (size_t i = 0; i < sizeof table / sizeof table[0]; i++) {
         speed_openai_error_t err;
         speed_openai_error_from_status(table[i].st, NULL, &err);
-        CHECK_MSG(speed_openai_error_http_status(err.kind) == table[i].http, "status %d → %d",
-                  table[i].st, speed_openai_error_http_status(err.kind));
+        CHECK_MSG(speed_openai_error_http_status(err.kind) == table[i].http, "status %d → %d", table[i].st,
+                  speed_openai_error_http_status(err.kind));
         CHECK(err.message[0] != '\0');
     }
     speed_openai_error_t err;
@@ -603,8 +590,7 @@ static void test_errors(void)
     speed_free(body);
 }
 
-static void test_model_and_length(void)
-{
+static void test_model_and_length(void) {
     speed_openai_request_t *r = parse_ok(SPEED_OPENAI_CHAT, CHAT(",\"max_tokens\":100"), 0);
     if (!r) return;
     const char *models[] = {"other", "m"};
@@ -632,17 +618,18 @@ static void test_model_and_length(void)
     speed_openai_request_destroy(r);
 }
 
-static void test_auth(void)
-{
+static void test_auth(void) {
     const char *keys[] = {"sk-alpha", "sk-beta-longer"};
     speed_openai_error_t err;
-    CHECK(speed_openai_auth_check(NULL, NULL, 0, &err));             /* auth off */
+    CHECK(speed_openai_auth_check(NULL, NULL, 0, &err)); /* auth off */
     CHECK(speed_openai_auth_check("Bearer sk-alpha", keys, 2, &err));
     CHECK(speed_openai_auth_check("bearer   sk-beta-longer  ", keys, 2, &err));
     CHECK(speed_openai_auth_check("BEARER\tsk-alpha", keys, 2, &err));
     static const char *const bad[] = {
-        "Bearer sk-alph", "Bearer sk-alphaX", "Bearer sk-beta", "Bearer SK-ALPHA",
-        "Basic sk-alpha", "sk-alpha", "Bearer", "Bearer ", "", "Bearersk-alpha",
+        "Bearer sk-alph",  "Bearer sk-alphaX", "Bearer sk-beta",
+        "Bearer SK-ALPHA", "Basic sk-alpha",   "sk-alpha",
+        "Bearer",          "Bearer ",          "",
+        "Bearersk-alpha",
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         memset(&err, 0, sizeof err);
@@ -651,11 +638,11 @@ static void test_auth(void)
         CHECK_STR_EQ(speed_openai_error_type(err.kind), "invalid_request_error");
     }
     CHECK(!speed_openai_auth_check(NULL, keys, 2, &err));
-    CHECK_STR_EQ(err.code, "");   /* missing key: code null */
+    CHECK_STR_EQ(err.code, ""); /* missing key: code null */
     check_error_json(&err, 401, NULL, NULL, "auth missing");
     CHECK(!speed_openai_auth_check("Bearer nope", keys, 2, &err));
     CHECK_STR_EQ(err.code, "invalid_api_key");
-    CHECK(!strstr(err.message, "nope"));   /* the presented key is not echoed */
+    CHECK(!strstr(err.message, "nope")); /* the presented key is not echoed */
 }
 
 /* ---- response builders ------------------------------------------------------------- */
@@ -664,32 +651,37 @@ static const speed_openai_top_logprob_t tops0[] = {{"Hel", 3, -0.1}, {"He", 2, -
 static const speed_openai_top_logprob_t tops1[] = {{"\xe6\x97", 2, -0.2}, {"lo", 2, -INFINITY}};
 static const speed_openai_token_logprob_t lps[] = {
     {"Hel", 3, -0.1, tops0, 2},
-    {"\xe6\x97", 2, -0.2, tops1, 2},   /* half of 日: a byte-level token */
+    {"\xe6\x97", 2, -0.2, tops1, 2}, /* half of 日: a byte-level token */
     {"\xa5", 1, -0.3, NULL, 0},
 };
 
-static json_t *load_checked(const char *s, size_t len)
-{
+static json_t *load_checked(const char *s, size_t len) {
     json_error_t jerr;
     json_t *j = json_loadb(s, len, 0, &jerr);
     CHECK_MSG(j != NULL, "does not parse (%s): %.*s", jerr.text, (int)len, s);
     return j;
 }
 
-static void test_chat_response(void)
-{
+static void test_chat_response(void) {
     speed_openai_usage_t usage = {12, 3, 4096, 5120};
     speed_openai_response_t r = {
-        .id = "chatcmpl-1", .model = "m", .created = 1700000000, .text = "Hel\xe6\x97\xa5",
-        .text_len = 6, .finish = SPEED_OPENAI_FINISH_STOP, .has_logprobs = true,
-        .logprobs = lps, .n_logprobs = 3, .usage = &usage,
+        .id = "chatcmpl-1",
+        .model = "m",
+        .created = 1700000000,
+        .text = "Hel\xe6\x97\xa5",
+        .text_len = 6,
+        .finish = SPEED_OPENAI_FINISH_STOP,
+        .has_logprobs = true,
+        .logprobs = lps,
+        .n_logprobs = 3,
+        .usage = &usage,
     };
     char *s = NULL;
     size_t len = 0;
     CHECK_INT_EQ(speed_openai_response_json(SPEED_OPENAI_CHAT, &r, &s, &len), SPEED_OK);
     if (!s) return;
     CHECK_INT_EQ(strlen(s), len);
-    CHECK(!strchr(s, '\n') && !strstr(s, ": "));   /* compact */
+    CHECK(!strchr(s, '\n') && !strstr(s, ": ")); /* compact */
     json_t *j = load_checked(s, len);
     CHECK_STR_EQ(json_string_value(json_object_get(j, "id")), "chatcmpl-1");
     CHECK_STR_EQ(json_string_value(json_object_get(j, "object")), "chat.completion");
@@ -740,8 +732,7 @@ static void test_chat_response(void)
     ch = json_array_get(json_object_get(j, "choices"), 0);
     CHECK(json_is_null(json_object_get(ch, "logprobs")));
     CHECK_STR_EQ(json_string_value(json_object_get(ch, "finish_reason")), "length");
-    CHECK_STR_EQ(json_string_value(json_object_get(json_object_get(ch, "message"), "content")),
-                 "a\xef\xbf\xbd");
+    CHECK_STR_EQ(json_string_value(json_object_get(json_object_get(ch, "message"), "content")), "a\xef\xbf\xbd");
     u = json_object_get(j, "usage");
     CHECK(json_object_get(u, "kv_bytes") == NULL);
     CHECK_INT_EQ(json_object_size(u), 3);
@@ -753,21 +744,25 @@ static void test_chat_response(void)
     CHECK_INT_EQ(speed_openai_response_json(SPEED_OPENAI_CHAT, &r, &s, &len), SPEED_OK);
     j = load_checked(s, len);
     CHECK(json_object_get(j, "usage") == NULL);
-    CHECK(json_is_null(json_object_get(json_array_get(json_object_get(j, "choices"), 0),
-                                       "finish_reason")));
+    CHECK(json_is_null(json_object_get(json_array_get(json_object_get(j, "choices"), 0), "finish_reason")));
     json_decref(j);
     speed_free(s);
-    CHECK_INT_EQ(speed_openai_response_json(SPEED_OPENAI_CHAT, NULL, &s, &len),
-                 SPEED_ERR_INTERNAL);
+    CHECK_INT_EQ(speed_openai_response_json(SPEED_OPENAI_CHAT, NULL, &s, &len), SPEED_ERR_INTERNAL);
 }
 
-static void test_completion_response(void)
-{
+static void test_completion_response(void) {
     speed_openai_usage_t usage = {5, 3, 100, 200};
     speed_openai_response_t r = {
-        .id = "cmpl-9", .model = "m", .created = 1, .text = "Hel\xe6\x97\xa5", .text_len = 6,
-        .finish = SPEED_OPENAI_FINISH_LENGTH, .has_logprobs = true, .logprobs = lps,
-        .n_logprobs = 3, .usage = &usage,
+        .id = "cmpl-9",
+        .model = "m",
+        .created = 1,
+        .text = "Hel\xe6\x97\xa5",
+        .text_len = 6,
+        .finish = SPEED_OPENAI_FINISH_LENGTH,
+        .has_logprobs = true,
+        .logprobs = lps,
+        .n_logprobs = 3,
+        .usage = &usage,
     };
     char *s = NULL;
     size_t len = 0;
@@ -781,31 +776,26 @@ static void test_completion_response(void)
     json_t *lp = json_object_get(ch, "logprobs");
     CHECK_INT_EQ(json_array_size(json_object_get(lp, "tokens")), 3);
     CHECK_STR_EQ(json_string_value(json_array_get(json_object_get(lp, "tokens"), 0)), "Hel");
-    CHECK_STR_EQ(json_string_value(json_array_get(json_object_get(lp, "tokens"), 2)),
-                 "bytes:\\xa5");
-    CHECK_NEAR(json_real_value(json_array_get(json_object_get(lp, "token_logprobs"), 1)), -0.2,
-               1e-9);
+    CHECK_STR_EQ(json_string_value(json_array_get(json_object_get(lp, "tokens"), 2)), "bytes:\\xa5");
+    CHECK_NEAR(json_real_value(json_array_get(json_object_get(lp, "token_logprobs"), 1)), -0.2, 1e-9);
     json_t *tops = json_object_get(lp, "top_logprobs");
     CHECK_INT_EQ(json_array_size(tops), 3);
     CHECK_NEAR(json_real_value(json_object_get(json_array_get(tops, 0), "He")), -2.5, 1e-9);
-    CHECK_NEAR(json_real_value(json_object_get(json_array_get(tops, 1), "bytes:\\xe6\\x97")),
-               -0.2, 1e-9);
+    CHECK_NEAR(json_real_value(json_object_get(json_array_get(tops, 1), "bytes:\\xe6\\x97")), -0.2, 1e-9);
     CHECK_INT_EQ(json_object_size(json_array_get(tops, 2)), 0);
     json_t *off = json_object_get(lp, "text_offset");
     CHECK_INT_EQ(json_integer_value(json_array_get(off, 0)), 0);
     CHECK_INT_EQ(json_integer_value(json_array_get(off, 1)), 3);
     CHECK_INT_EQ(json_integer_value(json_array_get(off, 2)), 5);
     CHECK(json_object_get(ch, "message") == NULL);
-    CHECK_INT_EQ(json_integer_value(json_object_get(json_object_get(j, "usage"), "total_tokens")),
-                 8);
+    CHECK_INT_EQ(json_integer_value(json_object_get(json_object_get(j, "usage"), "total_tokens")), 8);
     json_decref(j);
     speed_free(s);
 }
 
 /* Splits an SSE stream into events; every event must be "data: ...\n\n". Returns the
  * number of events and the JSON of each (NULL for [DONE]). */
-static size_t sse_split(const char *stream, json_t **events, size_t max, bool *done)
-{
+static size_t sse_split(const char *stream, json_t **events, size_t max, bool *done) {
     size_t n = 0;
     *done = false;
     const char *p = stream;
@@ -816,10 +806,10 @@ static size_t sse_split(const char *stream, json_t **events, size_t max, bool *d
         if (!end || n == max) break;
         const char *payload = p + 6;
         size_t plen = (size_t)(end - payload);
-        CHECK(!memchr(payload, '\n', plen));   /* one line per event */
+        CHECK(!memchr(payload, '\n', plen)); /* one line per event */
         if (plen == 6 && strncmp(payload, "[DONE]", 6) == 0) {
             *done = true;
-            CHECK(end[2] == '\0');   /* nothing after [DONE] */
+            CHECK(end[2] == '\0'); /* nothing after [DONE] */
             events[n++] = NULL;
         } else {
             events[n++] = load_checked(payload, plen);
@@ -829,17 +819,14 @@ static size_t sse_split(const char *stream, json_t **events, size_t max, bool *d
     return n;
 }
 
-static void append(char **buf, size_t *len, const char *s, size_t n)
-{
+static void append(char **buf, size_t *len, const char *s, size_t n) {
     *buf = realloc(*buf, *len + n + 1);
     memcpy(*buf + *len, s, n);
     *len += n;
     (*buf)[*len] = '\0';
 }
 
-static void add_chunk(speed_openai_api_t api, const speed_openai_chunk_t *c, char **stream,
-                      size_t *len)
-{
+static void add_chunk(speed_openai_api_t api, const speed_openai_chunk_t *c, char **stream, size_t *len) {
     char *s = NULL;
     size_t n = 0;
     CHECK_INT_EQ(speed_openai_chunk_sse(api, c, &s, &n), SPEED_OK);
@@ -849,14 +836,12 @@ static void add_chunk(speed_openai_api_t api, const speed_openai_chunk_t *c, cha
     speed_free(s);
 }
 
-static void test_chat_stream(void)
-{
+static void test_chat_stream(void) {
     speed_openai_usage_t usage = {7, 3, 10, 20};
     const char *pieces[] = {"Hel", "lo", " \xe6\x97\xa5"};
     char *stream = NULL;
     size_t len = 0;
-    speed_openai_chunk_t c = {.id = "chatcmpl-s", .model = "m", .created = 42,
-                              .include_usage = true};
+    speed_openai_chunk_t c = {.id = "chatcmpl-s", .model = "m", .created = 42, .include_usage = true};
     c.kind = SPEED_OPENAI_CHUNK_ROLE;
     add_chunk(SPEED_OPENAI_CHAT, &c, &stream, &len);
     for (size_t i = 0; i < 3; i++) {
@@ -892,7 +877,7 @@ static void test_chat_stream(void)
         CHECK_STR_EQ(json_string_value(json_object_get(e, "id")), "chatcmpl-s");
         CHECK_INT_EQ(json_integer_value(json_object_get(e, "created")), 42);
         json_t *choices = json_object_get(e, "choices");
-        if (i == n - 2) {   /* usage chunk */
+        if (i == n - 2) { /* usage chunk */
             CHECK_INT_EQ(json_array_size(choices), 0);
             json_t *u = json_object_get(e, "usage");
             CHECK_INT_EQ(json_integer_value(json_object_get(u, "total_tokens")), 10);
@@ -920,8 +905,7 @@ static void test_chat_stream(void)
         }
         json_t *lp = json_object_get(ch, "logprobs");
         if (i == 1) {
-            CHECK_STR_EQ(json_string_value(json_object_get(
-                             json_array_get(json_object_get(lp, "content"), 0), "token")),
+            CHECK_STR_EQ(json_string_value(json_object_get(json_array_get(json_object_get(lp, "content"), 0), "token")),
                          "Hel");
         } else {
             CHECK(json_is_null(lp));
@@ -932,22 +916,19 @@ static void test_chat_stream(void)
     free(stream);
 
     /* without include_usage there is no usage member at all */
-    speed_openai_chunk_t c2 = {.kind = SPEED_OPENAI_CHUNK_CONTENT, .id = "x", .model = "m",
-                               .text = "a", .text_len = 1};
+    speed_openai_chunk_t c2 = {.kind = SPEED_OPENAI_CHUNK_CONTENT, .id = "x", .model = "m", .text = "a", .text_len = 1};
     char *s = NULL;
     size_t sl;
     CHECK_INT_EQ(speed_openai_chunk_sse(SPEED_OPENAI_CHAT, &c2, &s, &sl), SPEED_OK);
     CHECK(s && !strstr(s, "usage"));
     speed_free(s);
-    c2.kind = SPEED_OPENAI_CHUNK_USAGE;   /* without usage: a caller bug */
+    c2.kind = SPEED_OPENAI_CHUNK_USAGE; /* without usage: a caller bug */
     CHECK_INT_EQ(speed_openai_chunk_sse(SPEED_OPENAI_CHAT, &c2, &s, &sl), SPEED_ERR_INTERNAL);
     c2.kind = SPEED_OPENAI_CHUNK_ROLE;
-    CHECK_INT_EQ(speed_openai_chunk_sse(SPEED_OPENAI_COMPLETIONS, &c2, &s, &sl),
-                 SPEED_ERR_INTERNAL);
+    CHECK_INT_EQ(speed_openai_chunk_sse(SPEED_OPENAI_COMPLETIONS, &c2, &s, &sl), SPEED_ERR_INTERNAL);
 }
 
-static void test_completion_stream(void)
-{
+static void test_completion_stream(void) {
     speed_openai_usage_t usage = {2, 2, -1, -1};
     char *stream = NULL;
     size_t len = 0;
@@ -989,8 +970,10 @@ static void test_completion_stream(void)
             CHECK_INT_EQ(json_integer_value(json_array_get(off, 1)), 5);
         }
         json_t *fr = json_object_get(ch, "finish_reason");
-        if (i == 2) CHECK_STR_EQ(json_string_value(fr), "length");
-        else CHECK(json_is_null(fr));
+        if (i == 2)
+            CHECK_STR_EQ(json_string_value(fr), "length");
+        else
+            CHECK(json_is_null(fr));
     }
     CHECK_STR_EQ(text, "Hel\xe6\x97\xa5");
     if (n == 5) {
@@ -1001,8 +984,7 @@ static void test_completion_stream(void)
     free(stream);
 }
 
-static void test_models(void)
-{
+static void test_models(void) {
     const char *ids[] = {"llama-3.1-8b", "tiny"};
     char *s = NULL;
     size_t len;
@@ -1025,8 +1007,7 @@ static void test_models(void)
 
 /* ---- tokenization ------------------------------------------------------------------ */
 
-static speed_tok_t *load_tokenizer(char *dir, size_t cap)
-{
+static speed_tok_t *load_tokenizer(char *dir, size_t cap) {
     snprintf(dir, cap, "%s", tu_tmp_init("router_openai"));
     if (speed_tok_write_default(dir, SPEED_TOK_DEFAULT_N_VOCAB) != SPEED_OK) return NULL;
     speed_tok_t *tok = NULL;
@@ -1034,14 +1015,13 @@ static speed_tok_t *load_tokenizer(char *dir, size_t cap)
     return tok;
 }
 
-static void test_tokenize(speed_tok_t *tok)
-{
+static void test_tokenize(speed_tok_t *tok) {
     speed_openai_error_t err;
-    speed_openai_request_t *r = parse_ok(
-        SPEED_OPENAI_CHAT,
-        MSG("{\"role\":\"system\",\"content\":\"Be short.\"},"
-            "{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"Hello\"},"
-            "{\"type\":\"text\",\"text\":\"there\"}]}"), 0);
+    speed_openai_request_t *r = parse_ok(SPEED_OPENAI_CHAT,
+                                         MSG("{\"role\":\"system\",\"content\":\"Be short.\"},"
+                                             "{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"Hello\"},"
+                                             "{\"type\":\"text\",\"text\":\"there\"}]}"),
+                                         0);
     if (!r) return;
     speed_tok_ids_t ids = {0};
     CHECK_INT_EQ(speed_openai_request_tokenize(r, tok, &ids, &err), SPEED_OK);
@@ -1105,8 +1085,7 @@ typedef union {
 static bool json_exempt;
 static int64_t json_plain_live;
 
-static void *test_json_malloc(size_t n)
-{
+static void *test_json_malloc(size_t n) {
     json_hdr_t *h;
     if (json_exempt) {
         h = malloc(sizeof *h + n);
@@ -1121,8 +1100,7 @@ static void *test_json_malloc(size_t n)
     return h + 1;
 }
 
-static void test_json_free(void *p)
-{
+static void test_json_free(void *p) {
     if (!p) return;
     json_hdr_t *h = (json_hdr_t *)p - 1;
     if (h->h.magic == JSON_MAGIC_PLAIN) {
@@ -1140,8 +1118,7 @@ typedef speed_status_t (*op_fn)(void *arg, speed_openai_error_t *err);
  * (sticky). A failure must give NO_MEMORY (a 503 when op reports an error), or for an op
  * whose clean run is a client error (`clean`), that same status; nothing may stay
  * allocated. Returns the number of injected failures. */
-static int fault_loop(const char *name, op_fn op, void *arg, speed_status_t clean)
-{
+static int fault_loop(const char *name, op_fn op, void *arg, speed_status_t clean) {
     int n;
     for (n = 0; n < 100000; n++) {
         int64_t live = speed_alloc_live_count(), plain = json_plain_live;
@@ -1151,26 +1128,22 @@ static int fault_loop(const char *name, op_fn op, void *arg, speed_status_t clea
         speed_status_t st = op(arg, &err);
         int64_t injected = speed_alloc_injected_failures();
         speed_alloc_fail_after(-1, 0);
-        CHECK_MSG(speed_alloc_live_count() == live && json_plain_live == plain,
-                  "%s: leak at failure %d (%lld live)", name, n,
-                  (long long)(speed_alloc_live_count() - live + json_plain_live - plain));
+        CHECK_MSG(speed_alloc_live_count() == live && json_plain_live == plain, "%s: leak at failure %d (%lld live)",
+                  name, n, (long long)(speed_alloc_live_count() - live + json_plain_live - plain));
         if (injected == 0) {
-            CHECK_MSG(st == clean, "%s: clean run gave %d, want %d (%s)", name, st, clean,
-                      err.message);
+            CHECK_MSG(st == clean, "%s: clean run gave %d, want %d (%s)", name, st, clean, err.message);
             break;
         }
-        CHECK_MSG(st == SPEED_ERR_NO_MEMORY || (clean != SPEED_OK && st == clean),
-                  "%s: failure %d gave status %d (%s)", name, n, st, err.message);
-        if (st == SPEED_ERR_NO_MEMORY && err.message[0])
-            CHECK_INT_EQ(speed_openai_error_http_status(err.kind), 503);
+        CHECK_MSG(st == SPEED_ERR_NO_MEMORY || (clean != SPEED_OK && st == clean), "%s: failure %d gave status %d (%s)",
+                  name, n, st, err.message);
+        if (st == SPEED_ERR_NO_MEMORY && err.message[0]) CHECK_INT_EQ(speed_openai_error_http_status(err.kind), 503);
     }
     int64_t live = speed_alloc_live_count(), plain = json_plain_live;
     speed_openai_error_t err;
     speed_alloc_fail_after(0, 1);
     speed_status_t st = op(arg, &err);
     speed_alloc_fail_after(-1, 0);
-    CHECK_MSG(st == SPEED_ERR_NO_MEMORY || (clean != SPEED_OK && st == clean),
-              "%s: sticky failure gave %d", name, st);
+    CHECK_MSG(st == SPEED_ERR_NO_MEMORY || (clean != SPEED_OK && st == clean), "%s: sticky failure gave %d", name, st);
     CHECK_INT_EQ(speed_alloc_live_count(), live);
     CHECK_INT_EQ(json_plain_live, plain);
     return n;
@@ -1183,8 +1156,7 @@ typedef struct {
     speed_status_t clean;
 } parse_arg_t;
 
-static speed_status_t op_parse(void *p, speed_openai_error_t *err)
-{
+static speed_status_t op_parse(void *p, speed_openai_error_t *err) {
     const parse_arg_t *a = p;
     speed_openai_parse_params_t pp = params_of(a->flags);
     speed_openai_request_t *r = NULL;
@@ -1193,25 +1165,34 @@ static speed_status_t op_parse(void *p, speed_openai_error_t *err)
     return st;
 }
 
-static speed_status_t op_response(void *p, speed_openai_error_t *err)
-{
+static speed_status_t op_response(void *p, speed_openai_error_t *err) {
     speed_openai_usage_t usage = {1, 2, 3, 4};
-    speed_openai_response_t r = {.id = "i", .model = "m", .text = "Hel\xe6\x97",
-                                 .text_len = 5, .has_logprobs = true, .logprobs = lps,
-                                 .n_logprobs = 3, .usage = &usage};
+    speed_openai_response_t r = {.id = "i",
+                                 .model = "m",
+                                 .text = "Hel\xe6\x97",
+                                 .text_len = 5,
+                                 .has_logprobs = true,
+                                 .logprobs = lps,
+                                 .n_logprobs = 3,
+                                 .usage = &usage};
     char *s = NULL;
     speed_status_t st = speed_openai_response_json(*(speed_openai_api_t *)p, &r, &s, NULL);
     speed_free(s);
     return st;
 }
 
-static speed_status_t op_chunks(void *p, speed_openai_error_t *err)
-{
+static speed_status_t op_chunks(void *p, speed_openai_error_t *err) {
     speed_openai_api_t api = *(speed_openai_api_t *)p;
     speed_openai_usage_t usage = {1, 2, 3, 4};
-    speed_openai_chunk_t c = {.id = "i", .model = "m", .text = "x\xff", .text_len = 2,
-                              .has_logprobs = true, .logprobs = lps, .n_logprobs = 3,
-                              .usage = &usage, .include_usage = true,
+    speed_openai_chunk_t c = {.id = "i",
+                              .model = "m",
+                              .text = "x\xff",
+                              .text_len = 2,
+                              .has_logprobs = true,
+                              .logprobs = lps,
+                              .n_logprobs = 3,
+                              .usage = &usage,
+                              .include_usage = true,
                               .finish = SPEED_OPENAI_FINISH_STOP};
     for (int k = api == SPEED_OPENAI_CHAT ? 0 : 1; k <= SPEED_OPENAI_CHUNK_USAGE; k++) {
         c.kind = (speed_openai_chunk_kind_t)k;
@@ -1223,8 +1204,7 @@ static speed_status_t op_chunks(void *p, speed_openai_error_t *err)
     return SPEED_OK;
 }
 
-static speed_status_t op_misc(void *p, speed_openai_error_t *e)
-{
+static speed_status_t op_misc(void *p, speed_openai_error_t *e) {
     const char *ids[] = {"a", "b\xff"};
     char *s = NULL;
     SPEED_CHECK(speed_openai_models_json(ids, 2, 0, NULL, &s, NULL));
@@ -1244,8 +1224,7 @@ typedef struct {
     speed_openai_api_t api;
 } tok_arg_t;
 
-static speed_status_t op_tokenize(void *p, speed_openai_error_t *err)
-{
+static speed_status_t op_tokenize(void *p, speed_openai_error_t *err) {
     const tok_arg_t *a = p;
     speed_openai_request_t *r = NULL;
     speed_status_t st = speed_openai_request_parse(a->api, a->body, strlen(a->body), NULL, &r, err);
@@ -1257,8 +1236,7 @@ static speed_status_t op_tokenize(void *p, speed_openai_error_t *err)
     return st;
 }
 
-static void test_fault_injection(speed_tok_t *tok)
-{
+static void test_fault_injection(speed_tok_t *tok) {
     const speed_status_t BAD = SPEED_ERR_INVALID_ARGUMENT;
     /* every token <= 15 bytes: jansson's allocations fail too */
     static const parse_arg_t short_tokens[] = {
@@ -1312,8 +1290,7 @@ static void test_fault_injection(speed_tok_t *tok)
     total += fault_loop("completion chunks", op_chunks, &comp, SPEED_OK);
     total += fault_loop("models/error json", op_misc, NULL, SPEED_OK);
     if (tok) {
-        tok_arg_t ta = {tok, MSG("{\"role\":\"user\",\"content\":\"Hello there\"}"),
-                        SPEED_OPENAI_CHAT};
+        tok_arg_t ta = {tok, MSG("{\"role\":\"user\",\"content\":\"Hello there\"}"), SPEED_OPENAI_CHAT};
         total += fault_loop("tokenize chat", op_tokenize, &ta, SPEED_OK);
         tok_arg_t tb = {tok, PROMPT("\"Hello\""), SPEED_OPENAI_COMPLETIONS};
         total += fault_loop("tokenize text", op_tokenize, &tb, SPEED_OK);
@@ -1323,8 +1300,7 @@ static void test_fault_injection(speed_tok_t *tok)
     fprintf(stderr, "fault injection: %d injected allocation failures\n", total);
 }
 
-int main(void)
-{
+int main(void) {
     /* JSON memory through the counted allocator: leaks and injected failures reach it. */
     json_set_alloc_funcs(test_json_malloc, test_json_free);
     speed_log_configure("error");
@@ -1346,7 +1322,7 @@ int main(void)
     speed_tok_t *tok = load_tokenizer(dir, sizeof dir);
     CHECK_MSG(tok != NULL, "cannot make the default tokenizer in %s", dir);
     if (tok) test_tokenize(tok);
-    speed_log_set_sink(tu_log_discard, NULL);   /* the expected out-of-memory lines */
+    speed_log_set_sink(tu_log_discard, NULL); /* the expected out-of-memory lines */
     test_fault_injection(tok);
     speed_log_set_sink(NULL, NULL);
     speed_tok_destroy(tok);

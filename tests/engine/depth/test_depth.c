@@ -24,17 +24,20 @@ static void test_text(void) {
         const char *text;
         int n_layers, want;
     } ok[] = {
-        {"24", 32, 24},  {"1", 32, 1},      {"32", 32, 32},        {"0.75", 32, 24}, {"1.0", 32, 32},
-        {"1.", 32, 32},  {".5", 22, 11},    {"0.5", 22, 11},       {"0.75", 22, 17}, /* 16.5 -> 17 */
-        {"0.25", 22, 6}, /* 5.5 -> 6 */     {"0.01", 22, 1},       /* 0.22 -> at least 1 */
-        {"0.001", 32, 1}, {"007", 32, 7},   {"0.999999", 32, 32},  {"1", 1, 1},      {"1.00", 1, 1},
-        {"", 32, 32},    /* unset: the default, C = L */
+        {"24", 32, 24},       {"1", 32, 1},
+        {"32", 32, 32},       {"0.75", 32, 24},
+        {"1.0", 32, 32},      {"1.", 32, 32},
+        {".5", 22, 11},       {"0.5", 22, 11},
+        {"0.75", 22, 17},                                     /* 16.5 -> 17 */
+        {"0.25", 22, 6},      /* 5.5 -> 6 */ {"0.01", 22, 1}, /* 0.22 -> at least 1 */
+        {"0.001", 32, 1},     {"007", 32, 7},
+        {"0.999999", 32, 32}, {"1", 1, 1},
+        {"1.00", 1, 1},       {"", 32, 32}, /* unset: the default, C = L */
     };
     char err[200];
     for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++) {
         int c = resolve_text(ok[i].text, ok[i].n_layers, err, sizeof err);
-        CHECK_MSG(c == ok[i].want, "\"%s\" of %d: %d, want %d (%s)", ok[i].text, ok[i].n_layers, c, ok[i].want,
-                  err);
+        CHECK_MSG(c == ok[i].want, "\"%s\" of %d: %d, want %d (%s)", ok[i].text, ok[i].n_layers, c, ok[i].want, err);
     }
     /* refused by the resolver (a number, out of range) and by the parser (not a number) */
     const struct {
@@ -124,8 +127,8 @@ static void test_defaults_and_overrides(void) {
     CHECK_INT_EQ(speed_depth_resolve(NULL, NULL, 32, &d, err, sizeof err), SPEED_OK);
     CHECK(d.prefill_layers == 32 && d.anchors == 1 && d.tail == 1);
     /* a deployment default (itself resolved, here from "0.75") under an empty request */
-    speed_depth_request_t cfg = {.prefill_layers = speed_cutoff_fraction(0.75), .has_anchors = true, .anchors = 4,
-                                 .has_tail = true, .tail = 2};
+    speed_depth_request_t cfg = {
+        .prefill_layers = speed_cutoff_fraction(0.75), .has_anchors = true, .anchors = 4, .has_tail = true, .tail = 2};
     speed_depth_t deployment;
     CHECK_INT_EQ(speed_depth_resolve(&cfg, NULL, 32, &deployment, err, sizeof err), SPEED_OK);
     CHECK(deployment.prefill_layers == 24 && deployment.anchors == 4 && deployment.tail == 2);

@@ -6,14 +6,13 @@
 #include "model_test_util.h"
 
 /* Llama-2-7b-hf */
-static const char *LLAMA2 =
-    "{\"architectures\":[\"LlamaForCausalLM\"],\"bos_token_id\":1,\"eos_token_id\":2,"
-    "\"hidden_act\":\"silu\",\"hidden_size\":4096,\"initializer_range\":0.02,"
-    "\"intermediate_size\":11008,\"max_position_embeddings\":4096,\"model_type\":\"llama\","
-    "\"num_attention_heads\":32,\"num_hidden_layers\":32,\"num_key_value_heads\":32,"
-    "\"pretraining_tp\":1,\"rms_norm_eps\":1e-05,\"rope_scaling\":null,"
-    "\"tie_word_embeddings\":false,\"torch_dtype\":\"float16\","
-    "\"transformers_version\":\"4.31.0.dev0\",\"use_cache\":true,\"vocab_size\":32000}";
+static const char *LLAMA2 = "{\"architectures\":[\"LlamaForCausalLM\"],\"bos_token_id\":1,\"eos_token_id\":2,"
+                            "\"hidden_act\":\"silu\",\"hidden_size\":4096,\"initializer_range\":0.02,"
+                            "\"intermediate_size\":11008,\"max_position_embeddings\":4096,\"model_type\":\"llama\","
+                            "\"num_attention_heads\":32,\"num_hidden_layers\":32,\"num_key_value_heads\":32,"
+                            "\"pretraining_tp\":1,\"rms_norm_eps\":1e-05,\"rope_scaling\":null,"
+                            "\"tie_word_embeddings\":false,\"torch_dtype\":\"float16\","
+                            "\"transformers_version\":\"4.31.0.dev0\",\"use_cache\":true,\"vocab_size\":32000}";
 
 /* Meta-Llama-3-8B */
 static const char *LLAMA3 =
@@ -153,8 +152,8 @@ static void test_variants(void) {
                        "\"max_position_embeddings\":64}",
                        &c),
                  SPEED_OK);
-    CHECK_INT_EQ(c.n_kv_heads, 4);       /* default n_heads */
-    CHECK_INT_EQ(c.head_dim, 16);        /* hidden / n_heads */
+    CHECK_INT_EQ(c.n_kv_heads, 4); /* default n_heads */
+    CHECK_INT_EQ(c.head_dim, 16);  /* hidden / n_heads */
     CHECK_NEAR(c.rope_theta, 10000.0, 0);
     CHECK_NEAR(c.rms_norm_eps, 1e-6, 1e-12);
     CHECK_INT_EQ(c.bos_token_id, -1);
@@ -192,14 +191,29 @@ static void test_variants(void) {
 /* A base config with one key replaced (value NULL = removed). */
 static char *with_key(const char *key, const char *value) {
     static char buf[4096];
-    static const char *keys[] = {"architectures", "model_type", "num_hidden_layers", "hidden_size",
-                                 "num_attention_heads", "num_key_value_heads", "intermediate_size",
-                                 "vocab_size", "max_position_embeddings", "rms_norm_eps",
-                                 "rope_theta", "bos_token_id", "eos_token_id", "torch_dtype",
-                                 "rope_scaling", "tie_word_embeddings", "hidden_act"};
-    static const char *vals[] = {"[\"LlamaForCausalLM\"]", "\"llama\"", "4", "64", "4", "2", "128",
-                                 "100", "64", "1e-5", "10000.0", "1", "2", "\"bfloat16\"", "null",
-                                 "false", "\"silu\""};
+    static const char *keys[] = {"architectures",       "model_type",          "num_hidden_layers",
+                                 "hidden_size",         "num_attention_heads", "num_key_value_heads",
+                                 "intermediate_size",   "vocab_size",          "max_position_embeddings",
+                                 "rms_norm_eps",        "rope_theta",          "bos_token_id",
+                                 "eos_token_id",        "torch_dtype",         "rope_scaling",
+                                 "tie_word_embeddings", "hidden_act"};
+    static const char *vals[] = {"[\"LlamaForCausalLM\"]",
+                                 "\"llama\"",
+                                 "4",
+                                 "64",
+                                 "4",
+                                 "2",
+                                 "128",
+                                 "100",
+                                 "64",
+                                 "1e-5",
+                                 "10000.0",
+                                 "1",
+                                 "2",
+                                 "\"bfloat16\"",
+                                 "null",
+                                 "false",
+                                 "\"silu\""};
     size_t n = 0;
     bool used = false;
     n += (size_t)sprintf(buf + n, "{");
@@ -272,14 +286,17 @@ static void test_bad(void) {
                "rope_scaling.rope_type: \"linear\" is not supported");
     expect_bad("rope_scaling", "{\"rope_type\":\"yarn\",\"factor\":4.0}", SPEED_ERR_UNSUPPORTED,
                "\"yarn\" is not supported");
-    expect_bad("rope_scaling", "{\"rope_type\":\"llama3\",\"low_freq_factor\":1,\"high_freq_factor\":4,"
-                               "\"original_max_position_embeddings\":8192}",
+    expect_bad("rope_scaling",
+               "{\"rope_type\":\"llama3\",\"low_freq_factor\":1,\"high_freq_factor\":4,"
+               "\"original_max_position_embeddings\":8192}",
                SPEED_ERR_FORMAT, "rope_scaling.factor: missing");
-    expect_bad("rope_scaling", "{\"rope_type\":\"llama3\",\"factor\":8,\"low_freq_factor\":4,"
-                               "\"high_freq_factor\":1,\"original_max_position_embeddings\":8192}",
+    expect_bad("rope_scaling",
+               "{\"rope_type\":\"llama3\",\"factor\":8,\"low_freq_factor\":4,"
+               "\"high_freq_factor\":1,\"original_max_position_embeddings\":8192}",
                SPEED_ERR_FORMAT, "rope_scaling.high_freq_factor");
-    expect_bad("rope_scaling", "{\"rope_type\":\"llama3\",\"factor\":8,\"low_freq_factor\":1,"
-                               "\"high_freq_factor\":4}",
+    expect_bad("rope_scaling",
+               "{\"rope_type\":\"llama3\",\"factor\":8,\"low_freq_factor\":1,"
+               "\"high_freq_factor\":4}",
                SPEED_ERR_FORMAT, "rope_scaling.original_max_position_embeddings: missing");
     expect_bad("rope_scaling", "[]", SPEED_ERR_FORMAT, "rope_scaling: expected an object or null");
     expect_bad("architectures", NULL, SPEED_OK, ""); /* model_type alone is enough */

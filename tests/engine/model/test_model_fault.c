@@ -49,12 +49,10 @@ static int inject(const char *what, op_cb_t op, undo_cb_t undo, const char *arg,
             CHECK_MSG(injected == 0, "%s: n=%d succeeded despite an injected failure", what, n);
             undo(out);
             CHECK_INT_EQ(speed_alloc_live_count(), base);
-            fprintf(stderr, "%s (%s): ok after %d injected failures\n", what,
-                    sticky ? "sticky" : "once", n);
+            fprintf(stderr, "%s (%s): ok after %d injected failures\n", what, sticky ? "sticky" : "once", n);
             return n;
         }
-        CHECK_MSG(s == SPEED_ERR_NO_MEMORY, "%s: n=%d: status %d (%s)", what, n, s,
-                  speed_status_string(s));
+        CHECK_MSG(s == SPEED_ERR_NO_MEMORY, "%s: n=%d: status %d (%s)", what, n, s, speed_status_string(s));
         CHECK_MSG(injected >= 1, "%s: n=%d failed without an injected failure", what, n);
         CHECK_MSG(speed_alloc_live_count() == base, "%s: n=%d leaked %lld allocations", what, n,
                   (long long)(speed_alloc_live_count() - base));

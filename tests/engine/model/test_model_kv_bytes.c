@@ -23,8 +23,7 @@ static void test_kv_bytes(void) {
     CHECK_INT_EQ(speed_kv_bytes_per_token(&t, -1, SPEED_DTYPE_BF16), 0);
 
     const int64_t per = 2 * 4 * 64 * 2; /* one layer, one token, bf16 */
-    CHECK_INT_EQ(speed_kv_bytes_for_prompt(&t, 16, 1, 1, 1000, SPEED_DTYPE_BF16),
-                 per * (16 * 1000 + 6 * 2));
+    CHECK_INT_EQ(speed_kv_bytes_for_prompt(&t, 16, 1, 1, 1000, SPEED_DTYPE_BF16), per * (16 * 1000 + 6 * 2));
     CHECK_INT_EQ(speed_kv_bytes_for_prompt(&t, 22, 1, 1, 1000, SPEED_DTYPE_BF16), per * 22 * 1000);
     CHECK_INT_EQ(speed_kv_bytes_for_prompt(&t, 22, 1, 1, 1000, SPEED_DTYPE_BF16),
                  1000 * speed_kv_bytes_per_token(&t, 22, SPEED_DTYPE_BF16));
@@ -33,8 +32,7 @@ static void test_kv_bytes(void) {
     CHECK_INT_EQ(speed_kv_bytes_for_prompt(&t, 8, 4, 4, 5, SPEED_DTYPE_BF16), per * 22 * 5);
     CHECK_INT_EQ(speed_kv_bytes_for_prompt(&t, 8, 0, 1, 1, SPEED_DTYPE_BF16), per * 22);
     /* anchors and tail: shallow tokens are n - A - T */
-    CHECK_INT_EQ(speed_kv_bytes_for_prompt(&t, 8, 4, 16, 100, SPEED_DTYPE_BF16),
-                 per * (22 * 20 + 8 * 80));
+    CHECK_INT_EQ(speed_kv_bytes_for_prompt(&t, 8, 4, 16, 100, SPEED_DTYPE_BF16), per * (22 * 20 + 8 * 80));
     CHECK_INT_EQ(speed_kv_bytes_for_prompt(&t, 8, 0, 0, 100, SPEED_DTYPE_BF16), per * 8 * 100);
     CHECK_INT_EQ(speed_kv_bytes_for_prompt(&t, 8, -3, -3, 100, SPEED_DTYPE_BF16), per * 8 * 100);
     /* shallow share: full-depth tokens + shallow tokens at C layers */

@@ -34,14 +34,13 @@ static void check_weights(const speed_model_t *m, const speed_tiny_model_params_
     static char names[16][9][96];
     for (int l = 0; l < c->n_layers && l < 16; l++) {
         const speed_layer_weights_t *w = &m->layers[l];
-        const char *sfx[9] = {"input_layernorm", "self_attn.q_proj", "self_attn.k_proj",
+        const char *sfx[9] = {"input_layernorm",  "self_attn.q_proj", "self_attn.k_proj",
                               "self_attn.v_proj", "self_attn.o_proj", "post_attention_layernorm",
-                              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"};
-        const speed_tensor_t *ts[9] = {w->attn_norm, w->wq, w->wk, w->wv, w->wo,
-                                       w->ffn_norm, w->w_gate, w->w_up, w->w_down};
-        int64_t d[9][2] = {{c->hidden, 0}, {q, c->hidden}, {kv, c->hidden}, {kv, c->hidden},
-                           {c->hidden, q}, {c->hidden, 0}, {c->ffn, c->hidden},
-                           {c->ffn, c->hidden}, {c->hidden, c->ffn}};
+                              "mlp.gate_proj",    "mlp.up_proj",      "mlp.down_proj"};
+        const speed_tensor_t *ts[9] = {w->attn_norm, w->wq,     w->wk,   w->wv,    w->wo,
+                                       w->ffn_norm,  w->w_gate, w->w_up, w->w_down};
+        int64_t d[9][2] = {{c->hidden, 0}, {q, c->hidden},      {kv, c->hidden},     {kv, c->hidden},    {c->hidden, q},
+                           {c->hidden, 0}, {c->ffn, c->hidden}, {c->ffn, c->hidden}, {c->hidden, c->ffn}};
         for (int i = 0; i < 9; i++) {
             snprintf(names[l][i], 96, "model.layers.%d.%s.weight", l, sfx[i]);
             list[n++] = (expect_t){ts[i], names[l][i], d[i][0], d[i][1]};
@@ -72,13 +71,18 @@ static void check_weights(const speed_model_t *m, const speed_tiny_model_params_
         double sum = 0, sq = 0;
         for (int64_t k = 0; k < ne; k++) sum += vals[k], sq += (double)vals[k] * vals[k];
         double mean = sum / (double)ne, sd = sqrt(sq / (double)ne - mean * mean);
-        if (nd == 1) CHECK_MSG(fabs(mean - 1.0) < 0.01 && sd < 3 * p->init_std, "%s: %g %g", list[i].name, mean, sd);
-        else CHECK_MSG(fabs(mean) < 0.01 && fabs(sd - p->init_std) < 0.2 * p->init_std, "%s: %g %g", list[i].name, mean, sd);
+        if (nd == 1)
+            CHECK_MSG(fabs(mean - 1.0) < 0.01 && sd < 3 * p->init_std, "%s: %g %g", list[i].name, mean, sd);
+        else
+            CHECK_MSG(fabs(mean) < 0.01 && fabs(sd - p->init_std) < 0.2 * p->init_std, "%s: %g %g", list[i].name, mean,
+                      sd);
         n_params += ne;
     }
     CHECK_INT_EQ(bad, 0);
-    if (p->tied) CHECK(m->lm_head == m->tok_embeddings);
-    else CHECK(m->lm_head != m->tok_embeddings);
+    if (p->tied)
+        CHECK(m->lm_head == m->tok_embeddings);
+    else
+        CHECK(m->lm_head != m->tok_embeddings);
     CHECK_INT_EQ(speed_model_n_params(m), n_params);
     CHECK_INT_EQ(speed_model_n_bytes(m), (size_t)n_params * esize);
     free(vals);
@@ -120,10 +124,9 @@ static void test_round_trip(void) {
                 check_weights(m, &p);
                 if (shards == 3) {
                     struct stat sb;
-                    CHECK(stat(tu_path("rt-%s-%d-3/model-00003-of-00003.safetensors",
-                                       speed_dtype_name(p.dtype), tied), &sb) == 0);
-                    CHECK(stat(tu_path("rt-%s-%d-3/model.safetensors", speed_dtype_name(p.dtype),
-                                       tied), &sb) != 0);
+                    CHECK(stat(tu_path("rt-%s-%d-3/model-00003-of-00003.safetensors", speed_dtype_name(p.dtype), tied),
+                               &sb) == 0);
+                    CHECK(stat(tu_path("rt-%s-%d-3/model.safetensors", speed_dtype_name(p.dtype), tied), &sb) != 0);
                 }
                 speed_model_destroy(m);
                 CHECK_INT_EQ(speed_alloc_live_count(), g_base);
@@ -304,9 +307,12 @@ static void repack(const char *path, const char *drop, const tu_st_entry_t *add,
         copies[i] = malloc(t->n_bytes + strlen(t->name) + 1);
         memcpy(copies[i], t->data, t->n_bytes);
         strcpy(copies[i] + t->n_bytes, t->name);
-        e[k] = (tu_st_entry_t){copies[i] + t->n_bytes, st_names[t->dtype], t->n_dims,
+        e[k] = (tu_st_entry_t){copies[i] + t->n_bytes,
+                               st_names[t->dtype],
+                               t->n_dims,
                                {t->shape[0], t->shape[1], t->shape[2], t->shape[3]},
-                               copies[i], t->n_bytes};
+                               copies[i],
+                               t->n_bytes};
         k++;
     }
     for (int i = 0; i < n_add; i++) e[k++] = add[i];
@@ -333,8 +339,7 @@ static void test_bad_dirs(void) {
 
     write_tiny(tu_path("noweights"), false, 1, 2);
     unlink(tu_path("noweights/model.safetensors"));
-    load_expect(tu_path("noweights"), SPEED_ERR_NOT_FOUND,
-                "no model.safetensors or model.safetensors.index.json");
+    load_expect(tu_path("noweights"), SPEED_ERR_NOT_FOUND, "no model.safetensors or model.safetensors.index.json");
 
     /* shape: the files have 4 kv heads, the config says 2 */
     write_tiny(tu_path("shape"), false, 1, 4);
@@ -347,8 +352,7 @@ static void test_bad_dirs(void) {
                 "model.layers.0.mlp.gate_proj.weight: expected [128, 64], got [172, 64]");
     config_edit(tu_path("shape"), "\"intermediate_size\": 128", "\"intermediate_size\": 172");
     config_edit(tu_path("shape"), "\"vocab_size\": 512", "\"vocab_size\": 500");
-    load_expect(tu_path("shape"), SPEED_ERR_FORMAT,
-                "model.embed_tokens.weight: expected [500, 64], got [512, 64]");
+    load_expect(tu_path("shape"), SPEED_ERR_FORMAT, "model.embed_tokens.weight: expected [500, 64], got [512, 64]");
     config_edit(tu_path("shape"), "\"vocab_size\": 500", "\"vocab_size\": 512");
     config_edit(tu_path("shape"), "\"num_hidden_layers\": 4", "\"num_hidden_layers\": 5");
     load_expect(tu_path("shape"), SPEED_ERR_NOT_FOUND,
@@ -357,7 +361,7 @@ static void test_bad_dirs(void) {
     tu_warnings_reset();
     speed_model_t *m = NULL;
     CHECK_INT_EQ(speed_model_load(tu_path("shape"), NULL, &m), SPEED_OK); /* layer 3 is extra */
-    CHECK_INT_EQ(tu_n_warnings, 9); /* 8 named, then a count */
+    CHECK_INT_EQ(tu_n_warnings, 9);                                       /* 8 named, then a count */
     CHECK_CONTAINS(tu_last_warning, "model.safetensors: 1 more unexpected tensors ignored");
     speed_model_destroy(m);
     speed_model_params_t strict = speed_model_default_params();
@@ -401,7 +405,8 @@ static void test_bad_dirs(void) {
     m = NULL;
     CHECK_INT_EQ(speed_model_load(tu_path("edit"), NULL, &m), SPEED_OK);
     CHECK_INT_EQ(tu_n_warnings, 1);
-    CHECK_CONTAINS(tu_last_warning, "model.safetensors: unexpected tensor model.layers.0.self_attn.q_proj.bias ignored");
+    CHECK_CONTAINS(tu_last_warning,
+                   "model.safetensors: unexpected tensor model.layers.0.self_attn.q_proj.bias ignored");
     if (m) {
         CHECK(speed_model_tensor_find(m, "model.layers.0.self_attn.q_proj.bias") != NULL);
         speed_tiny_model_params_t p = speed_tiny_model_default_params();
@@ -445,8 +450,10 @@ static void index_rewrite(const char *dir, const char *tensor, const char *shard
     snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
     json_t *root = json_load_file(path, 0, NULL);
     json_t *map = json_object_get(root, "weight_map");
-    if (shard) json_object_set_new(map, tensor, json_string(shard));
-    else json_object_del(map, tensor);
+    if (shard)
+        json_object_set_new(map, tensor, json_string(shard));
+    else
+        json_object_del(map, tensor);
     json_dump_file(root, path, JSON_INDENT(2));
     json_decref(root);
 }
@@ -472,8 +479,7 @@ static void test_bad_shards(void) {
     write_tiny(dir, false, 3, 2);
     index_rewrite(dir, "model.norm.weight", NULL);
     tu_warnings_reset();
-    load_expect(dir, SPEED_ERR_NOT_FOUND,
-                "model.safetensors.index.json: missing tensor model.norm.weight");
+    load_expect(dir, SPEED_ERR_NOT_FOUND, "model.safetensors.index.json: missing tensor model.norm.weight");
     CHECK_INT_EQ(tu_n_warnings, 1);
     CHECK_CONTAINS(tu_last_warning, "1 tensors not listed for it");
 

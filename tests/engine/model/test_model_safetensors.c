@@ -12,10 +12,8 @@ static void test_good(void) {
     uint16_t b[3] = {0x3f80, 0x4000, 0xc040};
     uint16_t c[2] = {0x3c00, 0x0001};
     tu_st_entry_t e[] = {
-        {"zeta.weight", "F32", 2, {2, 3}, a, sizeof a},
-        {"scalar", "F32", 0, {0}, a, 4},
-        {"mid.scale", "F16", 1, {2}, c, sizeof c},
-        {"alpha.bias", "BF16", 1, {3}, b, sizeof b},
+        {"zeta.weight", "F32", 2, {2, 3}, a, sizeof a}, {"scalar", "F32", 0, {0}, a, 4},
+        {"mid.scale", "F16", 1, {2}, c, sizeof c},      {"alpha.bias", "BF16", 1, {3}, b, sizeof b},
         {"empty", "F32", 2, {0, 4}, NULL, 0}, /* at an odd offset: fine, it has no data */
     };
     tu_st_write(tu_path("good.safetensors"), e, 5);
@@ -86,8 +84,7 @@ static const char *padded(const char *header, size_t mod) {
     return buf;
 }
 
-static void expect_bad_header(const char *header, size_t n_data, speed_status_t want,
-                              const char *msg) {
+static void expect_bad_header(const char *header, size_t n_data, speed_status_t want, const char *msg) {
     tu_st_write_raw(tu_path("bad.safetensors"), padded(header, 0), n_data);
     expect_bad_file("bad.safetensors", want, msg);
 }
@@ -120,42 +117,41 @@ static void test_bad(void) {
     expect_bad_file("cut.safetensors", SPEED_ERR_FORMAT, "tensor w: data_offsets [0, 256] out of range");
 
     expect_bad_header("\x01\x02garbage", 0, SPEED_ERR_PARSE, "header is not JSON");
-    expect_bad_header("{\"w\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}", 4,
-                      SPEED_ERR_PARSE, "header is not JSON");
+    expect_bad_header("{\"w\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}", 4, SPEED_ERR_PARSE,
+                      "header is not JSON");
     expect_bad_header("", 0, SPEED_ERR_PARSE, "header is not JSON");
     expect_bad_header("[1,2,3]", 0, SPEED_ERR_FORMAT, "header is not a JSON object");
     expect_bad_header("{\"w\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},"
                       "\"w\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}",
                       8, SPEED_ERR_PARSE, "duplicate");
     expect_bad_header("{\"w\":[1]}", 0, SPEED_ERR_FORMAT, "tensor w: header entry is not an object");
-    expect_bad_header("{\"w\":{\"shape\":[1],\"data_offsets\":[0,4]}}", 4, SPEED_ERR_FORMAT,
-                      "tensor w: dtype missing");
+    expect_bad_header("{\"w\":{\"shape\":[1],\"data_offsets\":[0,4]}}", 4, SPEED_ERR_FORMAT, "tensor w: dtype missing");
     expect_bad_header("{\"w\":{\"dtype\":\"F32\",\"data_offsets\":[0,4]}}", 4, SPEED_ERR_FORMAT,
                       "tensor w: shape missing");
     expect_bad_header("{\"w\":{\"dtype\":\"F32\",\"shape\":[1]}}", 4, SPEED_ERR_FORMAT,
                       "tensor w: data_offsets missing");
-    expect_bad_header("{\"w\":{\"dtype\":\"I8\",\"shape\":[4],\"data_offsets\":[0,4]}}", 4,
-                      SPEED_ERR_UNSUPPORTED, "tensor w: unsupported dtype \"I8\"");
-    expect_bad_header("{\"w\":{\"dtype\":\"F64\",\"shape\":[1],\"data_offsets\":[0,8]}}", 8,
-                      SPEED_ERR_UNSUPPORTED, "unsupported dtype \"F64\"");
-    expect_bad_header("{\"w\":{\"dtype\":\"f32\",\"shape\":[1],\"data_offsets\":[0,4]}}", 4,
-                      SPEED_ERR_UNSUPPORTED, "unsupported dtype \"f32\"");
+    expect_bad_header("{\"w\":{\"dtype\":\"I8\",\"shape\":[4],\"data_offsets\":[0,4]}}", 4, SPEED_ERR_UNSUPPORTED,
+                      "tensor w: unsupported dtype \"I8\"");
+    expect_bad_header("{\"w\":{\"dtype\":\"F64\",\"shape\":[1],\"data_offsets\":[0,8]}}", 8, SPEED_ERR_UNSUPPORTED,
+                      "unsupported dtype \"F64\"");
+    expect_bad_header("{\"w\":{\"dtype\":\"f32\",\"shape\":[1],\"data_offsets\":[0,4]}}", 4, SPEED_ERR_UNSUPPORTED,
+                      "unsupported dtype \"f32\"");
     expect_bad_header("{\"w\":{\"dtype\":\"F32\",\"shape\":[1,1,1,1,1],\"data_offsets\":[0,4]}}", 4,
                       SPEED_ERR_UNSUPPORTED, "tensor w: 5 dims");
-    expect_bad_header("{\"w\":{\"dtype\":\"F32\",\"shape\":[-1],\"data_offsets\":[0,4]}}", 4,
-                      SPEED_ERR_FORMAT, "shape must hold non-negative integers");
-    expect_bad_header("{\"w\":{\"dtype\":\"F32\",\"shape\":[\"4\"],\"data_offsets\":[0,4]}}", 4,
-                      SPEED_ERR_FORMAT, "shape must hold non-negative integers");
-    expect_bad_header("{\"w\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0]}}", 4,
-                      SPEED_ERR_FORMAT, "data_offsets must be two non-negative integers");
-    expect_bad_header("{\"w\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[-4,0]}}", 4,
-                      SPEED_ERR_FORMAT, "data_offsets must be two non-negative integers");
-    expect_bad_header("{\"w\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[8,4]}}", 8,
-                      SPEED_ERR_FORMAT, "tensor w: data_offsets [8, 4] end before start");
-    expect_bad_header("{\"w\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}", 4,
-                      SPEED_ERR_FORMAT, "tensor w: data_offsets [0, 8] out of range (data area is 4 bytes)");
-    expect_bad_header("{\"w\":{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":[0,8]}}", 16,
-                      SPEED_ERR_FORMAT, "tensor w: data_offsets span 8 bytes but shape [3] of F32 needs 12");
+    expect_bad_header("{\"w\":{\"dtype\":\"F32\",\"shape\":[-1],\"data_offsets\":[0,4]}}", 4, SPEED_ERR_FORMAT,
+                      "shape must hold non-negative integers");
+    expect_bad_header("{\"w\":{\"dtype\":\"F32\",\"shape\":[\"4\"],\"data_offsets\":[0,4]}}", 4, SPEED_ERR_FORMAT,
+                      "shape must hold non-negative integers");
+    expect_bad_header("{\"w\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0]}}", 4, SPEED_ERR_FORMAT,
+                      "data_offsets must be two non-negative integers");
+    expect_bad_header("{\"w\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[-4,0]}}", 4, SPEED_ERR_FORMAT,
+                      "data_offsets must be two non-negative integers");
+    expect_bad_header("{\"w\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[8,4]}}", 8, SPEED_ERR_FORMAT,
+                      "tensor w: data_offsets [8, 4] end before start");
+    expect_bad_header("{\"w\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}", 4, SPEED_ERR_FORMAT,
+                      "tensor w: data_offsets [0, 8] out of range (data area is 4 bytes)");
+    expect_bad_header("{\"w\":{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":[0,8]}}", 16, SPEED_ERR_FORMAT,
+                      "tensor w: data_offsets span 8 bytes but shape [3] of F32 needs 12");
     expect_bad_header("{\"w\":{\"dtype\":\"BF16\",\"shape\":[4611686018427387904,8],"
                       "\"data_offsets\":[0,8]}}",
                       16, SPEED_ERR_FORMAT, "needs more than");
@@ -170,15 +166,16 @@ static void test_bad(void) {
                       "\"v\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[1000000,1000016]}}",
                       16, SPEED_ERR_FORMAT, "tensor v: data_offsets [1000000, 1000016] out of range");
     /* misaligned: an F32 tensor at data offset 2 (the data area itself starts 8-aligned) */
-    expect_bad_header("{\"w\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[2,6]}}", 8,
-                      SPEED_ERR_FORMAT, "is not aligned to its 4-byte elements");
+    expect_bad_header("{\"w\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[2,6]}}", 8, SPEED_ERR_FORMAT,
+                      "is not aligned to its 4-byte elements");
 
     /* fine: an empty tensor inside another's range, holes between tensors, an unpadded header
      * when the element alignment still holds (BF16 at an even offset) */
     tu_st_write_raw(tu_path("ok.safetensors"),
                     padded("{\"w\":{\"dtype\":\"BF16\",\"shape\":[4],\"data_offsets\":[0,8]},"
-                    "\"e\":{\"dtype\":\"BF16\",\"shape\":[0],\"data_offsets\":[4,4]},"
-                    "\"v\":{\"dtype\":\"BF16\",\"shape\":[2],\"data_offsets\":[12,16]}}", 2),
+                           "\"e\":{\"dtype\":\"BF16\",\"shape\":[0],\"data_offsets\":[4,4]},"
+                           "\"v\":{\"dtype\":\"BF16\",\"shape\":[2],\"data_offsets\":[12,16]}}",
+                           2),
                     16);
     speed_safetensors_t *st = NULL;
     CHECK_INT_EQ(speed_safetensors_open(tu_path("ok.safetensors"), &st), SPEED_OK);

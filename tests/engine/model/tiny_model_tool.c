@@ -51,8 +51,7 @@ int main(int argc, char **argv) {
            (double)speed_model_n_bytes(m) / 1e6 / (t1 - t0), t2 - t1);
     int rc = 0;
     if (as_test && speed_model_n_params(m) != 1100048384) {
-        fprintf(stderr, "tinyllama-1.1b: %lld params, want 1100048384\n",
-                (long long)speed_model_n_params(m));
+        fprintf(stderr, "tinyllama-1.1b: %lld params, want 1100048384\n", (long long)speed_model_n_params(m));
         rc = 1;
     }
     speed_model_destroy(m);

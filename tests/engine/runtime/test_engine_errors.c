@@ -81,7 +81,8 @@ static void test_seq_errors(speed_backend_t *be, const speed_model_t *m) {
 
     expect(speed_engine_seq_add(e, ids, 101, NULL, 1, &id), SPEED_ERR_TOO_LONG, "exceeds the context limit of 100",
            "prompt > context");
-    expect(speed_engine_seq_add(e, ids, 60, NULL, 41, &id), SPEED_ERR_TOO_LONG, "max_new_tokens 41", "n + max_new > ctx");
+    expect(speed_engine_seq_add(e, ids, 60, NULL, 41, &id), SPEED_ERR_TOO_LONG, "max_new_tokens 41",
+           "n + max_new > ctx");
     expect(speed_engine_seq_add(e, ids, 0, NULL, 4, &id), SPEED_ERR_INVALID_ARGUMENT, "empty prompt", "n 0");
     expect(speed_engine_seq_add(e, ids, -5, NULL, 4, &id), SPEED_ERR_INVALID_ARGUMENT, "empty prompt", "n -5");
     expect(speed_engine_seq_add(e, NULL, 4, NULL, 4, &id), SPEED_ERR_INVALID_ARGUMENT, "without", "NULL ids");

@@ -22,8 +22,8 @@
 #include "engine_test_util.h"
 
 static const char *g_backend_name = "cpu-ref";
-static bool g_fast;       /* a fast CPU backend: kernels chosen by batch size */
-static bool g_bf16_dot;   /* ... that multiplies bf16 weights with bf16-rounded activations */
+static bool g_fast;     /* a fast CPU backend: kernels chosen by batch size */
+static bool g_bf16_dot; /* ... that multiplies bf16 weights with bf16-rounded activations */
 
 static double tolerance(speed_dtype_t weights, speed_dtype_t kv) {
     if (!g_fast) return kv == SPEED_DTYPE_F32 ? 1e-4 : 2e-2;
@@ -179,8 +179,10 @@ static void run_mixed(speed_backend_t *be, const speed_model_t *m, const naive_m
         CHECK(memcmp(one.gen, seqs[i].gen, 7 * sizeof(int32_t)) == 0);
         /* cpu-ref computes each row on its own: batching, chunking and the pool split change
          * nothing, bit for bit. The fast backend picks kernels by batch size. */
-        if (!g_fast) CHECK_MSG(maxd == 0.0, "batch vs single (C=%d): logits differ by %g", ds[i].prefill_layers, maxd);
-        else CHECK_MSG(maxd <= 10 * tol, "batch vs single (C=%d): logits differ by %g", ds[i].prefill_layers, maxd);
+        if (!g_fast)
+            CHECK_MSG(maxd == 0.0, "batch vs single (C=%d): logits differ by %g", ds[i].prefill_layers, maxd);
+        else
+            CHECK_MSG(maxd <= 10 * tol, "batch vs single (C=%d): logits differ by %g", ds[i].prefill_layers, maxd);
         et_seq_free(&one);
         speed_engine_destroy(e1);
     }
@@ -258,10 +260,8 @@ int main(int argc, char **argv) {
         SKIP_TEST("backend %s is not available in this build", g_backend_name);
     }
     const et_model_spec_t specs[] = {
-        {"f32-gqa-untied", SPEED_DTYPE_F32, false, 2, false},
-        {"f32-mha-tied", SPEED_DTYPE_F32, true, 4, false},
-        {"bf16-gqa-tied", SPEED_DTYPE_BF16, true, 2, false},
-        {"bf16-mha-untied", SPEED_DTYPE_BF16, false, 4, false},
+        {"f32-gqa-untied", SPEED_DTYPE_F32, false, 2, false},    {"f32-mha-tied", SPEED_DTYPE_F32, true, 4, false},
+        {"bf16-gqa-tied", SPEED_DTYPE_BF16, true, 2, false},     {"bf16-mha-untied", SPEED_DTYPE_BF16, false, 4, false},
         {"f32-gqa-llama3rope", SPEED_DTYPE_F32, false, 2, true},
     };
     for (size_t mi = 0; mi < sizeof specs / sizeof specs[0]; mi++) {
@@ -281,8 +281,8 @@ int main(int argc, char **argv) {
                 g_backend_name, specs[mi].name, s32.cases, s32.max_lp, s32.max_chosen, s32.mismatches, s32.near_ties,
                 g_backend_name, specs[mi].name, s16.cases, s16.max_lp, s16.max_chosen, s16.mismatches, s16.near_ties);
         if (smix.cases)
-            fprintf(stderr, "%-8s %-18s mixed-C batch: %d seqs, max |dlogprob| %.2e\n", g_backend_name,
-                    specs[mi].name, smix.cases, smix.max_lp);
+            fprintf(stderr, "%-8s %-18s mixed-C batch: %d seqs, max |dlogprob| %.2e\n", g_backend_name, specs[mi].name,
+                    smix.cases, smix.max_lp);
         naive_model_destroy(nm);
         speed_model_destroy(m);
     }

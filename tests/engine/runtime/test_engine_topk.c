@@ -13,7 +13,7 @@
 
 #define TOPK_K 20
 #define N_SEQS 3
-#define N_GEN 6
+#define N_GEN  6
 
 typedef struct {
     int32_t gen[N_GEN];
@@ -76,14 +76,14 @@ static void check_against_full(const et_seq_t *full, const topk_seq_t *ts, int v
         /* nothing outside the list ranks before its last entry */
         int last = ts->ids[g][TOPK_K - 1], n_before = 0;
         for (int c = 0; ok && c < vocab; c++) n_before += c != last && ranks_before(x, c, last);
-        CHECK_MSG(ok && n_before == TOPK_K - 1, "%s: output %d: the top-k list is not the full logits' top %d", what,
-                  g, TOPK_K);
+        CHECK_MSG(ok && n_before == TOPK_K - 1, "%s: output %d: the top-k list is not the full logits' top %d", what, g,
+                  TOPK_K);
         double m = -INFINITY, sum = 0;
         for (int c = 0; c < vocab; c++) m = fmax(m, x[c]);
         for (int c = 0; c < vocab; c++) sum += exp((double)x[c] - m);
         double lse = m + log(sum);
-        CHECK_MSG(fabs(ts->lse[g] - lse) <= 1e-5 * fmax(fabs(lse), 1.0), "%s: output %d: lse %.9g, want %.9g", what,
-                  g, (double)ts->lse[g], lse);
+        CHECK_MSG(fabs(ts->lse[g] - lse) <= 1e-5 * fmax(fabs(lse), 1.0), "%s: output %d: lse %.9g, want %.9g", what, g,
+                  (double)ts->lse[g], lse);
     }
 }
 

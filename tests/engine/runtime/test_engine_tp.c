@@ -42,13 +42,15 @@ static void free_backends(int n, speed_backend_t **bes) {
     for (int r = 0; r < n; r++) speed_backend_destroy(bes[r]);
 }
 
-static speed_engine_params_t tp_params(const speed_model_t *m, int tp, speed_backend_t *const *bes,
-                                       speed_depth_t depth, speed_dtype_t kv_dtype) {
+static speed_engine_params_t tp_params(const speed_model_t *m, int tp, speed_backend_t *const *bes, speed_depth_t depth,
+                                       speed_dtype_t kv_dtype) {
     speed_engine_params_t p = speed_engine_default_params();
     p.model = m;
     p.tp_size = tp;
-    if (tp > 1) p.tp_backends = bes;
-    else p.backend = bes[0];
+    if (tp > 1)
+        p.tp_backends = bes;
+    else
+        p.backend = bes[0];
     p.kv_dtype = kv_dtype;
     p.block_tokens = 16;
     p.prefill_chunk = 48;
@@ -113,11 +115,10 @@ static void test_batches(speed_backend_t **bes) {
                     CHECK_MSG(st1 == SPEED_OK, "%s: TP=1 run: %s", what, speed_status_string(st1));
                     for (int i = 0; st == SPEED_OK && st1 == SPEED_OK && i < N_SEQS; i++) {
                         et_cmp_t cmp = {0};
-                        CHECK(et_compare(nm, vocab, &par[i], depths[di].prefill_layers, kv_dtypes[ki], tol, &cmp) ==
-                              0);
+                        CHECK(et_compare(nm, vocab, &par[i], depths[di].prefill_layers, kv_dtypes[ki], tol, &cmp) == 0);
                         CHECK_MSG(cmp.max_lp_diff <= tol && cmp.token_mismatch == 0,
-                                  "%s: n=%d: vs reference: max logprob diff %.3g (tol %.3g), %d token mismatches",
-                                  what, lens[i], cmp.max_lp_diff, tol, cmp.token_mismatch);
+                                  "%s: n=%d: vs reference: max logprob diff %.3g (tol %.3g), %d token mismatches", what,
+                                  lens[i], cmp.max_lp_diff, tol, cmp.token_mismatch);
                         if (cmp.max_lp_diff > max_ref) max_ref = cmp.max_lp_diff;
                         et_compare_runs(&par[i], &one[i], vocab, tol, what, &max_tp1);
                     }
@@ -126,8 +127,8 @@ static void test_batches(speed_backend_t **bes) {
                         et_seq_free(&one[i]);
                     }
                 }
-                fprintf(stderr, "TP=%d %-20s %s cache: max |dlogprob| vs reference %.2e, vs TP=1 %.2e (tol %.1e)\n",
-                        tp, spec->name, speed_dtype_name(kv_dtypes[ki]), max_ref, max_tp1, tol);
+                fprintf(stderr, "TP=%d %-20s %s cache: max |dlogprob| vs reference %.2e, vs TP=1 %.2e (tol %.1e)\n", tp,
+                        spec->name, speed_dtype_name(kv_dtypes[ki]), max_ref, max_tp1, tol);
             }
         }
         naive_model_destroy(nm);
@@ -195,8 +196,8 @@ static void test_cross_tp(speed_backend_t **bes) {
             CHECK(speed_engine_create(&pp, &ep) == SPEED_OK);
             CHECK(speed_engine_create(&pd, &ed) == SPEED_OK);
             int32_t gen[N_GEN] = {0};
-            speed_status_t st = ep && ed ? prefill_then_decode(ep, ed, prompt, N, &depths[di], gen)
-                                         : SPEED_ERR_INTERNAL;
+            speed_status_t st =
+                ep && ed ? prefill_then_decode(ep, ed, prompt, N, &depths[di], gen) : SPEED_ERR_INTERNAL;
             CHECK_MSG(st == SPEED_OK, "TP %d -> %d, C=%d: %s (%s)", a, b, depths[di].prefill_layers,
                       speed_status_string(st), speed_log_last_error());
             int same = 0;

@@ -7,13 +7,13 @@
 #include "kv_cache.h"
 
 #define N_PROMPT 30
-#define N_GEN 8
+#define N_GEN    8
 
 typedef struct {
     int n_events;
     int layer[256];
     int64_t done[256], total[256];
-    int fail_at;            /* event index whose callback fails (-1 = none) */
+    int fail_at; /* event index whose callback fails (-1 = none) */
 } cb_log_t;
 
 static speed_status_t layer_cb(void *user, speed_seq_id_t seq, int layer, int64_t n_done, int64_t n_total) {
@@ -138,7 +138,7 @@ int main(int argc, char **argv) {
     speed_seq_id_t sd, sd2;
     CHECK(speed_engine_seq_reserve(ed, N_PROMPT, &depth, N_GEN, &sd) == SPEED_OK);
     CHECK(speed_engine_seq_append(ed, sd, first) == SPEED_ERR_INVALID_ARGUMENT); /* no KV yet */
-    CHECK(speed_engine_step(ed, &r) == SPEED_OK && r.n_seqs == 0);              /* waits */
+    CHECK(speed_engine_step(ed, &r) == SPEED_OK && r.n_seqs == 0);               /* waits */
     size_t expected = 0;
     CHECK(speed_engine_seq_kv_size(ed, sd, &expected) == SPEED_OK);
     CHECK_INT_EQ(expected, wire);
@@ -193,17 +193,21 @@ int main(int argc, char **argv) {
             last[k] = et_argmax(r.outputs[o].logits, V);
             if (last[k] != ref.gen[n_out[k]]) token_diff++;
             n_out[k]++;
-            if (n_out[k] < N_GEN) CHECK(speed_engine_seq_append(ed, ids[k], last[k]) == SPEED_OK);
-            else CHECK(speed_engine_seq_append(ed, ids[k], last[k]) == SPEED_ERR_TOO_LONG);
+            if (n_out[k] < N_GEN)
+                CHECK(speed_engine_seq_append(ed, ids[k], last[k]) == SPEED_OK);
+            else
+                CHECK(speed_engine_seq_append(ed, ids[k], last[k]) == SPEED_ERR_TOO_LONG);
         }
     }
     CHECK_INT_EQ(n_out[0], N_GEN);
     CHECK_INT_EQ(n_out[1], N_GEN);
     CHECK_INT_EQ(token_diff, 0);
-    if (strcmp(backend, "cpu-ref") == 0) CHECK_MSG(maxd == 0.0, "decode after import differs by %g", maxd);
-    else CHECK_MSG(maxd < 1e-2, "decode after import differs by %g", maxd);
-    fprintf(stderr, "%s: prefill -> export (%zu bytes, formula %zu) -> import -> %d tokens: max |dlogit| %g\n",
-            backend, wire, formula, N_GEN, maxd);
+    if (strcmp(backend, "cpu-ref") == 0)
+        CHECK_MSG(maxd == 0.0, "decode after import differs by %g", maxd);
+    else
+        CHECK_MSG(maxd < 1e-2, "decode after import differs by %g", maxd);
+    fprintf(stderr, "%s: prefill -> export (%zu bytes, formula %zu) -> import -> %d tokens: max |dlogit| %g\n", backend,
+            wire, formula, N_GEN, maxd);
     /* the upper layers of the decode side hold only A + T + generated entries */
     speed_kv_seq_t *kd;
     CHECK(speed_engine_seq_kv(ed, sd, &kd) == SPEED_OK);

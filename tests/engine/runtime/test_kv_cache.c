@@ -194,8 +194,8 @@ static void test_layout_and_accounting(speed_backend_t *be) {
     CHECK(speed_kv_cache_seq_grow(c, s, 13, 4) == SPEED_OK);
     speed_kv_cache_seq_usage(c, s, &u);
     CHECK_INT_EQ(u.n_blocks[0], 4);
-    CHECK_INT_EQ(speed_kv_seq_entries(s, 0), 9); /* entries kept */
-    CHECK(speed_kv_cache_seq_grow(c, s, 3, 4) == SPEED_OK);       /* never shrinks */
+    CHECK_INT_EQ(speed_kv_seq_entries(s, 0), 9);            /* entries kept */
+    CHECK(speed_kv_cache_seq_grow(c, s, 3, 4) == SPEED_OK); /* never shrinks */
     CHECK_INT_EQ(speed_kv_seq_capacity(s, 0), 13);
 
     speed_kv_cache_seq_destroy(c, shallow);

@@ -127,8 +127,8 @@ static void test_top_p_mass(void) {
         float top_p;
         double want[4];
     } cases[] = {
-        {0.5f, {1, 0, 0, 0}},                   /* the first token already holds 0.5 */
-        {0.7f, {0.5 / 0.8, 0.3 / 0.8, 0, 0}},   /* 0.5 < 0.7 → the second joins */
+        {0.5f, {1, 0, 0, 0}},                 /* the first token already holds 0.5 */
+        {0.7f, {0.5 / 0.8, 0.3 / 0.8, 0, 0}}, /* 0.5 < 0.7 → the second joins */
         {0.81f, {0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0}},
         {1.0f, {0.5, 0.3, 0.15, 0.05}},
     };
@@ -172,8 +172,10 @@ static void test_top_p_mass(void) {
     for (int it = 0; it < 200; it++) {
         double mid = 0.5 * (lo + hi), mass = 0.0;
         for (int i = 0; i < V; i++) mass += sorted[i] > mid ? sorted[i] : 0.0;
-        if (mass >= 0.9) lo = mid;
-        else hi = mid;
+        if (mass >= 0.9)
+            lo = mid;
+        else
+            hi = mid;
     }
     /* tokens with probability > hi are certainly in; those below lo certainly out */
     speed_rng_t rng;
@@ -380,32 +382,46 @@ static void test_bad_logits(void) {
 static void test_bad_params(void) {
     speed_sampling_params_t ok = speed_sampling_default_params(), p;
     CHECK_INT_EQ(speed_sampling_params_validate(&ok), SPEED_OK);
-    p = ok; p.temperature = -0.1f;
+    p = ok;
+    p.temperature = -0.1f;
     CHECK_INT_EQ(speed_sampling_params_validate(&p), SPEED_ERR_INVALID_ARGUMENT);
     CHECK_CONTAINS(speed_log_last_error(), "temperature");
-    p = ok; p.temperature = NAN;
+    p = ok;
+    p.temperature = NAN;
     CHECK_INT_EQ(speed_sampling_params_validate(&p), SPEED_ERR_INVALID_ARGUMENT);
-    p = ok; p.temperature = INFINITY;
+    p = ok;
+    p.temperature = INFINITY;
     CHECK_INT_EQ(speed_sampling_params_validate(&p), SPEED_ERR_INVALID_ARGUMENT);
-    p = ok; p.top_p = 0.0f;
+    p = ok;
+    p.top_p = 0.0f;
     CHECK_INT_EQ(speed_sampling_params_validate(&p), SPEED_ERR_INVALID_ARGUMENT);
     CHECK_CONTAINS(speed_log_last_error(), "top_p");
-    p = ok; p.top_p = 1.0001f;
+    p = ok;
+    p.top_p = 1.0001f;
     CHECK_INT_EQ(speed_sampling_params_validate(&p), SPEED_ERR_INVALID_ARGUMENT);
-    p = ok; p.top_p = NAN;
+    p = ok;
+    p.top_p = NAN;
     CHECK_INT_EQ(speed_sampling_params_validate(&p), SPEED_ERR_INVALID_ARGUMENT);
-    p = ok; p.top_k = -1;
+    p = ok;
+    p.top_k = -1;
     CHECK_INT_EQ(speed_sampling_params_validate(&p), SPEED_ERR_INVALID_ARGUMENT);
     CHECK_CONTAINS(speed_log_last_error(), "top_k");
-    p = ok; p.n_top_logprobs = 21;
+    p = ok;
+    p.n_top_logprobs = 21;
     CHECK_INT_EQ(speed_sampling_params_validate(&p), SPEED_ERR_INVALID_ARGUMENT);
-    p = ok; p.n_top_logprobs = -1;
+    p = ok;
+    p.n_top_logprobs = -1;
     CHECK_INT_EQ(speed_sampling_params_validate(&p), SPEED_ERR_INVALID_ARGUMENT);
-    p = ok; p.n_top_logprobs = 20; p.top_k = 1000000; p.top_p = 1e-9f; p.temperature = 0.0f;
+    p = ok;
+    p.n_top_logprobs = 20;
+    p.top_k = 1000000;
+    p.top_p = 1e-9f;
+    p.temperature = 0.0f;
     CHECK_INT_EQ(speed_sampling_params_validate(&p), SPEED_OK);
     float x[3] = {0, 1, 2};
     speed_sample_t out;
-    p = ok; p.top_p = 2.0f;
+    p = ok;
+    p.top_p = 2.0f;
     CHECK_INT_EQ(speed_sampler_sample(sampler, &p, NULL, x, 3, &out), SPEED_ERR_INVALID_ARGUMENT);
     speed_sampler_t *s2 = NULL;
     CHECK_INT_EQ(speed_sampler_create(0, &s2), SPEED_ERR_INVALID_ARGUMENT);
@@ -422,8 +438,8 @@ static void bench_large_vocab(void) {
         const char *name;
         float t, top_p;
         int top_k, n_top;
-    } modes[] = {{"greedy", 0.0f, 1.0f, 0, 0},           {"greedy + 5 logprobs", 0.0f, 1.0f, 0, 5},
-                 {"T=0.8", 0.8f, 1.0f, 0, 0},            {"T=0.8 top_k=40", 0.8f, 1.0f, 40, 0},
+    } modes[] = {{"greedy", 0.0f, 1.0f, 0, 0},          {"greedy + 5 logprobs", 0.0f, 1.0f, 0, 5},
+                 {"T=0.8", 0.8f, 1.0f, 0, 0},           {"T=0.8 top_k=40", 0.8f, 1.0f, 40, 0},
                  {"T=0.8 top_p=0.9", 0.8f, 0.9f, 0, 0}, {"T=0.8 top_k=50 top_p=0.9 20 logprobs", 0.8f, 0.9f, 50, 20}};
     speed_rng_t rng;
     speed_rng_init(&rng, 1);

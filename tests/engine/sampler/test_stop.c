@@ -8,10 +8,10 @@
 #include "stop.h"
 
 typedef struct {
-    char text[4096];                /* everything released, in order */
-    speed_finish_reason_t finish;   /* after finish() */
+    char text[4096];              /* everything released, in order */
+    speed_finish_reason_t finish; /* after finish() */
     int stop_index;
-    int n_pushed;                   /* tokens pushed until a finish reason appeared */
+    int n_pushed; /* tokens pushed until a finish reason appeared */
 } run_t;
 
 /* Pushes tokens (ids 1.. with the given texts; id 0 is EOS), then finish(tail). Every
@@ -43,7 +43,8 @@ static run_t run_tokens(const speed_stop_params_t *p, const char *const *tokens,
     return r;
 }
 
-#define TOKS(...) ((const char *const[]){__VA_ARGS__}), (int)(sizeof((const char *const[]){__VA_ARGS__}) / sizeof(const char *))
+#define TOKS(...) \
+    ((const char *const[]){__VA_ARGS__}), (int)(sizeof((const char *const[]){__VA_ARGS__}) / sizeof(const char *))
 
 static void test_eos_and_length(void) {
     int32_t eos[] = {0, 7};
@@ -147,10 +148,17 @@ static void test_stop_strings(void) {
     speed_stop_destroy(s);
 
     /* multi-byte UTF-8 stop string split mid-character by the tokens' text boundaries */
-    const char *u[] = {"\xc3\xbc" "ber"}; /* "über" */
+    const char *u[] = {"\xc3\xbc"
+                       "ber"}; /* "über" */
     speed_stop_params_t pu = {.stop = u, .n_stop = 1, .max_tokens = 100};
-    r = run_tokens(&pu, TOKS("s\xc3\xbc", "bx", "\xc3\xbc" "b", "er", "!"), "");
-    CHECK_STR_EQ(r.text, "s\xc3\xbc" "bx");
+    r = run_tokens(&pu,
+                   TOKS("s\xc3\xbc", "bx",
+                        "\xc3\xbc"
+                        "b",
+                        "er", "!"),
+                   "");
+    CHECK_STR_EQ(r.text, "s\xc3\xbc"
+                         "bx");
     CHECK_INT_EQ(r.finish, SPEED_FINISH_STOP);
 }
 

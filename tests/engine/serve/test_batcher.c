@@ -79,8 +79,8 @@ static bool rec_wait(rec_t *r, int ms) {
 
 static speed_batch_request_t greedy_request(const char *id, const int32_t *prompt, int n_prompt, int max_tokens,
                                             rec_t *rec) {
-    speed_batch_request_t q = {.request_id = id, .prompt = prompt, .n_prompt = n_prompt, .on_event = on_event,
-                               .user = rec};
+    speed_batch_request_t q = {
+        .request_id = id, .prompt = prompt, .n_prompt = n_prompt, .on_event = on_event, .user = rec};
     q.gen.sampling = speed_sampling_default_params();
     q.gen.sampling.temperature = 0.0f;
     q.gen.max_tokens = max_tokens;

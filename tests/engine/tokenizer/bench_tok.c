@@ -10,17 +10,20 @@
 #include "test_stats.h"
 
 static const char *const words[] = {
-    "the", "of", "and", "to", "a", "in", "is", "it", "that", "was", "for", "on", "are", "with",
-    "as", "I", "his", "they", "be", "at", "one", "have", "this", "from", "or", "had", "by",
-    "word", "but", "what", "some", "we", "can", "out", "other", "were", "all", "there", "when",
-    "up", "use", "your", "how", "said", "an", "each", "she", "which", "do", "their", "time",
-    "if", "will", "way", "about", "many", "then", "them", "write", "would", "like", "so",
-    "these", "her", "long", "make", "thing", "see", "him", "two", "has", "look", "more", "day",
-    "could", "go", "come", "did", "number", "sound", "no", "most", "people", "my", "over",
-    "know", "water", "than", "call", "first", "who", "may", "down", "side", "been", "now",
-    "find", "Harbour", "engineer", "lighthouse", "measurement", "breakwater", "tomorrow",
-    "questions", "council", "storm", "Saturday", "computer", "programs", "understood",
-    "carefully", "quarry", "don't", "it's", "we'll", "they're", "London", "September",
+    "the",        "of",          "and",        "to",       "a",         "in",      "is",     "it",       "that",
+    "was",        "for",         "on",         "are",      "with",      "as",      "I",      "his",      "they",
+    "be",         "at",          "one",        "have",     "this",      "from",    "or",     "had",      "by",
+    "word",       "but",         "what",       "some",     "we",        "can",     "out",    "other",    "were",
+    "all",        "there",       "when",       "up",       "use",       "your",    "how",    "said",     "an",
+    "each",       "she",         "which",      "do",       "their",     "time",    "if",     "will",     "way",
+    "about",      "many",        "then",       "them",     "write",     "would",   "like",   "so",       "these",
+    "her",        "long",        "make",       "thing",    "see",       "him",     "two",    "has",      "look",
+    "more",       "day",         "could",      "go",       "come",      "did",     "number", "sound",    "no",
+    "most",       "people",      "my",         "over",     "know",      "water",   "than",   "call",     "first",
+    "who",        "may",         "down",       "side",     "been",      "now",     "find",   "Harbour",  "engineer",
+    "lighthouse", "measurement", "breakwater", "tomorrow", "questions", "council", "storm",  "Saturday", "computer",
+    "programs",   "understood",  "carefully",  "quarry",   "don't",     "it's",    "we'll",  "they're",  "London",
+    "September",
 };
 
 static char *make_text(size_t target, size_t *len_p) {
@@ -40,12 +43,16 @@ static char *make_text(size_t target, size_t *len_p) {
             n += (size_t)snprintf(buf + n, 64, " %s", w);
         }
         unsigned r = (unsigned)(x >> 40) % 100;
-        if (r < 3) n += (size_t)snprintf(buf + n, 64, " %u", (unsigned)(x >> 20) % 5000);
-        else if (r < 8) n += (size_t)snprintf(buf + n, 64, ",");
+        if (r < 3)
+            n += (size_t)snprintf(buf + n, 64, " %u", (unsigned)(x >> 20) % 5000);
+        else if (r < 8)
+            n += (size_t)snprintf(buf + n, 64, ",");
         else if (r < 14) {
             n += (size_t)snprintf(buf + n, 64, "%s", r < 12 ? "." : "?");
-            if (r == 13) n += (size_t)snprintf(buf + n, 64, "\n\n");
-            else n += (size_t)snprintf(buf + n, 64, " ");
+            if (r == 13)
+                n += (size_t)snprintf(buf + n, 64, "\n\n");
+            else
+                n += (size_t)snprintf(buf + n, 64, " ");
             in_sentence = 0;
             if (buf[n - 1] == ' ') n--;
             if (r != 13) buf[n++] = ' ';
@@ -76,8 +83,8 @@ static int bench(const char *name, const char *text, size_t len) {
     tu_sort_doubles(times, 5);
     double t = times[2];
     printf("%-7s load %.3f s | encode %.2f MB in %.4f s: %.1f MB/s, %.2f M tokens/s "
-           "(%zu tokens, %.2f bytes/token)\n", name, t_load, len / 1e6, t, len / 1e6 / t,
-           n_tokens / 1e6 / t, n_tokens, (double)len / (double)n_tokens);
+           "(%zu tokens, %.2f bytes/token)\n",
+           name, t_load, len / 1e6, t, len / 1e6 / t, n_tokens / 1e6 / t, n_tokens, (double)len / (double)n_tokens);
     speed_tok_destroy(tok);
     return 0;
 }

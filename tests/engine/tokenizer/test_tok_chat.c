@@ -9,8 +9,7 @@
 #include "alloc.h"
 #include "log.h"
 
-static void encode_expect(const speed_tok_t *tok, const char *text, bool add_special,
-                          const int32_t *expect, size_t n) {
+static void encode_expect(const speed_tok_t *tok, const char *text, bool add_special, const int32_t *expect, size_t n) {
     speed_tok_ids_t ids = {0};
     CHECK_INT_EQ(speed_tok_encode(tok, text, strlen(text), add_special, &ids), SPEED_OK);
     int ok = ids.n == n;
@@ -23,8 +22,7 @@ static void encode_expect(const speed_tok_t *tok, const char *text, bool add_spe
     speed_tok_ids_free(&ids);
 }
 
-static char *render(const speed_tok_t *tok, const speed_chat_message_t *m, size_t n, bool gen,
-                    speed_status_t expect) {
+static char *render(const speed_tok_t *tok, const speed_chat_message_t *m, size_t n, bool gen, speed_status_t expect) {
     char *text = NULL;
     CHECK_INT_EQ(speed_tok_chat_render(tok, m, n, gen, &text), expect);
     return text;
@@ -61,7 +59,8 @@ static void test_llama2(const char *dir) {
     const int32_t *eos;
     size_t n_eos = speed_tok_eos_ids(tok, &eos);
     CHECK(n_eos >= 1 && eos[0] == 2);
-    CHECK_STR_EQ(speed_tok_token_text(tok, 15043), "\xE2\x96\x81" "Hello");
+    CHECK_STR_EQ(speed_tok_token_text(tok, 15043), "\xE2\x96\x81"
+                                                   "Hello");
     CHECK(speed_tok_token_text(tok, 32000) == NULL);
     CHECK(speed_tok_token_text(tok, -1) == NULL);
     CHECK_INT_EQ(speed_tok_token_id(tok, "<s>", 3), 1);
@@ -104,7 +103,7 @@ static void test_llama2(const char *dir) {
             m[k].role = json_string_value(json_object_get(json_array_get(msgs, k), "role"));
             m[k].content = json_string_value(json_object_get(json_array_get(msgs, k), "content"));
         }
-        for (int gen = 0; gen < 2; gen++) {  /* the template ignores add_generation_prompt */
+        for (int gen = 0; gen < 2; gen++) { /* the template ignores add_generation_prompt */
             char *r = render(tok, m, n, gen, SPEED_OK);
             CHECK_STR_EQ(r, json_string_value(json_object_get(c, "text")));
             if (r && !gen) {
@@ -162,10 +161,8 @@ static void test_llama3(const char *dir) {
     /* post_processor ByteLevel: add_special adds nothing */
     encode_expect(tok, "Hello world", true, (const int32_t[]){9906, 1917}, 2);
     encode_expect(tok, "Hello world", false, (const int32_t[]){9906, 1917}, 2);
-    encode_expect(tok, "<|begin_of_text|>Hello<|eot_id|>", false,
-                  (const int32_t[]){128000, 9906, 128009}, 3);
-    encode_expect(tok, "a<|eot_id|><|eot_id|> b", false,
-                  (const int32_t[]){64, 128009, 128009, 293}, 4);
+    encode_expect(tok, "<|begin_of_text|>Hello<|eot_id|>", false, (const int32_t[]){128000, 9906, 128009}, 3);
+    encode_expect(tok, "a<|eot_id|><|eot_id|> b", false, (const int32_t[]){64, 128009, 128009, 293}, 4);
     /* an unfinished special token is plain text */
     encode_expect(tok, "<|eot_id", false, (const int32_t[]){27, 91, 68, 354, 851}, 5);
 
@@ -179,14 +176,13 @@ static void test_llama3(const char *dir) {
     speed_free(text);
 
     CHECK_INT_EQ(speed_tok_chat_template(tok), SPEED_CHAT_TEMPLATE_LLAMA3);
-    speed_chat_message_t m[] = {{"system", "  Be brief. "}, {"user", "Hi!\n"},
-                                {"assistant", "Hello."}, {"user", "2+2?"}};
-    const char *expect =
-        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
-        "<|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>"
-        "<|start_header_id|>assistant<|end_header_id|>\n\nHello.<|eot_id|>"
-        "<|start_header_id|>user<|end_header_id|>\n\n2+2?<|eot_id|>"
-        "<|start_header_id|>assistant<|end_header_id|>\n\n";
+    speed_chat_message_t m[] = {
+        {"system", "  Be brief. "}, {"user", "Hi!\n"}, {"assistant", "Hello."}, {"user", "2+2?"}};
+    const char *expect = "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+                         "<|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>"
+                         "<|start_header_id|>assistant<|end_header_id|>\n\nHello.<|eot_id|>"
+                         "<|start_header_id|>user<|end_header_id|>\n\n2+2?<|eot_id|>"
+                         "<|start_header_id|>assistant<|end_header_id|>\n\n";
     /* This template has no add_generation_prompt condition: the header is always there. */
     for (int gen = 0; gen < 2; gen++) {
         char *r = render(tok, m, 4, gen, SPEED_OK);
@@ -194,8 +190,8 @@ static void test_llama3(const char *dir) {
         if (r) {
             speed_tok_ids_t out = {0};
             CHECK_INT_EQ(speed_tok_encode(tok, r, strlen(r), false, &out), SPEED_OK);
-            CHECK(out.n > 10 && out.ids[0] == 128000 && out.ids[1] == 128006 &&
-                  out.ids[out.n - 1] == 271 && out.ids[out.n - 2] == 128007);
+            CHECK(out.n > 10 && out.ids[0] == 128000 && out.ids[1] == 128006 && out.ids[out.n - 1] == 271 &&
+                  out.ids[out.n - 2] == 128007);
             speed_tok_ids_free(&out);
         }
         speed_free(r);
@@ -224,13 +220,12 @@ static void test_variants(const char *l3dir, const char *l2dir) {
     char dir[1200];
     speed_tok_t *tok = NULL;
     /* Llama 3.1-style template that tests add_generation_prompt: the flag is honoured */
-    const char *cfg31 =
-        "{\"bos_token\": \"<|begin_of_text|>\", \"eos_token\": \"<|eot_id|>\", "
-        "\"model_max_length\": 1000000000000000019884624838656, \"chat_template\": "
-        "\"{{- bos_token }}{%- for message in messages %}{{- '<|start_header_id|>' + "
-        "message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' }}"
-        "{%- endfor %}{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant"
-        "<|end_header_id|>\\n\\n' }}{%- endif %}\"}";
+    const char *cfg31 = "{\"bos_token\": \"<|begin_of_text|>\", \"eos_token\": \"<|eot_id|>\", "
+                        "\"model_max_length\": 1000000000000000019884624838656, \"chat_template\": "
+                        "\"{{- bos_token }}{%- for message in messages %}{{- '<|start_header_id|>' + "
+                        "message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' }}"
+                        "{%- endfor %}{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant"
+                        "<|end_header_id|>\\n\\n' }}{%- endif %}\"}";
     if (!make_dir("llama31", l3dir, cfg31, dir, sizeof dir)) {
         fprintf(stderr, "no SPEED_TEST_TMP or symlink failed: variant tests skipped\n");
         return;
@@ -253,8 +248,10 @@ static void test_variants(const char *l3dir, const char *l2dir) {
 
     /* no chat template: UNSUPPORTED at render time, unless one is named */
     tok = NULL;
-    CHECK(make_dir("notemplate", l2dir, "{\"bos_token\": {\"content\": \"<s>\"}, \"eos_token\": "
-                   "\"</s>\", \"add_bos_token\": false}", dir, sizeof dir));
+    CHECK(make_dir("notemplate", l2dir,
+                   "{\"bos_token\": {\"content\": \"<s>\"}, \"eos_token\": "
+                   "\"</s>\", \"add_bos_token\": false}",
+                   dir, sizeof dir));
     CHECK_INT_EQ(speed_tok_load(dir, NULL, &tok), SPEED_OK);
     if (tok) {
         CHECK_INT_EQ(speed_tok_chat_template(tok), SPEED_CHAT_TEMPLATE_AUTO);
@@ -282,8 +279,10 @@ static void test_variants(const char *l3dir, const char *l2dir) {
 
     /* an unrecognised template */
     tok = NULL;
-    CHECK(make_dir("othertemplate", l2dir, "{\"chat_template\": \"{% for m in messages %}"
-                   "{{ m['role'] }}: {{ m['content'] }}\\n{% endfor %}\"}", dir, sizeof dir));
+    CHECK(make_dir("othertemplate", l2dir,
+                   "{\"chat_template\": \"{% for m in messages %}"
+                   "{{ m['role'] }}: {{ m['content'] }}\\n{% endfor %}\"}",
+                   dir, sizeof dir));
     CHECK_INT_EQ(speed_tok_load(dir, NULL, &tok), SPEED_OK);
     if (tok) {
         speed_chat_message_t m[] = {{"user", "Hi"}};

@@ -27,8 +27,7 @@ static void round_trip(const speed_tok_t *tok, const char *text, size_t len) {
     char *back = NULL;
     size_t blen = 0;
     CHECK_INT_EQ(speed_tok_decode(tok, ids.ids, ids.n, true, &back, &blen), SPEED_OK);
-    CHECK_MSG(back && blen == len && memcmp(back, text, len) == 0, "round trip \"%s\"",
-              tok_test_show(text, len));
+    CHECK_MSG(back && blen == len && memcmp(back, text, len) == 0, "round trip \"%s\"", tok_test_show(text, len));
     speed_free(back);
     speed_tok_ids_free(&ids);
 }
@@ -46,11 +45,10 @@ static void test_write_load(const char *dir) {
     CHECK(n_eos == 2);
     CHECK_STR_EQ(speed_tok_token_text(tok, eos[0]), "<|end_of_text|>");
     CHECK_STR_EQ(speed_tok_token_text(tok, eos[1]), "<|eot_id|>");
-    CHECK_STR_EQ(speed_tok_token_text(tok, 32), "\xC4\xA0");  /* byte ' ' is 'Ġ' */
+    CHECK_STR_EQ(speed_tok_token_text(tok, 32), "\xC4\xA0"); /* byte ' ' is 'Ġ' */
     CHECK_INT_EQ(speed_tok_chat_template(tok), SPEED_CHAT_TEMPLATE_LLAMA3);
-    for (size_t i = 0; i < sizeof texts / sizeof texts[0]; i++)
-        round_trip(tok, texts[i], strlen(texts[i]));
-    round_trip(tok, "a\0b\0", 4);  /* NUL bytes */
+    for (size_t i = 0; i < sizeof texts / sizeof texts[0]; i++) round_trip(tok, texts[i], strlen(texts[i]));
+    round_trip(tok, "a\0b\0", 4); /* NUL bytes */
     /* common words became single tokens; English compresses */
     speed_tok_ids_t ids = {0};
     CHECK_INT_EQ(speed_tok_encode(tok, texts[2], strlen(texts[2]), false, &ids), SPEED_OK);
@@ -104,8 +102,7 @@ static void test_sizes(const char *tmp) {
         speed_tok_t *tok = NULL;
         CHECK_INT_EQ(speed_tok_load(dir, NULL, &tok), SPEED_OK);
         CHECK_INT_EQ(speed_tok_vocab_size(tok), sizes[i]);
-        for (size_t k = 0; tok && k < sizeof texts / sizeof texts[0]; k++)
-            round_trip(tok, texts[k], strlen(texts[k]));
+        for (size_t k = 0; tok && k < sizeof texts / sizeof texts[0]; k++) round_trip(tok, texts[k], strlen(texts[k]));
         speed_tok_destroy(tok);
     }
     /* deterministic output */
@@ -126,31 +123,30 @@ static void test_sizes(const char *tmp) {
 }
 
 /* Fails the n-th allocation of `op` for n = 0, 1, ... until it succeeds untouched. */
-#define FAULT_LOOP(name, setup, op, on_ok, cleanup)                                           \
-    do {                                                                                      \
-        int n_fail = 0, done = 0;                                                             \
-        for (int64_t n = 0; n < 100000 && !done; n++) {                                      \
-            setup;                                                                            \
-            int64_t live = speed_alloc_live_count();                                          \
-            speed_alloc_fail_after(n, 0);                                                     \
-            speed_status_t st = (op);                                                         \
-            int injected = speed_alloc_injected_failures() > 0;                               \
-            speed_alloc_fail_after(-1, 0);                                                    \
-            if (st == SPEED_OK) {                                                             \
-                on_ok;                                                                        \
-                if (!injected) done = 1;                                                      \
-            } else {                                                                          \
-                n_fail++;                                                                     \
-                CHECK_MSG(st == SPEED_ERR_NO_MEMORY, "%s n=%lld: status %d", name,            \
-                          (long long)n, st);                                                  \
-                CHECK_MSG(injected, "%s n=%lld failed without injection", name, (long long)n); \
-            }                                                                                 \
-            cleanup;                                                                          \
-            CHECK_MSG(speed_alloc_live_count() == live, "%s n=%lld: leaked %lld", name,       \
-                      (long long)n, (long long)(speed_alloc_live_count() - live));            \
-        }                                                                                     \
-        CHECK_MSG(done, "%s never succeeded", name);                                          \
-        fprintf(stderr, "%s: %d injected failures, all clean\n", name, n_fail);               \
+#define FAULT_LOOP(name, setup, op, on_ok, cleanup)                                                   \
+    do {                                                                                              \
+        int n_fail = 0, done = 0;                                                                     \
+        for (int64_t n = 0; n < 100000 && !done; n++) {                                               \
+            setup;                                                                                    \
+            int64_t live = speed_alloc_live_count();                                                  \
+            speed_alloc_fail_after(n, 0);                                                             \
+            speed_status_t st = (op);                                                                 \
+            int injected = speed_alloc_injected_failures() > 0;                                       \
+            speed_alloc_fail_after(-1, 0);                                                            \
+            if (st == SPEED_OK) {                                                                     \
+                on_ok;                                                                                \
+                if (!injected) done = 1;                                                              \
+            } else {                                                                                  \
+                n_fail++;                                                                             \
+                CHECK_MSG(st == SPEED_ERR_NO_MEMORY, "%s n=%lld: status %d", name, (long long)n, st); \
+                CHECK_MSG(injected, "%s n=%lld failed without injection", name, (long long)n);        \
+            }                                                                                         \
+            cleanup;                                                                                  \
+            CHECK_MSG(speed_alloc_live_count() == live, "%s n=%lld: leaked %lld", name, (long long)n, \
+                      (long long)(speed_alloc_live_count() - live));                                  \
+        }                                                                                             \
+        CHECK_MSG(done, "%s never succeeded", name);                                                  \
+        fprintf(stderr, "%s: %d injected failures, all clean\n", name, n_fail);                       \
     } while (0)
 
 /* Streams all ids; *text_p gets the concatenated output (speed_free). */
@@ -164,8 +160,7 @@ static speed_status_t stream_all(const speed_tok_t *tok, const speed_tok_ids_t *
     for (size_t i = 0; st == SPEED_OK && i <= ids->n; i++) {
         const char *t;
         size_t len;
-        st = i < ids->n ? speed_tok_stream_push(s, ids->ids[i], &t, &len)
-                        : speed_tok_stream_flush(s, &t, &len);
+        st = i < ids->n ? speed_tok_stream_push(s, ids->ids[i], &t, &len) : speed_tok_stream_flush(s, &t, &len);
         if (st != SPEED_OK) break;
         char *p = speed_realloc(acc, n + len + 1);
         if (!p) {
@@ -178,37 +173,36 @@ static speed_status_t stream_all(const speed_tok_t *tok, const speed_tok_ids_t *
         acc[n] = '\0';
     }
     speed_tok_stream_destroy(s);
-    if (st != SPEED_OK) speed_free(acc);
-    else *text_p = acc;
+    if (st != SPEED_OK)
+        speed_free(acc);
+    else
+        *text_p = acc;
     return st;
 }
 
-static void discard_log(void *user, speed_log_level_t level, speed_log_subsys_t subsys,
-                        const char *request_id, const char *line) {
+static void discard_log(void *user, speed_log_level_t level, speed_log_subsys_t subsys, const char *request_id,
+                        const char *line) {
     (void)user, (void)level, (void)subsys, (void)request_id, (void)line;
 }
 
 static void test_faults(const char *dir) {
-    speed_log_set_sink(discard_log, NULL);  /* hundreds of expected out-of-memory lines */
+    speed_log_set_sink(discard_log, NULL); /* hundreds of expected out-of-memory lines */
     speed_tok_t *tok = NULL;
-    FAULT_LOOP("load", tok = NULL, speed_tok_load(dir, NULL, &tok), (void)0,
-               (speed_tok_destroy(tok), tok = NULL));
+    FAULT_LOOP("load", tok = NULL, speed_tok_load(dir, NULL, &tok), (void)0, (speed_tok_destroy(tok), tok = NULL));
 
     CHECK_INT_EQ(speed_tok_load(dir, NULL, &tok), SPEED_OK);
     if (!tok) return;
     const char *text = texts[4];
     speed_tok_ids_t ids = {0};
-    FAULT_LOOP("encode", (void)0, speed_tok_encode(tok, text, strlen(text), true, &ids),
-               CHECK(ids.n > 0), speed_tok_ids_free(&ids));
+    FAULT_LOOP("encode", (void)0, speed_tok_encode(tok, text, strlen(text), true, &ids), CHECK(ids.n > 0),
+               speed_tok_ids_free(&ids));
     CHECK_INT_EQ(speed_tok_encode(tok, text, strlen(text), true, &ids), SPEED_OK);
     char *out = NULL;
-    FAULT_LOOP("decode", out = NULL, speed_tok_decode(tok, ids.ids, ids.n, true, &out, NULL),
-               CHECK_STR_EQ(out, text), speed_free(out));
-    speed_chat_message_t m[] = {{"system", "Be kind."}, {"user", "Hi"}};
-    FAULT_LOOP("chat", out = NULL, speed_tok_chat_render(tok, m, 2, true, &out),
-               CHECK(out != NULL), speed_free(out));
-    FAULT_LOOP("stream", out = NULL, stream_all(tok, &ids, &out), CHECK_STR_EQ(out, text),
+    FAULT_LOOP("decode", out = NULL, speed_tok_decode(tok, ids.ids, ids.n, true, &out, NULL), CHECK_STR_EQ(out, text),
                speed_free(out));
+    speed_chat_message_t m[] = {{"system", "Be kind."}, {"user", "Hi"}};
+    FAULT_LOOP("chat", out = NULL, speed_tok_chat_render(tok, m, 2, true, &out), CHECK(out != NULL), speed_free(out));
+    FAULT_LOOP("stream", out = NULL, stream_all(tok, &ids, &out), CHECK_STR_EQ(out, text), speed_free(out));
     speed_tok_ids_free(&ids);
     speed_tok_destroy(tok);
     speed_log_set_sink(NULL, NULL);

@@ -16,8 +16,7 @@ static int can_round_trip(const char *name, const char *text, size_t len) {
     return !(strstr(text, "<s>") || strstr(text, "</s>") || strstr(text, "<unk>"));
 }
 
-static void run_vectors(const speed_tok_t *tok, const char *name, const char *path,
-                        size_t expect_n) {
+static void run_vectors(const speed_tok_t *tok, const char *name, const char *path, size_t expect_n) {
     json_t *cases = tok_test_read_jsonl(path);
     CHECK_MSG(cases != NULL, "%s", path);
     if (!cases) return;
@@ -47,8 +46,7 @@ static void run_vectors(const speed_tok_t *tok, const char *name, const char *pa
         }
         speed_tok_ids_free(&ids);
     }
-    fprintf(stderr, "%s %s: %zu/%zu ids exact, %zu round trips\n", name, path, n_ok,
-            json_array_size(cases), n_rt);
+    fprintf(stderr, "%s %s: %zu/%zu ids exact, %zu round trips\n", name, path, n_ok, json_array_size(cases), n_rt);
     json_decref(cases);
 }
 
@@ -72,8 +70,7 @@ static void *thread_main(void *p) {
                 continue;
             }
             int ok = ids.n == json_array_size(expect);
-            for (size_t k = 0; ok && k < ids.n; k++)
-                ok = ids.ids[k] == json_integer_value(json_array_get(expect, k));
+            for (size_t k = 0; ok && k < ids.n; k++) ok = ids.ids[k] == json_integer_value(json_array_get(expect, k));
             a->failures += !ok;
             speed_tok_ids_free(&ids);
         }

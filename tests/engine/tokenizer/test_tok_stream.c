@@ -20,8 +20,7 @@ static int valid_utf8(const char *s, size_t len) {
 
 /* Streams ids and compares with speed_tok_decode. Returns the number of pushes that
  * produced nothing (held back). */
-static size_t stream_check(const speed_tok_t *tok, const int32_t *ids, size_t n, bool skip,
-                           const char *what) {
+static size_t stream_check(const speed_tok_t *tok, const int32_t *ids, size_t n, bool skip, const char *what) {
     speed_tok_stream_t *s = NULL;
     CHECK_INT_EQ(speed_tok_stream_create(tok, skip, &s), SPEED_OK);
     if (!s) return 0;
@@ -31,8 +30,7 @@ static size_t stream_check(const speed_tok_t *tok, const int32_t *ids, size_t n,
     for (size_t i = 0; i <= n; i++) {
         const char *t = NULL;
         size_t len = 0;
-        speed_status_t st = i < n ? speed_tok_stream_push(s, ids[i], &t, &len)
-                                  : speed_tok_stream_flush(s, &t, &len);
+        speed_status_t st = i < n ? speed_tok_stream_push(s, ids[i], &t, &len) : speed_tok_stream_flush(s, &t, &len);
         CHECK_INT_EQ(st, SPEED_OK);
         if (st != SPEED_OK) break;
         if (!valid_utf8(t, len)) chunks_valid = 0;
@@ -45,8 +43,8 @@ static size_t stream_check(const speed_tok_t *tok, const int32_t *ids, size_t n,
     size_t full_len = 0;
     CHECK_INT_EQ(speed_tok_decode(tok, ids, n, skip, &full, &full_len), SPEED_OK);
     CHECK_MSG(chunks_valid, "%s: a chunk was not valid UTF-8", what);
-    CHECK_MSG(full && acc_len == full_len && memcmp(acc, full, full_len) == 0,
-              "%s (skip=%d): stream \"%s\"", what, (int)skip, tok_test_show(acc, acc_len));
+    CHECK_MSG(full && acc_len == full_len && memcmp(acc, full, full_len) == 0, "%s (skip=%d): stream \"%s\"", what,
+              (int)skip, tok_test_show(acc, acc_len));
     if (full && !(acc_len == full_len && memcmp(acc, full, full_len) == 0))
         fprintf(stderr, "   vs full \"%s\"\n", tok_test_show(full, full_len));
     speed_free(full);
@@ -63,8 +61,7 @@ static void run_file(const speed_tok_t *tok, const char *path) {
     json_array_foreach(cases, i, c) {
         json_t *t = json_object_get(c, "text");
         speed_tok_ids_t ids = {0};
-        CHECK_INT_EQ(speed_tok_encode(tok, json_string_value(t), json_string_length(t), true, &ids),
-                     SPEED_OK);
+        CHECK_INT_EQ(speed_tok_encode(tok, json_string_value(t), json_string_length(t), true, &ids), SPEED_OK);
         char what[200];
         snprintf(what, sizeof what, "%s case %zu", path, i);
         stream_check(tok, ids.ids, ids.n, false, what);
@@ -123,7 +120,8 @@ int main(void) {
         const char *txt = speed_tok_token_text(l2, ids.ids[i]);
         if (txt && strncmp(txt, "<0x", 3) == 0) {
             n_byte++;
-            if (n_byte < 4) CHECK_INT_EQ(len, 0);
+            if (n_byte < 4)
+                CHECK_INT_EQ(len, 0);
             else {
                 CHECK_MSG(len >= 4 && memcmp(t + len - 4, "\xF0\x9F\xA6\x99", 4) == 0,
                           "emoji not emitted whole: \"%s\"", tok_test_show(t, len));
@@ -149,7 +147,7 @@ int main(void) {
         CHECK_INT_EQ(speed_tok_stream_flush(s, &t, &len), SPEED_OK);
         CHECK_MSG(len == 3 && memcmp(t, "\xEF\xBF\xBD", 3) == 0, "flush gave \"%s\"", tok_test_show(t, len));
         /* the stream is reset and reusable */
-        CHECK_INT_EQ(speed_tok_stream_push(s, 15043, &t, &len), SPEED_OK);  /* ▁Hello */
+        CHECK_INT_EQ(speed_tok_stream_push(s, 15043, &t, &len), SPEED_OK); /* ▁Hello */
         CHECK_MSG(len == 5 && memcmp(t, "Hello", 5) == 0, "after reset: \"%s\"", tok_test_show(t, len));
         CHECK_INT_EQ(speed_tok_stream_push(s, -1, &t, &len), SPEED_ERR_INVALID_ARGUMENT);
         CHECK_INT_EQ(speed_tok_stream_push(s, 32000, &t, &len), SPEED_ERR_INVALID_ARGUMENT);

@@ -9,8 +9,9 @@
 #include "log.h"
 #include "tok_internal.h"
 
-#define LLAMA3_REGEX "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?" \
-                     "[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+#define LLAMA3_REGEX                                                            \
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?" \
+    "[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
 
 /* Splits text as the encoder does and joins the pieces with '|'. */
 static void split_expect(const tok_regex_t *re, const char *text, const char *expect) {
@@ -24,7 +25,7 @@ static void split_expect(const tok_regex_t *re, const char *text, const char *ex
         CHECK(rc > 0);
         if (rc <= 0) break;
         PCRE2_SIZE *ov = pcre2_get_ovector_pointer(md);
-        CHECK_INT_EQ(ov[0], start);  /* no gaps */
+        CHECK_INT_EQ(ov[0], start); /* no gaps */
         if (o) out[o++] = '|';
         memcpy(out + o, text + ov[0], ov[1] - ov[0]);
         o += ov[1] - ov[0];
@@ -38,8 +39,7 @@ static void split_expect(const tok_regex_t *re, const char *text, const char *ex
 static void test_regex(void) {
     pcre2_general_context *g = tok_pcre2_context_create();
     tok_regex_t re = {0};
-    CHECK_INT_EQ(tok_regex_compile(g, LLAMA3_REGEX, strlen(LLAMA3_REGEX), false, "test", &re),
-                 SPEED_OK);
+    CHECK_INT_EQ(tok_regex_compile(g, LLAMA3_REGEX, strlen(LLAMA3_REGEX), false, "test", &re), SPEED_OK);
     CHECK(re.fast && re.full);
     split_expect(&re, "Hello world", "Hello| world");
     split_expect(&re, "I'm here, it's 12345!\n\n ok", "I|'m| here|,| it|'s| |123|45|!\n\n| ok");
@@ -59,7 +59,7 @@ static void test_regex(void) {
                  "\xF0\x9E\x93\xB0\xF0\x9E\x93\xB1\xF0\x9E\x93\xB2|\xF0\x9E\x93\xB3");
     CHECK(!tok_text_needs_full_regex("plain ascii", 11));
     CHECK(!tok_text_needs_full_regex("\xE6\x97\xA5\xE6\x9C\xAC \xF0\x9F\xA6\x99", 10));
-    CHECK(tok_text_needs_full_regex("x\xE1\xB2\x89", 4));  /* U+1C89 */
+    CHECK(tok_text_needs_full_regex("x\xE1\xB2\x89", 4)); /* U+1C89 */
     tok_regex_free(&re);
     pcre2_general_context_free(g);
 }
@@ -75,8 +75,7 @@ static void write_tok(const char *dir, const char *json) {
     fclose(f);
 }
 
-static void encode_expect(const speed_tok_t *tok, const char *text, const int32_t *expect,
-                          size_t n, const char *what) {
+static void encode_expect(const speed_tok_t *tok, const char *text, const int32_t *expect, size_t n, const char *what) {
     speed_tok_ids_t ids = {0};
     CHECK_INT_EQ(speed_tok_encode(tok, text, strlen(text), false, &ids), SPEED_OK);
     int ok = ids.n == n;
@@ -95,10 +94,8 @@ static void test_split_behaviors(const char *tmp) {
         int32_t ids[12];
         size_t n;
     } cases[] = {
-        {"Isolated", {17, 3, 18, 3, 3, 16}, 6},
-        {"Removed", {17, 18, 16}, 3},
-        {"MergedWithPrevious", {14, 15, 3, 16}, 4},
-        {"MergedWithNext", {17, 3, 4, 5, 6, 7, 8, 3, 19}, 9},
+        {"Isolated", {17, 3, 18, 3, 3, 16}, 6},     {"Removed", {17, 18, 16}, 3},
+        {"MergedWithPrevious", {14, 15, 3, 16}, 4}, {"MergedWithNext", {17, 3, 4, 5, 6, 7, 8, 3, 19}, 9},
         {"Contiguous", {17, 3, 18, 3, 3, 16}, 6},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
@@ -124,18 +121,20 @@ static void test_split_behaviors(const char *tmp) {
 static void test_metaspace(const char *tmp) {
     char dir[1200];
     snprintf(dir, sizeof dir, "%s/tok_unit_metaspace", tmp);
-    write_tok(dir,
-              "{\"added_tokens\": [{\"id\": 0, \"content\": \"<unk>\", \"special\": true}, "
-              "{\"id\": 7, \"content\": \"<sep>\", \"special\": true, \"lstrip\": true, "
-              "\"rstrip\": true}], "
-              "\"pre_tokenizer\": {\"type\": \"Metaspace\", \"replacement\": \"\xE2\x96\x81\", "
-              "\"prepend_scheme\": \"first\", \"split\": true}, "
-              "\"decoder\": {\"type\": \"Metaspace\", \"replacement\": \"\xE2\x96\x81\", "
-              "\"prepend_scheme\": \"first\", \"split\": true}, "
-              "\"model\": {\"type\": \"BPE\", \"unk_token\": \"<unk>\", \"fuse_unk\": true, "
-              "\"vocab\": {\"<unk>\": 0, \"\xE2\x96\x81\": 1, \"a\": 2, \"b\": 3, "
-              "\"\xE2\x96\x81" "a\": 4, \"ab\": 5, \"\xE2\x96\x81" "ab\": 6}, "
-              "\"merges\": [\"\xE2\x96\x81 a\", \"a b\", \"\xE2\x96\x81" "a b\"]}}");
+    write_tok(dir, "{\"added_tokens\": [{\"id\": 0, \"content\": \"<unk>\", \"special\": true}, "
+                   "{\"id\": 7, \"content\": \"<sep>\", \"special\": true, \"lstrip\": true, "
+                   "\"rstrip\": true}], "
+                   "\"pre_tokenizer\": {\"type\": \"Metaspace\", \"replacement\": \"\xE2\x96\x81\", "
+                   "\"prepend_scheme\": \"first\", \"split\": true}, "
+                   "\"decoder\": {\"type\": \"Metaspace\", \"replacement\": \"\xE2\x96\x81\", "
+                   "\"prepend_scheme\": \"first\", \"split\": true}, "
+                   "\"model\": {\"type\": \"BPE\", \"unk_token\": \"<unk>\", \"fuse_unk\": true, "
+                   "\"vocab\": {\"<unk>\": 0, \"\xE2\x96\x81\": 1, \"a\": 2, \"b\": 3, "
+                   "\"\xE2\x96\x81"
+                   "a\": 4, \"ab\": 5, \"\xE2\x96\x81"
+                   "ab\": 6}, "
+                   "\"merges\": [\"\xE2\x96\x81 a\", \"a b\", \"\xE2\x96\x81"
+                   "a b\"]}}");
     speed_tok_t *tok = NULL;
     CHECK_INT_EQ(speed_tok_load(dir, NULL, &tok), SPEED_OK);
     if (!tok) return;
@@ -158,15 +157,14 @@ static void test_metaspace(const char *tmp) {
 static void test_gpt2_style(const char *tmp) {
     char dir[1200];
     snprintf(dir, sizeof dir, "%s/tok_unit_gpt2", tmp);
-    write_tok(dir,
-              "{\"added_tokens\": [{\"id\": 9, \"content\": \"<|endoftext|>\", \"special\": true}], "
-              "\"pre_tokenizer\": {\"type\": \"ByteLevel\", \"add_prefix_space\": true, "
-              "\"use_regex\": true}, \"decoder\": {\"type\": \"ByteLevel\"}, "
-              "\"post_processor\": {\"type\": \"ByteLevel\"}, "
-              "\"model\": {\"type\": \"BPE\", \"vocab\": {\"\xC4\xA0\": 0, \"H\": 1, \"i\": 2, "
-              "\"!\": 3, \"\xC4\xA0H\": 4, \"\xC4\xA0Hi\": 5, \"o\": 6, \"\xC4\x8A\": 7, "
-              "\"\xC3\xA2\": 8}, "
-              "\"merges\": [[\"\xC4\xA0\", \"H\"], [\"\xC4\xA0H\", \"i\"]]}}");
+    write_tok(dir, "{\"added_tokens\": [{\"id\": 9, \"content\": \"<|endoftext|>\", \"special\": true}], "
+                   "\"pre_tokenizer\": {\"type\": \"ByteLevel\", \"add_prefix_space\": true, "
+                   "\"use_regex\": true}, \"decoder\": {\"type\": \"ByteLevel\"}, "
+                   "\"post_processor\": {\"type\": \"ByteLevel\"}, "
+                   "\"model\": {\"type\": \"BPE\", \"vocab\": {\"\xC4\xA0\": 0, \"H\": 1, \"i\": 2, "
+                   "\"!\": 3, \"\xC4\xA0H\": 4, \"\xC4\xA0Hi\": 5, \"o\": 6, \"\xC4\x8A\": 7, "
+                   "\"\xC3\xA2\": 8}, "
+                   "\"merges\": [[\"\xC4\xA0\", \"H\"], [\"\xC4\xA0H\", \"i\"]]}}");
     char path[1300];
     snprintf(path, sizeof path, "%s/tokenizer_config.json", dir);
     FILE *f = fopen(path, "wb");
@@ -181,7 +179,7 @@ static void test_gpt2_style(const char *tmp) {
     encode_expect(tok, "Hi! Hi\n", (const int32_t[]){5, 3, 5, 7}, 4, "gpt2");
     speed_tok_ids_t ids = {0};
     CHECK_INT_EQ(speed_tok_encode(tok, "Hi", 2, true, &ids), SPEED_OK);
-    CHECK(ids.n == 2 && ids.ids[0] == 5 && ids.ids[1] == 9);  /* add_eos_token */
+    CHECK(ids.n == 2 && ids.ids[0] == 5 && ids.ids[1] == 9); /* add_eos_token */
     CHECK_INT_EQ(speed_tok_bos_id(tok), -1);
     char *text = NULL;
     CHECK_INT_EQ(speed_tok_decode(tok, ids.ids, ids.n, false, &text, NULL), SPEED_OK);

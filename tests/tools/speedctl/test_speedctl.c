@@ -74,7 +74,8 @@ static void test_make_inspect(void) {
     char dir[1024];
     snprintf(dir, sizeof dir, "%s/cli-tiny", tmp);
     run_t r = run("make-tiny-model '%s' --layers 4 --hidden 64 --heads 4 --kv-heads 2 --ffn 160 "
-                  "--dtype f32 --tied --shards 2 --seed 7", dir);
+                  "--dtype f32 --tied --shards 2 --seed 7",
+                  dir);
     CHECK_MSG(r.rc == 0, "make-tiny-model failed: %s", r.err);
     CHECK_CONTAINS(r.out, "4 layers");
     run_free(&r);
@@ -105,8 +106,7 @@ static void test_make_inspect(void) {
         CHECK_INT_EQ(json_integer_value(json_object_get(kv, "bytes_per_shallow_token")), 2 * 3 * kvh * hd * 2);
         /* docs/design.md §1: layers < C hold all n tokens, layers >= C hold A + T of them */
         int64_t n = json_integer_value(json_object_get(kv, "prompt_tokens"));
-        CHECK_INT_EQ(json_integer_value(json_object_get(kv, "prompt_bytes")),
-                     (3 * n + 1 * 2) * 2 * kvh * hd * 2);
+        CHECK_INT_EQ(json_integer_value(json_object_get(kv, "prompt_bytes")), (3 * n + 1 * 2) * 2 * kvh * hd * 2);
         CHECK(json_object_get(j, "tokenizer") != NULL);
         json_decref(j);
     }
@@ -199,8 +199,8 @@ static void test_tokenize(void) {
     r = run("tokenize --model '%s' --decode '%s' --json", dir, list);
     CHECK_INT_EQ(r.rc, 0);
     json_t *dec = json_loads(r.out, 0, NULL);
-    json_t *want = json_loads("\"Hello, SPEED! \\u00fcn\\u00efc\\u00f6d\\u00e9 \\ud83d\\ude42 123456\"",
-                              JSON_DECODE_ANY, NULL);
+    json_t *want =
+        json_loads("\"Hello, SPEED! \\u00fcn\\u00efc\\u00f6d\\u00e9 \\ud83d\\ude42 123456\"", JSON_DECODE_ANY, NULL);
     CHECK_STR_EQ(json_string_value(json_object_get(dec, "text")), json_string_value(want));
     json_decref(dec);
     json_decref(want);
@@ -262,7 +262,8 @@ static void check_gen_schema(json_t *j, int64_t vocab, int want_top) {
     size_t i;
     json_t *t;
     json_array_foreach(toks, i, t) {
-        json_t *id = json_object_get(t, "id"), *lp = json_object_get(t, "logprob"), *top = json_object_get(t, "top_logprobs");
+        json_t *id = json_object_get(t, "id"), *lp = json_object_get(t, "logprob"),
+               *top = json_object_get(t, "top_logprobs");
         CHECK(json_is_integer(id) && json_integer_value(id) >= 0 && json_integer_value(id) < vocab);
         CHECK(json_is_string(json_object_get(t, "text")));
         CHECK(json_is_real(lp) && json_real_value(lp) <= 0.0);
@@ -389,7 +390,8 @@ static void test_backends(void) {
 static void test_generate(void) {
     snprintf(gen_dir, sizeof gen_dir, "%s/cli-gen", tmp);
     run_t r = run("make-tiny-model '%s' --layers 4 --hidden 64 --heads 4 --kv-heads 2 --ffn 160 --dtype f32 "
-                  "--max-position 96 --seed 3", gen_dir);
+                  "--max-position 96 --seed 3",
+                  gen_dir);
     CHECK_MSG(r.rc == 0, "make-tiny-model: %s", r.err);
     run_free(&r);
     r = run("inspect '%s' --json", gen_dir);
@@ -465,8 +467,10 @@ static void test_generate(void) {
         int64_t n = 20, g = 3;
         CHECK_INT_EQ(full, L * (n + g) * per_layer_token);
         CHECK_INT_EQ(bytes, (c * (n + g) + (L - c) * (1 + 2 + g)) * per_layer_token);
-        if (c < L) CHECK(bytes < full);
-        else CHECK_INT_EQ(bytes, full);
+        if (c < L)
+            CHECK(bytes < full);
+        else
+            CHECK_INT_EQ(bytes, full);
         CHECK_INT_EQ(json_integer_value(json_object_get(json_object_get(b, "speed"), "prefill_layers")), c);
         json_decref(b);
     }
@@ -493,7 +497,8 @@ static void test_generate(void) {
                       "stop '%s' in '%s' gave '%s'", stop, full, got ? got : "(null)");
             /* the streamed plain output is the same text */
             run_t p = run("generate --model '%s' --prompt 'The quick brown fox' --max-tokens 6 --ignore-eos "
-                          "--stop '%s'", gen_dir, stop);
+                          "--stop '%s'",
+                          gen_dir, stop);
             CHECK_INT_EQ(p.rc, 0);
             CHECK(got && strncmp(p.out, got, strlen(got)) == 0 && strcmp(p.out + strlen(got), "\n") == 0);
             CHECK_CONTAINS(p.err, "KV");
@@ -559,7 +564,8 @@ static void test_generate(void) {
 
 static void test_bench(void) {
     run_t r = run("bench --model '%s' --prompt-tokens 24 --gen-tokens 4 --batch 2 --repeat 1 --prefill-layers 2 "
-                  "--compare --roofline-mib 16 --json", gen_dir);
+                  "--compare --roofline-mib 16 --json",
+                  gen_dir);
     CHECK_MSG(r.rc == 0, "bench: %s", r.err);
     json_t *j = json_loads(r.out, 0, NULL);
     CHECK_MSG(j != NULL, "bench --json is not JSON: %s", r.out);
@@ -587,7 +593,8 @@ static void test_bench(void) {
         CHECK(json_integer_value(json_object_get(json_object_get(json_array_get(runs, 1), "kv"), "prompt_bytes")) <
               json_integer_value(json_object_get(json_object_get(json_array_get(runs, 0), "kv"), "prompt_bytes")));
         json_t *c = json_object_get(j, "compare");
-        CHECK(json_real_value(json_object_get(c, "kv_ratio")) > 0 && json_real_value(json_object_get(c, "kv_ratio")) < 1);
+        CHECK(json_real_value(json_object_get(c, "kv_ratio")) > 0 &&
+              json_real_value(json_object_get(c, "kv_ratio")) < 1);
         CHECK(json_real_value(json_object_get(c, "prefill_time_ratio")) > 0);
         json_t *mem = json_object_get(j, "memory");
         CHECK(json_integer_value(json_object_get(mem, "peak_rss_bytes")) > 0);

@@ -42,8 +42,8 @@ typedef struct {
     char out[65536];
     size_t out_len;
     char err_path[800], log_dir[800];
-    int rc;                 /* exit code once waited; -1 before */
-    pid_t pids[MAX_PIDS];   /* daemons, from its "started NAME (pid N)" lines */
+    int rc;               /* exit code once waited; -1 before */
+    pid_t pids[MAX_PIDS]; /* daemons, from its "started NAME (pid N)" lines */
     int n_pids;
 } up_run_t;
 
@@ -56,9 +56,25 @@ static void up_start(up_run_t *r, const char *bin, int ports, const char *const 
     snprintf(r->log_dir, sizeof r->log_dir, "%s/logs-%d", dir, n_runs++);
     char p[5][16];
     for (int i = 0; i < 5; i++) snprintf(p[i], sizeof p[i], "%d", ports + i);
-    const char *argv[64] = {bin, "up", "deploy/clusters/1p1d.yaml", "--model", model, "--router.port", p[0],
-                            "--prefill.grpc_port", p[1], "--prefill.http_port", p[2], "--decode.grpc_port", p[3],
-                            "--decode.http_port", p[4], "--stop-timeout-s", "20", "--log-dir", r->log_dir};
+    const char *argv[64] = {bin,
+                            "up",
+                            "deploy/clusters/1p1d.yaml",
+                            "--model",
+                            model,
+                            "--router.port",
+                            p[0],
+                            "--prefill.grpc_port",
+                            p[1],
+                            "--prefill.http_port",
+                            p[2],
+                            "--decode.grpc_port",
+                            p[3],
+                            "--decode.http_port",
+                            p[4],
+                            "--stop-timeout-s",
+                            "20",
+                            "--log-dir",
+                            r->log_dir};
     int n = 19;
     for (int i = 0; extra && extra[i] && n < 62; i++) argv[n++] = extra[i];
     argv[n] = NULL;
@@ -216,8 +232,7 @@ static void test_cluster(void) {
         /* 1p1d.yaml runs SPEED at 0.75 of the layers: fewer bytes shipped than at full depth */
         json_int_t kv = json_integer_value(json_object_get(usage, "kv_bytes"));
         json_int_t full = json_integer_value(json_object_get(usage, "kv_full_depth_bytes"));
-        CHECK_MSG(kv > 0 && kv < full, "usage.kv_bytes %lld, kv_full_depth_bytes %lld", (long long)kv,
-                  (long long)full);
+        CHECK_MSG(kv > 0 && kv < full, "usage.kv_bytes %lld, kv_full_depth_bytes %lld", (long long)kv, (long long)full);
         json_decref(chat);
     }
 
@@ -283,8 +298,8 @@ static void test_no_router(void) {
     snprintf(speedctl_dir, sizeof speedctl_dir, "%s", speedctl);
     char *slash = strrchr(speedctl_dir, '/');
     if (slash) *slash = '\0';
-    if (tu_system("mkdir -p '%s' && cp '%s' '%s/speed-decode' '%s/speed-prefill' '%s/'", bin_dir, speedctl, speedctl_dir,
-                  speedctl_dir, bin_dir) != 0) {
+    if (tu_system("mkdir -p '%s' && cp '%s' '%s/speed-decode' '%s/speed-prefill' '%s/'", bin_dir, speedctl,
+                  speedctl_dir, speedctl_dir, bin_dir) != 0) {
         fprintf(stderr, "SKIP no-router case: cannot copy the binaries\n");
         return;
     }
@@ -334,7 +349,9 @@ int main(void) {
     test_port_taken();
     test_cluster();
 
-    if (check_failures_) fprintf(stderr, "logs kept in %s\n", dir);
-    else tu_rm_rf(dir);
+    if (check_failures_)
+        fprintf(stderr, "logs kept in %s\n", dir);
+    else
+        tu_rm_rf(dir);
     return CHECK_DONE();
 }
