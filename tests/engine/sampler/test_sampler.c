@@ -116,6 +116,102 @@ static double chi_square(const int *counts, const double *want, int n, int n_dra
     return chi;
 }
 
+/* The distribution sampling should give, computed plainly from sampler.h's rule: weights
+ * exp((x - max) / T); the k best (logit descending, ties to the lower id); of those, the
+ * shortest prefix whose mass reaches top_p of the k's mass (at least one token); renormalised.
+ * Also returns, in *margin_p, how close any prefix mass came to the top_p cut (relative): a case
+ * must keep away from the cut, or float rounding could legitimately flip one token in or out. */
+static void reference_dist(const float *x, int n, float temperature, int top_k, float top_p, double *want,
+                           double *margin_p) {
+    int order[64];
+    double w[64], max = -INFINITY;
+    for (int i = 0; i < n; i++) max = x[i] > max ? x[i] : max;
+    for (int i = 0; i < n; i++) {
+        order[i] = i;
+        w[i] = exp(((double)x[i] - max) / (double)temperature);
+    }
+    for (int i = 1; i < n; i++) /* insertion sort: logit descending, then id ascending */
+        for (int j = i;
+             j > 0 && (x[order[j]] > x[order[j - 1]] || (x[order[j]] == x[order[j - 1]] && order[j] < order[j - 1]));
+             j--) {
+            int t = order[j];
+            order[j] = order[j - 1];
+            order[j - 1] = t;
+        }
+    int k = top_k > 0 && top_k < n ? top_k : n;
+    double mass_k = 0.0;
+    for (int r = 0; r < k; r++) mass_k += w[order[r]];
+    double limit = (double)top_p * mass_k, cum = 0.0;
+    int keep = 0;
+    *margin_p = 1.0;
+    while (keep < k && (keep == 0 || cum < limit)) {
+        cum += w[order[keep++]];
+        double m = fabs(cum - limit) / mass_k;
+        if (top_p < 1.0f) *margin_p = m < *margin_p ? m : *margin_p; /* 1 = off: no cut */
+    }
+    for (int i = 0; i < n; i++) want[i] = 0.0;
+    for (int r = 0; r < keep; r++) want[order[r]] = w[order[r]] / cum;
+}
+
+/* top_k and top_p together (and each alone) against the exact distribution above: a chi-square
+ * bound on the counts, a bound on the largest frequency error, and no draw outside the kept set.
+ * The cases make the top-p cut land on a different token for every plausible misreading of the
+ * rule: top-p over the whole vocabulary's mass instead of the k's, a cut at (1 - top_p), a cut
+ * that stops one token early or late, top-p before top-k, ties broken by the higher id. */
+static void test_top_k_top_p_distribution(void) {
+    enum { N = 10 };
+    /* a: spread out, with real mass outside the top k; b: ties at the top-k boundary (ids 2, 5
+     * and 7 share a logit: the lower ids win) */
+    static const float xa[N] = {2.0f, 0.3f, 1.4f, -0.5f, 1.9f, 0.9f, -1.2f, 1.1f, 0.0f, 0.6f};
+    static const float xb[N] = {1.0f, -0.3f, 0.5f, 1.6f, -1.0f, 0.5f, 0.2f, 0.5f, -2.0f, 1.2f};
+    const struct {
+        const float *x;
+        float temperature;
+        int top_k;
+        float top_p;
+    } cases[] = {
+        {xa, 1.0f, 5, 0.8f},  {xa, 1.0f, 6, 0.6f}, {xa, 0.7f, 4, 0.9f}, {xa, 1.6f, 7, 0.75f},
+        {xa, 1.0f, 3, 0.97f}, {xa, 2.5f, 8, 0.5f}, {xb, 1.0f, 4, 0.7f}, {xb, 0.8f, 5, 0.85f},
+        {xb, 1.3f, 6, 0.9f},  {xa, 1.0f, 5, 1.0f}, {xa, 1.0f, 0, 0.7f},
+    };
+    const int n_draws = 60000;
+    int counts[N];
+    double want[N];
+    double worst_chi = 0.0, worst_diff = 0.0;
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        speed_sampling_params_t p = speed_sampling_default_params();
+        p.temperature = cases[c].temperature;
+        p.top_k = cases[c].top_k;
+        p.top_p = cases[c].top_p;
+        p.seed = 7000 + (uint64_t)c * 31; /* a different generator per case */
+        double margin;
+        reference_dist(cases[c].x, N, p.temperature, p.top_k, p.top_p, want, &margin);
+        /* the case itself: the cut is clear of rounding (relative mass 1e-3 >> float error) */
+        CHECK_MSG(margin > 1e-3, "case %zu: a prefix mass is within %g of the top_p cut", c, margin);
+        draw_counts(&p, cases[c].x, N, n_draws, counts);
+        int impossible;
+        double chi = chi_square(counts, want, N, n_draws, &impossible), diff = 0.0;
+        for (int i = 0; i < N; i++) {
+            double d = fabs((double)counts[i] / n_draws - want[i]);
+            diff = d > diff ? d : diff;
+        }
+        worst_chi = chi > worst_chi ? chi : worst_chi;
+        worst_diff = diff > worst_diff ? diff : worst_diff;
+        /* Fixed seeds make this deterministic. df <= 7: the chi-square's 99.99th percentile is
+         * about 29, and 40 is what test_distribution allows. A frequency's standard error is at
+         * most sqrt(0.25 / 60000) = 0.002: 0.012 is 6 of them, while the misreadings above move
+         * some probability by 0.05 or more (a token in or out of a nucleus of <= 8). */
+        CHECK_MSG(impossible == 0, "case %zu (T %g top_k %d top_p %g): %d draws outside the kept set", c,
+                  (double)p.temperature, p.top_k, (double)p.top_p, impossible);
+        CHECK_MSG(chi < 40.0 && diff < 0.012, "case %zu (T %g top_k %d top_p %g): chi-square %.1f, max |freq - p| %.4f",
+                  c, (double)p.temperature, p.top_k, (double)p.top_p, chi, diff);
+    }
+    fprintf(stderr,
+            "top_k + top_p: %zu cases x %d draws, worst chi-square %.1f (bound 40), worst |freq - p| %.4f "
+            "(bound 0.012)\n",
+            sizeof cases / sizeof cases[0], n_draws, worst_chi, worst_diff);
+}
+
 static void test_top_p_mass(void) {
     /* probabilities 0.5 0.3 0.15 0.05 at temperature 1 */
     float x[4] = {logf(0.5f), logf(0.3f), logf(0.15f), logf(0.05f)};
@@ -465,6 +561,7 @@ int main(void) {
     test_temperature_limit();
     test_top_k1_is_greedy();
     test_top_p_mass();
+    test_top_k_top_p_distribution();
     test_top_k_sets();
     test_seeds();
     test_distribution();
