@@ -6,8 +6,8 @@
  *   test_backend_ops cpu-ref   a second cpu-ref: checks the harness itself (errors are 0)
  *
  * Exit 0 when every case is within tolerance, 1 otherwise, 77 when the backend cannot be
- * created here (not built, no GPU: for cuda, no NVIDIA driver — with a driver present, a cuda
- * backend that cannot be created is a failure). One line per (case, backend).
+ * created here; for cuda only on a machine without an NVIDIA GPU (with a GPU, a cuda backend
+ * that is not built or cannot be created is a failure: test_gpu.h). One line per (case, backend).
  *
  * Inputs are random from a fixed seed. Each case runs cpu-ref once (cpu-ref's backend memory is
  * host memory, so it runs on the host buffers directly) and then every backend under test
@@ -46,6 +46,7 @@
 #include "clock.h"
 #include "log.h"
 #include "test_clock.h"
+#include "test_gpu.h"
 
 /* ---- targets ------------------------------------------------------------------------- */
 
@@ -1124,13 +1125,12 @@ int main(int argc, char **argv) {
                     speed_cpu_isa_name(p.cpu_isa_max), speed_status_string(st));
             return 1;
         }
-        /* Skipped only when the backend is absent: not built (UNSUPPORTED), or no NVIDIA driver
-         * on this machine. A machine with a GPU driver whose backend fails to come up fails. */
-        bool gpu_driver = access("/dev/nvidiactl", F_OK) == 0 || access("/proc/driver/nvidia/version", F_OK) == 0;
-        if (p.kind == SPEED_BACKEND_CUDA && st != SPEED_ERR_UNSUPPORTED && gpu_driver) {
-            fprintf(stderr, "an NVIDIA driver is present but the cuda backend cannot be created: %s (%s)\n",
-                    speed_status_string(st), speed_log_last_error());
-            return 1;
+        /* cuda: skipped only on a machine without a GPU; with one, a backend that is not built
+         * (UNSUPPORTED) or cannot be created fails (test_gpu.h) */
+        if (p.kind == SPEED_BACKEND_CUDA) {
+            char detail[512];
+            snprintf(detail, sizeof detail, "%s (%s)", speed_status_string(st), speed_log_last_error());
+            tu_cuda_unavailable_exit("test_backend_ops cuda", detail);
         }
         SKIP_TEST("backend '%s' cannot be created here: %s (%s)", argv[1], speed_status_string(st),
                   speed_log_last_error());

@@ -4,10 +4,10 @@
  * prompts are shorter than a block, longer than a prefill chunk, and long enough (> 256
  * entries) that decode rows take the attention kernel's split-K path.
  *
- * Usage: test_engine_cuda [cuda|cpu|cpu-ref]   backend under test (default cuda); exit 77 when
- * it is absent (built without nvcc, or no NVIDIA driver on this machine; a machine with a driver
- * whose backend cannot be created fails). The other names run the same harness
- * on a CPU backend, which is how the harness itself is checked on machines without a GPU.
+ * Usage: test_engine_cuda [cuda|cpu|cpu-ref]   backend under test (default cuda); exit 77 only
+ * on a machine without an NVIDIA GPU (with one, a cuda backend that is not built or cannot be
+ * created fails: test_gpu.h). The other names run the same harness on a CPU backend, which is
+ * how the harness itself is checked everywhere (ctest test_engine_cuda_selfcheck).
  *
  * Checks per sequence:
  *   1. against the naive reference, teacher-forced on the backend's own greedy tokens
@@ -20,6 +20,7 @@
  * 1.5e-1 (cuBLAS multiplies 16-bit weights with activations rounded to the weight dtype, as the
  * AVX512-BF16 CPU path does: measured up to 0.11 there for bf16); + 2e-2 with a bf16 cache. */
 #include "engine_test_util.h"
+#include "test_gpu.h"
 
 enum { N_SEQS = 3, N_GEN = 16 };
 
@@ -38,14 +39,9 @@ static speed_backend_t *backend_under_test(const char *name) {
     speed_backend_t *be = NULL;
     speed_status_t st = speed_backend_create(&bp, &be);
     if (st != SPEED_OK) {
-        fprintf(stderr, "backend cuda: %s (%s)\n", speed_status_string(st), speed_log_last_error());
-        /* absent (not built, no NVIDIA driver) skips; a driver without a working backend fails */
-        if (st != SPEED_ERR_UNSUPPORTED &&
-            (access("/dev/nvidiactl", F_OK) == 0 || access("/proc/driver/nvidia/version", F_OK) == 0)) {
-            fprintf(stderr, "an NVIDIA driver is present but the cuda backend cannot be created\n");
-            exit(1);
-        }
-        return NULL;
+        char detail[512];
+        snprintf(detail, sizeof detail, "%s (%s)", speed_status_string(st), speed_log_last_error());
+        tu_cuda_unavailable_exit("test_engine_cuda", detail); /* skips only without a GPU */
     }
     return be;
 }

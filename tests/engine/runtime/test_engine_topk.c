@@ -7,9 +7,10 @@
  *   - lse equals the log-sum-exp of the full logits (double) within 1e-5 relative;
  *   - logits is NULL and n_topk = k; output_topk out of range is refused at creation.
  *
- *   test_engine_topk [cpu-ref|cpu|cuda]   (cuda: exit 77 without a GPU)
+ *   test_engine_topk [cpu-ref|cpu|cuda]   (cuda: exit 77 only without an NVIDIA GPU)
  */
 #include "engine_test_util.h"
+#include "test_gpu.h"
 
 #define TOPK_K 20
 #define N_SEQS 3
@@ -87,26 +88,26 @@ static void check_against_full(const et_seq_t *full, const topk_seq_t *ts, int v
     }
 }
 
-static speed_backend_t *make_backend(const char *name, bool *skip_p) {
-    *skip_p = false;
+static speed_backend_t *make_backend(const char *name) {
     if (strcmp(name, "cuda") != 0) return et_backend(name);
     speed_backend_params_t bp = speed_backend_default_params();
     bp.kind = SPEED_BACKEND_CUDA;
     speed_backend_t *be = NULL;
     speed_status_t st = speed_backend_create(&bp, &be);
-    bool gpu_driver = access("/dev/nvidiactl", F_OK) == 0;
-    if (st != SPEED_OK) *skip_p = st == SPEED_ERR_UNSUPPORTED || !gpu_driver;
-    return st == SPEED_OK ? be : NULL;
+    if (st != SPEED_OK) {
+        char detail[512];
+        snprintf(detail, sizeof detail, "%s (%s)", speed_status_string(st), speed_log_last_error());
+        tu_cuda_unavailable_exit("test_engine_topk cuda", detail); /* skips only without a GPU */
+    }
+    return be;
 }
 
 int main(int argc, char **argv) {
     const char *name = argc > 1 ? argv[1] : "cpu-ref";
     tu_tmp_init("engine-topk");
-    bool skip;
-    speed_backend_t *be = make_backend(name, &skip);
+    speed_backend_t *be = make_backend(name);
     if (!be) {
         tu_rm_rf(tu_root);
-        if (skip) SKIP_TEST("backend %s is not available here", name);
         fprintf(stderr, "backend %s cannot be created\n", name);
         return 1;
     }
