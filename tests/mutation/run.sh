@@ -99,8 +99,11 @@ if [ -n "$only" ]; then
         [ $found -eq 1 ] || { echo "mutation: no mutation named '$w'" >&2; exit 2; }
     done
 elif [ "$sample" -gt 0 ]; then
-    # A seeded draw: the same seed picks the same mutations from the same list.
-    mapfile -t sel < <(seq 0 $((n_all - 1)) | shuf -n "$sample" --random-source=<(yes "speed-mutation-$seed"))
+    # A seeded draw (Fisher-Yates on perl's seeded generator): the same seed picks the same
+    # mutations from the same list.
+    mapfile -t sel < <(perl -e 'my ($n, $k, $seed) = @ARGV; srand($seed); my @a = (0 .. $n - 1);
+        for (my $i = $#a; $i > 0; $i--) { my $j = int(rand($i + 1)); @a[$i, $j] = @a[$j, $i]; }
+        $k = $n if $k > $n; print "$_\n" for @a[0 .. $k - 1];' "$n_all" "$sample" "$seed")
 else
     sel=("${!ids[@]}")
 fi
@@ -133,7 +136,9 @@ if [ $refused -gt 0 ]; then
     exit 2
 fi
 if [ $check -eq 1 ]; then
-    echo "mutation: all ${#sel[@]} mutations apply exactly once ($list)"
+    names=""
+    [ ${#sel[@]} -lt "$n_all" ] && for i in "${sel[@]}"; do names="$names ${ids[$i]}"; done
+    echo "mutation: all ${#sel[@]} mutations apply exactly once ($list)${names:+:$names}"
     exit 0
 fi
 
