@@ -177,13 +177,23 @@ if [ ! -f "$bld/CMakeCache.txt" ]; then
     fi
 fi
 
-# Test executables of a ctest regex (the test names' targets: each test runs a target's binary).
+# Test executables of a ctest regex: each test runs a target's binary, named in the
+# CTestTestfile.cmake files (ctest -N -V prints a command only once it has been built).
 declare -A set_targets set_clean
+test_programs() { # regex -> the build's program names of the tests it selects
+    local names
+    names=$(cd "$bld" && ctest -N -R "$1" 2>/dev/null | sed -n 's/^ *Test *#[0-9]*: \([^ ]*\).*/\1/p')
+    [ -n "$names" ] || return 0
+    find "$bld" -name CTestTestfile.cmake -print0 | xargs -0 cat |
+        perl -ne 'BEGIN { my ($b, @n) = @ARGV; our %want = map { $_ => 1 } split /\n/, $n[0]; our $bld = $b; @ARGV = (); }
+                  our (%want, $bld);
+                  if (/^add_test\(\[=\[(.+?)\]=\] "([^"]+)"/ && $want{$1} && index($2, "$bld/") == 0) {
+                      my $p = $2; $p =~ s{.*/}{}; print "$p\n"; }' "$bld" "$names" | sort -u | tr '\n' ' '
+}
 for i in "${sel[@]}"; do
     rx=${regexes[$i]}
     [ -n "${set_targets[$rx]+x}" ] && continue
-    t=$(cd "$bld" && ctest -N -V -R "$rx" 2>/dev/null | sed -n 's/^[0-9]*: Test command: \([^ ]*\).*/\1/p' |
-        xargs -r -n1 basename | sort -u | tr '\n' ' ')
+    t=$(test_programs "$rx")
     if [ -z "$t" ]; then
         echo "mutation: the regex '$rx' (mutation ${ids[$i]}) selects no test" >&2
         exit 2
