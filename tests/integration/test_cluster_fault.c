@@ -7,12 +7,15 @@
  *     reserved;
  *     (before that: a client that leaves a stream during its long prefill leaves nothing
  *     reserved and is counted as 499);
+ *     the prefill node is SIGSTOPped as soon as it shows the long prompt running, so the kill
+ *     and the client's leaving provably happen mid-prefill on any machine;
  *  2. a decode node SIGKILLed mid-stream: the client gets an SSE error event (an OpenAI error
  *     object) and [DONE], or the stream ends, within a bounded time; the router marks the node
  *     down and the next requests go to the other decode node and are exact;
  *  3. both dead nodes restarted: the router takes them back and spreads requests over all four;
  *  4. SIGTERM: the router and every node exit 0. */
 #include <pthread.h>
+#include <signal.h>
 
 #include "log.h"
 #include "model.h"
@@ -52,22 +55,37 @@ static char *node_up_name(bool prefill, int i, char *buf, size_t n) {
     return buf;
 }
 
+/* KV blocks reserved over every live node. */
+static double blocks_reserved_total(void) {
+    double s = 0;
+    for (int i = 0; i < g_c.np; i++)
+        if (g_c.pre[i].pid) s += node_metric(true, i, "speed_kv_blocks_reserved");
+    for (int i = 0; i < g_c.nd; i++)
+        if (g_c.dec[i].pid) s += node_metric(false, i, "speed_kv_blocks_reserved");
+    return s;
+}
+
 /* Blocks reserved on every live node reach 0. */
 static bool wait_no_blocks(double timeout_s) {
-    double t0 = now_s();
-    for (;;) {
-        double s = 0;
-        for (int i = 0; i < g_c.np; i++)
-            if (g_c.pre[i].pid) s += node_metric(true, i, "speed_kv_blocks_reserved");
-        for (int i = 0; i < g_c.nd; i++)
-            if (g_c.dec[i].pid) s += node_metric(false, i, "speed_kv_blocks_reserved");
-        if (s == 0) return true;
-        if (now_s() - t0 > timeout_s) {
-            fprintf(stderr, "blocks still reserved: %.0f\n", s);
-            return false;
-        }
-        usleep(50000);
-    }
+    WAIT_FOR(blocks_reserved_total() == 0, timeout_s * 1000);
+    double s = blocks_reserved_total();
+    if (s != 0) fprintf(stderr, "blocks still reserved: %.0f\n", s);
+    return s == 0;
+}
+
+/* Reservations not claimed yet over the live decode nodes. */
+static double decode_reserved_total(void) {
+    double s = 0;
+    for (int i = 0; i < g_c.nd; i++)
+        if (g_c.dec[i].pid) s += node_metric(false, i, "speed_decode_reserved_requests");
+    return s;
+}
+
+/* The prefill node whose /metrics shows a request running, or -1. */
+static int prefill_running_node(void) {
+    for (int i = 0; i < g_c.np; i++)
+        if (g_c.pre[i].pid && node_metric(true, i, "speed_prefill_running_requests") > 0) return i;
+    return -1;
 }
 
 /* n short requests, each exact. */
@@ -96,16 +114,12 @@ static int kill_prefill_mid_prefill(void) {
     pthread_create(&a.th, NULL, job_run, &a);
     int victim = -1;
     double t0 = now_s();
-    while (victim < 0 && now_s() - t0 < 30) {
-        for (int i = 0; i < g_c.np && victim < 0; i++)
-            if (node_metric(true, i, "speed_prefill_running_requests") > 0) victim = i;
-        if (victim < 0) usleep(5000);
-    }
+    WAIT_FOR((victim = prefill_running_node()) >= 0, 30000);
     CHECK_MSG(victim >= 0, "the long prompt never showed up running on a prefill node");
     if (victim >= 0) {
-        usleep(150000); /* well into the prefill (it takes ~1 s) */
-        CHECK_MSG(node_metric(true, victim, "speed_prefill_running_requests") > 0,
-                  "the prefill finished before the kill: the check proves nothing");
+        /* The gate: a stopped node cannot finish its prefill, however fast the machine, so
+         * the kill lands mid-prefill (the retry counted below proves it did). */
+        CHECK(kill(g_c.pre[victim].pid, SIGSTOP) == 0);
         CHECK_INT_EQ(cu_stop(&g_c.pre[victim], SIGKILL, 10), 128 + SIGKILL);
         fprintf(stderr, "killed prefill%d mid-prefill after %.2f s\n", victim, now_s() - t0);
     }
@@ -120,8 +134,9 @@ static int kill_prefill_mid_prefill(void) {
         ou_result_free(&res);
     }
     cu_resp_free(&a.resp);
-    CHECK_MSG(cu_metric(g_rport, "speed_router_prefill_retries_total") >= retries0 + 1, "prefill retries %.0f -> %.0f",
-              retries0, cu_metric(g_rport, "speed_router_prefill_retries_total"));
+    CHECK_MSG(cu_metric(g_rport, "speed_router_prefill_retries_total") >= retries0 + 1,
+              "prefill retries %.0f -> %.0f: the killed node's prefill was not cut short", retries0,
+              cu_metric(g_rport, "speed_router_prefill_retries_total"));
     if (victim >= 0) {
         char name[160];
         CHECK_MSG(cu_wait_metric(g_rport, node_up_name(true, victim, name, sizeof name), 0, 5),
@@ -151,23 +166,24 @@ static void leave_during_prefill(void) {
                       strlen(body));
     CHECK(write(fd, head, (size_t)hl) == hl);
     CHECK(write(fd, body, strlen(body)) == (ssize_t)strlen(body));
-    double t0 = now_s();
-    bool seen = false;
-    while (!seen && now_s() - t0 < 30) {
-        for (int i = 0; i < g_c.np; i++) seen = seen || node_metric(true, i, "speed_prefill_running_requests") > 0;
-        if (!seen) usleep(5000);
-    }
-    CHECK_MSG(seen, "the long prompt never showed up on a prefill node");
+    int node = -1;
+    WAIT_FOR((node = prefill_running_node()) >= 0, 30000);
+    CHECK_MSG(node >= 0, "the long prompt never showed up on a prefill node");
+    /* The gate: the node is stopped while the client leaves, so the prefill is provably still
+     * running when it does. The router's Prefill call waits for the node, but the decode
+     * node's reservation must go at once: the router sends it Cancel when the client leaves. */
+    if (node >= 0) CHECK(kill(g_c.pre[node].pid, SIGSTOP) == 0);
+    CHECK_NEAR(decode_reserved_total(), 1, 0.5);
     close(fd); /* gone mid-prefill */
-    t0 = now_s();
+    double t0 = now_s();
+    WAIT_FOR(decode_reserved_total() == 0, 15000);
+    CHECK_MSG(decode_reserved_total() == 0, "the decode reservation outlived its client (no Cancel)");
+    fprintf(stderr, "left during the prefill: decode reservation cancelled after %.2f s\n", now_s() - t0);
+    if (node >= 0) CHECK(kill(g_c.pre[node].pid, SIGCONT) == 0);
+    CHECK(
+        cu_wait_metric(g_rport, "speed_router_requests_total{route=\"disaggregated\",status=\"499\"}", gone0 + 1, 15));
     CHECK_MSG(wait_no_blocks(15), "blocks still reserved after a client left during the prefill");
     fprintf(stderr, "left during the prefill: blocks free after %.2f s\n", now_s() - t0);
-    double gone = gone0;
-    while ((gone = cu_metric(g_rport, "speed_router_requests_total{route=\"disaggregated\",status=\"499\"}")) <
-               gone0 + 1 &&
-           now_s() - t0 < 15)
-        usleep(50000);
-    CHECK_NEAR(gone, gone0 + 1, 0.5);
     CHECK(cu_wait_metric(g_rport, "speed_router_requests_running", 0, 5));
     speed_free(body);
 }
@@ -216,8 +232,7 @@ static int kill_decode_mid_stream(void) {
         double before = node_metric(false, other, "speed_decode_requests_total");
         CHECK(cu_wait_health(g_rport, 200, 5));
         short_requests(4, "after the decode kill");
-        double t0 = now_s();
-        while (node_metric(false, other, "speed_decode_requests_total") < before + 4 && now_s() - t0 < 3) usleep(20000);
+        WAIT_FOR(node_metric(false, other, "speed_decode_requests_total") >= before + 4, 10000);
         CHECK_NEAR(node_metric(false, other, "speed_decode_requests_total") - before, 4, 0.5);
     }
     CHECK(wait_no_blocks(10));
@@ -303,15 +318,12 @@ int main(void) {
             d0[i] = node_metric(false, i, "speed_decode_requests_total");
         }
         short_requests(4, "after the restarts");
-        double t0 = now_s();
-        bool all;
-        do {
-            all = true;
-            for (int i = 0; i < 2; i++)
-                all = all && node_metric(true, i, "speed_prefill_requests_total") > p0[i] &&
-                      node_metric(false, i, "speed_decode_requests_total") > d0[i];
-            if (!all) usleep(20000);
-        } while (!all && now_s() - t0 < 3);
+        bool all = false;
+        WAIT_FOR((all = node_metric(true, 0, "speed_prefill_requests_total") > p0[0] &&
+                        node_metric(true, 1, "speed_prefill_requests_total") > p0[1] &&
+                        node_metric(false, 0, "speed_decode_requests_total") > d0[0] &&
+                        node_metric(false, 1, "speed_decode_requests_total") > d0[1]),
+                 10000);
         CHECK_MSG(all, "after the restarts the requests did not reach all four nodes");
         CHECK(wait_no_blocks(10));
         fprintf(stderr, "restarts: %.1f s\n", now_s() - t);

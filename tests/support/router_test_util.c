@@ -21,13 +21,50 @@ typedef struct {
     bool logprobs;
 } fake_call_t;
 
-static bool fake_id_cancelled(fake_node_t *n, const char *id) {
+/* The list `which` of node n and its length (both under n->lock). */
+static char (*fake_ids(fake_node_t *n, fake_ids_t which, int **count_p))[128] {
+    switch (which) {
+    case FAKE_IDS_RESERVED: *count_p = &n->n_reserved_ids; return n->reserved_ids;
+    case FAKE_IDS_GENERATED: *count_p = &n->n_generated_ids; return n->generated_ids;
+    case FAKE_IDS_PREFILL: *count_p = &n->n_prefill_ids; return n->prefill_ids;
+    case FAKE_IDS_STREAM_CANCELLED: *count_p = &n->n_stream_cancelled_ids; return n->stream_cancelled_ids;
+    case FAKE_IDS_CANCELLED:
+    default: *count_p = &n->n_cancelled_ids; return n->cancelled_ids;
+    }
+}
+
+static void fake_add_id(fake_node_t *n, fake_ids_t which, const char *id) {
+    pthread_mutex_lock(&n->lock);
+    int *count = NULL;
+    char(*ids)[128] = fake_ids(n, which, &count);
+    if (*count < FAKE_MAX_IDS) snprintf(ids[(*count)++], 128, "%s", id);
+    pthread_mutex_unlock(&n->lock);
+}
+
+bool fake_has_id(fake_node_t *n, fake_ids_t which, const char *id) {
     bool found = false;
     pthread_mutex_lock(&n->lock);
-    for (int i = 0; i < n->n_cancelled_ids && !found; i++) found = strcmp(n->cancelled_ids[i], id) == 0;
+    int *count = NULL;
+    char(*ids)[128] = fake_ids(n, which, &count);
+    for (int i = 0; i < *count && !found; i++) found = strcmp(ids[i], id) == 0;
     pthread_mutex_unlock(&n->lock);
     return found;
 }
+
+bool fake_find_id(fake_node_t *n, fake_ids_t which, const char *prefix, char *out, size_t cap) {
+    bool found = false;
+    pthread_mutex_lock(&n->lock);
+    int *count = NULL;
+    char(*ids)[128] = fake_ids(n, which, &count);
+    for (int i = 0; i < *count && !found; i++) {
+        found = strncmp(ids[i], prefix, strlen(prefix)) == 0;
+        if (found) snprintf(out, cap, "%s", ids[i]);
+    }
+    pthread_mutex_unlock(&n->lock);
+    return found;
+}
+
+static bool fake_id_cancelled(fake_node_t *n, const char *id) { return fake_has_id(n, FAKE_IDS_CANCELLED, id); }
 
 static void fake_reply(speed_rpc_call_t *call, const ProtobufCMessage *m) {
     uint8_t *buf = NULL;
@@ -90,6 +127,7 @@ static void fake_on_reserve(void *user, speed_rpc_call_t *call, const uint8_t *d
         kv.tail = 1;
         Speed__V1__ReserveReply r = SPEED__V1__RESERVE_REPLY__INIT;
         r.kv = &kv;
+        fake_add_id(n, FAKE_IDS_RESERVED, q->request_id); /* before the router can act on it */
         fake_reply(call, &r.base);
     }
     speed_proto_free(&q->base);
@@ -100,10 +138,7 @@ static void fake_on_cancel(void *user, speed_rpc_call_t *call, const uint8_t *da
     atomic_fetch_add(&n->n_cancel, 1);
     Speed__V1__CancelRequest *q = NULL;
     if (speed_proto_unpack(&speed__v1__cancel_request__descriptor, data, len, (ProtobufCMessage **)&q) == SPEED_OK) {
-        pthread_mutex_lock(&n->lock);
-        if (n->n_cancelled_ids < FAKE_MAX_IDS)
-            snprintf(n->cancelled_ids[n->n_cancelled_ids++], 128, "%s", q->request_id);
-        pthread_mutex_unlock(&n->lock);
+        fake_add_id(n, FAKE_IDS_CANCELLED, q->request_id);
         speed_proto_free(&q->base);
     }
     Speed__V1__CancelReply r = SPEED__V1__CANCEL_REPLY__INIT;
@@ -116,6 +151,14 @@ static void *fake_prefill_thread(void *arg) {
     fake_node_t *n = c->node;
     int delay = atomic_load(&n->prefill_delay_ms);
     bool cancelled = false;
+    if (atomic_load(&n->prefill_gate)) {
+        atomic_fetch_add(&n->n_prefill_gated, 1);
+        while (atomic_load(&n->prefill_gate) && !cancelled) {
+            sleep_ms(2);
+            cancelled = fake_id_cancelled(n, c->id) || speed_rpc_call_is_cancelled(c->call);
+        }
+        atomic_fetch_sub(&n->n_prefill_gated, 1);
+    }
     for (int waited = 0; waited < delay && !cancelled; waited += 5) {
         sleep_ms(5);
         cancelled = fake_id_cancelled(n, c->id) || speed_rpc_call_is_cancelled(c->call);
@@ -165,6 +208,7 @@ static void fake_on_prefill(void *user, speed_rpc_call_t *call, const uint8_t *d
     c->node = n;
     c->call = call;
     snprintf(c->id, sizeof c->id, "%s", q->request_id);
+    fake_add_id(n, FAKE_IDS_PREFILL, q->request_id);
     atomic_store(&n->last_prefill_n_ids, (int)q->n_prompt_ids);
     speed_proto_free(&q->base);
     fake_spawn(n, fake_prefill_thread, c);
@@ -227,11 +271,13 @@ static void *fake_generate_thread(void *arg) {
         speed_free(buf);
     }
     if (cancelled) {
+        fake_add_id(n, FAKE_IDS_STREAM_CANCELLED, c->id);
         atomic_fetch_add(&n->n_gen_cancelled, 1);
         speed_rpc_call_finish(c->call, SPEED_RPC_CANCELLED, "cancelled");
     } else if (brk >= 0 && sent >= brk && sent < n_tokens) {
         speed_rpc_call_finish(c->call, SPEED_RPC_UNAVAILABLE, "fake node broke the stream");
     } else {
+        fake_add_id(n, FAKE_IDS_GENERATED, c->id); /* before the router sees the end */
         speed_rpc_call_finish(c->call, SPEED_RPC_OK, NULL);
     }
     atomic_fetch_sub(&n->n_gen_active, 1);
@@ -270,6 +316,12 @@ static void fake_on_generate(void *user, speed_rpc_call_t *call, const uint8_t *
     fake_spawn(n, fake_generate_thread, c);
 }
 
+void fake_clear_ids(fake_node_t *n) {
+    pthread_mutex_lock(&n->lock);
+    n->n_cancelled_ids = n->n_reserved_ids = n->n_generated_ids = n->n_prefill_ids = n->n_stream_cancelled_ids = 0;
+    pthread_mutex_unlock(&n->lock);
+}
+
 void fake_defaults(fake_node_t *n) {
     atomic_store(&n->health_state, SPEED__V1__NODE_STATE__NODE_STATE_SERVING);
     atomic_store(&n->gen_tokens, 5);
@@ -278,6 +330,7 @@ void fake_defaults(fake_node_t *n) {
     atomic_store(&n->reserve_code, 0);
     atomic_store(&n->prefill_code, 0);
     atomic_store(&n->prefill_delay_ms, 0);
+    atomic_store(&n->prefill_gate, false);
 }
 
 speed_status_t fake_start(fake_node_t *n, const char *name, int port) {
@@ -325,6 +378,68 @@ void fake_kill(fake_node_t *n) {
 void fake_stop(fake_node_t *n) {
     fake_kill(n);
     pthread_mutex_destroy(&n->lock);
+}
+
+/* The first reserved id on n that neither completed a Generate nor got a Cancel, into out;
+ * false when there is none. */
+static bool fake_unbalanced_id(fake_node_t *n, unsigned flags, char *out, size_t cap) {
+    pthread_mutex_lock(&n->lock);
+    int n_reserved = n->n_reserved_ids;
+    pthread_mutex_unlock(&n->lock);
+    for (int i = 0; i < n_reserved; i++) {
+        char id[128];
+        pthread_mutex_lock(&n->lock);
+        snprintf(id, sizeof id, "%s", n->reserved_ids[i]);
+        pthread_mutex_unlock(&n->lock);
+        bool released = fake_has_id(n, FAKE_IDS_GENERATED, id) || fake_has_id(n, FAKE_IDS_CANCELLED, id) ||
+                        ((flags & FAKE_BALANCE_STREAM_END) && fake_has_id(n, FAKE_IDS_STREAM_CANCELLED, id));
+        if (!released) {
+            snprintf(out, cap, "%s", id);
+            return true;
+        }
+    }
+    return false;
+}
+
+/* Everything fake_check_balanced asks, once; *why gets the first imbalance. */
+static bool fake_balanced_now(fake_node_t *dec, int nd, fake_node_t *pre, int np, int router_port, unsigned flags,
+                              char *why, size_t cap) {
+    char id[128];
+    for (int i = 0; i < nd; i++) {
+        if (!dec[i].server) continue;
+        if (fake_unbalanced_id(&dec[i], flags, id, sizeof id)) {
+            snprintf(why, cap, "%s reserved \"%s\": no completed Generate and no Cancel for it", dec[i].name, id);
+            return false;
+        }
+        if (atomic_load(&dec[i].n_gen_active) != 0) {
+            snprintf(why, cap, "%s still runs %d generation(s)", dec[i].name, atomic_load(&dec[i].n_gen_active));
+            return false;
+        }
+    }
+    for (int i = 0; i < np; i++) {
+        if (!pre[i].server) continue;
+        if (atomic_load(&pre[i].n_prefill_gated) != 0 || atomic_load(&pre[i].n_gen_active) != 0) {
+            snprintf(why, cap, "%s still has a prefill at its gate or a generation", pre[i].name);
+            return false;
+        }
+    }
+    if (router_port > 0) {
+        double running = cu_metric(router_port, "speed_router_requests_running");
+        if (running != 0) {
+            snprintf(why, cap, "speed_router_requests_running is %g", running);
+            return false;
+        }
+    }
+    return true;
+}
+
+bool fake_check_balanced(const char *what, fake_node_t *dec, int nd, fake_node_t *pre, int np, int router_port,
+                         unsigned flags, double timeout_s) {
+    char why[320] = "";
+    bool ok = false;
+    WAIT_FOR((ok = fake_balanced_now(dec, nd, pre, np, router_port, flags, why, sizeof why)), timeout_s * 1000);
+    CHECK_MSG(ok, "%s: not balanced after %.0f s: %s", what, timeout_s, why);
+    return ok;
 }
 
 bool fake_start_pool(fake_node_t *nodes, int n, const char *role, int *base_p) {

@@ -67,6 +67,9 @@ typedef struct fake_node {
     atomic_int gen_tokens;      /* tokens per generation, the first included */
     atomic_int gen_delay_ms;    /* before each event */
     atomic_int gen_break_after; /* < 0: never; k: after k tokens end with UNAVAILABLE */
+    atomic_bool prefill_gate;   /* true: a Prefill waits (n_prefill_gated) until this turns
+                                 * false or the request is cancelled, so a test acts on a
+                                 * prefill that is provably still running */
 
     /* what it saw */
     atomic_int n_health, n_status, n_reserve, n_prefill, n_generate, n_generate_prompt;
@@ -74,21 +77,53 @@ typedef struct fake_node {
     atomic_int n_cancel;         /* Cancel RPCs */
     atomic_int n_gen_cancelled;  /* Generate streams ended by cancellation */
     atomic_int n_gen_active;
+    atomic_int n_prefill_gated; /* Prefill calls waiting at the gate now */
     atomic_int last_reserve_prefill_layers;
     atomic_int last_prefill_n_ids;
     atomic_int live_threads;
 
+    /* request ids, in arrival order (lists stop growing at FAKE_MAX_IDS; see fake_has_id) */
     pthread_mutex_t lock;
-    char cancelled_ids[FAKE_MAX_IDS][128];
+    char cancelled_ids[FAKE_MAX_IDS][128]; /* every Cancel RPC (Decode or Prefill service) */
     int n_cancelled_ids;
+    char reserved_ids[FAKE_MAX_IDS][128]; /* Reserves answered with a reservation */
+    int n_reserved_ids;
+    char generated_ids[FAKE_MAX_IDS][128]; /* Generate streams that sent every token and OK */
+    int n_generated_ids;
+    char prefill_ids[FAKE_MAX_IDS][128]; /* Prefill calls received */
+    int n_prefill_ids;
+    char stream_cancelled_ids[FAKE_MAX_IDS][128]; /* Generate streams the caller cancelled */
+    int n_stream_cancelled_ids;
     char last_id[128];
 } fake_node_t;
+
+/* Which id list fake_has_id searches. */
+typedef enum {
+    FAKE_IDS_CANCELLED,
+    FAKE_IDS_RESERVED,
+    FAKE_IDS_GENERATED,
+    FAKE_IDS_PREFILL,
+    FAKE_IDS_STREAM_CANCELLED
+} fake_ids_t;
+
+/* True when `id` is in the node's list `which` (locked; any thread). */
+bool fake_has_id(fake_node_t *n, fake_ids_t which, const char *id);
+
+/* The first id in the node's list `which` that starts with `prefix` (the router sends a
+ * client's X-Request-Id "x" to the nodes as "x.<sequence>"), copied into out; false when
+ * there is none. Locked; any thread. */
+bool fake_find_id(fake_node_t *n, fake_ids_t which, const char *prefix, char *out, size_t cap);
 
 /* Starts a fake node on 127.0.0.1:port with the default behaviour (serving, 5 tokens per
  * generation, no delays or failures). Returns SPEED_OK or the speed_rpc_server_* error. */
 speed_status_t fake_start(fake_node_t *n, const char *name, int port);
 
-/* Puts the behaviour knobs back to their defaults (counters are kept). */
+/* Empties the node's id lists (a scenario's balance is then its own). Only while no call is
+ * in progress on the node. */
+void fake_clear_ids(fake_node_t *n);
+
+/* Puts the behaviour knobs back to their defaults (counters and id lists are kept); opens
+ * the prefill gate. */
 void fake_defaults(fake_node_t *n);
 
 /* The node dies: its server goes away (open calls end with UNAVAILABLE); waits up to 5 s for
@@ -97,6 +132,21 @@ void fake_kill(fake_node_t *n);
 
 /* fake_kill, then frees what the node holds. */
 void fake_stop(fake_node_t *n);
+
+/* Resource balance at the end of a scenario, waiting up to timeout_s for it (Cancel RPCs go
+ * out from the router's housekeeping thread, so they trail the answers):
+ *   - every id a decode node in dec[0..nd) reserved was followed, on that node, by a Generate
+ *     that ran to completion or by a Cancel for that id;
+ *   - no node in dec or pre (np of them) has a generation running or a prefill at its gate;
+ *   - when router_port > 0, the router's speed_router_requests_running gauge is 0.
+ * A node that is down (killed) is skipped: what it held went with it. With
+ * FAKE_BALANCE_STREAM_END a Generate stream its caller cancelled also counts as the release
+ * (for a router that exits at once and sends no Cancel). The first imbalance is reported
+ * through CHECK_MSG with `what` and the id; returns true when balanced. Call from the test's
+ * main thread after the scenario's clients are done. */
+#define FAKE_BALANCE_STREAM_END 1u
+bool fake_check_balanced(const char *what, fake_node_t *dec, int nd, fake_node_t *pre, int np, int router_port,
+                         unsigned flags, double timeout_s);
 
 /* Starts n fake nodes named <role>0.. on n consecutive ports from a random base, retrying
  * other bases when a port is taken; *base_p gets the first port. False after 50 attempts. */

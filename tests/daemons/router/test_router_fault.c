@@ -1,8 +1,15 @@
 /* speed-router daemon under faults, against fake nodes: a failing prefill node (retried on
  * the other), a decode node that dies mid-stream (SSE error event, no hang, node marked down,
- * the next requests go to the other node), clients that go away (nodes get Cancel), overload
- * (429 with Retry-After, queue timeout 503), no KV room anywhere (503 + Retry-After), and
- * SIGTERM with a request in flight (it completes, exit 0). */
+ * the next requests go to the other node), clients that go away mid-stream or during the
+ * prefill (the decode node gets Cancel for that request id), overload (429 with Retry-After,
+ * queue timeout 503), no KV room anywhere (503 + Retry-After), and SIGTERM with a request in
+ * flight (it completes, exit 0). Every scenario ends balanced (check_balanced): each
+ * reservation a decode node granted was generated to its end or cancelled, no node is busy,
+ * the router holds no request. */
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
 #include "router_test_util.h"
 
 static char model_dir[512];
@@ -19,7 +26,28 @@ static void reset_fakes(void) {
     for (int i = 0; i < 2; i++) {
         fake_defaults(&pre[i]);
         fake_defaults(&dec[i]);
+        fake_clear_ids(&pre[i]);
+        fake_clear_ids(&dec[i]);
     }
+}
+
+/* The end of every scenario: what the decode nodes reserved was generated or cancelled, no
+ * node is busy, and (router_port > 0: the router still runs) the router holds no request. */
+static void check_balanced(const char *what, int router_port) {
+    fake_check_balanced(what, dec, 2, pre, 2, router_port, 0, 10);
+}
+
+static int decode_nodes_up(int port) {
+    cu_resp_t h;
+    if (!cu_http(port, "GET", "/health", NULL, NULL, NULL, 30000, &h)) {
+        cu_resp_free(&h);
+        return -1;
+    }
+    json_t *j = json_of(h.body);
+    int up = (int)jint(j, "decode_nodes_up");
+    json_decref(j);
+    cu_resp_free(&h);
+    return up;
 }
 
 static bool start(router_proc_t *rp, const char *const *extra) {
@@ -63,6 +91,7 @@ static void test_prefill_retry(void) {
     json_decref(j);
     cu_resp_free(&r);
     CHECK(atomic_load(&dec[0].n_cancel) + atomic_load(&dec[1].n_cancel) > c0);
+    check_balanced("prefill retry", rp.port);
     CHECK_INT_EQ(router_stop(&rp), 0);
 }
 
@@ -126,17 +155,8 @@ static void test_decode_dies_mid_stream(void) {
 
     /* The node comes back: health SERVING brings it back into rotation. */
     CHECK(fake_start(&dec[victim], "decode-again", dbase + victim) == SPEED_OK);
-    double until = now_s() + 10;
-    bool back = false;
-    while (!back && now_s() < until) {
-        CHECK(cu_http(rp.port, "GET", "/health", NULL, NULL, NULL, 30000, &h));
-        j = json_of(h.body);
-        back = jint(j, "decode_nodes_up") == 2;
-        json_decref(j);
-        cu_resp_free(&h);
-        if (!back) sleep_ms(50);
-    }
-    CHECK(back);
+    WAIT_FOR(decode_nodes_up(rp.port) == 2, 10000);
+    CHECK_INT_EQ(decode_nodes_up(rp.port), 2);
     int gv = atomic_load(&dec[victim].n_generate);
     for (int i = 0; i < 2; i++) {
         cu_resp_t r;
@@ -145,6 +165,7 @@ static void test_decode_dies_mid_stream(void) {
         cu_resp_free(&r);
     }
     CHECK_INT_EQ(atomic_load(&dec[victim].n_generate) - gv, 1);
+    check_balanced("decode node died and came back", rp.port);
     CHECK_INT_EQ(router_stop(&rp), 0);
 
     /* Every decode node dead: /health 503, requests 503. */
@@ -158,11 +179,51 @@ static void test_decode_dies_mid_stream(void) {
     CHECK_INT_EQ(r.status, 503);
     CHECK(r.retry_after[0] != '\0');
     cu_resp_free(&r);
+    check_balanced("every decode node dead", rp.port); /* the prefill nodes and the router */
     CHECK_INT_EQ(router_stop(&rp), 0);
     CHECK(fake_start(&dec[0], "decode0", dbase) == SPEED_OK);
     CHECK(fake_start(&dec[1], "decode1", dbase + 1) == SPEED_OK);
 }
 
+/* The decode node that reserved the request the client sent as X-Request-Id `xid` (-1: none
+ * or both); its node-side id goes to id. */
+static int reserving_node(const char *xid, char *id, size_t cap) {
+    char prefix[96];
+    snprintf(prefix, sizeof prefix, "%s.", xid);
+    int found = -1, n_found = 0;
+    for (int i = 0; i < 2; i++)
+        if (fake_find_id(&dec[i], FAKE_IDS_RESERVED, prefix, id, cap)) found = i, n_found++;
+    return n_found == 1 ? found : -1;
+}
+
+/* A streaming chat request written on a raw socket: the router sends its response head
+ * with the first token, after the prefill, so no client call could return before that. */
+static int raw_stream_request(int port, const char *xid) {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (fd < 0 || connect(fd, (struct sockaddr *)&a, sizeof a) != 0) {
+        if (fd >= 0) close(fd);
+        return -1;
+    }
+    char head[512];
+    int hl = snprintf(head, sizeof head,
+                      "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      "X-Request-Id: %s\r\nContent-Length: %zu\r\n\r\n",
+                      xid, strlen(CHAT_STREAM));
+    if (write(fd, head, (size_t)hl) != hl ||
+        write(fd, CHAT_STREAM, strlen(CHAT_STREAM)) != (ssize_t)strlen(CHAT_STREAM)) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+static const char *GONE_SERIES = "speed_router_requests_total{route=\"disaggregated\",status=\"499\"}";
+
+/* A client that goes away must cancel its request's decode leg: the decode node that
+ * reserved it gets Cancel for that very id (the Generate stream ending is not enough: the
+ * reservation is what must be freed), whether it leaves mid-stream or during the prefill. */
 static void test_client_disconnect(void) {
     reset_fakes();
     router_proc_t rp;
@@ -172,37 +233,59 @@ static void test_client_disconnect(void) {
         atomic_store(&dec[i].gen_tokens, 200);
         atomic_store(&dec[i].gen_delay_ms, 30);
     }
-    int c0 = atomic_load(&dec[0].n_cancel) + atomic_load(&dec[1].n_cancel);
     int x0 = atomic_load(&dec[0].n_gen_cancelled) + atomic_load(&dec[1].n_gen_cancelled);
     speed_http_client_t *c = NULL;
     sse_result_t s;
     CHECK(sse_begin(rp.port, "/v1/chat/completions", CHAT_STREAM, "gone-1", &c, &s));
+    CHECK_STR_EQ(s.request_id, "gone-1");
     CHECK(sse_read(c, &s, 3));
+    char id[128] = "";
+    int k = reserving_node("gone-1", id, sizeof id);
+    CHECK_MSG(k >= 0, "no single decode node reserved gone-1");
+    if (k >= 0) CHECK_MSG(atomic_load(&dec[k].n_gen_active) == 1, "%s is not generating %s", dec[k].name, id);
     speed_http_client_destroy(c); /* the client goes away mid-stream */
     sse_result_free(&s);
-    double until = now_s() + 5;
-    while (now_s() < until && (atomic_load(&dec[0].n_cancel) + atomic_load(&dec[1].n_cancel) == c0 ||
-                               atomic_load(&dec[0].n_gen_cancelled) + atomic_load(&dec[1].n_gen_cancelled) == x0))
-        sleep_ms(20);
-    CHECK_MSG(atomic_load(&dec[0].n_cancel) + atomic_load(&dec[1].n_cancel) > c0, "the decode node got no Cancel");
+    if (k >= 0) {
+        WAIT_FOR(fake_has_id(&dec[k], FAKE_IDS_CANCELLED, id), 10000);
+        CHECK_MSG(fake_has_id(&dec[k], FAKE_IDS_CANCELLED, id),
+                  "%s got no Cancel for %s after its client left mid-stream", dec[k].name, id);
+        CHECK_MSG(!fake_has_id(&dec[k], FAKE_IDS_GENERATED, id), "%s ran to its end", id);
+    }
+    WAIT_FOR(atomic_load(&dec[0].n_gen_cancelled) + atomic_load(&dec[1].n_gen_cancelled) > x0, 10000);
     CHECK_MSG(atomic_load(&dec[0].n_gen_cancelled) + atomic_load(&dec[1].n_gen_cancelled) > x0,
               "the Generate stream was not cancelled");
     /* The router counts it as 499 and keeps serving. */
-    until = now_s() + 5;
-    double gone = 0;
-    while (now_s() < until && gone < 1) {
-        char *m = cu_metrics(rp.port);
-        gone = prom_value(m, "speed_router_requests_total{route=\"disaggregated\",status=\"499\"}");
-        speed_free(m);
-        if (gone < 1) sleep_ms(20);
-    }
-    CHECK(gone == 1);
+    CHECK(cu_wait_metric(rp.port, GONE_SERIES, 1, 10));
+    check_balanced("client gone mid-stream", rp.port);
 
-    /* Gone while the prefill runs: the prefill node gets Cancel once the router notices. */
+    /* Gone while the prefill runs: the prefill nodes hold every Prefill at their gate, so the
+     * client leaves while the prefill is provably in progress (the router has a reservation
+     * on a decode node and no first token). */
     for (int i = 0; i < 2; i++) {
         atomic_store(&dec[i].gen_tokens, 5);
         atomic_store(&dec[i].gen_delay_ms, 0);
+        atomic_store(&pre[i].prefill_gate, true);
     }
+    int fd = raw_stream_request(rp.port, "gone-2");
+    CHECK(fd >= 0);
+    WAIT_FOR(atomic_load(&pre[0].n_prefill_gated) + atomic_load(&pre[1].n_prefill_gated) == 1, 10000);
+    CHECK_INT_EQ(atomic_load(&pre[0].n_prefill_gated) + atomic_load(&pre[1].n_prefill_gated), 1);
+    k = reserving_node("gone-2", id, sizeof id);
+    CHECK_MSG(k >= 0, "no single decode node reserved gone-2");
+    int kp = fake_has_id(&pre[0], FAKE_IDS_PREFILL, id) ? 0 : 1;
+    CHECK_MSG(fake_has_id(&pre[kp], FAKE_IDS_PREFILL, id), "no prefill node got %s", id);
+    if (fd >= 0) close(fd); /* gone mid-prefill */
+    if (k >= 0) {
+        WAIT_FOR(fake_has_id(&dec[k], FAKE_IDS_CANCELLED, id), 10000);
+        CHECK_MSG(fake_has_id(&dec[k], FAKE_IDS_CANCELLED, id),
+                  "%s got no Cancel for %s after its client left during the prefill", dec[k].name, id);
+        WAIT_FOR(fake_has_id(&pre[kp], FAKE_IDS_CANCELLED, id), 10000);
+        CHECK_MSG(fake_has_id(&pre[kp], FAKE_IDS_CANCELLED, id), "%s got no Cancel for %s", pre[kp].name, id);
+        CHECK_MSG(!fake_has_id(&dec[k], FAKE_IDS_GENERATED, id), "%s was generated after its client left", id);
+    }
+    CHECK(cu_wait_metric(rp.port, GONE_SERIES, 2, 10));
+    check_balanced("client gone during the prefill", rp.port); /* the gate let go of the cancelled prefill */
+    reset_fakes();
     CHECK_INT_EQ(router_stop(&rp), 0);
 }
 
@@ -237,7 +320,7 @@ static void test_overload(void) {
     pthread_t th;
     double t0 = now_s();
     pthread_create(&th, NULL, bg_post, &b); /* queued */
-    sleep_ms(250);
+    WAIT_FOR(cu_metric(rp.port, "speed_router_requests_waiting") == 1, 10000);
     cu_resp_t r;
     CHECK(cu_post(rp.port, "/v1/chat/completions", CHAT, &r)); /* refused */
     CHECK_INT_EQ(r.status, 429);
@@ -275,6 +358,7 @@ static void test_overload(void) {
     CHECK_INT_EQ(atomic_load(&dec[0].n_reserve) + atomic_load(&dec[1].n_reserve) - r0, 2);
     /* ... and that is not the nodes' fault: both stay up */
     CHECK(cu_wait_health(rp.port, 200, 1));
+    check_balanced("overload", rp.port);
     CHECK_INT_EQ(router_stop(&rp), 0);
 }
 
@@ -306,6 +390,7 @@ static void test_sigterm_drain(void) {
     CHECK(router_wait(&rp, 10));
     CHECK_MSG(WIFEXITED(rp.status) && WEXITSTATUS(rp.status) == 0, "exit %d, signal %d",
               WIFEXITED(rp.status) ? WEXITSTATUS(rp.status) : -1, WIFSIGNALED(rp.status) ? WTERMSIG(rp.status) : 0);
+    check_balanced("SIGTERM drain", 0); /* the router is gone: its gauge with it */
 }
 
 /* router.request_timeout_ms bounds every leg: a slow prefill gives a 503 and frees the
@@ -349,6 +434,7 @@ static void test_request_timeout(void) {
     snprintf(series, sizeof series, "speed_router_node_up{pool=\"decode\",node=\"127.0.0.1:%d\"}", dbase);
     CHECK(prom_value(m, series) == 1);
     speed_free(m);
+    check_balanced("request timeout", rp.port);
     CHECK_INT_EQ(router_stop(&rp), 0);
 }
 
@@ -375,9 +461,9 @@ static void test_second_signal(void) {
     CHECK(WIFEXITED(rp.status) && WEXITSTATUS(rp.status) == 1);
     sse_result_free(&s);
     speed_http_client_destroy(c);
-    for (int i = 0; i < 2; i++) { /* let the orphaned generations see the cancel */
-        for (int k = 0; k < 300 && atomic_load(&dec[i].n_gen_active) > 0; k++) sleep_ms(10);
-    }
+    /* A second signal exits at once, without Cancel RPCs: the Generate stream that ends
+     * with the router's connection is what releases the decode node's sequence. */
+    fake_check_balanced("second signal", dec, 2, pre, 2, 0, FAKE_BALANCE_STREAM_END, 10);
 }
 
 int main(void) {

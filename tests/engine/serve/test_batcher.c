@@ -67,6 +67,13 @@ static speed_status_t on_layer(void *user, speed_kv_cache_t *cache, const speed_
     return layer == fail ? SPEED_ERR_TRANSFER : SPEED_OK;
 }
 
+static int rec_tokens(rec_t *r) {
+    pthread_mutex_lock(&r->mu);
+    int n = r->n_tokens;
+    pthread_mutex_unlock(&r->mu);
+    return n;
+}
+
 static bool rec_wait(rec_t *r, int ms) {
     struct timespec ts = realtime_after_ms(ms);
     pthread_mutex_lock(&r->mu);
@@ -94,22 +101,22 @@ static int64_t blocks_reserved(speed_batcher_t *b) {
     return s.kv.usage.n_blocks[0] + s.kv.usage.n_blocks[1];
 }
 
-/* The engine thread snapshots stats after each loop; give it a moment to catch up. */
+static speed_batcher_stats_t stats_of(speed_batcher_t *b) {
+    speed_batcher_stats_t s;
+    speed_batcher_stats(b, &s);
+    return s;
+}
+
+/* The engine thread snapshots stats after each loop: wait (generously) for the snapshot to
+ * show no blocks in use. */
 static int64_t blocks_reserved_settled(speed_batcher_t *b) {
-    for (int i = 0; i < 100; i++) {
-        if (blocks_reserved(b) == 0) return 0;
-        usleep(10000);
-    }
+    WAIT_FOR(blocks_reserved(b) == 0, 10000);
     return blocks_reserved(b);
 }
 
 /* The same, waiting for the snapshot to show some blocks in use. */
 static int64_t blocks_reserved_nonzero(speed_batcher_t *b) {
-    for (int i = 0; i < 100; i++) {
-        int64_t n = blocks_reserved(b);
-        if (n > 0) return n;
-        usleep(10000);
-    }
+    WAIT_FOR(blocks_reserved(b) > 0, 10000);
     return blocks_reserved(b);
 }
 
@@ -284,13 +291,15 @@ int main(void) {
     /* 3. a reservation nobody claims is freed when its lease ends */
     {
         speed_batch_reservation_t res;
+        double t_reserve = now_ms();
         CHECK_INT_EQ(speed_batcher_reserve(b, "lease", NP, NG, NULL, &res), SPEED_OK);
-        usleep(50000);
-        CHECK(blocks_reserved(b) > 0); /* well inside the 1 s lease */
-        for (int i = 0; i < 300 && blocks_reserved(b) > 0; i++) usleep(10000);
+        /* held until the lease ends: the snapshot shows the blocks (or the lease ended first) */
+        WAIT_FOR(blocks_reserved(b) > 0 || stats_of(b).n_expired > 0, 10000);
+        CHECK_MSG(blocks_reserved(b) > 0 || now_ms() - t_reserve >= 1000, "the reservation held no blocks");
+        WAIT_FOR(stats_of(b).n_expired == 1 && blocks_reserved(b) == 0, 10000);
+        CHECK_MSG(now_ms() - t_reserve >= 1000, "the 1 s lease ended after %.0f ms", now_ms() - t_reserve);
         CHECK_INT_EQ(blocks_reserved(b), 0);
-        speed_batcher_stats_t s;
-        speed_batcher_stats(b, &s);
+        speed_batcher_stats_t s = stats_of(b);
         CHECK_INT_EQ(s.n_expired, 1);
         CHECK_INT_EQ(s.reserved, 0);
         rec_t rec;
@@ -308,22 +317,21 @@ int main(void) {
         rec_init(&rec);
         speed_batch_request_t q = greedy_request("long", prompts[1], NP, 200, &rec);
         CHECK_INT_EQ(speed_batcher_submit(b, &q), SPEED_OK);
-        for (int i = 0; i < 500; i++) {
-            pthread_mutex_lock(&rec.mu);
-            int n = rec.n_tokens;
-            pthread_mutex_unlock(&rec.mu);
-            if (n >= 2) break;
-            usleep(10000);
-        }
+        WAIT_FOR(rec_tokens(&rec) >= 2, 20000);
         CHECK_INT_EQ(speed_batcher_cancel(b, "long"), SPEED_OK);
         CHECK(rec_wait(&rec, 20000));
         CHECK_INT_EQ(rec.finish, SPEED_BATCH_CANCELLED);
         CHECK_INT_EQ(rec.status, SPEED_ERR_CANCELLED);
         CHECK(rec.n_tokens >= 2 && rec.n_tokens < 200);
-        usleep(50000);
-        CHECK_INT_EQ(rec.n_finish, 1);
+        /* the finish event comes before the engine thread drops the request: wait for a
+         * snapshot taken after that (nothing running, blocks freed); then it is gone and no
+         * second finish can follow */
+        WAIT_FOR(stats_of(b).running == 0 && blocks_reserved(b) == 0, 10000);
+        CHECK_INT_EQ(blocks_reserved(b), 0);
         CHECK_INT_EQ(speed_batcher_cancel(b, "long"), SPEED_ERR_NOT_FOUND);
-        CHECK_INT_EQ(blocks_reserved_settled(b), 0);
+        pthread_mutex_lock(&rec.mu);
+        CHECK_INT_EQ(rec.n_finish, 1);
+        pthread_mutex_unlock(&rec.mu);
         rec_cleanup(&rec);
     }
 
@@ -384,15 +392,15 @@ int main(void) {
         CHECK_INT_EQ(st[0], SPEED_OK);
         CHECK_INT_EQ(st[1], SPEED_OK);
         CHECK_INT_EQ(st[2], SPEED_ERR_CAPACITY);
-        usleep(50000);
         speed_batcher_stats_t s;
-        speed_batcher_stats(b, &s);
+        WAIT_FOR((s = stats_of(b)).waiting == 2, 10000);
         CHECK_INT_EQ(s.waiting, 2);
         CHECK_INT_EQ(s.reserved, 4);
         for (int i = 0; i < 4; i++) CHECK_INT_EQ(speed_batcher_cancel(b, rid[i]), SPEED_OK);
-        /* cancelled reservations sit out the quarantine before their blocks are reused */
-        usleep(50000);
-        speed_batcher_stats(b, &s);
+        /* cancelled reservations sit out the 150 ms quarantine before their blocks are reused:
+         * the first snapshot after the cancels shows them held and the two submits waiting */
+        WAIT_FOR((s = stats_of(b)).reserved == 0, 10000);
+        CHECK_INT_EQ(s.reserved, 0);
         CHECK_INT_EQ(s.held, 4);
         CHECK_INT_EQ(s.waiting, 2);
         for (int i = 0; i < 2; i++) {
@@ -418,11 +426,10 @@ int main(void) {
         CHECK_INT_EQ(rec.n_tokens, 1);
         CHECK_INT_EQ(rec.ids[0], ref[2].gen[0]);
         CHECK_INT_EQ(rec.n_layers_complete, L); /* every layer reported complete once */
-        usleep(50000);
-        CHECK(blocks_reserved(b) > 0); /* held */
         speed_batcher_stats_t s;
-        speed_batcher_stats(b, &s);
+        WAIT_FOR((s = stats_of(b)).held == 1, 10000);
         CHECK_INT_EQ(s.held, 1);
+        CHECK(s.kv.usage.n_blocks[0] + s.kv.usage.n_blocks[1] > 0); /* held */
         CHECK_INT_EQ(speed_batcher_release(b, "pf"), SPEED_OK);
         CHECK_INT_EQ(blocks_reserved_settled(b), 0);
         rec_cleanup(&rec);
