@@ -129,8 +129,23 @@ speed_status_t et_run_engine(const speed_engine_params_t *p, et_seq_t *seqs, int
 
 /* ---- comparison ---------------------------------------------------------------------------- */
 
+/* The largest of x[0..n) (the first on ties) and its gap to the runner-up. */
+static void et_top2(const float *x, int n, int *best_p, double *gap_p) {
+    int b = 0, s = -1;
+    for (int i = 1; i < n; i++) {
+        if (x[i] > x[b]) {
+            s = b;
+            b = i;
+        } else if (s < 0 || x[i] > x[s]) {
+            s = i;
+        }
+    }
+    *best_p = b;
+    *gap_p = s < 0 ? INFINITY : (double)x[b] - x[s];
+}
+
 int et_compare(const naive_model_t *nm, int vocab, const et_seq_t *s, int C, speed_dtype_t kv_dtype, double tol,
-               et_cmp_t *cmp) {
+               double tie_eps, et_cmp_t *cmp) {
     int N = s->n_prompt + s->n_gen - 1;
     int32_t *toks = malloc((size_t)N * sizeof(int32_t));
     float *ref = malloc((size_t)s->n_gen * vocab * sizeof(float));
@@ -150,30 +165,21 @@ int et_compare(const naive_model_t *nm, int vocab, const et_seq_t *s, int C, spe
         double dc = fabs((double)lpe[chosen] - lpr[chosen]);
         if (dc > cmp->max_chosen_diff) cmp->max_chosen_diff = dc;
         if (chosen != want) {
-            if (lpr[want] - lpr[chosen] <= 2 * tol)
+            /* excused only when the reference itself nearly ties the two tokens */
+            double gap = (double)lpr[want] - lpr[chosen];
+            if (gap <= tie_eps) {
                 cmp->near_ties++;
-            else
+                if (gap > cmp->max_tie_gap) cmp->max_tie_gap = gap;
+            } else {
                 cmp->token_mismatch++;
+                if (cmp->min_mismatch_gap == 0 || gap < cmp->min_mismatch_gap) cmp->min_mismatch_gap = gap;
+            }
         }
     }
     free(toks);
     free(ref);
     free(lpe);
     return rc;
-}
-
-static void et_top2(const float *x, int n, int *best_p, double *gap_p) {
-    int b = 0, s = -1;
-    for (int i = 1; i < n; i++) {
-        if (x[i] > x[b]) {
-            s = b;
-            b = i;
-        } else if (s < 0 || x[i] > x[s]) {
-            s = i;
-        }
-    }
-    *best_p = b;
-    *gap_p = s < 0 ? INFINITY : (double)x[b] - x[s];
 }
 
 void et_compare_runs(const et_seq_t *d, const et_seq_t *c, int vocab, double tol, const char *what,

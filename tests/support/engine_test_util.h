@@ -97,17 +97,22 @@ speed_status_t et_run_engine(const speed_engine_params_t *p, et_seq_t *seqs, int
 /* ---- comparison ---------------------------------------------------------------------------- */
 
 typedef struct {
-    double max_lp_diff;     /* max |logprob_engine - logprob_naive| over steps and vocabulary */
-    double max_chosen_diff; /* the same for the greedy token only */
-    int token_mismatch;     /* greedy choices that differ where the naive top-2 gap > 2 tol */
-    int near_ties;          /* differing choices excused by a near tie */
+    double max_lp_diff;      /* max |logprob_engine - logprob_naive| over steps and vocabulary */
+    double max_chosen_diff;  /* the same for the greedy token only */
+    int token_mismatch;      /* greedy choices that differ and are not an excused near tie */
+    int near_ties;           /* differing choices excused as near ties (see et_compare) */
+    double max_tie_gap;      /* the largest reference gap (logprob) best - chosen among the excused */
+    double min_mismatch_gap; /* the smallest such gap among the mismatches (0: none) */
 } et_cmp_t;
 
 /* Compares a finished sequence's logits with the naive reference (teacher-forced on the
- * engine's greedy tokens), accumulating into *cmp. C is the resolved depth. Returns
- * naive_ref_logits' result (0, or -1). */
+ * engine's greedy tokens), accumulating into *cmp. C is the resolved depth. A greedy token that
+ * differs from the reference's is excused (counted in near_ties; the caller bounds how many)
+ * only when the reference's logprob of its own best token exceeds that of the engine's choice
+ * by at most tie_eps; any other difference is a token_mismatch. Returns naive_ref_logits'
+ * result (0, or -1). */
 int et_compare(const naive_model_t *nm, int vocab, const et_seq_t *s, int C, speed_dtype_t kv_dtype, double tol,
-               et_cmp_t *cmp);
+               double tie_eps, et_cmp_t *cmp);
 
 /* CHECKs run `d` of a sequence against run `c` of the same sequence on another backend or
  * layout: logprobs within 2 tol, greedy tokens equal, up to the first step where either side's

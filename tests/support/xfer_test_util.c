@@ -8,6 +8,9 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "alloc.h"
+#include "check.h"
+
 void xt_ucx_env(void) {
     setenv("UCX_NET_DEVICES", "lo", 0);
     setenv("UCX_TCP_CM_REUSEADDR", "y", 0);
@@ -90,4 +93,84 @@ int xt_inbox_wait(xt_inbox_t *b, int n, int timeout_ms) {
     int got = b->n;
     pthread_mutex_unlock(&b->mu);
     return got;
+}
+
+/* ---- resource ledger --------------------------------------------------------------------------- */
+
+int64_t xt_xfers_in_flight(const speed_kv_xfer_ctx_stats_t *s) {
+    uint64_t ended = s->n_done + s->n_cancelled;
+    for (int st = SPEED_KV_STAGE_PUT; st < SPEED_KV_STAGE_COUNT; st++) ended += s->n_failed[st];
+    return (int64_t)s->n_started - (int64_t)ended;
+}
+
+void xt_ledger_take(xt_ledger_t *l, const speed_kv_cache_t *const *caches, speed_kv_xfer_ctx_t *const *ctxs) {
+    memset(l, 0, sizeof *l);
+    for (int i = 0; caches && caches[i] && i < XT_LEDGER_MAX; i++) {
+        speed_kv_cache_stats_t cs;
+        speed_kv_cache_stats(caches[i], &cs);
+        l->caches[i] = caches[i];
+        for (int p = 0; p < SPEED_KV_POOL_COUNT; p++) l->blocks_free[i][p] = cs.n_blocks_free[p];
+        l->n_seqs[i] = cs.n_seqs;
+        l->n_caches++;
+    }
+    for (int i = 0; ctxs && ctxs[i] && i < XT_LEDGER_MAX; i++) {
+        speed_kv_xfer_ctx_stats_t xs;
+        speed_kv_xfer_ctx_stats(ctxs[i], &xs);
+        l->ctxs[i] = ctxs[i];
+        l->n_endpoints[i] = xs.n_endpoints;
+        l->n_ctxs++;
+    }
+    l->allocs = speed_alloc_live_count();
+}
+
+/* The allocation count the ledger expects now (endpoints may have come or gone). */
+static int64_t ledger_want_allocs(const xt_ledger_t *base, int64_t *in_flight_p) {
+    int64_t want = base->allocs, in_flight = 0;
+    for (int i = 0; i < base->n_ctxs; i++) {
+        speed_kv_xfer_ctx_stats_t xs;
+        speed_kv_xfer_ctx_stats(base->ctxs[i], &xs);
+        want += (int64_t)XT_ALLOCS_PER_ENDPOINT * (xs.n_endpoints - base->n_endpoints[i]);
+        in_flight += xt_xfers_in_flight(&xs);
+    }
+    *in_flight_p = in_flight;
+    return want;
+}
+
+static int ledger_check(const xt_ledger_t *base, const char *scenario, int64_t *held_p) {
+    int before = check_failures_;
+    int64_t in_flight = 0;
+    WAIT_FOR(speed_alloc_live_count() == ledger_want_allocs(base, &in_flight) && in_flight == 0, 3000);
+    int64_t want = ledger_want_allocs(base, &in_flight), got = speed_alloc_live_count();
+    for (int i = 0; i < base->n_ctxs; i++) {
+        speed_kv_xfer_ctx_stats_t xs;
+        speed_kv_xfer_ctx_stats(base->ctxs[i], &xs);
+        CHECK_MSG(xt_xfers_in_flight(&xs) == 0, "%s: context %d: %lld transfers still in flight", scenario, i,
+                  (long long)xt_xfers_in_flight(&xs));
+        CHECK_MSG(xs.n_endpoints >= 0, "%s: context %d: %d endpoints", scenario, i, xs.n_endpoints);
+    }
+    for (int i = 0; i < base->n_caches; i++) {
+        speed_kv_cache_stats_t cs;
+        speed_kv_cache_stats(base->caches[i], &cs);
+        for (int p = 0; p < SPEED_KV_POOL_COUNT; p++)
+            CHECK_MSG(cs.n_blocks_free[p] == base->blocks_free[i][p],
+                      "%s: cache %d pool %d: %lld blocks free, %lld before", scenario, i, p,
+                      (long long)cs.n_blocks_free[p], (long long)base->blocks_free[i][p]);
+        CHECK_MSG(cs.n_seqs == base->n_seqs[i], "%s: cache %d: %d sequences, %d before", scenario, i, cs.n_seqs,
+                  base->n_seqs[i]);
+    }
+    if (held_p) {
+        *held_p = got - want;
+        if (got != want)
+            fprintf(stderr, "%s: %lld counted allocations held by transfers UCX has not released\n", scenario,
+                    (long long)(got - want));
+    }
+    CHECK_MSG(held_p ? got >= want : got == want, "%s: %lld counted allocations live, %lld expected (%+lld)", scenario,
+              (long long)got, (long long)want, (long long)(got - want));
+    return check_failures_ - before;
+}
+
+int xt_ledger_check(const xt_ledger_t *base, const char *scenario) { return ledger_check(base, scenario, NULL); }
+
+int xt_ledger_check_held(const xt_ledger_t *base, const char *scenario, int64_t *held_p) {
+    return ledger_check(base, scenario, held_p);
 }

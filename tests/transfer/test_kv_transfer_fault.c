@@ -1,13 +1,18 @@
 /* KV transfer: layout checks, byte-exact placement with different pool splits, epoch, lease,
  * refusal, cancel, a decode peer killed mid-transfer (tcp and shm; its descriptor shipped from
- * the child in the production wire format) and teardown with transfers in flight (ASan checks the
- * leaks). Malformed descriptors are test_kv_transfer_desc's.
+ * the child in the production wire format) and teardown with transfers in flight. Every scenario
+ * ends with the resource ledger (xt_ledger_check): no transfer in flight, the KV blocks of both
+ * caches free again, counted allocations back (endpoints aside, each accounted); registrations
+ * are released by deregistration, and the whole test gives back every counted allocation once
+ * the contexts are destroyed (ASan checks the uncounted ones: UCX's). Malformed descriptors are
+ * test_kv_transfer_desc's.
  *
  * KV caches are used directly (cpu-ref backend, no model): L = 4 layers, 2 heads of 8, B = 4.
  * The prefill cache is split at C = 2, the decode cache at 3, the sequence depth is C = 2. */
 #include <signal.h>
 #include <sys/wait.h>
 
+#include "alloc.h"
 #include "backend.h"
 #include "check.h"
 #include "test_log.h"
@@ -114,11 +119,19 @@ static speed_status_t run_xfer(speed_kv_xfer_ctx_t *pctx, const speed_kv_desc_t 
 /* ---- layout mismatches --------------------------------------------------------------------- */
 
 static void test_mismatch(speed_kv_xfer_ctx_t *pctx, const speed_kv_desc_t *desc) {
-    node_t p16 = {0}, p8 = {0};
+    xt_ledger_t base;
+    xt_ledger_take(&base, NULL, (speed_kv_xfer_ctx_t *const[]){pctx, NULL});
+    node_t p16 = {0}, p8 = {0}, same = {0}; /* same: the descriptor's layout */
     CHECK(node_init(&p16, C, SPEED_DTYPE_BF16, B, 0) == 0);
     CHECK(node_init(&p8, C, SPEED_DTYPE_F32, 8, 0) == 0);
+    CHECK(node_init(&same, C, SPEED_DTYPE_F32, B, 0) == 0);
+    int64_t unregistered = speed_alloc_live_count();
     CHECK(speed_kv_xfer_ctx_register_cache(pctx, p16.cache) == SPEED_OK);
     CHECK(speed_kv_xfer_ctx_register_cache(pctx, p8.cache) == SPEED_OK);
+    CHECK(speed_kv_xfer_ctx_register_cache(pctx, same.cache) == SPEED_OK);
+    int64_t registered = speed_alloc_live_count();
+    CHECK_MSG(registered > unregistered, "registering three caches recorded no region (%lld -> %lld)",
+              (long long)unregistered, (long long)registered);
     speed_kv_xfer_t *x = NULL;
     CHECK(speed_kv_xfer_create(pctx, desc, p16.cache, p16.seq, N_FULL, N_COMPACT, "req-dtype", &x) ==
           SPEED_ERR_PEER_PROTOCOL);
@@ -128,9 +141,19 @@ static void test_mismatch(speed_kv_xfer_ctx_t *pctx, const speed_kv_desc_t *desc
     CHECK_CONTAINS(speed_log_last_error(), "block_tokens");
     speed_kv_xfer_ctx_deregister_cache(pctx, p16.cache);
     speed_kv_xfer_ctx_deregister_cache(pctx, p8.cache);
+    speed_kv_xfer_ctx_deregister_cache(pctx, same.cache);
+    /* deregistration released the regions: their records are gone and the cache is unknown again */
+    CHECK_MSG(speed_alloc_live_count() == unregistered, "deregistered: %lld counted allocations, %lld unregistered",
+              (long long)speed_alloc_live_count(), (long long)unregistered);
+    speed_log_clear_last_error();
+    CHECK(speed_kv_xfer_create(pctx, desc, same.cache, same.seq, N_FULL, N_COMPACT, "req-dereg", &x) ==
+          SPEED_ERR_INVALID_ARGUMENT);
+    CHECK_CONTAINS(speed_log_last_error(), "not registered");
     node_cleanup(&p16);
     node_cleanup(&p8);
+    node_cleanup(&same);
     CHECK(x == NULL);
+    xt_ledger_check(&base, "layout mismatch");
 }
 
 /* A decode node in a child process: forked before this process initialises UCX (a child of a
@@ -176,6 +199,7 @@ int main(void) {
     bp.kind = SPEED_BACKEND_CPU_REF;
     CHECK(speed_backend_create(&bp, &g_be) == SPEED_OK);
     if (!g_be) return CHECK_DONE();
+    const int64_t allocs_at_start = speed_alloc_live_count(); /* no context, no cache yet */
     kid_t kids[2] = {spawn_decode_node(SPEED_KV_TRANSPORT_SHM), spawn_decode_node(SPEED_KV_TRANSPORT_TCP)};
     CHECK(kids[0].pid > 0 && kids[1].pid > 0);
 
@@ -203,9 +227,13 @@ int main(void) {
     speed_kv_desc_t *desc = describe(dctx, &d, SPEED_KV_TRANSPORT_SHM, 0);
     if (!desc) return CHECK_DONE();
     CHECK_INT_EQ(desc->total_bytes, want_bytes);
+    const speed_kv_cache_t *const caches[] = {p.cache, d.cache, NULL};
+    speed_kv_xfer_ctx_t *const ctxs[] = {pctx, dctx, NULL};
+    xt_ledger_t base;
     test_mismatch(pctx, desc);
 
     /* a descriptor whose per-layer entries differ from the local sequence */
+    xt_ledger_take(&base, caches, ctxs);
     speed_kv_xfer_t *x = NULL;
     CHECK(speed_kv_xfer_create(pctx, desc, p.cache, p.seq, N_FULL - 1, N_COMPACT, "req-entries", &x) ==
           SPEED_ERR_PEER_PROTOCOL);
@@ -216,8 +244,10 @@ int main(void) {
           SPEED_ERR_PEER_PROTOCOL);
     desc->head_begin = 0;
     desc->head_end = 2;
+    xt_ledger_check(&base, "refused at creation");
 
     /* both transports, byte exact into a differently split cache; the endpoint is reused */
+    xt_ledger_take(&base, caches, ctxs);
     for (int t = 0; t < 2; t++) {
         speed_kv_transport_t tr = t ? SPEED_KV_TRANSPORT_TCP : SPEED_KV_TRANSPORT_SHM;
         speed_kv_desc_t *dd = describe(dctx, &d, tr, xt_realtime_ms() + 60000);
@@ -241,8 +271,10 @@ int main(void) {
     CHECK_INT_EQ(ps.n_endpoints, 2); /* one per transport, reused */
     CHECK_INT_EQ(ps.bytes_put, 4 * want_bytes);
     CHECK(ps.n_refused >= 4);
+    xt_ledger_check(&base, "transfers done (two endpoints kept)");
 
     /* epoch mismatch: the decode node refuses the notify, the callback never sees it */
+    xt_ledger_take(&base, caches, ctxs);
     {
         int before = inbox.n;
         desc->epoch ^= 1;
@@ -254,11 +286,15 @@ int main(void) {
         CHECK_INT_EQ(inbox.n, before);
     }
     /* the decode node's callback says the reservation is gone */
+    xt_ledger_check(&base, "epoch mismatch");
+    xt_ledger_take(&base, caches, ctxs);
     inbox.answer = SPEED_ERR_NOT_FOUND;
     CHECK(run_xfer(pctx, desc, &p, "req-gone") == SPEED_ERR_NOT_FOUND);
     inbox.answer = SPEED_OK;
+    xt_ledger_check(&base, "reservation gone");
 
     /* lease: past at creation; passing during the pushes */
+    xt_ledger_take(&base, caches, ctxs);
     {
         speed_kv_desc_t *dd = describe(dctx, &d, SPEED_KV_TRANSPORT_SHM, xt_realtime_ms() - 1);
         CHECK(dd &&
@@ -275,8 +311,10 @@ int main(void) {
         speed_kv_xfer_destroy(x);
         speed_kv_desc_destroy(dd);
     }
+    xt_ledger_check(&base, "lease");
 
     /* misuse and cancel */
+    xt_ledger_take(&base, caches, ctxs);
     x = NULL;
     CHECK(speed_kv_xfer_create(pctx, desc, p.cache, p.seq, N_FULL, N_COMPACT, "req-cancel", &x) == SPEED_OK);
     if (x) {
@@ -296,6 +334,7 @@ int main(void) {
         CHECK(speed_kv_xfer_poll(x, NULL) == SPEED_KV_XFER_FAILED);
         speed_kv_xfer_destroy(x);
     }
+    xt_ledger_check(&base, "cancel");
 
     /* a decode peer killed mid-transfer: a bounded, peer-group failure; the next transfer to a
      * live peer works (tcp: PEER mode reports the failure; shm: the ack timeout does) */
@@ -303,6 +342,7 @@ int main(void) {
     for (int t = 0; t < 2; t++) {
         speed_kv_transport_t tr = t ? SPEED_KV_TRANSPORT_TCP : SPEED_KV_TRANSPORT_SHM;
         pid_t pid = kids[t].pid;
+        xt_ledger_take(&base, caches, ctxs); /* the endpoint to the child: made and maybe closed here */
         int sv[2] = {kids[t].fd, -1};
         void *bytes = NULL;
         size_t len = 0;
@@ -354,6 +394,16 @@ int main(void) {
             fprintf(stderr, "shm transfer to a live peer after a dead one: %s\n", speed_status_string(after));
         }
         speed_kv_desc_destroy(dd);
+        if (tr == SPEED_KV_TRANSPORT_TCP) {
+            xt_ledger_check(&base, "tcp peer killed");
+        } else {
+            /* shm (error mode NONE): the killed transfer's puts to the dead peer never complete,
+             * so its destroyed record stays with the context until the teardown (7 counted
+             * allocations here; more when the path is stuck). The end of the test checks that
+             * the teardown gives them back. */
+            int64_t held = 0;
+            xt_ledger_check_held(&base, "shm peer killed", &held);
+        }
     }
     speed_kv_xfer_ctx_stats(pctx, &ps);
     CHECK_INT_EQ(ps.n_failed[SPEED_KV_STAGE_PUT] + ps.n_failed[SPEED_KV_STAGE_FLUSH] +
@@ -378,6 +428,10 @@ int main(void) {
     node_cleanup(&p);
     node_cleanup(&d);
     xt_inbox_cleanup(&inbox);
+    /* every context gone: endpoints, regions, transfers (orphans included) and caches gave back
+     * every counted allocation */
+    CHECK_MSG(speed_alloc_live_count() == allocs_at_start, "teardown: %lld counted allocations live, %lld at start",
+              (long long)speed_alloc_live_count(), (long long)allocs_at_start);
     speed_backend_destroy(g_be);
     return CHECK_DONE();
 }

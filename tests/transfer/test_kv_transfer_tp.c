@@ -16,6 +16,7 @@
  *
  * Caches are used directly (cpu-ref backend, no model): L = 4 layers, head_dim 8, B = 4, the
  * sequence depth C = 2; senders split their pools at 2, receivers at 3. */
+#include "alloc.h"
 #include "backend.h"
 #include "check.h"
 #include "test_log.h"
@@ -499,7 +500,9 @@ int main(int argc, char **argv) {
     bp.kind = SPEED_BACKEND_CPU_REF;
     CHECK(speed_backend_create(&bp, &g_be) == SPEED_OK);
     if (!g_be) return CHECK_DONE();
+    const int64_t allocs_at_start = speed_alloc_live_count();
     test_cache_params();
+    CHECK_INT_EQ(speed_alloc_live_count(), allocs_at_start);
 
     rank_t pre0, pre1, dec0, dec1;
     rank_init(&pre0, false);
@@ -507,14 +510,32 @@ int main(int argc, char **argv) {
     rank_init(&dec0, true);
     rank_init(&dec1, true);
     if (pre0.ctx && pre1.ctx && dec0.ctx && dec1.ctx) {
+        /* each scenario makes and frees its own caches: the ledger holds it to the contexts'
+         * transfers in flight and the allocation count (caches, sequences, regions, endpoints) */
+        speed_kv_xfer_ctx_t *const ctxs[] = {pre0.ctx, pre1.ctx, dec0.ctx, dec1.ctx, NULL};
+        xt_ledger_t base;
+        xt_ledger_take(&base, NULL, ctxs);
         test_desc_heads(&dec0);
+        xt_ledger_check(&base, "descriptor heads");
         const speed_dtype_t dtypes[] = {SPEED_DTYPE_F32, SPEED_DTYPE_BF16, SPEED_DTYPE_F16};
-        for (int k = 0; k < 3; k++) test_two_into_one(&pre0, &pre1, &dec0, dtypes[k], (uint8_t)(10 + k));
+        for (int k = 0; k < 3; k++) {
+            xt_ledger_take(&base, NULL, ctxs);
+            test_two_into_one(&pre0, &pre1, &dec0, dtypes[k], (uint8_t)(10 + k));
+            xt_ledger_check(&base, "two into one");
+        }
+        xt_ledger_take(&base, NULL, ctxs);
         test_one_into_two(&pre0, &dec0, &dec1, SPEED_DTYPE_BF16, 20);
+        xt_ledger_check(&base, "one into two");
+        xt_ledger_take(&base, NULL, ctxs);
         test_overlap_one(&pre1, &dec1, SPEED_DTYPE_F32, 30);
         test_overlap_one(&pre1, &dec1, SPEED_DTYPE_F16, 31);
+        xt_ledger_check(&base, "one-head overlap");
+        xt_ledger_take(&base, NULL, ctxs);
         test_same_range(&pre0, &dec0, 40);
+        xt_ledger_check(&base, "same range");
+        xt_ledger_take(&base, NULL, ctxs);
         test_refused(&pre0, &dec0);
+        xt_ledger_check(&base, "refused");
         speed_kv_xfer_ctx_stats_t ps;
         speed_kv_xfer_ctx_stats(pre0.ctx, &ps);
         CHECK_INT_EQ(ps.n_failed[SPEED_KV_STAGE_PUT] + ps.n_failed[SPEED_KV_STAGE_FLUSH] +
@@ -525,6 +546,9 @@ int main(int argc, char **argv) {
     rank_cleanup(&pre1);
     rank_cleanup(&dec0);
     rank_cleanup(&dec1);
+    /* every context gone: endpoints and all */
+    CHECK_MSG(speed_alloc_live_count() == allocs_at_start, "teardown: %lld counted allocations live, %lld at start",
+              (long long)speed_alloc_live_count(), (long long)allocs_at_start);
     speed_backend_destroy(g_be);
     return CHECK_DONE();
 }

@@ -1,6 +1,11 @@
 /* router/openai: request validation (table of bad requests), parsed values, error
  * objects, response builders parsed back, SSE assembly, auth, tokenization, and
- * allocation fault injection on every parse/build path. */
+ * allocation fault injection on every parse/build path.
+ *
+ * `router_openai chat-vectors` instead checks the router's chat requests against the Llama 2
+ * reference conversations ($SPEED_TEST_DATA/tokenizers/llama2/chat_vectors.jsonl): the ids the
+ * router computes must be the file's, which were not made by our template code (exit 77 without
+ * the data). */
 #include <jansson.h>
 #include <math.h>
 #include <stdbool.h>
@@ -18,6 +23,7 @@
 #include "openai.h"
 #include "tokenizer.h"
 #include "test_fs.h"
+#include "tok_test_util.h"
 
 #define CHAT(extra) "{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]" extra "}"
 #define COMP(extra) "{\"model\":\"m\",\"prompt\":\"hi\"" extra "}"
@@ -1068,6 +1074,68 @@ static void test_tokenize(speed_tok_t *tok) {
     speed_tok_ids_free(&ids);
 }
 
+/* Each reference conversation sent as an OpenAI chat request: the router's token ids equal
+ * the reference ids of the data file (Jinja2-rendered Llama 2 template, tokenised by Hugging
+ * Face and checked against Meta's dialog encoding; README.md beside it). The empty
+ * conversation has no request form: the router refuses it (400, "messages"). */
+static int test_chat_vectors(void) {
+    char dir[1024], path[1200];
+    if (!tok_test_dir("llama2", dir, sizeof dir)) {
+        fprintf(stderr, "skipped: $SPEED_TEST_DATA is not set (the Llama 2 chat vectors are there)\n");
+        return 77;
+    }
+    snprintf(path, sizeof path, "%s/chat_vectors.jsonl", dir);
+    if (access(path, R_OK) != 0) {
+        fprintf(stderr, "skipped: %s is missing\n", path);
+        return 77;
+    }
+    speed_tok_t *tok = NULL;
+    CHECK_INT_EQ(speed_tok_load(dir, NULL, &tok), SPEED_OK);
+    json_t *cases = tok_test_read_jsonl(path);
+    CHECK(cases != NULL);
+    if (!tok || !cases) {
+        speed_tok_destroy(tok);
+        json_decref(cases);
+        return CHECK_DONE();
+    }
+    static char body[65536];
+    size_t i, n_checked = 0;
+    json_t *c;
+    json_array_foreach(cases, i, c) {
+        json_t *req = json_pack("{s:s, s:O}", "model", "m", "messages", json_object_get(c, "messages"));
+        size_t len = req ? json_dumpb(req, body, sizeof body - 1, JSON_COMPACT) : 0;
+        json_decref(req);
+        CHECK(len > 0 && len < sizeof body - 1);
+        if (len == 0 || len >= sizeof body - 1) continue;
+        body[len] = '\0';
+        speed_openai_parse_params_t p = params_of(P_DEFAULT);
+        speed_openai_request_t *r = NULL;
+        speed_openai_error_t err = {0};
+        speed_status_t st = speed_openai_request_parse(SPEED_OPENAI_CHAT, body, len, &p, &r, &err);
+        if (json_array_size(json_object_get(c, "messages")) == 0) {
+            CHECK_INT_EQ(st, SPEED_ERR_INVALID_ARGUMENT);
+            CHECK_INT_EQ(speed_openai_error_http_status(err.kind), 400);
+            CHECK_STR_EQ(err.param, "messages");
+            speed_openai_request_destroy(r);
+            continue;
+        }
+        CHECK_MSG(st == SPEED_OK, "chat case %zu: parse failed: %s", i, err.message);
+        speed_tok_ids_t ids = {0};
+        if (r) CHECK_INT_EQ(speed_openai_request_tokenize(r, tok, &ids, &err), SPEED_OK);
+        char what[64];
+        snprintf(what, sizeof what, "router, chat case %zu", i);
+        CHECK(tok_test_ids_equal(&ids, 0, json_object_get(c, "ids"), what));
+        speed_tok_ids_free(&ids);
+        speed_openai_request_destroy(r);
+        n_checked++;
+    }
+    CHECK_INT_EQ(n_checked, 7); /* 8 conversations, one empty */
+    fprintf(stderr, "router chat requests equal to the reference ids: %zu\n", n_checked);
+    json_decref(cases);
+    speed_tok_destroy(tok);
+    return CHECK_DONE();
+}
+
 /* ---- fault injection --------------------------------------------------------------- */
 
 /* jansson's memory goes through speed_malloc (counted, failures injected) unless
@@ -1307,10 +1375,11 @@ static void test_fault_injection(speed_tok_t *tok) {
     fprintf(stderr, "fault injection: %d injected allocation failures\n", total);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
     /* JSON memory through the counted allocator: leaks and injected failures reach it. */
     json_set_alloc_funcs(test_json_malloc, test_json_free);
     speed_log_configure("error");
+    if (argc > 1 && strcmp(argv[1], "chat-vectors") == 0) return test_chat_vectors();
 
     test_bad_requests();
     test_nesting();

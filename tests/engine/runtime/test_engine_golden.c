@@ -6,18 +6,38 @@
  * mixed batches where sequences use different C. Also: C = L is the standard model, batch
  * results equal single-sequence results, KV bytes equal the docs/design.md §1 formula.
  *
- * Usage: test_engine_golden [cpu-ref|cpu]  (exit 77 when the backend is not built).
+ * Usage: test_engine_golden [cpu-ref|cpu|cpu-avx2]  (exit 77 when the backend is not built).
+ * SPEED_GOLDEN_SEED=n draws another set of prompts (how the numbers below were measured).
  *
  * Tolerances on logprobs (natural-log softmax of the logits, max abs difference over the whole
- * vocabulary and every generated step):
- *   cpu-ref, f32 cache:   1e-4  (both sides accumulate in double; only f32 rounding of
- *                                activations differs, weights of either dtype are exact in f32)
- *   cpu-ref, bf16 cache:  2e-2  (the naive side rounds K/V to bf16 too, but an input that
- *                                differs in the last f32 bit can round to the neighbouring bf16)
- *   cpu (fast):           1e-3 (+2e-2 with a bf16 cache); bf16 weights on an AVX512-BF16
- *                         machine 1.5e-1: its bf16 dot products round the activations to bf16
- *                         (measured max 0.11 over the vocabulary, 0.06 on the chosen token)
- * Greedy tokens must match unless the reference's top two are within 2 * tolerance.
+ * vocabulary and every generated step), each set from a measurement: the worst difference over
+ * 8 prompt sets (SPEED_GOLDEN_SEED 0-7) x the 5 models, on an AVX512-BF16 x86-64 (cpu = best
+ * ISA, cpu-avx2 = capped), 2026-12; margin 2-3x the worst measured.
+ *
+ *   backend             weights  cache  measured worst  tolerance  why this much
+ *   cpu-ref             any      f32    6.2e-6          2e-5       both sides sum in double; only
+ *                                                                  the f32 rounding of activations
+ *                                                                  differs (bf16 weights are exact)
+ *   cpu-ref             any      bf16   8.0e-3          2e-2       as above, and an input that
+ *                                                                  differs in the last f32 bit can
+ *                                                                  round to the neighbouring bf16
+ *   cpu, cpu-avx2       any (*)  f32    1.7e-5          5e-5       f32 SIMD sums in another order
+ *   cpu, cpu-avx2       any (*)  bf16   8.9e-3          5e-5+2e-2  plus the bf16 K/V rounding
+ *   cpu on AVX512-BF16  bf16     f32    0.167           0.35       its bf16 dot products round
+ *                       bf16     bf16   0.151           0.37       the activations to bf16 too
+ *   (*) bf16 weights without AVX512-BF16 are widened to f32, exactly.
+ *
+ * The bf16-dot tolerance is wide on purpose and does not hide a bug: everything but the dot
+ * kernel (depth masks, paging, chunking, batching) is shared with the f32 path, which the same
+ * backend runs under 5e-5 on the f32-weight models; a kernel bug that picks a wrong element,
+ * row or scale moves logprobs by whole nats (SPEED at C = 1 vs C = L moves them by 2.8 here).
+ *
+ * Greedy tokens must match the reference's, except near ties (et_compare): the reference's own
+ * logprob gap between its best token and the engine's choice at most tie_eps. Measured: only the
+ * bf16-dot runs excuse any, 13-25 per run of this test, the largest gap 0.065; tie_eps there is
+ * 0.13 (2x), and at most 50 may be excused per run (2x the worst). Elsewhere none was measured:
+ * tie_eps is 2 x tolerance (a swap needs a gap within the two tokens' errors, each within the
+ * tolerance) and at most 2 may be excused (exact ties of the tiny models' logits).
  */
 #include "engine_test_util.h"
 
@@ -25,14 +45,32 @@ static const char *g_backend_name = "cpu-ref";
 static bool g_fast;     /* a fast CPU backend: kernels chosen by batch size */
 static bool g_bf16_dot; /* ... that multiplies bf16 weights with bf16-rounded activations */
 
+/* See the table above. */
+static bool bf16_dot(speed_dtype_t weights) { return weights == SPEED_DTYPE_BF16 && g_bf16_dot; }
+
 static double tolerance(speed_dtype_t weights, speed_dtype_t kv) {
-    if (!g_fast) return kv == SPEED_DTYPE_F32 ? 1e-4 : 2e-2;
-    double t = weights == SPEED_DTYPE_BF16 && g_bf16_dot ? 1.5e-1 : 1e-3;
-    return kv == SPEED_DTYPE_F32 ? t : t + 2e-2;
+    if (!g_fast) return kv == SPEED_DTYPE_F32 ? 2e-5 : 2e-2;
+    if (bf16_dot(weights)) return kv == SPEED_DTYPE_F32 ? 0.35 : 0.37;
+    return kv == SPEED_DTYPE_F32 ? 5e-5 : 5e-5 + 2e-2;
 }
 
+static double tie_eps(speed_dtype_t weights, speed_dtype_t kv) {
+    return bf16_dot(weights) ? 0.13 : 2 * tolerance(weights, kv);
+}
+
+/* Near ties excused over the whole run, and the bound (see the header). */
+static int g_near_ties;
+static int near_tie_bound(void) { return g_bf16_dot ? 50 : 2; }
+
+/* Batch vs single sequence on the fast backend (kernels picked by batch size), max |dlogit|:
+ * measured 6.3e-6 (f32 dot), 0.078 (bf16 dot); 3x. */
+static double batch_tol(speed_dtype_t weights) { return bf16_dot(weights) ? 0.25 : 2e-5; }
+
+/* SPEED_GOLDEN_SEED=n: another set of prompts (how the tolerances were measured). */
+static uint64_t g_seed;
+
 typedef struct {
-    double max_lp, max_chosen;
+    double max_lp, max_chosen, max_tie_gap, min_mismatch_gap;
     int mismatches, near_ties, cases;
 } summary_t;
 
@@ -57,7 +95,7 @@ static void check_seq(const naive_model_t *nm, const speed_model_t *m, const et_
     int L = m->config.n_layers, vocab = m->config.vocab_size;
     int C = s->depth.prefill_layers ? s->depth.prefill_layers : L;
     et_cmp_t cmp = {0};
-    CHECK(et_compare(nm, vocab, s, C, kv_dtype, tol, &cmp) == 0);
+    CHECK(et_compare(nm, vocab, s, C, kv_dtype, tol, tie_eps(m->tok_embeddings->dtype, kv_dtype), &cmp) == 0);
     CHECK_MSG(cmp.max_lp_diff <= tol && cmp.token_mismatch == 0,
               "%s: C=%d A=%d T=%d n=%d: max logprob diff %.3g (tol %.3g), %d token mismatches", what, C,
               s->depth.anchors, s->depth.tail, s->n_prompt, cmp.max_lp_diff, tol, cmp.token_mismatch);
@@ -65,6 +103,10 @@ static void check_seq(const naive_model_t *nm, const speed_model_t *m, const et_
     if (cmp.max_chosen_diff > sum->max_chosen) sum->max_chosen = cmp.max_chosen_diff;
     sum->mismatches += cmp.token_mismatch;
     sum->near_ties += cmp.near_ties;
+    g_near_ties += cmp.near_ties;
+    if (cmp.max_tie_gap > sum->max_tie_gap) sum->max_tie_gap = cmp.max_tie_gap;
+    if (cmp.min_mismatch_gap > 0 && (sum->min_mismatch_gap == 0 || cmp.min_mismatch_gap < sum->min_mismatch_gap))
+        sum->min_mismatch_gap = cmp.min_mismatch_gap;
     sum->cases++;
 
     /* KV bytes: exactly the section 1 formula after the prefill, + full-depth generated tokens */
@@ -106,7 +148,8 @@ static void run_matrix(speed_backend_t *be, const speed_model_t *m, const naive_
                     seqs[i].use_default = i == 0;
                     seqs[i].n_prompt = lens[i];
                     seqs[i].n_gen = n_gen;
-                    et_prompt(seqs[i].prompt, lens[i], (uint64_t)(ci * 100 + ai * 10 + ti + i), m->config.vocab_size);
+                    et_prompt(seqs[i].prompt, lens[i], g_seed * 7919 + (uint64_t)(ci * 100 + ai * 10 + ti + i),
+                              m->config.vocab_size);
                 }
                 speed_status_t st = et_run(e, seqs, 3);
                 CHECK_MSG(st == SPEED_OK, "run: %s", speed_status_string(st));
@@ -142,7 +185,7 @@ static void run_mixed(speed_backend_t *be, const speed_model_t *m, const naive_m
         seqs[i].depth = ds[i];
         seqs[i].n_prompt = lens[i];
         seqs[i].n_gen = 7;
-        et_prompt(seqs[i].prompt, lens[i], 900 + (uint64_t)i, m->config.vocab_size);
+        et_prompt(seqs[i].prompt, lens[i], g_seed * 7919 + 900 + (uint64_t)i, m->config.vocab_size);
     }
     speed_engine_params_t p = params_for(be, m, (speed_depth_t){L / 2, 1, 1}, SPEED_DTYPE_F32, 4, 40, 7);
     /* sequences deeper than the split need full-size upper tables: size the upper pool so */
@@ -182,7 +225,9 @@ static void run_mixed(speed_backend_t *be, const speed_model_t *m, const naive_m
         if (!g_fast)
             CHECK_MSG(maxd == 0.0, "batch vs single (C=%d): logits differ by %g", ds[i].prefill_layers, maxd);
         else
-            CHECK_MSG(maxd <= 10 * tol, "batch vs single (C=%d): logits differ by %g", ds[i].prefill_layers, maxd);
+            CHECK_MSG(maxd <= batch_tol(m->tok_embeddings->dtype),
+                      "batch vs single (C=%d): logits differ by %g (bound %g)", ds[i].prefill_layers, maxd,
+                      batch_tol(m->tok_embeddings->dtype));
         et_seq_free(&one);
         speed_engine_destroy(e1);
     }
@@ -251,6 +296,7 @@ static void run_standard(speed_backend_t *be, const speed_model_t *m, const naiv
 
 int main(int argc, char **argv) {
     if (argc > 1) g_backend_name = argv[1];
+    if (getenv("SPEED_GOLDEN_SEED")) g_seed = strtoull(getenv("SPEED_GOLDEN_SEED"), NULL, 10);
     g_fast = strncmp(g_backend_name, "cpu", 3) == 0 && strcmp(g_backend_name, "cpu-ref") != 0;
     g_bf16_dot = strcmp(g_backend_name, "cpu") == 0 && speed_cpu_isa_detect() == SPEED_CPU_ISA_AVX512_BF16;
     tu_tmp_init("engine-golden");
@@ -275,17 +321,23 @@ int main(int argc, char **argv) {
         run_matrix(be, m, nm, SPEED_DTYPE_BF16, false, &s16, specs[mi].name);
         if (mi == 0 || mi == 2) run_mixed(be, m, nm, &smix);
         if (mi == 0) run_standard(be, m, nm);
-        fprintf(stderr,
-                "%-8s %-18s f32 cache: %3d seqs, max |dlogprob| %.2e (chosen %.2e), %d mismatches, %d near ties\n"
-                "%-8s %-18s bf16 cache: %3d seqs, max |dlogprob| %.2e (chosen %.2e), %d mismatches, %d near ties\n",
-                g_backend_name, specs[mi].name, s32.cases, s32.max_lp, s32.max_chosen, s32.mismatches, s32.near_ties,
-                g_backend_name, specs[mi].name, s16.cases, s16.max_lp, s16.max_chosen, s16.mismatches, s16.near_ties);
+        const summary_t *ss[] = {&s32, &s16};
+        for (int k = 0; k < 2; k++)
+            fprintf(stderr,
+                    "%-8s %-18s %s cache: %3d seqs, max |dlogprob| %.2e (chosen %.2e), %d mismatches (smallest "
+                    "reference top-2 gap %.2e), %d near ties (largest gap %.2e)\n",
+                    g_backend_name, specs[mi].name, k ? "bf16" : "f32", ss[k]->cases, ss[k]->max_lp, ss[k]->max_chosen,
+                    ss[k]->mismatches, ss[k]->min_mismatch_gap, ss[k]->near_ties, ss[k]->max_tie_gap);
         if (smix.cases)
             fprintf(stderr, "%-8s %-18s mixed-C batch: %d seqs, max |dlogprob| %.2e\n", g_backend_name, specs[mi].name,
                     smix.cases, smix.max_lp);
         naive_model_destroy(nm);
         speed_model_destroy(m);
     }
+    fprintf(stderr, "%s: %d greedy mismatches excused as near ties (bound %d)\n", g_backend_name, g_near_ties,
+            near_tie_bound());
+    CHECK_MSG(g_near_ties <= near_tie_bound(), "%d near ties excused, more than the bound %d", g_near_ties,
+              near_tie_bound());
     speed_backend_destroy(be);
     tu_rm_rf(tu_root);
     return CHECK_DONE();
