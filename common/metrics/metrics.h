@@ -123,7 +123,7 @@ speed_status_t speed_histogram_labels(speed_histogram_t *histogram, const char *
  * The handle must be a child (or an unlabelled family). Callback gauges cannot be updated.
  */
 void speed_counter_inc(speed_counter_t *counter);           /* += 1 */
-void speed_counter_add(speed_counter_t *counter, double v); /* v >= 0, else ignored */
+void speed_counter_add(speed_counter_t *counter, double v); /* v >= 0, else (NaN too) ignored */
 double speed_counter_get(const speed_counter_t *counter);
 
 void speed_gauge_set(speed_gauge_t *gauge, double v);

@@ -147,20 +147,26 @@ src=$work/src bld=$work/build logs=$work/logs
 mkdir -p "$work" "$logs"
 if [ $fresh -eq 1 ]; then rm -rf "$src" "$bld"; fi
 # The tree as it is now (committed or not, untracked files included, build dirs and ignored
-# files left out). Files that did not change keep their time stamps, so a rebuild is incremental.
+# files left out), unpacked into $work/incoming and then copied over $src file by file, only
+# where the content differs (with a new time stamp): a file that did not change keeps its time
+# stamp, so a rebuild is incremental, and a file a mutant touched keeps the time stamp of its
+# restore, newer than any object built from the mutant (unpacking the tree over $src would give
+# it back an older time stamp, and the build would keep the mutant's object).
 echo "== mutation: copying the tree to $src"
-mkdir -p "$src"
+incoming=$work/incoming
+rm -rf "$incoming"
+mkdir -p "$src" "$incoming"
 if git -C "$root" rev-parse --git-dir >/dev/null 2>&1; then
-    (cd "$root" && git ls-files -co --exclude-standard -z | tar -c --null -T -) | tar -x -C "$src"
+    (cd "$root" && git ls-files -co --exclude-standard -z | tar -c --null -T -) | tar -x -C "$incoming"
 else
-    (cd "$root" && tar -c --exclude='./build*' --exclude=./.git .) | tar -x -C "$src"
+    (cd "$root" && tar -c --exclude='./build*' --exclude=./.git .) | tar -x -C "$incoming"
 fi || { echo "mutation: copying the tree failed" >&2; exit 2; }
-# The copy gives a file its original time stamp back, older than an object built from a mutant
-# of it: touch every file a run has mutated, so the build recompiles it.
-if [ -f "$work/mutated" ]; then
-    sort -u "$work/mutated" | while read -r f; do [ -f "$src/$f" ] && touch "$src/$f"; done
-    rm -f "$work/mutated"
-fi
+(cd "$incoming" && find . -type f -print0) | while IFS= read -r -d '' f; do
+    if ! cmp -s "$incoming/$f" "$src/$f"; then
+        mkdir -p "$(dirname "$src/$f")" && cp "$incoming/$f" "$src/$f" || exit 1
+    fi
+done || { echo "mutation: copying the tree failed" >&2; exit 2; }
+rm -rf "$incoming"
 
 data=${SPEED_TEST_DATA:-}
 [ -z "$data" ] && [ -d "$root/../shared/data" ] && data=$(cd "$root/../shared/data" && pwd)
@@ -270,7 +276,6 @@ for i in "${sel[@]}"; do
     t0=$(date +%s)
     cur_file=$src/${files[$i]} cur_orig=$work/orig.$id
     cp -p "$cur_file" "$cur_orig"
-    echo "${files[$i]}" >>"$work/mutated"
     perl -e 'my ($f, $t, $r) = @ARGV; local $/; open my $h, "<", $f or die; my $s = <$h>; close $h;
              my $p = index($s, $t); die "not found\n" if $p < 0; substr($s, $p, length $t) = $r;
              open $h, ">", $f or die; print $h $s; close $h' "$cur_file" "${finds[$i]}" "${repls[$i]}" ||

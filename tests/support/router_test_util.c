@@ -64,7 +64,10 @@ bool fake_find_id(fake_node_t *n, fake_ids_t which, const char *prefix, char *ou
     return found;
 }
 
-static bool fake_id_cancelled(fake_node_t *n, const char *id) { return fake_has_id(n, FAKE_IDS_CANCELLED, id); }
+/* Whether a Cancel RPC for `id` ends the node's work on it (cancel_ignored turns that off). */
+static bool fake_id_cancelled(fake_node_t *n, const char *id) {
+    return !atomic_load(&n->cancel_ignored) && fake_has_id(n, FAKE_IDS_CANCELLED, id);
+}
 
 static void fake_reply(speed_rpc_call_t *call, const ProtobufCMessage *m) {
     uint8_t *buf = NULL;
@@ -221,6 +224,7 @@ static void *fake_generate_thread(void *arg) {
     int n_tokens = atomic_load(&n->gen_tokens);
     int delay = atomic_load(&n->gen_delay_ms);
     int brk = atomic_load(&n->gen_break_after);
+    int stall = atomic_load(&n->gen_stall_after);
     atomic_fetch_add(&n->n_gen_active, 1);
     bool cancelled = false;
     int sent = 0;
@@ -231,6 +235,11 @@ static void *fake_generate_thread(void *arg) {
         }
         if (cancelled) break;
         if (brk >= 0 && sent >= brk) break;
+        for (int waited = 0; sent == stall && waited < FAKE_STALL_MS && !cancelled; waited += 5) {
+            sleep_ms(5);
+            cancelled = speed_rpc_call_is_cancelled(c->call) || fake_id_cancelled(n, c->id);
+        }
+        if (cancelled) break;
         char text[32];
         snprintf(text, sizeof text, "t%d ", sent);
         Speed__V1__Token tok = SPEED__V1__TOKEN__INIT;
@@ -327,10 +336,12 @@ void fake_defaults(fake_node_t *n) {
     atomic_store(&n->gen_tokens, 5);
     atomic_store(&n->gen_delay_ms, 0);
     atomic_store(&n->gen_break_after, -1);
+    atomic_store(&n->gen_stall_after, -1);
     atomic_store(&n->reserve_code, 0);
     atomic_store(&n->prefill_code, 0);
     atomic_store(&n->prefill_delay_ms, 0);
     atomic_store(&n->prefill_gate, false);
+    atomic_store(&n->cancel_ignored, false);
 }
 
 speed_status_t fake_start(fake_node_t *n, const char *name, int port) {

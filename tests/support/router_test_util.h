@@ -1,8 +1,8 @@
 /* Test scaffolding for the speed-router daemon tests (library speed_test_router).
  *
  *   - fake nodes: real speed_rpc servers speaking the speed.v1 protocol (Decode, Prefill,
- *     Node services on every fake), with behaviour knobs (failures, delays, stream breaks)
- *     and counters of what they received;
+ *     Node services on every fake), with behaviour knobs (failures, delays, stream breaks
+ *     and stalls, Cancel RPCs ignored) and counters of what they received;
  *   - a tiny model directory (config.json + the generated default tokenizer);
  *   - the speed-router process ($SPEED_ROUTER): start with a cluster file and options,
  *     read its port from stdout, signal it, wait for its exit status;
@@ -52,7 +52,8 @@
 
 /* ---- fake nodes ------------------------------------------------------------------------ */
 
-#define FAKE_MAX_IDS 256
+#define FAKE_MAX_IDS  256
+#define FAKE_STALL_MS 30000 /* how long a generation stalls (gen_stall_after) */
 
 typedef struct fake_node {
     char name[32];
@@ -67,9 +68,14 @@ typedef struct fake_node {
     atomic_int gen_tokens;      /* tokens per generation, the first included */
     atomic_int gen_delay_ms;    /* before each event */
     atomic_int gen_break_after; /* < 0: never; k: after k tokens end with UNAVAILABLE */
+    atomic_int gen_stall_after; /* < 0: never; k: after k tokens send nothing for
+                                 * FAKE_STALL_MS unless cancelled, then go on */
     atomic_bool prefill_gate;   /* true: a Prefill waits (n_prefill_gated) until this turns
                                  * false or the request is cancelled, so a test acts on a
                                  * prefill that is provably still running */
+    atomic_bool cancel_ignored; /* true: Cancel RPCs are recorded but end nothing (a prefill
+                                 * stays at its gate, a generation runs on until its caller
+                                 * cancels the stream itself) */
 
     /* what it saw */
     atomic_int n_health, n_status, n_reserve, n_prefill, n_generate, n_generate_prompt;

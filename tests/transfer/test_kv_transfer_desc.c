@@ -317,7 +317,10 @@ static tamper_t tamper(speed_kv_desc_t *t, int k) {
         t->head_end = 1;
         T("negative head_begin", FMT, FMT, "head range");
     case 33: t->head_end = t->head_begin; T("empty head range", FMT, FMT, "head range");
-    case 34: t->head_end += 1; T("head range wider than n_kv_heads", FMT, FMT, "head range");
+    case 34:
+        t->head_end += 1;
+        t->model_kv_heads = t->head_end; /* the model has the heads: only n_kv_heads refuses it */
+        T("head range one wider than n_kv_heads", FMT, FMT, "does not hold");
     case 35:
         t->head_begin = INT32_MAX - 2;
         t->head_end = INT32_MAX;

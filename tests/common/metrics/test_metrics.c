@@ -16,8 +16,9 @@ static void test_exact_text(void) {
     CHECK_INT_EQ(speed_metrics_create(&m), SPEED_OK);
 
     speed_counter_t *tokens, *requests, *req_ok, *req_err, *req_again;
-    CHECK_INT_EQ(speed_counter_register(m, "speed_prefill_tokens_total", "Prompt tokens prefilled.", NULL, 0, &tokens),
-                 SPEED_OK);
+    CHECK_INT_EQ(
+        speed_counter_register(m, "speed_prefill_tokens_total", "Prompt tokens \"prefilled\".", NULL, 0, &tokens),
+        SPEED_OK);
     const char *route_status[] = {"route", "status"};
     CHECK_INT_EQ(speed_counter_register(m, "speed_router_requests_total", "Requests by route and status.", route_status,
                                         2, &requests),
@@ -31,7 +32,9 @@ static void test_exact_text(void) {
     speed_counter_inc(req_ok);
     speed_counter_inc(req_ok);
     speed_counter_inc(req_err);
-    speed_counter_add(req_err, -5); /* ignored: counters only go up */
+    speed_counter_add(req_err, -5);  /* ignored: counters only go up */
+    speed_counter_add(req_err, NAN); /* ignored too: one NaN would poison the counter for good */
+    CHECK_NEAR(speed_counter_get(req_err), 1, 0);
     CHECK_NEAR(speed_counter_get(req_ok), 2, 0);
 
     speed_gauge_t *running, *usage;
@@ -72,7 +75,8 @@ static void test_exact_text(void) {
     char *text = NULL;
     size_t len = 0;
     CHECK_INT_EQ(speed_metrics_render(m, &text, &len), SPEED_OK);
-    const char *expected = "# HELP speed_prefill_tokens_total Prompt tokens prefilled.\n"
+    /* HELP escapes only \ and newline: its double quotes stay as they are (label values escape them) */
+    const char *expected = "# HELP speed_prefill_tokens_total Prompt tokens \"prefilled\".\n"
                            "# TYPE speed_prefill_tokens_total counter\n"
                            "speed_prefill_tokens_total 1235\n"
                            "# HELP speed_router_requests_total Requests by route and status.\n"

@@ -1,7 +1,8 @@
 /* speed-router daemon under faults, against fake nodes: a failing prefill node (retried on
  * the other), a decode node that dies mid-stream (SSE error event, no hang, node marked down,
  * the next requests go to the other node), clients that go away mid-stream or during the
- * prefill (the decode node gets Cancel for that request id), overload (429 with Retry-After,
+ * prefill (the decode node gets Cancel for that request id and the Generate stream is
+ * cancelled, also when the nodes ignore Cancel RPCs), overload (429 with Retry-After,
  * queue timeout 503), no KV room anywhere (503 + Retry-After), and SIGTERM with a request in
  * flight (it completes, exit 0). Every scenario ends balanced (check_balanced): each
  * reservation a decode node granted was generated to its end or cancelled, no node is busy,
@@ -289,6 +290,71 @@ static void test_client_disconnect(void) {
     CHECK_INT_EQ(router_stop(&rp), 0);
 }
 
+/* A client that leaves cancels each leg itself, at once: not only through the node that
+ * obeys a Cancel RPC. (1) The prefill nodes ignore Cancel and hold the prefill at their gate:
+ * the decode node holding the reservation still gets Cancel while the prefill runs. (2) The
+ * decode nodes ignore Cancel and a generation stalls: the router still cancels the Generate
+ * stream itself, well before the stall ends. */
+static void test_client_disconnect_cancel_ignored(void) {
+    reset_fakes();
+    router_proc_t rp;
+    CHECK(start(&rp, NULL));
+    if (rp.exited || !rp.pid) return;
+    for (int i = 0; i < 2; i++) {
+        atomic_store(&pre[i].cancel_ignored, true);
+        atomic_store(&pre[i].prefill_gate, true);
+    }
+    int fd = raw_stream_request(rp.port, "gone-3");
+    CHECK(fd >= 0);
+    WAIT_FOR(atomic_load(&pre[0].n_prefill_gated) + atomic_load(&pre[1].n_prefill_gated) == 1, 10000);
+    char id[128] = "";
+    int k = reserving_node("gone-3", id, sizeof id);
+    CHECK_MSG(k >= 0, "no single decode node reserved gone-3");
+    if (fd >= 0) close(fd); /* gone mid-prefill */
+    if (k >= 0) {
+        /* Before its first token the router learns the client left at its next SSE ping
+         * (SPEED_ROUTER_SSE_PING_MS, 5 s); the worker waits on the prefill all along, so only
+         * the cancel itself can send this Cancel. */
+        WAIT_FOR(fake_has_id(&dec[k], FAKE_IDS_CANCELLED, id), 10000);
+        CHECK_MSG(fake_has_id(&dec[k], FAKE_IDS_CANCELLED, id),
+                  "%s got no Cancel for %s after its client left, the prefill still running", dec[k].name, id);
+    }
+    CHECK_INT_EQ(atomic_load(&pre[0].n_prefill_gated) + atomic_load(&pre[1].n_prefill_gated), 1); /* still running */
+    for (int i = 0; i < 2; i++) atomic_store(&pre[i].prefill_gate, false);                        /* the prefill ends */
+    CHECK(cu_wait_metric(rp.port, GONE_SERIES, 1, 10));
+    check_balanced("client gone, prefill node ignores Cancel", rp.port);
+
+    reset_fakes();
+    for (int i = 0; i < 2; i++) {
+        atomic_store(&dec[i].cancel_ignored, true);
+        atomic_store(&dec[i].gen_tokens, 10);
+        atomic_store(&dec[i].gen_stall_after, 3); /* the worker then waits on the stream */
+    }
+    speed_http_client_t *c = NULL;
+    sse_result_t s;
+    CHECK(sse_begin(rp.port, "/v1/chat/completions", CHAT_STREAM, "gone-4", &c, &s));
+    CHECK(sse_read(c, &s, 3));
+    k = reserving_node("gone-4", id, sizeof id);
+    CHECK_MSG(k >= 0, "no single decode node reserved gone-4");
+    speed_http_client_destroy(c); /* the client goes away mid-stream */
+    sse_result_free(&s);
+    if (k >= 0) {
+        /* The router learns the client left from its SSE pings (SPEED_ROUTER_SSE_PING_MS, 5 s
+         * apart; the first one still fits the socket, the second fails). The cancel must reach
+         * the stream then, not when the worker next writes (after the stall, FAKE_STALL_MS). */
+        double t0 = now_s();
+        WAIT_FOR(fake_has_id(&dec[k], FAKE_IDS_STREAM_CANCELLED, id), 20000);
+        CHECK_MSG(fake_has_id(&dec[k], FAKE_IDS_STREAM_CANCELLED, id),
+                  "the Generate stream of %s on %s was not cancelled within 20 s of its client leaving", id,
+                  dec[k].name);
+        fprintf(stderr, "stream cancelled %.1f s after the client left\n", now_s() - t0);
+    }
+    CHECK(cu_wait_metric(rp.port, GONE_SERIES, 2, 10));
+    check_balanced("client gone, decode node ignores Cancel", rp.port);
+    reset_fakes();
+    CHECK_INT_EQ(router_stop(&rp), 0);
+}
+
 typedef struct {
     int port;
     cu_resp_t r;
@@ -480,6 +546,7 @@ int main(void) {
     test_prefill_retry();
     test_decode_dies_mid_stream();
     test_client_disconnect();
+    test_client_disconnect_cancel_ignored();
     test_overload();
     test_sigterm_drain();
     test_request_timeout();

@@ -58,6 +58,15 @@ static void test_create(speed_backend_t *be, const speed_model_t *m) {
     expect(speed_engine_create(&p, &e), SPEED_ERR_INVALID_ARGUMENT, "tail 0 is outside 1..", "T 0");
     p = base_params(be, m), p.depth.anchors = -1;
     expect(speed_engine_create(&p, &e), SPEED_ERR_INVALID_ARGUMENT, "anchors -1", "A -1");
+    /* A or T one past the context (max_context 100) cannot fit a sequence */
+    p = base_params(be, m), p.depth.anchors = 101;
+    expect(speed_engine_create(&p, &e), SPEED_ERR_INVALID_ARGUMENT, "exceed the context of 100", "A ctx + 1");
+    p = base_params(be, m), p.depth.tail = 101;
+    expect(speed_engine_create(&p, &e), SPEED_ERR_INVALID_ARGUMENT, "exceed the context of 100", "T ctx + 1");
+    p = base_params(be, m), p.depth.tail = 100; /* T = context: allowed */
+    CHECK(speed_engine_create(&p, &e) == SPEED_OK);
+    speed_engine_destroy(e);
+    e = NULL;
     p = base_params(be, m), p.n_blocks_lower = -1;
     expect(speed_engine_create(&p, &e), SPEED_ERR_INVALID_ARGUMENT, "n_blocks", "blocks -1");
     CHECK(e == NULL);
@@ -105,6 +114,9 @@ static void test_seq_errors(speed_backend_t *be, const speed_model_t *m) {
     expect(speed_engine_seq_add(e, ids, 4, &d, 4, &id), SPEED_ERR_INVALID_ARGUMENT, "tail 0", "T 0");
     d = (speed_depth_t){2, 1, -4};
     expect(speed_engine_seq_add(e, ids, 4, &d, 4, &id), SPEED_ERR_INVALID_ARGUMENT, "tail -4", "T -4");
+    d = (speed_depth_t){2, 1, 101};
+    expect(speed_engine_seq_add(e, ids, 4, &d, 4, &id), SPEED_ERR_INVALID_ARGUMENT, "exceed the context of 100",
+           "T 101");
     expect(speed_engine_seq_reserve(e, 0, NULL, 4, &id), SPEED_ERR_INVALID_ARGUMENT, "empty prompt", "reserve n 0");
     expect(speed_engine_seq_reserve(e, 99, NULL, 2, &id), SPEED_ERR_TOO_LONG, "context", "reserve too long");
     CHECK(id == -1);

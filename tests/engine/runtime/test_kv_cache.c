@@ -67,6 +67,17 @@ static void test_helpers(void) {
     CHECK_INT_EQ(k, 11);
     speed_kv_entries_for(3, 4, 3, 0, &f, &k); /* A + T >= n: every token kept */
     CHECK_INT_EQ(k, 3);
+    /* the boundary: A + T = n - 1, n, n + 1 (min(A + T, n) + n_extra, kv_cache.h) */
+    speed_kv_entries_for(3, 1, 1, 0, &f, &k);
+    CHECK_INT_EQ(k, 2);
+    speed_kv_entries_for(3, 2, 1, 0, &f, &k);
+    CHECK_INT_EQ(k, 3);
+    speed_kv_entries_for(3, 2, 2, 0, &f, &k);
+    CHECK_INT_EQ(f, 3);
+    CHECK_INT_EQ(k, 3);
+    speed_kv_entries_for(3, 2, 2, 5, &f, &k);
+    CHECK_INT_EQ(f, 8);
+    CHECK_INT_EQ(k, 8);
     speed_kv_entries_for(10, -2, 1, 0, &f, &k);
     CHECK_INT_EQ(k, 1);
     speed_kv_cache_blocks_for(6, 4, 4, 4, 17, 3, nb);
