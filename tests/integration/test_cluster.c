@@ -393,7 +393,10 @@ static void check_overload(int port) {
     /* the router counts a request until its worker has finished after the answer: wait for
      * that (see check_back_to_back) */
     CHECK(cu_wait_metric(port, "speed_router_requests_running", 0, 5));
-    usleep(200000);
+    /* and the nodes have let go of it (a node releases just after its last reply): the
+     * prefill pool must not be stopped while it still holds that request */
+    WAIT_FOR(blocks_reserved_all() == 0 && sum_nodes(false, "speed_decode_running_requests") == 0, 5000);
+    CHECK_MSG(blocks_reserved_all() == 0, "blocks still reserved after the second-key request");
     /* hold the only slot: the prefill pool stalls (SIGSTOP), so A waits in Prefill */
     for (int i = 0; i < g_c.np; i++) kill(g_c.pre[i].pid, SIGSTOP);
     job_t a, b;
@@ -499,6 +502,8 @@ static void check_drain(cu_proc_t *router, int port, const char *auth) {
             30000, &r);
     CHECK_INT_EQ(r.status, 503);
     cu_resp_free(&r);
+    /* the router must stay up while its stream is held: a while with nothing to wait on is the
+     * check itself (the held decode node keeps the stream from ending) */
     usleep(300000);
     CHECK_MSG(cu_alive(router), "the router exited with a stream in flight");
     if (held >= 0) kill(g_c.dec[held].pid, SIGCONT);

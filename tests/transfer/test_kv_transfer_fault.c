@@ -304,7 +304,7 @@ int main(void) {
         x = NULL;
         CHECK(dd && speed_kv_xfer_create(pctx, dd, p.cache, p.seq, N_FULL, N_COMPACT, "req-lease2", &x) == SPEED_OK);
         CHECK(speed_kv_xfer_push_layer(x, 0, N_FULL, N_FULL) == SPEED_OK);
-        usleep(400 * 1000);
+        usleep(400 * 1000); /* the thing under test: the 300 ms lease passes between two pushes */
         CHECK(speed_kv_xfer_push_layer(x, 1, N_FULL, N_FULL) == SPEED_ERR_TIMEOUT);
         CHECK(speed_kv_xfer_finish(x) == SPEED_ERR_TIMEOUT);
         CHECK(speed_kv_xfer_wait(x, 0) == SPEED_ERR_TIMEOUT);

@@ -95,6 +95,8 @@ typedef struct {
 
 static void *canceller_main(void *arg) {
     canceller_t *c = arg;
+    /* the delay is the scenario: the cancel lands while the reader is blocked in next() (or
+     * just before; either way next() must end promptly) */
     sleep_ms(c->delay_ms);
     speed_rpc_stream_cancel(c->s);
     return NULL;
@@ -166,6 +168,8 @@ static void test_client_cancel(tserver_t *ts, speed_rpc_channel_t *ch) {
     /* a client that never reads: the server's queue is bounded by the producer, and closing
      * the stream still releases everything */
     CHECK_INT_EQ(speed_rpc_stream_open(ch, T_ENDLESS, NULL, 0, 30000, &s), SPEED_OK);
+    /* the 300 ms without reading is the scenario (the producer runs against a reader that
+     * never comes), not a wait for an event: whatever it managed to queue, close must free it */
     sleep_ms(300);
     speed_rpc_stream_close(s);
     WAIT_FOR(atomic_load(&ts->live_contexts) == 0, 3000);
@@ -179,7 +183,7 @@ typedef struct {
     const char *method;
     bool stream;
     speed_rpc_code_t code;
-    int messages;
+    atomic_int messages; /* counted by the call's thread, polled by the test */
     double ms;
 } inflight_t;
 
@@ -199,7 +203,7 @@ static void *inflight_main(void *arg) {
             uint8_t *data;
             size_t len;
             while (speed_rpc_stream_next(s, 60000, &data, &len) == SPEED_RPC_NEXT_MESSAGE) {
-                f->messages++;
+                atomic_fetch_add(&f->messages, 1);
                 speed_free(data);
             }
             f->code = speed_rpc_stream_status(s, NULL);
@@ -229,7 +233,9 @@ static void test_shutdown_in_flight(void) {
     }
     WAIT_FOR(speed_rpc_server_active_calls(ts.server) == N, 5000);
     CHECK_INT_EQ(speed_rpc_server_active_calls(ts.server), N);
-    sleep_ms(50); /* let the streams deliver a few messages */
+    /* every stream has delivered a message before the shutdown cuts it */
+    WAIT_FOR(atomic_load(&f[1].messages) > 0 && atomic_load(&f[3].messages) > 0 && atomic_load(&f[5].messages) > 0,
+             5000);
 
     double t0 = now_ms();
     speed_rpc_server_shutdown(ts.server, 0);
@@ -240,7 +246,7 @@ static void test_shutdown_in_flight(void) {
         CHECK_MSG(f[i].code == SPEED_RPC_UNAVAILABLE, "call %d (%s) ended with %s", i, f[i].method,
                   speed_rpc_code_name(f[i].code));
         CHECK_MSG(f[i].ms < 3000, "call %d took %.0f ms", i, f[i].ms);
-        if (f[i].stream) CHECK(f[i].messages > 0);
+        if (f[i].stream) CHECK(atomic_load(&f[i].messages) > 0);
     }
     /* The unary handlers learn of the shutdown only through their cancel callback. A stream
      * producer learns it from the callback or from send() returning CANCELLED, whichever

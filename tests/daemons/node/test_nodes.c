@@ -357,7 +357,7 @@ int main(void) {
                           (ProtobufCMessage **)&res, NULL, 0),
                      SPEED_RPC_OK);
         if (res) speed_proto_free(&res->base);
-        usleep(300000);
+        WAIT_FOR(cu_metric(B + 30, "speed_kv_blocks_reserved") > 0, 5000);
         CHECK(cu_metric(B + 30, "speed_kv_blocks_reserved") > 0);
         Speed__V1__CancelRequest cr = SPEED__V1__CANCEL_REQUEST__INIT;
         cr.request_id = "to-cancel";
@@ -379,9 +379,10 @@ int main(void) {
                           (ProtobufCMessage **)&res, NULL, 0),
                      SPEED_RPC_OK);
         if (res) speed_proto_free(&res->base);
-        usleep(200000);
-        CHECK(cu_metric(B + 30, "speed_kv_blocks_reserved") > 0);
+        /* the lease runs from the reservation: measure from here, before polling */
         double t0 = now_s();
+        WAIT_FOR(cu_metric(B + 30, "speed_kv_blocks_reserved") > 0, 3000);
+        CHECK(cu_metric(B + 30, "speed_kv_blocks_reserved") > 0);
         while (cu_metric(B + 30, "speed_kv_blocks_reserved") > 0 && now_s() - t0 < 10) usleep(100000);
         CHECK_NEAR(cu_metric(B + 30, "speed_kv_blocks_reserved"), 0.0, 0.0);
         CHECK(now_s() - t0 > 3.5); /* not before the 5 s lease */
