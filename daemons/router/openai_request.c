@@ -370,9 +370,8 @@ static speed_status_t parse_speed(parse_ctx_t *c, const json_t *root) {
      * Its reason starts with the part it refuses. */
     char why[200];
     if (speed_depth_resolve(q, &c->params->depth, c->params->n_layers, &s->resolved, why, sizeof why) != SPEED_OK) {
-        const char *part = strncmp(why, "anchors", 7) == 0 ? "speed.anchors"
-                           : strncmp(why, "tail", 4) == 0  ? "speed.tail"
-                                                           : "speed.prefill_layers";
+        char part[SPEED_OPENAI_ERROR_PARAM_MAX];
+        snprintf(part, sizeof part, "speed.%s", speed_depth_error_part(why));
         return bad(c, part, "invalid_value", "Invalid '%s': %s.", part, why);
     }
     return SPEED_OK;

@@ -119,3 +119,9 @@ speed_status_t speed_depth_resolve(const speed_depth_request_t *req, const speed
     *depth_p = d;
     return SPEED_OK;
 }
+
+const char *speed_depth_error_part(const char *reason) {
+    if (reason && strncmp(reason, "anchors", 7) == 0) return "anchors";
+    if (reason && strncmp(reason, "tail", 4) == 0) return "tail";
+    return "prefill_layers";
+}

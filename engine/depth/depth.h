@@ -88,4 +88,10 @@ speed_depth_request_t speed_depth_request_of(speed_depth_t depth);
 speed_status_t speed_depth_resolve(const speed_depth_request_t *request, const speed_depth_t *deflt, int n_layers,
                                    speed_depth_t *depth_p, char *err, size_t err_size);
 
+/* Which part of a depth a refusal of speed_depth_resolve is about: "prefill_layers", "anchors"
+ * or "tail" (its reason starts with that name; anything else, e.g. a bad default, is
+ * "prefill_layers"). For callers that name the part in their own terms: the router's param
+ * ("speed.tail"), speedctl's option ("--tail"). */
+const char *speed_depth_error_part(const char *reason);
+
 #endif /* SPEED_DEPTH_H */

@@ -63,8 +63,8 @@ check() {
         local from=$1 to=$2 header=$3 a
         [ "$from" = "$to" ] && return 0
         for a in ${allow[$from]}; do
-            if [ "$a" = "$to" ] || [ "$a" = "$header" ]; then return 0; fi
-            if [[ $a == */\* ]] && { [ "$to" = "${a%/\*}" ] || [[ $to == "${a%\*}"* ]]; }; then return 0; fi
+            [ "$a" = "$header" ] && return 0
+            part_matches "$a" "$to" && return 0
         done
         return 1
     }
@@ -139,12 +139,17 @@ check() {
     return $bad
 }
 
-# allowed_sys PART "PARTS...": is PART one of PARTS ("x/*": x or below)?
+# part_matches ENTRY PART: does a rule's ENTRY name PART ("x" exactly; "x/*": x or below)?
+part_matches() {
+    [ "$1" = "$2" ] && return 0
+    [[ $1 == */\* ]] && { [ "$2" = "${1%/\*}" ] || [[ $2 == "${1%\*}"* ]]; }
+}
+
+# allowed_sys PART "PARTS...": is PART one of PARTS?
 allowed_sys() {
-    local from=$1 a
+    local a
     for a in $2; do
-        [ "$from" = "$a" ] && return 0
-        if [[ $a == */\* ]] && { [ "$from" = "${a%/\*}" ] || [[ $from == "${a%\*}"* ]]; }; then return 0; fi
+        part_matches "$a" "$1" && return 0
     done
     return 1
 }

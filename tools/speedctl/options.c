@@ -95,10 +95,8 @@ speed_status_t speedctl_depth_resolve(const char *prefill_layers, int64_t anchor
     if (speed_cutoff_parse(prefill_layers, &q.prefill_layers, why, sizeof why) == SPEED_OK &&
         speed_depth_resolve(&q, NULL, n_layers, depth_p, why, sizeof why) == SPEED_OK)
         return SPEED_OK;
-    const char *option = strncmp(why, "anchors", 7) == 0 ? "--anchors"
-                         : strncmp(why, "tail", 4) == 0  ? "--tail"
-                                                         : "--prefill-layers";
-    speedctl_fail("%s: %s", option, why);
+    const char *part = speed_depth_error_part(why);
+    speedctl_fail("--%s: %s", strcmp(part, "prefill_layers") == 0 ? "prefill-layers" : part, why);
     return SPEED_ERR_INVALID_ARGUMENT;
 }
 

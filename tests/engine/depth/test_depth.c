@@ -187,6 +187,22 @@ static void test_refusals(void) {
     CHECK(tiny[3] == '\0' && tiny[4] == 'x');
 }
 
+/* The part a refusal names, for the router's param and speedctl's option. */
+static void test_error_part(void) {
+    char err[200];
+    speed_depth_t d;
+    speed_depth_request_t a = {.has_anchors = true, .anchors = -1};
+    speed_depth_resolve(&a, NULL, 32, &d, err, sizeof err);
+    CHECK_STR_EQ(speed_depth_error_part(err), "anchors");
+    speed_depth_request_t t = {.has_tail = true, .tail = 0};
+    speed_depth_resolve(&t, NULL, 32, &d, err, sizeof err);
+    CHECK_STR_EQ(speed_depth_error_part(err), "tail");
+    speed_depth_request_t c = {.prefill_layers = speed_cutoff_layers(40)};
+    speed_depth_resolve(&c, NULL, 32, &d, err, sizeof err);
+    CHECK_STR_EQ(speed_depth_error_part(err), "prefill_layers");
+    CHECK_STR_EQ(speed_depth_error_part(NULL), "prefill_layers");
+}
+
 static void test_cutoff_str(void) {
     char buf[32];
     CHECK_STR_EQ(speed_cutoff_str(speed_cutoff_layers(24), buf, sizeof buf), "24");
@@ -201,5 +217,6 @@ int main(void) {
     test_defaults_and_overrides();
     test_refusals();
     test_cutoff_str();
+    test_error_part();
     return CHECK_DONE();
 }
