@@ -102,6 +102,8 @@ typedef struct {
     uint64_t streams_opened;     /* speed_http_respond_stream calls */
     uint64_t disconnects;        /* streams whose request ended before the writer closed */
     uint64_t streams_attached;   /* streams whose request is still in progress */
+    uint64_t streams_suspended;  /* attached streams whose connection waits for the writer (nothing
+                                  * pending, or not committed yet): quiet, using no CPU */
 } speed_http_server_stats_t;
 
 /* Handles one request on an MHD pool thread; see "Requests" above. */

@@ -48,6 +48,7 @@ struct speed_http_server {
     _Atomic uint64_t n_streams;
     _Atomic uint64_t n_disconnects;
     _Atomic uint64_t n_streams_attached;
+    _Atomic uint64_t n_streams_suspended;
 };
 
 struct speed_http_stream {
@@ -115,6 +116,7 @@ bool speed_http_headers_apply(struct MHD_Response *r, const header_t *h);
 void speed_http_stream_unref(speed_http_stream_t *s);
 void speed_http_stream_ref(speed_http_stream_t *s);
 void speed_http_stream_wake_locked(speed_http_stream_t *s);
+void speed_http_stream_suspend_locked(speed_http_stream_t *s);
 ssize_t speed_http_stream_reader(void *cls, uint64_t pos, char *out, size_t max);
 void speed_http_stream_response_free(void *cls);
 

@@ -231,8 +231,7 @@ static enum MHD_Result queue_stream(speed_http_request_t *r) {
     speed_http_stream_t *s = r->stream;
     pthread_mutex_lock(&s->lock);
     if (!s->committed && !s->stopping) {
-        s->suspended = true;
-        MHD_suspend_connection(r->conn);
+        speed_http_stream_suspend_locked(s);
         pthread_mutex_unlock(&s->lock);
         return MHD_YES;
     }
@@ -579,6 +578,7 @@ void speed_http_server_stats(const speed_http_server_t *server, speed_http_serve
     stats_p->streams_opened = atomic_load(&s->n_streams);
     stats_p->disconnects = atomic_load(&s->n_disconnects);
     stats_p->streams_attached = atomic_load(&s->n_streams_attached);
+    stats_p->streams_suspended = atomic_load(&s->n_streams_suspended);
 }
 
 /* MHD must not be stopped with suspended connections: flag every attached stream so that

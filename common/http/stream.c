@@ -24,10 +24,19 @@ void speed_http_stream_unref(speed_http_stream_t *s) {
 
 void speed_http_stream_ref(speed_http_stream_t *s) { atomic_fetch_add_explicit(&s->refs, 1, memory_order_relaxed); }
 
+/* Suspends the connection until the writer has something for it (or the server stops).
+ * Caller holds s->lock; the stream is attached, so s->server is valid. */
+void speed_http_stream_suspend_locked(speed_http_stream_t *s) {
+    s->suspended = true;
+    atomic_fetch_add(&s->server->n_streams_suspended, 1);
+    MHD_suspend_connection(s->conn);
+}
+
 /* Resumes the connection if we suspended it. Caller holds s->lock. */
 void speed_http_stream_wake_locked(speed_http_stream_t *s) {
     if (!s->suspended) return;
     s->suspended = false;
+    atomic_fetch_sub(&s->server->n_streams_suspended, 1);
     MHD_resume_connection(s->conn);
 }
 
@@ -50,8 +59,7 @@ ssize_t speed_http_stream_reader(void *cls, uint64_t pos, char *out, size_t max)
         n = MHD_CONTENT_READER_END_WITH_ERROR;
     } else {
         /* Returning 0 without suspending would make MHD call again at once: a busy loop. */
-        s->suspended = true;
-        MHD_suspend_connection(s->conn);
+        speed_http_stream_suspend_locked(s);
         n = 0;
     }
     pthread_mutex_unlock(&s->lock);

@@ -143,6 +143,7 @@ static int kill_prefill_mid_prefill(void) {
                   "the killed prefill node is not marked down");
     }
     CHECK(wait_no_blocks(10));
+    CHECK(cu_wait_metric(g_rport, "speed_router_requests_running", 0, 5)); /* nothing left in the router */
     CHECK(cu_wait_health(g_rport, 200, 5));
     speed_free(body);
     return victim;
@@ -236,6 +237,7 @@ static int kill_decode_mid_stream(void) {
         CHECK_NEAR(node_metric(false, other, "speed_decode_requests_total") - before, 4, 0.5);
     }
     CHECK(wait_no_blocks(10));
+    CHECK(cu_wait_metric(g_rport, "speed_router_requests_running", 0, 5)); /* nothing left in the router */
     speed_free(body);
     return victim;
 }

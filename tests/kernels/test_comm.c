@@ -17,6 +17,7 @@
 #include "check.h"
 #include "comm.h"
 #include "log.h"
+#include "test_gpu.h"
 
 /* element i of rank r's contribution: values of very different magnitudes, so the order of
  * the summation shows in the low bits */
@@ -208,10 +209,7 @@ static void *nccl_main(void *arg) {
 static int test_nccl(void) {
     uint8_t id[SPEED_COMM_ID_BYTES];
     speed_status_t st = speed_comm_nccl_unique_id(id);
-    if (st == SPEED_ERR_UNSUPPORTED) {
-        fprintf(stderr, "built without NCCL\n");
-        return 77;
-    }
+    if (st == SPEED_ERR_UNSUPPORTED) tu_cuda_unavailable_exit("test_comm_nccl", "built without NCCL");
     speed_backend_t *bes[8] = {0};
     int n = 0;
     for (; n < 8; n++) {
@@ -221,8 +219,9 @@ static int test_nccl(void) {
         if (speed_backend_create(&bp, &bes[n]) != SPEED_OK) break;
     }
     if (n == 0) {
-        fprintf(stderr, "no CUDA device: %s\n", speed_log_last_error());
-        return 77;
+        char detail[256];
+        snprintf(detail, sizeof detail, "no CUDA device could be opened: %s", speed_log_last_error());
+        tu_cuda_unavailable_exit("test_comm_nccl", detail); /* skips only without a GPU */
     }
     CHECK_MSG(st == SPEED_OK, "ncclGetUniqueId: %s (%s)", speed_status_string(st), speed_log_last_error());
     nccl_job_t jobs[8];

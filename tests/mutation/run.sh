@@ -48,7 +48,8 @@ done
 t_start=$(date +%s)
 
 # ---- the list: blocks of "key: value" -> one tab-separated record per mutation ----------------
-# Fields: id, file, find, replace, breaks, tests. A value holding a tab is refused.
+# Fields: id, file, find, replace, breaks, tests, joined by \x1f (a separator bash's read does not
+# collapse, so an empty replacement stays a field). A value holding a tab is refused.
 records=$(perl -e '
     use strict;
     my (%m, @out, $bad);
@@ -59,7 +60,7 @@ records=$(perl -e '
             next if $k eq "replace" && exists $m{$k};
             if (!defined $m{$k} || $m{$k} eq "") { print STDERR "mutation list: block at line $m{_line}: no $k\n"; $bad = 1; }
         }
-        push @out, join("\t", map { $m{$_} // "" } @keys) . "\n";
+        push @out, join("\x1f", map { $m{$_} // "" } @keys) . "\n";
         %m = ();
     }
     while (my $l = <>) {
@@ -78,13 +79,13 @@ records=$(perl -e '
     }
     flush();
     my %seen;
-    for (@out) { my ($id) = split /\t/; if ($seen{$id}++) { print STDERR "mutation list: id $id twice\n"; $bad = 1; } }
+    for (@out) { my ($id) = split /\x1f/; if ($seen{$id}++) { print STDERR "mutation list: id $id twice\n"; $bad = 1; } }
     exit 1 if $bad;
     print @out;
 ' "$list") || exit 2
 
 ids=() files=() finds=() repls=() breaks=() regexes=()
-while IFS=$'\t' read -r id file find repl brk rx; do
+while IFS=$'\x1f' read -r id file find repl brk rx; do
     ids+=("$id") files+=("$file") finds+=("$find") repls+=("$repl") breaks+=("$brk") regexes+=("$rx")
 done <<<"$records"
 n_all=${#ids[@]}

@@ -20,11 +20,17 @@ bool tu_nvidia_gpu_present(char *why, size_t cap) {
     return false;
 }
 
+static bool cuda_optional(void) {
+    const char *optional = getenv("SPEED_TEST_CUDA_OPTIONAL");
+    return optional && strcmp(optional, "1") == 0;
+}
+
+bool tu_cuda_required(void) { return tu_nvidia_gpu_present(NULL, 0) && !cuda_optional(); }
+
 void tu_cuda_unavailable_exit(const char *test, const char *detail) {
     char why[128];
     bool gpu = tu_nvidia_gpu_present(why, sizeof why);
-    const char *optional = getenv("SPEED_TEST_CUDA_OPTIONAL");
-    bool allowed = optional && strcmp(optional, "1") == 0;
+    bool allowed = cuda_optional();
     fflush(stdout);
     if (!gpu) {
         fprintf(stderr, "SKIP: %s: no NVIDIA GPU on this machine (%s); the cuda backend: %s\n", test, why, detail);

@@ -22,4 +22,8 @@ bool tu_nvidia_gpu_present(char *why, size_t cap);
  * deliberate CPU-only build there (the skip message says so). */
 void tu_cuda_unavailable_exit(const char *test, const char *detail) __attribute__((noreturn));
 
+/* True when the cuda backend must work here: a GPU is present and SPEED_TEST_CUDA_OPTIONAL is
+ * not 1. Tests whose no-GPU branch checks the refusal use it to check the GPU branch instead. */
+bool tu_cuda_required(void);
+
 #endif /* SPEED_TEST_GPU_H */

@@ -350,7 +350,10 @@ static void test_tampering(speed_kv_xfer_ctx_t *pctx, node_t *pre, const speed_k
     CHECK_INT_EQ(P0(desc)->n_blocks, 4);
     CHECK(P0(desc)->base == R0(desc)->base); /* block 0 of the pool starts the region */
     int n = 0;
+    xt_ledger_t base;
+    xt_ledger_take(&base, (const speed_kv_cache_t *const[]){pre->cache, NULL}, (speed_kv_xfer_ctx_t *const[]){pctx, NULL});
     for (int k = 0;; k++) {
+        const int64_t live0 = speed_alloc_live_count();
         speed_kv_desc_t *t = clone(desc);
         const uint32_t n_regions = t->n_regions, n_pools = t->n_pools, n_layers = t->n_layers;
         const uint32_t n_blocks = P0(t)->n_blocks;
@@ -386,8 +389,12 @@ static void test_tampering(speed_kv_xfer_ctx_t *pctx, node_t *pre, const speed_k
         t->n_regions = n_regions, t->n_pools = n_pools, t->n_layers = n_layers;
         P0(t)->n_blocks = n_blocks;
         speed_kv_desc_destroy(t);
+        /* a refusal anywhere (check, wire conversion, create) leaves nothing allocated */
+        CHECK_MSG(speed_alloc_live_count() == live0, "%s: %lld allocations left behind", tp.what,
+                  (long long)(speed_alloc_live_count() - live0));
     }
     CHECK_INT_EQ(n, 46);
+    xt_ledger_check(&base, "tampered descriptors refused"); /* no transfer, blocks and sequences as before */
     speed_kv_xfer_ctx_stats_t ps;
     speed_kv_xfer_ctx_stats(pctx, &ps);
     CHECK_INT_EQ(ps.n_started, 0);

@@ -18,6 +18,7 @@
  * exits 77 without one. */
 #include "engine_test_util.h"
 #include "kv_transfer.h"
+#include "test_gpu.h"
 #include "xfer_test_util.h"
 
 #define N_PROMPT 45
@@ -450,6 +451,7 @@ static void test_pair(speed_backend_t *pre_be, speed_backend_t *dec_be, const sp
                       speed_kv_transport_t tr, const int32_t *prompt, speed_kv_mirror_t pre_m, speed_kv_mirror_t dec_m,
                       const et_seq_t *ref, const char *what) {
     const int V = m->config.vocab_size;
+    const int64_t live0 = speed_alloc_live_count();
     pair_t r;
     memset(&r, 0, sizeof r);
     r.pre_be = pre_be;
@@ -531,11 +533,14 @@ static void test_pair(speed_backend_t *pre_be, speed_backend_t *dec_be, const sp
             "%d tokens equal, max |dlogit| %g\n",
             what, pm ? "on" : "off", dm ? "on" : "off", after.rows, before.pool_rows_differ, before.rows, N_GEN, maxd);
     pair_down(&r);
+    CHECK_MSG(speed_alloc_live_count() == live0, "%s: %lld allocations left after the pair was torn down", what,
+              (long long)(speed_alloc_live_count() - live0));
 }
 
 /* A failing stage-out ends the transfer; a failing stage-in leaves the sequence awaiting KV. */
 static void test_stage_failures(speed_backend_t *dev, const speed_model_t *m, speed_depth_t depth,
                                 speed_kv_transport_t tr, const int32_t *prompt) {
+    const int64_t live0 = speed_alloc_live_count();
     pair_t r;
     memset(&r, 0, sizeof r);
     r.pre_be = r.dec_be = dev;
@@ -550,6 +555,12 @@ static void test_stage_failures(speed_backend_t *dev, const speed_model_t *m, sp
     CHECK(speed_kv_cache_host_mirror(speed_engine_kv_cache(r.peng)));
     CHECK(speed_kv_cache_host_mirror(speed_engine_kv_cache(r.deng)));
     pair_prefill(&r); /* the whole prompt is in the pool: push_all afterwards */
+    /* both sides as they stand with the reservation made and the prompt computed: the failures
+     * below must leave exactly this behind (no transfer in flight, blocks and sequences as
+     * here, allocations only for the endpoint the retry opens) */
+    xt_ledger_t base;
+    speed_kv_cache_t *const caches[] = {speed_engine_kv_cache(r.peng), speed_engine_kv_cache(r.deng), NULL};
+    xt_ledger_take(&base, (const speed_kv_cache_t *const *)caches, (speed_kv_xfer_ctx_t *const[]){r.pctx, r.dctx, NULL});
 
     speed_kv_xfer_t *x = NULL;
     CHECK(speed_kv_xfer_create_engine(r.pctx, r.desc, r.peng, r.pc.seq, "req-fail", &x) == SPEED_OK);
@@ -592,7 +603,10 @@ static void test_stage_failures(speed_backend_t *dev, const speed_model_t *m, sp
     CHECK(speed_engine_seq_kv_ready(r.deng, r.dseq) == SPEED_OK);
     cmp_t after = pair_compare(&r);
     CHECK_INT_EQ(after.pool_rows_differ, 0);
+    xt_ledger_check(&base, "stage-out and stage-in failures");
     pair_down(&r);
+    CHECK_MSG(speed_alloc_live_count() == live0, "stage failures: %lld allocations left after teardown",
+              (long long)(speed_alloc_live_count() - live0));
 }
 
 /* Registration of device pools without a mirror, and ucx.cuda_direct, with this UCX. */
@@ -636,13 +650,9 @@ static speed_backend_t *cuda_backend(void) {
     speed_backend_t *be = NULL;
     speed_status_t st = speed_backend_create(&bp, &be);
     if (st == SPEED_OK) return be;
-    fprintf(stderr, "backend cuda: %s (%s)\n", speed_status_string(st), speed_log_last_error());
-    if (st != SPEED_ERR_UNSUPPORTED &&
-        (access("/dev/nvidiactl", F_OK) == 0 || access("/proc/driver/nvidia/version", F_OK) == 0)) {
-        fprintf(stderr, "an NVIDIA driver is present but the cuda backend cannot be created\n");
-        exit(1);
-    }
-    return NULL;
+    char detail[256];
+    snprintf(detail, sizeof detail, "backend cuda: %s (%s)", speed_status_string(st), speed_log_last_error());
+    tu_cuda_unavailable_exit("test_kv_transfer_mirror cuda", detail); /* skips only without a GPU */
 }
 
 int main(int argc, char **argv) {

@@ -246,6 +246,9 @@ static void test_sse(speed_http_server_t *srv) {
     sleep_ms(300);
     double burnt = cpu_s() - cpu0;
     CHECK_MSG(burnt < 0.1, "idle stream used %.3f s of CPU in 0.3 s", burnt);
+    speed_http_server_stats_t st;
+    speed_http_server_stats(srv, &st);
+    CHECK_INT_EQ(st.streams_suspended, 1);
 
     sem_post(&g_go);
     for (int i = 1; i < n; i++) {
@@ -259,6 +262,8 @@ static void test_sse(speed_http_server_t *srv) {
     CHECK(ev && strcmp(ev->data, "[DONE]") == 0);
     CHECK_INT_EQ(speed_http_client_next_event(c, &ev), SPEED_OK);
     CHECK(ev == NULL); /* end of body */
+    speed_http_server_stats(srv, &st);
+    CHECK_INT_EQ(st.streams_suspended, 0); /* every suspension was resumed */
 
     /* The same connection serves the next request after a chunked stream. */
     CHECK_INT_EQ(speed_http_client_request(c, "GET", "/health", NULL, 0, NULL, 0, &r), SPEED_OK);

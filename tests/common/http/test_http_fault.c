@@ -274,7 +274,13 @@ static void test_shutdown_with_streams(void) {
         speed_http_server_stats(srv, &st);
     } while (st.streams_attached < 4 && now_s() < end);
     CHECK_INT_EQ(st.streams_attached, 4);
-    sleep_ms(100);
+    /* ... and have gone quiet: every connection suspended (everything written was taken by
+     * the kernel, or nothing was committed), which is the state destroy must resume from */
+    while (st.streams_suspended < 4 && now_s() < end) {
+        sleep_ms(5);
+        speed_http_server_stats(srv, &st);
+    }
+    CHECK_INT_EQ(st.streams_suspended, 4);
 
     destroyer_t d = {.srv = srv};
     sem_init(&d.done, 0, 0);

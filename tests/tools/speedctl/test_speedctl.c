@@ -10,6 +10,7 @@
 
 #include "check.h"
 #include "test_fs.h"
+#include "test_gpu.h"
 #include "test_proc.h"
 
 static const char *speedctl, *tmp;
@@ -308,8 +309,6 @@ static void token_ids(json_t *j, char *out, size_t n) {
     }
 }
 
-/* No GPU here: the test harnesses of kernels/cuda skip on the same probe. */
-static bool have_gpu(void) { return access("/dev/nvidiactl", F_OK) == 0; }
 
 /* --backend cpu-ref (the plain loops) and --tensor-parallel 2 generate the same greedy tokens as
  * --backend cpu, at full depth and with SPEED; --backend cuda on a machine without a GPU is one
@@ -364,8 +363,16 @@ static void test_backends(void) {
     CHECK_INT_EQ(r.rc, 2);
     CHECK_CONTAINS(r.err, "device");
     run_free(&r);
-    if (have_gpu()) {
-        fprintf(stderr, "note: a GPU is present; the no-GPU errors of --backend cuda are not exercised\n");
+    if (tu_nvidia_gpu_present(NULL, 0)) {
+        /* the no-GPU errors cannot be shown here; --backend cuda must generate instead */
+        if (!tu_cuda_required()) {
+            fprintf(stderr, "note: a GPU is present and SPEED_TEST_CUDA_OPTIONAL=1: --backend cuda not exercised\n");
+            return;
+        }
+        json_t *gpu = gen_json("--prompt-ids 1,2,3 --max-tokens 8 --ignore-eos --kv-dtype f32 --backend cuda");
+        CHECK_MSG(gpu != NULL, "--backend cuda failed on a GPU machine");
+        if (gpu) CHECK_INT_EQ(json_array_size(json_object_get(gpu, "tokens")), 8);
+        json_decref(gpu);
         return;
     }
     const char *cuda_runs[] = {
