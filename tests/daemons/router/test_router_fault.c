@@ -298,7 +298,10 @@ static void test_client_disconnect(void) {
 static void test_client_disconnect_cancel_ignored(void) {
     reset_fakes();
     router_proc_t rp;
-    CHECK(start(&rp, NULL));
+    /* the request deadline (20 s in the harness) would also end the stream, inside the 20 s
+     * this test allows the cancel: put it far away so only the cancel can */
+    const char *args[] = {"--router.request_timeout_ms", "120000", NULL};
+    CHECK(start(&rp, args));
     if (rp.exited || !rp.pid) return;
     for (int i = 0; i < 2; i++) {
         atomic_store(&pre[i].cancel_ignored, true);
