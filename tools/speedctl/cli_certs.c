@@ -5,11 +5,14 @@
  * nodes authorise calls by; the subject alternative names are the addresses the process is
  * dialled at (the cluster's host, loopback, and --host). speedctl up uses the same function
  * for a throwaway set in a private temporary directory. */
+#include <dirent.h>
 #include <errno.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "alloc.h"
 #include "cluster_config.h"
@@ -18,6 +21,7 @@
 
 #define CERTS_USAGE    "speedctl certs --config CLUSTER.yaml --out DIR [--host ADDR,...] [--days N] [--force]"
 #define CERTS_MAX_HOST 16
+#define SPEEDCTL_TMP_CERT_DAYS 30 /* speedctl up's throwaway set: a run, not a deployment */
 
 typedef struct {
     char *out;
@@ -94,6 +98,38 @@ speed_status_t speedctl_certs_write(const speed_cluster_config_t *c, const char 
     speed_tls_pem_cleanup(&ca);
     speed_free(extra);
     return st;
+}
+
+bool speedctl_certs_tmp_make(const speed_cluster_config_t *c, char *dir, size_t size) {
+    const char *tmp = getenv("TMPDIR");
+    snprintf(dir, size, "%s/speedctl-certs-XXXXXX", tmp && *tmp ? tmp : "/tmp");
+    if (!mkdtemp(dir)) { /* mode 0700 */
+        speedctl_fail("cannot create a certificate directory %s: %s", dir, strerror(errno));
+        dir[0] = '\0';
+        return false;
+    }
+    char err[1024] = "";
+    if (speedctl_certs_write(c, dir, NULL, SPEEDCTL_TMP_CERT_DAYS, false, err, sizeof err) != SPEED_OK) {
+        speedctl_fail("control plane certificates: %s", err);
+        return false; /* the caller still removes dir */
+    }
+    return true;
+}
+
+void speedctl_certs_tmp_remove(char *dir) {
+    if (!dir || !dir[0]) return;
+    DIR *d = opendir(dir);
+    if (d) {
+        char path[PATH_MAX + 300];
+        for (struct dirent *e = readdir(d); e; e = readdir(d)) {
+            if (e->d_name[0] == '.') continue;
+            snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+            unlink(path);
+        }
+        closedir(d);
+    }
+    if (rmdir(dir) != 0) speedctl_fail("cannot remove %s: %s", dir, strerror(errno));
+    dir[0] = '\0';
 }
 
 /* Takes "--config FILE" (or --config=FILE) out of argv: it names the cluster file here, not a

@@ -9,7 +9,6 @@
  * in order) with PR_SET_PDEATHSIG, so a speedctl killed outright does not leave daemons
  * behind. Linux only, like the daemons. */
 #define _GNU_SOURCE 1 /* pipe2, signalfd, prctl */
-#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <jansson.h>
@@ -602,39 +601,10 @@ static bool make_log_dir(up_t *u) {
     return true;
 }
 
-/* A cluster file without tls.cert (and without tls.insecure) gets a throwaway CA and one
- * certificate per process, in a directory only this user can read, removed at exit. */
+/* A cluster file without tls.cert (and without tls.insecure) gets throwaway certificates. */
 static bool make_certs(up_t *u) {
     if (u->c.tls_insecure || (u->c.tls_cert && *u->c.tls_cert)) return true;
-    const char *tmp = getenv("TMPDIR");
-    snprintf(u->cert_dir, sizeof u->cert_dir, "%s/speedctl-certs-XXXXXX", tmp && *tmp ? tmp : "/tmp");
-    if (!mkdtemp(u->cert_dir)) { /* mode 0700 */
-        speedctl_fail("cannot create a certificate directory %s: %s", u->cert_dir, strerror(errno));
-        u->cert_dir[0] = '\0';
-        return false;
-    }
-    char err[1024] = "";
-    if (speedctl_certs_write(&u->c, u->cert_dir, NULL, 30, false, err, sizeof err) != SPEED_OK) {
-        speedctl_fail("control plane certificates: %s", err);
-        return false;
-    }
-    return true;
-}
-
-static void remove_certs(up_t *u) {
-    if (!u->cert_dir[0]) return;
-    DIR *d = opendir(u->cert_dir);
-    if (d) {
-        char path[PATH_MAX + 300];
-        for (struct dirent *e = readdir(d); e; e = readdir(d)) {
-            if (e->d_name[0] == '.') continue;
-            snprintf(path, sizeof path, "%s/%s", u->cert_dir, e->d_name);
-            unlink(path);
-        }
-        closedir(d);
-    }
-    if (rmdir(u->cert_dir) != 0) speedctl_fail("cannot remove %s: %s", u->cert_dir, strerror(errno));
-    u->cert_dir[0] = '\0';
+    return speedctl_certs_tmp_make(&u->c, u->cert_dir, sizeof u->cert_dir);
 }
 
 static bool procs_init(up_t *u) {
@@ -900,7 +870,7 @@ out:
         close(u.sfd);
         speed_signals_restore(&u.old_mask);
     }
-    remove_certs(&u);
+    speedctl_certs_tmp_remove(u.cert_dir);
     speed_free(u.procs);
     speed_config_destroy(ccfg);
     speed_config_destroy(ucfg);

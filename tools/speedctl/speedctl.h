@@ -33,6 +33,13 @@ int speedctl_certs(int argc, char **argv);
 speed_status_t speedctl_certs_write(const speed_cluster_config_t *c, const char *dir, const char *extra_hosts,
                                     int64_t days, bool force, char *err, size_t err_size);
 
+/* speedctl up's throwaway set: a new private directory (mode 0700) under $TMPDIR (or /tmp) into
+ * dir (size bytes), filled by speedctl_certs_write (valid 30 days). False on failure (printed);
+ * dir is then "" or a directory to remove. speedctl_certs_tmp_remove deletes its files and the
+ * directory and sets dir to ""; "" is a no-op. */
+bool speedctl_certs_tmp_make(const speed_cluster_config_t *c, char *dir, size_t size);
+void speedctl_certs_tmp_remove(char *dir);
+
 /* Log sinks: the CLI's stderr format, and one that drops everything (used around
  * optional steps whose failure is reported differently). */
 #include "log.h"
