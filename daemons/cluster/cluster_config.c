@@ -171,6 +171,14 @@ void speed_cluster_grpc_listen_addr(const speed_cluster_config_t *c, const speed
     snprintf(buf, size, "%s%s%s:%lld", v6 ? "[" : "", h, v6 ? "]" : "", (long long)(pool->grpc_port + i));
 }
 
+static bool is_loopback(const char *h) {
+    return h && (strncmp(h, "127.", 4) == 0 || strcmp(h, "::1") == 0 || strcmp(h, "localhost") == 0);
+}
+
+bool speed_cluster_control_unreachable(const speed_cluster_config_t *c) {
+    return is_loopback(c->control_listen) && c->host && c->host[0] && !is_loopback(c->host);
+}
+
 speed_status_t speed_cluster_tls_load(const speed_cluster_config_t *c, const char *prog, const char *identity,
                                       speed_tls_creds_t *creds_p) {
     memset(creds_p, 0, sizeof *creds_p);
