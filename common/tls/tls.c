@@ -78,8 +78,7 @@ static char *datum_take(gnutls_datum_t *d, bool secret) {
     return s;
 }
 
-static speed_status_t crt_parse(const char *pem, gnutls_x509_crt_t *crt_p, const char *what, char *err,
-                                size_t size) {
+static speed_status_t crt_parse(const char *pem, gnutls_x509_crt_t *crt_p, const char *what, char *err, size_t size) {
     gnutls_x509_crt_t crt;
     if (gnutls_x509_crt_init(&crt) < 0) return SPEED_ERR_NO_MEMORY;
     gnutls_datum_t d = datum_of(pem);
@@ -165,8 +164,7 @@ static speed_status_t export_pair(gnutls_x509_crt_t crt, gnutls_x509_privkey_t k
     return SPEED_OK;
 }
 
-speed_status_t speed_tls_ca_create(const speed_tls_cert_params_t *p, speed_tls_pem_t *ca_p, char *err,
-                                   size_t size) {
+speed_status_t speed_tls_ca_create(const speed_tls_cert_params_t *p, speed_tls_pem_t *ca_p, char *err, size_t size) {
     if (!params_ok(p) || !ca_p) return SPEED_ERR_INVALID_ARGUMENT;
     memset(ca_p, 0, sizeof *ca_p);
     gnutls_x509_privkey_t key = NULL;
@@ -199,8 +197,8 @@ static int add_san(gnutls_x509_crt_t crt, const char *host) {
                                                 GNUTLS_FSAN_APPEND);
 }
 
-speed_status_t speed_tls_cert_issue(const speed_tls_pem_t *ca, const speed_tls_cert_params_t *p,
-                                    speed_tls_pem_t *pem_p, char *err, size_t size) {
+speed_status_t speed_tls_cert_issue(const speed_tls_pem_t *ca, const speed_tls_cert_params_t *p, speed_tls_pem_t *pem_p,
+                                    char *err, size_t size) {
     if (!ca || !ca->cert || !ca->key || !params_ok(p) || !pem_p) return SPEED_ERR_INVALID_ARGUMENT;
     memset(pem_p, 0, sizeof *pem_p);
     for (int i = 0; i < p->n_hosts; i++)
@@ -262,8 +260,10 @@ static speed_status_t write_text(const char *path, const char *text, mode_t mode
     while (ok && off < len) {
         ssize_t n = write(fd, text + off, len - off);
         if (n < 0 && errno == EINTR) continue;
-        if (n <= 0) ok = false;
-        else off += (size_t)n;
+        if (n <= 0)
+            ok = false;
+        else
+            off += (size_t)n;
     }
     if (ok) ok = fsync(fd) == 0;
     int saved = errno;

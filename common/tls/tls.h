@@ -78,8 +78,7 @@ speed_status_t speed_tls_pem_write(const speed_tls_pem_t *pem, const char *cert_
 /* Check that cert_pem is signed by ca_pem and valid now (or at `at`, unix seconds, when > 0).
  * Returns SPEED_OK; SPEED_ERR_PARSE (either PEM does not parse); SPEED_ERR_FORMAT (not signed
  * by that CA, expired, not yet valid: GnuTLS's description in err). */
-speed_status_t speed_tls_cert_verify(const char *ca_pem, const char *cert_pem, int64_t at, char *err,
-                                     size_t err_size);
+speed_status_t speed_tls_cert_verify(const char *ca_pem, const char *cert_pem, int64_t at, char *err, size_t err_size);
 
 /* The certificate's subject common name into cn (NUL-terminated).
  * Returns SPEED_OK; SPEED_ERR_PARSE; SPEED_ERR_NOT_FOUND (no CN); SPEED_ERR_TOO_LONG (cn_size

@@ -16,8 +16,10 @@
 /* Writes the files above into dir (created if missing). Idempotent per dir. */
 void tt_certs_write(const char *dir);
 
-/* Loads <dir>/ca.crt with <dir>/<name>.crt and .key ("stranger": other-ca.crt as the CA is
- * NOT used; the cluster CA is, as a stranger would try). Exits 1 on failure. */
+/* Loads <dir>/ca.crt with <dir>/<name>.crt and .key, checked together (speed_tls_creds_load).
+ * "stranger" is read without that check (its certificate is of the other CA) and comes with the
+ * cluster's ca.crt as its trust root: a stranger that knows whom to trust but holds no
+ * certificate of the cluster. Exits 1 on failure. */
 void tt_creds_load(const char *dir, const char *name, speed_tls_creds_t *creds_p);
 
 /* An rpc TLS view of loaded credentials (pointers into creds). */

@@ -19,8 +19,8 @@
 #include "speedctl.h"
 #include "tls.h"
 
-#define CERTS_USAGE    "speedctl certs --config CLUSTER.yaml --out DIR [--host ADDR,...] [--days N] [--force]"
-#define CERTS_MAX_HOST 16
+#define CERTS_USAGE            "speedctl certs --config CLUSTER.yaml --out DIR [--host ADDR,...] [--days N] [--force]"
+#define CERTS_MAX_HOST         16
 #define SPEEDCTL_TMP_CERT_DAYS 30 /* speedctl up's throwaway set: a run, not a deployment */
 
 typedef struct {
@@ -156,12 +156,20 @@ int speedctl_certs(int argc, char **argv) {
     if (!args) return SPEEDCTL_EXIT_FAIL;
     memcpy(args, argv, (size_t)argc * sizeof *args);
     const char *file = take_config(&argc, args);
+    /* SPEED_CONFIG names the cluster file too; the option loader would read it as this verb's */
+    char env_file[4096] = "";
+    const char *env = getenv("SPEED_CONFIG");
+    if (env) {
+        snprintf(env_file, sizeof env_file, "%s", env);
+        unsetenv("SPEED_CONFIG");
+        if (!file) file = env_file;
+    }
 
     certs_opts_t o;
     speed_config_t *cfg = NULL, *ccfg = NULL;
     bool done = false;
-    int rc = speedctl_options_load("certs", CERTS_USAGE, certs_fields, sizeof certs_fields / sizeof certs_fields[0],
-                                   &o, argc, args, &cfg, &done);
+    int rc = speedctl_options_load("certs", CERTS_USAGE, certs_fields, sizeof certs_fields / sizeof certs_fields[0], &o,
+                                   argc, args, &cfg, &done);
     if (done) {
         speed_free(args);
         return rc;

@@ -69,8 +69,8 @@ static void test_issue_and_verify(void) {
     /* garbage */
     CHECK_INT_EQ(speed_tls_cert_verify(ca.cert, "hello", 0, err, sizeof err), SPEED_ERR_PARSE);
     CHECK_CONTAINS(err, "not a PEM certificate");
-    CHECK_INT_EQ(speed_tls_cert_verify("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
-                                       router.cert, 0, err, sizeof err),
+    CHECK_INT_EQ(speed_tls_cert_verify("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", router.cert, 0,
+                                       err, sizeof err),
                  SPEED_ERR_PARSE);
     speed_tls_pem_t bad = {.cert = "junk", .key = ca.key}, out = {0};
     speed_tls_cert_params_t p = {.cn = "x", .days = 1};
@@ -104,8 +104,7 @@ static void test_files(void) {
 
     /* no overwrite unless asked; with it, a key made readable by others is 0600 again */
     err[0] = '\0';
-    CHECK_INT_EQ(speed_tls_pem_write(&node, tu_path("n.crt"), tu_path("n.key"), false, err, sizeof err),
-                 SPEED_ERR_IO);
+    CHECK_INT_EQ(speed_tls_pem_write(&node, tu_path("n.crt"), tu_path("n.key"), false, err, sizeof err), SPEED_ERR_IO);
     CHECK_CONTAINS(err, "exists");
     CHECK(chmod(tu_path("n.key"), 0644) == 0);
     CHECK_INT_EQ(speed_tls_pem_write(&node, tu_path("n.crt"), tu_path("n.key"), true, err, sizeof err), SPEED_OK);
@@ -119,8 +118,7 @@ static void test_files(void) {
     speed_tls_creds_cleanup(&c);
 
     /* another CA's certificate; a key of another certificate; garbage; a missing file */
-    CHECK_INT_EQ(speed_tls_pem_write(&stranger, tu_path("s.crt"), tu_path("s.key"), false, err, sizeof err),
-                 SPEED_OK);
+    CHECK_INT_EQ(speed_tls_pem_write(&stranger, tu_path("s.crt"), tu_path("s.key"), false, err, sizeof err), SPEED_OK);
     CHECK_INT_EQ(speed_tls_creds_load(tu_path("ca.crt"), tu_path("s.crt"), tu_path("s.key"), &c, err, sizeof err),
                  SPEED_ERR_FORMAT);
     CHECK_CONTAINS(err, "s.crt is not signed by the cluster CA");
