@@ -32,6 +32,14 @@
  * grpc_status_code) and a message. speed_rpc_code_from_status / speed_rpc_code_to_status
  * are the one place speedserve maps its speed_status_t to gRPC codes and back.
  *
+ * Security: a server and a channel are either plaintext (tls NULL) or mutual TLS
+ * (speed_rpc_tls_t: the cluster CA, this process's certificate and key, PEM text). A TLS server
+ * requires every client to present a certificate signed by the CA (the handshake fails
+ * otherwise, before any call), and the certificate's common name is the peer's identity
+ * (speed_rpc_call_peer). speed_rpc_server_allow limits a method to some identities; other
+ * peers get PERMISSION_DENIED before the handler runs. A plaintext server knows no identity:
+ * rules are not applied and speed_rpc_call_peer is "".
+ *
  * gRPC initialization: each server and channel holds one grpc_init reference, released by
  * its destroy; the process needs no global setup.
  */
@@ -102,9 +110,19 @@ typedef enum {
     SPEED_RPC_STREAM = 1, /* one request → zero or more messages → status */
 } speed_rpc_kind_t;
 
+/* Mutual TLS credentials, PEM text (NUL-terminated). gRPC copies them when the server or
+ * channel is created; the caller keeps ownership. */
 typedef struct {
-    const char *address;      /* "host:port"; port 0 = any free port. Default "127.0.0.1:0" */
-    size_t max_message_bytes; /* limit for received and sent messages; 0 = default (64 MiB) */
+    const char *ca;   /* the CA(s) the peer's certificate must be signed by */
+    const char *cert; /* this process's certificate (chain); NULL on a channel = present none */
+    const char *key;  /* its private key; NULL exactly when cert is */
+} speed_rpc_tls_t;
+
+typedef struct {
+    const char *address;        /* "host:port"; port 0 = any free port. Default "127.0.0.1:0" */
+    size_t max_message_bytes;   /* limit for received and sent messages; 0 = default (64 MiB) */
+    const speed_rpc_tls_t *tls; /* NULL (default) = plaintext; else ca, cert and key are required
+                                 * and clients must present a certificate signed by ca */
 } speed_rpc_server_params_t;
 
 speed_rpc_server_params_t speed_rpc_server_default_params(void);
@@ -124,8 +142,10 @@ typedef void (*speed_rpc_cancel_cb_t)(void *user, speed_rpc_call_t *call);
 
 /* Create a server listening on params->address (bound now, so the port is known; calls are
  * accepted only after speed_rpc_server_start).
- * Returns SPEED_OK and *server_p; SPEED_ERR_INVALID_ARGUMENT (NULL arguments, no address);
- * SPEED_ERR_IO when the address cannot be bound (in use, bad host); SPEED_ERR_NO_MEMORY.
+ * Returns SPEED_OK and *server_p; SPEED_ERR_INVALID_ARGUMENT (NULL arguments, no address, tls
+ * without ca, cert or key); SPEED_ERR_IO when the address cannot be bound (in use, bad host) or
+ * gRPC refuses the TLS credentials (check them first with speed_tls_creds_load);
+ * SPEED_ERR_NO_MEMORY.
  * Not thread-safe with respect to the same server until start. */
 speed_status_t speed_rpc_server_create(const speed_rpc_server_params_t *params, speed_rpc_server_t **server_p);
 
@@ -135,6 +155,24 @@ speed_status_t speed_rpc_server_create(const speed_rpc_server_params_t *params, 
  * already registered, server already started); SPEED_ERR_NO_MEMORY. */
 speed_status_t speed_rpc_server_add_method(speed_rpc_server_t *server, const char *path, speed_rpc_kind_t kind,
                                            speed_rpc_handler_cb_t handler, void *user);
+
+/* Allow `path` (a registered method) only to the peers named in `peers`, a comma-separated
+ * list of identities (certificate common names): an entry matches a peer of exactly that
+ * name, or that name followed by "-" and digits ("prefill" matches "prefill-0", "prefill-12";
+ * "router" matches "router"). Without a rule, any peer with a valid certificate may call the
+ * method. Calls from other peers end with PERMISSION_DENIED "<peer> may not call <path>"
+ * before the handler runs (logged at warn). On a plaintext server rules are kept but not
+ * applied (there is no identity). Only before speed_rpc_server_start; a second rule for the
+ * same path replaces the first.
+ * Returns SPEED_OK; SPEED_ERR_INVALID_ARGUMENT (NULL, empty list, server started);
+ * SPEED_ERR_NOT_FOUND (path not registered); SPEED_ERR_NO_MEMORY. */
+speed_status_t speed_rpc_server_allow(speed_rpc_server_t *server, const char *path, const char *peers);
+
+/* True when `peer` matches an entry of the comma-separated `peers` (the rule above). */
+bool speed_rpc_peer_matches(const char *peers, const char *peer);
+
+/* Whether the server runs mutual TLS. */
+bool speed_rpc_server_is_tls(const speed_rpc_server_t *server);
 
 /* Start accepting calls: starts the completion-queue thread.
  * Returns SPEED_OK; SPEED_ERR_INVALID_ARGUMENT if already started; SPEED_ERR_NO_MEMORY;
@@ -171,6 +209,11 @@ void speed_rpc_server_destroy(speed_rpc_server_t *server);
 /* The method path of the call ("/pkg.Service/Method"); valid until the terminal call, and
  * only while the server exists. */
 const char *speed_rpc_call_method(const speed_rpc_call_t *call);
+
+/* The caller's identity: the common name of the client certificate it presented (TLS
+ * servers; a call is only accepted with one), "" on a plaintext server. Valid as long as the
+ * call is. */
+const char *speed_rpc_call_peer(const speed_rpc_call_t *call);
 
 /* Attach the handler's own context, returned by speed_rpc_call_user. */
 void speed_rpc_call_set_user(speed_rpc_call_t *call, void *user);
@@ -233,13 +276,23 @@ typedef struct {
     /* Upper bound of gRPC's reconnect backoff after a connection failure: a restarted server
      * is noticed within about this long. Default 1000; 0 = gRPC's own (120 s). */
     int max_reconnect_backoff_ms;
+    /* NULL (default) = plaintext. Else TLS: the server's certificate must be signed by tls->ca
+     * and name the target's host (an IP SAN for an address); tls->cert/key, when set, are
+     * presented to the server (required by speed_rpc servers with TLS). */
+    const speed_rpc_tls_t *tls;
+    /* TLS: check the server's certificate for this name instead of the target's host (e.g.
+     * dialling an address the certificate does not list). NULL = the target's host. */
+    const char *tls_server_name;
 } speed_rpc_channel_params_t;
 
 speed_rpc_channel_params_t speed_rpc_channel_default_params(void);
 
 /* A channel to `target` ("host:port"; connects lazily, reconnects on its own).
  * params may be NULL (defaults). Thread-safe: any number of threads may make calls on it.
- * Returns SPEED_OK; SPEED_ERR_INVALID_ARGUMENT; SPEED_ERR_NO_MEMORY. */
+ * A failed TLS handshake (server certificate not signed by tls->ca or not for the target;
+ * server refusing our certificate) shows as UNAVAILABLE on the calls.
+ * Returns SPEED_OK; SPEED_ERR_INVALID_ARGUMENT (also tls without ca, or cert without key);
+ * SPEED_ERR_NO_MEMORY. */
 speed_status_t speed_rpc_channel_create(const char *target, const speed_rpc_channel_params_t *params,
                                         speed_rpc_channel_t **channel_p);
 

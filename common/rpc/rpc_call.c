@@ -250,6 +250,8 @@ void speed_rpc_call_status_done(speed_rpc_call_t *call) {
 
 const char *speed_rpc_call_method(const speed_rpc_call_t *call) { return call ? call->method->path : ""; }
 
+const char *speed_rpc_call_peer(const speed_rpc_call_t *call) { return call ? call->peer : ""; }
+
 void speed_rpc_call_set_user(speed_rpc_call_t *call, void *user) {
     pthread_mutex_lock(&call->lock);
     call->user = user;

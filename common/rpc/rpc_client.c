@@ -54,6 +54,8 @@ speed_rpc_channel_params_t speed_rpc_channel_default_params(void) {
         .wait_for_ready = false,
         .keepalive_ms = 10000,
         .max_reconnect_backoff_ms = 1000,
+        .tls = NULL,
+        .tls_server_name = NULL,
     };
 }
 
@@ -63,6 +65,7 @@ speed_status_t speed_rpc_channel_create(const char *target, const speed_rpc_chan
     *channel_p = NULL;
     speed_rpc_channel_params_t p = params ? *params : speed_rpc_channel_default_params();
     if (p.keepalive_ms < 0 || p.max_reconnect_backoff_ms < 0) return SPEED_ERR_INVALID_ARGUMENT;
+    if (p.tls && (!p.tls->ca || !p.tls->cert != !p.tls->key)) return SPEED_ERR_INVALID_ARGUMENT;
     size_t max_bytes = p.max_message_bytes ? p.max_message_bytes : SPEED_RPC_DEFAULT_MAX_MESSAGE_BYTES;
     int max_int = max_bytes > (size_t)INT32_MAX ? INT32_MAX : (int)max_bytes;
 
@@ -71,7 +74,7 @@ speed_status_t speed_rpc_channel_create(const char *target, const speed_rpc_chan
     ch->wait_for_ready = p.wait_for_ready;
     pthread_mutex_init(&ch->lock, NULL);
 
-    grpc_arg args[9];
+    grpc_arg args[10];
     memset(args, 0, sizeof args);
     size_t n = 0;
 #define ADD_INT(k, v)                    \
@@ -97,12 +100,24 @@ speed_status_t speed_rpc_channel_create(const char *target, const speed_rpc_chan
         ADD_INT(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, p.max_reconnect_backoff_ms);
     }
 #undef ADD_INT
+    if (p.tls && p.tls_server_name) {
+        args[n].type = GRPC_ARG_STRING;
+        args[n].key = (char *)GRPC_SSL_TARGET_NAME_OVERRIDE_ARG;
+        args[n].value.string = (char *)p.tls_server_name;
+        n++;
+    }
     grpc_channel_args chargs = {.num_args = n, .args = args};
 
     grpc_init();
-    grpc_channel_credentials *creds = grpc_insecure_credentials_create();
-    ch->channel = grpc_channel_create(target, creds, &chargs);
-    grpc_channel_credentials_release(creds);
+    grpc_channel_credentials *creds = NULL;
+    if (p.tls) {
+        grpc_ssl_pem_key_cert_pair pair = {.private_key = p.tls->key, .cert_chain = p.tls->cert};
+        creds = grpc_ssl_credentials_create(p.tls->ca, p.tls->cert ? &pair : NULL, NULL, NULL);
+    } else {
+        creds = grpc_insecure_credentials_create();
+    }
+    ch->channel = creds ? grpc_channel_create(target, creds, &chargs) : NULL;
+    if (creds) grpc_channel_credentials_release(creds);
     if (!ch->channel) {
         pthread_mutex_destroy(&ch->lock);
         speed_free(ch);

@@ -53,6 +53,7 @@ typedef struct rpc_method {
     speed_rpc_handler_cb_t handler;
     void *user;
     void *registered; /* grpc_server_register_method handle */
+    char *allow;      /* speed_rpc_server_allow's peer list; NULL = any authenticated peer */
     int n_pending;    /* accepts armed (server lock) */
 } rpc_method_t;
 
@@ -68,6 +69,7 @@ struct speed_rpc_call {
     speed_rpc_server_t *server; /* valid while the call is in the server's list */
     rpc_method_t *method;
     speed_rpc_kind_t kind;
+    char peer[64]; /* the client certificate's CN ("" on a plaintext server), set on accept */
     struct speed_rpc_call *prev, *next; /* server list (server lock) */
     bool active;                        /* counted in n_active (server lock) */
     bool forced;                        /* picked by force_finish_all (server lock) */
@@ -112,6 +114,7 @@ struct speed_rpc_server {
     bool thread_started;
     int port;
     size_t max_message_bytes;
+    bool tls; /* mutual TLS: calls carry a peer identity and allow rules apply */
 
     rpc_method_t *methods;
     int n_methods;

@@ -16,6 +16,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <string.h>
 #include <time.h>
 
@@ -131,6 +132,55 @@ static void rearm(speed_rpc_server_t *srv) {
     if (want) arm_generic(srv);
 }
 
+/* ---- peers ------------------------------------------------------------------------------ */
+
+/* The CN of the client certificate into call->peer. The handshake already required a certificate
+ * signed by the CA; a certificate without a CN leaves "" (which no rule matches). */
+static void peer_identify(speed_rpc_call_t *call) {
+    call->peer[0] = '\0';
+    grpc_auth_context *ctx = grpc_call_auth_context(call->gcall);
+    if (!ctx) return;
+    grpc_auth_property_iterator it = grpc_auth_context_find_properties_by_name(ctx, GRPC_X509_CN_PROPERTY_NAME);
+    const grpc_auth_property *prop = grpc_auth_property_iterator_next(&it);
+    if (prop && prop->value && prop->value_length < sizeof call->peer && !memchr(prop->value, 0, prop->value_length)) {
+        memcpy(call->peer, prop->value, prop->value_length);
+        call->peer[prop->value_length] = '\0';
+    }
+    grpc_auth_context_release(ctx);
+}
+
+static void deny(speed_rpc_call_t *call, const rpc_method_t *m) {
+    char *addr = grpc_call_get_peer(call->gcall);
+    SPEED_WARN(SPEED_SUBSYS_NET, "rpc %s: refused a call from '%s' at %s (allowed: %s)", m->path, call->peer,
+               addr ? addr : "?", m->allow);
+    gpr_free(addr);
+    char msg[256];
+    snprintf(msg, sizeof msg, "peer '%s' may not call %s", call->peer, m->path);
+    speed_rpc_call_finish(call, SPEED_RPC_PERMISSION_DENIED, msg);
+}
+
+bool speed_rpc_peer_matches(const char *peers, const char *peer) {
+    if (!peers || !peer || !peer[0]) return false;
+    size_t n_peer = strlen(peer);
+    for (const char *e = peers; *e;) {
+        while (*e == ',' || *e == ' ') e++;
+        size_t n = strcspn(e, ", ");
+        if (n > 0 && n <= n_peer && memcmp(e, peer, n) == 0) {
+            if (n == n_peer) return true;
+            /* "<entry>-<digits>": a replica of that role */
+            const char *rest = peer + n;
+            if (rest[0] == '-' && rest[1]) {
+                size_t digits = strspn(rest + 1, "0123456789");
+                if (digits == strlen(rest + 1)) return true;
+            }
+        }
+        e += n;
+    }
+    return false;
+}
+
+/* ---- accepted calls ---------------------------------------------------------------------- */
+
 static void on_accept(speed_rpc_server_t *srv, speed_rpc_call_t *call, bool ok) {
     rpc_method_t *m = call->method;
     pthread_mutex_lock(&srv->lock);
@@ -186,6 +236,14 @@ static void on_accept(speed_rpc_server_t *srv, speed_rpc_call_t *call, bool ok) 
         speed_free(data);
         speed_rpc_call_finish(call, SPEED_RPC_UNAVAILABLE, "server shutting down");
         return;
+    }
+    if (srv->tls) {
+        peer_identify(call);
+        if (m->allow && !speed_rpc_peer_matches(m->allow, call->peer)) {
+            speed_free(data);
+            deny(call, m);
+            return;
+        }
     }
     m->handler(m->user, call, data, len);
     speed_free(data);
@@ -283,6 +341,7 @@ speed_rpc_server_params_t speed_rpc_server_default_params(void) {
     return (speed_rpc_server_params_t){
         .address = "127.0.0.1:0",
         .max_message_bytes = SPEED_RPC_DEFAULT_MAX_MESSAGE_BYTES,
+        .tls = NULL,
     };
 }
 
@@ -290,6 +349,7 @@ static int clamp_int(size_t v) { return v > (size_t)INT32_MAX ? INT32_MAX : (int
 
 speed_status_t speed_rpc_server_create(const speed_rpc_server_params_t *params, speed_rpc_server_t **server_p) {
     if (!params || !server_p || !params->address || !params->address[0]) return SPEED_ERR_INVALID_ARGUMENT;
+    if (params->tls && (!params->tls->ca || !params->tls->cert || !params->tls->key)) return SPEED_ERR_INVALID_ARGUMENT;
     *server_p = NULL;
     speed_rpc_server_t *srv = speed_calloc(1, sizeof *srv);
     if (!srv) return SPEED_ERR_NO_MEMORY;
@@ -320,11 +380,22 @@ speed_status_t speed_rpc_server_create(const speed_rpc_server_params_t *params, 
     srv->cq = grpc_completion_queue_create_for_next(NULL);
     grpc_server_register_completion_queue(srv->server, srv->cq, NULL);
 
-    grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
-    srv->port = grpc_server_add_http2_port(srv->server, params->address, creds);
-    grpc_server_credentials_release(creds);
+    grpc_server_credentials *creds = NULL;
+    if (params->tls) {
+        /* Mutual TLS: the handshake itself refuses a client without a certificate signed by
+         * the CA, so no call from a stranger ever reaches accept. */
+        grpc_ssl_pem_key_cert_pair pair = {.private_key = params->tls->key, .cert_chain = params->tls->cert};
+        creds = grpc_ssl_server_credentials_create_ex(params->tls->ca, &pair, 1,
+                                                      GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY, NULL);
+        srv->tls = true;
+    } else {
+        creds = grpc_insecure_server_credentials_create();
+    }
+    srv->port = creds ? grpc_server_add_http2_port(srv->server, params->address, creds) : 0;
+    if (creds) grpc_server_credentials_release(creds);
     if (srv->port <= 0) {
-        SPEED_ERROR(SPEED_SUBSYS_NET, "rpc: cannot listen on %s (address in use or invalid)", params->address);
+        SPEED_ERROR(SPEED_SUBSYS_NET, "rpc: cannot listen on %s (address in use or invalid%s)", params->address,
+                    params->tls ? ", or TLS credentials refused" : "");
         speed_rpc_server_destroy(srv);
         return SPEED_ERR_IO;
     }
@@ -359,6 +430,22 @@ speed_status_t speed_rpc_server_add_method(speed_rpc_server_t *srv, const char *
     srv->n_methods++;
     return SPEED_OK;
 }
+
+speed_status_t speed_rpc_server_allow(speed_rpc_server_t *srv, const char *path, const char *peers) {
+    if (!srv || !path || !peers || !peers[strspn(peers, ", ")] || srv->started) return SPEED_ERR_INVALID_ARGUMENT;
+    for (int i = 0; i < srv->n_methods; i++) {
+        rpc_method_t *m = &srv->methods[i];
+        if (strcmp(m->path, path) != 0) continue;
+        char *copy = speed_strdup(peers);
+        if (!copy) return SPEED_ERR_NO_MEMORY;
+        speed_free(m->allow);
+        m->allow = copy;
+        return SPEED_OK;
+    }
+    return SPEED_ERR_NOT_FOUND;
+}
+
+bool speed_rpc_server_is_tls(const speed_rpc_server_t *srv) { return srv && srv->tls; }
 
 speed_status_t speed_rpc_server_start(speed_rpc_server_t *srv) {
     if (!srv || srv->started) return SPEED_ERR_INVALID_ARGUMENT;
@@ -538,7 +625,10 @@ void speed_rpc_server_shutdown(speed_rpc_server_t *srv, int64_t grace_ms) {
 void speed_rpc_server_destroy(speed_rpc_server_t *srv) {
     if (!srv) return;
     if (srv->server) speed_rpc_server_shutdown(srv, 0);
-    for (int i = 0; i < srv->n_methods; i++) speed_free(srv->methods[i].path);
+    for (int i = 0; i < srv->n_methods; i++) {
+        speed_free(srv->methods[i].path);
+        speed_free(srv->methods[i].allow);
+    }
     speed_free(srv->methods);
     pthread_mutex_destroy(&srv->lock);
     pthread_cond_destroy(&srv->changed);

@@ -39,7 +39,14 @@ static const char *const policy_names[] = {"round-robin", "least-loaded", NULL};
 static const speed_config_field_t fields[] = {
     FS("model", model, NULL, "model directory (Hugging Face layout)"),
     FS("served_model_name", served_model_name, NULL, "model id of the API (default: the directory name)"),
-    FS("host", host, "127.0.0.1", "address every process binds and dials"),
+    FS("host", host, "127.0.0.1", "address peers dial (the nodes' gRPC and KV endpoints)"),
+    FS("control.listen", control_listen, "127.0.0.1",
+       "address the nodes' gRPC servers bind (port: the pool's grpc_port + i); 0.0.0.0 = every interface"),
+    FS("tls.ca", tls_ca, "", "control plane: PEM file of the cluster CA (speedctl certs writes one)"),
+    FS("tls.cert", tls_cert, "", "control plane: this process's certificate, PEM (CN = its identity)"),
+    FS("tls.key", tls_key, "", "control plane: this process's private key, PEM (mode 0600)"),
+    {"tls.insecure", SPEED_CONFIG_BOOL, offsetof(speed_cluster_config_t, tls_insecure), "false", SPEED_CONFIG_UNBOUNDED,
+     NULL, "plaintext, unauthenticated gRPC between the processes (a private test network only)"},
     FS("log", log, "info", "log levels, e.g. info or warn,net=debug"),
     {"weights.hugepages", SPEED_CONFIG_BOOL, offsetof(speed_cluster_config_t, weights_hugepages), "false",
      SPEED_CONFIG_UNBOUNDED, NULL, "nodes read the weights into 2 MiB pages (a load-time copy; faster decode)"},
@@ -154,6 +161,51 @@ speed_status_t speed_cluster_config_load(int argc, char **argv, const char *role
 void speed_cluster_grpc_addr(const speed_cluster_config_t *c, const speed_pool_config_t *pool, int64_t i, char *buf,
                              size_t size) {
     snprintf(buf, size, "%s:%lld", c->host, (long long)(pool->grpc_port + i));
+}
+
+void speed_cluster_grpc_listen_addr(const speed_cluster_config_t *c, const speed_pool_config_t *pool, int64_t i,
+                                    char *buf, size_t size) {
+    const char *h = c->control_listen && c->control_listen[0] ? c->control_listen : c->host;
+    /* an IPv6 literal needs brackets before the port */
+    bool v6 = strchr(h, ':') && h[0] != '[';
+    snprintf(buf, size, "%s%s%s:%lld", v6 ? "[" : "", h, v6 ? "]" : "", (long long)(pool->grpc_port + i));
+}
+
+static bool is_loopback(const char *h) {
+    return h && (strncmp(h, "127.", 4) == 0 || strcmp(h, "::1") == 0 || strcmp(h, "localhost") == 0);
+}
+
+bool speed_cluster_control_unreachable(const speed_cluster_config_t *c) {
+    return is_loopback(c->control_listen) && c->host && c->host[0] && !is_loopback(c->host);
+}
+
+speed_status_t speed_cluster_tls_load(const speed_cluster_config_t *c, const char *prog, const char *identity,
+                                      speed_tls_creds_t *creds_p) {
+    memset(creds_p, 0, sizeof *creds_p);
+    if (c->tls_insecure) {
+        SPEED_WARN(SPEED_SUBSYS_NET,
+                   "%s: tls.insecure is set: the control plane is plaintext and unauthenticated; anyone who reaches "
+                   "a gRPC port can drain nodes, reserve KV and generate",
+                   prog);
+        return SPEED_OK;
+    }
+    if (!c->tls_cert || !c->tls_cert[0]) {
+        fprintf(stderr,
+                "%s: no certificate for the control plane: run `speedctl certs --config FILE --out DIR` and set "
+                "tls.ca, tls.cert and tls.key, or set tls.insecure: true on a private test network\n",
+                prog);
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    char err[1024] = "";
+    speed_status_t st = speed_tls_creds_load(c->tls_ca, c->tls_cert, c->tls_key, creds_p, err, sizeof err);
+    if (st != SPEED_OK) {
+        fprintf(stderr, "%s: %s\n", prog, err);
+        return st;
+    }
+    if (identity && strcmp(identity, creds_p->cn) != 0)
+        SPEED_WARN(SPEED_SUBSYS_NET, "%s: tls.cert is for '%s', not '%s': peers authorise calls by that name", prog,
+                   creds_p->cn, identity);
+    return SPEED_OK;
 }
 
 void speed_cluster_http_addr(const speed_cluster_config_t *c, const speed_pool_config_t *pool, int64_t i, char *buf,

@@ -31,6 +31,7 @@
 #include "config.h"
 #include "depth.h"
 #include "status.h"
+#include "tls.h"
 
 typedef enum { SPEED_POLICY_ROUND_ROBIN = 0, SPEED_POLICY_LEAST_LOADED } speed_policy_t;
 
@@ -52,7 +53,8 @@ typedef struct {
 typedef struct {
     const char *model;             /* model directory (required by daemons) */
     const char *served_model_name; /* the "model" the API expects; NULL = directory name */
-    const char *host;              /* address every process binds and dials */
+    const char *host;              /* address peers dial (nodes' gRPC, KV) */
+    const char *control_listen;    /* address the nodes' gRPC servers bind (default 127.0.0.1) */
     const char *log;               /* log spec, e.g. "info" or "warn,net=debug" */
     bool weights_hugepages;        /* read the weights into 2 MiB pages instead of mapping them */
 
@@ -85,6 +87,10 @@ typedef struct {
                                     * instead of the pinned host mirror; refused at startup by a
                                     * UCX without CUDA */
 
+    /* control plane: mutual TLS (docs/security-control-plane.md) */
+    const char *tls_ca, *tls_cert, *tls_key; /* PEM files; "" = unset */
+    bool tls_insecure;                       /* plaintext gRPC, no identities (warned at startup) */
+
     /* this process */
     int64_t node_index; /* replica index within its pool */
 } speed_cluster_config_t;
@@ -109,6 +115,27 @@ void speed_cluster_grpc_addr(const speed_cluster_config_t *c, const speed_pool_c
                              size_t size);
 void speed_cluster_http_addr(const speed_cluster_config_t *c, const speed_pool_config_t *pool, int64_t i, char *buf,
                              size_t size);
+
+/* "listen:port" the gRPC server of replica i binds: control.listen (host when empty) and the
+ * pool's grpc_port + i. */
+void speed_cluster_grpc_listen_addr(const speed_cluster_config_t *c, const speed_pool_config_t *pool, int64_t i,
+                                    char *buf, size_t size);
+
+/* True when the nodes' gRPC binds a loopback address (control.listen) while peers dial a
+ * non-loopback `host`: the router will not reach them. Daemons warn about it. */
+bool speed_cluster_control_unreachable(const speed_cluster_config_t *c);
+
+/* The control plane credentials of a daemon, at startup. `prog` names it in messages
+ * ("speed-decode"); `identity` is the name its certificate should carry ("router", "decode-1";
+ * NULL = any; a different CN is warned about, not refused).
+ *   tls.insecure: warns that the control plane is unauthenticated; *creds_p stays zeroed
+ *     (creds_p->cert NULL = plaintext) and SPEED_OK.
+ *   no tls.cert: prints a one-line error telling to run `speedctl certs` or set tls.insecure;
+ *     SPEED_ERR_INVALID_ARGUMENT.
+ *   else speed_tls_creds_load's result (its one-line error printed to stderr, prefixed with prog).
+ * Release with speed_tls_creds_cleanup. */
+speed_status_t speed_cluster_tls_load(const speed_cluster_config_t *c, const char *prog, const char *identity,
+                                      speed_tls_creds_t *creds_p);
 
 /* The deployment's depth: the `speed:` section (prefill_layers as text, anchors, tail) resolved
  * by speed_depth_resolve for a model of n_layers. Every daemon calls this, so the router and the

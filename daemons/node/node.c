@@ -396,6 +396,15 @@ speed_status_t speed_node_init(speed_node_t *n, const char *role, int argc, char
         return SPEED_ERR_INVALID_ARGUMENT;
     }
     n->pool = speed_cluster_pool(&n->cfg, role);
+    /* The control plane's credentials before the (slow) model load: a node without them says so
+     * at once. */
+    char prog[32], identity[48];
+    snprintf(prog, sizeof prog, "speed-%s", role);
+    snprintf(identity, sizeof identity, "%s-%lld", role, (long long)n->cfg.node_index);
+    if (speed_cluster_tls_load(&n->cfg, prog, identity, &n->tls) != SPEED_OK) {
+        *exit_code_p = 2;
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
     if (n->cfg.ucx_transport == SPEED_KV_TRANSPORT_TCP && n->cfg.ucx_net_devices && *n->cfg.ucx_net_devices)
         setenv("UCX_NET_DEVICES", n->cfg.ucx_net_devices, 0);
     setenv("UCX_TCP_CM_REUSEADDR", "y", 0);
@@ -403,17 +412,24 @@ speed_status_t speed_node_init(speed_node_t *n, const char *role, int argc, char
     st = load_model(n);
     if (st == SPEED_OK) st = metrics_init(n);
     if (st == SPEED_OK) {
-        speed_cluster_grpc_addr(&n->cfg, n->pool, n->cfg.node_index, n->grpc_addr, sizeof n->grpc_addr);
+        speed_cluster_grpc_listen_addr(&n->cfg, n->pool, n->cfg.node_index, n->grpc_addr, sizeof n->grpc_addr);
         speed_cluster_http_addr(&n->cfg, n->pool, n->cfg.node_index, n->http_addr, sizeof n->http_addr);
         speed_rpc_server_params_t rp = speed_rpc_server_default_params();
         rp.address = n->grpc_addr;
+        if (speed_cluster_control_unreachable(&n->cfg))
+            SPEED_WARN(SPEED_SUBSYS_NET,
+                       "speed-%s: gRPC binds %s (control.listen) but peers dial host %s: set control.listen to this "
+                       "host's private address",
+                       role, n->cfg.control_listen, n->cfg.host);
+        speed_rpc_tls_t tls = {.ca = n->tls.ca, .cert = n->tls.cert, .key = n->tls.key};
+        rp.tls = n->tls.cert ? &tls : NULL;
         st = speed_rpc_server_create(&rp, &n->rpc);
     }
     if (st == SPEED_OK)
-        st = speed_rpc_server_add_method(n->rpc, SPEED_METHOD_NODE_HEALTH, SPEED_RPC_UNARY, on_health, n);
-    if (st == SPEED_OK) st = speed_rpc_server_add_method(n->rpc, SPEED_METHOD_NODE_DRAIN, SPEED_RPC_UNARY, on_drain, n);
+        st = speed_node_add_method(n, SPEED_METHOD_NODE_HEALTH, SPEED_RPC_UNARY, on_health, n);
+    if (st == SPEED_OK) st = speed_node_add_method(n, SPEED_METHOD_NODE_DRAIN, SPEED_RPC_UNARY, on_drain, n);
     if (st == SPEED_OK)
-        st = speed_rpc_server_add_method(n->rpc, SPEED_METHOD_NODE_STATUS, SPEED_RPC_UNARY, on_status, n);
+        st = speed_node_add_method(n, SPEED_METHOD_NODE_STATUS, SPEED_RPC_UNARY, on_status, n);
     if (st == SPEED_OK) {
         speed_http_server_params_t hp = speed_http_server_default_params();
         hp.host = n->cfg.host;
@@ -437,9 +453,30 @@ speed_status_t speed_node_init(speed_node_t *n, const char *role, int argc, char
     return SPEED_OK;
 }
 
+/* Who may call what (certificate common names, speed_rpc_server_allow's matching: "prefill"
+ * is any prefill replica). The router drives requests and polls health and status; speedctl's
+ * "admin" certificate reads health and status and drains. No node calls another over gRPC
+ * today: a method added for that must be listed here. Anything not listed: the router only. */
+static const struct {
+    const char *path;
+    const char *callers;
+} node_callers[] = {
+    {SPEED_METHOD_NODE_HEALTH, "router,admin"},
+    {SPEED_METHOD_NODE_STATUS, "router,admin"},
+    {SPEED_METHOD_NODE_DRAIN, "admin"},
+};
+#define NODE_DEFAULT_CALLERS "router"
+
+const char *speed_node_callers(const char *path) {
+    for (size_t i = 0; i < sizeof node_callers / sizeof node_callers[0]; i++)
+        if (strcmp(node_callers[i].path, path) == 0) return node_callers[i].callers;
+    return NODE_DEFAULT_CALLERS;
+}
+
 speed_status_t speed_node_add_method(speed_node_t *n, const char *path, speed_rpc_kind_t kind,
                                      speed_rpc_handler_cb_t handler, void *user) {
-    return speed_rpc_server_add_method(n->rpc, path, kind, handler, user);
+    SPEED_CHECK(speed_rpc_server_add_method(n->rpc, path, kind, handler, user));
+    return speed_rpc_server_allow(n->rpc, path, speed_node_callers(path));
 }
 
 speed_status_t speed_node_start(speed_node_t *n) {
@@ -515,6 +552,7 @@ void speed_node_cleanup(speed_node_t *n) {
     speed_tok_destroy(n->tok);
     speed_model_destroy(n->model);
     speed_metrics_destroy(n->metrics);
+    speed_tls_creds_cleanup(&n->tls);
     speed_config_destroy(n->cfg_handle);
     pthread_mutex_destroy(&n->work_mu);
     pthread_cond_destroy(&n->work_cv);

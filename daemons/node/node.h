@@ -51,6 +51,7 @@ typedef struct {
     const char *role; /* "prefill" | "decode" */
     speed_cluster_config_t cfg;
     speed_config_t *cfg_handle;
+    speed_tls_creds_t tls; /* control plane credentials; tls.cert NULL = plaintext (tls.insecure) */
     const speed_pool_config_t *pool;
     char model_id[256];
     char grpc_addr[300], http_addr[300];
@@ -93,7 +94,13 @@ typedef struct {
  * status with *exit_code_p 1 (2 for a usage error). */
 speed_status_t speed_node_init(speed_node_t *node, const char *role, int argc, char **argv, int *exit_code_p);
 
-/* Registers a role method (before start). */
+/* The identities allowed to call `path` on a node (comma-separated certificate CNs, matched as
+ * speed_rpc_server_allow does): Node.Health/Status "router,admin", Node.Drain "admin", every
+ * other method "router". Static. */
+const char *speed_node_callers(const char *path);
+
+/* Registers a method (before start), callable only by speed_node_callers(path) when the
+ * control plane runs TLS. */
 speed_status_t speed_node_add_method(speed_node_t *node, const char *path, speed_rpc_kind_t kind,
                                      speed_rpc_handler_cb_t handler, void *user);
 

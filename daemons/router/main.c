@@ -115,6 +115,15 @@ int main(int argc, char **argv) {
         return EXIT_USAGE;
     }
 
+    /* Control plane credentials first: a router that cannot reach its nodes should say why
+     * before it loads anything. */
+    speed_tls_creds_t creds;
+    if (speed_cluster_tls_load(&cfg, "speed-router", "router", &creds) != SPEED_OK) {
+        speed_config_destroy(cfgh);
+        return EXIT_USAGE;
+    }
+    speed_rpc_tls_t rpc_tls = {.ca = creds.ca, .cert = creds.cert, .key = creds.key};
+
     int rc = 1;
     speed_tok_t *tok = NULL;
     speed_router_t *rt = NULL;
@@ -134,6 +143,7 @@ int main(int argc, char **argv) {
     rp.model_id = name;
     rp.n_layers = n_layers;
     rp.n_ctx = n_ctx;
+    rp.tls = creds.cert ? &rpc_tls : NULL;
     if (speed_router_create(&rp, &rt) != SPEED_OK) goto out;
     if (speed_router_start(rt) != SPEED_OK) goto out;
     /* Scripts and tests read the bound port from this line (router.port 0 = any port). */
@@ -170,6 +180,7 @@ int main(int argc, char **argv) {
 out:
     if (rt) speed_router_destroy(rt);
     speed_tok_destroy(tok);
+    speed_tls_creds_cleanup(&creds);
     speed_config_destroy(cfgh);
     return rc;
 }

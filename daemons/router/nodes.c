@@ -88,7 +88,9 @@ speed_status_t speed_router_nodes_create(const speed_router_nodes_params_t *para
             snprintf(node->address, sizeof node->address, "%s:%lld", params->host,
                      (long long)(params->grpc_port[p] + (int64_t)i));
             st = speed_balance_pool_add(n->pools[p], node->address, NULL);
-            if (st == SPEED_OK) st = speed_rpc_channel_create(node->address, NULL, &node->channel);
+            speed_rpc_channel_params_t cp = speed_rpc_channel_default_params();
+            cp.tls = params->tls;
+            if (st == SPEED_OK) st = speed_rpc_channel_create(node->address, &cp, &node->channel);
             if (st == SPEED_OK && up_family) {
                 const char *values[] = {speed_router_pool_name(p), node->address};
                 st = speed_gauge_labels(up_family, values, &node->up_gauge);

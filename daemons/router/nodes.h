@@ -47,6 +47,7 @@ typedef struct {
     int64_t status_interval_ms; /* poll period, >= 10 */
     speed_metrics_t *metrics;   /* registers speed_router_node_up; borrowed, must
                                             outlive the nodes object */
+    const speed_rpc_tls_t *tls; /* mTLS to the nodes (PEM copied by gRPC); NULL = plaintext */
 } speed_router_nodes_params_t;
 
 typedef struct speed_router_nodes speed_router_nodes_t;

@@ -25,6 +25,7 @@
 #include <stdint.h>
 
 #include "cluster_config.h"
+#include "rpc.h"
 #include "status.h"
 #include "tokenizer.h"
 
@@ -34,6 +35,7 @@ typedef struct {
     const char *model_id; /* the served model name (the API's "model") */
     int32_t n_layers;     /* model depth L (checks speed.prefill_layers) */
     int64_t n_ctx;        /* prompt + generated tokens limit */
+    const speed_rpc_tls_t *tls; /* control plane mTLS to the nodes; NULL = plaintext (tls.insecure) */
 } speed_router_params_t;
 
 typedef struct speed_router speed_router_t;

@@ -430,6 +430,7 @@ speed_status_t speed_router_create(const speed_router_params_t *params, speed_ro
         np.policy[SPEED_ROUTER_POOL_DECODE] = policy_of(cfg->decode_policy);
         np.status_interval_ms = cfg->status_interval_ms;
         np.metrics = rt->metrics;
+        np.tls = params->tls;
         st = speed_router_nodes_create(&np, &rt->nodes);
     }
     if (st == SPEED_OK) {

@@ -1,6 +1,7 @@
 /* The whole cluster on loopback: real speed-router → speed-prefill (2 replicas) → UCX → speed-decode
  * (2 replicas), driven through the OpenAI HTTP API.
  *
+ *  0. no node's control plane answers a client without a certificate of the cluster's CA;
  *  1. /v1/completions with token-id prompts, streamed and not, at C = L, C < L and a fractional C,
  *     and a chat completion: tokens and logprobs equal `speedctl generate`; usage.kv_bytes is the
  *     SPEED formula, kv_full_depth_bytes the C = L one, and the prefill nodes'
@@ -24,6 +25,8 @@
 #include "log.h"
 #include "model.h"
 #include "openai_util.h"
+#include "rpc.h"
+#include "speed_methods.h"
 
 #define N_PROMPT 40
 #define N_GEN    8
@@ -472,6 +475,37 @@ static void check_back_to_back(int port) {
 /* On the second router (it polls the nodes once a minute, so a stalled node is not noticed):
  * the decode node serving the stream is stopped (SIGSTOP) for the length of the drain checks,
  * so the stream is certainly still in flight while they run; then it goes on and completes. */
+/* The control plane of every node refuses strangers: plaintext, TLS without a client certificate,
+ * and a "router" certificate of another CA get no Health and no Drain; every node keeps
+ * serving (the exactness checks that follow run through all of them). */
+static void check_strangers(void) {
+    static speed_rpc_tls_t no_cert;
+    no_cert.ca = cu_rpc_tls("router")->ca;
+    const speed_rpc_tls_t *who[] = {NULL, &no_cert, cu_rpc_tls("stranger")};
+    const char *names[] = {"plaintext", "no certificate", "another CA"};
+    for (int k = 0; k < 2 * (g_c.np + g_c.nd); k++) {
+        int node = k / 2;
+        int port = node < g_c.np ? cu_pre_grpc(&g_c, node) : cu_dec_grpc(&g_c, node - g_c.np);
+        const char *method = k % 2 ? SPEED_METHOD_NODE_DRAIN : SPEED_METHOD_NODE_HEALTH;
+        char target[64];
+        snprintf(target, sizeof target, "127.0.0.1:%d", port);
+        for (int s = 0; s < 3; s++) {
+            speed_rpc_channel_params_t cp = speed_rpc_channel_default_params();
+            cp.tls = who[s];
+            speed_rpc_channel_t *ch = NULL;
+            CHECK_INT_EQ(speed_rpc_channel_create(target, &cp, &ch), SPEED_OK);
+            speed_rpc_reply_t r;
+            speed_rpc_unary(ch, method, NULL, 0, 5000, &r);
+            CHECK_MSG(r.code == SPEED_RPC_UNAVAILABLE, "%s: %s on port %d gave %s", names[s], method, port,
+                      speed_rpc_code_name(r.code));
+            speed_rpc_reply_cleanup(&r);
+            speed_rpc_channel_destroy(ch);
+        }
+    }
+    for (int i = 0; i < g_c.np; i++) CHECK(cu_wait_health(cu_pre_http(&g_c, i), 200, 5));
+    for (int i = 0; i < g_c.nd; i++) CHECK(cu_wait_health(cu_dec_http(&g_c, i), 200, 5));
+}
+
 static void check_drain(cu_proc_t *router, int port, const char *auth) {
     char *body = ou_completion_body("model", g_prompt, N_PROMPT, LONG_GEN, 0, true, NULL, NULL);
     cu_sse_t s;
@@ -581,6 +615,9 @@ int main(void) {
     fprintf(stderr, "cluster up after %.1f s\n", now_s() - t_start);
     if (ok && ok0 && ok1 && ok2) {
         double t = now_s();
+        check_strangers();
+        fprintf(stderr, "strangers: %.1f s\n", now_s() - t);
+        t = now_s();
         check_depth("4", 4, false);
         check_depth("4", 4, true);
         check_depth("3", 3, false);

@@ -166,6 +166,7 @@ int main(void) {
     snprintf(target, sizeof target, "127.0.0.1:%d", cu_dec_grpc(&c, 0));
     speed_rpc_channel_t *dec = NULL;
     speed_rpc_channel_params_t cp = speed_rpc_channel_default_params();
+    cp.tls = cu_rpc_tls("router");
     CHECK_INT_EQ(speed_rpc_channel_create(target, &cp, &dec), SPEED_OK);
 
     int n_accepted = 0, n_refused = 0;

@@ -260,6 +260,7 @@ int main(int argc, char **argv) {
     char target[64];
     snprintf(target, sizeof target, "127.0.0.1:%d", B);
     speed_rpc_channel_params_t cp = speed_rpc_channel_default_params();
+    cp.tls = cu_rpc_tls("router");
     speed_rpc_channel_t *pc = NULL, *dc = NULL;
     speed_rpc_channel_create(target, &cp, &pc);
     snprintf(target, sizeof target, "127.0.0.1:%d", B + 20);

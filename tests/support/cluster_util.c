@@ -4,6 +4,7 @@
 #include <sys/wait.h>
 
 #include "test_fs.h"
+#include "tls_test_util.h"
 
 char cu_dir[512];
 char cu_bin[512];
@@ -29,11 +30,55 @@ void cu_init(const char *name) {
         fprintf(stderr, "make-tiny-model failed (see %s/make-model.log)\n", cu_dir);
         exit(1);
     }
+    tt_certs_write(tu_path("certs"));
     setenv("UCX_TCP_CM_REUSEADDR", "y", 1);
     setenv("UCX_NET_DEVICES", "lo", 1);
     setenv("UCX_WARN_UNUSED_ENV_VARS", "n", 1);
     unsetenv("SPEED_CONFIG");
     unsetenv("SPEED_MODEL");
+    unsetenv("SPEED_TLS_CA");
+    unsetenv("SPEED_TLS_CERT");
+    unsetenv("SPEED_TLS_KEY");
+    unsetenv("SPEED_TLS_INSECURE");
+}
+
+/* The identity a daemon's certificate carries: "router", or "<role>-<node.index>". NULL for
+ * programs that are not daemons. */
+static const char *daemon_identity(const char *prog, const char *const *args, char *buf, size_t size) {
+    const char *role = strcmp(prog, "speed-decode") == 0 ? "decode" : strcmp(prog, "speed-prefill") == 0 ? "prefill"
+                                                                     : NULL;
+    if (strcmp(prog, "speed-router") == 0) return "router";
+    if (!role) return NULL;
+    const char *index = "0";
+    for (int i = 0; args[i]; i++)
+        if (strcmp(args[i], "--node.index") == 0 && args[i + 1]) index = args[i + 1];
+    snprintf(buf, size, "%s-%s", role, index);
+    return buf;
+}
+
+static bool has_arg(const char *const *args, const char *prefix) {
+    for (int i = 0; args[i]; i++)
+        if (strncmp(args[i], prefix, strlen(prefix)) == 0) return true;
+    return false;
+}
+
+const speed_rpc_tls_t *cu_rpc_tls(const char *identity) {
+    static struct {
+        char name[32];
+        speed_tls_creds_t creds;
+        speed_rpc_tls_t tls;
+    } cache[8];
+    static int n_cache;
+    for (int i = 0; i < n_cache; i++)
+        if (strcmp(cache[i].name, identity) == 0) return &cache[i].tls;
+    if (n_cache == 8) {
+        fprintf(stderr, "cu_rpc_tls: too many identities\n");
+        exit(1);
+    }
+    snprintf(cache[n_cache].name, sizeof cache[n_cache].name, "%s", identity);
+    tt_creds_load(tu_path("certs"), identity, &cache[n_cache].creds);
+    cache[n_cache].tls = tt_rpc_tls(&cache[n_cache].creds);
+    return &cache[n_cache++].tls;
 }
 
 void cu_init_model(const char *name, const char *model_opts) {
@@ -69,10 +114,25 @@ cu_proc_t cu_spawn(const char *prog, const char *name, const char *const *args) 
     char path[1024], log[1024];
     snprintf(path, sizeof path, "%s/%s", cu_bin, prog);
     snprintf(log, sizeof log, "%s/%s.log", cu_dir, name);
-    const char *argv[64];
+    const char *argv[72];
     int n = 0;
     argv[n++] = path;
     for (int i = 0; args[i] && n < 63; i++) argv[n++] = args[i];
+    /* Every daemon runs the control plane with mTLS and its own certificate, unless the test
+     * chose (tls.insecure, or certificates of its own). */
+    char id[48], ca[1024], crt[1024], key[1024];
+    const char *identity = daemon_identity(prog, args, id, sizeof id);
+    if (identity && !has_arg(args, "--tls.") && !has_arg(args, "--no-tls.")) {
+        snprintf(ca, sizeof ca, "%s/certs/ca.crt", cu_dir);
+        snprintf(crt, sizeof crt, "%s/certs/%s.crt", cu_dir, identity);
+        snprintf(key, sizeof key, "%s/certs/%s.key", cu_dir, identity);
+        argv[n++] = "--tls.ca";
+        argv[n++] = ca;
+        argv[n++] = "--tls.cert";
+        argv[n++] = crt;
+        argv[n++] = "--tls.key";
+        argv[n++] = key;
+    }
     argv[n] = NULL;
     tu_spawn_params_t sp = {.log_path = log, .die_with_parent = true};
     p.pid = tu_spawn(argv, &sp);

@@ -42,6 +42,7 @@
 #include "check.h"
 #include "daemon_client.h"
 #include "http.h"
+#include "rpc.h"
 #include "test_clock.h"
 #include "test_proc.h"
 
@@ -60,6 +61,11 @@ void cu_init(const char *name);
 /* cu_init, with extra `speedctl make-tiny-model` options (e.g. a wider model). */
 void cu_init_model(const char *name, const char *model_opts);
 
+/* The test's client credentials for `identity` ("router", "admin", "prefill-0", ...,
+ * "stranger": a "router" certificate of another CA), loaded once from <cu_dir>/certs, for
+ * speed_rpc_channel_params_t.tls. Exits 1 when they cannot be loaded. Main thread. */
+const speed_rpc_tls_t *cu_rpc_tls(const char *identity);
+
 /* Removes the scratch directory unless `keep` or $SPEED_KEEP_TEST_LOGS (not "0") says to keep
  * it (then prints where it is). */
 void cu_cleanup(bool keep);
@@ -75,7 +81,11 @@ typedef struct {
 } cu_proc_t;
 
 /* Starts <cu_bin>/<prog> with the NULL-terminated args; stdout and stderr go to
- * <cu_dir>/<name>.log. p.pid is -1 when it could not be started. */
+ * <cu_dir>/<name>.log. p.pid is -1 when it could not be started.
+ * The daemons (speed-decode, speed-prefill, speed-router) also get --tls.ca/cert/key: the test's
+ * CA and the certificate of their identity ("router", "decode-<node.index>", ...) from
+ * <cu_dir>/certs (made by cu_init, tls_test_util.h), unless args already hold a --tls.* option
+ * (e.g. --tls.insecure). */
 cu_proc_t cu_spawn(const char *prog, const char *name, const char *const *args);
 
 /* Waits up to timeout_s for the process to exit without signalling it (e.g. after a signal

@@ -5,6 +5,7 @@
 #include <time.h>
 
 #include "test_proc.h"
+#include "tls_test_util.h"
 
 /* ---- fake nodes ------------------------------------------------------------------------ */
 
@@ -344,6 +345,28 @@ void fake_defaults(fake_node_t *n) {
     atomic_store(&n->cancel_ignored, false);
 }
 
+/* The test's certificates (tls_test_util.h) under its scratch directory, made on first use. */
+static const char *fake_certs_dir(void) {
+    static char dir[1024];
+    if (!dir[0]) {
+        snprintf(dir, sizeof dir, "%s", tu_path("certs"));
+        tt_certs_write(dir);
+    }
+    return dir;
+}
+
+/* The fake nodes' server credentials: a node certificate of the test's CA (the router checks
+ * that the CA signed it and that it names 127.0.0.1, not which node it is). */
+static const speed_rpc_tls_t *fake_tls(void) {
+    static speed_tls_creds_t creds;
+    static speed_rpc_tls_t tls;
+    if (!creds.cert) {
+        tt_creds_load(fake_certs_dir(), "decode-0", &creds);
+        tls = tt_rpc_tls(&creds);
+    }
+    return &tls;
+}
+
 speed_status_t fake_start(fake_node_t *n, const char *name, int port) {
     memset(n, 0, sizeof(*n));
     pthread_mutex_init(&n->lock, NULL);
@@ -354,6 +377,7 @@ speed_status_t fake_start(fake_node_t *n, const char *name, int port) {
     snprintf(addr, sizeof addr, "127.0.0.1:%d", port);
     speed_rpc_server_params_t p = speed_rpc_server_default_params();
     p.address = addr;
+    p.tls = fake_tls();
     speed_status_t st = speed_rpc_server_create(&p, &n->server);
     if (st != SPEED_OK) return st;
     static const struct {
@@ -502,8 +526,10 @@ bool write_cluster(const char *path, const char *model, int np, int pbase, int n
             "  prefill_policy: round-robin\n  decode_policy: round-robin\n"
             "  request_timeout_ms: 20000\n"
             "prefill:\n  replicas: %d\n  grpc_port: %d\n  http_port: %d\n"
-            "decode:\n  replicas: %d\n  grpc_port: %d\n  http_port: %d\n",
-            model, np, pbase, 1000 + (pbase % 500) * 2, nd, dbase, 3000 + (dbase % 500) * 2);
+            "decode:\n  replicas: %d\n  grpc_port: %d\n  http_port: %d\n"
+            "tls:\n  ca: %s/ca.crt\n  cert: %s/router.crt\n  key: %s/router.key\n",
+            model, np, pbase, 1000 + (pbase % 500) * 2, nd, dbase, 3000 + (dbase % 500) * 2, fake_certs_dir(),
+            fake_certs_dir(), fake_certs_dir());
     fclose(f);
     return true;
 }

@@ -187,6 +187,7 @@ typedef struct {
     up_args_t args;
     char bin_dir[PATH_MAX];
     char log_dir[PATH_MAX];
+    char cert_dir[PATH_MAX]; /* throwaway control plane certificates; "" = none made */
     up_proc_t *procs;
     int n_procs;
     int sfd; /* signalfd: SIGINT, SIGTERM, SIGCHLD */
@@ -289,9 +290,10 @@ static void tail_print(const up_t *u, up_proc_t *p) {
     }
 }
 
-/* Builds the child's argv: BIN, the cluster options, --config FILE, --node.index I. */
-static char **child_argv(const up_t *u, const up_proc_t *p, const char *bin, char *index_buf) {
-    char **argv = speed_calloc((size_t)u->args.cluster_argc + 6, sizeof *argv);
+/* Builds the child's argv: BIN, the cluster options, --config FILE, --node.index I, and its own
+ * --tls.* files when speedctl made them. tls_buf holds 3 paths of PATH_MAX + 64. */
+static char **child_argv(const up_t *u, const up_proc_t *p, const char *bin, char *index_buf, char *tls_buf) {
+    char **argv = speed_calloc((size_t)u->args.cluster_argc + 12, sizeof *argv);
     if (!argv) return NULL;
     int n = 0;
     argv[n++] = (char *)bin;
@@ -305,14 +307,27 @@ static char **child_argv(const up_t *u, const up_proc_t *p, const char *bin, cha
         argv[n++] = "--node.index";
         argv[n++] = index_buf;
     }
+    if (u->cert_dir[0]) {
+        const size_t size = PATH_MAX + 64;
+        char *ca = tls_buf, *crt = tls_buf + size, *key = tls_buf + 2 * size;
+        snprintf(ca, size, "%s/ca.crt", u->cert_dir);
+        snprintf(crt, size, "%s/%s.crt", u->cert_dir, p->name);
+        snprintf(key, size, "%s/%s.key", u->cert_dir, p->name);
+        argv[n++] = "--tls.ca";
+        argv[n++] = ca;
+        argv[n++] = "--tls.cert";
+        argv[n++] = crt;
+        argv[n++] = "--tls.key";
+        argv[n++] = key;
+    }
     argv[n] = NULL;
     return argv;
 }
 
 static bool proc_start(up_t *u, up_proc_t *p) {
-    char bin[PATH_MAX + 32], index_buf[24];
+    char bin[PATH_MAX + 32], index_buf[24], tls_buf[3 * (PATH_MAX + 64)];
     snprintf(bin, sizeof bin, "%s/%s", u->bin_dir, kind_bins[p->kind]);
-    char **argv = child_argv(u, p, bin, index_buf);
+    char **argv = child_argv(u, p, bin, index_buf, tls_buf);
     if (!argv) {
         speedctl_fail("%s: out of memory", p->name);
         return false;
@@ -586,6 +601,12 @@ static bool make_log_dir(up_t *u) {
     return true;
 }
 
+/* A cluster file without tls.cert (and without tls.insecure) gets throwaway certificates. */
+static bool make_certs(up_t *u) {
+    if (u->c.tls_insecure || (u->c.tls_cert && *u->c.tls_cert)) return true;
+    return speedctl_certs_tmp_make(&u->c, u->cert_dir, sizeof u->cert_dir);
+}
+
 static bool procs_init(up_t *u) {
     const speed_cluster_config_t *c = &u->c;
     u->n_procs = (int)(c->decode.replicas + c->prefill.replicas + 1);
@@ -808,7 +829,8 @@ int speedctl_up(int argc, char **argv) {
         goto usage;
     }
     rc = SPEEDCTL_EXIT_FAIL;
-    if (!check_model(&u.c) || !find_binaries(&u) || !make_log_dir(&u) || !procs_init(&u)) goto out;
+    if (!check_model(&u.c) || !find_binaries(&u) || !make_log_dir(&u) || !procs_init(&u) || !make_certs(&u))
+        goto out;
 
     /* UCX settings every process needs on one host; what the user set wins */
     setenv("UCX_TCP_CM_REUSEADDR", "y", 0);
@@ -830,6 +852,9 @@ int speedctl_up(int argc, char **argv) {
     printf("starting %s: model %s, %lld decode + %lld prefill replicas and the router on %s%s%s\n",
            speed_config_file(ccfg), u.c.model, (long long)u.c.decode.replicas, (long long)u.c.prefill.replicas,
            u.c.host, u.opts.foreground_logs ? "" : ", logs in ", u.opts.foreground_logs ? "" : u.log_dir);
+    printf("control plane: %s\n", u.cert_dir[0]          ? "mutual TLS, throwaway certificates for this run"
+                                   : u.c.tls_insecure ? "PLAINTEXT (tls.insecure)"
+                                                      : "mutual TLS, the configured certificates");
     fflush(stdout);
     rc = up_run(&u);
     goto out;
@@ -845,6 +870,7 @@ out:
         close(u.sfd);
         speed_signals_restore(&u.old_mask);
     }
+    speedctl_certs_tmp_remove(u.cert_dir);
     speed_free(u.procs);
     speed_config_destroy(ccfg);
     speed_config_destroy(ucfg);

@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 #include "backend.h"
+#include "cluster_config.h"
 #include "engine.h"
 #include "config.h"
 #include "status.h"
@@ -23,6 +24,21 @@ int speedctl_tokenize(int argc, char **argv);
 int speedctl_generate(int argc, char **argv);
 int speedctl_bench(int argc, char **argv);
 int speedctl_up(int argc, char **argv);
+int speedctl_certs(int argc, char **argv);
+
+/* The control plane certificates of a cluster into dir (cli_certs.c): ca.crt, ca.key, and
+ * <name>.crt / <name>.key for router, admin, prefill-<i>, decode-<i>, with the cluster's host,
+ * control.listen, loopback and the comma-separated extra_hosts (may be NULL) as SANs. Keys
+ * 0600; existing files are refused unless force. The reason of a failure goes into err. */
+speed_status_t speedctl_certs_write(const speed_cluster_config_t *c, const char *dir, const char *extra_hosts,
+                                    int64_t days, bool force, char *err, size_t err_size);
+
+/* speedctl up's throwaway set: a new private directory (mode 0700) under $TMPDIR (or /tmp) into
+ * dir (size bytes), filled by speedctl_certs_write (valid 30 days). False on failure (printed);
+ * dir is then "" or a directory to remove. speedctl_certs_tmp_remove deletes its files and the
+ * directory and sets dir to ""; "" is a no-op. */
+bool speedctl_certs_tmp_make(const speed_cluster_config_t *c, char *dir, size_t size);
+void speedctl_certs_tmp_remove(char *dir);
 
 /* Log sinks: the CLI's stderr format, and one that drops everything (used around
  * optional steps whose failure is reported differently). */

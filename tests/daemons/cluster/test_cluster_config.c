@@ -101,6 +101,40 @@ static void test_backend(void) {
     CHECK_STR_EQ(speed_backend_kind_name((speed_backend_kind_t)7), "?");
 }
 
+/* The control plane keys: where gRPC binds (control.listen, apart from host), the TLS files, and
+ * what a daemon does with them at startup (speed_cluster_tls_load). */
+static void test_control_plane(void) {
+    speed_cluster_config_t c;
+    speed_config_t *cfg = NULL;
+    char a[64];
+    CHECK_INT_EQ(load("decode", &c, &cfg, 2, "--host", "10.0.0.5"), SPEED_OK);
+    CHECK(!c.tls_insecure); /* secure by default */
+    CHECK_STR_EQ(c.control_listen, "127.0.0.1");
+    speed_cluster_grpc_listen_addr(&c, &c.decode, 1, a, sizeof a);
+    CHECK_STR_EQ(a, "127.0.0.1:8301");
+    speed_cluster_grpc_addr(&c, &c.decode, 1, a, sizeof a); /* what peers dial stays host */
+    CHECK_STR_EQ(a, "10.0.0.5:8301");
+    CHECK(speed_cluster_control_unreachable(&c));
+    /* no certificate and not insecure: refused, with the way out */
+    speed_tls_creds_t creds;
+    CHECK_INT_EQ(speed_cluster_tls_load(&c, "speed-decode", "decode-0", &creds), SPEED_ERR_INVALID_ARGUMENT);
+    speed_config_destroy(cfg);
+    CHECK_INT_EQ(load("decode", &c, &cfg, 4, "--control.listen", "::", "--tls.insecure", "true"), SPEED_OK);
+    speed_cluster_grpc_listen_addr(&c, &c.decode, 0, a, sizeof a);
+    CHECK_STR_EQ(a, "[::]:8300");
+    CHECK(!speed_cluster_control_unreachable(&c));
+    CHECK_INT_EQ(speed_cluster_tls_load(&c, "speed-decode", "decode-0", &creds), SPEED_OK);
+    CHECK(creds.cert == NULL); /* plaintext */
+    speed_config_destroy(cfg);
+    /* files that do not exist: refused naming the key and the file */
+    CHECK_INT_EQ(load("decode", &c, &cfg, 6, "--tls.ca", "/nonexistent/ca.crt", "--tls.cert", "/nonexistent/d.crt",
+                      "--tls.key", "/nonexistent/d.key"),
+                 SPEED_OK);
+    CHECK(speed_cluster_tls_load(&c, "speed-decode", "decode-0", &creds) != SPEED_OK);
+    CHECK(creds.cert == NULL);
+    speed_config_destroy(cfg);
+}
+
 int main(void) {
     tu_tmp_init("cluster_config");
     speed_log_configure("error");
@@ -166,6 +200,7 @@ int main(void) {
     CHECK_INT_EQ(load(NULL, &c, &cfg, 4, "--decode.grpc_port", "65535", "--decode.replicas", "2"),
                  SPEED_ERR_INVALID_ARGUMENT);
     test_backend();
+    test_control_plane();
     tu_rm_rf(tu_root);
     return CHECK_DONE();
 }

@@ -20,14 +20,25 @@
 static int32_t g_prompt[N_PROMPT];
 static char g_prompt_text[512];
 
-static speed_rpc_channel_t *channel(int port) {
+/* A channel to a node as `identity` ("router", "admin", "stranger": another CA's certificate;
+ * NULL: plaintext; "" : TLS without a client certificate). */
+static speed_rpc_channel_t *channel_as(int port, const char *identity) {
     char target[64];
     snprintf(target, sizeof target, "127.0.0.1:%d", port);
     speed_rpc_channel_t *ch = NULL;
     speed_rpc_channel_params_t p = speed_rpc_channel_default_params();
+    static speed_rpc_tls_t no_cert;
+    if (identity && !identity[0]) {
+        no_cert.ca = cu_rpc_tls("router")->ca;
+        p.tls = &no_cert;
+    } else if (identity) {
+        p.tls = cu_rpc_tls(identity);
+    }
     CHECK_INT_EQ(speed_rpc_channel_create(target, &p, &ch), SPEED_OK);
     return ch;
 }
+
+static speed_rpc_channel_t *channel(int port) { return channel_as(port, "router"); }
 
 /* Packs msg, calls, unpacks the reply with desc. Returns the gRPC code. */
 static int call(speed_rpc_channel_t *ch, const char *method, const ProtobufCMessage *msg,
@@ -180,6 +191,121 @@ static void run_depth(speed_rpc_channel_t *pre, speed_rpc_channel_t *dec, const 
     json_decref(ref);
 }
 
+/* One unary call on a fresh channel as `identity` (channel_as); returns the code. */
+static int call_as(int port, const char *identity, const char *method, const ProtobufCMessage *msg, char *err,
+                   size_t err_size) {
+    speed_rpc_channel_t *ch = channel_as(port, identity);
+    int code = call(ch, method, msg, NULL, NULL, err, err_size);
+    speed_rpc_channel_destroy(ch);
+    return code;
+}
+
+/* The control plane's trust boundary, on both nodes: a peer without a certificate of the
+ * cluster's CA (plaintext, TLS without a certificate, another CA's "router") reaches no method
+ * at all; a peer of the cluster with the wrong role is refused each method it has no business
+ * calling (PERMISSION_DENIED); and the nodes keep serving the router afterwards. */
+static void test_strangers(int pre_port, int dec_port, int pre_http, int dec_http) {
+    char err[256];
+    Speed__V1__DrainRequest drain = SPEED__V1__DRAIN_REQUEST__INIT;
+    Speed__V1__HealthRequest health = SPEED__V1__HEALTH_REQUEST__INIT;
+    Speed__V1__ReserveRequest rr = SPEED__V1__RESERVE_REQUEST__INIT;
+    rr.request_id = "stranger";
+    rr.n_prompt = N_PROMPT;
+    rr.max_tokens = N_GEN;
+    Speed__V1__CancelRequest cr = SPEED__V1__CANCEL_REQUEST__INIT;
+    cr.request_id = "stranger";
+    Speed__V1__SamplingParams smp = sampling();
+    Speed__V1__PrefillRequest pr = SPEED__V1__PREFILL_REQUEST__INIT;
+    pr.request_id = "stranger";
+    pr.n_prompt_ids = N_PROMPT;
+    pr.prompt_ids = g_prompt;
+    pr.sampling = &smp;
+    Speed__V1__GenerateRequest gr = SPEED__V1__GENERATE_REQUEST__INIT;
+    gr.request_id = "stranger-gen";
+    gr.n_prompt_ids = N_PROMPT;
+    gr.prompt_ids = g_prompt;
+    gr.sampling = &smp;
+    gen_out_t g;
+
+    const char *strangers[] = {NULL, "", "stranger"};
+    for (int s = 0; s < 3; s++) {
+        const char *who = strangers[s] ? (strangers[s][0] ? strangers[s] : "no certificate") : "plaintext";
+        int ports[2] = {pre_port, dec_port};
+        for (int k = 0; k < 2; k++) {
+            int code = call_as(ports[k], strangers[s], SPEED_METHOD_NODE_DRAIN, &drain.base, err, sizeof err);
+            CHECK_MSG(code == SPEED_RPC_UNAVAILABLE, "%s: Drain on port %d gave %s (%s)", who, ports[k],
+                      speed_rpc_code_name(code), err);
+            code = call_as(ports[k], strangers[s], SPEED_METHOD_NODE_HEALTH, &health.base, err, sizeof err);
+            CHECK_MSG(code == SPEED_RPC_UNAVAILABLE, "%s: Health gave %s", who, speed_rpc_code_name(code));
+        }
+        int code = call_as(dec_port, strangers[s], SPEED_METHOD_DECODE_RESERVE, &rr.base, err, sizeof err);
+        CHECK_MSG(code == SPEED_RPC_UNAVAILABLE, "%s: Reserve gave %s", who, speed_rpc_code_name(code));
+        code = call_as(pre_port, strangers[s], SPEED_METHOD_PREFILL_PREFILL, &pr.base, err, sizeof err);
+        CHECK_MSG(code == SPEED_RPC_UNAVAILABLE, "%s: Prefill gave %s", who, speed_rpc_code_name(code));
+        speed_rpc_channel_t *ch = channel_as(dec_port, strangers[s]);
+        code = generate(ch, &gr, &g);
+        CHECK_MSG(code == SPEED_RPC_UNAVAILABLE, "%s: Generate gave %s", who, speed_rpc_code_name(code));
+        CHECK_INT_EQ(g.n, 0);
+        speed_rpc_channel_destroy(ch);
+    }
+
+    /* cluster members with the wrong role */
+    CHECK_INT_EQ(call_as(dec_port, "admin", SPEED_METHOD_DECODE_RESERVE, &rr.base, err, sizeof err),
+                 SPEED_RPC_PERMISSION_DENIED);
+    CHECK_CONTAINS(err, "peer 'admin' may not call /speed.v1.Decode/Reserve");
+    CHECK_INT_EQ(call_as(dec_port, "prefill-0", SPEED_METHOD_DECODE_CANCEL, &cr.base, err, sizeof err),
+                 SPEED_RPC_PERMISSION_DENIED);
+    CHECK_INT_EQ(call_as(pre_port, "decode-0", SPEED_METHOD_PREFILL_PREFILL, &pr.base, err, sizeof err),
+                 SPEED_RPC_PERMISSION_DENIED);
+    CHECK_INT_EQ(call_as(pre_port, "admin", SPEED_METHOD_PREFILL_CANCEL, &cr.base, err, sizeof err),
+                 SPEED_RPC_PERMISSION_DENIED);
+    CHECK_INT_EQ(call_as(dec_port, "router", SPEED_METHOD_NODE_DRAIN, &drain.base, err, sizeof err),
+                 SPEED_RPC_PERMISSION_DENIED);
+    CHECK_INT_EQ(call_as(pre_port, "prefill-0", SPEED_METHOD_NODE_DRAIN, &drain.base, err, sizeof err),
+                 SPEED_RPC_PERMISSION_DENIED);
+    speed_rpc_channel_t *ch = channel_as(dec_port, "admin");
+    CHECK_INT_EQ(generate(ch, &gr, &g), SPEED_RPC_PERMISSION_DENIED);
+    speed_rpc_channel_destroy(ch);
+    /* admin may read health */
+    CHECK_INT_EQ(call_as(dec_port, "admin", SPEED_METHOD_NODE_HEALTH, &health.base, err, sizeof err), SPEED_RPC_OK);
+    CHECK_INT_EQ(call_as(pre_port, "admin", SPEED_METHOD_NODE_HEALTH, &health.base, err, sizeof err), SPEED_RPC_OK);
+
+    /* nothing was reserved, nothing drained: both nodes still serve the router */
+    CHECK_NEAR(cu_metric(dec_http, "speed_kv_blocks_reserved"), 0.0, 0.0);
+    CHECK(cu_wait_health(dec_http, 200, 5) && cu_wait_health(pre_http, 200, 5));
+    CHECK_INT_EQ(call_as(dec_port, "router", SPEED_METHOD_NODE_HEALTH, &health.base, err, sizeof err), SPEED_RPC_OK);
+    CHECK_INT_EQ(call_as(dec_port, "router", SPEED_METHOD_DECODE_RESERVE, &rr.base, err, sizeof err), SPEED_RPC_OK);
+    CHECK_INT_EQ(call_as(dec_port, "router", SPEED_METHOD_DECODE_CANCEL, &cr.base, err, sizeof err), SPEED_RPC_OK);
+}
+
+/* Startup: a node with no certificate (and tls.insecure false) refuses to start with the way
+ * out; with tls.insecure it serves plaintext and warns that the control plane is open. */
+static void test_tls_startup(const char *model_dir, int B) {
+    char grpc[16], http[16];
+    snprintf(grpc, sizeof grpc, "%d", B + 50);
+    snprintf(http, sizeof http, "%d", B + 60);
+    const char *none[] = {"--model", model_dir, "--decode.grpc_port", grpc, "--decode.http_port", http,
+                          "--tls.ca", "", NULL};
+    cu_proc_t d = cu_spawn("speed-decode", "decode-nocert", none);
+    CHECK_INT_EQ(cu_wait_exit(&d, 30), 2);
+    CHECK_MSG(tu_system("grep -q 'no certificate for the control plane: run .speedctl certs' %s/decode-nocert.log",
+                        cu_dir) == 0,
+              "decode-nocert.log lacks the way out");
+    const char *open_args[] = {"--model", model_dir, "--decode.grpc_port", grpc, "--decode.http_port", http,
+                               "--tls.insecure", "--decode.threads", "1", NULL};
+    d = cu_spawn("speed-decode", "decode-insecure", open_args);
+    CHECK(cu_wait_up(&d, B + 60, 30));
+    char err[256];
+    Speed__V1__HealthRequest health = SPEED__V1__HEALTH_REQUEST__INIT;
+    CHECK_INT_EQ(call_as(B + 50, NULL, SPEED_METHOD_NODE_HEALTH, &health.base, err, sizeof err), SPEED_RPC_OK);
+    CHECK_INT_EQ(call_as(B + 50, "router", SPEED_METHOD_NODE_HEALTH, &health.base, err, sizeof err),
+                 SPEED_RPC_UNAVAILABLE);
+    CHECK_INT_EQ(cu_stop(&d, SIGTERM, 20), 0);
+    CHECK_MSG(tu_system("grep -q ' W net .*control plane is plaintext and unauthenticated' %s/decode-insecure.log",
+                        cu_dir) == 0,
+              "decode-insecure.log lacks the warning");
+}
+
 /* The pool's `backend` key: a cpu-ref node serves; a cuda node on a machine without a GPU exits
  * 1 at startup with the line that says why and what to do (never a crash, nothing leaked: an
  * ASan build would exit 23 and print its report). */
@@ -289,6 +415,7 @@ int main(void) {
 
     const int B = cu_port_base;
     test_backend_choice(model_dir, B);
+    test_tls_startup(model_dir, B);
     char p_grpc[16], p_http[16], d_grpc[16], d_http[16], r_port[16];
     snprintf(p_grpc, sizeof p_grpc, "%d", B);
     snprintf(p_http, sizeof p_http, "%d", B + 10);
@@ -452,9 +579,19 @@ int main(void) {
         CHECK(cu_wait_health(B + 30, 200, 5) && cu_wait_health(B + 10, 200, 5));
     }
 
+    /* 5. strangers and wrong roles on the control plane */
+    test_strangers(B, B + 20, B + 10, B + 30);
+
     speed_rpc_channel_destroy(pc);
     speed_rpc_channel_destroy(dc);
-    CHECK_INT_EQ(cu_stop(&pre, SIGTERM, 20), 0);
+    /* the operator's admin certificate drains a node: it exits 0 on its own */
+    {
+        char err[256];
+        Speed__V1__DrainRequest drain = SPEED__V1__DRAIN_REQUEST__INIT;
+        CHECK_INT_EQ(call_as(B, "admin", SPEED_METHOD_NODE_DRAIN, &drain.base, err, sizeof err), SPEED_RPC_OK);
+        CHECK_INT_EQ(cu_wait_exit(&pre, 20), 0);
+    }
+    CHECK_INT_EQ(cu_stop(&pre, SIGTERM, 20), -1); /* already gone */
     CHECK_INT_EQ(cu_stop(&dec, SIGTERM, 20), 0);
     speed_model_destroy(model);
     int failed = CHECK_DONE();

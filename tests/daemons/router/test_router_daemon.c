@@ -423,7 +423,7 @@ static void test_api_keys(void) {
 static void test_cli(void) {
     /* --print-config and a bad option, without starting anything */
     const char *bin = getenv("SPEED_ROUTER");
-    char cmd[2048];
+    char cmd[8192];
     snprintf(cmd, sizeof cmd, "'%s' --config '%s' --print-config > /dev/null", bin, cluster);
     CHECK_INT_EQ(WEXITSTATUS(system(cmd)), 0);
     snprintf(cmd, sizeof cmd, "'%s' --config '%s' --router.nope 1 2> /dev/null", bin, cluster);
@@ -432,6 +432,18 @@ static void test_cli(void) {
     CHECK_INT_EQ(WEXITSTATUS(system(cmd)), 0);
     snprintf(cmd, sizeof cmd, "'%s' --config '%s' --model /nonexistent 2> /dev/null", bin, cluster);
     CHECK_INT_EQ(WEXITSTATUS(system(cmd)), 1);
+    /* the control plane: no certificate (and not insecure) is refused with the way out; a
+     * certificate of another CA is refused naming the file */
+    snprintf(cmd, sizeof cmd, "'%s' --config '%s' --tls.cert '' 2> '%s.err'", bin, cluster, cluster);
+    CHECK_INT_EQ(WEXITSTATUS(system(cmd)), 2);
+    snprintf(cmd, sizeof cmd, "grep -q 'speed-router: no certificate for the control plane: run .speedctl certs' '%s.err'",
+             cluster);
+    CHECK_INT_EQ(WEXITSTATUS(system(cmd)), 0);
+    snprintf(cmd, sizeof cmd, "'%s' --config '%s' --tls.cert '%s' --tls.key '%s' 2> '%s.err'", bin, cluster,
+             tu_path("certs/stranger.crt"), tu_path("certs/stranger.key"), cluster);
+    CHECK_INT_EQ(WEXITSTATUS(system(cmd)), 2);
+    snprintf(cmd, sizeof cmd, "grep -q 'stranger.crt is not signed by the cluster CA' '%s.err'", cluster);
+    CHECK_INT_EQ(WEXITSTATUS(system(cmd)), 0);
 }
 
 int main(void) {

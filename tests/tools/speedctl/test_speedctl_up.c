@@ -27,6 +27,7 @@
 #include "test_clock.h"
 #include "test_fs.h"
 #include "test_proc.h"
+#include "tls.h"
 
 #define MAX_PIDS 16
 
@@ -192,6 +193,11 @@ static json_t *http_json(int port, const char *method, const char *path, const c
 
 /* ---- the cluster, used as a client would ---------------------------------------------------- */
 
+/* The throwaway certificate directories `speedctl up` made under TMPDIR (= dir): any? */
+static int cert_dirs(void) {
+    return tu_system("ls -d '%s'/speedctl-certs-* > /dev/null 2>&1", dir) == 0 ? 1 : 0;
+}
+
 static void test_cluster(void) {
     up_run_t r;
     int ports = free_block(port_base);
@@ -205,6 +211,14 @@ static void test_cluster(void) {
     CHECK_CONTAINS(r.out, want);
     up_parse_pids(&r);
     CHECK_INT_EQ(r.n_pids, 3);
+    /* the control plane runs mTLS on throwaway certificates, private to this run */
+    CHECK_CONTAINS(r.out, "\ncontrol plane: mutual TLS, throwaway certificates for this run\n");
+    CHECK_INT_EQ(cert_dirs(), 1);
+    CHECK_INT_EQ(tu_system("test \"$(stat -c %%a '%s'/speedctl-certs-*)\" = 700 && "
+                           "test \"$(stat -c %%a '%s'/speedctl-certs-*/router.key)\" = 600",
+                           dir, dir),
+                 0);
+    CHECK_INT_EQ(tu_system("grep -q -- '--tls.cert' /proc/%d/cmdline", (int)r.pids[0]), 0);
     if (ready && port > 0) {
         int status = 0;
         char *body = NULL;
@@ -243,7 +257,51 @@ static void test_cluster(void) {
     CHECK_CONTAINS(r.out, "stopped router");
     CHECK(pids_gone(&r));
     CHECK(ports_closed(ports));
+    CHECK_INT_EQ(cert_dirs(), 0); /* removed at exit */
     if (check_failures_) up_show(&r);
+}
+
+/* speedctl certs: every identity of the cluster file, keys 0600, loadable against the CA; no
+ * overwrite without --force; usage errors. */
+static void test_certs(void) {
+    char pki[800], path[900];
+    snprintf(pki, sizeof pki, "%s/pki", dir);
+    CHECK_INT_EQ(tu_system("cd '%s' && '%s' certs --config deploy/clusters/1p1d.yaml --out '%s' --host 10.1.2.3,"
+                           "node1.internal > '%s/certs.out' 2>&1",
+                           src_dir, speedctl, pki, dir),
+                 0);
+    const char *names[] = {"router", "admin", "prefill-0", "decode-0"};
+    for (int i = 0; i < 4; i++) {
+        char crt[900], key[900], err[512] = "";
+        snprintf(path, sizeof path, "%s/ca.crt", pki);
+        snprintf(crt, sizeof crt, "%s/%s.crt", pki, names[i]);
+        snprintf(key, sizeof key, "%s/%s.key", pki, names[i]);
+        speed_tls_creds_t c = {0};
+        CHECK_MSG(speed_tls_creds_load(path, crt, key, &c, err, sizeof err) == SPEED_OK, "%s: %s", names[i], err);
+        CHECK_STR_EQ(c.cn, names[i]);
+        speed_tls_creds_cleanup(&c);
+        struct stat st;
+        CHECK(stat(key, &st) == 0 && (st.st_mode & 0777) == 0600);
+    }
+    struct stat st;
+    snprintf(path, sizeof path, "%s/ca.key", pki);
+    CHECK(stat(path, &st) == 0 && (st.st_mode & 0777) == 0600);
+    CHECK(stat(pki, &st) == 0 && (st.st_mode & 0777) == 0700);
+    snprintf(path, sizeof path, "%s/prefill-1.crt", pki); /* 1p1d: one replica each */
+    CHECK(stat(path, &st) != 0);
+    /* again: refused, then --force */
+    CHECK_INT_EQ(tu_system("cd '%s' && '%s' certs --config deploy/clusters/1p1d.yaml --out '%s' > '%s/certs2.out' 2>&1",
+                           src_dir, speedctl, pki, dir),
+                 1);
+    CHECK_INT_EQ(tu_system("grep -q 'exists (use --force' '%s/certs2.out'", dir), 0);
+    CHECK_INT_EQ(tu_system("cd '%s' && '%s' certs --config deploy/clusters/1p1d.yaml --out '%s' --force > /dev/null "
+                           "2>&1",
+                           src_dir, speedctl, pki),
+                 0);
+    CHECK_INT_EQ(tu_system("cd '%s' && '%s' certs --out '%s' > /dev/null 2>&1", src_dir, speedctl, pki), 2);
+    CHECK_INT_EQ(tu_system("cd '%s' && '%s' certs --config deploy/clusters/1p1d.yaml > /dev/null 2>&1", src_dir,
+                           speedctl),
+                 2);
 }
 
 /* ---- startup failures ------------------------------------------------------------------------ */
@@ -342,7 +400,9 @@ int main(void) {
     port_base = 20000 + (int)(getpid() % 40) * 300;
     unsetenv("SPEED_CONFIG");
     unsetenv("SPEED_MODEL");
+    setenv("TMPDIR", dir, 1); /* where speedctl up puts its throwaway certificates */
 
+    test_certs();
     test_bad_model();
     test_router_port_zero();
     test_no_router();
