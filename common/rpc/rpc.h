@@ -99,6 +99,10 @@ const char *speed_rpc_code_name(int code);
 /* Default for the message size limits below: 64 MiB. */
 #define SPEED_RPC_DEFAULT_MAX_MESSAGE_BYTES (64u << 20)
 
+/* How long one connection attempt (TCP connect, TLS handshake, HTTP/2 settings) may take
+ * before the channel gives it up and backs off; calls still end at their own deadlines. */
+#define SPEED_RPC_CONNECT_TIMEOUT_MS 5000
+
 /* ---------------------------------------------------------------------------------------
  * Server */
 

@@ -96,8 +96,12 @@ speed_status_t speed_rpc_channel_create(const char *target, const speed_rpc_chan
     if (p.max_reconnect_backoff_ms > 0) {
         int initial = p.max_reconnect_backoff_ms < 100 ? p.max_reconnect_backoff_ms : 100;
         ADD_INT(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, initial);
-        ADD_INT(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, initial);
         ADD_INT(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, p.max_reconnect_backoff_ms);
+        /* Despite its name, gRPC core uses this as the floor of each connection attempt's
+         * deadline (TCP connect + TLS handshake + HTTP/2 settings), not of the backoff. At the
+         * 100 ms backoff it cut every attempt short on a loaded host or a distant one, and a
+         * node looked down for seconds (tests/common/rpc/test_rpc_tls.c, test_slow_link). */
+        ADD_INT(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, SPEED_RPC_CONNECT_TIMEOUT_MS);
     }
 #undef ADD_INT
     if (p.tls && p.tls_server_name) {

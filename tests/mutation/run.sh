@@ -182,6 +182,12 @@ if [ ! -f "$bld/CMakeCache.txt" ]; then
         echo "mutation: configure failed" >&2
         exit 2
     fi
+elif ! cmake "$bld" >"$logs/configure.log" 2>&1; then
+    # an existing build: configure again, so tests added since it was made are known to ctest
+    # before the build (the test list below is read from it)
+    cat "$logs/configure.log"
+    echo "mutation: configure failed" >&2
+    exit 2
 fi
 
 # Test executables of a ctest regex: each test runs a target's binary, named in the
