@@ -347,6 +347,20 @@ static speed_status_t load_model(speed_node_t *n) {
 
     speed_kv_xfer_ctx_params_t xp = speed_kv_xfer_ctx_default_params();
     xp.cuda_direct = c->ucx_cuda_direct;
+    /* Binding: shm nodes open shared memory (and loopback to themselves) only, never a TCP
+     * socket; tcp nodes only the configured devices. */
+    if (c->ucx_transport == SPEED_KV_TRANSPORT_SHM) {
+        xp.tls = "sm,self";
+    } else {
+        xp.tls = "tcp,self";
+        if (c->ucx_net_devices && *c->ucx_net_devices) xp.net_devices = c->ucx_net_devices;
+    }
+    if (strcmp(n->role, "decode") == 0) {
+        /* a notify marks KV ready only with the reservation's nonce (grants from Reserve) */
+        xp.require_grant = true;
+        xp.notify_cb = speed_node_on_kv_notify;
+        xp.notify_user = n;
+    }
     SPEED_CHECK(speed_kv_xfer_ctx_create(&xp, &n->xfer));
     n->epoch = speed_kv_xfer_ctx_epoch(n->xfer);
     SPEED_CHECK(speed_kv_xfer_ctx_register_cache(n->xfer, speed_batcher_kv_cache(n->batcher)));
