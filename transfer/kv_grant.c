@@ -205,7 +205,6 @@ speed_status_t speed_kv_grant_check(speed_kv_xfer_ctx_t *c, const speed_kv_notif
         keep = false;
     }
     pthread_mutex_lock(&c->mu);
-    if (st == SPEED_ERR_PEER_PROTOCOL || st == SPEED_ERR_NOT_FOUND) c->stats.n_nonce_rejected++;
     if (st == SPEED_ERR_TRANSFER) c->stats.n_integrity_failed++;
     if (keep) put_locked(c, g);
     pthread_mutex_unlock(&c->mu);

@@ -115,6 +115,11 @@ static ucs_status_t notify_handler(void *arg, const void *header, size_t header_
             st = speed_kv_grant_check(c, &m);
             if (st == SPEED_ERR_NOT_FOUND && !c->p.require_grant) st = SPEED_OK; /* no grant asked for */
             integrity_failed = st == SPEED_ERR_TRANSFER;
+            if (st == SPEED_ERR_NOT_FOUND || st == SPEED_ERR_PEER_PROTOCOL) {
+                pthread_mutex_lock(&c->mu);
+                c->stats.n_nonce_rejected++;
+                pthread_mutex_unlock(&c->mu);
+            }
         }
         if ((st == SPEED_OK || integrity_failed) && c->p.notify_cb) {
             speed_kv_notify_t note = {.request_id = m.request_id,
