@@ -188,6 +188,10 @@ static void late_puts(int rport, speed_rpc_channel_t *dec) {
         double t = wait_no_blocks(30);
         CHECK_MSG(t >= 0, "round %d: the cancelled reservation was never freed", round);
         double t_free = now_s() - t0;
+        /* The fence lifts on the prefill node's abort, sent when it stopped before its next
+         * layer (250 ms apart): well before the 4 s its prompt takes and the 10 s lease. */
+        CHECK_MSG(t_free < 2.5, "round %d: the blocks were freed %.2f s after the request: the prefill node did not stop "
+                  "at its next layer, or its abort did not lift the fence", round, t_free);
         char id[32];
         snprintf(id, sizeof id, "after-%d", round);
         CHECK_INT_EQ(decode_only(dec, id, &got), SPEED_RPC_OK);
