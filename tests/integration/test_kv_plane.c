@@ -45,6 +45,11 @@ static double wait_no_blocks(double timeout_s) {
     return now_s() - t0;
 }
 
+static double metric(bool prefill, const char *name) {
+    double v = cu_metric_sum(prefill ? cu_pre_http(&g_c, 0) : cu_dec_http(&g_c, 0), name);
+    return isnan(v) ? 0 : v;
+}
+
 static Speed__V1__SamplingParams greedy(int max_tokens) {
     Speed__V1__SamplingParams s = SPEED__V1__SAMPLING_PARAMS__INIT;
     s.max_tokens = max_tokens;
@@ -119,8 +124,8 @@ static void no_prefill(speed_rpc_channel_t *dec) {
 
 /* 2. a wrong nonce, then the right one */
 static void wrong_nonce(speed_rpc_channel_t *pre, speed_rpc_channel_t *dec) {
-    double failures0 = cu_metric_sum(cu_pre_http(&g_c, 0), "speed_kv_transfer_failures_total");
-    if (isnan(failures0)) failures0 = 0;
+    double failures0 = metric(true, "speed_kv_transfer_failures_total");
+    double refused0 = metric(false, "speed_kv_notifies_refused");
     Speed__V1__ReserveReply *res = reserve(dec, "wn-1");
     if (!res) return;
     CHECK_INT_EQ(res->kv->nonce.len, 16);
@@ -129,9 +134,10 @@ static void wrong_nonce(speed_rpc_channel_t *pre, speed_rpc_channel_t *dec) {
     char err[256] = "";
     int code = prefill(pre, "wn-1", res->kv, &first, err, sizeof err);
     CHECK_MSG(code != SPEED_RPC_OK, "a Prefill with a wrong nonce succeeded (first token %d)", first);
-    double failures = cu_metric_sum(cu_pre_http(&g_c, 0), "speed_kv_transfer_failures_total");
+    double failures = metric(true, "speed_kv_transfer_failures_total");
     CHECK_MSG(failures == failures0 + 1, "transfer failures %.0f -> %.0f: the notify was not refused", failures0,
               failures);
+    CHECK_NEAR(metric(false, "speed_kv_notifies_refused"), refused0 + 1, 0.0);
     nr_gen_t g;
     code = generate_reserved(dec, "wn-1", res->kv->epoch, first >= 0 ? first : 5, &g);
     CHECK_MSG(code != SPEED_RPC_OK && g.n == 0, "Generate after a wrong-nonce notify: code %d, %d tokens", code, g.n);
@@ -164,6 +170,7 @@ static int decode_only(speed_rpc_channel_t *dec, const char *id, nr_gen_t *out) 
 /* 3. a cancelled prefill's late puts never reach the next request's blocks */
 static void late_puts(int rport, speed_rpc_channel_t *dec) {
     static nr_gen_t ref, got;
+    double aborts_pre0 = metric(true, "speed_kv_aborts"), aborts_dec0 = metric(false, "speed_kv_aborts");
     double t0 = now_s();
     CHECK_INT_EQ(decode_only(dec, "idle-ref", &ref), SPEED_RPC_OK);
     CHECK_INT_EQ(ref.n, LONG_GEN);
@@ -206,6 +213,10 @@ static void late_puts(int rport, speed_rpc_channel_t *dec) {
                   round, diverge);
         CHECK_MSG(wait_no_blocks(30) >= 0, "round %d: blocks still reserved", round);
     }
+    /* each cancelled prefill stopped and told the decode node so: one abort sent and accepted a round */
+    CHECK_NEAR(metric(true, "speed_kv_aborts") - aborts_pre0, (double)ROUNDS, 0.0);
+    CHECK_NEAR(metric(false, "speed_kv_aborts") - aborts_dec0, (double)ROUNDS, 0.0);
+    CHECK_NEAR(metric(false, "speed_kv_notifies_refused"), 1.0, 0.0); /* only scenario 2's */
 }
 
 int main(void) {
