@@ -403,14 +403,28 @@ speed_status_t speed_kv_xfer_wait(speed_kv_xfer_t *xfer, int timeout_ms);
 /* Current state; *status_p (may be NULL) = the final status once DONE / FAILED, else SPEED_OK. */
 speed_kv_xfer_state_t speed_kv_xfer_poll(speed_kv_xfer_t *xfer, speed_status_t *status_p);
 
-/* Ends the transfer with SPEED_ERR_CANCELLED unless it already ended: no further puts. Puts
- * already posted may still land in the decode node's blocks, so when the descriptor carries a
- * nonce and puts were posted, the context then flushes the endpoint (every posted put is
- * complete at the target) and sends an abort notify carrying the nonce: the decode node's
- * fence lifts on it and the blocks may be reused. Without it (no nonce, peer gone, flush
- * failed) the decode node keeps the blocks until the lease ends. Non-blocking; the abort runs
- * on the progress thread. */
+/* Ends the transfer with SPEED_ERR_CANCELLED unless it already ended: no further puts, no
+ * notify (if the notify was already sent, the decode side may still see it). Puts already posted
+ * may still land in the decode node's blocks: the decode node must not reuse a cancelled
+ * reservation's blocks before the lease ends or an abort (below) arrived. Use it when the
+ * reservation may still be filled by another sender (a retry); speed_kv_xfer_abort when the
+ * request is over. */
 void speed_kv_xfer_cancel(speed_kv_xfer_t *xfer);
+
+/* Cancels the transfer (as above) and, when the descriptor carries a nonce and the transfer was
+ * still running, flushes the endpoint (every put posted is then complete at the target) and
+ * sends an abort notify carrying the nonce (no ack): the decode node's cancel fence lifts and
+ * the reservation is freed. Without it (no nonce, peer gone, flush failed) the decode node keeps
+ * the blocks until the lease ends. Non-blocking: the abort runs on the progress thread, and the
+ * transfer stays allocated until it is done, even if the handle is destroyed. */
+void speed_kv_xfer_abort(speed_kv_xfer_t *xfer);
+
+/* The abort notify for a request that never created a transfer (cancelled while queued): tells
+ * the decode node of desc that nothing was and nothing will be put for request_id. SPEED_OK
+ * (sent in the background, or nothing to send: no nonce), SPEED_ERR_INVALID_ARGUMENT,
+ * SPEED_ERR_PEER_PROTOCOL (bad descriptor), SPEED_ERR_PEER_UNREACHABLE, SPEED_ERR_NO_MEMORY. */
+speed_status_t speed_kv_xfer_ctx_abort_desc(speed_kv_xfer_ctx_t *ctx, const speed_kv_desc_t *desc,
+                                            const char *request_id);
 
 typedef struct {
     speed_kv_xfer_state_t state;

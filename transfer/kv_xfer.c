@@ -648,12 +648,12 @@ speed_kv_xfer_state_t speed_kv_xfer_poll(speed_kv_xfer_t *x, speed_status_t *sta
  * endpoint (every put posted is then complete at the target), then send the abort notify, so
  * the decode node may reuse the blocks before the lease ends. The transfer stays allocated
  * (pending) until the abort's callbacks have run, even when its handle is destroyed. */
-static void cancel_and_abort(speed_kv_xfer_t *x, const char *why) {
+static void cancel_and_abort(speed_kv_xfer_t *x, const char *why, bool want_abort) {
     speed_kv_xfer_ctx_t *c = x->ctx;
     pthread_mutex_lock(&c->mu);
     bool was_running = !ended(x);
     speed_kv_xfer_fail_locked(x, SPEED_ERR_CANCELLED, SPEED_KV_STAGE_PUT, why);
-    bool abort = was_running && x->has_nonce && !x->aborting && !x->ep->failed && !c->closing;
+    bool abort = want_abort && was_running && x->has_nonce && !x->aborting && !x->ep->failed && !c->closing;
     if (abort) {
         speed_kv_notify_wire_t m = x->msg;
         m.flags = SPEED_KV_NOTIFY_FLAG_ABORT;
@@ -683,7 +683,48 @@ static void cancel_and_abort(speed_kv_xfer_t *x, const char *why) {
 
 void speed_kv_xfer_cancel(speed_kv_xfer_t *x) {
     if (!x) return;
-    cancel_and_abort(x, "cancelled");
+    cancel_and_abort(x, "cancelled", false);
+}
+
+void speed_kv_xfer_abort(speed_kv_xfer_t *x) {
+    if (!x) return;
+    cancel_and_abort(x, "aborted", true);
+}
+
+speed_status_t speed_kv_xfer_ctx_abort_desc(speed_kv_xfer_ctx_t *c, const speed_kv_desc_t *d, const char *request_id) {
+    if (!c || !d || !request_id || !*request_id) return SPEED_ERR_INVALID_ARGUMENT;
+    if (!d->has_nonce) return SPEED_OK; /* nobody to prove anything to: the lease frees the blocks */
+    if (speed_kv_desc_check(d) != SPEED_OK) return SPEED_ERR_PEER_PROTOCOL;
+    /* A transfer with no layers and no blocks, carried by the same machinery as any abort: it
+     * holds the endpoint, is freed by the progress thread once its flush and send are done. */
+    speed_kv_xfer_t *x = speed_calloc(1, sizeof *x);
+    if (!x) return SPEED_ERR_NO_MEMORY;
+    x->ctx = c;
+    snprintf(x->request_id, sizeof x->request_id, "%s", request_id);
+    x->has_nonce = true;
+    x->t_create = speed_clock_mono_ns();
+    x->msg = (speed_kv_notify_wire_t){.epoch = d->epoch, .head_begin = d->head_begin, .head_end = d->head_end};
+    snprintf(x->msg.request_id, sizeof x->msg.request_id, "%s", request_id);
+    memcpy(x->msg.nonce, d->nonce, sizeof x->msg.nonce);
+    speed_status_t st = speed_kv_xfer_ctx_ep_get(c, d->worker_addr, d->worker_addr_len, d->transport, request_id, &x->ep);
+    if (st != SPEED_OK) {
+        speed_kv_xfer_free(x);
+        return st;
+    }
+    x->state = SPEED_KV_XFER_PUSHING;
+    pthread_mutex_lock(&c->mu);
+    x->token = x->msg.token = c->next_token++;
+    x->next = c->xfers;
+    if (c->xfers) c->xfers->prev = x;
+    c->xfers = x;
+    c->stats.n_started++; /* and counted cancelled just below: the counters stay balanced */
+    pthread_mutex_unlock(&c->mu);
+    cancel_and_abort(x, "aborted before any put", true);
+    pthread_mutex_lock(&c->mu);
+    x->orphan = true;
+    pthread_mutex_unlock(&c->mu);
+    ucp_worker_signal(c->worker);
+    return SPEED_OK;
 }
 
 void speed_kv_xfer_info(speed_kv_xfer_t *x, speed_kv_xfer_info_t *info_p) {
@@ -705,7 +746,7 @@ void speed_kv_xfer_info(speed_kv_xfer_t *x, speed_kv_xfer_info_t *info_p) {
 void speed_kv_xfer_destroy(speed_kv_xfer_t *x) {
     if (!x) return;
     speed_kv_xfer_ctx_t *c = x->ctx;
-    cancel_and_abort(x, "destroyed while running");
+    cancel_and_abort(x, "destroyed while running", false);
     pthread_mutex_lock(&c->mu);
     x->orphan = true; /* the progress thread frees it once no UCX request refers to it */
     pthread_mutex_unlock(&c->mu);

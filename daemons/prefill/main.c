@@ -100,9 +100,17 @@ static void complete_work(void *arg) {
         if (st != SPEED_OK) snprintf(err, sizeof err, "KV transfer failed: %s", speed_status_string(st));
     }
     speed_kv_xfer_info_t info = {0};
+    bool cancelled = atomic_load(&p->cancelled);
     if (p->xfer) {
-        if (st != SPEED_OK) speed_kv_xfer_cancel(p->xfer);
+        /* Cancelled (the request is over): the abort lifts the decode node's fence. Any other
+         * failure: plain cancel, the router may retry the same reservation elsewhere. */
+        if (st != SPEED_OK && cancelled)
+            speed_kv_xfer_abort(p->xfer);
+        else if (st != SPEED_OK)
+            speed_kv_xfer_cancel(p->xfer);
         xfer_metrics(n, p, &info);
+    } else if (cancelled && p->desc) {
+        speed_kv_xfer_ctx_abort_desc(n->xfer, p->desc, p->id); /* cancelled before any put */
     }
     if (st == SPEED_OK) {
         Speed__V1__PrefillReply reply = SPEED__V1__PREFILL_REPLY__INIT;
@@ -128,7 +136,7 @@ static speed_status_t pf_layer(void *user, speed_kv_cache_t *cache, const speed_
                                int64_t n_done, int64_t n_total) {
     pf_t *p = user;
     if (atomic_load(&p->cancelled)) {
-        speed_kv_xfer_cancel(p->xfer); /* no-op when none yet; else flush + abort notify */
+        speed_kv_xfer_abort(p->xfer); /* flush + abort notify (complete_work covers no transfer yet) */
         return SPEED_ERR_CANCELLED;
     }
     int64_t delay = p->node->cfg.debug_prefill_layer_delay_ms;

@@ -284,7 +284,7 @@ int main(int argc, char **argv) {
     CHECK(d1 && speed_kv_xfer_create(pctx, d1, p.cache, p.seq, N_FULL, N_COMPACT, "req-abort", &x) == SPEED_OK);
     if (x) {
         CHECK(speed_kv_xfer_push_layer(x, 0, N_FULL, N_FULL) == SPEED_OK);
-        speed_kv_xfer_cancel(x);
+        speed_kv_xfer_abort(x);
         CHECK(wait_int(&g_notes.aborted, 1, 3000));
         speed_kv_xfer_destroy(x);
     }
@@ -302,11 +302,27 @@ int main(int argc, char **argv) {
           speed_kv_xfer_create(pctx, d1, p.cache, p.seq, N_FULL, N_COMPACT, "req-nononce", &x) == SPEED_OK);
     if (x) {
         CHECK(speed_kv_xfer_push_layer(x, 0, N_FULL, N_FULL) == SPEED_OK);
-        speed_kv_xfer_cancel(x);
+        speed_kv_xfer_abort(x);
         speed_kv_xfer_destroy(x);
     }
     speed_kv_xfer_ctx_stats(pctx, &s);
     CHECK_INT_EQ(s.n_aborts_sent, 1);
+    speed_kv_desc_destroy(d1);
+    /* a plain cancel (the reservation may be retried by another sender): no abort */
+    d1 = describe(dctx, &d, tr, "req-retry", false);
+    x = NULL;
+    CHECK(d1 && speed_kv_xfer_create(pctx, d1, p.cache, p.seq, N_FULL, N_COMPACT, "req-retry", &x) == SPEED_OK);
+    if (x) {
+        CHECK(speed_kv_xfer_push_layer(x, 0, N_FULL, N_FULL) == SPEED_OK);
+        speed_kv_xfer_cancel(x);
+        speed_kv_xfer_destroy(x);
+    }
+    /* the abort of a request that never made a transfer (cancelled while queued) */
+    CHECK_INT_EQ(speed_kv_xfer_ctx_abort_desc(pctx, d1, "req-retry"), SPEED_OK);
+    CHECK(wait_int(&g_notes.aborted, 2, 3000));
+    CHECK_INT_EQ(WAIT_STAT(pctx, n_aborts_sent, 2), 2);
+    speed_kv_xfer_ctx_stats(dctx, &s);
+    CHECK_INT_EQ(s.n_grants, 0);
     speed_kv_desc_destroy(d1);
     xt_ledger_check(&base, "abort");
 
