@@ -186,10 +186,7 @@ speed_status_t speed_kv_grant_check(speed_kv_xfer_ctx_t *c, const speed_kv_notif
     purge_locked(c, speed_clock_mono_ns());
     kv_grant_t *g = take_locked(c, rid);
     pthread_mutex_unlock(&c->mu);
-    if (!g) {
-        speed_log(SPEED_LOG_WARN, SPEED_SUBSYS_NET, rid, "kv transfer: notify refused: no reservation grant");
-        return SPEED_ERR_NOT_FOUND;
-    }
+    if (!g) return SPEED_ERR_NOT_FOUND; /* logged by the caller, who knows whether grants are required */
     speed_status_t st = SPEED_OK;
     bool keep = true;
     if (!speed_mac_equal(g->nonce, m->nonce, SPEED_KV_NONCE_BYTES)) {

@@ -250,7 +250,7 @@ speed_status_t speed_kv_grant_add(speed_kv_xfer_ctx_t *ctx, const char *id, cons
  * integrity mode, the tags are verified over the local blocks. Returns SPEED_OK,
  * SPEED_ERR_NOT_FOUND (no grant), SPEED_ERR_PEER_PROTOCOL (wrong nonce), SPEED_ERR_TRANSFER
  * (tags missing or not matching: the grant is dropped, n_integrity_failed counted). Logs the
- * refusal (never the nonce).
+ * refusals but NOT_FOUND (never the nonce).
  * ctx->mu not held. */
 speed_status_t speed_kv_grant_check(speed_kv_xfer_ctx_t *ctx, const speed_kv_notify_wire_t *m);
 

@@ -114,6 +114,8 @@ static ucs_status_t notify_handler(void *arg, const void *header, size_t header_
             /* the nonce (and, in integrity mode, the tags): before anything else sees the notify */
             st = speed_kv_grant_check(c, &m);
             if (st == SPEED_ERR_NOT_FOUND && !c->p.require_grant) st = SPEED_OK; /* no grant asked for */
+            if (st == SPEED_ERR_NOT_FOUND)
+                speed_log(SPEED_LOG_WARN, SPEED_SUBSYS_NET, r, "kv transfer: notify refused: no reservation grant");
             integrity_failed = st == SPEED_ERR_TRANSFER;
             if (st == SPEED_ERR_NOT_FOUND || st == SPEED_ERR_PEER_PROTOCOL) {
                 pthread_mutex_lock(&c->mu);

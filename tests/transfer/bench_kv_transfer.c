@@ -74,6 +74,7 @@ static int decode_node(int fd) {
     bp.kind = SPEED_BACKEND_CPU_REF;
     speed_backend_t *be = NULL;
     speed_kv_xfer_ctx_params_t cp = speed_kv_xfer_ctx_default_params();
+    cp.op_timeout_ms = 120000; /* a loaded machine: slow, not failed */
     speed_kv_xfer_ctx_t *ctx = NULL;
     if (speed_backend_create(&bp, &be) != SPEED_OK || speed_kv_xfer_ctx_create(&cp, &ctx) != SPEED_OK) return 2;
     speed_kv_cache_t *cache = NULL;
@@ -257,6 +258,7 @@ int main(int argc, char **argv) {
     bp.kind = SPEED_BACKEND_CPU_REF;
     speed_backend_t *be = NULL;
     speed_kv_xfer_ctx_params_t cp = speed_kv_xfer_ctx_default_params();
+    cp.op_timeout_ms = 120000; /* a loaded machine: slow, not failed */
     speed_kv_xfer_ctx_t *ctx = NULL;
     if (speed_backend_create(&bp, &be) != SPEED_OK || speed_kv_xfer_ctx_create(&cp, &ctx) != SPEED_OK) return 1;
 
