@@ -12,6 +12,8 @@
  *     last-in-first-out) must give exactly the output it gives on an idle cluster. Repeated.
  *     (before: the decode node freed the blocks after a fixed 1 s while the prefill node kept
  *     putting for its whole lease, and the later request's greedy output changed);
+ *  4. both nodes restarted with kv.integrity: the control request of scenario 2 gives the same
+ *     tokens, its per-layer tags verified;
  *  every scenario ends with no KV block reserved on the decode node.
  *
  * On the code before the KV-plane work (commit 4b38f39, with only the delay knob added to run
@@ -33,6 +35,7 @@
 #define ROUNDS   3
 
 static int32_t g_prompt[N_PROMPT], g_short[N_SHORT];
+static nr_gen_t g_ok_plain; /* scenario 2's control: the tokens of a plain transfer */
 static cu_cluster_t g_c;
 
 static double dec_reserved(void) {
@@ -154,9 +157,28 @@ static void wrong_nonce(speed_rpc_channel_t *pre, speed_rpc_channel_t *dec) {
     if (!res) return;
     code = prefill(pre, "ok-1", res->kv, &first, err, sizeof err);
     CHECK_MSG(code == SPEED_RPC_OK && first >= 0, "Prefill with the right nonce: %d %s", code, err);
-    code = generate_reserved(dec, "ok-1", res->kv->epoch, first, &g);
-    CHECK_MSG(code == SPEED_RPC_OK && g.n == N_GEN, "Generate after the right notify: code %d, %d tokens (%s)", code,
-              g.n, g.error);
+    code = generate_reserved(dec, "ok-1", res->kv->epoch, first, &g_ok_plain);
+    CHECK_MSG(code == SPEED_RPC_OK && g_ok_plain.n == N_GEN, "Generate after the right notify: code %d, %d tokens (%s)",
+              code, g_ok_plain.n, g_ok_plain.error);
+    speed_proto_free(&res->base);
+}
+
+/* 4. integrity mode end to end: the same request gives the same tokens, with tags verified */
+static void integrity(speed_rpc_channel_t *pre, speed_rpc_channel_t *dec) {
+    Speed__V1__ReserveReply *res = reserve(dec, "int-1");
+    if (!res) return;
+    CHECK(res->kv->integrity && res->kv->nonce.len == 16);
+    int32_t first = -1;
+    char err[256] = "";
+    int code = prefill(pre, "int-1", res->kv, &first, err, sizeof err);
+    CHECK_MSG(code == SPEED_RPC_OK && first >= 0, "Prefill in integrity mode: %d %s", code, err);
+    nr_gen_t g;
+    code = generate_reserved(dec, "int-1", res->kv->epoch, first, &g);
+    CHECK_MSG(code == SPEED_RPC_OK && g.n == N_GEN, "Generate in integrity mode: code %d, %d tokens (%s)", code, g.n,
+              g.error);
+    CHECK_INT_EQ(g.n, g_ok_plain.n);
+    for (int i = 0; i < g.n && i < g_ok_plain.n; i++) CHECK_INT_EQ(g.ids[i], g_ok_plain.ids[i]);
+    CHECK_NEAR(metric(false, "speed_kv_integrity_failures"), 0.0, 0.0);
     speed_proto_free(&res->base);
 }
 
@@ -258,14 +280,30 @@ int main(void) {
     if (r_ok) late_puts(cu_router_port(&g_c, 0), dec);
     CHECK_MSG(wait_no_blocks(20) >= 0, "blocks still reserved at the end: %.0f", dec_reserved());
 
+    CHECK_INT_EQ(cu_stop(&router, SIGTERM, 30), 0);
+
+    /* 4: both nodes again with kv.integrity on */
     speed_rpc_channel_destroy(pre);
     speed_rpc_channel_destroy(dec);
-    CHECK_INT_EQ(cu_stop(&router, SIGTERM, 30), 0);
+    CHECK_INT_EQ(cu_stop(&g_c.pre[0], SIGTERM, 30), 0);
+    CHECK_INT_EQ(cu_stop(&g_c.dec[0], SIGTERM, 30), 0);
+    const char *dmore[] = {"--node.index", "0", "--kv.integrity", NULL};
+    g_c.dec[0] = cu_cluster_spawn(&g_c, "speed-decode", "decode0-int", dmore);
+    const char *pmore[] = {"--node.index", "0", NULL};
+    g_c.pre[0] = cu_cluster_spawn(&g_c, "speed-prefill", "prefill0-int", pmore);
+    CHECK(cu_wait_up(&g_c.dec[0], cu_dec_http(&g_c, 0), 60) && cu_wait_up(&g_c.pre[0], cu_pre_http(&g_c, 0), 60));
+    pre = nr_channel(cu_pre_grpc(&g_c, 0));
+    dec = nr_channel(cu_dec_grpc(&g_c, 0));
+    integrity(pre, dec);
+    CHECK_MSG(wait_no_blocks(20) >= 0, "integrity: blocks still reserved: %.0f", dec_reserved());
+    speed_rpc_channel_destroy(pre);
+    speed_rpc_channel_destroy(dec);
     CHECK_INT_EQ(cu_stop(&g_c.pre[0], SIGTERM, 30), 0);
     CHECK_INT_EQ(cu_stop(&g_c.dec[0], SIGTERM, 30), 0);
     if (check_failures_) {
         cu_log_tail("decode0", 40);
         cu_log_tail("prefill0-slow", 40);
+        cu_log_tail("decode0-int", 20);
     }
     int failed = CHECK_DONE();
     cu_cleanup(failed != 0);
