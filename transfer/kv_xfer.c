@@ -132,9 +132,10 @@ static void flush_done(speed_kv_xfer_t *x, ucs_status_t status) {
     pthread_mutex_lock(&c->mu);
     x->pending--;
     if (x->aborting) {
-        /* A cancelled transfer's puts are all complete at the target (or the endpoint failed, and
-         * then nothing more can arrive either way... but the decode node cannot know: no abort,
-         * its fence waits for the lease). */
+        /* An aborted transfer: its puts are all complete at the target, so the abort notify may
+         * go (once: the finish's flush and the abort's own may both land here). A failed flush or
+         * endpoint sends nothing: the decode node cannot know what may still arrive, and its
+         * fence waits for the lease. */
         bool send = status == UCS_OK && !x->ep->failed && !x->abort_sent;
         if (send) {
             x->abort_sent = true;
