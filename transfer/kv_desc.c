@@ -14,6 +14,7 @@
 #include "kv_transfer.h"
 #include "kv_transfer_internal.h"
 #include "log.h"
+#include "mac.h"
 
 void speed_kv_desc_destroy(speed_kv_desc_t *d) {
     if (!d) return;
@@ -23,6 +24,7 @@ void speed_kv_desc_destroy(speed_kv_desc_t *d) {
     for (uint32_t i = 0; d->pools && i < d->n_pools; i++) speed_free(d->pools[i].table);
     speed_free(d->pools);
     speed_free(d->layers);
+    memset(d->nonce, 0, sizeof d->nonce);
     speed_free(d);
 }
 
@@ -181,8 +183,9 @@ speed_status_t speed_kv_desc_build(speed_kv_xfer_ctx_t *c, const speed_kv_cache_
     d->dtype = l0.dtype;
     d->unit_bytes = speed_kv_cache_unit_bytes(cache);
     d->epoch = c->epoch;
-    d->lease_deadline_ms = params->lease_deadline_ms;
+    d->lease_ms = params->lease_ms > 0 ? params->lease_ms : 0;
     d->cookie = params->cookie;
+    d->integrity = params->integrity;
     for (int p = 0; p < SPEED_KV_POOL_COUNT; p++) {
         if (pool_index[p] < 0) continue;
         int i = pool_index[p];
@@ -217,6 +220,22 @@ speed_status_t speed_kv_desc_build(speed_kv_xfer_ctx_t *c, const speed_kv_cache_
     if (speed_kv_desc_check(d) != SPEED_OK) { /* a bug: logged there */
         speed_kv_desc_destroy(d);
         return SPEED_ERR_INTERNAL;
+    }
+    if (params->grant_id) {
+        /* the reservation's secret: whoever writes these blocks must prove it learned it */
+        speed_status_t st = speed_random_bytes(d->nonce, sizeof d->nonce);
+        if (st == SPEED_OK) {
+            d->has_nonce = true;
+            st = speed_kv_grant_add(c, params->grant_id, d, params->grant_ms);
+        }
+        if (st != SPEED_OK) {
+            speed_kv_desc_destroy(d);
+            return st;
+        }
+    } else if (params->integrity) {
+        SPEED_ERROR(SPEED_SUBSYS_NET, "kv descriptor: integrity mode needs a grant (grant_id)");
+        speed_kv_desc_destroy(d);
+        return SPEED_ERR_INVALID_ARGUMENT;
     }
     *desc_p = d;
     return SPEED_OK;

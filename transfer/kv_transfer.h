@@ -10,7 +10,7 @@
  *                                                 speed_kv_xfer_create_engine(ctx, desc, eng, seq)
  *                                                 engine layer_cb -> speed_kv_xfer_push_layer
  *                                                 speed_kv_xfer_finish: flush, then notify
- *   notify_cb(request id, cookie, bytes, epoch)  <--AM notify--
+ *   notify_cb(request id, cookie, bytes, epoch)  <--AM notify {nonce, tags}--
  *   -> speed_engine_seq_kv_ready(seq)            --AM ack (status)-->  speed_kv_xfer_wait -> OK
  *
  * Transports, chosen per descriptor (per endpoint):
@@ -86,6 +86,8 @@
 #define SPEED_KV_DESC_MAX_LAYERS  4096
 #define SPEED_KV_DESC_MAX_BLOB    4096      /* worker address and rkey bytes */
 #define SPEED_KV_DESC_MAX_BLOCKS  (1 << 24) /* blocks of one pool table */
+#define SPEED_KV_NONCE_BYTES      16        /* 128-bit reservation secret (getrandom) */
+#define SPEED_KV_TAG_BYTES        16        /* integrity tag per layer (speed_mac) */
 
 typedef struct {
     uint64_t base;   /* remote virtual address of the registered region */
@@ -130,12 +132,21 @@ typedef struct {
     uint64_t unit_bytes;        /* one layer of one block: 2 * B * n_kv_heads * head_dim * dtype size */
     uint64_t total_bytes;       /* Σ layers entries * unit_bytes / B: the whole head range; a
                              * sender holding only part of it puts its share */
-    uint64_t epoch;             /* the decode node's epoch (changes when it restarts) */
-    uint64_t lease_deadline_ms; /* CLOCK_REALTIME ms; 0 = none. A prefill node refuses to start
-                                 * (or continue) a transfer past it. */
-    uint64_t cookie;            /* opaque to the prefill side, echoed in the notify (e.g. the decode
-                             * engine's sequence id). The protobuf KvDescriptor does not carry it:
-                             * the node daemons build with 0 and match notifies by request id */
+    uint64_t epoch;   /* the decode node's epoch (changes when it restarts) */
+    int64_t lease_ms; /* how long the prefill side may put into these blocks, counted from when
+                       * it received the descriptor (received_ns); 0 = no limit. A duration,
+                       * never a wall-clock time: the two hosts' clocks are never compared. The
+                       * decode node keeps the blocks at least this long plus a margin. */
+    uint64_t received_ns; /* local CLOCK_MONOTONIC ns when this side got the descriptor (not on
+                           * the wire; the receiver stamps it); 0 = at speed_kv_xfer_create */
+    bool has_nonce;       /* the reservation is nonce-protected (a grant on the decode side) */
+    uint8_t nonce[SPEED_KV_NONCE_BYTES]; /* secret: only the decode node, the router and the
+                                          * chosen prefill node learn it; never logged. The
+                                          * notify must carry it to mark the KV ready. */
+    bool integrity; /* the decode node wants a tag per layer with the notify (integrity mode) */
+    uint64_t cookie; /* opaque to the prefill side, echoed in the notify (e.g. the decode
+                      * engine's sequence id). The protobuf KvDescriptor does not carry it:
+                      * the node daemons build with 0 and match notifies by request id */
 } speed_kv_desc_t;
 
 /* Frees a descriptor from speed_kv_desc_build* (or one a control-plane conversion assembled from
@@ -178,6 +189,12 @@ typedef struct {
     uint64_t epoch;               /* equals this context's epoch (mismatches never reach the callback) */
     int32_t head_begin, head_end; /* the model's KV heads this transfer wrote (the intersection of
                                    * the sender's and this node's ranges) */
+    bool aborted; /* the prefill side cancelled the transfer: it flushed what it had posted and
+                   * will put nothing more into the reservation's blocks (the cancel fence may
+                   * lift); no ack is sent. The KV is NOT ready. */
+    bool integrity_failed; /* integrity mode: a layer's tag did not match the bytes received.
+                            * The transfer is refused (the prefill side's wait fails) and the
+                            * reservation should be freed: the KV is NOT ready. */
 } speed_kv_notify_t;
 
 /* Runs on the progress thread; must not block or call back into this context. Its return
@@ -191,6 +208,13 @@ typedef struct {
     int op_timeout_ms;              /* bound on flush and on notify->ack; default 10000 */
     speed_kv_notify_cb_t notify_cb; /* decode side; NULL = accept every notify (counted only) */
     void *notify_user;
+    bool require_grant; /* decode side: accept a notify only for a reservation built with a
+                         * grant (speed_kv_desc_params_t.grant_id) and carrying its nonce
+                         * (compared in constant time); others are refused and never reach
+                         * notify_cb. The node daemons set it; default false (tests). */
+    const char *tls;         /* UCX_TLS for this context (e.g. "sm,self" for shm: no TCP at all);
+                              * NULL = UCX's default or the environment's */
+    const char *net_devices; /* UCX_NET_DEVICES (e.g. "eth0"); NULL = UCX's default / environment */
     bool cuda_direct; /* register caches whose pools are device memory and have no host
                                 * mirror (speed_engine_params_t.kv_host_mirror OFF) as CUDA memory
                                 * (ucp_mem_map memory_type UCS_MEMORY_TYPE_CUDA): needs a UCX built
@@ -198,7 +222,8 @@ typedef struct {
                                 * pools are moved through the cache's pinned host mirror. */
 } speed_kv_xfer_ctx_params_t;
 
-/* epoch 0 (auto), op_timeout_ms 10000, no callback, cuda_direct false. */
+/* epoch 0 (auto), op_timeout_ms 10000, no callback, no grants required, UCX's transports and
+ * devices, cuda_direct false. */
 speed_kv_xfer_ctx_params_t speed_kv_xfer_ctx_default_params(void);
 
 /* Creates the UCP context (RMA, AM, WAKEUP), one worker (thread mode MULTI) and the progress
@@ -256,6 +281,11 @@ typedef struct {
     /* decode side */
     uint64_t n_notified;        /* notifies accepted (callback returned OK) */
     uint64_t n_notify_rejected; /* epoch mismatch, malformed, or the callback said no */
+    uint64_t n_nonce_rejected;  /* of which: no grant for the request, or a wrong nonce */
+    uint64_t n_integrity_failed; /* of which: integrity tags missing or not matching */
+    uint64_t n_aborts_sent;      /* prefill side: abort notifies sent by cancelled transfers */
+    uint64_t n_aborts_received;  /* decode side: abort notifies accepted (right nonce) */
+    int n_grants;                /* decode side: grants held now */
     uint64_t bytes_notified;    /* Σ bytes of accepted notifies */
     /* endpoints */
     int n_endpoints;          /* cached now */
@@ -264,12 +294,24 @@ typedef struct {
 
 void speed_kv_xfer_ctx_stats(speed_kv_xfer_ctx_t *ctx, speed_kv_xfer_ctx_stats_t *stats_p);
 
+/* The UCX transports this context opened resources on, comma-separated without repeats (e.g.
+ * "self,sysv,posix,cma" for shm: what ucp_context_print_info lists). For checks that a node
+ * binds only what it was configured for. Returns SPEED_OK, SPEED_ERR_INVALID_ARGUMENT,
+ * SPEED_ERR_NO_MEMORY or SPEED_ERR_TOO_LONG (buf too small: truncated). */
+speed_status_t speed_kv_xfer_ctx_transports(speed_kv_xfer_ctx_t *ctx, char *buf, size_t size);
+
 /* ---- decode side: descriptors -------------------------------------------------------------- */
 
 typedef struct {
     speed_kv_transport_t transport;
-    uint64_t lease_deadline_ms; /* CLOCK_REALTIME ms, 0 = none */
+    int64_t lease_ms; /* the descriptor's lease (a duration), 0 = none */
     uint64_t cookie;
+    /* Grant. Non-NULL: the descriptor gets a fresh random nonce and this context records a
+     * grant {grant_id, nonce, layout}: a notify for grant_id is accepted only with that nonce.
+     * The grant lives until speed_kv_xfer_ctx_grant_drop, an abort notify, or grant_ms. */
+    const char *grant_id; /* the request id the prefill side names in its notify (<= 63 bytes) */
+    int64_t grant_ms;     /* how long the grant lives, >= lease_ms; 0 = lease_ms */
+    bool integrity;       /* ask for per-layer tags, verified before the notify is accepted */
 } speed_kv_desc_params_t;
 
 /* Builds the descriptor of a reserved sequence of a registered cache for n_full / n_compact
@@ -286,6 +328,10 @@ speed_status_t speed_kv_desc_build(speed_kv_xfer_ctx_t *ctx, const speed_kv_cach
  * length and depth). Returns as above, or SPEED_ERR_NOT_FOUND (no such sequence). */
 speed_status_t speed_kv_desc_build_engine(speed_kv_xfer_ctx_t *ctx, speed_engine_t *engine, speed_seq_id_t seq,
                                           const speed_kv_desc_params_t *params, speed_kv_desc_t **desc_p);
+
+/* Drops the grant of request_id (the reservation started or ended: no notify for it is valid
+ * any more). Unknown ids are ignored. Any thread. */
+void speed_kv_xfer_ctx_grant_drop(speed_kv_xfer_ctx_t *ctx, const char *request_id);
 
 /* ---- prefill side: transfers ---------------------------------------------------------------- */
 
@@ -360,8 +406,25 @@ speed_kv_xfer_state_t speed_kv_xfer_poll(speed_kv_xfer_t *xfer, speed_status_t *
 /* Ends the transfer with SPEED_ERR_CANCELLED unless it already ended: no further puts, no
  * notify (if the notify was already sent, the decode side may still see it). Puts already posted
  * may still land in the decode node's blocks: the decode node must not reuse a cancelled
- * reservation's blocks before the lease deadline (or a Cancel acknowledged by both nodes). */
+ * reservation's blocks before the lease ends or an abort (below) arrived. Use it when the
+ * reservation may still be filled by another sender (a retry); speed_kv_xfer_abort when the
+ * request is over. */
 void speed_kv_xfer_cancel(speed_kv_xfer_t *xfer);
+
+/* Cancels the transfer (as above) and, when the descriptor carries a nonce and the transfer was
+ * still running, flushes the endpoint (every put posted is then complete at the target) and
+ * sends an abort notify carrying the nonce (no ack): the decode node's cancel fence lifts and
+ * the reservation is freed. Without it (no nonce, peer gone, flush failed) the decode node keeps
+ * the blocks until the lease ends. Non-blocking: the abort runs on the progress thread, and the
+ * transfer stays allocated until it is done, even if the handle is destroyed. */
+void speed_kv_xfer_abort(speed_kv_xfer_t *xfer);
+
+/* The abort notify for a request that never created a transfer (cancelled while queued): tells
+ * the decode node of desc that nothing was and nothing will be put for request_id. SPEED_OK
+ * (sent in the background, or nothing to send: no nonce), SPEED_ERR_INVALID_ARGUMENT,
+ * SPEED_ERR_PEER_PROTOCOL (bad descriptor), SPEED_ERR_PEER_UNREACHABLE, SPEED_ERR_NO_MEMORY. */
+speed_status_t speed_kv_xfer_ctx_abort_desc(speed_kv_xfer_ctx_t *ctx, const speed_kv_desc_t *desc,
+                                            const char *request_id);
 
 typedef struct {
     speed_kv_xfer_state_t state;

@@ -29,25 +29,17 @@
 #include <ucp/api/ucp.h>
 
 #include "clock.h"
+#include "kv_notify_wire.h"
 #include "kv_transfer.h"
 
 /* ---- messages between the two contexts (UCX active messages) ------------------------------- */
 
 #define AM_ID_NOTIFY 0x5301
 #define AM_ID_ACK    0x5302
-#define MSG_MAGIC    0x4b565846u /* "FXVK" */
-#define MSG_VERSION  2           /* 2: head range added */
-#define REQ_ID_MAX   64
+#define MSG_MAGIC    SPEED_KV_NOTIFY_MAGIC
+#define REQ_ID_MAX   SPEED_KV_NOTIFY_ID_MAX
 
-typedef struct {
-    uint32_t magic, version;
-    uint64_t token; /* the prefill context's id of the transfer, echoed in the ack */
-    uint64_t cookie;
-    uint64_t bytes;
-    uint64_t epoch;
-    int32_t head_begin, head_end; /* the model's KV heads the transfer covered */
-    char request_id[REQ_ID_MAX];
-} notify_msg_t;
+/* The notify's fields are speed_kv_notify_wire_t (kv_notify_wire.h), sent as its bytes. */
 
 typedef struct {
     uint32_t magic;
@@ -62,6 +54,27 @@ typedef struct ack_buf {
 } ack_buf_t;
 
 /* ---- context state ------------------------------------------------------------------------- */
+
+/* Decode side: a reservation's secret and, in integrity mode, its layout (the descriptor's
+ * addresses are this node's own), to verify the notify's tags over the received bytes. */
+typedef struct {
+    uint64_t base, stride;
+    int32_t *table; /* [n_blocks] */
+    uint32_t n_blocks;
+} grant_pool_t;
+
+typedef struct kv_grant {
+    struct kv_grant *next;
+    char id[REQ_ID_MAX];
+    uint8_t nonce[SPEED_KV_NONCE_BYTES];
+    uint64_t deadline_ns; /* CLOCK_MONOTONIC: dropped after it */
+    bool integrity;
+    int block_tokens;
+    uint64_t unit_bytes;
+    uint32_t n_layers, n_pools;
+    speed_kv_desc_layer_t *layers; /* [n_layers] (integrity) */
+    grant_pool_t *pools;           /* [n_pools] (integrity) */
+} kv_grant_t;
 
 typedef struct kv_region {
     struct kv_region *next;
@@ -107,6 +120,7 @@ struct speed_kv_xfer_ctx {
     kv_ep_t *eps;
     speed_kv_xfer_t *xfers;
     ack_buf_t *acks;   /* acks being sent */
+    kv_grant_t *grants; /* decode side: reservations' nonces */
     void **close_reqs; /* ucp_ep_close_nbx requests not completed */
     int n_close_reqs, cap_close_reqs;
     uint64_t next_token;
@@ -152,8 +166,16 @@ struct speed_kv_xfer {
     size_t run;                        /* n_common * head_dim * dtype size */
     size_t l_slot, l_head_off;         /* local slot stride, offset of the common heads in a slot */
     size_t r_slot, r_head_off, r_half; /* the same remote; r_half = B * r_slot (K -> V) */
-    uint64_t total_bytes, lease_deadline_ms;
-    notify_msg_t msg; /* the notify payload; must live until its send completes */
+    uint64_t total_bytes;
+    uint64_t lease_end_ns; /* CLOCK_MONOTONIC; 0 = no lease */
+    speed_kv_notify_wire_t msg; /* the notify's fields */
+    bool integrity;             /* compute a tag per layer at finish */
+    bool has_nonce;             /* a cancel sends an abort notify */
+    bool aborting;              /* cancelled: flushing, then sending the abort notify */
+    bool abort_sent;            /* the abort notify went out (once) */
+    uint8_t abort_wire[SPEED_KV_NOTIFY_HEADER]; /* its bytes (x->wire may still be in flight) */
+    uint8_t *wire;              /* [wire_len] the notify's bytes; must live until its send completes */
+    size_t wire_len;
     /* under ctx->mu */
     speed_kv_xfer_state_t state;
     speed_status_t status;
@@ -168,11 +190,8 @@ struct speed_kv_xfer {
 
 /* ---- small helpers ------------------------------------------------------------------------- */
 
-/* Whether a lease deadline (wall-clock ms since the epoch, as the decode node set it; 0 = none)
- * has come. */
-static inline bool lease_passed(uint64_t lease_deadline_ms) {
-    return lease_deadline_ms && (uint64_t)speed_clock_wall_ms() >= lease_deadline_ms;
-}
+/* Whether a lease (its end on this host's monotonic clock; 0 = none) has ended. */
+static inline bool lease_passed(uint64_t lease_end_ns) { return lease_end_ns && speed_clock_mono_ns() >= lease_end_ns; }
 
 /* The transfer's request id for logs, NULL when it has none. */
 static inline const char *rid(const speed_kv_xfer_t *x) { return x->request_id[0] ? x->request_id : NULL; }
@@ -206,6 +225,37 @@ void speed_kv_xfer_done_locked(speed_kv_xfer_t *xfer);
 /* Frees a transfer that is unlinked from ctx->xfers (or the context is going away) and that no
  * UCX request references any more. */
 void speed_kv_xfer_free(speed_kv_xfer_t *xfer);
+
+/* ---- defined in kv_grant.c ----------------------------------------------------------------- */
+
+/* The address of block i of a layer (its unit) for a tag: the caller's layout. */
+typedef const uint8_t *(*kv_block_addr_fn)(void *user, int64_t i);
+
+/* The integrity tag of one layer: speed_mac keyed by the nonce over u32 layer, i64 entries,
+ * then the bytes a transfer puts for it, in put order (per block: the whole unit when full; the
+ * last partial block's n K rows, then its n V rows). unit_bytes = 2 * B * token half. Returns
+ * SPEED_OK or the MAC's status. */
+speed_status_t speed_kv_layer_tag(const uint8_t nonce[SPEED_KV_NONCE_BYTES], int layer, int64_t entries, int B,
+                                  uint64_t unit_bytes, kv_block_addr_fn addr, void *user,
+                                  uint8_t tag[SPEED_KV_TAG_BYTES]);
+
+/* Records a grant for desc (built by this context): id, nonce, lease, and the layout when
+ * desc->integrity. Drops expired grants first. Returns SPEED_OK, SPEED_ERR_INVALID_ARGUMENT (id
+ * already granted) or SPEED_ERR_NO_MEMORY. ctx->mu not held. */
+speed_status_t speed_kv_grant_add(speed_kv_xfer_ctx_t *ctx, const char *id, const speed_kv_desc_t *desc,
+                                  int64_t grant_ms);
+
+/* Checks a decoded notify against its grant (progress thread): the grant exists and the nonce
+ * matches (constant time) -> an abort drops the grant and returns SPEED_OK; otherwise, in
+ * integrity mode, the tags are verified over the local blocks. Returns SPEED_OK,
+ * SPEED_ERR_NOT_FOUND (no grant), SPEED_ERR_PEER_PROTOCOL (wrong nonce), SPEED_ERR_TRANSFER
+ * (tags missing or not matching: the grant is dropped, n_integrity_failed counted). Logs the
+ * refusals but NOT_FOUND (never the nonce).
+ * ctx->mu not held. */
+speed_status_t speed_kv_grant_check(speed_kv_xfer_ctx_t *ctx, const speed_kv_notify_wire_t *m);
+
+/* Frees every grant (ctx_destroy). */
+void speed_kv_grant_free_all(speed_kv_xfer_ctx_t *ctx);
 
 /* ---- defined in kv_desc.c ------------------------------------------------------------------ */
 

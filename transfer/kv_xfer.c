@@ -16,6 +16,7 @@
 #include "kv_transfer.h"
 #include "kv_transfer_internal.h"
 #include "log.h"
+#include "mac.h"
 
 /* ---- ending a transfer ---------------------------------------------------------------------- */
 
@@ -93,6 +94,7 @@ static void notify_sent_cb(void *req, ucs_status_t status, void *user) {
     ucp_request_free(req);
     pthread_mutex_lock(&x->ctx->mu);
     x->pending--;
+    if (x->aborting && x->abort_sent && status == UCS_OK) x->ctx->stats.n_aborts_sent++;
     if (status != UCS_OK)
         speed_kv_xfer_fail_locked(x, op_status(x->ep, status), SPEED_KV_STAGE_NOTIFY, ucs_status_string(status));
     pthread_mutex_unlock(&x->ctx->mu);
@@ -107,10 +109,17 @@ static void send_notify(speed_kv_xfer_t *x) {
         .user_data = x,
         .flags = UCP_AM_SEND_FLAG_REPLY,
     };
-    ucs_status_ptr_t r = ucp_am_send_nbx(x->ep->ep, AM_ID_NOTIFY, NULL, 0, &x->msg, sizeof x->msg, &prm);
+    if (x->aborting) { /* no ack for an abort: nobody waits for it */
+        prm.op_attr_mask &= ~(uint32_t)UCP_OP_ATTR_FIELD_FLAGS;
+        prm.flags = 0;
+    }
+    const void *buf = x->aborting ? (const void *)x->abort_wire : x->wire;
+    size_t len = x->aborting ? sizeof x->abort_wire : x->wire_len;
+    ucs_status_ptr_t r = ucp_am_send_nbx(x->ep->ep, AM_ID_NOTIFY, NULL, 0, buf, len, &prm);
     if (UCS_PTR_IS_PTR(r)) return;
     pthread_mutex_lock(&x->ctx->mu);
     x->pending--;
+    if (x->aborting && x->abort_sent && !UCS_PTR_IS_ERR(r)) x->ctx->stats.n_aborts_sent++;
     if (UCS_PTR_IS_ERR(r))
         speed_kv_xfer_fail_locked(x, op_status(x->ep, UCS_PTR_STATUS(r)), SPEED_KV_STAGE_NOTIFY,
                                   ucs_status_string(UCS_PTR_STATUS(r)));
@@ -122,6 +131,20 @@ static void flush_done(speed_kv_xfer_t *x, ucs_status_t status) {
     speed_kv_xfer_ctx_t *c = x->ctx;
     pthread_mutex_lock(&c->mu);
     x->pending--;
+    if (x->aborting) {
+        /* An aborted transfer: its puts are all complete at the target, so the abort notify may
+         * go (once: the finish's flush and the abort's own may both land here). A failed flush or
+         * endpoint sends nothing: the decode node cannot know what may still arrive, and its
+         * fence waits for the lease. */
+        bool send = status == UCS_OK && !x->ep->failed && !x->abort_sent;
+        if (send) {
+            x->abort_sent = true;
+            x->pending++;
+        }
+        pthread_mutex_unlock(&c->mu);
+        if (send) send_notify(x);
+        return;
+    }
     if (x->state != SPEED_KV_XFER_FLUSHING) { /* timed out, failed or cancelled meanwhile */
         pthread_mutex_unlock(&c->mu);
         return;
@@ -131,7 +154,7 @@ static void flush_done(speed_kv_xfer_t *x, ucs_status_t status) {
         pthread_mutex_unlock(&c->mu);
         return;
     }
-    if (lease_passed(x->lease_deadline_ms)) {
+    if (lease_passed(x->lease_end_ns)) {
         speed_kv_xfer_fail_locked(x, SPEED_ERR_TIMEOUT, SPEED_KV_STAGE_NOTIFY,
                                   "the lease deadline passed before the notify");
         pthread_mutex_unlock(&c->mu);
@@ -156,6 +179,8 @@ void speed_kv_xfer_free(speed_kv_xfer_t *x) {
     }
     speed_free(x->pools);
     speed_free(x->layers);
+    if (x->wire) speed_free(x->wire);
+    memset(&x->msg, 0, sizeof x->msg); /* the nonce */
     speed_free(x);
 }
 
@@ -223,9 +248,16 @@ speed_status_t speed_kv_xfer_create(speed_kv_xfer_ctx_t *c, const speed_kv_desc_
     if (d->total_bytes != desc_total) /* desc_check verified it against the descriptor's shape */
         REFUSE(SPEED_ERR_PEER_PROTOCOL, "total of %llu bytes, local %llu", (unsigned long long)d->total_bytes,
                (unsigned long long)desc_total);
-    if (lease_passed(d->lease_deadline_ms))
-        REFUSE(SPEED_ERR_TIMEOUT, "the lease deadline passed %llu ms ago",
-               (unsigned long long)((uint64_t)speed_clock_wall_ms() - d->lease_deadline_ms));
+    /* the lease counts from when this side received the descriptor, on this side's clock */
+    const uint64_t t0 = d->received_ns ? d->received_ns : speed_clock_mono_ns();
+    const uint64_t lease_end = d->lease_ms > 0 ? t0 + (uint64_t)d->lease_ms * 1000000ull : 0;
+    if (lease_passed(lease_end))
+        REFUSE(SPEED_ERR_TIMEOUT, "the lease of %lld ms ended %llu ms ago", (long long)d->lease_ms,
+               (unsigned long long)((speed_clock_mono_ns() - lease_end) / 1000000ull));
+    if (d->integrity && strided)
+        REFUSE(SPEED_ERR_UNSUPPORTED, "integrity mode needs equal head ranges on both sides (no tensor-parallel "
+                                      "resharding)");
+    if (d->integrity && !d->has_nonce) REFUSE(SPEED_ERR_PEER_PROTOCOL, "integrity mode without a nonce");
 
     x = speed_calloc(1, sizeof *x);
     if (!x) REFUSE(SPEED_ERR_NO_MEMORY, "out of memory");
@@ -244,7 +276,9 @@ speed_status_t speed_kv_xfer_create(speed_kv_xfer_ctx_t *c, const speed_kv_desc_
     x->r_head_off = (size_t)(hb - d->head_begin) * head_bytes;
     x->r_half = (size_t)B * x->r_slot;
     x->total_bytes = total;
-    x->lease_deadline_ms = d->lease_deadline_ms;
+    x->lease_end_ns = lease_end;
+    x->integrity = d->integrity;
+    x->has_nonce = d->has_nonce;
     x->t_create = speed_clock_mono_ns();
     if (request_id) snprintf(x->request_id, sizeof x->request_id, "%s", request_id);
     x->layers = speed_calloc((size_t)L, sizeof *x->layers);
@@ -303,14 +337,10 @@ speed_status_t speed_kv_xfer_create(speed_kv_xfer_ctx_t *c, const speed_kv_desc_
             return SPEED_ERR_PEER_PROTOCOL;
         }
     }
-    x->msg = (notify_msg_t){.magic = MSG_MAGIC,
-                            .version = MSG_VERSION,
-                            .cookie = d->cookie,
-                            .bytes = total,
-                            .epoch = d->epoch,
-                            .head_begin = hb,
-                            .head_end = he};
+    x->msg = (speed_kv_notify_wire_t){
+        .cookie = d->cookie, .bytes = total, .epoch = d->epoch, .head_begin = hb, .head_end = he};
     snprintf(x->msg.request_id, sizeof x->msg.request_id, "%s", x->request_id);
+    if (d->has_nonce) memcpy(x->msg.nonce, d->nonce, sizeof x->msg.nonce);
     x->state = SPEED_KV_XFER_PUSHING;
     pthread_mutex_lock(&c->mu);
     x->token = x->msg.token = c->next_token++;
@@ -388,7 +418,7 @@ speed_status_t speed_kv_xfer_push_layer(speed_kv_xfer_t *x, int layer, int64_t n
                   (long long)n_done, (long long)n_total);
         return SPEED_ERR_INVALID_ARGUMENT;
     }
-    if (lease_passed(x->lease_deadline_ms)) {
+    if (lease_passed(x->lease_end_ns)) {
         speed_kv_xfer_fail_locked(x, SPEED_ERR_TIMEOUT, SPEED_KV_STAGE_PUT,
                                   "the lease deadline passed during the transfer");
         pthread_mutex_unlock(&c->mu);
@@ -491,6 +521,51 @@ speed_status_t speed_kv_xfer_push_all(speed_kv_xfer_t *x) {
     return SPEED_OK;
 }
 
+typedef struct {
+    speed_kv_xfer_t *x;
+    int layer;
+} local_addr_t;
+
+static const uint8_t *local_block(void *user, int64_t i) {
+    const local_addr_t *a = user;
+    void *src;
+    size_t unit;
+    if (speed_kv_cache_xfer_block_addr(a->x->cache, a->x->seq, a->layer, i, &src, &unit) != SPEED_OK) return NULL;
+    return src;
+}
+
+/* x->wire: the notify (flags, tags) from x->msg. Not under ctx->mu (hashing takes time). */
+static speed_status_t wire_encode(speed_kv_xfer_t *x, uint32_t flags, const uint8_t *tags, uint32_t n_tags) {
+    x->msg.flags = flags;
+    x->msg.tags = tags;
+    x->msg.n_tags = n_tags;
+    size_t len = speed_kv_notify_wire_size(n_tags);
+    uint8_t *w = speed_malloc(len);
+    if (!w) return SPEED_ERR_NO_MEMORY;
+    speed_kv_notify_encode(&x->msg, w);
+    x->msg.tags = NULL;
+    speed_free(x->wire); /* finish runs once: no send uses the old one */
+    x->wire = w;
+    x->wire_len = len;
+    return SPEED_OK;
+}
+
+static speed_status_t notify_build(speed_kv_xfer_t *x) {
+    if (!x->integrity) return wire_encode(x, 0, NULL, 0);
+    uint8_t *tags = speed_malloc((size_t)x->n_layers * SPEED_KV_TAG_BYTES);
+    if (!tags) return SPEED_ERR_NO_MEMORY;
+    speed_status_t st = SPEED_OK;
+    const uint64_t unit = 2 * x->half_unit;
+    for (int l = 0; l < x->n_layers && st == SPEED_OK; l++) {
+        local_addr_t a = {.x = x, .layer = l};
+        st = speed_kv_layer_tag(x->msg.nonce, l, x->layers[l].entries, x->block_tokens, unit, local_block, &a,
+                                tags + (size_t)l * SPEED_KV_TAG_BYTES);
+    }
+    if (st == SPEED_OK) st = wire_encode(x, 0, tags, (uint32_t)x->n_layers);
+    speed_free(tags);
+    return st;
+}
+
 speed_status_t speed_kv_xfer_finish(speed_kv_xfer_t *x) {
     if (!x) return SPEED_ERR_INVALID_ARGUMENT;
     speed_kv_xfer_ctx_t *c = x->ctx;
@@ -509,6 +584,17 @@ speed_status_t speed_kv_xfer_finish(speed_kv_xfer_t *x) {
         else
             speed_log(SPEED_LOG_ERROR, SPEED_SUBSYS_NET, rid(x), "kv transfer: finish called twice");
         return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    pthread_mutex_unlock(&c->mu);
+    /* The notify's bytes (with a tag per layer in integrity mode), made before the flush: the
+     * local blocks are final, and a failure here fails the transfer before anything is sent. */
+    speed_status_t wst = notify_build(x);
+    pthread_mutex_lock(&c->mu);
+    if (wst != SPEED_OK) speed_kv_xfer_fail_locked(x, wst, SPEED_KV_STAGE_NOTIFY, "the integrity tags failed");
+    if (ended(x)) {
+        speed_status_t st = x->status;
+        pthread_mutex_unlock(&c->mu);
+        return st;
     }
     x->state = SPEED_KV_XFER_FLUSHING;
     x->t_finish = speed_clock_mono_ns();
@@ -559,11 +645,87 @@ speed_kv_xfer_state_t speed_kv_xfer_poll(speed_kv_xfer_t *x, speed_status_t *sta
     return s;
 }
 
+/* Ends a running transfer as cancelled; when it carries a nonce, starts the abort: flush the
+ * endpoint (every put posted is then complete at the target), then send the abort notify, so
+ * the decode node may reuse the blocks before the lease ends. The transfer stays allocated
+ * (pending) until the abort's callbacks have run, even when its handle is destroyed. */
+static void cancel_and_abort(speed_kv_xfer_t *x, const char *why, bool want_abort) {
+    speed_kv_xfer_ctx_t *c = x->ctx;
+    pthread_mutex_lock(&c->mu);
+    bool was_running = !ended(x);
+    speed_kv_xfer_fail_locked(x, SPEED_ERR_CANCELLED, SPEED_KV_STAGE_PUT, why);
+    bool abort = want_abort && was_running && x->has_nonce && !x->aborting && !x->ep->failed && !c->closing;
+    if (abort) {
+        speed_kv_notify_wire_t m = x->msg;
+        m.flags = SPEED_KV_NOTIFY_FLAG_ABORT;
+        m.n_tags = 0;
+        m.tags = NULL;
+        speed_kv_notify_encode(&m, x->abort_wire);
+        memset(&m, 0, sizeof m);
+        x->aborting = true;
+        x->pending++; /* the flush */
+        x->ep->in_use++;
+    }
+    pthread_mutex_unlock(&c->mu);
+    if (!abort) return;
+    ucp_ep_h ep = x->ep->ep;
+    ucp_request_param_t prm = {
+        .op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA,
+        .cb.send = flush_cb,
+        .user_data = x,
+    };
+    ucs_status_ptr_t r = ucp_ep_flush_nbx(ep, &prm);
+    if (!UCS_PTR_IS_PTR(r)) flush_done(x, UCS_PTR_STATUS(r));
+    ucp_worker_signal(c->worker);
+    pthread_mutex_lock(&c->mu);
+    x->ep->in_use--;
+    pthread_mutex_unlock(&c->mu);
+}
+
 void speed_kv_xfer_cancel(speed_kv_xfer_t *x) {
     if (!x) return;
-    pthread_mutex_lock(&x->ctx->mu);
-    speed_kv_xfer_fail_locked(x, SPEED_ERR_CANCELLED, SPEED_KV_STAGE_PUT, "cancelled");
-    pthread_mutex_unlock(&x->ctx->mu);
+    cancel_and_abort(x, "cancelled", false);
+}
+
+void speed_kv_xfer_abort(speed_kv_xfer_t *x) {
+    if (!x) return;
+    cancel_and_abort(x, "aborted", true);
+}
+
+speed_status_t speed_kv_xfer_ctx_abort_desc(speed_kv_xfer_ctx_t *c, const speed_kv_desc_t *d, const char *request_id) {
+    if (!c || !d || !request_id || !*request_id) return SPEED_ERR_INVALID_ARGUMENT;
+    if (!d->has_nonce) return SPEED_OK; /* nobody to prove anything to: the lease frees the blocks */
+    if (speed_kv_desc_check(d) != SPEED_OK) return SPEED_ERR_PEER_PROTOCOL;
+    /* A transfer with no layers and no blocks, carried by the same machinery as any abort: it
+     * holds the endpoint, is freed by the progress thread once its flush and send are done. */
+    speed_kv_xfer_t *x = speed_calloc(1, sizeof *x);
+    if (!x) return SPEED_ERR_NO_MEMORY;
+    x->ctx = c;
+    snprintf(x->request_id, sizeof x->request_id, "%s", request_id);
+    x->has_nonce = true;
+    x->t_create = speed_clock_mono_ns();
+    x->msg = (speed_kv_notify_wire_t){.epoch = d->epoch, .head_begin = d->head_begin, .head_end = d->head_end};
+    snprintf(x->msg.request_id, sizeof x->msg.request_id, "%s", request_id);
+    memcpy(x->msg.nonce, d->nonce, sizeof x->msg.nonce);
+    speed_status_t st = speed_kv_xfer_ctx_ep_get(c, d->worker_addr, d->worker_addr_len, d->transport, request_id, &x->ep);
+    if (st != SPEED_OK) {
+        speed_kv_xfer_free(x);
+        return st;
+    }
+    x->state = SPEED_KV_XFER_PUSHING;
+    pthread_mutex_lock(&c->mu);
+    x->token = x->msg.token = c->next_token++;
+    x->next = c->xfers;
+    if (c->xfers) c->xfers->prev = x;
+    c->xfers = x;
+    c->stats.n_started++; /* and counted cancelled just below: the counters stay balanced */
+    pthread_mutex_unlock(&c->mu);
+    cancel_and_abort(x, "aborted before any put", true);
+    pthread_mutex_lock(&c->mu);
+    x->orphan = true;
+    pthread_mutex_unlock(&c->mu);
+    ucp_worker_signal(c->worker);
+    return SPEED_OK;
 }
 
 void speed_kv_xfer_info(speed_kv_xfer_t *x, speed_kv_xfer_info_t *info_p) {
@@ -585,8 +747,8 @@ void speed_kv_xfer_info(speed_kv_xfer_t *x, speed_kv_xfer_info_t *info_p) {
 void speed_kv_xfer_destroy(speed_kv_xfer_t *x) {
     if (!x) return;
     speed_kv_xfer_ctx_t *c = x->ctx;
+    cancel_and_abort(x, "destroyed while running", false);
     pthread_mutex_lock(&c->mu);
-    speed_kv_xfer_fail_locked(x, SPEED_ERR_CANCELLED, SPEED_KV_STAGE_PUT, "destroyed while running");
     x->orphan = true; /* the progress thread frees it once no UCX request refers to it */
     pthread_mutex_unlock(&c->mu);
     ucp_worker_signal(c->worker);

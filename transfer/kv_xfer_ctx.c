@@ -9,6 +9,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -91,43 +92,63 @@ static ucs_status_t notify_handler(void *arg, const void *header, size_t header_
     (void)header_length;
     speed_kv_xfer_ctx_t *c = arg;
     speed_status_t st = SPEED_OK;
-    notify_msg_t m;
-    memset(&m, 0, sizeof m);
-    if ((param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) || length != sizeof m) {
-        SPEED_WARN(SPEED_SUBSYS_NET, "kv transfer: malformed notify of %zu bytes rejected (version %d is %zu bytes)",
-                   length, MSG_VERSION, sizeof m);
+    speed_kv_notify_wire_t m;
+    const char *why = NULL;
+    bool aborted = false, integrity_failed = false;
+    if (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) {
+        SPEED_WARN(SPEED_SUBSYS_NET, "kv transfer: notify of %zu bytes sent by rendezvous rejected", length);
+        memset(&m, 0, sizeof m);
+        st = SPEED_ERR_PEER_PROTOCOL;
+    } else if (speed_kv_notify_decode(data, length, &m, &why) != SPEED_OK) {
+        SPEED_WARN(SPEED_SUBSYS_NET, "kv transfer: malformed notify of %zu bytes rejected: %s", length, why);
         st = SPEED_ERR_PEER_PROTOCOL;
     } else {
-        memcpy(&m, data, sizeof m);
-        m.request_id[REQ_ID_MAX - 1] = '\0';
         const char *r = m.request_id[0] ? m.request_id : NULL;
-        if (m.magic != MSG_MAGIC || m.version != MSG_VERSION) {
-            speed_log(SPEED_LOG_WARN, SPEED_SUBSYS_NET, r, "kv transfer: notify with bad magic/version rejected");
-            st = SPEED_ERR_PEER_PROTOCOL;
-        } else if (m.epoch != c->epoch) {
+        aborted = (m.flags & SPEED_KV_NOTIFY_FLAG_ABORT) != 0;
+        if (m.epoch != c->epoch) {
             speed_log(SPEED_LOG_WARN, SPEED_SUBSYS_NET, r,
                       "kv transfer: notify for epoch %llu rejected: this node's epoch is %llu (stale descriptor)",
                       (unsigned long long)m.epoch, (unsigned long long)c->epoch);
             st = SPEED_ERR_PEER_PROTOCOL;
-        } else if (c->p.notify_cb) {
+        } else {
+            /* the nonce (and, in integrity mode, the tags): before anything else sees the notify */
+            st = speed_kv_grant_check(c, &m);
+            if (st == SPEED_ERR_NOT_FOUND && !c->p.require_grant) st = SPEED_OK; /* no grant asked for */
+            if (st == SPEED_ERR_NOT_FOUND)
+                speed_log(SPEED_LOG_WARN, SPEED_SUBSYS_NET, r, "kv transfer: notify refused: no reservation grant");
+            integrity_failed = st == SPEED_ERR_TRANSFER;
+            if (st == SPEED_ERR_NOT_FOUND || st == SPEED_ERR_PEER_PROTOCOL) {
+                pthread_mutex_lock(&c->mu);
+                c->stats.n_nonce_rejected++;
+                pthread_mutex_unlock(&c->mu);
+            }
+        }
+        if ((st == SPEED_OK || integrity_failed) && c->p.notify_cb) {
             speed_kv_notify_t note = {.request_id = m.request_id,
                                       .cookie = m.cookie,
                                       .bytes = m.bytes,
                                       .epoch = m.epoch,
                                       .head_begin = m.head_begin,
-                                      .head_end = m.head_end};
-            st = c->p.notify_cb(c->p.notify_user, &note);
+                                      .head_end = m.head_end,
+                                      .aborted = aborted,
+                                      .integrity_failed = integrity_failed};
+            speed_status_t cst = c->p.notify_cb(c->p.notify_user, &note);
+            if (st == SPEED_OK) st = cst;
         }
     }
     pthread_mutex_lock(&c->mu);
-    if (st == SPEED_OK) {
+    if (st == SPEED_OK && aborted) {
+        c->stats.n_aborts_received++;
+    } else if (st == SPEED_OK) {
         c->stats.n_notified++;
         c->stats.bytes_notified += m.bytes;
     } else {
         c->stats.n_notify_rejected++;
     }
     pthread_mutex_unlock(&c->mu);
-    if (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) ack_send(c, param->reply_ep, m.token, st);
+    uint64_t token = m.token;
+    memset(&m, 0, sizeof m); /* the nonce */
+    if (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) ack_send(c, param->reply_ep, token, st);
     return UCS_OK;
 }
 
@@ -317,6 +338,18 @@ speed_status_t speed_kv_xfer_ctx_create(const speed_kv_xfer_ctx_params_t *params
         st = ucx_fail("ucp_config_read", s);
         goto fail;
     }
+    /* Binding: the transports and devices this context may use, whatever the environment says
+     * (shm: shared memory and loopback only, so no TCP socket is ever opened). */
+    if (params->tls && (s = ucp_config_modify(cfg, "TLS", params->tls)) != UCS_OK) {
+        ucp_config_release(cfg);
+        st = ucx_fail("UCX_TLS", s);
+        goto fail;
+    }
+    if (params->net_devices && (s = ucp_config_modify(cfg, "NET_DEVICES", params->net_devices)) != UCS_OK) {
+        ucp_config_release(cfg);
+        st = ucx_fail("UCX_NET_DEVICES", s);
+        goto fail;
+    }
     ucp_params_t up = {
         .field_mask = UCP_PARAM_FIELD_FEATURES,
         .features = UCP_FEATURE_RMA | UCP_FEATURE_AM | UCP_FEATURE_WAKEUP,
@@ -421,6 +454,43 @@ void speed_kv_xfer_ctx_address(const speed_kv_xfer_ctx_t *c, const uint8_t **add
 
 uint64_t speed_kv_xfer_ctx_epoch(const speed_kv_xfer_ctx_t *c) { return c->epoch; }
 
+speed_status_t speed_kv_xfer_ctx_transports(speed_kv_xfer_ctx_t *c, char *buf, size_t size) {
+    if (!c || !buf || size == 0) return SPEED_ERR_INVALID_ARGUMENT;
+    buf[0] = '\0';
+    char *text = NULL;
+    size_t text_len = 0;
+    FILE *f = open_memstream(&text, &text_len);
+    if (!f) return SPEED_ERR_NO_MEMORY;
+    ucp_context_print_info(c->ucp, f);
+    fclose(f);
+    /* lines "#     resource 3  :  md 2  dev 0  flags -- tcp/lo": collect the transport names */
+    size_t used = 0;
+    bool fit = true;
+    for (char *line = text, *next; line && *line; line = next) {
+        next = strchr(line, '\n');
+        if (next) *next++ = '\0';
+        char *tl = strstr(line, "resource") ? strstr(line, "-- ") : NULL;
+        if (!tl) continue;
+        tl += 3;
+        size_t n = strcspn(tl, "/ ");
+        char name[64];
+        snprintf(name, sizeof name, "%.*s", (int)(n < 63 ? n : 63), tl);
+        char key[66];
+        snprintf(key, sizeof key, ",%s,", name);
+        char have[1024];
+        snprintf(have, sizeof have, ",%s,", buf);
+        if (strstr(have, key)) continue;
+        int w = snprintf(buf + used, size - used, "%s%s", used ? "," : "", name);
+        if (w < 0 || (size_t)w >= size - used) {
+            fit = false;
+            break;
+        }
+        used += (size_t)w;
+    }
+    free(text); /* open_memstream's buffer comes from malloc */
+    return fit ? SPEED_OK : SPEED_ERR_TOO_LONG;
+}
+
 void speed_kv_xfer_ctx_stats(speed_kv_xfer_ctx_t *c, speed_kv_xfer_ctx_stats_t *stats_p) {
     pthread_mutex_lock(&c->mu);
     *stats_p = c->stats;
@@ -467,6 +537,7 @@ static void ctx_free(speed_kv_xfer_ctx_t *c) {
         c->acks = a->next;
         speed_free(a);
     }
+    speed_kv_grant_free_all(c);
     speed_free(c->close_reqs);
     speed_free(c->addr);
     pthread_cond_destroy(&c->cv);

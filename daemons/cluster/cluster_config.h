@@ -67,6 +67,8 @@ typedef struct {
     int kv_dtype; /* speed_dtype_t (dtype.h) */
     int64_t kv_block_tokens;
     int64_t lease_ms; /* a reservation not claimed in time is freed */
+    bool kv_integrity; /* integrity mode of the KV plane (per-layer HMAC tags) */
+    int64_t debug_prefill_layer_delay_ms; /* test knob: slow prefill node */
 
     /* router */
     int64_t router_port, router_threads;

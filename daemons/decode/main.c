@@ -29,8 +29,9 @@ static speed_node_t g_node;
 typedef struct {
     speed_node_t *node;
     int64_t n_prompt;
+    const char *request_id;
     speed_depth_t depth; /* resolved */
-    uint64_t lease_deadline_ms;
+    int64_t lease_ms;    /* the reservation's */
     speed_kv_desc_t *desc;
 } desc_arg_t;
 
@@ -38,10 +39,16 @@ static speed_status_t build_desc(void *user, speed_kv_cache_t *cache, const spee
     desc_arg_t *a = user;
     int64_t n_compact = a->depth.anchors + a->depth.tail;
     if (n_compact > a->n_prompt) n_compact = a->n_prompt;
+    /* The grant: a fresh nonce for this reservation, which only the prefill node the router
+     * picks learns; its notify must carry it or the KV is never marked ready. The grant lives
+     * as long as the reservation can (an abort notify after a cancel needs it too). */
     speed_kv_desc_params_t p = {
         .transport = (speed_kv_transport_t)a->node->cfg.ucx_transport,
-        .lease_deadline_ms = a->lease_deadline_ms,
+        .lease_ms = speed_node_desc_lease_ms(a->lease_ms),
         .cookie = 0,
+        .grant_id = a->request_id,
+        .grant_ms = a->lease_ms,
+        .integrity = a->node->cfg.kv_integrity,
     };
     return speed_kv_desc_build(a->node->xfer, cache, seq, a->n_prompt, n_compact, &p, &a->desc);
 }
@@ -70,14 +77,15 @@ static void reserve_work(void *arg) {
         if (st != SPEED_OK)
             snprintf(err, sizeof err, "%s", st == SPEED_ERR_CAPACITY ? "no free KV blocks" : speed_log_last_error());
     }
-    desc_arg_t da = {.node = n, .n_prompt = r->req->n_prompt};
+    desc_arg_t da = {.node = n, .n_prompt = r->req->n_prompt, .request_id = r->req->request_id};
     if (st == SPEED_OK) {
         da.depth = res.depth;
-        da.lease_deadline_ms = (uint64_t)res.lease_deadline_ms;
+        da.lease_ms = res.lease_ms;
         st = speed_batcher_with_kv(n->batcher, r->req->request_id, build_desc, &da);
         if (st != SPEED_OK) {
             snprintf(err, sizeof err, "cannot describe the KV blocks: %s", speed_log_last_error());
             speed_batcher_cancel(n->batcher, r->req->request_id);
+            speed_batcher_release(n->batcher, r->req->request_id); /* nobody learned the descriptor */
         }
     }
     if (st == SPEED_OK) {
@@ -90,6 +98,8 @@ static void reserve_work(void *arg) {
             speed_node_kv_desc_proto_cleanup(&kd);
         } else {
             speed_batcher_cancel(n->batcher, r->req->request_id);
+            speed_batcher_release(n->batcher, r->req->request_id); /* nobody learned the descriptor */
+            speed_kv_xfer_ctx_grant_drop(n->xfer, r->req->request_id);
             speed_node_fail(r->call, st, "out of memory");
         }
     } else {
@@ -187,7 +197,7 @@ static void generate_work(void *arg) {
     gen_t *g = arg;
     speed_node_t *n = g->node;
     const Speed__V1__GenerateRequest *req = g->req;
-    char err[256] = "";
+    char err[512] = "";
     speed_batch_request_t q = {.request_id = g->id, .on_event = gen_event, .user = g};
     speed_status_t st = speed_node_gen_from_proto(req->sampling, &q.gen, err, sizeof err);
     if (st == SPEED_OK && req->sampling) {
@@ -226,11 +236,22 @@ static void generate_work(void *arg) {
         } else {
             speed_batch_token_t first;
             speed_node_token_from_proto(req->first, &first);
-            st = speed_batcher_start(n->batcher, &q, &first, true);
+            /* Never kv_ready=true here: only an authenticated notify (the reservation's nonce,
+             * after the prefill node's flush) marks the KV ready. A Generate without it would
+             * decode over whatever the reused blocks hold: refused. */
+            char id[sizeof g->id];
+            snprintf(id, sizeof id, "%s", g->id); /* g belongs to the events once started */
+            st = speed_batcher_start(n->batcher, &q, &first, false);
             if (st == SPEED_ERR_NOT_FOUND)
-                snprintf(err, sizeof err, "no reservation '%s' (expired or never made)", g->id);
+                snprintf(err, sizeof err, "no reservation '%s' (expired or never made)", id);
+            else if (st == SPEED_ERR_INVALID_ARGUMENT)
+                snprintf(err, sizeof err,
+                         "reservation '%s' cannot start: its KV is not ready (no prefill node delivered it: Generate "
+                         "needs a completed Prefill), or it was already started, or the first token is invalid",
+                         id);
             else if (st != SPEED_OK)
-                snprintf(err, sizeof err, "%s", speed_log_last_error());
+                snprintf(err, sizeof err, "%s", speed_status_string(st));
+            if (st == SPEED_OK) speed_kv_xfer_ctx_grant_drop(n->xfer, id); /* no notify is valid now */
         }
     }
     if (st != SPEED_OK) {

@@ -194,6 +194,19 @@ GAUGE_FN(g_blocks_reserved, (double)(s.kv.usage.n_blocks[0] + s.kv.usage.n_block
 GAUGE_FN(g_blocks_total, (double)(s.kv.n_blocks[0] + s.kv.n_blocks[1]))
 GAUGE_FN(g_kv_bytes_used, (double)(s.kv.usage.bytes_used[0] + s.kv.usage.bytes_used[1]))
 
+/* The KV plane's counters of the UCX context (docs/security-kv-plane.md). Cumulative, exported as
+ * gauges read at scrape time (the context keeps the counts). */
+#define XFER_FN(fname, expr)                       \
+    static double fname(void *user) {              \
+        speed_node_t *n = user;                    \
+        speed_kv_xfer_ctx_stats_t s;               \
+        speed_kv_xfer_ctx_stats(n->xfer, &s);      \
+        return (expr);                             \
+    }
+XFER_FN(g_nonce_refused, (double)s.n_nonce_rejected)
+XFER_FN(g_integrity_failed, (double)s.n_integrity_failed)
+XFER_FN(g_aborts, (double)(s.n_aborts_sent + s.n_aborts_received))
+
 static double g_state(void *user) { return (double)atomic_load(&((speed_node_t *)user)->state); }
 
 static speed_status_t metrics_init(speed_node_t *n) {
@@ -235,6 +248,16 @@ static speed_status_t metrics_init(speed_node_t *n) {
     const char *stage_label[] = {"stage"};
     SPEED_CHECK(speed_counter_register(m, "speed_kv_transfer_failures_total", "KV transfers that failed, by stage",
                                        stage_label, 1, &n->m_xfer_failures));
+    SPEED_CHECK(speed_gauge_register_callback(m, "speed_kv_notifies_refused",
+                                              "KV notifies refused for a missing grant or a wrong nonce (since start)",
+                                              g_nonce_refused, n, NULL));
+    SPEED_CHECK(speed_gauge_register_callback(m, "speed_kv_integrity_failures",
+                                              "KV transfers whose integrity tags did not match (since start)",
+                                              g_integrity_failed, n, NULL));
+    SPEED_CHECK(speed_gauge_register_callback(m, "speed_kv_aborts",
+                                              "Cancelled transfers' abort notifies sent (prefill) or accepted "
+                                              "(decode), since start",
+                                              g_aborts, n, NULL));
     return SPEED_OK;
 }
 
@@ -347,6 +370,20 @@ static speed_status_t load_model(speed_node_t *n) {
 
     speed_kv_xfer_ctx_params_t xp = speed_kv_xfer_ctx_default_params();
     xp.cuda_direct = c->ucx_cuda_direct;
+    /* Binding: shm nodes open shared memory (and loopback to themselves) only, never a TCP
+     * socket; tcp nodes only the configured devices. */
+    if (c->ucx_transport == SPEED_KV_TRANSPORT_SHM) {
+        xp.tls = "sm,self";
+    } else {
+        xp.tls = "tcp,self";
+        if (c->ucx_net_devices && *c->ucx_net_devices) xp.net_devices = c->ucx_net_devices;
+    }
+    if (strcmp(n->role, "decode") == 0) {
+        /* a notify marks KV ready only with the reservation's nonce (grants from Reserve) */
+        xp.require_grant = true;
+        xp.notify_cb = speed_node_on_kv_notify;
+        xp.notify_user = n;
+    }
     SPEED_CHECK(speed_kv_xfer_ctx_create(&xp, &n->xfer));
     n->epoch = speed_kv_xfer_ctx_epoch(n->xfer);
     SPEED_CHECK(speed_kv_xfer_ctx_register_cache(n->xfer, speed_batcher_kv_cache(n->batcher)));

@@ -128,6 +128,19 @@ void speed_node_count(speed_node_t *node, const char *status);
  * (its finish event completes the request's own call) and replies {found}. user = the node. */
 void speed_node_on_cancel(void *user, speed_rpc_call_t *call, const uint8_t *data, size_t len);
 
+/* The decode node's notify callback (node_kv.c; user = the node): a notify whose nonce (and
+ * integrity tags) the transfer context accepted marks the reservation's KV ready once every
+ * head of this node's range was notified; an abort or an integrity failure frees the
+ * reservation's blocks (the cancel fence lifts). Progress thread; never waits for the engine.
+ * Returns SPEED_OK, or the batcher's status (SPEED_ERR_NOT_FOUND: no such reservation), sent
+ * back to the prefill node as the ack. */
+speed_status_t speed_node_on_kv_notify(void *user, const speed_kv_notify_t *note);
+
+/* The lease a descriptor carries: 3/4 of the reservation's (kv.lease_ms), so that the prefill
+ * node, counting from when it received the descriptor, stops putting before this node's lease
+ * ends even when the control plane took a quarter of the lease to deliver it. */
+static inline int64_t speed_node_desc_lease_ms(int64_t lease_ms) { return lease_ms - lease_ms / 4; }
+
 /* A role method for speed_node_main. */
 typedef struct {
     const char *path;

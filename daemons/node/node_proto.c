@@ -151,7 +151,12 @@ speed_status_t speed_node_kv_desc_to_proto(const speed_kv_desc_t *d, const speed
     out->unit_bytes = d->unit_bytes;
     out->total_bytes = d->total_bytes;
     out->epoch = d->epoch;
-    out->lease_deadline_unix_ms = (int64_t)d->lease_deadline_ms;
+    out->lease_ms = d->lease_ms > 0 ? (d->lease_ms > UINT32_MAX ? UINT32_MAX : (uint32_t)d->lease_ms) : 0;
+    if (d->has_nonce) {
+        out->nonce.data = (uint8_t *)d->nonce; /* borrowed: lives as long as the descriptor */
+        out->nonce.len = sizeof d->nonce;
+    }
+    out->integrity = d->integrity;
     if (depth) {
         out->prefill_layers = depth->prefill_layers;
         out->anchors = depth->anchors;
@@ -244,7 +249,24 @@ speed_status_t speed_node_kv_desc_from_proto(const Speed__V1__KvDescriptor *in, 
     d->unit_bytes = in->unit_bytes;
     d->total_bytes = in->total_bytes;
     d->epoch = in->epoch;
-    d->lease_deadline_ms = in->lease_deadline_unix_ms > 0 ? (uint64_t)in->lease_deadline_unix_ms : 0;
+    d->lease_ms = (int64_t)in->lease_ms;
+    d->received_ns = speed_clock_mono_ns(); /* the lease counts from here, on this host's clock */
+    if (in->nonce.len != 0 && in->nonce.len != sizeof d->nonce) {
+        SPEED_ERROR(SPEED_SUBSYS_NET, "kv descriptor: a nonce of %zu bytes (%zu expected)", in->nonce.len,
+                    sizeof d->nonce);
+        st = SPEED_ERR_FORMAT;
+        goto fail;
+    }
+    if (in->nonce.len) {
+        memcpy(d->nonce, in->nonce.data, sizeof d->nonce);
+        d->has_nonce = true;
+    }
+    d->integrity = in->integrity;
+    if (d->integrity && !d->has_nonce) {
+        SPEED_ERROR(SPEED_SUBSYS_NET, "kv descriptor: integrity mode without a nonce");
+        st = SPEED_ERR_FORMAT;
+        goto fail;
+    }
     st = speed_kv_desc_check(d);
     if (st != SPEED_OK) goto fail;
     *desc_p = d;

@@ -56,10 +56,12 @@ speed_status_t speed_node_kv_desc_to_proto(const speed_kv_desc_t *desc, const sp
 void speed_node_kv_desc_proto_cleanup(Speed__V1__KvDescriptor *out);
 
 /* KV descriptor, proto → a new C struct (free with speed_kv_desc_destroy), checked with
- * speed_kv_desc_check. A negative lease deadline reads as none (0). Returns SPEED_OK,
+ * speed_kv_desc_check. The lease counts from now (received_ns = this host's monotonic clock);
+ * the nonce, when present, is 16 bytes; integrity needs a nonce. Returns SPEED_OK,
  * SPEED_ERR_INVALID_ARGUMENT (in NULL), SPEED_ERR_PEER_PROTOCOL (more regions, pools, layers,
  * blocks of a pool or address / rkey bytes than kv_transfer.h allows; a transport other than
- * "shm" or "tcp" (NULL reads as "shm"); an unknown dtype), SPEED_ERR_FORMAT (what speed_kv_desc_check refuses:
+ * "shm" or "tcp" (NULL reads as "shm"); an unknown dtype), SPEED_ERR_FORMAT (a nonce of another
+ * length, integrity without a nonce, what speed_kv_desc_check refuses:
  * missing parts, inconsistent shape or counts, indices or blocks out of range) or
  * SPEED_ERR_NO_MEMORY. Errors are logged; *desc_p is untouched on error. */
 speed_status_t speed_node_kv_desc_from_proto(const Speed__V1__KvDescriptor *in, speed_kv_desc_t **desc_p);

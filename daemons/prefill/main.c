@@ -5,11 +5,13 @@
  *
  *   speed-prefill --config CLUSTER.yaml [--node.index I] [--model DIR] [options]
  */
+#include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
 
 #include "alloc.h"
+#include "clock.h"
 #include "log.h"
 #include "node.h"
 
@@ -30,6 +32,11 @@ typedef struct pf {
     speed_status_t status;
     double prefill_ms;
     bool submitted;
+    /* Set by Prefill.Cancel or by the router cancelling the call (its request timed out or its
+     * client left); the layer callback checks it before each layer's puts and stops the
+     * transfer, whose abort notify then lifts the decode node's fence. */
+    atomic_bool cancelled;
+    atomic_bool finished; /* the finish event came: the blocks are the transfer's until it ends */
     struct pf *next; /* in the live list */
 } pf_t;
 
@@ -78,7 +85,10 @@ static void complete_work(void *arg) {
     speed_node_t *n = p->node;
     speed_status_t st = p->status;
     char err[300] = "";
-    if (p->finish != SPEED_BATCH_STOP && p->finish != SPEED_BATCH_LENGTH) {
+    if (atomic_load(&p->cancelled) && st == SPEED_OK) {
+        st = SPEED_ERR_CANCELLED;
+        snprintf(err, sizeof err, "prefill cancelled");
+    } else if (p->finish != SPEED_BATCH_STOP && p->finish != SPEED_BATCH_LENGTH) {
         if (st == SPEED_OK) st = SPEED_ERR_CANCELLED;
         snprintf(err, sizeof err, "prefill %s: %s", speed_batch_finish_name(p->finish), speed_status_string(st));
     } else if (!p->xfer) {
@@ -90,9 +100,17 @@ static void complete_work(void *arg) {
         if (st != SPEED_OK) snprintf(err, sizeof err, "KV transfer failed: %s", speed_status_string(st));
     }
     speed_kv_xfer_info_t info = {0};
+    bool cancelled = atomic_load(&p->cancelled);
     if (p->xfer) {
-        if (st != SPEED_OK) speed_kv_xfer_cancel(p->xfer);
+        /* Cancelled (the request is over): the abort lifts the decode node's fence. Any other
+         * failure: plain cancel, the router may retry the same reservation elsewhere. */
+        if (st != SPEED_OK && cancelled)
+            speed_kv_xfer_abort(p->xfer);
+        else if (st != SPEED_OK)
+            speed_kv_xfer_cancel(p->xfer);
         xfer_metrics(n, p, &info);
+    } else if (cancelled && p->desc) {
+        speed_kv_xfer_ctx_abort_desc(n->xfer, p->desc, p->id); /* cancelled before any put */
     }
     if (st == SPEED_OK) {
         Speed__V1__PrefillReply reply = SPEED__V1__PREFILL_REPLY__INIT;
@@ -117,6 +135,12 @@ static void complete_work(void *arg) {
 static speed_status_t pf_layer(void *user, speed_kv_cache_t *cache, const speed_kv_seq_t *seq, int layer,
                                int64_t n_done, int64_t n_total) {
     pf_t *p = user;
+    if (atomic_load(&p->cancelled)) {
+        speed_kv_xfer_abort(p->xfer); /* flush + abort notify (complete_work covers no transfer yet) */
+        return SPEED_ERR_CANCELLED;
+    }
+    int64_t delay = p->node->cfg.debug_prefill_layer_delay_ms;
+    if (delay > 0) speed_clock_sleep_ms(delay); /* test knob: a slow prefill node */
     if (!p->xfer)
         SPEED_CHECK(speed_kv_xfer_create(p->node->xfer, p->desc, cache, seq, p->n_full, p->n_compact, p->id, &p->xfer));
     return speed_kv_xfer_push_layer(p->xfer, layer, n_done, n_total);
@@ -133,10 +157,51 @@ static void pf_event(void *user, const speed_batch_event_t *ev) {
         p->have_first = true;
         return;
     }
+    atomic_store(&p->finished, true);
     p->finish = ev->finish;
     p->status = ev->status;
     p->prefill_ms = ev->usage ? ev->usage->prefill_ms : 0.0;
     if (speed_node_defer(p->node, complete_work, p) != SPEED_OK) complete_work(p);
+}
+
+/* Marks p cancelled and ends it in the batcher. g_live_mu held or p otherwise alive. */
+static void pf_cancel(pf_t *p) {
+    atomic_store(&p->cancelled, true);
+    /* After the finish event the held blocks are read by the transfer's puts until it ends:
+     * complete_work releases them (cancelling the transfer when the flag is set). */
+    if (!atomic_load(&p->finished)) speed_batcher_cancel(p->node->batcher, p->id);
+}
+
+/* The router cancelled the Prefill call (deadline, client gone). gRPC thread; p is alive
+ * until the call's terminal reply (rpc.h). */
+static void pf_call_cancelled(void *user, speed_rpc_call_t *call) {
+    (void)call;
+    pf_cancel(user);
+}
+
+/* Prefill.Cancel: sets the request's cancelled flag (the layer callback stops the puts before
+ * the next layer), then ends it in the batcher like every role's Cancel. */
+static void on_prefill_cancel(void *user, speed_rpc_call_t *call, const uint8_t *data, size_t len) {
+    speed_node_t *n = user;
+    Speed__V1__CancelRequest *req = NULL;
+    if (speed_proto_unpack(&speed__v1__cancel_request__descriptor, data, len, (ProtobufCMessage **)&req) != SPEED_OK ||
+        !req->request_id || !*req->request_id || strlen(req->request_id) > SPEED_BATCH_ID_MAX) {
+        if (req) speed_proto_free(&req->base);
+        speed_node_fail(call, SPEED_ERR_INVALID_ARGUMENT, "malformed CancelRequest");
+        return;
+    }
+    Speed__V1__CancelReply reply = SPEED__V1__CANCEL_REPLY__INIT;
+    pthread_mutex_lock(&g_live_mu);
+    for (pf_t *p = g_live; p; p = p->next)
+        if (strcmp(p->id, req->request_id) == 0) {
+            pf_cancel(p);
+            reply.found = true;
+        }
+    pthread_mutex_unlock(&g_live_mu);
+    if (!reply.found) reply.found = speed_batcher_cancel(n->batcher, req->request_id) == SPEED_OK;
+    speed_log(SPEED_LOG_INFO, SPEED_SUBSYS_NET, req->request_id, "cancel: %s", reply.found ? "ended" : "not found");
+    speed_node_reply(call, &reply.base);
+    speed_proto_free(&req->base);
 }
 
 static void prefill_work(void *arg) {
@@ -185,6 +250,10 @@ static void prefill_work(void *arg) {
         q.n_prompt = (int64_t)req->n_prompt_ids;
         speed_counter_t *tokens = n->m_prompt_tokens;
         double n_prompt = (double)req->n_prompt_ids;
+        /* before submit: p lives until the call's terminal reply, after which the callback
+         * cannot run (rpc.h); a call already cancelled starts with the flag set */
+        if (speed_rpc_call_on_cancel(p->call, pf_call_cancelled, p) == SPEED_ERR_CANCELLED)
+            atomic_store(&p->cancelled, true);
         live_add(p);
         st = speed_batcher_submit(n->batcher, &q);
         if (st == SPEED_OK) {
@@ -230,7 +299,7 @@ static void on_prefill(void *user, speed_rpc_call_t *call, const uint8_t *data, 
 int main(int argc, char **argv) {
     static const speed_node_method_t methods[] = {
         {SPEED_METHOD_PREFILL_PREFILL, SPEED_RPC_UNARY, on_prefill},
-        {SPEED_METHOD_PREFILL_CANCEL, SPEED_RPC_UNARY, speed_node_on_cancel},
+        {SPEED_METHOD_PREFILL_CANCEL, SPEED_RPC_UNARY, on_prefill_cancel},
     };
     return speed_node_main(&g_node, "prefill", methods, (int)(sizeof methods / sizeof methods[0]), argc, argv);
 }

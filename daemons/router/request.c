@@ -165,12 +165,16 @@ static speed_status_t run_prefill(rtr_req_t *r, plan_t *pl, size_t dnode, bool *
         speed_proto_free(&rr->base);
         return SPEED_OK;
     }
-    /* No first token: free the reservation. */
+    /* No first token. A prefill cut short by a cancel or the request's deadline may still be
+     * pushing KV: Prefill.Cancel first (its node stops before the next layer and tells the
+     * decode node, whose fence then lifts), then free the reservation. */
     speed_proto_free(&rr->base);
+    bool cut_short = speed_router_req_cancelled(r, NULL) || last_st == SPEED_ERR_TIMEOUT ||
+                     res.code == SPEED_RPC_DEADLINE_EXCEEDED;
+    if (n_tried && cut_short) speed_router_cancel_send(rt, SPEED_ROUTER_POOL_PREFILL, tried[n_tried - 1], r->id);
     speed_router_cancel_send(rt, SPEED_ROUTER_POOL_DECODE, dnode, r->id);
     speed_router_req_leg_end(r, SPEED_ROUTER_POOL_DECODE);
     if (speed_router_req_cancelled(r, NULL)) {
-        if (n_tried) speed_router_cancel_send(rt, SPEED_ROUTER_POOL_PREFILL, tried[n_tried - 1], r->id);
         speed_router_req_fail_cancelled(r);
         return SPEED_ERR_CANCELLED;
     }

@@ -36,7 +36,7 @@ speed_batcher_params_t speed_batcher_default_params(void) {
     p.engine = speed_engine_default_params();
     p.max_waiting = 64;
     p.lease_ms = 30000;
-    p.cancel_quarantine_ms = 1000;
+    p.cancel_quarantine_ms = 0;
     return p;
 }
 
@@ -241,14 +241,14 @@ static speed_status_t do_reserve(speed_batcher_t *b, cmd_t *c) {
     r->in_engine = true;
     r->state = REQ_RESERVED;
     r->n_prompt = c->n_prompt;
-    r->deadline_ms = speed_clock_wall_ms() + b->p.lease_ms;
+    r->deadline_ms = speed_clock_mono_ms() + b->p.lease_ms;
     speed_engine_seq_stats_t ss;
     speed_engine_seq_stats(b->engine, r->seq, &ss);
     r->depth = ss.depth;
     size_t bytes = 0;
     speed_engine_seq_kv_size(b->engine, r->seq, &bytes);
     *c->reservation_p =
-        (speed_batch_reservation_t){.depth = ss.depth, .lease_deadline_ms = r->deadline_ms, .kv_bytes = bytes};
+        (speed_batch_reservation_t){.depth = ss.depth, .lease_ms = b->p.lease_ms, .kv_bytes = bytes};
     b->counts.n_prompt_tokens += (uint64_t)c->n_prompt;
     link_req(b, r);
     return SPEED_OK;
@@ -325,13 +325,15 @@ static void run_cmd(speed_batcher_t *b, cmd_t *c) {
         break;
     case CMD_CANCEL:
         r = req_find(b, c->id);
-        if (r && r->state == REQ_RESERVED && b->p.cancel_quarantine_ms > 0) {
-            /* A prefill node may still have puts in flight into these blocks: keep them out of
-             * circulation for a moment instead of handing them to the next request. */
+        if (r && r->state == REQ_RESERVED) {
+            /* The fence: a prefill node may still have puts in flight into these blocks. Keep
+             * them out of circulation until it says it stopped (release) or the lease ends. */
             b->counts.n_cancelled++;
             r->state = REQ_HELD;
-            int64_t until = speed_clock_wall_ms() + b->p.cancel_quarantine_ms;
-            if (until < r->deadline_ms) r->deadline_ms = until;
+            if (b->p.cancel_quarantine_ms > 0) {
+                int64_t until = speed_clock_mono_ms() + b->p.cancel_quarantine_ms;
+                if (until < r->deadline_ms) r->deadline_ms = until;
+            }
         } else if (r) {
             speed_batcher_req_finish(b, r, SPEED_BATCH_CANCELLED, SPEED_ERR_CANCELLED);
         }
@@ -358,7 +360,7 @@ static void run_cmd(speed_batcher_t *b, cmd_t *c) {
 }
 
 static void expire_leases(speed_batcher_t *b) {
-    int64_t now = speed_clock_wall_ms();
+    int64_t now = speed_clock_mono_ms();
     req_t *r = b->reqs;
     while (r) {
         req_t *next = r->next;
@@ -661,6 +663,10 @@ static speed_status_t async_cmd(speed_batcher_t *b, cmd_kind_t kind, const char 
 
 speed_status_t speed_batcher_cancel(speed_batcher_t *b, const char *request_id) {
     return async_cmd(b, CMD_CANCEL, request_id);
+}
+
+speed_status_t speed_batcher_kv_ready_post(speed_batcher_t *b, const char *request_id) {
+    return async_cmd(b, CMD_KV_READY, request_id);
 }
 
 speed_status_t speed_batcher_release(speed_batcher_t *b, const char *request_id) {

@@ -15,7 +15,9 @@
  *   kv_ready  the prompt KV was written into the reserved blocks (by a transfer);
  *   start     the first token (sampled by the prefill node) arrives: decoding begins;
  *   cancel    ends a request in any state; its blocks are freed at once, except those of a
- *             reservation not started yet: they wait cancel_quarantine_ms first;
+ *             reservation not started yet (the cancel fence): a prefill node's puts may still
+ *             land in them, so they stay out of circulation until release (the prefill side
+ *             said it stopped) or the lease ends (cancel_quarantine_ms, if shorter);
  *   release   frees the KV a finished request kept (hold_kv: the prefill node's puts read
  *             the blocks after the first token is out, until the transfer is flushed).
  * A request never leaks its blocks: finish, cancel, error, lease expiry and destroy all free
@@ -127,8 +129,9 @@ typedef struct {
                                        * (0: submit fails with CAPACITY when full) */
     int64_t lease_ms;             /* reservations (and held KV) live this long; default 30000 */
     int64_t cancel_quarantine_ms; /* a cancelled reservation's blocks are reused only after
-                                       * this long (or its lease), since a prefill node's puts
-                                       * already posted may still land; default 1000, 0 = at once */
+                                   * speed_batcher_release, its lease end, or this long if > 0
+                                   * (tests); default 0: release or the lease. A prefill node's
+                                   * puts already posted may still land in them. */
 } speed_batcher_params_t;
 
 speed_batcher_params_t speed_batcher_default_params(void);
@@ -161,7 +164,8 @@ speed_status_t speed_batcher_submit(speed_batcher_t *batcher, const speed_batch_
 
 typedef struct {
     speed_depth_t depth;       /* resolved */
-    int64_t lease_deadline_ms; /* CLOCK_REALTIME, milliseconds since the epoch */
+    int64_t lease_ms;          /* the reservation lives this long from now (this host's
+                                * monotonic clock): a duration, never a wall-clock time */
     size_t kv_bytes;           /* bytes the prompt KV takes (the transfer's total) */
 } speed_batch_reservation_t;
 
@@ -183,6 +187,12 @@ speed_status_t speed_batcher_with_kv(speed_batcher_t *batcher, const char *reque
  * SPEED_ERR_INVALID_ARGUMENT (not a reservation awaiting KV). */
 speed_status_t speed_batcher_kv_ready(speed_batcher_t *batcher, const char *request_id);
 
+/* The same, queued without waiting (for callbacks that must not block, e.g. a transfer's notify
+ * callback on its progress thread). Commands run in the order they were queued, so a start
+ * queued after this one sees the KV ready. Returns SPEED_OK (queued), SPEED_ERR_NOT_FOUND
+ * (checked at once), SPEED_ERR_NO_MEMORY, SPEED_ERR_CANCELLED (shutting down). */
+speed_status_t speed_batcher_kv_ready_post(speed_batcher_t *batcher, const char *request_id);
+
 /* Starts decoding a reserved request from its first token (already sampled elsewhere; it is
  * reported again as the first token event, with its text). kv_ready is implied when
  * kv_ready is true here. request->prompt is ignored; request_id names the reservation.
@@ -195,7 +205,9 @@ speed_status_t speed_batcher_start(speed_batcher_t *batcher, const speed_batch_r
  * drops held KV. Does not wait. Returns SPEED_OK or SPEED_ERR_NOT_FOUND (checked at once). */
 speed_status_t speed_batcher_cancel(speed_batcher_t *batcher, const char *request_id);
 
-/* Frees the KV a finished hold_kv request kept. Does not wait. SPEED_OK or NOT_FOUND. */
+/* Frees the KV a finished hold_kv request kept, or the blocks of a cancelled reservation
+ * (lifts the cancel fence: call it only when no more puts can land). Does not wait.
+ * SPEED_OK or NOT_FOUND. */
 speed_status_t speed_batcher_release(speed_batcher_t *batcher, const char *request_id);
 
 /* Stops taking new work (submit/reserve return CANCELLED); running requests finish. */

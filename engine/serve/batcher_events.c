@@ -79,7 +79,7 @@ void speed_batcher_req_finish(speed_batcher_t *b, req_t *r, speed_batch_finish_t
     }
     if (keep) {
         r->state = REQ_HELD;
-        r->deadline_ms = speed_clock_wall_ms() + b->p.lease_ms;
+        r->deadline_ms = speed_clock_mono_ms() + b->p.lease_ms;
         return;
     }
     speed_batcher_req_unlink_free(b, r);

@@ -11,6 +11,11 @@
  * run of K and one of V instead of one put per unit; half the bytes. Printed as GB/s of the
  * bytes each put, and the ratio strided / whole-unit GB/s.
  *
+ * Then integrity mode (kv.integrity: an HMAC-SHA-256 tag per layer, computed by the sender over
+ * its blocks at finish and verified by the receiver over what it received before the ack):
+ * 16-token units, plain and integrity transfers alternated in one run (so both see the same
+ * machine load), medians and the ratio integrity / plain GB/s.
+ *
  *   bench_kv_transfer [--mib 64] [--reps 7]
  */
 #include <signal.h>
@@ -62,12 +67,14 @@ static speed_kv_cache_t *make_cache(speed_backend_t *be, int B, int head_begin, 
     return c;
 }
 
-/* The decode node: per command {B, transport} a fresh cache and its descriptor; B 0 ends. */
+/* The decode node: per command {B, transport, integrity} a fresh cache and its descriptor (with
+ * a grant named "bench-int" in integrity mode); B 0 ends. */
 static int decode_node(int fd) {
     speed_backend_params_t bp = speed_backend_default_params();
     bp.kind = SPEED_BACKEND_CPU_REF;
     speed_backend_t *be = NULL;
     speed_kv_xfer_ctx_params_t cp = speed_kv_xfer_ctx_default_params();
+    cp.op_timeout_ms = 120000; /* a loaded machine: slow, not failed */
     speed_kv_xfer_ctx_t *ctx = NULL;
     if (speed_backend_create(&bp, &be) != SPEED_OK || speed_kv_xfer_ctx_create(&cp, &ctx) != SPEED_OK) return 2;
     speed_kv_cache_t *cache = NULL;
@@ -75,8 +82,8 @@ static int decode_node(int fd) {
     for (;;) {
         void *cmd = NULL;
         size_t n = 0;
-        if (xt_recv(fd, &cmd, &n, 600000) != 0 || n != 2 * sizeof(int32_t)) break;
-        int32_t c[2];
+        if (xt_recv(fd, &cmd, &n, 600000) != 0 || n != 3 * sizeof(int32_t)) break;
+        int32_t c[3];
         memcpy(c, cmd, sizeof c);
         free(cmd);
         if (cache) {
@@ -88,7 +95,12 @@ static int decode_node(int fd) {
         if (c[0] == 0) break;
         cache = make_cache(be, c[0], 0, 4, &seq);
         if (!cache || speed_kv_xfer_ctx_register_cache(ctx, cache) != SPEED_OK) return 3;
+        speed_kv_xfer_ctx_grant_drop(ctx, "bench-int");
         speed_kv_desc_params_t dp = {.transport = (speed_kv_transport_t)c[1]};
+        if (c[2]) {
+            dp.grant_id = "bench-int";
+            dp.integrity = true;
+        }
         speed_kv_desc_t *d = NULL;
         uint8_t *bytes = NULL;
         size_t len = 0;
@@ -104,6 +116,23 @@ static int decode_node(int fd) {
 }
 
 /* Median seconds of g_reps transfers (after one untimed run that connects); 0 on failure. */
+static double time_one(speed_kv_xfer_ctx_t *ctx, const speed_kv_desc_t *d, speed_kv_cache_t *cache,
+                       speed_kv_seq_t *seq, int64_t n, const char *id) {
+    double t0 = now_s();
+    speed_kv_xfer_t *x = NULL;
+    speed_status_t st = speed_kv_xfer_create(ctx, d, cache, seq, n, n, id, &x);
+    if (st == SPEED_OK) st = speed_kv_xfer_push_all(x);
+    if (st == SPEED_OK) st = speed_kv_xfer_finish(x);
+    if (st == SPEED_OK) st = speed_kv_xfer_wait(x, -1);
+    double dt = now_s() - t0;
+    speed_kv_xfer_destroy(x);
+    if (st != SPEED_OK) {
+        fprintf(stderr, "transfer failed: %s\n", speed_status_string(st));
+        return 0;
+    }
+    return dt;
+}
+
 static double time_xfers(speed_kv_xfer_ctx_t *ctx, const speed_kv_desc_t *d, speed_kv_cache_t *cache,
                          speed_kv_seq_t *seq, int64_t n, uint64_t *n_puts_p) {
     double tt[MAX_REPS];
@@ -139,6 +168,68 @@ static void fill_units(speed_kv_cache_t *cache, speed_kv_seq_t *seq, int B) {
         }
 }
 
+/* A descriptor from the decode node for {B, transport, integrity}; NULL on failure. */
+static speed_kv_desc_t *ask_desc(int fd, int B, int t, int integrity) {
+    int32_t cmd[3] = {B, t, integrity};
+    void *bytes = NULL;
+    size_t len = 0;
+    speed_kv_desc_t *d = NULL;
+    if (xt_send(fd, cmd, sizeof cmd) != 0 || xt_recv(fd, &bytes, &len, 60000) != 0 ||
+        xt_desc_unpack(bytes, len, &d) != SPEED_OK)
+        d = NULL;
+    free(bytes);
+    return d;
+}
+
+/* Integrity mode against plain transfers, alternated, 16-token units. The decode node keeps one
+ * cache at a time, so each side of a pair gets a fresh descriptor into the same cache shape. */
+static int bench_integrity(int fd, speed_kv_xfer_ctx_t *ctx, speed_backend_t *be) {
+    const int B = 16;
+    speed_kv_seq_t *seq = NULL;
+    speed_kv_cache_t *cache = make_cache(be, B, 0, 4, &seq);
+    if (!cache || speed_kv_xfer_ctx_register_cache(ctx, cache) != SPEED_OK) return 1;
+    speed_kv_cache_seq_set_entries(cache, seq, entries_for(B), entries_for(B));
+    fill_units(cache, seq, B);
+    size_t total = (size_t)N_LAYERS * (size_t)entries_for(B) * 1024;
+    printf("\nintegrity mode (HMAC-SHA-256 tag per layer, sender at finish + receiver before the ack), %d K units, "
+           "plain and integrity alternated, median of %d\n%-5s %11s %11s %11s %11s %9s\n",
+           B, g_reps, "xport", "plain ms", "integ ms", "plain GB/s", "integ GB/s", "ratio");
+    int rc = 0;
+    for (int t = 0; t < 2 && !rc; t++) {
+        /* One descriptor (with its grant "bench-int", integrity on) of the decode node's cache.
+         * The plain transfers use it with integrity off under another request id, which has no
+         * grant on the receiver (it requires none): no tags made, none verified. */
+        speed_kv_desc_t *d = ask_desc(fd, B, t, 1);
+        if (!d) {
+            rc = 1;
+            break;
+        }
+        double plain[MAX_REPS], integ[MAX_REPS];
+        for (int r = 0; r < g_reps + 1 && !rc; r++) {
+            d->integrity = false;
+            double a = time_one(ctx, d, cache, seq, entries_for(B), "bench-plain");
+            d->integrity = true;
+            double b = time_one(ctx, d, cache, seq, entries_for(B), "bench-int");
+            if (a <= 0 || b <= 0) rc = 1;
+            if (r > 0) {
+                plain[r - 1] = a;
+                integ[r - 1] = b;
+            }
+        }
+        if (!rc) {
+            double mp = tu_median(plain, g_reps), mi = tu_median(integ, g_reps);
+            printf("%-5s %11.2f %11.2f %11.2f %11.2f %9.3f\n", t ? "tcp" : "shm", mp * 1e3, mi * 1e3, total / mp / 1e9,
+                   total / mi / 1e9, mp / mi);
+        }
+        speed_kv_desc_destroy(d);
+    }
+    printf("ratio = integrity GB/s / plain GB/s\n");
+    speed_kv_xfer_ctx_deregister_cache(ctx, cache);
+    speed_kv_cache_seq_destroy(cache, seq);
+    speed_kv_cache_destroy(cache);
+    return rc;
+}
+
 int main(int argc, char **argv) {
     for (int i = 1; i + 1 < argc; i++) {
         if (strcmp(argv[i], "--mib") == 0)
@@ -167,6 +258,7 @@ int main(int argc, char **argv) {
     bp.kind = SPEED_BACKEND_CPU_REF;
     speed_backend_t *be = NULL;
     speed_kv_xfer_ctx_params_t cp = speed_kv_xfer_ctx_default_params();
+    cp.op_timeout_ms = 120000; /* a loaded machine: slow, not failed */
     speed_kv_xfer_ctx_t *ctx = NULL;
     if (speed_backend_create(&bp, &be) != SPEED_OK || speed_kv_xfer_ctx_create(&cp, &ctx) != SPEED_OK) return 1;
 
@@ -215,7 +307,7 @@ int main(int argc, char **argv) {
         free(dst);
         double mc_med = tu_median(mc, g_reps);
         for (int t = 0; t < 2 && !rc; t++) {
-            int32_t cmd[2] = {B, t};
+            int32_t cmd[3] = {B, t, 0};
             void *bytes = NULL;
             size_t len = 0;
             speed_kv_desc_t *d = NULL;
@@ -260,7 +352,8 @@ int main(int argc, char **argv) {
                        (unsigned long long)strided_puts[u][t]);
         printf("ratio = strided GB/s / whole-unit GB/s (bytes each put)\n");
     }
-    int32_t stop[2] = {0, 0};
+    if (!rc) rc = bench_integrity(fd, ctx, be);
+    int32_t stop[3] = {0, 0, 0};
     xt_send(fd, stop, sizeof stop);
     int status = 0;
     waitpid(pid, &status, 0);

@@ -170,7 +170,7 @@ static void check_equal(const speed_kv_desc_t *a, const speed_kv_desc_t *b) {
     CHECK_INT_EQ(b->unit_bytes, a->unit_bytes);
     CHECK_INT_EQ(b->total_bytes, a->total_bytes);
     CHECK_INT_EQ(b->epoch, a->epoch);
-    CHECK_INT_EQ(b->lease_deadline_ms, a->lease_deadline_ms);
+    CHECK_INT_EQ(b->lease_ms, a->lease_ms);
     CHECK_INT_EQ(b->cookie, 0); /* not in the message */
 }
 
@@ -190,7 +190,7 @@ static void test_round_trip(speed_kv_xfer_ctx_t *dctx, const speed_kv_desc_t *de
     node_t r;
     CHECK(node_init(&r, 3, 1, 2, 4) == 0);
     CHECK(speed_kv_xfer_ctx_register_cache(dctx, r.cache) == SPEED_OK);
-    speed_kv_desc_params_t dp = {.transport = SPEED_KV_TRANSPORT_TCP, .lease_deadline_ms = 12345};
+    speed_kv_desc_params_t dp = {.transport = SPEED_KV_TRANSPORT_TCP, .lease_ms = 12345};
     speed_kv_desc_t *tp = NULL;
     CHECK(speed_kv_desc_build(dctx, r.cache, r.seq, N_FULL, N_COMPACT, &dp, &tp) == SPEED_OK);
     back = NULL;
@@ -201,7 +201,7 @@ static void test_round_trip(speed_kv_xfer_ctx_t *dctx, const speed_kv_desc_t *de
         CHECK_INT_EQ(back->head_end, 3);
         CHECK_INT_EQ(back->model_kv_heads, 4);
         CHECK_INT_EQ(back->transport, SPEED_KV_TRANSPORT_TCP);
-        CHECK_INT_EQ(back->lease_deadline_ms, 12345);
+        CHECK_INT_EQ(back->lease_ms, 12345);
     }
     speed_kv_desc_destroy(back);
     speed_kv_desc_destroy(tp);

@@ -15,6 +15,7 @@
 #include "alloc.h"
 #include "backend.h"
 #include "check.h"
+#include "clock.h"
 #include "test_log.h"
 #include "kv_cache.h"
 #include "kv_transfer.h"
@@ -98,8 +99,8 @@ static int verify(node_t *n, uint8_t seed) {
     return bad;
 }
 
-static speed_kv_desc_t *describe(speed_kv_xfer_ctx_t *dctx, node_t *d, speed_kv_transport_t t, uint64_t lease) {
-    speed_kv_desc_params_t dp = {.transport = t, .lease_deadline_ms = lease, .cookie = 42};
+static speed_kv_desc_t *describe(speed_kv_xfer_ctx_t *dctx, node_t *d, speed_kv_transport_t t, int64_t lease_ms) {
+    speed_kv_desc_params_t dp = {.transport = t, .lease_ms = lease_ms, .cookie = 42};
     speed_kv_desc_t *desc = NULL;
     CHECK(speed_kv_desc_build(dctx, d->cache, d->seq, N_FULL, N_COMPACT, &dp, &desc) == SPEED_OK);
     return desc;
@@ -250,7 +251,7 @@ int main(void) {
     xt_ledger_take(&base, caches, ctxs);
     for (int t = 0; t < 2; t++) {
         speed_kv_transport_t tr = t ? SPEED_KV_TRANSPORT_TCP : SPEED_KV_TRANSPORT_SHM;
-        speed_kv_desc_t *dd = describe(dctx, &d, tr, xt_realtime_ms() + 60000);
+        speed_kv_desc_t *dd = describe(dctx, &d, tr, 60000);
         for (int rep = 0; rep < 2 && dd; rep++) {
             memset(speed_kv_cache_layer(d.cache, 0).k_base, 0, 24 * speed_kv_cache_unit_bytes(d.cache) * 3);
             memset(speed_kv_cache_layer(d.cache, 3).k_base, 0, 24 * speed_kv_cache_unit_bytes(d.cache));
@@ -296,11 +297,13 @@ int main(void) {
     /* lease: past at creation; passing during the pushes */
     xt_ledger_take(&base, caches, ctxs);
     {
-        speed_kv_desc_t *dd = describe(dctx, &d, SPEED_KV_TRANSPORT_SHM, xt_realtime_ms() - 1);
+        /* a 1 ms lease received 50 ms ago (on this host's monotonic clock) */
+        speed_kv_desc_t *dd = describe(dctx, &d, SPEED_KV_TRANSPORT_SHM, 1);
+        if (dd) dd->received_ns = speed_clock_mono_ns() - 50000000ull;
         CHECK(dd &&
               speed_kv_xfer_create(pctx, dd, p.cache, p.seq, N_FULL, N_COMPACT, "req-lease", &x) == SPEED_ERR_TIMEOUT);
         speed_kv_desc_destroy(dd);
-        dd = describe(dctx, &d, SPEED_KV_TRANSPORT_SHM, xt_realtime_ms() + 300);
+        dd = describe(dctx, &d, SPEED_KV_TRANSPORT_SHM, 300);
         x = NULL;
         CHECK(dd && speed_kv_xfer_create(pctx, dd, p.cache, p.seq, N_FULL, N_COMPACT, "req-lease2", &x) == SPEED_OK);
         CHECK(speed_kv_xfer_push_layer(x, 0, N_FULL, N_FULL) == SPEED_OK);

@@ -352,7 +352,7 @@ static int pair_up(pair_t *r, speed_kv_mirror_t pre_m, speed_kv_mirror_t dec_m, 
     CHECK(speed_kv_xfer_ctx_register_cache(r->pctx, speed_engine_kv_cache(r->peng)) == SPEED_OK);
     CHECK(speed_engine_seq_reserve(r->deng, N_PROMPT, &r->depth, N_GEN, &r->dseq) == SPEED_OK);
     speed_kv_desc_params_t dsp = {
-        .transport = r->transport, .lease_deadline_ms = xt_realtime_ms() + 60000, .cookie = 77};
+        .transport = r->transport, .lease_ms = 60000, .cookie = 77};
     CHECK(speed_kv_desc_build_engine(r->dctx, r->deng, r->dseq, &dsp, &r->desc) == SPEED_OK);
     if (!r->desc) return -1;
     /* the descriptor names the decode side's transfer memory: its mirror when it has one */

@@ -218,7 +218,7 @@ static void rank_cleanup(rank_t *r) {
 }
 
 static speed_kv_desc_t *describe(rank_t *r, node_t *n, uint64_t cookie) {
-    speed_kv_desc_params_t dp = {.transport = g_tr, .lease_deadline_ms = xt_realtime_ms() + 60000, .cookie = cookie};
+    speed_kv_desc_params_t dp = {.transport = g_tr, .lease_ms = 60000, .cookie = cookie};
     speed_kv_desc_t *desc = NULL;
     CHECK(speed_kv_xfer_ctx_register_cache(r->ctx, n->cache) == SPEED_OK);
     CHECK(speed_kv_desc_build(r->ctx, n->cache, n->seq, N_FULL, N_COMPACT, &dp, &desc) == SPEED_OK);

@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 #include "alloc.h"
+#include "clock.h"
 #include "check.h"
 #include "log.h"
 #include "node_proto.h"
@@ -400,7 +401,7 @@ static void test_tokens(void) {
 #define D_UPPER_ENTRIES  5
 #define D_TOTAL          ((uint64_t)(2 * D_LOWER_ENTRIES + 2 * D_UPPER_ENTRIES) * D_TOKEN_BYTES)
 #define D_EPOCH          0x0123456789abcdefull
-#define D_LEASE          1700000000123ull
+#define D_LEASE          22500
 
 static uint8_t g_worker[] = {0xde, 0xad, 0xbe, 0xef, 0x01};
 static uint8_t g_rkey0[] = {1, 2, 3};
@@ -450,7 +451,7 @@ static void c_fixture_init(c_fixture_t *f) {
     d->unit_bytes = D_UNIT;
     d->total_bytes = D_TOTAL;
     d->epoch = D_EPOCH;
-    d->lease_deadline_ms = D_LEASE;
+    d->lease_ms = D_LEASE;
     d->cookie = 0; /* not carried by the proto */
 }
 
@@ -526,7 +527,7 @@ static void p_fixture_init(p_fixture_t *f) {
     m->unit_bytes = D_UNIT;
     m->total_bytes = D_TOTAL;
     m->epoch = D_EPOCH;
-    m->lease_deadline_unix_ms = (int64_t)D_LEASE;
+    m->lease_ms = D_LEASE;
     m->prefill_layers = 24;
     m->anchors = 1;
     m->tail = 3;
@@ -547,8 +548,8 @@ static void desc_equal(const char *what, const speed_kv_desc_t *a, const speed_k
               "%s: head range", what);
     CHECK_MSG(a->unit_bytes == b->unit_bytes && a->total_bytes == b->total_bytes, "%s: sizes", what);
     CHECK_MSG(a->epoch == b->epoch, "%s: epoch", what);
-    CHECK_MSG(a->lease_deadline_ms == b->lease_deadline_ms, "%s: lease %llu vs %llu", what,
-              (unsigned long long)a->lease_deadline_ms, (unsigned long long)b->lease_deadline_ms);
+    CHECK_MSG(a->lease_ms == b->lease_ms, "%s: lease %lld vs %lld", what, (long long)a->lease_ms,
+              (long long)b->lease_ms);
     CHECK_MSG(a->cookie == b->cookie, "%s: cookie", what);
     CHECK_MSG(a->n_regions == b->n_regions && a->n_pools == b->n_pools && a->n_layers == b->n_layers,
               "%s: counts %u/%u/%u vs %u/%u/%u", what, a->n_regions, a->n_pools, a->n_layers, b->n_regions, b->n_pools,
@@ -589,7 +590,7 @@ static void desc_matches_proto(const char *what, const speed_kv_desc_t *d, const
               "%s: head range", what);
     CHECK_MSG(m->unit_bytes == d->unit_bytes && m->total_bytes == d->total_bytes, "%s: sizes", what);
     CHECK_MSG(m->epoch == d->epoch, "%s: epoch", what);
-    CHECK_MSG(m->lease_deadline_unix_ms == (int64_t)d->lease_deadline_ms, "%s: lease", what);
+    CHECK_MSG((int64_t)m->lease_ms == d->lease_ms, "%s: lease", what);
     CHECK_MSG(m->n_regions == d->n_regions && m->n_pools == d->n_pools && m->n_layers == d->n_layers, "%s: counts",
               what);
     for (uint32_t i = 0; i < d->n_regions && i < m->n_regions; i++) {
@@ -660,7 +661,7 @@ static void test_desc_round_trip(void) {
 
     /* no depth: zeros; shm; no lease */
     f.d.transport = SPEED_KV_TRANSPORT_SHM;
-    f.d.lease_deadline_ms = 0;
+    f.d.lease_ms = 0;
     CHECK_INT_EQ(speed_node_kv_desc_to_proto(&f.d, NULL, &m), SPEED_OK);
     desc_matches_proto("to_proto, no depth", &f.d, &m, NULL);
     CHECK_STR_EQ(m.transport, "shm");
@@ -842,14 +843,32 @@ static void test_desc_refusals(void) {
     CASE("layer offset past the block", FORMAT, g_pf.layers[1].offset = D_UNIT + 1);
     CASE("pool base below its region", FORMAT, g_pf.pools[0].block0_addr = D_REGION0 - D_STRIDE);
 
-    /* a negative lease deadline reads as none */
+    /* the lease is a duration counted from receipt on this host's clock; a nonce of another
+     * length is refused, and so is integrity mode without a nonce */
     {
         p_fixture_init(&g_pf);
-        g_pf.m.lease_deadline_unix_ms = -5;
+        g_pf.m.lease_ms = 5;
+        uint64_t t0 = speed_clock_mono_ns();
         speed_kv_desc_t *d = NULL;
         CHECK_INT_EQ(speed_node_kv_desc_from_proto(&g_pf.m, &d), SPEED_OK);
-        if (d) CHECK_INT_EQ(d->lease_deadline_ms, 0);
+        if (d) CHECK_INT_EQ(d->lease_ms, 5);
+        if (d) CHECK(d->received_ns >= t0 && !d->has_nonce);
         speed_kv_desc_destroy(d);
+        uint8_t nonce[17] = {1, 2, 3};
+        g_pf.m.nonce.data = nonce;
+        g_pf.m.nonce.len = 16;
+        d = NULL;
+        CHECK_INT_EQ(speed_node_kv_desc_from_proto(&g_pf.m, &d), SPEED_OK);
+        if (d) CHECK(d->has_nonce && d->nonce[0] == 1 && d->nonce[2] == 3);
+        speed_kv_desc_destroy(d);
+        g_pf.m.nonce.len = 17;
+        d = NULL;
+        CHECK_INT_EQ(speed_node_kv_desc_from_proto(&g_pf.m, &d), SPEED_ERR_FORMAT);
+        g_pf.m.nonce.len = 0;
+        g_pf.m.integrity = true;
+        CHECK_INT_EQ(speed_node_kv_desc_from_proto(&g_pf.m, &d), SPEED_ERR_FORMAT);
+        g_pf.m.integrity = false;
+        g_pf.m.nonce.data = NULL;
     }
 }
 

@@ -178,7 +178,7 @@ static void kv_init(kv_t *k) {
     kv.unit_bytes = 16384;
     kv.total_bytes = 123456789;
     kv.epoch = 0x1234567890abcdefull;
-    kv.lease_deadline_unix_ms = 1790000000123;
+    kv.lease_ms = 22500;
     kv.prefill_layers = 3;
     kv.anchors = 1;
     kv.tail = 1;
@@ -219,7 +219,7 @@ static void check_kv(const Speed__V1__KvDescriptor *kv) {
     CHECK_INT_EQ(kv->unit_bytes, 16384);
     CHECK_INT_EQ(kv->total_bytes, 123456789);
     CHECK(kv->epoch == 0x1234567890abcdefull);
-    CHECK_INT_EQ(kv->lease_deadline_unix_ms, 1790000000123);
+    CHECK_INT_EQ(kv->lease_ms, 22500);
     CHECK_INT_EQ(kv->prefill_layers, 3);
     CHECK_INT_EQ(kv->anchors, 1);
     CHECK_INT_EQ(kv->tail, 1);
