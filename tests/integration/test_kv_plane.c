@@ -260,7 +260,7 @@ int main(void) {
         cu_cleanup(true);
         return CHECK_DONE();
     }
-    speed_rpc_channel_t *pre = nr_channel(cu_pre_grpc(&g_c, 0)), *dec = nr_channel(cu_dec_grpc(&g_c, 0));
+    speed_rpc_channel_t *pre = nr_channel(cu_pre_grpc(&g_c, 0), cu_rpc_tls("router")), *dec = nr_channel(cu_dec_grpc(&g_c, 0), cu_rpc_tls("router"));
 
     no_prefill(dec);
     wrong_nonce(pre, dec);
@@ -292,8 +292,8 @@ int main(void) {
     const char *pmore[] = {"--node.index", "0", NULL};
     g_c.pre[0] = cu_cluster_spawn(&g_c, "speed-prefill", "prefill0-int", pmore);
     CHECK(cu_wait_up(&g_c.dec[0], cu_dec_http(&g_c, 0), 60) && cu_wait_up(&g_c.pre[0], cu_pre_http(&g_c, 0), 60));
-    pre = nr_channel(cu_pre_grpc(&g_c, 0));
-    dec = nr_channel(cu_dec_grpc(&g_c, 0));
+    pre = nr_channel(cu_pre_grpc(&g_c, 0), cu_rpc_tls("router"));
+    dec = nr_channel(cu_dec_grpc(&g_c, 0), cu_rpc_tls("router"));
     integrity(pre, dec);
     CHECK_MSG(wait_no_blocks(20) >= 0, "integrity: blocks still reserved: %.0f", dec_reserved());
     speed_rpc_channel_destroy(pre);

@@ -7,11 +7,12 @@
 #include "alloc.h"
 #include "check.h"
 
-speed_rpc_channel_t *nr_channel(int port) {
+speed_rpc_channel_t *nr_channel(int port, const speed_rpc_tls_t *tls) {
     char target[64];
     snprintf(target, sizeof target, "127.0.0.1:%d", port);
     speed_rpc_channel_t *ch = NULL;
     speed_rpc_channel_params_t p = speed_rpc_channel_default_params();
+    p.tls = tls;
     CHECK_INT_EQ(speed_rpc_channel_create(target, &p, &ch), SPEED_OK);
     return ch;
 }

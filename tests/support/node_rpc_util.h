@@ -13,8 +13,9 @@
 #include "rpc.h"
 #include "speed_proto.h"
 
-/* A channel to 127.0.0.1:port (destroy with speed_rpc_channel_destroy). */
-speed_rpc_channel_t *nr_channel(int port);
+/* A channel to 127.0.0.1:port (destroy with speed_rpc_channel_destroy), presenting `tls` (the
+ * caller's identity, e.g. cu_rpc_tls("router"); NULL = plaintext, for tls.insecure nodes). */
+speed_rpc_channel_t *nr_channel(int port, const speed_rpc_tls_t *tls);
 
 /* Packs msg, calls method (60 s deadline), unpacks an OK reply with desc into *reply_p (may be
  * NULL: not unpacked). err (may be NULL) gets the status message. Returns the gRPC code. */
