@@ -409,7 +409,11 @@ static speed_status_t send_request(speed_http_client_t *c, const char *method, c
     for (size_t i = 0; i < n_headers; i++) size += strlen(headers[i].name) + strlen(headers[i].value) + 4;
     char *head = speed_malloc(size);
     if (!head) return SPEED_ERR_NO_MEMORY;
-    size_t n = (size_t)snprintf(head, size, "%s %s HTTP/1.1\r\nHost: %s\r\n", method, path, c->host_header);
+    /* A Host among the caller's headers replaces ours (a test of a server's Host check). */
+    bool own_host = false;
+    for (size_t i = 0; i < n_headers; i++) own_host = own_host || strcasecmp(headers[i].name, "Host") == 0;
+    size_t n = (size_t)snprintf(head, size, "%s %s HTTP/1.1\r\n", method, path);
+    if (!own_host) n += (size_t)snprintf(head + n, size - n, "Host: %s\r\n", c->host_header);
     for (size_t i = 0; i < n_headers; i++)
         n += (size_t)snprintf(head + n, size - n, "%s: %s\r\n", headers[i].name, headers[i].value);
     if (body) n += (size_t)snprintf(head + n, size - n, "Content-Length: %zu\r\n", body_len);

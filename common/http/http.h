@@ -296,8 +296,8 @@ speed_status_t speed_http_client_connect(const char *host, uint16_t port, int ti
 /* Closes the socket and frees. NULL is a no-op. */
 void speed_http_client_destroy(speed_http_client_t *client);
 
-/* Sends a request and reads the whole response. Adds Host, and Content-Length when `body`
- * is non-NULL; `headers` (may be NULL) are sent as given. *response_p is owned by the
+/* Sends a request and reads the whole response. Adds Host (unless `headers` has one), and
+ * Content-Length when `body` is non-NULL; `headers` (may be NULL) are sent as given. *response_p is owned by the
  * client and valid until its next call. After a response with keep_alive false, or any
  * error, the connection is unusable (further calls return SPEED_ERR_PEER_UNREACHABLE).
  * Returns as listed at the top of this file; an HTTP error status is still SPEED_OK. */

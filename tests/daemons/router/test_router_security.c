@@ -11,6 +11,8 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/time.h>
 
 #include "router_test_util.h"
 #include "test_proc.h"
@@ -238,6 +240,268 @@ static void test_secrets(void) {
     free(o);
 }
 
+/* ---- 4: per-key limits -------------------------------------------------------------------- */
+
+typedef struct {
+    int port;
+    const char *body, *auth;
+    int status;
+    pthread_t th;
+} post_job_t;
+
+static void *post_main(void *arg) {
+    post_job_t *j = arg;
+    cu_resp_t r;
+    cu_http(j->port, "POST", "/v1/chat/completions", j->body, j->auth, NULL, 60000, &r);
+    j->status = r.status;
+    cu_resp_free(&r);
+    return NULL;
+}
+
+static void post_start(post_job_t *j, int port, const char *body, const char *auth) {
+    j->port = port;
+    j->body = body;
+    j->auth = auth;
+    j->status = 0;
+    pthread_create(&j->th, NULL, post_main, j);
+}
+
+/* A free port for a metrics listener. */
+static int free_port(void) {
+    for (int tries = 0; tries < 500; tries++) {
+        int p = 20000 + (int)(((unsigned)getpid() * 7919u + (unsigned)tries * 104729u) % 40000u);
+        if (tu_ports_free(p, 1)) return p;
+    }
+    return 0;
+}
+
+static void expect_429(cu_resp_t *r, const char *what, const char *in_message) {
+    CHECK_MSG(r->status == 429, "%s: status %d", what, r->status);
+    CHECK_MSG(atoi(r->retry_after) >= 1, "%s: Retry-After \"%s\"", what, r->retry_after);
+    json_t *j = json_of(r->body);
+    CHECK_STR_EQ(jstr(j, "error.code"), "rate_limit_exceeded");
+    CHECK_CONTAINS(jstr(j, "error.message") ? jstr(j, "error.message") : "", in_message);
+    json_decref(j);
+}
+
+static const char *SMALL_CHAT = "{\"model\":\"tinymodel\",\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}],"
+                                "\"max_tokens\":60}";
+
+static void test_key_limits(void) {
+    const char *keys = tu_path("keys.txt");
+    char keys_path[1024];
+    snprintf(keys_path, sizeof keys_path, "%s", keys);
+    tu_write_text(keys_path, "# the team's keys\n"
+                             "\n"
+                             "alpha-key-0001 name=alpha max_in_flight=1\n"
+                             "beta-key-0002  name=beta max_kv_tokens=100   # a comment after the options\n"
+                             "gamma-key-0003 name=gamma rate=1 burst=2\n"
+                             "delta-key-0004\n");
+    chmod(keys_path, 0600);
+    int mport = free_port();
+    char mport_text[16];
+    snprintf(mport_text, sizeof mport_text, "%d", mport);
+    router_proc_t rp;
+    const char *args[] = {"--served_model_name", "tinymodel",   "--router.api_keys_file", keys_path,
+                          "--router.metrics_port", mport_text, NULL};
+    CHECK(router_start(&rp, cluster, args));
+    if (!rp.pid || rp.exited) return;
+    CHECK(cu_wait_health(mport, 200, 10));
+    cu_resp_t r;
+
+    /* in flight: alpha holds one request at the prefill gate; a second one is refused at once,
+     * while another key goes through. */
+    atomic_store(&pre[0].prefill_gate, true);
+    post_job_t a, c;
+    post_start(&a, rp.port, SMALL_CHAT, "Bearer alpha-key-0001");
+    WAIT_FOR(atomic_load(&pre[0].n_prefill_gated) == 1, 10000);
+    CHECK(cu_http(rp.port, "POST", "/v1/chat/completions", SMALL_CHAT, "Bearer alpha-key-0001", NULL, 30000, &r));
+    expect_429(&r, "alpha's second request", "in flight");
+    CHECK(r.seconds < 5);
+    cu_resp_free(&r);
+    post_start(&c, rp.port, SMALL_CHAT, "Bearer delta-key-0004");
+    WAIT_FOR(atomic_load(&pre[0].n_prefill_gated) == 2, 10000);
+    CHECK_INT_EQ(atomic_load(&pre[0].n_prefill_gated), 2);
+
+    /* KV tokens: beta may hold 100; one request of ~70 waits at the gate, a second is refused. */
+    post_job_t b;
+    post_start(&b, rp.port, SMALL_CHAT, "Bearer beta-key-0002");
+    WAIT_FOR(atomic_load(&pre[0].n_prefill_gated) == 3, 10000);
+    CHECK(cu_http(rp.port, "POST", "/v1/chat/completions", SMALL_CHAT, "Bearer beta-key-0002", NULL, 30000, &r));
+    expect_429(&r, "beta's second request", "KV tokens");
+    cu_resp_free(&r);
+    /* larger than the whole budget */
+    CHECK(cu_http(rp.port, "POST", "/v1/chat/completions",
+                  "{\"model\":\"tinymodel\",\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}],\"max_tokens\":101}",
+                  "Bearer beta-key-0002", NULL, 30000, &r));
+    expect_429(&r, "beta's oversized request", "more than this API key may hold");
+    cu_resp_free(&r);
+
+    atomic_store(&pre[0].prefill_gate, false);
+    pthread_join(a.th, NULL);
+    pthread_join(b.th, NULL);
+    pthread_join(c.th, NULL);
+    CHECK_INT_EQ(a.status, 200);
+    CHECK_INT_EQ(b.status, 200);
+    CHECK_INT_EQ(c.status, 200);
+    /* both budgets are back */
+    CHECK(cu_http(rp.port, "POST", "/v1/chat/completions", SMALL_CHAT, "Bearer alpha-key-0001", NULL, 30000, &r));
+    CHECK_INT_EQ(r.status, 200);
+    cu_resp_free(&r);
+    CHECK(cu_http(rp.port, "POST", "/v1/chat/completions", SMALL_CHAT, "Bearer beta-key-0002", NULL, 30000, &r));
+    CHECK_INT_EQ(r.status, 200);
+    cu_resp_free(&r);
+
+    /* rate: 1/s with a burst of 2 */
+    int ok = 0, limited = 0;
+    for (int i = 0; i < 3; i++) {
+        CHECK(cu_http(rp.port, "GET", "/v1/models", NULL, "Bearer gamma-key-0003", NULL, 30000, &r));
+        if (r.status == 200) ok++;
+        if (r.status == 429) {
+            limited++;
+            expect_429(&r, "gamma's third request", "per second");
+        }
+        cu_resp_free(&r);
+    }
+    CHECK_MSG(ok == 2 && limited == 1, "%d ok, %d limited", ok, limited);
+
+    /* Counters by key name; the metrics never show a key. */
+    char *m = cu_metrics(mport);
+    CHECK(m && prom_value(m, "speed_router_key_limited_total{key=\"alpha\",limit=\"in_flight\"}") == 1);
+    CHECK(m && prom_value(m, "speed_router_key_limited_total{key=\"beta\",limit=\"kv_tokens\"}") == 2);
+    CHECK(m && prom_value(m, "speed_router_key_limited_total{key=\"gamma\",limit=\"rate\"}") == 1);
+    CHECK(m && !strstr(m, "key-000"));
+    speed_free(m);
+    CHECK_INT_EQ(router_stop(&rp), 0);
+
+    /* A bad line: the router refuses to start, naming the file and line, not the key. */
+    tu_write_text(keys_path, "sekrit-key-9 rate=fast\n");
+    const char *bin = getenv("SPEED_ROUTER");
+    const char *err_file = tu_path("keys.err");
+    char err_path[1024];
+    snprintf(err_path, sizeof err_path, "%s", err_file);
+    int rc = tu_system("'%s' --config '%s' --router.api_keys_file '%s' > /dev/null 2> '%s'", bin, cluster, keys_path,
+                       err_path);
+    CHECK_INT_EQ(rc, 1);
+    char *e = tu_read(err_path, NULL);
+    CHECK_CONTAINS(e ? e : "", "keys.txt:1");
+    CHECK(e && !strstr(e, "sekrit"));
+    free(e);
+}
+
+/* ---- 5: browsers, slowloris, listeners ------------------------------------------------------ */
+
+static void test_browsers(void) {
+    router_proc_t rp;
+    const char *args[] = {"--served_model_name",
+                          "tinymodel",
+                          "--router.allowed_hosts",
+                          "127.0.0.1, api.example",
+                          "--router.cors_origins",
+                          "https://app.example",
+                          NULL};
+    CHECK(router_start(&rp, cluster, args));
+    if (!rp.pid || rp.exited) return;
+    CHECK(cu_wait_health(rp.port, 200, 10));
+    speed_http_client_t *c = NULL;
+    const speed_http_response_t *resp = NULL;
+    struct {
+        const char *host, *origin, *method;
+        int status;
+        bool cors;
+    } cases[] = {
+        {"api.example:8000", NULL, "GET", 200, false},
+        {"evil.example", NULL, "GET", 403, false},          /* DNS rebinding */
+        {"127.0.0.1", "https://evil.example", "GET", 403, false},
+        {"127.0.0.1", "https://app.example", "GET", 200, true},
+        {"127.0.0.1", "https://app.example", "OPTIONS", 204, true}, /* preflight */
+        {"127.0.0.1", "https://evil.example", "OPTIONS", 403, false},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        CHECK(speed_http_client_connect("127.0.0.1", (uint16_t)rp.port, 10000, &c) == SPEED_OK);
+        if (!c) continue;
+        speed_http_header_t h[3] = {{"Host", cases[i].host},
+                                    {"Access-Control-Request-Method", "POST"},
+                                    {"Origin", cases[i].origin}};
+        const char *path = strcmp(cases[i].method, "OPTIONS") == 0 ? "/v1/chat/completions" : "/v1/models";
+        speed_status_t st = speed_http_client_request(c, cases[i].method, path, h, cases[i].origin ? 3 : 2, NULL, 0,
+                                                      &resp);
+        CHECK_INT_EQ(st, SPEED_OK);
+        if (st == SPEED_OK) {
+            CHECK_MSG(resp->status == cases[i].status, "case %zu: status %d, want %d", i, resp->status,
+                      cases[i].status);
+            const char *acao = speed_http_response_header(resp, "Access-Control-Allow-Origin");
+            CHECK_MSG((acao != NULL) == cases[i].cors, "case %zu: Access-Control-Allow-Origin %s", i,
+                      acao ? acao : "(none)");
+            if (acao) CHECK_STR_EQ(acao, "https://app.example");
+            if (resp->status == 204)
+                CHECK_CONTAINS(speed_http_response_header(resp, "Access-Control-Allow-Headers"), "Authorization");
+        }
+        speed_http_client_destroy(c);
+        c = NULL;
+    }
+    CHECK_INT_EQ(router_stop(&rp), 0);
+
+    /* Without router.cors_origins no CORS header is sent, and any Origin is refused. */
+    const char *args2[] = {"--served_model_name", "tinymodel", NULL};
+    CHECK(router_start(&rp, cluster, args2));
+    if (!rp.pid || rp.exited) return;
+    CHECK(cu_wait_health(rp.port, 200, 10));
+    CHECK(speed_http_client_connect("127.0.0.1", (uint16_t)rp.port, 10000, &c) == SPEED_OK);
+    if (c) {
+        speed_http_header_t h[1] = {{"Origin", "https://app.example"}};
+        CHECK(speed_http_client_request(c, "GET", "/v1/models", h, 1, NULL, 0, &resp) == SPEED_OK);
+        CHECK_INT_EQ(resp->status, 403);
+        CHECK(speed_http_response_header(resp, "Access-Control-Allow-Origin") == NULL);
+        speed_http_client_destroy(c);
+    }
+    CHECK_INT_EQ(router_stop(&rp), 0);
+}
+
+/* Slowloris: connections past router.max_connections_per_ip are refused, and a connection
+ * that sends half a header block is closed after router.header_timeout_ms. */
+static void test_slowloris(void) {
+    router_proc_t rp;
+    const char *args[] = {"--served_model_name",        "tinymodel", "--router.max_connections_per_ip", "4",
+                          "--router.header_timeout_ms", "1000",      NULL};
+    CHECK(router_start(&rp, cluster, args));
+    if (!rp.pid || rp.exited) return;
+    CHECK(cu_wait_health(rp.port, 200, 10));
+    static const char half[] = "GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ";
+    int fds[4];
+    for (int i = 0; i < 4; i++) fds[i] = raw_send(rp.port, half, sizeof half - 1);
+    /* the fifth connection from this address is closed at once */
+    int fifth = raw_send(rp.port, half, sizeof half - 1);
+    CHECK(fifth >= 0);
+    char buf[64];
+    struct timeval tv = {5, 0};
+    if (fifth >= 0) {
+        setsockopt(fifth, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+        double t0 = now_s();
+        ssize_t k = recv(fifth, buf, sizeof buf, 0);
+        CHECK_MSG(k <= 0 && now_s() - t0 < 4, "fifth connection: recv %zd after %.1f s", k, now_s() - t0);
+        close(fifth);
+    }
+    /* the four half-open ones are closed after about a second (MHD's timer granularity) */
+    double t0 = now_s();
+    for (int i = 0; i < 4; i++) {
+        if (fds[i] < 0) continue;
+        setsockopt(fds[i], SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+        ssize_t k = recv(fds[i], buf, sizeof buf, 0);
+        CHECK_MSG(k <= 0, "half-sent request %d got %zd bytes", i, k);
+        close(fds[i]);
+    }
+    double took = now_s() - t0;
+    printf("slowloris: half-sent requests closed after %.1f s\n", took);
+    CHECK_MSG(took < 4.5, "closed after %.1f s", took);
+    /* and the router still serves */
+    cu_resp_t r;
+    CHECK(cu_http(rp.port, "GET", "/v1/models", NULL, NULL, NULL, 10000, &r));
+    CHECK_INT_EQ(r.status, 200);
+    cu_resp_free(&r);
+    CHECK_INT_EQ(router_stop(&rp), 0);
+}
+
 int main(int argc, char **argv) {
     json_set_alloc_funcs(speed_malloc, speed_free);
     if (!getenv("SPEED_ROUTER")) SKIP_TEST("SPEED_ROUTER (the speed-router binary) is not set");
@@ -253,6 +517,9 @@ int main(int argc, char **argv) {
     if (!only || strcmp(only, "big-body") == 0) test_big_body();
     if (!only || strcmp(only, "slow-readers") == 0) test_slow_readers();
     if (!only || strcmp(only, "secrets") == 0) test_secrets();
+    if (!only || strcmp(only, "key-limits") == 0) test_key_limits();
+    if (!only || strcmp(only, "browsers") == 0) test_browsers();
+    if (!only || strcmp(only, "slowloris") == 0) test_slowloris();
 
     fake_stop(&pre[0]);
     fake_stop(&dec[0]);
