@@ -8,7 +8,7 @@ packages=(
   build-essential cmake pkg-config git ca-certificates
   libcyaml-dev libyaml-dev libjansson-dev libpcre2-dev
   libgrpc-dev libprotobuf-c-dev protobuf-c-compiler
-  libucx-dev ucx-utils libmicrohttpd-dev
+  libucx-dev ucx-utils libmicrohttpd-dev libgnutls28-dev
   curl
 )
 

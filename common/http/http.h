@@ -53,7 +53,7 @@
  *
  * CLIENT
  * ------
- * speed_http_client_t is one blocking keep-alive connection over a plain TCP socket, for
+ * speed_http_client_t is one blocking keep-alive connection over TCP (or TLS), for
  * tests, health polling (speedctl) and SSE consumption. Not thread-safe: one thread at a
  * time per client. Every socket wait is bounded by the client's timeout.
  *
@@ -292,6 +292,14 @@ typedef struct {
  * SPEED_ERR_PEER_UNREACHABLE; SPEED_ERR_TIMEOUT; SPEED_ERR_NO_MEMORY. */
 speed_status_t speed_http_client_connect(const char *host, uint16_t port, int timeout_ms,
                                          speed_http_client_t **client_p);
+
+/* Like speed_http_client_connect, then a TLS handshake (HTTPS): the server's certificate must
+ * chain to ca_pem (PEM text; NULL = the system's trust store) and name server_name (NULL =
+ * host; a numeric address is matched against the certificate's IP address entries).
+ * Everything afterwards is as for a plain client. Same returns, plus SPEED_ERR_PEER_PROTOCOL
+ * when the handshake or the verification fails. */
+speed_status_t speed_http_client_connect_tls(const char *host, uint16_t port, int timeout_ms, const char *ca_pem,
+                                             const char *server_name, speed_http_client_t **client_p);
 
 /* Closes the socket and frees. NULL is a no-op. */
 void speed_http_client_destroy(speed_http_client_t *client);

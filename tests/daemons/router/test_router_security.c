@@ -16,6 +16,8 @@
 
 #include "router_test_util.h"
 #include "test_proc.h"
+#include "test_stats.h"
+#include "tls_test_util.h"
 
 static char parent[512];
 static char model_dir[600];
@@ -502,6 +504,141 @@ static void test_slowloris(void) {
     CHECK_INT_EQ(router_stop(&rp), 0);
 }
 
+/* ---- 6: HTTPS ---------------------------------------------------------------------------------- */
+
+static char cert_path[1024], key_path[1024];
+static char *cert_pem;
+
+static bool start_tls_router(router_proc_t *rp) {
+    const char *args[] = {"--served_model_name", "tinymodel", "--router.tls_cert", cert_path,
+                          "--router.tls_key",    key_path,    NULL};
+    return router_start(rp, cluster, args);
+}
+
+static void test_https(void) {
+    router_proc_t rp;
+    CHECK(start_tls_router(&rp));
+    if (!rp.pid || rp.exited) return;
+    speed_http_client_t *c = NULL;
+    const speed_http_response_t *resp = NULL;
+    CHECK(speed_http_client_connect_tls("127.0.0.1", (uint16_t)rp.port, 10000, cert_pem, NULL, &c) == SPEED_OK);
+    if (c) {
+        CHECK(speed_http_client_request(c, "GET", "/v1/models", NULL, 0, NULL, 0, &resp) == SPEED_OK);
+        CHECK_INT_EQ(resp->status, 200);
+        CHECK_CONTAINS(resp->body, "tinymodel");
+        /* a streamed completion on the same (keep-alive) TLS connection */
+        const char *body = "{\"model\":\"tinymodel\",\"stream\":true,\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}]}";
+        speed_http_header_t h[1] = {{"Content-Type", "application/json"}};
+        CHECK(speed_http_client_request_begin(c, "POST", "/v1/chat/completions", h, 1, body, strlen(body), &resp) ==
+              SPEED_OK);
+        CHECK_INT_EQ(resp->status, 200);
+        int n = 0;
+        bool done = false;
+        const speed_http_sse_event_t *ev = NULL;
+        while (speed_http_client_next_event(c, &ev) == SPEED_OK && ev) {
+            n++;
+            done = strcmp(ev->data, "[DONE]") == 0;
+        }
+        CHECK_MSG(n >= 3 && done, "%d events, [DONE] %d", n, done);
+        speed_http_client_destroy(c);
+    }
+    /* plain HTTP to the HTTPS port gets no HTTP answer */
+    cu_resp_t r;
+    cu_http(rp.port, "GET", "/v1/models", NULL, NULL, NULL, 5000, &r);
+    CHECK_MSG(r.status == 0 || r.status == 400, "plain HTTP on the TLS port: %d", r.status);
+    cu_resp_free(&r);
+    /* a client that trusts another CA refuses the server */
+    char other_cert[1100], other_key[1100];
+    snprintf(other_cert, sizeof other_cert, "%s.other", cert_path);
+    snprintf(other_key, sizeof other_key, "%s.other", key_path);
+    char *other_pem = NULL;
+    CHECK(tu_tls_make_cert(other_cert, other_key, &other_pem));
+    c = NULL;
+    CHECK_INT_EQ(speed_http_client_connect_tls("127.0.0.1", (uint16_t)rp.port, 10000, other_pem, NULL, &c),
+                 SPEED_ERR_PEER_PROTOCOL);
+    speed_http_client_destroy(c);
+    free(other_pem);
+    /* and the right CA under another name is refused too */
+    c = NULL;
+    CHECK_INT_EQ(speed_http_client_connect_tls("127.0.0.1", (uint16_t)rp.port, 10000, cert_pem, "api.example", &c),
+                 SPEED_ERR_PEER_PROTOCOL);
+    speed_http_client_destroy(c);
+    CHECK_INT_EQ(router_stop(&rp), 0);
+
+    /* a key file that is not a key: the router does not start */
+    const char *bad[] = {"--router.tls_cert", cert_path, "--router.tls_key", cert_path, NULL};
+    router_proc_t bp;
+    CHECK(!router_start(&bp, cluster, bad));
+}
+
+/* HTTPS against HTTP on the same router build, alternated: keep-alive GETs of /v1/models
+ * (requests/s and p50), a new connection per GET (the handshake), and short completions. */
+typedef struct {
+    double rps, p50_ms;
+} bench_t;
+
+static bench_t bench_round(int port, bool tls, int mode, int n) {
+    double *lat = calloc((size_t)n, sizeof *lat);
+    speed_http_client_t *c = NULL;
+    const speed_http_response_t *resp = NULL;
+    const char *body = "{\"model\":\"tinymodel\",\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}],\"max_tokens\":5}";
+    speed_http_header_t h[1] = {{"Content-Type", "application/json"}};
+    double t0 = now_s();
+    int done = 0;
+    for (int i = 0; i < n; i++) {
+        double t = now_s();
+        if (!c) {
+            speed_status_t st = tls ? speed_http_client_connect_tls("127.0.0.1", (uint16_t)port, 10000, cert_pem, NULL, &c)
+                                    : speed_http_client_connect("127.0.0.1", (uint16_t)port, 10000, &c);
+            if (st != SPEED_OK) break;
+        }
+        speed_status_t st = mode == 2 ? speed_http_client_request(c, "POST", "/v1/chat/completions", h, 1, body,
+                                                                  strlen(body), &resp)
+                                      : speed_http_client_request(c, "GET", "/v1/models", NULL, 0, NULL, 0, &resp);
+        if (st != SPEED_OK || resp->status != 200) break;
+        if (mode == 1) {
+            speed_http_client_destroy(c);
+            c = NULL;
+        }
+        lat[done++] = (now_s() - t) * 1e3;
+    }
+    double el = now_s() - t0;
+    speed_http_client_destroy(c);
+    bench_t b = {done == n ? done / el : 0, done ? tu_median(lat, done) : 0};
+    free(lat);
+    return b;
+}
+
+static void test_tls_bench(void) {
+    router_proc_t plain, tls;
+    const char *args[] = {"--served_model_name", "tinymodel", NULL};
+    CHECK(router_start(&plain, cluster, args));
+    CHECK(start_tls_router(&tls));
+    if (!plain.pid || plain.exited || !tls.pid || tls.exited) return;
+    CHECK(cu_wait_health(plain.port, 200, 10));
+    static const char *const names[] = {"GET /v1/models, keep-alive", "GET /v1/models, new connection each",
+                                        "chat completion (5 tokens), keep-alive"};
+    static const int counts[] = {400, 100, 40};
+    enum { ROUNDS = 5 };
+    for (int mode = 0; mode < 3; mode++) {
+        double rps[2][ROUNDS], p50[2][ROUNDS];
+        for (int k = 0; k < ROUNDS; k++)
+            for (int t = 0; t < 2; t++) { /* alternated: plain, TLS, plain, TLS ... */
+                bench_t b = bench_round(t ? tls.port : plain.port, t, mode, counts[mode]);
+                CHECK_MSG(b.rps > 0, "%s %s: a request failed", names[mode], t ? "https" : "http");
+                rps[t][k] = b.rps;
+                p50[t][k] = b.p50_ms;
+            }
+        double r_http = tu_median(rps[0], ROUNDS), r_https = tu_median(rps[1], ROUNDS);
+        double l_http = tu_median(p50[0], ROUNDS), l_https = tu_median(p50[1], ROUNDS);
+        printf("tls bench: %-40s http %8.0f req/s p50 %.3f ms | https %8.0f req/s p50 %.3f ms | "
+               "https/http %.2fx req/s, +%.3f ms p50\n",
+               names[mode], r_http, l_http, r_https, l_https, r_http > 0 ? r_https / r_http : 0, l_https - l_http);
+    }
+    CHECK_INT_EQ(router_stop(&plain), 0);
+    CHECK_INT_EQ(router_stop(&tls), 0);
+}
+
 int main(int argc, char **argv) {
     json_set_alloc_funcs(speed_malloc, speed_free);
     if (!getenv("SPEED_ROUTER")) SKIP_TEST("SPEED_ROUTER (the speed-router binary) is not set");
@@ -520,6 +657,14 @@ int main(int argc, char **argv) {
     if (!only || strcmp(only, "key-limits") == 0) test_key_limits();
     if (!only || strcmp(only, "browsers") == 0) test_browsers();
     if (!only || strcmp(only, "slowloris") == 0) test_slowloris();
+    snprintf(cert_path, sizeof cert_path, "%s/api.crt", parent);
+    snprintf(key_path, sizeof key_path, "%s/api.key", parent);
+    if (!only || strcmp(only, "https") == 0 || strcmp(only, "tls-bench") == 0)
+        CHECK(tu_tls_make_cert(cert_path, key_path, &cert_pem));
+    if (!only || strcmp(only, "https") == 0) test_https();
+    /* not in the default run: ctest runs it as router_tls_bench (label perf) */
+    if (only && strcmp(only, "tls-bench") == 0) test_tls_bench();
+    free(cert_pem);
 
     fake_stop(&pre[0]);
     fake_stop(&dec[0]);
