@@ -477,8 +477,8 @@ static speed_status_t parse_cli(speed_config_t *cfg, int argc, char **argv, cli_
             char *env = cfg->env_prefix ? speed_config_env_name(cfg->env_prefix, cfg->fields[fi].name) : NULL;
             CONFIG_ERROR("%s is a secret and is not accepted on the command line (other users can read it there): "
                          "set %s%s%s or put it in the --config file (%s)",
-                         cfg->fields[fi].name, env ? "the environment variable " : "", env ? env : "",
-                         env ? "," : "", cfg->fields[fi].doc ? cfg->fields[fi].doc : "");
+                         cfg->fields[fi].name, env ? "the environment variable " : "", env ? env : "", env ? "," : "",
+                         cfg->fields[fi].doc ? cfg->fields[fi].doc : "");
             speed_free(env);
             return SPEED_ERR_INVALID_ARGUMENT;
         }

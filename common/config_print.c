@@ -127,7 +127,8 @@ speed_status_t speed_config_print_help(const speed_config_field_t *fields, size_
         if (fd->default_value && fd->type == SPEED_CONFIG_SECRET && fd->default_value[0])
             HELP_ITEM("default %s", SPEED_CONFIG_REDACTED);
         else if (fd->default_value)
-            HELP_ITEM(fd->type == SPEED_CONFIG_STRING || fd->type == SPEED_CONFIG_SECRET ? "default \"%s\"" : "default %s",
+            HELP_ITEM(fd->type == SPEED_CONFIG_STRING || fd->type == SPEED_CONFIG_SECRET ? "default \"%s\""
+                                                                                         : "default %s",
                       fd->default_value);
         if ((fd->type == SPEED_CONFIG_INT || fd->type == SPEED_CONFIG_DOUBLE) && fd->min <= fd->max) {
             char lo[32], hi[32];

@@ -157,9 +157,7 @@ static speed_status_t read_line(speed_http_client_t *c, char *out, size_t cap) {
 
 /* ---- connect / destroy ---------------------------------------------------------------- */
 
-static speed_status_t tls_wait(void *user, bool want_write) {
-    return wait_fd(user, want_write ? POLLOUT : POLLIN);
-}
+static speed_status_t tls_wait(void *user, bool want_write) { return wait_fd(user, want_write ? POLLOUT : POLLIN); }
 
 speed_status_t speed_http_client_connect_tls(const char *host, uint16_t port, int timeout_ms, const char *ca_pem,
                                              const char *server_name, speed_http_client_t **client_p) {

@@ -62,7 +62,8 @@ static const speed_config_field_t fields[] = {
     FS("router.tls_cert", tls_cert, NULL, "PEM certificate (chain) of the API: HTTPS when set with router.tls_key"),
     FS("router.tls_key", tls_key, NULL, "PEM private key of router.tls_cert"),
     {"router.api_keys", SPEED_CONFIG_SECRET, offsetof(speed_cluster_config_t, api_keys), "", SPEED_CONFIG_UNBOUNDED,
-     NULL, "comma-separated API keys (Bearer); empty = no authentication. A secret: not on the command line; "
+     NULL,
+     "comma-separated API keys (Bearer); empty = no authentication. A secret: not on the command line; "
      "use SPEED_ROUTER_API_KEYS or router.api_keys_file"},
     FS("router.api_keys_file", api_keys_file, NULL,
        "file of API keys, one per line (# comments; optional per-key limits, docs/router.md)"),

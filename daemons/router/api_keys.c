@@ -14,9 +14,9 @@
 #include "file.h"
 #include "log.h"
 
-#define SUBSYS            SPEED_SUBSYS_NET
-#define KEY_NAME_MAX      64
-#define KEYS_FILE_MAX     ((size_t)16 << 20)
+#define SUBSYS        SPEED_SUBSYS_NET
+#define KEY_NAME_MAX  64
+#define KEYS_FILE_MAX ((size_t)16 << 20)
 
 struct speed_router_key {
     char *key;
@@ -26,8 +26,8 @@ struct speed_router_key {
     pthread_mutex_t lock;
     int64_t in_flight;
     int64_t kv_tokens;
-    double bucket;    /* tokens in the rate bucket */
-    double bucket_t;  /* monotonic s of the last refill; < 0 = never */
+    double bucket;   /* tokens in the rate bucket */
+    double bucket_t; /* monotonic s of the last refill; < 0 = never */
 };
 
 struct speed_router_keys {
@@ -125,8 +125,9 @@ static speed_status_t load_file(speed_router_keys_t *ks, const char *path, const
             if (opt[0] == '#') break;
             if (!apply_option(opt, name, &lim)) {
                 /* The option text is not the key: it may be shown. */
-                SPEED_ERROR(SUBSYS, "router: %s: bad option \"%.60s\" (name=, max_in_flight=, max_kv_tokens=, "
-                                    "rate=, burst=)",
+                SPEED_ERROR(SUBSYS,
+                            "router: %s: bad option \"%.60s\" (name=, max_in_flight=, max_kv_tokens=, "
+                            "rate=, burst=)",
                             where, opt);
                 st = SPEED_ERR_INVALID_ARGUMENT;
                 break;

@@ -170,14 +170,14 @@ typedef struct {
 } speed_openai_request_t;
 
 typedef struct {
-    bool allow_speed;         /* deployment lets requests carry the "speed" object */
-    int32_t n_layers;         /* model depth L: a "speed" object is resolved against it (a
+    bool allow_speed;            /* deployment lets requests carry the "speed" object */
+    int32_t n_layers;            /* model depth L: a "speed" object is resolved against it (a
                                 * deployment that allows the object must set it) */
-    speed_depth_t depth;      /* the deployment's depth (speed_cluster_config_depth);
+    speed_depth_t depth;         /* the deployment's depth (speed_cluster_config_depth);
                                 * default speed_depth_default() */
-    int64_t max_tokens_limit; /* max_tokens above this → 400; 0 = no limit */
-    int32_t vocab_size;       /* prompt token ids must be below this; 0 = unchecked */
-    speed_json_budget_t json; /* a body over it is refused (400) before jansson parses it */
+    int64_t max_tokens_limit;    /* max_tokens above this → 400; 0 = no limit */
+    int32_t vocab_size;          /* prompt token ids must be below this; 0 = unchecked */
+    speed_json_budget_t json;    /* a body over it is refused (400) before jansson parses it */
     bool content_special_tokens; /* chat content may spell special tokens (issue 10: off, so
                                   * a message cannot forge a turn); copied into the request */
 } speed_openai_parse_params_t;

@@ -535,8 +535,8 @@ speed_status_t speed_openai_request_parse(speed_openai_api_t api, const char *bo
         const char *what = strcmp(which, "depth") == 0        ? "nesting levels"
                            : strcmp(which, "containers") == 0 ? "objects and arrays"
                                                               : "JSON values";
-        return bad(&c, NULL, "json_too_complex", "The request body has more than %llu %s; this server accepts at most that.",
-                   limit, what);
+        return bad(&c, NULL, "json_too_complex",
+                   "The request body has more than %llu %s; this server accepts at most that.", limit, what);
     }
     json_error_t jerr;
     memset(&jerr, 0, sizeof jerr);

@@ -107,7 +107,7 @@ struct rtr_req {
     speed_router_key_t *key; /* the caller's API key (NULL: authentication off) */
     int64_t key_kv_tokens;   /* KV tokens reserved against the key (worker only) */
     double t_arrival;        /* monotonic seconds */
-    int64_t deadline_ms; /* monotonic ms */
+    int64_t deadline_ms;     /* monotonic ms */
     int64_t created_unix;
 
     /* HTTP side. http_lock is held around every use of `stream` (worker and housekeeping

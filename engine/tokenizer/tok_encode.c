@@ -50,7 +50,7 @@ typedef struct {
     size_t cap_sym;
     heap_ent_t *heap;
     size_t n_heap, cap_heap;
-    tok_buf_t mapped; /* byte-level mapped piece */
+    tok_buf_t mapped;        /* byte-level mapped piece */
     const tok_span_t *plain; /* special tokens are text here (tok_encode_spans) */
     size_t n_plain, k_plain; /* k_plain: first span not wholly before the scan */
 } encoder_t;

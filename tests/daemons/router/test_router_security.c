@@ -153,19 +153,11 @@ static void test_big_body(void) {
 
 static void test_slow_readers(void) {
     router_proc_t rp;
-    const char *args[] = {"--served_model_name",
-                          "tinymodel",
-                          "--router.max_context",
-                          "1000000",
-                          "--router.stream_buffer_bytes",
-                          "131072",
-                          "--router.max_in_flight",
-                          "64",
+    const char *args[] = {"--served_model_name", "tinymodel", "--router.max_context", "1000000",
+                          "--router.stream_buffer_bytes", "131072", "--router.max_in_flight", "64",
                           /* 50 streams at full speed load the fake node so much that it may miss
                            * a health poll; polling once at start keeps it in the pool */
-                          "--router.status_interval_ms",
-                          "60000",
-                          NULL};
+                          "--router.status_interval_ms", "60000", NULL};
     CHECK(router_start(&rp, cluster, args));
     if (!rp.pid || rp.exited) return;
     CHECK(cu_wait_health(rp.port, 200, 10));
@@ -240,8 +232,8 @@ static void test_secrets(void) {
     snprintf(out_path, sizeof out_path, "%s", out);
     snprintf(err_path, sizeof err_path, "%s", err);
     /* On the command line: refused, and the message names the alternatives. */
-    int rc = tu_system("'%s' --config '%s' --router.api_keys sekrit-on-argv --print-config > '%s' 2> '%s'", bin, cluster,
-                       out_path, err_path);
+    int rc = tu_system("'%s' --config '%s' --router.api_keys sekrit-on-argv --print-config > '%s' 2> '%s'", bin,
+                       cluster, out_path, err_path);
     CHECK_INT_EQ(rc, 2);
     char *o = tu_read(out_path, NULL), *e = tu_read(err_path, NULL);
     CHECK(o && !strstr(o, "sekrit"));
@@ -327,8 +319,13 @@ static void test_key_limits(void) {
     char mport_text[16];
     snprintf(mport_text, sizeof mport_text, "%d", mport);
     router_proc_t rp;
-    const char *args[] = {"--served_model_name", "tinymodel",   "--router.api_keys_file", keys_path,
-                          "--router.metrics_port", mport_text, NULL};
+    const char *args[] = {"--served_model_name",
+                          "tinymodel",
+                          "--router.api_keys_file",
+                          keys_path,
+                          "--router.metrics_port",
+                          mport_text,
+                          NULL};
     CHECK(router_start(&rp, cluster, args));
     if (!rp.pid || rp.exited) return;
     CHECK(cu_wait_health(mport, 200, 10));
@@ -418,13 +415,9 @@ static void test_key_limits(void) {
 
 static void test_browsers(void) {
     router_proc_t rp;
-    const char *args[] = {"--served_model_name",
-                          "tinymodel",
-                          "--router.allowed_hosts",
-                          "127.0.0.1, api.example",
-                          "--router.cors_origins",
-                          "https://app.example",
-                          NULL};
+    const char *args[] = {
+        "--served_model_name", "tinymodel", "--router.allowed_hosts", "127.0.0.1, api.example", "--router.cors_origins",
+        "https://app.example", NULL};
     CHECK(router_start(&rp, cluster, args));
     if (!rp.pid || rp.exited) return;
     CHECK(cu_wait_health(rp.port, 200, 10));
@@ -436,7 +429,7 @@ static void test_browsers(void) {
         bool cors;
     } cases[] = {
         {"api.example:8000", NULL, "GET", 200, false},
-        {"evil.example", NULL, "GET", 403, false},          /* DNS rebinding */
+        {"evil.example", NULL, "GET", 403, false}, /* DNS rebinding */
         {"127.0.0.1", "https://evil.example", "GET", 403, false},
         {"127.0.0.1", "https://app.example", "GET", 200, true},
         {"127.0.0.1", "https://app.example", "OPTIONS", 204, true}, /* preflight */
@@ -445,12 +438,11 @@ static void test_browsers(void) {
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         CHECK(speed_http_client_connect("127.0.0.1", (uint16_t)rp.port, 10000, &c) == SPEED_OK);
         if (!c) continue;
-        speed_http_header_t h[3] = {{"Host", cases[i].host},
-                                    {"Access-Control-Request-Method", "POST"},
-                                    {"Origin", cases[i].origin}};
+        speed_http_header_t h[3] = {
+            {"Host", cases[i].host}, {"Access-Control-Request-Method", "POST"}, {"Origin", cases[i].origin}};
         const char *path = strcmp(cases[i].method, "OPTIONS") == 0 ? "/v1/chat/completions" : "/v1/models";
-        speed_status_t st = speed_http_client_request(c, cases[i].method, path, h, cases[i].origin ? 3 : 2, NULL, 0,
-                                                      &resp);
+        speed_status_t st =
+            speed_http_client_request(c, cases[i].method, path, h, cases[i].origin ? 3 : 2, NULL, 0, &resp);
         CHECK_INT_EQ(st, SPEED_OK);
         if (st == SPEED_OK) {
             CHECK_MSG(resp->status == cases[i].status, "case %zu: status %d, want %d", i, resp->status,
@@ -487,8 +479,13 @@ static void test_browsers(void) {
  * connection that sends half a header block is closed after router.header_timeout_ms. */
 static void test_slowloris(void) {
     router_proc_t rp;
-    const char *args[] = {"--served_model_name",        "tinymodel", "--router.max_connections_per_ip", "4",
-                          "--router.header_timeout_ms", "3000",      NULL};
+    const char *args[] = {"--served_model_name",
+                          "tinymodel",
+                          "--router.max_connections_per_ip",
+                          "4",
+                          "--router.header_timeout_ms",
+                          "3000",
+                          NULL};
     CHECK(router_start(&rp, cluster, args));
     if (!rp.pid || rp.exited) return;
     CHECK(cu_wait_health(rp.port, 200, 10));
@@ -533,8 +530,8 @@ static char cert_path[1024], key_path[1024];
 static char *cert_pem;
 
 static bool start_tls_router(router_proc_t *rp) {
-    const char *args[] = {"--served_model_name", "tinymodel", "--router.tls_cert", cert_path,
-                          "--router.tls_key",    key_path,    NULL};
+    const char *args[] = {
+        "--served_model_name", "tinymodel", "--router.tls_cert", cert_path, "--router.tls_key", key_path, NULL};
     return router_start(rp, cluster, args);
 }
 
@@ -550,7 +547,8 @@ static void test_https(void) {
         CHECK_INT_EQ(resp->status, 200);
         CHECK_CONTAINS(resp->body, "tinymodel");
         /* a streamed completion on the same (keep-alive) TLS connection */
-        const char *body = "{\"model\":\"tinymodel\",\"stream\":true,\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}]}";
+        const char *body =
+            "{\"model\":\"tinymodel\",\"stream\":true,\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}]}";
         speed_http_header_t h[1] = {{"Content-Type", "application/json"}};
         CHECK(speed_http_client_request_begin(c, "POST", "/v1/chat/completions", h, 1, body, strlen(body), &resp) ==
               SPEED_OK);
@@ -604,20 +602,22 @@ static bench_t bench_round(int port, bool tls, int mode, int n) {
     double *lat = calloc((size_t)n, sizeof *lat);
     speed_http_client_t *c = NULL;
     const speed_http_response_t *resp = NULL;
-    const char *body = "{\"model\":\"tinymodel\",\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}],\"max_tokens\":5}";
+    const char *body =
+        "{\"model\":\"tinymodel\",\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}],\"max_tokens\":5}";
     speed_http_header_t h[1] = {{"Content-Type", "application/json"}};
     double t0 = now_s();
     int done = 0;
     for (int i = 0; i < n; i++) {
         double t = now_s();
         if (!c) {
-            speed_status_t st = tls ? speed_http_client_connect_tls("127.0.0.1", (uint16_t)port, 10000, cert_pem, NULL, &c)
-                                    : speed_http_client_connect("127.0.0.1", (uint16_t)port, 10000, &c);
+            speed_status_t st =
+                tls ? speed_http_client_connect_tls("127.0.0.1", (uint16_t)port, 10000, cert_pem, NULL, &c)
+                    : speed_http_client_connect("127.0.0.1", (uint16_t)port, 10000, &c);
             if (st != SPEED_OK) break;
         }
-        speed_status_t st = mode == 2 ? speed_http_client_request(c, "POST", "/v1/chat/completions", h, 1, body,
-                                                                  strlen(body), &resp)
-                                      : speed_http_client_request(c, "GET", "/v1/models", NULL, 0, NULL, 0, &resp);
+        speed_status_t st =
+            mode == 2 ? speed_http_client_request(c, "POST", "/v1/chat/completions", h, 1, body, strlen(body), &resp)
+                      : speed_http_client_request(c, "GET", "/v1/models", NULL, 0, NULL, 0, &resp);
         if (st != SPEED_OK || resp->status != 200) break;
         if (mode == 1) {
             speed_http_client_destroy(c);

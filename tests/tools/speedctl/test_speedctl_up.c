@@ -202,7 +202,8 @@ static void test_cluster(void) {
     char mport[16];
     snprintf(mport, sizeof mport, "%d", ports + 5);
     setenv("SPEED_ROUTER_API_KEYS", UP_KEY, 1);
-    up_start(&r, speedctl, ports, (const char *const[]){"--start-timeout-s", "100", "--router.metrics_port", mport, NULL});
+    up_start(&r, speedctl, ports,
+             (const char *const[]){"--start-timeout-s", "100", "--router.metrics_port", mport, NULL});
     unsetenv("SPEED_ROUTER_API_KEYS");
     bool ready = up_read_until(&r, "ready", 150);
     CHECK_MSG(ready, "speedctl up did not print 'ready' (is build/bin/speed-router built?)");
