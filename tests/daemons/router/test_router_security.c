@@ -524,6 +524,42 @@ static void test_slowloris(void) {
     CHECK_INT_EQ(router_stop(&rp), 0);
 }
 
+/* router.listen and metrics.listen bind where they say (127.0.0.2 and 127.0.0.3 are loopback
+ * addresses of their own on Linux): the API is not on 127.0.0.1, the metrics are only on
+ * their address, without a key, while the API port wants one for them. */
+static void test_listeners(void) {
+    int mport = free_port();
+    char mport_text[16];
+    snprintf(mport_text, sizeof mport_text, "%d", mport);
+    router_proc_t rp;
+    const char *args[] = {"--served_model_name",
+                          "tinymodel",
+                          "--router.listen",
+                          "127.0.0.2",
+                          "--metrics.listen",
+                          "127.0.0.3",
+                          "--router.metrics_port",
+                          mport_text,
+                          NULL};
+    setenv("SPEED_ROUTER_API_KEYS", "listen-key", 1);
+    bool up = router_start(&rp, cluster, args);
+    unsetenv("SPEED_ROUTER_API_KEYS");
+    CHECK(up);
+    if (!up) return;
+    int status = 0;
+    CHECK_INT_EQ(speed_http_get("127.0.0.3", (uint16_t)mport, "/health", 5000, &status, NULL), SPEED_OK);
+    for (double until = now_s() + 10; status != 200 && now_s() < until; sleep_ms(50))
+        speed_http_get("127.0.0.3", (uint16_t)mport, "/health", 5000, &status, NULL);
+    CHECK_INT_EQ(status, 200);
+    CHECK_INT_EQ(speed_http_get("127.0.0.3", (uint16_t)mport, "/metrics", 5000, &status, NULL), SPEED_OK);
+    CHECK_INT_EQ(status, 200);
+    CHECK(speed_http_get("127.0.0.1", (uint16_t)mport, "/health", 2000, &status, NULL) != SPEED_OK);
+    CHECK(speed_http_get("127.0.0.1", (uint16_t)rp.port, "/health", 2000, &status, NULL) != SPEED_OK);
+    CHECK_INT_EQ(speed_http_get("127.0.0.2", (uint16_t)rp.port, "/metrics", 5000, &status, NULL), SPEED_OK);
+    CHECK_INT_EQ(status, 401);
+    CHECK_INT_EQ(router_stop(&rp), 0);
+}
+
 /* ---- 6: HTTPS ---------------------------------------------------------------------------------- */
 
 static char cert_path[1024], key_path[1024];
@@ -686,6 +722,7 @@ int main(int argc, char **argv) {
     if (!only || strcmp(only, "key-limits") == 0) test_key_limits();
     if (!only || strcmp(only, "browsers") == 0) test_browsers();
     if (!only || strcmp(only, "slowloris") == 0) test_slowloris();
+    if (!only || strcmp(only, "listeners") == 0) test_listeners();
     snprintf(cert_path, sizeof cert_path, "%s/api.crt", parent);
     snprintf(key_path, sizeof key_path, "%s/api.key", parent);
     if (!only || strcmp(only, "https") == 0 || strcmp(only, "tls-bench") == 0)
