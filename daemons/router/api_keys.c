@@ -124,11 +124,15 @@ static speed_status_t load_file(speed_router_keys_t *ks, const char *path, const
         for (char *opt = strtok_r(NULL, " \t\r", &tok_save); opt; opt = strtok_r(NULL, " \t\r", &tok_save)) {
             if (opt[0] == '#') break;
             if (!apply_option(opt, name, &lim)) {
-                /* The option text is not the key: it may be shown. */
+                /* Only the option's name is shown: a word without '=' may be a key that was
+                 * put in the wrong place (a second key on the line), and keys are not logged. */
+                const char *eq = strchr(opt, '=');
+                int n_show = eq ? (int)(eq - opt) : 0;
                 SPEED_ERROR(SUBSYS,
-                            "router: %s: bad option \"%.60s\" (name=, max_in_flight=, max_kv_tokens=, "
-                            "rate=, burst=)",
-                            where, opt);
+                            "router: %s: bad option %s%.*s%s (expected name=, max_in_flight=, max_kv_tokens=, "
+                            "rate=, burst=; one key per line)",
+                            where, eq ? "\"" : "", n_show > 40 ? 40 : n_show, opt,
+                            eq ? "=...\"" : "(a word without '=')");
                 st = SPEED_ERR_INVALID_ARGUMENT;
                 break;
             }

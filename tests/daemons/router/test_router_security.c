@@ -397,7 +397,7 @@ static void test_key_limits(void) {
     CHECK_INT_EQ(router_stop(&rp), 0);
 
     /* A bad line: the router refuses to start, naming the file and line, not the key. */
-    tu_write_text(keys_path, "sekrit-key-9 rate=fast\n");
+    tu_write_text(keys_path, "ok-key-1\nsekrit-key-9 rate=fast\n");
     const char *bin = getenv("SPEED_ROUTER");
     const char *err_file = tu_path("keys.err");
     char err_path[1024];
@@ -406,6 +406,16 @@ static void test_key_limits(void) {
                        err_path);
     CHECK_INT_EQ(rc, 1);
     char *e = tu_read(err_path, NULL);
+    CHECK_CONTAINS(e ? e : "", "keys.txt:2");
+    CHECK_CONTAINS(e ? e : "", "rate=");
+    CHECK(e && !strstr(e, "sekrit"));
+    free(e);
+    /* two keys on one line: the second is not shown either */
+    tu_write_text(keys_path, "ok-key-1 sekrit-key-10\n");
+    rc = tu_system("'%s' --config '%s' --router.api_keys_file '%s' > /dev/null 2> '%s'", bin, cluster, keys_path,
+                   err_path);
+    CHECK_INT_EQ(rc, 1);
+    e = tu_read(err_path, NULL);
     CHECK_CONTAINS(e ? e : "", "keys.txt:1");
     CHECK(e && !strstr(e, "sekrit"));
     free(e);
