@@ -157,7 +157,9 @@ static void test_slow_readers(void) {
                           "--router.stream_buffer_bytes", "131072", "--router.max_in_flight", "64",
                           /* 50 streams at full speed load the fake node so much that it may miss
                            * a health poll; polling once at start keeps it in the pool */
-                          "--router.status_interval_ms", "60000", NULL};
+                          "--router.status_interval_ms", "60000",
+                          /* each stream lasts until it overruns, however loaded the machine is */
+                          "--router.request_timeout_ms", "300000", NULL};
     CHECK(router_start(&rp, cluster, args));
     if (!rp.pid || rp.exited) return;
     CHECK(cu_wait_health(rp.port, 200, 10));
