@@ -203,7 +203,7 @@ static speed_status_t build_tree(speed_config_t *cfg) {
                 return SPEED_ERR_INVALID_ARGUMENT;
             }
         }
-        if (f->type > SPEED_CONFIG_ENUM) {
+        if (f->type > SPEED_CONFIG_SECRET) {
             CONFIG_ERROR("config table: field '%s' has an unknown type %d", name, (int)f->type);
             return SPEED_ERR_INVALID_ARGUMENT;
         }
@@ -211,7 +211,7 @@ static speed_status_t build_tree(speed_config_t *cfg) {
             CONFIG_ERROR("config table: enum field '%s' has no names", name);
             return SPEED_ERR_INVALID_ARGUMENT;
         }
-        if (!f->default_value && f->type != SPEED_CONFIG_STRING) {
+        if (!f->default_value && f->type != SPEED_CONFIG_STRING && f->type != SPEED_CONFIG_SECRET) {
             CONFIG_ERROR("config table: field '%s' needs a default value", name);
             return SPEED_ERR_INVALID_ARGUMENT;
         }
@@ -360,6 +360,7 @@ speed_status_t speed_config_value_set(speed_config_t *cfg, size_t i, const char 
         }
         break;
     case SPEED_CONFIG_STRING:
+    case SPEED_CONFIG_SECRET:
         v.s = speed_strdup(text);
         if (!v.s) {
             speed_free(origin_owned);
@@ -470,6 +471,17 @@ static speed_status_t parse_cli(speed_config_t *cfg, int argc, char **argv, cli_
                 return SPEED_ERR_INVALID_ARGUMENT;
             }
         }
+        if (!is_config && cfg->fields[fi].type == SPEED_CONFIG_SECRET) {
+            /* argv is readable by every user of the host (ps, /proc/PID/cmdline): a secret
+             * given there has already leaked, so refuse it rather than use it. */
+            char *env = cfg->env_prefix ? speed_config_env_name(cfg->env_prefix, cfg->fields[fi].name) : NULL;
+            CONFIG_ERROR("%s is a secret and is not accepted on the command line (other users can read it there): "
+                         "set %s%s%s or put it in the --config file (%s)",
+                         cfg->fields[fi].name, env ? "the environment variable " : "", env ? env : "", env ? "," : "",
+                         cfg->fields[fi].doc ? cfg->fields[fi].doc : "");
+            speed_free(env);
+            return SPEED_ERR_INVALID_ARGUMENT;
+        }
         if (is_config)
             *config_p = value;
         else
@@ -489,7 +501,8 @@ static void write_struct(const speed_config_t *cfg, void *out) {
         case SPEED_CONFIG_INT: memcpy(dst, &v->i, sizeof v->i); break;
         case SPEED_CONFIG_DOUBLE: memcpy(dst, &v->d, sizeof v->d); break;
         case SPEED_CONFIG_BOOL: memcpy(dst, &v->b, sizeof v->b); break;
-        case SPEED_CONFIG_STRING: memcpy(dst, &v->s, sizeof v->s); break;
+        case SPEED_CONFIG_STRING:
+        case SPEED_CONFIG_SECRET: memcpy(dst, &v->s, sizeof v->s); break;
         case SPEED_CONFIG_ENUM: memcpy(dst, &v->e, sizeof v->e); break;
         }
     }
@@ -510,6 +523,7 @@ speed_status_t speed_config_load(const speed_config_field_t *fields, size_t n_fi
     if (!cfg) return SPEED_ERR_NO_MEMORY;
     cfg->fields = fields;
     cfg->n_fields = n_fields;
+    cfg->env_prefix = env_prefix;
     cfg->slots = speed_calloc(n_fields ? n_fields : 1, sizeof *cfg->slots);
     cfg->positional = speed_calloc((size_t)argc + 1, sizeof *cfg->positional);
     vals = speed_calloc(argc > 0 ? (size_t)argc : 1, sizeof *vals);
@@ -591,7 +605,8 @@ void speed_config_destroy(speed_config_t *cfg) {
     if (!cfg) return;
     if (cfg->slots) {
         for (size_t i = 0; i < cfg->n_fields; i++) {
-            if (cfg->fields[i].type == SPEED_CONFIG_STRING) speed_free(cfg->slots[i].v.s);
+            if (cfg->fields[i].type == SPEED_CONFIG_STRING || cfg->fields[i].type == SPEED_CONFIG_SECRET)
+                speed_free(cfg->slots[i].v.s);
             speed_free(cfg->slots[i].origin_owned);
         }
     }

@@ -43,6 +43,7 @@
  *   BOOL    true/false, yes/no, on/off, 1/0 (any case)
  *   STRING  any text; in YAML any scalar (quote it to keep leading/trailing spaces)
  *   ENUM    one of enum_names (any case); stored as the index into enum_names
+ *   SECRET  as STRING, but not from the command line (an error naming the alternatives)
  *
  * Errors are logged once (SPEED_SUBSYS_CORE, one line naming the field and source) where
  * they are found; speed_log_last_error() returns the line for a CLI to show.
@@ -67,6 +68,11 @@ typedef enum {
     SPEED_CONFIG_BOOL,   /* stored as bool */
     SPEED_CONFIG_STRING, /* stored as char *, owned by the speed_config_t (NULL if unset) */
     SPEED_CONFIG_ENUM,   /* stored as int: index into enum_names */
+    SPEED_CONFIG_SECRET, /* a STRING that is a secret (an API key): refused on the command
+                          * line (argv is readable by every user of the host, in ps and
+                          * /proc), accepted from the file and the environment, printed as
+                          * SPEED_CONFIG_REDACTED by speed_config_print when set (and its
+                          * default by speed_config_print_help), never logged */
 } speed_config_type_t;
 
 /* Where a field's value came from. */
@@ -87,6 +93,9 @@ typedef struct {
     const char *const *enum_names; /* ENUM only: NULL-terminated list of names */
     const char *doc;               /* one line for --help */
 } speed_config_field_t;
+
+/* What speed_config_print writes in place of a secret value that is set. */
+#define SPEED_CONFIG_REDACTED "<redacted>"
 
 /* Bounds helper for fields without bounds: .min = 1, .max = 0 (min > max). */
 #define SPEED_CONFIG_UNBOUNDED 1, 0
@@ -143,7 +152,7 @@ speed_status_t speed_config_origin(const speed_config_t *cfg, const char *name, 
 
 /* Write the effective configuration as YAML, one "key: value  # origin" line per field,
  * nested mappings for dotted names. The output is itself a valid config file that loads
- * to the same values. STRING fields that are unset (NULL) are written as comments.
+ * to the same values, except secrets that are set: those read <redacted>. STRING fields that are unset (NULL) are written as comments.
  * Returns SPEED_ERR_IO if writing to `f` failed. */
 speed_status_t speed_config_print(const speed_config_t *cfg, FILE *f);
 

@@ -54,6 +54,7 @@ struct speed_config {
     char **positional; /* [n_positional + 1], NULL-terminated */
     int n_positional;
     char *file;
+    const char *env_prefix; /* as given to load (static text of the caller), or NULL */
     bool help, print;
 };
 

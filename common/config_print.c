@@ -44,6 +44,12 @@ static int format_value(const speed_config_t *cfg, size_t i, FILE *f) {
     case SPEED_CONFIG_DOUBLE: speed_config_double_format(buf, sizeof buf, v->d); return fprintf(f, "%s", buf);
     case SPEED_CONFIG_BOOL: return fprintf(f, "%s", v->b ? "true" : "false");
     case SPEED_CONFIG_ENUM: return fprintf(f, "%s", cfg->fields[i].enum_names[v->e]);
+    case SPEED_CONFIG_SECRET:
+        /* A secret that is set is never printed; an empty one is (no authentication is
+         * worth seeing). */
+        if (v->s && v->s[0]) return fprintf(f, SPEED_CONFIG_REDACTED);
+        print_quoted(f, v->s, &col);
+        return col;
     case SPEED_CONFIG_STRING: print_quoted(f, v->s, &col); return col;
     }
     return 0;
@@ -52,7 +58,8 @@ static int format_value(const speed_config_t *cfg, size_t i, FILE *f) {
 static bool node_has_value(const speed_config_t *cfg, int n) {
     int fi = cfg->nodes[n].field;
     if (fi >= 0) /* only a STRING without a default can be unset */
-        return cfg->fields[fi].type != SPEED_CONFIG_STRING || cfg->slots[fi].v.s != NULL;
+        return (cfg->fields[fi].type != SPEED_CONFIG_STRING && cfg->fields[fi].type != SPEED_CONFIG_SECRET) ||
+               cfg->slots[fi].v.s != NULL;
     for (int c = cfg->nodes[n].first_child; c >= 0; c = cfg->nodes[c].next)
         if (node_has_value(cfg, c)) return true;
     return false;
@@ -94,7 +101,7 @@ speed_status_t speed_config_print(const speed_config_t *cfg, FILE *f) {
 
 speed_status_t speed_config_print_help(const speed_config_field_t *fields, size_t n_fields, const char *env_prefix,
                                        FILE *f) {
-    static const char *const type_names[] = {"INT", "NUM", "BOOL", "TEXT", "NAME"};
+    static const char *const type_names[] = {"INT", "NUM", "BOOL", "TEXT", "NAME", "SECRET"};
     fprintf(f, "Options (each is also a key in the --config YAML file%s):\n",
             env_prefix ? " and an environment variable" : "");
     for (size_t i = 0; i < n_fields; i++) {
@@ -117,8 +124,12 @@ speed_status_t speed_config_print_help(const speed_config_field_t *fields, size_
         fprintf(f, "%s", fd->doc ? fd->doc : "");
         bool open = false;
 #define HELP_ITEM(...) (fputs(open ? "; " : " (", f), open = true, fprintf(f, __VA_ARGS__))
-        if (fd->default_value)
-            HELP_ITEM(fd->type == SPEED_CONFIG_STRING ? "default \"%s\"" : "default %s", fd->default_value);
+        if (fd->default_value && fd->type == SPEED_CONFIG_SECRET && fd->default_value[0])
+            HELP_ITEM("default %s", SPEED_CONFIG_REDACTED);
+        else if (fd->default_value)
+            HELP_ITEM(fd->type == SPEED_CONFIG_STRING || fd->type == SPEED_CONFIG_SECRET ? "default \"%s\""
+                                                                                         : "default %s",
+                      fd->default_value);
         if ((fd->type == SPEED_CONFIG_INT || fd->type == SPEED_CONFIG_DOUBLE) && fd->min <= fd->max) {
             char lo[32], hi[32];
             speed_config_bound_format(lo, sizeof lo, fd->type, fd->min);

@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "alloc.h"
+#include "http_tls.h"
 #include "http.h"
 #include "log.h"
 
@@ -25,6 +26,7 @@ typedef enum { BODY_NONE, BODY_LENGTH, BODY_CHUNKED, BODY_CLOSE } body_mode_t;
 
 struct speed_http_client {
     int fd;
+    speed_http_tls_t *tls; /* HTTPS: every byte goes through it; NULL for plain HTTP */
     int timeout_ms;
     char *host_header;
     bool broken; /* no further requests possible */
@@ -66,9 +68,23 @@ static speed_status_t wait_fd(speed_http_client_t *c, short events) {
     }
 }
 
+static ssize_t io_send(speed_http_client_t *c, const char *data, size_t len) {
+    return c->tls ? speed_http_tls_send(c->tls, data, len) : send(c->fd, data, len, MSG_NOSIGNAL);
+}
+
+static ssize_t io_recv(speed_http_client_t *c, char *buf, size_t cap) {
+    return c->tls ? speed_http_tls_recv(c->tls, buf, cap) : recv(c->fd, buf, cap, 0);
+}
+
+/* After EAGAIN: TLS may need to read while writing (and the reverse). */
+static short io_wait_events(const speed_http_client_t *c, short plain) {
+    if (!c->tls) return plain;
+    return speed_http_tls_wants_write(c->tls) ? POLLOUT : POLLIN;
+}
+
 static speed_status_t send_all(speed_http_client_t *c, const char *data, size_t len) {
     while (len) {
-        ssize_t n = send(c->fd, data, len, MSG_NOSIGNAL);
+        ssize_t n = io_send(c, data, len);
         if (n > 0) {
             data += n;
             len -= (size_t)n;
@@ -76,7 +92,7 @@ static speed_status_t send_all(speed_http_client_t *c, const char *data, size_t 
         }
         if (n < 0 && errno == EINTR) continue;
         if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            SPEED_CHECK(wait_fd(c, POLLOUT));
+            SPEED_CHECK(wait_fd(c, io_wait_events(c, POLLOUT)));
             continue;
         }
         return SPEED_ERR_PEER_UNREACHABLE;
@@ -101,7 +117,7 @@ static speed_status_t fill(speed_http_client_t *c, bool *eof_p) {
         c->rcap = cap;
     }
     for (;;) {
-        ssize_t n = recv(c->fd, c->rbuf + c->rlen, c->rcap - c->rlen, 0);
+        ssize_t n = io_recv(c, c->rbuf + c->rlen, c->rcap - c->rlen);
         if (n > 0) {
             c->rlen += (size_t)n;
             return SPEED_OK;
@@ -112,7 +128,7 @@ static speed_status_t fill(speed_http_client_t *c, bool *eof_p) {
         }
         if (errno == EINTR) continue;
         if (errno == EAGAIN || errno == EWOULDBLOCK) {
-            SPEED_CHECK(wait_fd(c, POLLIN));
+            SPEED_CHECK(wait_fd(c, io_wait_events(c, POLLIN)));
             continue;
         }
         return SPEED_ERR_PEER_UNREACHABLE;
@@ -140,6 +156,21 @@ static speed_status_t read_line(speed_http_client_t *c, char *out, size_t cap) {
 }
 
 /* ---- connect / destroy ---------------------------------------------------------------- */
+
+static speed_status_t tls_wait(void *user, bool want_write) { return wait_fd(user, want_write ? POLLOUT : POLLIN); }
+
+speed_status_t speed_http_client_connect_tls(const char *host, uint16_t port, int timeout_ms, const char *ca_pem,
+                                             const char *server_name, speed_http_client_t **client_p) {
+    speed_http_client_t *c = NULL;
+    SPEED_CHECK(speed_http_client_connect(host, port, timeout_ms, &c));
+    speed_status_t st = speed_http_tls_open(c->fd, ca_pem, server_name ? server_name : host, tls_wait, c, &c->tls);
+    if (st != SPEED_OK) {
+        speed_http_client_destroy(c);
+        return st;
+    }
+    *client_p = c;
+    return SPEED_OK;
+}
 
 speed_status_t speed_http_client_connect(const char *host, uint16_t port, int timeout_ms,
                                          speed_http_client_t **client_p) {
@@ -202,6 +233,7 @@ speed_status_t speed_http_client_connect(const char *host, uint16_t port, int ti
 
 void speed_http_client_destroy(speed_http_client_t *client) {
     if (!client) return;
+    speed_http_tls_close(client->tls);
     if (client->fd >= 0) close(client->fd);
     speed_free(client->host_header);
     speed_free(client->rbuf);
@@ -216,6 +248,8 @@ void speed_http_client_destroy(speed_http_client_t *client) {
 static void client_break(speed_http_client_t *c) {
     c->broken = true;
     c->in_body = false;
+    speed_http_tls_close(c->tls);
+    c->tls = NULL;
     if (c->fd >= 0) close(c->fd);
     c->fd = -1;
 }
@@ -409,7 +443,11 @@ static speed_status_t send_request(speed_http_client_t *c, const char *method, c
     for (size_t i = 0; i < n_headers; i++) size += strlen(headers[i].name) + strlen(headers[i].value) + 4;
     char *head = speed_malloc(size);
     if (!head) return SPEED_ERR_NO_MEMORY;
-    size_t n = (size_t)snprintf(head, size, "%s %s HTTP/1.1\r\nHost: %s\r\n", method, path, c->host_header);
+    /* A Host among the caller's headers replaces ours (a test of a server's Host check). */
+    bool own_host = false;
+    for (size_t i = 0; i < n_headers; i++) own_host = own_host || strcasecmp(headers[i].name, "Host") == 0;
+    size_t n = (size_t)snprintf(head, size, "%s %s HTTP/1.1\r\n", method, path);
+    if (!own_host) n += (size_t)snprintf(head + n, size - n, "Host: %s\r\n", c->host_header);
     for (size_t i = 0; i < n_headers; i++)
         n += (size_t)snprintf(head + n, size - n, "%s: %s\r\n", headers[i].name, headers[i].value);
     if (body) n += (size_t)snprintf(head + n, size - n, "Content-Length: %zu\r\n", body_len);

@@ -53,7 +53,7 @@
  *
  * CLIENT
  * ------
- * speed_http_client_t is one blocking keep-alive connection over a plain TCP socket, for
+ * speed_http_client_t is one blocking keep-alive connection over TCP (or TLS), for
  * tests, health polling (speedctl) and SSE consumption. Not thread-safe: one thread at a
  * time per client. Every socket wait is bounded by the client's timeout.
  *
@@ -94,6 +94,10 @@ typedef struct {
     unsigned max_connections; /* concurrent connections; default 1024 */
     unsigned idle_timeout_s;  /* close connections idle this long, 0 = never; default 60 */
     size_t max_body_bytes;    /* larger request bodies get 413; default 1 MiB */
+    unsigned max_per_ip;      /* open connections per client address, 0 = unlimited; default 0 */
+    const char *tls_cert_pem; /* PEM certificate (chain) and its key, in memory: both set =
+                                 * HTTPS (GnuTLS through MHD), both NULL = plain HTTP. Copied. */
+    const char *tls_key_pem;
 } speed_http_server_params_t;
 
 typedef struct {
@@ -108,6 +112,19 @@ typedef struct {
 
 /* Handles one request on an MHD pool thread; see "Requests" above. */
 typedef void (*speed_http_handler_cb_t)(void *user, speed_http_request_t *request);
+
+/* The gate: runs once per request when its headers are in and before any body byte is
+ * read or buffered (speed_http_server_gate). It sees the method, path and headers. It
+ * returns true to let the request go on (it may attach data with
+ * speed_http_request_set_user and add response headers), or answers with
+ * speed_http_respond / speed_http_respond_error and returns false: the answer goes out at
+ * once, the body is not read, and MHD closes the connection. Returning false without an
+ * answer gives a 403. Same threading rules as handlers. */
+typedef bool (*speed_http_gate_cb_t)(void *user, speed_http_request_t *request);
+
+/* Releases what a gate attached to a request; runs exactly once, on an MHD thread, when
+ * the request is over (answered and sent, or the client gone), whatever happened. */
+typedef void (*speed_http_request_end_cb_t)(void *data);
 
 /* The client went away (or the server is stopping) before the writer closed `stream`. Runs
  * once, on an MHD thread; the stream stays valid (the writer still holds it). While it runs,
@@ -129,6 +146,10 @@ speed_status_t speed_http_server_create(const speed_http_server_params_t *params
  * with '/', the pair already routed, or the server started); SPEED_ERR_NO_MEMORY. */
 speed_status_t speed_http_server_route(speed_http_server_t *server, const char *method, const char *path,
                                        speed_http_handler_cb_t handler, void *user);
+
+/* Sets the gate (at most one; NULL removes it). Only before start. SPEED_OK;
+ * SPEED_ERR_INVALID_ARGUMENT (NULL server, or started). */
+speed_status_t speed_http_server_gate(speed_http_server_t *server, speed_http_gate_cb_t gate, void *user);
 
 /* Routes GET `path` to a handler rendering `metrics` (borrowed: it must outlive the server)
  * with Content-Type "text/plain; version=0.0.4". Same returns as speed_http_server_route. */
@@ -157,6 +178,12 @@ const char *speed_http_request_path(const speed_http_request_t *request);
 /* A request header by case-insensitive name ("Authorization", "X-Request-Id",
  * "Content-Type"), or NULL. */
 const char *speed_http_request_header(const speed_http_request_t *request, const char *name);
+/* Attaches `data` to the request (gate or handler), replacing what was there (whose
+ * on_end then does not run); on_end (may be NULL) runs once when the request is over. */
+void speed_http_request_set_user(speed_http_request_t *request, void *data, speed_http_request_end_cb_t on_end);
+/* What speed_http_request_set_user attached, or NULL. */
+void *speed_http_request_user(const speed_http_request_t *request);
+
 /* A query-string argument (decoded), or NULL. */
 const char *speed_http_request_query(const speed_http_request_t *request, const char *key);
 /* The request body (NUL-terminated for convenience; may contain NULs) and its length;
@@ -195,9 +222,8 @@ speed_status_t speed_http_stream_set_status(speed_http_stream_t *stream, unsigne
 speed_status_t speed_http_stream_add_header(speed_http_stream_t *stream, const char *name, const char *value);
 
 /* Queues `len` bytes (copied; never blocks on the network) and commits the stream.
- * SPEED_OK; SPEED_ERR_CANCELLED (request over: stop producing); SPEED_ERR_INVALID_ARGUMENT
- * (NULL, or after close); SPEED_ERR_NO_MEMORY. Pending bytes are not bounded: a producer
- * much faster than its client should watch speed_http_stream_pending. */
+ * SPEED_OK; SPEED_ERR_CANCELLED (request over, or the pending bound was passed: stop
+ * producing); SPEED_ERR_INVALID_ARGUMENT (NULL, or after close); SPEED_ERR_NO_MEMORY. */
 speed_status_t speed_http_stream_write(speed_http_stream_t *stream, const void *data, size_t len);
 
 /* Writes one SSE event: "event: <event>\n" (if event is non-NULL) then one "data: " line
@@ -206,6 +232,16 @@ speed_status_t speed_http_stream_write_sse(speed_http_stream_t *stream, const ch
 
 /* Bytes written but not yet handed to the socket. */
 size_t speed_http_stream_pending(speed_http_stream_t *stream);
+
+/* Bounds the pending bytes (0 = unbounded, the default). A write that would pass the bound
+ * overruns the stream instead: the pending bytes are dropped, the write and every later one
+ * return SPEED_ERR_CANCELLED, and the connection is cut (at once when MHD is waiting for
+ * bytes; otherwise when its socket drains or its idle timeout passes). A client that stops
+ * reading thus costs at most `max_bytes` of memory. The writer still closes the stream. */
+void speed_http_stream_set_max_pending(speed_http_stream_t *stream, size_t max_bytes);
+
+/* True once the stream overran its bound. */
+bool speed_http_stream_is_overrun(speed_http_stream_t *stream);
 
 /* True once the request is over without the writer having closed (disconnect), or the
  * server is stopping: the producer should stop and close. */
@@ -259,11 +295,19 @@ typedef struct {
 speed_status_t speed_http_client_connect(const char *host, uint16_t port, int timeout_ms,
                                          speed_http_client_t **client_p);
 
+/* Like speed_http_client_connect, then a TLS handshake (HTTPS): the server's certificate must
+ * chain to ca_pem (PEM text; NULL = the system's trust store) and name server_name (NULL =
+ * host; a numeric address is matched against the certificate's IP address entries).
+ * Everything afterwards is as for a plain client. Same returns, plus SPEED_ERR_PEER_PROTOCOL
+ * when the handshake or the verification fails. */
+speed_status_t speed_http_client_connect_tls(const char *host, uint16_t port, int timeout_ms, const char *ca_pem,
+                                             const char *server_name, speed_http_client_t **client_p);
+
 /* Closes the socket and frees. NULL is a no-op. */
 void speed_http_client_destroy(speed_http_client_t *client);
 
-/* Sends a request and reads the whole response. Adds Host, and Content-Length when `body`
- * is non-NULL; `headers` (may be NULL) are sent as given. *response_p is owned by the
+/* Sends a request and reads the whole response. Adds Host (unless `headers` has one), and
+ * Content-Length when `body` is non-NULL; `headers` (may be NULL) are sent as given. *response_p is owned by the
  * client and valid until its next call. After a response with keep_alive false, or any
  * error, the connection is unusable (further calls return SPEED_ERR_PEER_UNREACHABLE).
  * Returns as listed at the top of this file; an HTTP error status is still SPEED_OK. */

@@ -37,6 +37,9 @@ struct speed_http_server {
     route_t *routes;
     size_t n_routes;
     size_t cap_routes;
+    speed_http_gate_cb_t gate;
+    void *gate_user;
+    char *tls_cert, *tls_key; /* copies of the PEM texts, or NULL */
 
     pthread_mutex_t lock;         /* guards streams, stopping */
     speed_http_stream_t *streams; /* attached to live connections */
@@ -66,7 +69,9 @@ struct speed_http_stream {
     size_t head;
     size_t len;
     size_t cap;
+    size_t max_pending; /* 0 = unbounded */
 
+    bool overrun;   /* passed max_pending: bytes dropped, connection to be cut */
     bool committed; /* status and headers are final */
     bool closed;    /* the writer is done */
     bool suspended; /* we suspended the connection; resume before clearing */
@@ -102,6 +107,9 @@ struct speed_http_request {
     struct MHD_Response *response; /* a complete response made by the handler */
     unsigned status;
     speed_http_stream_t *stream; /* the connection's reference */
+
+    void *user_data; /* speed_http_request_set_user */
+    speed_http_request_end_cb_t on_end;
 };
 
 /* Header lists (server.c): text without CR/LF; push appends a copy (SPEED_ERR_INVALID_ARGUMENT,

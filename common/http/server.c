@@ -26,11 +26,15 @@
 #include <strings.h>
 #include <sys/socket.h>
 
+#include <malloc.h>
 #include <microhttpd.h>
 
 #include "alloc.h"
 #include "http_internal.h"
 #include "log.h"
+
+/* Request bodies at least this large are followed by malloc_trim when they are freed. */
+#define SPEED_HTTP_TRIM_BYTES ((size_t)4 << 20)
 
 /* ---- small helpers -------------------------------------------------------------------- */
 
@@ -123,6 +127,14 @@ const char *speed_http_request_body(const speed_http_request_t *request, size_t 
     if (len_p) *len_p = request && request->body ? request->body_len : 0;
     return request && request->body ? request->body : "";
 }
+
+void speed_http_request_set_user(speed_http_request_t *request, void *data, speed_http_request_end_cb_t on_end) {
+    if (!request) return;
+    request->user_data = data;
+    request->on_end = on_end;
+}
+
+void *speed_http_request_user(const speed_http_request_t *request) { return request ? request->user_data : NULL; }
 
 speed_status_t speed_http_request_add_header(speed_http_request_t *request, const char *name, const char *value) {
     if (!request) return SPEED_ERR_INVALID_ARGUMENT;
@@ -320,6 +332,18 @@ static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn, const c
                 return queue_error(r, 413, "invalid_request_error", "request body too large");
             }
         }
+        if (srv->gate && !srv->gate(srv->gate_user, r)) {
+            /* Refused on its headers: answered now, the body is never read. */
+            atomic_fetch_add(&srv->n_requests, 1);
+            if (r->stream) { /* a gate must not stream; treat it as a refusal */
+                SPEED_WARN(SUBSYS, "http: the gate answered %s %s with a stream", r->method, r->path);
+                return MHD_NO;
+            }
+            if (!r->response) return queue_error(r, 403, "invalid_request_error", "forbidden");
+            struct MHD_Response *resp = r->response;
+            r->response = NULL;
+            return queue_and_release(r, r->status, resp);
+        }
         return MHD_YES;
     }
     if (r->phase == PHASE_QUEUED) {
@@ -413,10 +437,15 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
         }
         speed_http_stream_unref(s);
     }
+    if (r->on_end) r->on_end(r->user_data);
     if (r->response) MHD_destroy_response(r->response);
     speed_http_headers_free(r->headers);
+    /* A large body came from fresh pages (or raised glibc's mmap threshold so that the next
+     * one will not): give them back now, so one big request does not stay resident. */
+    bool large = r->body_cap >= SPEED_HTTP_TRIM_BYTES;
     speed_free(r->body);
     speed_free(r);
+    if (large) malloc_trim(0);
 }
 
 static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_context,
@@ -460,7 +489,21 @@ speed_http_server_params_t speed_http_server_default_params(void) {
         .max_connections = 1024,
         .idle_timeout_s = 60,
         .max_body_bytes = 1u << 20,
+        .max_per_ip = 0,
+        .tls_cert_pem = NULL,
+        .tls_key_pem = NULL,
     };
+}
+
+/* The key is wiped before it is freed: it should not linger in freed heap pages. */
+static void speed_http_server_free_tls(speed_http_server_t *srv) {
+    if (srv->tls_key) {
+        volatile char *k = srv->tls_key;
+        for (size_t i = 0; k[i]; i++) k[i] = 0;
+    }
+    speed_free(srv->tls_key);
+    speed_free(srv->tls_cert);
+    srv->tls_key = srv->tls_cert = NULL;
 }
 
 speed_status_t speed_http_server_create(const speed_http_server_params_t *params, speed_http_server_t **server_p) {
@@ -479,8 +522,26 @@ speed_status_t speed_http_server_create(const speed_http_server_params_t *params
         speed_free(srv);
         return SPEED_ERR_NO_MEMORY;
     }
+    if ((params->tls_cert_pem == NULL) != (params->tls_key_pem == NULL)) {
+        SPEED_ERROR(SUBSYS, "http: TLS needs both a certificate and its key");
+        speed_free(srv->host);
+        speed_free(srv);
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    if (params->tls_cert_pem) {
+        srv->tls_cert = speed_strdup(params->tls_cert_pem);
+        srv->tls_key = speed_strdup(params->tls_key_pem);
+        if (!srv->tls_cert || !srv->tls_key) {
+            speed_http_server_free_tls(srv);
+            speed_free(srv->host);
+            speed_free(srv);
+            return SPEED_ERR_NO_MEMORY;
+        }
+    }
     srv->params = *params;
     srv->params.host = srv->host;
+    srv->params.tls_cert_pem = srv->tls_cert;
+    srv->params.tls_key_pem = srv->tls_key;
     pthread_mutex_init(&srv->lock, NULL);
     *server_p = srv;
     return SPEED_OK;
@@ -515,6 +576,13 @@ speed_status_t speed_http_server_route(speed_http_server_t *server, const char *
     return SPEED_OK;
 }
 
+speed_status_t speed_http_server_gate(speed_http_server_t *server, speed_http_gate_cb_t gate, void *user) {
+    if (!server || server->daemon) return SPEED_ERR_INVALID_ARGUMENT;
+    server->gate = gate;
+    server->gate_user = user;
+    return SPEED_OK;
+}
+
 speed_status_t speed_http_server_route_metrics(speed_http_server_t *server, const char *path,
                                                speed_metrics_t *metrics) {
     if (!metrics) return SPEED_ERR_INVALID_ARGUMENT;
@@ -541,7 +609,7 @@ speed_status_t speed_http_server_start(speed_http_server_t *server) {
         flags |= MHD_USE_IPv6;
     }
     /* The logger goes first so that MHD routes every message through it. */
-    struct MHD_OptionItem opts[10];
+    struct MHD_OptionItem opts[14];
     size_t n = 0;
     opts[n++] = (struct MHD_OptionItem){MHD_OPTION_EXTERNAL_LOGGER, (intptr_t)on_mhd_log, server};
     opts[n++] = (struct MHD_OptionItem){MHD_OPTION_SOCK_ADDR, 0, addr};
@@ -549,13 +617,22 @@ speed_status_t speed_http_server_start(speed_http_server_t *server) {
         opts[n++] = (struct MHD_OptionItem){MHD_OPTION_THREAD_POOL_SIZE, (intptr_t)server->params.n_threads, NULL};
     opts[n++] = (struct MHD_OptionItem){MHD_OPTION_CONNECTION_LIMIT, (intptr_t)server->params.max_connections, NULL};
     opts[n++] = (struct MHD_OptionItem){MHD_OPTION_CONNECTION_TIMEOUT, (intptr_t)server->params.idle_timeout_s, NULL};
+    if (server->params.max_per_ip)
+        opts[n++] =
+            (struct MHD_OptionItem){MHD_OPTION_PER_IP_CONNECTION_LIMIT, (intptr_t)server->params.max_per_ip, NULL};
+    if (server->tls_cert) {
+        flags |= MHD_USE_TLS;
+        opts[n++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_KEY, 0, server->tls_key};
+        opts[n++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_CERT, 0, server->tls_cert};
+    }
     opts[n++] = (struct MHD_OptionItem){MHD_OPTION_NOTIFY_COMPLETED, (intptr_t)on_completed, server};
     opts[n++] = (struct MHD_OptionItem){MHD_OPTION_NOTIFY_CONNECTION, (intptr_t)on_connection, server};
     opts[n++] = (struct MHD_OptionItem){MHD_OPTION_END, 0, NULL};
     server->daemon = MHD_start_daemon(flags, server->params.port, NULL, NULL, on_access, server, MHD_OPTION_ARRAY, opts,
                                       MHD_OPTION_END);
     if (!server->daemon) {
-        SPEED_ERROR(SUBSYS, "http: cannot listen on %s:%u", server->host, (unsigned)server->params.port);
+        SPEED_ERROR(SUBSYS, "http: cannot listen on %s:%u%s", server->host, (unsigned)server->params.port,
+                    server->tls_cert ? " with TLS (is the certificate/key pair valid PEM?)" : "");
         return SPEED_ERR_IO;
     }
     const union MHD_DaemonInfo *info = MHD_get_daemon_info(server->daemon, MHD_DAEMON_INFO_BIND_PORT);
@@ -629,6 +706,7 @@ void speed_http_server_destroy(speed_http_server_t *server) {
         speed_free(server->routes[i].path);
     }
     speed_free(server->routes);
+    speed_http_server_free_tls(server);
     speed_free(server->host);
     pthread_mutex_destroy(&server->lock);
     speed_free(server);

@@ -46,7 +46,9 @@ ssize_t speed_http_stream_reader(void *cls, uint64_t pos, char *out, size_t max)
     (void)pos;
     ssize_t n;
     pthread_mutex_lock(&s->lock);
-    if (s->len > s->head) {
+    if (s->overrun) {
+        n = MHD_CONTENT_READER_END_WITH_ERROR; /* cut the connection; the bytes are gone */
+    } else if (s->len > s->head) {
         size_t k = s->len - s->head;
         if (k > max) k = max;
         memcpy(out, s->buf + s->head, k);
@@ -95,7 +97,16 @@ speed_status_t speed_http_stream_add_header(speed_http_stream_t *stream, const c
 /* Appends bytes to the pending buffer. Caller holds s->lock. */
 static speed_status_t stream_append_locked(speed_http_stream_t *s, const void *data, size_t len) {
     if (s->closed) return SPEED_ERR_INVALID_ARGUMENT;
-    if (s->finished || s->stopping) return SPEED_ERR_CANCELLED;
+    if (s->finished || s->stopping || s->overrun) return SPEED_ERR_CANCELLED;
+    if (s->max_pending && s->committed && s->len - s->head + len > s->max_pending) {
+        /* The client does not read: drop what it did not take rather than hold it. */
+        s->overrun = true;
+        speed_free(s->buf);
+        s->buf = NULL;
+        s->head = s->len = s->cap = 0;
+        speed_http_stream_wake_locked(s);
+        return SPEED_ERR_CANCELLED;
+    }
     if (s->len + len > s->cap) {
         if (s->head) { /* compact before growing */
             memmove(s->buf, s->buf + s->head, s->len - s->head);
@@ -192,6 +203,21 @@ size_t speed_http_stream_pending(speed_http_stream_t *stream) {
     size_t n = stream->len - stream->head;
     pthread_mutex_unlock(&stream->lock);
     return n;
+}
+
+void speed_http_stream_set_max_pending(speed_http_stream_t *stream, size_t max_bytes) {
+    if (!stream) return;
+    pthread_mutex_lock(&stream->lock);
+    stream->max_pending = max_bytes;
+    pthread_mutex_unlock(&stream->lock);
+}
+
+bool speed_http_stream_is_overrun(speed_http_stream_t *stream) {
+    if (!stream) return false;
+    pthread_mutex_lock(&stream->lock);
+    bool o = stream->overrun;
+    pthread_mutex_unlock(&stream->lock);
+    return o;
 }
 
 bool speed_http_stream_is_cancelled(speed_http_stream_t *stream) {

@@ -47,6 +47,8 @@ static const speed_config_field_t fields[] = {
     FS("tls.key", tls_key, "", "control plane: this process's private key, PEM (mode 0600)"),
     {"tls.insecure", SPEED_CONFIG_BOOL, offsetof(speed_cluster_config_t, tls_insecure), "false", SPEED_CONFIG_UNBOUNDED,
      NULL, "plaintext, unauthenticated gRPC between the processes (a private test network only)"},
+    FS("metrics.listen", metrics_listen, "127.0.0.1",
+       "bind address of every node's /metrics,/health listener and the router's metrics listener"),
     FS("log", log, "info", "log levels, e.g. info or warn,net=debug"),
     {"weights.hugepages", SPEED_CONFIG_BOOL, offsetof(speed_cluster_config_t, weights_hugepages), "false",
      SPEED_CONFIG_UNBOUNDED, NULL, "nodes read the weights into 2 MiB pages (a load-time copy; faster decode)"},
@@ -66,7 +68,39 @@ static const speed_config_field_t fields[] = {
       "test knob: a prefill node waits this long before each layer's puts (slow-node tests); 0 in production"),
     F("router.port", INT, router_port, "8000", 0, 65535, "HTTP port of the OpenAI API (0 = any free port)"),
     F("router.threads", INT, router_threads, "4", 1, 256, "HTTP worker threads"),
-    FS("router.api_keys", api_keys, "", "comma-separated API keys (Bearer); empty = no authentication"),
+    FS("router.listen", router_listen, "127.0.0.1", "bind address of the OpenAI API (0.0.0.0 / :: = all)"),
+    F("router.metrics_port", INT, router_metrics_port, "0", 0, 65535,
+      "the router's /metrics and /health listener on metrics.listen; 0 = none (they stay on the API port, "
+      "behind a key when keys are set)"),
+    FS("router.tls_cert", tls_cert, NULL, "PEM certificate (chain) of the API: HTTPS when set with router.tls_key"),
+    FS("router.tls_key", tls_key, NULL, "PEM private key of router.tls_cert"),
+    {"router.api_keys", SPEED_CONFIG_SECRET, offsetof(speed_cluster_config_t, api_keys), "", SPEED_CONFIG_UNBOUNDED,
+     NULL,
+     "comma-separated API keys (Bearer); empty = no authentication. A secret: not on the command line; "
+     "use SPEED_ROUTER_API_KEYS or router.api_keys_file"},
+    FS("router.api_keys_file", api_keys_file, NULL,
+       "file of API keys, one per line (# comments; optional per-key limits, docs/router.md)"),
+    F("router.key_max_in_flight", INT, key_max_in_flight, "0", 0, 1 << 20, "requests in flight per key; 0 = unlimited"),
+    F("router.key_max_kv_tokens", INT, key_max_kv_tokens, "0", 0, 1e12,
+      "KV tokens (prompt + max_tokens) reserved at once per key; 0 = unlimited"),
+    F("router.key_rate", DOUBLE, key_rate, "0", 0, 1e9, "requests per second per key (token bucket); 0 = unlimited"),
+    F("router.key_burst", INT, key_burst, "0", 0, 1 << 20, "token bucket depth per key; 0 = max(1, key_rate)"),
+    F("router.max_body_bytes", INT, max_body_bytes, "33554432", 1024, 1 << 30, "larger request bodies get 413"),
+    F("router.max_json_elements", INT, max_json_elements, "1048576", 16, 1 << 26,
+      "JSON values in a request body (then 400, before it is parsed)"),
+    F("router.stream_buffer_bytes", INT, stream_buffer_bytes, "1048576", 4096, 1 << 30,
+      "SSE bytes waiting for one client; past it the client is cut off and its request cancelled"),
+    F("router.max_connections_per_ip", INT, max_connections_per_ip, "64", 0, 1 << 20,
+      "open API connections per client address; 0 = unlimited"),
+    F("router.header_timeout_ms", INT, header_timeout_ms, "30000", 1000, 3600000,
+      "an API connection idle this long (also while sending headers or a body) is closed"),
+    FS("router.allowed_hosts", allowed_hosts, "",
+       "comma-separated Host header values accepted (port optional); empty = any"),
+    FS("router.cors_origins", cors_origins, "",
+       "comma-separated Origins allowed cross-origin (\"*\" = any); empty = no CORS, and a request "
+       "with another Origin gets 403"),
+    {"router.content_special_tokens", SPEED_CONFIG_BOOL, offsetof(speed_cluster_config_t, content_special_tokens),
+     "false", SPEED_CONFIG_UNBOUNDED, NULL, "chat message content may spell special tokens (off: it is text)"},
     F("router.max_in_flight", INT, max_in_flight, "64", 1, 1 << 20, "requests served at once"),
     F("router.max_queue", INT, max_queue, "256", 0, 1 << 20, "requests waiting beyond max_in_flight (then 429)"),
     F("router.queue_timeout_ms", INT, queue_timeout_ms, "30000", 1, 3600000, "wait in the queue at most (then 503)"),
@@ -111,15 +145,16 @@ static speed_status_t check_cluster(const speed_cluster_config_t *c, const char 
     struct {
         const char *name;
         int64_t base, n;
-    } r[5] = {
+    } r[6] = {
         {"prefill.grpc_port", c->prefill.grpc_port, c->prefill.replicas},
         {"prefill.http_port", c->prefill.http_port, c->prefill.replicas},
         {"decode.grpc_port", c->decode.grpc_port, c->decode.replicas},
         {"decode.http_port", c->decode.http_port, c->decode.replicas},
         {"router.port", c->router_port, c->router_port ? 1 : 0},
+        {"router.metrics_port", c->router_metrics_port, c->router_metrics_port ? 1 : 0},
     };
-    for (int i = 0; i < 5; i++)
-        for (int j = i + 1; j < 5; j++)
+    for (int i = 0; i < 6; i++)
+        for (int j = i + 1; j < 6; j++)
             if (ranges_overlap(r[i].base, r[i].n, r[j].base, r[j].n)) {
                 SPEED_ERROR(SPEED_SUBSYS_CORE, "cluster config: %s %lld..%lld overlaps %s %lld..%lld", r[i].name,
                             (long long)r[i].base, (long long)(r[i].base + r[i].n - 1), r[j].name, (long long)r[j].base,

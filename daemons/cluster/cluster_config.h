@@ -55,6 +55,7 @@ typedef struct {
     const char *served_model_name; /* the "model" the API expects; NULL = directory name */
     const char *host;              /* address peers dial (nodes' gRPC, KV) */
     const char *control_listen;    /* address the nodes' gRPC servers bind (default 127.0.0.1) */
+    const char *metrics_listen;    /* bind address of every /metrics,/health listener */
     const char *log;               /* log spec, e.g. "info" or "warn,net=debug" */
     bool weights_hugepages;        /* read the weights into 2 MiB pages instead of mapping them */
 
@@ -72,7 +73,20 @@ typedef struct {
 
     /* router */
     int64_t router_port, router_threads;
-    const char *api_keys; /* comma-separated; "" = no authentication */
+    const char *router_listen;      /* bind address of the OpenAI API */
+    int64_t router_metrics_port;    /* the router's own /metrics,/health listener; 0 = none */
+    const char *tls_cert, *tls_key; /* PEM files: HTTPS on the API when both are set */
+    const char *api_keys;           /* SECRET: comma-separated; "" = no authentication (env or file only) */
+    const char *api_keys_file;      /* one key per line, optional per-key limits (docs/router.md) */
+    int64_t key_max_in_flight, key_max_kv_tokens, key_burst; /* per key; 0 = unlimited */
+    double key_rate;                                         /* requests/s per key; 0 = unlimited */
+    int64_t max_body_bytes, max_json_elements;
+    int64_t stream_buffer_bytes;    /* SSE bytes pending for one client before it is cut off */
+    int64_t max_connections_per_ip; /* 0 = unlimited */
+    int64_t header_timeout_ms;      /* a connection idle this long (headers included) is closed */
+    const char *allowed_hosts;      /* comma-separated Host values; "" = any */
+    const char *cors_origins;       /* comma-separated Origins allowed; "" = no CORS */
+    bool content_special_tokens;    /* chat content may spell special tokens */
     int64_t max_in_flight, max_queue, queue_timeout_ms, request_timeout_ms;
     int64_t decode_only_below;         /* prompts shorter than this skip the prefill pool; 0 = never */
     int prefill_policy, decode_policy; /* speed_policy_t */

@@ -469,7 +469,7 @@ speed_status_t speed_node_init(speed_node_t *n, const char *role, int argc, char
         st = speed_node_add_method(n, SPEED_METHOD_NODE_STATUS, SPEED_RPC_UNARY, on_status, n);
     if (st == SPEED_OK) {
         speed_http_server_params_t hp = speed_http_server_default_params();
-        hp.host = n->cfg.host;
+        hp.host = n->cfg.metrics_listen; /* the metrics network, not the control plane's */
         hp.port = (uint16_t)(n->pool->http_port + n->cfg.node_index);
         hp.n_threads = 1;
         st = speed_http_server_create(&hp, &n->http);

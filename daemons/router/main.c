@@ -147,7 +147,9 @@ int main(int argc, char **argv) {
     if (speed_router_create(&rp, &rt) != SPEED_OK) goto out;
     if (speed_router_start(rt) != SPEED_OK) goto out;
     /* Scripts and tests read the bound port from this line (router.port 0 = any port). */
-    printf("speed-router: listening on %s:%u\n", cfg.host, (unsigned)speed_router_port(rt));
+    printf("speed-router: listening on %s:%u\n", cfg.router_listen, (unsigned)speed_router_port(rt));
+    if (speed_router_metrics_port(rt))
+        printf("speed-router: metrics on %s:%u\n", cfg.metrics_listen, (unsigned)speed_router_metrics_port(rt));
     fflush(stdout);
 
     int sig = speed_signals_wait(&sigs, -1);

@@ -40,6 +40,7 @@
 #include <stdint.h>
 
 #include "depth.h"
+#include "json_budget.h"
 #include "status.h"
 #include "tokenizer.h"
 
@@ -164,19 +165,31 @@ typedef struct {
     int32_t n;            /* always 1 */
     char *user;           /* optional, else NULL */
     speed_openai_speed_t speed;
+    bool content_special_tokens; /* from the parse params: tokenize lets chat content spell
+                                  * special tokens */
 } speed_openai_request_t;
 
 typedef struct {
-    bool allow_speed;         /* deployment lets requests carry the "speed" object */
-    int32_t n_layers;         /* model depth L: a "speed" object is resolved against it (a
+    bool allow_speed;            /* deployment lets requests carry the "speed" object */
+    int32_t n_layers;            /* model depth L: a "speed" object is resolved against it (a
                                 * deployment that allows the object must set it) */
-    speed_depth_t depth;      /* the deployment's depth (speed_cluster_config_depth);
+    speed_depth_t depth;         /* the deployment's depth (speed_cluster_config_depth);
                                 * default speed_depth_default() */
-    int64_t max_tokens_limit; /* max_tokens above this → 400; 0 = no limit */
-    int32_t vocab_size;       /* prompt token ids must be below this; 0 = unchecked */
+    int64_t max_tokens_limit;    /* max_tokens above this → 400; 0 = no limit */
+    int32_t vocab_size;          /* prompt token ids must be below this; 0 = unchecked */
+    speed_json_budget_t json;    /* a body over it is refused (400) before jansson parses it */
+    bool content_special_tokens; /* chat content may spell special tokens (issue 10: off, so
+                                  * a message cannot forge a turn); copied into the request */
 } speed_openai_parse_params_t;
 
-/* allow_speed false, everything else 0 (unchecked). */
+/* JSON budget of the default parse params: generous for any real request, and what a
+ * body can make jansson allocate stays a few hundred MiB at most (json_budget.h). */
+#define SPEED_OPENAI_JSON_MAX_ELEMENTS   (1u << 20)
+#define SPEED_OPENAI_JSON_MAX_CONTAINERS (1u << 16)
+#define SPEED_OPENAI_JSON_MAX_DEPTH      256
+
+/* allow_speed false, the JSON budget above, content_special_tokens false, everything else
+ * 0 (unchecked). */
 speed_openai_parse_params_t speed_openai_default_parse_params(void);
 
 /* Parses and validates a request body of `len` bytes (need not be NUL-terminated).
@@ -320,5 +333,10 @@ speed_status_t speed_openai_models_json(const char *const *ids, size_t n_ids, in
  * much of a configured key matches. header may be NULL (missing). On false, *err (may be
  * NULL) is the 401. */
 bool speed_openai_auth_check(const char *header, const char *const *keys, size_t n_keys, speed_openai_error_t *err);
+
+/* The same check that also says which key matched (*index_p, written only on true; keys
+ * are distinct). n_keys == 0 is a refusal here. */
+bool speed_openai_auth_match(const char *header, const char *const *keys, size_t n_keys, size_t *index_p,
+                             speed_openai_error_t *err);
 
 #endif /* SPEED_ROUTER_OPENAI_H */

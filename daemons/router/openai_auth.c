@@ -19,6 +19,17 @@ static unsigned key_differs(const unsigned char *a, size_t na, const char *key) 
 
 bool speed_openai_auth_check(const char *header, const char *const *keys, size_t n_keys, speed_openai_error_t *err) {
     if (n_keys == 0) return true;
+    size_t idx;
+    return speed_openai_auth_match(header, keys, n_keys, &idx, err);
+}
+
+bool speed_openai_auth_match(const char *header, const char *const *keys, size_t n_keys, size_t *index_p,
+                             speed_openai_error_t *err) {
+    if (n_keys == 0) {
+        speed_openai_error_set(err, SPEED_OPENAI_ERR_INVALID_API_KEY, NULL, "invalid_api_key",
+                               "Incorrect API key provided.");
+        return false;
+    }
     const char *p = header;
     if (p) {
         while (*p == ' ' || *p == '\t') p++;
@@ -38,10 +49,20 @@ bool speed_openai_auth_check(const char *header, const char *const *keys, size_t
                                "Authorization: Bearer YOUR_KEY).");
         return false;
     }
+    /* Every key is compared in full, and the matching index is selected with a mask, so the
+     * time says nothing about which key (or how much of one) matched. */
     unsigned match = 0;
-    for (size_t i = 0; i < n_keys; i++)
-        if (keys && keys[i]) match |= key_differs((const unsigned char *)p, n, keys[i]) == 0;
-    if (match) return true;
+    size_t idx = 0;
+    for (size_t i = 0; i < n_keys; i++) {
+        unsigned hit = keys && keys[i] ? key_differs((const unsigned char *)p, n, keys[i]) == 0 : 0;
+        size_t mask = (size_t)0 - (size_t)hit;
+        idx |= i & mask;
+        match |= hit;
+    }
+    if (match) {
+        *index_p = idx;
+        return true;
+    }
     speed_openai_error_set(err, SPEED_OPENAI_ERR_INVALID_API_KEY, NULL, "invalid_api_key",
                            "Incorrect API key provided.");
     return false;

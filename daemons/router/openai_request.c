@@ -507,6 +507,9 @@ static speed_status_t parse_root(parse_ctx_t *c, const json_t *root) {
 speed_openai_parse_params_t speed_openai_default_parse_params(void) {
     speed_openai_parse_params_t p = {0};
     p.depth = speed_depth_default();
+    p.json.max_elements = SPEED_OPENAI_JSON_MAX_ELEMENTS;
+    p.json.max_containers = SPEED_OPENAI_JSON_MAX_CONTAINERS;
+    p.json.max_depth = SPEED_OPENAI_JSON_MAX_DEPTH;
     return p;
 }
 
@@ -523,6 +526,18 @@ speed_status_t speed_openai_request_parse(speed_openai_api_t api, const char *bo
 
     /* jansson does not reset the error code when it fails without a message (a failed
      * allocation): start from "unknown" rather than stack garbage. */
+    speed_json_budget_use_t use;
+    const char *which = NULL;
+    if (!speed_json_budget_check(body, len, &c.params->json, &use, &which)) {
+        unsigned long long limit = strcmp(which, "depth") == 0        ? c.params->json.max_depth
+                                   : strcmp(which, "containers") == 0 ? c.params->json.max_containers
+                                                                      : c.params->json.max_elements;
+        const char *what = strcmp(which, "depth") == 0        ? "nesting levels"
+                           : strcmp(which, "containers") == 0 ? "objects and arrays"
+                                                              : "JSON values";
+        return bad(&c, NULL, "json_too_complex",
+                   "The request body has more than %llu %s; this server accepts at most that.", limit, what);
+    }
     json_error_t jerr;
     memset(&jerr, 0, sizeof jerr);
     json_t *root = json_loadb(body ? body : "", len, JSON_DECODE_ANY, &jerr);
@@ -550,6 +565,7 @@ speed_status_t speed_openai_request_parse(speed_openai_api_t api, const char *bo
     r->temperature = 1.0;
     r->top_p = 1.0;
     r->n = 1;
+    r->content_special_tokens = c.params->content_special_tokens;
     c.req = r;
     speed_status_t st = parse_root(&c, root);
     json_decref(root);
@@ -669,13 +685,9 @@ speed_status_t speed_openai_request_tokenize(const speed_openai_request_t *req, 
             msgs[i].role = speed_openai_role_name(req->messages[i].role);
             msgs[i].content = req->messages[i].content;
         }
-        char *text = NULL;
-        st = speed_tok_chat_render(tok, msgs, req->n_messages, true, &text);
+        /* Content is text unless the deployment opted in (issue 10: a forged turn). */
+        st = speed_tok_chat_encode(tok, msgs, req->n_messages, true, req->content_special_tokens, ids);
         speed_free(msgs);
-        if (st == SPEED_OK) {
-            st = speed_tok_encode(tok, text, strlen(text), false, ids);
-            speed_free(text);
-        }
     }
     switch (st) {
     case SPEED_OK: return SPEED_OK;

@@ -298,6 +298,16 @@ static void run_request(rtr_req_t *r) {
     }
     if (q->max_tokens < 0 && max_tokens > rt->cfg->default_max_tokens) max_tokens = rt->cfg->default_max_tokens;
 
+    /* The key's share of the KV: the router's estimate of what the nodes will reserve. */
+    int64_t kv_tokens = (int64_t)ids.n + max_tokens;
+    if (!speed_router_key_kv_reserve(r->key, kv_tokens, &err)) {
+        speed_tok_ids_free(&ids);
+        speed_router_count_key_limited(rt, r->key, "kv_tokens");
+        speed_router_req_fail(r, &err, 1);
+        return;
+    }
+    r->key_kv_tokens = r->key ? kv_tokens : 0;
+
     st = speed_admission_acquire(rt->adm);
     if (st != SPEED_OK) {
         speed_tok_ids_free(&ids);
@@ -362,6 +372,8 @@ void *speed_router_worker_main(void *arg) {
     r->route_label = "none";
     r->http_status = 500;
     run_request(r);
+    speed_router_key_kv_release(r->key, r->key_kv_tokens);
+    r->key_kv_tokens = 0;
 
     /* Whatever happened, the client gets an answer and the stream reference goes. */
     pthread_mutex_lock(&r->http_lock);

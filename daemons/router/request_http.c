@@ -8,6 +8,7 @@
 
 #include "alloc.h"
 #include "clock.h"
+#include "log.h"
 
 /* Writes bytes to the stream (streaming responses). SPEED_ERR_CANCELLED when the client is
  * gone (the request is then cancelled). */
@@ -19,6 +20,13 @@ speed_status_t speed_router_req_write(rtr_req_t *r, const char *data, size_t len
         if (st == SPEED_OK) {
             r->committed = true;
             r->last_write_ms = speed_clock_mono_ms();
+        } else if (st == SPEED_ERR_CANCELLED && !r->overrun_counted && speed_http_stream_is_overrun(r->stream)) {
+            /* router.stream_buffer_bytes: the client stopped reading; cancelled below. */
+            r->overrun_counted = true;
+            speed_counter_inc(r->rt->m_overrun);
+            speed_log(SPEED_LOG_INFO, SPEED_SUBSYS_NET, r->id,
+                      "client is not reading (more than %lld bytes pending); cancelling",
+                      (long long)r->rt->cfg->stream_buffer_bytes);
         }
     }
     pthread_mutex_unlock(&r->http_lock);

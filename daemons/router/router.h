@@ -51,6 +51,9 @@ speed_status_t speed_router_start(speed_router_t *rt);
 /* The HTTP port (the bound one when router.port is 0), 0 before start. */
 uint16_t speed_router_port(const speed_router_t *rt);
 
+/* The metrics/health listener's port (router.metrics_port), 0 when there is none. */
+uint16_t speed_router_metrics_port(const speed_router_t *rt);
+
 /* Stop admitting: /health answers 503, new requests 503, requests waiting for a slot get
  * 503. Requests in flight continue. Idempotent. */
 void speed_router_drain(speed_router_t *rt);

@@ -9,6 +9,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "api_keys.h"
 #include "balance.h"
 #include "http.h"
 #include "metrics.h"
@@ -55,12 +56,11 @@ struct speed_router {
     speed_metrics_t *metrics;
     speed_router_nodes_t *nodes;
     speed_admission_t *adm;
-    speed_http_server_t *http;
-    api_route_t *routes; /* [2]: chat, completions */
+    speed_http_server_t *http;         /* the OpenAI API (router.listen:router.port) */
+    speed_http_server_t *http_metrics; /* /metrics,/health on metrics.listen, or NULL */
+    api_route_t *routes;               /* [2]: chat, completions */
 
-    char *api_keys_buf; /* router.api_keys split in place */
-    const char **api_keys;
-    size_t n_api_keys;
+    speed_router_keys_t *keys; /* API keys and their limits (api_keys.h) */
     speed_openai_parse_params_t parse;
     speed_route_params_t route;
     int64_t created_unix;
@@ -92,6 +92,8 @@ struct speed_router {
     speed_counter_t *m_kv_bytes;
     speed_counter_t *m_prompt_tokens;
     speed_counter_t *m_generated_tokens;
+    speed_counter_t *m_overrun;     /* streams cut off: the client did not read */
+    speed_counter_t *m_key_limited; /* {key,limit}: 429s of the per-key limits (key = its name) */
 };
 
 struct rtr_req {
@@ -102,8 +104,10 @@ struct rtr_req {
     char oai_id[SPEED_ROUTER_ID_MAX + 16]; /* "chatcmpl-..." / "cmpl-..." */
     speed_openai_api_t api;
     speed_openai_request_t *req;
-    double t_arrival;    /* monotonic seconds */
-    int64_t deadline_ms; /* monotonic ms */
+    speed_router_key_t *key; /* the caller's API key (NULL: authentication off) */
+    int64_t key_kv_tokens;   /* KV tokens reserved against the key (worker only) */
+    double t_arrival;        /* monotonic seconds */
+    int64_t deadline_ms;     /* monotonic ms */
     int64_t created_unix;
 
     /* HTTP side. http_lock is held around every use of `stream` (worker and housekeeping
@@ -112,6 +116,7 @@ struct rtr_req {
     speed_http_stream_t *stream; /* the writer's reference; NULL once answered */
     bool committed;              /* bytes were written: status 200 is final */
     bool running;                /* admitted: pings may be sent */
+    bool overrun_counted;        /* the stream overran its bound (counted once) */
     int64_t last_write_ms;
 
     /* Cancellation state, under `lock` (a leaf lock). */
@@ -150,5 +155,15 @@ void speed_router_cancel_send(speed_router_t *rt, speed_router_pool_id_t pool, s
 
 /* server.c */
 void speed_router_enqueue_cancel(speed_router_t *rt, const cancel_job_t *jobs, size_t n);
+/* Answers an OpenAI error from an HTTP thread (gate or handler): status 0 = the kind's,
+ * retry_after_s > 0 adds Retry-After. Counted in requests_total as route "none". */
+void speed_router_respond_error(speed_router_t *rt, speed_http_request_t *hr, const speed_openai_error_t *err,
+                                unsigned status, int retry_after_s);
+/* speed_router_key_limited_total{key=<name>,limit=...} += 1. */
+void speed_router_count_key_limited(speed_router_t *rt, const speed_router_key_t *key, const char *limit);
+
+/* gate.c */
+bool speed_router_gate(void *user, speed_http_request_t *hr);
+void speed_router_handle_preflight(void *user, speed_http_request_t *hr);
 
 #endif /* SPEED_ROUTER_INTERNAL_H */

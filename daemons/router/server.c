@@ -10,6 +10,7 @@
 
 #include "alloc.h"
 #include "clock.h"
+#include "file.h"
 #include "log.h"
 
 #define SUBSYS SPEED_SUBSYS_NET
@@ -17,8 +18,8 @@
 /* At shutdown, answers already complete get this long to reach their clients. */
 #define SPEED_ROUTER_FLUSH_WAIT_MS 5000
 
-/* Request bodies: a 128K-token prompt as text or as ids is well below this. */
-#define SPEED_ROUTER_MAX_BODY_BYTES ((size_t)32 << 20)
+/* TLS certificate and key files are read whole; a chain is a few KiB. */
+#define SPEED_ROUTER_TLS_FILE_MAX ((size_t)1 << 20)
 
 /* ---- small helpers -------------------------------------------------------------------- */
 
@@ -53,10 +54,9 @@ static void count_request(speed_router_t *rt, const char *route, unsigned status
     if (speed_counter_labels(rt->m_requests, values, &c) == SPEED_OK) speed_counter_inc(c);
 }
 
-/* Answers an OpenAI error from an HTTP thread (before a worker exists). */
-static void respond_error(speed_router_t *rt, speed_http_request_t *hr, const speed_openai_error_t *err,
-                          int retry_after_s) {
-    unsigned status = (unsigned)speed_openai_error_http_status(err->kind);
+void speed_router_respond_error(speed_router_t *rt, speed_http_request_t *hr, const speed_openai_error_t *err,
+                                unsigned status, int retry_after_s) {
+    if (!status) status = (unsigned)speed_openai_error_http_status(err->kind);
     if (retry_after_s > 0) {
         char v[16];
         snprintf(v, sizeof v, "%d", retry_after_s);
@@ -75,12 +75,15 @@ static void respond_error(speed_router_t *rt, speed_http_request_t *hr, const sp
     count_request(rt, "none", status);
 }
 
-static bool check_auth(speed_router_t *rt, speed_http_request_t *hr) {
-    speed_openai_error_t err;
-    if (speed_openai_auth_check(speed_http_request_header(hr, "Authorization"), rt->api_keys, rt->n_api_keys, &err))
-        return true;
-    respond_error(rt, hr, &err, 0);
-    return false;
+static void respond_error(speed_router_t *rt, speed_http_request_t *hr, const speed_openai_error_t *err,
+                          int retry_after_s) {
+    speed_router_respond_error(rt, hr, err, 0, retry_after_s);
+}
+
+void speed_router_count_key_limited(speed_router_t *rt, const speed_router_key_t *key, const char *limit) {
+    const char *values[] = {speed_router_key_name(key), limit};
+    speed_counter_t *c = NULL;
+    if (speed_counter_labels(rt->m_key_limited, values, &c) == SPEED_OK) speed_counter_inc(c);
 }
 
 /* ---- handlers ------------------------------------------------------------------------- */
@@ -122,7 +125,8 @@ static void handle_completions(void *user, speed_http_request_t *hr) {
         respond_error(rt, hr, &err, 1);
         return;
     }
-    if (!check_auth(rt, hr)) return;
+    /* The gate checked the key and its rate and in-flight limits on the headers. */
+    speed_router_key_t *key = speed_http_request_user(hr);
     size_t body_len = 0;
     const char *body = speed_http_request_body(hr, &body_len);
     speed_openai_request_t *req = NULL;
@@ -146,6 +150,7 @@ static void handle_completions(void *user, speed_http_request_t *hr) {
     }
     r->rt = rt;
     r->req = req;
+    r->key = key;
     r->api = ar->api;
     r->t_arrival = t_arrival;
     r->deadline_ms = speed_clock_mono_ms() + rt->cfg->request_timeout_ms;
@@ -181,6 +186,10 @@ static void handle_completions(void *user, speed_http_request_t *hr) {
 
     speed_status_t st = speed_http_respond_stream(hr, 200, req->stream ? "text/event-stream" : "application/json",
                                                   on_disconnect, r, &r->stream);
+    /* A client that stops reading is cut off once this much waits for it (its request is
+     * then cancelled like a client that left), instead of buffering its whole answer. */
+    if (st == SPEED_OK && req->stream)
+        speed_http_stream_set_max_pending(r->stream, (size_t)rt->cfg->stream_buffer_bytes);
     pthread_attr_t attr;
     pthread_t th;
     bool spawned = false;
@@ -222,7 +231,6 @@ static void handle_completions(void *user, speed_http_request_t *hr) {
 
 static void handle_models(void *user, speed_http_request_t *hr) {
     speed_router_t *rt = user;
-    if (!check_auth(rt, hr)) return;
     const char *ids[] = {rt->p.model_id};
     char *json = NULL;
     size_t len = 0;
@@ -348,6 +356,14 @@ static speed_status_t register_metrics(speed_router_t *rt) {
     SPEED_CHECK(speed_counter_register(m, "speed_router_prefill_retries_total",
                                        "prefill calls retried on another prefill node", NULL, 0,
                                        &rt->m_prefill_retries));
+    static const char *const key_limit[] = {"key", "limit"};
+    SPEED_CHECK(speed_counter_register(m, "speed_router_streams_overrun_total",
+                                       "streamed requests cancelled because the client stopped reading "
+                                       "(router.stream_buffer_bytes)",
+                                       NULL, 0, &rt->m_overrun));
+    SPEED_CHECK(speed_counter_register(m, "speed_router_key_limited_total",
+                                       "requests refused (429) by a per-key limit, by key name and limit", key_limit, 2,
+                                       &rt->m_key_limited));
     SPEED_CHECK(speed_gauge_register_callback(m, "speed_router_requests_running", "requests holding an admission slot",
                                               gauge_running, rt, NULL));
     SPEED_CHECK(speed_gauge_register_callback(m, "speed_router_requests_waiting",
@@ -363,21 +379,17 @@ static speed_status_t register_metrics(speed_router_t *rt) {
 
 /* ---- lifecycle ---------------------------------------------------------------------------- */
 
-static speed_status_t split_api_keys(speed_router_t *rt, const char *keys) {
-    if (!keys || !keys[0]) return SPEED_OK;
-    rt->api_keys_buf = speed_strdup(keys);
-    size_t n = 1;
-    for (const char *c = keys; *c; c++) n += *c == ',';
-    rt->api_keys = speed_calloc(n, sizeof(char *));
-    if (!rt->api_keys_buf || !rt->api_keys) return SPEED_ERR_NO_MEMORY;
-    char *save = NULL;
-    for (char *k = strtok_r(rt->api_keys_buf, ",", &save); k; k = strtok_r(NULL, ",", &save)) {
-        while (isspace((unsigned char)*k)) k++;
-        size_t len = strlen(k);
-        while (len && isspace((unsigned char)k[len - 1])) k[--len] = '\0';
-        if (len) rt->api_keys[rt->n_api_keys++] = k;
-    }
-    return SPEED_OK;
+/* A PEM file for MHD (which wants the text in memory). */
+static speed_status_t read_pem(const char *path, char **text_p) {
+    size_t len = 0;
+    return speed_file_read(path, SPEED_ROUTER_TLS_FILE_MAX, SUBSYS, SPEED_FILE_READ_DEFAULT, text_p, &len);
+}
+
+static void free_pem(char *text) {
+    if (!text) return;
+    volatile char *w = text;
+    for (size_t i = 0; w[i]; i++) w[i] = 0;
+    speed_free(text);
 }
 
 static speed_balance_policy_t policy_of(int cfg_policy) {
@@ -415,7 +427,12 @@ speed_status_t speed_router_create(const speed_router_params_t *params, speed_ro
     char why[256];
     speed_status_t st = speed_cluster_config_depth(cfg, params->n_layers, &rt->parse.depth, why, sizeof why);
     if (st != SPEED_OK) SPEED_ERROR(SPEED_SUBSYS_CORE, "router: %s", why);
-    if (st == SPEED_OK) st = split_api_keys(rt, cfg->api_keys);
+    rt->parse.json.max_elements = (uint64_t)cfg->max_json_elements;
+    rt->parse.content_special_tokens = cfg->content_special_tokens;
+    if (st == SPEED_OK) {
+        speed_router_key_limits_t kl = {cfg->key_max_in_flight, cfg->key_max_kv_tokens, cfg->key_rate, cfg->key_burst};
+        st = speed_router_keys_create(cfg->api_keys, cfg->api_keys_file, &kl, &rt->keys);
+    }
     if (st == SPEED_OK) st = speed_metrics_create(&rt->metrics);
     if (st == SPEED_OK) st = register_metrics(rt);
     if (st == SPEED_OK) {
@@ -441,13 +458,39 @@ speed_status_t speed_router_create(const speed_router_params_t *params, speed_ro
         ap.retry_after_s = 1;
         st = speed_admission_create(&ap, &rt->adm);
     }
+    char *cert = NULL, *key = NULL;
+    bool tls = cfg->tls_cert && cfg->tls_cert[0];
+    if (st == SPEED_OK && tls != (cfg->tls_key && cfg->tls_key[0])) {
+        SPEED_ERROR(SUBSYS, "router: HTTPS needs both router.tls_cert and router.tls_key");
+        st = SPEED_ERR_INVALID_ARGUMENT;
+    }
+    if (st == SPEED_OK && tls) st = read_pem(cfg->tls_cert, &cert);
+    if (st == SPEED_OK && tls) st = read_pem(cfg->tls_key, &key);
     if (st == SPEED_OK) {
         speed_http_server_params_t hp = speed_http_server_default_params();
-        hp.host = cfg->host;
+        hp.host = cfg->router_listen;
         hp.port = (uint16_t)cfg->router_port;
         hp.n_threads = (unsigned)cfg->router_threads;
-        hp.max_body_bytes = SPEED_ROUTER_MAX_BODY_BYTES;
+        hp.max_body_bytes = (size_t)cfg->max_body_bytes;
+        hp.max_per_ip = (unsigned)cfg->max_connections_per_ip;
+        hp.idle_timeout_s = (unsigned)((cfg->header_timeout_ms + 999) / 1000);
+        hp.tls_cert_pem = cert;
+        hp.tls_key_pem = key;
         st = speed_http_server_create(&hp, &rt->http);
+    }
+    free_pem(cert);
+    free_pem(key);
+    if (st == SPEED_OK) st = speed_http_server_gate(rt->http, speed_router_gate, rt);
+    if (st == SPEED_OK && cfg->router_metrics_port > 0) {
+        speed_http_server_params_t mp = speed_http_server_default_params();
+        mp.host = cfg->metrics_listen;
+        mp.port = (uint16_t)cfg->router_metrics_port;
+        mp.n_threads = 1;
+        mp.max_connections = 64;
+        mp.max_body_bytes = 4096;
+        st = speed_http_server_create(&mp, &rt->http_metrics);
+        if (st == SPEED_OK) st = speed_http_server_route(rt->http_metrics, "GET", "/health", handle_health, rt);
+        if (st == SPEED_OK) st = speed_http_server_route_metrics(rt->http_metrics, "/metrics", rt->metrics);
     }
     /* Each router has its own route contexts. */
     api_route_t *routes = NULL;
@@ -466,6 +509,9 @@ speed_status_t speed_router_create(const speed_router_params_t *params, speed_ro
     if (st == SPEED_OK)
         st = speed_http_server_route(rt->http, "POST", "/v1/completions", handle_completions, &routes[1]);
     if (st == SPEED_OK) st = speed_http_server_route(rt->http, "GET", "/v1/models", handle_models, rt);
+    static const char *const preflight_paths[] = {"/v1/chat/completions", "/v1/completions", "/v1/models"};
+    for (size_t i = 0; i < 3 && st == SPEED_OK; i++)
+        st = speed_http_server_route(rt->http, "OPTIONS", preflight_paths[i], speed_router_handle_preflight, rt);
     if (st == SPEED_OK) st = speed_http_server_route(rt->http, "GET", "/health", handle_health, rt);
     if (st == SPEED_OK) st = speed_http_server_route_metrics(rt->http, "/metrics", rt->metrics);
     if (st != SPEED_OK) {
@@ -485,10 +531,16 @@ speed_status_t speed_router_start(speed_router_t *rt) {
         return SPEED_ERR_INTERNAL;
     }
     rt->hk_started = true;
+    if (rt->http_metrics) SPEED_CHECK(speed_http_server_start(rt->http_metrics));
     SPEED_CHECK(speed_http_server_start(rt->http));
     atomic_store(&rt->state, RT_READY);
-    SPEED_INFO(SUBSYS, "router: serving %s on %s:%u (%zu prefill, %zu decode nodes; %zu decode up)", rt->p.model_id,
-               rt->cfg->host, (unsigned)speed_http_server_port(rt->http),
+    if (speed_router_keys_count(rt->keys) == 0 && strcmp(rt->cfg->router_listen, "127.0.0.1") != 0 &&
+        strcmp(rt->cfg->router_listen, "::1") != 0)
+        SPEED_WARN(SUBSYS, "router: the API listens on %s without API keys: anyone who reaches it can use it",
+                   rt->cfg->router_listen);
+    SPEED_INFO(SUBSYS, "router: serving %s on %s%s:%u (%zu prefill, %zu decode nodes; %zu decode up)", rt->p.model_id,
+               rt->cfg->tls_cert && rt->cfg->tls_cert[0] ? "https://" : "", rt->cfg->router_listen,
+               (unsigned)speed_http_server_port(rt->http),
                speed_router_nodes_count(rt->nodes, SPEED_ROUTER_POOL_PREFILL),
                speed_router_nodes_count(rt->nodes, SPEED_ROUTER_POOL_DECODE),
                speed_router_nodes_n_up(rt->nodes, SPEED_ROUTER_POOL_DECODE));
@@ -496,6 +548,10 @@ speed_status_t speed_router_start(speed_router_t *rt) {
 }
 
 uint16_t speed_router_port(const speed_router_t *rt) { return rt && rt->http ? speed_http_server_port(rt->http) : 0; }
+
+uint16_t speed_router_metrics_port(const speed_router_t *rt) {
+    return rt && rt->http_metrics ? speed_http_server_port(rt->http_metrics) : 0;
+}
 
 void speed_router_drain(speed_router_t *rt) {
     if (!rt) return;
@@ -576,12 +632,12 @@ bool speed_router_destroy(speed_router_t *rt) {
     }
     /* HTTP first (no handler runs afterwards), then the node side. */
     speed_http_server_destroy(rt->http);
+    speed_http_server_destroy(rt->http_metrics);
     speed_router_nodes_destroy(rt->nodes);
     speed_admission_destroy(rt->adm);
     speed_metrics_destroy(rt->metrics);
     speed_free(rt->routes);
-    speed_free(rt->api_keys);
-    speed_free(rt->api_keys_buf);
+    speed_router_keys_destroy(rt->keys);
     pthread_cond_destroy(&rt->hk_cond);
     pthread_cond_destroy(&rt->idle_cond);
     pthread_mutex_destroy(&rt->jobs_lock);

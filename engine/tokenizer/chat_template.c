@@ -59,20 +59,26 @@ static void py_strip(const char **s_p, size_t *len_p) {
     *len_p = len;
 }
 
-static speed_status_t put_stripped(tok_buf_t *b, const char *s) {
+/* Appends message text (stripped or not); sp (may be NULL) records where it landed, so that
+ * speed_tok_chat_encode can keep special-token strings in it as text. */
+static speed_status_t put_content(tok_buf_t *b, tok_spans_t *sp, const char *s, bool strip) {
     size_t len = strlen(s);
-    py_strip(&s, &len);
-    return tok_buf_append(b, s, len);
+    if (strip) py_strip(&s, &len);
+    size_t start = b->len;
+    SPEED_CHECK(tok_buf_append(b, s, len));
+    return sp && len ? tok_spans_push(sp, start, b->len) : SPEED_OK;
 }
 
+static speed_status_t put_stripped(tok_buf_t *b, tok_spans_t *sp, const char *s) { return put_content(b, sp, s, true); }
+
 static speed_status_t render_llama3(const speed_tok_t *tok, const speed_chat_message_t *msgs, size_t n, bool gen,
-                                    tok_buf_t *b) {
+                                    tok_buf_t *b, tok_spans_t *sp) {
     for (size_t i = 0; i < n; i++) {
         if (i == 0) SPEED_CHECK(tok_buf_append_str(b, tok->bos_text));
         SPEED_CHECK(tok_buf_append_str(b, "<|start_header_id|>"));
         SPEED_CHECK(tok_buf_append_str(b, msgs[i].role));
         SPEED_CHECK(tok_buf_append_str(b, "<|end_header_id|>\n\n"));
-        SPEED_CHECK(put_stripped(b, msgs[i].content));
+        SPEED_CHECK(put_stripped(b, sp, msgs[i].content));
         SPEED_CHECK(tok_buf_append_str(b, "<|eot_id|>"));
     }
     /* Llama 3.0's base template appends the header unconditionally. */
@@ -81,7 +87,8 @@ static speed_status_t render_llama3(const speed_tok_t *tok, const speed_chat_mes
     return SPEED_OK;
 }
 
-static speed_status_t render_llama2(const speed_tok_t *tok, const speed_chat_message_t *msgs, size_t n, tok_buf_t *b) {
+static speed_status_t render_llama2(const speed_tok_t *tok, const speed_chat_message_t *msgs, size_t n, tok_buf_t *b,
+                                    tok_spans_t *sp) {
     const char *system = NULL;
     if (n > 0 && strcmp(msgs[0].role, "system") == 0) {
         system = msgs[0].content;
@@ -109,17 +116,18 @@ static speed_status_t render_llama2(const speed_tok_t *tok, const speed_chat_mes
                 SPEED_CHECK_GOTO(tok_buf_append_str(&t, system), st, sys_out);
                 SPEED_CHECK_GOTO(tok_buf_append_str(&t, "\n<</SYS>>\n\n"), st, sys_out);
                 SPEED_CHECK_GOTO(tok_buf_append_str(&t, msgs[i].content), st, sys_out);
-                SPEED_CHECK_GOTO(put_stripped(b, t.p), st, sys_out);
+                /* The <<SYS>> markers are plain text in Llama 2: the whole block is content. */
+                SPEED_CHECK_GOTO(put_stripped(b, sp, t.p), st, sys_out);
             sys_out:
                 tok_buf_free(&t);
                 SPEED_CHECK(st);
             } else {
-                SPEED_CHECK(put_stripped(b, msgs[i].content));
+                SPEED_CHECK(put_stripped(b, sp, msgs[i].content));
             }
             SPEED_CHECK(tok_buf_append_str(b, " [/INST]"));
         } else {
             SPEED_CHECK(tok_buf_putc(b, ' '));
-            SPEED_CHECK(put_stripped(b, msgs[i].content));
+            SPEED_CHECK(put_stripped(b, sp, msgs[i].content));
             SPEED_CHECK(tok_buf_putc(b, ' '));
             SPEED_CHECK(tok_buf_append_str(b, tok->eos_text));
         }
@@ -127,21 +135,22 @@ static speed_status_t render_llama2(const speed_tok_t *tok, const speed_chat_mes
     return SPEED_OK;
 }
 
-static speed_status_t render_chatml(const speed_chat_message_t *msgs, size_t n, bool gen, tok_buf_t *b) {
+static speed_status_t render_chatml(const speed_chat_message_t *msgs, size_t n, bool gen, tok_buf_t *b,
+                                    tok_spans_t *sp) {
     for (size_t i = 0; i < n; i++) {
         SPEED_CHECK(tok_buf_append_str(b, "<|im_start|>"));
         SPEED_CHECK(tok_buf_append_str(b, msgs[i].role));
         SPEED_CHECK(tok_buf_putc(b, '\n'));
-        SPEED_CHECK(tok_buf_append_str(b, msgs[i].content));
+        SPEED_CHECK(put_content(b, sp, msgs[i].content, false));
         SPEED_CHECK(tok_buf_append_str(b, "<|im_end|>\n"));
     }
     if (gen) SPEED_CHECK(tok_buf_append_str(b, "<|im_start|>assistant\n"));
     return SPEED_OK;
 }
 
-speed_status_t speed_tok_chat_render(const speed_tok_t *tok, const speed_chat_message_t *msgs, size_t n_msgs,
-                                     bool add_generation_prompt, char **text_p) {
-    if (!tok || !text_p || (!msgs && n_msgs)) {
+static speed_status_t chat_render(const speed_tok_t *tok, const speed_chat_message_t *msgs, size_t n_msgs,
+                                  bool add_generation_prompt, tok_buf_t *b_out, tok_spans_t *sp) {
+    if (!tok || !b_out || (!msgs && n_msgs)) {
         SPEED_ERROR(SPEED_SUBSYS_TOK, "speed_tok_chat_render: NULL argument");
         return SPEED_ERR_INVALID_ARGUMENT;
     }
@@ -165,9 +174,9 @@ speed_status_t speed_tok_chat_render(const speed_tok_t *tok, const speed_chat_me
     if (st == SPEED_OK) {
         b.p[0] = '\0';
         switch (tok->chat_template) {
-        case SPEED_CHAT_TEMPLATE_LLAMA3: st = render_llama3(tok, msgs, n_msgs, add_generation_prompt, &b); break;
-        case SPEED_CHAT_TEMPLATE_LLAMA2: st = render_llama2(tok, msgs, n_msgs, &b); break;
-        case SPEED_CHAT_TEMPLATE_CHATML: st = render_chatml(msgs, n_msgs, add_generation_prompt, &b); break;
+        case SPEED_CHAT_TEMPLATE_LLAMA3: st = render_llama3(tok, msgs, n_msgs, add_generation_prompt, &b, sp); break;
+        case SPEED_CHAT_TEMPLATE_LLAMA2: st = render_llama2(tok, msgs, n_msgs, &b, sp); break;
+        case SPEED_CHAT_TEMPLATE_CHATML: st = render_chatml(msgs, n_msgs, add_generation_prompt, &b, sp); break;
         default: st = SPEED_ERR_INTERNAL; break;
         }
     }
@@ -177,6 +186,33 @@ speed_status_t speed_tok_chat_render(const speed_tok_t *tok, const speed_chat_me
             SPEED_ERROR(SPEED_SUBSYS_TOK, "out of memory rendering a chat of %zu messages", n_msgs);
         return st;
     }
+    *b_out = b;
+    return SPEED_OK;
+}
+
+speed_status_t speed_tok_chat_render(const speed_tok_t *tok, const speed_chat_message_t *msgs, size_t n_msgs,
+                                     bool add_generation_prompt, char **text_p) {
+    if (!text_p) {
+        SPEED_ERROR(SPEED_SUBSYS_TOK, "speed_tok_chat_render: NULL argument");
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    tok_buf_t b = {0};
+    SPEED_CHECK(chat_render(tok, msgs, n_msgs, add_generation_prompt, &b, NULL));
     *text_p = b.p;
     return SPEED_OK;
+}
+
+speed_status_t speed_tok_chat_encode(const speed_tok_t *tok, const speed_chat_message_t *msgs, size_t n_msgs,
+                                     bool add_generation_prompt, bool content_specials, speed_tok_ids_t *out) {
+    if (!out) {
+        SPEED_ERROR(SPEED_SUBSYS_TOK, "speed_tok_chat_encode: NULL argument");
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    tok_buf_t b = {0};
+    tok_spans_t sp = {0};
+    speed_status_t st = chat_render(tok, msgs, n_msgs, add_generation_prompt, &b, content_specials ? NULL : &sp);
+    if (st == SPEED_OK) st = tok_encode_spans(tok, b.p, b.len, false, sp.v, sp.n, out);
+    tok_buf_free(&b);
+    tok_spans_free(&sp);
+    return st;
 }

@@ -50,7 +50,9 @@ typedef struct {
     size_t cap_sym;
     heap_ent_t *heap;
     size_t n_heap, cap_heap;
-    tok_buf_t mapped; /* byte-level mapped piece */
+    tok_buf_t mapped;        /* byte-level mapped piece */
+    const tok_span_t *plain; /* special tokens are text here (tok_encode_spans) */
+    size_t n_plain, k_plain; /* k_plain: first span not wholly before the scan */
 } encoder_t;
 
 static void *arena_alloc(encoder_t *e, size_t n) {
@@ -546,6 +548,10 @@ static speed_status_t encode_text(encoder_t *e, const char *text, size_t len) {
                 continue;
             }
             const tok_added_t *a = match_added(tok, text, len, i);
+            if (a && a->special && e->n_plain) {
+                while (e->k_plain < e->n_plain && e->plain[e->k_plain].end <= i) e->k_plain++;
+                if (e->k_plain < e->n_plain && e->plain[e->k_plain].start < i + a->len) a = NULL;
+            }
             if (!a) {
                 i++;
                 continue;
@@ -565,6 +571,11 @@ static speed_status_t encode_text(encoder_t *e, const char *text, size_t len) {
 
 speed_status_t speed_tok_encode(const speed_tok_t *tok, const char *text, size_t len, bool add_special,
                                 speed_tok_ids_t *out) {
+    return tok_encode_spans(tok, text, len, add_special, NULL, 0, out);
+}
+
+speed_status_t tok_encode_spans(const speed_tok_t *tok, const char *text, size_t len, bool add_special,
+                                const tok_span_t *plain, size_t n_plain, speed_tok_ids_t *out) {
     if (!tok || !out || (!text && len)) {
         SPEED_ERROR(SPEED_SUBSYS_TOK, "speed_tok_encode: NULL argument");
         return SPEED_ERR_INVALID_ARGUMENT;
@@ -579,7 +590,7 @@ speed_status_t speed_tok_encode(const speed_tok_t *tok, const char *text, size_t
     }
     size_t n0 = out->n;
     speed_status_t st = SPEED_OK;
-    encoder_t e = {.tok = tok, .out = out};
+    encoder_t e = {.tok = tok, .out = out, .plain = plain, .n_plain = n_plain};
     if (add_special)
         for (size_t i = 0; i < tok->n_prefix; i++) SPEED_CHECK_GOTO(tok_ids_push(out, tok->prefix_ids[i]), st, out);
     if (tok->n_pres) {

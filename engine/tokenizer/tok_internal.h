@@ -26,6 +26,27 @@ void tok_buf_free(tok_buf_t *b);
 
 speed_status_t tok_ids_push(speed_tok_ids_t *ids, int32_t id);
 
+/* ---- plain spans (chat content) ------------------------------------------------------ */
+
+/* Byte ranges [start, end) of a text where special added tokens are not matched (message
+ * content inside a rendered chat); sorted, not overlapping. */
+typedef struct {
+    size_t start, end;
+} tok_span_t;
+
+typedef struct {
+    tok_span_t *v;
+    size_t n, cap;
+} tok_spans_t;
+
+speed_status_t tok_spans_push(tok_spans_t *sp, size_t start, size_t end);
+void tok_spans_free(tok_spans_t *sp);
+
+/* speed_tok_encode, except that a special added token overlapping one of plain[0..n_plain)
+ * is not matched there (that text is encoded as text). Same returns. */
+speed_status_t tok_encode_spans(const speed_tok_t *tok, const char *text, size_t len, bool add_special,
+                                const tok_span_t *plain, size_t n_plain, speed_tok_ids_t *out);
+
 /* ---- UTF-8 ------------------------------------------------------------------------- */
 
 /* Length of the valid UTF-8 prefix: returns len if all valid. */

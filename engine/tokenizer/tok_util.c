@@ -38,6 +38,24 @@ void tok_buf_free(tok_buf_t *b) {
     b->len = b->cap = 0;
 }
 
+speed_status_t tok_spans_push(tok_spans_t *sp, size_t start, size_t end) {
+    if (sp->n == sp->cap) {
+        size_t cap = sp->cap ? sp->cap * 2 : 16;
+        tok_span_t *v = speed_realloc(sp->v, cap * sizeof *v);
+        if (!v) return SPEED_ERR_NO_MEMORY;
+        sp->v = v;
+        sp->cap = cap;
+    }
+    sp->v[sp->n++] = (tok_span_t){start, end};
+    return SPEED_OK;
+}
+
+void tok_spans_free(tok_spans_t *sp) {
+    speed_free(sp->v);
+    sp->v = NULL;
+    sp->n = sp->cap = 0;
+}
+
 speed_status_t tok_ids_push(speed_tok_ids_t *ids, int32_t id) {
     if (ids->n == ids->cap) {
         size_t cap = ids->cap ? ids->cap * 2 : 64;

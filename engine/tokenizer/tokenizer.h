@@ -159,6 +159,17 @@ typedef struct {
  * an optional system message); NO_MEMORY. */
 speed_status_t speed_tok_chat_render(const speed_tok_t *tok, const speed_chat_message_t *msgs, size_t n_msgs,
                                      bool add_generation_prompt, char **text_p);
+/* Renders messages (as speed_tok_chat_render) and tokenizes the text in one step, appending
+ * to *out. The template's own markup is matched for special tokens; message content is
+ * encoded as text: a special-token string written in a message ("<|eot_id|>") gives the
+ * ids of its characters, never the control id, so content cannot forge a turn. With
+ * content_specials true, content is matched like the markup (speed_tok_encode of the
+ * rendered text). Content without special-token strings gives the same ids either way.
+ * Non-special added tokens are matched everywhere. Returns as speed_tok_chat_render plus
+ * speed_tok_encode's INVALID_ARGUMENT for invalid UTF-8; on error *out keeps its ids. */
+speed_status_t speed_tok_chat_encode(const speed_tok_t *tok, const speed_chat_message_t *msgs, size_t n_msgs,
+                                     bool add_generation_prompt, bool content_specials, speed_tok_ids_t *out);
+
 /* The template in effect: params.chat_template if not AUTO, else the family recognised
  * in tokenizer_config.json, else SPEED_CHAT_TEMPLATE_AUTO (= none usable). */
 speed_chat_template_t speed_tok_chat_template(const speed_tok_t *tok);

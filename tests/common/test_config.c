@@ -668,6 +668,71 @@ static void test_alloc_faults(void) {
     clear_env();
 }
 
+/* SECRET fields: file and environment only, redacted when printed, hidden in --help. */
+typedef struct {
+    char *token;
+    char *plain;
+} secret_cfg_t;
+
+static const speed_config_field_t secret_fields[] = {
+    {"api.token", SPEED_CONFIG_SECRET, offsetof(secret_cfg_t, token), "", SPEED_CONFIG_UNBOUNDED, NULL,
+     "a token (or api.token_file)"},
+    {"plain", SPEED_CONFIG_STRING, offsetof(secret_cfg_t, plain), "x", SPEED_CONFIG_UNBOUNDED, NULL, "not secret"},
+};
+
+static char *print_to_string(const speed_config_t *cfg, bool help) {
+    FILE *f = tmpfile();
+    if (!f) return NULL;
+    if (help)
+        speed_config_print_help(secret_fields, 2, PREFIX, f);
+    else
+        speed_config_print(cfg, f);
+    rewind(f);
+    static char text[4096];
+    size_t n = fread(text, 1, sizeof text - 1, f);
+    text[n] = '\0';
+    fclose(f);
+    return text;
+}
+
+static void test_secrets(void) {
+    int64_t live = speed_alloc_live_count();
+    secret_cfg_t c;
+    speed_config_t *cfg = NULL;
+    char *argv[] = {"prog", "--api.token", "hunter2", NULL};
+    n_errors = 0;
+    CHECK_INT_EQ(speed_config_load(secret_fields, 2, &c, 3, argv, PREFIX, &cfg), SPEED_ERR_INVALID_ARGUMENT);
+    CHECK(cfg == NULL);
+    CHECK_INT_EQ(n_errors, 1);
+    CHECK_CONTAINS(last_error, "api.token is a secret");
+    CHECK_CONTAINS(last_error, PREFIX "API_TOKEN");
+    CHECK_CONTAINS(last_error, "api.token_file");
+    CHECK(!strstr(last_error, "hunter2"));
+    char *argv2[] = {"prog", "--api.token=hunter2", NULL};
+    CHECK_INT_EQ(speed_config_load(secret_fields, 2, &c, 2, argv2, PREFIX, &cfg), SPEED_ERR_INVALID_ARGUMENT);
+    CHECK(!strstr(last_error, "hunter2"));
+
+    /* from the environment (and the file): used, printed redacted */
+    setenv(PREFIX "API_TOKEN", "hunter2", 1);
+    char *argv3[] = {"prog", "--print-config", NULL};
+    CHECK_INT_EQ(speed_config_load(secret_fields, 2, &c, 2, argv3, PREFIX, &cfg), SPEED_OK);
+    CHECK_STR_EQ(c.token, "hunter2");
+    const char *text = cfg ? print_to_string(cfg, false) : NULL;
+    CHECK(text && !strstr(text, "hunter2"));
+    CHECK_CONTAINS(text ? text : "", "token: <redacted>");
+    CHECK_CONTAINS(text ? text : "", "plain: \"x\"");
+    speed_config_destroy(cfg);
+    unsetenv(PREFIX "API_TOKEN");
+    /* unset (empty): printed as it is */
+    CHECK_INT_EQ(speed_config_load(secret_fields, 2, &c, 2, argv3, PREFIX, &cfg), SPEED_OK);
+    text = cfg ? print_to_string(cfg, false) : NULL;
+    CHECK_CONTAINS(text ? text : "", "token: \"\"");
+    speed_config_destroy(cfg);
+    text = print_to_string(NULL, true);
+    CHECK_CONTAINS(text ? text : "", "--api.token SECRET");
+    CHECK_INT_EQ(speed_alloc_live_count(), live);
+}
+
 int main(void) {
     const char *t = getenv("SPEED_TEST_TMP");
     if (!t || !t[0]) t = "/tmp";
@@ -688,6 +753,7 @@ int main(void) {
     test_bools();
     test_positional_and_flags();
     test_table_errors();
+    test_secrets();
     test_alloc_faults();
 
     speed_log_set_sink(NULL, NULL);

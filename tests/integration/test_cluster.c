@@ -369,9 +369,13 @@ static void check_disconnect(void) {
 
 /* ---- 5. overload and API keys on a second router -------------------------------------------- */
 
+/* g_mport: the keyed router's metrics listener (router.metrics_port): with keys, /health and
+ * /metrics on the API port need one, on the metrics port they are open. */
+static int g_mport;
+
 static void check_overload(int port) {
-    /* keys: /health and /metrics are open, /v1 needs one */
-    CHECK(cu_wait_health(port, 200, 5));
+    int mport = g_mport;
+    CHECK(cu_wait_health(mport, 200, 5));
     char *body = ou_completion_body("model", g_prompt, N_PROMPT, N_GEN, 2, false, NULL, NULL);
     cu_resp_t r;
     cu_http(port, "POST", "/v1/completions", body, NULL, NULL, 30000, &r);
@@ -395,7 +399,7 @@ static void check_overload(int port) {
 
     /* the router counts a request until its worker has finished after the answer: wait for
      * that (see check_back_to_back) */
-    CHECK(cu_wait_metric(port, "speed_router_requests_running", 0, 5));
+    CHECK(cu_wait_metric(mport, "speed_router_requests_running", 0, 5));
     /* and the nodes have let go of it (a node releases just after its last reply): the
      * prefill pool must not be stopped while it still holds that request */
     WAIT_FOR(blocks_reserved_all() == 0 && sum_nodes(false, "speed_decode_running_requests") == 0, 5000);
@@ -404,10 +408,10 @@ static void check_overload(int port) {
     for (int i = 0; i < g_c.np; i++) kill(g_c.pre[i].pid, SIGSTOP);
     job_t a, b;
     job_start(&a, port, body, "Bearer k1");
-    bool running = cu_wait_metric(port, "speed_router_requests_running", 1, 10);
+    bool running = cu_wait_metric(mport, "speed_router_requests_running", 1, 10);
     CHECK_MSG(running, "request A never held the slot");
     job_start(&b, port, body, "Bearer k1");
-    bool waiting = cu_wait_metric(port, "speed_router_requests_waiting", 1, 10);
+    bool waiting = cu_wait_metric(mport, "speed_router_requests_waiting", 1, 10);
     CHECK_MSG(waiting, "request B never queued");
     /* C: beyond max_in_flight + max_queue */
     cu_http(port, "POST", "/v1/completions", body, "Bearer k1", NULL, 30000, &r);
@@ -440,8 +444,8 @@ static void check_overload(int port) {
         ou_result_free(&res);
     }
     cu_resp_free(&a.resp);
-    CHECK(cu_wait_metric(port, "speed_router_requests_running", 0, 5));
-    double n429 = cu_metric(port, "speed_router_requests_total{route=\"none\",status=\"429\"}");
+    CHECK(cu_wait_metric(mport, "speed_router_requests_running", 0, 5));
+    double n429 = cu_metric(mport, "speed_router_requests_total{route=\"none\",status=\"429\"}");
     CHECK_NEAR(n429, 2, 0.5);
     if (n429 != 2) tu_system("curl -s http://127.0.0.1:%d/metrics | grep requests_total >&2", port);
     /* the main router sees the prefill nodes again */
@@ -522,7 +526,7 @@ static void check_drain(cu_proc_t *router, int port, const char *auth) {
     double t0 = now_s();
     int hs = 0;
     while (now_s() - t0 < 5) {
-        if (speed_http_get("127.0.0.1", (uint16_t)port, "/health", 2000, &hs, NULL) == SPEED_OK && hs == 503) break;
+        if (speed_http_get("127.0.0.1", (uint16_t)g_mport, "/health", 2000, &hs, NULL) == SPEED_OK && hs == 503) break;
         usleep(10000);
     }
     CHECK_MSG(hs == 503, "/health during the drain: %d", hs);
@@ -593,20 +597,32 @@ int main(void) {
     CHECK_MSG(ok, "nodes did not come up");
     bool ok0 = false, ok1 = false;
     cu_proc_t r0 = cu_cluster_router(&g_c, 0, NULL, 30, &ok0);
+    /* Router 1 has keys (from the environment: a secret is refused on argv) and its /health
+     * and /metrics on their own listener. */
+    char mport_text[16];
+    for (int tries = 0; tries < 200 && !g_mport; tries++) {
+        int p = 20000 + (int)((unsigned)(getpid() * 7919 + tries * 104729) % 40000);
+        if (tu_ports_free(p, 1)) g_mport = p;
+    }
+    snprintf(mport_text, sizeof mport_text, "%d", g_mport);
+    setenv("SPEED_ROUTER_API_KEYS", " k1 , k2", 1);
     const char *r1_args[] = {"--router.max_in_flight",
                              "1",
                              "--router.max_queue",
                              "1",
                              "--router.queue_timeout_ms",
                              "1500",
-                             "--router.api_keys",
-                             " k1 , k2",
+                             "--router.metrics_port",
+                             mport_text,
                              "--router.status_interval_ms",
                              "60000",
                              "--router.request_timeout_ms",
                              "60000",
                              NULL};
-    cu_proc_t r1 = cu_cluster_router(&g_c, 1, r1_args, 30, &ok1);
+    /* Its API port answers /health only with a key: wait on the metrics port instead. */
+    cu_proc_t r1 = cu_cluster_router(&g_c, 1, r1_args, 0.1, &ok1);
+    unsetenv("SPEED_ROUTER_API_KEYS");
+    ok1 = cu_wait_health(g_mport, 200, 30) && cu_router_wait_nodes(&g_c, g_mport, g_c.np, g_c.nd, 30);
     const char *r2_args[] = {"--router.max_in_flight", "1", "--router.max_queue", "0", NULL};
     bool ok2 = false;
     cu_proc_t r2 = cu_cluster_router(&g_c, 2, r2_args, 30, &ok2);

@@ -60,6 +60,25 @@ void tt_certs_write(const char *dir) {
     speed_tls_pem_cleanup(&ca);
 }
 
+bool tu_tls_make_cert(const char *cert_path, const char *key_path, char **ca_pem_p) {
+    static const char *const hosts[] = {"127.0.0.1", "::1", "localhost"};
+    char err[512] = "";
+    speed_tls_cert_params_t cap = {.cn = "speedserve test HTTPS CA", .days = 1};
+    speed_tls_cert_params_t sp = {.cn = "localhost", .hosts = hosts, .n_hosts = 3, .days = 1};
+    speed_tls_pem_t ca = {0}, cert = {0};
+    bool ok = speed_tls_ca_create(&cap, &ca, err, sizeof err) == SPEED_OK &&
+              speed_tls_cert_issue(&ca, &sp, &cert, err, sizeof err) == SPEED_OK &&
+              speed_tls_pem_write(&cert, cert_path, key_path, true, err, sizeof err) == SPEED_OK;
+    if (!ok) fprintf(stderr, "test certificate: %s\n", err);
+    if (ok && ca_pem_p) {
+        *ca_pem_p = strdup(ca.cert);
+        ok = *ca_pem_p != NULL;
+    }
+    speed_tls_pem_cleanup(&cert);
+    speed_tls_pem_cleanup(&ca);
+    return ok;
+}
+
 void tt_creds_load(const char *dir, const char *name, speed_tls_creds_t *creds_p) {
     char ca[1024], crt[1024], key[1024], err[512] = "";
     snprintf(ca, sizeof ca, "%s/ca.crt", dir);

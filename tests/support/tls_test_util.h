@@ -10,6 +10,8 @@
 #ifndef SPEED_TLS_TEST_UTIL_H
 #define SPEED_TLS_TEST_UTIL_H
 
+#include <stdbool.h>
+
 #include "rpc.h"
 #include "tls.h"
 
@@ -21,6 +23,13 @@ void tt_certs_write(const char *dir);
  * cluster's ca.crt as its trust root: a stranger that knows whom to trust but holds no
  * certificate of the cluster. Exits 1 on failure. */
 void tt_creds_load(const char *dir, const char *name, speed_tls_creds_t *creds_p);
+
+/* A throwaway server certificate for HTTPS tests: a fresh CA (one per call) and a certificate it
+ * issued for 127.0.0.1, ::1 and "localhost", written as PEM at cert_path and key_path (0600).
+ * *ca_pem_p (may be NULL) receives a malloc'd copy of the CA certificate, the trust list of a
+ * client (free() it); two calls give certificates that do not trust each other. False (printed)
+ * on failure. */
+bool tu_tls_make_cert(const char *cert_path, const char *key_path, char **ca_pem_p);
 
 /* An rpc TLS view of loaded credentials (pointers into creds). */
 speed_rpc_tls_t tt_rpc_tls(const speed_tls_creds_t *creds);

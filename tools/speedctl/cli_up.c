@@ -630,7 +630,8 @@ static bool procs_init(up_t *u) {
                 speed_cluster_grpc_addr(c, pool, i, p->grpc_addr, sizeof p->grpc_addr);
             } else {
                 snprintf(p->name, sizeof p->name, "router");
-                p->http_port = (int)c->router_port;
+                /* its own metrics listener when it has one (open there even with API keys) */
+                p->http_port = (int)(c->router_metrics_port ? c->router_metrics_port : c->router_port);
             }
             snprintf(p->log_path, sizeof p->log_path, "%s/%s.log", u->log_dir, p->name);
         }
@@ -744,7 +745,7 @@ static int up_run(up_t *u) {
     const up_proc_t *router = &u->procs[u->n_procs - 1];
     printf("router metrics: http://%s:%d/metrics (pid %d)\n", u->c.host, router->http_port, (int)router->pid);
     if (!u->opts.foreground_logs) printf("logs: %s\n", u->log_dir);
-    printf("router: http://%s:%d\n", u->c.host, router->http_port);
+    printf("router: http%s://%s:%d\n", u->c.tls_cert && u->c.tls_cert[0] ? "s" : "", u->c.host, (int)u->c.router_port);
     printf("ready\n");
     fflush(stdout);
 
@@ -817,6 +818,14 @@ int speedctl_up(int argc, char **argv) {
     }
     if (!speed_config_file(ccfg)) {
         speedctl_fail("no cluster file: speedctl up CONFIG (e.g. deploy/clusters/1p1d.yaml)");
+        goto usage;
+    }
+    /* Keys reach the router through the environment (inherited) or their file, never its
+     * argv (router.api_keys is refused there). With keys, /health on the API port wants one. */
+    if (((u.c.api_keys && u.c.api_keys[0]) || (u.c.api_keys_file && u.c.api_keys_file[0])) &&
+        !u.c.router_metrics_port) {
+        speedctl_fail("with API keys the router's /health needs a key: set router.metrics_port so that speedctl up "
+                      "can watch it");
         goto usage;
     }
     if (u.c.router_port == 0) {

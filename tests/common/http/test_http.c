@@ -426,6 +426,83 @@ static void test_server_misc(speed_http_server_t *srv) {
     CHECK_INT_EQ(speed_http_client_connect("127.0.0.1", 1, 2000, &c), SPEED_ERR_PEER_UNREACHABLE);
 }
 
+/* ---- the gate and the pending-bytes bound ---------------------------------------------------- */
+
+static atomic_int g_gate_calls, g_gate_ends;
+static int g_bound_st[4];
+
+static void gate_end(void *data) {
+    CHECK(data == (void *)&g_gate_calls);
+    atomic_fetch_add(&g_gate_ends, 1);
+}
+
+static bool h_gate(void *user, speed_http_request_t *req) {
+    (void)user;
+    atomic_fetch_add(&g_gate_calls, 1);
+    if (strcmp(speed_http_request_path(req), "/refused") == 0) {
+        speed_http_respond_error(req, 401, "invalid_request_error", "no");
+        return false;
+    }
+    if (strcmp(speed_http_request_path(req), "/forbidden") == 0) return false; /* no answer: 403 */
+    speed_http_request_set_user(req, &g_gate_calls, gate_end);
+    return true;
+}
+
+static void h_bound(void *user, speed_http_request_t *req) {
+    (void)user;
+    CHECK(speed_http_request_user(req) == (void *)&g_gate_calls);
+    speed_http_stream_t *s;
+    if (speed_http_respond_stream(req, 200, "text/event-stream", NULL, NULL, &s) != SPEED_OK) return;
+    speed_http_stream_set_max_pending(s, 1000);
+    char chunk[600];
+    memset(chunk, 'x', sizeof chunk);
+    /* nothing is sent before the handler returns: the second write passes the bound */
+    g_bound_st[0] = speed_http_stream_write(s, chunk, sizeof chunk);
+    g_bound_st[1] = speed_http_stream_write(s, chunk, sizeof chunk);
+    g_bound_st[2] = speed_http_stream_is_overrun(s) && speed_http_stream_pending(s) == 0;
+    g_bound_st[3] = speed_http_stream_write(s, "y", 1);
+    speed_http_stream_close(s);
+}
+
+static void test_gate_and_bound(void) {
+    speed_http_server_params_t p = speed_http_server_default_params();
+    speed_http_server_t *srv = NULL;
+    CHECK_INT_EQ(speed_http_server_create(&p, &srv), SPEED_OK);
+    if (!srv) return;
+    CHECK_INT_EQ(speed_http_server_gate(srv, h_gate, NULL), SPEED_OK);
+    CHECK_INT_EQ(speed_http_server_route(srv, "GET", "/bound", h_bound, NULL), SPEED_OK);
+    CHECK_INT_EQ(speed_http_server_route(srv, "POST", "/refused", h_echo, NULL), SPEED_OK);
+    CHECK_INT_EQ(speed_http_server_start(srv), SPEED_OK);
+    CHECK_INT_EQ(speed_http_server_gate(srv, h_gate, NULL), SPEED_ERR_INVALID_ARGUMENT); /* after start */
+
+    /* Refused on its headers: the answer comes although the 512 KiB body was never sent. */
+    speed_http_client_t *c = connect_to(srv);
+    const speed_http_response_t *resp = NULL;
+    if (c) {
+        speed_http_header_t h[1] = {{"Content-Length", "524288"}};
+        CHECK_INT_EQ(speed_http_client_request_begin(c, "POST", "/refused", h, 1, NULL, 0, &resp), SPEED_OK);
+        CHECK_INT_EQ(resp->status, 401);
+        speed_http_client_destroy(c);
+    }
+    int status = 0;
+    CHECK_INT_EQ(speed_http_get("127.0.0.1", speed_http_server_port(srv), "/forbidden", 10000, &status, NULL),
+                 SPEED_OK);
+    CHECK_INT_EQ(status, 403);
+
+    /* The bound: the write that passes it fails, drops the bytes, and so do later ones. */
+    char *body = NULL;
+    speed_http_get("127.0.0.1", speed_http_server_port(srv), "/bound", 10000, &status, &body);
+    speed_free(body);
+    CHECK_INT_EQ(g_bound_st[0], SPEED_OK);
+    CHECK_INT_EQ(g_bound_st[1], SPEED_ERR_CANCELLED);
+    CHECK_INT_EQ(g_bound_st[2], 1);
+    CHECK_INT_EQ(g_bound_st[3], SPEED_ERR_CANCELLED);
+    speed_http_server_destroy(srv);
+    /* every request the gate let through had its end callback, once */
+    CHECK_INT_EQ(atomic_load(&g_gate_calls), 3);
+    CHECK_INT_EQ(atomic_load(&g_gate_ends), 1);
+}
+
 int main(void) {
     sem_init(&g_go, 0, 0);
     int64_t live = speed_alloc_live_count();
@@ -440,6 +517,7 @@ int main(void) {
     speed_http_server_destroy(srv);
     test_body_limit();
     test_metrics_route();
+    test_gate_and_bound();
     writers_join(NULL);
     CHECK_INT_EQ(wait_live_count(live, 2000), live);
     sem_destroy(&g_go);

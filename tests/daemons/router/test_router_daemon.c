@@ -372,15 +372,26 @@ static void test_decode_only(void) {
 
 static void test_api_keys(void) {
     router_proc_t rp;
-    const char *args[] = {"--router.api_keys",
-                          "key-one, key-two",
-                          "--served_model_name",
-                          "tinymodel",
-                          "--speed.allow_request_override=false",
-                          NULL};
+    /* Keys are secrets: the environment (or a keys file), never argv. */
+    const char *args[] = {"--served_model_name", "tinymodel", "--speed.allow_request_override=false", NULL};
+    setenv("SPEED_ROUTER_API_KEYS", "key-one, key-two", 1);
     CHECK(router_start(&rp, cluster, args));
+    unsetenv("SPEED_ROUTER_API_KEYS");
     if (!rp.pid || rp.exited) return;
-    CHECK(cu_wait_health(rp.port, 200, 10));
+    /* With keys, /health and /metrics on the API port want one too. */
+    cu_resp_t h;
+    CHECK(cu_http(rp.port, "GET", "/health", NULL, NULL, NULL, 30000, &h));
+    CHECK_INT_EQ(h.status, 401);
+    cu_resp_free(&h);
+    CHECK(cu_http(rp.port, "GET", "/metrics", NULL, NULL, NULL, 30000, &h));
+    CHECK_INT_EQ(h.status, 401);
+    cu_resp_free(&h);
+    for (double until = now_s() + 10; now_s() < until; sleep_ms(50)) {
+        CHECK(cu_http(rp.port, "GET", "/health", NULL, "Bearer key-one", NULL, 30000, &h));
+        bool up = h.status == 200;
+        cu_resp_free(&h);
+        if (up) break;
+    }
     cu_resp_t r;
     CHECK(cu_http(rp.port, "POST", "/v1/chat/completions", CHAT, NULL, NULL, 30000, &r));
     CHECK_INT_EQ(r.status, 401);
@@ -404,8 +415,7 @@ static void test_api_keys(void) {
     CHECK(cu_http(rp.port, "GET", "/v1/models", NULL, "bearer key-one", NULL, 30000, &r));
     CHECK_INT_EQ(r.status, 200);
     cu_resp_free(&r);
-    /* health and metrics stay open */
-    CHECK(cu_http(rp.port, "GET", "/health", NULL, NULL, NULL, 30000, &r));
+    CHECK(cu_http(rp.port, "GET", "/health", NULL, "Bearer key-two", NULL, 30000, &r));
     CHECK_INT_EQ(r.status, 200);
     cu_resp_free(&r);
     /* the deployment does not allow the speed object */

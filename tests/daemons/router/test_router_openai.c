@@ -312,11 +312,46 @@ static void test_nesting(void) {
         } else {
             CHECK_INT_EQ(st, SPEED_ERR_INVALID_ARGUMENT);
             CHECK_INT_EQ(speed_openai_error_http_status(err.kind), 400);
-            CHECK_CONTAINS(err.message, "could not parse");
+            /* Refused by the JSON budget, before jansson builds anything. */
+            CHECK_CONTAINS(err.message, "nesting levels");
         }
         speed_openai_request_destroy(req);
         free(b);
     }
+}
+
+/* The JSON budget (json_budget.h): containers and elements are counted before parsing. */
+static void test_json_budget(void) {
+    speed_openai_parse_params_t p = params_of(P_DEFAULT);
+    p.json.max_containers = 10;
+    p.json.max_elements = 40;
+    /* 9 containers and few elements: fine */
+    static const char ok[] = "{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"a,[{}]\"}],"
+                             "\"stop\":[\"x\"]}";
+    speed_openai_request_t *req = NULL;
+    speed_openai_error_t err = {0};
+    CHECK_INT_EQ(speed_openai_request_parse(SPEED_OPENAI_CHAT, ok, strlen(ok), &p, &req, &err), SPEED_OK);
+    speed_openai_request_destroy(req);
+    req = NULL;
+    static const char many[] = "{\"model\":\"m\",\"prompt\":\"x\",\"extra\":[{},{},{},{},{},{},{},{},{},{},{}]}";
+    CHECK_INT_EQ(speed_openai_request_parse(SPEED_OPENAI_COMPLETIONS, many, strlen(many), &p, &req, &err),
+                 SPEED_ERR_INVALID_ARGUMENT);
+    CHECK_CONTAINS(err.message, "objects and arrays");
+    CHECK_STR_EQ(err.code, "json_too_complex");
+    char ids[512];
+    size_t n = (size_t)snprintf(ids, sizeof ids, "{\"model\":\"m\",\"prompt\":[1");
+    for (int i = 0; i < 45; i++) n += (size_t)snprintf(ids + n, sizeof ids - n, ",1");
+    snprintf(ids + n, sizeof ids - n, "]}");
+    CHECK_INT_EQ(speed_openai_request_parse(SPEED_OPENAI_COMPLETIONS, ids, strlen(ids), &p, &req, &err),
+                 SPEED_ERR_INVALID_ARGUMENT);
+    CHECK_CONTAINS(err.message, "JSON values");
+    /* commas inside strings (escaped quotes too) do not count */
+    char str[512];
+    n = (size_t)snprintf(str, sizeof str, "{\"model\":\"m\",\"prompt\":\"\\\",");
+    for (int i = 0; i < 60; i++) str[n++] = ',';
+    snprintf(str + n, sizeof str - n, "\"}");
+    CHECK_INT_EQ(speed_openai_request_parse(SPEED_OPENAI_COMPLETIONS, str, strlen(str), &p, &req, &err), SPEED_OK);
+    speed_openai_request_destroy(req);
 }
 
 static speed_openai_request_t *parse_ok(speed_openai_api_t api, const char *body, int flags) {
@@ -1383,6 +1418,7 @@ int main(int argc, char **argv) {
 
     test_bad_requests();
     test_nesting();
+    test_json_budget();
     test_valid_chat();
     test_valid_completions();
     test_errors();

@@ -180,9 +180,12 @@ static int router_port(const up_run_t *r) {
     return colon ? atoi(colon + 1) : -1;
 }
 
+/* The cluster's API key: speedctl up gets it from the environment and the router inherits it. */
+#define UP_KEY "up-sekrit-key-1"
+
 static json_t *http_json(int port, const char *method, const char *path, const char *body, int *status_p) {
     cu_resp_t r;
-    cu_http(port, method, path, body, NULL, NULL, 60000, &r);
+    cu_http(port, method, path, body, "Bearer " UP_KEY, NULL, 60000, &r);
     *status_p = r.status;
     json_t *j = r.json;
     if (r.status && !j) fprintf(stderr, "%s %s: %d, not JSON: %s\n", method, path, r.status, r.body);
@@ -201,7 +204,13 @@ static int cert_dirs(void) {
 static void test_cluster(void) {
     up_run_t r;
     int ports = free_block(port_base);
-    up_start(&r, speedctl, ports, (const char *const[]){"--start-timeout-s", "100", NULL});
+    /* With an API key (environment only) and the router's health on its metrics port. */
+    char mport[16];
+    snprintf(mport, sizeof mport, "%d", ports + 5);
+    setenv("SPEED_ROUTER_API_KEYS", UP_KEY, 1);
+    up_start(&r, speedctl, ports,
+             (const char *const[]){"--start-timeout-s", "100", "--router.metrics_port", mport, NULL});
+    unsetenv("SPEED_ROUTER_API_KEYS");
     bool ready = up_read_until(&r, "ready", 150);
     CHECK_MSG(ready, "speedctl up did not print 'ready' (is build/bin/speed-router built?)");
     int port = router_port(&r);
@@ -222,9 +231,24 @@ static void test_cluster(void) {
     if (ready && port > 0) {
         int status = 0;
         char *body = NULL;
-        CHECK(speed_http_get("127.0.0.1", (uint16_t)port, "/health", 5000, &status, &body) == SPEED_OK);
+        CHECK(speed_http_get("127.0.0.1", (uint16_t)(ports + 5), "/health", 5000, &status, &body) == SPEED_OK);
         CHECK_INT_EQ(status, 200);
         speed_free(body);
+        /* the API wants the key, even for /health */
+        CHECK(speed_http_get("127.0.0.1", (uint16_t)port, "/health", 5000, &status, NULL) == SPEED_OK);
+        CHECK_INT_EQ(status, 401);
+        /* no child carries the key on its command line */
+        for (int i = 0; i < r.n_pids; i++) {
+            char path[64];
+            snprintf(path, sizeof path, "/proc/%d/cmdline", (int)r.pids[i]);
+            size_t n = 0;
+            char *cmd = tu_read(path, &n);
+            CHECK(cmd != NULL);
+            for (size_t k = 0; cmd && k < n; k++)
+                if (cmd[k] == '\0') cmd[k] = ' ';
+            CHECK_MSG(cmd && !strstr(cmd, "sekrit"), "pid %d has the key in its argv", (int)r.pids[i]);
+            free(cmd);
+        }
 
         json_t *models = http_json(port, "GET", "/v1/models", NULL, &status);
         CHECK_INT_EQ(status, 200);
@@ -372,6 +396,26 @@ static void test_no_router(void) {
     free(err);
 }
 
+/* A key on speedctl's command line would be on the router's too: refused, nothing started. */
+static void test_key_on_argv(void) {
+    up_run_t r;
+    up_start(&r, speedctl, port_base + 220, (const char *const[]){"--router.api_keys", "sekrit-argv", NULL});
+    CHECK_INT_EQ(up_wait(&r, 30), 2);
+    char *err = tu_read(r.err_path, NULL);
+    CHECK_CONTAINS(err, "SPEED_ROUTER_API_KEYS");
+    CHECK(err && !strstr(err, "sekrit"));
+    CHECK_INT_EQ(r.n_pids, 0);
+    free(err);
+    /* keys without a metrics port for speedctl to watch the router: refused too */
+    setenv("SPEED_ROUTER_API_KEYS", "sekrit-env", 1);
+    up_start(&r, speedctl, port_base + 230, NULL);
+    unsetenv("SPEED_ROUTER_API_KEYS");
+    CHECK_INT_EQ(up_wait(&r, 30), 2);
+    err = tu_read(r.err_path, NULL);
+    CHECK_CONTAINS(err, "router.metrics_port");
+    free(err);
+}
+
 static void test_router_port_zero(void) {
     up_run_t r;
     up_start(&r, speedctl, port_base + 210, (const char *const[]){"--router.port", "0", NULL});
@@ -405,6 +449,7 @@ int main(void) {
     test_certs();
     test_bad_model();
     test_router_port_zero();
+    test_key_on_argv();
     test_no_router();
     test_port_taken();
     test_cluster();
