@@ -72,8 +72,8 @@ static const speed_config_field_t fields[] = {
     F("router.metrics_port", INT, router_metrics_port, "0", 0, 65535,
       "the router's /metrics and /health listener on metrics.listen; 0 = none (they stay on the API port, "
       "behind a key when keys are set)"),
-    FS("router.tls_cert", tls_cert, NULL, "PEM certificate (chain) of the API: HTTPS when set with router.tls_key"),
-    FS("router.tls_key", tls_key, NULL, "PEM private key of router.tls_cert"),
+    FS("router.tls_cert", api_tls_cert, NULL, "PEM certificate (chain) of the API: HTTPS when set with router.tls_key"),
+    FS("router.tls_key", api_tls_key, NULL, "PEM private key of router.tls_cert"),
     {"router.api_keys", SPEED_CONFIG_SECRET, offsetof(speed_cluster_config_t, api_keys), "", SPEED_CONFIG_UNBOUNDED,
      NULL,
      "comma-separated API keys (Bearer); empty = no authentication. A secret: not on the command line; "

@@ -75,7 +75,7 @@ typedef struct {
     int64_t router_port, router_threads;
     const char *router_listen;      /* bind address of the OpenAI API */
     int64_t router_metrics_port;    /* the router's own /metrics,/health listener; 0 = none */
-    const char *tls_cert, *tls_key; /* PEM files: HTTPS on the API when both are set */
+    const char *api_tls_cert, *api_tls_key; /* router.tls_*: PEM files, HTTPS on the API when both are set */
     const char *api_keys;           /* SECRET: comma-separated; "" = no authentication (env or file only) */
     const char *api_keys_file;      /* one key per line, optional per-key limits (docs/router.md) */
     int64_t key_max_in_flight, key_max_kv_tokens, key_burst; /* per key; 0 = unlimited */

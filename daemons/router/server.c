@@ -459,13 +459,13 @@ speed_status_t speed_router_create(const speed_router_params_t *params, speed_ro
         st = speed_admission_create(&ap, &rt->adm);
     }
     char *cert = NULL, *key = NULL;
-    bool tls = cfg->tls_cert && cfg->tls_cert[0];
-    if (st == SPEED_OK && tls != (cfg->tls_key && cfg->tls_key[0])) {
+    bool tls = cfg->api_tls_cert && cfg->api_tls_cert[0];
+    if (st == SPEED_OK && tls != (cfg->api_tls_key && cfg->api_tls_key[0])) {
         SPEED_ERROR(SUBSYS, "router: HTTPS needs both router.tls_cert and router.tls_key");
         st = SPEED_ERR_INVALID_ARGUMENT;
     }
-    if (st == SPEED_OK && tls) st = read_pem(cfg->tls_cert, &cert);
-    if (st == SPEED_OK && tls) st = read_pem(cfg->tls_key, &key);
+    if (st == SPEED_OK && tls) st = read_pem(cfg->api_tls_cert, &cert);
+    if (st == SPEED_OK && tls) st = read_pem(cfg->api_tls_key, &key);
     if (st == SPEED_OK) {
         speed_http_server_params_t hp = speed_http_server_default_params();
         hp.host = cfg->router_listen;
@@ -539,7 +539,7 @@ speed_status_t speed_router_start(speed_router_t *rt) {
         SPEED_WARN(SUBSYS, "router: the API listens on %s without API keys: anyone who reaches it can use it",
                    rt->cfg->router_listen);
     SPEED_INFO(SUBSYS, "router: serving %s on %s%s:%u (%zu prefill, %zu decode nodes; %zu decode up)", rt->p.model_id,
-               rt->cfg->tls_cert && rt->cfg->tls_cert[0] ? "https://" : "", rt->cfg->router_listen,
+               rt->cfg->api_tls_cert && rt->cfg->api_tls_cert[0] ? "https://" : "", rt->cfg->router_listen,
                (unsigned)speed_http_server_port(rt->http),
                speed_router_nodes_count(rt->nodes, SPEED_ROUTER_POOL_PREFILL),
                speed_router_nodes_count(rt->nodes, SPEED_ROUTER_POOL_DECODE),

@@ -745,7 +745,7 @@ static int up_run(up_t *u) {
     const up_proc_t *router = &u->procs[u->n_procs - 1];
     printf("router metrics: http://%s:%d/metrics (pid %d)\n", u->c.host, router->http_port, (int)router->pid);
     if (!u->opts.foreground_logs) printf("logs: %s\n", u->log_dir);
-    printf("router: http%s://%s:%d\n", u->c.tls_cert && u->c.tls_cert[0] ? "s" : "", u->c.host, (int)u->c.router_port);
+    printf("router: http%s://%s:%d\n", u->c.api_tls_cert && u->c.api_tls_cert[0] ? "s" : "", u->c.host, (int)u->c.router_port);
     printf("ready\n");
     fflush(stdout);
 
