@@ -119,7 +119,8 @@ speed_status_t speed_kv_grant_add(speed_kv_xfer_ctx_t *c, const char *id, const 
             g->pools[p].base = d->pools[p].base;
             g->pools[p].stride = d->pools[p].block_stride;
             g->pools[p].n_blocks = d->pools[p].n_blocks;
-            g->pools[p].table = speed_malloc((size_t)(d->pools[p].n_blocks ? d->pools[p].n_blocks : 1) * sizeof(int32_t));
+            g->pools[p].table =
+                speed_malloc((size_t)(d->pools[p].n_blocks ? d->pools[p].n_blocks : 1) * sizeof(int32_t));
             if (!g->pools[p].table) goto nomem;
             if (d->pools[p].n_blocks)
                 memcpy(g->pools[p].table, d->pools[p].table, d->pools[p].n_blocks * sizeof(int32_t));
@@ -171,8 +172,8 @@ static bool tags_verify(const kv_grant_t *g, const speed_kv_notify_wire_t *m) {
     for (uint32_t l = 0; l < g->n_layers; l++) {
         uint8_t tag[SPEED_KV_TAG_BYTES];
         grant_addr_t a = {.g = g, .layer = &g->layers[l]};
-        if (speed_kv_layer_tag(g->nonce, (int)l, g->layers[l].entries, g->block_tokens, g->unit_bytes, grant_block,
-                               &a, tag) != SPEED_OK)
+        if (speed_kv_layer_tag(g->nonce, (int)l, g->layers[l].entries, g->block_tokens, g->unit_bytes, grant_block, &a,
+                               tag) != SPEED_OK)
             return false;
         /* every layer is checked: how far a mismatch is tells nothing */
         ok &= speed_mac_equal(tag, m->tags + (size_t)l * SPEED_KV_TAG_BYTES, SPEED_KV_TAG_BYTES);
@@ -195,8 +196,7 @@ speed_status_t speed_kv_grant_check(speed_kv_xfer_ctx_t *c, const speed_kv_notif
     } else if (m->flags & SPEED_KV_NOTIFY_FLAG_ABORT) {
         keep = false; /* nothing more may come for this reservation */
     } else if (g->integrity && !tags_verify(g, m)) {
-        speed_log(SPEED_LOG_ERROR, SPEED_SUBSYS_NET, rid,
-                  "kv transfer: integrity check failed: %s; the KV is refused",
+        speed_log(SPEED_LOG_ERROR, SPEED_SUBSYS_NET, rid, "kv transfer: integrity check failed: %s; the KV is refused",
                   m->n_tags ? "a layer's tag does not match the bytes received" : "the notify carries no tags");
         st = SPEED_ERR_TRANSFER;
         keep = false;

@@ -50,7 +50,6 @@ void speed_kv_notify_encode(const speed_kv_notify_wire_t *m, uint8_t *buf);
  * head_begin < head_end <= 65536. out->tags points into data (valid while data is).
  * Returns SPEED_OK or SPEED_ERR_FORMAT (not logged: the caller logs with its context; *why_p, if
  * not NULL, names the first fault). */
-speed_status_t speed_kv_notify_decode(const uint8_t *data, size_t len, speed_kv_notify_wire_t *out,
-                                      const char **why_p);
+speed_status_t speed_kv_notify_decode(const uint8_t *data, size_t len, speed_kv_notify_wire_t *out, const char **why_p);
 
 #endif /* SPEED_KV_NOTIFY_WIRE_H */

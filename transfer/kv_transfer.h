@@ -129,22 +129,22 @@ typedef struct {
                              * 0 = not stated (a control plane that does not carry it): the
                              * sender assumes its own model's */
     speed_dtype_t dtype;
-    uint64_t unit_bytes;        /* one layer of one block: 2 * B * n_kv_heads * head_dim * dtype size */
-    uint64_t total_bytes;       /* Σ layers entries * unit_bytes / B: the whole head range; a
+    uint64_t unit_bytes;                 /* one layer of one block: 2 * B * n_kv_heads * head_dim * dtype size */
+    uint64_t total_bytes;                /* Σ layers entries * unit_bytes / B: the whole head range; a
                              * sender holding only part of it puts its share */
-    uint64_t epoch;   /* the decode node's epoch (changes when it restarts) */
-    int64_t lease_ms; /* how long the prefill side may put into these blocks, counted from when
+    uint64_t epoch;                      /* the decode node's epoch (changes when it restarts) */
+    int64_t lease_ms;                    /* how long the prefill side may put into these blocks, counted from when
                        * it received the descriptor (received_ns); 0 = no limit. A duration,
                        * never a wall-clock time: the two hosts' clocks are never compared. The
                        * decode node keeps the blocks at least this long plus a margin. */
-    uint64_t received_ns; /* local CLOCK_MONOTONIC ns when this side got the descriptor (not on
+    uint64_t received_ns;                /* local CLOCK_MONOTONIC ns when this side got the descriptor (not on
                            * the wire; the receiver stamps it); 0 = at speed_kv_xfer_create */
-    bool has_nonce;       /* the reservation is nonce-protected (a grant on the decode side) */
+    bool has_nonce;                      /* the reservation is nonce-protected (a grant on the decode side) */
     uint8_t nonce[SPEED_KV_NONCE_BYTES]; /* secret: only the decode node, the router and the
                                           * chosen prefill node learn it; never logged. The
                                           * notify must carry it to mark the KV ready. */
-    bool integrity; /* the decode node wants a tag per layer with the notify (integrity mode) */
-    uint64_t cookie; /* opaque to the prefill side, echoed in the notify (e.g. the decode
+    bool integrity;                      /* the decode node wants a tag per layer with the notify (integrity mode) */
+    uint64_t cookie;                     /* opaque to the prefill side, echoed in the notify (e.g. the decode
                       * engine's sequence id). The protobuf KvDescriptor does not carry it:
                       * the node daemons build with 0 and match notifies by request id */
 } speed_kv_desc_t;
@@ -189,10 +189,10 @@ typedef struct {
     uint64_t epoch;               /* equals this context's epoch (mismatches never reach the callback) */
     int32_t head_begin, head_end; /* the model's KV heads this transfer wrote (the intersection of
                                    * the sender's and this node's ranges) */
-    bool aborted; /* the prefill side cancelled the transfer: it flushed what it had posted and
+    bool aborted;                 /* the prefill side cancelled the transfer: it flushed what it had posted and
                    * will put nothing more into the reservation's blocks (the cancel fence may
                    * lift); no ack is sent. The KV is NOT ready. */
-    bool integrity_failed; /* integrity mode: a layer's tag did not match the bytes received.
+    bool integrity_failed;        /* integrity mode: a layer's tag did not match the bytes received.
                             * The transfer is refused (the prefill side's wait fails) and the
                             * reservation should be freed: the KV is NOT ready. */
 } speed_kv_notify_t;
@@ -208,14 +208,14 @@ typedef struct {
     int op_timeout_ms;              /* bound on flush and on notify->ack; default 10000 */
     speed_kv_notify_cb_t notify_cb; /* decode side; NULL = accept every notify (counted only) */
     void *notify_user;
-    bool require_grant; /* decode side: accept a notify only for a reservation built with a
+    bool require_grant;      /* decode side: accept a notify only for a reservation built with a
                          * grant (speed_kv_desc_params_t.grant_id) and carrying its nonce
                          * (compared in constant time); others are refused and never reach
                          * notify_cb. The node daemons set it; default false (tests). */
     const char *tls;         /* UCX_TLS for this context (e.g. "sm,self" for shm: no TCP at all);
                               * NULL = UCX's default or the environment's */
     const char *net_devices; /* UCX_NET_DEVICES (e.g. "eth0"); NULL = UCX's default / environment */
-    bool cuda_direct; /* register caches whose pools are device memory and have no host
+    bool cuda_direct;        /* register caches whose pools are device memory and have no host
                                 * mirror (speed_engine_params_t.kv_host_mirror OFF) as CUDA memory
                                 * (ucp_mem_map memory_type UCS_MEMORY_TYPE_CUDA): needs a UCX built
                                 * with CUDA; ctx_create refuses otherwise. Default false: device
@@ -279,14 +279,14 @@ typedef struct {
     uint64_t bytes_put; /* all puts posted */
     uint64_t done_ns;   /* Σ create -> ack of the transfers done */
     /* decode side */
-    uint64_t n_notified;        /* notifies accepted (callback returned OK) */
-    uint64_t n_notify_rejected; /* epoch mismatch, malformed, or the callback said no */
-    uint64_t n_nonce_rejected;  /* of which: no grant for the request, or a wrong nonce */
+    uint64_t n_notified;         /* notifies accepted (callback returned OK) */
+    uint64_t n_notify_rejected;  /* epoch mismatch, malformed, or the callback said no */
+    uint64_t n_nonce_rejected;   /* of which: no grant for the request, or a wrong nonce */
     uint64_t n_integrity_failed; /* of which: integrity tags missing or not matching */
     uint64_t n_aborts_sent;      /* prefill side: abort notifies sent by cancelled transfers */
     uint64_t n_aborts_received;  /* decode side: abort notifies accepted (right nonce) */
     int n_grants;                /* decode side: grants held now */
-    uint64_t bytes_notified;    /* Σ bytes of accepted notifies */
+    uint64_t bytes_notified;     /* Σ bytes of accepted notifies */
     /* endpoints */
     int n_endpoints;          /* cached now */
     uint64_t n_peer_failures; /* endpoint error callbacks (outside teardown) */

@@ -119,9 +119,9 @@ struct speed_kv_xfer_ctx {
     kv_region_t *regions;
     kv_ep_t *eps;
     speed_kv_xfer_t *xfers;
-    ack_buf_t *acks;   /* acks being sent */
+    ack_buf_t *acks;    /* acks being sent */
     kv_grant_t *grants; /* decode side: reservations' nonces */
-    void **close_reqs; /* ucp_ep_close_nbx requests not completed */
+    void **close_reqs;  /* ucp_ep_close_nbx requests not completed */
     int n_close_reqs, cap_close_reqs;
     uint64_t next_token;
     speed_kv_xfer_ctx_stats_t stats;
@@ -167,14 +167,14 @@ struct speed_kv_xfer {
     size_t l_slot, l_head_off;         /* local slot stride, offset of the common heads in a slot */
     size_t r_slot, r_head_off, r_half; /* the same remote; r_half = B * r_slot (K -> V) */
     uint64_t total_bytes;
-    uint64_t lease_end_ns; /* CLOCK_MONOTONIC; 0 = no lease */
-    speed_kv_notify_wire_t msg; /* the notify's fields */
-    bool integrity;             /* compute a tag per layer at finish */
-    bool has_nonce;             /* a cancel sends an abort notify */
-    bool aborting;              /* cancelled: flushing, then sending the abort notify */
-    bool abort_sent;            /* the abort notify went out (once) */
+    uint64_t lease_end_ns;                      /* CLOCK_MONOTONIC; 0 = no lease */
+    speed_kv_notify_wire_t msg;                 /* the notify's fields */
+    bool integrity;                             /* compute a tag per layer at finish */
+    bool has_nonce;                             /* a cancel sends an abort notify */
+    bool aborting;                              /* cancelled: flushing, then sending the abort notify */
+    bool abort_sent;                            /* the abort notify went out (once) */
     uint8_t abort_wire[SPEED_KV_NOTIFY_HEADER]; /* its bytes (x->wire may still be in flight) */
-    uint8_t *wire;              /* [wire_len] the notify's bytes; must live until its send completes */
+    uint8_t *wire;                              /* [wire_len] the notify's bytes; must live until its send completes */
     size_t wire_len;
     /* under ctx->mu */
     speed_kv_xfer_state_t state;

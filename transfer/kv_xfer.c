@@ -707,7 +707,8 @@ speed_status_t speed_kv_xfer_ctx_abort_desc(speed_kv_xfer_ctx_t *c, const speed_
     x->msg = (speed_kv_notify_wire_t){.epoch = d->epoch, .head_begin = d->head_begin, .head_end = d->head_end};
     snprintf(x->msg.request_id, sizeof x->msg.request_id, "%s", request_id);
     memcpy(x->msg.nonce, d->nonce, sizeof x->msg.nonce);
-    speed_status_t st = speed_kv_xfer_ctx_ep_get(c, d->worker_addr, d->worker_addr_len, d->transport, request_id, &x->ep);
+    speed_status_t st =
+        speed_kv_xfer_ctx_ep_get(c, d->worker_addr, d->worker_addr_len, d->transport, request_id, &x->ep);
     if (st != SPEED_OK) {
         speed_kv_xfer_free(x);
         return st;

@@ -69,7 +69,7 @@ struct speed_rpc_call {
     speed_rpc_server_t *server; /* valid while the call is in the server's list */
     rpc_method_t *method;
     speed_rpc_kind_t kind;
-    char peer[64]; /* the client certificate's CN ("" on a plaintext server), set on accept */
+    char peer[64];                      /* the client certificate's CN ("" on a plaintext server), set on accept */
     struct speed_rpc_call *prev, *next; /* server list (server lock) */
     bool active;                        /* counted in n_active (server lock) */
     bool forced;                        /* picked by force_finish_all (server lock) */

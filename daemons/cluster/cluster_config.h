@@ -67,17 +67,17 @@ typedef struct {
     /* KV cache */
     int kv_dtype; /* speed_dtype_t (dtype.h) */
     int64_t kv_block_tokens;
-    int64_t lease_ms; /* a reservation not claimed in time is freed */
-    bool kv_integrity; /* integrity mode of the KV plane (per-layer HMAC tags) */
+    int64_t lease_ms;                     /* a reservation not claimed in time is freed */
+    bool kv_integrity;                    /* integrity mode of the KV plane (per-layer HMAC tags) */
     int64_t debug_prefill_layer_delay_ms; /* test knob: slow prefill node */
 
     /* router */
     int64_t router_port, router_threads;
-    const char *router_listen;      /* bind address of the OpenAI API */
-    int64_t router_metrics_port;    /* the router's own /metrics,/health listener; 0 = none */
+    const char *router_listen;              /* bind address of the OpenAI API */
+    int64_t router_metrics_port;            /* the router's own /metrics,/health listener; 0 = none */
     const char *api_tls_cert, *api_tls_key; /* router.tls_*: PEM files, HTTPS on the API when both are set */
-    const char *api_keys;           /* SECRET: comma-separated; "" = no authentication (env or file only) */
-    const char *api_keys_file;      /* one key per line, optional per-key limits (docs/router.md) */
+    const char *api_keys;                   /* SECRET: comma-separated; "" = no authentication (env or file only) */
+    const char *api_keys_file;              /* one key per line, optional per-key limits (docs/router.md) */
     int64_t key_max_in_flight, key_max_kv_tokens, key_burst; /* per key; 0 = unlimited */
     double key_rate;                                         /* requests/s per key; 0 = unlimited */
     int64_t max_body_bytes, max_json_elements;

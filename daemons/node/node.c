@@ -196,12 +196,12 @@ GAUGE_FN(g_kv_bytes_used, (double)(s.kv.usage.bytes_used[0] + s.kv.usage.bytes_u
 
 /* The KV plane's counters of the UCX context (docs/security-kv-plane.md). Cumulative, exported as
  * gauges read at scrape time (the context keeps the counts). */
-#define XFER_FN(fname, expr)                       \
-    static double fname(void *user) {              \
-        speed_node_t *n = user;                    \
-        speed_kv_xfer_ctx_stats_t s;               \
-        speed_kv_xfer_ctx_stats(n->xfer, &s);      \
-        return (expr);                             \
+#define XFER_FN(fname, expr)                  \
+    static double fname(void *user) {         \
+        speed_node_t *n = user;               \
+        speed_kv_xfer_ctx_stats_t s;          \
+        speed_kv_xfer_ctx_stats(n->xfer, &s); \
+        return (expr);                        \
     }
 XFER_FN(g_nonce_refused, (double)s.n_nonce_rejected)
 XFER_FN(g_integrity_failed, (double)s.n_integrity_failed)
@@ -462,11 +462,9 @@ speed_status_t speed_node_init(speed_node_t *n, const char *role, int argc, char
         rp.tls = n->tls.cert ? &tls : NULL;
         st = speed_rpc_server_create(&rp, &n->rpc);
     }
-    if (st == SPEED_OK)
-        st = speed_node_add_method(n, SPEED_METHOD_NODE_HEALTH, SPEED_RPC_UNARY, on_health, n);
+    if (st == SPEED_OK) st = speed_node_add_method(n, SPEED_METHOD_NODE_HEALTH, SPEED_RPC_UNARY, on_health, n);
     if (st == SPEED_OK) st = speed_node_add_method(n, SPEED_METHOD_NODE_DRAIN, SPEED_RPC_UNARY, on_drain, n);
-    if (st == SPEED_OK)
-        st = speed_node_add_method(n, SPEED_METHOD_NODE_STATUS, SPEED_RPC_UNARY, on_status, n);
+    if (st == SPEED_OK) st = speed_node_add_method(n, SPEED_METHOD_NODE_STATUS, SPEED_RPC_UNARY, on_status, n);
     if (st == SPEED_OK) {
         speed_http_server_params_t hp = speed_http_server_default_params();
         hp.host = n->cfg.metrics_listen; /* the metrics network, not the control plane's */

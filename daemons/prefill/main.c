@@ -37,7 +37,7 @@ typedef struct pf {
      * transfer, whose abort notify then lifts the decode node's fence. */
     atomic_bool cancelled;
     atomic_bool finished; /* the finish event came: the blocks are the transfer's until it ends */
-    struct pf *next; /* in the live list */
+    struct pf *next;      /* in the live list */
 } pf_t;
 
 static speed_node_t g_node;

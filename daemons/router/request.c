@@ -169,8 +169,8 @@ static speed_status_t run_prefill(rtr_req_t *r, plan_t *pl, size_t dnode, bool *
      * pushing KV: Prefill.Cancel first (its node stops before the next layer and tells the
      * decode node, whose fence then lifts), then free the reservation. */
     speed_proto_free(&rr->base);
-    bool cut_short = speed_router_req_cancelled(r, NULL) || last_st == SPEED_ERR_TIMEOUT ||
-                     res.code == SPEED_RPC_DEADLINE_EXCEEDED;
+    bool cut_short =
+        speed_router_req_cancelled(r, NULL) || last_st == SPEED_ERR_TIMEOUT || res.code == SPEED_RPC_DEADLINE_EXCEEDED;
     if (n_tried && cut_short) speed_router_cancel_send(rt, SPEED_ROUTER_POOL_PREFILL, tried[n_tried - 1], r->id);
     speed_router_cancel_send(rt, SPEED_ROUTER_POOL_DECODE, dnode, r->id);
     speed_router_req_leg_end(r, SPEED_ROUTER_POOL_DECODE);

@@ -32,9 +32,9 @@
 typedef struct {
     const speed_cluster_config_t *cfg; /* router.*, speed.*, pools, host */
     const speed_tok_t *tok;
-    const char *model_id; /* the served model name (the API's "model") */
-    int32_t n_layers;     /* model depth L (checks speed.prefill_layers) */
-    int64_t n_ctx;        /* prompt + generated tokens limit */
+    const char *model_id;       /* the served model name (the API's "model") */
+    int32_t n_layers;           /* model depth L (checks speed.prefill_layers) */
+    int64_t n_ctx;              /* prompt + generated tokens limit */
     const speed_rpc_tls_t *tls; /* control plane mTLS to the nodes; NULL = plaintext (tls.insecure) */
 } speed_router_params_t;
 

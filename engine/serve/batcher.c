@@ -247,8 +247,7 @@ static speed_status_t do_reserve(speed_batcher_t *b, cmd_t *c) {
     r->depth = ss.depth;
     size_t bytes = 0;
     speed_engine_seq_kv_size(b->engine, r->seq, &bytes);
-    *c->reservation_p =
-        (speed_batch_reservation_t){.depth = ss.depth, .lease_ms = b->p.lease_ms, .kv_bytes = bytes};
+    *c->reservation_p = (speed_batch_reservation_t){.depth = ss.depth, .lease_ms = b->p.lease_ms, .kv_bytes = bytes};
     b->counts.n_prompt_tokens += (uint64_t)c->n_prompt;
     link_req(b, r);
     return SPEED_OK;

@@ -163,10 +163,10 @@ speed_kv_cache_t *speed_batcher_kv_cache(speed_batcher_t *batcher);
 speed_status_t speed_batcher_submit(speed_batcher_t *batcher, const speed_batch_request_t *request);
 
 typedef struct {
-    speed_depth_t depth;       /* resolved */
-    int64_t lease_ms;          /* the reservation lives this long from now (this host's
+    speed_depth_t depth; /* resolved */
+    int64_t lease_ms;    /* the reservation lives this long from now (this host's
                                 * monotonic clock): a duration, never a wall-clock time */
-    size_t kv_bytes;           /* bytes the prompt KV takes (the transfer's total) */
+    size_t kv_bytes;     /* bytes the prompt KV takes (the transfer's total) */
 } speed_batch_reservation_t;
 
 /* Reserves KV for a request whose prompt KV arrives from elsewhere (n_prompt tokens, up to

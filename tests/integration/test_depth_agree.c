@@ -156,8 +156,14 @@ int main(void) {
 
     /* a short lease: the reservations this test cancels without a prefill stay behind the
      * cancel fence until it ends */
-    const char *extra[] = {"--speed.allow_request_override", "--router.decode_only_below", "0", "--log", "info",
-                           "--kv.lease_ms", "8000", NULL};
+    const char *extra[] = {"--speed.allow_request_override",
+                           "--router.decode_only_below",
+                           "0",
+                           "--log",
+                           "info",
+                           "--kv.lease_ms",
+                           "8000",
+                           NULL};
     cu_cluster_t c;
     cu_cluster_init(&c, 1, 1, extra);
     bool ok = cu_cluster_start_nodes(&c, 60);

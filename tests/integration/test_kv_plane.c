@@ -224,8 +224,10 @@ static void late_puts(int rport, speed_rpc_channel_t *dec) {
         double t_free = now_s() - t0;
         /* The fence lifts on the prefill node's abort, sent when it stopped before its next
          * layer (250 ms apart): well before the 4 s its prompt takes and the 10 s lease. */
-        CHECK_MSG(t_free < 2.5, "round %d: the blocks were freed %.2f s after the request: the prefill node did not stop "
-                  "at its next layer, or its abort did not lift the fence", round, t_free);
+        CHECK_MSG(t_free < 2.5,
+                  "round %d: the blocks were freed %.2f s after the request: the prefill node did not stop "
+                  "at its next layer, or its abort did not lift the fence",
+                  round, t_free);
         char id[32];
         snprintf(id, sizeof id, "after-%d", round);
         CHECK_INT_EQ(decode_only(dec, id, &got), SPEED_RPC_OK);
@@ -260,7 +262,8 @@ int main(void) {
         cu_cleanup(true);
         return CHECK_DONE();
     }
-    speed_rpc_channel_t *pre = nr_channel(cu_pre_grpc(&g_c, 0), cu_rpc_tls("router")), *dec = nr_channel(cu_dec_grpc(&g_c, 0), cu_rpc_tls("router"));
+    speed_rpc_channel_t *pre = nr_channel(cu_pre_grpc(&g_c, 0), cu_rpc_tls("router")),
+                        *dec = nr_channel(cu_dec_grpc(&g_c, 0), cu_rpc_tls("router"));
 
     no_prefill(dec);
     wrong_nonce(pre, dec);

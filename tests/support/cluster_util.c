@@ -45,8 +45,9 @@ void cu_init(const char *name) {
 /* The identity a daemon's certificate carries: "router", or "<role>-<node.index>". NULL for
  * programs that are not daemons. */
 static const char *daemon_identity(const char *prog, const char *const *args, char *buf, size_t size) {
-    const char *role = strcmp(prog, "speed-decode") == 0 ? "decode" : strcmp(prog, "speed-prefill") == 0 ? "prefill"
-                                                                     : NULL;
+    const char *role = strcmp(prog, "speed-decode") == 0    ? "decode"
+                       : strcmp(prog, "speed-prefill") == 0 ? "prefill"
+                                                            : NULL;
     if (strcmp(prog, "speed-router") == 0) return "router";
     if (!role) return NULL;
     const char *index = "0";

@@ -116,8 +116,8 @@ static int decode_node(int fd) {
 }
 
 /* Median seconds of g_reps transfers (after one untimed run that connects); 0 on failure. */
-static double time_one(speed_kv_xfer_ctx_t *ctx, const speed_kv_desc_t *d, speed_kv_cache_t *cache,
-                       speed_kv_seq_t *seq, int64_t n, const char *id) {
+static double time_one(speed_kv_xfer_ctx_t *ctx, const speed_kv_desc_t *d, speed_kv_cache_t *cache, speed_kv_seq_t *seq,
+                       int64_t n, const char *id) {
     double t0 = now_s();
     speed_kv_xfer_t *x = NULL;
     speed_status_t st = speed_kv_xfer_create(ctx, d, cache, seq, n, n, id, &x);

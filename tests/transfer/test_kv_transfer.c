@@ -83,8 +83,7 @@ static int decode_setup(run_t *r, uint8_t **desc_p, size_t *len_p) {
     if (!r->deng || !r->dctx) return -1;
     CHECK(speed_kv_xfer_ctx_register_cache(r->dctx, speed_engine_kv_cache(r->deng)) == SPEED_OK);
     CHECK(speed_engine_seq_reserve(r->deng, N_PROMPT, &r->depth, N_GEN, &r->dseq) == SPEED_OK);
-    speed_kv_desc_params_t dp = {.transport = xt_transport(r->transport),
-                                 .lease_ms = 60000};
+    speed_kv_desc_params_t dp = {.transport = xt_transport(r->transport), .lease_ms = 60000};
     speed_kv_desc_t *d = NULL;
     CHECK(speed_kv_desc_build_engine(r->dctx, r->deng, r->dseq, &dp, &d) == SPEED_OK);
     if (!d) return -1;

@@ -351,7 +351,8 @@ static void test_tampering(speed_kv_xfer_ctx_t *pctx, node_t *pre, const speed_k
     CHECK(P0(desc)->base == R0(desc)->base); /* block 0 of the pool starts the region */
     int n = 0;
     xt_ledger_t base;
-    xt_ledger_take(&base, (const speed_kv_cache_t *const[]){pre->cache, NULL}, (speed_kv_xfer_ctx_t *const[]){pctx, NULL});
+    xt_ledger_take(&base, (const speed_kv_cache_t *const[]){pre->cache, NULL},
+                   (speed_kv_xfer_ctx_t *const[]){pctx, NULL});
     for (int k = 0;; k++) {
         const int64_t live0 = speed_alloc_live_count();
         speed_kv_desc_t *t = clone(desc);

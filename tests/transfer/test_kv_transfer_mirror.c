@@ -351,8 +351,7 @@ static int pair_up(pair_t *r, speed_kv_mirror_t pre_m, speed_kv_mirror_t dec_m, 
     CHECK(speed_kv_xfer_ctx_register_cache(r->dctx, speed_engine_kv_cache(r->deng)) == SPEED_OK);
     CHECK(speed_kv_xfer_ctx_register_cache(r->pctx, speed_engine_kv_cache(r->peng)) == SPEED_OK);
     CHECK(speed_engine_seq_reserve(r->deng, N_PROMPT, &r->depth, N_GEN, &r->dseq) == SPEED_OK);
-    speed_kv_desc_params_t dsp = {
-        .transport = r->transport, .lease_ms = 60000, .cookie = 77};
+    speed_kv_desc_params_t dsp = {.transport = r->transport, .lease_ms = 60000, .cookie = 77};
     CHECK(speed_kv_desc_build_engine(r->dctx, r->deng, r->dseq, &dsp, &r->desc) == SPEED_OK);
     if (!r->desc) return -1;
     /* the descriptor names the decode side's transfer memory: its mirror when it has one */
@@ -560,7 +559,8 @@ static void test_stage_failures(speed_backend_t *dev, const speed_model_t *m, sp
      * here, allocations only for the endpoint the retry opens) */
     xt_ledger_t base;
     speed_kv_cache_t *const caches[] = {speed_engine_kv_cache(r.peng), speed_engine_kv_cache(r.deng), NULL};
-    xt_ledger_take(&base, (const speed_kv_cache_t *const *)caches, (speed_kv_xfer_ctx_t *const[]){r.pctx, r.dctx, NULL});
+    xt_ledger_take(&base, (const speed_kv_cache_t *const *)caches,
+                   (speed_kv_xfer_ctx_t *const[]){r.pctx, r.dctx, NULL});
 
     speed_kv_xfer_t *x = NULL;
     CHECK(speed_kv_xfer_create_engine(r.pctx, r.desc, r.peng, r.pc.seq, "req-fail", &x) == SPEED_OK);

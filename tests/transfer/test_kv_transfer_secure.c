@@ -70,9 +70,7 @@ static void fill(node_t *n, uint8_t seed) {
 
 /* ---- the decode side's notifies ---------------------------------------------------------- */
 
-static struct {
-    atomic_int ready, aborted, integrity_failed;
-} g_notes;
+static struct { atomic_int ready, aborted, integrity_failed; } g_notes;
 
 static speed_status_t note_cb(void *user, const speed_kv_notify_t *note) {
     (void)user;
@@ -96,16 +94,16 @@ static bool wait_int(atomic_int *v, int want, int timeout_ms) {
 
 /* Waits until a context counter (read by `field`) reaches want; returns it. The counters move on
  * the progress threads, a little after the callbacks the test waits on. */
-#define WAIT_STAT(ctx, field, want)                                                          \
-    ({                                                                                       \
-        speed_kv_xfer_ctx_stats_t s_;                                                        \
-        uint64_t t0_ = xt_now_ms();                                                          \
-        for (;;) {                                                                           \
-            speed_kv_xfer_ctx_stats(ctx, &s_);                                               \
-            if ((int64_t)s_.field >= (int64_t)(want) || xt_now_ms() - t0_ > 3000) break;    \
-            usleep(1000);                                                                    \
-        }                                                                                    \
-        (int64_t) s_.field;                                                                  \
+#define WAIT_STAT(ctx, field, want)                                                      \
+    ({                                                                                   \
+        speed_kv_xfer_ctx_stats_t s_;                                                    \
+        uint64_t t0_ = xt_now_ms();                                                      \
+        for (;;) {                                                                       \
+            speed_kv_xfer_ctx_stats(ctx, &s_);                                           \
+            if ((int64_t)s_.field >= (int64_t)(want) || xt_now_ms() - t0_ > 3000) break; \
+            usleep(1000);                                                                \
+        }                                                                                \
+        (int64_t) s_.field;                                                              \
     })
 
 static speed_kv_desc_t *describe(speed_kv_xfer_ctx_t *dctx, node_t *d, speed_kv_transport_t t, const char *grant,
@@ -175,8 +173,8 @@ static void test_wire(void) {
         size_t off;
         uint8_t val;
         const char *what;
-    } faults[] = {{0, 0x00, "magic"},        {4, 0x02, "version"},      {8, 0x06, "flags"},
-                  {14, 0x01, "tag count"},   {48, 0x05, "head begin"},  {55, 0x80, "head end"}};
+    } faults[] = {{0, 0x00, "magic"},      {4, 0x02, "version"},     {8, 0x06, "flags"},
+                  {14, 0x01, "tag count"}, {48, 0x05, "head begin"}, {55, 0x80, "head end"}};
     for (size_t f = 0; f < sizeof faults / sizeof faults[0]; f++) {
         uint8_t keep = buf[faults[f].off];
         buf[faults[f].off] = faults[f].val;

@@ -745,7 +745,8 @@ static int up_run(up_t *u) {
     const up_proc_t *router = &u->procs[u->n_procs - 1];
     printf("router metrics: http://%s:%d/metrics (pid %d)\n", u->c.host, router->http_port, (int)router->pid);
     if (!u->opts.foreground_logs) printf("logs: %s\n", u->log_dir);
-    printf("router: http%s://%s:%d\n", u->c.api_tls_cert && u->c.api_tls_cert[0] ? "s" : "", u->c.host, (int)u->c.router_port);
+    printf("router: http%s://%s:%d\n", u->c.api_tls_cert && u->c.api_tls_cert[0] ? "s" : "", u->c.host,
+           (int)u->c.router_port);
     printf("ready\n");
     fflush(stdout);
 
@@ -838,8 +839,7 @@ int speedctl_up(int argc, char **argv) {
         goto usage;
     }
     rc = SPEEDCTL_EXIT_FAIL;
-    if (!check_model(&u.c) || !find_binaries(&u) || !make_log_dir(&u) || !procs_init(&u) || !make_certs(&u))
-        goto out;
+    if (!check_model(&u.c) || !find_binaries(&u) || !make_log_dir(&u) || !procs_init(&u) || !make_certs(&u)) goto out;
 
     /* UCX settings every process needs on one host; what the user set wins */
     setenv("UCX_TCP_CM_REUSEADDR", "y", 0);
@@ -861,9 +861,9 @@ int speedctl_up(int argc, char **argv) {
     printf("starting %s: model %s, %lld decode + %lld prefill replicas and the router on %s%s%s\n",
            speed_config_file(ccfg), u.c.model, (long long)u.c.decode.replicas, (long long)u.c.prefill.replicas,
            u.c.host, u.opts.foreground_logs ? "" : ", logs in ", u.opts.foreground_logs ? "" : u.log_dir);
-    printf("control plane: %s\n", u.cert_dir[0]          ? "mutual TLS, throwaway certificates for this run"
-                                   : u.c.tls_insecure ? "PLAINTEXT (tls.insecure)"
-                                                      : "mutual TLS, the configured certificates");
+    printf("control plane: %s\n", u.cert_dir[0]      ? "mutual TLS, throwaway certificates for this run"
+                                  : u.c.tls_insecure ? "PLAINTEXT (tls.insecure)"
+                                                     : "mutual TLS, the configured certificates");
     fflush(stdout);
     rc = up_run(&u);
     goto out;

@@ -284,15 +284,15 @@ static void test_tls_startup(const char *model_dir, int B) {
     char grpc[16], http[16];
     snprintf(grpc, sizeof grpc, "%d", B + 50);
     snprintf(http, sizeof http, "%d", B + 60);
-    const char *none[] = {"--model", model_dir, "--decode.grpc_port", grpc, "--decode.http_port", http,
-                          "--tls.ca", "", NULL};
+    const char *none[] = {"--model", model_dir, "--decode.grpc_port", grpc, "--decode.http_port", http, "--tls.ca",
+                          "",        NULL};
     cu_proc_t d = cu_spawn("speed-decode", "decode-nocert", none);
     CHECK_INT_EQ(cu_wait_exit(&d, 30), 2);
     CHECK_MSG(tu_system("grep -q 'no certificate for the control plane: run .speedctl certs' %s/decode-nocert.log",
                         cu_dir) == 0,
               "decode-nocert.log lacks the way out");
-    const char *open_args[] = {"--model", model_dir, "--decode.grpc_port", grpc, "--decode.http_port", http,
-                               "--tls.insecure", "--decode.threads", "1", NULL};
+    const char *open_args[] = {"--model", model_dir,        "--decode.grpc_port", grpc, "--decode.http_port",
+                               http,      "--tls.insecure", "--decode.threads",   "1",  NULL};
     d = cu_spawn("speed-decode", "decode-insecure", open_args);
     CHECK(cu_wait_up(&d, B + 60, 30));
     char err[256];

@@ -446,8 +446,8 @@ static void test_cli(void) {
      * certificate of another CA is refused naming the file */
     snprintf(cmd, sizeof cmd, "'%s' --config '%s' --tls.cert '' 2> '%s.err'", bin, cluster, cluster);
     CHECK_INT_EQ(WEXITSTATUS(system(cmd)), 2);
-    snprintf(cmd, sizeof cmd, "grep -q 'speed-router: no certificate for the control plane: run .speedctl certs' '%s.err'",
-             cluster);
+    snprintf(cmd, sizeof cmd,
+             "grep -q 'speed-router: no certificate for the control plane: run .speedctl certs' '%s.err'", cluster);
     CHECK_INT_EQ(WEXITSTATUS(system(cmd)), 0);
     snprintf(cmd, sizeof cmd, "'%s' --config '%s' --tls.cert '%s' --tls.key '%s' 2> '%s.err'", bin, cluster,
              tu_path("certs/stranger.crt"), tu_path("certs/stranger.key"), cluster);

@@ -197,9 +197,7 @@ static json_t *http_json(int port, const char *method, const char *path, const c
 /* ---- the cluster, used as a client would ---------------------------------------------------- */
 
 /* The throwaway certificate directories `speedctl up` made under TMPDIR (= dir): any? */
-static int cert_dirs(void) {
-    return tu_system("ls -d '%s'/speedctl-certs-* > /dev/null 2>&1", dir) == 0 ? 1 : 0;
-}
+static int cert_dirs(void) { return tu_system("ls -d '%s'/speedctl-certs-* > /dev/null 2>&1", dir) == 0 ? 1 : 0; }
 
 static void test_cluster(void) {
     up_run_t r;
@@ -323,9 +321,8 @@ static void test_certs(void) {
                            src_dir, speedctl, pki),
                  0);
     CHECK_INT_EQ(tu_system("cd '%s' && '%s' certs --out '%s' > /dev/null 2>&1", src_dir, speedctl, pki), 2);
-    CHECK_INT_EQ(tu_system("cd '%s' && '%s' certs --config deploy/clusters/1p1d.yaml > /dev/null 2>&1", src_dir,
-                           speedctl),
-                 2);
+    CHECK_INT_EQ(
+        tu_system("cd '%s' && '%s' certs --config deploy/clusters/1p1d.yaml > /dev/null 2>&1", src_dir, speedctl), 2);
 }
 
 /* ---- startup failures ------------------------------------------------------------------------ */
