@@ -1,6 +1,6 @@
 /* speed_mac: a keyed message authentication code (HMAC-SHA-256, truncated to
  * SPEED_MAC_TAG_BYTES) and a constant-time comparison, for the KV plane's integrity mode and
- * its nonces (docs/security-kv-plane.md). A thin layer over GnuTLS so that only this part
+ * its nonces (docs/security.md#the-kv-plane). A thin layer over GnuTLS so that only this part
  * includes the GnuTLS headers for it.
  *
  *   speed_mac_t m;

@@ -103,7 +103,7 @@ typedef struct {
                                     * instead of the pinned host mirror; refused at startup by a
                                     * UCX without CUDA */
 
-    /* control plane: mutual TLS (docs/security-control-plane.md) */
+    /* control plane: mutual TLS (docs/security.md#the-control-plane) */
     const char *tls_ca, *tls_cert, *tls_key; /* PEM files; "" = unset */
     bool tls_insecure;                       /* plaintext gRPC, no identities (warned at startup) */
 

@@ -194,7 +194,7 @@ GAUGE_FN(g_blocks_reserved, (double)(s.kv.usage.n_blocks[0] + s.kv.usage.n_block
 GAUGE_FN(g_blocks_total, (double)(s.kv.n_blocks[0] + s.kv.n_blocks[1]))
 GAUGE_FN(g_kv_bytes_used, (double)(s.kv.usage.bytes_used[0] + s.kv.usage.bytes_used[1]))
 
-/* The KV plane's counters of the UCX context (docs/security-kv-plane.md). Cumulative, exported as
+/* The KV plane's counters of the UCX context (docs/security.md#the-kv-plane). Cumulative, exported as
  * gauges read at scrape time (the context keeps the counts). */
 #define XFER_FN(fname, expr)                  \
     static double fname(void *user) {         \

@@ -1,4 +1,4 @@
-/* The decode node's side of the KV plane (docs/security-kv-plane.md): what an authenticated
+/* The decode node's side of the KV plane (docs/security.md#the-kv-plane): what an authenticated
  * notify does to a reservation. The transfer context has already checked the nonce (and the
  * integrity tags) before this runs, so everything here is about a reservation whose writer
  * proved it was chosen by the router.

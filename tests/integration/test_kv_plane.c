@@ -1,5 +1,5 @@
 /* The KV plane's trust boundary on a real 1P1D cluster (speed-router, speed-prefill, speed-decode
- * on loopback; docs/security-kv-plane.md): a request reads only KV that it wrote.
+ * on loopback; docs/security.md#the-kv-plane): a request reads only KV that it wrote.
  *
  *  1. Reserve + Generate sent straight to the decode node, no prefill: refused with a clear error
  *     (before: it decoded over whatever the reused blocks held, the previous user's KV);

@@ -1,4 +1,4 @@
-/* The KV plane's protections in the transfer library (docs/security-kv-plane.md), two contexts in
+/* The KV plane's protections in the transfer library (docs/security.md#the-kv-plane), two contexts in
  * one process (shm and tcp):
  *  - the notify's bytes: round trip, and every malformed message the decoder refuses;
  *  - grants: a descriptor built with a grant carries a fresh 128-bit nonce; a notify with the

@@ -1,4 +1,4 @@
-/* speedctl certs: the control plane's certificates for a cluster (docs/security-control-plane.md).
+/* speedctl certs: the control plane's certificates for a cluster (docs/security.md#the-control-plane).
  *
  * One CA and one certificate per process of the cluster file: "router", "prefill-<i>",
  * "decode-<i>" and "admin" (speedctl's own, for operators). The common name is the identity the
