@@ -391,7 +391,9 @@ static speed_status_t load_model(speed_node_t *n) {
 }
 
 speed_status_t speed_node_init(speed_node_t *n, const char *role, int argc, char **argv, int *exit_code_p) {
+    bool (*cancel_hook)(speed_node_t *, const char *) = n->cancel_hook; /* the role set it */
     memset(n, 0, sizeof *n);
+    n->cancel_hook = cancel_hook;
     n->role = role;
     atomic_init(&n->state, SPEED_NODE_STARTING);
     atomic_init(&n->drain_requested, false);
@@ -604,8 +606,9 @@ void speed_node_on_cancel(void *user, speed_rpc_call_t *call, const uint8_t *dat
         return;
     }
     Speed__V1__CancelReply reply = SPEED__V1__CANCEL_REPLY__INIT;
-    reply.found = speed_batcher_cancel(n->batcher, req->request_id) == SPEED_OK;
-    SPEED_INFO(SPEED_SUBSYS_NET, "cancel %s: %s", req->request_id, reply.found ? "ended" : "not found");
+    reply.found = n->cancel_hook && n->cancel_hook(n, req->request_id);
+    if (!reply.found) reply.found = speed_batcher_cancel(n->batcher, req->request_id) == SPEED_OK;
+    speed_log(SPEED_LOG_INFO, SPEED_SUBSYS_NET, req->request_id, "cancel: %s", reply.found ? "ended" : "not found");
     speed_node_reply(call, &reply.base);
     speed_proto_free(&req->base);
 }

@@ -47,7 +47,7 @@ typedef void (*speed_node_work_fn_t)(void *arg);
 
 typedef struct speed_node_work speed_node_work_t;
 
-typedef struct {
+typedef struct speed_node_s {
     const char *role; /* "prefill" | "decode" */
     speed_cluster_config_t cfg;
     speed_config_t *cfg_handle;
@@ -66,6 +66,10 @@ typedef struct {
     speed_rpc_server_t *rpc;
     speed_http_server_t *http;
     speed_metrics_t *metrics;
+
+    /* The role's part of a Cancel, run before the batcher's (may be NULL): true when it found
+     * the request. Set before speed_node_main; called on an RPC thread. */
+    bool (*cancel_hook)(struct speed_node_s *node, const char *request_id);
 
     _Atomic int state; /* speed_node_state_t */
     _Atomic bool drain_requested;
@@ -124,8 +128,9 @@ bool speed_node_accepting(const speed_node_t *node);
 /* speed_<role>_requests_total{status} += 1. */
 void speed_node_count(speed_node_t *node, const char *status);
 
-/* The role's Cancel method (Decode.Cancel / Prefill.Cancel): ends the request in the batcher
- * (its finish event completes the request's own call) and replies {found}. user = the node. */
+/* The role's Cancel method (Decode.Cancel / Prefill.Cancel): runs the node's cancel_hook, else
+ * ends the request in the batcher (its finish event completes the request's own call), and
+ * replies {found}. user = the node. */
 void speed_node_on_cancel(void *user, speed_rpc_call_t *call, const uint8_t *data, size_t len);
 
 /* The decode node's notify callback (node_kv.c; user = the node): a notify whose nonce (and

@@ -179,29 +179,19 @@ static void pf_call_cancelled(void *user, speed_rpc_call_t *call) {
     pf_cancel(user);
 }
 
-/* Prefill.Cancel: sets the request's cancelled flag (the layer callback stops the puts before
- * the next layer), then ends it in the batcher like every role's Cancel. */
-static void on_prefill_cancel(void *user, speed_rpc_call_t *call, const uint8_t *data, size_t len) {
-    speed_node_t *n = user;
-    Speed__V1__CancelRequest *req = NULL;
-    if (speed_proto_unpack(&speed__v1__cancel_request__descriptor, data, len, (ProtobufCMessage **)&req) != SPEED_OK ||
-        !req->request_id || !*req->request_id || strlen(req->request_id) > SPEED_BATCH_ID_MAX) {
-        if (req) speed_proto_free(&req->base);
-        speed_node_fail(call, SPEED_ERR_INVALID_ARGUMENT, "malformed CancelRequest");
-        return;
-    }
-    Speed__V1__CancelReply reply = SPEED__V1__CANCEL_REPLY__INIT;
+/* Prefill.Cancel's part (the node's cancel_hook): sets the request's cancelled flag, so the
+ * layer callback stops the puts before the next layer; speed_node_on_cancel then replies. */
+static bool prefill_cancel_hook(speed_node_t *n, const char *request_id) {
+    (void)n;
+    bool found = false;
     pthread_mutex_lock(&g_live_mu);
     for (pf_t *p = g_live; p; p = p->next)
-        if (strcmp(p->id, req->request_id) == 0) {
+        if (strcmp(p->id, request_id) == 0) {
             pf_cancel(p);
-            reply.found = true;
+            found = true;
         }
     pthread_mutex_unlock(&g_live_mu);
-    if (!reply.found) reply.found = speed_batcher_cancel(n->batcher, req->request_id) == SPEED_OK;
-    speed_log(SPEED_LOG_INFO, SPEED_SUBSYS_NET, req->request_id, "cancel: %s", reply.found ? "ended" : "not found");
-    speed_node_reply(call, &reply.base);
-    speed_proto_free(&req->base);
+    return found;
 }
 
 static void prefill_work(void *arg) {
@@ -299,7 +289,8 @@ static void on_prefill(void *user, speed_rpc_call_t *call, const uint8_t *data, 
 int main(int argc, char **argv) {
     static const speed_node_method_t methods[] = {
         {SPEED_METHOD_PREFILL_PREFILL, SPEED_RPC_UNARY, on_prefill},
-        {SPEED_METHOD_PREFILL_CANCEL, SPEED_RPC_UNARY, on_prefill_cancel},
+        {SPEED_METHOD_PREFILL_CANCEL, SPEED_RPC_UNARY, speed_node_on_cancel},
     };
+    g_node.cancel_hook = prefill_cancel_hook;
     return speed_node_main(&g_node, "prefill", methods, (int)(sizeof methods / sizeof methods[0]), argc, argv);
 }

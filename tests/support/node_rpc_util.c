@@ -55,8 +55,15 @@ int nr_generate(speed_rpc_channel_t *ch, const Speed__V1__GenerateRequest *req, 
                      SPEED_OK);
         speed_free(data);
         if (!ev) break;
-        for (size_t i = 0; i < ev->n_tokens && out->n < (int)(sizeof out->ids / sizeof out->ids[0]); i++)
-            out->ids[out->n++] = ev->tokens[i]->id;
+        for (size_t i = 0; i < ev->n_tokens && out->n < (int)(sizeof out->ids / sizeof out->ids[0]); i++) {
+            out->ids[out->n] = ev->tokens[i]->id;
+            out->logprobs[out->n++] = ev->tokens[i]->logprob;
+        }
+        if (ev->usage) {
+            out->usage = *ev->usage;
+            out->usage.base.unknown_fields = NULL; /* the event is freed below */
+            out->usage.base.n_unknown_fields = 0;
+        }
         if (ev->finish_reason && *ev->finish_reason) snprintf(out->finish, sizeof out->finish, "%s", ev->finish_reason);
         if (ev->error && *ev->error) snprintf(out->error, sizeof out->error, "%s", ev->error);
         speed_proto_free(&ev->base);

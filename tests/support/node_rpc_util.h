@@ -26,8 +26,10 @@ int nr_call(speed_rpc_channel_t *ch, const char *method, const ProtobufCMessage 
 typedef struct {
     int n;
     int32_t ids[4096];
+    float logprobs[4096];
     char finish[32];
-    char error[256]; /* the last event's error text, or the stream's status message */
+    Speed__V1__Usage usage; /* the last usage an event carried */
+    char error[256];        /* the last event's error text, or the stream's status message */
 } nr_gen_t;
 
 /* Runs Decode.Generate to its end. Returns the stream's gRPC code. */

@@ -10,6 +10,7 @@
 
 #include "cluster_util.h"
 #include "model.h"
+#include "node_rpc_util.h"
 #include "rpc.h"
 #include "speed_proto.h"
 #include "test_gpu.h"
@@ -40,23 +41,6 @@ static speed_rpc_channel_t *channel_as(int port, const char *identity) {
 
 static speed_rpc_channel_t *channel(int port) { return channel_as(port, "router"); }
 
-/* Packs msg, calls, unpacks the reply with desc. Returns the gRPC code. */
-static int call(speed_rpc_channel_t *ch, const char *method, const ProtobufCMessage *msg,
-                const ProtobufCMessageDescriptor *desc, ProtobufCMessage **reply_p, char *err, size_t err_size) {
-    uint8_t *buf = NULL;
-    size_t len = 0;
-    CHECK_INT_EQ(speed_proto_pack(msg, &buf, &len), SPEED_OK);
-    speed_rpc_reply_t reply = {0};
-    speed_rpc_unary(ch, method, buf, len, 60000, &reply);
-    speed_free(buf);
-    int code = reply.code;
-    if (err) snprintf(err, err_size, "%s", reply.message ? reply.message : "");
-    if (code == SPEED_RPC_OK && reply_p)
-        CHECK_INT_EQ(speed_proto_unpack(desc, reply.data, reply.len, reply_p), SPEED_OK);
-    speed_rpc_reply_cleanup(&reply);
-    return code;
-}
-
 static Speed__V1__SamplingParams sampling(void) {
     Speed__V1__SamplingParams s = SPEED__V1__SAMPLING_PARAMS__INIT;
     s.max_tokens = N_GEN;
@@ -67,51 +51,7 @@ static Speed__V1__SamplingParams sampling(void) {
     return s;
 }
 
-typedef struct {
-    int n;
-    int32_t ids[64];
-    float logprobs[64];
-    char finish[32];
-    Speed__V1__Usage usage;
-} gen_out_t;
-
-static int generate(speed_rpc_channel_t *ch, Speed__V1__GenerateRequest *req, gen_out_t *out) {
-    memset(out, 0, sizeof *out);
-    uint8_t *buf = NULL;
-    size_t len = 0;
-    CHECK_INT_EQ(speed_proto_pack(&req->base, &buf, &len), SPEED_OK);
-    speed_rpc_stream_t *s = NULL;
-    CHECK_INT_EQ(speed_rpc_stream_open(ch, SPEED_METHOD_DECODE_GENERATE, buf, len, 60000, &s), SPEED_OK);
-    speed_free(buf);
-    for (;;) {
-        uint8_t *data = NULL;
-        size_t dlen = 0;
-        speed_rpc_next_t r = speed_rpc_stream_next(s, 60000, &data, &dlen);
-        if (r == SPEED_RPC_NEXT_END) break;
-        if (r == SPEED_RPC_NEXT_WAIT) {
-            CHECK(!"Generate stream stalled for 60 s");
-            break;
-        }
-        Speed__V1__GenerateEvent *ev = NULL;
-        CHECK_INT_EQ(speed_proto_unpack(&speed__v1__generate_event__descriptor, data, dlen, (ProtobufCMessage **)&ev),
-                     SPEED_OK);
-        speed_free(data);
-        if (!ev) break;
-        for (size_t i = 0; i < ev->n_tokens && out->n < 64; i++) {
-            out->ids[out->n] = ev->tokens[i]->id;
-            out->logprobs[out->n] = ev->tokens[i]->logprob;
-            out->n++;
-        }
-        if (ev->finish_reason && *ev->finish_reason) snprintf(out->finish, sizeof out->finish, "%s", ev->finish_reason);
-        if (ev->usage) out->usage = *ev->usage;
-        speed_proto_free(&ev->base);
-    }
-    int code = speed_rpc_stream_status(s, NULL);
-    speed_rpc_stream_close(s);
-    return code;
-}
-
-static void check_against_ref(const gen_out_t *g, json_t *ref) {
+static void check_against_ref(const nr_gen_t *g, json_t *ref) {
     json_t *toks = json_object_get(ref, "tokens");
     CHECK(toks != NULL);
     CHECK_INT_EQ(g->n, (int)json_array_size(toks));
@@ -142,8 +82,8 @@ static void run_depth(speed_rpc_channel_t *pre, speed_rpc_channel_t *dec, const 
     rr.speed = &sp;
     Speed__V1__ReserveReply *res = NULL;
     char err[256];
-    CHECK_INT_EQ(call(dec, SPEED_METHOD_DECODE_RESERVE, &rr.base, &speed__v1__reserve_reply__descriptor,
-                      (ProtobufCMessage **)&res, err, sizeof err),
+    CHECK_INT_EQ(nr_call(dec, SPEED_METHOD_DECODE_RESERVE, &rr.base, &speed__v1__reserve_reply__descriptor,
+                         (ProtobufCMessage **)&res, err, sizeof err),
                  SPEED_RPC_OK);
     if (!res) return;
     CHECK_INT_EQ(res->kv->total_bytes, want);
@@ -158,8 +98,8 @@ static void run_depth(speed_rpc_channel_t *pre, speed_rpc_channel_t *dec, const 
     pr.sampling = &smp;
     pr.kv = res->kv;
     Speed__V1__PrefillReply *pre_reply = NULL;
-    int code = call(pre, SPEED_METHOD_PREFILL_PREFILL, &pr.base, &speed__v1__prefill_reply__descriptor,
-                    (ProtobufCMessage **)&pre_reply, err, sizeof err);
+    int code = nr_call(pre, SPEED_METHOD_PREFILL_PREFILL, &pr.base, &speed__v1__prefill_reply__descriptor,
+                       (ProtobufCMessage **)&pre_reply, err, sizeof err);
     CHECK_INT_EQ(code, SPEED_RPC_OK);
     if (code != SPEED_RPC_OK) fprintf(stderr, "Prefill: %s\n", err);
     if (!pre_reply) {
@@ -173,8 +113,8 @@ static void run_depth(speed_rpc_channel_t *pre, speed_rpc_channel_t *dec, const 
     gr.first = pre_reply->first;
     gr.sampling = &smp;
     gr.epoch = res->kv->epoch;
-    gen_out_t g;
-    CHECK_INT_EQ(generate(dec, &gr, &g), SPEED_RPC_OK);
+    nr_gen_t g;
+    CHECK_INT_EQ(nr_generate(dec, &gr, &g), SPEED_RPC_OK);
     check_against_ref(&g, ref);
     CHECK(strcmp(g.finish, "length") == 0);
     CHECK_INT_EQ(g.usage.kv_bytes, want);
@@ -184,7 +124,7 @@ static void run_depth(speed_rpc_channel_t *pre, speed_rpc_channel_t *dec, const 
     CHECK_INT_EQ(g.usage.prompt_tokens, N_PROMPT);
 
     /* the same request id again: the reservation is gone */
-    code = generate(dec, &gr, &g);
+    code = nr_generate(dec, &gr, &g);
     CHECK_INT_EQ(code, SPEED_RPC_NOT_FOUND);
     speed_proto_free(&pre_reply->base);
     speed_proto_free(&res->base);
@@ -195,7 +135,7 @@ static void run_depth(speed_rpc_channel_t *pre, speed_rpc_channel_t *dec, const 
 static int call_as(int port, const char *identity, const char *method, const ProtobufCMessage *msg, char *err,
                    size_t err_size) {
     speed_rpc_channel_t *ch = channel_as(port, identity);
-    int code = call(ch, method, msg, NULL, NULL, err, err_size);
+    int code = nr_call(ch, method, msg, NULL, NULL, err, err_size);
     speed_rpc_channel_destroy(ch);
     return code;
 }
@@ -225,7 +165,7 @@ static void test_strangers(int pre_port, int dec_port, int pre_http, int dec_htt
     gr.n_prompt_ids = N_PROMPT;
     gr.prompt_ids = g_prompt;
     gr.sampling = &smp;
-    gen_out_t g;
+    nr_gen_t g;
 
     const char *strangers[] = {NULL, "", "stranger"};
     for (int s = 0; s < 3; s++) {
@@ -243,7 +183,7 @@ static void test_strangers(int pre_port, int dec_port, int pre_http, int dec_htt
         code = call_as(pre_port, strangers[s], SPEED_METHOD_PREFILL_PREFILL, &pr.base, err, sizeof err);
         CHECK_MSG(code == SPEED_RPC_UNAVAILABLE, "%s: Prefill gave %s", who, speed_rpc_code_name(code));
         speed_rpc_channel_t *ch = channel_as(dec_port, strangers[s]);
-        code = generate(ch, &gr, &g);
+        code = nr_generate(ch, &gr, &g);
         CHECK_MSG(code == SPEED_RPC_UNAVAILABLE, "%s: Generate gave %s", who, speed_rpc_code_name(code));
         CHECK_INT_EQ(g.n, 0);
         speed_rpc_channel_destroy(ch);
@@ -264,7 +204,7 @@ static void test_strangers(int pre_port, int dec_port, int pre_http, int dec_htt
     CHECK_INT_EQ(call_as(pre_port, "prefill-0", SPEED_METHOD_NODE_DRAIN, &drain.base, err, sizeof err),
                  SPEED_RPC_PERMISSION_DENIED);
     speed_rpc_channel_t *ch = channel_as(dec_port, "admin");
-    CHECK_INT_EQ(generate(ch, &gr, &g), SPEED_RPC_PERMISSION_DENIED);
+    CHECK_INT_EQ(nr_generate(ch, &gr, &g), SPEED_RPC_PERMISSION_DENIED);
     speed_rpc_channel_destroy(ch);
     /* admin may read health */
     CHECK_INT_EQ(call_as(dec_port, "admin", SPEED_METHOD_NODE_HEALTH, &health.base, err, sizeof err), SPEED_RPC_OK);
@@ -476,8 +416,8 @@ int main(void) {
         gr.n_prompt_ids = N_PROMPT;
         gr.prompt_ids = g_prompt;
         gr.sampling = &smp;
-        gen_out_t g;
-        CHECK_INT_EQ(generate(dc, &gr, &g), SPEED_RPC_OK);
+        nr_gen_t g;
+        CHECK_INT_EQ(nr_generate(dc, &gr, &g), SPEED_RPC_OK);
         if (ref) check_against_ref(&g, ref);
         CHECK_INT_EQ(g.usage.kv_bytes, 0);
         json_decref(ref);
@@ -490,8 +430,8 @@ int main(void) {
         rr.n_prompt = N_PROMPT;
         rr.max_tokens = N_GEN;
         Speed__V1__ReserveReply *res = NULL;
-        CHECK_INT_EQ(call(dc, SPEED_METHOD_DECODE_RESERVE, &rr.base, &speed__v1__reserve_reply__descriptor,
-                          (ProtobufCMessage **)&res, NULL, 0),
+        CHECK_INT_EQ(nr_call(dc, SPEED_METHOD_DECODE_RESERVE, &rr.base, &speed__v1__reserve_reply__descriptor,
+                             (ProtobufCMessage **)&res, NULL, 0),
                      SPEED_RPC_OK);
         if (res) speed_proto_free(&res->base);
         WAIT_FOR(cu_metric(B + 30, "speed_kv_blocks_reserved") > 0, 5000);
@@ -499,8 +439,8 @@ int main(void) {
         Speed__V1__CancelRequest cr = SPEED__V1__CANCEL_REQUEST__INIT;
         cr.request_id = "to-cancel";
         Speed__V1__CancelReply *cre = NULL;
-        CHECK_INT_EQ(call(dc, SPEED_METHOD_DECODE_CANCEL, &cr.base, &speed__v1__cancel_reply__descriptor,
-                          (ProtobufCMessage **)&cre, NULL, 0),
+        CHECK_INT_EQ(nr_call(dc, SPEED_METHOD_DECODE_CANCEL, &cr.base, &speed__v1__cancel_reply__descriptor,
+                             (ProtobufCMessage **)&cre, NULL, 0),
                      SPEED_RPC_OK);
         CHECK(cre && cre->found);
         if (cre) speed_proto_free(&cre->base);
@@ -515,8 +455,8 @@ int main(void) {
 
         rr.request_id = "to-expire";
         res = NULL;
-        CHECK_INT_EQ(call(dc, SPEED_METHOD_DECODE_RESERVE, &rr.base, &speed__v1__reserve_reply__descriptor,
-                          (ProtobufCMessage **)&res, NULL, 0),
+        CHECK_INT_EQ(nr_call(dc, SPEED_METHOD_DECODE_RESERVE, &rr.base, &speed__v1__reserve_reply__descriptor,
+                             (ProtobufCMessage **)&res, NULL, 0),
                      SPEED_RPC_OK);
         if (res) speed_proto_free(&res->base);
         /* the lease runs from the reservation: measure from here, before polling */
@@ -535,16 +475,16 @@ int main(void) {
         rr.request_id = "bad";
         rr.n_prompt = 0;
         rr.max_tokens = 4;
-        CHECK_INT_EQ(call(dc, SPEED_METHOD_DECODE_RESERVE, &rr.base, NULL, NULL, err, sizeof err),
+        CHECK_INT_EQ(nr_call(dc, SPEED_METHOD_DECODE_RESERVE, &rr.base, NULL, NULL, err, sizeof err),
                      SPEED_RPC_INVALID_ARGUMENT);
         rr.n_prompt = 1 << 30;
-        CHECK(call(dc, SPEED_METHOD_DECODE_RESERVE, &rr.base, NULL, NULL, err, sizeof err) != SPEED_RPC_OK);
+        CHECK(nr_call(dc, SPEED_METHOD_DECODE_RESERVE, &rr.base, NULL, NULL, err, sizeof err) != SPEED_RPC_OK);
         Speed__V1__SpeedParams sp = SPEED__V1__SPEED_PARAMS__INIT;
         sp.prefill_layers_opt_case = SPEED__V1__SPEED_PARAMS__PREFILL_LAYERS_OPT_PREFILL_LAYERS;
         sp.prefill_layers = L + 1;
         rr.n_prompt = 8;
         rr.speed = &sp;
-        CHECK_INT_EQ(call(dc, SPEED_METHOD_DECODE_RESERVE, &rr.base, NULL, NULL, err, sizeof err),
+        CHECK_INT_EQ(nr_call(dc, SPEED_METHOD_DECODE_RESERVE, &rr.base, NULL, NULL, err, sizeof err),
                      SPEED_RPC_INVALID_ARGUMENT);
         CHECK_CONTAINS(err, "prefill_layers");
         /* garbage bytes */
@@ -569,7 +509,7 @@ int main(void) {
         pr.prompt_ids = g_prompt;
         pr.sampling = &smp;
         pr.kv = &kd;
-        int code = call(pc, SPEED_METHOD_PREFILL_PREFILL, &pr.base, NULL, NULL, err, sizeof err);
+        int code = nr_call(pc, SPEED_METHOD_PREFILL_PREFILL, &pr.base, NULL, NULL, err, sizeof err);
         CHECK(code != SPEED_RPC_OK);
         /* Generate for a reservation that never existed */
         Speed__V1__Token first = SPEED__V1__TOKEN__INIT;
@@ -577,8 +517,8 @@ int main(void) {
         gr.request_id = "never-reserved";
         gr.first = &first;
         gr.sampling = &smp;
-        gen_out_t g;
-        CHECK_INT_EQ(generate(dc, &gr, &g), SPEED_RPC_NOT_FOUND);
+        nr_gen_t g;
+        CHECK_INT_EQ(nr_generate(dc, &gr, &g), SPEED_RPC_NOT_FOUND);
         CHECK(cu_wait_health(B + 30, 200, 5) && cu_wait_health(B + 10, 200, 5));
     }
 
