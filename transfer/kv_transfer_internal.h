@@ -55,6 +55,16 @@ typedef struct {
     uint64_t token;
 } ack_msg_t;
 
+/* Decoding what a peer sent (kv_xfer_ctx.c; untrusted bytes, fuzzed by tests/fuzz).
+ * Notify: exactly sizeof(notify_msg_t) bytes with this MSG_MAGIC and MSG_VERSION; the request
+ * id is cut to be NUL-terminated inside its field. Returns SPEED_OK (*m_p filled) or
+ * SPEED_ERR_PEER_PROTOCOL (logged; *m_p untouched). Checking the epoch is the caller's.
+ * Ack: exactly sizeof(ack_msg_t) bytes with MSG_MAGIC; a status that is not a known
+ * speed_status_t reads as SPEED_ERR_PEER_PROTOCOL. Returns false (nothing logged: an ack
+ * nobody waits for is dropped) or true with *a_p filled. */
+speed_status_t speed_kv_notify_decode(const void *data, size_t length, notify_msg_t *m_p);
+bool speed_kv_ack_decode(const void *data, size_t length, ack_msg_t *a_p);
+
 typedef struct ack_buf {
     struct ack_buf *prev, *next;
     struct speed_kv_xfer_ctx *ctx;

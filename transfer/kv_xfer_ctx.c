@@ -85,6 +85,37 @@ static void ack_send(speed_kv_xfer_ctx_t *c, ucp_ep_h reply_ep, uint64_t token, 
     ack_unlink(c, a);
 }
 
+/* ---- message decoding (what a peer sent: untrusted) ------------------------------------------ */
+
+speed_status_t speed_kv_notify_decode(const void *data, size_t length, notify_msg_t *m_p) {
+    if (length != sizeof *m_p || !data) {
+        SPEED_WARN(SPEED_SUBSYS_NET, "kv transfer: malformed notify of %zu bytes rejected (version %d is %zu bytes)",
+                   length, MSG_VERSION, sizeof *m_p);
+        return SPEED_ERR_PEER_PROTOCOL;
+    }
+    notify_msg_t m;
+    memcpy(&m, data, sizeof m);
+    m.request_id[REQ_ID_MAX - 1] = '\0';
+    if (m.magic != MSG_MAGIC || m.version != MSG_VERSION) {
+        speed_log(SPEED_LOG_WARN, SPEED_SUBSYS_NET, m.request_id[0] ? m.request_id : NULL,
+                  "kv transfer: notify with bad magic/version rejected");
+        return SPEED_ERR_PEER_PROTOCOL;
+    }
+    *m_p = m;
+    return SPEED_OK;
+}
+
+bool speed_kv_ack_decode(const void *data, size_t length, ack_msg_t *a_p) {
+    ack_msg_t a;
+    if (length != sizeof a || !data) return false;
+    memcpy(&a, data, sizeof a);
+    if (a.magic != MSG_MAGIC) return false;
+    if (a.status != SPEED_OK && strcmp(speed_status_string((speed_status_t)a.status), "unknown status") == 0)
+        a.status = SPEED_ERR_PEER_PROTOCOL;
+    *a_p = a;
+    return true;
+}
+
 static ucs_status_t notify_handler(void *arg, const void *header, size_t header_length, void *data, size_t length,
                                    const ucp_am_recv_param_t *param) {
     (void)header;
@@ -93,18 +124,15 @@ static ucs_status_t notify_handler(void *arg, const void *header, size_t header_
     speed_status_t st = SPEED_OK;
     notify_msg_t m;
     memset(&m, 0, sizeof m);
-    if ((param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) || length != sizeof m) {
-        SPEED_WARN(SPEED_SUBSYS_NET, "kv transfer: malformed notify of %zu bytes rejected (version %d is %zu bytes)",
-                   length, MSG_VERSION, sizeof m);
+    if (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) {
+        SPEED_WARN(SPEED_SUBSYS_NET, "kv transfer: notify of %zu bytes sent as rendezvous rejected", length);
         st = SPEED_ERR_PEER_PROTOCOL;
     } else {
-        memcpy(&m, data, sizeof m);
-        m.request_id[REQ_ID_MAX - 1] = '\0';
+        st = speed_kv_notify_decode(data, length, &m);
+    }
+    if (st == SPEED_OK) {
         const char *r = m.request_id[0] ? m.request_id : NULL;
-        if (m.magic != MSG_MAGIC || m.version != MSG_VERSION) {
-            speed_log(SPEED_LOG_WARN, SPEED_SUBSYS_NET, r, "kv transfer: notify with bad magic/version rejected");
-            st = SPEED_ERR_PEER_PROTOCOL;
-        } else if (m.epoch != c->epoch) {
+        if (m.epoch != c->epoch) {
             speed_log(SPEED_LOG_WARN, SPEED_SUBSYS_NET, r,
                       "kv transfer: notify for epoch %llu rejected: this node's epoch is %llu (stale descriptor)",
                       (unsigned long long)m.epoch, (unsigned long long)c->epoch);
@@ -137,9 +165,7 @@ static ucs_status_t ack_handler(void *arg, const void *header, size_t header_len
     (void)header_length;
     speed_kv_xfer_ctx_t *c = arg;
     ack_msg_t a;
-    if ((param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) || length != sizeof a) return UCS_OK;
-    memcpy(&a, data, sizeof a);
-    if (a.magic != MSG_MAGIC) return UCS_OK;
+    if ((param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) || !speed_kv_ack_decode(data, length, &a)) return UCS_OK;
     pthread_mutex_lock(&c->mu);
     for (speed_kv_xfer_t *x = c->xfers; x; x = x->next) {
         if (x->token != a.token) continue;
@@ -147,9 +173,8 @@ static ucs_status_t ack_handler(void *arg, const void *header, size_t header_len
         if (a.status == SPEED_OK) {
             speed_kv_xfer_done_locked(x);
         } else {
-            speed_status_t st = (speed_status_t)a.status;
-            if (strcmp(speed_status_string(st), "unknown status") == 0) st = SPEED_ERR_PEER_PROTOCOL;
-            speed_kv_xfer_fail_locked(x, st, SPEED_KV_STAGE_NOTIFY, "the decode node refused the notify");
+            speed_kv_xfer_fail_locked(x, (speed_status_t)a.status, SPEED_KV_STAGE_NOTIFY,
+                                      "the decode node refused the notify");
         }
         break;
     }

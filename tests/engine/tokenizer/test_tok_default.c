@@ -14,8 +14,8 @@ static const char *const texts[] = {
     "Hello world",
     "The keeper climbed the ninety-two steps to light the lamp at 6 o'clock.",
     "  leading spaces\tand tabs\n\nand\r\nCRLF   ",
-    "Unicode: h\xC3\xA9llo w\xC3\xB6rld \xE6\x97\xA5\xE6\x9C\xAC\xE8\xAA\x9E \xF0\x9F\xA6\x99 "
-    "\xD9\x85\xD8\xB1\xD8\xAD\xD8\xA8\xD8\xA7",
+    ("Unicode: h\xC3\xA9llo w\xC3\xB6rld \xE6\x97\xA5\xE6\x9C\xAC\xE8\xAA\x9E \xF0\x9F\xA6\x99 "
+     "\xD9\x85\xD8\xB1\xD8\xAD\xD8\xA8\xD8\xA7"),
     "It's, we'll, they're; DON'T",
     "12345678901234567890 3.14159",
 };
