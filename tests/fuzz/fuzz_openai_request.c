@@ -5,13 +5,16 @@
  * with a well-formed OpenAI error JSON.
  *
  * Input: byte 0 chooses the API (bit 0: chat / completions), whether the deployment allows the
- * "speed" object (bit 1) and limits (bits 2-3); the rest is the body. */
+ * "speed" object (bit 1) and limits (bits 2-3); the rest is the body. With bit 4 set the rest
+ * is an Authorization header value instead, checked by speed_openai_auth_check (the one thing
+ * the router reads before a caller is authenticated) against a plain oracle. */
 #include <math.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 
 #include "alloc.h"
@@ -111,9 +114,45 @@ static void check_request(const speed_openai_request_t *r, speed_openai_api_t ap
     }
 }
 
+/* The API key check against a plain reading of its contract: "Bearer" (any case), blanks,
+ * one of the keys exactly, optional blanks around; anything else is refused. */
+static bool auth_oracle(const char *h, const char *const *keys, size_t n_keys) {
+    while (*h == ' ' || *h == '\t') h++;
+    if (strncasecmp(h, "bearer", 6) != 0 || (h[6] != ' ' && h[6] != '\t')) return false;
+    h += 6;
+    while (*h == ' ' || *h == '\t') h++;
+    size_t n = strlen(h);
+    while (n && (h[n - 1] == ' ' || h[n - 1] == '\t')) n--;
+    for (size_t i = 0; n && i < n_keys; i++)
+        if (strlen(keys[i]) == n && memcmp(keys[i], h, n) == 0) return true;
+    return false;
+}
+
+static void check_auth(const char *header, size_t len) {
+    static const char *const keys[] = {"sk-test-1", "sk-other-key"};
+    char *h = malloc(len + 1); /* a header value is a C string (MHD stops at NUL) */
+    if (!h) return;
+    memcpy(h, header, len);
+    h[len] = '\0';
+    speed_openai_error_t err;
+    memset(&err, 0, sizeof err);
+    bool ok = speed_openai_auth_check(h, keys, 2, &err);
+    FZ_ASSERT(ok == auth_oracle(h, keys, 2));
+    if (!ok) {
+        FZ_ASSERT(speed_openai_error_http_status(err.kind) == 401);
+        check_error(&err);
+    }
+    FZ_ASSERT(speed_openai_auth_check(h, keys, 0, NULL)); /* no keys: authentication is off */
+    free(h);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (size < 1) return 0;
     uint8_t mode = data[0];
+    if (mode & 0x10) { /* the Authorization header instead of a body */
+        check_auth((const char *)data + 1, size - 1);
+        return 0;
+    }
     const char *body = (const char *)data + 1;
     size_t len = size - 1;
     speed_openai_api_t api = (mode & 1) ? SPEED_OPENAI_COMPLETIONS : SPEED_OPENAI_CHAT;
