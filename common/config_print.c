@@ -16,6 +16,18 @@ static void print_quoted(FILE *f, const char *s, int *col) {
     fputc('"', f);
     (*col)++;
     for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+        /* YAML reads U+0085, U+2028 and U+2029 as line breaks and folds them inside a quoted
+         * scalar: written raw they would load back as spaces. Its escapes keep them. */
+        if (p[0] == 0xc2 && p[1] == 0x85) {
+            *col += fprintf(f, "\\N");
+            p++;
+            continue;
+        }
+        if (p[0] == 0xe2 && p[1] == 0x80 && (p[2] == 0xa8 || p[2] == 0xa9)) {
+            *col += fprintf(f, p[2] == 0xa8 ? "\\L" : "\\P");
+            p += 2;
+            continue;
+        }
         switch (*p) {
         case '"': *col += fprintf(f, "\\\""); break;
         case '\\': *col += fprintf(f, "\\\\"); break;

@@ -10,6 +10,7 @@ packages=(
   libgrpc-dev libprotobuf-c-dev protobuf-c-compiler
   libucx-dev ucx-utils libmicrohttpd-dev libgnutls28-dev
   curl
+  clang-14 libfuzzer-14-dev
 )
 
 missing=()

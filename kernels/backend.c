@@ -3,8 +3,12 @@
 #include "backend.h"
 
 #include <math.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 
 #include "alloc.h"
 #include "log.h"
@@ -29,6 +33,14 @@ const char *speed_cpu_isa_name(speed_cpu_isa_t isa) {
     return "?";
 }
 
+#if defined(__x86_64__) || defined(__i386__)
+/* F16C from CPUID leaf 1 (ECX bit 29): clang 14's __builtin_cpu_supports does not know "f16c". */
+static bool cpu_has_f16c(void) {
+    unsigned a, b, c, d;
+    return __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
+}
+#endif
+
 speed_cpu_isa_t speed_cpu_isa_detect(void) {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_cpu_init();
@@ -36,8 +48,7 @@ speed_cpu_isa_t speed_cpu_isa_detect(void) {
         if (__builtin_cpu_supports("avx512bf16")) return SPEED_CPU_ISA_AVX512_BF16;
         return SPEED_CPU_ISA_AVX512;
     }
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-        return SPEED_CPU_ISA_AVX2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c()) return SPEED_CPU_ISA_AVX2;
 #endif
     return SPEED_CPU_ISA_SCALAR;
 }

@@ -47,6 +47,12 @@ typedef struct {
     uint64_t token;
 } ack_msg_t;
 
+/* Decoding the ack a decode node sent back (kv_xfer_ctx.c; untrusted bytes, fuzzed by
+ * tests/fuzz; the notify's decoder is kv_notify_wire.h's): exactly sizeof(ack_msg_t) bytes with
+ * MSG_MAGIC; a status that is not a known speed_status_t reads as SPEED_ERR_PEER_PROTOCOL.
+ * Returns false (nothing logged: an ack nobody waits for is dropped) or true with *a_p filled. */
+bool speed_kv_ack_decode(const void *data, size_t length, ack_msg_t *a_p);
+
 typedef struct ack_buf {
     struct ack_buf *prev, *next;
     struct speed_kv_xfer_ctx *ctx;

@@ -86,6 +86,19 @@ static void ack_send(speed_kv_xfer_ctx_t *c, ucp_ep_h reply_ep, uint64_t token, 
     ack_unlink(c, a);
 }
 
+/* ---- message decoding (what a peer sent: untrusted) ------------------------------------------ */
+
+bool speed_kv_ack_decode(const void *data, size_t length, ack_msg_t *a_p) {
+    ack_msg_t a;
+    if (length != sizeof a || !data) return false;
+    memcpy(&a, data, sizeof a);
+    if (a.magic != MSG_MAGIC) return false;
+    if (a.status != SPEED_OK && strcmp(speed_status_string((speed_status_t)a.status), "unknown status") == 0)
+        a.status = SPEED_ERR_PEER_PROTOCOL;
+    *a_p = a;
+    return true;
+}
+
 static ucs_status_t notify_handler(void *arg, const void *header, size_t header_length, void *data, size_t length,
                                    const ucp_am_recv_param_t *param) {
     (void)header;
@@ -158,9 +171,7 @@ static ucs_status_t ack_handler(void *arg, const void *header, size_t header_len
     (void)header_length;
     speed_kv_xfer_ctx_t *c = arg;
     ack_msg_t a;
-    if ((param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) || length != sizeof a) return UCS_OK;
-    memcpy(&a, data, sizeof a);
-    if (a.magic != MSG_MAGIC) return UCS_OK;
+    if ((param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) || !speed_kv_ack_decode(data, length, &a)) return UCS_OK;
     pthread_mutex_lock(&c->mu);
     for (speed_kv_xfer_t *x = c->xfers; x; x = x->next) {
         if (x->token != a.token) continue;
@@ -168,9 +179,8 @@ static ucs_status_t ack_handler(void *arg, const void *header, size_t header_len
         if (a.status == SPEED_OK) {
             speed_kv_xfer_done_locked(x);
         } else {
-            speed_status_t st = (speed_status_t)a.status;
-            if (strcmp(speed_status_string(st), "unknown status") == 0) st = SPEED_ERR_PEER_PROTOCOL;
-            speed_kv_xfer_fail_locked(x, st, SPEED_KV_STAGE_NOTIFY, "the decode node refused the notify");
+            speed_kv_xfer_fail_locked(x, (speed_status_t)a.status, SPEED_KV_STAGE_NOTIFY,
+                                      "the decode node refused the notify");
         }
         break;
     }

@@ -1,6 +1,7 @@
 /* speed_http client: blocking HTTP/1.1 over one non-blocking TCP socket with poll() timeouts.
  * Understands Content-Length, chunked and read-until-close bodies, and server-sent events. */
 #include <errno.h>
+#include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -21,6 +22,7 @@
 #define MAX_HEAD_BYTES  (64 * 1024)  /* status line + headers */
 #define MAX_BODY_BYTES  (256u << 20) /* whole bodies read by speed_http_client_request */
 #define MAX_EVENT_BYTES (16u << 20)  /* one SSE event */
+#define RBUF_INITIAL    16384        /* the receive buffer exists from creation on: never NULL */
 
 typedef enum { BODY_NONE, BODY_LENGTH, BODY_CHUNKED, BODY_CLOSE } body_mode_t;
 
@@ -110,7 +112,7 @@ static speed_status_t fill(speed_http_client_t *c, bool *eof_p) {
         c->rpos = 0;
     }
     if (c->rlen == c->rcap) {
-        size_t cap = c->rcap ? 2 * c->rcap : 16384;
+        size_t cap = 2 * c->rcap;
         char *grown = speed_realloc(c->rbuf, cap);
         if (!grown) return SPEED_ERR_NO_MEMORY;
         c->rbuf = grown;
@@ -181,10 +183,14 @@ speed_status_t speed_http_client_connect(const char *host, uint16_t port, int ti
     c->timeout_ms = timeout_ms > 0 ? timeout_ms : 30000;
     size_t hl = strlen(host) + 16;
     c->host_header = speed_malloc(hl);
-    if (!c->host_header) {
+    c->rbuf = speed_malloc(RBUF_INITIAL);
+    if (!c->host_header || !c->rbuf) {
+        speed_free(c->host_header);
+        speed_free(c->rbuf);
         speed_free(c);
         return SPEED_ERR_NO_MEMORY;
     }
+    c->rcap = RBUF_INITIAL;
     if (strchr(host, ':'))
         snprintf(c->host_header, hl, "[%s]:%u", host, (unsigned)port);
     else
@@ -227,6 +233,35 @@ speed_status_t speed_http_client_connect(const char *host, uint16_t port, int ti
     }
     int one = 1;
     setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    *client_p = c;
+    return SPEED_OK;
+}
+
+speed_status_t speed_http_client_adopt(int fd, const char *host, int timeout_ms, speed_http_client_t **client_p) {
+    if (fd < 0 || !host || !*host || !client_p) {
+        if (fd >= 0) close(fd);
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    int flags = fcntl(fd, F_GETFL);
+    if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) != 0) { /* the waits poll() */
+        SPEED_DEBUG(SUBSYS, "http client: fcntl on an adopted socket: %s", strerror(errno));
+        close(fd);
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    speed_http_client_t *c = speed_calloc(1, sizeof(*c));
+    if (c) {
+        c->host_header = speed_strdup(host);
+        c->rbuf = speed_malloc(RBUF_INITIAL);
+    }
+    if (!c || !c->host_header || !c->rbuf) {
+        if (c) speed_free(c->host_header), speed_free(c->rbuf);
+        speed_free(c);
+        close(fd);
+        return SPEED_ERR_NO_MEMORY;
+    }
+    c->rcap = RBUF_INITIAL;
+    c->fd = fd;
+    c->timeout_ms = timeout_ms > 0 ? timeout_ms : 30000;
     *client_p = c;
     return SPEED_OK;
 }
@@ -300,6 +335,8 @@ static speed_status_t read_head(speed_http_client_t *c, bool head_request) {
         memcpy(c->head, c->rbuf + c->rpos, end);
         c->head[end] = '\0';
         c->rpos += end;
+        /* the head is parsed as C strings below: a NUL inside would hide the line ends after it */
+        if (memchr(c->head, '\0', end)) return SPEED_ERR_PEER_PROTOCOL;
 
         /* status line */
         char *line = c->head, *next = strchr(line, '\n');
@@ -587,8 +624,8 @@ speed_status_t speed_http_client_next_event(speed_http_client_t *client, const s
     }
     speed_status_t st = SPEED_OK;
     for (;;) {
-        char *base = c->ev_raw + c->ev_pos;
-        char *nl = c->ev_len > c->ev_pos ? memchr(base, '\n', c->ev_len - c->ev_pos) : NULL;
+        char *base = c->ev_len > c->ev_pos ? c->ev_raw + c->ev_pos : NULL; /* ev_raw is NULL until the first read */
+        char *nl = base ? memchr(base, '\n', c->ev_len - c->ev_pos) : NULL;
         if (nl) {
             *nl = '\0';
             size_t n = (size_t)(nl - base);

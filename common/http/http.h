@@ -303,6 +303,13 @@ speed_status_t speed_http_client_connect(const char *host, uint16_t port, int ti
 speed_status_t speed_http_client_connect_tls(const char *host, uint16_t port, int timeout_ms, const char *ca_pem,
                                              const char *server_name, speed_http_client_t **client_p);
 
+/* A client over a socket the caller already connected (a Unix socket, one end of a
+ * socketpair: tests and tests/fuzz feed it scripted responses this way). The client owns fd
+ * from the call on, also when it fails (fd is closed then), and makes it non-blocking. `host`
+ * is the Host header value to send. Returns SPEED_OK, SPEED_ERR_INVALID_ARGUMENT (fd < 0,
+ * host NULL or empty, fcntl failed) or SPEED_ERR_NO_MEMORY. */
+speed_status_t speed_http_client_adopt(int fd, const char *host, int timeout_ms, speed_http_client_t **client_p);
+
 /* Closes the socket and frees. NULL is a no-op. */
 void speed_http_client_destroy(speed_http_client_t *client);
 

@@ -526,6 +526,12 @@ speed_status_t speed_openai_request_parse(speed_openai_api_t api, const char *bo
 
     /* jansson does not reset the error code when it fails without a message (a failed
      * allocation): start from "unknown" rather than stack garbage. */
+    /* No JSON text holds a raw NUL, but jansson reads "[1\0,2]" as [1, 2] (a NUL after a number
+     * ends it and is skipped): refuse any, so that what we accept is JSON (found by fuzzing). */
+    const char *nul = len ? memchr(body, '\0', len) : NULL;
+    if (nul)
+        return bad(&c, NULL, NULL, "We could not parse the JSON body of your request: a NUL byte at offset %zu.",
+                   (size_t)(nul - body));
     speed_json_budget_use_t use;
     const char *which = NULL;
     if (!speed_json_budget_check(body, len, &c.params->json, &use, &which)) {

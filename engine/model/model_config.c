@@ -77,11 +77,13 @@ static speed_status_t cfg_float(const cfg_ctx_t *c, const json_t *obj, const cha
         return SPEED_ERR_FORMAT;
     }
     double x = json_number_value(v);
-    if (!(x > lo && x < hi)) {
+    float f = (float)x;
+    /* the float that is kept must be in range too: 1e-55 passes "> 0" as a double but is 0 as a float */
+    if (!(x > lo && x < hi) || !(f > lo && f < hi)) {
         SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: %s%s: %g is out of range (%g, %g)", c->origin, prefix, key, x, lo, hi);
         return SPEED_ERR_FORMAT;
     }
-    *out_p = (float)x;
+    *out_p = f;
     return SPEED_OK;
 }
 

@@ -232,13 +232,50 @@ static void *read_into_hugepages(int fd, size_t size, void **unmap_addr_p, size_
     return mem;
 }
 
+/* Validates st->map[0..file_size) (at least 8 bytes) and builds the tensor table. The
+ * file and the memory entry points share it, so both check exactly the same things. */
+static speed_status_t st_validate(speed_safetensors_t *st) {
+    const char *path = st->path;
+    speed_status_t status = SPEED_OK;
+    json_t *root = NULL;
+    uint64_t header_len;
+    memcpy(&header_len, st->map, 8); /* little-endian host, checked above */
+    if (header_len > st->file_size - 8) {
+        SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: header length %llu past end of file (%zu bytes)", path,
+                    (unsigned long long)header_len, st->file_size);
+        return SPEED_ERR_FORMAT;
+    }
+    if (header_len > SPEED_SAFETENSORS_MAX_HEADER) {
+        SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: header length %llu exceeds the %u-byte limit", path,
+                    (unsigned long long)header_len, SPEED_SAFETENSORS_MAX_HEADER);
+        return SPEED_ERR_FORMAT;
+    }
+    json_error_t jerr;
+    root = json_loadb((const char *)st->map + 8, (size_t)header_len, JSON_REJECT_DUPLICATES, &jerr);
+    if (!root) {
+        if (json_error_code(&jerr) == json_error_out_of_memory) {
+            SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: out of memory parsing the header", path);
+            return SPEED_ERR_NO_MEMORY;
+        }
+        SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: header is not JSON: %s at byte %d", path, jerr.text, jerr.position);
+        return SPEED_ERR_PARSE;
+    }
+    if (!json_is_object(root)) {
+        SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: header is not a JSON object", path);
+        status = SPEED_ERR_FORMAT;
+    } else {
+        status = st_header_parse(st, root, header_len);
+    }
+    json_decref(root);
+    return status;
+}
+
 speed_status_t speed_safetensors_open(const char *path, speed_safetensors_t **st_p) {
     return speed_safetensors_open_flags(path, 0, st_p);
 }
 
 speed_status_t speed_safetensors_open_flags(const char *path, unsigned flags, speed_safetensors_t **st_p) {
     speed_status_t status = SPEED_OK;
-    json_t *root = NULL;
     speed_safetensors_t *st = speed_calloc(1, sizeof *st);
     if (!st || !(st->path = speed_strdup(path))) {
         SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: out of memory", path);
@@ -298,47 +335,41 @@ speed_status_t speed_safetensors_open_flags(const char *path, unsigned flags, sp
         st->unmap_len = st->file_size;
     }
     st->map = map;
-
-    uint64_t header_len;
-    memcpy(&header_len, st->map, 8); /* little-endian host, checked above */
-    if (header_len > st->file_size - 8) {
-        SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: header length %llu past end of file (%zu bytes)", path,
-                    (unsigned long long)header_len, st->file_size);
-        status = SPEED_ERR_FORMAT;
-        goto fail;
-    }
-    if (header_len > SPEED_SAFETENSORS_MAX_HEADER) {
-        SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: header length %llu exceeds the %u-byte limit", path,
-                    (unsigned long long)header_len, SPEED_SAFETENSORS_MAX_HEADER);
-        status = SPEED_ERR_FORMAT;
-        goto fail;
-    }
-    json_error_t jerr;
-    root = json_loadb((const char *)st->map + 8, (size_t)header_len, JSON_REJECT_DUPLICATES, &jerr);
-    if (!root) {
-        if (json_error_code(&jerr) == json_error_out_of_memory) {
-            SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: out of memory parsing the header", path);
-            status = SPEED_ERR_NO_MEMORY;
-        } else {
-            SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: header is not JSON: %s at byte %d", path, jerr.text, jerr.position);
-            status = SPEED_ERR_PARSE;
-        }
-        goto fail;
-    }
-    if (!json_is_object(root)) {
-        SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: header is not a JSON object", path);
-        status = SPEED_ERR_FORMAT;
-        goto fail;
-    }
-    SPEED_CHECK_GOTO(st_header_parse(st, root, header_len), status, fail);
-    json_decref(root);
+    SPEED_CHECK_GOTO(st_validate(st), status, fail);
     *st_p = st;
     return SPEED_OK;
 
 fail:
-    json_decref(root);
     speed_safetensors_close(st);
     return status;
+}
+
+speed_status_t speed_safetensors_open_memory(const void *data, size_t size, const char *name,
+                                             speed_safetensors_t **st_p) {
+    if (!name) name = "(memory)";
+    if (!data && size) {
+        SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: NULL data", name);
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    if (size < 8) {
+        SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: %zu bytes is too short for a safetensors file", name, size);
+        return SPEED_ERR_FORMAT;
+    }
+    speed_safetensors_t *st = speed_calloc(1, sizeof *st);
+    if (!st || !(st->path = speed_strdup(name))) {
+        SPEED_ERROR(SPEED_SUBSYS_MODEL, "%s: out of memory", name);
+        speed_free(st);
+        return SPEED_ERR_NO_MEMORY;
+    }
+    st->map = (void *)data; /* borrowed: never written, never unmapped (unmap_addr stays NULL) */
+    st->file_size = size;
+    speed_status_t status = st_validate(st);
+    if (status != SPEED_OK) {
+        speed_safetensors_close(st);
+        return status;
+    }
+    *st_p = st;
+    return SPEED_OK;
 }
 
 void speed_safetensors_close(speed_safetensors_t *st) {

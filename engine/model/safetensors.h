@@ -53,7 +53,17 @@ speed_status_t speed_safetensors_open(const char *path, speed_safetensors_t **st
 /* speed_safetensors_open with flags (0 = map the file). Same returns. */
 speed_status_t speed_safetensors_open_flags(const char *path, unsigned flags, speed_safetensors_t **st_p);
 
-/* Unmaps and frees; NULL is a no-op. Invalidates every tensor obtained from `st`. */
+/* Validates a safetensors image already in memory, data[0..size), exactly as
+ * speed_safetensors_open validates a file. The buffer is borrowed, not copied: it must stay
+ * valid and unchanged until speed_safetensors_close (tensor data points into it). `name`
+ * (NULL: "(memory)") stands for the path in messages and in speed_safetensors_path.
+ * Returns SPEED_OK, SPEED_ERR_INVALID_ARGUMENT (data NULL with size > 0), or the PARSE /
+ * FORMAT / UNSUPPORTED / NO_MEMORY errors of speed_safetensors_open. For tests and fuzzing
+ * (tests/fuzz), and for callers that already hold the bytes. */
+speed_status_t speed_safetensors_open_memory(const void *data, size_t size, const char *name,
+                                             speed_safetensors_t **st_p);
+
+/* Unmaps (a file) and frees; NULL is a no-op. Invalidates every tensor obtained from `st`. */
 void speed_safetensors_close(speed_safetensors_t *st);
 
 /* The path given to open. */

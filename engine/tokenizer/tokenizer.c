@@ -35,17 +35,10 @@ speed_status_t speed_tok_loader_oom(const tok_loader_t *ld) {
 /* tokenizer.json of the largest vocabularies is ~20 MB; anything far beyond is not one. */
 #define TOK_FILE_MAX_BYTES ((size_t)1 << 30)
 
-/* Reads and parses a JSON file. A missing file gives NOT_FOUND without a message when
- * `optional`, so the caller can decide. */
-static speed_status_t json_read(const tok_loader_t *ld, bool optional, size_t flags, json_t **root_p) {
-    char *text = NULL;
-    size_t len = 0;
-    speed_status_t st = speed_file_read(ld->path, TOK_FILE_MAX_BYTES, SPEED_SUBSYS_TOK,
-                                        optional ? SPEED_FILE_READ_OPTIONAL : SPEED_FILE_READ_DEFAULT, &text, &len);
-    if (st != SPEED_OK) return st;
+/* Parses a JSON text that must hold an object; messages name ld->path. */
+static speed_status_t json_parse(const tok_loader_t *ld, const char *text, size_t len, size_t flags, json_t **root_p) {
     json_error_t jerr;
     json_t *root = json_loadb(text, len, flags, &jerr);
-    speed_free(text);
     if (!root) {
         if (json_error_code(&jerr) == json_error_out_of_memory) return speed_tok_loader_oom(ld);
         return speed_tok_loader_fail(ld, SPEED_ERR_PARSE, "invalid JSON at line %d column %d: %s", jerr.line,
@@ -57,6 +50,19 @@ static speed_status_t json_read(const tok_loader_t *ld, bool optional, size_t fl
     }
     *root_p = root;
     return SPEED_OK;
+}
+
+/* Reads and parses a JSON file. A missing file gives NOT_FOUND without a message when
+ * `optional`, so the caller can decide. */
+static speed_status_t json_read(const tok_loader_t *ld, bool optional, size_t flags, json_t **root_p) {
+    char *text = NULL;
+    size_t len = 0;
+    speed_status_t st = speed_file_read(ld->path, TOK_FILE_MAX_BYTES, SPEED_SUBSYS_TOK,
+                                        optional ? SPEED_FILE_READ_OPTIONAL : SPEED_FILE_READ_DEFAULT, &text, &len);
+    if (st != SPEED_OK) return st;
+    st = json_parse(ld, text, len, flags, root_p);
+    speed_free(text);
+    return st;
 }
 
 static speed_status_t path_join(const char *dir, const char *name, char **out_p) {
@@ -494,6 +500,46 @@ speed_tok_params_t speed_tok_default_params(void) {
     return p;
 }
 
+/* The parameter check both entry points make. */
+static speed_status_t tok_params_check(const speed_tok_params_t *params) {
+    if ((unsigned)params->chat_template >= SPEED_CHAT_TEMPLATE_COUNT) {
+        SPEED_ERROR(SPEED_SUBSYS_TOK, "speed_tok_load: invalid chat_template value %d", (int)params->chat_template);
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    return SPEED_OK;
+}
+
+/* A new tokenizer with nothing loaded yet. */
+static speed_status_t tok_new(const tok_loader_t *ld, speed_tok_t **tok_p) {
+    speed_tok_t *tok = speed_calloc(1, sizeof *tok);
+    if (!tok) return speed_tok_loader_oom(ld);
+    tok->unk_id = tok->bos_id = -1;
+    tok->gctx = tok_pcre2_context_create();
+    if (!tok->gctx) {
+        speed_tok_destroy(tok);
+        return speed_tok_loader_oom(ld);
+    }
+    *tok_p = tok;
+    return SPEED_OK;
+}
+
+/* Everything tokenizer.json's object holds (both entry points). */
+static speed_status_t tok_load_root(const tok_loader_t *ld, const json_t *root) {
+    SPEED_CHECK(load_model(ld, root));
+    SPEED_CHECK(load_added(ld, root));
+    SPEED_CHECK(speed_tok_normalizer_load(ld, json_object_get(root, "normalizer"), 0));
+    SPEED_CHECK(speed_tok_pre_tokenizer_load(ld, json_object_get(root, "pre_tokenizer"), 0));
+    SPEED_CHECK(speed_tok_decoder_load(ld, json_object_get(root, "decoder"), 0));
+    SPEED_CHECK(speed_tok_post_processor_load(ld, json_object_get(root, "post_processor"), 0));
+    build_tables(ld->tok);
+    ld->tok->sp_split = vocab_allows_sp_split(ld->tok);
+    return SPEED_OK;
+}
+
+/* model_max_length can be 1e30 (Llama 3), beyond int64: tokenizer_config.json's integers are
+ * read as reals. */
+#define TOK_CONFIG_JSON_FLAGS (JSON_DECODE_INT_AS_REAL | JSON_ALLOW_NUL)
+
 speed_status_t speed_tok_load(const char *model_dir, const speed_tok_params_t *params, speed_tok_t **tok_p) {
     if (!model_dir || !tok_p) {
         SPEED_ERROR(SPEED_SUBSYS_TOK, "speed_tok_load: model_dir and tok_p must not be NULL");
@@ -501,41 +547,25 @@ speed_status_t speed_tok_load(const char *model_dir, const speed_tok_params_t *p
     }
     speed_tok_params_t dflt = speed_tok_default_params();
     if (!params) params = &dflt;
-    if ((unsigned)params->chat_template >= SPEED_CHAT_TEMPLATE_COUNT) {
-        SPEED_ERROR(SPEED_SUBSYS_TOK, "speed_tok_load: invalid chat_template value %d", (int)params->chat_template);
-        return SPEED_ERR_INVALID_ARGUMENT;
-    }
+    SPEED_CHECK(tok_params_check(params));
     speed_status_t st = SPEED_OK;
     char *path = NULL, *cfg_path = NULL;
     json_t *root = NULL, *cfg = NULL;
     tok_loader_t ld = {.path = model_dir};
-    speed_tok_t *tok = speed_calloc(1, sizeof *tok);
-    if (!tok || path_join(model_dir, "tokenizer.json", &path) != SPEED_OK ||
+    speed_tok_t *tok = NULL;
+    if (path_join(model_dir, "tokenizer.json", &path) != SPEED_OK ||
         path_join(model_dir, "tokenizer_config.json", &cfg_path) != SPEED_OK) {
         st = speed_tok_loader_oom(&ld);
         goto fail;
     }
-    ld.tok = tok;
     ld.path = path;
-    tok->unk_id = tok->bos_id = -1;
-    tok->gctx = tok_pcre2_context_create();
-    if (!tok->gctx) {
-        st = speed_tok_loader_oom(&ld);
-        goto fail;
-    }
+    SPEED_CHECK_GOTO(tok_new(&ld, &tok), st, fail);
+    ld.tok = tok;
     SPEED_CHECK_GOTO(json_read(&ld, false, JSON_ALLOW_NUL, &root), st, fail);
-    SPEED_CHECK_GOTO(load_model(&ld, root), st, fail);
-    SPEED_CHECK_GOTO(load_added(&ld, root), st, fail);
-    SPEED_CHECK_GOTO(speed_tok_normalizer_load(&ld, json_object_get(root, "normalizer"), 0), st, fail);
-    SPEED_CHECK_GOTO(speed_tok_pre_tokenizer_load(&ld, json_object_get(root, "pre_tokenizer"), 0), st, fail);
-    SPEED_CHECK_GOTO(speed_tok_decoder_load(&ld, json_object_get(root, "decoder"), 0), st, fail);
-    SPEED_CHECK_GOTO(speed_tok_post_processor_load(&ld, json_object_get(root, "post_processor"), 0), st, fail);
-    build_tables(tok);
-    tok->sp_split = vocab_allows_sp_split(tok);
+    SPEED_CHECK_GOTO(tok_load_root(&ld, root), st, fail);
 
-    /* model_max_length can be 1e30 (Llama 3), beyond int64: read integers as reals. */
     ld.path = cfg_path;
-    st = json_read(&ld, true, JSON_DECODE_INT_AS_REAL | JSON_ALLOW_NUL, &cfg);
+    st = json_read(&ld, true, TOK_CONFIG_JSON_FLAGS, &cfg);
     if (st == SPEED_ERR_NOT_FOUND) st = SPEED_OK;
     SPEED_CHECK_GOTO(st, st, fail);
     SPEED_CHECK_GOTO(speed_tok_config_load(&ld, cfg, params), st, fail);
@@ -551,6 +581,38 @@ fail:
     json_decref(cfg);
     speed_free(path);
     speed_free(cfg_path);
+    speed_tok_destroy(tok);
+    return st;
+}
+
+speed_status_t speed_tok_load_memory(const char *tok_json, size_t tok_len, const char *cfg_json, size_t cfg_len,
+                                     const speed_tok_params_t *params, speed_tok_t **tok_p) {
+    if ((!tok_json && tok_len) || (!cfg_json && cfg_len) || !tok_p) {
+        SPEED_ERROR(SPEED_SUBSYS_TOK, "speed_tok_load_memory: NULL text with a length, or NULL tok_p");
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    speed_tok_params_t dflt = speed_tok_default_params();
+    if (!params) params = &dflt;
+    SPEED_CHECK(tok_params_check(params));
+    speed_status_t st = SPEED_OK;
+    json_t *root = NULL, *cfg = NULL;
+    tok_loader_t ld = {.path = "tokenizer.json (memory)"};
+    speed_tok_t *tok = NULL;
+    SPEED_CHECK_GOTO(tok_new(&ld, &tok), st, fail);
+    ld.tok = tok;
+    /* jansson reads a NULL text of length 0 as invalid JSON, as it reads an empty file */
+    SPEED_CHECK_GOTO(json_parse(&ld, tok_json ? tok_json : "", tok_len, JSON_ALLOW_NUL, &root), st, fail);
+    SPEED_CHECK_GOTO(tok_load_root(&ld, root), st, fail);
+    ld.path = "tokenizer_config.json (memory)";
+    if (cfg_json) SPEED_CHECK_GOTO(json_parse(&ld, cfg_json, cfg_len, TOK_CONFIG_JSON_FLAGS, &cfg), st, fail);
+    SPEED_CHECK_GOTO(speed_tok_config_load(&ld, cfg, params), st, fail);
+    json_decref(root);
+    json_decref(cfg);
+    *tok_p = tok;
+    return SPEED_OK;
+fail:
+    json_decref(root);
+    json_decref(cfg);
     speed_tok_destroy(tok);
     return st;
 }

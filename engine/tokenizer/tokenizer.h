@@ -72,6 +72,12 @@ const char *speed_chat_template_name(speed_chat_template_t t);
  * Returns SPEED_OK, INVALID_ARGUMENT, NOT_FOUND (no tokenizer.json), IO, PARSE,
  * FORMAT, UNSUPPORTED or NO_MEMORY; every error message names the file. */
 speed_status_t speed_tok_load(const char *model_dir, const speed_tok_params_t *params, speed_tok_t **tok_p);
+/* The same load from texts in memory: tok_json is tokenizer.json's text (tok_len bytes, need
+ * not be NUL-terminated), cfg_json tokenizer_config.json's (NULL: absent). Messages name
+ * "tokenizer.json (memory)" / "tokenizer_config.json (memory)". Returns as speed_tok_load, but
+ * never NOT_FOUND or IO. Nothing is retained from either text. For tests and fuzzing. */
+speed_status_t speed_tok_load_memory(const char *tok_json, size_t tok_len, const char *cfg_json, size_t cfg_len,
+                                     const speed_tok_params_t *params, speed_tok_t **tok_p);
 void speed_tok_destroy(speed_tok_t *tok); /* NULL ok */
 
 /* ---- vocabulary -------------------------------------------------------------------- */

@@ -308,6 +308,14 @@ static void test_print_roundtrip(void) {
         CHECK_CONTAINS(text, "# file:");
     }
     speed_config_destroy(cfg);
+
+    /* YAML's other line breaks (U+0085, U+2028, U+2029) in a value: printed raw they loaded
+     * back as spaces (found by tests/fuzz/fuzz_cluster_yaml) */
+    CHECK_INT_EQ(load(&c, &cfg, "--name", "a\xc2\x85" "b\xe2\x80\xa8" "c\xe2\x80\xa9" "d\xc2\xa9", "--model", "m",
+                      NULL),
+                 SPEED_OK);
+    roundtrip("yaml-breaks", &c, cfg);
+    speed_config_destroy(cfg);
     clear_env();
     CHECK_INT_EQ(speed_alloc_live_count(), live);
 }

@@ -325,7 +325,11 @@ int main(int argc, char **argv) {
 
     speed_rpc_channel_destroy(pc);
     speed_rpc_channel_destroy(dc);
-    int rc = (cu_stop(&rtr, SIGTERM, 30) == 0) & (cu_stop(&pre, SIGTERM, 30) == 0) & (cu_stop(&dec, SIGTERM, 30) == 0);
+    /* stop all three, whatever each one returns */
+    bool stopped_rtr = cu_stop(&rtr, SIGTERM, 30) == 0;
+    bool stopped_pre = cu_stop(&pre, SIGTERM, 30) == 0;
+    bool stopped_dec = cu_stop(&dec, SIGTERM, 30) == 0;
+    int rc = stopped_rtr && stopped_pre && stopped_dec;
     free(small_json), free(long_json), free(ids), free(via), free(dir), free(diff), free(tf), free(ts), free(ratio);
     speed_model_destroy(model);
     (void)check_count_, (void)check_failures_; /* cluster_util.h brings the test counters */

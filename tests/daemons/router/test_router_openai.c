@@ -294,6 +294,25 @@ static void test_bad_requests(void) {
     fprintf(stderr, "bad-request table: %zu cases\n", n);
 }
 
+/* A NUL byte in the body: jansson reads "[1\0,2]" as [1, 2], so such a body used to be
+ * accepted (found by tests/fuzz/fuzz_openai_request). Every NUL is refused, wherever it is. */
+static void test_nul_bytes(void) {
+    static const char body[] = "{\"model\":\"m\",\"prompt\":[1\0,2,3],\"max_tokens\":4}";
+    speed_openai_request_t *req = NULL;
+    speed_openai_error_t err;
+    CHECK_INT_EQ(speed_openai_request_parse(SPEED_OPENAI_COMPLETIONS, body, sizeof body - 1, NULL, &req, &err),
+                 SPEED_ERR_INVALID_ARGUMENT);
+    CHECK(req == NULL);
+    CHECK_CONTAINS(err.message, "NUL byte at offset 24");
+    speed_openai_request_destroy(req);
+    static const char tail[] = "{\"model\":\"m\",\"prompt\":\"x\"}\0";
+    CHECK_INT_EQ(speed_openai_request_parse(SPEED_OPENAI_COMPLETIONS, tail, sizeof tail - 1, NULL, &req, &err),
+                 SPEED_ERR_INVALID_ARGUMENT);
+    CHECK_INT_EQ(speed_openai_request_parse(SPEED_OPENAI_COMPLETIONS, tail, sizeof tail - 2, NULL, &req, &err),
+                 SPEED_OK);
+    speed_openai_request_destroy(req);
+}
+
 /* Deep nesting (past jansson's depth limit) and a large valid nesting in an unknown
  * field. */
 static void test_nesting(void) {
@@ -1419,6 +1438,7 @@ int main(int argc, char **argv) {
     test_bad_requests();
     test_nesting();
     test_json_budget();
+    test_nul_bytes();
     test_valid_chat();
     test_valid_completions();
     test_errors();

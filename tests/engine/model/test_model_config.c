@@ -267,6 +267,9 @@ static void test_bad(void) {
     expect_bad("head_dim", "0", SPEED_ERR_FORMAT, "head_dim: 0 is out of range");
     expect_bad("rms_norm_eps", "0", SPEED_ERR_FORMAT, "rms_norm_eps: 0 is out of range");
     expect_bad("rms_norm_eps", "\"small\"", SPEED_ERR_FORMAT, "rms_norm_eps: expected a number");
+    /* positive as a double, 0 as the float that is kept (found by fuzz_model_config) */
+    expect_bad("rms_norm_eps", "1e-55", SPEED_ERR_FORMAT, "rms_norm_eps: 1e-55 is out of range");
+    expect_bad("rope_theta", "1e-300", SPEED_ERR_FORMAT, "rope_theta: 1e-300 is out of range");
     expect_bad("rope_theta", "-1", SPEED_ERR_FORMAT, "rope_theta: -1 is out of range");
     expect_bad("bos_token_id", "100", SPEED_ERR_FORMAT, "bos_token_id: 100 is outside the vocabulary");
     expect_bad("eos_token_id", "[2,-1]", SPEED_ERR_FORMAT, "eos_token_id: -1 is outside");

@@ -1,7 +1,9 @@
 /* The safetensors reader: good files, and every way a file can be truncated or corrupt. */
 #include <string.h>
 
+#include "alloc.h"
 #include "check.h"
+#include "file.h"
 #include "model_test_util.h"
 #include "safetensors.h"
 
@@ -183,11 +185,46 @@ static void test_bad(void) {
     CHECK_INT_EQ(speed_alloc_live_count(), g_base);
 }
 
+/* speed_safetensors_open_memory: the same validation on bytes in memory, the buffer borrowed. */
+static void test_memory(void) {
+    char *bytes = NULL;
+    size_t len = 0;
+    CHECK_INT_EQ(speed_file_read(tu_path("good.safetensors"), 1 << 20, SPEED_SUBSYS_MODEL, SPEED_FILE_READ_DEFAULT,
+                                 &bytes, &len),
+                 SPEED_OK);
+    if (!bytes) return;
+    speed_safetensors_t *st = NULL, *file = NULL;
+    CHECK_INT_EQ(speed_safetensors_open_memory(bytes, len, "mem", &st), SPEED_OK);
+    CHECK_INT_EQ(speed_safetensors_open(tu_path("good.safetensors"), &file), SPEED_OK);
+    if (st && file) {
+        CHECK_STR_EQ(speed_safetensors_path(st), "mem");
+        CHECK_INT_EQ(speed_safetensors_n_tensors(st), speed_safetensors_n_tensors(file));
+        CHECK_INT_EQ(speed_safetensors_file_size(st), len);
+        const speed_tensor_t *t = speed_safetensors_find(st, "zeta.weight");
+        const speed_tensor_t *u = speed_safetensors_find(file, "zeta.weight");
+        CHECK(t && u && t->n_bytes == u->n_bytes && !memcmp(t->data, u->data, t->n_bytes));
+        /* borrowed, not copied: the tensor points into the caller's buffer */
+        CHECK(t && (const char *)t->data > bytes && (const char *)t->data < bytes + len);
+    }
+    speed_safetensors_close(st);
+    speed_safetensors_close(file);
+    /* the file checks apply: too short, header past the end, a corrupt entry */
+    speed_log_clear_last_error();
+    CHECK_INT_EQ(speed_safetensors_open_memory(bytes, 7, "short", &st), SPEED_ERR_FORMAT);
+    CHECK_CONTAINS(speed_log_last_error(), "7 bytes is too short");
+    CHECK_INT_EQ(speed_safetensors_open_memory(bytes, 40, "cut", &st), SPEED_ERR_FORMAT);
+    CHECK_CONTAINS(speed_log_last_error(), "past end of file");
+    CHECK_INT_EQ(speed_safetensors_open_memory(NULL, 8, NULL, &st), SPEED_ERR_INVALID_ARGUMENT);
+    speed_free(bytes);
+    CHECK_INT_EQ(speed_alloc_live_count(), g_base);
+}
+
 int main(void) {
     tu_log_capture();
     tu_tmp_init("model_safetensors");
     g_base = speed_alloc_live_count();
     test_good();
+    test_memory();
     test_bad();
     tu_rm_rf(tu_root);
     return CHECK_DONE();

@@ -6,6 +6,7 @@
 #include "tok_test_util.h"
 
 #include "alloc.h"
+#include "file.h"
 #include "log.h"
 #include "test_fs.h"
 
@@ -14,8 +15,8 @@ static const char *const texts[] = {
     "Hello world",
     "The keeper climbed the ninety-two steps to light the lamp at 6 o'clock.",
     "  leading spaces\tand tabs\n\nand\r\nCRLF   ",
-    "Unicode: h\xC3\xA9llo w\xC3\xB6rld \xE6\x97\xA5\xE6\x9C\xAC\xE8\xAA\x9E \xF0\x9F\xA6\x99 "
-    "\xD9\x85\xD8\xB1\xD8\xAD\xD8\xA8\xD8\xA7",
+    ("Unicode: h\xC3\xA9llo w\xC3\xB6rld \xE6\x97\xA5\xE6\x9C\xAC\xE8\xAA\x9E \xF0\x9F\xA6\x99 "
+     "\xD9\x85\xD8\xB1\xD8\xAD\xD8\xA8\xD8\xA7"),
     "It's, we'll, they're; DON'T",
     "12345678901234567890 3.14159",
 };
@@ -208,6 +209,47 @@ static void test_faults(const char *dir) {
     speed_log_set_sink(NULL, NULL);
 }
 
+/* speed_tok_load_memory gives the tokenizer speed_tok_load reads from the same files. */
+static void test_memory(const char *dir) {
+    char path[1300], *tj = NULL, *cj = NULL;
+    size_t tn = 0, cn = 0;
+    snprintf(path, sizeof path, "%s/tokenizer.json", dir);
+    CHECK_INT_EQ(speed_file_read(path, 1 << 26, SPEED_SUBSYS_TOK, SPEED_FILE_READ_DEFAULT, &tj, &tn), SPEED_OK);
+    snprintf(path, sizeof path, "%s/tokenizer_config.json", dir);
+    CHECK_INT_EQ(speed_file_read(path, 1 << 26, SPEED_SUBSYS_TOK, SPEED_FILE_READ_DEFAULT, &cj, &cn), SPEED_OK);
+    speed_tok_t *a = NULL, *b = NULL, *c = NULL;
+    CHECK_INT_EQ(speed_tok_load(dir, NULL, &a), SPEED_OK);
+    CHECK_INT_EQ(speed_tok_load_memory(tj, tn, cj, cn, NULL, &b), SPEED_OK);
+    CHECK_INT_EQ(speed_tok_load_memory(tj, tn, NULL, 0, NULL, &c), SPEED_OK); /* no config */
+    if (a && b && c) {
+        CHECK_INT_EQ(speed_tok_vocab_size(b), speed_tok_vocab_size(a));
+        CHECK_INT_EQ(speed_tok_bos_id(b), speed_tok_bos_id(a));
+        CHECK_INT_EQ(speed_tok_chat_template(b), SPEED_CHAT_TEMPLATE_LLAMA3);
+        CHECK_INT_EQ(speed_tok_chat_template(c), SPEED_CHAT_TEMPLATE_AUTO); /* the template is the config's */
+        for (size_t i = 0; i < sizeof texts / sizeof texts[0]; i++) {
+            speed_tok_ids_t x = {0}, y = {0};
+            CHECK_INT_EQ(speed_tok_encode(a, texts[i], strlen(texts[i]), true, &x), SPEED_OK);
+            CHECK_INT_EQ(speed_tok_encode(b, texts[i], strlen(texts[i]), true, &y), SPEED_OK);
+            CHECK(x.n == y.n && (x.n == 0 || !memcmp(x.ids, y.ids, x.n * sizeof *x.ids)));
+            speed_tok_ids_free(&x);
+            speed_tok_ids_free(&y);
+        }
+    }
+    speed_tok_destroy(a);
+    speed_tok_destroy(b);
+    speed_tok_destroy(c);
+    /* errors name the text, as the file loader names the file */
+    speed_log_clear_last_error();
+    CHECK_INT_EQ(speed_tok_load_memory("{", 1, NULL, 0, NULL, &a), SPEED_ERR_PARSE);
+    CHECK_CONTAINS(speed_log_last_error(), "tokenizer.json (memory)");
+    CHECK_INT_EQ(speed_tok_load_memory(tj, tn, "[]", 2, NULL, &a), SPEED_ERR_FORMAT);
+    CHECK_CONTAINS(speed_log_last_error(), "tokenizer_config.json (memory)");
+    CHECK_INT_EQ(speed_tok_load_memory(NULL, 0, NULL, 0, NULL, &a), SPEED_ERR_PARSE);
+    CHECK_INT_EQ(speed_tok_load_memory(NULL, 5, NULL, 0, NULL, &a), SPEED_ERR_INVALID_ARGUMENT);
+    speed_free(tj);
+    speed_free(cj);
+}
+
 int main(void) {
     const char *tmp = getenv("SPEED_TEST_TMP");
     if (!tmp || !*tmp) SKIP_TEST("SPEED_TEST_TMP is not set");
@@ -216,6 +258,7 @@ int main(void) {
     mkdir(dir, 0755);
     int64_t live = speed_alloc_live_count();
     test_write_load(dir);
+    test_memory(dir);
     test_sizes(tmp);
     test_faults(dir);
     CHECK_INT_EQ(speed_alloc_live_count(), live);
