@@ -69,7 +69,8 @@ static void check_same(const speed_kv_desc_t *a, const speed_kv_desc_t *b) {
     FZ_ASSERT(a->block_tokens == b->block_tokens && a->n_kv_heads == b->n_kv_heads && a->head_dim == b->head_dim);
     FZ_ASSERT(a->head_begin == b->head_begin && a->head_end == b->head_end && a->model_kv_heads == b->model_kv_heads);
     FZ_ASSERT(a->unit_bytes == b->unit_bytes && a->total_bytes == b->total_bytes && a->epoch == b->epoch);
-    FZ_ASSERT(a->lease_deadline_ms == b->lease_deadline_ms);
+    FZ_ASSERT(a->lease_ms == b->lease_ms && a->has_nonce == b->has_nonce && a->integrity == b->integrity);
+    FZ_ASSERT(!a->has_nonce || !memcmp(a->nonce, b->nonce, sizeof a->nonce));
 }
 
 static void check_round_trip(const speed_kv_desc_t *d) {
