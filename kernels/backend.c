@@ -53,7 +53,7 @@ speed_status_t speed_backend_create(const speed_backend_params_t *params, speed_
          * of k and of attention entries from the batch shape (and cuBLAS its algorithm). */
         SPEED_ERROR(SPEED_SUBSYS_ENGINE,
                     "backend cuda: batch-invariant mode is not implemented (its matmul and attention "
-                    "kernels choose their reduction split by batch shape); use a cpu backend or turn it off");
+                    "kernels choose their reduction split by batch shape)");
         return SPEED_ERR_UNSUPPORTED;
     }
     switch (p.kind) {

@@ -579,7 +579,10 @@ static speed_status_t cpu_matmul(void *ctx, speed_mat_t out, speed_mat_t x, spee
         a.ni = want < most ? want : most;
     }
     atomic_init(&a.next, 0);
-    if (T == 1 || a.nj * a.ni == 1)
+    /* the few-row matmuls the batch-invariant mode sends here stay on the caller when small,
+     * as the GEMV path keeps them (waking the workers would cost more than it saves) */
+    const bool small = c->batch_invariant && a.mm.m * a.mm.k * a.mm.n < 4 * SMALL_WORK;
+    if (T == 1 || a.nj * a.ni == 1 || small)
         gemm_task(&a, 0, 1);
     else
         speed_cpu_pool_run(c->pool, gemm_task, &a);
