@@ -1,4 +1,4 @@
-/* Batch invariance (speed_backend_params_t.batch_invariant, docs/design.md "Batch invariance"):
+/* Batch invariance (speed_backend_params_t.batch_invariant, docs/cluster.md#batch-invariance):
  * with the mode on, one sequence's logits at every step are bit for bit (memcmp) the same
  *   - alone and with 1 .. 3 other sequences in its batch (it is added first or last),
  *   - with different prefill_chunk / max_step_tokens (its prompt in 1 step or in many, its

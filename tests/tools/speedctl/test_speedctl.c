@@ -569,7 +569,7 @@ static void test_generate(void) {
     run_free(&r);
 }
 
-/* --batch-invariant (docs/design.md "Batch invariance"): generate --json gives the same tokens
+/* --batch-invariant (docs/cluster.md#batch-invariance): generate --json gives the same tokens
  * and logprobs (every number, bit for bit as printed) on 1 and 2 threads, with a prompt long
  * enough that decode attention would split a row across the threads without it; bench --batch 3
  * gives every sequence of the batch exactly the batch-1 run's tokens and logprobs; the cuda
