@@ -306,8 +306,8 @@ static speed_status_t depth_setup(const bench_opts_t *o, const speed_model_t *mo
     }
     /* Warm-up: a short run touches every weight page and the scratch. */
     int64_t n = o->prompt_tokens;
-    return bench_once(d->eng, d->sampler, prompt, n < 8 ? n : 8, &depth, 2, 1, NULL, NULL, NULL, NULL, NULL, NULL,
-                      NULL, NULL);
+    return bench_once(d->eng, d->sampler, prompt, n < 8 ? n : 8, &depth, 2, 1, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+                      NULL);
 }
 
 /* Repetition r: the batch-1 run, then (roofline on) the paired peak and bandwidth probes. */

@@ -26,7 +26,7 @@ typedef struct {
 
 /* The reference first: alone, 1 thread, the prompt in one step. */
 static const bi_run_t runs[] = {
-    {1, 0, false, 512, 512}, {2, 0, false, 512, 512}, {1, 1, true, 512, 512}, {2, 3, false, 64, 96},
+    {1, 0, false, 512, 512}, {2, 0, false, 512, 512}, {1, 1, true, 512, 512},  {2, 3, false, 64, 96},
     {2, 2, true, 7, 16},     {1, 3, true, 33, 48},    {2, 1, false, 250, 256},
 };
 #define N_RUNS ((int)(sizeof runs / sizeof runs[0]))
