@@ -59,6 +59,14 @@ speed_status_t speed_backend_create(const speed_backend_params_t *params, speed_
         SPEED_ERROR(SPEED_SUBSYS_ENGINE, "backend: %d threads is out of range [0, 1024]", p.n_threads);
         return SPEED_ERR_INVALID_ARGUMENT;
     }
+    if (p.batch_invariant && p.kind == SPEED_BACKEND_CUDA) {
+        /* Refused rather than run silently batch-dependent: the CUDA kernels pick their split
+         * of k and of attention entries from the batch shape (and cuBLAS its algorithm). */
+        SPEED_ERROR(SPEED_SUBSYS_ENGINE,
+                    "backend cuda: batch-invariant mode is not implemented (its matmul and attention "
+                    "kernels choose their reduction split by batch shape)");
+        return SPEED_ERR_UNSUPPORTED;
+    }
     switch (p.kind) {
     case SPEED_BACKEND_CPU_REF: return speed_backend_cpu_ref_create(&p, backend_p);
     case SPEED_BACKEND_CPU: return speed_backend_cpu_create(&p, backend_p);

@@ -141,6 +141,13 @@ typedef struct {
     int n_threads; /* CPU: worker threads incl. the caller; 0 = online cores */
     speed_cpu_isa_t cpu_isa_max;
     int device; /* CUDA device index */
+    /* Batch invariance (docs/cluster.md#batch-invariance): every output row of every op is
+     * computed in one fixed reduction order that depends only on that row's own inputs — not
+     * on how many rows share the call, how the caller chunked them, nor on n_threads. cpu:
+     * every matmul takes the blocked GEMM (no few-row GEMV path) and attention never splits a
+     * row's entries; cpu-ref is per-row already; cuda refuses it (SPEED_ERR_UNSUPPORTED at
+     * creation). false (the default): the fastest kernel for each shape. */
+    bool batch_invariant;
 } speed_backend_params_t;
 
 typedef enum {

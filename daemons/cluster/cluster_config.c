@@ -63,6 +63,10 @@ static const speed_config_field_t fields[] = {
       "reserved KV not claimed within this is freed; a prefill node may put into it for 3/4 of it"),
     {"kv.integrity", SPEED_CONFIG_BOOL, offsetof(speed_cluster_config_t, kv_integrity), "false", SPEED_CONFIG_UNBOUNDED,
      NULL, "decode nodes ask for an HMAC tag per layer with each KV transfer and verify it before the KV is used"},
+    {"engine.batch_invariant", SPEED_CONFIG_BOOL, offsetof(speed_cluster_config_t, batch_invariant), "false",
+     SPEED_CONFIG_UNBOUNDED, NULL,
+     "every request's logits bit-identical whatever shares its batch, its chunking or its step, on every node "
+     "(fixed-order cpu kernels; the cuda backend refuses it at startup)"},
     F("debug.prefill_layer_delay_ms", INT, debug_prefill_layer_delay_ms, "0", 0, 60000,
       "test knob: a prefill node waits this long before each layer's puts (slow-node tests); 0 in production"),
     F("router.port", INT, router_port, "8000", 0, 65535, "HTTP port of the OpenAI API (0 = any free port)"),

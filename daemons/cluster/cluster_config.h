@@ -71,6 +71,10 @@ typedef struct {
     bool kv_integrity;                    /* integrity mode of the KV plane (per-layer HMAC tags) */
     int64_t debug_prefill_layer_delay_ms; /* test knob: slow prefill node */
 
+    /* engine */
+    bool batch_invariant; /* engine.batch_invariant: the nodes' backends reduce each row in one
+                           * order whatever the batch (speed_backend_params_t.batch_invariant) */
+
     /* router */
     int64_t router_port, router_threads;
     const char *router_listen;              /* bind address of the OpenAI API */

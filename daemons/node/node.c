@@ -275,6 +275,7 @@ static speed_status_t backend_create(speed_node_t *n) {
     bp.kind = (speed_backend_kind_t)n->pool->backend;
     bp.n_threads = (int)n->pool->threads;
     bp.device = (int)(n->pool->device + n->cfg.node_index);
+    bp.batch_invariant = n->cfg.batch_invariant; /* prefill and decode nodes alike: one order per row */
     n->n_ranks = (int)n->pool->tensor_parallel;
     if (n->n_ranks > 1 && bp.kind == SPEED_BACKEND_CUDA) {
         SPEED_ERROR(SPEED_SUBSYS_CORE,

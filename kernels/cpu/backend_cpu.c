@@ -17,6 +17,8 @@
  *                             and the partial softmax states merged;
  *   row ops                   contiguous row ranges, run inline below a size where waking the
  *                             workers costs more than it saves.
+ *   batch-invariant mode      every matmul takes the GEMM and attention never splits a row, so
+ *                             a row's result depends on that row only (backend.h).
  * Scratch (converted x, packed weights, attention partials) is owned by the context and grows
  * on demand; an op that cannot grow it returns SPEED_ERR_NO_MEMORY before touching its output.
  */
@@ -58,6 +60,7 @@ typedef struct {
     speed_cpu_isa_t isa;
     const speed_cpu_kernels_t *k;
     speed_cpu_gemm_t gemm[SPEED_DTYPE_COUNT];
+    bool batch_invariant; /* one reduction order per row whatever the batch (backend.h) */
     /* bf16 weights, 2 .. GEMV_BF16_MAX_N rows (AVX512_BF16 only, else NULL) */
     void (*gemv_bf16)(const speed_cpu_mm_t *mm, const void *xc, int64_t ldxc, int64_t j0, int64_t j1);
     speed_cpu_pool_t *pool;
@@ -520,7 +523,12 @@ static speed_status_t cpu_matmul(void *ctx, speed_mat_t out, speed_mat_t x, spee
     };
     const int T = c->n_threads;
 
-    if (c->gemv_bf16 && w.dtype == SPEED_DTYPE_BF16 && a.mm.n >= 2 && a.mm.n <= GEMV_BF16_MAX_N) {
+    /* Batch-invariant mode: every n takes the blocked GEMM below. Its micro-kernels accumulate
+     * each output element over k in one order fixed by k and the block size kc alone (the row
+     * tile a row lands in, the row ranges and the threads change nothing per element), while
+     * the few-row paths reduce in vector lanes (fp32 x) or round x differently (n >= 2). */
+    const bool few_rows_ok = !c->batch_invariant;
+    if (few_rows_ok && c->gemv_bf16 && w.dtype == SPEED_DTYPE_BF16 && a.mm.n >= 2 && a.mm.n <= GEMV_BF16_MAX_N) {
         const speed_cpu_gemm_t *g = &c->gemm[SPEED_DTYPE_BF16];
         a.g = g;
         a.ldxs = g->xc_cols(a.mm.k);
@@ -536,7 +544,7 @@ static speed_status_t cpu_matmul(void *ctx, speed_mat_t out, speed_mat_t x, spee
         }
         return SPEED_OK;
     }
-    if (a.mm.n <= c->k->gemv_max_n) {
+    if (few_rows_ok && a.mm.n <= c->k->gemv_max_n) {
         size_t xpf = c->k->gemv_xpack_floats(&a.mm);
         if (xpf) {
             SPEED_CHECK(scratch_reserve(c, xpf * sizeof(float)));
@@ -573,7 +581,10 @@ static speed_status_t cpu_matmul(void *ctx, speed_mat_t out, speed_mat_t x, spee
         a.ni = want < most ? want : most;
     }
     atomic_init(&a.next, 0);
-    if (T == 1 || a.nj * a.ni == 1)
+    /* the few-row matmuls the batch-invariant mode sends here stay on the caller when small,
+     * as the GEMV path keeps them (waking the workers would cost more than it saves) */
+    const bool small = c->batch_invariant && a.mm.m * a.mm.k * a.mm.n < 4 * SMALL_WORK;
+    if (T == 1 || a.nj * a.ni == 1 || small)
         gemm_task(&a, 0, 1);
     else
         speed_cpu_pool_run(c->pool, gemm_task, &a);
@@ -675,7 +686,10 @@ static speed_status_t cpu_attention(void *ctx, speed_mat_t out, speed_mat_t q, c
         if (rows->n_visible[r] > max_vis) max_vis = rows->n_visible[r];
         total_vis += rows->n_visible[r];
     }
-    if (T > 1 && base < 4 * T && max_vis >= 2 * ATTN_SPLIT_MIN) {
+    /* Splitting a row's entries merges partial softmax states: a different order from the
+     * unsplit online softmax, chosen by the thread count and the batch, so never when batch
+     * invariant (rows are then blocked per sequence, which the kernel computes row by row). */
+    if (!c->batch_invariant && T > 1 && base < 4 * T && max_vis >= 2 * ATTN_SPLIT_MIN) {
         int64_t s = (4 * T + base - 1) / base, most = max_vis / ATTN_SPLIT_MIN;
         a.n_split = (int)(s < most ? s : most);
     }
@@ -839,6 +853,7 @@ speed_status_t speed_backend_cpu_create(const speed_backend_params_t *params, sp
     if (!c) return SPEED_ERR_NO_MEMORY;
     memset(c, 0, sizeof *c);
     c->n_threads = p.n_threads ? p.n_threads : online_cpus();
+    c->batch_invariant = p.batch_invariant;
 
     speed_cpu_isa_t isa = speed_cpu_isa_detect();
     if (isa > p.cpu_isa_max) isa = p.cpu_isa_max;
@@ -857,8 +872,8 @@ speed_status_t speed_backend_cpu_create(const speed_backend_params_t *params, sp
         c->gemv_bf16 = speed_cpu_gemv_bf16_avx512;
     }
 #endif
-    snprintf(c->name, sizeof c->name, "cpu (%s, %d thread%s)", speed_cpu_isa_name(isa), c->n_threads,
-             c->n_threads == 1 ? "" : "s");
+    snprintf(c->name, sizeof c->name, "cpu (%s, %d thread%s%s)", speed_cpu_isa_name(isa), c->n_threads,
+             c->n_threads == 1 ? "" : "s", c->batch_invariant ? ", batch-invariant" : "");
 
     speed_status_t st = SPEED_ERR_NO_MEMORY;
     c->tscratch = speed_calloc((size_t)c->n_threads, sizeof *c->tscratch);

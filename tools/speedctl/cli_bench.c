@@ -61,6 +61,11 @@ typedef struct {
     double tpot_s;             /* decode at batch 1: wall time per generated token (step + sampling) */
     double batch_tokens_per_s; /* decode at batch N (0 when N = 1) */
     double batch_step_s;
+    /* batch N > 1: 1 when every sequence of the batch-N run chose the same tokens with the same
+     * logprobs (bit for bit) as the batch-1 run, 0 when one differs (--batch-invariant makes
+     * it 1; without, the few-row and many-row kernels may disagree in the last bits); -1 = not
+     * measured */
+    int batch_matches;
     size_t kv_prompt;      /* engine's exact bytes after the prefill */
     size_t kv_formula;     /* docs/design.md §1 for the prompt */
     size_t kv_prompt_full; /* the same prompt at full depth */
@@ -135,8 +140,7 @@ static speed_status_t step_checked(speed_engine_t *eng, speed_engine_step_result
     return SPEED_OK;
 }
 
-/* Runs n_seqs copies of the prompt to gen tokens each. With n_seqs 1 it records the prefill,
- * TTFT, batch-1 decode and KV; with more, the batch decode rate. */
+
 /* The per-step bandwidth probe's buffer: 8x the largest last-level caches here, ~7 ms a read. */
 #define PROBE_BYTES ((size_t)256 << 20)
 
@@ -148,10 +152,25 @@ typedef struct {
     int n, cap;
 } token_pairing_t;
 
+/* The greedy choices of a run: ids and their logprobs, [n_seqs][gen]. */
+typedef struct {
+    int32_t *ids;
+    float *logprobs;
+} token_trace_t;
+
+static void trace_put(token_trace_t *tr, int64_t gen, int k, int64_t i, const speed_sample_t *s) {
+    if (!tr) return;
+    tr->ids[(int64_t)k * gen + i] = s->id;
+    tr->logprobs[(int64_t)k * gen + i] = s->logprob;
+}
+
+/* Runs n_seqs copies of the prompt to gen tokens each. With n_seqs 1 it records the prefill,
+ * TTFT, batch-1 decode and KV; with more, the batch decode rate. trace (optional) receives every
+ * sequence's greedy choices. */
 static speed_status_t bench_once(speed_engine_t *eng, speed_sampler_t *sampler, const int32_t *prompt, int64_t n,
                                  const speed_depth_t *depth, int64_t gen, int n_seqs, double *prefill_s, double *ttft_s,
                                  double *decode_s, size_t *kv_prompt_p, size_t *kv_end_p, size_t *kv_reserved_p,
-                                 token_pairing_t *pair) {
+                                 token_pairing_t *pair, token_trace_t *trace) {
     speed_status_t st = SPEED_OK;
     speed_seq_id_t *ids = speed_calloc((size_t)n_seqs, sizeof *ids);
     int32_t *next = speed_calloc((size_t)n_seqs, sizeof *next);
@@ -175,7 +194,10 @@ static speed_status_t bench_once(speed_engine_t *eng, speed_sampler_t *sampler, 
             speed_sample_t s;
             SPEED_CHECK_GOTO(speed_sampler_sample(sampler, &greedy, NULL, r.outputs[i].logits, n_vocab, &s), st, out);
             for (int k = 0; k < n_seqs; k++)
-                if (ids[k] == r.outputs[i].seq) next[k] = s.id;
+                if (ids[k] == r.outputs[i].seq) {
+                    next[k] = s.id;
+                    trace_put(trace, gen, k, 0, &s);
+                }
             n_first++;
         }
     }
@@ -202,7 +224,10 @@ static speed_status_t bench_once(speed_engine_t *eng, speed_sampler_t *sampler, 
                 SPEED_CHECK_GOTO(speed_sampler_sample(sampler, &greedy, NULL, r.outputs[i].logits, n_vocab, &s), st,
                                  out);
                 for (int k = 0; k < n_seqs; k++)
-                    if (ids[k] == r.outputs[i].seq) next[k] = s.id;
+                    if (ids[k] == r.outputs[i].seq) {
+                        next[k] = s.id;
+                        trace_put(trace, gen, k, produced, &s);
+                    }
                 got++;
             }
         }
@@ -231,6 +256,8 @@ typedef struct {
     speed_sampler_t *sampler;
     double *v;            /* [6][n_rep]: prefill, ttft, decode, batch, peak, bandwidth */
     token_pairing_t pair; /* decode steps paired with bandwidth probes (roofline on) */
+    token_trace_t one;    /* the batch-1 run's choices [gen] */
+    token_trace_t many;   /* the batch-N run's [batch][gen] (batch > 1) */
 } depth_run_t;
 
 static void depth_run_free(depth_run_t *d) {
@@ -238,6 +265,10 @@ static void depth_run_free(depth_run_t *d) {
     speed_sampler_destroy(d->sampler);
     speed_engine_destroy(d->eng);
     speed_free(d->v);
+    speed_free(d->one.ids);
+    speed_free(d->one.logprobs);
+    speed_free(d->many.ids);
+    speed_free(d->many.logprobs);
     memset(d, 0, sizeof *d);
 }
 
@@ -254,6 +285,12 @@ static speed_status_t depth_setup(const bench_opts_t *o, const speed_model_t *mo
     d->depth = depth;
     d->v = speed_calloc((size_t)o->repeat * 6, sizeof *d->v);
     if (!d->v) return SPEED_ERR_NO_MEMORY;
+    const size_t gen = (size_t)o->gen_tokens;
+    d->one.ids = speed_calloc(gen, sizeof *d->one.ids);
+    d->one.logprobs = speed_calloc(gen, sizeof *d->one.logprobs);
+    d->many.ids = speed_calloc(gen * (size_t)batch, sizeof *d->many.ids);
+    d->many.logprobs = speed_calloc(gen * (size_t)batch, sizeof *d->many.logprobs);
+    if (!d->one.ids || !d->one.logprobs || !d->many.ids || !d->many.logprobs) return SPEED_ERR_NO_MEMORY;
     SPEED_CHECK(speed_engine_params_fit_kv(&ep, batch, o->prompt_tokens, o->gen_tokens));
     SPEED_CHECK(speed_engine_create(&ep, &d->eng));
     SPEED_CHECK(speed_sampler_create(speed_engine_n_vocab(d->eng), &d->sampler));
@@ -269,7 +306,7 @@ static speed_status_t depth_setup(const bench_opts_t *o, const speed_model_t *mo
     }
     /* Warm-up: a short run touches every weight page and the scratch. */
     int64_t n = o->prompt_tokens;
-    return bench_once(d->eng, d->sampler, prompt, n < 8 ? n : 8, &depth, 2, 1, NULL, NULL, NULL, NULL, NULL, NULL,
+    return bench_once(d->eng, d->sampler, prompt, n < 8 ? n : 8, &depth, 2, 1, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
                       NULL);
 }
 
@@ -279,7 +316,8 @@ static speed_status_t depth_rep(const bench_opts_t *o, const speed_model_t *mode
     int n_rep = (int)o->repeat;
     double *pre = d->v, *ttft = d->v + n_rep, *dec = d->v + 2 * n_rep, *peak = d->v + 4 * n_rep, *bw = d->v + 5 * n_rep;
     SPEED_CHECK(bench_once(d->eng, d->sampler, prompt, o->prompt_tokens, &d->depth, o->gen_tokens, 1, &pre[r], &ttft[r],
-                           &dec[r], &res->kv_prompt, &res->kv_end, &res->kv_reserved, d->pair.probe ? &d->pair : NULL));
+                           &dec[r], &res->kv_prompt, &res->kv_end, &res->kv_reserved, d->pair.probe ? &d->pair : NULL,
+                           &d->one));
     size_t rss = rss_now();
     if (d->pair.probe) rss -= PROBE_BYTES < rss ? PROBE_BYTES : rss; /* the probe's buffer is not the engine's */
     if (rss > res->rss_max) res->rss_max = rss;
@@ -329,10 +367,18 @@ static speed_status_t depth_finish(const bench_opts_t *o, const speed_model_t *m
     memcpy(tmp, dec, (size_t)n_rep * sizeof *tmp);
     res->tpot_s = gen > 1 ? median(tmp, n_rep) / (double)(gen - 1) : 0.0;
     speed_free(tmp);
+    res->batch_matches = -1;
     if (batch > 1 && gen > 1) {
         for (int r = 0; r < n_rep; r++)
             SPEED_CHECK(bench_once(d->eng, d->sampler, prompt, n, &d->depth, gen, batch, NULL, NULL, &bat[r], NULL,
-                                   NULL, NULL, NULL));
+                                   NULL, NULL, NULL, &d->many));
+        /* the same prompt in every row of the batch: with --batch-invariant each row must make
+         * exactly the batch-1 run's choices */
+        res->batch_matches = 1;
+        for (int k = 0; k < batch; k++)
+            if (memcmp(d->many.ids + (size_t)k * gen, d->one.ids, (size_t)gen * sizeof *d->one.ids) != 0 ||
+                memcmp(d->many.logprobs + (size_t)k * gen, d->one.logprobs, (size_t)gen * sizeof *d->one.logprobs) != 0)
+                res->batch_matches = 0;
         double t = median(bat, n_rep);
         res->batch_tokens_per_s = (double)batch * (double)(gen - 1) / t;
         res->batch_step_s = t / (double)(gen - 1);
@@ -472,8 +518,10 @@ static void result_print(const bench_result_t *r, const bench_opts_t *o, int n_l
             printf(" = %.1f%% of the read bandwidth", 100.0 * gbs / rf->read_gbs);
         printf("\n");
         if (r->batch_tokens_per_s > 0)
-            printf("  decode b=%-3" PRId64 " %.2f tokens/s (%.2f ms per step of %" PRId64 " tokens)\n", o->batch,
-                   r->batch_tokens_per_s, r->batch_step_s * 1e3, o->batch);
+            printf("  decode b=%-3" PRId64 " %.2f tokens/s (%.2f ms per step of %" PRId64
+                   " tokens); tokens and logprobs %s batch 1's\n",
+                   o->batch, r->batch_tokens_per_s, r->batch_step_s * 1e3, o->batch,
+                   r->batch_matches == 1 ? "equal" : "differ from");
     }
     speedctl_bytes_human((double)r->kv_prompt, 2, b1, sizeof b1);
     speedctl_bytes_human((double)r->kv_formula, 2, b2, sizeof b2);
@@ -500,6 +548,7 @@ static json_t *result_json(const bench_result_t *r, const bench_opts_t *o, const
     json_object_set_new(j, "decode_tokens_per_s", json_real(r->tpot_s > 0 ? 1.0 / r->tpot_s : 0.0));
     json_object_set_new(j, "decode_bytes_per_token", json_real(r->decode_bytes));
     json_object_set_new(j, "batch_decode_tokens_per_s", json_real(r->batch_tokens_per_s));
+    if (r->batch_matches >= 0) json_object_set_new(j, "batch_matches_batch1", json_boolean(r->batch_matches == 1));
     json_t *kv = json_object();
     json_object_set_new(kv, "prompt_bytes", json_integer((json_int_t)r->kv_prompt));
     json_object_set_new(kv, "formula_bytes", json_integer((json_int_t)r->kv_formula));

@@ -85,6 +85,9 @@ const speed_config_field_t speedctl_engine_fields[SPEEDCTL_ENGINE_N_FIELDS] = {
     ENGINE_OPT("device", INT, device, "0", 0, 1023, NULL, "--backend cuda: the GPU's index"),
     ENGINE_OPT("tensor_parallel", INT, tensor_parallel, "1", 1, 64, NULL,
                "ranks the model is split over (cpu backends: threads of this process, --threads shared out)"),
+    ENGINE_OPT("batch_invariant", BOOL, batch_invariant, "false", SPEED_CONFIG_UNBOUNDED, NULL,
+               "every sequence's logits bit-identical whatever shares its batch, its chunking or the thread "
+               "count (engine.batch_invariant of a cluster; the cuda backend refuses it)"),
 };
 
 speed_status_t speedctl_depth_resolve(const char *prefill_layers, int64_t anchors, int64_t tail, int n_layers,
@@ -110,6 +113,7 @@ static speed_status_t backend_create(const speedctl_engine_opts_t *o, int64_t n_
     bp.kind = (speed_backend_kind_t)o->backend;
     bp.n_threads = (int)n_threads;
     bp.device = (int)o->device;
+    bp.batch_invariant = o->batch_invariant;
     char label[32];
     speed_backend_label(&bp, label, sizeof label);
     /* one error line: the backend's cause, folded into ours */

@@ -151,9 +151,10 @@ typedef struct {
     int backend;             /* --backend: speed_backend_kind_t */
     int64_t device;          /* --device: the GPU of --backend cuda */
     int64_t tensor_parallel; /* --tensor-parallel: ranks */
+    bool batch_invariant;    /* --batch-invariant: speed_backend_params_t.batch_invariant */
 } speedctl_engine_opts_t;
 
-#define SPEEDCTL_ENGINE_N_FIELDS 5
+#define SPEEDCTL_ENGINE_N_FIELDS 6
 extern const speed_config_field_t speedctl_engine_fields[SPEEDCTL_ENGINE_N_FIELDS];
 
 /* The SPEED depth of --prefill-layers (NULL or "": C = n_layers), --anchors and --tail for a

@@ -177,6 +177,13 @@ int main(void) {
     CHECK_INT_EQ(load(NULL, &c, &cfg, 2, "--ucx.cuda_direct", "true"), SPEED_OK);
     CHECK(c.ucx_cuda_direct);
     speed_config_destroy(cfg);
+    /* engine.batch_invariant: off unless asked for (the nodes pass it to their backends) */
+    CHECK_INT_EQ(load(NULL, &c, &cfg, 0), SPEED_OK);
+    CHECK(!c.batch_invariant);
+    speed_config_destroy(cfg);
+    CHECK_INT_EQ(load(NULL, &c, &cfg, 2, "--engine.batch_invariant", "true"), SPEED_OK);
+    CHECK(c.batch_invariant);
+    speed_config_destroy(cfg);
 
     /* clusters that cannot work */
     CHECK_INT_EQ(load("decode", &c, &cfg, 2, "--node.index", "1"), SPEED_ERR_INVALID_ARGUMENT);

@@ -569,6 +569,59 @@ static void test_generate(void) {
     run_free(&r);
 }
 
+/* --batch-invariant (docs/cluster.md#batch-invariance): generate --json gives the same tokens
+ * and logprobs (every number, bit for bit as printed) on 1 and 2 threads, with a prompt long
+ * enough that decode attention would split a row across the threads without it; bench --batch 3
+ * gives every sequence of the batch exactly the batch-1 run's tokens and logprobs; the cuda
+ * backend refuses the mode with one error line that says so. */
+static void test_batch_invariant(void) {
+    char dir[1100];
+    snprintf(dir, sizeof dir, "%s/cli-bi", tmp);
+    run_t r = run("make-tiny-model '%s' --layers 2 --hidden 128 --heads 4 --kv-heads 2 --ffn 256 --max-position 512 "
+                  "--seed 5",
+                  dir);
+    CHECK_MSG(r.rc == 0, "make-tiny-model: %s", r.err);
+    run_free(&r);
+    char ids[2048] = "1";
+    for (int i = 1; i < 300; i++) {
+        char num[16];
+        snprintf(num, sizeof num, ",%d", 3 + (i * 37) % 200);
+        strcat(ids, num);
+    }
+    json_t *tok[2] = {NULL, NULL};
+    for (int t = 0; t < 2; t++) {
+        r = run("generate --model '%s' --json --prompt-ids %s --max-tokens 12 --ignore-eos --top-logprobs 3 "
+                "--batch-invariant --threads %d",
+                dir, ids, t + 1);
+        CHECK_MSG(r.rc == 0, "generate --batch-invariant --threads %d: %s", t + 1, r.err);
+        json_t *j = r.rc == 0 ? json_loads(r.out, 0, NULL) : NULL;
+        run_free(&r);
+        tok[t] = j ? json_incref(json_object_get(j, "tokens")) : NULL;
+        json_decref(j);
+    }
+    CHECK(json_array_size(tok[0]) == 12);
+    CHECK_MSG(tok[0] && tok[1] && json_equal(tok[0], tok[1]),
+              "generate --batch-invariant: tokens or logprobs differ between 1 and 2 threads");
+    json_decref(tok[0]);
+    json_decref(tok[1]);
+
+    r = run("bench --model '%s' --prompt-tokens 280 --gen-tokens 10 --batch 3 --repeat 1 --no-roofline --json "
+            "--batch-invariant --threads 2",
+            dir);
+    CHECK_MSG(r.rc == 0, "bench --batch-invariant: %s", r.err);
+    json_t *j = r.rc == 0 ? json_loads(r.out, 0, NULL) : NULL;
+    run_free(&r);
+    json_t *m = json_object_get(json_array_get(json_object_get(j, "runs"), 0), "batch_matches_batch1");
+    CHECK_MSG(json_is_true(m), "bench --batch 3 --batch-invariant: the batch's tokens/logprobs differ from batch 1's");
+    json_decref(j);
+
+    r = run("generate --model '%s' --prompt-ids 1,2,3 --max-tokens 2 --backend cuda --batch-invariant", dir);
+    CHECK_INT_EQ(r.rc, 1);
+    CHECK_INT_EQ(count_errors(r.err), 1);
+    CHECK_MSG(strstr(r.err, "batch-invariant") != NULL, "cuda --batch-invariant: %s", r.err);
+    run_free(&r);
+}
+
 static void test_bench(void) {
     run_t r = run("bench --model '%s' --prompt-tokens 24 --gen-tokens 4 --batch 2 --repeat 1 --prefill-layers 2 "
                   "--compare --roofline-mib 16 --json",
@@ -706,5 +759,6 @@ int main(int argc, char **argv) {
     test_tokenize();
     test_generate();
     test_bench();
+    test_batch_invariant();
     return CHECK_DONE();
 }
