@@ -453,6 +453,14 @@ static void test_decode_killed(void) {
         CHECK(kill(r.pid, 0) == 0);
         for (int i = 0; i < 4; i++) CHECK(chat_ok(ports)); /* both decode nodes take requests */
         CHECK(nodes_idle(ports, true));
+        /* the router too: restarted with the same certificates and its API port back */
+        CHECK_INT_EQ(kill(others[2], SIGKILL), 0);
+        CHECK_MSG(up_read_text(&r, "router healthy again", 90), "the router was not restarted");
+        pid_t rp[4] = {0};
+        CHECK_INT_EQ(started_pids(&r, "router", rp, 4), 2);
+        CHECK(rp[1] > 0 && rp[1] != others[2]);
+        CHECK(chat_ok(ports));
+        for (int i = 0; i < 2; i++) CHECK(kill(others[i], 0) == 0);
     }
     char *err = tu_read(r.err_path, NULL);
     char want[96];
