@@ -137,9 +137,6 @@ static void poll_node(speed_router_nodes_t *n, speed_router_pool_id_t p, size_t 
     speed_node_state_t was = SPEED_NODE_DOWN;
     speed_balance_pool_state(pool, i, &was);
     if (state == SPEED__V1__NODE_STATE__NODE_STATE_SERVING) {
-        if (was == SPEED_NODE_DOWN) /* at start too: says when a restarted node takes requests again */
-            speed_log(SPEED_LOG_INFO, SPEED_SUBSYS_NET, NULL, "%s pool: node %s is up", speed_router_pool_name(p),
-                      node->address);
         if (was == SPEED_NODE_DRAINING)
             speed_balance_pool_set_draining(pool, i, false);
         else
