@@ -1,7 +1,9 @@
 /* speedctl up end to end: a real 1P1D cluster (speed-decode, speed-prefill, speed-router)
  * started from deploy/clusters/1p1d.yaml on ports taken from this test's pid, used through the
  * router's OpenAI API, stopped with SIGTERM; then the startup failures (bad model directory,
- * a port already taken, no speed-router next to speedctl, router.port 0).
+ * a port already taken with --no-restart, no speed-router next to speedctl, router.port 0); then
+ * supervision on a 1P2D cluster: a SIGKILLed decode node and router restarted while the rest
+ * serve, and a decode node that cannot start retried, then given up.
  *
  * Nothing here may hang: speedctl's stdout is read with a deadline, and every speedctl this
  * test starts is killed (with its process group's daemons, by pid) when a step fails. */
