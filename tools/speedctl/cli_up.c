@@ -41,16 +41,20 @@
 #define UP_LINE_MAX          2048 /* --foreground-logs: longer lines are cut */
 #define UP_HEALTH_PERIOD_S   0.2
 #define UP_HEALTH_TIMEOUT_MS 1000
+#define UP_BACKOFF_CAP_MS    10000 /* the longest wait before a restart */
+#define UP_STABLE_S          30.0  /* healthy this long before it died: its failure count starts over */
 
 /* ---- options ---------------------------------------------------------------------------------
  * speedctl up has a few options of its own; every other option is a cluster option and is
  * passed through, unchanged and in order, to every child (so `--decode.replicas 2` means the
- * same thing to speedctl and to each daemon). */
+ * same thing to speedctl and to each daemon). cli_up_args.c splits the command line. */
 
 typedef struct {
     char *log_dir;
     bool foreground_logs;
     double start_timeout_s, stop_timeout_s;
+    bool restart;
+    int64_t restart_max, restart_backoff_ms;
 } up_opts_t;
 
 static const speed_config_field_t up_fields[] = {
@@ -62,98 +66,14 @@ static const speed_config_field_t up_fields[] = {
      "seconds each process has to answer GET /health with 200 after it is started"},
     {"stop_timeout_s", SPEED_CONFIG_DOUBLE, offsetof(up_opts_t, stop_timeout_s), "30", 0, 86400, NULL,
      "seconds each group (router, prefill, decode) has to exit after SIGTERM before SIGKILL"},
+    {"restart", SPEED_CONFIG_BOOL, offsetof(up_opts_t, restart), "true", SPEED_CONFIG_UNBOUNDED, NULL,
+     "restart a process that dies (the others keep serving); --no-restart: stop the whole cluster instead"},
+    {"restart_max", SPEED_CONFIG_INT, offsetof(up_opts_t, restart_max), "5", 1, 1000, NULL,
+     "restarts in a row of a process that dies before it was healthy for 30 s; then it is given up"},
+    {"restart_backoff_ms", SPEED_CONFIG_INT, offsetof(up_opts_t, restart_backoff_ms), "500", 0, 60000, NULL,
+     "wait before the first restart; doubled for each further failure in a row, up to 10 s"},
 };
 #define N_UP_FIELDS (sizeof up_fields / sizeof up_fields[0])
-
-/* "--log-dir=x" → "log_dir" in buf; false if arg is not a long option. */
-static bool option_name(const char *arg, char *buf, size_t size, const char **value_p) {
-    if (strncmp(arg, "--", 2) != 0 || !arg[2]) return false;
-    const char *name = arg + 2, *eq = strchr(name, '=');
-    size_t n = eq ? (size_t)(eq - name) : strlen(name);
-    if (n >= size) n = size - 1;
-    for (size_t i = 0; i < n; i++) buf[i] = name[i] == '-' ? '_' : name[i];
-    buf[n] = '\0';
-    *value_p = eq ? eq + 1 : NULL;
-    return true;
-}
-
-static const speed_config_field_t *field_find(const speed_config_field_t *fields, size_t n, const char *name) {
-    for (size_t i = 0; i < n; i++)
-        if (strcmp(fields[i].name, name) == 0) return &fields[i];
-    return NULL;
-}
-
-/* Whether "--name" (written without "=value") consumes the next argument. */
-static bool takes_value(const speed_config_field_t *fields, size_t n, const char *name) {
-    if (strcmp(name, "config") == 0) return true;
-    const speed_config_field_t *f = field_find(fields, n, name);
-    if (!f && strncmp(name, "no_", 3) == 0) return false;
-    return f && f->type != SPEED_CONFIG_BOOL;
-}
-
-typedef struct {
-    char **up_argv, **cluster_argv; /* argv[0] = "up"; NULL-terminated */
-    int up_argc, cluster_argc;
-    const char *config;  /* the positional CONFIG, or NULL */
-    bool config_option;  /* --config was given too */
-    bool node_index;     /* --node.index was given (speedctl up sets it) */
-    const char *unknown; /* the first option neither table has */
-    int n_positional;
-} up_args_t;
-
-/* Splits argv into speedctl up's own options and the cluster options, and finds the one
- * positional (the cluster file). Unknown options stay with the cluster options, whose
- * loader reports them. */
-static bool args_split(int argc, char **argv, up_args_t *a) {
-    size_t n_cluster_fields;
-    const speed_config_field_t *cluster_fields = speed_cluster_config_fields(&n_cluster_fields);
-    memset(a, 0, sizeof *a);
-    a->up_argv = speed_calloc((size_t)argc + 1, sizeof *a->up_argv);
-    a->cluster_argv = speed_calloc((size_t)argc + 3, sizeof *a->cluster_argv);
-    if (!a->up_argv || !a->cluster_argv) return false;
-    a->up_argv[a->up_argc++] = argv[0];
-    a->cluster_argv[a->cluster_argc++] = argv[0];
-    bool rest_positional = false;
-    for (int i = 1; i < argc; i++) {
-        char name[128];
-        const char *value;
-        if (!rest_positional && strcmp(argv[i], "--") == 0) {
-            rest_positional = true;
-            continue;
-        }
-        if (rest_positional || !option_name(argv[i], name, sizeof name, &value)) {
-            if (argv[i][0] == '-' && argv[i][1] && !rest_positional) { /* -h and the like */
-                a->cluster_argv[a->cluster_argc++] = argv[i];
-                continue;
-            }
-            if (a->n_positional++ == 0) a->config = argv[i];
-            continue;
-        }
-        const char *plain = strncmp(name, "no_", 3) == 0 ? name + 3 : name;
-        bool mine = field_find(up_fields, N_UP_FIELDS, name) ||
-                    (field_find(up_fields, N_UP_FIELDS, plain) &&
-                     field_find(up_fields, N_UP_FIELDS, plain)->type == SPEED_CONFIG_BOOL);
-        const speed_config_field_t *cf = field_find(cluster_fields, n_cluster_fields, plain);
-        bool known = mine || strcmp(name, "config") == 0 || strcmp(name, "print_config") == 0 ||
-                     strcmp(name, "help") == 0 || field_find(cluster_fields, n_cluster_fields, name) ||
-                     (cf && cf->type == SPEED_CONFIG_BOOL);
-        if (!known && !a->unknown) a->unknown = argv[i];
-        if (strcmp(name, "config") == 0) a->config_option = true;
-        if (strcmp(name, "node.index") == 0) a->node_index = true;
-        char **out = mine ? a->up_argv : a->cluster_argv;
-        int *n_out = mine ? &a->up_argc : &a->cluster_argc;
-        out[(*n_out)++] = argv[i];
-        bool has_value = !value && (mine ? takes_value(up_fields, N_UP_FIELDS, name)
-                                         : takes_value(cluster_fields, n_cluster_fields, name));
-        if (has_value && i + 1 < argc) out[(*n_out)++] = argv[++i];
-    }
-    return true;
-}
-
-static void args_cleanup(up_args_t *a) {
-    speed_free(a->up_argv);
-    speed_free(a->cluster_argv);
-}
 
 /* ---- processes ------------------------------------------------------------------------------ */
 
@@ -174,6 +94,13 @@ typedef struct {
     int wait_status; /* from waitpid once reaped */
     double t_start, t_healthy, t_stop, t_exit, t_health_next;
 
+    /* supervision: a death not asked for is handled once (restart_pending or given_up) */
+    int n_starts;         /* times started */
+    int n_fails;          /* deaths in a row before it was healthy for UP_STABLE_S */
+    bool restart_pending; /* to be started again at t_restart */
+    bool given_up;        /* died restart_max + 1 times in a row: left down */
+    double t_restart;
+
     int out_fd; /* --foreground-logs: read end of the child's stdout+stderr */
     char line[UP_LINE_MAX];
     size_t line_len;
@@ -184,7 +111,7 @@ typedef struct {
 typedef struct {
     speed_cluster_config_t c;
     up_opts_t opts;
-    up_args_t args;
+    speedctl_up_args_t args;
     char bin_dir[PATH_MAX];
     char log_dir[PATH_MAX];
     char cert_dir[PATH_MAX]; /* throwaway control plane certificates; "" = none made */
@@ -341,12 +268,16 @@ static bool proc_start(up_t *u, up_proc_t *p) {
         }
         out_fd = pipe_fds[1];
     } else {
-        out_fd = open(p->log_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+        /* a restart appends: the log of the death that caused it stays readable */
+        int mode = p->n_starts ? O_APPEND : O_TRUNC;
+        out_fd = open(p->log_path, O_WRONLY | O_CREAT | mode | O_CLOEXEC, 0644);
         if (out_fd < 0) {
             speedctl_fail("%s: cannot create %s: %s", p->name, p->log_path, strerror(errno));
             speed_free(argv);
             return false;
         }
+        if (p->n_starts)
+            dprintf(out_fd, "==== speedctl up: %s started again (restart %d) ====\n", p->name, p->n_starts);
     }
     fflush(stdout);
     fflush(stderr);
@@ -385,6 +316,8 @@ static bool proc_start(up_t *u, up_proc_t *p) {
     }
     p->pid = pid;
     p->running = true;
+    p->healthy = p->stop_sent = p->killed = p->restart_pending = false;
+    p->n_starts++;
     p->t_start = speed_clock_mono_s();
     p->t_health_next = p->t_start + UP_HEALTH_PERIOD_S;
     printf("started %s (pid %d)\n", p->name, (int)pid);
@@ -449,8 +382,11 @@ static bool proc_check_health(up_t *u, up_proc_t *p) {
         json_error_t jerr;
         json_t *j = json_loads(body, 0, &jerr);
         json_t *dec = json_object_get(j, "decode_nodes_up"), *pre = json_object_get(j, "prefill_nodes_up");
-        if (json_is_integer(dec) && json_integer_value(dec) < u->c.decode.replicas) ok = false;
-        if (json_is_integer(pre) && json_integer_value(pre) < u->c.prefill.replicas) ok = false;
+        int64_t want[2] = {u->c.decode.replicas, u->c.prefill.replicas}; /* less the nodes given up */
+        for (int i = 0; i < u->n_procs; i++)
+            if (u->procs[i].given_up && u->procs[i].kind != UP_ROUTER) want[u->procs[i].kind]--;
+        if (json_is_integer(dec) && json_integer_value(dec) < want[UP_DECODE]) ok = false;
+        if (json_is_integer(pre) && json_integer_value(pre) < want[UP_PREFILL]) ok = false;
         json_decref(j);
     }
     speed_free(body);
@@ -497,7 +433,8 @@ static void group_stop(up_t *u, up_kind_t kind) {
 
 /* Router first (it stops taking requests and finishes the streams it has), then the prefill
  * pool, then decode (which holds the KV of requests still generating). Returns true when
- * every process exited 0 after its SIGTERM (none died on its own, none needed SIGKILL). */
+ * every process exited 0 after its SIGTERM (none needed SIGKILL, none died on its own without
+ * a restart, none was given up; one waiting for its restart was reported when it died). */
 static bool up_stop_all(up_t *u, bool summary) {
     group_stop(u, UP_ROUTER);
     group_stop(u, UP_PREFILL);
@@ -505,13 +442,15 @@ static bool up_stop_all(up_t *u, bool summary) {
     bool clean = true;
     for (int i = u->n_procs - 1; i >= 0; i--) {
         up_proc_t *p = &u->procs[i];
-        if (!p->pid || p->running) continue;
+        if (!p->pid || p->running || p->restart_pending) continue;
         bool ok = p->stop_sent && !p->killed && WIFEXITED(p->wait_status) && WEXITSTATUS(p->wait_status) == 0;
         clean &= ok;
         if (!summary) continue;
         char st[96];
         status_text(p->wait_status, st, sizeof st);
-        if (p->stop_sent)
+        if (p->given_up)
+            printf("%s (pid %d) was given up: %s\n", p->name, (int)p->pid, st);
+        else if (p->stop_sent)
             printf("stopped %s (pid %d): %s%s, %.1f s after SIGTERM\n", p->name, (int)p->pid, st,
                    p->killed ? " (SIGKILL)" : "", p->t_exit - p->t_stop);
         else
@@ -534,6 +473,99 @@ static int up_fail(up_t *u, up_proc_t *p, const char *when) {
     fprintf(stderr, "speedctl: stopping the cluster\n");
     up_stop_all(u, true);
     return SPEEDCTL_EXIT_FAIL;
+}
+
+/* ---- supervision ---------------------------------------------------------------------------- */
+
+/* The first process that exited without being asked to and is not handled yet, or NULL. */
+static up_proc_t *death_unhandled(up_t *u) {
+    for (int i = 0; i < u->n_procs; i++) {
+        up_proc_t *p = &u->procs[i];
+        if (p->pid && !p->running && !p->stop_sent && !p->restart_pending && !p->given_up) return p;
+    }
+    return NULL;
+}
+
+/* A death not asked for, with restarts on: says why, shows the log tail, and schedules the
+ * restart after the backoff, or gives the process up after restart_max quick failures in a
+ * row. Returns false when the cluster cannot go on (the router was given up). */
+static bool death_handle(up_t *u, up_proc_t *p) {
+    char st[96];
+    status_text(p->wait_status, st, sizeof st);
+    bool stable = p->healthy && p->t_exit - p->t_healthy >= UP_STABLE_S;
+    p->n_fails = stable ? 1 : p->n_fails + 1;
+    fprintf(stderr, "speedctl: %s (pid %d) %s %.1f s after its start%s\n", p->name, (int)p->pid, st,
+            p->t_exit - p->t_start, p->healthy ? "" : ", before it was healthy");
+    tail_print(u, p);
+    p->healthy = false;
+    if (p->n_fails > u->opts.restart_max) {
+        p->given_up = true;
+        fprintf(stderr, "speedctl: giving up on %s: it failed %d times in a row (--restart-max %lld)%s; see %s\n",
+                p->name, p->n_fails, (long long)u->opts.restart_max,
+                p->kind == UP_ROUTER ? "" : "; the rest of the cluster keeps serving",
+                u->opts.foreground_logs ? "its output above" : p->log_path);
+        return p->kind != UP_ROUTER;
+    }
+    int64_t ms = u->opts.restart_backoff_ms;
+    for (int k = 1; k < p->n_fails && ms < UP_BACKOFF_CAP_MS; k++) ms *= 2;
+    if (ms > UP_BACKOFF_CAP_MS) ms = UP_BACKOFF_CAP_MS;
+    p->restart_pending = true;
+    p->t_restart = speed_clock_mono_s() + (double)ms / 1000.0;
+    fprintf(stderr, "speedctl: restarting %s in %.1f s (failure %d in a row of at most %lld)\n", p->name,
+            (double)ms / 1000.0, p->n_fails, (long long)u->opts.restart_max);
+    return true;
+}
+
+/* One turn of supervision: handles the deaths, starts what is due. *rc_p is speedctl's exit
+ * code when it returns false (the cluster was stopped). */
+static bool up_supervise(up_t *u, bool router_due, int *rc_p) {
+    for (up_proc_t *p; (p = death_unhandled(u));)
+        if (!death_handle(u, p)) {
+            fprintf(stderr, "speedctl: without the router nothing is served; stopping the cluster\n");
+            up_stop_all(u, true);
+            *rc_p = SPEEDCTL_EXIT_FAIL;
+            return false;
+        }
+    double now = speed_clock_mono_s();
+    for (int i = 0; i < u->n_procs; i++) {
+        up_proc_t *p = &u->procs[i];
+        if (!p->restart_pending || now < p->t_restart || (p->kind == UP_ROUTER && !router_due)) continue;
+        if (!proc_start(u, p)) {
+            up_stop_all(u, true);
+            *rc_p = SPEEDCTL_EXIT_FAIL;
+            return false;
+        }
+    }
+    return true;
+}
+
+/* Polls /health of the started processes not yet healthy. Returns one that missed
+ * start_timeout_s when restarts are off (the caller stops the cluster); with restarts on such
+ * a process is killed and restarted like one that died. */
+static up_proc_t *procs_health(up_t *u) {
+    for (int i = 0; i < u->n_procs; i++) {
+        up_proc_t *p = &u->procs[i];
+        double now = speed_clock_mono_s();
+        if (!p->running || p->healthy || p->stop_sent || now < p->t_health_next) continue;
+        p->t_health_next = now + UP_HEALTH_PERIOD_S;
+        /* the health answer counts only if the child is still alive after it (another process
+         * might own the port) */
+        if (proc_check_health(u, p)) {
+            up_reap(u);
+            if (!p->running) continue;
+            p->healthy = true;
+            p->t_healthy = speed_clock_mono_s();
+            printf("%s healthy%s (pid %d) in %.1f s: http://%s:%d/health\n", p->name, p->n_starts > 1 ? " again" : "",
+                   (int)p->pid, p->t_healthy - p->t_start, u->c.host, p->http_port);
+            fflush(stdout);
+        } else if (p->running && speed_clock_mono_s() - p->t_start > u->opts.start_timeout_s) {
+            if (!u->opts.restart) return p;
+            fprintf(stderr, "speedctl: %s (pid %d) not healthy after %.0f s (--start-timeout-s): SIGKILL\n", p->name,
+                    (int)p->pid, u->opts.start_timeout_s);
+            kill(p->pid, SIGKILL); /* reaped and handled as a death */
+        }
+    }
+    return NULL;
 }
 
 /* ---- setup ---------------------------------------------------------------------------------- */
@@ -639,37 +671,6 @@ static bool procs_init(up_t *u) {
     return true;
 }
 
-static void print_help(void) {
-    size_t n_cluster;
-    const speed_config_field_t *cluster = speed_cluster_config_fields(&n_cluster);
-    printf("usage: %s\n\n"
-           "Starts a local cluster from the cluster file CONFIG: every decode replica, every prefill\n"
-           "replica, then the router, each a child process, and waits until each answers GET /health.\n"
-           "Prints `router: http://HOST:PORT` and `ready`, then runs until SIGINT/SIGTERM, which stops\n"
-           "the router, then the prefill nodes, then the decode nodes. If any process dies, the whole\n"
-           "cluster is stopped and speedctl exits 1. See docs/cluster.md.\n\n"
-           "speedctl up's own options (command line or environment, not in CONFIG):\n",
-           UP_USAGE);
-    for (size_t i = 0; i < N_UP_FIELDS; i++) {
-        const speed_config_field_t *f = &up_fields[i];
-        char opt[64], env[64];
-        size_t k = 0;
-        for (const char *c = f->name; *c && k + 1 < sizeof opt; c++) opt[k++] = *c == '_' ? '-' : *c;
-        opt[k] = '\0';
-        k = 0;
-        for (const char *c = f->name; *c && k + 1 < sizeof env; c++)
-            env[k++] = (char)(*c >= 'a' && *c <= 'z' ? *c - 32 : *c);
-        env[k] = '\0';
-        const char *arg = f->type == SPEED_CONFIG_STRING ? " DIR" : f->type == SPEED_CONFIG_BOOL ? "" : " SECONDS";
-        printf("  --%s%s\n      %s (%s%s%senv SPEED_UP_%s)\n", opt, arg, f->doc, f->default_value ? "default " : "",
-               f->default_value ? f->default_value : "", f->default_value ? "; " : "", env);
-    }
-    printf("\ncluster options (in CONFIG, as SPEED_<OPTION>, or on the command line; passed on to every\n"
-           "process, which loads CONFIG itself):\n");
-    fflush(stdout);
-    speed_config_print_help(cluster, n_cluster, "SPEED_", stdout);
-}
-
 /* ---- the verb ------------------------------------------------------------------------------- */
 
 static int up_run(up_t *u) {
@@ -682,56 +683,38 @@ static int up_run(up_t *u) {
             return SPEEDCTL_EXIT_FAIL;
         }
     double t0 = speed_clock_mono_s();
+    up_proc_t *router = &u->procs[u->n_procs - 1];
     for (;;) {
         up_pump(u, 50);
-        up_proc_t *died = up_reap(u);
-        if (died) return up_fail(u, died, " during startup");
+        up_reap(u);
         if (u->n_stop_signals) {
             fprintf(stderr, "speedctl: interrupted during startup; stopping the cluster\n");
             up_stop_all(u, true);
             return SPEEDCTL_EXIT_FAIL;
         }
-        int n_nodes_healthy = 0, n_nodes = 0, n_healthy = 0;
-        up_proc_t *router = NULL;
-        for (int i = 0; i < u->n_procs; i++) {
-            up_proc_t *p = &u->procs[i];
-            if (p->kind == UP_ROUTER)
-                router = p;
-            else
-                n_nodes++;
-            if (!p->running) continue;
-            double now = speed_clock_mono_s();
-            if (!p->healthy && now >= p->t_health_next) {
-                p->t_health_next = now + UP_HEALTH_PERIOD_S;
-                /* the health answer counts only if the child is still alive after it (another
-                 * process might own the port) */
-                if (proc_check_health(u, p) && !up_reap(u) && p->running) {
-                    p->healthy = true;
-                    p->t_healthy = speed_clock_mono_s();
-                    printf("%s healthy (pid %d) in %.1f s: http://%s:%d/health\n", p->name, (int)p->pid,
-                           p->t_healthy - p->t_start, u->c.host, p->http_port);
-                    fflush(stdout);
-                } else if (!p->running) {
-                    break; /* reaped above: reported on the next turn */
-                } else if (speed_clock_mono_s() - p->t_start > u->opts.start_timeout_s) {
-                    char when[64];
-                    snprintf(when, sizeof when, " after %.0f s (--start-timeout-s)", u->opts.start_timeout_s);
-                    return up_fail(u, p, when);
-                }
-            }
-            if (p->healthy) {
-                n_healthy++;
-                if (p->kind != UP_ROUTER) n_nodes_healthy++;
-            }
+        up_proc_t *died = death_unhandled(u);
+        if (died && !u->opts.restart) return up_fail(u, died, " during startup");
+        int rc;
+        if (!up_supervise(u, router->pid != 0, &rc)) return rc;
+        up_proc_t *late = procs_health(u);
+        if (late) {
+            char when[64];
+            snprintf(when, sizeof when, " after %.0f s (--start-timeout-s)", u->opts.start_timeout_s);
+            return up_fail(u, late, when);
         }
-        for (int i = 0; i < u->n_procs; i++) /* a reaped process is reported on the next turn */
-            if (u->procs[i].pid && !u->procs[i].running && !u->procs[i].stop_sent)
-                return up_fail(u, &u->procs[i], " during startup");
-        if (n_nodes_healthy == n_nodes && router && !router->pid && !proc_start(u, router)) {
+        /* a node given up does not hold the rest back */
+        int n_nodes_done = 0, n_done = 0;
+        for (int i = 0; i < u->n_procs; i++) {
+            const up_proc_t *p = &u->procs[i];
+            bool done = p->healthy || p->given_up;
+            n_done += done;
+            n_nodes_done += done && p->kind != UP_ROUTER;
+        }
+        if (n_nodes_done == u->n_procs - 1 && !router->pid && !proc_start(u, router)) {
             up_stop_all(u, true);
             return SPEEDCTL_EXIT_FAIL;
         }
-        if (n_healthy == u->n_procs) break;
+        if (n_done == u->n_procs) break;
     }
 
     printf("cluster up in %.1f s: %lld decode, %lld prefill, 1 router\n", speed_clock_mono_s() - t0,
@@ -739,10 +722,13 @@ static int up_run(up_t *u) {
     for (int i = 0; i < u->n_procs; i++) {
         const up_proc_t *p = &u->procs[i];
         if (p->kind == UP_ROUTER) continue;
+        if (p->given_up) {
+            printf("%s: given up (see above), grpc %s\n", p->name, p->grpc_addr);
+            continue;
+        }
         printf("%s: pid %d, grpc %s, metrics http://%s:%d/metrics\n", p->name, (int)p->pid, p->grpc_addr, u->c.host,
                p->http_port);
     }
-    const up_proc_t *router = &u->procs[u->n_procs - 1];
     printf("router metrics: http://%s:%d/metrics (pid %d)\n", u->c.host, router->http_port, (int)router->pid);
     if (!u->opts.foreground_logs) printf("logs: %s\n", u->log_dir);
     printf("router: http%s://%s:%d\n", u->c.api_tls_cert && u->c.api_tls_cert[0] ? "s" : "", u->c.host,
@@ -750,11 +736,16 @@ static int up_run(up_t *u) {
     printf("ready\n");
     fflush(stdout);
 
+    /* until SIGINT/SIGTERM: a process that dies is restarted (or, with --no-restart, stops all) */
     for (;;) {
         up_pump(u, 250);
-        up_proc_t *died = up_reap(u);
-        if (died) return up_fail(u, died, " while the cluster was running");
+        up_reap(u);
         if (u->n_stop_signals) break;
+        up_proc_t *died = death_unhandled(u);
+        if (died && !u->opts.restart) return up_fail(u, died, " while the cluster was running");
+        int rc;
+        if (!up_supervise(u, true, &rc)) return rc;
+        procs_health(u);
     }
     printf("stopping: router, then prefill, then decode\n");
     fflush(stdout);
@@ -775,7 +766,7 @@ int speedctl_up(int argc, char **argv) {
     u.sfd = -1;
     int rc = SPEEDCTL_EXIT_USAGE;
     speed_config_t *ucfg = NULL, *ccfg = NULL;
-    if (!args_split(argc, argv, &u.args)) {
+    if (!speedctl_up_args_split(up_fields, N_UP_FIELDS, argc, argv, &u.args)) {
         speedctl_fail("out of memory");
         rc = SPEEDCTL_EXIT_FAIL;
         goto out;
@@ -809,7 +800,7 @@ int speedctl_up(int argc, char **argv) {
     }
     if (speed_cluster_config_load(cargc, cargv, NULL, &u.c, &ccfg) != SPEED_OK) goto usage;
     if (speed_config_help_requested(ccfg)) {
-        print_help();
+        speedctl_up_help_print(up_fields, N_UP_FIELDS, UP_USAGE);
         rc = SPEEDCTL_EXIT_OK;
         goto out;
     }
@@ -883,6 +874,6 @@ out:
     speed_free(u.procs);
     speed_config_destroy(ccfg);
     speed_config_destroy(ucfg);
-    args_cleanup(&u.args);
+    speedctl_up_args_cleanup(&u.args);
     return rc;
 }

@@ -26,6 +26,28 @@ int speedctl_bench(int argc, char **argv);
 int speedctl_up(int argc, char **argv);
 int speedctl_certs(int argc, char **argv);
 
+/* speedctl up's command line split in two (cli_up_args.c): the options in up_fields (speedctl
+ * up's own) and everything else, which goes unchanged and in order to every child. Unknown
+ * options stay with the cluster options and the first is remembered in unknown. The argv
+ * arrays point into the caller's argv (which must outlive them); cluster_argv has room for
+ * two more entries and a NULL. False only when out of memory; speedctl_up_args_cleanup frees
+ * the arrays either way (and is safe on a zeroed struct). */
+typedef struct {
+    char **up_argv, **cluster_argv; /* argv[0] = "up"; NULL-terminated */
+    int up_argc, cluster_argc;
+    const char *config;  /* the positional CONFIG, or NULL */
+    bool config_option;  /* --config was given too */
+    bool node_index;     /* --node.index was given (speedctl up sets it) */
+    const char *unknown; /* the first option neither table has */
+    int n_positional;
+} speedctl_up_args_t;
+bool speedctl_up_args_split(const speed_config_field_t *up_fields, size_t n_up_fields, int argc, char **argv,
+                            speedctl_up_args_t *a);
+void speedctl_up_args_cleanup(speedctl_up_args_t *a);
+
+/* speedctl up --help on stdout: usage, what it does, up_fields, then the cluster options. */
+void speedctl_up_help_print(const speed_config_field_t *up_fields, size_t n_up_fields, const char *usage);
+
 /* The control plane certificates of a cluster into dir (cli_certs.c): ca.crt, ca.key, and
  * <name>.crt / <name>.key for router, admin, prefill-<i>, decode-<i>, with the cluster's host,
  * control.listen, loopback and the comma-separated extra_hosts (may be NULL) as SANs. Keys

@@ -1,7 +1,9 @@
 /* speedctl up end to end: a real 1P1D cluster (speed-decode, speed-prefill, speed-router)
  * started from deploy/clusters/1p1d.yaml on ports taken from this test's pid, used through the
  * router's OpenAI API, stopped with SIGTERM; then the startup failures (bad model directory,
- * a port already taken, no speed-router next to speedctl, router.port 0).
+ * a port already taken with --no-restart, no speed-router next to speedctl, router.port 0); then
+ * supervision on a 1P2D cluster: a SIGKILLed decode node and router restarted while the rest
+ * serve, and a decode node that cannot start retried, then given up.
  *
  * Nothing here may hang: speedctl's stdout is read with a deadline, and every speedctl this
  * test starts is killed (with its process group's daemons, by pid) when a step fails. */
@@ -48,33 +50,26 @@ typedef struct {
     int n_pids;
 } up_run_t;
 
-/* Starts `BIN up ARGS...` (NULL-terminated) with ports ports..ports+4. */
-static void up_start(up_run_t *r, const char *bin, int ports, const char *const *extra) {
+/* Starts `BIN up CONFIG ARGS...` (extra NULL-terminated). 1p1d.yaml: ports ports..ports+4;
+ * 1p2d.yaml: ports..ports+6 (the decode replicas take grpc +3, +4 and http +5, +6). */
+static void up_start_cfg(up_run_t *r, const char *bin, const char *cfg, int ports, const char *const *extra) {
     memset(r, 0, sizeof *r);
     r->rc = -1;
     static int n_runs;
     snprintf(r->err_path, sizeof r->err_path, "%s/up-%d.err", dir, n_runs);
     snprintf(r->log_dir, sizeof r->log_dir, "%s/logs-%d", dir, n_runs++);
+    bool two = strstr(cfg, "1p2d") != NULL;
     char p[5][16];
-    for (int i = 0; i < 5; i++) snprintf(p[i], sizeof p[i], "%d", ports + i);
-    const char *argv[64] = {bin,
-                            "up",
-                            "deploy/clusters/1p1d.yaml",
-                            "--model",
-                            model,
-                            "--router.port",
-                            p[0],
-                            "--prefill.grpc_port",
-                            p[1],
-                            "--prefill.http_port",
-                            p[2],
-                            "--decode.grpc_port",
-                            p[3],
-                            "--decode.http_port",
-                            p[4],
-                            "--stop-timeout-s",
-                            "20",
-                            "--log-dir",
+    for (int i = 0; i < 5; i++) snprintf(p[i], sizeof p[i], "%d", ports + (two && i == 4 ? 5 : i));
+    const char *argv[64] = {bin,       "up",
+                            cfg,       "--model",
+                            model,     "--router.port",
+                            p[0],      "--prefill.grpc_port",
+                            p[1],      "--prefill.http_port",
+                            p[2],      "--decode.grpc_port",
+                            p[3],      "--decode.http_port",
+                            p[4],      "--stop-timeout-s",
+                            "20",      "--log-dir",
                             r->log_dir};
     int n = 19;
     for (int i = 0; extra && extra[i] && n < 62; i++) argv[n++] = extra[i];
@@ -84,6 +79,21 @@ static void up_start(up_run_t *r, const char *bin, int ports, const char *const 
     tu_spawn_params_t sp = {.cwd = src_dir, .err_path = r->err_path, .stdout_fd_p = &r->out_fd};
     r->pid = tu_spawn(argv, &sp);
     if (r->pid < 0) exit(1);
+}
+
+static void up_start(up_run_t *r, const char *bin, int ports, const char *const *extra) {
+    up_start_cfg(r, bin, "deploy/clusters/1p1d.yaml", ports, extra);
+}
+
+/* Reads speedctl's stdout until it holds `text` anywhere, EOF, or the deadline. */
+static bool up_read_text(up_run_t *r, const char *text, double timeout_s) {
+    if (r->out_fd >= 0 &&
+        (tu_read_until(r->out_fd, r->out, sizeof r->out, &r->out_len, text, now_s() + timeout_s) < 0 ||
+         r->out_len + 1 >= sizeof r->out)) {
+        close(r->out_fd);
+        r->out_fd = -1;
+    }
+    return strstr(r->out, text) != NULL;
 }
 
 /* Reads speedctl's stdout until `line` is a whole line of it, EOF, or the deadline. */
@@ -353,7 +363,8 @@ static void test_port_taken(void) {
         return;
     }
     up_run_t r;
-    up_start(&r, speedctl, ports, (const char *const[]){"--start-timeout-s", "60", NULL});
+    /* --no-restart: the behaviour before supervision, a failed start stops everything */
+    up_start(&r, speedctl, ports, (const char *const[]){"--start-timeout-s", "60", "--no-restart", NULL});
     int rc = up_wait(&r, 120);
     close(fd);
     CHECK_INT_EQ(rc, 1);
@@ -363,6 +374,145 @@ static void test_port_taken(void) {
     CHECK_CONTAINS(err, "stopping the cluster");
     CHECK(r.n_pids >= 2); /* both nodes were started; the router never was */
     CHECK(strstr(r.out, "started router") == NULL);
+    CHECK(pids_gone(&r));
+    CHECK(ports_closed(ports));
+    if (check_failures_) up_show(&r);
+    free(err);
+}
+
+/* ---- supervision: a 1P2D cluster that loses a process ------------------------------------------ */
+
+static int free_block10(int start) {
+    for (int b = start; b < start + 200; b += 10)
+        if (tu_ports_free(b, 10)) return b;
+    return start;
+}
+
+/* `started NAME (pid N)` lines for NAME in speedctl's output, in order; returns how many. */
+static int started_pids(const up_run_t *r, const char *name, pid_t *out, int cap) {
+    char want[64];
+    snprintf(want, sizeof want, "\nstarted %s (pid ", name);
+    int n = 0;
+    for (const char *s = r->out; (s = strstr(s, want)) && n < cap; s++) out[n++] = (pid_t)atoi(s + strlen(want));
+    return n;
+}
+
+static bool chat_ok(int port) {
+    int status = 0;
+    const char *req = "{\"model\": \"model\", \"max_tokens\": 4, \"temperature\": 0,"
+                      " \"messages\": [{\"role\": \"user\", \"content\": \"Still there?\"}]}";
+    json_t *j = http_json(port, "POST", "/v1/chat/completions", req, &status);
+    json_decref(j);
+    if (status != 200) fprintf(stderr, "chat through the router: %d\n", status);
+    return status == 200;
+}
+
+/* Every node of the block idle: zero KV blocks reserved (prefill http +2, decode http +5, +6). */
+static bool nodes_idle(int ports, bool decode1) {
+    bool ok = cu_wait_metric(ports + 2, "speed_kv_blocks_reserved", 0, 20);
+    ok &= cu_wait_metric(ports + 5, "speed_kv_blocks_reserved", 0, 20);
+    if (decode1) ok &= cu_wait_metric(ports + 6, "speed_kv_blocks_reserved", 0, 20);
+    return ok;
+}
+
+/* SIGKILL decode-1: speedctl says why it died, restarts it after the backoff (a new pid,
+ * healthy on its port again), the others keep their pids and the router serves through
+ * decode-0 meanwhile; its speed_router_node_up for decode-1 goes 0, then 1. */
+static void test_decode_killed(void) {
+    int ports = free_block10(port_base + 2000);
+    char mport[16];
+    snprintf(mport, sizeof mport, "%d", ports + 7);
+    up_run_t r;
+    /* a 3 s backoff: long enough for the router's health polls to see the node down */
+    up_start_cfg(&r, speedctl, "deploy/clusters/1p2d.yaml", ports,
+                 (const char *const[]){"--start-timeout-s", "100", "--router.metrics_port", mport,
+                                       "--restart-backoff-ms", "3000", NULL});
+    bool ready = up_read_until(&r, "ready", 150);
+    CHECK_MSG(ready, "speedctl up (1p2d) did not print 'ready'");
+    up_parse_pids(&r);
+    CHECK_INT_EQ(r.n_pids, 4);
+    pid_t d1[4] = {0}, others[3] = {0};
+    started_pids(&r, "decode-0", &others[0], 1);
+    started_pids(&r, "prefill-0", &others[1], 1);
+    started_pids(&r, "router", &others[2], 1);
+    CHECK_INT_EQ(started_pids(&r, "decode-1", d1, 4), 1);
+    char up_series[128];
+    snprintf(up_series, sizeof up_series, "speed_router_node_up{pool=\"decode\",node=\"127.0.0.1:%d\"}", ports + 4);
+    if (ready && d1[0] > 0) {
+        CHECK(chat_ok(ports));
+        CHECK(cu_wait_metric(ports + 7, up_series, 1, 10));
+        double t_kill = now_s();
+        CHECK_INT_EQ(kill(d1[0], SIGKILL), 0);
+        CHECK_MSG(cu_wait_metric(ports + 7, up_series, 0, 30), "the router never marked decode-1 down");
+        CHECK(chat_ok(ports)); /* served by decode-0 */
+        CHECK_MSG(up_read_text(&r, "decode-1 healthy again", 90), "decode-1 was not restarted");
+        double waited = now_s() - t_kill;
+        CHECK_MSG(waited >= 2.9, "decode-1 was healthy again %.1f s after its death, within the 3 s backoff", waited);
+        CHECK_INT_EQ(started_pids(&r, "decode-1", d1, 4), 2);
+        CHECK(d1[1] > 0 && d1[1] != d1[0] && kill(d1[1], 0) == 0);
+        CHECK_MSG(cu_wait_metric(ports + 7, up_series, 1, 30), "the router never marked decode-1 up again");
+        for (int i = 0; i < 3; i++) CHECK_MSG(kill(others[i], 0) == 0, "pid %d died with decode-1", (int)others[i]);
+        CHECK(kill(r.pid, 0) == 0);
+        for (int i = 0; i < 4; i++) CHECK(chat_ok(ports)); /* both decode nodes take requests */
+        CHECK(nodes_idle(ports, true));
+        /* the router too: restarted with the same certificates and its API port back */
+        CHECK_INT_EQ(kill(others[2], SIGKILL), 0);
+        CHECK_MSG(up_read_text(&r, "router healthy again", 90), "the router was not restarted");
+        pid_t rp[4] = {0};
+        CHECK_INT_EQ(started_pids(&r, "router", rp, 4), 2);
+        CHECK(rp[1] > 0 && rp[1] != others[2]);
+        CHECK(chat_ok(ports));
+        for (int i = 0; i < 2; i++) CHECK(kill(others[i], 0) == 0);
+    }
+    char *err = tu_read(r.err_path, NULL);
+    char want[96];
+    snprintf(want, sizeof want, "decode-1 (pid %d) was killed by signal 9", (int)d1[0]);
+    CHECK_CONTAINS(err, want);
+    CHECK_CONTAINS(err, "restarting decode-1 in 3.0 s");
+    free(err);
+    kill(r.pid, SIGTERM);
+    CHECK_INT_EQ(up_wait(&r, 90), 0);
+    CHECK_CONTAINS(r.out, "\nstopped\n");
+    CHECK(strstr(r.out, "stopped router") < strstr(r.out, "stopped decode-0")); /* in order */
+    CHECK(pids_gone(&r));
+    CHECK(ports_closed(ports) && ports_closed(ports + 5));
+    if (check_failures_) up_show(&r);
+}
+
+/* decode-1 cannot start (its gRPC port is taken): retried --restart-max times with backoff,
+ * then given up with a message, while the rest of the cluster comes up and serves. */
+static void test_node_given_up(void) {
+    int ports = free_block10(port_base + 2200);
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)(ports + 4))}; /* decode-1 grpc */
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (bind(fd, (struct sockaddr *)&a, sizeof a) != 0 || listen(fd, 4) != 0) {
+        fprintf(stderr, "SKIP given-up case: cannot take port %d: %s\n", ports + 4, strerror(errno));
+        close(fd);
+        return;
+    }
+    up_run_t r;
+    up_start_cfg(
+        &r, speedctl, "deploy/clusters/1p2d.yaml", ports,
+        (const char *const[]){"--start-timeout-s", "100", "--restart-max", "2", "--restart-backoff-ms", "100", NULL});
+    bool ready = up_read_until(&r, "ready", 60);
+    CHECK_MSG(ready, "speedctl up did not come up without decode-1");
+    pid_t d1[8];
+    CHECK_INT_EQ(started_pids(&r, "decode-1", d1, 8), 3); /* the start and 2 restarts */
+    CHECK_CONTAINS(r.out, "\ndecode-1: given up");
+    if (ready) {
+        CHECK(chat_ok(ports));
+        CHECK(nodes_idle(ports, false));
+        CHECK(kill(r.pid, 0) == 0);
+    }
+    kill(r.pid, SIGTERM);
+    int rc = up_wait(&r, 90);
+    close(fd);
+    CHECK_INT_EQ(rc, 1); /* the cluster was not whole */
+    char *err = tu_read(r.err_path, NULL);
+    CHECK_CONTAINS(err, "giving up on decode-1: it failed 3 times in a row (--restart-max 2)");
+    CHECK_CONTAINS(err, "restarting decode-1 in 0.1 s");
+    CHECK_CONTAINS(err, "restarting decode-1 in 0.2 s"); /* doubled */
     CHECK(pids_gone(&r));
     CHECK(ports_closed(ports));
     if (check_failures_) up_show(&r);
@@ -450,6 +600,8 @@ int main(void) {
     test_no_router();
     test_port_taken();
     test_cluster();
+    test_decode_killed();
+    test_node_given_up();
 
     if (check_failures_)
         fprintf(stderr, "logs kept in %s\n", dir);
