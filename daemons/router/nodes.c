@@ -14,7 +14,9 @@
 typedef struct {
     char address[96];
     speed_rpc_channel_t *channel;
-    speed_gauge_t *up_gauge; /* speed_router_node_up{pool,node} */
+    speed_gauge_t *up_gauge;     /* speed_router_node_up{pool,node} */
+    speed_counter_t *down_count; /* speed_router_node_down_total{pool,node} */
+    int timeouts;                /* health checks in a row that timed out (poller thread only) */
 } node_t;
 
 struct speed_router_nodes {
@@ -60,11 +62,16 @@ speed_status_t speed_router_nodes_create(const speed_router_nodes_params_t *para
     n->rpc_timeout_ms = n->interval_ms < 200 ? 200 : n->interval_ms > 2000 ? 2000 : n->interval_ms;
 
     speed_gauge_t *up_family = NULL;
+    speed_counter_t *down_family = NULL;
     speed_status_t st = SPEED_OK;
     if (params->metrics) {
         static const char *const labels[] = {"pool", "node"};
         st = speed_gauge_register(params->metrics, "speed_router_node_up",
                                   "1 while the router sends requests to the node", labels, 2, &up_family);
+        if (st == SPEED_OK)
+            st = speed_counter_register(params->metrics, "speed_router_node_down_total",
+                                        "times the router stopped sending requests to the node", labels, 2,
+                                        &down_family);
     }
     for (int p = 0; p < SPEED_ROUTER_POOL_COUNT && st == SPEED_OK; p++) {
         size_t count = (size_t)params->n_nodes[p];
@@ -94,6 +101,7 @@ speed_status_t speed_router_nodes_create(const speed_router_nodes_params_t *para
             if (st == SPEED_OK && up_family) {
                 const char *values[] = {speed_router_pool_name(p), node->address};
                 st = speed_gauge_labels(up_family, values, &node->up_gauge);
+                if (st == SPEED_OK) st = speed_counter_labels(down_family, values, &node->down_count);
             }
             if (st == SPEED_OK) {
                 n->n_nodes[p] = i + 1;
@@ -136,6 +144,15 @@ static void poll_node(speed_router_nodes_t *n, speed_router_pool_id_t p, size_t 
 
     speed_node_state_t was = SPEED_NODE_DOWN;
     speed_balance_pool_state(pool, i, &was);
+    /* A node that answered nothing within the timeout is taken out only at the second such
+     * check in a row: one late answer (a loaded host, a long pause of the node) is not a dead
+     * node, and taking it out reroutes requests (a refused connection still counts at once). */
+    node->timeouts = st == SPEED_ERR_TIMEOUT ? node->timeouts + 1 : 0;
+    if (st == SPEED_ERR_TIMEOUT && was != SPEED_NODE_DOWN && node->timeouts < SPEED_ROUTER_HEALTH_TIMEOUTS_DOWN) {
+        speed_log(SPEED_LOG_INFO, SPEED_SUBSYS_NET, NULL, "%s pool: node %s health check timed out (%d of %d)",
+                  speed_router_pool_name(p), node->address, node->timeouts, SPEED_ROUTER_HEALTH_TIMEOUTS_DOWN);
+        return;
+    }
     if (state == SPEED__V1__NODE_STATE__NODE_STATE_SERVING) {
         if (was == SPEED_NODE_DRAINING)
             speed_balance_pool_set_draining(pool, i, false);
@@ -155,6 +172,7 @@ static void poll_node(speed_router_nodes_t *n, speed_router_pool_id_t p, size_t 
                 speed_log(SPEED_LOG_INFO, SPEED_SUBSYS_NET, NULL, "%s pool: node %s is starting",
                           speed_router_pool_name(p), node->address);
         }
+        if (was != SPEED_NODE_DOWN && node->down_count) speed_counter_inc(node->down_count);
         speed_balance_pool_mark_down(pool, i);
     }
 

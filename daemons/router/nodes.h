@@ -5,10 +5,13 @@
  * status_interval_ms:
  *   - SERVING  → the node is UP (back up after a failure), its load snapshot is refreshed;
  *   - DRAINING → DRAINING (finishes its requests, gets no new ones);
- *   - STARTING or no answer → DOWN.
+ *   - STARTING, a refused or broken connection → DOWN;
+ *   - no answer within the timeout → DOWN only at the SPEED_ROUTER_HEALTH_TIMEOUTS_DOWN-th such
+ *     check in a row (one late answer from a loaded host is not a dead node).
  * A request that sees a node-level failure calls speed_router_nodes_fail: the node is DOWN at
  * once and stays so until a health reply says SERVING again.
- * The gauge speed_router_node_up{pool,node} is 1 while a node is UP.
+ * The gauge speed_router_node_up{pool,node} is 1 while a node is UP; the counter
+ * speed_router_node_down_total{pool,node} counts the times the poller took it out.
  *
  * Node addresses: replica i of a pool is host:grpc_port + i (cluster config).
  *
@@ -29,6 +32,9 @@
 #include "metrics.h"
 #include "rpc.h"
 #include "status.h"
+
+/* Health checks in a row that must time out before the poller takes an UP node out. */
+#define SPEED_ROUTER_HEALTH_TIMEOUTS_DOWN 2
 
 typedef enum {
     SPEED_ROUTER_POOL_PREFILL = 0,

@@ -81,10 +81,7 @@ static void fake_reply(speed_rpc_call_t *call, const ProtobufCMessage *m) {
     speed_free(buf);
 }
 
-static void fake_on_health(void *user, speed_rpc_call_t *call, const uint8_t *req, size_t len) {
-    fake_node_t *n = user;
-    (void)req, (void)len;
-    atomic_fetch_add(&n->n_health, 1);
+static void health_answer(fake_node_t *n, speed_rpc_call_t *call) {
     int state = atomic_load(&n->health_state);
     if (state < 0) {
         speed_rpc_call_finish(call, SPEED_RPC_UNAVAILABLE, "sick");
@@ -95,6 +92,34 @@ static void fake_on_health(void *user, speed_rpc_call_t *call, const uint8_t *re
     r.role = (char *)"fake";
     r.epoch = 7;
     fake_reply(call, &r.base);
+}
+
+static void fake_spawn(fake_node_t *n, void *(*fn)(void *), fake_call_t *c);
+
+/* health_slow: the answer comes FAKE_HEALTH_SLOW_MS late, from a thread of its own (the node
+ * keeps answering other calls meanwhile, as a node whose reply was delayed on the way would). */
+static void *fake_health_late_thread(void *arg) {
+    fake_call_t *c = arg;
+    sleep_ms(FAKE_HEALTH_SLOW_MS);
+    health_answer(c->node, c->call);
+    atomic_fetch_sub(&c->node->live_threads, 1);
+    free(c);
+    return NULL;
+}
+
+static void fake_on_health(void *user, speed_rpc_call_t *call, const uint8_t *req, size_t len) {
+    fake_node_t *n = user;
+    (void)req, (void)len;
+    atomic_fetch_add(&n->n_health, 1);
+    if (atomic_fetch_sub(&n->health_slow, 1) > 0) {
+        fake_call_t *c = calloc(1, sizeof(*c));
+        c->node = n;
+        c->call = call;
+        fake_spawn(n, fake_health_late_thread, c);
+        return;
+    }
+    atomic_fetch_add(&n->health_slow, 1);
+    health_answer(n, call);
 }
 
 static void fake_on_status(void *user, speed_rpc_call_t *call, const uint8_t *req, size_t len) {
@@ -334,6 +359,7 @@ void fake_clear_ids(fake_node_t *n) {
 
 void fake_defaults(fake_node_t *n) {
     atomic_store(&n->health_state, SPEED__V1__NODE_STATE__NODE_STATE_SERVING);
+    atomic_store(&n->health_slow, 0);
     atomic_store(&n->gen_tokens, 5);
     atomic_store(&n->gen_delay_ms, 0);
     atomic_store(&n->gen_break_after, -1);

@@ -52,8 +52,9 @@
 
 /* ---- fake nodes ------------------------------------------------------------------------ */
 
-#define FAKE_MAX_IDS  256
-#define FAKE_STALL_MS 30000 /* how long a generation stalls (gen_stall_after) */
+#define FAKE_MAX_IDS        256
+#define FAKE_HEALTH_SLOW_MS 600   /* a slow Health answer: past the router's 200 ms timeout */
+#define FAKE_STALL_MS       30000 /* how long a generation stalls (gen_stall_after) */
 
 typedef struct fake_node {
     char name[32];
@@ -62,6 +63,7 @@ typedef struct fake_node {
 
     /* behaviour (change any time) */
     atomic_int health_state; /* Speed__V1__NodeState; -1 = fail Health UNAVAILABLE */
+    atomic_int health_slow;  /* the next this many Health calls answer after FAKE_HEALTH_SLOW_MS */
     atomic_int reserve_code; /* 0 = reply; else fail with this gRPC code */
     atomic_int prefill_code; /* 0 = reply; else fail with this gRPC code */
     atomic_int prefill_delay_ms;

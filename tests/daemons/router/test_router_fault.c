@@ -508,6 +508,38 @@ static void test_request_timeout(void) {
 }
 
 /* A second signal during the drain exits at once. */
+/* One health check that answers late (a loaded host, a pause of the node) does not take the node
+ * out; SPEED_ROUTER_HEALTH_TIMEOUTS_DOWN in a row do. speed_router_node_down_total counts it. */
+enum { HEALTH_TIMEOUTS_DOWN = 2 }; /* SPEED_ROUTER_HEALTH_TIMEOUTS_DOWN, daemons/router/nodes.h */
+
+static void test_late_health(void) {
+    reset_fakes();
+    router_proc_t rp;
+    CHECK(start(&rp, NULL));
+    if (rp.exited || !rp.pid) return;
+    char down[160];
+    snprintf(down, sizeof down, "speed_router_node_down_total{pool=\"prefill\",node=\"127.0.0.1:%d\"}", pbase);
+    double d0 = cu_metric(rp.port, down);
+    CHECK(d0 >= 0); /* the series exists */
+
+    /* one late answer, then on time: the node stays in */
+    int h0 = atomic_load(&pre[0].n_health);
+    atomic_store(&pre[0].health_slow, 1);
+    WAIT_FOR(atomic_load(&pre[0].n_health) >= h0 + 3, 10000); /* the late one and two after it */
+    CHECK_MSG(atomic_load(&pre[0].n_health) >= h0 + 3, "the router stopped polling prefill-0");
+    CHECK_MSG(cu_metric(rp.port, down) == d0, "one late health answer took the node out (%g times)",
+              cu_metric(rp.port, down) - d0);
+
+    /* late twice in a row: out (and back in once it answers on time) */
+    h0 = atomic_load(&pre[0].n_health);
+    atomic_store(&pre[0].health_slow, HEALTH_TIMEOUTS_DOWN);
+    CHECK(cu_wait_metric(rp.port, down, d0 + 1, 10));
+    char up[160];
+    snprintf(up, sizeof up, "speed_router_node_up{pool=\"prefill\",node=\"127.0.0.1:%d\"}", pbase);
+    CHECK(cu_wait_metric(rp.port, up, 1, 10));
+    CHECK_INT_EQ(router_stop(&rp), 0);
+}
+
 static void test_second_signal(void) {
     reset_fakes();
     router_proc_t rp;
@@ -553,6 +585,7 @@ int main(void) {
     test_overload();
     test_sigterm_drain();
     test_request_timeout();
+    test_late_health();
     test_second_signal();
 
     for (int i = 0; i < 2; i++) {
