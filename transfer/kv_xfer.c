@@ -184,6 +184,17 @@ void speed_kv_xfer_free(speed_kv_xfer_t *x) {
     speed_free(x);
 }
 
+/* Gives x its token, links it into the context's list and counts it started (state PUSHING).
+ * Caller holds c->mu. */
+static void xfer_start_locked(speed_kv_xfer_ctx_t *c, speed_kv_xfer_t *x) {
+    x->state = SPEED_KV_XFER_PUSHING;
+    x->token = x->msg.token = c->next_token++;
+    x->next = c->xfers;
+    if (c->xfers) c->xfers->prev = x;
+    c->xfers = x;
+    c->stats.n_started++;
+}
+
 /* ---- transfers -------------------------------------------------------------------------------- */
 
 #define REFUSE(st_, ...)                                                                               \
@@ -341,13 +352,8 @@ speed_status_t speed_kv_xfer_create(speed_kv_xfer_ctx_t *c, const speed_kv_desc_
         .cookie = d->cookie, .bytes = total, .epoch = d->epoch, .head_begin = hb, .head_end = he};
     snprintf(x->msg.request_id, sizeof x->msg.request_id, "%s", x->request_id);
     if (d->has_nonce) memcpy(x->msg.nonce, d->nonce, sizeof x->msg.nonce);
-    x->state = SPEED_KV_XFER_PUSHING;
     pthread_mutex_lock(&c->mu);
-    x->token = x->msg.token = c->next_token++;
-    x->next = c->xfers;
-    if (c->xfers) c->xfers->prev = x;
-    c->xfers = x;
-    c->stats.n_started++;
+    xfer_start_locked(c, x);
     pthread_mutex_unlock(&c->mu);
     speed_log(SPEED_LOG_DEBUG, SPEED_SUBSYS_NET, request_id,
               "kv transfer: %s, %llu bytes in %d layers, heads [%d, %d)%s", speed_kv_transport_name(d->transport),
@@ -713,13 +719,8 @@ speed_status_t speed_kv_xfer_ctx_abort_desc(speed_kv_xfer_ctx_t *c, const speed_
         speed_kv_xfer_free(x);
         return st;
     }
-    x->state = SPEED_KV_XFER_PUSHING;
     pthread_mutex_lock(&c->mu);
-    x->token = x->msg.token = c->next_token++;
-    x->next = c->xfers;
-    if (c->xfers) c->xfers->prev = x;
-    c->xfers = x;
-    c->stats.n_started++; /* and counted cancelled just below: the counters stay balanced */
+    xfer_start_locked(c, x); /* and counted cancelled just below: the counters stay balanced */
     pthread_mutex_unlock(&c->mu);
     cancel_and_abort(x, "aborted before any put", true);
     pthread_mutex_lock(&c->mu);
