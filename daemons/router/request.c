@@ -28,6 +28,13 @@ typedef struct {
     bool has_speed;
 } plan_t;
 
+/* Queues Decode.Cancel for this request on decode node `dnode` (housekeeping thread). */
+static void reserve_cancel_later(rtr_req_t *r, size_t dnode) {
+    cancel_job_t job = {.pool = SPEED_ROUTER_POOL_DECODE, .node = dnode};
+    snprintf(job.id, sizeof job.id, "%s", r->id);
+    speed_router_enqueue_cancel(r->rt, &job, 1);
+}
+
 /* Decode.Reserve + Prefill.Prefill (with retries on other prefill nodes). On success
  * *first_p (owned by *prefill_p) and *epoch_p are set and SPEED_OK returned; otherwise the
  * client was answered (or RELAY_RETRY-style: SPEED_ERR_PEER_UNREACHABLE with *try_next set
@@ -53,6 +60,13 @@ static speed_status_t run_prefill(rtr_req_t *r, plan_t *pl, size_t dnode, bool *
                                 SPEED_ROUTER_RESERVE_TIMEOUT_MS, &speed__v1__reserve_reply__descriptor, &res);
     if (res.st != SPEED_OK) {
         speed_router_req_leg_end(r, SPEED_ROUTER_POOL_DECODE);
+        /* No reply (a timeout, a broken call) or a node-level error: the node may have made the
+         * reservation all the same (a slow node answers after the router gave up). Cancel it
+         * in the background rather than leave it stranded until its lease; the node answers
+         * "not found" when there is nothing. A refusal (no room, a bad request) reserved
+         * nothing. */
+        if (res.code != SPEED_RPC_RESOURCE_EXHAUSTED && !speed_router_code_is_request_error(res.code))
+            reserve_cancel_later(r, dnode);
         if (speed_router_req_cancelled(r, NULL)) {
             speed_router_req_fail_cancelled(r);
             return SPEED_ERR_CANCELLED;

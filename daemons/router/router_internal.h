@@ -35,7 +35,8 @@ typedef enum { RT_STARTING = 0, RT_READY, RT_DRAINING } rt_state_t;
 typedef struct rtr_req rtr_req_t;
 
 /* A Cancel RPC the housekeeping thread sends for a request that was cancelled while a
- * worker may be blocked in a call to that node. */
+ * worker may be blocked in a call to that node, or whose Reserve on that node failed in a
+ * way that may still have left a reservation there (request.c). */
 typedef struct cancel_job {
     struct cancel_job *next;
     speed_router_pool_id_t pool;

@@ -96,6 +96,30 @@ static void test_prefill_retry(void) {
     CHECK_INT_EQ(router_stop(&rp), 0);
 }
 
+/* A Reserve that fails at the node level (INTERNAL here; a timeout or a broken call alike) may
+ * have left a reservation on the node (a slow node answers after the router gave up): the
+ * router tries another decode node and also sends the first one a Cancel for the request, so
+ * nothing stays reserved there until its lease. */
+static void test_reserve_failure_cancels(void) {
+    reset_fakes();
+    router_proc_t rp;
+    CHECK(start(&rp, NULL));
+    if (rp.exited || !rp.pid) return;
+    atomic_store(&dec[0].reserve_code, SPEED_RPC_INTERNAL);
+    int rsv0 = atomic_load(&dec[0].n_reserve), c0 = atomic_load(&dec[0].n_cancel);
+    for (int i = 0; i < 4 && atomic_load(&dec[0].n_reserve) == rsv0; i++) {
+        cu_resp_t r;
+        CHECK(cu_post(rp.port, "/v1/chat/completions", CHAT, &r));
+        CHECK_INT_EQ(r.status, 200); /* node 1 served it */
+        cu_resp_free(&r);
+    }
+    CHECK_MSG(atomic_load(&dec[0].n_reserve) > rsv0, "the failing decode node was never tried");
+    WAIT_FOR(atomic_load(&dec[0].n_cancel) > c0, 5000);
+    CHECK_MSG(atomic_load(&dec[0].n_cancel) > c0, "no Cancel reached the node whose Reserve failed");
+    check_balanced("reserve failure", rp.port);
+    CHECK_INT_EQ(router_stop(&rp), 0);
+}
+
 static void test_decode_dies_mid_stream(void) {
     reset_fakes();
     router_proc_t rp;
@@ -579,6 +603,7 @@ int main(void) {
     CHECK(write_cluster(cluster, model_dir, 2, pbase, 2, dbase));
 
     test_prefill_retry();
+    test_reserve_failure_cancels();
     test_decode_dies_mid_stream();
     test_client_disconnect();
     test_client_disconnect_cancel_ignored();
