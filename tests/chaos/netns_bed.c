@@ -56,6 +56,7 @@ static char g_paths[NB_BEDS_MAX][NB_HOSTS_MAX + 1][96];
 static volatile sig_atomic_t g_used[NB_BEDS_MAX][NB_HOSTS_MAX + 1];
 static nb_bed_t *g_beds[NB_BEDS_MAX];
 static int g_n_made; /* beds made by this process (their names' <k>) */
+static pid_t g_owner; /* the process that made the beds: a forked child's exit or death leaves them */
 
 static void path_remove(int s, int k) {
     if (!g_used[s][k]) return;
@@ -65,6 +66,7 @@ static void path_remove(int s, int k) {
 }
 
 static void remove_all_paths(void) {
+    if (getpid() != g_owner) return;
     for (int s = 0; s < NB_BEDS_MAX; s++)
         for (int k = 0; k <= NB_HOSTS_MAX; k++) path_remove(s, k);
 }
@@ -77,7 +79,14 @@ static void on_fatal_signal(int sig) {
 
 static void install_cleanup(void) {
     static bool done;
-    if (done) return;
+    if (g_owner == getpid()) return;
+    if (g_owner != 0) {
+        /* a forked child making beds of its own: its parent's are not its to remove */
+        memset((void *)g_used, 0, sizeof g_used);
+        memset(g_beds, 0, sizeof g_beds);
+    }
+    g_owner = getpid();
+    if (done) return; /* the handlers and atexit came with the fork */
     done = true;
     atexit(remove_all_paths);
     /* Not SIGSEGV/SIGBUS: ASan reports those itself; a crashed run's namespaces are swept by the

@@ -29,7 +29,9 @@
  * Cleanup: nb_destroy removes every namespace of the bed (the kernel then deletes the veths and
  * the bridge with them). It also runs at exit (atexit: a failed CHECK, exit(1)) and on SIGINT,
  * SIGTERM, SIGABRT, SIGSEGV and SIGBUS (the handler unmounts and unlinks the namespace files
- * with async-signal-safe calls, then re-raises). nb_create first sweeps leftovers of dead runs:
+ * with async-signal-safe calls, then re-raises); only in the process that made the bed: a
+ * forked child (a process of the test placed in a host) may exit or be killed without
+ * removing it. nb_create first sweeps leftovers of dead runs:
  * namespaces named spnb-<pid>-... whose pid no longer exists. Processes spawned into hosts with
  * die_with_parent (cu_spawn does) die with the test.
  *
