@@ -114,7 +114,7 @@ static void test_control_plane(void) {
     CHECK_STR_EQ(a, "127.0.0.1:8301");
     speed_cluster_grpc_addr(&c, &c.decode, 1, a, sizeof a); /* what peers dial stays host */
     CHECK_STR_EQ(a, "10.0.0.5:8301");
-    CHECK(speed_cluster_control_unreachable(&c));
+    CHECK(speed_cluster_control_unreachable(&c, NULL, 0));
     /* no certificate and not insecure: refused, with the way out */
     speed_tls_creds_t creds;
     CHECK_INT_EQ(speed_cluster_tls_load(&c, "speed-decode", "decode-0", &creds), SPEED_ERR_INVALID_ARGUMENT);
@@ -122,7 +122,7 @@ static void test_control_plane(void) {
     CHECK_INT_EQ(load("decode", &c, &cfg, 4, "--control.listen", "::", "--tls.insecure", "true"), SPEED_OK);
     speed_cluster_grpc_listen_addr(&c, &c.decode, 0, a, sizeof a);
     CHECK_STR_EQ(a, "[::]:8300");
-    CHECK(!speed_cluster_control_unreachable(&c));
+    CHECK(!speed_cluster_control_unreachable(&c, NULL, 0));
     CHECK_INT_EQ(speed_cluster_tls_load(&c, "speed-decode", "decode-0", &creds), SPEED_OK);
     CHECK(creds.cert == NULL); /* plaintext */
     speed_config_destroy(cfg);
@@ -133,6 +133,45 @@ static void test_control_plane(void) {
     CHECK(speed_cluster_tls_load(&c, "speed-decode", "decode-0", &creds) != SPEED_OK);
     CHECK(creds.cert == NULL);
     speed_config_destroy(cfg);
+}
+
+/* Pools on several hosts: <pool>.hosts names the address of each replica (what the router dials,
+ * what a node logs); a list that does not name every replica, or names too many, is refused. */
+static void test_pool_hosts(void) {
+    speed_cluster_config_t c;
+    speed_config_t *cfg = NULL;
+    char a[64];
+    CHECK_INT_EQ(load("decode", &c, &cfg, 6, "--decode.replicas", "2", "--decode.hosts", "10.0.0.2, 10.0.0.3", "--host",
+                      "10.0.0.9"),
+                 SPEED_OK);
+    speed_cluster_grpc_addr(&c, &c.decode, 0, a, sizeof a);
+    CHECK_STR_EQ(a, "10.0.0.2:8300");
+    speed_cluster_grpc_addr(&c, &c.decode, 1, a, sizeof a);
+    CHECK_STR_EQ(a, "10.0.0.3:8301");
+    speed_cluster_http_addr(&c, &c.decode, 1, a, sizeof a);
+    CHECK_STR_EQ(a, "10.0.0.3:8401");
+    speed_cluster_grpc_addr(&c, &c.prefill, 0, a, sizeof a); /* no list: host */
+    CHECK_STR_EQ(a, "10.0.0.9:8100");
+    CHECK(speed_cluster_control_unreachable(&c, &c.decode, 1)); /* binds loopback, dialled at 10.0.0.3 */
+    speed_config_destroy(cfg);
+    CHECK_INT_EQ(load("decode", &c, &cfg, 4, "--decode.hosts", "127.0.0.1", "--host", "10.0.0.9"), SPEED_OK);
+    CHECK(!speed_cluster_control_unreachable(&c, &c.decode, 0)); /* its own entry is loopback */
+    CHECK(speed_cluster_control_unreachable(&c, &c.prefill, 0));
+    speed_config_destroy(cfg);
+    CHECK_INT_EQ(load("router", &c, &cfg, 4, "--decode.replicas", "2", "--decode.hosts", "10.0.0.2"),
+                 SPEED_ERR_INVALID_ARGUMENT);
+    CHECK_CONTAINS(speed_log_last_error(), "decode.hosts names 1 addresses for 2 replicas");
+    speed_config_destroy(cfg);
+    CHECK_INT_EQ(load("router", &c, &cfg, 2, "--prefill.hosts", "a,b"), SPEED_ERR_INVALID_ARGUMENT);
+    CHECK_CONTAINS(speed_log_last_error(), "prefill.hosts");
+    speed_config_destroy(cfg);
+    /* the list reader: separators, empty items, past the end */
+    CHECK(speed_cluster_list_item(" ,a,,b ", 1, a, sizeof a));
+    CHECK_STR_EQ(a, "b");
+    CHECK(!speed_cluster_list_item(" ,a,,b ", 2, a, sizeof a));
+    CHECK_STR_EQ(a, "");
+    CHECK(!speed_cluster_list_item(NULL, 0, a, sizeof a));
+    CHECK(!speed_cluster_list_item("", 0, a, sizeof a));
 }
 
 int main(void) {
@@ -208,6 +247,7 @@ int main(void) {
                  SPEED_ERR_INVALID_ARGUMENT);
     test_backend();
     test_control_plane();
+    test_pool_hosts();
     tu_rm_rf(tu_root);
     return CHECK_DONE();
 }
