@@ -105,7 +105,7 @@ static speed_status_t req_prime(speed_batcher_t *b, req_t *r, const int32_t *ids
             SPEED_CHECK(speed_stop_finish(r->stop, tail, tail_len, &sr));
             r->primed_finish = sr.finish == SPEED_FINISH_LENGTH ? SPEED_BATCH_LENGTH : SPEED_BATCH_STOP;
         }
-        (void)speed_rng_next(&r->rng);
+        (void)speed_rng_next(&r->rng); /* the draw this token took */
     }
     r->n_resume = n;
     r->first_sent = n > 0; /* the request's first token went out before the migration */
