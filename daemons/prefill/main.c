@@ -242,7 +242,8 @@ static void prefill_work(void *arg) {
         /* A migrated request: its resumed tokens only move the generator on (no stop strings,
          * EOS ignored, one token left), so the first token gets the draw it would have had. */
         q.gen.n_resume = req->resume_tokens;
-        q.gen.resume_ids = req->resume_tokens > 0 ? req->prompt_ids + (req->n_prompt_ids - (size_t)req->resume_tokens) : NULL;
+        q.gen.resume_ids =
+            req->resume_tokens > 0 ? req->prompt_ids + (req->n_prompt_ids - (size_t)req->resume_tokens) : NULL;
         q.gen.max_tokens = 1 + (int64_t)req->resume_tokens;
         p->logprobs = req->sampling && (req->sampling->logprobs || req->sampling->top_logprobs > 0);
         p->n_top = req->sampling ? req->sampling->top_logprobs : 0;

@@ -15,10 +15,10 @@
 #include "router_internal.h"
 #include "speed_proto.h"
 
-/* What the nodes are asked to compute for a request. */
+/* What the nodes are asked to compute for a request. ids is the prompt they compute: the
+ * client's, then (after a migration) the tokens the request already generated. */
 typedef struct {
-    int32_t *ids;     /* [n_ids] the prompt the nodes compute: the client's, then (after a
-                       * migration) the tokens already generated */
+    int32_t *ids; /* [n_ids] */
     size_t n_ids;
     size_t n_client;  /* the client's prompt: ids[0, n_client) */
     int64_t n_resume; /* ids[n_client, n_ids): tokens the request generated before */

@@ -95,7 +95,8 @@ static speed_status_t req_prime(speed_batcher_t *b, req_t *r, const int32_t *ids
         }
         const char *piece = "";
         size_t piece_len = 0;
-        if (r->stream && ids[i] < b->n_tok_vocab) SPEED_CHECK(speed_tok_stream_push(r->stream, ids[i], &piece, &piece_len));
+        if (r->stream && ids[i] < b->n_tok_vocab)
+            SPEED_CHECK(speed_tok_stream_push(r->stream, ids[i], &piece, &piece_len));
         speed_stop_result_t sr;
         SPEED_CHECK(speed_stop_push(r->stop, ids[i], piece, piece_len, &sr));
         if (sr.finish != SPEED_FINISH_NONE) {
@@ -629,10 +630,9 @@ speed_status_t speed_batcher_submit(speed_batcher_t *b, const speed_batch_reques
                         (long long)i, q->prompt[i], b->n_vocab);
             return SPEED_ERR_INVALID_ARGUMENT;
         }
-    if (q->gen.n_resume > 0 &&
-        (q->gen.n_resume >= q->n_prompt || !q->gen.resume_ids ||
-         memcmp(q->prompt + (q->n_prompt - q->gen.n_resume), q->gen.resume_ids,
-                (size_t)q->gen.n_resume * sizeof *q->prompt) != 0)) {
+    if (q->gen.n_resume > 0 && (q->gen.n_resume >= q->n_prompt || !q->gen.resume_ids ||
+                                memcmp(q->prompt + (q->n_prompt - q->gen.n_resume), q->gen.resume_ids,
+                                       (size_t)q->gen.n_resume * sizeof *q->prompt) != 0)) {
         SPEED_ERROR(SPEED_SUBSYS_ENGINE, "batcher: %s: the %lld resumed tokens must end a longer prompt",
                     q->request_id ? q->request_id : "?", (long long)q->gen.n_resume);
         return SPEED_ERR_INVALID_ARGUMENT;
