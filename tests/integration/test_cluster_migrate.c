@@ -13,6 +13,8 @@
  *     `speedctl generate --batch_invariant` at the same depth: none twice, none missing;
  *     speed_router_migrations_total{outcome="ok"} grows; nothing stays reserved or running on
  *     the surviving nodes; the killed node is restarted and taken back;
+ *     the same through a router whose route is decode-only (the re-issue prefills the resumed
+ *     tokens on the decode node itself);
  *  3. the same, not streamed;
  *  4. a second router with router.max_migrations 0: the same kill ends the stream with the
  *     clean OpenAI error event and [DONE], counted as outcome="failed". */
@@ -218,7 +220,7 @@ static void restart_decode(int victim, int port) {
     CHECK_MSG(cu_router_wait_nodes(&g_c, port, g_c.np, g_c.nd, 30), "the restarted decode node is not back");
 }
 
-static void streamed(int port) {
+static void streamed(int port, const char *what) {
     double ok0 = router_metric(port, "speed_router_migrations_total{outcome=\"ok\"}");
     char *body = ou_completion_body("model", g_prompt, N_PROMPT, N_GEN, 2, true, "3", NULL);
     cu_sse_t s;
@@ -230,12 +232,12 @@ static void streamed(int port) {
     cu_sse_read(&s, -1, now_s() + 60);
     ou_result_t res;
     ou_from_sse(&res, &s);
-    fprintf(stderr, "streamed: killed decode%d; %d tokens, [DONE] %d, error %s\n", victim, res.n, res.done,
+    fprintf(stderr, "%s: killed decode%d; %d tokens, [DONE] %d, error %s\n", what, victim, res.n, res.done,
             res.error ? json_dumps(res.error, 0) : "none");
     CHECK_MSG(!res.error, "the migrated stream ended with an error");
     CHECK(res.done);
     CHECK_INT_EQ(res.n_after_done, 0);
-    ou_check_ref(&res, g_ref, g_tok, false, "migrated stream");
+    ou_check_ref(&res, g_ref, g_tok, false, what);
     CHECK_INT_EQ(ou_usage(&res, "prompt_tokens"), N_PROMPT);
     CHECK_INT_EQ(ou_usage(&res, "completion_tokens"), res.n);
     ou_result_free(&res);
@@ -331,7 +333,10 @@ int main(void) {
     cu_proc_t router = cu_cluster_router(&g_c, 0, NULL, 30, &ok0);
     const char *off[] = {"--router.max_migrations", "0", NULL};
     cu_proc_t router_off = cu_cluster_router(&g_c, 1, off, 30, &ok1);
-    CHECK_MSG(ok0 && ok1, "the routers did not come up");
+    bool ok2 = false;
+    const char *decode_only[] = {"--router.decode_only_below", "100000", NULL};
+    cu_proc_t router_do = cu_cluster_router(&g_c, 2, decode_only, 30, &ok2);
+    CHECK_MSG(ok0 && ok1 && ok2, "the routers did not come up");
     char *csv = ou_ids_csv(g_prompt, N_PROMPT);
     g_ref = ou_ref("migrate", "--prompt-ids %s --prefill-layers 3 --max-tokens %d --top-logprobs 2 --batch_invariant",
                    csv, N_GEN);
@@ -341,13 +346,19 @@ int main(void) {
                 json_string_value(json_object_get(g_ref, "finish_reason")));
     fprintf(stderr, "cluster and reference ready after %.1f s\n", now_s() - t_start);
 
-    if (ok && ok0 && ok1 && g_ref) {
+    if (ok && ok0 && ok1 && ok2 && g_ref) {
         double t = now_s();
         node_level();
         fprintf(stderr, "node level: %.1f s\n", now_s() - t);
         t = now_s();
-        streamed(cu_router_port(&g_c, 0));
+        streamed(cu_router_port(&g_c, 0), "streamed");
         fprintf(stderr, "streamed: %.1f s\n", now_s() - t);
+        t = now_s();
+        CHECK(cu_router_wait_nodes(&g_c, cu_router_port(&g_c, 2), g_c.np, g_c.nd, 30));
+        streamed(cu_router_port(&g_c, 2), "streamed, decode-only route");
+        CHECK(router_metric(cu_router_port(&g_c, 2),
+                            "speed_router_route_decisions_total{route=\"decode_only\",reason=\"short_prompt\"}") == 1);
+        fprintf(stderr, "streamed, decode-only: %.1f s\n", now_s() - t);
         t = now_s();
         not_streamed(cu_router_port(&g_c, 0));
         fprintf(stderr, "not streamed: %.1f s\n", now_s() - t);
@@ -360,6 +371,8 @@ int main(void) {
     CHECK_MSG(rc == 0, "router exit %d", rc);
     rc = cu_stop(&router_off, SIGTERM, 60);
     CHECK_MSG(rc == 0, "router 2 exit %d", rc);
+    rc = cu_stop(&router_do, SIGTERM, 60);
+    CHECK_MSG(rc == 0, "router 3 exit %d", rc);
     for (int i = 0; i < g_c.np; i++) {
         rc = cu_stop(&g_c.pre[i], SIGTERM, 30);
         CHECK_MSG(rc == 0, "prefill%d exit %d", i, rc);
