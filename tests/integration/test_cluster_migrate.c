@@ -26,9 +26,10 @@
 #include "node_rpc_util.h"
 #include "openai_util.h"
 
-#define N_PROMPT 40
-#define N_GEN    250 /* the migrated requests: long enough to be stopped mid-way (<= OU_MAX_TOK) */
-#define NL_GEN   24  /* node-level runs */
+#define N_PROMPT  40
+#define N_GEN     250 /* the migrated requests: long enough to be stopped mid-way (<= OU_MAX_TOK) */
+#define NL_GEN    24  /* node-level runs */
+#define N_ROUTERS 3   /* migration on; max_migrations 0; decode-only route */
 
 static speed_tok_t *g_tok;
 static int32_t g_prompt[N_PROMPT];
@@ -211,13 +212,17 @@ static int kill_running_decode(void) {
     return victim;
 }
 
-static void restart_decode(int victim, int port) {
+/* Restarts the killed node and waits until every router takes it back (a router that still
+ * has it down would have no node left for the next migration). */
+static void restart_decode(int victim) {
     if (victim < 0) return;
     char idx[16];
     snprintf(idx, sizeof idx, "%d", victim);
     const char *more[] = {"--node.index", idx, NULL};
     g_c.dec[victim] = cu_cluster_spawn(&g_c, "speed-decode", victim ? "decode1-again" : "decode0-again", more);
-    CHECK_MSG(cu_router_wait_nodes(&g_c, port, g_c.np, g_c.nd, 30), "the restarted decode node is not back");
+    for (int k = 0; k < N_ROUTERS; k++)
+        CHECK_MSG(cu_router_wait_nodes(&g_c, cu_router_port(&g_c, k), g_c.np, g_c.nd, 30),
+                  "the restarted decode node is not back in router %d", k);
 }
 
 static void streamed(int port, const char *what) {
@@ -247,7 +252,7 @@ static void streamed(int port, const char *what) {
               router_metric(port, "speed_router_migrations_total{outcome=\"ok\"}"));
     CHECK(wait_nodes_idle(10));
     CHECK(cu_wait_metric(port, "speed_router_requests_running", 0, 5));
-    restart_decode(victim, port);
+    restart_decode(victim);
     speed_free(body);
 }
 
@@ -271,7 +276,7 @@ static void not_streamed(int port) {
     CHECK_MSG(router_metric(port, "speed_router_migrations_total{outcome=\"ok\"}") == ok0 + 1,
               "migrations ok %.0f -> %.0f", ok0, router_metric(port, "speed_router_migrations_total{outcome=\"ok\"}"));
     CHECK(wait_nodes_idle(10));
-    restart_decode(victim, port);
+    restart_decode(victim);
     speed_free(body);
 }
 
@@ -300,7 +305,7 @@ static void no_migration(int port) {
     CHECK(router_metric(port, "speed_router_migrations_total{outcome=\"failed\"}") == failed0 + 1);
     CHECK(wait_nodes_idle(10));
     CHECK(cu_wait_metric(port, "speed_router_requests_running", 0, 5));
-    restart_decode(victim, port);
+    restart_decode(victim);
     speed_free(body);
 }
 
