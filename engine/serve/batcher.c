@@ -351,7 +351,7 @@ static speed_status_t do_start(speed_batcher_t *b, cmd_t *c) {
     }
     /* The prefill node drew the first token with the request's next random number: the
      * following tokens take the ones after it, as on a node that samples them all. */
-    (void)speed_rng_next(&r->rng);
+    (void)speed_rng_next(&r->rng); /* the prefill node's draw */
 
     speed_sample_t smp = {.id = c->first.id, .logprob = c->first.logprob, .n_top = c->first.n_top};
     memcpy(smp.top, c->first.top, sizeof smp.top);

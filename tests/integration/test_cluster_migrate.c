@@ -15,6 +15,9 @@
  *     the surviving nodes; the killed node is restarted and taken back;
  *     the same through a router whose route is decode-only (the re-issue prefills the resumed
  *     tokens on the decode node itself);
+ *     seeded sampling at temperature 1 through the router equals `speedctl generate --seed`, with
+ *     no fault (a disaggregated decode node skips the draw the prefill node used) and with a
+ *     kill on either route (the re-issue skips the resumed tokens' draws);
  *  3. the same, not streamed;
  *  4. a second router with router.max_migrations 0: the same kill ends the stream with the
  *     clean OpenAI error event and [DONE], counted as outcome="failed". */
@@ -34,7 +37,8 @@
 static speed_tok_t *g_tok;
 static int32_t g_prompt[N_PROMPT];
 static cu_cluster_t g_c;
-static json_t *g_ref;
+static json_t *g_ref, *g_ref_seeded;
+#define SEED 4242
 
 static double node_metric(bool prefill, int i, const char *name) {
     double v = cu_metric_sum(prefill ? cu_pre_http(&g_c, i) : cu_dec_http(&g_c, i), name);
@@ -225,15 +229,32 @@ static void restart_decode(int victim) {
                   "the restarted decode node is not back in router %d", k);
 }
 
-static void streamed(int port, const char *what) {
-    double ok0 = router_metric(port, "speed_router_migrations_total{outcome=\"ok\"}");
+/* A streamed completion body, greedy or seeded sampling at temperature 1 (seed >= 0). */
+static char *stream_body(int64_t seed) {
     char *body = ou_completion_body("model", g_prompt, N_PROMPT, N_GEN, 2, true, "3", NULL);
+    if (seed < 0) return body;
+    const char *greedy = "\"temperature\":0";
+    char *at = strstr(body, greedy);
+    CHECK(at != NULL);
+    if (!at) return body;
+    size_t cap = strlen(body) + 64;
+    char *b = speed_malloc(cap);
+    snprintf(b, cap, "%.*s\"temperature\":1,\"seed\":%lld%s", (int)(at - body), body, (long long)seed,
+             at + strlen(greedy));
+    speed_free(body);
+    return b;
+}
+
+/* A streamed request whose decode node dies mid-stream equals `ref` (kill false: no fault). */
+static void streamed(int port, const char *what, int64_t seed, json_t *ref, bool kill_it) {
+    double ok0 = router_metric(port, "speed_router_migrations_total{outcome=\"ok\"}");
+    char *body = stream_body(seed);
     cu_sse_t s;
     CHECK(cu_sse_begin(port, "/v1/completions", body, NULL, 30000, &s));
     CHECK_INT_EQ(s.status, 200);
     CHECK(cu_sse_read(&s, 2, now_s() + 30) >= 2);
-    int victim = kill_running_decode();
-    CHECK_MSG(victim >= 0, "no decode node showed the stream running");
+    int victim = kill_it ? kill_running_decode() : -1;
+    CHECK_MSG(victim >= 0 || !kill_it, "no decode node showed the stream running");
     cu_sse_read(&s, -1, now_s() + 60);
     ou_result_t res;
     ou_from_sse(&res, &s);
@@ -242,12 +263,12 @@ static void streamed(int port, const char *what) {
     CHECK_MSG(!res.error, "the migrated stream ended with an error");
     CHECK(res.done);
     CHECK_INT_EQ(res.n_after_done, 0);
-    ou_check_ref(&res, g_ref, g_tok, false, what);
+    ou_check_ref(&res, ref, g_tok, false, what);
     CHECK_INT_EQ(ou_usage(&res, "prompt_tokens"), N_PROMPT);
     CHECK_INT_EQ(ou_usage(&res, "completion_tokens"), res.n);
     ou_result_free(&res);
     cu_sse_free(&s);
-    CHECK_MSG(router_metric(port, "speed_router_migrations_total{outcome=\"ok\"}") == ok0 + 1,
+    CHECK_MSG(router_metric(port, "speed_router_migrations_total{outcome=\"ok\"}") == ok0 + (kill_it ? 1 : 0),
               "migrations ok %.0f -> %.0f: the kill did not land mid-stream, or no migration", ok0,
               router_metric(port, "speed_router_migrations_total{outcome=\"ok\"}"));
     CHECK(wait_nodes_idle(10));
@@ -345,25 +366,36 @@ int main(void) {
     char *csv = ou_ids_csv(g_prompt, N_PROMPT);
     g_ref = ou_ref("migrate", "--prompt-ids %s --prefill-layers 3 --max-tokens %d --top-logprobs 2 --batch_invariant",
                    csv, N_GEN);
+    g_ref_seeded = ou_ref("migrate-seeded",
+                          "--prompt-ids %s --prefill-layers 3 --max-tokens %d --top-logprobs 2 --batch_invariant "
+                          "--temperature 1 --seed %d",
+                          csv, N_GEN, SEED);
     speed_free(csv);
     if (g_ref)
         fprintf(stderr, "reference: %zu tokens, finish %s\n", json_array_size(json_object_get(g_ref, "tokens")),
                 json_string_value(json_object_get(g_ref, "finish_reason")));
     fprintf(stderr, "cluster and reference ready after %.1f s\n", now_s() - t_start);
 
-    if (ok && ok0 && ok1 && ok2 && g_ref) {
+    if (ok && ok0 && ok1 && ok2 && g_ref && g_ref_seeded) {
         double t = now_s();
         node_level();
         fprintf(stderr, "node level: %.1f s\n", now_s() - t);
         t = now_s();
-        streamed(cu_router_port(&g_c, 0), "streamed");
+        streamed(cu_router_port(&g_c, 0), "streamed", -1, g_ref, true);
         fprintf(stderr, "streamed: %.1f s\n", now_s() - t);
         t = now_s();
         CHECK(cu_router_wait_nodes(&g_c, cu_router_port(&g_c, 2), g_c.np, g_c.nd, 30));
-        streamed(cu_router_port(&g_c, 2), "streamed, decode-only route");
+        streamed(cu_router_port(&g_c, 2), "streamed, decode-only route", -1, g_ref, true);
         CHECK(router_metric(cu_router_port(&g_c, 2),
                             "speed_router_route_decisions_total{route=\"decode_only\",reason=\"short_prompt\"}") == 1);
         fprintf(stderr, "streamed, decode-only: %.1f s\n", now_s() - t);
+        t = now_s();
+        /* seeded sampling: token k takes draw k on every route (a disaggregated decode node
+         * skips the prefill node's draw), and a re-issue skips the resumed tokens' draws */
+        streamed(cu_router_port(&g_c, 0), "seeded", SEED, g_ref_seeded, false);
+        streamed(cu_router_port(&g_c, 0), "seeded, migrated", SEED, g_ref_seeded, true);
+        streamed(cu_router_port(&g_c, 2), "seeded, decode-only, migrated", SEED, g_ref_seeded, true);
+        fprintf(stderr, "seeded: %.1f s\n", now_s() - t);
         t = now_s();
         not_streamed(cu_router_port(&g_c, 0));
         fprintf(stderr, "not streamed: %.1f s\n", now_s() - t);
@@ -387,6 +419,7 @@ int main(void) {
         CHECK_MSG(rc == 0, "decode%d exit %d", i, rc);
     }
     json_decref(g_ref);
+    json_decref(g_ref_seeded);
     speed_tok_destroy(g_tok);
     speed_model_destroy(model);
     fprintf(stderr, "total %.1f s\n", now_s() - t_start);
