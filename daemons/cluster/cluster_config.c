@@ -119,6 +119,8 @@ static const speed_config_field_t fields[] = {
     F("router.max_context", INT, max_context, "0", 0, 1 << 24, "prompt + max_tokens limit; 0 = the model's"),
     F("router.status_interval_ms", INT, status_interval_ms, "500", 10, 60000, "node status polling period"),
     F("router.prefill_retries", INT, prefill_retries, "1", 0, 16, "other prefill nodes tried before the first token"),
+    F("router.max_migrations", INT, max_migrations, "3", 0, 16,
+      "times a stream whose decode node dies is re-issued elsewhere and continued; 0 = end it with an error"),
     POOL(prefill, "8100", "8200", "4", "16384"),
     POOL(decode, "8300", "8400", "16", "65536"),
     FE("ucx.transport", ucx_transport, "shm", speed_kv_transport_names,

@@ -99,6 +99,7 @@ typedef struct {
     int64_t default_max_tokens, max_context;
     int64_t status_interval_ms; /* node status polling */
     int64_t prefill_retries;    /* other prefill nodes tried before the first token */
+    int64_t max_migrations;     /* re-issues of a stream whose decode node died; 0 = error */
 
     speed_pool_config_t prefill, decode;
 

@@ -18,6 +18,7 @@ typedef struct {
     int n_top; /* top logprobs to return */
     bool logprobs;
     bool decode_only;
+    int64_t n_resumed; /* GenerateRequest.resumed_ids: a migrated request's earlier tokens */
     speed_dtype_t kv_dtype;
     Speed__V1__GenerateRequest *req; /* owned until the batcher has copied what it needs */
 } gen_t;
@@ -66,6 +67,7 @@ static void reserve_work(void *arg) {
     speed_depth_t depth;
     speed_status_t st = speed_node_depth_from_proto(r->req->speed, n->model->config.n_layers,
                                                     speed_batcher_depth(n->batcher), &depth, err, sizeof err);
+    if (st == SPEED_OK) st = speed_node_depth_resume(&depth, r->req->resume_tokens, r->req->n_prompt, err, sizeof err);
     speed_batch_reservation_t res;
     if (st == SPEED_OK && !speed_node_accepting(n)) {
         st = SPEED_ERR_CANCELLED;
@@ -157,7 +159,7 @@ static void gen_event(void *user, const speed_batch_event_t *ev) {
     const speed_batch_usage_t *u = ev->usage;
     Speed__V1__Usage usage = SPEED__V1__USAGE__INIT;
     Speed__V1__Timing timing = SPEED__V1__TIMING__INIT;
-    usage.prompt_tokens = (int32_t)u->n_prompt;
+    usage.prompt_tokens = (int32_t)(u->n_prompt - g->n_resumed); /* the client's prompt */
     usage.completion_tokens = (int32_t)u->n_generated;
     const speed_model_config_t *mc = &n->model->config;
     usage.kv_bytes = g->decode_only ? 0
@@ -204,7 +206,12 @@ static void generate_work(void *arg) {
         g->logprobs = req->sampling->logprobs || req->sampling->top_logprobs > 0;
         g->n_top = req->sampling->top_logprobs;
     }
+    if (st == SPEED_OK) {
+        q.gen.resume_ids = req->resumed_ids;
+        q.gen.n_resume = (int64_t)req->n_resumed_ids;
+    }
     if (st == SPEED_OK) speed_rpc_call_on_cancel(g->call, gen_cancelled, g);
+    int32_t *prompt = NULL; /* decode-only with resumed tokens: prompt_ids + resumed_ids */
     if (st == SPEED_OK && g->decode_only) {
         if (!speed_node_accepting(n)) {
             st = SPEED_ERR_CANCELLED;
@@ -213,11 +220,23 @@ static void generate_work(void *arg) {
             speed_depth_t depth;
             st = speed_node_depth_from_proto(req->speed, n->model->config.n_layers, speed_batcher_depth(n->batcher),
                                              &depth, err, sizeof err);
+            int64_t n_all = (int64_t)(req->n_prompt_ids + req->n_resumed_ids);
+            if (st == SPEED_OK) st = speed_node_depth_resume(&depth, g->n_resumed, n_all, err, sizeof err);
             q.depth = speed_depth_request_of(depth);
         }
+        if (st == SPEED_OK && g->n_resumed > 0) {
+            prompt = speed_malloc((req->n_prompt_ids + req->n_resumed_ids) * sizeof *prompt);
+            if (!prompt) {
+                st = SPEED_ERR_NO_MEMORY;
+                snprintf(err, sizeof err, "out of memory");
+            } else {
+                memcpy(prompt, req->prompt_ids, req->n_prompt_ids * sizeof *prompt);
+                memcpy(prompt + req->n_prompt_ids, req->resumed_ids, req->n_resumed_ids * sizeof *prompt);
+            }
+        }
         if (st == SPEED_OK) {
-            q.prompt = req->prompt_ids;
-            q.n_prompt = (int64_t)req->n_prompt_ids;
+            q.prompt = prompt ? prompt : req->prompt_ids;
+            q.n_prompt = (int64_t)(req->n_prompt_ids + req->n_resumed_ids);
             /* after a successful submit, events own g (and req): touch neither */
             speed_counter_t *prompt_tokens = n->m_prompt_tokens;
             double n_prompt = (double)req->n_prompt_ids;
@@ -228,6 +247,7 @@ static void generate_work(void *arg) {
                 snprintf(err, sizeof err, "%s",
                          st == SPEED_ERR_CAPACITY ? "decode node is full" : speed_log_last_error());
         }
+        speed_free(prompt); /* the batcher copied it */
     } else if (st == SPEED_OK) {
         if (req->epoch != 0 && req->epoch != n->epoch) {
             st = SPEED_ERR_PEER_PROTOCOL;
@@ -289,6 +309,7 @@ static void on_generate(void *user, speed_rpc_call_t *call, const uint8_t *data,
     g->call = call;
     g->req = req;
     g->decode_only = decode_only;
+    g->n_resumed = (int64_t)req->n_resumed_ids;
     g->kv_dtype = (speed_dtype_t)n->cfg.kv_dtype; /* the schema stores the speed_dtype_t */
     snprintf(g->id, sizeof g->id, "%s", req->request_id);
     if (speed_node_defer(n, generate_work, g) != SPEED_OK) {

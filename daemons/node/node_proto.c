@@ -2,6 +2,7 @@
  * node_proto.h. */
 #include "node_proto.h"
 
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -29,6 +30,18 @@ speed_status_t speed_node_depth_from_proto(const Speed__V1__SpeedParams *sp, int
                                            speed_depth_t *depth_p, char *err, size_t err_size) {
     speed_depth_request_t r = speed_node_depth_request_from_proto(sp);
     return speed_depth_resolve(&r, &node_depth, n_layers, depth_p, err, err_size);
+}
+
+speed_status_t speed_node_depth_resume(speed_depth_t *depth, int64_t resume_tokens, int64_t n_prompt, char *err,
+                                       size_t err_size) {
+    if (resume_tokens < 0 || (resume_tokens > 0 && resume_tokens >= n_prompt) ||
+        (int64_t)depth->tail + resume_tokens > INT32_MAX) {
+        snprintf(err, err_size, "resume_tokens %lld must lie in 0..%lld (below the prompt's %lld tokens)",
+                 (long long)resume_tokens, (long long)(n_prompt > 0 ? n_prompt - 1 : 0), (long long)n_prompt);
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    depth->tail += (int)resume_tokens;
+    return SPEED_OK;
 }
 
 speed_status_t speed_node_gen_from_proto(const Speed__V1__SamplingParams *sp, speed_batch_gen_t *gen_p, char *err,

@@ -31,6 +31,14 @@ speed_depth_request_t speed_node_depth_request_from_proto(const Speed__V1__Speed
 speed_status_t speed_node_depth_from_proto(const Speed__V1__SpeedParams *sp, int n_layers, speed_depth_t node_depth,
                                            speed_depth_t *depth_p, char *err, size_t err_size);
 
+/* A migrated request (resume_tokens of its prompt are tokens it generated before, which ran
+ * at full depth then): adds them to the resolved tail T, so the same positions run at full
+ * depth again. Returns SPEED_OK, or SPEED_ERR_INVALID_ARGUMENT with a message in err when
+ * resume_tokens is negative or not below n_prompt (the prompt keeps at least one of its own
+ * tokens) or the tail would overflow. */
+speed_status_t speed_node_depth_resume(speed_depth_t *depth, int64_t resume_tokens, int64_t n_prompt, char *err,
+                                       size_t err_size);
+
 /* SamplingParams → batcher generation parameters. sp NULL: the sampler's defaults (seed 0
  * included), 16 tokens. top_p 0 reads as 1 (off); an unset seed is taken from the wall clock. The stop strings
  * point into sp (valid while sp lives). Returns SPEED_OK, or SPEED_ERR_INVALID_ARGUMENT with a

@@ -225,6 +225,11 @@ static void prefill_work(void *arg) {
         }
         q.depth = speed_depth_request_of(depth);
         int64_t n_prompt = (int64_t)req->n_prompt_ids;
+        if (st == SPEED_OK && (req->resume_tokens < 0 || (req->resume_tokens > 0 && req->resume_tokens >= n_prompt))) {
+            st = SPEED_ERR_INVALID_ARGUMENT;
+            snprintf(err, sizeof err, "resume_tokens %d must lie in 0..%lld", (int)req->resume_tokens,
+                     (long long)(n_prompt - 1));
+        }
         p->n_full = n_prompt;
         p->n_compact = depth.anchors + depth.tail < n_prompt ? depth.anchors + depth.tail : n_prompt;
     }
@@ -234,6 +239,12 @@ static void prefill_work(void *arg) {
         q.gen.n_stop = 0;     /* stop strings are the decode node's job (it sees the whole text) */
         q.gen.stop = NULL;
         q.gen.ignore_eos = true;
+        /* A migrated request: its resumed tokens only move the generator on (no stop strings,
+         * EOS ignored, one token left), so the first token gets the draw it would have had. */
+        q.gen.n_resume = req->resume_tokens;
+        q.gen.resume_ids =
+            req->resume_tokens > 0 ? req->prompt_ids + (req->n_prompt_ids - (size_t)req->resume_tokens) : NULL;
+        q.gen.max_tokens = 1 + (int64_t)req->resume_tokens;
         p->logprobs = req->sampling && (req->sampling->logprobs || req->sampling->top_logprobs > 0);
         p->n_top = req->sampling ? req->sampling->top_logprobs : 0;
         q.prompt = req->prompt_ids;

@@ -1,6 +1,7 @@
 /* The request worker's flow: tokenize, check the context length, admit, route, then pick
  * decode nodes until one serves the request (Decode.Reserve + Prefill.Prefill with retries
- * on other prefill nodes for a disaggregated route; then the Generate leg, request_relay.c).
+ * on other prefill nodes for a disaggregated route; then the Generate leg, request_relay.c;
+ * a stream whose decode node dies mid-way is re-issued, request_migrate.c).
  *
  * One thread per request (router.h). Everything that can block (admission, RPCs) happens
  * here, never on an HTTP thread. Cancellation (client gone, shutdown) comes from other
@@ -19,22 +20,6 @@
 
 /* ---- the request flow ------------------------------------------------------------------- */
 
-typedef struct {
-    int32_t *ids;
-    size_t n_ids;
-    int64_t max_tokens;
-    Speed__V1__SamplingParams sampling;
-    Speed__V1__SpeedParams speed; /* the request's `speed` object */
-    bool has_speed;
-} plan_t;
-
-/* Queues Decode.Cancel for this request on decode node `dnode` (housekeeping thread). */
-static void reserve_cancel_later(rtr_req_t *r, size_t dnode) {
-    cancel_job_t job = {.pool = SPEED_ROUTER_POOL_DECODE, .node = dnode};
-    snprintf(job.id, sizeof job.id, "%s", r->id);
-    speed_router_enqueue_cancel(r->rt, &job, 1);
-}
-
 /* Decode.Reserve + Prefill.Prefill (with retries on other prefill nodes). On success
  * *first_p (owned by *prefill_p) and *epoch_p are set and SPEED_OK returned; otherwise the
  * client was answered (or RELAY_RETRY-style: SPEED_ERR_PEER_UNREACHABLE with *try_next set
@@ -49,7 +34,10 @@ static speed_status_t run_prefill(rtr_req_t *r, plan_t *pl, size_t dnode, bool *
     Speed__V1__ReserveRequest rq = SPEED__V1__RESERVE_REQUEST__INIT;
     rq.request_id = r->id;
     rq.n_prompt = (int32_t)pl->n_ids;
-    rq.max_tokens = pl->sampling.max_tokens;
+    /* a migrated request: room for what is left to generate; its resumed tokens join the tail */
+    rq.max_tokens = pl->sampling.max_tokens - (int32_t)pl->n_resume;
+    if (rq.max_tokens < 1) rq.max_tokens = 1;
+    rq.resume_tokens = (int32_t)pl->n_resume;
     if (pl->has_speed) rq.speed = &pl->speed;
     if (!speed_router_req_leg_begin(r, SPEED_ROUTER_POOL_DECODE, dnode)) {
         speed_router_req_fail_cancelled(r);
@@ -66,7 +54,7 @@ static speed_status_t run_prefill(rtr_req_t *r, plan_t *pl, size_t dnode, bool *
          * "not found" when there is nothing. A refusal (no room, a bad request) reserved
          * nothing. */
         if (res.code != SPEED_RPC_RESOURCE_EXHAUSTED && !speed_router_code_is_request_error(res.code))
-            reserve_cancel_later(r, dnode);
+            speed_router_req_cancel_later(r, SPEED_ROUTER_POOL_DECODE, dnode);
         if (speed_router_req_cancelled(r, NULL)) {
             speed_router_req_fail_cancelled(r);
             return SPEED_ERR_CANCELLED;
@@ -124,6 +112,7 @@ static speed_status_t run_prefill(rtr_req_t *r, plan_t *pl, size_t dnode, bool *
     pq.speed = &resolved;
     pq.sampling = &pl->sampling;
     pq.kv = rr->kv;
+    pq.resume_tokens = (int32_t)pl->n_resume;
 
     speed_balance_pool_t *ppool = speed_router_nodes_pool(rt->nodes, SPEED_ROUTER_POOL_PREFILL);
     size_t tried[17];
@@ -210,7 +199,8 @@ static speed_status_t run_prefill(rtr_req_t *r, plan_t *pl, size_t dnode, bool *
     return SPEED_ERR_PEER_UNREACHABLE;
 }
 
-/* Picks decode nodes until one serves the request or none is left. */
+/* Picks decode nodes until one serves the request or none is left; a stream whose decode
+ * node dies after its first token is re-issued (request_migrate.c) and goes on here. */
 static void run_routed(rtr_req_t *r, plan_t *pl, speed_route_kind_t kind) {
     speed_router_t *rt = r->rt;
     speed_balance_pool_t *dpool = speed_router_nodes_pool(rt->nodes, SPEED_ROUTER_POOL_DECODE);
@@ -247,8 +237,11 @@ static void run_routed(rtr_req_t *r, plan_t *pl, speed_route_kind_t kind) {
         gm.request_id = r->id;
         gm.sampling = &pl->sampling;
         Speed__V1__PrefillReply *prefill = NULL;
+        /* a migrated request: the tokens the client has, for the node's text pipeline */
+        gm.n_resumed_ids = (size_t)pl->n_resume;
+        gm.resumed_ids = pl->n_resume ? pl->ids + pl->n_client : NULL;
         if (kind == SPEED_ROUTE_DECODE_ONLY) {
-            gm.n_prompt_ids = pl->n_ids;
+            gm.n_prompt_ids = pl->n_client; /* the node appends the resumed ids */
             gm.prompt_ids = pl->ids;
             if (pl->has_speed) gm.speed = &pl->speed;
         } else {
@@ -268,6 +261,11 @@ static void run_routed(rtr_req_t *r, plan_t *pl, speed_route_kind_t kind) {
         }
         relay_result_t rr = speed_router_relay_generate(r, &rl, &gm);
         speed_proto_free(prefill ? &prefill->base : NULL);
+        if (rr == RELAY_MIGRATE) {
+            if (!speed_router_migrate(r, &rl, pl, &kind)) break; /* answered */
+            capacity = false;
+            continue;
+        }
         if (rr == RELAY_RETRY) {
             capacity = capacity || rl.capacity;
             /* The reservation (if any) went with the node, or was refused: start over. */
@@ -289,6 +287,7 @@ static void run_routed(rtr_req_t *r, plan_t *pl, speed_route_kind_t kind) {
         }
         break;
     }
+    if (rl.migrating) speed_router_count_migration(r, "failed"); /* the re-issue never got going */
     speed_router_relay_cleanup(&rl);
 }
 
@@ -358,6 +357,7 @@ static void run_request(rtr_req_t *r) {
         memset(&pl, 0, sizeof pl);
         pl.ids = ids.ids;
         pl.n_ids = ids.n;
+        pl.n_client = ids.n;
         pl.max_tokens = max_tokens;
         speed_router_sampling_params_fill(q, max_tokens, &pl.sampling);
         Speed__V1__SpeedParams sp = SPEED__V1__SPEED_PARAMS__INIT;
@@ -367,6 +367,7 @@ static void run_request(rtr_req_t *r) {
             pl.has_speed = true;
         }
         run_routed(r, &pl, d.kind);
+        speed_free(pl.owned);
     }
     speed_router_req_release_slot(r); /* normally done as the answer completed */
     speed_tok_ids_free(&ids);

@@ -36,6 +36,12 @@ void speed_router_req_cancel(rtr_req_t *r, speed_status_t why) {
     if (n) speed_router_enqueue_cancel(r->rt, jobs, n);
 }
 
+void speed_router_req_cancel_later(rtr_req_t *r, speed_router_pool_id_t pool, size_t node) {
+    cancel_job_t job = {.pool = pool, .node = node};
+    snprintf(job.id, sizeof job.id, "%s", r->id);
+    speed_router_enqueue_cancel(r->rt, &job, 1);
+}
+
 bool speed_router_req_cancelled(rtr_req_t *r, speed_status_t *why_p) {
     pthread_mutex_lock(&r->lock);
     bool c = r->cancelled;

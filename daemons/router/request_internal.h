@@ -5,6 +5,7 @@
  *   request_http.c    the client side: writes, the answer, errors, slot and count bookkeeping
  *   request_rpc.c     the node side: deadline-bounded calls, gRPC code classes, messages
  *   request_cancel.c  cancellation state, legs in flight, the Cancel RPC
+ *   request_migrate.c a stream whose decode node died, re-issued on another path
  *
  * Every function here runs on the request's worker thread unless it says otherwise.
  * Not an API: nothing outside router/ includes this. */
@@ -14,8 +15,26 @@
 #include "router_internal.h"
 #include "speed_proto.h"
 
+/* What the nodes are asked to compute for a request. ids is the prompt they compute: the
+ * client's, then (after a migration) the tokens the request already generated. */
+typedef struct {
+    int32_t *ids; /* [n_ids] */
+    size_t n_ids;
+    size_t n_client;  /* the client's prompt: ids[0, n_client) */
+    int64_t n_resume; /* ids[n_client, n_ids): tokens the request generated before */
+    int32_t *owned;   /* ids, once a migration made them (the caller frees it) */
+    int64_t max_tokens;
+    Speed__V1__SamplingParams sampling; /* max_tokens stays the request's total */
+    Speed__V1__SpeedParams speed;       /* the request's `speed` object */
+    bool has_speed;
+} plan_t;
+
 /* ---- request_cancel.c -------------------------------------------------------------- */
 
+/* Queues a Cancel RPC for this request to one node, sent by the housekeeping thread (never
+ * blocks the worker): for a node that may hold something of the request although the request
+ * no longer has a leg there (a Reserve that failed late, a node a migration left). */
+void speed_router_req_cancel_later(rtr_req_t *r, speed_router_pool_id_t pool, size_t node);
 /* True once the request was cancelled; *why_p (may be NULL) gets the cancel status. */
 bool speed_router_req_cancelled(rtr_req_t *r, speed_status_t *why_p);
 /* Records a leg the request is about to start, so that a cancel reaches it; false if the
@@ -97,6 +116,9 @@ typedef struct {
 typedef enum {
     RELAY_DONE = 0, /* the request is answered (success or an error sent) */
     RELAY_RETRY,    /* the decode node failed before anything came: try another */
+    RELAY_MIGRATE,  /* the decode node failed after tokens went out, nothing was sent about
+                     * it and router.max_migrations allows another re-issue: the caller
+                     * continues the stream from rl->gen_ids (request_migrate.c) */
 } relay_result_t;
 
 typedef struct {
@@ -113,6 +135,11 @@ typedef struct {
     relay_buf_t text;  /* non-streaming: the whole text */
     size_t text_total; /* bytes of text relayed so far (text_offset) */
     relay_lps_t lps;   /* non-streaming: all; streaming: this event's */
+    /* migration (request_migrate.c) */
+    int32_t *gen_ids; /* [n_gen_ids] every token id relayed so far, over all attempts */
+    size_t n_gen_ids, cap_gen_ids;
+    int64_t n_migrations; /* re-issues so far */
+    bool migrating;       /* a re-issue is under way: counted ok at its first event */
     /* outcome */
     bool success;
     bool capacity; /* RELAY_RETRY because the node had no room */
@@ -121,7 +148,8 @@ typedef struct {
 } relay_t;
 
 /* Runs the Generate stream gm on decode node rl->node, relaying tokens as they come.
- * RELAY_RETRY: nothing was sent, the caller may try another decode node. RELAY_DONE with
+ * RELAY_RETRY: nothing was sent, the caller may try another decode node. RELAY_MIGRATE:
+ * tokens went out before the node failed; the caller re-issues the rest. RELAY_DONE with
  * rl->success: the caller ends the answer with speed_router_relay_answer. RELAY_DONE
  * without it: the client was answered with an error. */
 relay_result_t speed_router_relay_generate(rtr_req_t *r, relay_t *rl, const Speed__V1__GenerateRequest *gm);
@@ -129,5 +157,16 @@ relay_result_t speed_router_relay_generate(rtr_req_t *r, relay_t *rl, const Spee
 void speed_router_relay_answer(rtr_req_t *r, relay_t *rl);
 /* Frees what the relay accumulated (text, logprobs); rl may be used again after. */
 void speed_router_relay_cleanup(relay_t *rl);
+/* speed_router_migrations_total{outcome} += 1 (outcome "ok" or "failed"). */
+void speed_router_count_migration(rtr_req_t *r, const char *outcome);
+
+/* ---- request_migrate.c ------------------------------------------------------------- */
+
+/* After RELAY_MIGRATE: lets go of the failed decode node, makes pl the re-issue (the
+ * client's prompt + rl->gen_ids, resumed) and picks its route as for a fresh request of that
+ * length (*kind_p). Returns true when the caller should run pl again (rl->migrating is set:
+ * counted ok at the re-issue's first event, failed if it never gets one); false when the
+ * client was answered with an error. */
+bool speed_router_migrate(rtr_req_t *r, relay_t *rl, plan_t *pl, speed_route_kind_t *kind_p);
 
 #endif /* SPEED_ROUTER_REQUEST_INTERNAL_H */

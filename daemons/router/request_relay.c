@@ -1,7 +1,8 @@
 /* The Generate leg and the relay of its tokens to the client: SSE chunks as tokens come
  * (streaming) or the whole text and logprobs kept for one object (non-streaming), TTFT / ITL
- * metrics, and how the stream ended (success, an error of the request, a node failure before
- * anything came that another decode node may retry). */
+ * metrics, the ids relayed (a migration continues from them), and how the stream ended
+ * (success, an error of the request, a node failure before anything came that another decode
+ * node may retry, or after tokens came, which request_migrate.c may continue elsewhere). */
 #include "request_internal.h"
 
 #include <stdio.h>
@@ -91,6 +92,27 @@ static bool lp_list_add(relay_lps_t *l, const speed_tok_t *tok, const Speed__V1_
     return true;
 }
 
+/* Keeps the ids the client has (or will have in the non-streamed answer): a re-issue after
+ * the decode node's death starts from exactly these. */
+static bool ids_append(relay_t *rl, const Speed__V1__GenerateEvent *ev) {
+    if (rl->n_gen_ids + ev->n_tokens > rl->cap_gen_ids) {
+        size_t cap = rl->cap_gen_ids ? rl->cap_gen_ids : 64;
+        while (cap < rl->n_gen_ids + ev->n_tokens) cap *= 2;
+        int32_t *g = speed_realloc(rl->gen_ids, cap * sizeof *g);
+        if (!g) return false;
+        rl->gen_ids = g;
+        rl->cap_gen_ids = cap;
+    }
+    for (size_t i = 0; i < ev->n_tokens; i++) rl->gen_ids[rl->n_gen_ids++] = ev->tokens[i]->id;
+    return true;
+}
+
+void speed_router_count_migration(rtr_req_t *r, const char *outcome) {
+    const char *values[] = {outcome};
+    speed_counter_t *c = NULL;
+    if (speed_counter_labels(r->rt->m_migrations, values, &c) == SPEED_OK) speed_counter_inc(c);
+}
+
 static void observe_tokens(rtr_req_t *r, relay_t *rl, size_t k) {
     speed_router_t *rt = r->rt;
     double t = speed_clock_mono_s();
@@ -137,6 +159,7 @@ static speed_status_t relay_tokens(rtr_req_t *r, relay_t *rl, const Speed__V1__G
     bool want_lp = q->logprobs || q->top_logprobs > 0;
     size_t k = ev->n_tokens;
     if (k == 0) return SPEED_OK;
+    if (!ids_append(rl, ev)) return SPEED_ERR_NO_MEMORY;
     observe_tokens(r, rl, k);
     if (!q->stream) {
         for (size_t i = 0; i < k; i++) {
@@ -245,6 +268,10 @@ relay_result_t speed_router_relay_generate(rtr_req_t *r, relay_t *rl, const Spee
             continue;
         }
         got_event = true;
+        if (rl->migrating) { /* the re-issued request goes on on this node */
+            rl->migrating = false;
+            speed_router_count_migration(r, "ok");
+        }
         speed_status_t rst = relay_tokens(r, rl, ev);
         if (rst != SPEED_OK && rst != SPEED_ERR_CANCELLED) local = rst;
         if (rst != SPEED_OK) speed_rpc_stream_cancel(gen);
@@ -279,7 +306,9 @@ relay_result_t speed_router_relay_generate(rtr_req_t *r, relay_t *rl, const Spee
         speed_router_req_leg_end(r, SPEED_ROUTER_POOL_DECODE);
         rl->success = true;
         rl->finish = finish_kind(finish_reason);
-        rl->usage.prompt_tokens = have_usage && usage.prompt_tokens > 0 ? usage.prompt_tokens : rl->n_prompt;
+        /* after a migration the node's prompt held the resumed tokens: the client's is ours */
+        rl->usage.prompt_tokens =
+            have_usage && usage.prompt_tokens > 0 && rl->n_migrations == 0 ? usage.prompt_tokens : rl->n_prompt;
         rl->usage.completion_tokens =
             have_usage && usage.completion_tokens > 0 ? usage.completion_tokens : rl->n_generated;
         if (rl->decode_only)
@@ -338,7 +367,13 @@ relay_result_t speed_router_relay_generate(rtr_req_t *r, relay_t *rl, const Spee
     }
     speed_router_nodes_fail(rt->nodes, rl->pool, rl->node, r->id, why_text);
     if (!got_event) return RELAY_RETRY;
-    speed_router_req_fail_status(r, SPEED_ERR_PEER_UNREACHABLE, "the decode node failed during generation", 0);
+    if (rl->n_migrations < rt->cfg->max_migrations) return RELAY_MIGRATE;
+    speed_router_count_migration(r, "failed");
+    speed_router_req_fail_status(r, SPEED_ERR_PEER_UNREACHABLE,
+                                 rt->cfg->max_migrations > 0
+                                     ? "the decode node failed during generation (router.max_migrations reached)"
+                                     : "the decode node failed during generation",
+                                 0);
     return RELAY_DONE;
 }
 
@@ -390,4 +425,7 @@ void speed_router_relay_cleanup(relay_t *rl) {
     rl->text.p = NULL;
     rl->text.len = rl->text.cap = 0;
     lp_list_free(&rl->lps);
+    speed_free(rl->gen_ids);
+    rl->gen_ids = NULL;
+    rl->n_gen_ids = rl->cap_gen_ids = 0;
 }

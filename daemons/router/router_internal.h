@@ -90,6 +90,7 @@ struct speed_router {
     speed_counter_t *m_requests;        /* {route,status} */
     speed_counter_t *m_route_decisions; /* {route,reason} */
     speed_counter_t *m_prefill_retries;
+    speed_counter_t *m_migrations; /* {outcome}: streams re-issued after their decode node died */
     speed_counter_t *m_kv_bytes;
     speed_counter_t *m_prompt_tokens;
     speed_counter_t *m_generated_tokens;

@@ -356,6 +356,16 @@ static speed_status_t register_metrics(speed_router_t *rt) {
     SPEED_CHECK(speed_counter_register(m, "speed_router_prefill_retries_total",
                                        "prefill calls retried on another prefill node", NULL, 0,
                                        &rt->m_prefill_retries));
+    static const char *const outcome[] = {"outcome"};
+    SPEED_CHECK(speed_counter_register(m, "speed_router_migrations_total",
+                                       "streams whose decode node died after their first token, by outcome: ok "
+                                       "(re-issued and continued on another path), failed (ended with an error)",
+                                       outcome, 1, &rt->m_migrations));
+    for (size_t i = 0; i < 2; i++) { /* both series from the start, at 0 */
+        const char *v[] = {i ? "failed" : "ok"};
+        speed_counter_t *c = NULL;
+        SPEED_CHECK(speed_counter_labels(rt->m_migrations, v, &c));
+    }
     static const char *const key_limit[] = {"key", "limit"};
     SPEED_CHECK(speed_counter_register(m, "speed_router_streams_overrun_total",
                                        "streamed requests cancelled because the client stopped reading "

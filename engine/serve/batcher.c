@@ -74,6 +74,45 @@ static speed_status_t check_id(const char *id) {
     return SPEED_OK;
 }
 
+/* A migrated request's earlier output runs through the same text pipeline as when it was
+ * generated (speed_batcher_emit_token), silently: the detokenizer's pending bytes, the stop
+ * matcher's held-back text and its token count end up exactly as they were, and the next
+ * token releases what it would have. Each token took one draw of the generator (the sampler
+ * draws once per token when it draws at all), so skipping one per token keeps seeded
+ * sampling on the same numbers. A finish among them is kept for start/submit to report. */
+static speed_status_t req_prime(speed_batcher_t *b, req_t *r, const int32_t *ids, int64_t n) {
+    r->primed_finish = SPEED_BATCH_RUNNING;
+    for (int64_t i = 0; i < n; i++) {
+        if (ids[i] < 0 || ids[i] >= b->n_vocab) {
+            SPEED_ERROR(SPEED_SUBSYS_ENGINE, "batcher: %s: resumed token %lld is %d, outside the vocabulary [0, %d)",
+                        r->id, (long long)i, ids[i], b->n_vocab);
+            return SPEED_ERR_INVALID_ARGUMENT;
+        }
+        if (r->primed_finish != SPEED_BATCH_RUNNING) {
+            SPEED_ERROR(SPEED_SUBSYS_ENGINE, "batcher: %s: %lld resumed tokens go on after the request ended at %lld",
+                        r->id, (long long)n, (long long)i);
+            return SPEED_ERR_INVALID_ARGUMENT;
+        }
+        const char *piece = "";
+        size_t piece_len = 0;
+        if (r->stream && ids[i] < b->n_tok_vocab)
+            SPEED_CHECK(speed_tok_stream_push(r->stream, ids[i], &piece, &piece_len));
+        speed_stop_result_t sr;
+        SPEED_CHECK(speed_stop_push(r->stop, ids[i], piece, piece_len, &sr));
+        if (sr.finish != SPEED_FINISH_NONE) {
+            const char *tail = "";
+            size_t tail_len = 0;
+            if (r->stream) SPEED_CHECK(speed_tok_stream_flush(r->stream, &tail, &tail_len));
+            SPEED_CHECK(speed_stop_finish(r->stop, tail, tail_len, &sr));
+            r->primed_finish = sr.finish == SPEED_FINISH_LENGTH ? SPEED_BATCH_LENGTH : SPEED_BATCH_STOP;
+        }
+        (void)speed_rng_next(&r->rng); /* the draw this token took */
+    }
+    r->n_resume = n;
+    r->first_sent = n > 0; /* the request's first token went out before the migration */
+    return SPEED_OK;
+}
+
 /* Copies the generation parameters and builds the sampler/stop/text state (caller's thread). */
 static speed_status_t req_prepare_gen(speed_batcher_t *b, req_t *r, const speed_batch_gen_t *gen) {
     r->gen = *gen;
@@ -110,7 +149,13 @@ static speed_status_t req_prepare_gen(speed_batcher_t *b, req_t *r, const speed_
     SPEED_CHECK(speed_stop_create(&sp, &r->stop));
     if (b->p.tokenizer) SPEED_CHECK(speed_tok_stream_create(b->p.tokenizer, true, &r->stream));
     speed_rng_init(&r->rng, gen->sampling.seed);
-    return SPEED_OK;
+    r->gen.resume_ids = NULL;
+    r->gen.n_resume = 0;
+    if (gen->n_resume < 0 || (gen->n_resume > 0 && !gen->resume_ids)) {
+        SPEED_ERROR(SPEED_SUBSYS_ENGINE, "batcher: %s: n_resume %lld without its ids", r->id, (long long)gen->n_resume);
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    return req_prime(b, r, gen->resume_ids, gen->n_resume);
 }
 
 static speed_status_t req_create(speed_batcher_t *b, const char *id, req_t **r_p) {
@@ -189,7 +234,8 @@ static speed_status_t depth_resolve(const speed_batcher_t *b, const speed_depth_
 
 /* Puts a waiting request into the engine. CAPACITY: leave it waiting. */
 static speed_status_t admit(speed_batcher_t *b, req_t *r) {
-    speed_status_t st = speed_engine_seq_add(b->engine, r->prompt, r->n_prompt, &r->depth, r->gen.max_tokens, &r->seq);
+    speed_status_t st =
+        speed_engine_seq_add(b->engine, r->prompt, r->n_prompt, &r->depth, r->gen.max_tokens - r->n_resume, &r->seq);
     if (st != SPEED_OK) return st;
     r->in_engine = true;
     r->state = REQ_RUNNING;
@@ -210,6 +256,14 @@ static speed_status_t do_submit(speed_batcher_t *b, cmd_t *c) {
     if (req_find(b, r->id)) {
         SPEED_ERROR(SPEED_SUBSYS_ENGINE, "batcher: request id '%s' is already in use", r->id);
         return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    if (r->primed_finish != SPEED_BATCH_RUNNING) {
+        /* its resumed tokens already ended it: nothing to compute, only the finish event */
+        b->counts.n_submitted++;
+        c->req = NULL;
+        link_req(b, r);
+        speed_batcher_req_finish(b, r, r->primed_finish, SPEED_OK);
+        return SPEED_OK;
     }
     bool queue_empty = count_state(b, REQ_WAITING) == 0;
     speed_status_t st = queue_empty ? admit(b, r) : SPEED_ERR_CAPACITY;
@@ -279,6 +333,9 @@ static speed_status_t do_start(speed_batcher_t *b, cmd_t *c) {
     r->stop = p->stop, p->stop = NULL;
     r->stream = p->stream, p->stream = NULL;
     r->rng = p->rng;
+    r->n_resume = p->n_resume;
+    r->primed_finish = p->primed_finish;
+    r->first_sent = p->first_sent;
     r->on_event = p->on_event;
     r->on_layer = NULL;
     r->user = p->user;
@@ -287,6 +344,14 @@ static speed_status_t do_start(speed_batcher_t *b, cmd_t *c) {
     r->t_arrival_ns = p->t_arrival_ns;
     r->t_engine_ns = speed_clock_mono_ns();
     b->counts.n_submitted++;
+    if (r->primed_finish != SPEED_BATCH_RUNNING) {
+        /* the resumed tokens ended it; the prefill node's token comes after the end */
+        speed_batcher_req_finish(b, r, r->primed_finish, SPEED_OK);
+        return SPEED_OK;
+    }
+    /* The prefill node drew the first token with the request's next random number: the
+     * following tokens take the ones after it, as on a node that samples them all. */
+    (void)speed_rng_next(&r->rng); /* the prefill node's draw */
 
     speed_sample_t smp = {.id = c->first.id, .logprob = c->first.logprob, .n_top = c->first.n_top};
     memcpy(smp.top, c->first.top, sizeof smp.top);
@@ -565,7 +630,15 @@ speed_status_t speed_batcher_submit(speed_batcher_t *b, const speed_batch_reques
                         (long long)i, q->prompt[i], b->n_vocab);
             return SPEED_ERR_INVALID_ARGUMENT;
         }
-    if (q->n_prompt + q->gen.max_tokens > speed_engine_max_context(b->engine)) {
+    if (q->gen.n_resume > 0 && (q->gen.n_resume >= q->n_prompt || !q->gen.resume_ids ||
+                                memcmp(q->prompt + (q->n_prompt - q->gen.n_resume), q->gen.resume_ids,
+                                       (size_t)q->gen.n_resume * sizeof *q->prompt) != 0)) {
+        SPEED_ERROR(SPEED_SUBSYS_ENGINE, "batcher: %s: the %lld resumed tokens must end a longer prompt",
+                    q->request_id ? q->request_id : "?", (long long)q->gen.n_resume);
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    if (q->n_prompt + q->gen.max_tokens - (q->gen.n_resume > 0 ? q->gen.n_resume : 0) >
+        speed_engine_max_context(b->engine)) {
         SPEED_ERROR(SPEED_SUBSYS_ENGINE, "batcher: prompt %lld + max_tokens %lld exceeds the context limit %d",
                     (long long)q->n_prompt, (long long)q->gen.max_tokens, speed_engine_max_context(b->engine));
         return SPEED_ERR_TOO_LONG;

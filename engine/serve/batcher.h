@@ -105,6 +105,17 @@ typedef struct {
     const char *const *stop; /* [n_stop] stop strings (copied); need a tokenizer */
     size_t n_stop;
     bool ignore_eos;
+    /* A migrated request (its decode node died mid-stream): the n_resume tokens it generated
+     * before, in order (copied at submit/start). max_tokens still counts from the request's
+     * first token, so these count against it (and in usage.n_generated); they are run through
+     * the detokenizer and the stop matcher without being reported, so text held back for a
+     * partial stop string comes out with the next token exactly as it would have; and the
+     * request's generator skips the draws they took, so seeded sampling goes on with the
+     * same random numbers. On submit they must be the last n_resume prompt ids (the prompt
+     * keeps at least one other id). If they already end the request (EOS, a stop string,
+     * max_tokens), no token is reported: only the finish event (STOP / LENGTH). */
+    const int32_t *resume_ids;
+    int64_t n_resume;
 } speed_batch_gen_t;
 
 typedef struct {
@@ -193,8 +204,10 @@ speed_status_t speed_batcher_kv_ready(speed_batcher_t *batcher, const char *requ
  * (checked at once), SPEED_ERR_NO_MEMORY, SPEED_ERR_CANCELLED (shutting down). */
 speed_status_t speed_batcher_kv_ready_post(speed_batcher_t *batcher, const char *request_id);
 
-/* Starts decoding a reserved request from its first token (already sampled elsewhere; it is
- * reported again as the first token event, with its text). kv_ready is implied when
+/* Starts decoding a reserved request from its first token (already sampled elsewhere, with
+ * the request's first random draw, which the generator here then skips; it is reported
+ * again as the first token event, with its text). With gen.n_resume the first token is the
+ * one after the resumed ones (and the reservation's prompt ended with them). kv_ready is implied when
  * kv_ready is true here. request->prompt is ignored; request_id names the reservation.
  * Returns SPEED_OK, SPEED_ERR_NOT_FOUND (no such reservation: expired or never made),
  * SPEED_ERR_INVALID_ARGUMENT (already started, bad parameters, token outside the vocabulary). */

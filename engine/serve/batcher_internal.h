@@ -31,6 +31,8 @@ typedef struct req {
     void *user;
     speed_status_t layer_status; /* first failure of on_layer in the current step */
     speed_rng_t rng;
+    int64_t n_resume;                   /* gen.n_resume: tokens generated before a migration */
+    speed_batch_finish_t primed_finish; /* RUNNING, or how the resumed tokens already ended it */
     speed_stop_t *stop;
     speed_tok_stream_t *stream;
     int64_t deadline_ms; /* lease of a reservation or of held KV */

@@ -56,6 +56,13 @@ int nr_generate(speed_rpc_channel_t *ch, const Speed__V1__GenerateRequest *req, 
         speed_free(data);
         if (!ev) break;
         for (size_t i = 0; i < ev->n_tokens && out->n < (int)(sizeof out->ids / sizeof out->ids[0]); i++) {
+            const char *t = ev->tokens[i]->text ? ev->tokens[i]->text : "";
+            size_t tl = strlen(t);
+            if (out->text_len + tl >= sizeof out->text) tl = sizeof out->text - 1 - out->text_len;
+            memcpy(out->text + out->text_len, t, tl);
+            out->text_len += tl;
+            out->text[out->text_len] = '\0';
+            out->text_end[out->n] = out->text_len;
             out->ids[out->n] = ev->tokens[i]->id;
             out->logprobs[out->n++] = ev->tokens[i]->logprob;
         }

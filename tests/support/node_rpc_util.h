@@ -27,6 +27,9 @@ typedef struct {
     int n;
     int32_t ids[4096];
     float logprobs[4096];
+    char text[16384]; /* the tokens' texts, concatenated (cut at the buffer's end) */
+    size_t text_len;
+    size_t text_end[4096]; /* text_len after token i */
     char finish[32];
     Speed__V1__Usage usage; /* the last usage an event carried */
     char error[256];        /* the last event's error text, or the stream's status message */

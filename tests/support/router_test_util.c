@@ -16,6 +16,7 @@ typedef struct {
     speed_rpc_call_t *call;
     char id[128];
     int n_prompt;
+    int n_resumed; /* a migrated stream: tokens 0..n_resumed-1 came from elsewhere */
     bool has_first;
     int32_t first_id;
     int top_logprobs;
@@ -141,6 +142,7 @@ static void fake_on_reserve(void *user, speed_rpc_call_t *call, const uint8_t *d
         return;
     }
     atomic_store(&n->last_reserve_prefill_layers, q->speed ? q->speed->prefill_layers : -1);
+    atomic_store(&n->last_reserve_resume, q->resume_tokens);
     pthread_mutex_lock(&n->lock);
     snprintf(n->last_id, sizeof n->last_id, "%s", q->request_id);
     pthread_mutex_unlock(&n->lock);
@@ -239,6 +241,7 @@ static void fake_on_prefill(void *user, speed_rpc_call_t *call, const uint8_t *d
     snprintf(c->id, sizeof c->id, "%s", q->request_id);
     fake_add_id(n, FAKE_IDS_PREFILL, q->request_id);
     atomic_store(&n->last_prefill_n_ids, (int)q->n_prompt_ids);
+    atomic_store(&n->last_prefill_resume, (int)q->resume_tokens);
     speed_proto_free(&q->base);
     fake_spawn(n, fake_prefill_thread, c);
 }
@@ -253,15 +256,16 @@ static void *fake_generate_thread(void *arg) {
     int stall = atomic_load(&n->gen_stall_after);
     atomic_fetch_add(&n->n_gen_active, 1);
     bool cancelled = false;
-    int sent = 0;
+    int sent = c->n_resumed < n_tokens ? c->n_resumed : n_tokens; /* token index */
+    int start = sent;
     while (sent < n_tokens && !cancelled) {
         for (int waited = 0; waited < delay && !cancelled; waited += 5) {
             sleep_ms(5);
             cancelled = speed_rpc_call_is_cancelled(c->call) || fake_id_cancelled(n, c->id);
         }
         if (cancelled) break;
-        if (brk >= 0 && sent >= brk) break;
-        for (int waited = 0; sent == stall && waited < FAKE_STALL_MS && !cancelled; waited += 5) {
+        if (brk >= 0 && sent - start >= brk) break;
+        for (int waited = 0; sent - start == stall && waited < FAKE_STALL_MS && !cancelled; waited += 5) {
             sleep_ms(5);
             cancelled = speed_rpc_call_is_cancelled(c->call) || fake_id_cancelled(n, c->id);
         }
@@ -270,9 +274,9 @@ static void *fake_generate_thread(void *arg) {
         snprintf(text, sizeof text, "t%d ", sent);
         Speed__V1__Token tok = SPEED__V1__TOKEN__INIT;
         Speed__V1__TopLogprob tops[2], *topp[2];
-        tok.id = (sent == 0 && c->has_first) ? c->first_id : 'a' + sent % 26;
+        tok.id = (sent == start && c->has_first) ? c->first_id : 'a' + sent % 26;
         tok.text = text;
-        if (sent == 0 && c->has_first) snprintf(text, sizeof text, "F");
+        if (sent == start && c->has_first) snprintf(text, sizeof text, "F");
         if (c->logprobs) tok.logprob = -0.25f;
         if (c->top_logprobs > 0) {
             for (int k = 0; k < 2; k++) {
@@ -309,7 +313,7 @@ static void *fake_generate_thread(void *arg) {
         fake_add_id(n, FAKE_IDS_STREAM_CANCELLED, c->id);
         atomic_fetch_add(&n->n_gen_cancelled, 1);
         speed_rpc_call_finish(c->call, SPEED_RPC_CANCELLED, "cancelled");
-    } else if (brk >= 0 && sent >= brk && sent < n_tokens) {
+    } else if (brk >= 0 && sent - start >= brk && sent < n_tokens) {
         speed_rpc_call_finish(c->call, SPEED_RPC_UNAVAILABLE, "fake node broke the stream");
     } else {
         fake_add_id(n, FAKE_IDS_GENERATED, c->id); /* before the router sees the end */
@@ -340,6 +344,8 @@ static void fake_on_generate(void *user, speed_rpc_call_t *call, const uint8_t *
         c->first_id = q->first->id;
     }
     c->n_prompt = q->n_prompt_ids ? (int)q->n_prompt_ids : 9;
+    c->n_resumed = (int)q->n_resumed_ids;
+    atomic_store(&n->last_generate_resumed, (int)q->n_resumed_ids);
     if (q->sampling) {
         c->logprobs = q->sampling->logprobs;
         c->top_logprobs = q->sampling->top_logprobs;

@@ -88,6 +88,11 @@ typedef struct fake_node {
     atomic_int n_prefill_gated; /* Prefill calls waiting at the gate now */
     atomic_int last_reserve_prefill_layers;
     atomic_int last_prefill_n_ids;
+    atomic_int last_reserve_resume;   /* ReserveRequest.resume_tokens of the last Reserve */
+    atomic_int last_prefill_resume;   /* PrefillRequest.resume_tokens of the last Prefill */
+    atomic_int last_generate_resumed; /* GenerateRequest.resumed_ids of the last Generate: a
+                                       * migrated stream goes on from token index k (ids and
+                                       * texts as if the first k had come from here) */
     atomic_int live_threads;
 
     /* request ids, in arrival order (lists stop growing at FAKE_MAX_IDS; see fake_has_id) */

@@ -177,6 +177,21 @@ static Speed__V1__SamplingParams sampling(void) {
     return s;
 }
 
+/* A migrated request's resumed tokens join the tail; out of range is refused with a message. */
+static void test_depth_resume(void) {
+    char err[200];
+    speed_depth_t d = {.prefill_layers = 3, .anchors = 1, .tail = 2};
+    CHECK_INT_EQ(speed_node_depth_resume(&d, 0, 10, err, sizeof err), SPEED_OK);
+    CHECK_INT_EQ(d.tail, 2);
+    CHECK_INT_EQ(speed_node_depth_resume(&d, 7, 10, err, sizeof err), SPEED_OK);
+    CHECK(d.prefill_layers == 3 && d.anchors == 1 && d.tail == 9);
+    err[0] = '\0';
+    CHECK_INT_EQ(speed_node_depth_resume(&d, 10, 10, err, sizeof err), SPEED_ERR_INVALID_ARGUMENT);
+    CHECK_CONTAINS(err, "resume_tokens 10");
+    CHECK_INT_EQ(speed_node_depth_resume(&d, -1, 10, err, sizeof err), SPEED_ERR_INVALID_ARGUMENT);
+    CHECK_INT_EQ(d.tail, 9); /* untouched when refused */
+}
+
 static speed_status_t gen_of(const Speed__V1__SamplingParams *sp, speed_batch_gen_t *g, char *err, size_t err_size) {
     speed_log_clear_last_error(); /* a stale error must not pass for this call's message */
     err[0] = '\0';
@@ -925,6 +940,7 @@ static void test_desc_empty_counts(void) {
 int main(void) {
     speed_log_set_sink(counting_sink, NULL); /* the refusals below are expected */
     test_depth();
+    test_depth_resume();
     test_sampling();
     test_tokens();
     test_desc_round_trip();

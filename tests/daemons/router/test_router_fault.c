@@ -1,6 +1,8 @@
 /* speed-router daemon under faults, against fake nodes: a failing prefill node (retried on
- * the other), a decode node that dies mid-stream (SSE error event, no hang, node marked down,
- * the next requests go to the other node), clients that go away mid-stream or during the
+ * the other), a decode node that dies mid-stream (with router.max_migrations 0: SSE error event,
+ * no hang, node marked down, the next requests go to the other node; by default the stream is
+ * re-issued on the other node with the tokens already sent as resumed ones and goes on, no
+ * token twice or missing, streamed and not, until router.max_migrations is reached), clients that go away mid-stream or during the
  * prefill (the decode node gets Cancel for that request id and the Generate stream is
  * cancelled, also when the nodes ignore Cancel RPCs), overload (429 with Retry-After,
  * queue timeout 503), no KV room anywhere (503 + Retry-After), and SIGTERM with a request in
@@ -120,10 +122,158 @@ static void test_reserve_failure_cancels(void) {
     CHECK_INT_EQ(router_stop(&rp), 0);
 }
 
+/* The content pieces of a streamed chat answer from the fakes, checked token by token: piece
+ * i is "t<i> " or "F" (a first token from a prefill node): none repeated, none missing. Returns
+ * how many there were, or -1 (printed) when the sequence breaks. *n_first_p: how many "F". */
+static int check_fake_pieces(const sse_result_t *s, int *n_first_p) {
+    int i = 0;
+    *n_first_p = 0;
+    for (int e = 0; e < s->n; e++) {
+        json_t *j = json_of(s->data[e]);
+        const char *piece = jstr(j, "choices[0].delta.content");
+        if (piece && piece[0]) { /* the role chunk has "" */
+            char want[32];
+            snprintf(want, sizeof want, "t%d ", i);
+            if (strcmp(piece, "F") == 0) {
+                (*n_first_p)++;
+            } else if (strcmp(piece, want) != 0) {
+                fprintf(stderr, "piece %d is \"%s\", expected \"%s\" or \"F\"\n", i, piece, want);
+                json_decref(j);
+                return -1;
+            }
+            i++;
+        }
+        json_decref(j);
+    }
+    return i;
+}
+
+static double migrations(int port, const char *outcome) {
+    char *m = cu_metrics(port);
+    char series[96];
+    snprintf(series, sizeof series, "speed_router_migrations_total{outcome=\"%s\"}", outcome);
+    double v = prom_value(m, series);
+    speed_free(m);
+    return v;
+}
+
+/* A streamed completion that ends with an error event whose message contains `why`, then [DONE]. */
+static void stream_ends_with_error(int port, const char *why) {
+    const char *body = "{\"model\":\"tinymodel\",\"stream\":true,\"prompt\":\"Hello there\",\"max_tokens\":40}";
+    sse_result_t s;
+    CHECK(sse_post(port, "/v1/completions", body, NULL, &s));
+    CHECK(s.n >= 2);
+    if (s.n >= 2) {
+        CHECK_STR_EQ(s.data[s.n - 1], "[DONE]");
+        json_t *e = json_of(s.data[s.n - 2]);
+        const char *m = jstr(e, "error.message");
+        CHECK_MSG(m && strstr(m, why), "not the error \"%s\": %s", why, s.data[s.n - 2]);
+        json_decref(e);
+    }
+    sse_result_free(&s);
+}
+
+/* A decode node dies mid-stream: the router re-issues the rest (the client's prompt + the
+ * tokens it relayed, resumed) on the other decode node through the normal route (Reserve and
+ * Prefill with resume_tokens) and the same stream goes on, no token twice, none missing. */
+static void test_decode_dies_migrates(void) {
+    reset_fakes();
+    router_proc_t rp;
+    CHECK(start(&rp, NULL)); /* router.max_migrations: 3 (default) */
+    if (rp.exited || !rp.pid) return;
+    CHECK(migrations(rp.port, "ok") == 0 && migrations(rp.port, "failed") == 0);
+    for (int i = 0; i < 2; i++) {
+        atomic_store(&dec[i].gen_tokens, 40);
+        atomic_store(&dec[i].gen_delay_ms, 30);
+    }
+    speed_http_client_t *c = NULL;
+    sse_result_t s;
+    CHECK(sse_begin(rp.port, "/v1/chat/completions", CHAT_STREAM, NULL, &c, &s));
+    CHECK_INT_EQ(s.status, 200);
+    CHECK(sse_read(c, &s, 4)); /* role + 3 content chunks */
+    int victim = atomic_load(&dec[0].n_gen_active) > 0 ? 0 : 1;
+    CHECK(atomic_load(&dec[victim].n_gen_active) == 1);
+    fake_kill(&dec[victim]);
+    CHECK(sse_read(c, &s, -1));
+    CHECK(s.ended);
+    int n_first = 0;
+    int n = check_fake_pieces(&s, &n_first);
+    CHECK_INT_EQ(n, 40);
+    CHECK_INT_EQ(n_first, 2); /* one first token from each prefill */
+    int other = 1 - victim;
+    int k = atomic_load(&dec[other].last_generate_resumed);
+    CHECK_MSG(k >= 3 && k < 40, "the re-issue resumed %d tokens", k);
+    CHECK_INT_EQ(atomic_load(&dec[other].last_reserve_resume), k);
+    CHECK_INT_EQ(atomic_load(&pre[0].last_prefill_resume) + atomic_load(&pre[1].last_prefill_resume), k);
+    if (s.n >= 3) {
+        CHECK_STR_EQ(s.data[s.n - 1], "[DONE]");
+        json_t *e = json_of(s.data[s.n - 2]);
+        CHECK_MSG(!jget(e, "error"), "an error event: %s", s.data[s.n - 2]);
+        CHECK_STR_EQ(jstr(e, "choices[0].finish_reason"), "length");
+        json_decref(e);
+    }
+    sse_result_free(&s);
+    speed_http_client_destroy(c);
+    CHECK(migrations(rp.port, "ok") == 1 && migrations(rp.port, "failed") == 0);
+
+    /* Non-streamed: the other node breaks its stream after 6 tokens; the victim is back. */
+    CHECK(fake_start(&dec[victim], "decode-again", dbase + victim) == SPEED_OK);
+    WAIT_FOR(decode_nodes_up(rp.port) == 2, 10000);
+    for (int i = 0; i < 2; i++) {
+        atomic_store(&dec[i].gen_tokens, 12);
+        atomic_store(&dec[i].gen_delay_ms, 0);
+        atomic_store(&dec[i].gen_break_after, -1);
+        atomic_store(&dec[i].last_generate_resumed, -1);
+    }
+    atomic_store(&dec[0].gen_break_after, 6);
+    atomic_store(&dec[1].gen_break_after, 6);
+    const char *plain = "{\"model\":\"tinymodel\",\"prompt\":\"Hello there\",\"max_tokens\":12}";
+    cu_resp_t r;
+    CHECK(cu_post(rp.port, "/v1/completions", plain, &r));
+    /* both nodes break after 6: the first re-issue goes on to 12 on the other node */
+    CHECK_INT_EQ(r.status, 200);
+    json_t *j = json_of(r.body);
+    const char *text = jstr(j, "choices[0].text");
+    CHECK_STR_EQ(text, "Ft1 t2 t3 t4 t5 Ft7 t8 t9 t10 t11 ");
+    CHECK_INT_EQ(jint(j, "usage.completion_tokens"), 12);
+    CHECK_INT_EQ(jint(j, "usage.prompt_tokens") > 0, 1);
+    json_decref(j);
+    cu_resp_free(&r);
+    CHECK(migrations(rp.port, "ok") == 2);
+    /* No healthy path left: both nodes break after 3 tokens; the re-issue on the second node
+     * breaks too and the first is out of this request's picks: an error event, counted. */
+    for (int i = 0; i < 2; i++) {
+        atomic_store(&dec[i].gen_break_after, 3);
+        atomic_store(&dec[i].gen_tokens, 40);
+    }
+    WAIT_FOR(decode_nodes_up(rp.port) == 2, 10000);
+    stream_ends_with_error(rp.port, "no decode node is available");
+    CHECK(migrations(rp.port, "ok") == 3 && migrations(rp.port, "failed") == 1);
+    WAIT_FOR(decode_nodes_up(rp.port) == 2, 10000);
+    for (int i = 0; i < 2; i++) atomic_store(&dec[i].gen_break_after, -1);
+    check_balanced("decode node died, stream migrated", rp.port);
+    CHECK_INT_EQ(router_stop(&rp), 0);
+
+    /* The limit: router.max_migrations 1, the re-issue breaks too. */
+    const char *one[] = {"--router.max_migrations", "1", NULL};
+    CHECK(start(&rp, one));
+    if (rp.exited || !rp.pid) return;
+    for (int i = 0; i < 2; i++) atomic_store(&dec[i].gen_break_after, 3);
+    WAIT_FOR(decode_nodes_up(rp.port) == 2, 10000);
+    stream_ends_with_error(rp.port, "router.max_migrations reached");
+    CHECK(migrations(rp.port, "ok") == 1 && migrations(rp.port, "failed") == 1);
+    WAIT_FOR(decode_nodes_up(rp.port) == 2, 10000);
+    for (int i = 0; i < 2; i++) atomic_store(&dec[i].gen_break_after, -1);
+    check_balanced("migration limit", rp.port);
+    CHECK_INT_EQ(router_stop(&rp), 0);
+}
+
+/* router.max_migrations 0: the old behaviour, an error event ends the stream. */
 static void test_decode_dies_mid_stream(void) {
     reset_fakes();
     router_proc_t rp;
-    CHECK(start(&rp, NULL));
+    const char *no_migration[] = {"--router.max_migrations", "0", NULL};
+    CHECK(start(&rp, no_migration));
     if (rp.exited || !rp.pid) return;
     for (int i = 0; i < 2; i++) {
         atomic_store(&dec[i].gen_tokens, 40);
@@ -605,6 +755,7 @@ int main(void) {
     test_prefill_retry();
     test_reserve_failure_cancels();
     test_decode_dies_mid_stream();
+    test_decode_dies_migrates();
     test_client_disconnect();
     test_client_disconnect_cancel_ignored();
     test_overload();

@@ -1,5 +1,6 @@
 /* speed_batcher: the node daemons' engine loop. Tokens equal the plain engine's, requests from
- * several threads batch together, reservations receive KV and decode, and every path (finish,
+ * several threads batch together, reservations receive KV and decode, a migrated request's
+ * resumed tokens continue the plain run exactly, and every path (finish,
  * cancel, lease expiry, hold/release, errors, destroy) frees its blocks. */
 #include <pthread.h>
 
@@ -452,6 +453,56 @@ int main(void) {
         CHECK_INT_EQ(r2.ids[1], ref[1].gen[1]);
         rec_cleanup(&r1);
         rec_cleanup(&r2);
+        CHECK_INT_EQ(blocks_reserved_settled(b), 0);
+    }
+
+    /* 7b. a migrated request: the prompt followed by k tokens it generated before, resumed
+     * (their depth extended to the tail) goes on with exactly the plain run's tokens; resumed
+     * tokens count against max_tokens (k = NG: only the finish); bad resumptions refused */
+    {
+        for (int k = 1; k <= NG; k++) {
+            int32_t p[NP + NG];
+            memcpy(p, prompts[0], sizeof prompts[0]);
+            memcpy(p + NP, ref[0].gen, (size_t)k * sizeof *p);
+            rec_t rec;
+            rec_init(&rec);
+            char id[16];
+            snprintf(id, sizeof id, "m%d", k);
+            speed_batch_request_t q = greedy_request(id, p, NP + k, NG, &rec);
+            q.gen.resume_ids = ref[0].gen;
+            q.gen.n_resume = k;
+            q.depth.has_tail = true;
+            q.depth.tail = depth.tail + k;
+            CHECK_INT_EQ(speed_batcher_submit(b, &q), SPEED_OK);
+            CHECK(rec_wait(&rec, 20000));
+            CHECK_INT_EQ(rec.finish, SPEED_BATCH_LENGTH);
+            CHECK_INT_EQ(rec.n_tokens, NG - k);
+            CHECK_INT_EQ(rec.n_first, 0); /* the request's first token went out before */
+            for (int i = 0; i < rec.n_tokens && i < NG; i++)
+                CHECK_MSG(rec.ids[i] == ref[0].gen[k + i], "k=%d token %d: %d, plain run %d", k, i, rec.ids[i],
+                          ref[0].gen[k + i]);
+            CHECK_INT_EQ(rec.usage.n_generated, NG);
+            rec_cleanup(&rec);
+        }
+        int32_t p[NP + 2];
+        memcpy(p, prompts[0], sizeof prompts[0]);
+        p[NP] = ref[0].gen[0], p[NP + 1] = ref[0].gen[1];
+        rec_t rec;
+        rec_init(&rec);
+        speed_batch_request_t q = greedy_request("mbad", p, NP + 2, NG, &rec);
+        int32_t other[2] = {ref[0].gen[1], ref[0].gen[0] + 1};
+        q.gen.resume_ids = other; /* not the prompt's last ids */
+        q.gen.n_resume = 2;
+        CHECK_INT_EQ(speed_batcher_submit(b, &q), SPEED_ERR_INVALID_ARGUMENT);
+        q.gen.resume_ids = p;
+        q.gen.n_resume = NP + 2; /* the whole prompt */
+        CHECK_INT_EQ(speed_batcher_submit(b, &q), SPEED_ERR_INVALID_ARGUMENT);
+        q.gen.resume_ids = p + NP;
+        q.gen.n_resume = 2;
+        q.gen.max_tokens = 1; /* the resumed tokens go past max_tokens */
+        CHECK_INT_EQ(speed_batcher_submit(b, &q), SPEED_ERR_INVALID_ARGUMENT);
+        CHECK_INT_EQ(rec.n_finish, 0);
+        rec_cleanup(&rec);
         CHECK_INT_EQ(blocks_reserved_settled(b), 0);
     }
 
