@@ -63,6 +63,8 @@ typedef struct {
     bool batch_invariant; /* one reduction order per row whatever the batch (backend.h) */
     /* bf16 weights, 2 .. GEMV_BF16_MAX_N rows (AVX512_BF16 only, else NULL) */
     void (*gemv_bf16)(const speed_cpu_mm_t *mm, const void *xc, int64_t ldxc, int64_t j0, int64_t j1);
+    /* the same rows in batch-invariant mode: the GEMM's order per element (NULL: take the GEMM) */
+    void (*bi_gemv_bf16)(const speed_cpu_mm_t *mm, const void *xc, int64_t ldxc, int64_t j0, int64_t j1);
     speed_cpu_pool_t *pool;
     int n_threads;
     void *scratch; /* shared by the threads of one op */
@@ -441,6 +443,8 @@ typedef struct {
     int64_t ldxs;
     int64_t nj, ni; /* blocks of weight rows, row ranges of x */
     int64_t chunk;  /* gemv: weight rows per work item */
+    /* gemv with converted x (xs != NULL): gemv_bf16 or bi_gemv_bf16 */
+    void (*gemv_xc)(const speed_cpu_mm_t *mm, const void *xc, int64_t ldxc, int64_t j0, int64_t j1);
     _Atomic int64_t next;
 } mm_arg_t;
 
@@ -465,7 +469,7 @@ static void gemv_task(void *p, int t, int nt) {
             continue; /* lo now holds the current value */
         int64_t hi = m - lo < take ? m : lo + take;
         if (a->xs)
-            a->c->gemv_bf16(&a->mm, a->xs, a->ldxs, lo, hi);
+            a->gemv_xc(&a->mm, a->xs, a->ldxs, lo, hi);
         else
             a->c->k->gemv(&a->mm, lo, hi);
         lo = atomic_load_explicit(&a->next, memory_order_relaxed);
@@ -526,17 +530,22 @@ static speed_status_t cpu_matmul(void *ctx, speed_mat_t out, speed_mat_t x, spee
     /* Batch-invariant mode: every n takes the blocked GEMM below. Its micro-kernels accumulate
      * each output element over k in one order fixed by k and the block size kc alone (the row
      * tile a row lands in, the row ranges and the threads change nothing per element), while
-     * the few-row paths reduce in vector lanes (fp32 x) or round x differently (n >= 2). */
+     * the few-row paths reduce in vector lanes (fp32 x) or round x differently (n >= 2).
+     * The exception: bi_gemv_bf16 (few rows, bf16 weights on AVX512_BF16) runs the GEMM's own
+     * per-element order with the weights read in place, bit for bit the GEMM's result. */
     const bool few_rows_ok = !c->batch_invariant;
-    if (few_rows_ok && c->gemv_bf16 && w.dtype == SPEED_DTYPE_BF16 && a.mm.n >= 2 && a.mm.n <= GEMV_BF16_MAX_N) {
+    const bool bi_few = c->batch_invariant && c->bi_gemv_bf16 && w.dtype == SPEED_DTYPE_BF16;
+    if (((few_rows_ok && c->gemv_bf16 && w.dtype == SPEED_DTYPE_BF16 && a.mm.n >= 2) || bi_few) &&
+        a.mm.n <= GEMV_BF16_MAX_N) {
         const speed_cpu_gemm_t *g = &c->gemm[SPEED_DTYPE_BF16];
         a.g = g;
+        a.gemv_xc = bi_few ? c->bi_gemv_bf16 : c->gemv_bf16;
         a.ldxs = g->xc_cols(a.mm.k);
         SPEED_CHECK(scratch_reserve(c, (size_t)a.mm.n * (size_t)a.ldxs * g->xc_elem));
         a.xs = c->scratch;
         g->convert_x(&a.mm, 0, a.mm.n, c->scratch, a.ldxs);
         if (T == 1 || a.mm.m * a.mm.k * a.mm.n < 4 * SMALL_WORK || a.mm.m < 32) {
-            c->gemv_bf16(&a.mm, a.xs, a.ldxs, 0, a.mm.m);
+            a.gemv_xc(&a.mm, a.xs, a.ldxs, 0, a.mm.m);
         } else {
             a.chunk = gemv_chunk_rows(a.mm.m, T);
             atomic_init(&a.next, 0);
@@ -870,6 +879,7 @@ speed_status_t speed_backend_cpu_create(const speed_backend_params_t *params, sp
     if (isa >= SPEED_CPU_ISA_AVX512_BF16) {
         c->gemm[SPEED_DTYPE_BF16] = speed_cpu_gemm_bf16_avx512;
         c->gemv_bf16 = speed_cpu_gemv_bf16_avx512;
+        c->bi_gemv_bf16 = speed_cpu_bi_gemv_bf16_avx512;
     }
 #endif
     snprintf(c->name, sizeof c->name, "cpu (%s, %d thread%s%s)", speed_cpu_isa_name(isa), c->n_threads,

@@ -146,6 +146,10 @@ extern const speed_cpu_gemm_t speed_cpu_gemm_bf16_avx512;
 /* Few-row matmul for bf16 weights with vdpbf16ps: weight rows [j0, j1) against x converted by
  * speed_cpu_gemm_bf16_avx512.convert_x (xc, row stride ldxc). */
 void speed_cpu_gemv_bf16_avx512(const speed_cpu_mm_t *mm, const void *xc, int64_t ldxc, int64_t j0, int64_t j1);
+/* The batch-invariant few-row matmul for bf16 weights: the same arguments, and for every output
+ * element bit for bit what speed_cpu_gemm_bf16_avx512 computes (its reduction order), with the
+ * weights read in place instead of packed. */
+void speed_cpu_bi_gemv_bf16_avx512(const speed_cpu_mm_t *mm, const void *xc, int64_t ldxc, int64_t j0, int64_t j1);
 #endif
 
 #endif /* SPEED_CPU_KERNELS_H */
