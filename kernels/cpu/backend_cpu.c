@@ -17,8 +17,10 @@
  *                             and the partial softmax states merged;
  *   row ops                   contiguous row ranges, run inline below a size where waking the
  *                             workers costs more than it saves.
- *   batch-invariant mode      every matmul takes the GEMM and attention never splits a row, so
- *                             a row's result depends on that row only (backend.h).
+ *   batch-invariant mode      every matmul reduces in the GEMM's order (the GEMM itself, or for
+ *                             1 .. 8 rows of bf16 weights on AVX512_BF16 a kernel that runs the
+ *                             GEMM's per-element chain without packing) and attention never
+ *                             splits a row, so a row's result depends on that row only (backend.h).
  * Scratch (converted x, packed weights, attention partials) is owned by the context and grows
  * on demand; an op that cannot grow it returns SPEED_ERR_NO_MEMORY before touching its output.
  */

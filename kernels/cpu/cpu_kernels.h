@@ -16,7 +16,8 @@
  *     multiply them with the bf16 weights: the result differs from the reference by the bf16
  *     rounding of x (relative error ~2^-9 per product, averaging out over k; ~1.5e-3 of the
  *     largest output measured) — within the bf16 weight tolerance (1e-2). One-row matmuls
- *     (decode at batch 1) keep fp32 x exactly, and so do f32 and f16 weights;
+ *     (decode at batch 1) keep fp32 x exactly outside batch-invariant mode (in it they round x
+ *     as the GEMM does), and so do f32 and f16 weights;
  *   - exp is a vectorised Cody-Waite + degree-7 polynomial (about 1-2 ulp, gradual underflow,
  *     inf/NaN propagated); the scalar table uses libm expf.
  */

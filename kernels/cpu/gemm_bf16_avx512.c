@@ -301,8 +301,8 @@ KINLINE void bi_tile(const speed_cpu_mm_t *mm, const uint16_t *xc, int64_t ldxc,
 }
 
 /* Weight rows [j0, j1) (any range) for all n rows, 16 weight rows by up to 8 x rows at a time.
- * Measured alternatives, all slower here (AMD Zen 4): two or four tiles side by side (more
- * vdpbf16ps chains in flight; one chain is bound by its latency, ~2 ns per 16 pairs, but 32 or 64
+ * Measured alternatives, all slower here (AMD EPYC, AVX512_BF16): two or four tiles side by side (more
+ * vdpbf16ps chains in flight; one chain is bound by its latency, ~2 ns per k pair, but 32 or 64
  * strided row streams lost more in memory than that won), the 128-bit blocks of the transpose
  * gathered by masked broadcast loads (half the shuffles, but the masked broadcasts cost more),
  * and prefetching each row a few lines ahead. */
