@@ -105,6 +105,9 @@ typedef struct {
     void (*gemv_pack_x)(const speed_cpu_mm_t *mm, float *xp);
     /* Output columns (weight rows) [j0, j1) for all n rows. */
     void (*gemv)(const speed_cpu_mm_t *mm, int64_t j0, int64_t j1);
+    /* The same for batch-invariant mode (any n; used for n <= 8): every output element bit for
+     * bit what gemm[mm->wtype] computes (its reduction order), the weights read in place. */
+    void (*bi_gemv)(const speed_cpu_mm_t *mm, int64_t j0, int64_t j1);
 
     /* ---- matmul with many rows, per weight dtype ---- */
     speed_cpu_gemm_t gemm[SPEED_DTYPE_COUNT];
