@@ -17,7 +17,9 @@
  *                             and the partial softmax states merged;
  *   row ops                   contiguous row ranges, run inline below a size where waking the
  *                             workers costs more than it saves.
- *   batch-invariant mode      every matmul takes the GEMM and attention never splits a row, so
+ *   batch-invariant mode      every matmul reduces in the GEMM's order (the GEMM itself, or for
+ *                             1 .. 8 rows a bi_gemv kernel that runs the GEMM's per-element chain
+ *                             without packing the weights) and attention never splits a row, so
  *                             a row's result depends on that row only (backend.h).
  * Scratch (converted x, packed weights, attention partials) is owned by the context and grows
  * on demand; an op that cannot grow it returns SPEED_ERR_NO_MEMORY before touching its output.
@@ -41,6 +43,9 @@
 #define ATTN_SPLIT_MIN  128
 /* Matmuls with bf16 weights and 2 .. this many rows use the vdpbf16ps few-row kernel. */
 #define GEMV_BF16_MAX_N 8
+/* Batch-invariant mode: matmuls with up to this many rows take the bi_gemv kernels (the GEMM's
+ * order without packing the weights); with more, packing is shared by enough rows. */
+#define BI_GEMV_MAX_N   8
 
 typedef struct {
     bool valid;
@@ -63,6 +68,8 @@ typedef struct {
     bool batch_invariant; /* one reduction order per row whatever the batch (backend.h) */
     /* bf16 weights, 2 .. GEMV_BF16_MAX_N rows (AVX512_BF16 only, else NULL) */
     void (*gemv_bf16)(const speed_cpu_mm_t *mm, const void *xc, int64_t ldxc, int64_t j0, int64_t j1);
+    /* the same rows in batch-invariant mode: the GEMM's order per element (NULL: take the GEMM) */
+    void (*bi_gemv_bf16)(const speed_cpu_mm_t *mm, const void *xc, int64_t ldxc, int64_t j0, int64_t j1);
     speed_cpu_pool_t *pool;
     int n_threads;
     void *scratch; /* shared by the threads of one op */
@@ -441,6 +448,10 @@ typedef struct {
     int64_t ldxs;
     int64_t nj, ni; /* blocks of weight rows, row ranges of x */
     int64_t chunk;  /* gemv: weight rows per work item */
+    /* gemv with converted x (xs != NULL): gemv_bf16 or bi_gemv_bf16 */
+    void (*gemv_xc)(const speed_cpu_mm_t *mm, const void *xc, int64_t ldxc, int64_t j0, int64_t j1);
+    /* gemv on the f32 x (xs == NULL): the table's gemv or bi_gemv */
+    void (*gemv)(const speed_cpu_mm_t *mm, int64_t j0, int64_t j1);
     _Atomic int64_t next;
 } mm_arg_t;
 
@@ -465,9 +476,9 @@ static void gemv_task(void *p, int t, int nt) {
             continue; /* lo now holds the current value */
         int64_t hi = m - lo < take ? m : lo + take;
         if (a->xs)
-            a->c->gemv_bf16(&a->mm, a->xs, a->ldxs, lo, hi);
+            a->gemv_xc(&a->mm, a->xs, a->ldxs, lo, hi);
         else
-            a->c->k->gemv(&a->mm, lo, hi);
+            a->gemv(&a->mm, lo, hi);
         lo = atomic_load_explicit(&a->next, memory_order_relaxed);
     }
 }
@@ -523,20 +534,27 @@ static speed_status_t cpu_matmul(void *ctx, speed_mat_t out, speed_mat_t x, spee
     };
     const int T = c->n_threads;
 
-    /* Batch-invariant mode: every n takes the blocked GEMM below. Its micro-kernels accumulate
-     * each output element over k in one order fixed by k and the block size kc alone (the row
+    /* Batch-invariant mode: every n reduces in the order of the blocked GEMM below. Its
+     * micro-kernels accumulate each output element over k in one order fixed by k alone (the row
      * tile a row lands in, the row ranges and the threads change nothing per element), while
-     * the few-row paths reduce in vector lanes (fp32 x) or round x differently (n >= 2). */
+     * the mode-off few-row paths reduce in vector lanes (fp32 x) or round x differently (n >= 2).
+     * Up to BI_GEMV_MAX_N rows take a bi_gemv kernel instead: the GEMM's own per-element chain
+     * with the weights read in place (bi_gemv_bf16 for the AVX512_BF16 GEMM of bf16 weights, the
+     * table's bi_gemv for the table's GEMM), bit for bit the GEMM's result. */
     const bool few_rows_ok = !c->batch_invariant;
-    if (few_rows_ok && c->gemv_bf16 && w.dtype == SPEED_DTYPE_BF16 && a.mm.n >= 2 && a.mm.n <= GEMV_BF16_MAX_N) {
+    const bool bi_few = c->batch_invariant && a.mm.n <= BI_GEMV_MAX_N;
+    const bool bi_bf16 = bi_few && c->bi_gemv_bf16 && w.dtype == SPEED_DTYPE_BF16;
+    if ((few_rows_ok && c->gemv_bf16 && w.dtype == SPEED_DTYPE_BF16 && a.mm.n >= 2 && a.mm.n <= GEMV_BF16_MAX_N) ||
+        bi_bf16) {
         const speed_cpu_gemm_t *g = &c->gemm[SPEED_DTYPE_BF16];
         a.g = g;
+        a.gemv_xc = bi_bf16 ? c->bi_gemv_bf16 : c->gemv_bf16;
         a.ldxs = g->xc_cols(a.mm.k);
         SPEED_CHECK(scratch_reserve(c, (size_t)a.mm.n * (size_t)a.ldxs * g->xc_elem));
         a.xs = c->scratch;
         g->convert_x(&a.mm, 0, a.mm.n, c->scratch, a.ldxs);
         if (T == 1 || a.mm.m * a.mm.k * a.mm.n < 4 * SMALL_WORK || a.mm.m < 32) {
-            c->gemv_bf16(&a.mm, a.xs, a.ldxs, 0, a.mm.m);
+            a.gemv_xc(&a.mm, a.xs, a.ldxs, 0, a.mm.m);
         } else {
             a.chunk = gemv_chunk_rows(a.mm.m, T);
             atomic_init(&a.next, 0);
@@ -544,15 +562,18 @@ static speed_status_t cpu_matmul(void *ctx, speed_mat_t out, speed_mat_t x, spee
         }
         return SPEED_OK;
     }
-    if (few_rows_ok && a.mm.n <= c->k->gemv_max_n) {
-        size_t xpf = c->k->gemv_xpack_floats(&a.mm);
+    /* the table's bi_gemv reproduces the table's GEMM only (guard against a replaced one) */
+    const bool bi_table = bi_few && !bi_bf16 && c->gemm[w.dtype].compute == c->k->gemm[w.dtype].compute;
+    if ((few_rows_ok && a.mm.n <= c->k->gemv_max_n) || bi_table) {
+        a.gemv = bi_table ? c->k->bi_gemv : c->k->gemv;
+        size_t xpf = bi_table ? 0 : c->k->gemv_xpack_floats(&a.mm);
         if (xpf) {
             SPEED_CHECK(scratch_reserve(c, xpf * sizeof(float)));
             c->k->gemv_pack_x(&a.mm, c->scratch);
             a.mm.xp = c->scratch;
         }
         if (T == 1 || a.mm.m * a.mm.k * a.mm.n < 4 * SMALL_WORK || a.mm.m < 32) {
-            c->k->gemv(&a.mm, 0, a.mm.m);
+            a.gemv(&a.mm, 0, a.mm.m);
         } else {
             a.chunk = gemv_chunk_rows(a.mm.m, T);
             atomic_init(&a.next, 0);
@@ -870,6 +891,7 @@ speed_status_t speed_backend_cpu_create(const speed_backend_params_t *params, sp
     if (isa >= SPEED_CPU_ISA_AVX512_BF16) {
         c->gemm[SPEED_DTYPE_BF16] = speed_cpu_gemm_bf16_avx512;
         c->gemv_bf16 = speed_cpu_gemv_bf16_avx512;
+        c->bi_gemv_bf16 = speed_cpu_bi_gemv_bf16_avx512;
     }
 #endif
     snprintf(c->name, sizeof c->name, "cpu (%s, %d thread%s%s)", speed_cpu_isa_name(isa), c->n_threads,

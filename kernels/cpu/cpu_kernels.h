@@ -16,7 +16,8 @@
  *     multiply them with the bf16 weights: the result differs from the reference by the bf16
  *     rounding of x (relative error ~2^-9 per product, averaging out over k; ~1.5e-3 of the
  *     largest output measured) — within the bf16 weight tolerance (1e-2). One-row matmuls
- *     (decode at batch 1) keep fp32 x exactly, and so do f32 and f16 weights;
+ *     (decode at batch 1) keep fp32 x exactly outside batch-invariant mode (in it they round x
+ *     as the GEMM does), and so do f32 and f16 weights;
  *   - exp is a vectorised Cody-Waite + degree-7 polynomial (about 1-2 ulp, gradual underflow,
  *     inf/NaN propagated); the scalar table uses libm expf.
  */
@@ -104,6 +105,9 @@ typedef struct {
     void (*gemv_pack_x)(const speed_cpu_mm_t *mm, float *xp);
     /* Output columns (weight rows) [j0, j1) for all n rows. */
     void (*gemv)(const speed_cpu_mm_t *mm, int64_t j0, int64_t j1);
+    /* The same for batch-invariant mode (any n; used for n <= 8): every output element bit for
+     * bit what gemm[mm->wtype] computes (its reduction order), the weights read in place. */
+    void (*bi_gemv)(const speed_cpu_mm_t *mm, int64_t j0, int64_t j1);
 
     /* ---- matmul with many rows, per weight dtype ---- */
     speed_cpu_gemm_t gemm[SPEED_DTYPE_COUNT];
@@ -146,6 +150,10 @@ extern const speed_cpu_gemm_t speed_cpu_gemm_bf16_avx512;
 /* Few-row matmul for bf16 weights with vdpbf16ps: weight rows [j0, j1) against x converted by
  * speed_cpu_gemm_bf16_avx512.convert_x (xc, row stride ldxc). */
 void speed_cpu_gemv_bf16_avx512(const speed_cpu_mm_t *mm, const void *xc, int64_t ldxc, int64_t j0, int64_t j1);
+/* The batch-invariant few-row matmul for bf16 weights: the same arguments, and for every output
+ * element bit for bit what speed_cpu_gemm_bf16_avx512 computes (its reduction order), with the
+ * weights read in place instead of packed. */
+void speed_cpu_bi_gemv_bf16_avx512(const speed_cpu_mm_t *mm, const void *xc, int64_t ldxc, int64_t j0, int64_t j1);
 #endif
 
 #endif /* SPEED_CPU_KERNELS_H */

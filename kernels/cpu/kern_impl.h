@@ -15,7 +15,8 @@
 
 /* Register blocking per ISA.
  *   GEMV: one weight row x up to GEMV_NX x rows, GEMV_ACC vector accumulators.
- *   GEMM: MR x rows by NR = NRV * VN weight rows (packed panel width). */
+ *   GEMM: MR x rows by NR = NRV * VN weight rows (packed panel width).
+ *   bi_gemv: VN weight rows x up to BI_NX x rows (accumulators next to a VN x VN transpose). */
 #if KERN_ISA == KERN_ISA_AVX512
 #define GEMV_NX  4
 #define GEMV_ACC 8
@@ -23,6 +24,7 @@
 #define GEMM_NRV 4
 #define GEMM_KC  256
 #define GEMM_NC  128
+#define BI_NX    8
 #elif KERN_ISA == KERN_ISA_AVX2
 #define GEMV_NX  2
 #define GEMV_ACC 4
@@ -30,6 +32,7 @@
 #define GEMM_NRV 2
 #define GEMM_KC  256
 #define GEMM_NC  128
+#define BI_NX    4
 #else
 #define GEMV_NX  4
 #define GEMV_ACC 8
@@ -37,6 +40,7 @@
 #define GEMM_NRV 4
 #define GEMM_KC  256
 #define GEMM_NC  64
+#define BI_NX    8
 #endif
 #define GEMV_MAX_N 8
 #define GEMM_NR    (GEMM_NRV * VN)
@@ -367,6 +371,84 @@ static void KFN(gemm_compute)(const speed_cpu_mm_t *mm, const void *xs, int64_t 
     }
 }
 
+/* ==== matmul, few rows, batch-invariant: the GEMM's order per element ==================== */
+/* The GEMM above computes every output element as one chain: acc = out (accumulate) or 0, then
+ * acc = vf_fma(x[i][p], w[j][p], acc) for p = 0 .. k - 1 in order, with w converted to f32
+ * exactly; the kc blocks hand acc on through out (stored and reloaded as f32, exact), so the
+ * block boundaries change nothing. bi_gemv runs the same chain with the same operands for VN
+ * weight rows at a time, transposing VN x VN blocks in registers as gemm_pack_dt does instead of
+ * packing them to memory on every call, which was most of a few-row GEMM's time. */
+KERN_INLINE void bi_tile_dt(const speed_cpu_mm_t *mm, int64_t j, int64_t j1, int64_t i0, const int nx,
+                            const speed_dtype_t wt) {
+    const size_t es = wt == SPEED_DTYPE_F32 ? 4 : 2;
+    const int64_t k = mm->k;
+    const int rows = mm->m - j < VN ? (int)(mm->m - j) : VN, ncols = j1 - j < VN ? (int)(j1 - j) : VN;
+    const char *w = (const char *)mm->w + (size_t)(j * mm->ldw) * es;
+    const float *x = mm->x + i0 * mm->ldx;
+    float *o = mm->out + i0 * mm->ldo + j;
+    float edge[VN];
+    vf acc[BI_NX];
+    for (int i = 0; i < nx; i++) {
+        if (!mm->accumulate) {
+            acc[i] = vf_zero();
+        } else if (ncols == VN) {
+            acc[i] = vf_load(o + i * mm->ldo);
+        } else {
+            memset(edge, 0, sizeof edge);
+            memcpy(edge, o + i * mm->ldo, (size_t)ncols * sizeof(float));
+            acc[i] = vf_load(edge);
+        }
+    }
+    int64_t p = 0;
+    if (rows == VN)
+        for (; p + VN <= k; p += VN) {
+            vf t[VN];
+            for (int r = 0; r < VN; r++) t[r] = dt_load(wt, w + (size_t)(r * mm->ldw) * es, p);
+            vf_transpose(t);
+            for (int c = 0; c < VN; c++)
+                for (int i = 0; i < nx; i++) acc[i] = vf_fma(vf_set1(x[i * mm->ldx + p + c]), t[c], acc[i]);
+        }
+    for (; p < k; p++) { /* the k tail, and every column of a tile with fewer than VN rows */
+        for (int r = 0; r < VN; r++) edge[r] = r < rows ? dt_get(wt, w + (size_t)(r * mm->ldw) * es, p) : 0.0f;
+        const vf b = vf_load(edge);
+        for (int i = 0; i < nx; i++) acc[i] = vf_fma(vf_set1(x[i * mm->ldx + p]), b, acc[i]);
+    }
+    for (int i = 0; i < nx; i++) {
+        if (ncols == VN) {
+            vf_store(o + i * mm->ldo, acc[i]);
+        } else {
+            vf_store(edge, acc[i]);
+            memcpy(o + i * mm->ldo, edge, (size_t)ncols * sizeof(float));
+        }
+    }
+}
+
+KERN_INLINE void bi_gemv_dt(const speed_cpu_mm_t *mm, int64_t j0, int64_t j1, const speed_dtype_t wt) {
+    for (int64_t i0 = 0; i0 < mm->n; i0 += BI_NX) {
+        const int64_t nx = mm->n - i0 < BI_NX ? mm->n - i0 : BI_NX;
+        for (int64_t j = j0; j < j1; j += VN) switch (nx) {
+            case 1: bi_tile_dt(mm, j, j1, i0, 1, wt); break;
+            case 2: bi_tile_dt(mm, j, j1, i0, 2, wt); break;
+            case 3: bi_tile_dt(mm, j, j1, i0, 3, wt); break;
+#if BI_NX > 4
+            case 4: bi_tile_dt(mm, j, j1, i0, 4, wt); break;
+            case 5: bi_tile_dt(mm, j, j1, i0, 5, wt); break;
+            case 6: bi_tile_dt(mm, j, j1, i0, 6, wt); break;
+            case 7: bi_tile_dt(mm, j, j1, i0, 7, wt); break;
+#endif
+            default: bi_tile_dt(mm, j, j1, i0, BI_NX, wt); break;
+            }
+    }
+}
+
+static void KFN(bi_gemv)(const speed_cpu_mm_t *mm, int64_t j0, int64_t j1) {
+    switch (mm->wtype) {
+    case SPEED_DTYPE_BF16: bi_gemv_dt(mm, j0, j1, SPEED_DTYPE_BF16); break;
+    case SPEED_DTYPE_F16: bi_gemv_dt(mm, j0, j1, SPEED_DTYPE_F16); break;
+    default: bi_gemv_dt(mm, j0, j1, SPEED_DTYPE_F32); break;
+    }
+}
+
 /* ==== attention ======================================================================= */
 /* One item = nr query rows of one sequence x one kv head: QV = nr * group query vectors that
  * all read the same K and V entries, like a small GEMM (flash attention on a CPU). Per tile of
@@ -676,6 +758,7 @@ const speed_cpu_kernels_t KCAT2(speed_cpu_kernels, KERN_SUFFIX) =
         .gemv_xpack_floats = KFN(gemv_xpack_floats),
         .gemv_pack_x = KFN(gemv_pack_x),
         .gemv = KFN(gemv),
+        .bi_gemv = KFN(bi_gemv),
         .gemm =
             {
                 [SPEED_DTYPE_F32] = {GEMM_NC, GEMM_KC, NULL, NULL, 0, KFN(gemm_pack_bytes), KFN(gemm_pack_w),
