@@ -145,6 +145,10 @@ static void test_decode_dies_mid_stream(void) {
     CHECK(prom_value(m, series) == 0);
     snprintf(series, sizeof series, "speed_router_node_up{pool=\"decode\",node=\"127.0.0.1:%d\"}", dbase + other);
     CHECK(prom_value(m, series) == 1);
+    /* taken out by the request that saw it die (not by the poller): counted once all the same */
+    snprintf(series, sizeof series, "speed_router_node_down_total{pool=\"decode\",node=\"127.0.0.1:%d\"}",
+             dbase + victim);
+    CHECK_MSG(prom_value(m, series) == 1, "%s = %g", series, prom_value(m, series));
     CHECK(prom_value(m, "speed_router_requests_total{route=\"disaggregated\",status=\"503\"}") == 1);
     speed_free(m);
     cu_resp_t h;
