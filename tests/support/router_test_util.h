@@ -67,6 +67,7 @@ typedef struct fake_node {
     atomic_int reserve_code; /* 0 = reply; else fail with this gRPC code */
     atomic_int prefill_code; /* 0 = reply; else fail with this gRPC code */
     atomic_int prefill_delay_ms;
+    atomic_int desc_lease_ms;   /* the lease_ms of the descriptors Reserve hands out (0: none) */
     atomic_int gen_tokens;      /* tokens per generation, the first included */
     atomic_int gen_delay_ms;    /* before each event */
     atomic_int gen_break_after; /* < 0: never; k: after k tokens end with UNAVAILABLE */
@@ -88,6 +89,7 @@ typedef struct fake_node {
     atomic_int n_prefill_gated; /* Prefill calls waiting at the gate now */
     atomic_int last_reserve_prefill_layers;
     atomic_int last_prefill_n_ids;
+    atomic_int last_prefill_lease_ms; /* the descriptor lease_ms of the last Prefill received */
     atomic_int live_threads;
 
     /* request ids, in arrival order (lists stop growing at FAKE_MAX_IDS; see fake_has_id) */
