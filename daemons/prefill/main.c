@@ -97,7 +97,14 @@ static void complete_work(void *arg) {
     } else {
         st = speed_kv_xfer_finish(p->xfer);
         if (st == SPEED_OK) st = speed_kv_xfer_wait(p->xfer, -1);
-        if (st != SPEED_OK) snprintf(err, sizeof err, "KV transfer failed: %s", speed_status_string(st));
+        if (st != SPEED_OK) {
+            snprintf(err, sizeof err, "KV transfer failed: %s", speed_status_string(st));
+            /* A transfer that timed out or was refused failed on the decode side or the link,
+             * not here: ABORTED, so the router retries without taking this node out (a
+             * DEADLINE_EXCEEDED for a frozen decode node took out every prefill node with a
+             * transfer to it). */
+            if (st != SPEED_ERR_CANCELLED && st != SPEED_ERR_NO_MEMORY) st = SPEED_ERR_TRANSFER;
+        }
     }
     speed_kv_xfer_info_t info = {0};
     bool cancelled = atomic_load(&p->cancelled);
