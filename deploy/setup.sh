@@ -9,7 +9,7 @@ packages=(
   libcyaml-dev libyaml-dev libjansson-dev libpcre2-dev
   libgrpc-dev libprotobuf-c-dev protobuf-c-compiler
   libucx-dev ucx-utils libmicrohttpd-dev libgnutls28-dev
-  curl
+  curl iproute2 iptables libnetfilter-queue-dev
   clang-14 libfuzzer-14-dev
 )
 

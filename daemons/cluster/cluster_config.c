@@ -22,6 +22,9 @@ static const char *const policy_names[] = {"round-robin", "least-loaded", NULL};
 #define POOL(pool, grpc, http, running, kvtok)                                                                      \
     F(#pool ".replicas", INT, pool.replicas, "1", 0, 64, "replicas of the " #pool " pool (the node ratio)"),        \
         F(#pool ".tensor_parallel", INT, pool.tensor_parallel, "1", 1, 64, "ranks per " #pool " replica"),          \
+        FS(#pool ".hosts", pool.hosts, "",                                                                          \
+           "addresses peers dial for the replicas, comma-separated, replica i: entry i (one per replica); "         \
+           "empty = host for every replica"),                                                                       \
         F(#pool ".grpc_port", INT, pool.grpc_port, grpc, 1, 65535, "gRPC port of replica 0 (replica i: + i)"),      \
         F(#pool ".http_port", INT, pool.http_port, http, 1, 65535, "/metrics and /health port of replica 0 (+ i)"), \
         FE(#pool ".backend", pool.backend, "cpu", speed_backend_kind_names,                                         \
@@ -169,6 +172,19 @@ static speed_status_t check_cluster(const speed_cluster_config_t *c, const char 
             SPEED_ERROR(SPEED_SUBSYS_CORE, "cluster config: %s + replicas passes port 65535", r[i].name);
             return SPEED_ERR_INVALID_ARGUMENT;
         }
+    const speed_pool_config_t *pools[2] = {&c->prefill, &c->decode};
+    for (int p = 0; p < 2; p++) {
+        const char *list = pools[p]->hosts;
+        if (!list || !*list) continue;
+        int64_t n = 0;
+        char item[256];
+        while (speed_cluster_list_item(list, n, item, sizeof item)) n++;
+        if (n != pools[p]->replicas) {
+            SPEED_ERROR(SPEED_SUBSYS_CORE, "cluster config: %s.hosts names %lld addresses for %lld replicas",
+                        p == 0 ? "prefill" : "decode", (long long)n, (long long)pools[p]->replicas);
+            return SPEED_ERR_INVALID_ARGUMENT;
+        }
+    }
     if (c->decode.replicas < 1) {
         SPEED_ERROR(SPEED_SUBSYS_CORE, "cluster config: decode.replicas must be >= 1 (decode nodes generate)");
         return SPEED_ERR_INVALID_ARGUMENT;
@@ -202,9 +218,31 @@ speed_status_t speed_cluster_config_load(int argc, char **argv, const char *role
     return SPEED_OK;
 }
 
+bool speed_cluster_list_item(const char *list, int64_t i, char *buf, size_t size) {
+    if (size) buf[0] = '\0';
+    const char *p = list ? list : "";
+    for (int64_t k = 0;; k++) {
+        while (*p == ' ' || *p == ',') p++;
+        if (!*p) return false;
+        size_t len = strcspn(p, ", ");
+        if (k == i) {
+            snprintf(buf, size, "%.*s", (int)len, p);
+            return true;
+        }
+        p += len;
+    }
+}
+
+void speed_cluster_replica_host(const speed_cluster_config_t *c, const speed_pool_config_t *pool, int64_t i, char *buf,
+                                size_t size) {
+    if (!pool->hosts || !speed_cluster_list_item(pool->hosts, i, buf, size)) snprintf(buf, size, "%s", c->host);
+}
+
 void speed_cluster_grpc_addr(const speed_cluster_config_t *c, const speed_pool_config_t *pool, int64_t i, char *buf,
                              size_t size) {
-    snprintf(buf, size, "%s:%lld", c->host, (long long)(pool->grpc_port + i));
+    char host[256];
+    speed_cluster_replica_host(c, pool, i, host, sizeof host);
+    snprintf(buf, size, "%s:%lld", host, (long long)(pool->grpc_port + i));
 }
 
 void speed_cluster_grpc_listen_addr(const speed_cluster_config_t *c, const speed_pool_config_t *pool, int64_t i,
@@ -254,7 +292,9 @@ speed_status_t speed_cluster_tls_load(const speed_cluster_config_t *c, const cha
 
 void speed_cluster_http_addr(const speed_cluster_config_t *c, const speed_pool_config_t *pool, int64_t i, char *buf,
                              size_t size) {
-    snprintf(buf, size, "%s:%lld", c->host, (long long)(pool->http_port + i));
+    char host[256];
+    speed_cluster_replica_host(c, pool, i, host, sizeof host);
+    snprintf(buf, size, "%s:%lld", host, (long long)(pool->http_port + i));
 }
 
 speed_status_t speed_cluster_config_depth(const speed_cluster_config_t *cfg, int n_layers, speed_depth_t *depth_p,

@@ -12,7 +12,8 @@
  *   decode:  {replicas: 1, backend: cuda, device: 0, grpc_port: 8300, http_port: 8400, ...}
  *   ucx:     {transport: shm, net_devices: lo}
  *
- * Replica i of a pool listens on grpc_port + i (gRPC) and http_port + i (/metrics, /health);
+ * Replica i of a pool listens on grpc_port + i (gRPC) and http_port + i (/metrics, /health),
+ * at <pool>.hosts entry i when the pools span several hosts (else at host);
  * a port 0 base is not allowed for pools, because the router finds nodes by these numbers.
  * Likewise replica i of a cuda pool runs on GPU device + i.
  * Precedence as everywhere: defaults < file < SPEED_* environment < command line
@@ -38,6 +39,7 @@ typedef enum { SPEED_POLICY_ROUND_ROBIN = 0, SPEED_POLICY_LEAST_LOADED } speed_p
 typedef struct {
     int64_t replicas;        /* >= 0 (prefill 0: every request takes the decode-only route) */
     int64_t tensor_parallel; /* ranks per replica (1 on CPU) */
+    const char *hosts;       /* comma-separated address per replica peers dial; "" = host */
     int64_t grpc_port, http_port;
     int backend;             /* speed_backend_kind_t (backend_kind.h) */
     int64_t device;          /* cuda: device of replica 0; replica i uses device + i */
@@ -130,7 +132,16 @@ speed_status_t speed_cluster_config_load(int argc, char **argv, const char *role
 /* The pool of a role ("prefill" / "decode"), NULL otherwise. */
 const speed_pool_config_t *speed_cluster_pool(const speed_cluster_config_t *c, const char *role);
 
-/* "host:port" of replica i's gRPC / HTTP endpoint into buf. */
+/* Entry i (from 0) of a comma-separated list into buf; false (buf "") when the list has no
+ * entry i. */
+bool speed_cluster_list_item(const char *list, int64_t i, char *buf, size_t size);
+
+/* The address peers dial for replica i of a pool: entry i of <pool>.hosts, or host when that
+ * is empty (several hosts: docs/cluster.md). */
+void speed_cluster_replica_host(const speed_cluster_config_t *c, const speed_pool_config_t *pool, int64_t i, char *buf,
+                                size_t size);
+
+/* "host:port" of replica i's gRPC / HTTP endpoint into buf (its replica host). */
 void speed_cluster_grpc_addr(const speed_cluster_config_t *c, const speed_pool_config_t *pool, int64_t i, char *buf,
                              size_t size);
 void speed_cluster_http_addr(const speed_cluster_config_t *c, const speed_pool_config_t *pool, int64_t i, char *buf,

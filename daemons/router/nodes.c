@@ -8,11 +8,12 @@
 
 #include "alloc.h"
 #include "clock.h"
+#include "cluster_config.h"
 #include "log.h"
 #include "speed_proto.h"
 
 typedef struct {
-    char address[96];
+    char address[300];
     speed_rpc_channel_t *channel;
     speed_gauge_t *up_gauge;     /* speed_router_node_up{pool,node} */
     speed_counter_t *down_count; /* speed_router_node_down_total{pool,node} */
@@ -92,7 +93,10 @@ speed_status_t speed_router_nodes_create(const speed_router_nodes_params_t *para
         }
         for (size_t i = 0; i < count && st == SPEED_OK; i++) {
             node_t *node = &n->nodes[p][i];
-            snprintf(node->address, sizeof node->address, "%s:%lld", params->host,
+            char host[256];
+            if (!speed_cluster_list_item(params->hosts[p], (int64_t)i, host, sizeof host))
+                snprintf(host, sizeof host, "%s", params->host);
+            snprintf(node->address, sizeof node->address, "%s:%lld", host,
                      (long long)(params->grpc_port[p] + (int64_t)i));
             st = speed_balance_pool_add(n->pools[p], node->address, NULL);
             speed_rpc_channel_params_t cp = speed_rpc_channel_default_params();

@@ -13,7 +13,8 @@
  * The gauge speed_router_node_up{pool,node} is 1 while a node is UP; the counter
  * speed_router_node_down_total{pool,node} counts the times the poller took it out.
  *
- * Node addresses: replica i of a pool is host:grpc_port + i (cluster config).
+ * Node addresses: replica i of a pool is host:grpc_port + i, or entry i of the pool's hosts
+ * list:grpc_port + i (cluster config).
  *
  * Threading: every function may be called from any thread after create, except start, stop
  * and destroy (one owner). Channels are shared by all request threads (speed_rpc channels
@@ -47,6 +48,8 @@ const char *speed_router_pool_name(speed_router_pool_id_t pool);
 
 typedef struct {
     const char *host;                           /* address every node listens on (copied) */
+    const char *hosts[SPEED_ROUTER_POOL_COUNT]; /* per replica instead ("a,b": replica i at entry i;
+                                                   NULL / "" = host); cluster <pool>.hosts */
     int64_t n_nodes[SPEED_ROUTER_POOL_COUNT];   /* replicas; prefill may be 0 */
     int64_t grpc_port[SPEED_ROUTER_POOL_COUNT]; /* replica i listens on grpc_port + i */
     speed_balance_policy_t policy[SPEED_ROUTER_POOL_COUNT];

@@ -439,6 +439,8 @@ speed_status_t speed_router_create(const speed_router_params_t *params, speed_ro
         speed_router_nodes_params_t np;
         memset(&np, 0, sizeof np);
         np.host = cfg->host;
+        np.hosts[SPEED_ROUTER_POOL_PREFILL] = cfg->prefill.hosts;
+        np.hosts[SPEED_ROUTER_POOL_DECODE] = cfg->decode.hosts;
         np.n_nodes[SPEED_ROUTER_POOL_PREFILL] = cfg->prefill.replicas;
         np.n_nodes[SPEED_ROUTER_POOL_DECODE] = cfg->decode.replicas;
         np.grpc_port[SPEED_ROUTER_POOL_PREFILL] = cfg->prefill.grpc_port;

@@ -110,6 +110,10 @@ void cu_log_tail(const char *name, int lines) {
 /* ---- daemons ------------------------------------------------------------------------------ */
 
 cu_proc_t cu_spawn(const char *prog, const char *name, const char *const *args) {
+    return cu_spawn_in(NULL, prog, name, args);
+}
+
+cu_proc_t cu_spawn_in(const char *netns, const char *prog, const char *name, const char *const *args) {
     cu_proc_t p = {0};
     snprintf(p.name, sizeof p.name, "%s", name);
     char path[1024], log[1024];
@@ -135,7 +139,7 @@ cu_proc_t cu_spawn(const char *prog, const char *name, const char *const *args) 
         argv[n++] = key;
     }
     argv[n] = NULL;
-    tu_spawn_params_t sp = {.log_path = log, .die_with_parent = true};
+    tu_spawn_params_t sp = {.log_path = log, .die_with_parent = true, .netns = netns && *netns ? netns : NULL};
     p.pid = tu_spawn(argv, &sp);
     return p;
 }
@@ -230,13 +234,81 @@ void cu_cluster_init(cu_cluster_t *c, int np, int nd, const char *const *extra) 
     for (int i = 0; extra && extra[i]; i++) cu_cluster_arg(c, extra[i]);
 }
 
+void cu_cluster_place(cu_cluster_t *c, const char *role, int i, const char *netns, const char *addr) {
+    if (i < 0 || i >= CU_MAX_REPLICAS) {
+        fprintf(stderr, "cu_cluster_place: index %d\n", i);
+        exit(1);
+    }
+    cu_place_t *at = strcmp(role, "prefill") == 0  ? &c->at_pre[i]
+                     : strcmp(role, "decode") == 0 ? &c->at_dec[i]
+                     : strcmp(role, "router") == 0 ? &c->at_router[i]
+                                                   : NULL;
+    if (!at) {
+        fprintf(stderr, "cu_cluster_place: role '%s'\n", role);
+        exit(1);
+    }
+    snprintf(at->netns, sizeof at->netns, "%s", netns ? netns : "");
+    snprintf(at->addr, sizeof at->addr, "%s", addr ? addr : "");
+    c->placed = true;
+    const char *a = addr && *addr ? addr : NULL;
+    if (at == &c->at_pre[i]) {
+        cu_port_host(cu_pre_grpc(c, i), a);
+        cu_port_host(cu_pre_http(c, i), a);
+    } else if (at == &c->at_dec[i]) {
+        cu_port_host(cu_dec_grpc(c, i), a);
+        cu_port_host(cu_dec_http(c, i), a);
+    } else {
+        cu_port_host(cu_router_port(c, i), a);
+    }
+}
+
+/* The value after `key` in args, or NULL. */
+static const char *arg_value(const char *const *args, const char *key) {
+    for (int i = 0; args && args[i]; i++)
+        if (strcmp(args[i], key) == 0) return args[i + 1];
+    return NULL;
+}
+
+static void hosts_list(const cu_place_t *at, int n, char *buf, size_t size) {
+    size_t len = 0;
+    buf[0] = '\0';
+    for (int i = 0; i < n && len < size; i++)
+        len += (size_t)snprintf(buf + len, size - len, "%s%s", i ? "," : "", at[i].addr[0] ? at[i].addr : "127.0.0.1");
+}
+
 cu_proc_t cu_cluster_spawn(cu_cluster_t *c, const char *prog, const char *name, const char *const *more) {
-    const char *args[64];
+    const char *args[72];
     int n = 0;
     for (int i = 0; i < c->n_common && n < 62; i++) args[n++] = c->common[i];
     for (int i = 0; more && more[i] && n < 62; i++) args[n++] = more[i];
+    const cu_place_t *at = NULL;
+    char pre_hosts[600], dec_hosts[600];
+    if (c->placed) {
+        const char *idx = arg_value(more, "--node.index"), *port = arg_value(more, "--router.port");
+        int k = idx ? atoi(idx) : 0;
+        if (strcmp(prog, "speed-prefill") == 0 && k >= 0 && k < CU_MAX_REPLICAS) at = &c->at_pre[k];
+        if (strcmp(prog, "speed-decode") == 0 && k >= 0 && k < CU_MAX_REPLICAS) at = &c->at_dec[k];
+        if (strcmp(prog, "speed-router") == 0) {
+            k = port ? atoi(port) - cu_router_port(c, 0) : 0;
+            if (k >= 0 && k < CU_MAX_REPLICAS) at = &c->at_router[k];
+        }
+        hosts_list(c->at_pre, c->np, pre_hosts, sizeof pre_hosts);
+        hosts_list(c->at_dec, c->nd, dec_hosts, sizeof dec_hosts);
+        if (c->np > 0) {
+            args[n++] = "--prefill.hosts";
+            args[n++] = pre_hosts;
+        }
+        args[n++] = "--decode.hosts";
+        args[n++] = dec_hosts;
+        if (at && at->addr[0]) {
+            args[n++] = strcmp(prog, "speed-router") == 0 ? "--router.listen" : "--control.listen";
+            args[n++] = at->addr;
+            args[n++] = "--metrics.listen";
+            args[n++] = at->addr;
+        }
+    }
     args[n] = NULL;
-    return cu_spawn(prog, name, args);
+    return cu_spawn_in(at ? at->netns : NULL, prog, name, args);
 }
 
 bool cu_cluster_start_nodes(cu_cluster_t *c, double timeout_s) {
@@ -265,13 +337,13 @@ bool cu_router_wait_nodes(const cu_cluster_t *c, int port, int want_pre, int wan
     for (;;) {
         int up_p = 0, up_d = 0;
         for (int i = 0; i < c->np; i++) {
-            snprintf(name, sizeof name, "speed_router_node_up{pool=\"prefill\",node=\"127.0.0.1:%d\"}",
-                     cu_pre_grpc(c, i));
+            snprintf(name, sizeof name, "speed_router_node_up{pool=\"prefill\",node=\"%s:%d\"}",
+                     cu_port_addr(cu_pre_grpc(c, i)), cu_pre_grpc(c, i));
             if (cu_metric(port, name) == 1.0) up_p++;
         }
         for (int i = 0; i < c->nd; i++) {
-            snprintf(name, sizeof name, "speed_router_node_up{pool=\"decode\",node=\"127.0.0.1:%d\"}",
-                     cu_dec_grpc(c, i));
+            snprintf(name, sizeof name, "speed_router_node_up{pool=\"decode\",node=\"%s:%d\"}",
+                     cu_port_addr(cu_dec_grpc(c, i)), cu_dec_grpc(c, i));
             if (cu_metric(port, name) == 1.0) up_d++;
         }
         if (up_p >= want_pre && up_d >= want_dec) return true;

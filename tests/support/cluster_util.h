@@ -88,6 +88,10 @@ typedef struct {
  * (e.g. --tls.insecure). */
 cu_proc_t cu_spawn(const char *prog, const char *name, const char *const *args);
 
+/* cu_spawn inside the network namespace `netns` (/run/netns/<netns>: a host of the netns test
+ * bed, nb_host_ns); NULL = the caller's. The pid is the program's. */
+cu_proc_t cu_spawn_in(const char *netns, const char *prog, const char *name, const char *const *args);
+
 /* Waits up to timeout_s for the process to exit without signalling it (e.g. after a signal
  * sent earlier). Returns its exit code or 128 + signal; -1 when it did not exit in time (it
  * is then killed) or was already reaped. */
@@ -113,8 +117,16 @@ json_t *cu_generate_ref(const char *prompt_ids, const char *prefill_layers, int 
  * default router port, which overlaps none of these). */
 #define CU_MAX_REPLICAS 4
 typedef struct {
+    char netns[64]; /* "" = the test's own namespace */
+    char addr[64];  /* the address peers dial; "" = 127.0.0.1 */
+} cu_place_t;
+
+typedef struct {
     int B, np, nd;
     cu_proc_t pre[CU_MAX_REPLICAS], dec[CU_MAX_REPLICAS];
+    /* where each process runs (cu_cluster_place); all "" = every process on loopback */
+    cu_place_t at_pre[CU_MAX_REPLICAS], at_dec[CU_MAX_REPLICAS], at_router[CU_MAX_REPLICAS];
+    bool placed;
     char model_dir[600];
     char common[32][640]; /* the cluster arguments every process gets */
     int n_common;
@@ -131,7 +143,19 @@ int cu_router_port(const cu_cluster_t *c, int k);
  * process. Starts nothing. */
 void cu_cluster_init(cu_cluster_t *c, int np, int nd, const char *const *extra);
 
-/* Spawns prog with the cluster arguments, then `more` (NULL-terminated, may be NULL). */
+/* Puts process i of `role` ("prefill", "decode", or "router" for router i) on a host: it runs in
+ * network namespace `netns` and binds and is dialled at `addr` (e.g. nb_host_ns(b, h) and
+ * nb_host_addr(b, h)). Once anything is placed, every spawned node gets --control.listen and
+ * --metrics.listen at its address, a router --router.listen and --metrics.listen at its
+ * address, and all get --prefill.hosts / --decode.hosts listing the nodes' addresses (unplaced
+ * ones: 127.0.0.1). The helpers of daemon_client.h then dial each placed port at its address
+ * (cu_port_host), so the test's thread must be inside one of the bed's hosts (nb_host_enter).
+ * Call after cu_cluster_init, before spawning. The test certificates name the bed's addresses. */
+void cu_cluster_place(cu_cluster_t *c, const char *role, int i, const char *netns, const char *addr);
+
+/* Spawns prog with the cluster arguments, then `more` (NULL-terminated, may be NULL); a node
+ * (--node.index in `more`, else 0) or router (--router.port in `more`) placed by
+ * cu_cluster_place runs on its host. */
 cu_proc_t cu_cluster_spawn(cu_cluster_t *c, const char *prog, const char *name, const char *const *more);
 
 /* Starts every node (decode first) and waits for each one's /health. True when all are up. */

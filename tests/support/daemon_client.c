@@ -19,6 +19,33 @@ void cu_resp_free(cu_resp_t *r) {
     memset(r, 0, sizeof *r);
 }
 
+/* ---- where a port is ------------------------------------------------------------------------ */
+
+#define CU_PORT_HOSTS_MAX 128
+static struct {
+    int port;
+    char addr[64];
+} g_port_hosts[CU_PORT_HOSTS_MAX];
+static int g_n_port_hosts;
+
+void cu_port_host(int port, const char *addr) {
+    for (int i = 0; i < g_n_port_hosts; i++)
+        if (g_port_hosts[i].port == port) {
+            snprintf(g_port_hosts[i].addr, sizeof g_port_hosts[i].addr, "%s", addr ? addr : "127.0.0.1");
+            return;
+        }
+    if (!addr || g_n_port_hosts == CU_PORT_HOSTS_MAX) return;
+    g_port_hosts[g_n_port_hosts].port = port;
+    snprintf(g_port_hosts[g_n_port_hosts].addr, sizeof g_port_hosts[0].addr, "%s", addr);
+    g_n_port_hosts++;
+}
+
+const char *cu_port_addr(int port) {
+    for (int i = 0; i < g_n_port_hosts; i++)
+        if (g_port_hosts[i].port == port) return g_port_hosts[i].addr;
+    return "127.0.0.1";
+}
+
 static void cu_hdr_copy(const speed_http_response_t *resp, const char *name, char *out, size_t cap) {
     const char *v = speed_http_response_header(resp, name);
     snprintf(out, cap, "%s", v ? v : "");
@@ -29,7 +56,7 @@ bool cu_http(int port, const char *method, const char *path, const char *body, c
     memset(out, 0, sizeof *out);
     double t0 = now_s();
     speed_http_client_t *c = NULL;
-    if (speed_http_client_connect("127.0.0.1", (uint16_t)port, timeout_ms, &c) != SPEED_OK) return false;
+    if (speed_http_client_connect(cu_port_addr(port), (uint16_t)port, timeout_ms, &c) != SPEED_OK) return false;
     speed_http_header_t h[3];
     size_t nh = 0;
     if (body) h[nh++] = (speed_http_header_t){"Content-Type", "application/json"};
@@ -60,7 +87,7 @@ bool cu_post(int port, const char *path, const char *body, cu_resp_t *out) {
 
 bool cu_sse_begin(int port, const char *path, const char *body, const char *auth, int timeout_ms, cu_sse_t *s) {
     memset(s, 0, sizeof *s);
-    if (speed_http_client_connect("127.0.0.1", (uint16_t)port, timeout_ms, &s->c) != SPEED_OK) return false;
+    if (speed_http_client_connect(cu_port_addr(port), (uint16_t)port, timeout_ms, &s->c) != SPEED_OK) return false;
     speed_http_header_t h[2] = {{"Content-Type", "application/json"}, {"Authorization", auth}};
     const speed_http_response_t *resp = NULL;
     if (speed_http_client_request_begin(s->c, "POST", path, h, auth ? 2 : 1, body, strlen(body), &resp) != SPEED_OK) {
@@ -162,7 +189,7 @@ bool cu_wait_health(int port, int status, double timeout_s) {
         int got = 0;
         char *body = NULL;
         /* A GET may take up to a second: a daemon busy starting answers late rather than not. */
-        if (speed_http_get("127.0.0.1", (uint16_t)port, "/health", 1000, &got, &body) == SPEED_OK) {
+        if (speed_http_get(cu_port_addr(port), (uint16_t)port, "/health", 1000, &got, &body) == SPEED_OK) {
             speed_free(body);
             if (got == status) return true;
         }
@@ -174,7 +201,7 @@ bool cu_wait_health(int port, int status, double timeout_s) {
 char *cu_metrics(int port) {
     int status = 0;
     char *body = NULL;
-    if (speed_http_get("127.0.0.1", (uint16_t)port, "/metrics", 5000, &status, &body) != SPEED_OK || status != 200) {
+    if (speed_http_get(cu_port_addr(port), (uint16_t)port, "/metrics", 5000, &status, &body) != SPEED_OK || status != 200) {
         speed_free(body);
         return NULL;
     }

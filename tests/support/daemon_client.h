@@ -2,7 +2,9 @@
  * connection, a server-sent event stream read against a total deadline, waits for /health,
  * and /metrics samples. Used by the node, router and whole-cluster tests, and speedctl up's.
  *
- * Everything talks to 127.0.0.1:port. Bodies are speed_malloc'd (they count in the speed_alloc
+ * Everything talks to 127.0.0.1:port, unless cu_port_host placed the port elsewhere (a daemon on
+ * a host of the netns test bed, tests/chaos/netns_bed.h: the calling thread must then be inside
+ * one of the bed's hosts, nb_host_enter). Bodies are speed_malloc'd (they count in the speed_alloc
  * live counts, as the daemons' own client code would).
  *
  * Thread-safety: reentrant; a cu_resp_t or cu_sse_t belongs to one thread at a time.
@@ -15,6 +17,15 @@
 #include <stddef.h>
 
 #include "http.h"
+
+/* ---- where a port is ------------------------------------------------------------------------ */
+
+/* From now on every helper here dials `addr` (an IPv4 literal) for `port`; NULL: back to
+ * 127.0.0.1. Call before the threads that use the port start (the table is not locked). */
+void cu_port_host(int port, const char *addr);
+
+/* The address the helpers dial for port. */
+const char *cu_port_addr(int port);
 
 /* ---- one exchange ------------------------------------------------------------------------- */
 

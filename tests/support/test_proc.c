@@ -1,5 +1,5 @@
 /* Child processes, their output, and loopback ports for the tests: see test_proc.h. */
-#define _GNU_SOURCE 1 /* pipe2 */
+#define _GNU_SOURCE 1 /* pipe2, setns */
 #include "test_proc.h"
 
 #include <arpa/inet.h>
@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -41,6 +42,8 @@ int tu_exit_code(int status) {
 pid_t tu_spawn(const char *const *argv, const tu_spawn_params_t *p) {
     static const tu_spawn_params_t none = {0};
     if (!p) p = &none;
+    char ns_path[300] = "";
+    if (p->netns) snprintf(ns_path, sizeof ns_path, "/run/netns/%s", p->netns);
     int fds[2] = {-1, -1};
     if (p->stdout_fd_p && pipe2(fds, O_CLOEXEC) != 0) {
         perror("pipe2");
@@ -55,6 +58,11 @@ pid_t tu_spawn(const char *const *argv, const tu_spawn_params_t *p) {
     if (pid == 0) {
         /* Only async-signal-safe calls from here to execv: the parent may have threads. */
         if (p->die_with_parent) prctl(PR_SET_PDEATHSIG, SIGKILL);
+        if (ns_path[0]) {
+            int fd = open(ns_path, O_RDONLY | O_CLOEXEC);
+            if (fd < 0 || setns(fd, CLONE_NEWNET) != 0) _exit(125);
+            close(fd);
+        }
         if (p->log_path) {
             int fd = open(p->log_path, O_WRONLY | O_CREAT | O_APPEND, 0644);
             if (fd >= 0) {

@@ -34,6 +34,9 @@ typedef struct {
     int *stdout_fd_p;     /* non-NULL: stdout goes into a pipe; its read end (close-on-exec)
                                 is returned here, the caller closes it */
     bool die_with_parent; /* the child gets SIGKILL when the test process dies */
+    const char *netns;    /* the child joins the network namespace /run/netns/<netns> before
+                             exec (a test bed host, tests/chaos/netns_bed.h); NULL: stays in
+                             the caller's. A namespace it cannot join: exits 125 */
 } tu_spawn_params_t;
 
 /* Starts argv[0] (a path; argv NULL-terminated) with the redirections of `p` (NULL: none).

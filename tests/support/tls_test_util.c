@@ -22,8 +22,15 @@ static void write_pair(const char *dir, const char *name, const speed_tls_pem_t 
 }
 
 static void issue_write(const char *dir, const speed_tls_pem_t *ca, const char *cn, const char *file) {
-    static const char *const hosts[] = {"127.0.0.1", "localhost", "::1"};
-    speed_tls_cert_params_t p = {.cn = cn, .hosts = hosts, .n_hosts = 3, .days = 2};
+    /* loopback, and the hosts of the netns test bed (tests/chaos/netns_bed.h: 10.77.0.<i + 1>),
+     * so a cluster spread over the bed's hosts verifies the same certificates */
+    static char bed[16][16];
+    const char *hosts[3 + 16] = {"127.0.0.1", "localhost", "::1"};
+    for (int i = 0; i < 16; i++) {
+        snprintf(bed[i], sizeof bed[i], "10.77.0.%d", i + 1);
+        hosts[3 + i] = bed[i];
+    }
+    speed_tls_cert_params_t p = {.cn = cn, .hosts = hosts, .n_hosts = 3 + 16, .days = 2};
     speed_tls_pem_t pem = {0};
     char err[512] = "";
     if (speed_tls_cert_issue(ca, &p, &pem, err, sizeof err) != SPEED_OK) die(cn, err);

@@ -3,7 +3,7 @@
  * with a "router" certificate of its own (a stranger with a valid-looking certificate).
  *
  * Files in `dir`: ca.crt ca.key; <name>.crt <name>.key for router, admin, prefill-0..3,
- * decode-0..3 (SAN 127.0.0.1, localhost, ::1); other-ca.crt; stranger.crt stranger.key (CN
+ * decode-0..3 (SAN 127.0.0.1, localhost, ::1 and the netns bed's hosts 10.77.0.1..16); other-ca.crt; stranger.crt stranger.key (CN
  * "router", signed by the other CA). Set-up failures print the cause and exit(1).
  * Thread-safety: call from the test's main thread.
  */

@@ -70,6 +70,15 @@ speed_status_t speedctl_certs_write(const speed_cluster_config_t *c, const char 
     int n_hosts = 0;
     host_add(hosts, &n_hosts, c->host);
     host_add(hosts, &n_hosts, c->control_listen);
+    /* the pools' per-replica hosts (the lists are copied: host_add keeps pointers) */
+    char items[CERTS_MAX_HOST][256];
+    int n_items = 0;
+    const speed_pool_config_t *pools[2] = {&c->prefill, &c->decode};
+    for (int p = 0; p < 2; p++)
+        for (int64_t i = 0; i < pools[p]->replicas && n_items < CERTS_MAX_HOST &&
+                            speed_cluster_list_item(pools[p]->hosts, i, items[n_items], sizeof items[0]);
+             i++)
+            host_add(hosts, &n_hosts, items[n_items++]);
     host_add(hosts, &n_hosts, "127.0.0.1");
     host_add(hosts, &n_hosts, "::1");
     host_add(hosts, &n_hosts, "localhost");

@@ -135,6 +135,40 @@ static void test_control_plane(void) {
     speed_config_destroy(cfg);
 }
 
+/* Pools on several hosts: <pool>.hosts names the address of each replica (what the router dials,
+ * what a node logs); a list that does not name every replica, or names too many, is refused. */
+static void test_pool_hosts(void) {
+    speed_cluster_config_t c;
+    speed_config_t *cfg = NULL;
+    char a[64];
+    CHECK_INT_EQ(load("decode", &c, &cfg, 6, "--decode.replicas", "2", "--decode.hosts", "10.0.0.2, 10.0.0.3", "--host",
+                      "10.0.0.9"),
+                 SPEED_OK);
+    speed_cluster_grpc_addr(&c, &c.decode, 0, a, sizeof a);
+    CHECK_STR_EQ(a, "10.0.0.2:8300");
+    speed_cluster_grpc_addr(&c, &c.decode, 1, a, sizeof a);
+    CHECK_STR_EQ(a, "10.0.0.3:8301");
+    speed_cluster_http_addr(&c, &c.decode, 1, a, sizeof a);
+    CHECK_STR_EQ(a, "10.0.0.3:8401");
+    speed_cluster_grpc_addr(&c, &c.prefill, 0, a, sizeof a); /* no list: host */
+    CHECK_STR_EQ(a, "10.0.0.9:8100");
+    speed_config_destroy(cfg);
+    CHECK_INT_EQ(load("router", &c, &cfg, 4, "--decode.replicas", "2", "--decode.hosts", "10.0.0.2"),
+                 SPEED_ERR_INVALID_ARGUMENT);
+    CHECK_CONTAINS(speed_log_last_error(), "decode.hosts names 1 addresses for 2 replicas");
+    speed_config_destroy(cfg);
+    CHECK_INT_EQ(load("router", &c, &cfg, 2, "--prefill.hosts", "a,b"), SPEED_ERR_INVALID_ARGUMENT);
+    CHECK_CONTAINS(speed_log_last_error(), "prefill.hosts");
+    speed_config_destroy(cfg);
+    /* the list reader: separators, empty items, past the end */
+    CHECK(speed_cluster_list_item(" ,a,,b ", 1, a, sizeof a));
+    CHECK_STR_EQ(a, "b");
+    CHECK(!speed_cluster_list_item(" ,a,,b ", 2, a, sizeof a));
+    CHECK_STR_EQ(a, "");
+    CHECK(!speed_cluster_list_item(NULL, 0, a, sizeof a));
+    CHECK(!speed_cluster_list_item("", 0, a, sizeof a));
+}
+
 int main(void) {
     tu_tmp_init("cluster_config");
     speed_log_configure("error");
@@ -208,6 +242,7 @@ int main(void) {
                  SPEED_ERR_INVALID_ARGUMENT);
     test_backend();
     test_control_plane();
+    test_pool_hosts();
     tu_rm_rf(tu_root);
     return CHECK_DONE();
 }
