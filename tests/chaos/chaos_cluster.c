@@ -27,9 +27,12 @@ static bool node_live(const ch_cluster_t *k, ch_role_t role, int i) {
 
 /* ---- start and stop ----------------------------------------------------------------------- */
 
-bool ch_cluster_start(ch_cluster_t *k, int np, int nd, const char *const *extra, double timeout_s) {
+void ch_cluster_init(ch_cluster_t *k, int np, int nd, const char *const *extra) {
     memset(k, 0, sizeof *k);
     cu_cluster_init(&k->c, np, nd, extra);
+}
+
+bool ch_cluster_start(ch_cluster_t *k, double timeout_s) {
     if (!cu_cluster_start_nodes(&k->c, timeout_s)) {
         fprintf(stderr, "chaos: the nodes did not come up\n");
         return false;
@@ -78,7 +81,8 @@ double ch_router_metric(const ch_cluster_t *k, const char *name) {
 }
 
 static void node_series(const ch_cluster_t *k, const char *metric, ch_role_t role, int i, char *buf, size_t n) {
-    snprintf(buf, n, "%s{pool=\"%s\",node=\"127.0.0.1:%d\"}", metric, role_names[role], node_grpc(k, role, i));
+    int port = node_grpc(k, role, i);
+    snprintf(buf, n, "%s{pool=\"%s\",node=\"%s:%d\"}", metric, role_names[role], cu_port_addr(port), port);
 }
 
 double ch_router_node_down(const ch_cluster_t *k, ch_role_t role, int i) {

@@ -30,9 +30,13 @@ typedef struct {
     int n_restarts; /* names the logs of restarted nodes */
 } ch_cluster_t;
 
-/* Starts the nodes (with the cluster arguments `extra`, NULL-terminated) and the router, and
- * waits until the router sees every node up. False (printed) when something did not come up. */
-bool ch_cluster_start(ch_cluster_t *k, int np, int nd, const char *const *extra, double timeout_s);
+/* cu_cluster_init of k->c with the cluster arguments `extra` (NULL-terminated); place the
+ * processes on hosts now (cu_cluster_place on k->c) if they are to run on the netns bed. */
+void ch_cluster_init(ch_cluster_t *k, int np, int nd, const char *const *extra);
+
+/* Starts the nodes and the router, and waits until the router sees every node up. False
+ * (printed) when something did not come up. */
+bool ch_cluster_start(ch_cluster_t *k, double timeout_s);
 
 /* SIGTERM to the router and every live node; false (printed) when one did not exit 0. */
 bool ch_cluster_stop(ch_cluster_t *k);

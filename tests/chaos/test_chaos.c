@@ -26,6 +26,7 @@
 #include "chaos_cluster.h"
 #include "log.h"
 #include "model.h"
+#include "netns_bed.h"
 
 #define LEASE_MS    3000
 #define N_PROMPTS   8
@@ -40,13 +41,24 @@ typedef enum {
     F_FREEZE_DECODE,
     F_DRAIN_PREFILL,
     F_DRAIN_DECODE,
+    F_PARTITION, /* the netns bed only */
+    F_SLOW_LINK, /* the netns bed only */
     F_N
 } fault_t;
 
-static const char *const fault_names[F_N] = {"kill-prefill",   "kill-decode",   "freeze-prefill",
-                                             "freeze-decode",  "drain-prefill", "drain-decode"};
+static const char *const fault_names[F_N] = {"kill-prefill",  "kill-decode",  "freeze-prefill", "freeze-decode",
+                                             "drain-prefill", "drain-decode", "partition",      "slow-link"};
+
+/* The bed's hosts: the router and the test's clients on host 0, prefill i on 1 + i, decode i on
+ * 3 + i. */
+#define N_HOSTS      5
+#define HOST_PREFILL 1
+#define HOST_DECODE  3
+#define PARTITION_MS 6000
+#define SLOW_LINK_MS 8000
 
 static ch_cluster_t g_k;
+static nb_bed_t *g_bed; /* NULL: every process on loopback, no network faults */
 static ch_prompt_t g_prompts[N_PROMPTS];
 
 /* The long form's totals. */
@@ -99,6 +111,11 @@ static void fault_kill(fault_t f, const ch_router_snap_t *r0) {
                       ch_router_metric(&g_k, "speed_router_prefill_retries_total") >= want,
                   "%s: speed_router_prefill_retries_total did not grow: the kill did not cut a prefill short", what);
     }
+    if (role == CH_DECODE)
+        /* transfers into the dead node failed there, not on the prefill nodes: they stay in */
+        for (int i = 0; i < g_k.c.np; i++)
+            CHECK_MSG(ch_router_node_down(&g_k, CH_PREFILL, i) == r0->node_down[CH_PREFILL][i],
+                      "%s: the router took prefill%d out for a transfer into the dead decode node", what, i);
     restart(role, v, what);
 }
 
@@ -145,6 +162,44 @@ static void fault_drain(fault_t f, const ch_router_snap_t *r0) {
     restart(role, v, what);
 }
 
+/* No node was taken out since r0 (the router still sees every node through a network fault
+ * that spares the control plane). */
+static void check_none_taken_out(const ch_router_snap_t *r0, const char *what) {
+    for (int r = 0; r < 2; r++)
+        for (int i = 0; i < ch_n_nodes(&g_k, (ch_role_t)r); i++)
+            CHECK_MSG(ch_router_node_down(&g_k, r, i) == r0->node_down[r][i], "%s: the router took %s%d out", what,
+                      ch_role_name(r), i);
+}
+
+/* A prefill host cut from a decode host while the router (host 0) sees both: transfers between
+ * them fail and the requests go another way or get a clean error; no node is taken out. */
+static void fault_partition(const ch_router_snap_t *r0) {
+    const char *what = fault_names[F_PARTITION];
+    int p = ch_busy_node(&g_k, CH_PREFILL, 10);
+    if (p < 0) p = 0;
+    int d = 0;
+    CHECK(nb_partition(g_bed, HOST_PREFILL + p, HOST_DECODE + d) == 0);
+    double t0 = now_s();
+    sleep_ms(PARTITION_MS); /* the fault's length, with the load running */
+    CHECK(nb_heal(g_bed, HOST_PREFILL + p, HOST_DECODE + d) == 0);
+    fprintf(stderr, "chaos: %s: prefill%d's host cut from decode%d's for %.1f s\n", what, p, d, now_s() - t0);
+    check_none_taken_out(r0, what);
+}
+
+/* 50 ms delay and 1% loss each way on a decode host's link (its KV and its control traffic). */
+static void fault_slow_link(const ch_router_snap_t *r0) {
+    const char *what = fault_names[F_SLOW_LINK];
+    (void)r0;
+    int d = ch_busy_node(&g_k, CH_DECODE, 10);
+    if (d < 0) d = 0;
+    nb_link_t wan = {.delay_ms = 50, .loss = 0.01};
+    CHECK(nb_link_set(g_bed, HOST_DECODE + d, &wan) == 0);
+    double t0 = now_s();
+    sleep_ms(SLOW_LINK_MS); /* the fault's length, with the load running */
+    CHECK(nb_link_clear(g_bed, HOST_DECODE + d) == 0);
+    fprintf(stderr, "chaos: %s: decode%d's link at 50 ms + 1%% loss for %.1f s\n", what, d, now_s() - t0);
+}
+
 static void fault_inject(fault_t f, const ch_router_snap_t *r0) {
     switch (f) {
     case F_KILL_PREFILL:
@@ -153,6 +208,8 @@ static void fault_inject(fault_t f, const ch_router_snap_t *r0) {
     case F_FREEZE_DECODE: fault_freeze(f, r0); break;
     case F_DRAIN_PREFILL:
     case F_DRAIN_DECODE: fault_drain(f, r0); break;
+    case F_PARTITION: fault_partition(r0); break;
+    case F_SLOW_LINK: fault_slow_link(r0); break;
     default: break;
     }
 }
@@ -248,6 +305,20 @@ static void print_totals(double seconds) {
 
 /* ---- main --------------------------------------------------------------------------------- */
 
+/* Whether a netns bed can be made here: a child tries (nb_create exits 77 where it cannot). */
+static bool bed_usable(void) {
+    pid_t pid = fork();
+    if (pid == 0) {
+        speed_log_configure("error");
+        nb_bed_t *b = nb_create(1);
+        nb_destroy(b);
+        _exit(0);
+    }
+    int status = 0;
+    if (pid < 0 || waitpid(pid, &status, 0) != pid) return false;
+    return WIFEXITED(status) && WEXITSTATUS(status) == 0;
+}
+
 static const char *arg_str(int argc, char **argv, const char *opt, const char *env) {
     for (int i = 1; i + 1 < argc; i++)
         if (strcmp(argv[i], opt) == 0) return argv[i + 1];
@@ -288,6 +359,20 @@ int main(int argc, char **argv) {
     unsigned seed = (unsigned)arg_or_env(argc, argv, "--seed", "SPEED_CHAOS_SEED", 1);
     bool on[F_N];
     if (!faults_enabled(arg_str(argc, argv, "--only", "SPEED_CHAOS_ONLY"), on)) return 1;
+    /* The netns bed when this machine can make one (root, ip netns, iptables) and
+     * SPEED_CHAOS_BED is not 0: every process on a host of its own, UCX over tcp between them,
+     * and the network faults. Otherwise loopback, and the network faults are skipped. */
+    const char *bed_env = getenv("SPEED_CHAOS_BED");
+    if (!(bed_env && strcmp(bed_env, "0") == 0) && bed_usable()) {
+        g_bed = nb_create(N_HOSTS);
+        CHECK(nb_host_enter(g_bed, 0) == 0); /* the clients (and the load's threads) on host 0 */
+    }
+    fprintf(stderr, "chaos: %s\n", g_bed ? "on the netns bed (5 hosts, UCX tcp)" : "on loopback (no netns bed)");
+    if (!g_bed)
+        for (int f = F_PARTITION; f <= F_SLOW_LINK; f++) {
+            if (on[f]) fprintf(stderr, "chaos: %s skipped: no netns bed here\n", fault_names[f]);
+            on[f] = false;
+        }
     cu_init("chaos");
     char model_dir[600];
     snprintf(model_dir, sizeof model_dir, "%s/model", cu_dir);
@@ -314,23 +399,37 @@ int main(int argc, char **argv) {
                            "--debug.prefill_layer_delay_ms=10", "--prefill.prefill_chunk=32",
                            "--router.prefill_policy=round-robin",
                            "--router.decode_policy=round-robin", "--router.status_interval_ms=500", "--log=info",
-                           NULL};
-    bool up = refs && ch_cluster_start(&g_k, 2, 2, extra, 60);
+                           /* on the bed: the KV between hosts over tcp on eth0 (on loopback the
+                            * list ends here: shm) */
+                           g_bed ? "--ucx.transport=tcp" : NULL, "--ucx.net_devices=" NB_HOST_DEV, NULL};
+    ch_cluster_init(&g_k, 2, 2, extra);
+    if (g_bed) {
+        cu_cluster_place(&g_k.c, "router", 0, nb_host_ns(g_bed, 0), nb_host_addr(g_bed, 0));
+        for (int i = 0; i < 2; i++) {
+            cu_cluster_place(&g_k.c, "prefill", i, nb_host_ns(g_bed, HOST_PREFILL + i),
+                             nb_host_addr(g_bed, HOST_PREFILL + i));
+            cu_cluster_place(&g_k.c, "decode", i, nb_host_ns(g_bed, HOST_DECODE + i),
+                             nb_host_addr(g_bed, HOST_DECODE + i));
+        }
+    }
+    bool up = refs && ch_cluster_start(&g_k, 60);
     CHECK_MSG(up, "the cluster did not come up");
     fprintf(stderr, "chaos: cluster up after %.1f s\n", now_s() - t_start);
 
     if (up) {
         if (long_s <= 0) {
             /* short form: every fault once */
-            static const fault_t order[] = {F_KILL_PREFILL, F_KILL_DECODE,  F_FREEZE_PREFILL,
-                                            F_FREEZE_DECODE, F_DRAIN_PREFILL, F_DRAIN_DECODE};
+            static const fault_t order[] = {F_KILL_PREFILL,  F_KILL_DECODE,  F_FREEZE_PREFILL, F_FREEZE_DECODE,
+                                            F_DRAIN_PREFILL, F_DRAIN_DECODE, F_PARTITION,      F_SLOW_LINK};
             for (size_t i = 0; i < sizeof order / sizeof order[0]; i++)
                 if (on[order[i]]) scenario(order[i], seed + (unsigned)i);
         } else {
             /* long form: random faults until the time is up */
             unsigned r = seed;
             int n = 0;
-            while (now_s() - t_start < long_s) {
+            bool any = false;
+            for (int f = 0; f < F_N; f++) any = any || on[f];
+            while (any && now_s() - t_start < long_s) {
                 fault_t f = (fault_t)(rand_r(&r) % F_N);
                 if (on[f]) scenario(f, seed + (unsigned)n++);
             }
@@ -338,6 +437,10 @@ int main(int argc, char **argv) {
     }
     print_totals(now_s() - t_start);
     if (up) CHECK_MSG(ch_cluster_stop(&g_k), "the cluster did not stop cleanly");
+    if (g_bed) {
+        nb_host_leave(g_bed);
+        nb_destroy(g_bed);
+    }
     for (int i = 0; i < N_PROMPTS; i++) ch_prompt_cleanup(&g_prompts[i]);
     int failed = CHECK_DONE();
     cu_cleanup(failed != 0);
