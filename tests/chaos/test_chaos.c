@@ -1,6 +1,8 @@
 /* The chaos suite under load (docs/chaos.md): a real 2P2D cluster (speed-router → speed-prefill
  * ×2 → UCX → speed-decode ×2, engine.batch_invariant so every answer is exact) with a load of
- * streamed and non-streamed greedy requests in flight (chaos_load.h), and one fault at a time:
+ * streamed and non-streamed greedy requests in flight (chaos_load.h), and one fault at a time.
+ * On the netns bed when one can be made (each process on its own host, UCX tcp between them),
+ * else on loopback without the network faults (SPEED_CHAOS_BED=0 forces loopback):
  *
  *   kill-prefill    SIGKILL a prefill node mid-transfer (debug.prefill_layer_delay_ms stretches
  *                   every transfer; the node is SIGSTOPped as soon as it shows a request running,
@@ -10,6 +12,8 @@
  *   freeze-decode   the same on a decode node mid-generation
  *   drain-prefill   SIGTERM (drain) a prefill node while it works: it exits 0, is restarted
  *   drain-decode    the same on a decode node
+ *   partition       (bed) prefill0's host cut from decode0's for 6 s; the router sees both
+ *   slow-link       (bed) 50 ms delay + 1% loss each way on a decode host's link for 8 s
  *
  * After every scenario, with the load stopped: no client hung or saw a truncated or malformed
  * stream, every complete answer equals its reference, every node holds nothing (blocks,
@@ -18,7 +22,8 @@
  * or the client's clean error).
  *
  * Short form (ctest): every fault once. Long form: random faults for a duration,
- *   test_chaos --long SECONDS [--seed N]      (or SPEED_CHAOS_SECONDS=N, SPEED_CHAOS_SEED=N)
+ *   test_chaos --long SECONDS [--seed N] [--only a,b]
+ *   (or SPEED_CHAOS_SECONDS, SPEED_CHAOS_SEED, SPEED_CHAOS_ONLY; --only also limits the short form)
  * run by hand with $SPEEDCTL set as ctest sets it; prints "chaos total ..." lines at the end. */
 #include <signal.h>
 #include <stdlib.h>
