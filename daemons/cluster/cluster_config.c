@@ -257,8 +257,13 @@ static bool is_loopback(const char *h) {
     return h && (strncmp(h, "127.", 4) == 0 || strcmp(h, "::1") == 0 || strcmp(h, "localhost") == 0);
 }
 
-bool speed_cluster_control_unreachable(const speed_cluster_config_t *c) {
-    return is_loopback(c->control_listen) && c->host && c->host[0] && !is_loopback(c->host);
+bool speed_cluster_control_unreachable(const speed_cluster_config_t *c, const speed_pool_config_t *pool, int64_t i) {
+    char host[256];
+    if (pool)
+        speed_cluster_replica_host(c, pool, i, host, sizeof host);
+    else
+        snprintf(host, sizeof host, "%s", c->host ? c->host : "");
+    return is_loopback(c->control_listen) && host[0] && !is_loopback(host);
 }
 
 speed_status_t speed_cluster_tls_load(const speed_cluster_config_t *c, const char *prog, const char *identity,

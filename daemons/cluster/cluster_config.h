@@ -152,9 +152,10 @@ void speed_cluster_http_addr(const speed_cluster_config_t *c, const speed_pool_c
 void speed_cluster_grpc_listen_addr(const speed_cluster_config_t *c, const speed_pool_config_t *pool, int64_t i,
                                     char *buf, size_t size);
 
-/* True when the nodes' gRPC binds a loopback address (control.listen) while peers dial a
- * non-loopback `host`: the router will not reach them. Daemons warn about it. */
-bool speed_cluster_control_unreachable(const speed_cluster_config_t *c);
+/* True when replica i of `pool` binds its gRPC on a loopback address (control.listen) while
+ * peers dial it at a non-loopback address (its <pool>.hosts entry, or host; pool NULL: host):
+ * the router will not reach it. Nodes warn about it. */
+bool speed_cluster_control_unreachable(const speed_cluster_config_t *c, const speed_pool_config_t *pool, int64_t i);
 
 /* The control plane credentials of a daemon, at startup. `prog` names it in messages
  * ("speed-decode"); `identity` is the name its certificate should carry ("router", "decode-1";

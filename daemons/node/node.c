@@ -456,11 +456,13 @@ speed_status_t speed_node_init(speed_node_t *n, const char *role, int argc, char
         speed_cluster_http_addr(&n->cfg, n->pool, n->cfg.node_index, n->http_addr, sizeof n->http_addr);
         speed_rpc_server_params_t rp = speed_rpc_server_default_params();
         rp.address = n->grpc_addr;
-        if (speed_cluster_control_unreachable(&n->cfg))
+        char dial[300];
+        speed_cluster_grpc_addr(&n->cfg, n->pool, n->cfg.node_index, dial, sizeof dial);
+        if (speed_cluster_control_unreachable(&n->cfg, n->pool, n->cfg.node_index))
             SPEED_WARN(SPEED_SUBSYS_NET,
-                       "speed-%s: gRPC binds %s (control.listen) but peers dial host %s: set control.listen to this "
+                       "speed-%s: gRPC binds %s (control.listen) but peers dial %s: set control.listen to this "
                        "host's private address",
-                       role, n->cfg.control_listen, n->cfg.host);
+                       role, n->cfg.control_listen, dial);
         speed_rpc_tls_t tls = {.ca = n->tls.ca, .cert = n->tls.cert, .key = n->tls.key};
         rp.tls = n->tls.cert ? &tls : NULL;
         st = speed_rpc_server_create(&rp, &n->rpc);

@@ -114,7 +114,7 @@ static void test_control_plane(void) {
     CHECK_STR_EQ(a, "127.0.0.1:8301");
     speed_cluster_grpc_addr(&c, &c.decode, 1, a, sizeof a); /* what peers dial stays host */
     CHECK_STR_EQ(a, "10.0.0.5:8301");
-    CHECK(speed_cluster_control_unreachable(&c));
+    CHECK(speed_cluster_control_unreachable(&c, NULL, 0));
     /* no certificate and not insecure: refused, with the way out */
     speed_tls_creds_t creds;
     CHECK_INT_EQ(speed_cluster_tls_load(&c, "speed-decode", "decode-0", &creds), SPEED_ERR_INVALID_ARGUMENT);
@@ -122,7 +122,7 @@ static void test_control_plane(void) {
     CHECK_INT_EQ(load("decode", &c, &cfg, 4, "--control.listen", "::", "--tls.insecure", "true"), SPEED_OK);
     speed_cluster_grpc_listen_addr(&c, &c.decode, 0, a, sizeof a);
     CHECK_STR_EQ(a, "[::]:8300");
-    CHECK(!speed_cluster_control_unreachable(&c));
+    CHECK(!speed_cluster_control_unreachable(&c, NULL, 0));
     CHECK_INT_EQ(speed_cluster_tls_load(&c, "speed-decode", "decode-0", &creds), SPEED_OK);
     CHECK(creds.cert == NULL); /* plaintext */
     speed_config_destroy(cfg);
@@ -152,6 +152,11 @@ static void test_pool_hosts(void) {
     CHECK_STR_EQ(a, "10.0.0.3:8401");
     speed_cluster_grpc_addr(&c, &c.prefill, 0, a, sizeof a); /* no list: host */
     CHECK_STR_EQ(a, "10.0.0.9:8100");
+    CHECK(speed_cluster_control_unreachable(&c, &c.decode, 1)); /* binds loopback, dialled at 10.0.0.3 */
+    speed_config_destroy(cfg);
+    CHECK_INT_EQ(load("decode", &c, &cfg, 4, "--decode.hosts", "127.0.0.1", "--host", "10.0.0.9"), SPEED_OK);
+    CHECK(!speed_cluster_control_unreachable(&c, &c.decode, 0)); /* its own entry is loopback */
+    CHECK(speed_cluster_control_unreachable(&c, &c.prefill, 0));
     speed_config_destroy(cfg);
     CHECK_INT_EQ(load("router", &c, &cfg, 4, "--decode.replicas", "2", "--decode.hosts", "10.0.0.2"),
                  SPEED_ERR_INVALID_ARGUMENT);
