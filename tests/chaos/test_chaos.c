@@ -33,11 +33,12 @@
 #include "model.h"
 #include "netns_bed.h"
 
-#define LEASE_MS    3000
+/* kv.lease_ms of the cluster: short, so that a freeze outlasts it (SPEED_CHAOS_LEASE_MS) */
+static int g_lease_ms = 3000;
 #define N_PROMPTS   8
 #define N_WORKERS   6
 #define DEADLINE_S  90.0
-#define FREEZE_MS   (LEASE_MS + 1500)
+#define FREEZE_MS   (g_lease_ms + 1500)
 
 typedef enum {
     F_KILL_PREFILL,
@@ -258,7 +259,7 @@ static bool scenario(fault_t f, unsigned seed) {
     CHECK_MSG(t.outcomes[CH_COMPLETE] > 0, "%s: no request completed", what);
     /* invariant 3: nothing held once the load stopped; every node up and serving */
     ch_leftover_t left;
-    bool quiet = ch_nodes_quiet(&g_k, 2.0 * LEASE_MS / 1000 + 10, &left);
+    bool quiet = ch_nodes_quiet(&g_k, 2.0 * g_lease_ms / 1000 + 10, &left);
     CHECK_MSG(quiet, "%s: nodes still hold %.0f blocks, %.0f running, %.0f waiting, %.0f reserved", what, left.blocks,
               left.running, left.waiting, left.reserved);
     CHECK_MSG(cu_wait_metric(g_k.rport, "speed_router_requests_running", 0, 10), "%s: the router still runs requests",
@@ -362,6 +363,7 @@ int main(int argc, char **argv) {
     double t_start = now_s();
     double long_s = arg_or_env(argc, argv, "--long", "SPEED_CHAOS_SECONDS", 0);
     unsigned seed = (unsigned)arg_or_env(argc, argv, "--seed", "SPEED_CHAOS_SEED", 1);
+    g_lease_ms = (int)arg_or_env(argc, argv, "--lease-ms", "SPEED_CHAOS_LEASE_MS", g_lease_ms);
     bool on[F_N];
     if (!faults_enabled(arg_str(argc, argv, "--only", "SPEED_CHAOS_ONLY"), on)) return 1;
     /* The netns bed when this machine can make one (root, ip netns, iptables) and
@@ -398,7 +400,7 @@ int main(int argc, char **argv) {
 
     /* "--key=value": cu_cluster_t holds 32 cluster arguments */
     char lease[32];
-    snprintf(lease, sizeof lease, "--kv.lease_ms=%d", LEASE_MS);
+    snprintf(lease, sizeof lease, "--kv.lease_ms=%d", g_lease_ms);
     const char *extra[] = {"--speed.prefill_layers=3", "--engine.batch_invariant=true", lease,
                            /* every transfer takes a while, so a kill or a freeze lands mid-transfer */
                            "--debug.prefill_layer_delay_ms=10", "--prefill.prefill_chunk=32",
