@@ -32,6 +32,7 @@ typedef struct pf {
     speed_status_t status;
     double prefill_ms;
     bool submitted;
+    bool xfer_failed; /* the layer callback's transfer step failed (engine thread, before finish) */
     /* Set by Prefill.Cancel or by the router cancelling the call (its request timed out or its
      * client left); the layer callback checks it before each layer's puts and stops the
      * transfer, whose abort notify then lifts the decode node's fence. */
@@ -90,14 +91,27 @@ static void complete_work(void *arg) {
         snprintf(err, sizeof err, "prefill cancelled");
     } else if (p->finish != SPEED_BATCH_STOP && p->finish != SPEED_BATCH_LENGTH) {
         if (st == SPEED_OK) st = SPEED_ERR_CANCELLED;
-        snprintf(err, sizeof err, "prefill %s: %s", speed_batch_finish_name(p->finish), speed_status_string(st));
+        if (p->xfer_failed && st != SPEED_ERR_CANCELLED && st != SPEED_ERR_NO_MEMORY) {
+            /* as below: the decode side or the link failed, not this node */
+            snprintf(err, sizeof err, "KV transfer failed: %s", speed_status_string(st));
+            st = SPEED_ERR_TRANSFER;
+        } else {
+            snprintf(err, sizeof err, "prefill %s: %s", speed_batch_finish_name(p->finish), speed_status_string(st));
+        }
     } else if (!p->xfer) {
         st = SPEED_ERR_INTERNAL;
         snprintf(err, sizeof err, "prefill finished without shipping any KV");
     } else {
         st = speed_kv_xfer_finish(p->xfer);
         if (st == SPEED_OK) st = speed_kv_xfer_wait(p->xfer, -1);
-        if (st != SPEED_OK) snprintf(err, sizeof err, "KV transfer failed: %s", speed_status_string(st));
+        if (st != SPEED_OK) {
+            snprintf(err, sizeof err, "KV transfer failed: %s", speed_status_string(st));
+            /* A transfer that timed out or was refused failed on the decode side or the link,
+             * not here: ABORTED, so the router retries without taking this node out (a
+             * DEADLINE_EXCEEDED for a frozen decode node took out every prefill node with a
+             * transfer to it). */
+            if (st != SPEED_ERR_CANCELLED && st != SPEED_ERR_NO_MEMORY) st = SPEED_ERR_TRANSFER;
+        }
     }
     speed_kv_xfer_info_t info = {0};
     bool cancelled = atomic_load(&p->cancelled);
@@ -141,9 +155,11 @@ static speed_status_t pf_layer(void *user, speed_kv_cache_t *cache, const speed_
     }
     int64_t delay = p->node->cfg.debug_prefill_layer_delay_ms;
     if (delay > 0) speed_clock_sleep_ms(delay); /* test knob: a slow prefill node */
-    if (!p->xfer)
-        SPEED_CHECK(speed_kv_xfer_create(p->node->xfer, p->desc, cache, seq, p->n_full, p->n_compact, p->id, &p->xfer));
-    return speed_kv_xfer_push_layer(p->xfer, layer, n_done, n_total);
+    speed_status_t st = SPEED_OK;
+    if (!p->xfer) st = speed_kv_xfer_create(p->node->xfer, p->desc, cache, seq, p->n_full, p->n_compact, p->id, &p->xfer);
+    if (st == SPEED_OK) st = speed_kv_xfer_push_layer(p->xfer, layer, n_done, n_total);
+    if (st != SPEED_OK) p->xfer_failed = true; /* read by complete_work after the finish event */
+    return st;
 }
 
 static void pf_event(void *user, const speed_batch_event_t *ev) {

@@ -121,7 +121,9 @@ speed_status_t speed_balance_pool_set_load(speed_balance_pool_t *pool, size_t in
 }
 
 /* Applies a state change; `from_mask` says which states it applies to. */
-static speed_status_t set_state(speed_balance_pool_t *pool, size_t index, unsigned from_mask, speed_node_state_t to) {
+static speed_status_t set_state_changed(speed_balance_pool_t *pool, size_t index, unsigned from_mask,
+                                        speed_node_state_t to, bool *changed_p) {
+    *changed_p = false;
     if (!pool) return SPEED_ERR_INVALID_ARGUMENT;
     speed_node_state_t was = SPEED_NODE_UP;
     bool changed = false;
@@ -143,14 +145,29 @@ static speed_status_t set_state(speed_balance_pool_t *pool, size_t index, unsign
     else if (changed && was == SPEED_NODE_DOWN)
         speed_log(SPEED_LOG_INFO, SPEED_SUBSYS_NET, NULL, "%s pool: node %s back up", pool->name,
                   pool->nodes[index].address);
+    *changed_p = changed;
     return SPEED_OK;
+}
+
+static speed_status_t set_state(speed_balance_pool_t *pool, size_t index, unsigned from_mask, speed_node_state_t to) {
+    bool changed;
+    return set_state_changed(pool, index, from_mask, to, &changed);
 }
 
 #define STATE_BIT(s) (1u << (s))
 
-speed_status_t speed_balance_pool_mark_down(speed_balance_pool_t *pool, size_t index) {
+bool speed_balance_pool_take_down(speed_balance_pool_t *pool, size_t index) {
     /* A draining node that fails is gone as well; health brings it back as UP. */
-    return set_state(pool, index, STATE_BIT(SPEED_NODE_UP) | STATE_BIT(SPEED_NODE_DRAINING), SPEED_NODE_DOWN);
+    bool changed;
+    set_state_changed(pool, index, STATE_BIT(SPEED_NODE_UP) | STATE_BIT(SPEED_NODE_DRAINING), SPEED_NODE_DOWN,
+                      &changed);
+    return changed;
+}
+
+speed_status_t speed_balance_pool_mark_down(speed_balance_pool_t *pool, size_t index) {
+    bool changed;
+    return set_state_changed(pool, index, STATE_BIT(SPEED_NODE_UP) | STATE_BIT(SPEED_NODE_DRAINING), SPEED_NODE_DOWN,
+                             &changed);
 }
 
 speed_status_t speed_balance_pool_mark_up(speed_balance_pool_t *pool, size_t index) {

@@ -88,6 +88,10 @@ const char *speed_balance_pool_address(const speed_balance_pool_t *pool, size_t 
 speed_status_t speed_balance_pool_set_load(speed_balance_pool_t *pool, size_t index, const speed_node_load_t *load);
 /* After a failure (logged at warn on the UP → DOWN transition). */
 speed_status_t speed_balance_pool_mark_down(speed_balance_pool_t *pool, size_t index);
+/* speed_balance_pool_mark_down that says whether this call took the node out (UP or DRAINING →
+ * DOWN): of several threads that see the same node fail, exactly one gets true, so the one
+ * counting it counts each outage once. False for an index out of range. */
+bool speed_balance_pool_take_down(speed_balance_pool_t *pool, size_t index);
 /* After a successful health check: DOWN → UP (a DRAINING node stays DRAINING). */
 speed_status_t speed_balance_pool_mark_up(speed_balance_pool_t *pool, size_t index);
 /* draining true: → DRAINING; false: DRAINING → UP. */

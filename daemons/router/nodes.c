@@ -176,8 +176,7 @@ static void poll_node(speed_router_nodes_t *n, speed_router_pool_id_t p, size_t 
                 speed_log(SPEED_LOG_INFO, SPEED_SUBSYS_NET, NULL, "%s pool: node %s is starting",
                           speed_router_pool_name(p), node->address);
         }
-        if (was != SPEED_NODE_DOWN && node->down_count) speed_counter_inc(node->down_count);
-        speed_balance_pool_mark_down(pool, i);
+        if (speed_balance_pool_take_down(pool, i) && node->down_count) speed_counter_inc(node->down_count);
     }
 
     if (state == SPEED__V1__NODE_STATE__NODE_STATE_SERVING || state == SPEED__V1__NODE_STATE__NODE_STATE_DRAINING) {
@@ -286,7 +285,9 @@ void speed_router_nodes_fail(speed_router_nodes_t *n, speed_router_pool_id_t p, 
     if (p < 0 || p >= SPEED_ROUTER_POOL_COUNT || i >= n->n_nodes[p]) return;
     speed_log(SPEED_LOG_WARN, SPEED_SUBSYS_NET, request_id, "%s node %s failed: %s", speed_router_pool_name(p),
               n->nodes[p][i].address, why ? why : "");
-    speed_balance_pool_mark_down(n->pools[p], i);
+    /* counted here too: a node a request saw die is down as surely as one the poller found */
+    node_t *node = &n->nodes[p][i];
+    if (speed_balance_pool_take_down(n->pools[p], i) && node->down_count) speed_counter_inc(node->down_count);
     update_gauge(n, p, i);
 }
 

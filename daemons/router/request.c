@@ -97,6 +97,13 @@ static speed_status_t run_prefill(rtr_req_t *r, plan_t *pl, size_t dnode, bool *
         return SPEED_ERR_PEER_PROTOCOL;
     }
     *epoch_p = rr->kv->epoch;
+    /* The descriptor lets a prefill node put for lease_ms counted from when it receives it. A
+     * retry hands the same blocks to another prefill node: it gets only what is left of that
+     * time, measured from the Reserve reply, so no attempt puts past the first one's window
+     * (the decode node frees the blocks at its own lease end and may give them to a running
+     * request; a fresh window on a late retry wrote into them). */
+    int64_t t_reserved = speed_clock_mono_ms();
+    int64_t put_window_ms = rr->kv->lease_ms;
 
     /* Prefill: the resolved depth goes back to the prefill node with the descriptor. */
     Speed__V1__SpeedParams resolved = SPEED__V1__SPEED_PARAMS__INIT;
@@ -122,6 +129,16 @@ static speed_status_t run_prefill(rtr_req_t *r, plan_t *pl, size_t dnode, bool *
     speed_status_t last_st = SPEED_ERR_PEER_UNREACHABLE;
     bool capacity = false;
     for (int64_t a = 0; a < attempts && n_tried < sizeof tried / sizeof tried[0]; a++) {
+        if (a > 0 && put_window_ms > 0) {
+            int64_t left = put_window_ms - (speed_clock_mono_ms() - t_reserved);
+            if (left < SPEED_ROUTER_MIN_PUT_WINDOW_MS) {
+                size_t l = strlen(last_error);
+                snprintf(last_error + l, sizeof last_error - l,
+                         "; the reservation's put window ended before another prefill node could be tried");
+                break;
+            }
+            rr->kv->lease_ms = (uint32_t)left;
+        }
         size_t pnode;
         if (speed_balance_pool_pick(ppool, tried, n_tried, &pnode) != SPEED_OK) break;
         tried[n_tried++] = pnode;

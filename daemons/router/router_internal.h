@@ -26,6 +26,9 @@
 #define SPEED_ROUTER_CANCEL_TIMEOUT_MS  1000
 /* Reserve is a table lookup on the decode node. */
 #define SPEED_ROUTER_RESERVE_TIMEOUT_MS 10000
+/* A prefill retry is not tried with less than this left of the descriptor's put window (it
+ * could not finish its puts in time anyway). */
+#define SPEED_ROUTER_MIN_PUT_WINDOW_MS 100
 /* Request ids: X-Request-Id up to this many characters; node ids add a suffix. */
 #define SPEED_ROUTER_CLIENT_ID_MAX      64
 #define SPEED_ROUTER_ID_MAX             96

@@ -152,6 +152,7 @@ static void fake_on_reserve(void *user, speed_rpc_call_t *call, const uint8_t *d
     } else {
         Speed__V1__KvDescriptor kv = SPEED__V1__KV_DESCRIPTOR__INIT;
         kv.total_bytes = 4096;
+        kv.lease_ms = (uint32_t)atomic_load(&n->desc_lease_ms);
         kv.epoch = 7;
         kv.prefill_layers = q->speed && q->speed->prefill_layers ? q->speed->prefill_layers : 3;
         kv.anchors = 1;
@@ -242,6 +243,7 @@ static void fake_on_prefill(void *user, speed_rpc_call_t *call, const uint8_t *d
     fake_add_id(n, FAKE_IDS_PREFILL, q->request_id);
     atomic_store(&n->last_prefill_n_ids, (int)q->n_prompt_ids);
     atomic_store(&n->last_prefill_resume, (int)q->resume_tokens);
+    atomic_store(&n->last_prefill_lease_ms, (int)q->kv->lease_ms);
     speed_proto_free(&q->base);
     fake_spawn(n, fake_prefill_thread, c);
 }
@@ -373,6 +375,7 @@ void fake_defaults(fake_node_t *n) {
     atomic_store(&n->reserve_code, 0);
     atomic_store(&n->prefill_code, 0);
     atomic_store(&n->prefill_delay_ms, 0);
+    atomic_store(&n->desc_lease_ms, 0);
     atomic_store(&n->prefill_gate, false);
     atomic_store(&n->cancel_ignored, false);
 }

@@ -67,6 +67,7 @@ typedef struct fake_node {
     atomic_int reserve_code; /* 0 = reply; else fail with this gRPC code */
     atomic_int prefill_code; /* 0 = reply; else fail with this gRPC code */
     atomic_int prefill_delay_ms;
+    atomic_int desc_lease_ms;   /* the lease_ms of the descriptors Reserve hands out (0: none) */
     atomic_int gen_tokens;      /* tokens per generation, the first included */
     atomic_int gen_delay_ms;    /* before each event */
     atomic_int gen_break_after; /* < 0: never; k: after k tokens end with UNAVAILABLE */
@@ -93,6 +94,7 @@ typedef struct fake_node {
     atomic_int last_generate_resumed; /* GenerateRequest.resumed_ids of the last Generate: a
                                        * migrated stream goes on from token index k (ids and
                                        * texts as if the first k had come from here) */
+    atomic_int last_prefill_lease_ms; /* the descriptor lease_ms of the last Prefill received */
     atomic_int live_threads;
 
     /* request ids, in arrival order (lists stop growing at FAKE_MAX_IDS; see fake_has_id) */

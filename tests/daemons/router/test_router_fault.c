@@ -268,6 +268,44 @@ static void test_decode_dies_migrates(void) {
     CHECK_INT_EQ(router_stop(&rp), 0);
 }
 
+/* A prefill retry gets only what is left of the descriptor's put window, counted from the
+ * Reserve reply, and none is tried once it is (nearly) over: the decode node frees the blocks
+ * at its lease end, and a late retry with a fresh window put into blocks a running request
+ * had been given (test_chaos freeze-decode: wrong tokens). */
+static void test_prefill_retry_put_window(void) {
+    reset_fakes();
+    router_proc_t rp;
+    CHECK(start(&rp, NULL));
+    if (rp.exited || !rp.pid) return;
+    for (int i = 0; i < 2; i++) {
+        atomic_store(&dec[i].desc_lease_ms, 1000);
+        atomic_store(&pre[i].prefill_code, SPEED_RPC_INTERNAL);
+        atomic_store(&pre[i].last_prefill_lease_ms, -1);
+    }
+    /* the first attempt fails quickly: the retry gets the rest of the window */
+    for (int i = 0; i < 2; i++) atomic_store(&pre[i].prefill_delay_ms, 300);
+    int n0 = atomic_load(&pre[0].n_prefill) + atomic_load(&pre[1].n_prefill);
+    cu_resp_t r;
+    CHECK(cu_post(rp.port, "/v1/chat/completions", CHAT, &r));
+    CHECK_INT_EQ(r.status, 503);
+    cu_resp_free(&r);
+    CHECK_INT_EQ(atomic_load(&pre[0].n_prefill) + atomic_load(&pre[1].n_prefill) - n0, 2);
+    int l0 = atomic_load(&pre[0].last_prefill_lease_ms), l1 = atomic_load(&pre[1].last_prefill_lease_ms);
+    int lo = l0 < l1 ? l0 : l1, hi = l0 < l1 ? l1 : l0;
+    CHECK_MSG(hi == 1000, "the first attempt's window: %d ms, want 1000", hi);
+    CHECK_MSG(lo > 0 && lo <= 700, "the retry's window: %d ms, want at most 1000 - 300", lo);
+    /* the first attempt outlasts the window: no retry */
+    for (int i = 0; i < 2; i++) atomic_store(&pre[i].prefill_delay_ms, 1100);
+    n0 = atomic_load(&pre[0].n_prefill) + atomic_load(&pre[1].n_prefill);
+    CHECK(cu_post(rp.port, "/v1/chat/completions", CHAT, &r));
+    CHECK_INT_EQ(r.status, 503);
+    CHECK_CONTAINS(r.body ? r.body : "", "put window");
+    cu_resp_free(&r);
+    CHECK_INT_EQ(atomic_load(&pre[0].n_prefill) + atomic_load(&pre[1].n_prefill) - n0, 1);
+    check_balanced("prefill retry put window", rp.port);
+    CHECK_INT_EQ(router_stop(&rp), 0);
+}
+
 /* router.max_migrations 0: the old behaviour, an error event ends the stream. */
 static void test_decode_dies_mid_stream(void) {
     reset_fakes();
@@ -319,6 +357,10 @@ static void test_decode_dies_mid_stream(void) {
     CHECK(prom_value(m, series) == 0);
     snprintf(series, sizeof series, "speed_router_node_up{pool=\"decode\",node=\"127.0.0.1:%d\"}", dbase + other);
     CHECK(prom_value(m, series) == 1);
+    /* taken out by the request that saw it die (not by the poller): counted once all the same */
+    snprintf(series, sizeof series, "speed_router_node_down_total{pool=\"decode\",node=\"127.0.0.1:%d\"}",
+             dbase + victim);
+    CHECK_MSG(prom_value(m, series) == 1, "%s = %g", series, prom_value(m, series));
     CHECK(prom_value(m, "speed_router_requests_total{route=\"disaggregated\",status=\"503\"}") == 1);
     speed_free(m);
     cu_resp_t h;
@@ -754,6 +796,7 @@ int main(void) {
 
     test_prefill_retry();
     test_reserve_failure_cancels();
+    test_prefill_retry_put_window();
     test_decode_dies_mid_stream();
     test_decode_dies_migrates();
     test_client_disconnect();
