@@ -63,6 +63,15 @@ static speed_status_t run_prefill(rtr_req_t *r, plan_t *pl, size_t dnode, bool *
             *try_next = true;
             return SPEED_ERR_CAPACITY;
         }
+        if (res.code == SPEED_RPC_CANCELLED) {
+            /* The node refused because it drains (our own cancel was handled above): it is
+             * not failed, only out of new picks until a health poll finds it serving again. */
+            speed_log(SPEED_LOG_INFO, SUBSYS, r->id, "decode node %s: %s; trying another",
+                      speed_router_nodes_address(rt->nodes, SPEED_ROUTER_POOL_DECODE, dnode), res.message);
+            speed_balance_pool_set_draining(speed_router_nodes_pool(rt->nodes, SPEED_ROUTER_POOL_DECODE), dnode, true);
+            *try_next = true;
+            return SPEED_ERR_PEER_UNREACHABLE;
+        }
         if (res.code == -1 || res.st == SPEED_ERR_TIMEOUT) {
             if (speed_router_req_remaining_ms(r) <= 0) {
                 speed_router_req_fail_status(r, SPEED_ERR_TIMEOUT,
@@ -128,6 +137,7 @@ static speed_status_t run_prefill(rtr_req_t *r, plan_t *pl, size_t dnode, bool *
     char last_error[320] = "no prefill node is available";
     speed_status_t last_st = SPEED_ERR_PEER_UNREACHABLE;
     bool capacity = false;
+    int n_aborted = 0; /* attempts whose KV transfer failed (ABORTED): the decode side's fault */
     for (int64_t a = 0; a < attempts && n_tried < sizeof tried / sizeof tried[0]; a++) {
         if (a > 0 && put_window_ms > 0) {
             int64_t left = put_window_ms - (speed_clock_mono_ms() - t_reserved);
@@ -174,6 +184,7 @@ static speed_status_t run_prefill(rtr_req_t *r, plan_t *pl, size_t dnode, bool *
             capacity = true;
             continue;
         }
+        if (res.code == SPEED_RPC_ABORTED) n_aborted++;
         if (speed_router_code_is_node_failure(res.code))
             speed_router_nodes_fail(rt->nodes, SPEED_ROUTER_POOL_PREFILL, pnode, r->id, last_error);
         else
@@ -207,6 +218,18 @@ static speed_status_t run_prefill(rtr_req_t *r, plan_t *pl, size_t dnode, bool *
         speed_openai_error_from_status(res.st, res.message, &err);
         speed_router_req_fail(r, &err, 0);
         return res.st;
+    }
+    if (n_aborted > 0 && (size_t)n_aborted == n_tried && !capacity) {
+        /* Every attempt failed in the KV transfer into this decode node (it froze, died, or its
+         * link did): the prefill nodes are fine. Start over on another decode node with a new
+         * reservation, as for a failed Reserve, without marking this one down (its health poll
+         * decides that). */
+        speed_log(SPEED_LOG_WARN, SUBSYS, r->id,
+                  "KV transfer into decode node %s failed in %zu attempt(s): %s; "
+                  "trying another decode node",
+                  speed_router_nodes_address(rt->nodes, SPEED_ROUTER_POOL_DECODE, dnode), n_tried, last_error);
+        *try_next = true;
+        return SPEED_ERR_PEER_UNREACHABLE;
     }
     speed_log(SPEED_LOG_WARN, SUBSYS, r->id, "prefill failed after %zu attempt(s): %s", n_tried, last_error);
     char msg[400];

@@ -268,6 +268,59 @@ static void test_decode_dies_migrates(void) {
     CHECK_INT_EQ(router_stop(&rp), 0);
 }
 
+/* Every prefill attempt failed in its KV transfer (ABORTED: the decode node froze or died, or
+ * its link did): the prefill nodes are not at fault, so the router starts over on the other
+ * decode node with a new reservation instead of answering 503, and marks nobody down. */
+static void test_transfer_failures_try_other_decode(void) {
+    reset_fakes();
+    router_proc_t rp;
+    CHECK(start(&rp, NULL));
+    if (rp.exited || !rp.pid) return;
+    for (int i = 0; i < 2; i++) atomic_store(&pre[i].prefill_code, SPEED_RPC_ABORTED);
+    int r0 = atomic_load(&dec[0].n_reserve) + atomic_load(&dec[1].n_reserve);
+    cu_resp_t r;
+    CHECK(cu_post(rp.port, "/v1/chat/completions", CHAT, &r));
+    CHECK_INT_EQ(r.status, 503);
+    cu_resp_free(&r);
+    CHECK_MSG(atomic_load(&dec[0].n_reserve) + atomic_load(&dec[1].n_reserve) - r0 == 2,
+              "%d reservations for one request whose transfers failed: want one on each decode node",
+              atomic_load(&dec[0].n_reserve) + atomic_load(&dec[1].n_reserve) - r0);
+    CHECK_INT_EQ(decode_nodes_up(rp.port), 2);
+    /* with one prefill node healthy again the next request is served */
+    atomic_store(&pre[1].prefill_code, 0);
+    CHECK(cu_post(rp.port, "/v1/chat/completions", CHAT, &r));
+    CHECK_INT_EQ(r.status, 200);
+    cu_resp_free(&r);
+    check_balanced("transfer failures", rp.port);
+    CHECK_INT_EQ(router_stop(&rp), 0);
+}
+
+/* A decode node that refuses a Reserve because it drains (CANCELLED "node is draining") is not
+ * a failed node: the request goes to the other one, and speed_router_node_down_total stays 0. */
+static void test_reserve_draining(void) {
+    reset_fakes();
+    router_proc_t rp;
+    CHECK(start(&rp, NULL));
+    if (rp.exited || !rp.pid) return;
+    atomic_store(&dec[0].reserve_code, SPEED_RPC_CANCELLED);
+    int rsv0 = atomic_load(&dec[0].n_reserve);
+    for (int i = 0; i < 4 && atomic_load(&dec[0].n_reserve) == rsv0; i++) {
+        cu_resp_t r;
+        CHECK(cu_post(rp.port, "/v1/chat/completions", CHAT, &r));
+        CHECK_INT_EQ(r.status, 200);
+        cu_resp_free(&r);
+    }
+    CHECK_MSG(atomic_load(&dec[0].n_reserve) > rsv0, "the draining decode node was never tried");
+    char *m = cu_metrics(rp.port);
+    char series[160];
+    snprintf(series, sizeof series, "speed_router_node_down_total{pool=\"decode\",node=\"127.0.0.1:%d\"}", dbase);
+    CHECK_MSG(prom_value(m, series) == 0, "%s = %g: a draining node was counted as failed", series,
+              prom_value(m, series));
+    speed_free(m);
+    check_balanced("reserve draining", rp.port);
+    CHECK_INT_EQ(router_stop(&rp), 0);
+}
+
 /* A prefill retry gets only what is left of the descriptor's put window, counted from the
  * Reserve reply, and none is tried once it is (nearly) over: the decode node frees the blocks
  * at its lease end, and a late retry with a fresh window put into blocks a running request
@@ -797,6 +850,8 @@ int main(void) {
     test_prefill_retry();
     test_reserve_failure_cancels();
     test_prefill_retry_put_window();
+    test_transfer_failures_try_other_decode();
+    test_reserve_draining();
     test_decode_dies_mid_stream();
     test_decode_dies_migrates();
     test_client_disconnect();
