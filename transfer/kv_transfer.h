@@ -286,6 +286,10 @@ typedef struct {
     uint64_t n_aborts_sent;      /* prefill side: abort notifies sent by cancelled transfers */
     uint64_t n_aborts_received;  /* decode side: abort notifies accepted (right nonce) */
     int n_grants;                /* decode side: grants held now */
+    uint64_t n_writes;           /* decode side: KV writes checked and copied into the pools */
+    uint64_t bytes_written;      /* their bytes */
+    uint64_t n_writes_dropped;   /* KV writes refused: no (live) grant for the request, wrong nonce,
+                                  * outside the reservation's blocks, or malformed */
     uint64_t bytes_notified;     /* Σ bytes of accepted notifies */
     /* endpoints */
     int n_endpoints;          /* cached now */
