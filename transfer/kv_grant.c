@@ -175,16 +175,18 @@ void speed_kv_grant_write(speed_kv_xfer_ctx_t *c, const write_hdr_t *h, const vo
     if (h) {
         kv_grant_t **pp = find_locked(c, h->request_id);
         kv_grant_t *g = pp ? *pp : NULL;
+        bool own = false; /* the nonce matched: the reservation's own sender */
         if (!g || g->deadline_ns <= speed_clock_mono_ns())
             why = "no grant (the reservation ended, started, or never was)";
-        else if (!speed_mac_equal(g->nonce, h->nonce, SPEED_KV_NONCE_BYTES))
+        else if (!(own = speed_mac_equal(g->nonce, h->nonce, SPEED_KV_NONCE_BYTES)))
             why = "wrong reservation nonce";
         else if (g->device)
-            why = "the pools are device memory (cuda_direct takes puts only)";
+            why = "the pools are device memory (ucx.cuda_direct must be set on both sides: puts)";
         else if (!write_in_grant(g, h->layer, h->block, h->raddr, length))
             why = "outside the reservation's blocks";
         else
             why = NULL;
+        if (why && own) g->n_refused++; /* its KV will be incomplete: the notify is refused */
     }
     if (!why) {
         /* the grant holds: these blocks are this reservation's, and stay so while mu is held */
@@ -245,6 +247,13 @@ speed_status_t speed_kv_grant_check(speed_kv_xfer_ctx_t *c, const speed_kv_notif
         st = SPEED_ERR_PEER_PROTOCOL;
     } else if (m->flags & SPEED_KV_NOTIFY_FLAG_ABORT) {
         keep = false; /* nothing more may come for this reservation */
+    } else if (g->n_refused) { /* written under ctx->mu by this thread's write handler: no race */
+        speed_log(SPEED_LOG_ERROR, SPEED_SUBSYS_NET, rid,
+                  "kv transfer: %llu of the reservation's writes were refused (outside its blocks, or device "
+                  "pools); the KV is refused",
+                  (unsigned long long)g->n_refused);
+        st = SPEED_ERR_TRANSFER;
+        keep = false;
     } else if (g->integrity && !tags_verify(g, m)) {
         speed_log(SPEED_LOG_ERROR, SPEED_SUBSYS_NET, rid, "kv transfer: integrity check failed: %s; the KV is refused",
                   m->n_tags ? "a layer's tag does not match the bytes received" : "the notify carries no tags");
@@ -252,7 +261,7 @@ speed_status_t speed_kv_grant_check(speed_kv_xfer_ctx_t *c, const speed_kv_notif
         keep = false;
     }
     pthread_mutex_lock(&c->mu);
-    if (st == SPEED_ERR_TRANSFER) c->stats.n_integrity_failed++;
+    if (st == SPEED_ERR_TRANSFER && !g->n_refused) c->stats.n_integrity_failed++;
     g->checking = false;
     if (g->orphan) {
         grant_free(g); /* dropped or expired meanwhile: already unlinked */

@@ -95,6 +95,8 @@ typedef struct kv_grant {
     bool device;   /* the pools are device memory (cuda_direct): writes cannot be copied, puts only */
     bool checking; /* its notify's tags are being verified (progress thread, ctx->mu not held) */
     bool orphan;   /* unlinked (dropped, expired) while checking: the checker frees it */
+    uint64_t n_refused; /* writes with the right nonce that were refused (outside the units, device
+                         * pools): the KV is incomplete, its notify is refused */
     int block_tokens;
     uint64_t unit_bytes;
     uint32_t n_layers, n_pools;
@@ -276,16 +278,19 @@ speed_status_t speed_kv_grant_add(speed_kv_xfer_ctx_t *ctx, const char *id, cons
  * data to h->raddr if the grant of h->request_id exists and has not expired, h->nonce is its
  * nonce (constant time), its pools are host memory, and [raddr, raddr + length) lies inside the
  * unit of block h->block of layer h->layer of that reservation; else drops it and counts it
- * (n_writes_dropped; a debug log, never the nonce). The copy happens under ctx->mu, so once
+ * (n_writes_dropped; a debug log, never the nonce). A write with the right nonce that is refused
+ * all the same (outside the units, device pools) also marks the grant, whose notify is then
+ * refused: the sender proved it is the reservation's, so its KV is incomplete. The copy happens under ctx->mu, so once
  * speed_kv_xfer_ctx_grant_drop has returned no write for that grant touches the pool any more.
  * ctx->mu not held. */
 void speed_kv_grant_write(speed_kv_xfer_ctx_t *ctx, const write_hdr_t *h, const void *data, size_t length);
 
 /* Checks a decoded notify against its grant (progress thread): the grant exists and the nonce
- * matches (constant time) -> an abort drops the grant and returns SPEED_OK; otherwise, in
- * integrity mode, the tags are verified over the local blocks. Returns SPEED_OK,
- * SPEED_ERR_NOT_FOUND (no grant), SPEED_ERR_PEER_PROTOCOL (wrong nonce), SPEED_ERR_TRANSFER
- * (tags missing or not matching: the grant is dropped, n_integrity_failed counted). Logs the
+ * matches (constant time) -> an abort drops the grant and returns SPEED_OK; otherwise the KV is
+ * refused if any of the reservation's writes was (speed_kv_grant_write), and in integrity mode
+ * the tags are verified over the local blocks. Returns SPEED_OK, SPEED_ERR_NOT_FOUND (no grant),
+ * SPEED_ERR_PEER_PROTOCOL (wrong nonce), SPEED_ERR_TRANSFER (writes refused, or tags missing or
+ * not matching: the grant is dropped; n_integrity_failed counted for the tags). Logs the
  * refusals but NOT_FOUND (never the nonce).
  * ctx->mu not held. */
 speed_status_t speed_kv_grant_check(speed_kv_xfer_ctx_t *ctx, const speed_kv_notify_wire_t *m);

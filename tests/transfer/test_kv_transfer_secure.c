@@ -293,7 +293,8 @@ static void test_checked_writes(speed_kv_xfer_ctx_t *pctx, speed_kv_xfer_ctx_t *
     speed_kv_desc_destroy(d1);
 
     /* outside the reservation: the descriptor's first lower-pool block names another request's
-     * block; the writes aimed there (layers 0 and 1, block 0) are dropped, the rest land */
+     * block; the writes aimed there (layers 0 and 1, block 0) are dropped, the rest land, and
+     * the notify is refused (the right nonce: the reservation's KV is incomplete) */
     speed_kv_seq_t *victim = NULL;
     CHECK(speed_kv_cache_seq_create(d->cache, C, N_FULL, N_COMPACT, &victim) == SPEED_OK);
     if (!victim) return;
@@ -309,13 +310,17 @@ static void test_checked_writes(speed_kv_xfer_ctx_t *pctx, speed_kv_xfer_ctx_t *
         int64_t vi = (int64_t)(((uint64_t)(uintptr_t)vblk - pl->base - d1->layers[0].offset) / pl->block_stride);
         d1->pools[d1->layers[0].pool].table[0] = (int32_t)vi;
         speed_kv_xfer_ctx_stats(dctx, &s0);
-        CHECK_INT_EQ(push_counted(pctx, d1, p, "req-aim", &n_w), SPEED_OK); /* no integrity: the notify passes */
+        int failed0 = atomic_load(&g_notes.integrity_failed), ready0 = atomic_load(&g_notes.ready);
+        CHECK_INT_EQ(push_counted(pctx, d1, p, "req-aim", &n_w), SPEED_ERR_TRANSFER);
+        CHECK(wait_int(&g_notes.integrity_failed, failed0 + 1, 3000)); /* the node is told: it frees */
+        CHECK_INT_EQ(atomic_load(&g_notes.ready), ready0);
         CHECK_INT_EQ(WAIT_STAT(dctx, n_writes_dropped, s0.n_writes_dropped + 2), s0.n_writes_dropped + 2);
         speed_kv_xfer_ctx_stats(dctx, &s);
         CHECK_INT_EQ(s.n_writes, s0.n_writes + n_w - 2);
         CHECK_MSG(unchanged(d, victim, vbefore, vlen), "a write outside the reservation changed another's block");
         CHECK_MSG(!unchanged(d, d->seq, before, len), "the writes inside the reservation did not land");
-        speed_kv_xfer_ctx_grant_drop(dctx, "req-aim");
+        CHECK_INT_EQ(s.n_grants, s0.n_grants - 1); /* the refused KV consumed its grant */
+        CHECK_INT_EQ(s.n_integrity_failed, s0.n_integrity_failed); /* not a tag mismatch */
         speed_kv_desc_destroy(d1);
     }
     speed_kv_cache_seq_destroy(d->cache, victim);
