@@ -1,5 +1,7 @@
 /* UCX KV transfer, the transfers (kv_transfer.h): creating one from a descriptor (the layout
- * checks), pushing a layer's blocks with puts, finish (flush, then the notify), wait / poll /
+ * checks), pushing a layer's blocks as checked writes (a descriptor with a grant's nonce: active
+ * messages the receiver checks against the grant before copying, kv_grant.c) or as one-sided
+ * puts (no nonce, or cuda_direct), finish (flush, then the notify), wait / poll /
  * cancel / info / destroy, and the UCX callbacks of those operations. The context they run in
  * is kv_xfer_ctx.c; the shared structures, the locking and the lifetimes are described in
  * kv_transfer_internal.h.
@@ -337,13 +339,19 @@ speed_status_t speed_kv_xfer_create(speed_kv_xfer_ctx_t *c, const speed_kv_desc_
         speed_kv_xfer_free(x);
         return st;
     }
-    for (uint32_t p = 0; p < d->n_pools; p++) {
+    for (uint32_t p = 0; p < d->n_pools && !x->am_write; p++) { /* checked writes need no rkeys */
         const speed_kv_desc_region_t *g = &d->regions[d->pools[p].region];
-        ucs_status_t s = ucp_ep_rkey_unpack(x->ep->ep, g->rkey, &x->pools[p].rkey);
+        ucs_status_t s = g->rkey_len ? ucp_ep_rkey_unpack(x->ep->ep, g->rkey, &x->pools[p].rkey) : UCS_ERR_UNSUPPORTED;
         if (s != UCS_OK) {
             x->pools[p].rkey = NULL;
-            speed_log(SPEED_LOG_ERROR, SPEED_SUBSYS_NET, request_id,
-                      "kv transfer: rkey of region %u does not unpack: %s", d->pools[p].region, ucs_status_string(s));
+            if (g->rkey_len == 0) /* a decode node that takes checked writes only; this side puts */
+                speed_log(SPEED_LOG_ERROR, SPEED_SUBSYS_NET, request_id,
+                          "kv transfer: the descriptor carries no rkeys (its decode node takes checked writes "
+                          "only), but this node sends puts (ucx.cuda_direct): set ucx.cuda_direct alike on both");
+            else
+                speed_log(SPEED_LOG_ERROR, SPEED_SUBSYS_NET, request_id,
+                          "kv transfer: rkey of region %u does not unpack: %s", d->pools[p].region,
+                          ucs_status_string(s));
             pthread_mutex_lock(&c->mu);
             c->stats.n_failed[SPEED_KV_STAGE_CONNECT]++;
             x->ep->refs--;

@@ -1,8 +1,9 @@
 /* UCX KV transfer, the context (kv_transfer.h): the UCP context and its worker, the progress
  * thread that drives the worker and enforces deadlines, the active-message callbacks (a decode
- * node receiving notifies, a prefill node receiving acks), registration of KV caches, and the
- * endpoint cache. Transfers themselves are in kv_xfer.c, descriptors in kv_desc.c; the shared
- * structures, the locking and the lifetimes are described in kv_transfer_internal.h.
+ * node receiving KV writes and notifies, a prefill node receiving acks), registration of KV
+ * caches, and the endpoint cache. Transfers themselves are in kv_xfer.c, descriptors in
+ * kv_desc.c; the shared structures, the locking and the lifetimes are described in
+ * kv_transfer_internal.h.
  */
 #include <errno.h>
 #include <poll.h>

@@ -402,6 +402,9 @@ static speed_status_t load_model(speed_node_t *n) {
     if (strcmp(n->role, "decode") == 0) {
         /* a notify marks KV ready only with the reservation's nonce (grants from Reserve) */
         xp.require_grant = true;
+        /* and no rkey in a Reserve reply: KV reaches the pools only as checked writes, unless
+         * the pools are GPU memory the receiver cannot copy into (cuda_direct: puts) */
+        xp.writes_only = !c->ucx_cuda_direct;
         xp.notify_cb = speed_node_on_kv_notify;
         xp.notify_user = n;
     }

@@ -81,6 +81,7 @@ static int decode_setup(run_t *r, uint8_t **desc_p, size_t *len_p) {
     speed_kv_xfer_ctx_params_t cp = speed_kv_xfer_ctx_default_params();
     cp.notify_cb = xt_inbox_cb;
     cp.notify_user = &r->inbox;
+    cp.writes_only = !r->puts; /* as a decode node: the descriptor (its proto too) carries no rkeys */
     CHECK(speed_kv_xfer_ctx_create(&cp, &r->dctx) == SPEED_OK);
     if (!r->deng || !r->dctx) return -1;
     CHECK(speed_kv_xfer_ctx_register_cache(r->dctx, speed_engine_kv_cache(r->deng)) == SPEED_OK);
@@ -92,6 +93,7 @@ static int decode_setup(run_t *r, uint8_t **desc_p, size_t *len_p) {
     speed_kv_desc_t *d = NULL;
     CHECK(speed_kv_desc_build_engine(r->dctx, r->deng, r->dseq, &dp, &d) == SPEED_OK);
     CHECK(d && d->has_nonce == !r->puts);
+    CHECK(d && (d->regions[0].rkey_len == 0) == !r->puts);
     if (!d) return -1;
     CHECK_INT_EQ(d->n_layers, L);
     CHECK_INT_EQ(d->n_pools, 2);

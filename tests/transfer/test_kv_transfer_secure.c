@@ -1,7 +1,8 @@
 /* The KV plane's protections in the transfer library (docs/security.md#the-kv-plane), two contexts in
  * one process (shm and tcp):
  *  - the notify's bytes: round trip, and every malformed message the decoder refuses;
- *  - grants: a descriptor built with a grant carries a fresh 128-bit nonce; a notify with the
+ *  - grants: a descriptor built with a grant carries a fresh 128-bit nonce (and, from a context
+ *    with writes_only, no rkey: without its nonce such a descriptor is refused); a notify with the
  *    right nonce reaches the callback; a wrong nonce, or a request with no grant, is refused
  *    before the callback and the prefill side's wait fails; the grant survives a wrong guess;
  *  - the cancel fence's abort: a cancelled transfer with a nonce flushes and sends an abort
@@ -371,6 +372,7 @@ int main(int argc, char **argv) {
     CHECK(speed_kv_xfer_ctx_create(&cp, &pctx) == SPEED_OK);
     cp.notify_cb = note_cb;
     cp.require_grant = true;
+    cp.writes_only = true; /* as a decode node: descriptors with grants carry no rkeys */
     CHECK(speed_kv_xfer_ctx_create(&cp, &dctx) == SPEED_OK);
     if (!pctx || !dctx) return CHECK_DONE();
     node_t p = {0}, d = {0};
@@ -388,6 +390,16 @@ int main(int argc, char **argv) {
     speed_kv_desc_t *d1 = describe(dctx, &d, tr, "req-a", false), *d2 = describe(dctx, &d, tr, "req-b", false);
     if (!d1 || !d2) return CHECK_DONE();
     CHECK(d1->has_nonce && d2->has_nonce && memcmp(d1->nonce, d2->nonce, SPEED_KV_NONCE_BYTES) != 0);
+    /* writes_only: no rkey leaves the node, and a descriptor without rkeys needs its nonce */
+    for (uint32_t i = 0; i < d1->n_regions; i++) CHECK(d1->regions[i].rkey_len == 0 && !d1->regions[i].rkey);
+    CHECK_INT_EQ(speed_kv_desc_check(d1), SPEED_OK);
+    d1->has_nonce = false;
+    speed_log_set_sink(tu_log_discard, NULL);
+    CHECK_INT_EQ(speed_kv_desc_check(d1), SPEED_ERR_FORMAT);
+    speed_kv_xfer_t *xr = NULL;
+    CHECK_INT_EQ(speed_kv_xfer_create(pctx, d1, p.cache, p.seq, N_FULL, N_COMPACT, "req-a", &xr), SPEED_ERR_PEER_PROTOCOL);
+    speed_log_set_sink(NULL, NULL);
+    d1->has_nonce = true;
     speed_kv_xfer_ctx_stats(dctx, &s0);
     CHECK_INT_EQ(s0.n_grants, 2);
     CHECK_INT_EQ(run_xfer(pctx, d1, &p, "req-a", false), SPEED_OK);
