@@ -72,7 +72,8 @@ speed_status_t speed_kv_desc_check(const speed_kv_desc_t *d) {
     for (uint32_t r = 0; r < d->n_regions; r++) {
         const speed_kv_desc_region_t *g = &d->regions[r];
         uint64_t end;
-        if (!g->rkey || g->rkey_len == 0 || g->rkey_len > SPEED_KV_DESC_MAX_BLOB)
+        /* no rkey only with a nonce: a decode node that takes checked writes only */
+        if ((g->rkey_len && !g->rkey) || (g->rkey_len == 0 && !d->has_nonce) || g->rkey_len > SPEED_KV_DESC_MAX_BLOB)
             BAD("region %u: rkey of %u bytes", r, g->rkey_len);
         if (g->length == 0 || !add_u64(g->base, g->length, &end)) BAD("region %u: bad extent", r);
     }
@@ -226,12 +227,20 @@ speed_status_t speed_kv_desc_build(speed_kv_xfer_ctx_t *c, const speed_kv_cache_
         speed_status_t st = speed_random_bytes(d->nonce, sizeof d->nonce);
         if (st == SPEED_OK) {
             d->has_nonce = true;
-            st = speed_kv_grant_add(c, params->grant_id, d, params->grant_ms);
+            /* device pools (cuda_direct, no mirror): the receiver cannot copy a write there */
+            bool device = !speed_kv_cache_host_mirror(cache) && !speed_kv_cache_host_memory(cache);
+            st = speed_kv_grant_add(c, params->grant_id, d, params->grant_ms, device);
         }
         if (st != SPEED_OK) {
             speed_kv_desc_destroy(d);
             return st;
         }
+        if (c->p.writes_only) /* no capability leaves the node: only the checked writes reach the pools */
+            for (uint32_t i = 0; i < d->n_regions; i++) {
+                speed_free(d->regions[i].rkey);
+                d->regions[i].rkey = NULL;
+                d->regions[i].rkey_len = 0;
+            }
     } else if (params->integrity) {
         SPEED_ERROR(SPEED_SUBSYS_NET, "kv descriptor: integrity mode needs a grant (grant_id)");
         speed_kv_desc_destroy(d);

@@ -3,8 +3,12 @@
  *
  * Why grants live in the context: a notify is authenticated on the progress thread, before the
  * node sees it, so that a notify with a wrong nonce can never mark KV ready whatever the node
- * does with it. A grant is checked out of the list while its tags are verified (hashing the
- * blocks takes time; ctx->mu is not held meanwhile) and put back afterwards.
+ * does with it; and every KV write is checked there against the grant before its bytes touch
+ * the pool, so that a write that arrives after the reservation ended (a sender frozen, a link
+ * partitioned while TCP held its data) finds no grant and is dropped instead of landing in
+ * blocks that belong to another request by then. A grant stays in the list while its notify's
+ * tags are verified (hashing the blocks takes time; ctx->mu is not held meanwhile), marked
+ * `checking`: a drop or expiry meanwhile unlinks it and leaves the free to the checker.
  */
 #include <stdio.h>
 #include <string.h>
@@ -61,30 +65,32 @@ static void grant_free(kv_grant_t *g) {
     speed_free(g);
 }
 
+/* Unlinks g (found at *pp) and frees it, or leaves it to its checker. ctx->mu held. */
+static void unlink_locked(speed_kv_xfer_ctx_t *c, kv_grant_t **pp) {
+    kv_grant_t *g = *pp;
+    *pp = g->next;
+    c->stats.n_grants--;
+    if (g->checking)
+        g->orphan = true;
+    else
+        grant_free(g);
+}
+
 /* Unlinks and frees grants whose time is over. ctx->mu held. */
 static void purge_locked(speed_kv_xfer_ctx_t *c, uint64_t now) {
     kv_grant_t **pp = &c->grants;
     while (*pp) {
-        kv_grant_t *g = *pp;
-        if (g->deadline_ns <= now) {
-            *pp = g->next;
-            c->stats.n_grants--;
-            grant_free(g);
-        } else {
-            pp = &g->next;
-        }
+        if ((*pp)->deadline_ns <= now)
+            unlink_locked(c, pp);
+        else
+            pp = &(*pp)->next;
     }
 }
 
-/* Unlinks the grant of id and returns it (NULL if none). ctx->mu held. */
-static kv_grant_t *take_locked(speed_kv_xfer_ctx_t *c, const char *id) {
+/* The link pointing at the grant of id (NULL if none). ctx->mu held. */
+static kv_grant_t **find_locked(speed_kv_xfer_ctx_t *c, const char *id) {
     for (kv_grant_t **pp = &c->grants; *pp; pp = &(*pp)->next)
-        if (strcmp((*pp)->id, id) == 0) {
-            kv_grant_t *g = *pp;
-            *pp = g->next;
-            c->stats.n_grants--;
-            return g;
-        }
+        if (strcmp((*pp)->id, id) == 0) return pp;
     return NULL;
 }
 
@@ -94,7 +100,8 @@ static void put_locked(speed_kv_xfer_ctx_t *c, kv_grant_t *g) {
     c->stats.n_grants++;
 }
 
-speed_status_t speed_kv_grant_add(speed_kv_xfer_ctx_t *c, const char *id, const speed_kv_desc_t *d, int64_t grant_ms) {
+speed_status_t speed_kv_grant_add(speed_kv_xfer_ctx_t *c, const char *id, const speed_kv_desc_t *d, int64_t grant_ms,
+                                  bool device) {
     if (!id || !*id || strlen(id) >= REQ_ID_MAX) {
         SPEED_ERROR(SPEED_SUBSYS_NET, "kv grant: a request id of 1..%d bytes is needed", REQ_ID_MAX - 1);
         return SPEED_ERR_INVALID_ARGUMENT;
@@ -106,25 +113,23 @@ speed_status_t speed_kv_grant_add(speed_kv_xfer_ctx_t *c, const char *id, const 
     if (grant_ms < d->lease_ms) grant_ms = d->lease_ms;
     g->deadline_ns = grant_ms > 0 ? speed_clock_mono_ns() + (uint64_t)grant_ms * 1000000ull : UINT64_MAX;
     g->integrity = d->integrity;
+    g->device = device;
     g->block_tokens = d->block_tokens;
     g->unit_bytes = d->unit_bytes;
-    if (d->integrity) {
-        g->layers = speed_calloc(d->n_layers, sizeof *g->layers);
-        g->pools = speed_calloc(d->n_pools, sizeof *g->pools);
-        if (!g->layers || !g->pools) goto nomem;
-        g->n_layers = d->n_layers;
-        g->n_pools = d->n_pools;
-        memcpy(g->layers, d->layers, d->n_layers * sizeof *g->layers);
-        for (uint32_t p = 0; p < d->n_pools; p++) {
-            g->pools[p].base = d->pools[p].base;
-            g->pools[p].stride = d->pools[p].block_stride;
-            g->pools[p].n_blocks = d->pools[p].n_blocks;
-            g->pools[p].table =
-                speed_malloc((size_t)(d->pools[p].n_blocks ? d->pools[p].n_blocks : 1) * sizeof(int32_t));
-            if (!g->pools[p].table) goto nomem;
-            if (d->pools[p].n_blocks)
-                memcpy(g->pools[p].table, d->pools[p].table, d->pools[p].n_blocks * sizeof(int32_t));
-        }
+    /* the layout, always: every write is checked against it */
+    g->layers = speed_calloc(d->n_layers ? d->n_layers : 1, sizeof *g->layers);
+    g->pools = speed_calloc(d->n_pools ? d->n_pools : 1, sizeof *g->pools);
+    if (!g->layers || !g->pools) goto nomem;
+    g->n_layers = d->n_layers;
+    g->n_pools = d->n_pools;
+    memcpy(g->layers, d->layers, d->n_layers * sizeof *g->layers);
+    for (uint32_t p = 0; p < d->n_pools; p++) {
+        g->pools[p].base = d->pools[p].base;
+        g->pools[p].stride = d->pools[p].block_stride;
+        g->pools[p].n_blocks = d->pools[p].n_blocks;
+        g->pools[p].table = speed_malloc((size_t)(d->pools[p].n_blocks ? d->pools[p].n_blocks : 1) * sizeof(int32_t));
+        if (!g->pools[p].table) goto nomem;
+        if (d->pools[p].n_blocks) memcpy(g->pools[p].table, d->pools[p].table, d->pools[p].n_blocks * sizeof(int32_t));
     }
     pthread_mutex_lock(&c->mu);
     purge_locked(c, speed_clock_mono_ns());
@@ -147,9 +152,54 @@ nomem:
 void speed_kv_xfer_ctx_grant_drop(speed_kv_xfer_ctx_t *c, const char *id) {
     if (!c || !id) return;
     pthread_mutex_lock(&c->mu);
-    kv_grant_t *g = take_locked(c, id);
+    kv_grant_t **pp = find_locked(c, id);
+    if (pp) unlink_locked(c, pp); /* under mu: no write is being copied now, none will be after */
     pthread_mutex_unlock(&c->mu);
-    grant_free(g);
+}
+
+/* Whether [raddr, raddr + len) lies inside the unit of logical block `block` of `layer` of g's
+ * reservation. The layout is this node's own descriptor's (checked when it was built). */
+static bool write_in_grant(const kv_grant_t *g, uint32_t layer, int64_t block, uint64_t raddr, uint64_t len) {
+    if (layer >= g->n_layers || len == 0 || len > g->unit_bytes) return false;
+    const speed_kv_desc_layer_t *ly = &g->layers[layer];
+    if (block < 0 || block >= div_up(ly->entries, g->block_tokens) || ly->pool >= g->n_pools) return false;
+    const grant_pool_t *p = &g->pools[ly->pool];
+    if ((uint64_t)block >= p->n_blocks) return false;
+    uint64_t start = p->base + (uint64_t)p->table[block] * p->stride + ly->offset;
+    return raddr >= start && raddr - start <= g->unit_bytes - len;
+}
+
+void speed_kv_grant_write(speed_kv_xfer_ctx_t *c, const write_hdr_t *h, const void *data, size_t length) {
+    const char *why = "malformed";
+    pthread_mutex_lock(&c->mu);
+    if (h) {
+        kv_grant_t **pp = find_locked(c, h->request_id);
+        kv_grant_t *g = pp ? *pp : NULL;
+        bool own = false; /* the nonce matched: the reservation's own sender */
+        if (!g || g->deadline_ns <= speed_clock_mono_ns())
+            why = "no grant (the reservation ended, started, or never was)";
+        else if (!(own = speed_mac_equal(g->nonce, h->nonce, SPEED_KV_NONCE_BYTES)))
+            why = "wrong reservation nonce";
+        else if (g->device)
+            why = "the pools are device memory (ucx.cuda_direct must be set on both sides: puts)";
+        else if (!write_in_grant(g, h->layer, h->block, h->raddr, length))
+            why = "outside the reservation's blocks";
+        else
+            why = NULL;
+        if (why && own) g->n_refused++; /* its KV will be incomplete: the notify is refused */
+    }
+    if (!why) {
+        /* the grant holds: these blocks are this reservation's, and stay so while mu is held */
+        memcpy((void *)(uintptr_t)h->raddr, data, length);
+        c->stats.n_writes++;
+        c->stats.bytes_written += length;
+    } else {
+        c->stats.n_writes_dropped++;
+    }
+    pthread_mutex_unlock(&c->mu);
+    if (why)
+        speed_log(SPEED_LOG_DEBUG, SPEED_SUBSYS_NET, h && h->request_id[0] ? h->request_id : NULL,
+                  "kv write of %zu bytes dropped: %s", length, why);
 }
 
 typedef struct {
@@ -185,7 +235,9 @@ speed_status_t speed_kv_grant_check(speed_kv_xfer_ctx_t *c, const speed_kv_notif
     const char *rid = m->request_id;
     pthread_mutex_lock(&c->mu);
     purge_locked(c, speed_clock_mono_ns());
-    kv_grant_t *g = take_locked(c, rid);
+    kv_grant_t **pp = find_locked(c, rid);
+    kv_grant_t *g = pp ? *pp : NULL;
+    if (g) g->checking = true; /* stays listed: its writes still land while the tags are hashed */
     pthread_mutex_unlock(&c->mu);
     if (!g) return SPEED_ERR_NOT_FOUND; /* logged by the caller, who knows whether grants are required */
     speed_status_t st = SPEED_OK;
@@ -195,6 +247,13 @@ speed_status_t speed_kv_grant_check(speed_kv_xfer_ctx_t *c, const speed_kv_notif
         st = SPEED_ERR_PEER_PROTOCOL;
     } else if (m->flags & SPEED_KV_NOTIFY_FLAG_ABORT) {
         keep = false; /* nothing more may come for this reservation */
+    } else if (g->n_refused) { /* written under ctx->mu by this thread's write handler: no race */
+        speed_log(SPEED_LOG_ERROR, SPEED_SUBSYS_NET, rid,
+                  "kv transfer: %llu of the reservation's writes were refused (outside its blocks, or device "
+                  "pools); the KV is refused",
+                  (unsigned long long)g->n_refused);
+        st = SPEED_ERR_TRANSFER;
+        keep = false;
     } else if (g->integrity && !tags_verify(g, m)) {
         speed_log(SPEED_LOG_ERROR, SPEED_SUBSYS_NET, rid, "kv transfer: integrity check failed: %s; the KV is refused",
                   m->n_tags ? "a layer's tag does not match the bytes received" : "the notify carries no tags");
@@ -202,10 +261,16 @@ speed_status_t speed_kv_grant_check(speed_kv_xfer_ctx_t *c, const speed_kv_notif
         keep = false;
     }
     pthread_mutex_lock(&c->mu);
-    if (st == SPEED_ERR_TRANSFER) c->stats.n_integrity_failed++;
-    if (keep) put_locked(c, g);
+    if (st == SPEED_ERR_TRANSFER && !g->n_refused) c->stats.n_integrity_failed++;
+    g->checking = false;
+    if (g->orphan) {
+        grant_free(g); /* dropped or expired meanwhile: already unlinked */
+    } else if (!keep) {
+        pp = find_locked(c, rid);
+        SPEED_ASSERT(pp && *pp == g);
+        unlink_locked(c, pp);
+    }
     pthread_mutex_unlock(&c->mu);
-    if (!keep) grant_free(g);
     return st;
 }
 

@@ -220,10 +220,14 @@ typedef struct {
                                 * (ucp_mem_map memory_type UCS_MEMORY_TYPE_CUDA): needs a UCX built
                                 * with CUDA; ctx_create refuses otherwise. Default false: device
                                 * pools are moved through the cache's pinned host mirror. */
+    bool writes_only;        /* decode side: descriptors built with a grant carry no rkeys, so a
+                              * peer can reach the pools only through the checked writes (no
+                              * one-sided put, however late or wherever aimed). For nodes without
+                              * cuda_direct (which needs the rkeys for its puts). Default false. */
 } speed_kv_xfer_ctx_params_t;
 
 /* epoch 0 (auto), op_timeout_ms 10000, no callback, no grants required, UCX's transports and
- * devices, cuda_direct false. */
+ * devices, cuda_direct false, writes_only false. */
 speed_kv_xfer_ctx_params_t speed_kv_xfer_ctx_default_params(void);
 
 /* Creates the UCP context (RMA, AM, WAKEUP), one worker (thread mode MULTI) and the progress
@@ -286,6 +290,10 @@ typedef struct {
     uint64_t n_aborts_sent;      /* prefill side: abort notifies sent by cancelled transfers */
     uint64_t n_aborts_received;  /* decode side: abort notifies accepted (right nonce) */
     int n_grants;                /* decode side: grants held now */
+    uint64_t n_writes;           /* decode side: KV writes checked and copied into the pools */
+    uint64_t bytes_written;      /* their bytes */
+    uint64_t n_writes_dropped;   /* KV writes refused: no (live) grant for the request, wrong nonce,
+                                  * outside the reservation's blocks, or malformed */
     uint64_t bytes_notified;     /* Σ bytes of accepted notifies */
     /* endpoints */
     int n_endpoints;          /* cached now */

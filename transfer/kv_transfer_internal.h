@@ -36,6 +36,7 @@
 
 #define AM_ID_NOTIFY 0x5301
 #define AM_ID_ACK    0x5302
+#define AM_ID_WRITE  0x5303 /* a KV write the receiver checks against its grant, then copies */
 #define MSG_MAGIC    SPEED_KV_NOTIFY_MAGIC
 #define REQ_ID_MAX   SPEED_KV_NOTIFY_ID_MAX
 
@@ -53,6 +54,21 @@ typedef struct {
  * Returns false (nothing logged: an ack nobody waits for is dropped) or true with *a_p filled. */
 bool speed_kv_ack_decode(const void *data, size_t length, ack_msg_t *a_p);
 
+/* The header of a KV write (AM_ID_WRITE; the data follows as the message's payload, sent eager).
+ * Where the bytes go is the sender's computation from the descriptor, as for a put; the
+ * receiver copies them there only if the grant of request_id exists, the nonce is its own, and
+ * [raddr, raddr + length) lies inside the unit of logical block `block` of `layer` of that
+ * grant's reservation. */
+#define WRITE_MAGIC 0x4b565752u /* "RWVK" */
+typedef struct {
+    uint32_t magic;
+    uint32_t layer;
+    int64_t block; /* logical block index in the layer */
+    uint64_t raddr;
+    char request_id[REQ_ID_MAX];
+    uint8_t nonce[SPEED_KV_NONCE_BYTES];
+} write_hdr_t;
+
 typedef struct ack_buf {
     struct ack_buf *prev, *next;
     struct speed_kv_xfer_ctx *ctx;
@@ -61,8 +77,9 @@ typedef struct ack_buf {
 
 /* ---- context state ------------------------------------------------------------------------- */
 
-/* Decode side: a reservation's secret and, in integrity mode, its layout (the descriptor's
- * addresses are this node's own), to verify the notify's tags over the received bytes. */
+/* Decode side: a reservation's secret and its layout (the descriptor's addresses are this node's
+ * own): to check every KV write against the reservation's blocks, and, in integrity mode, to
+ * verify the notify's tags over the received bytes. */
 typedef struct {
     uint64_t base, stride;
     int32_t *table; /* [n_blocks] */
@@ -75,11 +92,16 @@ typedef struct kv_grant {
     uint8_t nonce[SPEED_KV_NONCE_BYTES];
     uint64_t deadline_ns; /* CLOCK_MONOTONIC: dropped after it */
     bool integrity;
+    bool device;   /* the pools are device memory (cuda_direct): writes cannot be copied, puts only */
+    bool checking; /* its notify's tags are being verified (progress thread, ctx->mu not held) */
+    bool orphan;   /* unlinked (dropped, expired) while checking: the checker frees it */
+    uint64_t n_refused; /* writes with the right nonce that were refused (outside the units, device
+                         * pools): the KV is incomplete, its notify is refused */
     int block_tokens;
     uint64_t unit_bytes;
     uint32_t n_layers, n_pools;
-    speed_kv_desc_layer_t *layers; /* [n_layers] (integrity) */
-    grant_pool_t *pools;           /* [n_pools] (integrity) */
+    speed_kv_desc_layer_t *layers; /* [n_layers] */
+    grant_pool_t *pools;           /* [n_pools] */
 } kv_grant_t;
 
 typedef struct kv_region {
@@ -177,6 +199,7 @@ struct speed_kv_xfer {
     speed_kv_notify_wire_t msg;                 /* the notify's fields */
     bool integrity;                             /* compute a tag per layer at finish */
     bool has_nonce;                             /* a cancel sends an abort notify */
+    bool am_write;                              /* KV goes as checked writes (AM_ID_WRITE), not puts */
     bool aborting;                              /* cancelled: flushing, then sending the abort notify */
     bool abort_sent;                            /* the abort notify went out (once) */
     uint8_t abort_wire[SPEED_KV_NOTIFY_HEADER]; /* its bytes (x->wire may still be in flight) */
@@ -191,7 +214,7 @@ struct speed_kv_xfer {
     bool orphan;          /* destroyed by the user, freed when pending and puts are 0 */
     uint64_t bytes_put, n_puts;
     uint64_t t_create, t_push, t_finish, t_end;
-    atomic_int puts_pending; /* put requests not completed */
+    atomic_int puts_pending; /* put (or write) requests not completed */
 };
 
 /* ---- small helpers ------------------------------------------------------------------------- */
@@ -245,17 +268,29 @@ speed_status_t speed_kv_layer_tag(const uint8_t nonce[SPEED_KV_NONCE_BYTES], int
                                   uint64_t unit_bytes, kv_block_addr_fn addr, void *user,
                                   uint8_t tag[SPEED_KV_TAG_BYTES]);
 
-/* Records a grant for desc (built by this context): id, nonce, lease, and the layout when
- * desc->integrity. Drops expired grants first. Returns SPEED_OK, SPEED_ERR_INVALID_ARGUMENT (id
- * already granted) or SPEED_ERR_NO_MEMORY. ctx->mu not held. */
+/* Records a grant for desc (built by this context): id, nonce, lease, the layout, and whether
+ * the pools are device memory. Drops expired grants first. Returns SPEED_OK,
+ * SPEED_ERR_INVALID_ARGUMENT (id already granted) or SPEED_ERR_NO_MEMORY. ctx->mu not held. */
 speed_status_t speed_kv_grant_add(speed_kv_xfer_ctx_t *ctx, const char *id, const speed_kv_desc_t *desc,
-                                  int64_t grant_ms);
+                                  int64_t grant_ms, bool device);
+
+/* A KV write that arrived (progress thread; h NULL when the message was malformed): copies the
+ * data to h->raddr if the grant of h->request_id exists and has not expired, h->nonce is its
+ * nonce (constant time), its pools are host memory, and [raddr, raddr + length) lies inside the
+ * unit of block h->block of layer h->layer of that reservation; else drops it and counts it
+ * (n_writes_dropped; a debug log, never the nonce). A write with the right nonce that is refused
+ * all the same (outside the units, device pools) also marks the grant, whose notify is then
+ * refused: the sender proved it is the reservation's, so its KV is incomplete. The copy happens under ctx->mu, so once
+ * speed_kv_xfer_ctx_grant_drop has returned no write for that grant touches the pool any more.
+ * ctx->mu not held. */
+void speed_kv_grant_write(speed_kv_xfer_ctx_t *ctx, const write_hdr_t *h, const void *data, size_t length);
 
 /* Checks a decoded notify against its grant (progress thread): the grant exists and the nonce
- * matches (constant time) -> an abort drops the grant and returns SPEED_OK; otherwise, in
- * integrity mode, the tags are verified over the local blocks. Returns SPEED_OK,
- * SPEED_ERR_NOT_FOUND (no grant), SPEED_ERR_PEER_PROTOCOL (wrong nonce), SPEED_ERR_TRANSFER
- * (tags missing or not matching: the grant is dropped, n_integrity_failed counted). Logs the
+ * matches (constant time) -> an abort drops the grant and returns SPEED_OK; otherwise the KV is
+ * refused if any of the reservation's writes was (speed_kv_grant_write), and in integrity mode
+ * the tags are verified over the local blocks. Returns SPEED_OK, SPEED_ERR_NOT_FOUND (no grant),
+ * SPEED_ERR_PEER_PROTOCOL (wrong nonce), SPEED_ERR_TRANSFER (writes refused, or tags missing or
+ * not matching: the grant is dropped; n_integrity_failed counted for the tags). Logs the
  * refusals but NOT_FOUND (never the nonce).
  * ctx->mu not held. */
 speed_status_t speed_kv_grant_check(speed_kv_xfer_ctx_t *ctx, const speed_kv_notify_wire_t *m);

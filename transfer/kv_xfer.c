@@ -1,5 +1,7 @@
 /* UCX KV transfer, the transfers (kv_transfer.h): creating one from a descriptor (the layout
- * checks), pushing a layer's blocks with puts, finish (flush, then the notify), wait / poll /
+ * checks), pushing a layer's blocks as checked writes (a descriptor with a grant's nonce: active
+ * messages the receiver checks against the grant before copying, kv_grant.c) or as one-sided
+ * puts (no nonce, or cuda_direct), finish (flush, then the notify), wait / poll /
  * cancel / info / destroy, and the UCX callbacks of those operations. The context they run in
  * is kv_xfer_ctx.c; the shared structures, the locking and the lifetimes are described in
  * kv_transfer_internal.h.
@@ -290,6 +292,11 @@ speed_status_t speed_kv_xfer_create(speed_kv_xfer_ctx_t *c, const speed_kv_desc_
     x->lease_end_ns = lease_end;
     x->integrity = d->integrity;
     x->has_nonce = d->has_nonce;
+    /* With a grant, the KV goes as writes the decode node checks against it before copying:
+     * a write delayed past the reservation's end is dropped there (kv_grant.c). Puts remain
+     * for descriptors without a nonce and for cuda_direct (GPU memory the receiver cannot copy
+     * into; a cluster-wide setting). */
+    x->am_write = d->has_nonce && !c->p.cuda_direct;
     x->t_create = speed_clock_mono_ns();
     if (request_id) snprintf(x->request_id, sizeof x->request_id, "%s", request_id);
     x->layers = speed_calloc((size_t)L, sizeof *x->layers);
@@ -332,13 +339,19 @@ speed_status_t speed_kv_xfer_create(speed_kv_xfer_ctx_t *c, const speed_kv_desc_
         speed_kv_xfer_free(x);
         return st;
     }
-    for (uint32_t p = 0; p < d->n_pools; p++) {
+    for (uint32_t p = 0; p < d->n_pools && !x->am_write; p++) { /* checked writes need no rkeys */
         const speed_kv_desc_region_t *g = &d->regions[d->pools[p].region];
-        ucs_status_t s = ucp_ep_rkey_unpack(x->ep->ep, g->rkey, &x->pools[p].rkey);
+        ucs_status_t s = g->rkey_len ? ucp_ep_rkey_unpack(x->ep->ep, g->rkey, &x->pools[p].rkey) : UCS_ERR_UNSUPPORTED;
         if (s != UCS_OK) {
             x->pools[p].rkey = NULL;
-            speed_log(SPEED_LOG_ERROR, SPEED_SUBSYS_NET, request_id,
-                      "kv transfer: rkey of region %u does not unpack: %s", d->pools[p].region, ucs_status_string(s));
+            if (g->rkey_len == 0) /* a decode node that takes checked writes only; this side puts */
+                speed_log(SPEED_LOG_ERROR, SPEED_SUBSYS_NET, request_id,
+                          "kv transfer: the descriptor carries no rkeys (its decode node takes checked writes "
+                          "only), but this node sends puts (ucx.cuda_direct): set ucx.cuda_direct alike on both");
+            else
+                speed_log(SPEED_LOG_ERROR, SPEED_SUBSYS_NET, request_id,
+                          "kv transfer: rkey of region %u does not unpack: %s", d->pools[p].region,
+                          ucs_status_string(s));
             pthread_mutex_lock(&c->mu);
             c->stats.n_failed[SPEED_KV_STAGE_CONNECT]++;
             x->ep->refs--;
@@ -380,9 +393,64 @@ speed_status_t speed_kv_xfer_create_engine(speed_kv_xfer_ctx_t *c, const speed_k
     return speed_kv_xfer_create(c, d, speed_engine_kv_cache(engine), kv, n_full, n_compact, request_id, xfer_p);
 }
 
-/* One put; false on an immediate error (*err set). */
-static bool put_one(speed_kv_xfer_t *x, ucp_ep_h ep, const void *src, size_t len, uint64_t raddr, ucp_rkey_h rkey,
-                    ucp_mem_h memh, ucs_status_t *err) {
+typedef struct {
+    speed_kv_xfer_t *x;
+    write_hdr_t h; /* UCX 1.13 reads an AM header until the send completes */
+} write_req_t;
+
+static void write_req_free(write_req_t *w) {
+    memset(&w->h, 0, sizeof w->h); /* the nonce */
+    speed_free(w);
+}
+
+static void write_cb(void *req, ucs_status_t status, void *user) {
+    write_req_t *w = user;
+    speed_kv_xfer_t *x = w->x;
+    if (status != UCS_OK) {
+        pthread_mutex_lock(&x->ctx->mu);
+        speed_kv_xfer_fail_locked(x, op_status(x->ep, status), SPEED_KV_STAGE_PUT, ucs_status_string(status));
+        pthread_mutex_unlock(&x->ctx->mu);
+    }
+    ucp_request_free(req);
+    write_req_free(w);
+    atomic_fetch_sub(&x->puts_pending, 1);
+}
+
+/* One checked write (AM_ID_WRITE, eager: the receiver gets the bytes with the header and
+ * decides before they touch its pool); false on an immediate error (*err set). */
+static bool write_one(speed_kv_xfer_t *x, ucp_ep_h ep, int layer, int64_t block, const void *src, size_t len,
+                      uint64_t raddr, ucs_status_t *err) {
+    write_req_t *w = speed_malloc(sizeof *w);
+    if (!w) {
+        *err = UCS_ERR_NO_MEMORY;
+        return false;
+    }
+    w->x = x;
+    w->h = (write_hdr_t){.magic = WRITE_MAGIC, .layer = (uint32_t)layer, .block = block, .raddr = raddr};
+    memcpy(w->h.request_id, x->msg.request_id, sizeof w->h.request_id);
+    memcpy(w->h.nonce, x->msg.nonce, sizeof w->h.nonce);
+    ucp_request_param_t prm = {
+        .op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS,
+        .cb.send = write_cb,
+        .user_data = w,
+        .flags = UCP_AM_SEND_FLAG_EAGER,
+    };
+    atomic_fetch_add(&x->puts_pending, 1);
+    ucs_status_ptr_t r = ucp_am_send_nbx(ep, AM_ID_WRITE, &w->h, sizeof w->h, src, len, &prm);
+    if (UCS_PTR_IS_PTR(r)) return true;
+    atomic_fetch_sub(&x->puts_pending, 1);
+    write_req_free(w);
+    if (UCS_PTR_IS_ERR(r)) {
+        *err = UCS_PTR_STATUS(r);
+        return false;
+    }
+    return true;
+}
+
+/* One put, or one checked write (x->am_write); false on an immediate error (*err set). */
+static bool put_one(speed_kv_xfer_t *x, ucp_ep_h ep, int layer, int64_t block, const void *src, size_t len,
+                    uint64_t raddr, ucp_rkey_h rkey, ucp_mem_h memh, ucs_status_t *err) {
+    if (x->am_write) return write_one(x, ep, layer, block, src, len, raddr, err);
     ucp_request_param_t prm = {
         .op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_MEMH,
         .cb.send = put_cb,
@@ -471,20 +539,21 @@ speed_status_t speed_kv_xfer_push_layer(speed_kv_xfer_t *x, int layer, int64_t n
             const char *k = (const char *)src + x->l_head_off, *v = k + x->half_unit;
             uint64_t rk = raddr + x->r_head_off, rv = rk + x->r_half;
             for (int64_t s = 0; ok && s < n; s++)
-                ok = put_one(x, ep, k + (size_t)s * x->l_slot, x->run, rk + (uint64_t)s * x->r_slot, pl->rkey, memh,
-                             &err) &&
-                     put_one(x, ep, v + (size_t)s * x->l_slot, x->run, rv + (uint64_t)s * x->r_slot, pl->rkey, memh,
-                             &err);
+                ok = put_one(x, ep, layer, i, k + (size_t)s * x->l_slot, x->run, rk + (uint64_t)s * x->r_slot, pl->rkey,
+                             memh, &err) &&
+                     put_one(x, ep, layer, i, v + (size_t)s * x->l_slot, x->run, rv + (uint64_t)s * x->r_slot,
+                             pl->rkey, memh, &err);
             bytes += 2 * (uint64_t)n * x->run;
             n_puts += 2 * (uint64_t)n;
         } else if (n == B) {
-            ok = put_one(x, ep, src, unit, raddr, pl->rkey, memh, &err);
+            ok = put_one(x, ep, layer, i, src, unit, raddr, pl->rkey, memh, &err);
             bytes += unit;
             n_puts++;
         } else { /* partial last block: K rows, then V rows */
             size_t half = (size_t)n * x->token_bytes / 2;
-            ok = put_one(x, ep, src, half, raddr, pl->rkey, memh, &err) &&
-                 put_one(x, ep, (char *)src + x->half_unit, half, raddr + x->half_unit, pl->rkey, memh, &err);
+            ok = put_one(x, ep, layer, i, src, half, raddr, pl->rkey, memh, &err) &&
+                 put_one(x, ep, layer, i, (char *)src + x->half_unit, half, raddr + x->half_unit, pl->rkey, memh,
+                         &err);
             bytes += 2 * half;
             n_puts += 2;
         }

@@ -1,8 +1,9 @@
 /* UCX KV transfer, the context (kv_transfer.h): the UCP context and its worker, the progress
  * thread that drives the worker and enforces deadlines, the active-message callbacks (a decode
- * node receiving notifies, a prefill node receiving acks), registration of KV caches, and the
- * endpoint cache. Transfers themselves are in kv_xfer.c, descriptors in kv_desc.c; the shared
- * structures, the locking and the lifetimes are described in kv_transfer_internal.h.
+ * node receiving KV writes and notifies, a prefill node receiving acks), registration of KV
+ * caches, and the endpoint cache. Transfers themselves are in kv_xfer.c, descriptors in
+ * kv_desc.c; the shared structures, the locking and the lifetimes are described in
+ * kv_transfer_internal.h.
  */
 #include <errno.h>
 #include <poll.h>
@@ -162,6 +163,22 @@ static ucs_status_t notify_handler(void *arg, const void *header, size_t header_
     uint64_t token = m.token;
     memset(&m, 0, sizeof m); /* the nonce */
     if (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) ack_send(c, param->reply_ep, token, st);
+    return UCS_OK;
+}
+
+/* A KV write (AM_ID_WRITE): checked against its grant, copied or dropped (kv_grant.c). The
+ * sender forces eager; a rendezvous write is dropped unread like a malformed one. */
+static ucs_status_t write_handler(void *arg, const void *header, size_t header_length, void *data, size_t length,
+                                  const ucp_am_recv_param_t *param) {
+    speed_kv_xfer_ctx_t *c = arg;
+    write_hdr_t h;
+    bool ok = !(param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) && header && header_length == sizeof h && data;
+    if (ok) {
+        memcpy(&h, header, sizeof h);
+        ok = h.magic == WRITE_MAGIC && memchr(h.request_id, '\0', sizeof h.request_id) != NULL;
+    }
+    speed_kv_grant_write(c, ok ? &h : NULL, data, length);
+    memset(&h, 0, sizeof h); /* the nonce */
     return UCS_OK;
 }
 
@@ -434,6 +451,12 @@ speed_status_t speed_kv_xfer_ctx_create(const speed_kv_xfer_ctx_params_t *params
     }
     hp.id = AM_ID_ACK;
     hp.cb = ack_handler;
+    if ((s = ucp_worker_set_am_recv_handler(c->worker, &hp)) != UCS_OK) {
+        st = ucx_fail("ucp_worker_set_am_recv_handler", s);
+        goto fail;
+    }
+    hp.id = AM_ID_WRITE;
+    hp.cb = write_handler;
     if ((s = ucp_worker_set_am_recv_handler(c->worker, &hp)) != UCS_OK) {
         st = ucx_fail("ucp_worker_set_am_recv_handler", s);
         goto fail;

@@ -129,7 +129,8 @@ static const speed_config_field_t fields[] = {
     {"ucx.cuda_direct", SPEED_CONFIG_BOOL, offsetof(speed_cluster_config_t, ucx_cuda_direct), "false",
      SPEED_CONFIG_UNBOUNDED, NULL,
      "cuda nodes: UCX reads/writes GPU KV memory directly (needs a UCX built with CUDA) instead of staging "
-     "it through pinned host memory"},
+     "it through pinned host memory; KV then goes as one-sided puts, not checked writes: set it alike on every "
+     "node"},
     F("node.index", INT, node_index, "0", 0, 63, "this process's replica index in its pool (set by speedctl up)"),
 };
 

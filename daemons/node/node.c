@@ -206,6 +206,7 @@ GAUGE_FN(g_kv_bytes_used, (double)(s.kv.usage.bytes_used[0] + s.kv.usage.bytes_u
 XFER_FN(g_nonce_refused, (double)s.n_nonce_rejected)
 XFER_FN(g_integrity_failed, (double)s.n_integrity_failed)
 XFER_FN(g_aborts, (double)(s.n_aborts_sent + s.n_aborts_received))
+XFER_FN(g_writes_dropped, (double)s.n_writes_dropped)
 
 static double g_state(void *user) { return (double)atomic_load(&((speed_node_t *)user)->state); }
 
@@ -258,6 +259,11 @@ static speed_status_t metrics_init(speed_node_t *n) {
                                               "Cancelled transfers' abort notifies sent (prefill) or accepted "
                                               "(decode), since start",
                                               g_aborts, n, NULL));
+    SPEED_CHECK(speed_gauge_register_callback(m, "speed_kv_writes_dropped",
+                                              "KV writes the decode node dropped: no live grant (the reservation "
+                                              "ended: a late write), a wrong nonce, or outside the reservation's "
+                                              "blocks (since start)",
+                                              g_writes_dropped, n, NULL));
     return SPEED_OK;
 }
 
@@ -319,6 +325,16 @@ static speed_status_t backend_create(speed_node_t *n) {
     return st;
 }
 
+/* The batcher is about to free a request's KV blocks (its end, a cancel, its lease end): revoke
+ * the reservation's grant first, so that a KV write still on its way (a prefill node frozen, a
+ * partitioned link whose TCP delivers it later) is dropped by the transfer context instead of
+ * landing in blocks another request may get next. Batcher thread; the context exists before
+ * any request does. */
+static void on_kv_free(void *user, const char *request_id) {
+    speed_node_t *n = user;
+    if (n->xfer) speed_kv_xfer_ctx_grant_drop(n->xfer, request_id);
+}
+
 static speed_status_t load_model(speed_node_t *n) {
     const speed_cluster_config_t *c = &n->cfg;
     if (!c->model || !*c->model) {
@@ -367,6 +383,10 @@ static speed_status_t load_model(speed_node_t *n) {
     if (per_seq < 2) per_seq = 2;
     int64_t n_new = per_seq / 4 > 0 ? per_seq / 4 : 1;
     SPEED_CHECK(speed_engine_params_fit_kv(&p.engine, n->pool->max_running, per_seq - n_new, n_new));
+    if (strcmp(n->role, "decode") == 0) {
+        p.on_kv_free = on_kv_free; /* the grant goes before the blocks do */
+        p.kv_free_user = n;
+    }
     SPEED_CHECK(speed_batcher_create(&p, &n->batcher));
 
     speed_kv_xfer_ctx_params_t xp = speed_kv_xfer_ctx_default_params();
@@ -382,6 +402,9 @@ static speed_status_t load_model(speed_node_t *n) {
     if (strcmp(n->role, "decode") == 0) {
         /* a notify marks KV ready only with the reservation's nonce (grants from Reserve) */
         xp.require_grant = true;
+        /* and no rkey in a Reserve reply: KV reaches the pools only as checked writes, unless
+         * the pools are GPU memory the receiver cannot copy into (cuda_direct: puts) */
+        xp.writes_only = !c->ucx_cuda_direct;
         xp.notify_cb = speed_node_on_kv_notify;
         xp.notify_user = n;
     }

@@ -98,6 +98,12 @@ typedef void (*speed_batch_event_cb_t)(void *user, const speed_batch_event_t *ev
 typedef speed_status_t (*speed_batch_layer_cb_t)(void *user, speed_kv_cache_t *cache, const speed_kv_seq_t *seq,
                                                  int layer, int64_t n_done, int64_t n_total);
 
+/* A request's KV blocks are about to return to the free list (its finish, a cancel, its lease
+ * end, a release): called on the batcher's thread, before the engine frees them. A decode node
+ * revokes the request's transfer grant here, so that no KV write for it can land once the
+ * blocks may belong to another request. Must not call the batcher. */
+typedef void (*speed_batch_kv_free_cb_t)(void *user, const char *request_id);
+
 /* How a request generates (submit and start). */
 typedef struct {
     speed_sampling_params_t sampling;
@@ -143,6 +149,8 @@ typedef struct {
                                    * speed_batcher_release, its lease end, or this long if > 0
                                    * (tests); default 0: release or the lease. A prefill node's
                                    * puts already posted may still land in them. */
+    speed_batch_kv_free_cb_t on_kv_free; /* optional */
+    void *kv_free_user;
 } speed_batcher_params_t;
 
 speed_batcher_params_t speed_batcher_default_params(void);

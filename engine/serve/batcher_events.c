@@ -48,6 +48,8 @@ void speed_batcher_req_unlink_free(speed_batcher_t *b, req_t *r) {
 
 void speed_batcher_engine_remove(speed_batcher_t *b, req_t *r) {
     if (r->in_engine) {
+        /* first: once the hook returns, nothing may write these blocks for r any more */
+        if (b->p.on_kv_free) b->p.on_kv_free(b->p.kv_free_user, r->id);
         speed_engine_seq_remove(b->engine, r->seq);
         r->in_engine = false;
     }

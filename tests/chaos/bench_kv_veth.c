@@ -4,8 +4,10 @@
  * on eth0: the prefill side reaches it through veth, bridge, veth), one on host 0 (UCX on lo).
  * The prefill side runs on host 0 with one UCX context per path and pushes the same filled
  * cache (TinyLlama-shaped: 22 layers x 1 KiB per token, 16-token units, ~--mib MiB) into each,
- * veth and loopback alternated so both see the same machine load. One transfer = create +
- * push_all + finish + wait for the ack. Prints the medians of --reps, GB/s and veth/loopback.
+ * veth and loopback alternated so both see the same machine load, each path both ways: as
+ * one-sided puts (the descriptor without its nonce) and as the checked writes of its grant
+ * (docs/security.md, "Checked writes"). One transfer = create + push_all + finish + wait for the
+ * ack. Prints the medians of --reps, GB/s, veth/loopback and writes/puts.
  *
  *   bench_kv_veth [--mib 64] [--reps 7]
  * ctest runs it (label perf) only with SPEED_TEST_PERF=1; it needs root (else 77).
@@ -78,7 +80,7 @@ static int decode_side(nb_bed_t *b, int host, const char *dev, int fd) {
     speed_kv_seq_t *seq = NULL;
     speed_kv_cache_t *cache = make_cache(be, &seq);
     if (!ctx || !cache || speed_kv_xfer_ctx_register_cache(ctx, cache) != SPEED_OK) return 3;
-    speed_kv_desc_params_t dp = {.transport = SPEED_KV_TRANSPORT_TCP};
+    speed_kv_desc_params_t dp = {.transport = SPEED_KV_TRANSPORT_TCP, .grant_id = "bench-w"};
     speed_kv_desc_t *d = NULL;
     uint8_t *bytes = NULL;
     size_t len = 0;
@@ -113,11 +115,14 @@ static pid_t start_side(nb_bed_t *b, int host, const char *dev, int *fd_p) {
     return pid;
 }
 
-static double time_one(speed_kv_xfer_ctx_t *ctx, const speed_kv_desc_t *d, speed_kv_cache_t *cache,
-                       speed_kv_seq_t *seq) {
+/* One transfer: as puts (the descriptor without its nonce) or as checked writes (with it). */
+static double time_one(speed_kv_xfer_ctx_t *ctx, speed_kv_desc_t *d, speed_kv_cache_t *cache, speed_kv_seq_t *seq,
+                       bool writes) {
     double t0 = now_s();
     speed_kv_xfer_t *x = NULL;
-    speed_status_t st = speed_kv_xfer_create(ctx, d, cache, seq, entries(), entries(), NULL, &x);
+    d->has_nonce = writes;
+    speed_status_t st =
+        speed_kv_xfer_create(ctx, d, cache, seq, entries(), entries(), writes ? "bench-w" : "bench-puts", &x);
     if (st == SPEED_OK) st = speed_kv_xfer_push_all(x);
     if (st == SPEED_OK) st = speed_kv_xfer_finish(x);
     if (st == SPEED_OK) st = speed_kv_xfer_wait(x, -1);
@@ -178,23 +183,28 @@ int main(int argc, char **argv) {
                 speed_kv_cache_block_addr(cache, seq, l, k, &a, &n);
                 memset(a, (int)(l + k) | 1, n);
             }
-        double tv[MAX_REPS], tl[MAX_REPS];
+        double t[4][MAX_REPS]; /* veth puts, veth writes, loopback puts, loopback writes */
         rc = 0;
-        for (int r = 0; r < g_reps + 1 && !rc; r++) { /* the first pair connects: untimed */
-            double v = time_one(ctx_veth, d_veth, cache, seq), l = time_one(ctx_lo, d_lo, cache, seq);
-            if (v <= 0 || l <= 0) rc = 1;
-            if (r > 0) tv[r - 1] = v, tl[r - 1] = l;
+        for (int r = 0; r < g_reps + 1 && !rc; r++) { /* the first round connects: untimed */
+            for (int k = 0; k < 4 && !rc; k++) {
+                double dt = k < 2 ? time_one(ctx_veth, d_veth, cache, seq, k == 1)
+                                  : time_one(ctx_lo, d_lo, cache, seq, k == 3);
+                if (dt <= 0) rc = 1;
+                if (r > 0) t[k][r - 1] = dt;
+            }
         }
         if (!rc) {
-            double total = (double)N_LAYERS * (double)entries() * 1024;
-            double mv = tu_median(tv, g_reps), ml = tu_median(tl, g_reps);
+            double total = (double)N_LAYERS * (double)entries() * 1024, m[4];
+            for (int k = 0; k < 4; k++) m[k] = tu_median(t[k], g_reps);
             printf("KV transfer, UCX tcp, %d layers x 1 KiB/token, %d-token units, %.1f MiB per transfer, median of %d, "
                    "alternated\n",
                    N_LAYERS, B, total / (1 << 20), g_reps);
-            printf("%-28s %9s %9s\n", "path", "ms", "GB/s");
-            printf("%-28s %9.2f %9.3f\n", "veth (host 0 -> host 1)", mv * 1e3, total / mv / 1e9);
-            printf("%-28s %9.2f %9.3f\n", "loopback (host 0 -> host 0)", ml * 1e3, total / ml / 1e9);
-            printf("ratio veth / loopback GB/s: %.3f\n", ml / mv);
+            printf("%-36s %9s %9s\n", "path", "ms", "GB/s");
+            const char *names[4] = {"veth (host 0 -> host 1), puts", "veth, checked writes",
+                                    "loopback (host 0 -> host 0), puts", "loopback, checked writes"};
+            for (int k = 0; k < 4; k++) printf("%-36s %9.2f %9.3f\n", names[k], m[k] * 1e3, total / m[k] / 1e9);
+            printf("ratio veth / loopback GB/s: puts %.3f, writes %.3f\n", m[2] / m[0], m[3] / m[1]);
+            printf("ratio writes / puts GB/s: veth %.3f, loopback %.3f\n", m[0] / m[1], m[2] / m[3]);
         }
     }
     if (rc) fprintf(stderr, "bench_kv_veth: set-up or a transfer failed\n");

@@ -74,7 +74,14 @@ static struct {
     ch_totals_t load;
     double migrations, prefill_retries, node_down, router_5xx;
     double leaked_blocks;
+    double writes_dropped; /* KV writes the decode nodes refused (late ones after a reservation ended) */
 } g_sum;
+
+/* The decode nodes' speed_kv_writes_dropped, per node (a restarted node starts again at 0). */
+static void writes_dropped(double v[CU_MAX_REPLICAS]) {
+    for (int i = 0; i < CU_MAX_REPLICAS; i++)
+        v[i] = i < ch_n_nodes(&g_k, CH_DECODE) ? ch_node_metric(&g_k, CH_DECODE, i, "speed_kv_writes_dropped") : 0;
+}
 
 /* ---- faults ------------------------------------------------------------------------------- */
 
@@ -225,6 +232,8 @@ static bool scenario(fault_t f, unsigned seed) {
     double t0 = now_s();
     ch_router_snap_t r0, r1;
     ch_router_snap(&g_k, &r0);
+    double wd0[CU_MAX_REPLICAS], wd1[CU_MAX_REPLICAS], dropped = 0;
+    writes_dropped(wd0);
     ch_load_params_t lp = {.port = g_k.rport,
                            .prompts = g_prompts,
                            .n_prompts = N_PROMPTS,
@@ -258,6 +267,8 @@ static bool scenario(fault_t f, unsigned seed) {
     CHECK_MSG(ch_nodes_serve(&g_k, &g_prompts[0]), "%s: the cluster does not serve every node exactly", what);
     /* invariant 4: the router counted what happened */
     ch_router_snap(&g_k, &r1);
+    writes_dropped(wd1);
+    for (int i = 0; i < CU_MAX_REPLICAS; i++) dropped += wd1[i] >= wd0[i] ? wd1[i] - wd0[i] : wd1[i];
     double migrations = r1.migrations - r0.migrations, down = 0;
     for (int r = 0; r < 2; r++)
         for (int i = 0; i < CU_MAX_REPLICAS; i++) down += r1.node_down[r][i] - r0.node_down[r][i];
@@ -275,10 +286,10 @@ static bool scenario(fault_t f, unsigned seed) {
     fprintf(stderr,
             "chaos: scenario %s: %.1f s, %lld answers (%lld streamed): %lld complete, %lld clean errors, %lld "
             "violations; router: node_down +%.0f, prefill retries +%.0f, migrations +%.0f, 5xx +%.0f; leaked blocks "
-            "%.0f\n",
+            "%.0f; KV writes dropped +%.0f\n",
             what, now_s() - t0, t.n_requests, t.n_streamed, t.outcomes[CH_COMPLETE], t.outcomes[CH_CLEAN_ERROR],
             ch_totals_violations(&t), down, r1.prefill_retries - r0.prefill_retries, migrations,
-            r1.errors_5xx - r0.errors_5xx, left.blocks);
+            r1.errors_5xx - r0.errors_5xx, left.blocks, dropped);
     if (t.outcomes[CH_CLEAN_ERROR]) ch_totals_print(&t, "chaos:    ");
     g_sum.faults[f]++;
     ch_totals_add(&g_sum.load, &t);
@@ -287,6 +298,7 @@ static bool scenario(fault_t f, unsigned seed) {
     g_sum.node_down += down;
     g_sum.router_5xx += r1.errors_5xx - r0.errors_5xx;
     g_sum.leaked_blocks += left.blocks;
+    g_sum.writes_dropped += dropped;
     bool ok = atomic_load(&check_failures_) == failed0;
     if (!ok) g_sum.faults_failed[f]++;
     return ok;
@@ -304,6 +316,7 @@ static void print_totals(double seconds) {
             g_sum.migrations, g_sum.prefill_retries, g_sum.node_down, g_sum.router_5xx);
     fprintf(stderr, "chaos total leaked blocks %.0f, hangs %lld, violations %lld\n", g_sum.leaked_blocks,
             g_sum.load.outcomes[CH_HANG], ch_totals_violations(&g_sum.load));
+    fprintf(stderr, "chaos total KV writes dropped by decode nodes %.0f\n", g_sum.writes_dropped);
 }
 
 /* ---- main --------------------------------------------------------------------------------- */

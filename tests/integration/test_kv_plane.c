@@ -5,7 +5,7 @@
  *     (before: it decoded over whatever the reused blocks held, the previous user's KV);
  *  2. a Prefill whose descriptor carries a wrong nonce: the decode node refuses the notify, the
  *     Prefill fails, and Generate on the reservation is refused; with the right nonce the same
- *     path works (the control);
+ *     path works (the control); the Reserve reply carries no rkey (checked writes only);
  *  3. late puts: a prefill slowed past the router's request timeout (the test knob
  *     debug.prefill_layer_delay_ms) is cancelled by the router; as soon as the decode node has
  *     freed the cancelled reservation's blocks, a decode-only request (which takes freed blocks
@@ -137,6 +137,10 @@ static void wrong_nonce(speed_rpc_channel_t *pre, speed_rpc_channel_t *dec) {
     Speed__V1__ReserveReply *res = reserve(dec, "wn-1");
     if (!res) return;
     CHECK_INT_EQ(res->kv->nonce.len, 16);
+    /* no rkey in the reply: the pools are reachable only through the checked writes */
+    for (size_t i = 0; i < res->kv->n_regions; i++)
+        CHECK_MSG(res->kv->regions[i]->rkey.len == 0, "region %zu: an rkey of %zu bytes left the decode node", i,
+                  res->kv->regions[i]->rkey.len);
     if (res->kv->nonce.len == 16) res->kv->nonce.data[7] ^= 0x10;
     int32_t first = -1;
     char err[256] = "";

@@ -14,9 +14,17 @@
  * Then integrity mode (kv.integrity: an HMAC-SHA-256 tag per layer, computed by the sender over
  * its blocks at finish and verified by the receiver over what it received before the ack):
  * 16-token units, plain and integrity transfers alternated in one run (so both see the same
- * machine load), medians and the ratio integrity / plain GB/s.
+ * machine load), medians and the ratio integrity / plain GB/s. Both go as checked writes (their
+ * descriptors carry grants).
  *
- *   bench_kv_transfer [--mib 64] [--reps 7]
+ * Then checked writes against one-sided puts (docs/security.md, "late writes"): the same
+ * receiver cache and descriptor, once with its grant (the KV goes as active messages the decode
+ * side checks against the grant and copies) and once without the nonce (UCX puts, the path
+ * before), alternated, for units of 4, 16 and 64 tokens, medians and the ratio writes / puts.
+ *
+ * The first two tables are descriptors without grants: one-sided puts.
+ *
+ *   bench_kv_transfer [--mib 64] [--reps 7] [--writes-only]
  */
 #include <signal.h>
 #include <stdio.h>
@@ -67,8 +75,9 @@ static speed_kv_cache_t *make_cache(speed_backend_t *be, int B, int head_begin, 
     return c;
 }
 
-/* The decode node: per command {B, transport, integrity} a fresh cache and its descriptor (with
- * a grant named "bench-int" in integrity mode); B 0 ends. */
+/* The decode node: per command {B, transport, mode} a fresh cache and its descriptor: mode 0 no
+ * grant, 1 a grant "bench-int" in integrity mode, 2 a grant "bench-w", 3 both (two descriptors of
+ * the cache: "bench-w", then "bench-int"); B 0 ends. */
 static int decode_node(int fd) {
     speed_backend_params_t bp = speed_backend_default_params();
     bp.kind = SPEED_BACKEND_CPU_REF;
@@ -96,19 +105,24 @@ static int decode_node(int fd) {
         cache = make_cache(be, c[0], 0, 4, &seq);
         if (!cache || speed_kv_xfer_ctx_register_cache(ctx, cache) != SPEED_OK) return 3;
         speed_kv_xfer_ctx_grant_drop(ctx, "bench-int");
-        speed_kv_desc_params_t dp = {.transport = (speed_kv_transport_t)c[1]};
-        if (c[2]) {
-            dp.grant_id = "bench-int";
-            dp.integrity = true;
+        speed_kv_xfer_ctx_grant_drop(ctx, "bench-w");
+        for (int k = 0; k < (c[2] == 3 ? 2 : 1); k++) {
+            speed_kv_desc_params_t dp = {.transport = (speed_kv_transport_t)c[1]};
+            if (c[2] == 1 || (c[2] == 3 && k == 1)) {
+                dp.grant_id = "bench-int";
+                dp.integrity = true;
+            } else if (c[2] == 2 || c[2] == 3) {
+                dp.grant_id = "bench-w";
+            }
+            speed_kv_desc_t *d = NULL;
+            uint8_t *bytes = NULL;
+            size_t len = 0;
+            if (speed_kv_desc_build(ctx, cache, seq, entries_for(c[0]), entries_for(c[0]), &dp, &d) != SPEED_OK ||
+                xt_desc_pack(d, &bytes, &len) != SPEED_OK || xt_send(fd, bytes, len) != 0)
+                return 4;
+            speed_kv_desc_destroy(d);
+            speed_free(bytes);
         }
-        speed_kv_desc_t *d = NULL;
-        uint8_t *bytes = NULL;
-        size_t len = 0;
-        if (speed_kv_desc_build(ctx, cache, seq, entries_for(c[0]), entries_for(c[0]), &dp, &d) != SPEED_OK ||
-            xt_desc_pack(d, &bytes, &len) != SPEED_OK || xt_send(fd, bytes, len) != 0)
-            return 4;
-        speed_kv_desc_destroy(d);
-        speed_free(bytes);
     }
     speed_kv_xfer_ctx_destroy(ctx);
     speed_backend_destroy(be);
@@ -168,17 +182,20 @@ static void fill_units(speed_kv_cache_t *cache, speed_kv_seq_t *seq, int B) {
         }
 }
 
-/* A descriptor from the decode node for {B, transport, integrity}; NULL on failure. */
-static speed_kv_desc_t *ask_desc(int fd, int B, int t, int integrity) {
-    int32_t cmd[3] = {B, t, integrity};
+/* The next descriptor the decode node sends; NULL on failure. */
+static speed_kv_desc_t *recv_desc(int fd) {
     void *bytes = NULL;
     size_t len = 0;
     speed_kv_desc_t *d = NULL;
-    if (xt_send(fd, cmd, sizeof cmd) != 0 || xt_recv(fd, &bytes, &len, 60000) != 0 ||
-        xt_desc_unpack(bytes, len, &d) != SPEED_OK)
-        d = NULL;
+    if (xt_recv(fd, &bytes, &len, 60000) != 0 || xt_desc_unpack(bytes, len, &d) != SPEED_OK) d = NULL;
     free(bytes);
     return d;
+}
+
+/* Asks the decode node for {B, transport, mode} (see decode_node); 0 on success. */
+static int ask(int fd, int B, int t, int mode) {
+    int32_t cmd[3] = {B, t, mode};
+    return xt_send(fd, cmd, sizeof cmd) != 0;
 }
 
 /* Integrity mode against plain transfers, alternated, 16-token units. The decode node keeps one
@@ -196,19 +213,17 @@ static int bench_integrity(int fd, speed_kv_xfer_ctx_t *ctx, speed_backend_t *be
            B, g_reps, "xport", "plain ms", "integ ms", "plain GB/s", "integ GB/s", "ratio");
     int rc = 0;
     for (int t = 0; t < 2 && !rc; t++) {
-        /* One descriptor (with its grant "bench-int", integrity on) of the decode node's cache.
-         * The plain transfers use it with integrity off under another request id, which has no
-         * grant on the receiver (it requires none): no tags made, none verified. */
-        speed_kv_desc_t *d = ask_desc(fd, B, t, 1);
-        if (!d) {
+        /* Two descriptors of the decode node's cache, each with its grant: "bench-w" plain,
+         * "bench-int" in integrity mode. Both go as checked writes. */
+        speed_kv_desc_t *dw = ask(fd, B, t, 3) ? NULL : recv_desc(fd), *d = dw ? recv_desc(fd) : NULL;
+        if (!dw || !d) {
+            speed_kv_desc_destroy(dw);
             rc = 1;
             break;
         }
         double plain[MAX_REPS], integ[MAX_REPS];
         for (int r = 0; r < g_reps + 1 && !rc; r++) {
-            d->integrity = false;
-            double a = time_one(ctx, d, cache, seq, entries_for(B), "bench-plain");
-            d->integrity = true;
+            double a = time_one(ctx, dw, cache, seq, entries_for(B), "bench-w");
             double b = time_one(ctx, d, cache, seq, entries_for(B), "bench-int");
             if (a <= 0 || b <= 0) rc = 1;
             if (r > 0) {
@@ -222,6 +237,7 @@ static int bench_integrity(int fd, speed_kv_xfer_ctx_t *ctx, speed_backend_t *be
                    total / mi / 1e9, mp / mi);
         }
         speed_kv_desc_destroy(d);
+        speed_kv_desc_destroy(dw);
     }
     printf("ratio = integrity GB/s / plain GB/s\n");
     speed_kv_xfer_ctx_deregister_cache(ctx, cache);
@@ -230,15 +246,70 @@ static int bench_integrity(int fd, speed_kv_xfer_ctx_t *ctx, speed_backend_t *be
     return rc;
 }
 
+/* Checked writes against one-sided puts, alternated: the same descriptor (with the grant
+ * "bench-w") once as it is (writes) and once without its nonce (puts, no grant involved). */
+static int bench_writes(int fd, speed_kv_xfer_ctx_t *ctx, speed_backend_t *be) {
+    printf("\nchecked writes (active messages the receiver checks against the grant and copies) against one-sided "
+           "puts, alternated, median of %d\n%-5s %8s %11s %11s %11s %11s %9s\n",
+           g_reps, "xport", "unit", "puts ms", "writes ms", "puts GB/s", "writes GB/s", "ratio");
+    const int units[] = {4, 16, 64};
+    int rc = 0;
+    for (int u = 0; u < 3 && !rc; u++) {
+        const int B = units[u];
+        speed_kv_seq_t *seq = NULL;
+        speed_kv_cache_t *cache = make_cache(be, B, 0, 4, &seq);
+        if (!cache || speed_kv_xfer_ctx_register_cache(ctx, cache) != SPEED_OK) return 1;
+        speed_kv_cache_seq_set_entries(cache, seq, entries_for(B), entries_for(B));
+        fill_units(cache, seq, B);
+        size_t total = (size_t)N_LAYERS * (size_t)entries_for(B) * 1024;
+        for (int t = 0; t < 2 && !rc; t++) {
+            speed_kv_desc_t *d = ask(fd, B, t, 2) ? NULL : recv_desc(fd);
+            if (!d) {
+                rc = 1;
+                break;
+            }
+            double puts[MAX_REPS], writes[MAX_REPS];
+            for (int r = 0; r < g_reps + 1 && !rc; r++) {
+                d->has_nonce = false;
+                double a = time_one(ctx, d, cache, seq, entries_for(B), "bench-puts");
+                d->has_nonce = true;
+                double b = time_one(ctx, d, cache, seq, entries_for(B), "bench-w");
+                if (a <= 0 || b <= 0) rc = 1;
+                if (r > 0) {
+                    puts[r - 1] = a;
+                    writes[r - 1] = b;
+                }
+            }
+            if (!rc) {
+                double mp = tu_median(puts, g_reps), mw = tu_median(writes, g_reps);
+                printf("%-5s %6d K %11.2f %11.2f %11.2f %11.2f %9.3f\n", t ? "tcp" : "shm", B, mp * 1e3, mw * 1e3,
+                       total / mp / 1e9, total / mw / 1e9, mp / mw);
+                fflush(stdout);
+            }
+            speed_kv_desc_destroy(d);
+        }
+        speed_kv_xfer_ctx_deregister_cache(ctx, cache);
+        speed_kv_cache_seq_destroy(cache, seq);
+        speed_kv_cache_destroy(cache);
+    }
+    printf("ratio = writes GB/s / puts GB/s\n");
+    return rc;
+}
+
 int main(int argc, char **argv) {
-    for (int i = 1; i + 1 < argc; i++) {
-        if (strcmp(argv[i], "--mib") == 0)
+    bool writes_only = false;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--mib") == 0 && i + 1 < argc)
             g_mib = atoi(argv[++i]);
-        else if (strcmp(argv[i], "--reps") == 0)
+        else if (strcmp(argv[i], "--reps") == 0 && i + 1 < argc)
             g_reps = atoi(argv[++i]);
+        else if (strcmp(argv[i], "--writes-only") == 0)
+            writes_only = true;
+        else
+            g_mib = 0; /* the usage below */
     }
     if (g_mib < 1 || g_reps < 1 || g_reps > MAX_REPS) {
-        fprintf(stderr, "usage: %s [--mib N >= 1] [--reps 1..%d]\n", argv[0], MAX_REPS);
+        fprintf(stderr, "usage: %s [--mib N >= 1] [--reps 1..%d] [--writes-only]\n", argv[0], MAX_REPS);
         return 2;
     }
     xt_ucx_env();
@@ -271,7 +342,7 @@ int main(int argc, char **argv) {
     double whole_gbs[3][2] = {{0}}, strided_gbs[3][2] = {{0}}, strided_ms[3][2] = {{0}};
     uint64_t strided_puts[3][2] = {{0}};
     int rc = 0;
-    for (int u = 0; u < 3 && !rc; u++) {
+    for (int u = 0; u < 3 && !rc && !writes_only; u++) {
         int B = units[u];
         speed_kv_seq_t *seq = NULL, *half_seq = NULL;
         speed_kv_cache_t *cache = make_cache(be, B, 0, 4, &seq), *half = make_cache(be, B, 0, 2, &half_seq);
@@ -341,7 +412,7 @@ int main(int argc, char **argv) {
         speed_kv_cache_destroy(cache);
         speed_kv_cache_destroy(half);
     }
-    if (!rc) {
+    if (!rc && !writes_only) {
         printf("\nTP 2 -> 1 (sender heads [0, 2) of [0, 4): per slot one 256-byte K run and one V run), half the "
                "bytes\n%-5s %8s %10s %11s %11s %9s %9s\n",
                "xport", "unit", "ms", "GB/s", "whole GB/s", "ratio", "puts");
@@ -352,7 +423,8 @@ int main(int argc, char **argv) {
                        (unsigned long long)strided_puts[u][t]);
         printf("ratio = strided GB/s / whole-unit GB/s (bytes each put)\n");
     }
-    if (!rc) rc = bench_integrity(fd, ctx, be);
+    if (!rc && !writes_only) rc = bench_integrity(fd, ctx, be);
+    if (!rc) rc = bench_writes(fd, ctx, be);
     int32_t stop[3] = {0, 0, 0};
     xt_send(fd, stop, sizeof stop);
     int status = 0;

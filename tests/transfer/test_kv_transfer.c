@@ -10,7 +10,8 @@
  *
  * The greedy tokens and logits must equal those of one engine that did prefill and decode itself
  * (bit for bit: cpu-ref is deterministic). argv: shm|tcp, inproc|fork (fork: the decode node is a
- * child process, as in a deployment). */
+ * child process, as in a deployment) [puts] (puts: the descriptor carries no grant, so the KV goes
+ * as one-sided puts instead of the writes the decode side checks against its grant). */
 #include <signal.h>
 #include <sys/wait.h>
 
@@ -54,6 +55,7 @@ static speed_engine_params_t eng_params(speed_backend_t *be, const speed_model_t
 
 typedef struct {
     const char *transport;
+    bool puts; /* descriptors without a grant: one-sided puts, not checked writes */
     speed_model_t *model;
     speed_backend_t *backend;
     speed_depth_t depth;
@@ -79,13 +81,19 @@ static int decode_setup(run_t *r, uint8_t **desc_p, size_t *len_p) {
     speed_kv_xfer_ctx_params_t cp = speed_kv_xfer_ctx_default_params();
     cp.notify_cb = xt_inbox_cb;
     cp.notify_user = &r->inbox;
+    cp.writes_only = !r->puts; /* as a decode node: the descriptor (its proto too) carries no rkeys */
     CHECK(speed_kv_xfer_ctx_create(&cp, &r->dctx) == SPEED_OK);
     if (!r->deng || !r->dctx) return -1;
     CHECK(speed_kv_xfer_ctx_register_cache(r->dctx, speed_engine_kv_cache(r->deng)) == SPEED_OK);
     CHECK(speed_engine_seq_reserve(r->deng, N_PROMPT, &r->depth, N_GEN, &r->dseq) == SPEED_OK);
-    speed_kv_desc_params_t dp = {.transport = xt_transport(r->transport), .lease_ms = 60000};
+    /* with a grant (as a decode node builds them) the KV goes as checked writes; without (the
+     * "puts" variant) as one-sided puts */
+    speed_kv_desc_params_t dp = {
+        .transport = xt_transport(r->transport), .lease_ms = 60000, .grant_id = r->puts ? NULL : "req-e2e"};
     speed_kv_desc_t *d = NULL;
     CHECK(speed_kv_desc_build_engine(r->dctx, r->deng, r->dseq, &dp, &d) == SPEED_OK);
+    CHECK(d && d->has_nonce == !r->puts);
+    CHECK(d && (d->regions[0].rkey_len == 0) == !r->puts);
     if (!d) return -1;
     CHECK_INT_EQ(d->n_layers, L);
     CHECK_INT_EQ(d->n_pools, 2);
@@ -126,6 +134,10 @@ static void decode_run(run_t *r, int32_t first) {
     speed_kv_xfer_ctx_stats(r->dctx, &st);
     CHECK_INT_EQ(st.n_notified, 1);
     CHECK_INT_EQ(st.bytes_notified, want);
+    /* which path carried the bytes: every one was checked and copied, or none went that way */
+    CHECK_INT_EQ(st.bytes_written, r->puts ? 0 : want);
+    CHECK_INT_EQ(st.n_writes_dropped, 0);
+    speed_kv_xfer_ctx_grant_drop(r->dctx, "req-e2e");
     CHECK(speed_engine_seq_remove(r->deng, r->dseq) == SPEED_OK);
 }
 
@@ -195,11 +207,13 @@ static int32_t prefill_run(run_t *r, const void *desc_bytes, size_t desc_len, sp
 int main(int argc, char **argv) {
     const char *transport = argc > 1 ? argv[1] : "shm";
     const char *mode = argc > 2 ? argv[2] : "inproc";
+    const bool puts = argc > 3 && strcmp(argv[3], "puts") == 0;
     xt_ucx_env();
     tu_tmp_init("kv-transfer");
     run_t r;
     memset(&r, 0, sizeof r);
     r.transport = transport;
+    r.puts = puts;
     r.backend = et_backend("cpu-ref");
     et_model_spec_t spec = {"bf16-gqa", SPEED_DTYPE_BF16, false, 2, false};
     r.model = r.backend ? et_model_make(&spec) : NULL;

@@ -328,6 +328,7 @@ typedef struct {
     speed_kv_xfer_ctx_t *pctx;
     push_ctx_t pc;
     speed_kv_desc_t *desc;
+    const char *grant; /* the descriptor's grant (NULL: none, the KV goes as puts) */
 } pair_t;
 
 static int pair_up(pair_t *r, speed_kv_mirror_t pre_m, speed_kv_mirror_t dec_m, bool push_from_cb) {
@@ -351,7 +352,7 @@ static int pair_up(pair_t *r, speed_kv_mirror_t pre_m, speed_kv_mirror_t dec_m, 
     CHECK(speed_kv_xfer_ctx_register_cache(r->dctx, speed_engine_kv_cache(r->deng)) == SPEED_OK);
     CHECK(speed_kv_xfer_ctx_register_cache(r->pctx, speed_engine_kv_cache(r->peng)) == SPEED_OK);
     CHECK(speed_engine_seq_reserve(r->deng, N_PROMPT, &r->depth, N_GEN, &r->dseq) == SPEED_OK);
-    speed_kv_desc_params_t dsp = {.transport = r->transport, .lease_ms = 60000, .cookie = 77};
+    speed_kv_desc_params_t dsp = {.transport = r->transport, .lease_ms = 60000, .cookie = 77, .grant_id = r->grant};
     CHECK(speed_kv_desc_build_engine(r->dctx, r->deng, r->dseq, &dsp, &r->desc) == SPEED_OK);
     if (!r->desc) return -1;
     /* the descriptor names the decode side's transfer memory: its mirror when it has one */
@@ -459,6 +460,7 @@ static void test_pair(speed_backend_t *pre_be, speed_backend_t *dec_be, const sp
     r.depth = depth;
     r.transport = tr;
     r.prompt = prompt;
+    r.grant = "req-mirror"; /* checked writes into the decode side's mirror */
     if (pair_up(&r, pre_m, dec_m, true) != 0) {
         pair_down(&r);
         return;

@@ -1,13 +1,20 @@
 /* The KV plane's protections in the transfer library (docs/security.md#the-kv-plane), two contexts in
  * one process (shm and tcp):
  *  - the notify's bytes: round trip, and every malformed message the decoder refuses;
- *  - grants: a descriptor built with a grant carries a fresh 128-bit nonce; a notify with the
+ *  - grants: a descriptor built with a grant carries a fresh 128-bit nonce (and, from a context
+ *    with writes_only, no rkey: without its nonce such a descriptor is refused); a notify with the
  *    right nonce reaches the callback; a wrong nonce, or a request with no grant, is refused
  *    before the callback and the prefill side's wait fails; the grant survives a wrong guess;
  *  - the cancel fence's abort: a cancelled transfer with a nonce flushes and sends an abort
  *    notify, which the decode side accepts (and then drops the grant); without a nonce none;
  *  - integrity mode: tags verified over the received bytes; a block changed after its put (the
  *    tamper) fails the transfer, reports integrity_failed and drops the grant;
+ *  - checked writes (docs/security.md, "late writes"): with a grant the KV goes as writes the
+ *    decode side checks before copying. A transfer whose grant was dropped (the reservation
+ *    ended: lease over, cancelled, generation started) or whose grant expired changes no byte
+ *    of the pool and every write is counted dropped; so does one with a wrong nonce; a write
+ *    aimed outside the reservation's blocks (a descriptor whose table names another request's
+ *    block) is dropped and leaves that block as it was, while the rest of the transfer lands;
  *  - binding: a context limited to shared memory opens no tcp resource, one limited to tcp on
  *    "lo" opens no shared-memory one;
  * and after each scenario nothing leaked (xt_ledger). */
@@ -21,6 +28,7 @@
 #include "kv_notify_wire.h"
 #include "kv_transfer.h"
 #include "log.h"
+#include "test_log.h"
 #include "xfer_test_util.h"
 
 #define L         4
@@ -187,6 +195,140 @@ static void test_wire(void) {
     speed_free(buf);
 }
 
+/* ---- checked writes ---------------------------------------------------------------------- */
+
+/* The bytes of every unit of seq's prompt blocks, concatenated (caller frees). */
+static uint8_t *snapshot(node_t *n, const speed_kv_seq_t *seq, size_t *len_p) {
+    size_t cap = 0, len = 0;
+    uint8_t *buf = NULL;
+    for (int l = 0; l < L; l++)
+        for (int64_t i = 0; i * B < (l < C ? N_FULL : N_COMPACT); i++) {
+            void *blk;
+            size_t unit;
+            speed_kv_cache_block_addr(n->cache, seq, l, i, &blk, &unit);
+            if (len + unit > cap) {
+                cap = 2 * (len + unit);
+                buf = speed_realloc(buf, cap);
+            }
+            memcpy(buf + len, blk, unit);
+            len += unit;
+        }
+    *len_p = len;
+    return buf;
+}
+
+/* Whether seq's prompt blocks still hold the bytes of snap. */
+static bool unchanged(node_t *n, const speed_kv_seq_t *seq, const uint8_t *snap, size_t len) {
+    size_t now_len;
+    uint8_t *now = snapshot(n, seq, &now_len);
+    bool same = now_len == len && memcmp(now, snap, len) == 0;
+    speed_free(now);
+    return same;
+}
+
+/* A whole transfer of desc under id; returns its status and the writes it posted. */
+static speed_status_t push_counted(speed_kv_xfer_ctx_t *pctx, const speed_kv_desc_t *desc, node_t *p, const char *id,
+                                   uint64_t *n_writes_p) {
+    speed_kv_xfer_t *x = NULL;
+    speed_status_t st = speed_kv_xfer_create(pctx, desc, p->cache, p->seq, N_FULL, N_COMPACT, id, &x);
+    *n_writes_p = 0;
+    if (st != SPEED_OK) return st;
+    st = speed_kv_xfer_push_all(x);
+    if (st == SPEED_OK) st = speed_kv_xfer_finish(x);
+    if (st == SPEED_OK) st = speed_kv_xfer_wait(x, -1);
+    speed_kv_xfer_info_t info;
+    speed_kv_xfer_info(x, &info);
+    *n_writes_p = info.n_puts;
+    speed_kv_xfer_destroy(x);
+    return st;
+}
+
+static void test_checked_writes(speed_kv_xfer_ctx_t *pctx, speed_kv_xfer_ctx_t *dctx, node_t *p, node_t *d,
+                                speed_kv_transport_t tr) {
+    speed_kv_xfer_ctx_stats_t s0, s;
+    uint64_t n_w = 0;
+    size_t len;
+    fill(p, 21);
+    fill(d, 90); /* what the decode side holds before: must stay */
+    uint8_t *before = snapshot(d, d->seq, &len);
+
+    /* the grant dropped (the reservation ended) before the writes arrive: all dropped */
+    speed_kv_desc_t *d1 = describe(dctx, d, tr, "req-late", false);
+    if (!d1) return;
+    speed_kv_xfer_ctx_grant_drop(dctx, "req-late");
+    speed_kv_xfer_ctx_stats(dctx, &s0);
+    CHECK_INT_EQ(push_counted(pctx, d1, p, "req-late", &n_w), SPEED_ERR_NOT_FOUND); /* the notify too */
+    CHECK(n_w > 0);
+    CHECK_INT_EQ(WAIT_STAT(dctx, n_writes_dropped, s0.n_writes_dropped + n_w), s0.n_writes_dropped + n_w);
+    speed_kv_xfer_ctx_stats(dctx, &s);
+    CHECK_INT_EQ(s.n_writes, s0.n_writes);
+    CHECK_MSG(unchanged(d, d->seq, before, len), "a write after the grant was dropped changed the pool");
+    speed_kv_desc_destroy(d1);
+
+    /* the grant expired (its lease is over) while the sender still holds a live lease */
+    speed_kv_desc_params_t dp = {.transport = tr, .lease_ms = 50, .grant_id = "req-expired", .grant_ms = 50};
+    d1 = NULL;
+    CHECK(speed_kv_desc_build(dctx, d->cache, d->seq, N_FULL, N_COMPACT, &dp, &d1) == SPEED_OK);
+    if (!d1) return;
+    uint64_t t0 = xt_now_ms();
+    while (xt_now_ms() - t0 < 80) usleep(5000); /* the grant's lifetime passes: what is tested */
+    d1->lease_ms = 60000;
+    d1->received_ns = 0;
+    speed_kv_xfer_ctx_stats(dctx, &s0);
+    CHECK_INT_EQ(push_counted(pctx, d1, p, "req-expired", &n_w), SPEED_ERR_NOT_FOUND);
+    CHECK_INT_EQ(WAIT_STAT(dctx, n_writes_dropped, s0.n_writes_dropped + n_w), s0.n_writes_dropped + n_w);
+    CHECK_MSG(unchanged(d, d->seq, before, len), "a write after the grant expired changed the pool");
+    speed_kv_desc_destroy(d1);
+
+    /* a wrong nonce: dropped, the grant stays */
+    d1 = describe(dctx, d, tr, "req-guess", false);
+    if (!d1) return;
+    d1->nonce[0] ^= 0x80;
+    speed_kv_xfer_ctx_stats(dctx, &s0);
+    CHECK_INT_EQ(push_counted(pctx, d1, p, "req-guess", &n_w), SPEED_ERR_PEER_PROTOCOL);
+    CHECK_INT_EQ(WAIT_STAT(dctx, n_writes_dropped, s0.n_writes_dropped + n_w), s0.n_writes_dropped + n_w);
+    CHECK_MSG(unchanged(d, d->seq, before, len), "a write with a wrong nonce changed the pool");
+    speed_kv_xfer_ctx_stats(dctx, &s);
+    CHECK_INT_EQ(s.n_grants, s0.n_grants);
+    speed_kv_xfer_ctx_grant_drop(dctx, "req-guess");
+    speed_kv_desc_destroy(d1);
+
+    /* outside the reservation: the descriptor's first lower-pool block names another request's
+     * block; the writes aimed there (layers 0 and 1, block 0) are dropped, the rest land, and
+     * the notify is refused (the right nonce: the reservation's KV is incomplete) */
+    speed_kv_seq_t *victim = NULL;
+    CHECK(speed_kv_cache_seq_create(d->cache, C, N_FULL, N_COMPACT, &victim) == SPEED_OK);
+    if (!victim) return;
+    speed_kv_cache_seq_set_entries(d->cache, victim, N_FULL, N_COMPACT);
+    size_t vlen;
+    uint8_t *vbefore = snapshot(d, victim, &vlen);
+    d1 = describe(dctx, d, tr, "req-aim", false);
+    if (d1) {
+        const speed_kv_desc_pool_t *pl = &d1->pools[d1->layers[0].pool];
+        void *vblk;
+        size_t unit;
+        speed_kv_cache_block_addr(d->cache, victim, 0, 0, &vblk, &unit);
+        int64_t vi = (int64_t)(((uint64_t)(uintptr_t)vblk - pl->base - d1->layers[0].offset) / pl->block_stride);
+        d1->pools[d1->layers[0].pool].table[0] = (int32_t)vi;
+        speed_kv_xfer_ctx_stats(dctx, &s0);
+        int failed0 = atomic_load(&g_notes.integrity_failed), ready0 = atomic_load(&g_notes.ready);
+        CHECK_INT_EQ(push_counted(pctx, d1, p, "req-aim", &n_w), SPEED_ERR_TRANSFER);
+        CHECK(wait_int(&g_notes.integrity_failed, failed0 + 1, 3000)); /* the node is told: it frees */
+        CHECK_INT_EQ(atomic_load(&g_notes.ready), ready0);
+        CHECK_INT_EQ(WAIT_STAT(dctx, n_writes_dropped, s0.n_writes_dropped + 2), s0.n_writes_dropped + 2);
+        speed_kv_xfer_ctx_stats(dctx, &s);
+        CHECK_INT_EQ(s.n_writes, s0.n_writes + n_w - 2);
+        CHECK_MSG(unchanged(d, victim, vbefore, vlen), "a write outside the reservation changed another's block");
+        CHECK_MSG(!unchanged(d, d->seq, before, len), "the writes inside the reservation did not land");
+        CHECK_INT_EQ(s.n_grants, s0.n_grants - 1); /* the refused KV consumed its grant */
+        CHECK_INT_EQ(s.n_integrity_failed, s0.n_integrity_failed); /* not a tag mismatch */
+        speed_kv_desc_destroy(d1);
+    }
+    speed_kv_cache_seq_destroy(d->cache, victim);
+    speed_free(vbefore);
+    speed_free(before);
+}
+
 /* ---- binding ------------------------------------------------------------------------------ */
 
 static void test_binding(void) {
@@ -230,6 +372,7 @@ int main(int argc, char **argv) {
     CHECK(speed_kv_xfer_ctx_create(&cp, &pctx) == SPEED_OK);
     cp.notify_cb = note_cb;
     cp.require_grant = true;
+    cp.writes_only = true; /* as a decode node: descriptors with grants carry no rkeys */
     CHECK(speed_kv_xfer_ctx_create(&cp, &dctx) == SPEED_OK);
     if (!pctx || !dctx) return CHECK_DONE();
     node_t p = {0}, d = {0};
@@ -247,6 +390,16 @@ int main(int argc, char **argv) {
     speed_kv_desc_t *d1 = describe(dctx, &d, tr, "req-a", false), *d2 = describe(dctx, &d, tr, "req-b", false);
     if (!d1 || !d2) return CHECK_DONE();
     CHECK(d1->has_nonce && d2->has_nonce && memcmp(d1->nonce, d2->nonce, SPEED_KV_NONCE_BYTES) != 0);
+    /* writes_only: no rkey leaves the node, and a descriptor without rkeys needs its nonce */
+    for (uint32_t i = 0; i < d1->n_regions; i++) CHECK(d1->regions[i].rkey_len == 0 && !d1->regions[i].rkey);
+    CHECK_INT_EQ(speed_kv_desc_check(d1), SPEED_OK);
+    d1->has_nonce = false;
+    speed_log_set_sink(tu_log_discard, NULL);
+    CHECK_INT_EQ(speed_kv_desc_check(d1), SPEED_ERR_FORMAT);
+    speed_kv_xfer_t *xr = NULL;
+    CHECK_INT_EQ(speed_kv_xfer_create(pctx, d1, p.cache, p.seq, N_FULL, N_COMPACT, "req-a", &xr), SPEED_ERR_PEER_PROTOCOL);
+    speed_log_set_sink(NULL, NULL);
+    d1->has_nonce = true;
     speed_kv_xfer_ctx_stats(dctx, &s0);
     CHECK_INT_EQ(s0.n_grants, 2);
     CHECK_INT_EQ(run_xfer(pctx, d1, &p, "req-a", false), SPEED_OK);
@@ -348,6 +501,14 @@ int main(int argc, char **argv) {
     d1 = NULL;
     CHECK_INT_EQ(speed_kv_desc_build(dctx, d.cache, d.seq, N_FULL, N_COMPACT, &dp, &d1), SPEED_ERR_INVALID_ARGUMENT);
     xt_ledger_check(&base, "integrity");
+
+    xt_ledger_take(&base, caches, ctxs);
+    speed_log_set_sink(tu_log_discard, NULL); /* the refused notifies warn */
+    test_checked_writes(pctx, dctx, &p, &d, tr);
+    speed_log_set_sink(NULL, NULL);
+    speed_kv_xfer_ctx_stats(dctx, &s);
+    CHECK_INT_EQ(s.n_grants, 0);
+    xt_ledger_check(&base, "checked writes");
 
     node_cleanup(&p);
     node_cleanup(&d);

@@ -1,6 +1,7 @@
 /* KV transfer between tensor-parallel head ranges: caches that hold different ranges of a
  * 4-head model's KV heads exchange blocks (the intersection only), in one process over the
- * transport given in argv (shm | tcp).
+ * transport given in argv (shm | tcp), the KV as the checked writes of a grant (argv[2] "puts":
+ * descriptors without grants, one-sided puts).
  *
  *   TP 2 -> 1: senders [0, 2) and [2, 4) push into one receiver [0, 4), interleaved; the
  *              receiver's blocks equal a full reference cache byte for byte (every dtype)
@@ -42,6 +43,7 @@ typedef struct {
 
 static speed_backend_t *g_be;
 static speed_kv_transport_t g_tr;
+static bool g_puts; /* argv[2] "puts": descriptors without grants, so one-sided puts */
 
 static int64_t entries(int layer) { return layer < C ? N_FULL : N_COMPACT; }
 
@@ -217,8 +219,11 @@ static void rank_cleanup(rank_t *r) {
     pthread_mutex_destroy(&r->notes.mu);
 }
 
-static speed_kv_desc_t *describe(rank_t *r, node_t *n, uint64_t cookie) {
-    speed_kv_desc_params_t dp = {.transport = g_tr, .lease_ms = 60000, .cookie = cookie};
+/* grant: the request id the transfers will carry, for a descriptor with a grant (its KV then goes
+ * as the checked writes, strided per slot run), unless g_puts (argv "puts": one-sided puts). */
+static speed_kv_desc_t *describe(rank_t *r, node_t *n, uint64_t cookie, const char *grant) {
+    speed_kv_desc_params_t dp = {
+        .transport = g_tr, .lease_ms = 60000, .cookie = cookie, .grant_id = g_puts ? NULL : grant};
     speed_kv_desc_t *desc = NULL;
     CHECK(speed_kv_xfer_ctx_register_cache(r->ctx, n->cache) == SPEED_OK);
     CHECK(speed_kv_desc_build(r->ctx, n->cache, n->seq, N_FULL, N_COMPACT, &dp, &desc) == SPEED_OK);
@@ -265,7 +270,7 @@ static void test_cache_params(void) {
 static void test_desc_heads(rank_t *dec) {
     node_t r;
     CHECK(node_init(&r, 1, 2, MODEL_HEADS, SPEED_DTYPE_BF16, 3) == 0);
-    speed_kv_desc_t *d = describe(dec, &r, 7);
+    speed_kv_desc_t *d = describe(dec, &r, 7, NULL);
     if (!d) return;
     CHECK_INT_EQ(d->head_begin, 1);
     CHECK_INT_EQ(d->head_end, 3);
@@ -300,7 +305,7 @@ static void test_two_into_one(rank_t *p0, rank_t *p1, rank_t *dec, speed_dtype_t
     fill(&s1, seed);
     fill(&ref, seed);
     int before = dec->notes.n;
-    speed_kv_desc_t *d = describe(dec, &r, 100 + seed);
+    speed_kv_desc_t *d = describe(dec, &r, 100 + seed, "req-tp2to1");
     speed_kv_xfer_t *x0 = NULL, *x1 = NULL;
     CHECK(speed_kv_xfer_ctx_register_cache(p0->ctx, s0.cache) == SPEED_OK);
     CHECK(speed_kv_xfer_ctx_register_cache(p1->ctx, s1.cache) == SPEED_OK);
@@ -332,6 +337,7 @@ static void test_two_into_one(rank_t *p0, rank_t *p1, rank_t *dec, speed_dtype_t
     }
     speed_kv_xfer_destroy(x0);
     speed_kv_xfer_destroy(x1);
+    speed_kv_xfer_ctx_grant_drop(dec->ctx, "req-tp2to1");
     speed_kv_desc_destroy(d);
     speed_kv_xfer_ctx_deregister_cache(p0->ctx, s0.cache);
     speed_kv_xfer_ctx_deregister_cache(p1->ctx, s1.cache);
@@ -354,7 +360,7 @@ static void test_one_into_two(rank_t *pre, rank_t *d0, rank_t *d1, speed_dtype_t
     fill(&ref0, seed);
     fill(&ref1, seed);
     int b0 = d0->notes.n, b1 = d1->notes.n;
-    speed_kv_desc_t *dd0 = describe(d0, &r0, 1), *dd1 = describe(d1, &r1, 2);
+    speed_kv_desc_t *dd0 = describe(d0, &r0, 1, "req-tp1to2"), *dd1 = describe(d1, &r1, 2, "req-tp1to2");
     speed_kv_xfer_info_t info;
     CHECK(dd0 && run_xfer(pre, dd0, &s, "req-tp1to2", &info) == SPEED_OK);
     CHECK_INT_EQ(info.bytes_put, bytes_for(&s, 2));
@@ -368,6 +374,8 @@ static void test_one_into_two(rank_t *pre, rank_t *d0, rank_t *d1, speed_dtype_t
     CHECK(same_blocks(&r1, &ref1));
     CHECK_INT_EQ(verify(&r0, 0, 2, seed, 0), 0);
     CHECK_INT_EQ(verify(&r1, 2, 4, seed, 0), 0);
+    speed_kv_xfer_ctx_grant_drop(d0->ctx, "req-tp1to2");
+    speed_kv_xfer_ctx_grant_drop(d1->ctx, "req-tp1to2");
     speed_kv_desc_destroy(dd0);
     speed_kv_desc_destroy(dd1);
     speed_kv_xfer_ctx_deregister_cache(pre->ctx, s.cache);
@@ -388,7 +396,7 @@ static void test_overlap_one(rank_t *pre, rank_t *dec, speed_dtype_t dtype, uint
     fill(&s, seed);
     clear(&r, SENTINEL);
     int before = dec->notes.n;
-    speed_kv_desc_t *d = describe(dec, &r, 3);
+    speed_kv_desc_t *d = describe(dec, &r, 3, "req-overlap");
     speed_kv_xfer_t *x = NULL;
     CHECK(speed_kv_xfer_ctx_register_cache(pre->ctx, s.cache) == SPEED_OK);
     CHECK(d && speed_kv_xfer_create(pre->ctx, d, s.cache, s.seq, N_FULL, N_COMPACT, "req-overlap", &x) == SPEED_OK);
@@ -411,6 +419,7 @@ static void test_overlap_one(rank_t *pre, rank_t *dec, speed_dtype_t dtype, uint
         CHECK_INT_EQ(verify(&r, 1, 2, seed, SENTINEL), 0); /* head 2 and unused slots untouched */
     }
     speed_kv_xfer_destroy(x);
+    speed_kv_xfer_ctx_grant_drop(dec->ctx, "req-overlap");
     speed_kv_desc_destroy(d);
     speed_kv_xfer_ctx_deregister_cache(pre->ctx, s.cache);
     speed_kv_xfer_ctx_deregister_cache(dec->ctx, r.cache);
@@ -425,7 +434,7 @@ static void test_same_range(rank_t *pre, rank_t *dec, uint8_t seed) {
     CHECK(node_init(&r, 2, 2, MODEL_HEADS, SPEED_DTYPE_F16, 3) == 0);
     fill(&s, seed);
     int before = dec->notes.n;
-    speed_kv_desc_t *d = describe(dec, &r, 4);
+    speed_kv_desc_t *d = describe(dec, &r, 4, "req-same");
     if (d) d->model_kv_heads = 0; /* not stated: the sender assumes its own count */
     speed_kv_xfer_info_t info;
     CHECK(d && run_xfer(pre, d, &s, "req-same", &info) == SPEED_OK);
@@ -435,6 +444,7 @@ static void test_same_range(rank_t *pre, rank_t *dec, uint8_t seed) {
     CHECK_INT_EQ(notes_wait(&dec->notes, before + 1), before + 1);
     CHECK(notes_have(&dec->notes, before, 2, 4, bytes_for(&s, 2)));
     CHECK_INT_EQ(verify(&r, 2, 4, seed, 0), 0);
+    speed_kv_xfer_ctx_grant_drop(dec->ctx, "req-same");
     speed_kv_desc_destroy(d);
     speed_kv_xfer_ctx_deregister_cache(pre->ctx, s.cache);
     speed_kv_xfer_ctx_deregister_cache(dec->ctx, r.cache);
@@ -448,7 +458,7 @@ static void test_refused(rank_t *pre, rank_t *dec) {
     CHECK(node_init(&r, 2, 2, MODEL_HEADS, SPEED_DTYPE_F32, 3) == 0);
     CHECK(node_init(&r8, 0, 2, 8, SPEED_DTYPE_F32, 3) == 0);
     CHECK(speed_kv_xfer_ctx_register_cache(pre->ctx, s.cache) == SPEED_OK);
-    speed_kv_desc_t *d = describe(dec, &r, 5), *d8 = describe(dec, &r8, 6);
+    speed_kv_desc_t *d = describe(dec, &r, 5, NULL), *d8 = describe(dec, &r8, 6, NULL);
     speed_kv_xfer_ctx_stats_t before, after;
     speed_kv_xfer_ctx_stats(pre->ctx, &before);
     speed_kv_xfer_t *x = NULL;
@@ -490,9 +500,10 @@ static void test_refused(rank_t *pre, rank_t *dec) {
 int main(int argc, char **argv) {
     const char *transport = argc > 1 ? argv[1] : "shm";
     if (strcmp(transport, "shm") != 0 && strcmp(transport, "tcp") != 0) {
-        fprintf(stderr, "usage: %s shm|tcp\n", argv[0]);
+        fprintf(stderr, "usage: %s shm|tcp [puts]\n", argv[0]);
         return 2;
     }
+    g_puts = argc > 2 && strcmp(argv[2], "puts") == 0;
     g_tr = xt_transport(transport);
     xt_ucx_env();
     if (getenv("SPEED_LOG")) speed_log_configure(getenv("SPEED_LOG"));

@@ -1,7 +1,9 @@
 /* speed_batcher: the node daemons' engine loop. Tokens equal the plain engine's, requests from
  * several threads batch together, reservations receive KV and decode, a migrated request's
  * resumed tokens continue the plain run exactly, and every path (finish,
- * cancel, lease expiry, hold/release, errors, destroy) frees its blocks. */
+ * cancel, lease expiry, hold/release, errors, destroy) frees its blocks, calling on_kv_free
+ * for the request first, while its blocks are still reserved (a decode node revokes the
+ * request's KV transfer grant there). */
 #include <pthread.h>
 
 #include "batcher.h"
@@ -121,6 +123,38 @@ static int64_t blocks_reserved_nonzero(speed_batcher_t *b) {
     return blocks_reserved(b);
 }
 
+/* on_kv_free: the requests whose blocks were about to be freed, and how many blocks the cache
+ * still had reserved at that moment (> 0: the hook ran before they went back) */
+static struct {
+    pthread_mutex_t mu;
+    speed_kv_cache_t *cache;
+    char ids[64][16];
+    int64_t blocks[64];
+    int n;
+} g_freed = {.mu = PTHREAD_MUTEX_INITIALIZER};
+
+static void on_kv_free(void *user, const char *id) {
+    (void)user;
+    speed_kv_cache_stats_t s;
+    speed_kv_cache_stats(g_freed.cache, &s);
+    pthread_mutex_lock(&g_freed.mu);
+    if (g_freed.n < 64) {
+        snprintf(g_freed.ids[g_freed.n], sizeof g_freed.ids[0], "%s", id);
+        g_freed.blocks[g_freed.n++] = s.usage.n_blocks[0] + s.usage.n_blocks[1];
+    }
+    pthread_mutex_unlock(&g_freed.mu);
+}
+
+/* The blocks reserved when id's blocks were about to be freed (its last call), -1 if never. */
+static int64_t freed_blocks(const char *id) {
+    int64_t v = -1;
+    pthread_mutex_lock(&g_freed.mu);
+    for (int i = 0; i < g_freed.n; i++)
+        if (strcmp(g_freed.ids[i], id) == 0) v = g_freed.blocks[i];
+    pthread_mutex_unlock(&g_freed.mu);
+    return v;
+}
+
 #define NP 40
 #define NG 6
 
@@ -194,8 +228,11 @@ int main(void) {
     bp.max_waiting = 2;
     bp.lease_ms = 1000;
     bp.cancel_quarantine_ms = 150;
+    bp.on_kv_free = on_kv_free;
     speed_batcher_t *b = NULL;
     CHECK_INT_EQ(speed_batcher_create(&bp, &b), SPEED_OK);
+    if (!b) return CHECK_DONE();
+    g_freed.cache = speed_batcher_kv_cache(b); /* before any request: the hook runs for requests */
     CHECK_INT_EQ(speed_batcher_depth(b).prefill_layers, L / 2);
 
     /* 1. three requests from three threads batch together and equal the single runs */
@@ -287,6 +324,7 @@ int main(void) {
         free(buf);
         speed_engine_destroy(pe);
         CHECK_INT_EQ(blocks_reserved_settled(b), 0);
+        CHECK_MSG(freed_blocks("r1") > 0, "on_kv_free for a finished reservation: %lld", (long long)freed_blocks("r1"));
     }
 
     /* 3. a reservation nobody claims is freed when its lease ends */
@@ -303,6 +341,7 @@ int main(void) {
         speed_batcher_stats_t s = stats_of(b);
         CHECK_INT_EQ(s.n_expired, 1);
         CHECK_INT_EQ(s.reserved, 0);
+        CHECK_MSG(freed_blocks("lease") > 0, "on_kv_free at the lease end: %lld", (long long)freed_blocks("lease"));
         rec_t rec;
         rec_init(&rec);
         speed_batch_request_t q = greedy_request("lease", NULL, 0, NG, &rec);
@@ -330,6 +369,7 @@ int main(void) {
         WAIT_FOR(stats_of(b).running == 0 && blocks_reserved(b) == 0, 10000);
         CHECK_INT_EQ(blocks_reserved(b), 0);
         CHECK_INT_EQ(speed_batcher_cancel(b, "long"), SPEED_ERR_NOT_FOUND);
+        CHECK_MSG(freed_blocks("long") > 0, "on_kv_free at a cancel: %lld", (long long)freed_blocks("long"));
         pthread_mutex_lock(&rec.mu);
         CHECK_INT_EQ(rec.n_finish, 1);
         pthread_mutex_unlock(&rec.mu);
@@ -412,6 +452,8 @@ int main(void) {
         CHECK_INT_EQ(rec[2].n_finish, 0);
         for (int i = 0; i < 3; i++) rec_cleanup(&rec[i]);
         CHECK_INT_EQ(blocks_reserved_settled(b), 0);
+        /* cancelled reservations (held, then freed): the hook before their blocks went back */
+        for (int i = 0; i < 4; i++) CHECK_MSG(freed_blocks(rid[i]) > 0, "on_kv_free for held %s", rid[i]);
     }
 
     /* 7. prefill-node use: per-layer callbacks, hold the KV after the first token, release */
