@@ -229,7 +229,7 @@ speed_status_t speed_kv_desc_build(speed_kv_xfer_ctx_t *c, const speed_kv_cache_
             d->has_nonce = true;
             /* device pools (cuda_direct, no mirror): the receiver cannot copy a write there */
             bool device = !speed_kv_cache_host_mirror(cache) && !speed_kv_cache_host_memory(cache);
-            st = speed_kv_grant_add(c, params->grant_id, d, params->grant_ms, device);
+            st = speed_kv_grant_add(c, params->grant_id, d, params->grant_ms, cache, device);
         }
         if (st != SPEED_OK) {
             speed_kv_desc_destroy(d);

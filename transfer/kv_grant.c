@@ -101,7 +101,7 @@ static void put_locked(speed_kv_xfer_ctx_t *c, kv_grant_t *g) {
 }
 
 speed_status_t speed_kv_grant_add(speed_kv_xfer_ctx_t *c, const char *id, const speed_kv_desc_t *d, int64_t grant_ms,
-                                  bool device) {
+                                  const speed_kv_cache_t *cache, bool device) {
     if (!id || !*id || strlen(id) >= REQ_ID_MAX) {
         SPEED_ERROR(SPEED_SUBSYS_NET, "kv grant: a request id of 1..%d bytes is needed", REQ_ID_MAX - 1);
         return SPEED_ERR_INVALID_ARGUMENT;
@@ -113,6 +113,7 @@ speed_status_t speed_kv_grant_add(speed_kv_xfer_ctx_t *c, const char *id, const 
     if (grant_ms < d->lease_ms) grant_ms = d->lease_ms;
     g->deadline_ns = grant_ms > 0 ? speed_clock_mono_ns() + (uint64_t)grant_ms * 1000000ull : UINT64_MAX;
     g->integrity = d->integrity;
+    g->cache = cache;
     g->device = device;
     g->block_tokens = d->block_tokens;
     g->unit_bytes = d->unit_bytes;
@@ -154,6 +155,17 @@ void speed_kv_xfer_ctx_grant_drop(speed_kv_xfer_ctx_t *c, const char *id) {
     pthread_mutex_lock(&c->mu);
     kv_grant_t **pp = find_locked(c, id);
     if (pp) unlink_locked(c, pp); /* under mu: no write is being copied now, none will be after */
+    pthread_mutex_unlock(&c->mu);
+}
+
+void speed_kv_grant_drop_cache(speed_kv_xfer_ctx_t *c, const speed_kv_cache_t *cache) {
+    pthread_mutex_lock(&c->mu);
+    for (kv_grant_t **pp = &c->grants; *pp;) {
+        if ((*pp)->cache == cache)
+            unlink_locked(c, pp);
+        else
+            pp = &(*pp)->next;
+    }
     pthread_mutex_unlock(&c->mu);
 }
 

@@ -259,8 +259,9 @@ uint64_t speed_kv_xfer_ctx_epoch(const speed_kv_xfer_ctx_t *ctx);
  * SPEED_ERR_UNSUPPORTED (pools in device memory, no mirror, and cuda_direct off: logged). */
 speed_status_t speed_kv_xfer_ctx_register_cache(speed_kv_xfer_ctx_t *ctx, const speed_kv_cache_t *cache);
 
-/* Releases the registrations of the cache; no transfer using it may be in flight. Unknown caches
- * are ignored. */
+/* Releases the registrations of the cache and drops the grants of descriptors built on it (no
+ * KV write may be copied into it after this returns); no transfer using it may be in flight.
+ * Unknown caches are ignored. */
 void speed_kv_xfer_ctx_deregister_cache(speed_kv_xfer_ctx_t *ctx, const speed_kv_cache_t *cache);
 
 typedef enum {

@@ -91,6 +91,7 @@ typedef struct kv_grant {
     char id[REQ_ID_MAX];
     uint8_t nonce[SPEED_KV_NONCE_BYTES];
     uint64_t deadline_ns; /* CLOCK_MONOTONIC: dropped after it */
+    const speed_kv_cache_t *cache; /* the one desc was built on: deregistering it drops the grant */
     bool integrity;
     bool device;   /* the pools are device memory (cuda_direct): writes cannot be copied, puts only */
     bool checking; /* its notify's tags are being verified (progress thread, ctx->mu not held) */
@@ -269,10 +270,13 @@ speed_status_t speed_kv_layer_tag(const uint8_t nonce[SPEED_KV_NONCE_BYTES], int
                                   uint8_t tag[SPEED_KV_TAG_BYTES]);
 
 /* Records a grant for desc (built by this context): id, nonce, lease, the layout, and whether
- * the pools are device memory. Drops expired grants first. Returns SPEED_OK,
+ * the pools are device memory (cache: the one desc describes). Drops expired grants first. Returns SPEED_OK,
  * SPEED_ERR_INVALID_ARGUMENT (id already granted) or SPEED_ERR_NO_MEMORY. ctx->mu not held. */
 speed_status_t speed_kv_grant_add(speed_kv_xfer_ctx_t *ctx, const char *id, const speed_kv_desc_t *desc,
-                                  int64_t grant_ms, bool device);
+                                  int64_t grant_ms, const speed_kv_cache_t *cache, bool device);
+
+/* Drops every grant of descriptors built on cache (it is being deregistered). ctx->mu not held. */
+void speed_kv_grant_drop_cache(speed_kv_xfer_ctx_t *ctx, const speed_kv_cache_t *cache);
 
 /* A KV write that arrived (progress thread; h NULL when the message was malformed): copies the
  * data to h->raddr if the grant of h->request_id exists and has not expired, h->nonce is its

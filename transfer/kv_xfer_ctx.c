@@ -721,6 +721,7 @@ speed_status_t speed_kv_xfer_ctx_register_cache(speed_kv_xfer_ctx_t *c, const sp
 
 void speed_kv_xfer_ctx_deregister_cache(speed_kv_xfer_ctx_t *c, const speed_kv_cache_t *cache) {
     if (!c) return;
+    speed_kv_grant_drop_cache(c, cache); /* first: no write may be copied into the cache after this */
     for (;;) {
         pthread_mutex_lock(&c->mu);
         kv_region_t *r = NULL;

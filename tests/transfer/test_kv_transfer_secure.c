@@ -14,7 +14,9 @@
  *    ended: lease over, cancelled, generation started) or whose grant expired changes no byte
  *    of the pool and every write is counted dropped; so does one with a wrong nonce; a write
  *    aimed outside the reservation's blocks (a descriptor whose table names another request's
- *    block) is dropped and leaves that block as it was, while the rest of the transfer lands;
+ *    block) is dropped and leaves that block as it was, while the rest of the transfer lands
+ *    and the notify is refused (incomplete KV); deregistering the decode cache drops its
+ *    grants, after which no write lands in it;
  *  - binding: a context limited to shared memory opens no tcp resource, one limited to tcp on
  *    "lo" opens no shared-memory one;
  * and after each scenario nothing leaked (xt_ledger). */
@@ -509,6 +511,26 @@ int main(int argc, char **argv) {
     speed_kv_xfer_ctx_stats(dctx, &s);
     CHECK_INT_EQ(s.n_grants, 0);
     xt_ledger_check(&base, "checked writes");
+
+    /* deregistering the decode cache drops its grants: no write lands in it afterwards */
+    d1 = describe(dctx, &d, tr, "req-dereg", false);
+    speed_kv_xfer_ctx_stats(dctx, &s0);
+    CHECK_INT_EQ(s0.n_grants, 1);
+    speed_kv_xfer_ctx_deregister_cache(dctx, d.cache);
+    speed_kv_xfer_ctx_stats(dctx, &s);
+    CHECK_INT_EQ(s.n_grants, 0);
+    if (d1) {
+        size_t dlen;
+        uint8_t *dbefore = snapshot(&d, d.seq, &dlen);
+        uint64_t n_w = 0;
+        speed_log_set_sink(tu_log_discard, NULL);
+        CHECK_INT_EQ(push_counted(pctx, d1, &p, "req-dereg", &n_w), SPEED_ERR_NOT_FOUND);
+        speed_log_set_sink(NULL, NULL);
+        CHECK_INT_EQ(WAIT_STAT(dctx, n_writes_dropped, s0.n_writes_dropped + n_w), s0.n_writes_dropped + n_w);
+        CHECK_MSG(unchanged(&d, d.seq, dbefore, dlen), "a write landed in a deregistered cache");
+        speed_free(dbefore);
+        speed_kv_desc_destroy(d1);
+    }
 
     node_cleanup(&p);
     node_cleanup(&d);
