@@ -239,6 +239,25 @@ static speed_status_t run_prefill(rtr_req_t *r, plan_t *pl, size_t dnode, bool *
     return SPEED_ERR_PEER_UNREACHABLE;
 }
 
+/* Picks a decode node not in tried[]; when none is up and `wait`, polls for up to
+ * SPEED_ROUTER_NODE_WAIT_MS (within the request's deadline, until it is cancelled). */
+static bool pick_decode(rtr_req_t *r, speed_balance_pool_t *dpool, const size_t *tried, size_t n_tried, bool wait,
+                        size_t *dnode_p) {
+    int64_t waited = 0;
+    for (;;) {
+        if (speed_balance_pool_pick(dpool, tried, n_tried, dnode_p) == SPEED_OK) {
+            if (waited > 0)
+                speed_log(SPEED_LOG_INFO, SUBSYS, r->id, "a decode node is up again after %lld ms", (long long)waited);
+            return true;
+        }
+        if (!wait || waited >= SPEED_ROUTER_NODE_WAIT_MS || speed_router_req_remaining_ms(r) <= 50 ||
+            speed_router_req_cancelled(r, NULL))
+            return false;
+        speed_clock_sleep_ms(50);
+        waited += 50;
+    }
+}
+
 /* Picks decode nodes until one serves the request or none is left; a stream whose decode
  * node dies after its first token is re-issued (request_migrate.c) and goes on here. */
 static void run_routed(rtr_req_t *r, plan_t *pl, speed_route_kind_t kind) {
@@ -247,6 +266,7 @@ static void run_routed(rtr_req_t *r, plan_t *pl, speed_route_kind_t kind) {
     size_t tried[64];
     size_t n_tried = 0;
     bool capacity = false;
+    bool node_failed = false; /* a decode node failed under this request: wait for one if none is up */
     relay_t rl;
     memset(&rl, 0, sizeof rl);
     rl.pool = SPEED_ROUTER_POOL_DECODE;
@@ -259,8 +279,7 @@ static void run_routed(rtr_req_t *r, plan_t *pl, speed_route_kind_t kind) {
             break;
         }
         size_t dnode;
-        if (n_tried >= sizeof tried / sizeof tried[0] ||
-            speed_balance_pool_pick(dpool, tried, n_tried, &dnode) != SPEED_OK) {
+        if (n_tried >= sizeof tried / sizeof tried[0] || !pick_decode(r, dpool, tried, n_tried, node_failed, &dnode)) {
             /* No KV room anywhere is the cluster's state, not the client's rate: 503 with
              * Retry-After (the status table would say 429). */
             speed_openai_error_t err;
@@ -291,6 +310,7 @@ static void run_routed(rtr_req_t *r, plan_t *pl, speed_route_kind_t kind) {
             if (st != SPEED_OK) {
                 if (try_next) {
                     capacity = capacity || st == SPEED_ERR_CAPACITY;
+                    node_failed = node_failed || st != SPEED_ERR_CAPACITY;
                     continue;
                 }
                 break; /* answered */
@@ -304,10 +324,15 @@ static void run_routed(rtr_req_t *r, plan_t *pl, speed_route_kind_t kind) {
         if (rr == RELAY_MIGRATE) {
             if (!speed_router_migrate(r, &rl, pl, &kind)) break; /* answered */
             capacity = false;
+            node_failed = true;
+            /* a new attempt: every node may serve it again once up (the dead one is down until
+             * its health poll finds it serving, e.g. restarted) */
+            n_tried = 0;
             continue;
         }
         if (rr == RELAY_RETRY) {
             capacity = capacity || rl.capacity;
+            node_failed = node_failed || !rl.capacity;
             /* The reservation (if any) went with the node, or was refused: start over. */
             speed_router_cancel_send(rt, SPEED_ROUTER_POOL_DECODE, dnode, r->id);
             speed_router_req_leg_end(r, SPEED_ROUTER_POOL_DECODE);

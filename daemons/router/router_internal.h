@@ -28,7 +28,11 @@
 #define SPEED_ROUTER_RESERVE_TIMEOUT_MS 10000
 /* A prefill retry is not tried with less than this left of the descriptor's put window (it
  * could not finish its puts in time anyway). */
-#define SPEED_ROUTER_MIN_PUT_WINDOW_MS 100
+#define SPEED_ROUTER_MIN_PUT_WINDOW_MS  100
+/* A request whose decode node failed under it (a retry or a migration) and that finds no
+ * decode node up waits this long for one (a node restarting, a health check that flapped)
+ * before it fails; a fresh request does not wait. */
+#define SPEED_ROUTER_NODE_WAIT_MS       5000
 /* Request ids: X-Request-Id up to this many characters; node ids add a suffix. */
 #define SPEED_ROUTER_CLIENT_ID_MAX      64
 #define SPEED_ROUTER_ID_MAX             96
