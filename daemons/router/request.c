@@ -250,7 +250,12 @@ static bool pick_decode(rtr_req_t *r, speed_balance_pool_t *dpool, const size_t 
                 speed_log(SPEED_LOG_INFO, SUBSYS, r->id, "a decode node is up again after %lld ms", (long long)waited);
             return true;
         }
-        if (!wait || waited >= SPEED_ROUTER_NODE_WAIT_MS || speed_router_req_remaining_ms(r) <= 50 ||
+        /* worth waiting only while some node is not up (it may come back); nodes that are up
+         * but were tried already will not change their answer */
+        speed_router_nodes_t *nodes = r->rt->nodes;
+        bool some_down = speed_router_nodes_n_up(nodes, SPEED_ROUTER_POOL_DECODE) <
+                         speed_router_nodes_count(nodes, SPEED_ROUTER_POOL_DECODE);
+        if (!wait || !some_down || waited >= SPEED_ROUTER_NODE_WAIT_MS || speed_router_req_remaining_ms(r) <= 50 ||
             speed_router_req_cancelled(r, NULL))
             return false;
         speed_clock_sleep_ms(50);
@@ -311,6 +316,7 @@ static void run_routed(rtr_req_t *r, plan_t *pl, speed_route_kind_t kind) {
                 if (try_next) {
                     capacity = capacity || st == SPEED_ERR_CAPACITY;
                     node_failed = node_failed || st != SPEED_ERR_CAPACITY;
+                    if (st != SPEED_ERR_CAPACITY) speed_counter_inc(rt->m_decode_retries);
                     continue;
                 }
                 break; /* answered */
@@ -319,6 +325,7 @@ static void run_routed(rtr_req_t *r, plan_t *pl, speed_route_kind_t kind) {
             gm.epoch = epoch;
             rl.kv_bytes_sent = prefill->kv_bytes_sent;
         }
+        rl.capacity = false; /* this attempt's */
         relay_result_t rr = speed_router_relay_generate(r, &rl, &gm);
         speed_proto_free(prefill ? &prefill->base : NULL);
         if (rr == RELAY_MIGRATE) {
@@ -333,6 +340,7 @@ static void run_routed(rtr_req_t *r, plan_t *pl, speed_route_kind_t kind) {
         if (rr == RELAY_RETRY) {
             capacity = capacity || rl.capacity;
             node_failed = node_failed || !rl.capacity;
+            if (!rl.capacity) speed_counter_inc(rt->m_decode_retries);
             /* The reservation (if any) went with the node, or was refused: start over. */
             speed_router_cancel_send(rt, SPEED_ROUTER_POOL_DECODE, dnode, r->id);
             speed_router_req_leg_end(r, SPEED_ROUTER_POOL_DECODE);

@@ -356,6 +356,11 @@ static speed_status_t register_metrics(speed_router_t *rt) {
     SPEED_CHECK(speed_counter_register(m, "speed_router_prefill_retries_total",
                                        "prefill calls retried on another prefill node", NULL, 0,
                                        &rt->m_prefill_retries));
+    SPEED_CHECK(speed_counter_register(m, "speed_router_decode_retries_total",
+                                       "requests started over on another decode node before their first token (the "
+                                       "node failed in Reserve, in the KV transfer into it, or before its stream "
+                                       "sent anything)",
+                                       NULL, 0, &rt->m_decode_retries));
     static const char *const outcome[] = {"outcome"};
     SPEED_CHECK(speed_counter_register(m, "speed_router_migrations_total",
                                        "streams whose decode node died after their first token, by outcome: ok "

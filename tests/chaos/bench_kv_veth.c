@@ -187,8 +187,8 @@ int main(int argc, char **argv) {
         rc = 0;
         for (int r = 0; r < g_reps + 1 && !rc; r++) { /* the first round connects: untimed */
             for (int k = 0; k < 4 && !rc; k++) {
-                double dt = k < 2 ? time_one(ctx_veth, d_veth, cache, seq, k == 1)
-                                  : time_one(ctx_lo, d_lo, cache, seq, k == 3);
+                double dt =
+                    k < 2 ? time_one(ctx_veth, d_veth, cache, seq, k == 1) : time_one(ctx_lo, d_lo, cache, seq, k == 3);
                 if (dt <= 0) rc = 1;
                 if (r > 0) t[k][r - 1] = dt;
             }
@@ -196,9 +196,10 @@ int main(int argc, char **argv) {
         if (!rc) {
             double total = (double)N_LAYERS * (double)entries() * 1024, m[4];
             for (int k = 0; k < 4; k++) m[k] = tu_median(t[k], g_reps);
-            printf("KV transfer, UCX tcp, %d layers x 1 KiB/token, %d-token units, %.1f MiB per transfer, median of %d, "
-                   "alternated\n",
-                   N_LAYERS, B, total / (1 << 20), g_reps);
+            printf(
+                "KV transfer, UCX tcp, %d layers x 1 KiB/token, %d-token units, %.1f MiB per transfer, median of %d, "
+                "alternated\n",
+                N_LAYERS, B, total / (1 << 20), g_reps);
             printf("%-36s %9s %9s\n", "path", "ms", "GB/s");
             const char *names[4] = {"veth (host 0 -> host 1), puts", "veth, checked writes",
                                     "loopback (host 0 -> host 0), puts", "loopback, checked writes"};

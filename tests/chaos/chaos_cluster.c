@@ -134,6 +134,7 @@ static void router_requests(const ch_cluster_t *k, double *all, double *errors) 
 void ch_router_snap(const ch_cluster_t *k, ch_router_snap_t *out) {
     memset(out, 0, sizeof *out);
     out->prefill_retries = ch_router_metric(k, "speed_router_prefill_retries_total");
+    out->decode_retries = ch_router_metric(k, "speed_router_decode_retries_total");
     out->migrations = ch_router_metric(k, "speed_router_migrations_total");
     for (int r = 0; r < 2; r++)
         for (int i = 0; i < ch_n_nodes(k, (ch_role_t)r); i++) out->node_down[r][i] = ch_router_node_down(k, r, i);

@@ -66,7 +66,8 @@ bool ch_node_restart(ch_cluster_t *k, ch_role_t role, int i, double timeout_s);
 /* The router counters the scenarios compare. */
 typedef struct {
     double prefill_retries;
-    double migrations; /* speed_router_migrations_total (0 while absent) */
+    double decode_retries; /* speed_router_decode_retries_total */
+    double migrations;     /* speed_router_migrations_total (0 while absent) */
     double node_down[2][CU_MAX_REPLICAS];
     double errors_5xx; /* speed_router_requests_total with a status >= 500 */
     double requests;   /* speed_router_requests_total, every status */

@@ -5,7 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static const char *const outcome_names[CH_N_OUTCOMES] = {"complete", "clean_error", "hang",
+static const char *const outcome_names[CH_N_OUTCOMES] = {"complete",  "clean_error", "hang",
                                                          "truncated", "malformed",   "wrong"};
 
 const char *ch_outcome_name(ch_outcome_t o) { return o < CH_N_OUTCOMES ? outcome_names[o] : "?"; }
@@ -269,8 +269,8 @@ static void load_count(ch_load_t *l, bool stream, ch_outcome_t o, const char *ki
     if (report) fprintf(stderr, "chaos: VIOLATION %s: %s\n", ch_outcome_name(o), detail);
 }
 
-ch_outcome_t ch_request_once(ch_load_t *l, int port, const ch_prompt_t *p, bool stream, double deadline_s,
-                             char *detail, size_t detail_len) {
+ch_outcome_t ch_request_once(ch_load_t *l, int port, const ch_prompt_t *p, bool stream, double deadline_s, char *detail,
+                             size_t detail_len) {
     char kind[64] = "", local[512];
     if (!detail) {
         detail = local;

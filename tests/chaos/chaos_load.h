@@ -92,10 +92,10 @@ void ch_totals_print(const ch_totals_t *t, const char *label);
 #define CH_MAX_REPORTS 3
 
 typedef struct {
-    int port;                  /* the router's API port */
+    int port;                   /* the router's API port */
     const ch_prompt_t *prompts; /* borrowed; must outlive the load */
     int n_prompts;
-    int n_workers;    /* requests in flight at once (<= CH_MAX_WORKERS) */
+    int n_workers;     /* requests in flight at once (<= CH_MAX_WORKERS) */
     double deadline_s; /* per request, from sending it */
     unsigned seed;
 } ch_load_params_t;
@@ -106,7 +106,7 @@ typedef struct {
     int n_threads;
     _Atomic bool stop;
     pthread_mutex_t lock;
-    ch_totals_t totals;       /* under lock */
+    ch_totals_t totals;          /* under lock */
     int reported[CH_N_OUTCOMES]; /* under lock */
 } ch_load_t;
 
@@ -125,7 +125,7 @@ void ch_load_snapshot(ch_load_t *l, ch_totals_t *out);
 
 /* Sends one request now (on the calling thread) and classifies its answer; counts it in the
  * load's totals too when l is not NULL. `detail` (may be NULL) gets a one-line description. */
-ch_outcome_t ch_request_once(ch_load_t *l, int port, const ch_prompt_t *p, bool stream, double deadline_s,
-                             char *detail, size_t detail_len);
+ch_outcome_t ch_request_once(ch_load_t *l, int port, const ch_prompt_t *p, bool stream, double deadline_s, char *detail,
+                             size_t detail_len);
 
 #endif /* SPEED_CHAOS_LOAD_H */

@@ -33,8 +33,8 @@
 #include "nb_delay.h"
 #include "test_clock.h"
 
-#define NB_PREFIX "spnb-"
-#define NB_BEDS_MAX 4
+#define NB_PREFIX    "spnb-"
+#define NB_BEDS_MAX  4
 #define NB_NETNS_DIR "/run/netns"
 
 struct nb_bed {
@@ -55,7 +55,7 @@ struct nb_bed {
 static char g_paths[NB_BEDS_MAX][NB_HOSTS_MAX + 1][96];
 static volatile sig_atomic_t g_used[NB_BEDS_MAX][NB_HOSTS_MAX + 1];
 static nb_bed_t *g_beds[NB_BEDS_MAX];
-static int g_n_made; /* beds made by this process (their names' <k>) */
+static int g_n_made;  /* beds made by this process (their names' <k>) */
 static pid_t g_owner; /* the process that made the beds: a forked child's exit or death leaves them */
 
 static void path_remove(int s, int k) {
@@ -338,9 +338,8 @@ int nb_link_set(nb_bed_t *b, int i, const nb_link_t *l) {
     tu_system("tc -n %s qdisc del dev %s root > /dev/null 2>&1", h, NB_HOST_DEV);
     tu_system("tc -n %s qdisc del dev p%d root > /dev/null 2>&1", sw, i);
 
-    if (l->loss > 0 &&
-        run("ip netns exec %s iptables -A NB_LINK -m statistic --mode random --probability %.6f -j DROP", h,
-            l->loss) != 0)
+    if (l->loss > 0 && run("ip netns exec %s iptables -A NB_LINK -m statistic --mode random --probability %.6f -j DROP",
+                           h, l->loss) != 0)
         return -1;
     if (l->delay_ms > 0 || l->jitter_ms > 0) {
         b->delay[i] = nb_delay_start(g_paths[b->slot][i], l->delay_ms, l->jitter_ms);

@@ -51,7 +51,7 @@
 #include "test_proc.h"
 
 #define NB_HOSTS_MAX 16
-#define NB_HOST_DEV "eth0" /* the interface of every host (e.g. for ucx.net_devices) */
+#define NB_HOST_DEV  "eth0" /* the interface of every host (e.g. for ucx.net_devices) */
 
 typedef struct nb_bed nb_bed_t;
 

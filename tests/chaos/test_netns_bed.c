@@ -105,8 +105,7 @@ static double bulk_s(nb_bed_t *b, size_t bytes) {
     if (pid == 0) {
         int c = accept(lfd, NULL, NULL);
         char buf[65536];
-        while (c >= 0 && read(c, buf, sizeof buf) > 0) {
-        }
+        while (c >= 0 && read(c, buf, sizeof buf) > 0) {}
         _exit(0);
     }
     close(lfd);

@@ -20,9 +20,9 @@
 #include "netns_bed.h"
 #include "openai_util.h"
 
-#define N_PROMPTS 3
-#define N_GEN     12
-#define C_LAYERS  3
+#define N_PROMPTS  3
+#define N_GEN      12
+#define C_LAYERS   3
 #define DEADLINE_S 60.0
 
 static const int g_len[N_PROMPTS] = {40, 17, 64};

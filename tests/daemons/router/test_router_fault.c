@@ -289,6 +289,10 @@ static void test_transfer_failures_try_other_decode(void) {
               "%d reservations for one request whose transfers failed: want one on each decode node",
               atomic_load(&dec[0].n_reserve) + atomic_load(&dec[1].n_reserve) - r0);
     CHECK_INT_EQ(decode_nodes_up(rp.port), 2);
+    char *m = cu_metrics(rp.port);
+    CHECK_MSG(prom_value(m, "speed_router_decode_retries_total") == 2, "speed_router_decode_retries_total %g",
+              prom_value(m, "speed_router_decode_retries_total"));
+    speed_free(m);
     /* with one prefill node healthy again the next request is served */
     atomic_store(&pre[1].prefill_code, 0);
     CHECK(cu_post(rp.port, "/v1/chat/completions", CHAT, &r));
