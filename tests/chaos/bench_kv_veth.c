@@ -118,21 +118,8 @@ static pid_t start_side(nb_bed_t *b, int host, const char *dev, int *fd_p) {
 /* One transfer: as puts (the descriptor without its nonce) or as checked writes (with it). */
 static double time_one(speed_kv_xfer_ctx_t *ctx, speed_kv_desc_t *d, speed_kv_cache_t *cache, speed_kv_seq_t *seq,
                        bool writes) {
-    double t0 = now_s();
-    speed_kv_xfer_t *x = NULL;
     d->has_nonce = writes;
-    speed_status_t st =
-        speed_kv_xfer_create(ctx, d, cache, seq, entries(), entries(), writes ? "bench-w" : "bench-puts", &x);
-    if (st == SPEED_OK) st = speed_kv_xfer_push_all(x);
-    if (st == SPEED_OK) st = speed_kv_xfer_finish(x);
-    if (st == SPEED_OK) st = speed_kv_xfer_wait(x, -1);
-    double dt = now_s() - t0;
-    speed_kv_xfer_destroy(x);
-    if (st != SPEED_OK) {
-        fprintf(stderr, "transfer failed: %s\n", speed_status_string(st));
-        return 0;
-    }
-    return dt;
+    return xt_time_transfer(ctx, d, cache, seq, entries(), entries(), writes ? "bench-w" : "bench-puts");
 }
 
 int main(int argc, char **argv) {

@@ -174,3 +174,20 @@ int xt_ledger_check(const xt_ledger_t *base, const char *scenario) { return ledg
 int xt_ledger_check_held(const xt_ledger_t *base, const char *scenario, int64_t *held_p) {
     return ledger_check(base, scenario, held_p);
 }
+
+double xt_time_transfer(speed_kv_xfer_ctx_t *ctx, const speed_kv_desc_t *d, speed_kv_cache_t *cache,
+                        speed_kv_seq_t *seq, int64_t n_full, int64_t n_compact, const char *request_id) {
+    double t0 = now_s();
+    speed_kv_xfer_t *x = NULL;
+    speed_status_t st = speed_kv_xfer_create(ctx, d, cache, seq, n_full, n_compact, request_id, &x);
+    if (st == SPEED_OK) st = speed_kv_xfer_push_all(x);
+    if (st == SPEED_OK) st = speed_kv_xfer_finish(x);
+    if (st == SPEED_OK) st = speed_kv_xfer_wait(x, -1);
+    double dt = now_s() - t0;
+    speed_kv_xfer_destroy(x);
+    if (st != SPEED_OK) {
+        fprintf(stderr, "transfer failed: %s\n", speed_status_string(st));
+        return 0;
+    }
+    return dt;
+}

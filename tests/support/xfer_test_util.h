@@ -98,6 +98,11 @@ typedef struct {
     int n_endpoints[XT_LEDGER_MAX];
 } xt_ledger_t;
 
+/* Seconds one whole transfer of the sequence takes (create, push every layer, finish, wait for
+ * the decode side's ack), for the benchmarks; 0 when it fails (printed). */
+double xt_time_transfer(speed_kv_xfer_ctx_t *ctx, const speed_kv_desc_t *d, speed_kv_cache_t *cache,
+                        speed_kv_seq_t *seq, int64_t n_full, int64_t n_compact, const char *request_id);
+
 /* Transfers created and not yet ended (done, failed after creation, cancelled). Connect
  * failures and refusals happen before a transfer is counted as started. */
 int64_t xt_xfers_in_flight(const speed_kv_xfer_ctx_stats_t *s);

@@ -132,19 +132,7 @@ static int decode_node(int fd) {
 /* Median seconds of g_reps transfers (after one untimed run that connects); 0 on failure. */
 static double time_one(speed_kv_xfer_ctx_t *ctx, const speed_kv_desc_t *d, speed_kv_cache_t *cache, speed_kv_seq_t *seq,
                        int64_t n, const char *id) {
-    double t0 = now_s();
-    speed_kv_xfer_t *x = NULL;
-    speed_status_t st = speed_kv_xfer_create(ctx, d, cache, seq, n, n, id, &x);
-    if (st == SPEED_OK) st = speed_kv_xfer_push_all(x);
-    if (st == SPEED_OK) st = speed_kv_xfer_finish(x);
-    if (st == SPEED_OK) st = speed_kv_xfer_wait(x, -1);
-    double dt = now_s() - t0;
-    speed_kv_xfer_destroy(x);
-    if (st != SPEED_OK) {
-        fprintf(stderr, "transfer failed: %s\n", speed_status_string(st));
-        return 0;
-    }
-    return dt;
+    return xt_time_transfer(ctx, d, cache, seq, n, n, id);
 }
 
 static double time_xfers(speed_kv_xfer_ctx_t *ctx, const speed_kv_desc_t *d, speed_kv_cache_t *cache,
