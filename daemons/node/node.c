@@ -329,6 +329,10 @@ static speed_status_t metrics_init(speed_node_t *n) {
     const char *stage_label[] = {"stage"};
     SPEED_CHECK(speed_counter_register(m, "speed_kv_transfer_failures_total", "KV transfers that failed, by stage",
                                        stage_label, 1, &n->m_xfer_failures));
+    for (int stage = 0; stage < SPEED_KV_STAGE_COUNT; stage++) { /* every series from the start, at 0 */
+        speed_counter_t *c;
+        SPEED_CHECK(speed_counter_labels(n->m_xfer_failures, (const char *[]){speed_kv_stage_name(stage)}, &c));
+    }
     SPEED_CHECK(speed_gauge_register_callback(m, "speed_kv_notifies_refused",
                                               "KV notifies refused for a missing grant or a wrong nonce (since start)",
                                               g_nonce_refused, n, NULL));
