@@ -423,7 +423,8 @@ speed_status_t speed_counter_register(speed_metrics_t *metrics, const char *name
                                       const char *const *label_names, size_t n_labels, speed_counter_t **counter_p) {
     if (!counter_p) return SPEED_ERR_INVALID_ARGUMENT;
     child_hdr_t *h;
-    SPEED_CHECK(register_family(metrics, KIND_COUNTER, name, help, label_names, n_labels, NULL, 0, NULL, NULL, NULL, &h));
+    SPEED_CHECK(
+        register_family(metrics, KIND_COUNTER, name, help, label_names, n_labels, NULL, 0, NULL, NULL, NULL, &h));
     *counter_p = (speed_counter_t *)h;
     return SPEED_OK;
 }
@@ -452,8 +453,8 @@ speed_status_t speed_gauge_register_callback_labeled(speed_metrics_t *metrics, c
                                                      speed_gauge_t **gauge_p) {
     if (!cb) return SPEED_ERR_INVALID_ARGUMENT;
     child_hdr_t *h;
-    SPEED_CHECK(register_family(metrics, KIND_GAUGE, name, help, label_names, n_labels, NULL, 0, cb, user,
-                                label_values, &h));
+    SPEED_CHECK(
+        register_family(metrics, KIND_GAUGE, name, help, label_names, n_labels, NULL, 0, cb, user, label_values, &h));
     if (gauge_p) *gauge_p = (speed_gauge_t *)h;
     return SPEED_OK;
 }

@@ -260,8 +260,8 @@ static speed_status_t operator_metrics_init(speed_node_t *n) {
     SPEED_CHECK(role_histogram(n, "speed_engine_step_tokens", "Tokens (prompt and generated rows) in one engine step",
                                tok_b, n_tok, &n->m_step_tokens));
     SPEED_CHECK(role_histogram(n, "speed_engine_queue_wait_seconds",
-                               "Time from submit (or a reservation's start) until the engine took the request", lat,
-                               nb, &n->m_queue_wait));
+                               "Time from submit (or a reservation's start) until the engine took the request", lat, nb,
+                               &n->m_queue_wait));
     SPEED_CHECK(role_histogram(n, "speed_kv_transfer_exposed_seconds",
                                "Time from the end of a prefill until its KV transfer was acknowledged (the part that "
                                "did not overlap compute)",

@@ -83,14 +83,14 @@ typedef struct speed_node_s {
     speed_histogram_t *m_xfer_seconds; /* speed_kv_transfer_seconds */
     speed_counter_t *m_xfer_failures;  /* speed_kv_transfer_failures_total{stage} */
     /* operator metrics (docs/metrics.md), each the {role} series of its family */
-    speed_histogram_t *m_step_seconds;    /* speed_engine_step_duration_seconds */
-    speed_histogram_t *m_step_seqs;       /* speed_engine_step_sequences */
-    speed_histogram_t *m_step_tokens;     /* speed_engine_step_tokens */
-    speed_histogram_t *m_queue_wait;      /* speed_engine_queue_wait_seconds */
-    speed_counter_t *m_tokens_shallow;    /* speed_engine_prompt_tokens_total{depth="shallow"} */
-    speed_counter_t *m_tokens_full;       /* speed_engine_prompt_tokens_total{depth="full"} */
-    speed_counter_t *m_kv_saved;          /* speed_kv_bytes_saved_total */
-    speed_histogram_t *m_xfer_exposed;    /* speed_kv_transfer_exposed_seconds */
+    speed_histogram_t *m_step_seconds; /* speed_engine_step_duration_seconds */
+    speed_histogram_t *m_step_seqs;    /* speed_engine_step_sequences */
+    speed_histogram_t *m_step_tokens;  /* speed_engine_step_tokens */
+    speed_histogram_t *m_queue_wait;   /* speed_engine_queue_wait_seconds */
+    speed_counter_t *m_tokens_shallow; /* speed_engine_prompt_tokens_total{depth="shallow"} */
+    speed_counter_t *m_tokens_full;    /* speed_engine_prompt_tokens_total{depth="full"} */
+    speed_counter_t *m_kv_saved;       /* speed_kv_bytes_saved_total */
+    speed_histogram_t *m_xfer_exposed; /* speed_kv_transfer_exposed_seconds */
 
     /* worker threads for speed_node_defer */
     pthread_mutex_t work_mu;

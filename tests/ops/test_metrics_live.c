@@ -107,8 +107,8 @@ static void check_relations(void) {
     CHECK_NEAR(b.pre_full - a.pre_full, N_DIS * 2, 0);
     CHECK_NEAR(b.pre_shallow - a.pre_shallow, N_DIS * (N_PROMPT - 2), 0);
     CHECK_NEAR((b.pre_full - a.pre_full) + (b.pre_shallow - a.pre_shallow), b.pre_tok_sum - a.pre_tok_sum, 0);
-    CHECK_NEAR(b.pre_saved - a.pre_saved, (double)N_DIS * (double)(kv_at(g_mc->n_layers, N_PROMPT) - kv_at(3, N_PROMPT)),
-               0);
+    CHECK_NEAR(b.pre_saved - a.pre_saved,
+               (double)N_DIS * (double)(kv_at(g_mc->n_layers, N_PROMPT) - kv_at(3, N_PROMPT)), 0);
     CHECK_MSG(b.pre_steps - a.pre_steps >= 1, "prefill steps %.0f", b.pre_steps - a.pre_steps);
     CHECK_NEAR(b.pre_step_seqs - a.pre_step_seqs, b.pre_steps - a.pre_steps, 0);
     CHECK_NEAR(b.pre_step_tok - a.pre_step_tok, N_DIS * N_PROMPT, 0);
@@ -295,7 +295,8 @@ static void check_table(void) {
     check_process(rows, n, g_rport, "router", "router");
     check_process(rows, n, g_pport, "prefill", "prefill");
     check_process(rows, n, g_dport, "decode", "decode");
-    for (int i = 0; i < n; i++) CHECK_MSG(rows[i].seen, "docs/metrics.md lists %s, which nothing exports", rows[i].name);
+    for (int i = 0; i < n; i++)
+        CHECK_MSG(rows[i].seen, "docs/metrics.md lists %s, which nothing exports", rows[i].name);
 }
 
 int main(void) {
@@ -309,8 +310,15 @@ int main(void) {
     g_mc = &model->config;
     CHECK_INT_EQ(g_mc->n_layers, 4);
 
-    const char *extra[] = {"--speed.prefill_layers", "3",    "--router.decode_only_below", "16", "--decode.kv_tokens",
-                           "8192",                   "--log", "info",                      NULL};
+    const char *extra[] = {"--speed.prefill_layers",
+                           "3",
+                           "--router.decode_only_below",
+                           "16",
+                           "--decode.kv_tokens",
+                           "8192",
+                           "--log",
+                           "info",
+                           NULL};
     cu_cluster_t c;
     cu_cluster_init(&c, 1, 1, extra);
     bool ok = cu_cluster_start_nodes(&c, 60);

@@ -124,7 +124,7 @@ static void probe_add(const char *what, const char *expr, bool need_data) {
 static bool substitute(const char *in, char *out, size_t cap) {
     static const struct {
         const char *var, *value;
-    } vars[] = {{"${instance}", ".*"},      {"$instance", ".*"},      {"${__rate_interval}", "1m"},
+    } vars[] = {{"${instance}", ".*"},      {"$instance", ".*"},     {"${__rate_interval}", "1m"},
                 {"$__rate_interval", "1m"}, {"${__interval}", "5s"}, {"$__interval", "5s"}};
     size_t k = 0;
     for (const char *p = in; *p && k + 1 < cap;) {
@@ -235,8 +235,7 @@ static bool rules_healthy(bool add, char *why, size_t cap) {
     }
     cu_resp_free(&r);
     if (add) {
-        CHECK_MSG(n_rec >= 20 && n_alert >= 10, "Prometheus loaded %d recording and %d alerting rules", n_rec,
-                  n_alert);
+        CHECK_MSG(n_rec >= 20 && n_alert >= 10, "Prometheus loaded %d recording and %d alerting rules", n_rec, n_alert);
     }
     return ok;
 }
@@ -253,7 +252,9 @@ static int probe_round(bool report) {
             failed++;
             if (report)
                 CHECK_MSG(false, "%s: %s -> %s", g_probes[i].what, g_probes[i].expr,
-                          n < 0 ? err : n == 0 ? "no data" : "no finite value");
+                          n < 0    ? err
+                          : n == 0 ? "no data"
+                                   : "no finite value");
         }
     }
     return failed;
@@ -366,8 +367,8 @@ int main(void) {
             }
             CHECK_MSG(rules_healthy(false, why, sizeof why), "%s", why);
             probe_round(true);
-            fprintf(stderr, "%d queries (dashboard, recording rules, alerts) returned data after %.1f s\n",
-                    g_n_probes, now_s() - t_start);
+            fprintf(stderr, "%d queries (dashboard, recording rules, alerts) returned data after %.1f s\n", g_n_probes,
+                    now_s() - t_start);
         }
     }
     g_stop = true;

@@ -385,9 +385,9 @@ static void test_labeled_callback(void) {
     speed_gauge_t *g = NULL;
     const char *names[] = {"role", "pool"};
     const char *values[] = {"prefill", "a\"b"};
-    CHECK_INT_EQ(speed_gauge_register_callback_labeled(m, "speed_x_tokens", "Tokens.", names, values, 2,
-                                                       callback_value, &v, &g),
-                 SPEED_OK);
+    CHECK_INT_EQ(
+        speed_gauge_register_callback_labeled(m, "speed_x_tokens", "Tokens.", names, values, 2, callback_value, &v, &g),
+        SPEED_OK);
     CHECK_NEAR(speed_gauge_get(g), 7, 0);
     v = 9.5;
     char *text = NULL;
@@ -405,9 +405,9 @@ static void test_labeled_callback(void) {
                  SPEED_ERR_INVALID_ARGUMENT);
     CHECK_INT_EQ(speed_gauge_register_callback_labeled(m, "speed_y", NULL, names, values, 2, NULL, &v, NULL),
                  SPEED_ERR_INVALID_ARGUMENT);
-    CHECK_INT_EQ(speed_gauge_register_callback_labeled(m, "speed_x_tokens", NULL, names, values, 2, callback_value, &v,
-                                                       NULL),
-                 SPEED_ERR_FORMAT);
+    CHECK_INT_EQ(
+        speed_gauge_register_callback_labeled(m, "speed_x_tokens", NULL, names, values, 2, callback_value, &v, NULL),
+        SPEED_ERR_FORMAT);
     speed_metrics_destroy(m);
     int64_t before = speed_alloc_live_count();
     for (int64_t n = 0; n < 20; n++) {
