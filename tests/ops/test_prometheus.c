@@ -15,7 +15,7 @@
  *     the expression: checked) returns at least one finite sample, and the whole expression
  *     evaluates without an error (it may be empty: a healthy cluster fires nothing).
  * Skips (77) only when no `prometheus` binary is on PATH. Every process is stopped and the scratch
- * directory removed on every path (kept on failure for the logs). */
+ * directory removed on every path (kept on failure for the logs). Runs in about 10 s. */
 #include <ctype.h>
 #include <pthread.h>
 
@@ -24,7 +24,7 @@
 #include "openai_util.h"
 #include "test_fs.h"
 
-#define DEADLINE_S 40
+#define DEADLINE_S 40 /* from Prometheus's start until every query must have data */
 
 static int g_rport, g_prom_port;
 static _Atomic bool g_stop;
@@ -309,7 +309,6 @@ int main(void) {
         fprintf(stderr, "SPEED_SOURCE_DIR is not set\n");
         return 1;
     }
-    double t_start = now_s();
     cu_init("prometheus");
     const char *extra[] = {"--speed.prefill_layers", "3", "--decode.kv_tokens", "8192", NULL};
     cu_cluster_t c;
@@ -346,10 +345,11 @@ int main(void) {
         for (int i = 0; i < 2; i++)
             if (pthread_create(&load[n_load], NULL, load_main, (void *)(intptr_t)i) == 0) n_load++;
     }
+    double t_prom = now_s(); /* the deadline counts from here: a busy machine starts clusters slowly */
     if (prom_pid > 0) {
         char why[600] = "";
         bool up = false;
-        while (!up && now_s() - t_start < DEADLINE_S) { /* all three targets scraped, rules loaded */
+        while (!up && now_s() - t_prom < DEADLINE_S) { /* all three targets scraped, rules loaded */
             int finite = 0;
             char err[400];
             up = prom_query("up{job=\"speedserve\"} == 1", &finite, err, sizeof err) == 3 &&
@@ -361,14 +361,15 @@ int main(void) {
             load_dashboard(src);
             rules_healthy(true, why, sizeof why);
             int failed = 1;
-            while (failed > 0 && now_s() - t_start < DEADLINE_S) {
+            while (failed > 0 && now_s() - t_prom < DEADLINE_S) {
                 failed = probe_round(false);
                 if (failed) usleep(500000);
             }
             CHECK_MSG(rules_healthy(false, why, sizeof why), "%s", why);
             probe_round(true);
-            fprintf(stderr, "%d queries (dashboard, recording rules, alerts) returned data after %.1f s\n", g_n_probes,
-                    now_s() - t_start);
+            fprintf(stderr,
+                    "%d queries (dashboard, recording rules, alerts) returned data %.1f s after Prometheus started\n",
+                    g_n_probes, now_s() - t_prom);
         }
     }
     g_stop = true;
@@ -380,9 +381,12 @@ int main(void) {
             tu_wait_pid(prom_pid, 5, NULL);
         }
     }
-    if (r.pid > 0) cu_stop(&r, SIGTERM, 10);
-    for (int i = 0; i < c.np; i++) cu_stop(&c.pre[i], SIGTERM, 10);
-    for (int i = 0; i < c.nd; i++) cu_stop(&c.dec[i], SIGTERM, 10);
+    /* each exits 0 on SIGTERM (under the sanitizers: no leak, no error report) */
+    if (r.pid > 0) CHECK_INT_EQ(cu_stop(&r, SIGTERM, 10), 0);
+    for (int i = 0; i < c.np; i++)
+        if (c.pre[i].pid > 0) CHECK_INT_EQ(cu_stop(&c.pre[i], SIGTERM, 10), 0);
+    for (int i = 0; i < c.nd; i++)
+        if (c.dec[i].pid > 0) CHECK_INT_EQ(cu_stop(&c.dec[i], SIGTERM, 10), 0);
     bool failed = check_failures_ > 0;
     if (failed) {
         cu_log_tail("router0", 10);
