@@ -98,7 +98,11 @@ static void job_run(run_t *r, worker_t *w, const speed_lg_job_t *job, json_t *me
     char err[256] = "";
     char *prompt = NULL, *body = NULL;
     int64_t n_exact = -1;
-    if (speed_lg_prompt_make(p->prompter, job->prompt_tokens, job->prompt_seed, &prompt, &n_exact, err, sizeof err) !=
+    /* a turn of a conversation is new text of about that many tokens (its count inside the
+     * conversation depends on the template), a single request the whole prompt */
+    speed_lg_prompter_t pr = *p->prompter;
+    if (messages) pr.chat = false;
+    if (speed_lg_prompt_make(&pr, job->prompt_tokens, job->prompt_seed, &prompt, &n_exact, err, sizeof err) !=
         SPEED_OK) {
         result_error(res, now_rel(r), "prompt", err);
         return;
