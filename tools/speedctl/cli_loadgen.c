@@ -31,7 +31,7 @@ typedef struct {
     int64_t prefill_layers;
     double slo_ttft_ms, slo_tpot_ms, slo_e2e_ms;
     char *json, *records;
-    int64_t conversations, turns, system_tokens;
+    int64_t conversations, turns, system_tokens, shared_prefix_tokens;
     char *think_ms;
 } lg_opts_t;
 
@@ -80,6 +80,8 @@ static const speed_config_field_t lg_workload_fields[] = {
                       "a model directory whose tokenizer makes prompts of exactly the drawn length"),
     OPT("words_per_token", DOUBLE, words_per_token, "1", 0.01, 100, NULL,
         "without --tokenizer: prompt words per wanted token (the server's usage says the truth)"),
+    OPT("shared_prefix_tokens", INT, shared_prefix_tokens, "0", 0, 1 << 24, NULL,
+        "every prompt starts with the same text of this many tokens (a prefix cache's workload; 0 = none)"),
     OPT("ignore_eos", BOOL, ignore_eos, "true", SPEED_CONFIG_UNBOUNDED, NULL,
         "send ignore_eos so that the output has max_tokens tokens (--no-ignore-eos for servers that refuse it)"),
     OPT("prefill_layers", INT, prefill_layers, "0", 0, 100000, NULL,
@@ -155,6 +157,8 @@ static json_t *config_json(const lg_opts_t *o, const speed_lg_target_t *t, const
         json_object_set_new(c, "time_scale", json_real(o->time_scale));
     }
     if (o->prefill_layers > 0) json_object_set_new(c, "prefill_layers", json_integer(o->prefill_layers));
+    if (o->shared_prefix_tokens > 0)
+        json_object_set_new(c, "shared_prefix_tokens", json_integer(o->shared_prefix_tokens));
     json_object_set_new(c, "exact_prompts", json_boolean(o->tokenizer != NULL));
     if (o->conversations > 0) {
         json_object_set_new(c, "conversations", json_integer(o->conversations));
@@ -230,6 +234,10 @@ static int lg_main(lg_opts_t *o, speed_config_t *cfg) {
         speedctl_fail("%s", err);
         return SPEEDCTL_EXIT_USAGE;
     }
+    if (o->conversations > 0 && o->shared_prefix_tokens > 0) {
+        speedctl_fail("--conversations shares a prefix through --system-tokens, not --shared-prefix-tokens");
+        return SPEEDCTL_EXIT_USAGE;
+    }
     if (o->api_key && o->api_key_file) {
         speedctl_fail("the API key comes from SPEED_API_KEY or --api-key-file, not both");
         return SPEEDCTL_EXIT_USAGE;
@@ -237,7 +245,7 @@ static int lg_main(lg_opts_t *o, speed_config_t *cfg) {
 
     /* ---- resources */
     int rc = SPEEDCTL_EXIT_FAIL;
-    char *key = NULL, *ca = NULL, *trace_data = NULL;
+    char *key = NULL, *ca = NULL, *trace_data = NULL, *prefix = NULL;
     speed_lg_trace_t trace = {0};
     speed_tok_t *tok = NULL;
     json_t *report = NULL, *conf = NULL;
@@ -278,7 +286,18 @@ static int lg_main(lg_opts_t *o, speed_config_t *cfg) {
     conf = config_json(o, &t, mode);
 
     /* ---- the run */
-    speed_lg_prompter_t pr = {tok, t.chat, o->words_per_token};
+    speed_lg_prompter_t pr = {tok, t.chat, o->words_per_token, NULL};
+    if (o->shared_prefix_tokens > 0) {
+        /* its own seed, apart from every request's: the same for every request of the run */
+        speed_lg_prompter_t pp = {tok, false, o->words_per_token, NULL};
+        int64_t n_exact;
+        if (speed_lg_prompt_make(&pp, o->shared_prefix_tokens, (uint64_t)o->seed ^ 0x7072656678ULL, &prefix, &n_exact,
+                                 err, sizeof err) != SPEED_OK) {
+            speedctl_fail("--shared-prefix-tokens: %s", err);
+            goto done;
+        }
+        pr.prefix = prefix;
+    }
     wp->max_tokens_clamp = o->length_max;
     wp->trace = o->trace ? &trace : NULL;
     wp->rate = o->rate;
@@ -358,6 +377,7 @@ done:
     speed_tok_destroy(tok);
     speed_lg_trace_free(&trace);
     speed_free(trace_data);
+    speed_free(prefix);
     speed_free(ca);
     if (key) {
         memset(key, 0, strlen(key));

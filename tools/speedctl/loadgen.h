@@ -129,9 +129,11 @@ typedef struct {
     const speed_tok_t *tok; /* NULL: approximate */
     bool chat;
     double words_per_token;
+    const char *prefix; /* text every prompt starts with (--shared-prefix-tokens); NULL: none */
 } speed_lg_prompter_t;
 
-/* *text_p: speed_free it. *n_exact_p: the token count when known (tokenizer), else -1.
+/* *text_p: speed_free it. *n_exact_p: the token count when known (tokenizer), else -1. With a
+ * prefix the text is the prefix, a space and the request's own words, n tokens in all.
  * SPEED_OK; SPEED_ERR_INVALID_ARGUMENT (err: no text of exactly n tokens was found, e.g. n is
  * below the chat template's own tokens); SPEED_ERR_NO_MEMORY. */
 speed_status_t speed_lg_prompt_make(const speed_lg_prompter_t *pr, int64_t n, uint64_t seed, char **text_p,

@@ -251,8 +251,9 @@ static void stream_read(speed_http_client_t *client, const speed_lg_target_t *t,
             return;
         }
         if (ev->data_len == 6 && memcmp(ev->data, "[DONE]", 6) == 0) {
+            /* the answer is over even if the server keeps the body open */
             done = true;
-            continue;
+            break;
         }
         if (ev->data_len == 0) continue;
         json_t *j = json_loadb(ev->data, ev->data_len, 0, NULL);
@@ -301,7 +302,6 @@ static void stream_read(speed_http_client_t *client, const speed_lg_target_t *t,
         }
         usage_take(j, r);
         json_decref(j);
-        if (done) break;
     }
     r->t_end = speed_clock_mono_s() - t0;
     r->n_chunks = n_chunks;

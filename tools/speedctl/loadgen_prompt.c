@@ -72,6 +72,18 @@ static int64_t tokens_count(const speed_lg_prompter_t *pr, char *text, size_t le
     return st == SPEED_OK ? (int64_t)ids->n : -1;
 }
 
+/* A copy of the prompter's prefix into a new buffer (nothing without one). */
+static speed_status_t prefix_copy(const speed_lg_prompter_t *pr, char **buf, size_t *len, size_t *cap) {
+    if (!pr->prefix || !pr->prefix[0]) return SPEED_OK;
+    size_t n = strlen(pr->prefix);
+    *buf = speed_malloc(n + 256);
+    if (!*buf) return SPEED_ERR_NO_MEMORY;
+    memcpy(*buf, pr->prefix, n + 1);
+    *len = n;
+    *cap = n + 256;
+    return SPEED_OK;
+}
+
 /* Pieces tried, in order, to add exactly one token at the end. */
 static const char *const pads[] = {" a", " the", ".", ",", " I", "a", "e", "s", "!", "?", ";", " x", "x", "-"};
 
@@ -80,10 +92,11 @@ static speed_status_t exact_make(const speed_lg_prompter_t *pr, int64_t n, uint6
     char *buf = NULL;
     size_t len = 0, cap = 0;
     speed_tok_ids_t ids = {0};
-    speed_status_t st = SPEED_OK;
+    speed_status_t st = prefix_copy(pr, &buf, &len, &cap);
+    size_t start = len; /* the request's own words begin after this */
     /* enough words to pass n tokens (a word is at least one token): cut back to the longest
      * prefix of whole words at or below n, by bisection on the word count */
-    st = speed_lg_words_append(&buf, &len, &cap, n + 1, seed);
+    if (st == SPEED_OK) st = speed_lg_words_append(&buf, &len, &cap, n + 1, seed);
     if (st != SPEED_OK) goto out;
     size_t *ends = speed_malloc((size_t)(n + 2) * sizeof *ends); /* ends[k]: length of the first k words */
     if (!ends) {
@@ -91,8 +104,8 @@ static speed_status_t exact_make(const speed_lg_prompter_t *pr, int64_t n, uint6
         goto out;
     }
     int64_t n_ends = 0;
-    ends[n_ends++] = 0;
-    for (size_t i = 0; i <= len; i++)
+    ends[n_ends++] = start;
+    for (size_t i = start + 1; i <= len; i++)
         if (i == len || buf[i] == ' ') ends[n_ends++] = i;
     int64_t lo = 0, hi = n_ends - 1; /* tokens(words lo) <= n is assumed for lo = 0 */
     while (lo < hi) {
@@ -162,10 +175,12 @@ speed_status_t speed_lg_prompt_make(const speed_lg_prompter_t *pr, int64_t n, ui
     if (pr->tok) return exact_make(pr, n, seed, text_p, n_exact_p, err, err_size);
     double wpt = pr->words_per_token > 0 ? pr->words_per_token : 1.0;
     int64_t n_words = (int64_t)(n * wpt + 0.5);
-    if (n_words < 1) n_words = 1;
     char *buf = NULL;
     size_t len = 0, cap = 0;
-    speed_status_t st = speed_lg_words_append(&buf, &len, &cap, n_words, seed);
+    speed_status_t st = prefix_copy(pr, &buf, &len, &cap);
+    for (size_t i = 0; i < len; i++) n_words -= buf[i] == ' ' || i == 0; /* the prefix's words count */
+    if (n_words < 1) n_words = 1;
+    if (st == SPEED_OK) st = speed_lg_words_append(&buf, &len, &cap, n_words, seed);
     if (st != SPEED_OK) {
         speed_free(buf);
         snprintf(err, err_size, "out of memory building a prompt");

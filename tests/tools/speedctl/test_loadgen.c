@@ -191,10 +191,11 @@ static void test_prefill_layers(void) {
         lg_run_t r = lg(k ? "c1" : "cfull", "",
                         "--url %s --model %s --concurrency 1 --requests 2 --prompt-tokens fixed:40 "
                         "--output-tokens fixed:2 --tokenizer %s/model %s",
-                        g_url, g_model, cu_dir, k ? "--prefill-layers 1" : "");
+                        g_url, g_model, cu_dir, k ? "--prefill-layers 1 --shared-prefix-tokens 16" : "");
         check_all_ok(k ? "c1" : "cfull", &r, 2);
         const json_t *x = json_array_get(r.records, 0);
         kv[k] = num(x, "kv_bytes");
+        CHECK(num(x, "prompt_tokens") == 40 && num(json_array_get(r.records, 1), "prompt_tokens") == 40);
         CHECK(k == 0 || num(x, "prefill_layers") == 1);
         CHECK(k == 1 || !json_object_get(x, "prefill_layers"));
         CHECK(k == 0 || num(r.rep, "config.prefill_layers") == 1);
@@ -371,6 +372,7 @@ static void test_usage_errors(void) {
         {"--url %s --rate 2 --requests 2 --endpoint grpc", "endpoint"},
         {"--url %s --conversations 2 --endpoint completions", "--conversations needs --endpoint chat"},
         {"--url %s --rate 2 --requests 2 --bogus", "bogus"},
+        {"--url %s --conversations 2 --endpoint chat --shared-prefix-tokens 3", "not --shared-prefix-tokens"},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         char args[512];

@@ -313,7 +313,7 @@ static void test_prompts(void) {
     if (!tok) return;
     speed_tok_ids_t ids = {0};
     for (int chat = 0; chat < 2; chat++) {
-        speed_lg_prompter_t pr = {tok, chat, 1.0};
+        speed_lg_prompter_t pr = {tok, chat, 1.0, NULL};
         int64_t first = chat ? 24 : 1; /* the Llama 3 template takes about 20 */
         for (int64_t n = first; n < first + 60; n += (n < first + 30 ? 1 : 7)) {
             char *text = NULL, err[256] = "";
@@ -344,12 +344,37 @@ static void test_prompts(void) {
             CHECK(text == NULL);
         }
     }
+    /* a shared prefix: every prompt starts with it and is still exactly n tokens */
+    speed_lg_prompter_t pp = {tok, false, 1.0, NULL};
+    char *prefix = NULL, err[256] = "";
+    int64_t exact = -1;
+    CHECK(speed_lg_prompt_make(&pp, 30, 99, &prefix, &exact, err, sizeof err) == SPEED_OK && exact == 30);
+    for (int chat = 0; chat < 2 && prefix; chat++) {
+        speed_lg_prompter_t pr = {tok, chat, 1.0, prefix};
+        for (int64_t n = 60; n < 70; n++) {
+            char *text = NULL;
+            CHECK_MSG(speed_lg_prompt_make(&pr, n, (uint64_t)n, &text, &exact, err, sizeof err) == SPEED_OK, "%s", err);
+            if (!text) continue;
+            CHECK(strncmp(text, prefix, strlen(prefix)) == 0 && text[strlen(prefix)] == ' ');
+            ids.n = 0;
+            speed_chat_message_t m = {"user", text};
+            CHECK(chat ? speed_tok_chat_encode(tok, &m, 1, true, false, &ids) == SPEED_OK
+                       : speed_tok_encode(tok, text, strlen(text), true, &ids) == SPEED_OK);
+            CHECK_MSG((int64_t)ids.n == n && exact == n, "prefixed, chat %d: %zu tokens, wanted %lld", chat, ids.n,
+                      (long long)n);
+            speed_free(text);
+        }
+        /* shorter than the prefix: refused */
+        char *text = NULL;
+        CHECK(speed_lg_prompt_make(&pr, 20, 1, &text, &exact, err, sizeof err) == SPEED_ERR_INVALID_ARGUMENT);
+    }
+    speed_free(prefix);
     speed_tok_ids_free(&ids);
     speed_tok_destroy(tok);
     /* without a tokenizer: words_per_token words; seeds make prompts differ from the first word,
      * the same seed gives the same text */
-    speed_lg_prompter_t pr = {NULL, false, 0.5};
-    char *a = NULL, *b = NULL, *c = NULL, err[128];
+    speed_lg_prompter_t pr = {NULL, false, 0.5, NULL};
+    char *a = NULL, *b = NULL, *c = NULL;
     int64_t ex;
     CHECK(speed_lg_prompt_make(&pr, 40, 1, &a, &ex, err, sizeof err) == SPEED_OK && ex == -1);
     CHECK(speed_lg_prompt_make(&pr, 40, 1, &b, &ex, err, sizeof err) == SPEED_OK);
@@ -374,6 +399,16 @@ static void test_prompts(void) {
     speed_free(a);
     speed_free(b);
     speed_free(c);
+    /* approximate with a prefix: its words count toward the total */
+    speed_lg_prompter_t px = {NULL, false, 1.0, "alpha beta gamma"};
+    CHECK(speed_lg_prompt_make(&px, 10, 1, &a, &ex, err, sizeof err) == SPEED_OK);
+    CHECK(speed_lg_prompt_make(&px, 10, 2, &b, &ex, err, sizeof err) == SPEED_OK);
+    words = 1;
+    for (const char *s = a; *s; s++) words += *s == ' ';
+    CHECK_INT_EQ(words, 10);
+    CHECK(strncmp(a, "alpha beta gamma ", 17) == 0 && strncmp(b, "alpha beta gamma ", 17) == 0 && strcmp(a, b) != 0);
+    speed_free(a);
+    speed_free(b);
 }
 
 /* ---- URL and body ------------------------------------------------------------------------------ */
