@@ -15,6 +15,7 @@
 #include "cluster_util.h"
 #include "log.h"
 #include "test_fs.h"
+#include "tls_test_util.h"
 
 static char g_url[128], g_model[128];
 
@@ -417,6 +418,55 @@ static void test_api_key(void) {
     free(text);
 }
 
+/* HTTPS: a second router with an API certificate; loadgen with --ca trusts it, with another CA it
+ * refuses it (errors of type tls, exit 1). */
+static void test_https(cu_cluster_t *c) {
+    char cert[700], key[700], ca[700], other_cert[700], other_key[700], other_ca[700], port[16];
+    snprintf(cert, sizeof cert, "%s/api.crt", cu_dir);
+    snprintf(key, sizeof key, "%s/api.key", cu_dir);
+    snprintf(ca, sizeof ca, "%s/api-ca.crt", cu_dir);
+    snprintf(other_cert, sizeof other_cert, "%s/other.crt", cu_dir);
+    snprintf(other_key, sizeof other_key, "%s/other.key", cu_dir);
+    snprintf(other_ca, sizeof other_ca, "%s/other-ca.crt", cu_dir);
+    char *pem = NULL, *other_pem = NULL;
+    if (!tu_tls_make_cert(cert, key, &pem) || !tu_tls_make_cert(other_cert, other_key, &other_pem)) {
+        CHECK(false);
+        free(pem);
+        return;
+    }
+    tu_write_text(ca, pem);
+    tu_write_text(other_ca, other_pem);
+    free(pem);
+    free(other_pem);
+    int p = cu_router_port(c, 1);
+    snprintf(port, sizeof port, "%d", p);
+    const char *more[] = {"--router.port", port, "--router.tls_cert", cert, "--router.tls_key", key, NULL};
+    cu_proc_t r = cu_cluster_spawn(c, "speed-router", "router1", more);
+    /* until the router answers and sees the nodes: one request, retried */
+    lg_run_t x = {0};
+    double t0 = now_s();
+    do {
+        lg_free(&x);
+        x = lg("https-wait", "",
+               "--url https://127.0.0.1:%d --ca %s --model %s --concurrency 1 --requests 1 "
+               "--output-tokens fixed:2",
+               p, ca, g_model);
+    } while (x.rc != 0 && now_s() - t0 < 30 && cu_alive(&r));
+    lg_free(&x);
+    x = lg("https", "",
+           "--url https://127.0.0.1:%d/ --ca %s --model %s --concurrency 2 --requests 4 --output-tokens fixed:3", p, ca,
+           g_model);
+    check_all_ok("https", &x, 4);
+    check_stats("https", x.rep, "ttft", true);
+    lg_free(&x);
+    x = lg("https-bad-ca", "", "--url https://127.0.0.1:%d --ca %s --model %s --concurrency 1 --requests 2", p,
+           other_ca, g_model);
+    CHECK_INT_EQ(x.rc, 1);
+    CHECK_MSG(num(x.rep, "requests.errors.tls") == 2, "%s", x.out);
+    lg_free(&x);
+    if (r.pid > 0) CHECK_INT_EQ(cu_stop(&r, SIGTERM, 30), 0);
+}
+
 int main(void) {
     speed_log_configure("error");
     cu_init("loadgen");
@@ -440,6 +490,7 @@ int main(void) {
             test_multi_turn();
             test_failures();
             test_api_key();
+            test_https(&c);
         }
     }
     if (router.pid > 0) CHECK_INT_EQ(cu_stop(&router, SIGTERM, 30), 0);
