@@ -50,7 +50,8 @@ struct run {
     int64_t arrivals, dropped;
     speed_lg_result_t *res;
     size_t n_res, cap_res;
-    double t0, t_stop;   /* t_stop: when sending ends (closed loop with a duration), else 0 */
+    double t0;
+    double t_progress;   /* when the progress line was last printed */
     char *system_prompt; /* multi-turn */
     bool oom;
 };
@@ -295,13 +296,12 @@ static void progress_print(run_t *r, bool final) {
 /* Waits on cv_done up to `until` (seconds, relative) or while cond holds; prints progress every
  * half second. Under r->mu. */
 static void wait_until(run_t *r, double until, bool (*busy)(const run_t *)) {
-    double last = now_rel(r);
     while (busy(r)) {
         double t = now_rel(r);
         if (until >= 0 && t >= until) return;
-        if (t - last >= (r->p->progress_tty ? 0.5 : 2.0)) {
+        if (t - r->t_progress >= (r->p->progress_tty ? 0.5 : 2.0)) {
             progress_print(r, false);
-            last = t;
+            r->t_progress = t;
         }
         double wait = 0.1;
         if (until >= 0 && until - t < wait) wait = until - t;

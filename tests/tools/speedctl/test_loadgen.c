@@ -254,13 +254,17 @@ static void test_trace(void) {
 }
 
 static void test_duration(void) {
-    /* no request count: the run ends by itself when the 1.5 s are over */
+    /* no request count: the run ends by itself when the 2.5 s are over; --progress without a
+     * terminal: a line every 2 s and a last one */
     lg_run_t r =
-        lg("duration", "", "--url %s --model %s --rate 8 --arrival constant --duration 1.5 --output-tokens fixed:2",
+        lg("duration", "", "--url %s --model %s --rate 8 --arrival constant --duration 2.5 --output-tokens fixed:2 --progress",
            g_url, g_model);
     CHECK_MSG(r.rc == 0, "exit %d: %s", r.rc, r.err);
     int n = (int)num(r.rep, "requests.requested");
-    CHECK_MSG(n == 12, "%d requests in 1.5 s at 8/s (constant: at 0, 0.125, ..., 1.375 s)", n);
+    CHECK_MSG(n == 20, "%d requests in 2.5 s at 8/s (constant: at 0, 0.125, ..., 2.375 s)", n);
+    int lines = 0;
+    for (const char *s = r.err; s && (s = strstr(s, " in flight")); s++) lines++;
+    CHECK_MSG(lines >= 2, "%d progress lines:\n%s", lines, r.err);
     check_all_ok("duration", &r, n);
     CHECK_MSG(r.seconds < 15, "took %.1f s", r.seconds);
     lg_free(&r);
