@@ -8,9 +8,13 @@
  *   - a trace replay sends on its schedule; --duration ends a run by itself; multi-turn;
  *   - a server that never answers is cut off after the drain (no hang), an unreachable URL and a
  *     server answering errors are errors with exit 1; bad options exit 2 with a clear message;
- *   - the API key never shows in output, reports or records; progress only when asked.
+ *   - the API key never shows in output, reports or records; progress only when asked;
+ *   - HTTPS with --ca (another CA refused);
+ *   - a llama-server-style endpoint (a scripted server here: no usage in its streams): plain
+ *     requests (no speed object), the model from /v1/models, tokens counted from chunks.
  * Every speedctl run is bounded by `timeout`, so nothing here can hang the suite. */
 #include <math.h>
+#include <stdatomic.h>
 
 #include "cluster_util.h"
 #include "log.h"
@@ -256,9 +260,9 @@ static void test_trace(void) {
 static void test_duration(void) {
     /* no request count: the run ends by itself when the 2.5 s are over; --progress without a
      * terminal: a line every 2 s and a last one */
-    lg_run_t r =
-        lg("duration", "", "--url %s --model %s --rate 8 --arrival constant --duration 2.5 --output-tokens fixed:2 --progress",
-           g_url, g_model);
+    lg_run_t r = lg("duration", "",
+                    "--url %s --model %s --rate 8 --arrival constant --duration 2.5 --output-tokens fixed:2 --progress",
+                    g_url, g_model);
     CHECK_MSG(r.rc == 0, "exit %d: %s", r.rc, r.err);
     int n = (int)num(r.rep, "requests.requested");
     CHECK_MSG(n == 20, "%d requests in 2.5 s at 8/s (constant: at 0, 0.125, ..., 2.375 s)", n);
@@ -471,6 +475,81 @@ static void test_https(cu_cluster_t *c) {
     if (r.pid > 0) CHECK_INT_EQ(cu_stop(&r, SIGTERM, 30), 0);
 }
 
+/* ---- a llama-server-style endpoint ------------------------------------------------------------
+ * A scripted server in this process (speed_http): /v1/models names one model; a streamed
+ * completion sends max_tokens chunks of one token each, a finish chunk and [DONE], never usage
+ * (as llama-server does without include_usage support). It records what the requests held. */
+typedef struct {
+    atomic_int n, n_ignore_eos, n_speed, n_bad_model, tokens;
+} llama_seen_t;
+
+static void llama_models(void *user, speed_http_request_t *rq) {
+    (void)user;
+    const char *body = "{\"object\":\"list\",\"data\":[{\"id\":\"llama-model.gguf\",\"object\":\"model\"}]}";
+    speed_http_respond(rq, 200, "application/json", body, strlen(body));
+}
+
+static void llama_completions(void *user, speed_http_request_t *rq) {
+    llama_seen_t *seen = user;
+    size_t len = 0;
+    const char *b = speed_http_request_body(rq, &len);
+    json_t *j = json_loadb(b, len, 0, NULL);
+    atomic_fetch_add(&seen->n, 1);
+    if (json_is_true(json_object_get(j, "ignore_eos"))) atomic_fetch_add(&seen->n_ignore_eos, 1);
+    if (json_object_get(j, "speed")) atomic_fetch_add(&seen->n_speed, 1);
+    if (strcmp(json_string_value(json_object_get(j, "model")) ? json_string_value(json_object_get(j, "model")) : "",
+               "llama-model.gguf") != 0)
+        atomic_fetch_add(&seen->n_bad_model, 1);
+    int n = (int)json_integer_value(json_object_get(j, "max_tokens"));
+    json_decref(j);
+    speed_http_stream_t *st = NULL;
+    if (speed_http_respond_stream(rq, 200, "text/event-stream", NULL, NULL, &st) != SPEED_OK) return;
+    speed_http_stream_write(st, ": ping\n\n", 8);
+    for (int i = 0; i < n; i++) {
+        char chunk[200];
+        snprintf(chunk, sizeof chunk,
+                 "{\"choices\":[{\"text\":\"tok%d \",\"index\":0,\"logprobs\":null,\"finish_reason\":null}],"
+                 "\"object\":\"text_completion\",\"model\":\"llama-model.gguf\"}",
+                 i);
+        speed_http_stream_write_sse(st, NULL, chunk);
+    }
+    speed_http_stream_write_sse(st, NULL, "{\"choices\":[{\"text\":\"\",\"index\":0,\"finish_reason\":\"length\"}]}");
+    speed_http_stream_write_sse(st, NULL, "[DONE]");
+    speed_http_stream_close(st);
+    atomic_fetch_add(&seen->tokens, n);
+}
+
+static void test_llama_style(void) {
+    llama_seen_t seen = {0};
+    speed_http_server_params_t hp = speed_http_server_default_params();
+    speed_http_server_t *srv = NULL;
+    CHECK(speed_http_server_create(&hp, &srv) == SPEED_OK);
+    if (!srv) return;
+    speed_http_server_route(srv, "GET", "/v1/models", llama_models, NULL);
+    speed_http_server_route(srv, "POST", "/v1/completions", llama_completions, &seen);
+    CHECK(speed_http_server_start(srv) == SPEED_OK);
+    /* no --model (asked of /v1/models), no --prefill-layers: plain OpenAI requests */
+    lg_run_t r = lg("llama", "", "--url http://127.0.0.1:%u --rate 30 --requests 10 --output-tokens uniform:3,9",
+                    (unsigned)speed_http_server_port(srv));
+    check_all_ok("llama", &r, 10);
+    CHECK_INT_EQ(atomic_load(&seen.n), 10);
+    CHECK_INT_EQ(atomic_load(&seen.n_ignore_eos), 10);
+    CHECK_INT_EQ(atomic_load(&seen.n_speed), 0);
+    CHECK_INT_EQ(atomic_load(&seen.n_bad_model), 0);
+    /* tokens counted from the chunks (no usage), input tokens unknown */
+    CHECK_NEAR(num(r.rep, "tokens.output"), atomic_load(&seen.tokens), 0);
+    CHECK_NEAR(num(r.rep, "tokens.output"), num(r.rep, "tokens.output_requested"), 0);
+    CHECK(json_is_false(json_object_get(json_object_get(r.rep, "tokens"), "input_known")));
+    CHECK(!json_object_get(json_object_get(r.rep, "tokens"), "input"));
+    check_stats("llama", r.rep, "ttft", true);
+    for (size_t i = 0; i < json_array_size(r.records); i++) {
+        const json_t *x = json_array_get(r.records, i);
+        CHECK(num(x, "chunks") == num(x, "output_tokens") && num(x, "prompt_tokens") == -1);
+    }
+    lg_free(&r);
+    speed_http_server_destroy(srv);
+}
+
 int main(void) {
     speed_log_configure("error");
     cu_init("loadgen");
@@ -483,6 +562,7 @@ int main(void) {
     cu_proc_t router = ok ? cu_cluster_router(&c, 0, NULL, 30, &ok_r) : (cu_proc_t){0};
     CHECK_MSG(ok_r, "router did not come up");
     snprintf(g_url, sizeof g_url, "http://127.0.0.1:%d", cu_router_port(&c, 0));
+    test_llama_style();
     if (ok && ok_r) {
         test_usage_errors();
         test_open_loop();
