@@ -3,6 +3,7 @@
  * (target, workload, run, report); the parts are in loadgen_*.c (loadgen.h). */
 #include <inttypes.h>
 #include <jansson.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -116,6 +117,15 @@ static const speedctl_options_part_t lg_parts[] = {
 static const char lg_usage[] =
     "speedctl loadgen --url http[s]://HOST:PORT (--rate R [--arrival poisson|constant] | --concurrency N | "
     "--trace FILE | --conversations N) [--requests N] [--duration S] [options]";
+
+/* SIGINT ends sending as --duration would: the requests in flight are drained and the report is
+ * printed. The handler is reset by the first signal, so a second Ctrl-C ends the process. */
+static volatile sig_atomic_t g_stop;
+
+static void on_sigint(int sig) {
+    (void)sig;
+    g_stop = 1;
+}
 
 /* The API key from --api-key-file: its first line, without the newline. */
 static char *key_file_read(const char *path) {
@@ -318,6 +328,16 @@ static int lg_main(lg_opts_t *o, speed_config_t *cfg) {
     rp.turns = o->turns;
     rp.system_tokens = o->system_tokens;
     rp.think = o->think_ms != NULL;
+    rp.stop = &g_stop;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_sigint;
+    sa.sa_flags = SA_RESETHAND;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    /* a server closing a connection while a request is written must be an error of that request,
+     * not the end of the process (TLS writes do not pass MSG_NOSIGNAL) */
+    signal(SIGPIPE, SIG_IGN);
     bool tty = isatty(STDERR_FILENO);
     rp.progress = given(cfg, "progress") ? o->progress : tty;
     rp.progress_tty = tty;

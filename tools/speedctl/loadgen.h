@@ -18,6 +18,7 @@
 
 #include <jansson.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -265,8 +266,10 @@ typedef struct {
     int64_t conversations, turns, system_tokens;
     bool think; /* wait think_ms between turns */
     speed_lg_dist_t think_ms;
-    bool progress;     /* a progress line on stderr */
-    bool progress_tty; /* rewrite it in place (stderr is a terminal) */
+    volatile sig_atomic_t *stop; /* when it turns non-zero (SIGINT), sending ends as at --duration;
+                                  * NULL: never */
+    bool progress;               /* a progress line on stderr */
+    bool progress_tty;           /* rewrite it in place (stderr is a terminal) */
 } speed_lg_run_params_t;
 
 typedef struct {

@@ -58,6 +58,8 @@ struct run {
 
 static double now_rel(const run_t *r) { return speed_clock_mono_s() - r->t0; }
 
+static bool stop_asked(const run_t *r) { return r->p->stop && *r->p->stop; }
+
 static void result_add(run_t *r, speed_lg_result_t *res) {
     if (r->n_res == r->cap_res) {
         size_t c = r->cap_res ? r->cap_res * 2 : 256;
@@ -133,7 +135,7 @@ static void job_run(run_t *r, worker_t *w, const speed_lg_job_t *job, json_t *me
 /* Takes the next job under r->mu (closed loop): false when sending is over. */
 static bool closed_next(run_t *r, speed_lg_job_t *job) {
     const speed_lg_run_params_t *p = r->p;
-    if (r->closing || r->cutting) return false;
+    if (r->closing || r->cutting || stop_asked(r)) return false;
     if (p->duration_s > 0 && now_rel(r) >= p->duration_s) return false;
     int64_t limit = p->conversations > 0 ? p->conversations : p->requests;
     if (limit > 0 && r->started >= limit) return false;
@@ -299,6 +301,7 @@ static void wait_until(run_t *r, double until, bool (*busy)(const run_t *)) {
     while (busy(r)) {
         double t = now_rel(r);
         if (until >= 0 && t >= until) return;
+        if (stop_asked(r) && !r->closing) return; /* sending ends now; the drain still waits */
         if (t - r->t_progress >= (r->p->progress_tty ? 0.5 : 2.0)) {
             progress_print(r, false);
             r->t_progress = t;
@@ -326,6 +329,7 @@ static speed_status_t open_dispatch(run_t *r, char *err, size_t err_size) {
         if (!speed_lg_workload_next(&r->wl, &job)) break;
         if (p->duration_s > 0 && job.arrival_s >= p->duration_s) break;
         wait_until(r, job.arrival_s, always);
+        if (stop_asked(r)) break;
         r->arrivals++;
         if (r->n_idle > r->q_len || (r->n_workers < r->max_workers && worker_add(r, err, err_size))) {
             r->queue[(r->q_head + r->q_len) % r->max_workers] = job;
@@ -381,7 +385,7 @@ speed_status_t speed_lg_run(const speed_lg_run_params_t *p, speed_lg_run_out_t *
     out->t_first_send = 0;
     double end = now_rel(r);
     /* open loop: a duration is a time window, even when the schedule ends before it */
-    if (r->open && p->duration_s > 0 && end < p->duration_s && st == SPEED_OK) end = p->duration_s;
+    if (r->open && p->duration_s > 0 && end < p->duration_s && st == SPEED_OK && !stop_asked(r)) end = p->duration_s;
     double drain_end = end + (p->drain_s > 0 ? p->drain_s : 0);
     wait_until(r, drain_end, requests_running);
     r->cutting = true;

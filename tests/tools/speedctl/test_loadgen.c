@@ -274,6 +274,43 @@ static void test_duration(void) {
     lg_free(&r);
 }
 
+/* Ctrl-C: sending ends, the requests in flight finish, the report is written, exit 0. */
+static void test_sigint(int router_port) {
+    char json[700], err[700];
+    snprintf(json, sizeof json, "%s/sigint.json", cu_dir);
+    snprintf(err, sizeof err, "%s/sigint.err", cu_dir);
+    const char *argv[] = {NULL,         "loadgen", "--url",           g_url,     "--model", g_model, "--rate", "20",
+                          "--duration", "120",     "--output-tokens", "fixed:4", "--json",  json,    NULL};
+    char bin[700];
+    snprintf(bin, sizeof bin, "%s/speedctl", cu_bin);
+    argv[0] = bin;
+    double before = cu_metric_sum(router_port, "speed_router_requests_total");
+    tu_spawn_params_t sp = {.err_path = err, .die_with_parent = true};
+    pid_t pid = tu_spawn(argv, &sp);
+    CHECK(pid > 0);
+    if (pid <= 0) return;
+    /* wait until it has sent a few */
+    double t0 = now_s();
+    while (cu_metric_sum(router_port, "speed_router_requests_total") < before + 5 && now_s() - t0 < 30) usleep(20000);
+    double t_int = now_s();
+    kill(pid, SIGINT);
+    int st = 0;
+    bool exited = tu_wait_pid(pid, 20, &st);
+    CHECK_MSG(exited, "loadgen did not stop on SIGINT");
+    if (!exited) {
+        kill(pid, SIGKILL);
+        tu_wait_pid(pid, 5, &st);
+        return;
+    }
+    CHECK_INT_EQ(tu_exit_code(st), 0);
+    CHECK(now_s() - t_int < 10);
+    json_t *rep = json_load_file(json, 0, NULL);
+    CHECK_MSG(num(rep, "requests.completed") >= 5 && num(rep, "requests.completed") == num(rep, "requests.requested") &&
+                  num(rep, "requests.completed") < 20 * 60,
+              "completed %g of %g", num(rep, "requests.completed"), num(rep, "requests.requested"));
+    json_decref(rep);
+}
+
 static void test_multi_turn(void) {
     lg_run_t r = lg("turns", "",
                     "--url %s --model %s --endpoint chat --conversations 3 --turns 3 --system-tokens 40 "
@@ -571,6 +608,7 @@ int main(void) {
             test_prefill_layers();
             test_trace();
             test_duration();
+            test_sigint(cu_router_port(&c, 0));
             test_multi_turn();
             test_failures();
             test_api_key();
