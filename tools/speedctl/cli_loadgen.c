@@ -32,7 +32,7 @@ typedef struct {
     int64_t prefill_layers;
     double slo_ttft_ms, slo_tpot_ms, slo_e2e_ms;
     char *json, *records;
-    int64_t conversations, turns, system_tokens, shared_prefix_tokens;
+    int64_t conversations, turns, system_tokens, shared_prefix_tokens, warmup;
     char *think_ms;
 } lg_opts_t;
 
@@ -66,6 +66,8 @@ static const speed_config_field_t lg_load_fields[] = {
         "after sending ends, wait this many seconds for requests in flight, then cut them off"),
     OPT("request_timeout", DOUBLE, request_timeout, "120", 0.1, 1e6, NULL,
         "seconds a request may wait on its socket (connect, or between two bytes)"),
+    OPT("warmup", INT, warmup, "0", 0, 1000000, NULL,
+        "first send this many requests one at a time, left out of the report (warms caches and kernels)"),
     OPT("seed", INT, seed, "1", 0, INT64_MAX, NULL, "seed of arrivals, lengths and prompts"),
 };
 static const speed_config_field_t lg_workload_fields[] = {
@@ -169,6 +171,7 @@ static json_t *config_json(const lg_opts_t *o, const speed_lg_target_t *t, const
     if (o->prefill_layers > 0) json_object_set_new(c, "prefill_layers", json_integer(o->prefill_layers));
     if (o->shared_prefix_tokens > 0)
         json_object_set_new(c, "shared_prefix_tokens", json_integer(o->shared_prefix_tokens));
+    if (o->warmup > 0) json_object_set_new(c, "warmup", json_integer(o->warmup));
     json_object_set_new(c, "exact_prompts", json_boolean(o->tokenizer != NULL));
     if (o->conversations > 0) {
         json_object_set_new(c, "conversations", json_integer(o->conversations));
@@ -194,6 +197,38 @@ static json_t *by_turn_json(const speed_lg_result_t *res, size_t n, int64_t turn
     }
     speed_free(v);
     return a;
+}
+
+/* --warmup: n requests of the workload's lengths (other seeds), one at a time, not reported; a
+ * warm-up that fails says why and stops the run (exit 1). */
+static bool warmup_run(const speed_lg_run_params_t *run, int64_t n) {
+    speed_lg_run_params_t w = *run;
+    w.workload.trace = NULL;
+    w.workload.rate = 0;
+    w.workload.seed = run->workload.seed ^ 0x7761726dULL;
+    if (run->workload.trace) { /* the trace's first line's lengths */
+        w.workload.prompt =
+            (speed_lg_dist_t){SPEED_LG_DIST_FIXED, (double)run->workload.trace->entries[0].input_tokens, 0};
+        w.workload.output =
+            (speed_lg_dist_t){SPEED_LG_DIST_FIXED, (double)run->workload.trace->entries[0].output_tokens, 0};
+    }
+    w.concurrency = 1;
+    w.requests = n;
+    w.duration_s = 0;
+    w.conversations = 0;
+    w.progress = false;
+    speed_lg_run_out_t out = {0};
+    char err[256] = "";
+    speed_status_t st = speed_lg_run(&w, &out, err, sizeof err);
+    bool ok = st == SPEED_OK;
+    if (!ok) speedctl_fail("warm-up: %s", err);
+    for (size_t i = 0; ok && i < out.n; i++)
+        if (out.results[i].outcome != SPEED_LG_OK) {
+            speedctl_fail("warm-up request %zu failed: %s %s", i, out.results[i].error, out.results[i].detail);
+            ok = false;
+        }
+    speed_lg_run_out_cleanup(&out);
+    return ok;
 }
 
 static int lg_main(lg_opts_t *o, speed_config_t *cfg) {
@@ -341,6 +376,7 @@ static int lg_main(lg_opts_t *o, speed_config_t *cfg) {
     bool tty = isatty(STDERR_FILENO);
     rp.progress = given(cfg, "progress") ? o->progress : tty;
     rp.progress_tty = tty;
+    if (o->warmup > 0 && !warmup_run(&rp, o->warmup)) goto done;
     if (speed_lg_run(&rp, &out, err, sizeof err) != SPEED_OK) {
         speedctl_fail("%s", err);
         goto done;

@@ -22,6 +22,7 @@
 #include "tls_test_util.h"
 
 static char g_url[128], g_model[128];
+static int g_router_port;
 
 typedef struct {
     int rc;
@@ -181,10 +182,14 @@ static void test_closed_loop(void) {
     CHECK_CONTAINS(r.err, "in flight");
     lg_free(&r);
 
-    /* an impossible SLO: nothing meets it */
-    r = lg("slo0", "", "--url %s --model %s --concurrency 2 --requests 4 --output-tokens fixed:3 --slo-ttft-ms 0.001",
+    /* an impossible SLO: nothing meets it; --warmup: 3 more requests reach the server first, the
+     * report shows the 4 */
+    double before = cu_metric_sum(g_router_port, "speed_router_requests_total");
+    r = lg("slo0", "",
+           "--url %s --model %s --concurrency 2 --requests 4 --output-tokens fixed:3 --slo-ttft-ms 0.001 --warmup 3",
            g_url, g_model);
     check_all_ok("slo0", &r, 4);
+    CHECK_NEAR(cu_metric_sum(g_router_port, "speed_router_requests_total") - before, 7, 0);
     CHECK(num(r.rep, "goodput.requests_per_s") == 0 && num(r.rep, "goodput.met") == 0);
     CHECK(num(r.rep, "throughput.requests_per_s") > 0);
     lg_free(&r);
@@ -599,6 +604,7 @@ int main(void) {
     cu_proc_t router = ok ? cu_cluster_router(&c, 0, NULL, 30, &ok_r) : (cu_proc_t){0};
     CHECK_MSG(ok_r, "router did not come up");
     snprintf(g_url, sizeof g_url, "http://127.0.0.1:%d", cu_router_port(&c, 0));
+    g_router_port = cu_router_port(&c, 0);
     test_llama_style();
     if (ok && ok_r) {
         test_usage_errors();
