@@ -27,6 +27,7 @@ static const struct {
     {"bench", speedctl_bench, "prefill/decode speed, KV bytes and memory against this machine's roofline"},
     {"up", speedctl_up, "start a local cluster (decode, prefill, router) from a cluster file; stop it with Ctrl-C"},
     {"certs", speedctl_certs, "write the control plane's CA and per-process certificates for a cluster file"},
+    {"top", speedctl_top, "a live terminal view of a running cluster from its metrics endpoints (q quits)"},
 };
 #define N_VERBS (sizeof verbs / sizeof verbs[0])
 
