@@ -256,6 +256,18 @@ out:
     return rc;
 }
 
+static void top_help_print(void) {
+    printf("usage: %s\n\n"
+           "A live view of a running cluster: the router's /metrics and every node's /metrics and\n"
+           "/health, scraped each --interval. The endpoints come from the cluster file (the same one\n"
+           "speedctl up takes; any cluster option such as --router.port overrides it) or from\n"
+           "--router/--node. q, Ctrl-C or a signal quits. See docs/speedctl.md#top.\n\n"
+           "speedctl top's own options (command line or SPEED_TOP_<OPTION>):\n",
+           TOP_USAGE);
+    fflush(stdout);
+    speed_config_print_help(top_fields, N_TOP_FIELDS, "SPEED_TOP_", stdout);
+}
+
 /* ---- the verb ------------------------------------------------------------------------------- */
 
 int speedctl_top(int argc, char **argv) {
@@ -295,7 +307,7 @@ int speedctl_top(int argc, char **argv) {
     speed_cluster_config_t c;
     if (speed_cluster_config_load(cargc, cargv, NULL, &c, &ccfg) != SPEED_OK) goto usage;
     if (speed_config_help_requested(ccfg)) {
-        speedctl_up_help_print(top_fields, N_TOP_FIELDS, TOP_USAGE);
+        top_help_print();
         rc = SPEEDCTL_EXIT_OK;
         goto out;
     }
