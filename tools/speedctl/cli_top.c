@@ -311,6 +311,10 @@ int speedctl_top(int argc, char **argv) {
         rc = SPEEDCTL_EXIT_OK;
         goto out;
     }
+    if (speed_config_print_requested(ccfg)) { /* the cluster the endpoints come from */
+        rc = speed_config_print(ccfg, stdout) == SPEED_OK ? SPEEDCTL_EXIT_OK : SPEEDCTL_EXIT_FAIL;
+        goto out;
+    }
     if (o.json && !o.once) {
         speedctl_fail("--json prints one frame: use it with --once");
         goto usage;

@@ -307,11 +307,11 @@ static void screen_read(const char *session, screen_t *s) {
 }
 
 /* Starts top in a new detached session `name` of cols x 40: its exit code goes to <name>.rc
- * and `stty -a` run right after it (same terminal) to <name>.stty. */
+ * and `stty -a` run right after it (same terminal) to <name>.stty (renamed into place whole). */
 static bool session_start(const char *name, int cols) {
     return tu_system("cd %s && tmux -L %s new-session -d -s %s -c . -x %d -y 40 "
-                     "\"'%s' top '%s' --interval 250; echo \\$? > %s.rc; stty -a > %s.stty\"",
-                     cu_dir, g_sock, name, cols, getenv("SPEEDCTL"), g_yaml, name, name) == 0;
+                     "\"'%s' top '%s' --interval 250; echo \\$? > %s.rc; stty -a > %s.tmp; mv %s.tmp %s.stty\"",
+                     cu_dir, g_sock, name, cols, getenv("SPEEDCTL"), g_yaml, name, name, name, name) == 0;
 }
 
 /* Whether stty's output has `word` on (a whole word, not "-word"). */
@@ -366,6 +366,9 @@ static int test_tmux(void) {
     atexit(tmux_kill);
     CHECK_MSG(start_cluster(), "the cluster did not start");
     if (check_failures_) return 1;
+    /* a session that outlives top's, so that the server stays up between them (a new server
+     * racing the exit of the last one can refuse the next session) */
+    CHECK_MSG(tu_system("tmux -L %s new-session -d -s hold 'sleep 600'", g_sock) == 0, "tmux new-session failed");
     CHECK_MSG(session_start("a", 120), "tmux new-session failed");
     pthread_t load[2];
     for (int i = 0; i < 2; i++) pthread_create(&load[i], NULL, load_thread, NULL);
