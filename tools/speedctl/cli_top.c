@@ -5,7 +5,7 @@
  *
  * The terminal: keys are read unbuffered without echo and without the terminal's own signals
  * (Ctrl-C arrives as a byte and quits like q), the screen is the alternate one, the cursor
- * hidden. SIGINT, SIGTERM, SIGHUP and SIGQUIT sent by kill end the loop through a self-pipe
+ * hidden. SIGINT, SIGTERM, SIGHUP, SIGQUIT (sent by kill) and SIGPIPE end the loop through a self-pipe
  * (whatever thread they land on), so every exit goes through the one restore. */
 #include <errno.h>
 #include <fcntl.h>
@@ -77,10 +77,12 @@ typedef struct {
     bool raw;               /* stdin's settings changed (restore them) */
     bool screen;            /* the alternate screen is on */
     struct termios saved;
-    struct sigaction old[5];
+    struct sigaction old[6];
 } term_t;
 
-static const int stop_signals[] = {SIGINT, SIGTERM, SIGHUP, SIGQUIT};
+/* SIGPIPE too: a closed stdout (top | head) must not kill top with the terminal in raw mode */
+static const int stop_signals[] = {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGPIPE};
+#define N_STOP_SIGNALS (sizeof stop_signals / sizeof stop_signals[0])
 
 static bool signals_install(term_t *t) {
     if (pipe(g_wake) != 0) return false;
@@ -92,15 +94,15 @@ static bool signals_install(term_t *t) {
     memset(&sa, 0, sizeof sa);
     sigemptyset(&sa.sa_mask);
     sa.sa_handler = on_stop; /* no SA_RESTART: a wait returns at once */
-    for (int k = 0; k < 4; k++) sigaction(stop_signals[k], &sa, &t->old[k]);
+    for (size_t k = 0; k < N_STOP_SIGNALS; k++) sigaction(stop_signals[k], &sa, &t->old[k]);
     sa.sa_handler = on_winch;
-    sigaction(SIGWINCH, &sa, &t->old[4]);
+    sigaction(SIGWINCH, &sa, &t->old[N_STOP_SIGNALS]);
     return true;
 }
 
 static void signals_restore(term_t *t) {
-    for (int k = 0; k < 4; k++) sigaction(stop_signals[k], &t->old[k], NULL);
-    sigaction(SIGWINCH, &t->old[4], NULL);
+    for (size_t k = 0; k < N_STOP_SIGNALS; k++) sigaction(stop_signals[k], &t->old[k], NULL);
+    sigaction(SIGWINCH, &t->old[N_STOP_SIGNALS], NULL);
     for (int k = 0; k < 2; k++)
         if (g_wake[k] >= 0) close(g_wake[k]);
     g_wake[0] = g_wake[1] = -1;
