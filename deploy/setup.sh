@@ -12,6 +12,7 @@ packages=(
   curl iproute2 iptables libnetfilter-queue-dev
   clang-14 libfuzzer-14-dev
   tmux
+  prometheus
 )
 
 missing=()
@@ -39,4 +40,9 @@ echo "setup: installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
 "${as_root[@]}" apt-get update -qq
 "${as_root[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+# prometheus (tests/ops, deploy/monitoring) comes with a system service on :9090; the tests run
+# their own server on a free port, so the packaged one is not left running.
+if printf '%s\n' "${missing[@]}" | grep -qx prometheus && [ -d /run/systemd/system ]; then
+  "${as_root[@]}" systemctl disable --now prometheus >/dev/null 2>&1 || true
+fi
 echo "setup: done"

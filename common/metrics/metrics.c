@@ -283,10 +283,18 @@ static size_t sample_names(kind_t kind, const char *name, char out[4][256]) {
     return 4;
 }
 
+/* cb_values: a callback gauge's constant label values ([n_labels]; NULL without labels). Its one
+ * series is made here, before the family is published, and *handle_p is that series. */
 static speed_status_t register_family(speed_metrics_t *m, kind_t kind, const char *name, const char *help,
                                       const char *const *label_names, size_t n_labels, const double *buckets,
-                                      size_t n_buckets, speed_gauge_cb_t cb, void *cb_user, child_hdr_t **handle_p) {
+                                      size_t n_buckets, speed_gauge_cb_t cb, void *cb_user,
+                                      const char *const *cb_values, child_hdr_t **handle_p) {
     if (!m || !name) return SPEED_ERR_INVALID_ARGUMENT;
+    if (cb && n_labels) {
+        if (!cb_values) return SPEED_ERR_INVALID_ARGUMENT;
+        for (size_t i = 0; i < n_labels; i++)
+            if (!cb_values[i] || !utf8_is_valid(cb_values[i])) return SPEED_ERR_INVALID_ARGUMENT;
+    }
     if (!speed_metrics_name_is_valid(name) || strlen(name) > 200) {
         SPEED_ERROR(SPEED_SUBSYS_CORE, "metrics: invalid metric name \"%s\"", name);
         return SPEED_ERR_INVALID_ARGUMENT;
@@ -358,6 +366,16 @@ static speed_status_t register_family(speed_metrics_t *m, kind_t kind, const cha
     f->handle = child_new(f, NULL, n_labels > 0);
     if (!f->handle) goto oom;
     if (n_labels == 0) SPEED_CHECK_GOTO(family_push_child(f, f->handle), status, fail);
+    child_hdr_t *series = f->handle;
+    if (cb && n_labels) {
+        series = child_new(f, cb_values, false);
+        if (!series) goto oom;
+        status = family_push_child(f, series);
+        if (status != SPEED_OK) {
+            child_free(series, n_labels);
+            goto fail;
+        }
+    }
 
     pthread_mutex_lock(&m->lock);
     char mine[4][256], theirs[4][256];
@@ -387,7 +405,7 @@ static speed_status_t register_family(speed_metrics_t *m, kind_t kind, const cha
     pthread_mutex_unlock(&m->lock);
     if (status == SPEED_ERR_FORMAT) SPEED_ERROR(SPEED_SUBSYS_CORE, "metrics: %s: name already registered", name);
     if (status != SPEED_OK) goto fail;
-    *handle_p = f->handle;
+    *handle_p = series;
     return SPEED_OK;
 
 oom:
@@ -405,7 +423,8 @@ speed_status_t speed_counter_register(speed_metrics_t *metrics, const char *name
                                       const char *const *label_names, size_t n_labels, speed_counter_t **counter_p) {
     if (!counter_p) return SPEED_ERR_INVALID_ARGUMENT;
     child_hdr_t *h;
-    SPEED_CHECK(register_family(metrics, KIND_COUNTER, name, help, label_names, n_labels, NULL, 0, NULL, NULL, &h));
+    SPEED_CHECK(
+        register_family(metrics, KIND_COUNTER, name, help, label_names, n_labels, NULL, 0, NULL, NULL, NULL, &h));
     *counter_p = (speed_counter_t *)h;
     return SPEED_OK;
 }
@@ -414,7 +433,7 @@ speed_status_t speed_gauge_register(speed_metrics_t *metrics, const char *name, 
                                     const char *const *label_names, size_t n_labels, speed_gauge_t **gauge_p) {
     if (!gauge_p) return SPEED_ERR_INVALID_ARGUMENT;
     child_hdr_t *h;
-    SPEED_CHECK(register_family(metrics, KIND_GAUGE, name, help, label_names, n_labels, NULL, 0, NULL, NULL, &h));
+    SPEED_CHECK(register_family(metrics, KIND_GAUGE, name, help, label_names, n_labels, NULL, 0, NULL, NULL, NULL, &h));
     *gauge_p = (speed_gauge_t *)h;
     return SPEED_OK;
 }
@@ -423,7 +442,19 @@ speed_status_t speed_gauge_register_callback(speed_metrics_t *metrics, const cha
                                              speed_gauge_cb_t cb, void *user, speed_gauge_t **gauge_p) {
     if (!cb) return SPEED_ERR_INVALID_ARGUMENT;
     child_hdr_t *h;
-    SPEED_CHECK(register_family(metrics, KIND_GAUGE, name, help, NULL, 0, NULL, 0, cb, user, &h));
+    SPEED_CHECK(register_family(metrics, KIND_GAUGE, name, help, NULL, 0, NULL, 0, cb, user, NULL, &h));
+    if (gauge_p) *gauge_p = (speed_gauge_t *)h;
+    return SPEED_OK;
+}
+
+speed_status_t speed_gauge_register_callback_labeled(speed_metrics_t *metrics, const char *name, const char *help,
+                                                     const char *const *label_names, const char *const *label_values,
+                                                     size_t n_labels, speed_gauge_cb_t cb, void *user,
+                                                     speed_gauge_t **gauge_p) {
+    if (!cb) return SPEED_ERR_INVALID_ARGUMENT;
+    child_hdr_t *h;
+    SPEED_CHECK(
+        register_family(metrics, KIND_GAUGE, name, help, label_names, n_labels, NULL, 0, cb, user, label_values, &h));
     if (gauge_p) *gauge_p = (speed_gauge_t *)h;
     return SPEED_OK;
 }
@@ -434,7 +465,7 @@ speed_status_t speed_histogram_register(speed_metrics_t *metrics, const char *na
     if (!histogram_p) return SPEED_ERR_INVALID_ARGUMENT;
     child_hdr_t *h;
     SPEED_CHECK(register_family(metrics, KIND_HISTOGRAM, name, help, label_names, n_labels, buckets, n_buckets, NULL,
-                                NULL, &h));
+                                NULL, NULL, &h));
     *histogram_p = (speed_histogram_t *)h;
     return SPEED_OK;
 }

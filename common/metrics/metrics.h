@@ -96,6 +96,16 @@ speed_status_t speed_gauge_register(speed_metrics_t *metrics, const char *name, 
 speed_status_t speed_gauge_register_callback(speed_metrics_t *metrics, const char *name, const char *help,
                                              speed_gauge_cb_t cb, void *user, speed_gauge_t **gauge_p);
 
+/* A callback gauge with constant labels (one series: label_values, n_labels of them, copied;
+ * valid UTF-8), e.g. {role="prefill"}: its value is cb(user) at every render. The handle
+ * (gauge_p may be NULL) is that series, read only with speed_gauge_get. n_labels == 0 is
+ * speed_gauge_register_callback. Returns as above (SPEED_ERR_INVALID_ARGUMENT also for missing
+ * or invalid label values). */
+speed_status_t speed_gauge_register_callback_labeled(speed_metrics_t *metrics, const char *name, const char *help,
+                                                     const char *const *label_names, const char *const *label_values,
+                                                     size_t n_labels, speed_gauge_cb_t cb, void *user,
+                                                     speed_gauge_t **gauge_p);
+
 /* `buckets`: n_buckets finite upper bounds, strictly increasing (the +Inf bucket is
  * implicit and must not be listed). buckets == NULL with n_buckets == 0 selects
  * speed_histogram_latency_buckets(). */

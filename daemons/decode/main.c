@@ -184,6 +184,7 @@ static void gen_event(void *user, const speed_batch_event_t *ev) {
         out.status = ev->status;
     }
     speed_node_count(n, reason);
+    speed_node_observe_finish(n, ev, g->decode_only);
     speed_node_send(g->call, &out.base);
     speed_rpc_call_finish(g->call, SPEED_RPC_OK, NULL);
     gen_free(g);

@@ -209,6 +209,86 @@ XFER_FN(g_aborts, (double)(s.n_aborts_sent + s.n_aborts_received))
 XFER_FN(g_writes_dropped, (double)s.n_writes_dropped)
 
 static double g_state(void *user) { return (double)atomic_load(&((speed_node_t *)user)->state); }
+GAUGE_FN(g_tokens_in_flight, (double)s.tokens_in_flight)
+
+/* Engine thread, after each step: three histogram observations (atomics). */
+static void on_step(void *user, const speed_batch_step_t *step) {
+    speed_node_t *n = user;
+    speed_histogram_observe(n->m_step_seconds, step->seconds);
+    speed_histogram_observe(n->m_step_seqs, (double)step->n_seqs);
+    speed_histogram_observe(n->m_step_tokens, (double)(step->n_prefill_rows + step->n_decode_rows));
+}
+
+void speed_node_observe_finish(speed_node_t *n, const speed_batch_event_t *ev, bool prompt_computed) {
+    const speed_batch_usage_t *u = ev->usage;
+    if (!u) return;
+    /* A request the engine never took (cancelled or expired while waiting) ran no step. */
+    if (u->prefill_ms > 0 || u->decode_ms > 0) speed_histogram_observe(n->m_queue_wait, u->queue_ms / 1e3);
+    if (!prompt_computed || (ev->finish != SPEED_BATCH_STOP && ev->finish != SPEED_BATCH_LENGTH)) return;
+    /* Prompt rows above the cutoff: the anchors and the tail (all of them when C = L). */
+    int n_layers = n->model->config.n_layers;
+    int64_t a_t = (int64_t)u->depth.anchors + u->depth.tail;
+    int64_t full = u->depth.prefill_layers >= n_layers || a_t > u->n_prompt ? u->n_prompt : a_t;
+    speed_counter_add(n->m_tokens_full, (double)full);
+    speed_counter_add(n->m_tokens_shallow, (double)(u->n_prompt - full));
+    if (u->kv_bytes_full_depth > u->kv_bytes)
+        speed_counter_add(n->m_kv_saved, (double)(u->kv_bytes_full_depth - u->kv_bytes));
+}
+
+/* The {role} series of a new histogram family. */
+static speed_status_t role_histogram(speed_node_t *n, const char *name, const char *help, const double *b, size_t nb,
+                                     speed_histogram_t **child_p) {
+    static const char *const label[] = {"role"};
+    speed_histogram_t *h;
+    SPEED_CHECK(speed_histogram_register(n->metrics, name, help, label, 1, b, nb, &h));
+    return speed_histogram_labels(h, (const char *[]){n->role}, child_p);
+}
+
+static speed_status_t operator_metrics_init(speed_node_t *n) {
+    speed_metrics_t *m = n->metrics;
+    static const double step_b[] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10};
+    static const double seq_b[] = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512};
+    static const double tok_b[] = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384};
+    const size_t n_step = sizeof step_b / sizeof step_b[0], n_seq = sizeof seq_b / sizeof seq_b[0];
+    const size_t n_tok = sizeof tok_b / sizeof tok_b[0];
+    size_t nb;
+    const double *lat = speed_histogram_latency_buckets(&nb);
+    SPEED_CHECK(role_histogram(n, "speed_engine_step_duration_seconds", "Wall time of one engine step", step_b, n_step,
+                               &n->m_step_seconds));
+    SPEED_CHECK(role_histogram(n, "speed_engine_step_sequences", "Sequences with rows in one engine step (batch size)",
+                               seq_b, n_seq, &n->m_step_seqs));
+    SPEED_CHECK(role_histogram(n, "speed_engine_step_tokens", "Tokens (prompt and generated rows) in one engine step",
+                               tok_b, n_tok, &n->m_step_tokens));
+    SPEED_CHECK(role_histogram(n, "speed_engine_queue_wait_seconds",
+                               "Time from submit (or a reservation's start) until the engine took the request", lat, nb,
+                               &n->m_queue_wait));
+    SPEED_CHECK(role_histogram(n, "speed_kv_transfer_exposed_seconds",
+                               "Time from the end of a prefill until its KV transfer was acknowledged (the part that "
+                               "did not overlap compute)",
+                               lat, nb, &n->m_xfer_exposed));
+    static const char *const role_depth[] = {"role", "depth"};
+    speed_counter_t *tokens;
+    SPEED_CHECK(speed_counter_register(m, "speed_engine_prompt_tokens_total",
+                                       "Prompt tokens of completed prefills computed here, by depth: shallow (through "
+                                       "the lower C layers) or full (anchors, tail, or C = L)",
+                                       role_depth, 2, &tokens));
+    SPEED_CHECK(speed_counter_labels(tokens, (const char *[]){n->role, "shallow"}, &n->m_tokens_shallow));
+    SPEED_CHECK(speed_counter_labels(tokens, (const char *[]){n->role, "full"}, &n->m_tokens_full));
+    static const char *const role_label[] = {"role"};
+    speed_counter_t *saved;
+    SPEED_CHECK(speed_counter_register(m, "speed_kv_bytes_saved_total",
+                                       "KV bytes the prompts computed here did not need because of SPEED (full-depth "
+                                       "bytes minus the bytes stored)",
+                                       role_label, 1, &saved));
+    SPEED_CHECK(speed_counter_labels(saved, (const char *[]){n->role}, &n->m_kv_saved));
+    SPEED_CHECK(speed_gauge_register_callback_labeled(
+        m, "speed_engine_tokens_in_flight",
+        "Prompt plus generated-so-far tokens of the requests running or reserved in the engine", role_label,
+        (const char *[]){n->role}, 1, g_tokens_in_flight, n, NULL));
+    SPEED_CHECK(speed_gauge_register_callback_labeled(m, "speed_node_state", "0 starting, 1 serving, 2 draining",
+                                                      role_label, (const char *[]){n->role}, 1, g_state, n, NULL));
+    return SPEED_OK;
+}
 
 static speed_status_t metrics_init(speed_node_t *n) {
     char name[128];
@@ -249,6 +329,10 @@ static speed_status_t metrics_init(speed_node_t *n) {
     const char *stage_label[] = {"stage"};
     SPEED_CHECK(speed_counter_register(m, "speed_kv_transfer_failures_total", "KV transfers that failed, by stage",
                                        stage_label, 1, &n->m_xfer_failures));
+    for (int stage = 0; stage < SPEED_KV_STAGE_COUNT; stage++) { /* every series from the start, at 0 */
+        speed_counter_t *c;
+        SPEED_CHECK(speed_counter_labels(n->m_xfer_failures, (const char *[]){speed_kv_stage_name(stage)}, &c));
+    }
     SPEED_CHECK(speed_gauge_register_callback(m, "speed_kv_notifies_refused",
                                               "KV notifies refused for a missing grant or a wrong nonce (since start)",
                                               g_nonce_refused, n, NULL));
@@ -264,7 +348,7 @@ static speed_status_t metrics_init(speed_node_t *n) {
                                               "ended: a late write), a wrong nonce, or outside the reservation's "
                                               "blocks (since start)",
                                               g_writes_dropped, n, NULL));
-    return SPEED_OK;
+    return operator_metrics_init(n);
 }
 
 /* ---- lifecycle -------------------------------------------------------------------------------- */
@@ -387,6 +471,8 @@ static speed_status_t load_model(speed_node_t *n) {
         p.on_kv_free = on_kv_free; /* the grant goes before the blocks do */
         p.kv_free_user = n;
     }
+    p.on_step = on_step;
+    p.step_user = n;
     SPEED_CHECK(speed_batcher_create(&p, &n->batcher));
 
     speed_kv_xfer_ctx_params_t xp = speed_kv_xfer_ctx_default_params();

@@ -82,6 +82,15 @@ typedef struct speed_node_s {
     speed_counter_t *m_xfer_bytes;     /* speed_kv_transfer_bytes_total */
     speed_histogram_t *m_xfer_seconds; /* speed_kv_transfer_seconds */
     speed_counter_t *m_xfer_failures;  /* speed_kv_transfer_failures_total{stage} */
+    /* operator metrics (docs/metrics.md), each the {role} series of its family */
+    speed_histogram_t *m_step_seconds; /* speed_engine_step_duration_seconds */
+    speed_histogram_t *m_step_seqs;    /* speed_engine_step_sequences */
+    speed_histogram_t *m_step_tokens;  /* speed_engine_step_tokens */
+    speed_histogram_t *m_queue_wait;   /* speed_engine_queue_wait_seconds */
+    speed_counter_t *m_tokens_shallow; /* speed_engine_prompt_tokens_total{depth="shallow"} */
+    speed_counter_t *m_tokens_full;    /* speed_engine_prompt_tokens_total{depth="full"} */
+    speed_counter_t *m_kv_saved;       /* speed_kv_bytes_saved_total */
+    speed_histogram_t *m_xfer_exposed; /* speed_kv_transfer_exposed_seconds */
 
     /* worker threads for speed_node_defer */
     pthread_mutex_t work_mu;
@@ -91,6 +100,11 @@ typedef struct speed_node_s {
     int n_workers;
     bool work_stop;
 } speed_node_t;
+
+/* Operator metrics of a request's finish event (engine thread, cheap: atomics only): the
+ * queue wait of a request the engine took, and for a request whose prompt was computed here
+ * (prompt_computed) and completed, its prompt tokens by depth and the KV bytes SPEED saved. */
+void speed_node_observe_finish(speed_node_t *node, const speed_batch_event_t *event, bool prompt_computed);
 
 /* Loads the config (argv: cluster options, e.g. --config FILE --node.index 1 --model DIR) and
  * brings up everything except listening. --help / --print-config: prints, returns

@@ -72,7 +72,10 @@ static void pf_free(pf_t *p) {
 static void xfer_metrics(speed_node_t *n, pf_t *p, speed_kv_xfer_info_t *info) {
     speed_kv_xfer_info(p->xfer, info);
     speed_counter_add(n->m_xfer_bytes, (double)info->bytes_put);
-    if (info->state == SPEED_KV_XFER_DONE) speed_histogram_observe(n->m_xfer_seconds, (double)info->total_ns / 1e9);
+    if (info->state == SPEED_KV_XFER_DONE) {
+        speed_histogram_observe(n->m_xfer_seconds, (double)info->total_ns / 1e9);
+        speed_histogram_observe(n->m_xfer_exposed, (double)info->finish_ns / 1e9);
+    }
     if (info->state == SPEED_KV_XFER_FAILED && info->status != SPEED_ERR_CANCELLED) {
         speed_counter_t *c;
         const char *lbl[] = {speed_kv_stage_name(info->failed_stage)};
@@ -177,6 +180,7 @@ static void pf_event(void *user, const speed_batch_event_t *ev) {
     p->finish = ev->finish;
     p->status = ev->status;
     p->prefill_ms = ev->usage ? ev->usage->prefill_ms : 0.0;
+    speed_node_observe_finish(p->node, ev, true);
     if (speed_node_defer(p->node, complete_work, p) != SPEED_OK) complete_work(p);
 }
 

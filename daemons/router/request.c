@@ -348,7 +348,10 @@ static void run_routed(rtr_req_t *r, plan_t *pl, speed_route_kind_t kind) {
         }
         if (rl.success) {
             speed_counter_add(rt->m_kv_bytes, (double)(rl.usage.kv_bytes > 0 ? rl.usage.kv_bytes : 0));
-            speed_histogram_observe(rt->m_e2e, speed_clock_mono_s() - r->t_arrival);
+            double t_end = speed_clock_mono_s();
+            speed_histogram_observe(rt->m_e2e, t_end - r->t_arrival);
+            if (rl.n_generated > 1 && rl.t_first_token > 0)
+                speed_histogram_observe(rt->m_tpot, (t_end - rl.t_first_token) / (double)(rl.n_generated - 1));
             speed_router_relay_answer(r, &rl);
         } else {
             /* The decode node may still hold the sequence (error, cancel, client gone). */
@@ -394,7 +397,9 @@ static void run_request(rtr_req_t *r) {
     }
     r->key_kv_tokens = r->key ? kv_tokens : 0;
 
+    double t_queued = speed_clock_mono_s();
     st = speed_admission_acquire(rt->adm);
+    if (st == SPEED_OK) speed_histogram_observe(rt->m_queue_wait, speed_clock_mono_s() - t_queued);
     if (st != SPEED_OK) {
         speed_tok_ids_free(&ids);
         if (st == SPEED_ERR_CAPACITY)

@@ -132,6 +132,7 @@ typedef struct {
     bool role_sent;
     int64_t n_generated;
     double t_last_token;
+    double t_first_token; /* monotonic seconds; 0 until the first token */
     relay_buf_t text;  /* non-streaming: the whole text */
     size_t text_total; /* bytes of text relayed so far (text_offset) */
     relay_lps_t lps;   /* non-streaming: all; streaming: this event's */

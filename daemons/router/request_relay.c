@@ -119,6 +119,7 @@ static void observe_tokens(rtr_req_t *r, relay_t *rl, size_t k) {
     size_t n_itl = k;
     if (rl->n_generated == 0 && k > 0) {
         speed_histogram_observe(rt->m_ttft, t - r->t_arrival);
+        rl->t_first_token = t;
         n_itl = k - 1;
     }
     if (n_itl > 0) {

@@ -94,6 +94,8 @@ struct speed_router {
 
     /* metrics */
     speed_histogram_t *m_ttft, *m_itl, *m_e2e;
+    speed_histogram_t *m_tpot;       /* speed_router_time_per_output_token_seconds */
+    speed_histogram_t *m_queue_wait; /* speed_router_queue_wait_seconds */
     speed_counter_t *m_requests;        /* {route,status} */
     speed_counter_t *m_route_decisions; /* {route,reason} */
     speed_counter_t *m_prefill_retries;

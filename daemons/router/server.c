@@ -348,6 +348,14 @@ static speed_status_t register_metrics(speed_router_t *rt) {
     SPEED_CHECK(speed_histogram_register(m, "speed_router_e2e_request_latency_seconds",
                                          "time from arrival to the last token of successful requests", NULL, 0,
                                          e2e_buckets, sizeof e2e_buckets / sizeof e2e_buckets[0], &rt->m_e2e));
+    SPEED_CHECK(speed_histogram_register(m, "speed_router_time_per_output_token_seconds",
+                                         "per successful request of two or more tokens: time from its first to its "
+                                         "last token over the tokens after the first",
+                                         NULL, 0, itl_buckets, sizeof itl_buckets / sizeof itl_buckets[0],
+                                         &rt->m_tpot));
+    SPEED_CHECK(speed_histogram_register(m, "speed_router_queue_wait_seconds",
+                                         "time admitted requests waited for an admission slot (router.max_in_flight)",
+                                         NULL, 0, NULL, 0, &rt->m_queue_wait));
     SPEED_CHECK(speed_counter_register(m, "speed_router_requests_total",
                                        "completion requests by route and HTTP status (499: the client went away)",
                                        route_status, 2, &rt->m_requests));

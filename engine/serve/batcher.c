@@ -488,6 +488,14 @@ static void snapshot(speed_batcher_t *b) {
     b->snap.reserved = count_state(b, REQ_RESERVED);
     b->snap.held = count_state(b, REQ_HELD);
     b->snap.draining = b->draining;
+    int64_t in_flight = 0;
+    for (const req_t *r = b->reqs; r; r = r->next) {
+        speed_engine_seq_stats_t ss;
+        if (r->in_engine && (r->state == REQ_RUNNING || r->state == REQ_RESERVED) &&
+            speed_engine_seq_stats(b->engine, r->seq, &ss) == SPEED_OK)
+            in_flight += ss.n_prompt + ss.n_generated;
+    }
+    b->snap.tokens_in_flight = in_flight;
     speed_engine_stats_t es;
     speed_engine_stats(b->engine, &es);
     b->snap.kv = es.kv;
@@ -529,6 +537,13 @@ static void *engine_main(void *arg) {
                     r = next;
                 }
             } else {
+                if (b->p.on_step && res.n_seqs > 0) {
+                    speed_batch_step_t step = {.seconds = (double)res.ns / 1e9,
+                                               .n_seqs = res.n_seqs,
+                                               .n_prefill_rows = res.n_prefill_rows,
+                                               .n_decode_rows = res.n_decode_rows};
+                    b->p.on_step(b->p.step_user, &step);
+                }
                 process_outputs(b, &res);
             }
         }

@@ -104,6 +104,18 @@ typedef speed_status_t (*speed_batch_layer_cb_t)(void *user, speed_kv_cache_t *c
  * blocks may belong to another request. Must not call the batcher. */
 typedef void (*speed_batch_kv_free_cb_t)(void *user, const char *request_id);
 
+/* One engine step, as the batcher saw it (for a node's step metrics). */
+typedef struct {
+    double seconds;     /* wall time of the step */
+    int n_seqs;         /* sequences with rows in the step (the batch size) */
+    int n_prefill_rows; /* prompt tokens processed */
+    int n_decode_rows;  /* generated tokens processed */
+} speed_batch_step_t;
+
+/* Called on the engine thread after every successful engine step, with no batcher lock held.
+ * Must be cheap (the next step waits) and must not call the batcher. */
+typedef void (*speed_batch_step_cb_t)(void *user, const speed_batch_step_t *step);
+
 /* How a request generates (submit and start). */
 typedef struct {
     speed_sampling_params_t sampling;
@@ -151,6 +163,8 @@ typedef struct {
                                    * puts already posted may still land in them. */
     speed_batch_kv_free_cb_t on_kv_free; /* optional */
     void *kv_free_user;
+    speed_batch_step_cb_t on_step; /* optional */
+    void *step_user;
 } speed_batcher_params_t;
 
 speed_batcher_params_t speed_batcher_default_params(void);
@@ -246,6 +260,8 @@ typedef struct {
     bool draining;
     uint64_t n_submitted, n_finished, n_expired, n_cancelled, n_errors;
     uint64_t n_prompt_tokens, n_generated_tokens;
+    int64_t tokens_in_flight; /* over running and reserved requests: prompt tokens + tokens
+                               * generated so far (the context each holds or will hold) */
     speed_kv_cache_stats_t kv;
 } speed_batcher_stats_t;
 

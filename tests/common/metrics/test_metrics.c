@@ -376,6 +376,55 @@ static void test_alloc_failures(void) {
     speed_log_configure("info");
 }
 
+/* A callback gauge with constant labels: one series with those labels, read through the
+ * callback at each render; bad label values refused; allocation failures leave nothing. */
+static void test_labeled_callback(void) {
+    speed_metrics_t *m = NULL;
+    CHECK_INT_EQ(speed_metrics_create(&m), SPEED_OK);
+    double v = 7;
+    speed_gauge_t *g = NULL;
+    const char *names[] = {"role", "pool"};
+    const char *values[] = {"prefill", "a\"b"};
+    CHECK_INT_EQ(
+        speed_gauge_register_callback_labeled(m, "speed_x_tokens", "Tokens.", names, values, 2, callback_value, &v, &g),
+        SPEED_OK);
+    CHECK_NEAR(speed_gauge_get(g), 7, 0);
+    v = 9.5;
+    char *text = NULL;
+    CHECK_INT_EQ(speed_metrics_render(m, &text, NULL), SPEED_OK);
+    CHECK_STR_EQ(text, "# HELP speed_x_tokens Tokens.\n# TYPE speed_x_tokens gauge\n"
+                       "speed_x_tokens{role=\"prefill\",pool=\"a\\\"b\"} 9.5\n");
+    char err[256];
+    CHECK_MSG(prom_check(text, err, sizeof(err)) == 0, "%s", err);
+    speed_free(text);
+    speed_log_configure("error,core=error");
+    CHECK_INT_EQ(speed_gauge_register_callback_labeled(m, "speed_y", NULL, names, NULL, 2, callback_value, &v, NULL),
+                 SPEED_ERR_INVALID_ARGUMENT);
+    const char *bad[] = {"ok", "\xff"};
+    CHECK_INT_EQ(speed_gauge_register_callback_labeled(m, "speed_y", NULL, names, bad, 2, callback_value, &v, NULL),
+                 SPEED_ERR_INVALID_ARGUMENT);
+    CHECK_INT_EQ(speed_gauge_register_callback_labeled(m, "speed_y", NULL, names, values, 2, NULL, &v, NULL),
+                 SPEED_ERR_INVALID_ARGUMENT);
+    CHECK_INT_EQ(
+        speed_gauge_register_callback_labeled(m, "speed_x_tokens", NULL, names, values, 2, callback_value, &v, NULL),
+        SPEED_ERR_FORMAT);
+    speed_metrics_destroy(m);
+    int64_t before = speed_alloc_live_count();
+    for (int64_t n = 0; n < 20; n++) {
+        m = NULL;
+        speed_alloc_fail_after(n, 0);
+        speed_status_t st = speed_metrics_create(&m);
+        if (st == SPEED_OK)
+            st = speed_gauge_register_callback_labeled(m, "speed_x_tokens", "h", names, values, 2, callback_value, &v,
+                                                       NULL);
+        CHECK(st == SPEED_OK || st == SPEED_ERR_NO_MEMORY);
+        speed_alloc_fail_after(-1, 0);
+        speed_metrics_destroy(m);
+        CHECK_INT_EQ(speed_alloc_live_count(), before);
+    }
+    speed_log_configure("info");
+}
+
 int main(void) {
     int64_t live = speed_alloc_live_count();
     test_exact_text();
@@ -384,6 +433,7 @@ int main(void) {
     test_bad_names();
     test_concurrent();
     test_alloc_failures();
+    test_labeled_callback();
     CHECK_INT_EQ(speed_alloc_live_count(), live);
     return CHECK_DONE();
 }

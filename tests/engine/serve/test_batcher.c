@@ -184,6 +184,20 @@ static speed_status_t import_fn(void *user, speed_kv_cache_t *cache, const speed
     return speed_kv_cache_seq_import(cache, (speed_kv_seq_t *)seq, a->n_full, a->n_compact, a->buf, a->size);
 }
 
+/* on_step: what the steps reported, summed (engine thread writes, main thread reads after). */
+static _Atomic long g_steps, g_step_seqs, g_step_prefill, g_step_decode;
+static _Atomic bool g_step_bad;
+
+static void on_step(void *user, const speed_batch_step_t *step) {
+    (void)user;
+    g_steps++;
+    g_step_seqs += step->n_seqs;
+    g_step_prefill += step->n_prefill_rows;
+    g_step_decode += step->n_decode_rows;
+    if (!(step->seconds > 0) || step->n_seqs < 1 || step->n_prefill_rows + step->n_decode_rows < step->n_seqs)
+        g_step_bad = true;
+}
+
 int main(void) {
     speed_log_configure("error");
     tu_tmp_init("batcher");
@@ -229,6 +243,7 @@ int main(void) {
     bp.lease_ms = 1000;
     bp.cancel_quarantine_ms = 150;
     bp.on_kv_free = on_kv_free;
+    bp.on_step = on_step;
     speed_batcher_t *b = NULL;
     CHECK_INT_EQ(speed_batcher_create(&bp, &b), SPEED_OK);
     if (!b) return CHECK_DONE();
@@ -262,6 +277,15 @@ int main(void) {
             rec_cleanup(&rec[i]);
         }
         CHECK_INT_EQ(blocks_reserved_settled(b), 0);
+        /* every step reported: the prompts' rows, and each generated token but the last fed back */
+        CHECK_INT_EQ(g_step_prefill, 3 * NP);
+        CHECK_INT_EQ(g_step_decode, 3 * (NG - 1));
+        CHECK(g_steps >= NP / 16 + NG - 1);
+        CHECK(g_step_seqs > g_steps); /* batched: some steps had several sequences */
+        CHECK(!g_step_bad);
+        speed_batcher_stats_t st;
+        speed_batcher_stats(b, &st);
+        CHECK_INT_EQ(st.tokens_in_flight, 0); /* nothing running any more */
     }
 
     /* 2. reserve -> KV written into the blocks -> start: the decode node's path */
@@ -304,6 +328,14 @@ int main(void) {
         /* the reservation holds KV blocks at once (stats come from the engine thread's
          * snapshot, which may lag: wait for it to show them) */
         CHECK_MSG(blocks_reserved_nonzero(b) > 0, "a reservation of %d prompt tokens holds no KV blocks", NP);
+        { /* its prompt is in flight (the snapshot may lag here too) */
+            speed_batcher_stats_t st;
+            double t0 = now_s();
+            do {
+                speed_batcher_stats(b, &st);
+            } while (st.tokens_in_flight != NP && now_s() - t0 < 5 && (speed_clock_sleep_ms(2), true));
+            CHECK_INT_EQ(st.tokens_in_flight, NP);
+        }
         /* a second reservation with the same id is refused */
         CHECK_INT_EQ(speed_batcher_reserve(b, "r1", NP, NG, NULL, &res), SPEED_ERR_INVALID_ARGUMENT);
         import_arg_t ia = {buf, bytes, NP, 2};
