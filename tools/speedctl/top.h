@@ -57,11 +57,16 @@ typedef struct {
     double xfer_failures_total, xfer_bytes_per_s;
     int router_up;            /* the router's speed_router_node_up: 1, 0, or -1 unknown */
     /* operator metrics (issue 12), shown when exported */
-    double step_p50_s, batch_p50, queue_wait_p50_s;
+    /* speed_engine_step_duration_seconds' p50, speed_engine_step_sequences' mean (an integer
+     * histogram: a quantile interpolated inside bucket (0, 1] would say 0.5 for batches of 1),
+     * speed_engine_queue_wait_seconds' p50 */
+    double step_p50_s, batch_mean, queue_wait_p50_s;
+    double tokens_in_flight;
 } speedctl_top_node_t;
 
 typedef struct {
     double p50, p90;
+    double mean; /* sum / count of the same observations */
     bool window; /* from the window's observations (false: from the totals) */
     bool present;
 } speedctl_top_quantiles_t;
@@ -78,7 +83,7 @@ typedef struct {
     } errors[SPEEDCTL_TOP_MAX_CODES]; /* HTTP statuses >= 400 */
     size_t n_errors;
     double running, waiting;
-    speedctl_top_quantiles_t ttft, itl, tpot, e2e;
+    speedctl_top_quantiles_t ttft, itl, tpot, e2e, queue_wait;
     double generated_per_s, generated_total;
     double kv_shipped_per_s, kv_shipped_total;
     double kv_saved_per_s, kv_saved_total; /* SPEED savings (NaN when not exported) */
@@ -92,6 +97,8 @@ typedef struct {
     speedctl_top_node_t nodes[SPEEDCTL_TOP_MAX_NODES];
     size_t n_nodes;
     size_t n_up; /* nodes whose state is "up" */
+    double shallow_share; /* prompt tokens the nodes computed shallow / all (window, else since
+                             start; NaN when not exported) */
 } speedctl_top_frame_t;
 
 typedef struct {

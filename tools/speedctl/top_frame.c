@@ -1,10 +1,9 @@
 /* speedctl top's model: where the endpoints are, scraping them, and turning two scrapes into a
  * frame (top.h).
  *
- * Metric names are today's (daemons/node/node.c, daemons/router/server.c and nodes.c); the
- * operator metrics of issue 12 (step time, batch size, queue wait, KV bytes saved) are found by
- * what their names say, so a cluster that does not export them yet shows "-" and one that
- * does shows them without a change here. */
+ * Metric names as docs/metrics.md lists them. The operator metrics (engine step time, batch
+ * size, queue wait, tokens by depth, KV bytes saved, router TPOT and queue wait) are shown when
+ * exported and "-" (JSON null) when not, so top also watches a cluster of an older build. */
 #include <math.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -231,7 +230,7 @@ static double nan0(double x) { return isnan(x) ? 0 : x; }
 
 static void quantiles(const speedctl_top_view_t *v, size_t i, const char *name, speedctl_top_quantiles_t *q) {
     speed_prom_hist_t cur, prev, win;
-    q->p50 = q->p90 = NAN;
+    q->p50 = q->p90 = q->mean = NAN;
     q->present = q->window = false;
     if (!v->cur[i].answered || speed_prom_text_histogram(&v->cur[i].doc, name, NULL, &cur) != SPEED_OK) return;
     q->present = true;
@@ -246,32 +245,34 @@ static void quantiles(const speedctl_top_view_t *v, size_t i, const char *name, 
     }
     q->p50 = speed_prom_hist_quantile(use, 0.5);
     q->p90 = speed_prom_hist_quantile(use, 0.9);
+    double n = speed_prom_hist_count(use);
+    q->mean = n > 0 ? use->sum / n : NAN;
 }
 
-/* The first histogram family of doc whose name starts with prefix and holds every word; "" when
- * none. */
-static void family_find(const speed_prom_text_t *doc, const char *prefix, const char *const *words, char *out,
-                        size_t size) {
-    out[0] = '\0';
-    for (size_t f = 0; f < doc->n_families; f++) {
-        const char *n = doc->families[f].name;
-        if (doc->families[f].type != SPEED_PROM_HISTOGRAM || strncmp(n, prefix, strlen(prefix)) != 0) continue;
-        bool all = true;
-        for (size_t w = 0; words[w] && all; w++) all = strstr(n, words[w]) != NULL;
-        if (all) {
-            snprintf(out, size, "%s", n);
-            return;
+/* p50 (or the mean) of histogram `name` of endpoint i, over the window as quantiles() takes it. */
+static double window_p50(const speedctl_top_view_t *v, size_t i, const char *name, bool mean) {
+    speedctl_top_quantiles_t q;
+    quantiles(v, i, name, &q);
+    return mean ? q.mean : q.p50;
+}
+
+/* Prompt tokens computed shallow and in all on endpoint i: over the window when it saw some,
+ * else since start (added to *shallow, *all). */
+static void depth_tokens(const speedctl_top_view_t *v, size_t i, double *shallow, double *all) {
+    static const char *const sh[] = {"depth", "shallow", NULL};
+    const char *name = "speed_engine_prompt_tokens_total";
+    double s = speed_prom_text_sum(&v->cur[i].doc, name, sh), a = speed_prom_text_sum(&v->cur[i].doc, name, NULL);
+    if (isnan(a)) return;
+    const speed_prom_text_t *pd = prev_doc(v, i);
+    if (pd) {
+        double ps = nan0(speed_prom_text_sum(pd, name, sh)), pa = nan0(speed_prom_text_sum(pd, name, NULL));
+        if (a > pa && s >= ps) {
+            s -= ps;
+            a -= pa;
         }
     }
-}
-
-static double found_p50(const speedctl_top_view_t *v, size_t i, const char *prefix, const char *const *words) {
-    char fam[256];
-    family_find(&v->cur[i].doc, prefix, words, fam, sizeof fam);
-    if (!fam[0]) return NAN;
-    speedctl_top_quantiles_t q;
-    quantiles(v, i, fam, &q);
-    return q.p50;
+    *shallow += nan0(s);
+    *all += a;
 }
 
 /* The sum and rate of every counter sample whose name says it counts KV bytes SPEED saved. */
@@ -304,8 +305,8 @@ static void router_frame(const speedctl_top_view_t *v, speedctl_top_router_t *r)
                       &r->generated_total, &r->kv_shipped_per_s, &r->kv_shipped_total, &r->kv_saved_per_s,
                       &r->kv_saved_total};
     for (size_t k = 0; k < sizeof nans / sizeof nans[0]; k++) *nans[k] = NAN;
-    speedctl_top_quantiles_t none = {NAN, NAN, false, false};
-    r->ttft = r->itl = r->tpot = r->e2e = none;
+    speedctl_top_quantiles_t none = {NAN, NAN, NAN, false, false};
+    r->ttft = r->itl = r->tpot = r->e2e = r->queue_wait = none;
     if (s->err != SPEED_OK) {
         r->state = down_state(s);
         return;
@@ -336,11 +337,8 @@ static void router_frame(const speedctl_top_view_t *v, speedctl_top_router_t *r)
     quantiles(v, 0, "speed_router_time_to_first_token_seconds", &r->ttft);
     quantiles(v, 0, "speed_router_inter_token_latency_seconds", &r->itl);
     quantiles(v, 0, "speed_router_e2e_request_latency_seconds", &r->e2e);
-    char fam[256];
-    static const char *const tpot_words[] = {"per_output_token", NULL}, *const tpot_short[] = {"tpot", NULL};
-    family_find(doc, "speed_router_", tpot_words, fam, sizeof fam);
-    if (!fam[0]) family_find(doc, "speed_router_", tpot_short, fam, sizeof fam);
-    if (fam[0]) quantiles(v, 0, fam, &r->tpot);
+    quantiles(v, 0, "speed_router_time_per_output_token_seconds", &r->tpot);
+    quantiles(v, 0, "speed_router_queue_wait_seconds", &r->queue_wait);
     r->generated_total = speed_prom_text_sum(doc, "speed_router_generated_tokens_total", NULL);
     r->generated_per_s = counter_rate(v, 0, "speed_router_generated_tokens_total", NULL);
     r->kv_shipped_total = speed_prom_text_sum(doc, "speed_router_kv_bytes_shipped_total", NULL);
@@ -356,7 +354,8 @@ static void node_frame(const speedctl_top_view_t *v, size_t i, speedctl_top_node
     snprintf(n->addr, sizeof n->addr, "%s:%d", e->host, e->port);
     double *nans[] = {&n->running,       &n->waiting,         &n->reserved,         &n->kv_used_ratio,
                       &n->tokens_per_s,  &n->tokens_total,    &n->requests_total,   &n->xfer_failures_total,
-                      &n->xfer_bytes_per_s, &n->step_p50_s,   &n->batch_p50,        &n->queue_wait_p50_s};
+                      &n->xfer_bytes_per_s, &n->step_p50_s,   &n->batch_mean,        &n->queue_wait_p50_s,
+                      &n->tokens_in_flight};
     for (size_t k = 0; k < sizeof nans / sizeof nans[0]; k++) *nans[k] = NAN;
     n->router_up = -1;
     if (v->have_router && e->grpc_addr[0] && v->cur[0].answered) {
@@ -399,13 +398,10 @@ static void node_frame(const speedctl_top_view_t *v, size_t i, speedctl_top_node
     n->requests_total = speed_prom_text_sum(doc, name, NULL);
     n->xfer_failures_total = nan0(speed_prom_text_sum(doc, "speed_kv_transfer_failures_total", NULL));
     n->xfer_bytes_per_s = counter_rate(v, i, "speed_kv_transfer_bytes_total", NULL);
-    char prefix[64];
-    snprintf(prefix, sizeof prefix, "speed_%s_", role);
-    static const char *const step[] = {"step", "seconds", NULL}, *const batch[] = {"batch", NULL},
-                             *const wait[] = {"queue", "seconds", NULL};
-    n->step_p50_s = found_p50(v, i, prefix, step);
-    n->batch_p50 = found_p50(v, i, prefix, batch);
-    n->queue_wait_p50_s = found_p50(v, i, prefix, wait);
+    n->step_p50_s = window_p50(v, i, "speed_engine_step_duration_seconds", false);
+    n->batch_mean = window_p50(v, i, "speed_engine_step_sequences", true);
+    n->queue_wait_p50_s = window_p50(v, i, "speed_engine_queue_wait_seconds", false);
+    n->tokens_in_flight = speed_prom_text_sum(doc, "speed_engine_tokens_in_flight", NULL);
 }
 
 void speedctl_top_frame(const speedctl_top_view_t *v, speedctl_top_frame_t *f) {
@@ -431,4 +427,8 @@ void speedctl_top_frame(const speedctl_top_view_t *v, speedctl_top_frame_t *f) {
     if (f->have_router && isnan(f->router.kv_saved_total))
         for (size_t i = first; i < v->n_endpoints; i++)
             if (v->cur[i].answered) saved_bytes(v, i, &f->router.kv_saved_total, &f->router.kv_saved_per_s);
+    double shallow = 0, all = 0;
+    for (size_t i = first; i < v->n_endpoints; i++)
+        if (v->cur[i].answered) depth_tokens(v, i, &shallow, &all);
+    f->shallow_share = all > 0 ? shallow / all : NAN;
 }

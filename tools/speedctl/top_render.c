@@ -129,11 +129,11 @@ static void node_row(line_t *l, const speedctl_top_node_t *n) {
         snprintf(pct, sizeof pct, "%.0f%%", n->kv_used_ratio * 100);
     }
     fmt_secs(step, sizeof step, n->step_p50_s);
-    fmt_num(batch, sizeof batch, n->batch_p50, 1);
+    fmt_num(batch, sizeof batch, n->batch_mean, 1);
     fmt_secs(qw, sizeof qw, n->queue_wait_p50_s);
     line_add(l, " %4s %5s  [%s] %4s %9s %6s  %-4s", run, wait, bar, pct, tps, fail,
              n->router_up < 0 ? "-" : n->router_up ? "yes" : "no");
-    if (!isnan(n->step_p50_s) || !isnan(n->batch_p50) || !isnan(n->queue_wait_p50_s))
+    if (!isnan(n->step_p50_s) || !isnan(n->batch_mean) || !isnan(n->queue_wait_p50_s))
         line_add(l, " %8s %6s %8s", step, batch, qw);
 }
 
@@ -160,7 +160,12 @@ void speedctl_top_render_text(const speedctl_top_frame_t *fr, int cols, int rows
         fmt_num(b, sizeof b, r->requests_total, 0);
         fmt_num(c, sizeof c, r->running, 0);
         fmt_num(d, sizeof d, r->waiting, 0);
-        line_add(&l, "   req/s %s (total %s)   running %s  waiting %s   errors/s", a, b, c, d);
+        line_add(&l, "   req/s %s (total %s)   running %s  waiting %s", a, b, c, d);
+        if (r->queue_wait.present) {
+            fmt_secs(a, sizeof a, r->queue_wait.p50);
+            line_add(&l, " (p50 %s)", a);
+        }
+        line_add(&l, "   errors/s");
         if (!r->n_errors) line_add(&l, " -");
         for (size_t k = 0; k < r->n_errors; k++) {
             fmt_num(a, sizeof a, r->errors[k].per_s, 2);
@@ -183,6 +188,7 @@ void speedctl_top_render_text(const speedctl_top_frame_t *fr, int cols, int rows
             speedctl_bytes_human(r->kv_saved_total, 1, tot, sizeof tot);
             line_add(&l, "   SPEED saved %s (total %s)", c, tot);
         }
+        if (!isnan(fr->shallow_share)) line_add(&l, "   shallow prompt tokens %.0f%%", fr->shallow_share * 100);
         line_end(&l, raw, f);
         used += 3;
     }
@@ -192,7 +198,7 @@ void speedctl_top_render_text(const speedctl_top_frame_t *fr, int cols, int rows
     line_sgr(&l, "1");
     bool extras = false;
     for (size_t i = 0; i < fr->n_nodes; i++)
-        extras |= !isnan(fr->nodes[i].step_p50_s) || !isnan(fr->nodes[i].batch_p50) ||
+        extras |= !isnan(fr->nodes[i].step_p50_s) || !isnan(fr->nodes[i].batch_mean) ||
                   !isnan(fr->nodes[i].queue_wait_p50_s);
     line_add(&l, "%-8s %-22s %-11s %4s %5s  %-12s %4s %9s %6s  %-4s", "ROLE", "ADDRESS", "STATE", "RUN", "WAIT",
              "KV USED", "", "TOK/S", "XFAIL", "RTR");
@@ -228,9 +234,9 @@ static json_t *quantiles_json(const speedctl_top_quantiles_t *q) {
 }
 
 json_t *speedctl_top_render_json(const speedctl_top_frame_t *fr) {
-    json_t *o = json_pack("{s:s,s:s,s:f,s:f,s:i,s:i}", "cluster", fr->name, "model", fr->model, "uptime_s",
+    json_t *o = json_pack("{s:s,s:s,s:f,s:f,s:I,s:I,s:o}", "cluster", fr->name, "model", fr->model, "uptime_s",
                           fr->uptime_s, "window_s", fr->window_s, "nodes_up", (json_int_t)fr->n_up, "nodes_total",
-                          (json_int_t)fr->n_nodes);
+                          (json_int_t)fr->n_nodes, "shallow_prompt_token_share", num(fr->shallow_share));
     if (!o) return NULL;
     if (fr->have_router) {
         const speedctl_top_router_t *r = &fr->router;
@@ -239,14 +245,14 @@ json_t *speedctl_top_render_json(const speedctl_top_frame_t *fr) {
             json_object_set_new(errors, r->errors[k].code,
                                 json_pack("{s:o,s:o}", "total", num(r->errors[k].total), "per_s", num(r->errors[k].per_s)));
         json_t *rj = json_pack(
-            "{s:s,s:s,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o}", "address", r->addr, "state",
+            "{s:s,s:s,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o}", "address", r->addr, "state",
             r->state, "requests_total", num(r->requests_total), "requests_per_s", num(r->requests_per_s), "errors",
             errors ? errors : json_null(), "running", num(r->running), "waiting", num(r->waiting), "ttft_s",
             quantiles_json(&r->ttft), "itl_s", quantiles_json(&r->itl), "tpot_s", quantiles_json(&r->tpot), "e2e_s",
             quantiles_json(&r->e2e), "generated_tokens_total", num(r->generated_total), "generated_tokens_per_s",
             num(r->generated_per_s), "kv_bytes_shipped_total", num(r->kv_shipped_total), "kv_bytes_shipped_per_s",
             num(r->kv_shipped_per_s), "kv_bytes_saved_total", num(r->kv_saved_total), "kv_bytes_saved_per_s",
-            num(r->kv_saved_per_s));
+            num(r->kv_saved_per_s), "queue_wait_s", quantiles_json(&r->queue_wait));
         if (!rj || json_object_set_new(o, "router", rj) != 0) {
             json_decref(o);
             return NULL;
@@ -257,14 +263,15 @@ json_t *speedctl_top_render_json(const speedctl_top_frame_t *fr) {
     json_t *nodes = json_array();
     for (size_t i = 0; nodes && i < fr->n_nodes; i++) {
         const speedctl_top_node_t *n = &fr->nodes[i];
-        json_t *nj = json_pack("{s:s,s:s,s:s,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o}", "role",
+        json_t *nj = json_pack("{s:s,s:s,s:s,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o}", "role",
                                role_name(n->role), "address", n->addr, "state", n->state, "running", num(n->running),
                                "waiting", num(n->waiting), "reserved", num(n->reserved), "kv_used_ratio",
                                num(n->kv_used_ratio), "tokens_per_s", num(n->tokens_per_s), "tokens_total",
                                num(n->tokens_total), "requests_total", num(n->requests_total),
                                "transfer_failures_total", num(n->xfer_failures_total), "transfer_bytes_per_s",
-                               num(n->xfer_bytes_per_s), "step_p50_s", num(n->step_p50_s), "batch_p50",
-                               num(n->batch_p50), "queue_wait_p50_s", num(n->queue_wait_p50_s), "router_up",
+                               num(n->xfer_bytes_per_s), "step_p50_s", num(n->step_p50_s), "batch_mean",
+                               num(n->batch_mean), "queue_wait_p50_s", num(n->queue_wait_p50_s), "tokens_in_flight",
+                               num(n->tokens_in_flight), "router_up",
                                n->router_up < 0 ? json_null() : json_boolean(n->router_up));
         if (!nj || json_array_append_new(nodes, nj) != 0) {
             json_decref(nodes);

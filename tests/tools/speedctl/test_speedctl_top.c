@@ -3,7 +3,9 @@
  * `test_speedctl_top json`:
  *   1. after N completions, `top CLUSTER.yaml --once --json`: the router and both nodes up, the
  *      router's request count N with no errors, its generated tokens the sum of the responses'
- *      completion_tokens, the nodes' request counts N, the router sees both nodes;
+ *      completion_tokens, the nodes' request counts N, the router sees both nodes; the operator
+ *      metrics: the share of prompt tokens run shallow exactly (P - 2N) / P at C = 3 of 4 layers
+ *      with one anchor and one tail token, KV bytes saved, TPOT, engine step time and batch;
  *   2. the same nodes given as --router/--node: their roles read from their metrics;
  *   3. a stopped (SIGSTOP) prefill node: shown unreachable within --timeout-ms, top does not hang;
  *   4. a killed decode node: shown down (and, once the router noticed, not routed to);
@@ -105,8 +107,19 @@ static void write_yaml(void) {
 }
 
 static bool start_cluster(void) {
-    const char *extra[] = {"--decode.kv_tokens", "16384", "--prefill.kv_tokens", "8192", "--router.status_interval_ms",
-                           "200", NULL};
+    const char *extra[] = {"--decode.kv_tokens",
+                           "16384",
+                           "--prefill.kv_tokens",
+                           "8192",
+                           "--router.status_interval_ms",
+                           "200",
+                           "--speed.prefill_layers",
+                           "3",
+                           "--speed.anchors",
+                           "1",
+                           "--speed.tail",
+                           "1",
+                           NULL};
     cu_cluster_init(&g_c, 1, 1, extra);
     if (!cu_cluster_start_nodes(&g_c, 60)) return false;
     bool ok = false;
@@ -166,6 +179,16 @@ static int test_json(void) {
         CHECK(json_is_true(json_object_get(pre, "router_up")) && json_is_true(json_object_get(dec, "router_up")));
         CHECK_NEAR(num(dec, "kv_used_ratio"), 0, 0);
         CHECK(r->seconds < 10);
+        /* the operator metrics: C = 3 of 4 layers, one anchor and one tail token at full depth,
+         * so of P prompt tokens in N prompts P - 2N ran shallow */
+        double P = cu_metric(g_rport, "speed_router_prompt_tokens_total");
+        CHECK(P > 2 * N);
+        CHECK_NEAR(num(r->json, "shallow_prompt_token_share"), (P - 2 * N) / P, 1e-9);
+        CHECK(num(rt, "kv_bytes_saved_total") > 0);
+        CHECK(json_is_object(json_object_get(rt, "tpot_s")) && num(json_object_get(rt, "tpot_s"), "p50") > 0);
+        CHECK(num(dec, "step_p50_s") > 0 && num(pre, "step_p50_s") > 0);
+        CHECK(num(dec, "batch_mean") >= 1);
+        CHECK_NEAR(num(dec, "tokens_in_flight"), 0, 0);
     }
     json_decref(r->json);
 
