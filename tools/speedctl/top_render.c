@@ -108,7 +108,7 @@ static const char *role_name(speedctl_top_role_t r) {
 }
 
 static void node_row(line_t *l, const speedctl_top_node_t *n) {
-    line_add(l, "%-8s %-22.22s ", role_name(n->role), n->addr);
+    line_add(l, "%-7s %-21.21s ", role_name(n->role), n->addr);
     line_sgr(l, state_color(n->state));
     line_add(l, "%-11s", n->state);
     line_sgr(l, "0");
@@ -131,7 +131,7 @@ static void node_row(line_t *l, const speedctl_top_node_t *n) {
     fmt_secs(step, sizeof step, n->step_p50_s);
     fmt_num(batch, sizeof batch, n->batch_mean, 1);
     fmt_secs(qw, sizeof qw, n->queue_wait_p50_s);
-    line_add(l, " %4s %5s  [%s] %4s %9s %6s  %-4s", run, wait, bar, pct, tps, fail,
+    line_add(l, " %4s %4s  [%s] %4s %8s %5s  %-3s", run, wait, bar, pct, tps, fail,
              n->router_up < 0 ? "-" : n->router_up ? "yes" : "no");
     if (!isnan(n->step_p50_s) || !isnan(n->batch_mean) || !isnan(n->queue_wait_p50_s))
         line_add(l, " %8s %6s %8s", step, batch, qw);
@@ -200,8 +200,8 @@ void speedctl_top_render_text(const speedctl_top_frame_t *fr, int cols, int rows
     for (size_t i = 0; i < fr->n_nodes; i++)
         extras |= !isnan(fr->nodes[i].step_p50_s) || !isnan(fr->nodes[i].batch_mean) ||
                   !isnan(fr->nodes[i].queue_wait_p50_s);
-    line_add(&l, "%-8s %-22s %-11s %4s %5s  %-12s %4s %9s %6s  %-4s", "ROLE", "ADDRESS", "STATE", "RUN", "WAIT",
-             "KV USED", "", "TOK/S", "XFAIL", "RTR");
+    line_add(&l, "%-7s %-21s %-11s %4s %4s  %-17s %8s %5s  %-3s", "ROLE", "ADDRESS", "STATE", "RUN", "WAIT",
+             "KV USED", "TOK/S", "XFAIL", "RTR");
     if (extras) line_add(&l, " %8s %6s %8s", "STEP p50", "BATCH", "QWAIT");
     line_sgr(&l, "0");
     line_end(&l, raw, f);
