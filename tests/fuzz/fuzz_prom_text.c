@@ -56,7 +56,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             double v = speed_prom_hist_quantile(&h, q / 10.0);
             /* finite bucket bounds and counts give a value inside [min(0, first bound), last finite bound] */
             bool finite = true;
-            for (size_t k = 0; k < h.n_buckets; k++) finite &= isfinite(h.count[k]) && (k + 1 == h.n_buckets || isfinite(h.le[k]));
+            for (size_t k = 0; k < h.n_buckets; k++)
+                finite &= isfinite(h.count[k]) && (k + 1 == h.n_buckets || isfinite(h.le[k]));
             if (finite && !isnan(v) && h.n_buckets >= 2) {
                 double lo = h.le[0] < 0 ? h.le[0] : 0;
                 FZ_ASSERT(v >= lo - 1e-9 * fabs(lo) && v <= h.le[h.n_buckets - 2] + 1e-9 * fabs(h.le[h.n_buckets - 2]));

@@ -51,7 +51,8 @@ static const speed_config_field_t top_fields[] = {
 };
 #define N_TOP_FIELDS (sizeof top_fields / sizeof top_fields[0])
 
-#define TOP_USAGE "speedctl top [CLUSTER.yaml] [--router HOST:PORT] [--node HOST:PORT,...] [--interval MS] [--once [--json]]"
+#define TOP_USAGE \
+    "speedctl top [CLUSTER.yaml] [--router HOST:PORT] [--node HOST:PORT,...] [--interval MS] [--once [--json]]"
 
 /* ---- the terminal --------------------------------------------------------------------------- */
 
@@ -74,8 +75,8 @@ static void on_winch(int sig) {
 }
 
 typedef struct {
-    bool raw;               /* stdin's settings changed (restore them) */
-    bool screen;            /* the alternate screen is on */
+    bool raw;    /* stdin's settings changed (restore them) */
+    bool screen; /* the alternate screen is on */
     struct termios saved;
     struct sigaction old[6];
 } term_t;
@@ -156,13 +157,13 @@ static bool wait_keys(int64_t deadline_ms, bool keys) {
         if (n < 0 && errno != EINTR) return true;
         if (n <= 0) continue;
         char buf[64];
-        if (p[0].revents) while (read(g_wake[0], buf, sizeof buf) > 0) {}
+        if (p[0].revents)
+            while (read(g_wake[0], buf, sizeof buf) > 0) {}
         if (keys && p[1].revents) {
             ssize_t k = read(STDIN_FILENO, buf, sizeof buf);
             if (k == 0) return true; /* the terminal is gone */
             for (ssize_t i = 0; i < k; i++)
-                if (buf[i] == 'q' || buf[i] == 'Q' || buf[i] == 3 /* Ctrl-C */ || buf[i] == 4 /* Ctrl-D */)
-                    return true;
+                if (buf[i] == 'q' || buf[i] == 'Q' || buf[i] == 3 /* Ctrl-C */ || buf[i] == 4 /* Ctrl-D */) return true;
         }
     }
 }

@@ -24,7 +24,12 @@
 
 #define SPEEDCTL_TOP_MAX_NODES 256
 
-typedef enum { SPEEDCTL_TOP_ROUTER = 0, SPEEDCTL_TOP_PREFILL, SPEEDCTL_TOP_DECODE, SPEEDCTL_TOP_NODE } speedctl_top_role_t;
+typedef enum {
+    SPEEDCTL_TOP_ROUTER = 0,
+    SPEEDCTL_TOP_PREFILL,
+    SPEEDCTL_TOP_DECODE,
+    SPEEDCTL_TOP_NODE
+} speedctl_top_role_t;
 
 typedef struct {
     speedctl_top_role_t role; /* SPEEDCTL_TOP_NODE: a --node whose role its metrics tell */
@@ -35,12 +40,12 @@ typedef struct {
 
 /* One fetch of one endpoint. */
 typedef struct {
-    bool answered;          /* /metrics answered 200 */
-    int health;             /* /health's HTTP status; 0 when it did not answer */
-    speed_status_t err;     /* why /metrics did not answer (SPEED_OK when it did) */
-    int metrics_status;     /* /metrics' HTTP status (0: no answer) */
-    double t_s;             /* monotonic time of the fetch */
-    speed_prom_text_t doc;  /* the metrics (empty unless answered) */
+    bool answered;         /* /metrics answered 200 */
+    int health;            /* /health's HTTP status; 0 when it did not answer */
+    speed_status_t err;    /* why /metrics did not answer (SPEED_OK when it did) */
+    int metrics_status;    /* /metrics' HTTP status (0: no answer) */
+    double t_s;            /* monotonic time of the fetch */
+    speed_prom_text_t doc; /* the metrics (empty unless answered) */
 } speedctl_top_scrape_t;
 
 /* What one row of the node table shows. NaN: not exported / not known. */
@@ -51,11 +56,11 @@ typedef struct {
                           "unreachable" (timeout or no route), "unhealthy" (answers, /health not 200) */
     double running, waiting, reserved;
     double kv_used_ratio;
-    double tokens_per_s;      /* decode: generated; prefill: prompt tokens computed */
+    double tokens_per_s; /* decode: generated; prefill: prompt tokens computed */
     double tokens_total;
-    double requests_total;    /* every final status */
+    double requests_total; /* every final status */
     double xfer_failures_total, xfer_bytes_per_s;
-    int router_up;            /* the router's speed_router_node_up: 1, 0, or -1 unknown */
+    int router_up; /* the router's speed_router_node_up: 1, 0, or -1 unknown */
     /* operator metrics (issue 12), shown when exported */
     /* speed_engine_step_duration_seconds' p50, speed_engine_step_sequences' mean (an integer
      * histogram: a quantile interpolated inside bucket (0, 1] would say 0.5 for batches of 1),
@@ -96,7 +101,7 @@ typedef struct {
     speedctl_top_router_t router;
     speedctl_top_node_t nodes[SPEEDCTL_TOP_MAX_NODES];
     size_t n_nodes;
-    size_t n_up; /* nodes whose state is "up" */
+    size_t n_up;          /* nodes whose state is "up" */
     double shallow_share; /* prompt tokens the nodes computed shallow / all (window, else since
                              start; NaN when not exported) */
 } speedctl_top_frame_t;

@@ -301,9 +301,9 @@ static void router_frame(const speedctl_top_view_t *v, speedctl_top_router_t *r)
     const speedctl_top_endpoint_t *e = &v->endpoints[0];
     memset(r, 0, sizeof *r);
     snprintf(r->addr, sizeof r->addr, "%s:%d", e->host, e->port);
-    double *nans[] = {&r->requests_total, &r->requests_per_s, &r->running, &r->waiting, &r->generated_per_s,
-                      &r->generated_total, &r->kv_shipped_per_s, &r->kv_shipped_total, &r->kv_saved_per_s,
-                      &r->kv_saved_total};
+    double *nans[] = {&r->requests_total,  &r->requests_per_s,  &r->running,          &r->waiting,
+                      &r->generated_per_s, &r->generated_total, &r->kv_shipped_per_s, &r->kv_shipped_total,
+                      &r->kv_saved_per_s,  &r->kv_saved_total};
     for (size_t k = 0; k < sizeof nans / sizeof nans[0]; k++) *nans[k] = NAN;
     speedctl_top_quantiles_t none = {NAN, NAN, NAN, false, false};
     r->ttft = r->itl = r->tpot = r->e2e = r->queue_wait = none;
@@ -352,9 +352,9 @@ static void node_frame(const speedctl_top_view_t *v, size_t i, speedctl_top_node
     memset(n, 0, sizeof *n);
     n->role = e->role;
     snprintf(n->addr, sizeof n->addr, "%s:%d", e->host, e->port);
-    double *nans[] = {&n->running,       &n->waiting,         &n->reserved,         &n->kv_used_ratio,
-                      &n->tokens_per_s,  &n->tokens_total,    &n->requests_total,   &n->xfer_failures_total,
-                      &n->xfer_bytes_per_s, &n->step_p50_s,   &n->batch_mean,        &n->queue_wait_p50_s,
+    double *nans[] = {&n->running,          &n->waiting,      &n->reserved,       &n->kv_used_ratio,
+                      &n->tokens_per_s,     &n->tokens_total, &n->requests_total, &n->xfer_failures_total,
+                      &n->xfer_bytes_per_s, &n->step_p50_s,   &n->batch_mean,     &n->queue_wait_p50_s,
                       &n->tokens_in_flight};
     for (size_t k = 0; k < sizeof nans / sizeof nans[0]; k++) *nans[k] = NAN;
     n->router_up = -1;
@@ -390,8 +390,8 @@ static void node_frame(const speedctl_top_view_t *v, size_t i, speedctl_top_node
     n->reserved = speed_prom_text_sum(doc, name, NULL);
     n->kv_used_ratio = speed_prom_text_sum(doc, "speed_kv_cache_usage_ratio", NULL);
     /* a prefill node's work is the prompt tokens it computes; a decode node's the tokens it generates */
-    snprintf(name, sizeof name, n->role == SPEEDCTL_TOP_PREFILL ? "speed_%s_tokens_total" : "speed_%s_generated_tokens_total",
-             role);
+    snprintf(name, sizeof name,
+             n->role == SPEEDCTL_TOP_PREFILL ? "speed_%s_tokens_total" : "speed_%s_generated_tokens_total", role);
     n->tokens_total = speed_prom_text_sum(doc, name, NULL);
     n->tokens_per_s = counter_rate(v, i, name, NULL);
     snprintf(name, sizeof name, "speed_%s_requests_total", role);

@@ -104,7 +104,10 @@ static const char *state_color(const char *state) {
 }
 
 static const char *role_name(speedctl_top_role_t r) {
-    return r == SPEEDCTL_TOP_PREFILL ? "prefill" : r == SPEEDCTL_TOP_DECODE ? "decode" : r == SPEEDCTL_TOP_ROUTER ? "router" : "node";
+    return r == SPEEDCTL_TOP_PREFILL  ? "prefill"
+           : r == SPEEDCTL_TOP_DECODE ? "decode"
+           : r == SPEEDCTL_TOP_ROUTER ? "router"
+                                      : "node";
 }
 
 static void node_row(line_t *l, const speedctl_top_node_t *n) {
@@ -132,7 +135,9 @@ static void node_row(line_t *l, const speedctl_top_node_t *n) {
     fmt_num(batch, sizeof batch, n->batch_mean, 1);
     fmt_secs(qw, sizeof qw, n->queue_wait_p50_s);
     line_add(l, " %4s %4s  [%s] %4s %8s %5s  %-3s", run, wait, bar, pct, tps, fail,
-             n->router_up < 0 ? "-" : n->router_up ? "yes" : "no");
+             n->router_up < 0 ? "-"
+             : n->router_up   ? "yes"
+                              : "no");
     if (!isnan(n->step_p50_s) || !isnan(n->batch_mean) || !isnan(n->queue_wait_p50_s))
         line_add(l, " %8s %6s %8s", step, batch, qw);
 }
@@ -198,10 +203,10 @@ void speedctl_top_render_text(const speedctl_top_frame_t *fr, int cols, int rows
     line_sgr(&l, "1");
     bool extras = false;
     for (size_t i = 0; i < fr->n_nodes; i++)
-        extras |= !isnan(fr->nodes[i].step_p50_s) || !isnan(fr->nodes[i].batch_mean) ||
-                  !isnan(fr->nodes[i].queue_wait_p50_s);
-    line_add(&l, "%-7s %-21s %-11s %4s %4s  %-17s %8s %5s  %-3s", "ROLE", "ADDRESS", "STATE", "RUN", "WAIT",
-             "KV USED", "TOK/S", "XFAIL", "RTR");
+        extras |=
+            !isnan(fr->nodes[i].step_p50_s) || !isnan(fr->nodes[i].batch_mean) || !isnan(fr->nodes[i].queue_wait_p50_s);
+    line_add(&l, "%-7s %-21s %-11s %4s %4s  %-17s %8s %5s  %-3s", "ROLE", "ADDRESS", "STATE", "RUN", "WAIT", "KV USED",
+             "TOK/S", "XFAIL", "RTR");
     if (extras) line_add(&l, " %8s %6s %8s", "STEP p50", "BATCH", "QWAIT");
     line_sgr(&l, "0");
     line_end(&l, raw, f);
@@ -242,8 +247,9 @@ json_t *speedctl_top_render_json(const speedctl_top_frame_t *fr) {
         const speedctl_top_router_t *r = &fr->router;
         json_t *errors = json_object();
         for (size_t k = 0; errors && k < r->n_errors; k++)
-            json_object_set_new(errors, r->errors[k].code,
-                                json_pack("{s:o,s:o}", "total", num(r->errors[k].total), "per_s", num(r->errors[k].per_s)));
+            json_object_set_new(
+                errors, r->errors[k].code,
+                json_pack("{s:o,s:o}", "total", num(r->errors[k].total), "per_s", num(r->errors[k].per_s)));
         json_t *rj = json_pack(
             "{s:s,s:s,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o}", "address", r->addr, "state",
             r->state, "requests_total", num(r->requests_total), "requests_per_s", num(r->requests_per_s), "errors",
@@ -263,16 +269,15 @@ json_t *speedctl_top_render_json(const speedctl_top_frame_t *fr) {
     json_t *nodes = json_array();
     for (size_t i = 0; nodes && i < fr->n_nodes; i++) {
         const speedctl_top_node_t *n = &fr->nodes[i];
-        json_t *nj = json_pack("{s:s,s:s,s:s,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o}", "role",
-                               role_name(n->role), "address", n->addr, "state", n->state, "running", num(n->running),
-                               "waiting", num(n->waiting), "reserved", num(n->reserved), "kv_used_ratio",
-                               num(n->kv_used_ratio), "tokens_per_s", num(n->tokens_per_s), "tokens_total",
-                               num(n->tokens_total), "requests_total", num(n->requests_total),
-                               "transfer_failures_total", num(n->xfer_failures_total), "transfer_bytes_per_s",
-                               num(n->xfer_bytes_per_s), "step_p50_s", num(n->step_p50_s), "batch_mean",
-                               num(n->batch_mean), "queue_wait_p50_s", num(n->queue_wait_p50_s), "tokens_in_flight",
-                               num(n->tokens_in_flight), "router_up",
-                               n->router_up < 0 ? json_null() : json_boolean(n->router_up));
+        json_t *nj = json_pack(
+            "{s:s,s:s,s:s,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o,s:o}", "role", role_name(n->role),
+            "address", n->addr, "state", n->state, "running", num(n->running), "waiting", num(n->waiting), "reserved",
+            num(n->reserved), "kv_used_ratio", num(n->kv_used_ratio), "tokens_per_s", num(n->tokens_per_s),
+            "tokens_total", num(n->tokens_total), "requests_total", num(n->requests_total), "transfer_failures_total",
+            num(n->xfer_failures_total), "transfer_bytes_per_s", num(n->xfer_bytes_per_s), "step_p50_s",
+            num(n->step_p50_s), "batch_mean", num(n->batch_mean), "queue_wait_p50_s", num(n->queue_wait_p50_s),
+            "tokens_in_flight", num(n->tokens_in_flight), "router_up",
+            n->router_up < 0 ? json_null() : json_boolean(n->router_up));
         if (!nj || json_array_append_new(nodes, nj) != 0) {
             json_decref(nodes);
             nodes = NULL;

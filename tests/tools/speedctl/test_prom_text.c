@@ -18,20 +18,19 @@
 #include "check.h"
 #include "prom_text.h"
 
-static const char doc_text[] =
-    "# HELP speed_router_requests_total completion requests\n"
-    "# TYPE speed_router_requests_total counter\n"
-    "speed_router_requests_total{route=\"split\",status=\"200\"} 12\n"
-    "speed_router_requests_total{ route = \"split\" , status=\"503\", } 3 1700000000000\r\n"
-    "speed_router_requests_total{route=\"decode_only\",status=\"200\"} 5\n"
-    "\n"
-    "   # a comment that is not HELP or TYPE\n"
-    "# TYPE speed_kv_cache_usage_ratio gauge\n"
-    "speed_kv_cache_usage_ratio 0.25\n"
-    "odd{v=\"a\\\"b\\\\c\\nd\"} NaN\n"
-    "up_inf +Inf\n"
-    "down_inf -Inf\n"
-    "sci 1.5e3\n";
+static const char doc_text[] = "# HELP speed_router_requests_total completion requests\n"
+                               "# TYPE speed_router_requests_total counter\n"
+                               "speed_router_requests_total{route=\"split\",status=\"200\"} 12\n"
+                               "speed_router_requests_total{ route = \"split\" , status=\"503\", } 3 1700000000000\r\n"
+                               "speed_router_requests_total{route=\"decode_only\",status=\"200\"} 5\n"
+                               "\n"
+                               "   # a comment that is not HELP or TYPE\n"
+                               "# TYPE speed_kv_cache_usage_ratio gauge\n"
+                               "speed_kv_cache_usage_ratio 0.25\n"
+                               "odd{v=\"a\\\"b\\\\c\\nd\"} NaN\n"
+                               "up_inf +Inf\n"
+                               "down_inf -Inf\n"
+                               "sci 1.5e3\n";
 
 static void test_parse(void) {
     speed_prom_text_t d;

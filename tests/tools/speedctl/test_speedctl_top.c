@@ -73,21 +73,20 @@ static void top_run(top_run_t *r, double timeout_s, const char *const *args) {
     }
 }
 
-static const char *node_state(json_t *j, const char *role) {
-    size_t i;
-    json_t *n;
-    json_array_foreach(json_object_get(j, "nodes"), i, n) if (strcmp(json_string_value(json_object_get(n, "role")),
-                                                                     role) == 0) return json_string_value(
-        json_object_get(n, "state"));
-    return "";
-}
-
+/* The first node of `role` in top's JSON, or NULL. */
 static json_t *node_of(json_t *j, const char *role) {
     size_t i;
     json_t *n;
-    json_array_foreach(json_object_get(j, "nodes"), i, n) if (strcmp(json_string_value(json_object_get(n, "role")),
-                                                                     role) == 0) return n;
+    json_array_foreach(json_object_get(j, "nodes"), i, n) {
+        const char *r = json_string_value(json_object_get(n, "role"));
+        if (r && strcmp(r, role) == 0) return n;
+    }
     return NULL;
+}
+
+static const char *node_state(json_t *j, const char *role) {
+    const char *s = json_string_value(json_object_get(node_of(j, role), "state"));
+    return s ? s : "";
 }
 
 static double num(json_t *o, const char *key) {
@@ -132,8 +131,8 @@ static bool start_cluster(void) {
 /* One completion; its completion_tokens, or -1. */
 static int complete(int max_tokens) {
     char body[256];
-    snprintf(body, sizeof body, "{\"model\":\"model\",\"prompt\":\"hello world, this is speedctl top\",\"max_tokens\":%d}",
-             max_tokens);
+    snprintf(body, sizeof body,
+             "{\"model\":\"model\",\"prompt\":\"hello world, this is speedctl top\",\"max_tokens\":%d}", max_tokens);
     cu_resp_t r;
     bool ok = cu_post(g_rport, "/v1/completions", body, &r) && r.status == 200;
     int n = ok ? (int)json_integer_value(json_object_get(json_object_get(r.json, "usage"), "completion_tokens")) : -1;
