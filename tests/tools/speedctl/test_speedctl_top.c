@@ -9,11 +9,12 @@
  *   2. the same nodes given as --router/--node: their roles read from their metrics;
  *   3. a stopped (SIGSTOP) prefill node: shown unreachable within --timeout-ms, top does not hang;
  *   4. a killed decode node: shown down (and, once the router noticed, not routed to);
- *   5. bad command lines: usage errors (exit 2).
+ *   5. the live view with stdout a pipe: --iterations 2 draws two frames, gives the screen back;
+ *   6. bad command lines: usage errors (exit 2).
  * `test_speedctl_top tmux` (exit 77 without tmux): `speedctl top CLUSTER.yaml` in a detached
  *   tmux session of 120x40 on a private socket while the test sends load: the screen shows both
  *   nodes up, a non-zero request rate and KV in use; no line is wider than the pane; the killed
- *   decode node's row turns down; `q` ends top with 0 and the terminal back in cooked mode
+ *   decode node's row turns down; a resized window (72 columns) gets frames cut to it; `q` ends top with 0 and the terminal back in cooked mode
  *   (stty run after it in the same pane); then Ctrl-C in a 60-column pane (every line cut to
  *   60) and SIGTERM to top do the same. The tmux server is killed on every way out (atexit). */
 #include <ctype.h>
@@ -237,7 +238,16 @@ static int test_json(void) {
     CHECK_STR_EQ(node_state(r->json, "prefill"), "up");
     json_decref(r->json);
 
-    /* 5 */
+    /* the live view without a terminal: --iterations frames, then the screen given back */
+    const char *a5[] = {g_yaml, "--iterations", "2", "--interval", "100", NULL};
+    top_run(r, 20, a5);
+    CHECK_INT_EQ(r->rc, 0);
+    const char *second = strstr(r->out, "speedctl top - cluster.yaml");
+    CHECK(second && strstr(second + 1, "speedctl top - cluster.yaml"));
+    CHECK(strstr(r->out, "\033[?1049l") != NULL);
+    json_decref(r->json);
+
+    /* 6 */
     const char *b1[] = {g_yaml, "--json", NULL};
     top_run(r, 10, b1);
     CHECK_INT_EQ(r->rc, 2);
@@ -420,6 +430,14 @@ static int test_tmux(void) {
         if (!s.decode_down) usleep(100000);
     } while (!s.decode_down && now_s() - t0 < 15);
     CHECK_MSG(s.decode_down, "the dead decode node is not shown down:\n%s", s.last);
+    /* a narrower window (SIGWINCH): the next frame fits it */
+    CHECK_INT_EQ(tu_system("tmux -L %s resize-window -t a -x 72 -y 30", g_sock), 0);
+    t0 = now_s();
+    do {
+        screen_read("a", &s);
+        if (longest_line(s.last) > 72) usleep(100000);
+    } while (longest_line(s.last) > 72 && now_s() - t0 < 10);
+    CHECK_MSG(longest_line(s.last) <= 72 && s.header, "the frame did not follow the resize:\n%s", s.last);
     tu_system("tmux -L %s send-keys -t a q", g_sock);
     session_check_exit("a");
 
