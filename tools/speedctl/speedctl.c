@@ -28,6 +28,8 @@ static const struct {
     {"up", speedctl_up, "start a local cluster (decode, prefill, router) from a cluster file; stop it with Ctrl-C"},
     {"certs", speedctl_certs, "write the control plane's CA and per-process certificates for a cluster file"},
     {"loadgen", speedctl_loadgen, "load an OpenAI-compatible endpoint: TTFT, TPOT, ITL, e2e, throughput, goodput"},
+
+    {"top", speedctl_top, "a live terminal view of a running cluster from its metrics endpoints (q quits)"},
 };
 #define N_VERBS (sizeof verbs / sizeof verbs[0])
 

@@ -27,6 +27,8 @@ int speedctl_up(int argc, char **argv);
 int speedctl_certs(int argc, char **argv);
 int speedctl_loadgen(int argc, char **argv);
 
+int speedctl_top(int argc, char **argv);
+
 /* speedctl up's command line split in two (cli_up_args.c): the options in up_fields (speedctl
  * up's own) and everything else, which goes unchanged and in order to every child. Unknown
  * options stay with the cluster options and the first is remembered in unknown. The argv
