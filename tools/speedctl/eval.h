@@ -97,9 +97,9 @@ typedef struct {
 
 /* Runs every record of `set` at full depth and at each accs[i].prefill_layers (the caller sets
  * them, 1..L; L itself is allowed and is the full-depth run), as many sequences per engine
- * step as max_seqs allows, and adds to accs[i]: KL(full || C) of every continuation position,
- * top-1 agreement with full depth, the true continuation's NLL and, for probe records, whether
- * the continuation was retrieved. Returns SPEED_OK or the engine's status (logged there);
+ * step as max_seqs allows, and adds to accs[i]: for data records KL(full || C) of every
+ * continuation position, top-1 agreement with full depth and the true continuation's NLL; for
+ * probe records (probe_depth >= 0) only whether the continuation was retrieved. Returns SPEED_OK or the engine's status (logged there);
  * SPEED_ERR_NO_MEMORY. The engine has no sequences left on return. */
 speed_status_t speedctl_eval_score(const speedctl_eval_run_t *run, const speedctl_eval_set_t *set,
                                    speedctl_eval_acc_t *accs, int n_accs);

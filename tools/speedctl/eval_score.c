@@ -75,12 +75,13 @@ static speed_status_t compare(const speedctl_eval_record_t *r, const job_t *full
             double lf = (double)f[v] - lse_f;
             kl += exp(lf) * (lf - ((double)c[v] - lse_c));
         }
-        SPEED_CHECK(acc_push(acc, kl > 0.0 ? kl : 0.0)); /* rounding can make an exact 0 slightly negative */
         int top = argmax(c, vocab);
-        acc->n_top1_same += top == argmax(f, vocab);
         int32_t truth = r->ids[r->n_prompt + k];
-        acc->nll_sum += lse_c - (double)c[truth];
         retrieved = retrieved && top == truth;
+        if (r->probe_depth >= 0) continue; /* probe records count only as retrieved or not */
+        SPEED_CHECK(acc_push(acc, kl > 0.0 ? kl : 0.0)); /* rounding can make an exact 0 slightly negative */
+        acc->n_top1_same += top == argmax(f, vocab);
+        acc->nll_sum += lse_c - (double)c[truth];
     }
     if (r->probe_depth >= 0 && r->probe_depth < SPEEDCTL_EVAL_MAX_DEPTHS) {
         acc->probe_n[r->probe_depth]++;

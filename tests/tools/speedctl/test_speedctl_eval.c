@@ -185,7 +185,11 @@ static void test_against_naive(const char *model_dir) {
             fputs(line, f);
         }
         fputs("]}\n", f);
-        if (i == 1) fputs("{\"ids\": [1, 2, 3]}\n\n", f);
+        if (i == 1) { /* one token short of N + M (longer than the prompt): skipped, and a blank line */
+            fputs("{\"ids\": [1", f);
+            for (int k = 1; k < N + M - 1; k++) fputs(", 5", f);
+            fputs("]}\n\n", f);
+        }
     }
     fclose(f);
 
@@ -429,10 +433,29 @@ static void test_svg(const char *model_dir) {
 }
 
 static void test_probe(const char *model_dir) {
-    json_t *j = eval_json("--model '%s' --probe --prompt-tokens 200 --continuation-tokens 4 --prefill-layers 2,4 "
-                          "--probe-depths 0,0.5,1 --probe-trials 2",
-                          model_dir);
-    if (!j) return;
+    char data[1100];
+    snprintf(data, sizeof data, "%s/probe-data.txt", tmp);
+    const char *para = "Call me Ishmael. Some years ago, never mind how long precisely, having little or no money "
+                       "in my purse, and nothing particular to interest me on shore, I thought I would sail about a "
+                       "little and see the watery part of the world. ";
+    char text[2048] = "";
+    for (int i = 0; i < 4; i++) strcat(text, para);
+    write_file(data, text);
+    const char *args = "--prompt-tokens 200 --continuation-tokens 4 --prefill-layers 2,4";
+    json_t *j = eval_json("--model '%s' --data '%s' --probe %s --probe-depths 0,0.5,1 --probe-trials 2", model_dir,
+                          data, args);
+    json_t *plain = eval_json("--model '%s' --data '%s' %s", model_dir, data, args);
+    if (!j || !plain) {
+        json_decref(j);
+        json_decref(plain);
+        return;
+    }
+    /* the probe's records are scored apart: the data's numbers are those of a run without it */
+    json_t *a = result_for(j, 2), *b = result_for(plain, 2);
+    CHECK(a && b && num(a, "kl_mean") == num(b, "kl_mean") && num(a, "perplexity") == num(b, "perplexity"));
+    int64_t n_pos = a ? json_integer_value(json_object_get(a, "positions")) : 0;
+    CHECK(n_pos >= 4 && n_pos % 4 == 0); /* whole windows of the text, 4 positions each */
+    json_decref(plain);
     json_t *p = json_object_get(j, "probe");
     CHECK(p && json_array_size(json_object_get(p, "depths")) == 3);
     CHECK_INT_EQ(json_integer_value(json_object_get(json_object_get(p, "records"), "used")), 6);
@@ -441,8 +464,8 @@ static void test_probe(const char *model_dir) {
         json_t *acc = e ? json_object_get(e, "probe_accuracy") : NULL;
         CHECK(json_array_size(acc) == 3);
         for (size_t i = 0; i < json_array_size(acc); i++) {
-            double a = json_number_value(json_array_get(acc, i));
-            CHECK(a >= 0.0 && a <= 1.0); /* random weights: ~0; the mechanism is what is checked */
+            double x = json_number_value(json_array_get(acc, i));
+            CHECK(x >= 0.0 && x <= 1.0); /* random weights: ~0; the mechanism is what is checked */
         }
     }
     json_decref(j);
