@@ -31,8 +31,8 @@ int main(void) {
     char *csv = ou_ids_csv(prompt, N_PROMPT);
     json_t *ref = ou_ref("f32", "--prompt-ids %s --prefill-layers %d --kv-dtype f32 --max-tokens %d --top-logprobs 2",
                          csv, C, N_GEN);
-    json_t *bf16 = ou_ref("bf16", "--prompt-ids %s --prefill-layers %d --kv-dtype bf16 --max-tokens %d --top-logprobs 2",
-                          csv, C, N_GEN);
+    json_t *bf16 = ou_ref(
+        "bf16", "--prompt-ids %s --prefill-layers %d --kv-dtype bf16 --max-tokens %d --top-logprobs 2", csv, C, N_GEN);
     CHECK(ref && bf16);
 
     const char *extra[] = {"--speed.prefill_layers", "2", "--log", "info", NULL}; /* kv.dtype: the default */

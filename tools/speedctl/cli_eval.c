@@ -54,8 +54,8 @@ static const char eval_usage[] =
 /* The cutoffs of --prefill-layers "24,0.75,32" (each resolved as serving resolves one; default
  * L, 3L/4, L/2) into accs. False on a usage error (printed). */
 static bool cutoffs_parse(const eval_opts_t *o, int L, speedctl_eval_acc_t *accs, int *n_p) {
-    const char *list = o->engine.kv.prefill_layers && *o->engine.kv.prefill_layers ? o->engine.kv.prefill_layers
-                                                                                     : "1.0,0.75,0.5";
+    const char *list =
+        o->engine.kv.prefill_layers && *o->engine.kv.prefill_layers ? o->engine.kv.prefill_layers : "1.0,0.75,0.5";
     int n = 0;
     char item[64];
     for (const char *p = list; *p;) {

@@ -99,8 +99,9 @@ typedef struct {
  * them, 1..L; L itself is allowed and is the full-depth run), as many sequences per engine
  * step as max_seqs allows, and adds to accs[i]: for data records KL(full || C) of every
  * continuation position, top-1 agreement with full depth and the true continuation's NLL; for
- * probe records (probe_depth >= 0) only whether the continuation was retrieved. Returns SPEED_OK or the engine's status (logged there);
- * SPEED_ERR_NO_MEMORY. The engine has no sequences left on return. */
+ * probe records (probe_depth >= 0) only whether the continuation was retrieved.
+ * Returns SPEED_OK, the engine's status (logged there) or SPEED_ERR_NO_MEMORY. The engine has no
+ * sequences left on return. */
 speed_status_t speedctl_eval_score(const speedctl_eval_run_t *run, const speedctl_eval_set_t *set,
                                    speedctl_eval_acc_t *accs, int n_accs);
 
@@ -110,11 +111,11 @@ speed_status_t speedctl_eval_score(const speedctl_eval_run_t *run, const speedct
 typedef struct {
     int prefill_layers;
     int64_t n_pos;
-    double kl_mean, kl_p90;     /* p90: the nearest-rank 90th percentile, sorted[ceil(0.9 n) - 1] */
-    double top1_agreement;      /* fraction of positions */
-    double perplexity;          /* exp(mean NLL of the true continuation) */
+    double kl_mean, kl_p90;               /* p90: the nearest-rank 90th percentile, sorted[ceil(0.9 n) - 1] */
+    double top1_agreement;                /* fraction of positions */
+    double perplexity;                    /* exp(mean NLL of the true continuation) */
     size_t kv_bytes, kv_bytes_full_depth; /* of one n_prompt-token prompt, cache dtype */
-    double kv_saved;            /* 1 - kv_bytes / kv_bytes_full_depth */
+    double kv_saved;                      /* 1 - kv_bytes / kv_bytes_full_depth */
     double prefill_flops, prefill_flops_full_depth, prefill_flops_saved;
     double probe_accuracy[SPEEDCTL_EVAL_MAX_DEPTHS]; /* per probe depth; -1 when not run */
     double probe_overall;

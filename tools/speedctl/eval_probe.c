@@ -10,7 +10,8 @@
 #include "speedctl.h"
 
 static const char intro[] = "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it.\n";
-static const char filler[] = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
+static const char filler[] =
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
 static const char question[] = "\nWhat is the pass key? The pass key is";
 
 /* splitmix64: a seeded, portable sequence (the keys must not depend on libc's rand). */

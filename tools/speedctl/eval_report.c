@@ -111,8 +111,8 @@ bool speedctl_eval_json_print(const speedctl_eval_report_t *r) {
     if (r->probe) {
         json_t *depths = json_array();
         for (int d = 0; d < r->n_probe_depths; d++) json_array_append_new(depths, json_real(r->probe_depths[d]));
-        json_t *probe = json_pack("{s:o, s:i, s:o}", "depths", depths, "trials", r->probe_trials, "records",
-                                  set_json(r->probe));
+        json_t *probe =
+            json_pack("{s:o, s:i, s:o}", "depths", depths, "trials", r->probe_trials, "records", set_json(r->probe));
         json_object_set_new(root, "probe", probe);
     }
     char *s = json_dumps(root, JSON_INDENT(2) | JSON_REAL_PRECISION(10));
@@ -192,8 +192,9 @@ speed_status_t speedctl_eval_svg_write(const speedctl_eval_report_t *r, const ch
             "font-family=\"sans-serif\" font-size=\"12\">\n",
             W, H, W, H);
     fprintf(f, "<rect x=\"0\" y=\"0\" width=\"%d\" height=\"%d\" fill=\"white\"/>\n", W, H);
-    fprintf(f, "<text x=\"%d\" y=\"24\" font-size=\"15\" text-anchor=\"middle\">SPEED cutoff: quality and savings "
-               "(L=%d, prompt %lld, continuation %lld, A=%d, T=%d)</text>\n",
+    fprintf(f,
+            "<text x=\"%d\" y=\"24\" font-size=\"15\" text-anchor=\"middle\">SPEED cutoff: quality and savings "
+            "(L=%d, prompt %lld, continuation %lld, A=%d, T=%d)</text>\n",
             (X0 + X1) / 2, r->n_layers, (long long)r->n_prompt, (long long)r->n_cont, r->anchors, r->tail);
     /* grid and axes: 5 divisions on both y axes */
     for (int i = 0; i <= 5; i++) {
@@ -207,7 +208,8 @@ speed_status_t speedctl_eval_svg_write(const speedctl_eval_report_t *r, const ch
     for (int i = 0; i < n; i++) {
         double x = sx(&s, sorted[i].prefill_layers);
         fprintf(f, "<line x1=\"%.1f\" y1=\"%d\" x2=\"%.1f\" y2=\"%d\" stroke=\"black\"/>\n", x, Y1, x, Y1 + 5);
-        fprintf(f, "<text x=\"%.1f\" y=\"%d\" text-anchor=\"middle\">%d</text>\n", x, Y1 + 18, sorted[i].prefill_layers);
+        fprintf(f, "<text x=\"%.1f\" y=\"%d\" text-anchor=\"middle\">%d</text>\n", x, Y1 + 18,
+                sorted[i].prefill_layers);
     }
     fprintf(f, "<text x=\"%d\" y=\"%d\" text-anchor=\"middle\">prefill layers C</text>\n", (X0 + X1) / 2, Y1 + 36);
     fprintf(f,
@@ -233,8 +235,8 @@ speed_status_t speedctl_eval_svg_write(const speedctl_eval_report_t *r, const ch
         }
         /* legend, under the plot */
         int lx = X0 + (int)(k % 3) * 190, ly = Y1 + 52 + (int)(k / 3) * 16;
-        fprintf(f, "<line x1=\"%d\" y1=\"%d\" x2=\"%d\" y2=\"%d\" stroke=\"%s\" stroke-width=\"2\"%s%s%s/>\n", lx, ly - 4,
-                lx + 24, ly - 4, series[k].color, *series[k].dash ? " stroke-dasharray=\"" : "", series[k].dash,
+        fprintf(f, "<line x1=\"%d\" y1=\"%d\" x2=\"%d\" y2=\"%d\" stroke=\"%s\" stroke-width=\"2\"%s%s%s/>\n", lx,
+                ly - 4, lx + 24, ly - 4, series[k].color, *series[k].dash ? " stroke-dasharray=\"" : "", series[k].dash,
                 *series[k].dash ? "\"" : "");
         fprintf(f, "<text x=\"%d\" y=\"%d\">%s</text>\n", lx + 30, ly, series[k].label);
     }

@@ -78,7 +78,7 @@ static speed_status_t compare(const speedctl_eval_record_t *r, const job_t *full
         int top = argmax(c, vocab);
         int32_t truth = r->ids[r->n_prompt + k];
         retrieved = retrieved && top == truth;
-        if (r->probe_depth >= 0) continue; /* probe records count only as retrieved or not */
+        if (r->probe_depth >= 0) continue;               /* probe records count only as retrieved or not */
         SPEED_CHECK(acc_push(acc, kl > 0.0 ? kl : 0.0)); /* rounding can make an exact 0 slightly negative */
         acc->n_top1_same += top == argmax(f, vocab);
         acc->nll_sum += lse_c - (double)c[truth];
@@ -102,8 +102,8 @@ static void progress_draw(const char *what, size_t done, size_t total) {
 
 /* Runs jobs[0..n_jobs) to completion: steps, keeps each output's logits and feeds the true
  * token back until the record's continuation is scored. Removes every sequence it added. */
-static speed_status_t wave_run(const speedctl_eval_run_t *run, const speedctl_eval_set_t *set, job_t *jobs,
-                               int n_jobs, int vocab) {
+static speed_status_t wave_run(const speedctl_eval_run_t *run, const speedctl_eval_set_t *set, job_t *jobs, int n_jobs,
+                               int vocab) {
     speed_engine_t *eng = run->engine;
     speed_status_t st = SPEED_OK;
     int n_alive = 0;
@@ -170,7 +170,8 @@ speed_status_t speedctl_eval_score(const speedctl_eval_run_t *run, const speedct
         int n_jobs = 0;
         for (size_t r = first; r < last; r++)
             for (int c = 0; c < n_cuts; c++, n_jobs++)
-                jobs[n_jobs] = (job_t){.record = r, .C = cuts[c], .logits = buf + (size_t)n_jobs * (size_t)max_cont * (size_t)vocab};
+                jobs[n_jobs] = (job_t){
+                    .record = r, .C = cuts[c], .logits = buf + (size_t)n_jobs * (size_t)max_cont * (size_t)vocab};
         st = wave_run(run, set, jobs, n_jobs, vocab);
         for (int j = 0; j < n_jobs && st == SPEED_OK; j++) {
             const job_t *full = &jobs[j - j % n_cuts]; /* each record's jobs start with its full-depth one */

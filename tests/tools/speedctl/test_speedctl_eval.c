@@ -222,8 +222,8 @@ static void test_against_naive(const char *model_dir) {
             /* the engine's f32 logits differ from the double-sum reference by ~1e-6 relative */
             double e_kl = fabs(num(e, "kl_mean") - r.kl_mean), e_p90 = fabs(num(e, "kl_p90") - r.kl_p90);
             double e_ppl = fabs(num(e, "perplexity") - r.perplexity) / r.perplexity;
-            CHECK_MSG(e_kl <= 1e-6 + 1e-3 * r.kl_mean, "C=%d A=%d T=%d kl_mean %.9g vs %.9g", C, cases[c].A,
-                      cases[c].T, num(e, "kl_mean"), r.kl_mean);
+            CHECK_MSG(e_kl <= 1e-6 + 1e-3 * r.kl_mean, "C=%d A=%d T=%d kl_mean %.9g vs %.9g", C, cases[c].A, cases[c].T,
+                      num(e, "kl_mean"), r.kl_mean);
             CHECK_MSG(e_p90 <= 1e-6 + 1e-3 * r.kl_p90, "C=%d kl_p90 %.9g vs %.9g", C, num(e, "kl_p90"), r.kl_p90);
             CHECK_MSG(e_ppl <= 1e-5, "C=%d perplexity %.9g vs %.9g", C, num(e, "perplexity"), r.perplexity);
             CHECK_MSG(fabs(num(e, "top1_agreement") - r.top1) <= (double)r.near_ties / r.n_pos + 1e-12,
@@ -367,7 +367,8 @@ static bool png_decode(const unsigned char *d, size_t n, int *w_p, int *h_p, int
         const unsigned char *src = raw + (size_t)y * (stride + 1) + 1;
         unsigned char *row = px + (size_t)y * stride, *up = y ? row - stride : NULL;
         for (size_t x = 0; x < stride; x++) {
-            int a = x >= (size_t)bpp ? row[x - bpp] : 0, b = up ? up[x] : 0, c = up && x >= (size_t)bpp ? up[x - bpp] : 0;
+            int a = x >= (size_t)bpp ? row[x - bpp] : 0, b = up ? up[x] : 0,
+                c = up && x >= (size_t)bpp ? up[x - bpp] : 0;
             int v = src[x];
             switch (filter) {
             case 0: break;
@@ -442,8 +443,8 @@ static void test_probe(const char *model_dir) {
     for (int i = 0; i < 4; i++) strcat(text, para);
     write_file(data, text);
     const char *args = "--prompt-tokens 200 --continuation-tokens 4 --prefill-layers 2,4";
-    json_t *j = eval_json("--model '%s' --data '%s' --probe %s --probe-depths 0,0.5,1 --probe-trials 2", model_dir,
-                          data, args);
+    json_t *j =
+        eval_json("--model '%s' --data '%s' --probe %s --probe-depths 0,0.5,1 --probe-trials 2", model_dir, data, args);
     json_t *plain = eval_json("--model '%s' --data '%s' %s", model_dir, data, args);
     if (!j || !plain) {
         json_decref(j);
@@ -483,8 +484,8 @@ int main(void) {
     tmp = tmp_dir;
     snprintf(model, sizeof model, "%s/f32", tmp);
     snprintf(gqa, sizeof gqa, "%s/f32-gqa", tmp);
-    run_t r = run("make-tiny-model '%s' --layers 4 --hidden 64 --heads 4 --kv-heads 4 --ffn 160 --dtype f32 --seed 7",
-                  model);
+    run_t r =
+        run("make-tiny-model '%s' --layers 4 --hidden 64 --heads 4 --kv-heads 4 --ffn 160 --dtype f32 --seed 7", model);
     CHECK_MSG(r.rc == 0, "make-tiny-model: %s", r.err);
     run_free(&r);
     r = run("make-tiny-model '%s' --layers 3 --hidden 64 --heads 4 --kv-heads 2 --ffn 128 --dtype f32 --seed 8 --tied",
