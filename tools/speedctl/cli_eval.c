@@ -156,7 +156,9 @@ int speedctl_eval(int argc, char **argv) {
         if (st == SPEED_ERR_INVALID_ARGUMENT) exit_code = SPEEDCTL_EXIT_USAGE;
         if (st != SPEED_OK) goto out;
     }
-    if (o.data && data.n == 0)
+    if (o.data && data.n_read == 0)
+        SPEED_WARN(SPEED_SUBSYS_CLI, "--data holds no records: nothing to score");
+    else if (o.data && data.n == 0)
         SPEED_WARN(SPEED_SUBSYS_CLI, "no record of --data has %lld tokens (%lld read, all shorter): nothing to score",
                    (long long)(o.prompt_tokens + o.continuation_tokens), (long long)data.n_read);
     int64_t longest = set_longest(&data) > set_longest(&probe) ? set_longest(&data) : set_longest(&probe);
