@@ -1,11 +1,12 @@
-/* kv.dtype auto (the default) through a real 1P1D cluster on an f32 model: the prefill and the
- * decode node both resolve the cache dtype from the model they load, so they agree (a node
- * that chose another dtype would have its KV refused: the descriptor carries the dtype and the
- * transfer checks it, transfer/kv_xfer.c), and the answer is the f32-cache answer of
- * `speedctl generate --kv-dtype f32`: same tokens, logprobs within 1e-4, usage.kv_bytes at 4
- * bytes an element. `speedctl generate --kv-dtype bf16` is the control: its logprobs are
- * further from the cluster's than the f32 reference's are (printed). */
+/* kv.dtype auto (the default) through a real 1P1D cluster, on an f32 and on an f16 model: the
+ * prefill and the decode node both resolve the cache dtype from the model they load, so they
+ * agree (a node that chose another dtype would have its KV refused: the descriptor carries the
+ * dtype and the transfer checks it, transfer/kv_xfer.c), and the answer is the model-dtype
+ * cache's answer of `speedctl generate --kv-dtype f32` (f16): same tokens, logprobs within 1e-4,
+ * usage.kv_bytes at the dtype's size. `speedctl generate --kv-dtype bf16` is the control: its
+ * logprobs are further from the cluster's than the reference's are (printed). */
 #include <math.h>
+#include <string.h>
 
 #include "log.h"
 #include "model.h"
@@ -15,46 +16,61 @@
 #define N_GEN    16
 #define C        2
 
-int main(void) {
-    speed_log_configure("error");
-    cu_init_model("kv-auto-cluster", "--dtype f32 --layers 4 --hidden 128 --heads 4 --kv_heads 2 --ffn 256");
-    char model_dir[600];
-    snprintf(model_dir, sizeof model_dir, "%s/model", cu_dir);
+/* `speedctl generate --json` on model_dir with the cache dtype kv (NULL, printed, on failure). */
+static json_t *gen_ref(const char *model_dir, const char *kv, const char *csv) {
+    char out[1024];
+    snprintf(out, sizeof out, "%s-ref-%s.json", model_dir, kv);
+    if (tu_system("%s/speedctl generate --model %s --threads 1 --json --prompt-ids %s --prefill-layers %d "
+                  "--kv-dtype %s --max-tokens %d --top-logprobs 2 > %s 2>%s.err",
+                  cu_bin, model_dir, csv, C, kv, N_GEN, out, out) != 0) {
+        fprintf(stderr, "speedctl generate failed, see %s.err\n", out);
+        return NULL;
+    }
+    return json_load_file(out, 0, NULL);
+}
+
+/* One cluster on model_dir (kv.dtype left at its default) against the references. */
+static void check_model(const char *model_dir, speed_dtype_t want) {
     speed_model_t *model = NULL;
     speed_tok_t *tok = NULL;
     CHECK_INT_EQ(speed_model_load(model_dir, NULL, &model), SPEED_OK);
     CHECK_INT_EQ(speed_tok_load(model_dir, NULL, &tok), SPEED_OK);
-    if (!model || !tok) return CHECK_DONE();
-    CHECK_INT_EQ(speed_model_kv_dtype(model), SPEED_DTYPE_F32);
+    if (!model || !tok) {
+        speed_tok_destroy(tok);
+        speed_model_destroy(model);
+        return;
+    }
+    CHECK_INT_EQ(speed_model_kv_dtype(model), want);
     int32_t prompt[N_PROMPT];
     ou_prompt(prompt, N_PROMPT, model->config.vocab_size, 41);
     char *csv = ou_ids_csv(prompt, N_PROMPT);
-    json_t *ref = ou_ref("f32", "--prompt-ids %s --prefill-layers %d --kv-dtype f32 --max-tokens %d --top-logprobs 2",
-                         csv, C, N_GEN);
-    json_t *bf16 = ou_ref(
-        "bf16", "--prompt-ids %s --prefill-layers %d --kv-dtype bf16 --max-tokens %d --top-logprobs 2", csv, C, N_GEN);
+    json_t *ref = gen_ref(model_dir, speed_dtype_name(want), csv), *bf16 = gen_ref(model_dir, "bf16", csv);
     CHECK(ref && bf16);
 
     const char *extra[] = {"--speed.prefill_layers", "2", "--log", "info", NULL}; /* kv.dtype: the default */
     cu_cluster_t c;
     cu_cluster_init(&c, 1, 1, extra);
+    snprintf(c.model_dir, sizeof c.model_dir, "%s", model_dir);
+    snprintf(c.common[1], sizeof c.common[1], "%s", model_dir); /* after "--model" */
     bool ok = cu_cluster_start_nodes(&c, 60);
     CHECK_MSG(ok, "nodes did not come up");
     bool ok_r = false;
     cu_proc_t r = ok ? cu_cluster_router(&c, 0, NULL, 30, &ok_r) : (cu_proc_t){0};
     CHECK_MSG(ok_r, "router did not come up");
     if (ok && ok_r && ref && bf16) {
-        char *body = ou_completion_body("model", prompt, N_PROMPT, N_GEN, 2, false, NULL, NULL);
+        /* the served model id is the directory's name */
+        char *body = ou_completion_body(strrchr(model_dir, '/') + 1, prompt, N_PROMPT, N_GEN, 2, false, NULL, NULL);
         cu_resp_t resp;
         CHECK(cu_http(cu_router_port(&c, 0), "POST", "/v1/completions", body, NULL, "auto-1", 60000, &resp));
         CHECK_INT_EQ(resp.status, 200);
         if (resp.json) {
             ou_result_t res;
             ou_from_json(&res, resp.json);
-            ou_check_ref(&res, ref, tok, false, "auto vs f32 cache");
-            double dev_f32 = ou_max_dev;
+            ou_max_dev = 0.0;
+            ou_check_ref(&res, ref, tok, false, speed_dtype_name(want));
+            double dev_ref = ou_max_dev;
             CHECK_INT_EQ(ou_usage(&res, "kv_bytes"),
-                         (long long)speed_kv_bytes_for_prompt(&model->config, C, 1, 1, N_PROMPT, SPEED_DTYPE_F32));
+                         (long long)speed_kv_bytes_for_prompt(&model->config, C, 1, 1, N_PROMPT, want));
             /* the control: the bf16-cache answer, compared up to its first different token */
             json_t *toks = json_object_get(bf16, "tokens"), *tf = json_object_get(ref, "tokens");
             double dev_bf16 = 0.0;
@@ -63,9 +79,9 @@ int main(void) {
                 if (json_integer_value(json_object_get(a, "id")) != json_integer_value(json_object_get(b, "id"))) break;
                 dev_bf16 = fmax(dev_bf16, fabs(json_number_value(json_object_get(a, "logprob")) - res.lp[i]));
             }
-            printf("cluster (kv.dtype auto) vs generate: f32 cache max |dlogprob| %.2e, bf16 cache %.2e\n", dev_f32,
-                   dev_bf16);
-            CHECK(dev_bf16 > dev_f32);
+            printf("%s model, cluster (kv.dtype auto) vs generate: %s cache max |dlogprob| %.2e, bf16 cache %.2e\n",
+                   speed_dtype_name(want), speed_dtype_name(want), dev_ref, dev_bf16);
+            CHECK(dev_bf16 > dev_ref);
             ou_result_free(&res);
         }
         cu_resp_free(&resp);
@@ -81,6 +97,21 @@ int main(void) {
     speed_free(csv);
     speed_tok_destroy(tok);
     speed_model_destroy(model);
+}
+
+int main(void) {
+    speed_log_configure("error");
+    const char *shape = "--layers 4 --hidden 128 --heads 4 --kv_heads 2 --ffn 256";
+    char opts[256], f32_dir[600], f16_dir[600];
+    snprintf(opts, sizeof opts, "--dtype f32 %s", shape);
+    cu_init_model("kv-auto-cluster", opts);
+    snprintf(f32_dir, sizeof f32_dir, "%s/model", cu_dir);
+    snprintf(f16_dir, sizeof f16_dir, "%s/model-f16", cu_dir);
+    CHECK_MSG(
+        tu_system("%s/speedctl make-tiny-model %s --dtype f16 %s > %s.log 2>&1", cu_bin, f16_dir, shape, f16_dir) == 0,
+        "make-tiny-model --dtype f16 failed (%s.log)", f16_dir);
+    check_model(f32_dir, SPEED_DTYPE_F32);
+    check_model(f16_dir, SPEED_DTYPE_F16);
     int failed = CHECK_DONE();
     cu_cleanup(failed != 0);
     return failed;
