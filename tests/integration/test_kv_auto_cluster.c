@@ -71,6 +71,8 @@ static void check_model(const char *model_dir, speed_dtype_t want) {
             double dev_ref = ou_max_dev;
             CHECK_INT_EQ(ou_usage(&res, "kv_bytes"),
                          (long long)speed_kv_bytes_for_prompt(&model->config, C, 1, 1, N_PROMPT, want));
+            CHECK_INT_EQ(ou_usage(&res, "kv_full_depth_bytes"),
+                         (long long)speed_kv_bytes_for_prompt(&model->config, 4, 0, 0, N_PROMPT, want));
             /* the control: the bf16-cache answer, compared up to its first different token */
             json_t *toks = json_object_get(bf16, "tokens"), *tf = json_object_get(ref, "tokens");
             double dev_bf16 = 0.0;
