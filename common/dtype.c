@@ -15,6 +15,14 @@ const char *const speed_dtype_names[SPEED_DTYPE_COUNT + 1] = {
     [SPEED_DTYPE_COUNT] = NULL,
 };
 
+const char *const speed_kv_dtype_names[SPEED_DTYPE_COUNT + 2] = {
+    [SPEED_DTYPE_F32] = "f32",
+    [SPEED_DTYPE_BF16] = "bf16",
+    [SPEED_DTYPE_F16] = "f16",
+    [SPEED_DTYPE_COUNT] = "auto",
+    [SPEED_DTYPE_COUNT + 1] = NULL,
+};
+
 static const struct {
     size_t size;             /* bytes per element */
     const char *torch;       /* config.json torch_dtype */

@@ -33,6 +33,14 @@ size_t speed_dtype_size(speed_dtype_t dtype);
  * (config.h) takes them as its enum_names, and its stored index is then the speed_dtype_t. */
 extern const char *const speed_dtype_names[SPEED_DTYPE_COUNT + 1];
 
+/* The KV cache's dtype as configured (kv.dtype, --kv-dtype, speed_engine_params_t.kv_dtype): a
+ * speed_dtype_t, or SPEED_KV_DTYPE_AUTO = the dtype of the checkpoint's K/V projections
+ * (speed_model_kv_dtype, engine/model), so an f32 or f16 model keeps the precision it was
+ * made with and a bf16 model gets a bf16 cache. The names are speed_dtype_names plus "auto",
+ * whose index is SPEED_KV_DTYPE_AUTO: a config ENUM field with these names stores the choice. */
+#define SPEED_KV_DTYPE_AUTO ((speed_dtype_t)SPEED_DTYPE_COUNT)
+extern const char *const speed_kv_dtype_names[SPEED_DTYPE_COUNT + 2];
+
 /* "f32", "bf16", "f16"; "?" for a value outside the enum. Never NULL. */
 const char *speed_dtype_name(speed_dtype_t dtype);
 /* torch's names, as config.json's torch_dtype has them: "float32", "bfloat16", "float16";

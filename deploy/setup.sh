@@ -13,6 +13,8 @@ packages=(
   clang-14 libfuzzer-14-dev
   tmux
   prometheus
+
+  librsvg2-bin
 )
 
 missing=()

@@ -67,7 +67,7 @@ typedef struct {
     bool allow_request_override; /* honour a request's `speed` object */
 
     /* KV cache */
-    int kv_dtype; /* speed_dtype_t (dtype.h) */
+    int kv_dtype; /* speed_dtype_t or SPEED_KV_DTYPE_AUTO (dtype.h) */
     int64_t kv_block_tokens;
     int64_t lease_ms;                     /* a reservation not claimed in time is freed */
     bool kv_integrity;                    /* integrity mode of the KV plane (per-layer HMAC tags) */

@@ -311,7 +311,8 @@ static void on_generate(void *user, speed_rpc_call_t *call, const uint8_t *data,
     g->req = req;
     g->decode_only = decode_only;
     g->n_resumed = (int64_t)req->n_resumed_ids;
-    g->kv_dtype = (speed_dtype_t)n->cfg.kv_dtype; /* the schema stores the speed_dtype_t */
+    /* the schema stores the speed_dtype_t or auto, which the engine resolved against the model */
+    g->kv_dtype = speed_model_kv_dtype_resolve(n->model, (speed_dtype_t)n->cfg.kv_dtype);
     snprintf(g->id, sizeof g->id, "%s", req->request_id);
     if (speed_node_defer(n, generate_work, g) != SPEED_OK) {
         gen_free(g);

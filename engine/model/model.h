@@ -93,6 +93,15 @@ int64_t speed_model_n_params(const speed_model_t *m);
 /* Bytes of the weights used (as stored); a tied lm_head counts once. */
 size_t speed_model_n_bytes(const speed_model_t *m);
 
+/* The cache dtype that SPEED_KV_DTYPE_AUTO (dtype.h) means for this model: the dtype the
+ * checkpoint stores its K and V projections in — f32 when any layer's k_proj or v_proj is f32
+ * (the cache then loses nothing the weights carry), else layer 0's k_proj dtype. */
+speed_dtype_t speed_model_kv_dtype(const speed_model_t *m);
+
+/* kv_dtype (a speed_dtype_t or SPEED_KV_DTYPE_AUTO) resolved for the model: AUTO becomes
+ * speed_model_kv_dtype(m), anything else is returned as it is. */
+speed_dtype_t speed_model_kv_dtype_resolve(const speed_model_t *m, speed_dtype_t kv_dtype);
+
 /* Bytes of K and V that one *shallow* prompt token occupies in the cache:
  * 2 * C * n_kv_heads * head_dim * dtype size. With C = n_layers this is the size of a
  * full-depth token. prefill_layers is clamped to [0, n_layers]. */
@@ -105,5 +114,11 @@ size_t speed_kv_bytes_per_token(const speed_model_config_t *cfg, int prefill_lay
  * Generated tokens (always full depth) are not included. */
 size_t speed_kv_bytes_for_prompt(const speed_model_config_t *cfg, int C, int anchors, int tail, int64_t n_prompt,
                                  speed_dtype_t cache_dtype);
+
+/* FLOPs of a prefill of n_prompt tokens at depth {C, A, T}: every layer's projections for the
+ * rows it computes (n below C, the min(A + T, n) full-depth tokens from C up), causal attention
+ * over the pairs each layer sees (2 FLOPs per multiply-add of QK^T and of PV), and the output
+ * projection for the one row that makes logits. C is clamped to [1, L]. */
+double speed_prefill_flops(const speed_model_config_t *cfg, int C, int anchors, int tail, int64_t n_prompt);
 
 #endif /* SPEED_MODEL_H */

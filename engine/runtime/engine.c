@@ -9,7 +9,7 @@
 
 speed_engine_params_t speed_engine_default_params(void) {
     return (speed_engine_params_t){
-        .kv_dtype = SPEED_DTYPE_F32,
+        .kv_dtype = SPEED_KV_DTYPE_AUTO,
         .block_tokens = 16,
         .max_seqs = 8,
         .max_step_tokens = 512,
@@ -333,8 +333,8 @@ static speed_status_t check_params(const speed_engine_params_t *p) {
         bad = "no backend";
     else if (!p->model)
         bad = "no model";
-    else if (speed_dtype_size(p->kv_dtype) == 0)
-        bad = "kv_dtype is not f32, bf16 or f16";
+    else if (p->kv_dtype != SPEED_KV_DTYPE_AUTO && speed_dtype_size(p->kv_dtype) == 0)
+        bad = "kv_dtype is not f32, bf16, f16 or auto";
     else if (p->block_tokens < 1 || p->block_tokens > 4096)
         bad = "block_tokens is out of range [1, 4096]";
     else if (p->n_blocks_lower < 0 || p->n_blocks_upper < 0)
@@ -392,6 +392,7 @@ speed_status_t speed_engine_create(const speed_engine_params_t *params, speed_en
     }
     speed_status_t st;
     e->p = *params;
+    e->p.kv_dtype = speed_model_kv_dtype_resolve(params->model, params->kv_dtype);
     e->p.depth = depth;
     e->p.max_context = max_context;
     if (e->p.prefill_chunk > e->p.max_step_tokens) e->p.prefill_chunk = e->p.max_step_tokens;
@@ -494,6 +495,8 @@ void speed_engine_destroy(speed_engine_t *e) {
 }
 
 speed_depth_t speed_engine_depth(const speed_engine_t *e) { return e->p.depth; }
+
+speed_dtype_t speed_engine_kv_dtype(const speed_engine_t *e) { return e->p.kv_dtype; }
 int speed_engine_max_context(const speed_engine_t *e) { return e->max_context; }
 int speed_engine_n_vocab(const speed_engine_t *e) { return e->vocab; }
 

@@ -85,7 +85,8 @@ typedef speed_status_t (*speed_engine_layer_cb_t)(void *user, speed_seq_id_t seq
 typedef struct {
     speed_backend_t *backend;   /* borrowed, must outlive the engine */
     const speed_model_t *model; /* borrowed, must outlive the engine */
-    speed_dtype_t kv_dtype;     /* cache dtype: f32 (default), bf16, f16 */
+    speed_dtype_t kv_dtype;     /* cache dtype: f32, bf16, f16 or SPEED_KV_DTYPE_AUTO (the default:
+                                 * the model's, speed_model_kv_dtype) */
     int block_tokens;           /* B, tokens per KV block; default 16 */
     /* KV pools (kv_cache.h): blocks of the lower pool (layers < depth C) and of the upper pool
      * (layers >= C). 0 and 0 = the worst case, max_seqs sequences of max_context tokens in
@@ -123,7 +124,7 @@ typedef struct {
 
 #define SPEED_ENGINE_TP_MAX 64
 
-/* backend NULL, model NULL, f32 cache, B 16, auto pools, 8 sequences, 512 rows per step,
+/* backend NULL, model NULL, auto cache dtype, B 16, auto pools, 8 sequences, 512 rows per step,
  * chunk 512, context = model, speed_depth_default(), no callback, tp_size 1, full logits. */
 speed_engine_params_t speed_engine_default_params(void);
 
@@ -155,6 +156,8 @@ void speed_engine_destroy(speed_engine_t *engine);
 /* The resolved default depth (C in 1..L) and the context limit. */
 speed_depth_t speed_engine_depth(const speed_engine_t *engine);
 int speed_engine_max_context(const speed_engine_t *engine);
+/* The cache's dtype (SPEED_KV_DTYPE_AUTO resolved against the model). */
+speed_dtype_t speed_engine_kv_dtype(const speed_engine_t *engine);
 int speed_engine_n_vocab(const speed_engine_t *engine);
 
 /* Adds a sequence: copies the prompt, checks it, reserves its KV for n_prompt + max_new_tokens

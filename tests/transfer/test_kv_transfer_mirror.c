@@ -302,6 +302,7 @@ static speed_engine_params_t eng_params(speed_backend_t *be, const speed_model_t
     speed_engine_params_t p = speed_engine_default_params();
     p.backend = be;
     p.model = m;
+    p.kv_dtype = SPEED_DTYPE_F32; /* the byte counts below are in f32 (the default, auto, is the model's) */
     p.block_tokens = BLOCK;
     p.prefill_chunk = 16; /* 3 chunks: layers are pushed in pieces */
     p.max_step_tokens = 32;

@@ -92,20 +92,9 @@ static double median(double *v, int n) {
     return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
-/* FLOPs of a prefill of n tokens at depth {C, A, T}: every layer's projections for the rows it
- * computes (n below C, the min(A + T, n) full-depth tokens from C up), causal attention over
- * the pairs each layer sees, and the output projection for the one row that makes logits. */
+/* FLOPs of a prefill of n tokens at depth d (engine/model: the one formula, speedctl eval's too). */
 static double prefill_flops(const speed_model_config_t *c, speed_depth_t d, int64_t n) {
-    double q = (double)c->n_heads * c->head_dim, kv = (double)c->n_kv_heads * c->head_dim, h = c->hidden;
-    double per_row = 2.0 * (h * q + 2.0 * h * kv + q * h + 3.0 * h * c->ffn);
-    double full = (double)(d.anchors + d.tail < n ? d.anchors + d.tail : n), nn = (double)n;
-    double flops = 0.0;
-    for (int l = 0; l < c->n_layers; l++) {
-        double rows = l < d.prefill_layers ? nn : full;
-        double pairs = rows * (rows + 1.0) / 2.0; /* full-depth tokens see each other causally */
-        flops += rows * per_row + 4.0 * q * pairs;
-    }
-    return flops + 2.0 * h * c->vocab_size;
+    return speed_prefill_flops(c, d.prefill_layers, d.anchors, d.tail, n);
 }
 
 /* Bytes one decode step at batch 1 reads: every weight (the embedding table only one row,
@@ -598,6 +587,8 @@ int speedctl_bench(int argc, char **argv) {
     mp.hugepages = o.hugepages;
     SPEED_CHECK_GOTO(speed_model_load(eo->model, &mp, &model), st, out);
     const speed_model_config_t *mc = &model->config;
+    /* from here on the options name the cache dtype the engine will use (auto resolved) */
+    o.engine.kv.kv_dtype = (int)speed_model_kv_dtype_resolve(model, (speed_dtype_t)eo->kv.kv_dtype);
     speed_depth_t depth;
     if (speedctl_engine_depth(eo, mc->n_layers, &depth) != SPEED_OK) {
         exit_code = SPEEDCTL_EXIT_USAGE;

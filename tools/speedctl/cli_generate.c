@@ -203,6 +203,8 @@ int speedctl_generate(int argc, char **argv) {
     speed_model_params_t mp = speed_model_default_params();
     SPEED_CHECK_GOTO(speed_model_load(eo->model, &mp, &model), st, out);
     const speed_model_config_t *mc = &model->config;
+    /* from here on the options name the cache dtype the engine will use (auto resolved) */
+    o.engine.kv.kv_dtype = (int)speed_model_kv_dtype_resolve(model, (speed_dtype_t)eo->kv.kv_dtype);
     speed_tok_params_t tp = speed_tok_default_params();
     tp.chat_template = (speed_chat_template_t)o.chat.chat_template;
     SPEED_CHECK_GOTO(speed_tok_load(eo->model, &tp, &tok), st, out);

@@ -233,7 +233,7 @@ int speedctl_inspect(int argc, char **argv) {
         return SPEEDCTL_EXIT_USAGE;
     }
     const int C = depth.prefill_layers;
-    speed_dtype_t kv_dtype = (speed_dtype_t)o.kv.kv_dtype;
+    speed_dtype_t kv_dtype = speed_model_kv_dtype_resolve(m, (speed_dtype_t)o.kv.kv_dtype);
     size_t per_tok_full = speed_kv_bytes_per_token(c, c->n_layers, kv_dtype);
     size_t per_tok_c = speed_kv_bytes_per_token(c, C, kv_dtype);
     size_t prompt_full =

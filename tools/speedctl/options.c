@@ -72,7 +72,8 @@ const speed_config_field_t speedctl_kv_fields[SPEEDCTL_KV_N_FIELDS] = {
                       "(0.75); empty = L (SPEED off)"),
     KV_OPT("anchors", INT, anchors, "1", 0, 1 << 20, NULL, "first prompt tokens kept at full depth (A)"),
     KV_OPT("tail", INT, tail, "1", 1, 1 << 20, NULL, "last prompt tokens kept at full depth (T)"),
-    KV_OPT("kv_dtype", ENUM, kv_dtype, "bf16", SPEED_CONFIG_UNBOUNDED, speed_dtype_names, "KV cache element type"),
+    KV_OPT("kv_dtype", ENUM, kv_dtype, "auto", SPEED_CONFIG_UNBOUNDED, speed_kv_dtype_names,
+           "KV cache element type; auto = the model's (f32, bf16 or f16)"),
 };
 
 #define ENGINE_OPT(...) SPEEDCTL_OPT(speedctl_engine_opts_t, __VA_ARGS__)

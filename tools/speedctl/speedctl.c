@@ -24,6 +24,7 @@ static const struct {
     {"inspect", speedctl_inspect, "validate a model directory and print its shape, size and KV cost"},
     {"tokenize", speedctl_tokenize, "encode text to token ids, decode ids, render chat templates"},
     {"generate", speedctl_generate, "generate text from a prompt (SPEED depth, sampling, logprobs, timing, KV bytes)"},
+    {"eval", speedctl_eval, "quality of SPEED cutoffs against full depth on a model and text (KL, top-1, perplexity)"},
     {"bench", speedctl_bench, "prefill/decode speed, KV bytes and memory against this machine's roofline"},
     {"up", speedctl_up, "start a local cluster (decode, prefill, router) from a cluster file; stop it with Ctrl-C"},
     {"certs", speedctl_certs, "write the control plane's CA and per-process certificates for a cluster file"},

@@ -23,6 +23,7 @@ int speedctl_inspect(int argc, char **argv);
 int speedctl_tokenize(int argc, char **argv);
 int speedctl_generate(int argc, char **argv);
 int speedctl_bench(int argc, char **argv);
+int speedctl_eval(int argc, char **argv);
 int speedctl_up(int argc, char **argv);
 int speedctl_certs(int argc, char **argv);
 int speedctl_loadgen(int argc, char **argv);

@@ -193,7 +193,7 @@ int main(void) {
         CHECK_INT_EQ(c.decode.replicas, nd[i]);
         CHECK(strcmp(c.prefill_layers, "0.75") == 0);
         CHECK_INT_EQ(c.ucx_transport, SPEED_KV_TRANSPORT_SHM);
-        CHECK_INT_EQ(c.kv_dtype, SPEED_DTYPE_BF16);
+        CHECK_INT_EQ(c.kv_dtype, SPEED_KV_DTYPE_AUTO); /* the model's dtype */
         char a[64];
         speed_cluster_grpc_addr(&c, &c.decode, nd[i] - 1, a, sizeof a);
         char want[64];
@@ -212,6 +212,13 @@ int main(void) {
     CHECK(speed_cluster_pool(&c, "router") == NULL);
     CHECK_INT_EQ(c.prefill_policy, SPEED_POLICY_LEAST_LOADED);
     CHECK(!c.ucx_cuda_direct); /* cuda nodes stage KV through pinned host memory by default */
+    CHECK_INT_EQ(c.kv_dtype, SPEED_KV_DTYPE_AUTO); /* the cache takes the model's dtype by default */
+    speed_config_destroy(cfg);
+    CHECK_INT_EQ(load("decode", &c, &cfg, 2, "--kv.dtype", "f16"), SPEED_OK);
+    CHECK_INT_EQ(c.kv_dtype, SPEED_DTYPE_F16);
+    speed_config_destroy(cfg);
+    cfg = NULL;
+    CHECK(load("decode", &c, &cfg, 2, "--kv.dtype", "f64") != SPEED_OK);
     speed_config_destroy(cfg);
     CHECK_INT_EQ(load(NULL, &c, &cfg, 2, "--ucx.cuda_direct", "true"), SPEED_OK);
     CHECK(c.ucx_cuda_direct);

@@ -36,6 +36,7 @@ static speed_engine_params_t params(speed_backend_t *be, const speed_model_t *m,
     speed_engine_params_t p = speed_engine_default_params();
     p.backend = be;
     p.model = m;
+    p.kv_dtype = SPEED_DTYPE_F32; /* the byte counts below are in f32 (the default, auto, is the model's) */
     p.block_tokens = 8;
     p.prefill_chunk = 8;
     p.max_step_tokens = 16;

@@ -103,11 +103,13 @@ static void test_make_inspect(void) {
         CHECK_INT_EQ(json_integer_value(json_object_get(j, "bytes")), expect * 4);
         json_t *kv = json_object_get(j, "kv");
         CHECK_INT_EQ(json_integer_value(json_object_get(kv, "prefill_layers")), 3);
-        CHECK_INT_EQ(json_integer_value(json_object_get(kv, "bytes_per_token_full_depth")), 2 * L * kvh * hd * 2);
-        CHECK_INT_EQ(json_integer_value(json_object_get(kv, "bytes_per_shallow_token")), 2 * 3 * kvh * hd * 2);
+        /* the cache dtype by default is the model's (auto): f32 here, 4 bytes an element */
+        CHECK_STR_EQ(json_string_value(json_object_get(kv, "dtype")), "f32");
+        CHECK_INT_EQ(json_integer_value(json_object_get(kv, "bytes_per_token_full_depth")), 2 * L * kvh * hd * 4);
+        CHECK_INT_EQ(json_integer_value(json_object_get(kv, "bytes_per_shallow_token")), 2 * 3 * kvh * hd * 4);
         /* docs/design.md §1: layers < C hold all n tokens, layers >= C hold A + T of them */
         int64_t n = json_integer_value(json_object_get(kv, "prompt_tokens"));
-        CHECK_INT_EQ(json_integer_value(json_object_get(kv, "prompt_bytes")), (3 * n + 1 * 2) * 2 * kvh * hd * 2);
+        CHECK_INT_EQ(json_integer_value(json_object_get(kv, "prompt_bytes")), (3 * n + 1 * 2) * 2 * kvh * hd * 4);
         CHECK(json_object_get(j, "tokenizer") != NULL);
         json_decref(j);
     }
@@ -408,7 +410,7 @@ static void test_generate(void) {
     int64_t bos = json_integer_value(json_object_get(json_object_get(info, "tokenizer"), "bos"));
     int64_t L = json_integer_value(json_object_get(info, "layers"));
     int64_t per_layer_token = 2 * json_integer_value(json_object_get(info, "kv_heads")) *
-                              json_integer_value(json_object_get(info, "head_dim")) * 2; /* bf16 cache */
+                              json_integer_value(json_object_get(info, "head_dim")) * 4; /* f32 cache: auto, the model's */
     json_decref(info);
 
     /* schema, token count, logprobs; --prompt starts with the tokenizer's BOS */
@@ -468,6 +470,7 @@ static void test_generate(void) {
         b = gen_json("--prompt-ids %s --max-tokens 4 --ignore-eos --prefill-layers %d --anchors 1 --tail 2", ids, c);
         if (!b) continue;
         json_t *kv = json_object_get(b, "kv");
+        CHECK_STR_EQ(json_string_value(json_object_get(kv, "dtype")), "f32"); /* auto: the f32 model's */
         int64_t bytes = json_integer_value(json_object_get(kv, "bytes"));
         int64_t full = json_integer_value(json_object_get(kv, "full_depth_bytes"));
         /* 20 prompt tokens + 3 generated tokens stored (the 4th is never fed back) */
