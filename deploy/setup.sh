@@ -13,7 +13,6 @@ packages=(
   clang-14 libfuzzer-14-dev
   tmux
   prometheus
-
   librsvg2-bin
 )
 
