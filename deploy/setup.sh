@@ -11,6 +11,7 @@ packages=(
   libucx-dev ucx-utils libmicrohttpd-dev libgnutls28-dev
   curl iproute2 iptables libnetfilter-queue-dev
   clang-14 libfuzzer-14-dev
+  python3-torch libopenblas0-pthread fortunes dict-gcide
 )
 
 missing=()
