@@ -14,6 +14,7 @@ packages=(
   tmux
   prometheus
   librsvg2-bin
+  python3-torch libopenblas0-pthread fortunes dict-gcide
 )
 
 missing=()
