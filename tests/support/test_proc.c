@@ -2,6 +2,8 @@
 #define _GNU_SOURCE 1 /* pipe2, setns */
 #include "test_proc.h"
 
+#include "test_fs.h"
+
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -33,6 +35,30 @@ int tu_system(const char *fmt, ...) {
     int rc = system(cmd);
     free(cmd);
     return rc == -1 ? -1 : tu_exit_code(rc);
+}
+
+tu_run_t tu_run_tool(const char *dir, const char *tool, const char *fmt, ...) {
+    char args[8192], out_path[1100], err_path[1100];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(args, sizeof args, fmt, ap);
+    va_end(ap);
+    snprintf(out_path, sizeof out_path, "%s/tool.out", dir);
+    snprintf(err_path, sizeof err_path, "%s/tool.err", dir);
+    tu_run_t r = {0};
+    r.rc = tu_system("'%s' %s >'%s' 2>'%s'", tool, args, out_path, err_path);
+    r.out = tu_read(out_path, NULL);
+    r.err = tu_read(err_path, NULL);
+    /* The shell creates both files; "" keeps the callers' checks simple if it could not. */
+    if (!r.out) r.out = calloc(1, 1);
+    if (!r.err) r.err = calloc(1, 1);
+    return r;
+}
+
+void tu_run_free(tu_run_t *r) {
+    free(r->out);
+    free(r->err);
+    r->out = r->err = NULL;
 }
 
 int tu_exit_code(int status) {

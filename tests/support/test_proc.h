@@ -22,6 +22,20 @@
  * when a signal ended it, or -1 when no shell could run. */
 int tu_system(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
+/* What tu_run_tool captured: the exit code (as tu_system's) and the whole stdout and stderr,
+ * each a NUL-terminated heap string ("" when nothing was written). Release with tu_run_free. */
+typedef struct {
+    int rc;
+    char *out;
+    char *err;
+} tu_run_t;
+
+/* Runs `'TOOL' ARGS` through the shell (ARGS printf-formatted, quoted by the caller), stdout and
+ * stderr going to files in dir (overwritten by the next call with the same dir: one call at a
+ * time per dir), and returns both. */
+tu_run_t tu_run_tool(const char *dir, const char *tool, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+void tu_run_free(tu_run_t *r);
+
 /* The exit code of a waitpid() status: the exit status, or 128 + the signal that ended it. */
 int tu_exit_code(int status);
 

@@ -15,36 +15,6 @@
 
 static const char *speedctl, *tmp;
 
-typedef struct {
-    int rc;
-    char *out; /* stdout */
-    char *err; /* stderr */
-} run_t;
-
-
-/* Runs `speedctl ARGS` through the shell; ARGS is printf-formatted. */
-static run_t run(const char *fmt, ...) {
-    char args[8192], out_path[1100], err_path[1100];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(args, sizeof args, fmt, ap);
-    va_end(ap);
-    snprintf(out_path, sizeof out_path, "%s/cli.out", tmp);
-    snprintf(err_path, sizeof err_path, "%s/cli.err", tmp);
-    run_t r = {0};
-    r.rc = tu_system("'%s' %s >'%s' 2>'%s'", speedctl, args, out_path, err_path);
-    r.out = tu_read(out_path, NULL);
-    r.err = tu_read(err_path, NULL);
-    /* The shell creates both files; "" keeps the checks below simple if it could not. */
-    if (!r.out) r.out = calloc(1, 1);
-    if (!r.err) r.err = calloc(1, 1);
-    return r;
-}
-
-static void run_free(run_t *r) {
-    free(r->out);
-    free(r->err);
-}
 
 static int count_lines(const char *s) {
     int n = 0;
@@ -53,35 +23,36 @@ static int count_lines(const char *s) {
 }
 
 static void test_usage(void) {
-    run_t r = run("");
+    tu_run_t r = tu_run_tool(tmp, speedctl, "%s", "");
     CHECK_INT_EQ(r.rc, 2);
     CHECK_CONTAINS(r.err, "usage: speedctl VERB");
-    run_free(&r);
-    r = run("frobnicate");
+    tu_run_free(&r);
+    r = tu_run_tool(tmp, speedctl, "frobnicate");
     CHECK_INT_EQ(r.rc, 2);
     CHECK_CONTAINS(r.err, "unknown verb 'frobnicate'");
-    run_free(&r);
-    r = run("inspect --help");
+    tu_run_free(&r);
+    r = tu_run_tool(tmp, speedctl, "inspect --help");
     CHECK_INT_EQ(r.rc, 0);
     CHECK_CONTAINS(r.out, "prefill");
-    run_free(&r);
-    r = run("inspect --no-such-option x");
+    tu_run_free(&r);
+    r = tu_run_tool(tmp, speedctl, "inspect --no-such-option x");
     CHECK_INT_EQ(r.rc, 2);
     CHECK_CONTAINS(r.err, "no-such-option");
-    run_free(&r);
+    tu_run_free(&r);
 }
 
 static void test_make_inspect(void) {
     char dir[1024];
     snprintf(dir, sizeof dir, "%s/cli-tiny", tmp);
-    run_t r = run("make-tiny-model '%s' --layers 4 --hidden 64 --heads 4 --kv-heads 2 --ffn 160 "
-                  "--dtype f32 --tied --shards 2 --seed 7",
-                  dir);
+    tu_run_t r = tu_run_tool(tmp, speedctl,
+                             "make-tiny-model '%s' --layers 4 --hidden 64 --heads 4 --kv-heads 2 --ffn 160 "
+                             "--dtype f32 --tied --shards 2 --seed 7",
+                             dir);
     CHECK_MSG(r.rc == 0, "make-tiny-model failed: %s", r.err);
     CHECK_CONTAINS(r.out, "4 layers");
-    run_free(&r);
+    tu_run_free(&r);
 
-    r = run("inspect '%s' --prefill-layers 0.75 --json", dir);
+    r = tu_run_tool(tmp, speedctl, "inspect '%s' --prefill-layers 0.75 --json", dir);
     CHECK_MSG(r.rc == 0, "inspect failed: %s", r.err);
     json_error_t jerr;
     json_t *j = json_loads(r.out, 0, &jerr);
@@ -113,61 +84,61 @@ static void test_make_inspect(void) {
         CHECK(json_object_get(j, "tokenizer") != NULL);
         json_decref(j);
     }
-    run_free(&r);
+    tu_run_free(&r);
 
-    r = run("inspect '%s'", dir);
+    r = tu_run_tool(tmp, speedctl, "inspect '%s'", dir);
     CHECK_INT_EQ(r.rc, 0);
     CHECK_CONTAINS(r.out, "grouped-query");
     CHECK_CONTAINS(r.out, "KV per token");
-    run_free(&r);
+    tu_run_free(&r);
 
-    r = run("inspect '%s' --prefill-layers 9", dir);
+    r = tu_run_tool(tmp, speedctl, "inspect '%s' --prefill-layers 9", dir);
     CHECK_INT_EQ(r.rc, 2);
     CHECK_CONTAINS(r.err, "--prefill-layers");
-    run_free(&r);
+    tu_run_free(&r);
 
     /* The same options from the environment; --print-config says where they came from. */
-    r = run("make-tiny-model x --print-config");
+    r = tu_run_tool(tmp, speedctl, "make-tiny-model x --print-config");
     CHECK_INT_EQ(r.rc, 0);
     CHECK_CONTAINS(r.out, "seed: 1");
-    run_free(&r);
+    tu_run_free(&r);
     setenv("SPEED_SEED", "42", 1);
-    r = run("make-tiny-model x --print-config");
+    r = tu_run_tool(tmp, speedctl, "make-tiny-model x --print-config");
     CHECK_CONTAINS(r.out, "env:SPEED_SEED");
-    run_free(&r);
+    tu_run_free(&r);
     unsetenv("SPEED_SEED");
 }
 
 static void test_bad_models(void) {
     char dir[1024], path[1200];
-    run_t r = run("inspect '%s/does-not-exist'", tmp);
+    tu_run_t r = tu_run_tool(tmp, speedctl, "inspect '%s/does-not-exist'", tmp);
     CHECK_INT_EQ(r.rc, 1);
     CHECK_CONTAINS(r.err, "speedctl: error:");
     CHECK_INT_EQ(count_lines(r.err), 1);
-    run_free(&r);
+    tu_run_free(&r);
 
     /* A model whose weights file is cut short. */
     snprintf(dir, sizeof dir, "%s/cli-truncated", tmp);
-    r = run("make-tiny-model '%s' --layers 2 --hidden 32 --heads 2 --ffn 64 --dtype f16", dir);
+    r = tu_run_tool(tmp, speedctl, "make-tiny-model '%s' --layers 2 --hidden 32 --heads 2 --ffn 64 --dtype f16", dir);
     CHECK_INT_EQ(r.rc, 0);
-    run_free(&r);
+    tu_run_free(&r);
     snprintf(path, sizeof path, "%s/model.safetensors", dir);
     CHECK(truncate(path, 1000) == 0);
-    r = run("inspect '%s'", dir);
+    r = tu_run_tool(tmp, speedctl, "inspect '%s'", dir);
     CHECK_INT_EQ(r.rc, 1);
     CHECK_CONTAINS(r.err, "model.safetensors");
     CHECK_INT_EQ(count_lines(r.err), 1);
-    run_free(&r);
+    tu_run_free(&r);
 
     /* Invalid config.json */
     snprintf(path, sizeof path, "%s/config.json", dir);
     FILE *f = fopen(path, "w");
     fputs("{\"architectures\": [\"LlamaForCausalLM\"], ", f);
     fclose(f);
-    r = run("inspect '%s'", dir);
+    r = tu_run_tool(tmp, speedctl, "inspect '%s'", dir);
     CHECK_INT_EQ(r.rc, 1);
     CHECK_CONTAINS(r.err, "config.json");
-    run_free(&r);
+    tu_run_free(&r);
 }
 
 static void test_tokenize(void) {
@@ -180,7 +151,7 @@ static void test_tokenize(void) {
     fprintf(f, "{\"text\": \"%s\"}\n{\"text\": 5}\nnot json\n", text);
     fclose(f);
 
-    run_t r = run("tokenize --model '%s' --jsonl '%s'", dir, jpath);
+    tu_run_t r = tu_run_tool(tmp, speedctl, "tokenize --model '%s' --jsonl '%s'", dir, jpath);
     CHECK_INT_EQ(r.rc, 1); /* two bad lines */
     CHECK_INT_EQ(count_lines(r.out), 3);
     CHECK_CONTAINS(r.out, "{\"error\": \"line 2:");
@@ -197,9 +168,9 @@ static void test_tokenize(void) {
         strcat(list, num);
     }
     json_decref(line1);
-    run_free(&r);
+    tu_run_free(&r);
 
-    r = run("tokenize --model '%s' --decode '%s' --json", dir, list);
+    r = tu_run_tool(tmp, speedctl, "tokenize --model '%s' --decode '%s' --json", dir, list);
     CHECK_INT_EQ(r.rc, 0);
     json_t *dec = json_loads(r.out, 0, NULL);
     json_t *want =
@@ -207,27 +178,27 @@ static void test_tokenize(void) {
     CHECK_STR_EQ(json_string_value(json_object_get(dec, "text")), json_string_value(want));
     json_decref(dec);
     json_decref(want);
-    run_free(&r);
+    tu_run_free(&r);
 
-    r = run("tokenize --model '%s' --text 'Hello' --json", dir);
+    r = tu_run_tool(tmp, speedctl, "tokenize --model '%s' --text 'Hello' --json", dir);
     CHECK_INT_EQ(r.rc, 0);
     CHECK(strncmp(r.out, "{\"ids\": [", 9) == 0);
-    run_free(&r);
+    tu_run_free(&r);
 
-    r = run("tokenize --model '%s' --decode 1,2,99999999", dir);
+    r = tu_run_tool(tmp, speedctl, "tokenize --model '%s' --decode 1,2,99999999", dir);
     CHECK_INT_EQ(r.rc, 1);
     CHECK_CONTAINS(r.err, "99999999");
-    run_free(&r);
+    tu_run_free(&r);
 
-    r = run("tokenize --model '%s' --text a --decode 1", dir);
+    r = tu_run_tool(tmp, speedctl, "tokenize --model '%s' --text a --decode 1", dir);
     CHECK_INT_EQ(r.rc, 2);
-    run_free(&r);
+    tu_run_free(&r);
 
-    r = run("tokenize --model '%s' --chat 'Hi there' --system 'Be brief.' --json", dir);
+    r = tu_run_tool(tmp, speedctl, "tokenize --model '%s' --chat 'Hi there' --system 'Be brief.' --json", dir);
     CHECK_INT_EQ(r.rc, 0);
     CHECK_CONTAINS(r.out, "<|start_header_id|>system<|end_header_id|>");
     CHECK_CONTAINS(r.out, "<|start_header_id|>assistant<|end_header_id|>");
-    run_free(&r);
+    tu_run_free(&r);
 }
 
 /* ---- generate and bench ------------------------------------------------------------ */
@@ -247,12 +218,12 @@ static json_t *gen_json(const char *fmt, ...) {
     va_start(ap, fmt);
     vsnprintf(args, sizeof args, fmt, ap);
     va_end(ap);
-    run_t r = run("generate --model '%s' --json %s", gen_dir, args);
+    tu_run_t r = tu_run_tool(tmp, speedctl, "generate --model '%s' --json %s", gen_dir, args);
     CHECK_MSG(r.rc == 0, "generate %s: exit %d: %s", args, r.rc, r.err);
     json_error_t jerr;
     json_t *j = r.rc == 0 ? json_loads(r.out, 0, &jerr) : NULL;
     CHECK_MSG(r.rc != 0 || j != NULL, "generate --json is not one JSON object: %s", r.out);
-    run_free(&r);
+    tu_run_free(&r);
     return j;
 }
 
@@ -346,25 +317,29 @@ static void test_backends(void) {
         json_decref(fast);
     }
     /* a split the model's heads do not allow, and GPU ranks: one line each, exit 1 */
-    run_t t = run("generate --model '%s' --prompt-ids 1,2,3 --max-tokens 2 --tensor-parallel 3", gen_dir);
+    tu_run_t t = tu_run_tool(tmp, speedctl,
+                             "generate --model '%s' --prompt-ids 1,2,3 --max-tokens 2 --tensor-parallel 3", gen_dir);
     CHECK_INT_EQ(t.rc, 1);
     CHECK_CONTAINS(t.err, "does not divide");
-    run_free(&t);
-    t = run("generate --model '%s' --prompt-ids 1,2,3 --max-tokens 2 --tensor-parallel 2 --backend cuda", gen_dir);
+    tu_run_free(&t);
+    t = tu_run_tool(tmp, speedctl,
+                    "generate --model '%s' --prompt-ids 1,2,3 --max-tokens 2 --tensor-parallel 2 --backend cuda",
+                    gen_dir);
     CHECK_INT_EQ(t.rc, 1);
     CHECK_CONTAINS(t.err, "--tensor-parallel 2 with --backend cuda");
     CHECK_MSG(count_lines(t.err) == 1, "not one line: %s", t.err);
-    run_free(&t);
+    tu_run_free(&t);
 
-    run_t r = run("generate --model '%s' --prompt-ids 1,2,3 --max-tokens 2 --backend tpu", gen_dir);
+    tu_run_t r =
+        tu_run_tool(tmp, speedctl, "generate --model '%s' --prompt-ids 1,2,3 --max-tokens 2 --backend tpu", gen_dir);
     CHECK_INT_EQ(r.rc, 2);
     CHECK_CONTAINS(r.err, "'tpu' is not one of cpu, cpu-ref, cuda");
     CHECK_STR_EQ(r.out, "");
-    run_free(&r);
-    r = run("generate --model '%s' --prompt-ids 1,2,3 --max-tokens 2 --device -1", gen_dir);
+    tu_run_free(&r);
+    r = tu_run_tool(tmp, speedctl, "generate --model '%s' --prompt-ids 1,2,3 --max-tokens 2 --device -1", gen_dir);
     CHECK_INT_EQ(r.rc, 2);
     CHECK_CONTAINS(r.err, "device");
-    run_free(&r);
+    tu_run_free(&r);
     if (tu_nvidia_gpu_present(NULL, 0)) {
         /* the no-GPU errors cannot be shown here; --backend cuda must generate instead */
         if (!tu_cuda_required()) {
@@ -383,7 +358,7 @@ static void test_backends(void) {
         "bench --model '%s' --prompt-tokens 8 --gen-tokens 2 --repeat 1 --no-roofline --backend cuda",
     };
     for (size_t i = 0; i < sizeof cuda_runs / sizeof cuda_runs[0]; i++) {
-        r = run(cuda_runs[i], gen_dir);
+        r = tu_run_tool(tmp, speedctl, cuda_runs[i], gen_dir);
         CHECK_MSG(r.rc == 1, "%s: exit %d, want 1: %s", cuda_runs[i], r.rc, r.err);
         CHECK_MSG(count_errors(r.err) == 1 && count_lines(r.err) == 1, "%s: not one error line: %s", cuda_runs[i],
                   r.err);
@@ -392,25 +367,27 @@ static void test_backends(void) {
         CHECK_MSG(strstr(r.err, "needs a GPU") || strstr(r.err, "no CUDA backend"), "%s", r.err);
         CHECK_CONTAINS(r.err, "use --backend cpu");
         CHECK_STR_EQ(r.out, "");
-        run_free(&r);
+        tu_run_free(&r);
     }
 }
 
 static void test_generate(void) {
     snprintf(gen_dir, sizeof gen_dir, "%s/cli-gen", tmp);
-    run_t r = run("make-tiny-model '%s' --layers 4 --hidden 64 --heads 4 --kv-heads 2 --ffn 160 --dtype f32 "
-                  "--max-position 96 --seed 3",
-                  gen_dir);
+    tu_run_t r = tu_run_tool(tmp, speedctl,
+                             "make-tiny-model '%s' --layers 4 --hidden 64 --heads 4 --kv-heads 2 --ffn 160 --dtype f32 "
+                             "--max-position 96 --seed 3",
+                             gen_dir);
     CHECK_MSG(r.rc == 0, "make-tiny-model: %s", r.err);
-    run_free(&r);
-    r = run("inspect '%s' --json", gen_dir);
+    tu_run_free(&r);
+    r = tu_run_tool(tmp, speedctl, "inspect '%s' --json", gen_dir);
     json_t *info = json_loads(r.out, 0, NULL);
-    run_free(&r);
+    tu_run_free(&r);
     int64_t vocab = json_integer_value(json_object_get(info, "vocab"));
     int64_t bos = json_integer_value(json_object_get(json_object_get(info, "tokenizer"), "bos"));
     int64_t L = json_integer_value(json_object_get(info, "layers"));
     int64_t per_layer_token = 2 * json_integer_value(json_object_get(info, "kv_heads")) *
-                              json_integer_value(json_object_get(info, "head_dim")) * 4; /* f32 cache: auto, the model's */
+                              json_integer_value(json_object_get(info, "head_dim")) *
+                              4; /* f32 cache: auto, the model's */
     json_decref(info);
 
     /* schema, token count, logprobs; --prompt starts with the tokenizer's BOS */
@@ -506,14 +483,15 @@ static void test_generate(void) {
             CHECK_MSG(got && strlen(got) == (size_t)(cut - full) && strncmp(got, full, (size_t)(cut - full)) == 0,
                       "stop '%s' in '%s' gave '%s'", stop, full, got ? got : "(null)");
             /* the streamed plain output is the same text */
-            run_t p = run("generate --model '%s' --prompt 'The quick brown fox' --max-tokens 6 --ignore-eos "
-                          "--stop '%s'",
-                          gen_dir, stop);
+            tu_run_t p = tu_run_tool(tmp, speedctl,
+                                     "generate --model '%s' --prompt 'The quick brown fox' --max-tokens 6 --ignore-eos "
+                                     "--stop '%s'",
+                                     gen_dir, stop);
             CHECK_INT_EQ(p.rc, 0);
             CHECK(got && strncmp(p.out, got, strlen(got)) == 0 && strcmp(p.out + strlen(got), "\n") == 0);
             CHECK_CONTAINS(p.err, "KV");
             CHECK_CONTAINS(p.err, "prefill");
-            run_free(&p);
+            tu_run_free(&p);
             json_decref(c);
         } else {
             fprintf(stderr, "note: no two-letter piece in '%s'; --stop not exercised\n", full ? full : "");
@@ -556,20 +534,20 @@ static void test_generate(void) {
         {"--prompt a --prompt-ids 1", 2, "exactly one of"},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
-        r = run("generate --model '%s' %s", gen_dir, bad[i].args);
+        r = tu_run_tool(tmp, speedctl, "generate --model '%s' %s", gen_dir, bad[i].args);
         CHECK_MSG(r.rc == bad[i].rc, "generate %s: exit %d, want %d (%s)", bad[i].args, r.rc, bad[i].rc, r.err);
         CHECK_MSG(count_errors(r.err) == 1, "generate %s: %d error lines: %s", bad[i].args, count_errors(r.err), r.err);
         CHECK_CONTAINS(r.err, bad[i].says);
         CHECK_STR_EQ(r.out, "");
-        run_free(&r);
+        tu_run_free(&r);
     }
     /* a prompt longer than the context */
     char many[1024] = "1";
     for (int i = 1; i < 100; i++) strcat(many, ",1");
-    r = run("generate --model '%s' --prompt-ids %s --max-tokens 1", gen_dir, many);
+    r = tu_run_tool(tmp, speedctl, "generate --model '%s' --prompt-ids %s --max-tokens 1", gen_dir, many);
     CHECK_INT_EQ(r.rc, 1);
     CHECK_INT_EQ(count_errors(r.err), 1);
-    run_free(&r);
+    tu_run_free(&r);
 }
 
 /* --batch-invariant (docs/cluster.md#batch-invariance): generate --json gives the same tokens
@@ -580,11 +558,13 @@ static void test_generate(void) {
 static void test_batch_invariant(void) {
     char dir[1100];
     snprintf(dir, sizeof dir, "%s/cli-bi", tmp);
-    run_t r = run("make-tiny-model '%s' --layers 2 --hidden 128 --heads 4 --kv-heads 2 --ffn 256 --max-position 512 "
-                  "--seed 5",
-                  dir);
+    tu_run_t r =
+        tu_run_tool(tmp, speedctl,
+                    "make-tiny-model '%s' --layers 2 --hidden 128 --heads 4 --kv-heads 2 --ffn 256 --max-position 512 "
+                    "--seed 5",
+                    dir);
     CHECK_MSG(r.rc == 0, "make-tiny-model: %s", r.err);
-    run_free(&r);
+    tu_run_free(&r);
     char ids[2048] = "1";
     for (int i = 1; i < 300; i++) {
         char num[16];
@@ -593,12 +573,13 @@ static void test_batch_invariant(void) {
     }
     json_t *tok[2] = {NULL, NULL};
     for (int t = 0; t < 2; t++) {
-        r = run("generate --model '%s' --json --prompt-ids %s --max-tokens 12 --ignore-eos --top-logprobs 3 "
-                "--batch-invariant --threads %d",
-                dir, ids, t + 1);
+        r = tu_run_tool(tmp, speedctl,
+                        "generate --model '%s' --json --prompt-ids %s --max-tokens 12 --ignore-eos --top-logprobs 3 "
+                        "--batch-invariant --threads %d",
+                        dir, ids, t + 1);
         CHECK_MSG(r.rc == 0, "generate --batch-invariant --threads %d: %s", t + 1, r.err);
         json_t *j = r.rc == 0 ? json_loads(r.out, 0, NULL) : NULL;
-        run_free(&r);
+        tu_run_free(&r);
         tok[t] = j ? json_incref(json_object_get(j, "tokens")) : NULL;
         json_decref(j);
     }
@@ -608,31 +589,35 @@ static void test_batch_invariant(void) {
     json_decref(tok[0]);
     json_decref(tok[1]);
 
-    r = run("bench --model '%s' --prompt-tokens 280 --gen-tokens 10 --batch 3 --repeat 1 --no-roofline --json "
-            "--batch-invariant --threads 2",
-            dir);
+    r = tu_run_tool(tmp, speedctl,
+                    "bench --model '%s' --prompt-tokens 280 --gen-tokens 10 --batch 3 --repeat 1 --no-roofline --json "
+                    "--batch-invariant --threads 2",
+                    dir);
     CHECK_MSG(r.rc == 0, "bench --batch-invariant: %s", r.err);
     json_t *j = r.rc == 0 ? json_loads(r.out, 0, NULL) : NULL;
-    run_free(&r);
+    tu_run_free(&r);
     json_t *m = json_object_get(json_array_get(json_object_get(j, "runs"), 0), "batch_matches_batch1");
     CHECK_MSG(json_is_true(m), "bench --batch 3 --batch-invariant: the batch's tokens/logprobs differ from batch 1's");
     json_decref(j);
 
-    r = run("generate --model '%s' --prompt-ids 1,2,3 --max-tokens 2 --backend cuda --batch-invariant", dir);
+    r = tu_run_tool(tmp, speedctl,
+                    "generate --model '%s' --prompt-ids 1,2,3 --max-tokens 2 --backend cuda --batch-invariant", dir);
     CHECK_INT_EQ(r.rc, 1);
     CHECK_INT_EQ(count_errors(r.err), 1);
     CHECK_MSG(strstr(r.err, "batch-invariant") != NULL, "cuda --batch-invariant: %s", r.err);
-    run_free(&r);
+    tu_run_free(&r);
 }
 
 static void test_bench(void) {
-    run_t r = run("bench --model '%s' --prompt-tokens 24 --gen-tokens 4 --batch 2 --repeat 1 --prefill-layers 2 "
-                  "--compare --roofline-mib 16 --json",
-                  gen_dir);
+    tu_run_t r =
+        tu_run_tool(tmp, speedctl,
+                    "bench --model '%s' --prompt-tokens 24 --gen-tokens 4 --batch 2 --repeat 1 --prefill-layers 2 "
+                    "--compare --roofline-mib 16 --json",
+                    gen_dir);
     CHECK_MSG(r.rc == 0, "bench: %s", r.err);
     json_t *j = json_loads(r.out, 0, NULL);
     CHECK_MSG(j != NULL, "bench --json is not JSON: %s", r.out);
-    run_free(&r);
+    tu_run_free(&r);
     if (j) {
         json_t *runs = json_object_get(j, "runs");
         CHECK_INT_EQ(json_array_size(runs), 2);
@@ -668,25 +653,26 @@ static void test_bench(void) {
         CHECK(json_real_value(json_object_get(rf, "bf16_gflops")) > 0);
         json_decref(j);
     }
-    r = run("bench --model '%s' --prompt-tokens 16 --gen-tokens 3 --repeat 1 --no-roofline", gen_dir);
+    r = tu_run_tool(tmp, speedctl, "bench --model '%s' --prompt-tokens 16 --gen-tokens 3 --repeat 1 --no-roofline",
+                    gen_dir);
     CHECK_MSG(r.rc == 0, "bench: %s", r.err);
     CHECK_CONTAINS(r.out, "prefill");
     CHECK_CONTAINS(r.out, "decode b=1");
     CHECK_CONTAINS(r.out, "peak RSS");
-    run_free(&r);
-    r = run("bench --model '%s' --compare", gen_dir);
+    tu_run_free(&r);
+    r = tu_run_tool(tmp, speedctl, "bench --model '%s' --compare", gen_dir);
     CHECK_INT_EQ(r.rc, 2);
     CHECK_INT_EQ(count_errors(r.err), 1);
-    run_free(&r);
-    r = run("bench --model '%s' --prompt-tokens 90 --gen-tokens 10", gen_dir);
+    tu_run_free(&r);
+    r = tu_run_tool(tmp, speedctl, "bench --model '%s' --prompt-tokens 90 --gen-tokens 10", gen_dir);
     CHECK_INT_EQ(r.rc, 1);
     CHECK_CONTAINS(r.err, "context");
-    run_free(&r);
+    tu_run_free(&r);
 }
 
 /* Every vectors file line's ids must come back exactly from `tokenize --jsonl`. */
 static void check_vectors(const char *model_dir, const char *vectors) {
-    run_t r = run("tokenize --model '%s' --jsonl '%s'", model_dir, vectors);
+    tu_run_t r = tu_run_tool(tmp, speedctl, "tokenize --model '%s' --jsonl '%s'", model_dir, vectors);
     CHECK_MSG(r.rc == 0, "tokenize --jsonl %s failed: %s", vectors, r.err);
     FILE *f = fopen(vectors, "rb");
     char *line = NULL;
@@ -710,7 +696,7 @@ static void check_vectors(const char *model_dir, const char *vectors) {
     CHECK_MSG(bad == 0, "%s: %d of %d cases differ", vectors, bad, n);
     CHECK(n > 40);
     fprintf(stderr, "%s: %d cases, %d differ\n", vectors, n, bad);
-    run_free(&r);
+    tu_run_free(&r);
 }
 
 static void test_vectors(const char *data) {
@@ -719,12 +705,13 @@ static void test_vectors(const char *data) {
     for (int k = 0; k < 2; k++) {
         snprintf(src, sizeof src, "%s/tokenizers/%s", data, names[k]);
         snprintf(dir, sizeof dir, "%s/cli-%s", tmp, names[k]);
-        run_t r = run("make-tiny-model '%s' --layers 1 --hidden 32 --heads 2 --ffn 64 --tokenizer '%s'", dir, src);
+        tu_run_t r = tu_run_tool(
+            tmp, speedctl, "make-tiny-model '%s' --layers 1 --hidden 32 --heads 2 --ffn 64 --tokenizer '%s'", dir, src);
         CHECK_MSG(r.rc == 0, "make-tiny-model --tokenizer %s: %s", src, r.err);
-        run_free(&r);
-        r = run("inspect '%s' --json", dir);
+        tu_run_free(&r);
+        r = tu_run_tool(tmp, speedctl, "inspect '%s' --json", dir);
         CHECK_CONTAINS(r.out, k == 0 ? "\"vocab\": 128256" : "\"vocab\": 32000");
-        run_free(&r);
+        tu_run_free(&r);
         snprintf(vec, sizeof vec, "%s/vectors.jsonl", src);
         check_vectors(dir, vec);
         if (k == 1) {

@@ -24,33 +24,6 @@
 
 static const char *speedctl, *tmp;
 
-typedef struct {
-    int rc;
-    char *out, *err;
-} run_t;
-
-/* Runs `speedctl ARGS` through the shell (ARGS printf-formatted), capturing stdout and stderr. */
-static run_t run(const char *fmt, ...) {
-    char args[8192], out_path[1100], err_path[1100];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(args, sizeof args, fmt, ap);
-    va_end(ap);
-    snprintf(out_path, sizeof out_path, "%s/eval.out", tmp);
-    snprintf(err_path, sizeof err_path, "%s/eval.err", tmp);
-    run_t r = {0};
-    r.rc = tu_system("'%s' %s >'%s' 2>'%s'", speedctl, args, out_path, err_path);
-    r.out = tu_read(out_path, NULL);
-    r.err = tu_read(err_path, NULL);
-    if (!r.out) r.out = calloc(1, 1);
-    if (!r.err) r.err = calloc(1, 1);
-    return r;
-}
-
-static void run_free(run_t *r) {
-    free(r->out);
-    free(r->err);
-}
 
 static void write_file(const char *path, const char *text) {
     FILE *f = fopen(path, "w");
@@ -141,12 +114,12 @@ static json_t *eval_json(const char *fmt, ...) {
     va_start(ap, fmt);
     vsnprintf(args, sizeof args, fmt, ap);
     va_end(ap);
-    run_t r = run("eval %s --json", args);
+    tu_run_t r = tu_run_tool(tmp, speedctl, "eval %s --json", args);
     CHECK_MSG(r.rc == 0, "eval %s: rc %d: %s", args, r.rc, r.err);
     json_error_t e;
     json_t *j = r.rc == 0 ? json_loads(r.out, 0, &e) : NULL;
     CHECK_MSG(r.rc != 0 || j != NULL, "eval output is not JSON: %s", r.out);
-    run_free(&r);
+    tu_run_free(&r);
     return j;
 }
 
@@ -325,12 +298,12 @@ static void test_bad_input(const char *model_dir) {
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         char args[2048];
         snprintf(args, sizeof args, cases[i].args, tmp);
-        run_t r = run("eval --model '%s' %s", model_dir, args);
+        tu_run_t r = tu_run_tool(tmp, speedctl, "eval --model '%s' %s", model_dir, args);
         CHECK_MSG(r.rc == cases[i].rc, "eval %s: rc %d, want %d (%s)", args, r.rc, cases[i].rc, r.err);
         CHECK_MSG(strstr(r.err, cases[i].expect) && strstr(r.err, "error"), "eval %s: stderr '%s' lacks '%s'", args,
                   r.err, cases[i].expect);
         CHECK_MSG(!strstr(r.err, "Sanitizer"), "eval %s crashed: %s", args, r.err);
-        run_free(&r);
+        tu_run_free(&r);
     }
 }
 
@@ -395,12 +368,13 @@ static void test_svg(const char *model_dir) {
     snprintf(svg, sizeof svg, "%s/chart.svg", tmp);
     snprintf(png, sizeof png, "%s/chart.png", tmp);
     remove(svg);
-    run_t r = run("eval --model '%s' --data '%s/ids.jsonl' --prompt-tokens 24 --continuation-tokens 10 "
-                  "--prefill-layers 1,2,3,4 --svg '%s'",
-                  model_dir, tmp, svg);
+    tu_run_t r = tu_run_tool(tmp, speedctl,
+                             "eval --model '%s' --data '%s/ids.jsonl' --prompt-tokens 24 --continuation-tokens 10 "
+                             "--prefill-layers 1,2,3,4 --svg '%s'",
+                             model_dir, tmp, svg);
     CHECK_MSG(r.rc == 0, "eval --svg: %s", r.err);
     CHECK(strstr(r.out, "KL mean") != NULL); /* the table */
-    run_free(&r);
+    tu_run_free(&r);
     size_t n = 0;
     char *text = tu_read(svg, &n);
     CHECK(text && strstr(text, "<svg") && strstr(text, "</svg>") && strstr(text, "<polyline"));
@@ -484,14 +458,17 @@ int main(void) {
     tmp = tmp_dir;
     snprintf(model, sizeof model, "%s/f32", tmp);
     snprintf(gqa, sizeof gqa, "%s/f32-gqa", tmp);
-    run_t r =
-        run("make-tiny-model '%s' --layers 4 --hidden 64 --heads 4 --kv-heads 4 --ffn 160 --dtype f32 --seed 7", model);
+    tu_run_t r = tu_run_tool(
+        tmp, speedctl,
+        "make-tiny-model '%s' --layers 4 --hidden 64 --heads 4 --kv-heads 4 --ffn 160 --dtype f32 --seed 7", model);
     CHECK_MSG(r.rc == 0, "make-tiny-model: %s", r.err);
-    run_free(&r);
-    r = run("make-tiny-model '%s' --layers 3 --hidden 64 --heads 4 --kv-heads 2 --ffn 128 --dtype f32 --seed 8 --tied",
-            gqa);
+    tu_run_free(&r);
+    r = tu_run_tool(
+        tmp, speedctl,
+        "make-tiny-model '%s' --layers 3 --hidden 64 --heads 4 --kv-heads 2 --ffn 128 --dtype f32 --seed 8 --tied",
+        gqa);
     CHECK_MSG(r.rc == 0, "make-tiny-model: %s", r.err);
-    run_free(&r);
+    tu_run_free(&r);
     test_against_naive(model);
     test_against_naive(gqa);
     test_text_and_ids(model);
