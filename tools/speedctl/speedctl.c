@@ -26,6 +26,8 @@ static const struct {
     {"generate", speedctl_generate, "generate text from a prompt (SPEED depth, sampling, logprobs, timing, KV bytes)"},
     {"bench", speedctl_bench, "prefill/decode speed, KV bytes and memory against this machine's roofline"},
     {"up", speedctl_up, "start a local cluster (decode, prefill, router) from a cluster file; stop it with Ctrl-C"},
+    {"profile", speedctl_profile, "measure prefill, decode and KV transfer costs of this backend for `plan`"},
+    {"plan", speedctl_plan, "SPEED-aware capacity planner: prefill/decode counts, C, limits and a cluster file"},
     {"certs", speedctl_certs, "write the control plane's CA and per-process certificates for a cluster file"},
 };
 #define N_VERBS (sizeof verbs / sizeof verbs[0])
