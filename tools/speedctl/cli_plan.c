@@ -142,15 +142,10 @@ static bool within(const plan_opts_t *o, const speed_plan_sim_result_t *r) {
     return !r->saturated && r->ttft_p90_ms <= o->slo_ttft && r->tpot_p90_ms <= o->slo_tpot;
 }
 
-/* Per-node request rates by rate matching (requests/s): a prefill node at full steps, a decode
- * node at max_running sequences of the mean context. */
 static void rate_match(const plan_opts_t *o, const speed_plan_profile_t *pr, int c, double mean_p, double mean_o,
                        double *prefill_rps, double *decode_rps) {
-    const speed_plan_depth_t *d = speed_plan_profile_depth(pr, c);
-    double rows = fmin(pr->max_step_tokens, o->prefill_max_running * mean_p);
-    *prefill_rps = rows / speed_plan_prefill_ms(d, rows) * 1e3 / mean_p;
-    double b = (double)o->decode_max_running;
-    *decode_rps = mean_o > 1 ? b / speed_plan_decode_ms(d, b, mean_p + mean_o / 2) * 1e3 / (mean_o - 1) : INFINITY;
+    speed_plan_rate_match(speed_plan_profile_depth(pr, c), pr->max_step_tokens, (int)o->prefill_max_running,
+                          (int)o->decode_max_running, mean_p, mean_o, prefill_rps, decode_rps);
 }
 
 static int cmp_candidates(const void *a, const void *b) {

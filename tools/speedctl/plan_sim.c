@@ -47,6 +47,15 @@ double speed_plan_kv_bytes(const speed_plan_sim_params_t *p, double n_prompt) {
     return p->kv_bytes_per_token_layer * (p->prefill_layers * n_prompt + (p->n_layers - p->prefill_layers) * full);
 }
 
+void speed_plan_rate_match(const speed_plan_depth_t *d, int max_step_tokens, int prefill_max_running,
+                           int decode_max_running, double mean_p, double mean_o, double *prefill_rps,
+                           double *decode_rps) {
+    double rows = fmin(max_step_tokens, prefill_max_running * mean_p);
+    *prefill_rps = rows / speed_plan_prefill_ms(d, rows) * 1e3 / mean_p;
+    double b = decode_max_running;
+    *decode_rps = mean_o > 1 ? b / speed_plan_decode_ms(d, b, mean_p + mean_o / 2) * 1e3 / (mean_o - 1) : INFINITY;
+}
+
 /* Requests waiting at the router go to a decode node with a free slot (the least loaded) and
  * then to the least-loaded prefill node, in arrival order. */
 static void router_dispatch(sim_t *s) {

@@ -62,4 +62,12 @@ speed_status_t speed_plan_sim_run(const speed_plan_sim_params_t *p, const speed_
 /* KV bytes of a prompt of n tokens at the depth of p (what a transfer moves). */
 double speed_plan_kv_bytes(const speed_plan_sim_params_t *p, double n_prompt);
 
+/* Rate matching: the requests per second one prefill node serves at full steps (rows =
+ * min(max_step_tokens, prefill_max_running x mean_prompt)), and one decode node at
+ * decode_max_running sequences of context mean_prompt + mean_output / 2 (each needs
+ * mean_output - 1 steps; INFINITY when mean_output <= 1). */
+void speed_plan_rate_match(const speed_plan_depth_t *d, int max_step_tokens, int prefill_max_running,
+                           int decode_max_running, double mean_prompt, double mean_output, double *prefill_rps,
+                           double *decode_rps);
+
 #endif /* SPEED_PLAN_SIM_H */
