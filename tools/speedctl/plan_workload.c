@@ -39,8 +39,8 @@ speed_status_t speed_plan_len_parse(const char *spec, speed_plan_len_t *len, cha
         char *end;
         errno = 0;
         v[i] = strtod(s, &end);
-        if (end == s || errno || !isfinite(v[i]) || (i + 1 < n_args ? *end != ':' : *end != '\0')) {
-            snprintf(err, err_size, "'%s': expected N, fixed:N, uniform:LO:HI, normal:MEAN:SD or lognormal:MEAN:SD",
+        if (end == s || errno || !isfinite(v[i]) || (i + 1 < n_args ? *end != ',' : *end != '\0')) {
+            snprintf(err, err_size, "'%s': expected fixed:N, uniform:A,B, normal:MEAN,SD or lognormal:MEDIAN,SIGMA",
                      spec ? spec : "");
             return SPEED_ERR_INVALID_ARGUMENT;
         }
@@ -51,9 +51,9 @@ speed_status_t speed_plan_len_parse(const char *spec, speed_plan_len_t *len, cha
     len->b = v[1];
     bool ok = len->a >= 1 && len->a <= 1e7 && len->b >= 0 && len->b <= 1e7;
     if (len->kind == SPEED_PLAN_LEN_UNIFORM) ok = ok && len->b >= len->a;
-    if (len->kind == SPEED_PLAN_LEN_LOGNORMAL) ok = ok && len->b > 0;
+    if (len->kind == SPEED_PLAN_LEN_LOGNORMAL) ok = len->a >= 1 && len->a <= 1e7 && len->b > 0 && len->b <= 10;
     if (!ok) {
-        snprintf(err, err_size, "'%s': lengths must be 1..1e7 tokens (uniform: LO <= HI; lognormal: SD > 0)",
+        snprintf(err, err_size, "'%s': lengths must be 1..1e7 tokens (uniform: A <= B; lognormal: 0 < SIGMA <= 10)",
                  spec ? spec : "");
         return SPEED_ERR_INVALID_ARGUMENT;
     }
@@ -61,6 +61,7 @@ speed_status_t speed_plan_len_parse(const char *spec, speed_plan_len_t *len, cha
 }
 
 double speed_plan_len_mean(const speed_plan_len_t *len) {
+    if (len->kind == SPEED_PLAN_LEN_LOGNORMAL) return len->a * exp(0.5 * len->b * len->b);
     return len->kind == SPEED_PLAN_LEN_UNIFORM ? 0.5 * (len->a + len->b) : len->a;
 }
 
@@ -85,12 +86,7 @@ int64_t speed_plan_len_draw(const speed_plan_len_t *len, speed_plan_rng_t *r) {
     switch (len->kind) {
     case SPEED_PLAN_LEN_UNIFORM: x = floor(len->a + speed_plan_rng_uniform(r) * (len->b - len->a + 1)); break;
     case SPEED_PLAN_LEN_NORMAL: x = llround(len->a + len->b * rng_normal(r)); break;
-    case SPEED_PLAN_LEN_LOGNORMAL: {
-        /* mu, sigma of the underlying normal from the lengths' mean m and deviation s */
-        double m = len->a, s = len->b, s2 = log(1.0 + s * s / (m * m));
-        x = llround(exp(log(m) - 0.5 * s2 + sqrt(s2) * rng_normal(r)));
-        break;
-    }
+    case SPEED_PLAN_LEN_LOGNORMAL: x = llround(len->a * exp(len->b * rng_normal(r))); break;
     default: x = len->a; break;
     }
     return x < 1 ? 1 : (int64_t)x;
@@ -123,20 +119,23 @@ speed_status_t speed_plan_trace_load(const char *path, speed_plan_request_t **re
     speed_status_t st = SPEED_OK;
     speed_plan_request_t *reqs = NULL;
     int n = 0, cap = 0, line_no = 0;
+    double first_ms = 0;
     char line[4096];
     while (st == SPEED_OK && fgets(line, sizeof line, f)) {
         line_no++;
-        if (strspn(line, " \t\r\n") == strlen(line)) continue;
+        if (strspn(line, " \t\r\n") == strlen(line) || line[strspn(line, " \t")] == '#') continue;
         json_error_t je;
         json_t *o = json_loads(line, 0, &je);
-        json_t *a = json_object_get(o, "arrival_s"), *in = json_object_get(o, "input_tokens"),
+        json_t *a = json_object_get(o, "arrival_ms"), *in = json_object_get(o, "input_tokens"),
                *out = json_object_get(o, "output_tokens");
-        if (!json_is_number(a) || !json_is_integer(in) || !json_is_integer(out) || json_number_value(a) < 0 ||
-            json_integer_value(in) < 1 || json_integer_value(out) < 1 ||
-            (n > 0 && json_number_value(a) < reqs[n - 1].arrival_s)) {
+        if (!a) a = json_object_get(o, "timestamp");
+        double ms = json_number_value(a);
+        if (n == 0) first_ms = ms;
+        if (!json_is_number(a) || !json_is_integer(in) || !json_is_integer(out) || json_integer_value(in) < 1 ||
+            json_integer_value(out) < 1 || (n > 0 && (ms - first_ms) / 1e3 < reqs[n - 1].arrival_s)) {
             snprintf(err, err_size,
-                     "%s:%d: expected {\"arrival_s\": >= 0 and not before the previous line, \"input_tokens\": >= 1, "
-                     "\"output_tokens\": >= 1}",
+                     "%s:%d: expected {\"arrival_ms\" (or \"timestamp\"): not before the previous line, "
+                     "\"input_tokens\": >= 1, \"output_tokens\": >= 1}",
                      path, line_no);
             st = SPEED_ERR_INVALID_ARGUMENT;
         } else {
@@ -147,7 +146,8 @@ speed_status_t speed_plan_trace_load(const char *path, speed_plan_request_t **re
                 else reqs = g;
             }
             if (st == SPEED_OK)
-                reqs[n++] = (speed_plan_request_t){json_number_value(a), json_integer_value(in), json_integer_value(out)};
+                reqs[n++] = (speed_plan_request_t){(ms - first_ms) / 1e3, json_integer_value(in),
+                                                   json_integer_value(out)};
         }
         json_decref(o);
     }

@@ -1,12 +1,14 @@
 /* The planner's workload: length distributions, arrivals and traces (docs/operations.md).
  *
- * A length SPEC is one of
- *   N  or  fixed:N          every request N tokens
- *   uniform:LO:HI           integers LO..HI, equally likely
- *   normal:MEAN:SD          rounded, at least 1
- *   lognormal:MEAN:SD       a log-normal with this mean and standard deviation, rounded, >= 1
- * A trace is JSONL, one request a line: {"arrival_s": 0.25, "input_tokens": 512,
- * "output_tokens": 64} (arrival_s from the start, non-decreasing; other keys ignored).
+ The syntax is speedctl loadgen's (docs/speedctl.md), so one workload drives both. A length
+ * SPEC is one of
+ *   fixed:N                 every request N tokens (a bare N too)
+ *   uniform:A,B             integers A..B, equally likely
+ *   normal:MEAN,SD          round(MEAN + SD z), at least 1
+ *   lognormal:MEDIAN,SIGMA  round(MEDIAN exp(SIGMA z)), at least 1
+ * A trace is JSONL, one request a line: {"arrival_ms": 250, "input_tokens": 512,
+ * "output_tokens": 64} ("timestamp" for arrival_ms; offsets from the first line's, which must not
+ * decrease; blank lines and lines starting with '#' skipped; other keys ignored).
  *
  * Plain data and pure functions; the generator state is the caller's. */
 #ifndef SPEED_PLAN_WORKLOAD_H
@@ -21,7 +23,7 @@ typedef enum { SPEED_PLAN_LEN_FIXED, SPEED_PLAN_LEN_UNIFORM, SPEED_PLAN_LEN_NORM
 
 typedef struct {
     speed_plan_len_kind_t kind;
-    double a, b; /* N; LO, HI; MEAN, SD */
+    double a, b; /* N; A, B; MEAN, SD; MEDIAN, SIGMA */
 } speed_plan_len_t;
 
 /* Parses a SPEC; SPEED_ERR_INVALID_ARGUMENT with the reason in err. */

@@ -143,8 +143,8 @@ static void test_shared_cores(void) {
 static void test_monotone(void) {
     speed_plan_len_t pl, ol;
     char err[256];
-    CHECK(speed_plan_len_parse("uniform:32:400", &pl, err, sizeof err) == SPEED_OK);
-    CHECK(speed_plan_len_parse("normal:24:8", &ol, err, sizeof err) == SPEED_OK);
+    CHECK(speed_plan_len_parse("uniform:32,400", &pl, err, sizeof err) == SPEED_OK);
+    CHECK(speed_plan_len_parse("normal:24,8", &ol, err, sizeof err) == SPEED_OK);
     const int n = 3000;
     speed_plan_request_t *r = speed_calloc(n, sizeof *r);
     /* more nodes never worse */
@@ -175,7 +175,7 @@ static void test_monotone(void) {
 }
 
 static void test_determinism(void) {
-    speed_plan_len_t pl = {SPEED_PLAN_LEN_LOGNORMAL, 200, 100}, ol = {SPEED_PLAN_LEN_UNIFORM, 8, 40};
+    speed_plan_len_t pl = {SPEED_PLAN_LEN_LOGNORMAL, 200, 0.5}, ol = {SPEED_PLAN_LEN_UNIFORM, 8, 40};
     speed_plan_request_t *a = speed_calloc(500, sizeof *a), *b = speed_calloc(500, sizeof *b);
     speed_plan_workload_make(&pl, &ol, 20, SPEED_PLAN_ARRIVAL_POISSON, 42, a, 500);
     speed_plan_workload_make(&pl, &ol, 20, SPEED_PLAN_ARRIVAL_POISSON, 42, b, 500);
@@ -193,7 +193,8 @@ static void test_determinism(void) {
         sum += (double)a[i].prompt;
         CHECK(a[i].output >= 8 && a[i].output <= 40);
     }
-    CHECK_MSG(fabs(sum / 500 - 200) < 20, "lognormal mean %.1f", sum / 500);
+    CHECK_MSG(fabs(sum / 500 - speed_plan_len_mean(&pl)) < 20, "lognormal mean %.1f, expected %.1f", sum / 500,
+              speed_plan_len_mean(&pl));
     speed_free(a);
     speed_free(b);
 }
@@ -251,10 +252,10 @@ static void test_specs(void) {
     CHECK(speed_plan_len_parse("128", &l, err, sizeof err) == SPEED_OK && l.kind == SPEED_PLAN_LEN_FIXED &&
           l.a == 128);
     CHECK(speed_plan_len_parse("fixed:64", &l, err, sizeof err) == SPEED_OK && l.a == 64);
-    CHECK(speed_plan_len_parse("uniform:10:20", &l, err, sizeof err) == SPEED_OK && speed_plan_len_mean(&l) == 15);
-    CHECK(speed_plan_len_parse("lognormal:100:50", &l, err, sizeof err) == SPEED_OK);
-    static const char *const bad[] = {"", "0", "abc", "uniform:20:10", "uniform:10", "normal:10:2:3", "gamma:1:2",
-                                      "lognormal:100:0", "12x", "fixed:1e9"};
+    CHECK(speed_plan_len_parse("uniform:10,20", &l, err, sizeof err) == SPEED_OK && speed_plan_len_mean(&l) == 15);
+    CHECK(speed_plan_len_parse("lognormal:100,0.5", &l, err, sizeof err) == SPEED_OK);
+    static const char *const bad[] = {"", "0", "abc", "uniform:20,10", "uniform:10", "normal:10,2,3", "gamma:1,2",
+                                      "lognormal:100,0", "12x", "fixed:1e9", "uniform:10:20"};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
         CHECK_MSG(speed_plan_len_parse(bad[i], &l, err, sizeof err) == SPEED_ERR_INVALID_ARGUMENT, "'%s' accepted",
                   bad[i]);
@@ -365,7 +366,7 @@ static void test_cli(void) {
     snprintf(trace, sizeof trace, "%s", tu_path("trace.jsonl"));
     FILE *f = fopen(trace, "w");
     for (int i = 0; f && i < 200; i++)
-        fprintf(f, "{\"arrival_s\": %.3f, \"input_tokens\": %d, \"output_tokens\": 8}\n", i * 0.05, 50 + i % 50);
+        fprintf(f, "{\"arrival_ms\": %d, \"input_tokens\": %d, \"output_tokens\": 8}\n", 1000 + i * 50, 50 + i % 50);
     if (f) fclose(f);
     r = run("plan --profile '%s' --trace '%s' --slo-ttft-p90-ms 100 --slo-tpot-p90-ms 20 --max-nodes 2", prof_path,
             trace);
@@ -374,12 +375,12 @@ static void test_cli(void) {
     run_free(&r);
     f = fopen(trace, "a");
     if (f) {
-        fputs("{\"arrival_s\": 1.0, \"input_tokens\": 5}\n", f);
+        fputs("# a comment\n{\"arrival_ms\": 99999, \"input_tokens\": 5}\n", f);
         fclose(f);
     }
     r = run("plan --profile '%s' --trace '%s'", prof_path, trace);
     CHECK_INT_EQ(r.rc, 2);
-    CHECK_MSG(strstr(r.err, "trace.jsonl:201:") != NULL, "%s", r.err);
+    CHECK_MSG(strstr(r.err, "trace.jsonl:202:") != NULL, "%s", r.err);
     run_free(&r);
     r = run("plan --profile '%s' --rate 10 --prompt-tokens 10 --output-tokens 16 --emit k8s --out '%s'", prof_path,
             dir);
