@@ -11,6 +11,7 @@
  *      max rate), C = L against it, per-node limits and a cluster file for `speedctl up`. */
 #include <errno.h>
 #include <inttypes.h>
+#include <jansson.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -64,7 +65,7 @@ static const speed_config_field_t plan_fields[] = {
            "all nodes share this many cores (one small host; each busy node wants the profile's threads); "
            "0 = every node has its own hardware"),
     PL_OPT("seed", INT, seed, "1", 0, 9.2e18, NULL, "seed of the simulated arrivals and lengths"),
-    SPEEDCTL_TEXT_OPT(plan_opts_t, "out", out, "directory for the cluster file, cluster.yaml (created)"),
+    SPEEDCTL_TEXT_OPT(plan_opts_t, "out", out, "directory for the cluster file (cluster.yaml) and every candidate (plan.json); created"),
     PL_OPT("emit", ENUM, emit, "yaml", SPEED_CONFIG_UNBOUNDED, emit_names,
            "what --out gets: a cluster YAML for speedctl up, or Kubernetes manifests"),
     SPEEDCTL_TEXT_OPT(plan_opts_t, "model", model, "model directory written into the cluster file (default: the "
@@ -185,6 +186,46 @@ static speed_status_t write_yaml(const plan_opts_t *o, const candidate_t *c, con
                 pr->max_step_tokens, pr->prefill_chunk, (i ? dkv : pkv) < 4096 ? 4096 : (i ? dkv : pkv));
     fprintf(f, "ucx:\n  transport: shm\n");
     return fclose(f) == 0 ? SPEED_OK : SPEED_ERR_IO;
+}
+
+/* plan.json: the workload, every simulated candidate (the recommendation first) and the limits. */
+static speed_status_t write_json(const plan_opts_t *o, const candidate_t *cands, int n, const char *path,
+                                 double mean_p, double mean_o, int decode_running, int prefill_waiting) {
+    json_t *root = json_object(), *a = json_array();
+    json_object_set_new(root, "rate", json_real(o->rate));
+    json_object_set_new(root, "mean_prompt_tokens", json_real(mean_p));
+    json_object_set_new(root, "mean_output_tokens", json_real(mean_o));
+    json_object_set_new(root, "slo_ttft_p90_ms", json_real(o->slo_ttft));
+    json_object_set_new(root, "slo_tpot_p90_ms", json_real(o->slo_tpot));
+    json_object_set_new(root, "host_cores", json_real(o->host_cores));
+    json_object_set_new(root, "overhead_ms", json_real(o->overhead_ms));
+    for (int i = 0; i < n; i++) {
+        const candidate_t *c = &cands[i];
+        json_t *j = json_object();
+        json_object_set_new(j, "prefill_layers", json_integer(c->c));
+        json_object_set_new(j, "tensor_parallel", json_integer(c->tp));
+        json_object_set_new(j, "prefill", json_integer(c->n_prefill));
+        json_object_set_new(j, "decode", json_integer(c->n_decode));
+        json_object_set_new(j, "nodes", json_integer(c->nodes));
+        json_object_set_new(j, "ttft_p90_ms", json_real(c->at_rate.ttft_p90_ms));
+        json_object_set_new(j, "tpot_p90_ms", json_real(c->at_rate.tpot_p90_ms));
+        json_object_set_new(j, "ttft_p50_ms", json_real(c->at_rate.ttft_p50_ms));
+        json_object_set_new(j, "tpot_p50_ms", json_real(c->at_rate.tpot_p50_ms));
+        json_object_set_new(j, "goodput_rps", json_real(c->at_rate.goodput_rps));
+        json_object_set_new(j, "max_rate_rps", json_real(c->max_rate));
+        json_object_set_new(j, "meets_slos", json_boolean(c->meets));
+        json_object_set_new(j, "saturated", json_boolean(c->at_rate.saturated));
+        json_array_append_new(a, j);
+    }
+    json_object_set_new(root, "candidates", a);
+    json_t *lim = json_object();
+    json_object_set_new(lim, "prefill_max_running", json_integer(o->prefill_max_running));
+    json_object_set_new(lim, "prefill_max_waiting", json_integer(prefill_waiting));
+    json_object_set_new(lim, "decode_max_running", json_integer(decode_running));
+    json_object_set_new(root, "limits", lim);
+    int rc = json_dump_file(root, path, JSON_INDENT(1) | JSON_REAL_PRECISION(6));
+    json_decref(root);
+    return rc == 0 ? SPEED_OK : SPEED_ERR_IO;
 }
 
 int speedctl_plan(int argc, char **argv) {
@@ -451,6 +492,11 @@ int speedctl_plan(int argc, char **argv) {
             goto out;
         }
         printf("cluster      %s (speedctl up %s)\n", path, path);
+        snprintf(path, sizeof path, "%s/plan.json", o.out);
+        if (write_json(&o, cands, n_cands, path, mean_p, mean_o, decode_running, prefill_waiting) != SPEED_OK) {
+            speedctl_fail("%s: cannot write the plan", path);
+            goto out;
+        }
     }
     exit_code = SPEEDCTL_EXIT_OK;
 out:

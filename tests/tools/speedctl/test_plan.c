@@ -140,6 +140,17 @@ static void test_shared_cores(void) {
     CHECK(fabs(res.ttft_p99_ms - 10.0) < 1e-6);
 }
 
+static void test_chunking(void) {
+    /* two 400-token prompts at once, steps of at most 512 rows: the first step takes all of the
+     * first prompt and 112 rows of the second (51.2 ms), the second step its last 288 (28.8 ms) */
+    speed_plan_sim_params_t p = params(8, 1, 1);
+    speed_plan_request_t r[2] = {{0, 400, 1}, {0, 400, 1}};
+    speed_plan_sim_result_t res;
+    CHECK(speed_plan_sim_run(&p, r, 2, 0, 0, &res) == SPEED_OK);
+    CHECK_MSG(fabs(res.ttft_p50_ms - 51.2) < 1e-6, "first prompt %.6f ms", res.ttft_p50_ms);
+    CHECK_MSG(fabs(res.ttft_p99_ms - 80.0) < 1e-6, "second prompt %.6f ms", res.ttft_p99_ms);
+}
+
 static void test_monotone(void) {
     speed_plan_len_t pl, ol;
     char err[256];
@@ -210,6 +221,13 @@ static void test_rate_match(void) {
     CHECK_MSG(fabs(prps - 1000.0 / 6.0) < 1e-6, "prefill at C=4 %.6f", prps);
     speed_plan_rate_match(speed_plan_profile_depth(&prof, 8), 512, 4, 16, 100, 1, &prps, &drps);
     CHECK(isinf(drps));
+    /* a fixed 5 ms per step: four prompts of 100 share it (45 ms for 400 rows -> 88.9/s) */
+    speed_plan_depth_t d = {.prefill_layers = 8, .n_prefill = 2, .n_decode = 1};
+    d.prefill[0] = (speed_plan_point_t){1, 5.1};
+    d.prefill[1] = (speed_plan_point_t){1024, 107.4};
+    d.decode[0] = (speed_plan_decode_point_t){1, 0, 1};
+    speed_plan_rate_match(&d, 512, 4, 16, 100, 32, &prps, &drps);
+    CHECK_MSG(fabs(prps - 400.0 / 45.0 * 1000.0 / 100.0) < 1e-6, "prefill with a fixed step cost %.6f", prps);
 }
 
 static void test_bad_profiles(void) {
@@ -327,12 +345,32 @@ static void test_cli(void) {
         CHECK_INT_EQ(c.prefill.max_running, 4);
         speed_config_destroy(cfg);
     }
+    /* plan.json: the candidates, the recommendation first */
+    char pj[1100];
+    snprintf(pj, sizeof pj, "%s/plan.json", dir);
+    json_error_t je;
+    json_t *plan = json_load_file(pj, 0, &je);
+    CHECK(plan != NULL);
+    json_t *cands = json_object_get(plan, "candidates"), *first = json_array_get(cands, 0);
+    CHECK(json_array_size(cands) >= 3);
+    CHECK_INT_EQ(json_integer_value(json_object_get(first, "prefill")), 1);
+    CHECK(json_is_true(json_object_get(first, "meets_slos")));
+    CHECK(json_real_value(json_object_get(first, "max_rate_rps")) >= 60);
+    json_decref(plan);
     /* a rate that one prefill node at C = 8 cannot serve, but at C = 4 can: SPEED needs fewer */
     r = run("plan --profile '%s' --rate 120 --prompt-tokens 100 --output-tokens 4 --slo-ttft-p90-ms 200 "
             "--slo-tpot-p90-ms 50 --max-nodes 4 --requests 1000",
             prof_path);
     CHECK_MSG(r.rc == 0, "plan failed (%d): %s", r.rc, r.err);
     CHECK_MSG(strstr(r.out, "C = L needs 2 prefill") != NULL, "%s", r.out);
+    run_free(&r);
+    /* at C = L alone, one prefill node cannot keep up with 120/s: the fewest nodes that meet the
+     * SLOs are two prefill nodes, not the smallest cluster */
+    r = run("plan --profile '%s' --rate 120 --prompt-tokens 100 --output-tokens 4 --slo-ttft-p90-ms 200 "
+            "--slo-tpot-p90-ms 50 --max-nodes 3 --requests 1000 --prefill-layers 8",
+            prof_path);
+    CHECK_MSG(r.rc == 0, "plan failed (%d): %s", r.rc, r.err);
+    CHECK_MSG(strstr(r.out, "recommended  2 prefill + 1 decode") != NULL, "%s", r.out);
     run_free(&r);
     /* impossible SLOs: a clear message, exit 1 */
     r = run("plan --profile '%s' --rate 10 --prompt-tokens 100 --output-tokens 16 --slo-ttft-p90-ms 1 "
@@ -399,6 +437,7 @@ int main(void) {
     test_deterministic_arrivals();
     test_saturation();
     test_shared_cores();
+    test_chunking();
     test_monotone();
     test_determinism();
     test_rate_match();
