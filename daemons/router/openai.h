@@ -163,6 +163,8 @@ typedef struct {
     int32_t top_logprobs; /* 0..20 alternatives per position (chat:
                                           top_logprobs; completions: the logprobs int) */
     int32_t n;            /* always 1 */
+    bool ignore_eos;      /* keep generating past end-of-sequence tokens up to max_tokens (the
+                           * extension llama-server and vLLM take; load generators use it) */
     char *user;           /* optional, else NULL */
     speed_openai_speed_t speed;
     bool content_special_tokens; /* from the parse params: tokenize lets chat content spell

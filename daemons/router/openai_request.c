@@ -501,6 +501,7 @@ static speed_status_t parse_root(parse_ctx_t *c, const json_t *root) {
     if (bias && json_object_size(bias) > 0) return unsupported(c, "logit_bias", "logit biases are not supported");
 
     SPEED_CHECK(get_string(c, root, "user", "user", &r->user, NULL));
+    SPEED_CHECK(get_bool(c, root, "ignore_eos", "ignore_eos", &r->ignore_eos, NULL));
     return parse_speed(c, root);
 }
 

@@ -98,6 +98,7 @@ void speed_router_sampling_params_fill(const speed_openai_request_t *q, int64_t 
     }
     s->logprobs = q->logprobs || q->top_logprobs > 0;
     s->top_logprobs = q->top_logprobs;
+    s->ignore_eos = q->ignore_eos;
     s->n_stop = q->n_stop;
     s->stop = (char **)q->stop;
 }

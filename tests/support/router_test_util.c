@@ -348,6 +348,7 @@ static void fake_on_generate(void *user, speed_rpc_call_t *call, const uint8_t *
     c->n_prompt = q->n_prompt_ids ? (int)q->n_prompt_ids : 9;
     c->n_resumed = (int)q->n_resumed_ids;
     atomic_store(&n->last_generate_resumed, (int)q->n_resumed_ids);
+    atomic_store(&n->last_generate_ignore_eos, q->sampling ? (int)q->sampling->ignore_eos : -1);
     if (q->sampling) {
         c->logprobs = q->sampling->logprobs;
         c->top_logprobs = q->sampling->top_logprobs;

@@ -95,6 +95,7 @@ typedef struct fake_node {
                                        * migrated stream goes on from token index k (ids and
                                        * texts as if the first k had come from here) */
     atomic_int last_prefill_lease_ms; /* the descriptor lease_ms of the last Prefill received */
+    atomic_int last_generate_ignore_eos; /* SamplingParams.ignore_eos of the last Generate (-1: no sampling) */
     atomic_int live_threads;
 
     /* request ids, in arrival order (lists stop growing at FAKE_MAX_IDS; see fake_has_id) */

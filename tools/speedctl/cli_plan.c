@@ -64,7 +64,8 @@ static const speed_config_field_t plan_fields[] = {
     PL_OPT("host_cores", DOUBLE, host_cores, "0", 0, 1e6, NULL,
            "all nodes share this many cores (one small host; each busy node wants the profile's threads); "
            "0 = every node has its own hardware"),
-    PL_OPT("seed", INT, seed, "1", 0, 9.2e18, NULL, "seed of the simulated arrivals and lengths"),
+    PL_OPT("seed", INT, seed, "1", 0, 9.2e18, NULL,
+           "seed of the simulated arrivals and lengths: loadgen's --seed draws the same requests"),
     SPEEDCTL_TEXT_OPT(plan_opts_t, "out", out, "directory for the cluster file (cluster.yaml) and every candidate (plan.json); created"),
     PL_OPT("emit", ENUM, emit, "yaml", SPEED_CONFIG_UNBOUNDED, emit_names,
            "what --out gets: a cluster YAML for speedctl up, or Kubernetes manifests"),
@@ -87,7 +88,7 @@ typedef struct {
 
 typedef struct {
     const plan_opts_t *o;
-    speed_plan_len_t plen, olen;
+    speed_lg_dist_t plen, olen;
     speed_plan_request_t *trace;
     int n_trace;
     double trace_rate;
@@ -103,8 +104,8 @@ static speed_plan_request_t *workload_at(const workload_t *w, double rate, int *
         for (int i = 0; i < n; i++) r[i] = (speed_plan_request_t){w->trace[i].arrival_s * k, w->trace[i].prompt,
                                                                     w->trace[i].output};
     } else {
-        speed_plan_workload_make(&w->plen, &w->olen, rate, (speed_plan_arrival_t)w->o->arrival, (uint64_t)w->o->seed,
-                                 r, n);
+        speed_plan_workload_make(&w->plen, &w->olen, rate, (speed_lg_arrival_t)w->o->arrival, (uint64_t)w->o->seed, r,
+                                 n);
     }
     *n_p = n;
     return r;
@@ -255,8 +256,10 @@ int speedctl_plan(int argc, char **argv) {
     }
     /* the workload */
     if (o.trace) {
-        if (speed_plan_trace_load(o.trace, &w.trace, &w.n_trace, err, sizeof err) != SPEED_OK) {
+        speed_status_t st_trace = speed_plan_trace_load(o.trace, &w.trace, &w.n_trace, err, sizeof err);
+        if (st_trace != SPEED_OK) {
             speedctl_fail("--trace %s", err);
+            exit_code = st_trace == SPEED_ERR_IO ? SPEEDCTL_EXIT_FAIL : SPEEDCTL_EXIT_USAGE;
             goto out;
         }
         if (w.n_trace < 10) {
@@ -275,12 +278,12 @@ int speedctl_plan(int argc, char **argv) {
             speedctl_fail("plan needs --rate R > 0, --prompt-tokens SPEC and --output-tokens SPEC, or --trace FILE");
             goto out;
         }
-        if (speed_plan_len_parse(o.prompt_tokens, &w.plen, err, sizeof err) != SPEED_OK) {
-            speedctl_fail("--prompt-tokens %s", err);
+        if (speed_lg_dist_parse("--prompt-tokens", o.prompt_tokens, &w.plen, err, sizeof err) != SPEED_OK) {
+            speedctl_fail("%s", err);
             goto out;
         }
-        if (speed_plan_len_parse(o.output_tokens, &w.olen, err, sizeof err) != SPEED_OK) {
-            speedctl_fail("--output-tokens %s", err);
+        if (speed_lg_dist_parse("--output-tokens", o.output_tokens, &w.olen, err, sizeof err) != SPEED_OK) {
+            speedctl_fail("%s", err);
             goto out;
         }
     }

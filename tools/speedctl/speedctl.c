@@ -29,6 +29,7 @@ static const struct {
     {"profile", speedctl_profile, "measure prefill, decode and KV transfer costs of this backend for `plan`"},
     {"plan", speedctl_plan, "SPEED-aware capacity planner: prefill/decode counts, C, limits and a cluster file"},
     {"certs", speedctl_certs, "write the control plane's CA and per-process certificates for a cluster file"},
+    {"loadgen", speedctl_loadgen, "load an OpenAI-compatible endpoint: TTFT, TPOT, ITL, e2e, throughput, goodput"},
 };
 #define N_VERBS (sizeof verbs / sizeof verbs[0])
 

@@ -25,6 +25,7 @@ int speedctl_generate(int argc, char **argv);
 int speedctl_bench(int argc, char **argv);
 int speedctl_up(int argc, char **argv);
 int speedctl_certs(int argc, char **argv);
+int speedctl_loadgen(int argc, char **argv);
 int speedctl_profile(int argc, char **argv); /* cli_profile.c */
 int speedctl_plan(int argc, char **argv);    /* cli_plan.c */
 

@@ -290,6 +290,18 @@ static void test_speed_extension(int port) {
           atomic_load(&dec[1].last_reserve_prefill_layers) == 2);
     expect_error(port, "/v1/completions", "{\"model\":\"tinymodel\",\"prompt\":\"x\",\"speed\":{\"prefill_layers\":9}}",
                  400, "invalid_request_error", NULL, NULL);
+    /* ignore_eos reaches the decode node's sampling params (and is off unless asked) */
+    for (int want = 1; want >= 0; want--) {
+        for (int i = 0; i < 2; i++) atomic_store(&dec[i].last_generate_ignore_eos, -1);
+        char body[200];
+        snprintf(body, sizeof body, "{\"model\":\"tinymodel\",\"prompt\":\"Once\",\"max_tokens\":2%s}",
+                 want ? ",\"ignore_eos\":true" : "");
+        CHECK(cu_post(port, "/v1/completions", body, &r));
+        CHECK_INT_EQ(r.status, 200);
+        cu_resp_free(&r);
+        CHECK(atomic_load(&dec[0].last_generate_ignore_eos) == want ||
+              atomic_load(&dec[1].last_generate_ignore_eos) == want);
+    }
 }
 
 static void test_metrics(int port, int n_ok_min) {

@@ -110,6 +110,8 @@ static const bad_case_t bad_cases[] = {
     /* stream */
     {C, 0, CHAT(",\"stream\":\"yes\""), 400, "stream", IT},
     {C, 0, CHAT(",\"stream\":1"), 400, "stream", IT},
+    /* ignore_eos (the llama-server / vLLM extension load generators send) */
+    {C, 0, CHAT(",\"ignore_eos\":1"), 400, "ignore_eos", IT},
     {C, 0, CHAT(",\"stream\":true,\"stream_options\":1"), 400, "stream_options", IT},
     {C, 0, CHAT(",\"stream_options\":{\"include_usage\":true}"), 400, "stream_options", "invalid_value"},
     {C, 0, CHAT(",\"stream\":true,\"stream_options\":{\"include_usage\":\"y\"}"), 400, "stream_options.include_usage",
@@ -394,7 +396,7 @@ static void test_valid_chat(void) {
                        "\"max_tokens\":100,\"max_completion_tokens\":64,\"temperature\":0.7,\"top_p\":0.9,"
                        "\"top_k\":40,\"seed\":-7,\"stop\":[\"\\n\\n\",\"END\"],\"logprobs\":true,"
                        "\"top_logprobs\":5,\"n\":1,\"presence_penalty\":0,\"frequency_penalty\":0.0,"
-                       "\"user\":\"u-1\",\"speed\":{\"prefill_layers\":0.75,\"anchors\":2,\"tail\":3},"
+                       "\"user\":\"u-1\",\"ignore_eos\":true,\"speed\":{\"prefill_layers\":0.75,\"anchors\":2,\"tail\":3},"
                        "\"tools\":[{\"type\":\"function\"}],\"response_format\":{\"type\":\"text\"},"
                        "\"parallel_tool_calls\":false,\"logit_bias\":{},\"whatever\":[1,{\"a\":null}]}";
     speed_openai_request_t *r = parse_ok(SPEED_OPENAI_CHAT, body, P_SPEED | P_LIMITS);
@@ -430,6 +432,7 @@ static void test_valid_chat(void) {
     CHECK_INT_EQ(r->top_logprobs, 5);
     CHECK_INT_EQ(r->n, 1);
     CHECK_STR_EQ(r->user, "u-1");
+    CHECK(r->ignore_eos);
     CHECK(r->speed.present);
     CHECK_INT_EQ(r->speed.depth.prefill_layers.kind, SPEED_CUTOFF_FRACTION);
     CHECK_NEAR(r->speed.depth.prefill_layers.fraction, 0.75, 0);
@@ -448,7 +451,7 @@ static void test_valid_chat(void) {
                       "\"stream_options\":null,\"top_logprobs\":null,\"n\":1"),
                  0);
     if (r) {
-        CHECK(!r->stream && !r->include_usage);
+        CHECK(!r->stream && !r->include_usage && !r->ignore_eos);
         CHECK_INT_EQ(r->max_tokens, -1);
         CHECK_NEAR(r->temperature, 1.0, 0);
         CHECK_NEAR(r->top_p, 1.0, 0);
