@@ -26,7 +26,7 @@
 
 typedef struct {
     char *profile, *prompt_tokens, *output_tokens, *trace, *prefill_layers, *tp, *out, *model;
-    double rate, slo_ttft, slo_tpot, overhead_ms, host_cores;
+    double rate, slo_ttft, slo_tpot, overhead_ms, host_cores, host_background;
     int64_t max_nodes, requests, seed, anchors, tail, prefill_max_running, decode_max_running;
     int arrival, emit;
 } plan_opts_t;
@@ -64,6 +64,8 @@ static const speed_config_field_t plan_fields[] = {
     PL_OPT("host_cores", DOUBLE, host_cores, "0", 0, 1e6, NULL,
            "all nodes share this many cores (one small host; each busy node wants the profile's threads); "
            "0 = every node has its own hardware"),
+    PL_OPT("host_background", DOUBLE, host_background, "0", 0, 1e6, NULL,
+           "with --host-cores: runnable threads of other work on the host (as when the profile was measured)"),
     PL_OPT("seed", INT, seed, "1", 0, 9.2e18, NULL,
            "seed of the simulated arrivals and lengths: loadgen's --seed draws the same requests"),
     SPEEDCTL_TEXT_OPT(plan_opts_t, "out", out, "directory for the cluster file (cluster.yaml) and every candidate (plan.json); created"),
@@ -127,7 +129,8 @@ static speed_plan_sim_params_t sim_params(const plan_opts_t *o, const candidate_
                                      .decode_max_running = (int)o->decode_max_running,
                                      .overhead_ms = o->overhead_ms,
                                      .host_cores = o->host_cores,
-                                     .node_threads = pr->threads * c->tp};
+                                     .node_threads = pr->threads * c->tp,
+                                     .host_background = o->host_background};
 }
 
 static speed_status_t simulate(const workload_t *w, const candidate_t *c, double rate, speed_plan_sim_result_t *res) {

@@ -250,7 +250,7 @@ speed_status_t speed_plan_sim_run(const speed_plan_sim_params_t *p, const speed_
                                   double slo_ttft_ms, double slo_tpot_ms, speed_plan_sim_result_t *res) {
     if (!p || !p->depth || !reqs || n < 1 || p->n_prefill < 1 || p->n_decode < 1 || p->prefill_max_running < 1 ||
         p->decode_max_running < 1 || p->max_step_tokens < 1 || p->prefill_chunk < 1 ||
-        (p->host_cores > 0 && p->node_threads <= 0))
+        (p->host_cores > 0 && p->node_threads <= 0) || p->host_background < 0)
         return SPEED_ERR_INVALID_ARGUMENT;
     sim_t s = {.p = p, .reqs = reqs, .n = n};
     int n_nodes = p->n_prefill + p->n_decode, width = p->prefill_max_running > p->decode_max_running
@@ -302,8 +302,10 @@ speed_status_t speed_plan_sim_run(const speed_plan_sim_params_t *p, const speed_
             }
         int n_busy = 0;
         for (int i = 0; i < n_nodes; i++) n_busy += s.nodes[i].busy;
-        double want = n_busy * p->node_threads;
+        double want = n_busy * p->node_threads + p->host_background;
         double rate = p->host_cores > 0 && want > p->host_cores ? p->host_cores / want : 1.0; /* ms of work per ms */
+        if (p->host_cores > 0) /* relative to the share the profile's node had */
+            rate /= fmin(1.0, p->host_cores / (p->host_background + p->node_threads));
         double tn = INFINITY;
         if (next < n) tn = reqs[next].arrival_s;
         for (int i = 0; i < n_nodes; i++)

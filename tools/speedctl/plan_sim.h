@@ -15,7 +15,9 @@
  *
  * Shared cores (host_cores > 0): every node in a step wants node_threads cores; when the busy
  * nodes want more than host_cores, each runs at host_cores / wanted of its speed (processor
- * sharing), which is how nodes of one small host slow each other down.
+ * sharing), which is how nodes of one small host slow each other down. host_background counts
+ * other runnable threads on the host (a build, a load generator): every thread gets its fair
+ * share, relative to the share the profile's one node had beside the same background.
  *
  * Single-threaded, allocates per run; deterministic for given inputs. */
 #ifndef SPEED_PLAN_SIM_H
@@ -37,6 +39,10 @@ typedef struct {
     double overhead_ms;  /* added to every TTFT: HTTP, router, control RPCs */
     double host_cores;   /* 0: every node has its own hardware */
     double node_threads; /* cores a busy node wants (host_cores > 0) */
+    double host_background; /* host_cores > 0: threads of other work that keep the host's cores busy,
+                             * as when the profile was measured (fair sharing: a node runs at
+                             * min(1, cores / (background + wanted)) relative to
+                             * min(1, cores / (background + node_threads)), the profile's speed) */
 } speed_plan_sim_params_t;
 
 typedef struct {

@@ -135,6 +135,13 @@ static void test_shared_cores(void) {
     CHECK(speed_plan_sim_run(&p, r, 2, 0, 0, &res) == SPEED_OK);
     CHECK_MSG(fabs(res.ttft_p50_ms - 20.0) < 1e-6 && fabs(res.ttft_p99_ms - 20.0) < 1e-6, "TTFT %.6f / %.6f",
               res.ttft_p50_ms, res.ttft_p99_ms);
+    /* beside 3 threads of other work on 2 cores, as when profiled: the profile's node had 2/4 of
+     * a core; two busy nodes get 2/5 each, 0.8 of the profiled speed: 12.5 ms */
+    p.host_cores = 2;
+    p.host_background = 3;
+    CHECK(speed_plan_sim_run(&p, r, 2, 0, 0, &res) == SPEED_OK);
+    CHECK_MSG(fabs(res.ttft_p99_ms - 12.5) < 1e-6, "TTFT beside background work %.6f", res.ttft_p99_ms);
+    p.host_background = 0;
     p.host_cores = 0; /* own hardware: in parallel */
     CHECK(speed_plan_sim_run(&p, r, 2, 0, 0, &res) == SPEED_OK);
     CHECK(fabs(res.ttft_p99_ms - 10.0) < 1e-6);
