@@ -15,14 +15,19 @@
  * router finds the nodes with `<pool>.discovery: dns:<name>-<pool>` (the headless Services).
  * Pods: readiness on /health, liveness, a preStop that lets the router see the pod leave
  * before SIGTERM drains it (terminationGracePeriodSeconds covers the drain), /dev/shm as a
- * memory emptyDir, `nvidia.com/gpu: tensor_parallel` for cuda pools, requests/limits,
+ * memory emptyDir, `nvidia.com/gpu: tensor_parallel` for cuda pools, requests/limits (cpu:
+ * <pool>.threads, at least 1),
  * prometheus.io scrape annotations, the mTLS files from the Secrets <name>-tls-router,
  * <name>-tls-prefill and <name>-tls-decode (keys ca.crt, tls.crt, tls.key; not written here:
- * they hold private keys — docs/kubernetes.md says how to make them), the model from the
- * PersistentVolumeClaim <name>-models mounted read-only at model_dir.
+ * they hold private keys — docs/kubernetes.md says how to make them; the node certificates must
+ * name <name>-prefill / <name>-decode, the discovery names the router checks), the API keys from
+ * the optional Secret <name>-api-keys (key `keys`), the model from the PersistentVolumeClaim
+ * <name>-models mounted read-only at model_dir. Non-root (uid 10001), read-only root file system.
  *
  * Output is deterministic (same inputs, same bytes), so a committed base can be compared with
  * a fresh emit. The cluster file text is embedded as a YAML block scalar; it must be UTF-8 text.
+ * The router's metrics listener is router.metrics_port, or 9000 when the file has none (readiness
+ * and scraping then need no API key).
  *
  * Threading: no shared state; callable from any thread. Blocking: file I/O.
  */
@@ -43,13 +48,15 @@ typedef struct {
     const char *name;                      /* object name prefix (DNS label); default "speedserve" */
     const char *k8s_namespace;             /* namespace for kustomization.yaml; NULL/"" = none */
     const char *model_dir;                 /* model directory inside the pods; default "/models/model" */
-    int64_t shm_mib;                       /* /dev/shm size of a node pod; 0 = derived from kv_tokens */
-    int64_t drain_grace_s;                 /* longest drain of a node pod (SIGTERM → exit); default 120 */
-    const char *cpu_request;               /* per node pod, e.g. "2"; NULL = from <pool>.threads */
+    int64_t shm_mib;                       /* /dev/shm (memory emptyDir) of a node pod, MiB; default 1024 */
+    int64_t drain_grace_s;                 /* a node's drain after SIGTERM (speed_node_main: 30 s); default 30 */
+    int64_t router_replicas;               /* router pods; default 1 */
     const char *memory_request;            /* per node pod, e.g. "8Gi"; NULL = "4Gi" */
+    const char *memory_limit;              /* per node pod (counts /dev/shm); NULL = "8Gi" */
 } speed_k8s_emit_params_t;
 
-/* name "speedserve", model_dir "/models/model", shm_mib 0, drain_grace_s 120, the rest NULL. */
+/* name "speedserve", model_dir "/models/model", shm_mib 1024, drain_grace_s 30, router_replicas 1,
+ * the rest NULL. */
 speed_k8s_emit_params_t speed_k8s_emit_default_params(void);
 
 /* Writes the manifests listed above into dir.

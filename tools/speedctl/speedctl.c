@@ -27,6 +27,7 @@ static const struct {
     {"bench", speedctl_bench, "prefill/decode speed, KV bytes and memory against this machine's roofline"},
     {"up", speedctl_up, "start a local cluster (decode, prefill, router) from a cluster file; stop it with Ctrl-C"},
     {"certs", speedctl_certs, "write the control plane's CA and per-process certificates for a cluster file"},
+    {"k8s", speedctl_k8s, "write Kubernetes manifests (a Kustomize base) for a cluster file"},
 };
 #define N_VERBS (sizeof verbs / sizeof verbs[0])
 

@@ -25,6 +25,7 @@ int speedctl_generate(int argc, char **argv);
 int speedctl_bench(int argc, char **argv);
 int speedctl_up(int argc, char **argv);
 int speedctl_certs(int argc, char **argv);
+int speedctl_k8s(int argc, char **argv);
 
 /* speedctl up's command line split in two (cli_up_args.c): the options in up_fields (speedctl
  * up's own) and everything else, which goes unchanged and in order to every child. Unknown
