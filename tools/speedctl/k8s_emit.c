@@ -142,7 +142,7 @@ static void tls_args(FILE *f) {
 static void common_volumes(FILE *f, const emit_t *e, const char *tls_suffix, bool shm) {
     fprintf(f, "      volumes:\n");
     fprintf(f, "        - name: cluster\n          configMap:\n            name: %s-cluster\n", e->name);
-    fprintf(f, "        - name: tls\n          secret:\n            secretName: %s-tls-%s\n            defaultMode: 0440\n",
+    fprintf(f, "        - name: tls\n          secret:\n            secretName: %s-tls-%s\n            defaultMode: 288 # 0440: group-readable for fsGroup\n",
             e->name, tls_suffix);
     fprintf(f, "        - name: models\n          persistentVolumeClaim:\n            claimName: %s-models\n"
                "            readOnly: true\n",
