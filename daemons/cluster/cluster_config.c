@@ -26,7 +26,7 @@ static const char *const policy_names[] = {"round-robin", "least-loaded", NULL};
            "addresses peers dial for the replicas, comma-separated, replica i: entry i (one per replica); "         \
            "empty = host for every replica"),                                                                       \
         FS(#pool ".discovery", pool.discovery, "",                                                                  \
-           "router: dns:NAME finds the " #pool " nodes in NAME's A/AAAA records at grpc_port (a headless "         \
+           "router: dns:NAME finds the " #pool " nodes in NAME's A/AAAA records at grpc_port (a headless "          \
            "Service) instead of replicas/hosts; empty = the static list"),                                          \
         F(#pool ".grpc_port", INT, pool.grpc_port, grpc, 1, 65535, "gRPC port of replica 0 (replica i: + i)"),      \
         F(#pool ".http_port", INT, pool.http_port, http, 1, 65535, "/metrics and /health port of replica 0 (+ i)"), \

@@ -37,7 +37,7 @@ typedef struct {
 
 struct speed_router_nodes {
     speed_balance_pool_t *pools[SPEED_ROUTER_POOL_COUNT];
-    node_t *nodes[SPEED_ROUTER_POOL_COUNT];      /* [cap[p]]: slots never move */
+    node_t *nodes[SPEED_ROUTER_POOL_COUNT];          /* [cap[p]]: slots never move */
     _Atomic size_t n_nodes[SPEED_ROUTER_POOL_COUNT]; /* published after the slot is complete */
     size_t cap[SPEED_ROUTER_POOL_COUNT];
     disc_t disc[SPEED_ROUTER_POOL_COUNT];
@@ -123,8 +123,8 @@ static speed_status_t register_discovery_metrics(speed_router_nodes_t *n, speed_
                                        "nodes the router added to a pool because its discovery name listed them",
                                        labels, 1, &added));
     SPEED_CHECK(speed_counter_register(m, "speed_router_discovery_nodes_removed_total",
-                                       "nodes the router retired because they left their pool's discovery name",
-                                       labels, 1, &removed));
+                                       "nodes the router retired because they left their pool's discovery name", labels,
+                                       1, &removed));
     SPEED_CHECK(speed_counter_register(m, "speed_router_discovery_failures_total",
                                        "resolutions of a pool's discovery name that failed or found no address "
                                        "(the pool kept its last set)",
@@ -156,7 +156,8 @@ speed_status_t speed_router_nodes_create(const speed_router_nodes_params_t *para
             return SPEED_ERR_INVALID_ARGUMENT;
         any_discovery = true;
     }
-    bool decode_discovery = params->discovery[SPEED_ROUTER_POOL_DECODE] && params->discovery[SPEED_ROUTER_POOL_DECODE][0];
+    bool decode_discovery =
+        params->discovery[SPEED_ROUTER_POOL_DECODE] && params->discovery[SPEED_ROUTER_POOL_DECODE][0];
     if (params->n_nodes[SPEED_ROUTER_POOL_DECODE] < 1 && !decode_discovery) return SPEED_ERR_INVALID_ARGUMENT;
 
     speed_router_nodes_t *n = speed_calloc(1, sizeof(*n));
@@ -268,9 +269,9 @@ static void poll_node(speed_router_nodes_t *n, speed_router_pool_id_t p, size_t 
                   speed_router_pool_name(p), node->address, node->timeouts, SPEED_ROUTER_HEALTH_TIMEOUTS_DOWN);
         return;
     }
-    bool retired = atomic_load(&node->retired);
-    if (retired && (state == SPEED__V1__NODE_STATE__NODE_STATE_SERVING ||
-                    state == SPEED__V1__NODE_STATE__NODE_STATE_DRAINING)) {
+    const bool retired = atomic_load(&node->retired);
+    if (retired &&
+        (state == SPEED__V1__NODE_STATE__NODE_STATE_SERVING || state == SPEED__V1__NODE_STATE__NODE_STATE_DRAINING)) {
         /* out of the discovery set but still answering: its requests finish, no new ones */
         speed_balance_pool_set_draining(pool, i, true);
     } else if (state == SPEED__V1__NODE_STATE__NODE_STATE_SERVING) {
@@ -379,7 +380,7 @@ static void discovery_take(speed_router_nodes_t *n) {
         pthread_mutex_lock(&n->lock);
         bool fresh = d->fresh;
         size_t n_found = d->n_found;
-        char (*copy)[SPEED_ROUTER_ADDRESS_MAX] = NULL;
+        char(*copy)[SPEED_ROUTER_ADDRESS_MAX] = NULL;
         if (fresh) {
             copy = speed_malloc((n_found + 1) * sizeof *copy);
             if (copy) {
@@ -402,7 +403,7 @@ static void discovery_resolve_all(speed_router_nodes_t *n) {
         disc_t *d = &n->disc[p];
         if (!d->name[0]) continue;
         size_t cap = n->cap[p] + 1; /* one more than fits: says the set is over the cap */
-        char (*addrs)[SPEED_ROUTER_ADDRESS_MAX] = speed_malloc(cap * sizeof *addrs);
+        char(*addrs)[SPEED_ROUTER_ADDRESS_MAX] = speed_malloc(cap * sizeof *addrs);
         if (!addrs) continue;
         size_t n_found = 0;
         char why[128];

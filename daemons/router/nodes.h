@@ -62,15 +62,15 @@ typedef enum {
 const char *speed_router_pool_name(speed_router_pool_id_t pool);
 
 typedef struct {
-    const char *host;                           /* address every node listens on (copied) */
+    const char *host;                               /* address every node listens on (copied) */
     const char *discovery[SPEED_ROUTER_POOL_COUNT]; /* the pool's "dns:NAME" (copied), NULL/"" = static list
                                                        (n_nodes, hosts); cluster <pool>.discovery */
-    int64_t discovery_interval_ms;              /* re-resolution period, >= 10 (discovery pools) */
-    int64_t discovery_max_nodes;                /* addresses a discovery pool holds, 1..256 */
-    const char *hosts[SPEED_ROUTER_POOL_COUNT]; /* per replica instead ("a,b": replica i at entry i;
+    int64_t discovery_interval_ms;                  /* re-resolution period, >= 10 (discovery pools) */
+    int64_t discovery_max_nodes;                    /* addresses a discovery pool holds, 1..256 */
+    const char *hosts[SPEED_ROUTER_POOL_COUNT];     /* per replica instead ("a,b": replica i at entry i;
                                                    NULL / "" = host); cluster <pool>.hosts */
-    int64_t n_nodes[SPEED_ROUTER_POOL_COUNT];   /* replicas; prefill may be 0 */
-    int64_t grpc_port[SPEED_ROUTER_POOL_COUNT]; /* replica i listens on grpc_port + i */
+    int64_t n_nodes[SPEED_ROUTER_POOL_COUNT];       /* replicas; prefill may be 0 */
+    int64_t grpc_port[SPEED_ROUTER_POOL_COUNT];     /* replica i listens on grpc_port + i */
     speed_balance_policy_t policy[SPEED_ROUTER_POOL_COUNT];
     int64_t status_interval_ms; /* poll period, >= 10 */
     speed_metrics_t *metrics;   /* registers speed_router_node_up; borrowed, must

@@ -93,9 +93,21 @@ static cu_proc_t start_decode(int k) {
     snprintf(ca, sizeof ca, "%s/ca.crt", g_certs);
     snprintf(crt, sizeof crt, "%s/decode-0.crt", g_certs);
     snprintf(key, sizeof key, "%s/decode-0.key", g_certs);
-    const char *more[] = {"--node.index", "0",       "--host",    g_dec_addr[k], "--control.listen", g_dec_addr[k],
-                          "--decode.http_port", http, "--tls.ca", ca,            "--tls.cert",       crt,
-                          "--tls.key", key,          NULL};
+    const char *more[] = {"--node.index",
+                          "0",
+                          "--host",
+                          g_dec_addr[k],
+                          "--control.listen",
+                          g_dec_addr[k],
+                          "--decode.http_port",
+                          http,
+                          "--tls.ca",
+                          ca,
+                          "--tls.cert",
+                          crt,
+                          "--tls.key",
+                          key,
+                          NULL};
     return cu_cluster_spawn(&g_c, "speed-decode", name, more);
 }
 
@@ -170,10 +182,23 @@ int main(void) {
     hosts_write("127.0.0.1 localhost\n127.0.0.2 " NAME "\n");
     char port[16];
     snprintf(port, sizeof port, "%d", g_router);
-    const char *rmore[] = {"--router.port", port, "--decode.discovery", "dns:" NAME,
-                           "--router.discovery_interval_ms", "100", "--router.status_interval_ms", "100",
-                           "--router.decode_policy", "round-robin", "--tls.ca", ca, "--tls.cert", rcrt,
-                           "--tls.key", rkey, NULL};
+    const char *rmore[] = {"--router.port",
+                           port,
+                           "--decode.discovery",
+                           "dns:" NAME,
+                           "--router.discovery_interval_ms",
+                           "100",
+                           "--router.status_interval_ms",
+                           "100",
+                           "--router.decode_policy",
+                           "round-robin",
+                           "--tls.ca",
+                           ca,
+                           "--tls.cert",
+                           rcrt,
+                           "--tls.key",
+                           rkey,
+                           NULL};
     cu_proc_t router = cu_cluster_spawn(&g_c, "speed-router", "router0", rmore);
     CHECK(cu_wait_up(&router, g_router, 60));
     CHECK(wait_up(g_router, 0, 1, 30));
@@ -185,6 +210,10 @@ int main(void) {
     hosts_write("127.0.0.1 localhost\n127.0.0.2 " NAME "\n127.0.0.3 " NAME "\n");
     CHECK(cu_wait_metric(g_router, "speed_router_discovery_nodes_added_total{pool=\"decode\"}", 2, 30));
     CHECK(wait_up(g_router, 1, 0, 5));
+    /* it was never UP: it starts DOWN, not UP until a health check fails */
+    char down1[160];
+    dec_series(down1, sizeof down1, "speed_router_node_down_total", 1);
+    CHECK_INT_EQ((int)rmetric(g_router, down1), 0);
     for (int i = 0; i < 3; i++) CHECK_INT_EQ(completion(4), 200);
     dec[1] = start_decode(1);
     CHECK(cu_wait_up(&dec[1], g_dec_http[1], 60));
@@ -207,7 +236,8 @@ int main(void) {
     for (int i = 0; i < 2; i++) {
         cu_sse_read(&s[i], -1, now_s() + 120);
         CHECK_MSG(s[i].done, "stream %d: no [DONE] (%d events)", i, s[i].n);
-        for (int e = 0; e < s[i].n; e++) CHECK_MSG(!strstr(s[i].data[e], "\"error\""), "stream %d: %s", i, s[i].data[e]);
+        for (int e = 0; e < s[i].n; e++)
+            CHECK_MSG(!strstr(s[i].data[e], "\"error\""), "stream %d: %s", i, s[i].data[e]);
     }
     fprintf(stderr, "streams: %d events at the removal, %d in all\n", n_at_removal, s[0].n + s[1].n);
     CHECK_MSG(s[0].n + s[1].n > n_at_removal, "the streams ended before the node was retired: nothing checked");
@@ -235,16 +265,35 @@ int main(void) {
     CHECK(wait_up(g_router, 1, 1, 1));
     CHECK_INT_EQ(completion(4), 200);
 
-    /* 5. a name the certificates do not carry: the nodes are found but never trusted */
-    hosts_write("127.0.0.1 localhost\n127.0.0.3 wrong.speed.test\n");
+    /* 5. a name the certificates do not carry: the nodes are found but never trusted; and a pool
+     *    capped at one address refuses the second */
+    hosts_write("127.0.0.1 localhost\n127.0.0.3 wrong.speed.test\n127.0.0.2 wrong.speed.test\n");
     char port2[16];
     snprintf(port2, sizeof port2, "%d", cu_router_port(&g_c, 1));
-    const char *wmore[] = {"--router.port", port2, "--decode.discovery", "dns:wrong.speed.test",
-                           "--router.discovery_interval_ms", "100", "--router.status_interval_ms", "100",
-                           "--tls.ca", ca, "--tls.cert", rcrt, "--tls.key", rkey, NULL};
+    const char *wmore[] = {"--router.port",
+                           port2,
+                           "--decode.discovery",
+                           "dns:wrong.speed.test",
+                           "--router.discovery_interval_ms",
+                           "100",
+                           "--router.status_interval_ms",
+                           "100",
+                           "--router.discovery_max_nodes",
+                           "1",
+                           "--tls.ca",
+                           ca,
+                           "--tls.cert",
+                           rcrt,
+                           "--tls.key",
+                           rkey,
+                           NULL};
     cu_proc_t wrong = cu_cluster_spawn(&g_c, "speed-router", "router1", wmore);
     int wport = cu_router_port(&g_c, 1);
     CHECK(cu_wait_metric(wport, "speed_router_discovery_nodes_added_total{pool=\"decode\"}", 1, 60));
+    for (double until = now_s() + 30; now_s() < until; sleep_ms(20))
+        if (rmetric(wport, "speed_router_discovery_refused_total{pool=\"decode\"}") >= 1) break;
+    CHECK(rmetric(wport, "speed_router_discovery_refused_total{pool=\"decode\"}") >= 1);
+    CHECK_INT_EQ((int)rmetric(wport, "speed_router_discovery_nodes_added_total{pool=\"decode\"}"), 1);
     /* a bounded window: a trusted node would be UP within a few 100 ms polls */
     char ws[160];
     dec_series(ws, sizeof ws, "speed_router_node_up", 1);

@@ -10,7 +10,7 @@
 #include "k8s_emit.h"
 #include "speedctl.h"
 
-#define K8S_USAGE "speedctl k8s CLUSTER.yaml --out DIR --image IMAGE [--name N] [--namespace NS] [--model-dir PATH]"
+#define K8S_USAGE            "speedctl k8s CLUSTER.yaml --out DIR --image IMAGE [--name N] [--namespace NS] [--model-dir PATH]"
 /* A cluster file is a page of YAML; anything this big is not one. */
 #define K8S_MAX_CLUSTER_FILE (1 << 20)
 

@@ -15,11 +15,11 @@
 
 #include "backend_kind.h"
 
-#define TLS_DIR     "/etc/speedserve/tls"
-#define CONFIG_DIR  "/etc/speedserve/config"
-#define CONFIG_FILE CONFIG_DIR "/cluster.yaml"
+#define TLS_DIR                     "/etc/speedserve/tls"
+#define CONFIG_DIR                  "/etc/speedserve/config"
+#define CONFIG_FILE                 CONFIG_DIR "/cluster.yaml"
 /* CoreDNS answers for a headless Service with a TTL of 5 s by default. */
-#define DNS_TTL_S   5
+#define DNS_TTL_S                   5
 /* The router's metrics listener when the file sets none. */
 #define ROUTER_METRICS_PORT_DEFAULT 9000
 
@@ -142,14 +142,18 @@ static void tls_args(FILE *f) {
 static void common_volumes(FILE *f, const emit_t *e, const char *tls_suffix, bool shm) {
     fprintf(f, "      volumes:\n");
     fprintf(f, "        - name: cluster\n          configMap:\n            name: %s-cluster\n", e->name);
-    fprintf(f, "        - name: tls\n          secret:\n            secretName: %s-tls-%s\n            defaultMode: 288 # 0440: group-readable for fsGroup\n",
+    fprintf(f,
+            "        - name: tls\n          secret:\n            secretName: %s-tls-%s\n            defaultMode: 288 # "
+            "0440: group-readable for fsGroup\n",
             e->name, tls_suffix);
-    fprintf(f, "        - name: models\n          persistentVolumeClaim:\n            claimName: %s-models\n"
-               "            readOnly: true\n",
+    fprintf(f,
+            "        - name: models\n          persistentVolumeClaim:\n            claimName: %s-models\n"
+            "            readOnly: true\n",
             e->name);
     fprintf(f, "        - name: tmp\n          emptyDir:\n            sizeLimit: 64Mi\n");
     if (shm)
-        fprintf(f, "        - name: shm\n          emptyDir:\n            medium: Memory\n            sizeLimit: %lldMi\n",
+        fprintf(f,
+                "        - name: shm\n          emptyDir:\n            medium: Memory\n            sizeLimit: %lldMi\n",
                 (long long)e->p->shm_mib);
 }
 
@@ -175,8 +179,9 @@ static void container_security(FILE *f) {
 }
 
 static void scrape_annotations(FILE *f, int64_t port) {
-    fprintf(f, "      annotations:\n        prometheus.io/scrape: \"true\"\n        prometheus.io/port: \"%lld\"\n"
-               "        prometheus.io/path: /metrics\n",
+    fprintf(f,
+            "      annotations:\n        prometheus.io/scrape: \"true\"\n        prometheus.io/port: \"%lld\"\n"
+            "        prometheus.io/path: /metrics\n",
             (long long)port);
 }
 
@@ -245,17 +250,24 @@ static speed_status_t emit_router(const emit_t *e, const char *dir, char *err, s
     arg(f, "--decode.discovery");
     arg(f, d);
     tls_args(f);
-    fprintf(f, "          env:\n            - name: SPEED_ROUTER_API_KEYS\n              valueFrom:\n"
-               "                secretKeyRef:\n                  name: %s-api-keys\n                  key: keys\n"
-               "                  optional: true\n",
+    fprintf(f,
+            "          env:\n            - name: SPEED_ROUTER_API_KEYS\n              valueFrom:\n"
+            "                secretKeyRef:\n                  name: %s-api-keys\n                  key: keys\n"
+            "                  optional: true\n",
             e->name);
-    fprintf(f, "          ports:\n            - name: http\n              containerPort: %lld\n"
-               "            - name: metrics\n              containerPort: %lld\n",
+    fprintf(f,
+            "          ports:\n            - name: http\n              containerPort: %lld\n"
+            "            - name: metrics\n              containerPort: %lld\n",
             (long long)api_port, (long long)e->router_metrics_port);
-    fprintf(f, "          readinessProbe:\n            httpGet:\n              path: /health\n              port: metrics\n"
-               "            periodSeconds: 5\n            failureThreshold: 2\n");
+    fprintf(
+        f, "          readinessProbe:\n            httpGet:\n              path: /health\n              port: metrics\n"
+           "            periodSeconds: 5\n            failureThreshold: 2\n");
     fprintf(f, "          livenessProbe:\n            tcpSocket:\n              port: metrics\n"
                "            periodSeconds: 10\n            failureThreshold: 6\n");
+    /* the Service stops sending before SIGTERM; the router then drains (<= 30 s, main.c) */
+    fprintf(f, "          lifecycle:\n            preStop:\n              exec:\n"
+               "                command: [\"/bin/sleep\", \"%d\"]\n",
+            DNS_TTL_S);
     fprintf(f, "          resources:\n            requests:\n              cpu: \"1\"\n              memory: 512Mi\n"
                "            limits:\n              memory: 2Gi\n");
     container_security(f);
@@ -265,8 +277,9 @@ static speed_status_t emit_router(const emit_t *e, const char *dir, char *err, s
     meta_named(f, e, "router", "router");
     fprintf(f, "spec:\n  type: ClusterIP\n  selector:\n");
     labels(f, e, "router", 4);
-    fprintf(f, "  ports:\n    - name: http\n      port: %lld\n      targetPort: http\n"
-               "    - name: metrics\n      port: %lld\n      targetPort: metrics\n",
+    fprintf(f,
+            "  ports:\n    - name: http\n      port: %lld\n      targetPort: http\n"
+            "    - name: metrics\n      port: %lld\n      targetPort: metrics\n",
             (long long)api_port, (long long)e->router_metrics_port);
     return close_out(f, path, err, es);
 }
@@ -278,14 +291,16 @@ static speed_status_t emit_pool(const emit_t *e, const char *role, const speed_p
     FILE *f = open_out(dir, file, path, sizeof path, err, es);
     if (!f) return SPEED_ERR_IO;
     bool cuda = pool->backend == SPEED_BACKEND_CUDA;
-    fprintf(f, "# The %s pool: one replica per pod, all on %s.grpc_port; the headless Service's DNS\n"
-               "# records are what the router's %s.discovery resolves. Scale with\n"
-               "# `kubectl scale statefulset %s-%s --replicas N` (a removed pod drains: preStop, then SIGTERM).\n",
+    fprintf(f,
+            "# The %s pool: one replica per pod, all on %s.grpc_port; the headless Service's DNS\n"
+            "# records are what the router's %s.discovery resolves. Scale with\n"
+            "# `kubectl scale statefulset %s-%s --replicas N` (a removed pod drains: preStop, then SIGTERM).\n",
             role, role, role, e->name, role);
     fprintf(f, "apiVersion: apps/v1\nkind: StatefulSet\n");
     meta_named(f, e, role, role);
-    fprintf(f, "spec:\n  serviceName: %s-%s\n  replicas: %lld\n  podManagementPolicy: Parallel\n"
-               "  selector:\n    matchLabels:\n",
+    fprintf(f,
+            "spec:\n  serviceName: %s-%s\n  replicas: %lld\n  podManagementPolicy: Parallel\n"
+            "  selector:\n    matchLabels:\n",
             e->name, role, (long long)pool->replicas);
     labels(f, e, role, 6);
     fprintf(f, "  template:\n    metadata:\n      labels:\n");
@@ -298,8 +313,9 @@ static speed_status_t emit_pool(const emit_t *e, const char *role, const speed_p
     security(f);
     fprintf(f, "      containers:\n        - name: %s\n          image: ", role);
     q(f, e->p->image);
-    fprintf(f, "\n          imagePullPolicy: IfNotPresent\n          command: [\"/usr/local/bin/speed-%s\"]\n"
-               "          args:\n",
+    fprintf(f,
+            "\n          imagePullPolicy: IfNotPresent\n          command: [\"/usr/local/bin/speed-%s\"]\n"
+            "          args:\n",
             role);
     arg(f, "--config");
     arg(f, CONFIG_FILE);
@@ -326,30 +342,34 @@ static speed_status_t emit_pool(const emit_t *e, const char *role, const speed_p
     tls_args(f);
     fprintf(f, "          env:\n            - name: POD_IP\n              valueFrom:\n                fieldRef:\n"
                "                  fieldPath: status.podIP\n");
-    fprintf(f, "          ports:\n            - name: grpc\n              containerPort: %lld\n"
-               "            - name: metrics\n              containerPort: %lld\n",
+    fprintf(f,
+            "          ports:\n            - name: grpc\n              containerPort: %lld\n"
+            "            - name: metrics\n              containerPort: %lld\n",
             (long long)pool->grpc_port, (long long)pool->http_port);
     /* /health: 503 while loading and draining, so a pod is in the Service's DNS only while it
      * serves; the liveness probe only asks that the listener answers */
     fprintf(f, "          startupProbe:\n            tcpSocket:\n              port: metrics\n"
                "            periodSeconds: 5\n            failureThreshold: 120\n");
-    fprintf(f, "          readinessProbe:\n            httpGet:\n              path: /health\n              port: metrics\n"
-               "            periodSeconds: 5\n            failureThreshold: 2\n");
+    fprintf(
+        f, "          readinessProbe:\n            httpGet:\n              path: /health\n              port: metrics\n"
+           "            periodSeconds: 5\n            failureThreshold: 2\n");
     fprintf(f, "          livenessProbe:\n            tcpSocket:\n              port: metrics\n"
                "            periodSeconds: 10\n            failureThreshold: 6\n");
-    fprintf(f, "          lifecycle:\n            preStop:\n              exec:\n"
-               "                command: [\"/bin/sleep\", \"%lld\"]\n",
+    fprintf(f,
+            "          lifecycle:\n            preStop:\n              exec:\n"
+            "                command: [\"/bin/sleep\", \"%lld\"]\n",
             (long long)e->prestop_s);
     int64_t cpu = pool->threads > 0 ? pool->threads : 1;
+    long long gpus = (long long)pool->tensor_parallel; /* one GPU per rank */
     const char *mem_req = e->p->memory_request ? e->p->memory_request : "4Gi";
     const char *mem_lim = e->p->memory_limit ? e->p->memory_limit : "8Gi";
     fprintf(f, "          resources:\n            requests:\n              cpu: \"%lld\"\n              memory: ",
             (long long)cpu);
     q(f, mem_req);
-    if (cuda) fprintf(f, "\n              nvidia.com/gpu: \"%lld\"", (long long)pool->tensor_parallel);
+    if (cuda) fprintf(f, "\n              nvidia.com/gpu: \"%lld\"", gpus);
     fprintf(f, "\n            limits:\n              memory: ");
     q(f, mem_lim);
-    if (cuda) fprintf(f, "\n              nvidia.com/gpu: \"%lld\"", (long long)pool->tensor_parallel);
+    if (cuda) fprintf(f, "\n              nvidia.com/gpu: \"%lld\"", gpus);
     fputc('\n', f);
     container_security(f);
     common_mounts(f, e, true);
@@ -358,8 +378,9 @@ static speed_status_t emit_pool(const emit_t *e, const char *role, const speed_p
     meta_named(f, e, role, role);
     fprintf(f, "spec:\n  clusterIP: None\n  publishNotReadyAddresses: false\n  selector:\n");
     labels(f, e, role, 4);
-    fprintf(f, "  ports:\n    - name: grpc\n      port: %lld\n      targetPort: grpc\n"
-               "    - name: metrics\n      port: %lld\n      targetPort: metrics\n",
+    fprintf(f,
+            "  ports:\n    - name: grpc\n      port: %lld\n      targetPort: grpc\n"
+            "    - name: metrics\n      port: %lld\n      targetPort: metrics\n",
             (long long)pool->grpc_port, (long long)pool->http_port);
     return close_out(f, path, err, es);
 }
@@ -383,8 +404,9 @@ static speed_status_t emit_kustomization(const emit_t *e, const char *dir, char 
     char path[4200];
     FILE *f = open_out(dir, "kustomization.yaml", path, sizeof path, err, es);
     if (!f) return SPEED_ERR_IO;
-    fprintf(f, "# Written by `speedctl k8s` (docs/kubernetes.md). Secrets and the model volume are not here:\n"
-               "# create %s-tls-{router,prefill,decode} and the PersistentVolumeClaim %s-models first.\n",
+    fprintf(f,
+            "# Written by `speedctl k8s` (docs/kubernetes.md). Secrets and the model volume are not here:\n"
+            "# create %s-tls-{router,prefill,decode} and the PersistentVolumeClaim %s-models first.\n",
             e->name, e->name);
     fprintf(f, "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n");
     if (e->p->k8s_namespace && e->p->k8s_namespace[0]) {
