@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "alloc.h"
+#include "backend_kind.h"
 #include "cluster_config.h"
 #include "file.h"
 #include "k8s_emit.h"
@@ -73,6 +74,14 @@ int speedctl_k8s(int argc, char **argv) {
             p.router_replicas = o.router_replicas;
             p.memory_request = o.memory_request;
             p.memory_limit = o.memory_limit;
+            const speed_pool_config_t *pools[2] = {&c.prefill, &c.decode};
+            for (int i = 0; i < 2; i++)
+                if (pools[i]->backend == SPEED_BACKEND_CUDA && pools[i]->tensor_parallel > 1 && pools[i]->replicas > 0)
+                    fprintf(stderr,
+                            "speedctl: warning: %s: tensor_parallel %lld on cuda: the pods ask for %lld GPUs each, but "
+                            "cuda nodes start with tensor_parallel 1 only today (docs/tensor-parallel.md)\n",
+                            i == 0 ? "prefill" : "decode", (long long)pools[i]->tensor_parallel,
+                            (long long)pools[i]->tensor_parallel);
             char err[1024];
             if (speed_k8s_emit(&p, o.out, err, sizeof err) != SPEED_OK) {
                 speedctl_fail("%s", err);

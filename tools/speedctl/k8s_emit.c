@@ -265,8 +265,9 @@ static speed_status_t emit_router(const emit_t *e, const char *dir, char *err, s
     fprintf(f, "          livenessProbe:\n            tcpSocket:\n              port: metrics\n"
                "            periodSeconds: 10\n            failureThreshold: 6\n");
     /* the Service stops sending before SIGTERM; the router then drains (<= 30 s, main.c) */
-    fprintf(f, "          lifecycle:\n            preStop:\n              exec:\n"
-               "                command: [\"/bin/sleep\", \"%d\"]\n",
+    fprintf(f,
+            "          lifecycle:\n            preStop:\n              exec:\n"
+            "                command: [\"/bin/sleep\", \"%d\"]\n",
             DNS_TTL_S);
     fprintf(f, "          resources:\n            requests:\n              cpu: \"1\"\n              memory: 512Mi\n"
                "            limits:\n              memory: 2Gi\n");
