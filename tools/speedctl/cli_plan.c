@@ -19,13 +19,14 @@
 #include <sys/stat.h>
 
 #include "alloc.h"
+#include "k8s_emit.h"
 #include "plan_profile.h"
 #include "plan_sim.h"
 #include "plan_workload.h"
 #include "speedctl.h"
 
 typedef struct {
-    char *profile, *prompt_tokens, *output_tokens, *trace, *prefill_layers, *tp, *out, *model;
+    char *profile, *prompt_tokens, *output_tokens, *trace, *prefill_layers, *tp, *out, *model, *image;
     double rate, slo_ttft, slo_tpot, overhead_ms, host_cores, host_background;
     int64_t max_nodes, requests, seed, anchors, tail, prefill_max_running, decode_max_running;
     int arrival, emit;
@@ -70,7 +71,9 @@ static const speed_config_field_t plan_fields[] = {
            "seed of the simulated arrivals and lengths: loadgen's --seed draws the same requests"),
     SPEEDCTL_TEXT_OPT(plan_opts_t, "out", out, "directory for the cluster file (cluster.yaml) and every candidate (plan.json); created"),
     PL_OPT("emit", ENUM, emit, "yaml", SPEED_CONFIG_UNBOUNDED, emit_names,
-           "what --out gets: a cluster YAML for speedctl up, or Kubernetes manifests"),
+           "what --out gets: the cluster file for speedctl up (cluster.yaml), and with k8s also Kubernetes "
+           "manifests of it in DIR/k8s (as speedctl k8s writes them)"),
+    SPEEDCTL_TEXT_OPT(plan_opts_t, "image", image, "--emit k8s: the container image of every pod"),
     SPEEDCTL_TEXT_OPT(plan_opts_t, "model", model, "model directory written into the cluster file (default: the "
                                                   "profile's)"),
 };
@@ -192,6 +195,29 @@ static speed_status_t write_yaml(const plan_opts_t *o, const candidate_t *c, con
     return fclose(f) == 0 ? SPEED_OK : SPEED_ERR_IO;
 }
 
+/* The Kubernetes manifests of the cluster file at yaml_path (speed_k8s_emit, as speedctl k8s does). */
+static speed_status_t emit_k8s(const plan_opts_t *o, const char *yaml_path, const char *dir) {
+    char *text = NULL;
+    size_t len = 0;
+    SPEED_CHECK(speedctl_read_file(yaml_path, &text, &len));
+    char *cargv[] = {"plan", "--config", (char *)yaml_path, NULL};
+    speed_cluster_config_t c;
+    speed_config_t *ccfg = NULL;
+    speed_status_t st = speed_cluster_config_load(3, cargv, "router", &c, &ccfg);
+    if (st == SPEED_OK) {
+        speed_k8s_emit_params_t p = speed_k8s_emit_default_params();
+        p.cluster = &c;
+        p.cluster_yaml = text;
+        p.image = o->image;
+        char err[1024];
+        st = speed_k8s_emit(&p, dir, err, sizeof err);
+        if (st != SPEED_OK) speedctl_fail("%s", err);
+    }
+    speed_config_destroy(ccfg);
+    speed_free(text);
+    return st;
+}
+
 /* plan.json: the workload, every simulated candidate (the recommendation first) and the limits. */
 static speed_status_t write_json(const plan_opts_t *o, const candidate_t *cands, int n, const char *path,
                                  double mean_p, double mean_o, int decode_running, int prefill_waiting) {
@@ -252,9 +278,8 @@ int speedctl_plan(int argc, char **argv) {
         speedctl_fail("plan needs --profile FILE (see --help)");
         goto out;
     }
-    if (o.emit == 1) {
-        speedctl_fail("--emit k8s: the Kubernetes manifest emitter is not built into this speedctl yet; use --emit "
-                      "yaml (the cluster file) for now");
+    if (o.emit == 1 && (!o.out || !o.image || !*o.image)) {
+        speedctl_fail("--emit k8s needs --out DIR and --image IMAGE");
         goto out;
     }
     /* the workload */
@@ -498,6 +523,12 @@ int speedctl_plan(int argc, char **argv) {
             goto out;
         }
         printf("cluster      %s (speedctl up %s)\n", path, path);
+        if (o.emit == 1) {
+            char k8s_dir[4096];
+            snprintf(k8s_dir, sizeof k8s_dir, "%s/k8s", o.out);
+            if (emit_k8s(&o, path, k8s_dir) != SPEED_OK) goto out;
+            printf("kubernetes   %s (kubectl apply -k %s; docs/kubernetes.md)\n", k8s_dir, k8s_dir);
+        }
         snprintf(path, sizeof path, "%s/plan.json", o.out);
         if (write_json(&o, cands, n_cands, path, mean_p, mean_o, decode_running, prefill_waiting) != SPEED_OK) {
             speedctl_fail("%s: cannot write the plan", path);

@@ -30,6 +30,7 @@ static const struct {
     {"plan", speedctl_plan, "SPEED-aware capacity planner: prefill/decode counts, C, limits and a cluster file"},
     {"certs", speedctl_certs, "write the control plane's CA and per-process certificates for a cluster file"},
     {"loadgen", speedctl_loadgen, "load an OpenAI-compatible endpoint: TTFT, TPOT, ITL, e2e, throughput, goodput"},
+    {"k8s", speedctl_k8s, "write Kubernetes manifests (a Kustomize base) for a cluster file"},
 };
 #define N_VERBS (sizeof verbs / sizeof verbs[0])
 

@@ -28,6 +28,7 @@ int speedctl_certs(int argc, char **argv);
 int speedctl_loadgen(int argc, char **argv);
 int speedctl_profile(int argc, char **argv); /* cli_profile.c */
 int speedctl_plan(int argc, char **argv);    /* cli_plan.c */
+int speedctl_k8s(int argc, char **argv);
 
 /* speedctl up's command line split in two (cli_up_args.c): the options in up_fields (speedctl
  * up's own) and everything else, which goes unchanged and in order to every child. Unknown

@@ -431,9 +431,22 @@ static void test_cli(void) {
     CHECK_INT_EQ(r.rc, 2);
     CHECK_MSG(strstr(r.err, "line 202") != NULL, "%s", r.err);
     run_free(&r);
-    r = run("plan --profile '%s' --rate 10 --prompt-tokens fixed:10 --output-tokens fixed:16 --emit k8s --out '%s'", prof_path,
-            dir);
-    CHECK(r.rc != 0 && strstr(r.err, "k8s") != NULL);
+    /* --emit k8s: the manifests of the recommendation beside its cluster file */
+    r = run("plan --profile '%s' --rate 10 --prompt-tokens fixed:10 --output-tokens fixed:16 --emit k8s --out '%s'",
+            prof_path, dir);
+    CHECK_INT_EQ(r.rc, 2);
+    CHECK(strstr(r.err, "--image") != NULL);
+    run_free(&r);
+    r = run("plan --profile '%s' --rate 120 --prompt-tokens fixed:100 --output-tokens fixed:4 --slo-ttft-p90-ms 200 "
+            "--slo-tpot-p90-ms 50 --max-nodes 3 --requests 1000 --prefill-layers 8 --emit k8s --image speedserve:test "
+            "--out '%s'",
+            prof_path, dir);
+    CHECK_MSG(r.rc == 0, "plan --emit k8s failed: %s", r.err);
+    char *kust = tu_read(tu_path("plan/k8s/kustomization.yaml"), NULL), *pre = tu_read(tu_path("plan/k8s/prefill.yaml"), NULL);
+    CHECK(kust != NULL && pre != NULL);
+    CHECK_MSG(pre && strstr(pre, "replicas: 2") && strstr(pre, "speedserve:test"), "%s", pre ? pre : "");
+    free(kust);
+    free(pre);
     run_free(&r);
 }
 
