@@ -42,7 +42,7 @@ fi
 UP_PID=
 stop_cluster() {
     if [ -n "$UP_PID" ]; then
-        kill -INT "$UP_PID" 2>/dev/null || true
+        kill -TERM "$UP_PID" 2>/dev/null || true
         wait "$UP_PID" 2>/dev/null || true
         UP_PID=
     fi

@@ -56,7 +56,8 @@ typedef struct {
     double prefill_busy, decode_busy;        /* fraction of the arrival span the pool's nodes stepped */
     int decode_running_max, decode_running_p99; /* sequences in one decode node at once */
     int prefill_waiting_p99;                 /* requests queued at one prefill node (p99 over arrivals) */
-    bool saturated;                          /* the queues grow through the run */
+    bool saturated; /* the queues grow through the run: mean TTFT of the last quarter of the arrivals
+                     * above 2x the first half's + the first tenth's (n >= 40) */
 } speed_plan_sim_result_t;
 
 /* Simulates reqs[n] (arrival_s non-decreasing) through the cluster of params. slo_*_ms define
