@@ -10,6 +10,8 @@
 #
 #   tools/plan-validate/run.sh BUILD_DIR [WORK_DIR]      (~15 minutes; not in the default ctest)
 #
+# The table's "host load" is the 1-minute load average when each run started (this machine is
+# shared: other work running beside a cluster slows it down where the profile did not see it).
 # Environment: RATE_SHORT, RATE_LONG (requests/s), REQUESTS (per run, default 240), PORT_BASE
 # (default 18600: router +0, prefill grpc +10 / http +20, decode grpc +30 / http +40).
 set -euo pipefail
@@ -81,7 +83,7 @@ loadgen() {
 C_CAL=4
 if [ ! -f "$WORK/overhead_ms" ]; then
     log "measuring the fixed TTFT overhead on 1P1D (prompts of 64 tokens, one at a time)"
-    "$SPEEDCTL" plan --profile "$WORK/profile.json" --rate 1 --prompt-tokens fixed:64 --output-tokens fixed:2 \
+    "$SPEEDCTL" plan --profile "$WORK/profile.json" --rate 1 --prompt-tokens fixed:64 --output-tokens fixed:2 --seed 7 \
         --slo-ttft-p90-ms 10000 --slo-tpot-p90-ms 10000 --max-nodes 2 --prefill-layers $C_CAL \
         --overhead-ms 0 --out "$WORK/cal" >/dev/null
     start_cluster "$WORK/cal/cluster.yaml" 1 1 "$WORK/cal/logs"
@@ -110,19 +112,25 @@ for wl in "${WORKLOADS[@]}"; do
     dir=$WORK/$name
     mkdir -p "$dir"
     log "$name: plan at $rate requests/s"
-    "$SPEEDCTL" plan --profile "$WORK/profile.json" --rate "$rate" --prompt-tokens "$prompts" \
+    if ! "$SPEEDCTL" plan --profile "$WORK/profile.json" --rate "$rate" --prompt-tokens "$prompts" \
         --output-tokens "$outputs" --slo-ttft-p90-ms "$slo_ttft" --slo-tpot-p90-ms "$slo_tpot" --max-nodes 4 \
-        --host-cores 2 --overhead-ms "$OVERHEAD" --requests "$REQUESTS" --out "$dir" | tee "$dir/plan.txt" >&2
+        --host-cores 2 --overhead-ms "$OVERHEAD" --requests "$REQUESTS" --seed 7 --out "$dir" >"$dir/plan.txt"; then
+        cat "$dir/plan.txt" >&2
+        log "$name: no plan at $rate requests/s (above); skipped"
+        continue
+    fi
+    cat "$dir/plan.txt" >&2
     read -r P D C <<<"$(jq -r '.candidates[0] | "\(.prefill) \(.decode) \(.prefill_layers)"' "$dir/plan.json")"
     for cfg in "$P $D recommended" "$((P + 1)) $D +1-prefill" "$P $((D + 1)) +1-decode"; do
         read -r p d label <<<"$cfg"
         log "$name: $p prefill + $d decode ($label) under loadgen"
         start_cluster "$dir/cluster.yaml" "$p" "$d" "$dir/logs-${p}p${d}d"
+        load=$(cut -d' ' -f1 /proc/loadavg)
         loadgen "$dir/loadgen-${p}p${d}d.json" "$rate" "$REQUESTS" "$prompts" "$outputs" "$slo_ttft" "$slo_tpot"
         stop_cluster
-        python3 - "$dir" "$p" "$d" "$C" "$name" "$label" "$rate" <<'EOF' >>"$WORK/rows.jsonl"
+        python3 - "$dir" "$p" "$d" "$C" "$name" "$label" "$rate" "$load" <<'EOF' >>"$WORK/rows.jsonl"
 import json, sys
-d, p, dd, c, name, label, rate = sys.argv[1:]
+d, p, dd, c, name, label, rate, load = sys.argv[1:]
 plan = json.load(open(f"{d}/plan.json"))
 cand = [x for x in plan["candidates"] if x["prefill"] == int(p) and x["decode"] == int(dd) and x["prefill_layers"] == int(c)]
 lg = json.load(open(f"{d}/loadgen-{p}p{dd}d.json"))
@@ -132,7 +140,8 @@ print(json.dumps({"workload": name, "config": f"{p}P{dd}D", "label": label, "rat
                   "pred_tpot_p90": cand[0]["tpot_p90_ms"] if cand else None,
                   "pred_goodput": cand[0]["goodput_rps"] if cand else None,
                   "ttft_p90": lat["ttft"]["p90"], "tpot_p90": lat["tpot"]["p90"],
-                  "goodput": lg["goodput"]["requests_per_s"], "throughput": lg["throughput"]["requests_per_s"]}))
+                  "goodput": lg["goodput"]["requests_per_s"], "throughput": lg["throughput"]["requests_per_s"],
+                  "loadavg": float(load)}))
 EOF
     done
 done
@@ -145,12 +154,12 @@ def err(p, m):
     return f"{100 * (p - m) / m:+.0f}%" if p is not None and m else "n/a"
 def f(v, k=1):
     return "n/a" if v is None else f"{v:.{k}f}"
-print("| workload | rate | cluster | TTFT p90 pred / meas (ms) | err | TPOT p90 pred / meas (ms) | err | goodput pred / meas (req/s) |")
-print("|---|---|---|---|---|---|---|---|")
+print("| workload | rate | cluster | TTFT p90 pred / meas (ms) | err | TPOT p90 pred / meas (ms) | err | goodput pred / meas (req/s) | host load |")
+print("|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     print(f"| {r['workload']} | {r['rate']:g} | {r['config']} {r['label']} (C={r['C']}) | {f(r['pred_ttft_p90'])} / {r['ttft_p90']:.1f} | "
           f"{err(r['pred_ttft_p90'], r['ttft_p90'])} | {f(r['pred_tpot_p90'], 2)} / {r['tpot_p90']:.2f} | "
-          f"{err(r['pred_tpot_p90'], r['tpot_p90'])} | {f(r['pred_goodput'], 2)} / {r['goodput']:.2f} |")
+          f"{err(r['pred_tpot_p90'], r['tpot_p90'])} | {f(r['pred_goodput'], 2)} / {r['goodput']:.2f} | {r['loadavg']:.1f} |")
 for w in sorted({r["workload"] for r in rows}):
     rs = [r for r in rows if r["workload"] == w]
     best = max(rs, key=lambda r: r["goodput"])
