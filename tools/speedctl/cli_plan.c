@@ -37,15 +37,18 @@ static const char *const emit_names[] = {"yaml", "k8s", NULL};
 
 #define PL_OPT(...) SPEEDCTL_OPT(plan_opts_t, __VA_ARGS__)
 static const speed_config_field_t plan_fields[] = {
-    SPEEDCTL_TEXT_OPT(plan_opts_t, "profile", profile,
-                      "profile JSON(s) from speedctl profile, comma-separated (one per tensor-parallel size); required"),
+    SPEEDCTL_TEXT_OPT(
+        plan_opts_t, "profile", profile,
+        "profile JSON(s) from speedctl profile, comma-separated (one per tensor-parallel size); required"),
     PL_OPT("rate", DOUBLE, rate, "0", 0, 1e9, NULL,
            "requests per second to plan for (with --trace: scales its arrivals to this mean rate; 0 = as recorded)"),
-    SPEEDCTL_TEXT_OPT(plan_opts_t, "prompt_tokens", prompt_tokens,
-                      "prompt lengths (speedctl loadgen SPECs): fixed:N, uniform:A,B, normal:MEAN,SD, lognormal:MEDIAN,SIGMA"),
+    SPEEDCTL_TEXT_OPT(
+        plan_opts_t, "prompt_tokens", prompt_tokens,
+        "prompt lengths (speedctl loadgen SPECs): fixed:N, uniform:A,B, normal:MEAN,SD, lognormal:MEDIAN,SIGMA"),
     SPEEDCTL_TEXT_OPT(plan_opts_t, "output_tokens", output_tokens, "generated lengths (same syntax)"),
     SPEEDCTL_TEXT_OPT(plan_opts_t, "trace", trace,
-                      "JSONL trace (speedctl loadgen's) instead of rate and lengths: {\"arrival_ms\", \"input_tokens\", \"output_tokens\"}"),
+                      "JSONL trace (speedctl loadgen's) instead of rate and lengths: {\"arrival_ms\", "
+                      "\"input_tokens\", \"output_tokens\"}"),
     PL_OPT("arrival", ENUM, arrival, "poisson", SPEED_CONFIG_UNBOUNDED, arrival_names, "arrival process"),
     PL_OPT("requests", INT, requests, "2000", 10, 1000000, NULL, "requests simulated per run"),
     PL_OPT("slo_ttft_p90_ms", DOUBLE, slo_ttft, "1000", 0.001, 1e9, NULL, "TTFT p90 target, ms"),
@@ -69,13 +72,15 @@ static const speed_config_field_t plan_fields[] = {
            "with --host-cores: runnable threads of other work on the host (as when the profile was measured)"),
     PL_OPT("seed", INT, seed, "1", 0, 9.2e18, NULL,
            "seed of the simulated arrivals and lengths: loadgen's --seed draws the same requests"),
-    SPEEDCTL_TEXT_OPT(plan_opts_t, "out", out, "directory for the cluster file (cluster.yaml) and every candidate (plan.json); created"),
+    SPEEDCTL_TEXT_OPT(plan_opts_t, "out", out,
+                      "directory for the cluster file (cluster.yaml) and every candidate (plan.json); created"),
     PL_OPT("emit", ENUM, emit, "yaml", SPEED_CONFIG_UNBOUNDED, emit_names,
            "what --out gets: the cluster file for speedctl up (cluster.yaml), and with k8s also Kubernetes "
            "manifests of it in DIR/k8s (as speedctl k8s writes them)"),
     SPEEDCTL_TEXT_OPT(plan_opts_t, "image", image, "--emit k8s: the container image of every pod"),
-    SPEEDCTL_TEXT_OPT(plan_opts_t, "model", model, "model directory written into the cluster file (default: the "
-                                                  "profile's)"),
+    SPEEDCTL_TEXT_OPT(plan_opts_t, "model", model,
+                      "model directory written into the cluster file (default: the "
+                      "profile's)"),
 };
 static const speedctl_options_part_t plan_parts[] = {SPEEDCTL_OWN_PART(plan_fields)};
 
@@ -106,8 +111,8 @@ static speed_plan_request_t *workload_at(const workload_t *w, double rate, int *
     if (!r) return NULL;
     if (w->trace) {
         double k = w->trace_rate > 0 ? w->trace_rate / rate : 1.0;
-        for (int i = 0; i < n; i++) r[i] = (speed_plan_request_t){w->trace[i].arrival_s * k, w->trace[i].prompt,
-                                                                    w->trace[i].output};
+        for (int i = 0; i < n; i++)
+            r[i] = (speed_plan_request_t){w->trace[i].arrival_s * k, w->trace[i].prompt, w->trace[i].output};
     } else {
         speed_plan_workload_make(&w->plen, &w->olen, rate, (speed_lg_arrival_t)w->o->arrival, (uint64_t)w->o->seed, r,
                                  n);
@@ -181,8 +186,7 @@ static speed_status_t write_yaml(const plan_opts_t *o, const candidate_t *c, con
             "\nkv:\n  dtype: %s\nrouter:\n  max_in_flight: %d\n  max_queue: %d\n",
             o->rate, o->trace ? "trace" : o->prompt_tokens, o->trace ? "trace" : o->output_tokens, o->slo_ttft,
             o->slo_tpot, pr->model, pr->backend, pr->threads, path, model, c->c, o->anchors, o->tail,
-            pr->kv_dtype[0] ? pr->kv_dtype : "bf16", decode_running * c->n_decode,
-            prefill_waiting * c->n_prefill + 64);
+            pr->kv_dtype[0] ? pr->kv_dtype : "bf16", decode_running * c->n_decode, prefill_waiting * c->n_prefill + 64);
     const char *pools[2] = {"prefill", "decode"};
     for (int i = 0; i < 2; i++)
         fprintf(f,
@@ -219,8 +223,8 @@ static speed_status_t emit_k8s(const plan_opts_t *o, const char *yaml_path, cons
 }
 
 /* plan.json: the workload, every simulated candidate (the recommendation first) and the limits. */
-static speed_status_t write_json(const plan_opts_t *o, const candidate_t *cands, int n, const char *path,
-                                 double mean_p, double mean_o, int decode_running, int prefill_waiting) {
+static speed_status_t write_json(const plan_opts_t *o, const candidate_t *cands, int n, const char *path, double mean_p,
+                                 double mean_o, int decode_running, int prefill_waiting) {
     json_t *root = json_object(), *a = json_array();
     json_object_set_new(root, "rate", json_real(o->rate));
     json_object_set_new(root, "mean_prompt_tokens", json_real(mean_p));
@@ -358,8 +362,8 @@ int speedctl_plan(int argc, char **argv) {
                 goto out;
             }
             if (!speed_plan_profile_depth(&profs[0], d.prefill_layers)) {
-                speedctl_fail("--prefill-layers %s: C = %d is not in the profile (run speedctl profile with it)",
-                              item, d.prefill_layers);
+                speedctl_fail("--prefill-layers %s: C = %d is not in the profile (run speedctl profile with it)", item,
+                              d.prefill_layers);
                 exit_code = SPEEDCTL_EXIT_USAGE;
                 goto out;
             }
@@ -401,13 +405,14 @@ int speedctl_plan(int argc, char **argv) {
             double prps, drps;
             rate_match(&o, pr, cuts[ci], mean_p, mean_o, &prps, &drps);
             /* at most 85% busy: beyond it queueing delay grows fast */
-            int min_p = (int)ceil(o.rate / (0.85 * prps)), min_d = isfinite(drps) ? (int)ceil(o.rate / (0.85 * drps)) : 1;
+            int min_p = (int)ceil(o.rate / (0.85 * prps)),
+                min_d = isfinite(drps) ? (int)ceil(o.rate / (0.85 * drps)) : 1;
             printf("  %4d %3d %12.2f %12.2f %8d %8d\n", cuts[ci], tp, prps, drps, min_p, min_d);
             for (int np = 1; np * tp < o.max_nodes; np++)
                 for (int nd = 1; (np + nd) * tp <= o.max_nodes && n_cands < MAX_CANDIDATES; nd++) {
                     candidate_t *c = &cands[n_cands];
-                    *c = (candidate_t){.c = cuts[ci], .tp = tp, .n_prefill = np, .n_decode = nd,
-                                       .nodes = (np + nd) * tp, .prof = pr};
+                    *c = (candidate_t){
+                        .c = cuts[ci], .tp = tp, .n_prefill = np, .n_decode = nd, .nodes = (np + nd) * tp, .prof = pr};
                     /* the shared-core budget makes more nodes no faster: keep every candidate then */
                     c->rate_ok = (np >= min_p && nd >= min_d) || o.host_cores > 0;
                     n_cands++;
@@ -462,7 +467,10 @@ int speedctl_plan(int argc, char **argv) {
         printf("  %4d %3d %7d %6d %5d %8.1fms %8.2fms %10.3g %10.3g %4.0f/%-4.0f  %s\n", c->c, c->tp, c->n_prefill,
                c->n_decode, c->nodes, c->at_rate.ttft_p90_ms, c->at_rate.tpot_p90_ms, c->at_rate.goodput_rps,
                c->max_rate, 100 * c->at_rate.prefill_busy, 100 * c->at_rate.decode_busy,
-               i == 0 && c->meets ? "<- recommended" : c->meets ? "meets" : c->at_rate.saturated ? "saturated" : "misses");
+               i == 0 && c->meets     ? "<- recommended"
+               : c->meets             ? "meets"
+               : c->at_rate.saturated ? "saturated"
+                                      : "misses");
     }
     const candidate_t *best = &cands[0];
     if (!best->meets) {

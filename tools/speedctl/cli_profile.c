@@ -94,8 +94,8 @@ typedef struct {
     int32_t *ids;             /* random prompt ids, max length */
 } prof_t;
 
-static speed_status_t engine_make(const prof_t *p, speed_depth_t depth, int max_seqs, int64_t n_prompt,
-                                  int64_t n_new, speed_engine_t **eng_p) {
+static speed_status_t engine_make(const prof_t *p, speed_depth_t depth, int max_seqs, int64_t n_prompt, int64_t n_new,
+                                  speed_engine_t **eng_p) {
     speed_engine_params_t ep = speedctl_engine_params(&p->o->engine, p->ranks, p->model, depth);
     ep.max_seqs = max_seqs;
     ep.max_step_tokens = (int)p->o->max_step_tokens;
@@ -117,8 +117,8 @@ static speed_status_t run_prefill(const prof_t *p, speed_engine_t *eng, const sp
         if (r.n_outputs == 0 && !speed_engine_has_work(eng)) return SPEED_ERR_INTERNAL;
         for (int i = 0; i < r.n_outputs; i++) {
             speed_sample_t s;
-            SPEED_CHECK(speed_sampler_sample(p->sampler, &greedy, NULL, r.outputs[i].logits,
-                                             speed_engine_n_vocab(eng), &s));
+            SPEED_CHECK(
+                speed_sampler_sample(p->sampler, &greedy, NULL, r.outputs[i].logits, speed_engine_n_vocab(eng), &s));
             for (int k = 0; k < n; k++)
                 if (seqs[k] == r.outputs[i].seq) next[k] = s.id;
             got++;
@@ -289,15 +289,14 @@ int speedctl_profile(int argc, char **argv) {
         do {
             size_t len = strcspn(s, ",");
             if (len >= sizeof item || n_depths == SPEED_PLAN_MAX_CUTOFFS) {
-                speedctl_fail("--prefill-layers: at most %d cutoffs of a few characters each",
-                              SPEED_PLAN_MAX_CUTOFFS);
+                speedctl_fail("--prefill-layers: at most %d cutoffs of a few characters each", SPEED_PLAN_MAX_CUTOFFS);
                 exit_code = SPEEDCTL_EXIT_USAGE;
                 goto out;
             }
             memcpy(item, s, len);
             item[len] = '\0';
-            if (speedctl_depth_resolve(item, o.engine.kv.anchors, o.engine.kv.tail, mc->n_layers,
-                                       &depths[n_depths]) != SPEED_OK) {
+            if (speedctl_depth_resolve(item, o.engine.kv.anchors, o.engine.kv.tail, mc->n_layers, &depths[n_depths]) !=
+                SPEED_OK) {
                 exit_code = SPEEDCTL_EXIT_USAGE;
                 goto out;
             }

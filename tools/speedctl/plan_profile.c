@@ -68,10 +68,10 @@ const speed_plan_depth_t *speed_plan_profile_depth(const speed_plan_profile_t *p
 
 /* ---- load ------------------------------------------------------------------------------------- */
 
-#define FAIL(...)                                  \
-    do {                                           \
-        snprintf(err, err_size, __VA_ARGS__);      \
-        return SPEED_ERR_INVALID_ARGUMENT;         \
+#define FAIL(...)                             \
+    do {                                      \
+        snprintf(err, err_size, __VA_ARGS__); \
+        return SPEED_ERR_INVALID_ARGUMENT;    \
     } while (0)
 
 static speed_status_t get_num(json_t *o, const char *key, const char *what, const char *ctx, double lo, double hi,
@@ -126,8 +126,8 @@ static speed_status_t profile_from_json(json_t *root, const char *what, speed_pl
     double v;
     SPEED_CHECK(get_num(m, "layers", what, "model", 1, 4096, &v, err, err_size));
     p->n_layers = (int)v;
-    SPEED_CHECK(get_num(m, "kv_bytes_per_token_layer", what, "model", 1, 1e9, &p->kv_bytes_per_token_layer, err,
-                        err_size));
+    SPEED_CHECK(
+        get_num(m, "kv_bytes_per_token_layer", what, "model", 1, 1e9, &p->kv_bytes_per_token_layer, err, err_size));
     get_str(m, "path", p->model, sizeof p->model);
     get_str(m, "kv_dtype", p->kv_dtype, sizeof p->kv_dtype);
     get_str(root, "backend", p->backend, sizeof p->backend);

@@ -200,7 +200,8 @@ static void summarize(sim_t *s, double slo_ttft, double slo_tpot, double t_end_a
     for (int i = 0; i < n; i++) {
         last_done = s->t_done[i] > last_done ? s->t_done[i] : last_done;
         double ttft = (s->t_first[i] - s->reqs[i].arrival_s) * 1e3 + p->overhead_ms;
-        double tpot = s->reqs[i].output > 1 ? (s->t_done[i] - s->t_first[i]) * 1e3 / (double)(s->reqs[i].output - 1) : 0;
+        double tpot =
+            s->reqs[i].output > 1 ? (s->t_done[i] - s->t_first[i]) * 1e3 / (double)(s->reqs[i].output - 1) : 0;
         scratch[i] = ttft;
         sum += ttft;
         sum_wait += (s->t_start[i] - s->reqs[i].arrival_s) * 1e3;
@@ -256,9 +257,8 @@ speed_status_t speed_plan_sim_run(const speed_plan_sim_params_t *p, const speed_
         (p->host_cores > 0 && p->node_threads <= 0) || p->host_background < 0)
         return SPEED_ERR_INVALID_ARGUMENT;
     sim_t s = {.p = p, .reqs = reqs, .n = n};
-    int n_nodes = p->n_prefill + p->n_decode, width = p->prefill_max_running > p->decode_max_running
-                                                         ? p->prefill_max_running
-                                                         : p->decode_max_running;
+    int n_nodes = p->n_prefill + p->n_decode,
+        width = p->prefill_max_running > p->decode_max_running ? p->prefill_max_running : p->decode_max_running;
     speed_status_t st = SPEED_ERR_NO_MEMORY;
     s.nodes = speed_calloc((size_t)n_nodes, sizeof *s.nodes);
     s.router_q = speed_calloc((size_t)n, sizeof(int));

@@ -36,9 +36,9 @@ typedef struct {
     int n_prefill, n_decode;
     int prefill_max_running, max_step_tokens, prefill_chunk;
     int decode_max_running;
-    double overhead_ms;  /* added to every TTFT: HTTP, router, control RPCs */
-    double host_cores;   /* 0: every node has its own hardware */
-    double node_threads; /* cores a busy node wants (host_cores > 0) */
+    double overhead_ms;     /* added to every TTFT: HTTP, router, control RPCs */
+    double host_cores;      /* 0: every node has its own hardware */
+    double node_threads;    /* cores a busy node wants (host_cores > 0) */
     double host_background; /* host_cores > 0: threads of other work that keep the host's cores busy,
                              * as when the profile was measured (fair sharing: a node runs at
                              * min(1, cores / (background + wanted)) relative to
@@ -46,16 +46,16 @@ typedef struct {
 } speed_plan_sim_params_t;
 
 typedef struct {
-    int n;                                   /* requests simulated */
+    int n; /* requests simulated */
     double ttft_mean_ms, ttft_p50_ms, ttft_p90_ms, ttft_p99_ms;
     double tpot_mean_ms, tpot_p50_ms, tpot_p90_ms, tpot_p99_ms; /* requests with output > 1 */
     double e2e_p90_ms;
-    double prefill_wait_mean_ms;             /* router + prefill queue, before the first prefill step */
-    double offered_rps, throughput_rps;      /* over the arrival span / until the last finish */
-    double goodput_rps;                      /* requests within both SLOs, per second of the run */
-    double prefill_busy, decode_busy;        /* fraction of the arrival span the pool's nodes stepped */
+    double prefill_wait_mean_ms;                /* router + prefill queue, before the first prefill step */
+    double offered_rps, throughput_rps;         /* over the arrival span / until the last finish */
+    double goodput_rps;                         /* requests within both SLOs, per second of the run */
+    double prefill_busy, decode_busy;           /* fraction of the arrival span the pool's nodes stepped */
     int decode_running_max, decode_running_p99; /* sequences in one decode node at once */
-    int prefill_waiting_p99;                 /* requests queued at one prefill node (p99 over arrivals) */
+    int prefill_waiting_p99;                    /* requests queued at one prefill node (p99 over arrivals) */
     bool saturated; /* the queues grow through the run: mean TTFT of the last quarter of the arrivals
                      * above 2x the first half's + the first tenth's (n >= 40) */
 } speed_plan_sim_result_t;

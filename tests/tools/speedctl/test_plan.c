@@ -276,8 +276,13 @@ static void test_workload_is_loadgens(void) {
     speed_lg_dist_t pl = {SPEED_LG_DIST_UNIFORM, 16, 64}, ol = {SPEED_LG_DIST_FIXED, 32, 0};
     speed_plan_request_t r[50];
     speed_plan_workload_make(&pl, &ol, 8, SPEED_LG_ARRIVAL_POISSON, 7, r, 50);
-    speed_lg_workload_params_t wp = {.prompt = pl, .output = ol, .max_tokens_clamp = SPEED_PLAN_LENGTH_MAX, .rate = 8,
-                                     .arrival = SPEED_LG_ARRIVAL_POISSON, .time_scale = 1, .seed = 7};
+    speed_lg_workload_params_t wp = {.prompt = pl,
+                                     .output = ol,
+                                     .max_tokens_clamp = SPEED_PLAN_LENGTH_MAX,
+                                     .rate = 8,
+                                     .arrival = SPEED_LG_ARRIVAL_POISSON,
+                                     .time_scale = 1,
+                                     .seed = 7};
     speed_lg_workload_t w;
     speed_lg_workload_init(&w, &wp);
     for (int i = 0; i < 50; i++) {
@@ -332,9 +337,10 @@ static void test_cli(void) {
     write_text(prof_path, profile_text);
     /* 60/s of 100-token prompts: C = 8 needs 1 prefill node (100/s, 60% busy); the planner
      * recommends the fewest nodes that meet the SLOs */
-    run_t r = run("plan --profile '%s' --rate 60 --prompt-tokens fixed:100 --output-tokens fixed:16 --slo-ttft-p90-ms 80 "
-                  "--slo-tpot-p90-ms 20 --max-nodes 4 --out '%s' --requests 1000",
-                  prof_path, dir);
+    run_t r =
+        run("plan --profile '%s' --rate 60 --prompt-tokens fixed:100 --output-tokens fixed:16 --slo-ttft-p90-ms 80 "
+            "--slo-tpot-p90-ms 20 --max-nodes 4 --out '%s' --requests 1000",
+            prof_path, dir);
     CHECK_MSG(r.rc == 0, "plan failed (%d): %s", r.rc, r.err);
     CHECK(strstr(r.out, "<- recommended") != NULL);
     CHECK(strstr(r.out, "rate matching") != NULL);
@@ -403,7 +409,8 @@ static void test_cli(void) {
     CHECK_INT_EQ(r.rc, 2);
     CHECK_MSG(strstr(r.err, "--prompt-tokens") != NULL, "%s", r.err);
     run_free(&r);
-    r = run("plan --profile '%s' --rate 10 --prompt-tokens fixed:10 --output-tokens fixed:16 --prefill-layers 6", prof_path);
+    r = run("plan --profile '%s' --rate 10 --prompt-tokens fixed:10 --output-tokens fixed:16 --prefill-layers 6",
+            prof_path);
     CHECK_INT_EQ(r.rc, 2);
     CHECK(strstr(r.err, "C = 6 is not in the profile") != NULL);
     run_free(&r);
@@ -442,7 +449,8 @@ static void test_cli(void) {
             "--out '%s'",
             prof_path, dir);
     CHECK_MSG(r.rc == 0, "plan --emit k8s failed: %s", r.err);
-    char *kust = tu_read(tu_path("plan/k8s/kustomization.yaml"), NULL), *pre = tu_read(tu_path("plan/k8s/prefill.yaml"), NULL);
+    char *kust = tu_read(tu_path("plan/k8s/kustomization.yaml"), NULL),
+         *pre = tu_read(tu_path("plan/k8s/prefill.yaml"), NULL);
     CHECK(kust != NULL && pre != NULL);
     CHECK_MSG(pre && strstr(pre, "replicas: 2") && strstr(pre, "speedserve:test"), "%s", pre ? pre : "");
     free(kust);
@@ -468,7 +476,9 @@ int main(void) {
     test_bad_profiles();
     test_workload_is_loadgens();
     speedctl = getenv("SPEEDCTL");
-    if (speedctl && tu_tmp_init("test_plan")) test_cli();
-    else fprintf(stderr, "SPEEDCTL not set: the CLI checks are skipped\n");
+    if (speedctl && tu_tmp_init("test_plan"))
+        test_cli();
+    else
+        fprintf(stderr, "SPEEDCTL not set: the CLI checks are skipped\n");
     CHECK_DONE();
 }
