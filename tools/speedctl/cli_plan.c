@@ -27,7 +27,7 @@
 
 typedef struct {
     char *profile, *prompt_tokens, *output_tokens, *trace, *prefill_layers, *tp, *out, *model, *image;
-    double rate, slo_ttft, slo_tpot, overhead_ms, host_cores, host_background;
+    double rate, slo_ttft, slo_tpot, overhead_ms, host_cores, host_background, slowdown;
     int64_t max_nodes, requests, seed, anchors, tail, prefill_max_running, decode_max_running;
     int arrival, emit;
 } plan_opts_t;
@@ -70,6 +70,9 @@ static const speed_config_field_t plan_fields[] = {
            "0 = every node has its own hardware"),
     PL_OPT("host_background", DOUBLE, host_background, "0", 0, 1e6, NULL,
            "with --host-cores: runnable threads of other work on the host (as when the profile was measured)"),
+    PL_OPT("slowdown", DOUBLE, slowdown, "1", 0.01, 1000, NULL,
+           "multiply every profiled time by this: how much slower the host is now than when it was profiled "
+           "(a shared machine; measure it with a short speedctl profile of one point)"),
     PL_OPT("seed", INT, seed, "1", 0, 9.2e18, NULL,
            "seed of the simulated arrivals and lengths: loadgen's --seed draws the same requests"),
     SPEEDCTL_TEXT_OPT(plan_opts_t, "out", out,
@@ -345,6 +348,12 @@ int speedctl_plan(int argc, char **argv) {
                           profs[n_profs].n_layers, profs[0].n_layers);
             goto out;
         }
+        for (int d = 0; d < profs[n_profs].n_depths; d++) {
+            speed_plan_depth_t *pd = &profs[n_profs].depths[d];
+            for (int k = 0; k < pd->n_prefill; k++) pd->prefill[k].ms *= o.slowdown;
+            for (int k = 0; k < pd->n_decode; k++) pd->decode[k].ms *= o.slowdown;
+            for (int k = 0; k < pd->n_transfer; k++) pd->transfer[k].ms *= o.slowdown;
+        }
         n_profs++;
         s += len + (s[len] == ',');
     }
@@ -474,6 +483,13 @@ int speedctl_plan(int argc, char **argv) {
     }
     const candidate_t *best = &cands[0];
     if (!best->meets) {
+        if (o.out) { /* the candidates still tell how far off each one is */
+            char path[4096];
+            snprintf(path, sizeof path, "%s/plan.json", o.out);
+            if ((mkdir(o.out, 0755) == 0 || errno == EEXIST) &&
+                write_json(&o, cands, n_cands, path, mean_p, mean_o, (int)o.decode_max_running, 8) == SPEED_OK)
+                printf("candidates   %s (no recommendation)\n", path);
+        }
         speedctl_fail("no candidate within %" PRId64 " nodes meets TTFT p90 <= %.0f ms and TPOT p90 <= %.0f ms at %.3g "
                       "requests/s (best: %d prefill + %d decode at C = %d, max %.3g requests/s within the SLOs); raise "
                       "--max-nodes, lower --rate or loosen the SLOs",

@@ -397,6 +397,10 @@ static void test_cli(void) {
     CHECK_MSG(r.rc == 0, "plan failed (%d): %s", r.rc, r.err);
     CHECK_MSG(strstr(r.out, "recommended  2 prefill + 1 decode") != NULL, "%s", r.out);
     run_free(&r);
+    /* --slowdown 2: every step twice as long, so one prefill node at C = 4 serves half as much */
+    r = run("plan --profile '%s' --rate 10 --prompt-tokens fixed:100 --output-tokens fixed:16 --slowdown 2", prof_path);
+    CHECK_MSG(r.rc == 0 && strstr(r.out, "     4   1        83.33"), "%s%s", r.out, r.err);
+    run_free(&r);
     /* impossible SLOs: a clear message, exit 1 */
     r = run("plan --profile '%s' --rate 10 --prompt-tokens fixed:100 --output-tokens fixed:16 --slo-ttft-p90-ms 1 "
             "--slo-tpot-p90-ms 20 --max-nodes 3 --requests 200",
