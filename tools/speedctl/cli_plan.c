@@ -27,7 +27,7 @@
 
 typedef struct {
     char *profile, *prompt_tokens, *output_tokens, *trace, *prefill_layers, *tp, *out, *model, *image;
-    double rate, slo_ttft, slo_tpot, overhead_ms, host_cores, host_background, slowdown;
+    double rate, slo_ttft, slo_tpot, overhead_ms, step_overhead_ms, host_cores, host_background, slowdown;
     int64_t max_nodes, requests, seed, anchors, tail, prefill_max_running, decode_max_running;
     int arrival, emit;
 } plan_opts_t;
@@ -65,6 +65,9 @@ static const speed_config_field_t plan_fields[] = {
            "sequences a decode node runs at once (decode.max_running), the most plan will suggest"),
     PL_OPT("overhead_ms", DOUBLE, overhead_ms, "2", 0, 1e6, NULL,
            "fixed latency added to every TTFT (HTTP, router, control RPCs)"),
+    PL_OPT("step_overhead_ms", DOUBLE, step_overhead_ms, "0", 0, 1e6, NULL,
+           "fixed time added to every decode step (token events, the stream to the router, SSE: what TPOT sees "
+           "beyond the engine)"),
     PL_OPT("host_cores", DOUBLE, host_cores, "0", 0, 1e6, NULL,
            "all nodes share this many cores (one small host; each busy node wants the profile's threads); "
            "0 = every node has its own hardware"),
@@ -139,6 +142,7 @@ static speed_plan_sim_params_t sim_params(const plan_opts_t *o, const candidate_
                                      .prefill_chunk = pr->prefill_chunk,
                                      .decode_max_running = (int)o->decode_max_running,
                                      .overhead_ms = o->overhead_ms,
+                                     .step_overhead_ms = o->step_overhead_ms,
                                      .host_cores = o->host_cores,
                                      .node_threads = pr->threads * c->tp,
                                      .host_background = o->host_background};

@@ -119,7 +119,7 @@ static void decode_try_start(sim_t *s, sim_node_t *nd) {
     nd->n_mem = nd->n_run;
     s->run_hist[nd->n_mem]++;
     nd->busy = true;
-    nd->rem_ms = speed_plan_decode_ms(s->p->depth, nd->n_mem, ctx / nd->n_mem);
+    nd->rem_ms = speed_plan_decode_ms(s->p->depth, nd->n_mem, ctx / nd->n_mem) + s->p->step_overhead_ms;
 }
 
 static void request_done(sim_t *s, int r, double t) {

@@ -107,6 +107,10 @@ static void test_deterministic_arrivals(void) {
     CHECK_MSG(fabs(res.tpot_p90_ms - 1.5) < 1e-6, "TPOT p90 %.6f", res.tpot_p90_ms);
     CHECK(res.prefill_wait_mean_ms < 1e-9);
     CHECK(res.decode_running_max == 1);
+    p.step_overhead_ms = 0.5; /* the node's own work per step: TPOT 1.5 + 0.5, TTFT unchanged */
+    CHECK(speed_plan_sim_run(&p, r, 200, 0, 0, &res) == SPEED_OK);
+    CHECK_MSG(fabs(res.tpot_p90_ms - 2.0) < 1e-6 && fabs(res.ttft_p90_ms - 12.0) < 1e-6, "TPOT %.6f TTFT %.6f",
+              res.tpot_p90_ms, res.ttft_p90_ms);
     speed_free(r);
 }
 
