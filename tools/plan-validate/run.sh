@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The capacity planner's validation on this machine (docs/operations.md, "Validation"):
 #   1. a small model (make-tiny-model) and its profile (speedctl profile, threads 1);
-#   2. the fixed latency outside the nodes (HTTP, router, control RPCs), measured once: TTFT of a
-#      lone request on a 1P1D cluster minus the profile's prefill time (plan --overhead-ms);
+#   2. what the nodes' engine time does not hold, measured once on 1P1D with lone requests: TTFT
+#      minus the profile's prefill (plan --overhead-ms) and TPOT minus its decode step
+#      (plan --step-overhead-ms);
 #   3. per workload (short prompts, long prompts): speedctl plan for the host's 2 cores
 #      (--host-cores 2, budget 3 nodes), then the recommendation and its two neighbours (one more
 #      prefill node, one more decode node) as local clusters under speedctl loadgen;
@@ -10,7 +11,9 @@
 # The machine is shared and its speed moves with the other work on it: right before each cluster
 # starts, a one-point profile (prefill of 128 tokens, a decode step of 4) measures how much slower
 # the host is than when it was profiled, and that configuration's prediction is the plan's with
-# --slowdown of that factor (the recommendation is the plan's as first made).
+# --slowdown of that factor and --host-background the 1-minute load average of that moment (the
+# other work the nodes will share the cores with; it counts the probe that just ran, about what
+# the router and loadgen add). The recommendation is the plan's as first made.
 #
 #   tools/plan-validate/run.sh BUILD_DIR [WORK_DIR]      (~15 minutes; not in the default ctest)
 #
@@ -101,26 +104,32 @@ print(f"{math.sqrt(b[0] / a[0] * b[1] / a[1]):.3f}")
 EOF
 }
 
-# ---- 2. the fixed overhead ------------------------------------------------------------------
+# ---- 2. the fixed overheads ----------------------------------------------------------------
+# What the nodes' engine time does not hold, measured once on 1P1D with requests one at a time
+# (prompts of 64 tokens, 16 generated): TTFT p50 measured - predicted (HTTP, router, control RPCs:
+# plan --overhead-ms) and TPOT p50 measured - predicted (per decode step: token events, the stream
+# to the router, SSE: plan --step-overhead-ms); the prediction with the host's slowdown of the moment.
 C_CAL=4
-if [ ! -f "$WORK/overhead_ms" ]; then
-    log "measuring the fixed TTFT overhead on 1P1D (prompts of 64 tokens, one at a time)"
-    "$SPEEDCTL" plan --profile "$WORK/profile.json" --rate 1 --prompt-tokens fixed:64 --output-tokens fixed:2 --seed 7 \
-        --slo-ttft-p90-ms 10000 --slo-tpot-p90-ms 10000 --max-nodes 2 --prefill-layers $C_CAL \
-        --overhead-ms 0 --out "$WORK/cal" >/dev/null
+if [ ! -f "$WORK/overheads" ]; then
+    log "measuring the fixed TTFT and per-step overheads on 1P1D (prompts of 64 tokens, one at a time)"
+    slow=$(slowdown $C_CAL "$WORK/cal-probe.json")
+    bg=$(cut -d' ' -f1 /proc/loadavg)
+    "$SPEEDCTL" plan --profile "$WORK/profile.json" --rate 1 --prompt-tokens fixed:64 --output-tokens fixed:16 \
+        --seed 7 --requests 30 --slo-ttft-p90-ms 10000 --slo-tpot-p90-ms 10000 --max-nodes 2 --prefill-layers $C_CAL \
+        --overhead-ms 0 --slowdown "$slow" --host-cores 2 --host-background "$bg" --out "$WORK/cal" >/dev/null
     start_cluster "$WORK/cal/cluster.yaml" 1 1 "$WORK/cal/logs"
-    loadgen "$WORK/cal/loadgen.json" 1 20 fixed:64 fixed:2 10000 10000
+    loadgen "$WORK/cal/loadgen.json" 1 30 fixed:64 fixed:16 10000 10000
     stop_cluster
-    python3 - "$WORK" <<'EOF' >"$WORK/overhead_ms"
+    python3 - "$WORK" <<'EOF' >"$WORK/overheads"
 import json, sys
 w = sys.argv[1]
-m = json.load(open(f"{w}/cal/loadgen.json"))["latency_ms"]["ttft"]["p50"]
-p = json.load(open(f"{w}/cal/plan.json"))["candidates"][0]["ttft_p50_ms"]
-print(f"{max(0.0, m - p):.2f}")
+m = json.load(open(f"{w}/cal/loadgen.json"))["latency_ms"]
+p = json.load(open(f"{w}/cal/plan.json"))["candidates"][0]
+print(f"{max(0.0, m['ttft']['p50'] - p['ttft_p50_ms']):.2f} {max(0.0, m['tpot']['p50'] - p['tpot_p50_ms']):.2f}")
 EOF
 fi
-OVERHEAD=$(cat "$WORK/overhead_ms")
-log "overhead: $OVERHEAD ms"
+read -r OVERHEAD STEP_OVERHEAD <"$WORK/overheads"
+log "overheads: TTFT $OVERHEAD ms, decode step $STEP_OVERHEAD ms"
 
 # ---- 3. the workloads -----------------------------------------------------------------------
 # name rate prompts outputs slo_ttft slo_tpot
@@ -136,7 +145,7 @@ for wl in "${WORKLOADS[@]}"; do
     log "$name: plan at $rate requests/s"
     if ! "$SPEEDCTL" plan --profile "$WORK/profile.json" --rate "$rate" --prompt-tokens "$prompts" \
         --output-tokens "$outputs" --slo-ttft-p90-ms "$slo_ttft" --slo-tpot-p90-ms "$slo_tpot" --max-nodes 4 \
-        --host-cores 2 --overhead-ms "$OVERHEAD" --requests "$REQUESTS" --seed 7 --out "$dir" >"$dir/plan.txt"; then
+        --host-cores 2 --overhead-ms "$OVERHEAD" --step-overhead-ms "$STEP_OVERHEAD" --requests "$REQUESTS" --seed 7 --out "$dir" >"$dir/plan.txt"; then
         cat "$dir/plan.txt" >&2
         log "$name: no plan at $rate requests/s (above); skipped"
         continue
@@ -146,11 +155,12 @@ for wl in "${WORKLOADS[@]}"; do
     for cfg in "$P $D recommended" "$((P + 1)) $D +1-prefill" "$P $((D + 1)) +1-decode"; do
         read -r p d label <<<"$cfg"
         slow=$(slowdown "$C" "$dir/probe-${p}p${d}d.json")
-        log "$name: the host is ${slow}x slower than when profiled"
+        bg=$(cut -d' ' -f1 /proc/loadavg)
+        log "$name: the host is ${slow}x slower than when profiled; load average $bg"
         "$SPEEDCTL" plan --profile "$WORK/profile.json" --rate "$rate" --prompt-tokens "$prompts" \
             --output-tokens "$outputs" --slo-ttft-p90-ms "$slo_ttft" --slo-tpot-p90-ms "$slo_tpot" --max-nodes 4 \
-            --host-cores 2 --overhead-ms "$OVERHEAD" --requests "$REQUESTS" --seed 7 --prefill-layers "$C" \
-            --slowdown "$slow" --out "$dir/at-${p}p${d}d" >"$dir/at-${p}p${d}d.txt" 2>&1 || true
+            --host-cores 2 --overhead-ms "$OVERHEAD" --step-overhead-ms "$STEP_OVERHEAD" --requests "$REQUESTS" --seed 7 --prefill-layers "$C" \
+            --slowdown "$slow" --host-background "$bg" --out "$dir/at-${p}p${d}d" >"$dir/at-${p}p${d}d.txt" 2>&1 || true
         log "$name: $p prefill + $d decode ($label) under loadgen"
         start_cluster "$dir/cluster.yaml" "$p" "$d" "$dir/logs-${p}p${d}d"
         load=$(cut -d' ' -f1 /proc/loadavg)
