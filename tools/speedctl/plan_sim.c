@@ -322,7 +322,12 @@ speed_status_t speed_plan_sim_run(const speed_plan_sim_params_t *p, const speed_
         for (int i = 0; i < n_nodes; i++) {
             sim_node_t *nd = &s.nodes[i];
             if (!nd->busy) continue;
-            nd->rem_ms -= dt * 1e3 * rate;
+            /* a step that ends now ends now, whatever the subtraction leaves: late in a long run
+             * the clock's resolution exceeds a tiny remainder, and it would never move */
+            if (t + nd->rem_ms / rate / 1e3 <= tn)
+                nd->rem_ms = 0;
+            else
+                nd->rem_ms -= dt * 1e3 * rate;
             if (t < t_end_arrivals) nd->busy_s += fmin(tn, t_end_arrivals) - t;
         }
         t = tn;

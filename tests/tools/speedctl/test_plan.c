@@ -162,6 +162,20 @@ static void test_chunking(void) {
     CHECK_MSG(fabs(res.ttft_p99_ms - 80.0) < 1e-6, "second prompt %.6f ms", res.ttft_p99_ms);
 }
 
+static void test_late_clock(void) {
+    /* arrivals a million seconds apart: the clock's resolution there is coarser than a step's
+     * last sliver of work; every request still finishes, each alone (10 ms prefill, 1.5 ms steps) */
+    speed_plan_sim_params_t p = params(8, 1, 1);
+    p.host_cores = 2;
+    p.host_background = 0.7;
+    speed_plan_request_t *r = fixed_workload(300, 1e-6, SPEED_LG_ARRIVAL_POISSON, 97, 5, 3);
+    speed_plan_sim_result_t res;
+    CHECK(speed_plan_sim_run(&p, r, 300, 0, 0, &res) == SPEED_OK);
+    CHECK_MSG(fabs(res.ttft_p50_ms - 9.7) < 1e-3 && fabs(res.tpot_p90_ms - 1.5) < 1e-3, "TTFT %.6f TPOT %.6f",
+              res.ttft_p50_ms, res.tpot_p90_ms);
+    speed_free(r);
+}
+
 static void test_monotone(void) {
     speed_lg_dist_t pl, ol;
     char err[256];
@@ -486,6 +500,7 @@ int main(void) {
     test_saturation();
     test_shared_cores();
     test_chunking();
+    test_late_clock();
     test_monotone();
     test_determinism();
     test_rate_match();
