@@ -25,6 +25,9 @@ static const char *const policy_names[] = {"round-robin", "least-loaded", NULL};
         FS(#pool ".hosts", pool.hosts, "",                                                                          \
            "addresses peers dial for the replicas, comma-separated, replica i: entry i (one per replica); "         \
            "empty = host for every replica"),                                                                       \
+        FS(#pool ".discovery", pool.discovery, "",                                                                  \
+           "router: dns:NAME finds the " #pool " nodes in NAME's A/AAAA records at grpc_port (a headless "          \
+           "Service) instead of replicas/hosts; empty = the static list"),                                          \
         F(#pool ".grpc_port", INT, pool.grpc_port, grpc, 1, 65535, "gRPC port of replica 0 (replica i: + i)"),      \
         F(#pool ".http_port", INT, pool.http_port, http, 1, 65535, "/metrics and /health port of replica 0 (+ i)"), \
         FE(#pool ".backend", pool.backend, "cpu", speed_backend_kind_names,                                         \
@@ -119,6 +122,10 @@ static const speed_config_field_t fields[] = {
     F("router.default_max_tokens", INT, default_max_tokens, "256", 1, 1 << 20, "max_tokens when a request has none"),
     F("router.max_context", INT, max_context, "0", 0, 1 << 24, "prompt + max_tokens limit; 0 = the model's"),
     F("router.status_interval_ms", INT, status_interval_ms, "500", 10, 60000, "node status polling period"),
+    F("router.discovery_interval_ms", INT, discovery_interval_ms, "5000", 100, 3600000,
+      "how often the router re-resolves the pools' discovery names"),
+    F("router.discovery_max_nodes", INT, discovery_max_nodes, "64", 1, 256,
+      "distinct addresses a discovered pool holds (more are refused with a warning)"),
     F("router.prefill_retries", INT, prefill_retries, "1", 0, 16, "other prefill nodes tried before the first token"),
     F("router.max_migrations", INT, max_migrations, "3", 0, 16,
       "times a stream whose decode node dies is re-issued elsewhere and continued; 0 = end it with an error"),
@@ -189,6 +196,21 @@ static speed_status_t check_cluster(const speed_cluster_config_t *c, const char 
             return SPEED_ERR_INVALID_ARGUMENT;
         }
     }
+    for (int p = 0; p < 2; p++) {
+        const char *d = pools[p]->discovery;
+        if (!d || !*d) continue;
+        const char *name = speed_cluster_discovery_name(pools[p]);
+        size_t len = strlen(name);
+        bool ok = strncmp(d, "dns:", 4) == 0 && len > 0 && len < 254 && name[0] != '.' && name[0] != '-';
+        for (size_t k = 0; ok && k < len; k++)
+            ok = (name[k] >= 'a' && name[k] <= 'z') || (name[k] >= 'A' && name[k] <= 'Z') ||
+                 (name[k] >= '0' && name[k] <= '9') || name[k] == '.' || name[k] == '-' || name[k] == '_';
+        if (!ok) {
+            SPEED_ERROR(SPEED_SUBSYS_CORE, "cluster config: %s.discovery '%s' is not dns:NAME (a host name)",
+                        p == 0 ? "prefill" : "decode", d);
+            return SPEED_ERR_INVALID_ARGUMENT;
+        }
+    }
     if (c->decode.replicas < 1) {
         SPEED_ERROR(SPEED_SUBSYS_CORE, "cluster config: decode.replicas must be >= 1 (decode nodes generate)");
         return SPEED_ERR_INVALID_ARGUMENT;
@@ -220,6 +242,12 @@ speed_status_t speed_cluster_config_load(int argc, char **argv, const char *role
     *cfg_out = c;
     *cfg_p = cfg;
     return SPEED_OK;
+}
+
+const char *speed_cluster_discovery_name(const speed_pool_config_t *pool) {
+    const char *d = pool ? pool->discovery : NULL;
+    if (!d || strncmp(d, "dns:", 4) != 0) return "";
+    return d + 4;
 }
 
 bool speed_cluster_list_item(const char *list, int64_t i, char *buf, size_t size) {

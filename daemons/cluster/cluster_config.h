@@ -40,6 +40,8 @@ typedef struct {
     int64_t replicas;        /* >= 0 (prefill 0: every request takes the decode-only route) */
     int64_t tensor_parallel; /* ranks per replica (1 on CPU) */
     const char *hosts;       /* comma-separated address per replica peers dial; "" = host */
+    const char *discovery;   /* router: "dns:NAME" = find the pool's nodes in NAME's A/AAAA records
+                              * (port grpc_port) instead of replicas/hosts; "" = the static list */
     int64_t grpc_port, http_port;
     int backend;             /* speed_backend_kind_t (backend_kind.h) */
     int64_t device;          /* cuda: device of replica 0; replica i uses device + i */
@@ -97,9 +99,11 @@ typedef struct {
     int64_t decode_only_below;         /* prompts shorter than this skip the prefill pool; 0 = never */
     int prefill_policy, decode_policy; /* speed_policy_t */
     int64_t default_max_tokens, max_context;
-    int64_t status_interval_ms; /* node status polling */
-    int64_t prefill_retries;    /* other prefill nodes tried before the first token */
-    int64_t max_migrations;     /* re-issues of a stream whose decode node died; 0 = error */
+    int64_t status_interval_ms;    /* node status polling */
+    int64_t discovery_interval_ms; /* re-resolution of the pools' discovery names */
+    int64_t discovery_max_nodes;   /* addresses a discovered pool holds at most */
+    int64_t prefill_retries;       /* other prefill nodes tried before the first token */
+    int64_t max_migrations;        /* re-issues of a stream whose decode node died; 0 = error */
 
     speed_pool_config_t prefill, decode;
 
@@ -141,6 +145,9 @@ bool speed_cluster_list_item(const char *list, int64_t i, char *buf, size_t size
  * is empty (several hosts: docs/cluster.md). */
 void speed_cluster_replica_host(const speed_cluster_config_t *c, const speed_pool_config_t *pool, int64_t i, char *buf,
                                 size_t size);
+
+/* The name of a pool's `dns:NAME` discovery ("" when the pool has a static list). */
+const char *speed_cluster_discovery_name(const speed_pool_config_t *pool);
 
 /* "host:port" of replica i's gRPC / HTTP endpoint into buf (its replica host). */
 void speed_cluster_grpc_addr(const speed_cluster_config_t *c, const speed_pool_config_t *pool, int64_t i, char *buf,

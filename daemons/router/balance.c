@@ -69,7 +69,8 @@ static void pool_lock(const speed_balance_pool_t *pool) { pthread_mutex_lock((pt
 
 static void pool_unlock(const speed_balance_pool_t *pool) { pthread_mutex_unlock((pthread_mutex_t *)&pool->mu); }
 
-speed_status_t speed_balance_pool_add(speed_balance_pool_t *pool, const char *address, size_t *index_p) {
+static speed_status_t pool_add(speed_balance_pool_t *pool, const char *address, speed_node_state_t state,
+                               size_t *index_p) {
     if (!pool || !address || !address[0]) return SPEED_ERR_INVALID_ARGUMENT;
     char *copy = speed_strdup(address);
     if (!copy) return SPEED_ERR_NO_MEMORY;
@@ -82,12 +83,20 @@ speed_status_t speed_balance_pool_add(speed_balance_pool_t *pool, const char *ad
         size_t i = pool->n_nodes++;
         memset(&pool->nodes[i], 0, sizeof pool->nodes[i]);
         pool->nodes[i].address = copy;
-        pool->nodes[i].state = SPEED_NODE_UP;
+        pool->nodes[i].state = state;
         if (index_p) *index_p = i;
     }
     pool_unlock(pool);
     if (st != SPEED_OK) speed_free(copy);
     return st;
+}
+
+speed_status_t speed_balance_pool_add(speed_balance_pool_t *pool, const char *address, size_t *index_p) {
+    return pool_add(pool, address, SPEED_NODE_UP, index_p);
+}
+
+speed_status_t speed_balance_pool_add_down(speed_balance_pool_t *pool, const char *address, size_t *index_p) {
+    return pool_add(pool, address, SPEED_NODE_DOWN, index_p);
 }
 
 size_t speed_balance_pool_size(const speed_balance_pool_t *pool) {

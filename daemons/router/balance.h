@@ -78,6 +78,10 @@ void speed_balance_pool_destroy(speed_balance_pool_t *pool); /* NULL ok */
  * or SPEED_ERR_NO_MEMORY. */
 speed_status_t speed_balance_pool_add(speed_balance_pool_t *pool, const char *address, size_t *index_p);
 
+/* speed_balance_pool_add for a node that must pass a health check before it takes requests:
+ * it starts DOWN (a node found by discovery). Same returns. */
+speed_status_t speed_balance_pool_add_down(speed_balance_pool_t *pool, const char *address, size_t *index_p);
+
 size_t speed_balance_pool_size(const speed_balance_pool_t *pool);
 /* The address given to add (owned by the pool, valid until destroy); NULL if out of
  * range. */

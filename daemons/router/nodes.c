@@ -9,6 +9,7 @@
 #include "alloc.h"
 #include "clock.h"
 #include "cluster_config.h"
+#include "discovery.h"
 #include "log.h"
 #include "speed_proto.h"
 
@@ -18,20 +19,42 @@ typedef struct {
     speed_gauge_t *up_gauge;     /* speed_router_node_up{pool,node} */
     speed_counter_t *down_count; /* speed_router_node_down_total{pool,node} */
     int timeouts;                /* health checks in a row that timed out (poller thread only) */
+    _Atomic bool retired;        /* left the discovery set (written by the poller thread only) */
 } node_t;
+
+/* A pool's discovery: the name, its last good resolution (handed from the discovery thread to
+ * the poller under `lock`) and its counters. */
+typedef struct {
+    char name[256]; /* "" = static pool */
+    int64_t port;
+    char (*found)[SPEED_ROUTER_ADDRESS_MAX]; /* [max_nodes + 1]: the last good set */
+    size_t n_found;
+    bool fresh;        /* found holds a set the poller has not applied */
+    bool failing;      /* the last resolution failed (log the transitions only) */
+    bool refused_seen; /* the cap was hit (warned once per set that hits it) */
+    speed_counter_t *m_added, *m_removed, *m_failures, *m_refused;
+} disc_t;
 
 struct speed_router_nodes {
     speed_balance_pool_t *pools[SPEED_ROUTER_POOL_COUNT];
-    node_t *nodes[SPEED_ROUTER_POOL_COUNT];
-    size_t n_nodes[SPEED_ROUTER_POOL_COUNT];
+    node_t *nodes[SPEED_ROUTER_POOL_COUNT];          /* [cap[p]]: slots never move */
+    _Atomic size_t n_nodes[SPEED_ROUTER_POOL_COUNT]; /* published after the slot is complete */
+    size_t cap[SPEED_ROUTER_POOL_COUNT];
+    disc_t disc[SPEED_ROUTER_POOL_COUNT];
     int64_t interval_ms;
     int64_t rpc_timeout_ms;
+    int64_t disc_interval_ms;
+    const speed_rpc_tls_t *tls;
+    speed_gauge_t *up_family;
+    speed_counter_t *down_family;
 
-    pthread_t thread;
-    bool thread_started;
+    pthread_t thread, disc_thread;
+    bool thread_started, disc_started;
     pthread_mutex_t lock;
-    pthread_cond_t cond; /* CLOCK_MONOTONIC: wakes the poller to stop */
+    pthread_cond_t cond;      /* CLOCK_MONOTONIC: wakes the poller (stop, a fresh set) */
+    pthread_cond_t disc_cond; /* CLOCK_MONOTONIC: wakes the discovery thread to stop */
     bool stop;
+    bool kick; /* a fresh discovery set waits: poll now */
     _Atomic uint64_t polls;
 };
 
@@ -49,68 +72,157 @@ static void update_gauge(speed_router_nodes_t *n, speed_router_pool_id_t p, size
     if (n->nodes[p][i].up_gauge) speed_gauge_set(n->nodes[p][i].up_gauge, state == SPEED_NODE_UP);
 }
 
+static size_t n_nodes_of(const speed_router_nodes_t *n, int p) {
+    return atomic_load_explicit(&((speed_router_nodes_t *)n)->n_nodes[p], memory_order_acquire);
+}
+
+/* Fills slot n_nodes[p] (channel, gauges), then adds it to the balance pool: UP for a static
+ * node, DOWN for a discovered one (routed to after its first SERVING health check). Only
+ * create and the poller thread add nodes, so the slot index is the pool index. */
+static speed_status_t node_add(speed_router_nodes_t *n, speed_router_pool_id_t p, const char *address,
+                               bool discovered) {
+    size_t i = n_nodes_of(n, p);
+    if (i >= n->cap[p]) return SPEED_ERR_CAPACITY;
+    node_t *node = &n->nodes[p][i];
+    memset(node, 0, sizeof *node);
+    atomic_init(&node->retired, false);
+    snprintf(node->address, sizeof node->address, "%s", address);
+    speed_rpc_channel_params_t cp = speed_rpc_channel_default_params();
+    cp.tls = n->tls;
+    /* A discovered node is dialled at its pod address, which no certificate can list ahead of
+     * time: its certificate must name the pool's discovery name instead. */
+    if (discovered && n->tls) cp.tls_server_name = n->disc[p].name;
+    speed_status_t st = speed_rpc_channel_create(node->address, &cp, &node->channel);
+    if (st == SPEED_OK && n->up_family) {
+        const char *values[] = {speed_router_pool_name(p), node->address};
+        st = speed_gauge_labels(n->up_family, values, &node->up_gauge);
+        if (st == SPEED_OK) st = speed_counter_labels(n->down_family, values, &node->down_count);
+    }
+    size_t index = 0;
+    if (st == SPEED_OK) {
+        /* published first: a request may hold the index as soon as the pool has it */
+        atomic_store_explicit(&n->n_nodes[p], i + 1, memory_order_release);
+        st = discovered ? speed_balance_pool_add_down(n->pools[p], node->address, &index)
+                        : speed_balance_pool_add(n->pools[p], node->address, &index);
+        if (st != SPEED_OK) atomic_store_explicit(&n->n_nodes[p], i, memory_order_release);
+    }
+    if (st != SPEED_OK) {
+        speed_rpc_channel_destroy(node->channel);
+        node->channel = NULL;
+        return st;
+    }
+    SPEED_ASSERT(index == i);
+    update_gauge(n, p, i);
+    return SPEED_OK;
+}
+
+static speed_status_t register_discovery_metrics(speed_router_nodes_t *n, speed_metrics_t *m) {
+    static const char *const labels[] = {"pool"};
+    speed_counter_t *added, *removed, *failures, *refused;
+    SPEED_CHECK(speed_counter_register(m, "speed_router_discovery_nodes_added_total",
+                                       "nodes the router added to a pool because its discovery name listed them",
+                                       labels, 1, &added));
+    SPEED_CHECK(speed_counter_register(m, "speed_router_discovery_nodes_removed_total",
+                                       "nodes the router retired because they left their pool's discovery name", labels,
+                                       1, &removed));
+    SPEED_CHECK(speed_counter_register(m, "speed_router_discovery_failures_total",
+                                       "resolutions of a pool's discovery name that failed or found no address "
+                                       "(the pool kept its last set)",
+                                       labels, 1, &failures));
+    SPEED_CHECK(speed_counter_register(m, "speed_router_discovery_refused_total",
+                                       "addresses a discovered pool refused: it holds discovery_max_nodes already",
+                                       labels, 1, &refused));
+    for (int p = 0; p < SPEED_ROUTER_POOL_COUNT; p++) {
+        if (!n->disc[p].name[0]) continue;
+        const char *values[] = {speed_router_pool_name(p)};
+        SPEED_CHECK(speed_counter_labels(added, values, &n->disc[p].m_added));
+        SPEED_CHECK(speed_counter_labels(removed, values, &n->disc[p].m_removed));
+        SPEED_CHECK(speed_counter_labels(failures, values, &n->disc[p].m_failures));
+        SPEED_CHECK(speed_counter_labels(refused, values, &n->disc[p].m_refused));
+    }
+    return SPEED_OK;
+}
+
 speed_status_t speed_router_nodes_create(const speed_router_nodes_params_t *params, speed_router_nodes_t **nodes_p) {
     if (!params || !nodes_p || !params->host || params->status_interval_ms < 10 ||
-        params->n_nodes[SPEED_ROUTER_POOL_DECODE] < 1 || params->n_nodes[SPEED_ROUTER_POOL_PREFILL] < 0)
+        params->n_nodes[SPEED_ROUTER_POOL_PREFILL] < 0 || params->n_nodes[SPEED_ROUTER_POOL_DECODE] < 0)
         return SPEED_ERR_INVALID_ARGUMENT;
+    bool any_discovery = false;
+    for (int p = 0; p < SPEED_ROUTER_POOL_COUNT; p++) {
+        const char *d = params->discovery[p];
+        if (!d || !d[0]) continue;
+        if (strncmp(d, "dns:", 4) != 0 || !d[4] || strlen(d + 4) >= 254 || params->discovery_max_nodes < 1 ||
+            params->discovery_max_nodes > 256 || params->discovery_interval_ms < 10)
+            return SPEED_ERR_INVALID_ARGUMENT;
+        any_discovery = true;
+    }
+    bool decode_discovery =
+        params->discovery[SPEED_ROUTER_POOL_DECODE] && params->discovery[SPEED_ROUTER_POOL_DECODE][0];
+    if (params->n_nodes[SPEED_ROUTER_POOL_DECODE] < 1 && !decode_discovery) return SPEED_ERR_INVALID_ARGUMENT;
+
     speed_router_nodes_t *n = speed_calloc(1, sizeof(*n));
     if (!n) return SPEED_ERR_NO_MEMORY;
     pthread_mutex_init(&n->lock, NULL);
     speed_clock_cond_init(&n->cond);
+    speed_clock_cond_init(&n->disc_cond);
     n->interval_ms = params->status_interval_ms;
+    n->disc_interval_ms = any_discovery ? params->discovery_interval_ms : 0;
+    n->tls = params->tls;
     /* A poll must not outlast its period by much, and a node on a loaded host still gets
      * a fair chance to answer. */
     n->rpc_timeout_ms = n->interval_ms < 200 ? 200 : n->interval_ms > 2000 ? 2000 : n->interval_ms;
 
-    speed_gauge_t *up_family = NULL;
-    speed_counter_t *down_family = NULL;
     speed_status_t st = SPEED_OK;
+    for (int p = 0; p < SPEED_ROUTER_POOL_COUNT; p++) {
+        const char *d = params->discovery[p];
+        if (d && d[0]) {
+            snprintf(n->disc[p].name, sizeof n->disc[p].name, "%s", d + 4);
+            n->disc[p].port = params->grpc_port[p];
+        }
+    }
     if (params->metrics) {
         static const char *const labels[] = {"pool", "node"};
         st = speed_gauge_register(params->metrics, "speed_router_node_up",
-                                  "1 while the router sends requests to the node", labels, 2, &up_family);
+                                  "1 while the router sends requests to the node", labels, 2, &n->up_family);
         if (st == SPEED_OK)
             st = speed_counter_register(params->metrics, "speed_router_node_down_total",
                                         "times the router stopped sending requests to the node", labels, 2,
-                                        &down_family);
+                                        &n->down_family);
+        if (st == SPEED_OK && any_discovery) st = register_discovery_metrics(n, params->metrics);
     }
     for (int p = 0; p < SPEED_ROUTER_POOL_COUNT && st == SPEED_OK; p++) {
-        size_t count = (size_t)params->n_nodes[p];
+        bool discovered = n->disc[p].name[0] != '\0';
+        size_t count = discovered ? 0 : (size_t)params->n_nodes[p];
+        n->cap[p] = discovered ? (size_t)params->discovery_max_nodes : count;
         speed_balance_pool_params_t bp = speed_balance_pool_default_params();
         bp.policy = params->policy[p];
         if (count > bp.n_nodes_max) {
             st = SPEED_ERR_INVALID_ARGUMENT;
             break;
         }
+        if (n->cap[p] > 0) bp.n_nodes_max = n->cap[p];
         st = speed_balance_pool_create(speed_router_pool_name(p), &bp, &n->pools[p]);
         if (st != SPEED_OK) break;
-        if (count) {
-            n->nodes[p] = speed_calloc(count, sizeof(node_t));
+        if (n->cap[p]) {
+            n->nodes[p] = speed_calloc(n->cap[p], sizeof(node_t));
             if (!n->nodes[p]) {
                 st = SPEED_ERR_NO_MEMORY;
                 break;
             }
         }
+        if (discovered) {
+            n->disc[p].found = speed_calloc(n->cap[p] + 1, sizeof *n->disc[p].found);
+            if (!n->disc[p].found) {
+                st = SPEED_ERR_NO_MEMORY;
+                break;
+            }
+        }
         for (size_t i = 0; i < count && st == SPEED_OK; i++) {
-            node_t *node = &n->nodes[p][i];
-            char host[256];
+            char host[256], address[300];
             if (!speed_cluster_list_item(params->hosts[p], (int64_t)i, host, sizeof host))
                 snprintf(host, sizeof host, "%s", params->host);
-            snprintf(node->address, sizeof node->address, "%s:%lld", host,
-                     (long long)(params->grpc_port[p] + (int64_t)i));
-            st = speed_balance_pool_add(n->pools[p], node->address, NULL);
-            speed_rpc_channel_params_t cp = speed_rpc_channel_default_params();
-            cp.tls = params->tls;
-            if (st == SPEED_OK) st = speed_rpc_channel_create(node->address, &cp, &node->channel);
-            if (st == SPEED_OK && up_family) {
-                const char *values[] = {speed_router_pool_name(p), node->address};
-                st = speed_gauge_labels(up_family, values, &node->up_gauge);
-                if (st == SPEED_OK) st = speed_counter_labels(down_family, values, &node->down_count);
-            }
-            if (st == SPEED_OK) {
-                n->n_nodes[p] = i + 1;
-                update_gauge(n, p, i);
-            }
+            snprintf(address, sizeof address, "%s:%lld", host, (long long)(params->grpc_port[p] + (int64_t)i));
+            st = node_add(n, p, address, false);
         }
     }
     if (st != SPEED_OK) {
@@ -157,7 +269,12 @@ static void poll_node(speed_router_nodes_t *n, speed_router_pool_id_t p, size_t 
                   speed_router_pool_name(p), node->address, node->timeouts, SPEED_ROUTER_HEALTH_TIMEOUTS_DOWN);
         return;
     }
-    if (state == SPEED__V1__NODE_STATE__NODE_STATE_SERVING) {
+    const bool retired = atomic_load(&node->retired);
+    if (retired &&
+        (state == SPEED__V1__NODE_STATE__NODE_STATE_SERVING || state == SPEED__V1__NODE_STATE__NODE_STATE_DRAINING)) {
+        /* out of the discovery set but still answering: its requests finish, no new ones */
+        speed_balance_pool_set_draining(pool, i, true);
+    } else if (state == SPEED__V1__NODE_STATE__NODE_STATE_SERVING) {
         if (was == SPEED_NODE_DRAINING)
             speed_balance_pool_set_draining(pool, i, false);
         else
@@ -168,7 +285,7 @@ static void poll_node(speed_router_nodes_t *n, speed_router_pool_id_t p, size_t 
                       node->address);
         speed_balance_pool_set_draining(pool, i, true);
     } else {
-        if (was != SPEED_NODE_DOWN) {
+        if (was != SPEED_NODE_DOWN && !retired) {
             if (state < 0)
                 speed_log(SPEED_LOG_WARN, SPEED_SUBSYS_NET, NULL, "%s pool: node %s health check failed: %s",
                           speed_router_pool_name(p), node->address, speed_status_string(st));
@@ -200,9 +317,146 @@ static void poll_node(speed_router_nodes_t *n, speed_router_pool_id_t p, size_t 
     update_gauge(n, p, i);
 }
 
+/* Applies a pool's fresh discovery set (poller thread): new addresses get nodes, vanished
+ * ones are retired, returning ones are restored. `found` is the poller's private copy. */
+static void discovery_apply(speed_router_nodes_t *n, speed_router_pool_id_t p, char (*found)[SPEED_ROUTER_ADDRESS_MAX],
+                            size_t n_found, bool over_cap) {
+    disc_t *d = &n->disc[p];
+    const char *pool_name = speed_router_pool_name(p);
+    size_t count = n_nodes_of(n, p);
+    for (size_t i = 0; i < count; i++) {
+        node_t *node = &n->nodes[p][i];
+        bool listed = false;
+        for (size_t k = 0; k < n_found && !listed; k++) listed = strcmp(found[k], node->address) == 0;
+        bool retired = atomic_load(&node->retired);
+        if (!listed && !retired) {
+            atomic_store(&node->retired, true);
+            speed_balance_pool_set_draining(n->pools[p], i, true);
+            if (d->m_removed) speed_counter_inc(d->m_removed);
+            SPEED_INFO(SPEED_SUBSYS_NET, "%s pool: node %s left %s: retired (its requests finish)", pool_name,
+                       node->address, d->name);
+        } else if (listed && retired) {
+            /* back: DOWN until a health check says SERVING, like a new node */
+            atomic_store(&node->retired, false);
+            speed_balance_pool_take_down(n->pools[p], i);
+            if (d->m_added) speed_counter_inc(d->m_added);
+            SPEED_INFO(SPEED_SUBSYS_NET, "%s pool: node %s is back in %s", pool_name, node->address, d->name);
+        }
+        update_gauge(n, p, i);
+    }
+    size_t refused = 0;
+    for (size_t k = 0; k < n_found; k++) {
+        bool known = false;
+        for (size_t i = 0; i < count && !known; i++) known = strcmp(found[k], n->nodes[p][i].address) == 0;
+        if (known) continue;
+        speed_status_t st = node_add(n, p, found[k], true);
+        if (st == SPEED_OK) {
+            count++;
+            if (d->m_added) speed_counter_inc(d->m_added);
+            SPEED_INFO(SPEED_SUBSYS_NET, "%s pool: found node %s in %s (routed to once healthy)", pool_name, found[k],
+                       d->name);
+        } else if (st == SPEED_ERR_CAPACITY) {
+            refused++;
+        } else {
+            SPEED_WARN(SPEED_SUBSYS_NET, "%s pool: cannot add node %s: %s", pool_name, found[k],
+                       speed_status_string(st));
+        }
+    }
+    if (over_cap) refused++; /* the resolver had more than the copy holds */
+    if (refused && d->m_refused) speed_counter_add(d->m_refused, (double)refused);
+    if (refused && !d->refused_seen)
+        SPEED_WARN(SPEED_SUBSYS_NET,
+                   "%s pool: %s lists more addresses than the pool holds (router.discovery_max_nodes %zu): %zu "
+                   "refused",
+                   pool_name, d->name, n->cap[p], refused);
+    d->refused_seen = refused > 0;
+}
+
+/* Takes every fresh discovery set (under lock, copied) and applies it. Poller thread. */
+static void discovery_take(speed_router_nodes_t *n) {
+    for (int p = 0; p < SPEED_ROUTER_POOL_COUNT; p++) {
+        disc_t *d = &n->disc[p];
+        if (!d->name[0]) continue;
+        pthread_mutex_lock(&n->lock);
+        bool fresh = d->fresh;
+        size_t n_found = d->n_found;
+        char(*copy)[SPEED_ROUTER_ADDRESS_MAX] = NULL;
+        if (fresh) {
+            copy = speed_malloc((n_found + 1) * sizeof *copy);
+            if (copy) {
+                memcpy(copy, d->found, n_found * sizeof *copy);
+                d->fresh = false;
+            }
+        }
+        pthread_mutex_unlock(&n->lock);
+        if (!copy) continue; /* nothing new (or no memory: the set stays fresh for the next round) */
+        bool over_cap = n_found > n->cap[p];
+        discovery_apply(n, p, copy, over_cap ? n->cap[p] : n_found, over_cap);
+        speed_free(copy);
+    }
+}
+
+/* One resolution of every discovery name; a good set is handed to the poller. Any thread that
+ * is not the poller (start, the discovery thread). */
+static void discovery_resolve_all(speed_router_nodes_t *n) {
+    for (int p = 0; p < SPEED_ROUTER_POOL_COUNT; p++) {
+        disc_t *d = &n->disc[p];
+        if (!d->name[0]) continue;
+        size_t cap = n->cap[p] + 1; /* one more than fits: says the set is over the cap */
+        char(*addrs)[SPEED_ROUTER_ADDRESS_MAX] = speed_malloc(cap * sizeof *addrs);
+        if (!addrs) continue;
+        size_t n_found = 0;
+        char why[128];
+        speed_status_t st = speed_router_discovery_resolve(d->name, d->port, addrs, cap, &n_found, why, sizeof why);
+        pthread_mutex_lock(&n->lock);
+        bool ok = (st == SPEED_OK || st == SPEED_ERR_CAPACITY) && n_found > 0;
+        bool was_failing = d->failing;
+        d->failing = !ok;
+        if (ok) {
+            bool same = n_found == d->n_found;
+            for (size_t k = 0; same && k < n_found; k++) same = strcmp(addrs[k], d->found[k]) == 0;
+            if (!same) {
+                memcpy(d->found, addrs, n_found * sizeof *addrs);
+                d->n_found = n_found;
+                d->fresh = true;
+                n->kick = true;
+                pthread_cond_broadcast(&n->cond);
+            }
+        }
+        pthread_mutex_unlock(&n->lock);
+        if (!ok) {
+            if (d->m_failures) speed_counter_inc(d->m_failures);
+            /* a resolver outage must not empty the pool: the last set stays */
+            if (!was_failing)
+                SPEED_WARN(SPEED_SUBSYS_NET, "%s pool: cannot resolve %s (%s): keeping the %zu known nodes",
+                           speed_router_pool_name(p), d->name, why[0] ? why : speed_status_string(st),
+                           n_nodes_of(n, p));
+        } else if (was_failing) {
+            SPEED_INFO(SPEED_SUBSYS_NET, "%s pool: %s resolves again (%zu addresses)", speed_router_pool_name(p),
+                       d->name, n_found);
+        }
+        speed_free(addrs);
+    }
+}
+
+static void *discovery_main(void *arg) {
+    speed_router_nodes_t *n = arg;
+    for (;;) {
+        struct timespec until = speed_clock_deadline(CLOCK_MONOTONIC, n->disc_interval_ms);
+        pthread_mutex_lock(&n->lock);
+        while (!n->stop && pthread_cond_timedwait(&n->disc_cond, &n->lock, &until) == 0) {}
+        bool stop = n->stop;
+        pthread_mutex_unlock(&n->lock);
+        if (stop) break;
+        discovery_resolve_all(n);
+    }
+    return NULL;
+}
+
 static void poll_all(speed_router_nodes_t *n) {
+    discovery_take(n);
     for (int p = 0; p < SPEED_ROUTER_POOL_COUNT; p++)
-        for (size_t i = 0; i < n->n_nodes[p]; i++) {
+        for (size_t i = 0; i < n_nodes_of(n, p); i++) {
             pthread_mutex_lock(&n->lock);
             bool stop = n->stop;
             pthread_mutex_unlock(&n->lock);
@@ -217,8 +471,9 @@ static void *poller_main(void *arg) {
     for (;;) {
         struct timespec until = speed_clock_deadline(CLOCK_MONOTONIC, n->interval_ms);
         pthread_mutex_lock(&n->lock);
-        while (!n->stop && pthread_cond_timedwait(&n->cond, &n->lock, &until) == 0) {}
+        while (!n->stop && !n->kick && pthread_cond_timedwait(&n->cond, &n->lock, &until) == 0) {}
         bool stop = n->stop;
+        n->kick = false;
         pthread_mutex_unlock(&n->lock);
         if (stop) break;
         poll_all(n);
@@ -228,12 +483,20 @@ static void *poller_main(void *arg) {
 
 speed_status_t speed_router_nodes_start(speed_router_nodes_t *n) {
     if (!n || n->thread_started) return SPEED_ERR_INVALID_ARGUMENT;
+    if (n->disc_interval_ms) discovery_resolve_all(n);
     poll_all(n);
     if (pthread_create(&n->thread, NULL, poller_main, n) != 0) {
         SPEED_ERROR(SPEED_SUBSYS_NET, "router: cannot start the node poller thread");
         return SPEED_ERR_INTERNAL;
     }
     n->thread_started = true;
+    if (n->disc_interval_ms) {
+        if (pthread_create(&n->disc_thread, NULL, discovery_main, n) != 0) {
+            SPEED_ERROR(SPEED_SUBSYS_NET, "router: cannot start the node discovery thread");
+            return SPEED_ERR_INTERNAL;
+        }
+        n->disc_started = true;
+    }
     return SPEED_OK;
 }
 
@@ -242,10 +505,15 @@ void speed_router_nodes_stop(speed_router_nodes_t *n) {
     pthread_mutex_lock(&n->lock);
     n->stop = true;
     pthread_cond_broadcast(&n->cond);
+    pthread_cond_broadcast(&n->disc_cond);
     pthread_mutex_unlock(&n->lock);
     if (n->thread_started) {
         pthread_join(n->thread, NULL);
         n->thread_started = false;
+    }
+    if (n->disc_started) {
+        pthread_join(n->disc_thread, NULL);
+        n->disc_started = false;
     }
 }
 
@@ -253,11 +521,13 @@ void speed_router_nodes_destroy(speed_router_nodes_t *n) {
     if (!n) return;
     speed_router_nodes_stop(n);
     for (int p = 0; p < SPEED_ROUTER_POOL_COUNT; p++) {
-        for (size_t i = 0; i < n->n_nodes[p]; i++) speed_rpc_channel_destroy(n->nodes[p][i].channel);
+        for (size_t i = 0; i < n_nodes_of(n, p); i++) speed_rpc_channel_destroy(n->nodes[p][i].channel);
         speed_free(n->nodes[p]);
+        speed_free(n->disc[p].found);
         speed_balance_pool_destroy(n->pools[p]);
     }
     pthread_cond_destroy(&n->cond);
+    pthread_cond_destroy(&n->disc_cond);
     pthread_mutex_destroy(&n->lock);
     speed_free(n);
 }
@@ -267,22 +537,22 @@ speed_balance_pool_t *speed_router_nodes_pool(speed_router_nodes_t *n, speed_rou
 }
 
 size_t speed_router_nodes_count(const speed_router_nodes_t *n, speed_router_pool_id_t p) {
-    return (p >= 0 && p < SPEED_ROUTER_POOL_COUNT) ? n->n_nodes[p] : 0;
+    return (p >= 0 && p < SPEED_ROUTER_POOL_COUNT) ? n_nodes_of(n, p) : 0;
 }
 
 speed_rpc_channel_t *speed_router_nodes_channel(speed_router_nodes_t *n, speed_router_pool_id_t p, size_t i) {
-    if (p < 0 || p >= SPEED_ROUTER_POOL_COUNT || i >= n->n_nodes[p]) return NULL;
+    if (p < 0 || p >= SPEED_ROUTER_POOL_COUNT || i >= n_nodes_of(n, p)) return NULL;
     return n->nodes[p][i].channel;
 }
 
 const char *speed_router_nodes_address(const speed_router_nodes_t *n, speed_router_pool_id_t p, size_t i) {
-    if (p < 0 || p >= SPEED_ROUTER_POOL_COUNT || i >= n->n_nodes[p]) return NULL;
+    if (p < 0 || p >= SPEED_ROUTER_POOL_COUNT || i >= n_nodes_of(n, p)) return NULL;
     return n->nodes[p][i].address;
 }
 
 void speed_router_nodes_fail(speed_router_nodes_t *n, speed_router_pool_id_t p, size_t i, const char *request_id,
                              const char *why) {
-    if (p < 0 || p >= SPEED_ROUTER_POOL_COUNT || i >= n->n_nodes[p]) return;
+    if (p < 0 || p >= SPEED_ROUTER_POOL_COUNT || i >= n_nodes_of(n, p)) return;
     speed_log(SPEED_LOG_WARN, SPEED_SUBSYS_NET, request_id, "%s node %s failed: %s", speed_router_pool_name(p),
               n->nodes[p][i].address, why ? why : "");
     /* counted here too: a node a request saw die is down as surely as one the poller found */
@@ -298,4 +568,9 @@ size_t speed_router_nodes_n_up(speed_router_nodes_t *n, speed_router_pool_id_t p
 
 uint64_t speed_router_nodes_polls(const speed_router_nodes_t *n) {
     return atomic_load(&((speed_router_nodes_t *)n)->polls);
+}
+
+bool speed_router_nodes_retired(const speed_router_nodes_t *n, speed_router_pool_id_t p, size_t i) {
+    if (!n || p < 0 || p >= SPEED_ROUTER_POOL_COUNT || i >= n_nodes_of(n, p)) return false;
+    return atomic_load(&((speed_router_nodes_t *)n)->nodes[p][i].retired);
 }

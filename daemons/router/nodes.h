@@ -14,7 +14,22 @@
  * speed_router_node_down_total{pool,node} counts the times the poller took it out.
  *
  * Node addresses: replica i of a pool is host:grpc_port + i, or entry i of the pool's hosts
- * list:grpc_port + i (cluster config).
+ * list:grpc_port + i (cluster config) — the static list. A pool with a discovery name
+ * (`<pool>.discovery: dns:NAME`) is instead the A/AAAA records of NAME at grpc_port, re-resolved
+ * every discovery_interval_ms by a discovery thread (a slow resolver never holds up the health
+ * checks or a request). The poller applies each new set at the start of its next round:
+ *   - an address that appeared gets a node (channel, gauges) that starts DOWN: it takes
+ *     requests once a health check says SERVING (a node not up yet simply stays DOWN);
+ *   - a node whose address vanished is retired: DRAINING as if it drained itself (no new
+ *     requests; the requests on it finish while it answers, and migrate/retry as after any node
+ *     failure if it dies); health checks keep it DRAINING or DOWN, never UP again;
+ *   - a retired address that reappears is the same node again (its index, channel, gauges).
+ * A failed or empty resolution keeps the last set (a resolver outage never empties a pool).
+ * Nodes are never freed while the router runs (requests and cancel jobs hold indices), so a
+ * pool holds at most discovery_max_nodes distinct addresses over its life; more are refused with
+ * a warning. TLS: a discovered node's certificate must name NAME (a DNS SAN), not its address.
+ * Counters speed_router_discovery_nodes_added_total{pool}, ..._removed_total{pool},
+ * speed_router_discovery_failures_total{pool}, speed_router_discovery_refused_total{pool}.
  *
  * Threading: every function may be called from any thread after create, except start, stop
  * and destroy (one owner). Channels are shared by all request threads (speed_rpc channels
@@ -47,11 +62,15 @@ typedef enum {
 const char *speed_router_pool_name(speed_router_pool_id_t pool);
 
 typedef struct {
-    const char *host;                           /* address every node listens on (copied) */
-    const char *hosts[SPEED_ROUTER_POOL_COUNT]; /* per replica instead ("a,b": replica i at entry i;
+    const char *host;                               /* address every node listens on (copied) */
+    const char *discovery[SPEED_ROUTER_POOL_COUNT]; /* the pool's "dns:NAME" (copied), NULL/"" = static list
+                                                       (n_nodes, hosts); cluster <pool>.discovery */
+    int64_t discovery_interval_ms;                  /* re-resolution period, >= 10 (discovery pools) */
+    int64_t discovery_max_nodes;                    /* addresses a discovery pool holds, 1..256 */
+    const char *hosts[SPEED_ROUTER_POOL_COUNT];     /* per replica instead ("a,b": replica i at entry i;
                                                    NULL / "" = host); cluster <pool>.hosts */
-    int64_t n_nodes[SPEED_ROUTER_POOL_COUNT];   /* replicas; prefill may be 0 */
-    int64_t grpc_port[SPEED_ROUTER_POOL_COUNT]; /* replica i listens on grpc_port + i */
+    int64_t n_nodes[SPEED_ROUTER_POOL_COUNT];       /* replicas; prefill may be 0 */
+    int64_t grpc_port[SPEED_ROUTER_POOL_COUNT];     /* replica i listens on grpc_port + i */
     speed_balance_policy_t policy[SPEED_ROUTER_POOL_COUNT];
     int64_t status_interval_ms; /* poll period, >= 10 */
     speed_metrics_t *metrics;   /* registers speed_router_node_up; borrowed, must
@@ -61,17 +80,21 @@ typedef struct {
 
 typedef struct speed_router_nodes speed_router_nodes_t;
 
-/* Creates the pools and channels (no connection is made yet). Every node starts UP.
- * Returns SPEED_OK, SPEED_ERR_INVALID_ARGUMENT (no decode node, NULL arguments, more nodes
- * than a pool holds) or SPEED_ERR_NO_MEMORY. */
+/* Creates the pools and the static nodes' channels (no connection is made yet). Every static
+ * node starts UP; discovery pools start empty.
+ * Returns SPEED_OK, SPEED_ERR_INVALID_ARGUMENT (no decode node and no decode discovery, NULL
+ * arguments, more nodes than a pool holds, a discovery that is not dns:NAME) or
+ * SPEED_ERR_NO_MEMORY. */
 speed_status_t speed_router_nodes_create(const speed_router_nodes_params_t *params, speed_router_nodes_t **nodes_p);
 
-/* Polls every node once, synchronously (nodes that do not answer SERVING are DOWN when it
- * returns), then starts the poller thread. Returns SPEED_OK or SPEED_ERR_INTERNAL (the
- * thread cannot start; logged). */
+/* Resolves the discovery names once and polls every node once, synchronously (nodes that do
+ * not answer SERVING are DOWN when it returns), then starts the poller thread (and the
+ * discovery thread when a pool has a discovery name). Returns SPEED_OK or SPEED_ERR_INTERNAL
+ * (a thread cannot start; logged). */
 speed_status_t speed_router_nodes_start(speed_router_nodes_t *nodes);
 
-/* Stops the poller thread (returns within one RPC timeout). Idempotent. */
+/* Stops the poller and discovery threads (returns within one RPC timeout, or one resolution).
+ * Idempotent. */
 void speed_router_nodes_stop(speed_router_nodes_t *nodes);
 
 /* Stops, then frees pools and channels. No RPC may be in flight on the channels. NULL ok. */
@@ -79,6 +102,7 @@ void speed_router_nodes_destroy(speed_router_nodes_t *nodes);
 
 /* The pool (owned by nodes; never NULL for a valid id). */
 speed_balance_pool_t *speed_router_nodes_pool(speed_router_nodes_t *nodes, speed_router_pool_id_t pool);
+/* Nodes the pool holds (grows as discovery finds addresses; retired nodes are counted). */
 size_t speed_router_nodes_count(const speed_router_nodes_t *nodes, speed_router_pool_id_t pool);
 /* The node's channel / "host:port" address (owned by nodes), NULL when out of range. */
 speed_rpc_channel_t *speed_router_nodes_channel(speed_router_nodes_t *nodes, speed_router_pool_id_t pool, size_t index);
@@ -94,5 +118,8 @@ size_t speed_router_nodes_n_up(speed_router_nodes_t *nodes, speed_router_pool_id
 
 /* Polls completed since start (tests and logs). */
 uint64_t speed_router_nodes_polls(const speed_router_nodes_t *nodes);
+
+/* True when the node's address left its pool's discovery set (false for static nodes). */
+bool speed_router_nodes_retired(const speed_router_nodes_t *nodes, speed_router_pool_id_t pool, size_t index);
 
 #endif /* SPEED_ROUTER_NODES_H */

@@ -471,6 +471,10 @@ speed_status_t speed_router_create(const speed_router_params_t *params, speed_ro
         np.policy[SPEED_ROUTER_POOL_PREFILL] = policy_of(cfg->prefill_policy);
         np.policy[SPEED_ROUTER_POOL_DECODE] = policy_of(cfg->decode_policy);
         np.status_interval_ms = cfg->status_interval_ms;
+        np.discovery[SPEED_ROUTER_POOL_PREFILL] = cfg->prefill.discovery;
+        np.discovery[SPEED_ROUTER_POOL_DECODE] = cfg->decode.discovery;
+        np.discovery_interval_ms = cfg->discovery_interval_ms;
+        np.discovery_max_nodes = cfg->discovery_max_nodes;
         np.metrics = rt->metrics;
         np.tls = params->tls;
         st = speed_router_nodes_create(&np, &rt->nodes);

@@ -79,6 +79,11 @@ speed_status_t speedctl_certs_write(const speed_cluster_config_t *c, const char 
                             speed_cluster_list_item(pools[p]->hosts, i, items[n_items], sizeof items[0]);
              i++)
             host_add(hosts, &n_hosts, items[n_items++]);
+    /* a discovered pool is dialled at addresses no one knows ahead of time: the router checks
+     * its nodes' certificates for the discovery name (a DNS SAN) instead */
+    for (int p = 0; p < 2; p++)
+        if (speed_cluster_discovery_name(pools[p])[0])
+            host_add(hosts, &n_hosts, speed_cluster_discovery_name(pools[p]));
     host_add(hosts, &n_hosts, "127.0.0.1");
     host_add(hosts, &n_hosts, "::1");
     host_add(hosts, &n_hosts, "localhost");

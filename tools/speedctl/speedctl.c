@@ -27,10 +27,12 @@ static const struct {
     {"eval", speedctl_eval, "quality of SPEED cutoffs against full depth on a model and text (KL, top-1, perplexity)"},
     {"bench", speedctl_bench, "prefill/decode speed, KV bytes and memory against this machine's roofline"},
     {"up", speedctl_up, "start a local cluster (decode, prefill, router) from a cluster file; stop it with Ctrl-C"},
+    {"profile", speedctl_profile, "measure prefill, decode and KV transfer costs of this backend for `plan`"},
+    {"plan", speedctl_plan, "SPEED-aware capacity planner: prefill/decode counts, C, limits and a cluster file"},
     {"certs", speedctl_certs, "write the control plane's CA and per-process certificates for a cluster file"},
     {"loadgen", speedctl_loadgen, "load an OpenAI-compatible endpoint: TTFT, TPOT, ITL, e2e, throughput, goodput"},
-
     {"top", speedctl_top, "a live terminal view of a running cluster from its metrics endpoints (q quits)"},
+    {"k8s", speedctl_k8s, "write Kubernetes manifests (a Kustomize base) for a cluster file"},
 };
 #define N_VERBS (sizeof verbs / sizeof verbs[0])
 

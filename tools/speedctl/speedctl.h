@@ -27,6 +27,9 @@ int speedctl_eval(int argc, char **argv);
 int speedctl_up(int argc, char **argv);
 int speedctl_certs(int argc, char **argv);
 int speedctl_loadgen(int argc, char **argv);
+int speedctl_profile(int argc, char **argv); /* cli_profile.c */
+int speedctl_plan(int argc, char **argv);    /* cli_plan.c */
+int speedctl_k8s(int argc, char **argv);
 
 int speedctl_top(int argc, char **argv);
 

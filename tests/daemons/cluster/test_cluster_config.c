@@ -135,6 +135,28 @@ static void test_control_plane(void) {
     speed_config_destroy(cfg);
 }
 
+/* <pool>.discovery: "dns:NAME" or empty; anything else is refused naming the key. */
+static void test_discovery_keys(void) {
+    speed_cluster_config_t c;
+    speed_config_t *cfg = NULL;
+    CHECK_INT_EQ(load("router", &c, &cfg, 4, "--decode.discovery", "dns:speed-decode.ns.svc.cluster.local",
+                      "--router.discovery_interval_ms", "250"),
+                 SPEED_OK);
+    CHECK_STR_EQ(speed_cluster_discovery_name(&c.decode), "speed-decode.ns.svc.cluster.local");
+    CHECK_STR_EQ(speed_cluster_discovery_name(&c.prefill), "");
+    CHECK_INT_EQ(c.discovery_interval_ms, 250);
+    CHECK_INT_EQ(c.discovery_max_nodes, 64);
+    speed_config_destroy(cfg);
+    static const char *const bad[] = {"speed-decode", "dns:", "srv:x", "dns:a b", "dns:-x", "dns:a/b"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        CHECK_INT_EQ(load("router", &c, &cfg, 2, "--prefill.discovery", bad[i]), SPEED_ERR_INVALID_ARGUMENT);
+        CHECK_CONTAINS(speed_log_last_error(), "prefill.discovery");
+        speed_config_destroy(cfg);
+    }
+    CHECK(load("router", &c, &cfg, 2, "--router.discovery_max_nodes", "257") != SPEED_OK);
+    speed_config_destroy(cfg);
+}
+
 /* Pools on several hosts: <pool>.hosts names the address of each replica (what the router dials,
  * what a node logs); a list that does not name every replica, or names too many, is refused. */
 static void test_pool_hosts(void) {
@@ -255,6 +277,7 @@ int main(void) {
     test_backend();
     test_control_plane();
     test_pool_hosts();
+    test_discovery_keys();
     tu_rm_rf(tu_root);
     return CHECK_DONE();
 }
