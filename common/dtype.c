@@ -16,11 +16,8 @@ const char *const speed_dtype_names[SPEED_DTYPE_COUNT + 1] = {
 };
 
 const char *const speed_kv_dtype_names[SPEED_DTYPE_COUNT + 2] = {
-    [SPEED_DTYPE_F32] = "f32",
-    [SPEED_DTYPE_BF16] = "bf16",
-    [SPEED_DTYPE_F16] = "f16",
-    [SPEED_DTYPE_COUNT] = "auto",
-    [SPEED_DTYPE_COUNT + 1] = NULL,
+    [SPEED_DTYPE_F32] = "f32",    [SPEED_DTYPE_BF16] = "bf16",    [SPEED_DTYPE_F16] = "f16",
+    [SPEED_DTYPE_COUNT] = "auto", [SPEED_DTYPE_COUNT + 1] = NULL,
 };
 
 static const struct {

@@ -159,7 +159,8 @@ static speed_status_t pf_layer(void *user, speed_kv_cache_t *cache, const speed_
     int64_t delay = p->node->cfg.debug_prefill_layer_delay_ms;
     if (delay > 0) speed_clock_sleep_ms(delay); /* test knob: a slow prefill node */
     speed_status_t st = SPEED_OK;
-    if (!p->xfer) st = speed_kv_xfer_create(p->node->xfer, p->desc, cache, seq, p->n_full, p->n_compact, p->id, &p->xfer);
+    if (!p->xfer)
+        st = speed_kv_xfer_create(p->node->xfer, p->desc, cache, seq, p->n_full, p->n_compact, p->id, &p->xfer);
     if (st == SPEED_OK) st = speed_kv_xfer_push_layer(p->xfer, layer, n_done, n_total);
     if (st != SPEED_OK) p->xfer_failed = true; /* read by complete_work after the finish event */
     return st;

@@ -133,9 +133,9 @@ typedef struct {
     int64_t n_generated;
     double t_last_token;
     double t_first_token; /* monotonic seconds; 0 until the first token */
-    relay_buf_t text;  /* non-streaming: the whole text */
-    size_t text_total; /* bytes of text relayed so far (text_offset) */
-    relay_lps_t lps;   /* non-streaming: all; streaming: this event's */
+    relay_buf_t text;     /* non-streaming: the whole text */
+    size_t text_total;    /* bytes of text relayed so far (text_offset) */
+    relay_lps_t lps;      /* non-streaming: all; streaming: this event's */
     /* migration (request_migrate.c) */
     int32_t *gen_ids; /* [n_gen_ids] every token id relayed so far, over all attempts */
     size_t n_gen_ids, cap_gen_ids;

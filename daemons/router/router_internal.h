@@ -94,13 +94,13 @@ struct speed_router {
 
     /* metrics */
     speed_histogram_t *m_ttft, *m_itl, *m_e2e;
-    speed_histogram_t *m_tpot;       /* speed_router_time_per_output_token_seconds */
-    speed_histogram_t *m_queue_wait; /* speed_router_queue_wait_seconds */
+    speed_histogram_t *m_tpot;          /* speed_router_time_per_output_token_seconds */
+    speed_histogram_t *m_queue_wait;    /* speed_router_queue_wait_seconds */
     speed_counter_t *m_requests;        /* {route,status} */
     speed_counter_t *m_route_decisions; /* {route,reason} */
     speed_counter_t *m_prefill_retries;
     speed_counter_t *m_decode_retries; /* requests started over on another decode node */
-    speed_counter_t *m_migrations; /* {outcome}: streams re-issued after their decode node died */
+    speed_counter_t *m_migrations;     /* {outcome}: streams re-issued after their decode node died */
     speed_counter_t *m_kv_bytes;
     speed_counter_t *m_prompt_tokens;
     speed_counter_t *m_generated_tokens;

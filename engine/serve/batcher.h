@@ -150,14 +150,14 @@ typedef struct {
 } speed_batch_request_t;
 
 typedef struct {
-    speed_backend_t *backend;     /* borrowed */
-    const speed_model_t *model;   /* borrowed */
-    const speed_tok_t *tokenizer; /* borrowed, optional: token text, EOS ids, stop strings */
-    speed_engine_params_t engine; /* backend/model/layer_cb are set by the batcher */
-    int max_waiting;              /* submitted requests queued while the engine is full
+    speed_backend_t *backend;            /* borrowed */
+    const speed_model_t *model;          /* borrowed */
+    const speed_tok_t *tokenizer;        /* borrowed, optional: token text, EOS ids, stop strings */
+    speed_engine_params_t engine;        /* backend/model/layer_cb are set by the batcher */
+    int max_waiting;                     /* submitted requests queued while the engine is full
                                        * (0: submit fails with CAPACITY when full) */
-    int64_t lease_ms;             /* reservations (and held KV) live this long; default 30000 */
-    int64_t cancel_quarantine_ms; /* a cancelled reservation's blocks are reused only after
+    int64_t lease_ms;                    /* reservations (and held KV) live this long; default 30000 */
+    int64_t cancel_quarantine_ms;        /* a cancelled reservation's blocks are reused only after
                                    * speed_batcher_release, its lease end, or this long if > 0
                                    * (tests); default 0: release or the lease. A prefill node's
                                    * puts already posted may still land in them. */

@@ -89,12 +89,12 @@ typedef struct fake_node {
     atomic_int n_prefill_gated; /* Prefill calls waiting at the gate now */
     atomic_int last_reserve_prefill_layers;
     atomic_int last_prefill_n_ids;
-    atomic_int last_reserve_resume;   /* ReserveRequest.resume_tokens of the last Reserve */
-    atomic_int last_prefill_resume;   /* PrefillRequest.resume_tokens of the last Prefill */
-    atomic_int last_generate_resumed; /* GenerateRequest.resumed_ids of the last Generate: a
+    atomic_int last_reserve_resume;      /* ReserveRequest.resume_tokens of the last Reserve */
+    atomic_int last_prefill_resume;      /* PrefillRequest.resume_tokens of the last Prefill */
+    atomic_int last_generate_resumed;    /* GenerateRequest.resumed_ids of the last Generate: a
                                        * migrated stream goes on from token index k (ids and
                                        * texts as if the first k had come from here) */
-    atomic_int last_prefill_lease_ms; /* the descriptor lease_ms of the last Prefill received */
+    atomic_int last_prefill_lease_ms;    /* the descriptor lease_ms of the last Prefill received */
     atomic_int last_generate_ignore_eos; /* SamplingParams.ignore_eos of the last Generate (-1: no sampling) */
     atomic_int live_threads;
 

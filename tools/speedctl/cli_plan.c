@@ -193,7 +193,7 @@ static speed_status_t write_yaml(const plan_opts_t *o, const candidate_t *c, con
             "\nkv:\n  dtype: %s\nrouter:\n  max_in_flight: %d\n  max_queue: %d\n",
             o->rate, o->trace ? "trace" : o->prompt_tokens, o->trace ? "trace" : o->output_tokens, o->slo_ttft,
             o->slo_tpot, pr->model, pr->backend, pr->threads, path, model, c->c, o->anchors, o->tail,
-            pr->kv_dtype[0] ? pr->kv_dtype : "bf16", decode_running * c->n_decode, prefill_waiting * c->n_prefill + 64);
+            pr->kv_dtype[0] ? pr->kv_dtype : "auto", decode_running * c->n_decode, prefill_waiting * c->n_prefill + 64);
     const char *pools[2] = {"prefill", "decode"};
     for (int i = 0; i < 2; i++)
         fprintf(f,

@@ -36,12 +36,12 @@ typedef struct {
     int n_prefill, n_decode;
     int prefill_max_running, max_step_tokens, prefill_chunk;
     int decode_max_running;
-    double overhead_ms;  /* added to every TTFT: HTTP, router, control RPCs */
+    double overhead_ms;      /* added to every TTFT: HTTP, router, control RPCs */
     double step_overhead_ms; /* added to every decode step: the node's work per step outside the engine
                               * (token events, the stream to the router, SSE), which TPOT sees */
-    double host_cores;      /* 0: every node has its own hardware */
-    double node_threads;    /* cores a busy node wants (host_cores > 0) */
-    double host_background; /* host_cores > 0: threads of other work that keep the host's cores busy,
+    double host_cores;       /* 0: every node has its own hardware */
+    double node_threads;     /* cores a busy node wants (host_cores > 0) */
+    double host_background;  /* host_cores > 0: threads of other work that keep the host's cores busy,
                              * as when the profile was measured (fair sharing: a node runs at
                              * min(1, cores / (background + wanted)) relative to
                              * min(1, cores / (background + node_threads)), the profile's speed) */

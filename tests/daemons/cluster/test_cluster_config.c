@@ -233,7 +233,7 @@ int main(void) {
     CHECK(speed_cluster_pool(&c, "decode") == &c.decode);
     CHECK(speed_cluster_pool(&c, "router") == NULL);
     CHECK_INT_EQ(c.prefill_policy, SPEED_POLICY_LEAST_LOADED);
-    CHECK(!c.ucx_cuda_direct); /* cuda nodes stage KV through pinned host memory by default */
+    CHECK(!c.ucx_cuda_direct);                     /* cuda nodes stage KV through pinned host memory by default */
     CHECK_INT_EQ(c.kv_dtype, SPEED_KV_DTYPE_AUTO); /* the cache takes the model's dtype by default */
     speed_config_destroy(cfg);
     CHECK_INT_EQ(load("decode", &c, &cfg, 2, "--kv.dtype", "f16"), SPEED_OK);

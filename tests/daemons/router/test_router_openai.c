@@ -385,20 +385,21 @@ static speed_openai_request_t *parse_ok(speed_openai_api_t api, const char *body
 }
 
 static void test_valid_chat(void) {
-    const char *body = "{\"model\":\"llama\",\"messages\":["
-                       "{\"role\":\"system\",\"content\":\"be brief\"},"
-                       "{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"caf\\u00e9\"},"
-                       "{\"type\":\"text\",\"text\":\"\xf0\x9f\x98\x80 two\"}],\"name\":\"bob\"},"
-                       "{\"role\":\"assistant\",\"content\":null,\"tool_calls\":[{\"id\":\"c1\"}]},"
-                       "{\"role\":\"tool\",\"content\":\"42\",\"tool_call_id\":\"c1\"},"
-                       "{\"role\":\"developer\",\"content\":\"\"}],"
-                       "\"stream\":true,\"stream_options\":{\"include_usage\":true},"
-                       "\"max_tokens\":100,\"max_completion_tokens\":64,\"temperature\":0.7,\"top_p\":0.9,"
-                       "\"top_k\":40,\"seed\":-7,\"stop\":[\"\\n\\n\",\"END\"],\"logprobs\":true,"
-                       "\"top_logprobs\":5,\"n\":1,\"presence_penalty\":0,\"frequency_penalty\":0.0,"
-                       "\"user\":\"u-1\",\"ignore_eos\":true,\"speed\":{\"prefill_layers\":0.75,\"anchors\":2,\"tail\":3},"
-                       "\"tools\":[{\"type\":\"function\"}],\"response_format\":{\"type\":\"text\"},"
-                       "\"parallel_tool_calls\":false,\"logit_bias\":{},\"whatever\":[1,{\"a\":null}]}";
+    const char *body =
+        "{\"model\":\"llama\",\"messages\":["
+        "{\"role\":\"system\",\"content\":\"be brief\"},"
+        "{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"caf\\u00e9\"},"
+        "{\"type\":\"text\",\"text\":\"\xf0\x9f\x98\x80 two\"}],\"name\":\"bob\"},"
+        "{\"role\":\"assistant\",\"content\":null,\"tool_calls\":[{\"id\":\"c1\"}]},"
+        "{\"role\":\"tool\",\"content\":\"42\",\"tool_call_id\":\"c1\"},"
+        "{\"role\":\"developer\",\"content\":\"\"}],"
+        "\"stream\":true,\"stream_options\":{\"include_usage\":true},"
+        "\"max_tokens\":100,\"max_completion_tokens\":64,\"temperature\":0.7,\"top_p\":0.9,"
+        "\"top_k\":40,\"seed\":-7,\"stop\":[\"\\n\\n\",\"END\"],\"logprobs\":true,"
+        "\"top_logprobs\":5,\"n\":1,\"presence_penalty\":0,\"frequency_penalty\":0.0,"
+        "\"user\":\"u-1\",\"ignore_eos\":true,\"speed\":{\"prefill_layers\":0.75,\"anchors\":2,\"tail\":3},"
+        "\"tools\":[{\"type\":\"function\"}],\"response_format\":{\"type\":\"text\"},"
+        "\"parallel_tool_calls\":false,\"logit_bias\":{},\"whatever\":[1,{\"a\":null}]}";
     speed_openai_request_t *r = parse_ok(SPEED_OPENAI_CHAT, body, P_SPEED | P_LIMITS);
     if (!r) return;
     CHECK_INT_EQ(r->api, SPEED_OPENAI_CHAT);
