@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The main job, for a newcomer on a fresh machine: set up, build, make a small random-weight
 # Llama model in the Hugging Face layout, validate and describe it, round-trip text through its
-# tokenizer and chat template, and generate from it with SPEED off and on (text, timings and
-# KV bytes of each), then benchmark both depths against this machine's roofline. Last, the main
-# command: a local disaggregated cluster (one prefill node, one decode node, the router) started
+# tokenizer and chat template, and benchmark SPEED against full depth on it against this
+# machine's roofline. Then the project's own trained model (models/fortune-llama, trained here on
+# Debian's fortunes and dictionary: tools/speed-tune) answers with SPEED off and on (text,
+# timings and KV bytes of each). Last, the main command: a local disaggregated cluster (one prefill node, one decode node, the router) started
 # with `speedctl up`, one streaming chat request through the router's OpenAI API with its TTFT
 # and TPOT, and the KV bytes the prefill node shipped against full depth.
 set -euo pipefail
@@ -14,6 +15,7 @@ cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 cmake --build build -j2 >/dev/null
 speedctl=build/bin/speedctl
 model=build/demo/tiny-llama
+trained=models/fortune-llama # 2 M parameters, English-like text (docs/quality.md)
 
 show() { # prints a command as one would type it
   local a out='$'
@@ -33,12 +35,6 @@ echo "$ids"
 step $speedctl tokenize --model $model --decode "${ids// /,}"
 step $speedctl tokenize --model $model --chat 'What does SPEED change?' --system 'You are concise.'
 
-# Generation: the weights are random, so the text is gibberish; what matters is that SPEED
-# (--prefill-layers below the model's 8 layers) changes the cost, not the plumbing.
-prompt='Shallow prefill, deep decode: the prompt runs through the lower layers only, while every generated token runs through all of them.'
-step $speedctl generate --model $model --prompt "$prompt" --max-tokens 24
-step $speedctl generate --model $model --prompt "$prompt" --max-tokens 24 --prefill-layers 0.5
-step $speedctl generate --model $model --chat 'What does SPEED change?' --max-tokens 8 --temperature 0.8 --seed 7 --json --top-logprobs 2
 step $speedctl bench --model $model --prompt-tokens 512 --gen-tokens 16 --prefill-layers 0.75 --compare --repeat 3 --roofline-mib 256
 
 llama3=${SPEED_TEST_DATA:-../shared/data}/tokenizers/llama3
@@ -46,6 +42,15 @@ if [ -f "$llama3/tokenizer.json" ]; then
   step $speedctl make-tiny-model build/demo/tiny-llama3-vocab --layers 2 --hidden 64 --heads 4 --kv-heads 2 --ffn 160 --tokenizer "$llama3"
   step $speedctl tokenize --model build/demo/tiny-llama3-vocab --text "$text" --json
 fi
+
+# Generation with the trained model: SPEED (--prefill-layers below its 8 layers) changes the cost
+# and, a little, the answer (what a cutoff costs in quality: speedctl eval, docs/quality.md).
+prompt='A wise man once said that the best way to learn is to'
+step $speedctl inspect $trained --prefill-layers 0.75
+step $speedctl generate --model $trained --prompt "$prompt" --max-tokens 32
+step $speedctl generate --model $trained --prompt "$prompt" --max-tokens 32 --prefill-layers 0.5
+step $speedctl generate --model $trained --chat 'Tell me a fortune.' --max-tokens 48 --temperature 0.7 --seed 7
+step $speedctl generate --model $trained --chat 'What does "serendipity" mean?' --max-tokens 8 --json --top-logprobs 2
 
 # ---- the cluster: speedctl up (docs/cluster.md) ------------------------------------------------
 # One prefill node, one decode node and the router on this host, with the ports of
@@ -62,8 +67,8 @@ stop_cluster() {
 }
 trap stop_cluster EXIT
 
-show $speedctl up deploy/clusters/1p1d.yaml --model $model
-$speedctl up deploy/clusters/1p1d.yaml --model $model >"$up_out" 2>&1 &
+show $speedctl up deploy/clusters/1p1d.yaml --model $trained
+$speedctl up deploy/clusters/1p1d.yaml --model $trained >"$up_out" 2>&1 &
 up_pid=$!
 for _ in $(seq 1200); do # 120 s at most; speedctl up has its own start timeout too
   grep -qx ready "$up_out" && break
@@ -89,7 +94,7 @@ json_text() {
 }
 content_re='"content":"(([^"\\]|\\.)*)"'
 
-chat='{"model": "tiny-llama", "max_tokens": 24, "stream": true, "messages": [{"role": "user", "content": "What does SPEED change?"}]}'
+chat='{"model": "fortune-llama", "max_tokens": 48, "stream": true, "messages": [{"role": "user", "content": "Tell me something about computers."}]}'
 show curl -sN $router/v1/chat/completions -H 'Content-Type: application/json' -d "$chat"
 t0=$EPOCHREALTIME t_first= t_last= n_chunks=0
 while IFS= read -r line; do
@@ -119,7 +124,7 @@ curl -s "$router/metrics" | awk '
 # The KV the prefill node shipped to the decode node: at speed.prefill_layers 0.75 the upper
 # quarter of the layers carries only the anchor and tail tokens of the prompt.
 prompt_long="$prompt $prompt $prompt"
-body='{"model": "tiny-llama", "max_tokens": 4, "messages": [{"role": "user", "content": "'"$prompt_long"'"}]}'
+body='{"model": "fortune-llama", "max_tokens": 4, "messages": [{"role": "user", "content": "'"$prompt_long"'"}]}'
 show curl -s $router/v1/chat/completions -H 'Content-Type: application/json' -d "$body"
 reply=$(curl -s "$router/v1/chat/completions" -H 'Content-Type: application/json' -d "$body")
 usage=$(grep -o '"usage":{[^}]*}' <<<"$reply" || true)
