@@ -349,8 +349,10 @@ double speed_prom_hist_quantile(const speed_prom_hist_t *h, double q) {
     for (size_t k = 0; k < h->n_buckets; k++) {
         double c = h->count[k] > below ? h->count[k] : below;
         if (c >= rank && c > 0) {
-            if (isinf(h->le[k])) return h->le[k - 1];
+            /* a first bound at or below zero (-Inf included) is returned as is; only then can an
+             * infinite bound be the +Inf bucket, which has a finite bound before it */
             if (k == 0 && h->le[0] <= 0) return h->le[0];
+            if (isinf(h->le[k])) return k ? h->le[k - 1] : NAN;
             double in_bucket = c - below;
             if (in_bucket <= 0) return h->le[k];
             return lower_bound + (h->le[k] - lower_bound) * (rank - below) / in_bucket;

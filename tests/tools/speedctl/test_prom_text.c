@@ -322,6 +322,10 @@ static void test_histogram(void) {
     speed_prom_hist_t torn = {.le = {0.1, 0.2, 0.4, INFINITY}, .count = {4, 2, 6, 8}, .n_buckets = 4};
     /* running maximum {4,4,6,8}: rank 5 in (0.2, 0.4] holding 4..6: 0.3 */
     CHECK_NEAR(speed_prom_hist_quantile(&torn, 0.625), 0.3, 1e-12);
+    /* a "-Inf" bucket first (the fuzzer's find: it read le[-1]) is a bound at or below zero */
+    speed_prom_hist_t neg = {.le = {-INFINITY, 1, INFINITY}, .count = {2, 2, 4}, .n_buckets = 3};
+    CHECK(isinf(speed_prom_hist_quantile(&neg, 0.25)) && speed_prom_hist_quantile(&neg, 0.25) < 0);
+    CHECK_NEAR(speed_prom_hist_quantile(&neg, 1), 1, 0);
     speed_prom_hist_t one = {.le = {INFINITY}, .count = {3}, .n_buckets = 1};
     CHECK(isnan(speed_prom_hist_quantile(&one, 0.5)));
 }
