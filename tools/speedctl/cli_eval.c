@@ -12,7 +12,7 @@
 
 typedef struct {
     speedctl_engine_opts_t engine; /* --model, --backend, --prefill-layers (a list here), --anchors, ... */
-    char *data, *svg, *probe_depths;
+    char *data, *svg, *probe_depths, *reference_model;
     int64_t prompt_tokens, continuation_tokens, max_records, batch, probe_trials, seed;
     bool json, probe, progress;
 } eval_opts_t;
@@ -39,6 +39,9 @@ static const speed_config_field_t eval_fields[] = {
     {"probe_trials", SPEED_CONFIG_INT, offsetof(eval_opts_t, probe_trials), "4", 1, 10000, NULL,
      "--probe: keys per depth"},
     {"seed", SPEED_CONFIG_INT, offsetof(eval_opts_t, seed), "1", 0, 9.2e18, NULL, "--probe: seed of the keys"},
+    SPEEDCTL_TEXT_OPT(eval_opts_t, "reference_model", reference_model,
+                      "compare every C with this model at full depth instead of --model's own full depth (same "
+                      "tokenizer): a tuned model against its base"),
     {"progress", SPEED_CONFIG_BOOL, offsetof(eval_opts_t, progress), "true", SPEED_CONFIG_UNBOUNDED, NULL,
      "draw a progress bar on stderr when it is a terminal"},
 };
@@ -49,7 +52,7 @@ static const speedctl_options_part_t eval_parts[] = {
 
 static const char eval_usage[] =
     "speedctl eval --model DIR --data FILE[,FILE] --prompt-tokens N --continuation-tokens M "
-    "--prefill-layers 24,28,32 [--anchors A --tail T] [--json] [--svg FILE] [--probe]";
+    "--prefill-layers 24,28,32 [--anchors A --tail T] [--reference-model DIR] [--json] [--svg FILE] [--probe]";
 
 /* The cutoffs of --prefill-layers "24,0.75,32" (each resolved as serving resolves one; default
  * L, 3L/4, L/2) into accs. False on a usage error (printed). */
@@ -117,10 +120,10 @@ int speedctl_eval(int argc, char **argv) {
 
     int exit_code = SPEEDCTL_EXIT_FAIL;
     speed_status_t st = SPEED_OK;
-    speed_model_t *model = NULL;
+    speed_model_t *model = NULL, *ref_model = NULL;
     speed_tok_t *tok = NULL;
     speedctl_ranks_t ranks = {0};
-    speed_engine_t *eng = NULL;
+    speed_engine_t *eng = NULL, *ref_eng = NULL;
     speedctl_eval_set_t data = {0}, probe = {0};
     speedctl_eval_acc_t accs[SPEEDCTL_EVAL_MAX_CUTOFFS] = {0};
     speedctl_eval_result_t results[SPEEDCTL_EVAL_MAX_CUTOFFS];
@@ -142,6 +145,16 @@ int speedctl_eval(int argc, char **argv) {
         exit_code = SPEEDCTL_EXIT_USAGE;
         goto out;
     }
+    if (o.reference_model) {
+        SPEED_CHECK_GOTO(speed_model_load(o.reference_model, &mp, &ref_model), st, out);
+        if (ref_model->config.vocab_size != mc->vocab_size) {
+            speedctl_fail("--reference-model %s has a vocabulary of %d tokens, --model %s one of %d: they must share "
+                          "the tokenizer",
+                          o.reference_model, ref_model->config.vocab_size, eo->model, mc->vocab_size);
+            exit_code = SPEEDCTL_EXIT_USAGE;
+            goto out;
+        }
+    }
     speed_tok_params_t tp = speed_tok_default_params();
     SPEED_CHECK_GOTO(speed_tok_load(eo->model, &tp, &tok), st, out);
 
@@ -162,8 +175,9 @@ int speedctl_eval(int argc, char **argv) {
         SPEED_WARN(SPEED_SUBSYS_CLI, "no record of --data has %lld tokens (%lld read, all shorter): nothing to score",
                    (long long)(o.prompt_tokens + o.continuation_tokens), (long long)data.n_read);
     int64_t longest = set_longest(&data) > set_longest(&probe) ? set_longest(&data) : set_longest(&probe);
-    if (longest > mc->max_position) {
-        speedctl_fail("a probe record has %lld tokens, more than the model's context of %d: lower --prompt-tokens",
+    if (longest > mc->max_position || (ref_model && longest > ref_model->config.max_position)) {
+        speedctl_fail("a record has %lld tokens, more than the context of --model (%d) or --reference-model: lower "
+                      "--prompt-tokens",
                       (long long)longest, mc->max_position);
         exit_code = SPEEDCTL_EXIT_USAGE;
         goto out;
@@ -185,7 +199,24 @@ int speedctl_eval(int argc, char **argv) {
         ep.max_seqs = o.batch > n_distinct ? (int)o.batch : n_distinct;
         ep.max_context = (int)longest;
         SPEED_CHECK_GOTO(speed_engine_create(&ep, &eng), st, out);
-        speedctl_eval_run_t run = {eng, L, (int)eo->kv.anchors, (int)eo->kv.tail, ep.max_seqs, "records", o.progress};
+        speedctl_eval_run_t run = {.engine = eng,
+                                   .n_layers = L,
+                                   .anchors = (int)eo->kv.anchors,
+                                   .tail = (int)eo->kv.tail,
+                                   .max_seqs = ep.max_seqs,
+                                   .what = "records",
+                                   .progress = o.progress};
+        if (ref_model) { /* the same backends: the two engines step in turn, never together */
+            speed_depth_t ref_full = {ref_model->config.n_layers, (int)eo->kv.anchors, (int)eo->kv.tail};
+            speed_engine_params_t rp = speedctl_engine_params(eo, &ranks, ref_model, ref_full);
+            rp.kv_dtype = speed_model_kv_dtype_resolve(ref_model, (speed_dtype_t)eo->kv.kv_dtype);
+            rp.max_seqs = ep.max_seqs;
+            rp.max_context = (int)longest;
+            SPEED_CHECK_GOTO(speed_engine_create(&rp, &ref_eng), st, out);
+            run.reference = ref_eng;
+            run.reference_layers = ref_model->config.n_layers;
+            run.reference_max_seqs = rp.max_seqs;
+        }
         SPEED_CHECK_GOTO(speedctl_eval_score(&run, &data, accs, n_accs), st, out);
         run.what = "probe";
         SPEED_CHECK_GOTO(speedctl_eval_score(&run, &probe, accs, n_accs), st, out);
@@ -204,6 +235,7 @@ int speedctl_eval(int argc, char **argv) {
     }
     speedctl_eval_report_t rep = {
         .model = eo->model,
+        .reference_model = o.reference_model,
         .n_layers = L,
         .kv_dtype = speed_dtype_name(kv_dtype),
         .n_prompt = o.prompt_tokens,
@@ -232,9 +264,11 @@ out:
     for (int i = 0; i < n_accs; i++) speedctl_eval_acc_cleanup(&accs[i]);
     speedctl_eval_set_cleanup(&probe);
     speedctl_eval_set_cleanup(&data);
+    speed_engine_destroy(ref_eng);
     speed_engine_destroy(eng);
     speedctl_ranks_destroy(&ranks);
     speed_tok_destroy(tok);
+    speed_model_destroy(ref_model);
     speed_model_destroy(model);
     speed_config_destroy(cfg);
     return exit_code;

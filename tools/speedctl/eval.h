@@ -87,19 +87,25 @@ typedef struct {
 void speedctl_eval_acc_cleanup(speedctl_eval_acc_t *acc);
 
 typedef struct {
-    speed_engine_t *engine; /* its max_seqs bounds the sequences in flight */
-    int n_layers;           /* L */
-    int anchors, tail;      /* A, T of every cutoff */
-    int max_seqs;           /* the engine's max_seqs */
-    const char *what;       /* progress bar label ("records", "probe") */
-    bool progress;          /* draw a progress bar on stderr */
+    speed_engine_t *engine;    /* its max_seqs bounds the sequences in flight */
+    int n_layers;              /* L */
+    speed_engine_t *reference; /* NULL: full depth of `engine` is the reference; else a second model's
+                                 * engine (same vocabulary), run at its full depth (reference_layers) */
+    int reference_layers;      /* the reference model's L */
+    int reference_max_seqs;    /* its max_seqs */
+    int anchors, tail;         /* A, T of every cutoff */
+    int max_seqs;              /* the engine's max_seqs */
+    const char *what;          /* progress bar label ("records", "probe") */
+    bool progress;             /* draw a progress bar on stderr */
 } speedctl_eval_run_t;
 
 /* Runs every record of `set` at full depth and at each accs[i].prefill_layers (the caller sets
  * them, 1..L; L itself is allowed and is the full-depth run), as many sequences per engine
  * step as max_seqs allows, and adds to accs[i]: for data records KL(full || C) of every
  * continuation position, top-1 agreement with full depth and the true continuation's NLL; for
- * probe records (probe_depth >= 0) only whether the continuation was retrieved.
+ * probe records (probe_depth >= 0) only whether the continuation was retrieved. With
+ * run->reference, "full" is the reference model at its full depth instead (so C = L of the
+ * model under test is compared too: how far a tuned model's own full depth moved from its base).
  * Returns SPEED_OK, the engine's status (logged there) or SPEED_ERR_NO_MEMORY. The engine has no
  * sequences left on return. */
 speed_status_t speedctl_eval_score(const speedctl_eval_run_t *run, const speedctl_eval_set_t *set,
@@ -126,6 +132,7 @@ void speedctl_eval_result_of(speedctl_eval_acc_t *acc, speedctl_eval_result_t *r
 
 typedef struct {
     const char *model;
+    const char *reference_model; /* NULL: the model's own full depth */
     int n_layers;
     const char *kv_dtype;
     int64_t n_prompt, n_cont;

@@ -45,6 +45,7 @@ void speedctl_eval_table_print(const speedctl_eval_report_t *r) {
     printf("eval %s: L=%d, KV %s, prompt %lld tokens (shallow below C; A=%d, T=%d), continuation %lld "
            "(teacher-forced, full depth)\n",
            r->model, r->n_layers, r->kv_dtype, (long long)r->n_prompt, r->anchors, r->tail, (long long)r->n_cont);
+    if (r->reference_model) printf("reference: %s at full depth (KL, top-1 against it)\n", r->reference_model);
     if (r->data) {
         printf("records: %zu used, %lld read, %lld shorter than %lld tokens skipped; %.1f s\n\n", r->data->n,
                (long long)r->data->n_read, (long long)r->data->n_skipped, (long long)(r->n_prompt + r->n_cont),
@@ -91,6 +92,7 @@ bool speedctl_eval_json_print(const speedctl_eval_report_t *r) {
         return false;
     }
     if (r->data) json_object_set_new(root, "records", set_json(r->data));
+    if (r->reference_model) json_object_set_new(root, "reference_model", json_string(r->reference_model));
     for (int i = 0; i < r->n_results; i++) {
         const speedctl_eval_result_t *x = &r->results[i];
         json_t *e = json_pack("{s:i, s:I, s:f, s:f, s:f, s:f, s:I, s:I, s:f, s:f, s:f, s:f}", "prefill_layers",

@@ -6,7 +6,8 @@
  * tokens through layers < C only); each output is then answered with the record's true next
  * token (teacher forcing), which the engine runs at full depth as a decode node runs generated
  * tokens. Output k follows position n_prompt - 1 + k and predicts ids[n_prompt + k]. The
- * full-depth sequence (C = L) is the reference. All sequences of a wave of records step
+ * full-depth sequence (C = L) is the reference, or with --reference-model a second model's
+ * full-depth sequence of the same record, run on its own engine after the wave. All sequences of a wave of records step
  * together (continuous batching), so one engine step carries several records and cutoffs. */
 #include <math.h>
 #include <stdio.h>
@@ -102,9 +103,8 @@ static void progress_draw(const char *what, size_t done, size_t total) {
 
 /* Runs jobs[0..n_jobs) to completion: steps, keeps each output's logits and feeds the true
  * token back until the record's continuation is scored. Removes every sequence it added. */
-static speed_status_t wave_run(const speedctl_eval_run_t *run, const speedctl_eval_set_t *set, job_t *jobs, int n_jobs,
-                               int vocab) {
-    speed_engine_t *eng = run->engine;
+static speed_status_t wave_run(speed_engine_t *eng, const speedctl_eval_run_t *run, const speedctl_eval_set_t *set,
+                               job_t *jobs, int n_jobs, int vocab) {
     speed_status_t st = SPEED_OK;
     int n_alive = 0;
     for (int j = 0; j < n_jobs && st == SPEED_OK; j++) {
@@ -144,6 +144,8 @@ speed_status_t speedctl_eval_score(const speedctl_eval_run_t *run, const speedct
                                    speedctl_eval_acc_t *accs, int n_accs) {
     if (set->n == 0) return SPEED_OK;
     const int L = run->n_layers, vocab = speed_engine_n_vocab(run->engine);
+    const bool ref = run->reference != NULL;
+    if (ref && speed_engine_n_vocab(run->reference) != vocab) return SPEED_ERR_INVALID_ARGUMENT;
     /* the cutoffs to run besides full depth: each distinct C < L once */
     int cuts[SPEEDCTL_EVAL_MAX_CUTOFFS + 1], n_cuts = 1;
     cuts[0] = L;
@@ -155,26 +157,36 @@ speed_status_t speedctl_eval_score(const speedctl_eval_run_t *run, const speedct
     int64_t max_cont = 1;
     for (size_t i = 0; i < set->n; i++) max_cont = set->v[i].n_cont > max_cont ? set->v[i].n_cont : max_cont;
     size_t job_bytes = (size_t)max_cont * (size_t)vocab * sizeof(float);
+    int per_record = n_cuts + ref; /* with a reference, its full-depth job comes along */
     int per_wave = run->max_seqs / n_cuts;
-    if ((size_t)per_wave * (size_t)n_cuts * job_bytes > WAVE_BYTES_MAX)
-        per_wave = (int)(WAVE_BYTES_MAX / ((size_t)n_cuts * job_bytes));
+    if (ref && run->reference_max_seqs < per_wave) per_wave = run->reference_max_seqs;
+    if ((size_t)per_wave * (size_t)per_record * job_bytes > WAVE_BYTES_MAX)
+        per_wave = (int)(WAVE_BYTES_MAX / ((size_t)per_record * job_bytes));
     if (per_wave < 1) per_wave = 1; /* the engine must take n_cuts sequences (cli_eval sizes it) */
-    int max_jobs = per_wave * n_cuts;
+    int max_jobs = per_wave * per_record;
 
     job_t *jobs = speed_calloc((size_t)max_jobs, sizeof *jobs);
     float *buf = speed_malloc((size_t)max_jobs * job_bytes);
     speed_status_t st = jobs && buf ? SPEED_OK : SPEED_ERR_NO_MEMORY;
+    job_t *ref_jobs = jobs + (size_t)per_wave * (size_t)n_cuts; /* the reference's, after the model's */
     bool bar = run->progress && isatty(STDERR_FILENO);
     for (size_t first = 0; first < set->n && st == SPEED_OK; first += (size_t)per_wave) {
         size_t last = first + (size_t)per_wave < set->n ? first + (size_t)per_wave : set->n;
-        int n_jobs = 0;
+        int n_jobs = 0, n_ref = 0;
         for (size_t r = first; r < last; r++)
             for (int c = 0; c < n_cuts; c++, n_jobs++)
                 jobs[n_jobs] = (job_t){
                     .record = r, .C = cuts[c], .logits = buf + (size_t)n_jobs * (size_t)max_cont * (size_t)vocab};
-        st = wave_run(run, set, jobs, n_jobs, vocab);
+        for (size_t r = first; ref && r < last; r++, n_ref++)
+            ref_jobs[n_ref] =
+                (job_t){.record = r,
+                        .C = run->reference_layers,
+                        .logits = buf + (size_t)(ref_jobs - jobs + n_ref) * (size_t)max_cont * (size_t)vocab};
+        st = wave_run(run->engine, run, set, jobs, n_jobs, vocab);
+        if (st == SPEED_OK && ref) st = wave_run(run->reference, run, set, ref_jobs, n_ref, vocab);
         for (int j = 0; j < n_jobs && st == SPEED_OK; j++) {
-            const job_t *full = &jobs[j - j % n_cuts]; /* each record's jobs start with its full-depth one */
+            /* each record's jobs start with its full-depth one; a reference replaces it */
+            const job_t *full = ref ? &ref_jobs[j / n_cuts] : &jobs[j - j % n_cuts];
             for (int i = 0; i < n_accs && st == SPEED_OK; i++)
                 if (accs[i].prefill_layers == jobs[j].C)
                     st = compare(&set->v[jobs[j].record], full, &jobs[j], vocab, &accs[i]);

@@ -63,10 +63,12 @@ static int top1_of(const double *lp, int n, double eps, bool *tie_p) {
     return best;
 }
 
-/* The reference numbers of records[0..n) (each N + M ids) at cutoff C. */
-static ref_result_t ref_compute(const naive_model_t *nm, const speed_model_config_t *cfg, int32_t *const *records,
-                                int n_rec, int N, int M, int C, int A, int T) {
-    const int V = cfg->vocab_size, L = cfg->n_layers;
+/* The reference numbers of records[0..n) (each N + M ids) at cutoff C of nm, against nm_full
+ * (nm itself, or a reference model of L_full layers) at full depth. */
+static ref_result_t ref_compute2(const naive_model_t *nm, const naive_model_t *nm_full, int L_full,
+                                 const speed_model_config_t *cfg, int32_t *const *records, int n_rec, int N, int M,
+                                 int C, int A, int T) {
+    const int V = cfg->vocab_size;
     float *lf = malloc((size_t)M * V * sizeof(float)), *lc = malloc((size_t)M * V * sizeof(float));
     double *pf = malloc((size_t)V * sizeof(double)), *pc = malloc((size_t)V * sizeof(double));
     double *kls = malloc((size_t)n_rec * M * sizeof(double));
@@ -74,7 +76,7 @@ static ref_result_t ref_compute(const naive_model_t *nm, const speed_model_confi
     double nll = 0.0, top1 = 0.0;
     for (int i = 0; i < n_rec; i++) {
         /* positions N-1 .. N+M-2 predict the continuation ids N .. N+M-1 */
-        CHECK(naive_ref_logits(nm, records[i], N + M - 1, N, L, A, T, SPEED_DTYPE_F32, M, lf) == 0);
+        CHECK(naive_ref_logits(nm_full, records[i], N + M - 1, N, L_full, A, T, SPEED_DTYPE_F32, M, lf) == 0);
         CHECK(naive_ref_logits(nm, records[i], N + M - 1, N, C, A, T, SPEED_DTYPE_F32, M, lc) == 0);
         for (int k = 0; k < M; k++) {
             log_softmax_d(lf + (size_t)k * V, V, pf);
@@ -98,6 +100,11 @@ static ref_result_t ref_compute(const naive_model_t *nm, const speed_model_confi
     r.perplexity = exp(nll / r.n_pos);
     free(lf), free(lc), free(pf), free(pc), free(kls);
     return r;
+}
+
+static ref_result_t ref_compute(const naive_model_t *nm, const speed_model_config_t *cfg, int32_t *const *records,
+                                int n_rec, int N, int M, int C, int A, int T) {
+    return ref_compute2(nm, nm, cfg->n_layers, cfg, records, n_rec, N, M, C, A, T);
 }
 
 /* KV bytes of an N-token prompt at C, from design.md §1 directly (f32 cache). */
@@ -221,6 +228,95 @@ static void test_against_naive(const char *model_dir) {
     for (int i = 0; i < N_REC; i++) free(recs[i]);
     naive_model_destroy(nm);
     speed_model_destroy(m);
+}
+
+/* --reference-model: every C of the model (C = L too) against another model's full depth, as the
+ * naive computation of the two models gives it; the model as its own reference changes nothing. */
+static void test_reference(const char *model_dir, const char *ref_dir) {
+    speed_model_t *m = NULL, *rm = NULL;
+    CHECK(speed_model_load(model_dir, NULL, &m) == SPEED_OK);
+    CHECK(speed_model_load(ref_dir, NULL, &rm) == SPEED_OK);
+    if (!m || !rm) {
+        speed_model_destroy(m);
+        speed_model_destroy(rm);
+        return;
+    }
+    naive_model_t *nm = naive_model_create(m), *nr = naive_model_create(rm);
+    const speed_model_config_t *cfg = &m->config;
+    const int N = 20, M = 8, L = cfg->n_layers, A = 1, T = 2;
+    int32_t *recs[N_REC];
+    char path[1100];
+    snprintf(path, sizeof path, "%s/ref-ids.jsonl", tmp);
+    FILE *f = fopen(path, "w");
+    uint64_t s = 777;
+    for (int i = 0; i < N_REC; i++) {
+        recs[i] = malloc((N + M) * sizeof(int32_t));
+        fputs("{\"ids\": [", f);
+        for (int k = 0; k < N + M; k++) {
+            s = s * 6364136223846793005ull + 1442695040888963407ull;
+            recs[i][k] = k == 0 ? 1 : (int32_t)((s >> 33) % (uint64_t)cfg->vocab_size);
+            fprintf(f, "%s%d", k ? ", " : "", recs[i][k]);
+        }
+        fputs("]}\n", f);
+    }
+    fclose(f);
+    json_t *j = eval_json("--model '%s' --reference-model '%s' --data '%s' --prompt-tokens %d --continuation-tokens %d "
+                          "--prefill-layers 1,2,%d --anchors %d --tail %d --batch 12",
+                          model_dir, ref_dir, path, N, M, L, A, T); /* 12: all 4 records in one wave */
+    json_t *self = eval_json("--model '%s' --reference-model '%s' --data '%s' --prompt-tokens %d "
+                             "--continuation-tokens %d --prefill-layers 1,2,%d --anchors %d --tail %d --batch 4",
+                             model_dir, model_dir, path, N, M, L, A, T);
+    json_t *plain = eval_json("--model '%s' --data '%s' --prompt-tokens %d --continuation-tokens %d "
+                              "--prefill-layers 1,2,%d --anchors %d --tail %d --batch 4",
+                              model_dir, path, N, M, L, A, T);
+    if (j) CHECK(strcmp(json_string_value(json_object_get(j, "reference_model")), ref_dir) == 0);
+    if (plain) CHECK(json_object_get(plain, "reference_model") == NULL);
+    int C_list[] = {1, 2, L};
+    for (int k = 0; k < 3 && j && self && plain; k++) {
+        int C = C_list[k];
+        json_t *e = result_for(j, C), *es = result_for(self, C), *ep = result_for(plain, C);
+        CHECK_MSG(e && es && ep, "no result for C=%d", C);
+        if (!e || !es || !ep) continue;
+        ref_result_t r = ref_compute2(nm, nr, rm->config.n_layers, cfg, recs, N_REC, N, M, C, A, T);
+        CHECK(r.kl_mean > 1e-6); /* another model: even C = L differs */
+        CHECK_MSG(fabs(num(e, "kl_mean") - r.kl_mean) <= 1e-6 + 1e-3 * r.kl_mean, "ref C=%d kl_mean %.9g vs %.9g", C,
+                  num(e, "kl_mean"), r.kl_mean);
+        CHECK_MSG(fabs(num(e, "kl_p90") - r.kl_p90) <= 1e-6 + 1e-3 * r.kl_p90, "ref C=%d kl_p90 %.9g vs %.9g", C,
+                  num(e, "kl_p90"), r.kl_p90);
+        CHECK_MSG(fabs(num(e, "top1_agreement") - r.top1) <= (double)r.near_ties / r.n_pos + 1e-12,
+                  "ref C=%d top1 %.6f vs %.6f", C, num(e, "top1_agreement"), r.top1);
+        /* perplexity is the model's own: the reference does not change it */
+        CHECK_MSG(fabs(num(e, "perplexity") - num(ep, "perplexity")) <= 1e-6 * num(ep, "perplexity"),
+                  "C=%d perplexity %.9g with a reference, %.9g without", C, num(e, "perplexity"),
+                  num(ep, "perplexity"));
+        /* itself as the reference: the numbers without one (another engine, so within rounding) */
+        CHECK_MSG(fabs(num(es, "kl_mean") - num(ep, "kl_mean")) <= 1e-6 + 1e-4 * num(ep, "kl_mean"),
+                  "C=%d self-reference kl_mean %.9g vs %.9g", C, num(es, "kl_mean"), num(ep, "kl_mean"));
+    }
+    json_decref(j);
+    json_decref(self);
+    json_decref(plain);
+    /* a reference of another vocabulary is a usage error that names both */
+    char other[1100];
+    snprintf(other, sizeof other, "%s/f32-vocab", tmp);
+    tu_run_t r = tu_run_tool(tmp, speedctl,
+                             "make-tiny-model '%s' --layers 2 --hidden 32 --heads 2 --kv-heads 2 --ffn 64 "
+                             "--vocab 300 --dtype f32",
+                             other);
+    CHECK_MSG(r.rc == 0, "make-tiny-model: %s", r.err);
+    tu_run_free(&r);
+    r = tu_run_tool(tmp, speedctl,
+                    "eval --model '%s' --reference-model '%s' --data '%s' --prompt-tokens %d "
+                    "--continuation-tokens %d",
+                    model_dir, other, path, N, M);
+    CHECK_INT_EQ(r.rc, 2);
+    CHECK_MSG(strstr(r.err, "vocabulary") != NULL, "stderr: %s", r.err);
+    tu_run_free(&r);
+    for (int i = 0; i < N_REC; i++) free(recs[i]);
+    naive_model_destroy(nm);
+    naive_model_destroy(nr);
+    speed_model_destroy(m);
+    speed_model_destroy(rm);
 }
 
 /* Text (plain file and JSONL "text") and the same tokens as ids give the same numbers. */
@@ -471,6 +567,7 @@ int main(void) {
     tu_run_free(&r);
     test_against_naive(model);
     test_against_naive(gqa);
+    test_reference(model, gqa);
     test_text_and_ids(model);
     test_bad_input(model);
     test_svg(model);
