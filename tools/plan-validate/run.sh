@@ -11,14 +11,16 @@
 # The machine is shared and its speed moves with the other work on it: right before each cluster
 # starts, a one-point profile (prefill of 128 tokens, a decode step of 4) measures how much slower
 # the host is than when it was profiled, and that configuration's prediction is the plan's with
-# --slowdown of that factor and --host-background the 1-minute load average of that moment (the
-# other work the nodes will share the cores with; it counts the probe that just ran, about what
-# the router and loadgen add). The recommendation is the plan's as first made.
+# --slowdown of that factor and --host-background the cores the host's other work kept busy over
+# the 3 seconds before (from /proc/stat; niced work is not counted: it yields to the cluster).
+# The router's and loadgen's own CPU per request and per streamed token are measured once on the
+# calibration cluster (plan --client-ms-per-request / --client-ms-per-token). The recommendation
+# is the plan's as first made.
 #
 #   tools/plan-validate/run.sh BUILD_DIR [WORK_DIR]      (~15 minutes; not in the default ctest)
 #
-# The table's "host load" is the 1-minute load average when each run started (this machine is
-# shared: other work running beside a cluster slows it down where the profile did not see it).
+# The table's "host load" is the cores the host's other work kept busy right before each run
+# (this machine is shared: other work beside a cluster slows it down where the profile did not see it).
 # Environment: RATE_SHORT, RATE_LONG (requests/s), REQUESTS (per run, default 240), PORT_BASE
 # (default 18600: router +0, prefill grpc +10 / http +20, decode grpc +30 / http +40).
 set -euo pipefail
@@ -104,6 +106,38 @@ print(f"{math.sqrt(b[0] / a[0] * b[1] / a[1]):.3f}")
 EOF
 }
 
+# host_busy: cores the host's other work kept busy over the next 3 seconds (/proc/stat: user,
+# system, irq, softirq, steal; not nice, which yields to normal-priority work, nor idle/iowait)
+host_busy() {
+    local a b
+    a=$(head -1 /proc/stat)
+    sleep 3
+    b=$(head -1 /proc/stat)
+    python3 - "$a" "$b" <<'EOF'
+import os, sys
+a, b = ([int(x) for x in s.split()[1:]] for s in sys.argv[1:3])
+d = [y - x for x, y in zip(a, b)]
+total = sum(d[:8])
+busy = d[0] + d[2] + d[5] + d[6] + d[7]  # user system irq softirq steal
+print(f"{os.cpu_count() * busy / total if total else 0:.2f}")
+EOF
+}
+
+# proc_cpu_ms PID: CPU milliseconds (user + system) the process has used so far
+proc_cpu_ms() {
+    awk -v hz="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); print ($12 + $13) * 1000 / hz }' "/proc/$1/stat"
+}
+
+# children_cpu_ms: CPU milliseconds of this shell's finished children so far (bash `times`, run in
+# this shell: in a pipe or $(...) it would report a subshell's children)
+children_cpu_ms() {
+    times >"$WORK/.times"
+    tail -1 "$WORK/.times" | awk '{ t = 0; for (i = 1; i <= 2; i++) { split($i, m, /[ms]/); t += m[1] * 60 + m[2] } print t * 1000 }'
+}
+
+# router_pid: the router speedctl up started
+router_pid() { pgrep -P "$UP_PID" -x speed-router | head -1; }
+
 # ---- 2. the fixed overheads ----------------------------------------------------------------
 # What the nodes' engine time does not hold, measured once on 1P1D with requests one at a time
 # (prompts of 64 tokens, 16 generated): TTFT p50 measured - predicted (HTTP, router, control RPCs:
@@ -113,23 +147,40 @@ C_CAL=4
 if [ ! -f "$WORK/overheads" ]; then
     log "measuring the fixed TTFT and per-step overheads on 1P1D (prompts of 64 tokens, one at a time)"
     slow=$(slowdown $C_CAL "$WORK/cal-probe.json")
-    bg=$(cut -d' ' -f1 /proc/loadavg)
+    bg=$(host_busy)
     "$SPEEDCTL" plan --profile "$WORK/profile.json" --rate 1 --prompt-tokens fixed:64 --output-tokens fixed:16 \
         --seed 7 --requests 30 --slo-ttft-p90-ms 10000 --slo-tpot-p90-ms 10000 --max-nodes 2 --prefill-layers $C_CAL \
         --overhead-ms 0 --slowdown "$slow" --host-cores 2 --host-background "$bg" --out "$WORK/cal" >/dev/null
     start_cluster "$WORK/cal/cluster.yaml" 1 1 "$WORK/cal/logs"
-    loadgen "$WORK/cal/loadgen.json" 1 30 fixed:64 fixed:16 10000 10000
+    # the router's and loadgen's CPU over two runs of 40 requests, 16 and 2 tokens each: per request
+    # and per token by the difference
+    rp=$(router_pid)
+    children_cpu_ms >"$WORK/.c0"
+    r0=$(proc_cpu_ms "$rp") c0=$(cat "$WORK/.c0")
+    loadgen "$WORK/cal/loadgen.json" 1 40 fixed:64 fixed:16 10000 10000
+    children_cpu_ms >"$WORK/.c1"
+    r1=$(proc_cpu_ms "$rp") c1=$(cat "$WORK/.c1")
+    loadgen "$WORK/cal/loadgen-2.json" 2 40 fixed:64 fixed:2 10000 10000
+    children_cpu_ms >"$WORK/.c2"
+    r2=$(proc_cpu_ms "$rp") c2=$(cat "$WORK/.c2")
     stop_cluster
-    python3 - "$WORK" <<'EOF' >"$WORK/overheads"
+    python3 - "$WORK" "$r0" "$r1" "$r2" "$c0" "$c1" "$c2" <<'EOF' >"$WORK/overheads"
 import json, sys
 w = sys.argv[1]
+r0, r1, r2, c0, c1, c2 = (float(x) for x in sys.argv[2:])
 m = json.load(open(f"{w}/cal/loadgen.json"))["latency_ms"]
 p = json.load(open(f"{w}/cal/plan.json"))["candidates"][0]
-print(f"{max(0.0, m['ttft']['p50'] - p['ttft_p50_ms']):.2f} {max(0.0, m['tpot']['p50'] - p['tpot_p50_ms']):.2f}")
+cpu16 = (r1 - r0 + c1 - c0) / 40  # ms per request of 16 tokens
+cpu2 = (r2 - r1 + c2 - c1) / 40   # ms per request of 2 tokens
+per_token = max(0.0, (cpu16 - cpu2) / 14)
+per_request = max(0.0, cpu2 - 2 * per_token)
+print(f"{max(0.0, m['ttft']['p50'] - p['ttft_p50_ms']):.2f} {max(0.0, m['tpot']['p50'] - p['tpot_p50_ms']):.2f} "
+      f"{per_request:.3f} {per_token:.4f}")
 EOF
 fi
-read -r OVERHEAD STEP_OVERHEAD <"$WORK/overheads"
-log "overheads: TTFT $OVERHEAD ms, decode step $STEP_OVERHEAD ms"
+read -r OVERHEAD STEP_OVERHEAD CLIENT_REQ CLIENT_TOK <"$WORK/overheads"
+CLIENT_REQ=${CLIENT_REQ:-0} CLIENT_TOK=${CLIENT_TOK:-0}
+log "overheads: TTFT $OVERHEAD ms, decode step $STEP_OVERHEAD ms; router + loadgen CPU $CLIENT_REQ ms per request, $CLIENT_TOK ms per token"
 
 # ---- 3. the workloads -----------------------------------------------------------------------
 # name rate prompts outputs slo_ttft slo_tpot
@@ -145,7 +196,8 @@ for wl in "${WORKLOADS[@]}"; do
     log "$name: plan at $rate requests/s"
     if ! "$SPEEDCTL" plan --profile "$WORK/profile.json" --rate "$rate" --prompt-tokens "$prompts" \
         --output-tokens "$outputs" --slo-ttft-p90-ms "$slo_ttft" --slo-tpot-p90-ms "$slo_tpot" --max-nodes 4 \
-        --host-cores 2 --overhead-ms "$OVERHEAD" --step-overhead-ms "$STEP_OVERHEAD" --requests "$REQUESTS" --seed 7 --out "$dir" >"$dir/plan.txt"; then
+        --host-cores 2 --overhead-ms "$OVERHEAD" --step-overhead-ms "$STEP_OVERHEAD" --client-ms-per-request "$CLIENT_REQ" \
+        --client-ms-per-token "$CLIENT_TOK" --requests "$REQUESTS" --seed 7 --out "$dir" >"$dir/plan.txt"; then
         cat "$dir/plan.txt" >&2
         log "$name: no plan at $rate requests/s (above); skipped"
         continue
@@ -155,15 +207,16 @@ for wl in "${WORKLOADS[@]}"; do
     for cfg in "$P $D recommended" "$((P + 1)) $D +1-prefill" "$P $((D + 1)) +1-decode"; do
         read -r p d label <<<"$cfg"
         slow=$(slowdown "$C" "$dir/probe-${p}p${d}d.json")
-        bg=$(cut -d' ' -f1 /proc/loadavg)
-        log "$name: the host is ${slow}x slower than when profiled; load average $bg"
+        bg=$(host_busy)
+        log "$name: the host is ${slow}x slower than when profiled; other work keeps $bg cores busy"
         "$SPEEDCTL" plan --profile "$WORK/profile.json" --rate "$rate" --prompt-tokens "$prompts" \
             --output-tokens "$outputs" --slo-ttft-p90-ms "$slo_ttft" --slo-tpot-p90-ms "$slo_tpot" --max-nodes 4 \
-            --host-cores 2 --overhead-ms "$OVERHEAD" --step-overhead-ms "$STEP_OVERHEAD" --requests "$REQUESTS" --seed 7 --prefill-layers "$C" \
+            --host-cores 2 --overhead-ms "$OVERHEAD" --step-overhead-ms "$STEP_OVERHEAD" --client-ms-per-request "$CLIENT_REQ" \
+            --client-ms-per-token "$CLIENT_TOK" --requests "$REQUESTS" --seed 7 --prefill-layers "$C" \
             --slowdown "$slow" --host-background "$bg" --out "$dir/at-${p}p${d}d" >"$dir/at-${p}p${d}d.txt" 2>&1 || true
         log "$name: $p prefill + $d decode ($label) under loadgen"
         start_cluster "$dir/cluster.yaml" "$p" "$d" "$dir/logs-${p}p${d}d"
-        load=$(cut -d' ' -f1 /proc/loadavg)
+        load=$bg
         loadgen "$dir/loadgen-${p}p${d}d.json" "$rate" "$REQUESTS" "$prompts" "$outputs" "$slo_ttft" "$slo_tpot"
         stop_cluster
         python3 - "$dir" "$p" "$d" "$C" "$name" "$label" "$rate" "$load" "$slow" <<'EOF' >>"$WORK/rows.jsonl"

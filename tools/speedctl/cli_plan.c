@@ -28,6 +28,7 @@
 typedef struct {
     char *profile, *prompt_tokens, *output_tokens, *trace, *prefill_layers, *tp, *out, *model, *image;
     double rate, slo_ttft, slo_tpot, overhead_ms, step_overhead_ms, host_cores, host_background, slowdown;
+    double client_ms_per_request, client_ms_per_token;
     int64_t max_nodes, requests, seed, anchors, tail, prefill_max_running, decode_max_running;
     int arrival, emit;
 } plan_opts_t;
@@ -73,6 +74,10 @@ static const speed_config_field_t plan_fields[] = {
            "0 = every node has its own hardware"),
     PL_OPT("host_background", DOUBLE, host_background, "0", 0, 1e6, NULL,
            "with --host-cores: runnable threads of other work on the host (as when the profile was measured)"),
+    PL_OPT("client_ms_per_request", DOUBLE, client_ms_per_request, "0", 0, 1e6, NULL,
+           "with --host-cores: CPU milliseconds the router and the clients on the same host spend per request"),
+    PL_OPT("client_ms_per_token", DOUBLE, client_ms_per_token, "0", 0, 1e6, NULL,
+           "with --host-cores: CPU milliseconds the router and the clients spend per streamed token"),
     PL_OPT("slowdown", DOUBLE, slowdown, "1", 0.01, 1000, NULL,
            "multiply every profiled time by this: how much slower the host is now than when it was profiled "
            "(a shared machine; measure it with a short speedctl profile of one point)"),
@@ -145,7 +150,9 @@ static speed_plan_sim_params_t sim_params(const plan_opts_t *o, const candidate_
                                      .step_overhead_ms = o->step_overhead_ms,
                                      .host_cores = o->host_cores,
                                      .node_threads = pr->threads * c->tp,
-                                     .host_background = o->host_background};
+                                     .host_background = o->host_background,
+                                     .client_ms_per_request = o->client_ms_per_request,
+                                     .client_ms_per_token = o->client_ms_per_token};
 }
 
 static speed_status_t simulate(const workload_t *w, const candidate_t *c, double rate, speed_plan_sim_result_t *res) {

@@ -34,7 +34,10 @@ typedef struct {
     int64_t *rem_prompt, *generated;
     int *dnode;
     double *t_first, *t_done, *t_start;
-    int *xfer_req; /* transfers in flight */
+    double *first_share; /* the host's sharing when the first token was made (overhead stretches by it) */
+    double share;        /* the sharing of the interval that just ended: 1, or cores over what is wanted */
+    double client_ms;    /* router and client CPU work pending (host_cores > 0) */
+    int *xfer_req;       /* transfers in flight */
     double *xfer_end;
     int n_xfer;
     int n_done;
@@ -135,7 +138,9 @@ static void prefill_finish(sim_t *s, sim_node_t *nd, double t) {
         s->rem_prompt[r] -= nd->take[i];
         if (s->rem_prompt[r] > 0) continue;
         s->t_first[r] = t;
-        for (int k = 0; k < nd->n_run; k++) /* keep the order of the others */
+        s->first_share[r] = s->share;
+        s->client_ms += p->client_ms_per_token; /* the first token, streamed */
+        for (int k = 0; k < nd->n_run; k++)     /* keep the order of the others */
             if (nd->run[k] == r) {
                 memmove(&nd->run[k], &nd->run[k + 1], (size_t)(nd->n_run - k - 1) * sizeof *nd->run);
                 nd->n_run--;
@@ -153,6 +158,7 @@ static void prefill_finish(sim_t *s, sim_node_t *nd, double t) {
 }
 
 static void decode_finish(sim_t *s, sim_node_t *nd, double t) {
+    s->client_ms += s->p->client_ms_per_token * nd->n_mem;
     for (int i = 0; i < nd->n_mem; i++) {
         int r = nd->mem[i];
         if (++s->generated[r] < s->reqs[r].output) continue;
@@ -199,7 +205,7 @@ static void summarize(sim_t *s, double slo_ttft, double slo_tpot, double t_end_a
     int good = 0;
     for (int i = 0; i < n; i++) {
         last_done = s->t_done[i] > last_done ? s->t_done[i] : last_done;
-        double ttft = (s->t_first[i] - s->reqs[i].arrival_s) * 1e3 + p->overhead_ms;
+        double ttft = (s->t_first[i] - s->reqs[i].arrival_s) * 1e3 + p->overhead_ms / s->first_share[i];
         double tpot =
             s->reqs[i].output > 1 ? (s->t_done[i] - s->t_first[i]) * 1e3 / (double)(s->reqs[i].output - 1) : 0;
         scratch[i] = ttft;
@@ -230,7 +236,8 @@ static void summarize(sim_t *s, double slo_ttft, double slo_tpot, double t_end_a
     res->tpot_p50_ms = quantile(scratch, m, 0.5);
     res->tpot_p90_ms = quantile(scratch, m, 0.9);
     res->tpot_p99_ms = quantile(scratch, m, 0.99);
-    for (int i = 0; i < n; i++) scratch[i] = (s->t_done[i] - s->reqs[i].arrival_s) * 1e3 + p->overhead_ms;
+    for (int i = 0; i < n; i++)
+        scratch[i] = (s->t_done[i] - s->reqs[i].arrival_s) * 1e3 + p->overhead_ms / s->first_share[i];
     res->e2e_p90_ms = quantile(scratch, n, 0.9);
     double span = t_end_arrivals - first, run = last_done - first;
     res->offered_rps = span > 0 ? (n - 1) / span : 0;
@@ -254,9 +261,10 @@ speed_status_t speed_plan_sim_run(const speed_plan_sim_params_t *p, const speed_
                                   double slo_ttft_ms, double slo_tpot_ms, speed_plan_sim_result_t *res) {
     if (!p || !p->depth || !reqs || n < 1 || p->n_prefill < 1 || p->n_decode < 1 || p->prefill_max_running < 1 ||
         p->decode_max_running < 1 || p->max_step_tokens < 1 || p->prefill_chunk < 1 ||
-        (p->host_cores > 0 && p->node_threads <= 0) || p->host_background < 0)
+        (p->host_cores > 0 && p->node_threads <= 0) || p->host_background < 0 || p->client_ms_per_request < 0 ||
+        p->client_ms_per_token < 0)
         return SPEED_ERR_INVALID_ARGUMENT;
-    sim_t s = {.p = p, .reqs = reqs, .n = n};
+    sim_t s = {.p = p, .reqs = reqs, .n = n, .share = 1.0};
     int n_nodes = p->n_prefill + p->n_decode,
         width = p->prefill_max_running > p->decode_max_running ? p->prefill_max_running : p->decode_max_running;
     speed_status_t st = SPEED_ERR_NO_MEMORY;
@@ -268,13 +276,14 @@ speed_status_t speed_plan_sim_run(const speed_plan_sim_params_t *p, const speed_
     s.t_first = speed_calloc((size_t)n, sizeof(double));
     s.t_done = speed_calloc((size_t)n, sizeof(double));
     s.t_start = speed_calloc((size_t)n, sizeof(double));
+    s.first_share = speed_calloc((size_t)n, sizeof(double));
     s.xfer_req = speed_calloc((size_t)n, sizeof(int));
     s.xfer_end = speed_calloc((size_t)n, sizeof(double));
     s.run_hist = speed_calloc((size_t)p->decode_max_running + 1, sizeof(int));
     s.wait_hist = speed_calloc((size_t)n + 1, sizeof(int));
     double *scratch = speed_calloc((size_t)n, sizeof(double));
     bool ok = s.nodes && s.router_q && s.rem_prompt && s.generated && s.dnode && s.t_first && s.t_done && s.t_start &&
-              s.xfer_req && s.xfer_end && s.run_hist && s.wait_hist && scratch;
+              s.first_share && s.xfer_req && s.xfer_end && s.run_hist && s.wait_hist && scratch;
     for (int i = 0; ok && i < n_nodes; i++) {
         sim_node_t *nd = &s.nodes[i];
         nd->q = i < p->n_prefill ? speed_calloc((size_t)n, sizeof(int)) : NULL;
@@ -305,14 +314,18 @@ speed_status_t speed_plan_sim_run(const speed_plan_sim_params_t *p, const speed_
             }
         int n_busy = 0;
         for (int i = 0; i < n_nodes; i++) n_busy += s.nodes[i].busy;
-        double want = n_busy * p->node_threads + p->host_background;
-        double rate = p->host_cores > 0 && want > p->host_cores ? p->host_cores / want : 1.0; /* ms of work per ms */
+        bool client_busy = p->host_cores > 0 && s.client_ms > 1e-9;
+        if (!client_busy) s.client_ms = 0;
+        double want = n_busy * p->node_threads + p->host_background + (client_busy ? 1.0 : 0.0);
+        double share = p->host_cores > 0 && want > p->host_cores ? p->host_cores / want : 1.0;
+        double rate = share;   /* a node's ms of work per ms */
         if (p->host_cores > 0) /* relative to the share the profile's node had */
             rate /= fmin(1.0, p->host_cores / (p->host_background + p->node_threads));
         double tn = INFINITY;
         if (next < n) tn = reqs[next].arrival_s;
         for (int i = 0; i < n_nodes; i++)
             if (s.nodes[i].busy) tn = fmin(tn, t + s.nodes[i].rem_ms / rate / 1e3);
+        if (client_busy) tn = fmin(tn, t + s.client_ms / share / 1e3);
         for (int i = 0; i < s.n_xfer; i++) tn = fmin(tn, s.xfer_end[i]);
         if (!isfinite(tn)) { /* nothing can move: a bug, not an input */
             st = SPEED_ERR_INTERNAL;
@@ -330,7 +343,9 @@ speed_status_t speed_plan_sim_run(const speed_plan_sim_params_t *p, const speed_
                 nd->rem_ms -= dt * 1e3 * rate;
             if (t < t_end_arrivals) nd->busy_s += fmin(tn, t_end_arrivals) - t;
         }
+        if (client_busy) s.client_ms = t + s.client_ms / share / 1e3 <= tn ? 0 : s.client_ms - dt * 1e3 * share;
         t = tn;
+        s.share = share;
         for (int i = 0; i < n_nodes; i++) {
             sim_node_t *nd = &s.nodes[i];
             if (!nd->busy || nd->rem_ms > 1e-7) continue;
@@ -354,6 +369,7 @@ speed_status_t speed_plan_sim_run(const speed_plan_sim_params_t *p, const speed_
         for (; next < n && reqs[next].arrival_s <= t; next++) {
             s.router_q[(s.rq_head + s.rq_len) % n] = next;
             s.rq_len++;
+            s.client_ms += p->client_ms_per_request;
         }
         router_dispatch(&s);
     }
@@ -374,6 +390,7 @@ out:
     speed_free(s.t_first);
     speed_free(s.t_done);
     speed_free(s.t_start);
+    speed_free(s.first_share);
     speed_free(s.xfer_req);
     speed_free(s.xfer_end);
     speed_free(s.run_hist);

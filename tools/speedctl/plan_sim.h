@@ -17,7 +17,11 @@
  * nodes want more than host_cores, each runs at host_cores / wanted of its speed (processor
  * sharing), which is how nodes of one small host slow each other down. host_background counts
  * other runnable threads on the host (a build, a load generator): every thread gets its fair
- * share, relative to the share the profile's one node had beside the same background.
+ * share, relative to the share the profile's one node had beside the same background. The
+ * router's and the clients' own CPU (client_ms_per_request at each arrival, client_ms_per_token
+ * for each token made) is one more thread of work while any is pending; and the fixed TTFT
+ * overhead (HTTP, router, RPCs: CPU work too) stretches by the same sharing, taken at the moment
+ * the first token is made.
  *
  * Single-threaded, allocates per run; deterministic for given inputs. */
 #ifndef SPEED_PLAN_SIM_H
@@ -36,15 +40,17 @@ typedef struct {
     int n_prefill, n_decode;
     int prefill_max_running, max_step_tokens, prefill_chunk;
     int decode_max_running;
-    double overhead_ms;      /* added to every TTFT: HTTP, router, control RPCs */
-    double step_overhead_ms; /* added to every decode step: the node's work per step outside the engine
+    double overhead_ms;           /* added to every TTFT: HTTP, router, control RPCs */
+    double step_overhead_ms;      /* added to every decode step: the node's work per step outside the engine
                               * (token events, the stream to the router, SSE), which TPOT sees */
-    double host_cores;       /* 0: every node has its own hardware */
-    double node_threads;     /* cores a busy node wants (host_cores > 0) */
-    double host_background;  /* host_cores > 0: threads of other work that keep the host's cores busy,
+    double host_cores;            /* 0: every node has its own hardware */
+    double node_threads;          /* cores a busy node wants (host_cores > 0) */
+    double host_background;       /* host_cores > 0: threads of other work that keep the host's cores busy,
                              * as when the profile was measured (fair sharing: a node runs at
                              * min(1, cores / (background + wanted)) relative to
                              * min(1, cores / (background + node_threads)), the profile's speed) */
+    double client_ms_per_request; /* host_cores > 0: CPU the router and the clients on the same host spend */
+    double client_ms_per_token;   /* per request (at its arrival) and per streamed token (when made) */
 } speed_plan_sim_params_t;
 
 typedef struct {

@@ -151,6 +151,38 @@ static void test_shared_cores(void) {
     CHECK(fabs(res.ttft_p99_ms - 10.0) < 1e-6);
 }
 
+static void test_client_work(void) {
+    /* one core: a request's 10 ms of router/client work and its 10 ms prefill share it, both end
+     * at 20 ms; the 2 ms TTFT overhead is CPU work at that moment's half share: 4 ms */
+    speed_plan_sim_params_t p = params(8, 1, 1);
+    p.host_cores = 1;
+    p.overhead_ms = 2;
+    p.client_ms_per_request = 10;
+    speed_plan_request_t r[1] = {{0, 100, 1}};
+    speed_plan_sim_result_t res;
+    CHECK(speed_plan_sim_run(&p, r, 1, 0, 0, &res) == SPEED_OK);
+    CHECK_MSG(fabs(res.ttft_p50_ms - 24.0) < 1e-6, "TTFT beside client work %.6f", res.ttft_p50_ms);
+    /* 4 ms of client work: it ends at 8 ms, the prefill's last 6 ms run alone: 14 ms, overhead 2 */
+    p.client_ms_per_request = 4;
+    CHECK(speed_plan_sim_run(&p, r, 1, 0, 0, &res) == SPEED_OK);
+    CHECK_MSG(fabs(res.ttft_p50_ms - 16.0) < 1e-6, "TTFT after client work %.6f", res.ttft_p50_ms);
+    /* per token: a 3-token answer; each decode step (1.5 ms) makes one token and 1 ms of client work
+     * that runs beside the next step. First token at 14 ms (+2), then client work 1 ms (first
+     * token) shares with step 1: both at half speed for 2 ms (1 ms of client work done, 1 ms of the
+     * step), the step's last 0.5 ms alone: step 1 ends at 16.5; step 2 the same: 19 ms; TPOT 2.5 */
+    p.client_ms_per_token = 1;
+    speed_plan_request_t r3[1] = {{0, 100, 3}};
+    CHECK(speed_plan_sim_run(&p, r3, 1, 0, 0, &res) == SPEED_OK);
+    CHECK_MSG(fabs(res.tpot_p50_ms - 2.5) < 1e-6, "TPOT with per-token client work %.6f", res.tpot_p50_ms);
+    /* own hardware (no --host-cores): client work costs the nodes nothing */
+    p.host_cores = 0;
+    p.client_ms_per_request = 10;
+    CHECK(speed_plan_sim_run(&p, r, 1, 0, 0, &res) == SPEED_OK);
+    CHECK_MSG(fabs(res.ttft_p50_ms - 12.0) < 1e-6, "TTFT on own hardware %.6f", res.ttft_p50_ms);
+    p.client_ms_per_token = -1;
+    CHECK(speed_plan_sim_run(&p, r, 1, 0, 0, &res) == SPEED_ERR_INVALID_ARGUMENT);
+}
+
 static void test_chunking(void) {
     /* two 400-token prompts at once, steps of at most 512 rows: the first step takes all of the
      * first prompt and 112 rows of the second (51.2 ms), the second step its last 288 (28.8 ms) */
@@ -499,6 +531,7 @@ int main(void) {
     test_deterministic_arrivals();
     test_saturation();
     test_shared_cores();
+    test_client_work();
     test_chunking();
     test_late_clock();
     test_monotone();
