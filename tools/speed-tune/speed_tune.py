@@ -12,8 +12,12 @@ a random length and a continuation; the loss is KL(teacher || student) over the 
 predict the continuation (the last prompt token and every continuation token but the last), which
 are the positions whose logits a served request samples from. Each step draws its cutoff from
 --prefill-layers; `1.0` (C = L) in the list keeps full-depth behaviour anchored to the teacher.
---chat adds supervised fine-tuning on chat records ({"messages": [...]} rendered by the engine
-with --speedctl) at the same cutoffs.
+--chat adds supervised fine-tuning on chat records at the same cutoffs: each JSONL line is
+{"messages": [{"role": "system", ...}?, {"role": "user", ...}, {"role": "assistant", ...}]}, the
+prompt rendered by the engine's chat template (`speedctl tokenize --chat`, exactly as the router
+renders a request) and the answer followed by the template's end-of-turn token; or
+{"ids": [...], "prompt_tokens": N}. The loss is the cross-entropy of the answer tokens with the
+prompt run as serving runs it (shallow below C), one record per step beside the distillation batch.
 
 Data (--data): text files (documents separated by blank lines) or JSONL with {"text": ...} or
 {"ids": [...]}; text is tokenized by the engine (--speedctl) so ids match serving exactly.
@@ -95,6 +99,53 @@ def read_records(path, speedctl, model_dir):
     return ids
 
 
+def read_chat(path, speedctl, model_dir):
+    """(ids, n_prompt) of every chat record of a JSONL file (see the module docstring)."""
+    with open(os.path.join(model_dir, "tokenizer_config.json"), encoding="utf-8") as f:
+        tcfg = json.load(f)
+    end_of_turn = "<|eot_id|>" if "<|eot_id|>" in tcfg.get("chat_template", "") else tcfg.get("eos_token", "")
+
+    def tokenize(*args):
+        out = subprocess.run([speedctl, "tokenize", "--model", model_dir, "--json"] + list(args), check=True,
+                             capture_output=True, text=True).stdout
+        return json.loads(out)["ids"]
+
+    recs = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError as e:
+                raise ValueError("%s:%d: %s" % (path, n, e))
+            if "ids" in rec and "prompt_tokens" in rec:
+                ids, np_ = [int(x) for x in rec["ids"]], int(rec["prompt_tokens"])
+            elif "messages" in rec:
+                msgs = rec["messages"]
+                roles = [m.get("role") for m in msgs] if isinstance(msgs, list) else []
+                if roles not in (["user", "assistant"], ["system", "user", "assistant"]):
+                    raise ValueError("%s:%d: messages must be [system?, user, assistant], got %s" % (path, n, roles))
+                sys_args = ["--system", msgs[0]["content"]] if roles[0] == "system" else []
+                prompt = tokenize("--chat", msgs[-2]["content"], *sys_args)
+                answer = tokenize("--text", msgs[-1]["content"].strip() + end_of_turn)
+                ids, np_ = prompt + answer, len(prompt)
+            else:
+                raise ValueError("%s:%d: a chat record needs \"messages\" or \"ids\" with \"prompt_tokens\"" % (path, n))
+            if not 1 <= np_ < len(ids):
+                raise ValueError("%s:%d: the prompt must leave at least one answer token" % (path, n))
+            recs.append((ids, np_))
+    return recs
+
+
+def sft_loss(student, y, n, c, anchors, tail):
+    """Cross-entropy of y[n:] given y[:n] run as serving runs it at cutoff c (one record, [1, T])."""
+    L = student.cfg.num_hidden_layers
+    cls = sl.token_classes(n, y.shape[1], anchors, tail)
+    logits = student(y[:, :-1], [m.to(y.device) for m in sl.speed_masks(cls[:-1], L, c)])
+    return F.cross_entropy(logits[:, n - 1:].reshape(-1, logits.shape[-1]).float(), y[:, n:].reshape(-1))
+
+
 def batch_for(records, rng, batch, prompt_range, cont):
     """[B, N + M] ids with a shared prompt length N drawn from prompt_range."""
     lo, hi = prompt_range
@@ -140,11 +191,13 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for small models: README)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32", help="weights and optimizer state")
     ap.add_argument("--checkpointing", action="store_true", help="recompute activations (large models)")
-    ap.add_argument("--chat", default="", help="optional JSONL of chat records for SFT ({\"ids\": [...]} rendered)")
+    ap.add_argument("--chat", default="", help="optional JSONL of chat records for SFT ({\"messages\": [...]}: "
+                    "system?, user, assistant; or {\"ids\": [...], \"prompt_tokens\": N})")
+    ap.add_argument("--sft-weight", type=float, default=1.0, help="weight of the SFT loss beside the KL")
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
@@ -165,7 +218,12 @@ def main():
     if not 1 <= lo <= hi:
         raise SystemExit("speed_tune: --prompt-tokens %s: need 1 <= LO <= HI" % args.prompt_tokens)
     records = read_records(args.data, args.speedctl, args.model)
-    sft = read_records(args.chat, args.speedctl, args.model) if args.chat else []
+    try:
+        sft = read_chat(args.chat, args.speedctl, args.model) if args.chat else []
+    except (OSError, ValueError, subprocess.CalledProcessError) as e:
+        raise SystemExit("speed_tune: --chat: %s" % e)
+    if args.chat and not sft:
+        raise SystemExit("speed_tune: --chat %s holds no records" % args.chat)
     if not any(len(r) >= lo + args.continuation_tokens for r in records):
         raise SystemExit("speed_tune: no record of %s holds %d tokens" % (args.data, lo + args.continuation_tokens))
     opt = torch.optim.AdamW([p for p in student.parameters()], lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -182,23 +240,19 @@ def main():
         for g in opt.param_groups:
             g["lr"] = args.lr * warm * (0.5 * (1 + math.cos(math.pi * step / args.steps)))
         loss = distill_loss(student, teacher, x, n, c, args.anchors, args.tail)
-        sft_loss = torch.tensor(0.0)
+        sft_l = torch.tensor(0.0)
         if sft:
-            y, ny = batch_for(sft, rng, max(1, args.batch // 2), (lo, hi), args.continuation_tokens)
-            if y is not None:
-                y = y.to(args.device)
-                cls = sl.token_classes(ny, y.shape[1], args.anchors, args.tail)
-                logits = student(y[:, :-1], [m.to(args.device) for m in sl.speed_masks(cls[:-1], L, c)])
-                sft_loss = F.cross_entropy(logits[:, ny - 1:].reshape(-1, cfg.vocab_size).float(),
-                                           y[:, ny:].reshape(-1))
-        total = loss + sft_loss
+            ids, ny = rng.choice(sft)
+            sft_l = sft_loss(student, torch.tensor([ids], dtype=torch.long, device=args.device), ny, c,
+                             args.anchors, args.tail)
+        total = loss + args.sft_weight * sft_l
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         ema[c] = float(loss) if c not in ema else 0.95 * ema[c] + 0.05 * float(loss)
         if step % 25 == 0 or step == args.steps - 1:
-            log.append((step, c, "%.5f" % ema[c], "%.4f" % float(sft_loss), "%.0f" % (time.time() - t0)))
+            log.append((step, c, "%.5f" % ema[c], "%.4f" % float(sft_l), "%.0f" % (time.time() - t0)))
             print("step %d/%d C=%d KL %.4f (%.0f s)" % (step, args.steps, c, ema[c], time.time() - t0), flush=True)
 
     student = student.to("cpu").float()

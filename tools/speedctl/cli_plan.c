@@ -247,6 +247,11 @@ static speed_status_t write_json(const plan_opts_t *o, const candidate_t *cands,
     json_object_set_new(root, "slo_tpot_p90_ms", json_real(o->slo_tpot));
     json_object_set_new(root, "host_cores", json_real(o->host_cores));
     json_object_set_new(root, "overhead_ms", json_real(o->overhead_ms));
+    json_object_set_new(root, "step_overhead_ms", json_real(o->step_overhead_ms));
+    json_object_set_new(root, "host_background", json_real(o->host_background));
+    json_object_set_new(root, "client_ms_per_request", json_real(o->client_ms_per_request));
+    json_object_set_new(root, "client_ms_per_token", json_real(o->client_ms_per_token));
+    json_object_set_new(root, "slowdown", json_real(o->slowdown));
     for (int i = 0; i < n; i++) {
         const candidate_t *c = &cands[i];
         json_t *j = json_object();
