@@ -278,6 +278,8 @@ int speedctl_profile(int argc, char **argv) {
     speed_model_params_t mp = speed_model_default_params();
     if (speed_model_load(o.engine.model, &mp, &model) != SPEED_OK) goto out;
     const speed_model_config_t *mc = &model->config;
+    /* --kv-dtype auto is the checkpoint's dtype: resolved once, for the engines and the bytes */
+    o.engine.kv.kv_dtype = (int)speed_model_kv_dtype_resolve(model, (speed_dtype_t)o.engine.kv.kv_dtype);
     p.model = model;
 
     /* The cutoffs: a comma list, each resolved as the nodes resolve one; none = C = L. */

@@ -380,6 +380,36 @@ static void write_text(const char *path, const char *text) {
     fclose(f);
 }
 
+/* speedctl profile for real on a tiny model (default --kv-dtype auto), and plan reading it */
+static void test_profile_cli(void) {
+    char model[1024], prof_path[1024];
+    snprintf(model, sizeof model, "%s", tu_path("tiny"));
+    snprintf(prof_path, sizeof prof_path, "%s", tu_path("real-profile.json"));
+    run_t r = run("make-tiny-model '%s' --layers 4 --hidden 64 --heads 4 --kv-heads 2 --ffn 128 --dtype bf16", model);
+    CHECK_MSG(r.rc == 0, "make-tiny-model: %s", r.err);
+    run_free(&r);
+    r = run("profile --model '%s' --threads 1 --prefill-layers 2,4 --prompt-tokens 8,16 --batch-sizes 1,2 "
+            "--context-tokens 16 --repeat 1 --decode-steps 2 --out '%s'",
+            model, prof_path);
+    CHECK_MSG(r.rc == 0, "profile failed (%d): %s", r.rc, r.err);
+    run_free(&r);
+    json_error_t je;
+    json_t *p = json_load_file(prof_path, 0, &je);
+    CHECK_MSG(p != NULL, "profile JSON: %s", je.text);
+    json_t *m = json_object_get(p, "model");
+    /* K and V of one token in one layer: 2 x 2 KV heads x head dim 16 x 2 bytes (bf16, the checkpoint's) */
+    CHECK_MSG(json_number_value(json_object_get(m, "kv_bytes_per_token_layer")) == 2 * 2 * 16 * 2,
+              "kv_bytes_per_token_layer %g", json_number_value(json_object_get(m, "kv_bytes_per_token_layer")));
+    CHECK_STR_EQ(json_string_value(json_object_get(m, "kv_dtype")), "bf16");
+    json_decref(p);
+    r = run("plan --profile '%s' --rate 5 --prompt-tokens fixed:16 --output-tokens fixed:4 --slo-ttft-p90-ms 10000 "
+            "--slo-tpot-p90-ms 10000 --max-nodes 2 --requests 100",
+            prof_path);
+    CHECK_MSG(r.rc == 0 && strstr(r.out, "<- recommended"), "plan on a measured profile (%d): %s%s", r.rc, r.out,
+              r.err);
+    run_free(&r);
+}
+
 static void test_cli(void) {
     char prof_path[1024], dir[1024], yaml[1100];
     snprintf(prof_path, sizeof prof_path, "%s", tu_path("profile.json"));
@@ -540,9 +570,10 @@ int main(void) {
     test_bad_profiles();
     test_workload_is_loadgens();
     speedctl = getenv("SPEEDCTL");
-    if (speedctl && tu_tmp_init("test_plan"))
+    if (speedctl && tu_tmp_init("test_plan")) {
         test_cli();
-    else
+        test_profile_cli();
+    } else
         fprintf(stderr, "SPEEDCTL not set: the CLI checks are skipped\n");
     return CHECK_DONE();
 }
