@@ -111,11 +111,20 @@ static void prefill_try_start(sim_t *s, sim_node_t *nd, double t) {
     nd->rem_ms = speed_plan_prefill_ms(p->depth, rows);
 }
 
-static void decode_try_start(sim_t *s, sim_node_t *nd) {
+/* The first token reaches the client when the decode node starts the request (speedserve's
+ * Generate: the batcher takes it between two steps and emits the prefill node's token then). */
+static void first_token(sim_t *s, int r, double t) {
+    s->t_first[r] = t;
+    s->first_share[r] = s->share;
+    s->client_ms += s->p->client_ms_per_token; /* the first token, streamed */
+}
+
+static void decode_try_start(sim_t *s, sim_node_t *nd, double t) {
     if (nd->n_run == 0) return;
     double ctx = 0;
     for (int i = 0; i < nd->n_run; i++) {
         int r = nd->run[i];
+        if (s->t_first[r] < 0) first_token(s, r, t);
         nd->mem[i] = r;
         ctx += (double)(s->reqs[r].prompt + s->generated[r]);
     }
@@ -137,16 +146,14 @@ static void prefill_finish(sim_t *s, sim_node_t *nd, double t) {
         int r = nd->mem[i];
         s->rem_prompt[r] -= nd->take[i];
         if (s->rem_prompt[r] > 0) continue;
-        s->t_first[r] = t;
-        s->first_share[r] = s->share;
-        s->client_ms += p->client_ms_per_token; /* the first token, streamed */
-        for (int k = 0; k < nd->n_run; k++)     /* keep the order of the others */
+        for (int k = 0; k < nd->n_run; k++) /* keep the order of the others */
             if (nd->run[k] == r) {
                 memmove(&nd->run[k], &nd->run[k + 1], (size_t)(nd->n_run - k - 1) * sizeof *nd->run);
                 nd->n_run--;
                 break;
             }
-        if (s->reqs[r].output <= 1) {
+        if (s->reqs[r].output <= 1) { /* the prefill's token is the answer: no decode node starts it */
+            first_token(s, r, t);
             request_done(s, r, t);
             continue;
         }
@@ -297,6 +304,7 @@ speed_status_t speed_plan_sim_run(const speed_plan_sim_params_t *p, const speed_
         s.rem_prompt[i] = reqs[i].prompt;
         s.generated[i] = 1;
         s.t_start[i] = -1;
+        s.t_first[i] = -1;
         if (reqs[i].prompt < 1 || reqs[i].output < 1 || (i > 0 && reqs[i].arrival_s < reqs[i - 1].arrival_s)) {
             st = SPEED_ERR_INVALID_ARGUMENT;
             goto out;
@@ -310,7 +318,7 @@ speed_status_t speed_plan_sim_run(const speed_plan_sim_params_t *p, const speed_
                 if (i < p->n_prefill)
                     prefill_try_start(&s, &s.nodes[i], t);
                 else
-                    decode_try_start(&s, &s.nodes[i]);
+                    decode_try_start(&s, &s.nodes[i], t);
             }
         int n_busy = 0;
         for (int i = 0; i < n_nodes; i++) n_busy += s.nodes[i].busy;

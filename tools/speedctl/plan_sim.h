@@ -6,9 +6,12 @@
  *   prefill node: FIFO queue, up to max_running prompts in the engine; a step takes rows from
  *              them in order (each at most prefill_chunk, in all at most max_step_tokens) and
  *              lasts the profile's prefill time of that many rows at C; a prompt done in a step
- *              has its first token at the step's end (TTFT = that + overhead_ms)
+ *              is done at the step's end
  *   transfer:  its KV (C layers of every prompt token, L - C of A + T) then travels for the
- *              profile's transfer time of those bytes
+ *              profile's transfer time of those bytes; the decode node takes the request at its
+ *              next step boundary (at once when idle) and the prefill's first token reaches the
+ *              client then (TTFT = that + overhead_ms), as speedserve's batcher starts a request
+ *              between two steps
  *   decode node: continuous batching: a step runs every sequence that was ready when it began,
  *              lasting the profile's step time at that batch and their mean context; a
  *              sequence is done after output - 1 steps (the first token came from the prefill)

@@ -151,6 +151,18 @@ static void test_shared_cores(void) {
     CHECK(fabs(res.ttft_p99_ms - 10.0) < 1e-6);
 }
 
+static void test_first_token_at_step_boundary(void) {
+    /* A (100 tokens, prefill 10 ms) keeps the decode node stepping every 1.5 ms from 10 ms on; B
+     * arrives at 10.2 ms, its prefill ends at 20.2 ms while a step runs (19 to 20.5): the decode
+     * node takes it, and its first token reaches the client, at 20.5 ms: TTFT 10.3, not 10 */
+    speed_plan_sim_params_t p = params(8, 1, 1);
+    speed_plan_request_t r[2] = {{0, 100, 100}, {0.0102, 100, 4}};
+    speed_plan_sim_result_t res;
+    CHECK(speed_plan_sim_run(&p, r, 2, 0, 0, &res) == SPEED_OK);
+    CHECK_MSG(fabs(res.ttft_p50_ms - 10.0) < 1e-6 && fabs(res.ttft_p99_ms - 10.3) < 1e-6,
+              "TTFT %.6f (idle decode node) / %.6f (busy)", res.ttft_p50_ms, res.ttft_p99_ms);
+}
+
 static void test_client_work(void) {
     /* one core: a request's 10 ms of router/client work and its 10 ms prefill share it, both end
      * at 20 ms; the 2 ms TTFT overhead is CPU work at that moment's half share: 4 ms */
@@ -562,6 +574,7 @@ int main(void) {
     test_saturation();
     test_shared_cores();
     test_client_work();
+    test_first_token_at_step_boundary();
     test_chunking();
     test_late_clock();
     test_monotone();
