@@ -28,11 +28,14 @@ def main():
     for name, r in runs:
         if name == "SPEED-tuned" and not r.get("reference_model"):
             raise SystemExit("quality_curve: %s was not run with --reference-model (the base)" % a.tuned)
-    series = [("%s, KL mean" % name, sorted((e["prefill_layers"], e["kl_mean"]) for e in r["results"]))
-              for name, r in runs]
-    series += [("%s, KL p90" % name, sorted((e["prefill_layers"], e["kl_p90"]) for e in r["results"]))
-               for name, r in runs]
-    svgplot.line_chart(a.out, a.title, "prefill layers C (of %d)" % runs[0][1]["layers"], "KL (nats)", series)
+    series, styles = [], []
+    for (name, r), colour in zip(runs, ("#d62728", "#1f77b4")):
+        for key, dashed in (("kl_mean", False), ("kl_p90", True)):
+            series.append(("%s, KL %s" % (name, key[3:]), sorted((e["prefill_layers"], e[key]) for e in r["results"])))
+            styles.append((colour, dashed))
+    cs = sorted({e["prefill_layers"] for _, r in runs for e in r["results"]})
+    svgplot.line_chart(a.out, a.title, "prefill layers C (of %d)" % runs[0][1]["layers"], "KL (nats)", series,
+                       xticks=cs, styles=styles)
     print("| model | C | KL mean | KL p90 | top-1 | perplexity | KV saved |")
     print("|---|---|---|---|---|---|---|")
     for name, r in runs:

@@ -12,7 +12,10 @@ Checks, each of which a misread, corrupted or untrained checkpoint fails:
   not equal (55 against 35 for the committed model); a misread or untrained checkpoint scores in
   the thousands (4017 before training). Exact agreement of the engine with PyTorch on the same
   weights is test_speedllama's job;
-- a greedy chat answer is made of words: at least 70% of its words occur in the training text.
+- a greedy chat answer is made of words: at least 70% of its words occur in the training text;
+- the SPEED-tuned models/fortune-llama-speed stays under 10 MB, and at C = 6 (3L/4) its KL from
+  the base's full depth (`speedctl eval --reference-model`) is at most half the untuned base's
+  at C = 6, while its own full depth stays closer to the base's than that.
 Exit 0 pass, 1 fail, 77 skip (the corpus packages are missing: deploy/setup.sh installs them).
 """
 
@@ -66,6 +69,30 @@ def main():
     print("chat answer: %r (%d words, %.0f%% known)" % (text, len(words), 100 * share))
     if len(words) < 5 or share < 0.7:
         failures.append("the chat answer is not made of words (%d words, %.0f%% known)" % (len(words), 100 * share))
+
+    # the SPEED-tuned model (models/fortune-llama-speed): at C = 6 = 3L/4 it closes at least half of
+    # the KL gap untuned SPEED opens against the base's full depth, and its own full depth stays
+    # closer to the base's than the untuned C = 6 is
+    tuned = os.path.join(repo, "models", "fortune-llama-speed")
+    size = sum(os.path.getsize(os.path.join(tuned, f)) for f in os.listdir(tuned))
+    if size >= 10 * 1024 * 1024:
+        failures.append("the tuned model directory holds %d bytes (limit 10 MB)" % size)
+
+    def kl(m, cutoffs, ref=None):
+        args = [speedctl, "eval", "--model", m, "--data", heldout, "--prompt-tokens", "32", "--continuation-tokens",
+                "24", "--prefill-layers", cutoffs, "--json", "--threads", "2", "--batch", "12", "--no-progress"]
+        if ref:
+            args += ["--reference-model", ref]
+        r = json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout)["results"]
+        return {e["prefill_layers"]: e["kl_mean"] for e in r}
+    untuned, tuned_kl = kl(model, "6"), kl(tuned, "6,8", model)
+    print("KL at C = 6 against the base's full depth: untuned %.4f, tuned %.4f (tuned at full depth %.4f)" %
+          (untuned[6], tuned_kl[6], tuned_kl[8]))
+    if not tuned_kl[6] <= 0.5 * untuned[6]:
+        failures.append("the tuned model recovers less than half the KL gap at C = 6 (%.4f vs %.4f)" %
+                        (tuned_kl[6], untuned[6]))
+    if not tuned_kl[8] < untuned[6]:
+        failures.append("the tuned model's full depth moved from the base's by %.4f" % tuned_kl[8])
     for f in failures:
         print("FAIL " + f)
     return 1 if failures else 0
