@@ -63,19 +63,24 @@ def resolve_cutoff(text, n_layers):
     return c
 
 
+def jsonl_records(path, raw):
+    """(line number, object) of every non-blank line of a JSONL text; a bad line names file:line."""
+    for n, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except ValueError as e:
+            raise ValueError("%s:%d: %s" % (path, n, e))
+
+
 def read_records(path, speedctl, model_dir):
     """Token id lists of every record of a text or JSONL file."""
     texts, ids = [], []
     with open(path, encoding="utf-8") as f:
         raw = f.read()
     if path.endswith(".jsonl"):
-        for n, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError as e:
-                raise ValueError("%s:%d: %s" % (path, n, e))
+        for n, rec in jsonl_records(path, raw):
             if "ids" in rec:
                 ids.append([int(x) for x in rec["ids"]])
             elif "text" in rec:
@@ -112,20 +117,17 @@ def read_chat(path, speedctl, model_dir):
 
     recs = []
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError as e:
-                raise ValueError("%s:%d: %s" % (path, n, e))
+        for n, rec in jsonl_records(path, f.read()):
             if "ids" in rec and "prompt_tokens" in rec:
                 ids, np_ = [int(x) for x in rec["ids"]], int(rec["prompt_tokens"])
             elif "messages" in rec:
                 msgs = rec["messages"]
-                roles = [m.get("role") for m in msgs] if isinstance(msgs, list) else []
+                ok = isinstance(msgs, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                    for m in msgs)
+                roles = [m.get("role") for m in msgs] if ok else []
                 if roles not in (["user", "assistant"], ["system", "user", "assistant"]):
-                    raise ValueError("%s:%d: messages must be [system?, user, assistant], got %s" % (path, n, roles))
+                    raise ValueError("%s:%d: messages must be [system?, user, assistant] with text contents, got %s" %
+                                     (path, n, roles))
                 sys_args = ["--system", msgs[0]["content"]] if roles[0] == "system" else []
                 prompt = tokenize("--chat", msgs[-2]["content"], *sys_args)
                 answer = tokenize("--text", msgs[-1]["content"].strip() + end_of_turn)
