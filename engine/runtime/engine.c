@@ -16,6 +16,7 @@ speed_engine_params_t speed_engine_default_params(void) {
         .prefill_chunk = 512,
         .depth = speed_depth_default(),
         .tp_size = 1,
+        .prefix_cache = speed_prefix_cache_default_params(),
     };
 }
 
@@ -440,6 +441,8 @@ speed_status_t speed_engine_create(const speed_engine_params_t *params, speed_en
     kp.n_blocks[SPEED_KV_POOL_UPPER] = e->p.n_blocks_upper;
     kp.host_mirror = e->p.kv_host_mirror;
     SPEED_CHECK_GOTO(speed_kv_cache_create(&kp, &e->kv), st, fail);
+    if (e->p.prefix_cache.max_blocks != 0)
+        SPEED_CHECK_GOTO(speed_prefix_cache_create(&e->p.prefix_cache, e->kv, &e->prefix), st, fail);
     SPEED_DEBUG(SPEED_SUBSYS_ENGINE,
                 "engine: %s x %d rank(s), depth C=%d A=%d T=%d, %d sequences, %d rows/step, chunk %d, scratch %zu + "
                 "%zu host bytes",
@@ -469,6 +472,7 @@ void speed_engine_destroy(speed_engine_t *e) {
             speed_free(e->seqs[i].prompt);
         }
     }
+    speed_prefix_cache_destroy(e->prefix);
     speed_kv_cache_destroy(e->kv);
     for (int r = 0; e->ranks && r < e->n_ranks; r++) rank_free(&e->ranks[r]);
     speed_free(e->ranks);
@@ -517,7 +521,7 @@ static engine_seq_t *find_logged(const speed_engine_t *e, speed_seq_id_t id) {
 }
 
 /* Common part of seq_add and seq_reserve: checks, KV reservation, slot. */
-static speed_status_t seq_new(speed_engine_t *e, int64_t n_prompt, const speed_depth_t *depth_in,
+static speed_status_t seq_new(speed_engine_t *e, const int32_t *ids, int64_t n_prompt, const speed_depth_t *depth_in,
                               int64_t max_new_tokens, engine_seq_t **seq_p) {
     if (n_prompt < 1) {
         SPEED_ERROR(SPEED_SUBSYS_ENGINE, "engine: empty prompt (%lld tokens)", (long long)n_prompt);
@@ -543,21 +547,23 @@ static speed_status_t seq_new(speed_engine_t *e, int64_t n_prompt, const speed_d
     while (e->seqs[slot].used) slot++;
     engine_seq_t *s = &e->seqs[slot];
     memset(s, 0, sizeof *s);
-    int64_t n_full, n_compact;
-    speed_kv_entries_for(n_prompt, depth.anchors, depth.tail, max_new_tokens - 1, &n_full, &n_compact);
-    speed_status_t st = speed_kv_cache_seq_create(e->kv, depth.prefill_layers, n_full, n_compact, &s->kv);
-    if (st != SPEED_OK) {
-        if (st == SPEED_ERR_CAPACITY)
-            SPEED_DEBUG(SPEED_SUBSYS_ENGINE, "engine: no KV room for %lld + %lld tokens", (long long)n_prompt,
-                        (long long)max_new_tokens);
-        return st;
-    }
     s->depth = depth;
     s->n_prompt = n_prompt;
     s->max_new = max_new_tokens;
     s->a = depth.anchors < n_prompt ? depth.anchors : n_prompt;
     s->tail_start = n_prompt - depth.tail > s->a ? n_prompt - depth.tail : s->a;
     s->t_add_ns = speed_clock_mono_ns();
+    int64_t n_full, n_compact;
+    speed_kv_entries_for(n_prompt, depth.anchors, depth.tail, max_new_tokens - 1, &n_full, &n_compact);
+    /* a prefix cache hit fills the first positions and moves n_prefilled past them */
+    speed_status_t st = speed_engine_kv_reserve_(e, s, ids, n_full, n_compact);
+    if (st != SPEED_OK) {
+        if (st == SPEED_ERR_CAPACITY)
+            SPEED_DEBUG(SPEED_SUBSYS_ENGINE, "engine: no KV room for %lld + %lld tokens", (long long)n_prompt,
+                        (long long)max_new_tokens);
+        memset(s, 0, sizeof *s);
+        return st;
+    }
     *seq_p = s;
     return SPEED_OK;
 }
@@ -583,8 +589,9 @@ speed_status_t speed_engine_seq_add(speed_engine_t *e, const int32_t *ids, int64
         }
     }
     engine_seq_t *s;
-    SPEED_CHECK(seq_new(e, n_prompt, depth, max_new_tokens, &s));
-    s->prompt = speed_malloc((size_t)n_prompt * sizeof(int32_t));
+    SPEED_CHECK(seq_new(e, ids, n_prompt, depth, max_new_tokens, &s));
+    /* room for the generated tokens fed back too: a finished sequence's prefix cache key */
+    s->prompt = speed_malloc((size_t)(n_prompt + max_new_tokens - 1) * sizeof(int32_t));
     if (!s->prompt) {
         speed_kv_cache_seq_destroy(e->kv, s->kv);
         s->kv = NULL;
@@ -604,7 +611,7 @@ speed_status_t speed_engine_seq_reserve(speed_engine_t *e, int64_t n_prompt, con
         return SPEED_ERR_INVALID_ARGUMENT;
     }
     engine_seq_t *s;
-    SPEED_CHECK(seq_new(e, n_prompt, depth, max_new_tokens, &s));
+    SPEED_CHECK(seq_new(e, NULL, n_prompt, depth, max_new_tokens, &s));
     s->state = SPEED_SEQ_AWAIT_KV;
     seq_commit(e, s, seq_p);
     return SPEED_OK;
@@ -632,6 +639,7 @@ speed_status_t speed_engine_seq_append(speed_engine_t *e, speed_seq_id_t id, int
         return SPEED_ERR_TOO_LONG;
     }
     s->pending = token;
+    if (s->prompt) s->prompt[s->n_prompt + s->n_generated] = token; /* its position once processed */
     s->state = SPEED_SEQ_DECODE;
     return SPEED_OK;
 }
@@ -640,7 +648,7 @@ speed_status_t speed_engine_seq_remove(speed_engine_t *e, speed_seq_id_t id) {
     engine_seq_t *s = find_logged(e, id);
     if (!s) return SPEED_ERR_NOT_FOUND;
     int slot = (int)(s - e->seqs);
-    speed_kv_cache_seq_destroy(e->kv, s->kv);
+    speed_engine_kv_release_(e, s); /* to the prefix cache, or freed */
     speed_free(s->prompt);
     memset(s, 0, sizeof *s);
     int j = 0;
@@ -668,6 +676,8 @@ speed_status_t speed_engine_seq_stats(const speed_engine_t *e, speed_seq_id_t id
     st->n_prefilled = s->n_prefilled;
     st->n_generated = s->n_generated;
     st->max_new_tokens = s->max_new;
+    st->n_cached = s->n_cached;
+    st->n_shared_blocks = s->n_shared_blocks;
     speed_kv_usage_t u;
     speed_kv_cache_seq_usage(e->kv, s->kv, &u);
     st->kv_bytes_used = u.bytes_used[0] + u.bytes_used[1];
@@ -690,6 +700,8 @@ void speed_engine_stats(const speed_engine_t *e, speed_engine_stats_t *st) {
     speed_kv_cache_stats(e->kv, &st->kv);
     st->scratch_bytes = engine_scratch_bytes(e) + e->host_scratch_bytes;
     st->weight_bytes = speed_model_n_bytes(e->model);
+    st->n_cached_tokens = e->n_cached_tokens;
+    if (e->prefix) speed_prefix_cache_stats(e->prefix, &st->prefix);
 }
 
 /* ---- KV transfer ----------------------------------------------------------------------------- */

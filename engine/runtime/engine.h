@@ -62,6 +62,7 @@
 #include "dtype.h"
 #include "kv_cache.h"
 #include "model.h"
+#include "prefix_cache.h"
 #include "status.h"
 
 /* Identifies a sequence of one engine; ids are never reused by that engine. */
@@ -120,6 +121,14 @@ typedef struct {
      * step downloads k values, k ids and one log-sum-exp per output instead of vocab floats
      * (docs/gpu.md). 0 (the default): full logits. 1 .. min(vocab, SPEED_TOPK_MAX). */
     int output_topk;
+    /* Prefix cache (prefix_cache.h, docs/prefix-cache.md): with prefix_cache.max_blocks > 0, a
+     * sequence added with speed_engine_seq_add that finished its prefill leaves its KV in the
+     * cache when it is removed, and a later seq_add whose prompt starts with the same tokens
+     * reuses what the SPEED rule allows and prefills only the rest (the "decode-local prefill").
+     * Entries are evicted least recently used past max_blocks, and whenever a reservation lacks
+     * free blocks. Off by default. With a layer callback (a prefill node) the callback reports
+     * only the computed positions: leave the cache off there. */
+    speed_prefix_cache_params_t prefix_cache;
 } speed_engine_params_t;
 
 #define SPEED_ENGINE_TP_MAX 64
@@ -246,6 +255,8 @@ typedef struct {
     int64_t n_prefilled; /* prompt tokens processed so far */
     int64_t n_generated; /* appended tokens processed (stored in the KV) */
     int64_t max_new_tokens;
+    int64_t n_cached;        /* prompt positions reused from the prefix cache (not computed) */
+    int64_t n_shared_blocks; /* of them, lower-pool blocks shared rather than copied */
     /* KV bytes (cache dtype), exact: */
     size_t kv_bytes_used;       /* entries stored, both pools: for a finished prefill this is
                                    * speed_kv_bytes_for_prompt(C, A, T, n_prompt) + the
@@ -271,9 +282,15 @@ typedef struct {
     speed_kv_cache_stats_t kv; /* pools: blocks and bytes (kv_cache.h) */
     size_t scratch_bytes;      /* backend activation scratch + host logits and indices */
     size_t weight_bytes;       /* mapped model weights (speed_model_n_bytes) */
+    uint64_t n_cached_tokens;  /* prompt positions reused from the prefix cache since creation */
+    speed_prefix_cache_stats_t prefix; /* all zero when the cache is off */
 } speed_engine_stats_t;
 
 void speed_engine_stats(const speed_engine_t *engine, speed_engine_stats_t *stats_p);
+
+/* Evicts every prefix cache entry (no-op when the cache is off): their blocks go back to the
+ * pools, except those live sequences share. */
+void speed_engine_prefix_cache_clear(speed_engine_t *engine);
 
 /* ---- KV transfer (canonical layout, docs/design.md §4) -------------------------
  * The sequence's KV as a host buffer: for each layer 0..L-1, for each block i of the layer's

@@ -20,7 +20,9 @@
  * has one block table per sequence, not one per layer) — the price of a per-request depth.
  *
  * Reservation is all or nothing: a sequence gets every block it asked for in both pools or
- * none (SPEED_ERR_CAPACITY, retryable). Byte accounting is exact: reserved = whole blocks,
+ * none (SPEED_ERR_CAPACITY, retryable). A block may be held by several sequences (the shared
+ * prefix of speed_kv_cache_seq_create_shared): it counts its holders and is free again with
+ * the last; a shared block is read-only. Byte accounting is exact: reserved = whole blocks,
  * used = entries actually stored, per pool, per sequence and for the cache.
  *
  * Host mirror (KV transfer from and into GPU memory). When the pools are device memory (the
@@ -139,6 +141,39 @@ size_t speed_kv_cache_unit_bytes(const speed_kv_cache_t *cache);
  * means); SPEED_ERR_NO_MEMORY. */
 speed_status_t speed_kv_cache_seq_create(speed_kv_cache_t *cache, int prefill_layers, int64_t n_full_max,
                                          int64_t n_compact_max, speed_kv_seq_t **seq_p);
+
+/* As speed_kv_cache_seq_create, but the first n_shared blocks of the new sequence's lower-pool
+ * table are src's first n_shared lower-pool blocks, shared, not copied (prefix caching,
+ * prefix_cache.h): each block counts its holders (speed_kv_cache_block_refs) and returns to the
+ * pool with the last. A shared block is read-only: nobody writes it again (the new sequence
+ * stores entries from position n_shared * B on; src must be done writing them:
+ * speed_kv_cache_seq_copy_entries refuses to write a shared block). Sharing needs
+ * position-indexed entries in every lower-pool layer of both sequences: both depths >= the
+ * split, src storing at least n_shared * B entries, n_shared * B <= n_full_max. Only the blocks
+ * not shared are taken from the pools. Per-sequence usage counts a shared block in each holder.
+ * Returns as speed_kv_cache_seq_create; SPEED_ERR_INVALID_ARGUMENT also when sharing is not
+ * allowed as above (logged). n_shared 0 (src may be NULL) is speed_kv_cache_seq_create. */
+speed_status_t speed_kv_cache_seq_create_shared(speed_kv_cache_t *cache, int prefill_layers, int64_t n_full_max,
+                                                int64_t n_compact_max, const speed_kv_seq_t *src, int64_t n_shared,
+                                                speed_kv_seq_t **seq_p);
+
+/* Shrinks the room to the stored entries: blocks past those the stored entries need go back to
+ * the pools (when this was their last holder). For a sequence that will never grow again
+ * (kept in a prefix cache). */
+void speed_kv_cache_seq_trim(speed_kv_cache_t *cache, speed_kv_seq_t *seq);
+
+/* Copies n entries of `layer` from src (entries [src_entry, src_entry + n), stored) into dst
+ * (entries [dst_entry, dst_entry + n), within its room), K and V, byte for byte: a device copy
+ * through a one-block host buffer when the pools are not host memory (synchronized before it
+ * returns). The caller then counts them with speed_kv_cache_seq_set_entries.
+ * Returns SPEED_OK; SPEED_ERR_INVALID_ARGUMENT (ranges, or a destination block that is shared:
+ * logged); SPEED_ERR_NO_MEMORY; the backend's status. */
+speed_status_t speed_kv_cache_seq_copy_entries(speed_kv_cache_t *cache, speed_kv_seq_t *dst, int64_t dst_entry,
+                                               const speed_kv_seq_t *src, int64_t src_entry, int layer, int64_t n);
+
+/* Block tables holding `block` of pool p (0 = free, > 1 = shared); -1 for a block id out of
+ * range. For tests and accounting. */
+int32_t speed_kv_cache_block_refs(const speed_kv_cache_t *cache, speed_kv_pool_t p, int32_t block);
 
 /* Grows the room to at least these counts (never shrinks). All or nothing, returns as above. */
 speed_status_t speed_kv_cache_seq_grow(speed_kv_cache_t *cache, speed_kv_seq_t *seq, int64_t n_full_max,

@@ -1,0 +1,439 @@
+/* The prefix cache (prefix_cache.h, docs/prefix-cache.md) in the engine: every hit must give the
+ * logits of a cold run of the same prompt at the same C, A, T — bit for bit (memcmp), on
+ * cpu-ref and on the cpu backend in batch-invariant mode, where a token's KV does not depend
+ * on what else was in its step — at every step of a short greedy generation.
+ *
+ * Model: 8 layers (L = 8), B = 8, pools split at C = 6 unless a case says otherwise.
+ * Cases: the rule itself (pure); a hit ending mid-block (2 blocks shared + 5 positions copied);
+ * a hit covering all but the tail; a multi-turn chain crossing turn boundaries (turn 2 = turn 1
+ * + its answer, generated at full depth, + a new message; turn 3 over turn 2, whose blocks
+ * were shared from turn 1); mixed C (an entry at C serving C' < C below the split: copied,
+ * not shared; C' > C: only the anchor; C = L serving every C; an entry below the split);
+ * more anchors in the new request; eviction (LRU order, the bound, pinned and shared blocks
+ * surviving, a re-miss after eviction still exact, capacity after evicting everything);
+ * collisions forced with a 1-bit hash (a prompt differing in one token of its first block
+ * never hits); accounting (every block back in the pools after clear).
+ *
+ *   test_prefix_cache [cpu-ref|cpu-bi]   (cpu-bi: the cpu backend, batch-invariant mode)
+ */
+#include "engine_test_util.h"
+#include "kv_cache.h"
+#include "prefix_cache.h"
+
+#define L_MODEL 8
+#define BLK     8
+#define N_GEN   6
+
+static speed_backend_t *g_be;
+static speed_model_t *g_model;
+static int g_vocab;
+
+static speed_backend_t *make_backend(const char *name) {
+    speed_backend_params_t bp = speed_backend_default_params();
+    bp.kind = strcmp(name, "cpu-ref") == 0 ? SPEED_BACKEND_CPU_REF : SPEED_BACKEND_CPU;
+    bp.n_threads = 2;
+    bp.batch_invariant = true;
+    speed_backend_t *be = NULL;
+    return speed_backend_create(&bp, &be) == SPEED_OK ? be : NULL;
+}
+
+static speed_model_t *make_model(void) {
+    speed_tiny_model_params_t p = speed_tiny_model_default_params();
+    p.n_layers = L_MODEL;
+    p.init_std = 0.15f; /* greedy choices are not ties */
+    p.seed = 4242;
+    const char *dir = tu_path("tiny8");
+    if (speed_tiny_model_write(dir, &p) != SPEED_OK) return NULL;
+    speed_model_t *m = NULL;
+    return speed_model_load(dir, NULL, &m) == SPEED_OK ? m : NULL;
+}
+
+/* An engine with pools split at `split`, room for a few sequences in both pools, the prefix
+ * cache bounded at max_blocks (0 = off). */
+static speed_engine_t *make_engine(int split, int64_t n_blocks, int64_t max_blocks, int hash_bits) {
+    speed_engine_params_t p = speed_engine_default_params();
+    p.backend = g_be;
+    p.model = g_model;
+    p.kv_dtype = SPEED_DTYPE_F32;
+    p.block_tokens = BLK;
+    p.prefill_chunk = 16;
+    p.max_step_tokens = 64;
+    p.max_seqs = 4;
+    p.depth = (speed_depth_t){split, 1, 1};
+    p.n_blocks_lower = p.n_blocks_upper = n_blocks;
+    p.prefix_cache.max_blocks = max_blocks;
+    p.prefix_cache.hash_bits = hash_bits;
+    speed_engine_t *e = NULL;
+    CHECK(speed_engine_create(&p, &e) == SPEED_OK);
+    return e;
+}
+
+/* Runs one prompt greedily (et_run: added, generated, removed — donated when the cache is on). */
+static void run1(speed_engine_t *e, et_seq_t *s, const int32_t *ids, int n, speed_depth_t d) {
+    memset(s, 0, sizeof *s);
+    s->depth = d;
+    s->n_prompt = n;
+    s->n_gen = N_GEN;
+    memcpy(s->prompt, ids, (size_t)n * sizeof(int32_t));
+    speed_status_t st = et_run(e, s, 1);
+    CHECK_MSG(st == SPEED_OK, "run: %s", speed_status_string(st));
+}
+
+/* The same prompt and depth in a fresh engine without a cache (same split). */
+static void run_cold(int split, et_seq_t *s, const int32_t *ids, int n, speed_depth_t d) {
+    speed_engine_t *e = make_engine(split, 64, 0, 64);
+    if (e) run1(e, s, ids, n, d);
+    speed_engine_destroy(e);
+}
+
+/* Bit-exact: the same greedy tokens and the same logits at every step. */
+static void check_exact(const et_seq_t *hit, const et_seq_t *cold, const char *what) {
+    CHECK_MSG(hit->n_out == N_GEN && cold->n_out == N_GEN, "%s: outputs %d / %d", what, hit->n_out, cold->n_out);
+    if (hit->n_out != N_GEN || cold->n_out != N_GEN) return;
+    double worst = 0;
+    for (size_t i = 0; i < (size_t)N_GEN * g_vocab; i++) {
+        double d = fabs((double)hit->logits[i] - cold->logits[i]);
+        if (d > worst) worst = d;
+    }
+    CHECK_MSG(memcmp(hit->gen, cold->gen, sizeof hit->gen) == 0, "%s: greedy tokens differ", what);
+    CHECK_MSG(memcmp(hit->logits, cold->logits, (size_t)N_GEN * g_vocab * sizeof(float)) == 0,
+              "%s: logits differ from the cold run (max |diff| %.3g)", what, worst);
+}
+
+/* Runs `ids` in e (which may hit) and cold; checks exactness and the cached count. Returns
+ * the hit run's stats (prefix reuse) in *stats_p when not NULL. */
+static void hit_vs_cold(speed_engine_t *e, int split, const int32_t *ids, int n, speed_depth_t d, int64_t want_cached,
+                        int64_t want_shared, const char *what, et_seq_t *hit_out) {
+    et_seq_t hit, cold;
+    run1(e, &hit, ids, n, d);
+    run_cold(split, &cold, ids, n, d);
+    check_exact(&hit, &cold, what);
+    CHECK_MSG(hit.stats_last.n_cached == want_cached, "%s: %lld positions reused, want %lld", what,
+              (long long)hit.stats_last.n_cached, (long long)want_cached);
+    if (want_shared >= 0)
+        CHECK_MSG(hit.stats_last.n_shared_blocks == want_shared, "%s: %lld blocks shared, want %lld", what,
+                  (long long)hit.stats_last.n_shared_blocks, (long long)want_shared);
+    /* the suffix only was computed */
+    CHECK_INT_EQ(hit.stats_last.n_prefilled, n);
+    if (hit_out)
+        *hit_out = hit;
+    else
+        et_seq_free(&hit);
+    et_seq_free(&cold);
+}
+
+static void check_all_free(speed_engine_t *e, const char *what) {
+    speed_engine_prefix_cache_clear(e);
+    speed_engine_stats_t st;
+    speed_engine_stats(e, &st);
+    CHECK_MSG(st.kv.n_blocks_free[0] == st.kv.n_blocks[0] && st.kv.n_blocks_free[1] == st.kv.n_blocks[1],
+              "%s: %lld / %lld lower and %lld / %lld upper blocks free after clear", what,
+              (long long)st.kv.n_blocks_free[0], (long long)st.kv.n_blocks[0], (long long)st.kv.n_blocks_free[1],
+              (long long)st.kv.n_blocks[1]);
+    CHECK_INT_EQ(st.kv.n_seqs, 0);
+    CHECK_INT_EQ(st.prefix.n_entries, 0);
+    CHECK_INT_EQ(st.prefix.n_blocks, 0);
+}
+
+/* ---- the rule, pure ------------------------------------------------------------------------ */
+
+static void test_rule(void) {
+    /* docs/prefix-cache.md's example: L = 8, C = 6, A = 1, T = 1; turn 1 prompt of 4 tokens */
+    speed_prefix_depth_t t1 = {8, 6, 1, 3}, t2 = {8, 6, 1, 7}; /* turn 2: 8 tokens */
+    CHECK_INT_EQ(speed_prefix_layers_have(&t1, 0), 8);       /* BoS: every layer */
+    CHECK_INT_EQ(speed_prefix_layers_have(&t1, 3), 6);       /* turn 1's tail: below C only */
+    CHECK_INT_EQ(speed_prefix_layers_have(&t1, 5), 6);       /* its answer: below C only */
+    CHECK_INT_EQ(speed_prefix_layers_need(&t2, 0), 8);
+    CHECK_INT_EQ(speed_prefix_layers_need(&t2, 3), 6);
+    CHECK_INT_EQ(speed_prefix_reusable(&t1, &t2, 6), 6);  /* B p1 p2 p3 g1 g2 */
+    CHECK_INT_EQ(speed_prefix_reusable(&t1, &t2, 20), 7); /* never the new tail */
+    speed_prefix_depth_t deeper = {8, 7, 1, 7}, shallower = {8, 4, 1, 7}, more_anchors = {8, 6, 3, 7};
+    CHECK_INT_EQ(speed_prefix_reusable(&t1, &deeper, 6), 1);       /* C' > C: the anchor only */
+    CHECK_INT_EQ(speed_prefix_reusable(&t1, &shallower, 6), 6);    /* C' < C: all */
+    CHECK_INT_EQ(speed_prefix_reusable(&t1, &more_anchors, 6), 1); /* position 1 is a new anchor */
+    speed_prefix_depth_t full = {8, 8, 1, 3}, no_shallow = {8, 2, 3, 3};
+    CHECK_INT_EQ(speed_prefix_reusable(&full, &deeper, 6), 6);
+    CHECK_INT_EQ(speed_prefix_reusable(&full, &more_anchors, 6), 6);
+    CHECK_INT_EQ(speed_prefix_reusable(&no_shallow, &deeper, 6), 6); /* nothing hidden: like C = L */
+    speed_prefix_depth_t other_l = {4, 4, 1, 3};
+    CHECK_INT_EQ(speed_prefix_reusable(&other_l, &t2, 6), 0);
+}
+
+/* ---- hits ---------------------------------------------------------------------------------- */
+
+static void test_hits(void) {
+    const int split = 6;
+    const speed_depth_t d = {6, 1, 1};
+    speed_engine_t *e = make_engine(split, 64, 1000, 64);
+    if (!e) return;
+    int32_t p1[64], p2[64];
+    et_prompt(p1, 29, 11, g_vocab);
+    et_seq_t first;
+    run1(e, &first, p1, 29, d);
+    CHECK_INT_EQ(first.stats_last.n_cached, 0);
+    et_seq_free(&first);
+
+    /* mid-block: 21 equal tokens (2 blocks shared, 5 positions copied), then other tokens */
+    et_prompt(p2, 35, 12, g_vocab);
+    memcpy(p2, p1, 21 * sizeof(int32_t));
+    hit_vs_cold(e, split, p2, 35, d, 21, 2, "mid-block hit", NULL);
+
+    /* the same prompt again: all but the tail (T = 1, then T = 3) */
+    hit_vs_cold(e, split, p1, 29, d, 28, 3, "all but the tail", NULL);
+    hit_vs_cold(e, split, p1, 29, (speed_depth_t){6, 1, 3}, 26, 3, "all but a tail of 3", NULL);
+
+    /* a prompt differing in one token of its first block never hits */
+    int32_t p3[64];
+    memcpy(p3, p1, 29 * sizeof(int32_t));
+    p3[3] = p3[3] == 7 ? 8 : 7;
+    hit_vs_cold(e, split, p3, 29, d, 0, 0, "first block differs", NULL);
+
+    speed_engine_stats_t st;
+    speed_engine_stats(e, &st);
+    CHECK(st.prefix.n_hits >= 3);
+    CHECK_INT_EQ(st.n_cached_tokens, 21 + 28 + 26);
+    check_all_free(e, "hits");
+    speed_engine_destroy(e);
+}
+
+/* Turn k + 1 = turn k's prompt + its answer (generated at full depth) + a new message. */
+static void test_turns(int split, speed_depth_t d, const char *what) {
+    speed_engine_t *e = make_engine(split, 64, 1000, 64);
+    if (!e) return;
+    int32_t conv[ET_MAX_PROMPT];
+    int n = 19;
+    et_prompt(conv, n, 21, g_vocab);
+    et_seq_t turn;
+    run1(e, &turn, conv, n, d);
+    for (int k = 2; k <= 3; k++) {
+        int64_t cached_before = n + (N_GEN - 1); /* the last answer token was never fed back */
+        memcpy(conv + n, turn.gen, N_GEN * sizeof(int32_t));
+        n += N_GEN;
+        int32_t msg[8];
+        et_prompt(msg, 8, 30 + (uint64_t)k, g_vocab);
+        memcpy(conv + n, msg + 1, 7 * sizeof(int32_t)); /* without its BoS */
+        n += 7;
+        et_seq_free(&turn);
+        /* every answer token is reused: it was generated at full depth, below C it is ordinary */
+        char label[96];
+        snprintf(label, sizeof label, "%s: turn %d", what, k);
+        int64_t want_shared = d.prefill_layers >= split ? cached_before / BLK : 0;
+        hit_vs_cold(e, split, conv, n, d, cached_before, want_shared, label, &turn);
+    }
+    et_seq_free(&turn);
+    check_all_free(e, what);
+    speed_engine_destroy(e);
+}
+
+/* ---- mixed C ------------------------------------------------------------------------------- */
+
+/* An entry made at c_old, then a request at c_new for a prompt sharing 26 tokens. */
+static void mixed_case(int split, speed_depth_t d_old, speed_depth_t d_new, int64_t want_cached, int64_t want_shared,
+                       const char *what) {
+    speed_engine_t *e = make_engine(split, 64, 1000, 64);
+    if (!e) return;
+    int32_t p1[64], p2[64];
+    et_prompt(p1, 30, 41, g_vocab);
+    et_prompt(p2, 33, 42, g_vocab);
+    memcpy(p2, p1, 26 * sizeof(int32_t));
+    et_seq_t s;
+    run1(e, &s, p1, 30, d_old);
+    et_seq_free(&s);
+    hit_vs_cold(e, split, p2, 33, d_new, want_cached, want_shared, what, NULL);
+    check_all_free(e, what);
+    speed_engine_destroy(e);
+}
+
+static void test_mixed(void) {
+    /* split 6 */
+    mixed_case(6, (speed_depth_t){6, 1, 1}, (speed_depth_t){4, 1, 1}, 26, 0, "C 6 serving C 4 (copied)");
+    mixed_case(6, (speed_depth_t){6, 1, 1}, (speed_depth_t){8, 1, 1}, 1, 0, "C 6 serving C 8: the anchor only");
+    mixed_case(6, (speed_depth_t){6, 1, 1}, (speed_depth_t){7, 1, 1}, 1, 0, "C 6 serving C 7: the anchor only");
+    mixed_case(6, (speed_depth_t){8, 1, 1}, (speed_depth_t){4, 1, 1}, 26, 0, "C L serving C 4");
+    mixed_case(6, (speed_depth_t){8, 1, 1}, (speed_depth_t){6, 1, 1}, 26, 3, "C L serving C 6 (shared)");
+    mixed_case(6, (speed_depth_t){8, 1, 1}, (speed_depth_t){8, 1, 1}, 26, 3, "C L serving C L");
+    mixed_case(6, (speed_depth_t){8, 1, 1}, (speed_depth_t){7, 2, 1}, 26, 3, "C L serving C 7, A 2");
+    mixed_case(6, (speed_depth_t){4, 1, 1}, (speed_depth_t){4, 1, 1}, 26, 0, "C 4 below the split serving C 4");
+    mixed_case(6, (speed_depth_t){4, 1, 1}, (speed_depth_t){6, 1, 1}, 1, 0, "C 4 serving C 6: the anchor only");
+    mixed_case(6, (speed_depth_t){4, 1, 1}, (speed_depth_t){2, 1, 1}, 26, 0, "C 4 serving C 2");
+    mixed_case(6, (speed_depth_t){6, 1, 1}, (speed_depth_t){6, 3, 1}, 1, 0, "more anchors: position 1 is one");
+    mixed_case(6, (speed_depth_t){6, 0, 1}, (speed_depth_t){6, 0, 1}, 26, 3, "no anchors");
+    /* split L: sharing at C = L only */
+    mixed_case(8, (speed_depth_t){8, 1, 1}, (speed_depth_t){5, 1, 1}, 26, 0, "split L: C L serving C 5");
+    mixed_case(8, (speed_depth_t){8, 1, 1}, (speed_depth_t){8, 1, 1}, 26, 3, "split L: C L serving C L");
+    /* split 3: C 5 > split keeps position-indexed entries in the upper pool too */
+    mixed_case(3, (speed_depth_t){5, 1, 1}, (speed_depth_t){5, 1, 1}, 26, 3, "split 3: C 5 serving C 5");
+    mixed_case(3, (speed_depth_t){5, 1, 1}, (speed_depth_t){4, 2, 1}, 1, 0, "split 3: C 5 serving C 4, A 2");
+}
+
+/* ---- eviction ------------------------------------------------------------------------------ */
+
+/* Pools of 8 blocks; a 24-token prompt with 6 generated tokens holds 4 lower + 1 upper blocks
+ * once cached (29 entries below C, 7 above), so two entries fill the lower pool. */
+static void test_eviction(void) {
+    const int split = 6;
+    const speed_depth_t d = {6, 1, 1};
+    speed_engine_t *e = make_engine(split, 8, 1000, 64);
+    if (!e) return;
+    int32_t px[32], py[32], pz[32];
+    et_prompt(px, 24, 51, g_vocab);
+    et_prompt(py, 24, 52, g_vocab);
+    et_prompt(pz, 24, 53, g_vocab);
+    et_seq_t s;
+    run1(e, &s, px, 24, d); /* entry X */
+    et_seq_free(&s);
+    run1(e, &s, py, 24, d); /* entry Y: the lower pool is full of entries */
+    et_seq_free(&s);
+    speed_engine_stats_t st;
+    speed_engine_stats(e, &st);
+    CHECK_INT_EQ(st.prefix.n_entries, 2);
+    CHECK_INT_EQ(st.kv.n_blocks_free[0], 0);
+
+    /* X again: a hit sharing 2 blocks; its 2 other blocks need an eviction, which must take Y
+     * (the hit pins X, which is also the most recently used) */
+    hit_vs_cold(e, split, px, 24, d, 23, 2, "hit under pressure", NULL);
+    speed_engine_stats(e, &st);
+    CHECK_INT_EQ(st.prefix.n_evicted, 1);
+    /* Y was evicted: a miss now, still exact; making room evicts X (least recently used), whose
+     * 2 blocks shared with X's second entry stay allocated for it */
+    hit_vs_cold(e, split, py, 24, d, 0, 0, "re-miss after eviction", NULL);
+    speed_engine_stats(e, &st);
+    CHECK_INT_EQ(st.prefix.n_evicted, 2);
+    CHECK_INT_EQ(st.prefix.n_entries, 2); /* X's second entry and Y's second */
+    hit_vs_cold(e, split, px, 24, d, 23, 2, "the surviving entry still hits", NULL);
+
+    /* A live sequence sharing an entry's blocks, then that entry evicted to make room for
+     * another sequence: the shared blocks must stay the live sequence's (not handed out) */
+    et_seq_t two[2], cold_a, cold_z;
+    memset(two, 0, sizeof two);
+    two[0].depth = two[1].depth = d;
+    two[0].n_prompt = two[1].n_prompt = 24;
+    two[0].n_gen = two[1].n_gen = N_GEN;
+    memcpy(two[0].prompt, px, sizeof(int32_t) * 24);
+    memcpy(two[1].prompt, pz, sizeof(int32_t) * 24);
+    speed_status_t rst = et_run(e, two, 2);
+    CHECK_MSG(rst == SPEED_OK, "live sharer run: %s", speed_status_string(rst));
+    CHECK_INT_EQ(two[0].stats_last.n_shared_blocks, 2);
+    CHECK_INT_EQ(two[1].stats_last.n_cached, 0);
+    run_cold(split, &cold_a, px, 24, d);
+    run_cold(split, &cold_z, pz, 24, d);
+    check_exact(&two[0], &cold_a, "live sharer whose entry was evicted");
+    check_exact(&two[1], &cold_z, "the sequence that evicted it");
+    et_seq_free(&two[0]);
+    et_seq_free(&two[1]);
+    et_seq_free(&cold_a);
+    et_seq_free(&cold_z);
+
+    /* a request larger than the pools: capacity, after evicting everything; nothing leaks */
+    int32_t big[80];
+    et_prompt(big, 80, 54, g_vocab);
+    speed_seq_id_t id;
+    CHECK(speed_engine_seq_add(e, big, 80, &d, 4, &id) == SPEED_ERR_CAPACITY);
+    speed_engine_stats(e, &st);
+    CHECK_INT_EQ(st.prefix.n_entries, 0);
+    CHECK_INT_EQ(st.n_seqs, 0);
+    check_all_free(e, "eviction");
+    speed_engine_destroy(e);
+
+    /* the bound: max_blocks 6 holds one such entry (5 blocks): the older one goes */
+    e = make_engine(split, 64, 6, 64);
+    if (!e) return;
+    run1(e, &s, px, 24, d);
+    et_seq_free(&s);
+    run1(e, &s, py, 24, d);
+    et_seq_free(&s);
+    speed_engine_stats(e, &st);
+    CHECK_INT_EQ(st.prefix.n_entries, 1);
+    CHECK_INT_EQ(st.prefix.n_blocks, 5);
+    CHECK_INT_EQ(st.prefix.n_evicted, 1);
+    hit_vs_cold(e, split, px, 24, d, 0, 0, "bound: the older entry is gone", NULL);
+    /* the px run's own entry pushed py's out in turn */
+    hit_vs_cold(e, split, px, 24, d, 23, 2, "bound: the newest entry hits", NULL);
+    speed_engine_destroy(e); /* with an entry inside: freed with the engine (ASan: no leak) */
+}
+
+/* ---- collisions and trust ------------------------------------------------------------------ */
+
+static void test_collisions(void) {
+    const int split = 6;
+    const speed_depth_t d = {6, 1, 1};
+    speed_engine_t *e = make_engine(split, 64, 1000, 0); /* every block hash is 0 */
+    if (!e) return;
+    int32_t p1[40], p2[40];
+    et_prompt(p1, 30, 61, g_vocab);
+    memcpy(p2, p1, sizeof p1);
+    p2[5] = p2[5] == 9 ? 10 : 9; /* one token inside the first block */
+    et_seq_t s;
+    run1(e, &s, p1, 30, d);
+    et_seq_free(&s);
+    hit_vs_cold(e, split, p2, 30, d, 0, 0, "collision: one token differs in block 0", NULL);
+    speed_engine_stats_t st;
+    speed_engine_stats(e, &st);
+    CHECK(st.prefix.n_collisions > 0);
+    /* a true prefix still hits through the colliding index */
+    hit_vs_cold(e, split, p1, 30, d, 29, 3, "collision: the true prefix", NULL);
+    /* differing only in the last block's tokens: the hit stops at the difference */
+    memcpy(p2, p1, sizeof p1);
+    p2[20] = p2[20] == 9 ? 10 : 9;
+    hit_vs_cold(e, split, p2, 30, d, 20, 2, "collision: differs at 20", NULL);
+    check_all_free(e, "collisions");
+    speed_engine_destroy(e);
+}
+
+/* ---- the cache object on its own ----------------------------------------------------------- */
+
+static void test_params(void) {
+    speed_engine_t *e = make_engine(6, 8, 0, 64);
+    if (!e) return;
+    speed_prefix_cache_params_t pp = speed_prefix_cache_default_params();
+    CHECK_INT_EQ(pp.max_blocks, 0);
+    CHECK_INT_EQ(pp.hash_bits, 64);
+    speed_prefix_cache_t *pc = NULL;
+    pp.hash_bits = 65;
+    CHECK(speed_prefix_cache_create(&pp, speed_engine_kv_cache(e), &pc) == SPEED_ERR_INVALID_ARGUMENT);
+    pp.hash_bits = 64;
+    pp.max_blocks = -1;
+    CHECK(speed_prefix_cache_create(&pp, speed_engine_kv_cache(e), &pc) == SPEED_ERR_INVALID_ARGUMENT);
+    CHECK(speed_prefix_cache_create(NULL, speed_engine_kv_cache(e), &pc) == SPEED_ERR_INVALID_ARGUMENT);
+    speed_prefix_cache_destroy(NULL);
+    /* the cache off: removed sequences free their blocks at once */
+    int32_t p[24];
+    et_prompt(p, 24, 71, g_vocab);
+    et_seq_t s;
+    run1(e, &s, p, 24, (speed_depth_t){6, 1, 1});
+    et_seq_free(&s);
+    speed_engine_stats_t st;
+    speed_engine_stats(e, &st);
+    CHECK_INT_EQ(st.kv.n_blocks_free[0], 8);
+    CHECK_INT_EQ(st.prefix.n_lookups, 0);
+    speed_engine_destroy(e);
+}
+
+int main(int argc, char **argv) {
+    const char *backend = argc > 1 ? argv[1] : "cpu-ref";
+    tu_tmp_init("prefix-cache");
+    g_be = make_backend(strcmp(backend, "cpu-bi") == 0 ? "cpu" : backend);
+    if (!g_be) {
+        tu_rm_rf(tu_root);
+        SKIP_TEST("backend %s is not available", backend);
+    }
+    g_model = make_model();
+    CHECK(g_model != NULL);
+    if (!g_model) return CHECK_DONE();
+    g_vocab = g_model->config.vocab_size;
+
+    test_rule();
+    test_params();
+    test_hits();
+    test_turns(6, (speed_depth_t){6, 1, 1}, "turns at C 6 (shared)");
+    test_turns(6, (speed_depth_t){4, 1, 2}, "turns at C 4 (copied)");
+    test_turns(6, (speed_depth_t){8, 1, 1}, "turns at C L");
+    test_mixed();
+    test_eviction();
+    test_collisions();
+
+    speed_model_destroy(g_model);
+    speed_backend_destroy(g_be);
+    tu_rm_rf(tu_root);
+    return CHECK_DONE();
+}
