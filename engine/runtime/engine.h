@@ -172,6 +172,10 @@ int speed_engine_n_vocab(const speed_engine_t *engine);
 /* Adds a sequence: copies the prompt, checks it, reserves its KV for n_prompt + max_new_tokens
  * - 1 entries (the last sampled token is never fed back), so decoding can never run out of
  * blocks. The sequence prefills from the next step. depth NULL = the engine's default.
+ * With the prefix cache on (params.prefix_cache), the longest cached prefix the SPEED rule lets
+ * this sequence reuse fills its first positions (speed_engine_seq_stats: n_cached), exactly as
+ * computing them would, and the prefill computes only the rest; when the pools lack blocks,
+ * cache entries are evicted (least recently used first) before SPEED_ERR_CAPACITY.
  * Returns:
  *   SPEED_OK                    *seq_p = the new id
  *   SPEED_ERR_INVALID_ARGUMENT  ids NULL, n_prompt < 1, an id outside [0, vocab),
@@ -201,7 +205,9 @@ speed_status_t speed_engine_seq_reserve(speed_engine_t *engine, int64_t n_prompt
 speed_status_t speed_engine_seq_append(speed_engine_t *engine, speed_seq_id_t seq, int32_t token);
 
 /* Frees the sequence and its KV blocks; valid in any state. Outputs of the last step for it
- * stay readable until the next step. Returns SPEED_OK or SPEED_ERR_NOT_FOUND. */
+ * stay readable until the next step. With the prefix cache on, a sequence added with
+ * speed_engine_seq_add whose prefill is done leaves its KV (prompt and generated tokens
+ * processed) in the cache instead. Returns SPEED_OK or SPEED_ERR_NOT_FOUND. */
 speed_status_t speed_engine_seq_remove(speed_engine_t *engine, speed_seq_id_t seq);
 
 /* One output of a step: the logits following the sequence's last processed token — all of

@@ -43,6 +43,12 @@ struct speed_kv_cache {
 
 static int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+/* Drops one holder of a block; the last one returns it to the free list. */
+static void block_unref(kv_pool_t *pool, int32_t b) {
+    SPEED_ASSERT(pool->refs[b] > 0);
+    if (--pool->refs[b] == 0) pool->free_list[pool->n_free++] = b;
+}
+
 speed_kv_cache_params_t speed_kv_cache_default_params(void) {
     return (speed_kv_cache_params_t){.dtype = SPEED_DTYPE_F32, .block_tokens = 16};
 }
@@ -389,9 +395,7 @@ void speed_kv_cache_seq_destroy(speed_kv_cache_t *c, speed_kv_seq_t *s) {
     for (int p = 0; p < SPEED_KV_POOL_COUNT; p++) {
         kv_pool_t *pool = &c->pool[p];
         for (int64_t i = s->n_table[p] - 1; i >= 0; i--) {
-            int32_t b = s->table[p][i];
-            SPEED_ASSERT(pool->refs[b] > 0);
-            if (--pool->refs[b] == 0) pool->free_list[pool->n_free++] = b;
+            block_unref(pool, s->table[p][i]);
         }
         SPEED_ASSERT(pool->n_free <= pool->n_blocks);
         speed_free(s->table[p]);
@@ -432,9 +436,7 @@ void speed_kv_cache_seq_trim(speed_kv_cache_t *c, speed_kv_seq_t *s) {
     for (int p = 0; p < SPEED_KV_POOL_COUNT; p++) {
         kv_pool_t *pool = &c->pool[p];
         for (int64_t i = s->n_table[p] - 1; i >= want[p]; i--) {
-            int32_t b = s->table[p][i];
-            SPEED_ASSERT(pool->refs[b] > 0);
-            if (--pool->refs[b] == 0) pool->free_list[pool->n_free++] = b;
+            block_unref(pool, s->table[p][i]);
         }
         if (want[p] < s->n_table[p]) s->n_table[p] = want[p];
     }

@@ -14,7 +14,10 @@
  * collisions forced with a 1-bit hash (a prompt differing in one token of its first block
  * never hits); accounting (every block back in the pools after clear).
  *
- *   test_prefix_cache [cpu-ref|cpu-bi]   (cpu-bi: the cpu backend, batch-invariant mode)
+ *   test_prefix_cache [cpu-ref|cpu-bi] [MODEL_DIR]
+ *     cpu-bi: the cpu backend in batch-invariant mode; MODEL_DIR: an 8-layer model to use
+ *     instead of the tiny one (models/fortune-llama, a trained model). Prints what a second
+ *     turn of a 600-token conversation saves (timing, not asserted).
  */
 #include "engine_test_util.h"
 #include "kv_cache.h"
@@ -37,7 +40,12 @@ static speed_backend_t *make_backend(const char *name) {
     return speed_backend_create(&bp, &be) == SPEED_OK ? be : NULL;
 }
 
-static speed_model_t *make_model(void) {
+/* The tiny 8-layer model, or the model in `dir` (models/fortune-llama: 8 layers too). */
+static speed_model_t *make_model(const char *dir_arg) {
+    if (dir_arg) {
+        speed_model_t *m = NULL;
+        return speed_model_load(dir_arg, NULL, &m) == SPEED_OK ? m : NULL;
+    }
     speed_tiny_model_params_t p = speed_tiny_model_default_params();
     p.n_layers = L_MODEL;
     p.init_std = 0.15f; /* greedy choices are not ties */
@@ -50,14 +58,14 @@ static speed_model_t *make_model(void) {
 
 /* An engine with pools split at `split`, room for a few sequences in both pools, the prefix
  * cache bounded at max_blocks (0 = off). */
-static speed_engine_t *make_engine(int split, int64_t n_blocks, int64_t max_blocks, int hash_bits) {
+static speed_engine_t *make_engine_ex(int split, int64_t n_blocks, int64_t max_blocks, int hash_bits, int chunk) {
     speed_engine_params_t p = speed_engine_default_params();
     p.backend = g_be;
     p.model = g_model;
     p.kv_dtype = SPEED_DTYPE_F32;
     p.block_tokens = BLK;
-    p.prefill_chunk = 16;
-    p.max_step_tokens = 64;
+    p.prefill_chunk = chunk;
+    p.max_step_tokens = chunk > 64 ? chunk : 64;
     p.max_seqs = 4;
     p.depth = (speed_depth_t){split, 1, 1};
     p.n_blocks_lower = p.n_blocks_upper = n_blocks;
@@ -66,6 +74,10 @@ static speed_engine_t *make_engine(int split, int64_t n_blocks, int64_t max_bloc
     speed_engine_t *e = NULL;
     CHECK(speed_engine_create(&p, &e) == SPEED_OK);
     return e;
+}
+
+static speed_engine_t *make_engine(int split, int64_t n_blocks, int64_t max_blocks, int hash_bits) {
+    return make_engine_ex(split, n_blocks, max_blocks, hash_bits, 16);
 }
 
 /* Runs one prompt greedily (et_run: added, generated, removed — donated when the cache is on). */
@@ -409,6 +421,63 @@ static void test_params(void) {
     speed_engine_destroy(e);
 }
 
+/* ---- what it saves (printed, not asserted: timing on a shared machine) -------------------------
+ * A second turn adding 7 tokens to a 600-token conversation, against the same prompt cold. */
+static void bench_turn(void) {
+    const int split = 6, n1 = 600;
+    const speed_depth_t d = {6, 1, 1};
+    speed_engine_t *e = make_engine_ex(split, 200, 100000, 64, 512);
+    speed_engine_t *cold_e = make_engine_ex(split, 200, 0, 64, 512);
+    if (!e || !cold_e) {
+        speed_engine_destroy(e);
+        speed_engine_destroy(cold_e);
+        return;
+    }
+    static int32_t conv[ET_MAX_PROMPT * 4];
+    et_prompt(conv, n1, 81, g_vocab);
+    /* et_seq_t holds ET_MAX_PROMPT tokens: drive the engine directly for this prompt */
+    speed_seq_id_t id;
+    speed_engine_step_result_t r;
+    speed_engine_seq_stats_t st1 = {0}, st2 = {0}, st3 = {0};
+    int32_t ans[N_GEN];
+    /* turn 1 (cold, fills the cache) */
+    CHECK(speed_engine_seq_add(e, conv, n1, &d, N_GEN, &id) == SPEED_OK);
+    for (int k = 0; k < N_GEN;) {
+        CHECK(speed_engine_step(e, &r) == SPEED_OK);
+        if (r.n_outputs == 0) continue;
+        ans[k] = et_argmax(r.outputs[0].logits, g_vocab);
+        if (k == 0) speed_engine_seq_stats(e, id, &st1);
+        if (++k < N_GEN) speed_engine_seq_append(e, id, ans[k - 1]);
+    }
+    speed_engine_seq_remove(e, id);
+    int n2 = n1;
+    memcpy(conv + n2, ans, sizeof ans);
+    n2 += N_GEN;
+    et_prompt(conv + n2, 7, 82, g_vocab);
+    n2 += 7;
+    /* turn 2: hit, then the same prompt cold */
+    speed_engine_t *es[2] = {e, cold_e};
+    speed_engine_seq_stats_t *sts[2] = {&st2, &st3};
+    static float logits[2][8192];
+    for (int i = 0; i < 2; i++) {
+        CHECK(speed_engine_seq_add(es[i], conv, n2, &d, 1, &id) == SPEED_OK);
+        do CHECK(speed_engine_step(es[i], &r) == SPEED_OK);
+        while (r.n_outputs == 0);
+        speed_engine_seq_stats(es[i], id, sts[i]);
+        if (g_vocab <= 8192) memcpy(logits[i], r.outputs[0].logits, (size_t)g_vocab * sizeof(float));
+        speed_engine_seq_remove(es[i], id);
+    }
+    CHECK_INT_EQ(st2.n_cached, n1 + N_GEN - 1);
+    CHECK(g_vocab > 8192 || memcmp(logits[0], logits[1], (size_t)g_vocab * sizeof(float)) == 0);
+    printf("turn 2 of %d prompt tokens at C=%d: first output cold %.2f ms (turn 1: %d tokens, %.2f ms), with the "
+           "prefix cache %.2f ms (%lld reused, %lld computed): %.1fx\n",
+           n2, d.prefill_layers, st3.first_output_ns / 1e6, n1, st1.first_output_ns / 1e6,
+           st2.first_output_ns / 1e6, (long long)st2.n_cached, (long long)(n2 - st2.n_cached),
+           st2.first_output_ns ? (double)st3.first_output_ns / (double)st2.first_output_ns : 0.0);
+    speed_engine_destroy(e);
+    speed_engine_destroy(cold_e);
+}
+
 int main(int argc, char **argv) {
     const char *backend = argc > 1 ? argv[1] : "cpu-ref";
     tu_tmp_init("prefix-cache");
@@ -417,7 +486,7 @@ int main(int argc, char **argv) {
         tu_rm_rf(tu_root);
         SKIP_TEST("backend %s is not available", backend);
     }
-    g_model = make_model();
+    g_model = make_model(argc > 2 ? argv[2] : NULL);
     CHECK(g_model != NULL);
     if (!g_model) return CHECK_DONE();
     g_vocab = g_model->config.vocab_size;
@@ -431,6 +500,7 @@ int main(int argc, char **argv) {
     test_mixed();
     test_eviction();
     test_collisions();
+    bench_turn();
 
     speed_model_destroy(g_model);
     speed_backend_destroy(g_be);
