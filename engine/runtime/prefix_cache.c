@@ -180,6 +180,36 @@ void speed_prefix_cache_clear(speed_prefix_cache_t *c) {
 
 /* ---- insert -------------------------------------------------------------------------------- */
 
+/* Whether entry `big` serves every lookup `small` serves at least as well: small's tokens are a
+ * prefix of big's and big's KV is ordinary in as many layers at each of those positions. */
+static bool entry_covers(const speed_prefix_entry_t *big, const speed_prefix_entry_t *small) {
+    if (small->n_tokens > big->n_tokens || small->depth.n_layers != big->depth.n_layers ||
+        memcmp(small->tokens, big->tokens, (size_t)small->n_tokens * sizeof(int32_t)) != 0)
+        return false;
+    for (int64_t i = 0; i < small->n_tokens; i++)
+        if (speed_prefix_layers_have(&big->depth, i) < speed_prefix_layers_have(&small->depth, i)) return false;
+    return true;
+}
+
+/* Evicts the entries the new entry e covers (turn k's entry once turn k + 1's arrives): they
+ * would never win a lookup again. Blocks they share with e stay, e holds them. Pinned ones stay. */
+static void drop_covered(speed_prefix_cache_t *c, speed_prefix_entry_t *e) {
+    for (int64_t k = 0; k < e->n_nodes; k++) {
+        prefix_node_t *n = c->buckets[e->nodes[k].hash & (c->n_buckets - 1)];
+        while (n) {
+            speed_prefix_entry_t *o = n->entry;
+            if (o != e && n->k == k && n->hash == e->nodes[k].hash && o->n_nodes == k + 1 && !o->pins &&
+                entry_covers(e, o)) {
+                entry_free(c, o);
+                c->st.n_replaced++;
+                n = c->buckets[e->nodes[k].hash & (c->n_buckets - 1)]; /* the chain changed */
+                continue;
+            }
+            n = n->next;
+        }
+    }
+}
+
 speed_status_t speed_prefix_cache_insert(speed_prefix_cache_t *c, speed_kv_seq_t *seq, const int32_t *tokens,
                                          int64_t n_tokens, const speed_prefix_depth_t *depth) {
     const int B = c->block_tokens;
@@ -226,6 +256,7 @@ speed_status_t speed_prefix_cache_insert(speed_prefix_cache_t *c, speed_kv_seq_t
     c->st.n_entries++;
     c->st.n_blocks += e->n_blocks;
     c->st.n_inserted++;
+    drop_covered(c, e);
     while (c->st.n_blocks > c->p.max_blocks && speed_prefix_cache_evict_one(c)) {
     }
     return SPEED_OK;

@@ -88,8 +88,10 @@ void speed_prefix_cache_destroy(speed_prefix_cache_t *cache);
 
 /* Takes ownership of `seq` (a finished sequence of the KV cache, done writing) and keeps it as
  * an entry for tokens[0, n_tokens) (copied; n_tokens = the entries stored in its layers < C)
- * at depth `depth`: trims it (speed_kv_cache_seq_trim), indexes its full blocks, then evicts
- * least recently used entries while the cache holds more than max_blocks (the new entry last).
+ * at depth `depth`: trims it (speed_kv_cache_seq_trim), indexes its full blocks, drops the
+ * entries it covers (their tokens a prefix of its tokens, its KV ordinary in at least as many
+ * layers at each of their positions: a conversation's earlier turn), then evicts least recently
+ * used entries while the cache holds more than max_blocks (the new entry last).
  * A sequence with no full block, or a cache that is off, is destroyed at once.
  * Returns SPEED_OK (seq now belongs to the cache, or is gone); SPEED_ERR_NO_MEMORY (seq was
  * destroyed, nothing is cached). */
@@ -128,6 +130,7 @@ typedef struct {
     uint64_t n_lookups, n_hits;
     uint64_t n_hit_tokens; /* Σ n_reuse of the hits */
     uint64_t n_inserted, n_evicted;
+    uint64_t n_replaced;   /* entries dropped because a newer one covers them (not in n_evicted) */
     uint64_t n_collisions; /* hash equal, tokens not: candidates refused by verification */
 } speed_prefix_cache_stats_t;
 

@@ -233,6 +233,11 @@ static void test_turns(int split, speed_depth_t d, const char *what) {
         hit_vs_cold(e, split, conv, n, d, cached_before, want_shared, label, &turn);
     }
     et_seq_free(&turn);
+    /* each turn's entry covers the previous one's: one entry left */
+    speed_engine_stats_t st;
+    speed_engine_stats(e, &st);
+    CHECK_INT_EQ(st.prefix.n_entries, 1);
+    CHECK_INT_EQ(st.prefix.n_replaced, 2);
     check_all_free(e, what);
     speed_engine_destroy(e);
 }
@@ -278,6 +283,105 @@ static void test_mixed(void) {
     mixed_case(3, (speed_depth_t){5, 1, 1}, (speed_depth_t){4, 2, 1}, 1, 0, "split 3: C 5 serving C 4, A 2");
 }
 
+/* Adds a prompt, steps to its first output, removes it (its entry: the prompt's tokens only).
+ * Returns the positions it reused. */
+static int64_t prefill_only(speed_engine_t *e, const int32_t *ids, int n, speed_depth_t d) {
+    speed_seq_id_t id;
+    speed_engine_step_result_t r;
+    speed_engine_seq_stats_t st = {0};
+    if (speed_engine_seq_add(e, ids, n, &d, 2, &id) != SPEED_OK) return -1;
+    do CHECK(speed_engine_step(e, &r) == SPEED_OK);
+    while (r.n_outputs == 0);
+    speed_engine_seq_stats(e, id, &st);
+    speed_engine_seq_remove(e, id);
+    return st.n_cached;
+}
+
+/* An entry replaces only the entries it covers in tokens AND in depth: an entry at C = 4 for the
+ * same tokens does not replace one at C = L, which alone serves a request at C = L. */
+static void test_replace(void) {
+    speed_engine_t *e = make_engine(6, 64, 1000, 64);
+    if (!e) return;
+    int32_t px[32];
+    et_prompt(px, 24, 91, g_vocab);
+    et_seq_t s;
+    run1(e, &s, px, 24, (speed_depth_t){8, 1, 1});
+    et_seq_free(&s);
+    hit_vs_cold(e, 6, px, 24, (speed_depth_t){4, 1, 1}, 23, 0, "replace: C L serving C 4", NULL);
+    speed_engine_stats_t st;
+    speed_engine_stats(e, &st);
+    CHECK_INT_EQ(st.prefix.n_entries, 2);
+    CHECK_INT_EQ(st.prefix.n_replaced, 0);
+    hit_vs_cold(e, 6, px, 24, (speed_depth_t){8, 1, 1}, 23, 2, "replace: the C L entry kept", NULL);
+    speed_engine_stats(e, &st);
+    /* the new C L entry covers the old one (same tokens); not the C 4 one, whose answer (generated
+     * at another depth) differs */
+    CHECK_INT_EQ(st.prefix.n_replaced, 1);
+    CHECK_INT_EQ(st.prefix.n_entries, 2);
+
+    /* prompt-only entries (removed at their first output): the same tokens at C = L, then C = 4 */
+    int32_t pv[32];
+    et_prompt(pv, 24, 92, g_vocab);
+    CHECK_INT_EQ(prefill_only(e, pv, 24, (speed_depth_t){8, 1, 1}), 0);
+    CHECK_INT_EQ(prefill_only(e, pv, 24, (speed_depth_t){4, 1, 1}), 23);
+    CHECK_INT_EQ(prefill_only(e, pv, 24, (speed_depth_t){8, 1, 1}), 23); /* the C L entry is still there */
+    check_all_free(e, "replace");
+    speed_engine_destroy(e);
+}
+
+/* Block sharing in the KV cache itself: holders counted, shared blocks read-only, refusals. */
+static void test_kv_sharing(void) {
+    speed_engine_t *e = make_engine(6, 16, 0, 64);
+    if (!e) return;
+    speed_kv_cache_t *kv = speed_engine_kv_cache(e);
+    speed_kv_seq_t *a = NULL, *b = NULL, *c = NULL;
+    CHECK(speed_kv_cache_seq_create(kv, 6, 40, 8, &a) == SPEED_OK);
+    if (!a) return;
+    CHECK(speed_kv_cache_seq_set_entries(kv, a, 20, 2) == SPEED_OK);
+    /* sharing needs depths >= the split and stored entries */
+    CHECK(speed_kv_cache_seq_create_shared(kv, 4, 40, 8, a, 2, &b) == SPEED_ERR_INVALID_ARGUMENT);
+    CHECK(speed_kv_cache_seq_create_shared(kv, 6, 40, 8, a, 3, &b) == SPEED_ERR_INVALID_ARGUMENT);
+    CHECK(speed_kv_cache_seq_create_shared(kv, 6, 40, 8, NULL, 1, &b) == SPEED_ERR_INVALID_ARGUMENT);
+    speed_kv_cache_stats_t ks;
+    speed_kv_cache_stats(kv, &ks);
+    int64_t free0 = ks.n_blocks_free[0];
+    CHECK(speed_kv_cache_seq_create_shared(kv, 6, 40, 8, a, 2, &b) == SPEED_OK);
+    if (!b) return;
+    speed_kv_cache_stats(kv, &ks);
+    CHECK_INT_EQ(ks.n_blocks_free[0], free0 - 3); /* 5 blocks of 8 for 40 entries, 2 shared */
+    const int32_t *ta = speed_kv_seq_block_table(a, 0), *tb = speed_kv_seq_block_table(b, 0);
+    CHECK_INT_EQ(tb[0], ta[0]);
+    CHECK_INT_EQ(tb[1], ta[1]);
+    CHECK(tb[2] != ta[2]);
+    CHECK_INT_EQ(speed_kv_cache_block_refs(kv, SPEED_KV_POOL_LOWER, ta[0]), 2);
+    CHECK_INT_EQ(speed_kv_cache_block_refs(kv, SPEED_KV_POOL_LOWER, ta[2]), 1);
+    CHECK_INT_EQ(speed_kv_cache_block_refs(kv, SPEED_KV_POOL_LOWER, -1), -1);
+    /* copies: into b's own blocks yes, into a shared block never */
+    CHECK(speed_kv_cache_seq_copy_entries(kv, b, 16, a, 16, 0, 4) == SPEED_OK);
+    CHECK(speed_kv_cache_seq_copy_entries(kv, b, 4, a, 4, 0, 4) == SPEED_ERR_INVALID_ARGUMENT);
+    CHECK(speed_kv_cache_seq_copy_entries(kv, b, 16, a, 18, 0, 4) == SPEED_ERR_INVALID_ARGUMENT); /* a has 20 */
+    /* a goes: the shared blocks stay (b holds them), a's own come back */
+    speed_kv_cache_seq_destroy(kv, a);
+    CHECK_INT_EQ(speed_kv_cache_block_refs(kv, SPEED_KV_POOL_LOWER, tb[0]), 1);
+    speed_kv_cache_stats(kv, &ks);
+    CHECK_INT_EQ(ks.n_blocks_free[0], 16 - 5);
+    /* trim: b keeps the blocks of its stored entries only */
+    CHECK(speed_kv_cache_seq_set_entries(kv, b, 17, 2) == SPEED_OK);
+    speed_kv_cache_seq_trim(kv, b);
+    speed_kv_cache_stats(kv, &ks);
+    CHECK_INT_EQ(ks.n_blocks_free[0], 16 - 3);
+    CHECK_INT_EQ(speed_kv_seq_capacity(b, 0), 17);
+    CHECK(speed_kv_cache_seq_create_shared(kv, 8, 24, 4, b, 2, &c) == SPEED_OK); /* C = L > split */
+    speed_kv_cache_seq_destroy(kv, b);
+    speed_kv_cache_seq_destroy(kv, c);
+    speed_kv_cache_stats(kv, &ks);
+    CHECK_INT_EQ(ks.n_blocks_free[0], 16);
+    CHECK_INT_EQ(ks.n_blocks_free[1], 16);
+    CHECK_INT_EQ(ks.usage.n_blocks[0], 0);
+    CHECK_INT_EQ(ks.usage.bytes_reserved[0], 0);
+    speed_engine_destroy(e);
+}
+
 /* ---- eviction ------------------------------------------------------------------------------ */
 
 /* Pools of 8 blocks; a 24-token prompt with 6 generated tokens holds 4 lower + 1 upper blocks
@@ -302,17 +406,24 @@ static void test_eviction(void) {
     CHECK_INT_EQ(st.kv.n_blocks_free[0], 0);
 
     /* X again: a hit sharing 2 blocks; its 2 other blocks need an eviction, which must take Y
-     * (the hit pins X, which is also the most recently used) */
+     * (the hit pins X, which is also the most recently used). Its own entry then covers X's
+     * (same tokens, same depth): X is dropped as replaced, its shared blocks stay with it. */
     hit_vs_cold(e, split, px, 24, d, 23, 2, "hit under pressure", NULL);
     speed_engine_stats(e, &st);
     CHECK_INT_EQ(st.prefix.n_evicted, 1);
-    /* Y was evicted: a miss now, still exact; making room evicts X (least recently used), whose
-     * 2 blocks shared with X's second entry stay allocated for it */
+    CHECK_INT_EQ(st.prefix.n_replaced, 1);
+    CHECK_INT_EQ(st.prefix.n_entries, 1);
+    CHECK_INT_EQ(st.kv.n_blocks_free[0], 4);
+    /* Y was evicted: a miss now, still exact (4 blocks were free: no eviction) */
     hit_vs_cold(e, split, py, 24, d, 0, 0, "re-miss after eviction", NULL);
     speed_engine_stats(e, &st);
+    CHECK_INT_EQ(st.prefix.n_evicted, 1);
+    CHECK_INT_EQ(st.prefix.n_entries, 2);
+    /* X's entry is the older one now, but a hit pins it: Y's goes */
+    hit_vs_cold(e, split, px, 24, d, 23, 2, "the pinned older entry hits", NULL);
+    speed_engine_stats(e, &st);
     CHECK_INT_EQ(st.prefix.n_evicted, 2);
-    CHECK_INT_EQ(st.prefix.n_entries, 2); /* X's second entry and Y's second */
-    hit_vs_cold(e, split, px, 24, d, 23, 2, "the surviving entry still hits", NULL);
+    CHECK_INT_EQ(st.prefix.n_entries, 1);
 
     /* A live sequence sharing an entry's blocks, then that entry evicted to make room for
      * another sequence: the shared blocks must stay the live sequence's (not handed out) */
@@ -345,6 +456,26 @@ static void test_eviction(void) {
     CHECK_INT_EQ(st.prefix.n_entries, 0);
     CHECK_INT_EQ(st.n_seqs, 0);
     check_all_free(e, "eviction");
+    speed_engine_destroy(e);
+
+    /* LRU order under the bound (10 blocks: two entries of 5): X, Y, then a prompt sharing 16
+     * tokens with X hits it (X is now more recent than Y) and its own entry takes Y's place */
+    e = make_engine(split, 64, 10, 64);
+    if (!e) return;
+    run1(e, &s, px, 24, d);
+    et_seq_free(&s);
+    run1(e, &s, py, 24, d);
+    et_seq_free(&s);
+    int32_t pw[32];
+    et_prompt(pw, 24, 55, g_vocab);
+    memcpy(pw, px, 16 * sizeof(int32_t));
+    hit_vs_cold(e, split, pw, 24, d, 16, 2, "LRU: X touched", NULL);
+    speed_engine_stats(e, &st);
+    CHECK_INT_EQ(st.prefix.n_evicted, 1);
+    CHECK_INT_EQ(st.prefix.n_entries, 2);
+    CHECK(st.prefix.n_blocks <= 10);
+    hit_vs_cold(e, split, px, 24, d, 23, 2, "LRU: X survived", NULL);
+    hit_vs_cold(e, split, py, 24, d, 0, 0, "LRU: Y was the least recently used", NULL);
     speed_engine_destroy(e);
 
     /* the bound: max_blocks 6 holds one such entry (5 blocks): the older one goes */
@@ -498,6 +629,8 @@ int main(int argc, char **argv) {
     test_turns(6, (speed_depth_t){4, 1, 2}, "turns at C 4 (copied)");
     test_turns(6, (speed_depth_t){8, 1, 1}, "turns at C L");
     test_mixed();
+    test_replace();
+    test_kv_sharing();
     test_eviction();
     test_collisions();
     bench_turn();
