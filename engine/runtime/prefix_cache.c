@@ -8,7 +8,8 @@
 
 /* One indexed full block: block k of an entry, named by the chained hash of tokens [0, (k+1)B). */
 typedef struct prefix_node {
-    uint64_t hash;
+    uint64_t full; /* the chained hash */
+    uint64_t hash; /* full & hash_mask: the index key */
     int64_t k;
     speed_prefix_entry_t *entry;
     struct prefix_node *next; /* bucket chain */
@@ -70,14 +71,40 @@ static uint64_t mix64(uint64_t x) { /* splitmix64's finalizer */
     return x ^ (x >> 31);
 }
 
-/* The hash of a block given the hash of the prefix before it (chained). */
-static uint64_t block_hash(uint64_t prev, const int32_t *ids, int n) {
+/* The built-in chained block hash (params.hash_next NULL). */
+static uint64_t block_hash(uint64_t prev, const int32_t *ids, size_t n) {
     uint64_t h = mix64(prev ^ 0x9e3779b97f4a7c15ULL);
-    for (int i = 0; i < n; i++) h = mix64(h ^ (uint32_t)ids[i]);
+    for (size_t i = 0; i < n; i++) h = mix64(h ^ (uint32_t)ids[i]);
     return h;
 }
 
 #define HASH_SEED 0x5350454544ULL /* "SPEED" */
+
+/* ---- events: a hash is stored while some node of the index carries it -------------------------- */
+
+typedef struct {
+    uint64_t hashes[64];
+    size_t n;
+    speed_prefix_event_t kind;
+} event_batch_t;
+
+static void events_flush(const speed_prefix_cache_t *c, event_batch_t *b) {
+    if (b->n > 0 && c->p.event_cb) c->p.event_cb(c->p.event_user, b->kind, b->hashes, b->n);
+    b->n = 0;
+}
+
+static void events_add(const speed_prefix_cache_t *c, event_batch_t *b, uint64_t h) {
+    if (!c->p.event_cb) return;
+    if (b->n == sizeof b->hashes / sizeof b->hashes[0]) events_flush(c, b);
+    b->hashes[b->n++] = h;
+}
+
+/* Whether a node other than `self` carries the chained hash of `self` (same block index). */
+static bool hash_held_elsewhere(const speed_prefix_cache_t *c, const prefix_node_t *self) {
+    for (const prefix_node_t *n = c->buckets[self->hash & (c->n_buckets - 1)]; n; n = n->next)
+        if (n != self && n->full == self->full && n->k == self->k) return true;
+    return false;
+}
 
 /* ---- create / destroy ---------------------------------------------------------------------- */
 
@@ -98,6 +125,8 @@ speed_status_t speed_prefix_cache_create(const speed_prefix_cache_params_t *para
     c->kv = kv;
     c->block_tokens = speed_kv_cache_block_tokens(kv);
     c->hash_mask = params->hash_bits == 64 ? ~0ULL : (1ULL << params->hash_bits) - 1; /* 0 bits: all 0 */
+    if (!c->p.hash_next) c->p.hash_next = block_hash;
+    if (!c->p.hash_seed) c->p.hash_seed = HASH_SEED;
     /* one bucket per block the entries may hold (an entry indexes at most its lower blocks) */
     c->n_buckets = 64;
     while (c->n_buckets < (uint64_t)params->max_blocks && c->n_buckets < (1ULL << 22)) c->n_buckets <<= 1;
@@ -137,11 +166,14 @@ static void lru_push_newest(speed_prefix_cache_t *c, speed_prefix_entry_t *e) {
 }
 
 static void entry_free(speed_prefix_cache_t *c, speed_prefix_entry_t *e) {
+    event_batch_t ev = {.kind = SPEED_PREFIX_EVENT_EVICTED};
     for (int64_t k = 0; k < e->n_nodes; k++) {
         prefix_node_t **pp = &c->buckets[e->nodes[k].hash & (c->n_buckets - 1)];
         while (*pp != &e->nodes[k]) pp = &(*pp)->next;
         *pp = e->nodes[k].next;
+        if (!hash_held_elsewhere(c, &e->nodes[k])) events_add(c, &ev, e->nodes[k].full);
     }
+    events_flush(c, &ev);
     lru_unlink(c, e);
     speed_kv_cache_seq_destroy(c->kv, e->seq);
     c->st.n_entries--;
@@ -198,7 +230,7 @@ static void drop_covered(speed_prefix_cache_t *c, speed_prefix_entry_t *e) {
         prefix_node_t *n = c->buckets[e->nodes[k].hash & (c->n_buckets - 1)];
         while (n) {
             speed_prefix_entry_t *o = n->entry;
-            if (o != e && n->k == k && n->hash == e->nodes[k].hash && o->n_nodes == k + 1 && !o->pins &&
+            if (o != e && n->k == k && n->full == e->nodes[k].full && o->n_nodes == k + 1 && !o->pins &&
                 entry_covers(e, o)) {
                 entry_free(c, o);
                 c->st.n_replaced++;
@@ -241,17 +273,21 @@ speed_status_t speed_prefix_cache_insert(speed_prefix_cache_t *c, speed_kv_seq_t
     e->depth = *depth;
     e->n_nodes = n_nodes;
     e->n_blocks = u.n_blocks[SPEED_KV_POOL_LOWER] + u.n_blocks[SPEED_KV_POOL_UPPER];
-    uint64_t h = HASH_SEED;
+    event_batch_t ev = {.kind = SPEED_PREFIX_EVENT_STORED};
+    uint64_t h = c->p.hash_seed;
     for (int64_t k = 0; k < n_nodes; k++) {
-        h = block_hash(h, tokens + k * B, B);
+        h = c->p.hash_next(h, tokens + k * B, (size_t)B);
         prefix_node_t *n = &e->nodes[k];
+        n->full = h;
         n->hash = h & c->hash_mask;
         n->k = k;
         n->entry = e;
+        if (!hash_held_elsewhere(c, n)) events_add(c, &ev, h);
         prefix_node_t **bucket = &c->buckets[n->hash & (c->n_buckets - 1)];
         n->next = *bucket;
         *bucket = n;
     }
+    events_flush(c, &ev);
     lru_push_newest(c, e);
     c->st.n_entries++;
     c->st.n_blocks += e->n_blocks;
@@ -274,9 +310,9 @@ bool speed_prefix_cache_lookup(speed_prefix_cache_t *c, const int32_t *tokens, i
     if (m == 0 || !c->oldest) return false;
     uint64_t *hashes = speed_malloc((size_t)m * sizeof *hashes);
     if (!hashes) return false; /* a miss is always correct */
-    uint64_t h = HASH_SEED;
+    uint64_t h = c->p.hash_seed;
     for (int64_t k = 0; k < m; k++) {
-        h = block_hash(h, tokens + k * B, B);
+        h = c->p.hash_next(h, tokens + k * B, (size_t)B);
         hashes[k] = h & c->hash_mask;
     }
     speed_prefix_entry_t *best = NULL;
@@ -285,7 +321,7 @@ bool speed_prefix_cache_lookup(speed_prefix_cache_t *c, const int32_t *tokens, i
      * (k + 2) B tokens, so once a hit reaches (k + 2) B the shorter prefixes cannot beat it. */
     for (int64_t k = m - 1; k >= 0 && best_reuse < (k + 2) * B; k--) {
         for (prefix_node_t *n = c->buckets[hashes[k] & (c->n_buckets - 1)]; n; n = n->next) {
-            if (n->hash != hashes[k] || n->k != k) continue;
+            if (n->hash != hashes[k] || n->k != k) continue; /* the masked key: tests force collisions */
             speed_prefix_entry_t *e = n->entry;
             int64_t covered = (k + 1) * B;
             /* the trust boundary: equal hashes are not equal prefixes */

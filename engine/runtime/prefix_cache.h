@@ -46,14 +46,38 @@
 #include "kv_cache.h"
 #include "status.h"
 
+/* What a cache event says about block hashes (for KV-aware routing: the node publishes them). */
+typedef enum {
+    SPEED_PREFIX_EVENT_STORED = 0,  /* the cache now holds KV under these hashes */
+    SPEED_PREFIX_EVENT_EVICTED = 1, /* it no longer holds any under these */
+} speed_prefix_event_t;
+
+/* Called on the cache's thread with n >= 1 block hashes (full 64-bit chained hashes of
+ * hash_next, whatever hash_bits is). A hash is reported STORED when the first entry indexing
+ * it arrives and EVICTED when the last one goes (entries of one conversation share their
+ * first blocks' hashes: they are reported once). Must not call back into the cache or the
+ * engine. */
+typedef void (*speed_prefix_event_cb_t)(void *user, speed_prefix_event_t kind, const uint64_t *hashes, size_t n);
+
+/* The chained block hash: the hash of a block of n ids whose prefix hashes to prev (the seed
+ * for block 0). Must be deterministic. */
+typedef uint64_t (*speed_prefix_hash_fn_t)(uint64_t prev, const int32_t *ids, size_t n);
+
 typedef struct {
     int64_t max_blocks; /* blocks the entries may hold, both pools; 0 = the cache is off */
     int hash_bits;      /* bits of the block hash kept, 0..64; 64 (default). Fewer only in tests,
                          * to force collisions (0: every block hashes to 0, and token
                          * verification alone keeps prefixes apart) */
+    /* The block hash and its seed. A cluster's router indexes prompts by the same chain, so a
+     * node passes the cluster's (the one definition both use); NULL / 0 = built-in ones. The
+     * hash is a key, never a proof: ids are always compared. */
+    speed_prefix_hash_fn_t hash_next;
+    uint64_t hash_seed;
+    speed_prefix_event_cb_t event_cb; /* optional: stored / evicted hashes */
+    void *event_user;
 } speed_prefix_cache_params_t;
 
-/* max_blocks 0 (off), hash_bits 64. */
+/* max_blocks 0 (off), hash_bits 64, built-in hash, no events. */
 speed_prefix_cache_params_t speed_prefix_cache_default_params(void);
 
 /* A sequence's SPEED classes as the reuse rule sees them (engine_internal.h's engine_seq_t):

@@ -523,6 +523,102 @@ static void test_collisions(void) {
     speed_engine_destroy(e);
 }
 
+/* ---- cache events (KV-aware routing) ------------------------------------------------------- */
+
+typedef struct {
+    uint64_t hash[64];
+    int count[64]; /* stored - evicted */
+    int n, n_stored_events, n_evicted_events, bad;
+} ev_log_t;
+
+static void ev_cb(void *user, speed_prefix_event_t kind, const uint64_t *hashes, size_t n) {
+    ev_log_t *log = user;
+    for (size_t i = 0; i < n; i++) {
+        int j = 0;
+        while (j < log->n && log->hash[j] != hashes[i]) j++;
+        if (j == log->n) {
+            if (log->n == 64) return;
+            log->hash[log->n] = hashes[i];
+            log->count[log->n++] = 0;
+        }
+        log->count[j] += kind == SPEED_PREFIX_EVENT_STORED ? 1 : -1;
+        if (log->count[j] < 0 || log->count[j] > 1) log->bad++; /* reported twice, or never stored */
+        if (kind == SPEED_PREFIX_EVENT_STORED)
+            log->n_stored_events++;
+        else
+            log->n_evicted_events++;
+    }
+}
+
+/* The router's hash in a cluster is another function: the cache must use the one it is given. */
+static uint64_t test_hash(uint64_t prev, const int32_t *ids, size_t n) {
+    uint64_t h = prev * 31 + 7;
+    for (size_t i = 0; i < n; i++) h = h * 1000003 + (uint64_t)(uint32_t)ids[i];
+    return h;
+}
+
+static int ev_held(const ev_log_t *log, uint64_t h) {
+    for (int j = 0; j < log->n; j++)
+        if (log->hash[j] == h) return log->count[j];
+    return 0;
+}
+
+static void test_events(void) {
+    ev_log_t log = {0};
+    speed_engine_params_t p = speed_engine_default_params();
+    p.backend = g_be;
+    p.model = g_model;
+    p.kv_dtype = SPEED_DTYPE_F32;
+    p.block_tokens = BLK;
+    p.prefill_chunk = 16;
+    p.max_step_tokens = 64;
+    p.depth = (speed_depth_t){6, 1, 1};
+    p.n_blocks_lower = p.n_blocks_upper = 64;
+    p.prefix_cache.max_blocks = 1000;
+    p.prefix_cache.hash_next = test_hash;
+    p.prefix_cache.hash_seed = 99;
+    p.prefix_cache.event_cb = ev_cb;
+    p.prefix_cache.event_user = &log;
+    speed_engine_t *e = NULL;
+    CHECK(speed_engine_create(&p, &e) == SPEED_OK);
+    if (!e) return;
+    const speed_depth_t d = {6, 1, 1};
+    int32_t conv[64];
+    et_prompt(conv, 19, 101, g_vocab);
+    et_seq_t s;
+    run1(e, &s, conv, 19, d); /* entry: 19 + 5 tokens = 3 blocks */
+    memcpy(conv + 19, s.gen, N_GEN * sizeof(int32_t));
+    et_seq_free(&s);
+    et_prompt(conv + 25, 7, 102, g_vocab); /* turn 2's message */
+    uint64_t chain[8], h = 99;
+    for (int k = 0; k < 4; k++) chain[k] = h = test_hash(h, conv + k * BLK, BLK);
+    CHECK_INT_EQ(log.n_stored_events, 3);
+    for (int k = 0; k < 3; k++) CHECK_INT_EQ(ev_held(&log, chain[k]), 1);
+    /* turn 2 (19 + 6 + 7 tokens, entry of 32 + 5): one new block hash; turn 1's entry is
+     * replaced without an eviction event (turn 2's holds all its hashes) */
+    run1(e, &s, conv, 32, d);
+    CHECK_INT_EQ(s.stats_last.n_cached, 24);
+    et_seq_free(&s);
+    CHECK_INT_EQ(log.n_stored_events, 4);
+    CHECK_INT_EQ(log.n_evicted_events, 0);
+    CHECK_INT_EQ(ev_held(&log, chain[3]), 1);
+    speed_engine_stats_t st;
+    speed_engine_stats(e, &st);
+    CHECK_INT_EQ(st.prefix.n_replaced, 1);
+    /* another conversation, then clear: every hash stored is evicted exactly once */
+    int32_t other[32];
+    et_prompt(other, 20, 103, g_vocab);
+    run1(e, &s, other, 20, d);
+    et_seq_free(&s);
+    CHECK_INT_EQ(log.n_stored_events, 7);
+    speed_engine_prefix_cache_clear(e);
+    CHECK_INT_EQ(log.n_evicted_events, 7);
+    for (int j = 0; j < log.n; j++) CHECK_INT_EQ(log.count[j], 0);
+    CHECK_INT_EQ(log.bad, 0);
+    check_all_free(e, "events");
+    speed_engine_destroy(e);
+}
+
 /* ---- the cache object on its own ----------------------------------------------------------- */
 
 static void test_params(void) {
@@ -633,6 +729,7 @@ int main(int argc, char **argv) {
     test_kv_sharing();
     test_eviction();
     test_collisions();
+    test_events();
     bench_turn();
 
     speed_model_destroy(g_model);
