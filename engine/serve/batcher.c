@@ -499,6 +499,8 @@ static void snapshot(speed_batcher_t *b) {
     speed_engine_stats_t es;
     speed_engine_stats(b->engine, &es);
     b->snap.kv = es.kv;
+    b->snap.n_cached_tokens = es.n_cached_tokens;
+    b->snap.prefix = es.prefix;
     pthread_mutex_unlock(&b->mu);
 }
 

@@ -72,6 +72,7 @@ typedef struct {
 
 typedef struct {
     int64_t n_prompt, n_generated;
+    int64_t n_cached;           /* prompt tokens reused from the engine's prefix cache */
     speed_depth_t depth;        /* resolved */
     size_t kv_bytes;            /* KV entries stored (exact, cache dtype) */
     size_t kv_bytes_full_depth; /* the same tokens at full depth */
@@ -263,6 +264,8 @@ typedef struct {
     int64_t tokens_in_flight; /* over running and reserved requests: prompt tokens + tokens
                                * generated so far (the context each holds or will hold) */
     speed_kv_cache_stats_t kv;
+    uint64_t n_cached_tokens;          /* prompt tokens reused from the prefix cache (engine.h) */
+    speed_prefix_cache_stats_t prefix; /* the engine's prefix cache; zero when off */
 } speed_batcher_stats_t;
 
 /* A snapshot (taken by the engine thread after its last step, so it never waits). */
