@@ -39,6 +39,15 @@ static speed_status_t depth_resolve(const speed_depth_t *in, int n_layers, int m
     return SPEED_OK;
 }
 
+void speed_engine_seq_classes_(engine_seq_t *s) {
+    s->a = s->depth.anchors < s->n_prompt ? s->depth.anchors : s->n_prompt;
+    s->tail_start = s->n_prompt - s->depth.tail > s->a ? s->n_prompt - s->depth.tail : s->a;
+}
+
+speed_status_t speed_engine_depth_resolve_(const speed_engine_t *e, const speed_depth_t *in, speed_depth_t *out) {
+    return depth_resolve(in ? in : &e->p.depth, e->n_layers, e->max_context, out);
+}
+
 static int model_context(const speed_model_t *m, int max_context) {
     int ctx = m->config.max_position;
     return max_context > 0 && max_context < ctx ? max_context : ctx;
@@ -550,8 +559,7 @@ static speed_status_t seq_new(speed_engine_t *e, const int32_t *ids, int64_t n_p
     s->depth = depth;
     s->n_prompt = n_prompt;
     s->max_new = max_new_tokens;
-    s->a = depth.anchors < n_prompt ? depth.anchors : n_prompt;
-    s->tail_start = n_prompt - depth.tail > s->a ? n_prompt - depth.tail : s->a;
+    speed_engine_seq_classes_(s);
     s->t_add_ns = speed_clock_mono_ns();
     int64_t n_full, n_compact;
     speed_kv_entries_for(n_prompt, depth.anchors, depth.tail, max_new_tokens - 1, &n_full, &n_compact);

@@ -294,6 +294,15 @@ typedef struct {
 
 void speed_engine_stats(const speed_engine_t *engine, speed_engine_stats_t *stats_p);
 
+/* The prompt positions speed_engine_seq_add would reuse from the prefix cache right now for
+ * this prompt and depth (NULL = the default), without changing anything (no pin, no LRU touch,
+ * no counter): a decode node compares n_prompt - *n_reuse_p, the tokens left to compute, with
+ * its threshold to prefill the suffix itself or send it to a prefill node. *n_reuse_p is 0 when
+ * the cache is off. Returns SPEED_OK or SPEED_ERR_INVALID_ARGUMENT (NULL pointers, n_prompt < 1,
+ * a depth out of range; logged). */
+speed_status_t speed_engine_prefix_probe(speed_engine_t *engine, const int32_t *ids, int64_t n_prompt,
+                                         const speed_depth_t *depth, int64_t *n_reuse_p);
+
 /* Evicts every prefix cache entry (no-op when the cache is off): their blocks go back to the
  * pools, except those live sequences share. */
 void speed_engine_prefix_cache_clear(speed_engine_t *engine);

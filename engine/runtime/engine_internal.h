@@ -140,6 +140,12 @@ speed_status_t speed_engine_rank_forward_(engine_rank_t *rk, int n_items, int n_
 
 engine_seq_t *speed_engine_find_(const speed_engine_t *e, speed_seq_id_t id);
 
+/* Sets s->a and s->tail_start from s->depth and s->n_prompt (the classes above). */
+void speed_engine_seq_classes_(engine_seq_t *s);
+
+/* A sequence's depth (NULL: the default) resolved and checked as seq_add does (logged). */
+speed_status_t speed_engine_depth_resolve_(const speed_engine_t *e, const speed_depth_t *in, speed_depth_t *out);
+
 /* engine_prefix.c. Reserves the KV of a new sequence (its depth, a and tail_start set): when
  * ids is not NULL and the prefix cache hits, reuses what the SPEED rule allows (shared blocks,
  * copied entries) and sets s->n_prefilled past it; when the pools lack blocks, evicts cache

@@ -97,6 +97,24 @@ void speed_engine_kv_release_(speed_engine_t *e, engine_seq_t *s) {
     s->kv = NULL;
 }
 
+speed_status_t speed_engine_prefix_probe(speed_engine_t *e, const int32_t *ids, int64_t n_prompt,
+                                         const speed_depth_t *depth, int64_t *n_reuse_p) {
+    if (!e || !ids || !n_reuse_p || n_prompt < 1) {
+        SPEED_ERROR(SPEED_SUBSYS_ENGINE, "engine: prefix probe without engine, ids or output, or an empty prompt");
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    *n_reuse_p = 0;
+    speed_depth_t d;
+    SPEED_CHECK(speed_engine_depth_resolve_(e, depth, &d));
+    if (!e->prefix) return SPEED_OK;
+    /* the classes seq_new would give it */
+    engine_seq_t s = {.depth = d, .n_prompt = n_prompt};
+    speed_engine_seq_classes_(&s);
+    speed_prefix_depth_t mine = prefix_depth(e, &s);
+    *n_reuse_p = speed_prefix_cache_peek(e->prefix, ids, n_prompt, &mine);
+    return SPEED_OK;
+}
+
 void speed_engine_prefix_cache_clear(speed_engine_t *e) {
     if (e && e->prefix) speed_prefix_cache_clear(e->prefix);
 }

@@ -300,16 +300,16 @@ speed_status_t speed_prefix_cache_insert(speed_prefix_cache_t *c, speed_kv_seq_t
 
 /* ---- lookup -------------------------------------------------------------------------------- */
 
-bool speed_prefix_cache_lookup(speed_prefix_cache_t *c, const int32_t *tokens, int64_t n_tokens,
-                               const speed_prefix_depth_t *depth, speed_prefix_hit_t *hit_p) {
-    memset(hit_p, 0, sizeof *hit_p);
-    c->st.n_lookups++;
+/* The best entry for a prompt (see speed_prefix_cache_lookup), or NULL; *reuse_p, *match_p. */
+static speed_prefix_entry_t *find_best(speed_prefix_cache_t *c, const int32_t *tokens, int64_t n_tokens,
+                                       const speed_prefix_depth_t *depth, int64_t *reuse_p, int64_t *match_p) {
     const int B = c->block_tokens;
+    *reuse_p = *match_p = 0;
     /* only blocks that end before the tail can matter: the tail is always computed */
     int64_t m = (depth->tail_start < n_tokens ? depth->tail_start : n_tokens) / B;
-    if (m == 0 || !c->oldest) return false;
+    if (m == 0 || !c->oldest) return NULL;
     uint64_t *hashes = speed_malloc((size_t)m * sizeof *hashes);
-    if (!hashes) return false; /* a miss is always correct */
+    if (!hashes) return NULL; /* a miss is always correct */
     uint64_t h = c->p.hash_seed;
     for (int64_t k = 0; k < m; k++) {
         h = c->p.hash_next(h, tokens + k * B, (size_t)B);
@@ -340,15 +340,34 @@ bool speed_prefix_cache_lookup(speed_prefix_cache_t *c, const int32_t *tokens, i
         }
     }
     speed_free(hashes);
+    *reuse_p = best_reuse;
+    *match_p = best_match;
+    return best;
+}
+
+bool speed_prefix_cache_lookup(speed_prefix_cache_t *c, const int32_t *tokens, int64_t n_tokens,
+                               const speed_prefix_depth_t *depth, speed_prefix_hit_t *hit_p) {
+    memset(hit_p, 0, sizeof *hit_p);
+    c->st.n_lookups++;
+    int64_t reuse, match;
+    speed_prefix_entry_t *best = find_best(c, tokens, n_tokens, depth, &reuse, &match);
     if (!best) return false;
     best->pins++;
     lru_unlink(c, best);
     lru_push_newest(c, best);
     c->st.n_hits++;
-    c->st.n_hit_tokens += (uint64_t)best_reuse;
-    *hit_p = (speed_prefix_hit_t){
-        .entry = best, .seq = best->seq, .depth = best->depth, .n_match = best_match, .n_reuse = best_reuse};
+    c->st.n_hit_tokens += (uint64_t)reuse;
+    *hit_p = (speed_prefix_hit_t){.entry = best, .seq = best->seq, .depth = best->depth, .n_match = match, .n_reuse = reuse};
     return true;
+}
+
+int64_t speed_prefix_cache_peek(speed_prefix_cache_t *c, const int32_t *tokens, int64_t n_tokens,
+                                const speed_prefix_depth_t *depth) {
+    int64_t reuse, match;
+    uint64_t collisions = c->st.n_collisions; /* a peek leaves no trace */
+    (void)find_best(c, tokens, n_tokens, depth, &reuse, &match);
+    c->st.n_collisions = collisions;
+    return reuse;
 }
 
 void speed_prefix_cache_release(speed_prefix_cache_t *c, speed_prefix_hit_t *hit) {

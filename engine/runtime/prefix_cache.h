@@ -138,6 +138,11 @@ typedef struct {
 bool speed_prefix_cache_lookup(speed_prefix_cache_t *cache, const int32_t *tokens, int64_t n_tokens,
                                const speed_prefix_depth_t *depth, speed_prefix_hit_t *hit_p);
 
+/* The positions a lookup would reuse now, without pinning, touching the LRU order or counting:
+ * for a node deciding where to compute a prompt's suffix. 0 on a miss. */
+int64_t speed_prefix_cache_peek(speed_prefix_cache_t *cache, const int32_t *tokens, int64_t n_tokens,
+                                const speed_prefix_depth_t *depth);
+
 /* Unpins the entry of a hit; the hit must not be used afterwards. NULL entry: no-op. */
 void speed_prefix_cache_release(speed_prefix_cache_t *cache, speed_prefix_hit_t *hit);
 

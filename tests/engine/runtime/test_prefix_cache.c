@@ -190,6 +190,22 @@ static void test_hits(void) {
     memcpy(p2, p1, 21 * sizeof(int32_t));
     hit_vs_cold(e, split, p2, 35, d, 21, 2, "mid-block hit", NULL);
 
+    /* a probe says what seq_add would reuse, and changes nothing */
+    int64_t n_reuse = -1;
+    speed_engine_stats_t before, after;
+    speed_engine_stats(e, &before);
+    CHECK(speed_engine_prefix_probe(e, p2, 35, &d, &n_reuse) == SPEED_OK);
+    CHECK_INT_EQ(n_reuse, 34); /* p2's own entry now: all but its tail */
+    CHECK(speed_engine_prefix_probe(e, p2, 35, &(speed_depth_t){8, 1, 1}, &n_reuse) == SPEED_OK);
+    CHECK_INT_EQ(n_reuse, 1);
+    CHECK(speed_engine_prefix_probe(e, p1, 29, NULL, &n_reuse) == SPEED_OK); /* the default: C 6, A 1, T 1 */
+    CHECK_INT_EQ(n_reuse, 28);
+    CHECK(speed_engine_prefix_probe(e, p1, 0, NULL, &n_reuse) == SPEED_ERR_INVALID_ARGUMENT);
+    CHECK(speed_engine_prefix_probe(e, p1, 29, &(speed_depth_t){9, 1, 1}, &n_reuse) == SPEED_ERR_INVALID_ARGUMENT);
+    speed_engine_stats(e, &after);
+    CHECK_INT_EQ(after.prefix.n_lookups, before.prefix.n_lookups);
+    CHECK_INT_EQ(after.prefix.n_hits, before.prefix.n_hits);
+
     /* the same prompt again: all but the tail (T = 1, then T = 3) */
     hit_vs_cold(e, split, p1, 29, d, 28, 3, "all but the tail", NULL);
     hit_vs_cold(e, split, p1, 29, (speed_depth_t){6, 1, 3}, 26, 3, "all but a tail of 3", NULL);
@@ -635,6 +651,10 @@ static void test_params(void) {
     CHECK(speed_prefix_cache_create(&pp, speed_engine_kv_cache(e), &pc) == SPEED_ERR_INVALID_ARGUMENT);
     CHECK(speed_prefix_cache_create(NULL, speed_engine_kv_cache(e), &pc) == SPEED_ERR_INVALID_ARGUMENT);
     speed_prefix_cache_destroy(NULL);
+    int64_t n_reuse = -1;
+    int32_t q[4] = {1, 5, 6, 7};
+    CHECK(speed_engine_prefix_probe(e, q, 4, NULL, &n_reuse) == SPEED_OK); /* the cache off */
+    CHECK_INT_EQ(n_reuse, 0);
     /* the cache off: removed sequences free their blocks at once */
     int32_t p[24];
     et_prompt(p, 24, 71, g_vocab);
