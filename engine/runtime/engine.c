@@ -39,6 +39,11 @@ static speed_status_t depth_resolve(const speed_depth_t *in, int n_layers, int m
     return SPEED_OK;
 }
 
+speed_kv_from_t speed_engine_seq_uncached_(const engine_seq_t *s) {
+    /* a hit never covers the tail: the compact space holds the cached anchors only */
+    return (speed_kv_from_t){s->n_cached, s->n_cached < s->a ? s->n_cached : s->a};
+}
+
 void speed_engine_seq_classes_(engine_seq_t *s) {
     s->a = s->depth.anchors < s->n_prompt ? s->depth.anchors : s->n_prompt;
     s->tail_start = s->n_prompt - s->depth.tail > s->a ? s->n_prompt - s->depth.tail : s->a;
@@ -583,10 +588,12 @@ static void seq_commit(speed_engine_t *e, engine_seq_t *s, speed_seq_id_t *seq_p
     *seq_p = s->id;
 }
 
-speed_status_t speed_engine_seq_add(speed_engine_t *e, const int32_t *ids, int64_t n_prompt, const speed_depth_t *depth,
-                                    int64_t max_new_tokens, speed_seq_id_t *seq_p) {
+/* seq_add, or (await_kv) seq_reserve_cached: a sequence with its prompt ids. */
+static speed_status_t seq_add_ids(speed_engine_t *e, const int32_t *ids, int64_t n_prompt, const speed_depth_t *depth,
+                                  int64_t max_new_tokens, bool await_kv, speed_seq_id_t *seq_p) {
     if (!e || !seq_p || (!ids && n_prompt > 0)) {
-        SPEED_ERROR(SPEED_SUBSYS_ENGINE, "engine: seq_add without engine, ids or output pointer");
+        SPEED_ERROR(SPEED_SUBSYS_ENGINE, "engine: %s without engine, ids or output pointer",
+                    await_kv ? "seq_reserve_cached" : "seq_add");
         return SPEED_ERR_INVALID_ARGUMENT;
     }
     for (int64_t i = 0; i < n_prompt; i++) {
@@ -607,9 +614,20 @@ speed_status_t speed_engine_seq_add(speed_engine_t *e, const int32_t *ids, int64
         return SPEED_ERR_NO_MEMORY;
     }
     memcpy(s->prompt, ids, (size_t)n_prompt * sizeof(int32_t));
-    s->state = SPEED_SEQ_PREFILL;
+    s->state = await_kv ? SPEED_SEQ_AWAIT_KV : SPEED_SEQ_PREFILL;
     seq_commit(e, s, seq_p);
     return SPEED_OK;
+}
+
+speed_status_t speed_engine_seq_add(speed_engine_t *e, const int32_t *ids, int64_t n_prompt, const speed_depth_t *depth,
+                                    int64_t max_new_tokens, speed_seq_id_t *seq_p) {
+    return seq_add_ids(e, ids, n_prompt, depth, max_new_tokens, false, seq_p);
+}
+
+speed_status_t speed_engine_seq_reserve_cached(speed_engine_t *e, const int32_t *ids, int64_t n_prompt,
+                                               const speed_depth_t *depth, int64_t max_new_tokens,
+                                               speed_seq_id_t *seq_p) {
+    return seq_add_ids(e, ids, n_prompt, depth, max_new_tokens, true, seq_p);
 }
 
 speed_status_t speed_engine_seq_reserve(speed_engine_t *e, int64_t n_prompt, const speed_depth_t *depth,
@@ -718,12 +736,13 @@ speed_status_t speed_engine_seq_kv_size(const speed_engine_t *e, speed_seq_id_t 
     const engine_seq_t *s = find_logged(e, id);
     if (!s) return SPEED_ERR_NOT_FOUND;
     int64_t n_full, n_compact;
-    if (s->state == SPEED_SEQ_AWAIT_KV) { /* what import expects */
+    if (s->state == SPEED_SEQ_AWAIT_KV) { /* what import expects: the entries not cached */
         speed_kv_entries_for(s->n_prompt, s->depth.anchors, s->depth.tail, 0, &n_full, &n_compact);
-    } else {
-        n_full = speed_kv_seq_entries(s->kv, 0);
-        n_compact = speed_kv_seq_entries(s->kv, e->n_layers - 1); /* = n_full when C = L: unused */
+        *bytes_p = speed_kv_cache_seq_wire_bytes_from(e->kv, s->kv, speed_engine_seq_uncached_(s), n_full, n_compact);
+        return SPEED_OK;
     }
+    n_full = speed_kv_seq_entries(s->kv, 0);
+    n_compact = speed_kv_seq_entries(s->kv, e->n_layers - 1); /* = n_full when C = L: unused */
     *bytes_p = speed_kv_cache_seq_wire_bytes(e->kv, s->kv, n_full, n_compact);
     return SPEED_OK;
 }
@@ -755,7 +774,8 @@ speed_status_t speed_engine_seq_kv_import(speed_engine_t *e, speed_seq_id_t id, 
     }
     int64_t n_full, n_compact;
     speed_kv_entries_for(s->n_prompt, s->depth.anchors, s->depth.tail, 0, &n_full, &n_compact);
-    SPEED_CHECK(speed_kv_cache_seq_import(e->kv, s->kv, n_full, n_compact, buf, size));
+    SPEED_CHECK(speed_kv_cache_seq_import_from(e->kv, s->kv, speed_engine_seq_uncached_(s), n_full, n_compact, buf,
+                                               size));
     return kv_arrived(e, s);
 }
 
@@ -769,7 +789,8 @@ speed_status_t speed_engine_seq_kv_ready(speed_engine_t *e, speed_seq_id_t id) {
     int64_t n_full, n_compact;
     speed_kv_entries_for(s->n_prompt, s->depth.anchors, s->depth.tail, 0, &n_full, &n_compact);
     /* the transfer wrote the mirror (pinned host memory), not the pool */
-    if (speed_kv_cache_host_mirror(e->kv)) SPEED_CHECK(speed_kv_cache_stage_in(e->kv, s->kv, n_full, n_compact));
+    if (speed_kv_cache_host_mirror(e->kv))
+        SPEED_CHECK(speed_kv_cache_stage_in_from(e->kv, s->kv, speed_engine_seq_uncached_(s), n_full, n_compact));
     SPEED_CHECK(speed_kv_cache_seq_set_entries(e->kv, s->kv, n_full, n_compact));
     return kv_arrived(e, s);
 }

@@ -197,6 +197,19 @@ speed_status_t speed_engine_seq_add(speed_engine_t *engine, const int32_t *ids, 
 speed_status_t speed_engine_seq_reserve(speed_engine_t *engine, int64_t n_prompt, const speed_depth_t *depth,
                                         int64_t max_new_tokens, speed_seq_id_t *seq_p);
 
+/* Decode side of a disaggregated prefill with the prefix cache (docs/prefix-cache.md): like
+ * speed_engine_seq_reserve, but with the prompt's ids, so that a prefix cache hit fills the
+ * first n_cached positions (speed_engine_seq_stats; 0 on a miss) and only the rest must arrive:
+ * speed_engine_seq_kv_size / _kv_import / the block addresses then cover the units from the
+ * block holding the first entry not cached in each layer (kv_cache.h, speed_kv_from_t), and
+ * speed_engine_seq_kv_ready stages only those. The sender (speed_engine_seq_kv_export_from with
+ * n_skip = n_cached) must hold the cached positions too: the first unit of a layer carries them.
+ * The sequence is cached when removed, like one added with speed_engine_seq_add. Same checks
+ * and returns as speed_engine_seq_add (ids validated). */
+speed_status_t speed_engine_seq_reserve_cached(speed_engine_t *engine, const int32_t *ids, int64_t n_prompt,
+                                               const speed_depth_t *depth, int64_t max_new_tokens,
+                                               speed_seq_id_t *seq_p);
+
 /* Queues the token sampled from the sequence's last logits; the next step processes it.
  * Returns SPEED_OK; SPEED_ERR_NOT_FOUND (no such sequence); SPEED_ERR_INVALID_ARGUMENT (id
  * outside the vocabulary, or the sequence is still prefilling / awaiting KV / already has a
@@ -331,6 +344,17 @@ speed_status_t speed_engine_seq_kv_export(speed_engine_t *engine, speed_seq_id_t
  * Returns SPEED_OK, SPEED_ERR_NOT_FOUND, SPEED_ERR_INVALID_ARGUMENT (state or size mismatch),
  * or a backend status. */
 speed_status_t speed_engine_seq_kv_import(speed_engine_t *engine, speed_seq_id_t seq, const void *buf, size_t size);
+
+/* The prefill side of a partial transfer to a decode node that holds the first n_skip prompt
+ * positions (its n_cached; n_skip <= the first tail position): the bytes of / a copy of the
+ * sequence's units from the block holding its first entry past them, per layer
+ * (speed_kv_from_t). Like speed_engine_seq_kv_size / _kv_export otherwise (export: after the
+ * prefill). Returns SPEED_OK, SPEED_ERR_NOT_FOUND, SPEED_ERR_INVALID_ARGUMENT (n_skip, state,
+ * size; logged), or a backend status. */
+speed_status_t speed_engine_seq_kv_size_from(const speed_engine_t *engine, speed_seq_id_t seq, int64_t n_skip,
+                                             size_t *bytes_p);
+speed_status_t speed_engine_seq_kv_export_from(speed_engine_t *engine, speed_seq_id_t seq, int64_t n_skip, void *buf,
+                                               size_t size);
 
 /* For a transfer that wrote the prompt KV into the sequence's blocks: marks a reserved
  * sequence's prompt entries present (as import does). When the cache has a host mirror the

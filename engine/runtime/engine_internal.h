@@ -140,6 +140,9 @@ speed_status_t speed_engine_rank_forward_(engine_rank_t *rk, int n_items, int n_
 
 engine_seq_t *speed_engine_find_(const speed_engine_t *e, speed_seq_id_t id);
 
+/* The first entries of each space not filled by a prefix cache hit ({0, 0} without one). */
+speed_kv_from_t speed_engine_seq_uncached_(const engine_seq_t *s);
+
 /* Sets s->a and s->tail_start from s->depth and s->n_prompt (the classes above). */
 void speed_engine_seq_classes_(engine_seq_t *s);
 

@@ -115,6 +115,50 @@ speed_status_t speed_engine_prefix_probe(speed_engine_t *e, const int32_t *ids, 
     return SPEED_OK;
 }
 
+/* The prefill side of a partial transfer: `from` of a sequence whose first n_skip prompt
+ * positions the receiver already holds. */
+static speed_status_t skip_from(const speed_engine_t *e, speed_seq_id_t id, int64_t n_skip, engine_seq_t **s_p,
+                                speed_kv_from_t *from_p) {
+    engine_seq_t *s = speed_engine_find_(e, id);
+    if (!s) {
+        SPEED_ERROR(SPEED_SUBSYS_ENGINE, "engine: no sequence %lld", (long long)id);
+        return SPEED_ERR_NOT_FOUND;
+    }
+    if (n_skip < 0 || n_skip > s->tail_start) {
+        SPEED_ERROR(SPEED_SUBSYS_ENGINE, "engine: sequence %lld: cannot skip %lld positions (its tail starts at %lld)",
+                    (long long)id, (long long)n_skip, (long long)s->tail_start);
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    engine_seq_t probe = *s;
+    probe.n_cached = n_skip;
+    *from_p = speed_engine_seq_uncached_(&probe);
+    *s_p = s;
+    return SPEED_OK;
+}
+
+speed_status_t speed_engine_seq_kv_size_from(const speed_engine_t *e, speed_seq_id_t id, int64_t n_skip,
+                                             size_t *bytes_p) {
+    engine_seq_t *s;
+    speed_kv_from_t from;
+    SPEED_CHECK(skip_from(e, id, n_skip, &s, &from));
+    *bytes_p = speed_kv_cache_seq_wire_bytes_from(e->kv, s->kv, from, speed_kv_seq_entries(s->kv, 0),
+                                                  speed_kv_seq_entries(s->kv, e->n_layers - 1));
+    return SPEED_OK;
+}
+
+speed_status_t speed_engine_seq_kv_export_from(speed_engine_t *e, speed_seq_id_t id, int64_t n_skip, void *buf,
+                                               size_t size) {
+    engine_seq_t *s;
+    speed_kv_from_t from;
+    SPEED_CHECK(skip_from(e, id, n_skip, &s, &from));
+    if (s->state != SPEED_SEQ_AWAIT_TOKEN && s->state != SPEED_SEQ_DECODE) {
+        SPEED_ERROR(SPEED_SUBSYS_ENGINE, "engine: sequence %lld has not finished its prefill: nothing to export",
+                    (long long)id);
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    return speed_kv_cache_seq_export_from(e->kv, s->kv, from, buf, size);
+}
+
 void speed_engine_prefix_cache_clear(speed_engine_t *e) {
     if (e && e->prefix) speed_prefix_cache_clear(e->prefix);
 }

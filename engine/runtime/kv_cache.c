@@ -563,9 +563,28 @@ speed_status_t speed_kv_cache_block_addr(const speed_kv_cache_t *c, const speed_
     return SPEED_OK;
 }
 
-static int64_t layer_blocks(const speed_kv_cache_t *c, const speed_kv_seq_t *s, int layer, int64_t n_full,
-                            int64_t n_compact) {
-    return div_up(layer < s->prefill_layers ? n_full : n_compact, c->p.block_tokens);
+/* The blocks [*b0_p, *b1_p) of `layer` that hold its entries [from, n) (from = from.full below
+ * the sequence's C, from.compact above; n likewise): the canonical units a (partial) transfer
+ * carries. Empty when from >= n. */
+static void layer_span(const speed_kv_cache_t *c, const speed_kv_seq_t *s, int layer, speed_kv_from_t from,
+                       int64_t n_full, int64_t n_compact, int64_t *b0_p, int64_t *b1_p) {
+    int64_t begin = layer < s->prefill_layers ? from.full : from.compact;
+    int64_t end = layer < s->prefill_layers ? n_full : n_compact;
+    *b0_p = begin < end ? begin / c->p.block_tokens : 0;
+    *b1_p = begin < end ? div_up(end, c->p.block_tokens) : 0;
+}
+
+static bool from_ok(const speed_kv_seq_t *s, speed_kv_from_t from, int64_t n_full, int64_t n_compact) {
+    return from.full >= 0 && from.compact >= 0 && from.full <= n_full && from.compact <= n_compact &&
+           n_full <= s->cap_full && n_compact <= s->cap_compact;
+}
+
+/* Whether a block of the span is shared (read-only): a transfer must not write it. */
+static bool span_shared(const speed_kv_cache_t *c, const speed_kv_seq_t *s, int layer, int64_t b0, int64_t b1) {
+    speed_kv_pool_t p = speed_kv_cache_layer_pool(c, layer);
+    for (int64_t b = b0; b < b1; b++)
+        if (c->pool[p].refs[s->table[p][b]] > 1) return true;
+    return false;
 }
 
 /* ---- host mirror and staging ------------------------------------------------------------------ */
@@ -630,13 +649,20 @@ speed_status_t speed_kv_cache_stage_out(const speed_kv_cache_t *c, const speed_k
 
 speed_status_t speed_kv_cache_stage_in(speed_kv_cache_t *c, const speed_kv_seq_t *s, int64_t n_full,
                                        int64_t n_compact) {
+    return speed_kv_cache_stage_in_from(c, s, (speed_kv_from_t){0, 0}, n_full, n_compact);
+}
+
+speed_status_t speed_kv_cache_stage_in_from(speed_kv_cache_t *c, const speed_kv_seq_t *s, speed_kv_from_t from,
+                                            int64_t n_full, int64_t n_compact) {
     if (!c->mirrored) {
         SPEED_ERROR(SPEED_SUBSYS_KV, "kv cache: stage in without a host mirror");
         return SPEED_ERR_INVALID_ARGUMENT;
     }
-    if (n_full < 0 || n_compact < 0 || n_full > s->cap_full || n_compact > s->cap_compact) {
-        SPEED_ERROR(SPEED_SUBSYS_KV, "kv cache: stage in of %lld / %lld entries does not fit the room %lld / %lld",
-                    (long long)n_full, (long long)n_compact, (long long)s->cap_full, (long long)s->cap_compact);
+    if (n_full < 0 || n_compact < 0 || !from_ok(s, from, n_full, n_compact)) {
+        SPEED_ERROR(SPEED_SUBSYS_KV,
+                    "kv cache: stage in of entries %lld / %lld to %lld / %lld does not fit the room %lld / %lld",
+                    (long long)from.full, (long long)from.compact, (long long)n_full, (long long)n_compact,
+                    (long long)s->cap_full, (long long)s->cap_compact);
         return SPEED_ERR_INVALID_ARGUMENT;
     }
     const size_t unit = 2 * c->half_unit;
@@ -644,8 +670,13 @@ speed_status_t speed_kv_cache_stage_in(speed_kv_cache_t *c, const speed_kv_seq_t
         speed_kv_pool_t p = speed_kv_cache_layer_pool(c, l);
         const bool adjacent = c->pool[p].block_bytes == unit;
         const int32_t *t = s->table[p];
-        int64_t nb = layer_blocks(c, s, l, n_full, n_compact);
-        for (int64_t i = 0; i < nb;) {
+        int64_t i0, nb;
+        layer_span(c, s, l, from, n_full, n_compact, &i0, &nb);
+        if (span_shared(c, s, l, i0, nb)) {
+            SPEED_ERROR(SPEED_SUBSYS_KV, "kv cache: stage in would write a shared block of layer %d", l);
+            return SPEED_ERR_INVALID_ARGUMENT;
+        }
+        for (int64_t i = i0; i < nb;) {
             int64_t j = i + 1;
             while (adjacent && j < nb && t[j] == t[j - 1] + 1) j++;
             void *dst;
@@ -661,21 +692,40 @@ speed_status_t speed_kv_cache_stage_in(speed_kv_cache_t *c, const speed_kv_seq_t
 
 size_t speed_kv_cache_seq_wire_bytes(const speed_kv_cache_t *c, const speed_kv_seq_t *s, int64_t n_full,
                                      int64_t n_compact) {
+    return speed_kv_cache_seq_wire_bytes_from(c, s, (speed_kv_from_t){0, 0}, n_full, n_compact);
+}
+
+size_t speed_kv_cache_seq_wire_bytes_from(const speed_kv_cache_t *c, const speed_kv_seq_t *s, speed_kv_from_t from,
+                                          int64_t n_full, int64_t n_compact) {
     size_t n_units = 0;
-    for (int l = 0; l < c->p.n_layers; l++) n_units += (size_t)layer_blocks(c, s, l, n_full, n_compact);
+    for (int l = 0; l < c->p.n_layers; l++) {
+        int64_t b0, b1;
+        layer_span(c, s, l, from, n_full, n_compact, &b0, &b1);
+        n_units += (size_t)(b1 - b0);
+    }
     return n_units * 2 * c->half_unit;
 }
 
 speed_status_t speed_kv_cache_seq_export(speed_kv_cache_t *c, const speed_kv_seq_t *s, void *buf, size_t size) {
-    size_t need = speed_kv_cache_seq_wire_bytes(c, s, s->n_full, s->n_compact);
+    return speed_kv_cache_seq_export_from(c, s, (speed_kv_from_t){0, 0}, buf, size);
+}
+
+speed_status_t speed_kv_cache_seq_export_from(speed_kv_cache_t *c, const speed_kv_seq_t *s, speed_kv_from_t from,
+                                              void *buf, size_t size) {
+    if (from.full < 0 || from.compact < 0) {
+        SPEED_ERROR(SPEED_SUBSYS_KV, "kv cache: export from a negative entry");
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    size_t need = speed_kv_cache_seq_wire_bytes_from(c, s, from, s->n_full, s->n_compact);
     if (size < need || (need && !buf)) {
         SPEED_ERROR(SPEED_SUBSYS_KV, "kv cache: export needs %zu bytes, the buffer has %zu", need, size);
         return SPEED_ERR_INVALID_ARGUMENT;
     }
     char *dst = buf;
     for (int l = 0; l < c->p.n_layers; l++) {
-        int64_t nb = layer_blocks(c, s, l, s->n_full, s->n_compact);
-        for (int64_t b = 0; b < nb; b++) {
+        int64_t b0, nb;
+        layer_span(c, s, l, from, s->n_full, s->n_compact, &b0, &nb);
+        for (int64_t b = b0; b < nb; b++) {
             void *src;
             size_t bytes;
             SPEED_CHECK(speed_kv_cache_block_addr(c, s, l, b, &src, &bytes));
@@ -688,21 +738,37 @@ speed_status_t speed_kv_cache_seq_export(speed_kv_cache_t *c, const speed_kv_seq
 
 speed_status_t speed_kv_cache_seq_import(speed_kv_cache_t *c, speed_kv_seq_t *s, int64_t n_full, int64_t n_compact,
                                          const void *buf, size_t size) {
-    if (n_full < 0 || n_compact < 0 || n_full > s->cap_full || n_compact > s->cap_compact) {
-        SPEED_ERROR(SPEED_SUBSYS_KV, "kv cache: import of %lld / %lld entries does not fit the room %lld / %lld",
-                    (long long)n_full, (long long)n_compact, (long long)s->cap_full, (long long)s->cap_compact);
+    return speed_kv_cache_seq_import_from(c, s, (speed_kv_from_t){0, 0}, n_full, n_compact, buf, size);
+}
+
+speed_status_t speed_kv_cache_seq_import_from(speed_kv_cache_t *c, speed_kv_seq_t *s, speed_kv_from_t from,
+                                              int64_t n_full, int64_t n_compact, const void *buf, size_t size) {
+    if (n_full < 0 || n_compact < 0 || !from_ok(s, from, n_full, n_compact)) {
+        SPEED_ERROR(SPEED_SUBSYS_KV,
+                    "kv cache: import of entries %lld / %lld to %lld / %lld does not fit the room %lld / %lld",
+                    (long long)from.full, (long long)from.compact, (long long)n_full, (long long)n_compact,
+                    (long long)s->cap_full, (long long)s->cap_compact);
         return SPEED_ERR_INVALID_ARGUMENT;
     }
-    size_t need = speed_kv_cache_seq_wire_bytes(c, s, n_full, n_compact);
+    size_t need = speed_kv_cache_seq_wire_bytes_from(c, s, from, n_full, n_compact);
     if (size != need || (need && !buf)) {
         SPEED_ERROR(SPEED_SUBSYS_KV, "kv cache: import of %lld / %lld entries needs %zu bytes, got %zu",
                     (long long)n_full, (long long)n_compact, need, size);
         return SPEED_ERR_INVALID_ARGUMENT;
     }
+    for (int l = 0; l < c->p.n_layers; l++) {
+        int64_t b0, b1;
+        layer_span(c, s, l, from, n_full, n_compact, &b0, &b1);
+        if (span_shared(c, s, l, b0, b1)) {
+            SPEED_ERROR(SPEED_SUBSYS_KV, "kv cache: import would write a shared block of layer %d", l);
+            return SPEED_ERR_INVALID_ARGUMENT;
+        }
+    }
     const char *src = buf;
     for (int l = 0; l < c->p.n_layers; l++) {
-        int64_t nb = layer_blocks(c, s, l, n_full, n_compact);
-        for (int64_t b = 0; b < nb; b++) {
+        int64_t b0, nb;
+        layer_span(c, s, l, from, n_full, n_compact, &b0, &nb);
+        for (int64_t b = b0; b < nb; b++) {
             void *dst;
             size_t bytes;
             SPEED_CHECK(speed_kv_cache_block_addr(c, s, l, b, &dst, &bytes));

@@ -272,6 +272,39 @@ speed_status_t speed_kv_cache_stage_out(const speed_kv_cache_t *cache, const spe
 speed_status_t speed_kv_cache_stage_in(speed_kv_cache_t *cache, const speed_kv_seq_t *seq, int64_t n_full,
                                        int64_t n_compact);
 
+/* ---- partial transfers (a prefix cache hit: kv_cache.h's canonical layout, from an entry on) ----
+ * A sequence whose first entries are already in place (speed_kv_cache_seq_copy_entries or shared
+ * blocks of a prefix cache hit) receives only the rest. `from` names the first entry not in
+ * place in each entry space; each layer's units then start at the block holding its first such
+ * entry (from.full below the sequence's C, from.compact above) and end with its last entry's
+ * block. The first unit also carries entries before `from` in that block: the sender must hold
+ * them too (the same bytes: they are the same prefix's). Shared blocks are never written: a hit
+ * shares only whole blocks before `from`. {0, 0} is the whole layout (the functions above). */
+typedef struct {
+    int64_t full;    /* first entry not in place in layers < C */
+    int64_t compact; /* ... in layers >= C */
+} speed_kv_from_t;
+
+/* Bytes of the units of entries [from, n) per layer (0 for a layer with nothing past from). */
+size_t speed_kv_cache_seq_wire_bytes_from(const speed_kv_cache_t *cache, const speed_kv_seq_t *seq,
+                                          speed_kv_from_t from, int64_t n_full, int64_t n_compact);
+/* speed_kv_cache_seq_export of the units of the stored entries from `from` on.
+ * Returns SPEED_OK, SPEED_ERR_INVALID_ARGUMENT (from negative, size), or the backend's status. */
+speed_status_t speed_kv_cache_seq_export_from(speed_kv_cache_t *cache, const speed_kv_seq_t *seq,
+                                              speed_kv_from_t from, void *buf, size_t size);
+/* speed_kv_cache_seq_import of those units (size must equal speed_kv_cache_seq_wire_bytes_from),
+ * then the counts become n_full / n_compact. Returns SPEED_OK; SPEED_ERR_INVALID_ARGUMENT (from
+ * outside [0, n], counts past the room, size, a unit in a shared block: nothing written); the
+ * backend's status. */
+speed_status_t speed_kv_cache_seq_import_from(speed_kv_cache_t *cache, speed_kv_seq_t *seq, speed_kv_from_t from,
+                                              int64_t n_full, int64_t n_compact, const void *buf, size_t size);
+/* speed_kv_cache_stage_in of those units only (mirror -> pool): the entries in place before
+ * `from` in the pool are not overwritten by the mirror's (stale) copy, except in the first unit
+ * of a layer, which the transfer wrote whole. Returns as speed_kv_cache_stage_in, and
+ * SPEED_ERR_INVALID_ARGUMENT for a unit in a shared block. */
+speed_status_t speed_kv_cache_stage_in_from(speed_kv_cache_t *cache, const speed_kv_seq_t *seq, speed_kv_from_t from,
+                                            int64_t n_full, int64_t n_compact);
+
 /* Bytes of the canonical layout for entry counts (n_full, n_compact) at this sequence's depth. */
 size_t speed_kv_cache_seq_wire_bytes(const speed_kv_cache_t *cache, const speed_kv_seq_t *seq, int64_t n_full,
                                      int64_t n_compact);
