@@ -774,8 +774,8 @@ speed_status_t speed_engine_seq_kv_import(speed_engine_t *e, speed_seq_id_t id, 
     }
     int64_t n_full, n_compact;
     speed_kv_entries_for(s->n_prompt, s->depth.anchors, s->depth.tail, 0, &n_full, &n_compact);
-    SPEED_CHECK(speed_kv_cache_seq_import_from(e->kv, s->kv, speed_engine_seq_uncached_(s), n_full, n_compact, buf,
-                                               size));
+    SPEED_CHECK(
+        speed_kv_cache_seq_import_from(e->kv, s->kv, speed_engine_seq_uncached_(s), n_full, n_compact, buf, size));
     return kv_arrived(e, s);
 }
 

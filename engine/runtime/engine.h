@@ -294,14 +294,14 @@ speed_status_t speed_engine_seq_stats(const speed_engine_t *engine, speed_seq_id
 
 typedef struct {
     uint64_t n_steps;
-    uint64_t n_prefill_tokens; /* prompt rows processed since creation */
-    uint64_t n_decode_tokens;  /* generated rows processed */
-    uint64_t step_ns;          /* total wall time in steps */
-    int n_seqs;                /* alive now */
-    speed_kv_cache_stats_t kv; /* pools: blocks and bytes (kv_cache.h) */
-    size_t scratch_bytes;      /* backend activation scratch + host logits and indices */
-    size_t weight_bytes;       /* mapped model weights (speed_model_n_bytes) */
-    uint64_t n_cached_tokens;  /* prompt positions reused from the prefix cache since creation */
+    uint64_t n_prefill_tokens;         /* prompt rows processed since creation */
+    uint64_t n_decode_tokens;          /* generated rows processed */
+    uint64_t step_ns;                  /* total wall time in steps */
+    int n_seqs;                        /* alive now */
+    speed_kv_cache_stats_t kv;         /* pools: blocks and bytes (kv_cache.h) */
+    size_t scratch_bytes;              /* backend activation scratch + host logits and indices */
+    size_t weight_bytes;               /* mapped model weights (speed_model_n_bytes) */
+    uint64_t n_cached_tokens;          /* prompt positions reused from the prefix cache since creation */
     speed_prefix_cache_stats_t prefix; /* all zero when the cache is off */
 } speed_engine_stats_t;
 

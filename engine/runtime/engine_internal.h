@@ -21,10 +21,11 @@ typedef struct {
     speed_depth_t depth; /* resolved */
     int64_t n_prompt, n_prefilled, n_generated, max_new;
     int64_t a, tail_start;
-    int32_t *prompt; /* [n_prompt + max_new - 1]: the prompt, then the generated tokens appended
-                      * (the prefix cache keys on them); NULL for a reserved sequence */
+    /* [n_prompt + max_new - 1]: the prompt, then the generated tokens appended (the prefix cache
+     * keys on them); NULL for a reserved sequence */
+    int32_t *prompt;
     int64_t n_cached, n_shared_blocks; /* prompt positions reused from the prefix cache */
-    int32_t pending; /* queued token (state DECODE) */
+    int32_t pending;                   /* queued token (state DECODE) */
     speed_kv_seq_t *kv;
     uint64_t t_add_ns, prefill_ns, first_output_ns, decode_ns;
 } engine_seq_t;

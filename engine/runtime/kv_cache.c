@@ -323,11 +323,10 @@ speed_status_t speed_kv_cache_seq_create_shared(speed_kv_cache_t *c, int prefill
     }
     /* A shared block must hold only position-indexed entries in both sequences: a depth below
      * the split puts compact entries into lower-pool layers C..split-1 of the first blocks. */
-    if (n_shared < 0 || (n_shared > 0 && (!src || prefill_layers < c->p.split_layer ||
-                                          src->prefill_layers < c->p.split_layer ||
-                                          n_shared > src->n_table[SPEED_KV_POOL_LOWER] ||
-                                          n_shared * c->p.block_tokens > src->n_full ||
-                                          n_shared * c->p.block_tokens > n_full_max))) {
+    if (n_shared < 0 ||
+        (n_shared > 0 && (!src || prefill_layers < c->p.split_layer || src->prefill_layers < c->p.split_layer ||
+                          n_shared > src->n_table[SPEED_KV_POOL_LOWER] || n_shared * c->p.block_tokens > src->n_full ||
+                          n_shared * c->p.block_tokens > n_full_max))) {
         SPEED_ERROR(SPEED_SUBSYS_KV,
                     "kv cache: cannot share %lld lower blocks (depths %d and %d, split %d, the source stores %lld "
                     "entries)",
@@ -394,9 +393,7 @@ void speed_kv_cache_seq_destroy(speed_kv_cache_t *c, speed_kv_seq_t *s) {
      * block goes back only with its last holder. */
     for (int p = 0; p < SPEED_KV_POOL_COUNT; p++) {
         kv_pool_t *pool = &c->pool[p];
-        for (int64_t i = s->n_table[p] - 1; i >= 0; i--) {
-            block_unref(pool, s->table[p][i]);
-        }
+        for (int64_t i = s->n_table[p] - 1; i >= 0; i--) block_unref(pool, s->table[p][i]);
         SPEED_ASSERT(pool->n_free <= pool->n_blocks);
         speed_free(s->table[p]);
     }
@@ -495,9 +492,9 @@ speed_status_t speed_kv_cache_seq_copy_entries(speed_kv_cache_t *c, speed_kv_seq
         if (run > B - so) run = B - so;
         if (run > B - d_o) run = B - d_o;
         char *d = (char *)kv.k_base + (size_t)dst->table[p][dst_entry / B] * kv.block_stride + (size_t)d_o * slot_bytes;
-        const char *s = (const char *)kv.k_base + (size_t)src->table[p][src_entry / B] * kv.block_stride +
-                        (size_t)so * slot_bytes;
-        SPEED_CHECK(copy_backend(c, d, s, (size_t)run * slot_bytes));                                   /* K */
+        const char *s =
+            (const char *)kv.k_base + (size_t)src->table[p][src_entry / B] * kv.block_stride + (size_t)so * slot_bytes;
+        SPEED_CHECK(copy_backend(c, d, s, (size_t)run * slot_bytes));                             /* K */
         SPEED_CHECK(copy_backend(c, d + kv.v_offset, s + kv.v_offset, (size_t)run * slot_bytes)); /* V */
         src_entry += run;
         dst_entry += run;

@@ -290,8 +290,8 @@ size_t speed_kv_cache_seq_wire_bytes_from(const speed_kv_cache_t *cache, const s
                                           speed_kv_from_t from, int64_t n_full, int64_t n_compact);
 /* speed_kv_cache_seq_export of the units of the stored entries from `from` on.
  * Returns SPEED_OK, SPEED_ERR_INVALID_ARGUMENT (from negative, size), or the backend's status. */
-speed_status_t speed_kv_cache_seq_export_from(speed_kv_cache_t *cache, const speed_kv_seq_t *seq,
-                                              speed_kv_from_t from, void *buf, size_t size);
+speed_status_t speed_kv_cache_seq_export_from(speed_kv_cache_t *cache, const speed_kv_seq_t *seq, speed_kv_from_t from,
+                                              void *buf, size_t size);
 /* speed_kv_cache_seq_import of those units (size must equal speed_kv_cache_seq_wire_bytes_from),
  * then the counts become n_full / n_compact. Returns SPEED_OK; SPEED_ERR_INVALID_ARGUMENT (from
  * outside [0, n], counts past the room, size, a unit in a shared block: nothing written); the

@@ -206,8 +206,7 @@ bool speed_prefix_cache_evict_one(speed_prefix_cache_t *c) {
 }
 
 void speed_prefix_cache_clear(speed_prefix_cache_t *c) {
-    while (speed_prefix_cache_evict_one(c)) {
-    }
+    while (speed_prefix_cache_evict_one(c)) {}
 }
 
 /* ---- insert -------------------------------------------------------------------------------- */
@@ -293,8 +292,7 @@ speed_status_t speed_prefix_cache_insert(speed_prefix_cache_t *c, speed_kv_seq_t
     c->st.n_blocks += e->n_blocks;
     c->st.n_inserted++;
     drop_covered(c, e);
-    while (c->st.n_blocks > c->p.max_blocks && speed_prefix_cache_evict_one(c)) {
-    }
+    while (c->st.n_blocks > c->p.max_blocks && speed_prefix_cache_evict_one(c)) {}
     return SPEED_OK;
 }
 
@@ -357,7 +355,8 @@ bool speed_prefix_cache_lookup(speed_prefix_cache_t *c, const int32_t *tokens, i
     lru_push_newest(c, best);
     c->st.n_hits++;
     c->st.n_hit_tokens += (uint64_t)reuse;
-    *hit_p = (speed_prefix_hit_t){.entry = best, .seq = best->seq, .depth = best->depth, .n_match = match, .n_reuse = reuse};
+    *hit_p =
+        (speed_prefix_hit_t){.entry = best, .seq = best->seq, .depth = best->depth, .n_match = match, .n_reuse = reuse};
     return true;
 }
 

@@ -152,9 +152,9 @@ static void check_all_free(speed_engine_t *e, const char *what) {
 static void test_rule(void) {
     /* docs/prefix-cache.md's example: L = 8, C = 6, A = 1, T = 1; turn 1 prompt of 4 tokens */
     speed_prefix_depth_t t1 = {8, 6, 1, 3}, t2 = {8, 6, 1, 7}; /* turn 2: 8 tokens */
-    CHECK_INT_EQ(speed_prefix_layers_have(&t1, 0), 8);       /* BoS: every layer */
-    CHECK_INT_EQ(speed_prefix_layers_have(&t1, 3), 6);       /* turn 1's tail: below C only */
-    CHECK_INT_EQ(speed_prefix_layers_have(&t1, 5), 6);       /* its answer: below C only */
+    CHECK_INT_EQ(speed_prefix_layers_have(&t1, 0), 8);         /* BoS: every layer */
+    CHECK_INT_EQ(speed_prefix_layers_have(&t1, 3), 6);         /* turn 1's tail: below C only */
+    CHECK_INT_EQ(speed_prefix_layers_have(&t1, 5), 6);         /* its answer: below C only */
     CHECK_INT_EQ(speed_prefix_layers_need(&t2, 0), 8);
     CHECK_INT_EQ(speed_prefix_layers_need(&t2, 3), 6);
     CHECK_INT_EQ(speed_prefix_reusable(&t1, &t2, 6), 6);  /* B p1 p2 p3 g1 g2 */
@@ -718,8 +718,8 @@ static void bench_turn(void) {
     CHECK(g_vocab > 8192 || memcmp(logits[0], logits[1], (size_t)g_vocab * sizeof(float)) == 0);
     printf("turn 2 of %d prompt tokens at C=%d: first output cold %.2f ms (turn 1: %d tokens, %.2f ms), with the "
            "prefix cache %.2f ms (%lld reused, %lld computed): %.1fx\n",
-           n2, d.prefill_layers, st3.first_output_ns / 1e6, n1, st1.first_output_ns / 1e6,
-           st2.first_output_ns / 1e6, (long long)st2.n_cached, (long long)(n2 - st2.n_cached),
+           n2, d.prefill_layers, st3.first_output_ns / 1e6, n1, st1.first_output_ns / 1e6, st2.first_output_ns / 1e6,
+           (long long)st2.n_cached, (long long)(n2 - st2.n_cached),
            st2.first_output_ns ? (double)st3.first_output_ns / (double)st2.first_output_ns : 0.0);
     speed_engine_destroy(e);
     speed_engine_destroy(cold_e);

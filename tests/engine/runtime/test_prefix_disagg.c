@@ -173,8 +173,9 @@ static void conversation(bool via_mirror, bool prefill_cache) {
                   (long long)cached_want);
         /* the prefill engine's entries hold prompts only (max_new_tokens 1): the previous prompt */
         CHECK_INT_EQ(t.n_cached_p, prefill_cache && k > 1 ? prev_n : 0);
-        if (k > 1) CHECK_MSG(t.bytes_shipped * 2 < t.bytes_full, "%s: shipped %zu of %zu", what, t.bytes_shipped,
-                             t.bytes_full);
+        if (k > 1)
+            CHECK_MSG(t.bytes_shipped * 2 < t.bytes_full, "%s: shipped %zu of %zu", what, t.bytes_shipped,
+                      t.bytes_full);
         check_cold(&t, conv, n, depth, what);
         printf("%s: %d prompt tokens, %lld cached on the decode engine, %zu of %zu KV bytes shipped\n", what, n,
                (long long)t.n_cached, t.bytes_shipped, t.bytes_full);
