@@ -28,6 +28,7 @@
 #define N_GEN   6
 
 static speed_backend_t *g_be;
+static int g_block = BLK; /* engines' B (the worked example uses 4) */
 static speed_model_t *g_model;
 static int g_vocab;
 
@@ -63,7 +64,7 @@ static speed_engine_t *make_engine_ex(int split, int64_t n_blocks, int64_t max_b
     p.backend = g_be;
     p.model = g_model;
     p.kv_dtype = SPEED_DTYPE_F32;
-    p.block_tokens = BLK;
+    p.block_tokens = g_block;
     p.prefill_chunk = chunk;
     p.max_step_tokens = chunk > 64 ? chunk : 64;
     p.max_seqs = 4;
@@ -151,14 +152,14 @@ static void check_all_free(speed_engine_t *e, const char *what) {
 
 static void test_rule(void) {
     /* docs/prefix-cache.md's example: L = 8, C = 6, A = 1, T = 1; turn 1 prompt of 4 tokens */
-    speed_prefix_depth_t t1 = {8, 6, 1, 3}, t2 = {8, 6, 1, 7}; /* turn 2: 8 tokens */
+    speed_prefix_depth_t t1 = {8, 6, 1, 3}, t2 = {8, 6, 1, 8}; /* turn 2: 9 tokens */
     CHECK_INT_EQ(speed_prefix_layers_have(&t1, 0), 8);         /* BoS: every layer */
     CHECK_INT_EQ(speed_prefix_layers_have(&t1, 3), 6);         /* turn 1's tail: below C only */
     CHECK_INT_EQ(speed_prefix_layers_have(&t1, 5), 6);         /* its answer: below C only */
     CHECK_INT_EQ(speed_prefix_layers_need(&t2, 0), 8);
     CHECK_INT_EQ(speed_prefix_layers_need(&t2, 3), 6);
     CHECK_INT_EQ(speed_prefix_reusable(&t1, &t2, 6), 6);  /* B p1 p2 p3 g1 g2 */
-    CHECK_INT_EQ(speed_prefix_reusable(&t1, &t2, 20), 7); /* never the new tail */
+    CHECK_INT_EQ(speed_prefix_reusable(&t1, &t2, 20), 8); /* never the new tail */
     speed_prefix_depth_t deeper = {8, 7, 1, 7}, shallower = {8, 4, 1, 7}, more_anchors = {8, 6, 3, 7};
     CHECK_INT_EQ(speed_prefix_reusable(&t1, &deeper, 6), 1);       /* C' > C: the anchor only */
     CHECK_INT_EQ(speed_prefix_reusable(&t1, &shallower, 6), 6);    /* C' < C: all */
@@ -169,6 +170,50 @@ static void test_rule(void) {
     CHECK_INT_EQ(speed_prefix_reusable(&no_shallow, &deeper, 6), 6); /* nothing hidden: like C = L */
     speed_prefix_depth_t other_l = {4, 4, 1, 3};
     CHECK_INT_EQ(speed_prefix_reusable(&other_l, &t2, 6), 0);
+}
+
+/* docs/prefix-cache.md's worked example, run: L = 8, C = 6, A = 1, T = 1, B = 4. Turn 1: [B p1 p2
+ * p3], answer g1 g2 g3 (g3 never fed back). Turn 2: [B p1 p2 p3 g1 g2 g3 u1 u2]: B p1 p2 p3 g1 g2
+ * reused (one block shared, two positions copied), g3 u1 u2 computed. */
+static void test_worked_example(void) {
+    g_block = 4;
+    speed_engine_t *e = make_engine(6, 64, 1000, 64);
+    g_block = BLK;
+    if (!e) return;
+    const speed_depth_t d = {6, 1, 1};
+    et_seq_t t1, t2, cold;
+    memset(&t1, 0, sizeof t1);
+    t1.depth = d;
+    t1.n_prompt = 4;
+    t1.n_gen = 3;
+    et_prompt(t1.prompt, 4, 1, g_vocab);
+    CHECK(et_run(e, &t1, 1) == SPEED_OK);
+    memset(&t2, 0, sizeof t2);
+    t2.depth = d;
+    t2.n_prompt = 9;
+    t2.n_gen = 3;
+    memcpy(t2.prompt, t1.prompt, 4 * sizeof(int32_t));
+    memcpy(t2.prompt + 4, t1.gen, 3 * sizeof(int32_t));
+    t2.prompt[7] = 100; /* u1 */
+    t2.prompt[8] = 101; /* u2 */
+    cold = t2;
+    speed_engine_stats_t before, after;
+    speed_engine_stats(e, &before);
+    CHECK(et_run(e, &t2, 1) == SPEED_OK);
+    speed_engine_stats(e, &after);
+    CHECK_INT_EQ(t2.stats_last.n_cached, 6);
+    CHECK_INT_EQ(t2.stats_last.n_shared_blocks, 1);
+    CHECK_INT_EQ(after.n_prefill_tokens - before.n_prefill_tokens, 3); /* g3 u1 u2 */
+    speed_engine_t *c = make_engine(6, 64, 0, 64);
+    if (c) CHECK(et_run(c, &cold, 1) == SPEED_OK);
+    speed_engine_destroy(c);
+    CHECK(memcmp(t2.gen, cold.gen, sizeof t2.gen) == 0);
+    CHECK(t2.logits && cold.logits && memcmp(t2.logits, cold.logits, (size_t)3 * g_vocab * sizeof(float)) == 0);
+    et_seq_free(&t1);
+    et_seq_free(&t2);
+    et_seq_free(&cold);
+    check_all_free(e, "worked example");
+    speed_engine_destroy(e);
 }
 
 /* ---- hits ---------------------------------------------------------------------------------- */
@@ -739,6 +784,7 @@ int main(int argc, char **argv) {
     g_vocab = g_model->config.vocab_size;
 
     test_rule();
+    test_worked_example();
     test_params();
     test_hits();
     test_turns(6, (speed_depth_t){6, 1, 1}, "turns at C 6 (shared)");
