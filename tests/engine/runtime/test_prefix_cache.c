@@ -508,6 +508,16 @@ static void test_eviction(void) {
     et_seq_free(&cold_a);
     et_seq_free(&cold_z);
 
+    /* a reservation without ids (a disaggregated prefill's) makes room by evicting too */
+    speed_engine_stats(e, &st);
+    CHECK_INT_EQ(st.kv.n_blocks_free[0], 0); /* A's and Z's entries fill the lower pool */
+    uint64_t evicted = st.prefix.n_evicted;
+    speed_seq_id_t rid;
+    CHECK(speed_engine_seq_reserve(e, 24, &d, N_GEN, &rid) == SPEED_OK);
+    speed_engine_stats(e, &st);
+    CHECK(st.prefix.n_evicted > evicted);
+    CHECK(speed_engine_seq_remove(e, rid) == SPEED_OK); /* no ids, no KV: not cached */
+
     /* a request larger than the pools: capacity, after evicting everything; nothing leaks */
     int32_t big[80];
     et_prompt(big, 80, 54, g_vocab);
