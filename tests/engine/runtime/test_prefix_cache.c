@@ -594,6 +594,75 @@ static void test_collisions(void) {
     speed_engine_destroy(e);
 }
 
+/* ---- allocation faults ---------------------------------------------------------------------- */
+
+/* Every host allocation of a hitting seq_add and of a donating seq_remove may fail: the call
+ * fails cleanly (seq_add NO_MEMORY, or succeeds as a miss: a miss is always correct), and no
+ * block or allocation is lost. */
+static void test_faults(void) {
+    const speed_depth_t d = {6, 1, 1};
+    speed_engine_t *e = make_engine(6, 64, 1000, 64);
+    if (!e) return;
+    int32_t px[32];
+    et_prompt(px, 24, 111, g_vocab);
+    et_seq_t s;
+    run1(e, &s, px, 24, d);
+    et_seq_free(&s);
+    speed_engine_stats_t st0, st;
+    speed_engine_stats(e, &st0);
+    int n_failed = 0;
+    bool done = false;
+    for (int fail = 0; fail < 60 && !done; fail++) {
+        int64_t live = speed_alloc_live_count();
+        speed_seq_id_t id = -1;
+        speed_alloc_fail_after(fail, 0);
+        speed_status_t rc = speed_engine_seq_add(e, px, 24, &d, N_GEN, &id);
+        int64_t injected = speed_alloc_injected_failures();
+        speed_alloc_fail_after(-1, 0);
+        CHECK(rc == SPEED_OK || rc == SPEED_ERR_NO_MEMORY);
+        if (rc == SPEED_OK) {
+            speed_engine_seq_stats_t ss;
+            speed_engine_seq_stats(e, id, &ss);
+            CHECK(ss.n_cached == 23 || (injected > 0 && ss.n_cached == 0));
+            done = injected == 0;
+            CHECK(speed_engine_seq_remove(e, id) == SPEED_OK); /* still prefilling: freed, not cached */
+        } else {
+            n_failed++;
+        }
+        speed_engine_stats(e, &st);
+        CHECK_INT_EQ(st.kv.n_blocks_free[0], st0.kv.n_blocks_free[0]);
+        CHECK_INT_EQ(st.kv.n_blocks_free[1], st0.kv.n_blocks_free[1]);
+        CHECK_INT_EQ(st.prefix.n_entries, 1);
+        CHECK_INT_EQ(speed_alloc_live_count(), live);
+    }
+    CHECK(done && n_failed >= 1);
+    /* donation: the entry's allocations fail, the sequence's blocks go back */
+    done = false;
+    for (int fail = 0; fail < 20 && !done; fail++) {
+        speed_seq_id_t id;
+        int32_t py[32];
+        et_prompt(py, 24, 112 + (uint64_t)fail, g_vocab);
+        CHECK(speed_engine_seq_add(e, py, 24, &d, 2, &id) == SPEED_OK);
+        speed_engine_step_result_t r;
+        do CHECK(speed_engine_step(e, &r) == SPEED_OK);
+        while (r.n_outputs == 0);
+        speed_engine_stats(e, &st0);
+        speed_alloc_fail_after(fail, 0);
+        CHECK(speed_engine_seq_remove(e, id) == SPEED_OK);
+        int64_t injected = speed_alloc_injected_failures();
+        speed_alloc_fail_after(-1, 0);
+        speed_engine_stats(e, &st);
+        done = injected == 0;
+        CHECK_INT_EQ(st.prefix.n_entries, st0.prefix.n_entries + (injected ? 0 : 1));
+    }
+    CHECK(done);
+    int64_t live_before_clear = speed_alloc_live_count();
+    speed_engine_stats(e, &st);
+    check_all_free(e, "faults");
+    CHECK(speed_alloc_live_count() < live_before_clear); /* the entries' memory went with them */
+    speed_engine_destroy(e);
+}
+
 /* ---- cache events (KV-aware routing) ------------------------------------------------------- */
 
 typedef struct {
@@ -806,6 +875,7 @@ int main(int argc, char **argv) {
     test_eviction();
     test_collisions();
     test_events();
+    test_faults();
     bench_turn();
 
     speed_model_destroy(g_model);
