@@ -25,6 +25,7 @@ typedef struct {
      * keys on them); NULL for a reserved sequence */
     int32_t *prompt;
     int64_t n_cached, n_shared_blocks; /* prompt positions reused from the prefix cache */
+    bool published;                    /* its prompt's full blocks went to the prefix cache while running */
     int32_t pending;                   /* queued token (state DECODE) */
     speed_kv_seq_t *kv;
     uint64_t t_add_ns, prefill_ns, first_output_ns, decode_ns;

@@ -53,10 +53,50 @@ static speed_status_t copy_hit(speed_engine_t *e, engine_seq_t *s, const speed_p
     return SPEED_OK;
 }
 
+/* A running sequence's prompt, its full blocks only, as a cache entry that shares them (no copy:
+ * the sequence never writes them again, it writes from position n_prompt on, in later blocks)
+ * plus a copy of its anchors' upper-layer entries. Only at a depth >= the split (else its
+ * lower-pool blocks hold compact entries it still writes) and with shallow tokens (else its
+ * upper layers would all have to be copied). Best effort: no eviction for it, and a failure
+ * just leaves it out (logged by the callee). */
+static void publish(speed_engine_t *e, engine_seq_t *s) {
+    const int split = speed_kv_cache_split_layer(e->kv), B = speed_kv_cache_block_tokens(e->kv);
+    const int64_t k = s->n_prompt / B, n = k * B;
+    if (s->depth.prefill_layers < split || s->a == s->tail_start || k == 0) return;
+    /* an entry serving all of it already (this sequence was a hit of it, or a twin) */
+    speed_prefix_depth_t probe = prefix_depth(e, s);
+    probe.tail_start = n;
+    if (speed_prefix_cache_peek(e->prefix, s->prompt, n, &probe) == n) return;
+    engine_seq_t entry = {.depth = s->depth, .n_prompt = n, .a = s->a < n ? s->a : n, .tail_start = s->tail_start};
+    speed_prefix_hit_t src = {.seq = s->kv, .depth = prefix_depth(e, s), .n_reuse = n};
+    if (speed_kv_cache_seq_create_shared(e->kv, s->depth.prefill_layers, n, entry.a, s->kv, k, &entry.kv) != SPEED_OK)
+        return;
+    if (copy_hit(e, &entry, &src, k) != SPEED_OK ||
+        speed_kv_cache_seq_set_entries(e->kv, entry.kv, n, entry.a) != SPEED_OK) {
+        speed_kv_cache_seq_destroy(e->kv, entry.kv);
+        return;
+    }
+    speed_prefix_depth_t d = prefix_depth(e, &entry);
+    (void)speed_prefix_cache_insert(e->prefix, entry.kv, s->prompt, n, &d); /* owns entry.kv now */
+}
+
+/* Publishes the prompts of the sequences whose prefill finished since the last call: a request
+ * sharing a system prompt with a running one hits it. Called where allocation is allowed (seq
+ * add), not in the step. */
+static void publish_running(speed_engine_t *e) {
+    for (int i = 0; i < e->n_seqs; i++) {
+        engine_seq_t *s = &e->seqs[e->order[i]];
+        if (s->published || !s->prompt || (s->state != SPEED_SEQ_AWAIT_TOKEN && s->state != SPEED_SEQ_DECODE)) continue;
+        s->published = true;
+        publish(e, s);
+    }
+}
+
 speed_status_t speed_engine_kv_reserve_(speed_engine_t *e, engine_seq_t *s, const int32_t *ids, int64_t n_full,
                                         int64_t n_compact) {
     speed_prefix_hit_t hit = {0};
     speed_prefix_depth_t mine = prefix_depth(e, s);
+    if (e->prefix && ids) publish_running(e);
     if (!e->prefix || !ids || !speed_prefix_cache_lookup(e->prefix, ids, s->n_prompt, &mine, &hit))
         return reserve_evicting(e, s, n_full, n_compact, NULL, 0);
 

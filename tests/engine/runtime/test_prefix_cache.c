@@ -594,6 +594,71 @@ static void test_collisions(void) {
     speed_engine_destroy(e);
 }
 
+/* ---- running sequences publish their prompt ----------------------------------------------- */
+
+/* Two conversations with the same 40-token system prompt: the second arrives while the first is
+ * still decoding, and reuses the first's prompt blocks (shared, not copied). Both exact. When the
+ * first finishes, its full entry replaces the published one. */
+static void test_publish(void) {
+    const speed_depth_t d = {6, 1, 1};
+    speed_engine_t *e = make_engine(6, 64, 1000, 64);
+    if (!e) return;
+    et_seq_t two[2], cold[2];
+    memset(two, 0, sizeof two);
+    for (int i = 0; i < 2; i++) {
+        two[i].depth = d;
+        two[i].n_prompt = 46;
+        two[i].n_gen = N_GEN;
+        et_prompt(two[i].prompt, 46, 121 + (uint64_t)i, g_vocab);               /* its own question: 6 tokens */
+        if (i == 1) memcpy(two[1].prompt, two[0].prompt, 40 * sizeof(int32_t)); /* the system prompt */
+        two[i].logits = calloc((size_t)N_GEN * g_vocab, sizeof(float));
+    }
+    speed_seq_id_t id0, id1;
+    speed_engine_step_result_t r;
+    CHECK(speed_engine_seq_add(e, two[0].prompt, 46, &d, N_GEN, &id0) == SPEED_OK);
+    do CHECK(speed_engine_step(e, &r) == SPEED_OK);
+    while (r.n_outputs == 0);
+    memcpy(two[0].logits, r.outputs[0].logits, (size_t)g_vocab * sizeof(float));
+    two[0].gen[0] = et_argmax(r.outputs[0].logits, g_vocab);
+    int out0 = 1, out1 = 0;
+    CHECK(speed_engine_seq_append(e, id0, two[0].gen[0]) == SPEED_OK);
+    CHECK(speed_engine_seq_add(e, two[1].prompt, 46, &d, N_GEN, &id1) == SPEED_OK); /* conversation 0 runs */
+    speed_engine_seq_stats_t ss;
+    CHECK(speed_engine_seq_stats(e, id1, &ss) == SPEED_OK);
+    CHECK_INT_EQ(ss.n_cached, 40);
+    CHECK_INT_EQ(ss.n_shared_blocks, 5);
+    while (out0 < N_GEN || out1 < N_GEN) {
+        CHECK(speed_engine_step(e, &r) == SPEED_OK);
+        if (r.n_seqs == 0) break;
+        for (int o = 0; o < r.n_outputs; o++) {
+            bool first = r.outputs[o].seq == id0;
+            et_seq_t *t = first ? &two[0] : &two[1];
+            int *k = first ? &out0 : &out1;
+            memcpy(t->logits + (size_t)*k * g_vocab, r.outputs[o].logits, (size_t)g_vocab * sizeof(float));
+            t->gen[*k] = et_argmax(r.outputs[o].logits, g_vocab);
+            (*k)++;
+            if (*k < N_GEN) CHECK(speed_engine_seq_append(e, r.outputs[o].seq, t->gen[*k - 1]) == SPEED_OK);
+        }
+    }
+    two[0].n_out = out0;
+    two[1].n_out = out1;
+    speed_engine_stats_t st;
+    speed_engine_stats(e, &st);
+    CHECK_INT_EQ(st.prefix.n_entries, 1); /* the published prompt */
+    CHECK(speed_engine_seq_remove(e, id0) == SPEED_OK);
+    speed_engine_stats(e, &st);
+    CHECK_INT_EQ(st.prefix.n_replaced, 1); /* conversation 0's full entry covers its published prompt */
+    CHECK(speed_engine_seq_remove(e, id1) == SPEED_OK);
+    for (int i = 0; i < 2; i++) {
+        run_cold(6, &cold[i], two[i].prompt, 46, d);
+        check_exact(&two[i], &cold[i], i == 0 ? "publish: the running one" : "publish: the one reusing it");
+        et_seq_free(&cold[i]);
+        et_seq_free(&two[i]);
+    }
+    check_all_free(e, "publish");
+    speed_engine_destroy(e);
+}
+
 /* ---- allocation faults ---------------------------------------------------------------------- */
 
 /* Every host allocation of a hitting seq_add and of a donating seq_remove may fail: the call
@@ -875,6 +940,7 @@ int main(int argc, char **argv) {
     test_eviction();
     test_collisions();
     test_events();
+    test_publish();
     test_faults();
     bench_turn();
 
