@@ -125,8 +125,9 @@ typedef struct {
      * sequence added with speed_engine_seq_add that finished its prefill leaves its KV in the
      * cache when it is removed, and a later seq_add whose prompt starts with the same tokens
      * reuses what the SPEED rule allows and prefills only the rest (the "decode-local prefill").
-     * Entries are evicted least recently used past max_blocks, and whenever a reservation lacks
-     * free blocks. Off by default. With a layer callback (a prefill node) the callback reports
+     * A running sequence's prompt (its full blocks) is published at the next seq_add already, so
+     * concurrent requests with one system prompt share it. Entries are evicted least recently
+     * used past max_blocks, and whenever a reservation lacks free blocks. Off by default. With a layer callback (a prefill node) the callback reports
      * only the computed positions: leave the cache off there. */
     speed_prefix_cache_params_t prefix_cache;
 } speed_engine_params_t;
