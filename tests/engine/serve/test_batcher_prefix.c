@@ -1,7 +1,8 @@
 /* The batcher over an engine with the prefix cache on (engine.prefix_cache, docs/prefix-cache.md):
  * a conversation's second turn, submitted as a whole prompt (turn 1 + its answer + a new
  * message), reuses turn 1's KV (usage.n_cached, the batcher's counters) and streams the same
- * tokens as a plain engine computing it from scratch. */
+ * tokens as a plain engine computing it from scratch; a third turn reserved with its ids
+ * (speed_batcher_reserve_ids) needs only the units past the cached positions. */
 #include <pthread.h>
 
 #include "batcher.h"
@@ -100,6 +101,25 @@ int main(void) {
     CHECK_INT_EQ(st.n_cached_tokens, NP + NG - 1);
     CHECK_INT_EQ(st.prefix.n_hits, 1);
     CHECK(st.prefix.n_entries >= 1);
+
+    /* turn 3 reserved for a disaggregated prefill: with its ids, only the units past turn 2's
+     * cached prompt and answer must arrive */
+    int32_t conv3[NP + 2 * (NG + NM)];
+    const int n2 = NP + NG + NM, n3 = n2 + NG + NM;
+    memcpy(conv3, conv, sizeof conv);
+    memcpy(conv3 + n2, t2.ids, sizeof t2.ids);
+    et_prompt(conv3 + n2 + NG, NM, 9, vocab);
+    speed_batch_reservation_t r3, rfull;
+    CHECK_INT_EQ(speed_batcher_reserve_ids(b, "turn-3", conv3, n3, NG, NULL, &r3), SPEED_OK);
+    CHECK_INT_EQ(r3.n_cached, n2 + NG - 1);
+    CHECK_INT_EQ(speed_batcher_reserve(b, "turn-3-full", n3, NG, NULL, &rfull), SPEED_OK);
+    CHECK_INT_EQ(rfull.n_cached, 0);
+    CHECK_MSG(r3.kv_bytes * 2 <= rfull.kv_bytes, "%zu of %zu bytes", r3.kv_bytes, rfull.kv_bytes);
+    CHECK_INT_EQ(speed_batcher_cancel(b, "turn-3"), SPEED_OK);
+    CHECK_INT_EQ(speed_batcher_cancel(b, "turn-3-full"), SPEED_OK);
+    int32_t bad[3] = {1, 2, 1 << 30};
+    CHECK_INT_EQ(speed_batcher_reserve_ids(b, "bad", bad, 3, NG, NULL, &r3), SPEED_ERR_INVALID_ARGUMENT);
+    CHECK_INT_EQ(speed_batcher_reserve_ids(b, "null", NULL, 3, NG, NULL, &r3), SPEED_ERR_INVALID_ARGUMENT);
     speed_batcher_destroy(b);
 
     /* the same turn 2 from scratch in a plain engine */
