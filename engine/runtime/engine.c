@@ -16,6 +16,7 @@ speed_engine_params_t speed_engine_default_params(void) {
         .prefill_chunk = 512,
         .depth = speed_depth_default(),
         .tp_size = 1,
+        .prefix_cache = speed_prefix_cache_default_params(),
     };
 }
 
@@ -36,6 +37,20 @@ static speed_status_t depth_resolve(const speed_depth_t *in, int n_layers, int m
     }
     *out = d;
     return SPEED_OK;
+}
+
+speed_kv_from_t speed_engine_seq_uncached_(const engine_seq_t *s) {
+    /* a hit never covers the tail: the compact space holds the cached anchors only */
+    return (speed_kv_from_t){s->n_cached, s->n_cached < s->a ? s->n_cached : s->a};
+}
+
+void speed_engine_seq_classes_(engine_seq_t *s) {
+    s->a = s->depth.anchors < s->n_prompt ? s->depth.anchors : s->n_prompt;
+    s->tail_start = s->n_prompt - s->depth.tail > s->a ? s->n_prompt - s->depth.tail : s->a;
+}
+
+speed_status_t speed_engine_depth_resolve_(const speed_engine_t *e, const speed_depth_t *in, speed_depth_t *out) {
+    return depth_resolve(in ? in : &e->p.depth, e->n_layers, e->max_context, out);
 }
 
 static int model_context(const speed_model_t *m, int max_context) {
@@ -440,6 +455,8 @@ speed_status_t speed_engine_create(const speed_engine_params_t *params, speed_en
     kp.n_blocks[SPEED_KV_POOL_UPPER] = e->p.n_blocks_upper;
     kp.host_mirror = e->p.kv_host_mirror;
     SPEED_CHECK_GOTO(speed_kv_cache_create(&kp, &e->kv), st, fail);
+    if (e->p.prefix_cache.max_blocks != 0)
+        SPEED_CHECK_GOTO(speed_prefix_cache_create(&e->p.prefix_cache, e->kv, &e->prefix), st, fail);
     SPEED_DEBUG(SPEED_SUBSYS_ENGINE,
                 "engine: %s x %d rank(s), depth C=%d A=%d T=%d, %d sequences, %d rows/step, chunk %d, scratch %zu + "
                 "%zu host bytes",
@@ -469,6 +486,7 @@ void speed_engine_destroy(speed_engine_t *e) {
             speed_free(e->seqs[i].prompt);
         }
     }
+    speed_prefix_cache_destroy(e->prefix);
     speed_kv_cache_destroy(e->kv);
     for (int r = 0; e->ranks && r < e->n_ranks; r++) rank_free(&e->ranks[r]);
     speed_free(e->ranks);
@@ -517,7 +535,7 @@ static engine_seq_t *find_logged(const speed_engine_t *e, speed_seq_id_t id) {
 }
 
 /* Common part of seq_add and seq_reserve: checks, KV reservation, slot. */
-static speed_status_t seq_new(speed_engine_t *e, int64_t n_prompt, const speed_depth_t *depth_in,
+static speed_status_t seq_new(speed_engine_t *e, const int32_t *ids, int64_t n_prompt, const speed_depth_t *depth_in,
                               int64_t max_new_tokens, engine_seq_t **seq_p) {
     if (n_prompt < 1) {
         SPEED_ERROR(SPEED_SUBSYS_ENGINE, "engine: empty prompt (%lld tokens)", (long long)n_prompt);
@@ -543,21 +561,22 @@ static speed_status_t seq_new(speed_engine_t *e, int64_t n_prompt, const speed_d
     while (e->seqs[slot].used) slot++;
     engine_seq_t *s = &e->seqs[slot];
     memset(s, 0, sizeof *s);
+    s->depth = depth;
+    s->n_prompt = n_prompt;
+    s->max_new = max_new_tokens;
+    speed_engine_seq_classes_(s);
+    s->t_add_ns = speed_clock_mono_ns();
     int64_t n_full, n_compact;
     speed_kv_entries_for(n_prompt, depth.anchors, depth.tail, max_new_tokens - 1, &n_full, &n_compact);
-    speed_status_t st = speed_kv_cache_seq_create(e->kv, depth.prefill_layers, n_full, n_compact, &s->kv);
+    /* a prefix cache hit fills the first positions and moves n_prefilled past them */
+    speed_status_t st = speed_engine_kv_reserve_(e, s, ids, n_full, n_compact);
     if (st != SPEED_OK) {
         if (st == SPEED_ERR_CAPACITY)
             SPEED_DEBUG(SPEED_SUBSYS_ENGINE, "engine: no KV room for %lld + %lld tokens", (long long)n_prompt,
                         (long long)max_new_tokens);
+        memset(s, 0, sizeof *s);
         return st;
     }
-    s->depth = depth;
-    s->n_prompt = n_prompt;
-    s->max_new = max_new_tokens;
-    s->a = depth.anchors < n_prompt ? depth.anchors : n_prompt;
-    s->tail_start = n_prompt - depth.tail > s->a ? n_prompt - depth.tail : s->a;
-    s->t_add_ns = speed_clock_mono_ns();
     *seq_p = s;
     return SPEED_OK;
 }
@@ -569,10 +588,12 @@ static void seq_commit(speed_engine_t *e, engine_seq_t *s, speed_seq_id_t *seq_p
     *seq_p = s->id;
 }
 
-speed_status_t speed_engine_seq_add(speed_engine_t *e, const int32_t *ids, int64_t n_prompt, const speed_depth_t *depth,
-                                    int64_t max_new_tokens, speed_seq_id_t *seq_p) {
+/* seq_add, or (await_kv) seq_reserve_cached: a sequence with its prompt ids. */
+static speed_status_t seq_add_ids(speed_engine_t *e, const int32_t *ids, int64_t n_prompt, const speed_depth_t *depth,
+                                  int64_t max_new_tokens, bool await_kv, speed_seq_id_t *seq_p) {
     if (!e || !seq_p || (!ids && n_prompt > 0)) {
-        SPEED_ERROR(SPEED_SUBSYS_ENGINE, "engine: seq_add without engine, ids or output pointer");
+        SPEED_ERROR(SPEED_SUBSYS_ENGINE, "engine: %s without engine, ids or output pointer",
+                    await_kv ? "seq_reserve_cached" : "seq_add");
         return SPEED_ERR_INVALID_ARGUMENT;
     }
     for (int64_t i = 0; i < n_prompt; i++) {
@@ -583,8 +604,9 @@ speed_status_t speed_engine_seq_add(speed_engine_t *e, const int32_t *ids, int64
         }
     }
     engine_seq_t *s;
-    SPEED_CHECK(seq_new(e, n_prompt, depth, max_new_tokens, &s));
-    s->prompt = speed_malloc((size_t)n_prompt * sizeof(int32_t));
+    SPEED_CHECK(seq_new(e, ids, n_prompt, depth, max_new_tokens, &s));
+    /* room for the generated tokens fed back too: a finished sequence's prefix cache key */
+    s->prompt = speed_malloc((size_t)(n_prompt + max_new_tokens - 1) * sizeof(int32_t));
     if (!s->prompt) {
         speed_kv_cache_seq_destroy(e->kv, s->kv);
         s->kv = NULL;
@@ -592,9 +614,20 @@ speed_status_t speed_engine_seq_add(speed_engine_t *e, const int32_t *ids, int64
         return SPEED_ERR_NO_MEMORY;
     }
     memcpy(s->prompt, ids, (size_t)n_prompt * sizeof(int32_t));
-    s->state = SPEED_SEQ_PREFILL;
+    s->state = await_kv ? SPEED_SEQ_AWAIT_KV : SPEED_SEQ_PREFILL;
     seq_commit(e, s, seq_p);
     return SPEED_OK;
+}
+
+speed_status_t speed_engine_seq_add(speed_engine_t *e, const int32_t *ids, int64_t n_prompt, const speed_depth_t *depth,
+                                    int64_t max_new_tokens, speed_seq_id_t *seq_p) {
+    return seq_add_ids(e, ids, n_prompt, depth, max_new_tokens, false, seq_p);
+}
+
+speed_status_t speed_engine_seq_reserve_cached(speed_engine_t *e, const int32_t *ids, int64_t n_prompt,
+                                               const speed_depth_t *depth, int64_t max_new_tokens,
+                                               speed_seq_id_t *seq_p) {
+    return seq_add_ids(e, ids, n_prompt, depth, max_new_tokens, true, seq_p);
 }
 
 speed_status_t speed_engine_seq_reserve(speed_engine_t *e, int64_t n_prompt, const speed_depth_t *depth,
@@ -604,7 +637,7 @@ speed_status_t speed_engine_seq_reserve(speed_engine_t *e, int64_t n_prompt, con
         return SPEED_ERR_INVALID_ARGUMENT;
     }
     engine_seq_t *s;
-    SPEED_CHECK(seq_new(e, n_prompt, depth, max_new_tokens, &s));
+    SPEED_CHECK(seq_new(e, NULL, n_prompt, depth, max_new_tokens, &s));
     s->state = SPEED_SEQ_AWAIT_KV;
     seq_commit(e, s, seq_p);
     return SPEED_OK;
@@ -632,6 +665,7 @@ speed_status_t speed_engine_seq_append(speed_engine_t *e, speed_seq_id_t id, int
         return SPEED_ERR_TOO_LONG;
     }
     s->pending = token;
+    if (s->prompt) s->prompt[s->n_prompt + s->n_generated] = token; /* its position once processed */
     s->state = SPEED_SEQ_DECODE;
     return SPEED_OK;
 }
@@ -640,7 +674,7 @@ speed_status_t speed_engine_seq_remove(speed_engine_t *e, speed_seq_id_t id) {
     engine_seq_t *s = find_logged(e, id);
     if (!s) return SPEED_ERR_NOT_FOUND;
     int slot = (int)(s - e->seqs);
-    speed_kv_cache_seq_destroy(e->kv, s->kv);
+    speed_engine_kv_release_(e, s); /* to the prefix cache, or freed */
     speed_free(s->prompt);
     memset(s, 0, sizeof *s);
     int j = 0;
@@ -668,6 +702,8 @@ speed_status_t speed_engine_seq_stats(const speed_engine_t *e, speed_seq_id_t id
     st->n_prefilled = s->n_prefilled;
     st->n_generated = s->n_generated;
     st->max_new_tokens = s->max_new;
+    st->n_cached = s->n_cached;
+    st->n_shared_blocks = s->n_shared_blocks;
     speed_kv_usage_t u;
     speed_kv_cache_seq_usage(e->kv, s->kv, &u);
     st->kv_bytes_used = u.bytes_used[0] + u.bytes_used[1];
@@ -690,6 +726,8 @@ void speed_engine_stats(const speed_engine_t *e, speed_engine_stats_t *st) {
     speed_kv_cache_stats(e->kv, &st->kv);
     st->scratch_bytes = engine_scratch_bytes(e) + e->host_scratch_bytes;
     st->weight_bytes = speed_model_n_bytes(e->model);
+    st->n_cached_tokens = e->n_cached_tokens;
+    if (e->prefix) speed_prefix_cache_stats(e->prefix, &st->prefix);
 }
 
 /* ---- KV transfer ----------------------------------------------------------------------------- */
@@ -698,12 +736,13 @@ speed_status_t speed_engine_seq_kv_size(const speed_engine_t *e, speed_seq_id_t 
     const engine_seq_t *s = find_logged(e, id);
     if (!s) return SPEED_ERR_NOT_FOUND;
     int64_t n_full, n_compact;
-    if (s->state == SPEED_SEQ_AWAIT_KV) { /* what import expects */
+    if (s->state == SPEED_SEQ_AWAIT_KV) { /* what import expects: the entries not cached */
         speed_kv_entries_for(s->n_prompt, s->depth.anchors, s->depth.tail, 0, &n_full, &n_compact);
-    } else {
-        n_full = speed_kv_seq_entries(s->kv, 0);
-        n_compact = speed_kv_seq_entries(s->kv, e->n_layers - 1); /* = n_full when C = L: unused */
+        *bytes_p = speed_kv_cache_seq_wire_bytes_from(e->kv, s->kv, speed_engine_seq_uncached_(s), n_full, n_compact);
+        return SPEED_OK;
     }
+    n_full = speed_kv_seq_entries(s->kv, 0);
+    n_compact = speed_kv_seq_entries(s->kv, e->n_layers - 1); /* = n_full when C = L: unused */
     *bytes_p = speed_kv_cache_seq_wire_bytes(e->kv, s->kv, n_full, n_compact);
     return SPEED_OK;
 }
@@ -735,7 +774,8 @@ speed_status_t speed_engine_seq_kv_import(speed_engine_t *e, speed_seq_id_t id, 
     }
     int64_t n_full, n_compact;
     speed_kv_entries_for(s->n_prompt, s->depth.anchors, s->depth.tail, 0, &n_full, &n_compact);
-    SPEED_CHECK(speed_kv_cache_seq_import(e->kv, s->kv, n_full, n_compact, buf, size));
+    SPEED_CHECK(
+        speed_kv_cache_seq_import_from(e->kv, s->kv, speed_engine_seq_uncached_(s), n_full, n_compact, buf, size));
     return kv_arrived(e, s);
 }
 
@@ -749,7 +789,8 @@ speed_status_t speed_engine_seq_kv_ready(speed_engine_t *e, speed_seq_id_t id) {
     int64_t n_full, n_compact;
     speed_kv_entries_for(s->n_prompt, s->depth.anchors, s->depth.tail, 0, &n_full, &n_compact);
     /* the transfer wrote the mirror (pinned host memory), not the pool */
-    if (speed_kv_cache_host_mirror(e->kv)) SPEED_CHECK(speed_kv_cache_stage_in(e->kv, s->kv, n_full, n_compact));
+    if (speed_kv_cache_host_mirror(e->kv))
+        SPEED_CHECK(speed_kv_cache_stage_in_from(e->kv, s->kv, speed_engine_seq_uncached_(s), n_full, n_compact));
     SPEED_CHECK(speed_kv_cache_seq_set_entries(e->kv, s->kv, n_full, n_compact));
     return kv_arrived(e, s);
 }

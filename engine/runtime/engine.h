@@ -62,6 +62,7 @@
 #include "dtype.h"
 #include "kv_cache.h"
 #include "model.h"
+#include "prefix_cache.h"
 #include "status.h"
 
 /* Identifies a sequence of one engine; ids are never reused by that engine. */
@@ -120,6 +121,15 @@ typedef struct {
      * step downloads k values, k ids and one log-sum-exp per output instead of vocab floats
      * (docs/gpu.md). 0 (the default): full logits. 1 .. min(vocab, SPEED_TOPK_MAX). */
     int output_topk;
+    /* Prefix cache (prefix_cache.h, docs/prefix-cache.md): with prefix_cache.max_blocks > 0, a
+     * sequence added with speed_engine_seq_add that finished its prefill leaves its KV in the
+     * cache when it is removed, and a later seq_add whose prompt starts with the same tokens
+     * reuses what the SPEED rule allows and prefills only the rest (the "decode-local prefill").
+     * A running sequence's prompt (its full blocks) is published at the next seq_add already, so
+     * concurrent requests with one system prompt share it. Entries are evicted least recently
+     * used past max_blocks, and whenever a reservation lacks free blocks. Off by default. With a layer callback (a prefill node) the callback reports
+     * only the computed positions: leave the cache off there. */
+    speed_prefix_cache_params_t prefix_cache;
 } speed_engine_params_t;
 
 #define SPEED_ENGINE_TP_MAX 64
@@ -163,6 +173,10 @@ int speed_engine_n_vocab(const speed_engine_t *engine);
 /* Adds a sequence: copies the prompt, checks it, reserves its KV for n_prompt + max_new_tokens
  * - 1 entries (the last sampled token is never fed back), so decoding can never run out of
  * blocks. The sequence prefills from the next step. depth NULL = the engine's default.
+ * With the prefix cache on (params.prefix_cache), the longest cached prefix the SPEED rule lets
+ * this sequence reuse fills its first positions (speed_engine_seq_stats: n_cached), exactly as
+ * computing them would, and the prefill computes only the rest; when the pools lack blocks,
+ * cache entries are evicted (least recently used first) before SPEED_ERR_CAPACITY.
  * Returns:
  *   SPEED_OK                    *seq_p = the new id
  *   SPEED_ERR_INVALID_ARGUMENT  ids NULL, n_prompt < 1, an id outside [0, vocab),
@@ -184,6 +198,19 @@ speed_status_t speed_engine_seq_add(speed_engine_t *engine, const int32_t *ids, 
 speed_status_t speed_engine_seq_reserve(speed_engine_t *engine, int64_t n_prompt, const speed_depth_t *depth,
                                         int64_t max_new_tokens, speed_seq_id_t *seq_p);
 
+/* Decode side of a disaggregated prefill with the prefix cache (docs/prefix-cache.md): like
+ * speed_engine_seq_reserve, but with the prompt's ids, so that a prefix cache hit fills the
+ * first n_cached positions (speed_engine_seq_stats; 0 on a miss) and only the rest must arrive:
+ * speed_engine_seq_kv_size / _kv_import / the block addresses then cover the units from the
+ * block holding the first entry not cached in each layer (kv_cache.h, speed_kv_from_t), and
+ * speed_engine_seq_kv_ready stages only those. The sender (speed_engine_seq_kv_export_from with
+ * n_skip = n_cached) must hold the cached positions too: the first unit of a layer carries them.
+ * The sequence is cached when removed, like one added with speed_engine_seq_add. Same checks
+ * and returns as speed_engine_seq_add (ids validated). */
+speed_status_t speed_engine_seq_reserve_cached(speed_engine_t *engine, const int32_t *ids, int64_t n_prompt,
+                                               const speed_depth_t *depth, int64_t max_new_tokens,
+                                               speed_seq_id_t *seq_p);
+
 /* Queues the token sampled from the sequence's last logits; the next step processes it.
  * Returns SPEED_OK; SPEED_ERR_NOT_FOUND (no such sequence); SPEED_ERR_INVALID_ARGUMENT (id
  * outside the vocabulary, or the sequence is still prefilling / awaiting KV / already has a
@@ -192,7 +219,9 @@ speed_status_t speed_engine_seq_reserve(speed_engine_t *engine, int64_t n_prompt
 speed_status_t speed_engine_seq_append(speed_engine_t *engine, speed_seq_id_t seq, int32_t token);
 
 /* Frees the sequence and its KV blocks; valid in any state. Outputs of the last step for it
- * stay readable until the next step. Returns SPEED_OK or SPEED_ERR_NOT_FOUND. */
+ * stay readable until the next step. With the prefix cache on, a sequence added with
+ * speed_engine_seq_add whose prefill is done leaves its KV (prompt and generated tokens
+ * processed) in the cache instead. Returns SPEED_OK or SPEED_ERR_NOT_FOUND. */
 speed_status_t speed_engine_seq_remove(speed_engine_t *engine, speed_seq_id_t seq);
 
 /* One output of a step: the logits following the sequence's last processed token — all of
@@ -246,6 +275,8 @@ typedef struct {
     int64_t n_prefilled; /* prompt tokens processed so far */
     int64_t n_generated; /* appended tokens processed (stored in the KV) */
     int64_t max_new_tokens;
+    int64_t n_cached;        /* prompt positions reused from the prefix cache (not computed) */
+    int64_t n_shared_blocks; /* of them, lower-pool blocks shared rather than copied */
     /* KV bytes (cache dtype), exact: */
     size_t kv_bytes_used;       /* entries stored, both pools: for a finished prefill this is
                                    * speed_kv_bytes_for_prompt(C, A, T, n_prompt) + the
@@ -264,16 +295,31 @@ speed_status_t speed_engine_seq_stats(const speed_engine_t *engine, speed_seq_id
 
 typedef struct {
     uint64_t n_steps;
-    uint64_t n_prefill_tokens; /* prompt rows processed since creation */
-    uint64_t n_decode_tokens;  /* generated rows processed */
-    uint64_t step_ns;          /* total wall time in steps */
-    int n_seqs;                /* alive now */
-    speed_kv_cache_stats_t kv; /* pools: blocks and bytes (kv_cache.h) */
-    size_t scratch_bytes;      /* backend activation scratch + host logits and indices */
-    size_t weight_bytes;       /* mapped model weights (speed_model_n_bytes) */
+    uint64_t n_prefill_tokens;         /* prompt rows processed since creation */
+    uint64_t n_decode_tokens;          /* generated rows processed */
+    uint64_t step_ns;                  /* total wall time in steps */
+    int n_seqs;                        /* alive now */
+    speed_kv_cache_stats_t kv;         /* pools: blocks and bytes (kv_cache.h) */
+    size_t scratch_bytes;              /* backend activation scratch + host logits and indices */
+    size_t weight_bytes;               /* mapped model weights (speed_model_n_bytes) */
+    uint64_t n_cached_tokens;          /* prompt positions reused from the prefix cache since creation */
+    speed_prefix_cache_stats_t prefix; /* all zero when the cache is off */
 } speed_engine_stats_t;
 
 void speed_engine_stats(const speed_engine_t *engine, speed_engine_stats_t *stats_p);
+
+/* The prompt positions speed_engine_seq_add would reuse from the prefix cache right now for
+ * this prompt and depth (NULL = the default), without changing anything (no pin, no LRU touch,
+ * no counter): a decode node compares n_prompt - *n_reuse_p, the tokens left to compute, with
+ * its threshold to prefill the suffix itself or send it to a prefill node. *n_reuse_p is 0 when
+ * the cache is off. Returns SPEED_OK or SPEED_ERR_INVALID_ARGUMENT (NULL pointers, n_prompt < 1,
+ * a depth out of range; logged). */
+speed_status_t speed_engine_prefix_probe(speed_engine_t *engine, const int32_t *ids, int64_t n_prompt,
+                                         const speed_depth_t *depth, int64_t *n_reuse_p);
+
+/* Evicts every prefix cache entry (no-op when the cache is off): their blocks go back to the
+ * pools, except those live sequences share. */
+void speed_engine_prefix_cache_clear(speed_engine_t *engine);
 
 /* ---- KV transfer (canonical layout, docs/design.md §4) -------------------------
  * The sequence's KV as a host buffer: for each layer 0..L-1, for each block i of the layer's
@@ -299,6 +345,17 @@ speed_status_t speed_engine_seq_kv_export(speed_engine_t *engine, speed_seq_id_t
  * Returns SPEED_OK, SPEED_ERR_NOT_FOUND, SPEED_ERR_INVALID_ARGUMENT (state or size mismatch),
  * or a backend status. */
 speed_status_t speed_engine_seq_kv_import(speed_engine_t *engine, speed_seq_id_t seq, const void *buf, size_t size);
+
+/* The prefill side of a partial transfer to a decode node that holds the first n_skip prompt
+ * positions (its n_cached; n_skip <= the first tail position): the bytes of / a copy of the
+ * sequence's units from the block holding its first entry past them, per layer
+ * (speed_kv_from_t). Like speed_engine_seq_kv_size / _kv_export otherwise (export: after the
+ * prefill). Returns SPEED_OK, SPEED_ERR_NOT_FOUND, SPEED_ERR_INVALID_ARGUMENT (n_skip, state,
+ * size; logged), or a backend status. */
+speed_status_t speed_engine_seq_kv_size_from(const speed_engine_t *engine, speed_seq_id_t seq, int64_t n_skip,
+                                             size_t *bytes_p);
+speed_status_t speed_engine_seq_kv_export_from(speed_engine_t *engine, speed_seq_id_t seq, int64_t n_skip, void *buf,
+                                               size_t size);
 
 /* For a transfer that wrote the prompt KV into the sequence's blocks: marks a reserved
  * sequence's prompt entries present (as import does). When the cache has a host mirror the

@@ -21,8 +21,12 @@ typedef struct {
     speed_depth_t depth; /* resolved */
     int64_t n_prompt, n_prefilled, n_generated, max_new;
     int64_t a, tail_start;
-    int32_t *prompt; /* [n_prompt]; NULL for a reserved sequence */
-    int32_t pending; /* queued token (state DECODE) */
+    /* [n_prompt + max_new - 1]: the prompt, then the generated tokens appended (the prefix cache
+     * keys on them); NULL for a reserved sequence */
+    int32_t *prompt;
+    int64_t n_cached, n_shared_blocks; /* prompt positions reused from the prefix cache */
+    bool published;                    /* its prompt's full blocks went to the prefix cache while running */
+    int32_t pending;                   /* queued token (state DECODE) */
     speed_kv_seq_t *kv;
     uint64_t t_add_ns, prefill_ns, first_output_ns, decode_ns;
 } engine_seq_t;
@@ -105,6 +109,8 @@ struct speed_engine {
     int tp_n_items, tp_n_rows;
 
     speed_kv_cache_t *kv;
+    speed_prefix_cache_t *prefix; /* NULL when off */
+    uint64_t n_cached_tokens;
 
     /* sequences */
     engine_seq_t *seqs; /* [max_seqs] */
@@ -135,5 +141,24 @@ struct speed_engine {
 speed_status_t speed_engine_rank_forward_(engine_rank_t *rk, int n_items, int n_rows);
 
 engine_seq_t *speed_engine_find_(const speed_engine_t *e, speed_seq_id_t id);
+
+/* The first entries of each space not filled by a prefix cache hit ({0, 0} without one). */
+speed_kv_from_t speed_engine_seq_uncached_(const engine_seq_t *s);
+
+/* Sets s->a and s->tail_start from s->depth and s->n_prompt (the classes above). */
+void speed_engine_seq_classes_(engine_seq_t *s);
+
+/* A sequence's depth (NULL: the default) resolved and checked as seq_add does (logged). */
+speed_status_t speed_engine_depth_resolve_(const speed_engine_t *e, const speed_depth_t *in, speed_depth_t *out);
+
+/* engine_prefix.c. Reserves the KV of a new sequence (its depth, a and tail_start set): when
+ * ids is not NULL and the prefix cache hits, reuses what the SPEED rule allows (shared blocks,
+ * copied entries) and sets s->n_prefilled past it; when the pools lack blocks, evicts cache
+ * entries and retries. Returns as speed_kv_cache_seq_create (nothing held on error). */
+speed_status_t speed_engine_kv_reserve_(speed_engine_t *e, engine_seq_t *s, const int32_t *ids, int64_t n_full,
+                                        int64_t n_compact);
+/* Hands a sequence's KV to the prefix cache when it can serve later prompts (its prefill done,
+ * its tokens known), else frees it. s->kv is NULL afterwards. */
+void speed_engine_kv_release_(speed_engine_t *e, engine_seq_t *s);
 
 #endif /* SPEED_ENGINE_INTERNAL_H */

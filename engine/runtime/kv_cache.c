@@ -14,6 +14,7 @@ typedef struct {
     void *mirror;       /* pinned host copy of the same layout, or NULL (kv_cache.h) */
     int32_t *free_list; /* [n_blocks] stack of free block ids; top = n_free - 1 */
     int64_t n_free;
+    int32_t *refs; /* [n_blocks] block tables holding the block (0 = free); > 1 = shared, read-only */
 } kv_pool_t;
 
 struct speed_kv_seq {
@@ -36,9 +37,17 @@ struct speed_kv_cache {
     int n_seqs;
     speed_kv_usage_t usage; /* sum over live sequences */
     bool mirrored;          /* the pools have host mirrors */
+    void *stage;            /* host bounce buffer of one block's K (or V) for entry copies on device
+                             * memory; allocated on first use */
 };
 
 static int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+/* Drops one holder of a block; the last one returns it to the free list. */
+static void block_unref(kv_pool_t *pool, int32_t b) {
+    SPEED_ASSERT(pool->refs[b] > 0);
+    if (--pool->refs[b] == 0) pool->free_list[pool->n_free++] = b;
+}
 
 speed_kv_cache_params_t speed_kv_cache_default_params(void) {
     return (speed_kv_cache_params_t){.dtype = SPEED_DTYPE_F32, .block_tokens = 16};
@@ -76,6 +85,7 @@ static void pool_cleanup(speed_backend_t *be, kv_pool_t *pool) {
     speed_backend_free_host(be, pool->mirror);
     speed_backend_free(be, pool->base);
     speed_free(pool->free_list);
+    speed_free(pool->refs);
     memset(pool, 0, sizeof *pool);
 }
 
@@ -91,7 +101,8 @@ static speed_status_t pool_init(speed_kv_cache_t *c, kv_pool_t *pool, int layer_
         return SPEED_ERR_NO_MEMORY;
     }
     pool->free_list = speed_malloc((size_t)pool->n_blocks * sizeof(int32_t));
-    if (!pool->free_list) {
+    pool->refs = speed_calloc((size_t)pool->n_blocks, sizeof(int32_t));
+    if (!pool->free_list || !pool->refs) {
         SPEED_ERROR(SPEED_SUBSYS_KV, "kv cache: out of memory for the free list");
         return SPEED_ERR_NO_MEMORY;
     }
@@ -200,6 +211,7 @@ void speed_kv_cache_destroy(speed_kv_cache_t *c) {
     }
     pool_cleanup(c->p.backend, &c->pool[1]);
     pool_cleanup(c->p.backend, &c->pool[0]);
+    speed_free(c->stage);
     speed_free(c);
 }
 
@@ -278,7 +290,10 @@ static speed_status_t seq_reserve(speed_kv_cache_t *c, speed_kv_seq_t *s, int64_
         if (!extra[p]) continue;
         kv_pool_t *pool = &c->pool[p];
         if (s->n_table[p]) memcpy(grown[p], s->table[p], (size_t)s->n_table[p] * sizeof(int32_t));
-        for (int64_t i = s->n_table[p]; i < want[p]; i++) grown[p][i] = pool->free_list[--pool->n_free];
+        for (int64_t i = s->n_table[p]; i < want[p]; i++) {
+            grown[p][i] = pool->free_list[--pool->n_free];
+            pool->refs[grown[p][i]] = 1;
+        }
         speed_free(s->table[p]);
         s->table[p] = grown[p];
         s->n_table[p] = want[p];
@@ -294,25 +309,57 @@ static speed_status_t seq_reserve(speed_kv_cache_t *c, speed_kv_seq_t *s, int64_
 
 speed_status_t speed_kv_cache_seq_create(speed_kv_cache_t *c, int prefill_layers, int64_t n_full_max,
                                          int64_t n_compact_max, speed_kv_seq_t **seq_p) {
+    return speed_kv_cache_seq_create_shared(c, prefill_layers, n_full_max, n_compact_max, NULL, 0, seq_p);
+}
+
+speed_status_t speed_kv_cache_seq_create_shared(speed_kv_cache_t *c, int prefill_layers, int64_t n_full_max,
+                                                int64_t n_compact_max, const speed_kv_seq_t *src, int64_t n_shared,
+                                                speed_kv_seq_t **seq_p) {
     if (prefill_layers < 1 || prefill_layers > c->p.n_layers || n_full_max < 0 || n_compact_max < 0 ||
         n_compact_max > n_full_max || n_full_max > INT32_MAX) {
         SPEED_ERROR(SPEED_SUBSYS_KV, "kv cache: bad sequence (depth %d of %d layers, room %lld / %lld entries)",
                     prefill_layers, c->p.n_layers, (long long)n_full_max, (long long)n_compact_max);
         return SPEED_ERR_INVALID_ARGUMENT;
     }
+    /* A shared block must hold only position-indexed entries in both sequences: a depth below
+     * the split puts compact entries into lower-pool layers C..split-1 of the first blocks. */
+    if (n_shared < 0 ||
+        (n_shared > 0 && (!src || prefill_layers < c->p.split_layer || src->prefill_layers < c->p.split_layer ||
+                          n_shared > src->n_table[SPEED_KV_POOL_LOWER] || n_shared * c->p.block_tokens > src->n_full ||
+                          n_shared * c->p.block_tokens > n_full_max))) {
+        SPEED_ERROR(SPEED_SUBSYS_KV,
+                    "kv cache: cannot share %lld lower blocks (depths %d and %d, split %d, the source stores %lld "
+                    "entries)",
+                    (long long)n_shared, prefill_layers, src ? src->prefill_layers : 0, c->p.split_layer,
+                    src ? (long long)src->n_full : 0LL);
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
     speed_kv_seq_t *s = speed_calloc(1, sizeof *s);
-    if (!s) {
+    int32_t *shared = n_shared > 0 ? speed_malloc((size_t)n_shared * sizeof(int32_t)) : NULL;
+    if (!s || (n_shared > 0 && !shared)) {
+        speed_free(s);
+        speed_free(shared);
         SPEED_ERROR(SPEED_SUBSYS_KV, "kv cache: out of memory for a sequence");
         return SPEED_ERR_NO_MEMORY;
     }
     s->prefill_layers = prefill_layers;
     s->block_tokens = c->p.block_tokens;
     s->split_layer = c->p.split_layer;
+    if (n_shared > 0) memcpy(shared, src->table[SPEED_KV_POOL_LOWER], (size_t)n_shared * sizeof(int32_t));
+    s->table[SPEED_KV_POOL_LOWER] = shared;
+    s->n_table[SPEED_KV_POOL_LOWER] = n_shared;
+    /* seq_reserve adds only the blocks it takes to the cache's usage: the shared ones are
+     * this sequence's too */
+    speed_kv_usage_t shared_usage;
+    seq_usage(c, s, &shared_usage);
     speed_status_t st = seq_reserve(c, s, n_full_max, n_compact_max);
     if (st != SPEED_OK) {
+        speed_free(s->table[SPEED_KV_POOL_LOWER]);
         speed_free(s);
         return st;
     }
+    usage_add(&c->usage, &shared_usage, +1);
+    for (int64_t i = 0; i < n_shared; i++) c->pool[SPEED_KV_POOL_LOWER].refs[s->table[SPEED_KV_POOL_LOWER][i]]++;
     s->next = c->seqs;
     if (c->seqs) c->seqs->prev = s;
     c->seqs = s;
@@ -342,10 +389,11 @@ void speed_kv_cache_seq_destroy(speed_kv_cache_t *c, speed_kv_seq_t *s) {
     speed_kv_usage_t u;
     seq_usage(c, s, &u);
     usage_add(&c->usage, &u, -1);
-    /* Return in reverse so that a create/destroy pair leaves the free list as it was. */
+    /* Return in reverse so that a create/destroy pair leaves the free list as it was. A shared
+     * block goes back only with its last holder. */
     for (int p = 0; p < SPEED_KV_POOL_COUNT; p++) {
         kv_pool_t *pool = &c->pool[p];
-        for (int64_t i = s->n_table[p] - 1; i >= 0; i--) pool->free_list[pool->n_free++] = s->table[p][i];
+        for (int64_t i = s->n_table[p] - 1; i >= 0; i--) block_unref(pool, s->table[p][i]);
         SPEED_ASSERT(pool->n_free <= pool->n_blocks);
         speed_free(s->table[p]);
     }
@@ -373,6 +421,85 @@ speed_status_t speed_kv_cache_seq_set_entries(speed_kv_cache_t *c, speed_kv_seq_
     seq_usage(c, s, &after);
     usage_add(&c->usage, &before, -1);
     usage_add(&c->usage, &after, +1);
+    return SPEED_OK;
+}
+
+void speed_kv_cache_seq_trim(speed_kv_cache_t *c, speed_kv_seq_t *s) {
+    int64_t want[SPEED_KV_POOL_COUNT];
+    speed_kv_cache_blocks_for(c->p.n_layers, c->p.split_layer, c->p.block_tokens, s->prefill_layers, s->n_full,
+                              s->n_compact, want);
+    speed_kv_usage_t before, after;
+    seq_usage(c, s, &before);
+    for (int p = 0; p < SPEED_KV_POOL_COUNT; p++) {
+        kv_pool_t *pool = &c->pool[p];
+        for (int64_t i = s->n_table[p] - 1; i >= want[p]; i--) {
+            block_unref(pool, s->table[p][i]);
+        }
+        if (want[p] < s->n_table[p]) s->n_table[p] = want[p];
+    }
+    s->cap_full = s->n_full;
+    s->cap_compact = s->n_compact;
+    seq_usage(c, s, &after);
+    usage_add(&c->usage, &before, -1);
+    usage_add(&c->usage, &after, +1);
+}
+
+int32_t speed_kv_cache_block_refs(const speed_kv_cache_t *c, speed_kv_pool_t p, int32_t block) {
+    SPEED_ASSERT(p == SPEED_KV_POOL_LOWER || p == SPEED_KV_POOL_UPPER);
+    const kv_pool_t *pool = &c->pool[p];
+    return block >= 0 && block < pool->n_blocks ? pool->refs[block] : -1;
+}
+
+/* Copies `bytes` of backend memory: in place on host memory, through the bounce buffer on a
+ * device (download waits for the copy; the upload is synchronized before the buffer is reused). */
+static speed_status_t copy_backend(speed_kv_cache_t *c, void *dst, const void *src, size_t bytes) {
+    if (speed_backend_host_memory(c->p.backend)) {
+        memcpy(dst, src, bytes);
+        return SPEED_OK;
+    }
+    if (!c->stage && !(c->stage = speed_malloc(c->half_unit))) {
+        SPEED_ERROR(SPEED_SUBSYS_KV, "kv cache: out of memory for the copy buffer");
+        return SPEED_ERR_NO_MEMORY;
+    }
+    SPEED_ASSERT(bytes <= c->half_unit);
+    SPEED_CHECK(speed_backend_download(c->p.backend, c->stage, src, bytes));
+    SPEED_CHECK(speed_backend_upload(c->p.backend, dst, c->stage, bytes));
+    return speed_backend_synchronize(c->p.backend);
+}
+
+speed_status_t speed_kv_cache_seq_copy_entries(speed_kv_cache_t *c, speed_kv_seq_t *dst, int64_t dst_entry,
+                                               const speed_kv_seq_t *src, int64_t src_entry, int layer, int64_t n) {
+    if (layer < 0 || layer >= c->p.n_layers || n < 0 || dst_entry < 0 || src_entry < 0 ||
+        dst_entry + n > speed_kv_seq_capacity(dst, layer) || src_entry + n > speed_kv_seq_entries(src, layer)) {
+        SPEED_ERROR(SPEED_SUBSYS_KV, "kv cache: copy of %lld entries of layer %d (%lld -> %lld) is out of range",
+                    (long long)n, layer, (long long)src_entry, (long long)dst_entry);
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    const speed_kv_pool_t p = speed_kv_cache_layer_pool(c, layer);
+    const int B = c->p.block_tokens;
+    for (int64_t b = dst_entry / B; n > 0 && b <= (dst_entry + n - 1) / B; b++) {
+        if (c->pool[p].refs[dst->table[p][b]] != 1) {
+            SPEED_ERROR(SPEED_SUBSYS_KV, "kv cache: copy into block %lld of layer %d, which is shared (read-only)",
+                        (long long)b, layer);
+            return SPEED_ERR_INVALID_ARGUMENT;
+        }
+    }
+    const speed_kv_layer_t kv = speed_kv_cache_layer(c, layer);
+    const size_t slot_bytes = c->token_bytes / 2;
+    while (n > 0) {
+        int64_t so = src_entry % B, d_o = dst_entry % B;
+        int64_t run = n;
+        if (run > B - so) run = B - so;
+        if (run > B - d_o) run = B - d_o;
+        char *d = (char *)kv.k_base + (size_t)dst->table[p][dst_entry / B] * kv.block_stride + (size_t)d_o * slot_bytes;
+        const char *s =
+            (const char *)kv.k_base + (size_t)src->table[p][src_entry / B] * kv.block_stride + (size_t)so * slot_bytes;
+        SPEED_CHECK(copy_backend(c, d, s, (size_t)run * slot_bytes));                             /* K */
+        SPEED_CHECK(copy_backend(c, d + kv.v_offset, s + kv.v_offset, (size_t)run * slot_bytes)); /* V */
+        src_entry += run;
+        dst_entry += run;
+        n -= run;
+    }
     return SPEED_OK;
 }
 
@@ -433,9 +560,28 @@ speed_status_t speed_kv_cache_block_addr(const speed_kv_cache_t *c, const speed_
     return SPEED_OK;
 }
 
-static int64_t layer_blocks(const speed_kv_cache_t *c, const speed_kv_seq_t *s, int layer, int64_t n_full,
-                            int64_t n_compact) {
-    return div_up(layer < s->prefill_layers ? n_full : n_compact, c->p.block_tokens);
+/* The blocks [*b0_p, *b1_p) of `layer` that hold its entries [from, n) (from = from.full below
+ * the sequence's C, from.compact above; n likewise): the canonical units a (partial) transfer
+ * carries. Empty when from >= n. */
+static void layer_span(const speed_kv_cache_t *c, const speed_kv_seq_t *s, int layer, speed_kv_from_t from,
+                       int64_t n_full, int64_t n_compact, int64_t *b0_p, int64_t *b1_p) {
+    int64_t begin = layer < s->prefill_layers ? from.full : from.compact;
+    int64_t end = layer < s->prefill_layers ? n_full : n_compact;
+    *b0_p = begin < end ? begin / c->p.block_tokens : 0;
+    *b1_p = begin < end ? div_up(end, c->p.block_tokens) : 0;
+}
+
+static bool from_ok(const speed_kv_seq_t *s, speed_kv_from_t from, int64_t n_full, int64_t n_compact) {
+    return from.full >= 0 && from.compact >= 0 && from.full <= n_full && from.compact <= n_compact &&
+           n_full <= s->cap_full && n_compact <= s->cap_compact;
+}
+
+/* Whether a block of the span is shared (read-only): a transfer must not write it. */
+static bool span_shared(const speed_kv_cache_t *c, const speed_kv_seq_t *s, int layer, int64_t b0, int64_t b1) {
+    speed_kv_pool_t p = speed_kv_cache_layer_pool(c, layer);
+    for (int64_t b = b0; b < b1; b++)
+        if (c->pool[p].refs[s->table[p][b]] > 1) return true;
+    return false;
 }
 
 /* ---- host mirror and staging ------------------------------------------------------------------ */
@@ -500,13 +646,20 @@ speed_status_t speed_kv_cache_stage_out(const speed_kv_cache_t *c, const speed_k
 
 speed_status_t speed_kv_cache_stage_in(speed_kv_cache_t *c, const speed_kv_seq_t *s, int64_t n_full,
                                        int64_t n_compact) {
+    return speed_kv_cache_stage_in_from(c, s, (speed_kv_from_t){0, 0}, n_full, n_compact);
+}
+
+speed_status_t speed_kv_cache_stage_in_from(speed_kv_cache_t *c, const speed_kv_seq_t *s, speed_kv_from_t from,
+                                            int64_t n_full, int64_t n_compact) {
     if (!c->mirrored) {
         SPEED_ERROR(SPEED_SUBSYS_KV, "kv cache: stage in without a host mirror");
         return SPEED_ERR_INVALID_ARGUMENT;
     }
-    if (n_full < 0 || n_compact < 0 || n_full > s->cap_full || n_compact > s->cap_compact) {
-        SPEED_ERROR(SPEED_SUBSYS_KV, "kv cache: stage in of %lld / %lld entries does not fit the room %lld / %lld",
-                    (long long)n_full, (long long)n_compact, (long long)s->cap_full, (long long)s->cap_compact);
+    if (n_full < 0 || n_compact < 0 || !from_ok(s, from, n_full, n_compact)) {
+        SPEED_ERROR(SPEED_SUBSYS_KV,
+                    "kv cache: stage in of entries %lld / %lld to %lld / %lld does not fit the room %lld / %lld",
+                    (long long)from.full, (long long)from.compact, (long long)n_full, (long long)n_compact,
+                    (long long)s->cap_full, (long long)s->cap_compact);
         return SPEED_ERR_INVALID_ARGUMENT;
     }
     const size_t unit = 2 * c->half_unit;
@@ -514,8 +667,13 @@ speed_status_t speed_kv_cache_stage_in(speed_kv_cache_t *c, const speed_kv_seq_t
         speed_kv_pool_t p = speed_kv_cache_layer_pool(c, l);
         const bool adjacent = c->pool[p].block_bytes == unit;
         const int32_t *t = s->table[p];
-        int64_t nb = layer_blocks(c, s, l, n_full, n_compact);
-        for (int64_t i = 0; i < nb;) {
+        int64_t i0, nb;
+        layer_span(c, s, l, from, n_full, n_compact, &i0, &nb);
+        if (span_shared(c, s, l, i0, nb)) {
+            SPEED_ERROR(SPEED_SUBSYS_KV, "kv cache: stage in would write a shared block of layer %d", l);
+            return SPEED_ERR_INVALID_ARGUMENT;
+        }
+        for (int64_t i = i0; i < nb;) {
             int64_t j = i + 1;
             while (adjacent && j < nb && t[j] == t[j - 1] + 1) j++;
             void *dst;
@@ -531,21 +689,40 @@ speed_status_t speed_kv_cache_stage_in(speed_kv_cache_t *c, const speed_kv_seq_t
 
 size_t speed_kv_cache_seq_wire_bytes(const speed_kv_cache_t *c, const speed_kv_seq_t *s, int64_t n_full,
                                      int64_t n_compact) {
+    return speed_kv_cache_seq_wire_bytes_from(c, s, (speed_kv_from_t){0, 0}, n_full, n_compact);
+}
+
+size_t speed_kv_cache_seq_wire_bytes_from(const speed_kv_cache_t *c, const speed_kv_seq_t *s, speed_kv_from_t from,
+                                          int64_t n_full, int64_t n_compact) {
     size_t n_units = 0;
-    for (int l = 0; l < c->p.n_layers; l++) n_units += (size_t)layer_blocks(c, s, l, n_full, n_compact);
+    for (int l = 0; l < c->p.n_layers; l++) {
+        int64_t b0, b1;
+        layer_span(c, s, l, from, n_full, n_compact, &b0, &b1);
+        n_units += (size_t)(b1 - b0);
+    }
     return n_units * 2 * c->half_unit;
 }
 
 speed_status_t speed_kv_cache_seq_export(speed_kv_cache_t *c, const speed_kv_seq_t *s, void *buf, size_t size) {
-    size_t need = speed_kv_cache_seq_wire_bytes(c, s, s->n_full, s->n_compact);
+    return speed_kv_cache_seq_export_from(c, s, (speed_kv_from_t){0, 0}, buf, size);
+}
+
+speed_status_t speed_kv_cache_seq_export_from(speed_kv_cache_t *c, const speed_kv_seq_t *s, speed_kv_from_t from,
+                                              void *buf, size_t size) {
+    if (from.full < 0 || from.compact < 0) {
+        SPEED_ERROR(SPEED_SUBSYS_KV, "kv cache: export from a negative entry");
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
+    size_t need = speed_kv_cache_seq_wire_bytes_from(c, s, from, s->n_full, s->n_compact);
     if (size < need || (need && !buf)) {
         SPEED_ERROR(SPEED_SUBSYS_KV, "kv cache: export needs %zu bytes, the buffer has %zu", need, size);
         return SPEED_ERR_INVALID_ARGUMENT;
     }
     char *dst = buf;
     for (int l = 0; l < c->p.n_layers; l++) {
-        int64_t nb = layer_blocks(c, s, l, s->n_full, s->n_compact);
-        for (int64_t b = 0; b < nb; b++) {
+        int64_t b0, nb;
+        layer_span(c, s, l, from, s->n_full, s->n_compact, &b0, &nb);
+        for (int64_t b = b0; b < nb; b++) {
             void *src;
             size_t bytes;
             SPEED_CHECK(speed_kv_cache_block_addr(c, s, l, b, &src, &bytes));
@@ -558,21 +735,37 @@ speed_status_t speed_kv_cache_seq_export(speed_kv_cache_t *c, const speed_kv_seq
 
 speed_status_t speed_kv_cache_seq_import(speed_kv_cache_t *c, speed_kv_seq_t *s, int64_t n_full, int64_t n_compact,
                                          const void *buf, size_t size) {
-    if (n_full < 0 || n_compact < 0 || n_full > s->cap_full || n_compact > s->cap_compact) {
-        SPEED_ERROR(SPEED_SUBSYS_KV, "kv cache: import of %lld / %lld entries does not fit the room %lld / %lld",
-                    (long long)n_full, (long long)n_compact, (long long)s->cap_full, (long long)s->cap_compact);
+    return speed_kv_cache_seq_import_from(c, s, (speed_kv_from_t){0, 0}, n_full, n_compact, buf, size);
+}
+
+speed_status_t speed_kv_cache_seq_import_from(speed_kv_cache_t *c, speed_kv_seq_t *s, speed_kv_from_t from,
+                                              int64_t n_full, int64_t n_compact, const void *buf, size_t size) {
+    if (n_full < 0 || n_compact < 0 || !from_ok(s, from, n_full, n_compact)) {
+        SPEED_ERROR(SPEED_SUBSYS_KV,
+                    "kv cache: import of entries %lld / %lld to %lld / %lld does not fit the room %lld / %lld",
+                    (long long)from.full, (long long)from.compact, (long long)n_full, (long long)n_compact,
+                    (long long)s->cap_full, (long long)s->cap_compact);
         return SPEED_ERR_INVALID_ARGUMENT;
     }
-    size_t need = speed_kv_cache_seq_wire_bytes(c, s, n_full, n_compact);
+    size_t need = speed_kv_cache_seq_wire_bytes_from(c, s, from, n_full, n_compact);
     if (size != need || (need && !buf)) {
         SPEED_ERROR(SPEED_SUBSYS_KV, "kv cache: import of %lld / %lld entries needs %zu bytes, got %zu",
                     (long long)n_full, (long long)n_compact, need, size);
         return SPEED_ERR_INVALID_ARGUMENT;
     }
+    for (int l = 0; l < c->p.n_layers; l++) {
+        int64_t b0, b1;
+        layer_span(c, s, l, from, n_full, n_compact, &b0, &b1);
+        if (span_shared(c, s, l, b0, b1)) {
+            SPEED_ERROR(SPEED_SUBSYS_KV, "kv cache: import would write a shared block of layer %d", l);
+            return SPEED_ERR_INVALID_ARGUMENT;
+        }
+    }
     const char *src = buf;
     for (int l = 0; l < c->p.n_layers; l++) {
-        int64_t nb = layer_blocks(c, s, l, n_full, n_compact);
-        for (int64_t b = 0; b < nb; b++) {
+        int64_t b0, nb;
+        layer_span(c, s, l, from, n_full, n_compact, &b0, &nb);
+        for (int64_t b = b0; b < nb; b++) {
             void *dst;
             size_t bytes;
             SPEED_CHECK(speed_kv_cache_block_addr(c, s, l, b, &dst, &bytes));

@@ -20,7 +20,9 @@
  * has one block table per sequence, not one per layer) — the price of a per-request depth.
  *
  * Reservation is all or nothing: a sequence gets every block it asked for in both pools or
- * none (SPEED_ERR_CAPACITY, retryable). Byte accounting is exact: reserved = whole blocks,
+ * none (SPEED_ERR_CAPACITY, retryable). A block may be held by several sequences (the shared
+ * prefix of speed_kv_cache_seq_create_shared): it counts its holders and is free again with
+ * the last; a shared block is read-only. Byte accounting is exact: reserved = whole blocks,
  * used = entries actually stored, per pool, per sequence and for the cache.
  *
  * Host mirror (KV transfer from and into GPU memory). When the pools are device memory (the
@@ -140,6 +142,39 @@ size_t speed_kv_cache_unit_bytes(const speed_kv_cache_t *cache);
 speed_status_t speed_kv_cache_seq_create(speed_kv_cache_t *cache, int prefill_layers, int64_t n_full_max,
                                          int64_t n_compact_max, speed_kv_seq_t **seq_p);
 
+/* As speed_kv_cache_seq_create, but the first n_shared blocks of the new sequence's lower-pool
+ * table are src's first n_shared lower-pool blocks, shared, not copied (prefix caching,
+ * prefix_cache.h): each block counts its holders (speed_kv_cache_block_refs) and returns to the
+ * pool with the last. A shared block is read-only: nobody writes it again (the new sequence
+ * stores entries from position n_shared * B on; src must be done writing them:
+ * speed_kv_cache_seq_copy_entries refuses to write a shared block). Sharing needs
+ * position-indexed entries in every lower-pool layer of both sequences: both depths >= the
+ * split, src storing at least n_shared * B entries, n_shared * B <= n_full_max. Only the blocks
+ * not shared are taken from the pools. Per-sequence usage counts a shared block in each holder.
+ * Returns as speed_kv_cache_seq_create; SPEED_ERR_INVALID_ARGUMENT also when sharing is not
+ * allowed as above (logged). n_shared 0 (src may be NULL) is speed_kv_cache_seq_create. */
+speed_status_t speed_kv_cache_seq_create_shared(speed_kv_cache_t *cache, int prefill_layers, int64_t n_full_max,
+                                                int64_t n_compact_max, const speed_kv_seq_t *src, int64_t n_shared,
+                                                speed_kv_seq_t **seq_p);
+
+/* Shrinks the room to the stored entries: blocks past those the stored entries need go back to
+ * the pools (when this was their last holder). For a sequence that will never grow again
+ * (kept in a prefix cache). */
+void speed_kv_cache_seq_trim(speed_kv_cache_t *cache, speed_kv_seq_t *seq);
+
+/* Copies n entries of `layer` from src (entries [src_entry, src_entry + n), stored) into dst
+ * (entries [dst_entry, dst_entry + n), within its room), K and V, byte for byte: a device copy
+ * through a one-block host buffer when the pools are not host memory (synchronized before it
+ * returns). The caller then counts them with speed_kv_cache_seq_set_entries.
+ * Returns SPEED_OK; SPEED_ERR_INVALID_ARGUMENT (ranges, or a destination block that is shared:
+ * logged); SPEED_ERR_NO_MEMORY; the backend's status. */
+speed_status_t speed_kv_cache_seq_copy_entries(speed_kv_cache_t *cache, speed_kv_seq_t *dst, int64_t dst_entry,
+                                               const speed_kv_seq_t *src, int64_t src_entry, int layer, int64_t n);
+
+/* Block tables holding `block` of pool p (0 = free, > 1 = shared); -1 for a block id out of
+ * range. For tests and accounting. */
+int32_t speed_kv_cache_block_refs(const speed_kv_cache_t *cache, speed_kv_pool_t p, int32_t block);
+
 /* Grows the room to at least these counts (never shrinks). All or nothing, returns as above. */
 speed_status_t speed_kv_cache_seq_grow(speed_kv_cache_t *cache, speed_kv_seq_t *seq, int64_t n_full_max,
                                        int64_t n_compact_max);
@@ -236,6 +271,39 @@ speed_status_t speed_kv_cache_stage_out(const speed_kv_cache_t *cache, const spe
  * backend's status. */
 speed_status_t speed_kv_cache_stage_in(speed_kv_cache_t *cache, const speed_kv_seq_t *seq, int64_t n_full,
                                        int64_t n_compact);
+
+/* ---- partial transfers (a prefix cache hit: kv_cache.h's canonical layout, from an entry on) ----
+ * A sequence whose first entries are already in place (speed_kv_cache_seq_copy_entries or shared
+ * blocks of a prefix cache hit) receives only the rest. `from` names the first entry not in
+ * place in each entry space; each layer's units then start at the block holding its first such
+ * entry (from.full below the sequence's C, from.compact above) and end with its last entry's
+ * block. The first unit also carries entries before `from` in that block: the sender must hold
+ * them too (the same bytes: they are the same prefix's). Shared blocks are never written: a hit
+ * shares only whole blocks before `from`. {0, 0} is the whole layout (the functions above). */
+typedef struct {
+    int64_t full;    /* first entry not in place in layers < C */
+    int64_t compact; /* ... in layers >= C */
+} speed_kv_from_t;
+
+/* Bytes of the units of entries [from, n) per layer (0 for a layer with nothing past from). */
+size_t speed_kv_cache_seq_wire_bytes_from(const speed_kv_cache_t *cache, const speed_kv_seq_t *seq,
+                                          speed_kv_from_t from, int64_t n_full, int64_t n_compact);
+/* speed_kv_cache_seq_export of the units of the stored entries from `from` on.
+ * Returns SPEED_OK, SPEED_ERR_INVALID_ARGUMENT (from negative, size), or the backend's status. */
+speed_status_t speed_kv_cache_seq_export_from(speed_kv_cache_t *cache, const speed_kv_seq_t *seq, speed_kv_from_t from,
+                                              void *buf, size_t size);
+/* speed_kv_cache_seq_import of those units (size must equal speed_kv_cache_seq_wire_bytes_from),
+ * then the counts become n_full / n_compact. Returns SPEED_OK; SPEED_ERR_INVALID_ARGUMENT (from
+ * outside [0, n], counts past the room, size, a unit in a shared block: nothing written); the
+ * backend's status. */
+speed_status_t speed_kv_cache_seq_import_from(speed_kv_cache_t *cache, speed_kv_seq_t *seq, speed_kv_from_t from,
+                                              int64_t n_full, int64_t n_compact, const void *buf, size_t size);
+/* speed_kv_cache_stage_in of those units only (mirror -> pool): the entries in place before
+ * `from` in the pool are not overwritten by the mirror's (stale) copy, except in the first unit
+ * of a layer, which the transfer wrote whole. Returns as speed_kv_cache_stage_in, and
+ * SPEED_ERR_INVALID_ARGUMENT for a unit in a shared block. */
+speed_status_t speed_kv_cache_stage_in_from(speed_kv_cache_t *cache, const speed_kv_seq_t *seq, speed_kv_from_t from,
+                                            int64_t n_full, int64_t n_compact);
 
 /* Bytes of the canonical layout for entry counts (n_full, n_compact) at this sequence's depth. */
 size_t speed_kv_cache_seq_wire_bytes(const speed_kv_cache_t *cache, const speed_kv_seq_t *seq, int64_t n_full,

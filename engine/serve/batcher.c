@@ -287,7 +287,9 @@ static speed_status_t do_reserve(speed_batcher_t *b, cmd_t *c) {
     }
     req_t *r;
     SPEED_CHECK(req_create(b, c->id, &r));
-    speed_status_t st = speed_engine_seq_reserve(b->engine, c->n_prompt, &c->depth, c->max_tokens, &r->seq);
+    speed_status_t st =
+        c->ids ? speed_engine_seq_reserve_cached(b->engine, c->ids, c->n_prompt, &c->depth, c->max_tokens, &r->seq)
+               : speed_engine_seq_reserve(b->engine, c->n_prompt, &c->depth, c->max_tokens, &r->seq);
     if (st != SPEED_OK) {
         speed_batcher_req_free(r);
         return st;
@@ -301,7 +303,8 @@ static speed_status_t do_reserve(speed_batcher_t *b, cmd_t *c) {
     r->depth = ss.depth;
     size_t bytes = 0;
     speed_engine_seq_kv_size(b->engine, r->seq, &bytes);
-    *c->reservation_p = (speed_batch_reservation_t){.depth = ss.depth, .lease_ms = b->p.lease_ms, .kv_bytes = bytes};
+    *c->reservation_p = (speed_batch_reservation_t){
+        .depth = ss.depth, .lease_ms = b->p.lease_ms, .kv_bytes = bytes, .n_cached = ss.n_cached};
     b->counts.n_prompt_tokens += (uint64_t)c->n_prompt;
     link_req(b, r);
     return SPEED_OK;
@@ -499,6 +502,8 @@ static void snapshot(speed_batcher_t *b) {
     speed_engine_stats_t es;
     speed_engine_stats(b->engine, &es);
     b->snap.kv = es.kv;
+    b->snap.n_cached_tokens = es.n_cached_tokens;
+    b->snap.prefix = es.prefix;
     pthread_mutex_unlock(&b->mu);
 }
 
@@ -689,6 +694,17 @@ speed_status_t speed_batcher_reserve(speed_batcher_t *b, const char *request_id,
     if (!b || !out_p) return SPEED_ERR_INVALID_ARGUMENT;
     SPEED_CHECK(check_id(request_id));
     cmd_t c = {.kind = CMD_RESERVE, .n_prompt = n_prompt, .max_tokens = max_tokens, .reservation_p = out_p};
+    SPEED_CHECK(depth_resolve(b, depth, &c.depth));
+    strcpy(c.id, request_id);
+    return cmd_run(b, &c);
+}
+
+speed_status_t speed_batcher_reserve_ids(speed_batcher_t *b, const char *request_id, const int32_t *ids,
+                                         int64_t n_prompt, int64_t max_tokens, const speed_depth_request_t *depth,
+                                         speed_batch_reservation_t *out_p) {
+    if (!b || !out_p || !ids) return SPEED_ERR_INVALID_ARGUMENT;
+    SPEED_CHECK(check_id(request_id));
+    cmd_t c = {.kind = CMD_RESERVE, .n_prompt = n_prompt, .max_tokens = max_tokens, .ids = ids, .reservation_p = out_p};
     SPEED_CHECK(depth_resolve(b, depth, &c.depth));
     strcpy(c.id, request_id);
     return cmd_run(b, &c);

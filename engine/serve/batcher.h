@@ -72,6 +72,7 @@ typedef struct {
 
 typedef struct {
     int64_t n_prompt, n_generated;
+    int64_t n_cached;           /* prompt tokens reused from the engine's prefix cache */
     speed_depth_t depth;        /* resolved */
     size_t kv_bytes;            /* KV entries stored (exact, cache dtype) */
     size_t kv_bytes_full_depth; /* the same tokens at full depth */
@@ -199,7 +200,10 @@ typedef struct {
     speed_depth_t depth; /* resolved */
     int64_t lease_ms;    /* the reservation lives this long from now (this host's
                                 * monotonic clock): a duration, never a wall-clock time */
-    size_t kv_bytes;     /* bytes the prompt KV takes (the transfer's total) */
+    size_t kv_bytes;     /* bytes the prompt KV takes (the transfer's total); with n_cached > 0
+                          * only the units past the cached positions (engine.h,
+                          * speed_engine_seq_reserve_cached) */
+    int64_t n_cached;    /* prompt positions the prefix cache filled (speed_batcher_reserve_ids) */
 } speed_batch_reservation_t;
 
 /* Reserves KV for a request whose prompt KV arrives from elsewhere (n_prompt tokens, up to
@@ -209,6 +213,15 @@ typedef struct {
 speed_status_t speed_batcher_reserve(speed_batcher_t *batcher, const char *request_id, int64_t n_prompt,
                                      int64_t max_tokens, const speed_depth_request_t *depth,
                                      speed_batch_reservation_t *out_p);
+
+/* speed_batcher_reserve with the prompt's ids (n_prompt of them, read during the call): the
+ * engine's prefix cache may fill the first out_p->n_cached positions
+ * (speed_engine_seq_reserve_cached), and only the units past them must arrive; the request is
+ * cached when it ends, like a submitted one. Same returns as speed_batcher_reserve (an id
+ * outside the vocabulary: SPEED_ERR_INVALID_ARGUMENT). */
+speed_status_t speed_batcher_reserve_ids(speed_batcher_t *batcher, const char *request_id, const int32_t *ids,
+                                         int64_t n_prompt, int64_t max_tokens, const speed_depth_request_t *depth,
+                                         speed_batch_reservation_t *out_p);
 
 /* Runs fn(user, cache, seq) on the engine thread with the request's KV handle (reserved or
  * running requests, and held KV). Returns fn's status, or SPEED_ERR_NOT_FOUND. */
@@ -263,6 +276,8 @@ typedef struct {
     int64_t tokens_in_flight; /* over running and reserved requests: prompt tokens + tokens
                                * generated so far (the context each holds or will hold) */
     speed_kv_cache_stats_t kv;
+    uint64_t n_cached_tokens;          /* prompt tokens reused from the prefix cache (engine.h) */
+    speed_prefix_cache_stats_t prefix; /* the engine's prefix cache; zero when off */
 } speed_batcher_stats_t;
 
 /* A snapshot (taken by the engine thread after its last step, so it never waits). */

@@ -24,6 +24,7 @@ static void fill_usage(speed_batcher_t *b, req_t *r, speed_batch_usage_t *u) {
         u->depth = st.depth;
         u->kv_bytes = st.kv_bytes_used;
         u->kv_bytes_full_depth = st.kv_bytes_full_depth;
+        u->n_cached = st.n_cached;
         u->prefill_ms = (double)st.prefill_ns / 1e6;
         u->decode_ms = (double)st.decode_ns / 1e6;
         u->first_token_ms = st.first_output_ns ? (double)st.first_output_ns / 1e6 : 0.0;
