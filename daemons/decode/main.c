@@ -141,6 +141,24 @@ static void gen_free(gen_t *g) {
     speed_free(g);
 }
 
+/* KV-aware routing: a completed decode-only request's prompt (the resumed tokens of a
+ * migrated one included: its KV covered them) is journaled as stored, full blocks only, as the
+ * prefix cache will do for the blocks it keeps (docs/prefix-cache.md#routing). */
+static void record_prompt(const gen_t *g) {
+    const Speed__V1__GenerateRequest *req = g->req;
+    size_t n_ids = req->n_prompt_ids + req->n_resumed_ids;
+    if (req->n_resumed_ids == 0) {
+        speed_node_cache_record_prompt(g->node, req->prompt_ids, n_ids);
+        return;
+    }
+    int32_t *ids = speed_malloc(n_ids * sizeof *ids);
+    if (!ids) return; /* a routing hint lost */
+    memcpy(ids, req->prompt_ids, req->n_prompt_ids * sizeof *ids);
+    memcpy(ids + req->n_prompt_ids, req->resumed_ids, req->n_resumed_ids * sizeof *ids);
+    speed_node_cache_record_prompt(g->node, ids, n_ids);
+    speed_free(ids);
+}
+
 static void gen_event(void *user, const speed_batch_event_t *ev) {
     gen_t *g = user;
     speed_node_t *n = g->node;
@@ -185,6 +203,8 @@ static void gen_event(void *user, const speed_batch_event_t *ev) {
     }
     speed_node_count(n, reason);
     speed_node_observe_finish(n, ev, g->decode_only);
+    if (g->decode_only && (ev->finish == SPEED_BATCH_STOP || ev->finish == SPEED_BATCH_LENGTH))
+        record_prompt(g);
     speed_node_send(g->call, &out.base);
     speed_rpc_call_finish(g->call, SPEED_RPC_OK, NULL);
     gen_free(g);

@@ -56,15 +56,16 @@ static uint64_t first_seq(const speed_cache_journal_t *j) {
     return j->next_seq > j->n_events_max ? j->next_seq - j->n_events_max : 1;
 }
 
-static void record(speed_cache_journal_t *j, const uint64_t *hashes, size_t n, speed_cache_event_kind_t kind) {
-    if (!j || !hashes) return;
+static size_t record(speed_cache_journal_t *j, const uint64_t *hashes, size_t n, speed_cache_event_kind_t kind) {
+    if (!j || !hashes) return 0;
+    size_t refused = 0;
     pthread_mutex_lock(&j->mu);
     for (size_t i = 0; i < n; i++) {
         uint64_t h = hashes[i];
         if (h == 0) continue;
         if (kind == SPEED_CACHE_EVENT_STORED) {
             /* out of memory reads like a full set: the hash goes unlisted in snapshots */
-            if (speed_block_set_add(j->set, h) != SPEED_OK) j->n_refused++;
+            if (speed_block_set_add(j->set, h) != SPEED_OK) refused++;
             j->n_stored++;
         } else {
             speed_block_set_remove(j->set, h);
@@ -75,11 +76,13 @@ static void record(speed_cache_journal_t *j, const uint64_t *hashes, size_t n, s
         j->ring_kind[slot] = (uint8_t)kind;
         j->next_seq++;
     }
+    j->n_refused += refused;
     pthread_mutex_unlock(&j->mu);
+    return refused;
 }
 
-void speed_cache_journal_record_stored(speed_cache_journal_t *j, const uint64_t *hashes, size_t n) {
-    record(j, hashes, n, SPEED_CACHE_EVENT_STORED);
+size_t speed_cache_journal_record_stored(speed_cache_journal_t *j, const uint64_t *hashes, size_t n) {
+    return record(j, hashes, n, SPEED_CACHE_EVENT_STORED);
 }
 
 void speed_cache_journal_record_evicted(speed_cache_journal_t *j, const uint64_t *hashes, size_t n) {

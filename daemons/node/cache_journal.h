@@ -54,8 +54,9 @@ speed_status_t speed_cache_journal_create(const speed_cache_journal_params_t *pa
 void speed_cache_journal_destroy(speed_cache_journal_t *j); /* NULL ok */
 
 /* Records n hashes as stored / evicted, in order (0 hashes are skipped). A stored hash the set
- * cannot hold is counted in n_refused (its event still goes out: the reader may hold it). */
-void speed_cache_journal_record_stored(speed_cache_journal_t *j, const uint64_t *hashes, size_t n);
+ * cannot hold is counted in n_refused (its event still goes out: the reader may hold it);
+ * record_stored returns how many this call refused. */
+size_t speed_cache_journal_record_stored(speed_cache_journal_t *j, const uint64_t *hashes, size_t n);
 void speed_cache_journal_record_evicted(speed_cache_journal_t *j, const uint64_t *hashes, size_t n);
 
 /* One answer to a reader. entries[i] is an event of kinds[i]; in a snapshot every kind is
