@@ -14,6 +14,9 @@ speed_status_t speed_node_cache_init(speed_node_t *n) {
         .n_blocks_max = (size_t)n->cfg.cache_events_max_blocks,
     };
     SPEED_CHECK(speed_cache_journal_create(&p, &n->cache_journal));
+    /* a reservation lives at most its lease; twice that covers a Generate that comes late */
+    size_t n_held = (size_t)(n->pool->max_running + n->pool->max_waiting) + 16;
+    SPEED_CHECK(speed_prompt_hold_create(n_held, 2 * n->cfg.lease_ms + 1000, &n->cache_hold));
     /* the router derives the same seed from the same two values (router/main.c) */
     n->cache_seed = speed_block_hash_seed(n->model_id, (int32_t)n->cfg.kv_block_tokens);
     static const char *const kind[] = {"kind"};
@@ -35,19 +38,46 @@ speed_status_t speed_node_cache_init(speed_node_t *n) {
 void speed_node_cache_cleanup(speed_node_t *n) {
     speed_cache_journal_destroy(n->cache_journal);
     n->cache_journal = NULL;
+    speed_prompt_hold_destroy(n->cache_hold);
+    n->cache_hold = NULL;
+}
+
+/* The prompt's full blocks' hashes (speed_malloc'd), NULL when it has none or on no memory. */
+static uint64_t *prompt_hashes(speed_node_t *n, const int32_t *ids, size_t n_ids, size_t *n_blocks_p) {
+    size_t b = (size_t)n->cfg.kv_block_tokens;
+    *n_blocks_p = 0;
+    if (!ids || b == 0 || n_ids < b) return NULL;
+    size_t n_blocks = n_ids / b;
+    uint64_t *h = speed_malloc(n_blocks * sizeof *h);
+    if (h) *n_blocks_p = speed_block_hash_prompt(n->cache_seed, ids, n_ids, b, h, n_blocks);
+    return h; /* NULL: a hint lost, the router routes without these blocks */
+}
+
+void speed_node_cache_record_hashes(speed_node_t *n, const uint64_t *hashes, size_t n_hashes) {
+    if (!n->cache_journal || !hashes || n_hashes == 0) return;
+    size_t refused = speed_cache_journal_record_stored(n->cache_journal, hashes, n_hashes);
+    speed_counter_add(n->m_cache_stored, (double)n_hashes);
+    if (refused) speed_counter_add(n->m_cache_refused, (double)refused);
 }
 
 void speed_node_cache_record_prompt(speed_node_t *n, const int32_t *ids, size_t n_ids) {
-    size_t b = (size_t)n->cfg.kv_block_tokens;
-    if (!n->cache_journal || !ids || b == 0 || n_ids < b) return;
-    size_t n_blocks = n_ids / b;
-    uint64_t *h = speed_malloc(n_blocks * sizeof *h);
-    if (!h) return; /* a hint lost: the router routes without these blocks */
-    n_blocks = speed_block_hash_prompt(n->cache_seed, ids, n_ids, b, h, n_blocks);
-    size_t refused = speed_cache_journal_record_stored(n->cache_journal, h, n_blocks);
-    speed_counter_add(n->m_cache_stored, (double)n_blocks);
-    if (refused) speed_counter_add(n->m_cache_refused, (double)refused);
+    if (!n->cache_journal) return;
+    size_t n_blocks;
+    uint64_t *h = prompt_hashes(n, ids, n_ids, &n_blocks);
+    speed_node_cache_record_hashes(n, h, n_blocks);
     speed_free(h);
+}
+
+void speed_node_cache_hold_prompt(speed_node_t *n, const char *request_id, const int32_t *ids, size_t n_ids) {
+    if (!n->cache_journal) return;
+    size_t n_blocks;
+    uint64_t *h = prompt_hashes(n, ids, n_ids, &n_blocks);
+    if (h) speed_prompt_hold_put(n->cache_hold, request_id, h, n_blocks);
+    speed_free(h);
+}
+
+bool speed_node_cache_take_held(speed_node_t *n, const char *request_id, uint64_t **hashes_p, size_t *n_p) {
+    return n->cache_hold && speed_prompt_hold_take(n->cache_hold, request_id, hashes_p, n_p);
 }
 
 speed_status_t speed_node_cache_events(speed_node_t *n, const Speed__V1__CacheCursor *cursor,

@@ -39,6 +39,8 @@ static speed_status_t run_prefill(rtr_req_t *r, plan_t *pl, size_t dnode, bool *
     if (rq.max_tokens < 1) rq.max_tokens = 1;
     rq.resume_tokens = (int32_t)pl->n_resume;
     rq.cached_tokens = pl->cached_tokens;
+    rq.n_prompt_ids = pl->n_ids; /* for the decode node's prefix cache and its cache events */
+    rq.prompt_ids = pl->ids;
     if (pl->has_speed) rq.speed = &pl->speed;
     if (!speed_router_req_leg_begin(r, SPEED_ROUTER_POOL_DECODE, dnode)) {
         speed_router_req_fail_cancelled(r);
