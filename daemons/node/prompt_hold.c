@@ -14,7 +14,8 @@ typedef struct {
     char id[ID_MAX]; /* "" = free slot */
     uint64_t *hashes;
     size_t n;
-    int64_t t_ms; /* when put (monotonic) */
+    int64_t t_ms; /* when put (monotonic): the ttl */
+    uint64_t seq; /* put order: the oldest goes first */
 } entry_t;
 
 struct speed_prompt_hold {
@@ -22,6 +23,7 @@ struct speed_prompt_hold {
     entry_t *e; /* [n_max] */
     size_t n_max;
     int64_t ttl_ms;
+    uint64_t seq;
 };
 
 speed_status_t speed_prompt_hold_create(size_t n_max, int64_t ttl_ms, speed_prompt_hold_t **hold_p) {
@@ -68,7 +70,7 @@ void speed_prompt_hold_put(speed_prompt_hold_t *h, const char *request_id, const
         if (e->id[0] && (strcmp(e->id, request_id) == 0 || now - e->t_ms > h->ttl_ms)) entry_clear(e);
         if (!e->id[0]) {
             if (!slot) slot = e;
-        } else if (!oldest || e->t_ms < oldest->t_ms) {
+        } else if (!oldest || e->seq < oldest->seq) {
             oldest = e;
         }
     }
@@ -80,6 +82,7 @@ void speed_prompt_hold_put(speed_prompt_hold_t *h, const char *request_id, const
     slot->hashes = copy;
     slot->n = n;
     slot->t_ms = now;
+    slot->seq = ++h->seq;
     pthread_mutex_unlock(&h->mu);
 }
 
