@@ -269,7 +269,8 @@ size_t speed_balance_pool_candidates(speed_balance_pool_t *pool, const size_t *e
     for (size_t j = 0; j < n && k < n_out_max; j++) {
         size_t i = (pool->next + j) % n;
         const node_t *node = &pool->nodes[i];
-        if (node->state != SPEED_NODE_UP || excluded(exclude, n_exclude, i)) continue;
+        bool eligible = node->state == SPEED_NODE_UP && !excluded(exclude, n_exclude, i);
+        if (!eligible) continue;
         out[k].index = i;
         out[k].load = node->load;
         out[k].pending = node->pending;
