@@ -30,8 +30,8 @@ speed_status_t speed_cache_journal_create(const speed_cache_journal_params_t *p,
     j->next_seq = 1;
     j->ring_hash = speed_malloc(p->n_events_max * sizeof *j->ring_hash);
     j->ring_kind = speed_malloc(p->n_events_max);
-    speed_status_t st = j->ring_hash && j->ring_kind ? speed_block_set_create(p->n_blocks_max, &j->set)
-                                                      : SPEED_ERR_NO_MEMORY;
+    speed_status_t st =
+        j->ring_hash && j->ring_kind ? speed_block_set_create(p->n_blocks_max, &j->set) : SPEED_ERR_NO_MEMORY;
     if (st != SPEED_OK) {
         speed_free(j->ring_hash);
         speed_free(j->ring_kind);
@@ -97,8 +97,7 @@ speed_status_t speed_cache_journal_read(speed_cache_journal_t *j, uint64_t insta
     speed_status_t st = SPEED_OK;
     pthread_mutex_lock(&j->mu);
     reply->instance = j->instance;
-    bool can_continue =
-        instance == j->instance && next_seq >= 1 && next_seq >= first_seq(j) && next_seq <= j->next_seq;
+    bool can_continue = instance == j->instance && next_seq >= 1 && next_seq >= first_seq(j) && next_seq <= j->next_seq;
     if (!can_continue) {
         /* The whole set, as of next_seq: events after it are the reader's next read. */
         size_t n = speed_block_set_size(j->set);

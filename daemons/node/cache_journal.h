@@ -67,8 +67,8 @@ typedef struct {
     bool snapshot;     /* the reader must forget what it holds of this node and take entries */
     bool more;         /* events after next_seq wait already */
     size_t n;
-    uint64_t *hashes;  /* [n], speed_malloc'd (NULL when n is 0) */
-    uint8_t *kinds;    /* [n], speed_cache_event_kind_t */
+    uint64_t *hashes; /* [n], speed_malloc'd (NULL when n is 0) */
+    uint8_t *kinds;   /* [n], speed_cache_event_kind_t */
 } speed_cache_journal_reply_t;
 
 /* Events after (instance, next_seq), at most n_max (>= 1), or a snapshot (see the top). The

@@ -100,7 +100,7 @@ typedef struct speed_node_s {
     speed_prompt_hold_t *cache_hold; /* reserved prompts' hashes until their Generate */
     uint64_t cache_seed;
     speed_counter_t *m_cache_stored, *m_cache_evicted, *m_cache_refused; /* speed_node_cache_events_total{kind} */
-    speed_counter_t *m_cache_snapshots;                                   /* speed_node_cache_snapshots_total */
+    speed_counter_t *m_cache_snapshots;                                  /* speed_node_cache_snapshots_total */
 
     /* worker threads for speed_node_defer */
     pthread_mutex_t work_mu;
@@ -198,8 +198,8 @@ void speed_node_cache_record_hashes(speed_node_t *node, const uint64_t *hashes, 
  * speed_node_cache_events_cleanup. Returns SPEED_OK or SPEED_ERR_NO_MEMORY (no events sent). */
 typedef struct {
     Speed__V1__CacheEvents msg;
-    Speed__V1__CacheEventRun *runs;   /* [n_runs] */
-    Speed__V1__CacheEventRun **ptrs;  /* [n_runs] */
+    Speed__V1__CacheEventRun *runs;    /* [n_runs] */
+    Speed__V1__CacheEventRun **ptrs;   /* [n_runs] */
     speed_cache_journal_reply_t reply; /* the hashes the runs point into */
 } speed_node_cache_events_t;
 speed_status_t speed_node_cache_events(speed_node_t *node, const Speed__V1__CacheCursor *cursor,

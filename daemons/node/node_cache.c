@@ -21,10 +21,11 @@ speed_status_t speed_node_cache_init(speed_node_t *n) {
     n->cache_seed = speed_block_hash_seed(n->model_id, (int32_t)n->cfg.kv_block_tokens);
     static const char *const kind[] = {"kind"};
     speed_counter_t *events;
-    SPEED_CHECK(speed_counter_register(n->metrics, "speed_node_cache_events_total",
-                                       "Prefix-cache events this decode node journaled for the router: blocks stored "
-                                       "or evicted, and stored blocks its bounded set refused (cache_events.max_blocks)",
-                                       kind, 1, &events));
+    SPEED_CHECK(
+        speed_counter_register(n->metrics, "speed_node_cache_events_total",
+                               "Prefix-cache events this decode node journaled for the router: blocks stored "
+                               "or evicted, and stored blocks its bounded set refused (cache_events.max_blocks)",
+                               kind, 1, &events));
     SPEED_CHECK(speed_counter_labels(events, (const char *[]){"stored"}, &n->m_cache_stored));
     SPEED_CHECK(speed_counter_labels(events, (const char *[]){"evicted"}, &n->m_cache_evicted));
     SPEED_CHECK(speed_counter_labels(events, (const char *[]){"refused"}, &n->m_cache_refused));

@@ -53,7 +53,8 @@ typedef struct {
     int32_t n_running; /* requests being computed */
     int32_t n_waiting; /* requests queued on the node */
     double kv_usage;   /* KV cache usage ratio [0, 1] */
-    int64_t active_blocks; /* KV blocks held by its requests (NodeStatus.active_blocks; KV-aware routing) */
+    /* KV blocks held by its requests (NodeStatus.active_blocks): KV-aware routing's load */
+    int64_t active_blocks;
 } speed_node_load_t;
 
 typedef struct {

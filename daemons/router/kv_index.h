@@ -37,10 +37,10 @@
 #include "status.h"
 
 typedef struct {
-    size_t n_nodes_max;    /* decode pool capacity, >= 1 */
-    size_t max_blocks;     /* hashes per node, >= 1 */
-    uint64_t seed;         /* speed_block_hash_seed(model, block_tokens) */
-    int32_t block_tokens;  /* B, >= 1 */
+    size_t n_nodes_max;       /* decode pool capacity, >= 1 */
+    size_t max_blocks;        /* hashes per node, >= 1 */
+    uint64_t seed;            /* speed_block_hash_seed(model, block_tokens) */
+    int32_t block_tokens;     /* B, >= 1 */
     speed_metrics_t *metrics; /* NULL = no metrics */
 } speed_kv_index_params_t;
 

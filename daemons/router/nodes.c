@@ -200,7 +200,8 @@ speed_status_t speed_router_nodes_create(const speed_router_nodes_params_t *para
     if (st == SPEED_OK && params->kv_index) {
         bool d_disc = n->disc[SPEED_ROUTER_POOL_DECODE].name[0] != '\0';
         speed_kv_index_params_t kp = *params->kv_index;
-        kp.n_nodes_max = d_disc ? (size_t)params->discovery_max_nodes : (size_t)params->n_nodes[SPEED_ROUTER_POOL_DECODE];
+        kp.n_nodes_max =
+            d_disc ? (size_t)params->discovery_max_nodes : (size_t)params->n_nodes[SPEED_ROUTER_POOL_DECODE];
         kp.metrics = params->metrics;
         st = speed_kv_index_create(&kp, &n->kv);
         n->kv_events = params->kv_events;

@@ -61,7 +61,7 @@
 #define SPEED_ROUTER_HEALTH_TIMEOUTS_DOWN 2
 /* Extra Status calls in one poll round to a decode node whose cache events did not fit one
  * reply (cache_events.max_per_reply); the rest comes at the next round. */
-#define SPEED_ROUTER_KV_EXTRA_READS 4
+#define SPEED_ROUTER_KV_EXTRA_READS       4
 
 typedef enum {
     SPEED_ROUTER_POOL_PREFILL = 0,

@@ -290,7 +290,8 @@ static void run_routed(rtr_req_t *r, plan_t *pl, speed_route_kind_t kind) {
             break;
         }
         size_t dnode;
-        if (n_tried >= sizeof tried / sizeof tried[0] || !pick_decode(r, pl, dpool, tried, n_tried, node_failed, &dnode)) {
+        if (n_tried >= sizeof tried / sizeof tried[0] ||
+            !pick_decode(r, pl, dpool, tried, n_tried, node_failed, &dnode)) {
             /* No KV room anywhere is the cluster's state, not the client's rate: 503 with
              * Retry-After (the status table would say 429). */
             speed_openai_error_t err;

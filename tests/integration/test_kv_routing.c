@@ -82,7 +82,8 @@ static void scenario(int vocab) {
     int y = 1 - x;
     CHECK_NEAR(m1(cu_dec_http(&g_c, x), "speed_node_cache_events_total{kind=\"stored\"}"), 4, 0);
     CHECK_NEAR(m1(cu_dec_http(&g_c, y), "speed_node_cache_events_total{kind=\"stored\"}"), 0, 0);
-    CHECK_MSG(cu_wait_metric(g_rport, index_series(x, series, sizeof series), 4, 10), "the router never learned X's 4 blocks");
+    CHECK_MSG(cu_wait_metric(g_rport, index_series(x, series, sizeof series), 4, 10),
+              "the router never learned X's 4 blocks");
     CHECK_NEAR(m1(g_rport, index_series(y, series, sizeof series)), 0, 0);
 
     /* 2. the next turns: the same prefix, to the same node, for affinity */

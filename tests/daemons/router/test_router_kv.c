@@ -37,7 +37,8 @@ static void ev_init(events_t *e, uint64_t instance, uint64_t next_seq, bool snap
 static void ev_run(events_t *e, bool evicted, uint64_t *hashes, size_t n) {
     Speed__V1__CacheEventRun *r = &e->runs[e->ev.n_runs];
     speed__v1__cache_event_run__init(r);
-    r->kind = evicted ? SPEED__V1__CACHE_EVENT_KIND__CACHE_EVENT_EVICTED : SPEED__V1__CACHE_EVENT_KIND__CACHE_EVENT_STORED;
+    r->kind =
+        evicted ? SPEED__V1__CACHE_EVENT_KIND__CACHE_EVENT_EVICTED : SPEED__V1__CACHE_EVENT_KIND__CACHE_EVENT_STORED;
     r->hashes = hashes;
     r->n_hashes = n;
     e->ptrs[e->ev.n_runs++] = r;
