@@ -51,6 +51,8 @@ bool speed_router_kv_pick(rtr_req_t *r, plan_t *pl, const size_t *tried, size_t 
         pl->cached_tokens = (int32_t)(kc[k].overlap_blocks * b);
         speed_balance_pool_take(dpool, kc[k].node);
         speed_counter_inc(kc[k].overlap_blocks > 0 ? rt->m_kv_affinity : rt->m_kv_balance);
+        speed_counter_add(rt->m_kv_blocks_cached, (double)kc[k].overlap_blocks);
+        speed_counter_add(rt->m_kv_blocks_new, (double)(n_blocks - kc[k].overlap_blocks));
         speed_log(SPEED_LOG_DEBUG, SPEED_SUBSYS_NET, r->id,
                   "kv routing: decode node %s (%s): %zu of %zu prompt blocks cached there, load %.0f blocks",
                   speed_router_nodes_address(rt->nodes, SPEED_ROUTER_POOL_DECODE, kc[k].node), reason,

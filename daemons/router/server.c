@@ -406,6 +406,14 @@ static speed_status_t register_metrics(speed_router_t *rt) {
                                        reason, 1, &kv_routed));
     SPEED_CHECK(speed_counter_labels(kv_routed, (const char *[]){"affinity"}, &rt->m_kv_affinity));
     SPEED_CHECK(speed_counter_labels(kv_routed, (const char *[]){"balance"}, &rt->m_kv_balance));
+    static const char *const where[] = {"where"};
+    speed_counter_t *kv_blocks;
+    SPEED_CHECK(speed_counter_register(m, "speed_router_kv_prompt_blocks_total",
+                                       "full blocks of the prompts KV-aware routing placed: cached (the chosen decode "
+                                       "node's prefix index held them) or new (to prefill)",
+                                       where, 1, &kv_blocks));
+    SPEED_CHECK(speed_counter_labels(kv_blocks, (const char *[]){"cached"}, &rt->m_kv_blocks_cached));
+    SPEED_CHECK(speed_counter_labels(kv_blocks, (const char *[]){"new"}, &rt->m_kv_blocks_new));
     return SPEED_OK;
 }
 

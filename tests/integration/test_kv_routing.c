@@ -88,6 +88,7 @@ static void scenario(int vocab) {
 
     /* 2. the next turns: the same prefix, to the same node, for affinity */
     double aff0 = routed("affinity");
+    double cached0 = m1(g_rport, "speed_router_kv_prompt_blocks_total{where=\"cached\"}");
     for (int t = 0; t < 3; t++) {
         double events = msum(g_rport, "speed_router_kv_events_total");
         int who = complete_on(a, N_NEXT);
@@ -101,6 +102,8 @@ static void scenario(int vocab) {
         CHECK_NEAR(m1(g_rport, index_series(x, series, sizeof series)), 5, 0);
     }
     CHECK_NEAR(routed("affinity") - aff0, 3, 0);
+    /* each next turn (5 blocks) found 4 of them cached at X, then all 5 */
+    CHECK_NEAR(m1(g_rport, "speed_router_kv_prompt_blocks_total{where=\"cached\"}") - cached0, 4 + 5 + 5, 0);
     CHECK(msum(g_rport, "speed_router_kv_events_total") >= 5);
 
     /* 3. unrelated prompts: nobody holds them, they spread */
