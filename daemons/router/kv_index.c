@@ -13,6 +13,7 @@ typedef struct {
     pthread_mutex_t mu;
     speed_block_set_t *set;
     uint64_t instance, next_seq; /* cursor; instance 0 = the next read is a snapshot */
+    bool stores;                 /* this instance reported stored blocks (its cache is on) */
     bool mismatch_warned;
     speed_gauge_t *g_blocks; /* speed_router_kv_index_blocks{node}, NULL until named */
 } kv_node_t;
@@ -20,9 +21,9 @@ typedef struct {
 struct speed_kv_index {
     speed_kv_index_params_t p;
     kv_node_t *nodes; /* [n_nodes_max] */
-    _Atomic uint64_t n_stored, n_evicted, n_snapshots, n_refused, n_ignored;
+    _Atomic uint64_t n_stored, n_evicted, n_anticipated, n_snapshots, n_refused, n_ignored;
     speed_gauge_t *g_family;
-    speed_counter_t *m_stored, *m_evicted, *m_snapshots, *m_refused;
+    speed_counter_t *m_stored, *m_evicted, *m_anticipated, *m_snapshots, *m_refused;
 };
 
 static speed_status_t register_metrics(speed_kv_index_t *idx, speed_metrics_t *m) {
@@ -33,10 +34,12 @@ static speed_status_t register_metrics(speed_kv_index_t *idx, speed_metrics_t *m
     speed_counter_t *events;
     SPEED_CHECK(speed_counter_register(m, "speed_router_kv_events_total",
                                        "Cache events (blocks stored / evicted) the router applied from decode nodes' "
-                                       "status replies",
+                                       "status replies, and blocks of completed requests it added ahead of them "
+                                       "(anticipated)",
                                        kind_label, 1, &events));
     SPEED_CHECK(speed_counter_labels(events, (const char *[]){"stored"}, &idx->m_stored));
     SPEED_CHECK(speed_counter_labels(events, (const char *[]){"evicted"}, &idx->m_evicted));
+    SPEED_CHECK(speed_counter_labels(events, (const char *[]){"anticipated"}, &idx->m_anticipated));
     SPEED_CHECK(speed_counter_register(m, "speed_router_kv_snapshots_total",
                                        "Whole sets of block hashes the router took from a decode node (new router, "
                                        "node restart, too far behind)",
@@ -120,6 +123,7 @@ static void reset_locked(kv_node_t *kn) {
     speed_block_set_clear(kn->set);
     kn->instance = 0;
     kn->next_seq = 0;
+    kn->stores = false;
     if (kn->g_blocks) speed_gauge_set(kn->g_blocks, 0);
 }
 
@@ -188,12 +192,33 @@ bool speed_kv_index_apply(speed_kv_index_t *idx, size_t node, const Speed__V1__C
     }
     kn->instance = ev->instance;
     kn->next_seq = ev->next_seq;
+    kn->stores = kn->stores || stored > 0;
     if (kn->g_blocks) speed_gauge_set(kn->g_blocks, (double)speed_block_set_size(kn->set));
     pthread_mutex_unlock(&kn->mu);
     count(idx->m_stored, &idx->n_stored, stored);
     count(idx->m_evicted, &idx->n_evicted, evicted);
     count(idx->m_refused, &idx->n_refused, refused);
     return ev->more;
+}
+
+size_t speed_kv_index_anticipate(speed_kv_index_t *idx, size_t node, const uint64_t *hashes, size_t n) {
+    kv_node_t *kn = node_at(idx, node);
+    if (!kn || !hashes) return 0;
+    size_t added = 0, refused = 0;
+    pthread_mutex_lock(&kn->mu);
+    if (kn->stores) {
+        for (size_t i = 0; i < n; i++) {
+            bool had = speed_block_set_has(kn->set, hashes[i]);
+            speed_status_t st = speed_block_set_add(kn->set, hashes[i]);
+            if (st == SPEED_OK && !had) added++;
+            if (st == SPEED_ERR_CAPACITY || st == SPEED_ERR_NO_MEMORY) refused++;
+        }
+        if (kn->g_blocks) speed_gauge_set(kn->g_blocks, (double)speed_block_set_size(kn->set));
+    }
+    pthread_mutex_unlock(&kn->mu);
+    count(idx->m_anticipated, &idx->n_anticipated, added);
+    count(idx->m_refused, &idx->n_refused, refused);
+    return added;
 }
 
 size_t speed_kv_index_overlap(speed_kv_index_t *idx, size_t node, const uint64_t *prompt, size_t n) {
@@ -224,6 +249,7 @@ void speed_kv_index_stats(speed_kv_index_t *idx, speed_kv_index_stats_t *s) {
     if (!idx) return;
     s->n_stored = atomic_load(&idx->n_stored);
     s->n_evicted = atomic_load(&idx->n_evicted);
+    s->n_anticipated = atomic_load(&idx->n_anticipated);
     s->n_snapshots = atomic_load(&idx->n_snapshots);
     s->n_refused = atomic_load(&idx->n_refused);
     s->n_ignored = atomic_load(&idx->n_ignored);

@@ -18,7 +18,7 @@
  * router's is ignored (its hashes name other keys; warned once).
  *
  * Metrics (when created with a registry): speed_router_kv_index_blocks{node} (hashes held per
- * node), speed_router_kv_events_total{kind="stored|evicted"}, speed_router_kv_snapshots_total,
+ * node), speed_router_kv_events_total{kind="stored|evicted|anticipated"}, speed_router_kv_snapshots_total,
  * speed_router_kv_index_refused_total.
  *
  * Threading: every function may be called from any thread (one mutex per node: the poller
@@ -63,6 +63,15 @@ void speed_kv_index_cursor(speed_kv_index_t *idx, size_t node, Speed__V1__CacheC
  * when events wait after the new cursor (CacheEvents.more: poll again soon). */
 bool speed_kv_index_apply(speed_kv_index_t *idx, size_t node, const Speed__V1__CacheEvents *events);
 
+/* A request the router sent to the node completed there: its prompt's blocks are what the node
+ * stores next. Adds them now, ahead of the node's own events (which confirm them, or evict them),
+ * so that a conversation's next turn sent before the next status poll finds them. Only for a
+ * node whose current journal instance has reported stored blocks (its cache is on: a node that
+ * never stores would otherwise keep blocks nobody holds). Counted as
+ * speed_router_kv_events_total{kind="anticipated"}. Returns how many were added (refusals of a
+ * full set are counted as usual). */
+size_t speed_kv_index_anticipate(speed_kv_index_t *idx, size_t node, const uint64_t *hashes, size_t n);
+
 /* Forgets everything of the node (down, retired, restarted); its next read is a snapshot. */
 void speed_kv_index_forget(speed_kv_index_t *idx, size_t node);
 
@@ -78,6 +87,7 @@ int32_t speed_kv_index_block_tokens(const speed_kv_index_t *idx);
 
 typedef struct {
     uint64_t n_stored, n_evicted; /* events applied */
+    uint64_t n_anticipated;       /* hashes added ahead of the node's events */
     uint64_t n_snapshots;         /* snapshots applied */
     uint64_t n_refused;           /* hashes refused: a node's set was full */
     uint64_t n_ignored;           /* replies ignored: another seed or block size */

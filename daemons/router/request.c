@@ -360,6 +360,8 @@ static void run_routed(rtr_req_t *r, plan_t *pl, speed_route_kind_t kind) {
             speed_histogram_observe(rt->m_e2e, t_end - r->t_arrival);
             if (rl.n_generated > 1 && rl.t_first_token > 0)
                 speed_histogram_observe(rt->m_tpot, (t_end - rl.t_first_token) / (double)(rl.n_generated - 1));
+            /* before the answer: a client's next turn may follow at once */
+            speed_router_kv_completed(r, pl, dnode);
             speed_router_relay_answer(r, &rl);
         } else {
             /* The decode node may still hold the sequence (error, cancel, client gone). */

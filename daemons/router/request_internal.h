@@ -39,6 +39,9 @@ typedef struct {
  * and sets pl->cached_tokens. Returns false when no node is eligible (as
  * speed_balance_pool_pick's SPEED_ERR_PEER_UNREACHABLE). */
 bool speed_router_kv_pick(rtr_req_t *r, plan_t *pl, const size_t *tried, size_t n_tried, size_t *dnode_p);
+/* The request completed on decode node dnode: its prompt's blocks go into that node's index
+ * ahead of the node's events (speed_kv_index_anticipate). No-op with KV-aware routing off. */
+void speed_router_kv_completed(rtr_req_t *r, const plan_t *pl, size_t dnode);
 
 /* ---- request_cancel.c -------------------------------------------------------------- */
 

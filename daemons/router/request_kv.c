@@ -63,3 +63,16 @@ bool speed_router_kv_pick(rtr_req_t *r, plan_t *pl, const size_t *tried, size_t 
     speed_free(hashes);
     return ok;
 }
+
+void speed_router_kv_completed(rtr_req_t *r, const plan_t *pl, size_t dnode) {
+    speed_router_t *rt = r->rt;
+    speed_kv_index_t *idx = speed_router_nodes_kv_index(rt->nodes);
+    size_t b = (size_t)speed_kv_index_block_tokens(idx);
+    if (rt->cfg->kv_routing == SPEED_KV_ROUTING_OFF || !idx || b == 0 || pl->n_ids < b) return;
+    size_t n_blocks = pl->n_ids / b;
+    uint64_t *hashes = speed_malloc(n_blocks * sizeof *hashes);
+    if (!hashes) return; /* the node's own events bring them at the next poll */
+    n_blocks = speed_block_hash_prompt(speed_kv_index_seed(idx), pl->ids, pl->n_ids, b, hashes, n_blocks);
+    speed_kv_index_anticipate(idx, dnode, hashes, n_blocks);
+    speed_free(hashes);
+}

@@ -5,7 +5,8 @@
  *     blocks as stored (speed_node_cache_events_total{kind="stored"}), and the router's prefix
  *     index learns them from X's status replies (speed_router_kv_index_blocks{node=X} = 4);
  *  2. three next turns (the same 64 tokens + 16 more) all go to X, counted as affinity;
- *  3. four unrelated prompts are spread over both decode nodes (balance: nobody holds them);
+ *  3. four unrelated prompts are spread over both decode nodes (balance: nobody holds them), and
+ *     the router puts a completed prompt's blocks in the index ahead of the node's events;
  *  4. X is killed: the router forgets its blocks (gauge 0) as soon as it is down; restarted,
  *     it comes back with a new journal instance (a snapshot, empty), and the next turn is not
  *     sent to it for affinity (counted as balance);
@@ -108,6 +109,8 @@ static void scenario(int vocab) {
 
     /* 3. unrelated prompts: nobody holds them, they spread */
     double bal0 = routed("balance");
+    const char *ant = "speed_router_kv_events_total{kind=\"anticipated\"}";
+    double ant0 = m1(g_rport, ant);
     int on[2] = {0, 0};
     for (int k = 0; k < 4; k++) {
         ou_prompt(d[k], N_D, vocab, 11 + 2 * k);
@@ -116,6 +119,9 @@ static void scenario(int vocab) {
     }
     CHECK_MSG(on[0] > 0 && on[1] > 0, "unrelated prompts all went to one node (%d / %d)", on[0], on[1]);
     CHECK_NEAR(routed("balance") - bal0, 4, 0);
+    /* a prompt that completed on a node known to store blocks is in the index before that node's
+     * next status reply says so (unless a poll came first: at least one of the four) */
+    CHECK_MSG(m1(g_rport, ant) - ant0 >= 3, "anticipated %.0f blocks", m1(g_rport, ant) - ant0);
 
     /* 4. X dies: forgotten at once; restarted: a new instance, nothing of the old blocks */
     double snaps0 = m1(g_rport, "speed_router_kv_snapshots_total");

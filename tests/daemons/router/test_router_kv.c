@@ -3,7 +3,8 @@
  *   index: events and snapshots applied in order; the overlap counts leading blocks only; a
  *          node restart (another instance) and forget drop everything of a node and reset its
  *          cursor; a full set refuses and counts; another seed / block size is ignored;
- *          nodes are independent;
+ *          nodes are independent; a completed request's blocks are anticipated only for a
+ *          node whose journal reported stored blocks;
  *   cost:  w = 1 picks the longest prefix whatever the load, w = 0 the least loaded whatever
  *          the prefix, 0.5 trades a block to prefill against a block of load; ties go to the
  *          longer prefix, then fewer requests, then the first candidate; reasons;
@@ -155,6 +156,39 @@ static void test_index(void) {
     speed_kv_index_destroy(idx);
 }
 
+/* A completed request's blocks go in ahead of the node's events, only for a node whose journal
+ * reported stored blocks (its cache is on). */
+static void test_anticipate(void) {
+    speed_kv_index_t *idx = make_index(2, 100);
+    uint64_t p[3] = {31, 32, 33};
+    CHECK_INT_EQ(speed_kv_index_anticipate(idx, 0, p, 3), 0); /* nothing known of it */
+    events_t e;
+    ev_init(&e, 4, 1, true); /* an empty snapshot: tracked, but no sign of a cache yet */
+    speed_kv_index_apply(idx, 0, &e.ev);
+    CHECK_INT_EQ(speed_kv_index_anticipate(idx, 0, p, 3), 0);
+    CHECK_INT_EQ(speed_kv_index_size(idx, 0), 0);
+    uint64_t first[] = {31};
+    ev_init(&e, 4, 2, false);
+    ev_run(&e, false, first, 1);
+    speed_kv_index_apply(idx, 0, &e.ev);
+    CHECK_INT_EQ(speed_kv_index_anticipate(idx, 0, p, 3), 2); /* 31 was there */
+    CHECK_INT_EQ(speed_kv_index_overlap(idx, 0, p, 3), 3);
+    /* the node's events still rule: an eviction removes an anticipated block */
+    uint64_t gone[] = {32};
+    ev_init(&e, 4, 3, false);
+    ev_run(&e, true, gone, 1);
+    speed_kv_index_apply(idx, 0, &e.ev);
+    CHECK_INT_EQ(speed_kv_index_overlap(idx, 0, p, 3), 1);
+    /* forgotten: no anticipation until it reports stored blocks again */
+    speed_kv_index_forget(idx, 0);
+    CHECK_INT_EQ(speed_kv_index_anticipate(idx, 0, p, 3), 0);
+    CHECK_INT_EQ(speed_kv_index_anticipate(idx, 1, p, 3), 0);
+    speed_kv_index_stats_t s;
+    speed_kv_index_stats(idx, &s);
+    CHECK_INT_EQ(s.n_anticipated, 2);
+    speed_kv_index_destroy(idx);
+}
+
 static void test_bound(void) {
     speed_kv_index_t *idx = make_index(1, 4);
     uint64_t h[6] = {1, 2, 3, 4, 5, 6};
@@ -273,6 +307,7 @@ static void test_pool(void) {
 
 int main(void) {
     test_index();
+    test_anticipate();
     test_bound();
     test_prompt_hashes();
     test_cost();
