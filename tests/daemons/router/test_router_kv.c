@@ -10,6 +10,7 @@
  *          longer prefix, then fewer requests, then the first candidate; reasons;
  *   pool:  candidates are the UP, not excluded nodes in rotation order; take counts a pick. */
 #include "alloc.h"
+#include "test_clock.h"
 #include "balance.h"
 #include "block_hash.h"
 #include "check.h"
@@ -305,8 +306,45 @@ static void test_pool(void) {
     speed_balance_pool_destroy(pool);
 }
 
+/* What the router pays per request: overlaps of a 4096-token prompt (256 blocks) against 8
+ * decode nodes holding 65536 blocks each (the default bound), and a whole snapshot applied.
+ * Printed, not checked (a shared machine). */
+static void bench(void) {
+    enum { NODES = 8, HELD = 65536, PROMPT = 256 };
+    speed_kv_index_t *idx = make_index(NODES, HELD);
+    uint64_t *h = speed_malloc(HELD * sizeof *h);
+    int32_t ids[BT];
+    uint64_t prev = SEED;
+    for (int k = 0; k < HELD; k++) {
+        for (int i = 0; i < BT; i++) ids[i] = k * BT + i;
+        h[k] = prev = speed_block_hash_next(prev, ids, BT);
+    }
+    events_t e;
+    double t0 = now_s();
+    for (int n = 0; n < NODES; n++) {
+        ev_init(&e, 1, 2, true);
+        ev_run(&e, false, h, HELD);
+        speed_kv_index_apply(idx, (size_t)n, &e.ev);
+    }
+    double t_snap = (now_s() - t0) / NODES;
+    CHECK_INT_EQ(speed_kv_index_size(idx, 3), HELD);
+    size_t total = 0;
+    int reps = 200;
+    t0 = now_s();
+    for (int r = 0; r < reps; r++)
+        for (int n = 0; n < NODES; n++) total += speed_kv_index_overlap(idx, (size_t)n, h + (r % 7), PROMPT);
+    double t_pick = (now_s() - t0) / reps;
+    CHECK(total > 0);
+    printf("router_kv: a snapshot of %d blocks applied in %.2f ms; the overlaps of a %d-block prompt against %d "
+           "nodes of %d blocks in %.1f us\n",
+           HELD, t_snap * 1e3, PROMPT, NODES, HELD, t_pick * 1e6);
+    speed_free(h);
+    speed_kv_index_destroy(idx);
+}
+
 int main(void) {
     test_index();
+    bench();
     test_anticipate();
     test_bound();
     test_prompt_hashes();
