@@ -12,6 +12,8 @@
 
 /* = speed_policy_t; dtypes, backends and KV transports are named by their owners */
 static const char *const policy_names[] = {"round-robin", "least-loaded", NULL};
+/* = speed_kv_routing_t */
+static const char *const kv_routing_names[] = {"off", "affinity", NULL};
 
 #define F(name, type, member, def, lo, hi, doc) \
     { name, SPEED_CONFIG_##type, offsetof(speed_cluster_config_t, member), def, lo, hi, NULL, doc }
@@ -129,6 +131,21 @@ static const speed_config_field_t fields[] = {
     F("router.prefill_retries", INT, prefill_retries, "1", 0, 16, "other prefill nodes tried before the first token"),
     F("router.max_migrations", INT, max_migrations, "3", 0, 16,
       "times a stream whose decode node dies is re-issued elsewhere and continued; 0 = end it with an error"),
+    FE("router.kv_routing", kv_routing, "off", kv_routing_names,
+       "decode node choice: off (router.decode_policy alone) or affinity (the prompt's prefix cached on a node, "
+       "from its cache events, against its load; docs/router.md#kv-aware-routing)"),
+    F("router.kv_affinity_weight", DOUBLE, kv_affinity_weight, "0.5", 0, 1,
+      "kv_routing affinity: cost = w * blocks to prefill + (1 - w) * load in blocks; 1 = longest cached prefix "
+      "wins, 0 = least loaded wins"),
+    F("router.kv_index_max_blocks", INT, kv_index_max_blocks, "65536", 1, 1 << 22,
+      "block hashes the router keeps per decode node (more are refused and counted)"),
+    F("cache_events.journal", INT, cache_events_journal, "16384", 16, 1 << 22,
+      "decode nodes: cache events kept for the router's next status poll (a router further behind gets a "
+      "snapshot)"),
+    F("cache_events.max_per_reply", INT, cache_events_max_per_reply, "8192", 1, 1 << 22,
+      "decode nodes: cache events in one status reply (the rest at the next poll)"),
+    F("cache_events.max_blocks", INT, cache_events_max_blocks, "65536", 1, 1 << 22,
+      "decode nodes: block hashes a snapshot lists at most (the node's held set; more are refused and counted)"),
     POOL(prefill, "8100", "8200", "4", "16384"),
     POOL(decode, "8300", "8400", "16", "65536"),
     FE("ucx.transport", ucx_transport, "shm", speed_kv_transport_names,

@@ -35,6 +35,9 @@
 #include "tls.h"
 
 typedef enum { SPEED_POLICY_ROUND_ROBIN = 0, SPEED_POLICY_LEAST_LOADED } speed_policy_t;
+/* router.kv_routing (docs/router.md#kv-aware-routing): off = the decode policy alone; affinity = score
+ * decode nodes by the prompt's cached prefix and their load (router.kv_affinity_weight). */
+typedef enum { SPEED_KV_ROUTING_OFF = 0, SPEED_KV_ROUTING_AFFINITY } speed_kv_routing_t;
 
 typedef struct {
     int64_t replicas;        /* >= 0 (prefill 0: every request takes the decode-only route) */
@@ -104,6 +107,14 @@ typedef struct {
     int64_t discovery_max_nodes;   /* addresses a discovered pool holds at most */
     int64_t prefill_retries;       /* other prefill nodes tried before the first token */
     int64_t max_migrations;        /* re-issues of a stream whose decode node died; 0 = error */
+    int kv_routing;                /* speed_kv_routing_t */
+    double kv_affinity_weight;     /* 1 = cached prefix only, 0 = load only */
+    int64_t kv_index_max_blocks;   /* block hashes the router keeps per decode node */
+
+    /* decode nodes' cache event journal (KV-aware routing) */
+    int64_t cache_events_journal;       /* events kept for the router's next read */
+    int64_t cache_events_max_per_reply; /* events in one status reply */
+    int64_t cache_events_max_blocks;    /* hashes a snapshot (the node's held set) lists at most */
 
     speed_pool_config_t prefill, decode;
 

@@ -142,8 +142,13 @@ static double kv_usage_ratio(const speed_batcher_stats_t *s) {
 }
 
 static void on_status(void *user, speed_rpc_call_t *call, const uint8_t *req, size_t len) {
-    (void)req, (void)len;
     speed_node_t *n = user;
+    Speed__V1__NodeStatusRequest *sreq = NULL;
+    if (speed_proto_unpack(&speed__v1__node_status_request__descriptor, req, len, (ProtobufCMessage **)&sreq) !=
+        SPEED_OK) {
+        speed_node_fail(call, SPEED_ERR_INVALID_ARGUMENT, "malformed NodeStatusRequest");
+        return;
+    }
     speed_batcher_stats_t s;
     speed_batcher_stats(n->batcher, &s);
     Speed__V1__NodeStatus r = SPEED__V1__NODE_STATUS__INIT;
@@ -163,7 +168,14 @@ static void on_status(void *user, speed_rpc_call_t *call, const uint8_t *req, si
     r.kv_usage_ratio = (float)kv_usage_ratio(&s);
     r.queue_limit = (int32_t)n->pool->max_waiting;
     r.state = proto_state(n);
+    r.active_blocks = (uint32_t)s.kv.usage.n_blocks[0];
+    /* KV-aware routing: the journal's events after the router's cursor (decode nodes); without
+     * memory for them the reply goes out without events and the router asks again */
+    speed_node_cache_events_t hold;
+    speed_node_cache_events(n, sreq->cache, &hold, &r.cache);
     speed_node_reply(call, &r.base);
+    speed_node_cache_events_cleanup(&hold);
+    speed_proto_free(&sreq->base);
 }
 
 /* ---- HTTP ------------------------------------------------------------------------------------- */
@@ -560,6 +572,7 @@ speed_status_t speed_node_init(speed_node_t *n, const char *role, int argc, char
 
     st = load_model(n);
     if (st == SPEED_OK) st = metrics_init(n);
+    if (st == SPEED_OK && strcmp(role, "decode") == 0) st = speed_node_cache_init(n);
     if (st == SPEED_OK) {
         speed_cluster_grpc_listen_addr(&n->cfg, n->pool, n->cfg.node_index, n->grpc_addr, sizeof n->grpc_addr);
         speed_cluster_http_addr(&n->cfg, n->pool, n->cfg.node_index, n->http_addr, sizeof n->http_addr);
@@ -695,6 +708,7 @@ void speed_node_cleanup(speed_node_t *n) {
     }
     speed_rpc_server_destroy(n->rpc);
     speed_http_server_destroy(n->http);
+    speed_node_cache_cleanup(n);
     if (n->xfer) speed_kv_xfer_ctx_destroy(n->xfer);
     for (int r = 1; r < n->n_ranks; r++) speed_backend_destroy(n->rank_backends[r]);
     speed_backend_destroy(n->backend);

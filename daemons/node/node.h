@@ -31,6 +31,8 @@
 
 #include "backend.h"
 #include "batcher.h"
+#include "cache_journal.h"
+#include "prompt_hold.h"
 #include "cluster_config.h"
 #include "http.h"
 #include "kv_transfer.h"
@@ -91,6 +93,14 @@ typedef struct speed_node_s {
     speed_counter_t *m_tokens_full;    /* speed_engine_prompt_tokens_total{depth="full"} */
     speed_counter_t *m_kv_saved;       /* speed_kv_bytes_saved_total */
     speed_histogram_t *m_xfer_exposed; /* speed_kv_transfer_exposed_seconds */
+
+    /* KV-aware routing (decode nodes; node_cache.c): the prefix-cache event journal the router
+     * reads on its status poll, and the seed of this node's block hashes */
+    speed_cache_journal_t *cache_journal;
+    speed_prompt_hold_t *cache_hold; /* reserved prompts' hashes until their Generate */
+    uint64_t cache_seed;
+    speed_counter_t *m_cache_stored, *m_cache_evicted, *m_cache_refused; /* speed_node_cache_events_total{kind} */
+    speed_counter_t *m_cache_snapshots;                                  /* speed_node_cache_snapshots_total */
 
     /* worker threads for speed_node_defer */
     pthread_mutex_t work_mu;
@@ -159,6 +169,42 @@ speed_status_t speed_node_on_kv_notify(void *user, const speed_kv_notify_t *note
  * node, counting from when it received the descriptor, stops putting before this node's lease
  * ends even when the control plane took a quarter of the lease to deliver it. */
 static inline int64_t speed_node_desc_lease_ms(int64_t lease_ms) { return lease_ms - lease_ms / 4; }
+
+/* ---- the cache event journal (node_cache.c; decode nodes) ---- */
+
+/* Creates the journal (instance = the node's epoch, bounds cache_events.*), the seed of the
+ * node's block hashes (served model name, kv.block_tokens) and the speed_node_cache_* metrics.
+ * Called by speed_node_init for the decode role. Returns SPEED_OK or what create/register
+ * return. */
+speed_status_t speed_node_cache_init(speed_node_t *node);
+void speed_node_cache_cleanup(speed_node_t *node);
+
+/* Records the full blocks of a prompt the node computed or received as stored: what the prefix
+ * cache will do when it lands; until then the decode daemon calls it for a finished request.
+ * No-op without a journal. Any thread. */
+void speed_node_cache_record_prompt(speed_node_t *node, const int32_t *ids, size_t n_ids);
+
+/* The disaggregated route: Reserve keeps the prompt's block hashes under the request id
+ * (prompt_hold.h) until its Generate takes them (speed_node_cache_take_held, before the request
+ * starts: the finish event may come at once), and the finish records them
+ * (speed_node_cache_record_hashes). No-ops without a journal; any thread. take returns false
+ * (nothing set) when nothing is held. */
+void speed_node_cache_hold_prompt(speed_node_t *node, const char *request_id, const int32_t *ids, size_t n_ids);
+bool speed_node_cache_take_held(speed_node_t *node, const char *request_id, uint64_t **hashes_p, size_t *n_p);
+void speed_node_cache_record_hashes(speed_node_t *node, const uint64_t *hashes, size_t n);
+
+/* The cache events of a status reply, for the router's cursor (NULL: none asked, *out stays
+ * NULL). On success *out points into `hold`, which owns every allocation until
+ * speed_node_cache_events_cleanup. Returns SPEED_OK or SPEED_ERR_NO_MEMORY (no events sent). */
+typedef struct {
+    Speed__V1__CacheEvents msg;
+    Speed__V1__CacheEventRun *runs;    /* [n_runs] */
+    Speed__V1__CacheEventRun **ptrs;   /* [n_runs] */
+    speed_cache_journal_reply_t reply; /* the hashes the runs point into */
+} speed_node_cache_events_t;
+speed_status_t speed_node_cache_events(speed_node_t *node, const Speed__V1__CacheCursor *cursor,
+                                       speed_node_cache_events_t *hold, Speed__V1__CacheEvents **out);
+void speed_node_cache_events_cleanup(speed_node_cache_events_t *hold);
 
 /* A role method for speed_node_main. */
 typedef struct {

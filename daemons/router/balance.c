@@ -260,6 +260,40 @@ speed_status_t speed_balance_pool_pick(speed_balance_pool_t *pool, const size_t 
     return SPEED_OK;
 }
 
+size_t speed_balance_pool_candidates(speed_balance_pool_t *pool, const size_t *exclude, size_t n_exclude,
+                                     speed_balance_candidate_t *out, size_t n_out_max) {
+    if (!pool || !out || (n_exclude > 0 && !exclude)) return 0;
+    size_t k = 0;
+    pool_lock(pool);
+    size_t n = pool->n_nodes;
+    for (size_t j = 0; j < n && k < n_out_max; j++) {
+        size_t i = (pool->next + j) % n;
+        const node_t *node = &pool->nodes[i];
+        bool eligible = node->state == SPEED_NODE_UP && !excluded(exclude, n_exclude, i);
+        if (!eligible) continue;
+        out[k].index = i;
+        out[k].load = node->load;
+        out[k].pending = node->pending;
+        k++;
+    }
+    pool_unlock(pool);
+    return k;
+}
+
+speed_status_t speed_balance_pool_take(speed_balance_pool_t *pool, size_t index) {
+    if (!pool) return SPEED_ERR_INVALID_ARGUMENT;
+    speed_status_t st = SPEED_OK;
+    pool_lock(pool);
+    if (index < pool->n_nodes) {
+        pool->nodes[index].pending++;
+        pool->next = (index + 1) % pool->n_nodes;
+    } else {
+        st = SPEED_ERR_INVALID_ARGUMENT;
+    }
+    pool_unlock(pool);
+    return st;
+}
+
 /* ---- admission --------------------------------------------------------------------- */
 
 typedef struct waiter {

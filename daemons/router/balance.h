@@ -53,6 +53,8 @@ typedef struct {
     int32_t n_running; /* requests being computed */
     int32_t n_waiting; /* requests queued on the node */
     double kv_usage;   /* KV cache usage ratio [0, 1] */
+    /* KV blocks held by its requests (NodeStatus.active_blocks): KV-aware routing's load */
+    int64_t active_blocks;
 } speed_node_load_t;
 
 typedef struct {
@@ -110,6 +112,24 @@ speed_status_t speed_balance_pool_pending(const speed_balance_pool_t *pool, size
  * SPEED_ERR_INVALID_ARGUMENT (NULL arguments). */
 speed_status_t speed_balance_pool_pick(speed_balance_pool_t *pool, const size_t *exclude, size_t n_exclude,
                                        size_t *index_p);
+/* A node a caller may pick (speed_balance_pool_candidates). */
+typedef struct {
+    size_t index;
+    speed_node_load_t load; /* its last snapshot */
+    int64_t pending;        /* picks since that snapshot */
+} speed_balance_candidate_t;
+
+/* For a caller that scores nodes itself (KV-aware routing, kv_route.h): the eligible nodes
+ * (UP, not excluded), at most n_out_max, in the pool's rotation order (the order a tie should
+ * be broken in). Returns how many were written. The caller then commits its choice with
+ * speed_balance_pool_take. */
+size_t speed_balance_pool_candidates(speed_balance_pool_t *pool, const size_t *exclude, size_t n_exclude,
+                                     speed_balance_candidate_t *out, size_t n_out_max);
+/* Counts a pick of the node made outside speed_balance_pool_pick (its pending picks + 1) and
+ * moves the rotation past it. Returns SPEED_OK or SPEED_ERR_INVALID_ARGUMENT (index out of
+ * range). */
+speed_status_t speed_balance_pool_take(speed_balance_pool_t *pool, size_t index);
+
 /* Number of UP nodes. */
 size_t speed_balance_pool_n_up(const speed_balance_pool_t *pool);
 

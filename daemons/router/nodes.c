@@ -47,6 +47,8 @@ struct speed_router_nodes {
     const speed_rpc_tls_t *tls;
     speed_gauge_t *up_family;
     speed_counter_t *down_family;
+    speed_kv_index_t *kv; /* decode pool's prefix index (NULL = none) */
+    bool kv_events;       /* ask the decode nodes for cache events (router.kv_routing on) */
 
     pthread_t thread, disc_thread;
     bool thread_started, disc_started;
@@ -113,6 +115,11 @@ static speed_status_t node_add(speed_router_nodes_t *n, speed_router_pool_id_t p
     }
     SPEED_ASSERT(index == i);
     update_gauge(n, p, i);
+    if (p == SPEED_ROUTER_POOL_DECODE && n->kv) {
+        speed_kv_index_forget(n->kv, i); /* nothing known of it yet */
+        if (speed_kv_index_name_node(n->kv, i, node->address) != SPEED_OK)
+            SPEED_WARN(SPEED_SUBSYS_NET, "decode node %s: no prefix-index gauge (out of memory)", node->address);
+    }
     return SPEED_OK;
 }
 
@@ -190,6 +197,15 @@ speed_status_t speed_router_nodes_create(const speed_router_nodes_params_t *para
                                         &n->down_family);
         if (st == SPEED_OK && any_discovery) st = register_discovery_metrics(n, params->metrics);
     }
+    if (st == SPEED_OK && params->kv_index) {
+        bool d_disc = n->disc[SPEED_ROUTER_POOL_DECODE].name[0] != '\0';
+        speed_kv_index_params_t kp = *params->kv_index;
+        kp.n_nodes_max =
+            d_disc ? (size_t)params->discovery_max_nodes : (size_t)params->n_nodes[SPEED_ROUTER_POOL_DECODE];
+        kp.metrics = params->metrics;
+        st = speed_kv_index_create(&kp, &n->kv);
+        n->kv_events = params->kv_events;
+    }
     for (int p = 0; p < SPEED_ROUTER_POOL_COUNT && st == SPEED_OK; p++) {
         bool discovered = n->disc[p].name[0] != '\0';
         size_t count = discovered ? 0 : (size_t)params->n_nodes[p];
@@ -231,6 +247,36 @@ speed_status_t speed_router_nodes_create(const speed_router_nodes_params_t *para
     }
     *nodes_p = n;
     return SPEED_OK;
+}
+
+/* One Status call: the load snapshot, and with kv the cache events after the index's cursor.
+ * Returns true when more events wait (poll again). */
+static bool poll_status(speed_router_nodes_t *n, speed_router_pool_id_t p, size_t i, speed_kv_index_t *kv) {
+    Speed__V1__NodeStatusRequest sreq = SPEED__V1__NODE_STATUS_REQUEST__INIT;
+    Speed__V1__CacheCursor cursor;
+    if (kv) {
+        speed_kv_index_cursor(kv, i, &cursor);
+        sreq.cache = &cursor;
+    }
+    uint8_t *buf = NULL;
+    size_t len = 0;
+    if (speed_proto_pack(&sreq.base, &buf, &len) != SPEED_OK) return false;
+    bool more = false;
+    speed_rpc_reply_t sr = {0};
+    if (speed_rpc_unary(n->nodes[p][i].channel, SPEED_METHOD_NODE_STATUS, buf, len, n->rpc_timeout_ms, &sr) ==
+        SPEED_OK) {
+        Speed__V1__NodeStatus *s = NULL;
+        if (speed_proto_unpack(&speed__v1__node_status__descriptor, sr.data, sr.len, (ProtobufCMessage **)&s) ==
+            SPEED_OK) {
+            speed_node_load_t load = {s->running, s->waiting, s->kv_usage_ratio, s->active_blocks};
+            speed_balance_pool_set_load(n->pools[p], i, &load);
+            if (kv) more = speed_kv_index_apply(kv, i, s->cache);
+            speed_proto_free(&s->base);
+        }
+    }
+    speed_rpc_reply_cleanup(&sr);
+    speed_free(buf);
+    return more;
 }
 
 /* One Health (+ Status) round trip to one node; updates the pool and the gauge. */
@@ -296,23 +342,15 @@ static void poll_node(speed_router_nodes_t *n, speed_router_pool_id_t p, size_t 
         if (speed_balance_pool_take_down(pool, i) && node->down_count) speed_counter_inc(node->down_count);
     }
 
+    speed_kv_index_t *kv = p == SPEED_ROUTER_POOL_DECODE && n->kv_events ? n->kv : NULL;
+    speed_node_state_t now = SPEED_NODE_DOWN;
+    speed_balance_pool_state(pool, i, &now);
+    if (kv && (now == SPEED_NODE_DOWN || retired)) speed_kv_index_forget(kv, i); /* its cache is gone to us */
     if (state == SPEED__V1__NODE_STATE__NODE_STATE_SERVING || state == SPEED__V1__NODE_STATE__NODE_STATE_DRAINING) {
-        Speed__V1__NodeStatusRequest sreq = SPEED__V1__NODE_STATUS_REQUEST__INIT;
-        if (speed_proto_pack(&sreq.base, &buf, &len) == SPEED_OK) {
-            speed_rpc_reply_t sr = {0};
-            if (speed_rpc_unary(node->channel, SPEED_METHOD_NODE_STATUS, buf, len, n->rpc_timeout_ms, &sr) ==
-                SPEED_OK) {
-                Speed__V1__NodeStatus *s = NULL;
-                if (speed_proto_unpack(&speed__v1__node_status__descriptor, sr.data, sr.len, (ProtobufCMessage **)&s) ==
-                    SPEED_OK) {
-                    speed_node_load_t load = {s->running, s->waiting, s->kv_usage_ratio};
-                    speed_balance_pool_set_load(pool, i, &load);
-                    speed_proto_free(&s->base);
-                }
-            }
-            speed_rpc_reply_cleanup(&sr);
-            speed_free(buf);
-        }
+        /* a reply that says more cache events wait is followed by a few more reads now */
+        bool more = true;
+        for (int read = 0; more && read <= (kv ? SPEED_ROUTER_KV_EXTRA_READS : 0); read++)
+            more = poll_status(n, p, i, kv && !retired ? kv : NULL);
     }
     update_gauge(n, p, i);
 }
@@ -332,6 +370,7 @@ static void discovery_apply(speed_router_nodes_t *n, speed_router_pool_id_t p, c
         if (!listed && !retired) {
             atomic_store(&node->retired, true);
             speed_balance_pool_set_draining(n->pools[p], i, true);
+            if (p == SPEED_ROUTER_POOL_DECODE) speed_kv_index_forget(n->kv, i);
             if (d->m_removed) speed_counter_inc(d->m_removed);
             SPEED_INFO(SPEED_SUBSYS_NET, "%s pool: node %s left %s: retired (its requests finish)", pool_name,
                        node->address, d->name);
@@ -526,6 +565,7 @@ void speed_router_nodes_destroy(speed_router_nodes_t *n) {
         speed_free(n->disc[p].found);
         speed_balance_pool_destroy(n->pools[p]);
     }
+    speed_kv_index_destroy(n->kv);
     pthread_cond_destroy(&n->cond);
     pthread_cond_destroy(&n->disc_cond);
     pthread_mutex_destroy(&n->lock);
@@ -558,8 +598,11 @@ void speed_router_nodes_fail(speed_router_nodes_t *n, speed_router_pool_id_t p, 
     /* counted here too: a node a request saw die is down as surely as one the poller found */
     node_t *node = &n->nodes[p][i];
     if (speed_balance_pool_take_down(n->pools[p], i) && node->down_count) speed_counter_inc(node->down_count);
+    if (p == SPEED_ROUTER_POOL_DECODE) speed_kv_index_forget(n->kv, i);
     update_gauge(n, p, i);
 }
+
+speed_kv_index_t *speed_router_nodes_kv_index(speed_router_nodes_t *n) { return n ? n->kv : NULL; }
 
 size_t speed_router_nodes_n_up(speed_router_nodes_t *n, speed_router_pool_id_t p) {
     if (p < 0 || p >= SPEED_ROUTER_POOL_COUNT) return 0;

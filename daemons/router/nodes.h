@@ -31,6 +31,13 @@
  * Counters speed_router_discovery_nodes_added_total{pool}, ..._removed_total{pool},
  * speed_router_discovery_failures_total{pool}, speed_router_discovery_refused_total{pool}.
  *
+ * KV-aware routing (params.kv_index set): each Status request to a decode node carries the
+ * cursor of the router's prefix index (kv_index.h) and the reply's cache events are applied to
+ * it (a reply saying more events wait is followed by up to SPEED_ROUTER_KV_EXTRA_READS more
+ * Status calls in the same round). The index forgets a node the moment it is taken DOWN (a
+ * failed health check or request), retired by discovery, or restarted (its journal instance
+ * changed).
+ *
  * Threading: every function may be called from any thread after create, except start, stop
  * and destroy (one owner). Channels are shared by all request threads (speed_rpc channels
  * are thread-safe).
@@ -45,12 +52,16 @@
 #include <stdint.h>
 
 #include "balance.h"
+#include "kv_index.h"
 #include "metrics.h"
 #include "rpc.h"
 #include "status.h"
 
 /* Health checks in a row that must time out before the poller takes an UP node out. */
 #define SPEED_ROUTER_HEALTH_TIMEOUTS_DOWN 2
+/* Extra Status calls in one poll round to a decode node whose cache events did not fit one
+ * reply (cache_events.max_per_reply); the rest comes at the next round. */
+#define SPEED_ROUTER_KV_EXTRA_READS       4
 
 typedef enum {
     SPEED_ROUTER_POOL_PREFILL = 0,
@@ -76,6 +87,11 @@ typedef struct {
     speed_metrics_t *metrics;   /* registers speed_router_node_up; borrowed, must
                                             outlive the nodes object */
     const speed_rpc_tls_t *tls; /* mTLS to the nodes (PEM copied by gRPC); NULL = plaintext */
+    /* KV-aware routing: the prefix index of the decode pool (kv_index.h) is made with these
+     * (n_nodes_max and metrics are set here; NULL = no index), and fed by the poller when
+     * kv_events is set (otherwise it stays empty: its metrics exist, at 0) */
+    const speed_kv_index_params_t *kv_index;
+    bool kv_events;
 } speed_router_nodes_params_t;
 
 typedef struct speed_router_nodes speed_router_nodes_t;
@@ -115,6 +131,9 @@ void speed_router_nodes_fail(speed_router_nodes_t *nodes, speed_router_pool_id_t
 
 /* Nodes UP in the pool (the decode count gates /health). */
 size_t speed_router_nodes_n_up(speed_router_nodes_t *nodes, speed_router_pool_id_t pool);
+
+/* The decode pool's prefix index (owned by nodes), NULL when KV-aware routing is off. */
+speed_kv_index_t *speed_router_nodes_kv_index(speed_router_nodes_t *nodes);
 
 /* Polls completed since start (tests and logs). */
 uint64_t speed_router_nodes_polls(const speed_router_nodes_t *nodes);

@@ -38,6 +38,9 @@ static speed_status_t run_prefill(rtr_req_t *r, plan_t *pl, size_t dnode, bool *
     rq.max_tokens = pl->sampling.max_tokens - (int32_t)pl->n_resume;
     if (rq.max_tokens < 1) rq.max_tokens = 1;
     rq.resume_tokens = (int32_t)pl->n_resume;
+    rq.cached_tokens = pl->cached_tokens;
+    rq.n_prompt_ids = pl->n_ids; /* for the decode node's prefix cache and its cache events */
+    rq.prompt_ids = pl->ids;
     if (pl->has_speed) rq.speed = &pl->speed;
     if (!speed_router_req_leg_begin(r, SPEED_ROUTER_POOL_DECODE, dnode)) {
         speed_router_req_fail_cancelled(r);
@@ -239,13 +242,16 @@ static speed_status_t run_prefill(rtr_req_t *r, plan_t *pl, size_t dnode, bool *
     return SPEED_ERR_PEER_UNREACHABLE;
 }
 
-/* Picks a decode node not in tried[]; when none is up and `wait`, polls for up to
- * SPEED_ROUTER_NODE_WAIT_MS (within the request's deadline, until it is cancelled). */
-static bool pick_decode(rtr_req_t *r, speed_balance_pool_t *dpool, const size_t *tried, size_t n_tried, bool wait,
-                        size_t *dnode_p) {
+/* Picks a decode node not in tried[] (by router.decode_policy, or by KV-aware routing:
+ * request_kv.c); when none is up and `wait`, polls for up to SPEED_ROUTER_NODE_WAIT_MS (within
+ * the request's deadline, until it is cancelled). */
+static bool pick_decode(rtr_req_t *r, plan_t *pl, speed_balance_pool_t *dpool, const size_t *tried, size_t n_tried,
+                        bool wait, size_t *dnode_p) {
     int64_t waited = 0;
+    bool kv = r->rt->cfg->kv_routing != SPEED_KV_ROUTING_OFF;
     for (;;) {
-        if (speed_balance_pool_pick(dpool, tried, n_tried, dnode_p) == SPEED_OK) {
+        if (kv ? speed_router_kv_pick(r, pl, tried, n_tried, dnode_p)
+               : speed_balance_pool_pick(dpool, tried, n_tried, dnode_p) == SPEED_OK) {
             if (waited > 0)
                 speed_log(SPEED_LOG_INFO, SUBSYS, r->id, "a decode node is up again after %lld ms", (long long)waited);
             return true;
@@ -284,7 +290,8 @@ static void run_routed(rtr_req_t *r, plan_t *pl, speed_route_kind_t kind) {
             break;
         }
         size_t dnode;
-        if (n_tried >= sizeof tried / sizeof tried[0] || !pick_decode(r, dpool, tried, n_tried, node_failed, &dnode)) {
+        if (n_tried >= sizeof tried / sizeof tried[0] ||
+            !pick_decode(r, pl, dpool, tried, n_tried, node_failed, &dnode)) {
             /* No KV room anywhere is the cluster's state, not the client's rate: 503 with
              * Retry-After (the status table would say 429). */
             speed_openai_error_t err;
@@ -300,6 +307,7 @@ static void run_routed(rtr_req_t *r, plan_t *pl, speed_route_kind_t kind) {
         Speed__V1__GenerateRequest gm = SPEED__V1__GENERATE_REQUEST__INIT;
         gm.request_id = r->id;
         gm.sampling = &pl->sampling;
+        gm.cached_tokens = pl->cached_tokens;
         Speed__V1__PrefillReply *prefill = NULL;
         /* a migrated request: the tokens the client has, for the node's text pipeline */
         gm.n_resumed_ids = (size_t)pl->n_resume;
@@ -352,6 +360,8 @@ static void run_routed(rtr_req_t *r, plan_t *pl, speed_route_kind_t kind) {
             speed_histogram_observe(rt->m_e2e, t_end - r->t_arrival);
             if (rl.n_generated > 1 && rl.t_first_token > 0)
                 speed_histogram_observe(rt->m_tpot, (t_end - rl.t_first_token) / (double)(rl.n_generated - 1));
+            /* before the answer: a client's next turn may follow at once */
+            speed_router_kv_completed(r, pl, dnode);
             speed_router_relay_answer(r, &rl);
         } else {
             /* The decode node may still hold the sequence (error, cancel, client gone). */

@@ -6,6 +6,7 @@
  *   request_rpc.c     the node side: deadline-bounded calls, gRPC code classes, messages
  *   request_cancel.c  cancellation state, legs in flight, the Cancel RPC
  *   request_migrate.c a stream whose decode node died, re-issued on another path
+ *   request_kv.c      KV-aware routing: the decode node by cached prefix and load
  *
  * Every function here runs on the request's worker thread unless it says otherwise.
  * Not an API: nothing outside router/ includes this. */
@@ -27,7 +28,20 @@ typedef struct {
     Speed__V1__SamplingParams sampling; /* max_tokens stays the request's total */
     Speed__V1__SpeedParams speed;       /* the request's `speed` object */
     bool has_speed;
+    int32_t cached_tokens; /* KV-aware routing: prompt tokens the picked decode node holds (hint) */
 } plan_t;
+
+/* ---- request_kv.c ------------------------------------------------------------------ */
+
+/* KV-aware routing (router.kv_routing affinity; kv_route.h): picks the decode node for
+ * pl->ids among the UP nodes not in tried[], by the prefix each holds (the prefix index) and
+ * its load, counts the pick (speed_router_kv_routed_total{reason}, the pool's pending picks)
+ * and sets pl->cached_tokens. Returns false when no node is eligible (as
+ * speed_balance_pool_pick's SPEED_ERR_PEER_UNREACHABLE). */
+bool speed_router_kv_pick(rtr_req_t *r, plan_t *pl, const size_t *tried, size_t n_tried, size_t *dnode_p);
+/* The request completed on decode node dnode: its prompt's blocks go into that node's index
+ * ahead of the node's events (speed_kv_index_anticipate). No-op with KV-aware routing off. */
+void speed_router_kv_completed(rtr_req_t *r, const plan_t *pl, size_t dnode);
 
 /* ---- request_cancel.c -------------------------------------------------------------- */
 

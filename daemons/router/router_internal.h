@@ -106,6 +106,10 @@ struct speed_router {
     speed_counter_t *m_generated_tokens;
     speed_counter_t *m_overrun;     /* streams cut off: the client did not read */
     speed_counter_t *m_key_limited; /* {key,limit}: 429s of the per-key limits (key = its name) */
+    /* speed_router_kv_routed_total{reason}: KV-aware routing's choices */
+    speed_counter_t *m_kv_affinity, *m_kv_balance;
+    /* speed_router_kv_prompt_blocks_total{where}: routed prompts' blocks the node held or not */
+    speed_counter_t *m_kv_blocks_cached, *m_kv_blocks_new;
 };
 
 struct rtr_req {

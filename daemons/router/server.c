@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "alloc.h"
+#include "block_hash.h"
 #include "clock.h"
 #include "file.h"
 #include "log.h"
@@ -397,6 +398,22 @@ static speed_status_t register_metrics(speed_router_t *rt) {
                                        0, &rt->m_prompt_tokens));
     SPEED_CHECK(speed_counter_register(m, "speed_router_generated_tokens_total", "tokens relayed to clients", NULL, 0,
                                        &rt->m_generated_tokens));
+    static const char *const reason[] = {"reason"};
+    speed_counter_t *kv_routed;
+    SPEED_CHECK(speed_counter_register(m, "speed_router_kv_routed_total",
+                                       "decode node choices of KV-aware routing (router.kv_routing affinity): affinity "
+                                       "(the node held a prefix of the prompt) or balance (it held none)",
+                                       reason, 1, &kv_routed));
+    SPEED_CHECK(speed_counter_labels(kv_routed, (const char *[]){"affinity"}, &rt->m_kv_affinity));
+    SPEED_CHECK(speed_counter_labels(kv_routed, (const char *[]){"balance"}, &rt->m_kv_balance));
+    static const char *const where[] = {"where"};
+    speed_counter_t *kv_blocks;
+    SPEED_CHECK(speed_counter_register(m, "speed_router_kv_prompt_blocks_total",
+                                       "full blocks of the prompts KV-aware routing placed: cached (the chosen decode "
+                                       "node's prefix index held them) or new (to prefill)",
+                                       where, 1, &kv_blocks));
+    SPEED_CHECK(speed_counter_labels(kv_blocks, (const char *[]){"cached"}, &rt->m_kv_blocks_cached));
+    SPEED_CHECK(speed_counter_labels(kv_blocks, (const char *[]){"new"}, &rt->m_kv_blocks_new));
     return SPEED_OK;
 }
 
@@ -477,6 +494,14 @@ speed_status_t speed_router_create(const speed_router_params_t *params, speed_ro
         np.discovery_max_nodes = cfg->discovery_max_nodes;
         np.metrics = rt->metrics;
         np.tls = params->tls;
+        /* KV-aware routing: the index always exists (its metrics too); it is fed only when on */
+        speed_kv_index_params_t kp = {
+            .max_blocks = (size_t)cfg->kv_index_max_blocks,
+            .seed = speed_block_hash_seed(params->model_id, (int32_t)cfg->kv_block_tokens),
+            .block_tokens = (int32_t)cfg->kv_block_tokens,
+        };
+        np.kv_index = &kp;
+        np.kv_events = cfg->kv_routing != SPEED_KV_ROUTING_OFF;
         st = speed_router_nodes_create(&np, &rt->nodes);
     }
     if (st == SPEED_OK) {

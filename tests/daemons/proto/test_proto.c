@@ -429,7 +429,46 @@ static void test_all_messages(void) {
     speed_proto_free(m);
 
     Speed__V1__NodeStatusRequest nq = SPEED__V1__NODE_STATUS_REQUEST__INIT;
+    Speed__V1__CacheCursor cc = SPEED__V1__CACHE_CURSOR__INIT;
+    cc.instance = 0xfeedface12345678ULL;
+    cc.next_seq = 42;
+    nq.cache = &cc;
     m = round_trip(&nq.base);
+    {
+        Speed__V1__NodeStatusRequest *o = (Speed__V1__NodeStatusRequest *)m;
+        CHECK(o->cache && o->cache->instance == 0xfeedface12345678ULL && o->cache->next_seq == 42);
+    }
+    speed_proto_free(m);
+    /* cache events: runs of fixed64 hashes keep their order and full 64 bits */
+    uint64_t hs[3] = {0xffffffffffffffffULL, 1, 0x8000000000000000ULL}, he[1] = {7};
+    Speed__V1__CacheEventRun runs[2] = {SPEED__V1__CACHE_EVENT_RUN__INIT, SPEED__V1__CACHE_EVENT_RUN__INIT};
+    Speed__V1__CacheEventRun *rp[2] = {&runs[0], &runs[1]};
+    runs[0].kind = SPEED__V1__CACHE_EVENT_KIND__CACHE_EVENT_STORED;
+    runs[0].n_hashes = 3;
+    runs[0].hashes = hs;
+    runs[1].kind = SPEED__V1__CACHE_EVENT_KIND__CACHE_EVENT_EVICTED;
+    runs[1].n_hashes = 1;
+    runs[1].hashes = he;
+    Speed__V1__CacheEvents ce = SPEED__V1__CACHE_EVENTS__INIT;
+    ce.instance = 9;
+    ce.next_seq = 100;
+    ce.snapshot = true;
+    ce.more = true;
+    ce.n_runs = 2;
+    ce.runs = rp;
+    ce.hash_seed = 0xabcdef0123456789ULL;
+    ce.block_tokens = 16;
+    m = round_trip(&runs[1].base);
+    speed_proto_free(m);
+    m = round_trip(&ce.base);
+    {
+        Speed__V1__CacheEvents *o = (Speed__V1__CacheEvents *)m;
+        CHECK(o->instance == 9 && o->next_seq == 100 && o->snapshot && o->more && o->block_tokens == 16);
+        CHECK(o->hash_seed == 0xabcdef0123456789ULL);
+        CHECK(o->n_runs == 2 && o->runs[0]->n_hashes == 3 && o->runs[0]->hashes[0] == hs[0] &&
+              o->runs[0]->hashes[2] == hs[2] && o->runs[1]->kind == SPEED__V1__CACHE_EVENT_KIND__CACHE_EVENT_EVICTED &&
+              o->runs[1]->hashes[0] == 7);
+    }
     speed_proto_free(m);
     Speed__V1__KvPoolUsage pu[2] = {SPEED__V1__KV_POOL_USAGE__INIT, SPEED__V1__KV_POOL_USAGE__INIT};
     Speed__V1__KvPoolUsage *pus[2] = {&pu[0], &pu[1]};
@@ -447,6 +486,8 @@ static void test_all_messages(void) {
     ns.kv_usage_ratio = 0.7f;
     ns.queue_limit = 64;
     ns.state = SPEED__V1__NODE_STATE__NODE_STATE_SERVING;
+    ns.cache = &ce;
+    ns.active_blocks = 750;
     m = round_trip(&pu[0].base);
     speed_proto_free(m);
     m = round_trip(&ns.base);
@@ -459,6 +500,8 @@ static void test_all_messages(void) {
         CHECK_NEAR(o->kv_usage_ratio, 0.7f, 0);
         CHECK_INT_EQ(o->queue_limit, 64);
         CHECK_INT_EQ(o->state, SPEED__V1__NODE_STATE__NODE_STATE_SERVING);
+        CHECK_INT_EQ(o->active_blocks, 750);
+        CHECK(o->cache && o->cache->n_runs == 2);
     }
     speed_proto_free(m);
 }

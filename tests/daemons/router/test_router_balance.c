@@ -42,7 +42,7 @@ static void test_pool_basics(void) {
     CHECK_INT_EQ(speed_balance_pool_size(pool), 2);
     CHECK_STR_EQ(speed_balance_pool_address(pool, 1), "b:2");
     CHECK(speed_balance_pool_address(pool, 2) == NULL);
-    speed_node_load_t load = {1, 2, 0.5};
+    speed_node_load_t load = {1, 2, 0.5, 0};
     CHECK_INT_EQ(speed_balance_pool_set_load(pool, 5, &load), SPEED_ERR_INVALID_ARGUMENT);
     CHECK_INT_EQ(speed_balance_pool_mark_down(pool, 5), SPEED_ERR_INVALID_ARGUMENT);
     CHECK_INT_EQ(speed_balance_pool_pick(pool, NULL, 1, &idx), SPEED_ERR_INVALID_ARGUMENT);
@@ -132,7 +132,7 @@ static void test_round_robin(void) {
 
 static void test_least_loaded(void) {
     speed_balance_pool_t *pool = make_pool(SPEED_BALANCE_LEAST_LOADED, 4);
-    speed_node_load_t loads[4] = {{5, 1, 0.5}, {2, 0, 0.9}, {1, 3, 0.1}, {7, 0, 0.0}};
+    speed_node_load_t loads[4] = {{5, 1, 0.5, 0}, {2, 0, 0.9, 0}, {1, 3, 0.1, 0}, {7, 0, 0.0, 0}};
     for (size_t i = 0; i < 4; i++) CHECK_INT_EQ(speed_balance_pool_set_load(pool, i, &loads[i]), SPEED_OK);
     /* scores 6, 2, 4, 7: node 1 */
     size_t idx;
@@ -164,7 +164,7 @@ static void test_least_loaded(void) {
 
     /* a burst on equal nodes spreads out (pending counts + rotation) */
     for (size_t i = 0; i < 4; i++) {
-        speed_node_load_t zero = {0, 0, 0.0};
+        speed_node_load_t zero = {0, 0, 0.0, 0};
         speed_balance_pool_set_load(pool, i, &zero);
         speed_balance_pool_mark_up(pool, i);
     }
@@ -203,7 +203,7 @@ static void *flapper(void *arg) {
     speed_balance_pool_t *pool = arg;
     for (int i = 0; i < 2000; i++) {
         speed_balance_pool_mark_down(pool, 4);
-        speed_node_load_t l = {i % 3, 0, 0.1};
+        speed_node_load_t l = {i % 3, 0, 0.1, 0};
         speed_balance_pool_set_load(pool, 0, &l);
         speed_balance_pool_mark_up(pool, 4);
     }

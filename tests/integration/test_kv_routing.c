@@ -1,0 +1,200 @@
+/* KV-aware routing on a real 1P2D cluster (speed-router with router.kv_routing affinity →
+ * speed-prefill → speed-decode ×2; docs/router.md#kv-aware-routing):
+ *
+ *  1. a first turn (64 tokens = 4 blocks) goes to some decode node X; X journals its 4 prompt
+ *     blocks as stored (speed_node_cache_events_total{kind="stored"}), and the router's prefix
+ *     index learns them from X's status replies (speed_router_kv_index_blocks{node=X} = 4);
+ *  2. three next turns (the same 64 tokens + 16 more) all go to X, counted as affinity;
+ *  3. four unrelated prompts are spread over both decode nodes (balance: nobody holds them), and
+ *     the router puts a completed prompt's blocks in the index ahead of the node's events;
+ *  4. X is killed: the router forgets its blocks (gauge 0) as soon as it is down; restarted,
+ *     it comes back with a new journal instance (a snapshot, empty), and the next turn is not
+ *     sent to it for affinity (counted as balance);
+ *  5. the decode-only route (a second router, kv_routing off, every prompt short) journals its
+ *     prompts' blocks too. */
+#include <signal.h>
+
+#include "log.h"
+#include "model.h"
+#include "openai_util.h"
+
+#define BT     16
+#define N_A    (4 * BT)
+#define N_NEXT (N_A + BT)
+#define N_D    (3 * BT)
+
+static cu_cluster_t g_c;
+static int g_rport;
+
+static double msum(int port, const char *name) {
+    double v = cu_metric_sum(port, name);
+    return isnan(v) ? 0 : v;
+}
+
+static double m1(int port, const char *series) {
+    double v = cu_metric(port, series);
+    return isnan(v) ? 0 : v;
+}
+
+static double served(int d) { return msum(cu_dec_http(&g_c, d), "speed_decode_requests_total"); }
+
+static const char *index_series(int d, char *buf, size_t cap) {
+    snprintf(buf, cap, "speed_router_kv_index_blocks{node=\"127.0.0.1:%d\"}", cu_dec_grpc(&g_c, d));
+    return buf;
+}
+
+static double routed(const char *reason) {
+    char s[96];
+    snprintf(s, sizeof s, "speed_router_kv_routed_total{reason=\"%s\"}", reason);
+    return m1(g_rport, s);
+}
+
+static void complete(int port, const int32_t *ids, int n) {
+    char *body = ou_completion_body("model", ids, n, 4, 0, false, NULL, NULL);
+    cu_resp_t resp;
+    CHECK(cu_http(port, "POST", "/v1/completions", body, NULL, NULL, 60000, &resp));
+    CHECK_MSG(resp.status == 200, "HTTP %d: %s", resp.status, resp.body ? resp.body : "");
+    cu_resp_free(&resp);
+    speed_free(body);
+}
+
+/* Sends one completion and says which decode node served it (-1: none or both moved). */
+static int complete_on(const int32_t *ids, int n) {
+    double before[2] = {served(0), served(1)};
+    complete(g_rport, ids, n);
+    int who = -1, moved = 0;
+    for (int d = 0; d < 2; d++)
+        if (served(d) > before[d]) {
+            who = d;
+            moved++;
+        }
+    CHECK_MSG(moved == 1, "%d decode nodes counted the request", moved);
+    return moved == 1 ? who : -1;
+}
+
+static void scenario(int vocab) {
+    int32_t a[N_NEXT], d[4][N_D];
+    ou_prompt(a, N_NEXT, vocab, 37);
+    char series[160];
+
+    /* 1. the first turn */
+    int x = complete_on(a, N_A);
+    if (x < 0) return;
+    int y = 1 - x;
+    CHECK_NEAR(m1(cu_dec_http(&g_c, x), "speed_node_cache_events_total{kind=\"stored\"}"), 4, 0);
+    CHECK_NEAR(m1(cu_dec_http(&g_c, y), "speed_node_cache_events_total{kind=\"stored\"}"), 0, 0);
+    CHECK_MSG(cu_wait_metric(g_rport, index_series(x, series, sizeof series), 4, 10),
+              "the router never learned X's 4 blocks");
+    CHECK_NEAR(m1(g_rport, index_series(y, series, sizeof series)), 0, 0);
+
+    /* 2. the next turns: the same prefix, to the same node, for affinity */
+    double aff0 = routed("affinity");
+    double cached0 = m1(g_rport, "speed_router_kv_prompt_blocks_total{where=\"cached\"}");
+    for (int t = 0; t < 3; t++) {
+        double events = msum(g_rport, "speed_router_kv_events_total");
+        int who = complete_on(a, N_NEXT);
+        CHECK_MSG(who == x, "turn %d went to decode node %d, not %d (which holds its prefix)", t + 2, who, x);
+        /* the router has read this turn's 5 stored blocks (a status reply after the request
+         * ended, so X's load is its idle one again) before the next turn */
+        for (double until = now_s() + 10;
+             now_s() < until && msum(g_rport, "speed_router_kv_events_total") < events + 5;)
+            sleep_ms(10);
+        CHECK(msum(g_rport, "speed_router_kv_events_total") >= events + 5);
+        CHECK_NEAR(m1(g_rport, index_series(x, series, sizeof series)), 5, 0);
+    }
+    CHECK_NEAR(routed("affinity") - aff0, 3, 0);
+    /* each next turn (5 blocks) found 4 of them cached at X, then all 5 */
+    CHECK_NEAR(m1(g_rport, "speed_router_kv_prompt_blocks_total{where=\"cached\"}") - cached0, 4 + 5 + 5, 0);
+    CHECK(msum(g_rport, "speed_router_kv_events_total") >= 5);
+
+    /* 3. unrelated prompts: nobody holds them, they spread */
+    double bal0 = routed("balance");
+    const char *ant = "speed_router_kv_events_total{kind=\"anticipated\"}";
+    double ant0 = m1(g_rport, ant);
+    int on[2] = {0, 0};
+    for (int k = 0; k < 4; k++) {
+        ou_prompt(d[k], N_D, vocab, 11 + 2 * k);
+        int who = complete_on(d[k], N_D);
+        if (who >= 0) on[who]++;
+    }
+    CHECK_MSG(on[0] > 0 && on[1] > 0, "unrelated prompts all went to one node (%d / %d)", on[0], on[1]);
+    CHECK_NEAR(routed("balance") - bal0, 4, 0);
+    /* a prompt that completed on a node known to store blocks is in the index before that node's
+     * next status reply says so (unless a poll came first: at least one of the four) */
+    CHECK_MSG(m1(g_rport, ant) - ant0 >= 3, "anticipated %.0f blocks", m1(g_rport, ant) - ant0);
+
+    /* 4. X dies: forgotten at once; restarted: a new instance, nothing of the old blocks */
+    double snaps0 = m1(g_rport, "speed_router_kv_snapshots_total");
+    CHECK_INT_EQ(cu_stop(&g_c.dec[x], SIGKILL, 10), 128 + SIGKILL);
+    CHECK_MSG(cu_wait_metric(g_rport, index_series(x, series, sizeof series), 0, 10),
+              "the router still holds the dead node's blocks");
+    char idx[16];
+    snprintf(idx, sizeof idx, "%d", x);
+    const char *more[] = {"--node.index", idx, NULL};
+    g_c.dec[x] = cu_cluster_spawn(&g_c, "speed-decode", x ? "decode1-again" : "decode0-again", more);
+    CHECK_MSG(cu_router_wait_nodes(&g_c, g_rport, 1, 2, 30), "the restarted decode node is not back");
+    /* its first status reply after the restart is a snapshot of its (empty) journal */
+    for (double until = now_s() + 10; now_s() < until && m1(g_rport, "speed_router_kv_snapshots_total") <= snaps0;)
+        sleep_ms(20);
+    CHECK(m1(g_rport, "speed_router_kv_snapshots_total") > snaps0);
+    CHECK_NEAR(m1(g_rport, index_series(x, series, sizeof series)), 0, 0);
+    aff0 = routed("affinity");
+    bal0 = routed("balance");
+    complete_on(a, N_NEXT);
+    CHECK_NEAR(routed("affinity") - aff0, 0, 0); /* nobody holds the conversation any more */
+    CHECK_NEAR(routed("balance") - bal0, 1, 0);
+}
+
+/* The decode-only route (a router whose every prompt is short) journals its prompts too. */
+static void decode_only(int vocab) {
+    int32_t p[N_D];
+    ou_prompt(p, N_D, vocab, 53);
+    double before = msum(cu_dec_http(&g_c, 0), "speed_node_cache_events_total") +
+                    msum(cu_dec_http(&g_c, 1), "speed_node_cache_events_total");
+    complete(cu_router_port(&g_c, 1), p, N_D);
+    double after = msum(cu_dec_http(&g_c, 0), "speed_node_cache_events_total") +
+                   msum(cu_dec_http(&g_c, 1), "speed_node_cache_events_total");
+    CHECK_NEAR(after - before, 3, 0);
+}
+
+int main(void) {
+    speed_log_configure("error");
+    cu_init("kv_routing");
+    char model_dir[600];
+    snprintf(model_dir, sizeof model_dir, "%s/model", cu_dir);
+    speed_model_t *model = NULL;
+    CHECK_INT_EQ(speed_model_load(model_dir, NULL, &model), SPEED_OK);
+    if (!model) return CHECK_DONE();
+    int vocab = model->config.vocab_size;
+    speed_model_destroy(model);
+
+    const char *extra[] = {"--kv.block_tokens", "16", "--log", "info", NULL};
+    cu_cluster_init(&g_c, 1, 2, extra);
+    bool ok = cu_cluster_start_nodes(&g_c, 60);
+    CHECK_MSG(ok, "nodes did not come up");
+    bool rok = false, rok2 = false;
+    const char *kv[] = {"--router.kv_routing", "affinity", "--router.status_interval_ms", "50", NULL};
+    cu_proc_t r = ok ? cu_cluster_router(&g_c, 0, kv, 30, &rok) : (cu_proc_t){0};
+    const char *dec_only[] = {"--router.decode_only_below", "100000", NULL};
+    cu_proc_t r2 = ok ? cu_cluster_router(&g_c, 1, dec_only, 30, &rok2) : (cu_proc_t){0};
+    CHECK_MSG(rok && rok2, "routers did not come up");
+    g_rport = cu_router_port(&g_c, 0);
+    if (ok && rok && rok2) {
+        scenario(vocab);
+        decode_only(vocab);
+    }
+    if (r.pid > 0) CHECK_INT_EQ(cu_stop(&r, SIGTERM, 10), 0);
+    if (r2.pid > 0) CHECK_INT_EQ(cu_stop(&r2, SIGTERM, 10), 0);
+    for (int i = 0; i < g_c.np; i++)
+        if (g_c.pre[i].pid > 0) CHECK_INT_EQ(cu_stop(&g_c.pre[i], SIGTERM, 10), 0);
+    for (int i = 0; i < g_c.nd; i++)
+        if (g_c.dec[i].pid > 0) CHECK_INT_EQ(cu_stop(&g_c.dec[i], SIGTERM, 10), 0);
+    bool failed = check_failures_ > 0;
+    if (failed) {
+        cu_log_tail("router0", 30);
+        cu_log_tail("decode0", 20);
+        cu_log_tail("decode1", 20);
+    }
+    cu_cleanup(failed);
+    return CHECK_DONE();
+}
