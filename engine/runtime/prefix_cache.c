@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "alloc.h"
+#include "block_hash.h"
 #include "log.h"
 
 /* One indexed full block: block k of an entry, named by the chained hash of tokens [0, (k+1)B). */
@@ -63,22 +64,8 @@ int64_t speed_prefix_reusable(const speed_prefix_depth_t *cached, const speed_pr
 
 /* ---- hashing ------------------------------------------------------------------------------- */
 
-static uint64_t mix64(uint64_t x) { /* splitmix64's finalizer */
-    x ^= x >> 30;
-    x *= 0xbf58476d1ce4e5b9ULL;
-    x ^= x >> 27;
-    x *= 0x94d049bb133111ebULL;
-    return x ^ (x >> 31);
-}
-
-/* The built-in chained block hash (params.hash_next NULL). */
-static uint64_t block_hash(uint64_t prev, const int32_t *ids, size_t n) {
-    uint64_t h = mix64(prev ^ 0x9e3779b97f4a7c15ULL);
-    for (size_t i = 0; i < n; i++) h = mix64(h ^ (uint32_t)ids[i]);
-    return h;
-}
-
-#define HASH_SEED 0x5350454544ULL /* "SPEED" */
+/* One definition of a block's key for the whole cluster (common/block_hash.h): the router
+ * indexes prompts with the same chain, so a node's cache events name keys it understands. */
 
 /* ---- events: a hash is stored while some node of the index carries it -------------------------- */
 
@@ -125,8 +112,8 @@ speed_status_t speed_prefix_cache_create(const speed_prefix_cache_params_t *para
     c->kv = kv;
     c->block_tokens = speed_kv_cache_block_tokens(kv);
     c->hash_mask = params->hash_bits == 64 ? ~0ULL : (1ULL << params->hash_bits) - 1; /* 0 bits: all 0 */
-    if (!c->p.hash_next) c->p.hash_next = block_hash;
-    if (!c->p.hash_seed) c->p.hash_seed = HASH_SEED;
+    if (!c->p.hash_next) c->p.hash_next = speed_block_hash_next;
+    if (!c->p.hash_seed) c->p.hash_seed = speed_block_hash_seed("", (int32_t)c->block_tokens);
     /* one bucket per block the entries may hold (an entry indexes at most its lower blocks) */
     c->n_buckets = 64;
     while (c->n_buckets < (uint64_t)params->max_blocks && c->n_buckets < (1ULL << 22)) c->n_buckets <<= 1;

@@ -68,16 +68,18 @@ typedef struct {
     int hash_bits;      /* bits of the block hash kept, 0..64; 64 (default). Fewer only in tests,
                          * to force collisions (0: every block hashes to 0, and token
                          * verification alone keeps prefixes apart) */
-    /* The block hash and its seed. A cluster's router indexes prompts by the same chain, so a
-     * node passes the cluster's (the one definition both use); NULL / 0 = built-in ones. The
-     * hash is a key, never a proof: ids are always compared. */
+    /* The block hash and its seed. NULL = speed_block_hash_next (common/block_hash.h, the
+     * definition the router's prefix index uses); 0 = speed_block_hash_seed("", B). A node
+     * passes speed_block_hash_seed(served model name, B), as the router computes it, so its
+     * events name the router's keys. Tests may pass another chain. The hash is a key, never a
+     * proof: ids are always compared. */
     speed_prefix_hash_fn_t hash_next;
     uint64_t hash_seed;
     speed_prefix_event_cb_t event_cb; /* optional: stored / evicted hashes */
     void *event_user;
 } speed_prefix_cache_params_t;
 
-/* max_blocks 0 (off), hash_bits 64, built-in hash, no events. */
+/* max_blocks 0 (off), hash_bits 64, the cluster's block hash with the seed of model "", no events. */
 speed_prefix_cache_params_t speed_prefix_cache_default_params(void);
 
 /* A sequence's SPEED classes as the reuse rule sees them (engine_internal.h's engine_seq_t):

@@ -19,6 +19,7 @@
  *     instead of the tiny one (models/fortune-llama, a trained model). Prints what a second
  *     turn of a 600-token conversation saves (timing, not asserted).
  */
+#include "block_hash.h"
 #include "engine_test_util.h"
 #include "kv_cache.h"
 #include "prefix_cache.h"
@@ -824,6 +825,46 @@ static void test_events(void) {
     speed_engine_destroy(e);
 }
 
+/* Without a hash of its own the cache keys blocks with the cluster's one (common/block_hash.h):
+ * its events name exactly the hashes a router computes for the same tokens and seed. */
+static void test_events_cluster_hash(void) {
+    for (int named = 0; named < 2; named++) {
+        ev_log_t log = {0};
+        speed_engine_params_t p = speed_engine_default_params();
+        p.backend = g_be;
+        p.model = g_model;
+        p.kv_dtype = SPEED_DTYPE_F32;
+        p.block_tokens = BLK;
+        p.prefill_chunk = 16;
+        p.max_step_tokens = 64;
+        p.depth = (speed_depth_t){6, 1, 1};
+        p.n_blocks_lower = p.n_blocks_upper = 64;
+        p.prefix_cache.max_blocks = 1000;
+        /* a node passes the served model's seed; 0 means the seed of model "" */
+        uint64_t seed = speed_block_hash_seed(named ? "fortune-llama" : "", BLK);
+        p.prefix_cache.hash_seed = named ? seed : 0;
+        p.prefix_cache.event_cb = ev_cb;
+        p.prefix_cache.event_user = &log;
+        speed_engine_t *e = NULL;
+        CHECK(speed_engine_create(&p, &e) == SPEED_OK);
+        if (!e) return;
+        int32_t conv[64];
+        et_prompt(conv, 19, 111, g_vocab);
+        et_seq_t s;
+        run1(e, &s, conv, 19, p.depth); /* entry: 19 + 5 tokens = 3 blocks */
+        memcpy(conv + 19, s.gen, N_GEN * sizeof(int32_t));
+        et_seq_free(&s);
+        uint64_t want[3];
+        CHECK_INT_EQ(speed_block_hash_prompt(seed, conv, 24, BLK, want, 3), 3);
+        CHECK_INT_EQ(log.n_stored_events, 3);
+        for (int k = 0; k < 3; k++) CHECK_INT_EQ(ev_held(&log, want[k]), 1);
+        speed_engine_prefix_cache_clear(e);
+        CHECK_INT_EQ(log.n_evicted_events, 3);
+        check_all_free(e, "cluster hash");
+        speed_engine_destroy(e);
+    }
+}
+
 /* ---- the cache object on its own ----------------------------------------------------------- */
 
 static void test_params(void) {
@@ -940,6 +981,7 @@ int main(int argc, char **argv) {
     test_eviction();
     test_collisions();
     test_events();
+    test_events_cluster_hash();
     test_publish();
     test_faults();
     bench_turn();
