@@ -148,6 +148,10 @@ static const speed_config_field_t fields[] = {
       "decode nodes: block hashes a snapshot lists at most (the node's held set; more are refused and counted)"),
     POOL(prefill, "8100", "8200", "4", "16384"),
     POOL(decode, "8300", "8400", "16", "65536"),
+    F("decode.prefix_cache_blocks", INT, prefix_cache_blocks, "0", 0, 1 << 24,
+      "decode nodes: KV blocks their prefix cache keeps of finished requests (added to the pools; entries are "
+      "evicted least recently used past it and whenever a request needs the room); its events feed KV-aware "
+      "routing. 0 = off (docs/prefix-cache.md)"),
     FE("ucx.transport", ucx_transport, "shm", speed_kv_transport_names,
        "KV transfer: shm (one host, shared memory) or tcp (between hosts, detects dead peers)"),
     FS("ucx.net_devices", ucx_net_devices, "lo", "UCX_NET_DEVICES for tcp, e.g. eth0"),

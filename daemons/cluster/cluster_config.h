@@ -117,6 +117,7 @@ typedef struct {
     int64_t cache_events_max_blocks;    /* hashes a snapshot (the node's held set) lists at most */
 
     speed_pool_config_t prefill, decode;
+    int64_t prefix_cache_blocks; /* decode.prefix_cache_blocks: the decode nodes' prefix cache; 0 = off */
 
     /* UCX */
     int ucx_transport;           /* speed_kv_transport_t (kv_transport.h) */

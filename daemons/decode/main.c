@@ -21,8 +21,6 @@ typedef struct {
     int64_t n_resumed; /* GenerateRequest.resumed_ids: a migrated request's earlier tokens */
     speed_dtype_t kv_dtype;
     Speed__V1__GenerateRequest *req; /* owned until the batcher has copied what it needs */
-    uint64_t *held;                  /* disaggregated: the prompt's block hashes from Reserve */
-    size_t n_held;
 } gen_t;
 
 static speed_node_t g_node;
@@ -77,7 +75,15 @@ static void reserve_work(void *arg) {
     }
     if (st == SPEED_OK) {
         speed_depth_request_t want = speed_depth_request_of(depth);
-        st = speed_batcher_reserve(n->batcher, r->req->request_id, r->req->n_prompt, r->req->max_tokens, &want, &res);
+        /* With the prefix cache on, the reservation keeps the prompt's ids, so the request is
+         * cached when it ends (its events then tell the router). It reuses nothing yet: the
+         * prefill nodes push every unit (docs/prefix-cache.md, STATUS). */
+        if (n->cfg.prefix_cache_blocks > 0 && r->req->n_prompt_ids == (size_t)r->req->n_prompt)
+            st = speed_batcher_reserve_keep(n->batcher, r->req->request_id, r->req->prompt_ids, r->req->n_prompt,
+                                            r->req->max_tokens, &want, &res);
+        else
+            st = speed_batcher_reserve(n->batcher, r->req->request_id, r->req->n_prompt, r->req->max_tokens, &want,
+                                       &res);
         if (st != SPEED_OK)
             snprintf(err, sizeof err, "%s", st == SPEED_ERR_CAPACITY ? "no free KV blocks" : speed_log_last_error());
     }
@@ -97,9 +103,6 @@ static void reserve_work(void *arg) {
         Speed__V1__KvDescriptor kd;
         st = speed_node_kv_desc_to_proto(da.desc, &res.depth, &kd);
         if (st == SPEED_OK) {
-            /* the prompt's blocks, journaled when the request completes (cache events) */
-            if (r->req->n_prompt_ids == (size_t)r->req->n_prompt)
-                speed_node_cache_hold_prompt(n, r->req->request_id, r->req->prompt_ids, r->req->n_prompt_ids);
             reply.kv = &kd;
             speed_node_reply(r->call, &reply.base);
             speed_node_kv_desc_proto_cleanup(&kd);
@@ -146,26 +149,7 @@ static void on_reserve(void *user, speed_rpc_call_t *call, const uint8_t *data, 
 
 static void gen_free(gen_t *g) {
     if (g->req) speed_proto_free(&g->req->base);
-    speed_free(g->held);
     speed_free(g);
-}
-
-/* KV-aware routing: a completed decode-only request's prompt (the resumed tokens of a
- * migrated one included: its KV covered them) is journaled as stored, full blocks only, as the
- * prefix cache will do for the blocks it keeps (docs/prefix-cache.md#routing). */
-static void record_prompt(const gen_t *g) {
-    const Speed__V1__GenerateRequest *req = g->req;
-    size_t n_ids = req->n_prompt_ids + req->n_resumed_ids;
-    if (req->n_resumed_ids == 0) {
-        speed_node_cache_record_prompt(g->node, req->prompt_ids, n_ids);
-        return;
-    }
-    int32_t *ids = speed_malloc(n_ids * sizeof *ids);
-    if (!ids) return; /* a routing hint lost */
-    memcpy(ids, req->prompt_ids, req->n_prompt_ids * sizeof *ids);
-    memcpy(ids + req->n_prompt_ids, req->resumed_ids, req->n_resumed_ids * sizeof *ids);
-    speed_node_cache_record_prompt(g->node, ids, n_ids);
-    speed_free(ids);
 }
 
 static void gen_event(void *user, const speed_batch_event_t *ev) {
@@ -212,12 +196,6 @@ static void gen_event(void *user, const speed_batch_event_t *ev) {
     }
     speed_node_count(n, reason);
     speed_node_observe_finish(n, ev, g->decode_only);
-    if (ev->finish == SPEED_BATCH_STOP || ev->finish == SPEED_BATCH_LENGTH) {
-        if (g->decode_only)
-            record_prompt(g);
-        else
-            speed_node_cache_record_hashes(n, g->held, g->n_held);
-    }
     speed_node_send(g->call, &out.base);
     speed_rpc_call_finish(g->call, SPEED_RPC_OK, NULL);
     gen_free(g);
@@ -295,7 +273,6 @@ static void generate_work(void *arg) {
              * decode over whatever the reused blocks hold: refused. */
             char id[sizeof g->id];
             snprintf(id, sizeof id, "%s", g->id); /* g belongs to the events once started */
-            speed_node_cache_take_held(n, id, &g->held, &g->n_held);
             st = speed_batcher_start(n->batcher, &q, &first, false);
             if (st == SPEED_ERR_NOT_FOUND)
                 snprintf(err, sizeof err, "no reservation '%s' (expired or never made)", id);

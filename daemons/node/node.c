@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "alloc.h"
+#include "block_hash.h"
 #include "file.h"
 #include "log.h"
 #include "signals.h"
@@ -135,7 +136,7 @@ static void on_drain(void *user, speed_rpc_call_t *call, const uint8_t *req, siz
 static double kv_usage_ratio(const speed_batcher_stats_t *s) {
     double used = 0, total = 0;
     for (int p = 0; p < SPEED_KV_POOL_COUNT; p++) {
-        used += (double)s->kv.usage.bytes_reserved[p];
+        used += (double)s->kv_live.bytes_reserved[p]; /* cached entries make room when asked */
         total += (double)s->kv.bytes_total[p];
     }
     return total > 0 ? used / total : 0.0;
@@ -168,7 +169,8 @@ static void on_status(void *user, speed_rpc_call_t *call, const uint8_t *req, si
     r.kv_usage_ratio = (float)kv_usage_ratio(&s);
     r.queue_limit = (int32_t)n->pool->max_waiting;
     r.state = proto_state(n);
-    r.active_blocks = (uint32_t)s.kv.usage.n_blocks[0];
+    /* the requests' blocks: a prefix cache's entries are not load (they make room on demand) */
+    r.active_blocks = (uint32_t)s.kv_live.n_blocks[0];
     /* KV-aware routing: the journal's events after the router's cursor (decode nodes); without
      * memory for them the reply goes out without events and the router asks again */
     speed_node_cache_events_t hold;
@@ -202,7 +204,7 @@ GAUGE_FN(g_running, (double)s.running)
 GAUGE_FN(g_waiting, (double)s.waiting)
 GAUGE_FN(g_reserved, (double)s.reserved)
 GAUGE_FN(g_kv_ratio, kv_usage_ratio(&s))
-GAUGE_FN(g_blocks_reserved, (double)(s.kv.usage.n_blocks[0] + s.kv.usage.n_blocks[1]))
+GAUGE_FN(g_blocks_reserved, (double)(s.kv_live.n_blocks[0] + s.kv_live.n_blocks[1]))
 GAUGE_FN(g_blocks_total, (double)(s.kv.n_blocks[0] + s.kv.n_blocks[1]))
 GAUGE_FN(g_kv_bytes_used, (double)(s.kv.usage.bytes_used[0] + s.kv.usage.bytes_used[1]))
 
@@ -229,6 +231,7 @@ static void on_step(void *user, const speed_batch_step_t *step) {
     speed_histogram_observe(n->m_step_seconds, step->seconds);
     speed_histogram_observe(n->m_step_seqs, (double)step->n_seqs);
     speed_histogram_observe(n->m_step_tokens, (double)(step->n_prefill_rows + step->n_decode_rows));
+    speed_node_cache_observe_step(n, &step->prefix);
 }
 
 void speed_node_observe_finish(speed_node_t *n, const speed_batch_event_t *ev, bool prompt_computed) {
@@ -479,6 +482,20 @@ static speed_status_t load_model(speed_node_t *n) {
     if (per_seq < 2) per_seq = 2;
     int64_t n_new = per_seq / 4 > 0 ? per_seq / 4 : 1;
     SPEED_CHECK(speed_engine_params_fit_kv(&p.engine, n->pool->max_running, per_seq - n_new, n_new));
+    if (strcmp(n->role, "decode") == 0 && c->prefix_cache_blocks > 0) {
+        /* The prefix cache (docs/prefix-cache.md): its blocks come on top of what kv_tokens sizes,
+         * so that entries take no room running requests were sized for (and a request short of
+         * blocks evicts entries anyway). Entries hold lower-pool blocks for every token and
+         * upper-pool ones for their anchors, tail and answer: a quarter as many of those. Keys
+         * are the cluster's block hashes, so that the events name the router's keys. */
+        p.engine.prefix_cache.max_blocks = c->prefix_cache_blocks;
+        p.engine.prefix_cache.hash_next = speed_block_hash_next;
+        p.engine.prefix_cache.hash_seed = speed_block_hash_seed(n->model_id, (int32_t)c->kv_block_tokens);
+        p.engine.prefix_cache.event_cb = speed_node_cache_on_event;
+        p.engine.prefix_cache.event_user = n;
+        p.engine.n_blocks_lower += c->prefix_cache_blocks;
+        p.engine.n_blocks_upper += c->prefix_cache_blocks / 4 + 1;
+    }
     if (strcmp(n->role, "decode") == 0) {
         p.on_kv_free = on_kv_free; /* the grant goes before the blocks do */
         p.kv_free_user = n;

@@ -32,7 +32,6 @@
 #include "backend.h"
 #include "batcher.h"
 #include "cache_journal.h"
-#include "prompt_hold.h"
 #include "cluster_config.h"
 #include "http.h"
 #include "kv_transfer.h"
@@ -97,10 +96,13 @@ typedef struct speed_node_s {
     /* KV-aware routing (decode nodes; node_cache.c): the prefix-cache event journal the router
      * reads on its status poll, and the seed of this node's block hashes */
     speed_cache_journal_t *cache_journal;
-    speed_prompt_hold_t *cache_hold; /* reserved prompts' hashes until their Generate */
     uint64_t cache_seed;
     speed_counter_t *m_cache_stored, *m_cache_evicted, *m_cache_refused; /* speed_node_cache_events_total{kind} */
     speed_counter_t *m_cache_snapshots;                                  /* speed_node_cache_snapshots_total */
+    /* the engine's prefix cache (decode.prefix_cache_blocks): speed_prefix_cache_*_total, moved
+     * by the difference of its stats at each step (engine thread: prefix_seen is its own) */
+    speed_counter_t *m_prefix_lookups, *m_prefix_hits, *m_prefix_evictions, *m_prefix_tokens_saved;
+    speed_prefix_cache_stats_t prefix_seen;
 
     /* worker threads for speed_node_defer */
     pthread_mutex_t work_mu;
@@ -179,19 +181,14 @@ static inline int64_t speed_node_desc_lease_ms(int64_t lease_ms) { return lease_
 speed_status_t speed_node_cache_init(speed_node_t *node);
 void speed_node_cache_cleanup(speed_node_t *node);
 
-/* Records the full blocks of a prompt the node computed or received as stored: what the prefix
- * cache will do when it lands; until then the decode daemon calls it for a finished request.
- * No-op without a journal. Any thread. */
-void speed_node_cache_record_prompt(speed_node_t *node, const int32_t *ids, size_t n_ids);
+/* The engine prefix cache's event callback (speed_prefix_cache_params_t.event_cb, user = the
+ * node): STORED / EVICTED hashes go to the journal (the cache reports a hash evicted only when
+ * no entry holds it any more). Engine thread; no-op without a journal. */
+void speed_node_cache_on_event(void *user, speed_prefix_event_t kind, const uint64_t *hashes, size_t n);
 
-/* The disaggregated route: Reserve keeps the prompt's block hashes under the request id
- * (prompt_hold.h) until its Generate takes them (speed_node_cache_take_held, before the request
- * starts: the finish event may come at once), and the finish records them
- * (speed_node_cache_record_hashes). No-ops without a journal; any thread. take returns false
- * (nothing set) when nothing is held. */
-void speed_node_cache_hold_prompt(speed_node_t *node, const char *request_id, const int32_t *ids, size_t n_ids);
-bool speed_node_cache_take_held(speed_node_t *node, const char *request_id, uint64_t **hashes_p, size_t *n_p);
-void speed_node_cache_record_hashes(speed_node_t *node, const uint64_t *hashes, size_t n);
+/* The prefix cache's counters after an engine step (engine thread): adds what its stats moved
+ * since the last call. */
+void speed_node_cache_observe_step(speed_node_t *node, const speed_prefix_cache_stats_t *prefix);
 
 /* The cache events of a status reply, for the router's cursor (NULL: none asked, *out stays
  * NULL). On success *out points into `hold`, which owns every allocation until

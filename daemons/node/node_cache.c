@@ -7,6 +7,13 @@
 #include "log.h"
 #include "node.h"
 
+static double g_prefix_blocks(void *user) {
+    speed_node_t *n = user;
+    speed_batcher_stats_t s;
+    speed_batcher_stats(n->batcher, &s);
+    return (double)s.prefix.n_blocks;
+}
+
 speed_status_t speed_node_cache_init(speed_node_t *n) {
     speed_cache_journal_params_t p = {
         .instance = n->epoch ? n->epoch : 1,
@@ -14,9 +21,6 @@ speed_status_t speed_node_cache_init(speed_node_t *n) {
         .n_blocks_max = (size_t)n->cfg.cache_events_max_blocks,
     };
     SPEED_CHECK(speed_cache_journal_create(&p, &n->cache_journal));
-    /* a reservation lives at most its lease; twice that covers a Generate that comes late */
-    size_t n_held = (size_t)(n->pool->max_running + n->pool->max_waiting) + 16;
-    SPEED_CHECK(speed_prompt_hold_create(n_held, 2 * n->cfg.lease_ms + 1000, &n->cache_hold));
     /* the router derives the same seed from the same two values (router/main.c) */
     n->cache_seed = speed_block_hash_seed(n->model_id, (int32_t)n->cfg.kv_block_tokens);
     static const char *const kind[] = {"kind"};
@@ -33,52 +37,58 @@ speed_status_t speed_node_cache_init(speed_node_t *n) {
                                        "Whole sets of block hashes sent to a router that could not continue from its "
                                        "cursor (new router, node restart, too far behind)",
                                        NULL, 0, &n->m_cache_snapshots));
+    /* the engine's prefix cache (decode.prefix_cache_blocks), read by the scrape or moved at steps */
+    SPEED_CHECK(speed_counter_register(n->metrics, "speed_prefix_cache_lookups_total",
+                                       "Requests this decode node looked up in its prefix cache (admitted with their "
+                                       "prompt: decode-local prefills)",
+                                       NULL, 0, &n->m_prefix_lookups));
+    SPEED_CHECK(speed_counter_register(n->metrics, "speed_prefix_cache_hits_total",
+                                       "Lookups that reused a cached prefix (hit rate: hits / lookups)", NULL, 0,
+                                       &n->m_prefix_hits));
+    SPEED_CHECK(speed_counter_register(n->metrics, "speed_prefix_cache_evictions_total",
+                                       "Prefix cache entries evicted (least recently used, past "
+                                       "decode.prefix_cache_blocks or for a request's room)",
+                                       NULL, 0, &n->m_prefix_evictions));
+    SPEED_CHECK(speed_counter_register(n->metrics, "speed_prefix_cache_tokens_saved_total",
+                                       "Prompt tokens reused from the prefix cache: prefill tokens not computed", NULL,
+                                       0, &n->m_prefix_tokens_saved));
+    SPEED_CHECK(speed_gauge_register_callback(n->metrics, "speed_prefix_cache_blocks",
+                                              "KV blocks the prefix cache's entries hold (both pools)", g_prefix_blocks,
+                                              n, NULL));
     return SPEED_OK;
 }
 
 void speed_node_cache_cleanup(speed_node_t *n) {
     speed_cache_journal_destroy(n->cache_journal);
     n->cache_journal = NULL;
-    speed_prompt_hold_destroy(n->cache_hold);
-    n->cache_hold = NULL;
 }
 
-/* The prompt's full blocks' hashes (speed_malloc'd), NULL when it has none or on no memory. */
-static uint64_t *prompt_hashes(speed_node_t *n, const int32_t *ids, size_t n_ids, size_t *n_blocks_p) {
-    size_t b = (size_t)n->cfg.kv_block_tokens;
-    *n_blocks_p = 0;
-    if (!ids || b == 0 || n_ids < b) return NULL;
-    size_t n_blocks = n_ids / b;
-    uint64_t *h = speed_malloc(n_blocks * sizeof *h);
-    if (h) *n_blocks_p = speed_block_hash_prompt(n->cache_seed, ids, n_ids, b, h, n_blocks);
-    return h; /* NULL: a hint lost, the router routes without these blocks */
-}
-
-void speed_node_cache_record_hashes(speed_node_t *n, const uint64_t *hashes, size_t n_hashes) {
+void speed_node_cache_on_event(void *user, speed_prefix_event_t kind, const uint64_t *hashes, size_t n_hashes) {
+    speed_node_t *n = user;
     if (!n->cache_journal || !hashes || n_hashes == 0) return;
+    if (kind == SPEED_PREFIX_EVENT_EVICTED) {
+        speed_cache_journal_record_evicted(n->cache_journal, hashes, n_hashes);
+        speed_counter_add(n->m_cache_evicted, (double)n_hashes);
+        return;
+    }
     size_t refused = speed_cache_journal_record_stored(n->cache_journal, hashes, n_hashes);
     speed_counter_add(n->m_cache_stored, (double)n_hashes);
     if (refused) speed_counter_add(n->m_cache_refused, (double)refused);
 }
 
-void speed_node_cache_record_prompt(speed_node_t *n, const int32_t *ids, size_t n_ids) {
-    if (!n->cache_journal) return;
-    size_t n_blocks;
-    uint64_t *h = prompt_hashes(n, ids, n_ids, &n_blocks);
-    speed_node_cache_record_hashes(n, h, n_blocks);
-    speed_free(h);
+/* stats only grow; a smaller value (never expected) moves nothing */
+static void add_delta(speed_counter_t *c, uint64_t now, uint64_t *seen) {
+    if (now > *seen) speed_counter_add(c, (double)(now - *seen));
+    *seen = now;
 }
 
-void speed_node_cache_hold_prompt(speed_node_t *n, const char *request_id, const int32_t *ids, size_t n_ids) {
-    if (!n->cache_journal) return;
-    size_t n_blocks;
-    uint64_t *h = prompt_hashes(n, ids, n_ids, &n_blocks);
-    if (h) speed_prompt_hold_put(n->cache_hold, request_id, h, n_blocks);
-    speed_free(h);
-}
-
-bool speed_node_cache_take_held(speed_node_t *n, const char *request_id, uint64_t **hashes_p, size_t *n_p) {
-    return n->cache_hold && speed_prompt_hold_take(n->cache_hold, request_id, hashes_p, n_p);
+void speed_node_cache_observe_step(speed_node_t *n, const speed_prefix_cache_stats_t *p) {
+    if (!n->m_prefix_lookups) return; /* not a decode node */
+    speed_prefix_cache_stats_t *seen = &n->prefix_seen;
+    add_delta(n->m_prefix_lookups, p->n_lookups, &seen->n_lookups);
+    add_delta(n->m_prefix_hits, p->n_hits, &seen->n_hits);
+    add_delta(n->m_prefix_evictions, p->n_evicted, &seen->n_evicted);
+    add_delta(n->m_prefix_tokens_saved, p->n_hit_tokens, &seen->n_hit_tokens);
 }
 
 speed_status_t speed_node_cache_events(speed_node_t *n, const Speed__V1__CacheCursor *cursor,

@@ -588,9 +588,10 @@ static void seq_commit(speed_engine_t *e, engine_seq_t *s, speed_seq_id_t *seq_p
     *seq_p = s->id;
 }
 
-/* seq_add, or (await_kv) seq_reserve_cached: a sequence with its prompt ids. */
+/* seq_add, or (await_kv) seq_reserve_cached / seq_reserve_keep (no lookup): a sequence with its
+ * prompt ids, cached when removed. */
 static speed_status_t seq_add_ids(speed_engine_t *e, const int32_t *ids, int64_t n_prompt, const speed_depth_t *depth,
-                                  int64_t max_new_tokens, bool await_kv, speed_seq_id_t *seq_p) {
+                                  int64_t max_new_tokens, bool await_kv, bool lookup, speed_seq_id_t *seq_p) {
     if (!e || !seq_p || (!ids && n_prompt > 0)) {
         SPEED_ERROR(SPEED_SUBSYS_ENGINE, "engine: %s without engine, ids or output pointer",
                     await_kv ? "seq_reserve_cached" : "seq_add");
@@ -604,7 +605,7 @@ static speed_status_t seq_add_ids(speed_engine_t *e, const int32_t *ids, int64_t
         }
     }
     engine_seq_t *s;
-    SPEED_CHECK(seq_new(e, ids, n_prompt, depth, max_new_tokens, &s));
+    SPEED_CHECK(seq_new(e, lookup ? ids : NULL, n_prompt, depth, max_new_tokens, &s));
     /* room for the generated tokens fed back too: a finished sequence's prefix cache key */
     s->prompt = speed_malloc((size_t)(n_prompt + max_new_tokens - 1) * sizeof(int32_t));
     if (!s->prompt) {
@@ -621,13 +622,19 @@ static speed_status_t seq_add_ids(speed_engine_t *e, const int32_t *ids, int64_t
 
 speed_status_t speed_engine_seq_add(speed_engine_t *e, const int32_t *ids, int64_t n_prompt, const speed_depth_t *depth,
                                     int64_t max_new_tokens, speed_seq_id_t *seq_p) {
-    return seq_add_ids(e, ids, n_prompt, depth, max_new_tokens, false, seq_p);
+    return seq_add_ids(e, ids, n_prompt, depth, max_new_tokens, false, true, seq_p);
 }
 
 speed_status_t speed_engine_seq_reserve_cached(speed_engine_t *e, const int32_t *ids, int64_t n_prompt,
                                                const speed_depth_t *depth, int64_t max_new_tokens,
                                                speed_seq_id_t *seq_p) {
-    return seq_add_ids(e, ids, n_prompt, depth, max_new_tokens, true, seq_p);
+    return seq_add_ids(e, ids, n_prompt, depth, max_new_tokens, true, true, seq_p);
+}
+
+speed_status_t speed_engine_seq_reserve_keep(speed_engine_t *e, const int32_t *ids, int64_t n_prompt,
+                                             const speed_depth_t *depth, int64_t max_new_tokens,
+                                             speed_seq_id_t *seq_p) {
+    return seq_add_ids(e, ids, n_prompt, depth, max_new_tokens, true, false, seq_p);
 }
 
 speed_status_t speed_engine_seq_reserve(speed_engine_t *e, int64_t n_prompt, const speed_depth_t *depth,
@@ -724,6 +731,17 @@ void speed_engine_stats(const speed_engine_t *e, speed_engine_stats_t *st) {
     st->step_ns = e->step_ns;
     st->n_seqs = e->n_seqs;
     speed_kv_cache_stats(e->kv, &st->kv);
+    for (int i = 0; i < e->n_seqs; i++) {
+        const engine_seq_t *s = &e->seqs[e->order[i]];
+        if (!s->kv) continue;
+        speed_kv_usage_t u;
+        speed_kv_cache_seq_usage(e->kv, s->kv, &u);
+        for (int p = 0; p < SPEED_KV_POOL_COUNT; p++) {
+            st->live.n_blocks[p] += u.n_blocks[p];
+            st->live.bytes_reserved[p] += u.bytes_reserved[p];
+            st->live.bytes_used[p] += u.bytes_used[p];
+        }
+    }
     st->scratch_bytes = engine_scratch_bytes(e) + e->host_scratch_bytes;
     st->weight_bytes = speed_model_n_bytes(e->model);
     st->n_cached_tokens = e->n_cached_tokens;

@@ -211,6 +211,14 @@ speed_status_t speed_engine_seq_reserve_cached(speed_engine_t *engine, const int
                                                const speed_depth_t *depth, int64_t max_new_tokens,
                                                speed_seq_id_t *seq_p);
 
+/* Like speed_engine_seq_reserve (the whole prompt's KV must arrive: no lookup, nothing filled),
+ * but with the prompt's ids, so that the sequence is cached when removed, like one added with
+ * speed_engine_seq_add: a decode node whose sender cannot skip a cached prefix yet still keeps
+ * what it received for the next turn. Same checks and returns as speed_engine_seq_add. */
+speed_status_t speed_engine_seq_reserve_keep(speed_engine_t *engine, const int32_t *ids, int64_t n_prompt,
+                                             const speed_depth_t *depth, int64_t max_new_tokens,
+                                             speed_seq_id_t *seq_p);
+
 /* Queues the token sampled from the sequence's last logits; the next step processes it.
  * Returns SPEED_OK; SPEED_ERR_NOT_FOUND (no such sequence); SPEED_ERR_INVALID_ARGUMENT (id
  * outside the vocabulary, or the sequence is still prefilling / awaiting KV / already has a
@@ -299,7 +307,10 @@ typedef struct {
     uint64_t n_decode_tokens;          /* generated rows processed */
     uint64_t step_ns;                  /* total wall time in steps */
     int n_seqs;                        /* alive now */
-    speed_kv_cache_stats_t kv;         /* pools: blocks and bytes (kv_cache.h) */
+    speed_kv_cache_stats_t kv;         /* pools: blocks and bytes (kv_cache.h); its usage counts the
+                                        * prefix cache's entries too */
+    speed_kv_usage_t live;             /* the live sequences' blocks and bytes only (a block shared
+                                        * with a cache entry or another sequence counted in each) */
     size_t scratch_bytes;              /* backend activation scratch + host logits and indices */
     size_t weight_bytes;               /* mapped model weights (speed_model_n_bytes) */
     uint64_t n_cached_tokens;          /* prompt positions reused from the prefix cache since creation */

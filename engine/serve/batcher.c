@@ -288,8 +288,9 @@ static speed_status_t do_reserve(speed_batcher_t *b, cmd_t *c) {
     req_t *r;
     SPEED_CHECK(req_create(b, c->id, &r));
     speed_status_t st =
-        c->ids ? speed_engine_seq_reserve_cached(b->engine, c->ids, c->n_prompt, &c->depth, c->max_tokens, &r->seq)
-               : speed_engine_seq_reserve(b->engine, c->n_prompt, &c->depth, c->max_tokens, &r->seq);
+        !c->ids       ? speed_engine_seq_reserve(b->engine, c->n_prompt, &c->depth, c->max_tokens, &r->seq)
+        : c->no_lookup ? speed_engine_seq_reserve_keep(b->engine, c->ids, c->n_prompt, &c->depth, c->max_tokens, &r->seq)
+                       : speed_engine_seq_reserve_cached(b->engine, c->ids, c->n_prompt, &c->depth, c->max_tokens, &r->seq);
     if (st != SPEED_OK) {
         speed_batcher_req_free(r);
         return st;
@@ -502,6 +503,7 @@ static void snapshot(speed_batcher_t *b) {
     speed_engine_stats_t es;
     speed_engine_stats(b->engine, &es);
     b->snap.kv = es.kv;
+    b->snap.kv_live = es.live;
     b->snap.n_cached_tokens = es.n_cached_tokens;
     b->snap.prefix = es.prefix;
     pthread_mutex_unlock(&b->mu);
@@ -547,6 +549,9 @@ static void *engine_main(void *arg) {
                                                .n_seqs = res.n_seqs,
                                                .n_prefill_rows = res.n_prefill_rows,
                                                .n_decode_rows = res.n_decode_rows};
+                    speed_engine_stats_t es;
+                    speed_engine_stats(b->engine, &es);
+                    step.prefix = es.prefix;
                     b->p.on_step(b->p.step_user, &step);
                 }
                 process_outputs(b, &res);
@@ -699,15 +704,32 @@ speed_status_t speed_batcher_reserve(speed_batcher_t *b, const char *request_id,
     return cmd_run(b, &c);
 }
 
-speed_status_t speed_batcher_reserve_ids(speed_batcher_t *b, const char *request_id, const int32_t *ids,
-                                         int64_t n_prompt, int64_t max_tokens, const speed_depth_request_t *depth,
-                                         speed_batch_reservation_t *out_p) {
+static speed_status_t reserve_ids(speed_batcher_t *b, const char *request_id, const int32_t *ids, int64_t n_prompt,
+                                  int64_t max_tokens, const speed_depth_request_t *depth, bool lookup,
+                                  speed_batch_reservation_t *out_p) {
     if (!b || !out_p || !ids) return SPEED_ERR_INVALID_ARGUMENT;
     SPEED_CHECK(check_id(request_id));
-    cmd_t c = {.kind = CMD_RESERVE, .n_prompt = n_prompt, .max_tokens = max_tokens, .ids = ids, .reservation_p = out_p};
+    cmd_t c = {.kind = CMD_RESERVE,
+               .n_prompt = n_prompt,
+               .max_tokens = max_tokens,
+               .ids = ids,
+               .no_lookup = !lookup,
+               .reservation_p = out_p};
     SPEED_CHECK(depth_resolve(b, depth, &c.depth));
     strcpy(c.id, request_id);
     return cmd_run(b, &c);
+}
+
+speed_status_t speed_batcher_reserve_ids(speed_batcher_t *b, const char *request_id, const int32_t *ids,
+                                         int64_t n_prompt, int64_t max_tokens, const speed_depth_request_t *depth,
+                                         speed_batch_reservation_t *out_p) {
+    return reserve_ids(b, request_id, ids, n_prompt, max_tokens, depth, true, out_p);
+}
+
+speed_status_t speed_batcher_reserve_keep(speed_batcher_t *b, const char *request_id, const int32_t *ids,
+                                          int64_t n_prompt, int64_t max_tokens, const speed_depth_request_t *depth,
+                                          speed_batch_reservation_t *out_p) {
+    return reserve_ids(b, request_id, ids, n_prompt, max_tokens, depth, false, out_p);
 }
 
 speed_status_t speed_batcher_with_kv(speed_batcher_t *b, const char *request_id, speed_batch_kv_fn_t fn, void *user) {

@@ -111,6 +111,8 @@ typedef struct {
     int n_seqs;         /* sequences with rows in the step (the batch size) */
     int n_prefill_rows; /* prompt tokens processed */
     int n_decode_rows;  /* generated tokens processed */
+    speed_prefix_cache_stats_t prefix; /* the engine's prefix cache so far (cumulative; zero when off):
+                                        * its hits of this step's admissions are in it */
 } speed_batch_step_t;
 
 /* Called on the engine thread after every successful engine step, with no batcher lock held.
@@ -223,6 +225,14 @@ speed_status_t speed_batcher_reserve_ids(speed_batcher_t *batcher, const char *r
                                          int64_t n_prompt, int64_t max_tokens, const speed_depth_request_t *depth,
                                          speed_batch_reservation_t *out_p);
 
+/* speed_batcher_reserve with the prompt's ids, kept (not looked up): the whole prompt's KV must
+ * arrive (n_cached 0), and the request is cached when it ends (speed_engine_seq_reserve_keep):
+ * for a decode node whose prefill nodes push every unit. Same returns as
+ * speed_batcher_reserve_ids. */
+speed_status_t speed_batcher_reserve_keep(speed_batcher_t *batcher, const char *request_id, const int32_t *ids,
+                                          int64_t n_prompt, int64_t max_tokens, const speed_depth_request_t *depth,
+                                          speed_batch_reservation_t *out_p);
+
 /* Runs fn(user, cache, seq) on the engine thread with the request's KV handle (reserved or
  * running requests, and held KV). Returns fn's status, or SPEED_ERR_NOT_FOUND. */
 typedef speed_status_t (*speed_batch_kv_fn_t)(void *user, speed_kv_cache_t *cache, const speed_kv_seq_t *seq);
@@ -275,7 +285,8 @@ typedef struct {
     uint64_t n_prompt_tokens, n_generated_tokens;
     int64_t tokens_in_flight; /* over running and reserved requests: prompt tokens + tokens
                                * generated so far (the context each holds or will hold) */
-    speed_kv_cache_stats_t kv;
+    speed_kv_cache_stats_t kv;         /* its usage counts the prefix cache's entries too */
+    speed_kv_usage_t kv_live;          /* the requests' blocks only (engine.h: live) */
     uint64_t n_cached_tokens;          /* prompt tokens reused from the prefix cache (engine.h) */
     speed_prefix_cache_stats_t prefix; /* the engine's prefix cache; zero when off */
 } speed_batcher_stats_t;

@@ -50,6 +50,7 @@ typedef struct cmd {
     req_t *req;                   /* SUBMIT, START: prepared by the caller */
     int64_t n_prompt, max_tokens; /* RESERVE */
     const int32_t *ids;           /* RESERVE: the prompt's ids (prefix cache), or NULL; the caller's, it waits */
+    bool no_lookup;               /* RESERVE with ids: keep them for the cache, reuse nothing (reserve_keep) */
     speed_depth_t depth;
     speed_batch_reservation_t *reservation_p;
     speed_batch_kv_fn_t fn; /* WITH_KV */

@@ -1,8 +1,8 @@
 /* KV-aware routing on a real 1P2D cluster (speed-router with router.kv_routing affinity →
  * speed-prefill → speed-decode ×2; docs/router.md#kv-aware-routing):
  *
- *  1. a first turn (64 tokens = 4 blocks) goes to some decode node X; X journals its 4 prompt
- *     blocks as stored (speed_node_cache_events_total{kind="stored"}), and the router's prefix
+ *  1. a first turn (64 tokens = 4 blocks) goes to some decode node X; X caches it and journals its
+ *     4 prompt blocks as stored (speed_node_cache_events_total{kind="stored"}), and the router's prefix
  *     index learns them from X's status replies (speed_router_kv_index_blocks{node=X} = 4);
  *  2. three next turns (the same 64 tokens + 16 more) all go to X, counted as affinity;
  *  3. four unrelated prompts are spread over both decode nodes (balance: nobody holds them), and
@@ -10,8 +10,11 @@
  *  4. X is killed: the router forgets its blocks (gauge 0) as soon as it is down; restarted,
  *     it comes back with a new journal instance (a snapshot, empty), and the next turn is not
  *     sent to it for affinity (counted as balance);
- *  5. the decode-only route (a second router, kv_routing off, every prompt short) journals its
- *     prompts' blocks too. */
+ *  5. the decode-only route (a second router, every prompt short) caches its prompts too, and
+ *     its next turn, sent to the node that holds the first, reuses it (the engine's prefix
+ *     cache on the decode node: speed_prefix_cache_hits_total, _tokens_saved_total).
+ * The decode nodes run their prefix cache (decode.prefix_cache_blocks): the journal is fed by
+ * its events (a block stored once, whatever number of entries share it). */
 #include <signal.h>
 
 #include "log.h"
@@ -91,16 +94,13 @@ static void scenario(int vocab) {
     double aff0 = routed("affinity");
     double cached0 = m1(g_rport, "speed_router_kv_prompt_blocks_total{where=\"cached\"}");
     for (int t = 0; t < 3; t++) {
-        double events = msum(g_rport, "speed_router_kv_events_total");
         int who = complete_on(a, N_NEXT);
         CHECK_MSG(who == x, "turn %d went to decode node %d, not %d (which holds its prefix)", t + 2, who, x);
-        /* the router has read this turn's 5 stored blocks (a status reply after the request
-         * ended, so X's load is its idle one again) before the next turn */
-        for (double until = now_s() + 10;
-             now_s() < until && msum(g_rport, "speed_router_kv_events_total") < events + 5;)
-            sleep_ms(10);
-        CHECK(msum(g_rport, "speed_router_kv_events_total") >= events + 5);
-        CHECK_NEAR(m1(g_rport, index_series(x, series, sizeof series)), 5, 0);
+        /* the router holds this turn's 5 blocks before the next turn (turn 2 adds the fifth;
+         * turns 3 and 4 store nothing new: the cache reports a hash once, whatever number of
+         * entries hold it) */
+        CHECK_MSG(cu_wait_metric(g_rport, index_series(x, series, sizeof series), 5, 10),
+                  "the router never learned turn %d's blocks", t + 2);
     }
     CHECK_NEAR(routed("affinity") - aff0, 3, 0);
     /* each next turn (5 blocks) found 4 of them cached at X, then all 5 */
@@ -145,16 +145,38 @@ static void scenario(int vocab) {
     CHECK_NEAR(routed("balance") - bal0, 1, 0);
 }
 
-/* The decode-only route (a router whose every prompt is short) journals its prompts too. */
+static double both(const char *name) { return msum(cu_dec_http(&g_c, 0), name) + msum(cu_dec_http(&g_c, 1), name); }
+
+/* The decode-only route (a router whose every prompt is short) caches its prompts too, and a
+ * next turn sent to the node that holds the first computes only its suffix there: the engine's
+ * prefix cache, its events and its counters. */
 static void decode_only(int vocab) {
-    int32_t p[N_D];
+    int32_t p[N_D + BT];
     ou_prompt(p, N_D, vocab, 53);
-    double before = msum(cu_dec_http(&g_c, 0), "speed_node_cache_events_total") +
-                    msum(cu_dec_http(&g_c, 1), "speed_node_cache_events_total");
-    complete(cu_router_port(&g_c, 1), p, N_D);
-    double after = msum(cu_dec_http(&g_c, 0), "speed_node_cache_events_total") +
-                   msum(cu_dec_http(&g_c, 1), "speed_node_cache_events_total");
-    CHECK_NEAR(after - before, 3, 0);
+    const char *stored = "speed_node_cache_events_total{kind=\"stored\"}";
+    double before[2] = {m1(cu_dec_http(&g_c, 0), stored), m1(cu_dec_http(&g_c, 1), stored)};
+    int rport = cu_router_port(&g_c, 1);
+    char series[2][160];
+    double index0[2];
+    for (int d = 0; d < 2; d++) index0[d] = m1(rport, index_series(d, series[d], sizeof series[d]));
+    complete(rport, p, N_D);
+    /* 48 prompt tokens + 3 generated tokens fed back: 3 full blocks stored, on one node */
+    int k = m1(cu_dec_http(&g_c, 1), stored) > before[1];
+    CHECK_NEAR(m1(cu_dec_http(&g_c, k), stored) - before[k], 3, 0);
+    CHECK_NEAR(m1(cu_dec_http(&g_c, 1 - k), stored) - before[1 - k], 0, 0);
+    bool learned = false; /* at least: the index may also be catching up on older events */
+    for (double until = now_s() + 10; now_s() < until && !learned; sleep_ms(10))
+        learned = m1(rport, series[k]) >= index0[k] + 3;
+    CHECK_MSG(learned, "the second router never learned the decode-only prompt's blocks");
+    double hits0 = both("speed_prefix_cache_hits_total"), saved0 = both("speed_prefix_cache_tokens_saved_total");
+    double lookups0 = both("speed_prefix_cache_lookups_total");
+    ou_prompt(p + N_D, BT, vocab, 54);
+    complete(rport, p, N_D + BT);
+    CHECK_NEAR(both("speed_prefix_cache_lookups_total") - lookups0, 1, 0);
+    CHECK_NEAR(both("speed_prefix_cache_hits_total") - hits0, 1, 0);
+    CHECK_MSG(both("speed_prefix_cache_tokens_saved_total") - saved0 >= N_D, "saved %.0f prompt tokens",
+              both("speed_prefix_cache_tokens_saved_total") - saved0);
+    CHECK(both("speed_prefix_cache_blocks") >= 4);
 }
 
 int main(void) {
@@ -168,14 +190,18 @@ int main(void) {
     int vocab = model->config.vocab_size;
     speed_model_destroy(model);
 
-    const char *extra[] = {"--kv.block_tokens", "16", "--log", "info", NULL};
+    const char *extra[] = {"--kv.block_tokens", "16", "--decode.prefix_cache_blocks", "256", "--log", "info", NULL};
     cu_cluster_init(&g_c, 1, 2, extra);
     bool ok = cu_cluster_start_nodes(&g_c, 60);
     CHECK_MSG(ok, "nodes did not come up");
     bool rok = false, rok2 = false;
-    const char *kv[] = {"--router.kv_routing", "affinity", "--router.status_interval_ms", "50", NULL};
+    /* weight 0.8: a node's load as the router last saw it may still count the previous turn
+     * (its status poll came during the request); the cached prefix must outweigh that */
+    const char *kv[] = {"--router.kv_routing", "affinity", "--router.status_interval_ms", "50",
+                        "--router.kv_affinity_weight", "0.8", NULL};
     cu_proc_t r = ok ? cu_cluster_router(&g_c, 0, kv, 30, &rok) : (cu_proc_t){0};
-    const char *dec_only[] = {"--router.decode_only_below", "100000", NULL};
+    const char *dec_only[] = {"--router.decode_only_below", "100000", "--router.kv_routing", "affinity",
+                              "--router.status_interval_ms", "50", "--router.kv_affinity_weight", "0.8", NULL};
     cu_proc_t r2 = ok ? cu_cluster_router(&g_c, 1, dec_only, 30, &rok2) : (cu_proc_t){0};
     CHECK_MSG(rok && rok2, "routers did not come up");
     g_rport = cu_router_port(&g_c, 0);

@@ -12,7 +12,6 @@
 #include "cache_journal.h"
 #include "check.h"
 #include "clock.h"
-#include "prompt_hold.h"
 
 static bool contains(const speed_cache_journal_reply_t *r, uint64_t h) {
     for (size_t i = 0; i < r->n; i++)
@@ -143,55 +142,7 @@ static void test_bound(void) {
     speed_cache_journal_destroy(j);
 }
 
-static void test_prompt_hold(void) {
-    speed_prompt_hold_t *h = NULL;
-    CHECK_INT_EQ(speed_prompt_hold_create(0, 100, &h), SPEED_ERR_INVALID_ARGUMENT);
-    CHECK_INT_EQ(speed_prompt_hold_create(3, 0, &h), SPEED_ERR_INVALID_ARGUMENT);
-    CHECK_INT_EQ(speed_prompt_hold_create(3, 60000, &h), SPEED_OK);
-    uint64_t a[] = {1, 2, 3}, b[] = {9};
-    uint64_t *got = NULL;
-    size_t n = 0;
-    CHECK(!speed_prompt_hold_take(h, "r1", &got, &n));
-    speed_prompt_hold_put(h, "r1", a, 3);
-    speed_prompt_hold_put(h, "r2", b, 1);
-    speed_prompt_hold_put(h, "r1", b, 1); /* replaces */
-    CHECK_INT_EQ(speed_prompt_hold_size(h), 2);
-    CHECK(speed_prompt_hold_take(h, "r1", &got, &n));
-    CHECK(n == 1 && got && got[0] == 9);
-    speed_free(got);
-    CHECK(!speed_prompt_hold_take(h, "r1", &got, &n)); /* once */
-    speed_prompt_hold_put(h, "r3", NULL, 0);           /* a prompt under one block */
-    CHECK(speed_prompt_hold_take(h, "r3", &got, &n));
-    CHECK(n == 0 && got == NULL);
-    /* full: the oldest (r2) goes */
-    speed_prompt_hold_put(h, "r4", a, 3);
-    speed_prompt_hold_put(h, "r5", a, 3);
-    speed_prompt_hold_put(h, "r6", a, 2);
-    CHECK_INT_EQ(speed_prompt_hold_size(h), 3);
-    got = NULL;
-    CHECK(!speed_prompt_hold_take(h, "r2", &got, &n) && got == NULL);
-    CHECK(speed_prompt_hold_take(h, "r4", &got, &n));
-    speed_free(got);
-    CHECK(speed_prompt_hold_take(h, "r6", &got, &n) && n == 2 && got[1] == 2);
-    speed_free(got);
-    speed_prompt_hold_put(h, NULL, a, 3); /* ignored */
-    speed_prompt_hold_put(h, "", a, 3);
-    speed_prompt_hold_destroy(h);
-
-    /* an entry older than the ttl goes at the next put */
-    CHECK_INT_EQ(speed_prompt_hold_create(8, 5, &h), SPEED_OK);
-    speed_prompt_hold_put(h, "old", a, 3);
-    int64_t t0 = speed_clock_mono_ms();
-    while (speed_clock_mono_ms() - t0 <= 6) speed_clock_sleep_ms(1);
-    speed_prompt_hold_put(h, "new", a, 3);
-    CHECK_INT_EQ(speed_prompt_hold_size(h), 1);
-    CHECK(!speed_prompt_hold_take(h, "old", &got, &n));
-    speed_prompt_hold_destroy(h);
-    speed_prompt_hold_destroy(NULL);
-}
-
 int main(void) {
-    test_prompt_hold();
     test_params();
     test_events();
     test_bound();
