@@ -137,6 +137,10 @@ static const speed_config_field_t fields[] = {
     F("router.kv_affinity_weight", DOUBLE, kv_affinity_weight, "0.5", 0, 1,
       "kv_routing affinity: cost = w * blocks to prefill + (1 - w) * load in blocks; 1 = longest cached prefix "
       "wins, 0 = least loaded wins"),
+    F("router.decode_local_max_new_tokens", INT, decode_local_max_new_tokens, "0", 0, 1 << 20,
+      "kv_routing affinity: a prompt whose uncached part on the chosen decode node (by the router's prefix "
+      "index) is at most this many tokens is prefilled there (decode-only) instead of on a prefill node; "
+      "0 = never (docs/prefix-cache.md#the-threshold)"),
     F("router.kv_index_max_blocks", INT, kv_index_max_blocks, "65536", 1, 1 << 22,
       "block hashes the router keeps per decode node (more are refused and counted)"),
     F("cache_events.journal", INT, cache_events_journal, "16384", 16, 1 << 22,

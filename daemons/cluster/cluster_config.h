@@ -110,6 +110,7 @@ typedef struct {
     int kv_routing;                /* speed_kv_routing_t */
     double kv_affinity_weight;     /* 1 = cached prefix only, 0 = load only */
     int64_t kv_index_max_blocks;   /* block hashes the router keeps per decode node */
+    int64_t decode_local_max_new_tokens; /* uncached prompt tokens a decode node prefills itself; 0 = never */
 
     /* decode nodes' cache event journal (KV-aware routing) */
     int64_t cache_events_journal;       /* events kept for the router's next read */

@@ -18,9 +18,9 @@
  * the ring holds (too far behind), or one ahead of the journal (nonsense). After a snapshot the
  * reader continues from its next_seq.
  *
- * Until the engine's prefix cache calls it, the decode daemon records a finished request's
- * full prompt blocks as stored (daemons/decode/main.c) and never evicts: the set fills to
- * n_blocks_max and then refuses (counted).
+ * The producer is the engine's prefix cache (decode.prefix_cache_blocks): its event callback
+ * (speed_node_cache_on_event) records a hash stored when the first cache entry holding it
+ * arrives and evicted when the last one goes. A full set refuses more stored hashes (counted).
  *
  * Threading: every function may be called from any thread (one mutex; record is O(n),
  * read is O(n_max), a snapshot O(set size)).

@@ -303,6 +303,18 @@ static void run_routed(rtr_req_t *r, plan_t *pl, speed_route_kind_t kind) {
         }
         tried[n_tried++] = dnode;
         rl.node = dnode;
+        /* The chosen node holds all of the prompt but a short suffix (its cache events, the
+         * router's index): it computes the suffix itself, a decode-local prefill, cheaper than a
+         * prefill node's full prompt and transfer (router.decode_local_max_new_tokens;
+         * docs/prefix-cache.md#the-threshold). Not for a migrated request (its resumed ids). */
+        speed_route_kind_t attempt = kind;
+        int64_t local_max = rt->cfg->decode_local_max_new_tokens;
+        if (kind == SPEED_ROUTE_DISAGGREGATED && local_max > 0 && pl->cached_tokens > 0 && pl->n_resume == 0 &&
+            (int64_t)pl->n_ids - pl->cached_tokens <= local_max) {
+            attempt = SPEED_ROUTE_DECODE_ONLY;
+            speed_counter_inc(rt->m_decode_local);
+        }
+        rl.decode_only = attempt == SPEED_ROUTE_DECODE_ONLY;
 
         Speed__V1__GenerateRequest gm = SPEED__V1__GENERATE_REQUEST__INIT;
         gm.request_id = r->id;
@@ -312,7 +324,7 @@ static void run_routed(rtr_req_t *r, plan_t *pl, speed_route_kind_t kind) {
         /* a migrated request: the tokens the client has, for the node's text pipeline */
         gm.n_resumed_ids = (size_t)pl->n_resume;
         gm.resumed_ids = pl->n_resume ? pl->ids + pl->n_client : NULL;
-        if (kind == SPEED_ROUTE_DECODE_ONLY) {
+        if (attempt == SPEED_ROUTE_DECODE_ONLY) {
             gm.n_prompt_ids = pl->n_client; /* the node appends the resumed ids */
             gm.prompt_ids = pl->ids;
             if (pl->has_speed) gm.speed = &pl->speed;

@@ -100,6 +100,7 @@ struct speed_router {
     speed_counter_t *m_route_decisions; /* {route,reason} */
     speed_counter_t *m_prefill_retries;
     speed_counter_t *m_decode_retries; /* requests started over on another decode node */
+    speed_counter_t *m_decode_local;   /* sent decode-only for their cached prefix (request.c) */
     speed_counter_t *m_migrations;     /* {outcome}: streams re-issued after their decode node died */
     speed_counter_t *m_kv_bytes;
     speed_counter_t *m_prompt_tokens;

@@ -1,0 +1,209 @@
+/* The decode nodes' prefix cache in a real cluster (issue 14; docs/prefix-cache.md): a 1P2D
+ * cluster of models/fortune-llama (a trained 8-layer model; argv[1] names another model dir)
+ * at C = 6 of 8 with engine.batch_invariant on, decode.prefix_cache_blocks set, and a router
+ * with KV-aware routing and router.decode_local_max_new_tokens 64:
+ *
+ *  1. turn 1 (64 tokens) goes disaggregated (prefill node → decode node X); X keeps the
+ *     received KV (speed_batcher_reserve_keep) and its cache events tell the router;
+ *  2. turn 2 (the same 64 tokens + 16) finds 64 of them cached on X: the router sends it
+ *     decode-only to X (speed_router_decode_local_total), X's lookup hits and reuses at least
+ *     the 64 positions (speed_prefix_cache_hits_total, _tokens_saved_total): only the suffix
+ *     is computed;
+ *  3. a prompt with another first token (a different prefix) never hits, on either node;
+ *  4. X restarts: its cache is gone (the router's index of X empties, nothing hits), and turn
+ *     2's prompt sent decode-only through a second router (kv_routing off) runs cold on a node
+ *     that holds nothing of it: its tokens and every logprob and top logprob equal turn 2's to
+ *     the last bit (the hit is exact under batch invariance).
+ */
+#include <signal.h>
+
+#include "log.h"
+#include "model.h"
+#include "openai_util.h"
+
+#define BT     16
+#define N1     (4 * BT)
+#define N2     (N1 + BT)
+#define N_GEN  8
+#define LAYERS "6"
+
+static cu_cluster_t g_c;
+
+static double m1(int port, const char *series) {
+    double v = cu_metric(port, series);
+    return isnan(v) ? 0 : v;
+}
+
+static double msum(int port, const char *name) {
+    double v = cu_metric_sum(port, name);
+    return isnan(v) ? 0 : v;
+}
+
+static double both(const char *name) { return msum(cu_dec_http(&g_c, 0), name) + msum(cu_dec_http(&g_c, 1), name); }
+
+static double served(int d) { return msum(cu_dec_http(&g_c, d), "speed_decode_requests_total"); }
+
+static const char *index_series(int d, char *buf, size_t cap) {
+    snprintf(buf, cap, "speed_router_kv_index_blocks{node=\"127.0.0.1:%d\"}", cu_dec_grpc(&g_c, d));
+    return buf;
+}
+
+/* One greedy completion with 2 top logprobs; the answer in *res; returns the decode node that
+ * served it (-1: not exactly one). */
+static int complete(int port, const int32_t *ids, int n, ou_result_t *res) {
+    double before[2] = {served(0), served(1)};
+    char *body = ou_completion_body("model", ids, n, N_GEN, 2, false, NULL, "\"ignore_eos\":true");
+    cu_resp_t resp;
+    memset(res, 0, sizeof *res);
+    CHECK(cu_http(port, "POST", "/v1/completions", body, NULL, NULL, 120000, &resp));
+    CHECK_MSG(resp.status == 200, "HTTP %d: %s", resp.status, resp.body ? resp.body : "");
+    if (resp.status == 200 && resp.body) {
+        json_t *root = json_loads(resp.body, 0, NULL);
+        CHECK(root != NULL);
+        if (root) ou_from_json(res, root);
+        json_decref(root);
+        CHECK_INT_EQ(res->n, N_GEN);
+    }
+    cu_resp_free(&resp);
+    speed_free(body);
+    int who = -1, moved = 0;
+    for (int d = 0; d < 2; d++)
+        if (served(d) > before[d]) {
+            who = d;
+            moved++;
+        }
+    CHECK_MSG(moved == 1, "%d decode nodes counted the request", moved);
+    return moved == 1 ? who : -1;
+}
+
+/* Bit-exact equality of two answers: tokens, logprobs, top logprobs, text. */
+static void check_same(const ou_result_t *a, const ou_result_t *b, const char *what) {
+    CHECK_INT_EQ(a->n, b->n);
+    for (int t = 0; t < a->n && t < b->n; t++) {
+        CHECK_MSG(strcmp(a->tok[t], b->tok[t]) == 0 && a->lp[t] == b->lp[t], "%s: token %d: \"%s\" %.9g vs \"%s\" %.9g",
+                  what, t, a->tok[t], a->lp[t], b->tok[t], b->lp[t]);
+        CHECK_INT_EQ(a->top[t].n_top, b->top[t].n_top);
+        for (int k = 0; k < a->top[t].n_top && k < b->top[t].n_top; k++)
+            CHECK_MSG(a->top[t].top_lp[k] == b->top[t].top_lp[k], "%s: token %d, top %d: %.9g vs %.9g", what, t, k,
+                      a->top[t].top_lp[k], b->top[t].top_lp[k]);
+    }
+    CHECK(a->text_len == b->text_len && (!a->text_len || memcmp(a->text, b->text, a->text_len) == 0));
+}
+
+static void scenario(int vocab, int rport, int cold_port) {
+    int32_t conv[N2], other[N2];
+    ou_prompt(conv, N2, vocab, 41);
+    char series[160];
+    ou_result_t r1, r2, r3, cold;
+
+    /* 1. turn 1: disaggregated, kept by X */
+    double local0 = m1(rport, "speed_router_decode_local_total");
+    int x = complete(rport, conv, N1, &r1);
+    if (x < 0) return;
+    CHECK_NEAR(m1(rport, "speed_router_decode_local_total") - local0, 0, 0);
+    CHECK_NEAR(m1(cu_dec_http(&g_c, x), "speed_node_cache_events_total{kind=\"stored\"}"), 4, 0);
+    CHECK_MSG(cu_wait_metric(rport, index_series(x, series, sizeof series), 4, 10),
+              "the router never learned X's 4 blocks");
+
+    /* 2. turn 2: 64 of 80 tokens cached on X: decode-local there, computing the suffix only */
+    double hits0 = both("speed_prefix_cache_hits_total"), saved0 = both("speed_prefix_cache_tokens_saved_total");
+    int who = complete(rport, conv, N2, &r2);
+    CHECK_MSG(who == x, "turn 2 went to decode node %d, not %d (which holds its prefix)", who, x);
+    CHECK_NEAR(m1(rport, "speed_router_decode_local_total") - local0, 1, 0);
+    CHECK(m1(cu_dec_http(&g_c, x), "speed_prefix_cache_hits_total") >= 1);
+    CHECK_NEAR(both("speed_prefix_cache_hits_total") - hits0, 1, 0);
+    CHECK_MSG(both("speed_prefix_cache_tokens_saved_total") - saved0 >= N1, "saved %.0f prompt tokens",
+              both("speed_prefix_cache_tokens_saved_total") - saved0);
+    CHECK(ou_usage(&r2, "prompt_tokens") == N2);
+
+    /* 3. another prefix (the first block differs): no hit anywhere */
+    memcpy(other, conv, sizeof other);
+    other[1] = (other[1] + 1) % vocab;
+    hits0 = both("speed_prefix_cache_hits_total");
+    complete(rport, other, N2, &r3);
+    CHECK_NEAR(both("speed_prefix_cache_hits_total") - hits0, 0, 0);
+
+    /* 4. X restarts: the cache is forgotten; the cold run of turn 2's prompt equals turn 2 */
+    CHECK_INT_EQ(cu_stop(&g_c.dec[x], SIGTERM, 30), 0);
+    char idx[16];
+    snprintf(idx, sizeof idx, "%d", x);
+    const char *more[] = {"--node.index", idx, NULL};
+    g_c.dec[x] = cu_cluster_spawn(&g_c, "speed-decode", x ? "decode1-again" : "decode0-again", more);
+    CHECK_MSG(cu_router_wait_nodes(&g_c, rport, 1, 2, 60), "the restarted decode node is not back");
+    CHECK_MSG(cu_router_wait_nodes(&g_c, cold_port, 1, 2, 60), "the restarted decode node is not back (router 2)");
+    CHECK_MSG(cu_wait_metric(rport, index_series(x, series, sizeof series), 0, 10),
+              "the router still holds the restarted node's blocks");
+    /* the other node never held this conversation (turns 1 and 2 ran on X) */
+    hits0 = both("speed_prefix_cache_hits_total");
+    double lookups0 = both("speed_prefix_cache_lookups_total");
+    complete(cold_port, conv, N2, &cold);
+    CHECK_NEAR(both("speed_prefix_cache_lookups_total") - lookups0, 1, 0);
+    CHECK_NEAR(both("speed_prefix_cache_hits_total") - hits0, 0, 0);
+    check_same(&r2, &cold, "turn 2 (cache hit) vs a cold run");
+    ou_result_free(&r1);
+    ou_result_free(&r2);
+    ou_result_free(&r3);
+    ou_result_free(&cold);
+}
+
+int main(int argc, char **argv) {
+    speed_log_configure("error");
+    cu_init("prefix_cluster");
+    cu_cluster_t *c = &g_c;
+    const char *extra[] = {"--speed.prefill_layers",
+                           LAYERS,
+                           "--engine.batch_invariant",
+                           "--kv.block_tokens",
+                           "16",
+                           "--decode.prefix_cache_blocks",
+                           "512",
+                           "--served_model_name",
+                           "model",
+                           "--log",
+                           "info",
+                           NULL};
+    cu_cluster_init(c, 1, 2, extra);
+    const char *dir = argc > 1 ? argv[1] : SPEED_FORTUNE_DIR;
+    { /* every process loads it */
+        for (int i = 0; i + 1 < c->n_common; i++)
+            if (strcmp(c->common[i], "--model") == 0) snprintf(c->common[i + 1], sizeof c->common[i + 1], "%s", dir);
+        snprintf(c->model_dir, sizeof c->model_dir, "%s", dir);
+    }
+    speed_model_t *model = NULL;
+    CHECK_INT_EQ(speed_model_load(c->model_dir, NULL, &model), SPEED_OK);
+    if (!model) return CHECK_DONE();
+    int vocab = model->config.vocab_size;
+    speed_model_destroy(model);
+
+    bool ok = cu_cluster_start_nodes(c, 120);
+    CHECK_MSG(ok, "nodes did not come up");
+    bool rok = false, rok2 = false;
+    const char *kv[] = {"--router.kv_routing",
+                        "affinity",
+                        "--router.status_interval_ms",
+                        "50",
+                        "--router.kv_affinity_weight",
+                        "0.8",
+                        "--router.decode_local_max_new_tokens",
+                        "64",
+                        NULL};
+    cu_proc_t r = ok ? cu_cluster_router(c, 0, kv, 30, &rok) : (cu_proc_t){0};
+    const char *cold[] = {"--router.decode_only_below", "1000000", NULL};
+    cu_proc_t r2 = ok ? cu_cluster_router(c, 1, cold, 30, &rok2) : (cu_proc_t){0};
+    CHECK_MSG(rok && rok2, "routers did not come up");
+    if (ok && rok && rok2) scenario(vocab, cu_router_port(c, 0), cu_router_port(c, 1));
+    if (r.pid > 0) CHECK_INT_EQ(cu_stop(&r, SIGTERM, 10), 0);
+    if (r2.pid > 0) CHECK_INT_EQ(cu_stop(&r2, SIGTERM, 10), 0);
+    for (int i = 0; i < c->np; i++)
+        if (c->pre[i].pid > 0) CHECK_INT_EQ(cu_stop(&c->pre[i], SIGTERM, 30), 0);
+    for (int i = 0; i < c->nd; i++)
+        if (c->dec[i].pid > 0) CHECK_INT_EQ(cu_stop(&c->dec[i], SIGTERM, 30), 0);
+    bool failed = check_failures_ > 0;
+    if (failed) {
+        cu_log_tail("router0", 30);
+        cu_log_tail("decode0", 20);
+        cu_log_tail("decode1", 20);
+    }
+    cu_cleanup(failed);
+    return CHECK_DONE();
+}
