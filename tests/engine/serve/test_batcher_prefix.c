@@ -2,7 +2,8 @@
  * a conversation's second turn, submitted as a whole prompt (turn 1 + its answer + a new
  * message), reuses turn 1's KV (usage.n_cached, the batcher's counters) and streams the same
  * tokens as a plain engine computing it from scratch; a third turn reserved with its ids
- * (speed_batcher_reserve_ids) needs only the units past the cached positions. */
+ * (speed_batcher_reserve_ids) needs only the units past the cached positions; reserved with its
+ * ids kept (speed_batcher_reserve_keep) it looks nothing up and needs every unit. */
 #include <pthread.h>
 
 #include "batcher.h"
@@ -55,6 +56,11 @@ static bool run(speed_batcher_t *b, const char *id, const int32_t *prompt, int n
     pthread_mutex_destroy(&r->mu);
     pthread_cond_destroy(&r->cv);
     return ok;
+}
+
+static const int32_t *bad3_ids(void) {
+    static const int32_t bad[3] = {1, 2, 1 << 30}; /* outside the vocabulary */
+    return bad;
 }
 
 static bool stats_settled(speed_batcher_t *b) {
@@ -117,6 +123,21 @@ int main(void) {
     CHECK_MSG(r3.kv_bytes * 2 <= rfull.kv_bytes, "%zu of %zu bytes", r3.kv_bytes, rfull.kv_bytes);
     CHECK_INT_EQ(speed_batcher_cancel(b, "turn-3"), SPEED_OK);
     CHECK_INT_EQ(speed_batcher_cancel(b, "turn-3-full"), SPEED_OK);
+    speed_batcher_release(b, "turn-3"); /* no puts can land: lift the cancel fence */
+    speed_batcher_release(b, "turn-3-full");
+    /* kept, not looked up (a decode node whose prefill node pushes every unit): the whole prompt
+     * must arrive, even though turn 2's entry could serve most of it; the cache is unchanged */
+    speed_batcher_stats(b, &st);
+    uint64_t lookups = st.prefix.n_lookups;
+    speed_batch_reservation_t rkeep;
+    CHECK_INT_EQ(speed_batcher_reserve_keep(b, "turn-3-keep", conv3, n3, NG, NULL, &rkeep), SPEED_OK);
+    CHECK_INT_EQ(rkeep.n_cached, 0);
+    CHECK_INT_EQ(rkeep.kv_bytes, rfull.kv_bytes);
+    CHECK_INT_EQ(speed_batcher_cancel(b, "turn-3-keep"), SPEED_OK);
+    speed_batcher_release(b, "turn-3-keep");
+    WAIT_FOR((speed_batcher_stats(b, &st), st.reserved == 0), 10000);
+    CHECK_INT_EQ(st.prefix.n_lookups, lookups);
+    CHECK_INT_EQ(speed_batcher_reserve_keep(b, "bad", bad3_ids(), 3, NG, NULL, &rkeep), SPEED_ERR_INVALID_ARGUMENT);
     int32_t bad[3] = {1, 2, 1 << 30};
     CHECK_INT_EQ(speed_batcher_reserve_ids(b, "bad", bad, 3, NG, NULL, &r3), SPEED_ERR_INVALID_ARGUMENT);
     CHECK_INT_EQ(speed_batcher_reserve_ids(b, "null", NULL, 3, NG, NULL, &r3), SPEED_ERR_INVALID_ARGUMENT);
