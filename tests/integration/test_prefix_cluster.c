@@ -4,7 +4,8 @@
  * with KV-aware routing and router.decode_local_max_new_tokens 64:
  *
  *  1. turn 1 (64 tokens) goes disaggregated (prefill node → decode node X); X keeps the
- *     received KV (speed_batcher_reserve_keep) and its cache events tell the router;
+ *     received KV (speed_batcher_reserve_keep) and its cache events tell the router; idle, X
+ *     reports no load (Node.Status active_blocks, usage ratio) though its cache holds blocks;
  *  2. turn 2 (the same 64 tokens + 16) finds 64 of them cached on X: the router sends it
  *     decode-only to X (speed_router_decode_local_total), X's lookup hits and reuses at least
  *     the 64 positions (speed_prefix_cache_hits_total, _tokens_saved_total): only the suffix
@@ -19,7 +20,9 @@
 
 #include "log.h"
 #include "model.h"
+#include "node_rpc_util.h"
 #include "openai_util.h"
+#include "speed_methods.h"
 
 #define BT     16
 #define N1     (4 * BT)
@@ -76,6 +79,24 @@ static int complete(int port, const int32_t *ids, int n, ou_result_t *res) {
     return moved == 1 ? who : -1;
 }
 
+/* Decode node d's load as its Node.Status reports it to the router: true when no request holds
+ * a block (active_blocks 0, usage ratio 0) while its prefix cache holds some — cached entries
+ * are not load. */
+static bool idle_with_cache(int d) {
+    speed_rpc_channel_t *ch = nr_channel(cu_dec_grpc(&g_c, d), cu_rpc_tls("router"));
+    Speed__V1__NodeStatusRequest q = SPEED__V1__NODE_STATUS_REQUEST__INIT;
+    Speed__V1__NodeStatus *st = NULL;
+    bool idle = false;
+    if (ch && nr_call(ch, SPEED_METHOD_NODE_STATUS, &q.base, &speed__v1__node_status__descriptor,
+                      (ProtobufCMessage **)&st, NULL, 0) == 0 &&
+        st)
+        idle = st->active_blocks == 0 && st->kv_usage_ratio == 0 && st->running == 0;
+    if (st) speed_proto_free(&st->base);
+    speed_rpc_channel_destroy(ch);
+    return idle && m1(cu_dec_http(&g_c, d), "speed_prefix_cache_blocks") >= 4 &&
+           m1(cu_dec_http(&g_c, d), "speed_kv_blocks_reserved") == 0;
+}
+
 /* Bit-exact equality of two answers: tokens, logprobs, top logprobs, text. */
 static void check_same(const ou_result_t *a, const ou_result_t *b, const char *what) {
     CHECK_INT_EQ(a->n, b->n);
@@ -104,6 +125,9 @@ static void scenario(int vocab, int rport, int cold_port) {
     CHECK_NEAR(m1(cu_dec_http(&g_c, x), "speed_node_cache_events_total{kind=\"stored\"}"), 4, 0);
     CHECK_MSG(cu_wait_metric(rport, index_series(x, series, sizeof series), 4, 10),
               "the router never learned X's 4 blocks");
+    bool idle = false;
+    for (double until = now_s() + 10; now_s() < until && !idle; sleep_ms(20)) idle = idle_with_cache(x);
+    CHECK_MSG(idle, "decode node %d reports its cached blocks as load", x);
 
     /* 2. turn 2: 64 of 80 tokens cached on X: decode-local there, computing the suffix only */
     double hits0 = both("speed_prefix_cache_hits_total"), saved0 = both("speed_prefix_cache_tokens_saved_total");

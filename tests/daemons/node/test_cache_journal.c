@@ -4,10 +4,7 @@
  *     journal gets a snapshot: the set of stored-and-not-evicted hashes, then continues;
  *   - the set is bounded: stored hashes beyond n_blocks_max are refused and counted, their
  *     events still journaled;
- *   - bad parameters are refused;
- *   - prompt_hold (the reserved prompts' hashes until their Generate): put / take moves the
- *     hashes out once, a put of the same id replaces, a full table drops its oldest entry, an
- *     entry older than the ttl goes at the next put. */
+ *   - bad parameters are refused. */
 #include "alloc.h"
 #include "cache_journal.h"
 #include "check.h"
