@@ -175,7 +175,8 @@ static inline int64_t speed_node_desc_lease_ms(int64_t lease_ms) { return lease_
 /* ---- the cache event journal (node_cache.c; decode nodes) ---- */
 
 /* Creates the journal (instance = the node's epoch, bounds cache_events.*), the seed of the
- * node's block hashes (served model name, kv.block_tokens) and the speed_node_cache_* metrics.
+ * node's block hashes (served model name, kv.block_tokens), the speed_node_cache_* and the
+ * speed_prefix_cache_* metrics (registered whether the prefix cache is on or not: 0 when off).
  * Called by speed_node_init for the decode role. Returns SPEED_OK or what create/register
  * return. */
 speed_status_t speed_node_cache_init(speed_node_t *node);
