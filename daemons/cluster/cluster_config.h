@@ -102,14 +102,14 @@ typedef struct {
     int64_t decode_only_below;         /* prompts shorter than this skip the prefill pool; 0 = never */
     int prefill_policy, decode_policy; /* speed_policy_t */
     int64_t default_max_tokens, max_context;
-    int64_t status_interval_ms;    /* node status polling */
-    int64_t discovery_interval_ms; /* re-resolution of the pools' discovery names */
-    int64_t discovery_max_nodes;   /* addresses a discovered pool holds at most */
-    int64_t prefill_retries;       /* other prefill nodes tried before the first token */
-    int64_t max_migrations;        /* re-issues of a stream whose decode node died; 0 = error */
-    int kv_routing;                /* speed_kv_routing_t */
-    double kv_affinity_weight;     /* 1 = cached prefix only, 0 = load only */
-    int64_t kv_index_max_blocks;   /* block hashes the router keeps per decode node */
+    int64_t status_interval_ms;          /* node status polling */
+    int64_t discovery_interval_ms;       /* re-resolution of the pools' discovery names */
+    int64_t discovery_max_nodes;         /* addresses a discovered pool holds at most */
+    int64_t prefill_retries;             /* other prefill nodes tried before the first token */
+    int64_t max_migrations;              /* re-issues of a stream whose decode node died; 0 = error */
+    int kv_routing;                      /* speed_kv_routing_t */
+    double kv_affinity_weight;           /* 1 = cached prefix only, 0 = load only */
+    int64_t kv_index_max_blocks;         /* block hashes the router keeps per decode node */
     int64_t decode_local_max_new_tokens; /* uncached prompt tokens a decode node prefills itself; 0 = never */
 
     /* decode nodes' cache event journal (KV-aware routing) */

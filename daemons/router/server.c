@@ -370,10 +370,11 @@ static speed_status_t register_metrics(speed_router_t *rt) {
                                        "node failed in Reserve, in the KV transfer into it, or before its stream "
                                        "sent anything)",
                                        NULL, 0, &rt->m_decode_retries));
-    SPEED_CHECK(speed_counter_register(m, "speed_router_decode_local_total",
-                                       "requests routed disaggregated but sent decode-only, because the chosen decode "
-                                       "node's cached prefix left at most router.decode_local_max_new_tokens to compute",
-                                       NULL, 0, &rt->m_decode_local));
+    SPEED_CHECK(
+        speed_counter_register(m, "speed_router_decode_local_total",
+                               "requests routed disaggregated but sent decode-only, because the chosen decode "
+                               "node's cached prefix left at most router.decode_local_max_new_tokens to compute",
+                               NULL, 0, &rt->m_decode_local));
     static const char *const outcome[] = {"outcome"};
     SPEED_CHECK(speed_counter_register(m, "speed_router_migrations_total",
                                        "streams whose decode node died after their first token, by outcome: ok "

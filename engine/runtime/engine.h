@@ -216,8 +216,7 @@ speed_status_t speed_engine_seq_reserve_cached(speed_engine_t *engine, const int
  * speed_engine_seq_add: a decode node whose sender cannot skip a cached prefix yet still keeps
  * what it received for the next turn. Same checks and returns as speed_engine_seq_add. */
 speed_status_t speed_engine_seq_reserve_keep(speed_engine_t *engine, const int32_t *ids, int64_t n_prompt,
-                                             const speed_depth_t *depth, int64_t max_new_tokens,
-                                             speed_seq_id_t *seq_p);
+                                             const speed_depth_t *depth, int64_t max_new_tokens, speed_seq_id_t *seq_p);
 
 /* Queues the token sampled from the sequence's last logits; the next step processes it.
  * Returns SPEED_OK; SPEED_ERR_NOT_FOUND (no such sequence); SPEED_ERR_INVALID_ARGUMENT (id

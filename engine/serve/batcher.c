@@ -288,9 +288,10 @@ static speed_status_t do_reserve(speed_batcher_t *b, cmd_t *c) {
     req_t *r;
     SPEED_CHECK(req_create(b, c->id, &r));
     speed_status_t st =
-        !c->ids       ? speed_engine_seq_reserve(b->engine, c->n_prompt, &c->depth, c->max_tokens, &r->seq)
-        : c->no_lookup ? speed_engine_seq_reserve_keep(b->engine, c->ids, c->n_prompt, &c->depth, c->max_tokens, &r->seq)
-                       : speed_engine_seq_reserve_cached(b->engine, c->ids, c->n_prompt, &c->depth, c->max_tokens, &r->seq);
+        !c->ids ? speed_engine_seq_reserve(b->engine, c->n_prompt, &c->depth, c->max_tokens, &r->seq)
+        : c->no_lookup
+            ? speed_engine_seq_reserve_keep(b->engine, c->ids, c->n_prompt, &c->depth, c->max_tokens, &r->seq)
+            : speed_engine_seq_reserve_cached(b->engine, c->ids, c->n_prompt, &c->depth, c->max_tokens, &r->seq);
     if (st != SPEED_OK) {
         speed_batcher_req_free(r);
         return st;

@@ -107,10 +107,10 @@ typedef void (*speed_batch_kv_free_cb_t)(void *user, const char *request_id);
 
 /* One engine step, as the batcher saw it (for a node's step metrics). */
 typedef struct {
-    double seconds;     /* wall time of the step */
-    int n_seqs;         /* sequences with rows in the step (the batch size) */
-    int n_prefill_rows; /* prompt tokens processed */
-    int n_decode_rows;  /* generated tokens processed */
+    double seconds;                    /* wall time of the step */
+    int n_seqs;                        /* sequences with rows in the step (the batch size) */
+    int n_prefill_rows;                /* prompt tokens processed */
+    int n_decode_rows;                 /* generated tokens processed */
     speed_prefix_cache_stats_t prefix; /* the engine's prefix cache so far (cumulative; zero when off):
                                         * its hits of this step's admissions are in it */
 } speed_batch_step_t;
@@ -283,8 +283,8 @@ typedef struct {
     bool draining;
     uint64_t n_submitted, n_finished, n_expired, n_cancelled, n_errors;
     uint64_t n_prompt_tokens, n_generated_tokens;
-    int64_t tokens_in_flight; /* over running and reserved requests: prompt tokens + tokens
-                               * generated so far (the context each holds or will hold) */
+    int64_t tokens_in_flight;          /* over running and reserved requests: prompt tokens + tokens
+                                        * generated so far (the context each holds or will hold) */
     speed_kv_cache_stats_t kv;         /* its usage counts the prefix cache's entries too */
     speed_kv_usage_t kv_live;          /* the requests' blocks only (engine.h: live) */
     uint64_t n_cached_tokens;          /* prompt tokens reused from the prefix cache (engine.h) */

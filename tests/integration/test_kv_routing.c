@@ -197,11 +197,23 @@ int main(void) {
     bool rok = false, rok2 = false;
     /* weight 0.8: a node's load as the router last saw it may still count the previous turn
      * (its status poll came during the request); the cached prefix must outweigh that */
-    const char *kv[] = {"--router.kv_routing", "affinity", "--router.status_interval_ms", "50",
-                        "--router.kv_affinity_weight", "0.8", NULL};
+    const char *kv[] = {"--router.kv_routing",
+                        "affinity",
+                        "--router.status_interval_ms",
+                        "50",
+                        "--router.kv_affinity_weight",
+                        "0.8",
+                        NULL};
     cu_proc_t r = ok ? cu_cluster_router(&g_c, 0, kv, 30, &rok) : (cu_proc_t){0};
-    const char *dec_only[] = {"--router.decode_only_below", "100000", "--router.kv_routing", "affinity",
-                              "--router.status_interval_ms", "50", "--router.kv_affinity_weight", "0.8", NULL};
+    const char *dec_only[] = {"--router.decode_only_below",
+                              "100000",
+                              "--router.kv_routing",
+                              "affinity",
+                              "--router.status_interval_ms",
+                              "50",
+                              "--router.kv_affinity_weight",
+                              "0.8",
+                              NULL};
     cu_proc_t r2 = ok ? cu_cluster_router(&g_c, 1, dec_only, 30, &rok2) : (cu_proc_t){0};
     CHECK_MSG(rok && rok2, "routers did not come up");
     g_rport = cu_router_port(&g_c, 0);

@@ -87,8 +87,9 @@ static bool idle_with_cache(int d) {
     Speed__V1__NodeStatusRequest q = SPEED__V1__NODE_STATUS_REQUEST__INIT;
     Speed__V1__NodeStatus *st = NULL;
     bool idle = false;
-    if (ch && nr_call(ch, SPEED_METHOD_NODE_STATUS, &q.base, &speed__v1__node_status__descriptor,
-                      (ProtobufCMessage **)&st, NULL, 0) == 0 &&
+    if (ch &&
+        nr_call(ch, SPEED_METHOD_NODE_STATUS, &q.base, &speed__v1__node_status__descriptor, (ProtobufCMessage **)&st,
+                NULL, 0) == 0 &&
         st)
         idle = st->active_blocks == 0 && st->kv_usage_ratio == 0 && st->running == 0;
     if (st) speed_proto_free(&st->base);
