@@ -15,7 +15,9 @@ typedef struct {
     char *address;
     speed_node_state_t state;
     speed_node_load_t load;
-    int64_t pending; /* picks since the last snapshot */
+    int64_t pending;         /* picks since the last snapshot */
+    int64_t finished;        /* requests that ended there since the last snapshot */
+    int64_t finished_blocks; /* the KV blocks they held */
 } node_t;
 
 struct speed_balance_pool {
@@ -122,6 +124,8 @@ speed_status_t speed_balance_pool_set_load(speed_balance_pool_t *pool, size_t in
     if (index < pool->n_nodes) {
         pool->nodes[index].load = *load;
         pool->nodes[index].pending = 0;
+        pool->nodes[index].finished = 0;
+        pool->nodes[index].finished_blocks = 0;
     } else {
         st = SPEED_ERR_INVALID_ARGUMENT;
     }
@@ -243,7 +247,8 @@ speed_status_t speed_balance_pool_pick(speed_balance_pool_t *pool, const size_t 
             best = i;
             break;
         }
-        int64_t score = (int64_t)node->load.n_running + node->load.n_waiting + node->pending;
+        int64_t score = (int64_t)node->load.n_running + node->load.n_waiting + node->pending - node->finished;
+        if (score < 0) score = 0;
         if (best == SIZE_MAX || score < best_score || (score == best_score && node->load.kv_usage < best_kv)) {
             best = i;
             best_score = score;
@@ -274,6 +279,8 @@ size_t speed_balance_pool_candidates(speed_balance_pool_t *pool, const size_t *e
         out[k].index = i;
         out[k].load = node->load;
         out[k].pending = node->pending;
+        out[k].finished = node->finished;
+        out[k].finished_blocks = node->finished_blocks;
         k++;
     }
     pool_unlock(pool);
@@ -287,6 +294,20 @@ speed_status_t speed_balance_pool_take(speed_balance_pool_t *pool, size_t index)
     if (index < pool->n_nodes) {
         pool->nodes[index].pending++;
         pool->next = (index + 1) % pool->n_nodes;
+    } else {
+        st = SPEED_ERR_INVALID_ARGUMENT;
+    }
+    pool_unlock(pool);
+    return st;
+}
+
+speed_status_t speed_balance_pool_finish(speed_balance_pool_t *pool, size_t index, int64_t blocks) {
+    if (!pool || blocks < 0) return SPEED_ERR_INVALID_ARGUMENT;
+    speed_status_t st = SPEED_OK;
+    pool_lock(pool);
+    if (index < pool->n_nodes) {
+        pool->nodes[index].finished++;
+        pool->nodes[index].finished_blocks += blocks;
     } else {
         st = SPEED_ERR_INVALID_ARGUMENT;
     }

@@ -115,8 +115,10 @@ speed_status_t speed_balance_pool_pick(speed_balance_pool_t *pool, const size_t 
 /* A node a caller may pick (speed_balance_pool_candidates). */
 typedef struct {
     size_t index;
-    speed_node_load_t load; /* its last snapshot */
-    int64_t pending;        /* picks since that snapshot */
+    speed_node_load_t load;  /* its last snapshot */
+    int64_t pending;         /* picks since that snapshot */
+    int64_t finished;        /* requests that ended there since that snapshot (speed_balance_pool_finish) */
+    int64_t finished_blocks; /* and the KV blocks they held */
 } speed_balance_candidate_t;
 
 /* For a caller that scores nodes itself (KV-aware routing, kv_route.h): the eligible nodes
@@ -129,6 +131,15 @@ size_t speed_balance_pool_candidates(speed_balance_pool_t *pool, const size_t *e
  * moves the rotation past it. Returns SPEED_OK or SPEED_ERR_INVALID_ARGUMENT (index out of
  * range). */
 speed_status_t speed_balance_pool_take(speed_balance_pool_t *pool, size_t index);
+/* A request the router sent to the node ended (its answer complete, or cancelled there) and
+ * freed about `blocks` KV blocks. Until the node's next snapshot its load counts that much less:
+ * least-loaded picks subtract the finished requests, KV-aware routing (request_kv.c) their
+ * blocks. Without it a client's next turn, sent at once, finds the node holding its prefix
+ * still loaded by the previous turn (the snapshot is up to router.status_interval_ms old) and
+ * goes elsewhere. A snapshot taken before the end and received after it counts the request
+ * again until the next one. Returns SPEED_OK or SPEED_ERR_INVALID_ARGUMENT (index out of
+ * range, blocks < 0). Thread-safe. */
+speed_status_t speed_balance_pool_finish(speed_balance_pool_t *pool, size_t index, int64_t blocks);
 
 /* Number of UP nodes. */
 size_t speed_balance_pool_n_up(const speed_balance_pool_t *pool);

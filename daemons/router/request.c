@@ -374,6 +374,7 @@ static void run_routed(rtr_req_t *r, plan_t *pl, speed_route_kind_t kind) {
                 speed_histogram_observe(rt->m_tpot, (t_end - rl.t_first_token) / (double)(rl.n_generated - 1));
             /* before the answer: a client's next turn may follow at once */
             speed_router_kv_completed(r, pl, dnode);
+            speed_router_decode_finished(r, pl, dnode, rl.n_generated);
             speed_router_relay_answer(r, &rl);
         } else {
             /* The decode node may still hold the sequence (error, cancel, client gone). */
@@ -381,6 +382,7 @@ static void run_routed(rtr_req_t *r, plan_t *pl, speed_route_kind_t kind) {
             bool held = r->decode_held;
             pthread_mutex_unlock(&r->lock);
             if (held) speed_router_cancel_send(rt, SPEED_ROUTER_POOL_DECODE, dnode, r->id);
+            speed_router_decode_finished(r, pl, dnode, rl.n_generated);
             speed_router_req_leg_end(r, SPEED_ROUTER_POOL_DECODE);
         }
         break;

@@ -42,6 +42,10 @@ bool speed_router_kv_pick(rtr_req_t *r, plan_t *pl, const size_t *tried, size_t 
 /* The request completed on decode node dnode: its prompt's blocks go into that node's index
  * ahead of the node's events (speed_kv_index_anticipate). No-op with KV-aware routing off. */
 void speed_router_kv_completed(rtr_req_t *r, const plan_t *pl, size_t dnode);
+/* The request's leg on decode node dnode ended (answered, failed or cancelled there) after
+ * n_generated tokens: until the node's next status, its load as the router sees it no longer
+ * counts the request and the blocks of its prompt and answer (speed_balance_pool_finish). */
+void speed_router_decode_finished(rtr_req_t *r, const plan_t *pl, size_t dnode, int64_t n_generated);
 
 /* ---- request_cancel.c -------------------------------------------------------------- */
 

@@ -34,13 +34,17 @@ bool speed_router_kv_pick(rtr_req_t *r, plan_t *pl, const size_t *tried, size_t 
     size_t n = speed_balance_pool_candidates(dpool, tried, n_tried, bc, KV_CANDIDATES_MAX);
     for (size_t i = 0; i < n; i++) {
         const speed_balance_candidate_t *c = &bc[i];
-        /* requests queued there and picks since its status will each hold about this prompt */
+        /* requests queued there and picks since its status will each hold about this prompt;
+         * requests that ended there since then hold nothing any more */
         int64_t queued = (int64_t)c->load.n_waiting + c->pending;
+        double blocks = (double)c->load.active_blocks + (double)queued * (double)(n_blocks ? n_blocks : 1) -
+                        (double)c->finished_blocks;
+        int64_t requests = (int64_t)c->load.n_running + queued - c->finished;
         kc[i] = (speed_kv_candidate_t){
             .node = c->index,
             .overlap_blocks = speed_kv_index_overlap(idx, c->index, hashes, n_blocks),
-            .load_blocks = (double)c->load.active_blocks + (double)queued * (double)(n_blocks ? n_blocks : 1),
-            .load_requests = (int64_t)c->load.n_running + queued,
+            .load_blocks = blocks > 0 ? blocks : 0,
+            .load_requests = requests > 0 ? requests : 0,
         };
     }
     bool ok = n > 0;
@@ -75,4 +79,12 @@ void speed_router_kv_completed(rtr_req_t *r, const plan_t *pl, size_t dnode) {
     n_blocks = speed_block_hash_prompt(speed_kv_index_seed(idx), pl->ids, pl->n_ids, b, hashes, n_blocks);
     speed_kv_index_anticipate(idx, dnode, hashes, n_blocks);
     speed_free(hashes);
+}
+
+void speed_router_decode_finished(rtr_req_t *r, const plan_t *pl, size_t dnode, int64_t n_generated) {
+    speed_router_t *rt = r->rt;
+    int64_t b = rt->cfg->kv_block_tokens > 0 ? rt->cfg->kv_block_tokens : 1;
+    int64_t tokens = (int64_t)pl->n_ids + (n_generated > 0 ? n_generated : 0);
+    speed_balance_pool_finish(speed_router_nodes_pool(rt->nodes, SPEED_ROUTER_POOL_DECODE), dnode,
+                              (tokens + b - 1) / b);
 }

@@ -177,6 +177,40 @@ static void test_least_loaded(void) {
     speed_balance_pool_destroy(pool);
 }
 
+/* A request that ended on a node since its snapshot no longer loads it: the next pick (a
+ * client's next turn, sent at once) sees the node as the end left it, not as the stale snapshot
+ * says; a new snapshot forgets the ends (it saw them). */
+static void test_finished(void) {
+    speed_balance_pool_t *pool = make_pool(SPEED_BALANCE_LEAST_LOADED, 2);
+    speed_node_load_t busy = {2, 0, 0.5, 30}, one = {1, 0, 0.2, 10};
+    CHECK_INT_EQ(speed_balance_pool_set_load(pool, 0, &busy), SPEED_OK);
+    CHECK_INT_EQ(speed_balance_pool_set_load(pool, 1, &one), SPEED_OK);
+    size_t idx;
+    CHECK_INT_EQ(speed_balance_pool_pick(pool, NULL, 0, &idx), SPEED_OK);
+    CHECK_INT_EQ(idx, 1); /* 2 against 1 */
+    /* both of node 0's requests end: it scores 0 against node 1's 2 (1 + the pick) */
+    CHECK_INT_EQ(speed_balance_pool_finish(pool, 0, 12), SPEED_OK);
+    CHECK_INT_EQ(speed_balance_pool_finish(pool, 0, 8), SPEED_OK);
+    CHECK_INT_EQ(speed_balance_pool_pick(pool, NULL, 0, &idx), SPEED_OK);
+    CHECK_INT_EQ(idx, 0);
+    speed_balance_candidate_t c[2];
+    CHECK_INT_EQ(speed_balance_pool_candidates(pool, NULL, 0, c, 2), 2);
+    for (int i = 0; i < 2; i++)
+        if (c[i].index == 0) CHECK(c[i].finished == 2 && c[i].finished_blocks == 20 && c[i].pending == 1);
+    /* more ends than the snapshot knew never make a negative load: a third pick still balances */
+    CHECK_INT_EQ(speed_balance_pool_finish(pool, 0, 5), SPEED_OK);
+    CHECK_INT_EQ(speed_balance_pool_pick(pool, NULL, 0, &idx), SPEED_OK);
+    CHECK_INT_EQ(idx, 0); /* 0 (2 + 1 - 3) against 2 */
+    CHECK_INT_EQ(speed_balance_pool_set_load(pool, 0, &busy), SPEED_OK);
+    CHECK_INT_EQ(speed_balance_pool_candidates(pool, NULL, 0, c, 2), 2);
+    for (int i = 0; i < 2; i++)
+        if (c[i].index == 0) CHECK(c[i].finished == 0 && c[i].finished_blocks == 0 && c[i].pending == 0);
+    CHECK_INT_EQ(speed_balance_pool_finish(pool, 7, 1), SPEED_ERR_INVALID_ARGUMENT);
+    CHECK_INT_EQ(speed_balance_pool_finish(pool, 0, -1), SPEED_ERR_INVALID_ARGUMENT);
+    CHECK_INT_EQ(speed_balance_pool_finish(NULL, 0, 1), SPEED_ERR_INVALID_ARGUMENT);
+    speed_balance_pool_destroy(pool);
+}
+
 #define N_THREADS        8
 #define PICKS_PER_THREAD 20000
 
@@ -462,6 +496,7 @@ int main(void) {
     test_pool_basics();
     test_round_robin();
     test_least_loaded();
+    test_finished();
     test_concurrent(SPEED_BALANCE_ROUND_ROBIN);
     test_concurrent(SPEED_BALANCE_LEAST_LOADED);
     test_admission();
