@@ -1,28 +1,32 @@
 #!/usr/bin/env bash
 # The capacity planner's validation on this machine (docs/operations.md, "Validation"):
 #   1. a small model (make-tiny-model) and its profile (speedctl profile, threads 1);
-#   2. what the nodes' engine time does not hold, measured once on 1P1D with lone requests: TTFT
-#      minus the profile's prefill (plan --overhead-ms) and TPOT minus its decode step
-#      (plan --step-overhead-ms);
+#   2. the host's speed against the profile (the median of PROBES one-point probes: a prefill of
+#      128 tokens and a decode step of 4), and a calibration on 1P1D with a workload of its own
+#      (prompts of 64 tokens, 16 generated): with lone requests, what the nodes' engine time does
+#      not hold (TTFT and TPOT minus the profile's: plan --overhead-ms, --step-overhead-ms) and
+#      the router's and loadgen's CPU per request and per streamed token (plan --client-ms-*);
+#      then a loaded workload of prompts across the planned range (CAL_PROMPTS, CAL_OUTPUTS at
+#      RATE_CAL requests/s, CAL_RUNS runs): measured / predicted TTFT and TPOT p90 (medians) are
+#      the correction factors for the tails the simulation does not produce (plan --ttft-factor,
+#      --tpot-factor; Dynamo's planner keeps such factors from live traffic);
 #   3. per workload (short prompts, long prompts): speedctl plan for the host's 2 cores
-#      (--host-cores 2, budget 3 nodes), then the recommendation and its two neighbours (one more
-#      prefill node, one more decode node) as local clusters under speedctl loadgen;
-#   4. the table: predicted against measured TTFT p90 and TPOT p90, measured goodput.
-# The machine is shared and its speed moves with the other work on it: right before each cluster
-# starts, a one-point profile (prefill of 128 tokens, a decode step of 4) measures how much slower
-# the host is than when it was profiled, and that configuration's prediction is the plan's with
-# --slowdown of that factor and --host-background the cores the host's other work kept busy over
-# the 3 seconds before (from /proc/stat; niced work is not counted: it yields to the cluster).
-# The router's and loadgen's own CPU per request and per streamed token are measured once on the
-# calibration cluster (plan --client-ms-per-request / --client-ms-per-token). The recommendation
-# is the plan's as first made.
+#      (--host-cores 2, budget 4 nodes), then the recommendation and its two neighbours (one more
+#      prefill node, one more decode node) as local clusters under speedctl loadgen, each REPEAT
+#      times, interleaved; each configuration's prediction with --host-background the median of
+#      the cores the host's other work kept busy in the 3 s before its runs (from /proc/stat;
+#      niced work is not counted: it yields to the cluster);
+#   4. the table: predicted (corrected, and the model alone) against measured (the median over
+#      the runs, every run listed) TTFT p90 and TPOT p90, and goodput. The recommendation is the
+#      plan's as first made.
 #
-#   tools/plan-validate/run.sh BUILD_DIR [WORK_DIR]      (~15 minutes; not in the default ctest)
+#   tools/plan-validate/run.sh BUILD_DIR [WORK_DIR]      (~20 minutes; not in the default ctest)
 #
-# The table's "host load" is the cores the host's other work kept busy right before each run
-# (this machine is shared: other work beside a cluster slows it down where the profile did not see it).
-# Environment: RATE_SHORT, RATE_LONG (requests/s), REQUESTS (per run, default 240), PORT_BASE
-# (default 18600: router +0, prefill grpc +10 / http +20, decode grpc +30 / http +40).
+# Environment: RATE_SHORT, RATE_LONG (requests/s, defaults 20 and 8), REQUESTS (per run, default
+# 240), REPEAT (runs of every configuration, default 3: the table compares medians), PROBES (speed
+# probes, default 5), CAL_PROMPTS, CAL_OUTPUTS, RATE_CAL, CAL_RUNS (the loaded calibration:
+# uniform:32,512, fixed:24, 10 requests/s, 3 runs),
+# PORT_BASE (default 18600: router +0, prefill grpc +10 / http +20, decode grpc +30 / http +40).
 set -euo pipefail
 
 BUILD=$(cd "${1:?usage: run.sh BUILD_DIR [WORK_DIR]}" && pwd)
@@ -30,12 +34,19 @@ WORK=${2:-/tmp/plan-validate}
 SPEEDCTL=$BUILD/bin/speedctl
 REQUESTS=${REQUESTS:-240}
 PORT_BASE=${PORT_BASE:-18600}
-RATE_SHORT=${RATE_SHORT:-8}
-RATE_LONG=${RATE_LONG:-3}
+RATE_SHORT=${RATE_SHORT:-20}
+RATE_LONG=${RATE_LONG:-8}
+REPEAT=${REPEAT:-3}
+PROBES=${PROBES:-5}
+RATE_CAL=${RATE_CAL:-10}
+CAL_PROMPTS=${CAL_PROMPTS:-uniform:32,512}
+CAL_OUTPUTS=${CAL_OUTPUTS:-fixed:24}
+CAL_RUNS=${CAL_RUNS:-3}
 mkdir -p "$WORK"
 export UCX_WARN_UNUSED_ENV_VARS=n
 
 log() { printf '[plan-validate] %s\n' "$*" >&2; }
+median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
 # ---- 1. the model and its profile ----------------------------------------------------------
 MODEL=$WORK/model
@@ -138,19 +149,39 @@ children_cpu_ms() {
 # router_pid: the router speedctl up started
 router_pid() { pgrep -P "$UP_PID" -x speed-router | head -1; }
 
-# ---- 2. the fixed overheads ----------------------------------------------------------------
+# ---- 2. the host's speed, the fixed overheads and the correction factors --------------------
+# The host's speed against the profile: the median of PROBES one-point probes (one probe alone
+# read 0.93 to 1.42 within ten minutes on an idle host, and its noise entered every prediction).
+C_CAL=4
+if [ ! -f "$WORK/slowdown" ]; then
+    log "probing the host's speed ($PROBES probes)"
+    for i in $(seq 1 "$PROBES"); do slowdown $C_CAL "$WORK/probe-$i.json"; done | median >"$WORK/slowdown"
+fi
+SLOW=$(cat "$WORK/slowdown")
+log "the host is ${SLOW}x slower than when profiled (median of the probes)"
+
+# plan_at OUT RATE PROMPTS OUTPUTS SLO_TTFT SLO_TPOT BG C [more plan flags]: speedctl plan for this
+# host (2 cores, the probed speed, BG cores of other work); C empty = every profiled C
+plan_at() {
+    local out=$1 rate=$2 prompts=$3 outputs=$4 slo_ttft=$5 slo_tpot=$6 bg=$7 c=$8
+    shift 8
+    "$SPEEDCTL" plan --profile "$WORK/profile.json" --rate "$rate" --prompt-tokens "$prompts" --output-tokens "$outputs" \
+        --slo-ttft-p90-ms "$slo_ttft" --slo-tpot-p90-ms "$slo_tpot" --max-nodes 4 --host-cores 2 --seed 7 \
+        --requests "$REQUESTS" --slowdown "$SLOW" --host-background "$bg" ${c:+--prefill-layers "$c"} --out "$out" "$@"
+}
+
 # What the nodes' engine time does not hold, measured once on 1P1D with requests one at a time
 # (prompts of 64 tokens, 16 generated): TTFT p50 measured - predicted (HTTP, router, control RPCs:
 # plan --overhead-ms) and TPOT p50 measured - predicted (per decode step: token events, the stream
-# to the router, SSE: plan --step-overhead-ms); the prediction with the host's slowdown of the moment.
-C_CAL=4
-if [ ! -f "$WORK/overheads" ]; then
-    log "measuring the fixed TTFT and per-step overheads on 1P1D (prompts of 64 tokens, one at a time)"
-    slow=$(slowdown $C_CAL "$WORK/cal-probe.json")
-    bg=$(host_busy)
-    "$SPEEDCTL" plan --profile "$WORK/profile.json" --rate 1 --prompt-tokens fixed:64 --output-tokens fixed:16 \
-        --seed 7 --requests 30 --slo-ttft-p90-ms 10000 --slo-tpot-p90-ms 10000 --max-nodes 2 --prefill-layers $C_CAL \
-        --overhead-ms 0 --slowdown "$slow" --host-cores 2 --host-background "$bg" --out "$WORK/cal" >/dev/null
+# to the router, SSE: plan --step-overhead-ms). Then, on the same cluster, CAL_PROMPTS prompts
+# (across the lengths to plan for) at RATE_CAL requests/s, CAL_RUNS times: measured / predicted
+# TTFT and TPOT p90 (medians over the runs) are the correction factors (plan --ttft-factor /
+# --tpot-factor) for the tails the simulation does not produce. The calibration's workload is
+# none of the validated ones.
+if [ ! -f "$WORK/factors" ]; then
+    log "calibrating on 1P1D: prompts of 64 tokens, 16 generated, one at a time; then $CAL_PROMPTS, $CAL_OUTPUTS at $RATE_CAL requests/s"
+    plan_at "$WORK/cal" 1 fixed:64 fixed:16 10000 10000 "$(host_busy)" $C_CAL --requests 30 --max-nodes 2 \
+        --overhead-ms 0 >/dev/null
     start_cluster "$WORK/cal/cluster.yaml" 1 1 "$WORK/cal/logs"
     # the router's and loadgen's CPU over two runs of 40 requests, 16 and 2 tokens each: per request
     # and per token by the difference
@@ -163,8 +194,12 @@ if [ ! -f "$WORK/overheads" ]; then
     loadgen "$WORK/cal/loadgen-2.json" 2 40 fixed:64 fixed:2 10000 10000
     children_cpu_ms >"$WORK/.c2"
     r2=$(proc_cpu_ms "$rp") c2=$(cat "$WORK/.c2")
+    cal_bg=$(host_busy)
+    for i in $(seq 1 "$CAL_RUNS"); do
+        loadgen "$WORK/cal/loaded-$i.json" "$RATE_CAL" "$REQUESTS" "$CAL_PROMPTS" "$CAL_OUTPUTS" 10000 10000
+    done
     stop_cluster
-    python3 - "$WORK" "$r0" "$r1" "$r2" "$c0" "$c1" "$c2" <<'EOF' >"$WORK/overheads"
+    python3 - "$WORK" "$r0" "$r1" "$r2" "$c0" "$c1" "$c2" <<'PY' >"$WORK/overheads"
 import json, sys
 w = sys.argv[1]
 r0, r1, r2, c0, c1, c2 = (float(x) for x in sys.argv[2:])
@@ -176,11 +211,27 @@ per_token = max(0.0, (cpu16 - cpu2) / 14)
 per_request = max(0.0, cpu2 - 2 * per_token)
 print(f"{max(0.0, m['ttft']['p50'] - p['ttft_p50_ms']):.2f} {max(0.0, m['tpot']['p50'] - p['tpot_p50_ms']):.2f} "
       f"{per_request:.3f} {per_token:.4f}")
-EOF
+PY
+    read -r OVERHEAD STEP_OVERHEAD CLIENT_REQ CLIENT_TOK <"$WORK/overheads"
+    plan_at "$WORK/cal-loaded" "$RATE_CAL" "$CAL_PROMPTS" "$CAL_OUTPUTS" 10000 10000 "$cal_bg" $C_CAL --max-nodes 2 \
+        --overhead-ms "$OVERHEAD" --step-overhead-ms "$STEP_OVERHEAD" --client-ms-per-request "$CLIENT_REQ" \
+        --client-ms-per-token "$CLIENT_TOK" >/dev/null
+    python3 - "$WORK" "$CAL_RUNS" <<'PY' >"$WORK/factors"
+import json, statistics, sys
+w, n = sys.argv[1], int(sys.argv[2])
+runs = [json.load(open(f"{w}/cal/loaded-{i}.json"))["latency_ms"] for i in range(1, n + 1)]
+c = [x for x in json.load(open(f"{w}/cal-loaded/plan.json"))["candidates"] if x["prefill"] == 1 and x["decode"] == 1][0]
+ttft = statistics.median(r["ttft"]["p90"] for r in runs) / c["ttft_p90_ms"]
+tpot = statistics.median(r["tpot"]["p90"] for r in runs) / c["tpot_p90_ms"]
+print(f"{ttft:.3f} {tpot:.3f}")
+PY
 fi
 read -r OVERHEAD STEP_OVERHEAD CLIENT_REQ CLIENT_TOK <"$WORK/overheads"
-CLIENT_REQ=${CLIENT_REQ:-0} CLIENT_TOK=${CLIENT_TOK:-0}
+read -r TTFT_FACTOR TPOT_FACTOR <"$WORK/factors"
 log "overheads: TTFT $OVERHEAD ms, decode step $STEP_OVERHEAD ms; router + loadgen CPU $CLIENT_REQ ms per request, $CLIENT_TOK ms per token"
+log "correction factors (1P1D, $CAL_PROMPTS at $RATE_CAL requests/s): TTFT x$TTFT_FACTOR, TPOT x$TPOT_FACTOR"
+CAL_FLAGS=(--overhead-ms "$OVERHEAD" --step-overhead-ms "$STEP_OVERHEAD" --client-ms-per-request "$CLIENT_REQ"
+    --client-ms-per-token "$CLIENT_TOK" --ttft-factor "$TTFT_FACTOR" --tpot-factor "$TPOT_FACTOR")
 
 # ---- 3. the workloads -----------------------------------------------------------------------
 # name rate prompts outputs slo_ttft slo_tpot
@@ -194,67 +245,87 @@ for wl in "${WORKLOADS[@]}"; do
     dir=$WORK/$name
     mkdir -p "$dir"
     log "$name: plan at $rate requests/s"
-    if ! "$SPEEDCTL" plan --profile "$WORK/profile.json" --rate "$rate" --prompt-tokens "$prompts" \
-        --output-tokens "$outputs" --slo-ttft-p90-ms "$slo_ttft" --slo-tpot-p90-ms "$slo_tpot" --max-nodes 4 \
-        --host-cores 2 --overhead-ms "$OVERHEAD" --step-overhead-ms "$STEP_OVERHEAD" --client-ms-per-request "$CLIENT_REQ" \
-        --client-ms-per-token "$CLIENT_TOK" --requests "$REQUESTS" --seed 7 --out "$dir" >"$dir/plan.txt"; then
+    if ! plan_at "$dir" "$rate" "$prompts" "$outputs" "$slo_ttft" "$slo_tpot" "$(host_busy)" "" "${CAL_FLAGS[@]}" \
+        >"$dir/plan.txt"; then
         cat "$dir/plan.txt" >&2
         log "$name: no plan at $rate requests/s (above); skipped"
         continue
     fi
     cat "$dir/plan.txt" >&2
     read -r P D C <<<"$(jq -r '.candidates[0] | "\(.prefill) \(.decode) \(.prefill_layers)"' "$dir/plan.json")"
-    for cfg in "$P $D recommended" "$((P + 1)) $D +1-prefill" "$P $((D + 1)) +1-decode"; do
+    CFGS=("$P $D recommended" "$((P + 1)) $D +1-prefill" "$P $((D + 1)) +1-decode")
+    # every configuration REPEAT times, interleaved, so that the host's drift reaches all of them alike
+    for rep in $(seq 1 "$REPEAT"); do
+        for cfg in "${CFGS[@]}"; do
+            read -r p d label <<<"$cfg"
+            host_busy >"$dir/bg-${p}p${d}d-$rep"
+            log "$name: $p prefill + $d decode ($label), run $rep of $REPEAT"
+            start_cluster "$dir/cluster.yaml" "$p" "$d" "$dir/logs-${p}p${d}d-$rep"
+            loadgen "$dir/loadgen-${p}p${d}d-$rep.json" "$rate" "$REQUESTS" "$prompts" "$outputs" "$slo_ttft" "$slo_tpot"
+            stop_cluster
+        done
+    done
+    # each configuration's prediction, with the median of the other work measured before its runs
+    for cfg in "${CFGS[@]}"; do
         read -r p d label <<<"$cfg"
-        slow=$(slowdown "$C" "$dir/probe-${p}p${d}d.json")
-        bg=$(host_busy)
-        log "$name: the host is ${slow}x slower than when profiled; other work keeps $bg cores busy"
-        "$SPEEDCTL" plan --profile "$WORK/profile.json" --rate "$rate" --prompt-tokens "$prompts" \
-            --output-tokens "$outputs" --slo-ttft-p90-ms "$slo_ttft" --slo-tpot-p90-ms "$slo_tpot" --max-nodes 4 \
-            --host-cores 2 --overhead-ms "$OVERHEAD" --step-overhead-ms "$STEP_OVERHEAD" --client-ms-per-request "$CLIENT_REQ" \
-            --client-ms-per-token "$CLIENT_TOK" --requests "$REQUESTS" --seed 7 --prefill-layers "$C" \
-            --slowdown "$slow" --host-background "$bg" --out "$dir/at-${p}p${d}d" >"$dir/at-${p}p${d}d.txt" 2>&1 || true
-        log "$name: $p prefill + $d decode ($label) under loadgen"
-        start_cluster "$dir/cluster.yaml" "$p" "$d" "$dir/logs-${p}p${d}d"
-        load=$bg
-        loadgen "$dir/loadgen-${p}p${d}d.json" "$rate" "$REQUESTS" "$prompts" "$outputs" "$slo_ttft" "$slo_tpot"
-        stop_cluster
-        python3 - "$dir" "$p" "$d" "$C" "$name" "$label" "$rate" "$load" "$slow" <<'EOF' >>"$WORK/rows.jsonl"
-import json, os, sys
-d, p, dd, c, name, label, rate, load, slow = sys.argv[1:]
+        bg=$(cat "$dir"/bg-"${p}p${d}d"-* | median)
+        plan_at "$dir/at-${p}p${d}d" "$rate" "$prompts" "$outputs" "$slo_ttft" "$slo_tpot" "$bg" "$C" "${CAL_FLAGS[@]}" \
+            >"$dir/at-${p}p${d}d.txt" 2>&1 || true
+        # the model alone: the same without the correction factors
+        plan_at "$dir/raw-${p}p${d}d" "$rate" "$prompts" "$outputs" "$slo_ttft" "$slo_tpot" "$bg" "$C" \
+            "${CAL_FLAGS[@]:0:8}" >"$dir/raw-${p}p${d}d.txt" 2>&1 || true
+        python3 - "$dir" "$p" "$d" "$C" "$name" "$label" "$rate" "$bg" "$SLOW" "$REPEAT" <<'PY' >>"$WORK/rows.jsonl"
+import json, os, statistics, sys
+d, p, dd, c, name, label, rate, bg, slow, rep = sys.argv[1:]
 at = f"{d}/at-{p}p{dd}d/plan.json"
 plan = json.load(open(at if os.path.exists(at) else f"{d}/plan.json"))
-cand = [x for x in plan["candidates"] if x["prefill"] == int(p) and x["decode"] == int(dd) and x["prefill_layers"] == int(c)]
-lg = json.load(open(f"{d}/loadgen-{p}p{dd}d.json"))
-lat = lg["latency_ms"]
-print(json.dumps({"workload": name, "config": f"{p}P{dd}D", "label": label, "rate": float(rate), "C": int(c),
-                  "pred_ttft_p90": cand[0]["ttft_p90_ms"] if cand else None,
-                  "pred_tpot_p90": cand[0]["tpot_p90_ms"] if cand else None,
-                  "pred_goodput": cand[0]["goodput_rps"] if cand else None,
-                  "ttft_p90": lat["ttft"]["p90"], "tpot_p90": lat["tpot"]["p90"],
-                  "goodput": lg["goodput"]["requests_per_s"], "throughput": lg["throughput"]["requests_per_s"],
-                  "loadavg": float(load), "slowdown": float(slow)}))
-EOF
+def pick(plan):
+    return [x for x in plan["candidates"] if x["prefill"] == int(p) and x["decode"] == int(dd) and x["prefill_layers"] == int(c)]
+cand = pick(plan)
+raw_at = f"{d}/raw-{p}p{dd}d/plan.json"
+raw = pick(json.load(open(raw_at))) if os.path.exists(raw_at) else []
+runs = [json.load(open(f"{d}/loadgen-{p}p{dd}d-{i}.json")) for i in range(1, int(rep) + 1)]
+metrics = {"ttft_p90": lambda r: r["latency_ms"]["ttft"]["p90"], "tpot_p90": lambda r: r["latency_ms"]["tpot"]["p90"],
+           "goodput": lambda r: r["goodput"]["requests_per_s"]}
+row = {"workload": name, "config": f"{p}P{dd}D", "label": label, "rate": float(rate), "C": int(c), "runs": len(runs),
+       "pred_ttft_p90": cand[0]["ttft_p90_ms"] if cand else None,
+       "pred_tpot_p90": cand[0]["tpot_p90_ms"] if cand else None,
+       "pred_goodput": cand[0]["goodput_rps"] if cand else None,
+       "raw_ttft_p90": raw[0]["ttft_p90_ms"] if raw else None,
+       "raw_tpot_p90": raw[0]["tpot_p90_ms"] if raw else None,
+       "host_busy": float(bg), "slowdown": float(slow)}
+for k, f in metrics.items():
+    v = [f(r) for r in runs]
+    row[k] = statistics.median(v)
+    row[k + "_runs"] = v
+print(json.dumps(row))
+PY
     done
 done
 
 # ---- 4. the table ---------------------------------------------------------------------------
-python3 - "$WORK/rows.jsonl" <<'EOF' | tee "$WORK/table.md"
+python3 - "$WORK/rows.jsonl" <<'PY' | tee "$WORK/table.md"
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 def err(p, m):
     return f"{100 * (p - m) / m:+.0f}%" if p is not None and m else "n/a"
 def f(v, k=1):
     return "n/a" if v is None else f"{v:.{k}f}"
-print("| workload | rate | cluster | TTFT p90 pred / meas (ms) | err | TPOT p90 pred / meas (ms) | err | goodput pred / meas (req/s) | host load | slowdown |")
-print("|---|---|---|---|---|---|---|---|---|---|")
+def runs(v, k=1):
+    return " ".join(f"{x:.{k}f}" for x in v)
+print("| workload | rate | cluster | TTFT p90 pred / meas (ms) | err | model alone | runs | TPOT p90 pred / meas (ms) | err "
+      "| model alone | runs | goodput pred / meas (req/s) | runs | host busy |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for r in rows:
-    print(f"| {r['workload']} | {r['rate']:g} | {r['config']} {r['label']} (C={r['C']}) | {f(r['pred_ttft_p90'])} / {r['ttft_p90']:.1f} | "
-          f"{err(r['pred_ttft_p90'], r['ttft_p90'])} | {f(r['pred_tpot_p90'], 2)} / {r['tpot_p90']:.2f} | "
-          f"{err(r['pred_tpot_p90'], r['tpot_p90'])} | {f(r['pred_goodput'], 2)} / {r['goodput']:.2f} | {r['loadavg']:.1f} | {r.get('slowdown', 1):.2f} |")
+    print(f"| {r['workload']} | {r['rate']:g} | {r['config']} {r['label']} (C={r['C']}) "
+          f"| {f(r['pred_ttft_p90'])} / {r['ttft_p90']:.1f} | {err(r['pred_ttft_p90'], r['ttft_p90'])} "
+          f"| {f(r.get('raw_ttft_p90'))} ({err(r.get('raw_ttft_p90'), r['ttft_p90'])}) | {runs(r['ttft_p90_runs'])} "
+          f"| {f(r['pred_tpot_p90'], 2)} / {r['tpot_p90']:.2f} | {err(r['pred_tpot_p90'], r['tpot_p90'])} "
+          f"| {f(r.get('raw_tpot_p90'), 2)} ({err(r.get('raw_tpot_p90'), r['tpot_p90'])}) | {runs(r['tpot_p90_runs'], 2)} "
+          f"| {f(r['pred_goodput'], 2)} / {r['goodput']:.2f} | {runs(r['goodput_runs'], 2)} | {r['host_busy']:.1f} |")
 for w in sorted({r["workload"] for r in rows}):
     rs = [r for r in rows if r["workload"] == w]
     best = max(rs, key=lambda r: r["goodput"])
-    print(f"\n{w}: best measured goodput {best['goodput']:.2f} req/s by {best['config']} ({best['label']})", end="")
+    print(f"\n{w}: best measured goodput {best['goodput']:.2f} req/s (median of {best['runs']} runs) by {best['config']} ({best['label']})", end="")
 print()
-EOF
+PY

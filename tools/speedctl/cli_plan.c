@@ -28,7 +28,7 @@
 typedef struct {
     char *profile, *prompt_tokens, *output_tokens, *trace, *prefill_layers, *tp, *out, *model, *image;
     double rate, slo_ttft, slo_tpot, overhead_ms, step_overhead_ms, host_cores, host_background, slowdown;
-    double client_ms_per_request, client_ms_per_token;
+    double client_ms_per_request, client_ms_per_token, ttft_factor, tpot_factor;
     int64_t max_nodes, requests, seed, anchors, tail, prefill_max_running, decode_max_running;
     int arrival, emit;
 } plan_opts_t;
@@ -78,6 +78,11 @@ static const speed_config_field_t plan_fields[] = {
            "with --host-cores: CPU milliseconds the router and the clients on the same host spend per request"),
     PL_OPT("client_ms_per_token", DOUBLE, client_ms_per_token, "0", 0, 1e6, NULL,
            "with --host-cores: CPU milliseconds the router and the clients spend per streamed token"),
+    PL_OPT("ttft_factor", DOUBLE, ttft_factor, "1", 0.01, 100, NULL,
+           "correction factor: every simulated TTFT is multiplied by it (measured / predicted TTFT p90 of a loaded "
+           "calibration cluster on this host: the tails the model does not produce)"),
+    PL_OPT("tpot_factor", DOUBLE, tpot_factor, "1", 0.01, 100, NULL,
+           "correction factor: every simulated TPOT is multiplied by it (as --ttft-factor, for TPOT p90)"),
     PL_OPT("slowdown", DOUBLE, slowdown, "1", 0.01, 1000, NULL,
            "multiply every profiled time by this: how much slower the host is now than when it was profiled "
            "(a shared machine; measure it with a short speedctl profile of one point)"),
@@ -152,7 +157,9 @@ static speed_plan_sim_params_t sim_params(const plan_opts_t *o, const candidate_
                                      .node_threads = pr->threads * c->tp,
                                      .host_background = o->host_background,
                                      .client_ms_per_request = o->client_ms_per_request,
-                                     .client_ms_per_token = o->client_ms_per_token};
+                                     .client_ms_per_token = o->client_ms_per_token,
+                                     .ttft_factor = o->ttft_factor,
+                                     .tpot_factor = o->tpot_factor};
 }
 
 static speed_status_t simulate(const workload_t *w, const candidate_t *c, double rate, speed_plan_sim_result_t *res) {
@@ -252,6 +259,8 @@ static speed_status_t write_json(const plan_opts_t *o, const candidate_t *cands,
     json_object_set_new(root, "client_ms_per_request", json_real(o->client_ms_per_request));
     json_object_set_new(root, "client_ms_per_token", json_real(o->client_ms_per_token));
     json_object_set_new(root, "slowdown", json_real(o->slowdown));
+    json_object_set_new(root, "ttft_factor", json_real(o->ttft_factor));
+    json_object_set_new(root, "tpot_factor", json_real(o->tpot_factor));
     for (int i = 0; i < n; i++) {
         const candidate_t *c = &cands[i];
         json_t *j = json_object();

@@ -209,12 +209,13 @@ static void summarize(sim_t *s, double slo_ttft, double slo_tpot, double t_end_a
     memset(res, 0, sizeof *res);
     res->n = n;
     double first = s->reqs[0].arrival_s, last_done = 0, sum = 0, sum_wait = 0;
+    double f_ttft = p->ttft_factor > 0 ? p->ttft_factor : 1.0, f_tpot = p->tpot_factor > 0 ? p->tpot_factor : 1.0;
     int good = 0;
     for (int i = 0; i < n; i++) {
         last_done = s->t_done[i] > last_done ? s->t_done[i] : last_done;
-        double ttft = (s->t_first[i] - s->reqs[i].arrival_s) * 1e3 + p->overhead_ms / s->first_share[i];
+        double ttft = f_ttft * ((s->t_first[i] - s->reqs[i].arrival_s) * 1e3 + p->overhead_ms / s->first_share[i]);
         double tpot =
-            s->reqs[i].output > 1 ? (s->t_done[i] - s->t_first[i]) * 1e3 / (double)(s->reqs[i].output - 1) : 0;
+            s->reqs[i].output > 1 ? f_tpot * (s->t_done[i] - s->t_first[i]) * 1e3 / (double)(s->reqs[i].output - 1) : 0;
         scratch[i] = ttft;
         sum += ttft;
         sum_wait += (s->t_start[i] - s->reqs[i].arrival_s) * 1e3;
@@ -236,7 +237,7 @@ static void summarize(sim_t *s, double slo_ttft, double slo_tpot, double t_end_a
     sum = 0;
     for (int i = 0; i < n; i++)
         if (s->reqs[i].output > 1) {
-            scratch[m] = (s->t_done[i] - s->t_first[i]) * 1e3 / (double)(s->reqs[i].output - 1);
+            scratch[m] = f_tpot * (s->t_done[i] - s->t_first[i]) * 1e3 / (double)(s->reqs[i].output - 1);
             sum += scratch[m++];
         }
     res->tpot_mean_ms = m ? sum / m : 0;
@@ -244,7 +245,8 @@ static void summarize(sim_t *s, double slo_ttft, double slo_tpot, double t_end_a
     res->tpot_p90_ms = quantile(scratch, m, 0.9);
     res->tpot_p99_ms = quantile(scratch, m, 0.99);
     for (int i = 0; i < n; i++)
-        scratch[i] = (s->t_done[i] - s->reqs[i].arrival_s) * 1e3 + p->overhead_ms / s->first_share[i];
+        scratch[i] = f_ttft * ((s->t_first[i] - s->reqs[i].arrival_s) * 1e3 + p->overhead_ms / s->first_share[i]) +
+                     f_tpot * (s->t_done[i] - s->t_first[i]) * 1e3;
     res->e2e_p90_ms = quantile(scratch, n, 0.9);
     double span = t_end_arrivals - first, run = last_done - first;
     res->offered_rps = span > 0 ? (n - 1) / span : 0;
@@ -269,7 +271,7 @@ speed_status_t speed_plan_sim_run(const speed_plan_sim_params_t *p, const speed_
     if (!p || !p->depth || !reqs || n < 1 || p->n_prefill < 1 || p->n_decode < 1 || p->prefill_max_running < 1 ||
         p->decode_max_running < 1 || p->max_step_tokens < 1 || p->prefill_chunk < 1 ||
         (p->host_cores > 0 && p->node_threads <= 0) || p->host_background < 0 || p->client_ms_per_request < 0 ||
-        p->client_ms_per_token < 0)
+        p->client_ms_per_token < 0 || p->ttft_factor < 0 || p->tpot_factor < 0)
         return SPEED_ERR_INVALID_ARGUMENT;
     sim_t s = {.p = p, .reqs = reqs, .n = n, .share = 1.0};
     int n_nodes = p->n_prefill + p->n_decode,

@@ -54,6 +54,10 @@ typedef struct {
                              * min(1, cores / (background + node_threads)), the profile's speed) */
     double client_ms_per_request; /* host_cores > 0: CPU the router and the clients on the same host spend */
     double client_ms_per_token;   /* per request (at its arrival) and per streamed token (when made) */
+    double ttft_factor;           /* correction factors (0 = 1): every request's simulated TTFT, and TPOT, is */
+    double tpot_factor;           /* multiplied by them — measured / simulated p90 on a loaded calibration
+                                   * cluster of the same host (the tails the model does not produce:
+                                   * scheduling of many processes on few cores, RPC wake-ups) */
 } speed_plan_sim_params_t;
 
 typedef struct {

@@ -195,6 +195,27 @@ static void test_client_work(void) {
     CHECK(speed_plan_sim_run(&p, r, 1, 0, 0, &res) == SPEED_ERR_INVALID_ARGUMENT);
 }
 
+static void test_correction_factors(void) {
+    /* A (100 tokens: prefill 10 ms, 4 tokens: 3 steps of 1.5 ms), overhead 2: TTFT 12, TPOT 1.5.
+     * Factors 1.5 / 2 make them 18 and 3; an SLO of 15 ms TTFT then fails what it passed */
+    speed_plan_sim_params_t p = params(8, 1, 1);
+    p.overhead_ms = 2;
+    speed_plan_request_t r[1] = {{0, 100, 4}};
+    speed_plan_sim_result_t base, res;
+    CHECK(speed_plan_sim_run(&p, r, 1, 15, 0, &base) == SPEED_OK);
+    CHECK_MSG(fabs(base.ttft_p90_ms - 12.0) < 1e-6 && fabs(base.tpot_p90_ms - 1.5) < 1e-6 && base.goodput_rps > 0,
+              "no factors: TTFT %.6f TPOT %.6f goodput %.3f", base.ttft_p90_ms, base.tpot_p90_ms, base.goodput_rps);
+    p.ttft_factor = 1.5;
+    p.tpot_factor = 2;
+    CHECK(speed_plan_sim_run(&p, r, 1, 15, 0, &res) == SPEED_OK);
+    CHECK_MSG(fabs(res.ttft_p90_ms - 18.0) < 1e-6 && fabs(res.ttft_p50_ms - 18.0) < 1e-6 &&
+                  fabs(res.tpot_p90_ms - 3.0) < 1e-6 && fabs(res.e2e_p90_ms - (18.0 + 9.0)) < 1e-6,
+              "factors: TTFT %.6f TPOT %.6f e2e %.6f", res.ttft_p90_ms, res.tpot_p90_ms, res.e2e_p90_ms);
+    CHECK_MSG(res.goodput_rps == 0, "a corrected TTFT over the SLO still counted as good (%.3f)", res.goodput_rps);
+    p.tpot_factor = -1;
+    CHECK(speed_plan_sim_run(&p, r, 1, 0, 0, &res) == SPEED_ERR_INVALID_ARGUMENT);
+}
+
 static void test_chunking(void) {
     /* two 400-token prompts at once, steps of at most 512 rows: the first step takes all of the
      * first prompt and 112 rows of the second (51.2 ms), the second step its last 288 (28.8 ms) */
@@ -575,6 +596,7 @@ int main(void) {
     test_shared_cores();
     test_client_work();
     test_first_token_at_step_boundary();
+    test_correction_factors();
     test_chunking();
     test_late_clock();
     test_monotone();
