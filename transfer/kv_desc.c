@@ -108,8 +108,7 @@ speed_status_t speed_kv_desc_check(const speed_kv_desc_t *d) {
                     pl->region);
         }
         uint64_t bytes;
-        if (!mul_u64(desc_layer_sent(ly, d->block_tokens), token_bytes, &bytes) ||
-            !add_u64(total, bytes, &total))
+        if (!mul_u64(desc_layer_sent(ly, d->block_tokens), token_bytes, &bytes) || !add_u64(total, bytes, &total))
             BAD("byte total overflows");
     }
     if (total != d->total_bytes)

@@ -13,9 +13,12 @@
  *     blocks, and the prefill node ships fewer bytes than for turn 1 although the prompt is
  *     longer — exactly the blocks past the hit (one block per layer below C here); no write is
  *     dropped on X (none aimed at the shared blocks), the KV is accepted (integrity tags);
- *  3. X restarts (its cache is gone), and turn 2's prompt runs cold through the same route: it
- *     ships the whole prompt's KV, and its tokens and every logprob and top logprob equal turn
- *     2's to the last bit (the partial transfer is exact under batch invariance).
+ *  3. turn 3 (turn 2's 80 tokens + 16) hits turn 2's entry — itself made by a partial transfer,
+ *     sharing turn 1's blocks — at 80 positions and ships again one block per layer below C;
+ *  4. X restarts (its cache is gone), and turn 3's then (after another restart) turn 2's prompt
+ *     run cold through the same route: each ships the whole prompt's KV, and its tokens and
+ *     every logprob and top logprob equal the partial transfer's answer to the last bit (exact
+ *     under batch invariance).
  */
 #include <signal.h>
 
@@ -27,6 +30,7 @@
 #define BT     16
 #define N1     (4 * BT)
 #define N2     (N1 + BT)
+#define N3     (N2 + BT)
 #define N_GEN  8
 #define C_LOW  6
 #define LAYERS "6"
@@ -98,11 +102,11 @@ static void check_same(const ou_result_t *a, const ou_result_t *b, const char *w
 }
 
 static void scenario(int vocab, int rport) {
-    int32_t conv[N2];
-    ou_prompt(conv, N2, vocab, 43);
+    int32_t conv[N3];
+    ou_prompt(conv, N3, vocab, 43);
     char series[160];
-    ou_result_t r1, r2, cold;
-    double b1 = 0, b2 = 0, bc = 0;
+    ou_result_t r1, r2, r3, cold, cold3;
+    double b1 = 0, b2 = 0, b3 = 0, bc = 0, bc3 = 0;
 
     /* 1. turn 1: disaggregated, the whole prompt shipped, kept by X */
     int x = complete(rport, conv, N1, &r1, &b1);
@@ -122,22 +126,45 @@ static void scenario(int vocab, int rport) {
     CHECK_NEAR(both("speed_prefix_cache_hits_total") - hits0, 1, 0);
     CHECK_MSG(both("speed_prefix_cache_tokens_saved_total") - saved0 >= N1, "saved %.0f prompt tokens",
               both("speed_prefix_cache_tokens_saved_total") - saved0);
-    CHECK_MSG(b2 > 0 && b2 < b1, "turn 2 (%d tokens, %d cached) shipped %.0f KV bytes, turn 1 (%d tokens) %.0f", N2,
-              N1, b2, N1, b1);
+    CHECK_MSG(b2 > 0 && b2 < b1, "turn 2 (%d tokens, %d cached) shipped %.0f KV bytes, turn 1 (%d tokens) %.0f", N2, N1,
+              b2, N1, b1);
     CHECK_NEAR((double)ou_usage(&r2, "kv_bytes"), b2, 0);
     CHECK_NEAR(m1(cu_dec_http(&g_c, x), "speed_kv_writes_dropped") - dropped0, 0, 0);
     CHECK(ou_usage(&r2, "prompt_tokens") == N2);
 
-    /* 3. X restarts: nothing cached anywhere; the same prompt cold ships everything and answers
-     * exactly what the partial transfer's request answered */
-    CHECK_INT_EQ(cu_stop(&g_c.dec[x], SIGTERM, 30), 0);
+    /* 3. turn 3 hits turn 2's entry (80 positions): again one block per lower layer shipped */
+    CHECK_MSG(cu_wait_metric(rport, index_series(x, series, sizeof series), 5, 10),
+              "the router never learned X's 5 blocks");
+    saved0 = both("speed_prefix_cache_tokens_saved_total");
+    who = complete(rport, conv, N3, &r3, &b3);
+    CHECK_MSG(who == x, "turn 3 went to decode node %d, not %d", who, x);
+    CHECK_MSG(both("speed_prefix_cache_tokens_saved_total") - saved0 >= N2, "turn 3 saved %.0f prompt tokens",
+              both("speed_prefix_cache_tokens_saved_total") - saved0);
+    CHECK_NEAR(b3, b2, 0); /* one block of 16 past the hit below C, the upper layers' A + T alike */
+    CHECK_NEAR(m1(cu_dec_http(&g_c, x), "speed_kv_writes_dropped") - dropped0, 0, 0);
+
+    /* 4. X restarts: nothing cached anywhere; the same prompts cold ship everything and answer
+     * exactly what the partial transfers' requests answered */
     char idx[16];
     snprintf(idx, sizeof idx, "%d", x);
     const char *more[] = {"--node.index", idx, NULL};
+    CHECK_INT_EQ(cu_stop(&g_c.dec[x], SIGTERM, 30), 0);
     g_c.dec[x] = cu_cluster_spawn(&g_c, "speed-decode", x ? "decode1-again" : "decode0-again", more);
     CHECK_MSG(cu_router_wait_nodes(&g_c, rport, 1, 2, 60), "the restarted decode node is not back");
     CHECK_MSG(cu_wait_metric(rport, index_series(x, series, sizeof series), 0, 10),
               "the router still holds the restarted node's blocks");
+    hits0 = both("speed_prefix_cache_hits_total");
+    int y = complete(rport, conv, N3, &cold3, &bc3);
+    CHECK_NEAR(both("speed_prefix_cache_hits_total") - hits0, 0, 0);
+    check_same(&r3, &cold3, "turn 3 (partial transfer past a partial transfer's entry) vs a cold run");
+    if (y >= 0) { /* the node that ran it cold now holds it: forget it before turn 2's cold run */
+        snprintf(idx, sizeof idx, "%d", y);
+        CHECK_INT_EQ(cu_stop(&g_c.dec[y], SIGTERM, 30), 0);
+        g_c.dec[y] = cu_cluster_spawn(&g_c, "speed-decode", y ? "decode1-third" : "decode0-third", more);
+        CHECK_MSG(cu_router_wait_nodes(&g_c, rport, 1, 2, 60), "the restarted decode node is not back");
+        CHECK_MSG(cu_wait_metric(rport, index_series(y, series, sizeof series), 0, 10),
+                  "the router still holds the restarted node's blocks");
+    }
     hits0 = both("speed_prefix_cache_hits_total");
     complete(rport, conv, N2, &cold, &bc);
     CHECK_NEAR(both("speed_prefix_cache_hits_total") - hits0, 0, 0);
@@ -146,11 +173,17 @@ static void scenario(int vocab, int rport) {
     CHECK_MSG(b2 < bc && bc > b1, "cold %.0f bytes, turn 2 %.0f, turn 1 %.0f", bc, b2, b1);
     double per_layer_token = (bc - b1) / (double)(C_LOW * (N2 - N1)); /* the upper layers' entries are equal */
     CHECK_NEAR(bc - b2, C_LOW * N1 * per_layer_token, 0.5);
-    fprintf(stderr, "kv bytes shipped: turn 1 %.0f, turn 2 (partial) %.0f, turn 2 cold %.0f\n", b1, b2, bc);
+    CHECK_NEAR(bc3 - b3, C_LOW * N2 * per_layer_token, 0.5);
+    fprintf(stderr,
+            "kv bytes shipped: turn 1 %.0f, turn 2 (partial) %.0f, turn 3 (partial) %.0f, cold turn 2 %.0f, cold turn "
+            "3 %.0f\n",
+            b1, b2, b3, bc, bc3);
     check_same(&r2, &cold, "turn 2 (partial transfer) vs a cold run");
     ou_result_free(&r1);
     ou_result_free(&r2);
+    ou_result_free(&r3);
     ou_result_free(&cold);
+    ou_result_free(&cold3);
 }
 
 int main(int argc, char **argv) {

@@ -191,7 +191,8 @@ static void run(speed_kv_transport_t tr, bool integrity) {
     /* the sender's bytes of the uncached part differ from what the decode side's blocks hold */
     for (int l = 0; l < L; l++) {
         int64_t first = l < C ? N_CACHED / B : 0;
-        for (int64_t i = first; i * B < (l < C ? N_FULL : N_COMPACT); i++) ((uint8_t *)unit_of(pc, ps, l, i))[3] ^= 0x5a;
+        for (int64_t i = first; i * B < (l < C ? N_FULL : N_COMPACT); i++)
+            ((uint8_t *)unit_of(pc, ps, l, i))[3] ^= 0x5a;
     }
     size_t snap_len;
     uint8_t *snap = snapshot(dc, cached, &snap_len);
