@@ -7,9 +7,9 @@
  *   tampering: every field a peer controls, pushed just past what is safe (a block id one past
  *              the region's last block, negative ids, a region one byte short of its blocks,
  *              offsets and bases that overflow, counts, head ranges, shapes, totals, a partial
- *              transfer's first block): refused by
- *              speed_kv_desc_check with SPEED_ERR_FORMAT and its reason, refused by the
- *              production conversion, and refused by speed_kv_xfer_create; the untampered
+ *              transfer's first block): refused by speed_kv_desc_check with SPEED_ERR_FORMAT and
+ *              its reason, refused by the production conversion, and refused by
+ *              speed_kv_xfer_create; the untampered
  *              descriptor, and values exactly at the bounds, are accepted
  *
  * Caches are used directly (cpu-ref backend, no model): L = 4 layers, 2 heads of 8, f32, B = 4,
