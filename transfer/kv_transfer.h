@@ -195,7 +195,8 @@ typedef struct {
     const char *request_id;       /* NUL-terminated, valid during the callback */
     uint64_t cookie;              /* the descriptor's cookie */
     uint64_t bytes;               /* bytes the prefill side put: entries * 2 * (head_end - head_begin) *
-                             * head_dim * dtype size, summed over the layers */
+                             * head_dim * dtype size, summed over the layers (a partial transfer:
+                             * the entries from each layer's first_block on) */
     uint64_t epoch;               /* equals this context's epoch (mismatches never reach the callback) */
     int32_t head_begin, head_end; /* the model's KV heads this transfer wrote (the intersection of
                                    * the sender's and this node's ranges) */
