@@ -8,9 +8,11 @@
  *  - building: a descriptor of the whole layout over the shared blocks is refused (a sender would
  *    write them); the partial one starts each layer at the block holding its first uncached
  *    entry, counts only those bytes, and round-trips through the control plane's message;
- *  - the transfer (plain and in integrity mode): lands exactly the blocks past the hit (the first
- *    of them whole, carrying the cached entries' equal bytes), puts the descriptor's total, and
- *    leaves the shared blocks and the rest of the cached sequence byte for byte as they were;
+ *  - the transfer (plain, in integrity mode, and with host mirrors on both sides: staged out from
+ *    the first block, staged in with the same `from`): lands exactly the blocks past the hit (the
+ *    first of them whole, carrying the cached entries' equal bytes), puts the descriptor's total,
+ *    and leaves the shared blocks and the rest of the cached sequence byte for byte as they were,
+ *    in the pools and in the mirror;
  *  - the attack: a sender whose copy of the descriptor starts at block 0 (first_block lowered,
  *    total raised to match, so it passes every check on the sending side) aims writes at the
  *    shared blocks: each of them is dropped by the decode side's grant (counted), no byte of a
@@ -53,8 +55,9 @@ static speed_status_t note_cb(void *user, const speed_kv_notify_t *note) {
     return SPEED_OK;
 }
 
-static speed_kv_cache_t *cache_new(void) {
+static speed_kv_cache_t *cache_new(bool mirror) {
     speed_kv_cache_params_t p = speed_kv_cache_default_params();
+    p.host_mirror = mirror ? SPEED_KV_MIRROR_ON : SPEED_KV_MIRROR_AUTO;
     p.backend = g_be;
     p.n_layers = L;
     p.split_layer = C;
@@ -86,16 +89,25 @@ static const uint8_t *unit_of(speed_kv_cache_t *c, const speed_kv_seq_t *s, int 
     return speed_kv_cache_block_addr(c, s, l, i, &blk, &unit) == SPEED_OK ? blk : NULL;
 }
 
-/* Every unit of the cached sequence's blocks, concatenated (caller frees). */
+/* The transfer region's copy of block i of layer l (the host mirror's when the cache has one). */
+static const uint8_t *xfer_unit_of(speed_kv_cache_t *c, const speed_kv_seq_t *s, int l, int64_t i) {
+    void *blk = NULL;
+    size_t unit;
+    return speed_kv_cache_xfer_block_addr(c, s, l, i, &blk, &unit) == SPEED_OK ? blk : NULL;
+}
+
+/* Every unit of the sequence's blocks, concatenated, in the pools and then in the transfer
+ * region (the same again without a mirror) (caller frees). */
 static uint8_t *snapshot(speed_kv_cache_t *c, const speed_kv_seq_t *s, size_t *len_p) {
     const size_t unit = speed_kv_cache_unit_bytes(c);
-    uint8_t *buf = speed_malloc((size_t)L * 4 * unit);
+    uint8_t *buf = speed_malloc((size_t)2 * L * 4 * unit);
     size_t len = 0;
-    for (int l = 0; l < L; l++)
-        for (int64_t i = 0; i * B < (l < C ? N_FULL : N_COMPACT); i++) {
-            memcpy(buf + len, unit_of(c, s, l, i), unit);
-            len += unit;
-        }
+    for (int x = 0; x < 2; x++)
+        for (int l = 0; l < L; l++)
+            for (int64_t i = 0; i * B < (l < C ? N_FULL : N_COMPACT); i++) {
+                memcpy(buf + len, x ? xfer_unit_of(c, s, l, i) : unit_of(c, s, l, i), unit);
+                len += unit;
+            }
     *len_p = len;
     return buf;
 }
@@ -155,7 +167,7 @@ static void test_from(void) {
     CHECK(f.full == 5 && f.compact == 3);
 }
 
-static void run(speed_kv_transport_t tr, bool integrity) {
+static void run(speed_kv_transport_t tr, bool integrity, bool mirror) {
     speed_kv_xfer_ctx_params_t cp = speed_kv_xfer_ctx_default_params();
     cp.op_timeout_ms = 3000;
     speed_kv_xfer_ctx_t *pctx = NULL, *dctx = NULL;
@@ -164,7 +176,7 @@ static void run(speed_kv_transport_t tr, bool integrity) {
     cp.require_grant = true;
     cp.writes_only = true;
     CHECK(speed_kv_xfer_ctx_create(&cp, &dctx) == SPEED_OK);
-    speed_kv_cache_t *pc = cache_new(), *dc = cache_new();
+    speed_kv_cache_t *pc = cache_new(mirror), *dc = cache_new(mirror);
     if (!pctx || !dctx || !pc || !dc) return;
     CHECK(speed_kv_xfer_ctx_register_cache(pctx, pc) == SPEED_OK);
     CHECK(speed_kv_xfer_ctx_register_cache(dctx, dc) == SPEED_OK);
@@ -237,6 +249,9 @@ static void run(speed_kv_transport_t tr, bool integrity) {
     CHECK_INT_EQ(push(pctx, back, pc, ps, "req-partial", &bytes), SPEED_OK);
     CHECK(wait_int(&g_notes.ready, ready0 + 1, 3000));
     CHECK_INT_EQ(bytes, want_total);
+    /* with a host mirror the bytes are in the mirror: the decode engine's kv_ready stages the
+     * units past the hit in (speed_kv_cache_stage_in_from, the same `from`) */
+    if (mirror) CHECK_INT_EQ(speed_kv_cache_stage_in_from(dc, ds, dp.from, N_FULL, N_COMPACT), SPEED_OK);
     const size_t unit = speed_kv_cache_unit_bytes(dc);
     for (int l = 0; l < L; l++) {
         const int64_t n = l < C ? N_FULL : N_COMPACT, first = l < C ? N_CACHED / B : 0;
@@ -283,7 +298,7 @@ static void run(speed_kv_transport_t tr, bool integrity) {
     speed_kv_cache_seq_destroy(dc, cached);
     speed_kv_cache_seq_destroy(pc, ps);
     speed_free(snap);
-    xt_ledger_check(&base, integrity ? "partial, integrity" : "partial");
+    xt_ledger_check(&base, mirror ? "partial, host mirror" : integrity ? "partial, integrity" : "partial");
     speed_kv_xfer_ctx_destroy(pctx);
     speed_kv_xfer_ctx_destroy(dctx);
     speed_kv_cache_destroy(pc);
@@ -298,8 +313,9 @@ int main(int argc, char **argv) {
     CHECK(speed_backend_create(&bp, &g_be) == SPEED_OK);
     if (!g_be) return CHECK_DONE();
     test_from();
-    run(tr, false);
-    run(tr, true);
+    run(tr, false, false);
+    run(tr, true, false);
+    run(tr, true, true); /* both sides with a host mirror (as GPU pools have): staged out and in */
     speed_backend_destroy(g_be);
     return CHECK_DONE();
 }
