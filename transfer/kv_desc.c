@@ -97,6 +97,8 @@ speed_status_t speed_kv_desc_check(const speed_kv_desc_t *d) {
         uint64_t nb = ((uint64_t)ly->entries + (uint64_t)d->block_tokens - 1) / (uint64_t)d->block_tokens;
         if (nb > pl->n_blocks)
             BAD("layer %u: %llu blocks, the pool table has %u", l, (unsigned long long)nb, pl->n_blocks);
+        if (ly->first_block < 0 || (uint64_t)ly->first_block > nb)
+            BAD("layer %u: first block %lld of %llu", l, (long long)ly->first_block, (unsigned long long)nb);
         for (uint64_t i = 0; i < nb; i++) {
             uint64_t a, end;
             if (pl->table[i] < 0 || !mul_u64((uint64_t)pl->table[i], pl->block_stride, &a) ||
@@ -106,7 +108,7 @@ speed_status_t speed_kv_desc_check(const speed_kv_desc_t *d) {
                     pl->region);
         }
         uint64_t bytes;
-        if (!mul_u64((uint64_t)ly->entries, token_bytes, &bytes) || !add_u64(total, bytes, &total))
+        if (!mul_u64(desc_layer_sent(ly, d->block_tokens), token_bytes, &bytes) || !add_u64(total, bytes, &total))
             BAD("byte total overflows");
     }
     if (total != d->total_bytes)
@@ -115,6 +117,14 @@ speed_status_t speed_kv_desc_check(const speed_kv_desc_t *d) {
 }
 
 /* ---- building (decode side) --------------------------------------------------------------- */
+
+/* The first block a sender writes of a layer with `entries` entries whose first `in_place` are
+ * there already: the block holding entry in_place (its entries before in_place are carried
+ * again: the same bytes), or past the last block when nothing is missing. As kv_cache.c's
+ * partial-transfer span, so that the grant and what the engine awaits agree. */
+static int64_t first_block_of(int64_t in_place, int64_t entries, int B) {
+    return in_place < entries ? in_place / B : div_up(entries, B);
+}
 
 /* Pool address of the pool's block 0 (layer offsets are relative to it, in the pool and in the
  * mirror alike). */
@@ -142,6 +152,7 @@ speed_status_t speed_kv_desc_build(speed_kv_xfer_ctx_t *c, const speed_kv_cache_
     int pool_index[SPEED_KV_POOL_COUNT] = {-1, -1};
     int64_t pool_entries[SPEED_KV_POOL_COUNT] = {0, 0};
     uint32_t n_pools = 0;
+    const speed_kv_from_t from = params->from;
     pthread_mutex_lock(&c->mu);
     for (int p = 0; p < SPEED_KV_POOL_COUNT; p++) reg[p] = speed_kv_xfer_ctx_region_find(c, cache, (speed_kv_pool_t)p);
     pthread_mutex_unlock(&c->mu);
@@ -160,6 +171,23 @@ speed_status_t speed_kv_desc_build(speed_kv_xfer_ctx_t *c, const speed_kv_cache_
                         p == 0 ? "lower" : "upper");
             return SPEED_ERR_INVALID_ARGUMENT;
         }
+        int64_t f = l < C ? from.full : from.compact;
+        if (f < 0 || f > e) {
+            SPEED_ERROR(SPEED_SUBSYS_NET, "kv descriptor: layer %d: %lld entries in place of %lld", l, (long long)f,
+                        (long long)e);
+            return SPEED_ERR_INVALID_ARGUMENT;
+        }
+        /* The blocks a sender will write must be this sequence's alone: a prefix cache hit
+         * shares whole blocks read-only, and only before its first entry not in place. */
+        const int32_t *table = speed_kv_seq_block_table(seq, l);
+        for (int64_t b = first_block_of(f, e, B); b < div_up(e, B); b++)
+            if (speed_kv_cache_block_refs(cache, p, table[b]) > 1) {
+                SPEED_ERROR(SPEED_SUBSYS_NET,
+                            "kv descriptor: layer %d block %lld is shared (a prefix cache hit): a sender must not "
+                            "write it (%lld entries in place)",
+                            l, (long long)b, (long long)f);
+                return SPEED_ERR_INVALID_ARGUMENT;
+            }
         if (pool_index[p] < 0) pool_index[p] = (int)n_pools++;
         if (e > pool_entries[p]) pool_entries[p] = e;
     }
@@ -215,7 +243,8 @@ speed_status_t speed_kv_desc_build(speed_kv_xfer_ctx_t *c, const speed_kv_cache_
         d->layers[l].pool = (uint32_t)pool_index[p];
         d->layers[l].offset = (uint64_t)((const char *)kl.k_base - pool_base(cache, p));
         d->layers[l].entries = l < C ? n_full : n_compact;
-        total += (uint64_t)d->layers[l].entries * token_bytes;
+        d->layers[l].first_block = first_block_of(l < C ? from.full : from.compact, d->layers[l].entries, B);
+        total += desc_layer_sent(&d->layers[l], B) * token_bytes;
     }
     d->total_bytes = total;
     if (speed_kv_desc_check(d) != SPEED_OK) { /* a bug: logged there */
@@ -269,8 +298,17 @@ speed_status_t speed_kv_desc_build_engine(speed_kv_xfer_ctx_t *c, speed_engine_t
         SPEED_ERROR(SPEED_SUBSYS_NET, "kv descriptor: NULL engine");
         return SPEED_ERR_INVALID_ARGUMENT;
     }
+    if (!params) {
+        SPEED_ERROR(SPEED_SUBSYS_NET, "kv descriptor: NULL params");
+        return SPEED_ERR_INVALID_ARGUMENT;
+    }
     speed_kv_seq_t *kv;
     int64_t n_full, n_compact;
     SPEED_CHECK(speed_kv_engine_seq_entries(engine, seq, &kv, &n_full, &n_compact));
-    return speed_kv_desc_build(c, speed_engine_kv_cache(engine), kv, n_full, n_compact, params, desc_p);
+    speed_engine_seq_stats_t ss;
+    SPEED_CHECK(speed_engine_seq_stats(engine, seq, &ss));
+    /* what the engine awaits: the units past its prefix cache hit (none: the whole layout) */
+    speed_kv_desc_params_t p = *params;
+    p.from = speed_kv_from_cached(ss.n_cached, ss.n_prompt, ss.depth.anchors);
+    return speed_kv_desc_build(c, speed_engine_kv_cache(engine), kv, n_full, n_compact, &p, desc_p);
 }

@@ -20,18 +20,19 @@
 
 /* ---- the tag ------------------------------------------------------------------------------- */
 
-speed_status_t speed_kv_layer_tag(const uint8_t nonce[SPEED_KV_NONCE_BYTES], int layer, int64_t entries, int B,
-                                  uint64_t unit_bytes, kv_block_addr_fn addr, void *user,
+speed_status_t speed_kv_layer_tag(const uint8_t nonce[SPEED_KV_NONCE_BYTES], int layer, int64_t entries,
+                                  int64_t first_block, int B, uint64_t unit_bytes, kv_block_addr_fn addr, void *user,
                                   uint8_t tag[SPEED_KV_TAG_BYTES]) {
     speed_mac_t m;
     SPEED_CHECK(speed_mac_begin(&m, nonce, SPEED_KV_NONCE_BYTES));
-    uint8_t head[12];
+    uint8_t head[20];
     for (int i = 0; i < 4; i++) head[i] = (uint8_t)((uint32_t)layer >> (8 * i));
     for (int i = 0; i < 8; i++) head[4 + i] = (uint8_t)((uint64_t)entries >> (8 * i));
+    for (int i = 0; i < 8; i++) head[12 + i] = (uint8_t)((uint64_t)first_block >> (8 * i));
     speed_status_t st = speed_mac_update(&m, head, sizeof head);
     const uint64_t half = unit_bytes / 2, token_half = half / (uint64_t)B;
     const int64_t n_blocks = div_up(entries, B);
-    for (int64_t i = 0; st == SPEED_OK && i < n_blocks; i++) {
+    for (int64_t i = first_block; st == SPEED_OK && i < n_blocks; i++) {
         const uint8_t *u = addr(user, i);
         if (!u) {
             st = SPEED_ERR_INTERNAL;
@@ -174,7 +175,10 @@ void speed_kv_grant_drop_cache(speed_kv_xfer_ctx_t *c, const speed_kv_cache_t *c
 static bool write_in_grant(const kv_grant_t *g, uint32_t layer, int64_t block, uint64_t raddr, uint64_t len) {
     if (layer >= g->n_layers || len == 0 || len > g->unit_bytes) return false;
     const speed_kv_desc_layer_t *ly = &g->layers[layer];
-    if (block < 0 || block >= div_up(ly->entries, g->block_tokens) || ly->pool >= g->n_pools) return false;
+    /* below first_block: in place before the transfer (a prefix cache hit), perhaps shared
+     * read-only with other sequences: never this sender's to write */
+    if (block < ly->first_block || block >= div_up(ly->entries, g->block_tokens) || ly->pool >= g->n_pools)
+        return false;
     const grant_pool_t *p = &g->pools[ly->pool];
     if ((uint64_t)block >= p->n_blocks) return false;
     uint64_t start = p->base + (uint64_t)p->table[block] * p->stride + ly->offset;
@@ -234,8 +238,8 @@ static bool tags_verify(const kv_grant_t *g, const speed_kv_notify_wire_t *m) {
     for (uint32_t l = 0; l < g->n_layers; l++) {
         uint8_t tag[SPEED_KV_TAG_BYTES];
         grant_addr_t a = {.g = g, .layer = &g->layers[l]};
-        if (speed_kv_layer_tag(g->nonce, (int)l, g->layers[l].entries, g->block_tokens, g->unit_bytes, grant_block, &a,
-                               tag) != SPEED_OK)
+        if (speed_kv_layer_tag(g->nonce, (int)l, g->layers[l].entries, g->layers[l].first_block, g->block_tokens,
+                               g->unit_bytes, grant_block, &a, tag) != SPEED_OK)
             return false;
         /* every layer is checked: how far a mismatch is tells nothing */
         ok &= speed_mac_equal(tag, m->tags + (size_t)l * SPEED_KV_TAG_BYTES, SPEED_KV_TAG_BYTES);

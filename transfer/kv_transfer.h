@@ -45,7 +45,10 @@
  * Bytes. A transfer puts exactly the prompt's entries: layer l's n_entries(l) * token_bytes
  * (full blocks as one put each, the last partial block as two puts, K rows then V rows), so
  * the bytes put equal speed_kv_bytes_for_prompt (the section 1 formula); slots past the
- * entries are not sent. With tensor parallelism each side holds a range of the model's KV heads
+ * entries are not sent. A partial transfer (speed_kv_desc_params_t.from: the decode node's
+ * prefix cache holds the prompt's first positions) puts per layer only the blocks from the one
+ * holding its first entry not in place (speed_kv_desc_layer_t.first_block): (n_entries(l) -
+ * first_block * B) * token_bytes; the decode node accepts no write below first_block. With tensor parallelism each side holds a range of the model's KV heads
  * (speed_kv_cache_params_t.head_begin): a transfer puts the heads both hold, per token slot,
  * and its notify names that range (see speed_kv_notify_t: several senders may feed one node).
  *
@@ -105,9 +108,15 @@ typedef struct {
 } speed_kv_desc_pool_t;
 
 typedef struct {
-    uint32_t pool;   /* index into pools[] */
-    uint64_t offset; /* bytes from a block's start to this layer's unit (K then V) */
-    int64_t entries; /* prompt entries this layer receives (n_prompt below C, else min(A+T, n)) */
+    uint32_t pool;       /* index into pools[] */
+    uint64_t offset;     /* bytes from a block's start to this layer's unit (K then V) */
+    int64_t entries;     /* prompt entries of this layer (n_prompt below C, else min(A+T, n)) */
+    int64_t first_block; /* a partial transfer (a prefix cache hit on the decode node): the
+                          * layer's logical blocks [0, first_block) are in place there and are
+                          * never written (the hit may share them read-only); the sender puts
+                          * blocks [first_block, ceil(entries / B)), the first of them whole
+                          * from its first slot. 0 = the whole layer; at most ceil(entries / B)
+                          * (nothing to send) */
 } speed_kv_desc_layer_t;
 
 typedef struct {
@@ -130,8 +139,8 @@ typedef struct {
                              * sender assumes its own model's */
     speed_dtype_t dtype;
     uint64_t unit_bytes;                 /* one layer of one block: 2 * B * n_kv_heads * head_dim * dtype size */
-    uint64_t total_bytes;                /* Σ layers entries * unit_bytes / B: the whole head range; a
-                             * sender holding only part of it puts its share */
+    uint64_t total_bytes;                /* Σ layers (entries - first_block * B) * unit_bytes / B: the
+                             * whole head range; a sender holding only part of it puts its share */
     uint64_t epoch;                      /* the decode node's epoch (changes when it restarts) */
     int64_t lease_ms;                    /* how long the prefill side may put into these blocks, counted from when
                        * it received the descriptor (received_ns); 0 = no limit. A duration,
@@ -162,7 +171,8 @@ void speed_kv_desc_destroy(speed_kv_desc_t *desc);
  * table holding every block the layer's entries need; every such block a non-negative id whose
  * unit (base + id * stride + offset, unit_bytes long, computed without overflow) lies inside
  * the pool's registered region; total_bytes equal to the layers' entries times the token bytes,
- * without overflow. Every remote address a transfer computes lies inside a registered region.
+ * without overflow; each layer's first_block in 0..ceil(entries / B). Every remote address a
+ * transfer computes lies inside a registered region.
  * Returns SPEED_OK or SPEED_ERR_FORMAT (logged with the first fault). */
 speed_status_t speed_kv_desc_check(const speed_kv_desc_t *desc);
 
@@ -185,7 +195,8 @@ typedef struct {
     const char *request_id;       /* NUL-terminated, valid during the callback */
     uint64_t cookie;              /* the descriptor's cookie */
     uint64_t bytes;               /* bytes the prefill side put: entries * 2 * (head_end - head_begin) *
-                             * head_dim * dtype size, summed over the layers */
+                             * head_dim * dtype size, summed over the layers (a partial transfer:
+                             * the entries from each layer's first_block on) */
     uint64_t epoch;               /* equals this context's epoch (mismatches never reach the callback) */
     int32_t head_begin, head_end; /* the model's KV heads this transfer wrote (the intersection of
                                    * the sender's and this node's ranges) */
@@ -321,20 +332,29 @@ typedef struct {
     const char *grant_id; /* the request id the prefill side names in its notify (<= 63 bytes) */
     int64_t grant_ms;     /* how long the grant lives, >= lease_ms; 0 = lease_ms */
     bool integrity;       /* ask for per-layer tags, verified before the notify is accepted */
+    /* A partial transfer: the first entries of each entry space are in place already (a prefix
+     * cache hit, speed_kv_from_cached(n_cached, ...)); each layer's units start at the block
+     * holding its first entry not in place (speed_kv_desc_layer_t.first_block), the grant covers
+     * only those blocks, and no written block may be shared. {0, 0} = the whole layout. */
+    speed_kv_from_t from;
 } speed_kv_desc_params_t;
 
 /* Builds the descriptor of a reserved sequence of a registered cache for n_full / n_compact
- * prompt entries (speed_kv_entries_for with n_extra 0): every layer, its pool, offset and
- * entries; per pool the first ceil(entries / B) blocks of the sequence's table; this
- * context's address, epoch and the pools' rkeys.
+ * prompt entries (speed_kv_entries_for with n_extra 0): every layer, its pool, offset, entries
+ * and first block to write (params->from); per pool the first ceil(entries / B) blocks of the
+ * sequence's table; this context's address, epoch and the pools' rkeys.
  * Returns SPEED_OK, SPEED_ERR_INVALID_ARGUMENT (cache not registered, entries past the room,
- * bad transport) or SPEED_ERR_NO_MEMORY. */
+ * params->from outside [0, entries], a block to be written that is shared with another holder
+ * (a partial transfer must start past a prefix cache hit's shared blocks), bad transport) or
+ * SPEED_ERR_NO_MEMORY. */
 speed_status_t speed_kv_desc_build(speed_kv_xfer_ctx_t *ctx, const speed_kv_cache_t *cache, const speed_kv_seq_t *seq,
                                    int64_t n_full, int64_t n_compact, const speed_kv_desc_params_t *params,
                                    speed_kv_desc_t **desc_p);
 
 /* The same for a sequence reserved with speed_engine_seq_reserve (entries from its prompt
- * length and depth). Returns as above, or SPEED_ERR_NOT_FOUND (no such sequence). */
+ * length and depth) or speed_engine_seq_reserve_cached (params->from is then ignored and set
+ * from its n_cached: only the units the engine awaits are described). Returns as above, or
+ * SPEED_ERR_NOT_FOUND (no such sequence). */
 speed_status_t speed_kv_desc_build_engine(speed_kv_xfer_ctx_t *ctx, speed_engine_t *engine, speed_seq_id_t seq,
                                           const speed_kv_desc_params_t *params, speed_kv_desc_t **desc_p);
 
@@ -380,7 +400,9 @@ speed_status_t speed_kv_xfer_create_engine(speed_kv_xfer_ctx_t *ctx, const speed
 
 /* Layer `layer` now holds n_done of its n_total prompt entries (the engine's layer callback
  * arguments): posts non-blocking puts of the blocks completed since the last call (full blocks;
- * everything, including a partial last block, once n_done == n_total). Never waits for the
+ * everything, including a partial last block, once n_done == n_total), never of the blocks
+ * before the descriptor's first_block (a partial transfer: the local sequence holds the whole
+ * prompt, the decode node only lacks the rest). Never waits for the
  * network. Repeating a call (a redone step) posts nothing new. With a host mirror it first
  * copies those blocks' units of the layer to the mirror (a backend copy: engine thread; a
  * failing copy ends the transfer with the backend's status, stage PUT).

@@ -162,7 +162,8 @@ typedef struct {
     uint32_t pool;
     uint64_t offset;
     int64_t entries;
-    int64_t sent_blocks; /* whole blocks put so far */
+    int64_t first_block; /* the descriptor's: blocks before it are never put */
+    int64_t sent_blocks; /* blocks put so far, counted from 0 (starts at first_block) */
     bool done;
 } xfer_layer_t;
 
@@ -228,6 +229,13 @@ static inline const char *rid(const speed_kv_xfer_t *x) { return x->request_id[0
 
 static inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+/* Entries a sender puts for a descriptor layer: those of its blocks from first_block on (the
+ * first of them whole from its first slot); 0 when first_block is past the last. */
+static inline uint64_t desc_layer_sent(const speed_kv_desc_layer_t *ly, int B) {
+    int64_t skipped = ly->first_block * (int64_t)B;
+    return ly->entries > skipped ? (uint64_t)(ly->entries - skipped) : 0;
+}
+
 static inline bool ended(const speed_kv_xfer_t *x) {
     return x->state == SPEED_KV_XFER_DONE || x->state == SPEED_KV_XFER_FAILED;
 }
@@ -262,11 +270,12 @@ void speed_kv_xfer_free(speed_kv_xfer_t *xfer);
 typedef const uint8_t *(*kv_block_addr_fn)(void *user, int64_t i);
 
 /* The integrity tag of one layer: speed_mac keyed by the nonce over u32 layer, i64 entries,
- * then the bytes a transfer puts for it, in put order (per block: the whole unit when full; the
- * last partial block's n K rows, then its n V rows). unit_bytes = 2 * B * token half. Returns
- * SPEED_OK or the MAC's status. */
-speed_status_t speed_kv_layer_tag(const uint8_t nonce[SPEED_KV_NONCE_BYTES], int layer, int64_t entries, int B,
-                                  uint64_t unit_bytes, kv_block_addr_fn addr, void *user,
+ * i64 first_block, then the bytes a transfer puts for it, in put order (per block from
+ * first_block on: the whole unit when full; the last partial block's n K rows, then its n V
+ * rows). A partial transfer's tag covers exactly what it writes, and the layout it was made
+ * for. unit_bytes = 2 * B * token half. Returns SPEED_OK or the MAC's status. */
+speed_status_t speed_kv_layer_tag(const uint8_t nonce[SPEED_KV_NONCE_BYTES], int layer, int64_t entries,
+                                  int64_t first_block, int B, uint64_t unit_bytes, kv_block_addr_fn addr, void *user,
                                   uint8_t tag[SPEED_KV_TAG_BYTES]);
 
 /* Records a grant for desc (built by this context): id, nonce, lease, the layout, and whether

@@ -255,8 +255,10 @@ speed_status_t speed_kv_xfer_create(speed_kv_xfer_ctx_t *c, const speed_kv_desc_
         if (want > speed_kv_seq_capacity(seq, l))
             REFUSE(SPEED_ERR_INVALID_ARGUMENT, "layer %d: %lld entries past the local room %lld", l, (long long)want,
                    (long long)speed_kv_seq_capacity(seq, l));
-        total += (uint64_t)want * put_token_bytes;
-        desc_total += (uint64_t)want * (uint64_t)d->n_kv_heads * 2 * head_bytes;
+        /* a partial transfer: only the layer's blocks from first_block (the decode node holds the rest) */
+        uint64_t sent = desc_layer_sent(&d->layers[l], B);
+        total += sent * put_token_bytes;
+        desc_total += sent * (uint64_t)d->n_kv_heads * 2 * head_bytes;
     }
     if (d->total_bytes != desc_total) /* desc_check verified it against the descriptor's shape */
         REFUSE(SPEED_ERR_PEER_PROTOCOL, "total of %llu bytes, local %llu", (unsigned long long)d->total_bytes,
@@ -315,7 +317,8 @@ speed_status_t speed_kv_xfer_create(speed_kv_xfer_ctx_t *c, const speed_kv_desc_
         x->layers[l].pool = d->layers[l].pool;
         x->layers[l].offset = d->layers[l].offset;
         x->layers[l].entries = d->layers[l].entries;
-        if (x->layers[l].entries == 0) {
+        x->layers[l].first_block = x->layers[l].sent_blocks = d->layers[l].first_block;
+        if (desc_layer_sent(&d->layers[l], B) == 0) {
             x->layers[l].done = true;
             x->n_layers_done++;
         }
@@ -633,8 +636,8 @@ static speed_status_t notify_build(speed_kv_xfer_t *x) {
     const uint64_t unit = 2 * x->half_unit;
     for (int l = 0; l < x->n_layers && st == SPEED_OK; l++) {
         local_addr_t a = {.x = x, .layer = l};
-        st = speed_kv_layer_tag(x->msg.nonce, l, x->layers[l].entries, x->block_tokens, unit, local_block, &a,
-                                tags + (size_t)l * SPEED_KV_TAG_BYTES);
+        st = speed_kv_layer_tag(x->msg.nonce, l, x->layers[l].entries, x->layers[l].first_block, x->block_tokens, unit,
+                                local_block, &a, tags + (size_t)l * SPEED_KV_TAG_BYTES);
     }
     if (st == SPEED_OK) st = wire_encode(x, 0, tags, (uint32_t)x->n_layers);
     speed_free(tags);

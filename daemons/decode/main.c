@@ -33,6 +33,7 @@ typedef struct {
     const char *request_id;
     speed_depth_t depth; /* resolved */
     int64_t lease_ms;    /* the reservation's */
+    int64_t n_cached;    /* prompt positions the prefix cache filled: the descriptor starts past them */
     speed_kv_desc_t *desc;
 } desc_arg_t;
 
@@ -50,6 +51,9 @@ static speed_status_t build_desc(void *user, speed_kv_cache_t *cache, const spee
         .grant_id = a->request_id,
         .grant_ms = a->lease_ms,
         .integrity = a->node->cfg.kv_integrity,
+        /* a prefix cache hit: the prefill node writes only the blocks past it, and the grant
+         * admits nothing below them (the hit's blocks may be shared read-only) */
+        .from = speed_kv_from_cached(a->n_cached, a->n_prompt, a->depth.anchors),
     };
     return speed_kv_desc_build(a->node->xfer, cache, seq, a->n_prompt, n_compact, &p, &a->desc);
 }
@@ -75,12 +79,13 @@ static void reserve_work(void *arg) {
     }
     if (st == SPEED_OK) {
         speed_depth_request_t want = speed_depth_request_of(depth);
-        /* With the prefix cache on, the reservation keeps the prompt's ids, so the request is
-         * cached when it ends (its events then tell the router). It reuses nothing yet: the
-         * prefill nodes push every unit (docs/prefix-cache.md, STATUS). */
+        /* With the prefix cache on, the reservation is looked up with the prompt's ids: a hit
+         * fills the first res.n_cached positions here, the descriptor then asks the prefill node
+         * for the blocks past them only (the partial transfer, docs/prefix-cache.md#in-the-cluster),
+         * and the request is cached when it ends (its events then tell the router). */
         if (n->cfg.prefix_cache_blocks > 0 && r->req->n_prompt_ids == (size_t)r->req->n_prompt)
-            st = speed_batcher_reserve_keep(n->batcher, r->req->request_id, r->req->prompt_ids, r->req->n_prompt,
-                                            r->req->max_tokens, &want, &res);
+            st = speed_batcher_reserve_ids(n->batcher, r->req->request_id, r->req->prompt_ids, r->req->n_prompt,
+                                           r->req->max_tokens, &want, &res);
         else
             st = speed_batcher_reserve(n->batcher, r->req->request_id, r->req->n_prompt, r->req->max_tokens, &want,
                                        &res);
@@ -91,6 +96,7 @@ static void reserve_work(void *arg) {
     if (st == SPEED_OK) {
         da.depth = res.depth;
         da.lease_ms = res.lease_ms;
+        da.n_cached = res.n_cached;
         st = speed_batcher_with_kv(n->batcher, r->req->request_id, build_desc, &da);
         if (st != SPEED_OK) {
             snprintf(err, sizeof err, "cannot describe the KV blocks: %s", speed_log_last_error());
@@ -104,6 +110,11 @@ static void reserve_work(void *arg) {
         st = speed_node_kv_desc_to_proto(da.desc, &res.depth, &kd);
         if (st == SPEED_OK) {
             reply.kv = &kd;
+            reply.cached_tokens = (int32_t)res.n_cached;
+            if (res.n_cached > 0)
+                speed_log(SPEED_LOG_DEBUG, SPEED_SUBSYS_NET, r->req->request_id,
+                          "reserve: %lld prompt positions cached, %llu of the KV bytes to come",
+                          (long long)res.n_cached, (unsigned long long)da.desc->total_bytes);
             speed_node_reply(r->call, &reply.base);
             speed_node_kv_desc_proto_cleanup(&kd);
         } else {
@@ -152,6 +163,26 @@ static void gen_free(gen_t *g) {
     speed_free(g);
 }
 
+/* KV bytes the prefill node shipped for a disaggregated request: the prompt's (the section 1
+ * formula) less, on a prefix cache hit, the entries of the blocks before each layer's first
+ * uncached one (they were here already: the partial transfer, speed_kv_desc_layer_t). */
+static uint64_t shipped_kv_bytes(speed_node_t *n, const speed_model_config_t *mc, const speed_batch_usage_t *u,
+                                 speed_dtype_t dt) {
+    const speed_depth_t *d = &u->depth;
+    uint64_t all = speed_kv_bytes_for_prompt(mc, d->prefill_layers, d->anchors, d->tail, u->n_prompt, dt);
+    if (u->n_cached <= 0) return all;
+    const int64_t L = mc->n_layers, C = d->prefill_layers < 1 ? 1 : d->prefill_layers > L ? L : d->prefill_layers;
+    const int64_t B = speed_kv_cache_block_tokens(speed_batcher_kv_cache(n->batcher));
+    int64_t n_full, n_compact;
+    speed_kv_entries_for(u->n_prompt, d->anchors, d->tail, 0, &n_full, &n_compact);
+    speed_kv_from_t from = speed_kv_from_cached(u->n_cached, u->n_prompt, d->anchors);
+    int64_t skip_full = from.full < n_full ? from.full / B * B : n_full;
+    int64_t skip_compact = from.compact < n_compact ? from.compact / B * B : n_compact;
+    uint64_t per = speed_kv_bytes_for_prompt(mc, (int)L, 0, 0, 1, dt) / (uint64_t)L; /* one layer, one token */
+    uint64_t skipped = (uint64_t)(C * skip_full + (L - C) * skip_compact) * per;
+    return skipped < all ? all - skipped : 0;
+}
+
 static void gen_event(void *user, const speed_batch_event_t *ev) {
     gen_t *g = user;
     speed_node_t *n = g->node;
@@ -173,9 +204,7 @@ static void gen_event(void *user, const speed_batch_event_t *ev) {
     usage.prompt_tokens = (int32_t)(u->n_prompt - g->n_resumed); /* the client's prompt */
     usage.completion_tokens = (int32_t)u->n_generated;
     const speed_model_config_t *mc = &n->model->config;
-    usage.kv_bytes = g->decode_only ? 0
-                                    : speed_kv_bytes_for_prompt(mc, u->depth.prefill_layers, u->depth.anchors,
-                                                                u->depth.tail, u->n_prompt, g->kv_dtype);
+    usage.kv_bytes = g->decode_only ? 0 : shipped_kv_bytes(n, mc, u, g->kv_dtype);
     usage.kv_full_depth_bytes = speed_kv_bytes_for_prompt(mc, mc->n_layers, 0, 0, u->n_prompt, g->kv_dtype);
     usage.kv_cache_bytes = u->kv_bytes;
     timing.queue_ms = u->queue_ms;

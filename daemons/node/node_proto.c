@@ -149,6 +149,7 @@ speed_status_t speed_node_kv_desc_to_proto(const speed_kv_desc_t *d, const speed
         layers[i].pool = d->layers[i].pool;
         layers[i].offset = d->layers[i].offset;
         layers[i].entries = (uint64_t)d->layers[i].entries;
+        layers[i].first_block = (uint64_t)d->layers[i].first_block;
         out->layers[i] = &layers[i];
     }
     out->n_regions = d->n_regions;
@@ -243,6 +244,7 @@ speed_status_t speed_node_kv_desc_from_proto(const Speed__V1__KvDescriptor *in, 
         d->layers[i].pool = in->layers[i]->pool;
         d->layers[i].offset = in->layers[i]->offset;
         d->layers[i].entries = (int64_t)in->layers[i]->entries;
+        d->layers[i].first_block = (int64_t)in->layers[i]->first_block; /* checked below (desc_check) */
     }
     d->transport = SPEED_KV_TRANSPORT_SHM; /* NULL (none given): shm, the default */
     if (in->transport && speed_kv_transport_parse(in->transport, &d->transport) != SPEED_OK) {

@@ -109,6 +109,9 @@ static speed_status_t run_prefill(rtr_req_t *r, plan_t *pl, size_t dnode, bool *
         return SPEED_ERR_PEER_PROTOCOL;
     }
     *epoch_p = rr->kv->epoch;
+    if (rr->cached_tokens > 0) /* the descriptor's layers start past them: the prefill node ships the rest */
+        speed_log(SPEED_LOG_DEBUG, SPEED_SUBSYS_NET, r->id, "reserve: %d prompt tokens cached on the decode node",
+                  (int)rr->cached_tokens);
     /* The descriptor lets a prefill node put for lease_ms counted from when it receives it. A
      * retry hands the same blocks to another prefill node: it gets only what is left of that
      * time, measured from the Reserve reply, so no attempt puts past the first one's window

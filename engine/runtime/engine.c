@@ -41,7 +41,7 @@ static speed_status_t depth_resolve(const speed_depth_t *in, int n_layers, int m
 
 speed_kv_from_t speed_engine_seq_uncached_(const engine_seq_t *s) {
     /* a hit never covers the tail: the compact space holds the cached anchors only */
-    return (speed_kv_from_t){s->n_cached, s->n_cached < s->a ? s->n_cached : s->a};
+    return speed_kv_from_cached(s->n_cached, s->n_prompt, s->depth.anchors);
 }
 
 void speed_engine_seq_classes_(engine_seq_t *s) {

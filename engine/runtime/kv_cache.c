@@ -63,6 +63,13 @@ void speed_kv_entries_for(int64_t n_prompt, int anchors, int tail, int64_t n_ext
     *n_compact_p = kept + n_extra;
 }
 
+speed_kv_from_t speed_kv_from_cached(int64_t n_cached, int64_t n_prompt, int anchors) {
+    if (n_cached < 0) n_cached = 0;
+    int64_t a = anchors > 0 ? anchors : 0;
+    if (a > n_prompt) a = n_prompt;
+    return (speed_kv_from_t){n_cached, n_cached < a ? n_cached : a};
+}
+
 /* Entries the pool's table must hold for a sequence: the most any of its layers needs. */
 static int64_t pool_entries(int n_layers, int split_layer, speed_kv_pool_t pool, int prefill_layers, int64_t n_full,
                             int64_t n_compact) {

@@ -285,6 +285,14 @@ typedef struct {
     int64_t compact; /* ... in layers >= C */
 } speed_kv_from_t;
 
+/* The `from` of a sequence whose first n_cached prompt positions are in place (a prefix cache
+ * hit; n_cached at most the first tail position): position n_cached below C; at and above C the
+ * compact space holds the anchors first and a hit never covers the tail, so min(n_cached, a)
+ * with a = min(anchors, n_prompt). n_cached 0 gives {0, 0}, the whole layout. The one
+ * definition: the engine (its partial transfers) and a decode node describing the blocks a
+ * sender must fill (transfer/, speed_kv_desc_params_t.from) both use it. */
+speed_kv_from_t speed_kv_from_cached(int64_t n_cached, int64_t n_prompt, int anchors);
+
 /* Bytes of the units of entries [from, n) per layer (0 for a layer with nothing past from). */
 size_t speed_kv_cache_seq_wire_bytes_from(const speed_kv_cache_t *cache, const speed_kv_seq_t *seq,
                                           speed_kv_from_t from, int64_t n_full, int64_t n_compact);

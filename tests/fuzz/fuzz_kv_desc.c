@@ -4,7 +4,8 @@
  * A descriptor that passes is then checked here independently, in 128-bit arithmetic, for
  * what the check promises: every unit a transfer would put (pool base + block id * stride +
  * layer offset, unit_bytes long, for each block the layer's entries need) lies inside the
- * pool's region; and total_bytes is the layers' entries times the token bytes. It is also
+ * pool's region; each layer's first_block lies in 0..its block count; and total_bytes is the
+ * layers' entries from their first blocks on (a partial transfer) times the token bytes. It is also
  * converted back (speed_node_kv_desc_to_proto), packed, unpacked and converted again, and
  * must come back equal.
  *
@@ -44,7 +45,10 @@ static void check_addresses(const speed_kv_desc_t *d) {
             u128 a = (u128)pl->base + (u128)(uint64_t)pl->table[i] * pl->block_stride + ly->offset;
             FZ_ASSERT(a >= g->base && a + d->unit_bytes <= (u128)g->base + g->length);
         }
-        total += (u128)(uint64_t)ly->entries * token_bytes;
+        FZ_ASSERT(ly->first_block >= 0 && (uint64_t)ly->first_block <= nb);
+        u128 skipped = (u128)(uint64_t)ly->first_block * (u128)(uint64_t)d->block_tokens;
+        u128 sent = (u128)(uint64_t)ly->entries > skipped ? (u128)(uint64_t)ly->entries - skipped : 0;
+        total += sent * token_bytes;
     }
     FZ_ASSERT(total == d->total_bytes);
 }
@@ -65,7 +69,7 @@ static void check_same(const speed_kv_desc_t *a, const speed_kv_desc_t *b) {
     }
     for (uint32_t i = 0; i < a->n_layers; i++)
         FZ_ASSERT(a->layers[i].pool == b->layers[i].pool && a->layers[i].offset == b->layers[i].offset &&
-                  a->layers[i].entries == b->layers[i].entries);
+                  a->layers[i].entries == b->layers[i].entries && a->layers[i].first_block == b->layers[i].first_block);
     FZ_ASSERT(a->block_tokens == b->block_tokens && a->n_kv_heads == b->n_kv_heads && a->head_dim == b->head_dim);
     FZ_ASSERT(a->head_begin == b->head_begin && a->head_end == b->head_end && a->model_kv_heads == b->model_kv_heads);
     FZ_ASSERT(a->unit_bytes == b->unit_bytes && a->total_bytes == b->total_bytes && a->epoch == b->epoch);

@@ -6,9 +6,10 @@
  *              carry); a transfer with the round-tripped descriptor lands byte for byte
  *   tampering: every field a peer controls, pushed just past what is safe (a block id one past
  *              the region's last block, negative ids, a region one byte short of its blocks,
- *              offsets and bases that overflow, counts, head ranges, shapes, totals): refused by
- *              speed_kv_desc_check with SPEED_ERR_FORMAT and its reason, refused by the
- *              production conversion, and refused by speed_kv_xfer_create; the untampered
+ *              offsets and bases that overflow, counts, head ranges, shapes, totals, a partial
+ *              transfer's first block): refused by speed_kv_desc_check with SPEED_ERR_FORMAT and
+ *              its reason, refused by the production conversion, and refused by
+ *              speed_kv_xfer_create; the untampered
  *              descriptor, and values exactly at the bounds, are accepted
  *
  * Caches are used directly (cpu-ref backend, no model): L = 4 layers, 2 heads of 8, f32, B = 4,
@@ -67,6 +68,8 @@ static void node_cleanup(node_t *n) {
 }
 
 static int64_t entries(int layer) { return layer < C ? N_FULL : N_COMPACT; }
+
+static int64_t div_up_(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 static uint8_t pat(int layer, int64_t e, size_t i) { return (uint8_t)(3 + 31 * layer + 7 * e + i); }
 
@@ -159,6 +162,7 @@ static void check_equal(const speed_kv_desc_t *a, const speed_kv_desc_t *b) {
         CHECK_INT_EQ(b->layers[l].pool, a->layers[l].pool);
         CHECK_INT_EQ(b->layers[l].offset, a->layers[l].offset);
         CHECK_INT_EQ(b->layers[l].entries, a->layers[l].entries);
+        CHECK_INT_EQ(b->layers[l].first_block, a->layers[l].first_block);
     }
     CHECK_INT_EQ(b->block_tokens, a->block_tokens);
     CHECK_INT_EQ(b->n_kv_heads, a->n_kv_heads);
@@ -341,6 +345,20 @@ static tamper_t tamper(speed_kv_desc_t *t, int k) {
     case 43: p0->block_stride = t->unit_bytes - 1; T("block stride below a unit", FMT, FMT, "stride");
     case 44: t->transport = (speed_kv_transport_t)7; T("unknown transport", FMT, PROTO, "transport");
     case 45: t->dtype = (speed_dtype_t)SPEED_DTYPE_COUNT; T("unknown dtype", FMT, PROTO, "dtype");
+    /* a partial transfer's first block (a prefix cache hit on the decode node) */
+    case 46: t->layers[0].first_block = -1; T("negative first block", FMT, FMT, "first block");
+    case 47:
+        t->layers[0].first_block = div_up_(t->layers[0].entries, t->block_tokens) + 1;
+        T("first block past the layer's last", FMT, FMT, "first block");
+    case 48: t->layers[0].first_block = 1; T("first block the total still counts", FMT, FMT, "total");
+    case 49:
+        t->layers[0].first_block = 1;
+        t->total_bytes -= t->unit_bytes; /* one whole block of layer 0 (full: N_FULL > B) */
+        T("first block 1, the total without it", SPEED_OK, SPEED_OK, NULL);
+    case 50:
+        t->layers[0].first_block = div_up_(t->layers[0].entries, t->block_tokens);
+        t->total_bytes -= (uint64_t)t->layers[0].entries * (t->unit_bytes / (uint64_t)t->block_tokens);
+        T("nothing to send for layer 0", SPEED_OK, SPEED_OK, NULL);
     }
     return (tamper_t){NULL, SPEED_OK, SPEED_OK, NULL};
 }
@@ -394,7 +412,7 @@ static void test_tampering(speed_kv_xfer_ctx_t *pctx, node_t *pre, const speed_k
         CHECK_MSG(speed_alloc_live_count() == live0, "%s: %lld allocations left behind", tp.what,
                   (long long)(speed_alloc_live_count() - live0));
     }
-    CHECK_INT_EQ(n, 46);
+    CHECK_INT_EQ(n, 51);
     xt_ledger_check(&base, "tampered descriptors refused"); /* no transfer, blocks and sequences as before */
     speed_kv_xfer_ctx_stats_t ps;
     speed_kv_xfer_ctx_stats(pctx, &ps);

@@ -157,6 +157,7 @@ static void kv_init(kv_t *k) {
         layer.pool = l < 3 ? 0 : 1;
         layer.offset = (uint64_t)(l < 3 ? l : 0) * 16384;
         layer.entries = l < 3 ? 40 : 2;
+        layer.first_block = l < 3 ? 2 : 0; /* a partial transfer: 32 of 40 cached below C */
         k->layer[l] = layer;
         k->layers[l] = &k->layer[l];
     }
@@ -209,6 +210,8 @@ static void check_kv(const Speed__V1__KvDescriptor *kv) {
         CHECK_INT_EQ(kv->layers[3]->pool, 1);
         CHECK_INT_EQ(kv->layers[2]->offset, 32768);
         CHECK_INT_EQ(kv->layers[3]->entries, 2);
+        CHECK_INT_EQ(kv->layers[1]->first_block, 2);
+        CHECK_INT_EQ(kv->layers[3]->first_block, 0);
     }
     CHECK_INT_EQ(kv->block_tokens, 16);
     CHECK_INT_EQ(kv->n_kv_heads, 8);
@@ -290,8 +293,10 @@ static void test_all_messages(void) {
 
     Speed__V1__ReserveReply rr = SPEED__V1__RESERVE_REPLY__INIT;
     rr.kv = &kv.kv;
+    rr.cached_tokens = 33;
     m = round_trip(&rr.base);
     check_kv(((Speed__V1__ReserveReply *)m)->kv);
+    CHECK_INT_EQ(((Speed__V1__ReserveReply *)m)->cached_tokens, 33);
     speed_proto_free(m);
 
     Speed__V1__GenerateRequest gr = SPEED__V1__GENERATE_REQUEST__INIT;
