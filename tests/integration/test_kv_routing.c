@@ -89,9 +89,9 @@ static void scenario(int vocab) {
     bool caught_up = false;
     for (double until = now_s() + 10; now_s() < until && !caught_up; sleep_ms(20)) {
         caught_up = true;
-        for (int d = 0; d < 2; d++)
+        for (int k = 0; k < 2; k++)
             caught_up =
-                caught_up && m1(g_rport, index_series(d, series, sizeof series)) == m1(cu_dec_http(&g_c, d), stored);
+                caught_up && m1(g_rport, index_series(k, series, sizeof series)) == m1(cu_dec_http(&g_c, k), stored);
     }
     CHECK_MSG(caught_up, "the router's index never caught up with the nodes' stored blocks");
     double stored0[2] = {m1(cu_dec_http(&g_c, 0), stored), m1(cu_dec_http(&g_c, 1), stored)};
@@ -162,12 +162,31 @@ static void scenario(int vocab) {
 }
 
 /* A next turn sent the moment the previous one ends goes to the node that holds it, although the
- * router's last status of that node (a router that polls once a minute: the one from before the
- * first turn) cannot know the first turn is over: the router counts the end itself
- * (speed_balance_pool_finish). Without that, the pick of the first turn still loads the node by
- * the prompt's 5 blocks, and at the default weight 0.5 the idle node wins (0.5 x 5 new blocks
- * against 0.5 x 1 + 0.5 x 5). */
+ * router's last status of that node cannot know the first turn is over: the router counts the
+ * end itself (speed_balance_pool_finish). Without that, the first turn still loads the node by
+ * its 5 blocks (a status taken while it ran, or its pick since the last one), and at the default
+ * weight 0.5 the idle node wins (0.5 x 5 new blocks against 0.5 x 1 + 0.5 x 5). The router polls
+ * every 300 ms: a poll landing between the two turns makes the load fresh and the turn passes
+ * either way; a poll answered before the first turn ends but received after (a millisecond's
+ * window) would count it again. */
 static void next_turn_at_once(int vocab, int rport) {
+    /* both nodes store blocks first, and the router has heard so: it anticipates a completed
+     * request's blocks only on a node whose cache reported storing */
+    char series[2][160];
+    int32_t w[N_NEXT];
+    bool on[2] = {false, false};
+    for (int k = 0; k < 8 && !(on[0] && on[1]); k++) {
+        ou_prompt(w, N_A, vocab, 91 + k);
+        int who = complete_via(rport, w, N_A);
+        if (who >= 0) on[who] = true;
+    }
+    CHECK_MSG(on[0] && on[1], "warm-up prompts did not reach both decode nodes");
+    for (int d = 0; d < 2; d++) {
+        index_series(d, series[d], sizeof series[d]);
+        bool heard = false;
+        for (double until = now_s() + 10; now_s() < until && !heard; sleep_ms(20)) heard = m1(rport, series[d]) >= 1;
+        CHECK_MSG(heard, "the router never heard decode node %d store", d);
+    }
     for (int k = 0; k < 2; k++) {
         int32_t e[N_NEXT];
         ou_prompt(e, N_NEXT, vocab, 71 + k);
@@ -249,7 +268,7 @@ int main(void) {
                               NULL};
     cu_proc_t r2 = ok ? cu_cluster_router(&g_c, 1, dec_only, 30, &rok2) : (cu_proc_t){0};
     bool rok3 = false;
-    const char *slow_status[] = {"--router.kv_routing", "affinity", "--router.status_interval_ms", "60000", NULL};
+    const char *slow_status[] = {"--router.kv_routing", "affinity", "--router.status_interval_ms", "300", NULL};
     cu_proc_t r3 = ok ? cu_cluster_router(&g_c, 2, slow_status, 30, &rok3) : (cu_proc_t){0};
     CHECK_MSG(rok && rok2 && rok3, "routers did not come up");
     g_rport = cu_router_port(&g_c, 0);
