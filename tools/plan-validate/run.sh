@@ -61,35 +61,17 @@ if [ ! -f "$WORK/profile.json" ]; then
         --repeat 5 --out "$WORK/profile.json"
 fi
 
-UP_PID=
-stop_cluster() {
-    if [ -n "$UP_PID" ]; then
-        kill -TERM "$UP_PID" 2>/dev/null || true
-        wait "$UP_PID" 2>/dev/null || true
-        UP_PID=
-    fi
-}
-trap stop_cluster EXIT
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+# shellcheck source=../lib/local_cluster.sh
+. "$ROOT/tools/lib/local_cluster.sh"
+trap cluster_stop EXIT
 
-# start_cluster YAML P D LOGDIR: speedctl up with P prefill and D decode nodes; waits for /v1/models
+# start_cluster YAML P D LOGDIR: speedctl up with P prefill and D decode nodes on ports of its own
 start_cluster() {
     local yaml=$1 p=$2 d=$3 logdir=$4
-    mkdir -p "$logdir"
-    "$SPEEDCTL" up "$yaml" --prefill.replicas "$p" --decode.replicas "$d" --log-dir "$logdir" \
+    cluster_start "$PORT_BASE" "$logdir" "$yaml" --prefill.replicas "$p" --decode.replicas "$d" \
         --router.port "$PORT_BASE" --prefill.grpc_port $((PORT_BASE + 10)) --prefill.http_port $((PORT_BASE + 20)) \
-        --decode.grpc_port $((PORT_BASE + 30)) --decode.http_port $((PORT_BASE + 40)) --log warn \
-        >"$logdir/up.out" 2>&1 &
-    UP_PID=$!
-    for _ in $(seq 1 600); do
-        if curl -sf "http://127.0.0.1:$PORT_BASE/v1/models" >/dev/null 2>&1 && grep -q "^cluster up in" "$logdir/up.out"; then
-            sleep 1 # the router's first status poll of every node
-            return 0
-        fi
-        kill -0 "$UP_PID" 2>/dev/null || { cat "$logdir/up.out" >&2; return 1; }
-        sleep 0.2
-    done
-    log "the cluster did not come up; see $logdir"
-    return 1
+        --decode.grpc_port $((PORT_BASE + 30)) --decode.http_port $((PORT_BASE + 40)) --log warn
 }
 
 # loadgen OUT.json RATE N PROMPTS OUTPUTS SLO_TTFT SLO_TPOT
@@ -147,7 +129,7 @@ children_cpu_ms() {
 }
 
 # router_pid: the router speedctl up started
-router_pid() { pgrep -P "$UP_PID" -x speed-router | head -1; }
+router_pid() { pgrep -P "$CLUSTER_PID" -x speed-router | head -1; }
 
 # ---- 2. the host's speed, the fixed overheads and the correction factors --------------------
 # The host's speed against the profile: the median of PROBES one-point probes (one probe alone
@@ -198,7 +180,7 @@ if [ ! -f "$WORK/factors" ]; then
     for i in $(seq 1 "$CAL_RUNS"); do
         loadgen "$WORK/cal/loaded-$i.json" "$RATE_CAL" "$REQUESTS" "$CAL_PROMPTS" "$CAL_OUTPUTS" 10000 10000
     done
-    stop_cluster
+    cluster_stop
     python3 - "$WORK" "$r0" "$r1" "$r2" "$c0" "$c1" "$c2" <<'PY' >"$WORK/overheads"
 import json, sys
 w = sys.argv[1]
@@ -262,7 +244,7 @@ for wl in "${WORKLOADS[@]}"; do
             log "$name: $p prefill + $d decode ($label), run $rep of $REPEAT"
             start_cluster "$dir/cluster.yaml" "$p" "$d" "$dir/logs-${p}p${d}d-$rep"
             loadgen "$dir/loadgen-${p}p${d}d-$rep.json" "$rate" "$REQUESTS" "$prompts" "$outputs" "$slo_ttft" "$slo_tpot"
-            stop_cluster
+            cluster_stop
         done
     done
     # each configuration's prediction, with the median of the other work measured before its runs

@@ -14,8 +14,8 @@
 #      shared system prompt of SYSTEM tokens, user messages of USER_TOKENS tokens, answers of ANSWER
 #      tokens, THINK ms between turns, CONCURRENCY at once. Per run: TTFT p50 / p90 of the first
 #      and of the later turns (speedctl loadgen's latency_by_turn and records), prompt tokens
-#      computed per request (the router's prompt tokens minus the decode nodes'
-#      speed_prefix_cache_tokens_saved_total), the cache's hit rate (hits / lookups).
+#      computed per request (the engines' prompt tokens minus what the decode nodes' caches
+#      saved), the cache's hit rate (hits / lookups).
 #   2. deploy/clusters/1p1d.yaml with the cache on: two-turn conversations one at a time, and
 #      then cold prompts (no shared prefix) of the second turns' median length: second-turn TTFT
 #      against cold TTFT.
@@ -73,15 +73,20 @@ metric() {
     curl -sf "http://127.0.0.1:$1/metrics" | awk -v n="$2" '$1 == n || index($1, n "{") == 1 { s += $2 } END { print s + 0 }'
 }
 
-# counters N_DECODE: router prompt tokens, decode nodes' tokens saved, hits, lookups
+# counters N_DECODE: the router's prompt tokens; prompt tokens the nodes computed (the engines'
+# prompt tokens of the prefill node and the decode nodes, minus what the decode nodes' caches
+# saved: a decode-local hit counts its whole prompt as the request's and computes only the
+# suffix); the decode nodes' cache hits and lookups
 counters() {
-    local saved=0 hits=0 lookups=0 i
+    local engine saved=0 hits=0 lookups=0 i
+    engine=$(metric $((PORT + 20)) speed_engine_prompt_tokens_total)
     for ((i = 0; i < $1; i++)); do
+        engine=$((engine + $(metric $((PORT + 40 + i)) speed_engine_prompt_tokens_total)))
         saved=$((saved + $(metric $((PORT + 40 + i)) speed_prefix_cache_tokens_saved_total)))
         hits=$((hits + $(metric $((PORT + 40 + i)) speed_prefix_cache_hits_total)))
         lookups=$((lookups + $(metric $((PORT + 40 + i)) speed_prefix_cache_lookups_total)))
     done
-    echo "$(metric "$PORT" speed_router_prompt_tokens_total) $saved $hits $lookups"
+    echo "$(metric "$PORT" speed_router_prompt_tokens_total) $((engine - saved)) $hits $lookups"
 }
 
 loadgen_conv() { # OUT CONVERSATIONS TURNS CONCURRENCY SEED
@@ -101,14 +106,14 @@ for c in 8 6; do
             --router.decode_local_max_new_tokens "$LOCAL")
         log "1P2D, C = $c, cache $cache"
         start_cluster "$ROOT/deploy/clusters/1p2d.yaml" "$run.logs" "${flags[@]}"
-        read -r p0 s0 h0 l0 <<<"$(counters 2)"
+        read -r p0 c0 h0 l0 <<<"$(counters 2)"
         loadgen_conv "$run" "$CONVERSATIONS" "$TURNS" "$CONCURRENCY" 7
-        read -r p1 s1 h1 l1 <<<"$(counters 2)"
+        read -r p1 c1 h1 l1 <<<"$(counters 2)"
         cluster_stop
-        python3 - "$run" "$c" "$cache" "$p0" "$s0" "$h0" "$l0" "$p1" "$s1" "$h1" "$l1" <<'PY' >>"$WORK/multi.jsonl"
+        python3 - "$run" "$c" "$cache" "$p0" "$c0" "$h0" "$l0" "$p1" "$c1" "$h1" "$l1" <<'PY' >>"$WORK/multi.jsonl"
 import json, statistics, sys
 run, c, cache = sys.argv[1:4]
-p0, s0, h0, l0, p1, s1, h1, l1 = (float(x) for x in sys.argv[4:])
+p0, c0, h0, l0, p1, c1, h1, l1 = (float(x) for x in sys.argv[4:])
 recs = [json.loads(l) for l in open(run + ".jsonl")]
 ok = [r for r in recs if r["outcome"] == "ok" and "ttft_ms" in r]
 def q(v, p):
@@ -120,7 +125,7 @@ n = len(recs)
 print(json.dumps({"C": int(c), "cache": cache, "requests": n, "ok": len(ok),
                   "first_p50": q(first, 0.5), "first_p90": q(first, 0.9),
                   "later_p50": q(later, 0.5), "later_p90": q(later, 0.9),
-                  "prompt_tokens_per_request": (p1 - p0) / n, "computed_per_request": (p1 - p0 - (s1 - s0)) / n,
+                  "prompt_tokens_per_request": (p1 - p0) / n, "computed_per_request": (c1 - c0) / n,
                   "hit_rate": (h1 - h0) / (l1 - l0) if l1 > l0 else None,
                   "tpot_p50": json.load(open(run + ".json"))["latency_ms"]["tpot"]["p50"]}))
 PY
