@@ -71,20 +71,12 @@ static void run_concurrent(ou_result_t out[N_REQ]) {
     }
 }
 
-/* Bit-exact equality of two answers: every token's text, every logprob and top logprob, the
- * text. Returns the number of positions that differ (0 = identical); prints the first. */
+/* Bit-exact equality of two answers (ou_diff_count). Returns the number of positions that
+ * differ (0 = identical); prints the first. */
 static int count_diffs(const ou_result_t *a, const ou_result_t *b, int req, const char *what, bool print) {
-    int diffs = a->n != b->n;
-    for (int t = 0; t < a->n && t < b->n; t++) {
-        bool same = strcmp(a->tok[t], b->tok[t]) == 0 && a->lp[t] == b->lp[t] && a->top[t].n_top == b->top[t].n_top;
-        for (int k = 0; same && k < a->top[t].n_top; k++)
-            same =
-                a->top[t].top_lp[k] == b->top[t].top_lp[k] && strcmp(a->top[t].top_str[k], b->top[t].top_str[k]) == 0;
-        if (!same && diffs++ == 0 && print)
-            fprintf(stderr, "%s: request %d differs at token %d: \"%s\" %.9g vs \"%s\" %.9g\n", what, req, t, a->tok[t],
-                    a->lp[t], b->tok[t], b->lp[t]);
-    }
-    if (a->text_len != b->text_len || (a->text && b->text && memcmp(a->text, b->text, a->text_len) != 0)) diffs++;
+    char first[256];
+    int diffs = ou_diff_count(a, b, first, sizeof first);
+    if (diffs && print) fprintf(stderr, "%s: request %d differs at %s\n", what, req, first);
     return diffs;
 }
 

@@ -29,27 +29,10 @@
 static cu_cluster_t g_c;
 static int g_rport;
 
-static double msum(int port, const char *name) {
-    double v = cu_metric_sum(port, name);
-    return isnan(v) ? 0 : v;
-}
-
-static double m1(int port, const char *series) {
-    double v = cu_metric(port, series);
-    return isnan(v) ? 0 : v;
-}
-
-static double served(int d) { return msum(cu_dec_http(&g_c, d), "speed_decode_requests_total"); }
-
-static const char *index_series(int d, char *buf, size_t cap) {
-    snprintf(buf, cap, "speed_router_kv_index_blocks{node=\"127.0.0.1:%d\"}", cu_dec_grpc(&g_c, d));
-    return buf;
-}
-
 static double routed(const char *reason) {
     char s[96];
     snprintf(s, sizeof s, "speed_router_kv_routed_total{reason=\"%s\"}", reason);
-    return m1(g_rport, s);
+    return cu_metric0(g_rport, s);
 }
 
 static void complete(int port, const int32_t *ids, int n) {
@@ -64,16 +47,10 @@ static void complete(int port, const int32_t *ids, int n) {
 /* Sends one completion to the router on port and says which decode node served it (-1: none or
  * both moved). */
 static int complete_via(int port, const int32_t *ids, int n) {
-    double before[2] = {served(0), served(1)};
+    double before[CU_MAX_REPLICAS];
+    cu_dec_served(&g_c, before);
     complete(port, ids, n);
-    int who = -1, moved = 0;
-    for (int d = 0; d < 2; d++)
-        if (served(d) > before[d]) {
-            who = d;
-            moved++;
-        }
-    CHECK_MSG(moved == 1, "%d decode nodes counted the request", moved);
-    return moved == 1 ? who : -1;
+    return cu_dec_served_since(&g_c, before);
 }
 
 static int complete_on(const int32_t *ids, int n) { return complete_via(g_rport, ids, n); }
@@ -90,43 +67,43 @@ static void scenario(int vocab) {
     for (double until = now_s() + 10; now_s() < until && !caught_up; sleep_ms(20)) {
         caught_up = true;
         for (int k = 0; k < 2; k++)
-            caught_up =
-                caught_up && m1(g_rport, index_series(k, series, sizeof series)) == m1(cu_dec_http(&g_c, k), stored);
+            caught_up = caught_up && cu_metric0(g_rport, cu_router_index_series(&g_c, k, series, sizeof series)) ==
+                                         cu_metric0(cu_dec_http(&g_c, k), stored);
     }
     CHECK_MSG(caught_up, "the router's index never caught up with the nodes' stored blocks");
-    double stored0[2] = {m1(cu_dec_http(&g_c, 0), stored), m1(cu_dec_http(&g_c, 1), stored)};
-    double index0[2] = {m1(g_rport, index_series(0, series, sizeof series)),
-                        m1(g_rport, index_series(1, series, sizeof series))};
+    double stored0[2] = {cu_metric0(cu_dec_http(&g_c, 0), stored), cu_metric0(cu_dec_http(&g_c, 1), stored)};
+    double index0[2] = {cu_metric0(g_rport, cu_router_index_series(&g_c, 0, series, sizeof series)),
+                        cu_metric0(g_rport, cu_router_index_series(&g_c, 1, series, sizeof series))};
     int x = complete_on(a, N_A);
     if (x < 0) return;
     int y = 1 - x;
-    CHECK_NEAR(m1(cu_dec_http(&g_c, x), stored) - stored0[x], 4, 0);
-    CHECK_NEAR(m1(cu_dec_http(&g_c, y), stored) - stored0[y], 0, 0);
-    CHECK_MSG(cu_wait_metric(g_rport, index_series(x, series, sizeof series), index0[x] + 4, 10),
+    CHECK_NEAR(cu_metric0(cu_dec_http(&g_c, x), stored) - stored0[x], 4, 0);
+    CHECK_NEAR(cu_metric0(cu_dec_http(&g_c, y), stored) - stored0[y], 0, 0);
+    CHECK_MSG(cu_wait_metric(g_rport, cu_router_index_series(&g_c, x, series, sizeof series), index0[x] + 4, 10),
               "the router never learned X's 4 blocks");
-    CHECK_NEAR(m1(g_rport, index_series(y, series, sizeof series)), index0[y], 0);
+    CHECK_NEAR(cu_metric0(g_rport, cu_router_index_series(&g_c, y, series, sizeof series)), index0[y], 0);
 
     /* 2. the next turns: the same prefix, to the same node, for affinity */
     double aff0 = routed("affinity");
-    double cached0 = m1(g_rport, "speed_router_kv_prompt_blocks_total{where=\"cached\"}");
+    double cached0 = cu_metric0(g_rport, "speed_router_kv_prompt_blocks_total{where=\"cached\"}");
     for (int t = 0; t < 3; t++) {
         int who = complete_on(a, N_NEXT);
         CHECK_MSG(who == x, "turn %d went to decode node %d, not %d (which holds its prefix)", t + 2, who, x);
         /* the router holds this turn's 5 blocks before the next turn (turn 2 adds the fifth;
          * turns 3 and 4 store nothing new: the cache reports a hash once, whatever number of
          * entries hold it) */
-        CHECK_MSG(cu_wait_metric(g_rport, index_series(x, series, sizeof series), index0[x] + 5, 10),
+        CHECK_MSG(cu_wait_metric(g_rport, cu_router_index_series(&g_c, x, series, sizeof series), index0[x] + 5, 10),
                   "the router never learned turn %d's blocks", t + 2);
     }
     CHECK_NEAR(routed("affinity") - aff0, 3, 0);
     /* each next turn (5 blocks) found 4 of them cached at X, then all 5 */
-    CHECK_NEAR(m1(g_rport, "speed_router_kv_prompt_blocks_total{where=\"cached\"}") - cached0, 4 + 5 + 5, 0);
-    CHECK(msum(g_rport, "speed_router_kv_events_total") >= 5);
+    CHECK_NEAR(cu_metric0(g_rport, "speed_router_kv_prompt_blocks_total{where=\"cached\"}") - cached0, 4 + 5 + 5, 0);
+    CHECK(cu_metric_sum0(g_rport, "speed_router_kv_events_total") >= 5);
 
     /* 3. unrelated prompts: nobody holds them, they spread */
     double bal0 = routed("balance");
     const char *ant = "speed_router_kv_events_total{kind=\"anticipated\"}";
-    double ant0 = m1(g_rport, ant);
+    double ant0 = cu_metric0(g_rport, ant);
     int on[2] = {0, 0};
     for (int k = 0; k < 4; k++) {
         ou_prompt(d[k], N_D, vocab, 11 + 2 * k);
@@ -137,12 +114,12 @@ static void scenario(int vocab) {
     CHECK_NEAR(routed("balance") - bal0, 4, 0);
     /* a prompt that completed on a node known to store blocks is in the index before that node's
      * next status reply says so (unless a poll came first: at least one of the four) */
-    CHECK_MSG(m1(g_rport, ant) - ant0 >= 3, "anticipated %.0f blocks", m1(g_rport, ant) - ant0);
+    CHECK_MSG(cu_metric0(g_rport, ant) - ant0 >= 3, "anticipated %.0f blocks", cu_metric0(g_rport, ant) - ant0);
 
     /* 4. X dies: forgotten at once; restarted: a new instance, nothing of the old blocks */
-    double snaps0 = m1(g_rport, "speed_router_kv_snapshots_total");
+    double snaps0 = cu_metric0(g_rport, "speed_router_kv_snapshots_total");
     CHECK_INT_EQ(cu_stop(&g_c.dec[x], SIGKILL, 10), 128 + SIGKILL);
-    CHECK_MSG(cu_wait_metric(g_rport, index_series(x, series, sizeof series), 0, 10),
+    CHECK_MSG(cu_wait_metric(g_rport, cu_router_index_series(&g_c, x, series, sizeof series), 0, 10),
               "the router still holds the dead node's blocks");
     char idx[16];
     snprintf(idx, sizeof idx, "%d", x);
@@ -150,10 +127,11 @@ static void scenario(int vocab) {
     g_c.dec[x] = cu_cluster_spawn(&g_c, "speed-decode", x ? "decode1-again" : "decode0-again", more);
     CHECK_MSG(cu_router_wait_nodes(&g_c, g_rport, 1, 2, 30), "the restarted decode node is not back");
     /* its first status reply after the restart is a snapshot of its (empty) journal */
-    for (double until = now_s() + 10; now_s() < until && m1(g_rport, "speed_router_kv_snapshots_total") <= snaps0;)
+    for (double until = now_s() + 10;
+         now_s() < until && cu_metric0(g_rport, "speed_router_kv_snapshots_total") <= snaps0;)
         sleep_ms(20);
-    CHECK(m1(g_rport, "speed_router_kv_snapshots_total") > snaps0);
-    CHECK_NEAR(m1(g_rport, index_series(x, series, sizeof series)), 0, 0);
+    CHECK(cu_metric0(g_rport, "speed_router_kv_snapshots_total") > snaps0);
+    CHECK_NEAR(cu_metric0(g_rport, cu_router_index_series(&g_c, x, series, sizeof series)), 0, 0);
     aff0 = routed("affinity");
     bal0 = routed("balance");
     complete_on(a, N_NEXT);
@@ -182,9 +160,10 @@ static void next_turn_at_once(int vocab, int rport) {
     }
     CHECK_MSG(on[0] && on[1], "warm-up prompts did not reach both decode nodes");
     for (int d = 0; d < 2; d++) {
-        index_series(d, series[d], sizeof series[d]);
+        cu_router_index_series(&g_c, d, series[d], sizeof series[d]);
         bool heard = false;
-        for (double until = now_s() + 10; now_s() < until && !heard; sleep_ms(20)) heard = m1(rport, series[d]) >= 1;
+        for (double until = now_s() + 10; now_s() < until && !heard; sleep_ms(20))
+            heard = cu_metric0(rport, series[d]) >= 1;
         CHECK_MSG(heard, "the router never heard decode node %d store", d);
     }
     for (int k = 0; k < 2; k++) {
@@ -197,7 +176,9 @@ static void next_turn_at_once(int vocab, int rport) {
     }
 }
 
-static double both(const char *name) { return msum(cu_dec_http(&g_c, 0), name) + msum(cu_dec_http(&g_c, 1), name); }
+static double both(const char *name) {
+    return cu_metric_sum0(cu_dec_http(&g_c, 0), name) + cu_metric_sum0(cu_dec_http(&g_c, 1), name);
+}
 
 /* The decode-only route (a router whose every prompt is short) caches its prompts too, and a
  * next turn sent to the node that holds the first computes only its suffix there: the engine's
@@ -206,19 +187,20 @@ static void decode_only(int vocab) {
     int32_t p[N_D + BT];
     ou_prompt(p, N_D, vocab, 53);
     const char *stored = "speed_node_cache_events_total{kind=\"stored\"}";
-    double before[2] = {m1(cu_dec_http(&g_c, 0), stored), m1(cu_dec_http(&g_c, 1), stored)};
+    double before[2] = {cu_metric0(cu_dec_http(&g_c, 0), stored), cu_metric0(cu_dec_http(&g_c, 1), stored)};
     int rport = cu_router_port(&g_c, 1);
     char series[2][160];
     double index0[2];
-    for (int d = 0; d < 2; d++) index0[d] = m1(rport, index_series(d, series[d], sizeof series[d]));
+    for (int d = 0; d < 2; d++)
+        index0[d] = cu_metric0(rport, cu_router_index_series(&g_c, d, series[d], sizeof series[d]));
     complete(rport, p, N_D);
     /* 48 prompt tokens + 3 generated tokens fed back: 3 full blocks stored, on one node */
-    int k = m1(cu_dec_http(&g_c, 1), stored) > before[1];
-    CHECK_NEAR(m1(cu_dec_http(&g_c, k), stored) - before[k], 3, 0);
-    CHECK_NEAR(m1(cu_dec_http(&g_c, 1 - k), stored) - before[1 - k], 0, 0);
+    int k = cu_metric0(cu_dec_http(&g_c, 1), stored) > before[1];
+    CHECK_NEAR(cu_metric0(cu_dec_http(&g_c, k), stored) - before[k], 3, 0);
+    CHECK_NEAR(cu_metric0(cu_dec_http(&g_c, 1 - k), stored) - before[1 - k], 0, 0);
     bool learned = false; /* at least: the index may also be catching up on older events */
     for (double until = now_s() + 10; now_s() < until && !learned; sleep_ms(10))
-        learned = m1(rport, series[k]) >= index0[k] + 3;
+        learned = cu_metric0(rport, series[k]) >= index0[k] + 3;
     CHECK_MSG(learned, "the second router never learned the decode-only prompt's blocks");
     double hits0 = both("speed_prefix_cache_hits_total"), saved0 = both("speed_prefix_cache_tokens_saved_total");
     double lookups0 = both("speed_prefix_cache_lookups_total");

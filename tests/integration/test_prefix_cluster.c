@@ -32,51 +32,19 @@
 
 static cu_cluster_t g_c;
 
-static double m1(int port, const char *series) {
-    double v = cu_metric(port, series);
-    return isnan(v) ? 0 : v;
-}
-
-static double msum(int port, const char *name) {
-    double v = cu_metric_sum(port, name);
-    return isnan(v) ? 0 : v;
-}
-
-static double both(const char *name) { return msum(cu_dec_http(&g_c, 0), name) + msum(cu_dec_http(&g_c, 1), name); }
-
-static double served(int d) { return msum(cu_dec_http(&g_c, d), "speed_decode_requests_total"); }
-
-static const char *index_series(int d, char *buf, size_t cap) {
-    snprintf(buf, cap, "speed_router_kv_index_blocks{node=\"127.0.0.1:%d\"}", cu_dec_grpc(&g_c, d));
-    return buf;
+static double both(const char *name) {
+    return cu_metric_sum0(cu_dec_http(&g_c, 0), name) + cu_metric_sum0(cu_dec_http(&g_c, 1), name);
 }
 
 /* One greedy completion with 2 top logprobs; the answer in *res; returns the decode node that
  * served it (-1: not exactly one). */
 static int complete(int port, const int32_t *ids, int n, ou_result_t *res) {
-    double before[2] = {served(0), served(1)};
+    double before[CU_MAX_REPLICAS];
+    cu_dec_served(&g_c, before);
     char *body = ou_completion_body("model", ids, n, N_GEN, 2, false, NULL, "\"ignore_eos\":true");
-    cu_resp_t resp;
-    memset(res, 0, sizeof *res);
-    CHECK(cu_http(port, "POST", "/v1/completions", body, NULL, NULL, 120000, &resp));
-    CHECK_MSG(resp.status == 200, "HTTP %d: %s", resp.status, resp.body ? resp.body : "");
-    if (resp.status == 200 && resp.body) {
-        json_t *root = json_loads(resp.body, 0, NULL);
-        CHECK(root != NULL);
-        if (root) ou_from_json(res, root);
-        json_decref(root);
-        CHECK_INT_EQ(res->n, N_GEN);
-    }
-    cu_resp_free(&resp);
+    ou_post_completion(port, body, N_GEN, res);
     speed_free(body);
-    int who = -1, moved = 0;
-    for (int d = 0; d < 2; d++)
-        if (served(d) > before[d]) {
-            who = d;
-            moved++;
-        }
-    CHECK_MSG(moved == 1, "%d decode nodes counted the request", moved);
-    return moved == 1 ? who : -1;
+    return cu_dec_served_since(&g_c, before);
 }
 
 /* Decode node d's load as its Node.Status reports it to the router: true when no request holds
@@ -94,22 +62,8 @@ static bool idle_with_cache(int d) {
         idle = st->active_blocks == 0 && st->kv_usage_ratio == 0 && st->running == 0;
     if (st) speed_proto_free(&st->base);
     speed_rpc_channel_destroy(ch);
-    return idle && m1(cu_dec_http(&g_c, d), "speed_prefix_cache_blocks") >= 4 &&
-           m1(cu_dec_http(&g_c, d), "speed_kv_blocks_reserved") == 0;
-}
-
-/* Bit-exact equality of two answers: tokens, logprobs, top logprobs, text. */
-static void check_same(const ou_result_t *a, const ou_result_t *b, const char *what) {
-    CHECK_INT_EQ(a->n, b->n);
-    for (int t = 0; t < a->n && t < b->n; t++) {
-        CHECK_MSG(strcmp(a->tok[t], b->tok[t]) == 0 && a->lp[t] == b->lp[t], "%s: token %d: \"%s\" %.9g vs \"%s\" %.9g",
-                  what, t, a->tok[t], a->lp[t], b->tok[t], b->lp[t]);
-        CHECK_INT_EQ(a->top[t].n_top, b->top[t].n_top);
-        for (int k = 0; k < a->top[t].n_top && k < b->top[t].n_top; k++)
-            CHECK_MSG(a->top[t].top_lp[k] == b->top[t].top_lp[k], "%s: token %d, top %d: %.9g vs %.9g", what, t, k,
-                      a->top[t].top_lp[k], b->top[t].top_lp[k]);
-    }
-    CHECK(a->text_len == b->text_len && (!a->text_len || memcmp(a->text, b->text, a->text_len) == 0));
+    return idle && cu_metric0(cu_dec_http(&g_c, d), "speed_prefix_cache_blocks") >= 4 &&
+           cu_metric0(cu_dec_http(&g_c, d), "speed_kv_blocks_reserved") == 0;
 }
 
 static void scenario(int vocab, int rport, int cold_port) {
@@ -119,12 +73,12 @@ static void scenario(int vocab, int rport, int cold_port) {
     ou_result_t r1, r2, r3, cold;
 
     /* 1. turn 1: disaggregated, kept by X */
-    double local0 = m1(rport, "speed_router_decode_local_total");
+    double local0 = cu_metric0(rport, "speed_router_decode_local_total");
     int x = complete(rport, conv, N1, &r1);
     if (x < 0) return;
-    CHECK_NEAR(m1(rport, "speed_router_decode_local_total") - local0, 0, 0);
-    CHECK_NEAR(m1(cu_dec_http(&g_c, x), "speed_node_cache_events_total{kind=\"stored\"}"), 4, 0);
-    CHECK_MSG(cu_wait_metric(rport, index_series(x, series, sizeof series), 4, 10),
+    CHECK_NEAR(cu_metric0(rport, "speed_router_decode_local_total") - local0, 0, 0);
+    CHECK_NEAR(cu_metric0(cu_dec_http(&g_c, x), "speed_node_cache_events_total{kind=\"stored\"}"), 4, 0);
+    CHECK_MSG(cu_wait_metric(rport, cu_router_index_series(&g_c, x, series, sizeof series), 4, 10),
               "the router never learned X's 4 blocks");
     bool idle = false;
     for (double until = now_s() + 10; now_s() < until && !idle; sleep_ms(20)) idle = idle_with_cache(x);
@@ -134,8 +88,8 @@ static void scenario(int vocab, int rport, int cold_port) {
     double hits0 = both("speed_prefix_cache_hits_total"), saved0 = both("speed_prefix_cache_tokens_saved_total");
     int who = complete(rport, conv, N2, &r2);
     CHECK_MSG(who == x, "turn 2 went to decode node %d, not %d (which holds its prefix)", who, x);
-    CHECK_NEAR(m1(rport, "speed_router_decode_local_total") - local0, 1, 0);
-    CHECK(m1(cu_dec_http(&g_c, x), "speed_prefix_cache_hits_total") >= 1);
+    CHECK_NEAR(cu_metric0(rport, "speed_router_decode_local_total") - local0, 1, 0);
+    CHECK(cu_metric0(cu_dec_http(&g_c, x), "speed_prefix_cache_hits_total") >= 1);
     CHECK_NEAR(both("speed_prefix_cache_hits_total") - hits0, 1, 0);
     CHECK_MSG(both("speed_prefix_cache_tokens_saved_total") - saved0 >= N1, "saved %.0f prompt tokens",
               both("speed_prefix_cache_tokens_saved_total") - saved0);
@@ -156,7 +110,7 @@ static void scenario(int vocab, int rport, int cold_port) {
     g_c.dec[x] = cu_cluster_spawn(&g_c, "speed-decode", x ? "decode1-again" : "decode0-again", more);
     CHECK_MSG(cu_router_wait_nodes(&g_c, rport, 1, 2, 60), "the restarted decode node is not back");
     CHECK_MSG(cu_router_wait_nodes(&g_c, cold_port, 1, 2, 60), "the restarted decode node is not back (router 2)");
-    CHECK_MSG(cu_wait_metric(rport, index_series(x, series, sizeof series), 0, 10),
+    CHECK_MSG(cu_wait_metric(rport, cu_router_index_series(&g_c, x, series, sizeof series), 0, 10),
               "the router still holds the restarted node's blocks");
     /* the other node never held this conversation (turns 1 and 2 ran on X) */
     hits0 = both("speed_prefix_cache_hits_total");
@@ -164,7 +118,7 @@ static void scenario(int vocab, int rport, int cold_port) {
     complete(cold_port, conv, N2, &cold);
     CHECK_NEAR(both("speed_prefix_cache_lookups_total") - lookups0, 1, 0);
     CHECK_NEAR(both("speed_prefix_cache_hits_total") - hits0, 0, 0);
-    check_same(&r2, &cold, "turn 2 (cache hit) vs a cold run");
+    ou_check_same(&r2, &cold, "turn 2 (cache hit) vs a cold run");
     ou_result_free(&r1);
     ou_result_free(&r2);
     ou_result_free(&r3);

@@ -37,68 +37,23 @@
 
 static cu_cluster_t g_c;
 
-static double m1(int port, const char *series) {
-    double v = cu_metric(port, series);
-    return isnan(v) ? 0 : v;
+static double both(const char *name) {
+    return cu_metric_sum0(cu_dec_http(&g_c, 0), name) + cu_metric_sum0(cu_dec_http(&g_c, 1), name);
 }
 
-static double msum(int port, const char *name) {
-    double v = cu_metric_sum(port, name);
-    return isnan(v) ? 0 : v;
-}
-
-static double both(const char *name) { return msum(cu_dec_http(&g_c, 0), name) + msum(cu_dec_http(&g_c, 1), name); }
-
-static double served(int d) { return msum(cu_dec_http(&g_c, d), "speed_decode_requests_total"); }
-
-static double shipped(void) { return m1(cu_pre_http(&g_c, 0), "speed_kv_transfer_bytes_total"); }
-
-static const char *index_series(int d, char *buf, size_t cap) {
-    snprintf(buf, cap, "speed_router_kv_index_blocks{node=\"127.0.0.1:%d\"}", cu_dec_grpc(&g_c, d));
-    return buf;
-}
+static double shipped(void) { return cu_metric0(cu_pre_http(&g_c, 0), "speed_kv_transfer_bytes_total"); }
 
 /* One greedy completion with 2 top logprobs; the answer in *res, the KV bytes the prefill node
  * shipped for it in *bytes_p; returns the decode node that served it (-1: not exactly one). */
 static int complete(int port, const int32_t *ids, int n, ou_result_t *res, double *bytes_p) {
-    double before[2] = {served(0), served(1)}, b0 = shipped();
+    double before[CU_MAX_REPLICAS];
+    cu_dec_served(&g_c, before);
+    double b0 = shipped();
     char *body = ou_completion_body("model", ids, n, N_GEN, 2, false, NULL, "\"ignore_eos\":true");
-    cu_resp_t resp;
-    memset(res, 0, sizeof *res);
-    CHECK(cu_http(port, "POST", "/v1/completions", body, NULL, NULL, 120000, &resp));
-    CHECK_MSG(resp.status == 200, "HTTP %d: %s", resp.status, resp.body ? resp.body : "");
-    if (resp.status == 200 && resp.body) {
-        json_t *root = json_loads(resp.body, 0, NULL);
-        CHECK(root != NULL);
-        if (root) ou_from_json(res, root);
-        json_decref(root);
-        CHECK_INT_EQ(res->n, N_GEN);
-    }
-    cu_resp_free(&resp);
+    ou_post_completion(port, body, N_GEN, res);
     speed_free(body);
     *bytes_p = shipped() - b0; /* the prefill node counts a transfer before it replies */
-    int who = -1, moved = 0;
-    for (int d = 0; d < 2; d++)
-        if (served(d) > before[d]) {
-            who = d;
-            moved++;
-        }
-    CHECK_MSG(moved == 1, "%d decode nodes counted the request", moved);
-    return moved == 1 ? who : -1;
-}
-
-/* Bit-exact equality of two answers: tokens, logprobs, top logprobs, text. */
-static void check_same(const ou_result_t *a, const ou_result_t *b, const char *what) {
-    CHECK_INT_EQ(a->n, b->n);
-    for (int t = 0; t < a->n && t < b->n; t++) {
-        CHECK_MSG(strcmp(a->tok[t], b->tok[t]) == 0 && a->lp[t] == b->lp[t], "%s: token %d: \"%s\" %.9g vs \"%s\" %.9g",
-                  what, t, a->tok[t], a->lp[t], b->tok[t], b->lp[t]);
-        CHECK_INT_EQ(a->top[t].n_top, b->top[t].n_top);
-        for (int k = 0; k < a->top[t].n_top && k < b->top[t].n_top; k++)
-            CHECK_MSG(a->top[t].top_lp[k] == b->top[t].top_lp[k], "%s: token %d, top %d: %.9g vs %.9g", what, t, k,
-                      a->top[t].top_lp[k], b->top[t].top_lp[k]);
-    }
-    CHECK(a->text_len == b->text_len && (!a->text_len || memcmp(a->text, b->text, a->text_len) == 0));
+    return cu_dec_served_since(&g_c, before);
 }
 
 static void scenario(int vocab, int rport) {
@@ -111,29 +66,29 @@ static void scenario(int vocab, int rport) {
     /* 1. turn 1: disaggregated, the whole prompt shipped, kept by X */
     int x = complete(rport, conv, N1, &r1, &b1);
     if (x < 0) return;
-    CHECK_NEAR(m1(rport, "speed_router_decode_local_total"), 0, 0);
+    CHECK_NEAR(cu_metric0(rport, "speed_router_decode_local_total"), 0, 0);
     CHECK_MSG(b1 > 0, "turn 1 shipped no KV");
     CHECK_NEAR((double)ou_usage(&r1, "kv_bytes"), b1, 0);
-    CHECK_MSG(cu_wait_metric(rport, index_series(x, series, sizeof series), 4, 10),
+    CHECK_MSG(cu_wait_metric(rport, cu_router_index_series(&g_c, x, series, sizeof series), 4, 10),
               "the router never learned X's 4 blocks");
 
     /* 2. turn 2: 64 of 80 tokens cached on X; disaggregated all the same, shipping only the rest */
     double hits0 = both("speed_prefix_cache_hits_total"), saved0 = both("speed_prefix_cache_tokens_saved_total");
-    double dropped0 = m1(cu_dec_http(&g_c, x), "speed_kv_writes_dropped");
+    double dropped0 = cu_metric0(cu_dec_http(&g_c, x), "speed_kv_writes_dropped");
     int who = complete(rport, conv, N2, &r2, &b2);
     CHECK_MSG(who == x, "turn 2 went to decode node %d, not %d (which holds its prefix)", who, x);
-    CHECK_NEAR(m1(rport, "speed_router_decode_local_total"), 0, 0);
+    CHECK_NEAR(cu_metric0(rport, "speed_router_decode_local_total"), 0, 0);
     CHECK_NEAR(both("speed_prefix_cache_hits_total") - hits0, 1, 0);
     CHECK_MSG(both("speed_prefix_cache_tokens_saved_total") - saved0 >= N1, "saved %.0f prompt tokens",
               both("speed_prefix_cache_tokens_saved_total") - saved0);
     CHECK_MSG(b2 > 0 && b2 < b1, "turn 2 (%d tokens, %d cached) shipped %.0f KV bytes, turn 1 (%d tokens) %.0f", N2, N1,
               b2, N1, b1);
     CHECK_NEAR((double)ou_usage(&r2, "kv_bytes"), b2, 0);
-    CHECK_NEAR(m1(cu_dec_http(&g_c, x), "speed_kv_writes_dropped") - dropped0, 0, 0);
+    CHECK_NEAR(cu_metric0(cu_dec_http(&g_c, x), "speed_kv_writes_dropped") - dropped0, 0, 0);
     CHECK(ou_usage(&r2, "prompt_tokens") == N2);
 
     /* 3. turn 3 hits turn 2's entry (80 positions): again one block per lower layer shipped */
-    CHECK_MSG(cu_wait_metric(rport, index_series(x, series, sizeof series), 5, 10),
+    CHECK_MSG(cu_wait_metric(rport, cu_router_index_series(&g_c, x, series, sizeof series), 5, 10),
               "the router never learned X's 5 blocks");
     saved0 = both("speed_prefix_cache_tokens_saved_total");
     who = complete(rport, conv, N3, &r3, &b3);
@@ -141,7 +96,7 @@ static void scenario(int vocab, int rport) {
     CHECK_MSG(both("speed_prefix_cache_tokens_saved_total") - saved0 >= N2, "turn 3 saved %.0f prompt tokens",
               both("speed_prefix_cache_tokens_saved_total") - saved0);
     CHECK_NEAR(b3, b2, 0); /* one block of 16 past the hit below C, the upper layers' A + T alike */
-    CHECK_NEAR(m1(cu_dec_http(&g_c, x), "speed_kv_writes_dropped") - dropped0, 0, 0);
+    CHECK_NEAR(cu_metric0(cu_dec_http(&g_c, x), "speed_kv_writes_dropped") - dropped0, 0, 0);
 
     /* 4. X restarts: nothing cached anywhere; the same prompts cold ship everything and answer
      * exactly what the partial transfers' requests answered */
@@ -151,18 +106,18 @@ static void scenario(int vocab, int rport) {
     CHECK_INT_EQ(cu_stop(&g_c.dec[x], SIGTERM, 30), 0);
     g_c.dec[x] = cu_cluster_spawn(&g_c, "speed-decode", x ? "decode1-again" : "decode0-again", more);
     CHECK_MSG(cu_router_wait_nodes(&g_c, rport, 1, 2, 60), "the restarted decode node is not back");
-    CHECK_MSG(cu_wait_metric(rport, index_series(x, series, sizeof series), 0, 10),
+    CHECK_MSG(cu_wait_metric(rport, cu_router_index_series(&g_c, x, series, sizeof series), 0, 10),
               "the router still holds the restarted node's blocks");
     hits0 = both("speed_prefix_cache_hits_total");
     int y = complete(rport, conv, N3, &cold3, &bc3);
     CHECK_NEAR(both("speed_prefix_cache_hits_total") - hits0, 0, 0);
-    check_same(&r3, &cold3, "turn 3 (partial transfer past a partial transfer's entry) vs a cold run");
+    ou_check_same(&r3, &cold3, "turn 3 (partial transfer past a partial transfer's entry) vs a cold run");
     if (y >= 0) { /* the node that ran it cold now holds it: forget it before turn 2's cold run */
         snprintf(idx, sizeof idx, "%d", y);
         CHECK_INT_EQ(cu_stop(&g_c.dec[y], SIGTERM, 30), 0);
         g_c.dec[y] = cu_cluster_spawn(&g_c, "speed-decode", y ? "decode1-third" : "decode0-third", more);
         CHECK_MSG(cu_router_wait_nodes(&g_c, rport, 1, 2, 60), "the restarted decode node is not back");
-        CHECK_MSG(cu_wait_metric(rport, index_series(y, series, sizeof series), 0, 10),
+        CHECK_MSG(cu_wait_metric(rport, cu_router_index_series(&g_c, y, series, sizeof series), 0, 10),
                   "the router still holds the restarted node's blocks");
     }
     hits0 = both("speed_prefix_cache_hits_total");
@@ -178,7 +133,7 @@ static void scenario(int vocab, int rport) {
             "kv bytes shipped: turn 1 %.0f, turn 2 (partial) %.0f, turn 3 (partial) %.0f, cold turn 2 %.0f, cold turn "
             "3 %.0f\n",
             b1, b2, b3, bc, bc3);
-    check_same(&r2, &cold, "turn 2 (partial transfer) vs a cold run");
+    ou_check_same(&r2, &cold, "turn 2 (partial transfer) vs a cold run");
     ou_result_free(&r1);
     ou_result_free(&r2);
     ou_result_free(&r3);

@@ -367,3 +367,25 @@ cu_proc_t cu_cluster_router(cu_cluster_t *c, int k, const char *const *more, dou
           cu_router_wait_nodes(c, cu_router_port(c, k), c->np, c->nd, timeout_s);
     return p;
 }
+
+void cu_dec_served(const cu_cluster_t *c, double *counts) {
+    for (int d = 0; d < c->nd; d++) counts[d] = cu_metric_sum0(cu_dec_http(c, d), "speed_decode_requests_total");
+}
+
+int cu_dec_served_since(const cu_cluster_t *c, const double *before) {
+    double now[CU_MAX_REPLICAS];
+    cu_dec_served(c, now);
+    int who = -1, moved = 0;
+    for (int d = 0; d < c->nd; d++)
+        if (now[d] > before[d]) {
+            who = d;
+            moved++;
+        }
+    CHECK_MSG(moved == 1, "%d decode nodes counted the request", moved);
+    return moved == 1 ? who : -1;
+}
+
+const char *cu_router_index_series(const cu_cluster_t *c, int d, char *buf, size_t cap) {
+    snprintf(buf, cap, "speed_router_kv_index_blocks{node=\"127.0.0.1:%d\"}", cu_dec_grpc(c, d));
+    return buf;
+}

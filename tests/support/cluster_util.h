@@ -143,6 +143,16 @@ int cu_router_port(const cu_cluster_t *c, int k);
  * process. Starts nothing. */
 void cu_cluster_init(cu_cluster_t *c, int np, int nd, const char *const *extra);
 
+/* Which decode node serves a request: cu_dec_served fills counts[c->nd] with each decode node's
+ * speed_decode_requests_total; cu_dec_served_since returns the one node whose count moved since
+ * `before`, or -1 with a CHECK failure when none or several did. */
+void cu_dec_served(const cu_cluster_t *c, double *counts);
+int cu_dec_served_since(const cu_cluster_t *c, const double *before);
+
+/* The router's series of decode node d's prefix index size
+ * (speed_router_kv_index_blocks{node="host:grpc_port"}), written into buf; returns buf. */
+const char *cu_router_index_series(const cu_cluster_t *c, int d, char *buf, size_t cap);
+
 /* Puts process i of `role` ("prefill", "decode", or "router" for router i) on a host: it runs in
  * network namespace `netns` and binds and is dialled at `addr` (e.g. nb_host_ns(b, h) and
  * nb_host_addr(b, h)). Once anything is placed, every spawned node gets --control.listen and

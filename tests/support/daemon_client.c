@@ -201,7 +201,8 @@ bool cu_wait_health(int port, int status, double timeout_s) {
 char *cu_metrics(int port) {
     int status = 0;
     char *body = NULL;
-    if (speed_http_get(cu_port_addr(port), (uint16_t)port, "/metrics", 5000, &status, &body) != SPEED_OK || status != 200) {
+    if (speed_http_get(cu_port_addr(port), (uint16_t)port, "/metrics", 5000, &status, &body) != SPEED_OK ||
+        status != 200) {
         speed_free(body);
         return NULL;
     }
@@ -242,4 +243,14 @@ bool cu_wait_metric(int port, const char *series, double want, double timeout_s)
         if (now_s() >= until) return false;
         sleep_ms(20);
     }
+}
+
+double cu_metric0(int port, const char *series) {
+    double v = cu_metric(port, series);
+    return isnan(v) ? 0 : v;
+}
+
+double cu_metric_sum0(int port, const char *name) {
+    double v = cu_metric_sum(port, name);
+    return isnan(v) ? 0 : v;
 }

@@ -100,6 +100,11 @@ double cu_metric(int port, const char *series);
 /* The sum of every sample named `name` whatever its labels, or NAN when there is none. */
 double cu_metric_sum(int port, const char *name);
 
+/* cu_metric and cu_metric_sum with 0 for a sample that is absent (a counter not yet touched)
+ * or a page that cannot be fetched. */
+double cu_metric0(int port, const char *series);
+double cu_metric_sum0(int port, const char *name);
+
 /* Polls cu_metric(port, series) until it equals want (within 1e-9) or timeout_s passes. */
 bool cu_wait_metric(int port, const char *series, double want, double timeout_s);
 

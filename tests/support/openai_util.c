@@ -313,3 +313,50 @@ char *ou_completion_body(const char *model, const int32_t *ids, int n, int max_t
     speed_free(csv);
     return b;
 }
+
+int ou_diff_count(const ou_result_t *a, const ou_result_t *b, char *first, size_t first_cap) {
+    int diffs = 0;
+    if (first && first_cap) first[0] = '\0';
+    if (a->n != b->n) {
+        if (first) snprintf(first, first_cap, "%d tokens vs %d", a->n, b->n);
+        diffs++;
+    }
+    for (int t = 0; t < a->n && t < b->n; t++) {
+        bool same = a->tok[t] && b->tok[t] && strcmp(a->tok[t], b->tok[t]) == 0 && a->lp[t] == b->lp[t] &&
+                    a->top[t].n_top == b->top[t].n_top;
+        for (int k = 0; same && k < a->top[t].n_top; k++)
+            same = a->top[t].top_lp[k] == b->top[t].top_lp[k] && a->top[t].top_str[k] && b->top[t].top_str[k] &&
+                   strcmp(a->top[t].top_str[k], b->top[t].top_str[k]) == 0;
+        if (!same && diffs++ == 0 && first)
+            snprintf(first, first_cap, "token %d: \"%s\" %.9g vs \"%s\" %.9g", t, a->tok[t] ? a->tok[t] : "(none)",
+                     a->lp[t], b->tok[t] ? b->tok[t] : "(none)", b->lp[t]);
+    }
+    if (a->text_len != b->text_len ||
+        (a->text_len && (!a->text || !b->text || memcmp(a->text, b->text, a->text_len)))) {
+        if (diffs++ == 0 && first) snprintf(first, first_cap, "the text");
+    }
+    return diffs;
+}
+
+void ou_check_same(const ou_result_t *a, const ou_result_t *b, const char *what) {
+    char first[256];
+    int diffs = ou_diff_count(a, b, first, sizeof first);
+    CHECK_MSG(diffs == 0, "%s: %d difference(s), the first at %s", what, diffs, first);
+}
+
+bool ou_post_completion(int port, const char *body, int n_tokens, ou_result_t *res) {
+    cu_resp_t resp;
+    memset(res, 0, sizeof *res);
+    CHECK(cu_http(port, "POST", "/v1/completions", body, NULL, NULL, 120000, &resp));
+    CHECK_MSG(resp.status == 200, "HTTP %d: %s", resp.status, resp.body ? resp.body : "");
+    bool ok = resp.status == 200;
+    if (ok && resp.body) {
+        json_t *root = json_loads(resp.body, 0, NULL);
+        CHECK(root != NULL);
+        if (root) ou_from_json(res, root);
+        json_decref(root);
+        if (n_tokens > 0) CHECK_INT_EQ(res->n, n_tokens);
+    }
+    cu_resp_free(&resp);
+    return ok;
+}

@@ -56,6 +56,18 @@ void ou_from_json(ou_result_t *r, json_t *root);
 /* Fills *r (overwritten, not freed first) from an SSE stream's events. */
 void ou_from_sse(ou_result_t *r, const cu_sse_t *s);
 
+/* Bit-exact comparison of two answers: every token's text and logprob, every top logprob (value
+ * and string), the whole text. Returns how many positions differ (0 = identical; a different
+ * token count or text counts one more) and describes the first difference in first (may be
+ * NULL). */
+int ou_diff_count(const ou_result_t *a, const ou_result_t *b, char *first, size_t first_cap);
+/* CHECKs that a and b are bit-identical (ou_diff_count 0), naming `what` and the first difference. */
+void ou_check_same(const ou_result_t *a, const ou_result_t *b, const char *what);
+
+/* POSTs body (a /v1/completions request, not streamed) to port and parses the answer into *res
+ * (zeroed first). CHECKs HTTP 200, and n_tokens tokens when n_tokens > 0. Returns true on a 200. */
+bool ou_post_completion(int port, const char *body, int n_tokens, ou_result_t *res);
+
 /* ---- the reference ------------------------------------------------------------------------ */
 
 /* Runs `speedctl generate --model <cu_dir>/model --threads 1 --json <printf(fmt, ...)>` once per
