@@ -159,12 +159,7 @@ int main(int argc, char **argv) {
                            "info",
                            NULL};
     cu_cluster_init(c, 1, 2, extra);
-    const char *dir = argc > 1 ? argv[1] : SPEED_FORTUNE_DIR;
-    { /* every process loads it */
-        for (int i = 0; i + 1 < c->n_common; i++)
-            if (strcmp(c->common[i], "--model") == 0) snprintf(c->common[i + 1], sizeof c->common[i + 1], "%s", dir);
-        snprintf(c->model_dir, sizeof c->model_dir, "%s", dir);
-    }
+    cu_cluster_use_model(c, argc > 1 ? argv[1] : SPEED_FORTUNE_DIR);
     speed_model_t *model = NULL;
     CHECK_INT_EQ(speed_model_load(c->model_dir, NULL, &model), SPEED_OK);
     if (!model) return CHECK_DONE();

@@ -389,3 +389,9 @@ const char *cu_router_index_series(const cu_cluster_t *c, int d, char *buf, size
     snprintf(buf, cap, "speed_router_kv_index_blocks{node=\"127.0.0.1:%d\"}", cu_dec_grpc(c, d));
     return buf;
 }
+
+void cu_cluster_use_model(cu_cluster_t *c, const char *dir) {
+    for (int i = 0; i + 1 < c->n_common; i++)
+        if (strcmp(c->common[i], "--model") == 0) snprintf(c->common[i + 1], sizeof c->common[i + 1], "%s", dir);
+    snprintf(c->model_dir, sizeof c->model_dir, "%s", dir);
+}

@@ -143,6 +143,10 @@ int cu_router_port(const cu_cluster_t *c, int k);
  * process. Starts nothing. */
 void cu_cluster_init(cu_cluster_t *c, int np, int nd, const char *const *extra);
 
+/* Every process of the cluster loads the model in dir instead of the one cu_cluster_init wrote
+ * (call before starting anything); c->model_dir names it after. */
+void cu_cluster_use_model(cu_cluster_t *c, const char *dir);
+
 /* Which decode node serves a request: cu_dec_served fills counts[c->nd] with each decode node's
  * speed_decode_requests_total; cu_dec_served_since returns the one node whose count moved since
  * `before`, or -1 with a CHECK failure when none or several did. */
