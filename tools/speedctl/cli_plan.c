@@ -7,8 +7,10 @@
  *      that rate matching does not rule out;
  *   2. the simulation (plan_sim.h) of each candidate at the rate: TTFT / TPOT p90, and by
  *      bisection the highest rate it sustains within the SLOs;
- *   3. the recommendation (meets the SLOs at the rate with the fewest nodes, then the highest
- *      max rate), C = L against it, per-node limits and a cluster file for `speedctl up`. */
+ *   3. the recommendation (meets the SLOs at the rate with --headroom to spare — its max rate at
+ *      least rate x (1 + headroom) — with the fewest nodes, then the highest max rate; without
+ *      such a candidate, the best that meets them at the rate), C = L against it, per-node limits
+ *      and a cluster file for `speedctl up`. */
 #include <errno.h>
 #include <inttypes.h>
 #include <jansson.h>
@@ -28,7 +30,7 @@
 typedef struct {
     char *profile, *prompt_tokens, *output_tokens, *trace, *prefill_layers, *tp, *out, *model, *image;
     double rate, slo_ttft, slo_tpot, overhead_ms, step_overhead_ms, host_cores, host_background, slowdown;
-    double client_ms_per_request, client_ms_per_token, ttft_factor, tpot_factor;
+    double client_ms_per_request, client_ms_per_token, ttft_factor, tpot_factor, headroom;
     int64_t max_nodes, requests, seed, anchors, tail, prefill_max_running, decode_max_running;
     int arrival, emit;
 } plan_opts_t;
@@ -78,6 +80,9 @@ static const speed_config_field_t plan_fields[] = {
            "with --host-cores: CPU milliseconds the router and the clients on the same host spend per request"),
     PL_OPT("client_ms_per_token", DOUBLE, client_ms_per_token, "0", 0, 1e6, NULL,
            "with --host-cores: CPU milliseconds the router and the clients spend per streamed token"),
+    PL_OPT("headroom", DOUBLE, headroom, "0.25", 0, 100, NULL,
+           "recommend a candidate whose max rate within the SLOs is at least rate x (1 + this): the simulation is "
+           "least sure near a cluster's limit (measured: a 1P1D predicted to sustain 47 requests/s saturated at 45)"),
     PL_OPT("ttft_factor", DOUBLE, ttft_factor, "1", 0.01, 100, NULL,
            "correction factor: every simulated TTFT is multiplied by it (measured / predicted TTFT p90 of a loaded "
            "calibration cluster on this host: the tails the model does not produce)"),
@@ -110,6 +115,7 @@ typedef struct {
     speed_plan_sim_result_t at_rate;
     double max_rate; /* within the SLOs (0: not even the lowest rate tried) */
     bool meets;      /* SLOs met at --rate */
+    bool spare;      /* and max_rate >= rate x (1 + headroom) */
 } candidate_t;
 
 typedef struct {
@@ -184,6 +190,7 @@ static void rate_match(const plan_opts_t *o, const speed_plan_profile_t *pr, int
 
 static int cmp_candidates(const void *a, const void *b) {
     const candidate_t *x = a, *y = b;
+    if (x->spare != y->spare) return x->spare ? -1 : 1;
     if (x->meets != y->meets) return x->meets ? -1 : 1;
     if (x->nodes != y->nodes) return x->nodes - y->nodes;
     if (x->max_rate != y->max_rate) return x->max_rate > y->max_rate ? -1 : 1;
@@ -259,6 +266,7 @@ static speed_status_t write_json(const plan_opts_t *o, const candidate_t *cands,
     json_object_set_new(root, "client_ms_per_request", json_real(o->client_ms_per_request));
     json_object_set_new(root, "client_ms_per_token", json_real(o->client_ms_per_token));
     json_object_set_new(root, "slowdown", json_real(o->slowdown));
+    json_object_set_new(root, "headroom", json_real(o->headroom));
     json_object_set_new(root, "ttft_factor", json_real(o->ttft_factor));
     json_object_set_new(root, "tpot_factor", json_real(o->tpot_factor));
     for (int i = 0; i < n; i++) {
@@ -276,6 +284,7 @@ static speed_status_t write_json(const plan_opts_t *o, const candidate_t *cands,
         json_object_set_new(j, "goodput_rps", json_real(c->at_rate.goodput_rps));
         json_object_set_new(j, "max_rate_rps", json_real(c->max_rate));
         json_object_set_new(j, "meets_slos", json_boolean(c->meets));
+        json_object_set_new(j, "headroom_ok", json_boolean(c->spare));
         json_object_set_new(j, "saturated", json_boolean(c->at_rate.saturated));
         json_array_append_new(a, j);
     }
@@ -488,6 +497,7 @@ int speedctl_plan(int argc, char **argv) {
                 hi = mid;
         }
         c->max_rate = lo;
+        c->spare = c->meets && c->max_rate >= o.rate * (1 + o.headroom);
         cands[n_sim++] = *c;
     }
     n_cands = n_sim;
@@ -502,7 +512,8 @@ int speedctl_plan(int argc, char **argv) {
                c->n_decode, c->nodes, c->at_rate.ttft_p90_ms, c->at_rate.tpot_p90_ms, c->at_rate.goodput_rps,
                c->max_rate, 100 * c->at_rate.prefill_busy, 100 * c->at_rate.decode_busy,
                i == 0 && c->meets     ? "<- recommended"
-               : c->meets             ? "meets"
+               : c->spare             ? "meets"
+               : c->meets             ? "meets, no headroom"
                : c->at_rate.saturated ? "saturated"
                                       : "misses");
     }
@@ -527,6 +538,11 @@ int speedctl_plan(int argc, char **argv) {
            "predicted at %.3g requests/s; sustains %.3g requests/s within the SLOs\n",
            best->n_prefill, best->n_decode, best->tp, best->c, n_layers, best->at_rate.ttft_p90_ms,
            best->at_rate.tpot_p90_ms, o.rate, best->max_rate);
+    if (!best->spare)
+        printf(
+            "headroom     none of the candidates sustains %.3g requests/s (--headroom %.2f): this one meets the SLOs "
+            "at the rate with the least to spare; predictions near a cluster's limit are the least sure\n",
+            o.rate * (1 + o.headroom), o.headroom);
     if (best->c != n_layers) {
         const candidate_t *full = NULL;
         for (int i = 0; i < n_cands && !full; i++)

@@ -486,7 +486,30 @@ static void test_cli(void) {
     CHECK_INT_EQ(json_integer_value(json_object_get(first, "prefill")), 1);
     CHECK(json_is_true(json_object_get(first, "meets_slos")));
     CHECK(json_real_value(json_object_get(first, "max_rate_rps")) >= 60);
+    double max1 = json_real_value(json_object_get(first, "max_rate_rps"));
+    CHECK(json_is_true(json_object_get(first, "headroom_ok")));
     json_decref(plan);
+    /* --headroom: at 90 % of 1P1D's max rate it meets the SLOs with less than the default 25 % to
+     * spare, so a bigger cluster is recommended; with --headroom 0 the smallest one that meets */
+    r = run("plan --profile '%s' --rate %.3f --prompt-tokens fixed:100 --output-tokens fixed:16 --slo-ttft-p90-ms 80 "
+            "--slo-tpot-p90-ms 20 --max-nodes 4 --requests 1000 --prefill-layers 4",
+            prof_path, 0.9 * max1);
+    CHECK_MSG(r.rc == 0, "plan failed (%d): %s", r.rc, r.err);
+    CHECK_MSG(strstr(r.out, "recommended  1 prefill + 1 decode") == NULL && strstr(r.out, "meets, no headroom"), "%s",
+              r.out);
+    run_free(&r);
+    r = run("plan --profile '%s' --rate %.3f --prompt-tokens fixed:100 --output-tokens fixed:16 --slo-ttft-p90-ms 80 "
+            "--slo-tpot-p90-ms 20 --max-nodes 4 --requests 1000 --prefill-layers 4 --headroom 0",
+            prof_path, 0.9 * max1);
+    CHECK_MSG(r.rc == 0 && strstr(r.out, "recommended  1 prefill + 1 decode"), "%s%s", r.out, r.err);
+    run_free(&r);
+    /* only 2 nodes allowed: none has the headroom, the one that meets is recommended, and says so */
+    r = run("plan --profile '%s' --rate %.3f --prompt-tokens fixed:100 --output-tokens fixed:16 --slo-ttft-p90-ms 80 "
+            "--slo-tpot-p90-ms 20 --max-nodes 2 --requests 1000 --prefill-layers 4",
+            prof_path, 0.9 * max1);
+    CHECK_MSG(r.rc == 0 && strstr(r.out, "recommended  1 prefill + 1 decode") && strstr(r.out, "headroom     none"),
+              "%s%s", r.out, r.err);
+    run_free(&r);
     /* a rate that one prefill node at C = 8 cannot serve, but at C = 4 can: SPEED needs fewer */
     r = run("plan --profile '%s' --rate 120 --prompt-tokens fixed:100 --output-tokens fixed:4 --slo-ttft-p90-ms 200 "
             "--slo-tpot-p90-ms 50 --max-nodes 4 --requests 1000",
