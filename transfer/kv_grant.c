@@ -262,7 +262,7 @@ speed_status_t speed_kv_grant_check(speed_kv_xfer_ctx_t *c, const speed_kv_notif
         speed_log(SPEED_LOG_WARN, SPEED_SUBSYS_NET, rid, "kv transfer: notify refused: wrong reservation nonce");
         st = SPEED_ERR_PEER_PROTOCOL;
     } else if (m->flags & SPEED_KV_NOTIFY_FLAG_ABORT) {
-        keep = false; /* nothing more may come for this reservation */
+        keep = false;          /* nothing more may come for this reservation */
     } else if (g->n_refused) { /* written under ctx->mu by this thread's write handler: no race */
         speed_log(SPEED_LOG_ERROR, SPEED_SUBSYS_NET, rid,
                   "kv transfer: %llu of the reservation's writes were refused (outside its blocks, or device "

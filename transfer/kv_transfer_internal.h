@@ -90,12 +90,12 @@ typedef struct kv_grant {
     struct kv_grant *next;
     char id[REQ_ID_MAX];
     uint8_t nonce[SPEED_KV_NONCE_BYTES];
-    uint64_t deadline_ns; /* CLOCK_MONOTONIC: dropped after it */
+    uint64_t deadline_ns;          /* CLOCK_MONOTONIC: dropped after it */
     const speed_kv_cache_t *cache; /* the one desc was built on: deregistering it drops the grant */
     bool integrity;
-    bool device;   /* the pools are device memory (cuda_direct): writes cannot be copied, puts only */
-    bool checking; /* its notify's tags are being verified (progress thread, ctx->mu not held) */
-    bool orphan;   /* unlinked (dropped, expired) while checking: the checker frees it */
+    bool device;        /* the pools are device memory (cuda_direct): writes cannot be copied, puts only */
+    bool checking;      /* its notify's tags are being verified (progress thread, ctx->mu not held) */
+    bool orphan;        /* unlinked (dropped, expired) while checking: the checker frees it */
     uint64_t n_refused; /* writes with the right nonce that were refused (outside the units, device
                          * pools): the KV is incomplete, its notify is refused */
     int block_tokens;

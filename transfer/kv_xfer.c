@@ -544,8 +544,8 @@ speed_status_t speed_kv_xfer_push_layer(speed_kv_xfer_t *x, int layer, int64_t n
             for (int64_t s = 0; ok && s < n; s++)
                 ok = put_one(x, ep, layer, i, k + (size_t)s * x->l_slot, x->run, rk + (uint64_t)s * x->r_slot, pl->rkey,
                              memh, &err) &&
-                     put_one(x, ep, layer, i, v + (size_t)s * x->l_slot, x->run, rv + (uint64_t)s * x->r_slot,
-                             pl->rkey, memh, &err);
+                     put_one(x, ep, layer, i, v + (size_t)s * x->l_slot, x->run, rv + (uint64_t)s * x->r_slot, pl->rkey,
+                             memh, &err);
             bytes += 2 * (uint64_t)n * x->run;
             n_puts += 2 * (uint64_t)n;
         } else if (n == B) {
@@ -555,8 +555,7 @@ speed_status_t speed_kv_xfer_push_layer(speed_kv_xfer_t *x, int layer, int64_t n
         } else { /* partial last block: K rows, then V rows */
             size_t half = (size_t)n * x->token_bytes / 2;
             ok = put_one(x, ep, layer, i, src, half, raddr, pl->rkey, memh, &err) &&
-                 put_one(x, ep, layer, i, (char *)src + x->half_unit, half, raddr + x->half_unit, pl->rkey, memh,
-                         &err);
+                 put_one(x, ep, layer, i, (char *)src + x->half_unit, half, raddr + x->half_unit, pl->rkey, memh, &err);
             bytes += 2 * half;
             n_puts += 2;
         }
