@@ -15,9 +15,11 @@ typedef struct {
     char *address;
     speed_node_state_t state;
     speed_node_load_t load;
-    int64_t pending;         /* picks since the last snapshot */
-    int64_t finished;        /* requests that ended there since the last snapshot */
-    int64_t finished_blocks; /* the KV blocks they held */
+    int64_t pending;                                   /* picks since the last snapshot */
+    int64_t finished;                                  /* requests that ended there since the last snapshot */
+    int64_t finished_blocks;                           /* the KV blocks they held */
+    bool polling;                                      /* a status request is out (speed_balance_pool_poll_begin) */
+    int64_t finished_at_poll, finished_blocks_at_poll; /* the two counts when it left */
 } node_t;
 
 struct speed_balance_pool {
@@ -122,10 +124,13 @@ speed_status_t speed_balance_pool_set_load(speed_balance_pool_t *pool, size_t in
     speed_status_t st = SPEED_OK;
     pool_lock(pool);
     if (index < pool->n_nodes) {
-        pool->nodes[index].load = *load;
-        pool->nodes[index].pending = 0;
-        pool->nodes[index].finished = 0;
-        pool->nodes[index].finished_blocks = 0;
+        node_t *node = &pool->nodes[index];
+        node->load = *load;
+        node->pending = 0;
+        /* the snapshot saw the ends before its request left, not those after */
+        node->finished = node->polling ? node->finished - node->finished_at_poll : 0;
+        node->finished_blocks = node->polling ? node->finished_blocks - node->finished_blocks_at_poll : 0;
+        node->polling = false;
     } else {
         st = SPEED_ERR_INVALID_ARGUMENT;
     }
@@ -299,6 +304,18 @@ speed_status_t speed_balance_pool_take(speed_balance_pool_t *pool, size_t index)
     }
     pool_unlock(pool);
     return st;
+}
+
+void speed_balance_pool_poll_begin(speed_balance_pool_t *pool, size_t index) {
+    if (!pool) return;
+    pool_lock(pool);
+    if (index < pool->n_nodes) {
+        node_t *node = &pool->nodes[index];
+        node->polling = true;
+        node->finished_at_poll = node->finished;
+        node->finished_blocks_at_poll = node->finished_blocks;
+    }
+    pool_unlock(pool);
 }
 
 speed_status_t speed_balance_pool_finish(speed_balance_pool_t *pool, size_t index, int64_t blocks) {

@@ -131,13 +131,19 @@ size_t speed_balance_pool_candidates(speed_balance_pool_t *pool, const size_t *e
  * moves the rotation past it. Returns SPEED_OK or SPEED_ERR_INVALID_ARGUMENT (index out of
  * range). */
 speed_status_t speed_balance_pool_take(speed_balance_pool_t *pool, size_t index);
+/* A status request to the node is about to leave: the snapshot it brings back
+ * (speed_balance_pool_set_load) already reflects the ends counted so far, not those counted
+ * while it is out, which keep counting until the next one. Without it, set_load forgets every
+ * end. Thread-safe; an index out of range is ignored. */
+void speed_balance_pool_poll_begin(speed_balance_pool_t *pool, size_t index);
 /* A request the router sent to the node ended (its answer complete, or cancelled there) and
  * freed about `blocks` KV blocks. Until the node's next snapshot its load counts that much less:
  * least-loaded picks subtract the finished requests, KV-aware routing (request_kv.c) their
  * blocks. Without it a client's next turn, sent at once, finds the node holding its prefix
  * still loaded by the previous turn (the snapshot is up to router.status_interval_ms old) and
- * goes elsewhere. A snapshot taken before the end and received after it counts the request
- * again until the next one. Returns SPEED_OK or SPEED_ERR_INVALID_ARGUMENT (index out of
+ * goes elsewhere. An end counted while a status request is out (speed_balance_pool_poll_begin)
+ * outlives the snapshot it brings: the node may have taken that snapshot before the end; when it
+ * took it after, the node looks one request lighter until the next snapshot. Returns SPEED_OK or SPEED_ERR_INVALID_ARGUMENT (index out of
  * range, blocks < 0). Thread-safe. */
 speed_status_t speed_balance_pool_finish(speed_balance_pool_t *pool, size_t index, int64_t blocks);
 

@@ -263,6 +263,7 @@ static bool poll_status(speed_router_nodes_t *n, speed_router_pool_id_t p, size_
     if (speed_proto_pack(&sreq.base, &buf, &len) != SPEED_OK) return false;
     bool more = false;
     speed_rpc_reply_t sr = {0};
+    speed_balance_pool_poll_begin(n->pools[p], i); /* ends counted from now on outlive the reply */
     if (speed_rpc_unary(n->nodes[p][i].channel, SPEED_METHOD_NODE_STATUS, buf, len, n->rpc_timeout_ms, &sr) ==
         SPEED_OK) {
         Speed__V1__NodeStatus *s = NULL;

@@ -145,8 +145,7 @@ static void scenario(int vocab) {
  * its 5 blocks (a status taken while it ran, or its pick since the last one), and at the default
  * weight 0.5 the idle node wins (0.5 x 5 new blocks against 0.5 x 1 + 0.5 x 5). The router polls
  * every 300 ms: a poll landing between the two turns makes the load fresh and the turn passes
- * either way; a poll answered before the first turn ends but received after (a millisecond's
- * window) would count it again. */
+ * either way; an end counted while a poll is out outlives its reply (speed_balance_pool_poll_begin). */
 static void next_turn_at_once(int vocab, int rport) {
     /* both nodes store blocks first, and the router has heard so: it anticipates a completed
      * request's blocks only on a node whose cache reported storing */

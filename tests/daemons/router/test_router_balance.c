@@ -205,6 +205,21 @@ static void test_finished(void) {
     CHECK_INT_EQ(speed_balance_pool_candidates(pool, NULL, 0, c, 2), 2);
     for (int i = 0; i < 2; i++)
         if (c[i].index == 0) CHECK(c[i].finished == 0 && c[i].finished_blocks == 0 && c[i].pending == 0);
+    /* an end counted while a status request is out outlives the snapshot it brings back (the
+     * node may have taken it before the end); an end from before the request left does not */
+    CHECK_INT_EQ(speed_balance_pool_finish(pool, 0, 4), SPEED_OK); /* before: the snapshot knows */
+    speed_balance_pool_poll_begin(pool, 0);
+    CHECK_INT_EQ(speed_balance_pool_finish(pool, 0, 6), SPEED_OK); /* while it is out */
+    CHECK_INT_EQ(speed_balance_pool_set_load(pool, 0, &busy), SPEED_OK);
+    CHECK_INT_EQ(speed_balance_pool_candidates(pool, NULL, 0, c, 2), 2);
+    for (int i = 0; i < 2; i++)
+        if (c[i].index == 0) CHECK(c[i].finished == 1 && c[i].finished_blocks == 6);
+    CHECK_INT_EQ(speed_balance_pool_set_load(pool, 0, &busy), SPEED_OK); /* a snapshot not polled for */
+    CHECK_INT_EQ(speed_balance_pool_candidates(pool, NULL, 0, c, 2), 2);
+    for (int i = 0; i < 2; i++)
+        if (c[i].index == 0) CHECK(c[i].finished == 0 && c[i].finished_blocks == 0);
+    speed_balance_pool_poll_begin(pool, 9); /* ignored */
+    speed_balance_pool_poll_begin(NULL, 0);
     CHECK_INT_EQ(speed_balance_pool_finish(pool, 7, 1), SPEED_ERR_INVALID_ARGUMENT);
     CHECK_INT_EQ(speed_balance_pool_finish(pool, 0, -1), SPEED_ERR_INVALID_ARGUMENT);
     CHECK_INT_EQ(speed_balance_pool_finish(NULL, 0, 1), SPEED_ERR_INVALID_ARGUMENT);
