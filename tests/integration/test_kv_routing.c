@@ -175,10 +175,6 @@ static void next_turn_at_once(int vocab, int rport) {
     }
 }
 
-static double both(const char *name) {
-    return cu_metric_sum0(cu_dec_http(&g_c, 0), name) + cu_metric_sum0(cu_dec_http(&g_c, 1), name);
-}
-
 /* The decode-only route (a router whose every prompt is short) caches its prompts too, and a
  * next turn sent to the node that holds the first computes only its suffix there: the engine's
  * prefix cache, its events and its counters. */
@@ -201,15 +197,16 @@ static void decode_only(int vocab) {
     for (double until = now_s() + 10; now_s() < until && !learned; sleep_ms(10))
         learned = cu_metric0(rport, series[k]) >= index0[k] + 3;
     CHECK_MSG(learned, "the second router never learned the decode-only prompt's blocks");
-    double hits0 = both("speed_prefix_cache_hits_total"), saved0 = both("speed_prefix_cache_tokens_saved_total");
-    double lookups0 = both("speed_prefix_cache_lookups_total");
+    double hits0 = cu_dec_metric_sum0(&g_c, "speed_prefix_cache_hits_total"),
+           saved0 = cu_dec_metric_sum0(&g_c, "speed_prefix_cache_tokens_saved_total");
+    double lookups0 = cu_dec_metric_sum0(&g_c, "speed_prefix_cache_lookups_total");
     ou_prompt(p + N_D, BT, vocab, 54);
     complete(rport, p, N_D + BT);
-    CHECK_NEAR(both("speed_prefix_cache_lookups_total") - lookups0, 1, 0);
-    CHECK_NEAR(both("speed_prefix_cache_hits_total") - hits0, 1, 0);
-    CHECK_MSG(both("speed_prefix_cache_tokens_saved_total") - saved0 >= N_D, "saved %.0f prompt tokens",
-              both("speed_prefix_cache_tokens_saved_total") - saved0);
-    CHECK(both("speed_prefix_cache_blocks") >= 4);
+    CHECK_NEAR(cu_dec_metric_sum0(&g_c, "speed_prefix_cache_lookups_total") - lookups0, 1, 0);
+    CHECK_NEAR(cu_dec_metric_sum0(&g_c, "speed_prefix_cache_hits_total") - hits0, 1, 0);
+    CHECK_MSG(cu_dec_metric_sum0(&g_c, "speed_prefix_cache_tokens_saved_total") - saved0 >= N_D,
+              "saved %.0f prompt tokens", cu_dec_metric_sum0(&g_c, "speed_prefix_cache_tokens_saved_total") - saved0);
+    CHECK(cu_dec_metric_sum0(&g_c, "speed_prefix_cache_blocks") >= 4);
 }
 
 int main(void) {

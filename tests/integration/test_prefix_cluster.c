@@ -32,10 +32,6 @@
 
 static cu_cluster_t g_c;
 
-static double both(const char *name) {
-    return cu_metric_sum0(cu_dec_http(&g_c, 0), name) + cu_metric_sum0(cu_dec_http(&g_c, 1), name);
-}
-
 /* One greedy completion with 2 top logprobs; the answer in *res; returns the decode node that
  * served it (-1: not exactly one). */
 static int complete(int port, const int32_t *ids, int n, ou_result_t *res) {
@@ -85,22 +81,23 @@ static void scenario(int vocab, int rport, int cold_port) {
     CHECK_MSG(idle, "decode node %d reports its cached blocks as load", x);
 
     /* 2. turn 2: 64 of 80 tokens cached on X: decode-local there, computing the suffix only */
-    double hits0 = both("speed_prefix_cache_hits_total"), saved0 = both("speed_prefix_cache_tokens_saved_total");
+    double hits0 = cu_dec_metric_sum0(&g_c, "speed_prefix_cache_hits_total"),
+           saved0 = cu_dec_metric_sum0(&g_c, "speed_prefix_cache_tokens_saved_total");
     int who = complete(rport, conv, N2, &r2);
     CHECK_MSG(who == x, "turn 2 went to decode node %d, not %d (which holds its prefix)", who, x);
     CHECK_NEAR(cu_metric0(rport, "speed_router_decode_local_total") - local0, 1, 0);
     CHECK(cu_metric0(cu_dec_http(&g_c, x), "speed_prefix_cache_hits_total") >= 1);
-    CHECK_NEAR(both("speed_prefix_cache_hits_total") - hits0, 1, 0);
-    CHECK_MSG(both("speed_prefix_cache_tokens_saved_total") - saved0 >= N1, "saved %.0f prompt tokens",
-              both("speed_prefix_cache_tokens_saved_total") - saved0);
+    CHECK_NEAR(cu_dec_metric_sum0(&g_c, "speed_prefix_cache_hits_total") - hits0, 1, 0);
+    CHECK_MSG(cu_dec_metric_sum0(&g_c, "speed_prefix_cache_tokens_saved_total") - saved0 >= N1,
+              "saved %.0f prompt tokens", cu_dec_metric_sum0(&g_c, "speed_prefix_cache_tokens_saved_total") - saved0);
     CHECK(ou_usage(&r2, "prompt_tokens") == N2);
 
     /* 3. another prefix (the first block differs): no hit anywhere */
     memcpy(other, conv, sizeof other);
     other[1] = (other[1] + 1) % vocab;
-    hits0 = both("speed_prefix_cache_hits_total");
+    hits0 = cu_dec_metric_sum0(&g_c, "speed_prefix_cache_hits_total");
     complete(rport, other, N2, &r3);
-    CHECK_NEAR(both("speed_prefix_cache_hits_total") - hits0, 0, 0);
+    CHECK_NEAR(cu_dec_metric_sum0(&g_c, "speed_prefix_cache_hits_total") - hits0, 0, 0);
 
     /* 4. X restarts: the cache is forgotten; the cold run of turn 2's prompt equals turn 2 */
     CHECK_INT_EQ(cu_stop(&g_c.dec[x], SIGTERM, 30), 0);
@@ -113,11 +110,11 @@ static void scenario(int vocab, int rport, int cold_port) {
     CHECK_MSG(cu_wait_metric(rport, cu_router_index_series(&g_c, x, series, sizeof series), 0, 10),
               "the router still holds the restarted node's blocks");
     /* the other node never held this conversation (turns 1 and 2 ran on X) */
-    hits0 = both("speed_prefix_cache_hits_total");
-    double lookups0 = both("speed_prefix_cache_lookups_total");
+    hits0 = cu_dec_metric_sum0(&g_c, "speed_prefix_cache_hits_total");
+    double lookups0 = cu_dec_metric_sum0(&g_c, "speed_prefix_cache_lookups_total");
     complete(cold_port, conv, N2, &cold);
-    CHECK_NEAR(both("speed_prefix_cache_lookups_total") - lookups0, 1, 0);
-    CHECK_NEAR(both("speed_prefix_cache_hits_total") - hits0, 0, 0);
+    CHECK_NEAR(cu_dec_metric_sum0(&g_c, "speed_prefix_cache_lookups_total") - lookups0, 1, 0);
+    CHECK_NEAR(cu_dec_metric_sum0(&g_c, "speed_prefix_cache_hits_total") - hits0, 0, 0);
     ou_check_same(&r2, &cold, "turn 2 (cache hit) vs a cold run");
     ou_result_free(&r1);
     ou_result_free(&r2);

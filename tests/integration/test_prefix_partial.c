@@ -37,10 +37,6 @@
 
 static cu_cluster_t g_c;
 
-static double both(const char *name) {
-    return cu_metric_sum0(cu_dec_http(&g_c, 0), name) + cu_metric_sum0(cu_dec_http(&g_c, 1), name);
-}
-
 static double shipped(void) { return cu_metric0(cu_pre_http(&g_c, 0), "speed_kv_transfer_bytes_total"); }
 
 /* One greedy completion with 2 top logprobs; the answer in *res, the KV bytes the prefill node
@@ -73,14 +69,15 @@ static void scenario(int vocab, int rport) {
               "the router never learned X's 4 blocks");
 
     /* 2. turn 2: 64 of 80 tokens cached on X; disaggregated all the same, shipping only the rest */
-    double hits0 = both("speed_prefix_cache_hits_total"), saved0 = both("speed_prefix_cache_tokens_saved_total");
+    double hits0 = cu_dec_metric_sum0(&g_c, "speed_prefix_cache_hits_total"),
+           saved0 = cu_dec_metric_sum0(&g_c, "speed_prefix_cache_tokens_saved_total");
     double dropped0 = cu_metric0(cu_dec_http(&g_c, x), "speed_kv_writes_dropped");
     int who = complete(rport, conv, N2, &r2, &b2);
     CHECK_MSG(who == x, "turn 2 went to decode node %d, not %d (which holds its prefix)", who, x);
     CHECK_NEAR(cu_metric0(rport, "speed_router_decode_local_total"), 0, 0);
-    CHECK_NEAR(both("speed_prefix_cache_hits_total") - hits0, 1, 0);
-    CHECK_MSG(both("speed_prefix_cache_tokens_saved_total") - saved0 >= N1, "saved %.0f prompt tokens",
-              both("speed_prefix_cache_tokens_saved_total") - saved0);
+    CHECK_NEAR(cu_dec_metric_sum0(&g_c, "speed_prefix_cache_hits_total") - hits0, 1, 0);
+    CHECK_MSG(cu_dec_metric_sum0(&g_c, "speed_prefix_cache_tokens_saved_total") - saved0 >= N1,
+              "saved %.0f prompt tokens", cu_dec_metric_sum0(&g_c, "speed_prefix_cache_tokens_saved_total") - saved0);
     CHECK_MSG(b2 > 0 && b2 < b1, "turn 2 (%d tokens, %d cached) shipped %.0f KV bytes, turn 1 (%d tokens) %.0f", N2, N1,
               b2, N1, b1);
     CHECK_NEAR((double)ou_usage(&r2, "kv_bytes"), b2, 0);
@@ -90,11 +87,12 @@ static void scenario(int vocab, int rport) {
     /* 3. turn 3 hits turn 2's entry (80 positions): again one block per lower layer shipped */
     CHECK_MSG(cu_wait_metric(rport, cu_router_index_series(&g_c, x, series, sizeof series), 5, 10),
               "the router never learned X's 5 blocks");
-    saved0 = both("speed_prefix_cache_tokens_saved_total");
+    saved0 = cu_dec_metric_sum0(&g_c, "speed_prefix_cache_tokens_saved_total");
     who = complete(rport, conv, N3, &r3, &b3);
     CHECK_MSG(who == x, "turn 3 went to decode node %d, not %d", who, x);
-    CHECK_MSG(both("speed_prefix_cache_tokens_saved_total") - saved0 >= N2, "turn 3 saved %.0f prompt tokens",
-              both("speed_prefix_cache_tokens_saved_total") - saved0);
+    CHECK_MSG(cu_dec_metric_sum0(&g_c, "speed_prefix_cache_tokens_saved_total") - saved0 >= N2,
+              "turn 3 saved %.0f prompt tokens",
+              cu_dec_metric_sum0(&g_c, "speed_prefix_cache_tokens_saved_total") - saved0);
     CHECK_NEAR(b3, b2, 0); /* one block of 16 past the hit below C, the upper layers' A + T alike */
     CHECK_NEAR(cu_metric0(cu_dec_http(&g_c, x), "speed_kv_writes_dropped") - dropped0, 0, 0);
 
@@ -108,9 +106,9 @@ static void scenario(int vocab, int rport) {
     CHECK_MSG(cu_router_wait_nodes(&g_c, rport, 1, 2, 60), "the restarted decode node is not back");
     CHECK_MSG(cu_wait_metric(rport, cu_router_index_series(&g_c, x, series, sizeof series), 0, 10),
               "the router still holds the restarted node's blocks");
-    hits0 = both("speed_prefix_cache_hits_total");
+    hits0 = cu_dec_metric_sum0(&g_c, "speed_prefix_cache_hits_total");
     int y = complete(rport, conv, N3, &cold3, &bc3);
-    CHECK_NEAR(both("speed_prefix_cache_hits_total") - hits0, 0, 0);
+    CHECK_NEAR(cu_dec_metric_sum0(&g_c, "speed_prefix_cache_hits_total") - hits0, 0, 0);
     ou_check_same(&r3, &cold3, "turn 3 (partial transfer past a partial transfer's entry) vs a cold run");
     if (y >= 0) { /* the node that ran it cold now holds it: forget it before turn 2's cold run */
         snprintf(idx, sizeof idx, "%d", y);
@@ -120,9 +118,9 @@ static void scenario(int vocab, int rport) {
         CHECK_MSG(cu_wait_metric(rport, cu_router_index_series(&g_c, y, series, sizeof series), 0, 10),
                   "the router still holds the restarted node's blocks");
     }
-    hits0 = both("speed_prefix_cache_hits_total");
+    hits0 = cu_dec_metric_sum0(&g_c, "speed_prefix_cache_hits_total");
     complete(rport, conv, N2, &cold, &bc);
-    CHECK_NEAR(both("speed_prefix_cache_hits_total") - hits0, 0, 0);
+    CHECK_NEAR(cu_dec_metric_sum0(&g_c, "speed_prefix_cache_hits_total") - hits0, 0, 0);
     /* the cold run ships every block; turn 2 shipped, per layer below C, the blocks past the
      * 64 cached positions (one of five), and the upper layers' anchors and tail whole */
     CHECK_MSG(b2 < bc && bc > b1, "cold %.0f bytes, turn 2 %.0f, turn 1 %.0f", bc, b2, b1);

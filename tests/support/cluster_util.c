@@ -395,3 +395,9 @@ void cu_cluster_use_model(cu_cluster_t *c, const char *dir) {
         if (strcmp(c->common[i], "--model") == 0) snprintf(c->common[i + 1], sizeof c->common[i + 1], "%s", dir);
     snprintf(c->model_dir, sizeof c->model_dir, "%s", dir);
 }
+
+double cu_dec_metric_sum0(const cu_cluster_t *c, const char *name) {
+    double sum = 0;
+    for (int d = 0; d < c->nd; d++) sum += cu_metric_sum0(cu_dec_http(c, d), name);
+    return sum;
+}

@@ -153,6 +153,9 @@ void cu_cluster_use_model(cu_cluster_t *c, const char *dir);
 void cu_dec_served(const cu_cluster_t *c, double *counts);
 int cu_dec_served_since(const cu_cluster_t *c, const double *before);
 
+/* A metric summed over every sample on every decode node (cu_metric_sum0 of each). */
+double cu_dec_metric_sum0(const cu_cluster_t *c, const char *name);
+
 /* The router's series of decode node d's prefix index size
  * (speed_router_kv_index_blocks{node="host:grpc_port"}), written into buf; returns buf. */
 const char *cu_router_index_series(const cu_cluster_t *c, int d, char *buf, size_t cap);
