@@ -184,7 +184,9 @@ static speed_status_t relay_tokens(rtr_req_t *r, relay_t *rl, const Speed__V1__G
         if (st == SPEED_OK && want_lp && !lp_list_add(&rl->lps, tok, t, (size_t)q->top_logprobs))
             st = SPEED_ERR_NO_MEMORY;
     }
-    if (st == SPEED_OK && (piece.len > 0 || want_lp)) {
+    /* a chunk for every event, also when its tokens show no text yet (a partial UTF-8 character,
+     * a special token): the client sees each token arrive, and TTFT is the first token's time */
+    if (st == SPEED_OK) {
         speed_openai_chunk_t c = chunk_base(r, SPEED_OPENAI_CHUNK_CONTENT);
         c.text = piece.p;
         c.text_len = piece.len;

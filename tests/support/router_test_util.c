@@ -248,7 +248,7 @@ static void fake_on_prefill(void *user, speed_rpc_call_t *call, const uint8_t *d
     fake_spawn(n, fake_prefill_thread, c);
 }
 
-/* Token i of a generation: id 'a' + i % 26, text "t<i> ". */
+/* Token i of a generation: id 'a' + i % 26, text "t<i> " (empty for 1 <= i <= gen_textless). */
 static void *fake_generate_thread(void *arg) {
     fake_call_t *c = arg;
     fake_node_t *n = c->node;
@@ -256,6 +256,7 @@ static void *fake_generate_thread(void *arg) {
     int delay = atomic_load(&n->gen_delay_ms);
     int brk = atomic_load(&n->gen_break_after);
     int stall = atomic_load(&n->gen_stall_after);
+    int textless = atomic_load(&n->gen_textless);
     atomic_fetch_add(&n->n_gen_active, 1);
     bool cancelled = false;
     int sent = c->n_resumed < n_tokens ? c->n_resumed : n_tokens; /* token index */
@@ -279,6 +280,7 @@ static void *fake_generate_thread(void *arg) {
         tok.id = (sent == start && c->has_first) ? c->first_id : 'a' + sent % 26;
         tok.text = text;
         if (sent == start && c->has_first) snprintf(text, sizeof text, "F");
+        if (sent >= 1 && sent <= textless) text[0] = '\0';
         if (c->logprobs) tok.logprob = -0.25f;
         if (c->top_logprobs > 0) {
             for (int k = 0; k < 2; k++) {
@@ -373,6 +375,7 @@ void fake_defaults(fake_node_t *n) {
     atomic_store(&n->gen_delay_ms, 0);
     atomic_store(&n->gen_break_after, -1);
     atomic_store(&n->gen_stall_after, -1);
+    atomic_store(&n->gen_textless, 0);
     atomic_store(&n->reserve_code, 0);
     atomic_store(&n->prefill_code, 0);
     atomic_store(&n->prefill_delay_ms, 0);

@@ -71,6 +71,8 @@ typedef struct fake_node {
     atomic_int gen_tokens;      /* tokens per generation, the first included */
     atomic_int gen_delay_ms;    /* before each event */
     atomic_int gen_break_after; /* < 0: never; k: after k tokens end with UNAVAILABLE */
+    atomic_int gen_textless;    /* tokens 1..k (after the first) carry empty text, as a token
+                                 * holding part of a UTF-8 character does (0: none) */
     atomic_int gen_stall_after; /* < 0: never; k: after k tokens send nothing for
                                  * FAKE_STALL_MS unless cancelled, then go on */
     atomic_bool prefill_gate;   /* true: a Prefill waits (n_prefill_gated) until this turns

@@ -5,8 +5,8 @@
  * Servers differ in what they send: speedserve and vLLM send a last chunk with "usage" when
  * stream_options.include_usage is asked; llama-server may send usage inside the last choice
  * chunk, or none; some end with "data: [DONE]", some just close. A chunk counts as a token
- * arrival when it carries text; the token count is usage.completion_tokens when the server gave
- * it, else the number of such chunks. An error arrives as a non-200 answer, as an "error" event,
+ * arrival when it carries generated tokens, with or without visible text (token_arrival); the
+ * token count is usage.completion_tokens when the server gave it, else the number of such chunks. An error arrives as a non-200 answer, as an "error" event,
  * or as a chunk with an "error" object. */
 #include "loadgen.h"
 
@@ -208,6 +208,18 @@ static const char *choice_text(const json_t *root, bool chat, bool stream, size_
     return json_string_value(s);
 }
 
+/* Whether a stream chunk brings generated tokens: its choice carries text, or carries an empty
+ * text field that is neither the chat role announcement (a delta with "role") nor the finish
+ * notice (a finish_reason with no text). Servers send a chunk per token even when the token's
+ * text is still held back (a partial UTF-8 character, a special token: speedserve, vLLM), so the
+ * first such chunk is the first token even before any text shows. */
+static bool token_arrival(const json_t *c0, bool chat, const char *text, size_t len) {
+    if (!text) return false;
+    if (len > 0) return true;
+    if (json_is_string(json_object_get(c0, "finish_reason"))) return false;
+    return !(chat && json_object_get(json_object_get(c0, "delta"), "role"));
+}
+
 static bool text_append(speed_lg_result_t *r, size_t *cap, const char *s, size_t n) {
     size_t have = r->text ? strlen(r->text) : 0;
     if (have + n + 1 > *cap) {
@@ -275,7 +287,7 @@ static void stream_read(speed_http_client_t *client, const speed_lg_target_t *t,
         const json_t *c0 = json_array_get(json_object_get(j, "choices"), 0);
         const json_t *fr = json_object_get(c0, "finish_reason");
         if (json_is_string(fr)) finished = true;
-        if (text && tl > 0) {
+        if (token_arrival(c0, t->chat, text, tl)) {
             if (r->t_first < 0) {
                 r->t_first = now;
             } else {

@@ -2,8 +2,8 @@
  * and the per-request records. The table is printed from the JSON, so the two cannot disagree.
  *
  * Definitions (docs/speedctl.md#loadgen):
- *   TTFT  send → the first chunk carrying text (streaming only)
- *   ITL   every gap between two chunks carrying text (streaming only)
+ *   TTFT  send → the first chunk bringing a token (streaming only; loadgen_client.c)
+ *   ITL   every gap between two chunks bringing tokens (streaming only)
  *   TPOT  (e2e - TTFT) / (output tokens - 1), for requests with at least 2 output tokens
  *   e2e   send → the last byte of the answer
  *   goodput  requests per second that succeeded and met every SLO given (a metric without its

@@ -124,6 +124,38 @@ static void test_whole_answers(int port) {
     CHECK_INT_EQ(atomic_load(&pre[0].last_prefill_n_ids) + atomic_load(&pre[1].last_prefill_n_ids) > 0, 1);
 }
 
+/* Tokens that release no text yet (a partial UTF-8 character) still get a chunk each, with empty
+ * text: a client sees every token arrive, and its time to first token is the first token's. */
+static void test_streamed_textless_tokens(int port) {
+    for (int i = 0; i < 2; i++) atomic_store(&dec[i].gen_textless, 3);
+    for (int chat = 0; chat < 2; chat++) {
+        sse_result_t s;
+        CHECK(sse_post(port, chat ? "/v1/chat/completions" : "/v1/completions",
+                       chat ? CHAT_STREAM
+                            : "{\"model\":\"tinymodel\",\"prompt\":\"Hello\",\"stream\":true,\"max_tokens\":5}",
+                       NULL, &s));
+        CHECK_INT_EQ(s.status, 200);
+        const char *path = chat ? "choices[0].delta.content" : "choices[0].text";
+        int content = 0, empty = 0;
+        char text[64] = "";
+        for (int i = 0; i < s.n; i++) {
+            json_t *j = json_of(s.data[i]);
+            const char *c = j ? jstr(j, path) : NULL;
+            if (c && !jstr(j, "choices[0].finish_reason") && !jstr(j, "choices[0].delta.role")) {
+                content++;
+                empty += c[0] == '\0';
+                strncat(text, c, sizeof text - strlen(text) - 1);
+            }
+            json_decref(j);
+        }
+        /* 5 tokens, 5 events: F, three without text, "t4 " */
+        CHECK_MSG(content == 5 && empty == 3, "%s: %d content chunks, %d empty", path, content, empty);
+        CHECK_STR_EQ(text, "Ft4 ");
+        sse_result_free(&s);
+    }
+    for (int i = 0; i < 2; i++) atomic_store(&dec[i].gen_textless, 0);
+}
+
 /* Streamed chat with logprobs: each content chunk carries its tokens' logprobs. */
 static void test_streamed_logprobs(int port) {
     sse_result_t s;
@@ -487,6 +519,7 @@ int main(void) {
         test_models_health(rp.port);
         test_streamed_chat(rp.port);
         test_streamed_logprobs(rp.port);
+        test_streamed_textless_tokens(rp.port);
         test_whole_answers(rp.port);
         test_errors(rp.port);
         test_round_robin(rp.port);

@@ -530,6 +530,26 @@ static void test_sse(void) {
     CHECK(r.n_chunks == 2 && r.output_tokens == 3 && r.prompt_tokens == 9 && r.kv_bytes == 4096);
     speed_lg_result_cleanup(&r);
 
+    /* tokens before any text (a partial UTF-8 character held back): chunks with empty text are
+     * token arrivals, the role announcement and the finish notice are not. TTFT is the first
+     * empty chunk's (the second write, 30 ms in), not the first text's (60 ms in). */
+    const char *const textless[] = {
+        SSE_HEAD "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"\"},\"finish_reason\":null}]}\n\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"\\u00e9\"},\"finish_reason\":null}]}\n\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"\"},\"finish_reason\":\"stop\"}]}\n\n"
+        "data: [DONE]\n\n",
+        NULL};
+    r = scripted(textless, 30, true, true);
+    CHECK_MSG(r.outcome == SPEED_LG_OK, "%s %s", r.error, r.detail);
+    CHECK_INT_EQ(r.n_chunks, 2);
+    CHECK_INT_EQ(r.output_tokens, 2);
+    CHECK_INT_EQ(r.n_itl, 1);
+    CHECK_STR_EQ(r.text, "\xc3\xa9");
+    CHECK_MSG(r.t_first - r.t_send >= 0.025 && r.t_first - r.t_send < 0.055, "ttft %.1f ms",
+              (r.t_first - r.t_send) * 1e3);
+    speed_lg_result_cleanup(&r);
+
     /* no [DONE], but a finish_reason: complete (older llama-server closes the stream) */
     const char *const nodone[] = {SSE_HEAD "data: {\"choices\":[{\"text\":\"a\",\"finish_reason\":\"stop\"}]}\n\n",
                                   NULL};
