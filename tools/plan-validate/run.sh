@@ -20,10 +20,10 @@
 #      the runs, every run listed) TTFT p90 and TPOT p90, and goodput. The recommendation is the
 #      plan's as first made.
 #
-#   tools/plan-validate/run.sh BUILD_DIR [WORK_DIR]      (~20 minutes; not in the default ctest)
+#   tools/plan-validate/run.sh BUILD_DIR [WORK_DIR]      (~17 minutes; not in the default ctest)
 #
 # Environment: RATE_SHORT, RATE_LONG (requests/s, defaults 20 and 8), REQUESTS (per run, default
-# 240), REPEAT (runs of every configuration, default 3: the table compares medians), PROBES (speed
+# 240), REPEAT (runs of every configuration, default 5: the table compares medians), PROBES (speed
 # probes, default 5), CAL_PROMPTS, CAL_OUTPUTS, RATE_CAL, CAL_RUNS (the loaded calibration:
 # uniform:32,512, fixed:24, 10 requests/s, 3 runs),
 # WARMUP (requests sent one at a time before every loadgen run and not counted, default 8: a
@@ -38,7 +38,7 @@ REQUESTS=${REQUESTS:-240}
 PORT_BASE=${PORT_BASE:-18600}
 RATE_SHORT=${RATE_SHORT:-20}
 RATE_LONG=${RATE_LONG:-8}
-REPEAT=${REPEAT:-3}
+REPEAT=${REPEAT:-5}
 PROBES=${PROBES:-5}
 RATE_CAL=${RATE_CAL:-10}
 CAL_PROMPTS=${CAL_PROMPTS:-uniform:32,512}
