@@ -6,7 +6,7 @@
 #      cuda pool with tensor_parallel 2 (nvidia.com/gpu: 2 per decode pod);
 #   3. the validator rejects broken manifests (a string where an integer goes, a container
 #      without an image, a container without a name, a kind it has no schema for, a duplicate
-#      key), so a pass means something;
+#      key, a misspelt field — which the API schemas alone accept), so a pass means something;
 #   4. speedctl k8s refuses bad input with a clear error (a name that is not a DNS label, no
 #      image, a bad quantity).
 # Usage: test_k8s_manifests.sh SOURCE_DIR SPEEDCTL. Exits 77 when the validator's packages are not
@@ -86,8 +86,12 @@ neg "no container image" '/^          image: /d'
 neg "a container without a name" 's/^        - name: decode$/        - tty: false/'
 neg "an unknown kind" 's/^kind: StatefulSet$/kind: StatefulSett/'
 neg "a duplicate key" 's/^  replicas: 1$/  replicas: 1\n  replicas: 2/'
+neg "a misspelt field" 's/readinessProbe:/readynessProbe:/'
+neg "a misspelt spec field" 's/^  replicas: 1$/  replica: 1/'
 grep -q "must be integer" <(node "$val/validate.mjs" "$tmp/neg/replicas as a string.yaml") ||
     fail "the schema error does not say what is wrong"
+grep -q "containers/0/readynessProbe: unknown field (readinessProbe?)" <(node "$val/validate.mjs" "$tmp/neg/a misspelt field.yaml") ||
+    fail "the unknown-field error does not name the field, its path and the likely one"
 
 # 4. bad input to the emitter
 bad() { # what, args...

@@ -9,13 +9,19 @@
 // operator's CRD schemas). A Kustomization is checked by hand (apiVersion, kind, resources that
 // exist), since it is a kustomize file, not an API object. Beyond the schemas, one rule of ours:
 // every container and init container names an image (the API schema leaves it optional because
-// a controller may fill it in; nothing of ours does).
+// a controller may fill it in; nothing of ours does). And strict fields, as `kubectl apply`
+// checks them: a field its type does not declare is an error (strict_fields.mjs), since the
+// schemas accept unknown properties and the API server would drop a misspelt one silently.
 //
 // Prints one line per object ("ok  file: Kind/name") and the errors; exits 0 when everything
 // is valid, 1 when something is not, 2 on usage errors.
 import fs from "node:fs";
 import path from "node:path";
+import { fileURLToPath } from "node:url";
 import { parseAllDocuments } from "yaml";
+import { hasDeclarations, unknownFields } from "./strict_fields.mjs";
+
+const NODE_MODULES = path.join(path.dirname(fileURLToPath(import.meta.url)), "node_modules");
 
 const CORE = "kubernetes-models";
 const OPERATOR = "@kubernetes-models/prometheus-operator";
@@ -99,6 +105,14 @@ async function validateFile(file) {
       ok = false;
       const details = (e.errors ?? []).map((x) => `${x.instancePath || "/"} ${x.message}`);
       fail(`${file} ${describe(obj)}`, details.length ? details.join("; ") : e.message);
+    }
+    if (!hasDeclarations(NODE_MODULES, obj.apiVersion, obj.kind)) {
+      ok = false;
+      fail(`${file} ${describe(obj)}`, "no field declarations for this kind: unknown fields cannot be checked");
+    }
+    for (const msg of unknownFields(NODE_MODULES, obj)) {
+      ok = false;
+      fail(`${file} ${describe(obj)}`, msg);
     }
     for (const msg of ourRules(obj)) {
       ok = false;
