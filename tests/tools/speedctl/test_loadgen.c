@@ -23,6 +23,7 @@
 
 static char g_url[128], g_model[128];
 static int g_router_port;
+static int g_dec_http; /* the decode node's /metrics */
 
 typedef struct {
     int rc;
@@ -193,6 +194,26 @@ static void test_closed_loop(void) {
     CHECK(num(r.rep, "goodput.requests_per_s") == 0 && num(r.rep, "goodput.met") == 0);
     CHECK(num(r.rep, "throughput.requests_per_s") > 0);
     lg_free(&r);
+}
+
+/* Decode steps that held more than one sequence (the batch-size histogram's count above le=1). */
+static double multi_sequence_steps(void) {
+    return cu_metric0(g_dec_http, "speed_engine_step_sequences_count{role=\"decode\"}") -
+           cu_metric0(g_dec_http, "speed_engine_step_sequences_bucket{role=\"decode\",le=\"1\"}");
+}
+
+/* --warmup sends one request alone, then the rest at once: the decode node runs batches of more
+ * than one sequence before the (one-at-a-time) run starts, so the run's first requests to arrive
+ * together find those paths warm. */
+static void test_warmup(void) {
+    double before = multi_sequence_steps();
+    lg_run_t r =
+        lg("warmup", "", "--url %s --model %s --concurrency 1 --requests 1 --output-tokens fixed:256 --warmup 6", g_url,
+           g_model);
+    check_all_ok("warmup", &r, 1);
+    lg_free(&r);
+    double steps = multi_sequence_steps() - before;
+    CHECK_MSG(steps >= 1, "no decode step held more than one sequence: the warm-up was not concurrent (%g)", steps);
 }
 
 static void test_prefill_layers(void) {
@@ -605,12 +626,14 @@ int main(void) {
     CHECK_MSG(ok_r, "router did not come up");
     snprintf(g_url, sizeof g_url, "http://127.0.0.1:%d", cu_router_port(&c, 0));
     g_router_port = cu_router_port(&c, 0);
+    g_dec_http = cu_dec_http(&c, 0);
     test_llama_style();
     if (ok && ok_r) {
         test_usage_errors();
         test_open_loop();
         if (g_model[0]) {
             test_closed_loop();
+            test_warmup();
             test_prefill_layers();
             test_trace();
             test_duration();
