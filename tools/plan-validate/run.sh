@@ -26,8 +26,9 @@
 # 240), REPEAT (runs of every configuration, default 5: the table compares medians), PROBES (speed
 # probes, default 5), CAL_PROMPTS, CAL_OUTPUTS, RATE_CAL, CAL_RUNS (the loaded calibration:
 # uniform:32,512, fixed:24, 10 requests/s, 3 runs),
-# WARMUP (requests sent one at a time before every loadgen run and not counted, default 8: a
-# fresh cluster's first requests pay for connections, endpoints and first-touch memory),
+# WARMUP (requests sent before every loadgen run and not counted, default 8: loadgen --warmup,
+# one alone, then the rest at once; a fresh cluster's first requests pay for connections,
+# endpoints, first-touch memory and the first batches),
 # PORT_BASE (default 18600: router +0, prefill grpc +10 / http +20, decode grpc +30 / http +40).
 set -euo pipefail
 
