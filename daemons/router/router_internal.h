@@ -171,6 +171,9 @@ void speed_router_req_cancel(rtr_req_t *r, speed_status_t why);
 void speed_router_cancel_send(speed_router_t *rt, speed_router_pool_id_t pool, size_t node, const char *id);
 
 /* server.c */
+/* Queues Cancel RPCs for the housekeeping thread. Each job comes with one hold of its node
+ * (speed_balance_pool_hold), which the queue takes over and releases once the Cancel is sent
+ * (or dropped: no memory, shutdown). */
 void speed_router_enqueue_cancel(speed_router_t *rt, const cancel_job_t *jobs, size_t n);
 /* Answers an OpenAI error from an HTTP thread (gate or handler): status 0 = the kind's,
  * retry_after_s > 0 adds Retry-After. Counted in requests_total as route "none". */
