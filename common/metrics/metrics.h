@@ -136,7 +136,8 @@ speed_status_t speed_histogram_labels(speed_histogram_t *histogram, const char *
  * bounded by what is live. The child is freed: the caller must be its last user (no other
  * thread may update or read it during or after the call; a render in progress is fine, it
  * holds the family lock this takes). Returns SPEED_OK or SPEED_ERR_INVALID_ARGUMENT (NULL, a
- * family handle, a callback gauge's series, or a child already removed). */
+ * family handle, an unlabelled family or a callback gauge's series). Removing a child twice is
+ * a use after free, like any use of it after the first removal. */
 speed_status_t speed_counter_remove(speed_counter_t *child);
 speed_status_t speed_gauge_remove(speed_gauge_t *child);
 speed_status_t speed_histogram_remove(speed_histogram_t *child);
