@@ -29,12 +29,13 @@ typedef struct {
     int64_t port;
     char (*found)[SPEED_ROUTER_ADDRESS_MAX]; /* [max_nodes + 1]: the last good set */
     size_t n_found;
-    bool fresh;                             /* found holds a set the poller has not applied */
-    bool failing;                           /* the last resolution failed (log the transitions only) */
-    bool refused_seen;                      /* the cap was hit (warned once per set that hits it) */
-    bool waiting;                           /* an address waits for a retired slot its requests still hold: the set is
-                          applied again at every round until it has one (poller thread only) */
-    char (*last)[SPEED_ROUTER_ADDRESS_MAX]; /* [max_nodes]: the set last applied (poller only) */
+    bool fresh;        /* found holds a set the poller has not applied */
+    bool failing;      /* the last resolution failed (log the transitions only) */
+    bool refused_seen; /* the cap was hit (warned once per set that hits it) */
+    /* an address waits for a retired slot that requests still hold: the last set is applied
+     * again at every round until it has one (poller thread only) */
+    bool waiting;
+    char (*last)[SPEED_ROUTER_ADDRESS_MAX]; /* [max_nodes + 1]: the set last applied (poller only) */
     size_t n_last;
     speed_counter_t *m_added, *m_removed, *m_failures, *m_refused;
 } disc_t;
@@ -136,7 +137,8 @@ static speed_status_t node_add(speed_router_nodes_t *n, speed_router_pool_id_t p
  * nothing changed) or a channel error. */
 static speed_status_t node_reuse(speed_router_nodes_t *n, speed_router_pool_id_t p, size_t i, const char *address) {
     node_t *node = &n->nodes[p][i];
-    if (!atomic_load(&node->retired)) return SPEED_ERR_CAPACITY;
+    /* (a holder seen here is only a shortcut past making a channel for nothing: replace decides) */
+    if (!atomic_load(&node->retired) || speed_balance_pool_holders(n->pools[p], i) > 0) return SPEED_ERR_CAPACITY;
     speed_rpc_channel_params_t cp = speed_rpc_channel_default_params();
     cp.tls = n->tls;
     if (n->tls) cp.tls_server_name = n->disc[p].name; /* only discovered slots are reused */
