@@ -710,6 +710,13 @@ uint64_t speed_router_nodes_polls(const speed_router_nodes_t *n) {
     return atomic_load(&((speed_router_nodes_t *)n)->polls);
 }
 
+int64_t speed_router_nodes_holders(const speed_router_nodes_t *n) {
+    int64_t held = 0;
+    for (int p = 0; n && p < SPEED_ROUTER_POOL_COUNT; p++)
+        for (size_t i = 0; i < n_nodes_of(n, p); i++) held += speed_balance_pool_holders(n->pools[p], i);
+    return held;
+}
+
 bool speed_router_nodes_retired(const speed_router_nodes_t *n, speed_router_pool_id_t p, size_t i) {
     if (!n || p < 0 || p >= SPEED_ROUTER_POOL_COUNT || i >= n_nodes_of(n, p)) return false;
     return atomic_load(&((speed_router_nodes_t *)n)->nodes[p][i].retired);

@@ -158,6 +158,10 @@ speed_kv_index_t *speed_router_nodes_kv_index(speed_router_nodes_t *nodes);
 /* Polls completed since start (tests and logs). */
 uint64_t speed_router_nodes_polls(const speed_router_nodes_t *nodes);
 
+/* Holders of every node of both pools (speed_balance_pool_holders summed): 0 once every request
+ * and Cancel job has ended (the router checks it at destroy). 0 for NULL. */
+int64_t speed_router_nodes_holders(const speed_router_nodes_t *nodes);
+
 /* True when the node's address left its pool's discovery set (false for static nodes). */
 bool speed_router_nodes_retired(const speed_router_nodes_t *nodes, speed_router_pool_id_t pool, size_t index);
 

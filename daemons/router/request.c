@@ -410,8 +410,7 @@ static void run_routed(rtr_req_t *r, plan_t *pl, speed_route_kind_t kind) {
     }
     if (rl.migrating) speed_router_count_migration(r, "failed"); /* the re-issue never got going */
     speed_router_relay_cleanup(&rl);
-    /* every decode node this request picked (tried[] holds each pick since the last migration) */
-    speed_router_req_nodes_release(r, SPEED_ROUTER_POOL_DECODE, tried, n_tried);
+    speed_router_req_nodes_release(r, SPEED_ROUTER_POOL_DECODE, tried, n_tried); /* each pick since a migration */
 }
 
 static void run_request(rtr_req_t *r) {

@@ -136,7 +136,8 @@ struct rtr_req {
     bool overrun_counted;        /* the stream overran its bound (counted once) */
     int64_t last_write_ms;
 
-    /* Cancellation state, under `lock` (a leaf lock). */
+    /* Cancellation state, under `lock` (a leaf lock, but for the balance pools' mutexes:
+     * speed_router_req_cancel lends the leg's node to its Cancel job inside it). */
     pthread_mutex_t lock;
     bool cancelled;
     speed_status_t cancel_status; /* CANCELLED (client gone, shutdown) or TIMEOUT */

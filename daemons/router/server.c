@@ -698,6 +698,11 @@ bool speed_router_destroy(speed_router_t *rt) {
     /* HTTP first (no handler runs afterwards), then the node side. */
     speed_http_server_destroy(rt->http);
     speed_http_server_destroy(rt->http_metrics);
+    /* Every worker has ended and every Cancel job is gone: a node still held is a request path
+     * that never let go of its pick (a retired slot it names could never be reused). */
+    int64_t held = speed_router_nodes_holders(rt->nodes);
+    if (held != 0) SPEED_ERROR(SUBSYS, "router: %lld node picks never released", (long long)held);
+    SPEED_ASSERT(held == 0);
     speed_router_nodes_destroy(rt->nodes);
     speed_admission_destroy(rt->adm);
     speed_metrics_destroy(rt->metrics);
