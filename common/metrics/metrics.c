@@ -519,6 +519,38 @@ speed_status_t speed_histogram_labels(speed_histogram_t *histogram, const char *
     return family_child(histogram ? &histogram->h : NULL, KIND_HISTOGRAM, values, (child_hdr_t **)child_p);
 }
 
+static speed_status_t family_remove_child(child_hdr_t *c, kind_t kind) {
+    if (!c || c->is_family) return SPEED_ERR_INVALID_ARGUMENT;
+    family_t *f = c->family;
+    SPEED_ASSERT(f->kind == kind);
+    if (f->n_labels == 0 || f->cb) return SPEED_ERR_INVALID_ARGUMENT;
+    bool found = false;
+    pthread_mutex_lock(&f->lock);
+    for (size_t i = 0; i < f->n_children && !found; i++) {
+        if (f->children[i] != c) continue;
+        /* keeps creation order for the rest (render promises it) */
+        memmove(&f->children[i], &f->children[i + 1], (f->n_children - i - 1) * sizeof f->children[0]);
+        f->n_children--;
+        found = true;
+    }
+    pthread_mutex_unlock(&f->lock);
+    if (!found) return SPEED_ERR_INVALID_ARGUMENT;
+    child_free(c, f->n_labels);
+    return SPEED_OK;
+}
+
+speed_status_t speed_counter_remove(speed_counter_t *child) {
+    return family_remove_child(child ? &child->h : NULL, KIND_COUNTER);
+}
+
+speed_status_t speed_gauge_remove(speed_gauge_t *child) {
+    return family_remove_child(child ? &child->h : NULL, KIND_GAUGE);
+}
+
+speed_status_t speed_histogram_remove(speed_histogram_t *child) {
+    return family_remove_child(child ? &child->h : NULL, KIND_HISTOGRAM);
+}
+
 /* ---- updates -------------------------------------------------------------------------- */
 
 #define ASSERT_SERIES(hdr, k) SPEED_ASSERT(!(hdr).is_family && (hdr).family->kind == (k))

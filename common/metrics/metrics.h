@@ -12,7 +12,8 @@
  *     speed_counter_labels() (etc.) and update the child. Updating a labelled family's
  *     handle directly is a broken invariant (SPEED_ASSERT).
  * Handles (families and children) are owned by the registry and stay valid until
- * speed_metrics_destroy(); callers never free them. Look a child up once and keep it:
+ * speed_metrics_destroy() (a child: or until its owner removes it, speed_counter_remove);
+ * callers never free them. Look a child up once and keep it:
  * updates through a child handle are lock-free atomics and never allocate.
  *
  * Names. Metric names match [a-zA-Z_:][a-zA-Z0-9_:]* (the house style also avoids ':'),
@@ -128,6 +129,18 @@ speed_status_t speed_counter_labels(speed_counter_t *counter, const char *const 
 speed_status_t speed_gauge_labels(speed_gauge_t *gauge, const char *const *values, speed_gauge_t **child_p);
 speed_status_t speed_histogram_labels(speed_histogram_t *histogram, const char *const *values,
                                       speed_histogram_t **child_p);
+
+/* Removes a child (a series) from its family: the next render no longer shows it, and a
+ * later speed_*_labels with the same values makes a new one, from zero. For series named after
+ * something that comes and goes (a discovered node's address), so that their number stays
+ * bounded by what is live. The child is freed: the caller must be its last user (no other
+ * thread may update or read it during or after the call; a render in progress is fine, it
+ * holds the family lock this takes). Returns SPEED_OK or SPEED_ERR_INVALID_ARGUMENT (NULL, a
+ * family handle, an unlabelled family or a callback gauge's series). Removing a child twice is
+ * a use after free, like any use of it after the first removal. */
+speed_status_t speed_counter_remove(speed_counter_t *child);
+speed_status_t speed_gauge_remove(speed_gauge_t *child);
+speed_status_t speed_histogram_remove(speed_histogram_t *child);
 
 /* ---- updates (hot path: atomics, no locks, no allocation) -------------------------------
  * The handle must be a child (or an unlabelled family). Callback gauges cannot be updated.

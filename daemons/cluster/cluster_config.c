@@ -127,7 +127,7 @@ static const speed_config_field_t fields[] = {
     F("router.discovery_interval_ms", INT, discovery_interval_ms, "5000", 100, 3600000,
       "how often the router re-resolves the pools' discovery names"),
     F("router.discovery_max_nodes", INT, discovery_max_nodes, "64", 1, 256,
-      "distinct addresses a discovered pool holds (more are refused with a warning)"),
+      "live addresses a discovered pool holds (a retired node's slot is reused; more are refused)"),
     F("router.prefill_retries", INT, prefill_retries, "1", 0, 16, "other prefill nodes tried before the first token"),
     F("router.max_migrations", INT, max_migrations, "3", 0, 16,
       "times a stream whose decode node dies is re-issued elsewhere and continued; 0 = end it with an error"),

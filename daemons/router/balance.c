@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "alloc.h"
@@ -10,6 +11,9 @@
 #include "log.h"
 
 /* ---- pools ------------------------------------------------------------------------- */
+
+/* Longest address a state-change log line shows (addresses are host:port, well below). */
+#define SPEED_BALANCE_ADDRESS_LOG 320
 
 typedef struct {
     char *address;
@@ -20,6 +24,7 @@ typedef struct {
     int64_t finished_blocks;                           /* the KV blocks they held */
     bool polling;                                      /* a status request is out (speed_balance_pool_poll_begin) */
     int64_t finished_at_poll, finished_blocks_at_poll; /* the two counts when it left */
+    int64_t held;                                      /* holders of the index (picks, holds - releases) */
 } node_t;
 
 struct speed_balance_pool {
@@ -156,13 +161,14 @@ static speed_status_t set_state_changed(speed_balance_pool_t *pool, size_t index
         n->state = to;
         changed = true;
     }
+    /* copied under the mutex: speed_balance_pool_replace may free the string once we let go */
+    char address[SPEED_BALANCE_ADDRESS_LOG];
+    snprintf(address, sizeof address, "%s", changed ? n->address : "");
     pool_unlock(pool);
     if (changed && to == SPEED_NODE_DOWN)
-        speed_log(SPEED_LOG_WARN, SPEED_SUBSYS_NET, NULL, "%s pool: node %s marked down", pool->name,
-                  pool->nodes[index].address);
+        speed_log(SPEED_LOG_WARN, SPEED_SUBSYS_NET, NULL, "%s pool: node %s marked down", pool->name, address);
     else if (changed && was == SPEED_NODE_DOWN)
-        speed_log(SPEED_LOG_INFO, SPEED_SUBSYS_NET, NULL, "%s pool: node %s back up", pool->name,
-                  pool->nodes[index].address);
+        speed_log(SPEED_LOG_INFO, SPEED_SUBSYS_NET, NULL, "%s pool: node %s back up", pool->name, address);
     *changed_p = changed;
     return SPEED_OK;
 }
@@ -262,6 +268,7 @@ speed_status_t speed_balance_pool_pick(speed_balance_pool_t *pool, const size_t 
     }
     if (best != SIZE_MAX) {
         pool->nodes[best].pending++;
+        pool->nodes[best].held++; /* in the same critical section as the pick: see replace */
         pool->next = (best + 1) % n;
     }
     pool_unlock(pool);
@@ -296,13 +303,75 @@ speed_status_t speed_balance_pool_take(speed_balance_pool_t *pool, size_t index)
     if (!pool) return SPEED_ERR_INVALID_ARGUMENT;
     speed_status_t st = SPEED_OK;
     pool_lock(pool);
-    if (index < pool->n_nodes) {
-        pool->nodes[index].pending++;
-        pool->next = (index + 1) % pool->n_nodes;
-    } else {
+    if (index >= pool->n_nodes) {
         st = SPEED_ERR_INVALID_ARGUMENT;
+    } else if (pool->nodes[index].state != SPEED_NODE_UP) {
+        /* it went out (or was retired and its slot given to another address) since the
+         * caller's speed_balance_pool_candidates: a take must never land where a pick cannot */
+        st = SPEED_ERR_PEER_UNREACHABLE;
+    } else {
+        pool->nodes[index].pending++;
+        pool->nodes[index].held++;
+        pool->next = (index + 1) % pool->n_nodes;
     }
     pool_unlock(pool);
+    return st;
+}
+
+speed_status_t speed_balance_pool_hold(speed_balance_pool_t *pool, size_t index) {
+    if (!pool) return SPEED_ERR_INVALID_ARGUMENT;
+    speed_status_t st = SPEED_OK;
+    pool_lock(pool);
+    if (index < pool->n_nodes)
+        pool->nodes[index].held++;
+    else
+        st = SPEED_ERR_INVALID_ARGUMENT;
+    pool_unlock(pool);
+    return st;
+}
+
+void speed_balance_pool_release(speed_balance_pool_t *pool, size_t index) {
+    if (!pool) return;
+    pool_lock(pool);
+    if (index < pool->n_nodes) {
+        SPEED_ASSERT(pool->nodes[index].held > 0); /* a release without its pick or hold */
+        pool->nodes[index].held--;
+    }
+    pool_unlock(pool);
+}
+
+int64_t speed_balance_pool_holders(const speed_balance_pool_t *pool, size_t index) {
+    if (!pool) return 0;
+    pool_lock(pool);
+    int64_t n = index < pool->n_nodes ? pool->nodes[index].held : 0;
+    pool_unlock(pool);
+    return n;
+}
+
+speed_status_t speed_balance_pool_replace(speed_balance_pool_t *pool, size_t index, const char *address) {
+    if (!pool || !address || !address[0]) return SPEED_ERR_INVALID_ARGUMENT;
+    char *copy = speed_strdup(address);
+    if (!copy) return SPEED_ERR_NO_MEMORY;
+    speed_status_t st = SPEED_OK;
+    pool_lock(pool);
+    if (index >= pool->n_nodes) st = SPEED_ERR_INVALID_ARGUMENT;
+    for (size_t i = 0; st == SPEED_OK && i < pool->n_nodes; i++)
+        if (i != index && strcmp(pool->nodes[i].address, address) == 0) st = SPEED_ERR_INVALID_ARGUMENT;
+    /* Checked under the mutex every pick and take holds: no holder now, and none can come while
+     * the entry is not UP (picks and takes skip it), so the caller may rebuild what the index
+     * names before anyone reads it again. */
+    if (st == SPEED_OK && (pool->nodes[index].held > 0 || pool->nodes[index].state == SPEED_NODE_UP))
+        st = SPEED_ERR_CAPACITY;
+    char *old = NULL;
+    if (st == SPEED_OK) {
+        node_t *node = &pool->nodes[index];
+        old = node->address;
+        memset(node, 0, sizeof *node);
+        node->address = copy;
+        node->state = SPEED_NODE_DOWN;
+    }
+    pool_unlock(pool);
+    speed_free(st == SPEED_OK ? old : copy);
     return st;
 }
 

@@ -17,6 +17,14 @@
  * Retry-After), one that waits longer than the timeout gives up (→ 503). Slots are handed
  * to waiters in arrival order.
  *
+ * Holders. An index a caller picked (speed_balance_pool_pick, speed_balance_pool_take) is
+ * held by that caller until it calls speed_balance_pool_release; a caller that already holds an
+ * index may lend it to another (speed_balance_pool_hold, e.g. a Cancel queued for a background
+ * thread). A pool whose nodes come and go (discovery, nodes.h) gives a retired entry to a new
+ * address with speed_balance_pool_replace, which refuses while anyone holds it: the count is
+ * taken in the same critical section as the pick, so "not UP and nobody holds it" can only
+ * change again through the caller of replace (only an UP node is picked or taken).
+ *
  * Threading: every function may be called from any number of threads at once (one mutex
  * per object; picks are O(n_nodes)). speed_admission_acquire blocks the calling thread.
  * Destroy functions must not race with other calls on the same object.
@@ -59,7 +67,7 @@ typedef struct {
 
 typedef struct {
     speed_balance_policy_t policy;
-    size_t n_nodes_max; /* capacity of the pool (nodes are never removed), >= 1 */
+    size_t n_nodes_max; /* capacity of the pool (entries are never removed, only replaced), >= 1 */
 } speed_balance_pool_params_t;
 
 /* ROUND_ROBIN, 64 nodes. */
@@ -85,8 +93,8 @@ speed_status_t speed_balance_pool_add(speed_balance_pool_t *pool, const char *ad
 speed_status_t speed_balance_pool_add_down(speed_balance_pool_t *pool, const char *address, size_t *index_p);
 
 size_t speed_balance_pool_size(const speed_balance_pool_t *pool);
-/* The address given to add (owned by the pool, valid until destroy); NULL if out of
- * range. */
+/* The address given to add (owned by the pool, valid until destroy or until the entry is
+ * replaced: read it only while holding the index); NULL if out of range. */
 const char *speed_balance_pool_address(const speed_balance_pool_t *pool, size_t index);
 
 /* The following return SPEED_OK or SPEED_ERR_INVALID_ARGUMENT (index out of range). */
@@ -107,7 +115,8 @@ speed_status_t speed_balance_pool_state(const speed_balance_pool_t *pool, size_t
 speed_status_t speed_balance_pool_pending(const speed_balance_pool_t *pool, size_t index, int64_t *pending_p);
 
 /* Picks a node by the pool's policy, skipping nodes not UP and the n_exclude indices in
- * exclude (may be NULL when n_exclude is 0). Returns SPEED_OK with *index_p set,
+ * exclude (may be NULL when n_exclude is 0); the caller holds the index it gets until it
+ * calls speed_balance_pool_release. Returns SPEED_OK with *index_p set,
  * SPEED_ERR_PEER_UNREACHABLE when no node is eligible (→ 503), or
  * SPEED_ERR_INVALID_ARGUMENT (NULL arguments). */
 speed_status_t speed_balance_pool_pick(speed_balance_pool_t *pool, const size_t *exclude, size_t n_exclude,
@@ -128,9 +137,26 @@ typedef struct {
 size_t speed_balance_pool_candidates(speed_balance_pool_t *pool, const size_t *exclude, size_t n_exclude,
                                      speed_balance_candidate_t *out, size_t n_out_max);
 /* Counts a pick of the node made outside speed_balance_pool_pick (its pending picks + 1) and
- * moves the rotation past it. Returns SPEED_OK or SPEED_ERR_INVALID_ARGUMENT (index out of
- * range). */
+ * moves the rotation past it; the caller holds the index until speed_balance_pool_release.
+ * Returns SPEED_OK, SPEED_ERR_PEER_UNREACHABLE (the node is no longer UP: it went out after
+ * speed_balance_pool_candidates listed it; nothing is taken, choose again) or
+ * SPEED_ERR_INVALID_ARGUMENT (index out of range). */
 speed_status_t speed_balance_pool_take(speed_balance_pool_t *pool, size_t index);
+/* One more holder of an index the caller holds already (it lends it to a job that may outlive
+ * the caller's own hold). Returns SPEED_OK or SPEED_ERR_INVALID_ARGUMENT (out of range). */
+speed_status_t speed_balance_pool_hold(speed_balance_pool_t *pool, size_t index);
+/* Ends one pick, take or hold of the index. A release without one is a broken invariant
+ * (SPEED_ASSERT). An index out of range is ignored. */
+void speed_balance_pool_release(speed_balance_pool_t *pool, size_t index);
+/* Holders of the index now (0 out of range): tests and logs. */
+int64_t speed_balance_pool_holders(const speed_balance_pool_t *pool, size_t index);
+/* Gives entry `index` to a new address (copied): state DOWN (a health check brings it UP), load,
+ * pending and finished counts zero, the old address string freed. Only for an entry nobody holds
+ * and that is not UP (a node retired by discovery: DRAINING or DOWN). Returns SPEED_OK,
+ * SPEED_ERR_CAPACITY (the entry is held or UP: nothing changed, try again later),
+ * SPEED_ERR_INVALID_ARGUMENT (NULL / empty address, index out of range, or the address is
+ * another entry's) or SPEED_ERR_NO_MEMORY. */
+speed_status_t speed_balance_pool_replace(speed_balance_pool_t *pool, size_t index, const char *address);
 /* A status request to the node is about to leave: the snapshot it brings back
  * (speed_balance_pool_set_load) already reflects the ends counted so far, not those counted
  * while it is out, which keep counting until the next one. Without it, set_load forgets every

@@ -102,8 +102,12 @@ speed_status_t speed_kv_index_name_node(speed_kv_index_t *idx, size_t node, cons
     speed_gauge_t *g = NULL;
     SPEED_CHECK(speed_gauge_labels(idx->g_family, (const char *[]){address}, &g));
     pthread_mutex_lock(&kn->mu);
+    speed_gauge_t *old = kn->g_blocks;
     kn->g_blocks = g;
     speed_gauge_set(g, (double)speed_block_set_size(kn->set));
+    /* a renamed slot (discovery gave it to another address): the old series goes, only this
+     * index used it and only under kn->mu */
+    if (old && old != g) speed_gauge_remove(old);
     pthread_mutex_unlock(&kn->mu);
     return SPEED_OK;
 }

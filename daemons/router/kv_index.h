@@ -52,7 +52,8 @@ speed_status_t speed_kv_index_create(const speed_kv_index_params_t *params, spee
 void speed_kv_index_destroy(speed_kv_index_t *idx); /* NULL ok */
 
 /* A node of the decode pool got index `node` with this address (the {node} label of its gauge).
- * Nodes without a name are tracked all the same (no gauge). Returns SPEED_OK,
+ * Naming an index again (discovery reused the slot for another address) removes the old name's
+ * series. Nodes without a name are tracked all the same (no gauge). Returns SPEED_OK,
  * SPEED_ERR_INVALID_ARGUMENT (node out of range) or SPEED_ERR_NO_MEMORY. */
 speed_status_t speed_kv_index_name_node(speed_kv_index_t *idx, size_t node, const char *address);
 

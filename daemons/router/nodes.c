@@ -32,6 +32,11 @@ typedef struct {
     bool fresh;        /* found holds a set the poller has not applied */
     bool failing;      /* the last resolution failed (log the transitions only) */
     bool refused_seen; /* the cap was hit (warned once per set that hits it) */
+    /* an address waits for a retired slot that requests still hold: the last set is applied
+     * again at every round until it has one (poller thread only) */
+    bool waiting;
+    char (*last)[SPEED_ROUTER_ADDRESS_MAX]; /* [max_nodes + 1]: the set last applied (poller only) */
+    size_t n_last;
     speed_counter_t *m_added, *m_removed, *m_failures, *m_refused;
 } disc_t;
 
@@ -120,6 +125,54 @@ static speed_status_t node_add(speed_router_nodes_t *n, speed_router_pool_id_t p
         if (speed_kv_index_name_node(n->kv, i, node->address) != SPEED_OK)
             SPEED_WARN(SPEED_SUBSYS_NET, "decode node %s: no prefix-index gauge (out of memory)", node->address);
     }
+    return SPEED_OK;
+}
+
+/* Slot i (retired, its address's last holder gone: speed_balance_pool_replace said so) becomes
+ * the node at `address`. Poller thread. Why nobody can read the slot meanwhile: the pool entry
+ * is DOWN and unheld, and only this thread makes an entry UP again (a health check, after this
+ * returns); picks and takes see only UP entries, under the pool mutex that also orders these
+ * writes before any later pick's reads. The new channel is made first: when that fails the slot
+ * stays the retired old node. Returns SPEED_OK, SPEED_ERR_CAPACITY (held or not retired:
+ * nothing changed) or a channel error. */
+static speed_status_t node_reuse(speed_router_nodes_t *n, speed_router_pool_id_t p, size_t i, const char *address) {
+    node_t *node = &n->nodes[p][i];
+    /* (a holder seen here is only a shortcut past making a channel for nothing: replace decides) */
+    if (!atomic_load(&node->retired) || speed_balance_pool_holders(n->pools[p], i) > 0) return SPEED_ERR_CAPACITY;
+    speed_rpc_channel_params_t cp = speed_rpc_channel_default_params();
+    cp.tls = n->tls;
+    if (n->tls) cp.tls_server_name = n->disc[p].name; /* only discovered slots are reused */
+    speed_rpc_channel_t *channel = NULL;
+    SPEED_CHECK(speed_rpc_channel_create(address, &cp, &channel));
+    speed_status_t st = speed_balance_pool_replace(n->pools[p], i, address);
+    if (st != SPEED_OK) {
+        speed_rpc_channel_destroy(channel);
+        return st;
+    }
+    /* nobody holds i from here: no RPC of a request or a Cancel is on the old channel */
+    speed_rpc_channel_destroy(node->channel);
+    node->channel = channel;
+    /* the old address's series go: with pod churn they would otherwise grow without bound */
+    if (node->up_gauge) speed_gauge_remove(node->up_gauge);
+    if (node->down_count) speed_counter_remove(node->down_count);
+    node->up_gauge = NULL;
+    node->down_count = NULL;
+    snprintf(node->address, sizeof node->address, "%s", address);
+    node->timeouts = 0;
+    if (n->up_family) {
+        const char *values[] = {speed_router_pool_name(p), node->address};
+        if (speed_gauge_labels(n->up_family, values, &node->up_gauge) != SPEED_OK ||
+            speed_counter_labels(n->down_family, values, &node->down_count) != SPEED_OK)
+            SPEED_WARN(SPEED_SUBSYS_NET, "%s pool: node %s: no per-node metrics (out of memory)",
+                       speed_router_pool_name(p), node->address);
+    }
+    if (p == SPEED_ROUTER_POOL_DECODE && n->kv) {
+        speed_kv_index_forget(n->kv, i); /* the old node's blocks are not the new one's */
+        if (speed_kv_index_name_node(n->kv, i, node->address) != SPEED_OK)
+            SPEED_WARN(SPEED_SUBSYS_NET, "decode node %s: no prefix-index gauge (out of memory)", node->address);
+    }
+    atomic_store(&node->retired, false);
+    update_gauge(n, p, i);
     return SPEED_OK;
 }
 
@@ -228,7 +281,8 @@ speed_status_t speed_router_nodes_create(const speed_router_nodes_params_t *para
         }
         if (discovered) {
             n->disc[p].found = speed_calloc(n->cap[p] + 1, sizeof *n->disc[p].found);
-            if (!n->disc[p].found) {
+            n->disc[p].last = speed_calloc(n->cap[p] + 1, sizeof *n->disc[p].last);
+            if (!n->disc[p].found || !n->disc[p].last) {
                 st = SPEED_ERR_NO_MEMORY;
                 break;
             }
@@ -356,10 +410,12 @@ static void poll_node(speed_router_nodes_t *n, speed_router_pool_id_t p, size_t 
     update_gauge(n, p, i);
 }
 
-/* Applies a pool's fresh discovery set (poller thread): new addresses get nodes, vanished
- * ones are retired, returning ones are restored. `found` is the poller's private copy. */
+/* Applies a pool's fresh discovery set (poller thread): new addresses get nodes (a retired slot
+ * nobody holds, else a new one), vanished ones are retired, returning ones are restored.
+ * `found` is the poller's private copy. `again`: the same set once more, for addresses that
+ * waited for a held retired slot (refusals are not counted twice). */
 static void discovery_apply(speed_router_nodes_t *n, speed_router_pool_id_t p, char (*found)[SPEED_ROUTER_ADDRESS_MAX],
-                            size_t n_found, bool over_cap) {
+                            size_t n_found, bool over_cap, bool again) {
     disc_t *d = &n->disc[p];
     const char *pool_name = speed_router_pool_name(p);
     size_t count = n_nodes_of(n, p);
@@ -385,16 +441,46 @@ static void discovery_apply(speed_router_nodes_t *n, speed_router_pool_id_t p, c
         update_gauge(n, p, i);
     }
     size_t refused = 0;
+    bool waiting = false;
     for (size_t k = 0; k < n_found; k++) {
         bool known = false;
         for (size_t i = 0; i < count && !known; i++) known = strcmp(found[k], n->nodes[p][i].address) == 0;
         if (known) continue;
-        speed_status_t st = node_add(n, p, found[k], true);
+        /* A retired slot nobody holds any more is given to the new address first: the bound is
+         * on live addresses, not on addresses ever seen, and a reused slot is one dead pod fewer
+         * for the poller to health-check every round. */
+        speed_status_t st = SPEED_ERR_CAPACITY;
+        bool retired_held = false;
+        for (size_t i = 0; i < count && st == SPEED_ERR_CAPACITY; i++) {
+            if (!atomic_load(&n->nodes[p][i].retired)) continue;
+            bool listed = false;
+            for (size_t j = 0; j < n_found && !listed; j++) listed = strcmp(found[j], n->nodes[p][i].address) == 0;
+            if (listed) continue;
+            char old[sizeof n->nodes[p][i].address];
+            snprintf(old, sizeof old, "%s", n->nodes[p][i].address);
+            st = node_reuse(n, p, i, found[k]);
+            if (st == SPEED_ERR_CAPACITY) retired_held = true;
+            if (st == SPEED_OK)
+                SPEED_INFO(SPEED_SUBSYS_NET, "%s pool: found node %s in %s (routed to once healthy; slot of %s)",
+                           pool_name, found[k], d->name, old);
+        }
+        if (st == SPEED_ERR_CAPACITY) {
+            st = node_add(n, p, found[k], true);
+            if (st == SPEED_OK) {
+                count++;
+                SPEED_INFO(SPEED_SUBSYS_NET, "%s pool: found node %s in %s (routed to once healthy)", pool_name,
+                           found[k], d->name);
+            }
+        }
         if (st == SPEED_OK) {
-            count++;
             if (d->m_added) speed_counter_inc(d->m_added);
-            SPEED_INFO(SPEED_SUBSYS_NET, "%s pool: found node %s in %s (routed to once healthy)", pool_name, found[k],
-                       d->name);
+        } else if (st == SPEED_ERR_CAPACITY && retired_held) {
+            /* every slot is taken, but a retired one frees when its last request ends */
+            if (!d->waiting)
+                SPEED_INFO(SPEED_SUBSYS_NET,
+                           "%s pool: node %s in %s waits for a retired node's requests to end (%zu slots)", pool_name,
+                           found[k], d->name, n->cap[p]);
+            waiting = true;
         } else if (st == SPEED_ERR_CAPACITY) {
             refused++;
         } else {
@@ -402,6 +488,8 @@ static void discovery_apply(speed_router_nodes_t *n, speed_router_pool_id_t p, c
                        speed_status_string(st));
         }
     }
+    d->waiting = waiting;
+    if (again) return;       /* counted and warned when the set was new */
     if (over_cap) refused++; /* the resolver had more than the copy holds */
     if (refused && d->m_refused) speed_counter_add(d->m_refused, (double)refused);
     if (refused && !d->refused_seen)
@@ -429,9 +517,16 @@ static void discovery_take(speed_router_nodes_t *n) {
             }
         }
         pthread_mutex_unlock(&n->lock);
-        if (!copy) continue; /* nothing new (or no memory: the set stays fresh for the next round) */
+        if (!copy) {
+            /* nothing new (or no memory: the set stays fresh for the next round); an address
+             * that waits for a retired slot tries again each round, as its holders end */
+            if (d->waiting) discovery_apply(n, p, d->last, d->n_last, false, true);
+            continue;
+        }
         bool over_cap = n_found > n->cap[p];
-        discovery_apply(n, p, copy, over_cap ? n->cap[p] : n_found, over_cap);
+        d->n_last = over_cap ? n->cap[p] : n_found;
+        memcpy(d->last, copy, d->n_last * sizeof *copy);
+        discovery_apply(n, p, copy, d->n_last, over_cap, false);
         speed_free(copy);
     }
 }
@@ -564,6 +659,7 @@ void speed_router_nodes_destroy(speed_router_nodes_t *n) {
         for (size_t i = 0; i < n_nodes_of(n, p); i++) speed_rpc_channel_destroy(n->nodes[p][i].channel);
         speed_free(n->nodes[p]);
         speed_free(n->disc[p].found);
+        speed_free(n->disc[p].last);
         speed_balance_pool_destroy(n->pools[p]);
     }
     speed_kv_index_destroy(n->kv);
@@ -612,6 +708,13 @@ size_t speed_router_nodes_n_up(speed_router_nodes_t *n, speed_router_pool_id_t p
 
 uint64_t speed_router_nodes_polls(const speed_router_nodes_t *n) {
     return atomic_load(&((speed_router_nodes_t *)n)->polls);
+}
+
+int64_t speed_router_nodes_holders(const speed_router_nodes_t *n) {
+    int64_t held = 0;
+    for (int p = 0; n && p < SPEED_ROUTER_POOL_COUNT; p++)
+        for (size_t i = 0; i < n_nodes_of(n, p); i++) held += speed_balance_pool_holders(n->pools[p], i);
+    return held;
 }
 
 bool speed_router_nodes_retired(const speed_router_nodes_t *n, speed_router_pool_id_t p, size_t i) {

@@ -25,9 +25,26 @@
  *     failure if it dies); health checks keep it DRAINING or DOWN, never UP again;
  *   - a retired address that reappears is the same node again (its index, channel, gauges).
  * A failed or empty resolution keeps the last set (a resolver outage never empties a pool).
- * Nodes are never freed while the router runs (requests and cancel jobs hold indices), so a
- * pool holds at most discovery_max_nodes distinct addresses over its life; more are refused with
- * a warning. TLS: a discovered node's certificate must name NAME (a DNS SAN), not its address.
+ *
+ * Slot reuse. A pool holds at most discovery_max_nodes *live* addresses: a new address takes
+ * the slot of a retired node once nothing can still name that slot's index, else a fresh slot,
+ * else it waits (every slot is taken but a retired one is still held: it is placed at the first
+ * round after its last holder lets go) or, when every slot is a live node, it is refused (counted,
+ * warned). Reusing slot i destroys the old channel and makes the new one, resets the balance
+ * entry (speed_balance_pool_replace: DOWN, zero load and counts), the prefix index's entry
+ * (forgotten, renamed) and the per-node series: the old address's speed_router_node_up and
+ * speed_router_node_down_total children are removed, the new address's made.
+ * Why that is safe. Request threads read a slot (speed_router_nodes_address, _channel, _fail)
+ * only for an index they hold: every pick or take of the balance pool counts a holder in the
+ * same critical section (pool mutex) in which it sees the node UP, and the request releases it
+ * when it is done with the node on every path (request_internal.h,
+ * speed_router_req_nodes_release; a queued Cancel holds its node until sent). The poller is the
+ * only writer of slots and reuses one only through speed_balance_pool_replace, which, under that
+ * mutex, refuses an entry that is held or UP and leaves it DOWN: a retired node is never UP
+ * (retirement makes it DRAINING, health checks keep it DRAINING or DOWN), so no pick or take can
+ * land on it, and only the poller, after the slot is rebuilt, makes it UP again. So no reader
+ * can hold the index while its fields change, and the mutex orders the rebuild before any later
+ * pick's reads. TLS: a discovered node's certificate must name NAME (a DNS SAN), not its address.
  * Counters speed_router_discovery_nodes_added_total{pool}, ..._removed_total{pool},
  * speed_router_discovery_failures_total{pool}, speed_router_discovery_refused_total{pool}.
  *
@@ -118,9 +135,12 @@ void speed_router_nodes_destroy(speed_router_nodes_t *nodes);
 
 /* The pool (owned by nodes; never NULL for a valid id). */
 speed_balance_pool_t *speed_router_nodes_pool(speed_router_nodes_t *nodes, speed_router_pool_id_t pool);
-/* Nodes the pool holds (grows as discovery finds addresses; retired nodes are counted). */
+/* Slots the pool has filled (grows as discovery finds addresses, up to discovery_max_nodes;
+ * retired nodes are counted until their slot is reused). */
 size_t speed_router_nodes_count(const speed_router_nodes_t *nodes, speed_router_pool_id_t pool);
-/* The node's channel / "host:port" address (owned by nodes), NULL when out of range. */
+/* The node's channel / "host:port" address (owned by nodes), NULL when out of range. Only for
+ * an index the caller holds (picked from the pool and not yet released), or on the poller: a
+ * discovered slot may be given to another address once nobody holds it. */
 speed_rpc_channel_t *speed_router_nodes_channel(speed_router_nodes_t *nodes, speed_router_pool_id_t pool, size_t index);
 const char *speed_router_nodes_address(const speed_router_nodes_t *nodes, speed_router_pool_id_t pool, size_t index);
 
@@ -137,6 +157,10 @@ speed_kv_index_t *speed_router_nodes_kv_index(speed_router_nodes_t *nodes);
 
 /* Polls completed since start (tests and logs). */
 uint64_t speed_router_nodes_polls(const speed_router_nodes_t *nodes);
+
+/* Holders of every node of both pools (speed_balance_pool_holders summed): 0 once every request
+ * and Cancel job has ended (the router checks it at destroy). 0 for NULL. */
+int64_t speed_router_nodes_holders(const speed_router_nodes_t *nodes);
 
 /* True when the node's address left its pool's discovery set (false for static nodes). */
 bool speed_router_nodes_retired(const speed_router_nodes_t *nodes, speed_router_pool_id_t pool, size_t index);

@@ -25,8 +25,14 @@
  * client was answered (or RELAY_RETRY-style: SPEED_ERR_PEER_UNREACHABLE with *try_next set
  * means the decode node failed and another may be tried; SPEED_ERR_CAPACITY with *try_next
  * means it had no room). */
+/* The prefill nodes one run_prefill picked (each held until run_prefill_held releases them). */
+typedef struct {
+    size_t node[17];
+    size_t n;
+} prefill_tried_t;
+
 static speed_status_t run_prefill(rtr_req_t *r, plan_t *pl, size_t dnode, bool *try_next,
-                                  Speed__V1__PrefillReply **prefill_p, uint64_t *epoch_p) {
+                                  Speed__V1__PrefillReply **prefill_p, uint64_t *epoch_p, prefill_tried_t *pt) {
     speed_router_t *rt = r->rt;
     *try_next = false;
     *prefill_p = NULL;
@@ -137,14 +143,14 @@ static speed_status_t run_prefill(rtr_req_t *r, plan_t *pl, size_t dnode, bool *
     pq.resume_tokens = (int32_t)pl->n_resume;
 
     speed_balance_pool_t *ppool = speed_router_nodes_pool(rt->nodes, SPEED_ROUTER_POOL_PREFILL);
-    size_t tried[17];
+    size_t *tried = pt->node;
     size_t n_tried = 0;
     int64_t attempts = 1 + rt->cfg->prefill_retries;
     char last_error[320] = "no prefill node is available";
     speed_status_t last_st = SPEED_ERR_PEER_UNREACHABLE;
     bool capacity = false;
     int n_aborted = 0; /* attempts whose KV transfer failed (ABORTED): the decode side's fault */
-    for (int64_t a = 0; a < attempts && n_tried < sizeof tried / sizeof tried[0]; a++) {
+    for (int64_t a = 0; a < attempts && n_tried < sizeof pt->node / sizeof pt->node[0]; a++) {
         if (a > 0 && put_window_ms > 0) {
             int64_t left = put_window_ms - (speed_clock_mono_ms() - t_reserved);
             if (left < SPEED_ROUTER_MIN_PUT_WINDOW_MS) {
@@ -158,6 +164,7 @@ static speed_status_t run_prefill(rtr_req_t *r, plan_t *pl, size_t dnode, bool *
         size_t pnode;
         if (speed_balance_pool_pick(ppool, tried, n_tried, &pnode) != SPEED_OK) break;
         tried[n_tried++] = pnode;
+        pt->n = n_tried; /* held: released by the caller, whatever happens below */
         if (a > 0) speed_counter_inc(rt->m_prefill_retries);
         if (!speed_router_req_leg_begin(r, SPEED_ROUTER_POOL_PREFILL, pnode)) break;
         speed_router_req_call_unary(r, SPEED_ROUTER_POOL_PREFILL, pnode, SPEED_METHOD_PREFILL_PREFILL, &pq.base, 0,
@@ -243,6 +250,16 @@ static speed_status_t run_prefill(rtr_req_t *r, plan_t *pl, size_t dnode, bool *
     speed_router_req_fail_status(r, capacity ? SPEED_ERR_CAPACITY : SPEED_ERR_PEER_UNREACHABLE, msg,
                                  capacity ? speed_admission_retry_after(rt->adm) : 0);
     return SPEED_ERR_PEER_UNREACHABLE;
+}
+
+/* run_prefill, then the prefill nodes it picked are released (every path: they are named by
+ * its log lines and Cancels only until it returns). */
+static speed_status_t run_prefill_held(rtr_req_t *r, plan_t *pl, size_t dnode, bool *try_next,
+                                       Speed__V1__PrefillReply **prefill_p, uint64_t *epoch_p) {
+    prefill_tried_t pt = {.n = 0};
+    speed_status_t st = run_prefill(r, pl, dnode, try_next, prefill_p, epoch_p, &pt);
+    speed_router_req_nodes_release(r, SPEED_ROUTER_POOL_PREFILL, pt.node, pt.n);
+    return st;
 }
 
 /* Picks a decode node not in tried[] (by router.decode_policy, or by KV-aware routing:
@@ -334,7 +351,7 @@ static void run_routed(rtr_req_t *r, plan_t *pl, speed_route_kind_t kind) {
         } else {
             bool try_next = false;
             uint64_t epoch = 0;
-            speed_status_t st = run_prefill(r, pl, dnode, &try_next, &prefill, &epoch);
+            speed_status_t st = run_prefill_held(r, pl, dnode, &try_next, &prefill, &epoch);
             if (st != SPEED_OK) {
                 if (try_next) {
                     capacity = capacity || st == SPEED_ERR_CAPACITY;
@@ -356,7 +373,8 @@ static void run_routed(rtr_req_t *r, plan_t *pl, speed_route_kind_t kind) {
             capacity = false;
             node_failed = true;
             /* a new attempt: every node may serve it again once up (the dead one is down until
-             * its health poll finds it serving, e.g. restarted) */
+             * its health poll finds it serving, e.g. restarted); the ones tried so far are let go */
+            speed_router_req_nodes_release(r, SPEED_ROUTER_POOL_DECODE, tried, n_tried);
             n_tried = 0;
             continue;
         }
@@ -392,6 +410,7 @@ static void run_routed(rtr_req_t *r, plan_t *pl, speed_route_kind_t kind) {
     }
     if (rl.migrating) speed_router_count_migration(r, "failed"); /* the re-issue never got going */
     speed_router_relay_cleanup(&rl);
+    speed_router_req_nodes_release(r, SPEED_ROUTER_POOL_DECODE, tried, n_tried); /* each pick since a migration */
 }
 
 static void run_request(rtr_req_t *r) {

@@ -31,6 +31,11 @@ void speed_router_req_cancel(rtr_req_t *r, speed_status_t why) {
         jobs[n].pool = SPEED_ROUTER_POOL_PREFILL;
         jobs[n++].node = (size_t)r->prefill_node;
     }
+    /* The jobs hold their nodes from here (the worker's own hold is still there: it lets go
+     * only under this lock, speed_router_req_nodes_release), so a retired node's slot is not
+     * given to another address before the Cancel is sent. */
+    for (size_t i = 0; i < n; i++)
+        speed_balance_pool_hold(speed_router_nodes_pool(r->rt->nodes, jobs[i].pool), jobs[i].node);
     pthread_mutex_unlock(&r->lock);
     for (size_t i = 0; i < n; i++) snprintf(jobs[i].id, sizeof jobs[i].id, "%s", r->id);
     if (n) speed_router_enqueue_cancel(r->rt, jobs, n);
@@ -39,6 +44,7 @@ void speed_router_req_cancel(rtr_req_t *r, speed_status_t why) {
 void speed_router_req_cancel_later(rtr_req_t *r, speed_router_pool_id_t pool, size_t node) {
     cancel_job_t job = {.pool = pool, .node = node};
     snprintf(job.id, sizeof job.id, "%s", r->id);
+    speed_balance_pool_hold(speed_router_nodes_pool(r->rt->nodes, pool), node); /* lent by the worker's hold */
     speed_router_enqueue_cancel(r->rt, &job, 1);
 }
 
@@ -73,6 +79,25 @@ void speed_router_req_leg_end(rtr_req_t *r, speed_router_pool_id_t pool) {
     else
         r->prefill_active = false;
     pthread_mutex_unlock(&r->lock);
+}
+
+void speed_router_req_nodes_release(rtr_req_t *r, speed_router_pool_id_t pool, const size_t *nodes, size_t n) {
+    if (n == 0) return;
+    /* Under `lock` first: a cancel from another thread lends a node to its Cancel job only
+     * while the leg names it, i.e. before this hold goes. */
+    pthread_mutex_lock(&r->lock);
+    int *leg = pool == SPEED_ROUTER_POOL_DECODE ? &r->decode_node : &r->prefill_node;
+    for (size_t i = 0; i < n; i++)
+        if (*leg >= 0 && (size_t)*leg == nodes[i]) {
+            *leg = -1;
+            if (pool == SPEED_ROUTER_POOL_DECODE)
+                r->decode_held = false;
+            else
+                r->prefill_active = false;
+        }
+    pthread_mutex_unlock(&r->lock);
+    speed_balance_pool_t *bp = speed_router_nodes_pool(r->rt->nodes, pool);
+    for (size_t i = 0; i < n; i++) speed_balance_pool_release(bp, nodes[i]);
 }
 
 void speed_router_cancel_send(speed_router_t *rt, speed_router_pool_id_t pool, size_t node, const char *id) {

@@ -36,8 +36,9 @@ typedef struct {
 /* KV-aware routing (router.kv_routing affinity; kv_route.h): picks the decode node for
  * pl->ids among the UP nodes not in tried[], by the prefix each holds (the prefix index) and
  * its load, counts the pick (speed_router_kv_routed_total{reason}, the pool's pending picks)
- * and sets pl->cached_tokens. Returns false when no node is eligible (as
- * speed_balance_pool_pick's SPEED_ERR_PEER_UNREACHABLE). */
+ * and sets pl->cached_tokens. The request holds the node it gets (speed_balance_pool_release).
+ * Returns false when no node is eligible (as speed_balance_pool_pick's
+ * SPEED_ERR_PEER_UNREACHABLE). */
 bool speed_router_kv_pick(rtr_req_t *r, plan_t *pl, const size_t *tried, size_t n_tried, size_t *dnode_p);
 /* The request completed on decode node dnode: its prompt's blocks go into that node's index
  * ahead of the node's events (speed_kv_index_anticipate). No-op with KV-aware routing off. */
@@ -51,7 +52,8 @@ void speed_router_decode_finished(rtr_req_t *r, const plan_t *pl, size_t dnode, 
 
 /* Queues a Cancel RPC for this request to one node, sent by the housekeeping thread (never
  * blocks the worker): for a node that may hold something of the request although the request
- * no longer has a leg there (a Reserve that failed late, a node a migration left). */
+ * no longer has a leg there (a Reserve that failed late, a node a migration left). The worker
+ * must hold the node (it picked it); the job holds it too until the Cancel is sent. */
 void speed_router_req_cancel_later(rtr_req_t *r, speed_router_pool_id_t pool, size_t node);
 /* True once the request was cancelled; *why_p (may be NULL) gets the cancel status. */
 bool speed_router_req_cancelled(rtr_req_t *r, speed_status_t *why_p);
@@ -60,6 +62,12 @@ bool speed_router_req_cancelled(rtr_req_t *r, speed_status_t *why_p);
 bool speed_router_req_leg_begin(rtr_req_t *r, speed_router_pool_id_t pool, size_t node);
 /* The leg has ended (decode: the node no longer holds the request). */
 void speed_router_req_leg_end(rtr_req_t *r, speed_router_pool_id_t pool);
+/* The worker is done with these nodes of the pool, which it picked (speed_balance_pool_pick or
+ * _take: each one once): no call, log line or Cancel of this request names them any more. A leg
+ * still naming one of them is ended (a later cancel sends nothing there), then every pick is
+ * released (speed_balance_pool_release): from then on a retired node's slot may be given to
+ * another address (nodes.h). Every node a request picks is released this way, on every path. */
+void speed_router_req_nodes_release(rtr_req_t *r, speed_router_pool_id_t pool, const size_t *nodes, size_t n);
 
 /* ---- request_http.c ---------------------------------------------------------------- */
 

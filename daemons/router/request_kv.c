@@ -48,12 +48,22 @@ bool speed_router_kv_pick(rtr_req_t *r, plan_t *pl, const size_t *tried, size_t 
         };
     }
     bool ok = n > 0;
+    const char *reason = NULL;
+    size_t k = ok ? speed_kv_route_pick(rt->cfg->kv_affinity_weight, n_blocks, kc, n, &reason) : 0;
+    if (ok && speed_balance_pool_take(dpool, kc[k].node) != SPEED_OK) {
+        /* it went out since it was listed (down, retired): the pool's own policy picks, and
+         * never a node that is not UP (the take held nothing) */
+        ok = false;
+        if (speed_balance_pool_pick(dpool, tried, n_tried, dnode_p) == SPEED_OK) {
+            speed_free(bc);
+            speed_free(kc);
+            speed_free(hashes);
+            return true;
+        }
+    }
     if (ok) {
-        const char *reason = NULL;
-        size_t k = speed_kv_route_pick(rt->cfg->kv_affinity_weight, n_blocks, kc, n, &reason);
         *dnode_p = kc[k].node;
         pl->cached_tokens = (int32_t)(kc[k].overlap_blocks * b);
-        speed_balance_pool_take(dpool, kc[k].node);
         speed_counter_inc(kc[k].overlap_blocks > 0 ? rt->m_kv_affinity : rt->m_kv_balance);
         speed_counter_add(rt->m_kv_blocks_cached, (double)kc[k].overlap_blocks);
         speed_counter_add(rt->m_kv_blocks_new, (double)(n_blocks - kc[k].overlap_blocks));

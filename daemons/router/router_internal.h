@@ -136,7 +136,8 @@ struct rtr_req {
     bool overrun_counted;        /* the stream overran its bound (counted once) */
     int64_t last_write_ms;
 
-    /* Cancellation state, under `lock` (a leaf lock). */
+    /* Cancellation state, under `lock` (a leaf lock, but for the balance pools' mutexes:
+     * speed_router_req_cancel lends the leg's node to its Cancel job inside it). */
     pthread_mutex_t lock;
     bool cancelled;
     speed_status_t cancel_status; /* CANCELLED (client gone, shutdown) or TIMEOUT */
@@ -171,6 +172,9 @@ void speed_router_req_cancel(rtr_req_t *r, speed_status_t why);
 void speed_router_cancel_send(speed_router_t *rt, speed_router_pool_id_t pool, size_t node, const char *id);
 
 /* server.c */
+/* Queues Cancel RPCs for the housekeeping thread. Each job comes with one hold of its node
+ * (speed_balance_pool_hold), which the queue takes over and releases once the Cancel is sent
+ * (or dropped: no memory, shutdown). */
 void speed_router_enqueue_cancel(speed_router_t *rt, const cancel_job_t *jobs, size_t n);
 /* Answers an OpenAI error from an HTTP thread (gate or handler): status 0 = the kind's,
  * retry_after_s > 0 adds Retry-After. Counted in requests_total as route "none". */

@@ -268,7 +268,11 @@ static void handle_health(void *user, speed_http_request_t *hr) {
 void speed_router_enqueue_cancel(speed_router_t *rt, const cancel_job_t *jobs, size_t n) {
     for (size_t i = 0; i < n; i++) {
         cancel_job_t *j = speed_malloc(sizeof(*j));
-        if (!j) return; /* the worker sends its own Cancel when it notices */
+        if (!j) { /* the worker sends its own Cancel when it notices */
+            for (size_t k = i; k < n; k++)
+                speed_balance_pool_release(speed_router_nodes_pool(rt->nodes, jobs[k].pool), jobs[k].node);
+            return;
+        }
         *j = jobs[i];
         pthread_mutex_lock(&rt->jobs_lock);
         j->next = rt->jobs;
@@ -319,6 +323,7 @@ static void *housekeeping_main(void *arg) {
             cancel_job_t *j = jobs;
             jobs = j->next;
             speed_router_cancel_send(rt, j->pool, j->node, j->id);
+            speed_balance_pool_release(speed_router_nodes_pool(rt->nodes, j->pool), j->node);
             speed_free(j);
         }
         if (stop) break;
@@ -677,6 +682,7 @@ bool speed_router_destroy(speed_router_t *rt) {
     while (rt->jobs) {
         cancel_job_t *j = rt->jobs;
         rt->jobs = j->next;
+        if (rt->nodes) speed_balance_pool_release(speed_router_nodes_pool(rt->nodes, j->pool), j->node);
         speed_free(j);
     }
     /* A closed stream may still have bytes on their way to the client (the tail of an
@@ -692,6 +698,11 @@ bool speed_router_destroy(speed_router_t *rt) {
     /* HTTP first (no handler runs afterwards), then the node side. */
     speed_http_server_destroy(rt->http);
     speed_http_server_destroy(rt->http_metrics);
+    /* Every worker has ended and every Cancel job is gone: a node still held is a request path
+     * that never let go of its pick (a retired slot it names could never be reused). */
+    int64_t held = speed_router_nodes_holders(rt->nodes);
+    if (held != 0) SPEED_ERROR(SUBSYS, "router: %lld node picks never released", (long long)held);
+    SPEED_ASSERT(held == 0);
     speed_router_nodes_destroy(rt->nodes);
     speed_admission_destroy(rt->adm);
     speed_metrics_destroy(rt->metrics);

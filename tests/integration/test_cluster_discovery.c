@@ -13,7 +13,15 @@
  *      streams complete ([DONE], no error), nothing stays reserved or running;
  *   4. the name's lines removed, then the file emptied: failures are counted, the pool is kept
  *      and serves;
- *   5. a router whose discovery name is not in the nodes' certificates never routes to them.
+ *   5. a router whose discovery name is not in the nodes' certificates never routes to them;
+ *   6. slot reuse: a router capped at 2 addresses (router.discovery_max_nodes 2) sees four more
+ *      addresses replace the old ones one at a time (127.0.0.4 .. .7, a pod restarted at a new IP):
+ *      each new node takes a retired node's slot, is health-checked and served through, nothing
+ *      is refused, and the series of the addresses that left are gone from /metrics;
+ *   7. a retired slot still held by a request is not reused: a stream runs on a node whose
+ *      process is stopped (SIGSTOP) while its address leaves and a new one (.8) arrives with
+ *      every slot taken; the new address waits (not added, not refused) until the stream ends
+ *      (SIGCONT), then takes the slot.
  * Without root (or where unshare is refused) it exits 77 with the reason. */
 #define _GNU_SOURCE /* unshare, CLONE_NEWNS */
 #include <sched.h>
@@ -27,9 +35,13 @@
 static cu_cluster_t g_c;
 static char g_hosts[600], g_certs[600];
 static int32_t g_prompt[N_PROMPT];
+#define N_DEC 7
+
 static int g_router;
-static int g_dec_http[2];
-static const char *const g_dec_addr[2] = {"127.0.0.2", "127.0.0.3"};
+static int g_api; /* the router completion() asks */
+static int g_dec_http[N_DEC];
+static const char *const g_dec_addr[N_DEC] = {"127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5",
+                                              "127.0.0.6", "127.0.0.7", "127.0.0.8"};
 
 /* Rewrites the private /etc/hosts in place (the bind mount holds the inode). */
 static void hosts_write(const char *text) {
@@ -114,7 +126,7 @@ static cu_proc_t start_decode(int k) {
 static int completion(int max_tokens) {
     char *body = ou_completion_body("model", g_prompt, N_PROMPT, max_tokens, 0, false, NULL, NULL);
     cu_resp_t r = {0};
-    cu_post(g_router, "/v1/completions", body, &r);
+    cu_post(g_api, "/v1/completions", body, &r);
     int status = r.status;
     if (status != 200) fprintf(stderr, "completion: %d %s\n", status, r.body ? r.body : "");
     cu_resp_free(&r);
@@ -144,6 +156,126 @@ static bool wait_idle(const cu_proc_t *dec, double timeout_s) {
     return false;
 }
 
+/* 1 when the router's /metrics has a sample of the series (name{labels}), 0 when not, -1 when
+ * the page cannot be fetched. */
+static int has_series(int port, const char *series) {
+    char *page = cu_metrics(port);
+    if (!page) return -1;
+    char line[200];
+    snprintf(line, sizeof line, "\n%s ", series);
+    int found = strstr(page, line) != NULL;
+    speed_free(page);
+    return found;
+}
+
+static void hosts_pair(int a, int b) {
+    char text[300];
+    snprintf(text, sizeof text, "127.0.0.1 localhost\n%s " NAME "\n%s " NAME "\n", g_dec_addr[a], g_dec_addr[b]);
+    hosts_write(text);
+}
+
+#define ADDED   "speed_router_discovery_nodes_added_total{pool=\"decode\"}"
+#define REMOVED "speed_router_discovery_nodes_removed_total{pool=\"decode\"}"
+#define REFUSED "speed_router_discovery_refused_total{pool=\"decode\"}"
+
+/* Steps 6 and 7 (header) on router2, capped at 2 addresses; dec[0] and dec[1] run. */
+static void step_reuse(cu_proc_t *dec, const char *ca, const char *rcrt, const char *rkey) {
+    int rport = cu_router_port(&g_c, 2);
+    char port[16];
+    snprintf(port, sizeof port, "%d", rport);
+    hosts_pair(0, 1);
+    const char *more[] = {"--router.port",
+                          port,
+                          "--decode.discovery",
+                          "dns:" NAME,
+                          "--router.discovery_interval_ms",
+                          "100",
+                          "--router.status_interval_ms",
+                          "100",
+                          "--router.discovery_max_nodes",
+                          "2",
+                          "--router.decode_policy",
+                          "round-robin",
+                          "--tls.ca",
+                          ca,
+                          "--tls.cert",
+                          rcrt,
+                          "--tls.key",
+                          rkey,
+                          NULL};
+    cu_proc_t router = cu_cluster_spawn(&g_c, "speed-router", "router2", more);
+    CHECK(cu_wait_up(&router, rport, 60));
+    CHECK(wait_up(rport, 0, 1, 30) && wait_up(rport, 1, 1, 30));
+    g_api = rport;
+
+    /* 6. four new addresses through two slots: k replaces k - 2 */
+    for (int k = 2; k <= 5; k++) {
+        dec[k] = start_decode(k);
+        CHECK(cu_wait_up(&dec[k], g_dec_http[k], 60));
+        hosts_pair(k - 1, k);
+        CHECK_MSG(wait_up(rport, k, 1, 30), "%s never came up (slot not reused?)", g_dec_addr[k]);
+        CHECK_INT_EQ((int)rmetric(rport, ADDED), k + 1);
+        CHECK_INT_EQ((int)rmetric(rport, REMOVED), k - 1);
+        CHECK_INT_EQ((int)rmetric(rport, REFUSED), 0);
+        static const char *const per_node[] = {"speed_router_node_up", "speed_router_node_down_total"};
+        for (int m = 0; m < 2; m++) {
+            char gone[160];
+            dec_series(gone, sizeof gone, per_node[m], k - 2);
+            CHECK_MSG(has_series(rport, gone) == 0, "%s still on /metrics after its slot went to %s", gone,
+                      g_dec_addr[k]);
+        }
+        double before = dec_requests(k);
+        for (int i = 0; i < 4; i++) CHECK_INT_EQ(completion(4), 200);
+        CHECK_MSG(dec_requests(k) >= before + 1, "%s got %.0f of 4 requests", g_dec_addr[k], dec_requests(k) - before);
+        cu_stop(&dec[k - 2], SIGTERM, 30); /* its pod is gone */
+    }
+
+    /* 7. .6 (dec[4]) leaves while a stream runs on it, stopped; .8 arrives with both slots taken */
+    dec[6] = start_decode(6);
+    CHECK(cu_wait_up(&dec[6], g_dec_http[6], 60));
+    char *body = ou_completion_body("model", g_prompt, N_PROMPT, 250, 0, true, NULL, NULL);
+    cu_sse_t s[2];
+    for (int i = 0; i < 2; i++) { /* round robin over the two UP nodes: one stream on each */
+        CHECK(cu_sse_begin(rport, "/v1/completions", body, NULL, 60000, &s[i]));
+        CHECK_INT_EQ(s[i].status, 200);
+        cu_sse_read(&s[i], 1, now_s() + 30);
+    }
+    kill(dec[4].pid, SIGSTOP);
+    int n_stopped = s[0].n + s[1].n;
+    double added = rmetric(rport, ADDED);
+    hosts_pair(5, 6);
+    CHECK(cu_wait_metric(rport, REMOVED, 5, 30));
+    /* a bounded window of about ten poll rounds: the held slot is not given to .8 */
+    char old_up[160], new_up[160];
+    dec_series(old_up, sizeof old_up, "speed_router_node_up", 4);
+    dec_series(new_up, sizeof new_up, "speed_router_node_up", 6);
+    bool taken = false;
+    for (double until = now_s() + 1.0; now_s() < until && !taken; sleep_ms(50))
+        taken = has_series(rport, new_up) != 0 || rmetric(rport, ADDED) != added;
+    CHECK_MSG(!taken, "the slot of %s went to %s while a request held it", g_dec_addr[4], g_dec_addr[6]);
+    CHECK_INT_EQ(has_series(rport, old_up), 1);
+    CHECK_INT_EQ((int)rmetric(rport, REFUSED), 0); /* it waits, it is not refused */
+    kill(dec[4].pid, SIGCONT);
+    for (int i = 0; i < 2; i++) {
+        cu_sse_read(&s[i], -1, now_s() + 120);
+        CHECK_MSG(s[i].done, "stream %d: no [DONE] (%d events)", i, s[i].n);
+        for (int e = 0; e < s[i].n; e++)
+            CHECK_MSG(!strstr(s[i].data[e], "\"error\""), "stream %d: %s", i, s[i].data[e]);
+    }
+    CHECK_MSG(s[0].n + s[1].n > n_stopped, "the streams ended before the node was stopped: nothing checked");
+    for (int i = 0; i < 2; i++) cu_sse_free(&s[i]);
+    speed_free(body);
+    /* the stream is done: the next round gives the slot to .8 */
+    CHECK_MSG(wait_up(rport, 6, 1, 30), "%s never got the slot after the stream ended", g_dec_addr[6]);
+    CHECK_INT_EQ((int)rmetric(rport, ADDED), (int)added + 1);
+    CHECK_INT_EQ(has_series(rport, old_up), 0);
+    CHECK_INT_EQ((int)rmetric(rport, REFUSED), 0);
+    double before = dec_requests(6);
+    for (int i = 0; i < 4; i++) CHECK_INT_EQ(completion(4), 200);
+    CHECK_MSG(dec_requests(6) >= before + 1, "%s got %.0f of 4 requests", g_dec_addr[6], dec_requests(6) - before);
+    CHECK_INT_EQ(cu_stop(&router, SIGTERM, 30), 0);
+}
+
 int main(void) {
     cu_init("cluster_discovery");
     if (!private_resolver()) {
@@ -170,12 +302,12 @@ int main(void) {
     snprintf(pkey, sizeof pkey, "%s/prefill-0.key", g_certs);
 
     cu_cluster_init(&g_c, 1, 1, NULL);
-    g_dec_http[0] = cu_dec_http(&g_c, 0);
-    g_dec_http[1] = cu_dec_http(&g_c, 1);
+    for (int k = 0; k < N_DEC; k++) g_dec_http[k] = cu_dec_http(&g_c, k); /* B+30 .. B+36: below the routers' */
     g_router = cu_router_port(&g_c, 0);
+    g_api = g_router;
     const char *pmore[] = {"--node.index", "0", "--tls.ca", ca, "--tls.cert", pcrt, "--tls.key", pkey, NULL};
     cu_proc_t pre = cu_cluster_spawn(&g_c, "speed-prefill", "prefill0", pmore);
-    cu_proc_t dec[2] = {start_decode(0), {0}};
+    cu_proc_t dec[N_DEC] = {start_decode(0)};
     CHECK(cu_wait_up(&pre, cu_pre_http(&g_c, 0), 60) && cu_wait_up(&dec[0], g_dec_http[0], 60));
 
     /* 1. one address */
@@ -304,11 +436,15 @@ int main(void) {
 
     CHECK_INT_EQ(cu_stop(&wrong, SIGTERM, 30), 0);
     CHECK_INT_EQ(cu_stop(&router, SIGTERM, 30), 0);
-    for (int k = 0; k < 2; k++) cu_stop(&dec[k], SIGTERM, 30);
+
+    step_reuse(dec, ca, rcrt, rkey);
+
+    for (int k = 0; k < N_DEC; k++) cu_stop(&dec[k], SIGTERM, 30);
     cu_stop(&pre, SIGTERM, 30);
     if (check_failures_) {
         cu_log_tail("router0", 40);
         cu_log_tail("router1", 20);
+        cu_log_tail("router2", 60);
     }
     int failed = CHECK_DONE();
     cu_cleanup(failed != 0);

@@ -1,5 +1,5 @@
 /* speed_metrics: exact exposition text, a strict format check of the output, concurrent
- * updates, name validation, allocation failures. */
+ * updates, name validation, allocation failures, removing series (also during scrapes). */
 #include <pthread.h>
 
 #include "alloc.h"
@@ -425,6 +425,92 @@ static void test_labeled_callback(void) {
     speed_log_configure("info");
 }
 
+/* speed_*_remove: the series leaves the output, the others keep their order, the same values
+ * make a new series from zero; bad handles are refused; removals race with scrapes. */
+static void *remove_scraper(void *p) {
+    speed_metrics_t *m = p;
+    char err[256];
+    for (int i = 0; i < 200; i++) {
+        char *text;
+        if (speed_metrics_render(m, &text, NULL) != SPEED_OK) continue;
+        if (prom_check(text, err, sizeof(err)) != 0) {
+            fprintf(stderr, "scrape %d: %s\n", i, err);
+            check_failures_++;
+        }
+        speed_free(text);
+    }
+    return NULL;
+}
+
+static void test_remove(void) {
+    speed_metrics_t *m = NULL;
+    CHECK_INT_EQ(speed_metrics_create(&m), SPEED_OK);
+    const char *node[] = {"node"};
+    speed_gauge_t *up = NULL, *a = NULL, *b = NULL, *c = NULL;
+    speed_counter_t *down = NULL, *da = NULL;
+    speed_histogram_t *lat = NULL, *la = NULL;
+    static const double buckets[] = {1};
+    CHECK_INT_EQ(speed_gauge_register(m, "speed_x_up", NULL, node, 1, &up), SPEED_OK);
+    CHECK_INT_EQ(speed_counter_register(m, "speed_x_down_total", NULL, node, 1, &down), SPEED_OK);
+    CHECK_INT_EQ(speed_histogram_register(m, "speed_x_seconds", NULL, node, 1, buckets, 1, &lat), SPEED_OK);
+    CHECK_INT_EQ(speed_gauge_labels(up, (const char *[]){"a"}, &a), SPEED_OK);
+    CHECK_INT_EQ(speed_gauge_labels(up, (const char *[]){"b"}, &b), SPEED_OK);
+    CHECK_INT_EQ(speed_gauge_labels(up, (const char *[]){"c"}, &c), SPEED_OK);
+    CHECK_INT_EQ(speed_counter_labels(down, (const char *[]){"a"}, &da), SPEED_OK);
+    CHECK_INT_EQ(speed_histogram_labels(lat, (const char *[]){"a"}, &la), SPEED_OK);
+    speed_gauge_set(a, 1);
+    speed_gauge_set(b, 2);
+    speed_gauge_set(c, 3);
+    speed_counter_add(da, 4);
+    speed_histogram_observe(la, 0.5);
+    CHECK_INT_EQ(speed_gauge_remove(b), SPEED_OK);
+    CHECK_INT_EQ(speed_counter_remove(da), SPEED_OK);
+    CHECK_INT_EQ(speed_histogram_remove(la), SPEED_OK);
+    char *text = NULL;
+    CHECK_INT_EQ(speed_metrics_render(m, &text, NULL), SPEED_OK);
+    CHECK_STR_EQ(text, "# TYPE speed_x_up gauge\nspeed_x_up{node=\"a\"} 1\nspeed_x_up{node=\"c\"} 3\n"
+                       "# TYPE speed_x_down_total counter\n# TYPE speed_x_seconds histogram\n");
+    speed_free(text);
+    /* the same values again: a new series, from zero, after the older ones */
+    speed_gauge_t *b2 = NULL;
+    CHECK_INT_EQ(speed_gauge_labels(up, (const char *[]){"b"}, &b2), SPEED_OK);
+    CHECK_NEAR(speed_gauge_get(b2), 0, 0);
+    CHECK_INT_EQ(speed_counter_labels(down, (const char *[]){"a"}, &da), SPEED_OK);
+    CHECK_NEAR(speed_counter_get(da), 0, 0);
+    CHECK_INT_EQ(speed_metrics_render(m, &text, NULL), SPEED_OK);
+    CHECK(strstr(text, "speed_x_up{node=\"c\"} 3\nspeed_x_up{node=\"b\"} 0\n") != NULL);
+    CHECK(strstr(text, "speed_x_down_total{node=\"a\"} 0\n") != NULL);
+    speed_free(text);
+    /* handles that are not a removable series */
+    CHECK_INT_EQ(speed_gauge_remove(NULL), SPEED_ERR_INVALID_ARGUMENT);
+    CHECK_INT_EQ(speed_gauge_remove(up), SPEED_ERR_INVALID_ARGUMENT); /* the family */
+    speed_counter_t *plain = NULL;
+    CHECK_INT_EQ(speed_counter_register(m, "speed_x_plain_total", NULL, NULL, 0, &plain), SPEED_OK);
+    CHECK_INT_EQ(speed_counter_remove(plain), SPEED_ERR_INVALID_ARGUMENT); /* unlabelled */
+    double v = 1;
+    speed_gauge_t *cb = NULL;
+    CHECK_INT_EQ(speed_gauge_register_callback_labeled(m, "speed_x_cb", NULL, node, (const char *[]){"x"}, 1,
+                                                       callback_value, &v, &cb),
+                 SPEED_OK);
+    CHECK_INT_EQ(speed_gauge_remove(cb), SPEED_ERR_INVALID_ARGUMENT); /* a callback's series */
+    /* many series come and go while scrapes run: every scrape is well-formed, none is kept */
+    pthread_t th;
+    CHECK(pthread_create(&th, NULL, remove_scraper, m) == 0);
+    for (int i = 0; i < 2000; i++) {
+        char id[16];
+        snprintf(id, sizeof id, "n%d", i);
+        speed_gauge_t *g = NULL;
+        CHECK_INT_EQ(speed_gauge_labels(up, (const char *[]){id}, &g), SPEED_OK);
+        speed_gauge_set(g, 1);
+        CHECK_INT_EQ(speed_gauge_remove(g), SPEED_OK);
+    }
+    pthread_join(th, NULL);
+    CHECK_INT_EQ(speed_metrics_render(m, &text, NULL), SPEED_OK);
+    CHECK(strstr(text, "node=\"n") == NULL);
+    speed_free(text);
+    speed_metrics_destroy(m);
+}
+
 int main(void) {
     int64_t live = speed_alloc_live_count();
     test_exact_text();
@@ -434,6 +520,7 @@ int main(void) {
     test_concurrent();
     test_alloc_failures();
     test_labeled_callback();
+    test_remove();
     CHECK_INT_EQ(speed_alloc_live_count(), live);
     return CHECK_DONE();
 }

@@ -1,5 +1,6 @@
 /* router/balance: round robin evenness, least loaded minimum, exclusions, down/up and
- * draining nodes, concurrent picks from 8 threads; admission limiter bounds, FIFO
+ * draining nodes, holders and speed_balance_pool_replace (also racing with pickers),
+ * concurrent picks from 8 threads; admission limiter bounds, FIFO
  * hand-off, timeout and close; router/route: the decode-only decision. */
 #include <pthread.h>
 #include <stdatomic.h>
@@ -224,6 +225,120 @@ static void test_finished(void) {
     CHECK_INT_EQ(speed_balance_pool_finish(pool, 0, -1), SPEED_ERR_INVALID_ARGUMENT);
     CHECK_INT_EQ(speed_balance_pool_finish(NULL, 0, 1), SPEED_ERR_INVALID_ARGUMENT);
     speed_balance_pool_destroy(pool);
+}
+
+/* speed_balance_pool_replace: refused while the entry is held or UP, then a fresh DOWN entry
+ * with the new address and no load, pending or finished counts; takes only land on UP nodes. */
+static void test_replace(void) {
+    speed_balance_pool_t *pool = make_pool(SPEED_BALANCE_LEAST_LOADED, 3);
+    speed_node_load_t busy = {3, 2, 0.7, 40}, light = {5, 5, 0.9, 90};
+    CHECK_INT_EQ(speed_balance_pool_set_load(pool, 0, &light), SPEED_OK);
+    CHECK_INT_EQ(speed_balance_pool_set_load(pool, 1, &busy), SPEED_OK);
+    CHECK_INT_EQ(speed_balance_pool_set_load(pool, 2, &light), SPEED_OK);
+    size_t idx = 9;
+    CHECK_INT_EQ(speed_balance_pool_pick(pool, NULL, 0, &idx), SPEED_OK);
+    CHECK_INT_EQ(idx, 1);
+    CHECK_INT_EQ(speed_balance_pool_holders(pool, 1), 1);
+    CHECK_INT_EQ(speed_balance_pool_finish(pool, 1, 7), SPEED_OK);
+    /* UP: refused even without a holder elsewhere */
+    CHECK_INT_EQ(speed_balance_pool_replace(pool, 0, "new:1"), SPEED_ERR_CAPACITY);
+    /* retired (DRAINING) but held: refused, nothing changed */
+    CHECK_INT_EQ(speed_balance_pool_set_draining(pool, 1, true), SPEED_OK);
+    CHECK_INT_EQ(speed_balance_pool_replace(pool, 1, "new:1"), SPEED_ERR_CAPACITY);
+    CHECK_STR_EQ(speed_balance_pool_address(pool, 1), "10.0.0.1:7000");
+    /* a second holder (a queued Cancel): still refused after the first lets go */
+    CHECK_INT_EQ(speed_balance_pool_hold(pool, 1), SPEED_OK);
+    speed_balance_pool_release(pool, 1);
+    CHECK_INT_EQ(speed_balance_pool_holders(pool, 1), 1);
+    CHECK_INT_EQ(speed_balance_pool_replace(pool, 1, "new:1"), SPEED_ERR_CAPACITY);
+    speed_balance_pool_release(pool, 1);
+    CHECK_INT_EQ(speed_balance_pool_holders(pool, 1), 0);
+    /* bad arguments */
+    CHECK_INT_EQ(speed_balance_pool_replace(pool, 1, "10.0.0.2:7000"), SPEED_ERR_INVALID_ARGUMENT);
+    CHECK_INT_EQ(speed_balance_pool_replace(pool, 3, "new:1"), SPEED_ERR_INVALID_ARGUMENT);
+    CHECK_INT_EQ(speed_balance_pool_replace(pool, 1, ""), SPEED_ERR_INVALID_ARGUMENT);
+    CHECK_INT_EQ(speed_balance_pool_replace(NULL, 1, "new:1"), SPEED_ERR_INVALID_ARGUMENT);
+    CHECK_INT_EQ(speed_balance_pool_hold(pool, 3), SPEED_ERR_INVALID_ARGUMENT);
+    speed_balance_pool_release(pool, 3); /* ignored */
+    /* nobody holds it, not UP: the entry is the new node's, DOWN, with nothing of the old one */
+    CHECK_INT_EQ(speed_balance_pool_replace(pool, 1, "new:1"), SPEED_OK);
+    CHECK_STR_EQ(speed_balance_pool_address(pool, 1), "new:1");
+    speed_node_state_t state = SPEED_NODE_UP;
+    CHECK_INT_EQ(speed_balance_pool_state(pool, 1, &state), SPEED_OK);
+    CHECK_INT_EQ(state, SPEED_NODE_DOWN);
+    CHECK_INT_EQ(speed_balance_pool_n_up(pool), 2);
+    int64_t pending = -1;
+    CHECK_INT_EQ(speed_balance_pool_pending(pool, 1, &pending), SPEED_OK);
+    CHECK_INT_EQ(pending, 0);
+    CHECK_INT_EQ(speed_balance_pool_take(pool, 1), SPEED_ERR_PEER_UNREACHABLE); /* not UP: no take */
+    CHECK_INT_EQ(speed_balance_pool_holders(pool, 1), 0);
+    CHECK_INT_EQ(speed_balance_pool_mark_up(pool, 1), SPEED_OK);
+    speed_balance_candidate_t c[3];
+    CHECK_INT_EQ(speed_balance_pool_candidates(pool, NULL, 0, c, 3), 3);
+    for (int i = 0; i < 3; i++)
+        if (c[i].index == 1)
+            CHECK(c[i].load.n_running == 0 && c[i].load.n_waiting == 0 && c[i].load.active_blocks == 0 &&
+                  c[i].load.kv_usage == 0 && c[i].pending == 0 && c[i].finished == 0 && c[i].finished_blocks == 0);
+    /* the fresh entry is the least loaded now; the old address is gone from the pool */
+    CHECK_INT_EQ(speed_balance_pool_pick(pool, NULL, 0, &idx), SPEED_OK);
+    CHECK_INT_EQ(idx, 1);
+    speed_balance_pool_release(pool, 1);
+    CHECK_INT_EQ(speed_balance_pool_take(pool, 2), SPEED_OK);
+    CHECK_INT_EQ(speed_balance_pool_holders(pool, 2), 1);
+    speed_balance_pool_release(pool, 2);
+    size_t added = 0;
+    CHECK_INT_EQ(speed_balance_pool_add(pool, "10.0.0.1:7000", &added), SPEED_OK);
+    CHECK_INT_EQ(added, 3);
+    speed_balance_pool_destroy(pool);
+}
+
+/* Pickers hold node 0 and read its address twice while another thread retires it and replaces
+ * it again and again: a holder must never see its node's address change under it. */
+typedef struct {
+    speed_balance_pool_t *pool;
+    _Atomic bool stop;
+    _Atomic int changed, picks, replaced;
+} replace_race_t;
+
+static void *replace_picker(void *arg) {
+    replace_race_t *t = arg;
+    while (!atomic_load(&t->stop)) {
+        size_t idx;
+        if (speed_balance_pool_pick(t->pool, NULL, 0, &idx) != SPEED_OK) continue;
+        char seen[64];
+        snprintf(seen, sizeof seen, "%s", speed_balance_pool_address(t->pool, idx));
+        for (volatile int spin = 0; spin < 200; spin++) {}
+        if (strcmp(seen, speed_balance_pool_address(t->pool, idx)) != 0) atomic_fetch_add(&t->changed, 1);
+        atomic_fetch_add(&t->picks, 1);
+        speed_balance_pool_release(t->pool, idx);
+    }
+    return NULL;
+}
+
+static void test_replace_race(void) {
+    replace_race_t t = {.pool = make_pool(SPEED_BALANCE_ROUND_ROBIN, 1)};
+    atomic_init(&t.stop, false);
+    atomic_init(&t.changed, 0);
+    atomic_init(&t.picks, 0);
+    atomic_init(&t.replaced, 0);
+    pthread_t th[4];
+    for (int i = 0; i < 4; i++) CHECK(pthread_create(&th[i], NULL, replace_picker, &t) == 0);
+    for (int round = 0; round < 20000 || atomic_load(&t.replaced) < 100; round++) {
+        char addr[32];
+        snprintf(addr, sizeof addr, "10.1.%d.%d:7000", (round / 250) % 250, round % 250);
+        speed_balance_pool_set_draining(t.pool, 0, true); /* retired: no new picks */
+        if (speed_balance_pool_replace(t.pool, 0, addr) == SPEED_OK) atomic_fetch_add(&t.replaced, 1);
+        speed_balance_pool_mark_up(t.pool, 0);
+        speed_balance_pool_set_draining(t.pool, 0, false);
+        if (round > 2000000) break;
+    }
+    atomic_store(&t.stop, true);
+    for (int i = 0; i < 4; i++) pthread_join(th[i], NULL);
+    fprintf(stderr, "replace race: %d picks, %d replacements\n", atomic_load(&t.picks), atomic_load(&t.replaced));
+    CHECK(atomic_load(&t.replaced) >= 100 && atomic_load(&t.picks) > 0);
+    CHECK_INT_EQ(atomic_load(&t.changed), 0);
+    CHECK_INT_EQ(speed_balance_pool_holders(t.pool, 0), 0);
+    speed_balance_pool_destroy(t.pool);
 }
 
 #define N_THREADS        8
@@ -512,6 +627,8 @@ int main(void) {
     test_round_robin();
     test_least_loaded();
     test_finished();
+    test_replace();
+    test_replace_race();
     test_concurrent(SPEED_BALANCE_ROUND_ROBIN);
     test_concurrent(SPEED_BALANCE_LEAST_LOADED);
     test_admission();
