@@ -38,6 +38,7 @@ typedef struct {
     char (*last)[SPEED_ROUTER_ADDRESS_MAX]; /* [max_nodes + 1]: the set last applied (poller only) */
     size_t n_last;
     speed_counter_t *m_added, *m_removed, *m_failures, *m_refused;
+    speed_gauge_t *m_waiting; /* addresses waiting for a held retired slot now */
 } disc_t;
 
 struct speed_router_nodes {
@@ -179,6 +180,7 @@ static speed_status_t node_reuse(speed_router_nodes_t *n, speed_router_pool_id_t
 static speed_status_t register_discovery_metrics(speed_router_nodes_t *n, speed_metrics_t *m) {
     static const char *const labels[] = {"pool"};
     speed_counter_t *added, *removed, *failures, *refused;
+    speed_gauge_t *waiting;
     SPEED_CHECK(speed_counter_register(m, "speed_router_discovery_nodes_added_total",
                                        "nodes the router added to a pool because its discovery name listed them",
                                        labels, 1, &added));
@@ -192,6 +194,10 @@ static speed_status_t register_discovery_metrics(speed_router_nodes_t *n, speed_
     SPEED_CHECK(speed_counter_register(m, "speed_router_discovery_refused_total",
                                        "addresses a discovered pool refused: it holds discovery_max_nodes already",
                                        labels, 1, &refused));
+    SPEED_CHECK(speed_gauge_register(m, "speed_router_discovery_waiting",
+                                     "addresses a discovered pool listed that wait for a retired node's last request "
+                                     "to end (every slot is taken)",
+                                     labels, 1, &waiting));
     for (int p = 0; p < SPEED_ROUTER_POOL_COUNT; p++) {
         if (!n->disc[p].name[0]) continue;
         const char *values[] = {speed_router_pool_name(p)};
@@ -199,6 +205,7 @@ static speed_status_t register_discovery_metrics(speed_router_nodes_t *n, speed_
         SPEED_CHECK(speed_counter_labels(removed, values, &n->disc[p].m_removed));
         SPEED_CHECK(speed_counter_labels(failures, values, &n->disc[p].m_failures));
         SPEED_CHECK(speed_counter_labels(refused, values, &n->disc[p].m_refused));
+        SPEED_CHECK(speed_gauge_labels(waiting, values, &n->disc[p].m_waiting));
     }
     return SPEED_OK;
 }
@@ -440,8 +447,7 @@ static void discovery_apply(speed_router_nodes_t *n, speed_router_pool_id_t p, c
         }
         update_gauge(n, p, i);
     }
-    size_t refused = 0;
-    bool waiting = false;
+    size_t refused = 0, waiting = 0;
     for (size_t k = 0; k < n_found; k++) {
         bool known = false;
         for (size_t i = 0; i < count && !known; i++) known = strcmp(found[k], n->nodes[p][i].address) == 0;
@@ -480,7 +486,7 @@ static void discovery_apply(speed_router_nodes_t *n, speed_router_pool_id_t p, c
                 SPEED_INFO(SPEED_SUBSYS_NET,
                            "%s pool: node %s in %s waits for a retired node's requests to end (%zu slots)", pool_name,
                            found[k], d->name, n->cap[p]);
-            waiting = true;
+            waiting++;
         } else if (st == SPEED_ERR_CAPACITY) {
             refused++;
         } else {
@@ -488,7 +494,8 @@ static void discovery_apply(speed_router_nodes_t *n, speed_router_pool_id_t p, c
                        speed_status_string(st));
         }
     }
-    d->waiting = waiting;
+    d->waiting = waiting > 0;
+    if (d->m_waiting) speed_gauge_set(d->m_waiting, (double)waiting);
     if (again) return;       /* counted and warned when the set was new */
     if (over_cap) refused++; /* the resolver had more than the copy holds */
     if (refused && d->m_refused) speed_counter_add(d->m_refused, (double)refused);

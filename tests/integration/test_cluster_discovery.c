@@ -177,6 +177,7 @@ static void hosts_pair(int a, int b) {
 #define ADDED   "speed_router_discovery_nodes_added_total{pool=\"decode\"}"
 #define REMOVED "speed_router_discovery_nodes_removed_total{pool=\"decode\"}"
 #define REFUSED "speed_router_discovery_refused_total{pool=\"decode\"}"
+#define WAITING "speed_router_discovery_waiting{pool=\"decode\"}"
 
 /* Steps 6 and 7 (header) on router2, capped at 2 addresses; dec[0] and dec[1] run. */
 static void step_reuse(cu_proc_t *dec, const char *ca, const char *rcrt, const char *rkey) {
@@ -255,6 +256,7 @@ static void step_reuse(cu_proc_t *dec, const char *ca, const char *rcrt, const c
     CHECK_MSG(!taken, "the slot of %s went to %s while a request held it", g_dec_addr[4], g_dec_addr[6]);
     CHECK_INT_EQ(has_series(rport, old_up), 1);
     CHECK_INT_EQ((int)rmetric(rport, REFUSED), 0); /* it waits, it is not refused */
+    CHECK_INT_EQ((int)rmetric(rport, WAITING), 1); /* and an operator sees it wait */
     kill(dec[4].pid, SIGCONT);
     for (int i = 0; i < 2; i++) {
         cu_sse_read(&s[i], -1, now_s() + 120);
@@ -270,6 +272,7 @@ static void step_reuse(cu_proc_t *dec, const char *ca, const char *rcrt, const c
     CHECK_INT_EQ((int)rmetric(rport, ADDED), (int)added + 1);
     CHECK_INT_EQ(has_series(rport, old_up), 0);
     CHECK_INT_EQ((int)rmetric(rport, REFUSED), 0);
+    CHECK_INT_EQ((int)rmetric(rport, WAITING), 0);
     double before = dec_requests(6);
     for (int i = 0; i < 4; i++) CHECK_INT_EQ(completion(4), 200);
     CHECK_MSG(dec_requests(6) >= before + 1, "%s got %.0f of 4 requests", g_dec_addr[6], dec_requests(6) - before);
