@@ -282,10 +282,10 @@ static void *worker(void *p) {
     return NULL;
 }
 
-static void *scraper(void *p) {
-    speed_metrics_t *m = p;
+/* Renders n times, each page checked against the exposition format. */
+static void scrape_checked(speed_metrics_t *m, int n) {
     char err[256];
-    for (int i = 0; i < 50; i++) {
+    for (int i = 0; i < n; i++) {
         char *text;
         if (speed_metrics_render(m, &text, NULL) != SPEED_OK) continue;
         if (prom_check(text, err, sizeof(err)) != 0) {
@@ -294,6 +294,10 @@ static void *scraper(void *p) {
         }
         speed_free(text);
     }
+}
+
+static void *scraper(void *p) {
+    scrape_checked(p, 50);
     return NULL;
 }
 
@@ -428,17 +432,7 @@ static void test_labeled_callback(void) {
 /* speed_*_remove: the series leaves the output, the others keep their order, the same values
  * make a new series from zero; bad handles are refused; removals race with scrapes. */
 static void *remove_scraper(void *p) {
-    speed_metrics_t *m = p;
-    char err[256];
-    for (int i = 0; i < 200; i++) {
-        char *text;
-        if (speed_metrics_render(m, &text, NULL) != SPEED_OK) continue;
-        if (prom_check(text, err, sizeof(err)) != 0) {
-            fprintf(stderr, "scrape %d: %s\n", i, err);
-            check_failures_++;
-        }
-        speed_free(text);
-    }
+    scrape_checked(p, 200);
     return NULL;
 }
 
